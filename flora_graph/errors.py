@@ -1,0 +1,48 @@
+"""Typed errors of flora_graph, all under one :class:`FloraGraphError`.
+
+Every message names the node, module or file at fault, so that a user reading a traceback
+knows where to look without a debugger.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "FloraGraphError",
+    "GraphError",
+    "RuntimeInputError",
+    "ShapeError",
+    "UnsupportedOpError",
+]
+
+
+class FloraGraphError(Exception):
+    """Base class of every error flora_graph raises on purpose."""
+
+
+class GraphError(FloraGraphError):
+    """A graph is malformed: a cycle, an undefined input, a bad attribute, a corrupt file."""
+
+
+class ShapeError(GraphError):
+    """Shapes or dtypes that do not fit an op's schema."""
+
+
+class UnsupportedOpError(FloraGraphError):
+    """A model uses ops outside the capture table.
+
+    ``ops`` maps each unsupported op name to the places (module paths or node names)
+    where it occurs.
+    """
+
+    def __init__(self, message: str, ops: dict[str, list[str]] | None = None) -> None:
+        super().__init__(message)
+        self.ops: dict[str, list[str]] = dict(ops or {})
+
+
+class AdapterError(FloraGraphError):
+    """A LoRA/Flora adapter was configured or used wrongly (names the module)."""
+
+
+class RuntimeInputError(FloraGraphError):
+    """Inputs handed to a compiled graph are missing, unknown, mis-shaped or mistyped."""

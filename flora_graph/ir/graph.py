@@ -1,0 +1,235 @@
+"""``Graph``: ordered inputs, named outputs, nodes in topological order, and weights.
+
+The graph is a small explicit data structure; networkx supplies the algorithms
+(:meth:`Graph.to_networkx`). Build graphs with :meth:`Graph.input`, :meth:`Graph.const`
+and :meth:`Graph.add`, which validate attributes and infer shapes and dtypes on the spot.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from flora_graph.errors import GraphError, ShapeError
+from flora_graph.ir.node import ComputationNode
+from flora_graph.ir.ops import DTYPES, Op, schema
+from flora_graph.ir.shapes import Dim, canonical_dim
+
+__all__ = ["Graph", "infer_node"]
+
+
+def infer_node(op: Op, inputs: Sequence[ComputationNode], attrs: Mapping[str, Any], name: str):
+    """Validate attributes and infer ``(attrs, shape, dtype)`` of a non-leaf node.
+
+    Raises ``GraphError``/``ShapeError`` naming the node.
+    """
+    sch = schema(op)
+    sch.check_arity(len(inputs), name)
+    attrs = sch.normalize_attrs(dict(attrs), name)
+    if sch.infer is None:
+        raise GraphError(f"node {name!r}: {op.value} is a leaf; use Graph.input/Graph.const")
+    try:
+        shape, dtype = sch.infer([i.shape for i in inputs], [i.dtype for i in inputs], attrs)
+    except ShapeError as exc:
+        raise ShapeError(f"node {name!r} ({op.value}): {exc}") from None
+    return attrs, tuple(canonical_dim(d) for d in shape), dtype
+
+
+class Graph:
+    """A computation graph over :class:`ComputationNode`.
+
+    ``params`` maps weight names to numpy arrays; a ``Const`` node names one in its
+    ``param`` attribute. ``outputs`` maps output names to nodes, in order.
+    """
+
+    def __init__(self, name: str = "graph") -> None:
+        self.name = name
+        self.inputs: list[ComputationNode] = []
+        self.outputs: dict[str, ComputationNode] = {}
+        self.nodes: list[ComputationNode] = []
+        self.params: dict[str, np.ndarray] = {}
+        self._names: set[str] = set()
+        self._counter = 0
+
+    # ------------------------------------------------------------------ building
+    def unique_name(self, base: str) -> str:
+        """A node name not yet used in this graph, derived from ``base``."""
+        base = base or "n"
+        if base not in self._names:
+            return base
+        while True:
+            self._counter += 1
+            cand = f"{base}_{self._counter}"
+            if cand not in self._names:
+                return cand
+
+    def _append(self, node: ComputationNode) -> ComputationNode:
+        if node.name in self._names:
+            raise GraphError(f"node name {node.name!r} is already used in graph {self.name!r}")
+        self._names.add(node.name)
+        self.nodes.append(node)
+        return node
+
+    def input(self, name: str, shape: Sequence[Dim], dtype: str = "float32", **meta: Any) -> ComputationNode:
+        """Declare a graph input with a (possibly dynamic) shape."""
+        if dtype not in DTYPES:
+            raise GraphError(f"input {name!r}: unknown dtype {dtype!r}")
+        node = ComputationNode(name, Op.INPUT, [], {}, tuple(canonical_dim(d) for d in shape), dtype, dict(meta))
+        self._append(node)
+        self.inputs.append(node)
+        return node
+
+    def const(self, param: str, value: np.ndarray | None = None, *, name: str | None = None, **meta: Any) -> ComputationNode:
+        """A ``Const`` node reading weight ``param``; stores ``value`` when given."""
+        if value is not None:
+            arr = np.asarray(value)
+            if str(arr.dtype) not in DTYPES:
+                raise GraphError(f"param {param!r}: unsupported dtype {arr.dtype}")
+            self.params[param] = arr
+        if param not in self.params:
+            raise GraphError(f"const refers to unknown param {param!r}")
+        arr = self.params[param]
+        node = ComputationNode(
+            self.unique_name(name or param), Op.CONST, [], {"param": param}, tuple(int(d) for d in arr.shape),
+            str(arr.dtype), dict(meta),
+        )
+        return self._append(node)
+
+    def add(self, op: Op, inputs: Sequence[ComputationNode], attrs: Mapping[str, Any] | None = None,
+            *, name: str | None = None, meta: Mapping[str, Any] | None = None) -> ComputationNode:
+        """Append a node, validating attributes and inferring its shape and dtype."""
+        name = self.unique_name(name or op.value.lower())
+        for i in inputs:
+            if not isinstance(i, ComputationNode):
+                raise GraphError(f"node {name!r}: input {i!r} is not a ComputationNode")
+        attrs_n, shape, dtype = infer_node(op, inputs, attrs or {}, name)
+        node = ComputationNode(name, op, list(inputs), attrs_n, shape, dtype, dict(meta or {}))
+        return self._append(node)
+
+    def set_output(self, name: str, node: ComputationNode) -> None:
+        """Name ``node`` as graph output ``name``."""
+        self.outputs[name] = node
+
+    # ------------------------------------------------------------------ queries
+    def node(self, name: str) -> ComputationNode:
+        """The node called ``name``."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise GraphError(f"graph {self.name!r} has no node {name!r}")
+
+    def users(self) -> dict[ComputationNode, list[ComputationNode]]:
+        """Map each node to the nodes that read it (in graph order)."""
+        out: dict[ComputationNode, list[ComputationNode]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                out.setdefault(i, []).append(n)
+        return out
+
+    def param_of(self, node: ComputationNode) -> np.ndarray:
+        """The weight behind a ``Const`` node."""
+        if node.op is not Op.CONST:
+            raise GraphError(f"node {node.name!r} is {node.op.value}, not Const")
+        return self.params[node.attrs["param"]]
+
+    def ops(self) -> list[str]:
+        """Op names of the non-leaf nodes in order (handy in tests)."""
+        return [n.op.value for n in self.nodes if n.op not in (Op.INPUT, Op.CONST)]
+
+    def to_networkx(self) -> nx.MultiDiGraph:
+        """A networkx view: node names as keys, ``op``/``shape``/``meta`` as data, one edge per use."""
+        g = nx.MultiDiGraph(name=self.name)
+        for n in self.nodes:
+            g.add_node(n.name, op=n.op.value, shape=n.shape, dtype=n.dtype, attrs=dict(n.attrs), meta=dict(n.meta))
+        for n in self.nodes:
+            for pos, i in enumerate(n.inputs):
+                g.add_edge(i.name, n.name, index=pos)
+        return g
+
+    # ------------------------------------------------------------------ editing
+    def replace_all_uses(self, old: ComputationNode, new: ComputationNode) -> None:
+        """Make every reader of ``old`` (and outputs) read ``new`` instead."""
+        for n in self.nodes:
+            n.inputs = [new if i is old else i for i in n.inputs]
+        for k, v in self.outputs.items():
+            if v is old:
+                self.outputs[k] = new
+
+    def toposort(self) -> None:
+        """Reorder ``nodes`` topologically, keeping the current order where it is free."""
+        order = {n: i for i, n in enumerate(self.nodes)}
+        g = nx.DiGraph()
+        g.add_nodes_from(self.nodes)
+        for n in self.nodes:
+            for i in n.inputs:
+                if i not in order:
+                    raise GraphError(f"node {n.name!r} reads {i.name!r}, which is not in the graph")
+                g.add_edge(i, n)
+        try:
+            self.nodes = list(nx.lexicographical_topological_sort(g, key=lambda n: order[n]))
+        except nx.NetworkXUnfeasible:
+            cycle = nx.find_cycle(g)
+            raise GraphError("graph has a cycle through " + " -> ".join(a.name for a, _ in cycle)) from None
+
+    def remove_dead(self) -> int:
+        """Drop nodes no output depends on (inputs stay) and unused params; return count removed."""
+        live: set[ComputationNode] = set(self.inputs)
+        stack = list(self.outputs.values())
+        while stack:
+            n = stack.pop()
+            if n in live:
+                continue
+            live.add(n)
+            stack.extend(n.inputs)
+        before = len(self.nodes)
+        self.nodes = [n for n in self.nodes if n in live]
+        self._names = {n.name for n in self.nodes}
+        used = {n.attrs["param"] for n in self.nodes if n.op is Op.CONST}
+        self.params = {k: v for k, v in self.params.items() if k in used}
+        return before - len(self.nodes)
+
+    def copy(self) -> Graph:
+        """A deep copy: new nodes, copied params (arrays are copied too)."""
+        return _copy.deepcopy(self)
+
+    # ------------------------------------------------------------------ io, text
+    def save(self, path: str | Path) -> None:
+        """Write ``graph.json`` and ``weights.safetensors`` into directory ``path`` (atomically)."""
+        from flora_graph.ir.serialize import save_graph
+
+        save_graph(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Graph:
+        """Read a graph written by :meth:`save`, validating everything; raises ``GraphError``."""
+        from flora_graph.ir.serialize import load_graph
+
+        return load_graph(path)
+
+    def format(self, *, meta: bool = True) -> str:
+        """Readable text form (see :func:`flora_graph.ir.printer.format_graph`)."""
+        from flora_graph.ir.printer import format_graph
+
+        return format_graph(self, meta=meta)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def summary(self) -> str:
+        """One line: node, op and parameter counts."""
+        from collections import Counter
+
+        counts = Counter(n.op.value for n in self.nodes if n.op not in (Op.INPUT, Op.CONST))
+        nparams = sum(int(v.size) for v in self.params.values())
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+        return f"graph {self.name!r}: {len(self.nodes)} nodes, {len(self.params)} weights ({nparams:,} values); {ops}"
+
+
+def iter_leaves(nodes: Iterable[ComputationNode]) -> Iterable[ComputationNode]:
+    """The ``Input``/``Const`` nodes among ``nodes``."""
+    return (n for n in nodes if n.op in (Op.INPUT, Op.CONST))

@@ -1,0 +1,179 @@
+"""Graph files: structure as JSON, weights as safetensors. No pickle anywhere.
+
+A saved graph is a directory holding ``graph.json`` and ``weights.safetensors``. The JSON
+records the SHA-256 of the weights file, so a half-replaced or edited pair is caught on
+load. Every file is written to a temporary name and renamed into place. :func:`load_graph`
+validates everything it reads and raises :class:`GraphError` naming the file and the
+field at fault; it never crashes on bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from flora_graph.errors import GraphError
+from flora_graph.ir.graph import Graph
+from flora_graph.ir.node import ComputationNode
+from flora_graph.ir.ops import Op, schema
+from flora_graph.ir.verify import verify
+
+__all__ = ["FORMAT", "VERSION", "atomic_write_bytes", "load_graph", "save_graph"]
+
+FORMAT = "flora_graph"
+VERSION = 1
+GRAPH_FILE = "graph.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, where) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        raise GraphError(f"{where}: non-finite float {value} cannot be saved")
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise GraphError(f"{where}: value {value!r} of type {type(value).__name__} is not JSON-serializable")
+
+
+def save_graph(graph: Graph, path: str | Path) -> None:
+    """Verify ``graph`` and write it into directory ``path``."""
+    verify(graph)
+    path = Path(path)
+    weights = st_save({k: np.ascontiguousarray(v) for k, v in graph.params.items()}) if graph.params else st_save({})
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": graph.name,
+        "inputs": [n.name for n in graph.inputs],
+        "outputs": {k: v.name for k, v in graph.outputs.items()},
+        "nodes": [
+            {
+                "name": n.name,
+                "op": n.op.value,
+                "inputs": [i.name for i in n.inputs],
+                "attrs": _jsonable(n.attrs, f"node {n.name!r} attrs"),
+                "shape": list(n.shape),
+                "dtype": n.dtype,
+                "meta": _jsonable(n.meta, f"node {n.name!r} meta"),
+            }
+            for n in graph.nodes
+        ],
+        "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest()},
+    }
+    text = json.dumps(doc, indent=1, allow_nan=False).encode()
+    atomic_write_bytes(path / WEIGHTS_FILE, weights)
+    atomic_write_bytes(path / GRAPH_FILE, text)
+
+
+def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise GraphError(f"{where}: expected an object, got {type(d).__name__}")
+    if key not in d:
+        raise GraphError(f"{where}: missing field {key!r}")
+    v = d[key]
+    if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        raise GraphError(f"{where}: field {key!r} has type {type(v).__name__}")
+    return v
+
+
+def load_graph(path: str | Path) -> Graph:
+    """Read and validate a graph directory written by :func:`save_graph`."""
+    path = Path(path)
+    gfile, wfile = path / GRAPH_FILE, path / WEIGHTS_FILE
+    try:
+        raw = gfile.read_bytes()
+        wraw = wfile.read_bytes()
+    except OSError as exc:
+        raise GraphError(f"cannot read graph at {path}: {exc}") from None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise GraphError(f"{gfile}: not valid JSON ({exc})") from None
+    return _from_doc(doc, wraw, str(gfile))
+
+
+def _from_doc(doc: Any, wraw: bytes, where: str) -> Graph:
+    if _get(doc, "format", str, where) != FORMAT:
+        raise GraphError(f"{where}: not a flora_graph file (format {doc.get('format')!r})")
+    if _get(doc, "version", int, where) != VERSION:
+        raise GraphError(f"{where}: unsupported version {doc['version']!r} (this build reads {VERSION})")
+    winfo = _get(doc, "weights", dict, where)
+    want = _get(winfo, "sha256", str, f"{where} weights")
+    if hashlib.sha256(wraw).hexdigest() != want:
+        raise GraphError(f"{where}: weights file does not match its recorded SHA-256 (truncated or edited)")
+    try:
+        params = dict(st_load(wraw))
+    except (SafetensorError, ValueError, TypeError, OSError) as exc:
+        raise GraphError(f"{where}: weights are not valid safetensors ({exc})") from None
+    g = Graph(_get(doc, "name", str, where))
+    g.params = params
+    by_name: dict[str, ComputationNode] = {}
+    input_names = _get(doc, "inputs", list, where)
+    for k, nd in enumerate(_get(doc, "nodes", list, where)):
+        nw = f"{where} node #{k}"
+        name = _get(nd, "name", str, nw)
+        nw = f"{where} node {name!r}"
+        try:
+            op = Op(_get(nd, "op", str, nw))
+        except ValueError:
+            raise GraphError(f"{nw}: unknown op {nd['op']!r}") from None
+        ins = []
+        for i in _get(nd, "inputs", list, nw):
+            if not isinstance(i, str) or i not in by_name:
+                raise GraphError(f"{nw}: input {i!r} is not defined before it")
+            ins.append(by_name[i])
+        attrs = schema(op).normalize_attrs(_get(nd, "attrs", dict, nw), name)
+        shape = _get(nd, "shape", list, nw)
+        for d in shape:
+            if isinstance(d, bool) or not isinstance(d, int | str):
+                raise GraphError(f"{nw}: bad dim {d!r}")
+        node = ComputationNode(
+            name, op, ins, attrs, tuple(shape), _get(nd, "dtype", str, nw), _get(nd, "meta", dict, nw)
+        )
+        g._append(node)
+        by_name[name] = node
+    for n in input_names:
+        if not isinstance(n, str) or n not in by_name:
+            raise GraphError(f"{where}: graph input {n!r} is not a node")
+        g.inputs.append(by_name[n])
+    for out, n in _get(doc, "outputs", dict, where).items():
+        if not isinstance(n, str) or n not in by_name:
+            raise GraphError(f"{where}: output {out!r} refers to unknown node {n!r}")
+        g.outputs[out] = by_name[n]
+    try:
+        verify(g)
+    except GraphError as exc:
+        raise GraphError(f"{where}: {exc}") from None
+    unused = set(g.params) - {n.attrs["param"] for n in g.nodes if n.op is Op.CONST}
+    if unused:
+        raise GraphError(f"{where}: weights file holds params no node uses: {sorted(unused)[:5]}")
+    return g
