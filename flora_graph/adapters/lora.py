@@ -1,0 +1,267 @@
+"""``LoRAAdapter``: a low-rank branch beside an ``nn.Linear`` or ``nn.Conv2d``.
+
+``y = base(x) + s * B(A(dropout(x)))`` with ``s = alpha / rank`` (``alpha <= 0`` means
+``alpha = rank``). ``A`` is ``[r, in]`` (kaiming-uniform) and ``B`` is ``[out, r]`` (zeros),
+PEFT's layout; for a convolution ``A`` is ``[r, in, kh, kw]`` with the base layer's
+stride, padding and dilation, and ``B`` is a ``[out, r, 1, 1]`` pointwise convolution.
+:meth:`LoRAAdapter.delta_weight` is the one source of truth that merging and the
+compiler's merge pass agree with.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flora_graph.errors import AdapterError
+
+if TYPE_CHECKING:
+    from flora_graph.ir import ComputationNode, Graph
+
+__all__ = ["LoRAAdapter", "SUPPORTED_BASE_LAYERS"]
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _conv_padding(layer: nn.Conv2d, where: str) -> tuple[int, int]:
+    """Numeric symmetric padding of a conv layer (``'valid'``/``'same'`` resolved)."""
+    pad = layer.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        out = []
+        for k, d in zip(layer.kernel_size, layer.dilation, strict=True):
+            total = d * (k - 1)
+            if total % 2:
+                raise AdapterError(f"{where}: padding='same' with an even effective kernel is asymmetric; unsupported")
+            out.append(total // 2)
+        return (out[0], out[1])
+    return (int(pad[0]), int(pad[1]))
+
+
+class LoRAAdapter(nn.Module):
+    """Wraps ``base_layer`` (``nn.Linear`` or ``nn.Conv2d``) with a rank-``rank`` LoRA branch.
+
+    Args:
+        base_layer: the layer to adapt; kept as ``self.base_layer``.
+        rank: rank ``r`` of the update, ``1 <= r <= min(fan_in, out)``.
+        alpha: scale numerator; ``alpha <= 0`` means ``alpha = rank``.
+        freeze_base: stop gradients to the base layer's parameters.
+        dropout: dropout probability on the LoRA branch's input, in ``[0, 1)``.
+        module_name: the adapted module's path in its model, used in errors and graph tags.
+        adapter_name: the adapter's name in graph tags (``meta["adapter"]``).
+
+    Raises:
+        AdapterError: unsupported base layer, rank out of range, bad dropout.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float = -1,
+        freeze_base: bool = True,
+        dropout: float = 0.0,
+        *,
+        module_name: str = "",
+        adapter_name: str = "default",
+    ) -> None:
+        super().__init__()
+        where = f"module {module_name or type(base_layer).__name__!r}"
+        if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
+            raise AdapterError(
+                f"{where}: unsupported base layer type {type(base_layer).__name__} "
+                f"(LoRA supports {', '.join(c.__name__ for c in SUPPORTED_BASE_LAYERS)})"
+            )
+        if isinstance(base_layer, nn.Conv2d):
+            if base_layer.groups != 1:
+                raise AdapterError(f"{where}: LoRA on a grouped convolution (groups={base_layer.groups}) is unsupported")
+            if base_layer.padding_mode != "zeros":
+                raise AdapterError(f"{where}: padding_mode={base_layer.padding_mode!r} is unsupported (zeros only)")
+            self._padding = _conv_padding(base_layer, where)
+            fan_in = base_layer.in_channels * math.prod(base_layer.kernel_size)
+            out = base_layer.out_channels
+        else:
+            fan_in, out = base_layer.in_features, base_layer.out_features
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise AdapterError(f"{where}: rank must be a positive int, got {rank!r}")
+        if rank > min(fan_in, out):
+            raise AdapterError(f"{where}: rank {rank} exceeds min(in={fan_in}, out={out}) = {min(fan_in, out)}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise AdapterError(f"{where}: dropout must be in [0, 1), got {dropout!r}")
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.adapter_name = adapter_name
+        self._rank = rank
+        self._alpha = float(alpha) if alpha > 0 else float(rank)
+        self._freeze_base = bool(freeze_base)
+        self._base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        kw = {"device": w.device, "dtype": w.dtype}
+        if isinstance(base_layer, nn.Conv2d):
+            self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_channels, *base_layer.kernel_size, **kw))
+            self.lora_B = nn.Parameter(torch.empty(out, rank, 1, 1, **kw))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(rank, fan_in, **kw))
+            self.lora_B = nn.Parameter(torch.empty(out, rank, **kw))
+        self.reset_lora_parameters()
+        if self._freeze_base:
+            for p in base_layer.parameters():
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def rank(self) -> int:
+        """Rank ``r`` of the low-rank update."""
+        return self._rank
+
+    @property
+    def alpha(self) -> float:
+        """Scale numerator (``rank`` when constructed with ``alpha <= 0``)."""
+        return self._alpha
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``: the factor on the low-rank branch."""
+        return self._alpha / self._rank
+
+    @property
+    def is_base_frozen(self) -> bool:
+        """Whether the base layer's parameters are excluded from training."""
+        return self._freeze_base
+
+    @property
+    def is_conv(self) -> bool:
+        """Whether the base layer is a convolution."""
+        return isinstance(self.base_layer, nn.Conv2d)
+
+    @property
+    def parameter_count(self) -> int:
+        """Trainable parameter count: LoRA only when the base is frozen, else base + LoRA."""
+        n = self.lora_A.numel() + self.lora_B.numel()
+        if not self._freeze_base:
+            n += sum(p.numel() for p in self.base_layer.parameters())
+        return n
+
+    def _where(self) -> str:
+        return f"module {self.module_name or type(self.base_layer).__name__!r}"
+
+    # ------------------------------------------------------------------ state
+    def reset_lora_parameters(self) -> None:
+        """``A`` kaiming-uniform (as ``nn.Linear`` initialises weights), ``B`` zeros."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def reset_state(self) -> None:
+        """Clear per-sequence state: LoRA keeps none, so this forwards to a base layer that does."""
+        reset = getattr(self.base_layer, "reset_state", None)
+        if callable(reset):
+            reset()
+
+    def _packed(self) -> list[torch.Tensor]:
+        base = [] if self._freeze_base else list(self.base_layer.parameters())
+        return [*base, self.lora_A, self.lora_B]
+
+    def get_parameters(self) -> torch.Tensor:
+        """Trainable parameters as one flat vector: base (if unfrozen), then ``A``, then ``B``."""
+        return torch.cat([p.detach().reshape(-1) for p in self._packed()])
+
+    def set_parameters(self, vec: torch.Tensor) -> None:
+        """Load a vector packed as :meth:`get_parameters` does; a wrong length raises ``AdapterError``."""
+        params = self._packed()
+        want = sum(p.numel() for p in params)
+        vec = torch.as_tensor(vec)
+        if vec.dim() != 1 or vec.numel() != want:
+            raise AdapterError(f"{self._where()}: set_parameters expects a vector of {want} values, got shape {tuple(vec.shape)}")
+        with torch.no_grad():
+            off = 0
+            for p in params:
+                p.copy_(vec[off : off + p.numel()].view_as(p))
+                off += p.numel()
+
+    # ------------------------------------------------------------------ compute
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled low-rank branch ``s * B(A(dropout(x)))`` alone."""
+        h = self.lora_dropout(x)
+        if self.is_conv:
+            base = self.base_layer
+            h = F.conv2d(h, self.lora_A, None, base.stride, self._padding, base.dilation)
+            h = F.conv2d(h, self.lora_B)
+        else:
+            h = F.linear(F.linear(h, self.lora_A), self.lora_B)
+        return h * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + s * B(A(dropout(x)))``."""
+        return self.base_layer(x) + self.lora_forward(x)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` in the base weight's shape, computed in float32."""
+        a = self.lora_A.detach().float().reshape(self._rank, -1)
+        b = self.lora_B.detach().float().reshape(-1, self._rank)
+        return (b @ a).mul_(self.scaling).reshape(self.base_layer.weight.shape)
+
+    def merge_to_original_layer(self) -> nn.Module:
+        """A new plain layer with weight ``W + delta`` (accumulated in fp32, cast back).
+
+        The adapter is left untouched. Raises ``AdapterError`` when the result is not finite.
+        """
+        merged = copy.deepcopy(self.base_layer)
+        w = self.base_layer.weight.detach()
+        new = w.float() + self.delta_weight()
+        if not torch.isfinite(new).all():
+            raise AdapterError(f"{self._where()}: merged weight has non-finite values")
+        cast = new.to(w.dtype)
+        if not torch.isfinite(cast).all():
+            raise AdapterError(f"{self._where()}: merged weight overflows {w.dtype}")
+        with torch.no_grad():
+            merged.weight.copy_(cast)
+        for name, p in merged.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(name, True))
+        return merged
+
+    # ------------------------------------------------------------------ graph export
+    def export_graph(self, graph: Graph, x: ComputationNode) -> ComputationNode:
+        """Add ``base(x) + s * B(A(x))`` to ``graph`` and return the sum's node.
+
+        Both branches read the same node ``x``. Nodes are tagged with ``meta["adapter"]``,
+        ``meta["role"]`` (``base``, ``lora_down``, ``lora_up``, ``lora_scale``, ``lora_add``)
+        and ``meta["module"]``; weights are named after the module's parameters. Dropout is
+        an inference-time identity and is not exported.
+        """
+        from flora_graph.ir import Op
+
+        p = f"{self.module_name}." if self.module_name else ""
+
+        def tag(role: str) -> dict[str, str]:
+            return {"adapter": self.adapter_name, "role": role, "module": self.module_name}
+
+        def const(name: str, t: torch.Tensor):
+            return graph.const(p + name, t.detach().cpu().numpy().copy())
+
+        base = self.base_layer
+        w = const("base_layer.weight", base.weight)
+        args = [x, w] + ([const("base_layer.bias", base.bias)] if base.bias is not None else [])
+        a, b = const("lora_A", self.lora_A), const("lora_B", self.lora_B)
+        if self.is_conv:
+            conv = {"stride": tuple(base.stride), "padding": self._padding, "dilation": tuple(base.dilation)}
+            y = graph.add(Op.CONV2D, args, {**conv, "groups": 1}, name=p + "base", meta=tag("base"))
+            h = graph.add(Op.CONV2D, [x, a], conv, name=p + "lora_down", meta=tag("lora_down"))
+            h = graph.add(Op.CONV2D, [h, b], name=p + "lora_up", meta=tag("lora_up"))
+        else:
+            y = graph.add(Op.LINEAR, args, name=p + "base", meta=tag("base"))
+            h = graph.add(Op.LINEAR, [x, a], name=p + "lora_down", meta=tag("lora_down"))
+            h = graph.add(Op.LINEAR, [h, b], name=p + "lora_up", meta=tag("lora_up"))
+        s = graph.const(p + "scaling", np.asarray(self.scaling, dtype=str(self.lora_B.dtype).removeprefix("torch.")))
+        h = graph.add(Op.MUL, [h, s], name=p + "lora_scale", meta=tag("lora_scale"))
+        return graph.add(Op.ADD, [y, h], name=p + "lora_add", meta=tag("lora_add"))
+
+    def extra_repr(self) -> str:
+        return f"rank={self._rank}, alpha={self._alpha:g}, scaling={self.scaling:g}, frozen_base={self._freeze_base}"
