@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +25,7 @@ from flora_graph.errors import AdapterError
 if TYPE_CHECKING:
     from flora_graph.ir import ComputationNode, Graph
 
-__all__ = ["LoRAAdapter", "SUPPORTED_BASE_LAYERS"]
+__all__ = ["SUPPORTED_BASE_LAYERS", "LoRAAdapter"]
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -43,6 +44,16 @@ def _conv_padding(layer: nn.Conv2d, where: str) -> tuple[int, int]:
             out.append(total // 2)
         return (out[0], out[1])
     return (int(pad[0]), int(pad[1]))
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy copy of ``t``; bfloat16 becomes ``ml_dtypes.bfloat16`` (numpy has none)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy().copy()
 
 
 class LoRAAdapter(nn.Module):
@@ -93,8 +104,10 @@ class LoRAAdapter(nn.Module):
             raise AdapterError(f"{where}: rank must be a positive int, got {rank!r}")
         if rank > min(fan_in, out):
             raise AdapterError(f"{where}: rank {rank} exceeds min(in={fan_in}, out={out}) = {min(fan_in, out)}")
-        if not 0.0 <= float(dropout) < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= float(dropout) < 1.0:
             raise AdapterError(f"{where}: dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise AdapterError(f"{where}: alpha must be a finite number (<= 0 means alpha = rank), got {alpha!r}")
         self.base_layer = base_layer
         self.module_name = module_name
         self.adapter_name = adapter_name
@@ -244,22 +257,27 @@ class LoRAAdapter(nn.Module):
             return {"adapter": self.adapter_name, "role": role, "module": self.module_name}
 
         def const(name: str, t: torch.Tensor):
-            return graph.const(p + name, t.detach().cpu().numpy().copy())
+            # a weight name another adapter already put in this graph gets a suffix, never overwritten
+            key, i = p + name, 0
+            while key in graph.params:
+                i += 1
+                key = f"{p}{name}_{i}"
+            return graph.const(key, _to_numpy(t))
 
         base = self.base_layer
         w = const("base_layer.weight", base.weight)
         args = [x, w] + ([const("base_layer.bias", base.bias)] if base.bias is not None else [])
-        a, b = const("lora_A", self.lora_A), const("lora_B", self.lora_B)
+        # weights are added right before their first reader, the order capture produces
         if self.is_conv:
             conv = {"stride": tuple(base.stride), "padding": self._padding, "dilation": tuple(base.dilation)}
             y = graph.add(Op.CONV2D, args, {**conv, "groups": 1}, name=p + "base", meta=tag("base"))
-            h = graph.add(Op.CONV2D, [x, a], conv, name=p + "lora_down", meta=tag("lora_down"))
-            h = graph.add(Op.CONV2D, [h, b], name=p + "lora_up", meta=tag("lora_up"))
+            h = graph.add(Op.CONV2D, [x, const("lora_A", self.lora_A)], conv, name=p + "lora_down", meta=tag("lora_down"))
+            h = graph.add(Op.CONV2D, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
         else:
             y = graph.add(Op.LINEAR, args, name=p + "base", meta=tag("base"))
-            h = graph.add(Op.LINEAR, [x, a], name=p + "lora_down", meta=tag("lora_down"))
-            h = graph.add(Op.LINEAR, [h, b], name=p + "lora_up", meta=tag("lora_up"))
-        s = graph.const(p + "scaling", np.asarray(self.scaling, dtype=str(self.lora_B.dtype).removeprefix("torch.")))
+            h = graph.add(Op.LINEAR, [x, const("lora_A", self.lora_A)], name=p + "lora_down", meta=tag("lora_down"))
+            h = graph.add(Op.LINEAR, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
+        s = const("scaling", torch.tensor(self.scaling, dtype=self.lora_B.dtype))
         h = graph.add(Op.MUL, [h, s], name=p + "lora_scale", meta=tag("lora_scale"))
         return graph.add(Op.ADD, [y, h], name=p + "lora_add", meta=tag("lora_add"))
 

@@ -1,1 +1,8 @@
-"""frontend."""
+"""Frontend: capture PyTorch models as flora_graph graphs through ``torch.export``."""
+
+from __future__ import annotations
+
+from flora_graph.frontend.aten_table import ATEN_TABLE
+from flora_graph.frontend.capture import capture
+
+__all__ = ["ATEN_TABLE", "capture"]

@@ -1,0 +1,338 @@
+"""``capture(model, example_inputs)``: a PyTorch model as a flora_graph ``Graph``.
+
+Built on ``torch.export`` (no home-made tracer): the exported ATen graph is walked once and
+each node converted through :data:`~flora_graph.frontend.aten_table.ATEN_TABLE`. Dims named
+in ``dynamic_dims`` stay symbolic. Adapters (any :class:`LoRAAdapter` in the model) come
+out as the pattern :meth:`LoRAAdapter.export_graph` produces, with the same names and tags,
+found through the ``nn_module_stack`` metadata torch.export records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import sympy
+import torch
+from torch import nn
+
+from flora_graph.adapters import adapters_of
+from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
+from flora_graph.frontend.aten_table import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name
+from flora_graph.ir import ComputationNode, Graph, Op, verify
+from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
+
+__all__ = ["CaptureContext", "capture", "torch_dtype_name"]
+
+DynamicDims = Mapping[str, Mapping[int, str]]
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _to_numpy(t: torch.Tensor, name: str) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        raise GraphError(f"param {name!r} is bfloat16, which the numpy side cannot hold; cast the model to float32/float16")
+    return t.numpy().copy()
+
+
+class CaptureContext:
+    """State of one capture: the graph being built and the fx node being converted."""
+
+    def __init__(self, graph: Graph, adapters: Mapping[str, Any], symbols: dict[str, str]) -> None:
+        self.graph = graph
+        self.adapters = dict(adapters)
+        self.symbols = symbols  # sympy symbol name -> IR dim name
+        self.fx_node: torch.fx.Node | None = None
+
+    # ------------------------------------------------------------------ where are we
+    def module_path(self) -> str:
+        """Innermost module path of the current fx node ('' at top level)."""
+        stack = (self.fx_node.meta.get("nn_module_stack") or {}) if self.fx_node is not None else {}
+        paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and isinstance(v[0], str)]
+        return paths[-1] if paths else ""
+
+    def where(self) -> str:
+        """``module 'fc1' (node linear_2)`` style location of the current node."""
+        name = self.fx_node.name if self.fx_node is not None else "?"
+        path = self.module_path()
+        return f"module {path!r} (node {name})" if path else f"node {name}"
+
+    def adapter_path(self) -> str | None:
+        """Path of the adapter whose forward the current node belongs to, if any."""
+        stack = (self.fx_node.meta.get("nn_module_stack") or {}) if self.fx_node is not None else {}
+        found = None
+        for v in stack.values():
+            if isinstance(v, tuple) and v and v[0] in self.adapters:
+                found = v[0]
+        return found
+
+    # ------------------------------------------------------------------ building
+    def new_param(self, base: str, value: np.ndarray) -> ComputationNode:
+        """A ``Const`` over a new weight named after ``base`` (made unique)."""
+        name, k = base, 0
+        while name in self.graph.params:
+            k += 1
+            name = f"{base}_{k}"
+        return self.graph.const(name, value)
+
+    def scalar(self, value: float, dtype: str) -> ComputationNode:
+        """A rank-0 constant; inside an adapter it is the adapter's ``scaling``."""
+        adapter = self.adapter_path()
+        base = f"{adapter}.scaling" if adapter is not None else f"{self.fx_node.name}_scalar"
+        return self.new_param(base, np.asarray(value, dtype=dtype))
+
+    def tensor(self, value: Any, like: Any = None, shape: Sequence[Dim] | None = None) -> ComputationNode:
+        """``value`` as a node: nodes pass through, Python numbers become constants."""
+        if isinstance(value, ComputationNode):
+            return value
+        if isinstance(value, bool | int | float):
+            dtype = like.dtype if isinstance(like, ComputationNode) else "float32"
+            if shape is not None:
+                return self.new_param(f"{self.fx_node.name}_fill", np.full(tuple(shape), value, dtype=dtype))
+            return self.scalar(value, dtype)
+        raise GraphError(f"{self.where()}: cannot use {type(value).__name__} {value!r} as a tensor")
+
+    def emit(self, op: Op, inputs: Sequence[ComputationNode], attrs: Mapping[str, Any] | None = None) -> ComputationNode:
+        """Add a node for the current fx node, tagged and named as adapters export it."""
+        name, meta = self.fx_node.name, {}
+        adapter = self.adapter_path()
+        if adapter is not None:
+            role = self._role(adapter, op, inputs)
+            if role is not None:
+                name = f"{adapter}.{role}"
+                meta = {"adapter": getattr(self.adapters[adapter], "adapter_name", "default"), "role": role, "module": adapter}
+        try:
+            return self.graph.add(op, list(inputs), attrs, name=name, meta=meta)
+        except ShapeError as exc:
+            raise ShapeError(f"{self.where()}: {exc}") from None
+
+    def _role(self, adapter: str, op: Op, inputs: Sequence[ComputationNode]) -> str | None:
+        params = {i.attrs["param"] for i in inputs if i.op is Op.CONST}
+        if f"{adapter}.lora_A" in params:
+            return "lora_down"
+        if f"{adapter}.lora_B" in params:
+            return "lora_up"
+        if self.module_path().startswith(f"{adapter}.base_layer"):
+            return "base"
+        if self.module_path() == adapter:
+            return {Op.MUL: "lora_scale", Op.ADD: "lora_add"}.get(op)
+        return None
+
+    def ir_dim(self, d: Any) -> Dim:
+        """A torch size (int or SymInt) as an IR dim."""
+        if isinstance(d, int):
+            return d
+        expr = d.node.expr if isinstance(d, torch.SymInt) else d
+        if isinstance(expr, sympy.Integer):
+            return int(expr)
+        if isinstance(expr, sympy.Symbol):
+            return self.symbols.get(expr.name, expr.name)
+        if isinstance(expr, sympy.Mul) and all(isinstance(a, sympy.Symbol | sympy.Integer) for a in expr.args):
+            return canonical_dim("*".join(str(int(a)) if isinstance(a, sympy.Integer) else str(self.ir_dim(a)) for a in expr.args))
+        return str(expr)
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: DynamicDims | None):
+    if not dynamic_dims:
+        return None
+    names = list(inspect.signature(model.forward).parameters)
+    dims: dict[str, torch.export.Dim] = {}
+
+    def spec_for(name: str) -> dict[int, Any] | None:
+        axes = dynamic_dims.get(name)
+        if axes is None:
+            return None
+        return {int(ax): dims.setdefault(dn, torch.export.Dim(dn)) for ax, dn in axes.items()}
+
+    known = set(names[: len(args)]) | set(kwargs)
+    unknown = set(dynamic_dims) - known
+    if unknown:
+        raise GraphError(f"dynamic_dims names unknown inputs {sorted(unknown)}; the model takes {sorted(known)}")
+    spec: dict[str, Any] = {n: spec_for(n) for n in names[: len(args)]}
+    spec.update({k: spec_for(k) for k in kwargs})
+    return spec
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    dynamic_dims: DynamicDims | None = None,
+    *,
+    name: str | None = None,
+) -> Graph:
+    """Export ``model`` with ``torch.export`` and convert it to a verified :class:`Graph`.
+
+    Args:
+        model: the module; captured in eval mode (its mode is restored after).
+        example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors.
+        dynamic_dims: ``{input_name: {axis: dim_name}}``; the same name on several inputs is
+            one dim. Example sizes on dynamic dims should be >= 2 (torch specialises 0 and 1).
+        name: graph name (defaults to the model's class name).
+
+    Raises:
+        UnsupportedOpError: listing every ATen op outside the table and where it occurs.
+        GraphError: torch.export failed, or the result does not verify.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        args, kwargs = tuple(example_inputs), {}
+    spec = _dynamic_shapes(model, args, kwargs, dynamic_dims)
+    with _eval_mode(model), torch.no_grad():
+        try:
+            ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
+        except FloraGraphError:
+            raise
+        except Exception as exc:
+            raise GraphError(f"torch.export could not export {type(model).__name__}: {exc}") from exc
+    return _convert(ep, adapters_of(model), dynamic_dims or {}, name or type(model).__name__)
+
+
+def _convert(ep: torch.export.ExportedProgram, adapters: Mapping[str, Any], dynamic_dims: DynamicDims, name: str) -> Graph:
+    sig = ep.graph_signature
+    weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    state = {**ep.state_dict, **ep.constants}
+    fx_nodes = list(ep.graph.nodes)
+    _check_supported(fx_nodes, weights)
+
+    graph = Graph(name)
+    symbols: dict[str, str] = {}
+    for n in fx_nodes:
+        if n.op == "placeholder" and n.name not in weights:
+            for ax, d in enumerate(n.meta["val"].shape):
+                if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
+                    symbols.setdefault(d.node.expr.name, dynamic_dims.get(n.name, {}).get(ax, d.node.expr.name))
+    ctx = CaptureContext(graph, adapters, symbols)
+    env: dict[torch.fx.Node, Any] = {}
+    for n in fx_nodes:
+        ctx.fx_node = n
+        if n.op == "placeholder":
+            if n.name in weights:
+                fqn = weights[n.name]
+                env[n] = _LazyConst(fqn, state[fqn])
+            else:
+                val = n.meta["val"]
+                env[n] = graph.input(n.name, [ctx.ir_dim(d) for d in val.shape], torch_dtype_name(val.dtype))
+        elif n.op == "call_function":
+            env[n] = _call(ctx, n, env)
+        elif n.op == "output":
+            outs = n.args[0] if isinstance(n.args[0], tuple | list) else (n.args[0],)
+            for i, o in enumerate(outs):
+                node = _realize(ctx, env[o])
+                if not isinstance(node, ComputationNode):
+                    raise GraphError(f"output {i} of {name} is not a tensor")
+                graph.set_output("output" if len(outs) == 1 else f"output_{i}", node)
+        else:
+            raise GraphError(f"unexpected fx node {n.op} {n.name} in the exported program")
+    graph.remove_dead()
+    return verify(graph)
+
+
+class _LazyConst:
+    """A weight that becomes a ``Const`` node the first time something reads it."""
+
+    def __init__(self, fqn: str, tensor: torch.Tensor) -> None:
+        self.fqn, self.tensor, self.node = fqn, tensor, None
+
+
+def _realize(ctx: CaptureContext, v: Any) -> Any:
+    if isinstance(v, _LazyConst):
+        if v.node is None:
+            v.node = ctx.graph.const(v.fqn, _to_numpy(v.tensor, v.fqn))
+        return v.node
+    if isinstance(v, list | tuple):
+        return type(v)(_realize(ctx, x) for x in v)
+    return v
+
+
+def _is_const(v: Any) -> bool:
+    if isinstance(v, list | tuple):
+        return all(_is_const(x) for x in v)
+    if isinstance(v, ComputationNode):
+        return v.op is Op.CONST
+    return not isinstance(v, SymDim)
+
+
+def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
+    def val(a: Any) -> Any:
+        return env[a] if isinstance(a, torch.fx.Node) else a
+
+    args = torch.fx.node.map_aggregate(n.args, val)
+    kwargs = torch.fx.node.map_aggregate(n.kwargs, val)
+    if n.target is torch.ops.aten.sym_size.int:
+        return SymDim(ctx.ir_dim(n.meta["val"]))
+    if n.target in NO_TENSOR_OPS:
+        return None
+    conv = ATEN_TABLE.get(n.target)
+    if conv is None:  # _check_supported let it through: every input is constant, so fold it
+        return _fold(ctx, n, args, kwargs)
+    out = conv(ctx, *_realize(ctx, args), **_realize(ctx, kwargs))
+    _check_shape(ctx, n, out)
+    return out
+
+
+def _fold(ctx: CaptureContext, n: torch.fx.Node, args: Any, kwargs: Any) -> ComputationNode:
+    def real(a: Any) -> Any:
+        if isinstance(a, _LazyConst):
+            return a.tensor
+        if isinstance(a, ComputationNode):
+            return torch.from_numpy(ctx.graph.param_of(a))
+        return a
+
+    result = n.target(*torch.fx.node.map_aggregate(args, real), **torch.fx.node.map_aggregate(kwargs, real))
+    if not isinstance(result, torch.Tensor):
+        raise UnsupportedOpError(f"{aten_name(n.target)} returns no tensor", {aten_name(n.target): [ctx.where()]})
+    return ctx.new_param(n.name, _to_numpy(result, n.name))
+
+
+def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
+    val = n.meta.get("val")
+    if not isinstance(out, ComputationNode) or not isinstance(val, torch.Tensor):
+        return
+    want = [ctx.ir_dim(d) for d in val.shape]
+    try:
+        want = [canonical_dim(d) for d in want]
+    except ShapeError:
+        return  # an expression beyond products: nothing to compare against
+    if tuple(want) != out.shape:
+        raise ShapeError(f"{ctx.where()}: IR shape {format_shape(out.shape)} != torch shape {format_shape(want)} for {aten_name(n.target)}")
+
+
+def _check_supported(fx_nodes: list[torch.fx.Node], weights: Mapping[str, str]) -> None:
+    """Raise one ``UnsupportedOpError`` naming every op outside the table and where it occurs."""
+    const: set[torch.fx.Node] = {n for n in fx_nodes if n.op == "placeholder" and n.name in weights}
+    missing: dict[str, list[str]] = {}
+    for n in fx_nodes:
+        if n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int:
+            continue
+        if n.target in ATEN_TABLE:
+            continue
+        if all(a in const for a in n.all_input_nodes):
+            const.add(n)  # a factory or an op on weights only: folded at capture
+            continue
+        stack = n.meta.get("nn_module_stack") or {}
+        paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v]
+        where = f"module {paths[-1]!r} (node {n.name})" if paths and paths[-1] else f"node {n.name}"
+        missing.setdefault(aten_name(n.target), []).append(where)
+    if missing:
+        lines = "; ".join(f"{op} at {', '.join(w[:3])}{' ...' if len(w) > 3 else ''}" for op, w in sorted(missing.items()))
+        raise UnsupportedOpError(f"{len(missing)} unsupported op(s): {lines}", missing)
