@@ -68,7 +68,7 @@ def save_graph(graph: Graph, path: str | Path) -> None:
     """Verify ``graph`` and write it into directory ``path``."""
     verify(graph)
     path = Path(path)
-    weights = st_save({k: np.ascontiguousarray(v) for k, v in graph.params.items()}) if graph.params else st_save({})
+    weights = st_save({k: np.require(v, requirements="C") for k, v in graph.params.items()})  # keeps rank-0 arrays rank 0
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -132,7 +132,7 @@ def _from_doc(doc: Any, wraw: bytes, where: str) -> Graph:
         raise GraphError(f"{where}: weights file does not match its recorded SHA-256 (truncated or edited)")
     try:
         params = dict(st_load(wraw))
-    except (SafetensorError, ValueError, TypeError, OSError) as exc:
+    except (SafetensorError, ValueError, TypeError, OSError, KeyError) as exc:  # KeyError: dtype numpy lacks (BF16, F8)
         raise GraphError(f"{where}: weights are not valid safetensors ({exc})") from None
     g = Graph(_get(doc, "name", str, where))
     g.params = params

@@ -1,0 +1,59 @@
+"""The command line and the repository's set-up promises."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from flora_graph.cli import main
+from flora_graph.demo import run_demo
+from flora_graph.ir import Graph
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_matches_eager_torch_at_every_batch():
+    report = run_demo((1, 3))
+    assert set(report.max_abs_diff) == {1, 3}
+    assert report.ok, report.max_abs_diff
+    assert report.adapters == 5
+    assert report.graph.inputs[0].shape[0] == "batch"
+    roles = {n.meta.get("role") for n in report.graph.nodes}
+    assert {"base", "lora_down", "lora_up", "lora_scale", "lora_add"} <= roles
+
+
+def test_demo_cli_saves_a_graph_that_show_reads(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["demo", "--batch", "2", "--save", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "batch 2: max |numpy reference - eager torch|" in text and "ok" in text
+    loaded = Graph.load(out)
+    assert loaded.name == "demo" and f"{len(loaded.nodes)} nodes" in text
+    assert main(["show", str(out)]) == 0
+    assert "%conv1.lora_down = Conv2d" in capsys.readouterr().out
+
+
+def test_cli_reports_typed_error_with_exit_code_2(tmp_path, capsys):
+    assert main(["show", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "GraphError" in err and "missing" in err
+
+
+def test_cli_rejects_unknown_command():
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    fence = readme.index("```bash")
+    demo_cmd, test_cmd = readme[fence + 1], readme[fence + 2]
+    assert readme[fence + 3] == "```"
+    assert "-c constraints.txt" in demo_cmd and "flora-graph demo" in demo_cmd
+    assert "-c constraints.txt" in test_cmd and "pytest" in test_cmd
+    ci_lines = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert ci_lines[-1] == test_cmd
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+    shlex.split(test_cmd)  # well-formed shell words
