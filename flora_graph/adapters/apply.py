@@ -40,6 +40,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _per_module(value: Any, name: str, what: str) -> Any:
+    if not isinstance(value, dict):
+        return value
+    if name not in value:
+        raise AdapterError(f"module {name!r}: the {what} dict has no entry for it (keys: {sorted(value)})")
+    return value[name]
+
+
 def adapters_of(model: nn.Module) -> dict[str, LoRAAdapter]:
     """Module path -> adapter, for every ``LoRAAdapter`` (or subclass) in ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRAAdapter)}
@@ -63,10 +71,12 @@ def apply_lora(
         raise AdapterError(f"target_modules must be a regex string or a sequence of names, got {target_modules!r}")
     inside = {f"{n}." for n, _ in adapters_of(model).items()}
     chosen: list[tuple[str, nn.Module]] = []
+    already_adapted = False
     for name, module in model.named_modules():
         if not name or not match_target(name, target_modules):
             continue
         if isinstance(module, LoRAAdapter) or any(name.startswith(p) for p in inside):
+            already_adapted = True
             continue
         if not isinstance(module, SUPPORTED_BASE_LAYERS):
             # a container whose name matches a regex is not an error; a leaf layer is
@@ -78,12 +88,21 @@ def apply_lora(
             continue
         chosen.append((name, module))
     if not chosen:
+        if already_adapted:  # every match is adapted already: nothing to do, nothing wrapped twice
+            return []
         raise AdapterError(f"no nn.Linear/nn.Conv2d module of {type(model).__name__} matches target_modules={target_modules!r}")
+    # building an adapter freezes its base layer's parameters: undo that if a later one fails
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     built = []
-    for name, module in chosen:
-        r = rank[name] if isinstance(rank, dict) else rank
-        a = alpha[name] if isinstance(alpha, dict) else alpha
-        built.append((name, adapter_cls(module, r, a, module_name=name, **adapter_kwargs)))
+    try:
+        for name, module in chosen:
+            r = _per_module(rank, name, "rank")
+            a = _per_module(alpha, name, "alpha")
+            built.append((name, adapter_cls(module, r, a, module_name=name, **adapter_kwargs)))
+    except BaseException:
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        raise
     for name, adapter in built:
         _set_submodule(model, name, adapter)
     return [n for n, _ in built]
