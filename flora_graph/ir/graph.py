@@ -34,7 +34,9 @@ def infer_node(op: Op, inputs: Sequence[ComputationNode], attrs: Mapping[str, An
     if sch.infer is None:
         raise GraphError(f"node {name!r}: {op.value} is a leaf; use Graph.input/Graph.const")
     try:
-        shape, dtype = sch.infer([i.shape for i in inputs], [i.dtype for i in inputs], attrs)
+        # canonical input shapes, so a hand-edited or loaded "16" or "seq*batch" reads as 16 / "batch*seq"
+        shapes = [tuple(canonical_dim(d) for d in i.shape) for i in inputs]
+        shape, dtype = sch.infer(shapes, [i.dtype for i in inputs], attrs)
     except ShapeError as exc:
         raise ShapeError(f"node {name!r} ({op.value}): {exc}") from None
     return attrs, tuple(canonical_dim(d) for d in shape), dtype
@@ -79,7 +81,11 @@ class Graph:
         """Declare a graph input with a (possibly dynamic) shape."""
         if dtype not in DTYPES:
             raise GraphError(f"input {name!r}: unknown dtype {dtype!r}")
-        node = ComputationNode(name, Op.INPUT, [], {}, tuple(canonical_dim(d) for d in shape), dtype, dict(meta))
+        try:
+            dims = tuple(canonical_dim(d) for d in shape)
+        except ShapeError as exc:
+            raise ShapeError(f"input {name!r}: {exc}") from None
+        node = ComputationNode(name, Op.INPUT, [], {}, dims, dtype, dict(meta))
         self._append(node)
         self.inputs.append(node)
         return node

@@ -151,7 +151,9 @@ def _coerce_attr(value: Any, spec: AttrSpec, where: str) -> Any:
             raise bad
         return float(value)
     if spec.kind == "str":
-        if not isinstance(value, str) or (spec.choices and value not in spec.choices):
+        if not isinstance(value, str):
+            raise bad
+        if spec.choices and value not in spec.choices:
             raise GraphError(
                 f"attribute {where!r} = {value!r} must be one of {list(spec.choices or ())}"
             )
@@ -238,6 +240,8 @@ def _conv2d(shapes, dtypes, attrs):
         raise ShapeError(f"Conv2d: x has {cin} channels, W {format_shape(w)} with groups={g} expects {w[1] * g}")
     if len(shapes) == 3 and (len(shapes[2]) != 1 or shapes[2][0] != w[0]):
         raise ShapeError(f"Conv2d: bias {format_shape(shapes[2])} does not match {w[0]} channels")
+    if not isinstance(w[2], int) or not isinstance(w[3], int):
+        raise ShapeError(f"Conv2d: kernel size of W {format_shape(w)} must be static")
     (sh, sw), (ph, pw), (dh, dw) = attrs["stride"], attrs["padding"], attrs["dilation"]
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ShapeError("Conv2d: stride and dilation must be >= 1 and padding >= 0")

@@ -67,6 +67,11 @@ def _jsonable(value: Any, where: str) -> Any:
 def save_graph(graph: Graph, path: str | Path) -> None:
     """Verify ``graph`` and write it into directory ``path``."""
     verify(graph)
+    unused = set(graph.params) - {n.attrs["param"] for n in graph.nodes if n.op is Op.CONST}
+    if unused:  # load_graph refuses such files, so refuse to write one
+        raise GraphError(
+            f"graph {graph.name!r} holds params no node uses: {sorted(unused)[:5]} (call remove_dead() first)"
+        )
     path = Path(path)
     weights = st_save({k: np.require(v, requirements="C") for k, v in graph.params.items()})  # keeps rank-0 arrays rank 0
     doc = {

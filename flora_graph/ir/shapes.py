@@ -46,8 +46,11 @@ def _factors(dim: Dim) -> tuple[int, Counter[str]]:
     coef, names = 1, Counter()
     for part in dim.split("*"):
         part = part.strip()
-        if part.isdigit():
-            coef *= int(part)
+        if part.isascii() and part.isdigit():  # not str.isdigit alone: "²" is a digit int() rejects
+            try:
+                coef *= int(part)
+            except ValueError:  # longer than Python's int-from-str digit limit
+                raise ShapeError(f"dim {dim!r}: factor {part[:20]!r}... is too large") from None
         elif _NAME.match(part):
             names[part] += 1
         else:

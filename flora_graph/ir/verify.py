@@ -39,9 +39,13 @@ def verify(graph: Graph) -> Graph:
                 raise GraphError(f"node {n.name!r} reads {i.name!r} before it is defined (nodes out of order)")
         seen.add(id(n))
         _check_node(graph, n)
+    listed: set[int] = set()
     for inp in graph.inputs:
         if id(inp) not in members or inp.op is not Op.INPUT:
-            raise GraphError(f"graph input {inp.name!r} is not an Input node of the graph")
+            raise GraphError(f"graph input {getattr(inp, 'name', inp)!r} is not an Input node of the graph")
+        if id(inp) in listed:
+            raise GraphError(f"graph input {inp.name!r} is listed twice in graph.inputs")
+        listed.add(id(inp))
     for n in graph.nodes:
         if n.op is Op.INPUT and not any(n is i for i in graph.inputs):
             raise GraphError(f"Input node {n.name!r} is not listed in graph.inputs")

@@ -1,0 +1,175 @@
+"""Named dims: canonical spelling, products, division, broadcasting."""
+
+from __future__ import annotations
+
+import pytest
+
+from flora_graph.errors import GraphError, ShapeError
+from flora_graph.ir.shapes import (
+    broadcast_shapes,
+    canonical_dim,
+    dim_product,
+    dims_equal,
+    divide_dims,
+    format_shape,
+    is_static,
+    normalize_axis,
+    static_numel,
+)
+
+
+@pytest.mark.parametrize(
+    ("dim", "want"),
+    [
+        (7, 7),
+        (0, 0),
+        ("batch", "batch"),
+        ("seq*batch", "batch*seq"),
+        ("batch*seq", "batch*seq"),
+        (" seq * batch ", "batch*seq"),
+        ("seq*4*batch", "4*batch*seq"),
+        ("2*batch*3", "6*batch"),
+        ("1*batch", "batch"),
+        ("0*batch", 0),
+        ("16", 16),
+        ("2*8", 16),
+        ("batch*batch", "batch*batch"),
+        ("model.layers.0", "model.layers.0"),
+    ],
+)
+def test_canonical_dim(dim, want):
+    got = canonical_dim(dim)
+    assert got == want
+    assert type(got) is type(want)
+    assert canonical_dim(got) == got  # canonical form is a fixed point
+
+
+def test_commuted_products_are_equal():
+    assert dims_equal("seq*batch", "batch*seq")
+    assert dims_equal("4*seq*batch", "batch*4*seq")
+    assert not dims_equal("batch", "seq")
+    assert not dims_equal("batch*batch", "batch")
+    assert not dims_equal("2*batch", "batch")
+
+
+@pytest.mark.parametrize(
+    "bad", [-1, True, False, 1.5, None, "", "*", "batch*", "2x", "a-b", "9batch", "²", "batch*²", "1" * 5000, ("b",)]
+)
+def test_invalid_dims_raise_shape_error(bad):
+    with pytest.raises(ShapeError):
+        canonical_dim(bad)
+
+
+def test_shape_error_is_a_graph_error():
+    assert issubclass(ShapeError, GraphError)
+
+
+@pytest.mark.parametrize(
+    ("dims", "want"),
+    [
+        ([], 1),
+        ([2, 3, 4], 24),
+        ([2, 0, "batch"], 0),
+        (["batch", 4], "4*batch"),
+        (["seq", "batch"], "batch*seq"),
+        (["batch", 2, "seq", 3], "6*batch*seq"),
+        (["2*batch", "3*seq"], "6*batch*seq"),
+        (["batch", "batch"], "batch*batch"),
+    ],
+)
+def test_dim_product(dims, want):
+    assert dim_product(dims) == want
+
+
+@pytest.mark.parametrize(
+    ("num", "den", "want"),
+    [
+        (12, 4, 3),
+        (12, 5, None),
+        (12, 0, None),
+        (0, 3, 0),
+        ("4*batch", 4, "batch"),
+        ("4*batch", 2, "2*batch"),
+        ("4*batch", 3, None),
+        ("batch*seq", "seq", "batch"),
+        ("seq*batch", "batch", "seq"),
+        ("6*batch*seq", "2*batch", "3*seq"),
+        ("batch", "batch", 1),
+        ("batch", "seq", None),
+        ("batch", "batch*batch", None),
+        (8, "batch", None),
+        ("batch", 2, None),
+    ],
+)
+def test_divide_dims(num, den, want):
+    assert divide_dims(num, den) == want
+
+
+def test_divide_then_multiply_round_trips():
+    for num, den in [("6*batch*seq", "2*batch"), ("batch*seq", "seq"), (24, 6)]:
+        q = divide_dims(num, den)
+        assert q is not None
+        assert dims_equal(dim_product([q, den]), num)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "want"),
+    [
+        ([(2, 3), (3,)], (2, 3)),
+        ([(2, 1), (1, 3)], (2, 3)),
+        ([(), (4,)], (4,)),
+        ([("batch", 3), (1, 3)], ("batch", 3)),
+        ([(1, 3), ("batch", 1)], ("batch", 3)),
+        ([("batch", "seq", 8), (8,)], ("batch", "seq", 8)),
+        ([("batch", 1, 8), ("seq", 1)], ("batch", "seq", 8)),
+        ([("seq*batch", 4), ("batch*seq", 4)], ("batch*seq", 4)),
+        ([("batch",), ("batch",), (1,)], ("batch",)),
+    ],
+)
+def test_broadcast(shapes, want):
+    assert broadcast_shapes(*shapes) == want
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(2,), (3,)],
+        [("batch",), (3,)],
+        [(3,), ("batch",)],
+        [("batch",), ("seq",)],
+        [("batch", 4), ("seq", 4)],
+        [("batch",), ("2*batch",)],
+        [(2, 3), (4, 3)],
+    ],
+)
+def test_broadcast_mismatch_raises(shapes):
+    with pytest.raises(ShapeError, match="do not broadcast"):
+        broadcast_shapes(*shapes)
+
+
+def test_broadcast_agrees_with_numpy_on_static_shapes():
+    np = pytest.importorskip("numpy")
+    cases = [[(5, 1, 4), (3, 1)], [(1,), (2, 2)], [(7, 1, 1), (1, 6, 1), (5,)], [(0, 3), (1, 3)]]
+    for shapes in cases:
+        assert broadcast_shapes(*shapes) == np.broadcast_shapes(*shapes)
+
+
+def test_normalize_axis():
+    assert normalize_axis(-1, 3) == 2
+    assert normalize_axis(0, 3) == 0
+    assert normalize_axis(-3, 3) == 0
+    for bad in (3, -4):
+        with pytest.raises(ShapeError, match="out of range"):
+            normalize_axis(bad, 3)
+    with pytest.raises(ShapeError):
+        normalize_axis(0, 0)
+
+
+def test_static_helpers_and_format():
+    assert is_static((1, 2, 3)) and not is_static(("batch", 2))
+    assert static_numel((2, 3, 4)) == 24
+    assert static_numel(()) == 1
+    assert static_numel(("batch", 2)) is None
+    assert format_shape(("batch", 16)) == "[batch, 16]"
+    assert format_shape(()) == "[]"
+    assert format_shape(None) == "[?]"
