@@ -93,6 +93,8 @@ class Graph:
     def const(self, param: str, value: np.ndarray | None = None, *, name: str | None = None, **meta: Any) -> ComputationNode:
         """A ``Const`` node reading weight ``param``; stores ``value`` when given."""
         if value is not None:
+            if param in self.params and self.params[param] is not value:
+                raise GraphError(f"param {param!r} already exists in graph {self.name!r}; pick a new name")
             arr = np.asarray(value)
             if str(arr.dtype) not in DTYPES:
                 raise GraphError(f"param {param!r}: unsupported dtype {arr.dtype}")
