@@ -124,9 +124,9 @@ def _div(ctx, a, b):
     return ctx.emit(Op.DIV, [ctx.tensor(a, like=b), ctx.tensor(b, like=a)])
 
 
-@register(aten.rsub.Scalar)
+@register(aten.rsub.Scalar, aten.rsub.Tensor)
 def _rsub(ctx, a, b, alpha=1):
-    return _binary(Op.SUB)(ctx, b, a) if alpha == 1 else _binary(Op.SUB)(ctx, ctx.emit(Op.MUL, [a, ctx.scalar(alpha, a.dtype)]), b)
+    return _binary(Op.SUB)(ctx, b, a, alpha=alpha)  # rsub(a, b, alpha) = b - alpha * a
 
 
 def _unary(op: Op) -> Converter:
@@ -216,6 +216,14 @@ def _split(ctx, x, split_size, dim=0):
         raise GraphError(f"{ctx.where()}: split of {x.name} along named dim {total!r}")
     sizes = [split_size] * (total // split_size) + ([total % split_size] if total % split_size else [])
     return _split_with_sizes(ctx, x, sizes, dim)
+
+
+@register(aten.chunk.default)
+def _chunk(ctx, x, chunks, dim=0):
+    total = x.shape[dim]
+    if not isinstance(total, int):
+        raise GraphError(f"{ctx.where()}: chunk of {x.name} along named dim {total!r}")
+    return _split(ctx, x, max(1, -(-total // chunks)), dim)  # torch: pieces of ceil(total / chunks)
 
 
 @register(operator.getitem)

@@ -42,6 +42,11 @@ def _to_numpy(t: torch.Tensor, name: str) -> np.ndarray:
     return t.numpy().copy()
 
 
+def _prefix(path: str) -> str:
+    """``"fc1"`` -> ``"fc1."``; the root module (``""``) has no prefix, as in ``export_graph``."""
+    return f"{path}." if path else ""
+
+
 class CaptureContext:
     """State of one capture: the graph being built and the fx node being converted."""
 
@@ -85,7 +90,7 @@ class CaptureContext:
     def scalar(self, value: float, dtype: str) -> ComputationNode:
         """A rank-0 constant; inside an adapter it is the adapter's ``scaling``."""
         adapter = self.adapter_path()
-        base = f"{adapter}.scaling" if adapter is not None else f"{self.fx_node.name}_scalar"
+        base = f"{_prefix(adapter)}scaling" if adapter is not None else f"{self.fx_node.name}_scalar"
         return self.new_param(base, np.asarray(value, dtype=dtype))
 
     def tensor(self, value: Any, like: Any = None, shape: Sequence[Dim] | None = None) -> ComputationNode:
@@ -106,7 +111,7 @@ class CaptureContext:
         if adapter is not None:
             role = self._role(adapter, op, inputs)
             if role is not None:
-                name = f"{adapter}.{role}"
+                name = f"{_prefix(adapter)}{role}"
                 meta = {"adapter": getattr(self.adapters[adapter], "adapter_name", "default"), "role": role, "module": adapter}
         try:
             return self.graph.add(op, list(inputs), attrs, name=name, meta=meta)
@@ -115,11 +120,12 @@ class CaptureContext:
 
     def _role(self, adapter: str, op: Op, inputs: Sequence[ComputationNode]) -> str | None:
         params = {i.attrs["param"] for i in inputs if i.op is Op.CONST}
-        if f"{adapter}.lora_A" in params:
+        p = _prefix(adapter)
+        if f"{p}lora_A" in params:
             return "lora_down"
-        if f"{adapter}.lora_B" in params:
+        if f"{p}lora_B" in params:
             return "lora_up"
-        if self.module_path().startswith(f"{adapter}.base_layer"):
+        if self.module_path().startswith(f"{p}base_layer"):
             return "base"
         if self.module_path() == adapter:
             return {Op.MUL: "lora_scale", Op.ADD: "lora_add"}.get(op)
@@ -162,12 +168,14 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: D
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
-    was = model.training
+    # each submodule's own flag: a model in train mode may hold submodules kept in eval
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was)
+        for m, was in modes:
+            m.training = was
 
 
 def capture(
@@ -278,7 +286,7 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
 
     args = torch.fx.node.map_aggregate(n.args, val)
     kwargs = torch.fx.node.map_aggregate(n.kwargs, val)
-    if n.target is torch.ops.aten.sym_size.int:
+    if n.target is torch.ops.aten.sym_size.int or _is_shape_arith(n):
         return SymDim(ctx.ir_dim(n.meta["val"]))
     if n.target in NO_TENSOR_OPS:
         return None
@@ -288,6 +296,11 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     out = conv(ctx, *_realize(ctx, args), **_realize(ctx, kwargs))
     _check_shape(ctx, n, out)
     return out
+
+
+def _is_shape_arith(n: torch.fx.Node) -> bool:
+    """Arithmetic on sizes (``operator.mul(sym_size, 4)`` from ``x.view(b * t, c)``): a dim, no tensor."""
+    return isinstance(n.meta.get("val"), torch.SymInt)
 
 
 def _fold(ctx: CaptureContext, n: torch.fx.Node, args: Any, kwargs: Any) -> ComputationNode:
@@ -322,7 +335,7 @@ def _check_supported(fx_nodes: list[torch.fx.Node], weights: Mapping[str, str]) 
     const: set[torch.fx.Node] = {n for n in fx_nodes if n.op == "placeholder" and n.name in weights}
     missing: dict[str, list[str]] = {}
     for n in fx_nodes:
-        if n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int:
+        if n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int or _is_shape_arith(n):
             continue
         if n.target in ATEN_TABLE:
             continue

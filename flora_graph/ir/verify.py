@@ -31,13 +31,16 @@ def verify(graph: Graph) -> Graph:
         for i in n.inputs:
             if id(i) not in members:
                 raise GraphError(f"node {n.name!r} reads {getattr(i, 'name', i)!r}, which is not defined in the graph")
-    _check_acyclic(graph)
+    # Nodes in topological order make the graph acyclic; only when the order breaks is a
+    # cycle search (networkx) needed, to tell a cycle from nodes out of order.
     seen: set[int] = set()
     for n in graph.nodes:
         for i in n.inputs:
             if id(i) not in seen:
+                _check_acyclic(graph)
                 raise GraphError(f"node {n.name!r} reads {i.name!r} before it is defined (nodes out of order)")
         seen.add(id(n))
+    for n in graph.nodes:
         _check_node(graph, n)
     listed: set[int] = set()
     for inp in graph.inputs:
@@ -47,7 +50,7 @@ def verify(graph: Graph) -> Graph:
             raise GraphError(f"graph input {inp.name!r} is listed twice in graph.inputs")
         listed.add(id(inp))
     for n in graph.nodes:
-        if n.op is Op.INPUT and not any(n is i for i in graph.inputs):
+        if n.op is Op.INPUT and id(n) not in listed:
             raise GraphError(f"Input node {n.name!r} is not listed in graph.inputs")
     if not graph.outputs:
         raise GraphError(f"graph {graph.name!r} has no outputs")

@@ -1,0 +1,188 @@
+"""capture() failures: unsupported ATen ops (all listed, with where), bad dynamic_dims, export failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flora_graph.adapters import apply_lora
+from flora_graph.errors import FloraGraphError, GraphError, UnsupportedOpError
+from flora_graph.frontend import capture
+
+BATCH = {"x": {0: "batch"}}
+
+
+class ExpInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.fc(x))
+
+
+class TwoUnsupported(nn.Module):
+    """exp inside a submodule (twice: once there, once at top level) and cumsum at top level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ExpInside()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cumsum(self.inner(x), dim=1) + torch.exp(x)
+        return self.head(h)
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def _unsupported(model: nn.Module, x: torch.Tensor, **kw) -> UnsupportedOpError:
+    with pytest.raises(UnsupportedOpError) as info:
+        capture(model, x, **kw)
+    assert isinstance(info.value, FloraGraphError)
+    return info.value
+
+
+def test_every_unsupported_op_is_listed_with_where():
+    err = _unsupported(TwoUnsupported(), torch.randn(3, 4), dynamic_dims=BATCH)
+    assert set(err.ops) == {"aten.exp.default", "aten.cumsum.default"}
+    exp_places = err.ops["aten.exp.default"]
+    assert len(exp_places) == 2
+    assert any("'inner'" in w for w in exp_places)  # the submodule path where the first exp occurs
+    assert len(err.ops["aten.cumsum.default"]) == 1
+    msg = str(err)
+    assert "2 unsupported op(s)" in msg
+    for op in err.ops:
+        assert op in msg
+    assert "module 'inner'" in msg
+
+
+def test_eval_batchnorm_is_unsupported_and_located():
+    model = WithBatchNorm()
+    model.train()  # capture exports in eval mode: batch_norm, not the training-mode running-stat updates
+    err = _unsupported(model, torch.randn(2, 3, 5, 5), dynamic_dims=BATCH)
+    assert list(err.ops) == ["aten.batch_norm.default"]
+    (where,) = err.ops["aten.batch_norm.default"]
+    assert "features.1" in where
+    assert "features.1" in str(err)
+    assert model.training  # mode restored after the failed capture
+    assert model.features[1].running_mean.abs().sum() == 0  # and running stats untouched
+
+
+def test_unsupported_op_inside_adapted_model_names_module():
+    torch.manual_seed(0)
+    model = TwoUnsupported()
+    apply_lora(model, ["fc", "head"], rank=2)
+    err = _unsupported(model, torch.randn(3, 4))
+    assert set(err.ops) == {"aten.exp.default", "aten.cumsum.default"}
+
+
+def test_ops_on_weights_only_are_folded_not_reported():
+    """An unsupported op whose inputs are all weights runs once at capture and becomes a constant."""
+
+    class Folded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log_scale = nn.Parameter(torch.randn(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.exp(self.log_scale)
+
+    model = Folded()
+    g = capture(model, torch.randn(3, 4), BATCH)
+    assert g.ops() == ["Mul"]
+    from flora_graph.runtimes.reference import run
+
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = model(x).numpy()
+    torch.testing.assert_close(torch.from_numpy(run(g, {"x": x})["output"]), torch.from_numpy(want), atol=1e-6, rtol=1e-6)
+
+
+def test_dtype_cast_is_unsupported():
+    class Cast(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.float64) * 2
+
+    err = _unsupported(Cast(), torch.randn(3, 4))
+    assert err.ops and "float64" in " ".join(err.ops)
+
+
+def test_training_dropout_in_forward_is_unsupported():
+    class AlwaysDrop(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(x, 0.5, training=True)
+
+    err = _unsupported(AlwaysDrop(), torch.randn(3, 4))
+    assert "dropout" in str(err) and any("dropout" in k for k in err.ops)
+
+
+# --------------------------------------------------------------------------- dynamic_dims
+@pytest.mark.parametrize(
+    "dims,unknown",
+    [({"y": {0: "batch"}}, ["y"]), ({"input": {0: "batch"}, "x": {0: "batch"}}, ["x"])],
+    ids=["unknown", "one-known-one-unknown"],
+)
+def test_dynamic_dims_naming_unknown_input(dims, unknown):
+    # nn.Linear.forward takes one input called "input"
+    with pytest.raises(GraphError) as info:
+        capture(nn.Linear(4, 2), torch.randn(3, 4), dims)
+    msg = str(info.value)
+    assert f"unknown inputs {unknown}" in msg
+    assert "['input']" in msg  # names the inputs the model takes
+
+
+def test_dynamic_dims_unknown_with_keyword_inputs():
+    class Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    with pytest.raises(GraphError, match="'c'"):
+        capture(Two(), {"a": torch.randn(3, 4), "b": torch.randn(3, 4)}, {"c": {0: "batch"}})
+
+
+# --------------------------------------------------------------------------- export failures
+class DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # control flow on data: torch.export cannot trace it
+            return x
+        return -x
+
+
+def test_unexportable_model_raises_graph_error_with_cause():
+    with pytest.raises(GraphError) as info:
+        capture(DataDependent(), torch.randn(3, 4))
+    err = info.value
+    assert isinstance(err, FloraGraphError)
+    assert "DataDependent" in str(err)
+    assert err.__cause__ is not None
+    assert not isinstance(err.__cause__, FloraGraphError)
+
+
+def test_specialised_dynamic_dim_raises_graph_error():
+    """The model pins the batch to its example size, so the dim named dynamic cannot be."""
+
+    class Pinned(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.view(3, 4) * 2
+
+    with pytest.raises(GraphError) as info:
+        capture(Pinned(), torch.randn(3, 4), BATCH)
+    assert info.value.__cause__ is not None
+
+
+def test_failed_capture_restores_mode():
+    model = DataDependent().train()
+    with pytest.raises(GraphError):
+        capture(model, torch.randn(3, 4))
+    assert model.training
