@@ -10,6 +10,7 @@ backend's stack dump. Backends register themselves with :func:`register_backend`
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,23 @@ def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
     return deco
 
 
+_BUILTIN = {
+    "numpy": "flora_graph.runtimes.numpy_backend",
+    "onnxruntime": "flora_graph.runtimes.onnxrt",
+    "torchscript": "flora_graph.runtimes.torch_backend",
+    "torch-export": "flora_graph.runtimes.torch_backend",
+}
+
+
 def compile(graph: Graph, backend: str = "numpy", **options: Any) -> Executable:
-    """Lower a verified ``graph`` for ``backend`` (``numpy``, ``onnxruntime``, ``torchscript``, ``torch-export``)."""
-    _load_builtin_backends()
+    """Lower a verified ``graph`` for ``backend`` (``numpy``, ``onnxruntime``, ``torchscript``, ``torch-export``).
+
+    A built-in backend's module is imported on first use (it registers itself), so using
+    one backend never imports another's dependencies.
+    """
+    if backend not in BACKENDS and backend in _BUILTIN:
+        importlib.import_module(_BUILTIN[backend])
     if backend not in BACKENDS:
-        raise FloraGraphError(f"unknown backend {backend!r}; available: {sorted(BACKENDS)}")
+        raise FloraGraphError(f"unknown backend {backend!r}; available: {sorted(set(BACKENDS) | set(_BUILTIN))}")
     verify(graph)
     return BACKENDS[backend](graph, **options)
-
-
-def _load_builtin_backends() -> None:
-    """Import the backend modules, which register themselves (deferred: they import onnx/torch)."""
-    from flora_graph.runtimes import numpy_backend, onnxrt, torch_backend  # noqa: F401
