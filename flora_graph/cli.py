@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -39,6 +40,53 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from flora_graph.bench import bench_model
+    from flora_graph.bench.pipeline import optimize_scaling, time_pipeline
+    from flora_graph.bench.report import latency_table, plot_latency
+    from flora_graph.models import build_demo_model, build_mlp_stack, demo_inputs
+
+    out = Path(args.out)
+    reports = []
+    for shape in args.batch:
+        if args.model == "demo":
+            model, example, dyn = build_demo_model(), demo_inputs(2), {"image": {0: "batch"}}
+            feeds = demo_inputs(shape, seed=7)
+        else:
+            import torch
+
+            model, example, dyn = build_mlp_stack(args.layers), {"x": torch.randn(2, 128)}, {"x": {0: "batch"}}
+            feeds = {"x": torch.randn(shape, 128, generator=torch.Generator().manual_seed(7))}
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+            task = bar.add_task("building", total=1)
+
+            def progress(stage: str, done: int, total: int, task=task, shape=shape) -> None:
+                bar.update(task, description=f"batch {shape}: {stage}", completed=done, total=total)
+
+            rep = bench_model(model, example, dyn, feeds, name=f"{args.model}-b{shape}", backends=args.backends,
+                              threads=args.threads, rounds=args.rounds, inner=args.inner, progress=progress)
+        console.print(latency_table(rep))
+        rep.save(out / f"latency_{args.model}_b{shape}.json")
+        reports.append(rep)
+    plot_latency(reports, out / f"latency_{args.model}.png")
+    console.print(f"reports and chart written to {out}/")
+    if args.pipeline:
+        with console.status("timing capture + optimize + lower of the 32-layer, 224-adapter stack"):
+            t = time_pipeline(32)
+        console.print(f"pipeline, {t.layers} layers / {t.adapters} adapters / {t.nodes} nodes: capture {t.capture_s:.2f} s; "
+                      + "; ".join(f"optimize {k} {v:.2f} s" for k, v in t.optimize_s.items()) + "; "
+                      + "; ".join(f"lower {k} {v:.2f} s" for k, v in t.lower_s.items()))
+        for preset in t.optimize_s:
+            console.print(f"  total {preset}/onnxruntime: {t.total_s(preset, 'onnxruntime'):.2f} s")
+        with console.status("optimize time against graph size"):
+            rows = optimize_scaling()
+        for layers, nodes, s in rows:
+            console.print(f"  optimize fused, {layers:3d} layers, {nodes:6d} nodes: {s * 1e3:8.1f} ms = {s / nodes * 1e6:6.1f} us/node")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``flora-graph``."""
     p = argparse.ArgumentParser(prog="flora-graph", description="A LoRA-aware graph compiler for PyTorch models.")
@@ -53,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="directory written by Graph.save / demo --save")
     s.add_argument("--no-meta", action="store_true", help="leave out adapter tags")
     s.set_defaults(func=_show)
+    b = sub.add_parser("bench", help="time every preset x backend against eager torch (interleaved medians)")
+    b.add_argument("--model", choices=["demo", "mlp-stack"], default="demo", help="built-in model (default: demo)")
+    b.add_argument("--layers", type=int, default=32, help="blocks of the mlp-stack model (default: 32)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
+    b.add_argument("--backends", nargs="+", default=["onnxruntime", "torchscript", "torch-export"])
+    b.add_argument("--threads", type=int, default=1, help="threads for torch and ONNX Runtime (default: 1)")
+    b.add_argument("--rounds", type=int, default=200, help="timed rounds (default: 200)")
+    b.add_argument("--inner", type=int, default=5, help="calls per variant per round (default: 5)")
+    b.add_argument("--out", default="bench-out", help="directory for JSON reports and the PNG chart")
+    b.add_argument("--pipeline", action="store_true", help="also time capture+optimize+lower of the 224-adapter stack")
+    b.set_defaults(func=_bench)
     return p
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flora_graph.adapters.apply import adapters_of, apply_lora, match_target, merge_all
+from flora_graph.adapters.apply import adapters_of, apply_lora, match_target, merge_all, unload_all
 from flora_graph.adapters.flora import FloraAdapter
 from flora_graph.adapters.lora import SUPPORTED_BASE_LAYERS, LoRAAdapter
 
@@ -14,4 +14,5 @@ __all__ = [
     "apply_lora",
     "match_target",
     "merge_all",
+    "unload_all",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 from flora_graph.adapters.lora import SUPPORTED_BASE_LAYERS, LoRAAdapter
 from flora_graph.errors import AdapterError
 
-__all__ = ["adapters_of", "apply_lora", "match_target", "merge_all"]
+__all__ = ["adapters_of", "apply_lora", "match_target", "merge_all", "unload_all"]
 
 Target = str | re.Pattern[str]
 
@@ -118,3 +118,18 @@ def merge_all(model: nn.Module) -> list[str]:
     for name, layer in merged:
         _set_submodule(model, name, layer)
     return [n for n, _ in merged]
+
+
+def unload_all(model: nn.Module) -> list[str]:
+    """Replace every adapter in ``model`` by its base layer, discarding the LoRA weights.
+
+    The result is the model as it was before :func:`apply_lora` (the base layers' own
+    ``requires_grad`` flags restored); returns the unloaded paths.
+    """
+    found = adapters_of(model)
+    for name, adapter in found.items():
+        base = adapter.base_layer
+        for pname, p in base.named_parameters():
+            p.requires_grad_(adapter._base_requires_grad.get(pname, True))
+        _set_submodule(model, name, base)
+    return list(found)

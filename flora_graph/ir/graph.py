@@ -202,8 +202,22 @@ class Graph:
         return before - len(self.nodes)
 
     def copy(self) -> Graph:
-        """A deep copy: new nodes, copied params (arrays are copied too)."""
-        return _copy.deepcopy(self)
+        """A deep copy: new nodes, copied params and meta. Iterative, so any depth copies."""
+        out = Graph(self.name)
+        out.params = {k: np.array(v, copy=True) for k, v in self.params.items()}
+        new: dict[ComputationNode, ComputationNode] = {}
+        for n in self.nodes:
+            try:
+                ins = [new[i] for i in n.inputs]
+            except KeyError:
+                raise GraphError(f"cannot copy graph {self.name!r}: node {n.name!r} reads a node defined after it or outside the graph") from None
+            new[n] = ComputationNode(n.name, n.op, ins, dict(n.attrs), tuple(n.shape), n.dtype, _copy.deepcopy(n.meta))
+        out.nodes = list(new.values())
+        out._names = set(self._names)
+        out._counter = self._counter
+        out.inputs = [new[i] for i in self.inputs]
+        out.outputs = {k: new[v] for k, v in self.outputs.items()}
+        return out
 
     # ------------------------------------------------------------------ io, text
     def save(self, path: str | Path) -> None:

@@ -1,1 +1,51 @@
-"""passes."""
+"""Passes: one module per pass, ``Pipeline``, rules as data, and ``optimize`` with its presets.
+
+Every pass is registered by name in :data:`PASSES` when this package is imported::
+
+    from flora_graph.passes import optimize
+    fast = optimize(graph, "fused")      # adapters separate and swappable
+    baked = optimize(graph, "merged")    # adapters merged into the base weights
+"""
+
+from __future__ import annotations
+
+# importing the pass modules registers them
+from flora_graph.passes import (  # noqa: F401
+    constant_fold,
+    cse,
+    dce,
+    drop_zero_lora,
+    fold_lora_scale,
+    fuse_base_and_down,
+    fuse_lora_siblings,
+    merge_lora,
+    reassociate_low_rank,
+)
+from flora_graph.passes.base import PASSES, PassError, PassFn, PassResult, get_pass, register_pass
+from flora_graph.passes.lora_pattern import LoRAMatch, find_lora
+from flora_graph.passes.optimize import PRESET_OPTIONS, PRESETS, optimize, optimize_with_report
+from flora_graph.passes.pipeline import PassRecord, Pipeline, PipelineReport
+from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
+
+__all__ = [
+    "PASSES",
+    "PRESETS",
+    "PRESET_OPTIONS",
+    "LoRAMatch",
+    "Match",
+    "MatchResult",
+    "PassError",
+    "PassFn",
+    "PassRecord",
+    "PassResult",
+    "Pat",
+    "Pipeline",
+    "PipelineReport",
+    "Rule",
+    "RuleSet",
+    "find_lora",
+    "get_pass",
+    "optimize",
+    "optimize_with_report",
+    "register_pass",
+]

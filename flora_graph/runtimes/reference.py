@@ -26,7 +26,7 @@ from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op
 from flora_graph.ir.shapes import format_shape
 
-__all__ = ["NUMPY_IMPLS", "check_inputs", "run"]
+__all__ = ["NUMPY_IMPLS", "check_inputs", "eval_node", "run"]
 
 Impl = Callable[..., np.ndarray]
 
@@ -230,7 +230,8 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
 
 
 # --------------------------------------------------------------------------- interpreter
-def _eval_node(node: ComputationNode, args: list[np.ndarray]) -> np.ndarray:
+def eval_node(node: ComputationNode, args: list[np.ndarray]) -> np.ndarray:
+    """Evaluate one non-leaf node on its input arrays, in the node's dtype."""
     impl = NUMPY_IMPLS.get(node.op)
     if impl is None:
         raise UnsupportedOpError(
@@ -286,7 +287,7 @@ def run(graph: Graph, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 args = [env[i.name] for i in node.inputs]
             except KeyError as exc:
                 raise GraphError(f"node {node.name!r} reads {exc.args[0]!r} before it is defined") from None
-            value = _eval_node(node, args)
+            value = eval_node(node, args)
             for i in node.inputs:
                 if last_use[i.name] == pos and i.name not in keep:
                     env.pop(i.name, None)

@@ -251,3 +251,26 @@ def test_merge_all_without_adapters_is_a_no_op():
     assert merge_all(m) == []
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_unload_all_restores_the_plain_model_and_its_outputs():
+    import copy
+
+    import torch
+    from torch import nn
+
+    from flora_graph.adapters import apply_lora, unload_all
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = copy.deepcopy(plain)
+    apply_lora(model, ["0", "2"], rank=2)
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            nn.init.normal_(m.lora_B)
+    x = torch.randn(4, 6)
+    assert not torch.allclose(model(x), plain(x))
+    assert unload_all(model) == ["0", "2"]
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    assert torch.equal(model(x), plain(x))
+    assert all(p.requires_grad for p in model.parameters())

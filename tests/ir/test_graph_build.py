@@ -21,3 +21,20 @@ def test_const_refuses_to_replace_an_existing_param():
     g.set_output("y", g.add(Op.ADD, [g.add(Op.LINEAR, [x, first]), g.add(Op.LINEAR, [x, again])]))
     verify(g)
     assert g.params["w"].shape == (2, 4)
+
+
+def test_copy_handles_deep_graphs_and_is_independent():
+    from flora_graph.ir import Op
+
+    g = Graph("deep")
+    h = g.input("x", ["batch", 4])
+    for _ in range(3000):  # deeper than Python's recursion limit
+        h = g.add(Op.RELU, [h], meta={"tag": [1]})
+    g.set_output("y", h)
+    c = g.copy()
+    verify(c)
+    assert [n.name for n in c.nodes] == [n.name for n in g.nodes]
+    assert c.outputs["y"] is c.nodes[-1] and c.inputs[0] is c.nodes[0]
+    c.nodes[-1].meta["tag"].append(2)
+    assert g.nodes[-1].meta["tag"] == [1]
+    assert c.nodes[1].inputs[0] is c.nodes[0] and c.nodes[1] is not g.nodes[1]

@@ -1,0 +1,135 @@
+"""The LoRA pattern, written once with :class:`~flora_graph.passes.rules.Pat`.
+
+``Add(base(x, W[, b]), Mul(up(down(x, A), B), s))`` where ``base``/``down``/``up`` are all
+``Linear`` or all ``Conv2d``, ``W``/``A``/``B`` are weights (``Const`` or expressions of
+them), ``s`` is a scalar weight, and both branches read the same ``x`` node. Recognised
+without tags: ``Add`` in either operand order, the scalar on either side of ``Mul``, and
+the scale already folded (no ``Mul``). Tags (``meta["module"]``, ``meta["adapter"]``) are
+used only to name what passes create.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from flora_graph.ir import ComputationNode, Graph, Op
+from flora_graph.passes.rewrite import RewriteContext, static_nodes
+from flora_graph.passes.rules import Match, Pat
+
+__all__ = ["LORA", "LORA_BRANCH", "LORA_KINDS", "SCALED_BRANCH", "LoRAMatch", "find_lora", "match_lora"]
+
+LORA_KINDS = (Op.LINEAR, Op.CONV2D)
+
+
+def _is_scalar(n: ComputationNode) -> bool:
+    return math.prod(int(d) for d in n.shape) == 1
+
+
+def _no_broadcast(n: ComputationNode) -> bool:
+    """``Mul`` by a scalar that does not add dims to its other operand."""
+    return any(tuple(i.shape) == tuple(n.shape) for i in n.inputs)
+
+
+def _branch(op: Op) -> Pat:
+    down = Pat(op, (Pat.any("x"), Pat.weight("A")), name="down")
+    return Pat(op, (down, Pat.weight("B")), name="up")
+
+
+def _scaled(up: Pat) -> Pat:
+    return Pat(Op.MUL, (up, Pat.weight("s", pred=_is_scalar)), name="scale", pred=_no_broadcast)
+
+
+def _lora(op: Op) -> Pat:
+    base = Pat(op, (Pat.any("x"), Pat.weight("W")), name="base", extra=True)
+    up = _branch(op)
+    return Pat(Op.ADD, (base, _scaled(up) | up), name="add")
+
+
+LORA_BRANCH: Pat = _branch(Op.LINEAR) | _branch(Op.CONV2D)
+"""``up(down(x, A), B)``: root is the up projection (``Linear`` or ``Conv2d``; ``down`` has no bias)."""
+
+SCALED_BRANCH: Pat = _scaled(_branch(Op.LINEAR)) | _scaled(_branch(Op.CONV2D))
+"""``Mul(up(down(x, A), B), s)`` with ``s`` a scalar weight; root is the ``Mul``."""
+
+LORA: Pat = _lora(Op.LINEAR) | _lora(Op.CONV2D)
+"""The whole adapter: root is the ``Add``."""
+
+
+@dataclass
+class LoRAMatch:
+    """One recognised adapter (or bare branch when ``add``/``base`` are ``None``)."""
+
+    op: Op
+    x: ComputationNode
+    down: ComputationNode
+    up: ComputationNode
+    A: ComputationNode
+    B: ComputationNode
+    base: ComputationNode | None = None
+    W: ComputationNode | None = None
+    bias: ComputationNode | None = None
+    scale: ComputationNode | None = None
+    s: ComputationNode | None = None
+    add: ComputationNode | None = None
+
+    @classmethod
+    def from_match(cls, m: Match) -> LoRAMatch:
+        """Build from a match of :data:`LORA`, :data:`LORA_BRANCH` or :data:`SCALED_BRANCH`."""
+        base = m.get("base")
+        return cls(
+            op=m["up"].op, x=m["x"], down=m["down"], up=m["up"], A=m["A"], B=m["B"], base=base, W=m.get("W"),
+            bias=base.inputs[2] if base is not None and len(base.inputs) == 3 else None,
+            scale=m.get("scale"), s=m.get("s"), add=m.get("add"),
+        )
+
+    @property
+    def rank(self) -> int:
+        """``r``: rows of ``A``."""
+        return int(self.A.shape[0])
+
+    @property
+    def nodes(self) -> list[ComputationNode]:
+        """The non-weight nodes of the match, root last."""
+        return [n for n in (self.base, self.down, self.up, self.scale, self.add) if n is not None]
+
+    @property
+    def module(self) -> str:
+        """``meta["module"]`` of a tagged node, else the name of the base (or up) node."""
+        for n in self.nodes:
+            if n.meta.get("module"):
+                return str(n.meta["module"])
+        return (self.base or self.up).name
+
+    @property
+    def adapter(self) -> str | None:
+        """``meta["adapter"]`` of a tagged node, if any."""
+        for n in self.nodes:
+            if n.meta.get("adapter"):
+                return str(n.meta["adapter"])
+        return None
+
+    def scale_value(self, ctx: RewriteContext) -> float:
+        """The scalar ``s`` (``1.0`` when the scale is folded away)."""
+        return 1.0 if self.s is None else float(np.asarray(ctx.value(self.s), dtype=np.float64).reshape(()))
+
+
+def match_lora(node: ComputationNode, static: set[ComputationNode], pattern: Pat = LORA) -> LoRAMatch | None:
+    """The first way ``node`` matches ``pattern`` (default: the whole adapter), as a :class:`LoRAMatch`."""
+    for b in pattern.match(node, static):
+        return LoRAMatch.from_match(Match(node, b))
+    return None
+
+
+def find_lora(graph: Graph, pattern: Pat = LORA) -> Iterator[LoRAMatch]:
+    """Every node of ``graph`` matching ``pattern``, in graph order."""
+    static = static_nodes(graph)
+    ops = pattern.root_ops()
+    for n in graph.nodes:
+        if ops is None or n.op in ops:
+            m = match_lora(n, static, pattern)
+            if m is not None:
+                yield m

@@ -1,0 +1,82 @@
+"""``optimize(graph, preset)``: the presets ``unfused``, ``fused`` and ``merged`` as pass pipelines.
+
+- ``unfused``: the graph as exported (a verified copy).
+- ``fused``: adapters stay separate, swappable weights (derived weights are in-graph
+  expressions of them); low-rank products optimized.
+- ``merged``: adapters baked into the base weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flora_graph.ir import Graph, verify
+from flora_graph.passes.base import PassFn, accepted_options, get_pass
+from flora_graph.passes.pipeline import Pipeline, PipelineReport
+
+__all__ = ["PRESETS", "PRESET_OPTIONS", "optimize", "optimize_with_report"]
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "unfused": (),
+    "fused": ("fold-lora-scale", "reassociate-low-rank", "fuse-lora-siblings", "cse", "dce"),
+    "merged": ("drop-zero-lora", "fold-lora-scale", "merge-lora", "constant-fold", "cse", "dce"),
+}
+"""Pass names of each preset, in the order a pipeline iteration runs them."""
+
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {"fused": {"swappable": True}}
+"""Options a preset sets unless the caller overrides them."""
+
+_OWN_OPTIONS = frozenset({"fuse_base_and_down", "drop_zero_lora", "skip", "max_iterations"})
+
+
+def _plan(preset: str | Sequence[str | PassFn], options: dict[str, Any]) -> tuple[list[str | PassFn], dict[str, Any]]:
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        passes: list[str | PassFn] = list(PRESETS[preset])
+        options = {**PRESET_OPTIONS.get(preset, {}), **options}
+    else:
+        passes = list(preset)
+    if options.get("drop_zero_lora") and "drop-zero-lora" not in passes:
+        passes.insert(0, "drop-zero-lora")
+    if options.get("fuse_base_and_down"):
+        at = passes.index("fuse-lora-siblings") if "fuse-lora-siblings" in passes else len(passes)
+        passes.insert(at, "fuse-base-and-down")
+    skip = options.get("skip", ())
+    skip = {skip} if isinstance(skip, str) else set(skip)
+    passes = [p for p in passes if not (isinstance(p, str) and p in skip)]
+    fns = [get_pass(p)[1] for p in passes]
+    unknown = sorted(k for k in options if k not in _OWN_OPTIONS and not any(k in accepted_options(f, {k: 0}) for f in fns))
+    if unknown:
+        raise TypeError(f"option(s) {unknown} are not accepted by any pass of {[get_pass(p)[0] for p in passes]}")
+    return passes, {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
+
+
+def optimize_with_report(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, verify_each: bool = False,
+                         **options: Any) -> tuple[Graph, PipelineReport]:
+    """Like :func:`optimize`, also returning the :class:`PipelineReport` (per-pass stats)."""
+    verify(graph)  # an invalid graph is the caller's error: raised before any pass runs
+    passes, pass_options = _plan(preset, dict(options))
+    pipeline = Pipeline(passes, verify_each=verify_each, max_iterations=int(options.get("max_iterations", 10)),
+                        options=pass_options)
+    return pipeline.run(graph.copy())
+
+
+def optimize(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, verify_each: bool = False,
+             **options: Any) -> Graph:
+    """An optimized copy of ``graph``; ``graph`` itself is never modified.
+
+    Args:
+        graph: the graph; verified first, so an invalid one raises ``GraphError`` before any pass runs.
+        preset: ``"unfused"``, ``"fused"``, ``"merged"``, or a sequence of pass names/callables.
+        verify_each: verify after every pass (a failure raises ``PassError`` naming the pass).
+        **options: ``fuse_base_and_down=True`` adds that pass to the pipeline; ``drop_zero_lora=True``
+            adds drop-zero-lora to ``fused`` (off there by default: a zero ``B`` may be swapped for a
+            trained one later, so ``fused`` keeps every adapter); ``skip`` names passes
+            to leave out; ``max_iterations`` bounds the fixed-point loop; any other option goes to the
+            passes that declare it (``swappable``, ``peak_flops``, ``bandwidth``, ``dynamic_dim_size``,
+            ``max_elements``). An option no pass accepts raises ``TypeError``.
+    """
+    return optimize_with_report(graph, preset, verify_each=verify_each, **options)[0]
+

@@ -1,0 +1,71 @@
+"""cse: structurally equal nodes and byte-identical params merge."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flora_graph.ir import Graph, Op, verify
+from flora_graph.passes.cse import cse
+
+from .helpers import assert_same_numbers, assert_structural_equal, exported
+
+
+def _dupes() -> Graph:
+    g = Graph("dupes")
+    x = g.input("x", ("batch", 4))
+    w = np.arange(16, dtype=np.float32).reshape(4, 4) / 10
+    w1 = g.const("w1", w)
+    w2 = g.const("w2", w.copy())  # same bytes, other param
+    w1b = g.const("w1", name="w1_again")  # same param, second Const node
+    a = g.add(Op.LINEAR, [x, w1], name="a")
+    b = g.add(Op.LINEAR, [x, w2], name="b")
+    c = g.add(Op.LINEAR, [x, w1b], name="c")
+    r1, r2 = g.add(Op.RELU, [a], name="r1"), g.add(Op.RELU, [b], name="r2")
+    g.set_output("y", g.add(Op.ADD, [g.add(Op.ADD, [r1, r2], name="s1"), c], name="s2"))
+    return verify(g)
+
+
+def test_structure():
+    before = _dupes()
+    g = before.copy()
+    res = cse(g)
+    verify(g)
+    assert res.stats["merged_nodes"] == 5 and res.stats["merged_params"] == 1  # w2, w1_again, b, c, r2
+    e = Graph("expected")
+    x = e.input("x", ("batch", 4))
+    r = e.add(Op.RELU, [e.add(Op.LINEAR, [x, e.const("w", before.params["w1"])])])
+    e.set_output("y", e.add(Op.ADD, [e.add(Op.ADD, [r, r]), r.inputs[0]]))
+    assert_structural_equal(g, e)
+    assert set(g.params) == {"w1"}
+    assert_same_numbers(before, g, atol=0, rtol=0)
+
+
+def test_attributes_take_part():
+    g = Graph("attrs")
+    x = g.input("x", (2, 6))
+    s0 = g.add(Op.SPLIT, [x], {"axis": 1, "sizes": (3, 3), "index": 0})
+    s1 = g.add(Op.SPLIT, [x], {"axis": 1, "sizes": (3, 3), "index": 1})
+    g.set_output("y", g.add(Op.ADD, [s0, s1]))
+    res = cse(g)
+    assert not res.changed and g.ops() == ["Split", "Split", "Add"]
+
+
+def test_swappable_keeps_equal_adapter_weights_apart():
+    g = exported("linear", 2)
+    g.params["attn.k_proj.lora_B"] = g.params["attn.q_proj.lora_B"].copy()
+    kept = cse(g.copy(), swappable=True)
+    assert not kept.changed
+    reason = kept.stats["refused"]["attn.k_proj.lora_B"]
+    assert reason == "cse: param 'attn.k_proj.lora_B' equals 'attn.q_proj.lora_B' but swappable keeps weights separate"
+    merged = cse(g.copy())
+    assert merged.stats["merged_params"] >= 1  # B (and the equal scalings) merge
+    assert_same_numbers(g, merged.graph)
+
+
+def test_tagged_survivor_keeps_its_tags():
+    g = exported("linear")
+    x = g.inputs[0]
+    dup = g.add(Op.LINEAR, [x, g.node("attn.q_proj.lora_A")], name="dup_down")
+    g.set_output("extra", dup)
+    cse(g)
+    assert g.outputs["extra"].name == "attn.q_proj.lora_down" and g.outputs["extra"].meta["role"] == "lora_down"
