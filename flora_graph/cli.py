@@ -40,6 +40,53 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _optimize(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from flora_graph.ir import Graph
+    from flora_graph.passes import PASSES, optimize_with_report
+
+    graph = Graph.load(args.path)
+    if args.print_after and args.print_after not in PASSES:
+        console.print(f"[red]unknown pass {args.print_after!r}[/red]; passes: {', '.join(sorted(PASSES))}")
+        return 2
+
+    def show(record, g) -> None:
+        if record.name == args.print_after and record.changed:
+            console.rule(f"after {record.name} (iteration {record.iteration})")
+            console.print(g.format(), markup=False, highlight=False, soft_wrap=True)
+
+    options = {"fuse_base_and_down": True} if args.fuse_base_and_down else {}
+    out, report = optimize_with_report(graph, args.preset, verify_each=args.verify, on_pass=show, **options)
+    table = Table(title=f"optimize {graph.name!r} --preset {args.preset}")
+    for col in ("pass", "runs", "changed", "ms", "rules fired"):
+        table.add_column(col, no_wrap=col == "pass")
+    totals = report.totals()
+    for name, t in totals.items():
+        fired = ", ".join(f"{k} x{v}" for k, v in t["fired"].items()) or "-"
+        table.add_row(name, str(t["runs"]), str(t["changed"]), f"{t['time_s'] * 1e3:.2f}", fired)
+    console.print(table)
+    for t in totals.values():
+        for why in sorted(set(t["refused"].values()))[:5]:
+            console.print(f"  refused  {why}", markup=False, highlight=False, soft_wrap=True)
+    last = {r.name: r for r in report.records}  # the final run of each pass
+    for r in last.values():
+        for node, d in list(r.stats.get("decisions", {}).items())[:20]:
+            console.print(f"  {r.name}: {node}: {d['choice']} (low-rank {d['low_rank']:.2e} s, product {d['product']:.2e} s"
+                          f" at {d['rows']} rows, in={d['in']} out={d['out']} r={d['rank']})", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"nodes: {len(graph.nodes)} -> {len(out.nodes)}; {'converged' if report.converged else 'NOT converged'} "
+                  f"after {report.iterations} iteration(s)")
+    if args.draw:
+        from flora_graph.ir.draw import draw_graphs
+
+        draw_graphs([graph, out], args.draw, titles=[f"before ({len(graph.nodes)} nodes)", f"{args.preset} ({len(out.nodes)} nodes)"])
+        console.print(f"drawing written to {args.draw}")
+    if args.save:
+        out.save(args.save)
+        console.print(f"optimized graph saved to {args.save}")
+    return 0
+
+
 def _bench(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -101,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="directory written by Graph.save / demo --save")
     s.add_argument("--no-meta", action="store_true", help="leave out adapter tags")
     s.set_defaults(func=_show)
+    o = sub.add_parser("optimize", help="run a preset's passes on a saved graph and show what each did")
+    o.add_argument("path", help="graph directory (written by Graph.save or demo --save)")
+    o.add_argument("--preset", choices=["unfused", "fused", "merged"], default="fused")
+    o.add_argument("--print-after", metavar="PASS", help="print the graph after every run of PASS that changed it")
+    o.add_argument("--draw", metavar="FILE", help="render the graph before and after to FILE (.svg or .png)")
+    o.add_argument("--save", metavar="DIR", help="save the optimized graph to DIR")
+    o.add_argument("--fuse-base-and-down", action="store_true", help="also fuse base W and LoRA A into one Linear")
+    o.add_argument("--verify", action="store_true", help="verify the graph after every pass")
+    o.set_defaults(func=_optimize)
     b = sub.add_parser("bench", help="time every preset x backend against eager torch (interleaved medians)")
     b.add_argument("--model", choices=["demo", "mlp-stack"], default="demo", help="built-in model (default: demo)")
     b.add_argument("--layers", type=int, default=32, help="blocks of the mlp-stack model (default: 32)")

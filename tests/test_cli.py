@@ -57,3 +57,30 @@ def test_ci_runs_the_readme_test_command():
     assert ci_lines[-1] == test_cmd
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
     shlex.split(test_cmd)  # well-formed shell words
+
+
+def test_optimize_cli_prints_after_a_pass_draws_and_saves(tmp_path, capsys):
+    import numpy as np
+
+    from flora_graph.runtimes import run
+
+    src, out = tmp_path / "g", tmp_path / "merged"
+    assert main(["demo", "--batch", "2", "--save", str(src)]) == 0
+    capsys.readouterr()
+    code = main(["optimize", str(src), "--preset", "merged", "--print-after", "merge-lora", "--verify",
+                 "--draw", str(tmp_path / "g.png"), "--save", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "after merge-lora (iteration 1)" in text and "merge-lora x5" in text
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    before, after = Graph.load(src), Graph.load(out)
+    assert not any("lora" in str(n.meta.get("role", "")) for n in after.nodes)
+    x = {"image": np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(after, x)["output"], run(before, x)["output"], atol=1e-6, rtol=1e-5)
+
+
+def test_optimize_cli_rejects_unknown_pass(tmp_path, capsys):
+    src = tmp_path / "g"
+    assert main(["demo", "--batch", "2", "--save", str(src)]) == 0
+    assert main(["optimize", str(src), "--print-after", "no-such-pass"]) == 2
+    assert "unknown pass" in capsys.readouterr().out

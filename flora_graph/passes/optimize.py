@@ -27,7 +27,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {"fused": {"swappable": True}}
 """Options a preset sets unless the caller overrides them."""
 
-_OWN_OPTIONS = frozenset({"fuse_base_and_down", "drop_zero_lora", "skip", "max_iterations"})
+_OWN_OPTIONS = frozenset({"fuse_base_and_down", "drop_zero_lora", "skip", "max_iterations", "on_pass"})
 
 
 def _plan(preset: str | Sequence[str | PassFn], options: dict[str, Any]) -> tuple[list[str | PassFn], dict[str, Any]]:
@@ -59,7 +59,7 @@ def optimize_with_report(graph: Graph, preset: str | Sequence[str | PassFn] = "f
     verify(graph)  # an invalid graph is the caller's error: raised before any pass runs
     passes, pass_options = _plan(preset, dict(options))
     pipeline = Pipeline(passes, verify_each=verify_each, max_iterations=int(options.get("max_iterations", 10)),
-                        options=pass_options)
+                        options=pass_options, on_pass=options.get("on_pass"))
     return pipeline.run(graph.copy())
 
 
@@ -74,7 +74,7 @@ def optimize(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, ve
         **options: ``fuse_base_and_down=True`` adds that pass to the pipeline; ``drop_zero_lora=True``
             adds drop-zero-lora to ``fused`` (off there by default: a zero ``B`` may be swapped for a
             trained one later, so ``fused`` keeps every adapter); ``skip`` names passes
-            to leave out; ``max_iterations`` bounds the fixed-point loop; any other option goes to the
+            to leave out; ``on_pass(record, graph)`` is called after every pass run; ``max_iterations`` bounds the fixed-point loop; any other option goes to the
             passes that declare it (``swappable``, ``peak_flops``, ``bandwidth``, ``dynamic_dim_size``,
             ``max_elements``). An option no pass accepts raises ``TypeError``.
     """

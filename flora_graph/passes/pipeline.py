@@ -9,7 +9,7 @@ naming the pass and the passes already run. Every run of a pass is recorded in a
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,17 +86,20 @@ class PipelineReport:
 class Pipeline:
     """Passes (registered names or callables) run in order to a fixed point, at most ``max_iterations`` times.
 
-    ``options`` are handed to each pass that declares them as keyword parameters.
+    ``options`` are handed to each pass that declares them as keyword parameters;
+    ``on_pass(record, graph)`` is called after every pass run (inspection, ``--print-after``).
     """
 
     def __init__(self, passes: Sequence[str | PassFn], *, verify_each: bool = False, max_iterations: int = 10,
-                 options: Mapping[str, Any] | None = None) -> None:
+                 options: Mapping[str, Any] | None = None,
+                 on_pass: Callable[[PassRecord, Graph], None] | None = None) -> None:
         if max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
         self.passes: list[tuple[str, PassFn]] = [get_pass(p) for p in passes]
         self.verify_each = verify_each
         self.max_iterations = max_iterations
         self.options = dict(options or {})
+        self.on_pass = on_pass
 
     @property
     def pass_name(self) -> str:
@@ -133,8 +136,11 @@ class Pipeline:
                     except Exception as exc:
                         raise PassError(f"{where} left an invalid graph: {exc}", name, ran) from exc
                 graph = result.graph
-                report.records.append(PassRecord(name, it, before, _count(graph), result.changed,
-                                                 time.perf_counter() - t0, dict(result.stats)))
+                record = PassRecord(name, it, before, _count(graph), result.changed,
+                                    time.perf_counter() - t0, dict(result.stats))
+                report.records.append(record)
+                if self.on_pass is not None:
+                    self.on_pass(record, graph)
                 ran.append(name)
                 changed |= result.changed
             if not changed:
