@@ -111,8 +111,7 @@ def bench_model(
 
     builds: list[tuple[str, str, str, Any]] = []
     for preset in presets:
-        g = optimize(graph, preset)
-        builds += [(f"{preset}/{b}", b, preset, g) for b in backends]
+        builds += [(f"{preset}/{b}", b, preset, optimize(graph, preset, backend=b)) for b in backends]
     if with_base:
         base_model = copy.deepcopy(model)
         unload_all(base_model)

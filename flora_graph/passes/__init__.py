@@ -23,11 +23,12 @@ from flora_graph.passes import (  # noqa: F401
 )
 from flora_graph.passes.base import PASSES, PassError, PassFn, PassResult, get_pass, register_pass
 from flora_graph.passes.lora_pattern import LoRAMatch, find_lora
-from flora_graph.passes.optimize import PRESET_OPTIONS, PRESETS, optimize, optimize_with_report
+from flora_graph.passes.optimize import BACKEND_DEFAULTS, PRESET_OPTIONS, PRESETS, optimize, optimize_with_report
 from flora_graph.passes.pipeline import PassRecord, Pipeline, PipelineReport
 from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
 
 __all__ = [
+    "BACKEND_DEFAULTS",
     "PASSES",
     "PRESETS",
     "PRESET_OPTIONS",

@@ -143,3 +143,17 @@ def test_copy_keeps_the_input_order_and_tags():
     out = optimize(g, "fused")
     assert [n.name for n in out.inputs] == ["b", "a"] and out.inputs[0].meta == {"module": "m"}
     assert out.outputs["y"].meta == {"role": "sum"}
+
+
+def test_backend_defaults_add_measured_fusions_and_explicit_options_win():
+    from flora_graph.passes import BACKEND_DEFAULTS
+
+    before = demo_graph()
+    _, ort = optimize_with_report(before, "fused", backend="onnxruntime", verify_each=True)
+    assert BACKEND_DEFAULTS["onnxruntime"]["fused"] == {"fuse_base_and_down": True}
+    assert "fuse-base-and-down" in {r.name for r in ort.records}
+    _, plain = optimize_with_report(before, "fused", backend="torch-export")
+    assert "fuse-base-and-down" not in {r.name for r in plain.records}
+    _, off = optimize_with_report(before, "fused", backend="onnxruntime", fuse_base_and_down=False)
+    assert "fuse-base-and-down" not in {r.name for r in off.records}
+    assert_same_numbers(before, optimize(before, "fused", backend="onnxruntime"))
