@@ -305,12 +305,19 @@ def numpy_to_torch(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def to_torch_module(graph: Graph) -> torch.nn.Module:
+def to_torch_module(graph: Graph, *, fold_weights: bool = True) -> torch.nn.Module:
     """A self-contained ``nn.Module`` computing ``graph`` (see the module docstring for conventions).
 
     Weights are copied into buffers, so later edits of ``graph.params`` do not reach the
-    module. The generated source is ``type(module).source``.
+    module. With ``fold_weights`` (default), expressions over weights alone (a swappable
+    graph's ``s * B`` or ``[W; A]``) are computed once here, as ONNX Runtime does when it
+    loads a session, instead of on every call. The generated source is ``type(module).source``.
     """
+    if fold_weights and any(n.inputs and all(i.op is Op.CONST for i in n.inputs) for n in graph.nodes):
+        from flora_graph.passes.constant_fold import constant_fold
+
+        graph = constant_fold(graph.copy()).graph
+        graph.remove_dead()
     source, args, buffers = generate_forward(graph)
     forward = _exec_source(source, graph.name)
     cls_name = "Graph_" + re.sub(r"[^0-9A-Za-z_]", "_", graph.name)

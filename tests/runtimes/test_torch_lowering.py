@@ -129,3 +129,26 @@ def test_reshape_source_follows_onnx(rng: np.random.Generator, target: tuple[int
     arr = rng.standard_normal((2, 3, 4)).astype(np.float32)
     (got,) = _eager(to_torch_module(g), arr)
     np.testing.assert_array_equal(got, run(g, {"x": arr})["y"])
+
+
+def test_weight_only_expressions_are_computed_once_not_per_call():
+    import numpy as np
+
+    from flora_graph.frontend import capture
+    from flora_graph.models import build_demo_model, demo_inputs
+    from flora_graph.passes import optimize
+    from flora_graph.runtimes.reference import run
+    from flora_graph.runtimes.torch_lowering import to_torch_module
+
+    fused = optimize(capture(build_demo_model(), demo_inputs(2), {"image": {0: "batch"}}), "fused", backend="torchscript")
+    weight_exprs = [n for n in fused.nodes if n.inputs and all(i.op.value == "Const" for i in n.inputs)]
+    assert weight_exprs, "the swappable fused graph keeps s*B / [W; A] as expressions over weights"
+    folded, unfolded = to_torch_module(fused), to_torch_module(fused, fold_weights=False)
+    assert folded.source.count("\n") < unfolded.source.count("\n")
+    for expr in weight_exprs:
+        tag = f"# {expr.op.value} {expr.name!r}"
+        assert tag not in folded.source and tag in unfolded.source
+    x = demo_inputs(3, seed=5)["image"]
+    want = run(fused, {"image": x.numpy()})["output"]
+    for m in (folded, unfolded):
+        np.testing.assert_allclose(m(x)[0].detach().numpy(), want, atol=1e-5, rtol=1e-5)
