@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from flora_graph.adapters import adapters_of
+from flora_graph.adapters.peft import adapter_label, peft_lora_layers
 from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
 from flora_graph.frontend.aten_table import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
 
-__all__ = ["CaptureContext", "capture", "torch_dtype_name"]
+__all__ = ["CaptureContext", "capture", "convert_fx_graph", "torch_dtype_name"]
 
 DynamicDims = Mapping[str, Mapping[int, str]]
 
@@ -112,7 +113,7 @@ class CaptureContext:
             role = self._role(adapter, op, inputs)
             if role is not None:
                 name = f"{_prefix(adapter)}{role}"
-                meta = {"adapter": getattr(self.adapters[adapter], "adapter_name", "default"), "role": role, "module": adapter}
+                meta = {"adapter": adapter_label(self.adapters[adapter]), "role": role, "module": adapter}
         try:
             return self.graph.add(op, list(inputs), attrs, name=name, meta=meta)
         except ShapeError as exc:
@@ -121,10 +122,10 @@ class CaptureContext:
     def _role(self, adapter: str, op: Op, inputs: Sequence[ComputationNode]) -> str | None:
         params = {i.attrs["param"] for i in inputs if i.op is Op.CONST}
         p = _prefix(adapter)
-        if f"{p}lora_A" in params:
-            return "lora_down"
-        if f"{p}lora_B" in params:
-            return "lora_up"
+        for param in params:  # ours: "<m>.lora_A"; PEFT's: "<m>.lora_A.<adapter>.weight"
+            for part, role in (("lora_A", "lora_down"), ("lora_B", "lora_up")):
+                if param == f"{p}{part}" or param.startswith(f"{p}{part}."):
+                    return role
         if self.module_path().startswith(f"{p}base_layer"):
             return "base"
         if self.module_path() == adapter:
@@ -162,7 +163,13 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: D
     if unknown:
         raise GraphError(f"dynamic_dims names unknown inputs {sorted(unknown)}; the model takes {sorted(known)}")
     spec: dict[str, Any] = {n: spec_for(n) for n in names[: len(args)]}
-    spec.update({k: spec_for(k) for k in kwargs})
+    params = inspect.signature(model.forward).parameters
+    var_kw = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    named = {k: spec_for(k) for k in kwargs if k in params and k != var_kw}
+    extra = {k: spec_for(k) for k in kwargs if k not in named}
+    spec.update(named)
+    if extra:  # keywords that land in forward(**kwargs) are specified under that parameter's name
+        spec[var_kw or "kwargs"] = extra
     return spec
 
 
@@ -204,6 +211,8 @@ def capture(
         args, kwargs = (), dict(example_inputs)
     else:
         args, kwargs = tuple(example_inputs), {}
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+        model = model.get_base_model()  # a PeftModel: capture the adapted model it wraps
     spec = _dynamic_shapes(model, args, kwargs, dynamic_dims)
     with _eval_mode(model), torch.no_grad():
         try:
@@ -212,20 +221,44 @@ def capture(
             raise
         except Exception as exc:
             raise GraphError(f"torch.export could not export {type(model).__name__}: {exc}") from exc
-    return _convert(ep, adapters_of(model), dynamic_dims or {}, name or type(model).__name__)
+    return _convert(ep, {**adapters_of(model), **peft_lora_layers(model)}, dynamic_dims or {}, name or type(model).__name__)
 
 
 def _convert(ep: torch.export.ExportedProgram, adapters: Mapping[str, Any], dynamic_dims: DynamicDims, name: str) -> Graph:
     sig = ep.graph_signature
     weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     state = {**ep.state_dict, **ep.constants}
-    fx_nodes = list(ep.graph.nodes)
+    return convert_fx_graph(ep.graph, {n: (fqn, state[fqn]) for n, fqn in weights.items()}, adapters, dynamic_dims, name)
+
+
+def convert_fx_graph(
+    fx_graph: torch.fx.Graph,
+    weights: Mapping[str, tuple[str, torch.Tensor]],
+    adapters: Mapping[str, Any] | None = None,
+    dynamic_dims: DynamicDims | None = None,
+    name: str = "graph",
+) -> Graph:
+    """Convert an ATen-level fx graph (torch.export's, or AOT autograd's) to a verified :class:`Graph`.
+
+    Args:
+        fx_graph: the graph; every placeholder has ``meta["val"]`` (a fake tensor or a SymInt).
+        weights: placeholder name -> (weight name, real tensor) for the placeholders that are weights;
+            the other tensor placeholders become graph inputs, SymInt placeholders become dims.
+        adapters: module path -> adapter, for tags (matched against ``nn_module_stack`` paths).
+        dynamic_dims: ``{placeholder: {axis: dim name}}`` naming symbolic dims.
+        name: graph name.
+
+    Raises:
+        UnsupportedOpError: listing every ATen op outside the table and where it occurs.
+    """
+    adapters, dynamic_dims = adapters or {}, dynamic_dims or {}
+    fx_nodes = list(fx_graph.nodes)
     _check_supported(fx_nodes, weights)
 
     graph = Graph(name)
     symbols: dict[str, str] = {}
     for n in fx_nodes:
-        if n.op == "placeholder" and n.name not in weights:
+        if n.op == "placeholder" and n.name not in weights and isinstance(n.meta.get("val"), torch.Tensor):
             for ax, d in enumerate(n.meta["val"].shape):
                 if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
                     symbols.setdefault(d.node.expr.name, dynamic_dims.get(n.name, {}).get(ax, d.node.expr.name))
@@ -234,12 +267,15 @@ def _convert(ep: torch.export.ExportedProgram, adapters: Mapping[str, Any], dyna
     for n in fx_nodes:
         ctx.fx_node = n
         if n.op == "placeholder":
+            val = n.meta.get("val")
             if n.name in weights:
-                fqn = weights[n.name]
-                env[n] = _LazyConst(fqn, state[fqn])
-            else:
-                val = n.meta["val"]
+                env[n] = _LazyConst(*weights[n.name])
+            elif isinstance(val, torch.Tensor):
                 env[n] = graph.input(n.name, [ctx.ir_dim(d) for d in val.shape], torch_dtype_name(val.dtype))
+            elif isinstance(val, torch.SymInt):  # a size passed as an input (AOT graphs with dynamic shapes)
+                env[n] = SymDim(ctx.ir_dim(val))
+            else:
+                raise GraphError(f"placeholder {n.name} of {name} is neither a tensor nor a size: {val!r}")
         elif n.op == "call_function":
             env[n] = _call(ctx, n, env)
         elif n.op == "output":

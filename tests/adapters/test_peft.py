@@ -1,0 +1,122 @@
+"""PEFT interop: folders written by PEFT load onto flora_graph adapters, and back."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+from flora_graph.adapters import LoRAAdapter, adapters_of
+from flora_graph.adapters.peft import load_peft_adapter, save_peft_adapter
+from flora_graph.errors import AdapterError
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(12, 12), nn.Linear(12, 8), nn.Linear(12, 8)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.score = nn.Linear(28, 3)
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.q(x), self.k(x), self.v(x)], -1)
+        return self.score(h) + self.conv(img).mean()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(5, 12, generator=g), torch.randn(5, 2, 6, 6, generator=g)
+
+
+def _peft_folder(tmp_path, **config):
+    torch.manual_seed(0)
+    plain = Block().eval()
+    cfg = peft.LoraConfig(init_lora_weights=False, **config)  # nonzero B: the load must be exact, not trivially zero
+    pm = peft.get_peft_model(copy.deepcopy(plain), cfg).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    return plain, pm, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q", "k", "v", "conv"]},
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q", "v"], "use_rslora": True},
+        {"r": 2, "lora_alpha": 4, "target_modules": r".*\.?(q|k|v)", "rank_pattern": {"k": 5}, "alpha_pattern": {"v": 16}},
+        {"r": 3, "lora_alpha": 3, "target_modules": ["q", "k"], "modules_to_save": ["score"], "bias": "all"},
+        {"r": 3, "lora_alpha": 6, "target_modules": ["q", "k"], "bias": "lora_only"},
+    ],
+)
+def test_peft_folder_loads_onto_flora_adapters_and_matches_peft(tmp_path, config):
+    plain, pm, folder = _peft_folder(tmp_path, **config)
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        with torch.no_grad():  # what PEFT trains (and saves) besides A and B differs from the plain model
+            for n, p in pm.named_parameters():
+                if p.requires_grad and "lora_" not in n:
+                    p.add_(0.5)
+        pm.save_pretrained(folder)
+    model = copy.deepcopy(plain)
+    names = load_peft_adapter(model, folder)
+    assert names and all(isinstance(m, LoRAAdapter) for m in adapters_of(model).values())
+    x, img = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, img), pm(x, img), atol=1e-5, rtol=1e-5)
+    if "rank_pattern" in config:
+        assert adapters_of(model)["k"].rank == 5 and adapters_of(model)["q"].rank == 2
+    if config.get("use_rslora"):
+        assert adapters_of(model)["q"].scaling == pytest.approx(8 / 2.0)
+
+
+def test_saved_folder_loads_in_peft_with_equal_outputs(tmp_path):
+    plain, _, folder = _peft_folder(tmp_path, r=2, lora_alpha=4, target_modules=["q", "k"], rank_pattern={"k": 3})
+    model = copy.deepcopy(plain)
+    load_peft_adapter(model, folder)
+    out = save_peft_adapter(model, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(plain), out).eval()
+    x, img = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, img), model(x, img), atol=1e-5, rtol=1e-5)
+
+
+def _edit(folder, *, config=None, drop=None, reshape=None):
+    from safetensors.torch import load_file, save_file
+
+    if config:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg.update(config)
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    if drop or reshape:
+        st = load_file(folder / "adapter_model.safetensors")
+        if drop:
+            st = {k: v for k, v in st.items() if drop not in k}
+        if reshape:
+            st = {k: (v[:, :-1].contiguous() if reshape in k else v) for k, v in st.items()}
+        save_file(st, folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"drop": "q.lora_B"}, r"missing key base_model\.model\.q\.lora_B\.weight"),
+        ({"reshape": "k.lora_A"}, r"key base_model\.model\.k\.lora_A\.weight has shape"),
+        ({"config": {"r": 3}}, r"key base_model\.model\.(q|k)\.lora_A\.weight has shape .* r=3"),
+        ({"config": {"use_dora": True}}, r"use_dora=True is not supported"),
+        ({"config": {"layers_to_transform": [0]}}, r"layers_to_transform"),
+        ({"config": {"some_future_option": 1}}, r"unknown PEFT option\(s\) \['some_future_option'\]"),
+        ({"config": {"target_modules": ["q"]}}, r"key base_model\.model\.k\.lora_A\.weight matches no adapted module"),
+    ],
+)
+def test_bad_folders_raise_naming_the_key_and_leave_the_model_untouched(tmp_path, edit, match):
+    plain, _, folder = _peft_folder(tmp_path, r=2, lora_alpha=4, target_modules=["q", "k"])
+    _edit(folder, **edit)
+    model = copy.deepcopy(plain)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match=match):
+        load_peft_adapter(model, folder)
+    assert not adapters_of(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
