@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from flora_graph.adapters.lora import SUPPORTED_BASE_LAYERS, LoRAAdapter
+from flora_graph.adapters.lora import LoRAAdapter, is_supported_base, unsupported_base_message
 from flora_graph.errors import AdapterError
 
 __all__ = ["adapters_of", "apply_lora", "match_target", "merge_all", "unload_all"]
@@ -78,13 +78,10 @@ def apply_lora(
         if isinstance(module, LoRAAdapter) or any(name.startswith(p) for p in inside):
             already_adapted = True
             continue
-        if not isinstance(module, SUPPORTED_BASE_LAYERS):
+        if not is_supported_base(module):
             # a container whose name matches a regex is not an error; a leaf layer is
             if len(list(module.children())) == 0:
-                raise AdapterError(
-                    f"module {name!r}: unsupported base layer type {type(module).__name__} "
-                    f"(LoRA supports {', '.join(c.__name__ for c in SUPPORTED_BASE_LAYERS)})"
-                )
+                raise AdapterError(f"module {name!r}: {unsupported_base_message(module)}")
             continue
         chosen.append((name, module))
     if not chosen:

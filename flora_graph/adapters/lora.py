@@ -25,9 +25,26 @@ from flora_graph.errors import AdapterError
 if TYPE_CHECKING:
     from flora_graph.ir import ComputationNode, Graph
 
-__all__ = ["SUPPORTED_BASE_LAYERS", "LoRAAdapter"]
+__all__ = ["SUPPORTED_BASE_LAYERS", "LoRAAdapter", "is_conv1d", "is_supported_base"]
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv2d)
+"""Base layer classes LoRA wraps; transformers' ``Conv1D`` (GPT-2) too, recognised by :func:`is_conv1d`."""
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``[in, out]`` (PEFT's fan_in_fan_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """Whether LoRA can wrap ``module``."""
+    return isinstance(module, SUPPORTED_BASE_LAYERS) or is_conv1d(module)
+
+
+def unsupported_base_message(module: nn.Module) -> str:
+    """The error text for a layer LoRA cannot wrap."""
+    names = ", ".join(c.__name__ for c in SUPPORTED_BASE_LAYERS)
+    return f"unsupported base layer type {type(module).__name__} (LoRA supports {names} and transformers' Conv1D)"
 
 
 def _conv_padding(layer: nn.Conv2d, where: str) -> tuple[int, int]:
@@ -85,11 +102,8 @@ class LoRAAdapter(nn.Module):
     ) -> None:
         super().__init__()
         where = f"module {module_name or type(base_layer).__name__!r}"
-        if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
-            raise AdapterError(
-                f"{where}: unsupported base layer type {type(base_layer).__name__} "
-                f"(LoRA supports {', '.join(c.__name__ for c in SUPPORTED_BASE_LAYERS)})"
-            )
+        if not is_supported_base(base_layer):
+            raise AdapterError(f"{where}: {unsupported_base_message(base_layer)}")
         if isinstance(base_layer, nn.Conv2d):
             if base_layer.groups != 1:
                 raise AdapterError(f"{where}: LoRA on a grouped convolution (groups={base_layer.groups}) is unsupported")
@@ -98,6 +112,8 @@ class LoRAAdapter(nn.Module):
             self._padding = _conv_padding(base_layer, where)
             fan_in = base_layer.in_channels * math.prod(base_layer.kernel_size)
             out = base_layer.out_channels
+        elif is_conv1d(base_layer):
+            fan_in, out = base_layer.weight.shape  # stored [in, out]
         else:
             fan_in, out = base_layer.in_features, base_layer.out_features
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -216,10 +232,13 @@ class LoRAAdapter(nn.Module):
         return self.base_layer(x) + self.lora_forward(x)
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * B @ A`` in the base weight's shape, computed in float32."""
+        """``s * B @ A`` in the base weight's shape (transposed for a ``Conv1D`` base), in float32."""
         a = self.lora_A.detach().float().reshape(self._rank, -1)
         b = self.lora_B.detach().float().reshape(-1, self._rank)
-        return (b @ a).mul_(self.scaling).reshape(self.base_layer.weight.shape)
+        delta = (b @ a).mul_(self.scaling)
+        if is_conv1d(self.base_layer):
+            return delta.t().contiguous()
+        return delta.reshape(self.base_layer.weight.shape)
 
     def merge_to_original_layer(self) -> nn.Module:
         """A new plain layer with weight ``W + delta`` (accumulated in fp32, cast back).
@@ -274,6 +293,8 @@ class LoRAAdapter(nn.Module):
             h = graph.add(Op.CONV2D, [x, const("lora_A", self.lora_A)], conv, name=p + "lora_down", meta=tag("lora_down"))
             h = graph.add(Op.CONV2D, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
         else:
+            if is_conv1d(base):  # weight stored [in, out]: the Linear reads its transpose
+                args[1] = graph.add(Op.TRANSPOSE, [w], {"perm": (1, 0)}, name=p + "base_layer.weight_t")
             y = graph.add(Op.LINEAR, args, name=p + "base", meta=tag("base"))
             h = graph.add(Op.LINEAR, [x, const("lora_A", self.lora_A)], name=p + "lora_down", meta=tag("lora_down"))
             h = graph.add(Op.LINEAR, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))

@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from flora_graph.adapters.apply import _set_submodule, adapters_of, match_target
-from flora_graph.adapters.lora import SUPPORTED_BASE_LAYERS, LoRAAdapter
+from flora_graph.adapters.lora import LoRAAdapter, is_supported_base, unsupported_base_message
 from flora_graph.errors import AdapterError
 from flora_graph.ir.serialize import atomic_write_bytes
 
@@ -108,9 +108,9 @@ def _targets(model: nn.Module, cfg: dict[str, Any]) -> list[str]:
     for name, module in model.named_modules():
         if not name or not match_target(name, targets) or (exclude and match_target(name, exclude)):
             continue
-        if not isinstance(module, SUPPORTED_BASE_LAYERS):
+        if not is_supported_base(module):
             if len(list(module.children())) == 0:
-                raise AdapterError(f"module {name!r}: PEFT targets a {type(module).__name__}, which flora_graph's LoRA does not support")
+                raise AdapterError(f"module {name!r}: PEFT targets it, but {unsupported_base_message(module)}")
             continue
         out.append(name)
     return out

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from flora_graph.adapters import adapters_of
+from flora_graph.adapters.lora import is_conv1d
 from flora_graph.adapters.peft import adapter_label, peft_lora_layers
 from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
 from flora_graph.frontend.aten_table import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name
@@ -126,8 +127,8 @@ class CaptureContext:
             for part, role in (("lora_A", "lora_down"), ("lora_B", "lora_up")):
                 if param == f"{p}{part}" or param.startswith(f"{p}{part}."):
                     return role
-        if self.module_path().startswith(f"{p}base_layer"):
-            return "base"
+        if self.module_path().startswith(f"{p}base_layer") and op in (Op.LINEAR, Op.CONV2D):
+            return "base"  # the base layer's own product (not, e.g., a Conv1D weight's transpose)
         if self.module_path() == adapter:
             return {Op.MUL: "lora_scale", Op.ADD: "lora_add"}.get(op)
         return None
@@ -173,6 +174,24 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: D
     return spec
 
 
+def _linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.linear(x, self.weight.t(), self.bias)
+
+
+@contextlib.contextmanager
+def _conv1d_as_linear(model: nn.Module):
+    """Trace each ``Conv1D`` as the ``Linear(x, W.T, b)`` it is, not as addmm over flattened views
+    (which would hide the Linear from the LoRA passes and tie batch and sequence into one dim)."""
+    patched = [m for m in model.modules() if is_conv1d(m) and "forward" not in vars(m)]
+    for m in patched:
+        m.forward = _linear_forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     # each submodule's own flag: a model in train mode may hold submodules kept in eval
@@ -214,7 +233,7 @@ def capture(
     if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
         model = model.get_base_model()  # a PeftModel: capture the adapted model it wraps
     spec = _dynamic_shapes(model, args, kwargs, dynamic_dims)
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), _conv1d_as_linear(model), torch.no_grad():
         try:
             ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
         except FloraGraphError:
