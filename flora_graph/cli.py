@@ -87,6 +87,20 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from flora_graph.export import export_model
+
+    with console.status("starting") as status:
+        report = export_model(args.model, args.out, adapter=args.adapter, backend=args.backend, preset=args.preset,
+                              progress=lambda m: status.update(m))
+    console.print(report.summary)
+    console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
+    console.print(f"wrote {report.path}")
+    mark = "[green]ok[/green]" if report.ok else "[red]MISMATCH[/red]"
+    console.print(f"parity: max |{args.backend} - eager torch| = {report.max_abs_diff:.3e} on a fresh input shape  {mark}")
+    return 0 if report.ok else 1
+
+
 def _bench(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -158,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--fuse-base-and-down", action="store_true", help="also fuse base W and LoRA A into one Linear")
     o.add_argument("--verify", action="store_true", help="verify the graph after every pass")
     o.set_defaults(func=_optimize)
+    e = sub.add_parser("export", help="export a model (+ PEFT adapter) to optimized ONNX / TorchScript / pt2")
+    e.add_argument("model", nargs="?", default="default",
+                   help="a folder with config.json + safetensors, or 'default' (the built-in decoder)")
+    e.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (adapter_config.json + safetensors)")
+    e.add_argument("--backend", choices=["onnxruntime", "torchscript", "torch-export"], default="onnxruntime")
+    e.add_argument("--preset", choices=["unfused", "fused", "merged"], default="merged")
+    e.add_argument("--out", default="model", help="output file (the backend's suffix is added)")
+    e.set_defaults(func=_export)
     b = sub.add_parser("bench", help="time every preset x backend against eager torch (interleaved medians)")
     b.add_argument("--model", choices=["demo", "mlp-stack"], default="demo", help="built-in model (default: demo)")
     b.add_argument("--layers", type=int, default=32, help="blocks of the mlp-stack model (default: 32)")
