@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-out", help="directory for JSON reports and the PNG chart")
     b.add_argument("--pipeline", action="store_true", help="also time capture+optimize+lower of the 224-adapter stack")
     b.set_defaults(func=_bench)
+    from flora_graph.serving.cli import add_cli
+
+    add_cli(sub)  # serve-export, serve-package
     return p
 
 

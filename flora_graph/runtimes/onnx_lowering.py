@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class LoweringContext:
         self._node_names: set[str] = set()
         self._current: ComputationNode | None = None
         self._widen = False
+        self.extra_inputs: list[onnx.ValueInfoProto] = []  # graph inputs a lowering adds (e.g. swappable weights)
         for n in graph.inputs:
             self.names[n] = n.name
         for out, n in graph.outputs.items():  # an op writes straight into the first output naming it
@@ -102,7 +103,7 @@ class LoweringContext:
     def constant(self, array: np.ndarray, hint: str) -> str:
         """A new initializer holding ``array``."""
         name = self.fresh(hint)
-        self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.initializers[name] = numpy_helper.from_array(np.require(array, requirements="C"), name)
         return name
 
     def once(self, key: tuple[Any, ...], make: Callable[[], str]) -> str:
@@ -280,7 +281,7 @@ ONNX_LOWERING: dict[Op, Lowering] = {
 
 
 # --------------------------------------------------------------------------- export
-def _live_nodes(graph: Graph) -> list[ComputationNode]:
+def _live_nodes(graph: Graph, overrides: Mapping[ComputationNode, Lowering] | None = None) -> list[ComputationNode]:
     """The nodes the outputs depend on, in graph order; raise ``UnsupportedOpError`` for ops without a lowering."""
     live: set[ComputationNode] = set()
     stack = list(graph.outputs.values())
@@ -291,7 +292,7 @@ def _live_nodes(graph: Graph) -> list[ComputationNode]:
             stack.extend(n.inputs)
     missing: dict[str, list[str]] = {}
     for n in graph.nodes:
-        if n in live and n.op not in OpGroup.Leaf and n.op not in ONNX_LOWERING:
+        if n in live and n.op not in OpGroup.Leaf and n.op not in ONNX_LOWERING and n not in (overrides or {}):
             missing.setdefault(n.op.value, []).append(n.name)
     if missing:
         listed = "; ".join(f"{op} (node(s) {', '.join(map(repr, names))})" for op, names in missing.items())
@@ -299,13 +300,17 @@ def _live_nodes(graph: Graph) -> list[ComputationNode]:
     return [n for n in graph.nodes if n in live]
 
 
-def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> onnx.ModelProto:
+def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,
+            overrides: Mapping[ComputationNode, Lowering] | None = None) -> onnx.ModelProto:
     """Verify ``graph``, lower the part its outputs need to ONNX at ``opset`` (>= 18), check it.
 
     Raises :class:`GraphError` for a graph that does not verify, :class:`UnsupportedOpError`
     listing the ops without a lowering and their nodes, and :class:`OnnxExportError` for a
     bad opset or a model ``onnx.checker`` refuses (``check=False`` skips the checker). A model
     past protobuf's 2 GiB cannot be checked in memory; :func:`save_onnx` checks it by path.
+    ``overrides`` lowers the given nodes with their own function instead of :data:`ONNX_LOWERING`
+    (``flora_graph.serving`` rewrites LoRA branches this way); graph inputs such a lowering
+    declares in ``ctx.extra_inputs`` follow the graph's own inputs.
     """
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -314,7 +319,7 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> 
     for out, n in graph.outputs.items():
         if any(i.name == out and i is not n for i in graph.inputs):
             raise OnnxExportError(f"graph {graph.name!r}: output {out!r} has the name of an input but another value")
-    live = _live_nodes(graph)
+    live = _live_nodes(graph, overrides)
     ctx = LoweringContext(graph, opset, live)
     for node in live:
         if node.op in OpGroup.Leaf:
@@ -323,7 +328,8 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> 
         ctx.begin(node, widen)
         out = ctx.names[node]
         result = ctx.fresh(f"{out}/float32") if widen else out
-        ONNX_LOWERING[node.op](ctx, node, result)
+        lower = overrides[node] if overrides and node in overrides else ONNX_LOWERING[node.op]
+        lower(ctx, node, result)
         if widen:
             ctx.emit("Cast", [result], [out], to=ONNX_DTYPES[node.dtype])
     ctx.begin(None)
@@ -331,6 +337,7 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> 
         if ctx.value(n) != out:
             ctx.emit("Identity", [ctx.value(n)], [out])
     inputs = [helper.make_tensor_value_info(n.name, ONNX_DTYPES[n.dtype], list(n.shape)) for n in graph.inputs]
+    inputs += ctx.extra_inputs
     outputs = [helper.make_tensor_value_info(k, ONNX_DTYPES[n.dtype], list(n.shape)) for k, n in graph.outputs.items()]
     onnx_graph = helper.make_graph(ctx.nodes, graph.name, inputs, outputs, list(ctx.initializers.values()))
     opsets = [helper.make_opsetid("", opset)]
@@ -399,3 +406,8 @@ def _save_external(model: onnx.ModelProto, path: Path) -> None:
         os.replace(tmp / path.name, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The transformer op family (attention, RMSNorm, Gather, Slice, ...) registers its lowerings into
+# ONNX_LOWERING when imported; importing it here keeps the table complete for every importer.
+import flora_graph.runtimes.onnx_lowering_ops  # noqa: E402, F401

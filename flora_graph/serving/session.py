@@ -1,0 +1,218 @@
+"""``AdapterSession``: one ONNX Runtime session, many LoRA adapters, chosen per run.
+
+The model is a swappable export (:func:`~flora_graph.serving.export.export_swappable`, or
+any ONNX model whose LoRA weights are overridable initializers). Adapters are loaded as
+``onnxruntime.LoraAdapter`` objects (memory-mapped ``.onnx_adapter`` files) and activated
+per call with ``RunOptions.add_active_adapter``, so switching adapters costs nothing and
+``run`` is safe to call from many threads at once: each call builds its own
+``RunOptions`` and holds its adapter for the duration of the call, so an adapter unloaded
+meanwhile stays valid for the calls already using it.
+
+Adapters are validated against the model when loaded (names, shapes, one rank per module),
+so a wrong file fails at ``load_adapter`` with an :class:`AdapterFileError` naming it, not
+in the middle of a request.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from flora_graph.runtimes.onnxrt import make_session_options
+from flora_graph.serving.adapter_file import read_adapter, write_adapter
+from flora_graph.serving.errors import AdapterFileError, ServingError, UnknownAdapterError
+from flora_graph.serving.slots import ParamSpec, check_params
+
+__all__ = ["AdapterSession", "OrtModel", "load_params"]
+
+ModelSource = str | Path | bytes | onnx.ModelProto
+AdapterSource = str | Path | Mapping[str, Any]
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+
+
+def _ort_message(exc: BaseException) -> str:
+    """The first line of an onnxruntime error, without the C++ source location."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first.rsplit(") ", 1)[-1][:500] if first.startswith("/") else first[:500]
+
+
+def load_params(source: AdapterSource, spec: ParamSpec, name: str) -> dict[str, np.ndarray]:
+    """An adapter's validated params from an ``.onnx_adapter`` path or a ``{name: array}`` mapping."""
+    if isinstance(source, str | Path):
+        return check_params(read_adapter(source, name=name).params, spec, name)
+    if isinstance(source, Mapping):
+        return check_params(source, spec, name, cast=True)
+    raise AdapterFileError(f"adapter {name!r}: expected a path or a mapping of arrays, got {type(source).__name__}")
+
+
+class OrtModel:
+    """An ``InferenceSession`` with its required inputs, outputs and overridable (LoRA) inputs.
+
+    Shared by :class:`AdapterSession` and :class:`~flora_graph.serving.mixed.MixedAdapterSession`.
+    Options are those of :func:`~flora_graph.runtimes.onnxrt.make_session_options`, plus ``providers``.
+    """
+
+    def __init__(self, model: ModelSource, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 graph_optimization_level: str = "all", allow_spinning: bool = False,
+                 providers: Sequence[str] | None = None) -> None:
+        opts = make_session_options(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+                                    graph_optimization_level=graph_optimization_level, allow_spinning=allow_spinning)
+        opts.log_severity_level = 3  # LoRA inputs are initializers by design; ORT warns about each otherwise
+        where = str(model) if isinstance(model, str | Path) else "model"
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        try:
+            self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), sess_options=opts,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:  # onnxruntime's pybind errors share no base class
+            raise ServingError(f"onnxruntime cannot load {where}: {_ort_message(exc)}") from None
+        self.where = where
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.inputs = {i.name: (tuple(i.shape), _ORT_TYPES.get(i.type)) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.spec: ParamSpec = {
+            i.name: (tuple(d if isinstance(d, int | str) else None for d in i.shape), np.dtype(_ORT_TYPES[i.type]))
+            for i in self.session.get_overridable_initializers() if i.type in _ORT_TYPES
+        }
+
+    def feeds(self, inputs: Mapping[str, Any], want: Sequence[str] | None = None) -> dict[str, Any]:
+        """The ``want`` inputs (default: all) as arrays of the declared dtypes; ``ServingError`` for a missing or unknown name."""
+        want = list(self.inputs) if want is None else want
+        if len(inputs) != len(want) or any(n not in inputs for n in want):
+            missing = [n for n in want if n not in inputs]
+            unknown = [n for n in inputs if n not in want]
+            hint = " (adapter weights are loaded with load_adapter, not passed as inputs)" if set(unknown) & set(self.spec) else ""
+            raise ServingError(f"{self.where}: inputs must be {list(want)}; missing {missing}, unknown {unknown}{hint}")
+        out: dict[str, Any] = {}
+        for name in want:
+            v = inputs[name]
+            arr = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            dtype = self.inputs[name][1]
+            out[name] = np.ascontiguousarray(arr if dtype is None or arr.dtype == dtype else arr.astype(dtype))
+        return out
+
+    def run(self, feeds: Mapping[str, Any], run_options: ort.RunOptions | None,
+            who: Callable[[], str]) -> dict[str, np.ndarray]:
+        """``session.run``; an onnxruntime failure becomes ``ServingError`` naming ``who()``."""
+        try:
+            values = self.session.run(self.output_names, feeds, run_options)
+        except Exception as exc:  # onnxruntime's pybind errors share no base class
+            raise ServingError(f"{who()}: onnxruntime failed running {self.where}: {_ort_message(exc)}") from None
+        return dict(zip(self.output_names, values, strict=True))
+
+
+@dataclass
+class _Loaded:
+    lora: ort.LoraAdapter
+    ranks: dict[str, int]
+    tmp: tempfile.TemporaryDirectory[str] | None = None  # holds the file of an adapter loaded from arrays
+
+
+class AdapterSession:
+    """An ONNX Runtime session over a swappable export, serving any loaded adapter per call.
+
+    Args:
+        model: the swappable ONNX model (path, bytes or ``ModelProto``).
+        **options: ``intra_op_threads``, ``inter_op_threads``, ``graph_optimization_level``,
+            ``allow_spinning`` (default ``False``), ``providers``.
+
+    Raises:
+        ServingError: the model cannot be loaded, or has no overridable LoRA inputs.
+    """
+
+    def __init__(self, model: ModelSource, **options: Any) -> None:
+        self.model = OrtModel(model, **options)
+        if not self.model.spec:
+            raise ServingError(f"{self.model.where} has no overridable initializers (LoRA inputs); "
+                               "export it with export_swappable")
+        self._adapters: dict[str, _Loaded] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        with self._lock:
+            return list(self._adapters)
+
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs a request must give (LoRA weights excluded)."""
+        return list(self.model.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The outputs every run returns."""
+        return list(self.model.output_names)
+
+    def load_adapter(self, name: str, source: AdapterSource, *, replace: bool = False) -> dict[str, int]:
+        """Load adapter ``name`` from an ``.onnx_adapter`` path or a ``{param: array}`` mapping.
+
+        The adapter is validated against the model before it becomes visible to ``run``;
+        returns its rank per module. Raises :class:`AdapterFileError` naming the adapter for
+        a missing, truncated or foreign file, and :class:`ServingError` when ``name`` is
+        already loaded and ``replace`` is false.
+        """
+        if not isinstance(name, str) or not name:
+            raise ServingError(f"adapter name must be a non-empty str, got {name!r}")
+        with self._lock:
+            if name in self._adapters and not replace:
+                raise ServingError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
+        params = load_params(source, self.model.spec, name)
+        tmp = None
+        path = source
+        if not isinstance(source, str | Path):  # onnxruntime loads adapters from files only
+            tmp = tempfile.TemporaryDirectory(prefix="flora_graph_adapter_")
+            path = write_adapter(Path(tmp.name) / "adapter.onnx_adapter", params, name=name)
+        lora = ort.LoraAdapter()
+        try:
+            lora.Load(str(path))
+        except Exception as exc:
+            if tmp is not None:
+                tmp.cleanup()
+            raise AdapterFileError(f"adapter {name!r}: onnxruntime cannot load {str(path)!r}: {_ort_message(exc)}") from None
+        ranks = {k.removesuffix(".lora_A"): int(v.shape[0]) for k, v in params.items() if k.endswith(".lora_A")}
+        with self._lock:
+            old = self._adapters.get(name)
+            if old is not None and not replace:
+                raise ServingError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
+            self._adapters[name] = _Loaded(lora, ranks, tmp)
+        return ranks
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name``; runs already using it finish with it. Unknown names raise."""
+        with self._lock:
+            if name not in self._adapters:
+                raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters)}")
+            del self._adapters[name]
+
+    def run(self, inputs: Mapping[str, Any], adapter: str | None = None) -> dict[str, np.ndarray]:
+        """Run on named inputs with ``adapter`` active (``None``: the base model); thread-safe.
+
+        Raises :class:`UnknownAdapterError` for an adapter that is not loaded and
+        :class:`ServingError` naming the adapter for bad inputs or a failed run.
+        """
+        feeds = self.model.feeds(inputs)
+        options = ort.RunOptions()
+        loaded = None
+        if adapter is not None:
+            with self._lock:
+                loaded = self._adapters.get(adapter)
+                known = sorted(self._adapters)
+            if loaded is None:
+                raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {known}")
+            options.add_active_adapter(loaded.lora)
+        out = self.model.run(feeds, options, lambda: f"adapter {adapter!r}" if adapter else "base model (no adapter)")
+        del loaded  # held until here: an unload during the run cannot free it
+        return out
