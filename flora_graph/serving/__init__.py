@@ -20,7 +20,7 @@ from flora_graph.serving.errors import AdapterFileError, AdapterIndexError, Serv
 from flora_graph.serving.export import INDEX_INPUT, export_mixed, export_swappable
 from flora_graph.serving.mixed import NO_ADAPTER, MixedAdapterSession, stack_adapters
 from flora_graph.serving.session import AdapterSession
-from flora_graph.serving.slots import LoRASlot, adapter_params, graph_adapter_params
+from flora_graph.serving.slots import LoRASlot, adapter_params, graph_adapter_params, peft_adapter_params
 
 __all__ = [
     "INDEX_INPUT",
@@ -41,6 +41,7 @@ __all__ = [
     "io_description",
     "layout_signature",
     "package_triton",
+    "peft_adapter_params",
     "read_adapter",
     "stack_adapters",
     "triton_config",

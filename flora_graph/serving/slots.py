@@ -285,3 +285,20 @@ def adapter_params(model: Any) -> dict[str, np.ndarray]:
             b = ad.lora_B.detach().cpu()
             out[f"{path}.lora_B"] = (b.float() * ad.scaling).to(b.dtype).numpy()
     return out
+
+
+def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
+    """``{param name: array}`` of a PEFT adapter folder, for :func:`write_adapter` / sessions.
+
+    The folder is installed on a copy of ``base_model`` (the plain model the swappable graph
+    was captured from, without adapters) with :func:`~flora_graph.adapters.peft.load_peft_adapter`,
+    which honours ``r``/``lora_alpha``/``use_rslora``/``rank_pattern``/``alpha_pattern`` and
+    refuses what it cannot; ``base_model`` itself is not touched.
+    """
+    import copy
+
+    from flora_graph.adapters.peft import load_peft_adapter
+
+    model = copy.deepcopy(base_model)
+    load_peft_adapter(model, folder)
+    return adapter_params(model)

@@ -108,3 +108,27 @@ def test_interleaved_threads_never_cross(served, session, images):
     for name, rows, out in results:
         np.testing.assert_allclose(out, want[name][:rows], atol=ATOL)
     assert sorted(session.adapters) == ["a", "b", "c"]
+
+
+def test_a_peft_folder_serves_as_an_adapter(served, images, tmp_path):
+    """A PEFT adapter folder (rank 3, different from every exported one) -> .onnx_adapter -> its PEFT output."""
+    import copy
+
+    import peft
+    import torch
+
+    from flora_graph.serving import peft_adapter_params, write_adapter
+    from flora_graph.serving.demo import DEMO_TARGETS
+
+    torch.manual_seed(11)
+    cfg = peft.LoraConfig(r=3, lora_alpha=5, target_modules=list(DEMO_TARGETS), init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(served.base), cfg).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    path = write_adapter(tmp_path / "p.onnx_adapter", peft_adapter_params(served.base, tmp_path / "peft"),
+                         model=served.swappable)
+    s = AdapterSession(served.swappable, intra_op_threads=1)
+    s.load_adapter("peft", path)
+    with torch.no_grad():
+        want = pm(torch.from_numpy(images)).numpy()
+    assert np.abs(want - served.reference(None, images)).max() > 0.05
+    np.testing.assert_allclose(s.run({"image": images}, "peft")["output"], want, atol=ATOL)
