@@ -1,0 +1,150 @@
+"""Seeded random projections: stable seeds, which tensors compress, compress/decompress/transfer.
+
+A gradient or momentum ``G`` of a 2-D weight ``n x m`` (a convolution's weight is viewed as
+``out x (in * kh * kw)``) is compressed on its smaller side ``k = min(n, m)`` by a projection
+``P`` of shape ``r x k`` with entries ``N(0, 1/r)``, so ``E[P^T P] = I`` and decompression is
+unbiased. The compressed tensor is always ``r x max(n, m)``:
+
+- ``n <= m``: ``C = P @ G`` and ``G ~ P^T @ C``;
+- ``n > m``:  ``C = P @ G^T`` and ``G ~ C^T @ P``.
+
+In both cases moving ``C`` from projection ``P_old`` to ``P_new`` (decompress with the old,
+compress with the new) is ``(P_new @ P_old^T) @ C``.
+
+``P`` is drawn from a CPU ``torch.Generator`` seeded with a 63-bit seed and then moved to the
+tensor's device, so one seed gives the same matrix on every device. Seeds come from
+:func:`stable_seed` (``hashlib.blake2b``), never from Python's salted ``hash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MAX_ASPECT_RATIO",
+    "Layout",
+    "add_decompressed_",
+    "compress",
+    "compress_scaled",
+    "decompress",
+    "decompressed_sq_norm",
+    "gaussian_projection",
+    "layout_for",
+    "param_seed",
+    "stable_seed",
+    "transfer",
+]
+
+MAX_ASPECT_RATIO = 4.0  # matrices more elongated than this (embeddings, heads) keep full state
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed hashed from ``parts`` (their ``str``), the same in every process and run."""
+    text = "\x1f".join(str(p) for p in parts).encode()
+    digest = hashlib.blake2b(text, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def param_seed(base_seed: int, name: str, epoch: int) -> int:
+    """Seed of parameter ``name``'s projection after ``epoch`` resamples (depends on the name, not the order)."""
+    return stable_seed("flora.optimizer", base_seed, name, epoch)
+
+
+def gaussian_projection(
+    seed: int,
+    rank: int,
+    dim: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The ``rank x dim`` projection with entries ``N(0, 1/rank)`` for ``seed`` (CPU generator, then ``device``).
+
+    The values are ``torch.randn(rank, dim, generator=cpu_generator(seed)) / sqrt(rank)``
+    whatever ``device`` is. For a CUDA device they are drawn into pinned memory and copied
+    without blocking the host, so regenerating a projection each step does not synchronise.
+    """
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    pin = target.type == "cuda" and torch.cuda.is_available()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    host = torch.empty(rank, dim, dtype=torch.float32, pin_memory=pin)
+    host.normal_(generator=gen).div_(math.sqrt(rank))
+    return host.to(device=target, dtype=dtype, non_blocking=pin)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a parameter of ``shape`` is treated.
+
+    ``matrix`` is its 2-D view ``(shape[0], prod(shape[1:]))`` (``None`` below 2-D) and
+    ``compressed`` whether its momentum/gradient lives in ``r x max(n, m)``.
+    """
+
+    shape: tuple[int, ...]
+    matrix: tuple[int, int] | None
+    compressed: bool
+
+    @property
+    def small(self) -> int:
+        """The projected side ``min(n, m)``."""
+        assert self.matrix is not None
+        return min(self.matrix)
+
+    @property
+    def large(self) -> int:
+        """The kept side ``max(n, m)``."""
+        assert self.matrix is not None
+        return max(self.matrix)
+
+
+def layout_for(shape: torch.Size | tuple[int, ...], rank: int) -> Layout:
+    """Compress iff the tensor is >= 2-D, ``min(n, m) >= rank`` and ``max/min <= MAX_ASPECT_RATIO``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        return Layout(shape, None, False)
+    n, m = shape[0], math.prod(shape[1:])
+    lo, hi = min(n, m), max(n, m)
+    compressed = lo >= rank and lo > 0 and hi / lo <= MAX_ASPECT_RATIO
+    return Layout(shape, (n, m), compressed)
+
+
+def compress(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``r x max(n, m)`` compression of the 2-D ``x`` by ``proj`` (``r x min(n, m)``)."""
+    n, m = x.shape
+    return proj @ x if n <= m else proj @ x.T
+
+
+def decompress(c: torch.Tensor, proj: torch.Tensor, matrix: tuple[int, int]) -> torch.Tensor:
+    """The ``n x m`` estimate ``P^T C`` (or ``C^T P``) of the tensor :func:`compress` compressed."""
+    n, m = matrix
+    return proj.T @ c if n <= m else c.T @ proj
+
+
+def compress_scaled(x: torch.Tensor, proj: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``compress(diag(row) @ x @ diag(col), proj)`` without forming the scaled ``n x m`` tensor."""
+    n, m = x.shape
+    if n <= m:
+        return ((proj * row) @ x).mul_(col)
+    return ((proj * col) @ x.T).mul_(row)
+
+
+def decompressed_sq_norm(c: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``||decompress(c, proj)||_F^2`` from ``r x r`` Gram matrices: ``sum((P P^T) * (C C^T))``."""
+    return ((proj @ proj.T) * (c @ c.T)).sum().clamp_(min=0.0)
+
+
+def add_decompressed_(out: torch.Tensor, c: torch.Tensor, proj: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out += alpha * decompress(c, proj)`` in place on the 2-D ``out``: one GEMM, no ``n x m`` temporary."""
+    n, m = out.shape
+    c, proj = c.to(out.dtype), proj.to(out.dtype)
+    if n <= m:
+        return out.addmm_(proj.T, c, alpha=alpha)
+    return out.addmm_(c.T, proj, alpha=alpha)
+
+
+def transfer(c: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``compress(decompress(c, old), new)`` computed as ``(new @ old^T) @ c`` (never forms ``n x m``)."""
+    return (new @ old.T) @ c

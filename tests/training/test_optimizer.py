@@ -1,0 +1,341 @@
+"""``Flora`` optimizer: compressed state by default, the step's numbers, resampling, names, NaN policy, options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flora_graph.errors import FloraGraphError
+from flora_graph.training import (
+    Flora,
+    NonFiniteGradientError,
+    OptimizerError,
+    compress,
+    decompress,
+    gaussian_projection,
+    param_seed,
+)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, 48), nn.Tanh(), nn.Linear(48, 12))
+
+
+def _data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 24, generator=gen)
+    return x, torch.sin(x[:, :12]) + 0.5 * x[:, 12:]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    x, y = _data()
+    losses = []
+    for _ in range(steps):
+        loss = (model(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _state_of(opt: Flora, name: str) -> dict[str, torch.Tensor]:
+    for g in opt.param_groups:
+        for n, p in zip(g["param_names"], g["params"], strict=True):
+            if n == name:
+                return opt.state[p]
+    raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- defaults compress
+def test_defaults_compress_momentum_and_factor_second_moment():
+    m = _model()
+    opt = Flora(m.named_parameters(), lr=1e-3)
+    _train(m, opt, 1)
+    w0 = _state_of(opt, "0.weight")  # 48 x 24, rank 8
+    assert w0["exp_avg_c"].shape == (8, 48)
+    assert w0["exp_avg_sq_row"].shape == (48,) and w0["exp_avg_sq_col"].shape == (24,)
+    assert "exp_avg" not in w0 and "exp_avg_sq" not in w0
+    assert _state_of(opt, "2.weight")["exp_avg_c"].shape == (8, 48)  # 12 x 48: projected on the 12 side
+    assert set(_state_of(opt, "0.bias")) == {"step", "exp_avg", "exp_avg_sq"}
+    assert int(w0["seed"]) == param_seed(0, "0.weight", 0)
+
+
+def test_state_memory_matches_formula():
+    m = nn.ModuleDict({"a": nn.Linear(256, 128, bias=False), "b": nn.Linear(64, 200, bias=False)})
+    opt = Flora(m.named_parameters(), lr=1e-3, rank=8)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in m.parameters():
+        n, k = p.shape
+        floats = sum(t.numel() for t in opt.state[p].values() if t.is_floating_point())
+        assert floats == 8 * max(n, k) + n + k
+        assert floats < n * k / 5  # Adam keeps 2 n k
+
+
+@pytest.mark.parametrize(
+    ("module", "expect"),
+    [
+        (nn.Embedding(100, 8), "exp_avg"),  # aspect ratio > 4
+        (nn.Linear(4, 6, bias=False), "exp_avg"),  # min side < rank
+        (nn.Conv2d(4, 16, 3, bias=False), "exp_avg_c"),  # 16 x 36
+    ],
+)
+def test_which_tensors_keep_full_momentum(module, expect):
+    opt = Flora(module.named_parameters(), lr=1e-3)
+    module.weight.grad = torch.randn_like(module.weight)
+    opt.step()
+    st = opt.state[module.weight]
+    assert expect in st
+    if expect == "exp_avg_c":
+        assert st["exp_avg_c"].shape == (8, 36)
+
+
+# --------------------------------------------------------------------------- the step's numbers
+def _reference_step(w, grads, *, lr, rank, kappa, b1, seed, name, clip=1.0, wd=0.0):
+    """Flora written out with full n x m intermediates (float64), for a matrix with n <= m."""
+    w = w.double().clone()
+    n, m = w.shape
+    row, col, mom = torch.zeros(n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64), None
+    epoch = 0
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        beta2 = 1 - t**-0.8
+        row = beta2 * row + (1 - beta2) * (g * g + 1e-30).mean(1)
+        col = beta2 * col + (1 - beta2) * (g * g + 1e-30).mean(0)
+        u = g / torch.sqrt(torch.outer(row, col) / row.mean())
+        p = gaussian_projection(param_seed(seed, name, epoch), rank, n, dtype=torch.float64)
+        mom = (1 - b1) * (p @ u) if mom is None else b1 * mom + (1 - b1) * (p @ u)
+        d = p.T @ mom
+        if t % kappa == 0:
+            epoch += 1
+            new = gaussian_projection(param_seed(seed, name, epoch), rank, n, dtype=torch.float64)
+            mom = new @ (p.T @ mom)
+        rms = d.norm() / math.sqrt(d.numel())
+        d = d / max(1.0, (rms / clip).item())
+        w = w * (1 - lr * wd) - lr * d
+    return w
+
+
+def test_step_matches_written_out_formula_across_resamples():
+    gen = torch.Generator().manual_seed(3)
+    w = nn.Parameter(torch.randn(10, 30, generator=gen))
+    grads = [torch.randn(10, 30, generator=gen) for _ in range(7)]
+    want = _reference_step(w.detach(), grads, lr=0.05, rank=4, kappa=3, b1=0.8, seed=5, name="w", clip=0.5, wd=0.1)
+    opt = Flora([("w", w)], lr=0.05, rank=4, kappa=3, beta1=0.8, seed=5, clip_threshold=0.5, weight_decay=0.1)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(w.detach().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_after_kappa_steps_the_projection_changed_and_momentum_was_transferred():
+    gen = torch.Generator().manual_seed(4)
+    w = nn.Parameter(torch.randn(40, 16, generator=gen))  # n > m: projected on the 16 side
+    opt = Flora([("layer.w", w)], lr=1e-2, rank=4, kappa=5)
+    st = opt.state[w]
+    for t in range(1, 6):
+        w.grad = torch.randn(40, 16, generator=gen)
+        if t == 5:
+            before = st["exp_avg_c"].clone()
+        opt.step()
+        if t < 5:
+            assert int(st["seed"]) == param_seed(0, "layer.w", 0)
+    old, new = (gaussian_projection(param_seed(0, "layer.w", e), 4, 16) for e in (0, 1))
+    assert int(st["seed"]) == param_seed(0, "layer.w", 1) and int(st["resamples"]) == 1 and int(st["step"]) == 5
+    # step 5 adds its term under the old projection, then decompresses with the old and compresses with the new
+    full_old = decompress(_replay_momentum(before, w, opt), old, (40, 16))
+    torch.testing.assert_close(st["exp_avg_c"], compress(full_old, new), rtol=1e-4, atol=1e-5)
+    # what the next step decompresses is P_new^T P_new (P_old^T M): the transferred momentum
+    moved = decompress(st["exp_avg_c"], new, (40, 16))
+    torch.testing.assert_close(moved, decompress(compress(full_old, new), new, (40, 16)), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(moved, full_old, atol=1e-3)
+
+
+def _replay_momentum(before: torch.Tensor, w: nn.Parameter, opt: Flora) -> torch.Tensor:
+    """Momentum after step 5 under the old projection, recomputed from the saved second moment."""
+    st = opt.state[w]
+    g = w.grad.float()
+    row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+    u = g * (row / row.mean()).rsqrt().unsqueeze(1) * col.rsqrt().unsqueeze(0)
+    old = gaussian_projection(param_seed(0, "layer.w", 0), 4, 16)
+    return 0.9 * before + 0.1 * compress(u, old)
+
+
+# --------------------------------------------------------------------------- names and seeds
+def test_reordered_named_params_get_the_same_projection_per_name():
+    m = _model()
+    a = Flora(list(m.named_parameters()), lr=1e-3, rank=4)
+    b = Flora(list(reversed(list(m.named_parameters()))), lr=1e-3, rank=4)
+    c = Flora([{"params": [("2.weight", m[2].weight)]}, {"params": [("0.weight", m[0].weight)], "lr": 0.1}], lr=1e-3)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    for opt in (a, b, c):
+        opt.step()
+    for p in (m[0].weight, m[2].weight):
+        assert int(a.state[p]["seed"]) == int(b.state[p]["seed"]) == int(c.state[p]["seed"])
+
+
+def test_adding_a_group_later_does_not_shift_existing_seeds():
+    m = _model()
+    opt = Flora([m[0].weight, m[0].bias], lr=1e-3)  # unnamed: documented order-based names
+    assert opt.param_groups[0]["param_names"] == ["param_groups.0.0", "param_groups.0.1"]
+    opt.add_param_group({"params": [m[2].weight, m[2].bias], "lr": 1e-2})
+    assert opt.param_groups[1]["param_names"] == ["param_groups.1.0", "param_groups.1.1"]
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert int(opt.state[m[0].weight]["seed"]) == param_seed(0, "param_groups.0.0", 0)
+    assert int(opt.state[m[2].weight]["seed"]) == param_seed(0, "param_groups.1.0", 0)
+
+
+def test_duplicate_names_and_mixed_groups_raise():
+    m = _model()
+    with pytest.raises(OptimizerError, match="'x'"):
+        Flora([("x", m[0].weight), ("x", m[2].weight)], lr=1e-3)
+    with pytest.raises(OptimizerError, match="mixes"):
+        Flora([("x", m[0].weight), m[2].weight], lr=1e-3)
+
+
+# --------------------------------------------------------------------------- training
+@pytest.mark.parametrize("kwargs", [{}, {"second_moment": "adam"}, {"beta2": 0.99}, {"weight_decay": 1e-3}])
+def test_trains_a_regression(kwargs):
+    m = _model()
+    losses = _train(m, Flora(m.named_parameters(), lr=3e-3, rank=4, kappa=20, **kwargs), 150)
+    assert losses[-1] < 0.4 * losses[0]
+
+
+def test_relative_step_and_low_precision_params():
+    m = _model().to(torch.bfloat16)
+    opt = Flora(m.named_parameters(), relative_step=True, rank=4)
+    x, y = _data()
+    w0 = m[0].weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        (m(x.bfloat16()) - y.bfloat16()).float().square().mean().backward()
+        opt.step()
+    assert m[0].weight.dtype == torch.bfloat16 and not torch.equal(m[0].weight, w0)
+    assert opt.state[m[0].weight]["exp_avg_c"].dtype == torch.float32
+
+
+def test_beta1_zero_keeps_no_momentum():
+    m = _model()
+    opt = Flora(m.named_parameters(), lr=1e-3, beta1=0.0)
+    _train(m, opt, 1)
+    assert set(opt.state[m[0].weight]) == {"step", "exp_avg_sq_row", "exp_avg_sq_col"}
+
+
+# --------------------------------------------------------------------------- non-finite gradients
+def _with_nan_grad(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[2].weight.grad[0, 0] = float("nan")
+
+
+def test_nan_gradient_raises_naming_the_parameter_and_changes_nothing():
+    m = _model()
+    opt = Flora(m.named_parameters(), lr=1e-2, rank=4)
+    _train(m, opt, 2)
+    params = [p.detach().clone() for p in m.parameters()]
+    state = {k: v.clone() for k, v in opt.state[m[0].weight].items()}
+    _with_nan_grad(m)
+    with pytest.raises(NonFiniteGradientError, match=r"'2\.weight'") as err:
+        opt.step()
+    assert isinstance(err.value, FloraGraphError) and err.value.names == ["2.weight"]
+    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters(), strict=True))
+    assert all(torch.equal(v, opt.state[m[0].weight][k]) for k, v in state.items())
+
+
+def test_nan_gradient_skip_skips_the_whole_step_and_counts():
+    m = _model()
+    opt = Flora(m.named_parameters(), lr=1e-2, rank=4, nan_policy="skip")
+    _train(m, opt, 2)
+    params = [p.detach().clone() for p in m.parameters()]
+    _with_nan_grad(m)
+    opt.step()
+    m[0].weight.grad[0, 0] = float("inf")
+    opt.step()
+    assert opt.skipped_steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters(), strict=True))
+    assert int(opt.state[m[0].weight]["step"]) == 2
+    assert opt.state_dict()["flora"]["skipped_steps"] == 2
+
+
+# --------------------------------------------------------------------------- validation
+BAD = [
+    ({"rank": 0}, "rank"),
+    ({"rank": -2}, "rank"),
+    ({"rank": 2.5}, "rank"),
+    ({"kappa": 0}, "kappa"),
+    ({"lr": -1e-3}, "lr"),
+    ({"lr": None}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"beta1": 1.0}, "beta1"),
+    ({"beta1": -0.1}, "beta1"),
+    ({"beta1": None}, "beta1"),
+    ({"beta2": 1.0}, "beta2"),
+    ({"beta2": -0.5}, "beta2"),
+    ({"decay_rate": 0.5}, "decay_rate"),
+    ({"eps": (1e-30,)}, "eps"),
+    ({"clip_threshold": 0.0}, "clip_threshold"),
+    ({"weight_decay": -1.0}, "weight_decay"),
+    ({"second_moment": "diag"}, "second_moment"),
+    ({"seed": "x"}, "seed"),
+    ({"nan_policy": "ignore"}, "nan_policy"),
+    ({"relative_step": True}, "relative_step"),  # with an explicit lr
+]
+
+
+@pytest.mark.parametrize(("kwargs", "word"), BAD, ids=[f"{k}" for k, _ in BAD])
+def test_bad_options_raise_a_typed_error_naming_the_option(kwargs, word):
+    m = _model()
+    args = {"lr": 1e-3, **kwargs}
+    with pytest.raises(OptimizerError, match=word) as err:
+        Flora(m.named_parameters(), **args)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, FloraGraphError)
+
+
+def test_bad_group_option_raises_naming_the_group():
+    m = _model()
+    with pytest.raises(OptimizerError, match=r"group 1.*rank"):
+        Flora([{"params": m[0].parameters()}, {"params": m[2].parameters(), "rank": 0}], lr=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(40, 20, dtype=torch.float64),
+        lambda: torch.randn(20, 40).T,  # non-contiguous
+        lambda: torch.randn(40, 20).half(),
+    ],
+    ids=["float64", "non-contiguous", "float16"],
+)
+def test_parameter_layouts_follow_the_float32_contiguous_path(make):
+    gen = torch.Generator().manual_seed(8)
+    ref = nn.Parameter(torch.randn(40, 20, generator=gen))
+    grads = [torch.randn(40, 20, generator=gen) for _ in range(3)]
+    other = nn.Parameter(make())
+    with torch.no_grad():
+        other.copy_(ref)
+    opts = [Flora([("w", q)], lr=1e-2, rank=4, kappa=2, clip_threshold=None) for q in (ref, other)]
+    for g in grads:
+        for q, opt in zip((ref, other), opts, strict=True):
+            q.grad = g.to(q.dtype)
+            opt.step()
+    tol = 2e-3 if other.dtype == torch.float16 else 1e-5
+    assert other.dtype == make().dtype and not torch.equal(other.float(), torch.zeros(40, 20))
+    torch.testing.assert_close(other.detach().float(), ref.detach(), rtol=tol, atol=tol)
+
+
+def test_changing_rank_mid_training_raises_naming_the_parameter():
+    m = _model()
+    opt = Flora(m.named_parameters(), lr=1e-3, rank=4)
+    _train(m, opt, 1)
+    opt.param_groups[0]["rank"] = 2
+    with pytest.raises(OptimizerError, match=r"'0\.weight'.*rank"):
+        _train(m, opt, 1)
