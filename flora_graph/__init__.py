@@ -11,6 +11,7 @@ from flora_graph.errors import (
     UnsupportedOpError,
 )
 from flora_graph.ir import ComputationNode, Graph, Op, verify
+from flora_graph.jit import jit
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,6 @@ __all__ = [
     "ShapeError",
     "UnsupportedOpError",
     "__version__",
+    "jit",
     "verify",
 ]

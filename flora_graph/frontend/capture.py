@@ -27,7 +27,7 @@ from flora_graph.frontend.aten_table import ATEN_TABLE, NO_TENSOR_OPS, SymDim, a
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
 
-__all__ = ["CaptureContext", "capture", "convert_fx_graph", "torch_dtype_name"]
+__all__ = ["CaptureContext", "capture", "convert_fx_graph", "export_program", "torch_dtype_name"]
 
 DynamicDims = Mapping[str, Mapping[int, str]]
 
@@ -224,6 +224,21 @@ def capture(
         UnsupportedOpError: listing every ATen op outside the table and where it occurs.
         GraphError: torch.export failed, or the result does not verify.
     """
+    ep, model, adapters = export_program(model, example_inputs, dynamic_dims)
+    return _convert(ep, adapters, dynamic_dims or {}, name or type(model).__name__)
+
+
+def export_program(
+    model: nn.Module, example_inputs: Any, dynamic_dims: DynamicDims | None = None
+) -> tuple[torch.export.ExportedProgram, nn.Module, dict[str, Any]]:
+    """The ``torch.export`` step of :func:`capture` (same arguments), for callers that convert later.
+
+    Returns the exported program, the module exported (a PeftModel's base model) and its
+    adapters by module path (for tags); :func:`convert_fx_graph` converts the program.
+
+    Raises:
+        GraphError: torch.export failed.
+    """
     if isinstance(example_inputs, torch.Tensor):
         args, kwargs = (example_inputs,), {}
     elif isinstance(example_inputs, Mapping):
@@ -240,7 +255,7 @@ def capture(
             raise
         except Exception as exc:
             raise GraphError(f"torch.export could not export {type(model).__name__}: {exc}") from exc
-    return _convert(ep, {**adapters_of(model), **peft_lora_layers(model)}, dynamic_dims or {}, name or type(model).__name__)
+    return ep, model, {**adapters_of(model), **peft_lora_layers(model)}
 
 
 def _convert(ep: torch.export.ExportedProgram, adapters: Mapping[str, Any], dynamic_dims: DynamicDims, name: str) -> Graph:
