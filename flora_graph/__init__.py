@@ -11,7 +11,6 @@ from flora_graph.errors import (
     UnsupportedOpError,
 )
 from flora_graph.ir import ComputationNode, Graph, Op, verify
-from flora_graph.jit import jit
 
 __version__ = "0.1.0"
 
@@ -29,3 +28,13 @@ __all__ = [
     "jit",
     "verify",
 ]
+
+
+def __getattr__(name: str):
+    """``flora_graph.jit`` is imported on first use: it pulls in torch, which ``import flora_graph`` does not."""
+    if name == "jit":
+        from flora_graph.jit.module import jit
+
+        globals()["jit"] = jit  # importing the subpackage bound its module here; the function wins
+        return jit
+    raise AttributeError(f"module 'flora_graph' has no attribute {name!r}")

@@ -84,3 +84,12 @@ def test_optimize_cli_rejects_unknown_pass(tmp_path, capsys):
     assert main(["demo", "--batch", "2", "--save", str(src)]) == 0
     assert main(["optimize", str(src), "--print-after", "no-such-pass"]) == 2
     assert "unknown pass" in capsys.readouterr().out
+
+
+def test_top_level_jit_is_the_function_and_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, flora_graph; assert 'torch' not in sys.modules; "
+            "from flora_graph import jit; import flora_graph.jit.dynamo; assert flora_graph.jit is jit and callable(jit)")
+    subprocess.run([sys.executable, "-c", code], check=True)
