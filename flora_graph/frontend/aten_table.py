@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flora_graph.errors import GraphError, UnsupportedOpError
+from flora_graph.errors import GraphError, ShapeError, UnsupportedOpError
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import Dim, canonical_dim
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
 
-__all__ = ["ATEN_TABLE", "SymDim", "aten_name"]
+__all__ = ["ATEN_TABLE", "SymDim", "aten_name", "operand", "out_dtype"]
 
 aten = torch.ops.aten
 
@@ -68,14 +68,6 @@ def _dropout(ctx: CaptureContext, x: ComputationNode, p: float = 0.5, train: boo
     return x
 
 
-@register(aten._to_copy.default, aten.to.dtype)
-def _to_copy(ctx: CaptureContext, x: ComputationNode, *args: Any, **kwargs: Any) -> ComputationNode:
-    dtype = kwargs.get("dtype", args[0] if args and isinstance(args[0], torch.dtype) else None)
-    if dtype is not None and str(dtype).removeprefix("torch.") != x.dtype:
-        raise UnsupportedOpError("dtype casts are not in the op set yet", {f"cast to {dtype}": [ctx.where()]})
-    return x
-
-
 @register(aten.linear.default)
 def _linear(ctx, x, w, b=None):
     return ctx.emit(Op.LINEAR, [x, w] + ([b] if b is not None else []))
@@ -104,9 +96,31 @@ def _permute(ctx, x, dims):
     return ctx.emit(Op.TRANSPOSE, [x], {"perm": tuple(d % len(x.shape) for d in dims)})
 
 
+def out_dtype(ctx: CaptureContext, index: int = 0) -> str:
+    """The dtype torch gives the current node's result (``index``: which one of a tuple)."""
+    val = ctx.fx_node.meta.get("val")
+    if isinstance(val, tuple | list):
+        val = val[index]
+    return str(val.dtype).removeprefix("torch.")
+
+
+def operand(ctx: CaptureContext, v: Any, dtype: str) -> ComputationNode:
+    """An arithmetic operand in the dtype torch computes in: a node (cast when it differs) or a number.
+
+    A number becomes a rank-0 constant (inside an adapter, its ``scaling``).
+    """
+    if isinstance(v, ComputationNode):
+        return v if v.dtype == dtype else ctx.emit(Op.CAST, [v], {"to": dtype})
+    if isinstance(v, SymDim):
+        raise UnsupportedOpError(f"{ctx.where()}: a dynamic size ({v.dim}) used as a tensor value",
+                                 {f"{aten_name(ctx.fx_node.target)} (a size as a value)": [ctx.where()]})
+    return ctx.scalar(v, dtype)
+
+
 def _binary(op: Op) -> Converter:
     def conv(ctx, a, b, *, alpha=1):
-        a, b = ctx.tensor(a, like=b), ctx.tensor(b, like=a)
+        dtype = out_dtype(ctx)  # torch's type promotion: int + float -> float, int / int -> float
+        a, b = operand(ctx, a, dtype), operand(ctx, b, dtype)
         if alpha != 1:
             b = ctx.emit(Op.MUL, [b, ctx.scalar(alpha, b.dtype)])
         return ctx.emit(op, [a, b])
@@ -121,7 +135,8 @@ register(aten.mul.Tensor, aten.mul.Scalar)(_binary(Op.MUL))
 
 @register(aten.div.Tensor, aten.div.Scalar)
 def _div(ctx, a, b):
-    return ctx.emit(Op.DIV, [ctx.tensor(a, like=b), ctx.tensor(b, like=a)])
+    dtype = out_dtype(ctx)
+    return ctx.emit(Op.DIV, [operand(ctx, a, dtype), operand(ctx, b, dtype)])
 
 
 @register(aten.rsub.Scalar, aten.rsub.Tensor)
@@ -163,17 +178,21 @@ def _layer_norm(ctx, x, normalized_shape, weight=None, bias=None, eps=1e-5, cudn
     return ctx.emit(Op.LAYER_NORM, ins, {"axis": -len(normalized_shape), "epsilon": float(eps)})
 
 
-def _reshape_target(ctx: CaptureContext, x: ComputationNode, shape: Sequence[Any]) -> tuple[int, ...]:
-    """Torch's target sizes as ONNX Reshape sizes: a dim equal to the input's at that position -> 0."""
-    out: list[int] = []
+def _reshape_target(ctx: CaptureContext, x: ComputationNode, shape: Sequence[Any]) -> tuple[Dim, ...]:
+    """Torch's target sizes as IR Reshape sizes: a dim equal to the input's at that position -> 0 (ONNX's
+    copy), another named dim -> its name, a size that is no product of dims (``seq - 1``) -> -1 (one at most)."""
+    out: list[Dim] = []
     for i, s in enumerate(shape):
         dim = s.dim if isinstance(s, SymDim) else s
         if isinstance(dim, int):
             out.append(dim)
-        elif i < len(x.shape) and canonical_dim(dim) == canonical_dim(x.shape[i]):
-            out.append(0)
-        else:
+            continue
+        try:
+            dim = canonical_dim(dim)
+        except ShapeError:
             out.append(-1)
+            continue
+        out.append(0 if i < len(x.shape) and dim == canonical_dim(x.shape[i]) else dim)
     if out.count(-1) > 1:
         raise GraphError(f"{ctx.where()}: reshape of {x.name} to {list(shape)} has more than one size that cannot be expressed")
     return tuple(out)
@@ -200,7 +219,8 @@ def _flatten(ctx, x, start=0, end=-1):
 
 @register(aten.cat.default)
 def _cat(ctx, tensors, dim=0):
-    return ctx.emit(Op.CONCAT, list(tensors), {"axis": int(dim)})
+    kept = [t for t in tensors if tuple(t.shape) != (0,)] or list(tensors)[:1]  # torch skips 1-D empty tensors
+    return kept[0] if len(kept) == 1 else ctx.emit(Op.CONCAT, kept, {"axis": int(dim)})
 
 
 @register(aten.split_with_sizes.default)
@@ -266,3 +286,8 @@ NO_TENSOR_OPS = {
     aten.sym_constrain_range_for_size.default,
     aten._assert_tensor_metadata.default,
 }
+
+
+# The transformer op family (attention, embedding, slicing, casts, comparisons, ...) lives in its
+# own module and registers its converters here when imported.
+import flora_graph.frontend.aten_transformer  # noqa: E402, F401

@@ -6,6 +6,13 @@ is ``x @ W.T + b`` with ``W`` of shape ``[out, in]``. Every node produces one va
 ``Split`` carries the ``index`` of the piece it yields, and a lowering groups the
 ``Split`` nodes that share input, axis and sizes back into one multi-output op.
 
+Sizes that depend on a dynamic dim are attributes of kind ``"dim"`` (one int or dim name)
+or ``"dims"`` (a tuple of them), never shape tensors: ``Arange(end="seq")``,
+``Expand(shape=("batch", 1, "seq", "seq"))``, ``Slice(ends=("seq",))``, ``Reshape`` targets
+(where the ints keep ONNX's 0/-1 meaning). Names are canonicalized like shape dims and resolve
+at run time from the sizes the graph inputs bind. The shape rules of the transformer family
+live in :mod:`flora_graph.ir.ops_transformer`.
+
 The numpy reference interpreter (``flora_graph.runtimes.reference``) is the executable
 definition of each op; this module defines only what can be known without running.
 """
@@ -18,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flora_graph.errors import GraphError, ShapeError
+from flora_graph.ir import ops_transformer as _tf
 from flora_graph.ir.shapes import (
     Dim,
     Shape,
@@ -67,25 +75,70 @@ class Op(enum.Enum):
     TRANSPOSE = "Transpose"
     CONCAT = "Concat"
     SPLIT = "Split"
+    GATHER = "Gather"
+    GATHER_ELEMENTS = "GatherElements"
+    INDEX = "Index"
+    SLICE = "Slice"
+    UNSQUEEZE = "Unsqueeze"
+    SQUEEZE = "Squeeze"
+    EXPAND = "Expand"
+    # more elementwise unary (float math)
+    EXP = "Exp"
+    LOG = "Log"
+    SQRT = "Sqrt"
+    RSQRT = "Rsqrt"
+    RECIPROCAL = "Reciprocal"
+    COS = "Cos"
+    SIN = "Sin"
+    ABS = "Abs"
+    POW = "Pow"  # binary, broadcasting
+    # comparisons (broadcasting, result bool) and boolean logic
+    EQUAL = "Equal"
+    LESS = "Less"
+    LESS_OR_EQUAL = "LessOrEqual"
+    GREATER = "Greater"
+    GREATER_OR_EQUAL = "GreaterOrEqual"
+    NOT = "Not"
+    AND = "And"
+    OR = "Or"
+    WHERE = "Where"
+    CAST = "Cast"
+    # reductions and scans
+    REDUCE_MEAN = "ReduceMean"
+    REDUCE_SUM = "ReduceSum"
+    CUMSUM = "CumSum"
+    # transformer blocks
+    RMS_NORM = "RMSNorm"
+    SDPA = "ScaledDotProductAttention"
+    # sources with a (possibly dynamic) size given by attributes
+    ARANGE = "Arange"
 
 
 class OpGroup:
     """Membership sets, so passes test ``op in OpGroup.Binary`` rather than tuples inline."""
 
     Leaf = frozenset({Op.INPUT, Op.CONST})
-    Binary = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV})
+    Binary = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW})
     Commutative = frozenset({Op.ADD, Op.MUL})
     Unary = frozenset(
-        {Op.NEG, Op.RELU, Op.GELU, Op.SILU, Op.SIGMOID, Op.TANH, Op.IDENTITY}
+        {Op.NEG, Op.RELU, Op.GELU, Op.SILU, Op.SIGMOID, Op.TANH, Op.IDENTITY, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT,
+         Op.RECIPROCAL, Op.COS, Op.SIN, Op.ABS}
     )
-    Movement = frozenset({Op.RESHAPE, Op.FLATTEN, Op.TRANSPOSE, Op.CONCAT, Op.SPLIT})
+    Movement = frozenset(
+        {Op.RESHAPE, Op.FLATTEN, Op.TRANSPOSE, Op.CONCAT, Op.SPLIT, Op.GATHER, Op.GATHER_ELEMENTS, Op.INDEX, Op.SLICE, Op.UNSQUEEZE,
+         Op.SQUEEZE, Op.EXPAND}
+    )
+    Compare = frozenset({Op.EQUAL, Op.LESS, Op.LESS_OR_EQUAL, Op.GREATER, Op.GREATER_OR_EQUAL})
+    Logical = frozenset({Op.NOT, Op.AND, Op.OR})
+    Reduce = frozenset({Op.REDUCE_MEAN, Op.REDUCE_SUM})
+    DynamicSize = frozenset({Op.RESHAPE, Op.SLICE, Op.EXPAND, Op.ARANGE})  # ops with attributes of kind "dims"/"dim"
 
 
 @dataclass(frozen=True)
 class AttrSpec:
     """One attribute: its kind and default (``REQUIRED`` when it has none)."""
 
-    kind: str  # "int", "float", "str", "ints", "dims"
+    kind: str  # "int", "float", "str", "ints", "dim" (an int or a dim name), "dims" (a tuple of those)
     default: Any = None
     required: bool = False
     choices: tuple[str, ...] | None = None
@@ -164,7 +217,25 @@ def _coerce_attr(value: Any, spec: AttrSpec, where: str) -> Any:
         ):
             raise bad
         return tuple(int(v) for v in value)
+    if spec.kind == "dim":
+        return _coerce_dim(value, bad)
+    if spec.kind == "dims":
+        if not isinstance(value, list | tuple):
+            raise bad
+        return tuple(_coerce_dim(v, bad) for v in value)
     raise AssertionError(f"unknown attribute kind {spec.kind}")  # pragma: no cover
+
+
+def _coerce_dim(value: Any, bad: GraphError) -> Dim:
+    """An int (any sign: an op gives negatives their meaning) or a dim name, canonicalized."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise bad
+    if isinstance(value, int):
+        return int(value)
+    try:
+        return canonical_dim(value)
+    except ShapeError:
+        raise bad from None
 
 
 # --------------------------------------------------------------------------- inference
@@ -271,7 +342,9 @@ def _reshape(shapes, dtypes, attrs):
     out: list[Dim | None] = []
     infer_at = None
     for i, t in enumerate(target):
-        if t == 0:
+        if isinstance(t, str):
+            out.append(t)
+        elif t == 0:
             if i >= len(x):
                 raise ShapeError(f"Reshape: 0 at position {i} but input rank is {len(x)}")
             out.append(canonical_dim(x[i]))
@@ -350,6 +423,49 @@ def _split(shapes, dtypes, attrs):
 
 
 _S = OpSchema
+_UNARY_DOCS = {
+    Op.EXP: "exp(x).", Op.LOG: "log(x).", Op.SQRT: "sqrt(x).", Op.RSQRT: "1 / sqrt(x).", Op.RECIPROCAL: "1 / x.",
+    Op.COS: "cos(x).", Op.SIN: "sin(x).", Op.ABS: "|x|.",
+}
+_COMPARE_DOCS = {
+    Op.EQUAL: "a == b", Op.LESS: "a < b", Op.LESS_OR_EQUAL: "a <= b", Op.GREATER: "a > b", Op.GREATER_OR_EQUAL: "a >= b",
+}
+_TRANSFORMER_SCHEMAS = [
+    _S(Op.GATHER, 2, 2, {"axis": AttrSpec("int", 0)}, _tf.infer_gather,
+       "ONNX Gather: data[..., indices, ...] along axis (negative indices count from the end); Embedding is axis 0."),
+    _S(Op.GATHER_ELEMENTS, 2, 2, {"axis": AttrSpec("int", 0)}, _tf.infer_gather_elements,
+       "ONNX GatherElements / torch.gather: out[i][j] = data[index[i][j]][j] (axis 0); the result has the index's shape."),
+    _S(Op.INDEX, 2, None, {"axis": AttrSpec("int", 0)}, _tf.infer_index,
+       "numpy/torch advanced indexing x[..., i0, i1, ...] of consecutive axes from axis; the indices broadcast."),
+    _S(Op.SLICE, 1, 1, {"axes": _req("ints"), "starts": _req("dims"), "ends": _req("dims"), "steps": AttrSpec("ints", ())},
+       _tf.infer_slice, "ONNX Slice with steps >= 1 (empty: all 1); bounds may name dims; ends >= 2**62 mean the end."),
+    _S(Op.UNSQUEEZE, 1, 1, {"axes": _req("ints")}, _tf.infer_unsqueeze, "Insert size-1 dims at axes of the output."),
+    _S(Op.SQUEEZE, 1, 1, {"axes": _req("ints")}, _tf.infer_squeeze, "Drop the size-1 dims at axes."),
+    _S(Op.EXPAND, 1, 1, {"shape": _req("dims")}, _tf.infer_expand,
+       "ONNX Expand: broadcast x against shape (ints or dim names)."),
+    *[_S(op, 1, 1, {}, _unary, doc) for op, doc in _UNARY_DOCS.items()],
+    _S(Op.POW, 2, 2, {}, _binary, "a ** b, broadcasting."),
+    *[_S(op, 2, 2, {}, _tf.infer_compare, f"{doc}, broadcasting; the result is bool.") for op, doc in _COMPARE_DOCS.items()],
+    _S(Op.NOT, 1, 1, {}, _tf.infer_logical_not, "Logical not of a bool value."),
+    _S(Op.AND, 2, 2, {}, _tf.infer_logical, "Logical and of bool values, broadcasting."),
+    _S(Op.OR, 2, 2, {}, _tf.infer_logical, "Logical or of bool values, broadcasting."),
+    _S(Op.WHERE, 3, 3, {}, _tf.infer_where, "cond ? a : b, broadcasting all three."),
+    _S(Op.CAST, 1, 1, {"to": AttrSpec("str", required=True, choices=DTYPES)}, _tf.infer_cast,
+       "Convert to dtype `to` (float -> int truncates toward zero, nonzero -> True)."),
+    _S(Op.REDUCE_MEAN, 1, 1, {"axes": AttrSpec("ints", ()), "keepdims": AttrSpec("int", 1)}, _tf.infer_reduce,
+       "Mean over axes (empty: all), keeping them as size 1 when keepdims."),
+    _S(Op.REDUCE_SUM, 1, 1, {"axes": AttrSpec("ints", ()), "keepdims": AttrSpec("int", 1)}, _tf.infer_reduce,
+       "Sum over axes (empty: all), keeping them as size 1 when keepdims."),
+    _S(Op.CUMSUM, 1, 1, {"axis": _req("int")}, _tf.infer_cumsum, "Inclusive cumulative sum along axis."),
+    _S(Op.RMS_NORM, 1, 2, {"axis": AttrSpec("int", -1), "epsilon": AttrSpec("float", 1e-6)}, _tf.infer_rms_norm,
+       "x / sqrt(mean(x**2 over dims axis..end) + epsilon) * scale (ONNX RMSNormalization)."),
+    _S(Op.SDPA, 3, 4, {"is_causal": AttrSpec("int", 0), "scale": AttrSpec("float", 0.0)}, _tf.infer_sdpa,
+       "softmax(q @ k^T * scale + mask) @ v; scale 0 is 1/sqrt(E); a bool mask keeps True, a float mask adds; "
+       "is_causal keeps j <= i (top-left); a row with nothing kept is 0 (as torch)."),
+    _S(Op.ARANGE, 0, 0, {"start": AttrSpec("dim", 0), "end": _req("dim"), "step": AttrSpec("dim", 1),
+                         "dtype": AttrSpec("str", "int64", choices=("int32", "int64", "float32", "float64"))},
+       _tf.infer_arange, "start, start + step, ... < end; bounds may name dims (Arange(0, 'seq'))."),
+]
 SCHEMAS: dict[Op, OpSchema] = {
     s.op: s
     for s in [
@@ -397,7 +513,8 @@ SCHEMAS: dict[Op, OpSchema] = {
             _layer_norm,
             "Normalise over dims axis..end, then * scale + bias (ONNX LayerNormalization).",
         ),
-        _S(Op.RESHAPE, 1, 1, {"shape": _req("ints")}, _reshape, "ONNX Reshape: 0 copies a dim, -1 infers one."),
+        _S(Op.RESHAPE, 1, 1, {"shape": _req("dims")}, _reshape,
+           "ONNX Reshape: 0 copies a dim, -1 infers one, a name is that dynamic dim."),
         _S(Op.FLATTEN, 1, 1, {"axis": AttrSpec("int", 1)}, _flatten, "ONNX Flatten to 2-D at axis."),
         _S(Op.TRANSPOSE, 1, 1, {"perm": _req("ints")}, _transpose, "Permute axes."),
         _S(Op.CONCAT, 1, None, {"axis": _req("int")}, _concat, "Concatenate along axis."),
@@ -409,6 +526,7 @@ SCHEMAS: dict[Op, OpSchema] = {
             _split,
             "The index-th piece of splitting x along axis into sizes.",
         ),
+        *_TRANSFORMER_SCHEMAS,
     ]
 }
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from flora_graph.ir import ComputationNode, Graph, Op
+from flora_graph.ir.shapes import is_static
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import RewriteContext
 from flora_graph.runtimes.reference import eval_node
@@ -32,6 +33,8 @@ def constant_fold(graph: Graph, *, max_elements: int = 1 << 24) -> PassResult:
             values[n] = graph.params[n.attrs["param"]]
             continue
         if n.op is Op.INPUT or not n.inputs or not all(i in values for i in n.inputs):
+            continue
+        if not is_static(n.shape):  # Expand(Const, ("batch", 4)): its size comes from the inputs at run time
             continue
         size = int(np.prod([int(d) for d in n.shape], dtype=np.int64))
         if size > max_elements:

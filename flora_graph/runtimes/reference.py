@@ -8,6 +8,11 @@ pattern), keeps values in an environment and frees each one after its last use.
 Each op computes in its node's dtype; float16/bfloat16 values are widened to float32 for
 the computation and every result is rounded to the node's dtype. Statistics (softmax,
 LayerNorm) and erf-based GELU use float64 internally, then cast back.
+
+Attributes of kind ``"dim"``/``"dims"`` may name dynamic dims (``Slice(ends=("seq",))``);
+:func:`eval_node` resolves them from the sizes the graph inputs bind (``dims``), so the
+implementations see plain ints. The transformer op family lives in
+:mod:`flora_graph.runtimes.reference_ops`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from scipy.special import erf
 from flora_graph.errors import GraphError, RuntimeInputError, ShapeError, UnsupportedOpError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
-from flora_graph.ir.ops import Op
+from flora_graph.ir.ops import Op, schema
 from flora_graph.ir.shapes import format_shape
+from flora_graph.runtimes.reference_ops import TRANSFORMER_IMPLS
 
-__all__ = ["NUMPY_IMPLS", "check_inputs", "eval_node", "run"]
+__all__ = ["NUMPY_IMPLS", "check_inputs", "eval_node", "resolve_attrs", "run"]
 
 Impl = Callable[..., np.ndarray]
 
@@ -143,6 +149,7 @@ NUMPY_IMPLS: dict[Op, Impl] = {
     Op.TRANSPOSE: lambda x, *, perm: np.transpose(x, perm),
     Op.CONCAT: lambda *xs, axis: np.concatenate(xs, axis=axis),
     Op.SPLIT: _split,
+    **TRANSFORMER_IMPLS,
 }
 
 
@@ -230,17 +237,48 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
 
 
 # --------------------------------------------------------------------------- interpreter
-def eval_node(node: ComputationNode, args: list[np.ndarray]) -> np.ndarray:
-    """Evaluate one non-leaf node on its input arrays, in the node's dtype."""
+def resolve_attrs(node: ComputationNode, dims: Mapping[str, int] | None) -> dict[str, Any]:
+    """``node.attrs`` with every named dim of its ``"dim"``/``"dims"`` attributes replaced by its size.
+
+    Raises :class:`GraphError` naming the node and the dim when ``dims`` does not bind it.
+    """
+    specs = schema(node.op).attrs
+    out = dict(node.attrs)
+    for key, value in node.attrs.items():
+        kind = specs[key].kind if key in specs else None
+        if kind == "dim" and isinstance(value, str):
+            out[key] = _resolve_dim(node, value, dims)
+        elif kind == "dims" and any(isinstance(v, str) for v in value):
+            out[key] = tuple(_resolve_dim(node, v, dims) if isinstance(v, str) else v for v in value)
+    return out
+
+
+def _resolve_dim(node: ComputationNode, dim: str, dims: Mapping[str, int] | None) -> int:
+    size = _eval_dim(dim, dims or {})
+    if size is None:
+        raise GraphError(
+            f"node {node.name!r} ({node.op.value}): dim {dim!r} is not bound by the graph inputs "
+            f"(bound: {dict(dims) if dims is not None else 'none given'})"
+        )
+    return size
+
+
+def eval_node(node: ComputationNode, args: list[np.ndarray], dims: Mapping[str, int] | None = None) -> np.ndarray:
+    """Evaluate one non-leaf node on its input arrays, in the node's dtype.
+
+    ``dims`` binds named dims to sizes (as :func:`check_inputs` returns them); it is needed
+    only by nodes whose attributes name a dim.
+    """
     impl = NUMPY_IMPLS.get(node.op)
     if impl is None:
         raise UnsupportedOpError(
             f"node {node.name!r}: no numpy implementation of {node.op.value}", {node.op.value: [node.name]}
         )
     dtype = _np_dtype(node.dtype)
+    attrs = resolve_attrs(node, dims)
     args = [a.astype(np.float32) if a.dtype.kind in "fV" and a.dtype.itemsize < 4 else a for a in args]
     try:
-        out = np.asarray(impl(*args, **node.attrs))
+        out = np.asarray(impl(*args, **attrs))
     except (ValueError, TypeError, IndexError) as exc:
         raise GraphError(f"node {node.name!r} ({node.op.value}): {exc}") from exc
     return out.astype(dtype, copy=False)
@@ -287,7 +325,7 @@ def run(graph: Graph, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 args = [env[i.name] for i in node.inputs]
             except KeyError as exc:
                 raise GraphError(f"node {node.name!r} reads {exc.args[0]!r} before it is defined") from None
-            value = eval_node(node, args)
+            value = eval_node(node, args, dims)
             for i in node.inputs:
                 if last_use[i.name] == pos and i.name not in keep:
                     env.pop(i.name, None)

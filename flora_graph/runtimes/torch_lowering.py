@@ -17,7 +17,9 @@ Conventions of the generated module:
   per op and rounds back; torch computes those dtypes natively).
 
 :data:`TORCH_LOWERING` maps each non-leaf :class:`Op` to ``lower(node, args) -> str``: the
-Python expression for ``node`` given the expressions of its inputs.
+Python expression for ``node`` given the expressions of its inputs. The transformer family's
+entries live in :mod:`flora_graph.runtimes.torch_lowering_ops`; a dim named in an attribute
+becomes ``arg.size(i)`` of a tensor that carries it (a graph input where no operand does).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op
 from flora_graph.ir.shapes import Shape, format_shape
+from flora_graph.runtimes.torch_lowering_ops import TRANSFORMER_LOWERING, dim_expr, dim_sources
 
 __all__ = [
     "TORCH_LOWERING",
@@ -141,6 +144,8 @@ def _layer_norm(node: ComputationNode, args: list[str]) -> str:
 
 def _reshape(node: ComputationNode, args: list[str]) -> str:
     x, shape, target = args[0], node.inputs[0].shape, node.attrs["shape"]
+    if any(isinstance(t, str) for t in target):  # a named target dim: every size from the inferred output shape
+        return _reshaped(x, shape, [dim_expr(d, node, [(x, shape)]) for d in node.shape])
     known = math.prod(t for t in target if t > 0)
     # ONNX: 0 copies the input dim; -1 is what the dims not copied by a 0 leave over (as the reference)
     rest = [j for j in range(len(shape)) if j >= len(target) or target[j] != 0]
@@ -194,6 +199,7 @@ TORCH_LOWERING: dict[Op, Lower] = {
     Op.TRANSPOSE: _transpose,
     Op.CONCAT: _concat,
     Op.SPLIT: _split,
+    **TRANSFORMER_LOWERING,
 }
 
 
@@ -242,13 +248,25 @@ def generate_forward(graph: Graph) -> tuple[str, list[str], dict[str, str]]:
     """
     if not graph.outputs:
         raise GraphError(f"graph {graph.name!r} has no outputs to lower")
-    names, attrs = _Namer(), _Namer()
+    names = _Namer()
     expr: dict[ComputationNode, str] = {}
     args = []
     for node in graph.inputs:
         expr[node] = names(node.name)
         args.append(expr[node])
     buffers: dict[str, str] = {}
+    with dim_sources((expr[n], n.shape) for n in graph.inputs):  # named dims in attributes read these sizes
+        body = _body(graph, names, expr, buffers)
+    outs = [expr[n] for n in graph.outputs.values()]
+    ret = "tuple[" + ", ".join(["torch.Tensor"] * len(outs)) + "]"
+    sig = ", ".join(["self", *(f"{a}: torch.Tensor" for a in args)])
+    lines = [f"def forward({sig}) -> {ret}:", *body, f"    return ({', '.join(outs)},)"]
+    return "\n".join(lines) + "\n", args, buffers
+
+
+def _body(graph: Graph, names: _Namer, expr: dict[ComputationNode, str], buffers: dict[str, str]) -> list[str]:
+    """One source line per live non-leaf node; fills ``expr`` and ``buffers`` (``{buffer: param}``)."""
+    attrs = _Namer()
     by_param: dict[str, str] = {}
     body: list[str] = []
     for node in _live_nodes(graph):
@@ -277,11 +295,7 @@ def generate_forward(graph: Graph) -> tuple[str, list[str], dict[str, str]]:
         var = names(node.name, "v_")
         body.append(f"    {var} = {code}  # {node.op.value} {node.name!r}")
         expr[node] = var
-    outs = [expr[n] for n in graph.outputs.values()]
-    ret = "tuple[" + ", ".join(["torch.Tensor"] * len(outs)) + "]"
-    sig = ", ".join(["self", *(f"{a}: torch.Tensor" for a in args)])
-    lines = [f"def forward({sig}) -> {ret}:", *body, f"    return ({', '.join(outs)},)"]
-    return "\n".join(lines) + "\n", args, buffers
+    return body
 
 
 _counter = itertools.count()

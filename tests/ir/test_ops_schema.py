@@ -93,6 +93,32 @@ INFER_CASES = [
     (Op.CONCAT, [("batch", 3)], {"axis": 1}, ("batch", 3)),
     (Op.SPLIT, [("batch", 10)], {"axis": 1, "sizes": (3, 7), "index": 1}, ("batch", 7)),
     (Op.SPLIT, [("batch", "seq", 12)], {"axis": -1, "sizes": (4, 4, 4), "index": 2}, ("batch", "seq", 4)),
+    # the transformer family (rows with int/bool inputs or results: test_ops_transformer_schema.TYPED_INFER_CASES)
+    (Op.RESHAPE, [("batch", "seq", 64)], {"shape": ("batch", "seq", 4, -1)}, ("batch", "seq", 4, 16)),
+    (Op.SLICE, [("batch", "seq", 16)], {"axes": (2,), "starts": (8,), "ends": (2**63 - 1,)}, ("batch", "seq", 8)),
+    (Op.SLICE, [(256, 16)], {"axes": (0,), "starts": (0,), "ends": ("seq",)}, ("seq", 16)),
+    (Op.UNSQUEEZE, [("batch", "seq")], {"axes": (0, -1)}, (1, "batch", "seq", 1)),
+    (Op.SQUEEZE, [("batch", 1, "seq", 1)], {"axes": (-1, 1)}, ("batch", "seq")),
+    (Op.EXPAND, [("batch", 2, 1, "seq", 16)], {"shape": ("batch", 2, 2, "seq", 16)}, ("batch", 2, 2, "seq", 16)),
+    (Op.EXPAND, [(1, 4)], {"shape": ("seq", 1)}, ("seq", 4)),
+    (Op.EXP, [("batch", 3)], None, ("batch", 3)),
+    (Op.LOG, [("batch", 3)], None, ("batch", 3)),
+    (Op.SQRT, [("batch", 3)], None, ("batch", 3)),
+    (Op.RSQRT, [("batch", "seq", 1)], None, ("batch", "seq", 1)),
+    (Op.RECIPROCAL, [()], None, ()),
+    (Op.COS, [("seq", 16)], None, ("seq", 16)),
+    (Op.SIN, [("seq", 16)], None, ("seq", 16)),
+    (Op.ABS, [("batch", 3)], None, ("batch", 3)),
+    (Op.POW, [("batch", "seq", 64), ()], None, ("batch", "seq", 64)),
+    (Op.REDUCE_MEAN, [("batch", "seq", 64)], {"axes": (-1,)}, ("batch", "seq", 1)),
+    (Op.REDUCE_MEAN, [("batch", "seq", 64)], {"axes": (0, 2), "keepdims": 0}, ("seq",)),
+    (Op.REDUCE_SUM, [("batch", "seq", 64)], {"keepdims": 0}, ()),
+    (Op.CUMSUM, [("batch", "seq")], {"axis": 1}, ("batch", "seq")),
+    (Op.RMS_NORM, [("batch", "seq", 64), (64,)], None, ("batch", "seq", 64)),
+    (Op.RMS_NORM, [("batch", "seq", 64)], {"axis": 1}, ("batch", "seq", 64)),
+    (Op.SDPA, [("batch", 4, "seq", 16)] * 3, {"is_causal": 1}, ("batch", 4, "seq", 16)),
+    (Op.SDPA, [("batch", 4, "seq", 16), ("batch", 4, "kv", 16), (1, 4, "kv", 8), ("batch", 1, "seq", "kv")], None,
+     ("batch", 4, "seq", 8)),
 ]
 
 
@@ -104,7 +130,9 @@ def test_infer_shape(op, shapes, attrs, want):
 
 
 def test_infer_cases_cover_every_non_leaf_op():
-    assert {c[0] for c in INFER_CASES} == set(Op) - OpGroup.Leaf
+    from .test_ops_transformer_schema import TYPED_INFER_CASES
+
+    assert {c[0] for c in INFER_CASES} | {c[0] for c in TYPED_INFER_CASES} == set(Op) - OpGroup.Leaf
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
