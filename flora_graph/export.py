@@ -63,13 +63,14 @@ def _token_inputs(vocab: int, batch: int, seq: int, seed: int) -> dict[str, torc
     return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
 
 
-def load_model(source: str | Path | None = None) -> ModelSpec:
-    """``None``/``"default"``: the built-in small decoder; ``"demo-cnn"``: the CNN+MLP demo;
-    a folder with ``config.json`` + safetensors: a transformers model built from it (no download)."""
+def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8) -> ModelSpec:
+    """``None``/``"default"``: the built-in small decoder (with LoRA of ``lora_rank`` on every
+    projection, nonzero ``B``, unless ``None``); ``"demo-cnn"``: the CNN+MLP demo; a folder with
+    ``config.json`` + safetensors: a transformers model built from it (no download)."""
     if source in (None, "default"):
         from flora_graph.models.decoder import build_decoder
 
-        model = build_decoder()
+        model = build_decoder(lora_rank=lora_rank)
         vocab = model.config.vocab_size
         return ModelSpec(model.eval(), _token_inputs(vocab, 2, 8, 0), {"input_ids": {0: "batch", 1: "seq"}},
                          _token_inputs(vocab, 3, 11, 1), "decoder")
@@ -123,7 +124,8 @@ def export_model(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     say("loading the model")
-    spec = source if isinstance(source, ModelSpec) else load_model(source)
+    # the built-in decoder carries its own LoRA unless a PEFT adapter is to be installed on it
+    spec = source if isinstance(source, ModelSpec) else load_model(source, lora_rank=None if adapter else 8)
     model = spec.model
     if adapter is not None:
         from flora_graph.adapters.peft import load_peft_adapter

@@ -14,23 +14,28 @@ from flora_graph.ir import Graph
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_matches_eager_torch_at_every_batch():
-    report = run_demo((1, 3))
-    assert set(report.max_abs_diff) == {1, 3}
+def test_demo_decoder_matches_eager_torch_at_every_shape():
+    report = run_demo()
+    assert set(report.max_abs_diff) == {(1, 5), (3, 17)}
     assert report.ok, report.max_abs_diff
-    assert report.adapters == 5
-    assert report.graph.inputs[0].shape[0] == "batch"
+    assert report.adapters == 14  # seven projections x two blocks
+    assert report.graph.inputs[0].shape == ("batch", "seq")
     roles = {n.meta.get("role") for n in report.graph.nodes}
     assert {"base", "lora_down", "lora_up", "lora_scale", "lora_add"} <= roles
 
 
+def test_demo_cnn_matches_eager_torch():
+    report = run_demo("cnn", rank=4)
+    assert report.ok and report.adapters == 5 and report.graph.inputs[0].shape[0] == "batch"
+
+
 def test_demo_cli_saves_a_graph_that_show_reads(tmp_path, capsys):
     out = tmp_path / "g"
-    assert main(["demo", "--batch", "2", "--save", str(out)]) == 0
+    assert main(["demo", "--model", "cnn", "--save", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "batch 2: max |numpy reference - eager torch|" in text and "ok" in text
+    assert "input [4, 3, 16, 16]: max |numpy reference - eager torch|" in text and "ok" in text
     loaded = Graph.load(out)
-    assert loaded.name == "demo" and f"{len(loaded.nodes)} nodes" in text
+    assert loaded.name == "demo-cnn" and f"{len(loaded.nodes)} nodes" in text
     assert main(["show", str(out)]) == 0
     assert "%conv1.lora_down = Conv2d" in capsys.readouterr().out
 
@@ -65,7 +70,7 @@ def test_optimize_cli_prints_after_a_pass_draws_and_saves(tmp_path, capsys):
     from flora_graph.runtimes import run
 
     src, out = tmp_path / "g", tmp_path / "merged"
-    assert main(["demo", "--batch", "2", "--save", str(src)]) == 0
+    assert main(["demo", "--model", "cnn", "--rank", "4", "--save", str(src)]) == 0
     capsys.readouterr()
     code = main(["optimize", str(src), "--preset", "merged", "--print-after", "merge-lora", "--verify",
                  "--draw", str(tmp_path / "g.png"), "--save", str(out)])
@@ -81,7 +86,7 @@ def test_optimize_cli_prints_after_a_pass_draws_and_saves(tmp_path, capsys):
 
 def test_optimize_cli_rejects_unknown_pass(tmp_path, capsys):
     src = tmp_path / "g"
-    assert main(["demo", "--batch", "2", "--save", str(src)]) == 0
+    assert main(["demo", "--model", "cnn", "--save", str(src)]) == 0
     assert main(["optimize", str(src), "--print-after", "no-such-pass"]) == 2
     assert "unknown pass" in capsys.readouterr().out
 
