@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flora_graph.serving.cli import add_cli
 
     add_cli(sub)  # serve-export, serve-package
+    from flora_graph.training.cli import add_cli as add_train_cli
+
+    add_train_cli(sub)  # train
     return p
 
 

@@ -25,6 +25,7 @@ Modules: :mod:`.projection` (seeds, layouts, compress/decompress/transfer), :mod
 from __future__ import annotations
 
 from flora_graph.training.accumulate import FloraAccumulator
+from flora_graph.training.corpus import Corpus, CorpusError, WindowSampler, build_corpus
 from flora_graph.training.errors import NonFiniteGradientError, OptimizerError
 from flora_graph.training.optimizer import Flora
 from flora_graph.training.projection import (
@@ -36,17 +37,26 @@ from flora_graph.training.projection import (
     stable_seed,
     transfer,
 )
+from flora_graph.training.trainer import TrainConfig, TrainConfigError, TrainResult, train
 
 __all__ = [
+    "Corpus",
+    "CorpusError",
     "Flora",
     "FloraAccumulator",
     "NonFiniteGradientError",
     "OptimizerError",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainResult",
+    "WindowSampler",
+    "build_corpus",
     "compress",
     "decompress",
     "gaussian_projection",
     "layout_for",
     "param_seed",
     "stable_seed",
+    "train",
     "transfer",
 ]

@@ -20,3 +20,6 @@ class NonFiniteGradientError(OptimizerError):
     def __init__(self, message: str, names: list[str]) -> None:
         super().__init__(message)
         self.names = list(names)
+
+    def __reduce__(self):  # picklable across process pools: rebuild with both arguments
+        return (type(self), (str(self), self.names))

@@ -339,3 +339,13 @@ def test_changing_rank_mid_training_raises_naming_the_parameter():
     opt.param_groups[0]["rank"] = 2
     with pytest.raises(OptimizerError, match=r"'0\.weight'.*rank"):
         _train(m, opt, 1)
+
+
+def test_non_finite_gradient_error_can_be_rebuilt_from_its_reduce():
+    """Process pools send exceptions back through ``__reduce__``; deepcopy uses the same path."""
+    import copy
+
+    from flora_graph.training import NonFiniteGradientError
+
+    err = copy.deepcopy(NonFiniteGradientError("w has NaN", ["w"]))
+    assert isinstance(err, NonFiniteGradientError) and err.names == ["w"] and str(err) == "w has NaN"
