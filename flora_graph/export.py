@@ -9,6 +9,7 @@ torch on a fresh input shape and reports the largest difference.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +32,15 @@ SUFFIX = {"onnxruntime": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
 
 @dataclass
 class ModelSpec:
-    """A model with what capturing it needs: example inputs, named dynamic dims, a fresh test input."""
+    """A model with what capturing it needs: example inputs, named dynamic dims (with upper
+    bounds in ``dim_max`` where the model has them), a fresh test input."""
 
     model: nn.Module
     example_inputs: dict[str, torch.Tensor]
     dynamic_dims: dict[str, dict[int, str]]
     check_inputs: dict[str, torch.Tensor]
     name: str
+    dim_max: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,10 +66,28 @@ def _token_inputs(vocab: int, batch: int, seq: int, seed: int) -> dict[str, torc
     return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
 
 
-def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8) -> ModelSpec:
+def _hf_inputs(vocab: int, batch: int, seq: int, seed: int, mask: bool) -> dict[str, torch.Tensor]:
+    out = _token_inputs(vocab, batch, seq, seed)
+    if mask:
+        m = torch.ones(batch, seq, dtype=torch.int64)
+        m[0, : min(2, seq - 1)] = 0  # left padding in the first row
+        out["attention_mask"] = m
+    return out
+
+
+def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
+               attention_mask: bool = False) -> ModelSpec:
     """``None``/``"default"``: the built-in small decoder (with LoRA of ``lora_rank`` on every
     projection, nonzero ``B``, unless ``None``); ``"demo-cnn"``: the CNN+MLP demo; a folder with
-    ``config.json`` + safetensors: a transformers model built from it (no download)."""
+    ``config.json`` + safetensors: a transformers model built from it (no download).
+
+    A transformers model is loaded in float32 with ``use_cache=False`` (outputs without a
+    key/value cache) and takes ``input_ids`` (``[batch, seq]``, both dynamic), plus an
+    ``attention_mask`` of the same shape when ``attention_mask`` is true (the check input
+    pads its first row). Where the config has ``max_position_embeddings`` (BERT, GPT-2,
+    Llama), ``"seq"`` is bounded by it (``dim_max``): BERT and GPT-2 slice a learned position
+    table by the sequence length, which ``torch.export`` accepts only under a bound.
+    """
     if source in (None, "default"):
         from flora_graph.models.decoder import build_decoder
 
@@ -89,11 +110,19 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8) -
     if cls is None:
         raise FloraGraphError(f"{folder}/config.json names no known transformers architecture ({arch!r})")
     model = cls.from_pretrained(folder, local_files_only=True).eval()
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()  # a bfloat16/float16 checkpoint: captured and checked in float32
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # logits only: no key/value cache outputs
+    if attention_mask and "attention_mask" not in inspect.signature(model.forward).parameters:
+        raise FloraGraphError(f"{arch}.forward takes no attention_mask")
     vocab = int(getattr(config, "vocab_size", 256))
-    return ModelSpec(model, _token_inputs(vocab, 2, 8, 0), {"input_ids": {0: "batch", 1: "seq"}},
-                     _token_inputs(vocab, 3, 11, 1), arch)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    dim_max = {"seq": int(max_pos)} if isinstance(max_pos, int) and max_pos >= 2 else {}
+    seq = min(8, dim_max.get("seq", 8))
+    names = ["input_ids", "attention_mask"] if attention_mask else ["input_ids"]
+    return ModelSpec(model, _hf_inputs(vocab, 2, seq, 0, attention_mask), {n: {0: "batch", 1: "seq"} for n in names},
+                     _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask), arch, dim_max)
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -136,7 +165,7 @@ def export_model(
     seconds["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say("capturing with torch.export")
-    graph = capture(model, spec.example_inputs, spec.dynamic_dims, name=spec.name)
+    graph = capture(model, spec.example_inputs, spec.dynamic_dims, name=spec.name, dim_max=spec.dim_max or None)
     seconds["capture"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say(f"optimizing ({preset})")

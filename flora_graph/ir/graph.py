@@ -46,7 +46,9 @@ class Graph:
     """A computation graph over :class:`ComputationNode`.
 
     ``params`` maps weight names to numpy arrays; a ``Const`` node names one in its
-    ``param`` attribute. ``outputs`` maps output names to nodes, in order.
+    ``param`` attribute. ``outputs`` maps output names to nodes, in order. ``dim_max`` maps a
+    dynamic dim name to the largest size the graph is valid for (a learned position table
+    of ``512`` rows bounds ``"seq"`` by 512); a name absent from it is unbounded.
     """
 
     def __init__(self, name: str = "graph") -> None:
@@ -55,6 +57,7 @@ class Graph:
         self.outputs: dict[str, ComputationNode] = {}
         self.nodes: list[ComputationNode] = []
         self.params: dict[str, np.ndarray] = {}
+        self.dim_max: dict[str, int] = {}
         self._names: set[str] = set()
         self._counter = 0
 
@@ -184,16 +187,20 @@ class Graph:
             cycle = nx.find_cycle(g)
             raise GraphError("graph has a cycle through " + " -> ".join(a.name for a, _ in cycle)) from None
 
-    def remove_dead(self) -> int:
-        """Drop nodes no output depends on (inputs stay) and unused params; return count removed."""
-        live: set[ComputationNode] = set(self.inputs)
+    def live_nodes(self) -> list[ComputationNode]:
+        """The nodes some output depends on, in graph order (iterative, any depth)."""
+        live: set[ComputationNode] = set()
         stack = list(self.outputs.values())
         while stack:
             n = stack.pop()
-            if n in live:
-                continue
-            live.add(n)
-            stack.extend(n.inputs)
+            if n not in live:
+                live.add(n)
+                stack.extend(n.inputs)
+        return [n for n in self.nodes if n in live]
+
+    def remove_dead(self) -> int:
+        """Drop nodes no output depends on (inputs stay) and unused params; return count removed."""
+        live = set(self.live_nodes()) | set(self.inputs)
         before = len(self.nodes)
         self.nodes = [n for n in self.nodes if n in live]
         self._names = {n.name for n in self.nodes}
@@ -205,6 +212,7 @@ class Graph:
         """A deep copy: new nodes, copied params and meta. Iterative, so any depth copies."""
         out = Graph(self.name)
         out.params = {k: np.array(v, copy=True) for k, v in self.params.items()}
+        out.dim_max = dict(self.dim_max)
         new: dict[ComputationNode, ComputationNode] = {}
         for n in self.nodes:
             try:

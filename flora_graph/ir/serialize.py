@@ -95,6 +95,8 @@ def save_graph(graph: Graph, path: str | Path) -> None:
         ],
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest()},
     }
+    if graph.dim_max:  # optional: files without it read as unbounded dims
+        doc["dim_max"] = {str(k): int(v) for k, v in graph.dim_max.items()}
     text = json.dumps(doc, indent=1, allow_nan=False).encode()
     atomic_write_bytes(path / WEIGHTS_FILE, weights)
     atomic_write_bytes(path / GRAPH_FILE, text)
@@ -109,6 +111,16 @@ def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
         raise GraphError(f"{where}: field {key!r} has type {type(v).__name__}")
     return v
+
+
+def _dim_max(raw: Any, where: str) -> dict[str, int]:
+    """The optional ``dim_max`` field: ``{dim name: positive int}``."""
+    if not isinstance(raw, dict):
+        raise GraphError(f"{where}: field 'dim_max' has type {type(raw).__name__}")
+    for k, v in raw.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise GraphError(f"{where}: dim_max[{k!r}] = {v!r} is not a positive int")
+    return dict(raw)
 
 
 def load_graph(path: str | Path) -> Graph:
@@ -142,6 +154,7 @@ def _from_doc(doc: Any, wraw: bytes, where: str) -> Graph:
         raise GraphError(f"{where}: weights are not valid safetensors ({exc})") from None
     g = Graph(_get(doc, "name", str, where))
     g.params = params
+    g.dim_max = _dim_max(doc.get("dim_max", {}), where)
     by_name: dict[str, ComputationNode] = {}
     input_names = _get(doc, "inputs", list, where)
     for k, nd in enumerate(_get(doc, "nodes", list, where)):

@@ -283,21 +283,15 @@ ONNX_LOWERING: dict[Op, Lowering] = {
 # --------------------------------------------------------------------------- export
 def _live_nodes(graph: Graph, overrides: Mapping[ComputationNode, Lowering] | None = None) -> list[ComputationNode]:
     """The nodes the outputs depend on, in graph order; raise ``UnsupportedOpError`` for ops without a lowering."""
-    live: set[ComputationNode] = set()
-    stack = list(graph.outputs.values())
-    while stack:
-        n = stack.pop()
-        if n not in live:
-            live.add(n)
-            stack.extend(n.inputs)
+    live = graph.live_nodes()
     missing: dict[str, list[str]] = {}
-    for n in graph.nodes:
-        if n in live and n.op not in OpGroup.Leaf and n.op not in ONNX_LOWERING and n not in (overrides or {}):
+    for n in live:
+        if n.op not in OpGroup.Leaf and n.op not in ONNX_LOWERING and n not in (overrides or {}):
             missing.setdefault(n.op.value, []).append(n.name)
     if missing:
         listed = "; ".join(f"{op} (node(s) {', '.join(map(repr, names))})" for op, names in missing.items())
         raise UnsupportedOpError(f"graph {graph.name!r}: no ONNX lowering for {listed}", missing)
-    return [n for n in graph.nodes if n in live]
+    return live
 
 
 def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,

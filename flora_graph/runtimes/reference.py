@@ -303,14 +303,7 @@ def run(graph: Graph, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """
     arrays, dims = check_inputs(graph, inputs)
     env = {name: _readonly(arr) for name, arr in arrays.items()}
-    live: set[ComputationNode] = set()
-    stack = list(graph.outputs.values())
-    while stack:
-        n = stack.pop()
-        if n not in live:
-            live.add(n)
-            stack.extend(n.inputs)
-    order = [n for n in graph.nodes if n in live]
+    order = graph.live_nodes()
     last_use = {i.name: pos for pos, n in enumerate(order) for i in n.inputs}
     keep = {n.name for n in graph.outputs.values()}
     for pos, node in enumerate(order):

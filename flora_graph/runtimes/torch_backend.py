@@ -4,7 +4,8 @@
   ``.pt`` archive that ``torch.jit.load`` runs in a process without flora_graph.
 * ``torch-export``: ``torch.export.export`` of the generated module, one
   ``torch.export.Dim`` per named dim of the graph inputs, shared across inputs, with range
-  ``[0, inf)`` (``[1, inf)`` or ``[2, inf)`` where a guard needs it). A product dim
+  ``[0, inf)`` (``[1, inf)`` or ``[2, inf)`` where a guard needs it), capped by the graph's
+  ``dim_max`` where it bounds the dim (``Graph.dim_max``, set by ``capture``). A product dim
   ``"4*batch"`` becomes ``4 * Dim("batch")``; a product of several names gets a Dim of its
   own. ``save(path)`` writes a ``.pt2`` that ``torch.export.load(path).module()`` runs
   without flora_graph.
@@ -168,9 +169,11 @@ class TorchScriptExecutable(_TorchExecutable):
 
 
 def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], list[dict[int, Any] | None]]:
-    """Example inputs (named dims sized 2..8, distinct per name) and the ``dynamic_shapes`` spec."""
+    """Example inputs (named dims sized 2..8, distinct per name, within ``graph.dim_max``) and the
+    ``dynamic_shapes`` spec."""
     names = sorted({p for n in graph.inputs for d in n.shape if isinstance(d, str) for p in d.split("*") if not p.isdigit()})
-    sizes = {name: 2 + k % 7 for k, name in enumerate(names)}
+    bounds = graph.dim_max
+    sizes = {name: min(2 + k % 7, bounds.get(name, 8)) for k, name in enumerate(names)}
     dims: dict[str, Any] = {}
     used: set[str] = set()
 
@@ -182,7 +185,10 @@ def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], lis
                     break
                 label = f"{base}_{k}"
             used.add(label)
-            dims[name] = torch.export.Dim(label, min=dim_min)
+            hi = bounds.get(name)
+            if hi is None and "*" in name and all(p.isdigit() or p in bounds for p in name.split("*")):
+                hi = int(np.prod([int(p) if p.isdigit() else bounds[p] for p in name.split("*")]))
+            dims[name] = torch.export.Dim(label, min=dim_min, max=hi)
         return dims[name]
 
     examples, specs = [], []
@@ -205,7 +211,7 @@ def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], lis
 class TorchExportExecutable(_TorchExecutable):
     """``torch.export.export`` of the generated module, run through ``ep.module()``.
 
-    Named dims are dynamic with range ``[dim_min, inf)``: export is tried with ``dim_min``
+    Named dims are dynamic with range ``[dim_min, graph.dim_max or inf)``: export is tried with ``dim_min``
     0, then 1, then 2, keeping the first that succeeds (``self.dim_min``). Some ops add
     guards that fail at size 0 (a reshape's view check divides by the batch) or at 1; the
     demo model exports with 0. :meth:`__call__` refuses sizes outside the program's ranges

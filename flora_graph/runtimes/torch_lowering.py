@@ -226,18 +226,6 @@ class _Namer:
         return cand
 
 
-def _live_nodes(graph: Graph) -> list[ComputationNode]:
-    """The nodes an output depends on, in graph order."""
-    live: set[ComputationNode] = set()
-    stack = list(graph.outputs.values())
-    while stack:
-        n = stack.pop()
-        if n not in live:
-            live.add(n)
-            stack.extend(n.inputs)
-    return [n for n in graph.nodes if n in live]
-
-
 # --------------------------------------------------------------------------- source
 def generate_forward(graph: Graph) -> tuple[str, list[str], dict[str, str]]:
     """The source of ``forward`` for ``graph``.
@@ -269,7 +257,7 @@ def _body(graph: Graph, names: _Namer, expr: dict[ComputationNode, str], buffers
     attrs = _Namer()
     by_param: dict[str, str] = {}
     body: list[str] = []
-    for node in _live_nodes(graph):
+    for node in graph.live_nodes():
         if node.op is Op.INPUT:
             if node not in expr:
                 raise GraphError(f"node {node.name!r} is an Input that graph {graph.name!r} does not declare")

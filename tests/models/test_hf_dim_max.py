@@ -1,0 +1,98 @@
+"""Upper bounds on dynamic dims: ``capture(..., dim_max=...)`` -> ``Graph.dim_max`` -> graph files -> torch-export.
+
+BERT slices a learned position table (and a ``token_type_ids`` buffer) by the sequence
+length, so ``torch.export`` needs ``"seq" <= max_position_embeddings``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flora_graph.errors import GraphError, RuntimeInputError
+from flora_graph.frontend import capture
+from flora_graph.ir import Graph, Op
+from flora_graph.runtimes import compile
+from tests.models.test_hf_peft_parity import MAX_POS, TOL, bert_model, token_feeds
+
+pytest.importorskip("transformers")
+
+DYN = {"input_ids": {0: "batch", 1: "seq"}}
+
+
+@pytest.fixture(scope="module")
+def bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return bert_model().eval()
+
+
+def test_bert_needs_a_bound_and_the_error_says_how_to_give_it(bert) -> None:
+    with pytest.raises(GraphError, match=r"dim_max=\{dim_name: largest_size\}.*seq"):
+        capture(bert, token_feeds(2, 8, 0, False), DYN)
+
+
+def test_dim_max_names_must_be_dynamic_dims_and_sizes_at_least_two(bert) -> None:
+    with pytest.raises(GraphError, match=r"dim_max names \['sequence'\]"):
+        capture(bert, token_feeds(2, 8, 0, False), DYN, dim_max={"sequence": MAX_POS})
+    with pytest.raises(GraphError, match=r"dim_max\['seq'\] = 1"):
+        capture(bert, token_feeds(2, 8, 0, False), DYN, dim_max={"seq": 1})
+
+
+def test_bounded_bert_runs_on_torch_export_within_its_range_and_refuses_beyond(bert, tmp_path) -> None:
+    g = capture(bert, token_feeds(2, 8, 0, False), DYN, dim_max={"seq": MAX_POS})
+    assert g.dim_max == {"seq": MAX_POS}
+    g.save(tmp_path / "g")
+    loaded = Graph.load(tmp_path / "g")
+    assert loaded.dim_max == {"seq": MAX_POS}
+    exe = compile(loaded, "torch-export")
+    for k, (b, s) in enumerate(((1, 5), (3, MAX_POS))):
+        x = token_feeds(b, s, k + 1, False)
+        with torch.no_grad():
+            want = bert(**x)[0].numpy()
+        np.testing.assert_allclose(exe(**x)["output_0"], want, atol=TOL, rtol=TOL, err_msg=f"at {(b, s)}")
+    with pytest.raises(RuntimeInputError, match=rf"sizes \d\.\.{MAX_POS}"):
+        exe(**token_feeds(1, MAX_POS + 1, 0, False))
+
+
+def _tiny_graph() -> Graph:
+    g = Graph("tiny")
+    x = g.input("x", ["batch", "seq", 4])
+    w = g.const("w", np.ones((3, 4), dtype=np.float32))
+    g.set_output("y", g.add(Op.LINEAR, [x, w]))
+    return g
+
+
+def test_dim_max_round_trips_and_files_without_it_still_load(tmp_path) -> None:
+    g = _tiny_graph()
+    g.save(tmp_path / "plain")
+    assert "dim_max" not in json.loads((tmp_path / "plain" / "graph.json").read_text())  # unchanged format
+    assert Graph.load(tmp_path / "plain").dim_max == {}
+    g.dim_max = {"seq": 16}
+    assert g.copy().dim_max == {"seq": 16}
+    g.save(tmp_path / "bounded")
+    assert Graph.load(tmp_path / "bounded").dim_max == {"seq": 16}
+
+
+@pytest.mark.parametrize("bad", [{"seq": 0}, {"seq": "16"}, {"seq": True}, ["seq", 16]])
+def test_bad_dim_max_in_a_file_is_a_graph_error(tmp_path, bad) -> None:
+    g = _tiny_graph()
+    g.dim_max = {"seq": 16}
+    g.save(tmp_path / "g")
+    path = tmp_path / "g" / "graph.json"
+    doc = json.loads(path.read_text())
+    doc["dim_max"] = bad
+    path.write_text(json.dumps(doc))
+    with pytest.raises(GraphError, match="dim_max"):
+        Graph.load(tmp_path / "g")
+
+
+def test_torch_export_backend_honours_a_bound_on_a_hand_built_graph() -> None:
+    g = _tiny_graph()
+    g.dim_max = {"seq": 6}
+    exe = compile(g, "torch-export")
+    assert exe(x=np.ones((2, 6, 4), np.float32))["y"].shape == (2, 6, 3)
+    with pytest.raises(RuntimeInputError, match=r"sizes \d\.\.6"):
+        exe(x=np.ones((2, 7, 4), np.float32))
