@@ -257,7 +257,7 @@ def test_options_are_checked_and_attributes_forward() -> None:
 
 
 def test_peft_model_is_captured_through_its_base_model() -> None:
-    peft = pytest.importorskip("peft")
+    import peft
 
     class MLP(torch.nn.Module):
         def __init__(self) -> None:

@@ -8,8 +8,8 @@ on the reference. Skipped where transformers is not installed.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
+import transformers
 from torch import nn
 
 from flora_graph.adapters import adapters_of, apply_lora
@@ -17,8 +17,6 @@ from flora_graph.frontend import capture
 from flora_graph.ir import Graph
 from flora_graph.passes import find_lora
 from flora_graph.runtimes.executable import compile
-
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 DYN = {0: "batch", 1: "seq"}

@@ -11,14 +11,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers  # noqa: F401 - the test extra installs it
 
 from flora_graph.errors import GraphError, RuntimeInputError
 from flora_graph.frontend import capture
 from flora_graph.ir import Graph, Op
 from flora_graph.runtimes import compile
 from tests.models.test_hf_peft_parity import MAX_POS, TOL, bert_model, token_feeds
-
-pytest.importorskip("transformers")
 
 DYN = {"input_ids": {0: "batch", 1: "seq"}}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from flora_graph.adapters import adapters_of
@@ -17,8 +18,6 @@ from flora_graph.export import export_model
 from flora_graph.frontend import capture
 from flora_graph.frontend.aten_table import ATEN_TABLE, aten_name
 from tests.models.test_hf_peft_parity import VOCAB, llama_model, peft_model
-
-transformers = pytest.importorskip("transformers")
 
 
 def test_t5_encoder_names_each_unsupported_op_and_its_module() -> None:

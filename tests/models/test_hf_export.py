@@ -11,16 +11,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+import peft
 import pytest
 import torch
+import transformers
 
 from flora_graph.cli import main
 from flora_graph.export import export_model, load_model
 from tests.models.test_hf_peft_parity import MAX_POS, TOL, bert_model, gpt2_model, llama_model, peft_model
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-ort = pytest.importorskip("onnxruntime")
 
 
 def save_folders(family: str, root: Path) -> tuple[Path, Path]:

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import peft
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from flora_graph.frontend import capture
 from flora_graph.ir import Graph
 from flora_graph.passes import find_lora, optimize
 from flora_graph.runtimes import compile
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 TOL = 1e-4
 VOCAB = 120
