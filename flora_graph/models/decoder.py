@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora_graph.adapters import LoRAAdapter, apply_lora
+from flora_graph.adapters import apply_lora
+from flora_graph.models.seeding import seed_lora_b
 
 __all__ = [
     "BOS",
@@ -196,11 +197,7 @@ def build_decoder(config: DecoderConfig | None = None, lora_rank: int | None = N
     _init_weights(model, model.config.init_std)
     if lora_rank is not None:
         apply_lora(model, list(DECODER_PROJECTIONS), rank=lora_rank, alpha=2 * lora_rank)
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, LoRAAdapter):
-                    m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.05)
+        seed_lora_b(model, seed + 1, 0.05)
     return model.eval()
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from flora_graph.adapters import LoRAAdapter, apply_lora
+from flora_graph.models.seeding import seed_lora_b
 
 __all__ = ["DemoNet", "build_demo_model", "demo_inputs"]
 
@@ -39,11 +40,7 @@ def build_demo_model(rank: int = 4, seed: int = 0, adapter_cls: type[LoRAAdapter
     torch.manual_seed(seed)
     model = DemoNet()
     apply_lora(model, ["conv1", "conv2", "fc_in", "fc_mid", "head"], rank=rank, alpha=2 * rank, adapter_cls=adapter_cls)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRAAdapter):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.05)
+    seed_lora_b(model, seed + 1, 0.05)
     return model.eval()
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flora_graph.adapters import LoRAAdapter, apply_lora
+from flora_graph.adapters import apply_lora
+from flora_graph.models.seeding import seed_lora_b
 
 __all__ = ["PROJECTIONS", "MLPStack", "build_mlp_stack"]
 
@@ -52,9 +53,5 @@ def build_mlp_stack(layers: int = 32, width: int = 128, hidden: int = 256, rank:
         for p in model.parameters():
             p.mul_(0.1)
     apply_lora(model, list(PROJECTIONS), rank=rank, alpha=2 * rank)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRAAdapter):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.01)
+    seed_lora_b(model, seed + 1, 0.01)
     return model.eval()
