@@ -327,13 +327,8 @@ def _softmax(shapes, dtypes, attrs):
 
 
 def _layer_norm(shapes, dtypes, attrs):
-    x = shapes[0]
-    axis = normalize_axis(attrs["axis"], len(x))
-    norm = tuple(canonical_dim(d) for d in x[axis:])
-    for extra in shapes[1:]:
-        if tuple(canonical_dim(d) for d in extra) != norm:
-            raise ShapeError(f"LayerNorm: scale/bias {format_shape(extra)} != normalized shape {format_shape(norm)}")
-    return tuple(x), _same_float_dtype(dtypes)
+    _tf.check_norm_params(shapes, attrs, "LayerNorm: scale/bias")
+    return tuple(shapes[0]), _same_float_dtype(dtypes)
 
 
 def _reshape(shapes, dtypes, attrs):

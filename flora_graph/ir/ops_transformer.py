@@ -116,14 +116,20 @@ def infer_cumsum(shapes, dtypes, attrs):
 
 
 # --------------------------------------------------------------------------- normalisation, attention
+def check_norm_params(shapes, attrs, what: str) -> None:
+    """A normalisation over dims ``axis``..end of ``shapes[0]``: each of ``shapes[1:]`` (scale,
+    bias) has exactly those dims, or ``ShapeError`` names ``what`` (e.g. ``"RMSNorm: scale"``)."""
+    x = shapes[0]
+    norm = tuple(canonical_dim(d) for d in x[normalize_axis(attrs["axis"], len(x)):])
+    for extra in shapes[1:]:
+        if tuple(canonical_dim(d) for d in extra) != norm:
+            raise ShapeError(f"{what} {format_shape(extra)} != normalized shape {format_shape(norm)}")
+
+
 def infer_rms_norm(shapes, dtypes, attrs):
     """Normalise over dims ``axis``..end; an optional scale has exactly those dims."""
-    x = shapes[0]
-    axis = normalize_axis(attrs["axis"], len(x))
-    norm = tuple(canonical_dim(d) for d in x[axis:])
-    if len(shapes) == 2 and tuple(canonical_dim(d) for d in shapes[1]) != norm:
-        raise ShapeError(f"RMSNorm: scale {format_shape(shapes[1])} != normalized shape {format_shape(norm)}")
-    return tuple(x), _same_dtype(dtypes, "RMSNorm")
+    check_norm_params(shapes, attrs, "RMSNorm: scale")
+    return tuple(shapes[0]), _same_dtype(dtypes, "RMSNorm")
 
 
 def infer_sdpa(shapes, dtypes, attrs):
