@@ -24,6 +24,8 @@ from flora_graph.ir import Graph, Op
 from flora_graph.runtimes.executable import compile
 from flora_graph.runtimes.reference import run
 
+from .test_capture import _recording_table
+
 ATOL = RTOL = 1e-5
 EXAMPLE = (3, 6)
 RUN = ((2, 5), (4, 9))
@@ -222,16 +224,7 @@ def inputs(spec: Model, b: int, s: int, seed: int = 0) -> dict[str, torch.Tensor
 def captured() -> dict:
     """Each model captured once (an exception is kept and re-raised by its tests); converter hits recorded."""
     hits: set = set()
-    saved = dict(ATEN_TABLE)
-
-    def wrap(target, conv):
-        def recorded(*args, **kwargs):
-            hits.add(target)
-            return conv(*args, **kwargs)
-
-        return recorded
-
-    ATEN_TABLE.update({t: wrap(t, c) for t, c in saved.items()})
+    saved = _recording_table(hits)
     out: dict = {"_hits": hits}
     try:
         for name, spec in MODELS.items():
