@@ -1,19 +1,31 @@
 """JIT latency: eager vs torch.compile (inductor) vs torch.compile(backend="flora_graph") vs flora_graph.jit.
 
-Run: python benchmarks/jit_latency.py [--rounds 300] [--inner 5] [--batches 1 4 16] [--json out.json]
+Run: python benchmarks/jit_latency.py [--model decoder|cnn] [--shapes 1x1 1x32 4x128] [--rounds 300]
+     [--inner 5] [--json out.json]
 
-The demo model (``build_demo_model()``: a CNN + MLP with LoRA on all five conv/linear
-layers, nonzero ``B``) on ``image`` inputs of shape ``[batch, 3, 16, 16]``. ``dynamo-noop``
-is a torch.compile backend that does no work: the floor every torch.compile backend pays. Fixed threads:
+The default model is the package's demo model (what ``flora-graph demo`` builds): the built-in
+byte-level Llama-style decoder (``build_decoder(lora_rank=8)``: LoRA on all seven projections
+of both blocks, nonzero ``B``) on int64 ``input_ids`` of shape ``[batch, seq]``; shapes are
+``BxS`` (default ``1x1 1x32 4x128``). ``--model cnn`` picks the small CNN + MLP
+(``build_demo_model()``: LoRA on its five conv/linear layers) on ``image`` inputs
+``[batch, 3, 16, 16]``; its shapes are batch sizes (default ``1 4 16``).
+
+Variants: ``eager`` (the adapted model, unmerged), ``inductor`` (``torch.compile``),
+``dynamo-noop`` (a torch.compile backend that does no work: the floor every torch.compile
+backend pays), ``backend-fused``/``backend-merged`` (``torch.compile(backend="flora_graph")``
+with that preset) and ``jit-fused``/``jit-merged`` (``flora_graph.jit``). Fixed threads:
 ``torch.set_num_threads(1)``, onnxruntime ``intra_op_threads=1``, ``inter_op_threads=1``,
-``allow_spinning=False``. Everything runs under ``torch.no_grad()``.
+``allow_spinning=False``. Everything runs under ``torch.no_grad()``, on the same model
+weights and the same inputs.
 
-First-call time: the wall time of the first call at each batch size, batches in increasing
-order, before any timing. torch.compile variants are compiled afresh per batch (see
-:func:`variants`), so theirs is a full compile; a flora_graph.jit wrapper compiles batch 1
-as a static graph and batch 4 with a dynamic batch dim, which batch 16 reuses (about a
-millisecond). Then every (variant, batch) pair is timed in one interleaved run
-(:func:`time_interleaved`); medians in microseconds.
+First-call time: the wall time of the first call at each shape, shapes in the order given,
+before any timing. torch.compile variants are compiled afresh per shape (see
+:func:`variants`), so theirs is a full compile (inductor's caches disabled); a
+flora_graph.jit wrapper is one per preset across all shapes, so a shape whose signature it
+has already compiled (a dynamic batch/sequence dim) reuses that graph. Then every
+(variant, shape) pair is timed in one interleaved run (:func:`time_interleaved`); medians
+in microseconds, with ``x eager`` = eager / variant and ``x ind`` = inductor / variant
+(above 1: faster).
 """
 
 from __future__ import annotations
@@ -31,15 +43,15 @@ import torch._inductor.config as inductor_config
 
 from flora_graph.bench.timing import median_ms, time_interleaved
 from flora_graph.jit import jit
-from flora_graph.models import build_demo_model, demo_inputs
 
 ORT = {"intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False}
+DEFAULT_SHAPES = {"decoder": ["1x1", "1x32", "4x128"], "cnn": ["1", "4", "16"]}
 
 
 def own_code(model: torch.nn.Module, tag: str) -> torch.nn.Module:
     """A copy of ``model`` whose ``forward`` has a code object of its own.
 
-    Dynamo caches compiled graphs per code object; variants sharing ``DemoNet.forward``
+    Dynamo caches compiled graphs per code object; variants sharing ``Decoder.forward``
     would each search past the others' cache entries (and their guards) on every call.
     """
     fn = type(model).forward
@@ -50,28 +62,47 @@ def own_code(model: torch.nn.Module, tag: str) -> torch.nn.Module:
     return clone
 
 
-def variants(model: torch.nn.Module, inductor: bool, batches: list[int]) -> dict[tuple[str, int], Callable[[torch.Tensor], torch.Tensor]]:
-    """The callables compared, keyed by (variant, batch).
+def build(model: str, shapes: list[str]) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
+    """The model, one seeded input per shape label, and a description of the input."""
+    if model == "decoder":
+        from flora_graph.models import build_decoder
 
-    torch.compile variants get one compile per batch, each on a code object of its own: a
+        net = build_decoder(lora_rank=8)
+        vocab = net.config.vocab_size
+        inputs = {}
+        for k, s in enumerate(shapes):
+            b, n = (int(v) for v in s.split("x"))
+            inputs[s] = torch.randint(0, vocab, (b, n), generator=torch.Generator().manual_seed(k))
+        return net, inputs, "decoder (build_decoder(lora_rank=8)), input_ids int64 [batch, seq]"
+    from flora_graph.models import build_demo_model, demo_inputs
+
+    return (build_demo_model(), {s: demo_inputs(int(s), seed=int(s))["image"] for s in shapes},
+            "cnn (build_demo_model()), image [batch, 3, 16, 16]")
+
+
+def variants(model: torch.nn.Module, inductor: bool, shapes: list[str]) -> dict[tuple[str, str], Callable[[torch.Tensor], torch.Tensor]]:
+    """The callables compared, keyed by (variant, shape).
+
+    torch.compile variants get one compile per shape, each on a code object of its own: a
     single dynamo cache entry, as a server with one input shape has (several entries on
     one code object are searched in turn, guards and all, which would charge a shape for
-    the others' entries). Each flora_graph.jit variant is one wrapper across all batches:
+    the others' entries). Each flora_graph.jit variant is one wrapper across all shapes:
     its cache is a dict keyed by signature.
     """
-    out: dict[tuple[str, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+    out: dict[tuple[str, str], Callable[[torch.Tensor], torch.Tensor]] = {}
     jits = {p: jit(model, preset=p, **ORT) for p in ("fused", "merged")}
-    for b in batches:
-        out[("eager", b)] = model
+    for s in shapes:
+        tag = s.replace("x", "_")
+        out[("eager", s)] = model
         if inductor:
-            out[("inductor", b)] = torch.compile(own_code(model, f"inductor_{b}"))
+            out[("inductor", s)] = torch.compile(own_code(model, f"inductor_{tag}"))
+        out[("dynamo-noop", s)] = torch.compile(own_code(model, f"noop_{tag}"), backend=noop_backend)
         for preset in ("fused", "merged"):
-            tag = f"backend-{preset}"
-            out[(tag, b)] = torch.compile(own_code(model, f"{tag}_{b}"), backend="flora_graph",
-                                          options={"preset": preset, **ORT})
+            name = f"backend-{preset}"
+            out[(name, s)] = torch.compile(own_code(model, f"{name}_{tag}"), backend="flora_graph",
+                                           options={"preset": preset, **ORT})
         for preset, jm in jits.items():
-            out[(f"jit-{preset}", b)] = jm
-        out[("dynamo-noop", b)] = torch.compile(own_code(model, f"noop_{b}"), backend=noop_backend)
+            out[(f"jit-{preset}", s)] = jm
     return out
 
 
@@ -97,63 +128,70 @@ def noop_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(DEFAULT_SHAPES), default="decoder")
+    ap.add_argument("--shapes", nargs="+", help="decoder: BxS (default 1x1 1x32 4x128); cnn: batch sizes (default 1 4 16)")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--inner", type=int, default=5)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--no-inductor", action="store_true", help="skip torch.compile's default backend")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
+    shapes = args.shapes or DEFAULT_SHAPES[args.model]
     torch.set_num_threads(1)
     if not args.no_inductor:
         inductor_config.force_disable_caches = True  # first-call times are cold compiles, not cache hits
 
-    model = build_demo_model()
-    inputs = {b: demo_inputs(b, seed=b)["image"] for b in args.batches}
-    fns = variants(model, not args.no_inductor, args.batches)
+    model, inputs, what = build(args.model, shapes)
+    fns = variants(model, not args.no_inductor, shapes)
     names = list(dict.fromkeys(n for n, _ in fns))
-    first: dict[tuple[str, int], float] = {}
-    diff: dict[tuple[str, int], float] = {}
+    first: dict[tuple[str, str], float] = {}
+    diff: dict[tuple[str, str], float] = {}
     errors: dict[str, str] = {}
     with torch.no_grad():
-        for (name, b), fn in list(fns.items()):  # batches in increasing order: a jit wrapper reuses its batch-4 graph
+        for (name, s), fn in list(fns.items()):  # shapes in order: a jit wrapper reuses the graphs it has
             if name in errors:
-                del fns[(name, b)]
+                del fns[(name, s)]
                 continue
-            x = inputs[b]
+            x = inputs[s]
             t0 = time.perf_counter()
             try:
                 y = fn(x)
             except Exception as exc:  # e.g. inductor without a working C++ toolchain
                 errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                del fns[(name, b)]
+                del fns[(name, s)]
                 continue
-            first[(name, b)] = time.perf_counter() - t0
-            diff[(name, b)] = float((y - model(x)).abs().max())
+            first[(name, s)] = time.perf_counter() - t0
+            diff[(name, s)] = float((y - model(x)).abs().max())
         names = [n for n in names if n not in errors]
         timed = {key: (lambda fn=fn, x=inputs[key[1]]: fn(x)) for key, fn in fns.items()}
         samples = time_interleaved(timed, rounds=args.rounds, warmup=5, inner=args.inner)
 
     med = {k: median_ms(v) * 1e3 for k, v in samples.items()}
-    print(f"demo model, image [batch, 3, 16, 16], torch {torch.__version__}, {platform.machine()}, "
-          f"threads=1 (torch and onnxruntime), rounds={args.rounds} inner={args.inner}")
-    head = f"{'variant':<16}" + "".join(f"{'b=' + str(b) + ' us':>12}{'x eager':>9}" for b in args.batches)
-    print(head + "".join(f"{'1st b=' + str(b) + ' s':>12}" for b in args.batches) + f"{'max|diff|':>11}")
+    ind = "inductor" in names
+    print(f"{what}, torch {torch.__version__}, {platform.machine()}, threads=1 (torch and onnxruntime), "
+          f"rounds={args.rounds} inner={args.inner}")
+    print("median us per call; x eager = eager/variant, x ind = inductor/variant (>1: faster)")
+    head = f"{'variant':<16}" + "".join(f"{s + ' us':>11}{'x eager':>8}" + (f"{'x ind':>7}" if ind else "") for s in shapes)
+    print(head)
     for name in names:
         row = f"{name:<16}"
-        for b in args.batches:
-            row += f"{med[(name, b)]:>12.1f}{med[('eager', b)] / med[(name, b)]:>9.2f}"
-        row += "".join(f"{first[(name, b)]:>12.3f}" for b in args.batches)
-        row += f"{max(diff[(name, b)] for b in args.batches):>11.1e}"
+        for s in shapes:
+            row += f"{med[(name, s)]:>11.1f}{med[('eager', s)] / med[(name, s)]:>8.2f}"
+            row += f"{med[('inductor', s)] / med[(name, s)]:>7.2f}" if ind else ""
         print(row)
+    print("first call (s) and max |variant - eager|")
+    print(f"{'variant':<16}" + "".join(f"{'1st ' + s:>11}" for s in shapes) + f"{'max|diff|':>11}")
+    for name in names:
+        row = f"{name:<16}" + "".join(f"{first[(name, s)]:>11.3f}" for s in shapes)
+        print(row + f"{max(diff[(name, s)] for s in shapes):>11.1e}")
     for name, err in errors.items():
         print(f"{name}: failed: {err}")
     jits = {n: f for (n, _), f in fns.items() if n.startswith("jit-")}
-    print("jit compiles over all batches: " + ", ".join(f"{n}={f.compile_count}" for n, f in jits.items()))
+    print("jit compiles over all shapes: " + ", ".join(f"{n}={f.compile_count}" for n, f in jits.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"median_us": {f"{n}@{b}": v for (n, b), v in med.items()},
-                       "first_call_s": {f"{n}@{b}": v for (n, b), v in first.items()},
-                       "max_abs_diff": {f"{n}@{b}": v for (n, b), v in diff.items()}, "errors": errors}, f, indent=1)
+            json.dump({"model": args.model, "median_us": {f"{n}@{s}": v for (n, s), v in med.items()},
+                       "first_call_s": {f"{n}@{s}": v for (n, s), v in first.items()},
+                       "max_abs_diff": {f"{n}@{s}": v for (n, s), v in diff.items()}, "errors": errors}, f, indent=1)
 
 
 if __name__ == "__main__":

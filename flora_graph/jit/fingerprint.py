@@ -19,6 +19,7 @@ the copy and a read of all weights per call.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -87,6 +88,8 @@ class TensorFingerprint:
         self.content = check == "content"
         self.tensors = list(tensors)
         self.state = self.state_of(self.tensors)
+        self.versions = [s[1] for s in self.state]
+        self.pointers = [s[2] for s in self.state]
         compare = [i for i, t in enumerate(self.tensors) if self.content or t.is_inference()]
         with torch.inference_mode(False), torch.no_grad():
             self.copies = {i: bit_view(self.tensors[i]).clone() for i in compare}
@@ -100,12 +103,29 @@ class TensorFingerprint:
         except RuntimeError:  # an inference tensor keeps no version counter
             return [(id(t), -1 if t.is_inference() else t._version, t.data_ptr()) for t in tensors]
 
+    def moved(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether ``tensors`` differ from the snapshot in identity, version counter or data pointer.
+
+        The per-call check of the JIT: C-level ``map``s, no tuple per tensor (content is not compared).
+        """
+        mine = self.tensors
+        if tensors is not mine and (len(tensors) != len(mine) or not all(map(operator.is_, tensors, mine))):
+            return True
+        try:
+            return list(map(_VERSION, tensors)) != self.versions or list(map(_DATA_PTR, tensors)) != self.pointers
+        except RuntimeError:  # an inference tensor keeps no version counter
+            return self.state_of(tensors) != self.state
+
     def changed(self, tensors: Sequence[torch.Tensor] | None = None) -> bool:
         """Whether the tensors (or ``tensors``, in their place) differ from the snapshot."""
         tensors = self.tensors if tensors is None else tensors
-        if self.state_of(tensors) != self.state:
+        if self.moved(tensors):
             return True
         return any(not torch.equal(bit_view(tensors[i]), c) for i, c in self.copies.items())
+
+
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _walk(model: nn.Module) -> tuple[tuple[Any, ...], list[torch.Tensor]]:

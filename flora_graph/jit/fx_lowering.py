@@ -27,7 +27,7 @@ from flora_graph.frontend.aten_table import ATEN_TABLE, NO_TENSOR_OPS, aten_name
 from flora_graph.frontend.capture import convert_fx_graph
 from flora_graph.ir import Graph, Op
 from flora_graph.jit.fingerprint import TensorFingerprint, WeightCheck, bit_view
-from flora_graph.jit.runner import Runner, from_numpy, make_runner, to_numpy
+from flora_graph.jit.runner import TorchRunner, make_torch_runner, picker
 from flora_graph.passes.optimize import optimize
 from flora_graph.runtimes.executable import compile as compile_graph
 
@@ -169,8 +169,10 @@ class LoweredGraph(nn.Module):
         out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
         self.multiple = isinstance(out, list | tuple)
         self.graph: Graph | None = None
-        self._runner: Runner | None = None
+        self._runner: TorchRunner | None = None
         self._inputs: list[int] = []
+        self._pick_inputs: Callable[[Sequence[Any]], Sequence[Any]] = picker([])
+        self._pick_weights: Callable[[Sequence[Any]], Sequence[Any]] = picker([])
         self._tensor_pos: list[int] = []
         self._scalar_pos: list[int] = []
         self._fingerprint: TensorFingerprint | None = None
@@ -184,13 +186,10 @@ class LoweredGraph(nn.Module):
         fp = self._fingerprint
         if fp is None:
             return True
+        weights = self._pick_weights(args)
         if fp.copies:  # content checks, inference tensors
-            return fp.changed([args[i] for i in self._tensor_pos]) or self._scalars_changed(args)
-        try:
-            state = [(id(t), t._version, t.data_ptr()) for t in map(args.__getitem__, self._tensor_pos)]
-        except RuntimeError:
-            return True
-        return state != fp.state or self._scalars_changed(args)
+            return fp.changed(weights) or self._scalars_changed(args)
+        return fp.moved(weights) or self._scalars_changed(args)
 
     def _scalars_changed(self, args: Sequence[Any]) -> bool:
         return bool(self._scalar_pos) and [args[i].item() for i in self._scalar_pos] != self._scalars
@@ -234,8 +233,9 @@ class LoweredGraph(nn.Module):
         if missing:
             raise GraphError(f"{self.name}: graph inputs {missing} are not placeholders")
         self._inputs = [index[n.name] for n in graph.inputs]
-        self.graph, self._runner = graph, make_runner(exe)
+        self.graph, self._runner = graph, make_torch_runner(exe)
         self._tensor_pos, self._scalar_pos = tensors, scalars
+        self._pick_inputs, self._pick_weights = picker(self._inputs), picker(tensors)
         self._fingerprint = TensorFingerprint([args[i] for i in tensors], self.config.check_weights)
         self._scalars = [args[i].item() for i in scalars]
         STATS.compiles += 1
@@ -261,9 +261,7 @@ class LoweredGraph(nn.Module):
         if self._changed(args) and not self._rebuild(args):
             out = self.fx_module(*args)
             return list(out) if self.multiple else [out]
-        tensors = [args[i] for i in self._inputs]
-        device = tensors[0].device if tensors else torch.device("cpu")
-        return [from_numpy(a, device) for a in self._runner([to_numpy(t) for t in tensors])]  # type: ignore[misc]
+        return self._runner(self._pick_inputs(args))  # type: ignore[misc]
 
     def __call__(self, *args: Any) -> Any:
         """Run on the placeholders' values; returns what the fx graph returns (a tensor or a tuple)."""

@@ -37,7 +37,7 @@ from flora_graph.errors import FloraGraphError, GraphError, UnsupportedOpError
 from flora_graph.frontend.capture import convert_fx_graph, export_program
 from flora_graph.ir import Graph
 from flora_graph.jit.fingerprint import ModuleFingerprint, WeightCheck, check_mode
-from flora_graph.jit.runner import Runner, from_numpy, make_runner, to_numpy
+from flora_graph.jit.runner import TorchRunner, make_torch_runner, picker
 from flora_graph.passes.optimize import PRESETS, optimize
 from flora_graph.runtimes.executable import compile as compile_graph
 
@@ -91,14 +91,16 @@ class _Program:
 class _Compiled:
     """An executable for one signature: torch in, torch out in the model's output structure."""
 
-    def __init__(self, graph: Graph, runner: Runner, inputs: list[_Input], out_spec: Any) -> None:
+    def __init__(self, graph: Graph, runner: TorchRunner, inputs: list[_Input], out_spec: Any) -> None:
         self.graph, self.runner, self.inputs, self.out_spec = graph, runner, inputs, out_spec
         self.single = out_spec.is_leaf()
+        positions = [i.index for i in inputs]
+        # one signature (cache key) fixes which inputs come positionally: pick those in one C call
+        self.pick = picker(positions) if None not in positions else None  # type: ignore[arg-type]
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
-        tensors = [i.get(args, kwargs) for i in self.inputs]
-        device = tensors[0].device if tensors else torch.device("cpu")
-        outs = [from_numpy(a, device) for a in self.runner([to_numpy(t) for t in tensors])]
+        tensors = self.pick(args) if self.pick is not None else [i.get(args, kwargs) for i in self.inputs]
+        outs = self.runner(tensors)
         return outs[0] if self.single else pytree.tree_unflatten(outs, self.out_spec)
 
 
@@ -132,6 +134,7 @@ class JitModule(nn.Module):
         if fallback not in FALLBACKS:
             raise FloraGraphError(f"fallback={fallback!r} must be None (raise) or 'eager'")
         self._orig_mod = model
+        object.__setattr__(self, "_model", model)  # the same module, read per call without nn.Module.__getattr__
         self.backend, self.preset, self.dynamic, self.fallback = backend, preset, bool(dynamic), fallback
         self.check_weights = check_mode(check_weights)
         self.backend_options = dict(backend_options)
@@ -171,7 +174,7 @@ class JitModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled graph for these arguments, compiling it first if needed."""
         self.stats.calls += 1
-        model = self._orig_mod
+        model = self._model
         if model.training:
             return self._eager("training", "the model is in training mode; call .eval() to use the compiled graph",
                                args, kwargs)
@@ -363,7 +366,7 @@ class JitModule(nn.Module):
         graph = optimize(graph, self.preset)
         exe = compile_graph(graph, self.backend, **self.backend_options)
         self.stats.compiles += 1
-        return _Compiled(graph, make_runner(exe), _order(graph, program.inputs), program.out_spec)
+        return _Compiled(graph, make_torch_runner(exe), _order(graph, program.inputs), program.out_spec)
 
 
 def _caller_level() -> int:

@@ -3,21 +3,41 @@
 :meth:`Executable.__call__` validates every input against the graph (names, ranks, named
 dims, dtypes). The JIT has already matched the inputs to the graph through its cache key,
 so :func:`make_runner` skips that and, for onnxruntime, calls the session directly.
+:func:`make_torch_runner` does the same on torch tensors: for an onnxruntime graph without
+bfloat16 inputs or outputs, one function converts (zero-copy on CPU), calls the session's
+C ``run`` (the Python ``InferenceSession.run`` re-checks the feed names on every call) and
+wraps the results; anything unusual (an error, another device, a tensor ``numpy()`` refuses)
+takes the checked path, whose errors name the input or the graph.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from flora_graph.runtimes.executable import Executable
 
-__all__ = ["Runner", "from_numpy", "make_runner", "to_numpy"]
+__all__ = ["Runner", "TorchRunner", "from_numpy", "make_runner", "make_torch_runner", "picker", "to_numpy"]
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 """Positional arrays in ``graph.inputs`` order -> arrays in ``graph.outputs`` order."""
+
+TorchRunner = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+"""Positional tensors in ``graph.inputs`` order -> tensors in ``graph.outputs`` order, on the inputs' device."""
+
+
+def picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """``args -> (args[i] for i in positions)`` as a tuple, in one C call where possible."""
+    if len(positions) >= 2:
+        return operator.itemgetter(*positions)
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda args: (args[only],)
+    return lambda args: ()
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -50,15 +70,26 @@ def from_numpy(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t if device.type == "cpu" else t.to(device)
 
 
-def make_runner(exe: Executable) -> Runner:
-    """A function running ``exe`` on positional arrays already matched to its inputs."""
-    names, outs = list(exe.input_names), list(exe.output_names)
+def _session_run(exe: Executable) -> Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]] | None:
+    """``run(output_names, feeds)`` of ``exe``'s onnxruntime session, when its inputs and outputs are plain numpy."""
     session = getattr(exe, "session", None)
     plain = all(n.dtype != "bfloat16" for n in exe.graph.inputs) and all(
         n.dtype != "bfloat16" for n in exe.graph.outputs.values()
     )
-    if exe.backend == "onnxruntime" and session is not None and plain:
-        run = session.run
+    if exe.backend != "onnxruntime" or session is None or not plain:
+        return None
+    c_session = getattr(session, "_sess", None)  # the pybind session under InferenceSession
+    if c_session is None or not callable(getattr(c_session, "run", None)):
+        return session.run
+    c_run = c_session.run
+    return lambda outs, feeds: c_run(outs, feeds, None)
+
+
+def make_runner(exe: Executable) -> Runner:
+    """A function running ``exe`` on positional arrays already matched to its inputs."""
+    names, outs = list(exe.input_names), list(exe.output_names)
+    run = _session_run(exe)
+    if run is not None:
 
         def run_session(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
             try:
@@ -74,3 +105,34 @@ def make_runner(exe: Executable) -> Runner:
         return [result[o] for o in outs]
 
     return run_checked
+
+
+def make_torch_runner(exe: Executable) -> TorchRunner:
+    """A function running ``exe`` on positional torch tensors already matched to its inputs."""
+    runner = make_runner(exe)
+    cpu = torch.device("cpu")
+
+    def run_arrays(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        device = tensors[0].device if tensors else cpu
+        return [from_numpy(a, device) for a in runner([to_numpy(t) for t in tensors])]
+
+    names, outs = list(exe.input_names), list(exe.output_names)
+    run = _session_run(exe)
+    if run is None:
+        return run_arrays
+    tensor_from_numpy = torch.from_numpy
+
+    def run_session(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        try:  # numpy() refuses tensors that need grad, live off the CPU or are conjugate/negative views
+            feeds = {n: t.numpy() for n, t in zip(names, tensors, strict=True) if t.is_contiguous()}
+        except (RuntimeError, TypeError):
+            return run_arrays(tensors)
+        if len(feeds) != len(names):  # a non-contiguous input: to_numpy copies it
+            return run_arrays(tensors)
+        try:
+            arrays = run(outs, feeds)
+        except Exception:  # rerun through the checked path: its errors name the input or the graph
+            return run_arrays(tensors)
+        return list(map(tensor_from_numpy, arrays))  # onnxruntime's results are fresh, writeable arrays
+
+    return run_session
