@@ -11,8 +11,10 @@ reported at its best final eval loss:
   our ``Flora`` with compression off (rank above every matrix side), since
   ``torch.optim.Adafactor`` has no momentum. It is exactly the method Flora approximates;
 - ``adafactor``: the same with ``beta1 = 0`` (no momentum at all), for reference;
-- ``flora r=8`` / ``flora r=32``: our ``Flora`` (compressed momentum; ``kappa`` 1000, i.e. no
-  resample within the run unless ``--kappa`` says otherwise);
+- ``flora r=8`` / ``flora r=32``: our ``Flora`` (compressed momentum ``r x max(n, m)``; the update
+  is the matrix nearest the fresh Adafactor update whose compression is the momentum, see
+  :mod:`flora_graph.training.optimizer`; ``kappa`` 1000, i.e. no resample within the run unless
+  ``--kappa`` says otherwise);
 - ``flora-opt r=8``: the ``flora-opt`` package's ``Flora`` (the paper authors'; fixed lr,
   ``scale_parameter=False``), whose update mixes the fresh gradient uncompressed into the
   decompressed momentum, for reference;
@@ -24,9 +26,14 @@ reported at its best final eval loss:
 Targets checked: Flora r=8 within 3% of the best full-rank optimizer (``adam``, ``adafactor+m``)
 and below LoRA r=8. One seed: differences under ~1% are within run-to-run noise.
 
+A best learning rate at the edge of its grid is flagged (``EDGE``): that grid must be widened.
+
 Gradient accumulation (16 micro-batches of ``--accum-batch`` sequences per step): Flora r=8 with the
-micro-batch gradients summed compressed (``FloraAccumulator``, ``r x max(n, m)`` buffers) or in full
-``.grad`` buffers, at Flora r=8's best learning rate.
+micro-batch gradients summed compressed (``FloraAccumulator``, ``r x max(n, m)`` buffers, a fresh
+projection per step) or in full ``.grad`` buffers, each variant at its best of ``--accum-lrs``. The
+compressed sum keeps ``r`` of the ``min(n, m)`` directions of each step's gradient; after the
+second-moment normalisation its signal is about ``sqrt(r / min(n, m))`` of the full sum's, so it
+wants a larger learning rate, hence a sweep per variant.
 
 Writes ``OUT/flora_quality.json`` and ``OUT/flora_quality.png`` (eval-loss curves; atomic writes).
 
@@ -59,7 +66,7 @@ METHODS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     "adam": ({"optimizer": "adam"}, (1.5e-3, 3e-3, 6e-3)),
     "adafactor+m": ({"optimizer": "adafactor"}, (1.5e-3, 3e-3, 6e-3)),
     "adafactor": ({"optimizer": "adafactor", "beta1": 0.0}, (1.5e-3, 3e-3, 6e-3)),
-    "flora r=8": ({"optimizer": "flora", "rank": 8}, (1e-3, 2e-3, 4e-3)),
+    "flora r=8": ({"optimizer": "flora", "rank": 8}, (1.5e-3, 3e-3, 6e-3)),
     "flora r=32": ({"optimizer": "flora", "rank": 32}, (1.5e-3, 3e-3, 6e-3)),
     "flora-opt r=8": ({"optimizer": "adam", "factory": "flora-opt", "rank": 8}, (1.5e-3, 3e-3, 6e-3)),
     "lora r=8": ({"optimizer": "lora-adam", "rank": 8}, (5e-3, 1e-2, 2e-2)),
@@ -121,6 +128,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _at_edge(best: dict[str, Any], runs: list[dict[str, Any]], same: Any) -> bool:
+    """Whether ``best``'s lr is the smallest or largest of its grid (so the optimum may lie outside it)."""
+    lrs = sorted(x["lr"] for x in runs if same(x))
+    return len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])
+
+
 def _run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     if workers <= 1:
         return [run_one(j) for j in jobs]
@@ -155,7 +168,8 @@ def plot(best: dict[str, dict[str, Any]], accum: list[dict[str, Any]], path: Pat
         if not r["eval"]:
             continue
         steps, losses = zip(*r["eval"], strict=True)
-        axes[1].plot(steps[1:], losses[1:], label=f"flora r=8, {r['variant']} buffers: {r['final_eval_loss']:.3f}")
+        axes[1].plot(steps[1:], losses[1:],
+                     label=f"flora r=8, {r['variant']} buffers (lr {r['lr']:g}): {r['final_eval_loss']:.3f}")
     axes[1].set(title="16 micro-batches per step", xlabel="step", ylabel="eval loss (nats/byte)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -180,6 +194,8 @@ def main() -> None:
     ap.add_argument("--galore-gap", type=int, default=100, help="GaLore update_proj_gap")
     ap.add_argument("--accum-steps", type=int, default=150, help="steps of the accumulation variant (0: skip)")
     ap.add_argument("--accum-batch", type=int, default=4, help="sequences per micro-batch (16 micro-batches)")
+    ap.add_argument("--accum-lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3, 1.2e-2],
+                    help="learning rates of each accumulation variant")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--lrs", type=float, nargs="+", help="one learning-rate grid for every method (default: per method)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
@@ -194,33 +210,45 @@ def main() -> None:
     common = {"base": base, "threads": args.threads, "galore_gap": args.galore_gap}
     jobs = [{**common, "method": m, "overrides": METHODS[m][0], "lr": lr} for m in args.methods
             for lr in (args.lrs or METHODS[m][1])]
+    if args.accum_steps:  # first: the longest runs, so the pool ends evenly
+        abase = {**base, "steps": args.accum_steps, "batch": args.accum_batch, "accum": 16}
+        jobs = [{**common, "base": abase, "method": "flora r=8", "variant": v, "lr": lr,
+                  "overrides": {"optimizer": "flora", "rank": 8, "accumulator": v}}
+                 for v in ("compressed", "full") for lr in args.accum_lrs] + jobs
     t0 = time.perf_counter()
-    print(f"{len(jobs)} sweep runs: {args.steps} steps of {args.batch} x {args.seq} bytes, decoder hidden "
+    print(f"{len(jobs)} runs (accumulation: {args.accum_steps} steps x 16 micro-batches x {args.accum_batch} x "
+          f"{args.seq}): {args.steps} steps of {args.batch} x {args.seq} bytes, decoder hidden "
           f"{args.hidden} x {args.layers} layers; {args.jobs} workers x {args.threads} threads", flush=True)
-    runs = _run_all(jobs, args.jobs)
+    done = _run_all(jobs, args.jobs)
+    runs = [r for r in done if r["variant"] == "sweep"]
+    accum_runs = [r for r in done if r["variant"] != "sweep"]
     best: dict[str, dict[str, Any]] = {}
     for r in runs:
         if r["method"] not in best or r["final_eval_loss"] < best[r["method"]]["final_eval_loss"]:
             best[r["method"]] = r
-    accum: list[dict[str, Any]] = []
-    if args.accum_steps and "flora r=8" in best:
-        lr = best["flora r=8"]["lr"]
-        abase = {**base, "steps": args.accum_steps, "batch": args.accum_batch, "accum": 16}
-        ajobs = [{**common, "base": abase, "method": "flora r=8", "variant": v, "lr": lr,
-                  "overrides": {"optimizer": "flora", "rank": 8, "accumulator": v}} for v in ("compressed", "full")]
-        print(f"accumulation: {args.accum_steps} steps x 16 micro-batches x {args.accum_batch} x {args.seq}, lr {lr:g}")
-        accum = _run_all(ajobs, args.jobs)
+    accum_best: dict[str, dict[str, Any]] = {}
+    for r in accum_runs:
+        if r["variant"] not in accum_best or r["final_eval_loss"] < accum_best[r["variant"]]["final_eval_loss"]:
+            accum_best[r["variant"]] = r
+    accum = list(accum_best.values())
     comp_bytes, full_bytes = accumulation_bytes(base, 8)
     total = time.perf_counter() - t0
 
     ref = min(best[m]["final_eval_loss"] for m in FULL_RANK if m in best) if any(m in best for m in FULL_RANK) else None
     print(f"\n{'method':<13}{'best lr':>9}{'final eval':>12}{'vs best full-rank':>19}   all lrs")
+    edges = []
     for name, r in best.items():
         gap = f"{(r['final_eval_loss'] / ref - 1) * 100:+.2f}%" if ref else "-"
         sweep = ", ".join(f"{x['lr']:g}: {x['final_eval_loss']:.4f}" for x in runs if x["method"] == name)
-        print(f"{name:<13}{r['lr']:>9g}{r['final_eval_loss']:>12.4f}{gap:>19}   {sweep}")
+        edge = _at_edge(r, runs, lambda x, name=name: x["method"] == name)
+        edges += [name] if edge else []
+        print(f"{name:<13}{r['lr']:>9g}{r['final_eval_loss']:>12.4f}{gap:>19}   {sweep}{'  EDGE' if edge else ''}")
     for r in accum:
-        print(f"accumulation {r['variant']:<11} final eval {r['final_eval_loss']:.4f}  ({r['train_seconds']:.1f} s)")
+        sweep = ", ".join(f"{x['lr']:g}: {x['final_eval_loss']:.4f}" for x in accum_runs if x["variant"] == r["variant"])
+        edge = _at_edge(r, accum_runs, lambda x, v=r["variant"]: x["variant"] == v)
+        edges += [f"accumulation {r['variant']}"] if edge else []
+        print(f"accumulation {r['variant']:<11} best lr {r['lr']:g}: final eval {r['final_eval_loss']:.4f}   "
+              f"{sweep}{'  EDGE' if edge else ''}")
     print(f"accumulation buffers: compressed {comp_bytes:,} B vs full {full_bytes:,} B "
           f"({comp_bytes / full_bytes:.1%})")
     verdict = {}
@@ -229,19 +257,22 @@ def main() -> None:
         verdict["flora_r8_within_3pct"] = verdict["flora_r8_gap_pct"] <= 3.0
     if "flora r=8" in best and "lora r=8" in best:
         verdict["flora_r8_beats_lora_r8"] = best["flora r=8"]["final_eval_loss"] < best["lora r=8"]["final_eval_loss"]
+    if edges:
+        print(f"best lr at the edge of its grid (widen it): {edges}")
     print(f"targets: {verdict}; total {total:.0f} s")
 
     out = Path(args.out)
     record = {
         "config": {**base, "jobs": args.jobs, "threads": args.threads, "galore_gap": args.galore_gap,
-                   "accum_steps": args.accum_steps, "accum_batch": args.accum_batch},
+                   "accum_steps": args.accum_steps, "accum_batch": args.accum_batch, "accum_lrs": args.accum_lrs},
         "defaults": asdict(TrainConfig(export=False)),
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
                      "cpus": os.cpu_count()},
         "best": {m: {"lr": r["lr"], "final_eval_loss": r["final_eval_loss"]} for m, r in best.items()},
         "verdict": verdict,
         "accumulation_bytes": {"compressed": comp_bytes, "full": full_bytes},
-        "runs": runs, "accumulation": accum, "seconds": total,
+        "accumulation_best": {v: {"lr": r["lr"], "final_eval_loss": r["final_eval_loss"]} for v, r in accum_best.items()},
+        "lr_at_grid_edge": edges, "runs": runs, "accumulation": accum_runs, "seconds": total,
     }  # fmt: skip
     atomic_write_bytes(out / "flora_quality.json", json.dumps(record, indent=1).encode())
     title = f"decoder h{args.hidden} x{args.layers}, {args.steps} steps of {args.batch}x{args.seq} bytes"

@@ -98,3 +98,17 @@ def test_top_level_jit_is_the_function_and_import_stays_light():
     code = ("import sys, flora_graph; assert 'torch' not in sys.modules; "
             "from flora_graph import jit; import flora_graph.jit.dynamo; assert flora_graph.jit is jit and callable(jit)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_import_and_parser_do_not_import_torch():
+    """``flora-graph --help`` starts fast: the CLI and its ``train`` subcommand import torch only when training."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flora_graph.cli as cli; assert 'torch' not in sys.modules, 'import'; "
+        "cli.build_parser(); assert 'torch' not in sys.modules, 'build_parser'; "
+        "import flora_graph.training as t; assert 'torch' not in sys.modules, 'training'; "
+        "assert t.Flora.__name__ == 'Flora' and 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

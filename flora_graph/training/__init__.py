@@ -24,20 +24,33 @@ Modules: :mod:`.projection` (seeds, layouts, compress/decompress/transfer), :mod
 
 from __future__ import annotations
 
-from flora_graph.training.accumulate import FloraAccumulator
-from flora_graph.training.corpus import Corpus, CorpusError, WindowSampler, build_corpus
-from flora_graph.training.errors import NonFiniteGradientError, OptimizerError
-from flora_graph.training.optimizer import Flora
-from flora_graph.training.projection import (
-    compress,
-    decompress,
-    gaussian_projection,
-    layout_for,
-    param_seed,
-    stable_seed,
-    transfer,
-)
-from flora_graph.training.trainer import TrainConfig, TrainConfigError, TrainResult, train
+from importlib import import_module
+from typing import Any
+
+# public name -> submodule defining it; imported on first use, so ``import flora_graph.training``
+# (and the ``flora-graph`` CLI, which registers ``train`` from here) does not import torch
+_EXPORTS = {
+    "Corpus": "corpus",
+    "CorpusError": "corpus",
+    "Flora": "optimizer",
+    "FloraAccumulator": "accumulate",
+    "NonFiniteGradientError": "errors",
+    "OptimizerError": "errors",
+    "TrainConfig": "trainer",
+    "TrainConfigError": "trainer",
+    "TrainResult": "trainer",
+    "WindowSampler": "corpus",
+    "build_corpus": "corpus",
+    "compress": "projection",
+    "decompress": "projection",
+    "gaussian_projection": "projection",
+    "layout_for": "projection",
+    "lift": "projection",
+    "param_seed": "projection",
+    "stable_seed": "projection",
+    "train": "trainer",
+    "transfer": "projection",
+}
 
 __all__ = [
     "Corpus",
@@ -55,8 +68,23 @@ __all__ = [
     "decompress",
     "gaussian_projection",
     "layout_for",
+    "lift",
     "param_seed",
     "stable_seed",
     "train",
     "transfer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a public name from its submodule on first use (PEP 562) and cache it here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flora_graph.training' has no attribute {name!r}")
+    value = getattr(import_module(f"flora_graph.training.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,6 +1,7 @@
 """``flora-graph train``: train the built-in decoder (Flora by default), checkpoint it, export it to ONNX.
 
-``flora_graph.cli`` wires this in with ``add_cli(subparsers)``; the handler takes
+``flora_graph.cli`` wires this in with ``add_cli(subparsers)``, which imports no torch (the trainer
+is imported when the command runs, so ``flora-graph --help`` starts fast); the handler takes
 ``(args, console)`` and returns the exit status, as the others there do. With ``--resume`` the
 checkpoint's own options are the defaults, so ``flora-graph train --resume runs/train --steps 400``
 continues a run without repeating its options.
@@ -9,9 +10,12 @@ continues a run without repeating its options.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flora_graph.training.trainer import OPTIMIZERS, TrainConfig, config_from_checkpoint, train
+from flora_graph.training.choices import ACCUMULATORS, OPTIMIZERS
+
+if TYPE_CHECKING:
+    from flora_graph.training.trainer import TrainConfig
 
 __all__ = ["add_cli", "config_from_args"]
 
@@ -46,6 +50,8 @@ def _positive_float(text: str) -> float:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` the parsed options describe (a checkpoint's options under ``--resume``)."""
+    from flora_graph.training.trainer import TrainConfig, config_from_checkpoint  # torch: only when training
+
     given = {f: getattr(args, f) for f in _FIELDS if getattr(args, f, None) is not None}
     if args.resume is not None:
         return config_from_checkpoint(args.resume, **given)
@@ -53,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace, console: Any) -> int:
+    from flora_graph.training.trainer import train
+
     config = config_from_args(args)
     what = f"{config.optimizer}" + (f" r={config.rank}" if config.optimizer != "adam" else "")
     console.print(f"training the decoder with {what}: {config.steps} steps x {config.accum} x {config.batch} x "
@@ -83,7 +91,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--rank", type=_int_at_least(1), help="Flora / LoRA rank (default 8)")
     p.add_argument("--kappa", type=_int_at_least(1), help="steps between Flora projection resamples (default 1000)")
     p.add_argument("--accum", type=_int_at_least(1), help="micro-batches per step (default 1)")
-    p.add_argument("--accumulator", choices=["auto", "compressed", "full"],
+    p.add_argument("--accumulator", choices=ACCUMULATORS,
                    help="gradient accumulation buffers (default auto: compressed for flora)")
     p.add_argument("--eval-every", type=_int_at_least(0), help="steps between eval losses (default 50; 0: end only)")
     p.add_argument("--ckpt-every", type=_int_at_least(0), help="steps between checkpoints (default 0: end only)")

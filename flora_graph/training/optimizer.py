@@ -4,12 +4,36 @@ One step for a parameter with gradient ``g`` (float32 arithmetic, ``n x m`` its 
 
 1. ``u = g / sqrt(v_hat)``: Adafactor's factored row/column second moment (or a full one for
    1-D tensors and ``second_moment="adam"``); never projected.
-2. Momentum ``M = beta1 * M + (1 - beta1) * u``. For a compressible matrix ``M`` is held as
-   ``r x max(n, m)`` under the projection ``P`` of the parameter's current seed, and the update
-   direction is the decompressed ``P^T M``. After every ``kappa`` steps the seed moves on and
-   ``M`` is transferred: decompressed with the old ``P``, compressed with the new one.
+2. Momentum ``M = beta1 * M + (1 - beta1) * u``, and the direction ``d = M``. For a compressible
+   matrix only ``C = P M`` (``r x max(n, m)``, ``P`` the ``r x min(n, m)`` projection of the
+   parameter's current seed, entries ``N(0, 1/r)``) is kept, so::
+
+       C_t = beta1 * C_{t-1} + (1 - beta1) * P u_t
+       d_t = u_t + P^T (P P^T)^{-1} (C_t - P u_t)  =  u_t + beta1 * lift(C_{t-1} - P u_t)
+
+   ``d_t`` is the matrix nearest the fresh ``u_t`` whose compression is the momentum
+   (``P d_t = C_t``): inside the ``r``-dimensional subspace ``P`` sketches it is the exact
+   momentum, outside it (where ``C`` holds nothing) the fresh ``u_t`` stands in. It is the
+   posterior mean of ``M_t`` under a prior centred on ``u_t`` given the exact observation
+   ``P M_t = C_t``. The fresh gradient thus enters the update in full, only the past is
+   compressed. After every ``kappa`` steps the seed moves on and the momentum is transferred:
+   decompressed with the old projection (``d_t`` is that decompression) and compressed with
+   the new one, ``C <- P_new d_t``.
 3. The direction is scaled down to RMS ``<= clip_threshold``; decoupled weight decay
    ``p *= 1 - lr * weight_decay``; then ``p -= lr * direction``.
+
+Why not the unbiased decompression ``P^T C`` (the paper's; :func:`.projection.decompress`)?
+``P^T P`` is about ``k/r`` times the orthogonal projection onto a random ``r``-dimensional
+subspace (``k = min(n, m)``), so ``P^T C`` is the momentum's component there amplified ``k/r``
+times: its norm is about ``sqrt(k/r)`` times the momentum's, almost all of it confined to one
+subspace. RMS clipping then shrinks the useful signal by that factor, and with a fixed seed
+every update of a run lies in the same ``r``-dimensional subspace. An unbiased transfer
+``P_new P_old^T C`` multiplies the momentum's norm by about ``sqrt(k/r)`` per resample, so
+frequent resampling diverges unless ``beta1 ** kappa * sqrt(k/r) << 1``. ``lift`` is the
+least-squares decompression (an orthogonal projection, a contraction) and the transfer
+compresses ``d_t``, whose norm is that of an Adafactor update: resampling never inflates the
+momentum (``kappa=1`` is stable), and decompressed momentum and ``u`` share one scale, the
+second moment's.
 
 Seeds are hashed from ``(seed, parameter name, resample count)`` (see :mod:`.projection`), and
 projections are regenerated from a CPU generator each step, never stored. Pass
@@ -32,12 +56,10 @@ from flora_graph.training.projection import (
     Layout,
     add_decompressed_,
     compress,
-    compress_scaled,
-    decompressed_sq_norm,
     gaussian_projection,
     layout_for,
+    lift_coefficients,
     param_seed,
-    transfer,
 )
 
 __all__ = ["Flora"]
@@ -53,10 +75,9 @@ class Flora(torch.optim.Optimizer):
             ``"param_groups.<g>.<i>"``), or param groups (dicts) whose ``"params"`` are any of these.
         lr: step size; required unless ``relative_step=True``.
         rank: rows ``r`` of the projection; the momentum of an ``n x m`` matrix is ``r x max(n, m)``.
-        kappa: steps between projection resamples (with momentum transfer). A transfer is
-            unbiased but adds noise: the compressed momentum's norm grows by about
-            ``sqrt(min(n, m) / r)``, so keep ``beta1 ** kappa * sqrt(min(n, m) / r) << 1``
-            (the defaults give ``0.9 ** 1000``).
+        kappa: steps between projection resamples (with momentum transfer ``C <- P_new d``, which
+            never inflates the momentum; any ``kappa >= 1`` is stable). Each resample keeps the
+            momentum only inside the new subspace, so a small ``kappa`` shortens its memory.
         beta1: momentum decay in ``[0, 1)``; ``0`` keeps no momentum (plain Adafactor, nothing to compress).
         beta2: ``None`` for Adafactor's schedule ``1 - t^decay_rate``, or a constant in ``[0, 1)``
             (with Adam's bias correction).
@@ -220,37 +241,38 @@ class Flora(torch.optim.Optimizer):
         pre = second_moment(g, means, state, group, t)
         b1, lr = group["beta1"], self._lr(group, p, t)
         if "exp_avg_c" in state:
-            proj = gaussian_projection(int(state["seed"]), group["rank"], layout.small, device=g.device)
-            if pre.full is None:
-                fresh = compress_scaled(g, proj, pre.row, pre.col)
-            else:
-                fresh = compress(pre.apply(g), proj)
-            mc = state["exp_avg_c"]
-            mc.mul_(b1).add_(fresh, alpha=1.0 - b1)
-            step_c = mc * self._scale(decompressed_sq_norm(mc, proj), g.numel(), group, lr)
-            if t % group["kappa"] == 0:
-                epoch = int(state["resamples"]) + 1
-                seed = param_seed(group["seed"], name, epoch)
-                new = gaussian_projection(seed, group["rank"], layout.small, device=g.device)
-                mc.copy_(transfer(mc, proj, new))
-                state["seed"].fill_(seed)
-                state["resamples"].fill_(epoch)
-
-            def add_update(out: torch.Tensor) -> None:
-                add_decompressed_(out, step_c, proj, alpha=-1.0)
-
+            direction = self._compressed_direction(pre.apply(g), state, name, group, layout, t)
         else:
             u = pre.apply(g)
             if "exp_avg" in state:
                 direction = state["exp_avg"].view(u.shape).mul_(b1).add_(u, alpha=1.0 - b1)
             else:
                 direction = u
-            scale = self._scale(torch.linalg.vector_norm(direction).square(), direction.numel(), group, lr)
+        scale = self._scale(torch.linalg.vector_norm(direction).square(), direction.numel(), group, lr)
 
-            def add_update(out: torch.Tensor) -> None:
-                out.addcmul_(direction.to(out.dtype), scale.to(out.dtype), value=-1.0)
+        def add_update(out: torch.Tensor) -> None:
+            out.addcmul_(direction.to(out.dtype), scale.to(out.dtype), value=-1.0)
 
         self._apply(p, layout, group, lr, add_update)
+
+    @staticmethod
+    def _compressed_direction(
+        u: torch.Tensor, state: dict[str, Any], name: str, group: dict[str, Any], layout: Layout, t: int
+    ) -> torch.Tensor:
+        """``d = u + beta1 * lift(C - P u)`` (in place on ``u``); folds ``P u`` into ``C``; resamples every ``kappa``."""
+        b1 = group["beta1"]
+        proj = gaussian_projection(int(state["seed"]), group["rank"], layout.small, device=u.device)
+        mc = state["exp_avg_c"]
+        resid = mc - compress(u, proj)  # C_{t-1} - P u_t
+        mc.sub_(resid, alpha=1.0 - b1)  # C_t = beta1 C_{t-1} + (1 - beta1) P u_t
+        add_decompressed_(u, lift_coefficients(resid, proj), proj, alpha=b1)  # now P u = C_t
+        if t % group["kappa"] == 0:
+            epoch = int(state["resamples"]) + 1
+            seed = param_seed(group["seed"], name, epoch)
+            mc.copy_(compress(u, gaussian_projection(seed, group["rank"], layout.small, device=u.device)))
+            state["seed"].fill_(seed)
+            state["resamples"].fill_(epoch)
+        return u
 
     @staticmethod
     def _apply(

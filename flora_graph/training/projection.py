@@ -11,6 +11,14 @@ unbiased. The compressed tensor is always ``r x max(n, m)``:
 In both cases moving ``C`` from projection ``P_old`` to ``P_new`` (decompress with the old,
 compress with the new) is ``(P_new @ P_old^T) @ C``.
 
+Unbiased is not precise: ``P^T P`` is ``k/r`` times an orthogonal projection onto a random
+``r``-dimensional subspace (up to ``O(sqrt(r/k))`` fluctuations), so ``decompress(compress(G))``
+is ``G``'s component in that subspace amplified ``k/r`` times, norm about ``sqrt(k/r) ||G||``.
+:func:`lift` is the other decompression, the least-squares one: ``P^T (P P^T)^{-1} C``, the
+minimum-norm matrix whose compression is ``C`` (for ``C = compress(G)``: the exact orthogonal
+projection of ``G`` onto the subspace, never longer than ``G``). ``Flora`` decompresses its
+momentum with it (see :mod:`.optimizer`).
+
 ``P`` is drawn from a CPU ``torch.Generator`` seeded with a 63-bit seed and then moved to the
 tensor's device, so one seed gives the same matrix on every device. Seeds come from
 :func:`stable_seed` (``hashlib.blake2b``), never from Python's salted ``hash``.
@@ -34,6 +42,8 @@ __all__ = [
     "decompressed_sq_norm",
     "gaussian_projection",
     "layout_for",
+    "lift",
+    "lift_coefficients",
     "param_seed",
     "stable_seed",
     "transfer",
@@ -143,6 +153,26 @@ def add_decompressed_(out: torch.Tensor, c: torch.Tensor, proj: torch.Tensor, al
     if n <= m:
         return out.addmm_(proj.T, c, alpha=alpha)
     return out.addmm_(c.T, proj, alpha=alpha)
+
+
+def lift_coefficients(c: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``(P P^T)^{-1} C`` (``r x max(n, m)``, ``c``'s dtype), solved in float64: ``decompress`` of it is :func:`lift`.
+
+    ``P P^T`` is ``r x r`` and about ``(k / r) I``; even at ``k = r`` (a square Gaussian, condition
+    number about ``k^2``) float64 keeps the solve accurate.
+    """
+    p64 = proj.to(torch.float64)
+    return torch.linalg.solve(p64 @ p64.T, c.to(torch.float64)).to(c.dtype)
+
+
+def lift(c: torch.Tensor, proj: torch.Tensor, matrix: tuple[int, int]) -> torch.Tensor:
+    """Least-squares decompression ``P^T (P P^T)^{-1} C``: the minimum-norm ``n x m`` ``X`` with ``compress(X) = C``.
+
+    ``lift(compress(G, P), P, G.shape)`` is the orthogonal projection of ``G`` onto the
+    ``r``-dimensional subspace ``P`` spans (a contraction), whereas :func:`decompress` gives
+    ``P^T P G``, unbiased over draws of ``P`` but about ``k / r`` times longer inside the subspace.
+    """
+    return decompress(lift_coefficients(c, proj), proj, matrix)
 
 
 def transfer(c: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

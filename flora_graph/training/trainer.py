@@ -50,6 +50,7 @@ from torch import nn
 from flora_graph.errors import FloraGraphError
 from flora_graph.ir.serialize import atomic_write_bytes
 from flora_graph.training.accumulate import FloraAccumulator
+from flora_graph.training.choices import ACCUMULATORS, OPTIMIZERS, SCHEDULES
 from flora_graph.training.corpus import Corpus, WindowSampler, build_corpus, eval_windows
 from flora_graph.training.optimizer import Flora
 
@@ -73,9 +74,6 @@ __all__ = [
     "train",
 ]
 
-OPTIMIZERS = ("flora", "adam", "adafactor", "lora-adam", "flora-adapter")
-ACCUMULATORS = ("auto", "compressed", "full")
-SCHEDULES = ("cosine", "constant")
 # best of a sweep on the default run (decoder hidden 64 x 2 layers, 200 steps of 16 x 64 bytes)
 DEFAULT_LR = {"flora": 5e-3, "adafactor": 8e-3, "adam": 8e-3, "lora-adam": 1e-2, "flora-adapter": 6e-3}
 NO_COMPRESSION = 2**31 - 1  # a Flora rank above every matrix side: all momentum kept in full

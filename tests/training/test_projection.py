@@ -1,4 +1,4 @@
-"""Seeded projections: stable seeds, the compression rule, unbiased compress/decompress, transfer."""
+"""Seeded projections: stable seeds, the compression rule, unbiased compress/decompress, lift, transfer."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from flora_graph.training import (
     decompress,
     gaussian_projection,
     layout_for,
+    lift,
     param_seed,
     stable_seed,
     transfer,
@@ -97,3 +98,25 @@ def test_transfer_is_decompress_old_then_compress_new(shape):
     torch.testing.assert_close(transfer(c, old, new), want, rtol=1e-5, atol=1e-5)
     # not the transposed matrix (the reference design's defect)
     assert not torch.allclose(transfer(c, new, old), want, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (9, 9)])
+def test_lift_is_the_orthogonal_projection_onto_the_sketched_subspace(shape):
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    p = gaussian_projection(7, 4, min(shape), dtype=torch.float64)
+    lifted = lift(compress(g, p), p, shape)
+    torch.testing.assert_close(compress(lifted, p), compress(g, p))  # consistent with the sketch
+    torch.testing.assert_close(lift(compress(lifted, p), p, shape), lifted)  # idempotent
+    torch.testing.assert_close(((g - lifted) * lifted).sum(), torch.zeros((), dtype=torch.float64), atol=1e-10, rtol=0)
+    assert lifted.norm() < g.norm()  # a contraction, unlike decompress: P^T P is about k / r times longer
+    unbiased = decompress(compress(g, p), p, shape)
+    assert unbiased.norm() > lifted.norm()
+
+
+def test_lift_of_a_square_projection_is_exact():
+    """At ``min(n, m) == rank`` (the smallest compressed matrix) ``P`` is invertible: lift recovers ``G``."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(8, 30, generator=gen)
+    p = gaussian_projection(11, 8, 8)
+    torch.testing.assert_close(lift(compress(g, p), p, (8, 30)), g, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,9 @@
+"""The string choices of :class:`~flora_graph.training.trainer.TrainConfig`, importable without torch (the CLI uses them)."""
+
+from __future__ import annotations
+
+__all__ = ["ACCUMULATORS", "OPTIMIZERS", "SCHEDULES"]
+
+OPTIMIZERS = ("flora", "adam", "adafactor", "lora-adam", "flora-adapter")
+ACCUMULATORS = ("auto", "compressed", "full")
+SCHEDULES = ("cosine", "constant")
