@@ -208,10 +208,19 @@ class Graph:
         self.params = {k: v for k, v in self.params.items() if k in used}
         return before - len(self.nodes)
 
-    def copy(self) -> Graph:
-        """A deep copy: new nodes, copied params and meta. Iterative, so any depth copies."""
+    def copy(self, *, share_weights: bool = False) -> Graph:
+        """A deep copy: new nodes and meta, copied params. Iterative, so any depth copies.
+
+        ``share_weights=True`` copies no weight: the copy's params are read-only views of this
+        graph's arrays (copy-on-write: a pass that changes a weight stores a new array, and
+        writing into a shared one raises ``ValueError``). Writing into *this* graph's arrays
+        in place afterwards shows through the copy; don't, or copy without sharing.
+        """
         out = Graph(self.name)
-        out.params = {k: np.array(v, copy=True) for k, v in self.params.items()}
+        if share_weights:
+            out.params = {k: _read_only(v) for k, v in self.params.items()}
+        else:
+            out.params = {k: np.array(v, copy=True) for k, v in self.params.items()}
         out.dim_max = dict(self.dim_max)
         new: dict[ComputationNode, ComputationNode] = {}
         for n in self.nodes:
@@ -258,6 +267,15 @@ class Graph:
         nparams = sum(int(v.size) for v in self.params.values())
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
         return f"graph {self.name!r}: {len(self.nodes)} nodes, {len(self.params)} weights ({nparams:,} values); {ops}"
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    """``arr`` itself when it is already read-only, else a read-only view of it (no data copied)."""
+    if not arr.flags.writeable:
+        return arr
+    view = arr.view()
+    view.flags.writeable = False
+    return view
 
 
 def iter_leaves(nodes: Iterable[ComputationNode]) -> Iterable[ComputationNode]:

@@ -20,8 +20,27 @@ from flora_graph.passes.rewrite import RewriteContext
 __all__ = ["cse"]
 
 
+_SAMPLE = 256  # values hashed per weight: enough to tell trained weights apart, cheap on any size
+
+
 def _param_key(arr: np.ndarray) -> tuple[Any, ...]:
-    return str(arr.dtype), tuple(arr.shape), hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).digest()
+    """dtype, shape and a hash of up to :data:`_SAMPLE` evenly spaced values: equal weights have equal
+    keys; weights with equal keys are compared in full by :func:`_same_bytes` (no weight is hashed whole)."""
+    idx = np.unique(np.linspace(0, arr.size - 1, min(arr.size, _SAMPLE)).astype(np.int64))
+    sample = np.ascontiguousarray(arr.flat[idx]) if arr.size else arr.reshape(-1)
+    return str(arr.dtype), tuple(arr.shape), hashlib.blake2b(sample.tobytes(), digest_size=16).digest()
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality of two arrays of one dtype and shape (NaN payloads and -0.0 count), no copies."""
+    if a is b or (a.__array_interface__["data"] == b.__array_interface__["data"] and a.strides == b.strides):
+        return True
+    if a.dtype.hasobject:
+        return a.tobytes() == b.tobytes()
+    bits = np.dtype(f"u{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else None
+    if bits is None:
+        return a.tobytes() == b.tobytes()
+    return bool(np.array_equal(np.ascontiguousarray(a).view(bits), np.ascontiguousarray(b).view(bits)))
 
 
 @register_pass("cse")
@@ -32,7 +51,7 @@ def cse(graph: Graph, *, swappable: bool = False) -> PassResult:
     rep: dict[ComputationNode, ComputationNode] = {}
     seen: dict[tuple[Any, ...], ComputationNode] = {}
     canonical: dict[str, str] = {}  # param -> the first param with the same bytes
-    by_bytes: dict[tuple[Any, ...], str] = {}
+    by_key: dict[tuple[Any, ...], list[str]] = {}
     refused: dict[str, str] = {}
     for n in graph.nodes:
         if n.op is Op.INPUT:
@@ -41,10 +60,12 @@ def cse(graph: Graph, *, swappable: bool = False) -> PassResult:
             param = n.attrs["param"]
             if param not in canonical:
                 arr = graph.params[param]
-                first = by_bytes.setdefault(_param_key(arr), param)
-                same = first == param or graph.params[first].tobytes() == arr.tobytes()
-                canonical[param] = param if swappable or not same else first
-                if swappable and first != param and same:
+                found = by_key.setdefault(_param_key(arr), [])
+                first = next((p for p in found if _same_bytes(graph.params[p], arr)), None)
+                if first is None:
+                    found.append(param)
+                canonical[param] = param if swappable or first is None else first
+                if swappable and first is not None:
                     refused[n.name] = f"cse: param {param!r} equals {first!r} but swappable keeps weights separate"
             key: tuple[Any, ...] = (Op.CONST, canonical[param])
         else:

@@ -60,14 +60,22 @@ def merged_weight(w: np.ndarray, a: np.ndarray, b: np.ndarray, s: float, where: 
     acc = np.float64 if w.dtype == np.float64 else np.float32
     r = a.shape[0]
     with np.errstate(over="ignore", invalid="ignore"):
-        delta = (b.astype(acc).reshape(-1, r) @ a.astype(acc).reshape(r, -1)) * acc(s)
-        new = w.astype(acc) + delta.reshape(w.shape)
-        out = new.astype(w.dtype)
-    if not np.all(np.isfinite(new)):
+        new = (b.astype(acc, copy=False).reshape(-1, r) @ a.astype(acc, copy=False).reshape(r, -1)).reshape(w.shape)
+        new *= acc(s)
+        new += w  # in place in the fresh product: one full-size array, W read once
+        out = new if new.dtype == w.dtype else new.astype(w.dtype)
+    if not np.isfinite(new).all():
         raise GraphError(f"merge-lora: merged weight of node {where} is not finite")
-    if not np.all(np.isfinite(out.astype(acc))):
+    if out is not new and not _all_finite(out, acc):
         raise GraphError(f"merge-lora: merged weight of node {where} overflows {w.dtype}")
     return out
+
+
+def _all_finite(arr: np.ndarray, acc: type) -> bool:
+    try:
+        return bool(np.isfinite(arr).all())
+    except TypeError:  # a dtype without its own isfinite (bfloat16 on an old ml_dtypes)
+        return bool(np.isfinite(arr.astype(acc)).all())
 
 
 def _rewrite(m: Match, ctx: RewriteContext):

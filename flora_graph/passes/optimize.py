@@ -70,12 +70,17 @@ def optimize_with_report(graph: Graph, preset: str | Sequence[str | PassFn] = "f
     passes, pass_options = _plan(preset, dict(options))
     pipeline = Pipeline(passes, verify_each=verify_each, max_iterations=int(options.get("max_iterations", 10)),
                         options=pass_options, on_pass=options.get("on_pass"))
-    return pipeline.run(graph.copy())
+    return pipeline.run(graph.copy(share_weights=True))  # copy-on-write: passes never write a weight
 
 
 def optimize(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, verify_each: bool = False,
              backend: str | None = None, **options: Any) -> Graph:
     """An optimized copy of ``graph``; ``graph`` itself is never modified.
+
+    The copy shares the weights no pass changed with ``graph`` (read-only views, no bytes
+    copied); a changed weight is a new array. Writing into ``graph``'s weights in place
+    afterwards therefore shows through the result: copy the result (``Graph.copy()``) first
+    when you mean to do that.
 
     Args:
         graph: the graph; verified first, so an invalid one raises ``GraphError`` before any pass runs.

@@ -4,14 +4,17 @@
 the ONNX nodes computing ``node`` into the value named ``out``. Graph inputs and outputs
 keep their names, named dims become ``dim_param`` (``"batch"``, ``"batch*seq"``), weights
 become initializers named after their params, and ``onnx.checker`` (``full_check``) runs on
-every export. ``Split`` nodes sharing input, axis and sizes become one multi-output ONNX
+every export, with the big weights declared as typed inputs so that it never serializes
+them (:func:`check_lowered`). ``Split`` nodes sharing input, axis and sizes become one multi-output ONNX
 ``Split``. Float16/bfloat16 arithmetic is computed in float32 between two ``Cast`` nodes,
-as the numpy reference does. :func:`save_onnx` writes atomically and switches to
-external data past :data:`EXTERNAL_DATA_THRESHOLD` bytes.
+as the numpy reference does. :func:`save_onnx` writes atomically, a graph's weights straight
+from their arrays (:func:`lower` keeps them out of the proto), and switches to external data
+past :data:`EXTERNAL_DATA_THRESHOLD` bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -34,7 +37,7 @@ from flora_graph.ir.verify import verify
 
 __all__ = [
     "DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "MIN_OPSET", "ONNX_DTYPES", "ONNX_LOWERING",
-    "LoweringContext", "OnnxExportError", "model_size", "save_onnx", "to_onnx",
+    "LoweringContext", "OnnxExportError", "check_lowered", "lower", "model_size", "save_onnx", "to_onnx",
 ]
 
 DEFAULT_OPSET = 20  # native Gelu; onnxruntime >= 1.17 runs it
@@ -62,6 +65,7 @@ class LoweringContext:
         self.graph, self.opset = graph, opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, TensorProto] = {}
+        self.weights: dict[str, np.ndarray] = {}  # big float initializers, kept as arrays until written
         self.names: dict[ComputationNode, str] = {}
         self.dtype = "float32"
         self.split_reps: dict[tuple[Any, ...], dict[int, ComputationNode]] = {}
@@ -101,9 +105,12 @@ class LoweringContext:
         return outputs[0]
 
     def constant(self, array: np.ndarray, hint: str) -> str:
-        """A new initializer holding ``array``."""
+        """A new initializer holding ``array`` (a view of it is kept, not copied, when it is a big weight)."""
         name = self.fresh(hint)
-        self.initializers[name] = numpy_helper.from_array(np.require(array, requirements="C"), name)
+        if _is_weight(array):
+            self.weights[name] = array
+        else:
+            self.initializers[name] = numpy_helper.from_array(np.require(array, requirements="C"), name)
         return name
 
     def once(self, key: tuple[Any, ...], make: Callable[[], str]) -> str:
@@ -140,6 +147,16 @@ class LoweringContext:
     def args(self, node: ComputationNode) -> list[str]:
         """All inputs of ``node`` in the compute dtype."""
         return [self.arg(node, i) for i in range(len(node.inputs))]
+
+
+_WEIGHT_BYTES = 1024  # float initializers this big are written straight from their arrays
+_RAW_DTYPES = frozenset({"float16", "float32", "float64"})
+
+
+def _is_weight(array: np.ndarray) -> bool:
+    """Whether ``array`` goes into :attr:`LoweringContext.weights` (a float tensor of at least
+    :data:`_WEIGHT_BYTES`; shape-like int64 constants stay inline, shape inference reads them)."""
+    return array.dtype.name in _RAW_DTYPES and array.nbytes >= _WEIGHT_BYTES
 
 
 def _unique(hint: str, used: set[str]) -> str:
@@ -300,11 +317,29 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,
 
     Raises :class:`GraphError` for a graph that does not verify, :class:`UnsupportedOpError`
     listing the ops without a lowering and their nodes, and :class:`OnnxExportError` for a
-    bad opset or a model ``onnx.checker`` refuses (``check=False`` skips the checker). A model
-    past protobuf's 2 GiB cannot be checked in memory; :func:`save_onnx` checks it by path.
+    bad opset or a model ``onnx.checker`` refuses (``check=False`` skips the checker).
     ``overrides`` lowers the given nodes with their own function instead of :data:`ONNX_LOWERING`
     (``flora_graph.serving`` rewrites LoRA branches this way); graph inputs such a lowering
     declares in ``ctx.extra_inputs`` follow the graph's own inputs.
+
+    The checker (``full_check``: structure, types and shape inference) runs on the model with
+    its big weights declared as typed inputs instead of initializers (:func:`check_lowered`),
+    so it never serializes the weights and works past protobuf's 2 GiB too.
+    """
+    model, weights = lower(graph, opset, check=check, overrides=overrides)
+    for name, arr in weights.items():
+        _add_initializer(model.graph, name, arr)
+    return model
+
+
+def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,
+          overrides: Mapping[ComputationNode, Lowering] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """:func:`to_onnx` without the big weights: ``(model, {initializer name: array})``.
+
+    ``model`` holds every node, input, output and small initializer; the arrays (float
+    tensors of at least 1 KiB, views of the graph's weights, possibly transposed) are the
+    initializers still to add, in order. :func:`save_onnx` writes them straight from the
+    arrays; :func:`to_onnx` adds them to the model. Same errors and ``check`` as :func:`to_onnx`.
     """
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -322,8 +357,8 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,
         ctx.begin(node, widen)
         out = ctx.names[node]
         result = ctx.fresh(f"{out}/float32") if widen else out
-        lower = overrides[node] if overrides and node in overrides else ONNX_LOWERING[node.op]
-        lower(ctx, node, result)
+        fn = overrides[node] if overrides and node in overrides else ONNX_LOWERING[node.op]
+        fn(ctx, node, result)
         if widen:
             ctx.emit("Cast", [result], [out], to=ONNX_DTYPES[node.dtype])
     ctx.begin(None)
@@ -337,16 +372,68 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,
     opsets = [helper.make_opsetid("", opset)]
     ir_version = helper.find_min_ir_version_for(opsets)
     model = helper.make_model(onnx_graph, opset_imports=opsets, ir_version=ir_version, producer_name="flora_graph")
-    if check and model_size(model) < onnx.checker.MAXIMUM_PROTOBUF:
-        _check(model, f"graph {graph.name!r}")
-    return model
+    if check:
+        check_lowered(model, ctx.weights, f"graph {graph.name!r}")
+    return model, ctx.weights
 
 
-def _check(model: onnx.ModelProto | Path, where: str) -> None:
+def check_lowered(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], where: str) -> None:
+    """``onnx.checker`` with ``full_check`` on ``model`` plus ``weights`` (the output of :func:`lower`).
+
+    The weights take part as graph inputs of their dtype and shape: every node, type and
+    shape is checked as with initializers, without copying or serializing a weight's bytes
+    (which the lowering writes from arrays of exactly those dtypes and shapes).
+    """
+    if not weights:
+        _check(model, where)
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)  # small: the model without its big weights
+    probe.graph.input.extend(
+        helper.make_tensor_value_info(k, ONNX_DTYPES[v.dtype.name], list(v.shape)) for k, v in weights.items())
+    _check(probe, where)
+
+
+def _check(model: onnx.ModelProto | Path | bytes, where: str) -> None:
     try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto | bytes) else str(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OnnxExportError(f"{where}: onnx.checker refused the exported model: {exc}") from None
+
+
+def _little_endian(arr: np.ndarray) -> np.ndarray:
+    """``arr`` C-contiguous and little-endian, as ONNX ``raw_data`` stores it (no copy when it already is)."""
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _NATIVE_LITTLE):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous:
+        return _transposed_copy(arr)
+    return np.ascontiguousarray(arr)
+
+
+def _transposed_copy(view: np.ndarray, block: int = 16) -> np.ndarray:
+    """A C-contiguous copy of a transposed 2-D view, copied in column blocks: about 3x faster than
+    ``np.ascontiguousarray`` on a large weight, whose strided reads miss the cache on every value."""
+    out = np.empty(view.shape, view.dtype)
+    for j in range(0, view.shape[1], block):
+        out[:, j:j + block] = view[:, j:j + block]
+    return out
+
+
+_NATIVE_LITTLE = np.little_endian
+
+
+def _tensor_header(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    t = TensorProto()
+    t.name = name
+    t.data_type = ONNX_DTYPES[arr.dtype.name]
+    t.dims.extend(int(d) for d in arr.shape)
+    return t
+
+
+def _add_initializer(graph: onnx.GraphProto, name: str, arr: np.ndarray) -> None:
+    t = graph.initializer.add()
+    t.CopyFrom(_tensor_header(name, arr))
+    t.raw_data = _little_endian(arr).tobytes()
 
 
 def model_size(model: onnx.ModelProto) -> int:
@@ -363,22 +450,117 @@ def model_size(model: onnx.ModelProto) -> int:
 def save_onnx(graph_or_model: Graph | onnx.ModelProto, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
     """Write a graph (lowered first) or model to ``path`` atomically; return the path.
 
-    Past :data:`EXTERNAL_DATA_THRESHOLD` bytes the weights go to ``<name>.data`` beside it,
-    and ``onnx.checker`` runs on the written file before it is renamed into place. Raises
-    :class:`OnnxExportError` naming the path when it cannot be written; no partial file stays.
+    Past :data:`EXTERNAL_DATA_THRESHOLD` bytes the weights go to ``<name>.data`` beside it.
+    A graph is checked before anything is written (:func:`check_lowered`) and its weights are
+    written straight from its arrays; a model is serialized once and checked (by path when
+    it has external data). Raises :class:`OnnxExportError` naming the path when it cannot
+    be written; no partial file stays.
     """
     path = Path(path)
-    model = to_onnx(graph_or_model, opset) if isinstance(graph_or_model, Graph) else graph_or_model
     try:
-        if model_size(model) <= EXTERNAL_DATA_THRESHOLD:
-            if not isinstance(graph_or_model, Graph):
-                _check(model, f"model for {str(path)!r}")
-            atomic_write_bytes(path, model.SerializeToString())
+        if isinstance(graph_or_model, Graph):
+            model, weights = lower(graph_or_model, opset)
+            _write_lowered(model, weights, path)
+        elif model_size(graph_or_model) <= EXTERNAL_DATA_THRESHOLD:
+            data = graph_or_model.SerializeToString()
+            _check(data, f"model for {str(path)!r}")
+            atomic_write_bytes(path, data)
         else:
-            _save_external(model, path)
+            _save_external(graph_or_model, path)
     except OSError as exc:
         raise OnnxExportError(f"cannot write ONNX model to {str(path)!r}: {exc.strerror or exc}") from None
     return path
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _len_field(field: int, size: int) -> bytes:
+    """The key and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(field << 3 | 2) + _varint(size)
+
+
+_GRAPH_FIELD, _INITIALIZER_FIELD, _RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+
+
+def _write_lowered(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], path: Path) -> None:
+    """Write the output of :func:`lower` as one ONNX file, or with external data past the threshold.
+
+    One file is ``model``'s bytes followed by a second ``graph`` field holding the weights as
+    initializers (protobuf merges repeated occurrences of a message field, so every reader
+    sees one graph); each weight's bytes go from its array to the file without a copy.
+    """
+    head = model.SerializeToString()
+    tensors = []
+    for name, arr in weights.items():
+        header = _tensor_header(name, arr).SerializeToString()
+        body = len(header) + len(_len_field(_RAW_DATA_FIELD, arr.nbytes)) + arr.nbytes
+        tensors.append((header, arr, body))
+    chunk = sum(len(_len_field(_INITIALIZER_FIELD, body)) + body for _, _, body in tensors)
+    if len(head) + chunk > EXTERNAL_DATA_THRESHOLD:
+        _write_external(model, weights, path)
+        return
+    with _atomic_file(path) as fh:
+        fh.write(head)
+        if tensors:
+            fh.write(_len_field(_GRAPH_FIELD, chunk))
+        for header, arr, body in tensors:
+            fh.write(_len_field(_INITIALIZER_FIELD, body) + header + _len_field(_RAW_DATA_FIELD, arr.nbytes))
+            fh.write(_little_endian(arr).reshape(-1).view(np.uint8).data)
+
+
+def _write_external(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], path: Path) -> None:
+    """``model`` with ``weights`` as external data in ``<name>.data`` (64-byte aligned), written atomically."""
+    data_name = f"{path.name}.data"
+    model = _copy_proto(model)
+    offset = 0
+    with _atomic_file(path.parent / data_name) as fh:
+        for name, arr in weights.items():
+            pad = -offset % 64
+            fh.write(b"\0" * pad)
+            offset += pad
+            t = model.graph.initializer.add()
+            t.CopyFrom(_tensor_header(name, arr))
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            fh.write(_little_endian(arr).reshape(-1).view(np.uint8).data)
+            offset += arr.nbytes
+    try:
+        atomic_write_bytes(path, model.SerializeToString())
+    except BaseException:
+        (path.parent / data_name).unlink(missing_ok=True)
+        raise
+
+
+def _copy_proto(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """A binary file that appears at ``path`` (synced, mode 0644) only when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _save_external(model: onnx.ModelProto, path: Path) -> None:

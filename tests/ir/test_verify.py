@@ -321,3 +321,16 @@ def test_copy_is_deep():
     assert g.params["w"][0, 0] != h.params["w"][0, 0]
     h.node("base").meta["role"] = "changed"
     assert g.node("base").meta["role"] == "base"
+
+
+def test_copy_sharing_weights_is_copy_on_write():
+    g = rich_graph()
+    h = g.copy(share_weights=True)
+    verify(h)
+    assert all(np.shares_memory(h.params[k], g.params[k]) for k in g.params)
+    with pytest.raises(ValueError, match="read-only"):
+        h.params["w"][0, 0] += 1.0
+    h.params["w"] = h.params["w"] + 1.0  # a changed weight is a new array: g keeps its own
+    assert not np.array_equal(g.params["w"], h.params["w"])
+    assert g.params["w"].flags.writeable
+    assert h.copy(share_weights=True).params["b"] is h.params["b"]  # already read-only: no second view

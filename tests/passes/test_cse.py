@@ -69,3 +69,45 @@ def test_tagged_survivor_keeps_its_tags():
     g.set_output("extra", dup)
     cse(g)
     assert g.outputs["extra"].name == "attn.q_proj.lora_down" and g.outputs["extra"].meta["role"] == "lora_down"
+
+
+def _twins(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> Graph:
+    g = Graph("twins")
+    x = g.input("x", ("batch", a.shape[1]))
+    ys = [g.add(Op.LINEAR, [x, g.const(f"w{i}", v)], name=f"y{i}") for i, v in enumerate([a, b] + ([] if c is None else [c]))]
+    out = ys[0]
+    for y in ys[1:]:
+        out = g.add(Op.ADD, [out, y])
+    g.set_output("y", out)
+    return verify(g)
+
+
+def test_params_differing_off_the_sampled_values_stay_separate():
+    """Weights are told apart by a sample of their values, then compared bit for bit: a weight that
+    differs in one value between two sampled ones is not merged; its exact twin is."""
+    a = np.random.default_rng(0).standard_normal((64, 300)).astype(np.float32)
+    b = a.copy()
+    b.flat[1] += 1.0  # 64*300 values, 256 sampled: index 1 is not among them
+    g = _twins(a, b, a.copy())
+    res = cse(g)
+    assert res.stats["merged_params"] == 1 and set(g.params) == {"w0", "w1"}
+
+
+def test_params_merge_bitwise_not_by_value():
+    """-0.0 == 0.0 and NaN != NaN as numbers; cse compares bytes, so the first pair stays separate
+    and two NaN weights with one payload merge."""
+    z = np.zeros((4, 4), np.float32)
+    assert cse(_twins(z, -z)).stats["merged_params"] == 0
+    nan = np.full((4, 4), np.nan, np.float32)
+    assert cse(_twins(nan, nan.copy())).stats["merged_params"] == 1
+
+
+def test_a_twin_merges_with_the_weight_it_equals_among_equal_samples():
+    """w0, w1, w2 share their sampled values; w1 differs from w0 off the sample and w2 equals w1."""
+    a = np.random.default_rng(1).standard_normal((64, 300)).astype(np.float32)
+    b = a.copy()
+    b.flat[1] += 1.0
+    g = _twins(a, b, b.copy())
+    res = cse(g)
+    assert res.stats["merged_params"] == 1 and set(g.params) == {"w0", "w1"}
+    assert [n.attrs["param"] for n in g.nodes if n.op is Op.CONST] == ["w0", "w1"]

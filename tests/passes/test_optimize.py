@@ -157,3 +157,23 @@ def test_backend_defaults_add_measured_fusions_and_explicit_options_win():
     _, off = optimize_with_report(before, "fused", backend="onnxruntime", fuse_base_and_down=False)
     assert "fuse-base-and-down" not in {r.name for r in off.records}
     assert_same_numbers(before, optimize(before, "fused", backend="onnxruntime"))
+
+
+def test_result_shares_unchanged_weights_read_only_and_never_writes_them():
+    """optimize copies no weight: unchanged ones are read-only views of the input's arrays (writing
+    one raises instead of changing the input), and a changed one is a new array."""
+    g = lora_linear()
+    before = {k: v.copy() for k, v in g.params.items()}
+    out = optimize(g, "merged")
+    merged = [n.attrs["param"] for n in out.nodes if n.op is Op.CONST and n.attrs["param"] not in g.params]
+    assert merged and not any(np.shares_memory(out.params[p], v) for p in merged for v in g.params.values())
+    shared = [p for p in out.params if p in g.params]
+    assert shared and all(np.shares_memory(out.params[p], g.params[p]) for p in shared)
+    with pytest.raises(ValueError, match="read-only"):
+        out.params[shared[0]][...] = 0
+    fused = optimize(g, "fused")
+    for arr in fused.params.values():
+        with pytest.raises(ValueError, match="read-only"):
+            arr[...] = 0
+    assert all(np.array_equal(g.params[k], v) for k, v in before.items())
+    assert all(v.flags.writeable for v in g.params.values())  # the input's own arrays stay writable

@@ -427,3 +427,48 @@ def test_rich_graph_every_dtype() -> None:
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
         np.testing.assert_allclose(got[k], want[k], atol=ATOL, rtol=RTOL, err_msg=k)
+
+
+def test_saved_graph_is_the_model_to_onnx_returns(tmp_path: Path) -> None:
+    """save_onnx writes a graph's weights straight from its arrays (after the rest of the model, as a
+    second graph field protobuf merges); reading the file back gives exactly to_onnx's model."""
+    for g in (big_graph(), lora_graph()):
+        path = save_onnx(g, tmp_path / f"{g.name}.onnx")
+        assert onnx.load(str(path)).SerializeToString() == to_onnx(g).SerializeToString()
+        onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_transposed_weights_are_written_transposed(tmp_path: Path) -> None:
+    g = Graph("t")
+    x = g.input("x", ("batch", 3, 40))
+    g.set_output("y", g.add(Op.LINEAR, [x, g.const("w", w(70, 40))]))  # 3-D x: MatMul with W.T
+    model = onnx.load(str(save_onnx(verify(g), tmp_path / "t.onnx")))
+    (wt,) = [t for t in model.graph.initializer if t.name == "w.T"]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(wt), g.params["w"].T)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 40)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(tmp_path / "t.onnx", feeds)["y"], run(g, feeds)["y"], atol=ATOL, rtol=RTOL)
+
+
+def test_saved_graph_past_threshold_uses_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onnx_lowering, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    g = big_graph()
+    path = save_onnx(g, tmp_path / "big.onnx")
+    assert listing(tmp_path) == ["big.onnx", "big.onnx.data"]
+    on_disk = onnx.load(str(path), load_external_data=False)
+    assert sum(uses_external_data(t) for t in on_disk.graph.initializer) == 2  # w1, w2; b1 is under 1 KiB
+    onnx.checker.check_model(str(path), full_check=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(path, feeds)["y"], run(g, feeds)["y"], atol=ATOL, rtol=RTOL)
+
+
+def test_checker_sees_the_weights_it_does_not_serialize() -> None:
+    """The checker runs with the big weights as typed inputs: a weight of the wrong shape is refused
+    by shape inference, and a broken node by the structural check."""
+    model, weights = onnx_lowering.lower(big_graph(), check=False)
+    assert set(weights) == {"w1", "w2"} and not {t.name for t in model.graph.initializer} & set(weights)
+    onnx_lowering.check_lowered(model, weights, "ok")
+    with pytest.raises(OnnxExportError, match=r"wrong shape: onnx\.checker refused"):
+        onnx_lowering.check_lowered(model, {**weights, "w1": np.zeros((64, 65), np.float32)}, "wrong shape")
+    model.graph.node[0].input[0] = "nowhere"
+    with pytest.raises(OnnxExportError, match=r"broken: onnx\.checker refused"):
+        onnx_lowering.check_lowered(model, weights, "broken")
