@@ -2,8 +2,8 @@
 
 An :class:`Executable` is callable on named numpy arrays or torch tensors (one mapping,
 keywords, or both) and returns ``{output name: numpy array}``. Inputs are checked against
-the graph's declared names, ranks, static dims, named dims and dtypes *before* a backend
-sees them, so a bad input is a :class:`RuntimeInputError` naming the input, never a
+the graph's declared names, ranks, static dims, named dims (each within its ``graph.dim_max``
+bound) and dtypes *before* a backend sees them, so a bad input is a :class:`RuntimeInputError` naming the input, never a
 backend's stack dump. Backends register themselves with :func:`register_backend`.
 """
 

@@ -233,7 +233,20 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
     for dim, size, where in compound:  # "batch*seq": check once its factors are bound
         value = _eval_dim(dim, dims)
         _bind_dim(dims, dim if value is None else value, size, where)
+    _check_dim_max(graph, dims)
     return arrays, dims
+
+
+def _check_dim_max(graph: Graph, dims: Mapping[str, int]) -> None:
+    """Refuse a named dim bound past its ``graph.dim_max`` bound, naming the dim, the input and the bound."""
+    for dim, hi in graph.dim_max.items():
+        size = dims.get(dim)
+        if size is not None and size > hi:
+            where = next((f"input {n.name!r} dim {i}" for n in graph.inputs for i, d in enumerate(n.shape) if d == dim), "")
+            raise RuntimeInputError(
+                f"{where}: dim {dim!r} is {size}, past its maximum {hi} (graph {graph.name!r} takes "
+                f"sizes 0..{hi} of {dim!r}: graph.dim_max)"
+            )
 
 
 # --------------------------------------------------------------------------- interpreter
