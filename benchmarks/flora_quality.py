@@ -38,7 +38,7 @@ wants a larger learning rate, hence a sweep per variant.
 Writes ``OUT/flora_quality.json`` and ``OUT/flora_quality.png`` (eval-loss curves; atomic writes).
 
 Run: ``python benchmarks/flora_quality.py [--steps 300 --batch 16 --seq 64 --jobs 2 --threads 1 --out bench-out]``
-(about 6 minutes on 2 idle CPU cores).
+(about 15 minutes on 2 CPU cores; the accumulation runs are the longest).
 """
 
 from __future__ import annotations

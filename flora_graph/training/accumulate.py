@@ -23,6 +23,18 @@ generator, name-based seed) and decompression is linear, so every rank gets the 
 correct when DDP already averaged a micro-batch (averaging identical values changes
 nothing): ``no_sync`` only saves the full-size traffic. Pass the un-wrapped module's
 ``named_parameters()`` (``ddp.module``) so names match a single-process run.
+
+What the optimizer gets: ``.grad = P_s^T P_s G``, unbiased (``E[P^T P] = I``, so plain SGD
+stays unbiased too) but only ``r`` of ``min(n, m)`` directions of the step's gradient survive,
+amplified ``min(n, m) / r`` times. After a second-moment normalisation (Adam, Adafactor,
+``Flora``) the signal is about ``sqrt(r / min(n, m))`` of a full sum's and the rest is noise that
+changes every step, so compressed accumulation wants a larger learning rate than full buffers
+and loses quality when ``r << min(n, m)`` (see ``benchmarks/flora_quality.py``). Scale aside,
+the least-squares decompression (:func:`.projection.lift`) carries the same information (it
+measured no better). The projections are deliberately not ``Flora``'s: ``Flora`` uses the
+decompressed gradient in full (it is not compressed again, so nothing compounds), and sharing its
+projection would confine every update to one ``r``-dimensional subspace for ``kappa`` steps;
+a fresh projection per step spreads the surviving directions over the whole matrix.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ One step for a parameter with gradient ``g`` (float32 arithmetic, ``n x m`` its 
    ``d_t`` is the matrix nearest the fresh ``u_t`` whose compression is the momentum
    (``P d_t = C_t``): inside the ``r``-dimensional subspace ``P`` sketches it is the exact
    momentum, outside it (where ``C`` holds nothing) the fresh ``u_t`` stands in. It is the
-   posterior mean of ``M_t`` under a prior centred on ``u_t`` given the exact observation
-   ``P M_t = C_t``. The fresh gradient thus enters the update in full, only the past is
+   posterior mean of ``M_t`` under an isotropic Gaussian prior centred on ``u_t`` given the
+   exact observation ``P M_t = C_t``. One ``n x m`` float32 temporary (``u``, then ``d`` in
+   place) per parameter, as in Adafactor; ``(P P^T)^{-1}`` is an ``r x r`` solve. The fresh gradient thus enters the update in full, only the past is
    compressed. After every ``kappa`` steps the seed moves on and the momentum is transferred:
    decompressed with the old projection (``d_t`` is that decompression) and compressed with
    the new one, ``C <- P_new d_t``.

@@ -161,8 +161,9 @@ def lift_coefficients(c: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     ``P P^T`` is ``r x r`` and about ``(k / r) I``; even at ``k = r`` (a square Gaussian, condition
     number about ``k^2``) float64 keeps the solve accurate.
     """
-    p64 = proj.to(torch.float64)
-    return torch.linalg.solve(p64 @ p64.T, c.to(torch.float64)).to(c.dtype)
+    where = c.device if c.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+    p64 = proj.to(where, torch.float64)
+    return torch.linalg.solve(p64 @ p64.T, c.to(where, torch.float64)).to(c.device, c.dtype)
 
 
 def lift(c: torch.Tensor, proj: torch.Tensor, matrix: tuple[int, int]) -> torch.Tensor:
