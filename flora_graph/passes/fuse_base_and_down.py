@@ -5,7 +5,9 @@ computes both; ``Split`` piece 0 replaces the base and piece 1 the down projecti
 (along the last axis for ``Linear``, along channels for ``Conv2d``, which needs the down
 projection to share the base's attributes and kernel). The stacked weight is a new param,
 or with ``swappable=True`` an in-graph ``Concat``. Not in the ``fused`` preset by default
-(``optimize(..., fuse_base_and_down=True)``): whether it is faster depends on the backend.
+(``optimize(..., fuse_base_and_down=True)``): whether it is faster depends on the backend and
+the op, so ``only="Conv2d"`` (or ``"Linear"``) fuses that op's sites alone and refuses the
+others with the reason (``optimize(..., fuse_base_and_down="Conv2d")``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
     res = MatchResult()
     lm = LoRAMatch.from_match(m)
     assert lm.base is not None and lm.W is not None
+    only = ctx.options.get("only")
+    if only is not None and lm.op.value != only:
+        return res.fail(f"{lm.op.value} sites are left unfused (only={only!r}: measured slower fused on this backend)")
     if lm.op is Op.CONV2D:
         if lm.base.attrs != lm.down.attrs:
             return res.fail(f"lora_down {lm.down.name!r} attributes {lm.down.attrs} differ from the base's {lm.base.attrs}")
@@ -59,6 +64,9 @@ FUSE_BASE_AND_DOWN = Rule("fuse-base-and-down", LORA, _rewrite, _check,
 
 
 @register_pass("fuse-base-and-down")
-def fuse_base_and_down(graph: Graph, *, swappable: bool = False) -> PassResult:
-    """Stack each adapter's down projection onto its base layer."""
-    return RuleSet([FUSE_BASE_AND_DOWN]).apply(graph, {"swappable": swappable})
+def fuse_base_and_down(graph: Graph, *, swappable: bool = False, only: str | None = None) -> PassResult:
+    """Stack each adapter's down projection onto its base layer (``only``: ``"Linear"`` or ``"Conv2d"``
+    sites alone)."""
+    if only not in (None, Op.LINEAR.value, Op.CONV2D.value):
+        raise ValueError(f"fuse-base-and-down: only={only!r}; expected None, 'Linear' or 'Conv2d'")
+    return RuleSet([FUSE_BASE_AND_DOWN]).apply(graph, {"swappable": swappable, "only": only})

@@ -28,9 +28,12 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {"fused": {"swappable": True}}
 """Options a preset sets unless the caller overrides them."""
 
 BACKEND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    # benchmarks/fuse_base_and_down.py: the fused [W; A] Linear is faster on these backends
-    # (ORT 0.73-1.02x, TorchScript 0.86-0.94x of plain fused), not on torch-export (0.93-1.06x)
-    "onnxruntime": {"fused": {"fuse_base_and_down": True}},
+    # benchmarks/fuse_base_and_down.py (ORT 1.32, one thread, session time with / without): the
+    # stacked [W; A] pays off on ORT for Conv2d (demo model 0.89-0.92x at batch 16-256, 1.01x at 1)
+    # but not for Linear, whose Split copies the whole output (MLP stack 1.04-1.05x; 4-layer Llama
+    # 1.05x at 4x128; built-in decoder 1.05x at 4x128 and 1.05x at 1x1). TorchScript: the stacked
+    # Linear measured 0.86-0.94x of plain fused; torch-export 0.93-1.06x, so not there.
+    "onnxruntime": {"fused": {"fuse_base_and_down": "Conv2d"}},
     "torchscript": {"fused": {"fuse_base_and_down": True}},
 }
 """Options a preset sets when :func:`optimize` is told the backend it optimizes for."""
@@ -48,7 +51,8 @@ def _plan(preset: str | Sequence[str | PassFn], options: dict[str, Any]) -> tupl
         passes = list(preset)
     if options.get("drop_zero_lora") and "drop-zero-lora" not in passes:
         passes.insert(0, "drop-zero-lora")
-    if options.get("fuse_base_and_down"):
+    fbd = options.get("fuse_base_and_down")
+    if fbd:
         at = passes.index("fuse-lora-siblings") if "fuse-lora-siblings" in passes else len(passes)
         passes.insert(at, "fuse-base-and-down")
     skip = options.get("skip", ())
@@ -58,7 +62,10 @@ def _plan(preset: str | Sequence[str | PassFn], options: dict[str, Any]) -> tupl
     unknown = sorted(k for k in options if k not in _OWN_OPTIONS and not any(k in accepted_options(f, {k: 0}) for f in fns))
     if unknown:
         raise TypeError(f"option(s) {unknown} are not accepted by any pass of {[get_pass(p)[0] for p in passes]}")
-    return passes, {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
+    pass_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
+    if isinstance(fbd, str):  # fuse_base_and_down="Conv2d": that op's sites alone
+        pass_options["only"] = fbd
+    return passes, pass_options
 
 
 def optimize_with_report(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, verify_each: bool = False,
@@ -88,7 +95,8 @@ def optimize(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, ve
         verify_each: verify after every pass (a failure raises ``PassError`` naming the pass).
         backend: the backend the result is for; adds the preset's measured defaults for it
             (:data:`BACKEND_DEFAULTS`), which explicit options override.
-        **options: ``fuse_base_and_down=True`` adds that pass to the pipeline; ``drop_zero_lora=True``
+        **options: ``fuse_base_and_down=True`` adds that pass to the pipeline (``"Conv2d"`` or
+            ``"Linear"``: for that op's sites alone, the onnxruntime default); ``drop_zero_lora=True``
             adds drop-zero-lora to ``fused`` (off there by default: a zero ``B`` may be swapped for a
             trained one later, so ``fused`` keeps every adapter); ``skip`` names passes
             to leave out; ``on_pass(record, graph)`` is called after every pass run; ``max_iterations`` bounds the fixed-point loop; any other option goes to the

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from flora_graph.errors import GraphError
 from flora_graph.ir.node import ComputationNode
@@ -165,10 +165,13 @@ def _rms_norm(ctx: LoweringContext, node: ComputationNode, out: str) -> None:
 
 
 def _sdpa(ctx: LoweringContext, node: ComputationNode, out: str) -> None:
-    """``Softmax(q @ k^T * scale (+ mask)) @ v``; causal keep = ``Range(S) <= Range(L)[:, None]``.
+    """``Softmax(q @ k^T * scale + bias) @ v``, the mask as an additive bias (0 kept, -inf dropped).
 
-    With a mask, a row in which nothing is kept comes out of ``Softmax`` as NaN and is set
-    to 0 as torch does.
+    The bias is made once per mask and shared by every attention reading it: a boolean mask
+    becomes ``Where(mask, 0, -inf)``, the causal one (keep ``j <= i``) ``Trilu(-inf, k=1)`` of the
+    ``[L, S]`` scores. Each attention then adds it (cheaper than a ``Where`` per layer, and the
+    form torch.onnx exports). With a mask input, a row in which nothing is kept comes out of
+    ``Softmax`` as NaN and is set to 0 as torch does.
     """
     q, k, v = (ctx.arg(node, i) for i in range(3))
     rank_k = len(node.inputs[1].shape)
@@ -176,19 +179,31 @@ def _sdpa(ctx: LoweringContext, node: ComputationNode, out: str) -> None:
     scale = node.attrs["scale"] or 1.0 / math.sqrt(int(node.inputs[0].shape[-1]))
     s = ctx.emit("Mul", [ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], perm=perm)]), ctx.scalar(scale)])
     if node.attrs["is_causal"]:
-        zero, one = (ctx.constant(np.array(i, dtype=np.int64), f"{node.name}/{i}") for i in (0, 1))
-        sizes = ctx.emit("Shape", [s], start=-2)  # [L, S]
-        rows = ctx.emit("Range", [zero, ctx.emit("Gather", [sizes, zero]), one])
-        rows = ctx.emit("Unsqueeze", [rows, _int64(ctx, [1], f"{node.name}/axes")])
-        keep = ctx.emit("LessOrEqual", [ctx.emit("Range", [zero, ctx.emit("Gather", [sizes, one]), one]), rows])
-        s = ctx.emit("Where", [keep, s, ctx.scalar(-math.inf)])
+        s = ctx.emit("Add", [s, _causal_bias(ctx, node, s)])
     elif len(node.inputs) == 4:
         mask = ctx.arg(node, 3)
-        s = ctx.emit("Where", [mask, s, ctx.scalar(-math.inf)]) if node.inputs[3].dtype == "bool" else ctx.emit("Add", [s, mask])
+        if node.inputs[3].dtype == "bool":
+            mask = ctx.once(("mask-bias", mask, ctx.dtype),
+                            lambda: ctx.emit("Where", [mask, ctx.scalar(0.0), ctx.scalar(-math.inf)]))
+        s = ctx.emit("Add", [s, mask])
     p = ctx.emit("Softmax", [s], axis=-1)
     if len(node.inputs) == 4:
         p = ctx.emit("Where", [ctx.emit("IsNaN", [p]), ctx.scalar(0.0), p])
     ctx.emit("MatMul", [p, v], [out])
+
+
+def _causal_bias(ctx: LoweringContext, node: ComputationNode, scores: str) -> str:
+    """The ``[L, S]`` causal bias (``-inf`` where ``j > i``, else 0) of ``node``'s scores, shared by the
+    attentions with the same ``L`` and ``S`` dims."""
+    dims = (canonical_dim(node.inputs[0].shape[-2]), canonical_dim(node.inputs[1].shape[-2]))
+
+    def make() -> str:
+        minus_inf = np.array([-math.inf], dtype=ctx.dtype)
+        full = ctx.emit("ConstantOfShape", [ctx.emit("Shape", [scores], start=-2)],
+                        value=numpy_helper.from_array(minus_inf))
+        return ctx.emit("Trilu", [full, ctx.constant(np.array(1, dtype=np.int64), f"{node.name}/1")], upper=1)
+
+    return ctx.once(("causal-bias", *dims, ctx.dtype), make)
 
 
 def _arange(ctx: LoweringContext, node: ComputationNode, out: str) -> None:

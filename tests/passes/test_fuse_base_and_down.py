@@ -62,3 +62,16 @@ def test_conv_refused_when_attributes_differ():
 
 def test_not_in_the_fused_preset_by_default():
     assert "fuse-base-and-down" not in PRESETS["fused"]
+
+
+def test_only_one_op_kind_fuses_that_kind_and_refuses_the_other_with_the_reason():
+    g = lora_linear()
+    res = fuse_base_and_down(g, only="Conv2d")
+    assert not res.changed and "Linear sites are left unfused (only='Conv2d'" in res.stats["refused"]["add"]
+    before = lora_conv()
+    g = before.copy()
+    assert fuse_base_and_down(g, only="Conv2d").stats["fired"] == {"fuse-base-and-down": 1}
+    assert_same_numbers(before, g)
+    assert not fuse_base_and_down(lora_conv(), only="Linear").changed
+    with pytest.raises(ValueError, match="only='Gemm'"):
+        fuse_base_and_down(lora_linear(), only="Gemm")

@@ -150,8 +150,12 @@ def test_backend_defaults_add_measured_fusions_and_explicit_options_win():
 
     before = demo_graph()
     _, ort = optimize_with_report(before, "fused", backend="onnxruntime", verify_each=True)
-    assert BACKEND_DEFAULTS["onnxruntime"]["fused"] == {"fuse_base_and_down": True}
+    assert BACKEND_DEFAULTS["onnxruntime"]["fused"] == {"fuse_base_and_down": "Conv2d"}
     assert "fuse-base-and-down" in {r.name for r in ort.records}
+    stacked = {n.name for n in optimize(before, "fused", backend="onnxruntime").nodes if n.name.endswith(".base_and_down")}
+    assert stacked == {"conv1.base_and_down", "conv2.base_and_down"}  # Linear sites measured slower stacked on ORT
+    everything = optimize(before, "fused", backend="onnxruntime", fuse_base_and_down=True)
+    assert {n.name for n in everything.nodes if n.name.endswith(".base_and_down")} == {f"{m}.base_and_down" for m in MODULES}
     _, plain = optimize_with_report(before, "fused", backend="torch-export")
     assert "fuse-base-and-down" not in {r.name for r in plain.records}
     _, off = optimize_with_report(before, "fused", backend="onnxruntime", fuse_base_and_down=False)
