@@ -6,8 +6,9 @@ so :func:`make_runner` skips that and, for onnxruntime, calls the session direct
 :func:`make_torch_runner` does the same on torch tensors: for an onnxruntime graph without
 bfloat16 inputs or outputs, one function converts (zero-copy on CPU), calls the session's
 C ``run`` (the Python ``InferenceSession.run`` re-checks the feed names on every call) and
-wraps the results; anything unusual (an error, another device, a tensor ``numpy()`` refuses)
-takes the checked path, whose errors name the input or the graph.
+wraps the results; anything unusual (an error, another device, a tensor ``numpy()`` refuses,
+a named dim past its ``graph.dim_max`` bound) takes the checked path, whose errors name the
+input or the graph.
 """
 
 from __future__ import annotations
@@ -85,14 +86,30 @@ def _session_run(exe: Executable) -> Callable[[list[str], dict[str, np.ndarray]]
     return lambda outs, feeds: c_run(outs, feeds, None)
 
 
+def _bounds(exe: Executable) -> list[tuple[int, int, int]]:
+    """``(input position, axis, maximum)`` of each named input dim that ``graph.dim_max`` bounds."""
+    dim_max = getattr(exe.graph, "dim_max", None) or {}
+    index = {n: i for i, n in enumerate(exe.input_names)}
+    return [(index[n.name], axis, dim_max[d]) for n in exe.graph.inputs if n.name in index
+            for axis, d in enumerate(n.shape) if isinstance(d, str) and d in dim_max]
+
+
+def _within(bounds: list[tuple[int, int, int]], values: Sequence[Any]) -> bool:
+    """Whether every bounded dim of ``values`` (arrays or tensors, in input order) is within its maximum."""
+    return all(values[i].shape[axis] <= hi for i, axis, hi in bounds)
+
+
 def make_runner(exe: Executable) -> Runner:
     """A function running ``exe`` on positional arrays already matched to its inputs."""
     names, outs = list(exe.input_names), list(exe.output_names)
     run = _session_run(exe)
+    bounds = _bounds(exe)
     if run is not None:
 
         def run_session(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
             try:
+                if bounds and not _within(bounds, arrays):
+                    raise ValueError("past graph.dim_max")  # the checked path names the input and the dim
                 return run(outs, dict(zip(names, arrays, strict=True)))
             except Exception:  # rerun through the checked path: its errors name the input or the graph
                 result = exe(dict(zip(names, arrays, strict=True)))
@@ -121,8 +138,11 @@ def make_torch_runner(exe: Executable) -> TorchRunner:
     if run is None:
         return run_arrays
     tensor_from_numpy = torch.from_numpy
+    bounds = _bounds(exe)
 
     def run_session(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if bounds and not _within(bounds, tensors):
+            return run_arrays(tensors)  # the checked path names the input and the dim
         try:  # numpy() refuses tensors that need grad, live off the CPU or are conjugate/negative views
             feeds = {n: t.numpy() for n, t in zip(names, tensors, strict=True) if t.is_contiguous()}
         except (RuntimeError, TypeError):

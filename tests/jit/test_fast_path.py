@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from flora_graph.adapters import LoRAAdapter
+from flora_graph.errors import RuntimeInputError
 from flora_graph.ir import Graph, Op
 from flora_graph.jit import dynamo, jit
 from flora_graph.jit import runner as runner_mod
 from flora_graph.jit.fingerprint import TensorFingerprint
-from flora_graph.jit.runner import make_torch_runner, picker
+from flora_graph.jit.runner import make_runner, make_torch_runner, picker
 from flora_graph.models import build_decoder
 from flora_graph.runtimes.executable import compile as compile_graph
 from tests.jit.helpers import assert_close
@@ -144,6 +146,21 @@ def test_torch_runner_errors_name_the_graph() -> None:
     run = make_torch_runner(exe)
     with pytest.raises(Exception, match="x"):
         run([torch.randn(2, 5)])  # wrong feature size: the checked path names the input
+
+
+def test_runners_refuse_dims_past_dim_max(conversions: list[int]) -> None:
+    graph = small_graph()
+    graph.dim_max = {"batch": 3}
+    exe = compile_graph(graph, "onnxruntime", **ORT)
+    run, run_arrays = make_torch_runner(exe), make_runner(exe)
+    x = torch.randn(3, 4)
+    (y,) = run([x])
+    assert conversions == [] and torch.equal(y, torch.from_numpy(exe({"x": x.numpy()})["y"]))
+    assert_close(torch.from_numpy(run_arrays([x.numpy()])[0]), y)
+    with pytest.raises(RuntimeInputError, match="batch"):
+        run([torch.randn(4, 4)])
+    with pytest.raises(RuntimeInputError, match="batch"):
+        run_arrays([np.zeros((4, 4), np.float32)])
 
 
 def test_picker() -> None:
