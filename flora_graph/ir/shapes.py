@@ -65,8 +65,21 @@ def _build(coef: int, names: Counter[str]) -> Dim:
     return "*".join(([str(coef)] if coef != 1 else []) + parts)
 
 
+_CANONICAL: dict[str, Dim] = {}  # dim name -> canonical spelling: verify/infer ask for the same few names again and again
+_CANONICAL_MAX = 4096
+
+
 def canonical_dim(dim: Dim) -> Dim:
     """Return the canonical spelling of ``dim`` (validating it)."""
+    if type(dim) is int and dim >= 0:  # not bool, not an int subclass
+        return dim
+    if type(dim) is str:
+        hit = _CANONICAL.get(dim)
+        if hit is None:
+            hit = _build(*_factors(dim))
+            if len(_CANONICAL) < _CANONICAL_MAX:
+                _CANONICAL[dim] = hit
+        return hit
     return _build(*_factors(dim))
 
 
