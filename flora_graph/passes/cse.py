@@ -33,7 +33,7 @@ def _param_key(arr: np.ndarray) -> tuple[Any, ...]:
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     """Bitwise equality of two arrays of one dtype and shape (NaN payloads and -0.0 count), no copies."""
-    if a is b or (a.__array_interface__["data"] == b.__array_interface__["data"] and a.strides == b.strides):
+    if a is b or (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.strides == b.strides):
         return True
     if a.dtype.hasobject:
         return a.tobytes() == b.tobytes()

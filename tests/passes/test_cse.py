@@ -111,3 +111,11 @@ def test_a_twin_merges_with_the_weight_it_equals_among_equal_samples():
     res = cse(g)
     assert res.stats["merged_params"] == 1 and set(g.params) == {"w0", "w1"}
     assert [n.attrs["param"] for n in g.nodes if n.op is Op.CONST] == ["w0", "w1"]
+
+
+def test_a_read_only_view_of_a_weight_merges_without_a_byte_comparison():
+    a = np.random.default_rng(2).standard_normal((16, 16)).astype(np.float32)
+    view = a.view()
+    view.flags.writeable = False
+    g = _twins(a, view)
+    assert cse(g).stats["merged_params"] == 1
