@@ -552,3 +552,35 @@ def test_table_converters_exercised(captured):
     assert set(ATEN_TABLE) - hits - TRANSFORMER_TARGETS <= _NOT_EXERCISED
     for target, conv in ATEN_TABLE.items():
         assert callable(conv), target
+
+
+def test_capture_pauses_the_garbage_collector_and_restores_its_state():
+    import gc
+
+    from flora_graph.errors import GraphError
+    from flora_graph.frontend.capture import export_program
+
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(gc.isenabled())
+            return x * 2
+
+    assert gc.isenabled()
+    capture(Probe(), torch.ones(2, 3))
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        capture(Probe(), torch.ones(2, 3))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(GraphError, match="boom"):
+        export_program(Broken(), torch.ones(2, 3))
+    assert gc.isenabled()
