@@ -105,7 +105,7 @@ class Preconditioner:
         if self.full is not None:
             return g * self.full
         assert self.row is not None and self.col is not None
-        return g * self.row.unsqueeze(1) * self.col.unsqueeze(0)
+        return (g * self.row.unsqueeze(1)).mul_(self.col.unsqueeze(0))
 
 
 def second_moment(
