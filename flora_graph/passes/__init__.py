@@ -18,6 +18,7 @@ from flora_graph.passes import (  # noqa: F401
     fold_lora_scale,
     fuse_base_and_down,
     fuse_lora_siblings,
+    fuse_rms_norm,
     merge_lora,
     reassociate_low_rank,
 )

@@ -4,6 +4,9 @@
 - ``fused``: adapters stay separate, swappable weights (derived weights are in-graph
   expressions of them); low-rank products optimized.
 - ``merged``: adapters baked into the base weights.
+
+Both optimizing presets run ``fuse-rms-norm`` (a pure clean-up: a hand-written RMSNorm
+becomes one ``RMSNorm`` node, which ONNX Runtime runs as one fused kernel).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ __all__ = ["BACKEND_DEFAULTS", "PRESETS", "PRESET_OPTIONS", "optimize", "optimiz
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "unfused": (),
-    "fused": ("fold-lora-scale", "reassociate-low-rank", "fuse-lora-siblings", "cse", "dce"),
-    "merged": ("drop-zero-lora", "fold-lora-scale", "merge-lora", "constant-fold", "cse", "dce"),
+    "fused": ("fold-lora-scale", "reassociate-low-rank", "fuse-lora-siblings", "fuse-rms-norm", "cse", "dce"),
+    "merged": ("drop-zero-lora", "fold-lora-scale", "merge-lora", "constant-fold", "fuse-rms-norm", "cse", "dce"),
 }
 """Pass names of each preset, in the order a pipeline iteration runs them."""
 

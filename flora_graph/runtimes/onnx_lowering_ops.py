@@ -149,7 +149,11 @@ def _cumsum(ctx: LoweringContext, node: ComputationNode, out: str) -> None:
 
 
 def _rms_norm(ctx: LoweringContext, node: ComputationNode, out: str) -> None:
-    """``RMSNormalization`` from opset 23; before it ``x / Sqrt(ReduceMean(x * x) + eps) * scale``."""
+    """``RMSNormalization`` from opset 23; before it ``x / Sqrt(ReduceMean(Pow(x, 2)) + eps) * scale``.
+
+    That exact form (``Pow`` by 2, not ``Mul(x, x)``; ``Div``, not ``Reciprocal`` + ``Mul``) is the
+    one ONNX Runtime's graph optimizer fuses into a single ``SimplifiedLayerNormalization``.
+    """
     rank = len(node.inputs[0].shape)
     axis, eps = node.attrs["axis"] % rank, node.attrs["epsilon"]
     args = ctx.args(node)
@@ -158,7 +162,7 @@ def _rms_norm(ctx: LoweringContext, node: ComputationNode, out: str) -> None:
         ctx.emit("RMSNormalization", args, [out], axis=axis, epsilon=eps, stash_type=stash)
         return
     x = args[0]
-    ms = ctx.emit("ReduceMean", [ctx.emit("Mul", [x, x]), _int64(ctx, range(axis, rank), f"{node.name}/axes")], keepdims=1)
+    ms = ctx.emit("ReduceMean", [ctx.emit("Pow", [x, ctx.scalar(2.0)]), _int64(ctx, range(axis, rank), f"{node.name}/axes")], keepdims=1)
     y = ctx.emit("Div", [x, ctx.emit("Sqrt", [ctx.emit("Add", [ms, ctx.scalar(eps)])])], None if len(args) == 2 else [out])
     if len(args) == 2:
         ctx.emit("Mul", [y, args[1]], [out])
