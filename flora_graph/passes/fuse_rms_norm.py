@@ -103,6 +103,8 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
         return res.fail(f"numerator {one.name!r} is not the scalar 1")
     var, eps_node = m["var"], m["eps"]
     eps = _scalar_value(ctx, eps_node) if eps_node in ctx.static else None
+    if eps is not None and math.isfinite(eps):  # the shortest decimal of the weight's own dtype: 1e-06, not 9.99999997e-07
+        eps = float(str(np.asarray(ctx.value(eps_node)).reshape(())[()]))
     if eps is None or not _same_shape(var, mean):
         return res.fail(f"eps {eps_node.name!r} {eps_node.shape} is not a scalar weight")
     if not math.isfinite(eps):

@@ -90,7 +90,7 @@ def test_every_written_form_becomes_one_rms_norm(form: dict, scale: str, x_first
     assert not {Op.POW, Op.REDUCE_MEAN, Op.RSQRT, Op.SQRT, Op.RECIPROCAL, Op.DIV} & set(c)
     assert c[Op.MUL] == 0
     rms = next(n for n in after.nodes if n.op is Op.RMS_NORM)
-    assert rms.attrs["axis"] == 2 and rms.attrs["epsilon"] == pytest.approx(1e-6)
+    assert rms.attrs["axis"] == 2 and rms.attrs["epsilon"] == 1e-6
     assert [i.name for i in rms.inputs] == (["x", "w"] if scale else ["x"])
     assert res.stats["fired"] == ({"fuse-rms-norm": 1, "fuse-rms-norm-scale": 1} if scale else {"fuse-rms-norm": 1})
     assert res.stats["refused"] == {}
@@ -252,3 +252,13 @@ def test_rms_norm_lowering_matches_reference_on_onnxruntime() -> None:
     feeds = inputs_for(g)
     want = run(g, feeds)["y"]
     np.testing.assert_allclose(compile(g, "onnxruntime")(**feeds)["y"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_optimize_cli_prints_after_fuse_rms_norm(decoder, tmp_path, capsys) -> None:
+    from flora_graph.cli import main
+
+    _, g, norms = decoder
+    g.save(tmp_path / "g")
+    assert main(["optimize", str(tmp_path / "g"), "--preset", "fused", "--print-after", "fuse-rms-norm"]) == 0
+    out = capsys.readouterr().out
+    assert "after fuse-rms-norm" in out and out.count("= RMSNorm[axis=2, epsilon=1e-06]") == norms
