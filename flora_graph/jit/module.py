@@ -363,7 +363,7 @@ class JitModule(nn.Module):
         fqns = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
         weights = {n: (fqn, current.get(fqn, saved.get(fqn))) for n, fqn in fqns.items()}
         graph = convert_fx_graph(ep.graph, weights, program.adapters, program.dynamic_dims, type(model).__name__)
-        graph = optimize(graph, self.preset)
+        graph = optimize(graph, self.preset, backend=self.backend)  # BACKEND_DEFAULTS, as flora_graph.export applies them
         exe = compile_graph(graph, self.backend, **self.backend_options)
         self.stats.compiles += 1
         return _Compiled(graph, make_torch_runner(exe), _order(graph, program.inputs), program.out_spec)

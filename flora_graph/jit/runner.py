@@ -71,8 +71,9 @@ def from_numpy(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t if device.type == "cpu" else t.to(device)
 
 
-def _session_run(exe: Executable) -> Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]] | None:
-    """``run(output_names, feeds)`` of ``exe``'s onnxruntime session, when its inputs and outputs are plain numpy."""
+def _session_run(exe: Executable) -> Callable[[list[str], dict[str, np.ndarray], Any], list[np.ndarray]] | None:
+    """``run(output_names, feeds, run_options)`` of ``exe``'s onnxruntime session, when its inputs and outputs are
+    plain numpy: the pybind session's C ``run`` where there is one (called directly, no Python frame in between)."""
     session = getattr(exe, "session", None)
     plain = all(n.dtype != "bfloat16" for n in exe.graph.inputs) and all(
         n.dtype != "bfloat16" for n in exe.graph.outputs.values()
@@ -82,8 +83,7 @@ def _session_run(exe: Executable) -> Callable[[list[str], dict[str, np.ndarray]]
     c_session = getattr(session, "_sess", None)  # the pybind session under InferenceSession
     if c_session is None or not callable(getattr(c_session, "run", None)):
         return session.run
-    c_run = c_session.run
-    return lambda outs, feeds: c_run(outs, feeds, None)
+    return c_session.run
 
 
 def _bounds(exe: Executable) -> list[tuple[int, int, int]]:
@@ -110,7 +110,7 @@ def make_runner(exe: Executable) -> Runner:
             try:
                 if bounds and not _within(bounds, arrays):
                     raise ValueError("past graph.dim_max")  # the checked path names the input and the dim
-                return run(outs, dict(zip(names, arrays, strict=True)))
+                return run(outs, dict(zip(names, arrays, strict=True)), None)
             except Exception:  # rerun through the checked path: its errors name the input or the graph
                 result = exe(dict(zip(names, arrays, strict=True)))
                 return [result[o] for o in outs]
@@ -139,6 +139,24 @@ def make_torch_runner(exe: Executable) -> TorchRunner:
         return run_arrays
     tensor_from_numpy = torch.from_numpy
     bounds = _bounds(exe)
+    if len(names) == 1 and not bounds:  # one unbounded input (token ids): no dict comprehension, no zip
+        only = names[0]
+
+        def run_one(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            t = tensors[0]
+            try:  # numpy() refuses tensors that need grad, live off the CPU or are conjugate/negative views
+                feeds = {only: t.numpy()} if t.is_contiguous() and len(tensors) == 1 else None
+            except (RuntimeError, TypeError):
+                feeds = None
+            if feeds is None:  # the checked path copies a non-contiguous input, or names the mismatch
+                return run_arrays(tensors)
+            try:
+                arrays = run(outs, feeds, None)
+            except Exception:  # rerun through the checked path: its errors name the input or the graph
+                return run_arrays(tensors)
+            return list(map(tensor_from_numpy, arrays))  # onnxruntime's results are fresh, writeable arrays
+
+        return run_one
 
     def run_session(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if bounds and not _within(bounds, tensors):
@@ -150,7 +168,7 @@ def make_torch_runner(exe: Executable) -> TorchRunner:
         if len(feeds) != len(names):  # a non-contiguous input: to_numpy copies it
             return run_arrays(tensors)
         try:
-            arrays = run(outs, feeds)
+            arrays = run(outs, feeds, None)
         except Exception:  # rerun through the checked path: its errors name the input or the graph
             return run_arrays(tensors)
         return list(map(tensor_from_numpy, arrays))  # onnxruntime's results are fresh, writeable arrays

@@ -85,6 +85,18 @@ def test_jit_decoder_matches_eager_on_the_fast_path(decoder: nn.Module, conversi
     assert conversions == []
 
 
+def test_backend_decoder_outputs_are_fresh_tensors(decoder: nn.Module) -> None:
+    """The whole-graph runner hands back the session's fresh arrays: a later call never overwrites an earlier result."""
+    cm = torch.compile(decoder, backend="flora_graph", options={"preset": "fused", **ORT})
+    with torch.no_grad():
+        x, z = ids(1, 4, seed=1), ids(1, 4, seed=2)
+        first = cm(x)
+        kept = first.clone()
+        second = cm(z)
+        assert torch.equal(first, kept) and first.data_ptr() != second.data_ptr()
+        assert_close(second, decoder(z))
+
+
 def test_backend_decoder_weight_changes_rebuild(decoder: nn.Module) -> None:
     cm = torch.compile(decoder, backend="flora_graph", options={"preset": "merged", **ORT})
     x = ids(1, 8)
