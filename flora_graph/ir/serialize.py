@@ -9,13 +9,15 @@ field at fault; it never crashes on bad input.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from safetensors import SafetensorError
@@ -28,7 +30,7 @@ from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op, schema
 from flora_graph.ir.verify import verify
 
-__all__ = ["FORMAT", "VERSION", "atomic_write_bytes", "load_graph", "save_graph"]
+__all__ = ["FORMAT", "VERSION", "atomic_file", "atomic_write_bytes", "load_graph", "save_graph"]
 
 FORMAT = "flora_graph"
 VERSION = 1
@@ -36,21 +38,32 @@ GRAPH_FILE = "graph.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` (fsynced, mode 0644) only when the block succeeds.
+
+    The block writes into a temporary file in the same directory, renamed over ``path`` at the
+    end; on any failure the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a serving user
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory + rename."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _jsonable(value: Any, where: str) -> Any:

@@ -14,7 +14,6 @@ past :data:`EXTERNAL_DATA_THRESHOLD` bytes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -31,7 +30,7 @@ from flora_graph.errors import FloraGraphError, UnsupportedOpError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import FLOAT_DTYPES, Op, OpGroup
-from flora_graph.ir.serialize import atomic_write_bytes
+from flora_graph.ir.serialize import atomic_file, atomic_write_bytes
 from flora_graph.ir.shapes import is_static
 from flora_graph.ir.verify import verify
 
@@ -506,7 +505,7 @@ def _write_lowered(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], pa
     if len(head) + chunk > EXTERNAL_DATA_THRESHOLD:
         _write_external(model, weights, path)
         return
-    with _atomic_file(path) as fh:
+    with atomic_file(path) as fh:
         fh.write(head)
         if tensors:
             fh.write(_len_field(_GRAPH_FIELD, chunk))
@@ -520,7 +519,7 @@ def _write_external(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], p
     data_name = f"{path.name}.data"
     model = _copy_proto(model)
     offset = 0
-    with _atomic_file(path.parent / data_name) as fh:
+    with atomic_file(path.parent / data_name) as fh:
         for name, arr in weights.items():
             pad = -offset % 64
             fh.write(b"\0" * pad)
@@ -544,23 +543,6 @@ def _copy_proto(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """A binary file that appears at ``path`` (synced, mode 0644) only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_external(model: onnx.ModelProto, path: Path) -> None:

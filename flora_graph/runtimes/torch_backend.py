@@ -22,8 +22,6 @@ from __future__ import annotations
 import abc
 import itertools
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 
 from flora_graph.errors import FloraGraphError, GraphError, RuntimeInputError
 from flora_graph.ir.graph import Graph
+from flora_graph.ir.serialize import atomic_file
 from flora_graph.runtimes.executable import Executable, register_backend
 from flora_graph.runtimes.torch_lowering import (
     example_shape,
@@ -56,22 +55,10 @@ def atomic_torch_save(path: str | Path, write: Callable[[IO[bytes]], None], what
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise FloraGraphError(f"cannot write {what} to {str(path)!r}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the artifact from a serving user
+        with atomic_file(path) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, Exception):
-            raise FloraGraphError(f"cannot write {what} to {str(path)!r}: {exc}") from exc
-        raise
+    except Exception as exc:
+        raise FloraGraphError(f"cannot write {what} to {str(path)!r}: {exc}") from exc
     return path
 
 
