@@ -139,24 +139,6 @@ def make_torch_runner(exe: Executable) -> TorchRunner:
         return run_arrays
     tensor_from_numpy = torch.from_numpy
     bounds = _bounds(exe)
-    if len(names) == 1 and not bounds:  # one unbounded input (token ids): no dict comprehension, no zip
-        only = names[0]
-
-        def run_one(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-            t = tensors[0]
-            try:  # numpy() refuses tensors that need grad, live off the CPU or are conjugate/negative views
-                feeds = {only: t.numpy()} if t.is_contiguous() and len(tensors) == 1 else None
-            except (RuntimeError, TypeError):
-                feeds = None
-            if feeds is None:  # the checked path copies a non-contiguous input, or names the mismatch
-                return run_arrays(tensors)
-            try:
-                arrays = run(outs, feeds, None)
-            except Exception:  # rerun through the checked path: its errors name the input or the graph
-                return run_arrays(tensors)
-            return list(map(tensor_from_numpy, arrays))  # onnxruntime's results are fresh, writeable arrays
-
-        return run_one
 
     def run_session(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if bounds and not _within(bounds, tensors):
