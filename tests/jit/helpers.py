@@ -10,6 +10,9 @@ from torch import nn
 from flora_graph.adapters import LoRAAdapter, apply_lora
 from flora_graph.models import build_mlp_stack
 
+ORT = {"intra_op_threads": 1, "allow_spinning": False}
+"""onnxruntime options of the JIT tests: one thread, no spinning."""
+
 ATOL, RTOL = 1e-5, 1e-4
 aten = torch.ops.aten
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from importlib.metadata import entry_points
 
 import pytest
@@ -18,17 +17,9 @@ from flora_graph.ir import Graph, Op
 from flora_graph.jit import dynamo
 from flora_graph.jit.fx_lowering import LoweringFallbackWarning
 from flora_graph.models import build_demo_model, demo_inputs
-from tests.jit.helpers import AdaptedLinear, Branchy, Exotic, TwoHeads, adapted_stack, assert_close
+from tests.jit.helpers import ORT, AdaptedLinear, Branchy, Exotic, TwoHeads, adapted_stack, assert_close
 
-ORT = {"intra_op_threads": 1, "allow_spinning": False}
-
-
-@pytest.fixture(autouse=True)
-def fresh() -> Iterator[None]:
-    torch._dynamo.reset()
-    dynamo.reset_stats()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def compiled(model: nn.Module, graphs: list[Graph] | None = None, dynamic: bool | None = None, **options) -> nn.Module:

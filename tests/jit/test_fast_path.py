@@ -7,8 +7,6 @@ by ``p.data = ...``, still rebuilds instead of serving the stale executable.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -23,17 +21,9 @@ from flora_graph.jit.fingerprint import TensorFingerprint
 from flora_graph.jit.runner import make_runner, make_torch_runner, picker
 from flora_graph.models import build_decoder
 from flora_graph.runtimes.executable import compile as compile_graph
-from tests.jit.helpers import assert_close
+from tests.jit.helpers import ORT, assert_close
 
-ORT = {"intra_op_threads": 1, "allow_spinning": False}
-
-
-@pytest.fixture(autouse=True)
-def fresh() -> Iterator[None]:
-    torch._dynamo.reset()
-    dynamo.reset_stats()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.fixture
