@@ -84,6 +84,20 @@ def test_stack_layout_zero_pads_ranks(served):
     assert set(param_spec(slots)) == set(served.params["a"])
 
 
+def check_rows_match_merged(net: type[nn.Module], targets: list[str], ranks: dict[str, int], shape: tuple[int, ...]) -> None:
+    """A mixed batch of rows ``q``, no adapter, ``p`` over ``net`` equals each row's merged model."""
+    torch.manual_seed(0)
+    base = net().eval()
+    models = {n: random_adapter(base, r, seed=k, targets=targets) for k, (n, r) in enumerate(ranks.items())}
+    x = torch.randn(*shape)
+    g = capture(models["p"], {"x": x}, {"x": {0: "batch"}})
+    s = MixedAdapterSession(export_mixed(g), {n: adapter_params(m) for n, m in models.items()}, intra_op_threads=1)
+    names = ["q", None, "p"]
+    with torch.no_grad():
+        want = np.stack([(base if n is None else merged(models[n]))(x[i : i + 1])[0].numpy() for i, n in enumerate(names)])
+    np.testing.assert_allclose(s.run({"x": x.numpy()}, names)["output"], want, atol=ATOL)
+
+
 class SeqNet(nn.Module):
     """Linear layers on ``[batch, seq, features]`` rows (transformer-shaped)."""
 
@@ -96,16 +110,7 @@ class SeqNet(nn.Module):
 
 
 def test_sequence_inputs_gather_per_batch_row():
-    torch.manual_seed(0)
-    base = SeqNet().eval()
-    models = {n: random_adapter(base, r, seed=k, targets=["up", "down"]) for k, (n, r) in enumerate([("p", 3), ("q", 6)])}
-    x = torch.randn(3, 5, 16)
-    g = capture(models["p"], {"x": x}, {"x": {0: "batch"}})
-    s = MixedAdapterSession(export_mixed(g), {n: adapter_params(m) for n, m in models.items()}, intra_op_threads=1)
-    names = ["q", None, "p"]
-    with torch.no_grad():
-        want = np.stack([(base if n is None else merged(models[n]))(x[i : i + 1])[0].numpy() for i, n in enumerate(names)])
-    np.testing.assert_allclose(s.run({"x": x.numpy()}, names)["output"], want, atol=ATOL)
+    check_rows_match_merged(SeqNet, ["up", "down"], {"p": 3, "q": 6}, (3, 5, 16))
 
 
 class FoldedNet(nn.Module):
@@ -177,13 +182,4 @@ class ConvNet(nn.Module):
 
 
 def test_pointwise_and_strided_dilated_convs():
-    torch.manual_seed(0)
-    base = ConvNet().eval()
-    models = {n: random_adapter(base, r, seed=k, targets=["point", "wide"]) for k, (n, r) in enumerate([("p", 2), ("q", 3)])}
-    x = torch.randn(3, 4, 9, 11)
-    g = capture(models["p"], {"x": x}, {"x": {0: "batch"}})
-    s = MixedAdapterSession(export_mixed(g), {n: adapter_params(m) for n, m in models.items()}, intra_op_threads=1)
-    names = ["q", None, "p"]
-    with torch.no_grad():
-        want = np.stack([(base if n is None else merged(models[n]))(x[i : i + 1])[0].numpy() for i, n in enumerate(names)])
-    np.testing.assert_allclose(s.run({"x": x.numpy()}, names)["output"], want, atol=ATOL)
+    check_rows_match_merged(ConvNet, ["point", "wide"], {"p": 2, "q": 3}, (3, 4, 9, 11))
