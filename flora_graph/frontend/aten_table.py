@@ -288,6 +288,7 @@ NO_TENSOR_OPS = {
 }
 
 
-# The transformer op family (attention, embedding, slicing, casts, comparisons, ...) lives in its
-# own module and registers its converters here when imported.
-import flora_graph.frontend.aten_transformer  # noqa: E402, F401
+# The transformer op family (attention, embedding, slicing, casts, comparisons, ...) and the
+# capture-time LoRA Linear op live in their own modules and register their converters here when imported.
+import flora_graph.frontend.aten_transformer  # noqa: E402
+import flora_graph.frontend.lora_op  # noqa: E402, F401
