@@ -1,10 +1,11 @@
 """Does fuse-base-and-down pay off? fused vs fused + fuse-base-and-down, per backend.
 
-Run: python benchmarks/fuse_base_and_down.py [--rounds 200] [--threads 1]
+Run: python benchmarks/fuse_base_and_down.py [--models demo mlp4 decoder] [--rounds 200] [--threads 1]
 
-Builds the demo model and a 4-layer MLP stack (q/k/v siblings), captures each once, and
-times both variants on every backend, interleaved, at batch 1 and 16. Prints medians and
-the ratio (with / without); below 1.0 means the fusion is faster on that backend.
+Builds the demo model (CNN + MLP), a 4-layer MLP stack (q/k/v siblings) and the built-in
+decoder (LoRA on all seven projections of both blocks, token ids ``[batch, 32]``), captures
+each once, and times both variants on every backend, interleaved, at batch 1 and 16. Prints
+medians and the ratio (with / without); below 1.0 means the fusion is faster on that backend.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from flora_graph.bench.latency import backend_options
 from flora_graph.bench.timing import median_ms, time_interleaved
 from flora_graph.frontend import capture
-from flora_graph.models import build_demo_model, build_mlp_stack, demo_inputs
+from flora_graph.models import build_decoder, build_demo_model, build_mlp_stack, demo_inputs
 from flora_graph.passes import optimize
 from flora_graph.runtimes import compile
 
@@ -28,12 +29,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", nargs="+", choices=["demo", "mlp4", "decoder"], default=["demo", "mlp4", "decoder"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    models = {
-        "demo": (build_demo_model(), demo_inputs(2), {"image": {0: "batch"}}, lambda b: demo_inputs(b, seed=1)),
-        "mlp4": (build_mlp_stack(4), {"x": torch.randn(2, 128)}, {"x": {0: "batch"}}, lambda b: {"x": torch.randn(b, 128)}),
+    tokens = {"input_ids": {0: "batch", 1: "seq"}}
+    builders = {
+        "demo": lambda: (build_demo_model(), demo_inputs(2), {"image": {0: "batch"}}, lambda b: demo_inputs(b, seed=1)),
+        "mlp4": lambda: (build_mlp_stack(4), {"x": torch.randn(2, 128)}, {"x": {0: "batch"}},
+                         lambda b: {"x": torch.randn(b, 128)}),
+        "decoder": lambda: (build_decoder(lora_rank=8), {"input_ids": torch.randint(0, 256, (2, 8))}, tokens,
+                            lambda b: {"input_ids": torch.randint(0, 256, (b, 32))}),
     }
+    models = {name: builders[name]() for name in args.models}
     print(f"threads={args.threads} rounds={args.rounds} inner={args.inner}")
     print(f"{'model':<6} {'batch':>5} {'backend':<13} {'fused ms':>9} {'+fbd ms':>9} {'ratio':>6}")
     for mname, (model, example, dyn, feeds_for) in models.items():

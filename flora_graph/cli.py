@@ -56,7 +56,8 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
             console.rule(f"after {record.name} (iteration {record.iteration})")
             console.print(g.format(), markup=False, highlight=False, soft_wrap=True)
 
-    options = {"fuse_base_and_down": True} if args.fuse_base_and_down else {}
+    fbd = args.fuse_base_and_down
+    options = {"fuse_base_and_down": True if fbd == "all" else fbd} if fbd else {}
     out, report = optimize_with_report(graph, args.preset, verify_each=args.verify, on_pass=show, **options)
     table = Table(title=f"optimize {graph.name!r} --preset {args.preset}")
     for col in ("pass", "runs", "changed", "ms", "rules fired"):
@@ -170,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--print-after", metavar="PASS", help="print the graph after every run of PASS that changed it")
     o.add_argument("--draw", metavar="FILE", help="render the graph before and after to FILE (.svg or .png)")
     o.add_argument("--save", metavar="DIR", help="save the optimized graph to DIR")
-    o.add_argument("--fuse-base-and-down", action="store_true", help="also fuse base W and LoRA A into one Linear")
+    o.add_argument("--fuse-base-and-down", nargs="?", const="all", choices=["all", "Conv2d", "Linear"],
+                   help="also stack base W and LoRA A into one product, at every site (all, the default) or at "
+                        "Conv2d or Linear sites only (onnxruntime's measured default is Conv2d)")
     o.add_argument("--verify", action="store_true", help="verify the graph after every pass")
     o.set_defaults(func=_optimize)
     e = sub.add_parser("export", help="export a model (+ PEFT adapter) to optimized ONNX / TorchScript / pt2")

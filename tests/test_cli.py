@@ -84,6 +84,19 @@ def test_optimize_cli_prints_after_a_pass_draws_and_saves(tmp_path, capsys):
     np.testing.assert_allclose(run(after, x)["output"], run(before, x)["output"], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("flag", "fired", "refused"), [(["--fuse-base-and-down"], 5, None),
+                                                        (["--fuse-base-and-down", "Conv2d"], 2, "Linear sites are left unfused"),
+                                                        (["--fuse-base-and-down", "Linear"], 3, "Conv2d sites are left unfused")])
+def test_optimize_cli_fuse_base_and_down_all_or_one_op(tmp_path, capsys, flag, fired, refused):
+    src = tmp_path / "g"
+    assert main(["demo", "--model", "cnn", "--save", str(src)]) == 0
+    capsys.readouterr()
+    assert main(["optimize", str(src), "--preset", "fused", *flag]) == 0
+    text = capsys.readouterr().out
+    assert f"fuse-base-and-down x{fired}" in text
+    assert refused is None or refused in text
+
+
 def test_optimize_cli_rejects_unknown_pass(tmp_path, capsys):
     src = tmp_path / "g"
     assert main(["demo", "--model", "cnn", "--save", str(src)]) == 0
