@@ -55,6 +55,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 @lora_linear.register_fake
 def _lora_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                       lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    # the shape checks F.linear's meta kernels would make on the op-by-op trace
+    torch._check(x.shape[-1] == weight.shape[1] == lora_A.shape[1],
+                 lambda: f"lora_linear: input features {x.shape[-1]} vs weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)}")
+    torch._check(lora_B.shape[1] == lora_A.shape[0] and lora_B.shape[0] == weight.shape[0],
+                 lambda: f"lora_linear: lora_B {tuple(lora_B.shape)} does not map lora_A {tuple(lora_A.shape)} onto {weight.shape[0]} outputs")
+    torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],), lambda: f"lora_linear: bias {tuple(bias.shape)}")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -223,3 +223,12 @@ def test_a_forward_set_on_the_instance_is_left_alone():
     model.q.forward = own
     assert _op_count(model, torch.randn(3, 10)) == 2  # k and o only
     assert model.q.forward is own and calls
+
+
+def test_a_shape_mismatch_is_caught_while_tracing():
+    """The fake kernel checks what F.linear's would: a LoRA B of the wrong width fails the capture, naming the shapes."""
+    model = _ours("linear")
+    with torch.no_grad():
+        model.q.lora_B.data = torch.randn(12, 5)  # rank 3 expected
+    with pytest.raises(GraphError, match="lora_B"):
+        capture(model, torch.randn(3, 10), DYN)
