@@ -16,7 +16,8 @@ nodes and about 1.2 s to 0.8 s.
 A site keeps its own forward (traced op by op) whenever anything differs from the plain
 ``base(x) + scaling * B(A(x))``: a Conv2d base, a merged or disabled PEFT layer, several
 or no active adapters, DoRA or another LoRA variant, LoRA biases, dropout in training mode,
-extra forward arguments, or mixed dtypes.
+extra forward arguments, mixed dtypes, or a forward hook the op would skip (on the base
+layer, ``A``, ``B`` or the dropout, or a global one).
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def _base_weight(base: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def _hookless(*modules: nn.Module) -> bool:
+    """Whether calling the op instead of ``modules`` skips no forward hook (theirs, or a global one)."""
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def _same_dtype(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return all(t is None or t.dtype == x.dtype for t in tensors)
 
@@ -90,7 +100,8 @@ def _ours(m: nn.Module) -> bool:
 
 def _ours_forward(self: LoRAAdapter, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     base = self.base_layer
-    weight = None if args or kwargs or self.is_conv or not _plain_dropout(self.lora_dropout) else _base_weight(base)
+    plain = not (args or kwargs or self.is_conv) and _plain_dropout(self.lora_dropout) and _hookless(base, self.lora_dropout)
+    weight = _base_weight(base) if plain else None
     if weight is None or not _same_dtype(x, weight, base.bias, self.lora_A, self.lora_B):
         return type(self).forward(self, x, *args, **kwargs)
     return lora_linear(x, weight, base.bias, self.lora_A, self.lora_B, float(self.scaling))
@@ -110,7 +121,9 @@ def _peft_adapter(m: nn.Module) -> str | None:
     if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
         return None
     dropout = getattr(m, "lora_dropout", {})
-    if name in dropout and not _plain_dropout(dropout[name]):
+    if name in dropout and not (_plain_dropout(dropout[name]) and _hookless(dropout[name])):
+        return None
+    if not _hookless(m.base_layer, a, b):
         return None
     scaling = getattr(m, "scaling", {}).get(name)
     return name if isinstance(scaling, int | float) and not isinstance(scaling, bool) else None

@@ -232,3 +232,32 @@ def test_a_shape_mismatch_is_caught_while_tracing():
         model.q.lora_B.data = torch.randn(12, 5)  # rank 3 expected
     with pytest.raises(GraphError, match="lora_B"):
         capture(model, torch.randn(3, 10), DYN)
+
+
+@pytest.mark.parametrize("name", ["peft", "ours"])
+def test_a_forward_hook_inside_a_site_keeps_it_op_by_op(name):
+    """The op reads the weights directly, so a site whose base layer has a hook keeps its forward and the hook runs."""
+    model = MODELS[name]()
+    site = model.base_model.model.q if name == "peft" else model.q
+    seen = []
+    handle = site.base_layer.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
+    try:
+        x = torch.randn(3, 10)
+        assert _op_count(model, x) == 2  # k and o only
+        assert seen  # the hook ran during the trace
+        g = capture(model, x, DYN)
+        with torch.no_grad():
+            want = model(x).numpy()
+        np.testing.assert_allclose(compile(g, "numpy")(x=x.numpy())["output"], want, atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    assert _op_count(model, x) == 3
+
+
+def test_a_global_forward_hook_keeps_every_site_op_by_op():
+    model = MODELS["ours"]()
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, inp, out: None)
+    try:
+        assert _op_count(model, torch.randn(3, 10)) == 0
+    finally:
+        handle.remove()
