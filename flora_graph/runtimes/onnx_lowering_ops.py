@@ -21,7 +21,7 @@ from flora_graph.errors import GraphError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op
 from flora_graph.ir.shapes import Dim, canonical_dim
-from flora_graph.runtimes.onnx_lowering import ONNX_DTYPES, ONNX_LOWERING, Lowering, LoweringContext
+from flora_graph.runtimes.onnx_lowering import ONNX_DTYPES, ONNX_LOWERING, Lowering, LoweringContext, _simple
 
 __all__ = ["TRANSFORMER_LOWERING", "dim_tensor", "dims_tensor"]
 
@@ -69,14 +69,6 @@ def _scalar_dim(ctx: LoweringContext, dim: Dim, node: ComputationNode, dtype: st
 
 
 # --------------------------------------------------------------------------- lowerings
-def _simple(op_type: str, **attrs: str) -> Lowering:
-    def lower(ctx: LoweringContext, node: ComputationNode, out: str) -> None:
-        ctx.emit(op_type, ctx.args(node), [out], **{k: node.attrs[v] for k, v in attrs.items()})
-
-    lower.__doc__ = f"Lowers to ONNX ``{op_type}``."
-    return lower
-
-
 def _reshape(ctx: LoweringContext, node: ComputationNode, out: str) -> None:
     """``Reshape`` (0 copies a dim, -1 infers one); a named target dim is read off a graph input."""
     ctx.emit("Reshape", [ctx.arg(node, 0), dims_tensor(ctx, node.attrs["shape"], node, "shape")], [out])
