@@ -12,8 +12,10 @@ of both blocks, nonzero ``B``) on int64 ``input_ids`` of shape ``[batch, seq]``;
 
 Variants: ``eager`` (the adapted model, unmerged), ``inductor`` (``torch.compile``),
 ``dynamo-noop`` (a torch.compile backend that does no work: the floor every torch.compile
-backend pays), ``backend-fused``/``backend-merged`` (``torch.compile(backend="flora_graph")``
-with that preset) and ``jit-fused``/``jit-merged`` (``flora_graph.jit``). Fixed threads:
+backend pays), ``backend`` (``torch.compile(backend="flora_graph")`` with its default preset,
+``auto``: ``merged`` for these float32 weights; the run prints what it resolved to),
+``backend-fused`` (``options={"preset": "fused"}``) and ``jit-fused``/``jit-merged``
+(``flora_graph.jit``). Fixed threads:
 ``torch.set_num_threads(1)``, onnxruntime ``intra_op_threads=1``, ``inter_op_threads=1``,
 ``allow_spinning=False``. Everything runs under ``torch.no_grad()``, on the same model
 weights and the same inputs.
@@ -45,6 +47,7 @@ import torch._inductor.config as inductor_config
 
 from flora_graph.bench.timing import median_ms, time_interleaved
 from flora_graph.jit import jit
+from flora_graph.jit import stats as backend_stats
 
 ORT = {"intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False}
 DEFAULT_SHAPES = {"decoder": ["1x1", "1x32", "4x128"], "cnn": ["1", "4", "16"]}
@@ -101,10 +104,9 @@ def variants(model: torch.nn.Module, inductor: bool, shapes: list[str]) -> dict[
         if inductor:
             out[("inductor", s)] = torch.compile(own_code(model, f"inductor_{tag}"))
         out[("dynamo-noop", s)] = torch.compile(own_code(model, f"noop_{tag}"), backend=noop_backend)
-        for preset in ("fused", "merged"):
-            name = f"backend-{preset}"
-            out[(name, s)] = torch.compile(own_code(model, f"{name}_{tag}"), backend="flora_graph",
-                                           options={"preset": preset, **ORT})
+        for name, preset in (("backend", {}), ("backend-fused", {"preset": "fused"})):
+            out[(name, s)] = torch.compile(own_code(model, f"{name.replace('-', '_')}_{tag}"), backend="flora_graph",
+                                           options={**preset, **ORT})
         for preset, jm in jits.items():
             out[(f"jit-{preset}", s)] = jm
     return out
@@ -193,6 +195,7 @@ def main() -> None:
         print(f"{name}: failed: {err}")
     jits = {n: f for (n, _), f in fns.items() if n.startswith("jit-")}
     print("jit compiles over all shapes: " + ", ".join(f"{n}={f.compile_count}" for n, f in jits.items()))
+    print(f"flora_graph backend compiles per preset run (both backend variants): {dict(backend_stats().presets)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "median_us": {f"{n}@{s}": v for (n, s), v in med.items()},

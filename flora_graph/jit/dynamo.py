@@ -3,7 +3,8 @@
 Registered through the ``torch_dynamo_backends`` entry point (``pyproject.toml``), so after
 ``pip install``::
 
-    compiled = torch.compile(model, backend="flora_graph", options={"preset": "merged"})
+    compiled = torch.compile(model, backend="flora_graph")                         # preset "auto"
+    compiled = torch.compile(model, backend="flora_graph", options={"preset": "fused"})
 
 Each fx graph dynamo captures goes through AOT autograd to ATen. What happens next depends
 on whether autograd must record:
@@ -19,7 +20,8 @@ on whether autograd must record:
   are AOT's ATen graphs run by torch (as ``backend="aot_eager"`` does); flora_graph compiles
   no backward, so the forward stays differentiable and correct.
 
-Options (``options={...}``): ``preset`` (``fused``, ``merged``, ``unfused``), ``backend``
+Options (``options={...}``): ``preset`` (``auto``, the default, or ``fused``, ``merged``,
+``unfused``), ``backend``
 (``onnxruntime``, ``numpy``, ``torchscript``, ``torch-export``), ``fallback`` (``"torch"``:
 ops outside the table run in torch, warned once; ``"error"``: raise
 :class:`UnsupportedOpError`), ``check_weights`` (``"version"``/``"content"``, see
@@ -27,12 +29,14 @@ ops outside the table run in torch, warned once; ``"error"``: raise
 and any option of the flora_graph backend (``intra_op_threads``, ``allow_spinning``, ...).
 
 Choosing a preset: the compiled graph is private to the backend and rebuilt from the live
-module whenever a weight changes, so ``merged`` loses nothing a compiled graph could offer
-and runs fastest (``benchmarks/jit_latency.py``, built-in decoder at 1x32: ``merged`` 3.2x
-eager, ``fused`` 2.6x, where ONNX Runtime's small products dominate and the LoRA branches
-are 40 of the session's ~200 us). ``fused`` (the default) keeps the unmerged arithmetic,
-which matters in half precision: merging rounds ``W + s * B @ A`` to the weight's dtype,
-where a small update can be lost.
+module whenever a weight changes, so keeping adapters swappable (what ``fused`` is for in
+an export) buys nothing here. The default ``auto`` (:mod:`flora_graph.jit.presets`) runs
+``merged`` on an island whose weights are all float32/float64, the fastest form
+(``benchmarks/jit_latency.py``, built-in decoder at 1x32: ``merged`` 3.2x eager, ``fused``
+2.6x; ONNX Runtime's small products dominate there and the LoRA branches are 40 of the
+session's ~200 us), and ``fused`` where a weight is float16/bfloat16: merging rounds
+``W + s * B @ A`` to the weight's dtype once, which in half precision can drop a small
+update that ``fused``, computing the low-rank product apart, keeps.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from flora_graph.errors import FloraGraphError
 from flora_graph.jit.canonicalize import canonicalize
 from flora_graph.jit.fingerprint import check_mode
 from flora_graph.jit.fx_lowering import STATS, WARNED, LoweringConfig, LoweringStats, partition
-from flora_graph.passes.optimize import PRESETS
+from flora_graph.jit.presets import check_preset
 
 __all__ = ["config_from_options", "flora_graph_backend", "reset_stats", "stats"]
 
@@ -62,8 +66,7 @@ def config_from_options(options: Mapping[str, Any] | None) -> LoweringConfig:
     options = dict(options or {})
     own = {k: options.pop(k) for k in _OWN if k in options}
     config = LoweringConfig(**own, backend_options=options)
-    if config.preset not in PRESETS:
-        raise FloraGraphError(f"flora_graph backend: unknown preset {config.preset!r}; choose one of {sorted(PRESETS)}")
+    check_preset(config.preset, "flora_graph backend")
     if config.fallback not in ("torch", "error"):
         raise FloraGraphError(f"flora_graph backend: fallback={config.fallback!r} must be 'torch' or 'error'")
     check_mode(config.check_weights)

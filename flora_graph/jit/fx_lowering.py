@@ -27,6 +27,7 @@ from flora_graph.frontend.aten_table import ATEN_TABLE, NO_TENSOR_OPS, aten_name
 from flora_graph.frontend.capture import convert_fx_graph
 from flora_graph.ir import Graph, Op
 from flora_graph.jit.fingerprint import _DATA_PTR, _VERSION, TensorFingerprint, WeightCheck, bit_view
+from flora_graph.jit.presets import resolve_preset
 from flora_graph.jit.runner import TorchRunner, make_torch_runner, picker
 from flora_graph.passes.optimize import optimize
 from flora_graph.runtimes.executable import compile as compile_graph
@@ -62,7 +63,8 @@ class LoweringFallbackWarning(UserWarning):
 class LoweringConfig:
     """What the dynamo backend was asked for (``torch.compile(..., options={...})``)."""
 
-    preset: str = "fused"
+    preset: str = "auto"
+    """A preset name or ``"auto"`` (resolved per island by :func:`~flora_graph.jit.presets.resolve_preset`)."""
     backend: str = "onnxruntime"
     fallback: str = "torch"
     check_weights: WeightCheck = "version"
@@ -86,6 +88,8 @@ class LoweringStats:
     """Islands converted, optimized and compiled (again after a weight change)."""
     torch_ops: dict[str, int] = field(default_factory=dict)
     """ATen ops left to torch, with their counts."""
+    presets: dict[str, int] = field(default_factory=dict)
+    """Compiles per preset run (``"auto"`` counted as what it resolved to)."""
 
 
 STATS = LoweringStats()
@@ -227,7 +231,8 @@ class LoweredGraph(nn.Module):
         for out, node in list(graph.outputs.items()):
             if node.op in (Op.INPUT, Op.CONST):  # an alias (clone/detach) of an input: outputs are fresh tensors
                 graph.set_output(out, graph.add(Op.IDENTITY, [node], name=f"{out}_copy"))
-        graph = optimize(graph, self.config.preset, backend=self.config.backend)  # BACKEND_DEFAULTS, as export does
+        preset = resolve_preset(graph, self.config.preset)
+        graph = optimize(graph, preset, backend=self.config.backend)  # BACKEND_DEFAULTS, as export does
         exe = compile_graph(graph, self.config.backend, **self.config.backend_options)
         index = {p.name: i for i, p in enumerate(self.placeholders)}
         missing = [n.name for n in graph.inputs if n.name not in index]
@@ -241,6 +246,7 @@ class LoweredGraph(nn.Module):
         self._scalars = [args[i].item() for i in scalars]
         self._fast = self._fast_path()
         STATS.compiles += 1
+        STATS.presets[preset] = STATS.presets.get(preset, 0) + 1
         if self.config.on_compile is not None:
             self.config.on_compile(graph)
 

@@ -37,8 +37,9 @@ from flora_graph.errors import FloraGraphError, GraphError, UnsupportedOpError
 from flora_graph.frontend.capture import convert_fx_graph, export_program
 from flora_graph.ir import Graph
 from flora_graph.jit.fingerprint import ModuleFingerprint, WeightCheck, check_mode
+from flora_graph.jit.presets import check_preset, resolve_preset
 from flora_graph.jit.runner import TorchRunner, make_torch_runner, picker
-from flora_graph.passes.optimize import PRESETS, optimize
+from flora_graph.passes.optimize import optimize
 from flora_graph.runtimes.executable import compile as compile_graph
 
 __all__ = ["JitFallbackWarning", "JitModule", "JitStats", "jit"]
@@ -129,8 +130,7 @@ class JitModule(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise FloraGraphError(f"flora_graph.jit wraps an nn.Module, got {type(model).__name__}")
-        if preset not in PRESETS:
-            raise FloraGraphError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        check_preset(preset, "flora_graph.jit")
         if fallback not in FALLBACKS:
             raise FloraGraphError(f"fallback={fallback!r} must be None (raise) or 'eager'")
         self._orig_mod = model
@@ -363,7 +363,7 @@ class JitModule(nn.Module):
         fqns = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
         weights = {n: (fqn, current.get(fqn, saved.get(fqn))) for n, fqn in fqns.items()}
         graph = convert_fx_graph(ep.graph, weights, program.adapters, program.dynamic_dims, type(model).__name__)
-        graph = optimize(graph, self.preset, backend=self.backend)  # BACKEND_DEFAULTS, as flora_graph.export applies them
+        graph = optimize(graph, resolve_preset(graph, self.preset), backend=self.backend)  # BACKEND_DEFAULTS, as flora_graph.export applies them
         exe = compile_graph(graph, self.backend, **self.backend_options)
         self.stats.compiles += 1
         return _Compiled(graph, make_torch_runner(exe), _order(graph, program.inputs), program.out_spec)
@@ -422,7 +422,9 @@ def jit(
     Args:
         model: the model (``LoRAAdapter``s and all). Compiled in eval mode, for inference.
         backend: a flora_graph backend (``onnxruntime``, ``numpy``, ``torchscript``, ``torch-export``).
-        preset: ``fused`` (adapters kept, low-rank products fused), ``merged`` or ``unfused``.
+        preset: ``fused`` (adapters kept, low-rank products fused), ``merged``, ``unfused``, or
+            ``auto`` (``merged`` unless a weight is float16/bfloat16, then ``fused``; see
+            :mod:`flora_graph.jit.presets`).
         dynamic: keep batch dims (axis 0, size >= 2; sizes shared across inputs are one dim) and
             sequence dims (axis 1 of integer token inputs and of 3-D float inputs) symbolic, so a
             new size reuses the compiled graph; where torch.export cannot keep the sequence (or
