@@ -32,9 +32,9 @@ Choosing a preset: the compiled graph is private to the backend and rebuilt from
 module whenever a weight changes, so keeping adapters swappable (what ``fused`` is for in
 an export) buys nothing here. The default ``auto`` (:mod:`flora_graph.jit.presets`) runs
 ``merged`` on an island whose weights are all float32/float64, the fastest form
-(``benchmarks/jit_latency.py``, built-in decoder at 1x32: ``merged`` 3.2x eager, ``fused``
-2.6x; ONNX Runtime's small products dominate there and the LoRA branches are 40 of the
-session's ~200 us), and ``fused`` where a weight is float16/bfloat16: merging rounds
+(``benchmarks/jit_latency.py``, built-in decoder at 1x32: ``merged`` 3.1-3.2x eager,
+``fused`` 2.6-2.9x over three runs; ONNX Runtime's small products dominate there and the
+LoRA branches are 40 of the session's ~200 us), and ``fused`` where a weight is float16/bfloat16: merging rounds
 ``W + s * B @ A`` to the weight's dtype once, which in half precision can drop a small
 update that ``fused``, computing the low-rank product apart, keeps.
 """
