@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import peft
 import pytest
@@ -13,6 +12,7 @@ from torch import nn
 from flora_graph.adapters import LoRAAdapter, adapters_of
 from flora_graph.adapters.peft import load_peft_adapter, save_peft_adapter
 from flora_graph.errors import AdapterError
+from tests.peft_folders import edit_peft_folder
 
 
 class Block(nn.Module):
@@ -82,22 +82,6 @@ def test_saved_folder_loads_in_peft_with_equal_outputs(tmp_path):
         torch.testing.assert_close(back(x, img), model(x, img), atol=1e-5, rtol=1e-5)
 
 
-def _edit(folder, *, config=None, drop=None, reshape=None):
-    from safetensors.torch import load_file, save_file
-
-    if config:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        cfg.update(config)
-        (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    if drop or reshape:
-        st = load_file(folder / "adapter_model.safetensors")
-        if drop:
-            st = {k: v for k, v in st.items() if drop not in k}
-        if reshape:
-            st = {k: (v[:, :-1].contiguous() if reshape in k else v) for k, v in st.items()}
-        save_file(st, folder / "adapter_model.safetensors")
-
-
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
@@ -112,7 +96,7 @@ def _edit(folder, *, config=None, drop=None, reshape=None):
 )
 def test_bad_folders_raise_naming_the_key_and_leave_the_model_untouched(tmp_path, edit, match):
     plain, _, folder = _peft_folder(tmp_path, r=2, lora_alpha=4, target_modules=["q", "k"])
-    _edit(folder, **edit)
+    edit_peft_folder(folder, **edit)
     model = copy.deepcopy(plain)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AdapterError, match=match):

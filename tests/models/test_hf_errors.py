@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
 from flora_graph.adapters import adapters_of
 from flora_graph.adapters.peft import load_peft_adapter
@@ -18,6 +17,7 @@ from flora_graph.export import export_model
 from flora_graph.frontend import capture
 from flora_graph.frontend.aten_table import ATEN_TABLE, aten_name
 from tests.models.test_hf_peft_parity import VOCAB, llama_model, peft_model
+from tests.peft_folders import edit_peft_folder
 
 
 def test_t5_encoder_names_each_unsupported_op_and_its_module() -> None:
@@ -49,19 +49,12 @@ def llama_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Mo
     return plain.eval(), root / "adapter"
 
 
-def _broken_copy(src: Path, dst: Path, *, drop: str | None = None, reshape: str | None = None,
-                 config: dict | None = None) -> Path:
+def _broken_copy(src: Path, dst: Path, **edit: object) -> Path:
+    """A copy of the PEFT folder ``src`` at ``dst``, edited by :func:`edit_peft_folder`."""
     dst.mkdir()
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    cfg.update(config or {})
-    (dst / "adapter_config.json").write_text(json.dumps(cfg))
-    st = load_file(src / "adapter_model.safetensors")
-    if drop:
-        st = {k: v for k, v in st.items() if drop not in k}
-    if reshape:
-        st = {k: (v[:, :-1].contiguous() if reshape in k else v) for k, v in st.items()}
-    save_file(st, dst / "adapter_model.safetensors")
-    return dst
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(src / name, dst / name)
+    return edit_peft_folder(dst, **edit)  # type: ignore[arg-type]
 
 
 LAYER = r"base_model\.model\.model\.layers\.1\."
