@@ -53,7 +53,7 @@ from flora_graph.bench.latency import backend_options
 from flora_graph.bench.timing import time_interleaved
 from flora_graph.frontend import capture
 from flora_graph.passes import optimize
-from flora_graph.runtimes.onnx_lowering import save_onnx
+from flora_graph.runtimes.onnx_writer import save_onnx
 from flora_graph.runtimes.onnxrt import make_session_options
 
 DYN = {"input_ids": {0: "batch", 1: "seq"}}

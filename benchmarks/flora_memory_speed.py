@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora_graph.training import Flora, layout_for
+from flora_graph.flora import Flora, layout_for
 
 
 def make_params(dim: int, layers: int, vocab: int) -> list[tuple[str, torch.Size]]:

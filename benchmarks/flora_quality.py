@@ -13,7 +13,7 @@ reported at its best final eval loss:
 - ``adafactor``: the same with ``beta1 = 0`` (no momentum at all), for reference;
 - ``flora r=8`` / ``flora r=32``: our ``Flora`` (compressed momentum ``r x max(n, m)``; the update
   is the matrix nearest the fresh Adafactor update whose compression is the momentum, see
-  :mod:`flora_graph.training.optimizer`; ``kappa`` 1000, i.e. no resample within the run unless
+  :mod:`flora_graph.flora.optimizer`; ``kappa`` 1000, i.e. no resample within the run unless
   ``--kappa`` says otherwise);
 - ``flora-opt r=8``: the ``flora-opt`` package's ``Flora`` (the paper authors'; fixed lr,
   ``scale_parameter=False``), whose update mixes the fresh gradient uncompressed into the
@@ -57,8 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flora_graph.flora import FloraAccumulator
 from flora_graph.ir.serialize import atomic_write_bytes
-from flora_graph.training import FloraAccumulator
 from flora_graph.training.trainer import TrainConfig, build_model, train
 
 # method -> (TrainConfig overrides, learning rates swept)

@@ -1,4 +1,4 @@
-"""JIT latency: eager vs torch.compile (inductor) vs torch.compile(backend="flora_graph") vs flora_graph.jit.
+"""JIT latency: eager vs torch.compile (inductor) vs torch.compile(backend="flora_graph") vs flora_graph.torch_jit.
 
 Run: python benchmarks/jit_latency.py [--model decoder|cnn] [--shapes 1x1 1x32 4x128] [--rounds 300]
      [--inner 5] [--json out.json]
@@ -46,8 +46,8 @@ import torch
 import torch._inductor.config as inductor_config
 
 from flora_graph.bench.timing import median_ms, time_interleaved
-from flora_graph.jit import jit
-from flora_graph.jit import stats as backend_stats
+from flora_graph.torch_jit import jit
+from flora_graph.torch_jit import stats as backend_stats
 
 ORT = {"intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False}
 DEFAULT_SHAPES = {"decoder": ["1x1", "1x32", "4x128"], "cnn": ["1", "4", "16"]}

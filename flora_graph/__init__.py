@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from flora_graph import ops  # noqa: F401  (declares every op; the IR holds only the leaves)
+from flora_graph._lazy import lazy_exports
 from flora_graph.errors import (
     AdapterError,
     FloraGraphError,
@@ -30,11 +32,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """``flora_graph.jit`` is imported on first use: it pulls in torch, which ``import flora_graph`` does not."""
-    if name == "jit":
-        from flora_graph.jit.module import jit
-
-        globals()["jit"] = jit  # importing the subpackage bound its module here; the function wins
-        return jit
-    raise AttributeError(f"module 'flora_graph' has no attribute {name!r}")
+# ``flora_graph.jit`` is a function (the JIT package is ``flora_graph.torch_jit``), imported on first use: it pulls in
+# torch, which ``import flora_graph`` does not
+__getattr__, __dir__ = lazy_exports(__name__, {"jit": "flora_graph.torch_jit.module"})

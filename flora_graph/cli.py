@@ -89,7 +89,7 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    from flora_graph.export import export_model
+    from flora_graph.model_export import export_model
 
     with console.status("starting") as status:
         report = export_model(args.model, args.out, adapter=args.adapter, backend=args.backend, preset=args.preset,

@@ -109,7 +109,7 @@ def test_top_level_jit_is_the_function_and_import_stays_light():
     import sys
 
     code = ("import sys, flora_graph; assert 'torch' not in sys.modules; "
-            "from flora_graph import jit; import flora_graph.jit.dynamo; assert flora_graph.jit is jit and callable(jit)")
+            "from flora_graph import jit; import flora_graph.torch_jit.dynamo; assert flora_graph.jit is jit and callable(jit)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from flora_graph.adapters.lora import LoRAAdapter
 from flora_graph.errors import AdapterError
-from flora_graph.training.projection import gaussian_projection, stable_seed
+from flora_graph.flora.projection import gaussian_projection, stable_seed
 
 __all__ = ["FloraAdapter", "next_projection_seed"]
 

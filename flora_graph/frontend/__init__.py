@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flora_graph.frontend.aten_table import ATEN_TABLE
+from flora_graph.frontend.aten import ATEN_TABLE
 from flora_graph.frontend.capture import capture
 
 __all__ = ["ATEN_TABLE", "capture"]

@@ -1,7 +1,7 @@
 """``capture(model, example_inputs)``: a PyTorch model as a flora_graph ``Graph``.
 
 Built on ``torch.export`` (no home-made tracer): the exported ATen graph is walked once and
-each node converted through :data:`~flora_graph.frontend.aten_table.ATEN_TABLE`. Dims named
+each node converted through :data:`~flora_graph.frontend.aten.ATEN_TABLE`. Dims named
 in ``dynamic_dims`` stay symbolic; ``dim_max`` bounds them from above where the model needs
 it (a learned position table sliced by the sequence length) and is kept as ``Graph.dim_max``.
 Adapters (any :class:`LoRAAdapter` in the model) come out as the pattern
@@ -29,12 +29,12 @@ from flora_graph.adapters import adapters_of
 from flora_graph.adapters.lora import is_conv1d
 from flora_graph.adapters.peft import adapter_label, peft_lora_layers
 from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
-from flora_graph.frontend.aten_table import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name
+from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
 
-__all__ = ["CaptureContext", "capture", "convert_fx_graph", "export_program", "torch_dtype_name"]
+__all__ = ["CaptureContext", "capture", "convert_fx_graph", "torch_dtype_name", "trace_with_torch_export"]
 
 DynamicDims = Mapping[str, Mapping[int, str]]
 DimMax = Mapping[str, int]
@@ -308,13 +308,13 @@ def capture(
         GraphError: torch.export failed (its message suggests a ``dim_max`` where a dim
             needs one), or the result does not verify.
     """
-    ep, model, adapters = export_program(model, example_inputs, dynamic_dims, dim_max=dim_max)
+    ep, model, adapters = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max)
     graph = _convert(ep, adapters, dynamic_dims or {}, name or type(model).__name__)
     graph.dim_max = _check_dim_max(dynamic_dims, dim_max)
     return graph
 
 
-def export_program(
+def trace_with_torch_export(
     model: nn.Module, example_inputs: Any, dynamic_dims: DynamicDims | None = None, *, dim_max: DimMax | None = None
 ) -> tuple[torch.export.ExportedProgram, nn.Module, dict[str, Any]]:
     """The ``torch.export`` step of :func:`capture` (same arguments), for callers that convert later.

@@ -6,7 +6,7 @@ which costs about a millisecond per op whatever the op computes. A LoRA Linear f
 bookkeeping: seven traced nodes per site, a third of a 4-layer Llama's. During capture,
 :func:`lora_sites_as_op` gives each eligible adapter a forward that calls the custom op
 ``flora_graph::lora_linear`` (:func:`lora_linear`) instead, which the trace records as one
-node; the ATen table (:mod:`~flora_graph.frontend.aten_table`) expands it back into the
+node; the ATen table (:mod:`~flora_graph.frontend.aten`) expands it back into the
 exact tagged pattern the op-by-op trace gives: same structure, adapter node names, tags,
 weight names and ``scaling`` constant (tested); only fx's automatic numbering of the
 untagged nodes elsewhere shifts, as the trace has fewer nodes. On a 4-layer
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora_graph.adapters.lora import LoRAAdapter, is_conv1d
-from flora_graph.frontend.aten_table import operand, out_dtype, register
+from flora_graph.frontend.aten.registry import operand, out_dtype, register
 from flora_graph.ir import ComputationNode, Op
 
 if TYPE_CHECKING:

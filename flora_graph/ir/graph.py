@@ -20,7 +20,7 @@ from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import DTYPES, Op, schema
 from flora_graph.ir.shapes import Dim, canonical_dim
 
-__all__ = ["Graph", "infer_node"]
+__all__ = ["Graph", "check_default", "infer_node"]
 
 
 def infer_node(op: Op, inputs: Sequence[ComputationNode], attrs: Mapping[str, Any], name: str):
@@ -49,6 +49,10 @@ class Graph:
     ``param`` attribute. ``outputs`` maps output names to nodes, in order. ``dim_max`` maps a
     dynamic dim name to the largest size the graph is valid for (a learned position table
     of ``512`` rows bounds ``"seq"`` by 512); a name absent from it is unbounded.
+    ``input_defaults`` maps an input's name to the (read-only) array it takes when a caller
+    leaves it out (:meth:`input` with ``default=``; an adapter slot's rank-0 weights): every
+    backend accepts the input omitted, and ONNX lowers it as an input with a same-named
+    initializer, which a feed overrides.
     """
 
     def __init__(self, name: str = "graph") -> None:
@@ -58,6 +62,7 @@ class Graph:
         self.nodes: list[ComputationNode] = []
         self.params: dict[str, np.ndarray] = {}
         self.dim_max: dict[str, int] = {}
+        self.input_defaults: dict[str, np.ndarray] = {}
         self._names: set[str] = set()
         self._counter = 0
 
@@ -80,8 +85,14 @@ class Graph:
         self.nodes.append(node)
         return node
 
-    def input(self, name: str, shape: Sequence[Dim], dtype: str = "float32", **meta: Any) -> ComputationNode:
-        """Declare a graph input with a (possibly dynamic) shape."""
+    def input(self, name: str, shape: Sequence[Dim], dtype: str = "float32", *, default: np.ndarray | None = None,
+              **meta: Any) -> ComputationNode:
+        """Declare a graph input with a (possibly dynamic) shape.
+
+        ``default``: the array the input takes when a caller leaves it out, of the input's
+        dtype and rank, equal to its static dims (a named dim takes the default's size, 0
+        included). Raises ``GraphError``/``ShapeError`` naming the input.
+        """
         if dtype not in DTYPES:
             raise GraphError(f"input {name!r}: unknown dtype {dtype!r}")
         try:
@@ -89,8 +100,13 @@ class Graph:
         except ShapeError as exc:
             raise ShapeError(f"input {name!r}: {exc}") from None
         node = ComputationNode(name, Op.INPUT, [], {}, dims, dtype, dict(meta))
+        if default is not None:
+            arr = _read_only(np.array(default, copy=True))
+            check_default(node, arr)
         self._append(node)
         self.inputs.append(node)
+        if default is not None:
+            self.input_defaults[name] = arr
         return node
 
     def const(self, param: str, value: np.ndarray | None = None, *, name: str | None = None, **meta: Any) -> ComputationNode:
@@ -198,6 +214,18 @@ class Graph:
                 stack.extend(n.inputs)
         return [n for n in self.nodes if n in live]
 
+    def remove_input(self, node: ComputationNode) -> None:
+        """Drop graph input ``node`` (and its default); ``GraphError`` while a node still reads it."""
+        if node not in self.inputs:
+            raise GraphError(f"{node.name!r} is not an input of graph {self.name!r}")
+        readers = [n.name for n in self.nodes if any(i is node for i in n.inputs)]
+        if readers or any(v is node for v in self.outputs.values()):
+            raise GraphError(f"input {node.name!r} is still read by {readers or ['<output>']}")
+        self.inputs = [i for i in self.inputs if i is not node]
+        self.nodes = [n for n in self.nodes if n is not node]
+        self._names.discard(node.name)
+        self.input_defaults.pop(node.name, None)
+
     def remove_dead(self) -> int:
         """Drop nodes no output depends on (inputs stay) and unused params; return count removed."""
         live = set(self.live_nodes()) | set(self.inputs)
@@ -222,6 +250,7 @@ class Graph:
         else:
             out.params = {k: np.array(v, copy=True) for k, v in self.params.items()}
         out.dim_max = dict(self.dim_max)
+        out.input_defaults = dict(self.input_defaults)  # read-only arrays, shared
         new: dict[ComputationNode, ComputationNode] = {}
         for n in self.nodes:
             try:
@@ -276,6 +305,16 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
     view = arr.view()
     view.flags.writeable = False
     return view
+
+
+def check_default(node: ComputationNode, arr: np.ndarray) -> None:
+    """Raise ``GraphError`` naming input ``node`` when ``arr`` cannot be its default (dtype, rank, static dims)."""
+    if not isinstance(arr, np.ndarray) or str(arr.dtype) != node.dtype:
+        got = str(arr.dtype) if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise GraphError(f"input {node.name!r}: default of dtype {got}, the input is {node.dtype}")
+    if arr.ndim != len(node.shape) or any(isinstance(d, int) and d != s for d, s in zip(node.shape, arr.shape, strict=False)):
+        raise ShapeError(f"input {node.name!r}: default of shape {list(arr.shape)} does not fit the declared "
+                         f"{list(node.shape)}")
 
 
 def iter_leaves(nodes: Iterable[ComputationNode]) -> Iterable[ComputationNode]:

@@ -24,8 +24,13 @@ def _attr(v: Any) -> str:
 
 
 def format_graph(graph: Graph, *, meta: bool = True) -> str:
-    """Text like ``%y = Linear(%x, %w, %b) : f32[batch, 16]   # adapter=default role=base``."""
-    sig = ", ".join(f"%{n.name}: {_SHORT.get(n.dtype, n.dtype)}{format_shape(n.shape)}" for n in graph.inputs)
+    """Text like ``%y = Linear(%x, %w, %b) : f32[batch, 16]   # adapter=default role=base``.
+
+    An input with a default shows its shape: ``%fc.lora_A: f32[fc.rank, 64] = default[0, 64]``.
+    """
+    sig = ", ".join(f"%{n.name}: {_SHORT.get(n.dtype, n.dtype)}{format_shape(n.shape)}"
+                    + (f" = default{format_shape(graph.input_defaults[n.name].shape)}" if n.name in graph.input_defaults else "")
+                    for n in graph.inputs)
     lines = [f"graph {graph.name}({sig}) {{"]
     for n in graph.nodes:
         if n.op is Op.INPUT:

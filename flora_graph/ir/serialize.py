@@ -5,6 +5,11 @@ records the SHA-256 of the weights file, so a half-replaced or edited pair is ca
 load. Every file is written to a temporary name and renamed into place. :func:`load_graph`
 validates everything it reads and raises :class:`GraphError` naming the file and the
 field at fault; it never crashes on bad input.
+
+Input defaults (``Graph.input_defaults``) are stored in the weights file too, each under a
+key of its own that no param uses, listed in the optional ``input_defaults`` field of the
+JSON (``{input name: key}``); a file without the field (every file written before defaults
+existed) loads with none.
 """
 
 from __future__ import annotations
@@ -87,7 +92,13 @@ def save_graph(graph: Graph, path: str | Path) -> None:
             f"graph {graph.name!r} holds params no node uses: {sorted(unused)[:5]} (call remove_dead() first)"
         )
     path = Path(path)
-    weights = st_save({k: np.require(v, requirements="C") for k, v in graph.params.items()})  # keeps rank-0 arrays rank 0
+    tensors = {k: np.require(v, requirements="C") for k, v in graph.params.items()}  # keeps rank-0 arrays rank 0
+    defaults: dict[str, str] = {}
+    for name, arr in graph.input_defaults.items():
+        key = _free_key(f"{name}{DEFAULT_SUFFIX}", tensors)
+        tensors[key] = np.require(arr, requirements="C")
+        defaults[name] = key
+    weights = st_save(tensors)
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -108,11 +119,37 @@ def save_graph(graph: Graph, path: str | Path) -> None:
         ],
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest()},
     }
+    if defaults:  # optional: files without it have no input defaults
+        doc["input_defaults"] = defaults
     if graph.dim_max:  # optional: files without it read as unbounded dims
         doc["dim_max"] = {str(k): int(v) for k, v in graph.dim_max.items()}
     text = json.dumps(doc, indent=1, allow_nan=False).encode()
     atomic_write_bytes(path / WEIGHTS_FILE, weights)
     atomic_write_bytes(path / GRAPH_FILE, text)
+
+
+DEFAULT_SUFFIX = ":default"
+
+
+def _free_key(key: str, used: dict[str, Any]) -> str:
+    """``key``, else ``key_1``, ``key_2``, ...: the first not in ``used``."""
+    name, k = key, 0
+    while name in used:
+        k += 1
+        name = f"{key}_{k}"
+    return name
+
+
+def _input_defaults(raw: Any, params: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """The optional ``input_defaults`` field (``{input name: weights key}``), its arrays popped from ``params``."""
+    if not isinstance(raw, dict):
+        raise GraphError(f"{where}: field 'input_defaults' has type {type(raw).__name__}")
+    out = {}
+    for name, key in raw.items():
+        if not isinstance(key, str) or key not in params:
+            raise GraphError(f"{where}: input_defaults[{name!r}] = {key!r} is not a tensor of the weights file")
+        out[name] = params.pop(key)
+    return out
 
 
 def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -166,6 +203,7 @@ def _from_doc(doc: Any, wraw: bytes, where: str) -> Graph:
     except (SafetensorError, ValueError, TypeError, OSError, KeyError) as exc:  # KeyError: dtype numpy lacks (BF16, F8)
         raise GraphError(f"{where}: weights are not valid safetensors ({exc})") from None
     g = Graph(_get(doc, "name", str, where))
+    defaults = _input_defaults(doc.get("input_defaults", {}), params, where)
     g.params = params
     g.dim_max = _dim_max(doc.get("dim_max", {}), where)
     by_name: dict[str, ComputationNode] = {}
@@ -201,6 +239,9 @@ def _from_doc(doc: Any, wraw: bytes, where: str) -> Graph:
         if not isinstance(n, str) or n not in by_name:
             raise GraphError(f"{where}: output {out!r} refers to unknown node {n!r}")
         g.outputs[out] = by_name[n]
+    for name, arr in defaults.items():
+        arr.flags.writeable = False
+        g.input_defaults[name] = arr
     try:
         verify(g)
     except GraphError as exc:

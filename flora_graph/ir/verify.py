@@ -6,7 +6,7 @@ import networkx as nx
 import numpy as np
 
 from flora_graph.errors import GraphError, ShapeError
-from flora_graph.ir.graph import Graph, infer_node
+from flora_graph.ir.graph import Graph, check_default, infer_node
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import DTYPES, Op, schema
 from flora_graph.ir.shapes import canonical_dim, format_shape
@@ -15,7 +15,7 @@ __all__ = ["verify"]
 
 
 def verify(graph: Graph) -> Graph:
-    """Check acyclicity, defined inputs, arity, attributes, shapes, dtypes and weights.
+    """Check acyclicity, defined inputs, arity, attributes, shapes, dtypes, weights and input defaults.
 
     Returns the graph so calls can be chained; raises :class:`GraphError` (or its
     subclass :class:`ShapeError`) whose message names the node at fault.
@@ -52,6 +52,11 @@ def verify(graph: Graph) -> Graph:
     for n in graph.nodes:
         if n.op is Op.INPUT and id(n) not in listed:
             raise GraphError(f"Input node {n.name!r} is not listed in graph.inputs")
+    by_name = {n.name: n for n in graph.inputs}
+    for name, default in graph.input_defaults.items():
+        if name not in by_name:
+            raise GraphError(f"graph {graph.name!r} has a default for {name!r}, which is not one of its inputs")
+        check_default(by_name[name], default)
     if not graph.outputs:
         raise GraphError(f"graph {graph.name!r} has no outputs")
     for out_name, n in graph.outputs.items():

@@ -13,9 +13,9 @@ import numpy as np
 
 from flora_graph.ir import ComputationNode, Graph, Op
 from flora_graph.ir.shapes import is_static
+from flora_graph.ops import eval_node
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import RewriteContext
-from flora_graph.runtimes.reference import eval_node
 
 __all__ = ["constant_fold"]
 

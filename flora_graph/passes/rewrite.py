@@ -16,7 +16,7 @@ import numpy as np
 from flora_graph.errors import GraphError
 from flora_graph.ir import ComputationNode, Graph, Op
 from flora_graph.ir.graph import infer_node
-from flora_graph.runtimes.reference import eval_node
+from flora_graph.ops import eval_node
 
 __all__ = ["RewriteContext", "eval_static", "schedule", "static_nodes", "unique_param", "weight_label"]
 

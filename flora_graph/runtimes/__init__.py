@@ -1,18 +1,20 @@
-"""Runtimes: backends that execute a :class:`~flora_graph.ir.Graph`.
+"""Runtimes: the backend drivers that execute or lower a :class:`~flora_graph.ir.Graph`.
 
-``reference`` is the numpy interpreter, the executable definition of every op;
-``compile(graph, backend)`` gives every backend one interface (:class:`Executable`).
+Every op's rules live with the op in :mod:`flora_graph.ops`; this package holds only the
+drivers: ``reference`` (the numpy interpreter loop), ``onnx_lowering`` (the ONNX lowering
+context), ``onnx_writer`` (the one ONNX file writer), ``torch_lowering`` (the torch code
+generator) and the backends over them. ``compile(graph, backend)`` gives every backend one
+interface (:class:`Executable`). No backend runs a pass.
 """
 
 from __future__ import annotations
 
 from flora_graph.runtimes.executable import BACKENDS, Executable, compile, register_backend
 from flora_graph.runtimes.numpy_backend import ReferenceExecutable
-from flora_graph.runtimes.reference import NUMPY_IMPLS, check_inputs, run
+from flora_graph.runtimes.reference import check_inputs, run
 
 __all__ = [
     "BACKENDS",
-    "NUMPY_IMPLS",
     "Executable",
     "ReferenceExecutable",
     "check_inputs",

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from flora_graph.errors import FloraGraphError
 from flora_graph.ir.graph import Graph
-from flora_graph.runtimes import onnx_lowering
+from flora_graph.ops.evaluate import np_dtype
+from flora_graph.runtimes import onnx_writer
 from flora_graph.runtimes.executable import Executable, register_backend
-from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, model_size, save_onnx, to_onnx
-from flora_graph.runtimes.reference import _np_dtype
+from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, to_onnx
+from flora_graph.runtimes.onnx_writer import model_size, save_onnx
 
 __all__ = [
     "GRAPH_OPTIMIZATION_LEVELS", "OnnxRuntimeError", "OnnxRuntimeExecutable", "make_session_options", "onnxruntime_backend",
@@ -101,6 +102,9 @@ def _float32_boundary(model: onnx.ModelProto, inputs: set[str], outputs: set[str
     for vi in [*g.input, *g.output]:
         if vi.name in rename:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    for t in g.initializer:  # an input's default is its initializer: widened with it
+        if t.name in inputs:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
     for node in g.node:
         node.input[:] = [rename.get(v, v) for v in node.input]
         node.output[:] = [rename.get(v, v) for v in node.output]
@@ -164,7 +168,7 @@ class OnnxRuntimeExecutable(Executable):
         if self._bf16_inputs or self._bf16_outputs:
             model = _float32_boundary(model, self._bf16_inputs, self._bf16_outputs)
         try:
-            if model_size(model) <= onnx_lowering.EXTERNAL_DATA_THRESHOLD:
+            if model_size(model) <= onnx_writer.EXTERNAL_DATA_THRESHOLD:
                 source: str | bytes = model.SerializeToString()
             else:  # protobuf cannot hold it: go through a file with external data
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="flora_graph_ort_")
@@ -190,7 +194,7 @@ class OnnxRuntimeExecutable(Executable):
             ) from None
         out = dict(zip(self.output_names, values, strict=True))
         for name in self._bf16_outputs:
-            out[name] = out[name].astype(_np_dtype("bfloat16"))
+            out[name] = out[name].astype(np_dtype("bfloat16"))
         return out
 
     def save(self, path: str | Path) -> Path:

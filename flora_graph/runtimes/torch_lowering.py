@@ -16,10 +16,10 @@ Conventions of the generated module:
 * it computes in each node's dtype (the numpy reference widens float16/bfloat16 to float32
   per op and rounds back; torch computes those dtypes natively).
 
-:data:`TORCH_LOWERING` maps each non-leaf :class:`Op` to ``lower(node, args) -> str``: the
-Python expression for ``node`` given the expressions of its inputs. The transformer family's
-entries live in :mod:`flora_graph.runtimes.torch_lowering_ops`; a dim named in an attribute
-becomes ``arg.size(i)`` of a tensor that carries it (a graph input where no operand does).
+Each op's torch rule (``OPS[op].torch(node, args) -> str``: the Python expression for
+``node`` given the expressions of its inputs) lives with the op in its :mod:`flora_graph.ops`
+family module; a dim named in an attribute becomes ``arg.size(i)`` of a tensor that carries
+it (a graph input where no operand does). This module is the code generator around them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import linecache
 import math
 import re
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,166 +41,20 @@ from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op
-from flora_graph.ir.shapes import Shape, format_shape
-from flora_graph.runtimes.torch_lowering_ops import TRANSFORMER_LOWERING, dim_expr, dim_sources
+from flora_graph.ir.shapes import is_static
+from flora_graph.ops import OPS, eval_node
+from flora_graph.ops._torch import dim_sources
 
 __all__ = [
-    "TORCH_LOWERING",
     "example_shape",
+    "fold_weight_expressions",
     "generate_forward",
     "numpy_to_torch",
     "output_needs_copy",
     "to_torch_module",
 ]
 
-Lower = Callable[[ComputationNode, list[str]], str]
-
 GENERATED_MODULE = "flora_torch_generated"  # __module__ of generated classes; importable nowhere, needed nowhere
-
-
-# --------------------------------------------------------------------------- op lowerings
-def _call(fn: str) -> Lower:
-    """``fn(a, b, ...)`` over the node's inputs."""
-    return lambda node, args: f"{fn}({', '.join(args)})"
-
-
-def _ints(values: Iterable[int]) -> str:
-    return "[" + ", ".join(str(int(v)) for v in values) + "]"
-
-
-def _float(value: float, node: ComputationNode) -> str:
-    if not math.isfinite(value):
-        raise GraphError(f"node {node.name!r} ({node.op.value}): non-finite attribute {value}")
-    return repr(float(value))
-
-
-def _size_product(x: str, shape: Shape, axes: Iterable[int], divisor: int = 1) -> str:
-    """Source for ``prod(x.shape[i] for i in axes) // divisor``, static dims folded in."""
-    static, dynamic = 1, []
-    for i in axes:
-        if isinstance(shape[i], int):
-            static *= shape[i]
-        else:
-            dynamic.append(f"{x}.size({i})")
-    if static % divisor == 0:
-        terms = [*dynamic, str(static // divisor)] if static // divisor != 1 or not dynamic else dynamic
-        return " * ".join(terms)
-    return f"({' * '.join([*dynamic, str(static)])}) // {divisor}"
-
-
-def _reshaped(x: str, shape: Shape, dims: list[str]) -> str:
-    """``x.reshape(dims)``; through 1-D when ``x`` has a named dim, which spares torch.export the
-    stride guards (such as ``3*b % 2*b != 0``) that a direct view of symbolic dims can need."""
-    flat = f"{x}.reshape([-1])" if any(isinstance(d, str) for d in shape) else x
-    return f"{flat}.reshape([{', '.join(dims)}])"
-
-
-def _dim_source(x: str, shape: Shape, i: int) -> str:
-    return str(shape[i]) if isinstance(shape[i], int) else f"{x}.size({i})"
-
-
-def _div(node: ComputationNode, args: list[str]) -> str:
-    if node.dtype.startswith(("int", "uint")):  # integer division truncates toward zero, as in the reference
-        return f'torch.div({args[0]}, {args[1]}, rounding_mode="trunc")'
-    return f"torch.div({args[0]}, {args[1]})"
-
-
-def _linear(node: ComputationNode, args: list[str]) -> str:
-    return f"F.linear({', '.join(args)})"
-
-
-def _conv2d(node: ComputationNode, args: list[str]) -> str:
-    a = node.attrs
-    bias = args[2] if len(args) == 3 else "None"
-    return (
-        f"F.conv2d({args[0]}, {args[1]}, {bias}, {_ints(a['stride'])}, {_ints(a['padding'])}, "
-        f"{_ints(a['dilation'])}, {int(a['groups'])})"
-    )
-
-
-def _gelu(node: ComputationNode, args: list[str]) -> str:
-    return f"F.gelu({args[0]}, approximate={node.attrs['approximate']!r})"
-
-
-def _softmax(node: ComputationNode, args: list[str]) -> str:
-    return f"torch.softmax({args[0]}, {int(node.attrs['axis'])})"
-
-
-def _layer_norm(node: ComputationNode, args: list[str]) -> str:
-    shape = node.inputs[0].shape
-    axis = node.attrs["axis"] % len(shape)
-    norm = shape[axis:]
-    if not all(isinstance(d, int) for d in norm):
-        raise UnsupportedOpError(
-            f"node {node.name!r} (LayerNorm): torch lowering needs static normalized dims, "
-            f"got {format_shape(norm)} of input {format_shape(shape)}",
-            {node.op.value: [node.name]},
-        )
-    scale = args[1] if len(args) > 1 else "None"
-    bias = args[2] if len(args) > 2 else "None"
-    eps = _float(node.attrs["epsilon"], node)
-    return f"F.layer_norm({args[0]}, {_ints(int(d) for d in norm)}, {scale}, {bias}, {eps})"
-
-
-def _reshape(node: ComputationNode, args: list[str]) -> str:
-    x, shape, target = args[0], node.inputs[0].shape, node.attrs["shape"]
-    if any(isinstance(t, str) for t in target):  # a named target dim: every size from the inferred output shape
-        return _reshaped(x, shape, [dim_expr(d, node, [(x, shape)]) for d in node.shape])
-    known = math.prod(t for t in target if t > 0)
-    # ONNX: 0 copies the input dim; -1 is what the dims not copied by a 0 leave over (as the reference)
-    rest = [j for j in range(len(shape)) if j >= len(target) or target[j] != 0]
-    dims = [
-        _dim_source(x, shape, i) if t == 0 else _size_product(x, shape, rest, known) if t == -1 else str(t)
-        for i, t in enumerate(target)
-    ]
-    return _reshaped(x, shape, dims)
-
-
-def _flatten(node: ComputationNode, args: list[str]) -> str:
-    x, shape = args[0], node.inputs[0].shape
-    axis = node.attrs["axis"] + len(shape) if node.attrs["axis"] < 0 else node.attrs["axis"]
-    lead = _size_product(x, shape, range(axis))
-    tail = _size_product(x, shape, range(axis, len(shape)))
-    return _reshaped(x, shape, [lead, tail])
-
-
-def _transpose(node: ComputationNode, args: list[str]) -> str:
-    return f"{args[0]}.permute({_ints(node.attrs['perm'])})"
-
-
-def _concat(node: ComputationNode, args: list[str]) -> str:
-    return f"torch.cat([{', '.join(args)}], {int(node.attrs['axis'])})"
-
-
-def _split(node: ComputationNode, args: list[str]) -> str:
-    sizes, index = node.attrs["sizes"], node.attrs["index"]
-    return f"{args[0]}.narrow({int(node.attrs['axis'])}, {sum(sizes[:index])}, {sizes[index]})"
-
-
-TORCH_LOWERING: dict[Op, Lower] = {
-    Op.LINEAR: _linear,
-    Op.MATMUL: _call("torch.matmul"),
-    Op.CONV2D: _conv2d,
-    Op.ADD: _call("torch.add"),
-    Op.SUB: _call("torch.sub"),
-    Op.MUL: _call("torch.mul"),
-    Op.DIV: _div,
-    Op.NEG: _call("torch.neg"),
-    Op.RELU: _call("torch.relu"),
-    Op.GELU: _gelu,
-    Op.SILU: _call("F.silu"),
-    Op.SIGMOID: _call("torch.sigmoid"),
-    Op.TANH: _call("torch.tanh"),
-    Op.IDENTITY: lambda node, args: args[0],
-    Op.SOFTMAX: _softmax,
-    Op.LAYER_NORM: _layer_norm,
-    Op.RESHAPE: _reshape,
-    Op.FLATTEN: _flatten,
-    Op.TRANSPOSE: _transpose,
-    Op.CONCAT: _concat,
-    Op.SPLIT: _split,
-    **TRANSFORMER_LOWERING,
-}
 
 
 # --------------------------------------------------------------------------- names
@@ -227,12 +81,15 @@ class _Namer:
 
 
 # --------------------------------------------------------------------------- source
-def generate_forward(graph: Graph) -> tuple[str, list[str], dict[str, str]]:
+def generate_forward(graph: Graph, constants: Mapping[ComputationNode, np.ndarray] | None = None,
+                     ) -> tuple[str, list[str], dict[str, str | np.ndarray]]:
     """The source of ``forward`` for ``graph``.
 
     Returns ``(source, arg_names, buffers)``: the ``def forward(self, ...)`` text, the
-    argument name of each graph input (in order) and ``{buffer name: param name}``.
-    Raises :class:`UnsupportedOpError` for an op without a :data:`TORCH_LOWERING` entry.
+    argument name of each graph input (in order) and ``{buffer name: param name}``. Nodes
+    in ``constants`` (see :func:`fold_weight_expressions`) are read from buffers holding
+    their value (``{buffer name: array}``) instead of being computed.
+    Raises :class:`UnsupportedOpError` for an op without a torch rule.
     """
     if not graph.outputs:
         raise GraphError(f"graph {graph.name!r} has no outputs to lower")
@@ -244,7 +101,7 @@ def generate_forward(graph: Graph) -> tuple[str, list[str], dict[str, str]]:
         args.append(expr[node])
     buffers: dict[str, str] = {}
     with dim_sources((expr[n], n.shape) for n in graph.inputs):  # named dims in attributes read these sizes
-        body = _body(graph, names, expr, buffers)
+        body = _body(graph, names, expr, buffers, constants or {})
     outs = [expr[n] for n in graph.outputs.values()]
     ret = "tuple[" + ", ".join(["torch.Tensor"] * len(outs)) + "]"
     sig = ", ".join(["self", *(f"{a}: torch.Tensor" for a in args)])
@@ -252,17 +109,29 @@ def generate_forward(graph: Graph) -> tuple[str, list[str], dict[str, str]]:
     return "\n".join(lines) + "\n", args, buffers
 
 
-def _body(graph: Graph, names: _Namer, expr: dict[ComputationNode, str], buffers: dict[str, str]) -> list[str]:
-    """One source line per live non-leaf node; fills ``expr`` and ``buffers`` (``{buffer: param}``)."""
+def _body(graph: Graph, names: _Namer, expr: dict[ComputationNode, str], buffers: dict[str, str | np.ndarray],
+          constants: Mapping[ComputationNode, np.ndarray]) -> list[str]:
+    """One source line per live non-leaf node not in ``constants``; fills ``expr`` and ``buffers``."""
     attrs = _Namer()
     by_param: dict[str, str] = {}
     body: list[str] = []
-    for node in graph.live_nodes():
+    live = graph.live_nodes()
+    read = {i for n in live if n.op not in (Op.INPUT, Op.CONST) and n not in constants for i in n.inputs}
+    read |= set(graph.outputs.values())
+    for node in live:
+        if node in constants and node.op is not Op.CONST:
+            if node in read:
+                attr = attrs(node.name, "w_")
+                buffers[attr] = constants[node]
+                expr[node] = f"self.{attr}"
+            continue
         if node.op is Op.INPUT:
             if node not in expr:
                 raise GraphError(f"node {node.name!r} is an Input that graph {graph.name!r} does not declare")
             continue
         if node.op is Op.CONST:
+            if node not in read:
+                continue
             param = node.attrs["param"]
             if param not in graph.params:
                 raise GraphError(f"Const node {node.name!r} refers to unknown param {param!r}")
@@ -271,13 +140,13 @@ def _body(graph: Graph, names: _Namer, expr: dict[ComputationNode, str], buffers
                 buffers[by_param[param]] = param
             expr[node] = f"self.{by_param[param]}"
             continue
-        lower = TORCH_LOWERING.get(node.op)
-        if lower is None:
+        d = OPS.get(node.op)
+        if d is None:
             raise UnsupportedOpError(
                 f"node {node.name!r}: no torch lowering of {node.op.value}", {node.op.value: [node.name]}
             )
         try:
-            code = lower(node, [expr[i] for i in node.inputs])
+            code = d.torch(node, [expr[i] for i in node.inputs])
         except KeyError as exc:
             raise GraphError(f"node {node.name!r} reads {exc.args[0]!r} before it is defined") from None
         var = names(node.name, "v_")
@@ -315,22 +184,32 @@ def to_torch_module(graph: Graph, *, fold_weights: bool = True) -> torch.nn.Modu
     graph's ``s * B`` or ``[W; A]``) are computed once here, as ONNX Runtime does when it
     loads a session, instead of on every call. The generated source is ``type(module).source``.
     """
-    if fold_weights and any(n.inputs and all(i.op is Op.CONST for i in n.inputs) for n in graph.nodes):
-        from flora_graph.passes.constant_fold import constant_fold
-
-        graph = constant_fold(graph.copy()).graph
-        graph.remove_dead()
-    source, args, buffers = generate_forward(graph)
+    source, args, buffers = generate_forward(graph, fold_weight_expressions(graph) if fold_weights else None)
     forward = _exec_source(source, graph.name)
     cls_name = "Graph_" + re.sub(r"[^0-9A-Za-z_]", "_", graph.name)
     cls = type(cls_name, (torch.nn.Module,), {"forward": forward, "__module__": GENERATED_MODULE, "source": source})
     module = cls()
-    for attr, param in buffers.items():
-        module.register_buffer(attr, numpy_to_torch(np.array(graph.params[param], copy=True)))
+    for attr, value in buffers.items():
+        arr = graph.params[value] if isinstance(value, str) else value
+        module.register_buffer(attr, numpy_to_torch(np.array(arr, copy=True)))
     module.input_names = [n.name for n in graph.inputs]
     module.output_names = list(graph.outputs)
     module.arg_names = args
     return module.eval()
+
+
+def fold_weight_expressions(graph: Graph, max_elements: int = 1 << 24) -> dict[ComputationNode, np.ndarray]:
+    """The value of every live node computable from weights alone (static shape, at most
+    ``max_elements`` values), by the ops' numpy rules: what the generated module reads from a
+    buffer instead of recomputing on each call, as ONNX Runtime folds constants at load."""
+    values: dict[ComputationNode, np.ndarray] = {}
+    for n in graph.live_nodes():
+        if n.op is Op.CONST:
+            values[n] = graph.params[n.attrs["param"]]
+        elif n.op is not Op.INPUT and n.inputs and all(i in values for i in n.inputs) and is_static(n.shape) \
+                and math.prod(int(d) for d in n.shape) <= max_elements:
+            values[n] = eval_node(n, [values[i] for i in n.inputs])
+    return values
 
 
 def output_needs_copy(graph: Graph) -> list[bool]:

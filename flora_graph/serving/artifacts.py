@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ from onnx import TensorProto
 
 from flora_graph.ir import Graph
 from flora_graph.ir.serialize import atomic_write_bytes
-from flora_graph.runtimes import onnx_lowering
-from flora_graph.runtimes.onnx_lowering import model_size, save_onnx, to_onnx
+from flora_graph.runtimes import onnx_writer
+from flora_graph.runtimes.onnx_lowering import to_onnx
+from flora_graph.runtimes.onnx_writer import model_size, save_onnx, stage_external
 from flora_graph.serving.errors import ServingError
 
 __all__ = ["TRITON_DTYPES", "export_torchscript", "io_description", "package_triton", "triton_config"]
@@ -94,18 +94,9 @@ def _load(graph_or_onnx: Graph | onnx.ModelProto | str | Path) -> onnx.ModelProt
 
 def _write_external_dir(model: onnx.ModelProto, target: Path) -> None:
     """Triton's directory form ``target/model.onnx`` + ``model.onnx.data``, swapped in as a whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = stage_external(model, target.parent, "model.onnx", f"model for {str(target)!r}")
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, tmp / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         os.chmod(tmp, 0o755)
-        onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old.{os.getpid()}"
@@ -134,7 +125,7 @@ def package_triton(graph_or_onnx: Graph | onnx.ModelProto | str | Path, out_dir:
     config = triton_config(model, model_name, max_batch_size=max_batch_size)
     root = Path(out_dir) / model_name
     target = root / str(version) / "model.onnx"
-    big = model_size(model) > onnx_lowering.EXTERNAL_DATA_THRESHOLD
+    big = model_size(model) > onnx_writer.EXTERNAL_DATA_THRESHOLD
     if external_data or (external_data is None and big):
         _write_external_dir(model, target)
     else:

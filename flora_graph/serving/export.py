@@ -32,7 +32,8 @@ from onnx import helper, numpy_helper
 
 from flora_graph.ir import ComputationNode, Graph
 from flora_graph.ir.shapes import canonical_dim
-from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, ONNX_DTYPES, LoweringContext, save_onnx, to_onnx
+from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, ONNX_DTYPES, LoweringContext, to_onnx
+from flora_graph.runtimes.onnx_writer import save_onnx
 from flora_graph.serving.errors import ServingError
 from flora_graph.serving.slots import LoRASite, LoRASlot, prepare, slots_to_metadata
 

@@ -1,90 +1,55 @@
-"""Training with Flora (arXiv:2402.03293): the ``Flora`` optimizer, compressed gradient accumulation.
+"""The Flora trainer application: a byte-level decoder trained on the stdlib corpus, the ``train`` CLI.
 
 ::
 
-    from flora_graph.training import Flora, FloraAccumulator
+    from flora_graph.training import TrainConfig, train
 
-    opt = Flora(model.named_parameters(), lr=1e-3)        # rank 8, kappa 1000, beta1 0.9: compressed
-    acc = FloraAccumulator(model.named_parameters(), rank=8)
-    for micro_batches in loader:
-        for x, y in micro_batches:
-            with acc.no_sync(ddp_model):
-                (loss_fn(ddp_model(x), y) / len(micro_batches)).backward()
-            acc.accumulate()
-        acc.finalize()
-        opt.step()
-        opt.zero_grad()
-    torch.save(opt.state_dict(), path)                    # seeds and steps: resumes exactly, on any device
+    result = train(TrainConfig(steps=200, out="runs/flora"))      # Flora r=8, checkpoints + model.onnx
 
-Modules: :mod:`.projection` (seeds, layouts, compress/decompress/transfer), :mod:`.moments`
-(per-parameter state, factored second moment), :mod:`.optimizer` (``Flora``),
-:mod:`.checkpoint` (name-based state loading), :mod:`.accumulate` (``FloraAccumulator``),
-:mod:`.options` (validation, parameter names), :mod:`.errors`.
+The Flora math itself (projections, moments, the ``Flora`` optimizer, ``FloraAccumulator``,
+optimizer-state loading, option validation, its errors) is the library :mod:`flora_graph.flora`;
+its public names are re-exported here for convenience (``from flora_graph.training import Flora``
+still works). This package builds on :mod:`flora_graph.flora`, :mod:`flora_graph.adapters`,
+:mod:`flora_graph.models` and :mod:`flora_graph.model_export`; nothing below it imports it.
+
+Modules: :mod:`.corpus` (stdlib byte corpus, window sampling), :mod:`.trainer` (``TrainConfig``,
+``train``, checkpoints, export), :mod:`.choices` (option strings, torch-free), :mod:`.cli`
+(the ``flora-graph train`` subcommand).
+
+Every name is imported on first use, so ``import flora_graph.training`` (and the ``flora-graph``
+CLI, which registers ``train`` from here) does not import torch.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from flora_graph._lazy import lazy_exports
 
-# public name -> submodule defining it; imported on first use, so ``import flora_graph.training``
-# (and the ``flora-graph`` CLI, which registers ``train`` from here) does not import torch
+_FLORA = "flora_graph.flora"
+
+# public name -> absolute module defining it
 _EXPORTS = {
-    "Corpus": "corpus",
-    "CorpusError": "corpus",
-    "Flora": "optimizer",
-    "FloraAccumulator": "accumulate",
-    "NonFiniteGradientError": "errors",
-    "OptimizerError": "errors",
-    "TrainConfig": "trainer",
-    "TrainConfigError": "trainer",
-    "TrainResult": "trainer",
-    "WindowSampler": "corpus",
-    "build_corpus": "corpus",
-    "compress": "projection",
-    "decompress": "projection",
-    "gaussian_projection": "projection",
-    "layout_for": "projection",
-    "lift": "projection",
-    "param_seed": "projection",
-    "stable_seed": "projection",
-    "train": "trainer",
-    "transfer": "projection",
+    "Corpus": "flora_graph.training.corpus",
+    "CorpusError": "flora_graph.training.corpus",
+    "Flora": _FLORA,
+    "FloraAccumulator": _FLORA,
+    "NonFiniteGradientError": _FLORA,
+    "OptimizerError": _FLORA,
+    "TrainConfig": "flora_graph.training.trainer",
+    "TrainConfigError": "flora_graph.training.trainer",
+    "TrainResult": "flora_graph.training.trainer",
+    "WindowSampler": "flora_graph.training.corpus",
+    "build_corpus": "flora_graph.training.corpus",
+    "compress": _FLORA,
+    "decompress": _FLORA,
+    "gaussian_projection": _FLORA,
+    "layout_for": _FLORA,
+    "lift": _FLORA,
+    "param_seed": _FLORA,
+    "stable_seed": _FLORA,
+    "train": "flora_graph.training.trainer",
+    "transfer": _FLORA,
 }
 
-__all__ = [
-    "Corpus",
-    "CorpusError",
-    "Flora",
-    "FloraAccumulator",
-    "NonFiniteGradientError",
-    "OptimizerError",
-    "TrainConfig",
-    "TrainConfigError",
-    "TrainResult",
-    "WindowSampler",
-    "build_corpus",
-    "compress",
-    "decompress",
-    "gaussian_projection",
-    "layout_for",
-    "lift",
-    "param_seed",
-    "stable_seed",
-    "train",
-    "transfer",
-]
+__all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    """Resolve a public name from its submodule on first use (PEP 562) and cache it here."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'flora_graph.training' has no attribute {name!r}")
-    value = getattr(import_module(f"flora_graph.training.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

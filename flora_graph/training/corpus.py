@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from flora_graph.errors import FloraGraphError
-from flora_graph.training.projection import stable_seed
+from flora_graph.flora.projection import stable_seed
 
 __all__ = ["Corpus", "CorpusError", "WindowSampler", "build_corpus", "eval_windows", "stdlib_sources"]
 

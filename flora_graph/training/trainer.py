@@ -9,7 +9,7 @@
 
 Optimizers (``TrainConfig.optimizer``):
 
-- ``"flora"``: :class:`~flora_graph.training.Flora` (compressed momentum, rank ``rank``, resample every ``kappa``);
+- ``"flora"``: :class:`~flora_graph.flora.Flora` (compressed momentum, rank ``rank``, resample every ``kappa``);
 - ``"adafactor"``: the same optimizer with compression off (every momentum kept in full): Adafactor
   with momentum ``beta1``, the full-rank method Flora approximates;
 - ``"adam"``: ``torch.optim.AdamW`` (``betas=(beta1, 0.999)``);
@@ -20,7 +20,7 @@ Optimizers (``TrainConfig.optimizer``):
   rest with Flora.
 
 With ``accum > 1`` each step sums ``accum`` micro-batches: in the compressed space through
-:class:`~flora_graph.training.FloraAccumulator` (``accumulator="compressed"``, the default for
+:class:`~flora_graph.flora.FloraAccumulator` (``accumulator="compressed"``, the default for
 Flora) or in full ``.grad`` buffers (``"full"``). The learning rate follows a linear warm-up and
 a cosine decay (or stays constant) computed from the step alone, and batches are a pure function
 of ``(seed, step, micro)``, so nothing but the model, the optimizer (and accumulator and adapter
@@ -48,14 +48,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora_graph.errors import FloraGraphError
+from flora_graph.flora.accumulate import FloraAccumulator
+from flora_graph.flora.optimizer import Flora
 from flora_graph.ir.serialize import atomic_write_bytes
-from flora_graph.training.accumulate import FloraAccumulator
 from flora_graph.training.choices import ACCUMULATORS, OPTIMIZERS, SCHEDULES
 from flora_graph.training.corpus import Corpus, WindowSampler, build_corpus, eval_windows
-from flora_graph.training.optimizer import Flora
 
 if TYPE_CHECKING:
-    from flora_graph.export import ExportReport
+    from flora_graph.model_export import ExportReport
 
 __all__ = [
     "DEFAULT_LR",
@@ -479,7 +479,7 @@ def train(
 
 def export_decoder(model: nn.Module, corpus: Corpus, path: str | Path) -> ExportReport:
     """Export the trained ``model`` through the compiler (``merged`` preset) to ONNX, checked on real eval text."""
-    from flora_graph.export import ModelSpec, export_model
+    from flora_graph.model_export import ModelSpec, export_model
 
     def windows(batch: int, seq: int, offset: int) -> dict[str, torch.Tensor]:
         starts = torch.arange(batch) * (seq + 1) + offset

@@ -558,7 +558,7 @@ def test_capture_pauses_the_garbage_collector_and_restores_its_state():
     import gc
 
     from flora_graph.errors import GraphError
-    from flora_graph.frontend.capture import export_program
+    from flora_graph.frontend.capture import trace_with_torch_export
 
     seen: list[bool] = []
 
@@ -582,5 +582,5 @@ def test_capture_pauses_the_garbage_collector_and_restores_its_state():
             raise RuntimeError("boom")
 
     with pytest.raises(GraphError, match="boom"):
-        export_program(Broken(), torch.ones(2, 3))
+        trace_with_torch_export(Broken(), torch.ones(2, 3))
     assert gc.isenabled()

@@ -2,8 +2,8 @@
 
 Every module is captured once (example ``[3, 6, ...]``) with dims ``batch`` and ``seq`` and
 run by the numpy reference at two other sizes; one module also runs on every backend. The
-converters that ran are recorded: every converter of ``aten_transformer`` and every IR op
-of the family must come out of some module here.
+converters that ran are recorded: every converter of the transformer ATen ops
+(:data:`TRANSFORMER_TARGETS`) and every IR op of the family must come out of some module here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from torch import nn
 
 from flora_graph.errors import UnsupportedOpError
 from flora_graph.frontend import ATEN_TABLE, capture
-from flora_graph.frontend import aten_transformer as _aten_transformer
 from flora_graph.ir import Graph, Op
 from flora_graph.runtimes.executable import compile
 from flora_graph.runtimes.reference import run
@@ -38,8 +37,33 @@ TRANSFORMER_OPS = {
 }
 """IR ops that these models produce (test_capture.py checks the rest of the op set)."""
 
-TRANSFORMER_TARGETS = {t for t, conv in ATEN_TABLE.items() if getattr(conv, "__module__", "") == _aten_transformer.__name__}
-"""ATen overloads whose converters live in ``aten_transformer`` (test_capture.py checks the others)."""
+
+
+def _overloads(names: str) -> set[torch._ops.OpOverload]:
+    """``"abs.default eq.Tensor"`` -> ``{aten.abs.default, aten.eq.Tensor}``."""
+    return {getattr(getattr(torch.ops.aten, op), overload) for op, overload in (n.split(".") for n in names.split())}
+
+
+TRANSFORMER_TARGETS = _overloads("""
+    _to_copy.default to.dtype to.dtype_layout to.device type_as.default
+    exp.default log.default sqrt.default rsqrt.default reciprocal.default cos.default sin.default abs.default
+    pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar
+    eq.Tensor eq.Scalar ne.Tensor ne.Scalar lt.Tensor lt.Scalar le.Tensor le.Scalar gt.Tensor gt.Scalar ge.Tensor ge.Scalar
+    logical_not.default bitwise_not.default logical_and.default bitwise_and.Tensor __and__.Tensor
+    logical_or.default bitwise_or.Tensor __or__.Tensor
+    where.self where.ScalarOther where.ScalarSelf where.Scalar masked_fill.Scalar masked_fill.Tensor
+    triu.default tril.default diff.default
+    addmm.default
+    mean.dim sum.dim_IntList mean.default sum.default cumsum.default
+    rms_norm.default
+    scaled_dot_product_attention.default _scaled_dot_product_flash_attention_for_cpu.default
+    _scaled_dot_product_efficient_attention.default
+    slice.Tensor unsqueeze.default squeeze.dim squeeze.dims squeeze.default expand.default expand_as.default
+    embedding.default index_select.default gather.default select.int unbind.int index.Tensor
+    arange.default arange.start arange.start_step full.default ones.default zeros.default new_ones.default
+    new_zeros.default new_full.default full_like.default ones_like.default zeros_like.default scalar_tensor.default
+""")
+"""The transformer ATen ops: those these models exercise (test_capture.py checks the rest of ``ATEN_TABLE``)."""
 
 # overloads torch.export does not emit for modules written in plain torch (they come from other paths)
 _NOT_EXERCISED = {
@@ -281,6 +305,7 @@ def test_attention_capture_on_every_backend(captured: dict, backend: str) -> Non
 def test_every_transformer_op_and_converter_is_exercised(captured: dict) -> None:
     graphs = [get(captured, name)[1] for name in MODELS]
     assert TRANSFORMER_OPS - {n.op for g in graphs for n in g.nodes} == set()
+    assert TRANSFORMER_TARGETS <= set(ATEN_TABLE)
     assert TRANSFORMER_TARGETS - captured["_hits"] <= _NOT_EXERCISED
     assert len(TRANSFORMER_TARGETS) > 60
 

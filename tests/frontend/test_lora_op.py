@@ -16,7 +16,7 @@ from flora_graph.adapters import FloraAdapter, LoRAAdapter, apply_lora
 from flora_graph.adapters.peft import peft_lora_layers
 from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.frontend import capture
-from flora_graph.frontend.capture import export_program
+from flora_graph.frontend.capture import trace_with_torch_export
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.ir import Graph
 from flora_graph.runtimes import compile
@@ -92,7 +92,7 @@ def _same(a: Graph, b: Graph) -> None:
 
 
 def _op_count(model: nn.Module, x: torch.Tensor) -> int:
-    ep = export_program(model, x, DYN)[0]
+    ep = trace_with_torch_export(model, x, DYN)[0]
     return sum(1 for n in ep.graph.nodes if n.target is OP)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from flora_graph.errors import GraphError, ShapeError
 from flora_graph.ir import Graph, Op, OpGroup, verify
-from flora_graph.ir.ops_transformer import SLICE_END, slice_size
+from flora_graph.ops.movement import SLICE_END, slice_size
 
 from .helpers import assert_graphs_equal
 from .test_ops_schema import infer, raises_naming

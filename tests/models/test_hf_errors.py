@@ -13,9 +13,9 @@ import transformers
 from flora_graph.adapters import adapters_of
 from flora_graph.adapters.peft import load_peft_adapter
 from flora_graph.errors import AdapterError, UnsupportedOpError
-from flora_graph.export import export_model
 from flora_graph.frontend import capture
-from flora_graph.frontend.aten_table import ATEN_TABLE, aten_name
+from flora_graph.frontend.aten import ATEN_TABLE, aten_name
+from flora_graph.model_export import export_model
 from tests.models.test_hf_peft_parity import VOCAB, llama_model, peft_model
 from tests.peft_folders import edit_peft_folder
 

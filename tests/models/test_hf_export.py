@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from flora_graph.cli import main
-from flora_graph.export import export_model, load_model
+from flora_graph.model_export import export_model, load_model
 from tests.models.test_hf_peft_parity import MAX_POS, TOL, bert_model, gpt2_model, llama_model, peft_model
 
 

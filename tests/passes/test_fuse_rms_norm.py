@@ -21,7 +21,7 @@ from flora_graph.ir import Graph, Op, verify
 from flora_graph.models import build_decoder
 from flora_graph.passes import PASSES, PRESETS, optimize, optimize_with_report
 from flora_graph.passes.fuse_rms_norm import fuse_rms_norm
-from flora_graph.runtimes.onnx_lowering import save_onnx
+from flora_graph.runtimes.onnx_writer import save_onnx
 from flora_graph.runtimes.reference import run
 from tests.passes.helpers import assert_same_numbers, inputs_for
 

@@ -22,14 +22,10 @@ from onnx.external_data_helper import uses_external_data
 
 from flora_graph.errors import FloraGraphError, UnsupportedOpError
 from flora_graph.ir import Graph, Op, OpGroup, verify
-from flora_graph.runtimes import onnx_lowering, run
-from flora_graph.runtimes.onnx_lowering import (
-    DEFAULT_OPSET,
-    ONNX_LOWERING,
-    OnnxExportError,
-    save_onnx,
-    to_onnx,
-)
+from flora_graph.ops import OPS
+from flora_graph.runtimes import onnx_lowering, onnx_writer, run
+from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, OnnxExportError, to_onnx
+from flora_graph.runtimes.onnx_writer import save_onnx
 
 from ..ir.helpers import rich_graph
 
@@ -143,14 +139,14 @@ CASES: dict[str, tuple[Op, list[Any], dict[str, Any]]] = {
 
 
 def test_every_op_has_a_lowering() -> None:
-    assert set(ONNX_LOWERING) == set(Op) - OpGroup.Leaf
+    assert set(OPS) == set(Op) - OpGroup.Leaf
 
 
 def test_every_op_has_a_case() -> None:
     from .test_transformer_ops import NEW_OPS  # the transformer family: cases in test_transformer_ops.py
 
     covered = {op for op, _, _ in CASES.values()} | {Op.DIV, Op.SPLIT} | NEW_OPS  # Div and Split: tests of their own
-    assert covered == set(ONNX_LOWERING)
+    assert covered == set(OPS) - OpGroup.Adapter  # adapter slots: tests/ops/test_adapters_family.py
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -288,7 +284,7 @@ def test_outputs_that_are_leaves_or_repeat_a_node() -> None:
 
 
 def test_missing_lowering_names_op_and_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(ONNX_LOWERING, Op.GELU)
+    monkeypatch.delitem(OPS, Op.GELU)
     g = one_op(Op.GELU, [("batch", 3)])
     with pytest.raises(UnsupportedOpError, match=r"Gelu.*'node'") as err:
         to_onnx(g)
@@ -366,7 +362,7 @@ def big_graph() -> Graph:
 
 
 def test_external_data_past_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_lowering, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_THRESHOLD", 10_000)
     g = big_graph()
     model = to_onnx(g)
     path = save_onnx(model, tmp_path / "big.onnx")
@@ -380,7 +376,7 @@ def test_external_data_past_threshold(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_external_data_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_lowering, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_THRESHOLD", 10_000)
     model = to_onnx(big_graph())
     (tmp_path / "file").write_text("")
     target = tmp_path / "file" / "big.onnx"
@@ -391,7 +387,7 @@ def test_external_data_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytes
     def refuse(model: Any, where: str) -> None:
         raise OnnxExportError(f"{where}: refused")
 
-    monkeypatch.setattr(onnx_lowering, "_check", refuse)
+    monkeypatch.setattr(onnx_writer, "check_model", refuse)
     with pytest.raises(OnnxExportError, match="refused"):
         save_onnx(model, tmp_path / "big.onnx")
     assert listing(tmp_path) == ["file"]
@@ -450,7 +446,7 @@ def test_transposed_weights_are_written_transposed(tmp_path: Path) -> None:
 
 
 def test_saved_graph_past_threshold_uses_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_lowering, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_THRESHOLD", 10_000)
     g = big_graph()
     path = save_onnx(g, tmp_path / "big.onnx")
     assert listing(tmp_path) == ["big.onnx", "big.onnx.data"]

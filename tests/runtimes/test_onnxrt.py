@@ -17,7 +17,7 @@ from flora_graph.errors import FloraGraphError, RuntimeInputError
 from flora_graph.frontend import capture
 from flora_graph.ir import Graph, Op, verify
 from flora_graph.models import build_demo_model, demo_inputs
-from flora_graph.runtimes import onnx_lowering, run
+from flora_graph.runtimes import onnx_writer, run
 from flora_graph.runtimes.executable import BACKENDS, compile
 from flora_graph.runtimes.onnxrt import OnnxRuntimeError, OnnxRuntimeExecutable
 
@@ -210,7 +210,7 @@ def test_save_failure_names_path(small: OnnxRuntimeExecutable, tmp_path: Path) -
 
 
 def test_large_model_goes_through_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_lowering, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_THRESHOLD", 10_000)
     g = Graph("wide")
     x = g.input("x", ("batch", 64))
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)  # 16 KiB: past the threshold

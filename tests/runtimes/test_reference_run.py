@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from flora_graph.errors import GraphError, RuntimeInputError, ShapeError, UnsupportedOpError
 from flora_graph.ir import Graph, Op, verify
-from flora_graph.runtimes import NUMPY_IMPLS, ReferenceExecutable, run
+from flora_graph.ops import OPS
+from flora_graph.runtimes import ReferenceExecutable, run
 
 ATOL, RTOL = 1e-5, 1e-5
 
@@ -163,7 +165,7 @@ def test_outputs_do_not_alias_weights_or_inputs() -> None:
 def test_values_are_freed_after_last_use(monkeypatch: pytest.MonkeyPatch) -> None:
     refs: dict[str, weakref.ref] = {}
     alive_at_tanh: list[bool] = []
-    relu, tanh = NUMPY_IMPLS[Op.RELU], NUMPY_IMPLS[Op.TANH]
+    relu, tanh = OPS[Op.RELU].numpy, OPS[Op.TANH].numpy
 
     def spy_relu(x: np.ndarray) -> np.ndarray:
         out = relu(x)
@@ -174,8 +176,8 @@ def test_values_are_freed_after_last_use(monkeypatch: pytest.MonkeyPatch) -> Non
         alive_at_tanh.append(refs["relu"]() is not None)
         return tanh(x)
 
-    monkeypatch.setitem(NUMPY_IMPLS, Op.RELU, spy_relu)
-    monkeypatch.setitem(NUMPY_IMPLS, Op.TANH, spy_tanh)
+    monkeypatch.setitem(OPS, Op.RELU, replace(OPS[Op.RELU], numpy=spy_relu))
+    monkeypatch.setitem(OPS, Op.TANH, replace(OPS[Op.TANH], numpy=spy_tanh))
     g = Graph("chain")
     x = g.input("x", ("batch", 16))
     g.set_output("y", g.add(Op.TANH, [g.add(Op.NEG, [g.add(Op.RELU, [x])])]))
@@ -189,7 +191,7 @@ def test_dead_nodes_are_not_evaluated(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(x: np.ndarray) -> np.ndarray:
         raise AssertionError("dead node evaluated")
 
-    monkeypatch.setitem(NUMPY_IMPLS, Op.SIGMOID, boom)
+    monkeypatch.setitem(OPS, Op.SIGMOID, replace(OPS[Op.SIGMOID], numpy=boom))
     g = Graph("dead")
     x = g.input("x", ("batch", 3))
     g.add(Op.SIGMOID, [x])
@@ -210,7 +212,7 @@ def test_wrong_declared_shape_is_reported_naming_the_node() -> None:
 
 
 def test_missing_impl_raises_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(NUMPY_IMPLS, Op.RELU)
+    monkeypatch.delitem(OPS, Op.RELU)
     g = Graph("u")
     g.set_output("y", g.add(Op.RELU, [g.input("x", (2,))], name="act"))
     with pytest.raises(UnsupportedOpError, match="'act'"):

@@ -14,8 +14,9 @@ import torch
 
 from flora_graph.errors import UnsupportedOpError
 from flora_graph.ir import Graph, Op, OpGroup
+from flora_graph.ops import OPS
 from flora_graph.runtimes import run
-from flora_graph.runtimes.torch_lowering import TORCH_LOWERING, generate_forward, to_torch_module
+from flora_graph.runtimes.torch_lowering import generate_forward, to_torch_module
 
 ATOL, RTOL = 1e-5, 1e-5
 
@@ -40,7 +41,7 @@ def _eager(module: torch.nn.Module, *arrays: np.ndarray) -> tuple[np.ndarray, ..
 
 
 def test_every_non_leaf_op_has_a_lowering() -> None:
-    assert set(TORCH_LOWERING) == set(Op) - OpGroup.Leaf
+    assert set(OPS) == set(Op) - OpGroup.Leaf
 
 
 def test_source_is_one_typed_line_per_live_node(rng: np.random.Generator) -> None:
@@ -96,7 +97,7 @@ def test_single_output_is_still_a_tuple(rng: np.random.Generator) -> None:
 
 
 def test_missing_lowering_names_op_and_node(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(TORCH_LOWERING, Op.RELU)
+    monkeypatch.delitem(OPS, Op.RELU)
     with pytest.raises(UnsupportedOpError, match=r"'act'.*Relu") as info:
         to_torch_module(_mlp(rng))
     assert info.value.ops == {"Relu": ["act"]}

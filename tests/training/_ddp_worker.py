@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from flora_graph.training import Flora, FloraAccumulator
+from flora_graph.flora import Flora, FloraAccumulator
 
 STEPS = 4
 MICRO = 2  # micro-batches per rank per step in the accumulation scenarios

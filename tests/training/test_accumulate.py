@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from flora_graph.training import (
+from flora_graph.flora import (
     Flora,
     FloraAccumulator,
     OptimizerError,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from flora_graph.training import Flora, OptimizerError
+from flora_graph.flora import Flora, OptimizerError
 
 
 def _model() -> nn.Module:

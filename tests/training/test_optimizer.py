@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from flora_graph.errors import FloraGraphError
-from flora_graph.training import (
+from flora_graph.flora import (
     Flora,
     NonFiniteGradientError,
     OptimizerError,
@@ -401,7 +401,7 @@ def test_non_finite_gradient_error_can_be_rebuilt_from_its_reduce():
     """Process pools send exceptions back through ``__reduce__``; deepcopy uses the same path."""
     import copy
 
-    from flora_graph.training import NonFiniteGradientError
+    from flora_graph.flora import NonFiniteGradientError
 
     err = copy.deepcopy(NonFiniteGradientError("w has NaN", ["w"]))
     assert isinstance(err, NonFiniteGradientError) and err.names == ["w"] and str(err) == "w has NaN"

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from flora_graph.training import (
+from flora_graph.flora import (
     compress,
     decompress,
     gaussian_projection,

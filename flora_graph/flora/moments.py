@@ -1,0 +1,134 @@
+"""Per-parameter state of ``Flora``: its layout, initial values, and the second-moment preconditioner.
+
+State of one parameter (``n x m`` is its 2-D view, ``r`` the group's rank):
+
+============================  ==========================  =================================
+key                           shape                       when
+============================  ==========================  =================================
+``step``                      int64 scalar (CPU)          always
+``seed``, ``resamples``       int64 scalars (CPU)         compressed momentum
+``exp_avg_c``                 ``r x max(n, m)``           compressed momentum
+``exp_avg``                   parameter's shape           momentum, not compressible
+``exp_avg_sq_row``/``_col``   ``n`` / ``m``               >= 2-D, ``second_moment="factored"``
+``exp_avg_sq``                parameter's shape           1-D, or ``second_moment="adam"``
+============================  ==========================  =================================
+
+Floating state is float32 on the parameter's device; counters stay on the CPU so reading them
+never synchronises a GPU. Second moments are never projected (a projected second moment can
+turn negative); they are Adafactor's factored row/column means of ``g^2 + eps1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flora_graph.flora.projection import Layout, layout_for, param_seed
+
+__all__ = ["COUNTERS", "Preconditioner", "beta2_at", "init_state", "second_moment", "square_means", "state_shapes"]
+
+COUNTERS = ("step", "seed", "resamples")
+
+
+def state_shapes(layout: Layout, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Floating state keys and shapes for a parameter of ``layout`` under ``group``'s options."""
+    out: dict[str, tuple[int, ...]] = {}
+    if group["beta1"] > 0:
+        if layout.compressed:
+            out["exp_avg_c"] = (group["rank"], layout.large)
+        else:
+            out["exp_avg"] = layout.shape
+    if layout.matrix is not None and group["second_moment"] == "factored":
+        out["exp_avg_sq_row"] = (layout.matrix[0],)
+        out["exp_avg_sq_col"] = (layout.matrix[1],)
+    else:
+        out["exp_avg_sq"] = layout.shape
+    return out
+
+
+def init_state(p: torch.Tensor, name: str, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Fresh state for parameter ``name``: zeros, step 0, and its epoch-0 projection seed."""
+    layout = layout_for(p.shape, group["rank"])
+    state: dict[str, torch.Tensor] = {"step": torch.tensor(0, dtype=torch.int64)}
+    if group["beta1"] > 0 and layout.compressed:
+        state["seed"] = torch.tensor(param_seed(group["seed"], name, 0), dtype=torch.int64)
+        state["resamples"] = torch.tensor(0, dtype=torch.int64)
+    for key, shape in state_shapes(layout, group).items():
+        state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+    return state
+
+
+def beta2_at(group: dict[str, Any], step: int) -> tuple[float, float]:
+    """``(beta2_t, bias_correction)``: Adafactor's ``1 - t^decay_rate`` (no correction needed) or a constant."""
+    if group["beta2"] is None:
+        return 1.0 - math.pow(step, group["decay_rate"]), 1.0
+    b2 = float(group["beta2"])
+    return b2, 1.0 - b2**step
+
+
+_CHUNK = 1 << 18  # elements per slice of g^2 on the CPU (1 MiB: stays in cache, no page faults)
+
+
+def square_means(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column means of ``g^2`` (float32) for a 2-D ``g`` of any float dtype.
+
+    On the CPU ``g^2`` is formed a slice of rows at a time instead of as one ``n x m``
+    temporary; elsewhere in one pass.
+    """
+    n, m = g.shape
+    if g.device.type != "cpu" or n * m <= _CHUNK:
+        sq = g.to(torch.float32).square()
+        return sq.mean(dim=1), sq.mean(dim=0)
+    row = torch.empty(n, dtype=torch.float32)
+    col = torch.zeros(m, dtype=torch.float32)
+    rows = max(1, _CHUNK // m)
+    for i in range(0, n, rows):
+        sq = g[i : i + rows].to(torch.float32).square()
+        torch.sum(sq, dim=1, out=row[i : i + rows])
+        col.add_(sq.sum(dim=0))
+    return row.div_(m), col.div_(n)
+
+
+@dataclass
+class Preconditioner:
+    """``1 / sqrt(v_hat)`` as row/column factors (factored) or as a full tensor."""
+
+    row: torch.Tensor | None = None
+    col: torch.Tensor | None = None
+    full: torch.Tensor | None = None
+
+    def apply(self, g: torch.Tensor) -> torch.Tensor:
+        """``g / sqrt(v_hat)`` (a new tensor)."""
+        if self.full is not None:
+            return g * self.full
+        assert self.row is not None and self.col is not None
+        return (g * self.row.unsqueeze(1)).mul_(self.col.unsqueeze(0))
+
+
+def second_moment(
+    g: torch.Tensor,
+    means: tuple[torch.Tensor, torch.Tensor] | None,
+    state: dict[str, torch.Tensor],
+    group: dict[str, Any],
+    step: int,
+) -> Preconditioner:
+    """Fold ``g^2 + eps1`` into the second moment and return its preconditioner.
+
+    ``means`` are :func:`square_means` of ``g`` when the state is factored. Factored:
+    ``v_hat[i, j] = row[i] * col[j] / mean(row) / correction`` (Adafactor).
+    """
+    beta2t, correction = beta2_at(group, step)
+    eps = group["eps"][0]
+    if "exp_avg_sq_row" in state:
+        assert means is not None
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(means[0], alpha=1.0 - beta2t).add_((1.0 - beta2t) * eps)
+        col.mul_(beta2t).add_(means[1], alpha=1.0 - beta2t).add_((1.0 - beta2t) * eps)
+        r_factor = (row / row.mean()).rsqrt_().mul_(math.sqrt(correction))
+        return Preconditioner(row=r_factor, col=col.rsqrt())
+    v = state["exp_avg_sq"].view_as(g)
+    v.mul_(beta2t).addcmul_(g, g, value=1.0 - beta2t).add_((1.0 - beta2t) * eps)
+    return Preconditioner(full=v.rsqrt().mul_(math.sqrt(correction)))

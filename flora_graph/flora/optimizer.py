@@ -1,0 +1,304 @@
+"""``Flora``: Adafactor whose momentum is kept compressed by seeded random projections (arXiv:2402.03293).
+
+One step for a parameter with gradient ``g`` (float32 arithmetic, ``n x m`` its 2-D view):
+
+1. ``u = g / sqrt(v_hat)``: Adafactor's factored row/column second moment (or a full one for
+   1-D tensors and ``second_moment="adam"``); never projected.
+2. Momentum ``M = beta1 * M + (1 - beta1) * u``, and the direction ``d = M``. For a compressible
+   matrix only ``C = P M`` (``r x max(n, m)``, ``P`` the ``r x min(n, m)`` projection of the
+   parameter's current seed, entries ``N(0, 1/r)``) is kept, so::
+
+       C_t = beta1 * C_{t-1} + (1 - beta1) * P u_t
+       d_t = u_t + P^T (P P^T)^{-1} (C_t - P u_t)  =  u_t + beta1 * lift(C_{t-1} - P u_t)
+
+   ``d_t`` is the matrix nearest the fresh ``u_t`` whose compression is the momentum
+   (``P d_t = C_t``): inside the ``r``-dimensional subspace ``P`` sketches it is the exact
+   momentum, outside it (where ``C`` holds nothing) the fresh ``u_t`` stands in. It is the
+   posterior mean of ``M_t`` under an isotropic Gaussian prior centred on ``u_t`` given the
+   exact observation ``P M_t = C_t``. One ``n x m`` float32 temporary (``u``, then ``d`` in
+   place) per parameter, as in Adafactor; ``(P P^T)^{-1}`` is an ``r x r`` solve. The fresh gradient thus enters the update in full, only the past is
+   compressed. After every ``kappa`` steps the seed moves on and the momentum is transferred:
+   decompressed with the old projection (``d_t`` is that decompression) and compressed with
+   the new one, ``C <- P_new d_t``.
+3. The direction is scaled down to RMS ``<= clip_threshold``; decoupled weight decay
+   ``p *= 1 - lr * weight_decay``; then ``p -= lr * direction``.
+
+Why not the unbiased decompression ``P^T C`` (the paper's; :func:`.projection.decompress`)?
+``P^T P`` is about ``k/r`` times the orthogonal projection onto a random ``r``-dimensional
+subspace (``k = min(n, m)``), so ``P^T C`` is the momentum's component there amplified ``k/r``
+times: its norm is about ``sqrt(k/r)`` times the momentum's, almost all of it confined to one
+subspace. RMS clipping then shrinks the useful signal by that factor, and with a fixed seed
+every update of a run lies in the same ``r``-dimensional subspace. An unbiased transfer
+``P_new P_old^T C`` multiplies the momentum's norm by about ``sqrt(k/r)`` per resample, so
+frequent resampling diverges unless ``beta1 ** kappa * sqrt(k/r) << 1``. ``lift`` is the
+least-squares decompression (an orthogonal projection, a contraction) and the transfer
+compresses ``d_t``, whose norm is that of an Adafactor update: resampling never inflates the
+momentum (``kappa=1`` is stable), and decompressed momentum and ``u`` share one scale, the
+second moment's.
+
+Seeds are hashed from ``(seed, parameter name, resample count)`` (see :mod:`.projection`), and
+projections are regenerated from a CPU generator each step, never stored. Pass
+``model.named_parameters()`` so that names, not positions, identify parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from flora_graph.flora.checkpoint import load_flora_state
+from flora_graph.flora.errors import NonFiniteGradientError, OptimizerError
+from flora_graph.flora.moments import COUNTERS, init_state, second_moment, square_means, state_shapes
+from flora_graph.flora.options import NAN_POLICIES, check_group, non_finite, split_named
+from flora_graph.flora.projection import (
+    Layout,
+    add_decompressed_,
+    compress,
+    gaussian_projection,
+    layout_for,
+    lift_coefficients,
+    param_seed,
+)
+
+__all__ = ["Flora"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Flora(torch.optim.Optimizer):
+    """Flora optimizer: compressed momentum, factored second moment, RMS clipping, decoupled weight decay.
+
+    Args:
+        params: ``model.named_parameters()``, ``(name, tensor)`` pairs, bare tensors (named
+            ``"param_groups.<g>.<i>"``), or param groups (dicts) whose ``"params"`` are any of these.
+        lr: step size; required unless ``relative_step=True``.
+        rank: rows ``r`` of the projection; the momentum of an ``n x m`` matrix is ``r x max(n, m)``.
+        kappa: steps between projection resamples (with momentum transfer ``C <- P_new d``, which
+            never inflates the momentum; any ``kappa >= 1`` is stable). Each resample keeps the
+            momentum only inside the new subspace, so a small ``kappa`` shortens its memory.
+        beta1: momentum decay in ``[0, 1)``; ``0`` keeps no momentum (plain Adafactor, nothing to compress).
+        beta2: ``None`` for Adafactor's schedule ``1 - t^decay_rate``, or a constant in ``[0, 1)``
+            (with Adam's bias correction).
+        decay_rate: exponent of that schedule, in ``[-1, 0)``.
+        eps: ``(eps1, eps2)``: added to ``g^2``; floor of the parameter RMS in relative steps.
+        clip_threshold: the update is scaled down to this RMS (``None``: no clipping).
+        relative_step: Adafactor's ``min(1e-2, 1/sqrt(t)) * max(eps2, RMS(p))`` instead of ``lr``.
+        weight_decay: decoupled decay, ``p *= 1 - lr * weight_decay``.
+        second_moment: ``"factored"`` (``n + m`` floats per matrix) or ``"adam"`` (full ``n x m``).
+        seed: base seed hashed with each parameter's name.
+        nan_policy: ``"raise"`` a :class:`NonFiniteGradientError` naming the parameters, or
+            ``"skip"`` the whole step (counted in :attr:`skipped_steps`); state is untouched either way.
+
+    Raises:
+        OptimizerError: an option out of range, duplicate names, or a bad state dict.
+
+    Matrices keep uncompressed momentum when ``min(n, m) < rank`` or ``max/min > 4``
+    (embeddings); convolution weights are treated as ``out x (in * kh * kw)``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        rank: int = 8,
+        kappa: int = 1000,
+        beta1: float = 0.9,
+        beta2: float | None = None,
+        decay_rate: float = -0.8,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float | None = 1.0,
+        relative_step: bool = False,
+        weight_decay: float = 0.0,
+        second_moment: str = "factored",
+        seed: int = 0,
+        nan_policy: str = "raise",
+    ) -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise OptimizerError(f"Flora: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        defaults = {
+            "lr": lr,
+            "rank": rank,
+            "kappa": kappa,
+            "beta1": beta1,
+            "beta2": beta2,
+            "decay_rate": decay_rate,
+            "eps": tuple(eps) if isinstance(eps, list) else eps,
+            "clip_threshold": clip_threshold,
+            "relative_step": relative_step,
+            "weight_decay": weight_decay,
+            "second_moment": second_moment,
+            "seed": seed,
+        }
+        check_group(defaults, "Flora")
+        self.nan_policy = nan_policy
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its parameters are named (see :mod:`.options`) and its options validated."""
+        if not isinstance(param_group, dict):
+            raise OptimizerError(f"Flora: a param group must be a dict, got {type(param_group).__name__}")
+        gi = len(self.param_groups)
+        where = f"Flora param group {gi}"
+        group = dict(param_group)
+        names, tensors = split_named(group.get("params", []), gi, where)
+        if "param_names" in group and not any(isinstance(x, tuple) for x in group["params"]):
+            names = list(group.pop("param_names"))
+        if not tensors:
+            raise OptimizerError(f"{where}: empty parameter list")
+        taken = {n for g in self.param_groups for n in g["param_names"]}
+        seen: set[str] = set()
+        for name in names:
+            if name in taken or name in seen:
+                raise OptimizerError(f"{where}: parameter name {name!r} appears twice; names must be unique")
+            seen.add(name)
+        check_group({**self.defaults, **group}, where)
+        group.pop("param_names", None)
+        group["params"] = list(zip(names, tensors, strict=True))
+        super().add_param_group(group)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step over every parameter with a gradient; returns ``closure()``'s loss.
+
+        First every gradient is probed (its row means of ``g^2``, or its sum): one host sync
+        per device. A NaN/inf anywhere stops the step before any state or parameter changes.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work: list[tuple[dict[str, Any], str, torch.Tensor, Layout, Any]] = []
+        probes: list[tuple[str, torch.Tensor]] = []
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"], strict=True):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.is_complex():
+                    raise OptimizerError(
+                        f"Flora: parameter {name!r}: sparse gradients and complex tensors are unsupported"
+                    )
+                layout = layout_for(p.shape, group["rank"])
+                g = p.grad.detach()
+                means = None
+                if layout.matrix is not None and group["second_moment"] == "factored":
+                    means = square_means(g.reshape(layout.matrix))
+                    probes.append((name, means[0].sum()))
+                else:
+                    probes.append((name, g.sum(dtype=torch.float32)))
+                work.append((group, name, p, layout, means))
+        bad = non_finite(probes)
+        if bad:
+            if self.nan_policy == "skip":
+                self.skipped_steps += 1
+                return loss
+            raise NonFiniteGradientError(
+                f"Flora: non-finite gradient in parameter {bad[0]!r}"
+                + (f" (and {len(bad) - 1} more: {bad[1:4]})" if len(bad) > 1 else "")
+                + "; no state was changed (nan_policy='skip' skips such steps)",
+                bad,
+            )
+        for group, name, p, layout, means in work:
+            self._update(p, name, group, layout, means)
+        return loss
+
+    @staticmethod
+    def _lr(group: dict[str, Any], p: torch.Tensor, step: int) -> float | torch.Tensor:
+        if not group["relative_step"]:
+            return float(group["lr"])
+        p_rms = torch.linalg.vector_norm(p, dtype=torch.float32) / math.sqrt(max(p.numel(), 1))
+        return p_rms.clamp(min=group["eps"][1]) * min(1e-2, 1.0 / math.sqrt(step))
+
+    @staticmethod
+    def _scale(sq_norm: torch.Tensor, numel: int, group: dict[str, Any], lr: float | torch.Tensor) -> torch.Tensor:
+        """``lr / max(1, RMS(direction) / clip_threshold)`` as a 0-dim tensor (no host sync)."""
+        if group["clip_threshold"] is None:
+            return torch.ones_like(sq_norm) * lr
+        rms = (sq_norm / numel).sqrt_()
+        return (rms / group["clip_threshold"]).clamp_(min=1.0).reciprocal_().mul_(lr)
+
+    def _update(self, p: torch.Tensor, name: str, group: dict[str, Any], layout: Layout, means: Any) -> None:
+        state = self.state[p]
+        if not state:
+            state.update(init_state(p, name, group))
+        else:
+            want = state_shapes(layout, group)
+            have = {k: tuple(v.shape) for k, v in state.items() if k not in COUNTERS}
+            if have != want:
+                raise OptimizerError(
+                    f"Flora: parameter {name!r}: its state {have} no longer fits the group's options "
+                    f"(expected {want}); rank, beta1 and second_moment cannot change mid-training"
+                )
+        t = int(state["step"]) + 1
+        state["step"].fill_(t)
+        g = p.grad.detach().to(torch.float32)
+        if layout.matrix is not None:
+            g = g.reshape(layout.matrix)
+        pre = second_moment(g, means, state, group, t)
+        b1, lr = group["beta1"], self._lr(group, p, t)
+        if "exp_avg_c" in state:
+            direction = self._compressed_direction(pre.apply(g), state, name, group, layout, t)
+        else:
+            u = pre.apply(g)
+            if "exp_avg" in state:
+                direction = state["exp_avg"].view(u.shape).mul_(b1).add_(u, alpha=1.0 - b1)
+            else:
+                direction = u
+        scale = self._scale(torch.linalg.vector_norm(direction).square(), direction.numel(), group, lr)
+
+        def add_update(out: torch.Tensor) -> None:
+            out.addcmul_(direction.to(out.dtype), scale.to(out.dtype), value=-1.0)
+
+        self._apply(p, layout, group, lr, add_update)
+
+    @staticmethod
+    def _compressed_direction(
+        u: torch.Tensor, state: dict[str, Any], name: str, group: dict[str, Any], layout: Layout, t: int
+    ) -> torch.Tensor:
+        """``d = u + beta1 * lift(C - P u)`` (in place on ``u``); folds ``P u`` into ``C``; resamples every ``kappa``."""
+        b1 = group["beta1"]
+        proj = gaussian_projection(int(state["seed"]), group["rank"], layout.small, device=u.device)
+        mc = state["exp_avg_c"]
+        resid = mc - compress(u, proj)  # C_{t-1} - P u_t
+        mc.sub_(resid, alpha=1.0 - b1)  # C_t = beta1 C_{t-1} + (1 - beta1) P u_t
+        add_decompressed_(u, lift_coefficients(resid, proj), proj, alpha=b1)  # now P u = C_t
+        if t % group["kappa"] == 0:
+            epoch = int(state["resamples"]) + 1
+            seed = param_seed(group["seed"], name, epoch)
+            mc.copy_(compress(u, gaussian_projection(seed, group["rank"], layout.small, device=u.device)))
+            state["seed"].fill_(seed)
+            state["resamples"].fill_(epoch)
+        return u
+
+    @staticmethod
+    def _apply(
+        p: torch.Tensor, layout: Layout, group: dict[str, Any], lr: float | torch.Tensor, add_update: Callable
+    ) -> None:
+        """Weight decay, then ``add_update`` on ``p``'s 2-D view (on a float32 copy for 16-bit params)."""
+        direct = p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
+        work = p if direct else p.detach().to(torch.float32 if p.dtype in _LOW_PRECISION else p.dtype).contiguous()
+        if group["weight_decay"]:
+            work.mul_(1.0 - lr * group["weight_decay"])
+        add_update(work.view(layout.matrix) if layout.matrix is not None else work)
+        if work is not p:
+            p.copy_(work)
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout (ids, ``param_names`` per group) plus ``"flora"``: format and skipped steps.
+
+        Everything is a tensor, int, float, str, bool, None, tuple, list or dict, so
+        ``torch.load(..., weights_only=True)`` reads a saved copy.
+        """
+        sd = super().state_dict()
+        sd["flora"] = {"format": 1, "skipped_steps": int(self.skipped_steps)}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load by parameter NAME (order-independent); a state dict of another model raises naming the parameter."""
+        load_flora_state(self, state_dict)

@@ -1,0 +1,55 @@
+"""The ATen -> IR converters, one module per op family (mirroring :mod:`flora_graph.ops`).
+
+:mod:`~flora_graph.frontend.aten.registry` holds :data:`ATEN_TABLE` (ATen overload ->
+converter), the :func:`register` decorator, :class:`SymDim` and the helpers every family
+shares. Each family module registers the converters of the ATen ops whose IR it mainly
+emits: :mod:`~flora_graph.frontend.aten.linear` (linear, matmul, addmm, conv),
+:mod:`~flora_graph.frontend.aten.elementwise` (arithmetic, activations, float math,
+comparisons, logic, where, masked_fill, triu/tril, diff, casts),
+:mod:`~flora_graph.frontend.aten.reduce` (mean, sum, cumsum),
+:mod:`~flora_graph.frontend.aten.normalization` (softmax, layer_norm, rms_norm),
+:mod:`~flora_graph.frontend.aten.attention` (scaled-dot-product attention),
+:mod:`~flora_graph.frontend.aten.movement` (views, reshapes, transposes, cat, split,
+slice, squeeze, expand), :mod:`~flora_graph.frontend.aten.indexing` (embedding,
+index_select, select, unbind, gather, index), :mod:`~flora_graph.frontend.aten.creation`
+(arange, the full/ones/zeros family) and :mod:`~flora_graph.frontend.aten.aliases`
+(clone/detach/contiguous, eval-mode dropout, getitem). Importing this package registers
+them all. The capture-time LoRA Linear op registers its converter from
+:mod:`flora_graph.frontend.lora_op`, which :mod:`flora_graph.frontend.capture` imports.
+"""
+
+from __future__ import annotations
+
+from flora_graph.frontend.aten import (  # noqa: F401  (each family registers its converters on import)
+    aliases,
+    attention,
+    creation,
+    elementwise,
+    indexing,
+    linear,
+    movement,
+    normalization,
+    reduce,
+)
+from flora_graph.frontend.aten.registry import (
+    ATEN_TABLE,
+    NO_TENSOR_OPS,
+    Converter,
+    SymDim,
+    as_dtype,
+    aten_name,
+    compute_dtype,
+    dim_of,
+    operand,
+    out_dtype,
+    refuse,
+    register,
+)
+
+__all__ = [
+    "ATEN_TABLE", "FAMILIES", "NO_TENSOR_OPS", "Converter", "SymDim", "as_dtype", "aten_name", "compute_dtype", "dim_of",
+    "operand", "out_dtype", "refuse", "register",
+]
+
+FAMILIES = ("linear", "elementwise", "reduce", "normalization", "attention", "movement", "indexing", "creation", "aliases")
+"""The family modules, in the order they are documented."""

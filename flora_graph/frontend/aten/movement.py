@@ -1,0 +1,186 @@
+"""ATen converters that emit the movement family: reshapes, transposes, concatenation,
+splits, slices and broadcasts.
+
+``t``/``transpose``/``permute`` -> ``Transpose``; ``view``/``reshape``/``_unsafe_view``
+-> ``Reshape`` (sizes as ONNX's: 0 copies the input's dim, named dims by name, at most one
+-1); ``flatten`` -> ``Flatten`` (from axis 1) or ``Reshape``; ``cat`` -> ``Concat`` (1-D
+empty tensors skipped, as torch does); ``split``/``split_with_sizes``/``chunk`` -> one
+``Split`` per piece (a tuple); ``slice`` -> ``Slice`` (nothing for a whole-axis slice);
+``unsqueeze`` -> ``Unsqueeze``; ``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the
+size-1 axes; ``expand``/``expand_as`` -> ``Expand`` (nothing when the shape is unchanged).
+
+Sizes given as ``SymInt`` arrive as :class:`SymDim` and become attributes naming the
+dynamic dim (``Slice(ends=("seq",))``, ``Expand(shape=("batch", 1, "seq"))``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from flora_graph.errors import GraphError, ShapeError
+from flora_graph.frontend.aten.registry import SymDim, axis_of, dim_of, register
+from flora_graph.ir import ComputationNode, Op
+from flora_graph.ir.shapes import Dim, canonical_dim
+
+if TYPE_CHECKING:
+    from flora_graph.frontend.capture import CaptureContext
+
+__all__: list[str] = []
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------- transposes
+@register(aten.t.default)
+def _t(ctx, x):
+    return x if len(x.shape) < 2 else ctx.emit(Op.TRANSPOSE, [x], {"perm": (1, 0)})
+
+
+@register(aten.transpose.int)
+def _transpose(ctx, x, d0, d1):
+    perm = list(range(len(x.shape)))
+    d0, d1 = d0 % len(perm), d1 % len(perm)
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return ctx.emit(Op.TRANSPOSE, [x], {"perm": tuple(perm)})
+
+
+@register(aten.permute.default)
+def _permute(ctx, x, dims):
+    return ctx.emit(Op.TRANSPOSE, [x], {"perm": tuple(d % len(x.shape) for d in dims)})
+
+
+# --------------------------------------------------------------------------- reshapes
+def _reshape_target(ctx: CaptureContext, x: ComputationNode, shape: Sequence[Any]) -> tuple[Dim, ...]:
+    """Torch's target sizes as IR Reshape sizes: a dim equal to the input's at that position -> 0 (ONNX's
+    copy), another named dim -> its name, a size that is no product of dims (``seq - 1``) -> -1 (one at most)."""
+    out: list[Dim] = []
+    for i, s in enumerate(shape):
+        dim = s.dim if isinstance(s, SymDim) else s
+        if isinstance(dim, int):
+            out.append(dim)
+            continue
+        try:
+            dim = canonical_dim(dim)
+        except ShapeError:
+            out.append(-1)
+            continue
+        out.append(0 if i < len(x.shape) and dim == canonical_dim(x.shape[i]) else dim)
+    if out.count(-1) > 1:
+        raise GraphError(f"{ctx.where()}: reshape of {x.name} to {list(shape)} has more than one size that cannot be expressed")
+    return tuple(out)
+
+
+@register(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def _view(ctx, x, shape):
+    return ctx.emit(Op.RESHAPE, [x], {"shape": _reshape_target(ctx, x, shape)})
+
+
+@register(aten.flatten.using_ints)
+def _flatten(ctx, x, start=0, end=-1):
+    rank = len(x.shape)
+    if rank == 0:
+        return ctx.emit(Op.RESHAPE, [x], {"shape": (1,)})
+    start, end = start % rank, end % rank
+    if start == 1 and end == rank - 1:
+        return ctx.emit(Op.FLATTEN, [x], {"axis": 1})
+    tail = list(x.shape[end + 1 :])
+    if not all(isinstance(d, int) for d in tail):
+        raise GraphError(f"{ctx.where()}: flatten({start}, {end}) of {x.name} keeps named dims after the range")
+    return ctx.emit(Op.RESHAPE, [x], {"shape": (0,) * start + (-1,) + tuple(tail)})
+
+
+# --------------------------------------------------------------------------- concat, split
+@register(aten.cat.default)
+def _cat(ctx, tensors, dim=0):
+    kept = [t for t in tensors if tuple(t.shape) != (0,)] or list(tensors)[:1]  # torch skips 1-D empty tensors
+    return kept[0] if len(kept) == 1 else ctx.emit(Op.CONCAT, kept, {"axis": int(dim)})
+
+
+@register(aten.split_with_sizes.default)
+def _split_with_sizes(ctx, x, sizes, dim=0):
+    sizes = tuple(int(s) for s in sizes)
+    return tuple(ctx.emit(Op.SPLIT, [x], {"axis": int(dim), "sizes": sizes, "index": i}) for i in range(len(sizes)))
+
+
+@register(aten.split.Tensor)
+def _split(ctx, x, split_size, dim=0):
+    total = x.shape[dim]
+    if not isinstance(total, int):
+        raise GraphError(f"{ctx.where()}: split of {x.name} along named dim {total!r}")
+    sizes = [split_size] * (total // split_size) + ([total % split_size] if total % split_size else [])
+    return _split_with_sizes(ctx, x, sizes, dim)
+
+
+@register(aten.chunk.default)
+def _chunk(ctx, x, chunks, dim=0):
+    total = x.shape[dim]
+    if not isinstance(total, int):
+        raise GraphError(f"{ctx.where()}: chunk of {x.name} along named dim {total!r}")
+    return _split(ctx, x, max(1, -(-total // chunks)), dim)  # torch: pieces of ceil(total / chunks)
+
+
+# --------------------------------------------------------------------------- slice, (un)squeeze, expand
+@register(aten.slice.Tensor)
+def _slice(ctx, x, dim=0, start=None, end=None, step=1):
+    start = 0 if start is None else dim_of(ctx, start)
+    end = 2**63 - 1 if end is None else dim_of(ctx, end)
+    axis = axis_of(int(dim), len(x.shape))
+    if isinstance(x.shape[axis], int) and isinstance(end, int) and end > x.shape[axis]:
+        end = x.shape[axis]  # x[..., 8:] of a static dim of 16: end 16, not 2**63 - 1
+    whole = (isinstance(end, int) and end >= 2**62) or end == canonical_dim(x.shape[axis])
+    if start == 0 and step == 1 and whole:
+        return x
+    return ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (start,), "ends": (end,), "steps": (int(step),)})
+
+
+@register(aten.unsqueeze.default)
+def _unsqueeze(ctx, x, dim):
+    return ctx.emit(Op.UNSQUEEZE, [x], {"axes": (int(dim) % (len(x.shape) + 1),)})
+
+
+def _squeeze_axes(ctx: CaptureContext, x: ComputationNode, axes: Sequence[int] | None) -> ComputationNode:
+    rank = len(x.shape)
+    chosen = range(rank) if axes is None else [a % rank for a in axes] if rank else []
+    keep = tuple(sorted({a for a in chosen if x.shape[a] == 1}))  # torch leaves a dim that is not 1 alone
+    return ctx.emit(Op.SQUEEZE, [x], {"axes": keep}) if keep else x
+
+
+@register(aten.squeeze.dim)
+def _squeeze_dim(ctx, x, dim):
+    return _squeeze_axes(ctx, x, [int(dim)])
+
+
+@register(aten.squeeze.dims)
+def _squeeze_dims(ctx, x, dims):
+    return _squeeze_axes(ctx, x, [int(d) for d in dims])
+
+
+@register(aten.squeeze.default)
+def _squeeze_all(ctx, x):
+    return _squeeze_axes(ctx, x, None)
+
+
+def _expand_to(ctx: CaptureContext, x: ComputationNode, size: Sequence[Any]) -> ComputationNode:
+    lead = len(size) - len(x.shape)
+    target: list[Dim] = []
+    for i, s in enumerate(size):
+        if not isinstance(s, SymDim) and s == -1:
+            target.append(x.shape[i - lead])
+        else:
+            target.append(dim_of(ctx, s))
+    if tuple(canonical_dim(d) for d in target) == x.shape:
+        return x
+    return ctx.emit(Op.EXPAND, [x], {"shape": tuple(target)})
+
+
+@register(aten.expand.default)
+def _expand(ctx, x, size, *, implicit=False):
+    return _expand_to(ctx, x, size)
+
+
+@register(aten.expand_as.default)
+def _expand_as(ctx, x, other):
+    return _expand_to(ctx, x, other.shape)

@@ -1,0 +1,156 @@
+"""The ATen -> IR table and what every converter shares.
+
+A converter gets the capture context and the fx node's arguments with fx nodes already
+replaced by IR values (a :class:`ComputationNode`, a tuple of them, a :class:`SymDim`, or
+a plain Python value) and returns the IR value of the node. Converters are keyed by ATen
+overload (``aten.add.Tensor``) and registered with :func:`register` by the family modules
+of :mod:`flora_graph.frontend.aten`.
+
+Holds: :data:`ATEN_TABLE`, :func:`register`, :class:`SymDim`, :func:`aten_name`,
+:data:`NO_TENSOR_OPS` (shape reads and runtime assertions) and the helpers the families
+share: :func:`out_dtype`, :func:`operand`, :func:`as_dtype`, :func:`compute_dtype`,
+:func:`dim_of`, :func:`axis_of`, :func:`cast_to_out` and :func:`refuse`. Sizes given as
+``SymInt`` arrive as :class:`SymDim`; types follow torch's promotion: operands are cast to
+the dtype torch computes in (read off the fx node).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from flora_graph.errors import GraphError, ShapeError, UnsupportedOpError
+from flora_graph.ir import ComputationNode, Op
+from flora_graph.ir.shapes import Dim, canonical_dim
+
+if TYPE_CHECKING:
+    from flora_graph.frontend.capture import CaptureContext
+
+__all__ = [
+    "ATEN_TABLE", "NO_TENSOR_OPS", "Converter", "SymDim", "as_dtype", "aten_name", "axis_of", "cast_to_out",
+    "compute_dtype", "dim_of", "operand", "out_dtype", "refuse", "register",
+]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class SymDim:
+    """A symbolic size read off a tensor (``aten.sym_size``), as an IR dim."""
+
+    dim: Dim
+
+
+Converter = Callable[..., Any]
+ATEN_TABLE: dict[Any, Converter] = {}
+"""ATen overload (or ``operator.getitem``) -> its converter."""
+
+# Shape reads and runtime assertions: they produce no tensor.
+NO_TENSOR_OPS = {
+    aten.sym_size.int,
+    aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+    aten._assert_tensor_metadata.default,
+}
+
+
+def aten_name(target: Any) -> str:
+    """Printable name of an fx call target (``aten.linear.default``)."""
+    return str(target) if not callable(target) or hasattr(target, "_schema") else getattr(target, "__name__", str(target))
+
+
+def register(*targets: Any) -> Callable[[Converter], Converter]:
+    """Register a converter for one or more ATen overloads."""
+
+    def deco(fn: Converter) -> Converter:
+        for t in targets:
+            ATEN_TABLE[t] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------- dtypes and operands
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def refuse(ctx: CaptureContext, what: str) -> UnsupportedOpError:
+    """The error for a form of the current node that capture does not support (``what``)."""
+    return UnsupportedOpError(f"{ctx.where()}: {what}", {f"{aten_name(ctx.fx_node.target)} ({what})": [ctx.where()]})
+
+
+def out_dtype(ctx: CaptureContext, index: int = 0) -> str:
+    """The dtype torch gives the current node's result (``index``: which one of a tuple)."""
+    val = ctx.fx_node.meta.get("val")
+    if isinstance(val, tuple | list):
+        val = val[index]
+    return str(val.dtype).removeprefix("torch.")
+
+
+def operand(ctx: CaptureContext, v: Any, dtype: str) -> ComputationNode:
+    """An arithmetic operand in the dtype torch computes in: a node (cast when it differs) or a number.
+
+    A number becomes a rank-0 constant (inside an adapter, its ``scaling``).
+    """
+    if isinstance(v, ComputationNode):
+        return v if v.dtype == dtype else ctx.emit(Op.CAST, [v], {"to": dtype})
+    if isinstance(v, SymDim):
+        raise UnsupportedOpError(f"{ctx.where()}: a dynamic size ({v.dim}) used as a tensor value",
+                                 {f"{aten_name(ctx.fx_node.target)} (a size as a value)": [ctx.where()]})
+    return ctx.scalar(v, dtype)
+
+
+def as_dtype(ctx: CaptureContext, v: Any, dtype: str) -> ComputationNode:
+    """``v`` (a node or a Python number) as a node of ``dtype``, cast when it differs."""
+    if isinstance(v, SymDim):
+        raise refuse(ctx, f"a dynamic size ({v.dim}) used as a tensor value")
+    if isinstance(v, ComputationNode):
+        return v if v.dtype == dtype else ctx.emit(Op.CAST, [v], {"to": dtype})
+    if isinstance(v, bool | int | float):
+        return ctx.new_param(f"{ctx.fx_node.name}_scalar", np.asarray(v, dtype=dtype))
+    raise GraphError(f"{ctx.where()}: cannot use {type(v).__name__} {v!r} as a tensor")
+
+
+def cast_to_out(ctx: CaptureContext, x: ComputationNode) -> ComputationNode:
+    """``x`` cast to the dtype torch gives the current node's result (nothing when it has it)."""
+    return as_dtype(ctx, x, out_dtype(ctx))
+
+
+def compute_dtype(ctx: CaptureContext, *args: Any) -> str:
+    """torch's result type of the current node's tensor/number operands ``args`` (fx values)."""
+    probes = []
+    for a in args:
+        if isinstance(a, torch.fx.Node):
+            v = a.meta["val"]
+            probes.append(torch.empty([] if v.dim() == 0 else [1], dtype=v.dtype))
+        else:
+            probes.append(a)
+    if not any(isinstance(p, torch.Tensor) for p in probes):
+        raise refuse(ctx, "an operation on Python numbers alone")
+    if len(probes) == 1:
+        return _dtype_name(probes[0].dtype)
+    return _dtype_name(torch.result_type(*probes[:2]))
+
+
+# --------------------------------------------------------------------------- sizes and axes
+def dim_of(ctx: CaptureContext, v: Any) -> Dim:
+    """An int, a :class:`SymDim` or a dim name as an IR dim (a name, a product of names, or an int)."""
+    if isinstance(v, SymDim | str):  # a SymInt argument, or a dim of an IR shape
+        raw = v.dim if isinstance(v, SymDim) else v
+        try:
+            return canonical_dim(raw)
+        except ShapeError:
+            raise refuse(ctx, f"a dynamic size {raw!r} that is not a product of dims") from None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise GraphError(f"{ctx.where()}: expected a size, got {v!r}")
+    return int(v)
+
+
+def axis_of(dim: int, rank: int) -> int:
+    """A torch dim (maybe negative) as an axis of a tensor of ``rank`` (0 for a scalar)."""
+    return dim % rank if rank else 0

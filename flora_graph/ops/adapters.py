@@ -1,0 +1,270 @@
+"""Adapter slots: ``LoRASlot`` (one adapter per run) and ``LoRAMixedSlot`` (one adapter per row).
+
+A slot is a LoRA site whose adapter weights are graph inputs, so the adapter is chosen when
+the graph runs, not when it is built (:mod:`flora_graph.passes.adapter_slots` makes slots
+from the LoRA sites of a captured graph). Both ops read the base layer's output ``base`` and
+the site's input ``x`` and compute ``base + up(down(x, A), B)``, the scale folded into
+``B`` (PEFT's layout). Attributes: ``module`` (the adapted module, for messages and
+names), ``kind`` (``"linear"`` or ``"conv"``) and, for a conv site, the down projection's
+``kernel``/``stride``/``padding``/``dilation`` (the up projection is a 1x1 convolution).
+
+* ``LoRASlot(base, x, A, B)``: ``A`` is ``[rank, in]`` (linear) or ``[rank, C, kh, kw]``
+  (conv), ``B`` is ``[out, rank]`` or ``[out, rank, 1, 1]``. Rank 0 adds exact zeros.
+* ``LoRAMixedSlot(base, x, A_stack, B_stack, adapter_index)``: per row ``i`` of the batch,
+  the adapter ``adapter_index[i]`` of the stacks (``-1``: the last slot, by convention all
+  zeros). Linear: ``A_stack`` ``[slots, in, R]`` (``A.T`` per adapter), ``B_stack``
+  ``[slots, R, out]``. Conv: ``A_stack`` ``[slots, R, kh*kw*C]`` (patch order ``(i, j, c)``,
+  taps major), ``B_stack`` ``[slots, out, R]``; ``x``'s first dim is the batch.
+
+The ONNX rules emit what :mod:`flora_graph.serving` exports: ``Gemm``/``MatMul`` (``Conv``
+for a swappable conv site) for the swappable slot; ``Gather`` of each row's weights and two
+batched ``MatMul`` for the mixed one, conv inputs as patches (``Pad`` + one strided
+``Slice`` per kernel tap). The torch rules use ``F.linear``/``torch.matmul`` and
+``F.unfold``, so rank 0 works. No pass folds or merges a slot: its weights are inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from flora_graph.errors import ShapeError
+from flora_graph.ir.node import ComputationNode
+from flora_graph.ir.ops import FLOAT_DTYPES, AttrSpec
+from flora_graph.ir.shapes import Dim, format_shape
+from flora_graph.ops._infer import same_dtype
+from flora_graph.ops._torch import ints
+from flora_graph.ops.registry import define
+
+__all__: list[str] = []
+
+_ATTRS = {
+    "module": AttrSpec("str", required=True),
+    "kind": AttrSpec("str", "linear", choices=("linear", "conv")),
+    "kernel": AttrSpec("ints", (1, 1)),
+    "stride": AttrSpec("ints", (1, 1)),
+    "padding": AttrSpec("ints", (0, 0)),
+    "dilation": AttrSpec("ints", (1, 1)),
+}
+
+
+# --------------------------------------------------------------------------- shapes
+def _fail(what: str, msg: str, shapes) -> ShapeError:
+    return ShapeError(f"{what}: {msg} (inputs {', '.join(format_shape(s) for s in shapes)})")
+
+
+def _float(dtypes, what: str) -> str:
+    dtype = same_dtype(dtypes, what)
+    if dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"{what}: dtype {dtype} is not a float")
+    return dtype
+
+
+def _spatial(x: Dim, k: int, s: int, p: int, d: int, what: str) -> Dim:
+    """A conv output size; a named size only through a pointwise, unstrided, unpadded kernel."""
+    if not isinstance(x, int):
+        if (k, s, p) == (1, 1, 0):
+            return x
+        raise ShapeError(f"{what}: spatial dims must be static unless the kernel is 1x1, stride 1, no padding")
+    return (x + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _conv_base(x, out: Dim, attrs, what: str) -> tuple[Dim, ...]:
+    for key in ("kernel", "stride", "padding", "dilation"):
+        if len(attrs[key]) != 2:
+            raise ShapeError(f"{what}: {key} must have 2 values, got {attrs[key]}")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = attrs["kernel"], attrs["stride"], attrs["padding"], attrs["dilation"]
+    return (x[0], out, _spatial(x[2], kh, sh, ph, dh, what), _spatial(x[3], kw, sw, pw, dw, what))
+
+
+def _infer_slot(shapes, dtypes, attrs):
+    base, x, a, b = shapes
+    what = f"LoRASlot of module {attrs['module']!r}"
+    dtype = _float(dtypes, what)
+    if attrs["kind"] == "linear":
+        if len(x) < 1 or len(a) != 2 or len(b) != 2 or x[-1] != a[1] or b[1] != a[0]:
+            raise _fail(what, "want x [..., in], A [rank, in], B [out, rank]", shapes)
+        want = (*x[:-1], b[0])
+    else:
+        if len(x) != 4 or len(a) != 4 or len(b) != 4 or a[1] != x[1] or b[1] != a[0] or tuple(b[2:]) != (1, 1):
+            raise _fail(what, "want x [N, C, H, W], A [rank, C, kh, kw], B [out, rank, 1, 1]", shapes)
+        if tuple(a[2:]) != tuple(attrs["kernel"]):
+            raise _fail(what, f"A's kernel {tuple(a[2:])} is not the kernel attribute {attrs['kernel']}", shapes)
+        want = _conv_base(x, b[0], attrs, what)
+    if tuple(base) != tuple(want):
+        raise _fail(what, f"base {format_shape(base)} is not the layer's output {format_shape(want)}", shapes)
+    return tuple(base), dtype
+
+
+def _infer_mixed(shapes, dtypes, attrs):
+    base, x, a, b, idx = shapes
+    what = f"LoRAMixedSlot of module {attrs['module']!r}"
+    dtype = _float(dtypes[:4], what)
+    if dtypes[4] != "int64" or len(idx) != 1:
+        raise ShapeError(f"{what}: adapter_index must be int64 [batch], got {dtypes[4]}{format_shape(idx)}")
+    if len(a) != 3 or len(b) != 3 or a[0] != b[0]:
+        raise _fail(what, "want A and B stacks of rank 3 with one number of slots", shapes)
+    if len(x) < 2 or x[0] != idx[0]:
+        raise _fail(what, "x's first dim must be the batch dim of adapter_index", shapes)
+    if attrs["kind"] == "linear":
+        if x[-1] != a[1] or a[2] != b[1]:
+            raise _fail(what, "want x [batch, ..., in], A stack [slots, in, R], B stack [slots, R, out]", shapes)
+        want = (*x[:-1], b[2])
+    else:
+        kh, kw = attrs["kernel"]
+        if len(x) != 4 or not isinstance(x[1], int) or a[2] != kh * kw * x[1] or a[1] != b[2]:
+            raise _fail(what, "want x [batch, C, H, W], A stack [slots, R, kh*kw*C], B stack [slots, out, R]", shapes)
+        want = _conv_base(x, b[1], attrs, what)  # static spatial dims unless pointwise: the patches need them
+    if tuple(base) != tuple(want):
+        raise _fail(what, f"base {format_shape(base)} is not the layer's output {format_shape(want)}", shapes)
+    return tuple(base), dtype
+
+
+# --------------------------------------------------------------------------- numpy
+def _patches(x: np.ndarray, kernel, stride, padding, dilation) -> np.ndarray:
+    """im2col: ``[N, C*kh*kw, H'*W']``, channels major (the order of ``W.reshape(O, -1)``)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+    n, c, ho, wo = win.shape[:4]
+    return win.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """``x`` as ``[batch, rows, in]`` (no ``-1``: a batch of 0 rows reshapes too)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
+
+
+def _numpy_slot(base, x, a, b, *, module, kind, kernel, stride, padding, dilation) -> np.ndarray:
+    if kind == "linear":
+        return base + (x @ a.T) @ b.T
+    p = _patches(x, kernel, stride, padding, dilation)
+    a2, b2 = a.reshape(a.shape[0], math.prod(a.shape[1:])), b.reshape(b.shape[0], b.shape[1])
+    return base + (b2 @ (a2 @ p)).reshape(base.shape)
+
+
+def _numpy_mixed(base, x, a, b, index, *, module, kind, kernel, stride, padding, dilation) -> np.ndarray:
+    ag, bg = a[index], b[index]  # -1 reads the last (zero) slot; out of range raises IndexError
+    if kind == "linear":
+        return base + ((_rows(x) @ ag) @ bg).reshape(base.shape)
+    p = _patches(x, kernel, stride, padding, dilation)
+    n, c, taps, cols = x.shape[0], x.shape[1], kernel[0] * kernel[1], p.shape[2]
+    p = p.reshape(n, c, taps, cols).transpose(0, 2, 1, 3).reshape(n, taps * c, cols)  # taps major: (i, j, c)
+    return base + (bg @ (ag @ p)).reshape(base.shape)
+
+
+# --------------------------------------------------------------------------- ONNX
+def _add(ctx: Any, base: str, delta: str, out: str) -> None:
+    ctx.emit("Add", [base, delta], [out])
+
+
+def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``base + up(down(x, A), B)``: two ``Gemm(transB=1)`` for 2-D x, ``MatMul`` by transposed
+    weights otherwise; a conv site is ``Conv`` with A's kernel then a 1x1 ``Conv`` by B."""
+    base, x, a, b = (ctx.arg(node, i) for i in range(4))
+    attrs = node.attrs
+    if attrs["kind"] == "conv":
+        pads = [*attrs["padding"], *attrs["padding"]]
+        h = ctx.emit("Conv", [x, a], kernel_shape=list(attrs["kernel"]), strides=list(attrs["stride"]), pads=pads,
+                     dilations=list(attrs["dilation"]))
+        delta = ctx.emit("Conv", [h, b], kernel_shape=[1, 1])
+    elif len(node.inputs[1].shape) == 2:
+        delta = ctx.emit("Gemm", [ctx.emit("Gemm", [x, a], transB=1), b], transB=1)
+    else:
+        h = ctx.emit("MatMul", [x, ctx.emit("Transpose", [a], perm=[1, 0])])
+        delta = ctx.emit("MatMul", [h, ctx.emit("Transpose", [b], perm=[1, 0])])
+    _add(ctx, base, delta, out)
+
+
+def _onnx_patches(ctx: Any, node: ComputationNode, x: str) -> str:
+    """im2col of a conv site's input as ``[batch, kh*kw*C, H'*W']`` (channel order ``(i, j, c)``).
+
+    ``Pad``, then one strided ``Slice`` per kernel tap, concatenated along channels: copies
+    only, so the per-row product that follows costs what a rank-``R`` convolution costs.
+    """
+    attrs, shape, module = node.attrs, node.inputs[1].shape, node.attrs["module"]
+    c = shape[1]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = attrs["kernel"], attrs["stride"], attrs["padding"], attrs["dilation"]
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        return ctx.emit("Reshape", [x, ctx.constant(np.array([0, c, -1], np.int64), f"{module}/patches_shape")])
+    h, w = int(shape[2]), int(shape[3])
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ph or pw:
+        x = ctx.emit("Pad", [x, ctx.constant(np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64), f"{module}/pads")])
+    axes = ctx.once(("lora-axes-23",), lambda: ctx.constant(np.array([2, 3], np.int64), "axes_2_3"))
+    steps = ctx.constant(np.array([sh, sw], np.int64), f"{module}/steps")
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            starts = ctx.constant(np.array([i * dh, j * dw], np.int64), f"{module}/start_{i}_{j}")
+            ends = ctx.constant(np.array([i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1], np.int64),
+                                f"{module}/end_{i}_{j}")
+            taps.append(ctx.emit("Slice", [x, starts, ends, axes, steps]))
+    cat = ctx.emit("Concat", taps, axis=1)
+    shape_out = np.array([0, kh * kw * c, oh * ow], np.int64)
+    return ctx.emit("Reshape", [cat, ctx.constant(shape_out, f"{module}/patches_shape")])
+
+
+def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
+    """Each row's ``A``/``B`` by ``Gather`` (``-1`` counts from the end: the zero slot), then two
+    batched ``MatMul``; the delta is reshaped to the base's shape."""
+    base, x = ctx.arg(node, 0), ctx.arg(node, 1)
+    module, idx = node.attrs["module"], ctx.arg(node, 4)
+    ag = ctx.emit("Gather", [ctx.arg(node, 2), idx], axis=0)
+    bg = ctx.emit("Gather", [ctx.arg(node, 3), idx], axis=0)
+    if node.attrs["kind"] == "conv":  # [batch, out, R] @ ([batch, R, kkC] @ [batch, kkC, H'W'])
+        d = ctx.emit("MatMul", [bg, ctx.emit("MatMul", [ag, _onnx_patches(ctx, node, x)])])
+    else:  # [batch, rows, in] @ [batch, in, R] @ [batch, R, out]
+        d_in = node.inputs[1].shape[-1]
+        x3 = ctx.once(("lora-rows", x), lambda: ctx.emit(  # shared by the sites reading x (q/k/v)
+            "Reshape", [x, ctx.constant(np.array([0, -1, d_in], np.int64), f"{node.inputs[2].name}/rows")]))
+        d = ctx.emit("MatMul", [ctx.emit("MatMul", [x3, ag]), bg])
+    like = node.inputs[0]
+    rest = like.shape[1:]
+    if all(isinstance(v, int) for v in rest):
+        target = ctx.constant(np.array([0, *rest], np.int64), f"{module}/delta/shape")
+    else:
+        target = ctx.emit("Shape", [ctx.value(like)])
+    _add(ctx, base, ctx.emit("Reshape", [d, target]), out)
+
+
+# --------------------------------------------------------------------------- torch
+def _unfold(x: str, attrs: dict[str, Any]) -> str:
+    return (f"F.unfold({x}, {ints(attrs['kernel'])}, {ints(attrs['dilation'])}, {ints(attrs['padding'])}, "
+            f"{ints(attrs['stride'])})")
+
+
+def _torch_slot(node: ComputationNode, args: list[str]) -> str:
+    base, x, a, b = args
+    if node.attrs["kind"] == "linear":
+        return f"{base} + F.linear(F.linear({x}, {a}), {b})"
+    # im2col + matmul rather than conv2d, which refuses a weight of 0 output channels (rank 0)
+    delta = f"torch.matmul({b}.flatten(1), torch.matmul({a}.flatten(1), {_unfold(x, node.attrs)}))"
+    return f"{base} + {delta}.reshape_as({base})"
+
+
+def _torch_mixed(node: ComputationNode, args: list[str]) -> str:
+    base, x, a, b, idx = args
+    ag, bg = f"{a}[{idx}]", f"{b}[{idx}]"  # a negative index counts from the end, as Gather does
+    if node.attrs["kind"] == "linear":
+        rows = f"{x}.unsqueeze(1)" if len(node.inputs[1].shape) == 2 else f"{x}.flatten(1, -2)"
+        return f"{base} + torch.matmul(torch.matmul({rows}, {ag}), {bg}).reshape_as({base})"
+    c, (kh, kw) = node.inputs[1].shape[1], node.attrs["kernel"]
+    patches = f"{_unfold(x, node.attrs)}.unflatten(1, [{c}, {kh * kw}]).transpose(1, 2).flatten(1, 2)"
+    return f"{base} + torch.matmul({bg}, torch.matmul({ag}, {patches})).reshape_as({base})"
+
+
+define(
+    "LORA_SLOT", "LoRASlot", (4, 4), _ATTRS,
+    infer=_infer_slot, doc="base + up(down(x, A), B): a LoRA site whose A, B (scale folded) are inputs.",
+    numpy=_numpy_slot, onnx=_onnx_slot, torch=_torch_slot, groups=["Adapter"],
+)
+
+define(
+    "LORA_MIXED_SLOT", "LoRAMixedSlot", (5, 5), _ATTRS,
+    infer=_infer_mixed, doc="base + up(down(x, A[i]), B[i]) per batch row, i = adapter_index[row] into stacks.",
+    numpy=_numpy_mixed, onnx=_onnx_mixed, torch=_torch_mixed, groups=["Adapter"],
+)

@@ -1,0 +1,277 @@
+"""Elementwise ops: arithmetic, activations, float math, comparisons, logic, ``Where``, ``Cast``.
+
+* binary arithmetic (broadcasting): ``Add``, ``Sub``, ``Mul``, ``Div``, ``Pow``;
+* unary activations: ``Neg``, ``Relu``, ``Gelu``, ``Silu``, ``Sigmoid``, ``Tanh``, ``Identity``;
+* unary float math: ``Exp``, ``Log``, ``Sqrt``, ``Rsqrt``, ``Reciprocal``, ``Cos``, ``Sin``, ``Abs``;
+* comparisons (broadcasting, result bool): ``Equal``, ``Less``, ``LessOrEqual``, ``Greater``,
+  ``GreaterOrEqual``;
+* boolean logic: ``Not``, ``And``, ``Or``;
+* ``Where`` (``cond ? a : b``) and ``Cast``.
+
+Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
+numpy semantics, ONNX rule and torch rule side by side. The one-liners are declared from
+tables; the ops with more to say have their own rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from flora_graph.errors import ShapeError
+from flora_graph.ir.node import ComputationNode
+from flora_graph.ir.ops import DTYPES, AttrSpec
+from flora_graph.ir.shapes import broadcast_shapes
+from flora_graph.ops._infer import binary, same_dtype, unary
+from flora_graph.ops._onnx import ONNX_DTYPES, simple
+from flora_graph.ops._torch import call, float_math, torch_dtype
+from flora_graph.ops.registry import define
+
+__all__: list[str] = []
+
+
+def _float64(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) if x.dtype.kind in "fV" else x
+
+
+def _quiet(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn`` without numpy's warnings: log(0) is -inf and sqrt(-1) NaN, as in torch and ONNX."""
+
+    def impl(x: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return fn(x)
+
+    return impl
+
+
+# --------------------------------------------------------------------------- binary arithmetic
+def _numpy_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.dtype.kind in "iu" and b.dtype.kind in "iu":  # integer division truncates toward zero (C, ONNX Runtime)
+        q = a // b
+        return q + ((a % b != 0) & ((a < 0) != (b < 0)))
+    return a / b
+
+
+def _torch_div(node: ComputationNode, args: list[str]) -> str:
+    if node.dtype.startswith(("int", "uint")):  # integer division truncates toward zero, as in the reference
+        return f'torch.div({args[0]}, {args[1]}, rounding_mode="trunc")'
+    return f"torch.div({args[0]}, {args[1]})"
+
+
+def _numpy_pow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.power(a, b)
+
+
+for _name, _value, _doc, _numpy, _torch, _groups in (
+    ("ADD", "Add", "a + b", np.add, call("torch.add"), ("Binary", "Commutative")),
+    ("SUB", "Sub", "a - b", np.subtract, call("torch.sub"), ("Binary",)),
+    ("MUL", "Mul", "a * b", np.multiply, call("torch.mul"), ("Binary", "Commutative")),
+    ("DIV", "Div", "a / b", _numpy_div, _torch_div, ("Binary",)),
+):
+    define(
+        _name, _value, (2, 2),
+        infer=binary, doc=f"{_doc}, broadcasting.",
+        numpy=_numpy, onnx=simple(_value), torch=_torch, groups=_groups,
+    )
+
+
+# --------------------------------------------------------------------------- activations
+def _numpy_sigmoid(x: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(x))  # never overflows
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype)
+
+
+def _numpy_gelu(x: np.ndarray, *, approximate: str) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    if approximate == "tanh":
+        y = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64**3)))
+    else:
+        from scipy.special import erf  # imported here: `import flora_graph` does not import scipy
+
+        y = 0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))
+    return y.astype(x.dtype)
+
+
+def _onnx_gelu(ctx: Any, node: ComputationNode, out: str) -> None:
+    """Native ``Gelu`` from opset 20; before it the ``Erf``/``Tanh`` formula."""
+    x, approximate = ctx.arg(node, 0), node.attrs["approximate"]
+    if ctx.opset >= 20:
+        ctx.emit("Gelu", [x], [out], approximate=approximate)
+        return
+    if approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = ctx.emit("Mul", [ctx.emit("Mul", [x, x]), x])
+        inner = ctx.emit("Add", [x, ctx.emit("Mul", [cube, ctx.scalar(0.044715)])])
+        t = ctx.emit("Tanh", [ctx.emit("Mul", [inner, ctx.scalar(math.sqrt(2.0 / math.pi))])])
+    else:  # 0.5 x (1 + erf(x / sqrt(2)))
+        t = ctx.emit("Erf", [ctx.emit("Mul", [x, ctx.scalar(1.0 / math.sqrt(2.0))])])
+    half_x = ctx.emit("Mul", [x, ctx.scalar(0.5)])
+    ctx.emit("Mul", [half_x, ctx.emit("Add", [t, ctx.scalar(1.0)])], [out])
+
+
+def _torch_gelu(node: ComputationNode, args: list[str]) -> str:
+    return f"F.gelu({args[0]}, approximate={node.attrs['approximate']!r})"
+
+
+def _onnx_silu(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``x * Sigmoid(x)``."""
+    x = ctx.arg(node, 0)
+    ctx.emit("Mul", [x, ctx.emit("Sigmoid", [x])], [out])
+
+
+define(
+    "NEG", "Neg", (1, 1),
+    infer=unary, doc="-x.",
+    numpy=np.negative, onnx=simple("Neg"), torch=call("torch.neg"), groups=("Unary",),
+)
+define(
+    "RELU", "Relu", (1, 1),
+    infer=unary, doc="max(x, 0).",
+    numpy=lambda x: np.maximum(x, 0), onnx=simple("Relu"), torch=call("torch.relu"), groups=("Unary",),
+)
+define(
+    "GELU", "Gelu", (1, 1),
+    {"approximate": AttrSpec("str", "none", choices=("none", "tanh"))},
+    infer=unary, doc="GELU, exact (erf) or tanh approximation.",
+    numpy=_numpy_gelu, onnx=_onnx_gelu, torch=_torch_gelu, groups=("Unary",),
+)
+define(
+    "SILU", "Silu", (1, 1),
+    infer=unary, doc="x * sigmoid(x).",
+    numpy=lambda x: x * _numpy_sigmoid(x), onnx=_onnx_silu, torch=call("F.silu"), groups=("Unary",),
+)
+define(
+    "SIGMOID", "Sigmoid", (1, 1),
+    infer=unary, doc="1 / (1 + exp(-x)).",
+    numpy=_numpy_sigmoid, onnx=simple("Sigmoid"), torch=call("torch.sigmoid"), groups=("Unary",),
+)
+define(
+    "TANH", "Tanh", (1, 1),
+    infer=unary, doc="tanh(x).",
+    numpy=np.tanh, onnx=simple("Tanh"), torch=call("torch.tanh"), groups=("Unary",),
+)
+define(
+    "IDENTITY", "Identity", (1, 1),
+    infer=unary, doc="x.",
+    numpy=lambda x: x, onnx=simple("Identity"), torch=lambda node, args: args[0], groups=("Unary",),
+)
+
+
+# --------------------------------------------------------------------------- float math
+def _onnx_rsqrt(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Reciprocal(Sqrt(x))``."""
+    ctx.emit("Reciprocal", [ctx.emit("Sqrt", [ctx.arg(node, 0)])], [out])
+
+
+for _name, _value, _doc, _numpy, _onnx, _torch in (
+    ("EXP", "Exp", "exp(x).", _quiet(np.exp), simple("Exp"), float_math("torch.exp")),
+    ("LOG", "Log", "log(x).", _quiet(np.log), simple("Log"), float_math("torch.log")),
+    ("SQRT", "Sqrt", "sqrt(x).", _quiet(np.sqrt), simple("Sqrt"), float_math("torch.sqrt")),
+    ("RSQRT", "Rsqrt", "1 / sqrt(x).", _quiet(lambda x: 1.0 / np.sqrt(_float64(x))), _onnx_rsqrt,
+     float_math("torch.rsqrt")),
+    ("RECIPROCAL", "Reciprocal", "1 / x.", _quiet(lambda x: 1.0 / _float64(x)), simple("Reciprocal"),
+     float_math("torch.reciprocal")),
+    ("COS", "Cos", "cos(x).", np.cos, simple("Cos"), float_math("torch.cos")),
+    ("SIN", "Sin", "sin(x).", np.sin, simple("Sin"), float_math("torch.sin")),
+    ("ABS", "Abs", "|x|.", np.abs, simple("Abs"), call("torch.abs")),
+):
+    define(
+        _name, _value, (1, 1),
+        infer=unary, doc=_doc,
+        numpy=_numpy, onnx=_onnx, torch=_torch, groups=("Unary",),
+    )
+
+define(
+    "POW", "Pow", (2, 2),
+    infer=binary, doc="a ** b, broadcasting.",
+    numpy=_numpy_pow, onnx=simple("Pow"), torch=call("torch.pow"), groups=("Binary",),
+)
+
+
+# --------------------------------------------------------------------------- comparisons, logic
+def _infer_compare(shapes, dtypes, attrs):
+    """Broadcasting comparison of two values of one dtype; the result is bool."""
+    same_dtype(dtypes, "comparison")
+    return broadcast_shapes(shapes[0], shapes[1]), "bool"
+
+
+def _infer_logical(shapes, dtypes, attrs):
+    """Broadcasting ``And``/``Or`` of bool values."""
+    if any(d != "bool" for d in dtypes):
+        raise ShapeError(f"logical ops take bool inputs, got {list(dtypes)}")
+    return broadcast_shapes(shapes[0], shapes[1]), "bool"
+
+
+def _infer_logical_not(shapes, dtypes, attrs):
+    if dtypes[0] != "bool":
+        raise ShapeError(f"Not takes a bool input, got {dtypes[0]}")
+    return tuple(shapes[0]), "bool"
+
+
+for _name, _value, _doc, _numpy, _torch in (
+    ("EQUAL", "Equal", "a == b", np.equal, "torch.eq"),
+    ("LESS", "Less", "a < b", np.less, "torch.lt"),
+    ("LESS_OR_EQUAL", "LessOrEqual", "a <= b", np.less_equal, "torch.le"),
+    ("GREATER", "Greater", "a > b", np.greater, "torch.gt"),
+    ("GREATER_OR_EQUAL", "GreaterOrEqual", "a >= b", np.greater_equal, "torch.ge"),
+):
+    define(
+        _name, _value, (2, 2),
+        infer=_infer_compare, doc=f"{_doc}, broadcasting; the result is bool.",
+        numpy=_numpy, onnx=simple(_value), torch=call(_torch), groups=("Compare",),
+    )
+
+define(
+    "NOT", "Not", (1, 1),
+    infer=_infer_logical_not, doc="Logical not of a bool value.",
+    numpy=np.logical_not, onnx=simple("Not"), torch=call("torch.logical_not"), groups=("Logical",),
+)
+define(
+    "AND", "And", (2, 2),
+    infer=_infer_logical, doc="Logical and of bool values, broadcasting.",
+    numpy=np.logical_and, onnx=simple("And"), torch=call("torch.logical_and"), groups=("Logical",),
+)
+define(
+    "OR", "Or", (2, 2),
+    infer=_infer_logical, doc="Logical or of bool values, broadcasting.",
+    numpy=np.logical_or, onnx=simple("Or"), torch=call("torch.logical_or"), groups=("Logical",),
+)
+
+
+# --------------------------------------------------------------------------- Where
+def _infer_where(shapes, dtypes, attrs):
+    """``Where(cond, a, b)``: cond is bool, a and b share a dtype; all three broadcast."""
+    if dtypes[0] != "bool":
+        raise ShapeError(f"Where: the condition must be bool, got {dtypes[0]}")
+    return broadcast_shapes(*shapes), same_dtype(dtypes[1:], "Where branches")
+
+
+define(
+    "WHERE", "Where", (3, 3),
+    infer=_infer_where, doc="cond ? a : b, broadcasting all three.",
+    numpy=np.where, onnx=simple("Where"), torch=call("torch.where"),
+)
+
+
+# --------------------------------------------------------------------------- Cast
+def _infer_cast(shapes, dtypes, attrs):
+    return tuple(shapes[0]), attrs["to"]
+
+
+def _onnx_cast(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Cast`` to the compute dtype (float32 for a widened 16-bit target; the caller casts on)."""
+    ctx.emit("Cast", [ctx.arg(node, 0)], [out], to=ONNX_DTYPES[ctx.dtype])
+
+
+define(
+    "CAST", "Cast", (1, 1),
+    {"to": AttrSpec("str", required=True, choices=DTYPES)},
+    infer=_infer_cast, doc="Convert to dtype `to` (float -> int truncates toward zero, nonzero -> True).",
+    numpy=lambda x, *, to: x,  # eval_node casts every result to the node's dtype, which is `to`
+    onnx=_onnx_cast, torch=lambda node, args: f"{args[0]}.to({torch_dtype(node.attrs['to'])})",
+)
+
+del _name, _value, _doc, _numpy, _onnx, _torch, _groups

@@ -1,0 +1,90 @@
+"""The reference semantics of one node: :func:`eval_node` runs an op's numpy rule.
+
+Each op computes in its node's dtype; float16/bfloat16 values are widened to float32 for
+the computation and every result is rounded to the node's dtype. Attributes of kind
+``"dim"``/``"dims"`` may name dynamic dims (``Slice(ends=("seq",))``); :func:`resolve_attrs`
+replaces them by the sizes the graph inputs bind (``dims``), so the numpy rules see plain
+ints. The interpreter loop over a whole graph is :func:`flora_graph.runtimes.reference.run`;
+passes that fold constants call :func:`eval_node` directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from flora_graph.errors import GraphError, UnsupportedOpError
+from flora_graph.ir.node import ComputationNode
+from flora_graph.ir.ops import schema
+from flora_graph.ops.registry import OPS
+
+__all__ = ["eval_dim", "eval_node", "np_dtype", "resolve_attrs"]
+
+
+def np_dtype(name: str) -> np.dtype:
+    """The numpy dtype of IR dtype ``name`` (bfloat16 from ``ml_dtypes``, an onnx dependency)."""
+    if name == "bfloat16":
+        import ml_dtypes  # numpy has no bfloat16
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def eval_dim(dim: int | str, dims: Mapping[str, int]) -> int | None:
+    """The size of ``dim`` (an int, a name or a product ``"a*b"``) under ``dims``; ``None`` if unbound."""
+    if isinstance(dim, int):
+        return dim
+    if dim in dims:
+        return dims[dim]
+    parts = [p if p.isdigit() else dims.get(p) for p in dim.split("*")]
+    return None if None in parts else math.prod(int(p) for p in parts)  # type: ignore[arg-type]
+
+
+def resolve_attrs(node: ComputationNode, dims: Mapping[str, int] | None) -> dict[str, Any]:
+    """``node.attrs`` with every named dim of its ``"dim"``/``"dims"`` attributes replaced by its size.
+
+    Raises :class:`GraphError` naming the node and the dim when ``dims`` does not bind it.
+    """
+    specs = schema(node.op).attrs
+    out = dict(node.attrs)
+    for key, value in node.attrs.items():
+        kind = specs[key].kind if key in specs else None
+        if kind == "dim" and isinstance(value, str):
+            out[key] = _resolve_dim(node, value, dims)
+        elif kind == "dims" and any(isinstance(v, str) for v in value):
+            out[key] = tuple(_resolve_dim(node, v, dims) if isinstance(v, str) else v for v in value)
+    return out
+
+
+def _resolve_dim(node: ComputationNode, dim: str, dims: Mapping[str, int] | None) -> int:
+    size = eval_dim(dim, dims or {})
+    if size is None:
+        raise GraphError(
+            f"node {node.name!r} ({node.op.value}): dim {dim!r} is not bound by the graph inputs "
+            f"(bound: {dict(dims) if dims is not None else 'none given'})"
+        )
+    return size
+
+
+def eval_node(node: ComputationNode, args: list[np.ndarray], dims: Mapping[str, int] | None = None) -> np.ndarray:
+    """Evaluate one non-leaf node on its input arrays, in the node's dtype.
+
+    ``dims`` binds named dims to sizes (as :func:`~flora_graph.runtimes.reference.check_inputs`
+    returns them); it is needed only by nodes whose attributes name a dim.
+    """
+    d = OPS.get(node.op)
+    if d is None:
+        raise UnsupportedOpError(
+            f"node {node.name!r}: no numpy implementation of {node.op.value}", {node.op.value: [node.name]}
+        )
+    dtype = np_dtype(node.dtype)
+    attrs = resolve_attrs(node, dims)
+    args = [a.astype(np.float32) if a.dtype.kind in "fV" and a.dtype.itemsize < 4 else a for a in args]
+    try:
+        out = np.asarray(d.numpy(*args, **attrs))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise GraphError(f"node {node.name!r} ({node.op.value}): {exc}") from exc
+    return out.astype(dtype, copy=False)

@@ -1,0 +1,179 @@
+"""Linear algebra: ``Linear``, ``MatMul``, ``Conv2d``.
+
+Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
+numpy semantics, ONNX rule and torch rule side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from flora_graph.errors import ShapeError
+from flora_graph.ir.node import ComputationNode
+from flora_graph.ir.ops import FLOAT_DTYPES, AttrSpec, Op
+from flora_graph.ir.shapes import Dim, broadcast_shapes, canonical_dim, format_shape
+from flora_graph.ops._infer import same_float_dtype
+from flora_graph.ops._onnx import simple
+from flora_graph.ops._torch import call, ints
+from flora_graph.ops.registry import define
+
+__all__: list[str] = []
+
+
+# --------------------------------------------------------------------------- Linear
+def _infer_linear(shapes, dtypes, attrs):
+    x, w = shapes[0], shapes[1]
+    if len(x) < 1 or len(w) != 2:
+        raise ShapeError(f"Linear needs x of rank >= 1 and W of rank 2, got {format_shape(x)}, {format_shape(w)}")
+    if canonical_dim(x[-1]) != canonical_dim(w[1]):
+        raise ShapeError(
+            f"Linear: x {format_shape(x)} has {x[-1]} features, W {format_shape(w)} expects {w[1]}"
+        )
+    if len(shapes) == 3 and (len(shapes[2]) != 1 or canonical_dim(shapes[2][0]) != canonical_dim(w[0])):
+        raise ShapeError(f"Linear: bias {format_shape(shapes[2])} does not match W {format_shape(w)}")
+    return (*x[:-1], w[0]), same_float_dtype(dtypes)
+
+
+def _numpy_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    y = x @ w.T
+    return y if b is None else y + b
+
+
+def _onnx_linear(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``x @ W.T + b``: ``Gemm(transB=1)`` for 2-D float x, else ``MatMul`` with a pre-transposed W."""
+    x, w = node.inputs[0], node.inputs[1]
+    bias = [ctx.arg(node, 2)] if len(node.inputs) == 3 else []
+    if len(x.shape) == 2 and node.dtype in FLOAT_DTYPES:
+        ctx.emit("Gemm", [ctx.arg(node, 0), ctx.arg(node, 1), *bias], [out], transB=1)
+        return
+    if w.op is Op.CONST:
+        wt = ctx.widen(ctx.param(w, transposed=True), w.dtype)
+    else:
+        wt = ctx.emit("Transpose", [ctx.arg(node, 1)], perm=[1, 0])
+    y = ctx.emit("MatMul", [ctx.arg(node, 0), wt], None if bias else [out])
+    if bias:
+        ctx.emit("Add", [y, *bias], [out])
+
+
+define(
+    "LINEAR", "Linear", (2, 3),
+    infer=_infer_linear, doc="x @ W.T (+ b); W is [out, in] (torch layout).",
+    numpy=_numpy_linear, onnx=_onnx_linear, torch=call("F.linear"),
+)
+
+
+# --------------------------------------------------------------------------- MatMul
+def _infer_matmul(shapes, dtypes, attrs):
+    a, b = shapes
+    if not a or not b:
+        raise ShapeError("MatMul operands must have rank >= 1")
+    a2 = (1, *a) if len(a) == 1 else tuple(a)
+    b2 = (*b, 1) if len(b) == 1 else tuple(b)
+    if canonical_dim(a2[-1]) != canonical_dim(b2[-2]):
+        raise ShapeError(f"MatMul: {format_shape(a)} @ {format_shape(b)} inner dims differ")
+    batch = broadcast_shapes(a2[:-2], b2[:-2])
+    out = (*batch, a2[-2], b2[-1])
+    if len(a) == 1:
+        out = out[:-2] + out[-1:]
+    if len(b) == 1:
+        out = out[:-1]
+    return out, same_float_dtype(dtypes)
+
+
+define(
+    "MATMUL", "MatMul", (2, 2),
+    infer=_infer_matmul, doc="numpy/ONNX MatMul with batch broadcasting.",
+    numpy=np.matmul, onnx=simple("MatMul"), torch=call("torch.matmul"),
+)
+
+
+# --------------------------------------------------------------------------- Conv2d
+def _conv_out(size: Dim, k: int, s: int, p: int, d: int) -> Dim:
+    if not isinstance(size, int):
+        if k == 1 and s == 1 and p == 0:
+            return size
+        raise ShapeError("Conv2d: spatial dims must be static unless the kernel is 1x1, stride 1, no padding")
+    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+    if out <= 0:
+        raise ShapeError(f"Conv2d: input size {size} too small for kernel {k} (dilation {d}, padding {p})")
+    return out
+
+
+def _infer_conv2d(shapes, dtypes, attrs):
+    x, w = shapes[0], shapes[1]
+    if len(x) != 4 or len(w) != 4:
+        raise ShapeError(f"Conv2d needs x [N,C,H,W] and W [O,C/g,kh,kw], got {format_shape(x)}, {format_shape(w)}")
+    g = attrs["groups"]
+    for name in ("stride", "padding", "dilation"):
+        if len(attrs[name]) != 2:
+            raise ShapeError(f"Conv2d: {name} must have 2 values, got {attrs[name]}")
+    if g < 1 or not isinstance(w[0], int) or w[0] % g:
+        raise ShapeError(f"Conv2d: {w[0]} output channels not divisible by groups={g}")
+    cin = x[1]
+    if not isinstance(cin, int) or not isinstance(w[1], int) or cin != w[1] * g:
+        raise ShapeError(f"Conv2d: x has {cin} channels, W {format_shape(w)} with groups={g} expects {w[1] * g}")
+    if len(shapes) == 3 and (len(shapes[2]) != 1 or shapes[2][0] != w[0]):
+        raise ShapeError(f"Conv2d: bias {format_shape(shapes[2])} does not match {w[0]} channels")
+    if not isinstance(w[2], int) or not isinstance(w[3], int):
+        raise ShapeError(f"Conv2d: kernel size of W {format_shape(w)} must be static")
+    (sh, sw), (ph, pw), (dh, dw) = attrs["stride"], attrs["padding"], attrs["dilation"]
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ShapeError("Conv2d: stride and dilation must be >= 1 and padding >= 0")
+    h = _conv_out(x[2], int(w[2]), sh, ph, dh)
+    ww = _conv_out(x[3], int(w[3]), sw, pw, dw)
+    return (x[0], w[0], h, ww), same_float_dtype(dtypes)
+
+
+def _numpy_conv2d(
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray | None = None,
+    *,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> np.ndarray:
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n = x.shape[0]
+    o, cg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
+    ho, wo = win.shape[2:4]
+    win = win.reshape(n, groups, cg, ho, wo, kh, kw)
+    wg = w.reshape(groups, o // groups, cg, kh, kw)
+    y = np.einsum("ngchwij,gocij->ngohw", win, wg, optimize=True).reshape(n, o, ho, wo)
+    return y if b is None else y + b.reshape(1, o, 1, 1)
+
+
+def _onnx_conv2d(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Conv`` with symmetric pads ``[ph, pw, ph, pw]``."""
+    (ph, pw), kernel = node.attrs["padding"], [int(d) for d in node.inputs[1].shape[2:]]
+    ctx.emit("Conv", ctx.args(node), [out], kernel_shape=kernel, strides=list(node.attrs["stride"]),
+             pads=[ph, pw, ph, pw], dilations=list(node.attrs["dilation"]), group=node.attrs["groups"])
+
+
+def _torch_conv2d(node: ComputationNode, args: list[str]) -> str:
+    a = node.attrs
+    bias = args[2] if len(args) == 3 else "None"
+    return (
+        f"F.conv2d({args[0]}, {args[1]}, {bias}, {ints(a['stride'])}, {ints(a['padding'])}, "
+        f"{ints(a['dilation'])}, {int(a['groups'])})"
+    )
+
+
+define(
+    "CONV2D", "Conv2d", (2, 3),
+    {
+        "stride": AttrSpec("ints", (1, 1)),
+        "padding": AttrSpec("ints", (0, 0)),
+        "dilation": AttrSpec("ints", (1, 1)),
+        "groups": AttrSpec("int", 1),
+    },
+    infer=_infer_conv2d, doc="NCHW convolution, W [O, C/groups, kh, kw], symmetric padding (ph, pw).",
+    numpy=_numpy_conv2d, onnx=_onnx_conv2d, torch=_torch_conv2d,
+)

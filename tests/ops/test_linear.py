@@ -1,0 +1,82 @@
+"""The linear-algebra family (:mod:`flora_graph.ops.linear`): ``Linear``, ``MatMul``, ``Conv2d``.
+
+Numpy reference against torch (``F.linear``, ``torch.matmul``, ``F.conv2d``, in float64), then
+every backend against the reference; see :mod:`tests.ops.harness`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flora_graph.ir import Op
+
+from .harness import BACKENDS, Case, In, case_id, check_backend, check_reference, const, f64, op
+
+_W46, _B4 = const(1, 4, 6), const(2, 4)
+_M53, _V5 = const(3, 5, 3), const(4, 5)
+CONV_X = In(("batch", 4, 9, 9))
+
+
+def linear_ref(w: np.ndarray, b: np.ndarray | None = None) -> Any:
+    return lambda x: F.linear(x.double(), f64(w), None if b is None else f64(b)).float()
+
+
+def _conv_w(*shape: int) -> np.ndarray:
+    return const(sum(shape) * 31 + len(shape), *shape)
+
+
+def conv(id: str, w: np.ndarray, b: np.ndarray | None = None, *, x: In = CONV_X, **attrs: Any) -> Case:
+    """``Conv2d(x, w[, b], **attrs)`` against ``F.conv2d`` with the same stride/padding/dilation/groups."""
+    stride, padding = attrs.get("stride", (1, 1)), attrs.get("padding", (0, 0))
+    dilation, groups = attrs.get("dilation", (1, 1)), attrs.get("groups", 1)
+    return Case(
+        id, {"x": x}, op(Op.CONV2D, "x", w, *([] if b is None else [b]), **attrs),
+        lambda x: F.conv2d(x.double(), f64(w), None if b is None else f64(b), stride, padding, dilation, groups).float(),
+    )
+
+CASES = [
+    # ------------------------------------------------------------------ Linear
+    Case("linear_2d_bias", {"x": In(("batch", 6))}, op(Op.LINEAR, "x", _W46, _B4), linear_ref(_W46, _B4)),
+    Case("linear_2d", {"x": In(("batch", 6))}, op(Op.LINEAR, "x", _W46), linear_ref(_W46)),
+    Case("linear_3d_bias", {"x": In(("batch", "seq", 6))}, op(Op.LINEAR, "x", _W46, _B4), linear_ref(_W46, _B4)),
+    Case("linear_weight_input", {"x": In(("batch", "seq", 6)), "w": In((4, 6))}, op(Op.LINEAR, "x", "w"),
+         lambda x, w: F.linear(x.double(), w.double()).float()),
+    Case("linear_2d_weight_input_bias", {"x": In(("batch", 6)), "w": In((4, 6))}, op(Op.LINEAR, "x", "w", _B4),
+         lambda x, w: F.linear(x.double(), w.double(), f64(_B4)).float()),
+    # ------------------------------------------------------------------ MatMul
+    Case("matmul_batched", {"a": In(("batch", 3, "seq", 5)), "b": In(("batch", 3, 5, 2))}, op(Op.MATMUL, "a", "b"),
+         lambda a, b: torch.matmul(a.double(), b.double()).float()),
+    Case("matmul_broadcast_const", {"a": In(("batch", "seq", 5))}, op(Op.MATMUL, "a", _M53),
+         lambda a: torch.matmul(a.double(), f64(_M53)).float()),
+    Case("matmul_vector_right", {"a": In(("batch", "seq", 5))}, op(Op.MATMUL, "a", _V5),
+         lambda a: torch.matmul(a.double(), f64(_V5)).float()),
+    Case("matmul_vector_left", {"b": In(("batch", 5, "seq"))}, op(Op.MATMUL, _V5, "b"),
+         lambda b: torch.matmul(f64(_V5), b.double()).float()),
+    # ------------------------------------------------------------------ Conv2d
+    conv("conv_plain", _conv_w(6, 4, 3, 3), _conv_w(6)),
+    conv("conv_no_bias", _conv_w(6, 4, 3, 3)),
+    conv("conv_stride", _conv_w(6, 4, 3, 3), stride=(2, 1)),
+    conv("conv_padding", _conv_w(6, 4, 3, 2), _conv_w(6), padding=(1, 2)),
+    conv("conv_dilation", _conv_w(6, 4, 3, 3), dilation=(2, 1), padding=(2, 1)),
+    conv("conv_groups", _conv_w(6, 2, 3, 3), _conv_w(6), groups=2),
+    conv("conv_depthwise", _conv_w(4, 1, 3, 3), _conv_w(4), groups=4, padding=(1, 1)),
+    conv("conv_depthwise_x2", _conv_w(8, 1, 3, 3), groups=4),
+    conv("conv_all", _conv_w(6, 2, 3, 3), _conv_w(6), stride=(2, 3), padding=(1, 2), dilation=(1, 2), groups=2),
+    conv("conv_1x1_dynamic_hw", _conv_w(3, 4, 1, 1), x=In(("batch", 4, "seq", "kv"))),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_reference_matches_torch(case: Case) -> None:
+    check_reference(case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_backend_matches_reference(case: Case, backend: str) -> None:
+    check_backend(case, backend)
