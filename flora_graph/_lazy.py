@@ -1,8 +1,10 @@
-"""The one lazy-import mechanism: public names resolved from their submodule on first use.
+"""The one lazy-import mechanism: modules imported on first use, never at import time.
 
 A package that must stay light to import (``import flora_graph`` does not import torch)
 lists ``{public name: "module.path"}`` and installs :func:`lazy_exports`'s ``__getattr__``
 and ``__dir__``; the first access imports the module and caches the value in the package.
+:func:`import_on_demand` is the same step for registries whose entries live in modules
+that register themselves when imported (the built-in backends of ``runtimes.compile``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable, Mapping
 from importlib import import_module
 from typing import Any
 
-__all__ = ["lazy_exports"]
+__all__ = ["import_on_demand", "lazy_exports"]
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
@@ -25,7 +27,7 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
     def __getattr__(name: str) -> Any:
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(import_module(exports[name]), name)
+        value = getattr(import_on_demand(exports[name]), name)
         namespace[name] = value  # later lookups skip __getattr__
         return value
 
@@ -33,3 +35,8 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
         return sorted({*namespace, *exports})
 
     return __getattr__, __dir__
+
+
+def import_on_demand(module: str) -> Any:
+    """Import ``module`` (absolute) now, on first use of what it defines; return it."""
+    return import_module(module)

@@ -57,9 +57,12 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
             console.print(g.format(), markup=False, highlight=False, soft_wrap=True)
 
     fbd = args.fuse_base_and_down
-    options = {"fuse_base_and_down": True if fbd == "all" else fbd} if fbd else {}
+    options: dict[str, object] = {"fuse_base_and_down": True if fbd == "all" else fbd} if fbd else {}
+    if args.slots != "none":
+        options["slots"] = args.slots
     out, report = optimize_with_report(graph, args.preset, verify_each=args.verify, on_pass=show, **options)
-    table = Table(title=f"optimize {graph.name!r} --preset {args.preset}")
+    slots = f" --slots {args.slots}" if args.slots != "none" else ""
+    table = Table(title=f"optimize {graph.name!r} --preset {args.preset}{slots}")
     for col in ("pass", "runs", "changed", "ms", "rules fired"):
         table.add_column(col, no_wrap=col == "pass")
     totals = report.totals()
@@ -174,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--fuse-base-and-down", nargs="?", const="all", choices=["all", "Conv2d", "Linear"],
                    help="also stack base W and LoRA A into one product, at every site (all, the default) or at "
                         "Conv2d or Linear sites only (onnxruntime's measured default is Conv2d)")
+    o.add_argument("--slots", choices=["swappable", "mixed", "none"], default="none",
+                   help="first make every LoRA site an adapter slot whose weights are graph inputs (one adapter per "
+                        "run, or per batch row), which every preset keeps, so serve-export keeps every adapter "
+                        "swappable (default: %(default)s: the preset may fuse or merge the adapters)")
     o.add_argument("--verify", action="store_true", help="verify the graph after every pass")
     o.set_defaults(func=_optimize)
     e = sub.add_parser("export", help="export a model (+ PEFT adapter) to optimized ONNX / TorchScript / pt2")

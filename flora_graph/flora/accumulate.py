@@ -35,6 +35,13 @@ measured no better). The projections are deliberately not ``Flora``'s: ``Flora``
 decompressed gradient in full (it is not compressed again, so nothing compounds), and sharing its
 projection would confine every update to one ``r``-dimensional subspace for ``kappa`` steps;
 a fresh projection per step spreads the surviving directions over the whole matrix.
+
+Under FSDP2 (``fully_shard``; parameters are ``Shard(0)`` DTensors, see :mod:`.sharding`) leave
+gradient sync on: FSDP2 reduce-scatters (averages) every micro-batch's gradient, and each rank
+compresses its rows. When ``n > m`` its rows give its own columns of ``C = P G^T`` (local); when
+``n <= m`` it adds the partial product ``P[:, rows] G_rows`` (``r x m``), and :meth:`finalize`
+all-reduces (sums) these partials once, then every rank decompresses its rows into a sharded
+``.grad``. The result equals one process accumulating the combined batch, as under DDP.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import torch.distributed as dist
 from flora_graph.flora.errors import NonFiniteGradientError, OptimizerError
 from flora_graph.flora.options import non_finite, split_named
 from flora_graph.flora.projection import Layout, compress, decompress, gaussian_projection, layout_for, stable_seed
+from flora_graph.flora.sharding import ShardSpec, check_uniform, is_dtensor, local, non_finite_sharded, shard_spec
 
 __all__ = ["FloraAccumulator"]
 
@@ -88,6 +96,10 @@ class FloraAccumulator:
         self.names = names
         self._index = {n: i for i, n in enumerate(names)}
         self.params = tensors
+        check_uniform(list(zip(names, tensors, strict=True)), "FloraAccumulator")
+        self.specs: list[ShardSpec | None] = [
+            shard_spec(n, p, "FloraAccumulator") for n, p in zip(names, tensors, strict=True)
+        ]
         self.layouts: list[Layout] = [layout_for(p.shape, rank) for p in tensors]
         self.buffers: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -102,6 +114,29 @@ class FloraAccumulator:
         """Shape of ``name``'s buffer: ``(rank, max(n, m))`` when compressed, else the parameter's."""
         layout = self.layouts[self._index[name]]
         return (self.rank, layout.large) if layout.compressed else layout.shape
+
+    def _buffer_shape(self, name: str) -> tuple[int, ...]:
+        """This rank's buffer of ``name``: :meth:`compressed_shape`, or its sharded part (see the module doc)."""
+        i = self._index[name]
+        spec, layout = self.specs[i], self.layouts[i]
+        if spec is None:
+            return self.compressed_shape(name)
+        rows = spec.stop - spec.start
+        if not layout.compressed:
+            return (rows, *layout.shape[1:])
+        assert layout.matrix is not None
+        return (self.rank, layout.matrix[1]) if layout.matrix[0] <= layout.matrix[1] else (self.rank, rows)
+
+    def _sharded_compress(self, g: torch.Tensor, proj: torch.Tensor, spec: ShardSpec, layout: Layout) -> torch.Tensor:
+        """This rank's rows ``g`` compressed: its columns of ``P g^T`` (``n > m``) or ``P[:, rows] g`` (a partial sum)."""
+        assert layout.matrix is not None
+        g = g.reshape(spec.stop - spec.start, layout.matrix[1])
+        return proj[:, spec.start : spec.stop] @ g if layout.matrix[0] <= layout.matrix[1] else proj @ g.T
+
+    def _sharded_decompress(self, c: torch.Tensor, proj: torch.Tensor, spec: ShardSpec, layout: Layout) -> torch.Tensor:
+        """This rank's rows of ``decompress(C)`` from its buffer (the summed ``r x m``, or its ``r x rows``)."""
+        assert layout.matrix is not None
+        return proj[:, spec.start : spec.stop].T @ c if layout.matrix[0] <= layout.matrix[1] else c.T @ proj
 
     @staticmethod
     def no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
@@ -118,17 +153,29 @@ class FloraAccumulator:
     @torch.no_grad()
     def accumulate(self) -> None:
         """Add every present ``.grad`` (compressed where possible) to the buffers and set ``.grad = None``."""
-        probes = [(n, p.grad.sum(dtype=torch.float32)) for n, p in self if p.grad is not None]
-        bad = non_finite(probes)  # a sum is NaN/inf iff an entry is (barring a float32 overflow)
+        for name, p, spec in zip(self.names, self.params, self.specs, strict=True):
+            if p.grad is not None and spec is not None and (
+                not is_dtensor(p.grad) or tuple(p.grad.placements) != tuple(p.placements)
+            ):
+                raise OptimizerError(f"FloraAccumulator: parameter {name!r} is sharded {tuple(p.placements)} but its "
+                                     "gradient is not sharded alike (keep FSDP2's gradient sync on); buffers unchanged")
+        probes = [(n, local(p.grad).sum(dtype=torch.float32)) for n, p in self if p.grad is not None]
+        if any(s is not None for s in self.specs):  # every rank must agree before any buffer changes
+            spec = next(s for s in self.specs if s is not None)
+            bad = non_finite_sharded(probes, spec.group)
+        else:
+            bad = non_finite(probes)  # a sum is NaN/inf iff an entry is (barring a float32 overflow)
         if bad:
             raise NonFiniteGradientError(
                 f"FloraAccumulator: non-finite gradient in parameter {bad[0]!r}; buffers unchanged", bad
             )
-        for name, p, layout in zip(self.names, self.params, self.layouts, strict=True):
+        for name, p, layout, spec in zip(self.names, self.params, self.layouts, self.specs, strict=True):
             if p.grad is None:
                 continue
-            g = p.grad.detach().to(torch.float32)
-            if layout.compressed:
+            g = local(p.grad).detach().to(torch.float32)
+            if layout.compressed and spec is not None:
+                g = self._sharded_compress(g, self._projection(name, layout, g.device), spec, layout)
+            elif layout.compressed:
                 g = compress(g.reshape(layout.matrix), self._projection(name, layout, g.device))
             buf = self.buffers.get(name)
             if buf is None:
@@ -140,35 +187,51 @@ class FloraAccumulator:
         self.micro_batches += 1
 
     def _all_reduce(self) -> dict[str, torch.Tensor]:
-        """Average the buffers over ranks; parameters without a gradient on any rank are dropped."""
+        """Average the buffers over ranks; parameters without a gradient on any rank are dropped.
+
+        Sharded (FSDP2): only the partial sums (compressed, ``n <= m``) are all-reduced, summed.
+        """
+        spec = next((s for s in self.specs if s is not None), None)
+        if spec is not None:
+            partial = [n for n, s, lay in zip(self.names, self.specs, self.layouts, strict=True)
+                       if lay.compressed and lay.matrix is not None and lay.matrix[0] <= lay.matrix[1]]
+            return {**self.buffers, **self._reduce(partial, spec.group, average=False)}
         world = self._world()
         if world == 1:
             return self.buffers
+        return self._reduce(self.names, self.process_group, average=True)
+
+    def _reduce(self, names: list[str], group: Any, average: bool) -> dict[str, torch.Tensor]:
+        """All-reduce ``names``' buffers as one flat tensor (plus a has-gradient flag each)."""
+        world = dist.get_world_size(group)
+        if not names:
+            return {}
         devices = {p.device for p in self.params}
         if len(devices) != 1:
             raise OptimizerError(
                 f"FloraAccumulator: distributed accumulation needs one device, got {sorted(map(str, devices))}"
             )
         (device,) = devices
-        sizes = [torch.Size(self.compressed_shape(n)).numel() for n in self.names]
+        sizes = [torch.Size(self._buffer_shape(n)).numel() for n in names]
         total = sum(sizes)
-        present = [1.0 if n in self.buffers else 0.0 for n in self.names]
+        present = [1.0 if n in self.buffers else 0.0 for n in names]
         # one flat buffer: every compressed (or full) sum, then a has-gradient flag per parameter
         flat = torch.zeros(total + len(sizes), dtype=torch.float32, device=device)
         flat[total:].copy_(torch.tensor(present))
         off = 0
-        for name, size in zip(self.names, sizes, strict=True):
+        for name, size in zip(names, sizes, strict=True):
             if name in self.buffers:
                 flat[off : off + size].copy_(self.buffers[name].reshape(-1))
             off += size
-        dist.all_reduce(flat, group=self.process_group)
-        flat[:total].div_(world)
+        dist.all_reduce(flat, group=group)
+        if average:
+            flat[:total].div_(world)
         has_grad = flat[total:].cpu().tolist()  # one host sync
         out: dict[str, torch.Tensor] = {}
         off = 0
-        for name, size, flag in zip(self.names, sizes, has_grad, strict=True):
+        for name, size, flag in zip(names, sizes, has_grad, strict=True):
             if flag > 0:
-                out[name] = flat[off : off + size].view(self.compressed_shape(name))
+                out[name] = flat[off : off + size].view(self._buffer_shape(name))
             off += size
         return out
 
@@ -181,9 +244,15 @@ class FloraAccumulator:
         if self.micro_batches == 0:
             raise OptimizerError("FloraAccumulator: finalize() before any accumulate()")
         reduced = self._all_reduce()
-        for name, p, layout in zip(self.names, self.params, self.layouts, strict=True):
+        for name, p, layout, spec in zip(self.names, self.params, self.layouts, self.specs, strict=True):
             buf = reduced.get(name)
             if buf is None:
+                continue
+            if spec is not None:
+                if layout.compressed:
+                    buf = self._sharded_decompress(buf, self._projection(name, layout, buf.device), spec, layout)
+                part = buf.reshape(local(p).shape).to(p.dtype)
+                p.grad = spec.dtensor(part, tuple(p.shape), 0)
                 continue
             if layout.compressed:
                 buf = decompress(buf, self._projection(name, layout, buf.device), layout.matrix)
@@ -217,10 +286,10 @@ class FloraAccumulator:
             raise OptimizerError(f"FloraAccumulator.load_state_dict: saved rank {state['rank']} != {self.rank}")
         buffers = {}
         for name, buf in state["buffers"].items():
-            if tuple(buf.shape) != tuple(self.compressed_shape(name)):
+            if tuple(buf.shape) != tuple(self._buffer_shape(name)):
                 raise OptimizerError(
                     f"FloraAccumulator.load_state_dict: parameter {name!r}: buffer {tuple(buf.shape)}, "
-                    f"expected {self.compressed_shape(name)}"
+                    f"expected {self._buffer_shape(name)}"
                 )
             buffers[name] = buf.detach().to(self.params[self._index[name]].device, torch.float32, copy=True)
         self.seed, self.steps = int(state["seed"]), int(state["steps"])

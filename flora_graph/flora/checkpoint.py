@@ -1,4 +1,4 @@
-"""Loading a ``Flora`` state dict by parameter name, validated before anything is changed.
+"""Saving and loading ``Flora`` state by parameter name, validated before anything is changed.
 
 torch's ``Optimizer.load_state_dict`` pairs saved state with parameters by position, so a
 reordered model or a group added later silently receives another parameter's momentum. Here
@@ -6,6 +6,22 @@ each saved entry is matched by the name in its group's ``param_names``; every na
 found on both sides, and every state tensor must have the shape the parameter needs. Only
 then are the groups' options and the state replaced (floating state moved to the
 parameter's device, counters kept as CPU int64 tensors).
+
+Under FSDP2 the floating state is sharded (DTensors, see :mod:`.sharding`). ``opt.state_dict()``
+then holds this rank's shards (``torch.save`` per rank), and :func:`sharded_state_dict` gives the
+name-keyed form that ``torch.distributed.checkpoint`` (DCP) saves shard by shard::
+
+    import torch.distributed.checkpoint as dcp
+    dcp.save({"model": model.state_dict(), "optim": opt.sharded_state_dict()}, checkpoint_id=path)
+    ...
+    sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict(template=True)}
+    dcp.load(sd, checkpoint_id=path)                  # the model in place; the optimizer into fresh tensors
+    opt.load_sharded_state_dict(sd["optim"])          # validated by name, then installed: bit-exact resume
+
+A sharded state loads only into the world size and mesh it was saved on: another world size, a
+sharded state for a plain parameter or the reverse raise :class:`OptimizerError` naming the
+parameter (DCP could reshard the tensors, but the resumed run would no longer be bit-exact, so
+it is refused rather than silently approximated).
 """
 
 from __future__ import annotations
@@ -17,14 +33,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flora_graph.flora.errors import OptimizerError
-from flora_graph.flora.moments import COUNTERS, state_shapes
+from flora_graph.flora.moments import COUNTERS, init_state, shard_dim, state_shapes
 from flora_graph.flora.options import check_group
 from flora_graph.flora.projection import layout_for
+from flora_graph.flora.sharding import ShardSpec, is_dtensor, local
 
 if TYPE_CHECKING:
     from flora_graph.flora.optimizer import Flora
 
-__all__ = ["load_flora_state"]
+__all__ = ["load_flora_state", "load_sharded_state", "sharded_state"]
 
 _WHERE = "Flora.load_state_dict"
 
@@ -49,7 +66,27 @@ def _index_saved(groups: list[Mapping[str, Any]]) -> dict[str, tuple[int, Any]]:
     return where
 
 
-def _check_state(name: str, p: torch.Tensor, saved: Any, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _floating(name: str, key: str, t: torch.Tensor, shape: tuple[int, ...], spec: ShardSpec | None,
+              device: torch.device) -> torch.Tensor:
+    """A float32 copy of saved state ``key`` on ``device``, re-wrapped on this mesh when sharded."""
+    if spec is None:
+        if is_dtensor(t):
+            raise OptimizerError(f"{_WHERE}: parameter {name!r}: state {key!r} was saved sharded over "
+                                 f"{t.device_mesh.size()} ranks, but the parameter is a plain (unsharded) tensor")
+        return t.detach().to(device=device, dtype=torch.float32, copy=True)
+    dim = shard_dim(key)
+    why = spec.placement_of(t, dim, shape)
+    if why is None and tuple(local(t).shape) != spec.local_shape(shape, dim):
+        why = f"a shard of shape {tuple(local(t).shape)}, rank {spec.rank} holds {spec.local_shape(shape, dim)}"
+    if why is not None:
+        raise OptimizerError(f"{_WHERE}: parameter {name!r} is sharded over {spec.world} ranks but its state "
+                             f"{key!r} is {why}; resume on the world size and mesh it was saved on")
+    part = local(t).detach().to(device=device, dtype=torch.float32, copy=True)
+    return spec.dtensor(part, shape, dim)
+
+
+def _check_state(name: str, p: torch.Tensor, saved: Any, options: dict[str, Any],
+                 spec: ShardSpec | None = None) -> dict[str, Any]:
     """The loaded state of parameter ``name``, or an :class:`OptimizerError` naming it."""
     if not isinstance(saved, Mapping):
         raise OptimizerError(f"{_WHERE}: parameter {name!r}: saved state is a {type(saved).__name__}, not a dict")
@@ -75,7 +112,7 @@ def _check_state(name: str, p: torch.Tensor, saved: Any, options: dict[str, Any]
                 f"{_WHERE}: parameter {name!r} of shape {tuple(p.shape)}: state {key!r} is {got}, expected {shape} "
                 "(state dict of another model?)"
             )
-        out[key] = t.detach().to(device=p.device, dtype=torch.float32, copy=True)
+        out[key] = _floating(name, key, t, shape, spec, p.device)
     return out
 
 
@@ -118,9 +155,60 @@ def load_flora_state(opt: Flora, state_dict: Mapping[str, Any]) -> None:
         for name, p in zip(names, group["params"], strict=True):
             pid = where[name][1]
             if pid in saved_state:
-                new_state[p] = _check_state(name, p, saved_state[pid], merged)
+                new_state[p] = _check_state(name, p, saved_state[pid], merged, opt._specs.get(name))
     for group, options in zip(opt.param_groups, new_options, strict=True):
         group.update(options)
     opt.state = defaultdict(dict, new_state)
     extra_info = state_dict.get("flora", {})
     opt.skipped_steps = int(extra_info.get("skipped_steps", 0)) if isinstance(extra_info, Mapping) else 0
+
+
+def _world(opt: Flora) -> tuple[int, str | None]:
+    """``(world size, first sharded parameter)`` of ``opt`` (``(1, None)`` when nothing is sharded)."""
+    for name, spec in opt._specs.items():
+        if spec is not None:
+            return spec.world, name
+    return 1, None
+
+
+def sharded_state(opt: Flora, template: bool = False) -> dict[str, Any]:
+    """Name-keyed state for ``torch.distributed.checkpoint``: ``{"state": {name: {...}}, "param_groups", "flora"}``.
+
+    Every parameter gets an entry (a parameter never stepped: fresh state with ``step`` 0), so
+    a save and a load template have the same keys. ``template=False`` returns the live tensors
+    (to save); ``template=True`` fresh ones (to load into: a failed load changes nothing).
+    """
+    state: dict[str, dict[str, Any]] = {}
+    for group in opt.param_groups:
+        for name, p in zip(group["param_names"], group["params"], strict=True):
+            live = opt.state.get(p)
+            state[name] = dict(live) if live and not template else init_state(p, name, group, opt._specs.get(name))
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    world, _ = _world(opt)
+    return {"state": state, "param_groups": groups,
+            "flora": {"format": 1, "skipped_steps": int(opt.skipped_steps), "world_size": world}}
+
+
+def load_sharded_state(opt: Flora, state_dict: Mapping[str, Any]) -> None:
+    """Install :func:`sharded_state`'s output (as ``dcp.load`` filled it), validated by name like :func:`load_flora_state`.
+
+    Raises:
+        OptimizerError: saved on another world size, or any check of :func:`load_flora_state`.
+    """
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups", "flora"} <= set(state_dict):
+        raise OptimizerError(f"{_WHERE}: not a Flora sharded state dict (needs 'state', 'param_groups', 'flora')")
+    world, first = _world(opt)
+    saved_world = int(state_dict["flora"].get("world_size", 1))
+    if saved_world != world:
+        who = f"parameter {first!r}" if first is not None else "every parameter"
+        raise OptimizerError(f"{_WHERE}: the state was saved sharded over {saved_world} rank(s) but {who} is "
+                             f"sharded over {world} here; resume on the world size and mesh it was saved on")
+    groups, flat = [], {}
+    for g in state_dict["param_groups"]:
+        names = list(g["param_names"])
+        ids = list(range(len(flat), len(flat) + len(names)))
+        flat.update(zip(ids, names, strict=True))
+        groups.append({**g, "param_names": names, "params": ids})
+    saved = state_dict["state"]
+    state = {i: saved[n] for i, n in flat.items() if n in saved and int(saved[n].get("step", 0)) > 0}
+    load_flora_state(opt, {"state": state, "param_groups": groups, "flora": state_dict["flora"]})

@@ -14,7 +14,9 @@ key                           shape                       when
 ============================  ==========================  =================================
 
 Floating state is float32 on the parameter's device; counters stay on the CPU so reading them
-never synchronises a GPU. Second moments are never projected (a projected second moment can
+never synchronises a GPU. For an FSDP2 (``Shard(0)``) parameter the floating state is a
+``DTensor`` sharded as :mod:`.sharding` lays out (``exp_avg_c`` along dim 1, the rest along dim 0),
+and the column statistics of ``g^2`` and the mean of the row statistics are all-reduced. Second moments are never projected (a projected second moment can
 turn negative); they are Adafactor's factored row/column means of ``g^2 + eps1``.
 """
 
@@ -27,10 +29,25 @@ from typing import Any
 import torch
 
 from flora_graph.flora.projection import Layout, layout_for, param_seed
+from flora_graph.flora.sharding import ShardSpec, local
 
-__all__ = ["COUNTERS", "Preconditioner", "beta2_at", "init_state", "second_moment", "square_means", "state_shapes"]
+__all__ = [
+    "COUNTERS",
+    "Preconditioner",
+    "beta2_at",
+    "init_state",
+    "second_moment",
+    "shard_dim",
+    "square_means",
+    "state_shapes",
+]
 
 COUNTERS = ("step", "seed", "resamples")
+
+
+def shard_dim(key: str) -> int:
+    """The dimension along which state ``key`` of a sharded parameter is split (see :mod:`.sharding`)."""
+    return 1 if key == "exp_avg_c" else 0
 
 
 def state_shapes(layout: Layout, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -49,15 +66,19 @@ def state_shapes(layout: Layout, group: dict[str, Any]) -> dict[str, tuple[int, 
     return out
 
 
-def init_state(p: torch.Tensor, name: str, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Fresh state for parameter ``name``: zeros, step 0, and its epoch-0 projection seed."""
+def init_state(p: torch.Tensor, name: str, group: dict[str, Any], spec: ShardSpec | None = None) -> dict[str, Any]:
+    """Fresh state for parameter ``name``: zeros (this rank's shards when ``spec``), step 0, its epoch-0 seed."""
     layout = layout_for(p.shape, group["rank"])
     state: dict[str, torch.Tensor] = {"step": torch.tensor(0, dtype=torch.int64)}
     if group["beta1"] > 0 and layout.compressed:
         state["seed"] = torch.tensor(param_seed(group["seed"], name, 0), dtype=torch.int64)
         state["resamples"] = torch.tensor(0, dtype=torch.int64)
     for key, shape in state_shapes(layout, group).items():
-        state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        if spec is None:
+            state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        else:
+            part = torch.zeros(spec.local_shape(shape, shard_dim(key)), dtype=torch.float32, device=p.device)
+            state[key] = spec.dtensor(part, shape, shard_dim(key))
     return state
 
 
@@ -72,13 +93,17 @@ def beta2_at(group: dict[str, Any], step: int) -> tuple[float, float]:
 _CHUNK = 1 << 18  # elements per slice of g^2 on the CPU (1 MiB: stays in cache, no page faults)
 
 
-def square_means(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def square_means(g: torch.Tensor, spec: ShardSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column means of ``g^2`` (float32) for a 2-D ``g`` of any float dtype.
 
     On the CPU ``g^2`` is formed a slice of rows at a time instead of as one ``n x m``
-    temporary; elsewhere in one pass.
+    temporary; elsewhere in one pass. With ``spec``, ``g`` is this rank's rows: the row means
+    are its own, the column means (over all ``n`` rows) are all-reduced.
     """
     n, m = g.shape
+    if spec is not None:
+        sq = g.to(torch.float32).square()
+        return sq.sum(dim=1).div_(m), spec.sum_(sq.sum(dim=0)).div_(spec.shape[0])
     if g.device.type != "cpu" or n * m <= _CHUNK:
         sq = g.to(torch.float32).square()
         return sq.mean(dim=1), sq.mean(dim=0)
@@ -111,24 +136,35 @@ class Preconditioner:
 def second_moment(
     g: torch.Tensor,
     means: tuple[torch.Tensor, torch.Tensor] | None,
-    state: dict[str, torch.Tensor],
+    state: dict[str, Any],
     group: dict[str, Any],
     step: int,
+    spec: ShardSpec | None = None,
 ) -> Preconditioner:
     """Fold ``g^2 + eps1`` into the second moment and return its preconditioner.
 
     ``means`` are :func:`square_means` of ``g`` when the state is factored. Factored:
-    ``v_hat[i, j] = row[i] * col[j] / mean(row) / correction`` (Adafactor).
+    ``v_hat[i, j] = row[i] * col[j] / mean(row) / correction`` (Adafactor). With ``spec``
+    (``g`` is this rank's rows) the row state is this rank's rows and the column state its
+    ``chunk(m)``: the mean of the rows is all-reduced and the column factor all-gathered.
     """
     beta2t, correction = beta2_at(group, step)
     eps = group["eps"][0]
     if "exp_avg_sq_row" in state:
         assert means is not None
-        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row, col = local(state["exp_avg_sq_row"]), local(state["exp_avg_sq_col"])
+        col_means = means[1]
+        if spec is not None:
+            c0, c1 = spec.chunk(col_means.numel())
+            col_means = col_means[c0:c1]
         row.mul_(beta2t).add_(means[0], alpha=1.0 - beta2t).add_((1.0 - beta2t) * eps)
-        col.mul_(beta2t).add_(means[1], alpha=1.0 - beta2t).add_((1.0 - beta2t) * eps)
-        r_factor = (row / row.mean()).rsqrt_().mul_(math.sqrt(correction))
-        return Preconditioner(row=r_factor, col=col.rsqrt())
-    v = state["exp_avg_sq"].view_as(g)
+        col.mul_(beta2t).add_(col_means, alpha=1.0 - beta2t).add_((1.0 - beta2t) * eps)
+        if spec is None:
+            r_factor = (row / row.mean()).rsqrt_().mul_(math.sqrt(correction))
+            return Preconditioner(row=r_factor, col=col.rsqrt())
+        row_mean = spec.sum_(row.sum().reshape(1)).div_(spec.shape[0])
+        r_factor = (row / row_mean).rsqrt_().mul_(math.sqrt(correction))
+        return Preconditioner(row=r_factor, col=spec.gather_last(col.rsqrt(), means[1].numel()))
+    v = local(state["exp_avg_sq"]).view_as(g)
     v.mul_(beta2t).addcmul_(g, g, value=1.0 - beta2t).add_((1.0 - beta2t) * eps)
     return Preconditioner(full=v.rsqrt().mul_(math.sqrt(correction)))

@@ -16,14 +16,18 @@ One step for a parameter with gradient ``g`` (float32 arithmetic, ``n x m`` its 
    momentum, outside it (where ``C`` holds nothing) the fresh ``u_t`` stands in. It is the
    posterior mean of ``M_t`` under an isotropic Gaussian prior centred on ``u_t`` given the
    exact observation ``P M_t = C_t``. One ``n x m`` float32 temporary (``u``, then ``d`` in
-   place) per parameter, as in Adafactor; ``(P P^T)^{-1}`` is an ``r x r`` solve. The fresh gradient thus enters the update in full, only the past is
-   compressed. After every ``kappa`` steps the seed moves on and the momentum is transferred:
+   place) per parameter, as in Adafactor; ``(P P^T)^{-1}`` is an ``r x r`` solve. The fresh
+   gradient thus enters the update in full, only the past is compressed. After every ``kappa`` steps the seed moves on and the momentum is transferred:
    decompressed with the old projection (``d_t`` is that decompression) and compressed with
    the new one, ``C <- P_new d_t``.
 3. The direction is scaled down to RMS ``<= clip_threshold``; decoupled weight decay
    ``p *= 1 - lr * weight_decay``; then ``p -= lr * direction``.
 
-Why not the unbiased decompression ``P^T C`` (the paper's; :func:`.projection.decompress`)?
+This is ``update="lift"``, the default. ``update="paper"`` runs the paper's Algorithm 2 instead
+(:func:`.momentum.paper_direction`): at a step ``t`` with ``t % kappa == 0`` the momentum is first
+transferred, ``C <- P_new P_old^T C``, then ``C_t = beta1 C_{t-1} + (1 - beta1) P u_t`` and
+``d_t = P^T C_t``. Why the default is not the paper's unbiased decompression
+(:func:`.projection.decompress`):
 ``P^T P`` is about ``k/r`` times the orthogonal projection onto a random ``r``-dimensional
 subspace (``k = min(n, m)``), so ``P^T C`` is the momentum's component there amplified ``k/r``
 times: its norm is about ``sqrt(k/r)`` times the momentum's, almost all of it confined to one
@@ -49,23 +53,24 @@ from typing import Any
 
 import torch
 
-from flora_graph.flora.checkpoint import load_flora_state
+from flora_graph.flora.checkpoint import load_flora_state, load_sharded_state, sharded_state
 from flora_graph.flora.errors import NonFiniteGradientError, OptimizerError
 from flora_graph.flora.moments import COUNTERS, init_state, second_moment, square_means, state_shapes
+from flora_graph.flora.momentum import lift_direction, paper_direction
 from flora_graph.flora.options import NAN_POLICIES, check_group, non_finite, split_named
-from flora_graph.flora.projection import (
-    Layout,
-    add_decompressed_,
-    compress,
-    gaussian_projection,
-    layout_for,
-    lift_coefficients,
-    param_seed,
-)
+from flora_graph.flora.projection import Layout, layout_for
+from flora_graph.flora.sharding import ShardSpec, check_uniform, is_dtensor, local, non_finite_sharded, shard_spec
 
 __all__ = ["Flora"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _local_matrix(layout: Layout, spec: ShardSpec | None) -> tuple[int, int] | None:
+    """The 2-D view of this rank's part of the parameter (its rows ``[start, stop)`` when sharded)."""
+    if layout.matrix is None or spec is None:
+        return layout.matrix
+    return (spec.stop - spec.start, layout.matrix[1])
 
 
 class Flora(torch.optim.Optimizer):
@@ -91,12 +96,20 @@ class Flora(torch.optim.Optimizer):
         seed: base seed hashed with each parameter's name.
         nan_policy: ``"raise"`` a :class:`NonFiniteGradientError` naming the parameters, or
             ``"skip"`` the whole step (counted in :attr:`skipped_steps`); state is untouched either way.
+        update: the compressed-momentum rule (:mod:`.momentum`): ``"lift"`` (default, the
+            least-squares decompression around the fresh update) or ``"paper"`` (the paper's
+            unbiased ``P^T C`` with transfer ``P_new P_old^T C``), per group.
 
     Raises:
         OptimizerError: an option out of range, duplicate names, or a bad state dict.
 
     Matrices keep uncompressed momentum when ``min(n, m) < rank`` or ``max/min > 4``
     (embeddings); convolution weights are treated as ``out x (in * kh * kw)``.
+
+    FSDP2 (``fully_shard``): parameters that are ``Shard(0)`` DTensors on a 1-D mesh are
+    optimized shard by shard, equal to one process up to float rounding, with every state
+    tensor sharded (see :mod:`.sharding`); save and resume with ``torch.distributed.checkpoint``
+    through :meth:`sharded_state_dict` / :meth:`load_sharded_state_dict`.
     """
 
     def __init__(
@@ -115,6 +128,7 @@ class Flora(torch.optim.Optimizer):
         second_moment: str = "factored",
         seed: int = 0,
         nan_policy: str = "raise",
+        update: str = "lift",
     ) -> None:
         if nan_policy not in NAN_POLICIES:
             raise OptimizerError(f"Flora: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
@@ -131,10 +145,12 @@ class Flora(torch.optim.Optimizer):
             "weight_decay": weight_decay,
             "second_moment": second_moment,
             "seed": seed,
+            "update": update,
         }
         check_group(defaults, "Flora")
         self.nan_policy = nan_policy
         self.skipped_steps = 0
+        self._specs: dict[str, ShardSpec | None] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -157,6 +173,10 @@ class Flora(torch.optim.Optimizer):
                 raise OptimizerError(f"{where}: parameter name {name!r} appears twice; names must be unique")
             seen.add(name)
         check_group({**self.defaults, **group}, where)
+        named = [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)]
+        check_uniform([*named, *zip(names, tensors, strict=True)], where)  # plain and FSDP2 shards do not mix
+        for name, p in zip(names, tensors, strict=True):
+            self._specs[name] = shard_spec(name, p, where)
         group.pop("param_names", None)
         group["params"] = list(zip(names, tensors, strict=True))
         super().add_param_group(group)
@@ -175,24 +195,25 @@ class Flora(torch.optim.Optimizer):
                 loss = closure()
         work: list[tuple[dict[str, Any], str, torch.Tensor, Layout, Any]] = []
         probes: list[tuple[str, torch.Tensor]] = []
+        sharded: list[tuple[str, torch.Tensor]] = []
+        mesh_group = None
         for group in self.param_groups:
             for name, p in zip(group["param_names"], group["params"], strict=True):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse or p.is_complex():
-                    raise OptimizerError(
-                        f"Flora: parameter {name!r}: sparse gradients and complex tensors are unsupported"
-                    )
+                spec = self._check_grad(name, p)
                 layout = layout_for(p.shape, group["rank"])
-                g = p.grad.detach()
+                g = local(p.grad).detach()
                 means = None
                 if layout.matrix is not None and group["second_moment"] == "factored":
-                    means = square_means(g.reshape(layout.matrix))
-                    probes.append((name, means[0].sum()))
+                    means = square_means(g.reshape(_local_matrix(layout, spec)), spec)
+                    probe = means[0].sum()
                 else:
-                    probes.append((name, g.sum(dtype=torch.float32)))
+                    probe = g.sum(dtype=torch.float32)
+                (probes if spec is None else sharded).append((name, probe))
+                mesh_group = mesh_group if spec is None else spec.group
                 work.append((group, name, p, layout, means))
-        bad = non_finite(probes)
+        bad = non_finite(probes) + (non_finite_sharded(sharded, mesh_group) if sharded else [])
         if bad:
             if self.nan_policy == "skip":
                 self.skipped_steps += 1
@@ -207,11 +228,30 @@ class Flora(torch.optim.Optimizer):
             self._update(p, name, group, layout, means)
         return loss
 
+    def _check_grad(self, name: str, p: torch.Tensor) -> ShardSpec | None:
+        """The parameter's :class:`ShardSpec` (``None``: plain) once its gradient is known to fit; else raise."""
+        if p.grad.is_sparse or p.is_complex():
+            raise OptimizerError(f"Flora: parameter {name!r}: sparse gradients and complex tensors are unsupported")
+        spec = self._specs.get(name)
+        if spec is None:
+            if is_dtensor(p) or is_dtensor(p.grad):
+                raise OptimizerError(f"Flora: parameter {name!r}: a DTensor where the optimizer was built with a "
+                                     "plain tensor (wrap the model with fully_shard before building Flora)")
+            return None
+        if not is_dtensor(p.grad) or tuple(p.grad.placements) != tuple(p.placements):
+            what = tuple(p.grad.placements) if is_dtensor(p.grad) else "a plain tensor"
+            raise OptimizerError(f"Flora: parameter {name!r} is sharded {tuple(p.placements)} but its gradient is "
+                                 f"{what}; no state was changed")
+        return spec
+
     @staticmethod
-    def _lr(group: dict[str, Any], p: torch.Tensor, step: int) -> float | torch.Tensor:
+    def _lr(group: dict[str, Any], p: torch.Tensor, step: int, spec: ShardSpec | None) -> float | torch.Tensor:
         if not group["relative_step"]:
             return float(group["lr"])
-        p_rms = torch.linalg.vector_norm(p, dtype=torch.float32) / math.sqrt(max(p.numel(), 1))
+        sq = torch.linalg.vector_norm(local(p), dtype=torch.float32).square()
+        if spec is not None:
+            sq = spec.sum_(sq.reshape(1)).reshape(())
+        p_rms = sq.sqrt() / math.sqrt(max(p.numel(), 1))
         return p_rms.clamp(min=group["eps"][1]) * min(1e-2, 1.0 / math.sqrt(step))
 
     @staticmethod
@@ -223,9 +263,10 @@ class Flora(torch.optim.Optimizer):
         return (rms / group["clip_threshold"]).clamp_(min=1.0).reciprocal_().mul_(lr)
 
     def _update(self, p: torch.Tensor, name: str, group: dict[str, Any], layout: Layout, means: Any) -> None:
+        spec = self._specs.get(name)
         state = self.state[p]
         if not state:
-            state.update(init_state(p, name, group))
+            state.update(init_state(p, name, group, spec))
         else:
             want = state_shapes(layout, group)
             have = {k: tuple(v.shape) for k, v in state.items() if k not in COUNTERS}
@@ -236,55 +277,42 @@ class Flora(torch.optim.Optimizer):
                 )
         t = int(state["step"]) + 1
         state["step"].fill_(t)
-        g = p.grad.detach().to(torch.float32)
-        if layout.matrix is not None:
-            g = g.reshape(layout.matrix)
-        pre = second_moment(g, means, state, group, t)
-        b1, lr = group["beta1"], self._lr(group, p, t)
+        g = local(p.grad).detach().to(torch.float32)
+        matrix = _local_matrix(layout, spec)
+        if matrix is not None:
+            g = g.reshape(matrix)
+        pre = second_moment(g, means, state, group, t, spec)
+        b1, lr = group["beta1"], self._lr(group, p, t, spec)
         if "exp_avg_c" in state:
-            direction = self._compressed_direction(pre.apply(g), state, name, group, layout, t)
+            rule = paper_direction if group["update"] == "paper" else lift_direction
+            direction = rule(pre.apply(g), state, name, group, layout, t, spec)
         else:
             u = pre.apply(g)
             if "exp_avg" in state:
-                direction = state["exp_avg"].view(u.shape).mul_(b1).add_(u, alpha=1.0 - b1)
+                direction = local(state["exp_avg"]).view(u.shape).mul_(b1).add_(u, alpha=1.0 - b1)
             else:
                 direction = u
-        scale = self._scale(torch.linalg.vector_norm(direction).square(), direction.numel(), group, lr)
+        sq_norm = torch.linalg.vector_norm(direction).square()
+        if spec is not None:
+            sq_norm = spec.sum_(sq_norm.reshape(1)).reshape(())
+        scale = self._scale(sq_norm, p.numel(), group, lr)
 
         def add_update(out: torch.Tensor) -> None:
             out.addcmul_(direction.to(out.dtype), scale.to(out.dtype), value=-1.0)
 
-        self._apply(p, layout, group, lr, add_update)
-
-    @staticmethod
-    def _compressed_direction(
-        u: torch.Tensor, state: dict[str, Any], name: str, group: dict[str, Any], layout: Layout, t: int
-    ) -> torch.Tensor:
-        """``d = u + beta1 * lift(C - P u)`` (in place on ``u``); folds ``P u`` into ``C``; resamples every ``kappa``."""
-        b1 = group["beta1"]
-        proj = gaussian_projection(int(state["seed"]), group["rank"], layout.small, device=u.device)
-        mc = state["exp_avg_c"]
-        resid = mc - compress(u, proj)  # C_{t-1} - P u_t
-        mc.sub_(resid, alpha=1.0 - b1)  # C_t = beta1 C_{t-1} + (1 - beta1) P u_t
-        add_decompressed_(u, lift_coefficients(resid, proj), proj, alpha=b1)  # now P u = C_t
-        if t % group["kappa"] == 0:
-            epoch = int(state["resamples"]) + 1
-            seed = param_seed(group["seed"], name, epoch)
-            mc.copy_(compress(u, gaussian_projection(seed, group["rank"], layout.small, device=u.device)))
-            state["seed"].fill_(seed)
-            state["resamples"].fill_(epoch)
-        return u
+        self._apply(local(p), matrix, group, lr, add_update)
 
     @staticmethod
     def _apply(
-        p: torch.Tensor, layout: Layout, group: dict[str, Any], lr: float | torch.Tensor, add_update: Callable
+        p: torch.Tensor, matrix: tuple[int, int] | None, group: dict[str, Any], lr: float | torch.Tensor,
+        add_update: Callable,
     ) -> None:
         """Weight decay, then ``add_update`` on ``p``'s 2-D view (on a float32 copy for 16-bit params)."""
         direct = p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
         work = p if direct else p.detach().to(torch.float32 if p.dtype in _LOW_PRECISION else p.dtype).contiguous()
         if group["weight_decay"]:
             work.mul_(1.0 - lr * group["weight_decay"])
-        add_update(work.view(layout.matrix) if layout.matrix is not None else work)
+        add_update(work.view(matrix) if matrix is not None else work)
         if work is not p:
             p.copy_(work)
 
@@ -302,3 +330,11 @@ class Flora(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load by parameter NAME (order-independent); a state dict of another model raises naming the parameter."""
         load_flora_state(self, state_dict)
+
+    def sharded_state_dict(self, template: bool = False) -> dict[str, Any]:
+        """Name-keyed state for ``torch.distributed.checkpoint`` (see :mod:`.checkpoint`); ``template``: fresh tensors."""
+        return sharded_state(self, template)
+
+    def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Install a :meth:`sharded_state_dict` that ``dcp.load`` filled (same world size; checked by name)."""
+        load_sharded_state(self, state_dict)

@@ -177,6 +177,7 @@ for _name, _value, _doc, _numpy, _onnx, _torch in (
     ("COS", "Cos", "cos(x).", np.cos, simple("Cos"), float_math("torch.cos")),
     ("SIN", "Sin", "sin(x).", np.sin, simple("Sin"), float_math("torch.sin")),
     ("ABS", "Abs", "|x|.", np.abs, simple("Abs"), call("torch.abs")),
+    ("SIGN", "Sign", "sign(x): -1, 0 or 1, in x's dtype.", np.sign, simple("Sign"), call("torch.sign")),
 ):
     define(
         _name, _value, (1, 1),

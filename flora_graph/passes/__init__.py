@@ -5,12 +5,14 @@ Every pass is registered by name in :data:`PASSES` when this package is imported
     from flora_graph.passes import optimize
     fast = optimize(graph, "fused")      # adapters separate and swappable
     baked = optimize(graph, "merged")    # adapters merged into the base weights
+    served = optimize(graph, "fused", slots="swappable")  # adapter slots: weights are graph inputs
 """
 
 from __future__ import annotations
 
 # importing the pass modules registers them
 from flora_graph.passes import (  # noqa: F401
+    adapter_slots,
     constant_fold,
     cse,
     dce,

@@ -2,7 +2,8 @@
 
 Values come from the numpy reference implementations (the living spec of each op), so a
 folded graph computes what the unfolded one did. Chains fold in one walk. A result with
-more than ``max_elements`` values is left alone (refused with the reason).
+more than ``max_elements`` values is left alone (refused with the reason). An adapter slot
+reads graph inputs (its weights), so it never folds.
 """
 
 from __future__ import annotations

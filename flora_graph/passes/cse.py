@@ -2,7 +2,8 @@
 
 ``Const`` nodes reading the same param merge, and so do params with identical dtype,
 shape and bytes (except with ``swappable=True``, where every weight stays its own so an
-adapter can be swapped). The first node in graph order survives, with its tags.
+adapter can be swapped). The first node in graph order survives, with its tags. Adapter
+slots never merge: each reads weight inputs of its own, and graph inputs are never merged.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The branch then adds exactly zero (for finite inputs), so the ``Add`` is replaced by the
 base node and the branch becomes dead. A freshly initialised adapter (``B = 0``) is the
-common case.
+common case. An adapter slot is never dropped: its zero default is replaced by an adapter
+at run time (:mod:`~flora_graph.passes.adapter_slots`).
 """
 
 from __future__ import annotations

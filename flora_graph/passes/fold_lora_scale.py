@@ -2,7 +2,8 @@
 
 The scaled weight is a new param ``f"{B}.scaled"`` (``B`` itself is never edited, another
 node may read it); with ``swappable=True`` it is the in-graph expression ``Mul(B, s)`` so
-``B`` and ``s`` stay separate, swappable weights.
+``B`` and ``s`` stay separate, swappable weights. An adapter slot has its scale folded into
+its ``B`` input already and is never matched (:mod:`~flora_graph.passes.adapter_slots`).
 """
 
 from __future__ import annotations

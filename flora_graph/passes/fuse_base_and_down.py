@@ -7,7 +7,9 @@ projection to share the base's attributes and kernel). The stacked weight is a n
 or with ``swappable=True`` an in-graph ``Concat``. Not in the ``fused`` preset by default
 (``optimize(..., fuse_base_and_down=True)``): whether it is faster depends on the backend and
 the op, so ``only="Conv2d"`` (or ``"Linear"``) fuses that op's sites alone and refuses the
-others with the reason (``optimize(..., fuse_base_and_down="Conv2d")``).
+others with the reason (``optimize(..., fuse_base_and_down="Conv2d")``). The base layer of an
+adapter slot is not stacked: the slot's ``A`` is a graph input, not a weight
+(:mod:`~flora_graph.passes.adapter_slots`).
 """
 
 from __future__ import annotations

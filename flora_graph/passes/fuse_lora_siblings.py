@@ -6,7 +6,8 @@ one attention block) become ``Linear(x, Concat(A_1..A_n))`` followed by
 attributes likewise, split along channels). A down projection is recognised by the LoRA
 branch pattern (no bias, a weight, feeding an up projection), with or without tags. The
 concatenated weight is a new param, or with ``swappable=True`` an in-graph ``Concat`` so
-each ``A_i`` stays a separate weight.
+each ``A_i`` stays a separate weight. An adapter slot's down projection is inside the slot
+op and its ``A`` a graph input, so slots are never fused (:mod:`~flora_graph.passes.adapter_slots`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ The merged weight is accumulated in float32 (float64 for a float64 ``W``) and ca
 A non-finite merged weight raises ``GraphError`` naming the node. For ``Conv2d`` the down
 projection must use the base's stride, padding and dilation and the up projection must be
 a 1x1, stride-1, unpadded convolution; otherwise the merge is refused with the reason.
+An adapter slot (``LoRASlot``/``LoRAMixedSlot``, :mod:`~flora_graph.passes.adapter_slots`) is
+never merged: it is not this pattern, and its weights are graph inputs, not weights.
 """
 
 from __future__ import annotations

@@ -7,16 +7,22 @@
 
 Both optimizing presets run ``fuse-rms-norm`` (a pure clean-up: a hand-written RMSNorm
 becomes one ``RMSNorm`` node, which ONNX Runtime runs as one fused kernel).
+
+``slots="swappable"`` (or ``"mixed"``) runs ``adapter-slots`` once before the preset: every
+LoRA site becomes an adapter slot whose weights are graph inputs, which no pass of any
+preset touches, so every adapter stays swappable through ``fused`` and ``merged`` alike.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from flora_graph.ir import Graph, verify
+from flora_graph.ir import Graph, Op, verify
+from flora_graph.passes.adapter_slots import adapter_slots
 from flora_graph.passes.base import PassFn, accepted_options, get_pass
-from flora_graph.passes.pipeline import Pipeline, PipelineReport
+from flora_graph.passes.pipeline import PassRecord, Pipeline, PipelineReport
 
 __all__ = ["BACKEND_DEFAULTS", "PRESETS", "PRESET_OPTIONS", "optimize", "optimize_with_report"]
 
@@ -62,7 +68,8 @@ def _plan(preset: str | Sequence[str | PassFn], options: dict[str, Any]) -> tupl
     skip = {skip} if isinstance(skip, str) else set(skip)
     passes = [p for p in passes if not (isinstance(p, str) and p in skip)]
     fns = [get_pass(p)[1] for p in passes]
-    unknown = sorted(k for k in options if k not in _OWN_OPTIONS and not any(k in accepted_options(f, {k: 0}) for f in fns))
+    unknown = sorted(k for k in options if k not in _OWN_OPTIONS and k != "slots"
+                     and not any(k in accepted_options(f, {k: 0}) for f in fns))
     if unknown:
         raise TypeError(f"option(s) {unknown} are not accepted by any pass of {[get_pass(p)[0] for p in passes]}")
     pass_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
@@ -80,7 +87,26 @@ def optimize_with_report(graph: Graph, preset: str | Sequence[str | PassFn] = "f
     passes, pass_options = _plan(preset, dict(options))
     pipeline = Pipeline(passes, verify_each=verify_each, max_iterations=int(options.get("max_iterations", 10)),
                         options=pass_options, on_pass=options.get("on_pass"))
-    return pipeline.run(graph.copy(share_weights=True))  # copy-on-write: passes never write a weight
+    work = graph.copy(share_weights=True)  # copy-on-write: passes never write a weight
+    first = _make_slots(work, options["slots"], verify_each, options.get("on_pass")) if options.get("slots") else None
+    out, report = pipeline.run(work)
+    if first is not None:
+        report.records.insert(0, first)
+    return out, report
+
+
+def _make_slots(graph: Graph, slots: str, verify_each: bool, on_pass: Any) -> PassRecord:
+    """Run ``adapter-slots`` once, before the pipeline (its typed errors reach the caller as they are)."""
+    before = sum(1 for n in graph.nodes if n.op not in (Op.INPUT, Op.CONST))
+    t0 = time.perf_counter()
+    result = adapter_slots(graph, slots=slots)
+    if verify_each:
+        verify(graph)
+    after = sum(1 for n in graph.nodes if n.op not in (Op.INPUT, Op.CONST))
+    record = PassRecord("adapter-slots", 0, before, after, result.changed, time.perf_counter() - t0, dict(result.stats))
+    if on_pass is not None:
+        on_pass(record, graph)
+    return record
 
 
 def optimize(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, verify_each: bool = False,
@@ -104,7 +130,10 @@ def optimize(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, ve
             trained one later, so ``fused`` keeps every adapter); ``skip`` names passes
             to leave out; ``on_pass(record, graph)`` is called after every pass run; ``max_iterations`` bounds the fixed-point loop; any other option goes to the
             passes that declare it (``swappable``, ``peak_flops``, ``bandwidth``, ``dynamic_dim_size``,
-            ``max_elements``). An option no pass accepts raises ``TypeError``.
+            ``max_elements``); ``slots="swappable"`` or ``"mixed"`` first makes every LoRA site an
+            adapter slot (the ``adapter-slots`` pass, recorded as iteration 0), which every preset keeps
+            intact; it raises :class:`~flora_graph.errors.AdapterError` naming the modules a pass already
+            fused or merged. An option no pass accepts raises ``TypeError``.
     """
     return optimize_with_report(graph, preset, verify_each=verify_each, backend=backend, **options)[0]
 

@@ -5,7 +5,8 @@ form ``(x A^T) B^T`` with the product form ``x (B A)^T``; the choice and both co
 recorded in ``stats["decisions"]``. The product ``B@A`` is a new param, or with
 ``swappable=True`` an in-graph ``MatMul(B, A)`` computed on every run (its cost counted),
 which the reverse rule can turn back into the low-rank form. ``Conv2d`` branches are
-left alone (refused with a reason).
+left alone (refused with a reason). Adapter slots are never matched: their ``A``/``B`` are
+graph inputs, not weights (:mod:`~flora_graph.passes.adapter_slots`).
 """
 
 from __future__ import annotations

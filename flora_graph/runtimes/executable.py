@@ -10,13 +10,13 @@ backend's stack dump. Backends register themselves with :func:`register_backend`
 from __future__ import annotations
 
 import abc
-import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flora_graph._lazy import import_on_demand
 from flora_graph.errors import FloraGraphError, RuntimeInputError
 from flora_graph.ir import Graph, verify
 from flora_graph.runtimes.reference import check_inputs
@@ -88,7 +88,7 @@ def compile(graph: Graph, backend: str = "numpy", **options: Any) -> Executable:
     one backend never imports another's dependencies.
     """
     if backend not in BACKENDS and backend in _BUILTIN:
-        importlib.import_module(_BUILTIN[backend])
+        import_on_demand(_BUILTIN[backend])
     if backend not in BACKENDS:
         raise FloraGraphError(f"unknown backend {backend!r}; available: {sorted(set(BACKENDS) | set(_BUILTIN))}")
     verify(graph)

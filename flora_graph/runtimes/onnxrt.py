@@ -145,6 +145,8 @@ class OnnxRuntimeExecutable(Executable):
             graph_optimization_level=graph_optimization_level,
             allow_spinning=allow_spinning,
         )
+        if graph.input_defaults:  # inputs with defaults are initializers by design; ORT would warn about each
+            self.session_options.log_severity_level = max(self.session_options.log_severity_level, 3)
         self.providers = self._check_providers(providers)
         self.model = to_onnx(graph, opset)
         self._bf16_inputs = {n.name for n in graph.inputs if n.dtype == "bfloat16"}

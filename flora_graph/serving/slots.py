@@ -1,4 +1,4 @@
-"""LoRA sites of a graph as swappable *slots*, and adapter weights as ``{param name: array}``.
+"""Adapter slots as serving metadata, and adapter weights as ``{param name: array}``.
 
 A :class:`LoRASlot` is one adapted module with the rank left open: ``A`` is
 ``[rank, *in_dims]`` and ``B`` is ``[out, rank, *b_tail]`` (PEFT's layout; ``in_dims`` is
@@ -8,10 +8,10 @@ scale ``s`` already folded into ``B``, so any source (our ``LoRAAdapter`` models
 graph's own weights, a PEFT checkpoint) can be written and loaded the same way. A module an
 adapter leaves out runs as the base layer.
 
-:func:`prepare` finds the sites with :func:`~flora_graph.passes.find_lora` (tags are not
-needed) and returns a copy of the graph in which each site's ``Add(base, branch)`` is an
-``Identity(base)`` whose lowering :mod:`flora_graph.serving` supplies; the branch itself is
-dead there, so the exported model holds no adapter weights.
+The slots themselves are IR ops (``LoRASlot`` / ``LoRAMixedSlot``, made from a graph's LoRA
+sites by the ``adapter-slots`` pass, :mod:`flora_graph.passes.adapter_slots`);
+:func:`graph_slots` reads their :class:`LoRASlot` description off a graph, which the
+exports record in the model's metadata (:func:`slots_to_metadata`).
 """
 
 from __future__ import annotations
@@ -23,23 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from flora_graph.errors import FloraGraphError
-from flora_graph.ir import ComputationNode, Graph, Op
-from flora_graph.ir.shapes import format_shape
-from flora_graph.passes import LoRAMatch, find_lora
-from flora_graph.passes.rewrite import eval_static
+from flora_graph.errors import AdapterError, FloraGraphError
+from flora_graph.ir import ComputationNode, Graph
+from flora_graph.passes.adapter_slots import lora_sites, own_weights, rank_dim, slot_nodes, weight_names
 from flora_graph.serving.errors import AdapterFileError, ServingError
 
 __all__ = [
     "METADATA_KEY",
-    "LoRASite",
     "LoRASlot",
     "ParamSpec",
     "adapter_params",
     "check_params",
     "graph_adapter_params",
+    "graph_slots",
     "param_spec",
-    "prepare",
     "slots_from_metadata",
     "slots_to_metadata",
 ]
@@ -68,17 +65,17 @@ class LoRASlot:
     @property
     def a_name(self) -> str:
         """Parameter (and ONNX input) name of ``A``."""
-        return f"{self.module}.lora_A"
+        return weight_names(self.module)[0]
 
     @property
     def b_name(self) -> str:
         """Parameter (and ONNX input) name of ``B`` (scale folded in)."""
-        return f"{self.module}.lora_B"
+        return weight_names(self.module)[1]
 
     @property
     def rank_dim(self) -> str:
         """The symbolic dim naming this slot's rank in the ONNX model."""
-        return f"{self.module}.rank"
+        return rank_dim(self.module)
 
     def a_shape(self, rank: int) -> tuple[int, ...]:
         """Shape of ``A`` at ``rank``."""
@@ -87,6 +84,15 @@ class LoRASlot:
     def b_shape(self, rank: int) -> tuple[int, ...]:
         """Shape of ``B`` at ``rank``."""
         return (self.out, rank, *self.b_tail)
+
+    @classmethod
+    def of_node(cls, node: ComputationNode) -> LoRASlot:
+        """The slot of a ``LoRASlot`` / ``LoRAMixedSlot`` node (attributes and the shapes of its inputs)."""
+        a, base, x = node.attrs, node.inputs[0], node.inputs[1]
+        if a["kind"] == "linear":
+            return cls(a["module"], "linear", (int(x.shape[-1]),), int(base.shape[-1]), (), node.dtype)
+        return cls(a["module"], "conv", (int(x.shape[1]), *a["kernel"]), int(base.shape[1]), (1, 1), node.dtype,
+                   tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples as lists)."""
@@ -105,88 +111,37 @@ class LoRASlot:
         return slot
 
 
-@dataclass
-class LoRASite:
-    """A slot and where it sits in a prepared graph: its input ``x`` and the ``Identity(base)`` standing for it."""
-
-    slot: LoRASlot
-    x: ComputationNode
-    site: ComputationNode
-
-
-def _slot_of(m: LoRAMatch, graph: Graph) -> LoRASlot:
-    module = m.module
-    a, b = m.A.shape, m.B.shape
-    if not all(isinstance(d, int) for d in (*a, *b)):
-        raise ServingError(f"module {module!r}: LoRA weights have dynamic shapes {format_shape(a)}, {format_shape(b)}")
-    if m.op is Op.LINEAR:
-        return LoRASlot(module, "linear", (int(a[1]),), int(b[0]), (), m.A.dtype)
-    up = m.up.attrs
-    if tuple(b[2:]) != (1, 1) or up["stride"] != (1, 1) or up["padding"] != (0, 0) or up["dilation"] != (1, 1):
-        raise ServingError(f"module {module!r}: the LoRA up projection must be a pointwise (1x1) convolution, "
-                           f"got B {format_shape(b)} with {dict(up)}")
-    d = m.down.attrs
-    if d["groups"] != 1:
-        raise ServingError(f"module {module!r}: grouped LoRA down projection (groups={d['groups']}) is unsupported")
-    return LoRASlot(module, "conv", tuple(int(v) for v in a[1:]), int(b[0]), (1, 1), m.A.dtype,
-                    tuple(d["stride"]), tuple(d["padding"]), tuple(d["dilation"]))
-
-
-def _matches(graph: Graph) -> list[LoRAMatch]:
-    """The LoRA sites of ``graph`` whose branch is read only inside the site; errors name the module."""
-    users = graph.users()
-    outputs = {id(n) for n in graph.outputs.values()}
-    found, seen = [], set()
-    for m in find_lora(graph):
-        inner = [m.down, m.up, *([m.scale] if m.scale is not None else [])]
-        allowed = {id(n) for n in (*inner, m.add)}
-        for n in inner:
-            others = [u.name for u in users.get(n, []) if id(u) not in allowed]
-            if others or id(n) in outputs:
-                raise ServingError(f"module {m.module!r}: LoRA node {n.name!r} is also read by {others or ['<output>']}; "
-                                   "export the unfused graph (before fuse-lora-siblings / reassociate-low-rank)")
-        if m.module in seen:
-            raise ServingError(f"module {m.module!r} carries more than one LoRA branch; one slot per module is supported")
-        seen.add(m.module)
-        found.append(m)
-    if not found:
-        raise ServingError(f"graph {graph.name!r} has no LoRA branch (Add(base(x, W), up(down(x, A), B) [* s])) "
-                           "to make swappable; apply_lora to the modules to serve adapters on, then capture")
-    return found
+def graph_slots(graph: Graph) -> list[LoRASlot]:
+    """The :class:`LoRASlot` of every adapter slot node of ``graph``, in the order of their weight inputs."""
+    order = {id(n): k for k, n in enumerate(graph.inputs)}
+    nodes = sorted(slot_nodes(graph), key=lambda n: order.get(id(n.inputs[2]), len(order)))
+    return [LoRASlot.of_node(n) for n in nodes]
 
 
 def graph_adapter_params(graph: Graph) -> dict[str, np.ndarray]:
-    """The graph's own adapter as ``{param name: array}`` (``s·B`` folded, in ``B``'s dtype)."""
+    """The graph's own adapter as ``{param name: array}`` (``s·B`` folded, in ``B``'s dtype).
+
+    Reads the intact LoRA sites of ``graph`` (a captured graph, or one optimized without
+    fusing its adapters). Raises :class:`ServingError` when it has none; the adapter slots of
+    a graph keep no weights of their own (take the adapter from the graph before them).
+    """
+    try:
+        sites = lora_sites(graph)
+    except AdapterError as exc:
+        raise ServingError(str(exc)) from None
+    if not sites:
+        if slot_nodes(graph):
+            raise ServingError(f"graph {graph.name!r}: its LoRA sites are adapter slots, which hold no adapter weights; "
+                               "take the adapter from the graph before the slots were made (graph_adapter_params of "
+                               "the captured graph)")
+        raise ServingError(f"graph {graph.name!r} has no LoRA branch (Add(base(x, W), up(down(x, A), B) [* s])) "
+                           "to take an adapter from")
     out: dict[str, np.ndarray] = {}
     memo: dict[ComputationNode, np.ndarray] = {}
-    for m in _matches(graph):
-        slot = _slot_of(m, graph)
-        a = np.asarray(eval_static(graph, m.A, memo))
-        b = np.asarray(eval_static(graph, m.B, memo))
-        s = 1.0 if m.s is None else float(np.asarray(eval_static(graph, m.s, memo), dtype=np.float64).reshape(()))
-        out[slot.a_name] = np.array(a, copy=True)
-        out[slot.b_name] = (b.astype(np.float32) * np.float32(s)).astype(b.dtype)
+    for m in sites:
+        a_name, b_name = weight_names(m.module)
+        out[a_name], out[b_name] = own_weights(graph, m, memo)
     return out
-
-
-def prepare(graph: Graph) -> tuple[Graph, list[LoRASite]]:
-    """A copy of ``graph`` whose LoRA sites are ``Identity(base)`` nodes, and the sites (in graph order).
-
-    Raises :class:`ServingError` naming the module when a branch is shared or unsupported,
-    or when the graph has no LoRA branch at all.
-    """
-    g = graph.copy()
-    sites = []
-    for m in _matches(g):
-        slot = _slot_of(m, g)
-        assert m.base is not None and m.add is not None
-        ident = g.add(Op.IDENTITY, [m.base], name=f"{m.add.name}.site",
-                      meta={"role": "lora_site", "module": slot.module})
-        g.replace_all_uses(m.add, ident)
-        sites.append(LoRASite(slot, m.x, ident))
-    g.toposort()
-    g.remove_dead()
-    return g, sites
 
 
 def slots_to_metadata(slots: Sequence[LoRASlot], kind: str) -> dict[str, str]:
@@ -266,8 +221,8 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
 def adapter_params(model: Any) -> dict[str, np.ndarray]:
     """``{param name: array}`` of every :class:`~flora_graph.adapters.LoRAAdapter` in ``model`` (``s·B`` folded).
 
-    Names are ``"<module path>.lora_A"`` / ``"<module path>.lora_B"``, the names
-    :func:`prepare` gives the slots of a graph captured from the same model.
+    Names are ``"<module path>.lora_A"`` / ``"<module path>.lora_B"``, the names the
+    ``adapter-slots`` pass gives the slots of a graph captured from the same model.
     """
     import torch
 

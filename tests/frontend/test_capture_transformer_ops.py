@@ -185,7 +185,7 @@ class Movement(nn.Module):
         head = x[:, :, 2:6] + x[..., ::2]  # static slices (with a step)
         first = x[:, :1] + x[:, : x.shape[1]]  # a static end and a dynamic end on the dynamic dim
         # x[:, -2:] and self.table[:s] export only with a bounded seq (torch guards seq != 2, seq <= 32), which
-        # capture's dims do not set: their Slice lowerings are tested in tests/runtimes/test_transformer_ops.py
+        # capture's dims do not set: their Slice lowerings are tested in tests/ops/test_movement.py
         u = x.unsqueeze(1).unsqueeze(-1).squeeze(dim=(1, 4))
         e = x[:, :1].expand(b, s, 8) + x[:, :, :1].expand(-1, -1, 8) + x[:, :1].expand_as(x)
         cached = torch.cat([self.empty, x], dim=-2)  # a KV cache's first update: torch skips the 1-D empty tensor

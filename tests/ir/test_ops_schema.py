@@ -119,6 +119,11 @@ INFER_CASES = [
     (Op.SDPA, [("batch", 4, "seq", 16)] * 3, {"is_causal": 1}, ("batch", 4, "seq", 16)),
     (Op.SDPA, [("batch", 4, "seq", 16), ("batch", 4, "kv", 16), (1, 4, "kv", 8), ("batch", 1, "seq", "kv")], None,
      ("batch", 4, "seq", 8)),
+    # adapter slots (the mixed slot, with its int64 index: test_ops_transformer_schema.TYPED_INFER_CASES)
+    (Op.LORA_SLOT, [("batch", "seq", 4), ("batch", "seq", 8), ("fc.rank", 8), (4, "fc.rank")], {"module": "fc"},
+     ("batch", "seq", 4)),
+    (Op.LORA_SLOT, [("batch", 6, 4, 4), ("batch", 3, 8, 8), (0, 3, 3, 3), (6, 0, 1, 1)],
+     {"module": "c", "kind": "conv", "kernel": (3, 3), "stride": (2, 2), "padding": (1, 1)}, ("batch", 6, 4, 4)),
 ]
 
 

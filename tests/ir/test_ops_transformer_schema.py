@@ -51,6 +51,8 @@ TYPED_INFER_CASES: list[tuple[Op, list, list[str], dict | None, tuple, str]] = [
     (Op.ARANGE, [], [], {"start": 5, "end": -3, "step": -2}, (4,), "int64"),
     (Op.ARANGE, [], [], {"end": "seq*batch", "dtype": "int32"}, ("batch*seq",), "int32"),
     (Op.EXPAND, [()], ["bool"], {"shape": ("batch", 1, "seq")}, ("batch", 1, "seq"), "bool"),
+    (Op.LORA_MIXED_SLOT, [("batch", 5, 4), ("batch", 5, 8), ("slots", 8, "r"), ("slots", "r", 4), ("batch",)],
+     ["float16"] * 4 + ["int64"], {"module": "fc"}, ("batch", 5, 4), "float16"),
 ]
 
 

@@ -20,16 +20,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
+from flora_graph.errors import UnsupportedOpError
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ops import FAMILIES
 from flora_graph.runtimes import run
 from flora_graph.runtimes.executable import compile
 
 __all__ = [
-    "BACKENDS", "END", "SIZES", "Case", "In", "all_cases", "assert_close", "build", "check_backend",
-    "case_id", "check_reference", "const", "f64", "feeds", "find", "family_tables", "op", "values",
+    "BACKENDS",
+    "END",
+    "SIZES",
+    "TESTED_FAMILIES",
+    "Case",
+    "In",
+    "all_cases",
+    "assert_close",
+    "build",
+    "case_id",
+    "check_backend",
+    "check_capture",
+    "check_reference",
+    "const",
+    "f64",
+    "family_tables",
+    "feeds",
+    "find",
+    "op",
+    "values",
 ]
 
 SIZES = ({"batch": 2, "seq": 3, "kv": 4}, {"batch": 4, "seq": 7, "kv": 2})
@@ -57,6 +77,8 @@ class Case:
     ref: Callable[..., torch.Tensor]  # torch on the inputs (in order) -> the expected output (a tuple for several)
     tol: float = 1e-5
     dim_max: dict[str, int] = field(default_factory=dict)  # bounds the graph declares (graph.dim_max)
+    unsupported: tuple[str, ...] = ()  # backends that must refuse the graph (UnsupportedOpError): known limits
+    capture: bool = False  # also capture `ref` itself (its ATen converters) and check it: see check_capture
 
 
 def values(spec: In, sizes: dict[str, int], rng: np.random.Generator) -> np.ndarray:
@@ -135,8 +157,13 @@ def check_reference(case: Case) -> None:
 
 
 def check_backend(case: Case, backend: str) -> None:
-    """``backend`` against the numpy reference, at every size inside the backend's dim range."""
+    """``backend`` against the numpy reference, at every size inside the backend's dim range
+    (or, for a backend in ``case.unsupported``, its refusal with :class:`UnsupportedOpError`)."""
     g = build(case)
+    if backend in case.unsupported:
+        with pytest.raises(UnsupportedOpError):
+            compile(g, backend)
+        return
     exe = compile(g, backend)
     low = getattr(exe, "dim_min", 0)
     sizes_run = [s for s in SIZES if min(s.values()) >= low]
@@ -147,6 +174,31 @@ def check_backend(case: Case, backend: str) -> None:
         assert list(got) == list(want)
         for name in want:
             assert_close(got[name], want[name], case.tol, f"{case.id} {name} on {backend} at {sizes}")
+
+
+def check_capture(case: Case) -> set[Op]:
+    """Capture the case's torch expression ``ref`` as a module (its ATen ops go through their
+    converters), check the graph against ``ref`` at every size, and return the IR ops it holds,
+    which must include the ops the case's own graph tests."""
+    from flora_graph.frontend import capture
+
+    names = list(case.inputs)
+    namespace: dict[str, Any] = {"ref": case.ref}
+    exec(f"def forward(self, {', '.join(names)}):\n    return ref({', '.join(names)})\n", namespace)
+    module = type(f"Capture_{case.id}", (torch.nn.Module,), {"forward": namespace["forward"]})()
+    example = feeds(case, {"batch": 3, "seq": 5, "kv": 6}, 7)
+    dims = {n: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for n, spec in case.inputs.items()}
+    g = capture(module, {k: torch.from_numpy(v) for k, v in example.items()}, dims)
+    for k, sizes in enumerate(SIZES):
+        x = feeds(case, sizes, k)
+        want = case.ref(*[torch.from_numpy(np.array(v)) for v in x.values()])
+        want = want if isinstance(want, tuple) else (want,)
+        for (name, value), w in zip(run(g, x).items(), want, strict=True):
+            assert_close(value, w.numpy(), case.tol, f"captured {case.id} {name} at {sizes}")
+    held = {n.op for n in g.nodes}
+    tested = {n.op for n in build(case).nodes} - {Op.INPUT, Op.CONST}
+    assert tested <= held, f"captured {case.id}: {sorted(o.value for o in tested - held)} missing"
+    return held
 
 
 # --------------------------------------------------------------------------- the tables

@@ -121,7 +121,7 @@ def _float_unary(op: Op):
 for _target, _op in [
     (aten.exp.default, Op.EXP), (aten.log.default, Op.LOG), (aten.sqrt.default, Op.SQRT), (aten.rsqrt.default, Op.RSQRT),
     (aten.reciprocal.default, Op.RECIPROCAL), (aten.cos.default, Op.COS), (aten.sin.default, Op.SIN),
-    (aten.abs.default, Op.ABS),
+    (aten.abs.default, Op.ABS), (aten.sign.default, Op.SIGN),
 ]:
     register(_target)(_float_unary(_op))
 

@@ -1,0 +1,284 @@
+"""adapter-slots: Replaces each LoRA site with an adapter slot whose weights are graph inputs.
+
+``Add(base(x, W, b), s·up(down(x, A), B))`` (:data:`~flora_graph.passes.lora_pattern.LORA`,
+recognised with or without tags) becomes, with ``slots="swappable"``,
+``LoRASlot(base, x, <module>.lora_A, <module>.lora_B)`` and, with ``slots="mixed"``,
+``LoRAMixedSlot(base, x, <module>.lora_A.stack, <module>.lora_B.stack, adapter_index)``
+(the ops of :mod:`flora_graph.ops.adapters`). The weights become graph inputs whose
+defaults add nothing (rank 0; for the stacks, one zero slot of rank 1), so the graph run
+without them is the base model; ``adapter_index`` (int64 ``[batch]``, ``-1``: no adapter)
+has no default. The branch and its weights leave the graph: read the graph's own adapter
+first (:func:`own_weights`). A slot of the other kind is converted, so the pass can run on
+a graph that has slots already; a graph with neither sites nor slots is refused.
+
+Refused with :class:`~flora_graph.errors.AdapterError` naming the module: a branch whose
+nodes are also read outside the site; a module with two branches; dynamic LoRA weight
+shapes; a conv branch whose up projection is not 1x1 or whose down projection is grouped;
+for per-row slots, a site whose input's first dim is not the batch dim of the first graph
+input, or a non-pointwise conv site without static spatial dims. And a graph in which a
+node tagged as part of a LoRA adapter (``meta["role"]`` / ``meta["module"]`` from capture,
+or the roles the fusing passes give) no longer belongs to an intact site or slot: a pass
+fused or merged that adapter, and a slot made of the rest would bake it in silently.
+
+Every other pass leaves a slot alone: no pass's pattern has a slot op, and a slot's weights
+are graph inputs, never static, so nothing folds, merges, concatenates or reassociates
+them. Run this pass before a preset (``optimize(graph, preset, slots="swappable")``) and
+every adapter stays swappable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flora_graph.errors import AdapterError, GraphError
+from flora_graph.ir import ComputationNode, Graph, Op, OpGroup
+from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
+from flora_graph.passes.base import PassResult, register_pass
+from flora_graph.passes.lora_pattern import LoRAMatch, find_lora
+from flora_graph.passes.rewrite import eval_static, schedule
+
+__all__ = [
+    "INDEX_INPUT", "LORA_ROLES", "SLOTS_DIM", "SLOT_KINDS", "SLOT_OPS", "adapter_slots", "lora_sites", "own_weights",
+    "rank_dim", "slot_nodes", "weight_names",
+]
+
+SLOT_KINDS = ("swappable", "mixed")
+SLOT_OPS: dict[str, Op] = {"swappable": Op.LORA_SLOT, "mixed": Op.LORA_MIXED_SLOT}
+INDEX_INPUT = "adapter_index"
+"""Name of the per-row adapter index input of mixed slots (int64 ``[batch]``, ``-1``: no adapter)."""
+SLOTS_DIM = "adapter_slots"
+"""Named dim of the stacks' first axis: number of adapters + 1 (the zero slot)."""
+LORA_ROLES = frozenset({"base", "lora_down", "lora_up", "lora_scale", "lora_add",  # capture
+                        "lora_product", "lora_down_fused", "base_and_down", "merged"})  # what passes make of them
+"""``meta["role"]`` values of nodes that belong to a LoRA adapter."""
+
+
+def weight_names(module: str, slots: str = "swappable") -> tuple[str, str]:
+    """Input names of a slot's ``A`` and ``B``: ``<module>.lora_A`` (``.stack`` for mixed slots)."""
+    a, b = f"{module}.lora_A", f"{module}.lora_B"
+    return (a, b) if slots == "swappable" else (f"{a}.stack", f"{b}.stack")
+
+
+def rank_dim(module: str) -> str:
+    """The named dim of a slot's rank: ``<module>.rank``."""
+    return f"{module}.rank"
+
+
+def slot_nodes(graph: Graph) -> list[ComputationNode]:
+    """The adapter slot nodes of ``graph``, in graph order."""
+    return [n for n in graph.nodes if n.op in OpGroup.Adapter]
+
+
+def lora_sites(graph: Graph) -> list[LoRAMatch]:
+    """The intact LoRA sites of ``graph`` (branch read only inside the site), in graph order.
+
+    Raises :class:`AdapterError` naming the module for a branch read outside its site or a
+    module with two branches. An empty list when there are none.
+    """
+    users = graph.users()
+    outputs = {id(n) for n in graph.outputs.values()}
+    found, seen = [], set()
+    for m in find_lora(graph):
+        inner = [m.down, m.up, *([m.scale] if m.scale is not None else [])]
+        allowed = {id(n) for n in (*inner, m.add)}
+        for n in inner:
+            others = [u.name for u in users.get(n, []) if id(u) not in allowed]
+            if others or id(n) in outputs:
+                raise AdapterError(f"module {m.module!r}: LoRA node {n.name!r} is also read by {others or ['<output>']}; "
+                                   "make the slots before fuse-lora-siblings / reassociate-low-rank (optimize(..., slots=...))")
+        if m.module in seen:
+            raise AdapterError(f"module {m.module!r} carries more than one LoRA branch; one slot per module is supported")
+        seen.add(m.module)
+        found.append(m)
+    return found
+
+
+def own_weights(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A site's own ``(A, s·B)`` (the scale folded into ``B``, in ``B``'s dtype), as a slot takes them."""
+    memo = {} if memo is None else memo
+    a = np.array(eval_static(graph, m.A, memo), copy=True)
+    b = np.asarray(eval_static(graph, m.B, memo))
+    s = 1.0 if m.s is None else float(np.asarray(eval_static(graph, m.s, memo), dtype=np.float64).reshape(()))
+    return a, (b.astype(np.float32) * np.float32(s)).astype(b.dtype)
+
+
+@dataclass
+class _Site:
+    """What a slot is made of: from an intact site (``root`` its ``Add``) or a slot to convert (``root`` itself)."""
+
+    module: str
+    kind: str  # "linear" or "conv"
+    root: ComputationNode
+    base: ComputationNode
+    x: ComputationNode
+    in_dims: tuple[int, ...]  # A's dims after the rank
+    out: int
+    dtype: str
+    attrs: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def _site_of_match(m: LoRAMatch) -> _Site:
+    module, a, b = m.module, m.A.shape, m.B.shape
+    assert m.add is not None and m.base is not None
+    if not all(isinstance(d, int) for d in (*a, *b)):
+        raise AdapterError(f"module {module!r}: LoRA weights have dynamic shapes {format_shape(a)}, {format_shape(b)}")
+    if tuple(m.base.shape) != tuple(m.add.shape) or m.base.dtype != m.add.dtype:
+        raise AdapterError(f"module {module!r}: its Add {m.add.name!r} broadcasts the base layer {m.base.name!r}")
+    meta = {**m.add.meta, "role": "lora_slot"} if m.add.meta else {"role": "lora_slot", "module": module}
+    attrs: dict[str, Any] = {"module": module, "kind": "linear"}
+    if m.op is Op.LINEAR:
+        return _Site(module, "linear", m.add, m.base, m.x, (int(a[1]),), int(b[0]), m.A.dtype, attrs, meta)
+    up, down = m.up.attrs, m.down.attrs
+    if tuple(b[2:]) != (1, 1) or up["stride"] != (1, 1) or up["padding"] != (0, 0) or up["dilation"] != (1, 1):
+        raise AdapterError(f"module {module!r}: the LoRA up projection must be a pointwise (1x1) convolution, "
+                           f"got B {format_shape(b)} with {dict(up)}")
+    if down["groups"] != 1 or up["groups"] != 1:
+        raise AdapterError(f"module {module!r}: grouped LoRA projections (groups={down['groups']}) are unsupported")
+    attrs.update(kind="conv", kernel=tuple(int(d) for d in a[2:]), stride=down["stride"], padding=down["padding"],
+                 dilation=down["dilation"])
+    return _Site(module, "conv", m.add, m.base, m.x, tuple(int(d) for d in a[1:]), int(b[0]), m.A.dtype, attrs, meta)
+
+
+def _site_of_slot(n: ComputationNode) -> _Site:
+    base, x, kind = n.inputs[0], n.inputs[1], n.attrs["kind"]
+    if kind == "linear":
+        in_dims, out = (int(x.shape[-1]),), int(base.shape[-1])
+    else:
+        in_dims, out = (int(x.shape[1]), *n.attrs["kernel"]), int(base.shape[1])
+    return _Site(n.attrs["module"], kind, n, base, x, in_dims, out, n.dtype, dict(n.attrs), dict(n.meta))
+
+
+def _check_intact(graph: Graph, covered: set[str]) -> None:
+    """Refuse a graph with live LoRA-tagged nodes of a module that is neither an intact site nor a slot."""
+    lost: dict[str, set[str]] = {}
+    for n in graph.live_nodes():
+        role = n.meta.get("role")
+        if role not in LORA_ROLES:
+            continue
+        mods = [str(n.meta["module"])] if n.meta.get("module") else []
+        mods += [m for m in str(n.meta.get("modules", "")).split(",") if m]
+        for mod in mods:
+            if mod not in covered:
+                lost.setdefault(mod, set()).add(str(role))
+    if lost:
+        names = sorted(lost)
+        listed = ", ".join(map(repr, names[:12])) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        roles = sorted(set().union(*lost.values()))
+        raise AdapterError(
+            f"graph {graph.name!r}: module(s) {listed} are no longer intact LoRA sites (a pass fused or merged their "
+            f"adapter: roles {roles}), so they cannot stay swappable and exporting would bake their adapter in; make the "
+            "slots before optimizing (optimize(graph, preset, slots='swappable') or flora-graph optimize --slots "
+            "swappable), or export the graph as captured")
+
+
+def _check_rows(graph: Graph, sites: Iterable[_Site]) -> Dim:
+    """The batch dim of per-row slots: the first graph input's first dim, which every site's input must lead with."""
+    if not graph.inputs or not graph.inputs[0].shape:
+        raise AdapterError(f"graph {graph.name!r}: the first input must have a batch dim for per-row adapters")
+    first = graph.inputs[0]
+    batch = canonical_dim(first.shape[0])
+    for s in sites:
+        shape = s.x.shape
+        if len(shape) < 2 or canonical_dim(shape[0]) != batch:
+            raise AdapterError(f"module {s.module!r}: its input {s.x.name!r} has shape {list(shape)}, whose first dim is "
+                               f"not the batch dim {batch!r} of input {first.name!r}; rows cannot pick adapters there")
+        pointwise = (s.attrs.get("kernel"), s.attrs.get("stride"), s.attrs.get("padding")) == ((1, 1), (1, 1), (0, 0))
+        if s.kind == "conv" and not pointwise and not all(isinstance(d, int) for d in shape[2:]):
+            raise AdapterError(f"module {s.module!r}: per-row conv adapters need static spatial dims, got {list(shape)}")
+    return batch
+
+
+def _rewire(graph: Graph, repl: Mapping[ComputationNode, ComputationNode]) -> None:
+    """Every reader of a key (and every output) reads its value instead, in one walk."""
+    for n in graph.nodes:
+        if any(i in repl for i in n.inputs):
+            n.inputs = [repl.get(i, i) for i in n.inputs]
+    for k, v in graph.outputs.items():
+        graph.outputs[k] = repl.get(v, v)
+
+
+def _input(graph: Graph, module: str, name: str, dims: tuple[Dim, ...], dtype: str, default: np.ndarray | None):
+    try:
+        return graph.input(name, dims, dtype, default=default)
+    except GraphError as exc:
+        raise AdapterError(f"module {module!r}: cannot add its slot input {name!r}: {exc}") from None
+
+
+def _weights(graph: Graph, s: _Site, slots: str) -> tuple[ComputationNode, ComputationNode]:
+    a_name, b_name = weight_names(s.module, slots)
+    r = rank_dim(s.module)
+    if slots == "swappable":
+        tail = (1, 1) if s.kind == "conv" else ()
+        a_dims, b_dims = (r, *s.in_dims), (s.out, r, *tail)
+    elif s.kind == "conv":  # A as [slots, R, kh*kw*C] (taps major), B as [slots, out, R]
+        a_dims, b_dims = (SLOTS_DIM, r, math.prod(s.in_dims)), (SLOTS_DIM, s.out, r)
+    else:  # A.T as [slots, in, R], B.T as [slots, R, out]
+        a_dims, b_dims = (SLOTS_DIM, s.in_dims[0], r), (SLOTS_DIM, r, s.out)
+    size = 0 if slots == "swappable" else 1  # rank 0; one zero slot of rank 1
+    made = []
+    for name, dims in ((a_name, a_dims), (b_name, b_dims)):
+        default = np.zeros([size if isinstance(d, str) else d for d in dims], s.dtype)
+        made.append(_input(graph, s.module, name, dims, s.dtype, default))
+    return made[0], made[1]
+
+
+@register_pass("adapter-slots")
+def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
+    """Make every LoRA site (and every slot of the other kind) a ``slots`` slot; stats ``slots`` lists the modules."""
+    t0 = time.perf_counter()
+    if slots not in SLOT_KINDS:
+        raise ValueError(f"adapter-slots: slots={slots!r}; expected one of {list(SLOT_KINDS)}")
+    matches = lora_sites(graph)
+    existing = slot_nodes(graph)
+    modules = [m.module for m in matches] + [n.attrs["module"] for n in existing]
+    twice = sorted({m for m in modules if modules.count(m) > 1})
+    if twice:
+        raise AdapterError(f"module(s) {twice} carry more than one LoRA branch or slot; one slot per module is supported")
+    _check_intact(graph, set(modules))
+    if not modules:
+        raise AdapterError(f"graph {graph.name!r} has no LoRA branch (Add(base(x, W), up(down(x, A), B) [* s])) to "
+                           "make swappable; apply_lora to the modules to serve adapters on, then capture")
+    op = SLOT_OPS[slots]
+    convert = [n for n in existing if n.op is not op]
+    sites = [_site_of_match(m) for m in matches] + [_site_of_slot(n) for n in convert]
+    stats: dict[str, Any] = {"fired": {}, "refused": {}, "slots": [s.module for s in sites]}
+    if not sites:
+        return PassResult(graph, False, {**stats, "time_s": time.perf_counter() - t0})
+    batch = _check_rows(graph, sites) if slots == "mixed" else None
+    # 1. detach each site behind a placeholder, so its branch (and its weights' names) leave the graph
+    holders = {s.root: graph.add(Op.IDENTITY, [s.base], name=f"{s.module}.lora_slot_pending") for s in sites}
+    _rewire(graph, holders)
+    old = list(dict.fromkeys(i for n in convert for i in n.inputs[2:]))  # a converted slot's weight (and index) inputs
+    graph.remove_dead()
+    read = {i for n in graph.nodes for i in n.inputs}
+    for i in old:
+        if i not in read and i in graph.inputs:
+            graph.remove_input(i)
+    # 2. the slots, their weights graph inputs (the index after the first site's stacks, as serving exports)
+    index = next((i for i in graph.inputs if i.name == INDEX_INPUT), None)
+    made: dict[ComputationNode, ComputationNode] = {}
+    for s in sites:
+        a, b = _weights(graph, s, slots)
+        ins = [holders.get(s.base, s.base), holders.get(s.x, s.x), a, b]  # x may be another site: its holder for now
+        if slots == "mixed":
+            if index is None:
+                index = _input(graph, s.module, INDEX_INPUT, (batch,), "int64", None)  # type: ignore[arg-type]
+            ins.append(index)
+        try:
+            made[holders[s.root]] = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot", meta=s.meta)
+        except GraphError as exc:
+            raise AdapterError(f"module {s.module!r}: cannot make its slot: {exc}") from None
+    _rewire(graph, made)
+    schedule(graph)
+    graph.remove_dead()
+    stats["fired"] = {"adapter-slots": len(sites)}
+    stats["converted"] = [n.attrs["module"] for n in convert]
+    return PassResult(graph, True, {**stats, "time_s": time.perf_counter() - t0})

@@ -1,0 +1,36 @@
+"""The creation family (:mod:`flora_graph.ops.creation`): ``Arange``.
+
+Numpy reference against ``torch.arange``, then every backend against the reference; see
+:mod:`tests.ops.harness`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora_graph.ir import Op
+
+from .harness import BACKENDS, Case, In, case_id, check_backend, check_reference
+
+CASES = [
+    Case("arange_seq", {"x": In(("batch", "seq"))}, lambda g, x, rng: g.add(Op.ARANGE, [], {"end": "seq"}),
+         lambda x: torch.arange(x.shape[1])),
+    Case("arange_batch_seq_float", {"x": In(("batch", "seq"))},
+         lambda g, x, rng: g.add(Op.ARANGE, [], {"end": "batch*seq", "dtype": "float32"}),
+         lambda x: torch.arange(x.numel(), dtype=torch.float32)),
+    Case("arange_static_step", {"x": In(("batch", "seq"))},
+         lambda g, x, rng: g.add(Op.ADD, [g.add(Op.ARANGE, [], {"start": 2, "end": 11, "step": 3}), g.add(Op.ARANGE, [], {"start": 6, "end": -3, "step": -3})]),
+         lambda x: torch.arange(2, 11, 3) + torch.arange(6, -3, -3)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_reference_matches_torch(case: Case) -> None:
+    check_reference(case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_backend_matches_reference(case: Case, backend: str) -> None:
+    check_backend(case, backend)

@@ -1,0 +1,37 @@
+"""The reduction family (:mod:`flora_graph.ops.reduce`): ``ReduceMean``, ``ReduceSum``, ``CumSum``.
+
+Numpy reference against torch, then every backend against the reference; see
+:mod:`tests.ops.harness`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from flora_graph.ir import Op
+
+from .harness import BACKENDS, Case, In, case_id, check_backend, check_reference, op
+
+X = In(("batch", "seq", 6))
+
+CASES = [
+    Case("reduce_mean_last_keep", {"x": X}, op(Op.REDUCE_MEAN, "x", axes=(-1,), keepdims=1),
+         lambda x: x.mean(-1, keepdim=True)),
+    Case("reduce_mean_two_axes", {"x": X}, op(Op.REDUCE_MEAN, "x", axes=(1, 2), keepdims=0), lambda x: x.mean((1, 2))),
+    Case("reduce_sum_all", {"x": X}, op(Op.REDUCE_SUM, "x", axes=(), keepdims=0), lambda x: x.sum(), tol=1e-4),
+    Case("reduce_sum_int", {"x": In(("batch", "seq"), "int64", "small_int")}, op(Op.REDUCE_SUM, "x", axes=(0,), keepdims=1),
+         lambda x: x.sum(0, keepdim=True)),
+    Case("cumsum", {"x": X}, op(Op.CUMSUM, "x", axis=1), lambda x: x.cumsum(1), tol=1e-4),
+    Case("cumsum_int", {"x": In(("batch", "seq"), "int64", "small_int")}, op(Op.CUMSUM, "x", axis=-1), lambda x: x.cumsum(-1)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_reference_matches_torch(case: Case) -> None:
+    check_reference(case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_backend_matches_reference(case: Case, backend: str) -> None:
+    check_backend(case, backend)

@@ -1,0 +1,256 @@
+"""Adapter slots in the IR: ``serve-export`` after any preset keeps every adapter swappable, or says which it cannot.
+
+The regression: ``flora-graph demo --save g && flora-graph optimize g --preset fused --save gf &&
+flora-graph serve-export gf s.onnx`` used to succeed with 9 inputs (29 from ``g``), 10 of the
+14 adapters silently baked in. Now ``optimize --slots swappable`` keeps all 14 swappable, and
+``serve-export`` of a graph whose adapters a preset fused is an error naming the modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from flora_graph.adapters import apply_lora, merge_all
+from flora_graph.cli import main
+from flora_graph.errors import AdapterError
+from flora_graph.ir import Graph, Op, OpGroup
+from flora_graph.models.decoder import DECODER_PROJECTIONS, build_decoder
+from flora_graph.models.seeding import seed_lora_b
+from flora_graph.passes import PASSES, optimize
+from flora_graph.passes.adapter_slots import INDEX_INPUT
+from flora_graph.runtimes import run
+from flora_graph.runtimes.executable import compile
+from flora_graph.serving import (
+    AdapterSession,
+    MixedAdapterSession,
+    ServingError,
+    adapter_params,
+    export_mixed,
+    export_swappable,
+    graph_adapter_params,
+    write_adapter,
+)
+from flora_graph.serving.export import slotted
+
+BASE_ATOL = 1e-5  # the no-adapter model against the base model
+ATOL = 2e-5
+FUSED_AWAY = [f"layers.{i}.{m}" for i in (0, 1) for m in
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
+
+
+class Demo:
+    """The CLI demo decoder saved as ``g``, its eager base, merged and second-adapter models, and inputs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.g = root / "g"
+        assert main(["demo", "--save", str(self.g)]) == 0  # the decoder, LoRA rank 8 with a nonzero B
+        self.graph = Graph.load(self.g)
+        self.base = build_decoder().eval()
+        self.merged = copy.deepcopy(build_decoder(lora_rank=8))
+        merge_all(self.merged)
+        self.other = copy.deepcopy(self.base)  # a second adapter, rank 3, over the same base
+        apply_lora(self.other, list(DECODER_PROJECTIONS), rank=3, alpha=6)
+        seed_lora_b(self.other, 7, 0.05)
+        self.other.eval()
+        self.other_merged = copy.deepcopy(self.other)
+        merge_all(self.other_merged)
+        gen = torch.Generator().manual_seed(5)
+        self.ids = torch.randint(0, self.base.config.vocab_size, (3, 9), generator=gen)
+
+    def eager(self, model: torch.nn.Module, ids: torch.Tensor | None = None) -> np.ndarray:
+        with torch.no_grad():
+            return model(self.ids if ids is None else ids).numpy()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    return Demo(tmp_path_factory.mktemp("slots"))
+
+
+def slot_signature(g: Graph) -> list[tuple[str, str, list[str]]]:
+    """(op, module, weight input names) of every slot, and nothing else of the graph's adapters."""
+    return sorted((n.op.value, n.attrs["module"], [i.name for i in n.inputs[2:]]) for n in g.nodes if n.op in OpGroup.Adapter)
+
+
+def inputs_of(g: Graph) -> list[tuple[str, tuple, str, tuple | None]]:
+    return [(n.name, n.shape, n.dtype, g.input_defaults[n.name].shape if n.name in g.input_defaults else None)
+            for n in g.inputs]
+
+
+# --------------------------------------------------------------------------- the regression
+def test_cli_serve_export_after_fused_keeps_every_adapter_swappable(demo: Demo, capsys) -> None:
+    gf, out, plain = demo.root / "gf", demo.root / "s.onnx", demo.root / "plain.onnx"
+    assert main(["optimize", str(demo.g), "--preset", "fused", "--slots", "swappable", "--save", str(gf)]) == 0
+    assert main(["serve-export", str(gf), str(out)]) == 0
+    assert main(["serve-export", str(demo.g), str(plain)]) == 0
+    assert " ".join(capsys.readouterr().out.split()).count("(29 inputs)") == 2  # rich wraps long lines
+    model = onnx.load(str(out))
+    assert len(model.graph.input) == 29
+    assert [i.name for i in model.graph.input] == [i.name for i in onnx.load(str(plain)).graph.input]
+    session = AdapterSession(out, intra_op_threads=1)
+    ids = {"input_ids": demo.ids.numpy()}
+    np.testing.assert_allclose(session.run(ids)["output"], demo.eager(demo.base), atol=BASE_ATOL)
+    own = write_adapter(demo.root / "own.onnx_adapter", graph_adapter_params(demo.graph), model=out)
+    session.load_adapter("own", own)
+    session.load_adapter("other", adapter_params(demo.other))
+    for name, ref in (("own", demo.merged), ("other", demo.other_merged)):
+        want = demo.eager(ref)
+        assert np.abs(want - demo.eager(demo.base)).max() > 1e-3  # the adapter matters
+        np.testing.assert_allclose(session.run(ids, name)["output"], want, atol=ATOL)
+
+
+def test_api_serve_export_after_fused_keeps_every_adapter(demo: Demo) -> None:
+    fused = optimize(demo.graph, "fused", slots="swappable")
+    assert len(slot_signature(fused)) == 14
+    session = AdapterSession(export_swappable(fused), intra_op_threads=1)
+    session.load_adapter("own", graph_adapter_params(demo.graph))
+    ids = {"input_ids": demo.ids.numpy()}
+    np.testing.assert_allclose(session.run(ids)["output"], demo.eager(demo.base), atol=BASE_ATOL)
+    np.testing.assert_allclose(session.run(ids, "own")["output"], demo.eager(demo.merged), atol=ATOL)
+
+
+def test_mixed_rows_after_fused_each_match_their_model(demo: Demo) -> None:
+    fused = optimize(demo.graph, "fused", slots="mixed")
+    assert {n.op for n in fused.nodes} & OpGroup.Adapter == {Op.LORA_MIXED_SLOT}
+    session = MixedAdapterSession(export_mixed(fused), {"own": graph_adapter_params(demo.graph),
+                                                        "other": adapter_params(demo.other)}, intra_op_threads=1)
+    names = ["other", None, "own"]
+    refs = {None: demo.base, "own": demo.merged, "other": demo.other_merged}
+    want = np.stack([demo.eager(refs[n], demo.ids[i : i + 1])[0] for i, n in enumerate(names)])
+    np.testing.assert_allclose(session.run({"input_ids": demo.ids.numpy()}, names)["output"], want, atol=ATOL)
+    # slots of the other kind are converted: the exports of either slotted graph are the exports of the captured one
+    names = {kind: [i.name for i in fn(demo.graph).graph.input] for kind, fn in
+             (("swappable", export_swappable), ("mixed", export_mixed))}
+    assert len(names["mixed"]) == 30 and INDEX_INPUT in names["mixed"]
+    for kind, fn in (("swappable", export_mixed), ("mixed", export_swappable)):
+        other = "mixed" if kind == "swappable" else "swappable"
+        got = [i.name for i in fn(optimize(demo.graph, "fused", slots=kind)).graph.input]
+        assert sorted(got) == sorted(names[other])
+
+
+# --------------------------------------------------------------------------- a site that cannot stay swappable
+def test_cli_serve_export_of_a_fused_graph_names_the_modules(demo: Demo, capsys) -> None:
+    gf, out = demo.root / "fused_only", demo.root / "baked.onnx"
+    assert main(["optimize", str(demo.g), "--preset", "fused", "--save", str(gf)]) == 0
+    capsys.readouterr()
+    assert main(["serve-export", str(gf), str(out)]) == 2
+    err = "".join(capsys.readouterr().err.split())  # rich wraps long lines; module names have no spaces
+    assert "ServingError" in err and "Traceback" not in err
+    for module in FUSED_AWAY:
+        assert module in err
+    assert "--slotsswappable" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", ["fused", "merged"])
+def test_api_refuses_a_graph_whose_adapters_a_preset_fused_or_merged(demo: Demo, preset: str) -> None:
+    done = optimize(demo.graph, preset)
+    with pytest.raises(ServingError, match="no longer intact LoRA sites") as info:
+        export_swappable(done)
+    every = sorted(f"layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for i in (0, 1) for p in DECODER_PROJECTIONS)
+    expected = FUSED_AWAY if preset == "fused" else every[:12]  # all 14 merged: twelve named, "and 2 more"
+    for module in expected:
+        assert f"'{module}'" in str(info.value)
+    assert (preset == "merged") == ("and 2 more" in str(info.value))
+    with pytest.raises(ServingError, match="no longer intact"):
+        export_mixed(done)
+    with pytest.raises(AdapterError, match="no longer intact"):  # the pass itself, through optimize
+        optimize(done, "fused", slots="swappable")
+
+
+def test_graph_adapter_params_of_a_slotted_graph_is_an_error(demo: Demo) -> None:
+    assert len(graph_adapter_params(demo.graph)) == 28  # the captured graph's own adapter
+    with pytest.raises(ServingError, match="adapter slots, which hold no adapter weights"):
+        graph_adapter_params(slotted(demo.graph))
+
+
+# --------------------------------------------------------------------------- slots survive every pass
+@pytest.mark.parametrize("kind", ["swappable", "mixed"])
+@pytest.mark.parametrize(("preset", "options"), [
+    ("unfused", {}), ("fused", {}), ("merged", {}),
+    ("fused", {"fuse_base_and_down": True, "drop_zero_lora": True}),
+    ([p for p in PASSES if p != "adapter-slots"], {}),  # every pass, once each, in registration order
+], ids=["unfused", "fused", "merged", "fused-all-options", "every-pass"])
+def test_slots_survive_every_preset(demo: Demo, kind: str, preset, options: dict) -> None:
+    before = slotted(demo.graph, kind)
+    after = optimize(before, preset, verify_each=True, **options)
+    assert len(slot_signature(before)) == 14
+    assert slot_signature(after) == slot_signature(before)
+    assert inputs_of(after) == inputs_of(before)
+    own = graph_adapter_params(demo.graph)
+    ids = demo.ids.numpy()
+    if kind == "swappable":
+        feeds = {"input_ids": ids, **own}
+        want = run(demo.graph, {"input_ids": ids})["output"]
+    else:
+        from flora_graph.serving import stack_adapters
+        from flora_graph.serving.slots import graph_slots
+
+        feeds = {"input_ids": ids, INDEX_INPUT: np.array([0, -1, 0]), **stack_adapters(graph_slots(before), [own])}
+        want = np.stack([demo.eager(demo.merged, demo.ids[:1])[0], demo.eager(demo.base, demo.ids[1:2])[0],
+                         demo.eager(demo.merged, demo.ids[2:])[0]])
+    np.testing.assert_allclose(run(after, feeds)["output"], want, atol=ATOL)
+    base = run(after, {"input_ids": ids, **({INDEX_INPUT: np.full(3, -1)} if kind == "mixed" else {})})["output"]
+    np.testing.assert_allclose(base, demo.eager(demo.base), atol=BASE_ATOL)
+
+
+def test_a_slotted_graph_saves_loads_and_runs_on_torch(demo: Demo) -> None:
+    g = optimize(demo.graph, "fused", slots="swappable")
+    g.save(demo.root / "slotted")
+    doc = json.loads((demo.root / "slotted" / "graph.json").read_text())
+    assert len(doc["input_defaults"]) == 28
+    back = Graph.load(demo.root / "slotted")
+    assert inputs_of(back) == inputs_of(g) and slot_signature(back) == slot_signature(g)
+    assert "input_defaults" not in json.loads((demo.g / "graph.json").read_text())  # none: the field stays out
+    exe = compile(back, "torchscript")
+    ids = demo.ids.numpy()
+    np.testing.assert_allclose(exe(input_ids=ids)["output"], demo.eager(demo.base), atol=BASE_ATOL)
+    own = graph_adapter_params(demo.graph)
+    np.testing.assert_allclose(exe(input_ids=ids, **own)["output"], demo.eager(demo.merged), atol=ATOL)
+
+
+class Chain(torch.nn.Module):
+    """Two adapted layers back to back: the second site reads the first one's sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("kind", ["swappable", "mixed"])
+def test_a_site_reading_another_site(kind: str) -> None:
+    from flora_graph.frontend import capture
+    from flora_graph.serving.demo import random_adapter
+
+    torch.manual_seed(0)
+    base = Chain().eval()
+    model = random_adapter(base, 2, seed=1, targets=["a", "b"])
+    x = torch.randn(3, 8)
+    g = capture(model, {"x": x}, {"x": {0: "batch"}})
+    s = slotted(g, kind)
+    (slot_a,) = [n for n in s.nodes if n.op in OpGroup.Adapter and n.attrs["module"] == "a"]
+    (slot_b,) = [n for n in s.nodes if n.op in OpGroup.Adapter and n.attrs["module"] == "b"]
+    assert slot_b.inputs[1] is slot_a  # b's site input is a's slot
+    own = graph_adapter_params(g)
+    with torch.no_grad():
+        merged = copy.deepcopy(model)
+        merge_all(merged)
+        want, plain = merged(x).numpy(), base(x).numpy()
+    if kind == "swappable":
+        np.testing.assert_allclose(run(s, {"x": x.numpy(), **own})["output"], want, atol=ATOL)
+        np.testing.assert_allclose(run(s, {"x": x.numpy()})["output"], plain, atol=BASE_ATOL)
+    else:
+        session = MixedAdapterSession(export_mixed(g), {"own": own}, intra_op_threads=1)
+        got = session.run({"x": x.numpy()}, ["own", None, "own"])["output"]
+        np.testing.assert_allclose(got, np.stack([want[0], plain[1], want[2]]), atol=ATOL)
