@@ -30,7 +30,9 @@ __all__ = [
     "normalize_axis",
 ]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# an identifier with dots, or a module path whose first component is a number ("0.rank": the rank
+# dim of an adapter slot on the first layer of an nn.Sequential); "9batch" and "1.5" are not names
+_NAME = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.]*|[0-9][A-Za-z0-9_.]*\.[A-Za-z_][A-Za-z0-9_.]*)$")
 
 
 def _factors(dim: Dim) -> tuple[int, Counter[str]]:

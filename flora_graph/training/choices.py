@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["ACCUMULATORS", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["ACCUMULATORS", "FLORA_UPDATES", "OPTIMIZERS", "SCHEDULES"]
 
 OPTIMIZERS = ("flora", "adam", "adafactor", "lora-adam", "flora-adapter")
 ACCUMULATORS = ("auto", "compressed", "full")
 SCHEDULES = ("cosine", "constant")
+FLORA_UPDATES = ("lift", "paper")  # flora_graph.flora.options.UPDATES, without importing torch (a test keeps them equal)

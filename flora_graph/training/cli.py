@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from flora_graph.training.choices import ACCUMULATORS, OPTIMIZERS
+from flora_graph.training.choices import ACCUMULATORS, FLORA_UPDATES, OPTIMIZERS
 
 if TYPE_CHECKING:
     from flora_graph.training.trainer import TrainConfig
@@ -21,7 +21,7 @@ __all__ = ["add_cli", "config_from_args"]
 
 # option -> TrainConfig field, for the options that map one to one
 _FIELDS = ("steps", "batch", "seq", "lr", "optimizer", "rank", "kappa", "accum", "accumulator", "eval_every",
-           "ckpt_every", "out", "corpus_bytes", "export", "seed")
+           "ckpt_every", "out", "corpus_bytes", "export", "seed", "flora_update", "nproc")
 DEFAULT_OUT = "runs/train"
 
 
@@ -63,6 +63,8 @@ def _train(args: argparse.Namespace, console: Any) -> int:
 
     config = config_from_args(args)
     what = f"{config.optimizer}" + (f" r={config.rank}" if config.optimizer != "adam" else "")
+    what += f" ({config.flora_update} update)" if config.optimizer == "flora" else ""
+    what += f" on {config.nproc} processes (FSDP2)" if config.nproc > 1 else ""
     console.print(f"training the decoder with {what}: {config.steps} steps x {config.accum} x {config.batch} x "
                   f"{config.seq} tokens, lr {config.base_lr:g}" + (f", resuming {config.resume}" if config.resume else ""))
     result = train(config, progress=None if args.progress == "none" else args.progress)
@@ -90,6 +92,12 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default flora)")
     p.add_argument("--rank", type=_int_at_least(1), help="Flora / LoRA rank (default 8)")
     p.add_argument("--kappa", type=_int_at_least(1), help="steps between Flora projection resamples (default 1000)")
+    p.add_argument("--flora-update", choices=FLORA_UPDATES,
+                   help="Flora's compressed-momentum rule: lift (default; least-squares decompression around the "
+                        "fresh update) or paper (the paper's unbiased P^T C with transfer)")
+    p.add_argument("--nproc", type=_int_at_least(1),
+                   help="processes (gloo on this machine, model sharded with FSDP2; each takes batch/nproc rows "
+                        "of every micro-batch; default 1)")
     p.add_argument("--accum", type=_int_at_least(1), help="micro-batches per step (default 1)")
     p.add_argument("--accumulator", choices=ACCUMULATORS,
                    help="gradient accumulation buffers (default auto: compressed for flora)")

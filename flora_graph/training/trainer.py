@@ -27,16 +27,17 @@ of ``(seed, step, micro)``, so nothing but the model, the optimizer (and accumul
 states) needs saving: a run resumed from a checkpoint equals an uninterrupted one bit for bit.
 
 Checkpoints (``out/checkpoints/step_NNNNNN.pt``, one atomic ``torch.save`` file each) hold only
-tensors and plain values, so ``torch.load(path, weights_only=True)`` reads them.
+tensors and plain values, so ``torch.load(path, weights_only=True)`` reads them (:mod:`.checkpoints`).
+
+``flora_update`` picks ``Flora``'s momentum rule (``"lift"``, or the paper's ``"paper"``);
+``nproc > 1`` trains on that many processes with the model sharded by FSDP2 (:mod:`.parallel`).
+The options themselves live in :mod:`.config`; this module re-exports them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import math
-import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,18 +48,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora_graph.errors import FloraGraphError
 from flora_graph.flora.accumulate import FloraAccumulator
 from flora_graph.flora.optimizer import Flora
-from flora_graph.ir.serialize import atomic_write_bytes
-from flora_graph.training.choices import ACCUMULATORS, OPTIMIZERS, SCHEDULES
+from flora_graph.training import parallel
+from flora_graph.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    config_from_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from flora_graph.training.choices import OPTIMIZERS
+from flora_graph.training.config import DEFAULT_LR, NO_COMPRESSION, TrainConfig, TrainConfigError, lr_at
 from flora_graph.training.corpus import Corpus, WindowSampler, build_corpus, eval_windows
 
 if TYPE_CHECKING:
     from flora_graph.model_export import ExportReport
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "DEFAULT_LR",
+    "NO_COMPRESSION",
     "OPTIMIZERS",
     "TrainConfig",
     "TrainConfigError",
@@ -72,116 +83,8 @@ __all__ = [
     "load_checkpoint",
     "lr_at",
     "train",
+    "training_corpus",
 ]
-
-# best of a sweep on the default run (decoder hidden 64 x 2 layers, 200 steps of 16 x 64 bytes); flora
-# re-swept for its current update rule: 3e-3 2.238, 5e-3 2.193, 8e-3 2.177, 1.2e-2 2.169, 1.8e-2 2.249
-DEFAULT_LR = {"flora": 1e-2, "adafactor": 8e-3, "adam": 8e-3, "lora-adam": 1e-2, "flora-adapter": 6e-3}
-NO_COMPRESSION = 2**31 - 1  # a Flora rank above every matrix side: all momentum kept in full
-CHECKPOINT_FORMAT = "flora_graph.train"
-# options a resumed run must share with its checkpoint (steps, eval and output options may change)
-_RESUME_KEYS = (
-    "batch", "seq", "lr", "optimizer", "rank", "kappa", "beta1", "accum", "accumulator", "corpus_bytes",
-    "eval_fraction", "corpus_root", "seed", "schedule", "min_lr_ratio", "weight_decay", "grad_clip",
-    "hidden", "layers", "heads", "kv_heads", "intermediate",
-)  # fmt: skip
-
-
-class TrainConfigError(FloraGraphError, ValueError):
-    """A training option is out of range, or a checkpoint does not fit the run (names the option or file)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on; plain values only (it is stored in every checkpoint)."""
-
-    steps: int = 200
-    batch: int = 16
-    seq: int = 64
-    lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    optimizer: str = "flora"
-    rank: int = 8
-    kappa: int = 1000
-    beta1: float = 0.9
-    accum: int = 1
-    accumulator: str = "auto"  # "auto": compressed for flora, full otherwise
-    eval_every: int = 50  # 0: only at the start and the end
-    eval_batches: int = 8
-    ckpt_every: int = 0  # 0: only the final checkpoint
-    out: str | None = None  # checkpoints and model.onnx go here; None: neither
-    resume: str | None = None  # a checkpoint file, or a folder (its latest checkpoint)
-    corpus_bytes: int = 1 << 20
-    eval_fraction: float = 0.1
-    corpus_root: str | None = None  # default: the standard library
-    export: bool = True
-    seed: int = 0
-    schedule: str = "cosine"
-    warmup: int | None = None  # None: 10% of the steps
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # global gradient-norm clip; 0: off
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 172
-
-    def __post_init__(self) -> None:
-        _validate(self)
-
-    @property
-    def base_lr(self) -> float:
-        """``lr``, or the optimizer's default."""
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.optimizer]
-
-    @property
-    def warmup_steps(self) -> int:
-        """``warmup``, or 10% of ``steps``."""
-        return self.warmup if self.warmup is not None else self.steps // 10
-
-    @property
-    def compressed_accumulation(self) -> bool:
-        """Whether micro-batch gradients are summed by a :class:`FloraAccumulator`."""
-        if self.accum == 1:
-            return False
-        return self.accumulator == "compressed" or (self.accumulator == "auto" and self.optimizer == "flora")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def _validate(c: TrainConfig) -> None:
-    def need(ok: bool, name: str, what: str) -> None:
-        if not ok:
-            raise TrainConfigError(f"train option {name} must be {what}, got {getattr(c, name)!r}")
-
-    for name in ("steps", "batch", "seq", "rank", "kappa", "accum", "eval_batches", "hidden", "layers", "heads",
-                 "kv_heads", "intermediate"):
-        need(_is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "an int >= 1")
-    for name in ("eval_every", "ckpt_every"):
-        need(_is_int(getattr(c, name)) and getattr(c, name) >= 0, name, "an int >= 0")
-    need(_is_int(c.corpus_bytes) and c.corpus_bytes >= 64, "corpus_bytes", "an int >= 64")
-    need(_is_int(c.seed), "seed", "an int")
-    need(c.lr is None or (_is_real(c.lr) and c.lr > 0), "lr", "None or a finite number > 0")
-    need(c.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
-    need(c.accumulator in ACCUMULATORS, "accumulator", f"one of {ACCUMULATORS}")
-    need(c.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
-    need(_is_real(c.beta1) and 0 <= c.beta1 < 1, "beta1", "in [0, 1)")
-    need(_is_real(c.eval_fraction) and 0 < c.eval_fraction < 1, "eval_fraction", "in (0, 1)")
-    need(_is_real(c.min_lr_ratio) and 0 <= c.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-    need(_is_real(c.weight_decay) and c.weight_decay >= 0, "weight_decay", "a finite number >= 0")
-    need(_is_real(c.grad_clip) and c.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0: off)")
-    need(c.warmup is None or (_is_int(c.warmup) and c.warmup >= 0), "warmup", "None or an int >= 0")
-    if c.out is None and (c.ckpt_every or c.export):
-        raise TrainConfigError("train: checkpoints (ckpt_every) and export need an output folder (out)")
-    if c.hidden % c.heads or c.heads % c.kv_heads or (c.hidden // c.heads) % 2:
-        raise TrainConfigError(f"train: hidden={c.hidden}, heads={c.heads}, kv_heads={c.kv_heads} do not divide evenly "
-                               "(hidden / heads must be even)")
 
 
 @dataclass
@@ -190,7 +93,7 @@ class TrainResult:
 
     config: TrainConfig
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None after a multi-process run (its state stayed in the ranks)
     train_losses: list[tuple[int, float]]  # (step, mean loss of that step's micro-batches)
     eval_losses: list[tuple[int, float]]  # (step, eval loss); step 0 is the initial model
     checkpoints: list[Path] = field(default_factory=list)
@@ -204,22 +107,16 @@ class TrainResult:
         return self.eval_losses[-1][1] if self.eval_losses else float("nan")
 
 
+
 # ---------------------------------------------------------------------- building blocks
 @functools.lru_cache(maxsize=4)
 def _corpus(budget: int, eval_fraction: float, root: str | None) -> Corpus:
     return build_corpus(budget, eval_fraction, root)
 
 
-def lr_at(config: TrainConfig, step: int) -> float:
-    """The learning rate of step ``step`` (0-based): linear warm-up, then cosine down to ``min_lr_ratio * lr``."""
-    base, warm = config.base_lr, config.warmup_steps
-    if step < warm:
-        return base * (step + 1) / warm
-    if config.schedule == "constant":
-        return base
-    frac = min(1.0, (step - warm) / max(1, config.steps - warm))
-    r = config.min_lr_ratio
-    return base * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+def training_corpus(config: TrainConfig) -> Corpus:
+    """The corpus ``config`` trains on (cached per process)."""
+    return _corpus(config.corpus_bytes, float(config.eval_fraction), config.corpus_root)
 
 
 def build_model(config: TrainConfig) -> nn.Module:
@@ -254,7 +151,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     if config.optimizer in ("flora", "flora-adapter", "adafactor"):
         rank = NO_COMPRESSION if config.optimizer == "adafactor" else config.rank
         return Flora(named, lr=lr, rank=rank, kappa=config.kappa, beta1=config.beta1,
-                     weight_decay=config.weight_decay, seed=config.seed)
+                     weight_decay=config.weight_decay, seed=config.seed, update=config.flora_update)
     return torch.optim.AdamW([p for _, p in named], lr=lr, betas=(config.beta1, 0.999),
                              weight_decay=config.weight_decay, foreach=False)
 
@@ -271,62 +168,6 @@ def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]])
         count += y.numel()
     model.train(was_training)
     return total / count
-
-
-# ---------------------------------------------------------------------- checkpoints
-def latest_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if a file, else the highest-step ``step_*.pt`` in ``path`` or ``path/checkpoints``."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for folder in (path, path / "checkpoints"):
-        found = sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
-        if found:
-            return found[-1]
-    raise TrainConfigError(f"{path}: no checkpoint file (step_*.pt) found")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`train`, read with ``torch.load(weights_only=True)`` and checked."""
-    path = latest_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a truncated or foreign file
-        raise TrainConfigError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TrainConfigError(f"{path}: not a flora_graph training checkpoint (format {CHECKPOINT_FORMAT!r})")
-    return ckpt
-
-
-def config_from_checkpoint(path: str | Path, **overrides: Any) -> TrainConfig:
-    """The :class:`TrainConfig` stored in a checkpoint, with ``overrides`` applied and ``resume`` set to it."""
-    path = latest_checkpoint(path)
-    stored = dict(load_checkpoint(path)["config"])
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**{k: v for k, v in stored.items() if k in known}, **overrides, "resume": str(path)})
-
-
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _restore(config: TrainConfig, ckpt: dict[str, Any], corpus: Corpus, parts: dict[str, Any]) -> int:
-    saved = ckpt["config"]
-    for key in _RESUME_KEYS:
-        if saved.get(key) != getattr(config, key):
-            raise TrainConfigError(f"resume: option {key} is {getattr(config, key)!r} but the checkpoint was trained "
-                                   f"with {saved.get(key)!r}")
-    if ckpt["corpus_digest"] != corpus.digest:
-        raise TrainConfigError("resume: the corpus differs from the checkpoint's (another Python version or folder?)")
-    parts["model"].load_state_dict(ckpt["model"])
-    parts["optimizer"].load_state_dict(ckpt["optimizer"])
-    if parts["accumulator"] is not None:
-        parts["accumulator"].load_state_dict(ckpt["accumulator"])
-    for name, m in parts["adapters"].items():
-        m.load_training_state(ckpt["adapters"][name])
-    return int(ckpt["step"])
 
 
 # ---------------------------------------------------------------------- progress
@@ -364,6 +205,7 @@ class _Progress:
             self._bar.stop() if self.kind == "rich" else self._bar.close()
 
 
+
 # ---------------------------------------------------------------------- train
 def _train_step(
     config: TrainConfig,
@@ -374,13 +216,16 @@ def _train_step(
     acc: FloraAccumulator | None,
     adapters: dict[str, Any],
     sampler: WindowSampler,
+    ranks: parallel.Ranks | None = None,
 ) -> float:
-    """One optimizer step over ``config.accum`` micro-batches; returns their mean loss."""
+    """One optimizer step over ``config.accum`` micro-batches (this rank's rows of each); returns their mean loss."""
     for group in opt.param_groups:
         group["lr"] = lr
     loss_sum = 0.0
     for micro in range(config.accum):
         x, y = sampler.batch(step, micro)
+        if ranks is not None:
+            x, y = ranks.part(x), ranks.part(y)
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         (loss / config.accum).backward()
@@ -396,7 +241,27 @@ def _train_step(
     for m in adapters.values():
         m.update_parameters(lr)  # FloraAdapter: B's Flora step, merge + resample every kappa steps
     model.zero_grad(set_to_none=True)
-    return loss_sum / config.accum
+    return (ranks.mean(loss_sum) if ranks is not None else loss_sum) / config.accum
+
+
+def _save(path: Path, config: TrainConfig, corpus: Corpus, done: int, parts: dict[str, Any],
+          history: dict[str, list[list[float]]]) -> None:
+    """Checkpoint ``step_NNNNNN.pt`` (and, sharded, its ``.dcp`` folder first; rank 0 writes the file)."""
+    model, opt, acc, ranks = parts["model"], parts["optimizer"], parts["accumulator"], parts["ranks"]
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT, "version": 1, "step": done,
+        "config": {**dataclasses.asdict(config), "resume": None}, "corpus_digest": corpus.digest,
+        "accumulator": acc.state_dict() if acc is not None else None,
+        "adapters": {n: m.training_state() for n, m in parts["adapters"].items()}, "history": history,
+    }  # fmt: skip
+    if ranks is None:
+        save_checkpoint(path, {**payload, "model": model.state_dict(), "optimizer": opt.state_dict()})
+        return
+    folder = path.with_suffix(".dcp")
+    ranks.save(folder, model, opt)
+    if ranks.rank == 0:
+        save_checkpoint(path, {**payload, "sharded": folder.name})
+    ranks.barrier()
 
 
 def train(
@@ -408,11 +273,12 @@ def train(
     """Train the decoder as ``config`` says; checkpoint, evaluate, and export it to ``out/model.onnx``.
 
     Args:
-        config: the run (see :class:`TrainConfig`); ``config.resume`` continues from a checkpoint.
+        config: the run (see :class:`TrainConfig`); ``config.resume`` continues from a checkpoint;
+            ``config.nproc > 1`` runs it on that many processes (:mod:`.parallel`).
         progress: ``"rich"`` or ``"tqdm"`` for a progress bar, ``None`` for none, or a callable
-            ``fn(step, steps, metrics)`` called after every step.
+            ``fn(step, steps, metrics)`` called after every step (one process only).
         optimizer_factory: builds the optimizer instead of ``config.optimizer`` (which still picks
-            the model: plain, LoRA or FloraAdapter); e.g. GaLore in the benchmarks.
+            the model: plain, LoRA or FloraAdapter); e.g. GaLore in the benchmarks (one process only).
 
     Returns:
         :class:`TrainResult`; ``export`` holds the ONNX parity report when ``config.export``.
@@ -420,23 +286,28 @@ def train(
     Raises:
         TrainConfigError: a bad option, or a checkpoint that does not fit ``config``.
     """
-    corpus = _corpus(config.corpus_bytes, float(config.eval_fraction), config.corpus_root)
+    if config.nproc > 1 and not parallel.in_rank(config):
+        return parallel.launch(config, progress, optimizer_factory)
+    ranks = parallel.Ranks() if config.nproc > 1 else None
+    corpus = training_corpus(config)
     sampler = WindowSampler(corpus.train, config.batch, config.seq, seed=config.seed)
     eval_set = eval_windows(corpus.eval, config.batch, config.seq, config.eval_batches)
     model = build_model(config)
+    if ranks is not None:
+        ranks.shard(model)
     opt = optimizer_factory(model, config) if optimizer_factory is not None else build_optimizer(config, model)
     adapters = _flora_adapters(model)
     acc = None
     if config.compressed_accumulation:
         acc = FloraAccumulator([(n, p) for n, p in model.named_parameters() if p.requires_grad],
                                rank=config.rank, seed=config.seed)
+    parts = {"model": model, "optimizer": opt, "accumulator": acc, "adapters": adapters, "ranks": ranks}
     train_losses: list[tuple[int, float]] = []
     eval_losses: list[tuple[int, float]] = []
     start = 0
     if config.resume is not None:
         ckpt = load_checkpoint(config.resume)
-        start = _restore(config, ckpt, corpus, {"model": model, "optimizer": opt, "accumulator": acc,
-                                                "adapters": adapters})
+        start = restore(config, ckpt, corpus, parts)
         train_losses = [(int(s), float(v)) for s, v in ckpt["history"]["train"]]
         eval_losses = [(int(s), float(v)) for s, v in ckpt["history"]["eval"]]
         if start > config.steps:
@@ -451,7 +322,7 @@ def train(
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             lr = lr_at(config, step)
-            loss = _train_step(config, step, lr, model, opt, acc, adapters, sampler)
+            loss = _train_step(config, step, lr, model, opt, acc, adapters, sampler, ranks)
             seconds += time.perf_counter() - t0
             done = step + 1
             train_losses.append((done, loss))
@@ -461,19 +332,14 @@ def train(
                 metrics["eval"] = eval_losses[-1][1]
             if out is not None and ((config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps):
                 path = out / "checkpoints" / f"step_{done:06d}.pt"
-                _save_checkpoint(path, {
-                    "format": CHECKPOINT_FORMAT, "version": 1, "step": done,
-                    "config": {**dataclasses.asdict(config), "resume": None}, "corpus_digest": corpus.digest,
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "accumulator": acc.state_dict() if acc is not None else None,
-                    "adapters": {n: m.training_state() for n, m in adapters.items()},
-                    "history": {"train": [list(t) for t in train_losses], "eval": [list(t) for t in eval_losses]},
-                })  # fmt: skip
+                history = {"train": [list(t) for t in train_losses], "eval": [list(t) for t in eval_losses]}
+                _save(path, config, corpus, done, parts, history)
                 checkpoints.append(path)
             bar.update(done, metrics)
     finally:
         bar.close()
-    report = export_decoder(model, corpus, out / "model.onnx") if (config.export and out is not None) else None
+    exporting = config.export and out is not None and ranks is None  # a multi-process run exports in the launcher
+    report = export_decoder(model, corpus, out / "model.onnx") if exporting else None
     return TrainResult(config, model, opt, train_losses, eval_losses, checkpoints, report, seconds, start)
 
 

@@ -60,6 +60,15 @@ def test_invalid_dims_raise_shape_error(bad):
         canonical_dim(bad)
 
 
+def test_a_module_path_led_by_a_number_is_a_dim_name():
+    """``0.rank``: the rank dim of an adapter slot on the first layer of an ``nn.Sequential``."""
+    assert canonical_dim("0.rank") == "0.rank"
+    assert canonical_dim("2*0.attn.rank*batch") == "2*0.attn.rank*batch"
+    for bad in ("1.5", "0.", "3.9x", "0.-a"):
+        with pytest.raises(ShapeError):
+            canonical_dim(bad)
+
+
 def test_shape_error_is_a_graph_error():
     assert issubclass(ShapeError, GraphError)
 

@@ -38,6 +38,7 @@ __all__ = [
     "In",
     "all_cases",
     "assert_close",
+    "aten_overload",
     "build",
     "case_id",
     "check_backend",
@@ -78,7 +79,7 @@ class Case:
     tol: float = 1e-5
     dim_max: dict[str, int] = field(default_factory=dict)  # bounds the graph declares (graph.dim_max)
     unsupported: tuple[str, ...] = ()  # backends that must refuse the graph (UnsupportedOpError): known limits
-    capture: bool = False  # also capture `ref` itself (its ATen converters) and check it: see check_capture
+    capture: tuple[str, ...] = ()  # ATen overloads ("sign.default") whose converters capturing `ref` must run: check_capture
 
 
 def values(spec: In, sizes: dict[str, int], rng: np.random.Generator) -> np.ndarray:
@@ -176,11 +177,28 @@ def check_backend(case: Case, backend: str) -> None:
             assert_close(got[name], want[name], case.tol, f"{case.id} {name} on {backend} at {sizes}")
 
 
+def aten_overload(name: str) -> Any:
+    """``"sign.default"`` -> ``torch.ops.aten.sign.default``."""
+    op_name, overload = name.split(".")
+    return getattr(getattr(torch.ops.aten, op_name), overload)
+
+
 def check_capture(case: Case) -> set[Op]:
-    """Capture the case's torch expression ``ref`` as a module (its ATen ops go through their
-    converters), check the graph against ``ref`` at every size, and return the IR ops it holds,
-    which must include the ops the case's own graph tests."""
-    from flora_graph.frontend import capture
+    """Capture the case's torch expression ``ref`` as a module, check that the converters of
+    ``case.capture`` ran and that the graph matches ``ref`` at every size; return the IR ops it
+    holds, which must include the ops the case's own graph tests."""
+    from flora_graph.frontend import ATEN_TABLE, capture
+
+    targets = [aten_overload(t) for t in case.capture]
+    hits: set[Any] = set()
+    saved = {t: ATEN_TABLE[t] for t in targets}
+
+    def recording(target: Any, conv: Any) -> Any:
+        def conv_and_record(*args: Any, **kwargs: Any) -> Any:
+            hits.add(target)
+            return conv(*args, **kwargs)
+
+        return conv_and_record
 
     names = list(case.inputs)
     namespace: dict[str, Any] = {"ref": case.ref}
@@ -188,7 +206,12 @@ def check_capture(case: Case) -> set[Op]:
     module = type(f"Capture_{case.id}", (torch.nn.Module,), {"forward": namespace["forward"]})()
     example = feeds(case, {"batch": 3, "seq": 5, "kv": 6}, 7)
     dims = {n: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for n, spec in case.inputs.items()}
-    g = capture(module, {k: torch.from_numpy(v) for k, v in example.items()}, dims)
+    try:
+        ATEN_TABLE.update({t: recording(t, conv) for t, conv in saved.items()})
+        g = capture(module, {k: torch.from_numpy(v) for k, v in example.items()}, dims)
+    finally:
+        ATEN_TABLE.update(saved)
+    assert hits == set(targets), f"captured {case.id}: converters of {sorted(map(str, set(targets) - hits))} did not run"
     for k, sizes in enumerate(SIZES):
         x = feeds(case, sizes, k)
         want = case.ref(*[torch.from_numpy(np.array(v)) for v in x.values()])

@@ -1,4 +1,4 @@
-"""The table rows marked ``capture=True``: their torch expression captured through the ATen converters.
+"""The table rows with ``capture=(overloads...)``: their torch expression captured through those ATen converters.
 
 Such a row tests an op end to end with one line: the converter (capture of ``ref``), the
 numpy rule (against ``ref``) and, in its family module, every backend.

@@ -254,3 +254,25 @@ def test_a_site_reading_another_site(kind: str) -> None:
         session = MixedAdapterSession(export_mixed(g), {"own": own}, intra_op_threads=1)
         got = session.run({"x": x.numpy()}, ["own", None, "own"])["output"]
         np.testing.assert_allclose(got, np.stack([want[0], plain[1], want[2]]), atol=ATOL)
+
+
+def test_a_sequential_whose_module_paths_start_with_a_number() -> None:
+    """Slots on ``nn.Sequential`` layers ``0`` and ``2``: rank dims ``0.rank`` / ``2.rank``, as the exports always named them."""
+    from flora_graph.frontend import capture
+    from flora_graph.serving.demo import random_adapter
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    model = random_adapter(base, 2, seed=1, targets=["0", "2"])
+    x = torch.randn(3, 8)
+    g = capture(model, {"input": x}, {"input": {0: "batch"}})
+    exported = export_swappable(g)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in exported.graph.input}
+    assert dims["0.lora_A"] == ["0.rank", 8] and dims["2.lora_B"] == [4, "2.rank"]
+    session = AdapterSession(exported, intra_op_threads=1)
+    session.load_adapter("own", graph_adapter_params(g))
+    merged = copy.deepcopy(model)
+    merge_all(merged)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run({"input": x.numpy()}, "own")["output"], merged(x).numpy(), atol=ATOL)
+        np.testing.assert_allclose(session.run({"input": x.numpy()})["output"], base(x).numpy(), atol=BASE_ATOL)
