@@ -15,6 +15,9 @@ reported at its best final eval loss:
   is the matrix nearest the fresh Adafactor update whose compression is the momentum, see
   :mod:`flora_graph.flora.optimizer`; ``kappa`` 1000, i.e. no resample within the run unless
   ``--kappa`` says otherwise);
+- ``flora-paper r=8`` / ``flora-paper r=32``: our ``Flora`` with ``update="paper"``: the paper's
+  Algorithm 2 (unbiased decompression ``P^T C``, transfer ``P_new P_old^T C`` at each resample),
+  for comparison with the default rule above (same state, same seeds);
 - ``flora-opt r=8``: the ``flora-opt`` package's ``Flora`` (the paper authors'; fixed lr,
   ``scale_parameter=False``), whose update mixes the fresh gradient uncompressed into the
   decompressed momentum, for reference;
@@ -68,6 +71,8 @@ METHODS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     "adafactor": ({"optimizer": "adafactor", "beta1": 0.0}, (1.5e-3, 3e-3, 6e-3)),
     "flora r=8": ({"optimizer": "flora", "rank": 8}, (1.5e-3, 3e-3, 6e-3)),
     "flora r=32": ({"optimizer": "flora", "rank": 32}, (1.5e-3, 3e-3, 6e-3, 1.2e-2)),  # 6e-3 won on seed 1
+    "flora-paper r=8": ({"optimizer": "flora", "rank": 8, "flora_update": "paper"}, (1.5e-3, 3e-3, 6e-3, 1.2e-2)),
+    "flora-paper r=32": ({"optimizer": "flora", "rank": 32, "flora_update": "paper"}, (1.5e-3, 3e-3, 6e-3, 1.2e-2)),
     "flora-opt r=8": ({"optimizer": "adam", "factory": "flora-opt", "rank": 8}, (1.5e-3, 3e-3, 6e-3)),
     "lora r=8": ({"optimizer": "lora-adam", "rank": 8}, (5e-3, 1e-2, 2e-2)),
     "galore r=8": ({"optimizer": "adam", "factory": "galore", "rank": 8}, (3e-2, 6e-2, 1.2e-1)),
@@ -123,7 +128,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         out.update(final_eval_loss=result.final_eval_loss, eval=result.eval_losses, train=result.train_losses,
                    train_seconds=result.seconds)
     out["wall_seconds"] = time.perf_counter() - t0
-    print(f"  {job['method']:<12} {job.get('variant', ''):<10} lr {job['lr']:<8g} final eval {out['final_eval_loss']:.4f}"
+    print(f"  {job['method']:<16} {job.get('variant', ''):<10} lr {job['lr']:<8g} final eval {out['final_eval_loss']:.4f}"
           f"  ({out['wall_seconds']:.0f} s)", flush=True)
     return out
 
@@ -236,14 +241,14 @@ def main() -> None:
     total = time.perf_counter() - t0
 
     ref = min(best[m]["final_eval_loss"] for m in FULL_RANK if m in best) if any(m in best for m in FULL_RANK) else None
-    print(f"\n{'method':<13}{'best lr':>9}{'final eval':>12}{'vs best full-rank':>19}   all lrs")
+    print(f"\n{'method':<17}{'best lr':>9}{'final eval':>12}{'vs best full-rank':>19}   all lrs")
     edges = []
     for name, r in best.items():
         gap = f"{(r['final_eval_loss'] / ref - 1) * 100:+.2f}%" if ref else "-"
         sweep = ", ".join(f"{x['lr']:g}: {x['final_eval_loss']:.4f}" for x in runs if x["method"] == name)
         edge = _at_edge(r, runs, lambda x, name=name: x["method"] == name)
         edges += [name] if edge else []
-        print(f"{name:<13}{r['lr']:>9g}{r['final_eval_loss']:>12.4f}{gap:>19}   {sweep}{'  EDGE' if edge else ''}")
+        print(f"{name:<17}{r['lr']:>9g}{r['final_eval_loss']:>12.4f}{gap:>19}   {sweep}{'  EDGE' if edge else ''}")
     for r in accum:
         sweep = ", ".join(f"{x['lr']:g}: {x['final_eval_loss']:.4f}" for x in accum_runs if x["variant"] == r["variant"])
         edge = _at_edge(r, accum_runs, lambda x, v=r["variant"]: x["variant"] == v)
