@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flora_graph.ir.ops import SCHEMAS, AttrSpec, InferFn, Op, OpSchema, register_op
+from flora_graph.ir.ops import AttrSpec, InferFn, Op, OpSchema, register_op
 
 if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
@@ -89,10 +89,3 @@ def define(
 def op_def(op: Op) -> OpDef:
     """The definition of non-leaf ``op`` (``KeyError`` for a leaf)."""
     return OPS[op]
-
-
-def _check_complete() -> None:
-    """Every schema but the leaves' has its rules (called once the families are imported)."""
-    missing = [op.value for op in SCHEMAS if op not in OPS and op.value not in ("Input", "Const")]
-    if missing:  # pragma: no cover - a programming error in a family module
-        raise AssertionError(f"ops without rules: {missing}")

@@ -47,6 +47,7 @@ __all__ = [
     "const",
     "f64",
     "family_tables",
+    "family_tests",
     "feeds",
     "find",
     "op",
@@ -222,6 +223,23 @@ def check_capture(case: Case) -> set[Op]:
     tested = {n.op for n in build(case).nodes} - {Op.INPUT, Op.CONST}
     assert tested <= held, f"captured {case.id}: {sorted(o.value for o in tested - held)} missing"
     return held
+
+
+def family_tests(cases: list[Case]) -> tuple[Callable[..., None], Callable[..., None]]:
+    """The two parametrized tests of a family module over its ``cases``: numpy against torch, and
+    every backend against numpy (``test_reference_matches_torch, test_backend_matches_reference =
+    family_tests(CASES)``)."""
+
+    @pytest.mark.parametrize("case", cases, ids=case_id)
+    def test_reference_matches_torch(case: Case) -> None:
+        check_reference(case)
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    @pytest.mark.parametrize("case", cases, ids=case_id)
+    def test_backend_matches_reference(case: Case, backend: str) -> None:
+        check_backend(case, backend)
+
+    return test_reference_matches_torch, test_backend_matches_reference
 
 
 # --------------------------------------------------------------------------- the tables

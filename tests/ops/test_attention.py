@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from flora_graph.ir import Op
 
-from .harness import BACKENDS, Case, In, case_id, check_backend, check_reference, op
+from .harness import Case, In, family_tests, op
 
 QKV = {"q": In(("batch", 2, "seq", 4)), "k": In(("batch", 2, "kv", 4)), "v": In(("batch", 2, "kv", 5))}
 SELF = {"q": In(("batch", 2, "seq", 4)), "k": In(("batch", 2, "seq", 4)), "v": In(("batch", 2, "seq", 5))}
@@ -39,12 +38,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_reference_matches_torch(case: Case) -> None:
-    check_reference(case)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_backend_matches_reference(case: Case, backend: str) -> None:
-    check_backend(case, backend)
+test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)

@@ -6,12 +6,11 @@ Numpy reference against ``torch.arange``, then every backend against the referen
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from flora_graph.ir import Op
 
-from .harness import BACKENDS, Case, In, case_id, check_backend, check_reference
+from .harness import Case, In, family_tests
 
 CASES = [
     Case("arange_seq", {"x": In(("batch", "seq"))}, lambda g, x, rng: g.add(Op.ARANGE, [], {"end": "seq"}),
@@ -25,12 +24,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_reference_matches_torch(case: Case) -> None:
-    check_reference(case)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_backend_matches_reference(case: Case, backend: str) -> None:
-    check_backend(case, backend)
+test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)

@@ -7,12 +7,11 @@ against the reference; see :mod:`tests.ops.harness`.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from flora_graph.ir import Op
 
-from .harness import BACKENDS, Case, In, case_id, check_backend, check_reference, const, op
+from .harness import Case, In, const, family_tests, op
 
 _EMB = const(np.random.default_rng(5), 11, 6)
 
@@ -42,12 +41,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_reference_matches_torch(case: Case) -> None:
-    check_reference(case)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_backend_matches_reference(case: Case, backend: str) -> None:
-    check_backend(case, backend)
+test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)

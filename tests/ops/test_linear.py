@@ -9,13 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
 from flora_graph.ir import Op
 
-from .harness import BACKENDS, Case, In, case_id, check_backend, check_reference, const, f64, op
+from .harness import Case, In, const, f64, family_tests, op
 
 _W46, _B4 = const(1, 4, 6), const(2, 4)
 _M53, _V5 = const(3, 5, 3), const(4, 5)
@@ -71,12 +70,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_reference_matches_torch(case: Case) -> None:
-    check_reference(case)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_backend_matches_reference(case: Case, backend: str) -> None:
-    check_backend(case, backend)
+test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)

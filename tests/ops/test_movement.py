@@ -9,12 +9,11 @@ Numpy reference against torch (``reshape``, ``flatten``, ``permute``, ``torch.ca
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from flora_graph.ir import Op
 
-from .harness import BACKENDS, END, Case, In, case_id, check_backend, check_reference, const, op
+from .harness import END, Case, In, const, family_tests, op
 
 X = In(("batch", "seq", 6))
 X4D = In(("batch", "seq", 3, 4))
@@ -83,12 +82,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_reference_matches_torch(case: Case) -> None:
-    check_reference(case)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_backend_matches_reference(case: Case, backend: str) -> None:
-    check_backend(case, backend)
+test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)

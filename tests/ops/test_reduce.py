@@ -6,11 +6,9 @@ Numpy reference against torch, then every backend against the reference; see
 
 from __future__ import annotations
 
-import pytest
-
 from flora_graph.ir import Op
 
-from .harness import BACKENDS, Case, In, case_id, check_backend, check_reference, op
+from .harness import Case, In, family_tests, op
 
 X = In(("batch", "seq", 6))
 
@@ -26,12 +24,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_reference_matches_torch(case: Case) -> None:
-    check_reference(case)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_backend_matches_reference(case: Case, backend: str) -> None:
-    check_backend(case, backend)
+test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)
