@@ -16,13 +16,20 @@
         opt.zero_grad()
     torch.save(opt.state_dict(), path)                    # seeds and steps: resumes exactly, on any device
 
+``Flora(..., update="paper")`` runs the paper's Algorithm 2 (unbiased ``P^T C``) instead of the
+default ``"lift"`` rule. Under FSDP2 (``fully_shard``: ``Shard(0)`` DTensor parameters) both
+classes work shard by shard, equal to one process up to rounding, with the optimizer state
+sharded; ``opt.sharded_state_dict()`` / ``opt.load_sharded_state_dict()`` pair with
+``torch.distributed.checkpoint`` for a bit-exact resume.
+
 Both the optimizer and :class:`~flora_graph.adapters.FloraAdapter` build on this package; the
 trainer application (corpus, training loop, CLI) is :mod:`flora_graph.training`. This package
 imports only torch, :mod:`flora_graph.errors` and its own modules, never an application layer.
 
 Modules: :mod:`.projection` (seeds, layouts, compress/decompress/transfer), :mod:`.moments`
-(per-parameter state, factored second moment), :mod:`.optimizer` (``Flora``),
-:mod:`.checkpoint` (name-based optimizer-state loading), :mod:`.accumulate` (``FloraAccumulator``),
+(per-parameter state, factored second moment), :mod:`.momentum` (the ``lift`` and ``paper``
+update rules), :mod:`.optimizer` (``Flora``), :mod:`.sharding` (FSDP2 shards and collectives),
+:mod:`.checkpoint` (name-based optimizer-state loading, sharded state dicts), :mod:`.accumulate` (``FloraAccumulator``),
 :mod:`.options` (validation, parameter names), :mod:`.errors` (``OptimizerError``,
 ``NonFiniteGradientError``).
 """

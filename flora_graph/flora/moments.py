@@ -98,12 +98,13 @@ def square_means(g: torch.Tensor, spec: ShardSpec | None = None) -> tuple[torch.
 
     On the CPU ``g^2`` is formed a slice of rows at a time instead of as one ``n x m``
     temporary; elsewhere in one pass. With ``spec``, ``g`` is this rank's rows: the row means
-    are its own, the column means (over all ``n`` rows) are all-reduced.
+    are its own, and the second tensor holds the column SUMS over its rows, which the caller
+    all-reduces (one collective for every parameter of a step) and divides by ``n``.
     """
     n, m = g.shape
     if spec is not None:
         sq = g.to(torch.float32).square()
-        return sq.sum(dim=1).div_(m), spec.sum_(sq.sum(dim=0)).div_(spec.shape[0])
+        return sq.sum(dim=1).div_(m), sq.sum(dim=0)
     if g.device.type != "cpu" or n * m <= _CHUNK:
         sq = g.to(torch.float32).square()
         return sq.mean(dim=1), sq.mean(dim=0)
@@ -146,7 +147,9 @@ def second_moment(
     ``means`` are :func:`square_means` of ``g`` when the state is factored. Factored:
     ``v_hat[i, j] = row[i] * col[j] / mean(row) / correction`` (Adafactor). With ``spec``
     (``g`` is this rank's rows) the row state is this rank's rows and the column state its
-    ``chunk(m)``: the mean of the rows is all-reduced and the column factor all-gathered.
+    ``chunk(m)``; the column state is all-gathered, and the mean of the row state is taken as the
+    mean of the column state: both are EMAs of ``mean(g^2) + eps1`` from zero with one ``beta2``
+    schedule, so they are equal (up to rounding) and no all-reduce over the rows is needed.
     """
     beta2t, correction = beta2_at(group, step)
     eps = group["eps"][0]
@@ -162,9 +165,9 @@ def second_moment(
         if spec is None:
             r_factor = (row / row.mean()).rsqrt_().mul_(math.sqrt(correction))
             return Preconditioner(row=r_factor, col=col.rsqrt())
-        row_mean = spec.sum_(row.sum().reshape(1)).div_(spec.shape[0])
-        r_factor = (row / row_mean).rsqrt_().mul_(math.sqrt(correction))
-        return Preconditioner(row=r_factor, col=spec.gather_last(col.rsqrt(), means[1].numel()))
+        col_full = spec.gather_last(col, means[1].numel())
+        r_factor = (row / col_full.mean()).rsqrt_().mul_(math.sqrt(correction))
+        return Preconditioner(row=r_factor, col=col_full.rsqrt_())
     v = local(state["exp_avg_sq"]).view_as(g)
     v.mul_(beta2t).addcmul_(g, g, value=1.0 - beta2t).add_((1.0 - beta2t) * eps)
     return Preconditioner(full=v.rsqrt().mul_(math.sqrt(correction)))

@@ -59,7 +59,7 @@ from flora_graph.flora.moments import COUNTERS, init_state, second_moment, squar
 from flora_graph.flora.momentum import lift_direction, paper_direction
 from flora_graph.flora.options import NAN_POLICIES, check_group, non_finite, split_named
 from flora_graph.flora.projection import Layout, layout_for
-from flora_graph.flora.sharding import ShardSpec, check_uniform, is_dtensor, local, non_finite_sharded, shard_spec
+from flora_graph.flora.sharding import ShardSpec, check_uniform, is_dtensor, local, reduce_probes, shard_spec
 
 __all__ = ["Flora"]
 
@@ -196,6 +196,7 @@ class Flora(torch.optim.Optimizer):
         work: list[tuple[dict[str, Any], str, torch.Tensor, Layout, Any]] = []
         probes: list[tuple[str, torch.Tensor]] = []
         sharded: list[tuple[str, torch.Tensor]] = []
+        col_sums: list[tuple[torch.Tensor, int]] = []  # sharded: column sums of g^2 over this rank's rows, and n
         mesh_group = None
         for group in self.param_groups:
             for name, p in zip(group["param_names"], group["params"], strict=True):
@@ -208,12 +209,18 @@ class Flora(torch.optim.Optimizer):
                 if layout.matrix is not None and group["second_moment"] == "factored":
                     means = square_means(g.reshape(_local_matrix(layout, spec)), spec)
                     probe = means[0].sum()
+                    if spec is not None:
+                        col_sums.append((means[1], layout.shape[0]))
                 else:
                     probe = g.sum(dtype=torch.float32)
                 (probes if spec is None else sharded).append((name, probe))
                 mesh_group = mesh_group if spec is None else spec.group
                 work.append((group, name, p, layout, means))
-        bad = non_finite(probes) + (non_finite_sharded(sharded, mesh_group) if sharded else [])
+        bad = non_finite(probes)
+        if sharded:  # one all-reduce: every column sum and a finite flag per parameter
+            bad += reduce_probes([c for c, _ in col_sums], sharded, mesh_group)
+            for c, n in col_sums:
+                c.div_(n)
         if bad:
             if self.nan_policy == "skip":
                 self.skipped_steps += 1

@@ -12,8 +12,10 @@ its public names are re-exported here for convenience (``from flora_graph.traini
 still works). This package builds on :mod:`flora_graph.flora`, :mod:`flora_graph.adapters`,
 :mod:`flora_graph.models` and :mod:`flora_graph.model_export`; nothing below it imports it.
 
-Modules: :mod:`.corpus` (stdlib byte corpus, window sampling), :mod:`.trainer` (``TrainConfig``,
-``train``, checkpoints, export), :mod:`.choices` (option strings, torch-free), :mod:`.cli`
+Modules: :mod:`.corpus` (stdlib byte corpus, window sampling), :mod:`.config` (``TrainConfig``,
+validation, learning-rate schedule), :mod:`.trainer` (``train``, the loop, export; re-exports
+:mod:`.config`), :mod:`.checkpoints` (find/read/write/restore), :mod:`.parallel` (``nproc > 1``:
+gloo ranks, FSDP2, sharded checkpoints), :mod:`.choices` (option strings, torch-free), :mod:`.cli`
 (the ``flora-graph train`` subcommand).
 
 Every name is imported on first use, so ``import flora_graph.training`` (and the ``flora-graph``
@@ -34,8 +36,8 @@ _EXPORTS = {
     "FloraAccumulator": _FLORA,
     "NonFiniteGradientError": _FLORA,
     "OptimizerError": _FLORA,
-    "TrainConfig": "flora_graph.training.trainer",
-    "TrainConfigError": "flora_graph.training.trainer",
+    "TrainConfig": "flora_graph.training.config",
+    "TrainConfigError": "flora_graph.training.config",
     "TrainResult": "flora_graph.training.trainer",
     "WindowSampler": "flora_graph.training.corpus",
     "build_corpus": "flora_graph.training.corpus",

@@ -62,6 +62,15 @@ class Ranks:
         fully_shard(model)
         return model
 
+    @staticmethod
+    def reshard(model: nn.Module) -> None:
+        """Free the unsharded weights a forward without backward (evaluation) leaves on the FSDP2 root."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     def part(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a batch."""
         return t.chunk(self.world)[self.rank]

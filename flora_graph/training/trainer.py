@@ -244,6 +244,14 @@ def _train_step(
     return (ranks.mean(loss_sum) if ranks is not None else loss_sum) / config.accum
 
 
+def _evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], ranks: parallel.Ranks | None) -> float:
+    """:func:`evaluate`; sharded, every rank evaluates the same batches and the root is resharded after."""
+    loss = evaluate(model, batches)
+    if ranks is not None:
+        ranks.reshard(model)
+    return loss
+
+
 def _save(path: Path, config: TrainConfig, corpus: Corpus, done: int, parts: dict[str, Any],
           history: dict[str, list[list[float]]]) -> None:
     """Checkpoint ``step_NNNNNN.pt`` (and, sharded, its ``.dcp`` folder first; rank 0 writes the file)."""
@@ -313,7 +321,7 @@ def train(
         if start > config.steps:
             raise TrainConfigError(f"resume: the checkpoint is at step {start}, past steps={config.steps}")
     else:
-        eval_losses.append((0, evaluate(model, eval_set)))
+        eval_losses.append((0, _evaluate(model, eval_set, ranks)))
     out = Path(config.out) if config.out is not None else None
     checkpoints: list[Path] = []
     bar = _Progress(progress, config.steps, start)
@@ -328,7 +336,7 @@ def train(
             train_losses.append((done, loss))
             metrics: dict[str, float] = {"loss": train_losses[-1][1], "lr": lr}
             if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
-                eval_losses.append((done, evaluate(model, eval_set)))
+                eval_losses.append((done, _evaluate(model, eval_set, ranks)))
                 metrics["eval"] = eval_losses[-1][1]
             if out is not None and ((config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps):
                 path = out / "checkpoints" / f"step_{done:06d}.pt"

@@ -1,7 +1,7 @@
 """Under FSDP2 (``fully_shard``, gloo, 2 CPU processes): Flora equals one process on the whole batch.
 
-One run of the 2-rank worker (module fixture) covers both update rules and ``FloraAccumulator``
-across resamples (``kappa=2``, 4 steps), a bit-exact ``torch.distributed.checkpoint`` resume, the
+One run of the 2-rank worker (module fixture) covers both update rules, ``FloraAccumulator`` and
+the other options (full second moment, relative step, weight decay) across resamples (``kappa=2``, 4 steps), a bit-exact ``torch.distributed.checkpoint`` resume, the
 optimizer-state bytes per rank (the one-process formula / 2), and the refusals: mixed plain and
 sharded parameters, layouts Flora cannot compress, state from another sharding, and the 2-rank
 checkpoint loaded on a 1-rank mesh (another world size), refused with the state unchanged.
@@ -23,7 +23,7 @@ from flora_graph.flora.projection import layout_for
 from tests.training import _fsdp_worker as w
 
 STEPS = 4
-SCENARIOS = ("flora", "paper", "accumulate")
+SCENARIOS = ("flora", "paper", "accumulate", "options")
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
