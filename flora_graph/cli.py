@@ -3,15 +3,68 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
 
+import flora_graph
 from flora_graph.errors import FloraGraphError
 
-__all__ = ["main"]
+__all__ = ["ARTIFACT_BACKENDS", "HelpFormatter", "Parser", "build_parser", "int_at_least", "main"]
+
+ARTIFACT_BACKENDS = ("onnxruntime", "torchscript", "torch-export")
+"""The backends ``export`` writes an artifact for and ``bench`` times (``model_export.SUFFIX``'s keys)."""
+
+
+_SAYS_DEFAULT = re.compile(r"\bdefault\b[:;]?\s", re.IGNORECASE)  # "(default: 8)", "(default 200)", "lift (default; ..."
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its choices and its default, so no flag hides either.
+
+    Choices are added unless the help already shows them (``%(choices)s``); the default is
+    added where there is one (not ``None``, not a flag's ``False``) unless the help already
+    states it ("default: ...", "default ...").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if text is argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+            return text
+        extra = []
+        if action.choices is not None and "%(choices)" not in text:
+            extra.append("choices: %(choices)s")
+        default = action.default
+        shown = default not in (None, argparse.SUPPRESS) and not (default is False and action.nargs == 0)
+        if shown and not _SAYS_DEFAULT.search(text):
+            extra.append("default: " + (" ".join(map(str, default)) if isinstance(default, list | tuple) else "%(default)s"))
+        return f"{text} ({'; '.join(extra)})".strip() if extra else text
+
+
+class Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` with :class:`HelpFormatter`; its subcommands' parsers are ``Parser``\\ s too."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int ``>= low``, refused by the parser (exit 2, naming the option) otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
@@ -46,10 +99,14 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     from flora_graph.ir import Graph
     from flora_graph.passes import PASSES, optimize_with_report
 
-    graph = Graph.load(args.path)
+    # every argument is checked before the graph loads or anything is written
     if args.print_after and args.print_after not in PASSES:
         console.print(f"[red]unknown pass {args.print_after!r}[/red]; passes: {', '.join(sorted(PASSES))}")
         return 2
+    if args.draw and Path(args.draw).suffix.lower() not in (".png", ".svg"):
+        console.print(f"[red]--draw {args.draw!r}: use a .png or .svg file name[/red]")
+        return 2
+    graph = Graph.load(args.path)
 
     def show(record, g) -> None:
         if record.name == args.print_after and record.changed:
@@ -97,6 +154,8 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     with console.status("starting") as status:
         report = export_model(args.model, args.out, adapter=args.adapter, backend=args.backend, preset=args.preset,
                               progress=lambda m: status.update(m))
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    console.print(f"exported {args.model}{adapter} with preset {report.preset} for {report.backend}")
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
     console.print(f"wrote {report.path}")
@@ -154,13 +213,23 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``flora-graph``."""
-    p = argparse.ArgumentParser(prog="flora-graph", description="A LoRA-aware graph compiler for PyTorch models.")
+    """The argument parser of ``flora-graph``.
+
+    Every option with fixed values lists them (``choices``) and every default shows in the
+    help (:class:`HelpFormatter`); values are checked by the parser (``choices``,
+    :func:`int_at_least`), so a bad one exits with status 2, naming the option, before any
+    handler runs.
+    """
+    from flora_graph.passes import PASSES, PRESETS  # no torch: the parser stays light
+
+    presets = list(PRESETS)
+    p = Parser(prog="flora-graph", description="A LoRA-aware graph compiler for PyTorch models.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {flora_graph.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="capture the built-in adapted decoder and check it against eager torch")
     d.add_argument("--model", choices=["decoder", "cnn"], default="decoder",
-                   help="the built-in Llama-style decoder (default) or the small CNN + MLP")
-    d.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+                   help="the built-in Llama-style decoder or the small CNN + MLP")
+    d.add_argument("--rank", type=int_at_least(1), default=8, help="LoRA rank")
     d.add_argument("--print-graph", action="store_true", help="print the captured graph")
     d.add_argument("--save", metavar="DIR", help="save the captured graph (JSON + safetensors) to DIR")
     d.set_defaults(func=_demo)
@@ -170,13 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_show)
     o = sub.add_parser("optimize", help="run a preset's passes on a saved graph and show what each did")
     o.add_argument("path", help="graph directory (written by Graph.save or demo --save)")
-    o.add_argument("--preset", choices=["unfused", "fused", "merged"], default="fused")
-    o.add_argument("--print-after", metavar="PASS", help="print the graph after every run of PASS that changed it")
+    o.add_argument("--preset", choices=presets, default="fused", help="the passes to run")
+    o.add_argument("--print-after", metavar="PASS", help="print the graph after every run of PASS that changed it "
+                   f"(passes: {', '.join(sorted(PASSES))})")
     o.add_argument("--draw", metavar="FILE", help="render the graph before and after to FILE (.svg or .png)")
     o.add_argument("--save", metavar="DIR", help="save the optimized graph to DIR")
     o.add_argument("--fuse-base-and-down", nargs="?", const="all", choices=["all", "Conv2d", "Linear"],
-                   help="also stack base W and LoRA A into one product, at every site (all, the default) or at "
-                        "Conv2d or Linear sites only (onnxruntime's measured default is Conv2d)")
+                   help="also stack base W and LoRA A into one product, at every site (all, the value without "
+                        "an argument) or at Conv2d or Linear sites only (default: off; onnxruntime's measured "
+                        "default is Conv2d)")
     o.add_argument("--slots", choices=["swappable", "mixed", "none"], default="none",
                    help="first make every LoRA site an adapter slot whose weights are graph inputs (one adapter per "
                         "run, or per batch row), which every preset keeps, so serve-export keeps every adapter "
@@ -187,18 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default="default",
                    help="a folder with config.json + safetensors, or 'default' (the built-in decoder)")
     e.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (adapter_config.json + safetensors)")
-    e.add_argument("--backend", choices=["onnxruntime", "torchscript", "torch-export"], default="onnxruntime")
-    e.add_argument("--preset", choices=["unfused", "fused", "merged"], default="merged")
+    e.add_argument("--backend", choices=ARTIFACT_BACKENDS, default="onnxruntime", help="the artifact's runtime")
+    e.add_argument("--preset", choices=presets, default="merged",
+                   help="merged bakes the adapters in; fused keeps them apart")
     e.add_argument("--out", default="model", help="output file (the backend's suffix is added)")
     e.set_defaults(func=_export)
     b = sub.add_parser("bench", help="time every preset x backend against eager torch (interleaved medians)")
-    b.add_argument("--model", choices=["demo", "mlp-stack"], default="demo", help="built-in model (default: demo)")
-    b.add_argument("--layers", type=int, default=32, help="blocks of the mlp-stack model (default: 32)")
-    b.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
-    b.add_argument("--backends", nargs="+", default=["onnxruntime", "torchscript", "torch-export"])
-    b.add_argument("--threads", type=int, default=1, help="threads for torch and ONNX Runtime (default: 1)")
-    b.add_argument("--rounds", type=int, default=200, help="timed rounds (default: 200)")
-    b.add_argument("--inner", type=int, default=5, help="calls per variant per round (default: 5)")
+    b.add_argument("--model", choices=["demo", "mlp-stack"], default="demo", help="built-in model")
+    b.add_argument("--layers", type=int_at_least(1), default=32, help="blocks of the mlp-stack model")
+    b.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 16], help="batch sizes")
+    b.add_argument("--backends", nargs="+", metavar="BACKEND", choices=ARTIFACT_BACKENDS, default=list(ARTIFACT_BACKENDS),
+                   help="backends to time")
+    b.add_argument("--threads", type=int_at_least(1), default=1, help="threads for torch and ONNX Runtime")
+    b.add_argument("--rounds", type=int_at_least(1), default=200, help="timed rounds")
+    b.add_argument("--inner", type=int_at_least(1), default=5, help="calls per variant per round")
     b.add_argument("--out", default="bench-out", help="directory for JSON reports and the PNG chart")
     b.add_argument("--pipeline", action="store_true", help="also time capture+optimize+lower of the 224-adapter stack")
     b.set_defaults(func=_bench)

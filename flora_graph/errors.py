@@ -8,10 +8,12 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterError",
+    "ArtifactWriteError",
     "FloraGraphError",
     "GraphError",
     "RuntimeInputError",
     "ShapeError",
+    "UnsafeNameError",
     "UnsupportedOpError",
 ]
 
@@ -46,3 +48,20 @@ class AdapterError(FloraGraphError):
 
 class RuntimeInputError(FloraGraphError):
     """Inputs handed to a compiled graph are missing, unknown, mis-shaped or mistyped."""
+
+
+class ArtifactWriteError(FloraGraphError, OSError):
+    """An artifact could not be written (disk full, read-only, permission, a file where a folder goes).
+
+    The message names the destination; ``errno``, ``strerror`` and ``filename`` are those of the
+    underlying ``OSError``. It is an ``OSError`` too, so callers that catch ``OSError`` keep
+    working. The destination holds what it held before the failed write (see
+    :mod:`flora_graph.storage`).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsafeNameError(FloraGraphError, ValueError):
+    """A name that would become a file or folder name is not one plain path component."""

@@ -10,24 +10,31 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from flora_graph.errors import FloraGraphError
-from flora_graph.frontend import capture
-from flora_graph.passes import optimize
+from flora_graph.errors import AdapterError, FloraGraphError
+from flora_graph.frontend import capture, max_abs_diff, output_tensors
+from flora_graph.frontend.model_outputs import set_use_cache
+from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
 
-__all__ = ["SUFFIX", "ExportReport", "ModelSpec", "export_model", "load_model"]
+__all__ = ["SUFFIX", "ExportReport", "ModelFolderError", "ModelSpec", "check_adapter_folder", "check_model_folder",
+           "export_model", "load_model"]
 
 SUFFIX = {"onnxruntime": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+"""Weight files of a model folder that are pickles: never loaded (a pickle runs code when read)."""
+
+
+class ModelFolderError(FloraGraphError):
+    """A model folder cannot be loaded: no config, no safetensors weights, an unusable ``architectures`` entry."""
 
 
 @dataclass
@@ -87,6 +94,9 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     pads its first row). Where the config has ``max_position_embeddings`` (BERT, GPT-2,
     Llama), ``"seq"`` is bounded by it (``dim_max``): BERT and GPT-2 slice a learned position
     table by the sequence length, which ``torch.export`` accepts only under a bound.
+
+    Raises :class:`ModelFolderError` for a folder it cannot use (see :func:`check_model_folder`;
+    pickle weights are never loaded).
     """
     if source in (None, "default"):
         from flora_graph.models.decoder import build_decoder
@@ -100,20 +110,18 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
 
         return ModelSpec(build_demo_model(), demo_inputs(2), {"image": {0: "batch"}}, demo_inputs(3, seed=1), "demo")
     folder = Path(source)
-    if not (folder / "config.json").is_file():
-        raise FloraGraphError(f"{folder}: expected a model folder with config.json (+ safetensors weights), or 'default'")
+    arch = check_model_folder(folder)
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise FloraGraphError(f"{folder}/config.json names no known transformers architecture ({arch!r})")
-    model = cls.from_pretrained(folder, local_files_only=True).eval()
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = getattr(transformers, arch).from_pretrained(folder, config=config, local_files_only=True,
+                                                            use_safetensors=True).eval()
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot use
+        raise ModelFolderError(f"{folder}: transformers cannot load {arch} from it ({type(exc).__name__}: {exc})") from exc
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()  # a bfloat16/float16 checkpoint: captured and checked in float32
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False  # logits only: no key/value cache outputs
+    set_use_cache(model, False)  # logits only: no key/value cache outputs (capture drops them too)
     if attention_mask and "attention_mask" not in inspect.signature(model.forward).parameters:
         raise FloraGraphError(f"{arch}.forward takes no attention_mask")
     vocab = int(getattr(config, "vocab_size", 256))
@@ -125,14 +133,57 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
                      _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask), arch, dim_max)
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    if isinstance(out, list | tuple):
-        return _first_tensor(out[0])
-    raise FloraGraphError(f"model output of type {type(out).__name__} holds no tensor")
+def check_model_folder(folder: str | Path) -> str:
+    """Check a transformers model folder without loading it; return its architecture (a class name).
+
+    Raises :class:`ModelFolderError` naming the file or entry at fault: no ``config.json``, a
+    ``config.json`` that is not a JSON object, an ``architectures`` entry that is not the name
+    of a transformers model class, or weights only as pickles (``pytorch_model.bin``):
+    flora_graph loads safetensors only.
+    """
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFolderError(f"{folder}: expected a model folder with config.json (+ safetensors weights), or 'default'")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelFolderError(f"{cfg_path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ModelFolderError(f"{cfg_path}: not a JSON object")
+    archs = cfg.get("architectures")
+    if not isinstance(archs, list) or not archs:
+        raise ModelFolderError(f"{cfg_path}: 'architectures' must be a non-empty list of transformers model class "
+                               f"names (e.g. [\"LlamaForCausalLM\"]), got {archs!r}")
+    arch = archs[0]
+    import transformers
+
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelFolderError(f"{cfg_path}: architectures entry {arch!r} is not a transformers model class "
+                               f"(expected a name such as \"LlamaForCausalLM\")")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.name in PICKLE_WEIGHTS or p.suffix in (".bin", ".pt", ".pth"))
+        found = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else "no weights"
+        raise ModelFolderError(f"{folder}: {found}; flora_graph loads safetensors weights only (model.safetensors, "
+                               "as transformers' save_pretrained writes them)")
+    return arch
+
+
+def check_adapter_folder(folder: str | Path) -> None:
+    """Check a PEFT adapter folder without loading a model: its ``adapter_config.json`` (every option
+    flora_graph refuses) and its safetensors weights. Raises :class:`AdapterError` naming the file."""
+    from flora_graph.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, read_peft_config
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        what = "no such folder" if not folder.exists() else f"no {CONFIG_FILE} in it"
+        raise AdapterError(f"{folder}: {what}; expected a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    read_peft_config(folder)
+    if not (folder / WEIGHTS_FILE).is_file():
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        found = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else f"no {WEIGHTS_FILE}"
+        raise AdapterError(f"{folder}: {found}; flora_graph needs the adapter's safetensors weights ({WEIGHTS_FILE})")
 
 
 def export_model(
@@ -146,10 +197,21 @@ def export_model(
 ) -> ExportReport:
     """Export ``source`` (see :func:`load_model`), with the PEFT ``adapter`` folder installed if
     given, optimized with ``preset`` for ``backend``, to ``out`` (a file; the backend's suffix
-    is added when missing). Returns timings and the parity against eager torch."""
+    is added when missing). Returns timings and the parity against eager torch.
+
+    The arguments, the model folder and the adapter folder are checked first (see
+    :func:`check_model_folder`, :func:`check_adapter_folder`): a bad one is reported before
+    the model loads, and nothing is written."""
     say = progress or (lambda msg: None)
+    # every argument and input folder is checked before anything loads or is written
     if backend not in SUFFIX:
         raise FloraGraphError(f"unknown export backend {backend!r}; choose one of {sorted(SUFFIX)}")
+    if preset not in PRESETS:
+        raise FloraGraphError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if isinstance(source, str | Path) and str(source) not in ("default", "demo-cnn"):
+        check_model_folder(source)
+    if adapter is not None:
+        check_adapter_folder(adapter)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     say("loading the model")
@@ -181,7 +243,6 @@ def export_model(
     seconds["lower+save"] = time.perf_counter() - t0
     say("checking against eager torch")
     with torch.no_grad():
-        want = _first_tensor(model(**spec.check_inputs)).numpy()
-    got = next(iter(exe(spec.check_inputs).values()))
-    diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+        want = output_tensors(model(**spec.check_inputs))
+    diff = max_abs_diff(exe(spec.check_inputs), want)  # every output, in order
     return ExportReport(path, backend, preset, graph.summary(), seconds, diff)

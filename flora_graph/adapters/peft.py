@@ -7,8 +7,12 @@ honouring ``r``, ``lora_alpha``, ``use_rslora`` (scale ``alpha / sqrt(r)``),
 ``rank_pattern``, ``alpha_pattern``, ``target_modules``, ``exclude_modules``,
 ``fan_in_fan_out``, ``modules_to_save`` and ``bias``; any option it cannot honour (DoRA,
 layer selection, LoftQ, ...) is refused with :class:`AdapterError`, never dropped.
+The config is input: every field is type-checked, and its regexes (``rank_pattern`` /
+``alpha_pattern`` keys, a string ``target_modules`` / ``exclude_modules``) are compiled with
+an ``AdapterError`` naming the key and matched within a time bound
+(:mod:`flora_graph.adapters.patterns`), so no config raises a raw error or hangs the loader.
 :func:`save_peft_adapter` writes the folder back for the adapters of a model.
-Everything is validated before the model is touched; files are written atomically.
+Everything is validated before the model is touched; a folder is written atomically.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from torch import nn
 
 from flora_graph.adapters.apply import _set_submodule, adapters_of, match_target
 from flora_graph.adapters.lora import LoRAAdapter, is_supported_base, unsupported_base_message
+from flora_graph.adapters.patterns import BoundedPattern, compile_pattern
 from flora_graph.errors import AdapterError
-from flora_graph.ir.serialize import atomic_write_bytes
+from flora_graph.storage import staged_folder, write_new
 
 __all__ = [
     "CONFIG_FILE",
@@ -66,8 +71,8 @@ def read_peft_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"{path}: cannot read the PEFT config ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise AdapterError(f"{path}: cannot read the PEFT config ({str(exc)[:300] or type(exc).__name__})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path}: not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -79,34 +84,98 @@ def read_peft_config(folder: str | Path) -> dict[str, Any]:
     unknown = sorted(k for k in cfg if k not in _KNOWN and cfg[k] not in (None, False, {}, []))
     if unknown:
         raise AdapterError(f"{path}: unknown PEFT option(s) {unknown}; refusing rather than ignoring them")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
+    if not _is_int(cfg.get("r")) or cfg["r"] <= 0:
         raise AdapterError(f"{path}: r must be a positive int, got {cfg.get('r')!r}")
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
         raise AdapterError(f"{path}: bias={cfg.get('bias')!r} is not one of none/all/lora_only")
     if cfg.get("target_modules") is None:
         raise AdapterError(f"{path}: target_modules is missing (PEFT's per-architecture defaults are not guessed)")
+    _check_fields(cfg, path)
+    _patterns(cfg, path)  # an invalid regex is refused here, before any model is touched
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(cfg.get(key), str):
+            _selector(cfg[key], f"{path}: {key}")
     return cfg
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)`` gives the value."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _check_fields(cfg: dict[str, Any], path: Path) -> None:
+    """The types of the fields that are honoured; ``AdapterError`` naming the field."""
+    def strings(key: str, value: Any, *, single: bool) -> None:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not ok and not (single and isinstance(value, str)):
+            want = "a string (regex) or a list of module names" if single else "a list of module names"
+            raise AdapterError(f"{path}: {key} must be {want}, got {value!r}"[:500])
+
+    strings("target_modules", cfg["target_modules"], single=True)
+    if cfg.get("exclude_modules") is not None:
+        strings("exclude_modules", cfg["exclude_modules"], single=True)
+    if cfg.get("modules_to_save") is not None:
+        strings("modules_to_save", cfg["modules_to_save"], single=False)
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        raise AdapterError(f"{path}: lora_alpha must be a finite number, got {cfg['lora_alpha']!r}"[:500])
+    for key in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        if cfg.get(key) not in (None, True, False):
+            raise AdapterError(f"{path}: {key} must be true or false, got {cfg[key]!r}"[:500])
+    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive int"),
+                          ("alpha_pattern", _is_number, "a finite number")):
+        patterns = cfg.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{path}: {key} must be an object {{regex: value}}, got {patterns!r}"[:500])
+        for k, v in patterns.items():
+            if not ok(v):
+                raise AdapterError(f"{path}: {key}[{k!r}] must be {want}, got {v!r}"[:500])
+
+
+def _patterns(cfg: dict[str, Any], path: Path) -> dict[str, list[tuple[BoundedPattern, Any]]]:
+    """The config's ``rank_pattern``/``alpha_pattern`` keys compiled with PEFT's wrapping, in order, with their values."""
+    return {
+        field: [(compile_pattern(k, f"{path}: {field} key {k!r}", wrap=r"(.*\.)?({})$"), v)
+                for k, v in (cfg.get(field) or {}).items()]
+        for field in ("rank_pattern", "alpha_pattern")
+    }
+
+
+def _pattern_value(patterns: list[tuple[BoundedPattern, Any]], name: str, default: Any) -> Any:
+    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)`` gives the value (bounded in time)."""
+    for pattern, value in patterns:
+        if pattern.match(name):
             return value
     return default
 
 
-def _targets(model: nn.Module, cfg: dict[str, Any]) -> list[str]:
+def _selector(value: Any, where: str) -> BoundedPattern | list[str]:
+    """A ``target_modules``/``exclude_modules`` value: a string is a regex matched against the
+    whole path (PEFT's rule), within a time bound; a list selects by exact path or suffix."""
+    return compile_pattern(value, where) if isinstance(value, str) else [str(t) for t in value]
+
+
+def _selects(name: str, selector: BoundedPattern | list[str]) -> bool:
+    """:func:`~flora_graph.adapters.apply.match_target` with a bounded regex."""
+    return selector.fullmatch(name) if isinstance(selector, BoundedPattern) else match_target(name, selector)
+
+
+def _targets(model: nn.Module, cfg: dict[str, Any], path: Path) -> list[str]:
     targets = cfg["target_modules"]
     if targets == "all-linear":
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         return [n for n in names if n != _output_head(model)]
-    if isinstance(targets, list):
-        targets = [str(t) for t in targets]
+    targets = _selector(targets, f"{path}: target_modules")
     exclude = cfg.get("exclude_modules")
+    if exclude:
+        exclude = _selector(exclude, f"{path}: exclude_modules")
     out = []
     for name, module in model.named_modules():
-        if not name or not match_target(name, targets) or (exclude and match_target(name, exclude)):
+        if not name or not _selects(name, targets) or (exclude and _selects(name, exclude)):
             continue
         if not is_supported_base(module):
             if len(list(module.children())) == 0:
@@ -131,6 +200,8 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
     """
     folder = Path(folder)
     cfg = read_peft_config(folder)
+    cpath = folder / CONFIG_FILE
+    patterns = _patterns(cfg, cpath)
     wpath = folder / WEIGHTS_FILE
     try:
         state = st_load(wpath.read_bytes())
@@ -143,7 +214,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
     state = {_plain_key(k): state[k] for k in order if ".original_module." not in k}
     if adapters_of(model):
         raise AdapterError("model already carries adapters; load a PEFT adapter onto a plain model")
-    names = _targets(model, cfg)
+    names = _targets(model, cfg, cpath)
     if not names:
         raise AdapterError(f"{folder}: target_modules={cfg['target_modules']!r} match no Linear/Conv2d of {type(model).__name__}")
     built: list[tuple[str, LoRAAdapter]] = []
@@ -151,9 +222,15 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for name in names:
-            r = int(_pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"]))
-            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8)))
+            r = int(_pattern_value(patterns["rank_pattern"], name, cfg["r"]))
+            alpha = float(_pattern_value(patterns["alpha_pattern"], name, cfg.get("lora_alpha", 8)))
             eff_alpha = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha  # our scale is alpha / r
+            a_key = f"{name}.lora_A.weight"  # checked before the adapter is built: r comes from the config
+            if a_key not in state:
+                raise AdapterError(f"{wpath}: missing key {PREFIX}{a_key} for module {name!r} (r={r})")
+            if state[a_key].ndim == 0 or state[a_key].shape[0] != r:
+                raise AdapterError(f"{wpath}: key {PREFIX}{a_key} has shape {tuple(state[a_key].shape)}, "
+                                   f"module {name!r} with r={r} needs {r} rows")
             adapter = adapter_cls(model.get_submodule(name), r, eff_alpha, module_name=name, adapter_name=adapter_name)
             for part, param in (("lora_A", adapter.lora_A), ("lora_B", adapter.lora_B)):
                 key = f"{name}.{part}.weight"
@@ -229,7 +306,10 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, *, base_model_name_o
 
     Ranks and scales that differ between modules go to ``rank_pattern``/``alpha_pattern``
     (exact module paths, anchored). ``modules_to_save`` names plain modules whose weights are
-    saved whole. Returns the folder.
+    saved whole. The folder is committed whole (:func:`flora_graph.storage.staged_folder`):
+    other files in it are kept, a reader sees the old adapter or the new one, and a failed
+    write raises :class:`~flora_graph.errors.ArtifactWriteError` and changes nothing. Returns
+    the folder.
     """
     found = adapters_of(model)
     if not found:
@@ -254,8 +334,10 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, *, base_model_name_o
         "alpha_pattern": {f"^{re.escape(n)}": v for n, v in alpha_of.items() if v != alpha},
     }
     folder = Path(folder)
-    atomic_write_bytes(folder / WEIGHTS_FILE, st_save(tensors))
-    atomic_write_bytes(folder / CONFIG_FILE, json.dumps(cfg, indent=2).encode())
+    weights, text = st_save(tensors), json.dumps(cfg, indent=2).encode()
+    with staged_folder(folder, what="PEFT adapter", last=CONFIG_FILE) as tmp:  # weights and config commit together
+        write_new(tmp / WEIGHTS_FILE, weights)
+        write_new(tmp / CONFIG_FILE, text)
     return folder
 
 

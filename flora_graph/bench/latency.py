@@ -17,18 +17,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from flora_graph.adapters import unload_all
 from flora_graph.bench.timing import median_ms, time_interleaved
-from flora_graph.frontend import capture
+from flora_graph.errors import FloraGraphError
+from flora_graph.frontend import capture, max_abs_diff, no_kv_cache, output_tensors
 from flora_graph.ir.serialize import atomic_write_bytes
 from flora_graph.passes import optimize
 from flora_graph.runtimes import compile
 
-__all__ = ["BenchReport", "BenchRow", "backend_options", "bench_model"]
+__all__ = ["BACKENDS", "PRESETS", "BenchReport", "BenchRow", "backend_options", "bench_model"]
 
 PRESETS = ("unfused", "fused", "merged")
 BACKENDS = ("onnxruntime", "torchscript", "torch-export")
@@ -99,15 +99,41 @@ def bench_model(
     """Capture ``model`` once, build every preset x backend (+ eager, + adapter-free base),
     check each against eager torch on ``bench_inputs``, then time them interleaved.
 
-    ``progress(stage, done, total)`` reports the build and the timing rounds.
+    ``progress(stage, done, total)`` reports the build and the timing rounds. A model may
+    return a tensor, a tuple or a Hugging Face ``ModelOutput``: every tensor it returns is
+    compared with the graph's output in the same place (:func:`output_tensors`), and a model
+    with a ``config.use_cache`` runs without its key/value cache, eager included, as captured.
+    Unknown presets or backends, or counts below 1, raise :class:`FloraGraphError` before
+    anything runs.
     """
+    _check_args(presets, backends, threads=threads, rounds=rounds, inner=inner, warmup=warmup)
+    with no_kv_cache(model):
+        return _bench(model, example_inputs, dynamic_dims, bench_inputs, name=name, presets=presets,
+                      backends=backends, with_base=with_base, threads=threads, rounds=rounds, warmup=warmup,
+                      inner=inner, progress=progress)
+
+
+def _check_args(presets: Sequence[str], backends: Sequence[str], **counts: int) -> None:
+    for what, given, known in (("preset", presets, PRESETS), ("backend", backends, BACKENDS)):
+        unknown = [v for v in given if v not in known]
+        if unknown or not given:
+            raise FloraGraphError(f"unknown {what}(s) {unknown or list(given)}; choose from {list(known)}")
+    for key, value in counts.items():
+        if not isinstance(value, int) or value < (0 if key == "warmup" else 1):
+            raise FloraGraphError(f"{key} must be an int >= {0 if key == 'warmup' else 1}, got {value!r}")
+
+
+def _bench(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], dynamic_dims: Mapping[str, Mapping[int, str]] | None,
+           bench_inputs: Mapping[str, torch.Tensor], *, name: str, presets: Sequence[str], backends: Sequence[str],
+           with_base: bool, threads: int, rounds: int, warmup: int, inner: int,
+           progress: Callable[[str, int, int], None] | None) -> BenchReport:
     say = progress or (lambda stage, done, total: None)
     torch.set_num_threads(threads)
     model = model.eval()
     graph = capture(model, dict(example_inputs), dynamic_dims, name=name)
     feeds = {k: v.detach().cpu().numpy() for k, v in bench_inputs.items()}
     with torch.inference_mode():
-        want = model(**bench_inputs).detach().numpy()
+        want = output_tensors(model(**bench_inputs))
 
     builds: list[tuple[str, str, str, Any]] = []
     for preset in presets:
@@ -130,8 +156,7 @@ def bench_model(
     for k, (vname, backend, preset, g) in enumerate(builds):
         say(f"compiling {vname}", k, len(builds))
         exe = compile(g, backend, **backend_options(backend, threads))
-        out = next(iter(exe(feeds).values()))
-        diff = float(np.max(np.abs(out - want))) if preset != "base" else None
+        diff = max_abs_diff(exe(feeds), want) if preset != "base" else None
         variants[vname] = lambda exe=exe: exe(feeds)
         rows[vname] = BenchRow(vname, backend, preset, 0.0, max_abs_diff=diff)
     say("compiling", len(builds), len(builds))

@@ -31,6 +31,7 @@ from flora_graph.adapters.peft import adapter_label, peft_lora_layers
 from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
 from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name
 from flora_graph.frontend.lora_op import lora_sites_as_op
+from flora_graph.frontend.model_outputs import no_kv_cache
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
 
@@ -293,7 +294,8 @@ def capture(
     """Export ``model`` with ``torch.export`` and convert it to a verified :class:`Graph`.
 
     Args:
-        model: the module; captured in eval mode (its mode is restored after).
+        model: the module; captured in eval mode and, where it has a ``config.use_cache``
+            (a Hugging Face model), with the key/value cache off (both restored after).
         example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors.
         dynamic_dims: ``{input_name: {axis: dim_name}}``; the same name on several inputs is
             one dim. Example sizes on dynamic dims should be >= 2 (torch specialises 0 and 1).
@@ -321,6 +323,8 @@ def trace_with_torch_export(
 
     Returns the exported program, the module exported (a PeftModel's base model) and its
     adapters by module path (for tags); :func:`convert_fx_graph` converts the program.
+    A model with a ``config.use_cache`` (Hugging Face) is traced with it off, and restored after:
+    the graph's outputs hold no key/value cache (see :mod:`flora_graph.frontend.model_outputs`).
 
     Raises:
         GraphError: torch.export failed.
@@ -335,8 +339,9 @@ def trace_with_torch_export(
         model = model.get_base_model()  # a PeftModel: capture the adapted model it wraps
     spec = _dynamic_shapes(model, args, kwargs, dynamic_dims, _check_dim_max(dynamic_dims, dim_max))
     adapters = {**adapters_of(model), **peft_lora_layers(model)}
-    with (_eval_mode(model), _conv1d_as_linear(model), lora_sites_as_op(adapters), _no_stack_traces(),
-          _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
+    # no_kv_cache: a Hugging Face causal LM with use_cache on would return a DynamicCache torch.export cannot trace
+    with (_eval_mode(model), no_kv_cache(model), _conv1d_as_linear(model), lora_sites_as_op(adapters),
+          _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
         try:
             ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
         except FloraGraphError:

@@ -1,10 +1,12 @@
 """Graph files: structure as JSON, weights as safetensors. No pickle anywhere.
 
 A saved graph is a directory holding ``graph.json`` and ``weights.safetensors``. The JSON
-records the SHA-256 of the weights file, so a half-replaced or edited pair is caught on
-load. Every file is written to a temporary name and renamed into place. :func:`load_graph`
-validates everything it reads and raises :class:`GraphError` naming the file and the
-field at fault; it never crashes on bad input.
+records the SHA-256 of the weights file, so an edited pair is caught on load. The folder is
+written whole and committed in one step (:func:`flora_graph.storage.staged_folder`): a reader
+sees the old graph or the new one, and a failed write raises
+:class:`~flora_graph.errors.ArtifactWriteError` and changes nothing. :func:`load_graph` reads
+the two files without following symlinks, validates everything it reads and raises
+:class:`GraphError` naming the file and the field at fault; it never crashes on bad input.
 
 Input defaults (``Graph.input_defaults``) are stored in the weights file too, each under a
 key of its own that no param uses, listed in the optional ``input_defaults`` field of the
@@ -14,15 +16,12 @@ existed) loads with none.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -34,6 +33,7 @@ from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op, schema
 from flora_graph.ir.verify import verify
+from flora_graph.storage import atomic_file, atomic_write_bytes, read_regular, staged_folder, write_new
 
 __all__ = ["FORMAT", "VERSION", "atomic_file", "atomic_write_bytes", "load_graph", "save_graph"]
 
@@ -41,34 +41,6 @@ FORMAT = "flora_graph"
 VERSION = 1
 GRAPH_FILE = "graph.json"
 WEIGHTS_FILE = "weights.safetensors"
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` (fsynced, mode 0644) only when the block succeeds.
-
-    The block writes into a temporary file in the same directory, renamed over ``path`` at the
-    end; on any failure the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a serving user
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + rename."""
-    with atomic_file(path) as f:
-        f.write(data)
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -84,7 +56,7 @@ def _jsonable(value: Any, where: str) -> Any:
 
 
 def save_graph(graph: Graph, path: str | Path) -> None:
-    """Verify ``graph`` and write it into directory ``path``."""
+    """Verify ``graph`` and write it as directory ``path``, committed whole (see the module docstring)."""
     verify(graph)
     unused = set(graph.params) - {n.attrs["param"] for n in graph.nodes if n.op is Op.CONST}
     if unused:  # load_graph refuses such files, so refuse to write one
@@ -124,8 +96,9 @@ def save_graph(graph: Graph, path: str | Path) -> None:
     if graph.dim_max:  # optional: files without it read as unbounded dims
         doc["dim_max"] = {str(k): int(v) for k, v in graph.dim_max.items()}
     text = json.dumps(doc, indent=1, allow_nan=False).encode()
-    atomic_write_bytes(path / WEIGHTS_FILE, weights)
-    atomic_write_bytes(path / GRAPH_FILE, text)
+    with staged_folder(path, what=f"graph {graph.name!r}", last=GRAPH_FILE) as tmp:
+        write_new(tmp / WEIGHTS_FILE, weights)
+        write_new(tmp / GRAPH_FILE, text)
 
 
 DEFAULT_SUFFIX = ":default"
@@ -178,10 +151,10 @@ def load_graph(path: str | Path) -> Graph:
     path = Path(path)
     gfile, wfile = path / GRAPH_FILE, path / WEIGHTS_FILE
     try:
-        raw = gfile.read_bytes()
-        wraw = wfile.read_bytes()
+        raw = read_regular(gfile)  # a symlink is refused, not followed; a FIFO never blocks
+        wraw = read_regular(wfile)
     except OSError as exc:
-        raise GraphError(f"cannot read graph at {path}: {exc}") from None
+        raise GraphError(f"cannot read graph at {os.fspath(path)}: {exc}") from None
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as exc:

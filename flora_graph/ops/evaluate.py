@@ -82,9 +82,12 @@ def eval_node(node: ComputationNode, args: list[np.ndarray], dims: Mapping[str, 
         )
     dtype = np_dtype(node.dtype)
     attrs = resolve_attrs(node, dims)
-    args = [a.astype(np.float32) if a.dtype.kind in "fV" and a.dtype.itemsize < 4 else a for a in args]
     try:
+        args = [a.astype(np.float32) if a.dtype.kind in "fV" and a.dtype.itemsize < 4 else a for a in args]
         out = np.asarray(d.numpy(*args, **attrs))
+        return out.astype(dtype, copy=False)
     except (ValueError, TypeError, IndexError) as exc:
         raise GraphError(f"node {node.name!r} ({node.op.value}): {exc}") from exc
-    return out.astype(dtype, copy=False)
+    except MemoryError as exc:  # numpy's "Unable to allocate ..." names no node
+        raise GraphError(f"node {node.name!r} ({node.op.value}): out of memory computing its result "
+                         f"(declared shape {list(node.shape)} {node.dtype}): {exc}") from None

@@ -1,27 +1,36 @@
-"""The one ONNX file writer: models and lowered graphs to disk, atomically.
+"""The one ONNX file writer: models and lowered graphs to disk, committed atomically.
 
 :func:`save_onnx` writes a graph (lowered by :func:`~flora_graph.runtimes.onnx_lowering.lower`,
 its weights streamed straight from their arrays) or a ``ModelProto``; past
-:data:`EXTERNAL_DATA_THRESHOLD` bytes the weights go to ``<name>.data`` beside the model.
-:func:`stage_external` writes a model with external data into a fresh temporary folder and
-checks it there, for callers that commit a whole folder (Triton's directory form).
+:data:`EXTERNAL_DATA_THRESHOLD` bytes the weights go to a data file beside the model.
+
+The model file's rename is the single commit point (:mod:`flora_graph.storage`): the data file
+is named ``<model>.data`` unless the model now at the destination reads that name, then
+``<model>.<16 hex>.data``; it is written and renamed in first, so the old model keeps reading
+its own data until the new model replaces it. Data files of the family that the committed
+model does not read, and temporaries of killed writes, are removed after each commit.
+:func:`write_model_file` and :func:`write_external_files` write a model into a folder being
+staged whole (a Triton entry; the directory form under the fixed names ``<file>`` and
+``<file>.data``): plain writes, the folder's commit makes them visible.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Mapping
+import re
+import secrets
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from flora_graph import storage
 from flora_graph.ir.graph import Graph
-from flora_graph.ir.serialize import atomic_file, atomic_write_bytes
 from flora_graph.runtimes.onnx_lowering import (
     DEFAULT_OPSET,
     OnnxExportError,
@@ -30,8 +39,9 @@ from flora_graph.runtimes.onnx_lowering import (
     lower,
     tensor_header,
 )
+from flora_graph.storage import atomic_file
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "model_size", "save_onnx", "stage_external"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "model_size", "save_onnx", "write_external_files", "write_model_file"]
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes; past it save_onnx writes weights to "<file>.data"
 
@@ -50,13 +60,14 @@ def model_size(model: onnx.ModelProto) -> int:
 def save_onnx(graph_or_model: Graph | onnx.ModelProto, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
     """Write a graph (lowered first) or model to ``path`` atomically; return the path.
 
-    Past :data:`EXTERNAL_DATA_THRESHOLD` bytes the weights go to ``<name>.data`` beside it.
+    Past :data:`EXTERNAL_DATA_THRESHOLD` bytes the weights go to a data file beside it
+    (``<name>.data``, or ``<name>.<hex>.data`` when the model being replaced reads that name).
     A graph is checked before anything is written (:func:`check_lowered`) and its weights are
     written straight from its arrays; a model is serialized once and checked (by path when
     it has external data). Raises :class:`OnnxExportError` naming the path when it cannot
-    be written; no partial file stays.
+    be written; the old model at ``path`` stays whole and no partial file stays.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     try:
         if isinstance(graph_or_model, Graph):
             model, weights = lower(graph_or_model, opset)
@@ -64,7 +75,7 @@ def save_onnx(graph_or_model: Graph | onnx.ModelProto, path: str | Path, *, opse
         elif model_size(graph_or_model) <= EXTERNAL_DATA_THRESHOLD:
             data = graph_or_model.SerializeToString()
             check_model(data, f"model for {str(path)!r}")
-            atomic_write_bytes(path, data)
+            _commit(path, lambda fh: fh.write(data))
         else:
             _save_external(graph_or_model, path)
     except OSError as exc:
@@ -106,7 +117,8 @@ def _write_lowered(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], pa
     if len(head) + chunk > EXTERNAL_DATA_THRESHOLD:
         _write_external(model, weights, path)
         return
-    with atomic_file(path) as fh:
+
+    def write(fh: BinaryIO) -> None:
         fh.write(head)
         if tensors:
             fh.write(_len_field(_GRAPH_FIELD, chunk))
@@ -114,30 +126,133 @@ def _write_lowered(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], pa
             fh.write(_len_field(_INITIALIZER_FIELD, body) + header + _len_field(_RAW_DATA_FIELD, arr.nbytes))
             fh.write(little_endian(arr).reshape(-1).view(np.uint8).data)
 
+    _commit(path, write)
+
 
 def _write_external(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], path: Path) -> None:
-    """``model`` with ``weights`` as external data in ``<name>.data`` (64-byte aligned), written atomically."""
-    data_name = f"{path.name}.data"
+    """``model`` with ``weights`` as external data (64-byte aligned), committed by the model's rename."""
     model = _copy_proto(model)
-    offset = 0
-    with atomic_file(path.parent / data_name) as fh:
+
+    def write_data(fh: BinaryIO, data_name: str) -> None:
+        offset = 0
         for name, arr in weights.items():
             pad = -offset % 64
             fh.write(b"\0" * pad)
             offset += pad
             t = model.graph.initializer.add()
             t.CopyFrom(tensor_header(name, arr))
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(arr.nbytes))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
+            _point(t, data_name, offset, arr.nbytes)
             fh.write(little_endian(arr).reshape(-1).view(np.uint8).data)
             offset += arr.nbytes
+
+    _commit(path, lambda fh: fh.write(model.SerializeToString()), write_data)
+
+
+def _save_external(model: onnx.ModelProto, path: Path) -> None:
+    """A ``ModelProto`` past the threshold: initializers of 1 KiB or more go to the data file; checked by path."""
+    model = _copy_proto(model)  # the caller's model keeps its weights
+    big = [t for t in _tensors(model.graph)
+           if t.data_location != TensorProto.EXTERNAL and t.HasField("raw_data") and len(t.raw_data) >= 1024]
+
+    def write_data(fh: BinaryIO, data_name: str) -> None:
+        offset = 0
+        for t in big:
+            pad = -offset % 64
+            fh.write(b"\0" * pad)
+            offset += pad
+            raw = t.raw_data
+            _point(t, data_name, offset, len(raw))
+            fh.write(raw)
+            t.ClearField("raw_data")
+            offset += len(raw)
+
+    _commit(path, lambda fh: fh.write(model.SerializeToString()), write_data,
+            check=lambda tmp: check_model(tmp, f"model for {str(path)!r}"))
+
+
+def _point(t: TensorProto, data_name: str, offset: int, length: int) -> None:
+    """Make ``t`` read ``length`` bytes at ``offset`` of ``data_name``."""
+    t.data_location = TensorProto.EXTERNAL
+    del t.external_data[:]
+    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """The initializers of ``graph`` and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for g in attr.graphs:
+                yield from _tensors(g)
+
+
+_PARSE_LIMIT = 64 << 20  # a model file past this is not parsed to find its data files (a fresh name is used)
+
+
+def _data_read_by(path: Path) -> set[str] | None:
+    """The data files the model now at ``path`` reads (``None``: it cannot be told)."""
     try:
-        atomic_write_bytes(path, model.SerializeToString())
-    except BaseException:
-        (path.parent / data_name).unlink(missing_ok=True)
-        raise
+        st = path.stat()
+    except FileNotFoundError:
+        return set()
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _PARSE_LIMIT:
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a corrupt or foreign file: protobuf's DecodeError, OSError, ...
+        return None
+    return {e.value for t in _tensors(model.graph) if t.data_location == TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
+
+
+def _data_name(path: Path) -> str:
+    """``<name>.data``, or a fresh ``<name>.<hex>.data`` when the model at ``path`` may read ``<name>.data``."""
+    conventional = f"{path.name}.data"
+    used = _data_read_by(path)
+    if used is not None and conventional not in used:
+        return conventional
+    return f"{path.name}.{secrets.token_hex(8)}.data"
+
+
+def _tidy(path: Path, keep: str | None) -> None:
+    """After a commit: remove the family's data files the model does not read and the temporaries of killed writes."""
+    name = re.escape(path.name)
+    family = re.compile(rf"{name}(?:\.[0-9a-f]{{16}})?\.data")
+    temps = re.compile(rf"\.{name}(?:\.[0-9a-f]{{16}})?\.data\.tmp-[0-9a-f]{{12}}")
+    for entry in os.scandir(path.parent):
+        if entry.name != keep and family.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+            (path.parent / entry.name).unlink(missing_ok=True)
+    storage.remove_leftovers(path.parent, path.name, extra=temps)
+
+
+def _commit(path: Path, write_model: Callable[[BinaryIO], object],
+            write_data: Callable[[BinaryIO, str], None] | None = None,
+            check: Callable[[Path], None] | None = None) -> None:
+    """Write the data file (if any) under a name the current model does not read, then commit the model file."""
+    with storage.writing(path, "ONNX model"), storage.parents(path.parent):
+        data_name = None
+        if write_data is not None:
+            data_name = _data_name(path)
+            data_path = path.parent / data_name
+            try:
+                with atomic_file(data_path, what="ONNX external data") as fh:
+                    write_data(fh, data_name)
+                with atomic_file(path, what="ONNX model", before_commit=check) as fh:
+                    write_model(fh)
+            except BaseException:
+                data_path.unlink(missing_ok=True)  # no model reads it: its name was chosen so
+                raise
+        else:
+            with atomic_file(path, what="ONNX model", before_commit=check) as fh:
+                write_model(fh)
+        _tidy(path, data_name)
+        storage.boundary("onnx:tidied")
 
 
 def _copy_proto(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -146,33 +261,24 @@ def _copy_proto(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def stage_external(model: onnx.ModelProto, parent: Path, file_name: str, where: str) -> Path:
-    """``model`` saved as ``file_name`` + ``file_name.data`` in a new temporary folder in ``parent``,
-    fsynced and checked; return the folder (the caller commits it and removes it)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{file_name}.", suffix=".tmp", dir=parent))
-    try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving with external data empties the tensors it moves out
-        onnx.save_model(copy, tmp / file_name, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{file_name}.data", size_threshold=1024)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        check_model(tmp / file_name, where)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
+def write_model_file(model: onnx.ModelProto, path: Path, where: str) -> Path:
+    """``model`` checked, then written as the new file ``path`` in a folder being staged whole."""
+    data = model.SerializeToString()
+    check_model(data, where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_new(path, data)
+    return path
 
 
-def _save_external(model: onnx.ModelProto, path: Path) -> None:
-    """Save with external data through a temporary folder beside ``path``; check, then rename both files."""
-    data = f"{path.name}.data"
-    tmp = stage_external(model, path.parent, path.name, f"model for {str(path)!r}")
-    try:
-        if (tmp / data).exists():
-            os.replace(tmp / data, path.parent / data)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_external_files(model: onnx.ModelProto, folder: Path, file_name: str, where: str) -> Path:
+    """``model`` saved as ``folder/file_name`` + ``file_name.data`` and checked; return the model's path.
+
+    For a folder being staged whole (:func:`flora_graph.storage.staged_folder`, which fsyncs and
+    commits it): the files are written in place, under fixed names.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = _copy_proto(model)  # saving with external data empties the tensors it moves out
+    onnx.save_model(copy, folder / file_name, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{file_name}.data", size_threshold=1024)
+    check_model(folder / file_name, where)
+    return folder / file_name

@@ -174,7 +174,8 @@ class OnnxRuntimeExecutable(Executable):
                 source: str | bytes = model.SerializeToString()
             else:  # protobuf cannot hold it: go through a file with external data
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="flora_graph_ort_")
-                source = str(save_onnx(model, Path(self._tmpdir.name) / f"{self.graph.name or 'model'}.onnx"))
+                # a fixed file name: the graph's name comes from a file and is no path to write to
+                source = str(save_onnx(model, Path(self._tmpdir.name) / "model.onnx"))
             return ort.InferenceSession(source, sess_options=self.session_options, providers=self.providers)
         except FloraGraphError:
             raise

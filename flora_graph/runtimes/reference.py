@@ -6,10 +6,21 @@ lives with the op in its :mod:`flora_graph.ops` family module; one node is evalu
 converts and checks the inputs and binds named dims, and :func:`run` walks the nodes in
 order (the torch.fx ``Interpreter`` / JAX ``eval_jaxpr`` pattern), keeps values in an
 environment and frees each one after its last use.
+
+:func:`to_array` and :func:`cast_array` are the one conversion of data a caller hands in,
+shared by every backend (through :func:`check_inputs`), the serving sessions and adapter
+weights: anything that is not a dense array of numbers or bools is refused by a typed error
+naming the input, never passed on to fail inside numpy, torch or ONNX Runtime. Before a
+node runs, :func:`run` computes the size of its result from its declared shape and the
+bound dims and refuses, naming the node, one that could never fit in memory; a
+``MemoryError`` inside an op is raised as :class:`GraphError` naming the node.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,28 +33,76 @@ from flora_graph.ir.ops import Op
 from flora_graph.ir.shapes import format_shape
 from flora_graph.ops.evaluate import eval_dim, eval_node, np_dtype
 
-__all__ = ["check_inputs", "run"]
+__all__ = ["cast_array", "check_inputs", "max_result_bytes", "run", "to_array"]
 
 
 # --------------------------------------------------------------------------- inputs
+_KINDS = "biuf"  # bool, ints, floats; "V" only for ml_dtypes' bfloat16 & co (no fields, a dtype name)
+
+
+def _torch_array(value: Any, what: str, error: type[Exception]) -> np.ndarray:
+    """A torch tensor's data as numpy; refuses tensors that hold no dense, readable data."""
+    layout = str(value.layout).removeprefix("torch.")
+    if value.is_nested:
+        raise error(f"{what}: a nested tensor is not supported; pad it to a dense tensor")
+    if layout != "strided":
+        raise error(f"{what}: a {layout} tensor is not supported; pass a dense tensor (tensor.to_dense())")
+    if value.device.type == "meta":
+        raise error(f"{what}: a meta tensor has no data")
+    if value.is_quantized:
+        raise error(f"{what}: a quantized tensor ({value.dtype}) is not supported; dequantize it")
+    if value.is_complex():
+        raise error(f"{what}: dtype {str(value.dtype).removeprefix('torch.')} (complex) is not supported")
+    try:
+        t = value.detach().cpu().resolve_neg()
+        return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
+    except Exception as exc:  # a dtype numpy has no match for (float8, ...), a tensor subclass, ...
+        raise error(f"{what}: cannot read {type(value).__name__} of dtype {value.dtype} as an array "
+                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def to_array(value: Any, what: str, error: type[Exception] = RuntimeInputError) -> np.ndarray:
+    """``value`` (numpy array, torch tensor or array-like) as a numpy array of bools or numbers.
+
+    Refused with ``error`` naming ``what``: sparse, meta, nested and quantized tensors, and
+    anything numpy makes into strings, bytes, objects, complex numbers, records or dates
+    (a ragged list, a dict, ``None``), whatever exception the conversion itself raises.
+    """
+    torch = sys.modules.get("torch")  # never imported here: a tensor exists only if torch is loaded
+    if torch is not None and isinstance(value, torch.Tensor):
+        arr = _torch_array(value, what, error)
+    else:
+        try:
+            arr = np.asarray(value)
+        except Exception as exc:  # ragged lists, objects whose __array__ raises, ...
+            msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise error(f"{what}: cannot convert {type(value).__name__} to an array ({msg})") from None
+    dt = arr.dtype
+    if dt.kind not in _KINDS and not (dt.kind == "V" and dt.names is None and not dt.name.startswith("void")):
+        kind = {"U": "strings", "S": "bytes", "O": "Python objects", "c": "complex numbers", "V": "records",
+                "M": "dates", "m": "time deltas"}.get(dt.kind, dt.kind)
+        raise error(f"{what}: an array of {kind} (dtype {dt}) is not supported; pass numbers or bools")
+    return arr
+
+
+def cast_array(arr: np.ndarray, dtype: str | np.dtype, what: str, error: type[Exception] = RuntimeInputError) -> np.ndarray:
+    """Cast ``arr`` to ``dtype`` where safe: floats and ints to a float, ints to an int, bools to bool."""
+    want = np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    kind = arr.dtype.kind
+    ok = {"f": "fiu", "V": "fiu", "i": "iu", "u": "iu", "b": "b"}.get(want.kind, "")  # "V": bfloat16
+    if kind not in ok and arr.dtype != want:
+        raise error(f"{what}: dtype {arr.dtype} cannot be cast to the declared {want.name}")
+    return arr.astype(want, copy=False)
+
+
 def _to_numpy(name: str, value: Any) -> np.ndarray:
     """Convert a numpy array, torch tensor or array-like; raise ``RuntimeInputError``."""
-    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-        t = value.detach().cpu()
-        value = t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
-    try:
-        return np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise RuntimeInputError(f"input {name!r}: cannot convert {type(value).__name__} to an array ({exc})") from None
+    return to_array(value, f"input {name!r}")
 
 
 def _cast(name: str, arr: np.ndarray, dtype: str) -> np.ndarray:
     """Cast to the declared dtype where safe: floats and ints to a float, ints to an int."""
-    kind, want = arr.dtype.kind, np_dtype(dtype)
-    ok = {"f": "fiu", "V": "fiu", "i": "iu", "u": "iu", "b": "b"}.get(want.kind, "")  # "V": bfloat16
-    if kind not in ok and str(arr.dtype) != dtype:
-        raise RuntimeInputError(f"input {name!r}: dtype {arr.dtype} cannot be cast to the declared {dtype}")
-    return arr.astype(want, copy=False)
+    return cast_array(arr, dtype, f"input {name!r}")
 
 
 def _bind_dim(dims: dict[str, int], dim: int | str, size: int, where: str) -> None:
@@ -113,6 +172,34 @@ def _check_dim_max(graph: Graph, dims: Mapping[str, int]) -> None:
 
 
 # --------------------------------------------------------------------------- interpreter
+def max_result_bytes() -> int:
+    """The largest result one node may have on the numpy backend: this machine's physical memory.
+
+    A larger array can never be materialised; refusing it before the allocation turns an
+    out-of-memory kill (or a ``MemoryError``) into a typed error naming the node.
+    """
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return 1 << 46
+
+
+def _check_size(node: ComputationNode, dims: Mapping[str, int], limit: int) -> None:
+    """Refuse a node whose declared result (under the bound dims) would exceed ``limit`` bytes."""
+    sizes = [eval_dim(d, dims) for d in node.shape]
+    if any(s is None for s in sizes):
+        return
+    count = math.prod(int(s) for s in sizes)  # type: ignore[arg-type]
+    nbytes = count * np_dtype(node.dtype).itemsize
+    if nbytes > limit:
+        bound = {d: dims[d] for d in dims if any(isinstance(s, str) and d in s.split("*") for s in node.shape)}
+        raise (RuntimeInputError if bound else GraphError)(
+            f"node {node.name!r} ({node.op.value}) would produce shape {sizes} {node.dtype}, {nbytes / 2**30:.3g} GiB, "
+            f"more than this machine's memory ({limit / 2**30:.3g} GiB)"
+            + (f"; the inputs bind {bound}" if bound else "")
+        )
+
+
 def _check_shape(node: ComputationNode, value: np.ndarray, dims: Mapping[str, int]) -> None:
     want = [eval_dim(d, dims) for d in node.shape]
     if len(want) != value.ndim or any(w is not None and w != s for w, s in zip(want, value.shape, strict=False)):
@@ -131,6 +218,7 @@ def run(graph: Graph, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     when a node's result disagrees with its declared shape.
     """
     arrays, dims = check_inputs(graph, inputs)
+    limit = max_result_bytes()
     env = {name: _readonly(arr) for name, arr in arrays.items()}
     order = graph.live_nodes()
     last_use = {i.name: pos for pos, n in enumerate(order) for i in n.inputs}
@@ -147,6 +235,7 @@ def run(graph: Graph, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 args = [env[i.name] for i in node.inputs]
             except KeyError as exc:
                 raise GraphError(f"node {node.name!r} reads {exc.args[0]!r} before it is defined") from None
+            _check_size(node, dims, limit)
             value = eval_node(node, args, dims)
             for i in node.inputs:
                 if last_use[i.name] == pos and i.name not in keep:

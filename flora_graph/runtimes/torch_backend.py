@@ -45,6 +45,7 @@ __all__ = ["TorchExportExecutable", "TorchScriptExecutable", "atomic_torch_save"
 
 IO_FILE = "flora_io.json"
 DIM_MINS = (0, 1, 2)  # torch-export tries each lower bound for the named dims in turn
+MAX_LINES = 1000  # lines of one TorchScript function; 2,000-node chains ran, 20,000 overflowed the stack
 
 
 def atomic_torch_save(path: str | Path, write: Callable[[IO[bytes]], None], what: str) -> Path:
@@ -81,10 +82,12 @@ def _to_numpy(t: torch.Tensor, copy: bool) -> np.ndarray:
 class _TorchExecutable(Executable):
     """Shared run path: numpy -> torch, inference mode, torch -> numpy without aliasing."""
 
+    max_lines: int | None = None  # cut a longer generated forward into forked parts (torch_lowering)
+
     def __init__(self, graph: Graph, *, num_threads: int | None = None) -> None:
         super().__init__(graph)
         self.num_threads = _check_threads(num_threads)
-        self.module = to_torch_module(graph)
+        self.module = to_torch_module(graph, max_lines=self.max_lines)
         self._copy_out = output_needs_copy(graph)
         self._io = json.dumps({"inputs": self.input_names, "outputs": self.output_names})
 
@@ -124,10 +127,14 @@ class TorchScriptExecutable(_TorchExecutable):
     Options: ``num_threads`` (``torch.set_num_threads`` when given); ``optimize`` applies
     ``torch.jit.freeze`` + ``optimize_for_inference`` (off by default: on the demo model,
     CPU, one thread, it measured slower than the plain scripted module; results agree to
-    ~1e-7). The saved archive is the scripted (or frozen) module.
+    ~1e-7). The saved archive is the scripted (or frozen) module. A graph of more than
+    :data:`MAX_LINES` computed nodes is scripted as forked parts of that many lines
+    (:mod:`~flora_graph.runtimes.torch_lowering`): TorchScript's interpreter recurses once
+    per node of a chain and overflowed the C++ stack (SIGSEGV) on a 20,000-node chain.
     """
 
     backend = "torchscript"
+    max_lines = MAX_LINES
 
     def __init__(self, graph: Graph, *, num_threads: int | None = None, optimize: bool = False) -> None:
         super().__init__(graph, num_threads=num_threads)

@@ -20,10 +20,19 @@ Each op's torch rule (``OPS[op].torch(node, args) -> str``: the Python expressio
 ``node`` given the expressions of its inputs) lives with the op in its :mod:`flora_graph.ops`
 family module; a dim named in an attribute becomes ``arg.size(i)`` of a tensor that carries
 it (a graph input where no operand does). This module is the code generator around them.
+
+A long body can be cut into parts (``max_lines``, used by the ``torchscript`` backend): each
+part is a method ``_flora_part_<k>`` taking the values it reads and returning those read
+later, which ``forward`` runs through ``torch.jit.fork`` + ``torch.jit.wait``. TorchScript
+inlines every method call into one graph, and its interpreter emits a chain of single-use
+values by recursion (``CodeImpl::emitUse``, a few C++ frames per node), so a 20,000-node
+chain overflowed the stack (SIGSEGV) on the first call; a forked function is compiled and
+emitted on its own, which bounds that depth by the part's length.
 """
 
 from __future__ import annotations
 
+import ast
 import builtins
 import itertools
 import keyword
@@ -82,14 +91,16 @@ class _Namer:
 
 # --------------------------------------------------------------------------- source
 def generate_forward(graph: Graph, constants: Mapping[ComputationNode, np.ndarray] | None = None,
-                     ) -> tuple[str, list[str], dict[str, str | np.ndarray]]:
+                     *, max_lines: int | None = None) -> tuple[str, list[str], dict[str, str | np.ndarray]]:
     """The source of ``forward`` for ``graph``.
 
     Returns ``(source, arg_names, buffers)``: the ``def forward(self, ...)`` text, the
     argument name of each graph input (in order) and ``{buffer name: param name}``. Nodes
     in ``constants`` (see :func:`fold_weight_expressions`) are read from buffers holding
-    their value (``{buffer name: array}``) instead of being computed.
-    Raises :class:`UnsupportedOpError` for an op without a torch rule.
+    their value (``{buffer name: array}``) instead of being computed. With ``max_lines``,
+    a body longer than that is cut into forked parts of at most ``max_lines`` lines
+    (methods ``_flora_part_<k>``, defined before ``forward`` in the source; see the module
+    docstring). Raises :class:`UnsupportedOpError` for an op without a torch rule.
     """
     if not graph.outputs:
         raise GraphError(f"graph {graph.name!r} has no outputs to lower")
@@ -103,10 +114,62 @@ def generate_forward(graph: Graph, constants: Mapping[ComputationNode, np.ndarra
     with dim_sources((expr[n], n.shape) for n in graph.inputs):  # named dims in attributes read these sizes
         body = _body(graph, names, expr, buffers, constants or {})
     outs = [expr[n] for n in graph.outputs.values()]
-    ret = "tuple[" + ", ".join(["torch.Tensor"] * len(outs)) + "]"
+    parts: list[str] = []
+    if max_lines is not None and len(body) > max_lines:
+        parts, body = _fork_parts(body, outs, max_lines, names)
     sig = ", ".join(["self", *(f"{a}: torch.Tensor" for a in args)])
-    lines = [f"def forward({sig}) -> {ret}:", *body, f"    return ({', '.join(outs)},)"]
-    return "\n".join(lines) + "\n", args, buffers
+    lines = [f"def forward({sig}) -> {_tensor_tuple(len(outs))}:", *body, f"    return ({', '.join(outs)},)"]
+    return "".join(f"{p}\n\n" for p in parts) + "\n".join(lines) + "\n", args, buffers
+
+
+PART_PREFIX = "_flora_part_"  # methods of a forward cut into parts (buffers are "w_*": never a clash)
+
+
+def _tensor_tuple(n: int) -> str:
+    return "tuple[" + ", ".join(["torch.Tensor"] * n) + "]"
+
+
+def _line_names(line: str) -> tuple[str, set[str]]:
+    """The variable a body line ``    v = expr  # ...`` assigns and the variables ``expr`` reads."""
+    stmt = ast.parse(line.strip()).body[0]
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+        raise GraphError(f"torch lowering: cannot cut the generated line {line.strip()!r} into a part")
+    reads = {n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name)} - {"self", "torch", "F"}
+    return stmt.targets[0].id, reads
+
+
+def _fork_parts(body: list[str], outs: list[str], max_lines: int, names: _Namer) -> tuple[list[str], list[str]]:
+    """Cut ``body`` into methods of at most ``max_lines`` lines; return their sources and ``forward``'s new body.
+
+    A part takes every variable it reads that is defined before it (by an earlier part or
+    as a graph input) and returns every variable it defines that a later part or the
+    return statement reads.
+    """
+    parsed = [_line_names(line) for line in body]
+    chunks = [range(k, min(k + max_lines, len(body))) for k in range(0, len(body), max_lines)]
+    last_read: dict[str, int] = {}
+    for c, rows in enumerate(chunks):
+        for i in rows:
+            for name in parsed[i][1]:
+                last_read[name] = c
+    for name in outs:
+        last_read[name] = len(chunks)
+    parts: list[str] = []
+    calls: list[str] = []
+    for c, rows in enumerate(chunks):
+        defined = [parsed[i][0] for i in rows]
+        reads = sorted({n for i in rows for n in parsed[i][1]} - set(defined))
+        results = [d for d in defined if last_read.get(d, -1) > c]
+        if not results:  # nothing it computes is read later
+            continue
+        method = f"{PART_PREFIX}{c}"
+        sig = ", ".join(["self", *(f"{r}: torch.Tensor" for r in reads)])
+        parts.append("\n".join([f"def {method}({sig}) -> {_tensor_tuple(len(results))}:",
+                                *(body[i] for i in rows), f"    return ({', '.join(results)},)"]))
+        future = names(f"part_{c}", "f_")
+        calls.append(f"    {future} = torch.jit.fork(self.{method}{''.join(', ' + r for r in reads)})")
+        calls.append(f"    ({', '.join(results)},) = torch.jit.wait({future})")
+    return parts, calls
 
 
 def _body(graph: Graph, names: _Namer, expr: dict[ComputationNode, str], buffers: dict[str, str | np.ndarray],
@@ -158,13 +221,14 @@ def _body(graph: Graph, names: _Namer, expr: dict[ComputationNode, str], buffers
 _counter = itertools.count()
 
 
-def _exec_source(source: str, graph_name: str) -> Callable[..., typing.Any]:
-    """Compile ``source`` under a unique file name kept in ``linecache`` (so TorchScript can read it)."""
+def _exec_source(source: str, graph_name: str) -> dict[str, Callable[..., typing.Any]]:
+    """Compile ``source`` under a unique file name kept in ``linecache`` (so TorchScript can read it);
+    return ``forward`` and its parts by name."""
     filename = f"<flora_graph torch lowering {next(_counter)}: {re.sub(r'[^0-9A-Za-z_.]', '_', graph_name)}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict[str, typing.Any] = {"torch": torch, "F": F, "__name__": GENERATED_MODULE}
     exec(compile(source, filename, "exec"), namespace)
-    return namespace["forward"]
+    return {k: v for k, v in namespace.items() if k == "forward" or k.startswith(PART_PREFIX)}
 
 
 def numpy_to_torch(arr: np.ndarray) -> torch.Tensor:
@@ -176,18 +240,20 @@ def numpy_to_torch(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def to_torch_module(graph: Graph, *, fold_weights: bool = True) -> torch.nn.Module:
+def to_torch_module(graph: Graph, *, fold_weights: bool = True, max_lines: int | None = None) -> torch.nn.Module:
     """A self-contained ``nn.Module`` computing ``graph`` (see the module docstring for conventions).
 
     Weights are copied into buffers, so later edits of ``graph.params`` do not reach the
     module. With ``fold_weights`` (default), expressions over weights alone (a swappable
     graph's ``s * B`` or ``[W; A]``) are computed once here, as ONNX Runtime does when it
-    loads a session, instead of on every call. The generated source is ``type(module).source``.
+    loads a session, instead of on every call. ``max_lines`` cuts a longer ``forward`` into
+    forked parts (:func:`generate_forward`). The generated source is ``type(module).source``.
     """
-    source, args, buffers = generate_forward(graph, fold_weight_expressions(graph) if fold_weights else None)
-    forward = _exec_source(source, graph.name)
+    constants = fold_weight_expressions(graph) if fold_weights else None
+    source, args, buffers = generate_forward(graph, constants, max_lines=max_lines)
+    methods = _exec_source(source, graph.name)
     cls_name = "Graph_" + re.sub(r"[^0-9A-Za-z_]", "_", graph.name)
-    cls = type(cls_name, (torch.nn.Module,), {"forward": forward, "__module__": GENERATED_MODULE, "source": source})
+    cls = type(cls_name, (torch.nn.Module,), {**methods, "__module__": GENERATED_MODULE, "source": source})
     module = cls()
     for attr, value in buffers.items():
         arr = graph.params[value] if isinstance(value, str) else value

@@ -5,7 +5,8 @@
   run with ONNX Runtime's ``RunOptions.add_active_adapter``.
 * :func:`export_mixed` + :class:`MixedAdapterSession`: stacked adapter weights and a
   per-row ``adapter_index``, so one call serves rows that use different adapters.
-* :func:`package_triton`, :func:`export_torchscript`: artifacts for Triton and libtorch/TorchServe.
+* :func:`package_triton`, :func:`package_torchscript`, :func:`export_torchscript`: artifacts for Triton
+  (ONNX Runtime and PyTorch entries) and libtorch/TorchServe.
 
 Adapters are ``{param name: array}`` mappings (``"<module>.lora_A"``, ``"<module>.lora_B"``
 with the scale folded into ``B``): :func:`adapter_params` makes one from a model with
@@ -15,8 +16,20 @@ with the scale folded into ``B``): :func:`adapter_params` makes one from a model
 from __future__ import annotations
 
 from flora_graph.serving.adapter_file import AdapterFile, layout_signature, read_adapter, write_adapter
-from flora_graph.serving.artifacts import export_torchscript, io_description, package_triton, triton_config
-from flora_graph.serving.errors import AdapterFileError, AdapterIndexError, ServingError, UnknownAdapterError
+from flora_graph.serving.artifacts import (
+    export_torchscript,
+    io_description,
+    package_torchscript,
+    package_triton,
+    triton_config,
+)
+from flora_graph.serving.errors import (
+    AdapterChecksumWarning,
+    AdapterFileError,
+    AdapterIndexError,
+    ServingError,
+    UnknownAdapterError,
+)
 from flora_graph.serving.export import INDEX_INPUT, export_mixed, export_swappable
 from flora_graph.serving.mixed import NO_ADAPTER, MixedAdapterSession, stack_adapters
 from flora_graph.serving.session import AdapterSession
@@ -25,6 +38,7 @@ from flora_graph.serving.slots import LoRASlot, adapter_params, graph_adapter_pa
 __all__ = [
     "INDEX_INPUT",
     "NO_ADAPTER",
+    "AdapterChecksumWarning",
     "AdapterFile",
     "AdapterFileError",
     "AdapterIndexError",
@@ -40,6 +54,7 @@ __all__ = [
     "graph_adapter_params",
     "io_description",
     "layout_signature",
+    "package_torchscript",
     "package_triton",
     "peft_adapter_params",
     "read_adapter",

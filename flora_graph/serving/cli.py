@@ -30,21 +30,55 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def _package(args: argparse.Namespace, console: Any) -> int:
-    from flora_graph.serving.artifacts import export_torchscript, package_triton
+def _refuse(console: Any, message: str) -> int:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return 2
 
-    root = package_triton(args.source, args.out, args.name, max_batch_size=args.max_batch_size,
+
+def _package(args: argparse.Namespace, console: Any) -> int:
+    # every argument is checked before anything is loaded or written
+    from flora_graph.serving.errors import ServingError
+    from flora_graph.storage import check_name
+
+    name, source = args.name, Path(args.source)
+    try:
+        check_name(name, "--name", error=ServingError)
+    except ServingError as exc:
+        return _refuse(console, str(exc))
+    if '"' in name:  # config.pbtxt quotes it
+        return _refuse(console, f"--name {name!r} must not hold '\"'")
+    if args.max_batch_size < 0:
+        return _refuse(console, f"--max-batch-size must be >= 0, got {args.max_batch_size}")
+    is_graph = (source / "graph.json").is_file()
+    if not (is_graph or source.is_file()):
+        return _refuse(console, f"SOURCE {str(source)!r} is neither a .onnx file nor a saved graph directory")
+    if args.torchscript and not is_graph:
+        return _refuse(console, f"--torchscript needs a saved graph directory as SOURCE, got {str(source)!r}")
+    from flora_graph.serving.artifacts import package_torchscript, package_triton
+
+    if args.torchscript:  # scripted and checked first: it refuses what the ONNX entry would refuse, and more
+        from flora_graph.ir import Graph
+
+        graph = Graph.load(source)
+        ts = package_torchscript(graph, args.out, f"{name}_torchscript", max_batch_size=args.max_batch_size,
+                                 archive_name=name)
+    root = package_triton(graph if args.torchscript else source, args.out, name, max_batch_size=args.max_batch_size,
                           external_data=True if args.external_data else None)
     console.print(f"Triton model repository entry written to {root}")
     if args.torchscript:
-        from flora_graph.ir import Graph
-
-        if not (Path(args.source) / "graph.json").is_file():
-            console.print("[red]--torchscript needs a saved graph directory as SOURCE[/red]")
-            return 2
-        pt, meta = export_torchscript(Graph.load(args.source), Path(args.out) / f"{args.name}_torchscript", args.name)
-        console.print(f"TorchScript written to {pt} (I/O in {meta})")
+        console.print(f"Triton TorchScript entry (pytorch_libtorch) written to {ts}; the archive alone: {ts / name}.pt "
+                      f"(I/O in {ts / name}.json)")
     return 0
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
+    return value
 
 
 def add_cli(subparsers: Any) -> None:
@@ -59,7 +93,10 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("source", help="a .onnx file or a saved graph directory")
     p.add_argument("out", help="the model repository directory")
     p.add_argument("--name", required=True, help="the Triton model name")
-    p.add_argument("--max-batch-size", type=int, default=0, help="Triton max_batch_size (default 0: batch dim in dims)")
+    p.add_argument("--max-batch-size", type=_non_negative_int, default=0,
+                   help="Triton max_batch_size (default 0: the batch dim stays in dims)")
     p.add_argument("--external-data", action="store_true", help="write the model as a directory with external data")
-    p.add_argument("--torchscript", action="store_true", help="also write <name>.pt + <name>.json (graph SOURCE only)")
+    p.add_argument("--torchscript", action="store_true",
+                   help="also write the Triton PyTorch entry <name>_torchscript (config.pbtxt, 1/model.pt; with the "
+                        "archive <name>.pt + <name>.json beside them); graph SOURCE only")
     p.set_defaults(func=_package)

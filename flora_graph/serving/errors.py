@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flora_graph.errors import FloraGraphError
 
-__all__ = ["AdapterFileError", "AdapterIndexError", "ServingError", "UnknownAdapterError"]
+__all__ = ["AdapterChecksumWarning", "AdapterFileError", "AdapterIndexError", "ServingError", "UnknownAdapterError"]
 
 
 class ServingError(FloraGraphError):
@@ -25,3 +25,11 @@ class UnknownAdapterError(ServingError):
 
 class AdapterIndexError(ServingError):
     """A per-row adapter index is outside ``[-1, n_adapters)`` (``-1``: no adapter)."""
+
+
+class AdapterChecksumWarning(UserWarning):
+    """An ``.onnx_adapter`` file has no checksum file beside it, so corruption cannot be detected.
+
+    Files written before checksums existed, or by other tools, load with this warning;
+    ``require_checksum=True`` refuses them instead.
+    """

@@ -80,10 +80,13 @@ class MixedAdapterSession:
     Args:
         model: the mixed ONNX model (path, bytes or ``ModelProto``); its slots come from its metadata.
         adapters: ``{name: .onnx_adapter path or {param: array}}``, in index order.
+        require_checksum: refuse adapter files without a checksum file (as for ``AdapterSession``).
         **options: session options as for :class:`~flora_graph.serving.session.AdapterSession`.
     """
 
-    def __init__(self, model: ModelSource, adapters: Mapping[str, AdapterSource] | None = None, **options: Any) -> None:
+    def __init__(self, model: ModelSource, adapters: Mapping[str, AdapterSource] | None = None, *,
+                 require_checksum: bool = False, **options: Any) -> None:
+        self.require_checksum = require_checksum
         self.model = OrtModel(model, **options)
         kind, self.slots = slots_from_metadata(self.model.metadata, self.model.where)
         if kind != "mixed" or INDEX_INPUT not in self.model.inputs:
@@ -121,7 +124,7 @@ class MixedAdapterSession:
         for name, source in adapters.items():
             if not isinstance(name, str) or not name:
                 raise ServingError(f"adapter name must be a non-empty str, got {name!r}")
-            params[name] = load_params(source, self.spec, name)
+            params[name] = load_params(source, self.spec, name, require_checksum=self.require_checksum)
         new = self._build(params)
         with self._lock:
             self._set = new

@@ -2,20 +2,29 @@
 
 The model is a swappable export (:func:`~flora_graph.serving.export.export_swappable`, or
 any ONNX model whose LoRA weights are overridable initializers). Adapters are loaded as
-``onnxruntime.LoraAdapter`` objects (memory-mapped ``.onnx_adapter`` files) and activated
-per call with ``RunOptions.add_active_adapter``, so switching adapters costs nothing and
+``onnxruntime.LoraAdapter`` objects and activated per call with
+``RunOptions.add_active_adapter``, so switching adapters costs nothing and
 ``run`` is safe to call from many threads at once: each call builds its own
 ``RunOptions`` and holds its adapter for the duration of the call, so an adapter unloaded
 meanwhile stays valid for the calls already using it.
 
 Adapters are validated against the model when loaded (names, shapes, one rank per module),
 so a wrong file fails at ``load_adapter`` with an :class:`AdapterFileError` naming it, not
-in the middle of a request.
+in the middle of a request. A loaded adapter does not depend on its file: the file is read
+into memory once and verified against its checksum
+(:func:`~flora_graph.serving.adapter_file.read_adapter_bytes`), and ONNX Runtime maps a
+private copy that is deleted as soon as it is open
+(:func:`~flora_graph.serving.adapter_file.private_copy`), so truncating, rewriting or
+deleting the file afterwards changes nothing the session serves.
+
+Request inputs go through the one input conversion of the package
+(:func:`~flora_graph.runtimes.reference.to_array` and ``cast_array``): sparse, meta or
+nested tensors and arrays of strings, objects or complex numbers are a :class:`ServingError`
+naming the input.
 """
 
 from __future__ import annotations
 
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +36,13 @@ import onnx
 import onnxruntime as ort
 
 from flora_graph.runtimes.onnxrt import make_session_options
-from flora_graph.serving.adapter_file import read_adapter, write_adapter
+from flora_graph.runtimes.reference import cast_array, to_array
+from flora_graph.serving.adapter_file import (
+    decode_adapter,
+    encode_adapter,
+    private_copy,
+    read_adapter_bytes,
+)
 from flora_graph.serving.errors import AdapterFileError, ServingError, UnknownAdapterError
 from flora_graph.serving.slots import ParamSpec, check_params
 
@@ -49,13 +64,19 @@ def _ort_message(exc: BaseException) -> str:
     return first.rsplit(") ", 1)[-1][:500] if first.startswith("/") else first[:500]
 
 
-def load_params(source: AdapterSource, spec: ParamSpec, name: str) -> dict[str, np.ndarray]:
-    """An adapter's validated params from an ``.onnx_adapter`` path or a ``{name: array}`` mapping."""
+def _load(source: AdapterSource, spec: ParamSpec, name: str, require_checksum: bool) -> tuple[dict[str, np.ndarray], bytes | None]:
+    """Validated params and, for a file, its verified bytes (read once, into memory)."""
     if isinstance(source, str | Path):
-        return check_params(read_adapter(source, name=name).params, spec, name)
+        data = read_adapter_bytes(source, name=name, require_checksum=require_checksum)
+        return check_params(decode_adapter(data, name=name, where=repr(str(source))).params, spec, name), data
     if isinstance(source, Mapping):
-        return check_params(source, spec, name, cast=True)
+        return check_params(source, spec, name, cast=True), None
     raise AdapterFileError(f"adapter {name!r}: expected a path or a mapping of arrays, got {type(source).__name__}")
+
+
+def load_params(source: AdapterSource, spec: ParamSpec, name: str, *, require_checksum: bool = False) -> dict[str, np.ndarray]:
+    """An adapter's validated params from an ``.onnx_adapter`` path (checksum verified) or a ``{name: array}`` mapping."""
+    return _load(source, spec, name, require_checksum)[0]
 
 
 class OrtModel:
@@ -97,10 +118,10 @@ class OrtModel:
             raise ServingError(f"{self.where}: inputs must be {list(want)}; missing {missing}, unknown {unknown}{hint}")
         out: dict[str, Any] = {}
         for name in want:
-            v = inputs[name]
-            arr = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            what = f"{self.where}: input {name!r}"
+            arr = to_array(inputs[name], what, ServingError)
             dtype = self.inputs[name][1]
-            out[name] = np.ascontiguousarray(arr if dtype is None or arr.dtype == dtype else arr.astype(dtype))
+            out[name] = np.ascontiguousarray(arr if dtype is None else cast_array(arr, dtype, what, ServingError))
         return out
 
     def run(self, feeds: Mapping[str, Any], run_options: ort.RunOptions | None,
@@ -117,7 +138,6 @@ class OrtModel:
 class _Loaded:
     lora: ort.LoraAdapter
     ranks: dict[str, int]
-    tmp: tempfile.TemporaryDirectory[str] | None = None  # holds the file of an adapter loaded from arrays
 
 
 class AdapterSession:
@@ -125,6 +145,8 @@ class AdapterSession:
 
     Args:
         model: the swappable ONNX model (path, bytes or ``ModelProto``).
+        require_checksum: refuse adapter files without a checksum file (default: load them
+            with an :class:`~flora_graph.serving.errors.AdapterChecksumWarning`).
         **options: ``intra_op_threads``, ``inter_op_threads``, ``graph_optimization_level``,
             ``allow_spinning`` (default ``False``), ``providers``.
 
@@ -132,7 +154,8 @@ class AdapterSession:
         ServingError: the model cannot be loaded, or has no overridable LoRA inputs.
     """
 
-    def __init__(self, model: ModelSource, **options: Any) -> None:
+    def __init__(self, model: ModelSource, *, require_checksum: bool = False, **options: Any) -> None:
+        self.require_checksum = require_checksum
         self.model = OrtModel(model, **options)
         if not self.model.spec:
             raise ServingError(f"{self.model.where} has no overridable initializers (LoRA inputs); "
@@ -169,25 +192,22 @@ class AdapterSession:
         with self._lock:
             if name in self._adapters and not replace:
                 raise ServingError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
-        params = load_params(source, self.model.spec, name)
-        tmp = None
-        path = source
-        if not isinstance(source, str | Path):  # onnxruntime loads adapters from files only
-            tmp = tempfile.TemporaryDirectory(prefix="flora_graph_adapter_")
-            path = write_adapter(Path(tmp.name) / "adapter.onnx_adapter", params, name=name)
+        params, data = _load(source, self.model.spec, name, self.require_checksum)
+        if data is None:  # from arrays: the same bytes a file of them would hold
+            data = encode_adapter(params, label=name)
         lora = ort.LoraAdapter()
         try:
-            lora.Load(str(path))
+            with private_copy(data) as copy:  # ORT maps the copy; it is deleted, and nothing else can reach it
+                lora.Load(str(copy))
         except Exception as exc:
-            if tmp is not None:
-                tmp.cleanup()
-            raise AdapterFileError(f"adapter {name!r}: onnxruntime cannot load {str(path)!r}: {_ort_message(exc)}") from None
+            where = repr(str(source)) if isinstance(source, str | Path) else "its weights"
+            raise AdapterFileError(f"adapter {name!r}: onnxruntime cannot load {where}: {_ort_message(exc)}") from None
         ranks = {k.removesuffix(".lora_A"): int(v.shape[0]) for k, v in params.items() if k.endswith(".lora_A")}
         with self._lock:
             old = self._adapters.get(name)
             if old is not None and not replace:
                 raise ServingError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
-            self._adapters[name] = _Loaded(lora, ranks, tmp)
+            self._adapters[name] = _Loaded(lora, ranks)
         return ranks
 
     def unload_adapter(self, name: str) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.ir import ComputationNode, Graph
 from flora_graph.passes.adapter_slots import lora_sites, own_weights, rank_dim, slot_nodes, weight_names
+from flora_graph.runtimes.reference import to_array
 from flora_graph.serving.errors import AdapterFileError, ServingError
 
 __all__ = [
@@ -190,7 +191,7 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
         raise AdapterFileError(f"adapter {adapter!r} holds no parameters")
     for name, value in params.items():
         dims, dtype = spec[name]
-        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        arr = to_array(value, f"adapter {adapter!r}: parameter {name!r}", AdapterFileError)
         if arr.dtype != dtype:
             if not (cast and arr.dtype.kind == "f"):
                 raise AdapterFileError(f"adapter {adapter!r}: parameter {name!r} has dtype {arr.dtype}, the model takes {dtype}")

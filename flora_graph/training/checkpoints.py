@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from flora_graph.training.corpus import Corpus
 __all__ = [
     "CHECKPOINT_FORMAT",
     "RESUME_KEYS",
+    "checkpoint_step",
     "config_from_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
@@ -41,16 +43,30 @@ RESUME_KEYS = (
 _ADDED_KEYS = {"flora_update": "lift", "nproc": 1}  # options added later: the value older checkpoints imply
 
 
+_STEP_FILE = re.compile(r"step_(\d+)\.pt")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a checkpoint file named ``step_<digits>.pt`` (any number of digits), else ``None``."""
+    m = _STEP_FILE.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def latest_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if a file, else the highest-step ``step_*.pt`` in ``path`` or ``path/checkpoints``."""
+    """``path`` itself if a file, else the highest-step ``step_<N>.pt`` in ``path`` or ``path/checkpoints``.
+
+    Steps compare as numbers (``step_1000000.pt`` is later than ``step_999999.pt``); files
+    whose name is not ``step_<digits>.pt`` are not checkpoints.
+    """
     path = Path(path)
     if path.is_file():
         return path
     for folder in (path, path / "checkpoints"):
-        found = sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
+        found = [(step, f) for f in folder.glob("step_*.pt")
+                 if (step := checkpoint_step(f)) is not None and f.is_file()] if folder.is_dir() else []
         if found:
-            return found[-1]
-    raise TrainConfigError(f"{path}: no checkpoint file (step_*.pt) found")
+            return max(found)[1]
+    raise TrainConfigError(f"{path}: no checkpoint file (step_<N>.pt) found")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

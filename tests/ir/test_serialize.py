@@ -162,21 +162,28 @@ def test_failed_write_leaves_no_temp_file_and_old_file_intact(tmp_path, monkeypa
 
 
 def test_half_replaced_pair_is_detected(tmp_path, monkeypatch):
-    """New weights written, crash before the new JSON: the old JSON's hash catches it."""
-    tiny_graph().save(tmp_path)
-    real = ser.atomic_write_bytes
+    """New weights written, crash before the new JSON: the folder is committed whole, so the old
+    graph still loads; a pair mixed by hand (new weights, old JSON) is caught by the JSON's hash."""
+    tiny_graph().save(tmp_path / "g")
+    before = {f: (tmp_path / "g" / f).read_bytes() for f in FILES}
+    real = ser.write_new
 
     def weights_only(path, data):
         if Path(path).name == "graph.json":
             raise OSError("crash")
         real(path, data)
 
-    monkeypatch.setattr(ser, "atomic_write_bytes", weights_only)
+    monkeypatch.setattr(ser, "write_new", weights_only)
     with pytest.raises(OSError):
-        rich_graph().save(tmp_path)
+        rich_graph().save(tmp_path / "g")
     monkeypatch.undo()
+    assert {f: (tmp_path / "g" / f).read_bytes() for f in FILES} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["g"]
+    Graph.load(tmp_path / "g")
+    rich_graph().save(tmp_path / "new")
+    (tmp_path / "g" / "weights.safetensors").write_bytes((tmp_path / "new" / "weights.safetensors").read_bytes())
     with pytest.raises(GraphError, match="SHA-256"):
-        Graph.load(tmp_path)
+        Graph.load(tmp_path / "g")
 
 
 # ------------------------------------------------------------------ corrupt files

@@ -1,0 +1,92 @@
+"""Regular expressions from adapter configs, compiled with a typed error and matched with a time bound.
+
+PEFT configs carry regexes: ``target_modules`` / ``exclude_modules`` given as one string
+(matched against the whole module path) and the keys of ``rank_pattern`` / ``alpha_pattern``
+(PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)``). Such a file is
+input, so a key may be invalid (``"("``) or catastrophic (``"(.|.)*Z"`` backtracks 2^n steps
+on an n-character path with Python's ``re``, minutes for a 30-character path).
+
+:class:`BoundedPattern` compiles a pattern with :mod:`re` (so exactly the patterns PEFT
+accepts are accepted, and an invalid one is an :class:`AdapterError` naming the config key)
+and matches it with the ``regex`` package, whose matcher takes a ``timeout``. Matching time
+is counted per pattern across every module path it is tried on, within
+:data:`MATCH_BUDGET_S`; a pattern that runs past it is refused with an ``AdapterError``
+naming it, instead of hanging the loader. For the patterns ``re`` accepts, ``regex`` (in its
+default ``VERSION0`` mode) matches the same strings; the few constructs it compiles
+differently from ``re`` are refused by name rather than matched without a bound.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import regex
+
+from flora_graph.errors import AdapterError
+
+__all__ = ["MATCH_BUDGET_S", "BoundedPattern", "compile_pattern"]
+
+MATCH_BUDGET_S = 1.0
+"""Seconds one config pattern may spend matching, summed over all the module paths it is tried on."""
+
+MAX_PATTERN_CHARS = 10_000
+
+
+class BoundedPattern:
+    """One config regex: ``re``-valid, matched by ``regex`` within a shared time budget.
+
+    ``where`` names the pattern in errors (the config file and key).
+    """
+
+    def __init__(self, pattern: str, where: str, *, wrap: str = "{}", budget_s: float = MATCH_BUDGET_S) -> None:
+        if not isinstance(pattern, str):
+            raise AdapterError(f"{where}: a pattern must be a string, got {type(pattern).__name__} {pattern!r}")
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise AdapterError(f"{where}: pattern of {len(pattern)} characters is longer than {MAX_PATTERN_CHARS}")
+        self.pattern = pattern
+        self.where = where
+        self.budget_s = budget_s
+        self._left = budget_s
+        source = wrap.format(pattern)
+        try:
+            re.compile(source)
+        except (re.error, RecursionError, OverflowError, ValueError) as exc:
+            raise AdapterError(f"{where}: {pattern!r} is not a valid regular expression ({exc})") from None
+        try:
+            self._compiled: Any = regex.compile(source, flags=regex.VERSION0)
+        except (regex.error, RecursionError, OverflowError, ValueError) as exc:
+            raise AdapterError(f"{where}: {pattern!r} uses a construct the bounded matcher cannot compile ({exc}); "
+                               "simplify it") from None
+
+    def _run(self, method: str, text: str) -> bool:
+        if self._left <= 0:
+            self._timeout(text)
+        start = time.perf_counter()
+        try:
+            found = getattr(self._compiled, method)(text, timeout=self._left) is not None
+        except TimeoutError:
+            self._timeout(text)
+        except RecursionError:
+            raise AdapterError(f"{self.where}: {self.pattern!r} is too deeply nested to match against {text!r}") from None
+        self._left -= time.perf_counter() - start
+        return found
+
+    def _timeout(self, text: str) -> None:
+        self._left = 0.0
+        raise AdapterError(f"{self.where}: pattern {self.pattern!r} takes more than {self.budget_s:g} s to match "
+                           f"module paths (last tried on {text!r}); it backtracks catastrophically, simplify it")
+
+    def match(self, text: str) -> bool:
+        """``re.match`` semantics (anchored at the start)."""
+        return self._run("match", text)
+
+    def fullmatch(self, text: str) -> bool:
+        """``re.fullmatch`` semantics."""
+        return self._run("fullmatch", text)
+
+
+def compile_pattern(pattern: Any, where: str, *, wrap: str = "{}") -> BoundedPattern:
+    """:class:`BoundedPattern` of ``wrap.format(pattern)``; :class:`AdapterError` naming ``where`` if it is invalid."""
+    return BoundedPattern(pattern, where, wrap=wrap)

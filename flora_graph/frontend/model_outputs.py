@@ -1,0 +1,93 @@
+"""What a model returns, as the compiler sees it: tensors only, in a fixed order, no key/value cache.
+
+Hugging Face models return a ``ModelOutput`` (a dict-like dataclass: ``logits``, then
+``past_key_values`` or ``cache`` when ``config.use_cache`` is on, ...) and a causal LM with
+``use_cache`` on returns a ``DynamicCache`` that ``torch.export`` cannot trace. Every place
+that captures a model or compares a captured graph with its eager model goes through this
+module, so that both see the same outputs:
+
+* :func:`no_kv_cache` turns ``use_cache`` off on every config in the model while it runs
+  (:func:`~flora_graph.frontend.capture` wraps ``torch.export`` in it);
+* :func:`set_use_cache` does so for good (a loaded model kept for export and its checks);
+* :func:`output_tensors` flattens an eager output (tensor, tuple, list, dict, ``ModelOutput``)
+  into its tensors in the order the captured graph lists its outputs;
+* :func:`max_abs_diff` compares a compiled graph's outputs with them, all of them, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flora_graph.errors import FloraGraphError
+
+__all__ = ["max_abs_diff", "no_kv_cache", "output_tensors", "set_use_cache"]
+
+
+def _cache_configs(model: nn.Module) -> list[Any]:
+    """Every distinct config object of ``model`` and its submodules that has a ``use_cache`` flag."""
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "use_cache") and id(cfg) not in seen:
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
+def set_use_cache(model: nn.Module, value: bool) -> list[tuple[Any, Any]]:
+    """Set ``use_cache`` on every config of ``model``; return ``[(config, previous value)]`` to undo it."""
+    changed = []
+    for cfg in _cache_configs(model):
+        changed.append((cfg, cfg.use_cache))
+        cfg.use_cache = value
+    return changed
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """While inside: ``use_cache=False`` on every config of ``model`` (outputs without a key/value cache)."""
+    changed = set_use_cache(model, False)
+    try:
+        yield
+    finally:
+        for cfg, was in changed:
+            cfg.use_cache = was
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output, flattened in ``torch.export``'s order (the graph's outputs' order).
+
+    Containers are flattened with torch's pytree (tuples, lists, dicts, ``ModelOutput``, which
+    holds only its non-``None`` fields); leaves that are not tensors (a cache object, ``None``,
+    a number) are left out. Raises :class:`FloraGraphError` when no tensor is left.
+    """
+    import torch.utils._pytree as pytree
+
+    tensors = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+    if not tensors:
+        raise FloraGraphError(f"model output of type {type(out).__name__} holds no tensor")
+    return tensors
+
+
+def max_abs_diff(got: Mapping[str, np.ndarray], want: Sequence[torch.Tensor]) -> float:
+    """Largest ``|got - want|`` over a compiled graph's outputs (in order) and the eager tensors
+    (:func:`output_tensors`): ``inf`` when their counts or shapes differ, ``nan`` when either side
+    holds a NaN, so that ``diff <= tolerance`` fails in both cases."""
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for g, w in zip(got.values(), want, strict=True):
+        w = w.detach().cpu().numpy()
+        if g.shape != w.shape:
+            return float("inf")
+        if g.size:
+            d = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))))
+            if d != d:  # NaN: it must not be lost to max()
+                return d
+            worst = max(worst, d)
+    return worst
