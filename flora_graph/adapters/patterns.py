@@ -14,11 +14,18 @@ is counted per pattern across every module path it is tried on, within
 naming it, instead of hanging the loader. For the patterns ``re`` accepts, ``regex`` (in its
 default ``VERSION0`` mode) matches the same strings; the few constructs it compiles
 differently from ``re`` are refused by name rather than matched without a bound.
+
+Compiling is bounded too: ``regex`` unrolls counted repeats, so nested ones cost their
+product (``((a{1000}){1000}){10}`` took 7 s and 3 GB); a pattern whose nested repeat counts
+multiply past :data:`MAX_REPEAT_PRODUCT` (never needed to name module paths) is refused
+before it is compiled, as is one longer than :data:`MAX_PATTERN_CHARS`.
 """
 
 from __future__ import annotations
 
 import re
+import re._constants as _sre
+import re._parser as _sre_parser
 import time
 from typing import Any
 
@@ -32,6 +39,38 @@ MATCH_BUDGET_S = 1.0
 """Seconds one config pattern may spend matching, summed over all the module paths it is tried on."""
 
 MAX_PATTERN_CHARS = 10_000
+MAX_REPEAT_PRODUCT = 10_000
+"""The largest product of the counts of nested repeats (``{m,n}``; ``*`` counts as its minimum) a pattern may have."""
+
+_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
+
+
+def _repeat_product(items: Any, mult: int = 1) -> int:
+    """The largest product of nested repeat counts in a parsed (``re._parser``) pattern."""
+    worst = mult
+    for op, av in items:
+        subs: list[Any] = []
+        inner = mult
+        if op in _REPEATS:
+            lo, hi, sub = av
+            inner = mult * max(lo if hi == _sre.MAXREPEAT else hi, 1)
+            subs = [sub]
+        elif op is _sre.SUBPATTERN:
+            subs = [av[-1]]
+        elif op is _sre.BRANCH:
+            subs = list(av[1])
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            subs = [av[1]]
+        elif op is _sre.GROUPREF_EXISTS:
+            subs = [b for b in av[1:] if b is not None]
+        elif op is _sre.ATOMIC_GROUP:
+            subs = [av]
+        worst = max(worst, inner)
+        for sub in subs:
+            if worst > MAX_REPEAT_PRODUCT:
+                return worst
+            worst = max(worst, _repeat_product(sub, inner))
+    return worst
 
 
 class BoundedPattern:
@@ -52,8 +91,12 @@ class BoundedPattern:
         source = wrap.format(pattern)
         try:
             re.compile(source)
+            product = _repeat_product(_sre_parser.parse(source))
         except (re.error, RecursionError, OverflowError, ValueError) as exc:
             raise AdapterError(f"{where}: {pattern!r} is not a valid regular expression ({exc})") from None
+        if product > MAX_REPEAT_PRODUCT:
+            raise AdapterError(f"{where}: {pattern!r} nests counted repeats (up to {product} and more) past "
+                               f"{MAX_REPEAT_PRODUCT}, too costly to compile; simplify it")
         try:
             self._compiled: Any = regex.compile(source, flags=regex.VERSION0)
         except (regex.error, RecursionError, OverflowError, ValueError) as exc:

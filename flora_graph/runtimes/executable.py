@@ -44,6 +44,9 @@ class Executable(abc.ABC):
 
     def __call__(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> dict[str, np.ndarray]:
         """Validate the named inputs, then run the backend."""
+        if inputs is not None and not isinstance(inputs, Mapping):
+            raise RuntimeInputError(f"inputs must be a mapping {{input name: array}} or keywords, got "
+                                    f"{type(inputs).__name__}; graph {self.graph.name!r} takes {self.input_names}")
         both = set(inputs or {}) & set(kwargs)
         if both:
             raise RuntimeInputError(f"input(s) {sorted(both)} given both in the mapping and as keywords")

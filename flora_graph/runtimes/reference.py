@@ -81,7 +81,7 @@ def to_array(value: Any, what: str, error: type[Exception] = RuntimeInputError) 
     if dt.kind not in _KINDS and not (dt.kind == "V" and dt.names is None and not dt.name.startswith("void")):
         kind = {"U": "strings", "S": "bytes", "O": "Python objects", "c": "complex numbers", "V": "records",
                 "M": "dates", "m": "time deltas"}.get(dt.kind, dt.kind)
-        raise error(f"{what}: an array of {kind} (dtype {dt}) is not supported; pass numbers or bools")
+        raise error(f"{what}: dtype {dt} ({kind}) cannot be cast to numbers or bools, which graphs compute on")
     return arr
 
 
@@ -125,10 +125,13 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
     An input left out takes its default (``graph.input_defaults``), which is checked and
     binds dims as a given input does; the arrays returned include it.
     """
+    if not isinstance(inputs, Mapping):
+        raise RuntimeInputError(f"inputs must be a mapping {{input name: array}}, got {type(inputs).__name__}; "
+                                f"graph {graph.name!r} takes {[n.name for n in graph.inputs]}")
     declared = {n.name: n for n in graph.inputs}
-    unknown = sorted(set(inputs) - set(declared))
+    unknown = sorted((repr(k) for k in inputs if k not in declared), key=str)
     if unknown:
-        raise RuntimeInputError(f"unknown input(s) {unknown}; graph {graph.name!r} takes {sorted(declared)}")
+        raise RuntimeInputError(f"unknown input(s) [{', '.join(unknown)}]; graph {graph.name!r} takes {sorted(declared)}")
     defaults = graph.input_defaults
     missing = [k for k in declared if k not in inputs and k not in defaults]
     if missing:

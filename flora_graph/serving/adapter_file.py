@@ -12,8 +12,9 @@ weight. Beside ``NAME.onnx_adapter`` :func:`write_adapter` writes ``NAME.onnx_ad
 (``<hex digest>  NAME.onnx_adapter``, the ``sha256sum`` format) and :func:`read_adapter`
 verifies it, raising :class:`AdapterFileError` naming the file on a mismatch. The pair is
 committed in three single-file steps, each atomic (:func:`flora_graph.storage.atomic_write_bytes`):
-the checksum file first lists the new digest *and* the old one, then the adapter is renamed
-into place, then the checksum file keeps only the new digest. A reader accepts an adapter
+the checksum file first lists the new digest *and* the old one (of the adapter in place, when
+its checksum file vouches for it), then the adapter is renamed into place, then the checksum
+file keeps only the new digest. A reader accepts an adapter
 whose digest is listed, so at every instant (and after a kill between the steps) the pair
 on disk verifies; a reader that races a whole write between its two reads re-reads them.
 A file without a checksum (written before checksums existed, or by another tool such as
@@ -171,11 +172,12 @@ def write_adapter(path: str | Path, params: Mapping[str, Any], *, model: ModelRe
     digest = hashlib.sha256(data).hexdigest()
     sums = checksum_path(path)
     line = f"{digest}  {path.name}\n"
+    old = _vouched_digest(path, sums)
+    keep = [] if old in (None, digest) else [f"{old}  {path.name}\n"]
     try:
-        old = [d for d in _listed_digests(sums) or [] if d != digest][:1]
-        atomic_write_bytes(sums, (line + "".join(f"{d}  {path.name}\n" for d in old)).encode(), what="adapter checksum")
+        atomic_write_bytes(sums, (line + "".join(keep)).encode(), what="adapter checksum")
         atomic_write_bytes(path, data, what="adapter")
-        if old:
+        if keep:
             atomic_write_bytes(sums, line.encode(), what="adapter checksum")
     except OSError as exc:
         raise AdapterFileError(f"adapter {label!r}: cannot write {str(path)!r}: {exc.strerror or exc}") from None
@@ -192,6 +194,23 @@ def _read_file(path: Path) -> bytes:
             return f.read()
     finally:
         os.close(fd)
+
+
+def _vouched_digest(path: Path, sums: Path) -> str | None:
+    """The digest of the adapter now at ``path`` if its checksum file lists it (or it has none), else ``None``.
+
+    While a write is between its steps the checksum file lists this digest too, so the file
+    a reader may still find there verifies.
+    """
+    try:
+        current = hashlib.sha256(_read_file(path)).hexdigest()
+    except OSError:
+        return None
+    try:
+        listed = _listed_digests(sums)
+    except ValueError:  # a malformed checksum file vouches for nothing
+        return None
+    return current if listed is None or current in listed else None
 
 
 def _listed_digests(sums: Path) -> list[str] | None:

@@ -111,6 +111,9 @@ class OrtModel:
     def feeds(self, inputs: Mapping[str, Any], want: Sequence[str] | None = None) -> dict[str, Any]:
         """The ``want`` inputs (default: all) as arrays of the declared dtypes; ``ServingError`` for a missing or unknown name."""
         want = list(self.inputs) if want is None else want
+        if not isinstance(inputs, Mapping):
+            raise ServingError(f"{self.where}: inputs must be a mapping {{input name: array}}, got "
+                               f"{type(inputs).__name__}; the model takes {list(want)}")
         if len(inputs) != len(want) or any(n not in inputs for n in want):
             missing = [n for n in want if n not in inputs]
             unknown = [n for n in inputs if n not in want]
@@ -183,9 +186,11 @@ class AdapterSession:
         """Load adapter ``name`` from an ``.onnx_adapter`` path or a ``{param: array}`` mapping.
 
         The adapter is validated against the model before it becomes visible to ``run``;
-        returns its rank per module. Raises :class:`AdapterFileError` naming the adapter for
-        a missing, truncated or foreign file, and :class:`ServingError` when ``name`` is
-        already loaded and ``replace`` is false.
+        returns its rank per module. A file is read once and checked against its checksum;
+        the session never reads it again. Raises :class:`AdapterFileError` naming the adapter
+        for a missing, truncated, corrupt or foreign file (or one without a checksum file when
+        ``require_checksum``), and :class:`ServingError` when ``name`` is already loaded and
+        ``replace`` is false.
         """
         if not isinstance(name, str) or not name:
             raise ServingError(f"adapter name must be a non-empty str, got {name!r}")

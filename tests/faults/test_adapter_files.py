@@ -103,6 +103,24 @@ def test_a_write_between_its_steps_still_verifies(tmp_path):
     assert old != path.read_bytes()
 
 
+def test_a_writer_killed_at_any_boundary_leaves_a_pair_that_verifies(tmp_path):
+    from tests.faults._harness import boundaries, kill_at
+
+    def prepare(root):
+        return write_adapter(root / "k.onnx_adapter", A)
+
+    probe = prepare(tmp_path / "probe")
+    labels = boundaries(lambda: write_adapter(probe, B))
+    assert labels.count("file:committed") == 3  # checksum (both digests), adapter, checksum (new digest)
+    for index in range(len(labels)):
+        path = prepare(tmp_path / f"kill{index}")
+        kill_at(lambda path=path: write_adapter(path, B), index)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = read_adapter(path).params["fc.lora_A"]
+        assert np.array_equal(got, A["fc.lora_A"]) or np.array_equal(got, B["fc.lora_A"]), labels[index]
+
+
 @pytest.mark.parametrize("where", [0.3, 0.6, 0.95])
 def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path, where):
     path = write_adapter(tmp_path / "flip.onnx_adapter", A)
@@ -125,6 +143,10 @@ def test_missing_or_malformed_checksums(tmp_path):
         checksum_path(path).write_bytes(text)
         with pytest.raises(AdapterFileError, match=r"adapter 'old': checksum file .*old\.onnx_adapter\.sha256.* malformed"):
             read_adapter(path)
+    write_adapter(path, B)  # over a malformed checksum file: a fresh pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(read_adapter(path).params["fc.lora_A"], B["fc.lora_A"])
 
 
 def test_sessions_can_require_checksums(served, tmp_path):

@@ -113,6 +113,15 @@ def test_a_catastrophic_pattern_returns_or_is_refused_within_the_bound(folder, t
     assert time.perf_counter() - start < MATCH_BUDGET_S + 3
 
 
+def test_a_pattern_costly_to_compile_is_refused_before_compiling(folder, tmp_path):
+    """``regex`` unrolls counted repeats: this one would take minutes and gigabytes to compile."""
+    model, path = _with_config(folder, tmp_path, alpha_pattern={"((a{1000}){1000}){1000}": 3.0})
+    start = time.perf_counter()
+    with pytest.raises(AdapterError, match=r"alpha_pattern key '\(\(a\{1000\}.*nests counted repeats"):
+        load_peft_adapter(model, path)
+    assert time.perf_counter() - start < 1
+
+
 def test_the_budget_is_per_pattern_across_all_paths():
     p = BoundedPattern(r"(.|.)*[0-9]", "test", wrap=PEFT_WRAP, budget_s=0.2)
     start = time.perf_counter()
