@@ -3,9 +3,11 @@
 A checkpoint is ``out/checkpoints/step_NNNNNN.pt``, one atomic ``torch.save`` of plain values
 and tensors (``torch.load(path, weights_only=True)`` reads it): the config, the corpus digest,
 the loss history, the model, optimizer, accumulator and adapter states. A multi-process run
-(``nproc > 1``, FSDP2) keeps the model and optimizer shards in the folder
-``step_NNNNNN.dcp`` (``torch.distributed.checkpoint``) named by the file's ``"sharded"`` entry;
-the file itself is written last, so a ``step_*.pt`` always names a complete checkpoint.
+(``nproc > 1``, FSDP2) keeps the model and optimizer shards in a fresh folder per write,
+``step_NNNNNN.<token>.dcp`` (``torch.distributed.checkpoint``), named by the file's ``"sharded"``
+entry; the file itself is written last, so its rename is the one commit point: a ``step_*.pt``
+always names a complete checkpoint, and the shard folders of that step which it does not name
+(an interrupted write, or the one it replaced) are removed by :func:`remove_stale_shards`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ __all__ = [
     "config_from_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
+    "remove_stale_shards",
     "restore",
     "save_checkpoint",
 ]
@@ -95,6 +99,16 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def remove_stale_shards(path: Path, keep: str) -> list[Path]:
+    """Remove the shard folders of checkpoint ``path``'s step other than ``keep`` (the one ``path`` names);
+    return them. Called after ``path`` is committed, so no committed checkpoint loses its shards."""
+    stale = [f for f in path.parent.glob(f"{path.stem}.*dcp") if f.is_dir() and f.name != keep
+             and re.fullmatch(rf"{re.escape(path.stem)}(\.[0-9a-f]+)?\.dcp", f.name)]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def restore(config: TrainConfig, ckpt: dict[str, Any], corpus: Corpus, parts: dict[str, Any]) -> int:

@@ -21,10 +21,12 @@ Equivalent launch by hand: ``flora-graph train --nproc 2`` (see the README).
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
+import secrets
 import tempfile
 import time
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,12 +118,38 @@ class Ranks:
         """Wait for every rank."""
         dist.barrier()
 
+    def shared_token(self) -> str:
+        """A random hex token drawn on rank 0 and the same on every rank (collective)."""
+        box = [secrets.token_hex(4) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return str(box[0])
+
     @staticmethod
     def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0, on the CPU (collective; other ranks get ``{}``)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _write_error(path: Path, exc: FloraGraphError) -> None:
+    """A rank's typed error as JSON (its class and message), for the launcher to raise again."""
+    doc = {"module": type(exc).__module__, "type": type(exc).__qualname__, "message": str(exc)}
+    path.write_text(json.dumps(doc))
+
+
+def _read_error(path: Path) -> FloraGraphError:
+    """The error :func:`_write_error` recorded: the same flora_graph class where it takes a message alone,
+    else a :class:`FloraGraphError` with the same message."""
+    doc = json.loads(path.read_text())
+    message = str(doc.get("message", ""))
+    try:
+        cls = getattr(import_module(str(doc["module"])), str(doc["type"]))
+        if isinstance(cls, type) and issubclass(cls, FloraGraphError) and str(doc["module"]).startswith("flora_graph."):
+            return cls(message)
+    except (ImportError, AttributeError, KeyError, TypeError):
+        pass
+    return FloraGraphError(message)
 
 
 def _rank_main(rank: int, world: int, config: TrainConfig, progress: str | None, out: str) -> None:
@@ -138,7 +166,7 @@ def _rank_main(rank: int, world: int, config: TrainConfig, progress: str | None,
             r = train(config, progress if rank == 0 else None)
         except FloraGraphError as exc:  # a typed error (bad resume, ...): the launcher raises it again
             if rank == 0:
-                (Path(out) / "error.pickle").write_bytes(pickle.dumps(exc))
+                _write_error(Path(out) / "error.json", exc)
             raise
         weights = Ranks.full_state(r.model)
         if rank == 0:
@@ -167,9 +195,9 @@ def launch(config: TrainConfig, progress: Any, optimizer_factory: Any) -> TrainR
             while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the rank's traceback
                 time.sleep(0.05)
         except mp.ProcessRaisedException:
-            error = Path(out) / "error.pickle"
+            error = Path(out) / "error.json"
             if error.is_file():
-                raise pickle.loads(error.read_bytes()) from None
+                raise _read_error(error) from None
             raise
         result = torch.load(Path(out) / "result.pt", weights_only=True)
     model = build_model(config)

@@ -56,6 +56,7 @@ from flora_graph.training.checkpoints import (
     config_from_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_shards,
     restore,
     save_checkpoint,
 )
@@ -265,10 +266,13 @@ def _save(path: Path, config: TrainConfig, corpus: Corpus, done: int, parts: dic
     if ranks is None:
         save_checkpoint(path, {**payload, "model": model.state_dict(), "optimizer": opt.state_dict()})
         return
-    folder = path.with_suffix(".dcp")
+    # a fresh shard folder per write, named by the checkpoint file that is written last: the file's
+    # rename is the one commit point, and folders no committed file names are leftovers
+    folder = path.with_name(f"{path.stem}.{ranks.shared_token()}.dcp")
     ranks.save(folder, model, opt)
     if ranks.rank == 0:
         save_checkpoint(path, {**payload, "sharded": folder.name})
+        remove_stale_shards(path, keep=folder.name)
     ranks.barrier()
 
 

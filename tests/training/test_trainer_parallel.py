@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,11 @@ def test_two_processes_equal_one_and_write_sharded_checkpoints(tmp_path: Path) -
         torch.testing.assert_close(value, ref[key], rtol=1e-5, atol=1e-5)
     folder = tmp_path / "checkpoints"
     assert two.checkpoints == [folder / "step_000002.pt", folder / "step_000004.pt"]
-    assert (folder / "step_000002.dcp" / ".metadata").is_file()
     ckpt = torch.load(folder / "step_000002.pt", weights_only=True)
-    assert ckpt["sharded"] == "step_000002.dcp" and "model" not in ckpt and ckpt["config"]["nproc"] == 2
+    assert re.fullmatch(r"step_000002\.[0-9a-f]{8}\.dcp", ckpt["sharded"]), ckpt["sharded"]
+    assert (folder / ckpt["sharded"] / ".metadata").is_file()
+    assert [f.name for f in folder.glob("step_000002*.dcp")] == [ckpt["sharded"]]  # one shard folder per step
+    assert "model" not in ckpt and ckpt["config"]["nproc"] == 2
     with pytest.raises(TrainConfigError, match="option nproc is 1 but the checkpoint was trained with 2"):
         train(dataclasses.replace(base, resume=str(folder / "step_000002.pt")), progress=None)
 
@@ -67,3 +70,26 @@ def test_flora_update_and_nproc_options() -> None:
     assert {g["update"] for g in opt.param_groups} == {"paper"}
     with pytest.raises(TrainConfigError, match="optimizer_factory runs in one process only"):
         train(dataclasses.replace(config, nproc=2), progress=None, optimizer_factory=lambda m, c: None)
+
+
+def test_stale_shard_folders_of_a_step_are_removed_after_the_commit(tmp_path: Path) -> None:
+    from flora_graph.training.checkpoints import remove_stale_shards
+
+    for name in ("step_000002.dcp", "step_000002.0a1b2c3d.dcp", "step_000002.deadbeef.dcp", "step_000004.0a1b2c3d.dcp",
+                 "step_000002.notes"):
+        (tmp_path / name).mkdir()
+    removed = remove_stale_shards(tmp_path / "step_000002.pt", keep="step_000002.deadbeef.dcp")
+    assert sorted(f.name for f in removed) == ["step_000002.0a1b2c3d.dcp", "step_000002.dcp"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["step_000002.deadbeef.dcp", "step_000002.notes",
+                                                          "step_000004.0a1b2c3d.dcp"]
+
+
+def test_a_rank_error_crosses_to_the_launcher_as_json_of_its_class(tmp_path: Path) -> None:
+    from flora_graph.errors import FloraGraphError
+    from flora_graph.training.parallel import _read_error, _write_error
+
+    _write_error(tmp_path / "e.json", TrainConfigError("resume: option nproc differs"))
+    err = _read_error(tmp_path / "e.json")
+    assert type(err) is TrainConfigError and str(err) == "resume: option nproc differs"
+    (tmp_path / "f.json").write_text('{"module": "os", "type": "system", "message": "x"}')
+    assert type(_read_error(tmp_path / "f.json")) is FloraGraphError  # only flora_graph error classes come back
