@@ -32,7 +32,6 @@ import onnx
 from onnx import TensorProto
 
 from flora_graph.ir import Graph
-from flora_graph.ir.serialize import atomic_write_bytes
 from flora_graph.runtimes import onnx_writer
 from flora_graph.runtimes.onnx_lowering import to_onnx
 from flora_graph.runtimes.onnx_writer import model_size, write_external_files, write_model_file
@@ -158,12 +157,13 @@ def export_torchscript(graph: Graph, out_dir: str | Path, name: str = "model",
     check_name(name, "TorchScript file name", error=ServingError)
     out = Path(out_dir)
     exe = compile_graph(graph, "torchscript", **dict(options or {}))
-    pt = exe.save(out / f"{name}.pt")
-    doc = {"format": "flora_graph.torchscript", "version": 1, "file": pt.name, "graph": graph.name,
+    doc = {"format": "flora_graph.torchscript", "version": 1, "file": f"{name}.pt", "graph": graph.name,
            "call": "module(*inputs in order) -> tuple of outputs in order", **io_description(graph)}
-    meta = out / f"{name}.json"
-    atomic_write_bytes(meta, (json.dumps(doc, indent=1) + "\n").encode())
-    return pt, meta
+    # the pair is one artifact: both files are staged and committed with the folder (other entries kept)
+    with staged_folder(out, what=f"TorchScript model {name!r}", last=f"{name}.json") as tmp:
+        exe.save(tmp / f"{name}.pt")
+        write_new(tmp / f"{name}.json", (json.dumps(doc, indent=1) + "\n").encode())
+    return out / f"{name}.pt", out / f"{name}.json"
 
 
 GRAPH_TRITON_DTYPES = {

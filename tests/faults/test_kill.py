@@ -30,7 +30,7 @@ from flora_graph.ir import Graph, Op, verify
 from flora_graph.runtimes import onnx_writer
 from flora_graph.runtimes.onnx_lowering import to_onnx
 from flora_graph.runtimes.onnx_writer import save_onnx
-from flora_graph.serving.artifacts import package_triton
+from flora_graph.serving.artifacts import export_torchscript, package_triton
 from flora_graph.training.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
 from ..ir.helpers import rich_graph, tiny_graph
@@ -261,6 +261,25 @@ def test_triton_entry(tmp_path: Path, external: bool) -> None:
     entry = tmp_path / "kill0" / "repo" / "m"
     assert sorted(os.listdir(entry)) == ["1", "2", "config.pbtxt"]
     assert (entry / "1" / "model.onnx").is_dir() == external
+
+
+# ------------------------------------------------------------------ TorchScript model + its I/O description
+def torchscript_state(root: Path) -> tuple[bytes, bytes] | None:
+    pt, meta = root / "ts" / "m.pt", root / "ts" / "m.json"
+    if not meta.exists():
+        return None
+    module = torch.jit.load(str(pt))
+    x = torch.ones(2, 64)
+    return meta.read_bytes(), module(x)[0].numpy().tobytes()
+
+
+def test_torchscript_pair(tmp_path: Path) -> None:
+    def prepare(root: Path) -> None:
+        export_torchscript(dense(1, SMALL), root / "ts", "m")
+        (root / "ts" / "notes.txt").write_text("kept")
+
+    every_boundary(tmp_path, prepare, lambda root: export_torchscript(dense(2, BIG), root / "ts", "m"), torchscript_state)
+    assert (tmp_path / "kill0" / "ts" / "notes.txt").read_text() == "kept"
 
 
 # ------------------------------------------------------------------ checkpoints
