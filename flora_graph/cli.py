@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 import flora_graph
 from flora_graph.errors import FloraGraphError
@@ -291,7 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args, console)
     except FloraGraphError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        # no hard wraps (a path in the message stays copyable) and the message is text, never markup
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}",
+                                                   highlight=False)
         return 2
 
 

@@ -324,3 +324,13 @@ def test_max_abs_diff_compares_every_output_and_keeps_nan() -> None:
     nan = a.clone()
     nan[0, 0] = float("nan")
     assert np.isnan(max_abs_diff({"o0": nan.numpy(), "o1": b.numpy() + 1}, [a, b]))
+
+
+def test_error_messages_are_printed_whole_and_as_text(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A long path is not broken across lines (whatever the terminal width) and brackets are not markup."""
+    from flora_graph.cli import main
+
+    deep = tmp_path / ("d" * 120) / "[red]graph[/red]"
+    assert main(["show", str(deep)]) == 2
+    err = capsys.readouterr().err
+    assert str(deep) in err, err
