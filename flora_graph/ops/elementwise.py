@@ -1,11 +1,14 @@
 """Elementwise ops: arithmetic, activations, float math, comparisons, logic, ``Where``, ``Cast``.
 
 * binary arithmetic (broadcasting): ``Add``, ``Sub``, ``Mul``, ``Div``, ``Pow``;
-* unary activations: ``Neg``, ``Relu``, ``Gelu``, ``Silu``, ``Sigmoid``, ``Tanh``, ``Identity``;
-* unary float math: ``Exp``, ``Log``, ``Sqrt``, ``Rsqrt``, ``Reciprocal``, ``Cos``, ``Sin``, ``Abs``;
+* unary activations: ``Neg``, ``Relu``, ``Gelu``, ``Silu``, ``Sigmoid``, ``Tanh``, ``Elu``, ``LeakyRelu``, ``Identity``;
+* unary float math: ``Exp``, ``Log``, ``Sqrt``, ``Rsqrt``, ``Reciprocal``, ``Cos``, ``Sin``, ``Abs``, ``Sign``,
+  rounding (``Ceil``, ``Floor``, ``Round``, ``Trunc``), ``Erf``, ``Expm1``, ``Log1p``, ``Log2``, ``Log10``,
+  trigonometric and hyperbolic functions and their inverses;
+* binary ``Max``, ``Min``, ``Atan2``, ``Fmod``, ``Remainder``; activations ``Elu``, ``LeakyRelu``;
 * comparisons (broadcasting, result bool): ``Equal``, ``Less``, ``LessOrEqual``, ``Greater``,
   ``GreaterOrEqual``;
-* boolean logic: ``Not``, ``And``, ``Or``;
+* boolean logic: ``Not``, ``And``, ``Or``, ``Xor``; float tests ``IsInf``, ``IsNaN``;
 * ``Where`` (``cond ? a : b``) and ``Cast``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
@@ -27,7 +30,7 @@ from flora_graph.ir.ops import DTYPES, AttrSpec
 from flora_graph.ir.shapes import broadcast_shapes
 from flora_graph.ops._infer import binary, same_dtype, unary
 from flora_graph.ops._onnx import ONNX_DTYPES, simple
-from flora_graph.ops._torch import call, float_math, torch_dtype
+from flora_graph.ops._torch import call, float_literal, float_math, torch_dtype
 from flora_graph.ops.registry import define
 
 __all__: list[str] = []
@@ -153,6 +156,25 @@ define(
     infer=unary, doc="tanh(x).",
     numpy=np.tanh, onnx=simple("Tanh"), torch=call("torch.tanh"), groups=("Unary",),
 )
+def _numpy_elu(x: np.ndarray, *, alpha: float) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.where(x > 0, x, alpha * np.expm1(x)).astype(x.dtype)
+
+
+define(
+    "ELU", "Elu", (1, 1),
+    {"alpha": AttrSpec("float", 1.0)},
+    infer=unary, doc="x > 0 ? x : alpha * (exp(x) - 1).",
+    numpy=_numpy_elu, onnx=simple("Elu", alpha="alpha"),
+    torch=lambda node, args: f"F.elu({args[0]}, alpha={float_literal(node.attrs['alpha'], node)})", groups=("Unary",),
+)
+define(
+    "LEAKY_RELU", "LeakyRelu", (1, 1),
+    {"alpha": AttrSpec("float", 0.01)},
+    infer=unary, doc="x > 0 ? x : alpha * x.",
+    numpy=lambda x, *, alpha: np.where(x > 0, x, x * alpha).astype(x.dtype), onnx=simple("LeakyRelu", alpha="alpha"),
+    torch=lambda node, args: f"F.leaky_relu({args[0]}, {float_literal(node.attrs['alpha'], node)})", groups=("Unary",),
+)
 define(
     "IDENTITY", "Identity", (1, 1),
     infer=unary, doc="x.",
@@ -164,6 +186,50 @@ define(
 def _onnx_rsqrt(ctx: Any, node: ComputationNode, out: str) -> None:
     """``Reciprocal(Sqrt(x))``."""
     ctx.emit("Reciprocal", [ctx.emit("Sqrt", [ctx.arg(node, 0)])], [out])
+
+
+def _onnx_trunc(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Where(x < 0, Ceil(x), Floor(x))`` (ONNX has no ``Trunc``)."""
+    x = ctx.arg(node, 0)
+    neg = ctx.emit("Less", [x, ctx.scalar(0.0)])
+    ctx.emit("Where", [neg, ctx.emit("Ceil", [x]), ctx.emit("Floor", [x])], [out])
+
+
+def _onnx_expm1(ctx: Any, node: ComputationNode, out: str) -> None:
+    """Kahan's ``u = Exp(x)``, ``u == 1 ? x : (u - 1) * x / Log(u)`` for ``|x| < 1``, else ``u - 1``
+    (ONNX has no ``Expm1``; ``Exp(x) - 1`` alone loses the digits of a small ``x``)."""
+    x = ctx.arg(node, 0)
+    u = ctx.emit("Exp", [x])
+    um1 = ctx.emit("Sub", [u, ctx.scalar(1.0)])
+    ratio = ctx.emit("Div", [ctx.emit("Mul", [um1, x]), ctx.emit("Log", [u])])
+    small = ctx.emit("Where", [ctx.emit("Equal", [u, ctx.scalar(1.0)]), x, ratio])
+    near = ctx.emit("Less", [ctx.emit("Abs", [x]), ctx.scalar(1.0)])
+    ctx.emit("Where", [near, small, um1], [out])
+
+
+def _onnx_log1p(ctx: Any, node: ComputationNode, out: str) -> None:
+    """Kahan's ``u = 1 + x``, ``u == 1 ? x : Log(u) * x / (u - 1)`` for ``u <= 2``, else ``Log(u)``
+    (ONNX has no ``Log1p``; ``Log(1 + x)`` alone loses the digits of a small ``x``)."""
+    x = ctx.arg(node, 0)
+    u = ctx.emit("Add", [x, ctx.scalar(1.0)])
+    log_u = ctx.emit("Log", [u])
+    ratio = ctx.emit("Mul", [log_u, ctx.emit("Div", [x, ctx.emit("Sub", [u, ctx.scalar(1.0)])])])
+    small = ctx.emit("Where", [ctx.emit("Equal", [u, ctx.scalar(1.0)]), x, ratio])
+    ctx.emit("Where", [ctx.emit("Greater", [u, ctx.scalar(2.0)]), log_u, small], [out])
+
+
+def _onnx_log_base(base: float):
+    def lower(ctx: Any, node: ComputationNode, out: str) -> None:
+        ctx.emit("Mul", [ctx.emit("Log", [ctx.arg(node, 0)]), ctx.scalar(1.0 / math.log(base))], [out])
+
+    lower.__doc__ = f"``Log(x) * (1 / ln {base:g})`` (ONNX has no log to base {base:g})."
+    return lower
+
+
+def _numpy_erf(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf  # imported here: `import flora_graph` does not import scipy
+
+    return erf(x)
 
 
 for _name, _value, _doc, _numpy, _onnx, _torch in (
@@ -178,6 +244,24 @@ for _name, _value, _doc, _numpy, _onnx, _torch in (
     ("SIN", "Sin", "sin(x).", np.sin, simple("Sin"), float_math("torch.sin")),
     ("ABS", "Abs", "|x|.", np.abs, simple("Abs"), call("torch.abs")),
     ("SIGN", "Sign", "sign(x): -1, 0 or 1, in x's dtype.", np.sign, simple("Sign"), call("torch.sign")),
+    ("CEIL", "Ceil", "ceil(x).", np.ceil, simple("Ceil"), call("torch.ceil")),
+    ("FLOOR", "Floor", "floor(x).", np.floor, simple("Floor"), call("torch.floor")),
+    ("ROUND", "Round", "x rounded to the nearest integer, halves to even.", np.round, simple("Round"), call("torch.round")),
+    ("TRUNC", "Trunc", "x rounded toward zero.", np.trunc, _onnx_trunc, call("torch.trunc")),
+    ("ERF", "Erf", "erf(x).", _numpy_erf, simple("Erf"), float_math("torch.erf")),
+    ("EXPM1", "Expm1", "exp(x) - 1, accurate near 0.", _quiet(np.expm1), _onnx_expm1, float_math("torch.expm1")),
+    ("LOG1P", "Log1p", "log(1 + x), accurate near 0.", _quiet(np.log1p), _onnx_log1p, float_math("torch.log1p")),
+    ("LOG2", "Log2", "log2(x).", _quiet(np.log2), _onnx_log_base(2.0), float_math("torch.log2")),
+    ("LOG10", "Log10", "log10(x).", _quiet(np.log10), _onnx_log_base(10.0), float_math("torch.log10")),
+    ("TAN", "Tan", "tan(x).", np.tan, simple("Tan"), float_math("torch.tan")),
+    ("ACOS", "Acos", "acos(x).", _quiet(np.arccos), simple("Acos"), float_math("torch.acos")),
+    ("ASIN", "Asin", "asin(x).", _quiet(np.arcsin), simple("Asin"), float_math("torch.asin")),
+    ("ATAN", "Atan", "atan(x).", np.arctan, simple("Atan"), float_math("torch.atan")),
+    ("COSH", "Cosh", "cosh(x).", _quiet(np.cosh), simple("Cosh"), float_math("torch.cosh")),
+    ("SINH", "Sinh", "sinh(x).", _quiet(np.sinh), simple("Sinh"), float_math("torch.sinh")),
+    ("ACOSH", "Acosh", "acosh(x).", _quiet(np.arccosh), simple("Acosh"), float_math("torch.acosh")),
+    ("ASINH", "Asinh", "asinh(x).", np.arcsinh, simple("Asinh"), float_math("torch.asinh")),
+    ("ATANH", "Atanh", "atanh(x).", _quiet(np.arctanh), simple("Atanh"), float_math("torch.atanh")),
 ):
     define(
         _name, _value, (1, 1),
@@ -190,6 +274,64 @@ define(
     infer=binary, doc="a ** b, broadcasting.",
     numpy=_numpy_pow, onnx=simple("Pow"), torch=call("torch.pow"), groups=("Binary",),
 )
+
+
+def _onnx_atan2(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Atan(y / x)`` moved to its quadrant: ``+-pi`` where ``x < 0``, ``Sign(y) * pi / 2`` where ``x == 0``
+    (ONNX has no ``Atan2``; unlike ``atan2``, ``y = -0`` with ``x <= 0`` and two infinities are not special)."""
+    y, x = ctx.args(node)
+    a = ctx.emit("Atan", [ctx.emit("Div", [y, x])])
+    pi = ctx.scalar(math.pi)
+    left = ctx.emit("Where", [ctx.emit("Less", [y, ctx.scalar(0.0)]), ctx.emit("Sub", [a, pi]), ctx.emit("Add", [a, pi])])
+    axis = ctx.emit("Mul", [ctx.emit("Sign", [y]), ctx.scalar(math.pi / 2)])
+    rest = ctx.emit("Where", [ctx.emit("Less", [x, ctx.scalar(0.0)]), left, a])
+    ctx.emit("Where", [ctx.emit("Equal", [x, ctx.scalar(0.0)]), axis, rest], [out])
+
+
+def _numpy_remainder(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.remainder(a, b)
+
+
+def _numpy_fmod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.fmod(a, b)
+
+
+def _onnx_fmod(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Mod(fmod=1)``: C's fmod, for integers and floats."""
+    ctx.emit("Mod", ctx.args(node), [out], fmod=1)
+
+
+def _onnx_remainder(ctx: Any, node: ComputationNode, out: str) -> None:
+    """Integers: ``Mod(fmod=0)``; floats (where ONNX allows only ``fmod=1``): ``r = Mod(a, b, fmod=1)``,
+    plus ``b`` where ``r != 0`` and the signs of ``r`` and ``b`` differ."""
+    a, b = ctx.args(node)
+    if not node.dtype.startswith(("float", "bfloat")):
+        ctx.emit("Mod", [a, b], [out], fmod=0)
+        return
+    r = ctx.emit("Mod", [a, b], fmod=1)
+    zero = ctx.scalar(0.0)
+    signs_differ = ctx.emit("Xor", [ctx.emit("Less", [r, zero]), ctx.emit("Less", [b, zero])])
+    fix = ctx.emit("And", [ctx.emit("Not", [ctx.emit("Equal", [r, zero])]), signs_differ])
+    ctx.emit("Where", [fix, ctx.emit("Add", [r, b]), r], [out])
+
+
+for _name, _value, _doc, _numpy, _onnx, _torch, _groups in (
+    ("MAX", "Max", "max(a, b) (NaN propagates)", np.maximum, simple("Max"), call("torch.maximum"), ("Binary", "Commutative")),
+    ("MIN", "Min", "min(a, b) (NaN propagates)", np.minimum, simple("Min"), call("torch.minimum"), ("Binary", "Commutative")),
+    ("ATAN2", "Atan2", "atan2(a, b): the angle of the point (b, a)", np.arctan2, _onnx_atan2, call("torch.atan2"),
+     ("Binary",)),
+    ("FMOD", "Fmod", "a - b * trunc(a / b): the remainder with a's sign (C fmod)", _numpy_fmod, _onnx_fmod,
+     call("torch.fmod"), ("Binary",)),
+    ("REMAINDER", "Remainder", "a - b * floor(a / b): the remainder with b's sign (Python %)", _numpy_remainder,
+     _onnx_remainder, call("torch.remainder"), ("Binary",)),
+):
+    define(
+        _name, _value, (2, 2),
+        infer=binary, doc=f"{_doc}, broadcasting.",
+        numpy=_numpy, onnx=_onnx, torch=_torch, groups=_groups,
+    )
 
 
 # --------------------------------------------------------------------------- comparisons, logic
@@ -240,6 +382,28 @@ define(
     infer=_infer_logical, doc="Logical or of bool values, broadcasting.",
     numpy=np.logical_or, onnx=simple("Or"), torch=call("torch.logical_or"), groups=("Logical",),
 )
+define(
+    "XOR", "Xor", (2, 2),
+    infer=_infer_logical, doc="Logical exclusive or of bool values, broadcasting.",
+    numpy=np.logical_xor, onnx=simple("Xor"), torch=call("torch.logical_xor"), groups=("Logical",),
+)
+
+
+def _infer_float_test(shapes, dtypes, attrs):
+    if not dtypes[0].startswith(("float", "bfloat")):
+        raise ShapeError(f"IsInf/IsNaN take a float input, got {dtypes[0]}")
+    return tuple(shapes[0]), "bool"
+
+
+for _name, _value, _doc, _numpy, _torch in (
+    ("IS_INF", "IsInf", "x is +inf or -inf", np.isinf, "torch.isinf"),
+    ("IS_NAN", "IsNaN", "x is NaN", np.isnan, "torch.isnan"),
+):
+    define(
+        _name, _value, (1, 1),
+        infer=_infer_float_test, doc=f"{_doc}: a bool of x's shape (x float).",
+        numpy=_numpy, onnx=simple(_value), torch=call(_torch),
+    )
 
 
 # --------------------------------------------------------------------------- Where

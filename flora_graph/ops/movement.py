@@ -1,5 +1,5 @@
 """Data movement: ``Reshape``, ``Flatten``, ``Transpose``, ``Concat``, ``Split``, ``Slice``,
-``Unsqueeze``, ``Squeeze``, ``Expand``.
+``Unsqueeze``, ``Squeeze``, ``Expand``, ``Flip``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
 numpy semantics, ONNX rule and torch rule side by side. Every op here is in
@@ -420,4 +420,32 @@ define(
     "EXPAND", "Expand", (1, 1), {"shape": _req("dims")},
     infer=_infer_expand, doc="ONNX Expand: broadcast x against shape (ints or dim names).",
     numpy=_numpy_expand, onnx=_onnx_expand, torch=_torch_expand, groups=_MOVEMENT,
+)
+
+
+# --------------------------------------------------------------------------- Flip
+def _infer_flip(shapes, dtypes, attrs):
+    norm = [normalize_axis(a, len(shapes[0]), what="Flip axis") for a in attrs["axes"]]
+    if len(set(norm)) != len(norm):
+        raise ShapeError(f"Flip: axes {attrs['axes']} must be distinct")
+    return tuple(shapes[0]), dtypes[0]
+
+
+def _onnx_flip(ctx: Any, node: ComputationNode, out: str) -> None:
+    """ONNX ``Slice`` from -1 to the int64 minimum with step -1 along each axis."""
+    axes = node.attrs["axes"]
+    if not axes:
+        ctx.emit("Identity", [ctx.arg(node, 0)], [out])
+        return
+    n = len(axes)
+    ctx.emit("Slice", [ctx.arg(node, 0), int64(ctx, [-1] * n, f"{node.name}/starts"),
+                       int64(ctx, [-(2**63)] * n, f"{node.name}/ends"), int64(ctx, axes, f"{node.name}/axes"),
+                       int64(ctx, [-1] * n, f"{node.name}/steps")], [out])
+
+
+define(
+    "FLIP", "Flip", (1, 1), {"axes": _req("ints")},
+    infer=_infer_flip, doc="Reverse the order of x along axes (torch.flip).",
+    numpy=lambda x, *, axes: np.flip(x, tuple(axes)), onnx=_onnx_flip,
+    torch=lambda node, args: f"torch.flip({args[0]}, {ints(node.attrs['axes'])})", groups=_MOVEMENT,
 )

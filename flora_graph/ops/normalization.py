@@ -1,4 +1,4 @@
-"""Normalisation: ``Softmax``, ``LayerNorm``, ``RMSNorm``.
+"""Normalisation: ``Softmax``, ``LayerNorm``, ``RMSNorm``, ``LogSoftmax``, ``BatchNorm``, ``GroupNorm``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
 numpy semantics, ONNX rule and torch rule side by side. The numpy rules compute their
@@ -166,4 +166,110 @@ define(
     "RMS_NORM", "RMSNorm", (1, 2), {"axis": AttrSpec("int", -1), "epsilon": AttrSpec("float", 1e-6)},
     infer=_infer_rms_norm, doc="x / sqrt(mean(x**2 over dims axis..end) + epsilon) * scale (ONNX RMSNormalization).",
     numpy=_numpy_rms_norm, onnx=_onnx_rms_norm, torch=_torch_rms_norm,
+)
+
+
+# --------------------------------------------------------------------------- LogSoftmax
+def _numpy_log_softmax(x: np.ndarray, *, axis: int) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    shifted = x64 - np.max(x64, axis=axis, keepdims=True, initial=-np.inf)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def _torch_log_softmax(node: ComputationNode, args: list[str]) -> str:
+    return f"torch.log_softmax({args[0]}, {int(node.attrs['axis'])})"
+
+
+define(
+    "LOG_SOFTMAX", "LogSoftmax", (1, 1), {"axis": AttrSpec("int", -1)},
+    infer=_infer_softmax, doc="log(softmax(x)) along axis (ONNX LogSoftmax).",
+    numpy=_numpy_log_softmax, onnx=simple("LogSoftmax", axis="axis"), torch=_torch_log_softmax,
+)
+
+
+# --------------------------------------------------------------------------- BatchNorm
+def _infer_batch_norm(shapes, dtypes, attrs):
+    x = shapes[0]
+    if len(x) < 2:
+        raise ShapeError(f"BatchNorm needs x [N, C, ...], got {format_shape(x)}")
+    for what, s in zip(("scale", "bias", "mean", "var"), shapes[1:], strict=True):
+        if len(s) != 1 or canonical_dim(s[0]) != canonical_dim(x[1]):
+            raise ShapeError(f"BatchNorm: {what} {format_shape(s)} does not match {x[1]} channels")
+    return tuple(x), same_float_dtype(dtypes)
+
+
+def _numpy_batch_norm(x, scale, bias, mean, var, *, epsilon: float) -> np.ndarray:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    x64 = x.astype(np.float64)
+    inv = 1.0 / np.sqrt(var.astype(np.float64) + epsilon)
+    return (x64 - mean.reshape(shape)) * inv.reshape(shape) * scale.reshape(shape) + bias.reshape(shape)
+
+
+def _torch_batch_norm(node: ComputationNode, args: list[str]) -> str:
+    x, scale, bias, mean, var = args
+    eps = float_literal(node.attrs["epsilon"], node)
+    return f"F.batch_norm({x}, {mean}, {var}, {scale}, {bias}, False, 0.0, {eps})"
+
+
+define(
+    "BATCH_NORM", "BatchNorm", (5, 5), {"epsilon": AttrSpec("float", 1e-5)},
+    infer=_infer_batch_norm,
+    doc="Inference batch norm over axis 1: (x - mean) / sqrt(var + epsilon) * scale + bias (ONNX BatchNormalization).",
+    numpy=_numpy_batch_norm, onnx=simple("BatchNormalization", epsilon="epsilon"), torch=_torch_batch_norm,
+)
+
+
+# --------------------------------------------------------------------------- GroupNorm
+def _infer_group_norm(shapes, dtypes, attrs):
+    x, g = shapes[0], attrs["groups"]
+    if len(x) < 2 or not isinstance(x[1], int) or g < 1 or x[1] % g:
+        raise ShapeError(f"GroupNorm needs x [N, C, ...] with static C divisible by groups={g}, got {format_shape(x)}")
+    for what, s in zip(("scale", "bias"), shapes[1:], strict=False):
+        if len(s) != 1 or canonical_dim(s[0]) != x[1]:
+            raise ShapeError(f"GroupNorm: {what} {format_shape(s)} does not match {x[1]} channels")
+    return tuple(x), same_float_dtype(dtypes)
+
+
+def _numpy_group_norm(x, scale=None, bias=None, *, groups: int, epsilon: float) -> np.ndarray:
+    x64 = x.astype(np.float64).reshape(x.shape[0], groups, -1)
+    mean = x64.mean(axis=2, keepdims=True)
+    var = np.square(x64 - mean).mean(axis=2, keepdims=True)
+    y = ((x64 - mean) / np.sqrt(var + epsilon)).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if scale is not None:
+        y = y * scale.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def _onnx_group_norm(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Reshape`` to ``[N, groups, -1]``, ``InstanceNormalization`` (unit scale, zero bias), ``Reshape``
+    back, then ``* scale + bias`` per channel."""
+    x, g, rank = node.inputs[0], node.attrs["groups"], len(node.inputs[0].shape)
+    args = ctx.args(node)
+    grouped = ctx.emit("Reshape", [args[0], int64(ctx, [0, g, -1], f"{node.name}/groups")])
+    ones = ctx.constant(np.ones(g, dtype=ctx.dtype), f"{node.name}/ones")
+    zeros = ctx.constant(np.zeros(g, dtype=ctx.dtype), f"{node.name}/zeros")
+    normed = ctx.emit("InstanceNormalization", [grouped, ones, zeros], epsilon=node.attrs["epsilon"])
+    affine = args[1:]
+    y = ctx.emit("Reshape", [normed, ctx.emit("Shape", [args[0]])], None if affine else [out])
+    per_channel = int64(ctx, [x.shape[1]] + [1] * (rank - 2), f"{node.name}/channel")
+    for k, a in enumerate(affine):
+        y = ctx.emit("Mul" if k == 0 else "Add", [y, ctx.emit("Reshape", [a, per_channel])],
+                     [out] if k == len(affine) - 1 else None)
+
+
+def _torch_group_norm(node: ComputationNode, args: list[str]) -> str:
+    scale = args[1] if len(args) > 1 else "None"
+    bias = args[2] if len(args) > 2 else "None"
+    eps = float_literal(node.attrs["epsilon"], node)
+    return f"F.group_norm({args[0]}, {int(node.attrs['groups'])}, {scale}, {bias}, {eps})"
+
+
+define(
+    "GROUP_NORM", "GroupNorm", (1, 3), {"groups": AttrSpec("int", required=True), "epsilon": AttrSpec("float", 1e-5)},
+    infer=_infer_group_norm,
+    doc="Normalise x [N, C, ...] over each of groups channel groups, then * scale + bias per channel.",
+    numpy=_numpy_group_norm, onnx=_onnx_group_norm, torch=_torch_group_norm,
 )

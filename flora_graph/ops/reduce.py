@@ -1,8 +1,11 @@
-"""Reductions and scans: ``ReduceMean``, ``ReduceSum``, ``CumSum``.
+"""Reductions and scans: ``ReduceMean``, ``ReduceSum``, ``ReduceProd``, ``ReduceMax``,
+``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
-numpy semantics, ONNX rule and torch rule side by side. The numpy rules sum and average
-floats in float64 (the caller rounds the result to the node's dtype).
+numpy semantics, ONNX rule and torch rule side by side. The numpy rules sum, multiply,
+average and take variances of floats in float64 (the caller rounds the result to the node's
+dtype). ``ReduceMax``/``ReduceMin`` propagate NaN (numpy and torch alike); ``ArgMax``/``ArgMin``
+return the first index of the extreme value on ties, as torch does (ONNX ``select_last_index=0``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
 from flora_graph.ir.shapes import normalize_axis
-from flora_graph.ops._onnx import int64
+from flora_graph.ops._onnx import ONNX_DTYPES, int64
 from flora_graph.ops._torch import ints, torch_dtype
 from flora_graph.ops.registry import define
 
@@ -90,6 +93,149 @@ define(
     infer=_infer_reduce, doc="Sum over axes (empty: all), keeping them as size 1 when keepdims.",
     numpy=_numpy_reduce(np.sum), onnx=_onnx_reduce("ReduceSum"), torch=_torch_reduce("torch.sum"),
     groups=("Reduce",),
+)
+
+
+# --------------------------------------------------------------------------- ReduceProd, ReduceMax, ReduceMin
+def _numpy_extreme(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def impl(x: np.ndarray, *, axes: tuple[int, ...], keepdims: int) -> np.ndarray:
+        axis = tuple(a % x.ndim for a in axes) if axes else None
+        return fn(x, axis=axis, keepdims=bool(keepdims))
+
+    return impl
+
+
+def _torch_prod(node: ComputationNode, args: list[str]) -> str:
+    """``torch.prod`` takes one dim: one call per axis, the highest first (all axes: one call)."""
+    rank = len(node.inputs[0].shape)
+    axes = sorted({a % rank for a in node.attrs["axes"]} or range(rank), reverse=True)
+    keep, dtype = bool(node.attrs["keepdims"]), torch_dtype(node.dtype)
+    if not axes:  # a scalar
+        return f"{args[0]}.to({dtype})"
+    if not keep and len(axes) == rank:
+        return f"torch.prod({args[0]}, dtype={dtype})"
+    expr = args[0]
+    for a in axes:
+        expr = f"torch.prod({expr}, {a}, {keep}, dtype={dtype})"
+    return expr
+
+
+define(
+    "REDUCE_PROD", "ReduceProd", (1, 1), dict(_REDUCE_ATTRS),
+    infer=_infer_reduce, doc="Product over axes (empty: all), keeping them as size 1 when keepdims.",
+    numpy=_numpy_reduce(np.prod), onnx=_onnx_reduce("ReduceProd"), torch=_torch_prod,
+    groups=("Reduce",),
+)
+define(
+    "REDUCE_MAX", "ReduceMax", (1, 1), dict(_REDUCE_ATTRS),
+    infer=_infer_reduce, doc="Maximum over axes (empty: all; NaN wins), keeping them as size 1 when keepdims.",
+    numpy=_numpy_extreme(np.max), onnx=_onnx_reduce("ReduceMax"), torch=_torch_reduce("torch.amax"),
+    groups=("Reduce",),
+)
+define(
+    "REDUCE_MIN", "ReduceMin", (1, 1), dict(_REDUCE_ATTRS),
+    infer=_infer_reduce, doc="Minimum over axes (empty: all; NaN wins), keeping them as size 1 when keepdims.",
+    numpy=_numpy_extreme(np.min), onnx=_onnx_reduce("ReduceMin"), torch=_torch_reduce("torch.amin"),
+    groups=("Reduce",),
+)
+
+
+# --------------------------------------------------------------------------- ReduceVar
+def _infer_var(shapes, dtypes, attrs):
+    if dtypes[0] not in ("float16", "bfloat16", "float32", "float64"):
+        raise ShapeError(f"ReduceVar takes a float input, got {dtypes[0]}")
+    return _infer_reduce(shapes, dtypes, attrs)
+
+
+def _numpy_var(x: np.ndarray, *, axes: tuple[int, ...], keepdims: int, correction: float) -> np.ndarray:
+    axis = tuple(a % x.ndim for a in axes) if axes else None
+    with np.errstate(divide="ignore", invalid="ignore"):  # n <= correction: inf or NaN, as torch
+        return np.var(x, axis=axis, ddof=correction, keepdims=bool(keepdims), dtype=np.float64)
+
+
+def _onnx_var(ctx: Any, node: ComputationNode, out: str) -> None:
+    """sum((x - mean)^2) / (n - correction), n the product of the reduced sizes (read off ``Shape``)."""
+    x, keep = ctx.arg(node, 0), node.attrs["keepdims"]
+    rank = len(node.inputs[0].shape)
+    axes = [a % rank for a in node.attrs["axes"]] or list(range(rank))
+    axes_in = [int64(ctx, axes, f"{node.name}/axes")] if axes else []
+    mean = ctx.emit("ReduceMean", [x, *axes_in], keepdims=1)
+    diff = ctx.emit("Sub", [x, mean])
+    total = ctx.emit("ReduceSum", [ctx.emit("Mul", [diff, diff]), *axes_in], keepdims=keep)
+    sizes = ctx.emit("Gather", [ctx.emit("Shape", [x]), int64(ctx, axes, f"{node.name}/reduced")], axis=0)
+    count = ctx.emit("Cast", [ctx.emit("ReduceProd", [sizes], keepdims=0)], to=ONNX_DTYPES[ctx.dtype])
+    denom = ctx.emit("Sub", [count, ctx.scalar(float(node.attrs["correction"]))])
+    ctx.emit("Div", [total, denom], [out])
+
+
+def _torch_var(node: ComputationNode, args: list[str]) -> str:
+    rank = len(node.inputs[0].shape)
+    axes = [a % rank for a in node.attrs["axes"]] or list(range(rank))
+    keep, c = bool(node.attrs["keepdims"]), float(node.attrs["correction"])
+    return f"torch.var({args[0]}, {ints(axes)}, correction={c!r}, keepdim={keep})"
+
+
+define(
+    "REDUCE_VAR", "ReduceVar", (1, 1), {**_REDUCE_ATTRS, "correction": AttrSpec("float", 1.0)},
+    infer=_infer_var,
+    doc="Variance over axes (empty: all): sum((x - mean)^2) / (n - correction), keeping axes when keepdims.",
+    numpy=_numpy_var, onnx=_onnx_var, torch=_torch_var,
+    groups=("Reduce",),
+)
+
+
+# --------------------------------------------------------------------------- ArgMax, ArgMin
+def _infer_arg(shapes, dtypes, attrs):
+    x = shapes[0]
+    if dtypes[0] == "bool":
+        raise ShapeError("ArgMax/ArgMin do not take bool inputs (cast first)")
+    if attrs["keepdims"] not in (0, 1):
+        raise ShapeError(f"keepdims must be 0 or 1, got {attrs['keepdims']}")
+    if not x:
+        raise ShapeError("ArgMax/ArgMin need an input of rank >= 1 (reshape a scalar first)")
+    axis = normalize_axis(attrs["axis"], len(x), what="arg axis")
+    if attrs["keepdims"]:
+        return tuple(1 if i == axis else d for i, d in enumerate(x)), "int64"
+    return tuple(d for i, d in enumerate(x) if i != axis), "int64"
+
+
+def _numpy_arg(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def impl(x: np.ndarray, *, axis: int, keepdims: int) -> np.ndarray:  # first index on ties, NaN wins
+        return fn(x, axis=axis % x.ndim, keepdims=bool(keepdims)).astype(np.int64)
+
+    return impl
+
+
+def _onnx_arg(op_type: str) -> Callable[[Any, ComputationNode, str], None]:
+    def lower(ctx: Any, node: ComputationNode, out: str) -> None:
+        x = ctx.arg(node, 0)
+        if node.inputs[0].dtype in ("float16", "bfloat16"):
+            x = ctx.emit("Cast", [x], to=ONNX_DTYPES["float32"])
+        ctx.emit(op_type, [x], [out], axis=int(node.attrs["axis"]), keepdims=int(node.attrs["keepdims"]),
+                 select_last_index=0)
+
+    lower.__doc__ = f"``{op_type}`` (first index on ties: ``select_last_index=0``)."
+    return lower
+
+
+def _torch_arg(fn: str) -> Callable[[ComputationNode, list[str]], str]:
+    def lower(node: ComputationNode, args: list[str]) -> str:
+        return f"{fn}({args[0]}, {int(node.attrs['axis'])}, {bool(node.attrs['keepdims'])})"
+
+    return lower
+
+
+_ARG_ATTRS = {"axis": AttrSpec("int", required=True), "keepdims": AttrSpec("int", 1)}
+
+define(
+    "ARG_MAX", "ArgMax", (1, 1), dict(_ARG_ATTRS),
+    infer=_infer_arg, doc="int64 index of the maximum along axis (the first on ties; NaN counts as the maximum).",
+    numpy=_numpy_arg(np.argmax), onnx=_onnx_arg("ArgMax"), torch=_torch_arg("torch.argmax"),
+)
+define(
+    "ARG_MIN", "ArgMin", (1, 1), dict(_ARG_ATTRS),
+    infer=_infer_arg, doc="int64 index of the minimum along axis (the first on ties; NaN counts as the minimum).",
+    numpy=_numpy_arg(np.argmin), onnx=_onnx_arg("ArgMin"), torch=_torch_arg("torch.argmin"),
 )
 
 

@@ -38,6 +38,28 @@ def conv(id: str, w: np.ndarray, b: np.ndarray | None = None, *, x: In = CONV_X,
         lambda x: F.conv2d(x.double(), f64(w), None if b is None else f64(b), stride, padding, dilation, groups).float(),
     )
 
+def _conv1d(w: np.ndarray, b: np.ndarray | None = None, **attrs: Any) -> Any:
+    """``Conv2d`` over ``x`` and ``w`` with a unit axis 2, then that axis squeezed (what ``conv1d`` becomes)."""
+
+    def build(g, x, rng):
+        x4 = g.add(Op.UNSQUEEZE, [x["x"]], {"axes": (2,)})
+        w4 = g.add(Op.UNSQUEEZE, [g.const("w", w)], {"axes": (2,)})
+        y = g.add(Op.CONV2D, [x4, w4] + ([] if b is None else [g.const("b", b)]), attrs)
+        return g.add(Op.SQUEEZE, [y], {"axes": (2,)})
+
+    return build
+
+
+def _baddbmm(alpha: float) -> Any:
+    """``c + alpha * (a @ b)``."""
+
+    def build(g, x, rng):
+        y = g.add(Op.MUL, [g.add(Op.MATMUL, [x["a"], x["b"]]), g.const("alpha", np.asarray(alpha, np.float32))])
+        return g.add(Op.ADD, [y, x["c"]])
+
+    return build
+
+
 CASES = [
     # ------------------------------------------------------------------ Linear
     Case("linear_2d_bias", {"x": In(("batch", 6))}, op(Op.LINEAR, "x", _W46, _B4), linear_ref(_W46, _B4)),
@@ -67,6 +89,20 @@ CASES = [
     conv("conv_depthwise_x2", _conv_w(8, 1, 3, 3), groups=4),
     conv("conv_all", _conv_w(6, 2, 3, 3), _conv_w(6), stride=(2, 3), padding=(1, 2), dilation=(1, 2), groups=2),
     conv("conv_1x1_dynamic_hw", _conv_w(3, 4, 1, 1), x=In(("batch", 4, "seq", "kv"))),
+    # ------------------------------------------------------------------ captured ATen forms
+    Case("conv1d", {"x": In(("batch", 4, 11))}, _conv1d(_conv_w(6, 4, 3), _conv_w(6), stride=(1, 2), padding=(0, 1)),
+         lambda x: F.conv1d(x, torch.from_numpy(_conv_w(6, 4, 3)), torch.from_numpy(_conv_w(6)), 2, 1),
+         tol=1e-4, capture=("conv1d.default",)),
+    Case("conv1d_same_groups", {"x": In(("batch", 4, 9))}, _conv1d(_conv_w(4, 2, 3), padding=(0, 2), dilation=(1, 2), groups=2),
+         lambda x: F.conv1d(x, torch.from_numpy(_conv_w(4, 2, 3)), None, 1, "same", 2, 2),
+         tol=1e-4, capture=("conv1d.padding",)),
+    Case("convolution_1d", {"x": In(("batch", 4, 11))}, _conv1d(_conv_w(6, 4, 3), _conv_w(6), padding=(0, 1)),
+         lambda x: torch.ops.aten.convolution(x, torch.from_numpy(_conv_w(6, 4, 3)), torch.from_numpy(_conv_w(6)), [1], [1],
+                                              [1], False, [0], 1),
+         tol=1e-4, capture=("convolution.default",)),
+    Case("baddbmm", {"c": In(("batch", 1, "seq")), "a": In(("batch", 3, 5)), "b": In(("batch", 5, "seq"))},
+         _baddbmm(0.5), lambda c, a, b: torch.baddbmm(c, a, b, beta=1.0, alpha=0.5), tol=1e-5,
+         capture=("baddbmm.default",)),
 ]
 
 

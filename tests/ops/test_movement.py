@@ -2,7 +2,8 @@
 splits, slices, broadcasts.
 
 Numpy reference against torch (``reshape``, ``flatten``, ``permute``, ``torch.cat``,
-``torch.split``, slicing, ``expand``), then every backend against the reference; see
+``torch.split``, slicing, ``expand``, ``flip``; captured: ``stack``, ``unflatten``,
+``repeat_interleave``, ``copy``, ``select_scatter``, ``slice_scatter``), then every backend against the reference; see
 :mod:`tests.ops.harness`.
 """
 
@@ -20,6 +21,31 @@ X4D = In(("batch", "seq", 3, 4))
 
 _INTS = np.array([[7, -7, 0]], np.int64)
 _TABLE = const(np.random.default_rng(6), 16, 6)
+
+
+def _stack(g, x, rng):
+    return g.add(Op.CONCAT, [g.add(Op.UNSQUEEZE, [x[k]], {"axes": (1,)}) for k in ("a", "b")], {"axis": 1})
+
+
+def _repeat_interleave(g, x, rng):
+    wide = g.add(Op.EXPAND, [g.add(Op.UNSQUEEZE, [x["x"]], {"axes": (2,)})], {"shape": ("batch", "seq", 2, 3)})
+    return g.add(Op.RESHAPE, [wide], {"shape": ("batch", "2*seq", 3)})
+
+
+def _copy(g, x, rng):
+    return g.add(Op.EXPAND, [g.add(Op.CAST, [x["s"]], {"to": "float32"})], {"shape": ("batch", "seq", 4)})
+
+
+def _select_scatter(g, x, rng):
+    head = g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (0,), "ends": (2,)})
+    tail = g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (3,), "ends": (4,)})
+    return g.add(Op.CONCAT, [head, g.add(Op.UNSQUEEZE, [x["s"]], {"axes": (1,)}), tail], {"axis": 1})
+
+
+def _slice_scatter(g, x, rng):
+    head = g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (0,), "ends": (2,)})
+    tail = g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (4,), "ends": (6,)})
+    return g.add(Op.CONCAT, [head, x["s"], tail], {"axis": 1})
 
 CASES = [
     Case("slice_static_steps", {"x": In(("batch", 6, 5))},
@@ -79,6 +105,21 @@ CASES = [
          lambda g, x, rng: {f"piece{i}": g.add(Op.SPLIT, [x["x"]], {"axis": -1, "sizes": (3, 3, 4), "index": i}) for i in range(3)},
          lambda x: torch.split(x, [3, 3, 4], -1)),
     Case("split_one_piece", {"x": X}, op(Op.SPLIT, "x", axis=2, sizes=(2, 4), index=1), lambda x: torch.split(x, [2, 4], 2)[1]),
+    # ------------------------------------------------------------------ Flip, and converters composing movement ops
+    Case("flip", {"x": In(("batch", "seq", 6))}, op(Op.FLIP, "x", axes=(0, 2)), lambda x: torch.flip(x, [0, -1]),
+         capture=("flip.default",)),
+    Case("stack", {"a": In(("batch", "seq")), "b": In(("batch", "seq"))}, _stack, lambda a, b: torch.stack([a, b], 1),
+         capture=("stack.default",)),
+    Case("unflatten", {"x": X}, op(Op.RESHAPE, "x", shape=(0, 0, 2, 3)), lambda x: x.unflatten(-1, (2, 3)),
+         capture=("unflatten.int",)),
+    Case("repeat_interleave", {"x": In(("batch", "seq", 3))}, _repeat_interleave,
+         lambda x: torch.repeat_interleave(x, 2, dim=1), capture=("repeat_interleave.self_int",)),
+    Case("copy_broadcast_cast", {"x": In(("batch", "seq", 4)), "s": In((4,), "int64", "small_int")}, _copy,
+         lambda x, s: torch.ops.aten.copy(x, s), capture=("copy.default",)),
+    Case("select_scatter", {"x": In(("batch", 4, 6)), "s": In(("batch", 6))}, _select_scatter,
+         lambda x, s: torch.select_scatter(x, s, 1, 2), capture=("select_scatter.default",)),
+    Case("slice_scatter_step1", {"x": In(("batch", 6)), "s": In(("batch", 2))}, _slice_scatter,
+         lambda x, s: torch.slice_scatter(x, s, 1, 2, 4), capture=("slice_scatter.default",)),
 ]
 
 

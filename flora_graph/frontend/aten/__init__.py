@@ -7,11 +7,15 @@ emits: :mod:`~flora_graph.frontend.aten.linear` (linear, matmul, addmm, conv),
 :mod:`~flora_graph.frontend.aten.elementwise` (arithmetic, activations, float math,
 comparisons, logic, where, masked_fill, triu/tril, diff, casts),
 :mod:`~flora_graph.frontend.aten.reduce` (mean, sum, cumsum),
-:mod:`~flora_graph.frontend.aten.normalization` (softmax, layer_norm, rms_norm),
+:mod:`~flora_graph.frontend.aten.normalization` (softmax, log_softmax, layer_norm, rms_norm,
+batch_norm, group_norm), :mod:`~flora_graph.frontend.aten.pooling` (max/avg/adaptive pooling,
+upsampling),
 :mod:`~flora_graph.frontend.aten.attention` (scaled-dot-product attention),
 :mod:`~flora_graph.frontend.aten.movement` (views, reshapes, transposes, cat, split,
-slice, squeeze, expand), :mod:`~flora_graph.frontend.aten.indexing` (embedding,
-index_select, select, unbind, gather, index), :mod:`~flora_graph.frontend.aten.creation`
+slice, squeeze, expand, flip, stack, unflatten, repeat_interleave, copy),
+:mod:`~flora_graph.frontend.aten.padding` (constant_pad_nd, pad, reflection/replication
+pads, repeat), :mod:`~flora_graph.frontend.aten.indexing` (embedding, index_select, select,
+unbind, gather, index, diagonal, slice/select_scatter, index_put, scatter, scatter_add), :mod:`~flora_graph.frontend.aten.creation`
 (arange, the full/ones/zeros family) and :mod:`~flora_graph.frontend.aten.aliases`
 (clone/detach/contiguous, eval-mode dropout, getitem). Importing this package registers
 them all. The capture-time LoRA Linear op registers its converter from
@@ -29,6 +33,8 @@ from flora_graph.frontend.aten import (  # noqa: F401  (each family registers it
     linear,
     movement,
     normalization,
+    padding,
+    pooling,
     reduce,
 )
 from flora_graph.frontend.aten.registry import (
@@ -51,5 +57,6 @@ __all__ = [
     "operand", "out_dtype", "refuse", "register",
 ]
 
-FAMILIES = ("linear", "elementwise", "reduce", "normalization", "attention", "movement", "indexing", "creation", "aliases")
+FAMILIES = ("linear", "elementwise", "reduce", "normalization", "pooling", "attention",
+            "movement", "padding", "indexing", "creation", "aliases")
 """The family modules, in the order they are documented."""

@@ -4,10 +4,17 @@ comparisons, logic, ``Where`` and ``Cast``.
 ``add``/``sub``/``mul``/``div``/``rsub`` (``Tensor`` and ``Scalar``, with ``alpha``) ->
 ``Add``/``Sub``/``Mul``/``Div``; ``pow`` -> ``Pow``; ``neg``, ``relu``, ``silu``,
 ``sigmoid``, ``tanh``, ``gelu``; ``exp``, ``log``, ``sqrt``, ``rsqrt``, ``reciprocal``,
-``cos``, ``sin``, ``abs`` (cast to the float dtype torch computes in); ``eq``/``ne``/``lt``/
+``cos``, ``sin``, ``abs``, ``sign``, ``erf``, ``expm1``, ``log1p``, ``log2``, ``log10``, ``tan``, ``acos``,
+``asin``, ``atan``, ``cosh``, ``sinh``, ``acosh``, ``asinh``, ``atanh`` (cast to the float dtype torch
+computes in); ``ceil``/``floor``/``round``/``trunc`` (nothing on integers); ``maximum``/``max.other``,
+``minimum``/``min.other`` -> ``Max``/``Min``; ``clamp`` (``Scalar`` and ``Tensor`` bounds) and
+``hardtanh`` -> ``Max`` then ``Min``; ``atan2``, ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
+``div`` with a ``rounding_mode`` (``Div``, then ``Trunc``/``Floor``; integer floor division through
+``Remainder``); ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; ``fill.Scalar``
+-> ``Expand`` of the value; ``eq``/``ne``/``lt``/
 ``le``/``gt``/``ge`` -> ``Equal`` (``ne``: plus ``Not``), ``Less``, ``LessOrEqual``,
-``Greater``, ``GreaterOrEqual``; ``logical_*``/``bitwise_*`` on bool tensors -> ``Not``/
-``And``/``Or``; ``where`` and ``masked_fill`` -> ``Where``; ``triu``/``tril`` (a constant
+``Greater``, ``GreaterOrEqual``; ``logical_*``/``bitwise_*`` on bool tensors (and a bool scalar) ->
+``Not``/``And``/``Or``/``Xor``; ``where`` and ``masked_fill`` -> ``Where``; ``triu``/``tril`` (a constant
 mask, or ``Arange`` + comparison, then ``Where``); ``diff`` with a one-element ``prepend``
 (transformers' packed-sequence check); ``to``/``_to_copy``/``type_as`` -> ``Cast`` (nothing
 when the dtype is unchanged).
@@ -224,3 +231,121 @@ def _diff(ctx, x, n=1, dim=-1, prepend=None, append=None):
         first = ctx.emit(Op.UNSQUEEZE, [first], {"axes": tuple(range(1, rank - axis))})
     shifted = ctx.emit(Op.WHERE, [first, as_dtype(ctx, prepend, x.dtype), shifted])
     return ctx.emit(Op.SUB, [x, shifted])
+
+
+# --------------------------------------------------------------------------- rounding, float math, min/max, clamp
+def _rounding(op: Op) -> Converter:
+    """``ceil``/``floor``/``round``/``trunc``: nothing to do on an integer or bool tensor (torch returns it)."""
+
+    def conv(ctx, x):
+        if not x.dtype.startswith(("float", "bfloat")):
+            return x
+        return ctx.emit(op, [x])
+
+    return conv
+
+
+for _target, _op in [
+    (aten.ceil.default, Op.CEIL), (aten.floor.default, Op.FLOOR), (aten.round.default, Op.ROUND),
+    (aten.trunc.default, Op.TRUNC),
+]:
+    register(_target)(_rounding(_op))
+
+for _target, _op in [
+    (aten.erf.default, Op.ERF), (aten.expm1.default, Op.EXPM1), (aten.log1p.default, Op.LOG1P),
+    (aten.log2.default, Op.LOG2), (aten.log10.default, Op.LOG10), (aten.tan.default, Op.TAN),
+    (aten.acos.default, Op.ACOS), (aten.asin.default, Op.ASIN), (aten.atan.default, Op.ATAN),
+    (aten.cosh.default, Op.COSH), (aten.sinh.default, Op.SINH), (aten.acosh.default, Op.ACOSH),
+    (aten.asinh.default, Op.ASINH), (aten.atanh.default, Op.ATANH),
+]:
+    register(_target)(_float_unary(_op))
+
+register(aten.maximum.default, aten.max.other)(_binary(Op.MAX))
+register(aten.minimum.default, aten.min.other)(_binary(Op.MIN))
+register(aten.atan2.default)(_binary(Op.ATAN2))
+register(aten.fmod.Tensor, aten.fmod.Scalar)(_binary(Op.FMOD))
+register(aten.remainder.Tensor, aten.remainder.Scalar)(_binary(Op.REMAINDER))
+
+
+@register(aten.clamp.default, aten.clamp.Tensor)
+def _clamp(ctx, x, min=None, max=None):
+    """``Min(Max(x, min), max)``, either bound optional (as torch: ``max`` wins where ``min > max``)."""
+    dtype = out_dtype(ctx)
+    y = operand(ctx, x, dtype)
+    if min is not None:
+        y = ctx.emit(Op.MAX, [y, operand(ctx, min, dtype)])
+    if max is not None:
+        y = ctx.emit(Op.MIN, [y, operand(ctx, max, dtype)])
+    return y
+
+
+@register(aten.hardtanh.default)
+def _hardtanh(ctx, x, min_val=-1.0, max_val=1.0):
+    return _clamp(ctx, x, min_val, max_val)
+
+
+@register(aten.elu.default)
+def _elu(ctx, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    """``Elu``; a ``scale`` multiplies it, an ``input_scale`` other than 1 is refused."""
+    if input_scale != 1:
+        raise refuse(ctx, f"elu with input_scale={input_scale}")
+    y = ctx.emit(Op.ELU, [x], {"alpha": float(alpha)})
+    return y if scale == 1 else ctx.emit(Op.MUL, [y, as_dtype(ctx, scale, y.dtype)])
+
+
+@register(aten.leaky_relu.default)
+def _leaky_relu(ctx, x, negative_slope=0.01):
+    return ctx.emit(Op.LEAKY_RELU, [x], {"alpha": float(negative_slope)})
+
+
+@register(aten.isinf.default, aten.isnan.default)
+def _float_test(ctx, x):
+    """``IsInf``/``IsNaN``; an integer or bool tensor (never inf or NaN) is tested as float32."""
+    if not x.dtype.startswith(("float", "bfloat")):
+        x = as_dtype(ctx, x, "float32")
+    return ctx.emit(Op.IS_INF if ctx.fx_node.target is aten.isinf.default else Op.IS_NAN, [x])
+
+
+@register(aten.div.Tensor_mode, aten.div.Scalar_mode)
+def _div_mode(ctx, a, b, *, rounding_mode=None):
+    """``rounding_mode`` None: ``Div``; ``"trunc"``: ``Trunc(Div)`` (an integer ``Div`` truncates already);
+    ``"floor"``: ``Floor(Div)``, for integers ``Div(a - Remainder(a, b), b)`` (exact)."""
+    dtype = out_dtype(ctx)
+    a, b = operand(ctx, a, dtype), operand(ctx, b, dtype)
+    is_float = dtype.startswith(("float", "bfloat"))
+    if rounding_mode is None or (rounding_mode == "trunc" and not is_float):
+        return ctx.emit(Op.DIV, [a, b])
+    if rounding_mode == "trunc":
+        return ctx.emit(Op.TRUNC, [ctx.emit(Op.DIV, [a, b])])
+    if rounding_mode == "floor":
+        if is_float:
+            return ctx.emit(Op.FLOOR, [ctx.emit(Op.DIV, [a, b])])
+        return ctx.emit(Op.DIV, [ctx.emit(Op.SUB, [a, ctx.emit(Op.REMAINDER, [a, b])]), b])
+    raise refuse(ctx, f"div with rounding_mode={rounding_mode!r}")
+
+
+@register(aten.fill.Scalar)
+def _fill(ctx, x, value):
+    """``value`` in ``x``'s dtype, expanded to ``x``'s shape."""
+    return ctx.emit(Op.EXPAND, [as_dtype(ctx, value, x.dtype)], {"shape": tuple(x.shape)})
+
+
+# --------------------------------------------------------------------------- xor, bitwise ops with a bool scalar
+@register(aten.logical_xor.default, aten.bitwise_xor.Tensor, aten.__xor__.Tensor)
+def _xor(ctx, a, b):
+    return ctx.emit(Op.XOR, _bool_only(ctx, a, b))
+
+
+_BOOL_SCALAR_OPS = {
+    aten.bitwise_and.Scalar: Op.AND, aten.__and__.Scalar: Op.AND,
+    aten.bitwise_or.Scalar: Op.OR, aten.__or__.Scalar: Op.OR,
+    aten.bitwise_xor.Scalar: Op.XOR, aten.__xor__.Scalar: Op.XOR,
+}
+
+
+@register(*_BOOL_SCALAR_OPS)
+def _bitwise_scalar(ctx, x, other):
+    """A bool tensor with a Python bool: ``And``/``Or``/``Xor`` with a bool constant."""
+    if not isinstance(other, bool):
+        raise refuse(ctx, f"bitwise op with the scalar {other!r} (only bool tensors and bools are supported)")
+    return ctx.emit(_BOOL_SCALAR_OPS[ctx.fx_node.target], [*_bool_only(ctx, x), as_dtype(ctx, other, "bool")])

@@ -2,8 +2,10 @@
 
 ``linear`` -> ``Linear``; ``matmul``/``mm``/``bmm`` -> ``MatMul``; ``addmm`` (GPT-2's
 ``Conv1D``) -> ``MatMul`` plus ``Mul``/``Add`` for ``alpha``, ``beta`` and the bias;
-``conv2d`` (both overloads, ``padding="same"``/``"valid"`` included) and 2-D
-non-transposed ``convolution`` -> ``Conv2d``. The capture-time LoRA Linear op
+``baddbmm`` (Bloom) likewise over batched matrices; ``conv2d`` (both overloads,
+``padding="same"``/``"valid"`` included) and 2-D non-transposed ``convolution`` -> ``Conv2d``;
+``conv1d`` (both overloads; Whisper) and 1-D ``convolution`` -> ``Conv2d`` over an unsqueezed
+unit axis, then ``Squeeze``. The capture-time LoRA Linear op
 (``flora_graph::lora_linear``) has its converter in :mod:`flora_graph.frontend.lora_op`.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from flora_graph.errors import UnsupportedOpError
-from flora_graph.frontend.aten.registry import as_dtype, register
+from flora_graph.frontend.aten.registry import as_dtype, refuse, register
 from flora_graph.ir import Op
 
 __all__: list[str] = []
@@ -64,8 +66,37 @@ def _conv2d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     return ctx.emit(Op.CONV2D, [x, w] + ([b] if b is not None else []), attrs)
 
 
+@register(aten.conv1d.default, aten.conv1d.padding)
+def _conv1d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """``Conv2d`` over ``x`` ``[N, C, 1, L]`` and ``w`` ``[O, C/g, 1, k]``, then the unit axis squeezed."""
+    if len(x.shape) != 3 or len(w.shape) != 3:
+        raise refuse(ctx, "conv1d needs x [N, C, L] and w [O, C/groups, k]")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        else:  # "same" with stride 1
+            total = _pair(dilation)[0] * (int(w.shape[2]) - 1)
+            if total % 2:
+                raise refuse(ctx, "asymmetric 'same' padding")
+            padding = total // 2
+    x4 = ctx.emit(Op.UNSQUEEZE, [x], {"axes": (2,)})
+    w4 = ctx.emit(Op.UNSQUEEZE, [w], {"axes": (2,)})
+    attrs = {"stride": (1, _pair(stride)[0]), "padding": (0, _pair(padding)[0]), "dilation": (1, _pair(dilation)[0]),
+             "groups": int(groups)}
+    y = ctx.emit(Op.CONV2D, [x4, w4] + ([b] if b is not None else []), attrs)
+    return ctx.emit(Op.SQUEEZE, [y], {"axes": (2,)})
+
+
 @register(aten.convolution.default)
 def _convolution(ctx, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
-    if transposed or len(w.shape) != 4:
-        raise UnsupportedOpError("only 2-D, non-transposed convolutions are supported", {"aten.convolution.default": [ctx.where()]})
-    return _conv2d(ctx, x, w, b, stride, padding, dilation, groups)
+    if transposed or len(w.shape) not in (3, 4):
+        raise UnsupportedOpError("only 1-D and 2-D non-transposed convolutions are supported",
+                                 {"aten.convolution.default": [ctx.where()]})
+    conv = _conv1d if len(w.shape) == 3 else _conv2d
+    return conv(ctx, x, w, b, stride, padding, dilation, groups)
+
+
+@register(aten.baddbmm.default)
+def _baddbmm(ctx, bias, a, b, *, beta=1, alpha=1):
+    """``beta * bias + alpha * (a @ b)`` (Bloom's attention scores)."""
+    return _addmm(ctx, bias, a, b, beta=beta, alpha=alpha)

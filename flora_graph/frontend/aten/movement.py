@@ -7,7 +7,10 @@ splits, slices and broadcasts.
 empty tensors skipped, as torch does); ``split``/``split_with_sizes``/``chunk`` -> one
 ``Split`` per piece (a tuple); ``slice`` -> ``Slice`` (nothing for a whole-axis slice);
 ``unsqueeze`` -> ``Unsqueeze``; ``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the
-size-1 axes; ``expand``/``expand_as`` -> ``Expand`` (nothing when the shape is unchanged).
+size-1 axes; ``expand``/``expand_as`` -> ``Expand`` (nothing when the shape is unchanged);
+``flip`` -> ``Flip``; ``stack`` -> ``Unsqueeze`` each, ``Concat``; ``unflatten`` -> ``Reshape``;
+``repeat_interleave.self_int`` -> ``Unsqueeze``, ``Expand``, ``Reshape``; ``copy`` (a
+functional copy: ``src`` in ``self``'s dtype, broadcast to its shape) -> ``Cast``/``Expand``.
 
 Sizes given as ``SymInt`` arrive as :class:`SymDim` and become attributes naming the
 dynamic dim (``Slice(ends=("seq",))``, ``Expand(shape=("batch", 1, "seq"))``).
@@ -21,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flora_graph.errors import GraphError, ShapeError
-from flora_graph.frontend.aten.registry import SymDim, axis_of, dim_of, register
+from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_product
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -184,3 +187,44 @@ def _expand(ctx, x, size, *, implicit=False):
 @register(aten.expand_as.default)
 def _expand_as(ctx, x, other):
     return _expand_to(ctx, x, other.shape)
+
+
+# --------------------------------------------------------------------------- flip, stack, unflatten, repeat_interleave, copy
+@register(aten.flip.default)
+def _flip(ctx, x, dims):
+    axes = tuple(sorted({axis_of(int(d), len(x.shape)) for d in dims})) if x.shape else ()
+    return ctx.emit(Op.FLIP, [x], {"axes": axes}) if axes else x
+
+
+@register(aten.stack.default)
+def _stack(ctx, tensors, dim=0):
+    axis = int(dim) % (len(tensors[0].shape) + 1)
+    parts = [ctx.emit(Op.UNSQUEEZE, [t], {"axes": (axis,)}) for t in tensors]
+    return parts[0] if len(parts) == 1 else ctx.emit(Op.CONCAT, parts, {"axis": axis})
+
+
+@register(aten.unflatten.int)
+def _unflatten(ctx, x, dim, sizes):
+    axis = axis_of(int(dim), len(x.shape))
+    target = [*x.shape[:axis], *sizes, *x.shape[axis + 1 :]]
+    return ctx.emit(Op.RESHAPE, [x], {"shape": _reshape_target(ctx, x, target)})
+
+
+@register(aten.repeat_interleave.self_int)
+def _repeat_interleave(ctx, x, repeats, dim=None, *, output_size=None):
+    if isinstance(repeats, SymDim):
+        raise refuse(ctx, "repeat_interleave by a dynamic count")
+    if dim is None:
+        x, dim = ctx.emit(Op.RESHAPE, [x], {"shape": (-1,)}), 0
+    axis, r = axis_of(int(dim), len(x.shape)), int(repeats)
+    if r == 1:
+        return x
+    wide = ctx.emit(Op.UNSQUEEZE, [x], {"axes": (axis + 1,)})
+    wide = ctx.emit(Op.EXPAND, [wide], {"shape": (*x.shape[: axis + 1], r, *x.shape[axis + 1 :])})
+    merged = dim_product([x.shape[axis], r])
+    return ctx.emit(Op.RESHAPE, [wide], {"shape": (*x.shape[:axis], merged, *x.shape[axis + 1 :])})
+
+
+@register(aten.copy.default)
+def _copy(ctx, x, src, non_blocking=False):
+    return _expand_to(ctx, as_dtype(ctx, src, x.dtype), x.shape)

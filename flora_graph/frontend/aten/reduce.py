@@ -1,9 +1,17 @@
-"""ATen converters that emit the reduce family (``ReduceMean``, ``ReduceSum``, ``CumSum``).
+"""ATen converters that emit the reduce family (``ReduceMean``, ``ReduceSum``, ``ReduceProd``,
+``ReduceMax``, ``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``).
 
-``mean.dim``/``sum.dim_IntList`` (axes, ``keepdim``) and ``mean.default``/``sum.default``
-(every axis) -> ``ReduceMean``/``ReduceSum``; ``cumsum`` -> ``CumSum``. The input is cast to
-the dtype torch reduces in first (``sum`` of ints -> int64, ``dtype=``); a scalar input is
-only cast.
+``mean.dim``/``sum.dim_IntList``/``prod.dim_int`` (axes, ``keepdim``) and
+``mean.default``/``sum.default``/``prod.default`` (every axis) -> ``ReduceMean``/``ReduceSum``/
+``ReduceProd``; ``cumsum`` -> ``CumSum``. The input is cast to the dtype torch reduces in first
+(``sum``/``prod`` of ints -> int64, ``dtype=``); a scalar input is only cast.
+
+``amax``/``amin`` (``dim=[]``: every axis), ``max.default``/``min.default`` -> ``ReduceMax``/
+``ReduceMin``; ``max.dim``/``min.dim`` -> the pair (``ReduceMax``/``ReduceMin``, ``ArgMax``/
+``ArgMin``); ``argmax``/``argmin`` (``dim=None``: over the flattened input) -> ``ArgMax``/
+``ArgMin``. ``any``/``all`` (``.default``, ``.dim``, ``.dims``) -> ``ReduceSum``/``ReduceProd``
+of the input as 0/1 int64, cast to bool (exact, empty reductions included).
+``var``/``std`` (``.dim``, ``.correction``) -> ``ReduceVar`` (then ``Sqrt``).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from typing import Any
 
 import torch
 
-from flora_graph.frontend.aten.registry import cast_to_out, register
+from flora_graph.frontend.aten.registry import as_dtype, axis_of, cast_to_out, out_dtype, refuse, register
 from flora_graph.ir import ComputationNode, Op
 
 __all__: list[str] = []
@@ -21,6 +29,7 @@ aten = torch.ops.aten
 
 
 def _reduce_axes(x: ComputationNode, dim: Any) -> tuple[int, ...]:
+    """The axes ``dim`` names, sorted (``None``, ``[]`` or a scalar input: ``()``, every axis)."""
     if dim is None:
         return ()
     dims = [dim] if isinstance(dim, int) else list(dim)
@@ -47,3 +56,104 @@ def _reduce_all(ctx, x, *, dtype=None):
 @register(aten.cumsum.default)
 def _cumsum(ctx, x, dim, *, dtype=None):
     return ctx.emit(Op.CUMSUM, [cast_to_out(ctx, x)], {"axis": int(dim)})
+
+
+@register(aten.prod.dim_int)
+def _prod_dim(ctx, x, dim, keepdim=False, *, dtype=None):
+    x = cast_to_out(ctx, x)
+    if not x.shape:
+        return x
+    return ctx.emit(Op.REDUCE_PROD, [x], {"axes": _reduce_axes(x, dim), "keepdims": int(bool(keepdim))})
+
+
+@register(aten.prod.default)
+def _prod_all(ctx, x, *, dtype=None):
+    x = cast_to_out(ctx, x)
+    return ctx.emit(Op.REDUCE_PROD, [x], {"axes": (), "keepdims": 0}) if x.shape else x
+
+
+# --------------------------------------------------------------------------- max, min, argmax, argmin
+def _extreme(ctx, op: Op, x: ComputationNode, axes: tuple[int, ...], keepdim: bool) -> ComputationNode:
+    if not x.shape:
+        return x
+    if x.dtype == "bool":  # reduce 0/1 as int64
+        wide = ctx.emit(op, [ctx.emit(Op.CAST, [x], {"to": "int64"})], {"axes": axes, "keepdims": int(keepdim)})
+        return ctx.emit(Op.CAST, [wide], {"to": "bool"})
+    return ctx.emit(op, [x], {"axes": axes, "keepdims": int(keepdim)})
+
+
+@register(aten.amax.default, aten.amin.default)
+def _amax(ctx, x, dim=(), keepdim=False):
+    op = Op.REDUCE_MAX if ctx.fx_node.target is aten.amax.default else Op.REDUCE_MIN
+    return _extreme(ctx, op, x, _reduce_axes(x, dim), bool(keepdim))
+
+
+@register(aten.max.default, aten.min.default)
+def _max_all(ctx, x):
+    op = Op.REDUCE_MAX if ctx.fx_node.target is aten.max.default else Op.REDUCE_MIN
+    return _extreme(ctx, op, x, (), False)
+
+
+@register(aten.max.dim, aten.min.dim)
+def _max_dim(ctx, x, dim, keepdim=False):
+    is_max = ctx.fx_node.target is aten.max.dim
+    if not x.shape:
+        return x, as_dtype(ctx, 0, "int64")
+    axis = axis_of(int(dim), len(x.shape))
+    values = _extreme(ctx, Op.REDUCE_MAX if is_max else Op.REDUCE_MIN, x, (axis,), bool(keepdim))
+    indices = _arg(ctx, Op.ARG_MAX if is_max else Op.ARG_MIN, x, axis, bool(keepdim))
+    return values, indices
+
+
+def _arg(ctx, op: Op, x: ComputationNode, axis: int, keepdim: bool) -> ComputationNode:
+    if x.dtype == "bool":
+        x = ctx.emit(Op.CAST, [x], {"to": "int64"})
+    return ctx.emit(op, [x], {"axis": axis, "keepdims": int(keepdim)})
+
+
+@register(aten.argmax.default, aten.argmin.default)
+def _argmax(ctx, x, dim=None, keepdim=False):
+    op = Op.ARG_MAX if ctx.fx_node.target is aten.argmax.default else Op.ARG_MIN
+    if dim is not None and x.shape:
+        return _arg(ctx, op, x, axis_of(int(dim), len(x.shape)), bool(keepdim))
+    flat = ctx.emit(Op.RESHAPE, [x], {"shape": (-1,)})  # dim=None (or a scalar): over the flattened input
+    index = _arg(ctx, op, flat, 0, False)
+    if keepdim and len(x.shape) > 0:
+        return ctx.emit(Op.RESHAPE, [index], {"shape": (1,) * len(x.shape)})
+    return index
+
+
+# --------------------------------------------------------------------------- any, all
+@register(aten.any.default, aten.any.dim, aten.any.dims, aten.all.default, aten.all.dim, aten.all.dims)
+def _any(ctx, x, dim=None, keepdim=False):
+    is_any = ctx.fx_node.target in (aten.any.default, aten.any.dim, aten.any.dims)
+    if x.dtype != "bool":
+        x = ctx.emit(Op.CAST, [x], {"to": "bool"})
+    if not x.shape:
+        return x
+    ones = ctx.emit(Op.CAST, [x], {"to": "int64"})
+    axes = _reduce_axes(x, dim)
+    count = ctx.emit(Op.REDUCE_SUM if is_any else Op.REDUCE_PROD, [ones], {"axes": axes, "keepdims": int(bool(keepdim))})
+    return ctx.emit(Op.CAST, [count], {"to": "bool"})
+
+
+# --------------------------------------------------------------------------- var, std
+def _var(ctx, x, dim, correction, keepdim) -> ComputationNode:
+    x = as_dtype(ctx, x, out_dtype(ctx))
+    if not x.shape:
+        raise refuse(ctx, "the variance of a scalar")
+    attrs = {"axes": _reduce_axes(x, dim), "keepdims": int(bool(keepdim)), "correction": float(correction)}
+    var = ctx.emit(Op.REDUCE_VAR, [x], attrs)
+    is_std = ctx.fx_node.target in (aten.std.dim, aten.std.correction)
+    return ctx.emit(Op.SQRT, [var]) if is_std else var
+
+
+@register(aten.var.dim, aten.std.dim)
+def _var_dim(ctx, x, dim=None, unbiased=True, keepdim=False):
+    return _var(ctx, x, dim, 1.0 if unbiased else 0.0, keepdim)
+
+
+@register(aten.var.correction, aten.std.correction)
+def _var_correction(ctx, x, dim=None, *, correction=None, keepdim=False):
+    return _var(ctx, x, dim, 1.0 if correction is None else correction, keepdim)
+

@@ -1,0 +1,84 @@
+"""ATen converters that emit the padding family (``Pad``, ``Tile``).
+
+``constant_pad_nd`` and ``pad`` (``constant``, ``reflect``, ``replicate``) ->
+``Pad`` (a negative pad crops first, by a ``Slice``); ``reflection_pad1d/2d/3d`` -> ``Pad``
+(``reflect``); ``replication_pad1d/2d/3d`` -> ``Pad`` (``edge``); ``repeat`` -> ``Tile``
+(after an ``Unsqueeze`` when the repeats add leading axes). torch pads are pairs (begin,
+end) from the last axis back; the IR's are ONNX's (every begin, then every end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from flora_graph.frontend.aten.registry import SymDim, refuse, register
+from flora_graph.ir import ComputationNode, Op
+
+__all__: list[str] = []
+
+aten = torch.ops.aten
+
+_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+
+
+def _pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], mode: str, value: float = 0.0) -> ComputationNode:
+    """``x`` padded by torch's ``pad`` pairs; negative pads crop (constant mode only)."""
+    if any(isinstance(p, SymDim) for p in pad):
+        raise refuse(ctx, "padding by a dynamic size")
+    rank, pad = len(x.shape), [int(p) for p in pad]
+    if len(pad) % 2 or len(pad) > 2 * rank:
+        raise refuse(ctx, f"padding {pad} of a tensor of rank {rank}")
+    begins, ends = [0] * rank, [0] * rank
+    crop: list[tuple[int, int, int]] = []
+    for i in range(len(pad) // 2):
+        axis, b, e = rank - 1 - i, pad[2 * i], pad[2 * i + 1]
+        if (b < 0 or e < 0) and mode != "constant":
+            raise refuse(ctx, f"negative {mode} padding {pad}")
+        if b < 0 or e < 0:
+            crop.append((axis, max(-b, 0), e if e < 0 else 2**63 - 1))
+        begins[axis], ends[axis] = max(b, 0), max(e, 0)
+    if crop:
+        axes, starts, stops = zip(*sorted(crop), strict=True)
+        x = ctx.emit(Op.SLICE, [x], {"axes": axes, "starts": starts, "ends": stops, "steps": (1,) * len(axes)})
+    if not any(begins) and not any(ends):
+        return x
+    return ctx.emit(Op.PAD, [x], {"pads": (*begins, *ends), "mode": _MODES[mode], "value": float(value)})
+
+
+@register(aten.constant_pad_nd.default)
+def _constant_pad_nd(ctx, x, pad, value=0):
+    return _pad(ctx, x, pad, "constant", value)
+
+
+@register(aten.pad.default)
+def _pad_any(ctx, x, pad, mode="constant", value=None):
+    if mode not in _MODES:
+        raise refuse(ctx, f"{mode} padding")
+    return _pad(ctx, x, pad, mode, 0.0 if value is None else value)
+
+
+@register(aten.reflection_pad1d.default, aten.reflection_pad2d.default, aten.reflection_pad3d.default)
+def _reflection_pad(ctx, x, padding):
+    return _pad(ctx, x, padding, "reflect")
+
+
+@register(aten.replication_pad1d.default, aten.replication_pad2d.default, aten.replication_pad3d.default)
+def _replication_pad(ctx, x, padding):
+    return _pad(ctx, x, padding, "replicate")
+
+
+@register(aten.repeat.default)
+def _repeat(ctx, x, repeats):
+    if any(isinstance(r, SymDim) for r in repeats):
+        raise refuse(ctx, "repeat by a dynamic count")
+    extra = len(repeats) - len(x.shape)
+    if extra < 0:
+        raise refuse(ctx, f"repeat {list(repeats)} of fewer axes than the tensor's {len(x.shape)}")
+    if extra:
+        x = ctx.emit(Op.UNSQUEEZE, [x], {"axes": tuple(range(extra))})
+    if all(int(r) == 1 for r in repeats):
+        return x
+    return ctx.emit(Op.TILE, [x], {"repeats": tuple(int(r) for r in repeats)})

@@ -1,0 +1,193 @@
+"""Pooling and resizing: ``MaxPool2d``, ``AvgPool2d``, ``Resize``.
+
+Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
+numpy semantics, ONNX rule and torch rule side by side. All take NCHW input with static
+spatial dims; windows follow torch (floor mode, symmetric padding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from flora_graph.errors import ShapeError
+from flora_graph.ir.node import ComputationNode
+from flora_graph.ir.ops import AttrSpec
+from flora_graph.ir.shapes import format_shape
+from flora_graph.ops._infer import same_float_dtype
+from flora_graph.ops._onnx import dims_tensor
+from flora_graph.ops._torch import ints
+from flora_graph.ops.registry import define
+
+__all__: list[str] = []
+
+_POOL_ATTRS = {
+    "kernel": AttrSpec("ints", required=True),
+    "stride": AttrSpec("ints", required=True),
+    "padding": AttrSpec("ints", (0, 0)),
+}
+
+
+def _check_nchw(what: str, x) -> None:
+    if len(x) != 4 or not all(isinstance(d, int) for d in x[2:]):
+        raise ShapeError(f"{what} needs x [N, C, H, W] with static H and W, got {format_shape(x)}")
+
+
+def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
+    _check_nchw(what, x)
+    for name in ("kernel", "stride", "padding"):
+        if len(attrs[name]) != 2:
+            raise ShapeError(f"{what}: {name} must have 2 values, got {attrs[name]}")
+    out = []
+    for size, k, s, p, d in zip(x[2:], attrs["kernel"], attrs["stride"], attrs["padding"], dilation, strict=True):
+        if min(k, s, d) < 1 or p < 0 or 2 * p > k:
+            raise ShapeError(f"{what}: kernel, stride, dilation must be >= 1 and 0 <= padding <= kernel / 2")
+        o = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if o <= 0:
+            raise ShapeError(f"{what}: input size {size} too small for kernel {k} (padding {p}, dilation {d})")
+        out.append(o)
+    return (x[0], x[1], *out)
+
+
+def _windows(x: np.ndarray, kernel, stride, padding, dilation, fill: float) -> np.ndarray:
+    """``[N, C, Ho, Wo, kh, kw]`` windows of ``x`` padded with ``fill``."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    return win[:, :, ::sh, ::sw, ::dh, ::dw]
+
+
+# --------------------------------------------------------------------------- MaxPool2d
+def _infer_max_pool(shapes, dtypes, attrs):
+    if len(attrs["dilation"]) != 2:
+        raise ShapeError(f"MaxPool2d: dilation must have 2 values, got {attrs['dilation']}")
+    return _infer_pool("MaxPool2d", shapes[0], attrs, attrs["dilation"]), same_float_dtype(dtypes)
+
+
+def _numpy_max_pool(x: np.ndarray, *, kernel, stride, padding, dilation) -> np.ndarray:
+    return _windows(x, kernel, stride, padding, dilation, -np.inf).max(axis=(4, 5))
+
+
+def _onnx_max_pool(ctx: Any, node: ComputationNode, out: str) -> None:
+    (ph, pw), a = node.attrs["padding"], node.attrs
+    ctx.emit("MaxPool", ctx.args(node), [out], kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+             pads=[ph, pw, ph, pw], dilations=list(a["dilation"]))
+
+
+def _torch_max_pool(node: ComputationNode, args: list[str]) -> str:
+    a = node.attrs
+    return f"F.max_pool2d({args[0]}, {ints(a['kernel'])}, {ints(a['stride'])}, {ints(a['padding'])}, {ints(a['dilation'])})"
+
+
+define(
+    "MAX_POOL2D", "MaxPool2d", (1, 1), {**_POOL_ATTRS, "dilation": AttrSpec("ints", (1, 1))},
+    infer=_infer_max_pool, doc="NCHW max pooling (floor mode), padding with -inf (torch max_pool2d, ONNX MaxPool).",
+    numpy=_numpy_max_pool, onnx=_onnx_max_pool, torch=_torch_max_pool,
+)
+
+
+# --------------------------------------------------------------------------- AvgPool2d
+def _infer_avg_pool(shapes, dtypes, attrs):
+    return _infer_pool("AvgPool2d", shapes[0], attrs), same_float_dtype(dtypes)
+
+
+def _numpy_avg_pool(x: np.ndarray, *, kernel, stride, padding, count_include_pad: int) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    total = _windows(x64, kernel, stride, padding, (1, 1), 0.0).sum(axis=(4, 5))
+    if count_include_pad or not any(padding):
+        return total / (kernel[0] * kernel[1])
+    ones = np.ones((1, 1, *x.shape[2:]))
+    count = _windows(ones, kernel, stride, padding, (1, 1), 0.0).sum(axis=(4, 5))
+    return total / count
+
+
+def _onnx_avg_pool(ctx: Any, node: ComputationNode, out: str) -> None:
+    (ph, pw), a = node.attrs["padding"], node.attrs
+    ctx.emit("AveragePool", ctx.args(node), [out], kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+             pads=[ph, pw, ph, pw], count_include_pad=int(a["count_include_pad"]))
+
+
+def _torch_avg_pool(node: ComputationNode, args: list[str]) -> str:
+    a = node.attrs
+    return (f"F.avg_pool2d({args[0]}, {ints(a['kernel'])}, {ints(a['stride'])}, {ints(a['padding'])}, "
+            f"False, {bool(a['count_include_pad'])})")
+
+
+define(
+    "AVG_POOL2D", "AvgPool2d", (1, 1), {**_POOL_ATTRS, "count_include_pad": AttrSpec("int", 1)},
+    infer=_infer_avg_pool,
+    doc="NCHW average pooling (floor mode); count_include_pad=0 divides by the unpadded count (ONNX AveragePool).",
+    numpy=_numpy_avg_pool, onnx=_onnx_avg_pool, torch=_torch_avg_pool,
+)
+
+
+# --------------------------------------------------------------------------- Resize
+def _infer_resize(shapes, dtypes, attrs):
+    _check_nchw("Resize", shapes[0])
+    size = attrs["size"]
+    if len(size) != 2 or min(size) < 1:
+        raise ShapeError(f"Resize: size must be 2 positive ints, got {size}")
+    if attrs["mode"] == "nearest" and attrs["align_corners"]:
+        raise ShapeError("Resize: align_corners needs mode 'linear'")
+    return (*shapes[0][:2], *size), same_float_dtype(dtypes)
+
+
+def _source(out: int, size: int, mode: str, align_corners: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch's source indices ``i0``, ``i1`` and weight of ``i1`` for ``out`` outputs along one axis of ``size``."""
+    dst = np.arange(out, dtype=np.float64)
+    if mode == "nearest":
+        i0 = np.minimum(np.floor(dst * (size / out)).astype(np.int64), size - 1)
+        return i0, i0, np.zeros(out)
+    if align_corners:
+        src = dst * ((size - 1) / (out - 1)) if out > 1 else np.zeros(out)
+    else:
+        src = np.maximum((dst + 0.5) * (size / out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), size - 1)
+    i1 = np.minimum(i0 + 1, size - 1)
+    return i0, i1, src - i0
+
+
+def _numpy_resize(x: np.ndarray, *, size, mode: str, align_corners: int) -> np.ndarray:
+    y = x.astype(np.float64)
+    for axis, (out, n) in enumerate(zip(size, x.shape[2:], strict=True), start=2):
+        i0, i1, lam = _source(int(out), n, mode, align_corners)
+        shape = [1] * 4
+        shape[axis] = -1
+        lam = lam.reshape(shape)
+        y = np.take(y, i0, axis=axis) * (1 - lam) + np.take(y, i1, axis=axis) * lam
+    return y
+
+
+def _onnx_resize(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Resize`` to ``sizes``: nearest as asymmetric + floor, linear as pytorch_half_pixel or align_corners."""
+    a = node.attrs
+    x = node.inputs[0]
+    sizes = dims_tensor(ctx, [*x.shape[:2], *a["size"]], node, "sizes")
+    if a["mode"] == "nearest":
+        attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    else:
+        ctm = "align_corners" if a["align_corners"] else "pytorch_half_pixel"
+        attrs = {"mode": "linear", "coordinate_transformation_mode": ctm}
+    ctx.emit("Resize", [ctx.arg(node, 0), "", "", sizes], [out], **attrs)
+
+
+def _torch_resize(node: ComputationNode, args: list[str]) -> str:
+    a = node.attrs
+    if a["mode"] == "nearest":
+        return f"F.interpolate({args[0]}, {ints(a['size'])}, mode='nearest')"
+    return f"F.interpolate({args[0]}, {ints(a['size'])}, mode='bilinear', align_corners={bool(a['align_corners'])})"
+
+
+define(
+    "RESIZE", "Resize", (1, 1),
+    {
+        "size": AttrSpec("ints", required=True),
+        "mode": AttrSpec("str", "nearest", choices=("nearest", "linear")),
+        "align_corners": AttrSpec("int", 0),
+    },
+    infer=_infer_resize,
+    doc="NCHW resize of H, W to size: torch's nearest (floor of dst * in / out) or bilinear (ONNX Resize).",
+    numpy=_numpy_resize, onnx=_onnx_resize, torch=_torch_resize,
+)

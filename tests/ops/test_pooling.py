@@ -1,0 +1,81 @@
+"""The pooling family (:mod:`flora_graph.ops.pooling`): ``MaxPool2d``, ``AvgPool2d``, ``Resize``.
+
+Numpy reference against torch (``F.max_pool2d``, ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``,
+``F.interpolate``), then every backend against the reference; see :mod:`tests.ops.harness`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flora_graph.errors import UnsupportedOpError
+from flora_graph.ir import Op
+
+from .harness import Case, In, family_tests, op
+
+aten = torch.ops.aten
+X = In(("batch", 3, 8, 9))
+
+
+def _pool_then_global(g, x, rng):
+    """``MaxPool2d`` then the global average (``ReduceMean`` over H, W) adaptive pooling to 1x1 becomes."""
+    pooled = g.add(Op.MAX_POOL2D, [x["x"]], {"kernel": (2, 2), "stride": (2, 2)})
+    return g.add(Op.REDUCE_MEAN, [pooled], {"axes": (2, 3), "keepdims": 1})
+
+
+CASES = [
+    # ------------------------------------------------------------------ MaxPool2d
+    Case("max_pool", {"x": X}, op(Op.MAX_POOL2D, "x", kernel=(2, 2), stride=(2, 2)),
+         lambda x: F.max_pool2d(x, 2), capture=("max_pool2d.default",)),
+    Case("max_pool_resnet", {"x": X}, op(Op.MAX_POOL2D, "x", kernel=(3, 3), stride=(2, 2), padding=(1, 1)),
+         lambda x: aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])[0],
+         capture=("max_pool2d_with_indices.default",)),
+    Case("max_pool_dilation", {"x": X}, op(Op.MAX_POOL2D, "x", kernel=(2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 1)),
+         lambda x: F.max_pool2d(x, (2, 3), (1, 2), (1, 1), (2, 1))),
+    # ------------------------------------------------------------------ AvgPool2d
+    Case("avg_pool", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(2, 3), stride=(2, 3)),
+         lambda x: F.avg_pool2d(x, (2, 3)), capture=("avg_pool2d.default",)),
+    Case("avg_pool_pad", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(3, 3), stride=(2, 1), padding=(1, 1)),
+         lambda x: F.avg_pool2d(x, 3, (2, 1), 1)),
+    Case("avg_pool_pad_exclude", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(3, 2), stride=(2, 2), padding=(1, 1), count_include_pad=0),
+         lambda x: F.avg_pool2d(x, (3, 2), 2, 1, count_include_pad=False), capture=("avg_pool2d.default",)),
+    Case("adaptive_avg_pool_divisible", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(4, 3), stride=(4, 3)),
+         lambda x: F.adaptive_avg_pool2d(x, (2, 3)), capture=("adaptive_avg_pool2d.default",)),
+    Case("adaptive_avg_pool_global", {"x": X}, _pool_then_global,
+         lambda x: aten._adaptive_avg_pool2d(F.max_pool2d(x, 2), [1, 1]),
+         capture=("max_pool2d.default", "_adaptive_avg_pool2d.default")),
+    # ------------------------------------------------------------------ Resize
+    Case("upsample_nearest", {"x": X}, op(Op.RESIZE, "x", size=(16, 27)),
+         lambda x: F.interpolate(x, scale_factor=(2, 3), mode="nearest"), capture=("upsample_nearest2d.vec",)),
+    Case("upsample_nearest_down", {"x": X}, op(Op.RESIZE, "x", size=(5, 4)),
+         lambda x: F.interpolate(x, size=(5, 4), mode="nearest"), capture=("upsample_nearest2d.vec",)),
+    Case("upsample_bilinear", {"x": X}, op(Op.RESIZE, "x", size=(11, 18), mode="linear"),
+         lambda x: F.interpolate(x, size=(11, 18), mode="bilinear"), capture=("upsample_bilinear2d.vec",)),
+    Case("upsample_bilinear_corners", {"x": X}, op(Op.RESIZE, "x", size=(16, 7), mode="linear", align_corners=1),
+         lambda x: F.interpolate(x, size=(16, 7), mode="bilinear", align_corners=True),
+         capture=("upsample_bilinear2d.vec",)),
+]
+
+
+test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)
+
+
+@pytest.mark.parametrize(("fn", "what"), [
+    (lambda x: F.max_pool2d(x, 2, ceil_mode=True), "ceil_mode"),
+    (lambda x: aten.max_pool2d_with_indices(x, [2, 2])[1].float(), "indices"),
+    (lambda x: F.avg_pool2d(x, 2, divisor_override=3), "divisor_override"),
+    (lambda x: F.adaptive_avg_pool2d(x, (3, 2)), "does not divide"),
+    (lambda x: F.interpolate(x, scale_factor=1.5), "whole output sizes"),
+    (lambda x: aten.native_layer_norm(x, [9], None, None, 1e-5)[1], "mean/rstd"),
+], ids=["ceil_mode", "indices", "divisor_override", "adaptive_not_divisible", "scale_not_whole", "layer_norm_mean"])
+def test_unsupported_forms_are_refused_by_name(fn, what):
+    from flora_graph.frontend import capture
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    with pytest.raises(UnsupportedOpError, match=what):
+        capture(M(), torch.randn(2, 3, 8, 9))
