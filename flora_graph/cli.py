@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flora-graph`` console script."""
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(soft_wrap=True)  # messages are not hard-wrapped: a path in one stays whole
     try:
         return args.func(args, console)
     except FloraGraphError as exc:

@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 __all__ = ["add_cli"]
 
 
@@ -31,7 +33,7 @@ def _export(args: argparse.Namespace, console: Any) -> int:
 
 
 def _refuse(console: Any, message: str) -> int:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return 2
 
 

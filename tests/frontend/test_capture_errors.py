@@ -14,32 +14,40 @@ from flora_graph.frontend import capture
 BATCH = {"x": {0: "batch"}}
 
 
-class AtanInside(nn.Module):
+class LgammaInside(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.atan(self.fc(x))
+        return torch.lgamma(self.fc(x))
 
 
 class TwoUnsupported(nn.Module):
-    """atan inside a submodule (twice: once there, once at top level) and flip at top level."""
+    """lgamma inside a submodule (twice: once there, once at top level) and cumprod at top level
+    (two ops without a converter)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = AtanInside()
+        self.inner = LgammaInside()
         self.head = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.flip(self.inner(x), [1]) + torch.atan(x)
+        h = torch.cumprod(self.inner(x), 1) + torch.lgamma(x)
         return self.head(h)
 
 
+class Cumprod(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumprod(x, 1)
+
+
 class WithBatchNorm(nn.Module):
+    """A batch norm (captured in eval mode) followed by an op without a converter."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), Cumprod(), nn.ReLU())
         self.head = nn.Linear(4 * 5 * 5, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,11 +63,11 @@ def _unsupported(model: nn.Module, x: torch.Tensor, **kw) -> UnsupportedOpError:
 
 def test_every_unsupported_op_is_listed_with_where():
     err = _unsupported(TwoUnsupported(), torch.randn(3, 4), dynamic_dims=BATCH)
-    assert set(err.ops) == {"aten.atan.default", "aten.flip.default"}
-    atan_places = err.ops["aten.atan.default"]
-    assert len(atan_places) == 2
-    assert any("'inner'" in w for w in atan_places)  # the submodule path where the first atan occurs
-    assert len(err.ops["aten.flip.default"]) == 1
+    assert set(err.ops) == {"aten.lgamma.default", "aten.cumprod.default"}
+    lgamma_places = err.ops["aten.lgamma.default"]
+    assert len(lgamma_places) == 2
+    assert any("'inner'" in w for w in lgamma_places)  # the submodule path where the first lgamma occurs
+    assert len(err.ops["aten.cumprod.default"]) == 1
     msg = str(err)
     assert "2 unsupported op(s)" in msg
     for op in err.ops:
@@ -67,14 +75,14 @@ def test_every_unsupported_op_is_listed_with_where():
     assert "module 'inner'" in msg
 
 
-def test_eval_batchnorm_is_unsupported_and_located():
+def test_unsupported_op_after_a_batchnorm_is_located_and_the_mode_restored():
     model = WithBatchNorm()
     model.train()  # capture exports in eval mode: batch_norm, not the training-mode running-stat updates
     err = _unsupported(model, torch.randn(2, 3, 5, 5), dynamic_dims=BATCH)
-    assert list(err.ops) == ["aten.batch_norm.default"]
-    (where,) = err.ops["aten.batch_norm.default"]
-    assert "features.1" in where
-    assert "features.1" in str(err)
+    assert list(err.ops) == ["aten.cumprod.default"]  # the eval-mode batch_norm converts
+    (where,) = err.ops["aten.cumprod.default"]
+    assert "features.2" in where
+    assert "features.2" in str(err)
     assert model.training  # mode restored after the failed capture
     assert model.features[1].running_mean.abs().sum() == 0  # and running stats untouched
 
@@ -84,7 +92,7 @@ def test_unsupported_op_inside_adapted_model_names_module():
     model = TwoUnsupported()
     apply_lora(model, ["fc", "head"], rank=2)
     err = _unsupported(model, torch.randn(3, 4))
-    assert set(err.ops) == {"aten.atan.default", "aten.flip.default"}
+    assert set(err.ops) == {"aten.lgamma.default", "aten.cumprod.default"}
 
 
 def test_ops_on_weights_only_are_folded_not_reported():
@@ -96,7 +104,7 @@ def test_ops_on_weights_only_are_folded_not_reported():
             self.log_scale = nn.Parameter(torch.randn(4))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * torch.atan(self.log_scale)
+            return x * torch.lgamma(self.log_scale)
 
     model = Folded()
     g = capture(model, torch.randn(3, 4), BATCH)
