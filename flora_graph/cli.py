@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 import flora_graph
+from flora_graph.cli_types import int_at_least
 from flora_graph.errors import FloraGraphError
 
 __all__ = ["ARTIFACT_BACKENDS", "HelpFormatter", "Parser", "build_parser", "int_at_least", "main"]
@@ -53,19 +54,6 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an int ``>= low``, refused by the parser (exit 2, naming the option) otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:

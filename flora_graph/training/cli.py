@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from flora_graph.cli_types import int_at_least
 from flora_graph.training.choices import ACCUMULATORS, FLORA_UPDATES, OPTIMIZERS
 
 if TYPE_CHECKING:
@@ -25,17 +26,6 @@ _FIELDS = ("steps", "batch", "seq", "lr", "optimizer", "rank", "kappa", "accum",
 DEFAULT_OUT = "runs/train"
 
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -85,27 +75,27 @@ def add_cli(subparsers: Any) -> None:
     """Add the ``train`` subcommand to ``subparsers`` (the object ``add_subparsers()`` returned)."""
     p = subparsers.add_parser("train", help="train the built-in decoder with Flora (or Adam, ...) and export it",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=_int_at_least(1), help="optimizer steps (default 200)")
-    p.add_argument("--batch", type=_int_at_least(1), help="sequences per micro-batch (default 16)")
-    p.add_argument("--seq", type=_int_at_least(1), help="tokens (bytes) per sequence (default 64)")
+    p.add_argument("--steps", type=int_at_least(1), help="optimizer steps (default 200)")
+    p.add_argument("--batch", type=int_at_least(1), help="sequences per micro-batch (default 16)")
+    p.add_argument("--seq", type=int_at_least(1), help="tokens (bytes) per sequence (default 64)")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: per optimizer, 1e-2 for flora)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default flora)")
-    p.add_argument("--rank", type=_int_at_least(1), help="Flora / LoRA rank (default 8)")
-    p.add_argument("--kappa", type=_int_at_least(1), help="steps between Flora projection resamples (default 1000)")
+    p.add_argument("--rank", type=int_at_least(1), help="Flora / LoRA rank (default 8)")
+    p.add_argument("--kappa", type=int_at_least(1), help="steps between Flora projection resamples (default 1000)")
     p.add_argument("--flora-update", choices=FLORA_UPDATES,
                    help="Flora's compressed-momentum rule: lift (default; least-squares decompression around the "
                         "fresh update) or paper (the paper's unbiased P^T C with transfer)")
-    p.add_argument("--nproc", type=_int_at_least(1),
+    p.add_argument("--nproc", type=int_at_least(1),
                    help="processes (gloo on this machine, model sharded with FSDP2; each takes batch/nproc rows "
                         "of every micro-batch; default 1)")
-    p.add_argument("--accum", type=_int_at_least(1), help="micro-batches per step (default 1)")
+    p.add_argument("--accum", type=int_at_least(1), help="micro-batches per step (default 1)")
     p.add_argument("--accumulator", choices=ACCUMULATORS,
                    help="gradient accumulation buffers (default auto: compressed for flora)")
-    p.add_argument("--eval-every", type=_int_at_least(0), help="steps between eval losses (default 50; 0: end only)")
-    p.add_argument("--ckpt-every", type=_int_at_least(0), help="steps between checkpoints (default 0: end only)")
+    p.add_argument("--eval-every", type=int_at_least(0), help="steps between eval losses (default 50; 0: end only)")
+    p.add_argument("--ckpt-every", type=int_at_least(0), help="steps between checkpoints (default 0: end only)")
     p.add_argument("--out", metavar="DIR", help=f"checkpoints and model.onnx go here (default {DEFAULT_OUT})")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint file (or a run folder's latest)")
-    p.add_argument("--corpus-bytes", type=_int_at_least(64), help="stdlib source bytes to train on (default 1 MiB)")
+    p.add_argument("--corpus-bytes", type=int_at_least(64), help="stdlib source bytes to train on (default 1 MiB)")
     p.add_argument("--seed", type=int, help="seed of the model, batches and projections (default 0)")
     p.add_argument("--export", action=argparse.BooleanOptionalAction, default=None,
                    help="export the trained model to ONNX through the compiler (default on)")

@@ -18,7 +18,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[2] / "flora_graph"
 # The intended order, lowest first: a unit may import only units before it (or itself).
 LAYERS = [
-    {"errors", "_lazy", "storage"},
+    {"errors", "_lazy", "cli_types", "storage"},
     {"ir"},
     {"ops"},
     {"flora"},
