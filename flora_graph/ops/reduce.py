@@ -1,11 +1,14 @@
 """Reductions and scans: ``ReduceMean``, ``ReduceSum``, ``ReduceProd``, ``ReduceMax``,
-``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``.
+``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``, ``ArgTopK``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
 numpy semantics, ONNX rule and torch rule side by side. The numpy rules sum, multiply,
 average and take variances of floats in float64 (the caller rounds the result to the node's
 dtype). ``ReduceMax``/``ReduceMin`` propagate NaN (numpy and torch alike); ``ArgMax``/``ArgMin``
 return the first index of the extreme value on ties, as torch does (ONNX ``select_last_index=0``).
+``ArgTopK`` (the indices of ``torch.topk``/``torch.sort``; the values are a ``GatherElements`` of
+them) is sorted and stable: equal values keep their order, the lower index first (ONNX ``TopK``'s
+rule; torch's ``topk`` and unstable ``sort`` leave the order of ties unspecified), NaN the largest.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import numpy as np
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
-from flora_graph.ir.shapes import normalize_axis
-from flora_graph.ops._onnx import ONNX_DTYPES, int64
-from flora_graph.ops._torch import ints, torch_dtype
+from flora_graph.ir.shapes import canonical_dim, dims_equal, normalize_axis
+from flora_graph.ops._onnx import ONNX_DTYPES, dim_tensor, int64
+from flora_graph.ops._torch import bound_expr, ints, torch_dtype
 from flora_graph.ops.registry import define
 
 __all__: list[str] = []
@@ -265,4 +268,66 @@ define(
     "CUMSUM", "CumSum", (1, 1), {"axis": AttrSpec("int", required=True)},
     infer=_infer_cumsum, doc="Inclusive cumulative sum along axis.",
     numpy=_numpy_cumsum, onnx=_onnx_cumsum, torch=_torch_cumsum,
+)
+
+
+# --------------------------------------------------------------------------- ArgTopK
+def _infer_arg_top_k(shapes, dtypes, attrs):
+    """``k`` an int (at most the axis's size when that is static) or the axis's own dim (a full sort)."""
+    x, k = shapes[0], attrs["k"]
+    if dtypes[0] == "bool":
+        raise ShapeError("ArgTopK does not take bool inputs (cast first)")
+    if not x:
+        raise ShapeError("ArgTopK needs an input of rank >= 1 (reshape a scalar first)")
+    if attrs["largest"] not in (0, 1):
+        raise ShapeError(f"largest must be 0 or 1, got {attrs['largest']}")
+    axis = normalize_axis(attrs["axis"], len(x), what="ArgTopK axis")
+    size = x[axis]
+    if isinstance(k, str):
+        if not dims_equal(k, size):
+            raise ShapeError(f"ArgTopK: a named k ({k!r}) must be the axis's dim ({size!r})")
+    elif k < 0 or (isinstance(size, int) and k > size):
+        raise ShapeError(f"ArgTopK: k = {k} is not in [0, {size}] (axis {axis})")
+    out = list(x)
+    out[axis] = canonical_dim(k) if isinstance(k, str) else int(k)
+    return tuple(out), "int64"
+
+
+def _numpy_arg_top_k(x: np.ndarray, *, k: int, axis: int, largest: int) -> np.ndarray:
+    a = axis % x.ndim
+    if largest:  # descending and stable: sort the reversed axis ascending (stable), reverse, map indices back
+        order = x.shape[a] - 1 - np.flip(np.argsort(np.flip(x, a), axis=a, kind="stable"), a)
+    else:
+        order = np.argsort(x, axis=a, kind="stable")  # NaN last, as torch
+    return np.take(order, np.arange(k), axis=a).astype(np.int64)
+
+
+def _onnx_arg_top_k(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``TopK`` (``sorted=1``; ties: the lower index first) with ``k`` as an int64 ``[1]``, its indices output."""
+    x = ctx.arg(node, 0)
+    if node.inputs[0].dtype in ("float16", "bfloat16"):
+        x = ctx.emit("Cast", [x], to=ONNX_DTYPES["float32"])
+    k = dim_tensor(ctx, node.attrs["k"], node)
+    ctx.emit("TopK", [x, k], [ctx.fresh(f"{out}/values"), out], axis=int(node.attrs["axis"]),
+             largest=int(node.attrs["largest"]), sorted=1)
+
+
+def _torch_arg_top_k(node: ComputationNode, args: list[str]) -> str:
+    """A stable ``torch.sort`` (``torch.topk`` leaves ties unspecified), narrowed to ``k`` when it is not the axis."""
+    shape = node.inputs[0].shape
+    axis, k = int(node.attrs["axis"]) % len(shape), node.attrs["k"]
+    desc = bool(node.attrs["largest"])
+    expr = f"torch.sort({args[0]}, dim={axis}, descending={desc}, stable=True)[1]"
+    if isinstance(k, str) or (isinstance(shape[axis], int) and k == shape[axis]):
+        return expr
+    return f"{expr}.narrow({axis}, 0, {bound_expr(k, node)})"
+
+
+define(
+    "ARG_TOP_K", "ArgTopK", (1, 1),
+    {"k": AttrSpec("dim", required=True), "axis": AttrSpec("int", required=True), "largest": AttrSpec("int", 1)},
+    infer=_infer_arg_top_k,
+    doc="int64 indices of the k largest (largest=1) or smallest values along axis, sorted; ties: the lower index "
+        "first; NaN the largest. k may be the axis's dim (a full sort).",
+    numpy=_numpy_arg_top_k, onnx=_onnx_arg_top_k, torch=_torch_arg_top_k,
 )

@@ -1,9 +1,11 @@
 """The reduction family (:mod:`flora_graph.ops.reduce`): ``ReduceMean``, ``ReduceSum``, ``ReduceProd``,
-``ReduceMax``, ``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``.
+``ReduceMax``, ``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``, ``ArgTopK``.
 
 Numpy reference against torch, then every backend against the reference; see
 :mod:`tests.ops.harness`. Rows on ``small_int`` floats have ties, so they check that the arg
-ops return the first index, as torch does.
+ops return the first index, as torch does. ``torch.topk`` and an unstable ``torch.sort`` leave the
+order of ties unspecified (it differs from ONNX ``TopK``'s lower index first), so their rows feed
+normal floats (no ties); the rows with ties compare ``ArgTopK`` against a stable ``torch.sort``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ def _max_dim(values: Op, indices: Op, axis: int, keep: int):
         "values": g.add(values, [x["x"]], {"axes": (axis,), "keepdims": keep}),
         "indices": g.add(indices, [x["x"]], {"axis": axis, "keepdims": keep}),
     }
+
+
+def _top_k(k, axis: int, largest: int):
+    """``topk``/``sort``: the indices (``ArgTopK``) and the values gathered at them."""
+
+    def build(g, x, rng):
+        indices = g.add(Op.ARG_TOP_K, [x["x"]], {"k": k, "axis": axis, "largest": largest})
+        return {"values": g.add(Op.GATHER_ELEMENTS, [x["x"], indices], {"axis": axis}), "indices": indices}
+
+    return build
 
 
 def _any_all(g, x, rng):
@@ -95,6 +107,19 @@ CASES = [
          lambda x: torch.var(x, (1, 2), correction=0, keepdim=True), tol=1e-4, capture=("var.correction",)),
     Case("std", {"x": X}, _std, lambda x: (x.std(-1), x.std()), tol=1e-4, capture=("std.dim", "std.correction")),
     Case("cumsum", {"x": X}, op(Op.CUMSUM, "x", axis=1), lambda x: x.cumsum(1), tol=1e-4),
+    Case("topk_last", {"x": X}, _top_k(3, 2, 1), lambda x: tuple(torch.topk(x, 3)), capture=("topk.default",)),
+    Case("topk_smallest_static_axis", {"x": In(("batch", 5, "seq"))}, _top_k(2, 1, 0),
+         lambda x: tuple(torch.topk(x, 2, 1, largest=False)), capture=("topk.default",)),
+    Case("topk_int_full", {"x": In(("batch", 4), "int64", "index:1000")}, _top_k(4, 1, 1),
+         lambda x: tuple(torch.topk(x, 4, sorted=True)), capture=("topk.default",)),
+    Case("sort_named_axis_descending", {"x": X}, _top_k("seq", 1, 1), lambda x: tuple(torch.sort(x, 1, descending=True)),
+         capture=("sort.default",)),
+    Case("sort_stable_ties", {"x": TIES}, _top_k(6, 2, 0), lambda x: tuple(torch.sort(x, stable=True)),
+         capture=("sort.stable",)),
+    Case("sort_stable_descending_ties", {"x": TIES}, _top_k("seq", 1, 1),
+         lambda x: tuple(torch.sort(x, stable=True, dim=1, descending=True)), capture=("sort.stable",)),
+    Case("arg_top_k_ties", {"x": TIES}, op(Op.ARG_TOP_K, "x", k=4, axis=-1, largest=1),
+         lambda x: torch.sort(x, stable=True, descending=True)[1][..., :4]),
     Case("cumsum_int", {"x": In(("batch", "seq"), "int64", "small_int")}, op(Op.CUMSUM, "x", axis=-1), lambda x: x.cumsum(-1)),
 ]
 

@@ -1,5 +1,5 @@
 """ATen converters that emit the reduce family (``ReduceMean``, ``ReduceSum``, ``ReduceProd``,
-``ReduceMax``, ``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``).
+``ReduceMax``, ``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``, ``ArgTopK``).
 
 ``mean.dim``/``sum.dim_IntList``/``prod.dim_int`` (axes, ``keepdim``) and
 ``mean.default``/``sum.default``/``prod.default`` (every axis) -> ``ReduceMean``/``ReduceSum``/
@@ -12,6 +12,9 @@
 ``ArgMin``. ``any``/``all`` (``.default``, ``.dim``, ``.dims``) -> ``ReduceSum``/``ReduceProd``
 of the input as 0/1 int64, cast to bool (exact, empty reductions included).
 ``var``/``std`` (``.dim``, ``.correction``) -> ``ReduceVar`` (then ``Sqrt``).
+``topk`` (a static ``k``) and ``sort`` (``.default``, ``.stable``; ``k`` the axis's dim) -> the pair
+(``GatherElements`` of the indices, ``ArgTopK``): always sorted (``sorted=False`` allows any order) and
+stable, which ``topk`` and an unstable ``sort`` allow too (their order of ties is unspecified).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-from flora_graph.frontend.aten.registry import as_dtype, axis_of, cast_to_out, out_dtype, refuse, register
+from flora_graph.frontend.aten.registry import as_dtype, axis_of, cast_to_out, dim_of, out_dtype, refuse, register
 from flora_graph.ir import ComputationNode, Op
 
 __all__: list[str] = []
@@ -157,3 +160,33 @@ def _var_dim(ctx, x, dim=None, unbiased=True, keepdim=False):
 def _var_correction(ctx, x, dim=None, *, correction=None, keepdim=False):
     return _var(ctx, x, dim, 1.0 if correction is None else correction, keepdim)
 
+
+
+# --------------------------------------------------------------------------- topk, sort
+def _top_k(ctx, x: ComputationNode, k: Any, dim: int, largest: bool) -> tuple[ComputationNode, ComputationNode]:
+    if x.dtype == "bool":
+        raise refuse(ctx, "topk/sort of a bool tensor")
+    if not x.shape:  # torch: k is 0 or 1 (sort: 1); the value and index 0
+        if k != 1:
+            raise refuse(ctx, f"topk of a scalar with k = {k!r}")
+        return x, as_dtype(ctx, 0, "int64")
+    axis = axis_of(int(dim), len(x.shape))
+    indices = ctx.emit(Op.ARG_TOP_K, [x], {"k": k, "axis": axis, "largest": int(bool(largest))})
+    return ctx.emit(Op.GATHER_ELEMENTS, [x, indices], {"axis": axis}), indices
+
+
+@register(aten.topk.default)
+def _topk(ctx, x, k, dim=-1, largest=True, sorted=True):
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise refuse(ctx, f"topk with a dynamic k ({k!r})")
+    return _top_k(ctx, x, int(k), dim, largest)
+
+
+@register(aten.sort.default)
+def _sort(ctx, x, dim=-1, descending=False):
+    return _top_k(ctx, x, dim_of(ctx, x.shape[axis_of(int(dim), len(x.shape))]) if x.shape else 1, dim, descending)
+
+
+@register(aten.sort.stable)
+def _sort_stable(ctx, x, *, stable=None, dim=-1, descending=False):
+    return _sort(ctx, x, dim, descending)
