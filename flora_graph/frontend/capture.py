@@ -9,7 +9,9 @@ Adapters (any :class:`LoRAAdapter` in the model) come out as the pattern
 ``nn_module_stack`` metadata torch.export records. While tracing, each plain LoRA Linear
 site (ours or PEFT's) calls one custom op (:mod:`flora_graph.frontend.lora_op`) that the
 table expands back into that pattern: ``torch.export`` costs about a millisecond per traced
-op, and LoRA sites are a large share of a transformer's ops.
+op, and LoRA sites are a large share of a transformer's ops. In-place ops that the export
+leaves in its graph (``add_``, ``div_``, ``index_put_``) are made functional first, by
+``run_decompositions({})``, only where there are some.
 """
 
 from __future__ import annotations
@@ -325,9 +327,11 @@ def trace_with_torch_export(
     adapters by module path (for tags); :func:`convert_fx_graph` converts the program.
     A model with a ``config.use_cache`` (Hugging Face) is traced with it off, and restored after:
     the graph's outputs hold no key/value cache (see :mod:`flora_graph.frontend.model_outputs`).
+    Where the exported graph holds in-place ops (``add_``, ``index_put_``), the program is
+    functionalized (no decompositions); a graph without them pays only the check.
 
     Raises:
-        GraphError: torch.export failed.
+        GraphError: torch.export failed, or the model writes a buffer or an input in place.
     """
     if isinstance(example_inputs, torch.Tensor):
         args, kwargs = (example_inputs,), {}
@@ -344,6 +348,8 @@ def trace_with_torch_export(
           _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
         try:
             ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
+            if _mutating_ops(ep.graph):
+                ep = _functionalize(ep, type(model).__name__)
         except FloraGraphError:
             raise
         except Exception as exc:
@@ -352,6 +358,30 @@ def trace_with_torch_export(
                 hint = " (a dynamic dim needs an upper bound here: pass capture(..., dim_max={dim_name: largest_size}))"
             raise GraphError(f"torch.export could not export {type(model).__name__}{hint}: {exc}") from exc
     return ep, model, adapters
+
+
+def _mutating_ops(fx_graph: torch.fx.Graph) -> list[str]:
+    """The in-place ops (``add_``, ``index_put_``, ``copy_``, ...) ``torch.export`` left in ``fx_graph``."""
+    return [aten_name(n.target) for n in fx_graph.nodes
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+
+
+def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.export.ExportedProgram:
+    """``ep`` with its in-place ops made functional (``add_`` -> ``add``, ``index_put_`` -> ``index_put``).
+
+    ``run_decompositions`` with an empty table functionalizes and decomposes nothing: ``linear``,
+    ``scaled_dot_product_attention``, ``layer_norm`` and the LoRA op stay whole. Run only where
+    the graph mutates, as it retraces the program. A mutation that outlives the call (a buffer or
+    an input written in place) has no place in a graph without state, and is refused.
+    """
+    ep = ep.run_decompositions({})
+    sig = ep.graph_signature
+    escaping = [f"buffer {b!r}" for b in sig.buffers_to_mutate.values()]
+    escaping += [f"input {i!r}" for i in sig.user_inputs_to_mutate.values()]
+    if escaping:
+        raise GraphError(f"{model_name} writes {', '.join(escaping)} in place; a captured graph holds no state "
+                         "(compute on a copy, or return the new value)")
+    return ep
 
 
 def _convert(ep: torch.export.ExportedProgram, adapters: Mapping[str, Any], dynamic_dims: DynamicDims, name: str) -> Graph:

@@ -1,4 +1,4 @@
-"""Errors on real Hugging Face models: ops outside the table, and broken PEFT folders for a Llama."""
+"""Real Hugging Face models: T5 (in-place ops, made functional at capture), and broken PEFT folders for a Llama."""
 
 from __future__ import annotations
 
@@ -6,35 +6,32 @@ import copy
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
 from flora_graph.adapters import adapters_of
 from flora_graph.adapters.peft import load_peft_adapter
-from flora_graph.errors import AdapterError, UnsupportedOpError
+from flora_graph.errors import AdapterError
 from flora_graph.frontend import capture
-from flora_graph.frontend.aten import ATEN_TABLE, aten_name
 from flora_graph.model_export import export_model
+from flora_graph.runtimes.reference import run
 from tests.models.test_hf_peft_parity import VOCAB, llama_model, peft_model
 from tests.peft_folders import edit_peft_folder
 
 
-def test_t5_encoder_names_each_unsupported_op_and_its_module() -> None:
-    """T5's relative-position buckets use an op outside the table (in-place ``add_``; ``min.other`` converts)."""
+def test_t5_encoder_with_in_place_adds_captures_and_matches_eager() -> None:
+    """T5's relative-position buckets use an in-place ``add_``: capture functionalizes it and converts."""
     torch.manual_seed(0)
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
     model = transformers.T5EncoderModel(cfg).eval()
-    with pytest.raises(UnsupportedOpError) as info:
-        capture(model, {"input_ids": torch.randint(0, VOCAB, (2, 8))}, {"input_ids": {0: "batch", 1: "seq"}})
-    err = info.value
-    assert err.ops, "the error maps each op to where it occurs"
-    supported = {aten_name(t) for t in ATEN_TABLE}
-    assert not set(err.ops) & supported
-    for op, places in err.ops.items():
-        assert op in str(err)
-        assert any("encoder.block.0.layer.0.SelfAttention" in p for p in places), (op, places)
-    assert "aten.add_.Tensor" in err.ops and "aten.min.other" not in err.ops
+    g = capture(model, {"input_ids": torch.randint(0, VOCAB, (2, 8))}, {"input_ids": {0: "batch", 1: "seq"}})
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state.numpy()
+    got = next(iter(run(g, {"input_ids": ids.numpy()}).values()))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

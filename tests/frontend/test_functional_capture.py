@@ -1,0 +1,148 @@
+"""capture() of models with in-place ops: the exported program is functionalized first, and only then.
+
+``torch.export`` leaves ``add_``, ``div_``, ``index_put_``, ``masked_fill_`` in its graph; capture
+runs ``run_decompositions({})`` where (and only where) the graph holds such an op, which turns
+them functional and keeps ``linear``, attention, layer norm and the LoRA op whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import peft
+import pytest
+import torch
+from torch import nn
+
+from flora_graph.errors import GraphError
+from flora_graph.frontend import capture
+from flora_graph.frontend.capture import trace_with_torch_export
+from flora_graph.ir import Op
+from flora_graph.runtimes import compile
+from flora_graph.runtimes.reference import run
+
+ATOL = RTOL = 1e-5
+LORA = torch.ops.flora_graph.lora_linear.default
+
+
+class InPlace(nn.Module):
+    """Every in-place form the issue names, on a value computed inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        h.add_(y)
+        h.div_(2)
+        row = torch.tanh(h[0])
+        row[torch.tensor([0, 3])] = 0.25  # index_put_ (along a static axis)
+        h.masked_fill_(h > 0.5, -1.0)
+        return torch.relu(h) + row
+
+
+def _feeds(batch: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, 6, generator=gen), "y": torch.randn(batch, 6, generator=gen)}
+
+
+def _eager(model: nn.Module, feeds: dict[str, torch.Tensor]) -> np.ndarray:
+    with torch.no_grad():
+        return model(**feeds).numpy()
+
+
+def _targets(model: nn.Module, example, dims) -> set:
+    ep = trace_with_torch_export(model, example, dims)[0]
+    return {n.target for n in ep.graph.nodes if n.op == "call_function"}
+
+
+def test_in_place_ops_become_functional() -> None:
+    torch.manual_seed(0)
+    targets = _targets(InPlace().eval(), _feeds(3, 0), {"x": {0: "b"}, "y": {0: "b"}})
+    aten = torch.ops.aten
+    assert {aten.add.Tensor, aten.div.Tensor, aten.index_put.default, aten.masked_fill.Scalar} <= targets
+    assert not [t for t in targets if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable]
+    assert aten.linear.default in targets  # nothing decomposed
+
+
+@pytest.mark.parametrize("backend", ["numpy", "onnxruntime"])
+def test_in_place_module_matches_eager(backend: str) -> None:
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    g = capture(model, _feeds(3, 0), {"x": {0: "b"}, "y": {0: "b"}})
+    assert {Op.INDEX_PUT, Op.WHERE} <= {n.op for n in g.nodes}
+    exe = None if backend == "numpy" else compile(g, backend)
+    for k, batch in enumerate((2, 5)):
+        feeds = _feeds(batch, k + 1)
+        np_feeds = {n: v.numpy() for n, v in feeds.items()}
+        got = run(g, np_feeds) if exe is None else exe(**np_feeds)
+        np.testing.assert_allclose(next(iter(got.values())), _eager(model, feeds), atol=ATOL, rtol=RTOL)
+
+
+def test_functional_graph_is_not_retraced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph without in-place ops pays only the check: run_decompositions never runs."""
+    def refuse(*a, **k):
+        raise AssertionError("run_decompositions on a functional graph")
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", refuse)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU()).eval()
+    capture(model, torch.randn(3, 6), {"input": {0: "b"}})
+
+
+def test_lora_op_attention_and_norm_survive_functionalization() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.q(x).unflatten(-1, (2, 4)).transpose(1, 2)
+            a = torch.nn.functional.scaled_dot_product_attention(h, h, h).transpose(1, 2).flatten(2)
+            a.add_(x)
+            return self.norm(a)
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q"], init_lora_weights=False)
+    model = peft.get_peft_model(Block(), cfg).eval()
+    x, dims = torch.randn(2, 5, 8), {"x": {0: "b", 1: "s"}}
+    aten = torch.ops.aten
+    targets = _targets(model, x, dims)
+    assert {LORA, aten.scaled_dot_product_attention.default, aten.layer_norm.default, aten.add.Tensor} <= targets
+    g = capture(model, x, dims)
+    assert {"lora_down", "lora_up"} <= {n.meta.get("role") for n in g.nodes}
+    xr = torch.randn(3, 7, 8)
+    np.testing.assert_allclose(next(iter(run(g, {"x": xr.numpy()}).values())), _eager(model, {"x": xr}),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_transformer_encoder_with_dynamic_batch_and_seq_matches_eager() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    g = capture(model, torch.randn(3, 6, 16), {"src": {0: "batch", 1: "seq"}})
+    assert g.inputs[0].shape[:2] == ("batch", "seq")
+    for k, (b, s) in enumerate(((2, 5), (4, 9))):
+        src = torch.randn(b, s, 16, generator=torch.Generator().manual_seed(k))
+        got = next(iter(run(g, {"src": src.numpy()}).values()))
+        np.testing.assert_allclose(got, _eager(model, {"src": src}), atol=ATOL, rtol=RTOL)
+
+
+class Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return x * 2
+
+
+class WritesInput(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(2)
+
+
+@pytest.mark.parametrize(("model", "what"), [(Counter(), "buffer 'calls'"), (WritesInput(), "input 'x'")])
+def test_a_mutation_that_outlives_the_call_is_refused(model: nn.Module, what: str) -> None:
+    with pytest.raises(GraphError, match=f"writes {what} in place"):
+        capture(model, torch.randn(2, 3))
