@@ -221,7 +221,11 @@ def test_attribute_choices() -> None:
 def test_new_groups() -> None:
     assert OpGroup.Compare | OpGroup.Logical | OpGroup.Reduce <= set(Op)
     assert {Op.GATHER, Op.GATHER_ELEMENTS, Op.INDEX, Op.SLICE, Op.UNSQUEEZE, Op.SQUEEZE, Op.EXPAND} <= OpGroup.Movement
-    assert OpGroup.DynamicSize == {Op.RESHAPE, Op.SLICE, Op.EXPAND, Op.ARANGE}
+    assert {Op.RESHAPE, Op.SLICE, Op.EXPAND, Op.ARANGE} <= OpGroup.DynamicSize
+    from flora_graph.ir import SCHEMAS  # the group is exactly the ops with an attribute of kind "dim"/"dims"
+
+    named = {op for op, sch in SCHEMAS.items() if any(a.kind in ("dim", "dims") for a in sch.attrs.values())}
+    assert OpGroup.DynamicSize == named
 
 
 @pytest.mark.parametrize("op", [Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.RECIPROCAL, Op.COS, Op.SIN, Op.ABS, Op.POW,
