@@ -372,21 +372,16 @@ define(
     infer=_infer_logical_not, doc="Logical not of a bool value.",
     numpy=np.logical_not, onnx=simple("Not"), torch=call("torch.logical_not"), groups=("Logical",),
 )
-define(
-    "AND", "And", (2, 2),
-    infer=_infer_logical, doc="Logical and of bool values, broadcasting.",
-    numpy=np.logical_and, onnx=simple("And"), torch=call("torch.logical_and"), groups=("Logical",),
-)
-define(
-    "OR", "Or", (2, 2),
-    infer=_infer_logical, doc="Logical or of bool values, broadcasting.",
-    numpy=np.logical_or, onnx=simple("Or"), torch=call("torch.logical_or"), groups=("Logical",),
-)
-define(
-    "XOR", "Xor", (2, 2),
-    infer=_infer_logical, doc="Logical exclusive or of bool values, broadcasting.",
-    numpy=np.logical_xor, onnx=simple("Xor"), torch=call("torch.logical_xor"), groups=("Logical",),
-)
+for _name, _value, _doc, _numpy, _torch in (
+    ("AND", "And", "and", np.logical_and, "torch.logical_and"),
+    ("OR", "Or", "or", np.logical_or, "torch.logical_or"),
+    ("XOR", "Xor", "exclusive or", np.logical_xor, "torch.logical_xor"),
+):
+    define(
+        _name, _value, (2, 2),
+        infer=_infer_logical, doc=f"Logical {_doc} of bool values, broadcasting.",
+        numpy=_numpy, onnx=simple(_value), torch=call(_torch), groups=("Logical",),
+    )
 
 
 def _infer_float_test(shapes, dtypes, attrs):

@@ -11,17 +11,18 @@ passes that fold constants call :func:`eval_node` directly.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.ir.node import ComputationNode
-from flora_graph.ir.ops import schema
+from flora_graph.ir.ops import Op, schema
+from flora_graph.ir.shapes import is_static
 from flora_graph.ops.registry import OPS
 
-__all__ = ["eval_dim", "eval_node", "np_dtype", "resolve_attrs"]
+__all__ = ["eval_dim", "eval_node", "fold_static", "np_dtype", "resolve_attrs"]
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -91,3 +92,32 @@ def eval_node(node: ComputationNode, args: list[np.ndarray], dims: Mapping[str, 
     except MemoryError as exc:  # numpy's "Unable to allocate ..." names no node
         raise GraphError(f"node {node.name!r} ({node.op.value}): out of memory computing its result "
                          f"(declared shape {list(node.shape)} {node.dtype}): {exc}") from None
+
+
+def fold_static(
+    params: Mapping[str, np.ndarray], nodes: Iterable[ComputationNode], max_elements: int,
+) -> tuple[dict[ComputationNode, np.ndarray], dict[str, str]]:
+    """The value of every node of ``nodes`` (in graph order) computable from weights alone.
+
+    ``Const`` nodes take their param from ``params``; a node whose inputs all have a value,
+    whose shape is static and whose result has at most ``max_elements`` values is evaluated
+    with :func:`eval_node`, so chains fold in one walk. Returns ``(values, refused)``, ``refused``
+    naming each node left out for its size, with the reason. Used by the ``constant-fold``
+    pass and by the torch code generator (weight-only expressions computed once).
+    """
+    values: dict[ComputationNode, np.ndarray] = {}
+    refused: dict[str, str] = {}
+    for n in nodes:
+        if n.op is Op.CONST:
+            values[n] = params[n.attrs["param"]]
+            continue
+        if n.op is Op.INPUT or not n.inputs or not all(i in values for i in n.inputs):
+            continue
+        if not is_static(n.shape):  # Expand(Const, ("batch", 4)): its size comes from the inputs at run time
+            continue
+        size = int(np.prod([int(d) for d in n.shape], dtype=np.int64))
+        if size > max_elements:
+            refused[n.name] = f"constant-fold: result has {size} values > max_elements={max_elements}"
+            continue
+        values[n] = eval_node(n, [values[i] for i in n.inputs])
+    return values, refused

@@ -137,18 +137,26 @@ def _numpy_index(x: np.ndarray, *indices: np.ndarray, axis: int) -> np.ndarray:
     return x[(slice(None),) * (axis % x.ndim) + tuple(indices)]
 
 
+def _stacked_indices(ctx: Any, node: ComputationNode, first: int, bshape: tuple) -> str:
+    """The index inputs ``node.inputs[first:]`` broadcast to ``bshape``, cast to int64 and stacked on a
+    new last axis: the ``indices`` input of ``GatherND`` / ``ScatterND``."""
+    target = dims_tensor(ctx, bshape, node, "broadcast")
+    last = int64(ctx, [-1], f"{node.name}/axes")
+    count = len(node.inputs) - first
+    stacked = [ctx.emit("Unsqueeze", [ctx.emit("Expand", [ctx.arg(node, i), target]), last])
+               for i in range(first, first + count)]
+    if any(i.dtype != "int64" for i in node.inputs[first:]):
+        stacked = [ctx.emit("Cast", [s], to=ONNX_DTYPES["int64"]) for s in stacked]
+    return ctx.emit("Concat", stacked, axis=-1) if count > 1 else stacked[0]
+
+
 def _onnx_index(ctx: Any, node: ComputationNode, out: str) -> None:
     """``GatherND`` over the indices broadcast to one shape and stacked on a last axis; axes before
     ``axis`` are moved behind the indexed ones first and back after."""
     x, k = node.inputs[0], len(node.inputs) - 1
     rank, axis = len(x.shape), node.attrs["axis"] % len(x.shape)
     bshape = node.shape[axis : len(node.shape) - (rank - axis - k)]
-    target = dims_tensor(ctx, bshape, node, "broadcast")
-    last = int64(ctx, [-1], f"{node.name}/axes")
-    stacked = [ctx.emit("Unsqueeze", [ctx.emit("Expand", [ctx.arg(node, i), target]), last]) for i in range(1, k + 1)]
-    if any(i.dtype != "int64" for i in node.inputs[1:]):
-        stacked = [ctx.emit("Cast", [s], to=ONNX_DTYPES["int64"]) for s in stacked]
-    idx = ctx.emit("Concat", stacked, axis=-1) if k > 1 else stacked[0]
+    idx = _stacked_indices(ctx, node, 1, bshape)
     data = ctx.arg(node, 0)
     if axis == 0:
         ctx.emit("GatherND", [data, idx], [out])
@@ -216,12 +224,7 @@ def _onnx_index_put(ctx: Any, node: ComputationNode, out: str) -> None:
     rank, axis = len(x.shape), node.attrs["axis"] % len(x.shape)
     bshape = broadcast_shapes(*(i.shape for i in node.inputs[2:]))
     sub = (*x.shape[:axis], *bshape, *x.shape[axis + k :])
-    target = dims_tensor(ctx, bshape, node, "broadcast")
-    last = int64(ctx, [-1], f"{node.name}/axes")
-    stacked = [ctx.emit("Unsqueeze", [ctx.emit("Expand", [ctx.arg(node, i), target]), last]) for i in range(2, k + 2)]
-    if any(i.dtype != "int64" for i in node.inputs[2:]):
-        stacked = [ctx.emit("Cast", [s], to=ONNX_DTYPES["int64"]) for s in stacked]
-    idx = ctx.emit("Concat", stacked, axis=-1) if k > 1 else stacked[0]
+    idx = _stacked_indices(ctx, node, 2, bshape)
     values = ctx.emit("Expand", [ctx.arg(node, 1), dims_tensor(ctx, sub, node, "values")])
     reduction = "add" if node.attrs["accumulate"] else "none"
     if axis == 0:

@@ -39,9 +39,14 @@ def _infer_softmax(shapes, dtypes, attrs):
     return tuple(shapes[0]), dtypes[0]
 
 
-def _numpy_softmax(x: np.ndarray, *, axis: int) -> np.ndarray:
+def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` in float64 minus its maximum along ``axis`` (so ``exp`` of it never overflows)."""
     x64 = x.astype(np.float64)
-    e = np.exp(x64 - np.max(x64, axis=axis, keepdims=True, initial=-np.inf))
+    return x64 - np.max(x64, axis=axis, keepdims=True, initial=-np.inf)
+
+
+def _numpy_softmax(x: np.ndarray, *, axis: int) -> np.ndarray:
+    e = np.exp(_shifted(x, axis))
     return (e / np.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
 
 
@@ -171,8 +176,7 @@ define(
 
 # --------------------------------------------------------------------------- LogSoftmax
 def _numpy_log_softmax(x: np.ndarray, *, axis: int) -> np.ndarray:
-    x64 = x.astype(np.float64)
-    shifted = x64 - np.max(x64, axis=axis, keepdims=True, initial=-np.inf)
+    shifted = _shifted(x, axis)
     return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 

@@ -37,6 +37,13 @@ def _reduce_axes(axes: Sequence[int], rank: int, what: str) -> list[int]:
     return norm
 
 
+def _reduced(x, axes: set[int], keepdims: int):
+    """``x``'s shape with ``axes`` reduced: kept as size 1 when ``keepdims``, else dropped."""
+    if keepdims:
+        return tuple(1 if i in axes else d for i, d in enumerate(x))
+    return tuple(d for i, d in enumerate(x) if i not in axes)
+
+
 def _infer_reduce(shapes, dtypes, attrs):
     """``ReduceMean``/``ReduceSum`` over ``axes`` (empty: every axis), ``keepdims`` 0 or 1."""
     x = shapes[0]
@@ -44,10 +51,7 @@ def _infer_reduce(shapes, dtypes, attrs):
         raise ShapeError("reductions do not take bool inputs (cast first)")
     if attrs["keepdims"] not in (0, 1):
         raise ShapeError(f"keepdims must be 0 or 1, got {attrs['keepdims']}")
-    axes = set(_reduce_axes(attrs["axes"], len(x), "reduce"))
-    if attrs["keepdims"]:
-        return tuple(1 if i in axes else d for i, d in enumerate(x)), dtypes[0]
-    return tuple(d for i, d in enumerate(x) if i not in axes), dtypes[0]
+    return _reduced(x, set(_reduce_axes(attrs["axes"], len(x), "reduce")), attrs["keepdims"]), dtypes[0]
 
 
 def _numpy_reduce(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
@@ -196,10 +200,7 @@ def _infer_arg(shapes, dtypes, attrs):
         raise ShapeError(f"keepdims must be 0 or 1, got {attrs['keepdims']}")
     if not x:
         raise ShapeError("ArgMax/ArgMin need an input of rank >= 1 (reshape a scalar first)")
-    axis = normalize_axis(attrs["axis"], len(x), what="arg axis")
-    if attrs["keepdims"]:
-        return tuple(1 if i == axis else d for i, d in enumerate(x)), "int64"
-    return tuple(d for i, d in enumerate(x) if i != axis), "int64"
+    return _reduced(x, {normalize_axis(attrs["axis"], len(x), what="arg axis")}, attrs["keepdims"]), "int64"
 
 
 def _numpy_arg(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:

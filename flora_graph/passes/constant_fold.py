@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
-from flora_graph.ir import ComputationNode, Graph, Op
-from flora_graph.ir.shapes import is_static
-from flora_graph.ops import eval_node
+from flora_graph.ir import Graph, Op
+from flora_graph.ops.evaluate import fold_static
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import RewriteContext
 
@@ -26,25 +23,12 @@ def constant_fold(graph: Graph, *, max_elements: int = 1 << 24) -> PassResult:
     """Fold every all-``Const`` node into a new param named after the node; stats ``folded``."""
     t0 = time.perf_counter()
     ctx = RewriteContext(graph)
-    values: dict[ComputationNode, np.ndarray] = {}
-    refused: dict[str, str] = {}
+    values, refused = fold_static(graph.params, list(graph.nodes), max_elements)
     folded = 0
-    for n in list(graph.nodes):
+    for n, value in values.items():
         if n.op is Op.CONST:
-            values[n] = graph.params[n.attrs["param"]]
             continue
-        if n.op is Op.INPUT or not n.inputs or not all(i in values for i in n.inputs):
-            continue
-        if not is_static(n.shape):  # Expand(Const, ("batch", 4)): its size comes from the inputs at run time
-            continue
-        size = int(np.prod([int(d) for d in n.shape], dtype=np.int64))
-        if size > max_elements:
-            refused[n.name] = f"constant-fold: result has {size} values > max_elements={max_elements}"
-            continue
-        value = eval_node(n, [values[i] for i in n.inputs])
-        const = ctx.new_const(n.name, value, **n.meta)
-        values[n] = values[const] = value
-        ctx.replace(n, const)
+        ctx.replace(n, ctx.new_const(n.name, value, **n.meta))
         folded += 1
     changed = ctx.commit()
     stats = {"fired": {"constant-fold": folded} if folded else {}, "refused": refused, "folded": folded,

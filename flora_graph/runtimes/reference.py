@@ -95,16 +95,6 @@ def cast_array(arr: np.ndarray, dtype: str | np.dtype, what: str, error: type[Ex
     return arr.astype(want, copy=False)
 
 
-def _to_numpy(name: str, value: Any) -> np.ndarray:
-    """Convert a numpy array, torch tensor or array-like; raise ``RuntimeInputError``."""
-    return to_array(value, f"input {name!r}")
-
-
-def _cast(name: str, arr: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast to the declared dtype where safe: floats and ints to a float, ints to an int."""
-    return cast_array(arr, dtype, f"input {name!r}")
-
-
 def _bind_dim(dims: dict[str, int], dim: int | str, size: int, where: str) -> None:
     if isinstance(dim, int):
         if dim != size:
@@ -142,8 +132,9 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
     given = [k for k in declared if k in inputs]
     for name in given + [k for k in declared if k not in inputs]:  # defaults last: a given input binds its dims first
         node = declared[name]
-        arr = _cast(name, _to_numpy(name, inputs[name]), node.dtype) if name in inputs else defaults[name]
-        label = f"input {name!r}" if name in inputs else f"input {name!r} (its default)"
+        where = f"input {name!r}"
+        arr = cast_array(to_array(inputs[name], where), node.dtype, where) if name in inputs else defaults[name]
+        label = where if name in inputs else f"{where} (its default)"
         if arr.ndim != len(node.shape):
             raise RuntimeInputError(
                 f"{label} has rank {arr.ndim} (shape {list(arr.shape)}), the graph declares {format_shape(node.shape)}"

@@ -50,9 +50,9 @@ from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op
-from flora_graph.ir.shapes import is_static
-from flora_graph.ops import OPS, eval_node
+from flora_graph.ops import OPS
 from flora_graph.ops._torch import dim_sources
+from flora_graph.ops.evaluate import fold_static
 
 __all__ = [
     "example_shape",
@@ -268,14 +268,7 @@ def fold_weight_expressions(graph: Graph, max_elements: int = 1 << 24) -> dict[C
     """The value of every live node computable from weights alone (static shape, at most
     ``max_elements`` values), by the ops' numpy rules: what the generated module reads from a
     buffer instead of recomputing on each call, as ONNX Runtime folds constants at load."""
-    values: dict[ComputationNode, np.ndarray] = {}
-    for n in graph.live_nodes():
-        if n.op is Op.CONST:
-            values[n] = graph.params[n.attrs["param"]]
-        elif n.op is not Op.INPUT and n.inputs and all(i in values for i in n.inputs) and is_static(n.shape) \
-                and math.prod(int(d) for d in n.shape) <= max_elements:
-            values[n] = eval_node(n, [values[i] for i in n.inputs])
-    return values
+    return fold_static(graph.params, graph.live_nodes(), max_elements)[0]
 
 
 def output_needs_copy(graph: Graph) -> list[bool]:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from flora_graph.frontend.aten.pooling import tuple_outputs_used
-from flora_graph.frontend.aten.registry import as_dtype, refuse, register
+from flora_graph.frontend.aten.registry import as_dtype, refuse, refuse_used_outputs, register
 from flora_graph.ir import Op
 
 __all__: list[str] = []
@@ -42,14 +41,9 @@ def _log_softmax(ctx, x, dim, dtype_or_half=None):
     return ctx.emit(Op.LOG_SOFTMAX, [_softmax_input(ctx, x, dtype_or_half)], {"axis": int(dim)})
 
 
-def _refuse_used(ctx, what: str, *indices: int) -> None:
-    if set(indices) & tuple_outputs_used(ctx):
-        raise refuse(ctx, what)
-
-
 @register(aten.native_layer_norm.default)
 def _native_layer_norm(ctx, x, normalized_shape, weight, bias, eps):
-    _refuse_used(ctx, "the mean/rstd outputs", 1, 2)
+    refuse_used_outputs(ctx, "the mean/rstd outputs", 1, 2)
     return (_layer_norm(ctx, x, normalized_shape, weight, bias, eps), None, None)
 
 
@@ -64,7 +58,7 @@ def _batch_norm_node(ctx, x, weight, bias, mean, var, eps):
 
 @register(aten._native_batch_norm_legit_no_training.default)
 def _batch_norm_no_training(ctx, x, weight, bias, mean, var, momentum, eps):
-    _refuse_used(ctx, "the saved mean/rstd outputs", 1, 2)
+    refuse_used_outputs(ctx, "the saved mean/rstd outputs", 1, 2)
     return (_batch_norm_node(ctx, x, weight, bias, mean, var, eps), None, None)
 
 
@@ -77,7 +71,7 @@ def _batch_norm(ctx, x, weight, bias, mean, var, training, momentum, eps, cudnn_
 
 @register(aten.native_group_norm.default)
 def _native_group_norm(ctx, x, weight, bias, n, c, hw, group, eps):
-    _refuse_used(ctx, "the mean/rstd outputs", 1, 2)
+    refuse_used_outputs(ctx, "the mean/rstd outputs", 1, 2)
     return (_group_norm_node(ctx, x, group, weight, bias, eps), None, None)
 
 

@@ -15,19 +15,12 @@ from typing import Any
 
 import torch
 
-from flora_graph.frontend.aten.registry import refuse, register
+from flora_graph.frontend.aten.registry import refuse, refuse_used_outputs, register
 from flora_graph.ir import Op
 
-__all__ = ["tuple_outputs_used"]
+__all__: list[str] = []
 
 aten = torch.ops.aten
-
-
-def tuple_outputs_used(ctx) -> set[int]:
-    """The indices of the current node's tuple result that some ``getitem`` reads and something uses."""
-    import operator
-
-    return {int(u.args[1]) for u in ctx.fx_node.users if u.target is operator.getitem and u.users}
 
 
 def _pair(v: Any, default: Any = None) -> tuple[int, int]:
@@ -59,8 +52,7 @@ def _max_pool2d(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode
 
 @register(aten.max_pool2d_with_indices.default)
 def _max_pool2d_with_indices(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    if 1 in tuple_outputs_used(ctx):
-        raise refuse(ctx, "the indices output")
+    refuse_used_outputs(ctx, "the indices output", 1)
     return (_max_pool(ctx, x, kernel_size, stride, padding, dilation, ceil_mode), None)
 
 

@@ -16,6 +16,7 @@ the dtype torch computes in (read off the fx node).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATEN_TABLE", "NO_TENSOR_OPS", "Converter", "SymDim", "as_dtype", "aten_name", "axis_of", "cast_to_out",
-    "compute_dtype", "dim_of", "operand", "out_dtype", "refuse", "register",
+    "compute_dtype", "dim_of", "operand", "out_dtype", "refuse", "refuse_used_outputs", "register",
 ]
 
 aten = torch.ops.aten
@@ -82,6 +83,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def refuse(ctx: CaptureContext, what: str) -> UnsupportedOpError:
     """The error for a form of the current node that capture does not support (``what``)."""
     return UnsupportedOpError(f"{ctx.where()}: {what}", {f"{aten_name(ctx.fx_node.target)} ({what})": [ctx.where()]})
+
+
+def refuse_used_outputs(ctx: CaptureContext, what: str, *indices: int) -> None:
+    """Raise :func:`refuse` (``what``) when an output of the current node's tuple result at one of
+    ``indices`` is read by some ``getitem`` that something uses; unused outputs are fine."""
+    used = {int(u.args[1]) for u in ctx.fx_node.users if u.target is operator.getitem and u.users}
+    if used & set(indices):
+        raise refuse(ctx, what)
 
 
 def out_dtype(ctx: CaptureContext, index: int = 0) -> str:
