@@ -35,7 +35,7 @@ from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_na
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
 from flora_graph.ir import ComputationNode, Graph, Op, verify
-from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
+from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, format_shape
 
 __all__ = ["CaptureContext", "capture", "convert_fx_graph", "torch_dtype_name", "trace_with_torch_export"]
 
@@ -162,8 +162,12 @@ class CaptureContext:
             return int(expr)
         if isinstance(expr, sympy.Symbol):
             return self.symbols.get(expr.name, expr.name)
-        if isinstance(expr, sympy.Mul) and all(isinstance(a, sympy.Symbol | sympy.Integer) for a in expr.args):
-            return canonical_dim("*".join(str(int(a)) if isinstance(a, sympy.Integer) else str(self.ir_dim(a)) for a in expr.args))
+        if isinstance(expr, sympy.Add | sympy.Mul):  # a product (view(b * t, c)) or a sum (a cache: past + seq)
+            parts = [self.ir_dim(a) for a in expr.args]
+            try:
+                return add_dims(*parts) if isinstance(expr, sympy.Add) else dim_product(parts)
+            except ShapeError:
+                pass
         return str(expr)
 
 

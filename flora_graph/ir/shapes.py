@@ -2,8 +2,12 @@
 
 A dim is an ``int`` (static) or a ``str`` naming a dynamic dim (``"batch"``). A product of
 dims, as produced by ``Flatten`` or ``Reshape``, is written ``"batch*seq"`` or
-``"4*batch"``: the factors sorted, a static coefficient first. Two dims are equal when
-their canonical forms are equal, so ``"seq*batch"`` and ``"batch*seq"`` are the same dim.
+``"4*batch"``: the factors sorted, a static coefficient first. A sum, as produced by
+``Concat`` along a named dim (a key/value cache: ``past_seq + seq`` positions), is written
+``"past_seq+seq"``; in general a dim is a polynomial with integer coefficients in the dim
+names, its terms sorted and the constant last (``"past_seq+seq-1"``). Two dims are equal
+when their canonical forms are equal, so ``"seq*batch"`` and ``"batch*seq"`` are the same
+dim, and so are ``"seq+past_seq"`` and ``"past_seq+seq"``.
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ Shape = tuple[Dim, ...]
 __all__ = [
     "Dim",
     "Shape",
+    "add_dims",
     "broadcast_shapes",
     "canonical_dim",
+    "dim_names",
     "dim_product",
+    "dim_terms",
     "divide_dims",
     "format_shape",
+    "is_dim_name",
     "is_static",
     "normalize_axis",
+    "subtract_dims",
 ]
 
 # an identifier with dots, or a module path whose first component is a number ("0.rank": the rank
@@ -60,6 +69,71 @@ def _factors(dim: Dim) -> tuple[int, Counter[str]]:
     return coef, names
 
 
+Poly = dict[tuple[str, ...], int]  # sorted monomial (names, with repeats) -> integer coefficient
+_TERM = re.compile(r"[+-]?[^+-]+")
+
+
+def _poly(dim: Dim) -> Poly:
+    """``dim`` as a polynomial: ``{(): 3}`` for 3, ``{("past_seq",): 1, ("seq",): 1}`` for ``"past_seq+seq"``."""
+    if type(dim) is int:
+        if dim < 0:
+            raise ShapeError(f"dim {dim} is negative")
+        return {(): dim} if dim else {}
+    if not isinstance(dim, str) or ("+" not in dim and "-" not in dim):
+        coef, names = _factors(dim)
+        return {tuple(sorted(names.elements())): coef} if coef else {}
+    text = dim.replace(" ", "")
+    terms = _TERM.findall(text)
+    if not terms or "".join(terms) != text:
+        raise ShapeError(f"dim {dim!r} is not a sum of dim terms")
+    poly: Poly = {}
+    for term in terms:
+        sign = -1 if term[0] == "-" else 1
+        coef, names = _factors(term.lstrip("+-"))
+        key = tuple(sorted(names.elements()))
+        poly[key] = poly.get(key, 0) + sign * coef
+    return {k: v for k, v in poly.items() if v}
+
+
+def dim_names(dim: Dim) -> set[str]:
+    """The dim names ``dim`` mentions: ``{"past_seq", "seq"}`` for ``"past_seq+seq"``, none for an int."""
+    return {n for key in _poly(dim) for n in key}
+
+
+def is_dim_name(dim: Dim) -> bool:
+    """Whether ``dim`` is one plain name (``"seq"``), not an int, a product or a sum."""
+    return isinstance(dim, str) and _NAME.match(dim.strip()) is not None and "*" not in dim
+
+
+def dim_terms(dim: Dim) -> list[tuple[int, tuple[str, ...]]]:
+    """The terms of ``dim`` as ``(coefficient, names)``, constant (empty names) included:
+    ``"past_seq+2*seq-1"`` -> ``[(1, ("past_seq",)), (2, ("seq",)), (-1, ())]``."""
+    return [(v, k) for k, v in _poly(dim).items()]
+
+
+def _format(poly: Poly) -> str:
+    return " + ".join(f"{v}*{'*'.join(k) or 1}" for k, v in sorted(poly.items()))
+
+
+def _build_poly(poly: Poly, what: object = None) -> Dim:
+    poly = {k: v for k, v in poly.items() if v}
+    const = poly.pop((), 0)
+    if not poly:
+        if const < 0:
+            raise ShapeError(f"dim {what if what is not None else const!r} is negative ({const})")
+        return const
+    if any(v < 0 for v in poly.values()):  # "seq-1" is a dim; "a-b" may be negative
+        raise ShapeError(f"dim {what if what is not None else _format(poly)!r} has a negative named term")
+    text = ""
+    for key in sorted(poly):
+        coef = poly[key]
+        term = "*".join(([str(abs(coef))] if abs(coef) != 1 else []) + list(key))
+        text += ("-" if coef < 0 else "+" if text else "") + term
+    if const:
+        text += f"{const:+d}"
+    return text
+
+
 def _build(coef: int, names: Counter[str]) -> Dim:
     if coef == 0 or not names:
         return coef
@@ -78,7 +152,7 @@ def canonical_dim(dim: Dim) -> Dim:
     if type(dim) is str:
         hit = _CANONICAL.get(dim)
         if hit is None:
-            hit = _build(*_factors(dim))
+            hit = _build_poly(_poly(dim), dim)
             if len(_CANONICAL) < _CANONICAL_MAX:
                 _CANONICAL[dim] = hit
         return hit
@@ -86,22 +160,55 @@ def canonical_dim(dim: Dim) -> Dim:
 
 
 def dim_product(dims: Sequence[Dim]) -> Dim:
-    """Product of dims, symbolic where any factor is named."""
-    coef, names = 1, Counter()
+    """Product of dims, symbolic where any factor is named (sums are expanded)."""
+    acc: Poly = {(): 1}
     for d in dims:
-        c, n = _factors(d)
-        coef *= c
-        names.update(n)
-    return _build(coef, names)
+        nxt: Poly = {}
+        for ka, va in acc.items():
+            for kb, vb in _poly(d).items():
+                key = tuple(sorted(ka + kb))
+                nxt[key] = nxt.get(key, 0) + va * vb
+        acc = nxt
+    return _build_poly(acc)
+
+
+def add_dims(*dims: Dim) -> Dim:
+    """Sum of dims: ``add_dims("past_seq", "seq") == "past_seq+seq"``."""
+    acc: Poly = {}
+    for d in dims:
+        for k, v in _poly(d).items():
+            acc[k] = acc.get(k, 0) + v
+    return _build_poly(acc)
+
+
+def subtract_dims(a: Dim, b: Dim) -> Dim | None:
+    """``a - b`` as a dim, or ``None`` when it is not one: a negative constant, or a
+    negative named term (``"seq" - "past_seq+seq"``)."""
+    acc = dict(_poly(a))
+    for k, v in _poly(b).items():
+        acc[k] = acc.get(k, 0) - v
+    if any(v < 0 for k, v in acc.items() if k) or (acc.get((), 0) < 0 and not any(v for k, v in acc.items() if k)):
+        return None
+    return _build_poly(acc)
 
 
 def divide_dims(num: Dim, den: Dim) -> Dim | None:
-    """``num / den`` as a dim, or ``None`` when it does not divide exactly."""
-    cn, nn = _factors(num)
-    cd, nd = _factors(den)
-    if cd == 0 or cn % cd or any(nn[k] < v for k, v in nd.items()):
+    """``num / den`` as a dim, or ``None`` when it does not divide exactly (by a single-term
+    divisor, or by a sum equal to ``num``)."""
+    pn, pd = _poly(num), _poly(den)
+    if pn == pd and pd:
+        return 1
+    if len(pd) != 1:
         return None
-    return _build(cn // cd, nn - nd)
+    (dkey, dcoef), = pd.items()
+    need = Counter(dkey)
+    out: Poly = {}
+    for key, coef in pn.items():
+        have = Counter(key)
+        if coef % dcoef or any(have[k] < v for k, v in need.items()):
+            return None
+        out[tuple(sorted((have - need).elements()))] = coef // dcoef
+    return _build_poly(out)
 
 
 def is_static(shape: Sequence[Dim]) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flora_graph.errors import GraphError
-from flora_graph.ir.shapes import Dim, canonical_dim
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_terms
 
 if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
@@ -78,12 +78,21 @@ def dim_tensor(ctx: Any, dim: Dim, node: ComputationNode) -> str:
             for i, d in enumerate(inp.shape):
                 if isinstance(d, str) and canonical_dim(d) == dim:
                     return ctx.emit("Shape", [ctx.names[inp]], start=i, end=i + 1)
-        parts = str(dim).split("*")
-        if len(parts) == 1:
+        terms = dim_terms(dim)
+        if len(terms) == 1 and terms[0][0] == 1 and len(terms[0][1]) == 1:
             raise GraphError(f"node {node.name!r} ({node.op.value}): dim {dim!r} is not carried by any graph input")
-        value = dim_tensor(ctx, parts[0] if not parts[0].isdigit() else int(parts[0]), node)
-        for p in parts[1:]:
-            value = ctx.emit("Mul", [value, dim_tensor(ctx, p if not p.isdigit() else int(p), node)])
+        value = None
+        for coef, names in terms:  # a product of dims, or a sum of such terms
+            term = None
+            for n in names:
+                term = dim_tensor(ctx, n, node) if term is None else ctx.emit("Mul", [term, dim_tensor(ctx, n, node)])
+            if term is None or abs(coef) != 1:
+                c = dim_tensor(ctx, abs(coef), node)
+                term = c if term is None else ctx.emit("Mul", [term, c])
+            if value is None:
+                value = term if coef > 0 else ctx.emit("Neg", [term])
+            else:
+                value = ctx.emit("Add" if coef > 0 else "Sub", [value, term])
         return value
 
     return ctx.once(("dim", dim), make)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from flora_graph.errors import GraphError
-from flora_graph.ir.shapes import Dim, Shape, canonical_dim
+from flora_graph.ir.shapes import Dim, Shape, canonical_dim, dim_terms
 
 if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
@@ -58,9 +58,13 @@ def dim_expr(dim: Dim, node: ComputationNode, local: Sequence[tuple[str, Shape]]
     sources = _SOURCES.get() or {}
     if dim in sources:
         return sources[dim]
-    parts = dim.split("*") if isinstance(dim, str) else []
-    if len(parts) > 1:
-        return " * ".join(p if p.isdigit() else dim_expr(p, node, local) for p in parts)
+    terms = dim_terms(dim)
+    if len(terms) > 1 or terms[0][0] != 1 or len(terms[0][1]) > 1:  # a product or a sum of named dims
+        out = ""
+        for coef, names in terms:
+            factors = ([str(abs(coef))] if abs(coef) != 1 or not names else []) + [dim_expr(n, node, local) for n in names]
+            out += (" - " if coef < 0 else " + " if out else "") + " * ".join(factors)
+        return f"({out})" if len(terms) > 1 else out
     raise GraphError(f"node {node.name!r} ({node.op.value}): dim {dim!r} is not carried by any graph input")
 
 

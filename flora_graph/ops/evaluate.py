@@ -19,7 +19,7 @@ import numpy as np
 from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op, schema
-from flora_graph.ir.shapes import is_static
+from flora_graph.ir.shapes import dim_terms, is_static
 from flora_graph.ops.registry import OPS
 
 __all__ = ["eval_dim", "eval_node", "fold_static", "np_dtype", "resolve_attrs"]
@@ -35,13 +35,18 @@ def np_dtype(name: str) -> np.dtype:
 
 
 def eval_dim(dim: int | str, dims: Mapping[str, int]) -> int | None:
-    """The size of ``dim`` (an int, a name or a product ``"a*b"``) under ``dims``; ``None`` if unbound."""
+    """The size of ``dim`` (an int, a name, or a polynomial such as ``"a*b"`` or ``"past_seq+seq"``)
+    under ``dims``; ``None`` if unbound."""
     if isinstance(dim, int):
         return dim
     if dim in dims:
         return dims[dim]
-    parts = [p if p.isdigit() else dims.get(p) for p in dim.split("*")]
-    return None if None in parts else math.prod(int(p) for p in parts)  # type: ignore[arg-type]
+    total = 0
+    for coef, names in dim_terms(dim):
+        if any(n not in dims for n in names):
+            return None
+        total += coef * math.prod(int(dims[n]) for n in names)
+    return total
 
 
 def resolve_attrs(node: ComputationNode, dims: Mapping[str, int] | None) -> dict[str, Any]:

@@ -21,13 +21,16 @@ from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
 from flora_graph.ir.shapes import (
     Dim,
+    add_dims,
     broadcast_shapes,
     canonical_dim,
     dim_product,
+    dim_terms,
     dims_equal,
     divide_dims,
     format_shape,
     normalize_axis,
+    subtract_dims,
 )
 from flora_graph.ops._infer import same_float_dtype
 from flora_graph.ops._onnx import axes_input, dims_tensor, int64, simple, split_key
@@ -161,9 +164,7 @@ define(
 
 # --------------------------------------------------------------------------- Concat
 def _sum_dims(dims: Sequence[Dim]) -> Dim:
-    if all(isinstance(d, int) for d in dims):
-        return sum(int(d) for d in dims)
-    raise ShapeError(f"Concat along named dims {list(dims)} is not supported")
+    return add_dims(*dims)  # "past_seq" + "seq" -> "past_seq+seq" (a key/value cache)
 
 
 def _infer_concat(shapes, dtypes, attrs):
@@ -249,6 +250,13 @@ def _bound(v: Dim, size: int) -> int:
     return min(max(v, 0), size)
 
 
+def _nonnegative(dim: Dim | None) -> bool:
+    """Whether ``dim`` is a dim with no negative term (``"seq-1"`` is negative at ``seq = 0``)."""
+    if dim is None or (isinstance(dim, int) and dim < 0):
+        return False
+    return all(c >= 0 for c, _ in dim_terms(dim))
+
+
 def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
     """Size of ``x[start:end:step]`` along an axis of size ``dim``; ``ShapeError`` when it is not a dim.
 
@@ -270,6 +278,12 @@ def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
         return max(0, -(-(end - start) // step))
     elif isinstance(dim, int) and start == 0 and step == 1 and isinstance(end, str):
         return canonical_dim(end)
+    negative_end = not to_end and isinstance(end, int) and end < 0
+    if (step == 1 and not negative_end and _nonnegative(start)
+            and (to_end or isinstance(dim, int) or _nonnegative(subtract_dims(dim, end)))):
+        size = subtract_dims(dim if to_end else end, start)  # x[past_seq:] of past_seq+seq -> seq
+        if _nonnegative(size):
+            return size
     raise ShapeError(f"Slice: the size of [{start}:{end}:{step}] of a dim {dim} cannot be written as a dim")
 
 

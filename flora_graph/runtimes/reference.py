@@ -30,7 +30,7 @@ from flora_graph.errors import GraphError, RuntimeInputError, ShapeError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op
-from flora_graph.ir.shapes import format_shape
+from flora_graph.ir.shapes import dim_names, format_shape, is_dim_name
 from flora_graph.ops.evaluate import eval_dim, eval_node, np_dtype
 
 __all__ = ["cast_array", "check_inputs", "max_result_bytes", "run", "to_array"]
@@ -141,12 +141,12 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
             )
         for i, (dim, size) in enumerate(zip(node.shape, arr.shape, strict=True)):
             where = f"{label} dim {i}"
-            if isinstance(dim, str) and "*" in dim:
+            if isinstance(dim, str) and not is_dim_name(dim):
                 compound.append((dim, size, where))
             else:
                 _bind_dim(dims, dim, size, where)
         arrays[name] = arr
-    for dim, size, where in compound:  # "batch*seq": check once its factors are bound
+    for dim, size, where in compound:  # "batch*seq", "past_seq+seq": check once its names are bound
         value = eval_dim(dim, dims)
         _bind_dim(dims, dim if value is None else value, size, where)
     _check_dim_max(graph, dims)
@@ -186,7 +186,7 @@ def _check_size(node: ComputationNode, dims: Mapping[str, int], limit: int) -> N
     count = math.prod(int(s) for s in sizes)  # type: ignore[arg-type]
     nbytes = count * np_dtype(node.dtype).itemsize
     if nbytes > limit:
-        bound = {d: dims[d] for d in dims if any(isinstance(s, str) and d in s.split("*") for s in node.shape)}
+        bound = {d: dims[d] for d in dims if any(d in dim_names(s) for s in node.shape)}
         raise (RuntimeInputError if bound else GraphError)(
             f"node {node.name!r} ({node.op.value}) would produce shape {sizes} {node.dtype}, {nbytes / 2**30:.3g} GiB, "
             f"more than this machine's memory ({limit / 2**30:.3g} GiB)"

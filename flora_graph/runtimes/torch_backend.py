@@ -33,6 +33,8 @@ import torch
 from flora_graph.errors import FloraGraphError, GraphError, RuntimeInputError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.serialize import atomic_file
+from flora_graph.ir.shapes import dim_names, dim_terms, is_dim_name
+from flora_graph.ops.evaluate import eval_dim
 from flora_graph.runtimes.executable import Executable, register_backend
 from flora_graph.runtimes.torch_lowering import (
     example_shape,
@@ -165,7 +167,7 @@ class TorchScriptExecutable(_TorchExecutable):
 def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], list[dict[int, Any] | None]]:
     """Example inputs (named dims sized 2..8, distinct per name, within ``graph.dim_max``) and the
     ``dynamic_shapes`` spec."""
-    names = sorted({p for n in graph.inputs for d in n.shape if isinstance(d, str) for p in d.split("*") if not p.isdigit()})
+    names = sorted({p for n in graph.inputs for d in n.shape for p in dim_names(d)})
     bounds = graph.dim_max
     sizes = {name: min(2 + k % 7, bounds.get(name, 8)) for k, name in enumerate(names)}
     dims: dict[str, Any] = {}
@@ -180,8 +182,8 @@ def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], lis
                 label = f"{base}_{k}"
             used.add(label)
             hi = bounds.get(name)
-            if hi is None and "*" in name and all(p.isdigit() or p in bounds for p in name.split("*")):
-                hi = int(np.prod([int(p) if p.isdigit() else bounds[p] for p in name.split("*")]))
+            if hi is None and not is_dim_name(name) and dim_names(name) <= set(bounds):
+                hi = eval_dim(name, bounds)
             dims[name] = torch.export.Dim(label, min=dim_min, max=hi)
         return dims[name]
 
@@ -191,8 +193,11 @@ def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], lis
         for axis, d in enumerate(node.shape):
             if isinstance(d, int):
                 continue
-            parts = d.split("*")
-            coef, named = (int(parts[0]), parts[1:]) if parts[0].isdigit() else (1, parts)
+            terms = dim_terms(d)
+            if len(terms) > 1:  # a sum (past_seq+seq): torch.export relates it to the other dims itself
+                spec[axis] = torch.export.Dim.AUTO
+                continue
+            (coef, named), = terms
             spec[axis] = (dim(named[0]) * coef if coef != 1 else dim(named[0])) if len(named) == 1 else dim(d)
         shape = example_shape(node.shape, sizes)
         dtype = getattr(torch, node.dtype)

@@ -50,6 +50,7 @@ from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op
+from flora_graph.ir.shapes import dim_terms
 from flora_graph.ops import OPS
 from flora_graph.ops._torch import dim_sources
 from flora_graph.ops.evaluate import fold_static
@@ -280,11 +281,5 @@ def output_needs_copy(graph: Graph) -> list[bool]:
 
 
 def example_shape(shape: Sequence[int | str], sizes: dict[str, int]) -> list[int]:
-    """A concrete shape: static dims as they are, named dims (and products of them) from ``sizes``."""
-    out = []
-    for d in shape:
-        if isinstance(d, int):
-            out.append(d)
-        else:
-            out.append(math.prod(int(p) if p.isdigit() else sizes[p] for p in d.split("*")))
-    return out
+    """A concrete shape: static dims as they are, named dims (and products or sums of them) from ``sizes``."""
+    return [sum(c * math.prod(sizes[n] for n in names) for c, names in dim_terms(d)) for d in shape]

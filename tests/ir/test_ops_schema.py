@@ -435,13 +435,21 @@ def test_concat_matches_numpy(shapes, axis):
         ([(2, 3), (2, 3, 1)], 0, "ranks"),
         ([(2, 3), (3, 3)], 1, "differs"),
         ([("batch", 3), ("seq", 3)], 1, "differs"),
-        ([("batch", 3), ("batch", 3)], 0, "named"),
         ([(2, 3), (2, 3)], 2, "out of range"),
         ([(), ()], 0, "out of range"),
     ],
 )
 def test_concat_bad(shapes, axis, match):
     raises_naming(ShapeError, Op.CONCAT, shapes, {"axis": axis}, match=match)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "want"),
+    [([("batch", 3), ("batch", 3)], ("2*batch", 3)), ([("past_seq", 3), ("seq", 3)], ("past_seq+seq", 3)),
+     ([(2, 3), ("seq", 3)], ("seq+2", 3))],
+)
+def test_concat_along_named_dims_is_their_sum(shapes, want):
+    assert infer(Op.CONCAT, shapes, {"axis": 0}).shape == want
 
 
 @pytest.mark.parametrize(("axis", "sizes"), [(0, (1, 3)), (1, (2, 2, 1)), (-1, (6,)), (-1, (1, 2, 3))])
