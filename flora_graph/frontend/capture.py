@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import sympy
@@ -35,11 +36,24 @@ from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_na
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
 from flora_graph.ir import ComputationNode, Graph, Op, verify
-from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, format_shape
+from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, format_shape, is_dim_name
 
-__all__ = ["CaptureContext", "capture", "convert_fx_graph", "torch_dtype_name", "trace_with_torch_export"]
+__all__ = ["CaptureContext", "Traced", "capture", "convert_fx_graph", "suggested_bounds", "torch_dtype_name",
+           "trace_with_torch_export"]
 
-DynamicDims = Mapping[str, Mapping[int, str]]
+DynamicDims = Mapping[str, Any]  # {input: {axis: dim name}}, or a list of those for a list input
+
+
+def flat_dynamic_dims(dynamic_dims: DynamicDims | None) -> dict[str, Mapping[int, str]]:
+    """``dynamic_dims`` with list inputs spelled out: ``{"past": [{0: "batch"}]}`` -> ``{"past.0": {0: "batch"}}``."""
+    out: dict[str, Mapping[int, str]] = {}
+    for name, axes in (dynamic_dims or {}).items():
+        if isinstance(axes, list | tuple):
+            for i, a in enumerate(axes):
+                out.update(flat_dynamic_dims({f"{name}.{i}": a}))
+        else:
+            out[name] = axes
+    return out
 DimMax = Mapping[str, int]
 
 
@@ -171,33 +185,61 @@ class CaptureContext:
         return str(expr)
 
 
-def _check_dim_max(dynamic_dims: DynamicDims | None, dim_max: DimMax | None) -> dict[str, int]:
-    """``dim_max`` as a plain dict, refusing names no input dim carries and sizes below 2."""
-    if not dim_max:
+def _check_bounds(dynamic_dims: DynamicDims | None, bounds: DimMax | None, what: str = "dim_max") -> dict[str, int]:
+    """``dim_max`` / ``dim_min`` as a plain dict, refusing names no input dim carries and sizes
+    torch cannot take (a maximum below 2, a negative minimum)."""
+    if not bounds:
         return {}
-    named = {dn for axes in (dynamic_dims or {}).values() for dn in axes.values()}
-    unknown = sorted(set(dim_max) - named)
+    named = {dn for axes in flat_dynamic_dims(dynamic_dims).values() for dn in axes.values()}
+    unknown = sorted(set(bounds) - named)
     if unknown:
-        raise GraphError(f"dim_max names {unknown}, which dynamic_dims does not name (it names {sorted(named)})")
-    for dn, hi in dim_max.items():
-        if isinstance(hi, bool) or not isinstance(hi, int) or hi < 2:
-            raise GraphError(f"dim_max[{dn!r}] = {hi!r}: expected an int >= 2 (torch specialises sizes 0 and 1)")
-    return dict(dim_max)
+        raise GraphError(f"{what} names {unknown}, which dynamic_dims does not name (it names {sorted(named)})")
+    least = 2 if what == "dim_max" else 0
+    for dn, v in bounds.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            why = " (torch specialises sizes 0 and 1)" if what == "dim_max" else ""
+            raise GraphError(f"{what}[{dn!r}] = {v!r}: expected an int >= {least}{why}")
+    return dict(bounds)
+
+
+_FIX = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*Dim\(\s*'([^']+)'\s*((?:,\s*(?:min|max)\s*=\s*\d+\s*)*)\)\s*$")
+
+
+def suggested_bounds(message: str) -> dict[str, dict[str, int]]:
+    """The dim bounds torch.export suggests in ``message`` ("Suggested fixes: seq = Dim('seq', min=3)"):
+    ``{"seq": {"min": 3}}``. Other suggestions (a dim made static, or derived from another) are not bounds."""
+    out: dict[str, dict[str, int]] = {}
+    for line in message.split("Suggested fixes:", 1)[-1].splitlines() if "Suggested fixes:" in message else []:
+        m = _FIX.match(line)
+        if m and m.group(1) == m.group(2):
+            out[m.group(2)] = {k: int(v) for k, v in re.findall(r"(min|max)\s*=\s*(\d+)", m.group(3))}
+    return out
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: DynamicDims | None,
-                    dim_max: DimMax | None = None):
+                    dim_max: DimMax | None = None, dim_min: DimMax | None = None):
     if not dynamic_dims:
         return None
     names = list(inspect.signature(model.forward).parameters)
     dims: dict[str, torch.export.Dim] = {}
-    bounds = dim_max or {}
+    hi, lo = dim_max or {}, dim_min or {}
 
-    def spec_for(name: str) -> dict[int, Any] | None:
+    def dim(dn: str) -> Any:
+        if not is_dim_name(dn):  # an expression ("past_seq+seq"): torch.export relates it to the other dims
+            return torch.export.Dim.AUTO
+        if dn not in dims:
+            dims[dn] = torch.export.Dim(dn, min=lo.get(dn, 0), max=hi.get(dn)) if dn in lo else \
+                torch.export.Dim(dn, max=hi.get(dn))
+        return dims[dn]
+
+    def spec_for(name: str) -> Any:
+        def of(axes: Any) -> Any:
+            if isinstance(axes, list | tuple):  # a list input: one spec per element
+                return [of(a) for a in axes]
+            return {int(ax): dim(dn) for ax, dn in axes.items()}
+
         axes = dynamic_dims.get(name)
-        if axes is None:
-            return None
-        return {int(ax): dims.setdefault(dn, torch.export.Dim(dn, max=bounds.get(dn))) for ax, dn in axes.items()}
+        return None if axes is None else of(axes)
 
     known = set(names[: len(args)]) | set(kwargs)
     unknown = set(dynamic_dims) - known
@@ -296,43 +338,79 @@ def capture(
     *,
     name: str | None = None,
     dim_max: DimMax | None = None,
+    dim_min: DimMax | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> Graph:
     """Export ``model`` with ``torch.export`` and convert it to a verified :class:`Graph`.
 
     Args:
         model: the module; captured in eval mode and, where it has a ``config.use_cache``
             (a Hugging Face model), with the key/value cache off (both restored after).
-        example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors.
+        example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
+            (keywords that land in ``forward(**kwargs)`` may be any string:
+            ``"past_key_values.0.key"``). Graph inputs take the keyword or parameter names.
         dynamic_dims: ``{input_name: {axis: dim_name}}``; the same name on several inputs is
             one dim. Example sizes on dynamic dims should be >= 2 (torch specialises 0 and 1).
+            A dim may be a sum or product of names (``"past_seq+seq"``: an attention mask over
+            the cache and the new tokens); torch.export relates it to the other dims itself.
         name: graph name (defaults to the model's class name).
         dim_max: ``{dim_name: largest size}`` for dims the model bounds (BERT/GPT-2 slice a
             learned position table of ``max_position_embeddings`` rows by ``"seq"``:
             ``dim_max={"seq": 512}``). Stored as ``graph.dim_max``; the ``torch-export``
             backend exports with the same bound. Names must appear in ``dynamic_dims``.
+        dim_min: ``{dim_name: smallest size}``, stored as ``graph.dim_min``. Where torch.export
+            fails asking for a bound (its "Suggested fixes: seq = Dim('seq', min=3)"), the
+            bound is applied and the export retried; the graph records it.
+        input_names: names of the graph inputs in order, replacing the keyword and parameter
+            names (``dynamic_dims`` still uses those; a list input ``past`` has ``past.0``, ...).
+        output_names: names of the outputs in order (default ``output`` or ``output_{i}``).
 
     Raises:
         UnsupportedOpError: listing every ATen op outside the table and where it occurs.
-        GraphError: torch.export failed (its message suggests a ``dim_max`` where a dim
-            needs one), or the result does not verify.
+        GraphError: torch.export failed (with the fixes it suggests that were not applied),
+            or the result does not verify.
     """
-    ep, model, adapters = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max)
-    graph = _convert(ep, adapters, dynamic_dims or {}, name or type(model).__name__)
-    graph.dim_max = _check_dim_max(dynamic_dims, dim_max)
+    traced = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max, dim_min=dim_min)
+    graph = _convert(traced, flat_dynamic_dims(dynamic_dims), name or type(traced.model).__name__, output_names)
+    graph.dim_max, graph.dim_min = traced.dim_max, traced.dim_min
+    if input_names is not None:
+        if len(input_names) != len(graph.inputs):
+            raise GraphError(f"{len(input_names)} input names for the {len(graph.inputs)} inputs "
+                             f"{[i.name for i in graph.inputs]}")
+        for node, new in zip(list(graph.inputs), input_names, strict=True):
+            graph.rename_input(node.name, new)
     return graph
 
 
+class Traced(NamedTuple):
+    """What :func:`trace_with_torch_export` returns."""
+
+    ep: torch.export.ExportedProgram
+    model: nn.Module  # the module exported (a PeftModel's base model)
+    adapters: dict[str, Any]  # module path -> adapter, for tags
+    dim_max: dict[str, int]  # the bounds the program was exported with: given, or applied from torch's fixes
+    dim_min: dict[str, int]
+    input_names: list[str]  # one per user input tensor of the program, in order
+
+
+_RETRIES = 3  # exports retried with torch.export's suggested bounds
+
+
 def trace_with_torch_export(
-    model: nn.Module, example_inputs: Any, dynamic_dims: DynamicDims | None = None, *, dim_max: DimMax | None = None
-) -> tuple[torch.export.ExportedProgram, nn.Module, dict[str, Any]]:
+    model: nn.Module, example_inputs: Any, dynamic_dims: DynamicDims | None = None, *, dim_max: DimMax | None = None,
+    dim_min: DimMax | None = None,
+) -> Traced:
     """The ``torch.export`` step of :func:`capture` (same arguments), for callers that convert later.
 
-    Returns the exported program, the module exported (a PeftModel's base model) and its
-    adapters by module path (for tags); :func:`convert_fx_graph` converts the program.
+    Returns the exported program, the module exported (a PeftModel's base model), its
+    adapters by module path (for tags), the dim bounds and the input names;
+    :func:`convert_fx_graph` converts the program.
     A model with a ``config.use_cache`` (Hugging Face) is traced with it off, and restored after:
     the graph's outputs hold no key/value cache (see :mod:`flora_graph.frontend.model_outputs`).
     Where the exported graph holds in-place ops (``add_``, ``index_put_``), the program is
-    functionalized (no decompositions); a graph without them pays only the check.
+    functionalized (no decompositions); a graph without them pays only the check. Where
+    torch.export asks for a lower or upper bound on a named dim, it is applied and the export retried.
 
     Raises:
         GraphError: torch.export failed, or the model writes a buffer or an input in place.
@@ -345,23 +423,63 @@ def trace_with_torch_export(
         args, kwargs = tuple(example_inputs), {}
     if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
         model = model.get_base_model()  # a PeftModel: capture the adapted model it wraps
-    spec = _dynamic_shapes(model, args, kwargs, dynamic_dims, _check_dim_max(dynamic_dims, dim_max))
+    hi = _check_bounds(dynamic_dims, dim_max)
+    lo = _check_bounds(dynamic_dims, dim_min, "dim_min")
+    named = {dn for axes in flat_dynamic_dims(dynamic_dims).values() for dn in axes.values() if is_dim_name(dn)}
     adapters = {**adapters_of(model), **peft_lora_layers(model)}
+    applied: list[str] = []
     # no_kv_cache: a Hugging Face causal LM with use_cache on would return a DynamicCache torch.export cannot trace
     with (_eval_mode(model), no_kv_cache(model), _conv1d_as_linear(model), lora_sites_as_op(adapters),
           _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
-        try:
-            ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
-            if _mutating_ops(ep.graph):
-                ep = _functionalize(ep, type(model).__name__)
-        except FloraGraphError:
-            raise
-        except Exception as exc:
-            hint = ""
-            if "max=" in str(exc) and "Constraints violated" in str(exc):
-                hint = " (a dynamic dim needs an upper bound here: pass capture(..., dim_max={dim_name: largest_size}))"
-            raise GraphError(f"torch.export could not export {type(model).__name__}{hint}: {exc}") from exc
-    return ep, model, adapters
+        for attempt in range(_RETRIES + 1):
+            spec = _dynamic_shapes(model, args, kwargs, dynamic_dims, hi, lo)
+            try:
+                ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
+                if _mutating_ops(ep.graph):
+                    ep = _functionalize(ep, type(model).__name__)
+                break
+            except FloraGraphError:
+                raise
+            except Exception as exc:
+                fixes = {dn: b for dn, b in suggested_bounds(str(exc)).items() if dn in named}
+                changed = False
+                for dn, b in fixes.items():
+                    if "min" in b and b["min"] > lo.get(dn, 0):
+                        lo[dn], changed = b["min"], True
+                        applied.append(f"{dn} >= {b['min']}")
+                    if "max" in b and b["max"] < hi.get(dn, b["max"] + 1):
+                        hi[dn], changed = b["max"], True
+                        applied.append(f"{dn} <= {b['max']}")
+                if changed and attempt < _RETRIES:
+                    continue
+                hint = ""
+                if "max=" in str(exc) and "Constraints violated" in str(exc):
+                    hint = " (a dynamic dim needs an upper bound here: pass capture(..., dim_max={dim_name: largest_size}))"
+                if applied:
+                    hint += f" (bounds applied from torch.export's suggestions: {', '.join(applied)})"
+                raise GraphError(f"torch.export could not export {type(model).__name__}{hint}: {exc}") from exc
+    return Traced(ep, model, adapters, hi, lo, _user_input_names(ep, model, len(args)))
+
+
+def _user_input_names(ep: torch.export.ExportedProgram, model: nn.Module, n_args: int) -> list[str]:
+    """The name of each user input leaf of ``ep``, in placeholder order: a keyword's key, a positional
+    parameter's name, ``name.i`` / ``name.key`` inside a list or dict input."""
+    from torch.utils import _pytree as pytree
+
+    spec = ep.call_spec.in_spec
+    if spec is None:
+        return list(ep.graph_signature.user_inputs)
+    args, kwargs = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    params = list(inspect.signature(model.forward).parameters)
+    names: dict[int, str] = {}
+    roots = [(params[i] if i < len(params) else f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    for root, value in roots:
+        for path, leaf in pytree.tree_flatten_with_path(value)[0]:
+            keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+            names[leaf] = ".".join([root, *keys])
+    order = [names[i] for i in range(spec.num_leaves) if i in names]
+    user = [n for n in ep.graph_signature.user_inputs]
+    return order if len(order) == len(user) else user
 
 
 def _mutating_ops(fx_graph: torch.fx.Graph) -> list[str]:
@@ -388,11 +506,13 @@ def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.e
     return ep
 
 
-def _convert(ep: torch.export.ExportedProgram, adapters: Mapping[str, Any], dynamic_dims: DynamicDims, name: str) -> Graph:
+def _convert(traced: Traced, dynamic_dims: DynamicDims, name: str, output_names: Sequence[str] | None = None) -> Graph:
+    ep = traced.ep
     sig = ep.graph_signature
     weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     state = {**ep.state_dict, **ep.constants}
-    return convert_fx_graph(ep.graph, {n: (fqn, state[fqn]) for n, fqn in weights.items()}, adapters, dynamic_dims, name)
+    return convert_fx_graph(ep.graph, {n: (fqn, state[fqn]) for n, fqn in weights.items()}, traced.adapters,
+                            dynamic_dims, name, input_names=traced.input_names, output_names=output_names)
 
 
 def convert_fx_graph(
@@ -401,6 +521,9 @@ def convert_fx_graph(
     adapters: Mapping[str, Any] | None = None,
     dynamic_dims: DynamicDims | None = None,
     name: str = "graph",
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> Graph:
     """Convert an ATen-level fx graph (torch.export's, or AOT autograd's) to a verified :class:`Graph`.
 
@@ -409,8 +532,11 @@ def convert_fx_graph(
         weights: placeholder name -> (weight name, real tensor) for the placeholders that are weights;
             the other tensor placeholders become graph inputs, SymInt placeholders become dims.
         adapters: module path -> adapter, for tags (matched against ``nn_module_stack`` paths).
-        dynamic_dims: ``{placeholder: {axis: dim name}}`` naming symbolic dims.
+        dynamic_dims: ``{input name: {axis: dim name}}`` naming symbolic dims.
         name: graph name.
+        input_names: the graph input names of the tensor placeholders that are not weights, in
+            order (default: the placeholder names).
+        output_names: the output names, in order (default ``output`` or ``output_{i}``).
 
     Raises:
         UnsupportedOpError: listing every ATen op outside the table and where it occurs.
@@ -420,12 +546,15 @@ def convert_fx_graph(
     _check_supported(fx_nodes, weights)
 
     graph = Graph(name)
+    user = [n for n in fx_nodes if n.op == "placeholder" and n.name not in weights and isinstance(n.meta.get("val"), torch.Tensor)]
+    if input_names is not None and len(input_names) != len(user):
+        raise GraphError(f"{name}: {len(input_names)} input names for {len(user)} inputs")
+    names = dict(zip(user, input_names if input_names is not None else [n.name for n in user], strict=True))
     symbols: dict[str, str] = {}
-    for n in fx_nodes:
-        if n.op == "placeholder" and n.name not in weights and isinstance(n.meta.get("val"), torch.Tensor):
-            for ax, d in enumerate(n.meta["val"].shape):
-                if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
-                    symbols.setdefault(d.node.expr.name, dynamic_dims.get(n.name, {}).get(ax, d.node.expr.name))
+    for n in user:
+        for ax, d in enumerate(n.meta["val"].shape):
+            if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
+                symbols.setdefault(d.node.expr.name, dynamic_dims.get(names[n], {}).get(ax, d.node.expr.name))
     ctx = CaptureContext(graph, adapters, symbols)
     env: dict[torch.fx.Node, Any] = {}
     for n in fx_nodes:
@@ -435,7 +564,7 @@ def convert_fx_graph(
             if n.name in weights:
                 env[n] = _LazyConst(*weights[n.name])
             elif isinstance(val, torch.Tensor):
-                env[n] = graph.input(n.name, [ctx.ir_dim(d) for d in val.shape], torch_dtype_name(val.dtype))
+                env[n] = graph.input(names[n], [ctx.ir_dim(d) for d in val.shape], torch_dtype_name(val.dtype))
             elif isinstance(val, torch.SymInt):  # a size passed as an input (AOT graphs with dynamic shapes)
                 env[n] = SymDim(ctx.ir_dim(val))
             else:
@@ -444,11 +573,14 @@ def convert_fx_graph(
             env[n] = _call(ctx, n, env)
         elif n.op == "output":
             outs = n.args[0] if isinstance(n.args[0], tuple | list) else (n.args[0],)
+            if output_names is not None and len(output_names) != len(outs):
+                raise GraphError(f"{name}: {len(output_names)} output names for {len(outs)} outputs")
             for i, o in enumerate(outs):
                 node = _realize(ctx, env[o])
                 if not isinstance(node, ComputationNode):
                     raise GraphError(f"output {i} of {name} is not a tensor")
-                graph.set_output("output" if len(outs) == 1 else f"output_{i}", node)
+                default = "output" if len(outs) == 1 else f"output_{i}"
+                graph.set_output(output_names[i] if output_names is not None else default, node)
         else:
             raise GraphError(f"unexpected fx node {n.op} {n.name} in the exported program")
     graph.remove_dead()

@@ -48,7 +48,9 @@ class Graph:
     ``params`` maps weight names to numpy arrays; a ``Const`` node names one in its
     ``param`` attribute. ``outputs`` maps output names to nodes, in order. ``dim_max`` maps a
     dynamic dim name to the largest size the graph is valid for (a learned position table
-    of ``512`` rows bounds ``"seq"`` by 512); a name absent from it is unbounded.
+    of ``512`` rows bounds ``"seq"`` by 512); a name absent from it is unbounded. ``dim_min``
+    maps a dim name to the smallest size the graph is valid for (a bound ``torch.export``
+    asked for while tracing); a name absent from it starts at 0.
     ``input_defaults`` maps an input's name to the (read-only) array it takes when a caller
     leaves it out (:meth:`input` with ``default=``; an adapter slot's rank-0 weights): every
     backend accepts the input omitted, and ONNX lowers it as an input with a same-named
@@ -62,6 +64,7 @@ class Graph:
         self.nodes: list[ComputationNode] = []
         self.params: dict[str, np.ndarray] = {}
         self.dim_max: dict[str, int] = {}
+        self.dim_min: dict[str, int] = {}
         self.input_defaults: dict[str, np.ndarray] = {}
         self._names: set[str] = set()
         self._counter = 0
@@ -226,6 +229,19 @@ class Graph:
         self._names.discard(node.name)
         self.input_defaults.pop(node.name, None)
 
+    def rename_input(self, old: str, new: str) -> None:
+        """Rename graph input ``old`` to ``new`` (its default follows); ``GraphError`` if ``new`` is taken."""
+        node = next((i for i in self.inputs if i.name == old), None)
+        if node is None:
+            raise GraphError(f"{old!r} is not an input of graph {self.name!r}")
+        if new != old and new in self._names:
+            raise GraphError(f"cannot rename input {old!r} to {new!r}: graph {self.name!r} already has a node {new!r}")
+        self._names.discard(old)
+        self._names.add(new)
+        node.name = new
+        if old in self.input_defaults:
+            self.input_defaults[new] = self.input_defaults.pop(old)
+
     def remove_dead(self) -> int:
         """Drop nodes no output depends on (inputs stay) and unused params; return count removed."""
         live = set(self.live_nodes()) | set(self.inputs)
@@ -250,6 +266,7 @@ class Graph:
         else:
             out.params = {k: np.array(v, copy=True) for k, v in self.params.items()}
         out.dim_max = dict(self.dim_max)
+        out.dim_min = dict(self.dim_min)
         out.input_defaults = dict(self.input_defaults)  # read-only arrays, shared
         new: dict[ComputationNode, ComputationNode] = {}
         for n in self.nodes:

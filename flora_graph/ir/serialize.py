@@ -95,6 +95,8 @@ def save_graph(graph: Graph, path: str | Path) -> None:
         doc["input_defaults"] = defaults
     if graph.dim_max:  # optional: files without it read as unbounded dims
         doc["dim_max"] = {str(k): int(v) for k, v in graph.dim_max.items()}
+    if graph.dim_min:  # optional: files without it read as dims from 0
+        doc["dim_min"] = {str(k): int(v) for k, v in graph.dim_min.items()}
     text = json.dumps(doc, indent=1, allow_nan=False).encode()
     with staged_folder(path, what=f"graph {graph.name!r}", last=GRAPH_FILE) as tmp:
         write_new(tmp / WEIGHTS_FILE, weights)
@@ -136,13 +138,13 @@ def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     return v
 
 
-def _dim_max(raw: Any, where: str) -> dict[str, int]:
-    """The optional ``dim_max`` field: ``{dim name: positive int}``."""
+def _dim_bounds(raw: Any, where: str, field: str = "dim_max", least: int = 1) -> dict[str, int]:
+    """The optional ``dim_max`` / ``dim_min`` field: ``{dim name: int >= least}``."""
     if not isinstance(raw, dict):
-        raise GraphError(f"{where}: field 'dim_max' has type {type(raw).__name__}")
+        raise GraphError(f"{where}: field {field!r} has type {type(raw).__name__}")
     for k, v in raw.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise GraphError(f"{where}: dim_max[{k!r}] = {v!r} is not a positive int")
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise GraphError(f"{where}: {field}[{k!r}] = {v!r} is not an int >= {least}")
     return dict(raw)
 
 
@@ -178,7 +180,8 @@ def _from_doc(doc: Any, wraw: bytes, where: str) -> Graph:
     g = Graph(_get(doc, "name", str, where))
     defaults = _input_defaults(doc.get("input_defaults", {}), params, where)
     g.params = params
-    g.dim_max = _dim_max(doc.get("dim_max", {}), where)
+    g.dim_max = _dim_bounds(doc.get("dim_max", {}), where)
+    g.dim_min = _dim_bounds(doc.get("dim_min", {}), where, "dim_min", 0)
     by_name: dict[str, ComputationNode] = {}
     input_names = _get(doc, "inputs", list, where)
     for k, nd in enumerate(_get(doc, "nodes", list, where)):

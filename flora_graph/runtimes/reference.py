@@ -154,15 +154,17 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
 
 
 def _check_dim_max(graph: Graph, dims: Mapping[str, int]) -> None:
-    """Refuse a named dim bound past its ``graph.dim_max`` bound, naming the dim, the input and the bound."""
-    for dim, hi in graph.dim_max.items():
-        size = dims.get(dim)
-        if size is not None and size > hi:
-            where = next((f"input {n.name!r} dim {i}" for n in graph.inputs for i, d in enumerate(n.shape) if d == dim), "")
-            raise RuntimeInputError(
-                f"{where}: dim {dim!r} is {size}, past its maximum {hi} (graph {graph.name!r} takes "
-                f"sizes 0..{hi} of {dim!r}: graph.dim_max)"
-            )
+    """Refuse a named dim bound outside ``[graph.dim_min, graph.dim_max]``, naming the dim, the input and the bound."""
+    for dim, size in dims.items():
+        lo, hi = graph.dim_min.get(dim, 0), graph.dim_max.get(dim)
+        if lo <= size and (hi is None or size <= hi):
+            continue
+        where = next((f"input {n.name!r} dim {i}" for n in graph.inputs for i, d in enumerate(n.shape) if d == dim), "")
+        side, bound = ("past its maximum", hi) if hi is not None and size > hi else ("below its minimum", lo)
+        raise RuntimeInputError(
+            f"{where}: dim {dim!r} is {size}, {side} {bound} (graph {graph.name!r} takes "
+            f"sizes {lo}..{hi if hi is not None else 'any'} of {dim!r}: graph.dim_min/dim_max)"
+        )
 
 
 # --------------------------------------------------------------------------- interpreter

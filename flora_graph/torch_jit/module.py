@@ -344,7 +344,7 @@ class JitModule(nn.Module):
             if axes:
                 dynamic_dims[name] = axes
         try:
-            ep, exported, adapters = trace_with_torch_export(self._orig_mod, inputs, dynamic_dims)
+            ep, exported, adapters, *_ = trace_with_torch_export(self._orig_mod, inputs, dynamic_dims)
         except GraphError as exc:
             what = _POLICY_NAMES[self._policy] if dynamic_dims else "no dims"
             failed = _ExportFailed(f"{exc} (with {what} dynamic)")

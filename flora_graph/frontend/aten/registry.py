@@ -7,7 +7,8 @@ overload (``aten.add.Tensor``) and registered with :func:`register` by the famil
 of :mod:`flora_graph.frontend.aten`.
 
 Holds: :data:`ATEN_TABLE`, :func:`register`, :class:`SymDim`, :func:`aten_name`,
-:data:`NO_TENSOR_OPS` (shape reads and runtime assertions) and the helpers the families
+:data:`NO_TENSOR_OPS` (shape reads and runtime assertions), :data:`SIZE_OPS` (size reads capture
+makes dims) and the helpers the families
 share: :func:`out_dtype`, :func:`operand`, :func:`as_dtype`, :func:`compute_dtype`,
 :func:`dim_of`, :func:`axis_of`, :func:`cast_to_out` and :func:`refuse`. Sizes given as
 ``SymInt`` arrive as :class:`SymDim`; types follow torch's promotion: operands are cast to
@@ -26,13 +27,13 @@ import torch
 
 from flora_graph.errors import GraphError, ShapeError, UnsupportedOpError
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim
+from flora_graph.ir.shapes import Dim, add_dims, canonical_dim
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
 
 __all__ = [
-    "ATEN_TABLE", "NO_TENSOR_OPS", "Converter", "SymDim", "as_dtype", "aten_name", "axis_of", "cast_to_out",
+    "ATEN_TABLE", "NO_TENSOR_OPS", "SIZE_OPS", "Converter", "SymDim", "as_dtype", "aten_name", "axis_of", "cast_to_out",
     "compute_dtype", "dim_of", "operand", "out_dtype", "refuse", "refuse_used_outputs", "register",
 ]
 
@@ -57,6 +58,15 @@ NO_TENSOR_OPS = {
     aten.sym_constrain_range_for_size.default,
     aten._assert_tensor_metadata.default,
 }
+
+SIZE_OPS = frozenset({
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten.sym_storage_offset.default,
+})
+"""Size reads (``x.size(1)``, ``x.numel()``, ``x.stride(0)``, ``x.storage_offset()``): capture makes
+the ``SymInt`` each returns a dim (``CaptureContext.ir_dim`` of its value), so they need no converter."""
 
 
 def aten_name(target: Any) -> str:
@@ -109,15 +119,27 @@ def operand(ctx: CaptureContext, v: Any, dtype: str) -> ComputationNode:
     if isinstance(v, ComputationNode):
         return v if v.dtype == dtype else ctx.emit(Op.CAST, [v], {"to": dtype})
     if isinstance(v, SymDim):
-        raise UnsupportedOpError(f"{ctx.where()}: a dynamic size ({v.dim}) used as a tensor value",
-                                 {f"{aten_name(ctx.fx_node.target)} (a size as a value)": [ctx.where()]})
+        return as_dtype(ctx, v, dtype)
     return ctx.scalar(v, dtype)
+
+
+def dim_value(ctx: CaptureContext, v: SymDim) -> ComputationNode:
+    """A dynamic size as a rank-0 int64 value (``arange(seq) + past_seq``: a cache's positions):
+    ``Arange(d, d + 1)`` read off the input carrying ``d``, reshaped to a scalar."""
+    try:
+        d = canonical_dim(v.dim)
+        end = add_dims(d, 1)
+    except ShapeError:
+        raise UnsupportedOpError(f"{ctx.where()}: a dynamic size ({v.dim}) used as a tensor value",
+                                 {f"{aten_name(ctx.fx_node.target)} (a size as a value)": [ctx.where()]}) from None
+    one = ctx.emit(Op.ARANGE, [], {"start": d, "end": end, "step": 1, "dtype": "int64"})
+    return ctx.emit(Op.RESHAPE, [one], {"shape": ()})
 
 
 def as_dtype(ctx: CaptureContext, v: Any, dtype: str) -> ComputationNode:
     """``v`` (a node or a Python number) as a node of ``dtype``, cast when it differs."""
     if isinstance(v, SymDim):
-        raise refuse(ctx, f"a dynamic size ({v.dim}) used as a tensor value")
+        v = dim_value(ctx, v)
     if isinstance(v, ComputationNode):
         return v if v.dtype == dtype else ctx.emit(Op.CAST, [v], {"to": dtype})
     if isinstance(v, bool | int | float):

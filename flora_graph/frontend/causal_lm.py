@@ -1,0 +1,159 @@
+"""Capture a Hugging Face causal LM with its key/value cache, named as ONNX Runtime GenAI and Optimum name it.
+
+One graph serves prefill (``past_seq = 0``) and decode:
+
+* inputs ``input_ids [batch, seq]``, ``attention_mask [batch, past_seq+seq]`` (1 for a real
+  token, 0 for padding, over the cache and the new tokens), ``position_ids [batch, seq]``
+  where the architecture takes them, and per layer ``past_key_values.{i}.key`` /
+  ``.value [batch, kv_heads, past_seq, head_dim]``;
+* outputs ``logits [batch, seq, vocab]`` and ``present.{i}.key`` / ``.value
+  [batch, kv_heads, past_seq+seq, head_dim]``.
+
+``past_seq + seq`` is a sum dim of the IR, so every backend checks that the mask covers the
+cache and the new tokens. The model runs through a small wrapper that builds a
+``DynamicCache`` from the flat past tensors and returns the cache flat again; the rest is
+:func:`~flora_graph.frontend.capture`, so PEFT LoRA layers come out tagged as usual and the
+passes (``fused``, ``merged``, adapter slots) apply unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flora_graph.errors import GraphError
+from flora_graph.frontend.capture import capture
+from flora_graph.ir import Graph
+
+__all__ = ["CacheLayout", "CausalLMWithPast", "cache_layout", "capture_causal_lm", "past_names", "present_names"]
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The key/value cache of a decoder: ``layers`` pairs of ``[batch, kv_heads, past_seq, head_dim]``."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    takes_position_ids: bool
+
+
+def past_names(layers: int) -> list[str]:
+    """``past_key_values.{i}.key`` / ``.value`` for each layer, in order."""
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    """``present.{i}.key`` / ``.value`` for each layer, in order."""
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def _base(model: nn.Module) -> nn.Module:
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+        return model.get_base_model()
+    return model
+
+
+def cache_layout(model: nn.Module) -> CacheLayout:
+    """The cache layout of a transformers causal LM, read off its config.
+
+    Raises :class:`GraphError` naming the model when its config has no layer count or heads.
+    """
+    base = _base(model)
+    cfg = getattr(base, "config", None)
+    get = (lambda *keys: next((getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), int)), None))
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    heads = get("num_attention_heads", "n_head")
+    hidden = get("hidden_size", "n_embd")
+    if cfg is None or layers is None or heads is None or hidden is None:
+        raise GraphError(f"{type(base).__name__}: not a transformers causal LM with a config "
+                         "(num_hidden_layers, num_attention_heads, hidden_size)")
+    kv_heads = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or hidden // heads
+    takes = "position_ids" in inspect.signature(base.forward).parameters
+    return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes)
+
+
+class CausalLMWithPast(nn.Module):
+    """``model`` with flat cache tensors in and out: ``forward(input_ids, attention_mask,
+    [position_ids,] past_key_values=[k0, v0, k1, v1, ...])`` returns ``(logits, k0', v0', ...)``."""
+
+    def __init__(self, model: nn.Module, layout: CacheLayout) -> None:
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        params = inspect.signature(_base(model).forward).parameters
+        self._cache_arg = "past_key_values" if "past_key_values" in params else "cache"
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        past = past_key_values or []
+        cache = DynamicCache()  # full layers: a sliding window is the mask's business, the cache keeps every position
+        for i in range(self.layout.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True,
+                                  self._cache_arg: cache}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        out = self.model(**kwargs)
+        cache = out.past_key_values
+        flat: list[torch.Tensor] = [out.logits]
+        for i in range(self.layout.layers):
+            layer = cache.layers[i]
+            flat += [layer.keys, layer.values]
+        return tuple(flat)
+
+
+def example_inputs(layout: CacheLayout, vocab: int, batch: int, seq: int, past: int, *,
+                   seed: int = 0, left_pad: int = 0) -> dict[str, Any]:
+    """Random inputs in the graph's layout: ``left_pad`` padding positions at the start of row 0."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    mask[0, :left_pad] = 0
+    out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    if layout.takes_position_ids:
+        out["position_ids"] = positions_from_mask(mask)[:, past:].contiguous()  # a view would tie seq to its stride
+    out["past_key_values"] = [torch.randn(batch, layout.kv_heads, past, layout.head_dim, generator=gen)
+                              for _ in range(2 * layout.layers)]
+    return out
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded mask: ``cumsum(mask) - 1``, padding at 1 (as transformers' generate does)."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None) -> Graph:
+    """Capture ``model`` (a transformers causal LM, or a PeftModel of one) with its key/value cache.
+
+    The graph's inputs and outputs are named as in the module docstring; ``batch``, ``seq``
+    and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g. ``{"seq": 4096}``).
+
+    Raises:
+        GraphError: the model is not a causal LM with a config, or torch.export fails on it.
+        UnsupportedOpError: as :func:`~flora_graph.frontend.capture` does.
+    """
+    layout = cache_layout(model)
+    base = _base(model)
+    vocab = int(getattr(base.config, "vocab_size", 256))
+    wrapper = CausalLMWithPast(model, layout)
+    inputs = example_inputs(layout, vocab, 2, 3, 5)
+    dims: dict[str, Any] = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "past_seq+seq"}}
+    if layout.takes_position_ids:
+        dims["position_ids"] = {0: "batch", 1: "seq"}
+    else:
+        inputs.pop("position_ids", None)
+    dims["past_key_values"] = [{0: "batch", 2: "past_seq"}] * (2 * layout.layers)
+    in_names = [*dims][:-1] + past_names(layout.layers)
+    out_names = ["logits", *present_names(layout.layers)]
+    graph = capture(wrapper, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
+                    input_names=in_names, output_names=out_names)
+    return graph

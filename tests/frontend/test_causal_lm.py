@@ -1,0 +1,117 @@
+"""Causal LMs captured with their key/value cache: GenAI names, sum dims, parity with eager transformers."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from flora_graph.errors import RuntimeInputError  # noqa: E402
+from flora_graph.frontend.causal_lm import (  # noqa: E402
+    CausalLMWithPast,
+    cache_layout,
+    capture_causal_lm,
+    example_inputs,
+    past_names,
+    present_names,
+)
+from flora_graph.runtimes import compile  # noqa: E402
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _config(arch: str):
+    return {
+        "LlamaForCausalLM": lambda: transformers.LlamaConfig(**COMMON),
+        "MistralForCausalLM": lambda: transformers.MistralConfig(**COMMON),
+        "Qwen2ForCausalLM": lambda: transformers.Qwen2Config(**COMMON),
+        "Qwen3ForCausalLM": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
+        "Phi3ForCausalLM": lambda: transformers.Phi3Config(**COMMON, pad_token_id=0),
+        "GemmaForCausalLM": lambda: transformers.GemmaConfig(**COMMON, head_dim=16),
+        "GPT2LMHeadModel": lambda: transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+        "GPTNeoXForCausalLM": lambda: transformers.GPTNeoXConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256),
+    }[arch]()
+
+
+def tiny_causal_lm(arch: str):
+    """A seeded tiny transformers causal LM of ``arch``, in eval mode."""
+    torch.manual_seed(0)
+    return getattr(transformers, arch)(_config(arch)).eval()
+
+
+def _feed(x: dict, layers: int) -> dict[str, np.ndarray]:
+    feed = {k: v.numpy() for k, v in x.items() if k != "past_key_values"}
+    feed.update({n: t.numpy() for n, t in zip(past_names(layers), x["past_key_values"], strict=True)})
+    return feed
+
+
+SLOW = pytest.mark.slow
+ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel",
+         *(pytest.param(a, marks=SLOW) for a in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                                  "Phi3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM"))]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
+    model = tiny_causal_lm(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture_causal_lm(model)
+        layout = cache_layout(model)
+        wrapper = CausalLMWithPast(model, layout)
+        names = ["logits", *present_names(layout.layers)]
+        assert list(graph.outputs) == names
+        assert graph.inputs[1].name == "attention_mask" and graph.inputs[1].shape == ("batch", "past_seq+seq")
+        assert graph.outputs["present.0.key"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.head_dim)
+        for backend in ("numpy", "onnxruntime"):
+            exe = compile(graph, backend)
+            for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:  # prefill (left-padded row), one decode step
+                x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
+                with torch.no_grad():
+                    want = wrapper(**x)
+                got = exe(_feed(x, layout.layers))
+                for i, n in enumerate(names):
+                    np.testing.assert_allclose(got[n], want[i].numpy(), atol=2e-5, rtol=1e-4, err_msg=f"{backend} {n}")
+
+
+def test_left_padded_rows_equal_unpadded_runs_and_decode_continues_them() -> None:
+    model = tiny_causal_lm("LlamaForCausalLM")
+    graph = capture_causal_lm(model)
+    exe = compile(graph, "onnxruntime")
+    layout = cache_layout(model)
+    empty = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
+
+    def run(ids: list[list[int]], mask: np.ndarray, past: list[np.ndarray], start: int) -> dict[str, np.ndarray]:
+        pos = np.maximum(np.cumsum(mask, -1) - 1, 0)[:, start:]
+        feed = {"input_ids": np.array(ids), "attention_mask": mask, "position_ids": pos}
+        feed.update(dict(zip(past_names(layout.layers), past, strict=True)))
+        return exe(feed)
+
+    long, short = [5, 9, 11, 3, 7], [8, 2, 6]
+    alone = run([short], np.ones((1, 3), np.int64), empty, 0)
+    mask = np.array([[1] * 5, [0, 0, 1, 1, 1]])
+    batch_empty = [np.zeros((2, *e.shape[1:]), np.float32) for e in empty]
+    both = run([long, [0, 0, *short]], mask, batch_empty, 0)
+    np.testing.assert_allclose(both["logits"][1, 2:], alone["logits"][0], atol=1e-5)
+    # one decode step from each cache: the padded row's next logits equal the unpadded row's
+    nxt_alone = run([[4]], np.ones((1, 4), np.int64), [alone[n] for n in present_names(layout.layers)], 3)
+    mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    nxt_both = run([[1], [4]], mask2, [both[n] for n in present_names(layout.layers)], 5)
+    np.testing.assert_allclose(nxt_both["logits"][1], nxt_alone["logits"][0], atol=1e-5)
+
+
+def test_mask_that_does_not_cover_cache_and_tokens_is_refused() -> None:
+    model = tiny_causal_lm("GPT2LMHeadModel")
+    graph = capture_causal_lm(model)
+    layout = cache_layout(model)
+    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout.layers)
+    x["attention_mask"] = np.ones((1, 4), np.int64)  # past 3 + seq 2 = 5
+    with pytest.raises(RuntimeInputError, match="attention_mask"):
+        compile(graph, "numpy")(x)
