@@ -137,13 +137,32 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _adapter_args(values: Sequence[str] | None) -> dict[str, str]:
+    """``--adapter NAME=DIR`` (or ``DIR``, named after its folder) values as ``{name: folder}``."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, folder = v.partition("=")
+        if not sep:
+            name, folder = Path(v).name, v
+        if name in out:
+            raise FloraGraphError(f"--adapter: the name {name!r} is given twice (pass NAME=DIR to name each adapter)")
+        out[name] = folder
+    return out
+
+
 def _export(args: argparse.Namespace, console: Console) -> int:
     from flora_graph.model_export import export_model
 
+    if args.format == "genai" or args.task == "text-generation-with-past":
+        return _export_genai(args, console)
+    if args.adapter and len(args.adapter) > 1:
+        raise FloraGraphError(f"--format file takes one --adapter, got {len(args.adapter)}; "
+                              "several adapters go into a GenAI package (--format genai)")
+    adapter_dir = next(iter(_adapter_args(args.adapter).values()), None)
     with console.status("starting") as status:
-        report = export_model(args.model, args.out, adapter=args.adapter, backend=args.backend, preset=args.preset,
+        report = export_model(args.model, args.out, adapter=adapter_dir, backend=args.backend, preset=args.preset,
                               progress=lambda m: status.update(m))
-    adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    adapter = f" + adapter {adapter_dir}" if adapter_dir else ""
     console.print(f"exported {args.model}{adapter} with preset {report.preset} for {report.backend}")
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
@@ -151,6 +170,24 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     mark = "[green]ok[/green]" if report.ok else "[red]MISMATCH[/red]"
     console.print(f"parity: max |{args.backend} - eager torch| = {report.max_abs_diff:.3e} on a fresh input shape  {mark}")
     return 0 if report.ok else 1
+
+
+def _export_genai(args: argparse.Namespace, console: Console) -> int:
+    from flora_graph.serving.genai import export_genai
+
+    if args.format != "genai" or args.task != "text-generation-with-past":
+        raise FloraGraphError("a model with its key/value cache is exported as an ONNX Runtime GenAI package: pass "
+                              "--task text-generation-with-past --format genai")
+    if args.model == "default":
+        raise FloraGraphError("--format genai takes a transformers model folder (config.json + safetensors)")
+    adapters = _adapter_args(args.adapter)
+    with console.status("starting") as status:
+        report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m))
+    console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an ONNX Runtime GenAI package")
+    console.print(report.summary)
+    console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
+    console.print(f"wrote {report.path}" + "".join(f"\n  adapter {n}: {p}" for n, p in report.adapters.items()))
+    return 0
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:
@@ -246,11 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model (+ PEFT adapter) to optimized ONNX / TorchScript / pt2")
     e.add_argument("model", nargs="?", default="default",
                    help="a folder with config.json + safetensors, or 'default' (the built-in decoder)")
-    e.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (adapter_config.json + safetensors)")
-    e.add_argument("--backend", choices=ARTIFACT_BACKENDS, default="onnxruntime", help="the artifact's runtime")
+    e.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
+                   help="a PEFT adapter folder (adapter_config.json + safetensors); --format genai takes several, "
+                        "each NAME=DIR (NAME defaults to the folder's name)")
+    e.add_argument("--task", choices=["default", "text-generation-with-past"], default="default",
+                   help="text-generation-with-past: a causal LM with its key/value cache (inputs input_ids, "
+                        "attention_mask, position_ids, past_key_values.N.key/value; outputs logits, present.N.key/value)")
+    e.add_argument("--format", choices=["file", "genai"], default="file",
+                   help="file: one artifact for --backend; genai: an ONNX Runtime GenAI package folder "
+                        "(genai_config.json, model.onnx, adapters/NAME.onnx_adapter, tokenizer files)")
+    e.add_argument("--backend", choices=ARTIFACT_BACKENDS, default="onnxruntime", help="the artifact's runtime (--format file)")
     e.add_argument("--preset", choices=presets, default="merged",
-                   help="merged bakes the adapters in; fused keeps them apart")
-    e.add_argument("--out", default="model", help="output file (the backend's suffix is added)")
+                   help="merged bakes the adapters in; fused keeps them apart (--format file; genai packages are fused)")
+    e.add_argument("--out", default="model", help="output file (the backend's suffix is added), or the package folder")
     e.set_defaults(func=_export)
     b = sub.add_parser("bench", help="time every preset x backend against eager torch (interleaved medians)")
     b.add_argument("--model", choices=["demo", "mlp-stack"], default="demo", help="built-in model")

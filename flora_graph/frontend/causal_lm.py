@@ -18,7 +18,9 @@ passes (``fused``, ``merged``, adapter slots) apply unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +67,10 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     """
     base = _base(model)
     cfg = getattr(base, "config", None)
-    get = (lambda *keys: next((getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), int)), None))
+
+    def get(*keys: str) -> int | None:
+        return next((getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), int)), None)
+
     layers = get("num_hidden_layers", "n_layer", "num_layers")
     heads = get("num_attention_heads", "n_head")
     hidden = get("hidden_size", "n_embd")
@@ -78,36 +83,61 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes)
 
 
-class CausalLMWithPast(nn.Module):
-    """``model`` with flat cache tensors in and out: ``forward(input_ids, attention_mask,
+def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``forward`` (a causal LM's) with flat cache tensors in and out: ``f(input_ids, attention_mask,
     [position_ids,] past_key_values=[k0, v0, k1, v1, ...])`` returns ``(logits, k0', v0', ...)``."""
 
-    def __init__(self, model: nn.Module, layout: CacheLayout) -> None:
-        super().__init__()
-        self.model = model
-        self.layout = layout
-        params = inspect.signature(_base(model).forward).parameters
-        self._cache_arg = "past_key_values" if "past_key_values" in params else "cache"
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+            past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
         past = past_key_values or []
         cache = DynamicCache()  # full layers: a sliding window is the mask's business, the cache keeps every position
-        for i in range(self.layout.layers):
+        for i in range(layout.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True,
-                                  self._cache_arg: cache}
+                                  cache_arg: cache}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        out = self.model(**kwargs)
-        cache = out.past_key_values
+        out = forward(**kwargs)
         flat: list[torch.Tensor] = [out.logits]
-        for i in range(self.layout.layers):
-            layer = cache.layers[i]
+        for i in range(layout.layers):
+            layer = out.past_key_values.layers[i]
             flat += [layer.keys, layer.values]
         return tuple(flat)
+
+    return run
+
+
+def _cache_arg(model: nn.Module) -> str:
+    params = inspect.signature(_base(model).forward).parameters
+    return "past_key_values" if "past_key_values" in params else "cache"
+
+
+class CausalLMWithPast(nn.Module):
+    """``model`` with flat cache tensors in and out (see :func:`flat_forward`): the eager reference
+    of what :func:`capture_causal_lm` captures."""
+
+    def __init__(self, model: nn.Module, layout: CacheLayout) -> None:
+        super().__init__()
+        self.model = model
+        self._run = flat_forward(model, layout, _cache_arg(model))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        return self._run(input_ids, attention_mask, position_ids, past_key_values)
+
+
+@contextlib.contextmanager
+def _forward_with_past(model: nn.Module, layout: CacheLayout) -> Iterator[None]:
+    """Give the model itself the flat forward for the block, so module paths (and the adapter
+    slots named after them) stay the model's own, with no wrapper prefix."""
+    base = _base(model)
+    base.forward = flat_forward(type(base).forward.__get__(base), layout, _cache_arg(base))
+    try:
+        yield
+    finally:
+        del base.forward
 
 
 def example_inputs(layout: CacheLayout, vocab: int, batch: int, seq: int, past: int, *,
@@ -144,7 +174,6 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     layout = cache_layout(model)
     base = _base(model)
     vocab = int(getattr(base.config, "vocab_size", 256))
-    wrapper = CausalLMWithPast(model, layout)
     inputs = example_inputs(layout, vocab, 2, 3, 5)
     dims: dict[str, Any] = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "past_seq+seq"}}
     if layout.takes_position_ids:
@@ -154,6 +183,7 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     dims["past_key_values"] = [{0: "batch", 2: "past_seq"}] * (2 * layout.layers)
     in_names = [*dims][:-1] + past_names(layout.layers)
     out_names = ["logits", *present_names(layout.layers)]
-    graph = capture(wrapper, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
-                    input_names=in_names, output_names=out_names)
+    with _forward_with_past(model, layout):
+        graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
+                        input_names=in_names, output_names=out_names)
     return graph

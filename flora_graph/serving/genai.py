@@ -1,0 +1,207 @@
+"""ONNX Runtime GenAI packages: a causal LM with its key/value cache and hot-swappable LoRA adapters.
+
+:func:`export_genai` goes from a transformers model folder and PEFT adapter folders to a
+folder that ``onnxruntime_genai.Model(OUT)`` loads, in one step::
+
+    OUT/genai_config.json            model type, sizes, input/output names, search defaults
+    OUT/model.onnx (+ model.onnx.data for large models)
+    OUT/adapters/NAME.onnx_adapter   one per adapter, with NAME.onnx_adapter.sha256
+    OUT/tokenizer.json, ...          the tokenizer files of the base folder, copied
+
+The model is captured with its cache (:func:`~flora_graph.frontend.causal_lm.capture_causal_lm`),
+optimized with the ``fused`` preset, and every LoRA site of any adapter becomes an adapter
+slot: its ``A``/``B`` are graph inputs with empty (rank-0) defaults, so the model alone is
+the base model, and ``og.Adapters(model).load(file, NAME)`` plus
+``generator.set_active_adapter(adapters, NAME)`` switch adapters between generations. Each
+adapter keeps its own ranks and target modules (a subset of the slots is fine); its scale
+is folded into ``B``. The folder is written through :func:`flora_graph.storage.staged_folder`:
+a reader sees the old package or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flora_graph.errors import AdapterError, FloraGraphError
+from flora_graph.storage import check_name, staged_folder
+
+__all__ = ["GENAI_CONFIG", "TOKENIZER_FILES", "GenAIReport", "export_genai", "genai_config"]
+
+GENAI_CONFIG = "genai_config.json"
+MODEL_FILE = "model.onnx"
+ADAPTERS_DIR = "adapters"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+"""Files copied from the base folder where present (ONNX Runtime GenAI's tokenizer reads them)."""
+
+GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma",
+               "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gptneox"}
+"""transformers class -> ``model.type`` of genai_config.json (the decoder-only types GenAI runs)."""
+
+
+@dataclass
+class GenAIReport:
+    """What :func:`export_genai` wrote and how long each stage took."""
+
+    path: Path
+    adapters: dict[str, Path]
+    summary: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def genai_config(model: Any, layout: Any, *, model_type: str, context_length: int) -> dict[str, Any]:
+    """The ``genai_config.json`` document of a package of ``model`` (a transformers causal LM)."""
+    cfg = model.config
+
+    def token(key: str) -> Any:
+        v = getattr(cfg, key, None)
+        return v if isinstance(v, int | list) else None
+
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if layout.takes_position_ids:
+        inputs["position_ids"] = "position_ids"
+    inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
+    eos = token("eos_token_id")
+    return {
+        "model": {
+            "bos_token_id": token("bos_token_id"),
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": layout.head_dim,
+                "hidden_size": int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))),
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": int(getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 0))),
+                "num_hidden_layers": layout.layers,
+                "num_key_value_heads": layout.kv_heads,
+            },
+            "eos_token_id": eos if eos is not None else 0,
+            "pad_token_id": token("pad_token_id") if token("pad_token_id") is not None else (eos if isinstance(eos, int) else 0),
+            "type": model_type,
+            "vocab_size": int(cfg.vocab_size),
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def export_genai(
+    base: str | Path,
+    out: str | Path,
+    adapters: Mapping[str, str | Path] | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> GenAIReport:
+    """Write an ONNX Runtime GenAI package of the transformers model folder ``base`` with the PEFT
+    ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
+
+    Every argument and folder is checked before the model loads: an adapter name that cannot
+    be a file name, a folder that is not a PEFT LoRA folder (or uses ``modules_to_save``,
+    which changes base weights and cannot be swapped), a model class GenAI has no type for.
+    Raises :class:`~flora_graph.errors.FloraGraphError` subclasses naming the culprit; on
+    failure nothing at ``out`` changes.
+    """
+    from flora_graph.model_export import check_adapter_folder, check_model_folder
+
+    say = progress or (lambda msg: None)
+    adapters = dict(adapters or {})
+    arch = check_model_folder(base)
+    if arch not in GENAI_TYPES:
+        raise FloraGraphError(f"{base}: ONNX Runtime GenAI has no model type for {arch}; "
+                              f"packages are made for {sorted(GENAI_TYPES)}")
+    for name, folder in adapters.items():
+        check_name(name, "adapter name", error=AdapterError)
+        check_adapter_folder(folder)
+        _refuse_saved_modules(name, Path(folder))
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say(f"loading {arch} from {base}")
+    from flora_graph.model_export import load_model
+
+    model = load_model(base).model
+    params = _adapter_params(model, adapters, say)
+    seconds["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("capturing with the key/value cache")
+    from flora_graph.adapters import apply_lora
+    from flora_graph.frontend.causal_lm import cache_layout, capture_causal_lm
+
+    layout = cache_layout(model)
+    sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
+    slotted_model = model
+    if sites:
+        slotted_model = copy.deepcopy(model)
+        apply_lora(slotted_model, sites, rank=1)  # where the slots go; their weights are fed at run time
+    graph = capture_causal_lm(slotted_model, name=arch)
+    seconds["capture"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("optimizing (fused, adapter slots)")
+    from flora_graph.passes import optimize
+
+    graph = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable"} if sites else {}))
+    seconds["optimize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
+    doc = genai_config(model, layout, model_type=GENAI_TYPES[arch], context_length=context)
+    written: dict[str, Path] = {}
+    with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
+        say("writing the model")
+        if sites:
+            from flora_graph.serving.export import export_swappable
+
+            export_swappable(graph, tmp / MODEL_FILE)
+        else:
+            from flora_graph.runtimes.onnx_lowering import to_onnx
+            from flora_graph.runtimes.onnx_writer import save_onnx
+
+            save_onnx(to_onnx(graph), tmp / MODEL_FILE)
+        if params:
+            from flora_graph.serving.adapter_file import write_adapter
+
+            (tmp / ADAPTERS_DIR).mkdir()
+            for name, p in params.items():
+                say(f"writing adapter {name}")
+                write_adapter(tmp / ADAPTERS_DIR / f"{name}.onnx_adapter", p, model=tmp / MODEL_FILE, name=name)
+                written[name] = Path(out) / ADAPTERS_DIR / f"{name}.onnx_adapter"
+        for f in TOKENIZER_FILES:
+            src = Path(base) / f
+            if src.is_file() and not src.is_symlink():
+                shutil.copyfile(src, tmp / f)
+        (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
+    seconds["write"] = time.perf_counter() - t0
+    return GenAIReport(Path(out), written, graph.summary(), seconds)
+
+
+def _refuse_saved_modules(name: str, folder: Path) -> None:
+    from flora_graph.adapters.peft import read_peft_config
+
+    cfg = read_peft_config(folder)
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"adapter {name!r} ({folder}): modules_to_save={cfg['modules_to_save']!r} replaces base "
+                           "weights, which a hot-swappable adapter cannot do; merge it into the base model instead")
+
+
+def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None]) -> dict[str, dict]:
+    from flora_graph.serving.slots import peft_adapter_params
+
+    out = {}
+    for name, folder in adapters.items():
+        say(f"reading adapter {name} from {folder}")
+        out[name] = peft_adapter_params(model, folder)
+    return out
