@@ -1,0 +1,144 @@
+"""Decode speed: flora_graph's ONNX Runtime GenAI package against eager transformers + PEFT with its cache.
+
+Builds the tiny Llama of the deployable-LLM issue (hidden 256, 4 layers, 8 heads, 4 KV heads,
+vocab 512) and ``--adapters`` PEFT adapters (r 8 and 16 alternating, all seven projections,
+nonzero ``B``) in a temporary folder, exports the package with
+``flora-graph export BASE --task text-generation-with-past --format genai --adapter NAME=DIR ...``
+(timed), and then, interleaved for ``--rounds`` rounds, generates ``--new`` greedy tokens after
+a ``--prompt``-token prompt with:
+
+- ``genai``: ``onnxruntime_genai`` on the package, base model and each adapter active;
+- ``eager``: ``model.generate`` of transformers (+ ``PeftModel`` for an adapter), with its cache.
+
+Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds;
+every run uses 1 thread (torch and ONNX Runtime: no worker threads to spin). It checks that both produce the
+same tokens and prints the ratios. Run: ``python benchmarks/generate.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+
+def build(root: Path, adapters: int, seed: int = 0) -> dict[str, Path]:
+    """The base folder and ``adapters`` PEFT folders under ``root``."""
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                                   bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    out = {}
+    for i in range(adapters):
+        r = 8 if i % 2 == 0 else 16
+        spec = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                     "up_proj", "down_proj"])
+        model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(root / "base"), spec)
+        for mod in model.modules():
+            if hasattr(mod, "lora_B"):
+                for k in mod.lora_B:
+                    torch.nn.init.normal_(mod.lora_B[k].weight, std=0.05)
+        model.save_pretrained(root / f"a{i}")
+        out[f"a{i}"] = root / f"a{i}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--adapters", type=int, default=3, help="PEFT adapters in the package")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    p.add_argument("--new", type=int, default=64, help="new tokens per generation")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
+    args = p.parse_args(argv)
+
+    import onnxruntime_genai as og
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    from flora_graph.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        peft_dirs = build(root, args.adapters)
+        t0 = time.perf_counter()
+        assert cli(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
+                    "--out", str(root / "pkg"), *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]) == 0
+        export_s = time.perf_counter() - t0
+        og_model = og.Model(_one_thread(root / "pkg"))
+        og_adapters = og.Adapters(og_model)
+        for n in peft_dirs:
+            og_adapters.load(str(root / "pkg" / "adapters" / f"{n}.onnx_adapter"), n)
+        prompt = [1, *range(5, 5 + args.prompt - 1)]
+
+        def genai(adapter: str | None, new: int) -> tuple[list[int], float]:
+            params = og.GeneratorParams(og_model)
+            params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+            t = time.perf_counter()
+            gen = og.Generator(og_model, params)
+            if adapter:
+                gen.set_active_adapter(og_adapters, adapter)
+            gen.append_tokens(prompt)
+            while not gen.is_done():
+                gen.generate_next_token()
+            return [int(x) for x in gen.get_sequence(0)][len(prompt):], time.perf_counter() - t
+
+        import peft
+
+        eager_models = {None: transformers.LlamaForCausalLM.from_pretrained(root / "base").eval()}
+        for n, d in peft_dirs.items():
+            eager_models[n] = peft.PeftModel.from_pretrained(
+                transformers.LlamaForCausalLM.from_pretrained(root / "base"), d).eval()
+
+        def eager(adapter: str | None, new: int) -> tuple[list[int], float]:
+            with torch.no_grad():
+                t = time.perf_counter()
+                out = eager_models[adapter].generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
+                                                     do_sample=False)
+                return out[0, len(prompt):].tolist(), time.perf_counter() - t
+
+        runs = {"genai": genai, "eager": eager}
+        which = [None, next(iter(peft_dirs), None)]
+        times: dict[tuple[str, str | None], list[float]] = {}
+        same = True
+        for _ in range(args.rounds):
+            for adapter in which:
+                toks = {}
+                for name, fn in runs.items():  # interleaved
+                    full, t_full = fn(adapter, args.new)
+                    _, t_one = fn(adapter, 1)
+                    times.setdefault((name, adapter), []).append((t_full - t_one) / (args.new - 1))
+                    toks[name] = full
+                same &= toks["genai"] == toks["eager"]
+        print(f"export of base + {args.adapters} adapters: {export_s:.2f} s")
+        print(f"greedy tokens equal (genai vs eager, {args.new} tokens): {same}")
+        for adapter in which:
+            g = statistics.median(times[("genai", adapter)]) * 1e3
+            e = statistics.median(times[("eager", adapter)]) * 1e3
+            label = adapter or "base"
+            print(f"{label:>6}: per decode step genai {g:.3f} ms, eager+cache {e:.3f} ms, eager/genai {e / g:.1f}x")
+    return 0 if same else 1
+
+
+def _one_thread(package: Path) -> str:
+    """``package`` with its genai_config set to 1 intra-op thread (no worker threads, so none spin); returns its path."""
+    import json
+
+    path = package / "genai_config.json"
+    doc = json.loads(path.read_text())
+    doc["model"]["decoder"]["session_options"].update({"intra_op_num_threads": 1, "inter_op_num_threads": 1})
+    path.write_text(json.dumps(doc, indent=2))
+    return str(package)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
