@@ -425,6 +425,9 @@ def trace_with_torch_export(
         model = model.get_base_model()  # a PeftModel: capture the adapted model it wraps
     hi = _check_bounds(dynamic_dims, dim_max)
     lo = _check_bounds(dynamic_dims, dim_min, "dim_min")
+    for dn in sorted(set(lo) & set(hi)):
+        if lo[dn] > hi[dn]:
+            raise GraphError(f"dim_min[{dn!r}] = {lo[dn]} is above dim_max[{dn!r}] = {hi[dn]}: no size is left")
     named = {dn for axes in flat_dynamic_dims(dynamic_dims).values() for dn in axes.values() if is_dim_name(dn)}
     adapters = {**adapters_of(model), **peft_lora_layers(model)}
     applied: list[str] = []

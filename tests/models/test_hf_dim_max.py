@@ -28,9 +28,20 @@ def bert() -> torch.nn.Module:
     return bert_model().eval()
 
 
-def test_bert_needs_a_bound_and_the_error_says_how_to_give_it(bert) -> None:
-    with pytest.raises(GraphError, match=r"dim_max=\{dim_name: largest_size\}.*seq"):
-        capture(bert, token_feeds(2, 8, 0, False), DYN)
+def test_bert_needs_a_bound_and_capture_applies_the_one_torch_export_suggests(bert) -> None:
+    g = capture(bert, token_feeds(2, 8, 0, False), DYN)  # torch.export: "Suggested fixes: seq = Dim('seq', max=64)"
+    assert g.dim_max == {"seq": MAX_POS}
+    x = token_feeds(3, 11, 1, False)
+    with torch.no_grad():
+        want = bert(**x)[0].numpy()
+    np.testing.assert_allclose(compile(g, "numpy")(**x)["output_0"], want, atol=TOL, rtol=TOL)
+    with pytest.raises(RuntimeInputError, match=rf"past its maximum {MAX_POS}"):
+        compile(g, "numpy")(**token_feeds(1, MAX_POS + 1, 0, False))
+
+
+def test_bounds_that_leave_no_size_are_refused_before_export(bert) -> None:
+    with pytest.raises(GraphError, match=r"dim_min\['seq'\] = 65 is above dim_max\['seq'\] = 64"):
+        capture(bert, token_feeds(2, 8, 0, False), DYN, dim_max={"seq": MAX_POS}, dim_min={"seq": MAX_POS + 1})
 
 
 def test_dim_max_names_must_be_dynamic_dims_and_sizes_at_least_two(bert) -> None:
