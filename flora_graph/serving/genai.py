@@ -6,6 +6,9 @@ folder that ``onnxruntime_genai.Model(OUT)`` loads, in one step::
     OUT/genai_config.json            model type, sizes, input/output names, search defaults
     OUT/model.onnx (+ model.onnx.data for large models)
     OUT/adapters/NAME.onnx_adapter   one per adapter, with NAME.onnx_adapter.sha256
+    OUT/mixed.onnx                   with adapters: the same model serving rows with different
+                                     adapters in one call (stacked adapters, a per-row
+                                     ``adapter_index``), for :class:`~flora_graph.serving.generate.Generator`
     OUT/tokenizer.json, ...          the tokenizer files of the base folder, copied
 
 The model is captured with its cache (:func:`~flora_graph.frontend.causal_lm.capture_causal_lm`),
@@ -36,6 +39,7 @@ __all__ = ["GENAI_CONFIG", "TOKENIZER_FILES", "GenAIReport", "export_genai", "ge
 
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
+MIXED_FILE = "mixed.onnx"
 ADAPTERS_DIR = "adapters"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
@@ -163,9 +167,11 @@ def export_genai(
     with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
         say("writing the model")
         if sites:
-            from flora_graph.serving.export import export_swappable
+            from flora_graph.serving.export import export_mixed, export_swappable
 
             export_swappable(graph, tmp / MODEL_FILE)
+            say("writing the mixed-adapter model")
+            export_mixed(graph, tmp / MIXED_FILE)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
             from flora_graph.runtimes.onnx_writer import save_onnx

@@ -17,6 +17,7 @@ from flora_graph.ir import Graph
 from flora_graph.models import demo_inputs
 from flora_graph.serving import adapter_params, export_mixed, export_swappable, write_adapter
 from flora_graph.serving.demo import demo_adapter_models
+from tests.serving.genai_package import folders, package  # noqa: F401 - session fixtures of the GenAI tests
 
 RANKS = {"a": 2, "b": 4, "c": 8}
 ATOL = 2e-5

@@ -1,0 +1,325 @@
+"""Text generation on plain ONNX Runtime from a GenAI package, with mixed-adapter decoding.
+
+:class:`Generator` loads a package written by :func:`~flora_graph.serving.genai.export_genai`
+and manages the key/value cache itself: a batch of rows, each with its own prompt, adapter
+(or none), sampling settings, stop tokens and ``max_new_tokens``. Rows of one step may use
+different adapters: the package's ``mixed.onnx`` takes the adapters stacked per module and a
+per-row ``adapter_index`` (:class:`~flora_graph.serving.mixed.MixedAdapterSession`), so the
+whole batch is one ONNX Runtime call per step. Rows join (:meth:`Batch.add`, which prefills
+the prompt and left-pads the shorter side of the cache) and leave (:meth:`Batch.remove`, or
+when they finish) between steps.
+
+Left padding is invisible to a row: the attention mask hides the padded positions and
+position ids count a row's own tokens, so a row's tokens are those it would get alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flora_graph.serving.errors import ServingError, UnknownAdapterError
+
+__all__ = ["Batch", "GenerationError", "Generator", "RowSettings"]
+
+
+class GenerationError(ServingError):
+    """A request the generator cannot serve (a prompt past the context, an empty prompt, bad settings)."""
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """How one row generates: greedy unless ``do_sample``; sampling draws from ``softmax(logits / temperature)``
+    restricted to the ``top_k`` most likely tokens (0: all) and the smallest set reaching ``top_p``."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_tokens: frozenset[int] = frozenset()
+
+    def check(self) -> None:
+        """Raise :class:`GenerationError` naming the setting that is out of range."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature > 0:
+            raise GenerationError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k!r}")
+
+
+@dataclass
+class _Row:
+    rid: int
+    adapter: str | None
+    settings: RowSettings
+    tokens: list[int]  # prompt + generated
+    prompt_len: int
+    rng: np.random.Generator
+    next_token: int = -1
+    done: bool = False
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+class Generator:
+    """Greedy and sampled generation from a GenAI package folder on plain ONNX Runtime.
+
+    Args:
+        package: the folder :func:`~flora_graph.serving.genai.export_genai` wrote.
+        threads: ONNX Runtime intra-op threads (no spinning).
+        require_checksum: refuse adapter files without a checksum file.
+
+    Raises :class:`ServingError` naming the file for a package it cannot read.
+    """
+
+    def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True) -> None:
+        from flora_graph.serving.genai import ADAPTERS_DIR, GENAI_CONFIG, MIXED_FILE, MODEL_FILE
+
+        self.package = Path(package)
+        cfg_path = self.package / GENAI_CONFIG
+        try:
+            doc = json.loads(cfg_path.read_text())
+            dec = doc["model"]["decoder"]
+            self.layers = int(dec["num_hidden_layers"])
+            self.kv_heads = int(dec["num_key_value_heads"])
+            self.head_dim = int(dec["head_size"])
+            self.context_length = int(doc["model"]["context_length"])
+            eos = doc["model"].get("eos_token_id")
+            self.takes_position_ids = "position_ids" in dec["inputs"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ServingError(f"{cfg_path}: not a GenAI package config ({type(exc).__name__}: {exc})") from None
+        self.eos = frozenset(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+        adapter_files = {p.name.removesuffix(".onnx_adapter"): p
+                         for p in sorted((self.package / ADAPTERS_DIR).glob("*.onnx_adapter"))}
+        options = {"intra_op_threads": threads, "inter_op_threads": 1}
+        if (self.package / MIXED_FILE).is_file():
+            from flora_graph.serving.mixed import MixedAdapterSession
+
+            self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files,
+                                              require_checksum=require_checksum, **options)
+            self._plain = None
+        else:
+            from flora_graph.serving.session import OrtModel
+
+            self._mixed = None
+            self._plain = OrtModel(self.package / MODEL_FILE, **options)
+        self.adapter_names = list(adapter_files)
+        self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        self._present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    def batch(self) -> Batch:
+        """An empty batch: add rows, step, remove rows, in any order between steps."""
+        return Batch(self)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, adapters: str | Sequence[str | None] | None = None,
+                 on_token: Callable[[int, int], None] | None = None, **settings: Any) -> list[list[int]]:
+        """The tokens generated after each prompt (row ``i`` with ``adapters[i]``; one name or ``None``: every row).
+
+        ``settings`` are :class:`RowSettings` fields (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``, ``seed``, ``stop_tokens``; default stop tokens: the package's EOS).
+        ``on_token(row, token)`` streams each token as it is chosen. A seeded row draws the same
+        tokens whatever else is in the batch.
+        """
+        if adapters is None or isinstance(adapters, str):
+            adapters = [adapters] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise GenerationError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
+        batch = self.batch()
+        seed = settings.pop("seed", None)
+        rows = [batch.add(p, adapter=a, seed=None if seed is None else seed + i, **settings)
+                for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
+        if on_token is not None:
+            for r in rows:
+                on_token(r, batch.row(r).next_token)
+        while batch.active:
+            for r, tok in batch.step().items():
+                if on_token is not None:
+                    on_token(r, tok)
+        return [batch.row(r).generated for r in rows]
+
+    # ------------------------------------------------------------------ one model call
+    def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
+        if self._mixed is not None:
+            return self._mixed.run(feeds, adapters)
+        if any(a is not None for a in adapters):
+            raise UnknownAdapterError(f"adapter {next(a for a in adapters if a)!r}: this package has no adapters")
+        return self._plain.run(feeds, None, lambda: "generation step")
+
+    def check_adapter(self, adapter: str | None) -> None:
+        """Raise :class:`UnknownAdapterError` for a name that is not one of the package's adapters."""
+        if adapter is not None and adapter not in self.adapter_names:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not in package {str(self.package)!r} "
+                                      f"(it has {self.adapter_names})")
+
+
+class Batch:
+    """Rows decoding together; the key/value cache is held here, left-padded to one length."""
+
+    def __init__(self, gen: Generator) -> None:
+        self.gen = gen
+        self.rows: list[_Row] = []  # in cache order
+        self._done: dict[int, _Row] = {}
+        self._next_id = 0
+        self.cache: list[np.ndarray] = []  # per past name: [rows, kv, length, head_dim]
+        self.mask = np.zeros((0, 0), np.int64)
+        self.step_seconds: list[float] = []
+
+    @property
+    def active(self) -> list[int]:
+        """Ids of the rows still generating."""
+        return [r.rid for r in self.rows]
+
+    def row(self, rid: int) -> _Row:
+        """The row ``rid`` (active or finished)."""
+        for r in self.rows:
+            if r.rid == rid:
+                return r
+        if rid in self._done:
+            return self._done[rid]
+        raise GenerationError(f"no row {rid} in this batch")
+
+    def add(self, prompt: Sequence[int], *, adapter: str | None = None, seed: int | None = None,
+            stop_tokens: Iterable[int] | None = None, **settings: Any) -> int:
+        """Prefill ``prompt`` as a new row and choose its first token; return the row id.
+
+        Raises :class:`GenerationError` / :class:`UnknownAdapterError` naming the culprit before
+        anything changes: the other rows keep decoding.
+        """
+        gen = self.gen
+        gen.check_adapter(adapter)
+        stops = frozenset(int(t) for t in (gen.eos if stop_tokens is None else stop_tokens))
+        try:
+            rs = RowSettings(seed=seed, stop_tokens=stops, **settings)
+        except TypeError as exc:
+            raise GenerationError(f"unknown generation setting: {exc}") from None
+        rs.check()
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise GenerationError("prompt is empty")
+        if len(ids) + rs.max_new_tokens > gen.context_length:
+            raise GenerationError(f"prompt of {len(ids)} tokens + max_new_tokens {rs.max_new_tokens} is past the "
+                                  f"model's context length {gen.context_length}")
+        empty = [np.zeros((1, gen.kv_heads, 0, gen.head_dim), np.float32) for _ in gen._past]
+        mask = np.ones((1, len(ids)), np.int64)
+        out = self._call(np.array([ids], np.int64), mask, empty, [adapter], start=0)
+        row = _Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))
+        self._next_id += 1
+        self._merge(row, [out[n] for n in gen._present], mask)
+        self._choose(row, out["logits"][0, -1])
+        return row.rid
+
+    def remove(self, rid: int) -> None:
+        """Drop an active row from the batch (its tokens stay readable with :meth:`row`)."""
+        idx = next((i for i, r in enumerate(self.rows) if r.rid == rid), None)
+        if idx is None:
+            raise GenerationError(f"row {rid} is not active in this batch")
+        self._done[rid] = self.rows.pop(idx)
+        keep = [i for i in range(len(self.rows) + 1) if i != idx]
+        self.cache = [c[keep] for c in self.cache]
+        self.mask = self.mask[keep]
+        self._trim()
+
+    def step(self) -> dict[int, int]:
+        """Feed every active row's last token, choose the next; return ``{row id: token}``. Rows
+        that hit a stop token or ``max_new_tokens`` finish (and leave the batch)."""
+        if not self.rows:
+            return {}
+        gen = self.gen
+        ids = np.array([[r.next_token] for r in self.rows], np.int64)
+        mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
+        t0 = time.perf_counter()
+        out = self._call(ids, mask, self.cache, [r.adapter for r in self.rows], start=mask.shape[1] - 1)
+        self.step_seconds.append(time.perf_counter() - t0)
+        self.cache = [out[n] for n in gen._present]
+        self.mask = mask
+        chosen = {}
+        for i, r in enumerate(self.rows):
+            chosen[r.rid] = self._choose(r, out["logits"][i, -1])
+        for r in [r for r in self.rows if r.done]:
+            self.remove(r.rid)
+        return chosen
+
+    # ------------------------------------------------------------------ internals
+    def _call(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray], adapters: list[str | None], *,
+              start: int) -> dict[str, np.ndarray]:
+        gen = self.gen
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if gen.takes_position_ids:
+            pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+            feeds["position_ids"] = np.ascontiguousarray(pos[:, start:])
+        feeds.update(zip(gen._past, past, strict=True))
+        return gen._run(feeds, adapters)
+
+    def _choose(self, row: _Row, logits: np.ndarray) -> int:
+        s = row.settings
+        if s.do_sample:
+            z = logits.astype(np.float64) / s.temperature
+            if s.top_k:
+                kth = np.sort(z)[-min(s.top_k, z.size)]
+                z = np.where(z < kth, -np.inf, z)
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            if s.top_p < 1:
+                order = np.argsort(-p)
+                keep = np.cumsum(p[order]) - p[order] < s.top_p
+                q = np.zeros_like(p)
+                q[order[keep]] = p[order[keep]]
+                p = q / q.sum()
+            tok = int(row.rng.choice(p.size, p=p))
+        else:
+            tok = int(np.argmax(logits))
+        row.tokens.append(tok)
+        row.next_token = tok
+        if tok in s.stop_tokens or len(row.generated) >= s.max_new_tokens:
+            row.done = True
+        return tok
+
+    def _merge(self, row: _Row, cache: list[np.ndarray], mask: np.ndarray) -> None:
+        if row.done:  # finished on its first token: nothing to decode
+            self._done[row.rid] = row
+            return
+        if not self.rows:
+            self.rows, self.cache, self.mask = [row], cache, mask
+            return
+        have, new = self.mask.shape[1], mask.shape[1]
+        width = max(have, new)
+        self.cache = [np.concatenate([_left_pad(a, width), _left_pad(b, width)], axis=0) for a, b in zip(self.cache, cache, strict=True)]
+        self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], axis=0)
+        self.rows.append(row)
+
+    def _trim(self) -> None:
+        """Drop leading positions that every row pads (after a long row left)."""
+        if self.mask.size == 0:
+            self.cache, self.mask = [], np.zeros((0, 0), np.int64)
+            return
+        used = np.flatnonzero(self.mask.any(axis=0))
+        first = int(used[0]) if used.size else self.mask.shape[1]
+        if first:
+            self.mask = self.mask[:, first:]
+            self.cache = [c[:, :, first:] for c in self.cache]
+
+
+def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
+    extra = width - a.shape[2]
+    if not extra:
+        return a
+    return np.concatenate([np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype), a], axis=2)
+
+
+def _left_pad_mask(m: np.ndarray, width: int) -> np.ndarray:
+    extra = width - m.shape[1]
+    return m if not extra else np.concatenate([np.zeros((m.shape[0], extra), m.dtype), m], axis=1)
+

@@ -1,0 +1,68 @@
+"""A tiny Llama folder, two PEFT adapters and their GenAI package, built once per test session."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from flora_graph.cli import main
+
+PROMPT = [1, 5, 9, 33, 70, 12]
+NEW = 32
+ADAPTERS = {
+    "all7": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]),
+    "qdown": dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"]),  # a subset, another rank
+}
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama folder and two PEFT adapter folders with nonzero ``B``."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("genai")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    for name, spec in ADAPTERS.items():
+        model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(root / "base"), peft.LoraConfig(**spec))
+        for mod in model.modules():
+            if hasattr(mod, "lora_B"):
+                for k in mod.lora_B:
+                    torch.nn.init.normal_(mod.lora_B[k].weight, std=0.2)
+        model.save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def package(folders: Path) -> Path:
+    """The GenAI package of ``folders``' base and adapters, written by ``flora-graph export``."""
+    out = folders / "pkg"
+    args = ["export", str(folders / "base"), "--task", "text-generation-with-past", "--format", "genai",
+            "--out", str(out), *(a for n in ADAPTERS for a in ("--adapter", f"{n}={folders / n}"))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    return out
+
+
+def eager_tokens(folders: Path, adapter: str | None, prompt: list[int] | None = None, new: int = NEW) -> list[int]:
+    """Greedy tokens of eager transformers (+ PEFT for ``adapter``) after ``prompt``."""
+    import peft
+    import transformers
+
+    prompt = PROMPT if prompt is None else prompt
+    base = transformers.LlamaForCausalLM.from_pretrained(folders / "base").eval()
+    model = peft.PeftModel.from_pretrained(base, folders / adapter).eval() if adapter else base
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+

@@ -1,0 +1,75 @@
+"""The Generator on plain ONNX Runtime: eager PEFT's greedy tokens per row, mixed adapters, rows joining and leaving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from flora_graph.serving.errors import UnknownAdapterError
+from flora_graph.serving.generate import GenerationError, Generator
+from tests.serving.genai_package import eager_tokens
+
+PROMPTS = [[1, 5, 9, 33, 70, 12], [1, 7, 3], [1, 100, 101, 102, 103, 104, 105, 106, 107]]
+
+
+@pytest.fixture(scope="module")
+def gen(package: Path) -> Generator:
+    return Generator(package)
+
+
+def test_mixed_adapter_batch_of_prompts_of_different_lengths_equals_eager_rows(gen: Generator, folders: Path) -> None:
+    adapters = [None, "all7", "qdown"]
+    got = gen.generate(PROMPTS, adapters=adapters, max_new_tokens=32, stop_tokens=[])
+    for prompt, adapter, tokens in zip(PROMPTS, adapters, got, strict=True):
+        assert tokens == eager_tokens(folders, adapter, prompt), adapter
+
+
+def test_rows_join_and_leave_between_steps(gen: Generator, folders: Path) -> None:
+    batch = gen.batch()
+    a = batch.add(PROMPTS[0], adapter="all7", max_new_tokens=12, stop_tokens=[])
+    for _ in range(3):
+        batch.step()
+    b = batch.add(PROMPTS[2], adapter=None, max_new_tokens=12, stop_tokens=[])  # joins with a longer history
+    batch.step()
+    c = batch.add(PROMPTS[1], adapter="qdown", max_new_tokens=6, stop_tokens=[])
+    batch.step()
+    batch.remove(b)  # leaves early: the others go on, the cache is trimmed
+    while batch.active:
+        batch.step()
+    assert batch.row(a).generated == eager_tokens(folders, "all7", PROMPTS[0], 12)
+    assert batch.row(c).generated == eager_tokens(folders, "qdown", PROMPTS[1], 6)
+    assert batch.row(b).generated == eager_tokens(folders, None, PROMPTS[2], 6)[: len(batch.row(b).generated)]
+
+
+def test_stop_tokens_streaming_and_seeded_sampling(gen: Generator, folders: Path) -> None:
+    want = eager_tokens(folders, None, PROMPTS[0], 8)
+    stop = want[3]
+    streamed: list[tuple[int, int]] = []
+    got = gen.generate([PROMPTS[0]], stop_tokens=[stop], max_new_tokens=8, on_token=lambda r, t: streamed.append((r, t)))
+    assert got == [want[: want.index(stop) + 1]]
+    assert [t for _, t in streamed] == got[0]
+    alone = gen.generate([PROMPTS[0]], do_sample=True, seed=7, top_k=20, top_p=0.9, max_new_tokens=10, stop_tokens=[])
+    with_others = gen.generate([PROMPTS[0], PROMPTS[1]], do_sample=True, seed=7, top_k=20, top_p=0.9,
+                               max_new_tokens=10, stop_tokens=[])
+    assert with_others[0] == alone[0]  # a seeded row draws the same tokens whatever shares its batch
+    assert alone[0] != eager_tokens(folders, None, PROMPTS[0], 10)  # and it did sample
+
+
+def test_bad_requests_name_the_culprit_and_the_batch_keeps_serving(gen: Generator, folders: Path) -> None:
+    batch = gen.batch()
+    a = batch.add(PROMPTS[0], adapter="all7", max_new_tokens=5, stop_tokens=[])
+    with pytest.raises(UnknownAdapterError, match="'nope'"):
+        batch.add(PROMPTS[1], adapter="nope")
+    with pytest.raises(GenerationError, match="context length 256"):
+        batch.add([1] * 250, max_new_tokens=10)
+    with pytest.raises(GenerationError, match="empty"):
+        batch.add([])
+    with pytest.raises(GenerationError, match="temperature"):
+        batch.add(PROMPTS[1], do_sample=True, temperature=0.0)
+    while batch.active:
+        batch.step()
+    assert batch.row(a).generated == eager_tokens(folders, "all7", PROMPTS[0], 5)
