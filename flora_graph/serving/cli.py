@@ -1,4 +1,4 @@
-"""``flora-graph serve-export`` / ``serve-package``: the serving layer on the command line.
+"""``flora-graph serve-export`` / ``serve-package`` / ``generate``: the serving layer on the command line.
 
 ``flora_graph.cli`` stays a thin layer; it wires these in with ``add_cli(subparsers)``.
 Each handler takes ``(args, console)`` and returns the exit status, as the others there do.
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
+
+from flora_graph.cli_types import int_at_least
 
 __all__ = ["add_cli"]
 
@@ -73,18 +75,43 @@ def _package(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
-    return value
+def _generate(args: argparse.Namespace, console: Any) -> int:
+    import time
+
+    from flora_graph.serving.errors import ServingError
+    from flora_graph.serving.generate import Generator
+
+    gen = Generator(args.package, threads=args.threads)
+    tokenizer = None
+    if args.ids is not None:
+        try:
+            ids = [int(t) for t in args.ids.split(",") if t.strip()]
+        except ValueError:
+            raise ServingError(f"--ids {args.ids!r}: expected comma-separated token ids such as 1,15043,29892") from None
+    else:
+        if not (Path(args.package) / "tokenizer.json").is_file() and not (Path(args.package) / "tokenizer.model").is_file():
+            raise ServingError(f"{args.package} has no tokenizer files (tokenizer.json); pass token ids with --ids")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.package, local_files_only=True)
+        ids = tokenizer(args.prompt)["input_ids"]
+    settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
+                "temperature": args.temperature or 1.0, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    if args.ignore_eos:
+        settings["stop_tokens"] = []
+    streamed: list[int] = []
+    t0 = time.perf_counter()
+    tokens = gen.generate([ids], adapters=args.adapter, on_token=lambda row, tok: streamed.append(tok), **settings)[0]
+    seconds = time.perf_counter() - t0
+    text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
+    console.print(escape(text), highlight=False)
+    console.print(f"{len(tokens)} tokens in {seconds:.3f} s ({len(tokens) / seconds:.1f} tokens/s, prompt {len(ids)} "
+                  f"tokens, adapter {args.adapter or 'none'})", highlight=False)
+    return 0
 
 
 def add_cli(subparsers: Any) -> None:
-    """Add the ``serve-export`` and ``serve-package`` subcommands to ``subparsers`` (``add_subparsers()``)."""
+    """Add the ``serve-export``, ``serve-package`` and ``generate`` subcommands to ``subparsers`` (``add_subparsers()``)."""
     e = subparsers.add_parser("serve-export", help="export a saved graph with swappable (or per-row) LoRA adapters")
     e.add_argument("graph", help="graph directory (Graph.save / demo --save) with LoRA branches")
     e.add_argument("out", help="the .onnx file to write")
@@ -95,10 +122,24 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("source", help="a .onnx file or a saved graph directory")
     p.add_argument("out", help="the model repository directory")
     p.add_argument("--name", required=True, help="the Triton model name")
-    p.add_argument("--max-batch-size", type=_non_negative_int, default=0,
+    p.add_argument("--max-batch-size", type=int_at_least(0), default=0,
                    help="Triton max_batch_size (default 0: the batch dim stays in dims)")
     p.add_argument("--external-data", action="store_true", help="write the model as a directory with external data")
     p.add_argument("--torchscript", action="store_true",
                    help="also write the Triton PyTorch entry <name>_torchscript (config.pbtxt, 1/model.pt; with the "
                         "archive <name>.pt + <name>.json beside them); graph SOURCE only")
     p.set_defaults(func=_package)
+    g = subparsers.add_parser("generate", help="generate text from a GenAI package (flora-graph export --format genai) "
+                                               "on plain ONNX Runtime, with an adapter or none")
+    g.add_argument("package", help="the package folder")
+    g.add_argument("--prompt", default="Hello", help="the prompt text (needs the package's tokenizer files)")
+    g.add_argument("--ids", metavar="ID,ID,...", help="the prompt as token ids instead of text")
+    g.add_argument("--adapter", metavar="NAME", help="an adapter of the package (adapters/NAME.onnx_adapter); default none")
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=32, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling at that temperature")
+    g.add_argument("--top-k", type=int_at_least(0), default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample within the smallest set reaching this probability")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    g.add_argument("--threads", type=int_at_least(1), default=1, help="ONNX Runtime intra-op threads")
+    g.set_defaults(func=_generate)

@@ -19,6 +19,18 @@ ADAPTERS = {
 }
 
 
+def save_word_tokenizer(folder: Path, vocab: int) -> None:
+    """A whitespace word-level tokenizer of ``vocab`` words (``<pad> <s> </s> w3 w4 ...``) saved in ``folder``."""
+    import tokenizers
+    import transformers
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama folder and two PEFT adapter folders with nonzero ``B``."""
@@ -30,6 +42,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    bos_token_id=1, eos_token_id=2)
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    save_word_tokenizer(root / "base", cfg.vocab_size)
     for name, spec in ADAPTERS.items():
         model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(root / "base"), peft.LoraConfig(**spec))
         for mod in model.modules():

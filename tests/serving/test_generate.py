@@ -73,3 +73,19 @@ def test_bad_requests_name_the_culprit_and_the_batch_keeps_serving(gen: Generato
     while batch.active:
         batch.step()
     assert batch.row(a).generated == eager_tokens(folders, "all7", PROMPTS[0], 5)
+
+
+def test_generate_command_prints_text_and_speed(package: Path, folders: Path, capsys: pytest.CaptureFixture) -> None:
+    from flora_graph.cli import main
+
+    assert (package / "tokenizer.json").is_file()  # copied from the base folder
+    prompt = " ".join(f"w{t}" for t in PROMPTS[0][1:])
+    assert main(["generate", str(package), "--prompt", prompt, "--adapter", "all7", "--max-new-tokens", "8",
+                 "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    ids = [t for t in eager_tokens(folders, "all7", PROMPTS[0][1:], 8)]
+    words = " ".join("" if t < 3 else f"w{t}" for t in ids).split()
+    assert out.splitlines()[0].split() == words
+    assert "tokens/s" in out and "adapter all7" in out
+    assert main(["generate", str(package), "--ids", "1,5", "--adapter", "nope"]) == 2
+    assert "adapter 'nope' is not in package" in capsys.readouterr().err
