@@ -32,7 +32,7 @@ from flora_graph.adapters import adapters_of
 from flora_graph.adapters.lora import is_conv1d
 from flora_graph.adapters.peft import adapter_label, peft_lora_layers
 from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
-from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name
+from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name, refusal_of
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
 from flora_graph.ir import ComputationNode, Graph, Op, verify
@@ -672,18 +672,23 @@ def _check_supported(fx_nodes: list[torch.fx.Node], weights: Mapping[str, str]) 
     """Raise one ``UnsupportedOpError`` naming every op outside the table and where it occurs."""
     const: set[torch.fx.Node] = {n for n in fx_nodes if n.op == "placeholder" and n.name in weights}
     missing: dict[str, list[str]] = {}
+    reasons: dict[str, str] = {}
     for n in fx_nodes:
         if n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int or _is_shape_arith(n):
             continue
         if n.target in ATEN_TABLE:
             continue
-        if all(a in const for a in n.all_input_nodes):
-            const.add(n)  # a factory or an op on weights only: folded at capture
+        refusal = refusal_of(n.target)
+        if refusal is None and all(a in const for a in n.all_input_nodes):
+            const.add(n)  # a factory or an op on weights only: folded at capture (never a refused op: randn(3, 4))
             continue
         stack = n.meta.get("nn_module_stack") or {}
         paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v]
         where = f"module {paths[-1]!r} (node {n.name})" if paths and paths[-1] else f"node {n.name}"
         missing.setdefault(aten_name(n.target), []).append(where)
+        if refusal is not None:
+            reasons[aten_name(n.target)] = f" (refused, {refusal.name}: {refusal.reason})"
     if missing:
-        lines = "; ".join(f"{op} at {', '.join(w[:3])}{' ...' if len(w) > 3 else ''}" for op, w in sorted(missing.items()))
+        lines = "; ".join(f"{op}{reasons.get(op, '')} at {', '.join(w[:3])}{' ...' if len(w) > 3 else ''}"
+                          for op, w in sorted(missing.items()))
         raise UnsupportedOpError(f"{len(missing)} unsupported op(s): {lines}", missing)

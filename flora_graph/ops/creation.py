@@ -15,7 +15,7 @@ import numpy as np
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
-from flora_graph.ir.shapes import Shape, canonical_dim, dim_terms, subtract_dims
+from flora_graph.ir.shapes import Shape, canonical_dim, dim_terms, divide_dims, subtract_dims
 from flora_graph.ops._onnx import scalar_dim
 from flora_graph.ops._torch import bound_expr, torch_dtype
 from flora_graph.ops.registry import define
@@ -24,16 +24,18 @@ __all__: list[str] = []
 
 
 def _infer_arange(shapes, dtypes, attrs):
-    """``[start, end)`` by ``step``; with a named bound only a step of 1 has a dim as its size
-    (``Arange(past_seq, past_seq+seq)`` has ``seq``)."""
+    """``[start, end)`` by ``step``; with a named bound, a positive step that divides ``end - start``
+    exactly has a dim as its size (``Arange(past_seq, past_seq+seq)`` has ``seq``, ``Arange(0, 3*batch, 3)``
+    has ``batch``)."""
     start, end, step = attrs["start"], attrs["end"], attrs["step"]
     size: Any
     if isinstance(step, str) or step == 0:
         raise ShapeError(f"Arange: step must be a nonzero int, got {step!r}")
     if isinstance(start, int) and isinstance(end, int):
         size = max(0, -(-(end - start) // step))
-    elif step == 1 and (diff := subtract_dims(end, start)) is not None and all(c >= 0 for c, _ in dim_terms(diff)):
-        size = diff  # Arange(past_seq, past_seq+seq) -> seq; not "seq-1", negative at seq = 0
+    elif step > 0 and (diff := subtract_dims(end, start)) is not None and all(c >= 0 for c, _ in dim_terms(diff)) \
+            and (size := diff if step == 1 else divide_dims(diff, step)) is not None:
+        pass  # Arange(past_seq, past_seq+seq) -> seq; not "seq-1", negative at seq = 0
     else:
         raise ShapeError(f"Arange({start}, {end}, {step}): the length cannot be written as a dim")
     shape: Shape = (canonical_dim(size),)

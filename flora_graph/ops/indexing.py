@@ -278,12 +278,17 @@ def _numpy_scatter_elements(data: np.ndarray, indices: np.ndarray, updates: np.n
     where = list(np.indices(indices.shape, sparse=True))
     where[axis] = np.where(indices < 0, indices + size, indices)
     out = data.copy()
-    if reduction == "add":
-        np.add.at(out, tuple(where), updates)
+    if reduction != "none":
+        _REDUCE_AT[reduction].at(out, tuple(where), updates)
     else:
         _no_duplicates("ScatterElements", where, data.shape)
         out[tuple(where)] = updates
     return out
+
+
+_REDUCE_AT = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+"""ScatterElements' reductions (ONNX's names) -> the numpy ufunc whose ``.at`` applies them in place."""
+_TORCH_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
 
 
 def _torch_scatter_elements(node: ComputationNode, args: list[str]) -> str:
@@ -293,16 +298,19 @@ def _torch_scatter_elements(node: ComputationNode, args: list[str]) -> str:
     if node.inputs[1].dtype != "int64":
         idx = f"{idx}.to(torch.int64)"
     wrapped = f"torch.where({idx} < 0, {idx} + {dim_source(x, shape, axis)}, {idx})"
-    fn = "torch.scatter_add" if node.attrs["reduction"] == "add" else "torch.scatter"
+    reduction = node.attrs["reduction"]
+    if reduction in _TORCH_REDUCE:
+        return f"torch.scatter_reduce({x}, {axis}, {wrapped}, {upd}, {_TORCH_REDUCE[reduction]!r})"
+    fn = "torch.scatter_add" if reduction == "add" else "torch.scatter"
     return f"{fn}({x}, {axis}, {wrapped}, {upd})"
 
 
 define(
     "SCATTER_ELEMENTS", "ScatterElements", (3, 3),
-    {"axis": AttrSpec("int", 0), "reduction": AttrSpec("str", "none", choices=("none", "add"))},
+    {"axis": AttrSpec("int", 0), "reduction": AttrSpec("str", "none", choices=("none", *_REDUCE_AT))},
     infer=_infer_scatter_elements,
-    doc="ONNX ScatterElements / torch.scatter(_add): data with data[index[i][j]][j] (axis 0) set to, or increased "
-        "by, updates[i][j].",
+    doc="ONNX ScatterElements / torch.scatter(_add, _reduce): data with data[index[i][j]][j] (axis 0) set to, or "
+        "combined (add, mul, max, min) with, updates[i][j].",
     numpy=_numpy_scatter_elements, onnx=simple("ScatterElements", axis="axis", reduction="reduction"),
     torch=_torch_scatter_elements, groups=_MOVEMENT,
 )

@@ -1,8 +1,8 @@
-"""Pooling and resizing: ``MaxPool2d``, ``AvgPool2d``, ``Resize``.
+"""Pooling, resizing and sampling: ``MaxPool2d``, ``AvgPool2d``, ``Resize``, ``GridSample``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
-numpy semantics, ONNX rule and torch rule side by side. All take NCHW input with static
-spatial dims; windows follow torch (floor mode, symmetric padding).
+numpy semantics, ONNX rule and torch rule side by side. All take NCHW input, with static
+spatial dims except ``GridSample``; windows follow torch (floor mode, symmetric padding).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
-from flora_graph.ir.shapes import format_shape
+from flora_graph.ir.shapes import canonical_dim, format_shape
 from flora_graph.ops._infer import same_float_dtype
 from flora_graph.ops._onnx import dims_tensor
 from flora_graph.ops._torch import ints
@@ -190,4 +190,117 @@ define(
     infer=_infer_resize,
     doc="NCHW resize of H, W to size: torch's nearest (floor of dst * in / out) or bilinear (ONNX Resize).",
     numpy=_numpy_resize, onnx=_onnx_resize, torch=_torch_resize,
+)
+
+
+# --------------------------------------------------------------------------- GridSample
+_CUBIC_A = -0.75  # torch's and ONNX's bicubic convolution constant
+
+
+def _infer_grid_sample(shapes, dtypes, attrs):
+    x, grid = shapes
+    if len(x) != 4 or len(grid) != 4 or grid[3] != 2 or canonical_dim(x[0]) != canonical_dim(grid[0]):
+        raise ShapeError(f"GridSample needs x [N, C, H, W] and grid [N, Ho, Wo, 2], got {format_shape(x)} and "
+                         f"{format_shape(grid)}")
+    return (x[0], x[1], grid[1], grid[2]), same_float_dtype(dtypes)
+
+
+def _unnormalize(coord: np.ndarray, size: int, align_corners: int) -> np.ndarray:
+    """A grid coordinate in [-1, 1] as a pixel coordinate (torch's ``grid_sampler_unnormalize``)."""
+    return (coord + 1) / 2 * (size - 1) if align_corners else ((coord + 1) * size - 1) / 2
+
+
+def _reflect(coord: np.ndarray, twice_low: int, twice_high: int) -> np.ndarray:
+    """``coord`` reflected into ``[twice_low / 2, twice_high / 2]`` (torch's ``reflect_coordinates``)."""
+    if twice_low == twice_high:
+        return np.zeros_like(coord)
+    low, span = twice_low / 2, (twice_high - twice_low) / 2
+    coord = np.abs(coord - low)
+    extra, flips = np.fmod(coord, span), np.floor(coord / span)
+    return np.where(flips % 2 == 0, extra + low, span - extra + low)
+
+
+def _padded(coord: np.ndarray, size: int, padding_mode: str, align_corners: int) -> np.ndarray:
+    """A pixel coordinate after the padding mode (torch's ``compute_coordinates``): zeros leaves it."""
+    if padding_mode == "zeros":
+        return coord
+    if padding_mode == "reflection":
+        coord = _reflect(coord, 0, 2 * (size - 1)) if align_corners else _reflect(coord, -1, 2 * size - 1)
+    return np.clip(coord, 0, size - 1)
+
+
+def _cubic_weights(t: np.ndarray) -> list[np.ndarray]:
+    """The 4 bicubic weights of the taps at -1, 0, 1, 2 from the floor, for the fraction ``t``."""
+    a = _CUBIC_A
+
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _numpy_grid_sample(x: np.ndarray, grid: np.ndarray, *, mode: str, padding_mode: str,
+                       align_corners: int) -> np.ndarray:
+    """torch's ``grid_sampler_2d``: ``out[n, c, i, j]`` is ``x[n, c]`` read at ``grid[n, i, j] = (x, y)``."""
+    n, _, h, w = x.shape
+    data = x.astype(np.float64)
+    batch = np.arange(n).reshape(n, 1, 1)
+
+    def read(yi: np.ndarray, xi: np.ndarray) -> np.ndarray:  # [N, Ho, Wo] int pixels -> [N, C, Ho, Wo], 0 outside
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        vals = data[batch, :, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)]  # [N, Ho, Wo, C]
+        return np.moveaxis(vals, -1, 1) * inside[:, None]
+
+    gx = _unnormalize(grid[..., 0].astype(np.float64), w, align_corners)
+    gy = _unnormalize(grid[..., 1].astype(np.float64), h, align_corners)
+    if mode == "cubic":  # taps around the unpadded point, each tap's pixel padded on its own
+        x0, y0 = np.floor(gx), np.floor(gy)
+        wx, wy = _cubic_weights(gx - x0), _cubic_weights(gy - y0)
+        out = np.zeros((n, x.shape[1], *grid.shape[1:3]))
+        for j in range(4):
+            ty = _padded(y0 - 1 + j, h, padding_mode, align_corners).astype(np.int64)
+            for i in range(4):
+                tx = _padded(x0 - 1 + i, w, padding_mode, align_corners).astype(np.int64)
+                out += read(ty, tx) * (wx[i] * wy[j])[:, None]
+        return out
+    gx, gy = _padded(gx, w, padding_mode, align_corners), _padded(gy, h, padding_mode, align_corners)
+    if mode == "nearest":  # round half to even, as torch's nearbyint
+        return read(np.rint(gy).astype(np.int64), np.rint(gx).astype(np.int64))
+    x0, y0 = np.floor(gx), np.floor(gy)
+    tx, ty = (gx - x0)[:, None], (gy - y0)[:, None]
+    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    return (read(y0, x0) * (1 - tx) * (1 - ty) + read(y0, x0 + 1) * tx * (1 - ty)
+            + read(y0 + 1, x0) * (1 - tx) * ty + read(y0 + 1, x0 + 1) * tx * ty)
+
+
+_ONNX_OLD_MODES = {"linear": "bilinear", "nearest": "nearest", "cubic": "bicubic"}  # GridSample before opset 20
+
+
+def _onnx_grid_sample(ctx: Any, node: ComputationNode, out: str) -> None:
+    a = node.attrs
+    mode = a["mode"] if ctx.opset >= 20 else _ONNX_OLD_MODES[a["mode"]]
+    ctx.emit("GridSample", ctx.args(node), [out], mode=mode, padding_mode=a["padding_mode"],
+             align_corners=int(a["align_corners"]))
+
+
+def _torch_grid_sample(node: ComputationNode, args: list[str]) -> str:
+    a = node.attrs
+    return (f"F.grid_sample({args[0]}, {args[1]}, mode={_ONNX_OLD_MODES[a['mode']]!r}, "
+            f"padding_mode={a['padding_mode']!r}, align_corners={bool(a['align_corners'])})")
+
+
+define(
+    "GRID_SAMPLE", "GridSample", (2, 2),
+    {
+        "mode": AttrSpec("str", "linear", choices=("linear", "nearest", "cubic")),
+        "padding_mode": AttrSpec("str", "zeros", choices=("zeros", "border", "reflection")),
+        "align_corners": AttrSpec("int", 0),
+    },
+    infer=_infer_grid_sample,
+    doc="x [N, C, H, W] read at grid [N, Ho, Wo, 2] ((x, y) in [-1, 1]): bilinear, nearest or bicubic, outside "
+        "points padded with zeros, the border or a reflection (torch grid_sample, ONNX GridSample).",
+    numpy=_numpy_grid_sample, onnx=_onnx_grid_sample, torch=_torch_grid_sample,
 )

@@ -2,7 +2,7 @@
 ``IndexPut``, ``ScatterElements``.
 
 Numpy reference against torch indexing (``t[i]``, ``torch.gather``, ``index_put``, ``scatter``,
-``scatter_add``; captured: ``diagonal``, ``slice_scatter``), then every backend
+``scatter_add``, ``scatter_reduce``; captured: ``diagonal``, ``slice_scatter``), then every backend
 against the reference; see :mod:`tests.ops.harness`.
 """
 
@@ -79,6 +79,17 @@ CASES = [
     Case("scatter_add", {"x": In(("batch", 5)), "i": In(("batch", 3), "int64", "index:5"), "u": In(("batch", 3))},
          op(Op.SCATTER_ELEMENTS, "x", "i", "u", axis=-1, reduction="add"),
          lambda x, i, u: torch.scatter_add(x, 1, torch.where(i < 0, i + 5, i), u), capture=("scatter_add.default",)),
+    Case("scatter_reduce_prod", {"x": In(("batch", 5)), "i": In(("batch", 6), "int64", "index:5"), "u": In(("batch", 6))},
+         op(Op.SCATTER_ELEMENTS, "x", "i", "u", axis=1, reduction="mul"),
+         lambda x, i, u: x.scatter_reduce(1, torch.where(i < 0, i + 5, i), u, "prod"), capture=("scatter_reduce.two",)),
+    Case("scatter_reduce_amax", {"x": In(("batch", 5)), "i": In((3, 5), "int64", "index:batch"), "u": In((3, 5))},
+         op(Op.SCATTER_ELEMENTS, "x", "i", "u", axis=0, reduction="max"),
+         lambda x, i, u: x.scatter_reduce(0, torch.where(i < 0, i + x.shape[0], i), u, "amax"),
+         capture=("scatter_reduce.two",)),
+    Case("scatter_reduce_amin_int", {"x": In(("batch", 5), "int64", "small_int"), "i": In(("batch", 7), "int32", "index:5"),
+                                     "u": In(("batch", 7), "int64", "small_int")},
+         op(Op.SCATTER_ELEMENTS, "x", "i", "u", axis=-1, reduction="min"),
+         lambda x, i, u: x.scatter_reduce(1, torch.where(i < 0, i + 5, i).long(), u, "amin"), capture=("scatter_reduce.two",)),
     Case("diagonal", {"x": In((4, "batch", 5))}, _diagonal, lambda x: torch.diagonal(x, -1, 2, 0),
          capture=("diagonal.default",)),
     Case("slice_scatter_step2", {"x": In(("batch", 6, 3)), "s": In(("batch", 3, 3))}, _slice_scatter_step2,

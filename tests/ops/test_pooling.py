@@ -1,7 +1,7 @@
-"""The pooling family (:mod:`flora_graph.ops.pooling`): ``MaxPool2d``, ``AvgPool2d``, ``Resize``.
+"""The pooling family (:mod:`flora_graph.ops.pooling`): ``MaxPool2d``, ``AvgPool2d``, ``Resize``, ``GridSample``.
 
 Numpy reference against torch (``F.max_pool2d``, ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``,
-``F.interpolate``), then every backend against the reference; see :mod:`tests.ops.harness`.
+``F.interpolate``, ``F.grid_sample``), then every backend against the reference; see :mod:`tests.ops.harness`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .harness import Case, In, family_tests, op
 
 aten = torch.ops.aten
 X = In(("batch", 3, 8, 9))
+GRID = In(("batch", 5, "seq", 2))  # (x, y) sampling points, standard normal
 
 
 def _pool_then_global(g, x, rng):
@@ -53,6 +54,19 @@ CASES = [
          lambda x: F.interpolate(x, size=(5, 4), mode="nearest"), capture=("upsample_nearest2d.vec",)),
     Case("upsample_bilinear", {"x": X}, op(Op.RESIZE, "x", size=(11, 18), mode="linear"),
          lambda x: F.interpolate(x, size=(11, 18), mode="bilinear"), capture=("upsample_bilinear2d.vec",)),
+    # ------------------------------------------------------------------ GridSample (grid points up to ~3 outside [-1, 1])
+    Case("grid_sample_bilinear", {"x": X, "g": GRID}, op(Op.GRID_SAMPLE, "x", "g"),
+         lambda x, g: F.grid_sample(x, g, align_corners=False), tol=1e-4, capture=("grid_sampler.default",)),
+    Case("grid_sample_bilinear_reflection_corners", {"x": X, "g": GRID},
+         op(Op.GRID_SAMPLE, "x", "g", padding_mode="reflection", align_corners=1),
+         lambda x, g: F.grid_sample(x, g, padding_mode="reflection", align_corners=True), tol=1e-4),
+    Case("grid_sample_nearest_border", {"x": X, "g": GRID}, op(Op.GRID_SAMPLE, "x", "g", mode="nearest", padding_mode="border"),
+         lambda x, g: aten.grid_sampler_2d(x, g, 1, 1, False), capture=("grid_sampler_2d.default",)),
+    Case("grid_sample_bicubic_reflection", {"x": X, "g": GRID},
+         op(Op.GRID_SAMPLE, "x", "g", mode="cubic", padding_mode="reflection"),
+         lambda x, g: F.grid_sample(x, g, mode="bicubic", padding_mode="reflection", align_corners=False), tol=1e-4),
+    Case("grid_sample_bicubic_zeros_corners", {"x": X, "g": GRID}, op(Op.GRID_SAMPLE, "x", "g", mode="cubic", align_corners=1),
+         lambda x, g: aten.grid_sampler_2d(x, g, 2, 0, True), tol=1e-4, capture=("grid_sampler_2d.default",)),
     Case("upsample_bilinear_corners", {"x": X}, op(Op.RESIZE, "x", size=(16, 7), mode="linear", align_corners=1),
          lambda x: F.interpolate(x, size=(16, 7), mode="bilinear", align_corners=True),
          capture=("upsample_bilinear2d.vec",)),

@@ -6,19 +6,21 @@ shares. Each family module registers the converters of the ATen ops whose IR it 
 emits: :mod:`~flora_graph.frontend.aten.linear` (linear, matmul, addmm, conv),
 :mod:`~flora_graph.frontend.aten.elementwise` (arithmetic, activations, float math,
 comparisons, logic, where, masked_fill, triu/tril, diff, casts),
-:mod:`~flora_graph.frontend.aten.reduce` (mean, sum, cumsum),
+:mod:`~flora_graph.frontend.aten.reduce` (mean, sum, cumsum, cdist, pdist),
 :mod:`~flora_graph.frontend.aten.normalization` (softmax, log_softmax, layer_norm, rms_norm,
-batch_norm, group_norm), :mod:`~flora_graph.frontend.aten.pooling` (max/avg/adaptive pooling,
-upsampling),
+batch_norm, group_norm, instance_norm), :mod:`~flora_graph.frontend.aten.pooling` (max/avg/adaptive
+pooling in 2-D and 3-D, upsampling, grid sampling),
 :mod:`~flora_graph.frontend.aten.attention` (scaled-dot-product attention),
 :mod:`~flora_graph.frontend.aten.movement` (views, reshapes, transposes, cat, split,
-slice, squeeze, expand, flip, stack, unflatten, repeat_interleave, copy),
+slice, squeeze, expand, flip, stack, unflatten, repeat_interleave, copy, as_strided),
 :mod:`~flora_graph.frontend.aten.padding` (constant_pad_nd, pad, reflection/replication
 pads, repeat), :mod:`~flora_graph.frontend.aten.indexing` (embedding, index_select, select,
-unbind, gather, index, diagonal, slice/select_scatter, index_put, scatter, scatter_add), :mod:`~flora_graph.frontend.aten.creation`
-(arange, the full/ones/zeros family) and :mod:`~flora_graph.frontend.aten.aliases`
+unbind, gather, index, diagonal, slice/select_scatter, index_put, scatter, scatter_add,
+scatter_reduce, masked_scatter, embedding_bag, col2im), :mod:`~flora_graph.frontend.aten.creation`
+(arange, the full/ones/zeros and empty families) and :mod:`~flora_graph.frontend.aten.aliases`
 (clone/detach/contiguous, eval-mode dropout, getitem). Importing this package registers
-them all. The capture-time LoRA Linear op registers its converter from
+them all. :mod:`~flora_graph.frontend.aten.refused` holds :data:`REFUSED`, the one list of the
+ops capture refuses on purpose (with Core ATen coverage, see ``docs/ARCHITECTURE.md``). The capture-time LoRA Linear op registers its converter from
 :mod:`flora_graph.frontend.lora_op`, which :mod:`flora_graph.frontend.capture` imports.
 """
 
@@ -37,9 +39,11 @@ from flora_graph.frontend.aten import (  # noqa: F401  (each family registers it
     pooling,
     reduce,
 )
+from flora_graph.frontend.aten.refused import REFUSED, refusal_of
 from flora_graph.frontend.aten.registry import (
     ATEN_TABLE,
     NO_TENSOR_OPS,
+    SIZE_OPS,
     Converter,
     SymDim,
     as_dtype,
@@ -53,8 +57,8 @@ from flora_graph.frontend.aten.registry import (
 )
 
 __all__ = [
-    "ATEN_TABLE", "FAMILIES", "NO_TENSOR_OPS", "Converter", "SymDim", "as_dtype", "aten_name", "compute_dtype", "dim_of",
-    "operand", "out_dtype", "refuse", "register",
+    "ATEN_TABLE", "FAMILIES", "NO_TENSOR_OPS", "REFUSED", "SIZE_OPS", "Converter", "SymDim", "as_dtype", "aten_name",
+    "compute_dtype", "dim_of", "operand", "out_dtype", "refusal_of", "refuse", "register",
 ]
 
 FAMILIES = ("linear", "elementwise", "reduce", "normalization", "pooling", "attention",

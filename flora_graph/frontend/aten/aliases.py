@@ -1,7 +1,8 @@
 """ATen ops that emit nothing: aliases, eval-mode dropout and tuple unpacking.
 
 ``clone``, ``detach``, ``alias``, ``contiguous`` and ``dropout`` (eval mode, or ``p == 0``)
-return their input unchanged; ``dropout`` in training mode is refused. ``operator.getitem``
+return their input unchanged; ``native_dropout`` there returns it with a mask of ones; either
+in training mode is refused (it draws random numbers). ``operator.getitem``
 picks one value of a tuple-valued node (``split``, ``unbind``, attention kernels).
 """
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.frontend.aten.registry import register
-from flora_graph.ir import ComputationNode
+from flora_graph.ir import ComputationNode, Op
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -36,6 +38,17 @@ def _dropout(ctx: CaptureContext, x: ComputationNode, p: float = 0.5, train: boo
     if train and p > 0:
         raise UnsupportedOpError("dropout in training mode cannot be captured; call model.eval()", {"aten.dropout.default(train=True)": [ctx.where()]})
     return x
+
+
+@register(aten.native_dropout.default)
+def _native_dropout(ctx: CaptureContext, x: ComputationNode, p: float,
+                    train: bool | None) -> tuple[ComputationNode, ComputationNode]:
+    """``(x, ones)`` when nothing is dropped: ``train=False`` or ``p == 0`` (``train=None`` trains, as torch)."""
+    if (train is None or train) and p > 0:
+        raise UnsupportedOpError("native_dropout in training mode cannot be captured; call model.eval()",
+                                 {"aten.native_dropout.default(train=True)": [ctx.where()]})
+    mask = ctx.emit(Op.EXPAND, [ctx.new_param(f"{ctx.fx_node.name}_keep", np.asarray(True))], {"shape": tuple(x.shape)})
+    return x, mask
 
 
 @register(operator.getitem)

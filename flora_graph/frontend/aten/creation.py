@@ -4,7 +4,9 @@
 float), else ``Arange`` with the dynamic bounds as dim attributes (``Arange(end="seq")``);
 ``full``/``ones``/``zeros``, ``new_full``/``new_ones``/``new_zeros`` and
 ``full_like``/``ones_like``/``zeros_like`` -> a constant when every size is static, else
-``Expand`` of a scalar to the named sizes; ``scalar_tensor`` -> a rank-0 constant.
+``Expand`` of a scalar to the named sizes; ``empty.memory_format``/``empty_strided``/``empty_like``
+-> zeros the same way (torch leaves their values unspecified; strides and memory formats are
+layouts, which the IR does not have); ``scalar_tensor`` -> a rank-0 constant.
 """
 
 from __future__ import annotations
@@ -83,6 +85,23 @@ def _full_like(ctx, x, fill_value, **kwargs):
 def _ones_zeros_like(ctx, x, **kwargs):
     value = 1 if ctx.fx_node.target is aten.ones_like.default else 0
     return _filled(ctx, x.shape, value)
+
+
+@register(aten.empty.memory_format)
+def _empty(ctx, size, **kwargs):
+    """Zeros: one valid value of uninitialized memory, the same on every backend."""
+    return _filled(ctx, size, 0)
+
+
+@register(aten.empty_strided.default)
+def _empty_strided(ctx, size, stride, **kwargs):
+    """Zeros of ``size``; ``stride`` is a memory layout, which the IR's tensors do not have."""
+    return _filled(ctx, size, 0)
+
+
+@register(aten.empty_like.default)
+def _empty_like(ctx, x, **kwargs):
+    return _filled(ctx, x.shape, 0)
 
 
 @register(aten.scalar_tensor.default)

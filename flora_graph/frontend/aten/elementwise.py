@@ -8,7 +8,7 @@ comparisons, logic, ``Where`` and ``Cast``.
 ``asin``, ``atan``, ``cosh``, ``sinh``, ``acosh``, ``asinh``, ``atanh`` (cast to the float dtype torch
 computes in); ``ceil``/``floor``/``round``/``trunc`` (nothing on integers); ``maximum``/``max.other``,
 ``minimum``/``min.other`` -> ``Max``/``Min``; ``clamp`` (``Scalar`` and ``Tensor`` bounds) and
-``hardtanh`` -> ``Max`` then ``Min``; ``atan2``, ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
+``hardtanh`` -> ``Max`` then ``Min``; ``atan2`` (and ``atan2.out``), ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
 ``div`` with a ``rounding_mode`` (``Div``, then ``Trunc``/``Floor``; integer floor division through
 ``Remainder``); ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; ``fill.Scalar``
 -> ``Expand`` of the value; ``eq``/``ne``/``lt``/
@@ -265,6 +265,12 @@ register(aten.minimum.default, aten.min.other)(_binary(Op.MIN))
 register(aten.atan2.default)(_binary(Op.ATAN2))
 register(aten.fmod.Tensor, aten.fmod.Scalar)(_binary(Op.FMOD))
 register(aten.remainder.Tensor, aten.remainder.Scalar)(_binary(Op.REMAINDER))
+
+
+@register(aten.atan2.out)
+def _atan2_out(ctx, a, b, *, out):
+    """``atan2(a, b, out=...)`` (graphs that are not functionalized): its value; ``out`` only gives the dtype."""
+    return _binary(Op.ATAN2)(ctx, a, b)
 
 
 @register(aten.clamp.default, aten.clamp.Tensor)

@@ -9,7 +9,17 @@ ranges over static axes (after a ``Transpose`` moving them last); ``slice_scatte
 ``select_scatter`` along a static axis -> ``Concat`` of the kept slices and ``src`` (step 1), else
 ``Where`` of a constant mask over ``Gather`` of ``src``; ``index_put`` -> ``IndexPut`` (index
 tensors on consecutive axes, no bool masks); ``scatter.src``/``scatter.value``/``scatter_add``
--> ``ScatterElements`` (``src`` cut to the index's shape, a value broadcast to it).
+-> ``ScatterElements`` (``src`` cut to the index's shape, a value broadcast to it);
+``scatter_reduce.two`` -> ``ScatterElements`` with ``add``/``mul``/``max``/``min`` (``include_self=False``:
+over the reduction's identity where the index reaches), ``mean`` as that sum over the count of
+contributions (at least 1; integers floor-divided, as torch);
+``_embedding_bag`` / ``embedding_bag.padding_idx`` (sum, mean, max; the bag sums and counts only:
+offset2bag, bag sizes and max indices refused when used) -> ``Gather`` of the rows,
+``ScatterElements`` of each into its bag (the bag of position n: the offsets <= n, minus one);
+``col2im`` (``F.fold``) -> ``IndexPut`` accumulating each column of blocks at its constant positions
+in the padded output, then a ``Slice`` of the padding;
+``masked_scatter`` -> ``Where`` of the mask over ``Gather`` of the flattened source at the mask's
+running count (``CumSum``) minus one.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, refuse, register
+from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, refuse, refuse_used_outputs, register
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import canonical_dim
 
@@ -150,17 +160,21 @@ def _index_put(ctx, x, indices, values, accumulate=False):
                     {"axis": used[0][0], "accumulate": int(bool(accumulate))})
 
 
-def _scatter(ctx, x, dim, index, src, reduction: str):
-    axis = axis_of(int(dim), len(x.shape))
+def _updates(ctx, x, index, src) -> ComputationNode:
+    """``src`` as ScatterElements' updates: in ``x``'s dtype, cut (a tensor) or broadcast (a value) to the index's shape."""
     if isinstance(src, ComputationNode):
         src = as_dtype(ctx, src, x.dtype)
         cut = [a for a in range(len(index.shape)) if canonical_dim(src.shape[a]) != canonical_dim(index.shape[a])]
         if cut:
             src = ctx.emit(Op.SLICE, [src], {"axes": tuple(cut), "starts": (0,) * len(cut),
                                             "ends": tuple(index.shape[a] for a in cut)})
-    else:
-        src = ctx.emit(Op.EXPAND, [as_dtype(ctx, src, x.dtype)], {"shape": tuple(index.shape)})
-    return ctx.emit(Op.SCATTER_ELEMENTS, [x, index, src], {"axis": axis, "reduction": reduction})
+        return src
+    return ctx.emit(Op.EXPAND, [as_dtype(ctx, src, x.dtype)], {"shape": tuple(index.shape)})
+
+
+def _scatter(ctx, x, dim, index, src, reduction: str):
+    axis = axis_of(int(dim), len(x.shape))
+    return ctx.emit(Op.SCATTER_ELEMENTS, [x, index, _updates(ctx, x, index, src)], {"axis": axis, "reduction": reduction})
 
 
 @register(aten.scatter.src, aten.scatter.value)
@@ -171,3 +185,151 @@ def _scatter_none(ctx, x, dim, index, src):
 @register(aten.scatter_add.default)
 def _scatter_add(ctx, x, dim, index, src):
     return _scatter(ctx, x, dim, index, src, "add")
+
+
+# --------------------------------------------------------------------------- masked_scatter
+@register(aten.masked_scatter.default)
+def _masked_scatter(ctx, x, mask, source):
+    """``x`` (broadcast with ``mask``) with its masked places filled, in row-major order, by ``source``'s
+    first elements: the place whose mask is the k-th true one takes ``source.flatten()[k]``."""
+    shape = tuple(ctx.ir_dim(d) for d in ctx.fx_node.meta["val"].shape)
+    x, mask = (v if tuple(v.shape) == shape else ctx.emit(Op.EXPAND, [v], {"shape": shape}) for v in (x, mask))
+    flat = ctx.emit(Op.RESHAPE, [mask], {"shape": (-1,)})
+    count = ctx.emit(Op.CUMSUM, [ctx.emit(Op.CAST, [flat], {"to": "int64"})], {"axis": 0})
+    k = ctx.emit(Op.SUB, [count, ctx.scalar(1, "int64")])  # -1 before the first true place: masked out below
+    taken = ctx.emit(Op.GATHER, [ctx.emit(Op.RESHAPE, [as_dtype(ctx, source, x.dtype)], {"shape": (-1,)}), k], {"axis": 0})
+    return ctx.emit(Op.WHERE, [mask, ctx.emit(Op.RESHAPE, [taken], {"shape": shape}), x])
+
+
+# --------------------------------------------------------------------------- scatter_reduce
+_REDUCTIONS = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
+
+
+def _identity(reduction: str, dtype: str) -> float | int:
+    """The value ``reduction`` leaves any number unchanged with, in ``dtype``."""
+    if reduction in ("add", "mul"):
+        return 0 if reduction == "add" else 1
+    big = float("inf") if dtype.startswith(("float", "bfloat")) else int(np.iinfo(dtype).max)
+    return -big if reduction == "max" else big
+
+
+@register(aten.scatter_reduce.two)
+def _scatter_reduce(ctx, x, dim, index, src, reduce, *, include_self=True):
+    """torch.scatter_reduce: each place of ``x`` the index reaches combined with the ``src`` values sent there
+    (and, ``include_self``, its own value); places it does not reach keep ``x``'s."""
+    if x.dtype == "bool":
+        raise refuse(ctx, "scatter_reduce of a bool tensor")
+    if reduce not in (*_REDUCTIONS, "mean"):
+        raise refuse(ctx, f"scatter_reduce with reduce={reduce!r}")
+    axis = axis_of(int(dim), len(x.shape))
+    src = _updates(ctx, x, index, src)
+
+    def filled(value, shape) -> ComputationNode:
+        return ctx.emit(Op.EXPAND, [ctx.scalar(value, x.dtype)], {"shape": tuple(shape)})
+
+    def scatter(data, updates, reduction) -> ComputationNode:
+        return ctx.emit(Op.SCATTER_ELEMENTS, [data, index, updates], {"axis": axis, "reduction": reduction})
+
+    def without_self(value) -> ComputationNode:  # x with ``value`` at every place the index reaches
+        if include_self:
+            return x
+        reached = ctx.emit(Op.CAST, [scatter(filled(0, x.shape), filled(1, index.shape), "max")], {"to": "bool"})
+        return ctx.emit(Op.WHERE, [reached, ctx.scalar(value, x.dtype), x])
+
+    if reduce != "mean":
+        reduction = _REDUCTIONS[reduce]
+        return scatter(without_self(_identity(reduction, x.dtype)), src, reduction)
+    total = scatter(without_self(0), src, "add")
+    count = scatter(filled(int(bool(include_self)), x.shape), filled(1, index.shape), "add")
+    count = ctx.emit(Op.MAX, [count, ctx.scalar(1, x.dtype)])
+    if x.dtype.startswith(("float", "bfloat")):
+        return ctx.emit(Op.DIV, [total, count])
+    return ctx.emit(Op.DIV, [ctx.emit(Op.SUB, [total, ctx.emit(Op.REMAINDER, [total, count])]), count])
+
+
+# --------------------------------------------------------------------------- col2im (fold)
+@register(aten.col2im.default)
+def _col2im(ctx, x, output_size, kernel_size, dilation, padding, stride):
+    """torch's fold of ``x [N, C*kh*kw, L]`` (or ``[C*kh*kw, L]``) into ``[N, C, H, W]``: every block's
+    values summed back into the places its window covers."""
+    (h, w), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = (
+        (int(v[0]), int(v[-1])) for v in (output_size, kernel_size, dilation, padding, stride))
+    batched = len(x.shape) == 3
+    if len(x.shape) not in (2, 3) or not all(isinstance(d, int) for d in x.shape[-2:]):
+        raise refuse(ctx, "col2im needs x [N, C*kh*kw, L] or [C*kh*kw, L] with static C*kh*kw and L")
+    if not batched:
+        x = ctx.emit(Op.UNSQUEEZE, [x], {"axes": (0,)})
+    ck, blocks = x.shape[1:]
+    hp, wp = h + 2 * ph, w + 2 * pw
+    bh, bw = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    if ck % (kh * kw) or bh * bw != blocks:
+        raise refuse(ctx, f"col2im of {ck} x {blocks} columns that do not fit {kh}x{kw} blocks of {(h, w)}")
+    ki, kj, bi, bj = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(bh), np.arange(bw), indexing="ij")
+    places = ((bi * sh + ki * dh) * wp + bj * sw + kj * dw).astype(np.int64).ravel()  # (kernel pos, block) order
+    c = ck // (kh * kw)
+    values = ctx.emit(Op.RESHAPE, [x], {"shape": (0, c, places.size)})
+    zeros = ctx.emit(Op.EXPAND, [ctx.scalar(0, x.dtype)], {"shape": (x.shape[0], c, hp * wp)})
+    summed = ctx.emit(Op.INDEX_PUT, [zeros, values, ctx.new_param(f"{ctx.fx_node.name}_places", places)],
+                      {"axis": 2, "accumulate": 1})
+    out = ctx.emit(Op.RESHAPE, [summed], {"shape": (0, c, hp, wp)})
+    if ph or pw:
+        out = ctx.emit(Op.SLICE, [out], {"axes": (2, 3), "starts": (ph, pw), "ends": (ph + h, pw + w)})
+    return out if batched else ctx.emit(Op.SQUEEZE, [out], {"axes": (0,)})
+
+
+# --------------------------------------------------------------------------- embedding_bag
+_BAG_MODES = {0: "sum", 1: "mean", 2: "max"}
+
+
+@register(aten._embedding_bag.default, aten.embedding_bag.padding_idx)
+def _embedding_bag(ctx, weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                   per_sample_weights=None, include_last_offset=False, padding_idx=-1):
+    """Each bag's rows of ``weight`` reduced (sum, mean or max; an empty bag gives zeros): bag ``b`` holds
+    the positions from ``offsets[b]`` to the next offset (``include_last_offset``: ``offsets`` also ends the
+    last bag, which torch requires to be the end). Positions indexing ``padding_idx`` count for nothing."""
+    refuse_used_outputs(ctx, "the offset2bag/bag_size/max_indices outputs", 1, 2, 3)
+    if len(indices.shape) != 1 or offsets is None or len(offsets.shape) != 1:
+        raise refuse(ctx, "embedding_bag needs 1-D indices and offsets")
+    if padding_idx is not None and padding_idx < 0:  # embedding_bag: counts from the end; _embedding_bag: none
+        padding_idx = padding_idx + weight.shape[0] if ctx.fx_node.target is aten.embedding_bag.padding_idx else None
+    n, d, dtype = indices.shape[0], weight.shape[1], weight.dtype
+    starts = as_dtype(ctx, offsets, "int64")
+    if include_last_offset:
+        starts = ctx.emit(Op.SLICE, [starts], {"axes": (0,), "starts": (0,), "ends": (-1,)})
+    if isinstance(n, int):
+        positions = ctx.new_param(f"{ctx.fx_node.name}_positions", np.arange(n, dtype=np.int64))
+    else:
+        positions = ctx.emit(Op.ARANGE, [], {"start": 0, "end": n, "step": 1, "dtype": "int64"})
+    begun = ctx.emit(Op.LESS_OR_EQUAL, [ctx.emit(Op.UNSQUEEZE, [starts], {"axes": (1,)}),
+                                        ctx.emit(Op.UNSQUEEZE, [positions], {"axes": (0,)})])
+    count_begun = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [begun], {"to": "int64"})], {"axes": (0,), "keepdims": 0})
+    bag = ctx.emit(Op.SUB, [count_begun, ctx.scalar(1, "int64")])
+    valid = ctx.emit(Op.GREATER_OR_EQUAL, [bag, ctx.scalar(0, "int64")])
+    if padding_idx is not None:
+        padded = ctx.emit(Op.EQUAL, [as_dtype(ctx, indices, "int64"), ctx.scalar(int(padding_idx), "int64")])
+        valid = ctx.emit(Op.AND, [valid, ctx.emit(Op.NOT, [padded])])
+    bag = ctx.emit(Op.WHERE, [valid, bag, ctx.scalar(0, "int64")])
+    rows = ctx.emit(Op.GATHER, [weight, indices], {"axis": 0})
+    if per_sample_weights is not None:
+        rows = ctx.emit(Op.MUL, [rows, ctx.emit(Op.UNSQUEEZE, [as_dtype(ctx, per_sample_weights, dtype)], {"axes": (1,)})])
+    kind = _BAG_MODES.get(int(mode))
+    if kind is None:
+        raise refuse(ctx, f"embedding_bag mode {mode}")
+    empty = 0.0 if kind != "max" else -float("inf")
+    rows = ctx.emit(Op.WHERE, [ctx.emit(Op.UNSQUEEZE, [valid], {"axes": (1,)}), rows, ctx.scalar(empty, dtype)])
+    bags = starts.shape[0]
+
+    def into_bags(values, index, shape, reduction) -> ComputationNode:
+        start = ctx.emit(Op.EXPAND, [ctx.scalar(empty if reduction == "max" else 0.0, dtype)], {"shape": shape})
+        return ctx.emit(Op.SCATTER_ELEMENTS, [start, index, values], {"axis": 0, "reduction": reduction})
+
+    spread = ctx.emit(Op.EXPAND, [ctx.emit(Op.UNSQUEEZE, [bag], {"axes": (1,)})], {"shape": (n, d)})
+    out = into_bags(rows, spread, (bags, d), "max" if kind == "max" else "add")
+    if kind == "sum":
+        return out, None, None, None
+    count = into_bags(ctx.emit(Op.CAST, [valid], {"to": dtype}), bag, (bags,), "add")
+    count = ctx.emit(Op.UNSQUEEZE, [count], {"axes": (1,)})
+    if kind == "mean":
+        return ctx.emit(Op.DIV, [out, ctx.emit(Op.MAX, [count, ctx.scalar(1.0, dtype)])]), None, None, None
+    filled = ctx.emit(Op.GREATER, [count, ctx.scalar(0.0, dtype)])
+    return ctx.emit(Op.WHERE, [filled, out, ctx.scalar(0.0, dtype)]), None, None, None

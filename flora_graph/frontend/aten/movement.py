@@ -10,7 +10,10 @@ empty tensors skipped, as torch does); ``split``/``split_with_sizes``/``chunk`` 
 size-1 axes; ``expand``/``expand_as`` -> ``Expand`` (nothing when the shape is unchanged);
 ``flip`` -> ``Flip``; ``stack`` -> ``Unsqueeze`` each, ``Concat``; ``unflatten`` -> ``Reshape``;
 ``repeat_interleave.self_int`` -> ``Unsqueeze``, ``Expand``, ``Reshape``; ``copy`` (a
-functional copy: ``src`` in ``self``'s dtype, broadcast to its shape) -> ``Cast``/``Expand``.
+functional copy: ``src`` in ``self``'s dtype, broadcast to its shape) -> ``Cast``/``Expand``;
+``as_strided`` -> ``Reshape`` where its sizes and strides read the input's elements in order, else
+(static sizes) ``Gather`` of the flattened input at the positions they read; reading storage the
+input does not cover is refused.
 
 Sizes given as ``SymInt`` arrive as :class:`SymDim` and become attributes naming the
 dynamic dim (``Slice(ends=("seq",))``, ``Expand(shape=("batch", 1, "seq"))``).
@@ -21,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from flora_graph.errors import GraphError, ShapeError
@@ -228,3 +232,54 @@ def _repeat_interleave(ctx, x, repeats, dim=None, *, output_size=None):
 @register(aten.copy.default)
 def _copy(ctx, x, src, non_blocking=False):
     return _expand_to(ctx, as_dtype(ctx, src, x.dtype), x.shape)
+
+
+# --------------------------------------------------------------------------- as_strided
+def _contiguous_strides(shape: Sequence[Dim]) -> list[Dim]:
+    return [canonical_dim(dim_product(list(shape[k + 1:]))) for k in range(len(shape))]
+
+
+def _is_contiguous(shape: Sequence[Dim], strides: Sequence[Dim]) -> bool:
+    """Whether ``strides`` lay ``shape`` out in row-major order (the stride of a size-1 axis is free)."""
+    want = _contiguous_strides(shape)
+    return all(d == 1 or canonical_dim(s) == w for d, s, w in zip(shape, strides, want, strict=True))
+
+
+@register(aten.as_strided.default)
+def _as_strided(ctx, x, size, stride, storage_offset=None):
+    """The view of ``x``'s storage with ``size``, ``stride`` and ``storage_offset``, where that storage is
+    ``x``'s own elements (laid out as torch's value of ``x`` says)."""
+    src = ctx.fx_node.args[0].meta["val"]
+    size, stride = [dim_of(ctx, s) for s in size], [dim_of(ctx, s) for s in stride]
+    offset = 0 if storage_offset is None else dim_of(ctx, storage_offset)
+    in_stride = [ctx.ir_dim(s) for s in src.stride()]
+    in_offset = ctx.ir_dim(src.storage_offset())
+    static = all(isinstance(d, int) for d in (*size, *stride, offset, *x.shape, *in_stride, in_offset))
+    if not static:
+        same_numel = canonical_dim(dim_product(size)) == canonical_dim(dim_product(list(x.shape)))
+        if offset == 0 and in_offset == 0 and same_numel and _is_contiguous(x.shape, in_stride) \
+                and _is_contiguous(size, stride):
+            return ctx.emit(Op.RESHAPE, [x], {"shape": tuple(size)})
+        raise refuse(ctx, "as_strided with dynamic sizes that is not a reshape of its contiguous input")
+    return _gather_strided(ctx, x, size, stride, offset, in_stride, in_offset)
+
+
+def _gather_strided(ctx, x, size, stride, offset, in_stride, in_offset):
+    """Static ``as_strided``: ``Reshape`` when it reads ``x``'s elements in order, else ``Gather`` of them."""
+    def positions(shape, strides, start) -> np.ndarray:
+        grid = np.full(shape, start, dtype=np.int64)
+        for axis, (n, s) in enumerate(zip(shape, strides, strict=True)):
+            grid += (np.arange(n, dtype=np.int64) * s).reshape((-1,) + (1,) * (len(shape) - axis - 1))
+        return grid
+
+    held = positions(tuple(x.shape), in_stride, in_offset).ravel()
+    wanted = positions(tuple(size), stride, offset)
+    lut = np.full(int(max(held.max(initial=0), wanted.max(initial=0))) + 1, -1, dtype=np.int64)
+    lut[held] = np.arange(held.size)
+    index = lut[wanted]
+    if (index < 0).any():
+        raise refuse(ctx, "as_strided reading storage outside its input")
+    if index.size == held.size and (index.ravel() == np.arange(index.size)).all():
+        return ctx.emit(Op.RESHAPE, [x], {"shape": tuple(size)})
+    flat = ctx.emit(Op.RESHAPE, [x], {"shape": (-1,)})
+    return ctx.emit(Op.GATHER, [flat, ctx.new_param(f"{ctx.fx_node.name}_positions", index)], {"axis": 0})

@@ -3,8 +3,14 @@
 ``softmax.int``/``_softmax`` -> ``Softmax`` and ``log_softmax.int``/``_log_softmax`` ->
 ``LogSoftmax`` (a ``dtype`` or ``half_to_float`` casts the input first, as torch);
 ``native_layer_norm`` -> ``LayerNorm`` (mean/rstd refused when used);
-``batch_norm`` (eval) / ``_native_batch_norm_legit_no_training`` -> ``BatchNorm``;
-``group_norm`` / ``native_group_norm`` -> ``GroupNorm``;
+``batch_norm`` (eval; in training only without running statistics, then as ``no_stats``) /
+``_native_batch_norm_legit_no_training`` / ``_native_batch_norm_legit``
+(``training=False``) -> ``BatchNorm``; ``_native_batch_norm_legit.no_stats`` (batch statistics) ->
+``BatchNorm`` over the batch's ``ReduceMean`` / ``ReduceVar`` (the saved mean and rstd as outputs);
+``_native_batch_norm_legit_functional`` (what functionalization makes of it) -> the same, plus the
+running statistics moved by ``momentum`` (training) or passed through (eval);
+``group_norm`` / ``native_group_norm`` -> ``GroupNorm``; ``instance_norm`` -> ``GroupNorm`` with one
+group per channel (or ``BatchNorm`` with its running statistics, ``use_input_stats=False``);
 ``layer_norm`` -> ``LayerNorm`` (a bias without a weight gets a weight of ones);
 ``rms_norm`` -> ``RMSNorm`` (``eps=None``: the input dtype's machine epsilon, as torch).
 """
@@ -62,10 +68,79 @@ def _batch_norm_no_training(ctx, x, weight, bias, mean, var, momentum, eps):
     return (_batch_norm_node(ctx, x, weight, bias, mean, var, eps), None, None)
 
 
+@register(aten._native_batch_norm_legit.default)
+def _batch_norm_legit(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Eval mode: ``BatchNorm`` with the running statistics (graphs that are not functionalized)."""
+    if training:
+        raise refuse(ctx, "batch norm in training mode (it updates the running statistics in place); call model.eval()")
+    refuse_used_outputs(ctx, "the saved mean/rstd outputs", 1, 2)
+    return (_batch_norm_node(ctx, x, weight, bias, running_mean, running_var, eps), None, None)
+
+
+def _batch_axes(ctx, x) -> tuple[int, ...]:
+    """The axes batch statistics reduce: every axis of ``x`` [N, C, ...] but 1 (C static)."""
+    if len(x.shape) < 2 or not isinstance(x.shape[1], int):
+        raise refuse(ctx, "batch norm needs x [N, C, ...] with a static C")
+    return (0, *range(2, len(x.shape)))
+
+
+def _batch_stats(ctx, x, weight, bias, eps):
+    """``x`` normalised by the batch's own mean and biased variance: ``(y, mean, rstd)``, each statistic ``[C]``."""
+    axes = _batch_axes(ctx, x)
+    mean = ctx.emit(Op.REDUCE_MEAN, [x], {"axes": axes, "keepdims": 0})
+    var = ctx.emit(Op.REDUCE_VAR, [x], {"axes": axes, "keepdims": 0, "correction": 0.0})
+    rstd = ctx.emit(Op.RSQRT, [ctx.emit(Op.ADD, [var, ctx.scalar(float(eps), var.dtype)])])
+    return _batch_norm_node(ctx, x, weight, bias, mean, var, eps), mean, rstd
+
+
+@register(aten._native_batch_norm_legit.no_stats)
+def _batch_norm_no_stats(ctx, x, weight, bias, training, momentum, eps):
+    """``(y, mean, rstd)`` from the batch's own statistics (``F.batch_norm`` without running ones)."""
+    if not training:
+        raise refuse(ctx, "batch norm without statistics in eval mode")
+    return _batch_stats(ctx, x, weight, bias, eps)
+
+
+@register(aten._native_batch_norm_legit_functional.default)
+def _batch_norm_functional(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(y, save_mean, save_rstd, new_running_mean, new_running_var)``: in training, the batch's statistics
+    and the running ones moved toward them, ``momentum * batch + (1 - momentum) * running`` (the unbiased
+    variance, as torch); in eval, the running statistics, unchanged."""
+    if not training:
+        refuse_used_outputs(ctx, "the saved mean/rstd outputs", 1, 2)
+        return (_batch_norm_node(ctx, x, weight, bias, running_mean, running_var, eps), None, None,
+                running_mean, running_var)
+    y, mean, rstd = _batch_stats(ctx, x, weight, bias, eps)
+    unbiased = ctx.emit(Op.REDUCE_VAR, [x], {"axes": _batch_axes(ctx, x), "keepdims": 0, "correction": 1.0})
+
+    def moved(running, batch):
+        keep = ctx.emit(Op.MUL, [running, ctx.scalar(1.0 - float(momentum), running.dtype)])
+        return ctx.emit(Op.ADD, [ctx.emit(Op.MUL, [as_dtype(ctx, batch, running.dtype),
+                                                   ctx.scalar(float(momentum), running.dtype)]), keep])
+
+    return y, mean, rstd, moved(running_mean, mean), moved(running_var, unbiased)
+
+
+@register(aten.instance_norm.default)
+def _instance_norm(ctx, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                   cudnn_enabled=True):
+    """Each sample's channels normalised on their own: ``GroupNorm`` with ``C`` groups; with
+    ``use_input_stats=False``, ``BatchNorm`` with the running statistics."""
+    if not use_input_stats:
+        return _batch_norm_node(ctx, x, weight, bias, running_mean, running_var, eps)
+    if running_mean is not None or running_var is not None:
+        raise refuse(ctx, "instance norm that updates running statistics in place")
+    if len(x.shape) < 3 or not isinstance(x.shape[1], int):
+        raise refuse(ctx, "instance norm needs x [N, C, ...] with a static C")
+    return _group_norm_node(ctx, x, x.shape[1], weight, bias, eps)
+
+
 @register(aten.batch_norm.default)
 def _batch_norm(ctx, x, weight, bias, mean, var, training, momentum, eps, cudnn_enabled=True):
-    if training:
-        raise refuse(ctx, "batch norm in training mode; call model.eval()")
+    if training and (mean is not None or var is not None):
+        raise refuse(ctx, "batch norm in training mode (it updates the running statistics in place); call model.eval()")
+    if training:  # no running statistics: the batch's own, nothing updated
+        return _batch_stats(ctx, x, weight, bias, eps)[0]
     return _batch_norm_node(ctx, x, weight, bias, mean, var, eps)
 
 

@@ -1,4 +1,4 @@
-"""ATen converters that emit the pooling family (``MaxPool2d``, ``AvgPool2d``, ``Resize``).
+"""ATen converters that emit the pooling family (``MaxPool2d``, ``AvgPool2d``, ``Resize``, ``GridSample``).
 
 ``max_pool2d`` / ``max_pool2d_with_indices`` (values only; the indices refused when used) ->
 ``MaxPool2d``; ``avg_pool2d`` -> ``AvgPool2d`` (``ceil_mode`` and ``divisor_override`` refused);
@@ -6,6 +6,16 @@
 else ``AvgPool2d`` when each input size is divisible by its output size (refused otherwise);
 ``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` -> ``Resize`` (scale factors only when
 they give whole output sizes).
+
+``grid_sampler_2d`` / ``grid_sampler`` (4-D input) -> ``GridSample`` (bilinear, nearest, bicubic;
+zeros, border, reflection padding).
+
+3-D pooling is separable, so it is two 2-D poolings: ``max_pool3d`` / ``max_pool3d_with_indices``
+(values only), ``avg_pool3d`` and ``adaptive_avg_pool3d`` / ``_adaptive_avg_pool3d`` (1x1x1 or
+divisible sizes) pool ``[N, C*D, H, W]`` over H and W, then ``[N, C, D, H'*W']`` over D (a
+``(kD, 1)`` window), with the same refusals as in 2-D. A max of maxima is the max of the box;
+an average of averages is the box's average, since both torch's divisor (the window's size, or
+with ``count_include_pad=False`` its unpadded size) and the box are products over the axes.
 """
 
 from __future__ import annotations
@@ -24,10 +34,15 @@ aten = torch.ops.aten
 
 
 def _pair(v: Any, default: Any = None) -> tuple[int, int]:
+    return _ints(v, 2, default)  # type: ignore[return-value]
+
+
+def _ints(v: Any, n: int, default: Any = None) -> tuple[int, ...]:
+    """A torch size argument (an int, or a list of 1 or ``n``; empty: ``default``) as ``n`` ints."""
     if v is None or (isinstance(v, list | tuple) and not v):
         v = default
     v = list(v) if isinstance(v, list | tuple) else [v]
-    return (int(v[0]), int(v[-1]))
+    return tuple(int(v[0]) if len(v) == 1 else int(v[i]) for i in range(n))
 
 
 def _spatial(ctx, x) -> tuple[int, int]:
@@ -109,3 +124,89 @@ def _upsample_nearest2d(ctx, x, output_size, scale_factors):
 @register(aten.upsample_bilinear2d.vec)
 def _upsample_bilinear2d(ctx, x, output_size, align_corners, scale_factors):
     return _resize(ctx, x, output_size, scale_factors, "linear", align_corners)
+
+
+# --------------------------------------------------------------------------- 3-D pooling: two 2-D poolings
+def _pool3d(ctx, x, op: Op, kernel, stride, padding, **attrs):
+    """``op`` (``MaxPool2d``/``AvgPool2d``) over D, H, W of ``x`` [N, C, D, H, W] (or [C, D, H, W]): over
+    H, W of ``[N, C*D, H, W]``, then over D of ``[N, C, D, H'*W']``; ``attrs`` per axis (``dilation``) or one
+    value (``count_include_pad``)."""
+    if len(x.shape) not in (4, 5) or not all(isinstance(d, int) for d in x.shape[-3:]):
+        raise refuse(ctx, "only [N, C, D, H, W] or [C, D, H, W] input with static D, H and W is supported")
+    batched = len(x.shape) == 5
+    if not batched:
+        x = ctx.emit(Op.UNSQUEEZE, [x], {"axes": (0,)})
+    c, d, h, w = x.shape[1:]
+    per_axis = {k: v for k, v in attrs.items() if isinstance(v, tuple)}
+    shared = {k: v for k, v in attrs.items() if not isinstance(v, tuple)}
+    planes = ctx.emit(Op.RESHAPE, [x], {"shape": (0, -1, h, w)})
+    hw = ctx.emit(op, [planes], {"kernel": kernel[1:], "stride": stride[1:], "padding": padding[1:], **shared,
+                                 **{k: v[1:] for k, v in per_axis.items()}})
+    ho, wo = hw.shape[2:]
+    depth = ctx.emit(Op.RESHAPE, [hw], {"shape": (0, c, d, ho * wo)})
+    dd = ctx.emit(op, [depth], {"kernel": (kernel[0], 1), "stride": (stride[0], 1), "padding": (padding[0], 0),
+                                **shared, **{k: (v[0], 1) for k, v in per_axis.items()}})
+    out = ctx.emit(Op.RESHAPE, [dd], {"shape": (0, 0, dd.shape[2], ho, wo)})
+    return out if batched else ctx.emit(Op.SQUEEZE, [out], {"axes": (0,)})
+
+
+def _max_pool3d_values(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    if ceil_mode:
+        raise refuse(ctx, "ceil_mode=True")
+    kernel = _ints(kernel_size, 3)
+    return _pool3d(ctx, x, Op.MAX_POOL2D, kernel, _ints(stride, 3, kernel), _ints(padding, 3),
+                   dilation=_ints(dilation, 3))
+
+
+@register(aten.max_pool3d.default)
+def _max_pool3d(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    return _max_pool3d_values(ctx, x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@register(aten.max_pool3d_with_indices.default)
+def _max_pool3d_with_indices(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    refuse_used_outputs(ctx, "the indices output", 1)
+    return (_max_pool3d_values(ctx, x, kernel_size, stride, padding, dilation, ceil_mode), None)
+
+
+@register(aten.avg_pool3d.default)
+def _avg_pool3d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+                divisor_override=None):
+    if ceil_mode:
+        raise refuse(ctx, "ceil_mode=True")
+    if divisor_override is not None:
+        raise refuse(ctx, "divisor_override")
+    kernel = _ints(kernel_size, 3)
+    return _pool3d(ctx, x, Op.AVG_POOL2D, kernel, _ints(stride, 3, kernel), _ints(padding, 3),
+                   count_include_pad=int(bool(count_include_pad)))
+
+
+@register(aten.adaptive_avg_pool3d.default, aten._adaptive_avg_pool3d.default)
+def _adaptive_avg_pool3d(ctx, x, output_size):
+    out = _ints(output_size, 3)
+    rank = len(x.shape)
+    if rank not in (4, 5):
+        raise refuse(ctx, "only [N, C, D, H, W] or [C, D, H, W] input is supported")
+    if out == (1, 1, 1):
+        return ctx.emit(Op.REDUCE_MEAN, [x], {"axes": (rank - 3, rank - 2, rank - 1), "keepdims": 1})
+    sizes = x.shape[-3:]
+    if not all(isinstance(s, int) for s in sizes) or any(s % o for s, o in zip(sizes, out, strict=True)):
+        raise refuse(ctx, f"output size {out} that does not divide the input size {tuple(sizes)}")
+    kernel = tuple(s // o for s, o in zip(sizes, out, strict=True))
+    return _pool3d(ctx, x, Op.AVG_POOL2D, kernel, kernel, (0, 0, 0), count_include_pad=1)
+
+
+# --------------------------------------------------------------------------- grid sampling
+_GRID_MODES = {0: "linear", 1: "nearest", 2: "cubic"}  # torch's interpolation_mode codes
+_GRID_PADDING = {0: "zeros", 1: "border", 2: "reflection"}  # torch's padding_mode codes
+
+
+@register(aten.grid_sampler_2d.default, aten.grid_sampler.default)
+def _grid_sampler(ctx, x, grid, interpolation_mode, padding_mode, align_corners):
+    if len(x.shape) != 4:
+        raise refuse(ctx, "grid sampling of a 5-D input (grid_sampler_3d)")
+    if interpolation_mode not in _GRID_MODES or padding_mode not in _GRID_PADDING:
+        raise refuse(ctx, f"grid sampling with mode {interpolation_mode} and padding {padding_mode}")
+    return ctx.emit(Op.GRID_SAMPLE, [x, grid], {"mode": _GRID_MODES[interpolation_mode],
+                                               "padding_mode": _GRID_PADDING[padding_mode],
+                                               "align_corners": int(bool(align_corners))})

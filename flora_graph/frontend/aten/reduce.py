@@ -15,12 +15,22 @@ of the input as 0/1 int64, cast to bool (exact, empty reductions included).
 ``topk`` (a static ``k``) and ``sort`` (``.default``, ``.stable``; ``k`` the axis's dim) -> the pair
 (``GatherElements`` of the indices, ``ArgTopK``): always sorted (``sorted=False`` allows any order) and
 stable, which ``topk`` and an unstable ``sort`` allow too (their order of ties is unspecified).
+
+``cdist`` / ``_cdist_forward`` -> the p-norm over the last axis of ``x1[..., :, None, :] -
+x2[..., None, :, :]`` (``Abs`` then ``ReduceSum`` for p = 1, ``ReduceMax`` for p = inf, ``Pow``
+otherwise; the squares' sum then ``Sqrt`` for p = 2; a count of non-zeros for p = 0): the direct
+formula torch uses for small inputs
+(for p = 2 beyond 25 rows torch switches to a matrix-product form, equal up to its rounding);
+``pdist`` / ``_pdist_forward`` -> the same over the row pairs ``i < j`` of a static number of rows
+(``Gather`` of each side).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from flora_graph.frontend.aten.registry import as_dtype, axis_of, cast_to_out, dim_of, out_dtype, refuse, register
@@ -190,3 +200,44 @@ def _sort(ctx, x, dim=-1, descending=False):
 @register(aten.sort.stable)
 def _sort_stable(ctx, x, *, stable=None, dim=-1, descending=False):
     return _sort(ctx, x, dim, descending)
+
+
+# --------------------------------------------------------------------------- cdist, pdist
+def _p_norm_last(ctx, diff: ComputationNode, p: float) -> ComputationNode:
+    """The ``p``-norm of ``diff`` over its last axis (torch's ``cdist`` conventions for p = 0 and inf)."""
+    axes = {"axes": (len(diff.shape) - 1,), "keepdims": 0}
+    if p == 0:
+        nonzero = ctx.emit(Op.NOT, [ctx.emit(Op.EQUAL, [diff, ctx.scalar(0.0, diff.dtype)])])
+        return ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [nonzero], {"to": diff.dtype})], axes)
+    if p == 2:
+        return ctx.emit(Op.SQRT, [ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.MUL, [diff, diff])], axes)])
+    size = ctx.emit(Op.ABS, [diff])
+    if math.isinf(p):
+        return ctx.emit(Op.REDUCE_MAX, [size], axes)
+    if p == 1:
+        return ctx.emit(Op.REDUCE_SUM, [size], axes)
+    total = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.POW, [size, ctx.scalar(p, diff.dtype)])], axes)
+    return ctx.emit(Op.POW, [total, ctx.scalar(1.0 / p, diff.dtype)])
+
+
+@register(aten.cdist.default, aten._cdist_forward.default)
+def _cdist(ctx, x1, x2, p=2.0, compute_mode=None):
+    """Distances ``[..., P, R]`` between the rows of ``x1 [..., P, M]`` and ``x2 [..., R, M]`` (batch dims broadcast)."""
+    if float(p) < 0:
+        raise refuse(ctx, f"cdist with p = {p}")
+    rows = ctx.emit(Op.UNSQUEEZE, [x1], {"axes": (len(x1.shape) - 1,)})
+    cols = ctx.emit(Op.UNSQUEEZE, [x2], {"axes": (len(x2.shape) - 2,)})
+    return _p_norm_last(ctx, ctx.emit(Op.SUB, [rows, cols]), float(p))
+
+
+@register(aten.pdist.default, aten._pdist_forward.default)
+def _pdist(ctx, x, p=2.0):
+    """Distances between the rows ``i < j`` of ``x [N, M]``, in row-major order of the pairs."""
+    if len(x.shape) != 2 or not isinstance(x.shape[0], int):
+        raise refuse(ctx, "pdist needs x [N, M] with a static N")
+    if float(p) < 0:
+        raise refuse(ctx, f"pdist with p = {p}")
+    first, second = np.triu_indices(x.shape[0], 1)
+    pick = [ctx.emit(Op.GATHER, [x, ctx.new_param(f"{ctx.fx_node.name}_{side}", i.astype(np.int64))], {"axis": 0})
+            for side, i in (("i", first), ("j", second))]
+    return _p_norm_last(ctx, ctx.emit(Op.SUB, pick), float(p))

@@ -1,0 +1,256 @@
+"""capture() of the Core ATen ops whose converters compose existing IR ops, against eager torch.
+
+Each row is a tiny module over one op (the Core ATen overload called directly, or the torch
+function that torch.export keeps whole); it is captured once (a dynamic ``batch`` where the row
+names one), its converters' runs are recorded, and the graph is run on the numpy reference and on
+every backend at two other sizes, against eager torch. Ops that only appear in graphs that are not
+functionalized (``atan2.out``, ``_native_batch_norm_legit``) and the size reads are converted from
+``make_fx`` graphs through :func:`convert_fx_graph`. New IR ops have rows in ``tests/ops`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from flora_graph.errors import UnsupportedOpError
+from flora_graph.frontend import ATEN_TABLE, capture
+from flora_graph.frontend.capture import convert_fx_graph
+from flora_graph.ir import Graph
+from flora_graph.runtimes import run
+from flora_graph.runtimes.executable import compile
+
+from ..ops.harness import aten_overload
+
+aten = torch.ops.aten
+BACKENDS = ("onnxruntime", "torchscript", "torch-export")
+EXAMPLE, RUNS = 3, (2, 5)  # the batch size captured, and the two it runs at
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int) -> Callable[[int, int], torch.Tensor]:
+    """Standard-normal values; ``-1`` in ``shape`` is the batch."""
+    return lambda b, seed: torch.randn(*(b if d == -1 else d for d in shape), generator=_gen(seed))
+
+
+def randint(high: int, *shape: int, low: int = 0) -> Callable[[int, int], torch.Tensor]:
+    return lambda b, seed: torch.randint(low, high, tuple(b if d == -1 else d for d in shape), generator=_gen(seed))
+
+
+def fixed(t: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    return lambda b, seed: t
+
+
+@dataclass
+class Row:
+    name: str
+    fn: Callable[..., Any]
+    inputs: list[Callable[[int, int], torch.Tensor]]  # (batch, seed) -> an input
+    targets: tuple[str, ...]  # the overloads ("avg_pool3d.default") whose converters must run
+    batch: dict[int, int] = field(default_factory=dict)  # input index -> its axis named "batch"
+    tol: float = 1e-5
+
+
+_W = torch.randn(10, 3, generator=_gen(11))
+_OFFSETS = torch.tensor([0, 2, 2])  # bags [0, 2), [] and [2, end)
+
+ROWS = [
+    # ------------------------------------------------------------------ pooling: two 2-D poolings
+    Row("avg_pool3d", lambda x: F.avg_pool3d(x, 3, (2, 1, 2), 1, count_include_pad=False), [randn(-1, 2, 5, 6, 7)],
+        ("avg_pool3d.default",), {0: 0}),
+    Row("avg_pool3d_unbatched", lambda x: F.avg_pool3d(x, (3, 2, 3), (2, 1, 2), (1, 1, 0)), [randn(2, 5, 6, 7)],
+        ("avg_pool3d.default",)),
+    Row("max_pool3d", lambda x: F.max_pool3d(x, (2, 3, 2), (1, 2, 2), (1, 1, 0), (2, 1, 1)), [randn(-1, 2, 5, 6, 7)],
+        ("max_pool3d.default",), {0: 0}),
+    Row("max_pool3d_with_indices", lambda x: aten.max_pool3d_with_indices(x, [2, 2, 2])[0], [randn(-1, 2, 4, 6, 5)],
+        ("max_pool3d_with_indices.default",), {0: 0}),
+    Row("adaptive_avg_pool3d", lambda x: F.adaptive_avg_pool3d(x, (5, 3, 7)), [randn(-1, 2, 5, 6, 7)],
+        ("adaptive_avg_pool3d.default",), {0: 0}),
+    Row("_adaptive_avg_pool3d_global", lambda x: aten._adaptive_avg_pool3d(x, [1, 1, 1]), [randn(-1, 2, 5, 6, 7)],
+        ("_adaptive_avg_pool3d.default",), {0: 0}),
+    # ------------------------------------------------------------------ normalization with batch statistics
+    Row("batch_norm_no_stats", lambda x, w, b: aten._native_batch_norm_legit.no_stats(x, w, b, True, 0.1, 1e-3),
+        [randn(-1, 3, 4, 5), randn(3), randn(3)], ("_native_batch_norm_legit.no_stats",), {0: 0}, tol=1e-4),
+    Row("batch_norm_functional", lambda x, rm, rv: aten._native_batch_norm_legit_functional(x, None, None, rm, rv, True, 0.2, 1e-5),
+        [randn(-1, 3, 7), randn(3), lambda b, seed: torch.rand(3, generator=_gen(seed)) + 0.5],
+        ("_native_batch_norm_legit_functional.default",), {0: 0}, tol=1e-4),
+    Row("batch_norm_training_without_stats", lambda x: F.batch_norm(x, None, None, training=True),
+        [randn(-1, 3, 4, 5)], ("batch_norm.default",), {0: 0}, tol=1e-4),
+    Row("instance_norm", lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=1e-3),
+        [randn(-1, 3, 4, 5), randn(3), randn(3)], ("instance_norm.default",), {0: 0}, tol=1e-4),
+    # ------------------------------------------------------------------ distances
+    *(Row(f"cdist_p{p}", lambda a, b, p=p: torch.cdist(a, b, p=p), [randn(-1, 5, 3), randn(-1, 4, 3)], ("cdist.default",),
+          {0: 0, 1: 0}, tol=1e-4) for p in (0.0, 1.0, 2.0, 3.0, float("inf"))),
+    Row("_cdist_forward", lambda a, b: aten._cdist_forward(a, b, 2.0, None), [randn(-1, 3), randn(4, 3)],
+        ("_cdist_forward.default",), {0: 0}, tol=1e-4),
+    Row("pdist", lambda a: F.pdist(a, 1.5), [randn(6, 3)], ("pdist.default",), tol=1e-4),
+    Row("_pdist_forward", lambda a: aten._pdist_forward(a, 2.0), [randn(6, 3)], ("_pdist_forward.default",), tol=1e-4),
+    # ------------------------------------------------------------------ indexing
+    Row("masked_scatter", lambda x, m, s: x.masked_scatter(m, s),
+        [randn(-1, 6), lambda b, seed: torch.rand(6, generator=_gen(seed)) > 0.4, randn(-1, 6)],
+        ("masked_scatter.default",), {0: 0, 2: 0}),
+    Row("scatter_reduce_amax_without_self", lambda x, i, s: x.scatter_reduce(1, i, s, "amax", include_self=False),
+        [randn(-1, 5), randint(5, -1, 4), randn(-1, 4)], ("scatter_reduce.two",), {0: 0, 1: 0, 2: 0}),
+    Row("scatter_reduce_mean", lambda x, i, s: x.scatter_reduce(0, i, s, "mean"),
+        [randn(-1, 3), randint(2, 4, 3), randn(4, 3)], ("scatter_reduce.two",), {0: 0}),
+    Row("scatter_reduce_mean_int_without_self", lambda x, i, s: x.scatter_reduce(1, i, s, "mean", include_self=False),
+        [randint(9, -1, 5, low=-9), randint(5, -1, 6), randint(9, -1, 6, low=-9)], ("scatter_reduce.two",), {0: 0, 1: 0, 2: 0}),
+    Row("scatter_reduce_sum_without_self", lambda x, i, s: x.scatter_reduce(1, i, s, "sum", include_self=False),
+        [randn(-1, 5), randint(5, -1, 4), randn(-1, 4)], ("scatter_reduce.two",), {0: 0, 1: 0, 2: 0}),
+    Row("embedding_bag_mean_padding", lambda i, o: F.embedding_bag(i, _W, o, mode="mean", padding_idx=-1),
+        [randint(10, -1), fixed(_OFFSETS)], ("embedding_bag.padding_idx",), {0: 0}),
+    Row("embedding_bag_sum_weighted", lambda i, o, p: F.embedding_bag(i, _W, o, mode="sum", per_sample_weights=p),
+        [randint(10, -1), fixed(_OFFSETS), randn(-1)], ("embedding_bag.padding_idx",), {0: 0, 2: 0}),
+    Row("embedding_bag_2d", lambda i: F.embedding_bag(i, _W, mode="max"), [randint(10, -1, 3)],
+        ("embedding_bag.padding_idx",), {0: 0}),
+    Row("_embedding_bag_max_last_offset", lambda i, o: aten._embedding_bag(_W, i, o, False, 2, False, None, True, 3)[0],
+        [randint(10, 7), fixed(torch.tensor([0, 3, 3, 7]))], ("_embedding_bag.default",)),
+    Row("col2im", lambda x: F.fold(x, (6, 7), (2, 3), dilation=(2, 1), padding=(1, 2), stride=(2, 3)),
+        [randn(-1, 12, 9)], ("col2im.default",), {0: 0}),
+    Row("col2im_unbatched", lambda x: F.fold(x, (4, 5), 2), [randn(8, 12)], ("col2im.default",)),
+    # ------------------------------------------------------------------ movement
+    Row("as_strided_windows", lambda x: x.as_strided((3, 4, 3), (6, 1, 2), 1), [randn(4, 6)], ("as_strided.default",)),
+    Row("as_strided_of_a_transpose", lambda x: x.t().as_strided((2, 3), (1, 6)) * 2, [randn(4, 6)],
+        ("as_strided.default",)),
+    Row("as_strided_reshape", lambda x: x.as_strided((x.shape[0], 3, 2), (6, 2, 1)), [randn(-1, 6)],
+        ("as_strided.default",), {0: 0}),
+    # ------------------------------------------------------------------ creation and aliases
+    Row("empty", lambda x: torch.empty(x.shape).fill_(1.5) + x, [randn(-1, 3)], ("empty.memory_format",), {0: 0}),
+    Row("empty_strided", lambda x: torch.empty_strided(x.shape, (1, x.shape[0])).fill_(2.0) + x, [randn(-1, 3)],
+        ("empty_strided.default",), {0: 0}),
+    Row("empty_like", lambda x: torch.empty_like(x).fill_(0.5) * x, [randn(-1, 3)], ("empty_like.default",), {0: 0}),
+    Row("native_dropout_eval", lambda x: aten.native_dropout(x, 0.3, False), [randn(-1, 3)],
+        ("native_dropout.default",), {0: 0}),
+]
+"""The rows; ``CORE_TARGETS`` are the converters they run."""
+
+CORE_TARGETS = {aten_overload(t) for row in ROWS for t in row.targets} | {
+    aten.atan2.out, aten._native_batch_norm_legit.default}
+"""The overloads the rows and the ``make_fx`` tests exercise (``test_capture.py`` counts them as exercised)."""
+
+
+def _module(fn: Callable[..., Any], n: int) -> nn.Module:
+    names = [f"x{i}" for i in range(n)]
+    namespace: dict[str, Any] = {"fn": fn}
+    exec(f"def forward(self, {', '.join(names)}):\n    return fn({', '.join(names)})\n", namespace)
+    return type("Core", (nn.Module,), {"forward": namespace["forward"]})()
+
+
+def _eager(fn: Callable[..., Any], inputs: list[torch.Tensor]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = fn(*inputs)
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def _assert_close(got: dict[str, np.ndarray], want: list[np.ndarray], tol: float, what: str) -> None:
+    assert len(got) == len(want), what
+    for (name, g), w in zip(got.items(), want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, (what, name, g.dtype, w.dtype, g.shape, w.shape)
+        np.testing.assert_allclose(g, w, atol=tol, rtol=tol, err_msg=f"{what} {name}")
+
+
+def _recorded(targets: set[Any]) -> tuple[set[Any], dict[Any, Any]]:
+    """``targets``' converters wrapped to record their runs: (the hits, the saved converters to restore)."""
+    hits: set[Any] = set()
+    saved = {t: ATEN_TABLE[t] for t in targets}
+
+    def wrap(target: Any, conv: Any) -> Any:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            hits.add(target)
+            return conv(*args, **kwargs)
+
+        return recorded
+
+    ATEN_TABLE.update({t: wrap(t, c) for t, c in saved.items()})
+    return hits, saved
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
+def test_captured_core_op_matches_eager_on_every_backend(row: Row) -> None:
+    example = [make(EXAMPLE, 0) for make in row.inputs]
+    dims = {f"x{i}": {axis: "batch"} for i, axis in row.batch.items()}
+    targets = {aten_overload(t) for t in row.targets}
+    hits, saved = _recorded(targets)
+    try:
+        graph = capture(_module(row.fn, len(example)), tuple(example), dims or None)
+    finally:
+        ATEN_TABLE.update(saved)
+    assert hits == targets, f"{row.name}: converters of {sorted(map(str, targets - hits))} did not run"
+    exes = {backend: compile(graph, backend) for backend in BACKENDS}
+    for k, b in enumerate(RUNS if row.batch else (EXAMPLE,)):
+        inputs = [make(b, k + 1) for make in row.inputs]
+        feeds = {f"x{i}": t.numpy() for i, t in enumerate(inputs) if f"x{i}" in {n.name for n in graph.inputs}}
+        want = _eager(row.fn, inputs)
+        _assert_close(run(graph, feeds), want, row.tol, f"{row.name} reference at batch {b}")
+        for backend, exe in exes.items():
+            _assert_close(exe(feeds), want, row.tol, f"{row.name} {backend} at batch {b}")
+
+
+# --------------------------------------------------------------------------- graphs that are not functionalized
+def _converted(fn: Callable[..., Any], inputs: list[torch.Tensor], mode: str = "fake", dims: Any = None) -> Graph:
+    gm = make_fx(fn, tracing_mode=mode)(*inputs)
+    return convert_fx_graph(gm.graph, {}, dynamic_dims=dims)
+
+
+def test_out_variant_and_in_place_batch_norm_of_unfunctionalized_graphs() -> None:
+    """``atan2.out`` and ``_native_batch_norm_legit`` (eval) only reach conversion from graphs that keep
+    mutations (capture functionalizes them); ``_native_batch_norm_legit`` in training is refused by name."""
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    hits, saved = _recorded({aten.atan2.out, aten._native_batch_norm_legit.default})
+    try:
+        g = _converted(lambda a, b: aten.atan2.out(a, b, out=torch.empty_like(a)), [a, b])
+        _assert_close(run(g, {"a_1": a.numpy(), "b_1": b.numpy()}), [torch.atan2(a, b).numpy()], 1e-6, "atan2.out")
+        ins = [torch.randn(2, 3, 4), torch.randn(3), torch.randn(3), torch.randn(3), torch.rand(3) + 0.5]
+
+        def bn(x, w, b, rm, rv):
+            return aten._native_batch_norm_legit(x, w, b, rm, rv, False, 0.1, 1e-5)[0]
+
+        def bn_training(x, w, b, rm, rv):
+            return aten._native_batch_norm_legit(x, w, b, rm, rv, True, 0.1, 1e-5)[0]
+
+        g = _converted(bn, ins)
+        _assert_close(run(g, {n.name: t.numpy() for n, t in zip(g.inputs, ins, strict=True)}), _eager(bn, ins), 1e-5,
+                      "_native_batch_norm_legit")
+        with pytest.raises(UnsupportedOpError, match="running statistics"):
+            _converted(bn_training, [t.clone() for t in ins])
+    finally:
+        ATEN_TABLE.update(saved)
+    assert hits == {aten.atan2.out, aten._native_batch_norm_legit.default}
+
+
+def test_size_reads_become_dims() -> None:
+    """``sym_numel`` and ``sym_stride`` (Core ATen size reads) need no converter: capture makes their values dims."""
+
+    def fn(x):
+        return x.reshape(aten.sym_numel(x)), x[0] + torch.ones(aten.sym_stride(x, 0))
+
+    g = _converted(fn, [torch.randn(4, 3)], "symbolic", {"x_1": {0: "rows", 1: "batch"}})
+    assert g.inputs[0].shape == ("rows", "batch")
+    x = torch.randn(5, 7)
+    _assert_close(run(g, {"x_1": x.numpy()}), _eager(fn, [x]), 1e-6, "size reads")
+
+
+@pytest.mark.parametrize(("fn", "what"), [
+    (lambda x: aten.max_pool3d_with_indices(x, [2, 2, 2])[1].float(), "indices"),
+    (lambda x: F.avg_pool3d(x, 2, ceil_mode=True), "ceil_mode"),
+    (lambda x: F.adaptive_avg_pool3d(x, (2, 4, 3)), "does not divide"),
+    (lambda x: x[..., :2].as_strided((4, 4), (6, 1)), "outside its input"),
+    (lambda x: aten.native_dropout(x, 0.5, True)[0], "training mode"),
+    (lambda x: aten.embedding_bag.padding_idx(_W, torch.tensor([1, 2]), torch.tensor([0]), False, 2, False, None, False,
+                                              None)[3].float().sum() + x.sum(), "max_indices"),
+], ids=["pool3d_indices", "pool3d_ceil_mode", "adaptive3d_not_divisible", "as_strided_outside", "dropout_training",
+        "embedding_bag_indices"])
+def test_unsupported_forms_are_refused_by_name(fn: Callable[..., Any], what: str) -> None:
+    with pytest.raises(UnsupportedOpError, match=what):
+        capture(_module(fn, 1), (torch.randn(2, 3, 4, 6, 5),))
