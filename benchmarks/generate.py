@@ -8,11 +8,17 @@ nonzero ``B``) in a temporary folder, exports the package with
 a ``--prompt``-token prompt with:
 
 - ``genai``: ``onnxruntime_genai`` on the package, base model and each adapter active;
-- ``eager``: ``model.generate`` of transformers (+ ``PeftModel`` for an adapter), with its cache.
+- ``eager``: ``model.generate`` of transformers (+ ``PeftModel`` for an adapter), with its cache;
+- ``generator``: :class:`flora_graph.serving.generate.Generator` on plain ONNX Runtime (same package).
 
-Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds;
-every run uses 1 thread (torch and ONNX Runtime: no worker threads to spin). It checks that both produce the
-same tokens and prints the ratios. Run: ``python benchmarks/generate.py``.
+Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds.
+Then a mixed-adapter batch: one row per adapter (``--adapters`` rows, distinct prompts of the
+same length), decoded together by the Generator (one call per step), against the same rows
+generated one after the other (Generator, one adapter each) and against PEFT's
+``generate(..., adapter_names=[...])`` with every adapter loaded: tokens/s of each.
+Every run uses 1 thread (torch and ONNX Runtime: no worker threads to spin). It checks that
+all of them produce eager PEFT's greedy tokens and prints the ratios.
+Run: ``python benchmarks/generate.py``.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def build(root: Path, adapters: int, seed: int = 0) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--adapters", type=int, default=3, help="PEFT adapters in the package")
+    p.add_argument("--adapters", type=int, default=8, help="PEFT adapters in the package (and rows of the mixed batch)")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="new tokens per generation")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
@@ -106,7 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                                                      do_sample=False)
                 return out[0, len(prompt):].tolist(), time.perf_counter() - t
 
-        runs = {"genai": genai, "eager": eager}
+        from flora_graph.serving.generate import Generator
+
+        flora = Generator(root / "pkg", threads=1)
+
+        def generator(adapter: str | None, new: int) -> tuple[list[int], float]:
+            t = time.perf_counter()
+            out = flora.generate([prompt], adapters=adapter, max_new_tokens=new, stop_tokens=[])[0]
+            return out, time.perf_counter() - t
+
+        runs = {"genai": genai, "eager": eager, "generator": generator}
         which = [None, next(iter(peft_dirs), None)]
         times: dict[tuple[str, str | None], list[float]] = {}
         same = True
@@ -118,15 +133,65 @@ def main(argv: list[str] | None = None) -> int:
                     _, t_one = fn(adapter, 1)
                     times.setdefault((name, adapter), []).append((t_full - t_one) / (args.new - 1))
                     toks[name] = full
-                same &= toks["genai"] == toks["eager"]
+                same &= toks["genai"] == toks["eager"] == toks["generator"]
+        mixed, same_mixed = _mixed_batch(args, flora, eager_models, root, peft_dirs)
         print(f"export of base + {args.adapters} adapters: {export_s:.2f} s")
-        print(f"greedy tokens equal (genai vs eager, {args.new} tokens): {same}")
+        print(f"greedy tokens equal (genai, generator, eager; {args.new} tokens): {same}")
         for adapter in which:
             g = statistics.median(times[("genai", adapter)]) * 1e3
             e = statistics.median(times[("eager", adapter)]) * 1e3
+            f = statistics.median(times[("generator", adapter)]) * 1e3
             label = adapter or "base"
-            print(f"{label:>6}: per decode step genai {g:.3f} ms, eager+cache {e:.3f} ms, eager/genai {e / g:.1f}x")
-    return 0 if same else 1
+            print(f"{label:>6}: per decode step genai {g:.3f} ms, generator {f:.3f} ms, eager+cache {e:.3f} ms; "
+                  f"generator/genai {f / g:.2f}x, eager/genai {e / g:.1f}x, eager/generator {e / f:.1f}x")
+        rows = len(peft_dirs)
+        print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items()))
+        print(f"  mixed / sequential {mixed['generator mixed'] / mixed['generator sequential']:.1f}x, "
+              f"mixed / PEFT adapter_names {mixed['generator mixed'] / mixed['peft adapter_names']:.1f}x; "
+              f"tokens equal eager PEFT per row: {same_mixed}")
+    return 0 if same and same_mixed else 1
+
+
+def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft_dirs: dict[str, Path]):
+    """Tokens/s of one mixed batch (one row per adapter), of the rows one by one, and of PEFT's adapter_names."""
+    import peft
+    import torch
+    import transformers
+
+    names = list(peft_dirs)
+    prompts = [[1, *range(5 + 7 * i, 5 + 7 * i + args.prompt - 1)] for i in range(len(names))]
+    multi = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(root / "base"),
+                                           peft_dirs[names[0]], adapter_name=names[0]).eval()
+    for n in names[1:]:
+        multi.load_adapter(peft_dirs[n], adapter_name=n)
+    want = []
+    with torch.no_grad():
+        for p, n in zip(prompts, names, strict=True):
+            out = eager_models[n].generate(torch.tensor([p]), max_new_tokens=args.new, min_new_tokens=args.new,
+                                           do_sample=False)
+            want.append(out[0, len(p):].tolist())
+    total = len(names) * args.new
+    rates: dict[str, list[float]] = {}
+    same = True
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        got = flora.generate(prompts, adapters=names, max_new_tokens=args.new, stop_tokens=[])
+        rates.setdefault("generator mixed", []).append(total / (time.perf_counter() - t))
+        same &= got == want
+        t = time.perf_counter()
+        seq = [flora.generate([p], adapters=n, max_new_tokens=args.new, stop_tokens=[])[0]
+               for p, n in zip(prompts, names, strict=True)]
+        rates.setdefault("generator sequential", []).append(total / (time.perf_counter() - t))
+        same &= seq == want
+        with torch.no_grad():
+            t = time.perf_counter()
+            ids = torch.tensor(prompts)
+            out = multi.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=args.new,
+                                 min_new_tokens=args.new, do_sample=False)
+            rates.setdefault("peft adapter_names", []).append(total / (time.perf_counter() - t))
+        same &= out[:, args.prompt:].tolist() == want
+    return {k: statistics.median(v) for k, v in rates.items()}, same
 
 
 def _one_thread(package: Path) -> str:

@@ -5,7 +5,8 @@ and manages the key/value cache itself: a batch of rows, each with its own promp
 (or none), sampling settings, stop tokens and ``max_new_tokens``. Rows of one step may use
 different adapters: the package's ``mixed.onnx`` takes the adapters stacked per module and a
 per-row ``adapter_index`` (:class:`~flora_graph.serving.mixed.MixedAdapterSession`), so the
-whole batch is one ONNX Runtime call per step. Rows join (:meth:`Batch.add`, which prefills
+whole batch is one ONNX Runtime call per step; when every row uses the same adapter (or
+none), the package's ``model.onnx`` runs with that adapter active. Rows join (:meth:`Batch.add`, which prefills
 the prompt and left-pads the shorter side of the cache) and leave (:meth:`Batch.remove`, or
 when they finish) between steps.
 
@@ -105,17 +106,19 @@ class Generator:
         adapter_files = {p.name.removesuffix(".onnx_adapter"): p
                          for p in sorted((self.package / ADAPTERS_DIR).glob("*.onnx_adapter"))}
         options = {"intra_op_threads": threads, "inter_op_threads": 1}
-        if (self.package / MIXED_FILE).is_file():
+        from flora_graph.serving.session import AdapterSession
+
+        # one adapter (or none) for every row: the package's model, with that adapter active;
+        # rows with different adapters: the mixed model, one call for the whole batch
+        self._single = AdapterSession(self.package / MODEL_FILE, require_checksum=require_checksum, **options)
+        for name, path in adapter_files.items():
+            self._single.load_adapter(name, path)
+        self._mixed = None
+        if adapter_files and (self.package / MIXED_FILE).is_file():
             from flora_graph.serving.mixed import MixedAdapterSession
 
             self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files,
                                               require_checksum=require_checksum, **options)
-            self._plain = None
-        else:
-            from flora_graph.serving.session import OrtModel
-
-            self._mixed = None
-            self._plain = OrtModel(self.package / MODEL_FILE, **options)
         self.adapter_names = list(adapter_files)
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self._present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
@@ -152,11 +155,11 @@ class Generator:
 
     # ------------------------------------------------------------------ one model call
     def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
-        if self._mixed is not None:
-            return self._mixed.run(feeds, adapters)
-        if any(a is not None for a in adapters):
-            raise UnknownAdapterError(f"adapter {next(a for a in adapters if a)!r}: this package has no adapters")
-        return self._plain.run(feeds, None, lambda: "generation step")
+        if len(set(adapters)) == 1 or self._mixed is None:
+            if len(set(adapters)) > 1:
+                raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
+            return self._single.run(feeds, adapters[0])
+        return self._mixed.run(feeds, adapters)
 
     def check_adapter(self, adapter: str | None) -> None:
         """Raise :class:`UnknownAdapterError` for a name that is not one of the package's adapters."""
