@@ -125,3 +125,12 @@ def test_cli_import_and_parser_do_not_import_torch():
         "assert t.Flora.__name__ == 'Flora' and 'torch' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_llm_exports_generates_and_matches_eager_peft(capsys):
+    assert main(["demo"]) == 0  # the README's main job: the llm demo is the default
+    out = capsys.readouterr().out
+    assert "GenAI package" in out and "DIFFERENT" not in out
+    for what in ("Generator, base", "Generator, chat", "Generator, style", "mixed batch", "ONNX Runtime GenAI, chat"):
+        assert f"{what}" in out
+    assert "decode step" in out and "speed-up" in out
