@@ -113,5 +113,14 @@ def test_mask_that_does_not_cover_cache_and_tokens_is_refused() -> None:
     layout = cache_layout(model)
     x = _feed(example_inputs(layout, 128, 1, 2, 3), layout.layers)
     x["attention_mask"] = np.ones((1, 4), np.int64)  # past 3 + seq 2 = 5
-    with pytest.raises(RuntimeInputError, match="attention_mask"):
-        compile(graph, "numpy")(x)
+    for backend in ("numpy", "onnxruntime"):
+        with pytest.raises(RuntimeInputError, match="attention_mask"):
+            compile(graph, backend)(x)
+    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout.layers)
+    x["past_key_values.1.value"] = x["past_key_values.1.value"][:, :, :2]  # one layer's past shorter than the others
+    with pytest.raises(RuntimeInputError, match=r"past_key_values\.1\.value"):
+        compile(graph, "onnxruntime")(x)
+    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout.layers)
+    x["position_ids"] = x["position_ids"][:, :1]  # ids and positions of different lengths
+    with pytest.raises(RuntimeInputError, match="position_ids"):
+        compile(graph, "onnxruntime")(x)

@@ -89,3 +89,30 @@ def test_generate_command_prints_text_and_speed(package: Path, folders: Path, ca
     assert "tokens/s" in out and "adapter all7" in out
     assert main(["generate", str(package), "--ids", "1,5", "--adapter", "nope"]) == 2
     assert "adapter 'nope' is not in package" in capsys.readouterr().err
+
+
+def test_adapter_file_for_another_model_or_rank_is_refused_at_load(package: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+
+    from flora_graph.serving import read_adapter, write_adapter
+    from flora_graph.serving.errors import AdapterFileError
+
+    copy = Path(shutil.copytree(package, tmp_path / "pkg"))
+    params = read_adapter(copy / "adapters" / "qdown.onnx_adapter").params
+    a_name = next(k for k in params if k.endswith(".lora_A"))
+    wrong = dict(params)
+    wrong[a_name] = np.zeros((params[a_name].shape[0], params[a_name].shape[1] + 1), np.float32)  # another model's width
+    (copy / "adapters" / "qdown.onnx_adapter").unlink()
+    write_adapter(copy / "adapters" / "qdown.onnx_adapter", wrong)
+    with pytest.raises(AdapterFileError, match="qdown"):
+        Generator(copy)
+    b_name = a_name.replace(".lora_A", ".lora_B")
+    ranks = dict(params)
+    ranks[b_name] = np.zeros((params[b_name].shape[0], params[b_name].shape[1] + 1), np.float32)  # A rank 4, B rank 5
+    (copy / "adapters" / "qdown.onnx_adapter").unlink()
+    write_adapter(copy / "adapters" / "qdown.onnx_adapter", ranks)
+    with pytest.raises(AdapterFileError, match="qdown"):
+        Generator(copy)
+
