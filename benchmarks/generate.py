@@ -9,7 +9,10 @@ a ``--prompt``-token prompt with:
 
 - ``genai``: ``onnxruntime_genai`` on the package, base model and each adapter active;
 - ``eager``: ``model.generate`` of transformers (+ ``PeftModel`` for an adapter), with its cache;
-- ``generator``: :class:`flora_graph.serving.generate.Generator` on plain ONNX Runtime (same package).
+- ``generator``: :class:`flora_graph.serving.generate.Generator` on plain ONNX Runtime (same package);
+- ``builder``: the ONNX Runtime GenAI model builder's models (``python -m onnxruntime_genai.models.builder
+  -i BASE -o OUT -p fp32 -e cpu``), the base model and the model with the first adapter baked in
+  (``--extra_options adapter_path=DIR``), in onnxruntime-genai.
 
 Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds.
 Then a mixed-adapter batch: one row per adapter (``--adapters`` rows, distinct prompts of the
@@ -37,11 +40,14 @@ def build(root: Path, adapters: int, seed: int = 0) -> dict[str, Path]:
     import torch
     import transformers
 
+    from flora_graph.llm_demo import save_word_tokenizer
+
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                                    bos_token_id=1, eos_token_id=2)
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    save_word_tokenizer(root / "base", cfg.vocab_size)  # the model builder reads the folder's tokenizer
     out = {}
     for i in range(adapters):
         r = 8 if i % 2 == 0 else 16
@@ -80,23 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         assert cli(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
                     "--out", str(root / "pkg"), *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]) == 0
         export_s = time.perf_counter() - t0
-        og_model = og.Model(_one_thread(root / "pkg"))
-        og_adapters = og.Adapters(og_model)
-        for n in peft_dirs:
-            og_adapters.load(str(root / "pkg" / "adapters" / f"{n}.onnx_adapter"), n)
         prompt = [1, *range(5, 5 + args.prompt - 1)]
-
-        def genai(adapter: str | None, new: int) -> tuple[list[int], float]:
-            params = og.GeneratorParams(og_model)
-            params.set_search_options(max_length=len(prompt) + new, do_sample=False)
-            t = time.perf_counter()
-            gen = og.Generator(og_model, params)
-            if adapter:
-                gen.set_active_adapter(og_adapters, adapter)
-            gen.append_tokens(prompt)
-            while not gen.is_done():
-                gen.generate_next_token()
-            return [int(x) for x in gen.get_sequence(0)][len(prompt):], time.perf_counter() - t
+        genai = _genai_runner(og, root / "pkg", peft_dirs, prompt)
+        builder_s, builder = _builder_runners(og, root, next(iter(peft_dirs)), prompt)
 
         import peft
 
@@ -122,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             return out, time.perf_counter() - t
 
         runs = {"genai": genai, "eager": eager, "generator": generator}
+        if builder is not None:
+            runs["builder"] = builder
         which = [None, next(iter(peft_dirs), None)]
         times: dict[tuple[str, str | None], list[float]] = {}
         same = True
@@ -134,16 +128,22 @@ def main(argv: list[str] | None = None) -> int:
                     times.setdefault((name, adapter), []).append((t_full - t_one) / (args.new - 1))
                     toks[name] = full
                 same &= toks["genai"] == toks["eager"] == toks["generator"]
+                if "builder" in toks:
+                    same &= toks["builder"] == toks["eager"]
         mixed, same_mixed = _mixed_batch(args, flora, eager_models, root, peft_dirs)
-        print(f"export of base + {args.adapters} adapters: {export_s:.2f} s")
+        print(f"export of base + {args.adapters} adapters: {export_s:.2f} s"
+              + (f"; the model builder: {builder_s['base']:.2f} s (base), {builder_s['adapter']:.2f} s (one adapter baked in)"
+                 if builder_s else "; the model builder: not run (see above)"))
         print(f"greedy tokens equal (genai, generator, eager; {args.new} tokens): {same}")
         for adapter in which:
             g = statistics.median(times[("genai", adapter)]) * 1e3
             e = statistics.median(times[("eager", adapter)]) * 1e3
             f = statistics.median(times[("generator", adapter)]) * 1e3
             label = adapter or "base"
-            print(f"{label:>6}: per decode step genai {g:.3f} ms, generator {f:.3f} ms, eager+cache {e:.3f} ms; "
-                  f"generator/genai {f / g:.2f}x, eager/genai {e / g:.1f}x, eager/generator {e / f:.1f}x")
+            b = statistics.median(times[("builder", adapter)]) * 1e3 if ("builder", adapter) in times else float("nan")
+            print(f"{label:>6}: per decode step genai {g:.3f} ms, generator {f:.3f} ms, builder {b:.3f} ms, "
+                  f"eager+cache {e:.3f} ms; genai/builder {g / b:.2f}x, generator/genai {f / g:.2f}x, "
+                  f"eager/genai {e / g:.1f}x, eager/generator {e / f:.1f}x")
         rows = len(peft_dirs)
         print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}): "
               + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items()))
@@ -192,6 +192,54 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
             rates.setdefault("peft adapter_names", []).append(total / (time.perf_counter() - t))
         same &= out[:, args.prompt:].tolist() == want
     return {k: statistics.median(v) for k, v in rates.items()}, same
+
+
+def _genai_runner(og, package: Path, adapters: dict[str, Path], prompt: list[int]):
+    """``run(adapter, new) -> (tokens, seconds)`` on the GenAI package ``package`` (its adapters loaded)."""
+    model = og.Model(_one_thread(package))
+    loaded = og.Adapters(model)
+    for n in adapters:
+        if (package / "adapters" / f"{n}.onnx_adapter").is_file():
+            loaded.load(str(package / "adapters" / f"{n}.onnx_adapter"), n)
+
+    def run(adapter: str | None, new: int) -> tuple[list[int], float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+        t = time.perf_counter()
+        gen = og.Generator(model, params)
+        if adapter:
+            gen.set_active_adapter(loaded, adapter)
+        gen.append_tokens(prompt)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return [int(x) for x in gen.get_sequence(0)][len(prompt):], time.perf_counter() - t
+
+    return run
+
+
+def _builder_runners(og, root: Path, adapter: str, prompt: list[int]):
+    """The ONNX Runtime GenAI model builder's base model and its model with ``adapter`` baked in
+    (``--extra_options adapter_path=...``): build seconds and a runner choosing between them."""
+    import subprocess
+    import sys
+
+    seconds = {}
+    for label, extra in (("base", []), ("adapter", ["--extra_options", f"adapter_path={root / adapter}"])):
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(root / "base"),
+                               "-o", str(root / f"builder_{label}"), "-p", "fp32", "-e", "cpu", *extra],
+                              capture_output=True, text=True)
+        seconds[label] = time.perf_counter() - t0
+        if done.returncode:
+            print(f"the model builder failed ({label}); its column is left out:\n{done.stderr[-2000:]}")
+            return {}, None
+    runs = {None: _genai_runner(og, root / "builder_base", {}, prompt),
+            adapter: _genai_runner(og, root / "builder_adapter", {}, prompt)}
+
+    def run(name: str | None, new: int) -> tuple[list[int], float]:
+        return runs[name](None, new)
+
+    return seconds, run
 
 
 def _one_thread(package: Path) -> str:

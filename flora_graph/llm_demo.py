@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LLMDemoReport", "run_llm_demo"]
+__all__ = ["LLMDemoReport", "build_llm", "run_llm_demo", "save_word_tokenizer"]
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"chat": {"r": 8, "lora_alpha": 16, "target_modules": PROJECTIONS},
@@ -52,6 +52,19 @@ class LLMDemoReport:
         return bool(self.checks) and all(self.checks.values())
 
 
+def save_word_tokenizer(folder: str | Path, vocab: int) -> None:
+    """Save a whitespace word-level tokenizer of ``vocab`` words (``<pad> <s> </s> w3 w4 ...``) in ``folder``:
+    what a model folder needs for tools that read its tokenizer (ONNX Runtime GenAI, its model builder)."""
+    import tokenizers
+    import transformers
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
 def build_llm(folder: Path, seed: int = 0) -> dict[str, Path]:
     """Write the built-in small Llama to ``folder/base`` and its two PEFT adapters to ``folder/NAME``."""
     import peft
@@ -63,6 +76,7 @@ def build_llm(folder: Path, seed: int = 0) -> dict[str, Path]:
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder / "base")
+    save_word_tokenizer(folder / "base", cfg.vocab_size)
     out = {}
     for name, spec in ADAPTERS.items():
         model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(folder / "base"), peft.LoraConfig(**spec))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flora_graph.cli import main
+from flora_graph.llm_demo import save_word_tokenizer
 
 PROMPT = [1, 5, 9, 33, 70, 12]
 NEW = 32
@@ -17,18 +18,6 @@ ADAPTERS = {
                                                      "down_proj"]),
     "qdown": dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"]),  # a subset, another rank
 }
-
-
-def save_word_tokenizer(folder: Path, vocab: int) -> None:
-    """A whitespace word-level tokenizer of ``vocab`` words (``<pad> <s> </s> w3 w4 ...``) saved in ``folder``."""
-    import tokenizers
-    import transformers
-
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(folder)
 
 
 @pytest.fixture(scope="session")
