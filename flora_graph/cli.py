@@ -187,7 +187,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     adapter_dir = next(iter(_adapter_args(args.adapter).values()), None)
     with console.status("starting") as status:
         report = export_model(args.model, args.out, adapter=adapter_dir, backend=args.backend, preset=args.preset,
-                              progress=lambda m: status.update(m))
+                              progress=lambda m: status.update(m), attention_mask=args.attention_mask)
     adapter = f" + adapter {adapter_dir}" if adapter_dir else ""
     console.print(f"exported {args.model}{adapter} with preset {report.preset} for {report.backend}")
     console.print(report.summary)
@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=ARTIFACT_BACKENDS, default="onnxruntime", help="the artifact's runtime (--format file)")
     e.add_argument("--preset", choices=presets, default="merged",
                    help="merged bakes the adapters in; fused keeps them apart (--format file; genai packages are fused)")
+    e.add_argument("--attention-mask", action="store_true",
+                   help="a transformers model also takes attention_mask (and token_type_ids where it has segments, "
+                        "as BERT does); outputs keep transformers' names (logits, last_hidden_state, pooler_output)")
     e.add_argument("--out", default="model", help="output file (the backend's suffix is added), or the package folder")
     e.set_defaults(func=_export)
     b = sub.add_parser("bench", help="time every preset x backend against eager torch (interleaved medians)")

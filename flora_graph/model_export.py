@@ -21,7 +21,7 @@ from torch import nn
 
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.frontend import capture, max_abs_diff, output_tensors
-from flora_graph.frontend.model_outputs import set_use_cache
+from flora_graph.frontend.model_outputs import output_names, set_use_cache
 from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
 
@@ -48,6 +48,7 @@ class ModelSpec:
     check_inputs: dict[str, torch.Tensor]
     name: str
     dim_max: dict[str, int] = field(default_factory=dict)
+    output_names: list[str] | None = None  # a transformers model's: logits, last_hidden_state, pooler_output, ...
 
 
 @dataclass
@@ -73,12 +74,16 @@ def _token_inputs(vocab: int, batch: int, seq: int, seed: int) -> dict[str, torc
     return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
 
 
-def _hf_inputs(vocab: int, batch: int, seq: int, seed: int, mask: bool) -> dict[str, torch.Tensor]:
+def _hf_inputs(vocab: int, batch: int, seq: int, seed: int, mask: bool, types: bool = False) -> dict[str, torch.Tensor]:
     out = _token_inputs(vocab, batch, seq, seed)
     if mask:
         m = torch.ones(batch, seq, dtype=torch.int64)
         m[0, : min(2, seq - 1)] = 0  # left padding in the first row
         out["attention_mask"] = m
+    if types:
+        t = torch.zeros(batch, seq, dtype=torch.int64)
+        t[:, seq // 2:] = 1  # a second segment
+        out["token_type_ids"] = t
     return out
 
 
@@ -91,7 +96,9 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     A transformers model is loaded in float32 with ``use_cache=False`` (outputs without a
     key/value cache) and takes ``input_ids`` (``[batch, seq]``, both dynamic), plus an
     ``attention_mask`` of the same shape when ``attention_mask`` is true (the check input
-    pads its first row). Where the config has ``max_position_embeddings`` (BERT, GPT-2,
+    pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``.
+    Its outputs are named as transformers names them (``logits``, ``last_hidden_state``,
+    ``pooler_output``: ``spec.output_names``). Where the config has ``max_position_embeddings`` (BERT, GPT-2,
     Llama), ``"seq"`` is bounded by it (``dim_max``): BERT and GPT-2 slice a learned position
     table by the sequence length, which ``torch.export`` accepts only under a bound.
 
@@ -128,9 +135,15 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     max_pos = getattr(config, "max_position_embeddings", None)
     dim_max = {"seq": int(max_pos)} if isinstance(max_pos, int) and max_pos >= 2 else {}
     seq = min(8, dim_max.get("seq", 8))
-    names = ["input_ids", "attention_mask"] if attention_mask else ["input_ids"]
-    return ModelSpec(model, _hf_inputs(vocab, 2, seq, 0, attention_mask), {n: {0: "batch", 1: "seq"} for n in names},
-                     _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask), arch, dim_max)
+    # an encoder with segment embeddings (BERT) takes token_type_ids beside the mask
+    types = attention_mask and "token_type_ids" in inspect.signature(model.forward).parameters \
+        and int(getattr(config, "type_vocab_size", 0) or 0) > 1
+    example = _hf_inputs(vocab, 2, seq, 0, attention_mask, types)
+    with torch.no_grad():
+        names_out = output_names(model(**example))
+    return ModelSpec(model, example, {n: {0: "batch", 1: "seq"} for n in example},
+                     _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask, types), arch, dim_max,
+                     names_out)
 
 
 def check_model_folder(folder: str | Path) -> str:
@@ -194,10 +207,13 @@ def export_model(
     backend: str = "onnxruntime",
     preset: str = "merged",
     progress: Callable[[str], None] | None = None,
+    attention_mask: bool = False,
 ) -> ExportReport:
     """Export ``source`` (see :func:`load_model`), with the PEFT ``adapter`` folder installed if
     given, optimized with ``preset`` for ``backend``, to ``out`` (a file; the backend's suffix
     is added when missing). Returns timings and the parity against eager torch.
+    ``attention_mask``: a transformers model also takes ``attention_mask`` (and
+    ``token_type_ids`` where it has segments), see :func:`load_model`.
 
     The arguments, the model folder and the adapter folder are checked first (see
     :func:`check_model_folder`, :func:`check_adapter_folder`): a bad one is reported before
@@ -216,7 +232,8 @@ def export_model(
     t0 = time.perf_counter()
     say("loading the model")
     # the built-in decoder carries its own LoRA unless a PEFT adapter is to be installed on it
-    spec = source if isinstance(source, ModelSpec) else load_model(source, lora_rank=None if adapter else 8)
+    spec = source if isinstance(source, ModelSpec) else load_model(source, lora_rank=None if adapter else 8,
+                                                                    attention_mask=attention_mask)
     model = spec.model
     if adapter is not None:
         from flora_graph.adapters.peft import load_peft_adapter
@@ -227,7 +244,8 @@ def export_model(
     seconds["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say("capturing with torch.export")
-    graph = capture(model, spec.example_inputs, spec.dynamic_dims, name=spec.name, dim_max=spec.dim_max or None)
+    graph = capture(model, spec.example_inputs, spec.dynamic_dims, name=spec.name, dim_max=spec.dim_max or None,
+                    output_names=spec.output_names)
     seconds["capture"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say(f"optimizing ({preset})")

@@ -26,7 +26,7 @@ from torch import nn
 
 from flora_graph.errors import FloraGraphError
 
-__all__ = ["max_abs_diff", "no_kv_cache", "output_tensors", "set_use_cache"]
+__all__ = ["max_abs_diff", "no_kv_cache", "output_names", "output_tensors", "set_use_cache"]
 
 
 def _cache_configs(model: nn.Module) -> list[Any]:
@@ -72,6 +72,22 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     if not tensors:
         raise FloraGraphError(f"model output of type {type(out).__name__} holds no tensor")
     return tensors
+
+
+def output_names(out: Any) -> list[str]:
+    """Names for :func:`output_tensors`' tensors, as Hugging Face names them: a ``ModelOutput``'s field
+    (``logits``, ``last_hidden_state``, ``pooler_output``), ``field.i`` inside a tuple field, ``output_i``
+    for a plain tuple's items (``output`` for a lone tensor)."""
+    import torch.utils._pytree as pytree
+
+    leaves = [(path, leaf) for path, leaf in pytree.tree_flatten_with_path(out)[0] if isinstance(leaf, torch.Tensor)]
+    if len(leaves) == 1 and not leaves[0][0]:
+        return ["output"]
+    names = []
+    for path, _ in leaves:
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        names.append(".".join(keys) if keys and not keys[0].isdigit() else "output_" + "_".join(keys))
+    return names
 
 
 def max_abs_diff(got: Mapping[str, np.ndarray], want: Sequence[torch.Tensor]) -> float:

@@ -96,7 +96,7 @@ def test_gpt2_folder_with_fan_in_fan_out_adapter(tmp_path) -> None:
 def test_bert_folder_with_attention_mask_on_torch_export(tmp_path) -> None:
     model_dir, adapter_dir = save_folders("bert", tmp_path)
     spec = load_model(model_dir, attention_mask=True)
-    assert list(spec.example_inputs) == ["input_ids", "attention_mask"]
+    assert list(spec.example_inputs) == ["input_ids", "attention_mask", "token_type_ids"]  # BERT has segments
     assert spec.dim_max == {"seq": MAX_POS}
     assert (spec.check_inputs["attention_mask"] == 0).any()  # the check exercises padding
     report = export_model(spec, tmp_path / "bert", adapter=adapter_dir, backend="torch-export", preset="merged")
@@ -107,3 +107,27 @@ def test_bert_folder_with_attention_mask_on_torch_export(tmp_path) -> None:
     np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
     plain = load_model(model_dir)  # input_ids only by default
     assert list(plain.example_inputs) == ["input_ids"]
+
+
+def test_bert_encoder_takes_mask_and_segments_and_names_outputs_as_transformers(tmp_path) -> None:
+    model_dir, adapter_dir = save_folders("bert", tmp_path)
+    out = tmp_path / "bert_cli"
+    assert main(["export", str(model_dir), "--adapter", str(adapter_dir), "--attention-mask", "--out", str(out)]) == 0
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in sess.get_outputs()] == ["last_hidden_state", "pooler_output"]
+    spec = load_model(model_dir, attention_mask=True)
+    x = spec.check_inputs
+    assert (x["token_type_ids"] == 1).any() and (x["attention_mask"] == 0).any()
+    with torch.no_grad():
+        want = eager_peft(model_dir, adapter_dir)(**x)
+    got = sess.run(None, {k: v.numpy() for k, v in x.items()})
+    np.testing.assert_allclose(got[0], want.last_hidden_state.numpy(), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(got[1], want.pooler_output.numpy(), atol=TOL, rtol=TOL)
+
+
+def test_llama_logits_keep_their_name(llama_folders, tmp_path) -> None:
+    model_dir, adapter_dir = llama_folders
+    report = export_model(model_dir, tmp_path / "named", adapter=adapter_dir)
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
