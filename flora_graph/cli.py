@@ -83,7 +83,14 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     from flora_graph.demo import run_demo
 
     if args.model == "llm":
+        given = [flag for flag, value in (("--save", args.save), ("--print-graph", args.print_graph),
+                                          ("--rank", args.rank != 8)) if value]
+        if given:
+            raise FloraGraphError(f"{', '.join(given)}: options of the capture demos (--model decoder or cnn), "
+                                  "not of --model llm")
         return _llm_demo(args, console)
+    if args.out:
+        raise FloraGraphError("--out: an option of --model llm (the GenAI package folder); the capture demos take --save")
 
     with console.status("starting") as status:
         report = run_demo(args.model, rank=args.rank, save=args.save, progress=lambda m: status.update(m))

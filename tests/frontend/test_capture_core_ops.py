@@ -66,7 +66,14 @@ _W = torch.randn(10, 3, generator=_gen(11))
 _OFFSETS = torch.tensor([0, 2, 2])  # bags [0, 2), [] and [2, end)
 
 ROWS = [
-    # ------------------------------------------------------------------ pooling: two 2-D poolings
+    # ------------------------------------------------------------------ pooling: 1-D as 2-D, 3-D as two 2-D
+    Row("avg_pool1d", lambda x: aten.avg_pool1d(x, [3], [2], [1], False, False), [randn(-1, 4, 9)],
+        ("avg_pool1d.default",), {0: 0}),
+    Row("avg_pool1d_unbatched", lambda x: aten.avg_pool1d(x, [2]), [randn(4, 9)], ("avg_pool1d.default",)),
+    Row("adaptive_avg_pool1d", lambda x: aten.adaptive_avg_pool1d(x, [3]), [randn(-1, 4, 9)],
+        ("adaptive_avg_pool1d.default",), {0: 0}),
+    Row("adaptive_avg_pool1d_global", lambda x: aten.adaptive_avg_pool1d(x, [1]), [randn(-1, 4, 9)],
+        ("adaptive_avg_pool1d.default",), {0: 0}),
     Row("avg_pool3d", lambda x: F.avg_pool3d(x, 3, (2, 1, 2), 1, count_include_pad=False), [randn(-1, 2, 5, 6, 7)],
         ("avg_pool3d.default",), {0: 0}),
     Row("avg_pool3d_unbatched", lambda x: F.avg_pool3d(x, (3, 2, 3), (2, 1, 2), (1, 1, 0)), [randn(2, 5, 6, 7)],

@@ -29,16 +29,21 @@ ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md"
 
 
 def core_aten_overloads() -> set[Any]:
-    """Every overload of ``torch.ops.aten`` tagged ``torch.Tag.core`` (PyTorch's Core ATen opset)."""
+    """Every overload of ``torch.ops.aten`` tagged ``torch.Tag.core`` (PyTorch's Core ATen opset).
+
+    Read from the dispatcher's list of every registered op: ``dir(torch.ops.aten)`` holds only the
+    packets this process has touched so far, which depends on the tests run before."""
     found = set()
-    for name in dir(aten):
-        packet = getattr(aten, name)
+    for full in torch._C._dispatch_get_all_op_names():
+        if not full.startswith("aten::"):
+            continue
+        name, _, overload = full.removeprefix("aten::").partition(".")
+        packet = getattr(aten, name, None)
         if not isinstance(packet, torch._ops.OpOverloadPacket):
             continue
-        for overload in packet.overloads():
-            op = getattr(packet, overload)
-            if torch.Tag.core in op.tags:
-                found.add(op)
+        op = getattr(packet, overload or "default", None)
+        if op is not None and torch.Tag.core in op.tags:
+            found.add(op)
     return found
 
 

@@ -51,7 +51,7 @@ class Demo:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.g = root / "g"
-        assert main(["demo", "--save", str(self.g)]) == 0  # the decoder, LoRA rank 8 with a nonzero B
+        assert main(["demo", "--model", "decoder", "--save", str(self.g)]) == 0  # LoRA rank 8 with a nonzero B
         self.graph = Graph.load(self.g)
         self.base = build_decoder().eval()
         self.merged = copy.deepcopy(build_decoder(lora_rank=8))

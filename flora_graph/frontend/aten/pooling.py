@@ -196,6 +196,38 @@ def _adaptive_avg_pool3d(ctx, x, output_size):
     return _pool3d(ctx, x, Op.AVG_POOL2D, kernel, kernel, (0, 0, 0), count_include_pad=1)
 
 
+@register(aten.avg_pool1d.default)
+def _avg_pool1d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True):
+    """``[N, C, L]`` (or ``[C, L]``) as ``[N, C, 1, L]`` through the 2-D average pooling."""
+    if ceil_mode:
+        raise refuse(ctx, "ceil_mode=True")
+    kernel = _ints(kernel_size, 1)
+    attrs = {"kernel": (1, kernel[0]), "stride": (1, _ints(stride, 1, kernel)[0]), "padding": (0, _ints(padding, 1)[0]),
+             "count_include_pad": int(bool(count_include_pad))}
+    return _as_2d(ctx, x, lambda plane: ctx.emit(Op.AVG_POOL2D, [plane], attrs))
+
+
+@register(aten.adaptive_avg_pool1d.default)
+def _adaptive_avg_pool1d(ctx, x, output_size):
+    (out,) = _ints(output_size, 1)
+    if out == 1:
+        return ctx.emit(Op.REDUCE_MEAN, [x], {"axes": (len(x.shape) - 1,), "keepdims": 1})
+    length = x.shape[-1]
+    if not isinstance(length, int) or length % out:
+        raise refuse(ctx, f"output size {out} that does not divide the input length {length}")
+    k = length // out
+    attrs = {"kernel": (1, k), "stride": (1, k), "padding": (0, 0), "count_include_pad": 1}
+    return _as_2d(ctx, x, lambda plane: ctx.emit(Op.AVG_POOL2D, [plane], attrs))
+
+
+def _as_2d(ctx, x, pool):
+    """``pool`` over ``x`` [N, C, L] or [C, L] seen as [N, C, 1, L]; the result back in ``x``'s rank."""
+    if len(x.shape) not in (2, 3):
+        raise refuse(ctx, "only [N, C, L] or [C, L] input is supported")
+    axes = (2,) if len(x.shape) == 3 else (0, 2)
+    return ctx.emit(Op.SQUEEZE, [pool(ctx.emit(Op.UNSQUEEZE, [x], {"axes": axes}))], {"axes": axes})
+
+
 # --------------------------------------------------------------------------- grid sampling
 _GRID_MODES = {0: "linear", 1: "nearest", 2: "cubic"}  # torch's interpolation_mode codes
 _GRID_PADDING = {0: "zeros", 1: "border", 2: "reflection"}  # torch's padding_mode codes

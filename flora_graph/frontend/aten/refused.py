@@ -64,6 +64,11 @@ REFUSED: tuple[Refusal, ...] = (
         (aten._local_scalar_dense.default, aten.item.default),
     ),
     Refusal(
+        "storage layout",
+        "reads or resizes a tensor's storage (is_contiguous, resize_): the IR holds values, not strides or storages",
+        (aten.sym_is_contiguous.default, aten.resize_.default),
+    ),
+    Refusal(
         "complex FFT",
         "the IR has no complex dtype to hold a spectrum",
         (aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default, aten.fft_fft.default,
