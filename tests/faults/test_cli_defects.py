@@ -108,13 +108,13 @@ def test_export_says_which_preset_it_used(tmp_path, capsys, monkeypatch) -> None
 
     seen = {}
 
-    def fake_export(model, out, *, adapter, backend, preset, progress):
-        seen.update(model=model, backend=backend, preset=preset)
+    def fake_export(model, out, *, adapter, backend, preset, progress, attention_mask):
+        seen.update(model=model, backend=backend, preset=preset, attention_mask=attention_mask)
         return me.ExportReport(Path(out).with_suffix(".pt"), backend, preset, "graph 'g': 1 nodes", {"load": 0.0}, 0.0)
 
     monkeypatch.setattr(me, "export_model", fake_export)
     assert main(["export", "--backend", "torchscript", "--out", str(tmp_path / "m")]) == 0
-    assert seen == {"model": "default", "backend": "torchscript", "preset": "merged"}
+    assert seen == {"model": "default", "backend": "torchscript", "preset": "merged", "attention_mask": False}
     assert "with preset merged for torchscript" in capsys.readouterr().out
 
 
