@@ -35,6 +35,7 @@ from flora_graph.errors import FloraGraphError, GraphError, ShapeError, Unsuppor
 from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name, refusal_of
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
+from flora_graph.frontend.traceable import traceable_experts
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, format_shape, is_dim_name
 
@@ -432,8 +433,8 @@ def trace_with_torch_export(
     adapters = {**adapters_of(model), **peft_lora_layers(model)}
     applied: list[str] = []
     # no_kv_cache: a Hugging Face causal LM with use_cache on would return a DynamicCache torch.export cannot trace
-    with (_eval_mode(model), no_kv_cache(model), _conv1d_as_linear(model), lora_sites_as_op(adapters),
-          _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
+    with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), _conv1d_as_linear(model),
+          lora_sites_as_op(adapters), _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
         for attempt in range(_RETRIES + 1):
             spec = _dynamic_shapes(model, args, kwargs, dynamic_dims, hi, lo)
             try:

@@ -1,0 +1,88 @@
+"""Mixture-of-experts (Mixtral): every experts implementation captures and matches eager transformers."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from flora_graph.frontend import capture  # noqa: E402
+from flora_graph.frontend.causal_lm import (  # noqa: E402
+    CausalLMWithPast,
+    cache_layout,
+    capture_causal_lm,
+    example_inputs,
+    past_names,
+    present_names,
+)
+from flora_graph.frontend.traceable import traceable_experts  # noqa: E402
+from flora_graph.passes import optimize  # noqa: E402
+from flora_graph.runtimes import compile  # noqa: E402
+
+TOL = 2e-5
+DIMS = {"input_ids": {0: "batch", 1: "seq"}}
+
+
+def mixtral(impl: str | None = None):
+    torch.manual_seed(0)
+    extra = {"experts_implementation": impl} if impl else {}
+    cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=128, use_cache=False, **extra)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("impl", [None, "eager", "batched_mm"])  # None: transformers' default, grouped_mm
+def test_every_experts_implementation_captures_and_matches_eager(impl: str | None) -> None:
+    model = mixtral(impl)
+    chosen = model.config._experts_implementation_internal  # the default resolves to grouped_mm
+    graph = capture(model, {"input_ids": torch.randint(0, 128, (2, 8))}, DIMS, dim_max={"seq": 128})
+    assert model.config._experts_implementation_internal == chosen == (impl or "grouped_mm")  # restored
+    for backend in ("numpy", "onnxruntime"):
+        exe = compile(graph, backend)
+        for shape in [(1, 5), (3, 11)]:
+            x = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
+            with torch.no_grad():
+                want = model(input_ids=x).logits.numpy()  # eager with the model's own implementation
+            np.testing.assert_allclose(next(iter(exe(input_ids=x.numpy()).values())), want, atol=TOL, rtol=TOL)
+
+
+def test_only_untraceable_implementations_are_switched() -> None:
+    model = mixtral("batched_mm")
+    with traceable_experts(model) as switched:
+        assert switched == []
+    model = mixtral()
+    with traceable_experts(model) as switched:
+        assert switched == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        assert model.config._experts_implementation_internal == "batched_mm"
+    assert model.config._experts_implementation_internal == "grouped_mm"
+
+
+def test_mixtral_with_peft_lora_and_its_cache() -> None:
+    base = mixtral()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            for k in module.lora_B:
+                torch.nn.init.normal_(module.lora_B[k].weight, std=0.2)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = optimize(capture_causal_lm(model), "fused", backend="onnxruntime")
+        layout = cache_layout(model)
+        wrapper = CausalLMWithPast(model, layout)
+        exe = compile(graph, "onnxruntime")
+        for batch, seq, past in [(2, 4, 0), (2, 1, 5)]:
+            x = example_inputs(layout, 128, batch, seq, past, seed=past, left_pad=1)
+            with torch.no_grad():
+                want = wrapper(**x)
+            feed = {k: v.numpy() for k, v in x.items() if k != "past_key_values"}
+            feed.update({n: t.numpy() for n, t in zip(past_names(layout.layers), x["past_key_values"], strict=True)})
+            got = exe(feed)
+            for i, name in enumerate(["logits", *present_names(layout.layers)]):
+                np.testing.assert_allclose(got[name], want[i].numpy(), atol=TOL, rtol=TOL, err_msg=name)
