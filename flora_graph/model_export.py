@@ -25,8 +25,17 @@ from flora_graph.frontend.model_outputs import output_names, set_use_cache
 from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
 
-__all__ = ["SUFFIX", "ExportReport", "ModelFolderError", "ModelSpec", "check_adapter_folder", "check_model_folder",
-           "export_model", "load_model"]
+__all__ = [
+    "SUFFIX",
+    "ExportReport",
+    "ModelFolderError",
+    "ModelSpec",
+    "check_adapter_folder",
+    "check_model_folder",
+    "export_model",
+    "is_dora",
+    "load_model",
+]
 
 SUFFIX = {"onnxruntime": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -183,6 +192,13 @@ def check_model_folder(folder: str | Path) -> str:
     return arch
 
 
+def is_dora(folder: str | Path) -> bool:
+    """Whether the PEFT folder's config says ``use_dora`` (checked by :func:`check_adapter_folder`)."""
+    from flora_graph.adapters.peft import read_peft_config
+
+    return read_peft_config(folder, allow_dora=True).get("use_dora") is True
+
+
 def check_adapter_folder(folder: str | Path) -> None:
     """Check a PEFT adapter folder without loading a model: its ``adapter_config.json`` (every option
     flora_graph refuses) and its safetensors weights. Raises :class:`AdapterError` naming the file."""
@@ -192,7 +208,7 @@ def check_adapter_folder(folder: str | Path) -> None:
     if not (folder / CONFIG_FILE).is_file():
         what = "no such folder" if not folder.exists() else f"no {CONFIG_FILE} in it"
         raise AdapterError(f"{folder}: {what}; expected a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    read_peft_config(folder)
+    read_peft_config(folder, allow_dora=True)
     if not (folder / WEIGHTS_FILE).is_file():
         pickles = sorted(p.name for p in folder.glob("*.bin"))
         found = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else f"no {WEIGHTS_FILE}"
@@ -240,7 +256,14 @@ def export_model(
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
-        load_peft_adapter(model, adapter)
+        if is_dora(adapter):  # DoRA: PEFT's own layers (a learned magnitude over each weight row's norm)
+            import peft
+
+            model = peft.PeftModel.from_pretrained(model, adapter).eval()
+            if preset == "merged":  # m * (W + s B A) / ||W + s B A||, computed once by PEFT
+                model = model.merge_and_unload()
+        else:
+            load_peft_adapter(model, adapter)
     seconds["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say("capturing with torch.export")

@@ -66,8 +66,11 @@ _KNOWN = {
 } | _INIT_ONLY | set(_DEFAULTS)
 
 
-def read_peft_config(folder: str | Path) -> dict[str, Any]:
-    """Read and check ``adapter_config.json``; refuse every option flora_graph cannot honour."""
+def read_peft_config(folder: str | Path, *, allow_dora: bool = False) -> dict[str, Any]:
+    """Read and check ``adapter_config.json``; refuse every option flora_graph cannot honour.
+
+    ``allow_dora``: accept ``use_dora`` (for callers that install the folder through PEFT itself,
+    as :func:`flora_graph.model_export.export_model` does; :func:`load_peft_adapter` cannot)."""
     path = Path(folder) / CONFIG_FILE
     try:
         cfg = json.loads(path.read_text())
@@ -79,6 +82,13 @@ def read_peft_config(folder: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     for key, default in _DEFAULTS.items():
         value = cfg.get(key, default)
+        if key == "use_dora" and value is True and allow_dora:
+            continue
+        if key == "use_dora" and value is True:
+            raise AdapterError(f"{path}: option use_dora=True (DoRA) rescales each base weight row by a learned "
+                               "magnitude over its norm, which flora_graph's LoRA adapters do not hold; capture the "
+                               "PEFT model itself, or export with `flora-graph export MODEL --adapter DIR`, which "
+                               "installs a DoRA folder through PEFT")
         if value not in (default, None, {}, [], False):
             raise AdapterError(f"{path}: option {key}={value!r} is not supported by flora_graph (refused, not ignored)")
     unknown = sorted(k for k in cfg if k not in _KNOWN and cfg[k] not in (None, False, {}, []))

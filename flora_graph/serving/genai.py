@@ -197,7 +197,11 @@ def export_genai(
 def _refuse_saved_modules(name: str, folder: Path) -> None:
     from flora_graph.adapters.peft import read_peft_config
 
-    cfg = read_peft_config(folder)
+    cfg = read_peft_config(folder, allow_dora=True)
+    if cfg.get("use_dora"):
+        raise AdapterError(f"adapter {name!r} ({folder}): DoRA rescales every adapted base weight row by its "
+                           "magnitude over the row's norm, which a hot-swappable LoRA slot cannot express; export "
+                           "it merged instead (flora-graph export MODEL --adapter DIR --preset merged)")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"adapter {name!r} ({folder}): modules_to_save={cfg['modules_to_save']!r} replaces base "
                            "weights, which a hot-swappable adapter cannot do; merge it into the base model instead")

@@ -88,7 +88,7 @@ def test_saved_folder_loads_in_peft_with_equal_outputs(tmp_path):
         ({"drop": "q.lora_B"}, r"missing key base_model\.model\.q\.lora_B\.weight"),
         ({"reshape": "k.lora_A"}, r"key base_model\.model\.k\.lora_A\.weight has shape"),
         ({"config": {"r": 3}}, r"key base_model\.model\.(q|k)\.lora_A\.weight has shape .* r=3"),
-        ({"config": {"use_dora": True}}, r"use_dora=True is not supported"),
+        ({"config": {"use_dora": True}}, r"use_dora=True \(DoRA\) rescales .* installs a DoRA folder through PEFT"),
         ({"config": {"layers_to_transform": [0]}}, r"layers_to_transform"),
         ({"config": {"some_future_option": 1}}, r"unknown PEFT option\(s\) \['some_future_option'\]"),
         ({"config": {"target_modules": ["q"]}}, r"key base_model\.model\.k\.lora_A\.weight matches no adapted module"),

@@ -14,12 +14,12 @@ from transformers.pytorch_utils import Conv1D
 
 from flora_graph.adapters import FloraAdapter, LoRAAdapter, apply_lora
 from flora_graph.adapters.peft import peft_lora_layers
-from flora_graph.errors import GraphError, UnsupportedOpError
+from flora_graph.errors import GraphError
 from flora_graph.frontend import capture
 from flora_graph.frontend.capture import trace_with_torch_export
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.ir import Graph
-from flora_graph.runtimes import compile
+from flora_graph.runtimes import compile, run
 
 from .test_capture import structure
 
@@ -159,12 +159,19 @@ def _ours_conv() -> nn.Module:
     return _nonzero_b(model)
 
 
-def test_dora_sites_are_traced_op_by_op_and_refused_by_name():
+def test_dora_sites_are_traced_op_by_op_and_match_eager():
     model = _peft(use_dora=True)
+    for module in model.modules():  # a magnitude that is not the norm: DoRA differs from LoRA
+        for vec in getattr(module, "lora_magnitude_vector", {}).values():
+            with torch.no_grad():
+                vec.weight.mul_(1.5)
     x = torch.randn(3, 10)
     assert _op_count(model, x) == 0
-    with pytest.raises(UnsupportedOpError, match="lora_magnitude_vector"):
-        capture(model, x, DYN)
+    graph = capture(model, x, DYN)
+    with torch.no_grad():
+        want = model(torch.randn(5, 10, generator=torch.Generator().manual_seed(1)))
+    got = run(graph, {graph.inputs[0].name: torch.randn(5, 10, generator=torch.Generator().manual_seed(1)).numpy()})
+    np.testing.assert_allclose(next(iter(got.values())), want.numpy(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

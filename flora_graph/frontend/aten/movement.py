@@ -46,6 +46,12 @@ def _t(ctx, x):
     return x if len(x.shape) < 2 else ctx.emit(Op.TRANSPOSE, [x], {"perm": (1, 0)})
 
 
+@register(aten.numpy_T.default)
+def _numpy_t(ctx, x):
+    """``x.T``: every axis reversed."""
+    return x if len(x.shape) < 2 else ctx.emit(Op.TRANSPOSE, [x], {"perm": tuple(reversed(range(len(x.shape))))})
+
+
 @register(aten.transpose.int)
 def _transpose(ctx, x, d0, d1):
     perm = list(range(len(x.shape)))

@@ -205,7 +205,13 @@ def _sort_stable(ctx, x, *, stable=None, dim=-1, descending=False):
 # --------------------------------------------------------------------------- cdist, pdist
 def _p_norm_last(ctx, diff: ComputationNode, p: float) -> ComputationNode:
     """The ``p``-norm of ``diff`` over its last axis (torch's ``cdist`` conventions for p = 0 and inf)."""
-    axes = {"axes": (len(diff.shape) - 1,), "keepdims": 0}
+    return _p_norm(ctx, diff, p, (len(diff.shape) - 1,), False)
+
+
+def _p_norm(ctx, diff: ComputationNode, p: float, axes_: tuple[int, ...], keepdim: bool) -> ComputationNode:
+    """The vector ``p``-norm of ``diff`` over ``axes_`` (p = 0: the count of nonzeros; +-inf: the largest
+    / smallest magnitude), as ``torch.linalg.vector_norm``."""
+    axes = {"axes": axes_, "keepdims": int(bool(keepdim))}
     if p == 0:
         nonzero = ctx.emit(Op.NOT, [ctx.emit(Op.EQUAL, [diff, ctx.scalar(0.0, diff.dtype)])])
         return ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [nonzero], {"to": diff.dtype})], axes)
@@ -213,11 +219,45 @@ def _p_norm_last(ctx, diff: ComputationNode, p: float) -> ComputationNode:
         return ctx.emit(Op.SQRT, [ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.MUL, [diff, diff])], axes)])
     size = ctx.emit(Op.ABS, [diff])
     if math.isinf(p):
-        return ctx.emit(Op.REDUCE_MAX, [size], axes)
+        return ctx.emit(Op.REDUCE_MAX if p > 0 else Op.REDUCE_MIN, [size], axes)
     if p == 1:
         return ctx.emit(Op.REDUCE_SUM, [size], axes)
     total = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.POW, [size, ctx.scalar(p, diff.dtype)])], axes)
     return ctx.emit(Op.POW, [total, ctx.scalar(1.0 / p, diff.dtype)])
+
+
+def _norm_axes(ctx, x: ComputationNode, dim: Any) -> tuple[int, ...]:
+    if dim is None or (isinstance(dim, list | tuple) and not dim):
+        return tuple(range(len(x.shape)))
+    dims = dim if isinstance(dim, list | tuple) else [dim]
+    return tuple(sorted(axis_of(int(d), len(x.shape)) for d in dims))
+
+
+def _norm_input(ctx, x: ComputationNode, dtype: Any) -> ComputationNode:
+    return as_dtype(ctx, x, out_dtype(ctx)) if dtype is not None or x.dtype != out_dtype(ctx) else x
+
+
+@register(aten.linalg_vector_norm.default)
+def _linalg_vector_norm(ctx, x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """``torch.linalg.vector_norm``: the ``ord``-norm over ``dim`` (every axis when ``None``)."""
+    return _p_norm(ctx, _norm_input(ctx, x, dtype), float(ord), _norm_axes(ctx, x, dim), keepdim)
+
+
+@register(aten.linalg_norm.default)
+def _linalg_norm(ctx, x, ord=None, dim=None, keepdim=False, *, dtype=None):
+    """``torch.linalg.norm``: a vector norm (``ord`` None or a number over one axis, or ``None`` over all),
+    or the Frobenius norm over two axes (``ord`` None); other matrix norms are refused by name."""
+    axes = _norm_axes(ctx, x, dim)
+    two = (dim is None and len(x.shape) == 2) or len(axes) == 2
+    if ord is not None and two:
+        raise refuse(ctx, f"the matrix norm ord={ord!r} (only the Frobenius norm, ord=None)")
+    return _p_norm(ctx, _norm_input(ctx, x, dtype), 2.0 if ord is None else float(ord), axes, keepdim)
+
+
+@register(aten.norm.ScalarOpt_dim, aten.norm.Scalar)
+def _norm(ctx, x, p=2, dim=None, keepdim=False):
+    """``torch.norm`` with a numeric ``p``: the vector ``p``-norm over ``dim`` (every axis by default)."""
+    return _p_norm(ctx, x, 2.0 if p is None else float(p), _norm_axes(ctx, x, dim), keepdim)
 
 
 @register(aten.cdist.default, aten._cdist_forward.default)
