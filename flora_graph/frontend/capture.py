@@ -35,7 +35,7 @@ from flora_graph.errors import FloraGraphError, GraphError, ShapeError, Unsuppor
 from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name, refusal_of
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
-from flora_graph.frontend.traceable import traceable_experts
+from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, format_shape, is_dim_name
 
@@ -178,9 +178,13 @@ class CaptureContext:
         if isinstance(expr, sympy.Symbol):
             return self.symbols.get(expr.name, expr.name)
         if isinstance(expr, sympy.Add | sympy.Mul):  # a product (view(b * t, c)) or a sum (a cache: past + seq)
-            parts = [self.ir_dim(a) for a in expr.args]
+            const = sum(int(a) for a in expr.args if isinstance(a, sympy.Integer)) if isinstance(expr, sympy.Add) else 0
+            parts = [self.ir_dim(a) for a in expr.args if not (const and isinstance(a, sympy.Integer))]
             try:
-                return add_dims(*parts) if isinstance(expr, sympy.Add) else dim_product(parts)
+                if isinstance(expr, sympy.Mul):
+                    return dim_product(parts)
+                total = add_dims(*parts)
+                return canonical_dim(f"{total}{const:+d}") if const < 0 else add_dims(total, const)  # seq - 2
             except ShapeError:
                 pass
         return str(expr)
@@ -433,8 +437,9 @@ def trace_with_torch_export(
     adapters = {**adapters_of(model), **peft_lora_layers(model)}
     applied: list[str] = []
     # no_kv_cache: a Hugging Face causal LM with use_cache on would return a DynamicCache torch.export cannot trace
-    with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), _conv1d_as_linear(model),
-          lora_sites_as_op(adapters), _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
+    with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), merged_peft_attention(model) as merged,
+          _conv1d_as_linear(model), lora_sites_as_op({k: v for k, v in adapters.items() if not _inside(k, merged)}),
+          _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
         for attempt in range(_RETRIES + 1):
             spec = _dynamic_shapes(model, args, kwargs, dynamic_dims, hi, lo)
             try:
@@ -463,6 +468,11 @@ def trace_with_torch_export(
                     hint += f" (bounds applied from torch.export's suggestions: {', '.join(applied)})"
                 raise GraphError(f"torch.export could not export {type(model).__name__}{hint}: {exc}") from exc
     return Traced(ep, model, adapters, hi, lo, _user_input_names(ep, model, len(args)))
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    """Whether module ``path`` is one of ``roots`` or below one."""
+    return any(path == r or path.startswith(f"{r}.") for r in roots)
 
 
 def _user_input_names(ep: torch.export.ExportedProgram, model: nn.Module, n_args: int) -> list[str]:

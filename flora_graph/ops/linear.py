@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import FLOAT_DTYPES, AttrSpec, Op
-from flora_graph.ir.shapes import Dim, broadcast_shapes, canonical_dim, format_shape
+from flora_graph.ir.shapes import Dim, add_dims, broadcast_shapes, canonical_dim, format_shape
 from flora_graph.ops._infer import same_float_dtype
 from flora_graph.ops._onnx import simple
 from flora_graph.ops._torch import call, ints
@@ -93,9 +93,11 @@ define(
 # --------------------------------------------------------------------------- Conv2d
 def _conv_out(size: Dim, k: int, s: int, p: int, d: int) -> Dim:
     if not isinstance(size, int):
-        if k == 1 and s == 1 and p == 0:
-            return size
-        raise ShapeError("Conv2d: spatial dims must be static unless the kernel is 1x1, stride 1, no padding")
+        if s == 1:  # size + 2p - d(k-1): "seq" for a same-padded kernel, "seq-2" for a valid 3-tap one
+            return add_dims(size, 2 * p - d * (k - 1)) if 2 * p >= d * (k - 1) else \
+                canonical_dim(f"{size}-{d * (k - 1) - 2 * p}")
+        raise ShapeError(f"Conv2d: a stride of {s} over the dynamic dim {size} gives a floor division, "
+                         "which is not a dim (only stride 1 keeps a spatial dim dynamic)")
     out = (size + 2 * p - d * (k - 1) - 1) // s + 1
     if out <= 0:
         raise ShapeError(f"Conv2d: input size {size} too small for kernel {k} (dilation {d}, padding {p})")

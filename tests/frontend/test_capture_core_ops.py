@@ -66,6 +66,17 @@ _W = torch.randn(10, 3, generator=_gen(11))
 _OFFSETS = torch.tensor([0, 2, 2])  # bags [0, 2), [] and [2, end)
 
 ROWS = [
+    # ------------------------------------------------------------------ norms (DoRA's column norms), x.T
+    Row("linalg_vector_norm", lambda x: torch.linalg.vector_norm(x, 3.0, dim=(1, 2)), [randn(-1, 4, 5)],
+        ("linalg_vector_norm.default",), {0: 0}),
+    Row("linalg_vector_norm_inf", lambda x: torch.linalg.vector_norm(x, float("-inf"), dim=-1, keepdim=True),
+        [randn(-1, 4, 5)], ("linalg_vector_norm.default",), {0: 0}),
+    Row("linalg_norm_rows", lambda x: torch.linalg.norm(x, dim=1), [randn(-1, 6)], ("linalg_norm.default",), {0: 0}),
+    Row("linalg_norm_frobenius", lambda x: torch.linalg.norm(x, dim=(1, 2)), [randn(-1, 3, 4)],
+        ("linalg_norm.default",), {0: 0}),
+    Row("norm_p1", lambda x: aten.norm.ScalarOpt_dim(x, 1, [1], True), [randn(-1, 6)], ("norm.ScalarOpt_dim",), {0: 0}),
+    Row("norm_all", lambda x: x * aten.norm.Scalar(x, 2), [randn(-1, 6)], ("norm.Scalar",), {0: 0}),
+    Row("numpy_T", lambda x: aten.numpy_T(x), [randn(-1, 3, 4)], ("numpy_T.default",), {0: 0}),
     # ------------------------------------------------------------------ pooling: 1-D as 2-D, 3-D as two 2-D
     Row("avg_pool1d", lambda x: aten.avg_pool1d(x, [3], [2], [1], False, False), [randn(-1, 4, 9)],
         ("avg_pool1d.default",), {0: 0}),

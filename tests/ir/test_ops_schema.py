@@ -267,7 +267,6 @@ def test_conv2d_default_attrs_are_filled():
         ([(1, 3, 5, 5), (6, 3, 3, 3)], {"dilation": (3, 1)}, ShapeError),  # dilated kernel too large
         ([(1, 3, 8, 8), (6, 3, 3, 3), (5,)], None, ShapeError),  # bias
         ([(1, 3, 8), (6, 3, 3)], None, ShapeError),  # rank
-        ([(1, 3, "h", 8), (6, 3, 3, 3)], None, ShapeError),  # named spatial dim, 3x3 kernel
         ([(1, 3, "h", "w"), (6, 3, 1, 1)], {"stride": (2, 2)}, ShapeError),
         ([(1, 3, 8, 8), (6, 3, "k", 3)], None, ShapeError),  # named kernel size
         ([(1, 3, 8, 8), (6, 3, 3, "k")], None, ShapeError),
@@ -279,6 +278,12 @@ def test_conv2d_default_attrs_are_filled():
 )
 def test_conv2d_bad(shapes, attrs, exc):
     raises_naming(exc, Op.CONV2D, shapes, attrs)
+
+
+@pytest.mark.parametrize(("attrs", "want"), [({}, "h-2"), ({"padding": (1, 1)}, "h"), ({"padding": (2, 2)}, "h+2"),
+                                             ({"dilation": (2, 2), "padding": (1, 1)}, "h-2")])
+def test_conv2d_over_a_named_dim_with_stride_one(attrs, want):
+    assert infer(Op.CONV2D, [(1, 3, "h", 8), (6, 3, 3, 3)], attrs).shape[2] == want
 
 
 # ------------------------------------------------------------------ elementwise

@@ -1,0 +1,73 @@
+"""PEFT LoRA on nn.MultiheadAttention (captured merged) and on Conv1d over a dynamic length."""
+
+from __future__ import annotations
+
+import numpy as np
+import peft
+import pytest
+import torch
+from torch import nn
+
+from flora_graph.frontend import capture
+from flora_graph.passes import optimize
+from flora_graph.runtimes import compile
+
+DIMS = {"x": {0: "batch", 1: "seq"}}
+
+
+class Block(nn.Module):
+    def __init__(self, padding: int = 1) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.conv = nn.Conv1d(16, 16, 3, padding=padding)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.out(self.conv(y.transpose(1, 2)).transpose(1, 2))
+
+
+def adapted(targets: list[str], padding: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Block(padding), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            for b in getattr(module, "lora_B", {}).values():
+                b.weight.copy_(torch.randn(b.weight.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def _check(model: nn.Module, graph, shapes=((3, 7), (1, 4))) -> None:
+    for backend in ("numpy", "onnxruntime", "torchscript"):
+        exe = compile(graph, backend)
+        for b, s in shapes:
+            x = torch.randn(b, s, 16, generator=torch.Generator().manual_seed(s))
+            with torch.no_grad():
+                want = model(x).numpy()
+            got = next(iter(exe(x=x.numpy()).values()))
+            np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4, err_msg=f"{backend} at {(b, s)}")
+
+
+def test_lora_on_multihead_attention_is_captured_merged_and_the_model_is_restored() -> None:
+    model = adapted(["attn", "conv"])
+    mha = model.base_model.model.attn
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    graph = capture(model, torch.randn(2, 5, 16), DIMS)
+    assert not mha.merged
+    assert isinstance(mha.get_base_layer().in_proj_weight, nn.Parameter)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit, not W + BA - BA
+    sites = {n.meta.get("module") for n in graph.nodes if n.meta.get("role") == "lora_down"}
+    assert sites == {"conv"}  # the attention's adapter is baked in; the conv's stays a LoRA site
+    _check(model, graph)
+    _check(model, optimize(graph, "fused"))
+    _check(model, optimize(graph, "merged"))
+
+
+@pytest.mark.parametrize("padding", [1, 0])  # same length, and a valid conv: seq - 2
+def test_conv1d_lora_over_a_dynamic_length(padding: int) -> None:
+    model = adapted(["conv"], padding)
+    graph = capture(model, torch.randn(2, 5, 16), DIMS)
+    assert graph.outputs[next(iter(graph.outputs))].shape[1] == ("seq" if padding else "seq-2")
+    _check(model, graph)
