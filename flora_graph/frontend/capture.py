@@ -39,8 +39,8 @@ from flora_graph.frontend.traceable import merged_peft_attention, traceable_expe
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, format_shape, is_dim_name
 
-__all__ = ["CaptureContext", "Traced", "capture", "convert_fx_graph", "suggested_bounds", "torch_dtype_name",
-           "trace_with_torch_export"]
+__all__ = ["CaptureContext", "Traced", "capture", "convert_fx_graph", "decompose_unconverted", "suggested_bounds",
+           "torch_dtype_name", "trace_with_torch_export"]
 
 DynamicDims = Mapping[str, Any]  # {input: {axis: dim name}}, or a list of those for a list input
 
@@ -446,6 +446,7 @@ def trace_with_torch_export(
                 ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
                 if _mutating_ops(ep.graph):
                     ep = _functionalize(ep, type(model).__name__)
+                ep = decompose_unconverted(ep)
                 break
             except FloraGraphError:
                 raise
@@ -494,6 +495,44 @@ def _user_input_names(ep: torch.export.ExportedProgram, model: nn.Module, n_args
     order = [names[i] for i in range(spec.num_leaves) if i in names]
     user = [n for n in ep.graph_signature.user_inputs]
     return order if len(order) == len(user) else user
+
+
+def _unconverted(ep: torch.export.ExportedProgram) -> set[Any]:
+    """The ATen overloads of ``ep`` with no converter (size reads and assertions aside), except where
+    they read weights alone: capture folds those to constants (``eye`` in a DoRA norm)."""
+    sig = ep.graph_signature
+    const = {n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in sig.user_inputs}
+    out = set()
+    for n in ep.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if all(a in const for a in n.all_input_nodes):
+            const.add(n)
+            continue
+        if (isinstance(n.target, torch._ops.OpOverload) and n.target not in ATEN_TABLE and n.target not in NO_TENSOR_OPS
+                and not _is_shape_arith(n) and n.target is not torch.ops.aten.sym_size.int):
+            out.add(n.target)
+    return out
+
+
+def decompose_unconverted(ep: torch.export.ExportedProgram, rounds: int = 3) -> torch.export.ExportedProgram:
+    """``ep`` with the ops that have no converter but a decomposition in torch.export's default table
+    (``logsumexp``, ``softplus``, ``glu``, ``floor_divide``, ...) decomposed, and nothing else: the
+    high-level ops the IR maps whole (``linear``, ``scaled_dot_product_attention``, ``layer_norm``, the
+    LoRA op) stay as they are. Repeated while a decomposition leaves such ops behind; a graph whose ops
+    all convert pays one walk of its nodes."""
+    table = None
+    for _ in range(rounds):
+        missing = _unconverted(ep)
+        if not missing:
+            break
+        if table is None:
+            table = torch.export.default_decompositions()
+        chosen = {op: table[op] for op in missing if op in table and refusal_of(op) is None}
+        if not chosen:
+            break
+        ep = ep.run_decompositions(chosen)
+    return ep
 
 
 def _mutating_ops(fx_graph: torch.fx.Graph) -> list[str]:
