@@ -146,3 +146,30 @@ class WritesInput(nn.Module):
 def test_a_mutation_that_outlives_the_call_is_refused(model: nn.Module, what: str) -> None:
     with pytest.raises(GraphError, match=f"writes {what} in place"):
         capture(model, torch.randn(2, 3))
+
+
+def test_detach_in_place_is_not_a_reason_to_functionalize(monkeypatch) -> None:
+    """transformers' caches call ``detach_``: it changes autograd metadata only, so the program is converted as
+    traced (no ``run_decompositions``), with ``detach_`` as the identity."""
+    import importlib
+
+    import torch
+
+    from flora_graph.frontend import capture as capture_fn
+
+    module = importlib.import_module("flora_graph.frontend.capture")
+    calls = []
+    monkeypatch.setattr(module, "_functionalize", lambda ep, name: calls.append(name) or ep)
+
+    class Detached(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x * 2
+            y.detach_()
+            return y + 1
+
+    graph = capture_fn(Detached(), torch.randn(2, 3), {"x": {0: "batch"}})
+    assert calls == []
+    from flora_graph.runtimes import run
+
+    x = torch.randn(4, 3)
+    assert (run(graph, {"x": x.numpy()})["output"] == (x * 2 + 1).numpy()).all()

@@ -30,7 +30,8 @@ def _alias(ctx: CaptureContext, x: ComputationNode, *_: Any, **__: Any) -> Compu
     return x
 
 
-register(aten.clone.default, aten.detach.default, aten.alias.default, aten.contiguous.default)(_alias)
+register(aten.clone.default, aten.detach.default, aten.alias.default, aten.contiguous.default,
+         aten.detach_.default)(_alias)  # detach_ changes autograd metadata only: the same value
 
 
 @register(aten.dropout.default)
