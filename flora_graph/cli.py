@@ -216,7 +216,8 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     adapters = _adapter_args(args.adapter)
     with console.status("starting") as status:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m))
-    console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an ONNX Runtime GenAI package")
+    kind = "an ONNX Runtime GenAI package" if report.genai else "a package for flora_graph's Generator (GenAI has no type for it)"
+    console.print(f"exported {args.model} with {len(adapters)} adapter(s) as {kind}")
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
     console.print(f"wrote {report.path}" + "".join(f"\n  adapter {n}: {p}" for n, p in report.adapters.items()))

@@ -35,7 +35,7 @@ from typing import Any
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
-__all__ = ["GENAI_CONFIG", "TOKENIZER_FILES", "GenAIReport", "export_genai", "genai_config"]
+__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERATOR_ONLY", "TOKENIZER_FILES", "GenAIReport", "export_genai", "genai_config"]
 
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
@@ -46,9 +46,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 """Files copied from the base folder where present (ONNX Runtime GenAI's tokenizer reads them)."""
 
 GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma",
-               "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gptneox"}
-"""transformers class -> ``model.type`` of genai_config.json (the decoder-only types GenAI runs)."""
+               "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma"}
+"""transformers class -> ``model.type`` of genai_config.json (the decoder-only types GenAI runs with
+separate ``past_key_values.N.key`` / ``.value`` inputs; checked by loading and generating with each)."""
+
+GENERATOR_ONLY = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox"}
+"""Causal LMs packaged the same way for :class:`~flora_graph.serving.generate.Generator`, which ONNX
+Runtime GenAI 0.18 does not run (no ``gpt_neox`` type; its ``gpt2`` type expects another cache layout)."""
 
 
 @dataclass
@@ -59,6 +63,7 @@ class GenAIReport:
     adapters: dict[str, Path]
     summary: str
     seconds: dict[str, float] = field(default_factory=dict)
+    genai: bool = True  # whether ONNX Runtime GenAI runs the package (else flora_graph's Generator only)
 
 
 def genai_config(model: Any, layout: Any, *, model_type: str, context_length: int) -> dict[str, Any]:
@@ -74,9 +79,11 @@ def genai_config(model: Any, layout: Any, *, model_type: str, context_length: in
         inputs["position_ids"] = "position_ids"
     inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
     eos = token("eos_token_id")
+    first_eos = eos[0] if isinstance(eos, list) and eos else eos
+    bos = token("bos_token_id")
     return {
         "model": {
-            "bos_token_id": token("bos_token_id"),
+            "bos_token_id": bos if bos is not None else (first_eos if first_eos is not None else 0),  # GenAI needs a number
             "context_length": context_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -123,9 +130,9 @@ def export_genai(
     say = progress or (lambda msg: None)
     adapters = dict(adapters or {})
     arch = check_model_folder(base)
-    if arch not in GENAI_TYPES:
-        raise FloraGraphError(f"{base}: ONNX Runtime GenAI has no model type for {arch}; "
-                              f"packages are made for {sorted(GENAI_TYPES)}")
+    if arch not in GENAI_TYPES and arch not in GENERATOR_ONLY:
+        raise FloraGraphError(f"{base}: ONNX Runtime GenAI has no model type for {arch}; packages are made for "
+                              f"{sorted(GENAI_TYPES)} (and, for flora_graph's Generator only, {sorted(GENERATOR_ONLY)})")
     for name, folder in adapters.items():
         check_name(name, "adapter name", error=AdapterError)
         check_adapter_folder(folder)
@@ -162,7 +169,9 @@ def export_genai(
 
     t0 = time.perf_counter()
     context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
-    doc = genai_config(model, layout, model_type=GENAI_TYPES[arch], context_length=context)
+    if arch in GENERATOR_ONLY:
+        say(f"ONNX Runtime GenAI has no model type for {arch}: the package serves flora_graph's Generator only")
+    doc = genai_config(model, layout, model_type={**GENAI_TYPES, **GENERATOR_ONLY}[arch], context_length=context)
     written: dict[str, Path] = {}
     with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
         say("writing the model")
@@ -191,7 +200,7 @@ def export_genai(
                 shutil.copyfile(src, tmp / f)
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
-    return GenAIReport(Path(out), written, graph.summary(), seconds)
+    return GenAIReport(Path(out), written, graph.summary(), seconds, genai=arch in GENAI_TYPES)
 
 
 def _refuse_saved_modules(name: str, folder: Path) -> None:

@@ -106,13 +106,18 @@ class Generator:
         adapter_files = {p.name.removesuffix(".onnx_adapter"): p
                          for p in sorted((self.package / ADAPTERS_DIR).glob("*.onnx_adapter"))}
         options = {"intra_op_threads": threads, "inter_op_threads": 1}
-        from flora_graph.serving.session import AdapterSession
+        from flora_graph.serving.session import AdapterSession, OrtModel
 
         # one adapter (or none) for every row: the package's model, with that adapter active;
         # rows with different adapters: the mixed model, one call for the whole batch
-        self._single = AdapterSession(self.package / MODEL_FILE, require_checksum=require_checksum, **options)
-        for name, path in adapter_files.items():
-            self._single.load_adapter(name, path)
+        self._single: AdapterSession | None = None
+        self._plain: OrtModel | None = None
+        if adapter_files:
+            self._single = AdapterSession(self.package / MODEL_FILE, require_checksum=require_checksum, **options)
+            for name, path in adapter_files.items():
+                self._single.load_adapter(name, path)
+        else:  # a package without adapters: the model has no LoRA inputs
+            self._plain = OrtModel(self.package / MODEL_FILE, **options)
         self._mixed = None
         if adapter_files and (self.package / MIXED_FILE).is_file():
             from flora_graph.serving.mixed import MixedAdapterSession
@@ -155,6 +160,8 @@ class Generator:
 
     # ------------------------------------------------------------------ one model call
     def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
+        if self._plain is not None:  # no adapters: add() refused any adapter name already
+            return self._plain.run(feeds, None, lambda: "generation step")
         if len(set(adapters)) == 1 or self._mixed is None:
             if len(set(adapters)) > 1:
                 raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
