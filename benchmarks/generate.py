@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:>6}: per decode step genai {g:.3f} ms, generator {f:.3f} ms, builder {b:.3f} ms, "
                   f"eager+cache {e:.3f} ms; genai/builder {g / b:.2f}x, generator/genai {f / g:.2f}x, "
                   f"eager/genai {e / g:.1f}x, eager/generator {e / f:.1f}x")
+        if SWITCH_MS:
+            print(f"adapter switch (GenAI set_active_adapter): median {statistics.median(SWITCH_MS):.3f} ms, "
+                  f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "
+                  "per call (no switch step)")
         rows = len(peft_dirs)
         print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}): "
               + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items()))
@@ -194,6 +198,9 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
     return {k: statistics.median(v) for k, v in rates.items()}, same
 
 
+SWITCH_MS: list[float] = []  # each set_active_adapter call of a GenAI generation, in ms
+
+
 def _genai_runner(og, package: Path, adapters: dict[str, Path], prompt: list[int]):
     """``run(adapter, new) -> (tokens, seconds)`` on the GenAI package ``package`` (its adapters loaded)."""
     model = og.Model(_one_thread(package))
@@ -208,7 +215,9 @@ def _genai_runner(og, package: Path, adapters: dict[str, Path], prompt: list[int
         t = time.perf_counter()
         gen = og.Generator(model, params)
         if adapter:
+            t_switch = time.perf_counter()
             gen.set_active_adapter(loaded, adapter)
+            SWITCH_MS.append((time.perf_counter() - t_switch) * 1e3)
         gen.append_tokens(prompt)
         while not gen.is_done():
             gen.generate_next_token()
