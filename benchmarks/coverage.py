@@ -1,0 +1,963 @@
+"""Coverage matrix: tiny architectures and PEFT variants through flora_graph and ``torch.onnx``, side by side.
+
+Run: python benchmarks/coverage.py [--cases NAME ...] [--quick] [--out DIR] [--no-torch-onnx]
+
+Needs the ``bench`` extra (``onnxscript`` for ``torch.onnx.export(..., dynamo=True)``, peft,
+transformers). Every case is built from a tiny config (no download), seeded, in eval mode:
+decoders, encoders, encoder-decoders, a text encoder, vision transformers and conv nets, speech
+encoders, a mixture of experts, ``torch.nn`` transformer blocks, and PEFT variants (rsLoRA,
+rank/alpha patterns, embedding LoRA, two adapters active at once, a second adapter set active,
+a weighted combination, ``modules_to_save``, DoRA, Conv2d and Conv1d LoRA). Each model carries a
+PEFT LoRA with a nonzero ``B`` (``init_lora_weights=False``); a model that takes an
+``attention_mask`` gets one whose first row is left-padded by two positions.
+
+Per case:
+
+* eager PEFT gives the reference outputs at two check shapes (``batch x seq`` 1x5 and 3x11 for
+  token models, batch 1 and 3 for images and audio), both other than the example's (2x8);
+* **flora_graph export**: ``capture`` + ``optimize(graph, "merged", backend="onnxruntime")`` +
+  ``save_onnx``, timed with ``time.process_time()`` (CPU seconds) and wall clock, one run;
+* **flora_graph cells**: ``fused`` and ``merged`` x ``onnxruntime`` and ``torchscript``, each
+  optimized from the captured graph, compiled and run at both check shapes; the error of a cell
+  is ``max |got - want| / max |want|`` over every output (relative to the largest reference value);
+* **torch.onnx**: ``merge_and_unload()`` of a deep copy of the PEFT model (the copy made before
+  timing; where PEFT refuses to merge, the PEFT model itself) + ``torch.onnx.export(model, (),
+  kwargs=example, dynamo=True, dynamic_shapes=...)`` + ``ONNXProgram.save``, timed the same way
+  (the dims as strings, which torch.onnx turns into ``Dim.DYNAMIC``), then its file run in ONNX
+  Runtime at both check shapes against eager PEFT, over every position and over the positions the
+  padding mask keeps (a left-padded query sees no key, and what a model returns there is arbitrary:
+  torch.onnx's files differ from eager there; flora_graph's match eager at every position).
+
+Eager PEFT runs with the ``nn.MultiheadAttention`` fast path off (see :func:`no_fastpath`).
+
+One thread everywhere (``torch.set_num_threads(1)``, ORT one intra-op thread, no spinning). Both
+exporters are warmed up once on a small PEFT MLP before the matrix, and the order of the two
+exports alternates from case to case. Every exception is caught per cell and recorded as its
+type and the first line of its message. The printed table is followed by the counts and three
+targets: no case where torch.onnx succeeds (exports, and matches eager within ``--tol`` at the
+unpadded positions) and flora_graph fails (capture, export, or any cell off by more than ``--tol``
+anywhere); a median export speed-up (torch.onnx CPU s / flora_graph CPU s, over the cases both
+export) of at least 5x; every preset x backend within ``--tol`` relative of eager PEFT.
+``--out DIR`` writes ``DIR/coverage.json`` (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import json
+import logging
+import math
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+TOL = 1e-4
+PRESETS = ("fused", "merged")
+BACKENDS = ("onnxruntime", "torchscript")
+VOCAB = 128
+MAX_POS = 64
+EXAMPLE = (2, 8)  # (batch, seq) of the example the exporters trace with
+CHECKS = ((1, 5), (3, 11))  # (batch, seq) of the two check inputs, both other than the example's
+TOKEN_DIMS = {0: "batch", 1: "seq"}
+TARGET_SPEEDUP = 5.0
+
+
+# --------------------------------------------------------------------------------------------- cases
+@dataclass
+class Built:
+    """A case's model and inputs: ``model`` (a PeftModel or a plain module, eval mode), the example the
+    exporters trace with, its named dynamic dims, upper bounds (``dim_max``) or None, two check inputs."""
+
+    model: nn.Module
+    example: dict[str, torch.Tensor]
+    dynamic_dims: dict[str, dict[int, str]]
+    dim_max: dict[str, int] | None
+    checks: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str
+    build: Callable[[], Built]
+    about: str = ""
+
+
+CASES: dict[str, Case] = {}
+QUICK: list[str] = []  # the representative subset (--quick, and the default test suite)
+
+
+def register(name: str, family: str, build: Callable[[], Built], about: str = "", quick: bool = False) -> None:
+    CASES[name] = Case(name, family, build, about)
+    if quick:
+        QUICK.append(name)
+
+
+def lora(model: nn.Module, *, adapter_name: str = "default", **cfg: Any) -> nn.Module:
+    """``model`` wrapped by PEFT with a LoRA whose ``A`` and ``B`` are random (nonzero ``B``), eval mode."""
+    import peft
+
+    torch.manual_seed(1)
+    cfg.setdefault("r", 4)
+    cfg.setdefault("lora_alpha", 8)
+    cfg.setdefault("target_modules", "all-linear")
+    return peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **cfg), adapter_name=adapter_name).eval()
+
+
+def tokens(batch: int, seq: int, seed: int, *, mask: bool = True, types: bool = False,
+           decoder_seq: int | None = None) -> dict[str, torch.Tensor]:
+    """``input_ids`` (ids 4.., no special token), with an ``attention_mask`` whose first row is
+    left-padded by two, ``token_type_ids`` (two segments), ``decoder_input_ids`` where asked."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {"input_ids": torch.randint(4, VOCAB, (batch, seq), generator=gen)}
+    if mask:
+        m = torch.ones(batch, seq, dtype=torch.int64)
+        m[0, :2] = 0
+        out["attention_mask"] = m
+    if types:
+        t = torch.zeros(batch, seq, dtype=torch.int64)
+        t[:, seq // 2:] = 1
+        out["token_type_ids"] = t
+    if decoder_seq is not None:
+        out["decoder_input_ids"] = torch.randint(4, VOCAB, (batch, decoder_seq), generator=gen)
+    return out
+
+
+def token_case(model: nn.Module, *, mask: bool = True, types: bool = False, dim_max: dict[str, int] | None = None,
+               decoder: bool = False) -> Built:
+    """A token model's example (2x8) and checks (1x5, 3x11); an encoder-decoder's decoder ids are 6, 3, 7 long."""
+    dec = (6, 3, 7) if decoder else (None, None, None)
+    example = tokens(*EXAMPLE, 0, mask=mask, types=types, decoder_seq=dec[0])
+    checks = tuple(tokens(b, s, k + 1, mask=mask, types=types, decoder_seq=dec[k + 1]) for k, (b, s) in enumerate(CHECKS))
+    dims = {n: dict(TOKEN_DIMS) for n in example}
+    if decoder:
+        dims["decoder_input_ids"] = {0: "batch", 1: "dec_seq"}
+    return Built(model, example, dims, dim_max, checks)  # type: ignore[arg-type]
+
+
+def batch_case(model: nn.Module, make: Callable[[int, int], dict[str, torch.Tensor]],
+               dims: dict[str, dict[int, str]], dim_max: dict[str, int] | None = None) -> Built:
+    """A model fed by ``make(batch, seed)``: example batch 2, checks batch 1 and 3."""
+    return Built(model, make(2, 0), dims, dim_max, (make(1, 1), make(3, 2)))
+
+
+def hf(config_cls: str, model_cls: str, **cfg: Any) -> nn.Module:
+    """``transformers.<model_cls>(transformers.<config_cls>(**cfg))``, seeded, float32."""
+    import transformers
+
+    torch.manual_seed(0)
+    attn = cfg.pop("attn_implementation", None)
+    config = getattr(transformers, config_cls)(**cfg)
+    if attn is not None:
+        config._attn_implementation = attn
+    return getattr(transformers, model_cls)(config).eval()
+
+
+SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "max_position_embeddings": MAX_POS}
+GQA = {**SMALL, "num_key_value_heads": 2}
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BOUNDED = {"seq": MAX_POS}  # a learned position table of MAX_POS rows, sliced by seq
+
+
+def decoder(config_cls: str, model_cls: str, *, dim_max: dict[str, int] | None = None, lora_cfg: dict | None = None,
+            mask: bool = True, **cfg: Any) -> Callable[[], Built]:
+    def build() -> Built:
+        return token_case(lora(hf(config_cls, model_cls, use_cache=False, **cfg), **(lora_cfg or {})), mask=mask,
+                          dim_max=dim_max)
+    return build
+
+
+# decoders
+register("llama", "decoder", decoder("LlamaConfig", "LlamaForCausalLM", **GQA), "GQA 4/2, RoPE")
+register("mistral", "decoder", decoder("MistralConfig", "MistralForCausalLM", **GQA))
+register("qwen2", "decoder", decoder("Qwen2Config", "Qwen2ForCausalLM", **GQA), "q/k/v biases")
+register("qwen3", "decoder", decoder("Qwen3Config", "Qwen3ForCausalLM", head_dim=8, **GQA), "q/k norms")
+register("phi3", "decoder", decoder("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                    **GQA), "fused qkv_proj, gate_up_proj")
+register("gemma", "decoder", decoder("GemmaConfig", "GemmaForCausalLM", head_dim=8, **GQA), "scaled embeddings")
+register("gemma2", "decoder", decoder("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, attn_implementation="eager",
+                                      **GQA), "eager attention, soft-capping, sliding window")
+register("gpt2", "decoder", decoder("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                    n_positions=MAX_POS, bos_token_id=0, eos_token_id=0, dim_max=BOUNDED),
+         "Conv1D (fan_in_fan_out), learned positions", quick=True)
+register("gpt-neox", "decoder", decoder("GPTNeoXConfig", "GPTNeoXForCausalLM", bos_token_id=0, eos_token_id=0, **SMALL),
+         "partial rotary, parallel residual")
+register("gpt-j", "decoder", decoder("GPTJConfig", "GPTJForCausalLM", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                     n_positions=MAX_POS, rotary_dim=4, bos_token_id=0, eos_token_id=0),
+         "interleaved rotary")
+register("falcon", "decoder", decoder("FalconConfig", "FalconForCausalLM", vocab_size=VOCAB, hidden_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, bos_token_id=0, eos_token_id=0),
+         "multi-query attention")
+register("bloom", "decoder", decoder("BloomConfig", "BloomForCausalLM", vocab_size=VOCAB, hidden_size=32, n_layer=2,
+                                     n_head=4, bos_token_id=0, eos_token_id=0), "ALiBi")
+register("opt", "decoder", decoder("OPTConfig", "OPTForCausalLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                   ffn_dim=64, num_attention_heads=4, max_position_embeddings=MAX_POS,
+                                   word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+                                   dim_max=BOUNDED), "learned positions from the mask's cumsum")
+# mixture of experts: LoRA on the attention (the experts are fused parameters, not Linear layers)
+register("mixtral", "moe", decoder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
+                                   lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, **GQA),
+         "4 experts, top 2", quick=True)
+
+
+def encoder(config_cls: str, model_cls: str, *, types: bool = False, lora_cfg: dict | None = None,
+            **cfg: Any) -> Callable[[], Built]:
+    def build() -> Built:
+        return token_case(lora(hf(config_cls, model_cls, **cfg), **(lora_cfg or {})), types=types, dim_max=BOUNDED)
+    return build
+
+
+register("bert", "encoder", encoder("BertConfig", "BertModel", types=True, **SMALL),
+         "segments, pooler (two outputs)", quick=True)
+register("roberta", "encoder", encoder("RobertaConfig", "RobertaModel", pad_token_id=1,
+                                       **{**SMALL, "max_position_embeddings": MAX_POS + 2}),
+         "positions from the ids")
+register("distilbert", "encoder", encoder("DistilBertConfig", "DistilBertModel", vocab_size=VOCAB, dim=32, n_layers=2,
+                                          n_heads=4, hidden_dim=64, max_position_embeddings=MAX_POS))
+register("deberta-v2", "encoder", encoder("DebertaV2Config", "DebertaV2Model", relative_attention=True,
+                                          position_buckets=16, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+                                          **SMALL), "disentangled relative attention")
+register("albert", "encoder", encoder("AlbertConfig", "AlbertModel", types=True, embedding_size=16, **SMALL),
+         "shared layers, factorised embeddings")
+register("electra", "encoder", encoder("ElectraConfig", "ElectraModel", types=True, embedding_size=16, **SMALL))
+register("clip-text", "encoder", encoder("CLIPTextConfig", "CLIPTextModel", bos_token_id=0, eos_token_id=2, **SMALL),
+         "causal mask, pooled at argmax id")
+
+
+def seq2seq(config_cls: str, model_cls: str, **cfg: Any) -> Callable[[], Built]:
+    def build() -> Built:
+        return token_case(lora(hf(config_cls, model_cls, use_cache=False, **cfg)), decoder=True, dim_max=None)
+    return build
+
+
+register("t5", "encoder-decoder", seq2seq("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=32, d_kv=8,
+                                          d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
+         "relative position buckets")
+register("bart", "encoder-decoder", seq2seq("BartConfig", "BartForConditionalGeneration", vocab_size=VOCAB, d_model=32,
+                                            encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                            max_position_embeddings=MAX_POS), "learned positions", quick=True)
+
+
+def images(batch: int, seed: int) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
+
+
+IMAGE_DIMS = {"pixel_values": {0: "batch"}}
+VIT = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 32, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "intermediate_size": 64}
+
+
+def vision(config_cls: str, model_cls: str, lora_cfg: dict | None = None, **cfg: Any) -> Callable[[], Built]:
+    def build() -> Built:
+        return batch_case(lora(hf(config_cls, model_cls, **cfg), **(lora_cfg or {})), images, IMAGE_DIMS)
+    return build
+
+
+register("vit", "vision", vision("ViTConfig", "ViTForImageClassification", num_labels=5, **VIT), "patch conv, CLS head",
+         quick=True)
+register("convnext", "conv", vision("ConvNextConfig", "ConvNextForImageClassification", num_channels=3, num_stages=2,
+                                    hidden_sizes=[8, 16], depths=[1, 1], num_labels=5),
+         "depthwise 7x7 convs, LoRA on the pointwise Linears")
+register("resnet", "conv", vision("ResNetConfig", "ResNetForImageClassification", embedding_size=8, hidden_sizes=[8, 16],
+                                  depths=[1, 1], layer_type="basic", num_labels=5),
+         "batch norm, max pool; LoRA on the classifier")
+
+
+def whisper_encoder(lora_cfg: dict | None = None) -> Callable[[], Built]:
+    def build() -> Built:
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        torch.manual_seed(0)
+        import transformers
+
+        cfg = transformers.WhisperConfig(vocab_size=VOCAB, num_mel_bins=8, d_model=32, encoder_layers=2,
+                                         encoder_attention_heads=4, encoder_ffn_dim=64, decoder_layers=1,
+                                         decoder_attention_heads=4, decoder_ffn_dim=64, max_source_positions=16,
+                                         max_target_positions=MAX_POS, pad_token_id=0, bos_token_id=1,
+                                         eos_token_id=2, decoder_start_token_id=1)
+        model = lora(WhisperEncoder(cfg).eval(), **(lora_cfg or {}))
+
+        def feats(batch: int, seed: int) -> dict[str, torch.Tensor]:
+            return {"input_features": torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(seed))}
+        return batch_case(model, feats, {"input_features": {0: "batch"}})
+    return build
+
+
+register("whisper-encoder", "speech", whisper_encoder(), "conv1d stem, fixed 32 frames", quick=True)
+
+
+def wav2vec2() -> Built:
+    model = lora(hf("Wav2Vec2Config", "Wav2Vec2Model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=VOCAB),
+                 target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"])
+
+    def audio(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        n = {0: 400, 1: 320, 2: 480}[seed]  # samples: the check inputs differ in length too
+        return {"input_values": torch.randn(batch, n, generator=torch.Generator().manual_seed(seed))}
+    return batch_case(model, audio, {"input_values": {0: "batch", 1: "samples"}})
+
+
+register("wav2vec2", "speech", wav2vec2, "strided conv feature extractor over a dynamic length, conv positions")
+
+
+# torch.nn
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoder`` (2 layers, batch first, nested tensors off) between two Linears; ``padding_mask``
+    is a bool key-padding mask (True: padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x), src_key_padding_mask=padding_mask))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm ``nn.MultiheadAttention`` with a key-padding mask, then a GELU MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, key_padding_mask=padding_mask, need_weights=False)[0]
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+def sequences(width: int) -> Callable[[int, int, int], dict[str, torch.Tensor]]:
+    def make(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+        mask = torch.zeros(batch, seq, dtype=torch.bool)
+        mask[0, :2] = True  # the first row left-padded by two
+        return {"x": torch.randn(batch, seq, width, generator=torch.Generator().manual_seed(seed)), "padding_mask": mask}
+    return make
+
+
+def torch_nn(module: Callable[[], nn.Module], width: int, targets: list[str]) -> Callable[[], Built]:
+    def build() -> Built:
+        torch.manual_seed(0)
+        model = lora(module().eval(), target_modules=targets)
+        make = sequences(width)
+        return Built(model, make(*EXAMPLE, 0), {"x": dict(TOKEN_DIMS), "padding_mask": dict(TOKEN_DIMS)}, None,
+                     (make(*CHECKS[0], 1), make(*CHECKS[1], 2)))
+    return build
+
+
+register("nn-transformer-encoder", "torch.nn", torch_nn(TorchEncoder, 16, ["embed", "linear1", "linear2", "head"]),
+         "nn.TransformerEncoder, key-padding mask (eager reference without the fused fast path)")
+register("nn-multihead-attention", "torch.nn", torch_nn(AttentionBlock, 16, ["attn", "fc1", "fc2"]),
+         "LoRA on nn.MultiheadAttention itself", quick=True)
+
+
+# PEFT variants
+def llama_peft(**lora_cfg: Any) -> Callable[[], Built]:
+    return decoder("LlamaConfig", "LlamaForCausalLM", lora_cfg={"target_modules": LLAMA_TARGETS, **lora_cfg}, **GQA)
+
+
+register("llama-rslora", "peft", llama_peft(r=8, lora_alpha=16, use_rslora=True), "alpha / sqrt(r)")
+register("llama-patterns", "peft", llama_peft(rank_pattern={"k_proj": 2, "down_proj": 6,
+                                                            "model.layers.1.self_attn.q_proj": 8},
+                                              alpha_pattern={"v_proj": 32, "up_proj": 2}),
+         "rank_pattern / alpha_pattern: ranks 2, 4, 6, 8")
+register("llama-embedding-lora", "peft", llama_peft(target_modules=["embed_tokens", "q_proj", "v_proj"]),
+         "LoRA on the token embedding")
+
+
+def llama_two_adapters(mode: str) -> Callable[[], Built]:
+    def build() -> Built:
+        import peft
+
+        built = decoder("LlamaConfig", "LlamaForCausalLM", lora_cfg={"target_modules": ["q_proj", "v_proj", "o_proj"]},
+                        **GQA)()
+        pm = built.model
+        torch.manual_seed(2)
+        pm.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, init_lora_weights=False,
+                                                 target_modules=["q_proj", "k_proj", "down_proj"]))
+        if mode == "both":  # both adapters active: each site sums its adapters
+            pm.base_model.set_adapter(["default", "second"])
+        elif mode == "second":
+            pm.set_adapter("second")
+        else:  # a weighted combination, as a new adapter
+            pm.add_weighted_adapter(["default", "second"], [0.7, 0.5], "combo", combination_type="cat")
+            pm.set_adapter("combo")
+        built.model = pm.eval()
+        return built
+    return build
+
+
+register("llama-two-adapters", "peft", llama_two_adapters("both"), "two adapters active at once", quick=True)
+register("llama-set-adapter", "peft", llama_two_adapters("second"), "add_adapter + set_adapter (the second)")
+register("llama-weighted-adapter", "peft", llama_two_adapters("combo"), "add_weighted_adapter (cat) of two")
+
+
+def bert_modules_to_save() -> Built:
+    model = hf("BertConfig", "BertForSequenceClassification", num_labels=3, **SMALL)
+    pm = lora(model, target_modules=["query", "value"], modules_to_save=["classifier"])
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the saved copy of the head differs from the original one
+        for m in pm.modules():
+            if hasattr(m, "modules_to_save") and isinstance(m.modules_to_save, nn.ModuleDict):
+                for p in m.modules_to_save.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return token_case(pm, types=True, dim_max=BOUNDED)
+
+
+register("bert-modules-to-save", "peft", bert_modules_to_save, "sequence classification, a trained head copy")
+
+
+def llama_dora() -> Built:
+    built = llama_peft(use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # magnitudes that are not the weight norms
+        for m in built.model.modules():
+            for vec in getattr(m, "lora_magnitude_vector", {}).values():
+                vec.weight.mul_(1.0 + 0.5 * torch.rand(vec.weight.shape, generator=gen))
+    return built
+
+
+register("llama-dora", "peft", llama_dora, "use_dora, magnitudes off the weight norms")
+register("resnet-conv2d-lora", "peft", vision("ResNetConfig", "ResNetForImageClassification", embedding_size=8,
+                                              hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5,
+                                              lora_cfg={"target_modules": ["convolution"], "r": 2, "lora_alpha": 4}),
+         "LoRA on every Conv2d (stem 7x7/2, 3x3, 1x1 shortcut)", quick=True)
+
+
+class TemporalConvNet(nn.Module):
+    """Two ``nn.Conv1d`` (kernels 3 and 5, stride 1, same padding) over a dynamic length, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(8, 16, 3, padding=1)
+        self.conv2 = nn.Conv1d(16, 16, 5, padding=2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.conv2(nn.functional.gelu(self.conv1(x.transpose(1, 2)))))
+        return self.head(h.transpose(1, 2))
+
+
+def conv1d_lora() -> Built:
+    torch.manual_seed(0)
+    model = lora(TemporalConvNet().eval(), target_modules=["conv1", "conv2", "head"], r=2, lora_alpha=4)
+
+    def make(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.randn(batch, seq, 8, generator=torch.Generator().manual_seed(seed))}
+    return Built(model, make(*EXAMPLE, 0), {"x": dict(TOKEN_DIMS)}, None, (make(*CHECKS[0], 1), make(*CHECKS[1], 2)))
+
+
+register("tcn-conv1d-lora", "peft", conv1d_lora, "LoRA on two Conv1d over a dynamic length")
+register("llama-lora-bias", "peft", llama_peft(lora_bias=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+         "lora_bias: a bias on each B")
+
+
+# --------------------------------------------------------------------------------------------- measuring
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in ANSI.sub("", str(exc)).strip().splitlines()]
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines and lines[0] else type(exc).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters), and the same of the exception that
+    caused it, where there is one (torch.onnx wraps the real error in a ``ConversionError``)."""
+    line, cause = first_line(exc), exc.__cause__ or exc.__context__
+    inner = first_line(cause).split(": ", 1)[-1] if cause is not None and cause is not exc else ""
+    return f"{line} <- {first_line(cause)}" if inner and inner not in line else line
+
+
+def rel_err(got: list[np.ndarray], want: list[np.ndarray], valid: np.ndarray | None = None) -> float:
+    """Largest ``max |got - want| / max |want|`` over the outputs (in order): ``inf`` when their counts or
+    shapes differ, ``nan`` when a value is NaN. ``valid`` (``[batch, seq]`` booleans): compare only those
+    positions of outputs whose leading dims are ``[batch, seq]`` (the others whole)."""
+    if len(got) != len(want):
+        return math.inf
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        g, w = np.asarray(g, dtype=np.float64), np.asarray(w, dtype=np.float64)
+        if g.shape != w.shape:
+            return math.inf
+        if valid is not None and g.shape[:2] == valid.shape:
+            g, w = g[valid], w[valid]
+        if not g.size:
+            continue
+        err = float(np.max(np.abs(g - w))) / max(float(np.max(np.abs(w))), 1e-30)
+        if err != err:
+            return err
+        worst = max(worst, err)
+    return worst
+
+
+def unpadded(x: dict[str, torch.Tensor]) -> np.ndarray | None:
+    """The positions an input's padding mask keeps (``attention_mask`` 1, ``padding_mask`` False), if it has one."""
+    if "attention_mask" in x:
+        return x["attention_mask"].numpy() != 0
+    if "padding_mask" in x:
+        return ~x["padding_mask"].numpy()
+    return None
+
+
+@contextlib.contextmanager
+def no_fastpath() -> Iterator[None]:
+    """Switch off the inference fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``.
+
+    Under ``torch.no_grad()`` in eval mode, ``nn.TransformerEncoderLayer`` runs one fused kernel that reads
+    ``linear1.weight`` / ``linear2.weight`` directly: a PEFT LoRA on them is silently skipped, so "eager PEFT"
+    would be the model without those adapters. The reference is the modules' own forward, which is what
+    both exporters trace."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+def eager(model: nn.Module, x: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """The model's outputs at ``x`` (every tensor, in the captured graph's order), as numpy."""
+    from flora_graph.frontend import output_tensors
+
+    with torch.no_grad(), no_fastpath():
+        return [t.detach().numpy() for t in output_tensors(model(**x))]
+
+
+def is_peft(model: nn.Module) -> bool:
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def clock(into: dict[str, float], key: str) -> Iterator[None]:
+    """Add the CPU seconds (``time.process_time``) and wall seconds of the block to ``into[key + "_cpu_s"]``/``_wall_s``."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    try:
+        yield
+    finally:
+        into[f"{key}_cpu_s"] = into.get(f"{key}_cpu_s", 0.0) + time.process_time() - c0
+        into[f"{key}_wall_s"] = into.get(f"{key}_wall_s", 0.0) + time.perf_counter() - w0
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def flora_export(built: Built, names: list[str] | None, path: Path, times: dict[str, float]) -> Any:
+    """capture + optimize (merged, for onnxruntime) + save_onnx, timed into ``times``; returns the captured graph."""
+    from flora_graph.frontend import capture
+    from flora_graph.passes import optimize
+    from flora_graph.runtimes.onnx_writer import save_onnx
+
+    with clock(times, "export"):
+        with clock(times, "capture"), quiet():
+            graph = capture(built.model, built.example, built.dynamic_dims, dim_max=built.dim_max, output_names=names)
+        save_onnx(optimize(graph, "merged", backend="onnxruntime"), path)
+    return graph
+
+
+def flora_cells(graph: Any, built: Built, want: list[list[np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Every preset x backend of the captured ``graph`` at the check inputs: ``{"fused/onnxruntime": {"rel_err":
+    [at check 0, at check 1]} or {"error": ...}}``."""
+    from flora_graph.bench.latency import backend_options
+    from flora_graph.passes import optimize
+    from flora_graph.runtimes import compile
+
+    cells: dict[str, dict[str, Any]] = {}
+    for preset in PRESETS:
+        for backend in BACKENDS:
+            key = f"{preset}/{backend}"
+            try:
+                with quiet():
+                    exe = compile(optimize(graph, preset, backend=backend), backend, **backend_options(backend, 1))
+                    cells[key] = {"rel_err": [rel_err(list(exe(**x).values()), w)
+                                              for x, w in zip(built.checks, want, strict=True)]}
+            except Exception as exc:
+                cells[key] = {"error": describe(exc)}
+    return cells
+
+
+def torch_onnx_export(model: nn.Module, built: Built, path: Path, times: dict[str, float]) -> str:
+    """PEFT ``merge_and_unload`` (of ``model``, a copy) + ``torch.onnx.export(dynamo=True)`` + save, timed into
+    ``times``; where PEFT refuses to merge (``lora_bias`` on a layer without a bias), the PEFT model itself is
+    exported and only that is timed. Returns the route taken."""
+    route = "plain"
+    if is_peft(model):
+        spare = copy.deepcopy(model)
+        try:
+            with clock(times, "export"), quiet():
+                model, route = model.merge_and_unload(), "merged"
+        except Exception as exc:
+            # the adapted model PEFT wraps (PeftModel.forward takes **kwargs, which dynamic_shapes cannot name)
+            model, route = spare.get_base_model(), f"unmerged (merge_and_unload: {describe(exc)})"
+            times.clear()
+    with clock(times, "export"), quiet():
+        dims = {n: {ax: str(d) for ax, d in axes.items()} for n, axes in built.dynamic_dims.items()}
+        program = torch.onnx.export(model, (), kwargs=built.example, dynamo=True, dynamic_shapes=dims, verbose=False)
+        program.save(str(path))
+    return route
+
+
+def ort_rel_errs(path: Path, built: Built, want: list[list[np.ndarray]]) -> tuple[list[float], list[float]]:
+    """The relative error of the ONNX file at ``path`` in ONNX Runtime at each check input, over every position
+    and over the positions the padding mask keeps."""
+    import onnxruntime as ort
+
+    from flora_graph.bench.latency import backend_options
+    from flora_graph.runtimes.onnxrt import make_session_options
+
+    sess = ort.InferenceSession(str(path), sess_options=make_session_options(**backend_options("onnxruntime", 1)),
+                                providers=["CPUExecutionProvider"])
+    errs, kept = [], []
+    for x, w in zip(built.checks, want, strict=True):
+        missing = [i.name for i in sess.get_inputs() if i.name not in x]
+        if missing:
+            raise RuntimeError(f"the file declares inputs {missing} the model was not given")
+        got = sess.run(None, {i.name: x[i.name].numpy() for i in sess.get_inputs()})
+        errs.append(rel_err(got, w))
+        kept.append(rel_err(got, w, unpadded(x)))
+    return errs, kept
+
+
+def adapter_effect(model: nn.Module, x: dict[str, torch.Tensor], want: list[np.ndarray]) -> float | None:
+    """How far the adapters move the output: relative difference of eager with and without them."""
+    if not is_peft(model):
+        return None
+    with model.disable_adapter():
+        return rel_err(eager(model, x), want)
+
+
+def run_case(case: Case, workdir: Path, *, torch_onnx: bool = True, torch_onnx_first: bool = False,
+             tol: float = TOL) -> dict[str, Any]:
+    """Build ``case``, export it with flora_graph (and torch.onnx), run every cell; never raises."""
+    from flora_graph.frontend.model_outputs import output_names
+    from flora_graph.passes import find_lora
+
+    res: dict[str, Any] = {"case": case.name, "family": case.family, "about": case.about, "tol": tol}
+    try:
+        with quiet():
+            built = case.build()
+            want = [eager(built.model, x) for x in built.checks]
+            with torch.no_grad():
+                names = output_names(built.model(**built.example))
+            res["adapter_effect"] = adapter_effect(built.model, built.checks[1], want[1])
+    except Exception as exc:
+        res["build_error"] = describe(exc)
+        return res
+    res["outputs"] = names
+    res["shapes"] = [{k: list(v.shape) for k, v in x.items()} for x in built.checks]
+    flora: dict[str, Any] = {"times": {}}
+    onnx_side: dict[str, Any] = {"times": {}}
+    graph = None
+
+    def do_flora() -> None:
+        nonlocal graph
+        try:
+            graph = flora_export(built, names, workdir / f"{case.name}.flora.onnx", flora["times"])
+        except Exception as exc:
+            flora["error"] = describe(exc)
+            flora["times"] = {}
+
+    def do_torch_onnx() -> None:
+        model = copy.deepcopy(built.model) if is_peft(built.model) else built.model  # merge_and_unload consumes it
+        try:
+            onnx_side["route"] = torch_onnx_export(model, built, workdir / f"{case.name}.torch.onnx", onnx_side["times"])
+        except Exception as exc:
+            onnx_side["error"] = describe(exc)
+            onnx_side["times"] = {}
+
+    order = [do_torch_onnx, do_flora] if torch_onnx_first else [do_flora, do_torch_onnx]
+    for step in order:
+        if step is do_flora or torch_onnx:
+            gc.collect()
+            step()
+    if graph is not None:
+        flora["lora_sites"] = len(list(find_lora(graph)))
+        flora["cells"] = flora_cells(graph, built, want)
+    res["flora_graph"] = flora
+    if torch_onnx:
+        if "error" not in onnx_side:
+            try:
+                onnx_side["rel_err"], onnx_side["rel_err_unpadded"] = ort_rel_errs(workdir / f"{case.name}.torch.onnx", built, want)
+            except Exception as exc:
+                onnx_side["run_error"] = describe(exc)
+        res["torch_onnx"] = onnx_side
+    for p in workdir.iterdir():  # keep the temporary folder small
+        p.unlink()
+    return res
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+def flora_worst(res: dict[str, Any]) -> float:
+    """The worst relative error over every flora_graph cell and check (``inf`` where a cell failed)."""
+    cells = res.get("flora_graph", {}).get("cells")
+    if not cells:
+        return math.inf
+    errs = [e for c in cells.values() for e in c.get("rel_err", [math.inf])]
+    return max(errs, key=lambda e: math.inf if e != e else e)
+
+
+def flora_ok(res: dict[str, Any]) -> bool:
+    """Captured, exported, and every preset x backend within tolerance at both checks."""
+    fl = res.get("flora_graph", {})
+    return "error" not in fl and flora_worst(res) <= res["tol"]
+
+
+def torch_onnx_exported(res: dict[str, Any]) -> bool:
+    return "torch_onnx" in res and "error" not in res["torch_onnx"]
+
+
+def torch_onnx_ok(res: dict[str, Any], unpadded: bool = False) -> bool:
+    """Exported, ran in ONNX Runtime at both checks within tolerance (``unpadded``: at the positions the
+    padding mask keeps; a left-padded position is a query that sees no key)."""
+    t = res.get("torch_onnx", {})
+    errs = t.get("rel_err_unpadded" if unpadded else "rel_err")
+    return torch_onnx_exported(res) and bool(errs) and max(errs) <= res["tol"]
+
+
+def speedup(res: dict[str, Any]) -> float | None:
+    """torch.onnx export CPU s / flora_graph export CPU s, where both exported."""
+    f = res.get("flora_graph", {}).get("times", {}).get("export_cpu_s")
+    t = res.get("torch_onnx", {}).get("times", {}).get("export_cpu_s")
+    return t / f if f and t else None
+
+
+def summarize(results: list[dict[str, Any]], tol: float) -> dict[str, Any]:
+    """The counts and the three targets."""
+    ran_onnx = [r for r in results if "torch_onnx" in r]
+    cells = [(r["case"], k, c) for r in results for k, c in r.get("flora_graph", {}).get("cells", {}).items()]
+    bad_cells = [f"{case} {k}" for case, k, c in cells
+                 if "error" in c or not max(c["rel_err"], key=lambda e: math.inf if e != e else e) <= tol]
+    # lenient to torch.onnx: it succeeds where it matches eager at the positions the padding mask keeps
+    regress = [r["case"] for r in ran_onnx if torch_onnx_ok(r, unpadded=True) and not flora_ok(r)]
+    ratios = [s for r in results if (s := speedup(r)) is not None]
+    both = [r for r in results if speedup(r) is not None]
+    median_ratio = statistics.median(ratios) if ratios else None
+    med_flora = statistics.median(r["flora_graph"]["times"]["export_cpu_s"] for r in both) if both else None
+    med_onnx = statistics.median(r["torch_onnx"]["times"]["export_cpu_s"] for r in both) if both else None
+    counts = {
+        "cases": len(results),
+        "built": sum("build_error" not in r for r in results),
+        "flora_captured": sum("flora_graph" in r and "error" not in r["flora_graph"] for r in results),
+        "flora_ok": sum(flora_ok(r) for r in results),
+        "flora_cells": len(cells),
+        "flora_cells_within_tol": len(cells) - len(bad_cells),
+        "torch_onnx_run": len(ran_onnx),
+        "torch_onnx_exported": sum(torch_onnx_exported(r) for r in ran_onnx),
+        "torch_onnx_ok": sum(torch_onnx_ok(r) for r in ran_onnx),
+        "torch_onnx_ok_unpadded": sum(torch_onnx_ok(r, unpadded=True) for r in ran_onnx),
+        "torch_onnx_ok_flora_not": len(regress),
+        "flora_ok_torch_onnx_not": sum(flora_ok(r) and not torch_onnx_ok(r) for r in ran_onnx),
+    }
+    targets = {
+        "no_case_torch_onnx_ok_flora_fails": {"met": not regress if ran_onnx else None, "cases": regress},
+        "median_speedup_at_least_5x": {
+            "met": median_ratio >= TARGET_SPEEDUP if median_ratio is not None else None,
+            "median_speedup": median_ratio, "cases": len(ratios),
+            "median_flora_cpu_s": med_flora, "median_torch_onnx_cpu_s": med_onnx},
+        "every_cell_within_tol": {"met": not bad_cells and bool(cells), "tol": tol, "cells": len(cells),
+                                  "outside": bad_cells},
+    }
+    return {"counts": counts, "targets": targets}
+
+
+# --------------------------------------------------------------------------------------------- output
+def fmt_err(e: float | None) -> str:
+    return "-" if e is None else f"{e:.1e}"
+
+
+def fmt_s(s: float | None) -> str:
+    return "-" if s is None else f"{s:.2f}"
+
+
+def print_report(results: list[dict[str, Any]], summary: dict[str, Any], tol: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    table = Table(title=f"coverage matrix: flora_graph (fused, merged x onnxruntime, torchscript) and torch.onnx, "
+                        f"relative error vs eager PEFT (tol {tol:g}), export CPU seconds (one run)")
+    for col, just in (("case", "left"), ("family", "left"), ("flora", "left"), ("worst rel err", "right"),
+                      ("sites", "right"), ("flora s", "right"), ("torch.onnx", "left"), ("t.onnx rel err", "right"),
+                      ("torch.onnx s", "right"), ("ratio", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in results:
+        fl, to = r.get("flora_graph", {}), r.get("torch_onnx")
+        if "build_error" in r:
+            table.add_row(r["case"], r["family"], "[red]build fails", *["-"] * 7)
+            continue
+        if "error" in fl:
+            fstat = "[red]FAIL capture/export"
+        elif flora_ok(r):
+            fstat = "[green]ok"
+        else:
+            bad = sum("error" in c or not max(c["rel_err"]) <= tol for c in fl.get("cells", {}).values())
+            fstat = f"[red]FAIL {bad}/{len(fl.get('cells', {}))} cells"
+        if to is None:
+            tstat, terr = "not run", None
+        elif "error" in to:
+            tstat, terr = "[red]FAIL export", None
+        elif "run_error" in to:
+            tstat, terr = "[red]FAIL ORT run", None
+        else:
+            terr = max(to["rel_err"])
+            tstat = "[green]ok" if terr <= tol else (
+                "[yellow]pads differ" if torch_onnx_ok(r, unpadded=True) else "[red]FAIL parity")
+        s = speedup(r)
+        table.add_row(r["case"], r["family"], fstat, fmt_err(flora_worst(r) if "cells" in fl else None),
+                      str(fl.get("lora_sites", "-")), fmt_s(fl.get("times", {}).get("export_cpu_s")), tstat,
+                      fmt_err(terr), fmt_s((to or {}).get("times", {}).get("export_cpu_s")),
+                      "-" if s is None else f"{s:.1f}x")
+    console.print(table)
+    failures = []
+    for r in results:
+        if "build_error" in r:
+            failures.append(f"{r['case']}: build: {r['build_error']}")
+        fl = r.get("flora_graph", {})
+        if "error" in fl:
+            failures.append(f"{r['case']}: flora_graph export: {fl['error']}")
+        for k, c in fl.get("cells", {}).items():
+            if "error" in c:
+                failures.append(f"{r['case']}: flora_graph {k}: {c['error']}")
+            elif not max(c["rel_err"]) <= tol:
+                failures.append(f"{r['case']}: flora_graph {k}: rel err {[f'{e:.1e}' for e in c['rel_err']]}")
+        to = r.get("torch_onnx", {})
+        for key in ("error", "run_error"):
+            if key in to:
+                failures.append(f"{r['case']}: torch.onnx {'export' if key == 'error' else 'ORT run'}: {to[key]}")
+        if to.get("rel_err") and not max(to["rel_err"]) <= tol:
+            failures.append(f"{r['case']}: torch.onnx: rel err {[f'{e:.1e}' for e in to['rel_err']]}, at the "
+                            f"unpadded positions {[f'{e:.1e}' for e in to['rel_err_unpadded']]}")
+    if failures:
+        console.print("\nfailures (type: first line):", markup=False)
+        for line in failures:
+            console.print(f"  {line}", markup=False, soft_wrap=True)
+    c, t = summary["counts"], summary["targets"]
+    print(f"\ncounts: {c['cases']} cases, {c['built']} built; flora_graph: {c['flora_captured']} captured+exported, "
+          f"{c['flora_ok']} all cells within {tol:g} ({c['flora_cells_within_tol']}/{c['flora_cells']} cells); "
+          + (f"torch.onnx: {c['torch_onnx_exported']}/{c['torch_onnx_run']} exported, {c['torch_onnx_ok']} within "
+             f"{tol:g} ({c['torch_onnx_ok_unpadded']} at the unpadded positions); torch.onnx ok (unpadded) where "
+             f"flora_graph is not: {c['torch_onnx_ok_flora_not']}, flora_graph ok where torch.onnx is not: "
+             f"{c['flora_ok_torch_onnx_not']}" if c["torch_onnx_run"] else "torch.onnx: not run"))
+
+    def verdict(met: bool | None) -> str:
+        return "not measured" if met is None else ("MET" if met else "NOT MET")
+
+    t1, t2, t3 = (t["no_case_torch_onnx_ok_flora_fails"], t["median_speedup_at_least_5x"], t["every_cell_within_tol"])
+    print(f"target 1, no case where torch.onnx succeeds (within {tol:g} at the unpadded positions) and flora_graph "
+          f"fails: {verdict(t1['met'])}"
+          + (f" ({', '.join(t1['cases'])})" if t1["cases"] else ""))
+    if t2["median_speedup"] is not None:
+        print(f"target 2, median export speed-up >= {TARGET_SPEEDUP:g}x (torch.onnx CPU s / flora_graph CPU s): "
+              f"{verdict(t2['met'])}: median {t2['median_speedup']:.2f}x over {t2['cases']} cases (median CPU s: "
+              f"flora_graph {t2['median_flora_cpu_s']:.2f}, torch.onnx {t2['median_torch_onnx_cpu_s']:.2f})")
+    else:
+        print(f"target 2, median export speed-up >= {TARGET_SPEEDUP:g}x: not measured")
+    print(f"target 3, every preset x backend within {tol:g} relative of eager PEFT: {verdict(t3['met'])}: "
+          f"{t3['cells'] - len(t3['outside'])}/{t3['cells']} cells"
+          + (f" (outside: {', '.join(t3['outside'])})" if t3["outside"] else ""))
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` with non-finite floats as strings (``"inf"``, ``"nan"``), so the JSON is standard."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def warm_up(workdir: Path, torch_onnx: bool) -> None:
+    """One untimed export of a small PEFT MLP by each exporter (first-call costs: imports, registries)."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    built = Built(lora(mlp, target_modules=["0", "2"]), {"input": torch.randn(2, 8)}, {"input": {0: "batch"}}, None,
+                  ({"input": torch.randn(1, 8)}, {"input": torch.randn(3, 8)}))
+    with quiet():
+        flora_export(built, None, workdir / "warm.flora.onnx", {})
+        if torch_onnx:
+            with contextlib.suppress(Exception):
+                torch_onnx_export(copy.deepcopy(built.model), built, workdir / "warm.torch.onnx", {})
+    for p in workdir.iterdir():
+        p.unlink()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    ap.add_argument("--cases", nargs="+", choices=sorted(CASES), metavar="NAME",
+                    help=f"cases to run (default %(default)s: all {len(CASES)}, in this order): {', '.join(CASES)}")
+    ap.add_argument("--quick", action="store_true", help=f"only the representative subset: {', '.join(QUICK)}")
+    ap.add_argument("--no-torch-onnx", action="store_true", help="flora_graph side only (no torch.onnx export)")
+    ap.add_argument("--tol", type=float, default=TOL, help="relative tolerance against eager PEFT")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (ORT always runs one intra-op thread)")
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/coverage.json with every result")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.cases or (QUICK if args.quick else list(CASES))
+    torch_onnx = not args.no_torch_onnx
+    results = []
+    with tempfile.TemporaryDirectory(prefix="coverage_") as tmp:
+        workdir = Path(tmp)
+        warm_up(workdir, torch_onnx)
+        for i, name in enumerate(names):
+            t0 = time.perf_counter()
+            r = run_case(CASES[name], workdir, torch_onnx=torch_onnx, torch_onnx_first=i % 2 == 1, tol=args.tol)
+            results.append(r)
+            fl = r.get("flora_graph", {})
+            state = "build fails" if "build_error" in r else ("flora ok" if flora_ok(r) else "flora FAIL")
+            if torch_onnx and "build_error" not in r:
+                state += ", torch.onnx " + ("ok" if torch_onnx_ok(r) else
+                                            "ok at unpadded positions" if torch_onnx_ok(r, unpadded=True) else "FAIL")
+            print(f"[{i + 1}/{len(names)}] {name}: {state} ({time.perf_counter() - t0:.1f} s, flora export "
+                  f"{fmt_s(fl.get('times', {}).get('export_cpu_s'))} CPU s)", file=sys.stderr, flush=True)
+    summary = summarize(results, args.tol)
+    print_report(results, summary, args.tol)
+    import onnxruntime as ort
+    import peft
+    import transformers
+
+    meta = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "onnxruntime": ort.__version__, "threads": args.threads, "argv": sys.argv[1:] if argv is None else argv}
+    record = {"meta": meta, **summary, "results": results}
+    if args.out:
+        from flora_graph.storage import atomic_write_bytes
+
+        atomic_write_bytes(args.out / "coverage.json", json.dumps(jsonable(record), indent=1).encode(), what="report")
+        print(f"wrote {args.out / 'coverage.json'}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
