@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _flora_common import at_edge, galore_factory
 from torch import nn
 
 from flora_graph.flora import FloraAccumulator
@@ -78,24 +79,6 @@ METHODS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     "galore r=8": ({"optimizer": "adam", "factory": "galore", "rank": 8}, (3e-2, 6e-2, 1.2e-1)),
 }
 FULL_RANK = ("adam", "adafactor+m")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def galore_factory(rank: int, gap: int) -> Any:
-    """An ``optimizer_factory`` for :func:`train`: GaLore AdamW on the projection weights, AdamW on the rest."""
-
-    def make(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-        from galore_torch import GaLoreAdamW
-
-        low = [p for n, p in model.named_parameters() if p.ndim == 2 and n.split(".")[-2] in PROJECTIONS]
-        ids = {id(p) for p in low}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        groups = [{"params": rest}, {"params": low, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
-                                     "proj_type": "std"}]
-        return GaLoreAdamW(groups, lr=config.base_lr, betas=(config.beta1, 0.999), weight_decay=0.0,
-                           no_deprecation_warning=True)
-
-    return make
 
 
 def flora_opt_factory(rank: int) -> Any:
@@ -131,12 +114,6 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     print(f"  {job['method']:<16} {job.get('variant', ''):<10} lr {job['lr']:<8g} final eval {out['final_eval_loss']:.4f}"
           f"  ({out['wall_seconds']:.0f} s)", flush=True)
     return out
-
-
-def _at_edge(best: dict[str, Any], runs: list[dict[str, Any]], same: Any) -> bool:
-    """Whether ``best``'s lr is the smallest or largest of its grid (so the optimum may lie outside it)."""
-    lrs = sorted(x["lr"] for x in runs if same(x))
-    return len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])
 
 
 def _run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
@@ -246,12 +223,12 @@ def main() -> None:
     for name, r in best.items():
         gap = f"{(r['final_eval_loss'] / ref - 1) * 100:+.2f}%" if ref else "-"
         sweep = ", ".join(f"{x['lr']:g}: {x['final_eval_loss']:.4f}" for x in runs if x["method"] == name)
-        edge = _at_edge(r, runs, lambda x, name=name: x["method"] == name)
+        edge = at_edge(r, runs, lambda x, name=name: x["method"] == name)
         edges += [name] if edge else []
         print(f"{name:<17}{r['lr']:>9g}{r['final_eval_loss']:>12.4f}{gap:>19}   {sweep}{'  EDGE' if edge else ''}")
     for r in accum:
         sweep = ", ".join(f"{x['lr']:g}: {x['final_eval_loss']:.4f}" for x in accum_runs if x["variant"] == r["variant"])
-        edge = _at_edge(r, accum_runs, lambda x, v=r["variant"]: x["variant"] == v)
+        edge = at_edge(r, accum_runs, lambda x, v=r["variant"]: x["variant"] == v)
         edges += [f"accumulation {r['variant']}"] if edge else []
         print(f"accumulation {r['variant']:<11} best lr {r['lr']:g}: final eval {r['final_eval_loss']:.4f}   "
               f"{sweep}{'  EDGE' if edge else ''}")

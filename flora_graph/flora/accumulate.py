@@ -30,11 +30,25 @@ amplified ``min(n, m) / r`` times. After a second-moment normalisation (Adam, Ad
 ``Flora``) the signal is about ``sqrt(r / min(n, m))`` of a full sum's and the rest is noise that
 changes every step, so compressed accumulation wants a larger learning rate than full buffers
 and loses quality when ``r << min(n, m)`` (see ``benchmarks/flora_quality.py``). Scale aside,
-the least-squares decompression (:func:`.projection.lift`) carries the same information (it
-measured no better). The projections are deliberately not ``Flora``'s: ``Flora`` uses the
+the least-squares decompression (:func:`.projection.lift`) carries the same information; it
+measured no better in ``benchmarks/flora_quality.py`` (r=8 of 128), but better when ``r`` is a
+large fraction of ``min(n, m)`` (``projection="orthogonal"`` below). The projections are deliberately not ``Flora``'s: ``Flora`` uses the
 decompressed gradient in full (it is not compressed again, so nothing compounds), and sharing its
 projection would confine every update to one ``r``-dimensional subspace for ``kappa`` steps;
 a fresh projection per step spreads the surviving directions over the whole matrix.
+
+``projection="orthogonal"`` keeps the same buffers (the same Gaussian sketch ``C = P G``, so
+accumulation, all-reduce and FSDP2 work as above) and only changes the decompression: the
+least-squares ``P^T (P P^T)^{-1} C`` (:func:`.projection.lift`) scaled by ``k / r``, i.e.
+``.grad = (k / r) Q Q^T G`` with ``Q`` an orthonormal basis of ``P``'s row space. Still
+unbiased (``E[Q Q^T] = (r / k) I``), but every direction of the subspace is amplified by exactly
+``k / r`` instead of by the uneven squared singular values of ``P`` (which spread over
+``(1 +- sqrt(r / k))^2 k / r``, widest when ``r`` nears ``k``), and a matrix with ``r = k`` comes
+out exact. Cost: one ``r x r`` solve per matrix and step, in :meth:`finalize`.
+
+The trade-off, measured (``orthogonal`` versus ``gaussian`` and full buffers, and the
+alternatives that measured no better: a projection fixed for the run, the dominant subspace of
+the step's first micro-batch), is in ``docs/FLORA_ACCUMULATION.md``.
 
 Under FSDP2 (``fully_shard``; parameters are ``Shard(0)`` DTensors, see :mod:`.sharding`) leave
 gradient sync on: FSDP2 reduce-scatters (averages) every micro-batch's gradient, and each rank
@@ -55,10 +69,20 @@ import torch.distributed as dist
 
 from flora_graph.flora.errors import NonFiniteGradientError, OptimizerError
 from flora_graph.flora.options import non_finite, split_named
-from flora_graph.flora.projection import Layout, compress, decompress, gaussian_projection, layout_for, stable_seed
+from flora_graph.flora.projection import (
+    Layout,
+    compress,
+    decompress,
+    gaussian_projection,
+    layout_for,
+    lift_coefficients,
+    stable_seed,
+)
 from flora_graph.flora.sharding import ShardSpec, check_uniform, is_dtensor, local, non_finite_sharded, shard_spec
 
-__all__ = ["FloraAccumulator"]
+__all__ = ["PROJECTIONS", "FloraAccumulator"]
+
+PROJECTIONS = ("gaussian", "orthogonal")  # FloraAccumulator(projection=...): see the module doc
 
 
 class FloraAccumulator:
@@ -69,9 +93,12 @@ class FloraAccumulator:
         rank: rows of the projections.
         seed: base seed hashed with each parameter's name and the step count.
         process_group: group to all-reduce over (default: the world) when distributed.
+        projection: ``"gaussian"`` (default: a fresh seeded Gaussian projection per step, unbiased
+            ``P^T P G``) or ``"orthogonal"`` (the same sketch, least-squares decompression scaled
+            by ``k / r``: ``(k / r) Q Q^T G``); see the module doc.
 
     Raises:
-        OptimizerError: bad rank/seed, duplicate names, or non-finite gradients in :meth:`accumulate`.
+        OptimizerError: bad rank/seed/projection, duplicate names, or non-finite gradients in :meth:`accumulate`.
     """
 
     def __init__(
@@ -81,6 +108,7 @@ class FloraAccumulator:
         seed: int = 0,
         *,
         process_group: Any = None,
+        projection: str = "gaussian",
     ) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise OptimizerError(f"FloraAccumulator: rank must be an int >= 1, got {rank!r}")
@@ -100,6 +128,9 @@ class FloraAccumulator:
         self.specs: list[ShardSpec | None] = [
             shard_spec(n, p, "FloraAccumulator") for n, p in zip(names, tensors, strict=True)
         ]
+        if projection not in PROJECTIONS:
+            raise OptimizerError(f"FloraAccumulator: projection must be one of {PROJECTIONS}, got {projection!r}")
+        self.projection = projection
         self.layouts: list[Layout] = [layout_for(p.shape, rank) for p in tensors]
         self.buffers: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -109,6 +140,15 @@ class FloraAccumulator:
     def _projection(self, name: str, layout: Layout, device: torch.device) -> torch.Tensor:
         seed = stable_seed("flora.accumulate", self.seed, name, self.steps)
         return gaussian_projection(seed, self.rank, layout.small, device=device)
+
+    def _coefficients(self, c: torch.Tensor, proj: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """What :meth:`finalize` decompresses: the buffer, or for ``"orthogonal"`` ``(k / r) (P P^T)^{-1} C``.
+
+        The solve acts column by column, so a sharded buffer (its columns) gives its part of the whole.
+        """
+        if self.projection != "orthogonal":
+            return c
+        return lift_coefficients(c, proj).mul_(layout.small / self.rank)
 
     def compressed_shape(self, name: str) -> tuple[int, ...]:
         """Shape of ``name``'s buffer: ``(rank, max(n, m))`` when compressed, else the parameter's."""
@@ -250,12 +290,14 @@ class FloraAccumulator:
                 continue
             if spec is not None:
                 if layout.compressed:
-                    buf = self._sharded_decompress(buf, self._projection(name, layout, buf.device), spec, layout)
+                    proj = self._projection(name, layout, buf.device)
+                    buf = self._sharded_decompress(self._coefficients(buf, proj, layout), proj, spec, layout)
                 part = buf.reshape(local(p).shape).to(p.dtype)
                 p.grad = spec.dtensor(part, tuple(p.shape), 0)
                 continue
             if layout.compressed:
-                buf = decompress(buf, self._projection(name, layout, buf.device), layout.matrix)
+                proj = self._projection(name, layout, buf.device)
+                buf = decompress(self._coefficients(buf, proj, layout), proj, layout.matrix)
             p.grad = buf.reshape(p.shape).to(p.dtype)
         self.buffers = {}
         self.micro_batches = 0
@@ -267,8 +309,8 @@ class FloraAccumulator:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Seed, rank, step count, names and any pending buffers (plain ints, strings and tensors)."""
-        return {
+        """Seed, rank, step count, names, any pending buffers, and the projection kind unless ``"gaussian"``."""
+        state = {
             "seed": self.seed,
             "rank": self.rank,
             "steps": self.steps,
@@ -276,6 +318,9 @@ class FloraAccumulator:
             "names": list(self.names),
             "buffers": {k: v.detach().clone() for k, v in self.buffers.items()},
         }
+        if self.projection != "gaussian":  # a gaussian state dict keeps its original keys
+            state["projection"] = self.projection
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; names and buffer shapes must match (else ``OptimizerError``)."""
@@ -284,6 +329,9 @@ class FloraAccumulator:
             raise OptimizerError(f"FloraAccumulator.load_state_dict: parameter names differ, e.g. {unknown[:3]}")
         if state["rank"] != self.rank:
             raise OptimizerError(f"FloraAccumulator.load_state_dict: saved rank {state['rank']} != {self.rank}")
+        if state.get("projection", "gaussian") != self.projection:
+            raise OptimizerError(f"FloraAccumulator.load_state_dict: saved projection "
+                                 f"{state.get('projection', 'gaussian')!r} != {self.projection!r}")
         buffers = {}
         for name, buf in state["buffers"].items():
             if tuple(buf.shape) != tuple(self._buffer_shape(name)):
