@@ -20,7 +20,7 @@ import contextlib
 import gc
 import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -498,21 +498,10 @@ def _user_input_names(ep: torch.export.ExportedProgram, model: nn.Module, n_args
 
 
 def _unconverted(ep: torch.export.ExportedProgram) -> set[Any]:
-    """The ATen overloads of ``ep`` with no converter (size reads and assertions aside), except where
-    they read weights alone: capture folds those to constants (``eye`` in a DoRA norm)."""
+    """The ATen overloads of ``ep`` that :func:`_check_supported` would refuse (no converter, not folded)."""
     sig = ep.graph_signature
     const = {n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in sig.user_inputs}
-    out = set()
-    for n in ep.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if all(a in const for a in n.all_input_nodes):
-            const.add(n)
-            continue
-        if (isinstance(n.target, torch._ops.OpOverload) and n.target not in ATEN_TABLE and n.target not in NO_TENSOR_OPS
-                and not _is_shape_arith(n) and n.target is not torch.ops.aten.sym_size.int):
-            out.add(n.target)
-    return out
+    return {n.target for n in _without_converter(ep.graph.nodes, const) if isinstance(n.target, torch._ops.OpOverload)}
 
 
 def decompose_unconverted(ep: torch.export.ExportedProgram, rounds: int = 3) -> torch.export.ExportedProgram:
@@ -725,20 +714,27 @@ def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
         raise ShapeError(f"{ctx.where()}: IR shape {format_shape(out.shape)} != torch shape {format_shape(want)} for {aten_name(n.target)}")
 
 
+def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.Node]) -> Iterator[torch.fx.Node]:
+    """The call nodes of ``fx_nodes`` that no converter takes and capture cannot fold. ``const`` (the weight
+    placeholders) grows with every op outside the table that reads weights alone: capture folds those to
+    constants, unless the op is refused (``randn(3, 4)`` is never frozen)."""
+    for n in fx_nodes:
+        if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
+                or _is_shape_arith(n) or n.target in ATEN_TABLE):
+            continue
+        if refusal_of(n.target) is None and all(a in const for a in n.all_input_nodes):
+            const.add(n)
+            continue
+        yield n
+
+
 def _check_supported(fx_nodes: list[torch.fx.Node], weights: Mapping[str, str]) -> None:
     """Raise one ``UnsupportedOpError`` naming every op outside the table and where it occurs."""
     const: set[torch.fx.Node] = {n for n in fx_nodes if n.op == "placeholder" and n.name in weights}
     missing: dict[str, list[str]] = {}
     reasons: dict[str, str] = {}
-    for n in fx_nodes:
-        if n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int or _is_shape_arith(n):
-            continue
-        if n.target in ATEN_TABLE:
-            continue
+    for n in _without_converter(fx_nodes, const):
         refusal = refusal_of(n.target)
-        if refusal is None and all(a in const for a in n.all_input_nodes):
-            const.add(n)  # a factory or an op on weights only: folded at capture (never a refused op: randn(3, 4))
-            continue
         stack = n.meta.get("nn_module_stack") or {}
         paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v]
         where = f"module {paths[-1]!r} (node {n.name})" if paths and paths[-1] else f"node {n.name}"
