@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,6 @@ __all__ = [
     "check_adapter_folder",
     "check_model_folder",
     "export_model",
-    "is_dora",
     "load_model",
 ]
 
@@ -192,27 +192,22 @@ def check_model_folder(folder: str | Path) -> str:
     return arch
 
 
-def is_dora(folder: str | Path) -> bool:
-    """Whether the PEFT folder's config says ``use_dora`` (checked by :func:`check_adapter_folder`)."""
-    from flora_graph.adapters.peft import read_peft_config
-
-    return read_peft_config(folder, allow_dora=True).get("use_dora") is True
-
-
-def check_adapter_folder(folder: str | Path) -> None:
+def check_adapter_folder(folder: str | Path) -> dict[str, Any]:
     """Check a PEFT adapter folder without loading a model: its ``adapter_config.json`` (every option
-    flora_graph refuses) and its safetensors weights. Raises :class:`AdapterError` naming the file."""
+    flora_graph refuses; DoRA is accepted, as :func:`export_model` installs it through PEFT) and its
+    safetensors weights; return the config. Raises :class:`AdapterError` naming the file."""
     from flora_graph.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, read_peft_config
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         what = "no such folder" if not folder.exists() else f"no {CONFIG_FILE} in it"
         raise AdapterError(f"{folder}: {what}; expected a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    read_peft_config(folder, allow_dora=True)
+    cfg = read_peft_config(folder, allow_dora=True)
     if not (folder / WEIGHTS_FILE).is_file():
         pickles = sorted(p.name for p in folder.glob("*.bin"))
         found = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else f"no {WEIGHTS_FILE}"
         raise AdapterError(f"{folder}: {found}; flora_graph needs the adapter's safetensors weights ({WEIGHTS_FILE})")
+    return cfg
 
 
 def export_model(
@@ -242,8 +237,7 @@ def export_model(
         raise FloraGraphError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if isinstance(source, str | Path) and str(source) not in ("default", "demo-cnn"):
         check_model_folder(source)
-    if adapter is not None:
-        check_adapter_folder(adapter)
+    adapter_cfg = check_adapter_folder(adapter) if adapter is not None else {}
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     say("loading the model")
@@ -256,7 +250,7 @@ def export_model(
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
-        if is_dora(adapter):  # DoRA: PEFT's own layers (a learned magnitude over each weight row's norm)
+        if adapter_cfg.get("use_dora") is True:  # DoRA: PEFT's own layers (a learned magnitude over each weight row's norm)
             import peft
 
             model = peft.PeftModel.from_pretrained(model, adapter).eval()

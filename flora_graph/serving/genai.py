@@ -135,8 +135,7 @@ def export_genai(
                               f"{sorted(GENAI_TYPES)} (and, for flora_graph's Generator only, {sorted(GENERATOR_ONLY)})")
     for name, folder in adapters.items():
         check_name(name, "adapter name", error=AdapterError)
-        check_adapter_folder(folder)
-        _refuse_saved_modules(name, Path(folder))
+        _refuse_unswappable(name, Path(folder), check_adapter_folder(folder))
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     say(f"loading {arch} from {base}")
@@ -203,10 +202,8 @@ def export_genai(
     return GenAIReport(Path(out), written, graph.summary(), seconds, genai=arch in GENAI_TYPES)
 
 
-def _refuse_saved_modules(name: str, folder: Path) -> None:
-    from flora_graph.adapters.peft import read_peft_config
-
-    cfg = read_peft_config(folder, allow_dora=True)
+def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None:
+    """Refuse an adapter (its checked PEFT config ``cfg``) that changes more than a LoRA slot can swap."""
     if cfg.get("use_dora"):
         raise AdapterError(f"adapter {name!r} ({folder}): DoRA rescales every adapted base weight row by its "
                            "magnitude over the row's norm, which a hot-swappable LoRA slot cannot express; export "
