@@ -149,11 +149,11 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
     for dim, size, where in compound:  # "batch*seq", "past_seq+seq": check once its names are bound
         value = eval_dim(dim, dims)
         _bind_dim(dims, dim if value is None else value, size, where)
-    _check_dim_max(graph, dims)
+    _check_dim_bounds(graph, dims)
     return {k: arrays[k] for k in declared}, dims
 
 
-def _check_dim_max(graph: Graph, dims: Mapping[str, int]) -> None:
+def _check_dim_bounds(graph: Graph, dims: Mapping[str, int]) -> None:
     """Refuse a named dim bound outside ``[graph.dim_min, graph.dim_max]``, naming the dim, the input and the bound."""
     for dim, size in dims.items():
         lo, hi = graph.dim_min.get(dim, 0), graph.dim_max.get(dim)
