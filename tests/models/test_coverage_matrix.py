@@ -24,7 +24,6 @@ import pytest
 TOL = 1e-4
 PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "coverage.py"
 KNOWN_GAPS = {  # case -> why flora_graph fails it (torch.onnx exports both)
-    "deberta-v2": "UnsupportedOpError: repeat by a dynamic count (relative embeddings repeated per batch row)",
     "wav2vec2": "ShapeError: a strided Conv1d over a dynamic length (only stride 1 keeps a spatial dim dynamic)",
 }
 

@@ -25,6 +25,12 @@ def _tile_new_axis(g, x, rng):
     return g.add(Op.TILE, [g.add(Op.UNSQUEEZE, [x["x"]], {"axes": (0,)})], {"repeats": (2, 1, 2)})
 
 
+def _tile_dynamic_count(g, x, rng):  # w.repeat(batch, 2): what aten.repeat with a SymInt count becomes
+    tiled = g.add(Op.TILE, [x["w"]], {"repeats": (1, 2)})
+    wide = g.add(Op.EXPAND, [g.add(Op.UNSQUEEZE, [tiled], {"axes": (0,)})], {"shape": ("batch", 2, 6)})
+    return g.add(Op.RESHAPE, [wide], {"shape": ("2*batch", 6)})
+
+
 CASES = [
     Case("pad_constant", {"x": In(("batch", "seq", 6))}, op(Op.PAD, "x", pads=(0, 0, 1, 0, 0, 2), value=0.5),
          lambda x: torch.constant_pad_nd(x, [1, 2], 0.5), capture=("constant_pad_nd.default",)),
@@ -53,6 +59,8 @@ CASES = [
     # ------------------------------------------------------------------ Tile
     Case("tile", {"x": In(("batch", "seq", 3))}, op(Op.TILE, "x", repeats=(2, 1, 3)), lambda x: x.repeat(2, 1, 3),
          capture=("repeat.default",)),
+    Case("tile_dynamic_count", {"w": In((2, 3)), "x": In(("batch", 4))}, _tile_dynamic_count,
+         lambda w, x: w.repeat(x.shape[0], 2), capture=("repeat.default",)),
     Case("tile_new_axis", {"x": In(("batch", 3))}, _tile_new_axis, lambda x: x.repeat(2, 1, 2), capture=("repeat.default",)),
 ]
 

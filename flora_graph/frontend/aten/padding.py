@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from flora_graph.frontend.aten.registry import SymDim, refuse, register
+from flora_graph.frontend.aten.registry import SymDim, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
+from flora_graph.ir.shapes import Dim, dim_product
 
 __all__: list[str] = []
 
@@ -72,13 +73,34 @@ def _replication_pad(ctx, x, padding):
 
 @register(aten.repeat.default)
 def _repeat(ctx, x, repeats):
-    if any(isinstance(r, SymDim) for r in repeats):
-        raise refuse(ctx, "repeat by a dynamic count")
     extra = len(repeats) - len(x.shape)
     if extra < 0:
         raise refuse(ctx, f"repeat {list(repeats)} of fewer axes than the tensor's {len(x.shape)}")
     if extra:
         x = ctx.emit(Op.UNSQUEEZE, [x], {"axes": tuple(range(extra))})
-    if all(int(r) == 1 for r in repeats):
+    counts = [dim_of(ctx, r) for r in repeats]
+    if any(isinstance(c, str) for c in counts):  # DeBERTa-v2: relative embeddings repeated once per batch row
+        return _repeat_dynamic(ctx, x, counts)
+    if all(c == 1 for c in counts):
         return x
-    return ctx.emit(Op.TILE, [x], {"repeats": tuple(int(r) for r in repeats)})
+    return ctx.emit(Op.TILE, [x], {"repeats": tuple(counts)})
+
+
+def _repeat_dynamic(ctx: Any, x: ComputationNode, counts: Sequence[Dim]) -> ComputationNode:
+    """``repeat`` with a dynamic count: tiling axis ``i`` (size ``n``) ``c`` times is a new axis of
+    size ``c`` in front of it, broadcast (``Expand``), folded into it (``Reshape`` to ``c * n``);
+    the static counts stay one ``Tile``."""
+    static = tuple(c if isinstance(c, int) else 1 for c in counts)
+    if any(c != 1 for c in static):
+        x = ctx.emit(Op.TILE, [x], {"repeats": static})
+    shape = tuple(x.shape)
+    dynamic = [i for i, c in enumerate(counts) if isinstance(c, str)]
+    wide = ctx.emit(Op.UNSQUEEZE, [x], {"axes": tuple(i + k for k, i in enumerate(dynamic))})
+    spread: list[Dim] = []
+    for i, d in enumerate(shape):
+        if i in dynamic:
+            spread.append(counts[i])
+        spread.append(d)
+    wide = ctx.emit(Op.EXPAND, [wide], {"shape": tuple(spread)})
+    folded = tuple(dim_product([counts[i], d]) if i in dynamic else d for i, d in enumerate(shape))
+    return ctx.emit(Op.RESHAPE, [wide], {"shape": folded})
