@@ -27,6 +27,7 @@ import numpy as np
 import sympy
 import torch
 from torch import nn
+from torch.utils._sympy.functions import FloorDiv
 
 from flora_graph.adapters import adapters_of
 from flora_graph.adapters.lora import is_conv1d
@@ -37,7 +38,7 @@ from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
 from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts
 from flora_graph.ir import ComputationNode, Graph, Op, verify
-from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, format_shape, is_dim_name
+from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, floor_divide_dim, format_shape, is_dim_name
 
 __all__ = ["CaptureContext", "Traced", "capture", "convert_fx_graph", "decompose_unconverted", "suggested_bounds",
            "torch_dtype_name", "trace_with_torch_export"]
@@ -185,6 +186,11 @@ class CaptureContext:
                     return dim_product(parts)
                 total = add_dims(*parts)
                 return canonical_dim(f"{total}{const:+d}") if const < 0 else add_dims(total, const)  # seq - 2
+            except ShapeError:
+                pass
+        if isinstance(expr, FloorDiv) and isinstance(expr.args[1], sympy.Integer):  # a strided conv's output length
+            try:
+                return floor_divide_dim(self.ir_dim(expr.args[0]), int(expr.args[1]))
             except ShapeError:
                 pass
         return str(expr)

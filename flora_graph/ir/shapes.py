@@ -8,6 +8,14 @@ dims, as produced by ``Flatten`` or ``Reshape``, is written ``"batch*seq"`` or
 names, its terms sorted and the constant last (``"past_seq+seq-1"``). Two dims are equal
 when their canonical forms are equal, so ``"seq*batch"`` and ``"batch*seq"`` are the same
 dim, and so are ``"seq+past_seq"`` and ``"past_seq+seq"``.
+
+A strided window over a dynamic dim (a Conv1d of stride 5 over ``samples`` audio samples) has
+``floor((samples - 10) / 5) + 1`` positions: a floor division is an atom of the polynomial,
+written ``((samples-10)//5)`` (its numerator canonical, its constant in ``[0, divisor)``,
+every multiple of the divisor pulled out), so that ``"((samples-10)//5)+1"`` reads the same in
+Python. :func:`floor_divide_dim` builds one, :func:`floor_div_parts` takes one apart; every
+consumer that evaluates a dim (the interpreters, ONNX, torch) treats an atom as its numerator's
+value divided by the divisor, rounded down.
 """
 
 from __future__ import annotations
@@ -32,11 +40,14 @@ __all__ = [
     "dim_product",
     "dim_terms",
     "divide_dims",
+    "floor_div_parts",
+    "floor_divide_dim",
     "format_shape",
     "is_dim_name",
     "is_static",
     "normalize_axis",
     "subtract_dims",
+    "window_count",
 ]
 
 # an identifier with dots, or a module path whose first component is a number ("0.rank": the rank
@@ -79,6 +90,8 @@ def _poly(dim: Dim) -> Poly:
         if dim < 0:
             raise ShapeError(f"dim {dim} is negative")
         return {(): dim} if dim else {}
+    if isinstance(dim, str) and "(" in dim:
+        return _Parser(dim).parse()
     if not isinstance(dim, str) or ("+" not in dim and "-" not in dim):
         coef, names = _factors(dim)
         return {tuple(sorted(names.elements())): coef} if coef else {}
@@ -95,9 +108,157 @@ def _poly(dim: Dim) -> Poly:
     return {k: v for k, v in poly.items() if v}
 
 
+def _mul(a: Poly, b: Poly) -> Poly:
+    out: Poly = {}
+    for ka, va in a.items():
+        for kb, vb in b.items():
+            key = tuple(sorted(ka + kb))
+            out[key] = out.get(key, 0) + va * vb
+    return {k: v for k, v in out.items() if v}
+
+
+class _Parser:
+    """A dim with parentheses: ``poly := term (("+" | "-") term)*``, ``term := factor ("*" factor)*``,
+    ``factor := int | name | "(" poly ")" ["//" int]`` (the last a floor-division atom)."""
+
+    _TOKEN = re.compile(r"\s*(//|[()+*-]|[0-9]+(?![A-Za-z_.])|[A-Za-z_0-9][A-Za-z0-9_.]*)")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens: list[str] = []
+        pos = 0
+        while pos < len(text):
+            m = self._TOKEN.match(text, pos)
+            if not m or not m.group(1):
+                if text[pos:].strip() == "":
+                    break
+                raise ShapeError(f"dim {text!r}: cannot read {text[pos:pos + 20]!r}")
+            self.tokens.append(m.group(1))
+            pos = m.end()
+        self.i = 0
+
+    def _peek(self) -> str | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def _take(self, want: str | None = None) -> str:
+        tok = self._peek()
+        if tok is None or (want is not None and tok != want):
+            raise ShapeError(f"dim {self.text!r}: expected {want or 'more'}, found {tok or 'the end'}")
+        self.i += 1
+        return tok
+
+    def parse(self) -> Poly:
+        poly = self._sum()
+        if self._peek() is not None:
+            raise ShapeError(f"dim {self.text!r}: unexpected {self._peek()!r}")
+        return poly
+
+    def _sum(self) -> Poly:
+        acc: Poly = {}
+        sign = 1
+        if self._peek() in ("+", "-"):
+            sign = -1 if self._take() == "-" else 1
+        while True:
+            for k, v in self._term().items():
+                acc[k] = acc.get(k, 0) + sign * v
+            if self._peek() not in ("+", "-"):
+                return {k: v for k, v in acc.items() if v}
+            sign = -1 if self._take() == "-" else 1
+
+    def _term(self) -> Poly:
+        acc = self._factor()
+        while self._peek() == "*":
+            self._take()
+            acc = _mul(acc, self._factor())
+        return acc
+
+    def _factor(self) -> Poly:
+        tok = self._take()
+        if tok == "(":
+            inner = self._sum()
+            self._take(")")
+            if self._peek() != "//":
+                return inner
+            self._take()
+            den = self._take()
+            if not (den.isascii() and den.isdigit()) or int(den) < 1:
+                raise ShapeError(f"dim {self.text!r}: floor division by {den!r}, not a positive int")
+            return _floor_div_poly(inner, int(den), self.text)
+        if tok.isascii() and tok.isdigit():
+            return {(): int(tok)} if int(tok) else {}
+        if _NAME.match(tok):
+            return {(tok,): 1}
+        raise ShapeError(f"dim {self.text!r}: {tok!r} is not a dim name")
+
+
+def _floor_div_poly(poly: Poly, den: int, what: object) -> Poly:
+    """``floor(poly / den)``: terms divisible by ``den`` divided, the rest one atom key;
+    ``floor((floor(x / a) + c) / b)`` is ``floor((x + a c) / (a b))`` (a second strided conv)."""
+    named = [k for k in poly if k]
+    if len(named) == 1 and len(named[0]) == 1 and poly[named[0]] == 1 and (inner := floor_div_parts(named[0][0])):
+        num, a = inner
+        return _floor_div_poly(_poly(add_dims(num, a * poly.get((), 0)) if poly.get((), 0) >= 0 else
+                                     canonical_dim(f"{num}-{-a * poly[()]}")), a * den, what)
+    out: Poly = {}
+    rest: Poly = {}
+    for key, coef in poly.items():
+        if key:
+            (out if coef % den == 0 else rest)[key] = coef // den if coef % den == 0 else coef
+    const = poly.get((), 0)
+    if rest:
+        if const % den:
+            rest[()] = const % den
+        atom = f"(({_build_poly(rest, what)})//{den})"
+        out[(atom,)] = out.get((atom,), 0) + 1
+    if const // den:
+        out[()] = out.get((), 0) + const // den
+    return out
+
+
+def floor_divide_dim(num: Dim, den: int) -> Dim:
+    """``floor(num / den)`` as a dim: the terms ``den`` divides come out divided (``(5*a+3)//5`` is
+    ``a``), the rest is an atom whose constant lies in ``[0, den)``: ``floor_divide_dim("samples-10", 5)``
+    is ``"((samples)//5)-2"``."""
+    if isinstance(den, bool) or not isinstance(den, int) or den < 1:
+        raise ShapeError(f"floor division of dim {num!r} by {den!r}: the divisor must be an int >= 1")
+    if den == 1:
+        return canonical_dim(num)
+    return _build_poly(_floor_div_poly(_poly(num), den, num), num)
+
+
+def window_count(size: Dim, kernel: int, stride: int, padding: int, dilation: int = 1) -> Dim:
+    """Positions of a ``kernel``-tap window (``stride``, ``padding`` on each side, ``dilation``) over
+    ``size``: ``floor((size + 2 padding - dilation (kernel - 1) - 1) / stride) + 1``, a floor-division
+    atom where ``size`` is dynamic and ``stride`` > 1. Raises :class:`ShapeError` when a static
+    ``size`` is too small for the window."""
+    span = dilation * (kernel - 1) + 1 - 2 * padding
+    if isinstance(size, int):
+        if size - span < 0:
+            raise ShapeError(f"input size {size} too small for kernel {kernel} (dilation {dilation}, padding {padding})")
+        return (size - span) // stride + 1
+    num = add_dims(size, -span) if span <= 0 else canonical_dim(f"{canonical_dim(size)}-{span}")
+    return add_dims(floor_divide_dim(num, stride), 1)
+
+
+def floor_div_parts(atom: str) -> tuple[Dim, int] | None:
+    """``(numerator, divisor)`` of a floor-division atom ``"((samples-10)//5)"``, else ``None``."""
+    if not (isinstance(atom, str) and atom.startswith("((") and atom.endswith(")")):
+        return None
+    head, sep, den = atom[1:-1].rpartition("//")
+    if not sep or not head.startswith("(") or not head.endswith(")") or not den.isdigit():
+        return None
+    return canonical_dim(head[1:-1]), int(den)
+
+
 def dim_names(dim: Dim) -> set[str]:
-    """The dim names ``dim`` mentions: ``{"past_seq", "seq"}`` for ``"past_seq+seq"``, none for an int."""
-    return {n for key in _poly(dim) for n in key}
+    """The dim names ``dim`` mentions: ``{"past_seq", "seq"}`` for ``"past_seq+seq"``, none for an int;
+    the names inside a floor-division atom, not the atom."""
+    out: set[str] = set()
+    for key in _poly(dim):
+        for n in key:
+            parts = floor_div_parts(n)
+            out |= dim_names(parts[0]) if parts else {n}
+    return out
 
 
 def is_dim_name(dim: Dim) -> bool:
@@ -115,6 +276,13 @@ def _format(poly: Poly) -> str:
     return " + ".join(f"{v}*{'*'.join(k) or 1}" for k, v in sorted(poly.items()))
 
 
+def _covered(key: tuple[str, ...], poly: Poly) -> bool:
+    """Whether a positive term of ``poly`` is a proper multiple of the monomial ``key``, as ``batch*seq`` is of
+    ``batch``: ``batch*seq-batch`` is ``batch*(seq-1)``, a dim where ``seq-1`` is one; ``a-b`` is not."""
+    need = Counter(key)
+    return any(v > 0 and k != key and all(Counter(k)[n] >= c for n, c in need.items()) for k, v in poly.items())
+
+
 def _build_poly(poly: Poly, what: object = None) -> Dim:
     poly = {k: v for k, v in poly.items() if v}
     const = poly.pop((), 0)
@@ -122,7 +290,7 @@ def _build_poly(poly: Poly, what: object = None) -> Dim:
         if const < 0:
             raise ShapeError(f"dim {what if what is not None else const!r} is negative ({const})")
         return const
-    if any(v < 0 for v in poly.values()):  # "seq-1" is a dim; "a-b" may be negative
+    if any(v < 0 and not _covered(k, poly) for k, v in poly.items()):  # "seq-1" is a dim; "a-b" may be negative
         raise ShapeError(f"dim {what if what is not None else _format(poly)!r} has a negative named term")
     text = ""
     for key in sorted(poly):

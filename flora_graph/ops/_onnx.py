@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flora_graph.errors import GraphError
-from flora_graph.ir.shapes import Dim, canonical_dim, dim_terms
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_terms, floor_div_parts
 
 if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
@@ -78,6 +78,9 @@ def dim_tensor(ctx: Any, dim: Dim, node: ComputationNode) -> str:
             for i, d in enumerate(inp.shape):
                 if isinstance(d, str) and canonical_dim(d) == dim:
                     return ctx.emit("Shape", [ctx.names[inp]], start=i, end=i + 1)
+        parts = floor_div_parts(dim)
+        if parts is not None:  # ((samples-10)//5): a dim is never negative, so Div's truncation is the floor
+            return ctx.emit("Div", [dim_tensor(ctx, parts[0], node), int64(ctx, [parts[1]], f"{node.name}/divisor")])
         terms = dim_terms(dim)
         if len(terms) == 1 and terms[0][0] == 1 and len(terms[0][1]) == 1:
             raise GraphError(f"node {node.name!r} ({node.op.value}): dim {dim!r} is not carried by any graph input")

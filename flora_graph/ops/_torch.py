@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from flora_graph.errors import GraphError
-from flora_graph.ir.shapes import Dim, Shape, canonical_dim, dim_terms
+from flora_graph.ir.shapes import Dim, Shape, canonical_dim, dim_terms, floor_div_parts
 
 if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
@@ -58,6 +58,9 @@ def dim_expr(dim: Dim, node: ComputationNode, local: Sequence[tuple[str, Shape]]
     sources = _SOURCES.get() or {}
     if dim in sources:
         return sources[dim]
+    parts = floor_div_parts(dim)
+    if parts is not None:  # ((samples-10)//5)
+        return f"(({dim_expr(parts[0], node, local)}) // {parts[1]})"
     terms = dim_terms(dim)
     if len(terms) > 1 or terms[0][0] != 1 or len(terms[0][1]) > 1:  # a product or a sum of named dims
         out = ""

@@ -33,9 +33,10 @@ def _infer_arange(shapes, dtypes, attrs):
         raise ShapeError(f"Arange: step must be a nonzero int, got {step!r}")
     if isinstance(start, int) and isinstance(end, int):
         size = max(0, -(-(end - start) // step))
-    elif step > 0 and (diff := subtract_dims(end, start)) is not None and all(c >= 0 for c, _ in dim_terms(diff)) \
+    elif step > 0 and (diff := subtract_dims(end, start)) is not None \
+            and (start == 0 or all(c >= 0 for c, _ in dim_terms(diff))) \
             and (size := diff if step == 1 else divide_dims(diff, step)) is not None:
-        pass  # Arange(past_seq, past_seq+seq) -> seq; not "seq-1", negative at seq = 0
+        pass  # Arange(past_seq, past_seq+seq) -> seq; Arange(0, seq-1), a size, -> seq-1; not Arange(1, seq)
     else:
         raise ShapeError(f"Arange({start}, {end}, {step}): the length cannot be written as a dim")
     shape: Shape = (canonical_dim(size),)

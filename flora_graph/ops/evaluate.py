@@ -10,7 +10,6 @@ passes that fold constants call :func:`eval_node` directly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op, schema
-from flora_graph.ir.shapes import dim_terms, is_static
+from flora_graph.ir.shapes import dim_terms, floor_div_parts, is_static
 from flora_graph.ops.registry import OPS
 
 __all__ = ["eval_dim", "eval_node", "fold_static", "np_dtype", "resolve_attrs"]
@@ -43,9 +42,16 @@ def eval_dim(dim: int | str, dims: Mapping[str, int]) -> int | None:
         return dims[dim]
     total = 0
     for coef, names in dim_terms(dim):
-        if any(n not in dims for n in names):
-            return None
-        total += coef * math.prod(int(dims[n]) for n in names)
+        term = coef
+        for n in names:
+            value = dims.get(n)
+            if value is None and (parts := floor_div_parts(n)) is not None:  # "((samples-10)//5)"
+                num = eval_dim(parts[0], dims)
+                value = None if num is None else num // parts[1]
+            if value is None:
+                return None
+            term *= int(value)
+        total += term
     return total
 
 

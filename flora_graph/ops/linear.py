@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import FLOAT_DTYPES, AttrSpec, Op
-from flora_graph.ir.shapes import Dim, add_dims, broadcast_shapes, canonical_dim, format_shape
+from flora_graph.ir.shapes import Dim, broadcast_shapes, canonical_dim, format_shape, window_count
 from flora_graph.ops._infer import same_float_dtype
 from flora_graph.ops._onnx import simple
 from flora_graph.ops._torch import call, ints
@@ -92,16 +92,12 @@ define(
 
 # --------------------------------------------------------------------------- Conv2d
 def _conv_out(size: Dim, k: int, s: int, p: int, d: int) -> Dim:
-    if not isinstance(size, int):
-        if s == 1:  # size + 2p - d(k-1): "seq" for a same-padded kernel, "seq-2" for a valid 3-tap one
-            return add_dims(size, 2 * p - d * (k - 1)) if 2 * p >= d * (k - 1) else \
-                canonical_dim(f"{size}-{d * (k - 1) - 2 * p}")
-        raise ShapeError(f"Conv2d: a stride of {s} over the dynamic dim {size} gives a floor division, "
-                         "which is not a dim (only stride 1 keeps a spatial dim dynamic)")
-    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
-    if out <= 0:
-        raise ShapeError(f"Conv2d: input size {size} too small for kernel {k} (dilation {d}, padding {p})")
-    return out
+    """Output positions: ``seq`` for a same-padded kernel, ``seq-2`` for a valid 3-tap one,
+    ``((samples-10)//5)+1`` for a 10-tap stride-5 one over a dynamic length."""
+    try:
+        return window_count(size, k, s, p, d)
+    except ShapeError as e:
+        raise ShapeError(f"Conv2d: {e}") from None
 
 
 def _infer_conv2d(shapes, dtypes, attrs):

@@ -75,6 +75,15 @@ def _infer_reshape(shapes, dtypes, attrs):
     known = dim_product([d for d in out if d is not None])
     if infer_at is not None:
         missing = divide_dims(total, known)
+        if missing is None:  # cancel the dims both sides share: [batch, t-1, 32] -> (0, 0, -1, 8) leaves 32 / 8
+            rest = [canonical_dim(d) for d in x]
+            kept = []
+            for d in (d for d in out if d is not None):
+                if isinstance(d, str) and d in rest:  # a static 0 next to -1 stays ambiguous
+                    rest.remove(d)
+                else:
+                    kept.append(d)
+            missing = divide_dims(dim_product(rest), dim_product(kept))
         if missing is None:
             raise ShapeError(f"Reshape: cannot infer -1 in {target} for input {format_shape(x)}")
         out[infer_at] = missing
@@ -279,6 +288,9 @@ def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
     elif isinstance(dim, int) and start == 0 and step == 1 and isinstance(end, str):
         return canonical_dim(end)
     negative_end = not to_end and isinstance(end, int) and end < 0
+    if negative_end and step == 1 and isinstance(start, int) and start >= 0 \
+            and (size := subtract_dims(dim, start - end)) is not None:
+        return size  # x[:-1] of a named dim: dim-1, as torch.export sizes it (it assumes dim >= 1)
     if (step == 1 and not negative_end and _nonnegative(start)
             and (to_end or isinstance(dim, int) or _nonnegative(subtract_dims(dim, end)))):
         size = subtract_dims(dim if to_end else end, start)  # x[past_seq:] of past_seq+seq -> seq

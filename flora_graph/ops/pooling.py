@@ -15,7 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
-from flora_graph.ir.shapes import canonical_dim, format_shape
+from flora_graph.ir.shapes import canonical_dim, format_shape, window_count
 from flora_graph.ops._infer import same_float_dtype
 from flora_graph.ops._onnx import dims_tensor
 from flora_graph.ops._torch import ints
@@ -44,10 +44,10 @@ def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
     for size, k, s, p, d in zip(x[2:], attrs["kernel"], attrs["stride"], attrs["padding"], dilation, strict=True):
         if min(k, s, d) < 1 or p < 0 or 2 * p > k:
             raise ShapeError(f"{what}: kernel, stride, dilation must be >= 1 and 0 <= padding <= kernel / 2")
-        o = (size + 2 * p - d * (k - 1) - 1) // s + 1
-        if o <= 0:
-            raise ShapeError(f"{what}: input size {size} too small for kernel {k} (padding {p}, dilation {d})")
-        out.append(o)
+        try:
+            out.append(window_count(size, k, s, p, d))
+        except ShapeError as e:
+            raise ShapeError(f"{what}: {e}") from None
     return (x[0], x[1], *out)
 
 

@@ -165,11 +165,14 @@ class TorchScriptExecutable(_TorchExecutable):
 
 
 def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], list[dict[int, Any] | None]]:
-    """Example inputs (named dims sized 2..8, distinct per name, within ``graph.dim_max``) and the
-    ``dynamic_shapes`` spec."""
+    """Example inputs (named dims sized 2..8, distinct per name, or 4..10 above a ``graph.dim_min``
+    so that strided windows over them keep more than one position; within ``graph.dim_max``) and
+    the ``dynamic_shapes`` spec (each dim's minimum at least ``dim_min``)."""
     names = sorted({p for n in graph.inputs for d in n.shape for p in dim_names(d)})
-    bounds = graph.dim_max
-    sizes = {name: min(2 + k % 7, bounds.get(name, 8)) for k, name in enumerate(names)}
+    bounds, lows = graph.dim_max, graph.dim_min
+    sizes = {name: max(min(lows[name] + 4 + k % 7 if lows.get(name) else 2 + k % 7, bounds.get(name, 1 << 62)),
+                       lows.get(name, 0)) if lows.get(name) else min(2 + k % 7, bounds.get(name, 8))
+             for k, name in enumerate(names)}
     dims: dict[str, Any] = {}
     used: set[str] = set()
 
@@ -184,7 +187,7 @@ def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], lis
             hi = bounds.get(name)
             if hi is None and not is_dim_name(name) and dim_names(name) <= set(bounds):
                 hi = eval_dim(name, bounds)
-            dims[name] = torch.export.Dim(label, min=dim_min, max=hi)
+            dims[name] = torch.export.Dim(label, min=max(dim_min, lows.get(name, 0)), max=hi)
         return dims[name]
 
     examples, specs = [], []

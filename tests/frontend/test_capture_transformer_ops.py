@@ -345,8 +345,19 @@ def test_advanced_indexing_of_axes_apart_is_unsupported() -> None:
 
 def test_size_that_is_not_a_dim_is_refused() -> None:
     with pytest.raises(UnsupportedOpError, match=r"node arange.*not a product of dims") as info:
-        _capture(lambda x: x + torch.arange(x.shape[1] // 2).sum())  # seq // 2 is not a polynomial in dims
+        _capture(lambda x: x + torch.arange(x.shape[1] * x.shape[1] - x.shape[0]).sum())  # seq**2 - batch may be < 0
     assert any("aten.arange.default" in k for k in info.value.ops)
+
+
+def test_floor_division_of_a_dim_is_a_dim() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x.sum(1, keepdim=True) * torch.arange(x.shape[1] // 2, dtype=x.dtype)[:, None]
+
+    graph = _capture(fn)
+    assert graph.outputs["output"].shape[1] == "((seq)//2)"
+    for seq in (5, 8):
+        x = torch.randn(3, seq, 8)
+        np.testing.assert_allclose(run(graph, {"x": x.numpy()})["output"], fn(x).numpy(), rtol=1e-6)
 
 
 def test_sum_of_dims_is_a_dim() -> None:

@@ -267,7 +267,6 @@ def test_conv2d_default_attrs_are_filled():
         ([(1, 3, 5, 5), (6, 3, 3, 3)], {"dilation": (3, 1)}, ShapeError),  # dilated kernel too large
         ([(1, 3, 8, 8), (6, 3, 3, 3), (5,)], None, ShapeError),  # bias
         ([(1, 3, 8), (6, 3, 3)], None, ShapeError),  # rank
-        ([(1, 3, "h", "w"), (6, 3, 1, 1)], {"stride": (2, 2)}, ShapeError),
         ([(1, 3, 8, 8), (6, 3, "k", 3)], None, ShapeError),  # named kernel size
         ([(1, 3, 8, 8), (6, 3, 3, "k")], None, ShapeError),
         ([(1, 3, 8, 8), ("o", 3, 3, 3)], None, ShapeError),
@@ -284,6 +283,16 @@ def test_conv2d_bad(shapes, attrs, exc):
                                              ({"dilation": (2, 2), "padding": (1, 1)}, "h-2")])
 def test_conv2d_over_a_named_dim_with_stride_one(attrs, want):
     assert infer(Op.CONV2D, [(1, 3, "h", 8), (6, 3, 3, 3)], attrs).shape[2] == want
+
+
+@pytest.mark.parametrize(("attrs", "want"), [({"stride": (2, 2)}, "((h+1)//2)-1"), ({"stride": (5, 5), "padding": (1, 1)}, "((h+4)//5)"),
+                                             ({"stride": (3, 3), "dilation": (2, 2)}, "((h+1)//3)-1")])
+def test_conv2d_strided_over_a_named_dim_is_a_floor_division(attrs, want):
+    shape = infer(Op.CONV2D, [(1, 3, "h", "w"), (6, 3, 3, 3)], attrs).shape
+    assert shape[2] == want and shape[3] == want.replace("h", "w")
+    s, p, d = attrs["stride"][0], attrs.get("padding", (0, 0))[0], attrs.get("dilation", (1, 1))[0]
+    for h in range(8, 30):
+        assert eval(want, {"h": h}) == (h + 2 * p - d * 2 - 1) // s + 1
 
 
 # ------------------------------------------------------------------ elementwise

@@ -8,14 +8,19 @@ from flora_graph.errors import GraphError, ShapeError
 from flora_graph.ir.shapes import (
     broadcast_shapes,
     canonical_dim,
+    dim_names,
     dim_product,
     dims_equal,
     divide_dims,
+    floor_div_parts,
+    floor_divide_dim,
     format_shape,
     is_static,
     normalize_axis,
     static_numel,
+    window_count,
 )
+from flora_graph.ops.evaluate import eval_dim
 
 
 @pytest.mark.parametrize(
@@ -182,3 +187,53 @@ def test_static_helpers_and_format():
     assert format_shape(("batch", 16)) == "[batch, 16]"
     assert format_shape(()) == "[]"
     assert format_shape(None) == "[?]"
+
+
+# --------------------------------------------------------------------------- floor division
+@pytest.mark.parametrize(
+    ("num", "den", "want"),
+    [
+        ("samples-10", 5, "((samples)//5)-2"),  # the constant's multiple of 5 comes out
+        ("samples-9", 5, "((samples+1)//5)-2"),  # the atom keeps a constant in [0, 5)
+        ("5*a+3", 5, "a"),  # exact terms divide, the rest is 0
+        ("10*a+b", 5, "((b)//5)+2*a"),
+        (17, 5, 3),
+        ("seq", 1, "seq"),
+        ("((samples)//5)-2", 2, "((samples)//10)-1"),  # floor(floor(x/5)/2) = floor(x/10)
+    ],
+)
+def test_floor_divide_dim(num, den, want):
+    got = floor_divide_dim(num, den)
+    assert got == want
+    assert canonical_dim(got) == got  # the spelling reads back as itself
+
+
+def test_floor_division_atoms_evaluate_like_python_at_every_size():
+    dims = [window_count("samples", 10, 5, 0), window_count(window_count("samples", 10, 5, 0), 3, 2, 0)]
+    assert dims == ["((samples)//5)-1", "((samples)//10)-1"]
+    for samples in range(20, 90):
+        l1 = (samples - 10) // 5 + 1
+        assert [eval_dim(d, {"samples": samples}) for d in dims] == [l1, (l1 - 3) // 2 + 1]
+        assert eval(dims[1], {"samples": samples}) == (l1 - 3) // 2 + 1  # the spelling is Python too
+    assert dim_names(dims[1]) == {"samples"}
+    assert floor_div_parts("((samples+1)//5)") == ("samples+1", 5)
+    assert floor_div_parts("samples") is None and floor_div_parts("((a)//b)") is None
+
+
+def test_window_count_static_and_dynamic():
+    assert window_count(9, 3, 2, 1) == 5 and window_count("seq", 3, 1, 1) == "seq" and window_count("seq", 3, 1, 0) == "seq-2"
+    with pytest.raises(ShapeError, match="too small"):
+        window_count(2, 5, 1, 0)
+    with pytest.raises(ShapeError, match="divisor"):
+        floor_divide_dim("seq", 0)
+
+
+def test_a_negative_term_is_a_dim_only_under_a_multiple_of_it():
+    assert dim_product(["batch", "seq-1", 4]) == "-4*batch+4*batch*seq"  # batch * (seq - 1)
+    assert canonical_dim("4*batch*seq-4*batch") == "-4*batch+4*batch*seq"
+    for bad in ("a-b", "batch-batch*seq", "((a)//2)-b"):
+        with pytest.raises(ShapeError):
+            canonical_dim(bad)
+    for bad in ("((a)//0)", "((a)//x)", "(a", "a)//2"):
+        with pytest.raises(ShapeError):
+            canonical_dim(bad)

@@ -23,9 +23,7 @@ import pytest
 
 TOL = 1e-4
 PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "coverage.py"
-KNOWN_GAPS = {  # case -> why flora_graph fails it (torch.onnx exports both)
-    "wav2vec2": "ShapeError: a strided Conv1d over a dynamic length (only stride 1 keeps a spatial dim dynamic)",
-}
+KNOWN_GAPS: dict[str, str] = {}  # case -> why flora_graph fails it (torch.onnx exports it); none at present
 
 
 def load_benchmark() -> ModuleType:

@@ -79,6 +79,7 @@ class Case:
     ref: Callable[..., torch.Tensor]  # torch on the inputs (in order) -> the expected output (a tuple for several)
     tol: float = 1e-5
     dim_max: dict[str, int] = field(default_factory=dict)  # bounds the graph declares (graph.dim_max)
+    dim_min: dict[str, int] = field(default_factory=dict)  # and graph.dim_min
     unsupported: tuple[str, ...] = ()  # backends that must refuse the graph (UnsupportedOpError): known limits
     capture: tuple[str, ...] = ()  # ATen overloads ("sign.default") whose converters capturing `ref` must run: check_capture
 
@@ -121,6 +122,7 @@ def f64(a: np.ndarray) -> torch.Tensor:
 def build(case: Case) -> Graph:
     g = Graph(case.id)
     g.dim_max = dict(case.dim_max)
+    g.dim_min = dict(case.dim_min)
     ins = {name: g.input(name, spec.shape, spec.dtype) for name, spec in case.inputs.items()}
     out = case.build(g, ins, np.random.default_rng(0))
     for name, node in (out if isinstance(out, dict) else {"out": out}).items():
@@ -209,7 +211,7 @@ def check_capture(case: Case) -> set[Op]:
     dims = {n: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for n, spec in case.inputs.items()}
     try:
         ATEN_TABLE.update({t: recording(t, conv) for t, conv in saved.items()})
-        g = capture(module, {k: torch.from_numpy(v) for k, v in example.items()}, dims)
+        g = capture(module, {k: torch.from_numpy(v) for k, v in example.items()}, dims, dim_min=case.dim_min or None)
     finally:
         ATEN_TABLE.update(saved)
     assert hits == set(targets), f"captured {case.id}: converters of {sorted(map(str, set(targets) - hits))} did not run"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flora_graph.ir import Op
+from flora_graph.ir.shapes import dim_product
 
 from .harness import Case, In, const, f64, family_tests, op
 
@@ -38,16 +39,28 @@ def conv(id: str, w: np.ndarray, b: np.ndarray | None = None, *, x: In = CONV_X,
         lambda x: F.conv2d(x.double(), f64(w), None if b is None else f64(b), stride, padding, dilation, groups).float(),
     )
 
-def _conv1d(w: np.ndarray, b: np.ndarray | None = None, **attrs: Any) -> Any:
+def _conv1d(w: np.ndarray, b: np.ndarray | None = None, prefix: str = "", **attrs: Any) -> Any:
     """``Conv2d`` over ``x`` and ``w`` with a unit axis 2, then that axis squeezed (what ``conv1d`` becomes)."""
 
     def build(g, x, rng):
         x4 = g.add(Op.UNSQUEEZE, [x["x"]], {"axes": (2,)})
-        w4 = g.add(Op.UNSQUEEZE, [g.const("w", w)], {"axes": (2,)})
-        y = g.add(Op.CONV2D, [x4, w4] + ([] if b is None else [g.const("b", b)]), attrs)
+        w4 = g.add(Op.UNSQUEEZE, [g.const(f"{prefix}w", w)], {"axes": (2,)})
+        y = g.add(Op.CONV2D, [x4, w4] + ([] if b is None else [g.const(f"{prefix}b", b)]), attrs)
         return g.add(Op.SQUEEZE, [y], {"axes": (2,)})
 
     return build
+
+
+def _strided_twice(g, x, rng):
+    """Two strided conv1d over a dynamic length (Wav2Vec2's feature extractor), then the length
+    used as a value: flattened into ``[batch, 5 * (((seq+3)//4)+1)]`` (the IR writes the nested
+    floor division as one). Both lengths stay above 1 from ``seq = 3`` up, where torch.export
+    would specialize."""
+    first = _conv1d(_conv_w(6, 4, 3), stride=(1, 2), padding=(0, 1))(g, x, rng)
+    second = _conv1d(_conv_w(5, 6, 1), _conv_w(5), "second_", stride=(1, 2), padding=(0, 1))(g, {"x": first}, rng)
+    assert first.shape == ("batch", 6, "((seq+1)//2)"), first.shape  # floor((seq+2-3)/2)+1
+    assert second.shape == ("batch", 5, "((seq+3)//4)+1"), second.shape  # floor((((seq+1)//2)+2-1)/2)+1
+    return g.add(Op.RESHAPE, [second], {"shape": ("batch", dim_product([5, second.shape[2]]))})
 
 
 def _baddbmm(alpha: float) -> Any:
@@ -93,6 +106,10 @@ CASES = [
     Case("conv1d", {"x": In(("batch", 4, 11))}, _conv1d(_conv_w(6, 4, 3), _conv_w(6), stride=(1, 2), padding=(0, 1)),
          lambda x: F.conv1d(x, torch.from_numpy(_conv_w(6, 4, 3)), torch.from_numpy(_conv_w(6)), 2, 1),
          tol=1e-4, capture=("conv1d.default",)),
+    Case("conv1d_strided_twice_dynamic_length", {"x": In(("batch", 4, "seq"))}, _strided_twice,
+         lambda x: F.conv1d(F.conv1d(x, torch.from_numpy(_conv_w(6, 4, 3)), None, 2, 1),
+                            torch.from_numpy(_conv_w(5, 6, 1)), torch.from_numpy(_conv_w(5)), 2, 1).reshape(x.shape[0], -1),
+         tol=1e-4, dim_min={"seq": 3}, capture=("conv1d.default",)),
     Case("conv1d_same_groups", {"x": In(("batch", 4, 9))}, _conv1d(_conv_w(4, 2, 3), padding=(0, 2), dilation=(1, 2), groups=2),
          lambda x: F.conv1d(x, torch.from_numpy(_conv_w(4, 2, 3)), None, 1, "same", 2, 2),
          tol=1e-4, capture=("conv1d.padding",)),
