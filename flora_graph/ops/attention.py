@@ -1,4 +1,4 @@
-"""Attention: ``ScaledDotProductAttention``.
+"""Attention: ``ScaledDotProductAttention`` and ``RotaryEmbedding``.
 
 Declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule, numpy
 semantics, ONNX rule and torch rule side by side. The numpy rule computes in float64; the
@@ -129,4 +129,64 @@ define(
     doc="softmax(q @ k^T * scale + mask) @ v; scale 0 is 1/sqrt(E); a bool mask keeps True, a float mask adds; "
         "is_causal keeps j <= i (top-left); a row with nothing kept is 0 (as torch).",
     numpy=_numpy_sdpa, onnx=_onnx_sdpa, torch=_torch_sdpa,
+)
+
+
+# --------------------------------------------------------------------------- RotaryEmbedding
+def _infer_rotary(shapes, dtypes, attrs):
+    """``x [.., d]`` (``d`` static and even), ``cos``/``sin`` ``[.., d/2]`` broadcasting to ``x[..., :d/2]``."""
+    x, cos, sin = shapes
+    if len(x) < 2 or not isinstance(x[-1], int) or x[-1] % 2:
+        raise ShapeError(f"RotaryEmbedding: x {format_shape(x)} needs a static, even last dim")
+    half = (*x[:-1], x[-1] // 2)
+    for what, c in (("cos", cos), ("sin", sin)):
+        if not c or c[-1] != x[-1] // 2 or broadcast_shapes(c, half) != tuple(canonical_dim(d) for d in half):
+            raise ShapeError(f"RotaryEmbedding: {what} {format_shape(c)} does not broadcast to {format_shape(half)}")
+    return tuple(x), same_dtype(dtypes, "RotaryEmbedding x/cos/sin")
+
+
+def _numpy_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h].astype(np.float64), x[..., h:].astype(np.float64)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _onnx_rotary(ctx: Any, node: ComputationNode, out: str) -> None:
+    """ONNX ``RotaryEmbedding`` (opset 23) for ``x [b, h, s, d]`` with ``cos``/``sin`` ``[b, 1, s, d/2]``
+    (their head axis squeezed once and shared); otherwise the halves rotated with ``Split``/``Concat``."""
+    x, cos, sin = node.inputs
+    if ctx.opset >= 23 and len(x.shape) == 4 and all(len(c.shape) == 4 and c.shape[1] == 1 and
+                                                      canonical_dim(c.shape[0]) == canonical_dim(x.shape[0]) and
+                                                      canonical_dim(c.shape[2]) == canonical_dim(x.shape[2])
+                                                      for c in (cos, sin)):
+        def squeezed(i: int) -> str:
+            arg = ctx.arg(node, i)
+            return ctx.once(("rotary-cache", arg), lambda: ctx.emit(
+                "Squeeze", [arg, ctx.constant(np.array([1], dtype=np.int64), f"{node.name}/axis1")]))
+
+        ctx.emit("RotaryEmbedding", [ctx.arg(node, 0), squeezed(1), squeezed(2)], [out])
+        return
+    half = int(x.shape[-1]) // 2
+    split = ctx.constant(np.array([half, half], dtype=np.int64), f"{node.name}/halves")
+    x1, x2 = ctx.fresh(f"{node.name}/x1"), ctx.fresh(f"{node.name}/x2")
+    ctx.emit("Split", [ctx.arg(node, 0), split], [x1, x2], axis=-1)
+    c, s = ctx.arg(node, 1), ctx.arg(node, 2)
+    first = ctx.emit("Sub", [ctx.emit("Mul", [x1, c]), ctx.emit("Mul", [x2, s])])
+    second = ctx.emit("Add", [ctx.emit("Mul", [x2, c]), ctx.emit("Mul", [x1, s])])
+    ctx.emit("Concat", [first, second], [out], axis=-1)
+
+
+def _torch_rotary(node: ComputationNode, args: list[str]) -> str:
+    x, c, s = args
+    h = int(node.inputs[0].shape[-1]) // 2
+    return (f"torch.cat([{x}[..., :{h}] * {c} - {x}[..., {h}:] * {s}, "
+            f"{x}[..., {h}:] * {c} + {x}[..., :{h}] * {s}], dim=-1)")
+
+
+define(
+    "ROTARY_EMBEDDING", "RotaryEmbedding", (3, 3),
+    infer=_infer_rotary,
+    doc="Rotary position embedding, halves not interleaved: x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], "
+        "cos/sin of half the last dim (ONNX RotaryEmbedding from opset 23).",
+    numpy=_numpy_rotary, onnx=_onnx_rotary, torch=_torch_rotary,
 )

@@ -21,8 +21,10 @@ from flora_graph.passes import (  # noqa: F401
     fuse_base_and_down,
     fuse_lora_siblings,
     fuse_rms_norm,
+    fuse_rotary,
     merge_lora,
     reassociate_low_rank,
+    share_kv_heads,
 )
 from flora_graph.passes.base import PASSES, PassError, PassFn, PassResult, get_pass, register_pass
 from flora_graph.passes.lora_pattern import LoRAMatch, find_lora

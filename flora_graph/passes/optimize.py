@@ -28,8 +28,10 @@ __all__ = ["BACKEND_DEFAULTS", "PRESETS", "PRESET_OPTIONS", "optimize", "optimiz
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "unfused": (),
-    "fused": ("fold-lora-scale", "reassociate-low-rank", "fuse-lora-siblings", "fuse-rms-norm", "cse", "dce"),
-    "merged": ("drop-zero-lora", "fold-lora-scale", "merge-lora", "constant-fold", "fuse-rms-norm", "cse", "dce"),
+    "fused": ("fold-lora-scale", "reassociate-low-rank", "fuse-lora-siblings", "fuse-rms-norm", "fuse-rotary",
+              "share-kv-heads", "cse", "dce"),
+    "merged": ("drop-zero-lora", "fold-lora-scale", "merge-lora", "constant-fold", "fuse-rms-norm", "fuse-rotary",
+               "share-kv-heads", "cse", "dce"),
 }
 """Pass names of each preset, in the order a pipeline iteration runs them."""
 

@@ -39,6 +39,7 @@ __all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERATOR_ONLY", "TOKENIZER_FILES", "
 
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
+GENAI_OPSET = 23  # RotaryEmbedding and RMSNormalization as one node each; onnxruntime >= 1.23 runs them
 MIXED_FILE = "mixed.onnx"
 ADAPTERS_DIR = "adapters"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -177,14 +178,14 @@ def export_genai(
         if sites:
             from flora_graph.serving.export import export_mixed, export_swappable
 
-            export_swappable(graph, tmp / MODEL_FILE)
+            export_swappable(graph, tmp / MODEL_FILE, opset=GENAI_OPSET)
             say("writing the mixed-adapter model")
-            export_mixed(graph, tmp / MIXED_FILE)
+            export_mixed(graph, tmp / MIXED_FILE, opset=GENAI_OPSET)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
             from flora_graph.runtimes.onnx_writer import save_onnx
 
-            save_onnx(to_onnx(graph), tmp / MODEL_FILE)
+            save_onnx(to_onnx(graph, GENAI_OPSET), tmp / MODEL_FILE)
         if params:
             from flora_graph.serving.adapter_file import write_adapter
 

@@ -1,0 +1,120 @@
+"""fuse-rotary: Replaces a hand-written rotary position embedding with one ``RotaryEmbedding`` node.
+
+Llama-family models apply rotary embeddings as ``x * cos + rotate_half(x) * sin`` with
+``rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2])`` and ``cos = cat(f, f).cos()`` (each angle
+twice). Capture keeps seven nodes per query or key (``Mul``, two ``Slice``, ``Neg``, ``Concat``,
+``Mul``, ``Add``); ONNX has one op for it from opset 23. Rule ``fuse-rotary``:
+
+- the root ``Add(Mul(x, cos), Mul(Concat(Neg(Slice(x, d/2:)), Slice(x, :d/2)), sin))`` (operands
+  of ``Add``/``Mul`` in either order), slices and ``Concat`` along the last axis of ``x``, whose
+  size ``d`` is static and even;
+- ``cos`` and ``sin`` have equal halves along that axis, proven from how they are built: a
+  ``Concat(f, f)`` of one node with itself along the last axis, under any chain of unary
+  elementwise ops, ``Cast``, ``Unsqueeze`` (not at the last axis) and products or sums with a
+  one-element operand (Hugging Face's ``attention_scaling``).
+
+It becomes ``RotaryEmbedding(x, cos[..., :d/2], sin[..., :d/2])``; the ``Slice`` of the shared
+``cos``/``sin`` is one node for every layer after ``cse``. Refusals are recorded with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+from flora_graph.ir import ComputationNode, Graph, Op
+from flora_graph.ops.movement import SLICE_END
+from flora_graph.passes.base import PassResult, register_pass
+from flora_graph.passes.rewrite import RewriteContext
+from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
+
+__all__ = ["FUSE_ROTARY", "ROTARY", "fuse_rotary"]
+
+_x = Pat.any("x")
+_rot = Pat(Op.CONCAT, (Pat(Op.NEG, (Pat(Op.SLICE, (_x,), name="hi"),), name="neg"), Pat(Op.SLICE, (_x,), name="lo")),
+           name="rot")
+ROTARY: Pat = Pat(Op.ADD, (Pat(Op.MUL, (_x, Pat.any("cos")), name="xc"), Pat(Op.MUL, (_rot, Pat.any("sin")), name="rs")),
+                  name="out")
+"""The decomposed rotary embedding; root is the final ``Add``."""
+
+_UNARY = frozenset({Op.COS, Op.SIN, Op.NEG, Op.CAST, Op.EXP, Op.SQRT, Op.RECIPROCAL, Op.TANH})
+_SCALAR_BINARY = frozenset({Op.MUL, Op.DIV, Op.ADD, Op.SUB})
+
+
+def _last_axis(node: ComputationNode, axis: int) -> bool:
+    return axis % len(node.shape) == len(node.shape) - 1
+
+
+def _one_element(node: ComputationNode) -> bool:
+    return all(isinstance(d, int) for d in node.shape) and math.prod(int(d) for d in node.shape) == 1
+
+
+def _equal_halves(node: ComputationNode, depth: int = 0) -> bool:
+    """Whether ``node``'s last axis is provably two equal halves (see the module docstring)."""
+    if depth > 16 or not node.shape:
+        return False
+    op = node.op
+    if op is Op.CONCAT:
+        return len(node.inputs) == 2 and node.inputs[0] is node.inputs[1] and _last_axis(node, node.attrs["axis"])
+    if op in _UNARY:
+        return _equal_halves(node.inputs[0], depth + 1)
+    if op is Op.UNSQUEEZE:
+        rank = len(node.shape)
+        return all(a % rank != rank - 1 for a in node.attrs["axes"]) and _equal_halves(node.inputs[0], depth + 1)
+    if op in _SCALAR_BINARY and len(node.inputs) == 2:
+        a, b = node.inputs
+        if _one_element(b) and len(a.shape) == len(node.shape):
+            return _equal_halves(a, depth + 1)
+        if _one_element(a) and len(b.shape) == len(node.shape):
+            return _equal_halves(b, depth + 1)
+    return False
+
+
+def _slice_is(node: ComputationNode, rank: int, start: int, end: int) -> bool:
+    a = node.attrs
+    return (len(a["axes"]) == 1 and a["axes"][0] % rank == rank - 1 and a["starts"] == (start,)
+            and (a["ends"][0] == end or (end == -1 and a["ends"][0] >= SLICE_END))
+            and tuple(a["steps"] or (1,)) == (1,))
+
+
+def _check(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = MatchResult()
+    x, rot, cos, sin = m["x"], m["rot"], m["cos"], m["sin"]
+    rank = len(x.shape)
+    d = x.shape[-1] if rank else None
+    if not isinstance(d, int) or d % 2 or d == 0:
+        return res.fail(f"{x.name!r} {x.shape} has no static, even last dim")
+    h = d // 2
+    if not (_slice_is(m["hi"], rank, h, -1) or _slice_is(m["hi"], rank, h, d)) or not _slice_is(m["lo"], rank, 0, h):
+        return res.fail(f"{m['hi'].name!r} / {m['lo'].name!r} are not the halves of {x.name!r}'s last axis")
+    if not _last_axis(rot, rot.attrs["axis"]):
+        return res.fail(f"{rot.name!r} does not concatenate along the last axis")
+    for what, c in (("cos", cos), ("sin", sin)):
+        if not c.shape or c.shape[-1] != d or len(c.shape) > rank:
+            return res.fail(f"{what} {c.name!r} {c.shape} does not span {x.name!r}'s last axis")
+        if not _equal_halves(c):
+            return res.fail(f"{what} {c.name!r} is not provably two equal halves (cat(f, f))")
+    if m.root.dtype != x.dtype or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        return res.fail(f"dtypes differ: x {x.dtype}, cos {cos.dtype}, sin {sin.dtype}")
+    m.extra["half"] = h
+    return res
+
+
+def _half(ctx: RewriteContext, c: ComputationNode, h: int, name: str) -> ComputationNode:
+    return ctx.add(Op.SLICE, [c], {"axes": (len(c.shape) - 1,), "starts": (0,), "ends": (h,), "steps": (1,)},
+                   name=f"{name}.half", meta=c.meta)
+
+
+def _rewrite(m: Match, ctx: RewriteContext) -> ComputationNode:
+    h, root = m.extra["half"], m.root
+    cos, sin = _half(ctx, m["cos"], h, f"{root.name}.cos"), _half(ctx, m["sin"], h, f"{root.name}.sin")
+    return ctx.add(Op.ROTARY_EMBEDDING, [m["x"], cos, sin], name=f"{root.name}.rotary", meta=root.meta)
+
+
+FUSE_ROTARY = Rule("fuse-rotary", ROTARY, _rewrite, _check,
+                   doc="Replaces x * cos + rotate_half(x) * sin (cos, sin = cat(f, f)) with RotaryEmbedding.")
+
+
+@register_pass("fuse-rotary")
+def fuse_rotary(graph: Graph) -> PassResult:
+    """Fuse each hand-written rotary embedding into one ``RotaryEmbedding`` node."""
+    return RuleSet([FUSE_ROTARY]).apply(graph)

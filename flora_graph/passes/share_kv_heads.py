@@ -1,0 +1,99 @@
+"""share-kv-heads: grouped-query attention without copying the key/value heads.
+
+Hugging Face's Llama-family attention (``repeat_kv``) widens the ``kv`` key/value heads to the
+``h = kv * g`` query heads before attention: ``Unsqueeze`` at axis 2, ``Expand`` to
+``[b, kv, g, T, d]``, ``Reshape`` to ``[b, h, T, d]``. With a KV cache that copies the whole cache
+twice per layer and decode step. Attention broadcasts over its leading axes, so the same result
+comes from grouping the query heads instead:
+
+    q [b, h, s, d] -> [b, kv, g, s, d];  k, v [b, kv, T, d] -> [b, kv, 1, T, d]
+    ScaledDotProductAttention(q, k, v, mask [b|1, 1, s, T] -> [b|1, 1, 1, s, T]) -> [b, h, s, dv]
+
+(query head ``i * g + j`` reads key head ``i`` in both). Rule ``share-kv-heads`` fires on an
+attention whose key and value are both widened that way with the same ``g > 1``; a mask with a
+head axis other than 1 is refused, with the reason recorded as for the other passes.
+"""
+
+from __future__ import annotations
+
+from flora_graph.ir import ComputationNode, Graph, Op
+from flora_graph.ir.shapes import canonical_dim, dim_product
+from flora_graph.passes.base import PassResult, register_pass
+from flora_graph.passes.rewrite import RewriteContext
+from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
+
+__all__ = ["SHARE_KV_HEADS", "share_kv_heads"]
+
+
+def _widened(x: str) -> Pat:
+    """``Reshape(Expand(Unsqueeze(x)))``, the widening of ``repeat_kv``, bound under ``x``."""
+    unsq = Pat(Op.UNSQUEEZE, (Pat.any(x),), name=f"{x}_unsqueeze")
+    return Pat(Op.RESHAPE, (Pat(Op.EXPAND, (unsq,), name=f"{x}_expand"),), name=f"{x}_wide")
+
+
+PATTERN = Pat(Op.SDPA, (Pat.any("q"), _widened("k"), _widened("v")), name="attention", extra=True)
+
+
+def _dims(shape) -> tuple:
+    return tuple(canonical_dim(d) for d in shape)
+
+
+def _group(m: Match, x: str) -> int | str:
+    """The repeat count ``g`` of the widening of ``x``, or why it is not ``repeat_kv``'s."""
+    src, unsq, wide = m[x], m[f"{x}_unsqueeze"], m[f"{x}_wide"]
+    if len(src.shape) != 4:
+        return f"{x} {src.name!r} has rank {len(src.shape)}, not 4"
+    if tuple(a % 5 for a in unsq.attrs["axes"]) != (2,):
+        return f"{unsq.name!r} inserts axes {unsq.attrs['axes']}, not axis 2"
+    b, kv, t, d = _dims(src.shape)
+    g = m[f"{x}_expand"].shape[2]
+    if not isinstance(g, int) or g < 2 or _dims(m[f"{x}_expand"].shape) != (b, kv, g, t, d):
+        return f"{m[f'{x}_expand'].name!r} does not widen {src.name!r} along a new axis 2"
+    if _dims(wide.shape) != (b, canonical_dim(dim_product([kv, g])), t, d):
+        return f"{wide.name!r} does not fold the new axis into the heads"
+    return g
+
+
+def _check(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = MatchResult()
+    gk, gv = _group(m, "k"), _group(m, "v")
+    for g in (gk, gv):
+        if isinstance(g, str):
+            return res.fail(g)
+    if gk != gv or _dims(m["k"].shape[:2]) != _dims(m["v"].shape[:2]):
+        return res.fail("key and value are widened differently")
+    q, att = m["q"], m.root
+    if len(q.shape) != 4 or canonical_dim(q.shape[1]) != canonical_dim(m["k_wide"].shape[1]):
+        return res.fail(f"query {q.name!r} {q.shape} does not have the widened head count")
+    if len(att.inputs) == 4:
+        mask = att.inputs[3]
+        if len(mask.shape) == 4 and mask.shape[1] != 1:
+            return res.fail(f"mask {mask.name!r} {mask.shape} has a head axis other than 1")
+    m.extra["g"] = gk
+    return res
+
+
+def _rewrite(m: Match, ctx: RewriteContext) -> ComputationNode:
+    att, q, g = m.root, m["q"], m.extra["g"]
+    name = att.name
+    kv = m["k"].shape[1]
+    q5 = ctx.add(Op.RESHAPE, [q], {"shape": (0, kv, g, -1, q.shape[3])}, name=f"{name}.grouped_q", meta=att.meta)
+    k5 = ctx.add(Op.UNSQUEEZE, [m["k"]], {"axes": (2,)}, name=f"{name}.grouped_k", meta=att.meta)
+    v5 = ctx.add(Op.UNSQUEEZE, [m["v"]], {"axes": (2,)}, name=f"{name}.grouped_v", meta=att.meta)
+    inputs = [q5, k5, v5]
+    if len(att.inputs) == 4:
+        mask = att.inputs[3]
+        inputs.append(ctx.add(Op.UNSQUEEZE, [mask], {"axes": (1,)}, name=f"{name}.grouped_mask", meta=att.meta)
+                      if len(mask.shape) == 4 else mask)
+    out5 = ctx.add(Op.SDPA, inputs, att.attrs, name=f"{name}.grouped", meta=att.meta)
+    return ctx.add(Op.RESHAPE, [out5], {"shape": (0, q.shape[1], -1, att.shape[3])}, name=f"{name}.heads", meta=att.meta)
+
+
+SHARE_KV_HEADS = Rule("share-kv-heads", PATTERN, _rewrite, _check,
+                      doc="Attention on repeat_kv-widened keys/values groups the query heads instead (no copy).")
+
+
+@register_pass("share-kv-heads")
+def share_kv_heads(graph: Graph) -> PassResult:
+    """Rewrite each grouped-query attention on widened keys/values to broadcast over the kv heads."""
+    return RuleSet([SHARE_KV_HEADS]).apply(graph)

@@ -1,0 +1,153 @@
+"""fuse-rotary and share-kv-heads on a Hugging Face Llama with a KV cache (grouped-query attention).
+
+The captured decoder (4 query heads on 2 key/value heads, rotary embeddings, a left-padded row,
+a past) is optimized with each pass and with the ``fused`` preset: every rotary becomes one
+``RotaryEmbedding``, every attention reads the un-widened cache, and the numbers stay the
+reference interpreter's and eager transformers' (with its cache). ONNX at opset 23 carries the
+rotary as ONNX's ``RotaryEmbedding`` and ONNX Runtime agrees. Hand-built graphs cover the refusals.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+
+from flora_graph.frontend.causal_lm import cache_layout, capture_causal_lm, example_inputs, past_names
+from flora_graph.ir import Graph, Op, verify
+from flora_graph.passes import optimize
+from flora_graph.passes.fuse_rotary import fuse_rotary
+from flora_graph.passes.share_kv_heads import share_kv_heads
+from flora_graph.runtimes.onnx_lowering import to_onnx
+from flora_graph.runtimes.reference import run
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    return model, capture_causal_lm(model)
+
+
+def _feeds(model, batch: int, seq: int, past: int, seed: int) -> dict[str, np.ndarray]:
+    x = example_inputs(cache_layout(model), 100, batch, seq, past, seed=seed, left_pad=2)
+    feed = {k: v.numpy() for k, v in x.items() if k != "past_key_values"}
+    feed.update({n: t.numpy() for n, t in zip(past_names(LAYERS), x["past_key_values"], strict=True)})
+    return feed
+
+
+def _ops(g: Graph) -> collections.Counter:
+    return collections.Counter(n.op for n in g.nodes)
+
+
+def _same(a: Graph, b: Graph, model, tol: float = 1e-5) -> None:
+    for k, (batch, seq, past) in enumerate(((1, 1, 5), (3, 4, 0), (2, 1, 6))):
+        x = _feeds(model, batch, seq, past, k)
+        want, got = run(a, x), run(b, x)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=tol, rtol=tol, err_msg=f"{name} at {batch, seq, past}")
+
+
+def test_rotary_embeddings_become_one_node_each(llama) -> None:
+    model, g = llama
+    res = fuse_rotary(g.copy())
+    after = verify(res.graph)
+    assert res.stats["fired"] == {"fuse-rotary": 2 * LAYERS} and res.stats["refused"] == {}
+    assert _ops(after)[Op.ROTARY_EMBEDDING] == 2 * LAYERS and Op.NEG not in _ops(after)
+    _same(g, after, model)
+
+
+def test_attention_reads_the_cache_without_widening_it(llama) -> None:
+    model, g = llama
+    res = share_kv_heads(g.copy())
+    after = verify(res.graph)
+    assert res.stats["fired"] == {"share-kv-heads": LAYERS} and res.stats["refused"] == {}
+    for att in (n for n in after.nodes if n.op is Op.SDPA):
+        q, k, v = att.inputs[:3]
+        assert len(q.shape) == 5 and q.shape[1:3] == (2, 2) and k.shape[2] == 1 and v.shape[2] == 1
+        assert k.inputs[0].op is Op.CONCAT  # the cache itself (past + new), not an Expand of it
+    assert Op.EXPAND not in _ops(after) or all(n.shape[-1] != 8 for n in after.nodes if n.op is Op.EXPAND)
+    _same(g, after, model)
+
+
+def test_fused_preset_matches_eager_with_cache_and_onnx_opset_23(llama) -> None:
+    model, g = llama
+    fused = optimize(g, "fused")
+    c = _ops(fused)
+    assert c[Op.ROTARY_EMBEDDING] == 2 * LAYERS and c[Op.SDPA] == LAYERS
+    _same(g, fused, model)
+    x = _feeds(model, 2, 3, 4, 7)
+    with torch.no_grad():
+        past = transformers.DynamicCache()
+        for i in range(LAYERS):
+            past.update(torch.from_numpy(x[f"past_key_values.{i}.key"]), torch.from_numpy(x[f"past_key_values.{i}.value"]), i)
+        eager = model(input_ids=torch.from_numpy(x["input_ids"]), attention_mask=torch.from_numpy(x["attention_mask"]),
+                      position_ids=torch.from_numpy(x["position_ids"]), past_key_values=past, use_cache=True)
+    valid = x["attention_mask"][:, -3:].astype(bool)  # the left-padded row's pad queries are not compared
+    got = run(fused, x)
+    np.testing.assert_allclose(got["logits"][valid], eager.logits.numpy()[valid], atol=1e-4, rtol=1e-4)
+    model_proto = to_onnx(fused, 23)
+    assert sum(n.op_type == "RotaryEmbedding" and n.domain == "" for n in model_proto.graph.node) == 2 * LAYERS
+    assert model_proto.opset_import[0].version == 23
+    sess = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    for name, value in zip(names, sess.run(None, {i.name: x[i.name] for i in sess.get_inputs()}), strict=True):
+        np.testing.assert_allclose(value, got[name], atol=1e-5, rtol=1e-5, err_msg=name)
+    onnx.checker.check_model(model_proto)
+
+
+def _rotary_graph(*, cos_from_input: bool = False, halves=(4, 4)) -> Graph:
+    """``x * cos + rotate_half(x) * sin`` over ``x [batch, 2, seq, 8]``; options break the proof or the halves."""
+    g = Graph("rot")
+    x = g.input("x", ("batch", 2, "seq", 8))
+    f = g.input("f", ("batch", "seq", 4))
+    if cos_from_input:
+        cos4 = g.add(Op.UNSQUEEZE, [g.input("cos", ("batch", "seq", 8))], {"axes": (1,)})
+    else:
+        cos4 = g.add(Op.UNSQUEEZE, [g.add(Op.COS, [g.add(Op.CONCAT, [f, f], {"axis": -1})])], {"axes": (1,)})
+    sin4 = g.add(Op.UNSQUEEZE, [g.add(Op.SIN, [g.add(Op.CONCAT, [f, f], {"axis": -1})])], {"axes": (1,)})
+    lo = g.add(Op.SLICE, [x], {"axes": (3,), "starts": (0,), "ends": (halves[0],), "steps": (1,)})
+    hi = g.add(Op.SLICE, [x], {"axes": (3,), "starts": (halves[1],), "ends": (8,), "steps": (1,)})
+    rot = g.add(Op.CONCAT, [g.add(Op.NEG, [hi]), lo], {"axis": -1}) if halves == (4, 4) else None
+    if rot is None:  # uneven halves: the same node shapes cannot concatenate to 8, so slice 3:8 and 0:3
+        rot = g.add(Op.CONCAT, [g.add(Op.NEG, [hi]), lo], {"axis": -1})
+    out = g.add(Op.ADD, [g.add(Op.MUL, [x, cos4]), g.add(Op.MUL, [rot, sin4])], name="out")
+    g.set_output("y", out)
+    return verify(g)
+
+
+def test_rotary_forms_fuse_and_refusals_are_recorded() -> None:
+    ok = fuse_rotary(_rotary_graph())
+    assert ok.stats["fired"] == {"fuse-rotary": 1}
+    rng = np.random.default_rng(0)
+    x = {"x": rng.standard_normal((2, 2, 5, 8)).astype(np.float32), "f": rng.standard_normal((2, 5, 4)).astype(np.float32)}
+    np.testing.assert_allclose(run(ok.graph, x)["y"], run(_rotary_graph(), x)["y"], atol=1e-6)
+    bad = fuse_rotary(_rotary_graph(cos_from_input=True))
+    assert not bad.changed and "not provably two equal halves" in bad.stats["refused"]["out"]
+    uneven = fuse_rotary(_rotary_graph(halves=(3, 3)))
+    assert not uneven.changed and "are not the halves" in uneven.stats["refused"]["out"]
+
+
+def test_a_mask_with_a_head_axis_is_refused() -> None:
+    g = Graph("gqa")
+    q = g.input("q", ("batch", 4, "seq", 8))
+    k, v = g.input("k", ("batch", 2, "kv", 8)), g.input("v", ("batch", 2, "kv", 8))
+    m = g.input("m", ("batch", 4, "seq", "kv"), "bool")
+
+    def widen(t):
+        u = g.add(Op.UNSQUEEZE, [t], {"axes": (2,)})
+        e = g.add(Op.EXPAND, [u], {"shape": ("batch", 2, 2, "kv", 8)})
+        return g.add(Op.RESHAPE, [e], {"shape": ("batch", 4, "kv", 8)})
+
+    g.set_output("y", g.add(Op.SDPA, [q, widen(k), widen(v), m], name="att"))
+    res = share_kv_heads(verify(g))
+    assert not res.changed and "head axis other than 1" in res.stats["refused"]["att"]
