@@ -233,8 +233,9 @@ def _vllm(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path], prom
     except (OSError, subprocess.TimeoutExpired) as exc:
         print(f"vLLM column skipped: {args.vllm_python} could not run benchmarks/vllm_mixed.py ({exc})")
         return None
-    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    if done.returncode or not last.startswith("{"):
+    # vLLM logs to stdout too (its shutdown comes after the result): the result is the line with the tokens
+    last = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith('{"tokens"')), "")
+    if done.returncode or not last:
         print(f"vLLM column skipped: benchmarks/vllm_mixed.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         return None
     return json.loads(last)

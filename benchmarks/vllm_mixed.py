@@ -10,7 +10,8 @@ cannot share flora_graph's environment). Install it as the deployable-LLM issue 
 base model folder, the PEFT adapter folders, the prompts (token ids) and the number of new
 tokens; it generates greedily with one ``LoRARequest`` per row (``--rounds`` times, all rows in
 one ``generate`` call, ``ignore_eos``) on one CPU thread (``VLLM_CPU_OMP_THREADS_BIND=0``) and
-prints one JSON line: the tokens of the last round and tokens/s of each round.
+prints one JSON line starting ``{"tokens"``: the tokens of the last round and tokens/s of each
+round (vLLM's own log lines go to stdout too).
 """
 
 from __future__ import annotations
