@@ -10,8 +10,8 @@ comes from grouping the query heads instead:
     ScaledDotProductAttention(q, k, v, mask [b|1, 1, s, T] -> [b|1, 1, 1, s, T]) -> [b, h, s, dv]
 
 (query head ``i * g + j`` reads key head ``i`` in both). Rule ``share-kv-heads`` fires on an
-attention whose key and value are both widened that way with the same ``g > 1``; a mask with a
-head axis other than 1 is refused, with the reason recorded as for the other passes.
+attention whose key and value are both widened that way with the same ``g > 1``; a mask whose
+head axis (axis -3) is not 1 is refused, with the reason recorded as for the other passes.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
     if len(q.shape) != 4 or canonical_dim(q.shape[1]) != canonical_dim(m["k_wide"].shape[1]):
         return res.fail(f"query {q.name!r} {q.shape} does not have the widened head count")
     if len(att.inputs) == 4:
-        mask = att.inputs[3]
-        if len(mask.shape) == 4 and mask.shape[1] != 1:
+        mask = att.inputs[3]  # its axis -3 lines up with the heads, which become the group axis
+        if len(mask.shape) > 4 or (len(mask.shape) >= 3 and mask.shape[-3] != 1):
             return res.fail(f"mask {mask.name!r} {mask.shape} has a head axis other than 1")
     m.extra["g"] = gk
     return res

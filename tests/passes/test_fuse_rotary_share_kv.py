@@ -137,11 +137,12 @@ def test_rotary_forms_fuse_and_refusals_are_recorded() -> None:
     assert not uneven.changed and "are not the halves" in uneven.stats["refused"]["out"]
 
 
-def test_a_mask_with_a_head_axis_is_refused() -> None:
+@pytest.mark.parametrize("mask_shape", [("batch", 4, "seq", "kv"), (4, "seq", "kv")])
+def test_a_mask_with_a_head_axis_is_refused(mask_shape) -> None:
     g = Graph("gqa")
     q = g.input("q", ("batch", 4, "seq", 8))
     k, v = g.input("k", ("batch", 2, "kv", 8)), g.input("v", ("batch", 2, "kv", 8))
-    m = g.input("m", ("batch", 4, "seq", "kv"), "bool")
+    m = g.input("m", mask_shape, "bool")
 
     def widen(t):
         u = g.add(Op.UNSQUEEZE, [t], {"axes": (2,)})
@@ -151,3 +152,28 @@ def test_a_mask_with_a_head_axis_is_refused() -> None:
     g.set_output("y", g.add(Op.SDPA, [q, widen(k), widen(v), m], name="att"))
     res = share_kv_heads(verify(g))
     assert not res.changed and "head axis other than 1" in res.stats["refused"]["att"]
+
+
+@pytest.mark.parametrize("mask_shape", [None, ("batch", 1, "seq", "kv"), (1, "seq", "kv"), ("seq", "kv")])
+def test_grouped_attention_equals_the_widened_one_for_every_mask_rank(mask_shape) -> None:
+    g = Graph("gqa")
+    q = g.input("q", ("batch", 4, "seq", 8))
+    k, v = g.input("k", ("batch", 2, "kv", 8)), g.input("v", ("batch", 2, "kv", 6))
+    inputs = [q]
+    for t, d in ((k, 8), (v, 6)):
+        u = g.add(Op.UNSQUEEZE, [t], {"axes": (2,)})
+        e = g.add(Op.EXPAND, [u], {"shape": ("batch", 2, 2, "kv", d)})
+        inputs.append(g.add(Op.RESHAPE, [e], {"shape": ("batch", 4, "kv", d)}))
+    if mask_shape is not None:
+        inputs.append(g.input("m", mask_shape, "bool"))
+    g.set_output("y", g.add(Op.SDPA, inputs, name="att"))
+    verify(g)
+    res = share_kv_heads(g.copy())
+    assert res.stats["fired"] == {"share-kv-heads": 1}, res.stats
+    rng = np.random.default_rng(1)
+    x = {"q": rng.standard_normal((3, 4, 5, 8)), "k": rng.standard_normal((3, 2, 7, 8)), "v": rng.standard_normal((3, 2, 7, 6))}
+    x = {n: a.astype(np.float32) for n, a in x.items()}
+    if mask_shape is not None:
+        sizes = {"batch": 3, "seq": 5, "kv": 7}
+        x["m"] = rng.random([sizes.get(d, d) for d in mask_shape]) < 0.7
+    np.testing.assert_allclose(run(res.graph, x)["y"], run(g, x)["y"], atol=1e-6)
