@@ -30,13 +30,13 @@ _POOL_ATTRS = {
 }
 
 
-def _check_nchw(what: str, x) -> None:
-    if len(x) != 4 or not all(isinstance(d, int) for d in x[2:]):
-        raise ShapeError(f"{what} needs x [N, C, H, W] with static H and W, got {format_shape(x)}")
+def _check_nchw(what: str, x, *, static: bool = True) -> None:
+    if len(x) != 4 or (static and not all(isinstance(d, int) for d in x[2:])):
+        raise ShapeError(f"{what} needs x [N, C, H, W]{' with static H and W' if static else ''}, got {format_shape(x)}")
 
 
 def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
-    _check_nchw(what, x)
+    _check_nchw(what, x, static=False)  # a dynamic H or W has ((H+2p-d(k-1)-1)//s)+1 positions
     for name in ("kernel", "stride", "padding"):
         if len(attrs[name]) != 2:
             raise ShapeError(f"{what}: {name} must have 2 values, got {attrs[name]}")

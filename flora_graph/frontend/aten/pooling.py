@@ -51,10 +51,16 @@ def _spatial(ctx, x) -> tuple[int, int]:
     return int(x.shape[2]), int(x.shape[3])
 
 
+def _nchw(ctx, x) -> None:
+    """A window pooling's input: NCHW, H and W static or dynamic (a dynamic one has a floor-division size)."""
+    if len(x.shape) != 4:
+        raise refuse(ctx, f"only NCHW input is supported, got rank {len(x.shape)}")
+
+
 def _max_pool(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     if ceil_mode:
         raise refuse(ctx, "ceil_mode=True")
-    _spatial(ctx, x)
+    _nchw(ctx, x)
     kernel = _pair(kernel_size)
     attrs = {"kernel": kernel, "stride": _pair(stride, kernel), "padding": _pair(padding), "dilation": _pair(dilation)}
     return ctx.emit(Op.MAX_POOL2D, [x], attrs)
@@ -78,7 +84,7 @@ def _avg_pool2d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, coun
         raise refuse(ctx, "ceil_mode=True")
     if divisor_override is not None:
         raise refuse(ctx, "divisor_override")
-    _spatial(ctx, x)
+    _nchw(ctx, x)
     kernel = _pair(kernel_size)
     attrs = {"kernel": kernel, "stride": _pair(stride, kernel), "padding": _pair(padding),
              "count_include_pad": int(bool(count_include_pad))}
