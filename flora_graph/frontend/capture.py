@@ -10,8 +10,9 @@ Adapters (any :class:`LoRAAdapter` in the model) come out as the pattern
 site (ours or PEFT's) calls one custom op (:mod:`flora_graph.frontend.lora_op`) that the
 table expands back into that pattern: ``torch.export`` costs about a millisecond per traced
 op, and LoRA sites are a large share of a transformer's ops. In-place ops that the export
-leaves in its graph (``add_``, ``div_``, ``index_put_``) are made functional first, by
-``run_decompositions({})``, only where there are some.
+leaves in its graph (``add_``, ``div_``, ``index_put_``) convert as their functional twins where
+they write a tensor the model computed and no view shares (:mod:`.mutations`); the program is
+made functional by ``run_decompositions({})``, a retrace, only where other in-place ops remain.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from flora_graph.adapters import adapters_of
 from flora_graph.adapters.lora import is_conv1d
 from flora_graph.adapters.peft import adapter_label, peft_lora_layers
 from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
+from flora_graph.frontend import mutations
 from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name, refusal_of
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
@@ -83,6 +85,7 @@ class CaptureContext:
         self.graph = graph
         self.adapters = dict(adapters)
         self.symbols = symbols  # sympy symbol name -> IR dim name
+        self.in_place: Mapping[torch.fx.Node, Any] = {}  # in-place fx nodes -> their functional twin
         self.fx_node: torch.fx.Node | None = None
 
     # ------------------------------------------------------------------ where are we
@@ -450,7 +453,7 @@ def trace_with_torch_export(
             spec = _dynamic_shapes(model, args, kwargs, dynamic_dims, hi, lo)
             try:
                 ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
-                if _mutating_ops(ep.graph):
+                if mutations.plan(ep.graph.nodes, ATEN_TABLE)[1]:  # in-place ops capture cannot take as they are
                     ep = _functionalize(ep, type(model).__name__)
                 ep = decompose_unconverted(ep)
                 break
@@ -507,7 +510,9 @@ def _unconverted(ep: torch.export.ExportedProgram) -> set[Any]:
     """The ATen overloads of ``ep`` that :func:`_check_supported` would refuse (no converter, not folded)."""
     sig = ep.graph_signature
     const = {n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in sig.user_inputs}
-    return {n.target for n in _without_converter(ep.graph.nodes, const) if isinstance(n.target, torch._ops.OpOverload)}
+    in_place = mutations.plan(ep.graph.nodes, ATEN_TABLE)[0]
+    return {n.target for n in _without_converter(ep.graph.nodes, const, in_place)
+            if isinstance(n.target, torch._ops.OpOverload)}
 
 
 def decompose_unconverted(ep: torch.export.ExportedProgram, rounds: int = 3) -> torch.export.ExportedProgram:
@@ -530,26 +535,14 @@ def decompose_unconverted(ep: torch.export.ExportedProgram, rounds: int = 3) -> 
     return ep
 
 
-_AUTOGRAD_ONLY = frozenset({torch.ops.aten.detach_.default})
-"""In-place ops that change autograd metadata only, never a value: converted as the identity, and no
-reason to functionalize (transformers' caches ``detach_`` their tensors: a 4-layer Llama with its cache
-captured 3x slower when they sent it through ``run_decompositions``)."""
-
-
-def _mutating_ops(fx_graph: torch.fx.Graph) -> list[str]:
-    """The in-place ops (``add_``, ``index_put_``, ``copy_``, ...) ``torch.export`` left in ``fx_graph``."""
-    return [aten_name(n.target) for n in fx_graph.nodes
-            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-            and n.target not in _AUTOGRAD_ONLY]
-
-
 def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.export.ExportedProgram:
     """``ep`` with its in-place ops made functional (``add_`` -> ``add``, ``index_put_`` -> ``index_put``).
 
     ``run_decompositions`` with an empty table functionalizes and decomposes nothing: ``linear``,
     ``scaled_dot_product_attention``, ``layer_norm`` and the LoRA op stay whole. Run only where
-    the graph mutates, as it retraces the program. A mutation that outlives the call (a buffer or
-    an input written in place) has no place in a graph without state, and is refused.
+    the graph holds an in-place op that :func:`.mutations.plan` cannot convert as it is, as it
+    retraces the program. A mutation that outlives the call (a buffer or an input written in
+    place) has no place in a graph without state, and is refused.
     """
     ep = ep.run_decompositions({})
     sig = ep.graph_signature
@@ -598,7 +591,8 @@ def convert_fx_graph(
     """
     adapters, dynamic_dims = adapters or {}, dynamic_dims or {}
     fx_nodes = list(fx_graph.nodes)
-    _check_supported(fx_nodes, weights)
+    in_place = mutations.plan(fx_nodes, ATEN_TABLE)[0]
+    _check_supported(fx_nodes, weights, in_place)
 
     graph = Graph(name)
     user = [n for n in fx_nodes if n.op == "placeholder" and n.name not in weights and isinstance(n.meta.get("val"), torch.Tensor)]
@@ -611,6 +605,7 @@ def convert_fx_graph(
             if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
                 symbols.setdefault(d.node.expr.name, dynamic_dims.get(names[n], {}).get(ax, d.node.expr.name))
     ctx = CaptureContext(graph, adapters, symbols)
+    ctx.in_place = in_place
     env: dict[torch.fx.Node, Any] = {}
     for n in fx_nodes:
         ctx.fx_node = n
@@ -677,7 +672,8 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
         return SymDim(ctx.ir_dim(n.meta["val"]))
     if n.target in NO_TENSOR_OPS:
         return None
-    conv = ATEN_TABLE.get(n.target)
+    twin = ctx.in_place.get(n)  # an in-place op converted as its functional twin (frontend.mutations)
+    conv = ATEN_TABLE.get(n.target if twin is None else twin)
     if conv is None:  # _check_supported let it through: every input is constant, so fold it
         return _fold(ctx, n, args, kwargs)
     if getattr(conv, "realizes_args", False):  # it makes each weight's Const where the op-by-op trace would
@@ -685,6 +681,8 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     else:
         out = conv(ctx, *_realize(ctx, args), **_realize(ctx, kwargs))
     _check_shape(ctx, n, out)
+    if twin is not None:
+        env[n.args[0]] = out  # every later reader of the written tensor sees the new value
     return out
 
 
@@ -720,13 +718,15 @@ def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
         raise ShapeError(f"{ctx.where()}: IR shape {format_shape(out.shape)} != torch shape {format_shape(want)} for {aten_name(n.target)}")
 
 
-def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.Node]) -> Iterator[torch.fx.Node]:
+def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.Node],
+                       in_place: Mapping[torch.fx.Node, Any] = {}) -> Iterator[torch.fx.Node]:
     """The call nodes of ``fx_nodes`` that no converter takes and capture cannot fold. ``const`` (the weight
     placeholders) grows with every op outside the table that reads weights alone: capture folds those to
-    constants, unless the op is refused (``randn(3, 4)`` is never frozen)."""
+    constants, unless the op is refused (``randn(3, 4)`` is never frozen). ``in_place`` nodes convert as
+    their functional twin (:func:`.mutations.plan`)."""
     for n in fx_nodes:
         if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
-                or _is_shape_arith(n) or n.target in ATEN_TABLE):
+                or _is_shape_arith(n) or n.target in ATEN_TABLE or n in in_place):
             continue
         if refusal_of(n.target) is None and all(a in const for a in n.all_input_nodes):
             const.add(n)
@@ -734,12 +734,13 @@ def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.No
         yield n
 
 
-def _check_supported(fx_nodes: list[torch.fx.Node], weights: Mapping[str, str]) -> None:
+def _check_supported(fx_nodes: list[torch.fx.Node], weights: Mapping[str, str],
+                     in_place: Mapping[torch.fx.Node, Any] = {}) -> None:
     """Raise one ``UnsupportedOpError`` naming every op outside the table and where it occurs."""
     const: set[torch.fx.Node] = {n for n in fx_nodes if n.op == "placeholder" and n.name in weights}
     missing: dict[str, list[str]] = {}
     reasons: dict[str, str] = {}
-    for n in _without_converter(fx_nodes, const):
+    for n in _without_converter(fx_nodes, const, in_place):
         refusal = refusal_of(n.target)
         stack = n.meta.get("nn_module_stack") or {}
         paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v]

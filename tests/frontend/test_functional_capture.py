@@ -1,11 +1,15 @@
-"""capture() of models with in-place ops: the exported program is functionalized first, and only then.
+"""capture() of models with in-place ops.
 
-``torch.export`` leaves ``add_``, ``div_``, ``index_put_``, ``masked_fill_`` in its graph; capture
-runs ``run_decompositions({})`` where (and only where) the graph holds such an op, which turns
-them functional and keeps ``linear``, attention, layer norm and the LoRA op whole.
+``torch.export`` leaves ``add_``, ``div_``, ``index_put_``, ``masked_fill_`` in its graph. An
+in-place op on a tensor the model computed, that no view shares, converts as its functional twin
+(:mod:`flora_graph.frontend.mutations`): no retrace. Anything else (a write through a view, a view
+read after the write) makes capture run ``run_decompositions({})``, which turns the program
+functional and keeps ``linear``, attention, layer norm and the LoRA op whole. Both paths match eager.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import numpy as np
 import peft
@@ -173,3 +177,82 @@ def test_detach_in_place_is_not_a_reason_to_functionalize(monkeypatch) -> None:
 
     x = torch.randn(4, 3)
     assert (run(graph, {"x": x.numpy()})["output"] == (x * 2 + 1).numpy()).all()
+
+
+# --------------------------------------------------------------------------- in-place ops without a retrace
+class Fresh(nn.Module):
+    """In-place ops on values the forward computed, with no view of them: no retrace needed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        h.add_(y)
+        h.mul_(0.5)
+        h.masked_fill_(h > 0.4, -1.0)
+        row = torch.tanh(x.sum(0))
+        row[torch.tensor([0, 3])] = 0.25  # index_put_ on a fresh tensor
+        return torch.relu(h) + row
+
+
+class ThroughView(nn.Module):
+    """A write through a view (it changes ``h`` too)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        v = h.unsqueeze(0)
+        v.add_(y)
+        return h + 1
+
+
+class ViewReadAfter(nn.Module):
+    """A view taken before the write and read after it (it sees the write)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        v = h[:, :2]
+        h.add_(y)
+        return v * 3
+
+
+class SameDtypeTo(nn.Module):
+    """``to`` of the same dtype is the tensor itself: writing the result writes the input."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        h.to(torch.float32).add_(y)
+        return h
+
+
+def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, object]:
+    module = importlib.import_module("flora_graph.frontend.capture")  # the module: the package exports capture()
+    calls: list[str] = []
+    real = module._functionalize
+    monkeypatch.setattr(module, "_functionalize", lambda ep, name: calls.append(name) or real(ep, name))
+    g = capture(model, _feeds(3, 0), {"x": {0: "b"}, "y": {0: "b"}})
+    return len(calls), g
+
+
+@pytest.mark.parametrize(("model", "retrace"), [(Fresh, False), (ThroughView, True), (ViewReadAfter, True),
+                                                (SameDtypeTo, True)])
+def test_in_place_ops_convert_without_a_retrace_only_where_no_view_shares_them(model, retrace, monkeypatch) -> None:
+    torch.manual_seed(0)
+    m = model().eval()
+    calls, g = _retraces(m, monkeypatch)
+    assert calls == int(retrace)
+    for k, batch in enumerate((2, 5)):
+        feeds = _feeds(batch, k + 1)
+        got = run(g, {n: v.numpy() for n, v in feeds.items()})
+        np.testing.assert_allclose(next(iter(got.values())), _eager(m, feeds), atol=ATOL, rtol=RTOL)
+
+
+def test_functional_twins() -> None:
+    from flora_graph.frontend.mutations import functional_of
+
+    aten = torch.ops.aten
+    assert functional_of(aten.add_.Tensor) is aten.add.Tensor
+    assert functional_of(aten.masked_fill_.Scalar) is aten.masked_fill.Scalar
+    assert functional_of(aten.index_put_.default) is aten.index_put.default
+    assert functional_of(aten.add.Tensor) is None  # nothing written

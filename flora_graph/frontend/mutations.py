@@ -1,0 +1,101 @@
+"""In-place ops that capture converts as their functional form, without retracing the program.
+
+torch.export keeps in-place ops (``add_``, ``masked_fill_``, ``index_put_``) on the tensors a model
+computes. Functionalizing them with ``run_decompositions({})`` retraces the whole program (5-10 s of
+CPU for T5, DeBERTa-v2 or Falcon). An in-place op needs no retrace when it writes a tensor that:
+
+- the model computed (not an input, a weight or a buffer: that write outlives the call);
+- is nobody's view and has no view taken of it (a write through a view, or seen through one,
+  reaches memory the op's result does not stand for);
+- keeps its dtype under the functional op (no float scalar added in place to an int tensor).
+
+Such an op is its functional twin (``add_.Tensor`` -> ``add.Tensor``) whose result replaces the
+written tensor for every later reader: :func:`plan` finds them, capture converts them so, and
+retraces only when some other in-place op remains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["AUTOGRAD_ONLY", "functional_of", "plan"]
+
+AUTOGRAD_ONLY = frozenset({torch.ops.aten.detach_.default})
+"""In-place ops that change autograd metadata only, never a value: converted as the identity, and no
+reason to functionalize (transformers' caches ``detach_`` their tensors: a 4-layer Llama with its cache
+captured 3x slower when they sent it through ``run_decompositions``)."""
+
+
+def _mutable(target: Any) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable and target not in AUTOGRAD_ONLY
+
+
+def functional_of(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """The functional twin of an in-place overload writing its first argument only
+    (``aten.add_.Tensor`` -> ``aten.add.Tensor``), or ``None``."""
+    args = op._schema.arguments
+    if not args or args[0].alias_info is None or not args[0].alias_info.is_write:
+        return None
+    if any(a.alias_info is not None and a.alias_info.is_write for a in args[1:]):
+        return None
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.endswith("__"):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    twin = getattr(packet, op._overloadname, None) if packet is not None else None
+    if not isinstance(twin, torch._ops.OpOverload) or twin._schema.is_mutable:
+        return None
+    return twin
+
+
+def _is_view(n: torch.fx.Node) -> bool:
+    """Whether ``n``'s result may alias an input (``view``, ``slice``, ``transpose``, an in-place op's
+    return; ``to`` unless it changes the dtype, which makes a copy)."""
+    t = n.target
+    if not (n.op == "call_function" and isinstance(t, torch._ops.OpOverload)
+            and any(r.alias_info is not None for r in t._schema.returns)):
+        return False
+    if t.overloadpacket is torch.ops.aten.to and n.args and isinstance(n.args[0], torch.fx.Node):
+        return _dtype(n.args[0]) is None or _dtype(n.args[0]) == _dtype(n)
+    return True
+
+
+def _dtype(v: Any) -> Any:
+    val = v.meta.get("val") if isinstance(v, torch.fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _keeps_dtype(n: torch.fx.Node, dtype: torch.dtype) -> bool:
+    """Whether the functional twin of ``n`` keeps ``dtype``: no operand promotes it (a bool mask does not)."""
+    for a in [*n.args[1:], *n.kwargs.values()]:
+        if isinstance(a, torch.fx.Node):
+            if _dtype(a) is not None and torch.promote_types(dtype, _dtype(a)) != dtype:
+                return False
+        elif isinstance(a, float) and not dtype.is_floating_point:
+            return False
+    return True
+
+
+def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any) -> tuple[dict[torch.fx.Node, Any], list[torch.fx.Node]]:
+    """The in-place nodes of ``fx_nodes`` to convert as their functional twin (``{node: twin}``, the
+    twin having a converter in ``converters``), and the in-place nodes that need a retrace."""
+    nodes = list(fx_nodes)
+    safe: dict[torch.fx.Node, Any] = {}
+    unsafe: list[torch.fx.Node] = []
+    for n in nodes:
+        if n.op != "call_function" or not _mutable(n.target):
+            continue
+        twin = functional_of(n.target)
+        written = n.args[0] if n.args else None
+        ok = (twin is not None and twin in converters and isinstance(written, torch.fx.Node)
+              and written.op == "call_function" and (written in safe or not _is_view(written))
+              and _dtype(written) is not None and _keeps_dtype(n, _dtype(written))
+              and not any(_is_view(u) and not _mutable(u.target) for u in written.users))
+        if ok:
+            safe[n] = twin
+        else:
+            unsafe.append(n)
+    return safe, unsafe
