@@ -180,18 +180,12 @@ def test_detach_in_place_is_not_a_reason_to_functionalize(monkeypatch) -> None:
 
 
 # --------------------------------------------------------------------------- in-place ops without a retrace
-class Fresh(nn.Module):
-    """In-place ops on values the forward computed, with no view of them: no retrace needed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(6, 6)
+class Fresh(InPlace):
+    """:class:`InPlace`'s ops with no view of what they write (``row`` from ``x``, not ``h[0]``): no retrace."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.proj(x)
-        h.add_(y)
-        h.mul_(0.5)
-        h.masked_fill_(h > 0.4, -1.0)
+        h.add_(y).mul_(0.5).masked_fill_(h > 0.4, -1.0)
         row = torch.tanh(x.sum(0))
         row[torch.tensor([0, 3])] = 0.25  # index_put_ on a fresh tensor
         return torch.relu(h) + row
