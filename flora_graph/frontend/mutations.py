@@ -16,6 +16,7 @@ retraces only when some other in-place op remains.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,7 +38,8 @@ def functional_of(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
     """The functional twin of an in-place overload writing its first argument only
     (``aten.add_.Tensor`` -> ``aten.add.Tensor``), or ``None``."""
     args = op._schema.arguments
-    if not args or args[0].alias_info is None or not args[0].alias_info.is_write:
+    if not op._schema.name.startswith("aten::") or not args or args[0].alias_info is None \
+            or not args[0].alias_info.is_write:
         return None
     if any(a.alias_info is not None and a.alias_info.is_write for a in args[1:]):
         return None
@@ -53,10 +55,16 @@ def functional_of(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
 
 def _is_view(n: torch.fx.Node) -> bool:
     """Whether ``n``'s result may alias an input (``view``, ``slice``, ``transpose``, an in-place op's
-    return; ``to`` unless it changes the dtype, which makes a copy)."""
+    return, an item of ``split``'s list; ``to`` unless it changes the dtype, which makes a copy).
+    A call that is not an ATen overload counts as a view, except an item of a fresh result."""
     t = n.target
-    if not (n.op == "call_function" and isinstance(t, torch._ops.OpOverload)
-            and any(r.alias_info is not None for r in t._schema.returns)):
+    if n.op != "call_function":
+        return False
+    if t is operator.getitem:
+        return not isinstance(n.args[0], torch.fx.Node) or _is_view(n.args[0])
+    if not isinstance(t, torch._ops.OpOverload):
+        return True
+    if not any(r.alias_info is not None for r in t._schema.returns):
         return False
     if t.overloadpacket is torch.ops.aten.to and n.args and isinstance(n.args[0], torch.fx.Node):
         return _dtype(n.args[0]) is None or _dtype(n.args[0]) == _dtype(n)

@@ -211,6 +211,16 @@ class ViewReadAfter(nn.Module):
         return v * 3
 
 
+class SplitItem(nn.Module):
+    """An item of ``split`` is a view of the tensor split: writing it writes that tensor."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        a, _ = h.split(3, dim=1)
+        a.mul_(10)
+        return h + y
+
+
 class SameDtypeTo(nn.Module):
     """``to`` of the same dtype is the tensor itself: writing the result writes the input."""
 
@@ -230,7 +240,7 @@ def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, o
 
 
 @pytest.mark.parametrize(("model", "retrace"), [(Fresh, False), (ThroughView, True), (ViewReadAfter, True),
-                                                (SameDtypeTo, True)])
+                                                (SplitItem, True), (SameDtypeTo, True)])
 def test_in_place_ops_convert_without_a_retrace_only_where_no_view_shares_them(model, retrace, monkeypatch) -> None:
     torch.manual_seed(0)
     m = model().eval()
