@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -90,7 +89,7 @@ from flora_graph.flora.accumulate import PROJECTIONS
 from flora_graph.flora.errors import NonFiniteGradientError
 from flora_graph.flora.projection import stable_seed
 from flora_graph.models.decoder import DECODER_PROJECTIONS, EOS, byte_tokenize
-from flora_graph.storage import atomic_write_bytes, read_regular
+from flora_graph.storage import atomic_write_bytes, atomic_write_figure, read_regular
 from flora_graph.training.corpus import Corpus, WindowSampler, eval_windows
 from flora_graph.training.trainer import (
     TrainConfig,
@@ -497,10 +496,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue(), what="plot")
+    atomic_write_figure(path, fig, what="plot")
 
 
 # ---------------------------------------------------------------------- CLI

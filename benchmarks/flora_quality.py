@@ -47,7 +47,6 @@ Run: ``python benchmarks/flora_quality.py [--steps 300 --batch 16 --seq 64 --job
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -63,6 +62,7 @@ from torch import nn
 
 from flora_graph.flora import FloraAccumulator
 from flora_graph.ir.serialize import atomic_write_bytes
+from flora_graph.storage import atomic_write_figure
 from flora_graph.training.trainer import TrainConfig, build_model, train
 
 # method -> (TrainConfig overrides, learning rates swept)
@@ -158,10 +158,7 @@ def plot(best: dict[str, dict[str, Any]], accum: list[dict[str, Any]], path: Pat
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)
 
 
 def main() -> None:

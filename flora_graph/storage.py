@@ -54,7 +54,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from flora_graph.errors import ArtifactWriteError, UnsafeNameError
 
@@ -66,6 +66,7 @@ except ImportError:  # pragma: no cover - not POSIX
 __all__ = [
     "atomic_file",
     "atomic_write_bytes",
+    "atomic_write_figure",
     "boundary",
     "check_name",
     "fsync_dir",
@@ -357,6 +358,18 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, what: str = "file") -> 
     """Write ``data`` to ``path`` through a temporary file in the same directory + rename."""
     with atomic_file(path, what=what) as f:
         f.write(data)
+
+
+def atomic_write_figure(path: str | Path, fig: Any, *, fmt: str = "png", what: str = "figure") -> None:
+    """Save the matplotlib figure ``fig`` to ``path`` (``fmt``, 110 dpi) as :func:`atomic_file` commits
+    a file, then close it."""
+    import matplotlib.pyplot as plt  # the caller made fig with it: no import cost here
+
+    try:
+        with atomic_file(path, what=what) as f:
+            fig.savefig(f, format=fmt, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 @contextlib.contextmanager

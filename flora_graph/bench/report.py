@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from rich.table import Table
 
 from flora_graph.bench.latency import BenchReport
-from flora_graph.ir.serialize import atomic_write_bytes
+from flora_graph.storage import atomic_write_figure
 
 __all__ = ["latency_table", "plot_latency"]
 
@@ -46,7 +45,4 @@ def plot_latency(reports: list[BenchReport], path: str | Path) -> None:
         ax.set_ylabel("median ms")
         ax.set_title(f"{rep.model} {rep.inputs} (threads={rep.threads})", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)

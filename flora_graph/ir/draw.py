@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import networkx as nx
 from flora_graph.errors import GraphError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.ops import Op
-from flora_graph.ir.serialize import atomic_write_bytes
+from flora_graph.storage import atomic_write_figure
 
 __all__ = ["ROLE_COLOURS", "draw_graphs"]
 
@@ -66,7 +65,4 @@ def draw_graphs(graphs: Sequence[Graph], path: str | Path, titles: Sequence[str]
         ax.set_title(titles[k] if titles else f"{graph.name}: {len(graph.nodes)} nodes", fontsize=10)
         ax.axis("off")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig, fmt=fmt)
