@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 same &= toks["genai"] == toks["eager"] == toks["generator"]
                 if "builder" in toks:
                     same &= toks["builder"] == toks["eager"]
-        mixed, same_mixed = _mixed_batch(args, flora, eager_models, root, peft_dirs)
+        mixed, same_mixed, vllm_same = _mixed_batch(args, flora, eager_models, root, peft_dirs)
         print(f"export of base + {args.adapters} adapters: {export_s:.2f} s"
               + (f"; the model builder: {builder_s['base']:.2f} s (base), {builder_s['adapter']:.2f} s (one adapter baked in)"
                  if builder_s else "; the model builder: not run (see above)"))
@@ -163,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens equal eager PEFT per row: {same_mixed}")
         if "vllm" in mixed:
             print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x; vLLM's tokens equal eager PEFT "
-                  f"per row: {VLLM_SAME[0]}")
+                  f"per row: {vllm_same}")
     return 0 if same and same_mixed else 1
 
 
 def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft_dirs: dict[str, Path]):
-    """Tokens/s of one mixed batch (one row per adapter), of the rows one by one, and of PEFT's adapter_names."""
+    """Tokens/s of one mixed batch (one row per adapter), of the rows one by one, of PEFT's adapter_names and
+    of vLLM where given; whether every row's tokens equal eager PEFT's, and the same for vLLM (``None``: not run)."""
     import peft
     import torch
     import transformers
@@ -209,11 +210,7 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
     vllm = _vllm(args, root, peft_dirs, prompts, names)
     if vllm is not None:
         result["vllm"] = statistics.median(vllm["tokens_per_s"])
-        VLLM_SAME.append(vllm["tokens"] == want)
-    return result, same
-
-
-VLLM_SAME: list[bool] = []
+    return result, same, None if vllm is None else vllm["tokens"] == want
 
 
 def _vllm(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path], prompts: list[list[int]],

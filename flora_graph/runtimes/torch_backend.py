@@ -170,9 +170,14 @@ def _dynamic_shapes(graph: Graph, dim_min: int) -> tuple[list[torch.Tensor], lis
     the ``dynamic_shapes`` spec (each dim's minimum at least ``dim_min``)."""
     names = sorted({p for n in graph.inputs for d in n.shape for p in dim_names(d)})
     bounds, lows = graph.dim_max, graph.dim_min
-    sizes = {name: max(min(lows[name] + 4 + k % 7 if lows.get(name) else 2 + k % 7, bounds.get(name, 1 << 62)),
-                       lows.get(name, 0)) if lows.get(name) else min(2 + k % 7, bounds.get(name, 8))
-             for k, name in enumerate(names)}
+
+    def example(k: int, name: str) -> int:
+        lo = lows.get(name, 0)
+        if not lo:
+            return min(2 + k % 7, bounds.get(name, 8))
+        return max(lo, min(lo + 4 + k % 7, bounds.get(name, lo + 4 + k % 7)))
+
+    sizes = {name: example(k, name) for k, name in enumerate(names)}
     dims: dict[str, Any] = {}
     used: set[str] = set()
 
