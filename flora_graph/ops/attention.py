@@ -1,9 +1,12 @@
 """Attention: ``ScaledDotProductAttention`` and ``RotaryEmbedding``.
 
 Declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule, numpy
-semantics, ONNX rule and torch rule side by side. The numpy rule computes in float64; the
-ONNX rule decomposes into standard ops (``MatMul``, ``Softmax``, an additive bias for the
-mask, the causal bias shared between attentions); the torch rule is
+semantics, ONNX rule and torch rule side by side. The numpy rule computes in float64. The
+ONNX rule writes rank-4 attention without a float mask as one ONNX ``Attention`` node from
+opset 23 (grouped-query heads included: ONNX Runtime runs it as one kernel, a row with nothing
+kept coming out 0 as in torch); otherwise it decomposes into standard ops (``MatMul``,
+``Softmax``, an additive bias for the mask, the causal bias shared between attentions), grouped
+query heads broadcasting over ``[.., kv, 1, S, E]`` keys. The torch rule is
 ``F.scaled_dot_product_attention``.
 """
 
@@ -26,8 +29,26 @@ from flora_graph.ops.registry import define
 __all__: list[str] = []
 
 
+def _dims(shape) -> tuple:
+    """``shape`` with each dim in canonical form (comparable with ``==``)."""
+    return tuple(canonical_dim(d) for d in shape)
+
+
+def _gqa_group(q, k, v) -> int:
+    """The query heads per key/value head of a grouped-query attention (heads on axis -3)."""
+    if len(q) < 3 or len(k) != len(q) or len(v) != len(q):
+        raise ShapeError(f"attention: enable_gqa needs q, k and v of one rank >= 3, got {format_shape(q)}, "
+                         f"{format_shape(k)}, {format_shape(v)}")
+    hq, hk = q[-3], k[-3]
+    if not isinstance(hq, int) or not isinstance(hk, int) or hk < 1 or hq % hk or not dims_equal(hk, v[-3]):
+        raise ShapeError(f"attention: enable_gqa needs static query heads {hq!r} a multiple of the key/value heads "
+                         f"{hk!r} (k {format_shape(k)}, v {format_shape(v)})")
+    return hq // hk
+
+
 def _infer_sdpa(shapes, dtypes, attrs):
-    """``q [.., L, E]``, ``k [.., S, E]``, ``v [.., S, Ev]``, optional mask broadcasting to ``[.., L, S]``."""
+    """``q [.., L, E]``, ``k [.., S, E]``, ``v [.., S, Ev]``, optional mask broadcasting to ``[.., L, S]``;
+    with ``enable_gqa`` the heads (axis -3) of ``k``/``v`` divide those of ``q``."""
     q, k, v = shapes[:3]
     if len(q) < 2 or len(k) < 2 or len(v) < 2:
         raise ShapeError("attention: q, k and v need rank >= 2")
@@ -39,10 +60,16 @@ def _infer_sdpa(shapes, dtypes, attrs):
         raise ShapeError(f"attention: k {format_shape(k)} and v {format_shape(v)} lengths differ")
     if attrs["is_causal"] not in (0, 1):
         raise ShapeError(f"attention: is_causal must be 0 or 1, got {attrs['is_causal']}")
+    if attrs["enable_gqa"] not in (0, 1):
+        raise ShapeError(f"attention: enable_gqa must be 0 or 1, got {attrs['enable_gqa']}")
     if attrs["scale"] < 0:
         raise ShapeError(f"attention: scale must be >= 0 (0: 1/sqrt(E)), got {attrs['scale']}")
     dtype = same_dtype(dtypes[:3], "attention q/k/v")
-    batch = broadcast_shapes(q[:-2], k[:-2], v[:-2])
+    if attrs["enable_gqa"]:
+        _gqa_group(q, k, v)
+        batch = (*broadcast_shapes(q[:-3], k[:-3], v[:-3]), q[-3])
+    else:
+        batch = broadcast_shapes(q[:-2], k[:-2], v[:-2])
     if len(shapes) == 4:
         if attrs["is_causal"]:
             raise ShapeError("attention: is_causal and a mask cannot be combined (as in torch)")
@@ -55,8 +82,11 @@ def _infer_sdpa(shapes, dtypes, attrs):
 
 
 def _numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None, *,
-                is_causal: int, scale: float) -> np.ndarray:
+                is_causal: int, scale: float, enable_gqa: int) -> np.ndarray:
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
+    if enable_gqa:  # query head i reads key/value head i // g, as torch
+        g = q.shape[-3] // k.shape[-3]
+        k, v = np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3)
     s = np.matmul(q.astype(np.float64), np.swapaxes(k.astype(np.float64), -1, -2)) * scale
     if mask is not None and mask.dtype != np.bool_:
         s = s + mask
@@ -75,23 +105,69 @@ def _numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | 
 
 
 def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
+    """ONNX ``Attention`` (opset >= 23, rank 4, no float mask), else the decomposition."""
+    q, k, v = node.inputs[:3]
+    mask = node.inputs[3] if len(node.inputs) == 4 else None
+    if ctx.opset >= 23 and _onnx_attention_fits(node):
+        attrs = {"is_causal": node.attrs["is_causal"]}
+        if node.attrs["scale"]:
+            attrs["scale"] = node.attrs["scale"]
+        ctx.emit("Attention", [ctx.arg(node, i) for i in range(len(node.inputs))], [out], **attrs)
+        return
+    if not node.attrs["enable_gqa"] or q.shape[-3] == k.shape[-3]:
+        _onnx_decomposed(ctx, node, *(ctx.arg(node, i) for i in range(3)), out)
+        return
+    rank, hk, g = len(q.shape), int(k.shape[-3]), _gqa_group(q.shape, k.shape, v.shape)
+    ints = lambda *xs: ctx.constant(np.array(xs, dtype=np.int64), f"{node.name}/shape")  # noqa: E731
+    k5, v5 = (ctx.emit("Unsqueeze", [ctx.arg(node, i), ints(rank - 2)]) for i in (1, 2))
+    if mask is not None and len(mask.shape) >= 3 and mask.shape[-3] != 1:
+        # a mask per query head: widen the keys/values to the query heads instead of grouping
+        wide = [ctx.emit("Reshape", [ctx.emit("Expand", [t, ctx.emit("Concat", [
+            ctx.emit("Shape", [t], end=rank - 2), ints(g), ctx.emit("Shape", [t], start=rank - 1)], axis=0)]),
+            ints(*([0] * (rank - 3)), int(q.shape[-3]), -1, int(s.shape[-1]))]) for t, s in ((k5, k), (v5, v))]
+        _onnx_decomposed(ctx, node, ctx.arg(node, 0), *wide, out)
+        return
+    q5 = ctx.emit("Reshape", [ctx.arg(node, 0), ints(*([0] * (rank - 3)), hk, g, -1, int(q.shape[-1]))])
+    grouped_mask = None
+    if mask is not None:  # its head axis is 1 (or absent): one more axis of 1 before it
+        arg, axis = ctx.arg(node, 3), len(mask.shape) - 3
+        grouped_mask = arg if axis < 0 else ctx.once(("gqa-mask", arg), lambda: ctx.emit("Unsqueeze", [arg, ints(axis)]))
+    out5 = ctx.fresh(f"{node.name}.grouped")
+    _onnx_decomposed(ctx, node, q5, k5, v5, out5, mask=grouped_mask, rank=rank + 1)
+    ctx.emit("Reshape", [out5, ints(*([0] * (rank - 3)), int(q.shape[-3]), -1, int(v.shape[-1]))], [out])
+
+
+def _onnx_attention_fits(node: ComputationNode) -> bool:
+    """Whether ONNX ``Attention`` computes ``node``: rank 4, one batch, key/value heads equal to the
+    query heads or (grouped) dividing them, and no mask or a boolean one."""
+    q, k, v = (_dims(t.shape) for t in node.inputs[:3])
+    mask = node.inputs[3] if len(node.inputs) == 4 else None
+    if len(q) != 4 or len(k) != 4 or len(v) != 4 or not q[0] == k[0] == v[0] or k[1] != v[1]:
+        return False
+    if q[1] != k[1] and not node.attrs["enable_gqa"]:
+        return False
+    return mask is None or (mask.dtype == "bool" and len(mask.shape) <= 4)
+
+
+def _onnx_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *,
+                     mask: str | None = None, rank: int | None = None) -> None:
     """``Softmax(q @ k^T * scale + bias) @ v``, the mask as an additive bias (0 kept, -inf dropped).
 
     The bias is made once per mask and shared by every attention reading it: a boolean mask
     becomes ``Where(mask, 0, -inf)``, the causal one (keep ``j <= i``) ``Trilu(-inf, k=1)`` of the
     ``[L, S]`` scores. Each attention then adds it (cheaper than a ``Where`` per layer, and the
     form torch.onnx exports). With a mask input, a row in which nothing is kept comes out of
-    ``Softmax`` as NaN and is set to 0 as torch does.
+    ``Softmax`` as NaN and is set to 0 as torch does. ``q``/``k``/``v`` are of rank ``rank``
+    (the inputs' by default) and ``mask`` (the node's by default) broadcasts to the scores.
     """
-    q, k, v = (ctx.arg(node, i) for i in range(3))
-    rank_k = len(node.inputs[1].shape)
-    perm = [*range(rank_k - 2), rank_k - 1, rank_k - 2]
+    rank = rank or len(node.inputs[1].shape)
+    perm = [*range(rank - 2), rank - 1, rank - 2]
     scale = node.attrs["scale"] or 1.0 / math.sqrt(int(node.inputs[0].shape[-1]))
     s = ctx.emit("Mul", [ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], perm=perm)]), ctx.scalar(scale)])
     if node.attrs["is_causal"]:
         s = ctx.emit("Add", [s, _causal_bias(ctx, node, s)])
     elif len(node.inputs) == 4:
-        mask = ctx.arg(node, 3)
+        mask = mask or ctx.arg(node, 3)
         if node.inputs[3].dtype == "bool":
             mask = ctx.once(("mask-bias", mask, ctx.dtype),
                             lambda: ctx.emit("Where", [mask, ctx.scalar(0.0), ctx.scalar(-math.inf)]))
@@ -118,16 +194,18 @@ def _causal_bias(ctx: Any, node: ComputationNode, scores: str) -> str:
 def _torch_sdpa(node: ComputationNode, args: list[str]) -> str:
     mask = args[3] if len(args) == 4 else "None"
     scale = float_literal(node.attrs["scale"], node) if node.attrs["scale"] else "None"
-    causal = bool(node.attrs["is_causal"])
+    causal, gqa = bool(node.attrs["is_causal"]), bool(node.attrs["enable_gqa"])
     return (f"F.scaled_dot_product_attention({args[0]}, {args[1]}, {args[2]}, attn_mask={mask}, dropout_p=0.0, "
-            f"is_causal={causal}, scale={scale})")
+            f"is_causal={causal}, scale={scale}, enable_gqa={gqa})")
 
 
 define(
-    "SDPA", "ScaledDotProductAttention", (3, 4), {"is_causal": AttrSpec("int", 0), "scale": AttrSpec("float", 0.0)},
+    "SDPA", "ScaledDotProductAttention", (3, 4),
+    {"is_causal": AttrSpec("int", 0), "scale": AttrSpec("float", 0.0), "enable_gqa": AttrSpec("int", 0)},
     infer=_infer_sdpa,
     doc="softmax(q @ k^T * scale + mask) @ v; scale 0 is 1/sqrt(E); a bool mask keeps True, a float mask adds; "
-        "is_causal keeps j <= i (top-left); a row with nothing kept is 0 (as torch).",
+        "is_causal keeps j <= i (top-left); a row with nothing kept is 0 (as torch); enable_gqa: the key/value "
+        "heads (axis -3) divide the query heads, query head i reading key/value head i // g (as torch).",
     numpy=_numpy_sdpa, onnx=_onnx_sdpa, torch=_torch_sdpa,
 )
 

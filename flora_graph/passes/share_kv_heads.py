@@ -3,15 +3,16 @@
 Hugging Face's Llama-family attention (``repeat_kv``) widens the ``kv`` key/value heads to the
 ``h = kv * g`` query heads before attention: ``Unsqueeze`` at axis 2, ``Expand`` to
 ``[b, kv, g, T, d]``, ``Reshape`` to ``[b, h, T, d]``. With a KV cache that copies the whole cache
-twice per layer and decode step. Attention broadcasts over its leading axes, so the same result
-comes from grouping the query heads instead:
+twice per layer and decode step. Grouped-query attention computes the same from the ``kv``
+heads themselves:
 
-    q [b, h, s, d] -> [b, kv, g, s, d];  k, v [b, kv, T, d] -> [b, kv, 1, T, d]
-    ScaledDotProductAttention(q, k, v, mask [b|1, 1, s, T] -> [b|1, 1, 1, s, T]) -> [b, h, s, dv]
+    ScaledDotProductAttention(q [b, h, s, d], k, v [b, kv, T, d], mask, enable_gqa=1) -> [b, h, s, dv]
 
-(query head ``i * g + j`` reads key head ``i`` in both). Rule ``share-kv-heads`` fires on an
-attention whose key and value are both widened that way with the same ``g > 1``; a mask whose
-head axis (axis -3) is not 1 is refused, with the reason recorded as for the other passes.
+(query head ``i * g + j`` reads key head ``i`` in both), which ONNX writes as one ``Attention``
+node from opset 23 and otherwise as attention of the query heads grouped ``[b, kv, g, s, d]``
+broadcasting over ``[b, kv, 1, T, d]`` keys (:mod:`flora_graph.ops.attention`). Rule
+``share-kv-heads`` fires on an attention whose key and value are both widened that way with the
+same ``g > 1``; otherwise the reason is recorded as for the other passes.
 """
 
 from __future__ import annotations
@@ -62,31 +63,16 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
             return res.fail(g)
     if gk != gv or _dims(m["k"].shape[:2]) != _dims(m["v"].shape[:2]):
         return res.fail("key and value are widened differently")
-    q, att = m["q"], m.root
+    q = m["q"]
     if len(q.shape) != 4 or canonical_dim(q.shape[1]) != canonical_dim(m["k_wide"].shape[1]):
         return res.fail(f"query {q.name!r} {q.shape} does not have the widened head count")
-    if len(att.inputs) == 4:
-        mask = att.inputs[3]  # its axis -3 lines up with the heads, which become the group axis
-        if len(mask.shape) > 4 or (len(mask.shape) >= 3 and mask.shape[-3] != 1):
-            return res.fail(f"mask {mask.name!r} {mask.shape} has a head axis other than 1")
-    m.extra["g"] = gk
     return res
 
 
 def _rewrite(m: Match, ctx: RewriteContext) -> ComputationNode:
-    att, q, g = m.root, m["q"], m.extra["g"]
-    name = att.name
-    kv = m["k"].shape[1]
-    q5 = ctx.add(Op.RESHAPE, [q], {"shape": (0, kv, g, -1, q.shape[3])}, name=f"{name}.grouped_q", meta=att.meta)
-    k5 = ctx.add(Op.UNSQUEEZE, [m["k"]], {"axes": (2,)}, name=f"{name}.grouped_k", meta=att.meta)
-    v5 = ctx.add(Op.UNSQUEEZE, [m["v"]], {"axes": (2,)}, name=f"{name}.grouped_v", meta=att.meta)
-    inputs = [q5, k5, v5]
-    if len(att.inputs) == 4:
-        mask = att.inputs[3]
-        inputs.append(ctx.add(Op.UNSQUEEZE, [mask], {"axes": (1,)}, name=f"{name}.grouped_mask", meta=att.meta)
-                      if len(mask.shape) == 4 else mask)
-    out5 = ctx.add(Op.SDPA, inputs, att.attrs, name=f"{name}.grouped", meta=att.meta)
-    return ctx.add(Op.RESHAPE, [out5], {"shape": (0, q.shape[1], -1, att.shape[3])}, name=f"{name}.heads", meta=att.meta)
+    att = m.root
+    inputs = [m["q"], m["k"], m["v"], *att.inputs[3:]]
+    return ctx.add(Op.SDPA, inputs, {**att.attrs, "enable_gqa": 1}, name=f"{att.name}.grouped", meta=att.meta)
 
 
 SHARE_KV_HEADS = Rule("share-kv-heads", PATTERN, _rewrite, _check,

@@ -316,7 +316,9 @@ def test_sdpa_attributes(captured: dict) -> None:
     assert [(n.attrs["is_causal"], n.attrs["scale"], len(n.inputs)) for n in attns] == [
         (1, 0.0, 3), (0, 0.3, 4), (0, 0.0, 4), (1, 0.0, 3), (1, 0.0, 3)]
     assert attns[1].inputs[3].dtype == "bool" and attns[2].inputs[3].dtype == "float32"
-    assert attns[3].inputs[1].shape == ("batch", 2, "seq", 4)  # enable_gqa: the one k/v head repeated
+    # enable_gqa stays grouped-query attention: the one k/v head is read, not repeated
+    assert attns[3].attrs["enable_gqa"] == 1 and attns[3].inputs[1].shape == ("batch", 1, "seq", 4)
+    assert [n.attrs["enable_gqa"] for n in attns] == [0, 0, 0, 1, 0]
 
 
 def test_named_dims_in_attributes(captured: dict) -> None:

@@ -2,8 +2,10 @@
 
 Numpy reference against ``F.scaled_dot_product_attention`` (in float64) and Hugging Face's
 ``apply_rotary_pos_emb`` (``rotate_half``), then every backend against the reference; see
-:mod:`tests.ops.harness`. Grouped-query attention broadcasts ``[b, kv, 1, T, d]`` keys over
-``[b, kv, g, s, d]`` queries (what the ``share-kv-heads`` pass writes).
+:mod:`tests.ops.harness`. Grouped-query attention (``enable_gqa``, what the ``share-kv-heads``
+pass writes) against torch's ``enable_gqa``, with masks with and without a head axis; attention
+broadcasting ``[b, kv, 1, T, d]`` keys over ``[b, kv, g, s, d]`` queries too. At opset 23 every
+case runs through ONNX Runtime again, rank-4 attention as one ONNX ``Attention`` node.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
+import pytest
 import torch
 import torch.nn.functional as F
 
 from flora_graph.ir import Op
+from flora_graph.runtimes.onnx_lowering import to_onnx
+from flora_graph.runtimes.reference import run
 
-from .harness import Case, In, family_tests, op
+from .harness import SIZES, Case, In, assert_close, build, case_id, family_tests, feeds, op
 
 QKV = {"q": In(("batch", 2, "seq", 4)), "k": In(("batch", 2, "kv", 4)), "v": In(("batch", 2, "kv", 5))}
 SELF = {"q": In(("batch", 2, "seq", 4)), "k": In(("batch", 2, "seq", 4)), "v": In(("batch", 2, "seq", 5))}
@@ -35,6 +42,7 @@ def _rotary_ref(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tens
     return (x.double() * cos + rotate_half(x.double()) * sin).float()
 
 
+GQA = {"q": In(("batch", 4, "seq", 4)), "k": In(("batch", 2, "kv", 4)), "v": In(("batch", 2, "kv", 5))}
 ROTARY = {"x": In(("batch", 3, "seq", 8)), "c": In(("batch", 1, "seq", 4)), "s": In(("batch", 1, "seq", 4))}
 
 
@@ -61,6 +69,17 @@ CASES = [
          {"q": In(("batch", 2, 2, "seq", 4)), "k": In(("batch", 2, 1, "kv", 4)), "v": In(("batch", 2, 1, "kv", 5)),
           "m": In(("batch", 1, 1, "seq", "kv"), "bool", "bool")},
          op(Op.SDPA, "q", "k", "v", "m"), _grouped_ref),
+    Case("sdpa_gqa", GQA, op(Op.SDPA, "q", "k", "v", enable_gqa=1), _sdpa_ref(enable_gqa=True)),
+    Case("sdpa_gqa_bool_mask", {**GQA, "m": In(("batch", 1, "seq", "kv"), "bool", "bool")},
+         op(Op.SDPA, "q", "k", "v", "m", enable_gqa=1), _sdpa_ref(enable_gqa=True)),
+    Case("sdpa_gqa_mask_per_head", {**GQA, "m": In(("batch", 4, "seq", "kv"), "bool", "bool")},
+         op(Op.SDPA, "q", "k", "v", "m", enable_gqa=1), _sdpa_ref(enable_gqa=True)),
+    Case("sdpa_gqa_2d_mask", {**GQA, "m": In(("seq", "kv"), "bool", "bool")},
+         op(Op.SDPA, "q", "k", "v", "m", enable_gqa=1), _sdpa_ref(enable_gqa=True)),
+    Case("sdpa_gqa_causal", {**GQA, "k": In(("batch", 2, "seq", 4)), "v": In(("batch", 2, "seq", 5))},
+         op(Op.SDPA, "q", "k", "v", is_causal=1, enable_gqa=1), _sdpa_ref(is_causal=True, enable_gqa=True)),
+    Case("sdpa_gqa_3d", {"q": In((4, "seq", 4)), "k": In((2, "kv", 4)), "v": In((2, "kv", 5))},
+         op(Op.SDPA, "q", "k", "v", enable_gqa=1), _sdpa_ref(enable_gqa=True)),
     # ------------------------------------------------------------------ RotaryEmbedding
     Case("rotary", ROTARY, op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
     Case("rotary_shared_positions", {**ROTARY, "c": In(("seq", 4)), "s": In(("seq", 4))},
@@ -69,3 +88,41 @@ CASES = [
 
 
 test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)
+
+
+def _one_attention_node(case: Case) -> bool:
+    """Whether opset 23 writes the case as one ONNX ``Attention``: rank 4, no float mask."""
+    q = case.inputs["q"]
+    mask = case.inputs.get("m")
+    return len(q.shape) == 4 and (mask is None or mask.dtype == "bool")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id.startswith("sdpa")], ids=case_id)
+def test_opset_23_matches_reference(case: Case) -> None:
+    """ONNX ``Attention`` (opset 23) where it fits, the decomposition elsewhere, against numpy."""
+    g = build(case)
+    proto = to_onnx(g, 23)
+    ops = [n.op_type for n in proto.graph.node]
+    if _one_attention_node(case):
+        assert ops.count("Attention") == 1 and "Softmax" not in ops and "Expand" not in ops, ops
+    else:
+        assert "Attention" not in ops and "Softmax" in ops, ops
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for k, sizes in enumerate(SIZES):
+        x = feeds(case, sizes, k)
+        (got,) = sess.run(None, x)
+        assert_close(got, run(g, x)["out"], case.tol, f"{case.id} at opset 23 at {sizes}")
+
+
+def test_grouped_attention_with_a_row_that_keeps_nothing_is_zero_there() -> None:
+    """A left-padded row's pad queries keep no key: ONNX ``Attention`` gives 0 there, as torch."""
+    case = next(c for c in CASES if c.id == "sdpa_gqa_bool_mask")
+    g = build(case)
+    x = feeds(case, {"batch": 2, "seq": 3, "kv": 3}, 0)
+    x["m"] = np.broadcast_to(np.tril(np.ones((3, 3), bool)), (2, 1, 3, 3)).copy()
+    x["m"][1, :, :, :2] = False  # row 1: two pad positions, queries 0 and 1 keep nothing
+    want = run(g, x)["out"]
+    assert np.all(want[1, :, :2] == 0) and np.all(np.abs(want[1, :, 2]) > 0)
+    for opset in (18, 23):
+        (got,) = ort.InferenceSession(to_onnx(g, opset).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+        assert_close(got, want, case.tol, f"opset {opset}")

@@ -2,9 +2,11 @@
 
 ``scaled_dot_product_attention`` and the kernels torch.export may record instead
 (``_scaled_dot_product_flash_attention_for_cpu``, ``_scaled_dot_product_efficient_attention``,
-which return a tuple whose other entries are ``None``) -> ``SDPA``. ``enable_gqa`` repeats
-each key/value head to the query's head count (``Unsqueeze``/``Expand``/``Reshape`` of k and
-v); a float mask is cast to the query's dtype; attention dropout is refused.
+which return a tuple whose other entries are ``None``) -> ``SDPA``. ``enable_gqa`` stays
+grouped-query attention where q, k and v share a rank >= 3 and the key/value heads divide the
+query heads; otherwise each key/value head is repeated to the query's head count
+(``Unsqueeze``/``Expand``/``Reshape`` of k and v). A float mask is cast to the query's dtype;
+attention dropout is refused.
 """
 
 from __future__ import annotations
@@ -42,12 +44,19 @@ def _repeat_heads(ctx: CaptureContext, t: ComputationNode, heads: Dim) -> Comput
 def _sdpa_node(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa=False):
     if dropout_p:
         raise refuse(ctx, f"attention dropout {dropout_p} (export the model in eval mode with dropout 0)")
+    grouped = False
     if enable_gqa:
-        k, v = _repeat_heads(ctx, k, q.shape[-3]), _repeat_heads(ctx, v, q.shape[-3])
+        ranks = {len(q.shape), len(k.shape), len(v.shape)}
+        heads = (q.shape[-3], k.shape[-3], v.shape[-3]) if min(ranks) >= 3 else ()
+        grouped = (len(ranks) == 1 and min(ranks) >= 3 and all(isinstance(h, int) and h > 0 for h in heads)
+                   and heads[1] == heads[2] and heads[0] % heads[1] == 0 and heads[0] != heads[1])
+        if not grouped:
+            k, v = _repeat_heads(ctx, k, q.shape[-3]), _repeat_heads(ctx, v, q.shape[-3])
     inputs = [q, k, v]
     if mask is not None:
         inputs.append(mask if mask.dtype == "bool" else as_dtype(ctx, mask, q.dtype))
-    return ctx.emit(Op.SDPA, inputs, {"is_causal": int(bool(is_causal)), "scale": float(scale or 0.0)})
+    attrs = {"is_causal": int(bool(is_causal)), "scale": float(scale or 0.0), "enable_gqa": int(grouped)}
+    return ctx.emit(Op.SDPA, inputs, attrs)
 
 
 @register(aten.scaled_dot_product_attention.default)
