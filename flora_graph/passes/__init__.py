@@ -25,6 +25,7 @@ from flora_graph.passes import (  # noqa: F401
     merge_lora,
     reassociate_low_rank,
     share_kv_heads,
+    simplify,
 )
 from flora_graph.passes.base import PASSES, PassError, PassFn, PassResult, get_pass, register_pass
 from flora_graph.passes.lora_pattern import LoRAMatch, find_lora

@@ -5,8 +5,9 @@
   expressions of them); low-rank products optimized.
 - ``merged``: adapters baked into the base weights.
 
-Both optimizing presets run ``fuse-rms-norm`` (a pure clean-up: a hand-written RMSNorm
-becomes one ``RMSNorm`` node, which ONNX Runtime runs as one fused kernel).
+Both optimizing presets run ``simplify`` (operations that return an input unchanged go) and
+``fuse-rms-norm`` (a pure clean-up: a hand-written RMSNorm becomes one ``RMSNorm`` node, which
+ONNX Runtime runs as one fused kernel).
 
 ``slots="swappable"`` (or ``"mixed"``) runs ``adapter-slots`` once before the preset: every
 LoRA site becomes an adapter slot whose weights are graph inputs, which no pass of any
@@ -28,9 +29,9 @@ __all__ = ["BACKEND_DEFAULTS", "PRESETS", "PRESET_OPTIONS", "optimize", "optimiz
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "unfused": (),
-    "fused": ("fold-lora-scale", "reassociate-low-rank", "fuse-lora-siblings", "fuse-rms-norm", "fuse-rotary",
+    "fused": ("simplify", "fold-lora-scale", "reassociate-low-rank", "fuse-lora-siblings", "fuse-rms-norm", "fuse-rotary",
               "share-kv-heads", "cse", "dce"),
-    "merged": ("drop-zero-lora", "fold-lora-scale", "merge-lora", "constant-fold", "fuse-rms-norm", "fuse-rotary",
+    "merged": ("simplify", "drop-zero-lora", "fold-lora-scale", "merge-lora", "constant-fold", "fuse-rms-norm", "fuse-rotary",
                "share-kv-heads", "cse", "dce"),
 }
 """Pass names of each preset, in the order a pipeline iteration runs them."""

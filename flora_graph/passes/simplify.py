@@ -1,0 +1,148 @@
+"""simplify: Removes operations that return one of their inputs unchanged.
+
+Captured models carry arithmetic that does nothing on the values it meets, written so for
+generality (Hugging Face's mask and rotary code, for example). Each rule replaces a node by
+the input it returns unchanged, only where that input already has the node's shape and dtype:
+
+- ``simplify-neutral``: ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1``, ``x & True``, ``x | False``,
+  the constant operand static, of a static shape, and every one of its values the neutral one;
+- ``simplify-same-shape``: ``Reshape``, ``Expand`` or ``Cast`` to the shape and dtype ``x``
+  already has;
+- ``simplify-arange-index``: ``x[arange(D0)[..], arange(D1)[..], ...]``, advanced indexing whose
+  indices are ``arange`` over the whole of each indexed axis, each along its own axis in
+  order: ``x`` with unit axes inserted (``Unsqueeze``), not a gather.
+
+Nodes tagged as part of a LoRA adapter (``meta["role"]``) are left alone: the adapter passes
+recognise their sites by them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flora_graph.ir import ComputationNode, Graph, Op
+from flora_graph.ir.shapes import canonical_dim
+from flora_graph.passes.base import PassResult, register_pass
+from flora_graph.passes.rewrite import RewriteContext
+from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
+
+__all__ = ["simplify"]
+
+_NEUTRAL: dict[Op, tuple[object, bool]] = {  # op -> (neutral value, whether it may stand on the left)
+    Op.ADD: (0, True), Op.SUB: (0, False), Op.MUL: (1, True), Op.DIV: (1, False),
+    Op.AND: (True, True), Op.OR: (False, True),
+}
+
+
+def _dims(shape) -> tuple:
+    return tuple(canonical_dim(d) for d in shape)
+
+
+def _same(a: ComputationNode, b: ComputationNode) -> bool:
+    return a.dtype == b.dtype and _dims(a.shape) == _dims(b.shape)
+
+
+def _untagged(n: ComputationNode) -> bool:
+    return "role" not in n.meta
+
+
+def _start(m: Match, ctx: RewriteContext) -> MatchResult:
+    """An accepting result, or a refusal for a graph output (it keeps its own node)."""
+    res = MatchResult()
+    return res.fail("is a graph output") if id(m.root) in ctx.outputs else res
+
+
+# --------------------------------------------------------------------------- x op neutral
+def _check_neutral(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = _start(m, ctx)
+    if not res:
+        return res
+    node = m.root
+    neutral, either = _NEUTRAL[node.op]
+    for pos, (keep, const) in enumerate(((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0]))):
+        if pos == 1 and not either:
+            break
+        if (const in ctx.static and all(isinstance(d, int) for d in const.shape)  # a value without dims to bind
+                and _same(keep, node) and keep is not const):
+            value = ctx.value(const)
+            if value.size and np.all(value == neutral):
+                m.extra["keep"] = keep
+                return res
+    return res.fail("no operand is a neutral constant of the result's shape and dtype")
+
+
+NEUTRAL = Rule("simplify-neutral", Pat(tuple(_NEUTRAL), pred=_untagged, name="node", extra=True),
+               lambda m, ctx: m.extra["keep"], _check_neutral,
+               doc="x + 0, x - 0, x * 1, x / 1, x & True, x | False -> x (same shape and dtype).")
+
+
+# --------------------------------------------------------------------------- same-shape movement
+def _check_same_shape(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = _start(m, ctx)
+    node = m.root
+    if res and not _same(node.inputs[0], node):
+        return res.fail("changes the shape or dtype")
+    return res
+
+
+SAME_SHAPE = Rule("simplify-same-shape", Pat((Op.RESHAPE, Op.EXPAND, Op.CAST), pred=_untagged, name="node"),
+                  lambda m, ctx: m.root.inputs[0], _check_same_shape,
+                  doc="Reshape, Expand or Cast to the input's own shape and dtype -> the input.")
+
+
+# --------------------------------------------------------------------------- x[arange, arange]
+def _arange_axis(idx: ComputationNode, size) -> int | str:
+    """The axis along which ``idx`` is ``arange(size)`` (every other axis 1), or why it is not."""
+    node = idx
+    while node.op in (Op.UNSQUEEZE, Op.RESHAPE) and node.inputs:
+        node = node.inputs[0]
+    a = node.attrs
+    if node.op is not Op.ARANGE or a.get("start") != 0 or a.get("step") != 1:
+        return f"index {idx.name!r} is not an arange from 0 by 1"
+    if canonical_dim(a["end"]) != canonical_dim(size) or size == 1:
+        return f"index {idx.name!r} does not cover the whole axis of size {size!r}"
+    axes = [i for i, d in enumerate(idx.shape) if d != 1]
+    if len(axes) != 1 or canonical_dim(idx.shape[axes[0]]) != canonical_dim(size):
+        return f"index {idx.name!r} {idx.shape} is not the arange along one axis"
+    return axes[0]
+
+
+def _check_arange_index(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = _start(m, ctx)
+    if not res:
+        return res
+    node = m.root
+    x, indices = node.inputs[0], node.inputs[1:]
+    axis = node.attrs["axis"] % len(x.shape)
+    rank = max(len(i.shape) for i in indices)
+    where = []
+    for k, idx in enumerate(indices):
+        pos = _arange_axis(idx, x.shape[axis + k])
+        if isinstance(pos, str):
+            return res.fail(pos)
+        where.append(rank - len(idx.shape) + pos)  # indices broadcast from the right
+    if where != sorted(set(where)):
+        return res.fail("the aranges do not lie along distinct axes in order")
+    m.extra["axes"] = tuple(axis + q for q in range(rank) if q not in where)
+    return res
+
+
+def _rewrite_arange_index(m: Match, ctx: RewriteContext) -> ComputationNode:
+    node, axes = m.root, m.extra["axes"]
+    x = node.inputs[0]
+    if not axes:
+        return x
+    return ctx.add(Op.UNSQUEEZE, [x], {"axes": axes}, name=f"{node.name}.unsqueeze", meta=node.meta)
+
+
+ARANGE_INDEX = Rule("simplify-arange-index", Pat(Op.INDEX, pred=_untagged, name="node", extra=True),
+                    _rewrite_arange_index, _check_arange_index,
+                    doc="x indexed by aranges over its whole axes -> x with unit axes inserted.")
+
+RULES = RuleSet([NEUTRAL, SAME_SHAPE, ARANGE_INDEX])
+
+
+@register_pass("simplify")
+def simplify(graph: Graph) -> PassResult:
+    """Replace each node that returns one of its inputs unchanged by that input (see the module doc)."""
+    return RULES.apply(graph)
