@@ -137,7 +137,8 @@ def _numpy_rms_norm(x: np.ndarray, scale: np.ndarray | None = None, *, axis: int
 
 
 def _onnx_rms_norm(ctx: Any, node: ComputationNode, out: str) -> None:
-    """``RMSNormalization`` from opset 23; before it ``x / Sqrt(ReduceMean(Pow(x, 2)) + eps) * scale``.
+    """``RMSNormalization`` from opset 23 (a norm without scale, over static dims, with a scale of
+    ones); before it ``x / Sqrt(ReduceMean(Pow(x, 2)) + eps) * scale``.
 
     That exact form (``Pow`` by 2, not ``Mul(x, x)``; ``Div``, not ``Reciprocal`` + ``Mul``) is the
     one ONNX Runtime's graph optimizer fuses into a single ``SimplifiedLayerNormalization``.
@@ -145,7 +146,11 @@ def _onnx_rms_norm(ctx: Any, node: ComputationNode, out: str) -> None:
     rank = len(node.inputs[0].shape)
     axis, eps = node.attrs["axis"] % rank, node.attrs["epsilon"]
     args = ctx.args(node)
-    if ctx.opset >= 23 and len(args) == 2:
+    normalized = node.inputs[0].shape[axis:]
+    if ctx.opset >= 23 and (len(args) == 2 or all(isinstance(d, int) for d in normalized)):
+        if len(args) == 1:  # no scale (a scale of ones simplified away): ones, shared by the norms of one shape
+            ones = np.ones(tuple(normalized), dtype=ctx.dtype)
+            args.append(ctx.once(("rms-ones", tuple(normalized), ctx.dtype), lambda: ctx.constant(ones, "rms_ones")))
         stash = STASH_DOUBLE if ctx.dtype == "float64" else STASH_FLOAT
         ctx.emit("RMSNormalization", args, [out], axis=axis, epsilon=eps, stash_type=stash)
         return

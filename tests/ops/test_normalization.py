@@ -1,18 +1,24 @@
 """The normalisation family (:mod:`flora_graph.ops.normalization`): ``Softmax``, ``LayerNorm``, ``RMSNorm``.
 
 Numpy reference against torch (``torch.softmax``, ``F.layer_norm``, ``F.rms_norm``), then
-every backend against the reference; see :mod:`tests.ops.harness`.
+every backend against the reference; see :mod:`tests.ops.harness`. At opset 23 the RMSNorm
+cases run through ONNX Runtime again, as one ``RMSNormalization`` where the normalised dims
+are static (with a scale of ones where the norm has none).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
+import pytest
 import torch
 import torch.nn.functional as F
 
 from flora_graph.ir import Op
+from flora_graph.runtimes.onnx_lowering import to_onnx
+from flora_graph.runtimes.reference import run
 
-from .harness import Case, In, const, f64, family_tests, op
+from .harness import SIZES, Case, In, assert_close, build, case_id, const, f64, family_tests, feeds, op
 
 X = In(("batch", "seq", 6))
 X8 = In(("batch", "seq", 8))
@@ -86,3 +92,17 @@ CASES = [
 
 
 test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id.startswith("rms_norm")], ids=case_id)
+def test_rms_norm_at_opset_23_matches_reference(case: Case) -> None:
+    g = build(case)
+    proto = to_onnx(g, 23)
+    ops = [n.op_type for n in proto.graph.node]
+    static = all(isinstance(d, int) for d in g.nodes[-1].inputs[0].shape[g.nodes[-1].attrs["axis"]:])
+    assert (ops.count("RMSNormalization") == 1) == static and ("ReduceMean" in ops) != static, ops
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for k, sizes in enumerate(SIZES):
+        x = feeds(case, sizes, k)
+        (got,) = sess.run(None, x)
+        assert_close(got, run(g, x)["out"], case.tol, f"{case.id} at opset 23 at {sizes}")
