@@ -114,8 +114,11 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
             attrs["scale"] = node.attrs["scale"]
         ctx.emit("Attention", [ctx.arg(node, i) for i in range(len(node.inputs))], [out], **attrs)
         return
+    scale = node.attrs["scale"] or 1.0 / math.sqrt(int(q.shape[-1]))
+    common = {"scale": scale, "bool_mask": mask is not None and mask.dtype == "bool", "causal": bool(node.attrs["is_causal"])}
     if not node.attrs["enable_gqa"] or q.shape[-3] == k.shape[-3]:
-        _onnx_decomposed(ctx, node, *(ctx.arg(node, i) for i in range(3)), out)
+        _onnx_decomposed(ctx, node, *(ctx.arg(node, i) for i in range(3)), out, rank=len(k.shape),
+                         mask=None if mask is None else ctx.arg(node, 3), **common)
         return
     rank, hk, g = len(q.shape), int(k.shape[-3]), _gqa_group(q.shape, k.shape, v.shape)
     ints = lambda *xs: ctx.constant(np.array(xs, dtype=np.int64), f"{node.name}/shape")  # noqa: E731
@@ -125,7 +128,7 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
         wide = [ctx.emit("Reshape", [ctx.emit("Expand", [t, ctx.emit("Concat", [
             ctx.emit("Shape", [t], end=rank - 2), ints(g), ctx.emit("Shape", [t], start=rank - 1)], axis=0)]),
             ints(*([0] * (rank - 3)), int(q.shape[-3]), -1, int(s.shape[-1]))]) for t, s in ((k5, k), (v5, v))]
-        _onnx_decomposed(ctx, node, ctx.arg(node, 0), *wide, out)
+        _onnx_decomposed(ctx, node, ctx.arg(node, 0), *wide, out, rank=rank, mask=ctx.arg(node, 3), **common)
         return
     q5 = ctx.emit("Reshape", [ctx.arg(node, 0), ints(*([0] * (rank - 3)), hk, g, -1, int(q.shape[-1]))])
     grouped_mask = None
@@ -133,7 +136,7 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
         arg, axis = ctx.arg(node, 3), len(mask.shape) - 3
         grouped_mask = arg if axis < 0 else ctx.once(("gqa-mask", arg), lambda: ctx.emit("Unsqueeze", [arg, ints(axis)]))
     out5 = ctx.fresh(f"{node.name}.grouped")
-    _onnx_decomposed(ctx, node, q5, k5, v5, out5, mask=grouped_mask, rank=rank + 1)
+    _onnx_decomposed(ctx, node, q5, k5, v5, out5, mask=grouped_mask, rank=rank + 1, **common)
     ctx.emit("Reshape", [out5, ints(*([0] * (rank - 3)), int(q.shape[-3]), -1, int(v.shape[-1]))], [out])
 
 
@@ -149,31 +152,29 @@ def _onnx_attention_fits(node: ComputationNode) -> bool:
     return mask is None or (mask.dtype == "bool" and len(mask.shape) <= 4)
 
 
-def _onnx_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *,
-                     mask: str | None = None, rank: int | None = None) -> None:
-    """``Softmax(q @ k^T * scale + bias) @ v``, the mask as an additive bias (0 kept, -inf dropped).
+def _onnx_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *, rank: int,
+                     scale: float, mask: str | None = None, bool_mask: bool = True, causal: bool = False) -> None:
+    """``Softmax(q @ k^T * scale + bias) @ v`` over rank-``rank`` ``q``/``k``/``v``, the mask as an
+    additive bias (0 kept, -inf dropped).
 
     The bias is made once per mask and shared by every attention reading it: a boolean mask
     becomes ``Where(mask, 0, -inf)``, the causal one (keep ``j <= i``) ``Trilu(-inf, k=1)`` of the
     ``[L, S]`` scores. Each attention then adds it (cheaper than a ``Where`` per layer, and the
-    form torch.onnx exports). With a mask input, a row in which nothing is kept comes out of
-    ``Softmax`` as NaN and is set to 0 as torch does. ``q``/``k``/``v`` are of rank ``rank``
-    (the inputs' by default) and ``mask`` (the node's by default) broadcasts to the scores.
+    form torch.onnx exports). With a mask, a row in which nothing is kept comes out of
+    ``Softmax`` as NaN and is set to 0 as torch does.
     """
-    rank = rank or len(node.inputs[1].shape)
     perm = [*range(rank - 2), rank - 1, rank - 2]
-    scale = node.attrs["scale"] or 1.0 / math.sqrt(int(node.inputs[0].shape[-1]))
     s = ctx.emit("Mul", [ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], perm=perm)]), ctx.scalar(scale)])
-    if node.attrs["is_causal"]:
+    if causal:
         s = ctx.emit("Add", [s, _causal_bias(ctx, node, s)])
-    elif len(node.inputs) == 4:
-        mask = mask or ctx.arg(node, 3)
-        if node.inputs[3].dtype == "bool":
-            mask = ctx.once(("mask-bias", mask, ctx.dtype),
-                            lambda: ctx.emit("Where", [mask, ctx.scalar(0.0), ctx.scalar(-math.inf)]))
+    elif mask is not None:
+        if bool_mask:
+            bool_name = mask
+            mask = ctx.once(("mask-bias", bool_name, ctx.dtype),
+                            lambda: ctx.emit("Where", [bool_name, ctx.scalar(0.0), ctx.scalar(-math.inf)]))
         s = ctx.emit("Add", [s, mask])
     p = ctx.emit("Softmax", [s], axis=-1)
-    if len(node.inputs) == 4:
+    if mask is not None:
         p = ctx.emit("Where", [ctx.emit("IsNaN", [p]), ctx.scalar(0.0), p])
     ctx.emit("MatMul", [p, v], [out])
 
@@ -212,18 +213,25 @@ define(
 
 # --------------------------------------------------------------------------- RotaryEmbedding
 def _infer_rotary(shapes, dtypes, attrs):
-    """``x [.., d]`` (``d`` static and even), ``cos``/``sin`` ``[.., d/2]`` broadcasting to ``x[..., :d/2]``."""
+    """``x [.., d]`` (``d`` static and even), ``cos``/``sin`` ``[.., d/2]`` broadcasting to ``x[..., :d/2]``;
+    with ``num_heads`` H, ``x [.., H*d]`` holds H heads side by side and ``cos``/``sin`` apply to each."""
     x, cos, sin = shapes
-    if len(x) < 2 or not isinstance(x[-1], int) or x[-1] % 2:
-        raise ShapeError(f"RotaryEmbedding: x {format_shape(x)} needs a static, even last dim")
-    half = (*x[:-1], x[-1] // 2)
+    heads = attrs["num_heads"]
+    if heads < 0 or len(x) < 2 or not isinstance(x[-1], int) or x[-1] % (2 * max(heads, 1)):
+        raise ShapeError(f"RotaryEmbedding: x {format_shape(x)} needs a static last dim of {max(heads, 1)} "
+                         f"even-sized heads (num_heads {heads})")
+    half = (*x[:-1], x[-1] // max(heads, 1) // 2)
     for what, c in (("cos", cos), ("sin", sin)):
-        if not c or c[-1] != x[-1] // 2 or broadcast_shapes(c, half) != tuple(canonical_dim(d) for d in half):
+        if not c or c[-1] != half[-1] or broadcast_shapes(c, half) != tuple(canonical_dim(d) for d in half):
             raise ShapeError(f"RotaryEmbedding: {what} {format_shape(c)} does not broadcast to {format_shape(half)}")
     return tuple(x), same_dtype(dtypes, "RotaryEmbedding x/cos/sin")
 
 
-def _numpy_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+def _numpy_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, *, num_heads: int) -> np.ndarray:
+    if num_heads:
+        heads = x.reshape(*x.shape[:-1], num_heads, -1)
+        out = _numpy_rotary(heads, cos[..., None, :], sin[..., None, :], num_heads=0)
+        return out.reshape(x.shape)
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h].astype(np.float64), x[..., h:].astype(np.float64)
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -231,12 +239,17 @@ def _numpy_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray
 
 def _onnx_rotary(ctx: Any, node: ComputationNode, out: str) -> None:
     """ONNX ``RotaryEmbedding`` (opset 23) for ``x [b, h, s, d]`` with ``cos``/``sin`` ``[b, 1, s, d/2]``
-    (their head axis squeezed once and shared); otherwise the halves rotated with ``Split``/``Concat``."""
+    (their head axis squeezed once and shared) or, with ``num_heads``, ``x [b, s, h*d]`` with
+    ``[b, s, d/2]``; otherwise the halves rotated with ``Split``/``Concat`` (per head)."""
     x, cos, sin = node.inputs
-    if ctx.opset >= 23 and len(x.shape) == 4 and all(len(c.shape) == 4 and c.shape[1] == 1 and
-                                                      canonical_dim(c.shape[0]) == canonical_dim(x.shape[0]) and
-                                                      canonical_dim(c.shape[2]) == canonical_dim(x.shape[2])
-                                                      for c in (cos, sin)):
+    heads = node.attrs["num_heads"]
+    same = lambda c, i, j: canonical_dim(c.shape[i]) == canonical_dim(x.shape[j])  # noqa: E731
+    if ctx.opset >= 23 and heads and len(x.shape) == 3 and all(
+            len(c.shape) == 3 and same(c, 0, 0) and same(c, 1, 1) for c in (cos, sin)):
+        ctx.emit("RotaryEmbedding", ctx.args(node), [out], num_heads=heads)
+        return
+    if ctx.opset >= 23 and not heads and len(x.shape) == 4 and all(
+            len(c.shape) == 4 and c.shape[1] == 1 and same(c, 0, 0) and same(c, 2, 2) for c in (cos, sin)):
         def squeezed(i: int) -> str:
             arg = ctx.arg(node, i)
             return ctx.once(("rotary-cache", arg), lambda: ctx.emit(
@@ -244,27 +257,41 @@ def _onnx_rotary(ctx: Any, node: ComputationNode, out: str) -> None:
 
         ctx.emit("RotaryEmbedding", [ctx.arg(node, 0), squeezed(1), squeezed(2)], [out])
         return
-    half = int(x.shape[-1]) // 2
-    split = ctx.constant(np.array([half, half], dtype=np.int64), f"{node.name}/halves")
+    xa, c, s = ctx.args(node)
+    d = int(x.shape[-1]) // max(heads, 1)
+    rank = len(x.shape)
+    if heads:  # [.., h*d] -> [.., h, d]; cos/sin gain the head axis
+        xa = ctx.emit("Reshape", [xa, ctx.constant(np.array([0] * (rank - 1) + [heads, d], np.int64), f"{node.name}/heads")])
+        axis = ctx.constant(np.array([-2], np.int64), f"{node.name}/axis")
+        c, s = ctx.emit("Unsqueeze", [c, axis]), ctx.emit("Unsqueeze", [s, axis])
+    split = ctx.constant(np.array([d // 2, d // 2], dtype=np.int64), f"{node.name}/halves")
     x1, x2 = ctx.fresh(f"{node.name}/x1"), ctx.fresh(f"{node.name}/x2")
-    ctx.emit("Split", [ctx.arg(node, 0), split], [x1, x2], axis=-1)
-    c, s = ctx.arg(node, 1), ctx.arg(node, 2)
+    ctx.emit("Split", [xa, split], [x1, x2], axis=-1)
     first = ctx.emit("Sub", [ctx.emit("Mul", [x1, c]), ctx.emit("Mul", [x2, s])])
     second = ctx.emit("Add", [ctx.emit("Mul", [x2, c]), ctx.emit("Mul", [x1, s])])
-    ctx.emit("Concat", [first, second], [out], axis=-1)
+    if not heads:
+        ctx.emit("Concat", [first, second], [out], axis=-1)
+        return
+    flat = ctx.constant(np.array([0] * (rank - 1) + [-1], np.int64), f"{node.name}/flat")
+    ctx.emit("Reshape", [ctx.emit("Concat", [first, second], axis=-1), flat], [out])
 
 
 def _torch_rotary(node: ComputationNode, args: list[str]) -> str:
     x, c, s = args
-    h = int(node.inputs[0].shape[-1]) // 2
-    return (f"torch.cat([{x}[..., :{h}] * {c} - {x}[..., {h}:] * {s}, "
-            f"{x}[..., {h}:] * {c} + {x}[..., :{h}] * {s}], dim=-1)")
+    heads = node.attrs["num_heads"]
+    h = int(node.inputs[0].shape[-1]) // max(heads, 1) // 2
+    if heads:
+        x, c, s = f"{x}.unflatten(-1, ({heads}, {2 * h}))", f"{c}.unsqueeze(-2)", f"{s}.unsqueeze(-2)"
+    out = (f"torch.cat([{x}[..., :{h}] * {c} - {x}[..., {h}:] * {s}, "
+           f"{x}[..., {h}:] * {c} + {x}[..., :{h}] * {s}], dim=-1)")
+    return f"{out}.flatten(-2)" if heads else out
 
 
 define(
-    "ROTARY_EMBEDDING", "RotaryEmbedding", (3, 3),
+    "ROTARY_EMBEDDING", "RotaryEmbedding", (3, 3), {"num_heads": AttrSpec("int", 0)},
     infer=_infer_rotary,
     doc="Rotary position embedding, halves not interleaved: x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], "
-        "cos/sin of half the last dim (ONNX RotaryEmbedding from opset 23).",
+        "cos/sin of half the last dim; num_heads H > 0: the last dim holds H such heads side by side, each "
+        "rotated by the same cos/sin (ONNX RotaryEmbedding from opset 23).",
     numpy=_numpy_rotary, onnx=_onnx_rotary, torch=_torch_rotary,
 )

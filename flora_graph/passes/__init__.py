@@ -19,6 +19,7 @@ from flora_graph.passes import (  # noqa: F401
     drop_zero_lora,
     fold_lora_scale,
     fuse_base_and_down,
+    fuse_kv_attention,
     fuse_lora_siblings,
     fuse_rms_norm,
     fuse_rotary,

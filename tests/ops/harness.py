@@ -26,6 +26,7 @@ import torch
 from flora_graph.errors import UnsupportedOpError
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ops import FAMILIES
+from flora_graph.ops.evaluate import eval_dim
 from flora_graph.runtimes import run
 from flora_graph.runtimes.executable import compile
 
@@ -85,7 +86,7 @@ class Case:
 
 
 def values(spec: In, sizes: dict[str, int], rng: np.random.Generator) -> np.ndarray:
-    shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+    shape = [eval_dim(d, sizes) for d in spec.shape]  # names and expressions of them ("kv+seq")
     if spec.kind == "positive":
         return rng.uniform(0.2, 3.0, shape).astype(spec.dtype)
     if spec.kind == "small_int":

@@ -44,6 +44,35 @@ def _rotary_ref(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tens
 
 GQA = {"q": In(("batch", 4, "seq", 4)), "k": In(("batch", 2, "kv", 4)), "v": In(("batch", 2, "kv", 5))}
 ROTARY = {"x": In(("batch", 3, "seq", 8)), "c": In(("batch", 1, "seq", 4)), "s": In(("batch", 1, "seq", 4))}
+PACKED = {"x": In(("batch", "seq", 24)), "c": In(("batch", "seq", 4)), "s": In(("batch", "seq", 4))}
+
+
+def _packed_rotary_ref(x, c, s):
+    """Three heads of 8 side by side in the last dim, each rotated like :func:`_rotary_ref`."""
+    heads = x.unflatten(-1, (3, 8)).transpose(1, 2)
+    return _rotary_ref(heads, c.unsqueeze(1), s.unsqueeze(1)).transpose(1, 2).flatten(-2)
+
+
+# KVCacheAttention: 4 query heads of 4 over 2 key/value heads (values of 3), a past of "kv" steps
+KV = {"q": In(("batch", "seq", 16)), "k": In(("batch", "seq", 8)), "v": In(("batch", "seq", 6)),
+      "pk": In(("batch", 2, "kv", 4)), "pv": In(("batch", 2, "kv", 3))}
+
+
+def _kv_ref(output: int, **kw: Any) -> Callable[..., torch.Tensor]:
+    def ref(q, k, v, pk, pv, *m):
+        ck = torch.cat([pk, k.unflatten(-1, (2, 4)).transpose(1, 2)], 2).double()
+        cv = torch.cat([pv, v.unflatten(-1, (2, 3)).transpose(1, 2)], 2).double()
+        if output:
+            return (ck if output == 1 else cv).float()
+        y = F.scaled_dot_product_attention(q.unflatten(-1, (4, 4)).transpose(1, 2).double(), ck, cv,
+                                           attn_mask=m[0] if m else None, enable_gqa=True, **kw)
+        return y.transpose(1, 2).flatten(-2).float()
+
+    return ref
+
+
+def _kv(*names: str, output: int = 0, **attrs: Any):
+    return op(Op.KV_ATTENTION, *names, q_heads=4, kv_heads=2, output=output, **attrs)
 
 
 def _grouped_ref(q, k, v, m):
@@ -82,6 +111,17 @@ CASES = [
          op(Op.SDPA, "q", "k", "v", enable_gqa=1), _sdpa_ref(enable_gqa=True)),
     # ------------------------------------------------------------------ RotaryEmbedding
     Case("rotary", ROTARY, op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
+    Case("rotary_packed_heads", PACKED, op(Op.ROTARY_EMBEDDING, "x", "c", "s", num_heads=3), _packed_rotary_ref),
+    # ------------------------------------------------------------------ KVCacheAttention
+    Case("kv_attention", KV, _kv("q", "k", "v", "pk", "pv"), _kv_ref(0)),
+    Case("kv_attention_key_cache", KV, _kv("q", "k", "v", "pk", "pv", output=1), _kv_ref(1)),
+    Case("kv_attention_value_cache", KV, _kv("q", "k", "v", "pk", "pv", output=2), _kv_ref(2)),
+    Case("kv_attention_mask_scale", {**KV, "m": In(("batch", 1, "seq", "kv+seq"), "bool", "bool")},
+         _kv("q", "k", "v", "pk", "pv", "m", scale=0.3), _kv_ref(0, scale=0.3)),
+    Case("kv_attention_mask_per_head", {**KV, "m": In(("batch", 4, "seq", "kv+seq"), "bool", "bool")},
+         _kv("q", "k", "v", "pk", "pv", "m"), _kv_ref(0)),
+    Case("kv_attention_2d_mask", {**KV, "m": In(("seq", "kv+seq"), "bool", "bool")},
+         _kv("q", "k", "v", "pk", "pv", "m"), _kv_ref(0)),
     Case("rotary_shared_positions", {**ROTARY, "c": In(("seq", 4)), "s": In(("seq", 4))},
          op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
 ]
@@ -97,13 +137,18 @@ def _one_attention_node(case: Case) -> bool:
     return len(q.shape) == 4 and (mask is None or mask.dtype == "bool")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id.startswith("sdpa")], ids=case_id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.id.startswith(("sdpa", "kv_", "rotary"))], ids=case_id)
 def test_opset_23_matches_reference(case: Case) -> None:
-    """ONNX ``Attention`` (opset 23) where it fits, the decomposition elsewhere, against numpy."""
+    """ONNX ``Attention`` / ``RotaryEmbedding`` (opset 23) where they fit, the decomposition elsewhere, against numpy."""
     g = build(case)
     proto = to_onnx(g, 23)
     ops = [n.op_type for n in proto.graph.node]
-    if _one_attention_node(case):
+    if case.id.startswith("rotary"):  # cos/sin per position only ([seq, d/2]): the halves spelled out
+        fits = case.id != "rotary_shared_positions"
+        assert (ops.count("RotaryEmbedding") == 1) == fits and ("Split" in ops) != fits, ops
+    elif case.id.startswith("kv_"):
+        assert ops.count("Attention") == 1 and "Softmax" not in ops and "Concat" not in ops, ops
+    elif _one_attention_node(case):
         assert ops.count("Attention") == 1 and "Softmax" not in ops and "Expand" not in ops, ops
     else:
         assert "Attention" not in ops and "Softmax" in ops, ops
@@ -112,6 +157,27 @@ def test_opset_23_matches_reference(case: Case) -> None:
         x = feeds(case, sizes, k)
         (got,) = sess.run(None, x)
         assert_close(got, run(g, x)["out"], case.tol, f"{case.id} at opset 23 at {sizes}")
+
+
+def test_the_three_results_of_one_kv_attention_are_one_onnx_node() -> None:
+    """The attention and both caches of the same inputs: one ``Attention`` at opset 23, one
+    spelled-out computation before it, and each result equal to the reference."""
+    from flora_graph.ir import Graph, verify
+
+    g = Graph("kv3")
+    ins = {n: g.input(n, spec.shape, spec.dtype) for n, spec in KV.items()}
+    for i, name in enumerate(("y", "present_k", "present_v")):
+        g.set_output(name, g.add(Op.KV_ATTENTION, list(ins.values()), {"q_heads": 4, "kv_heads": 2, "output": i}))
+    verify(g)
+    x = feeds(Case("kv3", KV, None, None), SIZES[1], 3)
+    want = run(g, x)
+    for opset, count in ((23, {"Attention": 1}), (18, {"Softmax": 1, "Concat": 2})):
+        proto = to_onnx(g, opset)
+        ops = [n.op_type for n in proto.graph.node]
+        assert all(ops.count(o) == c for o, c in count.items()), (opset, ops)
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+        for name, value in zip(("y", "present_k", "present_v"), got, strict=True):
+            assert_close(value, want[name], 1e-5, f"{name} at opset {opset}")
 
 
 def test_grouped_attention_with_a_row_that_keeps_nothing_is_zero_there() -> None:

@@ -22,8 +22,10 @@ import transformers
 from flora_graph.frontend.causal_lm import cache_layout, capture_causal_lm, example_inputs, past_names
 from flora_graph.ir import Graph, Op, verify
 from flora_graph.passes import optimize
+from flora_graph.passes.fuse_kv_attention import fuse_kv_attention
 from flora_graph.passes.fuse_rotary import fuse_rotary
 from flora_graph.passes.share_kv_heads import share_kv_heads
+from flora_graph.passes.simplify import simplify
 from flora_graph.runtimes.onnx_lowering import to_onnx
 from flora_graph.runtimes.reference import run
 
@@ -84,7 +86,7 @@ def test_fused_preset_matches_eager_with_cache_and_onnx_opset_23(llama) -> None:
     model, g = llama
     fused = optimize(g, "fused")
     c = _ops(fused)
-    assert c[Op.ROTARY_EMBEDDING] == 2 * LAYERS and c[Op.SDPA] == LAYERS
+    assert c[Op.ROTARY_EMBEDDING] == 2 * LAYERS and c[Op.KV_ATTENTION] == 3 * LAYERS and c[Op.SDPA] == 0
     _same(g, fused, model)
     x = _feeds(model, 2, 3, 4, 7)
     with torch.no_grad():
@@ -99,12 +101,87 @@ def test_fused_preset_matches_eager_with_cache_and_onnx_opset_23(llama) -> None:
     model_proto = to_onnx(fused, 23)
     assert sum(n.op_type == "RotaryEmbedding" and n.domain == "" for n in model_proto.graph.node) == 2 * LAYERS
     assert sum(n.op_type == "Attention" and n.domain == "" for n in model_proto.graph.node) == LAYERS
+    assert not {"Transpose", "Softmax"} & {n.op_type for n in model_proto.graph.node}
     assert model_proto.opset_import[0].version == 23
     sess = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     for name, value in zip(names, sess.run(None, {i.name: x[i.name] for i in sess.get_inputs()}), strict=True):
         np.testing.assert_allclose(value, got[name], atol=1e-5, rtol=1e-5, err_msg=name)
     onnx.checker.check_model(model_proto)
+
+
+def test_each_layer_attention_on_its_cache_becomes_one_kv_attention(llama) -> None:
+    model, g = llama
+    before = share_kv_heads(fuse_rotary(simplify(g.copy()).graph).graph).graph  # as the presets run them
+    res = fuse_kv_attention(before.copy())
+    after = verify(res.graph)
+    assert res.stats["fired"] == {"fuse-kv-attention": LAYERS} and res.stats["refused"] == {}
+    c = _ops(after)
+    assert c[Op.KV_ATTENTION] == 3 * LAYERS and c[Op.SDPA] == 0 and c[Op.TRANSPOSE] == 0
+    for i in range(LAYERS):  # the caches are the fused node's results, not a Concat
+        for kind, output in (("key", 1), ("value", 2)):
+            node = after.outputs[f"present.{i}.{kind}"]
+            assert node.op is Op.KV_ATTENTION and node.attrs["output"] == output
+    _same(g, after, model)
+
+
+def _cache_attention(*, mask_dtype: str = "bool", extra_reader: bool = False, causal: int = 0) -> Graph:
+    """A GPT-2-like attention (2 heads of 4, no rotary) on a cache, hand-built; options break it."""
+    g = Graph("cache")
+    x = {n: g.input(n, ("batch", "seq", 8)) for n in ("q", "k", "v")}
+    past = {n: g.input(f"past_{n}", ("batch", 2, "past", 4)) for n in ("k", "v")}
+
+    def heads(t):
+        return g.add(Op.TRANSPOSE, [g.add(Op.RESHAPE, [t], {"shape": (0, 0, 2, 4)})], {"perm": (0, 2, 1, 3)})
+
+    ck = g.add(Op.CONCAT, [past["k"], heads(x["k"])], {"axis": 2})
+    cv = g.add(Op.CONCAT, [past["v"], heads(x["v"])], {"axis": 2})
+    ins = [heads(x["q"]), ck, cv]
+    if not causal:
+        ins.append(g.input("mask", ("batch", 1, "seq", "past+seq"), mask_dtype))
+    att = g.add(Op.SDPA, ins, {"is_causal": causal}, name="att")
+    out = g.add(Op.RESHAPE, [g.add(Op.TRANSPOSE, [att], {"perm": (0, 2, 1, 3)})], {"shape": (0, 0, -1)}, name="y")
+    g.set_output("y", out)
+    g.set_output("present_k", ck)
+    g.set_output("present_v", cv)
+    if extra_reader:
+        g.set_output("scores", g.add(Op.MUL, [att, g.const("two", np.float32(2))]))
+    return verify(g)
+
+
+def _cache_feeds(mask_dtype: str = "bool") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(4)
+    x = {n: rng.standard_normal((2, 3, 8)).astype(np.float32) for n in ("q", "k", "v")}
+    x.update({f"past_{n}": rng.standard_normal((2, 2, 5, 4)).astype(np.float32) for n in ("k", "v")})
+    keep = np.tril(np.ones((3, 8), bool), k=5)[None, None].repeat(2, 0)
+    keep[1, :, :, :2] = False  # a left-padded row
+    x["mask"] = keep if mask_dtype == "bool" else np.where(keep, 0.0, -np.inf).astype(np.float32)
+    return x
+
+
+def test_a_cache_attention_without_rotary_fuses_and_onnx_agrees() -> None:
+    g = _cache_attention()
+    res = fuse_kv_attention(g.copy())
+    assert res.stats["fired"] == {"fuse-kv-attention": 1}
+    x = _cache_feeds()
+    want = run(g, x)
+    got = run(res.graph, x)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+    for opset in (18, 23):
+        sess = ort.InferenceSession(to_onnx(res.graph, opset).SerializeToString(), providers=["CPUExecutionProvider"])
+        for o, value in zip(sess.get_outputs(), sess.run(None, x), strict=True):
+            np.testing.assert_allclose(value, want[o.name], atol=1e-5, rtol=1e-5, err_msg=f"{o.name} at opset {opset}")
+
+
+@pytest.mark.parametrize(("options", "why"), [
+    ({"mask_dtype": "float32"}, "not a boolean mask"),
+    ({"extra_reader": True}, "is also read by"),
+    ({"causal": 1}, "a causal attention"),
+])
+def test_a_cache_attention_that_does_not_fit_is_refused(options, why) -> None:
+    res = fuse_kv_attention(_cache_attention(**options))
+    assert not res.changed and why in res.stats["refused"]["y"], res.stats
 
 
 def _rotary_graph(*, cos_from_input: bool = False, halves=(4, 4)) -> Graph:

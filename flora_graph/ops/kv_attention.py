@@ -1,0 +1,172 @@
+"""``KVCacheAttention``: a decoder's attention with its key/value cache, heads packed in the last dim.
+
+One op, three results (attribute ``output``): the attention (0), the key cache (1) and the value
+cache (2) after appending this step's keys and values. A graph holds one node per result used,
+with the same inputs; the ONNX rule writes all three as one ONNX ``Attention`` node (opset 23,
+``past_key``/``past_value`` in, ``present_key``/``present_value`` out) made once and shared, so
+the cache is appended inside the attention kernel, with no ``Reshape``/``Transpose`` of the heads
+around it. The ``fuse-kv-attention`` pass makes it from ``ScaledDotProductAttention`` on a
+cache ``Concat`` (:mod:`flora_graph.passes.fuse_kv_attention`).
+
+Inputs: ``q [b, s, H*d]``, ``k [b, s, KV*d]``, ``v [b, s, KV*dv]``, ``past_k [b, KV, P, d]``,
+``past_v [b, KV, P, dv]`` and an optional boolean ``mask`` broadcasting to ``[b, H, s, P+s]``;
+``KV`` divides ``H`` (query head ``i`` reads key/value head ``i // (H/KV)``). Before opset 23
+(and in the numpy and torch rules) it is that computation spelled out: the heads unpacked,
+the caches concatenated, grouped-query attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from flora_graph.errors import ShapeError
+from flora_graph.ir.node import ComputationNode
+from flora_graph.ir.ops import AttrSpec
+from flora_graph.ir.shapes import add_dims, broadcast_shapes, canonical_dim, format_shape
+from flora_graph.ops._infer import same_dtype
+from flora_graph.ops._torch import float_literal
+from flora_graph.ops.attention import _numpy_sdpa, _onnx_decomposed
+from flora_graph.ops.registry import define
+
+__all__: list[str] = []
+
+OUTPUTS = ("attention", "key cache", "value cache")
+
+
+def _heads(shapes, attrs) -> tuple[int, int, int, int]:
+    """``(H, KV, d, dv)`` of a ``KVCacheAttention``; ``ShapeError`` when the shapes do not fit them."""
+    q, k, v, pk, pv = shapes[:5]
+    h, kv = attrs["q_heads"], attrs["kv_heads"]
+    if h < 1 or kv < 1 or h % kv:
+        raise ShapeError(f"KVCacheAttention: kv_heads {kv} must divide q_heads {h} (both >= 1)")
+    if any(len(t) != 3 for t in (q, k, v)) or any(len(t) != 4 for t in (pk, pv)):
+        raise ShapeError(f"KVCacheAttention: q, k, v need rank 3 and the caches rank 4, got {format_shape(q)}, "
+                         f"{format_shape(k)}, {format_shape(v)}, {format_shape(pk)}, {format_shape(pv)}")
+    if not all(isinstance(t[-1], int) for t in (q, k, v)) or q[-1] % h or k[-1] % kv or v[-1] % kv:
+        raise ShapeError(f"KVCacheAttention: the last dims of q {format_shape(q)}, k {format_shape(k)} and v "
+                         f"{format_shape(v)} must be static multiples of their head counts {h}, {kv}, {kv}")
+    d, dv = q[-1] // h, v[-1] // kv
+    if k[-1] // kv != d:
+        raise ShapeError(f"KVCacheAttention: q {format_shape(q)} and k {format_shape(k)} head sizes differ")
+    for name, cache, size in (("past_k", pk, d), ("past_v", pv, dv)):
+        if cache[1] != kv or cache[3] != size:
+            raise ShapeError(f"KVCacheAttention: {name} {format_shape(cache)} is not [batch, {kv}, past, {size}]")
+    return h, kv, d, dv
+
+
+def _infer(shapes, dtypes, attrs):
+    h, kv, d, dv = _heads(shapes, attrs)
+    q, k, v, pk, pv = shapes[:5]
+    if attrs["output"] not in (0, 1, 2):
+        raise ShapeError(f"KVCacheAttention: output must be 0, 1 or 2, got {attrs['output']}")
+    dtype = same_dtype(dtypes[:5], "KVCacheAttention q/k/v/past_k/past_v")
+    batch = broadcast_shapes((q[0],), (k[0],), (v[0],), (pk[0],), (pv[0],))[0]
+    if canonical_dim(k[1]) != canonical_dim(q[1]) or canonical_dim(v[1]) != canonical_dim(q[1]):
+        raise ShapeError(f"KVCacheAttention: q {format_shape(q)}, k {format_shape(k)}, v {format_shape(v)} lengths differ")
+    if canonical_dim(pk[2]) != canonical_dim(pv[2]):
+        raise ShapeError(f"KVCacheAttention: past_k {format_shape(pk)} and past_v {format_shape(pv)} lengths differ")
+    total = add_dims(pk[2], q[1])
+    if len(shapes) == 6:
+        if dtypes[5] != "bool":
+            raise ShapeError(f"KVCacheAttention: the mask must be bool, got {dtypes[5]}")
+        full = (batch, h, q[1], total)
+        if len(shapes[5]) > 4 or broadcast_shapes(shapes[5], full) != tuple(canonical_dim(x) for x in full):
+            raise ShapeError(f"KVCacheAttention: mask {format_shape(shapes[5])} does not broadcast to {format_shape(full)}")
+    if attrs["scale"] < 0:
+        raise ShapeError(f"KVCacheAttention: scale must be >= 0 (0: 1/sqrt(d)), got {attrs['scale']}")
+    out = [(batch, q[1], h * dv), (batch, kv, total, d), (batch, kv, total, dv)][attrs["output"]]
+    return out, dtype
+
+
+def _numpy(q, k, v, pk, pv, mask=None, *, q_heads: int, kv_heads: int, scale: float, output: int) -> np.ndarray:
+    s = q.shape[1]
+    split = lambda t, n: t.reshape(t.shape[0], s, n, -1).transpose(0, 2, 1, 3)  # noqa: E731
+    ck = np.concatenate([pk, split(k, kv_heads).astype(pk.dtype)], axis=2)
+    cv = np.concatenate([pv, split(v, kv_heads).astype(pv.dtype)], axis=2)
+    if output:
+        return ck if output == 1 else cv
+    y = _numpy_sdpa(split(q, q_heads), ck, cv, mask, is_causal=0, scale=scale, enable_gqa=int(q_heads != kv_heads))
+    return y.transpose(0, 2, 1, 3).reshape(y.shape[0], s, -1)
+
+
+def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
+    """One ONNX ``Attention`` (opset 23) for the three results of these inputs, else spelled out."""
+    a = node.attrs
+    names = tuple(ctx.arg(node, i) for i in range(len(node.inputs)))
+    key = ("kv-attention", names, a["q_heads"], a["kv_heads"], a["scale"])
+    if ctx.opset >= 23:
+        def fused() -> tuple[str, str, str]:
+            outs = [ctx.fresh(f"{node.name}/{what.replace(' ', '_')}") for what in OUTPUTS]
+            ins = [*names[:3], names[5] if len(names) == 6 else "", names[3], names[4]]
+            extra = {"scale": a["scale"]} if a["scale"] else {}
+            ctx.emit("Attention", ins, outs, q_num_heads=a["q_heads"], kv_num_heads=a["kv_heads"], **extra)
+            return tuple(outs)
+
+        ctx.emit("Identity", [ctx.once(key, fused)[a["output"]]], [out])
+        return
+
+    def spelled() -> tuple[str, str, str]:
+        ints = lambda *xs: ctx.constant(np.array(xs, dtype=np.int64), f"{node.name}/shape")  # noqa: E731
+        perm = (0, 2, 1, 3)
+
+        def heads(x: str, n: int, size: int) -> str:
+            return ctx.emit("Transpose", [ctx.emit("Reshape", [x, ints(0, 0, n, size)])], perm=perm)
+
+        h, kv = a["q_heads"], a["kv_heads"]
+        d, dv = int(node.inputs[0].shape[-1]) // h, int(node.inputs[2].shape[-1]) // kv
+        ck = ctx.emit("Concat", [names[3], heads(names[1], kv, d)], axis=2)
+        cv = ctx.emit("Concat", [names[4], heads(names[2], kv, dv)], axis=2)
+        q5 = ctx.emit("Reshape", [heads(names[0], h, d), ints(0, kv, h // kv, -1, d)])
+        k5, v5 = (ctx.emit("Unsqueeze", [c, ints(2)]) for c in (ck, cv))
+        mask = None
+        if len(names) == 6:  # its head axis is 1 or h: one axis more, as the grouped scores have
+            m = node.inputs[5]
+            mask = _grouped_mask(ctx, node, names[5], (1,) * (4 - len(m.shape)) + tuple(m.shape), h, kv)
+        y5 = ctx.fresh(f"{node.name}/grouped")
+        _onnx_decomposed(ctx, node, q5, k5, v5, y5, mask=mask, rank=5, scale=a["scale"] or 1.0 / math.sqrt(d))
+        y = ctx.emit("Reshape", [ctx.emit("Transpose", [ctx.emit("Reshape", [y5, ints(0, h, -1, dv)])], perm=perm),
+                                 ints(0, 0, -1)])
+        return y, ck, cv
+
+    ctx.emit("Identity", [ctx.once(key, spelled)[a["output"]]], [out])
+
+
+def _grouped_mask(ctx: Any, node: ComputationNode, mask: str, full: tuple, h: int, kv: int) -> str:
+    """``mask`` (rank <= 4, head axis 1 or ``h``) as a rank-5 mask over ``[b, kv, g, s, T]`` scores."""
+    rank = len(node.inputs[5].shape)
+    m = mask if rank == 4 else ctx.emit("Reshape", [mask, ctx.emit("Concat", [
+        ctx.constant(np.ones(4 - rank, np.int64), f"{node.name}/ones"), ctx.emit("Shape", [mask])], axis=0)])
+    if full[1] == 1:
+        return ctx.emit("Unsqueeze", [m, ctx.constant(np.array([1], np.int64), f"{node.name}/axis")])
+    shape = ctx.emit("Concat", [ctx.emit("Shape", [m], end=1), ctx.constant(np.array([kv, h // kv], np.int64), f"{node.name}/kv_g"),
+                                ctx.emit("Shape", [m], start=2)], axis=0)
+    return ctx.emit("Reshape", [m, shape])
+
+
+def _torch(node: ComputationNode, args: list[str]) -> str:
+    a = node.attrs
+    h, kv = a["q_heads"], a["kv_heads"]
+    d, dv = int(node.inputs[0].shape[-1]) // h, int(node.inputs[2].shape[-1]) // kv
+    ck = f"torch.cat([{args[3]}, {args[1]}.unflatten(-1, ({kv}, {d})).transpose(1, 2)], dim=2)"
+    cv = f"torch.cat([{args[4]}, {args[2]}.unflatten(-1, ({kv}, {dv})).transpose(1, 2)], dim=2)"
+    if a["output"]:
+        return ck if a["output"] == 1 else cv
+    mask = args[5] if len(args) == 6 else "None"
+    scale = float_literal(a["scale"], node) if a["scale"] else "None"
+    return (f"F.scaled_dot_product_attention({args[0]}.unflatten(-1, ({h}, {d})).transpose(1, 2), {ck}, {cv}, "
+            f"attn_mask={mask}, dropout_p=0.0, scale={scale}, enable_gqa={h != kv}).transpose(1, 2).flatten(-2)")
+
+
+define(
+    "KV_ATTENTION", "KVCacheAttention", (5, 6),
+    {"q_heads": AttrSpec("int", 1), "kv_heads": AttrSpec("int", 1), "scale": AttrSpec("float", 0.0),
+     "output": AttrSpec("int", 0)},
+    infer=_infer,
+    doc="Decoder attention with its key/value cache: q [b,s,H*d], k/v [b,s,KV*d], past_k/past_v [b,KV,P,d], "
+        "optional bool mask to [b,H,s,P+s]; output 0: attention [b,s,H*dv], 1/2: the caches with this step "
+        "appended [b,KV,P+s,d] (ONNX Attention with past/present from opset 23).",
+    numpy=_numpy, onnx=_onnx, torch=_torch, family="attention",
+)
