@@ -13,8 +13,9 @@ twice). Capture keeps seven nodes per query or key (``Mul``, two ``Slice``, ``Ne
   elementwise ops, ``Cast``, ``Unsqueeze`` (not at the last axis) and products or sums with a
   one-element operand (Hugging Face's ``attention_scaling``).
 
-It becomes ``RotaryEmbedding(x, cos[..., :d/2], sin[..., :d/2])``; the ``Slice`` of the shared
-``cos``/``sin`` is one node for every layer after ``cse``. Refusals are recorded with the reason.
+It becomes ``RotaryEmbedding(x, cos[..., :d/2], sin[..., :d/2])``, the halves built as ``cos`` and
+``sin`` are, from ``f`` instead of ``Concat(f, f)`` (no slice; shared by every layer). Refusals are
+recorded with the reason.
 """
 
 from __future__ import annotations
@@ -95,18 +96,29 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
             return res.fail(f"{what} {c.name!r} is not provably two equal halves (cat(f, f))")
     if m.root.dtype != x.dtype or cos.dtype != x.dtype or sin.dtype != x.dtype:
         return res.fail(f"dtypes differ: x {x.dtype}, cos {cos.dtype}, sin {sin.dtype}")
-    m.extra["half"] = h
     return res
 
 
-def _half(ctx: RewriteContext, c: ComputationNode, h: int, name: str) -> ComputationNode:
-    return ctx.add(Op.SLICE, [c], {"axes": (len(c.shape) - 1,), "starts": (0,), "ends": (h,), "steps": (1,)},
-                   name=f"{name}.half", meta=c.meta)
+def _half(ctx: RewriteContext, c: ComputationNode, memo: dict[ComputationNode, ComputationNode]) -> ComputationNode:
+    """The first half of ``c``'s last axis, built the way ``c`` is (its proof by :func:`_equal_halves`)
+    from ``f`` of the ``Concat(f, f)`` it starts at: no slice, and the chain computes half as much."""
+    if c in memo:
+        return memo[c]
+    if c.op is Op.CONCAT:
+        out = c.inputs[0]
+    elif c.op in _UNARY or c.op is Op.UNSQUEEZE:
+        out = ctx.add(c.op, [_half(ctx, c.inputs[0], memo)], c.attrs, name=f"{c.name}.half", meta=c.meta)
+    else:  # a product or sum with a one-element operand
+        a, b = c.inputs
+        ins = [_half(ctx, a, memo), b] if _one_element(b) and len(a.shape) == len(c.shape) else [a, _half(ctx, b, memo)]
+        out = ctx.add(c.op, ins, c.attrs, name=f"{c.name}.half", meta=c.meta)
+    memo[c] = out
+    return out
 
 
 def _rewrite(m: Match, ctx: RewriteContext) -> ComputationNode:
-    h, root = m.extra["half"], m.root
-    cos, sin = _half(ctx, m["cos"], h, f"{root.name}.cos"), _half(ctx, m["sin"], h, f"{root.name}.sin")
+    root, memo = m.root, {}
+    cos, sin = _half(ctx, m["cos"], memo), _half(ctx, m["sin"], memo)
     return ctx.add(Op.ROTARY_EMBEDDING, [m["x"], cos, sin], name=f"{root.name}.rotary", meta=root.meta)
 
 

@@ -7,7 +7,7 @@ the input it returns unchanged, only where that input already has the node's sha
 - ``simplify-neutral``: ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1``, ``x & True``, ``x | False``,
   the constant operand static, of a static shape, and every one of its values the neutral one;
 - ``simplify-same-shape``: ``Reshape``, ``Expand`` or ``Cast`` to the shape and dtype ``x``
-  already has;
+  already has, and ``Squeeze`` of the axes an ``Unsqueeze`` just inserted;
 - ``simplify-arange-index``: ``x[arange(D0)[..], arange(D1)[..], ...]``, advanced indexing whose
   indices are ``arange`` over the whole of each indexed axis, each along its own axis in
   order: ``x`` with unit axes inserted (``Unsqueeze``), not a gather.
@@ -85,6 +85,23 @@ def _check_same_shape(m: Match, ctx: RewriteContext) -> MatchResult:
     return res
 
 
+def _check_squeeze_unsqueeze(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = _start(m, ctx)
+    if not res:
+        return res
+    sq, unsq = m.root, m["unsqueeze"]
+    rank = len(unsq.shape)
+    if sorted(a % rank for a in sq.attrs["axes"]) != sorted(a % rank for a in unsq.attrs["axes"]):
+        return res.fail("squeezes other axes than the Unsqueeze inserted")
+    return res
+
+
+SQUEEZE_UNSQUEEZE = Rule("simplify-squeeze-unsqueeze",
+                         Pat(Op.SQUEEZE, (Pat(Op.UNSQUEEZE, (Pat.any("x"),), name="unsqueeze"),), pred=_untagged),
+                         lambda m, ctx: m["x"], _check_squeeze_unsqueeze,
+                         doc="Squeeze of exactly the axes an Unsqueeze inserted -> the Unsqueeze's input.")
+
+
 SAME_SHAPE = Rule("simplify-same-shape", Pat((Op.RESHAPE, Op.EXPAND, Op.CAST), pred=_untagged, name="node"),
                   lambda m, ctx: m.root.inputs[0], _check_same_shape,
                   doc="Reshape, Expand or Cast to the input's own shape and dtype -> the input.")
@@ -139,7 +156,7 @@ ARANGE_INDEX = Rule("simplify-arange-index", Pat(Op.INDEX, pred=_untagged, name=
                     _rewrite_arange_index, _check_arange_index,
                     doc="x indexed by aranges over its whole axes -> x with unit axes inserted.")
 
-RULES = RuleSet([NEUTRAL, SAME_SHAPE, ARANGE_INDEX])
+RULES = RuleSet([NEUTRAL, SAME_SHAPE, SQUEEZE_UNSQUEEZE, ARANGE_INDEX])
 
 
 @register_pass("simplify")

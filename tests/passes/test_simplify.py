@@ -133,3 +133,19 @@ def test_a_constant_cut_to_a_dynamic_length_is_left_alone() -> None:
     g.set_output("y", g.add(Op.MUL, [g.add(Op.ADD, [x, cut], name="add"), g.const("two", np.float32(2))]))
     res = simplify(verify(g))
     assert not res.changed and "add" in {n.name for n in res.graph.nodes}
+
+
+def test_a_squeeze_of_the_axes_an_unsqueeze_inserted_goes() -> None:
+    g = Graph("squeeze")
+    x = g.input("x", ("batch", "seq", 4))
+    u = g.add(Op.UNSQUEEZE, [x], {"axes": (1,)})
+    back = g.add(Op.SQUEEZE, [u], {"axes": (-3,)})  # the same axis, counted from the end: goes
+    other = g.add(Op.SQUEEZE, [g.add(Op.UNSQUEEZE, [x], {"axes": (1, 3)})], {"axes": (1,)}, name="other")  # stays
+    g.set_output("y", g.add(Op.MUL, [back, g.const("two", np.float32(2))], name="y"))
+    g.set_output("z", g.add(Op.MUL, [other, g.const("three", np.float32(3))], name="z"))
+    before = verify(g).copy()
+    res = simplify(g)
+    after = verify(res.graph)
+    assert res.stats["fired"] == {"simplify-squeeze-unsqueeze": 1}
+    assert after.outputs["y"].inputs[0].name == "x" and "other" in {n.name for n in after.nodes}
+    _same_values(before, after, {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)})
