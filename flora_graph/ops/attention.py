@@ -81,8 +81,9 @@ def _infer_sdpa(shapes, dtypes, attrs):
     return (*batch, q[-2], v[-1]), dtype
 
 
-def _numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None, *,
-                is_causal: int, scale: float, enable_gqa: int) -> np.ndarray:
+def numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None, *,
+               is_causal: int, scale: float, enable_gqa: int) -> np.ndarray:
+    """``ScaledDotProductAttention`` in float64 (the numpy rule; ``KVCacheAttention`` reuses it)."""
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
     if enable_gqa:  # query head i reads key/value head i // g, as torch
         g = q.shape[-3] // k.shape[-3]
@@ -117,7 +118,7 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
     scale = node.attrs["scale"] or 1.0 / math.sqrt(int(q.shape[-1]))
     common = {"scale": scale, "bool_mask": mask is not None and mask.dtype == "bool", "causal": bool(node.attrs["is_causal"])}
     if not node.attrs["enable_gqa"] or q.shape[-3] == k.shape[-3]:
-        _onnx_decomposed(ctx, node, *(ctx.arg(node, i) for i in range(3)), out, rank=len(k.shape),
+        onnx_attention_decomposed(ctx, node, *(ctx.arg(node, i) for i in range(3)), out, rank=len(k.shape),
                          mask=None if mask is None else ctx.arg(node, 3), **common)
         return
     rank, hk, g = len(q.shape), int(k.shape[-3]), _gqa_group(q.shape, k.shape, v.shape)
@@ -128,7 +129,7 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
         wide = [ctx.emit("Reshape", [ctx.emit("Expand", [t, ctx.emit("Concat", [
             ctx.emit("Shape", [t], end=rank - 2), ints(g), ctx.emit("Shape", [t], start=rank - 1)], axis=0)]),
             ints(*([0] * (rank - 3)), int(q.shape[-3]), -1, int(s.shape[-1]))]) for t, s in ((k5, k), (v5, v))]
-        _onnx_decomposed(ctx, node, ctx.arg(node, 0), *wide, out, rank=rank, mask=ctx.arg(node, 3), **common)
+        onnx_attention_decomposed(ctx, node, ctx.arg(node, 0), *wide, out, rank=rank, mask=ctx.arg(node, 3), **common)
         return
     q5 = ctx.emit("Reshape", [ctx.arg(node, 0), ints(*([0] * (rank - 3)), hk, g, -1, int(q.shape[-1]))])
     grouped_mask = None
@@ -136,7 +137,7 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
         arg, axis = ctx.arg(node, 3), len(mask.shape) - 3
         grouped_mask = arg if axis < 0 else ctx.once(("gqa-mask", arg), lambda: ctx.emit("Unsqueeze", [arg, ints(axis)]))
     out5 = ctx.fresh(f"{node.name}.grouped")
-    _onnx_decomposed(ctx, node, q5, k5, v5, out5, mask=grouped_mask, rank=rank + 1, **common)
+    onnx_attention_decomposed(ctx, node, q5, k5, v5, out5, mask=grouped_mask, rank=rank + 1, **common)
     ctx.emit("Reshape", [out5, ints(*([0] * (rank - 3)), int(q.shape[-3]), -1, int(v.shape[-1]))], [out])
 
 
@@ -152,7 +153,7 @@ def _onnx_attention_fits(node: ComputationNode) -> bool:
     return mask is None or (mask.dtype == "bool" and len(mask.shape) <= 4)
 
 
-def _onnx_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *, rank: int,
+def onnx_attention_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *, rank: int,
                      scale: float, mask: str | None = None, bool_mask: bool = True, causal: bool = False) -> None:
     """``Softmax(q @ k^T * scale + bias) @ v`` over rank-``rank`` ``q``/``k``/``v``, the mask as an
     additive bias (0 kept, -inf dropped).
@@ -207,7 +208,7 @@ define(
     doc="softmax(q @ k^T * scale + mask) @ v; scale 0 is 1/sqrt(E); a bool mask keeps True, a float mask adds; "
         "is_causal keeps j <= i (top-left); a row with nothing kept is 0 (as torch); enable_gqa: the key/value "
         "heads (axis -3) divide the query heads, query head i reading key/value head i // g (as torch).",
-    numpy=_numpy_sdpa, onnx=_onnx_sdpa, torch=_torch_sdpa,
+    numpy=numpy_sdpa, onnx=_onnx_sdpa, torch=_torch_sdpa,
 )
 
 

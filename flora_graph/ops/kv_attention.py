@@ -28,7 +28,7 @@ from flora_graph.ir.ops import AttrSpec
 from flora_graph.ir.shapes import add_dims, broadcast_shapes, canonical_dim, format_shape
 from flora_graph.ops._infer import same_dtype
 from flora_graph.ops._torch import float_literal
-from flora_graph.ops.attention import _numpy_sdpa, _onnx_decomposed
+from flora_graph.ops.attention import numpy_sdpa, onnx_attention_decomposed
 from flora_graph.ops.registry import define
 
 __all__: list[str] = []
@@ -88,7 +88,7 @@ def _numpy(q, k, v, pk, pv, mask=None, *, q_heads: int, kv_heads: int, scale: fl
     cv = np.concatenate([pv, split(v, kv_heads).astype(pv.dtype)], axis=2)
     if output:
         return ck if output == 1 else cv
-    y = _numpy_sdpa(split(q, q_heads), ck, cv, mask, is_causal=0, scale=scale, enable_gqa=int(q_heads != kv_heads))
+    y = numpy_sdpa(split(q, q_heads), ck, cv, mask, is_causal=0, scale=scale, enable_gqa=int(q_heads != kv_heads))
     return y.transpose(0, 2, 1, 3).reshape(y.shape[0], s, -1)
 
 
@@ -126,7 +126,7 @@ def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
             m = node.inputs[5]
             mask = _grouped_mask(ctx, node, names[5], (1,) * (4 - len(m.shape)) + tuple(m.shape), h, kv)
         y5 = ctx.fresh(f"{node.name}/grouped")
-        _onnx_decomposed(ctx, node, q5, k5, v5, y5, mask=mask, rank=5, scale=a["scale"] or 1.0 / math.sqrt(d))
+        onnx_attention_decomposed(ctx, node, q5, k5, v5, y5, mask=mask, rank=5, scale=a["scale"] or 1.0 / math.sqrt(d))
         y = ctx.emit("Reshape", [ctx.emit("Transpose", [ctx.emit("Reshape", [y5, ints(0, h, -1, dv)])], perm=perm),
                                  ints(0, 0, -1)])
         return y, ck, cv
