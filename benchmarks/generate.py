@@ -14,7 +14,8 @@ a ``--prompt``-token prompt with:
   -i BASE -o OUT -p fp32 -e cpu``), the base model and the model with the first adapter baked in
   (``--extra_options adapter_path=DIR``), in onnxruntime-genai.
 
-Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds.
+Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds; each
+ratio is the median over the rounds of that round's ratio (the runs of a round are adjacent in time).
 Then a mixed-adapter batch: one row per adapter (``--adapters`` rows, distinct prompts of the
 same length), decoded together by the Generator (one call per step), against the same rows
 generated one after the other (Generator, one adapter each), against PEFT's
@@ -142,15 +143,21 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; the model builder: {builder_s['base']:.2f} s (base), {builder_s['adapter']:.2f} s (one adapter baked in)"
                  if builder_s else "; the model builder: not run (see above)"))
         print(f"greedy tokens equal (genai, generator, eager; {args.new} tokens): {same}")
+        print("ratios: median over the rounds of each round's ratio (runs of one round are adjacent in time, "
+              "so load that drifts between rounds cancels)")
         for adapter in which:
-            g = statistics.median(times[("genai", adapter)]) * 1e3
-            e = statistics.median(times[("eager", adapter)]) * 1e3
-            f = statistics.median(times[("generator", adapter)]) * 1e3
+            ms = {name: statistics.median(times[(name, adapter)]) * 1e3 for name in runs}
             label = adapter or "base"
-            b = statistics.median(times[("builder", adapter)]) * 1e3 if ("builder", adapter) in times else float("nan")
-            print(f"{label:>6}: per decode step genai {g:.3f} ms, generator {f:.3f} ms, builder {b:.3f} ms, "
-                  f"eager+cache {e:.3f} ms; genai/builder {g / b:.2f}x, generator/genai {f / g:.2f}x, "
-                  f"eager/genai {e / g:.1f}x, eager/generator {e / f:.1f}x")
+
+            def ratio(a: str, b: str, adapter: str | None = adapter) -> float:
+                if (a, adapter) not in times or (b, adapter) not in times:
+                    return float("nan")
+                return statistics.median(x / y for x, y in zip(times[(a, adapter)], times[(b, adapter)], strict=True))
+
+            print(f"{label:>6}: per decode step genai {ms['genai']:.3f} ms, generator {ms['generator']:.3f} ms, "
+                  f"builder {ms.get('builder', float('nan')):.3f} ms, eager+cache {ms['eager']:.3f} ms; "
+                  f"genai/builder {ratio('genai', 'builder'):.2f}x, generator/genai {ratio('generator', 'genai'):.2f}x, "
+                  f"eager/genai {ratio('eager', 'genai'):.1f}x, eager/generator {ratio('eager', 'generator'):.1f}x")
         if SWITCH_MS:
             print(f"adapter switch (GenAI set_active_adapter): median {statistics.median(SWITCH_MS):.3f} ms, "
                   f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "
