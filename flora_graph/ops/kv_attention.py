@@ -63,7 +63,10 @@ def _infer(shapes, dtypes, attrs):
     if attrs["output"] not in (0, 1, 2):
         raise ShapeError(f"KVCacheAttention: output must be 0, 1 or 2, got {attrs['output']}")
     dtype = same_dtype(dtypes[:5], "KVCacheAttention q/k/v/past_k/past_v")
-    batch = broadcast_shapes((q[0],), (k[0],), (v[0],), (pk[0],), (pv[0],))[0]
+    batch = canonical_dim(q[0])
+    if any(canonical_dim(t[0]) != batch for t in (k, v, pk, pv)):
+        raise ShapeError(f"KVCacheAttention: q, k, v and the caches need one batch dim, got {format_shape(q)}, "
+                         f"{format_shape(k)}, {format_shape(v)}, {format_shape(pk)}, {format_shape(pv)}")
     if canonical_dim(k[1]) != canonical_dim(q[1]) or canonical_dim(v[1]) != canonical_dim(q[1]):
         raise ShapeError(f"KVCacheAttention: q {format_shape(q)}, k {format_shape(k)}, v {format_shape(v)} lengths differ")
     if canonical_dim(pk[2]) != canonical_dim(pv[2]):

@@ -192,3 +192,21 @@ def test_grouped_attention_with_a_row_that_keeps_nothing_is_zero_there() -> None
     for opset in (18, 23):
         (got,) = ort.InferenceSession(to_onnx(g, opset).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
         assert_close(got, want, case.tol, f"opset {opset}")
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"attrs": {"q_heads": 3, "kv_heads": 2}}, "kv_heads 2 must divide q_heads 3"),
+    ({"pk": (1, 2, "kv", 4)}, "need one batch dim"),
+    ({"pv": ("batch", 2, "kv", 5)}, "past_v"),
+    ({"v": ("batch", "seq", 7)}, "static multiples of their head counts"),
+])
+def test_a_kv_attention_that_does_not_fit_is_refused_by_name(change, why) -> None:
+    from flora_graph.errors import ShapeError
+    from flora_graph.ir import Graph
+
+    g = Graph("bad")
+    ins = [g.input(n, change.get(n, spec.shape)) for n, spec in KV.items()]
+    attrs = {"q_heads": 4, "kv_heads": 2, **change.get("attrs", {})}
+    with pytest.raises(ShapeError, match=why) as info:
+        g.add(Op.KV_ATTENTION, ins, attrs, name="att")
+    assert "'att'" in str(info.value)
