@@ -36,6 +36,7 @@ __all__ = [
     "add_dims",
     "broadcast_shapes",
     "canonical_dim",
+    "canonical_shape",
     "dim_names",
     "dim_product",
     "dim_terms",
@@ -325,6 +326,11 @@ def canonical_dim(dim: Dim) -> Dim:
                 _CANONICAL[dim] = hit
         return hit
     return _build(*_factors(dim))
+
+
+def canonical_shape(shape: Sequence[Dim]) -> Shape:
+    """``shape`` with each dim in its canonical spelling (:func:`canonical_dim`), comparable with ``==``."""
+    return tuple(canonical_dim(d) for d in shape)
 
 
 def dim_product(dims: Sequence[Dim]) -> Dim:

@@ -6,7 +6,7 @@ ONNX rule writes rank-4 attention without a float mask as one ONNX ``Attention``
 opset 23 (grouped-query heads included: ONNX Runtime runs it as one kernel, a row with nothing
 kept coming out 0 as in torch); otherwise it decomposes into standard ops (``MatMul``,
 ``Softmax``, an additive bias for the mask, the causal bias shared between attentions), grouped
-query heads broadcasting over ``[.., kv, 1, S, E]`` keys. The torch rule is
+query heads broadcasting over ``[.., kv, 1, S, E]`` keys (a mask per query head split to match). The torch rule is
 ``F.scaled_dot_product_attention``.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
-from flora_graph.ir.shapes import broadcast_shapes, canonical_dim, dims_equal, format_shape
+from flora_graph.ir.shapes import broadcast_shapes, canonical_dim, canonical_shape, dims_equal, format_shape
 from flora_graph.ops._infer import same_dtype
 from flora_graph.ops._onnx import tensor_attr
 from flora_graph.ops._torch import float_literal
@@ -29,13 +29,10 @@ from flora_graph.ops.registry import define
 __all__: list[str] = []
 
 
-def _dims(shape) -> tuple:
-    """``shape`` with each dim in canonical form (comparable with ``==``)."""
-    return tuple(canonical_dim(d) for d in shape)
-
-
-def _gqa_group(q, k, v) -> int:
-    """The query heads per key/value head of a grouped-query attention (heads on axis -3)."""
+def gqa_group(q, k, v) -> int:
+    """The query heads per key/value head of grouped-query attention on shapes ``q``, ``k``, ``v``
+    (heads on axis -3); ``ShapeError`` when they are not of one rank >= 3 with static query heads a
+    multiple of the key/value heads."""
     if len(q) < 3 or len(k) != len(q) or len(v) != len(q):
         raise ShapeError(f"attention: enable_gqa needs q, k and v of one rank >= 3, got {format_shape(q)}, "
                          f"{format_shape(k)}, {format_shape(v)}")
@@ -66,7 +63,7 @@ def _infer_sdpa(shapes, dtypes, attrs):
         raise ShapeError(f"attention: scale must be >= 0 (0: 1/sqrt(E)), got {attrs['scale']}")
     dtype = same_dtype(dtypes[:3], "attention q/k/v")
     if attrs["enable_gqa"]:
-        _gqa_group(q, k, v)
+        gqa_group(q, k, v)
         batch = (*broadcast_shapes(q[:-3], k[:-3], v[:-3]), q[-3])
     else:
         batch = broadcast_shapes(q[:-2], k[:-2], v[:-2])
@@ -117,34 +114,56 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
         return
     scale = node.attrs["scale"] or 1.0 / math.sqrt(int(q.shape[-1]))
     common = {"scale": scale, "bool_mask": mask is not None and mask.dtype == "bool", "causal": bool(node.attrs["is_causal"])}
+    args = [ctx.arg(node, i) for i in range(3)]
+    mask_arg = None if mask is None else ctx.arg(node, 3)
     if not node.attrs["enable_gqa"] or q.shape[-3] == k.shape[-3]:
-        onnx_attention_decomposed(ctx, node, *(ctx.arg(node, i) for i in range(3)), out, rank=len(k.shape),
-                         mask=None if mask is None else ctx.arg(node, 3), **common)
+        onnx_attention_decomposed(ctx, node, *args, out, rank=len(k.shape), mask=mask_arg, **common)
         return
-    rank, hk, g = len(q.shape), int(k.shape[-3]), _gqa_group(q.shape, k.shape, v.shape)
+    onnx_grouped_attention(ctx, node, *args, out, rank=len(q.shape), heads=int(q.shape[-3]), kv_heads=int(k.shape[-3]),
+                           head_size=int(q.shape[-1]), value_size=int(v.shape[-1]), mask=mask_arg,
+                           mask_shape=None if mask is None else mask.shape, **common)
+
+
+def onnx_grouped_attention(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *, rank: int, heads: int,
+                           kv_heads: int, head_size: int, value_size: int, mask: str | None = None,
+                           mask_shape: tuple | None = None, **common: Any) -> None:
+    """Attention of ``heads`` query heads (axis -3 of the rank-``rank`` ``q``) over ``kv_heads`` key/value
+    heads without copying them: ``q`` grouped to ``[.., kv, g, L, E]``, ``k``/``v`` ``[.., kv, 1, S, E]``,
+    the mask (of ``mask_shape``) over the grouped scores by :func:`_grouped_mask`; ``common`` as for
+    :func:`onnx_attention_decomposed`."""
+    g, lead = heads // kv_heads, [0] * (rank - 3)
     ints = lambda *xs: ctx.constant(np.array(xs, dtype=np.int64), f"{node.name}/shape")  # noqa: E731
-    k5, v5 = (ctx.emit("Unsqueeze", [ctx.arg(node, i), ints(rank - 2)]) for i in (1, 2))
-    if mask is not None and len(mask.shape) >= 3 and mask.shape[-3] != 1:
-        # a mask per query head: widen the keys/values to the query heads instead of grouping
-        wide = [ctx.emit("Reshape", [ctx.emit("Expand", [t, ctx.emit("Concat", [
-            ctx.emit("Shape", [t], end=rank - 2), ints(g), ctx.emit("Shape", [t], start=rank - 1)], axis=0)]),
-            ints(*([0] * (rank - 3)), int(q.shape[-3]), -1, int(s.shape[-1]))]) for t, s in ((k5, k), (v5, v))]
-        onnx_attention_decomposed(ctx, node, ctx.arg(node, 0), *wide, out, rank=rank, mask=ctx.arg(node, 3), **common)
-        return
-    q5 = ctx.emit("Reshape", [ctx.arg(node, 0), ints(*([0] * (rank - 3)), hk, g, -1, int(q.shape[-1]))])
-    grouped_mask = None
-    if mask is not None:  # its head axis is 1 (or absent): one more axis of 1 before it
-        arg, axis = ctx.arg(node, 3), len(mask.shape) - 3
-        grouped_mask = arg if axis < 0 else ctx.once(("gqa-mask", arg), lambda: ctx.emit("Unsqueeze", [arg, ints(axis)]))
+    q5 = ctx.emit("Reshape", [q, ints(*lead, kv_heads, g, -1, head_size)])
+    k5, v5 = (ctx.emit("Unsqueeze", [t, ints(rank - 2)]) for t in (k, v))
+    grouped = None if mask is None else _grouped_mask(ctx, node, mask, mask_shape, kv_heads, g)
     out5 = ctx.fresh(f"{node.name}.grouped")
-    onnx_attention_decomposed(ctx, node, q5, k5, v5, out5, mask=grouped_mask, rank=rank + 1, **common)
-    ctx.emit("Reshape", [out5, ints(*([0] * (rank - 3)), int(q.shape[-3]), -1, int(v.shape[-1]))], [out])
+    onnx_attention_decomposed(ctx, node, q5, k5, v5, out5, mask=grouped, rank=rank + 1, **common)
+    ctx.emit("Reshape", [out5, ints(*lead, heads, -1, value_size)], [out])
+
+
+def _grouped_mask(ctx: Any, node: ComputationNode, mask: str, shape: tuple, kv: int, g: int) -> str:
+    """``mask`` (broadcasting to ``[.., h, L, S]`` scores) over grouped ``[.., kv, g, L, S]`` scores: a head
+    axis of ``h = kv * g`` split into ``[kv, g]``, one of 1 given a unit axis before it, a mask of
+    rank < 3 as it is; made once per mask."""
+    r = len(shape)
+    if r < 3:
+        return mask
+
+    def make() -> str:
+        if shape[-3] == 1:
+            return ctx.emit("Unsqueeze", [mask, ctx.constant(np.array([r - 3], np.int64), f"{node.name}/axis")])
+        split = ctx.emit("Concat", [ctx.emit("Shape", [mask], end=r - 3),
+                                    ctx.constant(np.array([kv, g], np.int64), f"{node.name}/kv_g"),
+                                    ctx.emit("Shape", [mask], start=r - 2)], axis=0)
+        return ctx.emit("Reshape", [mask, split])
+
+    return ctx.once(("gqa-mask", mask, kv, g), make)
 
 
 def _onnx_attention_fits(node: ComputationNode) -> bool:
     """Whether ONNX ``Attention`` computes ``node``: rank 4, one batch, key/value heads equal to the
     query heads or (grouped) dividing them, and no mask or a boolean one."""
-    q, k, v = (_dims(t.shape) for t in node.inputs[:3])
+    q, k, v = (canonical_shape(t.shape) for t in node.inputs[:3])
     mask = node.inputs[3] if len(node.inputs) == 4 else None
     if len(q) != 4 or len(k) != 4 or len(v) != 4 or not q[0] == k[0] == v[0] or k[1] != v[1]:
         return False
@@ -154,7 +173,8 @@ def _onnx_attention_fits(node: ComputationNode) -> bool:
 
 
 def onnx_attention_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *, rank: int,
-                     scale: float, mask: str | None = None, bool_mask: bool = True, causal: bool = False) -> None:
+                              scale: float, mask: str | None = None, bool_mask: bool = True,
+                              causal: bool = False) -> None:
     """``Softmax(q @ k^T * scale + bias) @ v`` over rank-``rank`` ``q``/``k``/``v``, the mask as an
     additive bias (0 kept, -inf dropped).
 

@@ -28,7 +28,7 @@ from flora_graph.ir.ops import AttrSpec
 from flora_graph.ir.shapes import add_dims, broadcast_shapes, canonical_dim, format_shape
 from flora_graph.ops._infer import same_dtype
 from flora_graph.ops._torch import float_literal
-from flora_graph.ops.attention import numpy_sdpa, onnx_attention_decomposed
+from flora_graph.ops.attention import numpy_sdpa, onnx_grouped_attention
 from flora_graph.ops.registry import define
 
 __all__: list[str] = []
@@ -122,31 +122,15 @@ def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
         d, dv = int(node.inputs[0].shape[-1]) // h, int(node.inputs[2].shape[-1]) // kv
         ck = ctx.emit("Concat", [names[3], heads(names[1], kv, d)], axis=2)
         cv = ctx.emit("Concat", [names[4], heads(names[2], kv, dv)], axis=2)
-        q5 = ctx.emit("Reshape", [heads(names[0], h, d), ints(0, kv, h // kv, -1, d)])
-        k5, v5 = (ctx.emit("Unsqueeze", [c, ints(2)]) for c in (ck, cv))
-        mask = None
-        if len(names) == 6:  # its head axis is 1 or h: one axis more, as the grouped scores have
-            m = node.inputs[5]
-            mask = _grouped_mask(ctx, node, names[5], (1,) * (4 - len(m.shape)) + tuple(m.shape), h, kv)
-        y5 = ctx.fresh(f"{node.name}/grouped")
-        onnx_attention_decomposed(ctx, node, q5, k5, v5, y5, mask=mask, rank=5, scale=a["scale"] or 1.0 / math.sqrt(d))
-        y = ctx.emit("Reshape", [ctx.emit("Transpose", [ctx.emit("Reshape", [y5, ints(0, h, -1, dv)])], perm=perm),
-                                 ints(0, 0, -1)])
+        y4 = ctx.fresh(f"{node.name}/heads")
+        onnx_grouped_attention(ctx, node, heads(names[0], h, d), ck, cv, y4, rank=4, heads=h, kv_heads=kv, head_size=d,
+                               value_size=dv, mask=names[5] if len(names) == 6 else None,
+                               mask_shape=node.inputs[5].shape if len(names) == 6 else None,
+                               scale=a["scale"] or 1.0 / math.sqrt(d))
+        y = ctx.emit("Reshape", [ctx.emit("Transpose", [y4], perm=perm), ints(0, 0, -1)])
         return y, ck, cv
 
     ctx.emit("Identity", [ctx.once(key, spelled)[a["output"]]], [out])
-
-
-def _grouped_mask(ctx: Any, node: ComputationNode, mask: str, full: tuple, h: int, kv: int) -> str:
-    """``mask`` (rank <= 4, head axis 1 or ``h``) as a rank-5 mask over ``[b, kv, g, s, T]`` scores."""
-    rank = len(node.inputs[5].shape)
-    m = mask if rank == 4 else ctx.emit("Reshape", [mask, ctx.emit("Concat", [
-        ctx.constant(np.ones(4 - rank, np.int64), f"{node.name}/ones"), ctx.emit("Shape", [mask])], axis=0)])
-    if full[1] == 1:
-        return ctx.emit("Unsqueeze", [m, ctx.constant(np.array([1], np.int64), f"{node.name}/axis")])
-    shape = ctx.emit("Concat", [ctx.emit("Shape", [m], end=1), ctx.constant(np.array([kv, h // kv], np.int64), f"{node.name}/kv_g"),
-                                ctx.emit("Shape", [m], start=2)], axis=0)
-    return ctx.emit("Reshape", [m, shape])
 
 
 def _torch(node: ComputationNode, args: list[str]) -> str:

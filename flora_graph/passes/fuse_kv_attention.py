@@ -23,7 +23,7 @@ reason.
 from __future__ import annotations
 
 from flora_graph.ir import ComputationNode, Graph, Op
-from flora_graph.ir.shapes import canonical_dim, dim_product
+from flora_graph.ir.shapes import canonical_dim, canonical_shape, dim_product
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import RewriteContext
 from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
@@ -51,17 +51,14 @@ _ATTENTION = Pat(Op.SDPA, (
 PATTERN = Pat(Op.RESHAPE, (Pat(Op.TRANSPOSE, (_ATTENTION,), name="packing"),), name="out")
 
 
-def _dims(shape) -> tuple:
-    return tuple(canonical_dim(d) for d in shape)
-
 
 def _heads(m: Match, x: str) -> int | str:
     """The head count of the split of ``x``, or why it is not a head split."""
     src, split, heads = m[x], m[f"{x}_split"], m[f"{x}_heads"]
     if len(src.shape) != 3 or len(split.shape) != 4 or not all(isinstance(d, int) for d in split.shape[2:]):
         return f"{split.name!r} does not split a rank-3 {x} {src.shape} into heads"
-    b, s, width = _dims(src.shape)
-    if _dims(split.shape[:2]) != (b, s) or canonical_dim(dim_product(list(split.shape[2:]))) != width:
+    b, s, width = canonical_shape(src.shape)
+    if canonical_shape(split.shape[:2]) != (b, s) or canonical_dim(dim_product(list(split.shape[2:]))) != width:
         return f"{split.name!r} {split.shape} is not {x} {src.shape} split into heads"
     if tuple(heads.attrs["perm"]) != _HEAD_PERM:
         return f"{heads.name!r} has perm {heads.attrs['perm']}, not {_HEAD_PERM}"
@@ -95,8 +92,8 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
         return res.fail(f"mask {att.inputs[3].name!r} is not a boolean mask of rank <= 4")
     if tuple(m["packing"].attrs["perm"]) != _HEAD_PERM:
         return res.fail(f"{m['packing'].name!r} does not move the heads back next to the head size")
-    b, s = _dims(m["q"].shape[:2])
-    if len(out.shape) != 3 or _dims(out.shape[:2]) != (b, s):
+    b, s = canonical_shape(m["q"].shape[:2])
+    if len(out.shape) != 3 or canonical_shape(out.shape[:2]) != (b, s):
         return res.fail(f"{out.name!r} {out.shape} does not pack the heads of the attention")
     for node, reader in ((att, m["packing"]), (m["packing"], out)):
         if others := ctx.other_users(node, reader):

@@ -18,7 +18,7 @@ same ``g > 1``; otherwise the reason is recorded as for the other passes.
 from __future__ import annotations
 
 from flora_graph.ir import ComputationNode, Graph, Op
-from flora_graph.ir.shapes import canonical_dim, dim_product
+from flora_graph.ir.shapes import canonical_dim, canonical_shape, dim_product
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import RewriteContext
 from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
@@ -35,9 +35,6 @@ def _widened(x: str) -> Pat:
 PATTERN = Pat(Op.SDPA, (Pat.any("q"), _widened("k"), _widened("v")), name="attention", extra=True)
 
 
-def _dims(shape) -> tuple:
-    return tuple(canonical_dim(d) for d in shape)
-
 
 def _group(m: Match, x: str) -> int | str:
     """The repeat count ``g`` of the widening of ``x``, or why it is not ``repeat_kv``'s."""
@@ -46,11 +43,11 @@ def _group(m: Match, x: str) -> int | str:
         return f"{x} {src.name!r} has rank {len(src.shape)}, not 4"
     if tuple(a % 5 for a in unsq.attrs["axes"]) != (2,):
         return f"{unsq.name!r} inserts axes {unsq.attrs['axes']}, not axis 2"
-    b, kv, t, d = _dims(src.shape)
+    b, kv, t, d = canonical_shape(src.shape)
     g = m[f"{x}_expand"].shape[2]
-    if not isinstance(g, int) or g < 2 or _dims(m[f"{x}_expand"].shape) != (b, kv, g, t, d):
+    if not isinstance(g, int) or g < 2 or canonical_shape(m[f"{x}_expand"].shape) != (b, kv, g, t, d):
         return f"{m[f'{x}_expand'].name!r} does not widen {src.name!r} along a new axis 2"
-    if _dims(wide.shape) != (b, canonical_dim(dim_product([kv, g])), t, d):
+    if canonical_shape(wide.shape) != (b, canonical_dim(dim_product([kv, g])), t, d):
         return f"{wide.name!r} does not fold the new axis into the heads"
     return g
 
@@ -61,7 +58,7 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
     for g in (gk, gv):
         if isinstance(g, str):
             return res.fail(g)
-    if gk != gv or _dims(m["k"].shape[:2]) != _dims(m["v"].shape[:2]):
+    if gk != gv or canonical_shape(m["k"].shape[:2]) != canonical_shape(m["v"].shape[:2]):
         return res.fail("key and value are widened differently")
     q = m["q"]
     if len(q.shape) != 4 or canonical_dim(q.shape[1]) != canonical_dim(m["k_wide"].shape[1]):

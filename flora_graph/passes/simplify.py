@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from flora_graph.ir import ComputationNode, Graph, Op
-from flora_graph.ir.shapes import canonical_dim
+from flora_graph.ir.shapes import canonical_dim, canonical_shape
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import RewriteContext
 from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
@@ -34,12 +34,9 @@ _NEUTRAL: dict[Op, tuple[object, bool]] = {  # op -> (neutral value, whether it 
 }
 
 
-def _dims(shape) -> tuple:
-    return tuple(canonical_dim(d) for d in shape)
-
 
 def _same(a: ComputationNode, b: ComputationNode) -> bool:
-    return a.dtype == b.dtype and _dims(a.shape) == _dims(b.shape)
+    return a.dtype == b.dtype and canonical_shape(a.shape) == canonical_shape(b.shape)
 
 
 def _untagged(n: ComputationNode) -> bool:

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flora_graph.errors import ShapeError
 from flora_graph.frontend.aten.registry import as_dtype, refuse, register
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import Dim
+from flora_graph.ops.attention import gqa_group
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -46,10 +48,10 @@ def _sdpa_node(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa=False
         raise refuse(ctx, f"attention dropout {dropout_p} (export the model in eval mode with dropout 0)")
     grouped = False
     if enable_gqa:
-        ranks = {len(q.shape), len(k.shape), len(v.shape)}
-        heads = (q.shape[-3], k.shape[-3], v.shape[-3]) if min(ranks) >= 3 else ()
-        grouped = (len(ranks) == 1 and min(ranks) >= 3 and all(isinstance(h, int) and h > 0 for h in heads)
-                   and heads[1] == heads[2] and heads[0] % heads[1] == 0 and heads[0] != heads[1])
+        try:
+            grouped = gqa_group(q.shape, k.shape, v.shape) > 1
+        except ShapeError:  # not grouped-query heads the op takes: repeat them (or refuse, naming why)
+            grouped = False
         if not grouped:
             k, v = _repeat_heads(ctx, k, q.shape[-3]), _repeat_heads(ctx, v, q.shape[-3])
     inputs = [q, k, v]
