@@ -148,16 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         for adapter in which:
             ms = {name: statistics.median(times[(name, adapter)]) * 1e3 for name in runs}
             label = adapter or "base"
-
-            def ratio(a: str, b: str, adapter: str | None = adapter) -> float:
-                if (a, adapter) not in times or (b, adapter) not in times:
-                    return float("nan")
-                return statistics.median(x / y for x, y in zip(times[(a, adapter)], times[(b, adapter)], strict=True))
-
+            r = {pair: _paired_ratio(times, *pair, adapter)
+                 for pair in (("genai", "builder"), ("generator", "genai"), ("eager", "genai"), ("eager", "generator"))}
             print(f"{label:>6}: per decode step genai {ms['genai']:.3f} ms, generator {ms['generator']:.3f} ms, "
                   f"builder {ms.get('builder', float('nan')):.3f} ms, eager+cache {ms['eager']:.3f} ms; "
-                  f"genai/builder {ratio('genai', 'builder'):.2f}x, generator/genai {ratio('generator', 'genai'):.2f}x, "
-                  f"eager/genai {ratio('eager', 'genai'):.1f}x, eager/generator {ratio('eager', 'generator'):.1f}x")
+                  f"genai/builder {r['genai', 'builder']:.2f}x, generator/genai {r['generator', 'genai']:.2f}x, "
+                  f"eager/genai {r['eager', 'genai']:.1f}x, eager/generator {r['eager', 'generator']:.1f}x")
         if SWITCH_MS:
             print(f"adapter switch (GenAI set_active_adapter): median {statistics.median(SWITCH_MS):.3f} ms, "
                   f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "
@@ -172,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x; vLLM's tokens equal eager PEFT "
                   f"per row: {vllm_same}")
     return 0 if same and same_mixed else 1
+
+
+def _paired_ratio(times: dict[tuple[str, str | None], list[float]], a: str, b: str, adapter: str | None) -> float:
+    """Median over the rounds of ``a``'s time over ``b``'s in the same round (NaN where either did not run)."""
+    if (a, adapter) not in times or (b, adapter) not in times:
+        return float("nan")
+    return statistics.median(x / y for x, y in zip(times[(a, adapter)], times[(b, adapter)], strict=True))
 
 
 def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft_dirs: dict[str, Path]):
