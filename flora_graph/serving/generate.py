@@ -127,6 +127,16 @@ class Generator:
         self.adapter_names = list(adapter_files)
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self._present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        model = self._plain if self._plain is not None else self._single.model
+        steps = ["input_ids", "attention_mask", *(["position_ids"] if self.takes_position_ids else []), *self._past]
+        missing = [n for n in steps if n not in model.inputs] + [n for n in ["logits", *self._present]
+                                                                   if n not in model.output_names]
+        if missing:
+            raise ServingError(f"{model.where} does not match {cfg_path}: it lacks {missing}")
+        # the dtypes the model declares: the decode loop builds its inputs in them and passes them unchecked
+        self._id_dtype = np.dtype(model.inputs["input_ids"][1] or np.int64)
+        self._mask_dtype = np.dtype(model.inputs["attention_mask"][1] or np.int64)
+        self._pos_dtype = np.dtype(model.inputs["position_ids"][1] or np.int64) if self.takes_position_ids else np.dtype(np.int64)
 
     def batch(self) -> Batch:
         """An empty batch: add rows, step, remove rows, in any order between steps."""
@@ -160,13 +170,15 @@ class Generator:
 
     # ------------------------------------------------------------------ one model call
     def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
+        """One model call on feeds :class:`Batch` built in the model's dtypes (passed on unchecked)."""
         if self._plain is not None:  # no adapters: add() refused any adapter name already
             return self._plain.run(feeds, None, lambda: "generation step")
-        if len(set(adapters)) == 1 or self._mixed is None:
-            if len(set(adapters)) > 1:
-                raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
-            return self._single.run(feeds, adapters[0])
-        return self._mixed.run(feeds, adapters)
+        one = adapters[0]
+        if all(a == one for a in adapters):
+            return self._single.run(feeds, one, prepared=True)
+        if self._mixed is None:
+            raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
+        return self._mixed.run(feeds, adapters, prepared=True)
 
     def check_adapter(self, adapter: str | None) -> None:
         """Raise :class:`UnknownAdapterError` for a name that is not one of the package's adapters."""
@@ -184,7 +196,8 @@ class Batch:
         self._done: dict[int, _Row] = {}
         self._next_id = 0
         self.cache: list[np.ndarray] = []  # per past name: [rows, kv, length, head_dim]
-        self.mask = np.zeros((0, 0), np.int64)
+        self.mask = np.zeros((0, 0), gen._mask_dtype)
+        self.positions = np.zeros(0, gen._pos_dtype)  # per row: the position id of its next token
         self.step_seconds: list[float] = []
 
     @property
@@ -223,8 +236,8 @@ class Batch:
             raise GenerationError(f"prompt of {len(ids)} tokens + max_new_tokens {rs.max_new_tokens} is past the "
                                   f"model's context length {gen.context_length}")
         empty = [np.zeros((1, gen.kv_heads, 0, gen.head_dim), np.float32) for _ in gen._past]
-        mask = np.ones((1, len(ids)), np.int64)
-        out = self._call(np.array([ids], np.int64), mask, empty, [adapter], start=0)
+        mask = np.ones((1, len(ids)), gen._mask_dtype)
+        out = self._call(np.array([ids], gen._id_dtype), mask, np.arange(len(ids), dtype=gen._pos_dtype)[None], empty, [adapter])
         row = _Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))
         self._next_id += 1
         self._merge(row, [out[n] for n in gen._present], mask)
@@ -240,6 +253,7 @@ class Batch:
         keep = [i for i in range(len(self.rows) + 1) if i != idx]
         self.cache = [c[keep] for c in self.cache]
         self.mask = self.mask[keep]
+        self.positions = self.positions[keep]
         self._trim()
 
     def step(self) -> dict[int, int]:
@@ -247,29 +261,29 @@ class Batch:
         that hit a stop token or ``max_new_tokens`` finish (and leave the batch)."""
         if not self.rows:
             return {}
-        gen = self.gen
-        ids = np.array([[r.next_token] for r in self.rows], np.int64)
-        mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
+        gen, rows = self.gen, self.rows
+        ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
+        mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
         t0 = time.perf_counter()
-        out = self._call(ids, mask, self.cache, [r.adapter for r in self.rows], start=mask.shape[1] - 1)
+        out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, [r.adapter for r in rows])
         self.step_seconds.append(time.perf_counter() - t0)
         self.cache = [out[n] for n in gen._present]
         self.mask = mask
-        chosen = {}
-        for i, r in enumerate(self.rows):
-            chosen[r.rid] = self._choose(r, out["logits"][i, -1])
-        for r in [r for r in self.rows if r.done]:
+        self.positions += 1
+        logits = out["logits"]
+        chosen = {r.rid: self._choose(r, logits[i, -1]) for i, r in enumerate(rows)}
+        for r in [r for r in rows if r.done]:
             self.remove(r.rid)
         return chosen
 
     # ------------------------------------------------------------------ internals
-    def _call(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray], adapters: list[str | None], *,
-              start: int) -> dict[str, np.ndarray]:
+    def _call(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
+              adapters: list[str | None]) -> dict[str, np.ndarray]:
+        """One model call; every array already contiguous in the dtype the model declares."""
         gen = self.gen
         feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
         if gen.takes_position_ids:
-            pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-            feeds["position_ids"] = np.ascontiguousarray(pos[:, start:])
+            feeds["position_ids"] = positions
         feeds.update(zip(gen._past, past, strict=True))
         return gen._run(feeds, adapters)
 
@@ -290,7 +304,7 @@ class Batch:
                 p = q / q.sum()
             tok = int(row.rng.choice(p.size, p=p))
         else:
-            tok = int(np.argmax(logits))
+            tok = int(logits.argmax())
         row.tokens.append(tok)
         row.next_token = tok
         if tok in s.stop_tokens or len(row.generated) >= s.max_new_tokens:
@@ -301,19 +315,22 @@ class Batch:
         if row.done:  # finished on its first token: nothing to decode
             self._done[row.rid] = row
             return
+        position = np.array([row.prompt_len], self.positions.dtype)
         if not self.rows:
-            self.rows, self.cache, self.mask = [row], cache, mask
+            self.rows, self.cache, self.mask, self.positions = [row], cache, mask, position
             return
         have, new = self.mask.shape[1], mask.shape[1]
         width = max(have, new)
         self.cache = [np.concatenate([_left_pad(a, width), _left_pad(b, width)], axis=0) for a, b in zip(self.cache, cache, strict=True)]
         self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], axis=0)
+        self.positions = np.concatenate([self.positions, position])
         self.rows.append(row)
 
     def _trim(self) -> None:
         """Drop leading positions that every row pads (after a long row left)."""
         if self.mask.size == 0:
-            self.cache, self.mask = [], np.zeros((0, 0), np.int64)
+            self.cache, self.mask = [], np.zeros((0, 0), self.mask.dtype)
+            self.positions = self.positions[:0]
             return
         used = np.flatnonzero(self.mask.any(axis=0))
         first = int(used[0]) if used.size else self.mask.shape[1]

@@ -134,14 +134,17 @@ class MixedAdapterSession:
         return self._indices(self._set, adapters, rows)
 
     def run(self, inputs: Mapping[str, Any], adapters: str | Sequence[str | None] | None = None, *,
-            adapter_index: Sequence[int] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+            adapter_index: Sequence[int] | np.ndarray | None = None, prepared: bool = False) -> dict[str, np.ndarray]:
         """Run one batch whose row ``i`` uses ``adapters[i]`` (a name or ``None``), or raw ``adapter_index``.
+
+        ``prepared``: ``inputs`` are exactly the request inputs, contiguous numpy arrays of the
+        declared dtypes, passed on unchecked (as for :meth:`.AdapterSession.run`).
 
         Raises :class:`UnknownAdapterError` / :class:`AdapterIndexError` naming the row and
         adapter, :class:`ServingError` for bad inputs; the session keeps serving afterwards.
         """
         current = self._set  # one read: a concurrent set_adapters does not mix two sets in one call
-        feeds = self.model.feeds(inputs, self._request)
+        feeds = dict(inputs) if prepared else self.model.feeds(inputs, self._request)
         first = next(iter(feeds.values()))
         rows = int(first.shape[0]) if first.ndim else 1
         if adapter_index is not None:

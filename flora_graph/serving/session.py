@@ -228,13 +228,17 @@ class AdapterSession:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters)}")
             del self._adapters[name]
 
-    def run(self, inputs: Mapping[str, Any], adapter: str | None = None) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, Any], adapter: str | None = None, *, prepared: bool = False) -> dict[str, np.ndarray]:
         """Run on named inputs with ``adapter`` active (``None``: the base model); thread-safe.
+
+        ``prepared``: ``inputs`` are exactly the model's inputs, contiguous numpy arrays of the
+        declared dtypes (a decode loop's own arrays), passed on unchecked; onnxruntime still
+        refuses a wrong one, as a :class:`ServingError`.
 
         Raises :class:`UnknownAdapterError` for an adapter that is not loaded and
         :class:`ServingError` naming the adapter for bad inputs or a failed run.
         """
-        feeds = self.model.feeds(inputs)
+        feeds = inputs if prepared else self.model.feeds(inputs)
         options = None  # ORT reads run options without changing them, so one object serves concurrent runs
         loaded = None
         if adapter is not None:

@@ -116,3 +116,20 @@ def test_adapter_file_for_another_model_or_rank_is_refused_at_load(package: Path
     with pytest.raises(AdapterFileError, match="qdown"):
         Generator(copy)
 
+
+
+def test_config_that_does_not_match_the_model_is_refused_naming_the_missing_inputs(package: Path, tmp_path: Path) -> None:
+    """The decode loop passes its arrays to onnxruntime unchecked, so the model's inputs are checked once, at load."""
+    import json
+    import shutil
+
+    from flora_graph.serving.errors import ServingError
+
+    copy = Path(shutil.copytree(package, tmp_path / "pkg"))
+    cfg = copy / "genai_config.json"
+    doc = json.loads(cfg.read_text())
+    layers = doc["model"]["decoder"]["num_hidden_layers"]
+    doc["model"]["decoder"]["num_hidden_layers"] = layers + 1
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(ServingError, match=rf"lacks \['past_key_values\.{layers}\.key', 'past_key_values\.{layers}\.value'"):
+        Generator(copy)
