@@ -26,9 +26,10 @@ Both the optimizer and :class:`~flora_graph.adapters.FloraAdapter` build on this
 trainer application (corpus, training loop, CLI) is :mod:`flora_graph.training`. This package
 imports only torch, :mod:`flora_graph.errors` and its own modules, never an application layer.
 
-Modules: :mod:`.projection` (seeds, layouts, compress/decompress/transfer), :mod:`.moments`
-(per-parameter state, factored second moment), :mod:`.momentum` (the ``lift`` and ``paper``
-update rules), :mod:`.optimizer` (``Flora``), :mod:`.sharding` (FSDP2 shards and collectives),
+Modules: :mod:`.projection` (seeds, layouts, compress/decompress/transfer, the projection cache),
+:mod:`.moments` (per-parameter state, factored second moment), :mod:`.momentum` (the ``lift`` and
+``paper`` update rules), :mod:`.optimizer` (``Flora``), :mod:`.plans` (per-parameter plans, the
+step's work buffer), :mod:`.foreach` (multi-tensor parts of a step), :mod:`.sharding` (FSDP2 shards and collectives),
 :mod:`.checkpoint` (name-based optimizer-state loading, sharded state dicts), :mod:`.accumulate` (``FloraAccumulator``),
 :mod:`.options` (validation, parameter names), :mod:`.errors` (``OptimizerError``,
 ``NonFiniteGradientError``).

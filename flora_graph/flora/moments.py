@@ -39,6 +39,7 @@ __all__ = [
     "second_moment",
     "shard_dim",
     "square_means",
+    "square_sums",
     "state_shapes",
 ]
 
@@ -90,48 +91,55 @@ def beta2_at(group: dict[str, Any], step: int) -> tuple[float, float]:
     return b2, 1.0 - b2**step
 
 
-_CHUNK = 1 << 18  # elements per slice of g^2 on the CPU (1 MiB: stays in cache, no page faults)
+def square_sums(g: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of ``g^2`` (float32) for a 2-D ``g`` of any float dtype.
 
-
-def square_means(g: torch.Tensor, spec: ShardSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column means of ``g^2`` (float32) for a 2-D ``g`` of any float dtype.
-
-    On the CPU ``g^2`` is formed a slice of rows at a time instead of as one ``n x m``
-    temporary; elsewhere in one pass. With ``spec``, ``g`` is this rank's rows: the row means
-    are its own, and the second tensor holds the column SUMS over its rows, which the caller
-    all-reduces (one collective for every parameter of a step) and divides by ``n``.
+    ``g^2`` is formed in ``out`` (a float32 tensor of ``g``'s shape: ``Flora`` passes one buffer
+    that every parameter of a step reuses, so no ``n x m`` temporary is allocated per parameter)
+    or else in a temporary.
     """
-    n, m = g.shape
-    if spec is not None:
-        sq = g.to(torch.float32).square()
-        return sq.sum(dim=1).div_(m), sq.sum(dim=0)
-    if g.device.type != "cpu" or n * m <= _CHUNK:
-        sq = g.to(torch.float32).square()
-        return sq.mean(dim=1), sq.mean(dim=0)
-    row = torch.empty(n, dtype=torch.float32)
-    col = torch.zeros(m, dtype=torch.float32)
-    rows = max(1, _CHUNK // m)
-    for i in range(0, n, rows):
-        sq = g[i : i + rows].to(torch.float32).square()
-        torch.sum(sq, dim=1, out=row[i : i + rows])
-        col.add_(sq.sum(dim=0))
-    return row.div_(m), col.div_(n)
+    g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+    sq = g32.square() if out is None else torch.mul(g32, g32, out=out)
+    return sq.sum(dim=1), sq.sum(dim=0)
+
+
+def square_means(
+    g: torch.Tensor, spec: ShardSpec | None = None, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column means of ``g^2`` (float32) for a 2-D ``g`` of any float dtype (:func:`square_sums` divided).
+
+    With ``spec``, ``g`` is this rank's rows: the row means are its own, and the second tensor
+    holds the column SUMS over its rows, which the caller all-reduces (one collective for every
+    parameter of a step) and divides by ``n``.
+    """
+    row, col = square_sums(g, out)
+    return row.div_(g.shape[1]), col if spec is not None else col.div_(g.shape[0])
 
 
 @dataclass
 class Preconditioner:
-    """``1 / sqrt(v_hat)`` as row/column factors (factored) or as a full tensor."""
+    """``1 / sqrt(v_hat)`` as row/column factors (factored), or the full ``v`` and its bias correction."""
 
     row: torch.Tensor | None = None
     col: torch.Tensor | None = None
     full: torch.Tensor | None = None
+    correction: float = 1.0
 
-    def apply(self, g: torch.Tensor) -> torch.Tensor:
-        """``g / sqrt(v_hat)`` (a new tensor)."""
+    def apply(self, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``g / sqrt(v_hat)``, written into ``out`` (a float32 tensor of ``g``'s shape) or a new tensor."""
         if self.full is not None:
-            return g * self.full
+            u = torch.rsqrt(self.full, out=out)
+            if self.correction != 1.0:
+                u.mul_(math.sqrt(self.correction))
+            return u.mul_(g)
         assert self.row is not None and self.col is not None
-        return (g * self.row.unsqueeze(1)).mul_(self.col.unsqueeze(0))
+        return torch.mul(g, self.col, out=out).mul_(self.row.unsqueeze(1))
+
+
+def _row_factor(row: torch.Tensor, mean: torch.Tensor, correction: float) -> torch.Tensor:
+    """``rsqrt(row / mean * correction)`` as ``rsqrt(row / mean) * sqrt(correction)`` (no-op multiply skipped)."""
+    factor = (row / mean).rsqrt_()
+    return factor if correction == 1.0 else factor.mul_(math.sqrt(correction))
 
 
 def second_moment(
@@ -163,11 +171,9 @@ def second_moment(
         row.mul_(beta2t).add_(means[0], alpha=1.0 - beta2t).add_((1.0 - beta2t) * eps)
         col.mul_(beta2t).add_(col_means, alpha=1.0 - beta2t).add_((1.0 - beta2t) * eps)
         if spec is None:
-            r_factor = (row / row.mean()).rsqrt_().mul_(math.sqrt(correction))
-            return Preconditioner(row=r_factor, col=col.rsqrt())
+            return Preconditioner(row=_row_factor(row, row.mean(), correction), col=col.rsqrt())
         col_full = spec.gather_last(col, means[1].numel())
-        r_factor = (row / col_full.mean()).rsqrt_().mul_(math.sqrt(correction))
-        return Preconditioner(row=r_factor, col=col_full.rsqrt_())
+        return Preconditioner(row=_row_factor(row, col_full.mean(), correction), col=col_full.rsqrt_())
     v = local(state["exp_avg_sq"]).view_as(g)
     v.mul_(beta2t).addcmul_(g, g, value=1.0 - beta2t).add_((1.0 - beta2t) * eps)
-    return Preconditioner(full=v.rsqrt().mul_(math.sqrt(correction)))
+    return Preconditioner(full=v, correction=correction)

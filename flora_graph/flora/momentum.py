@@ -20,9 +20,11 @@ For an FSDP2 parameter (a :class:`~.sharding.ShardSpec`) ``u`` holds this rank's
 ``[start, stop)`` and ``C`` this rank's ``chunk`` of its columns (see :mod:`.sharding`). Every
 rank draws the whole ``P``; :class:`Sketch` then reproduces the one-process products: when
 ``n <= m`` ``P u`` sums over the sharded rows (an all-reduce of ``r x m``, then each rank keeps
-its columns) and decompressing needs every column of the coefficients (an all-gather of
-``r x m``); when ``n > m`` the projected side is the unsharded one and everything is local.
-The transfer ``(P_new P_old^T) C`` and the ``r x r`` solve act column by column: local too.
+its columns) and decompressing needs every column of what is decompressed (``C``, or the
+residual ``C - P u`` for ``lift``: an all-gather of ``r x m``); when ``n > m`` the projected side
+is the unsharded one and everything is local.
+The transfer ``(P_new P_old^T) C`` acts column by column: local too. ``lift`` decompresses with
+the dual basis ``(P P^T)^{-1} P`` (:class:`~.projection.Basis`), solved once per seed.
 """
 
 from __future__ import annotations
@@ -31,52 +33,61 @@ from typing import Any
 
 import torch
 
-from flora_graph.flora.projection import (
-    Layout,
-    add_decompressed_,
-    compress,
-    gaussian_projection,
-    lift_coefficients,
-    param_seed,
-    transfer,
-)
+from flora_graph.flora.projection import Basis, Layout, ProjectionCache, param_seed, transfer
 from flora_graph.flora.sharding import ShardSpec, local
 
 __all__ = ["Sketch", "lift_direction", "paper_direction"]
 
 
 class Sketch:
-    """Compression/decompression by the projection of ``seed`` of a (sharded) 2-D ``u``.
+    """Compression/decompression by the projection of a :class:`~.projection.Basis` of a (sharded) 2-D ``u``.
 
-    Without ``spec`` these are :func:`.projection.compress` / :func:`.projection.add_decompressed_`.
+    Without ``spec`` these are :func:`.projection.compress` / :func:`.projection.add_decompressed_`
+    (for the float32 ``u`` and ``c`` they are called with); ``lift=True`` decompresses with the
+    basis's dual instead, i.e. :func:`.projection.lift`.
     """
 
-    def __init__(self, seed: int, rank: int, layout: Layout, spec: ShardSpec | None, device: torch.device) -> None:
+    def __init__(self, basis: Basis, layout: Layout, spec: ShardSpec | None) -> None:
         assert layout.matrix is not None
-        self.proj = gaussian_projection(seed, rank, layout.small, device=device)
+        self.basis = basis
+        self.proj = basis.proj
         self.spec = spec
         self.n, self.m = layout.matrix
         self.wide = self.n <= self.m  # projects the rows: the sharded dimension under FSDP2
-        if spec is not None and self.wide:
-            self.rows = self.proj[:, spec.start : spec.stop]
-            self.cols = spec.chunk(self.m)
 
     def compress(self, u: torch.Tensor) -> torch.Tensor:
         """This rank's columns of ``P u`` (``P u^T`` when ``n > m``): ``r x chunk`` (the whole when unsharded)."""
-        if self.spec is None:
-            return compress(u, self.proj)
-        if not self.wide:
-            return self.proj @ u.T
-        full = self.spec.sum_(self.rows @ u)
-        return full[:, self.cols[0] : self.cols[1]]
+        if self.spec is None or not self.wide:
+            return torch.mm(self.proj, u) if self.wide else torch.mm(self.proj, u.t())
+        full = self.spec.sum_(self.proj[:, self.spec.start : self.spec.stop] @ u)
+        c0, c1 = self.spec.chunk(self.m)
+        return full[:, c0:c1]
 
-    def add_decompressed_(self, out: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``out += alpha * P^T c`` on this rank's rows, ``c`` being this rank's columns (see :meth:`compress`)."""
-        if self.spec is None:
-            return add_decompressed_(out, c, self.proj, alpha=alpha)
+    def add_decompressed_(self, out: torch.Tensor, c: torch.Tensor, alpha: float = 1.0,
+                          lift: bool = False) -> torch.Tensor:
+        """``out += alpha * P^T c`` (``lift``: ``alpha * P^T (P P^T)^{-1} c``) on this rank's rows.
+
+        ``c`` is this rank's columns (see :meth:`compress`).
+        """
+        proj, proj_t = (self.basis.dual, self.basis.dual_t) if lift else (self.proj, self.basis.proj_t)
         if not self.wide:
-            return out.addmm_(c.T, self.proj, alpha=alpha)
-        return out.addmm_(self.rows.T, self.spec.gather_last(c, self.m), alpha=alpha)
+            return out.addmm_(c.t(), proj, alpha=alpha)
+        if self.spec is None:
+            return out.addmm_(proj_t, c, alpha=alpha)
+        rows = proj[:, self.spec.start : self.spec.stop]
+        return out.addmm_(rows.T, self.spec.gather_last(c, self.m), alpha=alpha)
+
+    def decompress_into(self, out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``out = P^T c`` (this rank's rows; ``out``'s old values are overwritten)."""
+        if self.spec is None:
+            return torch.mm(self.proj.T, c, out=out) if self.wide else torch.mm(c.T, self.proj, out=out)
+        return self.add_decompressed_(out.zero_(), c)
+
+
+def _basis(bases: ProjectionCache, name: str, seed: int, group: dict[str, Any], layout: Layout,
+           device: torch.device) -> Basis:
+    """``name``'s basis for ``seed`` (its ``rank x min(n, m)`` projection and, on demand, dual)."""
+    return bases.get(name, seed, group["rank"], layout.small, device)
 
 
 def _resample(state: dict[str, Any], name: str, group: dict[str, Any]) -> int:
@@ -90,34 +101,40 @@ def _resample(state: dict[str, Any], name: str, group: dict[str, Any]) -> int:
 
 def lift_direction(
     u: torch.Tensor, state: dict[str, Any], name: str, group: dict[str, Any], layout: Layout, t: int,
-    spec: ShardSpec | None = None,
+    spec: ShardSpec | None = None, bases: ProjectionCache | None = None,
 ) -> torch.Tensor:
-    """``d = u + beta1 * lift(C - P u)`` (in place on ``u``); folds ``P u`` into ``C``; resamples every ``kappa``."""
-    b1, rank = group["beta1"], group["rank"]
-    sketch = Sketch(int(state["seed"]), rank, layout, spec, u.device)
+    """``d = u + beta1 * lift(C - P u)`` (in place on ``u``); folds ``P u`` into ``C``; resamples every ``kappa``.
+
+    ``bases`` keeps the projection (and its dual, for ``lift``) of each seed between steps; without
+    it they are regenerated.
+    """
+    bases = ProjectionCache() if bases is None else bases
+    b1 = group["beta1"]
+    basis = _basis(bases, name, int(state["seed"]), group, layout, u.device)
+    sketch = Sketch(basis, layout, spec)
     mc = local(state["exp_avg_c"])
     resid = mc - sketch.compress(u)  # C_{t-1} - P u_t
     mc.sub_(resid, alpha=1.0 - b1)  # C_t = beta1 C_{t-1} + (1 - beta1) P u_t
-    sketch.add_decompressed_(u, lift_coefficients(resid, sketch.proj), alpha=b1)  # now P u = C_t
+    sketch.add_decompressed_(u, resid, alpha=b1, lift=True)  # now P u = C_t
     if t % group["kappa"] == 0:
         seed = _resample(state, name, group)
-        mc.copy_(Sketch(seed, rank, layout, spec, u.device).compress(u))
+        mc.copy_(Sketch(_basis(bases, name, seed, group, layout, u.device), layout, spec).compress(u))
     return u
 
 
 def paper_direction(
     u: torch.Tensor, state: dict[str, Any], name: str, group: dict[str, Any], layout: Layout, t: int,
-    spec: ShardSpec | None = None,
+    spec: ShardSpec | None = None, bases: ProjectionCache | None = None,
 ) -> torch.Tensor:
-    """The paper's rule: transfer at ``t % kappa == 0``, ``C = b C + (1 - b) P u``, ``d = P^T C`` (a new tensor)."""
-    b1, rank = group["beta1"], group["rank"]
+    """The paper's rule: transfer at ``t % kappa == 0``, ``C = b C + (1 - b) P u``, ``d = P^T C`` (written into ``u``)."""
+    bases = ProjectionCache() if bases is None else bases
+    b1 = group["beta1"]
     mc = local(state["exp_avg_c"])
-    seed = int(state["seed"])
+    basis = _basis(bases, name, int(state["seed"]), group, layout, u.device)
     if t % group["kappa"] == 0:
-        old = gaussian_projection(seed, rank, layout.small, device=u.device)
-        seed = _resample(state, name, group)
-        new = gaussian_projection(seed, rank, layout.small, device=u.device)
-        mc.copy_(transfer(mc, old, new))  # C <- P_new P_old^T C
-    sketch = Sketch(seed, rank, layout, spec, u.device)
+        old = basis.proj
+        basis = _basis(bases, name, _resample(state, name, group), group, layout, u.device)
+        mc.copy_(transfer(mc, old, basis.proj))  # C <- P_new P_old^T C
+    sketch = Sketch(basis, layout, spec)
     mc.mul_(b1).add_(sketch.compress(u), alpha=1.0 - b1)
-    return sketch.add_decompressed_(torch.zeros_like(u), mc)
+    return sketch.decompress_into(u, mc)

@@ -15,8 +15,9 @@ One step for a parameter with gradient ``g`` (float32 arithmetic, ``n x m`` its 
    (``P d_t = C_t``): inside the ``r``-dimensional subspace ``P`` sketches it is the exact
    momentum, outside it (where ``C`` holds nothing) the fresh ``u_t`` stands in. It is the
    posterior mean of ``M_t`` under an isotropic Gaussian prior centred on ``u_t`` given the
-   exact observation ``P M_t = C_t``. One ``n x m`` float32 temporary (``u``, then ``d`` in
-   place) per parameter, as in Adafactor; ``(P P^T)^{-1}`` is an ``r x r`` solve. The fresh
+   exact observation ``P M_t = C_t``. One ``n x m`` float32 work tensor (``u``, then ``d`` in
+   place), as in Adafactor; ``P^T (P P^T)^{-1}`` is the transposed dual basis of ``P``
+   (:class:`.projection.Basis`, an ``r x r`` solve in float64 once per seed). The fresh
    gradient thus enters the update in full, only the past is compressed. After every ``kappa`` steps the seed moves on and the momentum is transferred:
    decompressed with the old projection (``d_t`` is that decompression) and compressed with
    the new one, ``C <- P_new d_t``.
@@ -41,13 +42,25 @@ momentum (``kappa=1`` is stable), and decompressed momentum and ``u`` share one 
 second moment's.
 
 Seeds are hashed from ``(seed, parameter name, resample count)`` (see :mod:`.projection`), and
-projections are regenerated from a CPU generator each step, never stored. Pass
-``model.named_parameters()`` so that names, not positions, identify parameters.
+the state holds only seeds: a projection is regenerated from a CPU generator when its seed is
+first used (after a resample or a load), then kept with its dual basis in a
+:class:`.projection.ProjectionCache` outside the state (never saved; at most twice the compressed
+momentum's size). Pass ``model.named_parameters()`` so that names, not positions, identify
+parameters.
+
+How a step runs (the numbers are those of the per-parameter description above, up to float32
+rounding): every gradient is probed first (row sums of ``g^2`` formed in one reused buffer,
+:class:`.plans.Scratch`), and a non-finite one stops the step before any state changes. Then
+the small, elementwise work of unsharded parameters runs as multi-tensor ops per group and step
+count (:mod:`.foreach`: the row/column statistics of every factored matrix; the whole step of
+1-D parameters), and each matrix does its ``n x m`` work in the reused buffer, one after another.
+Per-parameter facts (layout, 2-D view, state shapes) are kept in :class:`.plans.Plan` objects and
+the state's shapes are checked when they change, not every step. FSDP2 shards take the
+per-parameter path throughout (:mod:`.sharding`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,23 +68,22 @@ import torch
 
 from flora_graph.flora.checkpoint import load_flora_state, load_sharded_state, sharded_state
 from flora_graph.flora.errors import NonFiniteGradientError, OptimizerError
-from flora_graph.flora.moments import COUNTERS, init_state, second_moment, square_means, state_shapes
+from flora_graph.flora.foreach import (
+    LOW_PRECISION,
+    clip_scale,
+    factored_preconditioners,
+    step_size,
+    subtract_clipped_,
+    vector_step,
+)
+from flora_graph.flora.moments import init_state, second_moment, square_means, square_sums
 from flora_graph.flora.momentum import lift_direction, paper_direction
 from flora_graph.flora.options import NAN_POLICIES, check_group, non_finite, split_named
-from flora_graph.flora.projection import Layout, layout_for
+from flora_graph.flora.plans import Plan, Scratch, Work, plan_key
+from flora_graph.flora.projection import ProjectionCache
 from flora_graph.flora.sharding import ShardSpec, check_uniform, is_dtensor, local, reduce_probes, shard_spec
 
 __all__ = ["Flora"]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _local_matrix(layout: Layout, spec: ShardSpec | None) -> tuple[int, int] | None:
-    """The 2-D view of this rank's part of the parameter (its rows ``[start, stop)`` when sharded)."""
-    if layout.matrix is None or spec is None:
-        return layout.matrix
-    return (spec.stop - spec.start, layout.matrix[1])
-
 
 class Flora(torch.optim.Optimizer):
     """Flora optimizer: compressed momentum, factored second moment, RMS clipping, decoupled weight decay.
@@ -151,6 +163,8 @@ class Flora(torch.optim.Optimizer):
         self.nan_policy = nan_policy
         self.skipped_steps = 0
         self._specs: dict[str, ShardSpec | None] = {}
+        self._plans: dict[str, Plan] = {}  # by name; rebuilt when a shape or option changes (see .plans)
+        self._bases = ProjectionCache()  # each parameter's projection, by seed; never saved
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -186,41 +200,20 @@ class Flora(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step over every parameter with a gradient; returns ``closure()``'s loss.
 
-        First every gradient is probed (its row means of ``g^2``, or its sum): one host sync
+        First every gradient is probed (its row sums of ``g^2``, or its sum): one host sync
         per device. A NaN/inf anywhere stops the step before any state or parameter changes.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work: list[tuple[dict[str, Any], str, torch.Tensor, Layout, Any]] = []
-        probes: list[tuple[str, torch.Tensor]] = []
-        sharded: list[tuple[str, torch.Tensor]] = []
-        col_sums: list[tuple[torch.Tensor, int]] = []  # sharded: column sums of g^2 over this rank's rows, and n
-        mesh_group = None
-        for group in self.param_groups:
-            for name, p in zip(group["param_names"], group["params"], strict=True):
-                if p.grad is None:
-                    continue
-                spec = self._check_grad(name, p)
-                layout = layout_for(p.shape, group["rank"])
-                g = local(p.grad).detach()
-                means = None
-                if layout.matrix is not None and group["second_moment"] == "factored":
-                    means = square_means(g.reshape(_local_matrix(layout, spec)), spec)
-                    probe = means[0].sum()
-                    if spec is not None:
-                        col_sums.append((means[1], layout.shape[0]))
-                else:
-                    probe = g.sum(dtype=torch.float32)
-                (probes if spec is None else sharded).append((name, probe))
-                mesh_group = mesh_group if spec is None else spec.group
-                work.append((group, name, p, layout, means))
-        bad = non_finite(probes)
-        if sharded:  # one all-reduce: every column sum and a finite flag per parameter
-            bad += reduce_probes([c for c, _ in col_sums], sharded, mesh_group)
-            for c, n in col_sums:
-                c.div_(n)
+        work = self._gather()
+        sizes: dict[torch.device, int] = {}
+        for w in work:
+            if not w.vector:
+                sizes[w.p.device] = max(sizes.get(w.p.device, 0), local(w.p).numel())
+        scratch = Scratch(sizes)
+        bad = self._probe(work, scratch)
         if bad:
             if self.nan_policy == "skip":
                 self.skipped_steps += 1
@@ -231,9 +224,75 @@ class Flora(torch.optim.Optimizer):
                 + "; no state was changed (nan_policy='skip' skips such steps)",
                 bad,
             )
-        for group, name, p, layout, means in work:
-            self._update(p, name, group, layout, means)
+        batches: dict[tuple[Any, ...], list[Work]] = {}
+        for w in work:
+            state = w.state = self.state[w.p]
+            if not state:
+                state.update(init_state(w.p, w.name, w.group, w.spec))
+                w.plan.checked = state
+            w.t = int(state["step"]) + 1
+            state["step"].fill_(w.t)
+            if w.spec is None and (w.vector or w.plan.factored):
+                batches.setdefault((w.vector, id(w.group), w.t, w.p.device), []).append(w)
+        for (vector, *_), ws in batches.items():
+            group, t = ws[0].group, ws[0].t
+            if vector:
+                vector_step([w.p for w in ws], [w.state for w in ws], group, t)
+                continue
+            rows = [w.state["exp_avg_sq_row"] for w in ws]
+            cols = [w.state["exp_avg_sq_col"] for w in ws]
+            for w, pre in zip(ws, factored_preconditioners(rows, cols, [w.means for w in ws], group, t), strict=True):
+                w.pre = pre
+        for w in work:
+            if not w.vector:
+                self._update(w, scratch)
         return loss
+
+    def _gather(self) -> list[Work]:
+        """The :class:`Work` of every parameter with a gradient; checks gradients and state shapes."""
+        work = []
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"], strict=True):
+                if p.grad is None:
+                    continue
+                spec = self._check_grad(name, p)
+                plan = self._plans.get(name)
+                key = plan_key(p.shape, group)
+                if plan is None or plan.key != key:
+                    plan = self._plans[name] = Plan.build(key, group, spec)
+                plan.check(name, self.state.get(p))
+                work.append(Work(group, name, p, plan, spec))
+        return work
+
+    @staticmethod
+    def _probe(work: list[Work], scratch: Scratch) -> list[str]:
+        """Fill each factored parameter's ``means``; the names whose gradient is not finite (changes no state)."""
+        probes: list[tuple[str, torch.Tensor]] = []
+        sharded: list[tuple[str, torch.Tensor]] = []
+        col_sums: list[tuple[torch.Tensor, int]] = []  # sharded: column sums of g^2 over this rank's rows, and n
+        mesh_group = None
+        for w in work:
+            g = w.p.grad if w.spec is None else local(w.p.grad)
+            if w.plan.factored:  # plain: sums of g^2, divided with the other vectors of the step
+                sq = scratch.view(w.plan.matrix, g.device)
+                g = g if g.dim() == 2 else g.reshape(w.plan.matrix)
+                w.means = square_sums(g, sq) if w.spec is None else square_means(g, w.spec, sq)
+                probe = w.means[0]  # row sums of g^2: non-finite iff an entry of g is (barring an overflow)
+                if w.spec is not None:
+                    col_sums.append((w.means[1], w.plan.layout.shape[0]))
+            else:
+                probe = g.sum(dtype=torch.float32)
+            if w.spec is None:
+                probes.append((w.name, probe))
+            else:
+                sharded.append((w.name, probe))
+                mesh_group = w.spec.group
+        bad = non_finite(probes)
+        if sharded:  # one all-reduce: every column sum and a finite flag per parameter
+            bad += reduce_probes([c for c, _ in col_sums], sharded, mesh_group)
+            for c, n in col_sums:
+                c.div_(n)
+        return bad
 
     def _check_grad(self, name: str, p: torch.Tensor) -> ShardSpec | None:
         """The parameter's :class:`ShardSpec` (``None``: plain) once its gradient is known to fit; else raise."""
@@ -251,77 +310,42 @@ class Flora(torch.optim.Optimizer):
                                  f"{what}; no state was changed")
         return spec
 
-    @staticmethod
-    def _lr(group: dict[str, Any], p: torch.Tensor, step: int, spec: ShardSpec | None) -> float | torch.Tensor:
-        if not group["relative_step"]:
-            return float(group["lr"])
-        sq = torch.linalg.vector_norm(local(p), dtype=torch.float32).square()
-        if spec is not None:
-            sq = spec.sum_(sq.reshape(1)).reshape(())
-        p_rms = sq.sqrt() / math.sqrt(max(p.numel(), 1))
-        return p_rms.clamp(min=group["eps"][1]) * min(1e-2, 1.0 / math.sqrt(step))
-
-    @staticmethod
-    def _scale(sq_norm: torch.Tensor, numel: int, group: dict[str, Any], lr: float | torch.Tensor) -> torch.Tensor:
-        """``lr / max(1, RMS(direction) / clip_threshold)`` as a 0-dim tensor (no host sync)."""
-        if group["clip_threshold"] is None:
-            return torch.ones_like(sq_norm) * lr
-        rms = (sq_norm / numel).sqrt_()
-        return (rms / group["clip_threshold"]).clamp_(min=1.0).reciprocal_().mul_(lr)
-
-    def _update(self, p: torch.Tensor, name: str, group: dict[str, Any], layout: Layout, means: Any) -> None:
-        spec = self._specs.get(name)
-        state = self.state[p]
-        if not state:
-            state.update(init_state(p, name, group, spec))
-        else:
-            want = state_shapes(layout, group)
-            have = {k: tuple(v.shape) for k, v in state.items() if k not in COUNTERS}
-            if have != want:
-                raise OptimizerError(
-                    f"Flora: parameter {name!r}: its state {have} no longer fits the group's options "
-                    f"(expected {want}); rank, beta1 and second_moment cannot change mid-training"
-                )
-        t = int(state["step"]) + 1
-        state["step"].fill_(t)
-        g = local(p.grad).detach().to(torch.float32)
-        matrix = _local_matrix(layout, spec)
-        if matrix is not None:
-            g = g.reshape(matrix)
-        pre = second_moment(g, means, state, group, t, spec)
-        b1, lr = group["beta1"], self._lr(group, p, t, spec)
+    def _update(self, w: Work, scratch: Scratch) -> None:
+        """The step of one matrix (or sharded parameter): its ``n x m`` work in ``scratch``, then ``p -= scale * d``."""
+        p, group, plan, spec, state, t = w.p, w.group, w.plan, w.spec, w.state, w.t
+        assert state is not None
+        g = p.grad if spec is None else local(p.grad)
+        if g.dtype != torch.float32:
+            g = g.to(torch.float32)
+        if plan.matrix is not None and g.dim() != 2:
+            g = g.reshape(plan.matrix)
+        pre = w.pre if w.pre is not None else second_moment(g, w.means, state, group, t, spec)
+        b1, lr = group["beta1"], step_size(group, p, t, spec)
+        u = pre.apply(g, scratch.view(g.shape, g.device))
         if "exp_avg_c" in state:
             rule = paper_direction if group["update"] == "paper" else lift_direction
-            direction = rule(pre.apply(g), state, name, group, layout, t, spec)
+            direction = rule(u, state, w.name, group, plan.layout, t, spec, self._bases)
+        elif "exp_avg" in state:
+            direction = local(state["exp_avg"]).view(u.shape).mul_(b1).add_(u, alpha=1.0 - b1)
         else:
-            u = pre.apply(g)
-            if "exp_avg" in state:
-                direction = local(state["exp_avg"]).view(u.shape).mul_(b1).add_(u, alpha=1.0 - b1)
-            else:
-                direction = u
-        sq_norm = torch.linalg.vector_norm(direction).square()
-        if spec is not None:
-            sq_norm = spec.sum_(sq_norm.reshape(1)).reshape(())
-        scale = self._scale(sq_norm, p.numel(), group, lr)
-
-        def add_update(out: torch.Tensor) -> None:
-            out.addcmul_(direction.to(out.dtype), scale.to(out.dtype), value=-1.0)
-
-        self._apply(local(p), matrix, group, lr, add_update)
-
-    @staticmethod
-    def _apply(
-        p: torch.Tensor, matrix: tuple[int, int] | None, group: dict[str, Any], lr: float | torch.Tensor,
-        add_update: Callable,
-    ) -> None:
-        """Weight decay, then ``add_update`` on ``p``'s 2-D view (on a float32 copy for 16-bit params)."""
-        direct = p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
-        work = p if direct else p.detach().to(torch.float32 if p.dtype in _LOW_PRECISION else p.dtype).contiguous()
+            direction = u
+        target = p if spec is None else local(p)
+        work = target
+        if not (work.dtype in (torch.float32, torch.float64) and work.is_contiguous()):
+            work = work.detach().to(torch.float32 if work.dtype in LOW_PRECISION else work.dtype).contiguous()
         if group["weight_decay"]:
             work.mul_(1.0 - lr * group["weight_decay"])
-        add_update(work.view(matrix) if matrix is not None else work)
-        if work is not p:
-            p.copy_(work)
+        view = work.view(plan.matrix) if plan.matrix is not None and work.dim() != 2 else work
+        norm = torch.linalg.vector_norm(direction)
+        if view.dtype != torch.float32:
+            direction = direction.to(view.dtype)
+        if spec is None:
+            subtract_clipped_(view, direction, norm, p.numel(), group, lr)
+        else:  # the squared norm is a sum over the shards
+            sq_norm = spec.sum_(norm.square().reshape(1)).reshape(())
+            view.addcmul_(direction, clip_scale(sq_norm, p.numel(), group, lr).to(view.dtype), value=-1.0)
+        if work is not target:
+            target.copy_(work)
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
@@ -337,6 +361,7 @@ class Flora(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load by parameter NAME (order-independent); a state dict of another model raises naming the parameter."""
         load_flora_state(self, state_dict)
+        self._plans.clear()
 
     def sharded_state_dict(self, template: bool = False) -> dict[str, Any]:
         """Name-keyed state for ``torch.distributed.checkpoint`` (see :mod:`.checkpoint`); ``template``: fresh tensors."""
@@ -345,3 +370,4 @@ class Flora(torch.optim.Optimizer):
     def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Install a :meth:`sharded_state_dict` that ``dcp.load`` filled (same world size; checked by name)."""
         load_sharded_state(self, state_dict)
+        self._plans.clear()

@@ -107,11 +107,12 @@ def check_group(group: Mapping[str, Any], where: str) -> None:
 def non_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
     """Names whose tensor holds NaN/inf; one host sync per device when all are finite.
 
-    Callers pass cheap probes (a gradient's sum or row means) rather than whole tensors.
+    Callers pass cheap probes (a gradient's sum or row means) rather than whole tensors; the
+    probes of a device are checked as one concatenated tensor.
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, t in named:
-        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
-    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        by_device.setdefault(t.device, []).append(t.reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(flat)).all()) for flat in by_device.values()):
         return []
     return [name for name, t in named if not bool(torch.isfinite(t).all())]

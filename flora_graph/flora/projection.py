@@ -21,7 +21,9 @@ momentum with it (see :mod:`.optimizer`).
 
 ``P`` is drawn from a CPU ``torch.Generator`` seeded with a 63-bit seed and then moved to the
 tensor's device, so one seed gives the same matrix on every device. Seeds come from
-:func:`stable_seed` (``hashlib.blake2b``), never from Python's salted ``hash``.
+:func:`stable_seed` (``hashlib.blake2b``), never from Python's salted ``hash``. A
+:class:`ProjectionCache` keeps each parameter's current ``P`` and its dual (:class:`Basis`)
+between optimizer steps, so a projection is drawn once per seed, not once per step.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import torch
 
 __all__ = [
     "MAX_ASPECT_RATIO",
+    "Basis",
     "Layout",
+    "ProjectionCache",
     "add_decompressed_",
     "compress",
     "compress_scaled",
@@ -164,6 +168,57 @@ def lift_coefficients(c: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     where = c.device if c.device.type != "mps" else torch.device("cpu")  # MPS has no float64
     p64 = proj.to(where, torch.float64)
     return torch.linalg.solve(p64 @ p64.T, c.to(where, torch.float64)).to(c.device, c.dtype)
+
+
+class Basis:
+    """What a projection's seed alone determines: ``P`` and, once asked for, its dual ``(P P^T)^{-1} P``.
+
+    Decompressing ``C`` with the dual instead of ``P`` is :func:`lift`:
+    ``P^T (P P^T)^{-1} C = dual^T C``. The dual is computed in float64 (``r x r`` Gram inverse,
+    as :func:`lift_coefficients` solves) and stored as float32, like ``P``.
+    """
+
+    def __init__(self, seed: int, proj: torch.Tensor) -> None:
+        self.seed = seed
+        self.proj = proj
+        self.proj_t = proj.t()  # views kept: they are used every step
+        self.key = (seed, *proj.shape, proj.device)
+        self._dual: torch.Tensor | None = None
+        self.dual_t: torch.Tensor | None = None
+
+    @property
+    def dual(self) -> torch.Tensor:
+        """``(P P^T)^{-1} P`` (``r x k``, ``P``'s dtype and device), computed on first use (then also ``dual_t``)."""
+        if self._dual is None:
+            where = self.proj.device if self.proj.device.type != "mps" else torch.device("cpu")  # no float64 on MPS
+            p64 = self.proj.to(where, torch.float64)
+            self._dual = torch.linalg.solve(p64 @ p64.T, p64).to(self.proj.device, self.proj.dtype)
+            self.dual_t = self._dual.t()
+        return self._dual
+
+
+class ProjectionCache:
+    """The :class:`Basis` of each key's (a parameter name's) current seed: regenerated only when the seed changes.
+
+    Nothing here is state to save: a basis is a pure function of ``(seed, rank, dim, device)`` and
+    is looked up by all four, so a resample or a loaded state dict (another seed) simply misses.
+    One basis per key is kept: ``P`` and its dual, each ``r x min(n, m)``, together at most twice
+    the size of the compressed momentum they serve (``r x max(n, m)``).
+    """
+
+    def __init__(self) -> None:
+        self._bases: dict[str, Basis] = {}
+
+    def get(self, key: str, seed: int, rank: int, dim: int, device: torch.device) -> Basis:
+        """The basis of ``gaussian_projection(seed, rank, dim, device)`` (from the cache when it matches)."""
+        basis = self._bases.get(key)
+        if basis is None or basis.key != (seed, rank, dim, device):
+            basis = self._bases[key] = Basis(seed, gaussian_projection(seed, rank, dim, device=device))
+        return basis
+
+    def clear(self) -> None:
+        """Forget every basis (they are rebuilt on use)."""
+        self._bases.clear()
 
 
 def lift(c: torch.Tensor, proj: torch.Tensor, matrix: tuple[int, int]) -> torch.Tensor:

@@ -26,10 +26,11 @@ Communication per step (gloo/NCCL, on the mesh's group): one all-reduce for the 
 column sum of ``g^2`` and a finite flag per parameter); per factored matrix an all-gather of its
 column statistics (``m`` floats); per parameter an all-reduce of the direction's squared norm
 (one float, for RMS clipping); per compressed matrix with ``n <= m`` an all-reduce and an
-all-gather of ``r x m`` (``P u``, the decompression coefficients; one more all-reduce at a
+all-gather of ``r x m`` (``P u``, and what is decompressed; one more all-reduce at a
 ``lift`` resample); ``n > m`` needs nothing more. These are latency-bound small collectives: on a
 2-core CPU with gloo (about 0.85 ms each) ``opt.step()`` took about 3x the one-process time
-(``benchmarks/flora_fsdp.py``); batching them across parameters is left to do.
+(``benchmarks/flora_fsdp.py``), and about 7x once the one-process step got its multi-tensor
+fast path (:mod:`.foreach`), which shards do not take; batching them across parameters is left to do.
 
 Other layouts (a 2-D mesh, ``Shard(1)``, ``Replicate``, ``Partial``, strided shards) are refused
 by :func:`shard_spec` with the reason, and so is a mix of plain and sharded parameters.
@@ -37,6 +38,7 @@ by :func:`shard_spec` with the reason, and so is a mix of plain and sharded para
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,13 +59,19 @@ __all__ = [
 ]
 
 
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it when unavailable)."""
+@functools.cache
+def _dtensor_type() -> type | None:
     if not dist.is_available():
-        return False
+        return None
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it when unavailable)."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
