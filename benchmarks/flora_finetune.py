@@ -29,7 +29,9 @@ pass over the fine-tuning text). Methods:
 - ``adam``: ``torch.optim.AdamW`` (weight decay 0);
 - ``adafactor+m`` / ``adafactor``: Adafactor (factored second moment) with momentum ``beta1 = 0.9``
   / without momentum: our ``Flora`` with compression off (``beta1 = 0`` for the second);
-- ``flora r=8`` / ``flora r=32``: ``Flora`` with the default ``update="lift"`` rule;
+- ``flora r=8`` / ``flora r=32``: ``Flora`` with the default ``update="scaled"`` rule;
+- ``flora-lift r=8``: ``Flora`` with ``update="lift"`` (the fresh update in full outside the
+  sketched subspace, the default before ``scaled``), to show what the scaling does;
 - ``flora-paper r=8`` / ``flora-paper r=32``: ``Flora`` with ``update="paper"`` (Algorithm 2);
 - ``lora r=8`` / ``lora r=32``: LoRA on the seven projections of the pretrained decoder (base
   frozen), embedding, norms and head trained in full, all with AdamW (the trainer's ``lora-adam``);
@@ -50,8 +52,8 @@ bytes and accumulation buffer bytes.
 Checked: Adafactor without momentum at least 2% worse than with momentum; Flora r=8 within 1% of Adafactor with momentum (mean over
 seeds); Flora r=8 better than LoRA r=8 and GaLore r=8 by more than the seed spread (the larger
 min-max range of the two); compressed accumulation within 3% of full buffers at r=32.
-``--accum-projection orthogonal`` runs the compressed variants with ``FloraAccumulator``'s
-``projection="orthogonal"`` (see ``docs/FLORA_ACCUMULATION.md``).
+``--accum-projection`` picks ``FloraAccumulator``'s projection for the compressed variants
+(default: the library's, ``orthogonal``; see ``docs/FLORA_ACCUMULATION.md``).
 
 Writes ``OUT/flora_finetune.json`` (every run and the summary) and ``OUT/flora_finetune.png``
 (mean eval-loss curves), atomically.
@@ -141,8 +143,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("adam", {"optimizer": "adam"}, (4e-3, 8e-3, 1.6e-2)),
     Method("adafactor+m", {"optimizer": "adafactor"}, (1.6e-2, 3.2e-2, 6.4e-2)),
     Method("adafactor", {"optimizer": "adafactor", "beta1": 0.0}, (4e-3, 8e-3, 1.6e-2)),
-    Method("flora r=8", {"optimizer": "flora", "rank": 8}, (8e-3, 1.6e-2, 3.2e-2)),
-    Method("flora r=32", {"optimizer": "flora", "rank": 32}, (8e-3, 1.6e-2, 3.2e-2)),
+    Method("flora r=8", {"optimizer": "flora", "rank": 8}, (1.6e-2, 3.2e-2, 6.4e-2)),
+    Method("flora r=32", {"optimizer": "flora", "rank": 32}, (1.6e-2, 3.2e-2, 6.4e-2)),
+    Method("flora-lift r=8", {"optimizer": "flora", "rank": 8, "flora_update": "lift"}, (8e-3, 1.6e-2, 3.2e-2)),
     Method("flora-paper r=8", {"optimizer": "flora", "rank": 8, "flora_update": "paper"}, (8e-3, 1.6e-2, 3.2e-2)),
     Method("flora-paper r=32", {"optimizer": "flora", "rank": 32, "flora_update": "paper"}, (1.6e-2, 3.2e-2, 6.4e-2)),
     Method("lora r=8", {"optimizer": "lora-adam", "rank": 8}, (1.6e-2, 3.2e-2, 6.4e-2)),
@@ -522,7 +525,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                     help=f"methods to run, of: {', '.join(METHODS)}")
     ap.add_argument("--lrs", type=float, nargs="+", help="one lr grid for every method (none: each method's own)")
-    ap.add_argument("--accum-projection", default="gaussian", choices=PROJECTIONS,
+    ap.add_argument("--accum-projection", default=PROJECTIONS[0], choices=PROJECTIONS,
                     help="FloraAccumulator projection of the compressed variants")
     ap.add_argument("--pretrain-steps", type=int, default=1500, help="AdamW steps of pretraining (batch 16)")
     ap.add_argument("--pretrain-lr", type=float, default=8e-3, help="pretraining lr")

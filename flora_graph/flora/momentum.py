@@ -1,14 +1,17 @@
-"""The compressed momentum of one matrix and the update direction it gives: the two rules of ``Flora``.
+"""The compressed momentum of one matrix and the update direction it gives: the three rules of ``Flora``.
 
 ``u_t`` is the step's preconditioned gradient (``n x m``), ``C`` the momentum compressed to
 ``r x max(n, m)`` by the projection ``P`` of the parameter's current seed (``C = P M``, see
 :mod:`.projection` for the orientation), ``b = beta1``:
 
-``update="lift"`` (the default; why, see :mod:`.optimizer`)::
+``update="scaled"`` (the default; why, see :mod:`.optimizer`)::
 
     C_t = b C_{t-1} + (1 - b) P u_t
-    d_t = u_t + P^T (P P^T)^{-1} (C_t - P u_t)          # the matrix nearest u_t with P d_t = C_t
+    rho_t = min(1, ||C_t|| / ||P u_t||)                  # about ||M_t|| / ||u_t||: E||P x||^2 = ||x||^2
+    d_t = rho_t u_t + P^T (P P^T)^{-1} (C_t - rho_t P u_t)   # the matrix nearest rho_t u_t with P d_t = C_t
     every kappa steps, after the step:  C <- P_new d_t
+
+``update="lift"``: the same with ``rho_t = 1`` (the fresh ``u_t`` in full outside the sketched subspace).
 
 ``update="paper"`` (Algorithm 2 of arXiv:2402.03293, unbiased decompression)::
 
@@ -36,7 +39,7 @@ import torch
 from flora_graph.flora.projection import Basis, Layout, ProjectionCache, param_seed, transfer
 from flora_graph.flora.sharding import ShardSpec, local
 
-__all__ = ["Sketch", "lift_direction", "paper_direction"]
+__all__ = ["Sketch", "lift_direction", "paper_direction", "residual_scale"]
 
 
 class Sketch:
@@ -99,23 +102,51 @@ def _resample(state: dict[str, Any], name: str, group: dict[str, Any]) -> int:
     return seed
 
 
+def residual_scale(c: torch.Tensor, pu: torch.Tensor, spec: ShardSpec | None = None) -> float | torch.Tensor:
+    """``min(1, ||C_t|| / ||P u_t||)``: how much of the fresh update stands in for the momentum outside the
+    sketched subspace (``update="scaled"``); a float on the CPU, else a 0-dim tensor (no host sync).
+
+    ``P`` has i.i.d. ``N(0, 1/r)`` entries, so ``E ||P x||^2 = ||x||^2`` for any fixed ``x``: the
+    ratio estimates ``||M_t|| / ||u_t||``, the momentum's norm against the fresh update's, from the
+    ``r x max(n, m)`` sketches alone. When successive updates agree it is near 1; when they are
+    mostly noise it falls towards ``sqrt((1 - beta1) / (1 + beta1))``, the factor by which an
+    exponential average shrinks noise. With ``spec`` both squared norms are summed over the shards.
+    ``0`` when both are zero, ``1`` when only ``P u`` is.
+    """
+    if spec is None and c.device.type == "cpu":  # reading a CPU scalar synchronises nothing: fewer tiny ops
+        nc, npu = float(torch.linalg.vector_norm(c)), float(torch.linalg.vector_norm(pu))
+        return min(1.0, nc / npu) if npu > 0 else float(nc > 0)
+    sq = torch.stack([torch.linalg.vector_norm(c), torch.linalg.vector_norm(pu)]).square_()
+    if spec is not None:
+        sq = spec.sum_(sq)
+    return (sq[0] / sq[1].clamp(min=torch.finfo(sq.dtype).tiny)).sqrt_().clamp_(max=1.0)
+
+
 def lift_direction(
     u: torch.Tensor, state: dict[str, Any], name: str, group: dict[str, Any], layout: Layout, t: int,
     spec: ShardSpec | None = None, bases: ProjectionCache | None = None,
 ) -> torch.Tensor:
-    """``d = u + beta1 * lift(C - P u)`` (in place on ``u``); folds ``P u`` into ``C``; resamples every ``kappa``.
+    """``d = rho u + lift(C_t - rho P u)`` (in place on ``u``); folds ``P u`` into ``C``; resamples every ``kappa``.
 
-    ``bases`` keeps the projection (and its dual, for ``lift``) of each seed between steps; without
-    it they are regenerated.
+    ``rho`` is :func:`residual_scale` for ``update="scaled"`` and 1 for ``"lift"``
+    (``d = u + beta1 * lift(C_{t-1} - P u)``). ``bases`` keeps the projection (and its dual, for
+    the lift) of each seed between steps; without it they are regenerated.
     """
     bases = ProjectionCache() if bases is None else bases
     b1 = group["beta1"]
     basis = _basis(bases, name, int(state["seed"]), group, layout, u.device)
     sketch = Sketch(basis, layout, spec)
     mc = local(state["exp_avg_c"])
-    resid = mc - sketch.compress(u)  # C_{t-1} - P u_t
-    mc.sub_(resid, alpha=1.0 - b1)  # C_t = beta1 C_{t-1} + (1 - beta1) P u_t
-    sketch.add_decompressed_(u, resid, alpha=b1, lift=True)  # now P u = C_t
+    pu = sketch.compress(u)
+    if group["update"] == "lift":
+        resid = mc - pu  # C_{t-1} - P u_t
+        mc.sub_(resid, alpha=1.0 - b1)  # C_t = beta1 C_{t-1} + (1 - beta1) P u_t
+        sketch.add_decompressed_(u, resid, alpha=b1, lift=True)  # now P u = C_t
+    else:
+        mc.mul_(b1).add_(pu, alpha=1.0 - b1)  # C_t
+        rho = residual_scale(mc, pu, spec)
+        u.mul_(rho)
+        sketch.add_decompressed_(u, pu.mul_(rho).neg_().add_(mc), lift=True)  # now P u = C_t
     if t % group["kappa"] == 0:
         seed = _resample(state, name, group)
         mc.copy_(Sketch(_basis(bases, name, seed, group, layout, u.device), layout, spec).compress(u))

@@ -22,7 +22,7 @@ __all__ = ["NAN_POLICIES", "SECOND_MOMENTS", "UPDATES", "check_group", "fallback
 
 SECOND_MOMENTS = ("factored", "adam")
 NAN_POLICIES = ("raise", "skip")
-UPDATES = ("lift", "paper")  # the compressed-momentum update rules (see flora_graph.flora.momentum)
+UPDATES = ("scaled", "lift", "paper")  # the compressed-momentum update rules (see flora_graph.flora.momentum)
 
 
 def fallback_name(group_index: int, index: int) -> str:
@@ -98,7 +98,7 @@ def check_group(group: Mapping[str, Any], where: str) -> None:
         raise OptimizerError(f"{where}: weight_decay must be a finite number >= 0, got {wd!r}")
     if group["second_moment"] not in SECOND_MOMENTS:
         raise OptimizerError(f"{where}: second_moment must be one of {SECOND_MOMENTS}, got {group['second_moment']!r}")
-    if group.get("update", "lift") not in UPDATES:
+    if group.get("update", UPDATES[0]) not in UPDATES:
         raise OptimizerError(f"{where}: update must be one of {UPDATES}, got {group['update']!r}")
     if not _int(group["seed"]):
         raise OptimizerError(f"{where}: seed must be an int, got {group['seed']!r}")

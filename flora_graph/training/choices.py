@@ -7,4 +7,4 @@ __all__ = ["ACCUMULATORS", "FLORA_UPDATES", "OPTIMIZERS", "SCHEDULES"]
 OPTIMIZERS = ("flora", "adam", "adafactor", "lora-adam", "flora-adapter")
 ACCUMULATORS = ("auto", "compressed", "full")
 SCHEDULES = ("cosine", "constant")
-FLORA_UPDATES = ("lift", "paper")  # flora_graph.flora.options.UPDATES, without importing torch (a test keeps them equal)
+FLORA_UPDATES = ("scaled", "lift", "paper")  # flora_graph.flora.options.UPDATES, without importing torch (a test keeps them equal)

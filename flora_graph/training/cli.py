@@ -83,8 +83,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--rank", type=int_at_least(1), help="Flora / LoRA rank (default 8)")
     p.add_argument("--kappa", type=int_at_least(1), help="steps between Flora projection resamples (default 1000)")
     p.add_argument("--flora-update", choices=FLORA_UPDATES,
-                   help="Flora's compressed-momentum rule: lift (default; least-squares decompression around the "
-                        "fresh update) or paper (the paper's unbiased P^T C with transfer)")
+                   help="Flora's compressed-momentum rule: scaled (default; least-squares decompression around the "
+                        "fresh update scaled to the momentum's norm), lift (around the fresh update in full) or paper "
+                        "(the paper's unbiased P^T C with transfer)")
     p.add_argument("--nproc", type=int_at_least(1),
                    help="processes (gloo on this machine, model sharded with FSDP2; each takes batch/nproc rows "
                         "of every micro-batch; default 1)")

@@ -60,7 +60,7 @@ class TrainConfig:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 172
-    flora_update: str = "lift"  # Flora's compressed-momentum rule: "lift" or the paper's "paper"
+    flora_update: str = "scaled"  # Flora's compressed-momentum rule: "scaled", "lift" or the paper's "paper"
     nproc: int = 1  # processes (gloo, FSDP2 fully_shard); each takes batch / nproc of every micro-batch
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ states) needs saving: a run resumed from a checkpoint equals an uninterrupted on
 Checkpoints (``out/checkpoints/step_NNNNNN.pt``, one atomic ``torch.save`` file each) hold only
 tensors and plain values, so ``torch.load(path, weights_only=True)`` reads them (:mod:`.checkpoints`).
 
-``flora_update`` picks ``Flora``'s momentum rule (``"lift"``, or the paper's ``"paper"``);
+``flora_update`` picks ``Flora``'s momentum rule (``"scaled"``, ``"lift"``, or the paper's ``"paper"``);
 ``nproc > 1`` trains on that many processes with the model sharded by FSDP2 (:mod:`.parallel`).
 The options themselves live in :mod:`.config`; this module re-exports them.
 """

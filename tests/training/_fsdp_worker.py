@@ -47,12 +47,14 @@ def global_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def make_flora(model: nn.Module, scenario: str) -> Flora:
     """The optimizer of ``scenario``: rank 4, resampling every 2 steps (so 4 steps cross two resamples).
 
-    ``options``: Adam's full second moment, relative steps and weight decay instead of the defaults.
+    ``lift`` / ``paper``: that update rule instead of the default ``scaled``; ``options``: Adam's full
+    second moment, relative steps and weight decay instead of the defaults.
     """
     if scenario == "options":
         return Flora(model.named_parameters(), rank=4, kappa=2, second_moment="adam", relative_step=True,
                      weight_decay=0.1)
-    return Flora(model.named_parameters(), lr=1e-2, rank=4, kappa=2, update="paper" if scenario == "paper" else "lift")
+    update = scenario if scenario in ("lift", "paper") else "scaled"  # "flora": the default rule
+    return Flora(model.named_parameters(), lr=1e-2, rank=4, kappa=2, update=update)
 
 
 def train(model: nn.Module, opt: Flora, batches, acc: FloraAccumulator | None = None, micro: int = 1) -> None:

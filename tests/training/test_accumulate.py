@@ -48,7 +48,7 @@ def test_four_micro_batches_equal_the_decompressed_sum():
         ((model(x) - y).square().mean() / 4).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     model.zero_grad(set_to_none=True)
-    acc = FloraAccumulator(model.named_parameters(), rank=4, seed=3)
+    acc = FloraAccumulator(model.named_parameters(), rank=4, seed=3, projection="gaussian")
     assert acc.compressed_shape("0.weight") == (4, 40) and acc.compressed_shape("0.bias") == (40,)
     _accumulate(model, acc, batches)
     for name, p in model.named_parameters():

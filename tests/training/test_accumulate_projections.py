@@ -72,7 +72,7 @@ def test_orthogonal_is_exact_at_full_rank_where_gaussian_is_not():
     want = _full_sum(model, batches)
     exact = _accumulated(model, FloraAccumulator(model.named_parameters(), rank=16, projection="orthogonal"), batches)
     torch.testing.assert_close(exact["weight"], want["weight"], rtol=1e-4, atol=1e-6)
-    gauss = _accumulated(model, FloraAccumulator(model.named_parameters(), rank=16), batches)
+    gauss = _accumulated(model, FloraAccumulator(model.named_parameters(), rank=16, projection="gaussian"), batches)
     assert (gauss["weight"] - want["weight"]).norm() > 0.2 * want["weight"].norm()  # P^T P != I at r = k
 
 
@@ -94,7 +94,7 @@ def test_state_dict_round_trip_mid_step_and_mismatch():
         acc.accumulate()
     sd = acc.state_dict()
     assert sd["projection"] == "orthogonal"
-    assert "projection" not in FloraAccumulator(model.named_parameters(), rank=8).state_dict()
+    assert FloraAccumulator(model.named_parameters(), rank=8).state_dict()["projection"] == "orthogonal"  # the default
     acc2 = FloraAccumulator(model.named_parameters(), rank=8, seed=1, projection="orthogonal")
     acc2.load_state_dict(sd)
     finished = []
@@ -107,11 +107,20 @@ def test_state_dict_round_trip_mid_step_and_mismatch():
         finished.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n, g in finished[0].items():
         assert torch.equal(g, finished[1][n])
-    with pytest.raises(OptimizerError, match="projection"):
-        FloraAccumulator(model.named_parameters(), rank=8).load_state_dict(sd)
+    with pytest.raises(OptimizerError, match=r"saved mid-step with projection 'orthogonal', this accumulator's is 'gaussian'"):
+        FloraAccumulator(model.named_parameters(), rank=8, projection="gaussian").load_state_dict(sd)
+    # between steps nothing pending depends on the kind: a state dict of either kind (or of the time
+    # before the key existed, which was gaussian) loads into the default accumulator
+    between = acc.state_dict()  # finalized above: between steps
+    assert not between["buffers"]
+    del between["projection"]
+    fresh = FloraAccumulator(model.named_parameters(), rank=8)
+    fresh.load_state_dict(between)
+    assert fresh.projection == "orthogonal" and fresh.steps == acc.steps
 
 
 def test_bad_projection_raises():
-    assert PROJECTIONS == ("gaussian", "orthogonal")
+    assert PROJECTIONS == ("orthogonal", "gaussian")  # the default first
+    assert FloraAccumulator(nn.Linear(4, 4).named_parameters()).projection == "orthogonal"
     with pytest.raises(OptimizerError, match="projection must be one of"):
         FloraAccumulator(nn.Linear(4, 4).named_parameters(), projection="random")

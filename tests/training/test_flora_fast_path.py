@@ -72,10 +72,11 @@ def _reference_step(named: list[tuple[str, torch.Tensor]], grads: dict[str, torc
             k = layout.small
             proj = gaussian_projection(param_seed(o["seed"], name, st["epoch"]), o["rank"], k)
             c = st.setdefault("c", torch.zeros(o["rank"], layout.large))
-            if o.get("update", "lift") == "lift":
-                resid = c - compress(u, proj)
-                c.sub_(resid, alpha=1.0 - b1)
-                d = u + b1 * lift(resid, proj, layout.matrix)
+            if o.get("update", "scaled") in ("scaled", "lift"):
+                pu = compress(u, proj)
+                c.mul_(b1).add_(pu, alpha=1.0 - b1)
+                rho = min(1.0, float(c.norm() / pu.norm())) if o.get("update", "scaled") == "scaled" else 1.0
+                d = rho * u + lift(c - rho * pu, proj, layout.matrix)
                 if t % o["kappa"] == 0:
                     st["epoch"] += 1
                     c.copy_(compress(d, gaussian_projection(param_seed(o["seed"], name, st["epoch"]), o["rank"], k)))
@@ -125,6 +126,7 @@ def _state_of(opt: Flora, p: torch.Tensor) -> dict[str, torch.Tensor]:
     "extra",
     [
         {},
+        {"update": "lift"},
         {"update": "paper"},
         {"second_moment": "adam"},
         {"second_moment": "adam", "update": "paper", "beta2": 0.99},
@@ -132,7 +134,7 @@ def _state_of(opt: Flora, p: torch.Tensor) -> dict[str, torch.Tensor]:
         {"relative_step": True, "lr": None, "clip_threshold": None},
         {"beta1": 0.0},
     ],
-    ids=["lift", "paper", "adam-lift", "adam-paper-beta2", "beta2-kappa1", "relative-noclip", "no-momentum"],
+    ids=["scaled", "lift", "paper", "adam-scaled", "adam-paper-beta2", "beta2-kappa1", "relative-noclip", "no-momentum"],
 )
 def test_fast_step_matches_the_per_tensor_reference_across_resamples(extra: dict[str, Any]) -> None:
     options = {**OPTIONS, **extra}

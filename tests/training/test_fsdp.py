@@ -23,7 +23,7 @@ from flora_graph.flora.projection import layout_for
 from tests.training import _fsdp_worker as w
 
 STEPS = 4
-SCENARIOS = ("flora", "paper", "accumulate", "options")
+SCENARIOS = ("flora", "lift", "paper", "accumulate", "options")
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -96,7 +96,7 @@ def test_bad_inputs_are_refused_by_name_and_leave_the_state(runs: dict[str, Any]
         "accumulator_mixed": ("'extra'", "plain tensor"),
         "plain_into_sharded": ("'0.weight'", "plain Tensor"),
         "sharded_into_plain": ("'0.weight'", "saved sharded over 2 ranks"),
-        "bad_update": ("update must be one of ('lift', 'paper')", "'unbiased'"),
+        "bad_update": ("update must be one of ('scaled', 'lift', 'paper')", "'unbiased'"),
     }
     for case, needles in expect.items():
         assert errors[case].startswith("OptimizerError"), (case, errors[case])

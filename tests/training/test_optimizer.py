@@ -99,7 +99,7 @@ def test_which_tensors_keep_full_momentum(module, expect):
 
 
 # --------------------------------------------------------------------------- the step's numbers
-def _reference_step(w, grads, *, lr, rank, kappa, b1, seed, name, clip=1.0, wd=0.0):
+def _reference_step(w, grads, *, lr, rank, kappa, b1, seed, name, clip=1.0, wd=0.0, update="scaled"):
     """Flora written out with full n x m intermediates (float64), for a matrix with n <= m."""
     w = w.double().clone()
     n, m = w.shape
@@ -113,8 +113,10 @@ def _reference_step(w, grads, *, lr, rank, kappa, b1, seed, name, clip=1.0, wd=0
         u = g / torch.sqrt(torch.outer(row, col) / row.mean())
         p = gaussian_projection(param_seed(seed, name, epoch), rank, n, dtype=torch.float64)
         mom = (1 - b1) * (p @ u) if mom is None else b1 * mom + (1 - b1) * (p @ u)
-        # the matrix nearest u whose compression is the momentum (posterior mean given P d = mom)
-        d = u + torch.linalg.pinv(p) @ (mom - p @ u)
+        # scaled: the fresh update scaled to the sketched momentum's norm; lift: in full
+        rho = min(1.0, (mom.norm() / (p @ u).norm()).item()) if update == "scaled" else 1.0
+        # the matrix nearest rho u whose compression is the momentum
+        d = rho * u + torch.linalg.pinv(p) @ (mom - rho * (p @ u))
         if t % kappa == 0:
             epoch += 1
             mom = gaussian_projection(param_seed(seed, name, epoch), rank, n, dtype=torch.float64) @ d
@@ -124,17 +126,19 @@ def _reference_step(w, grads, *, lr, rank, kappa, b1, seed, name, clip=1.0, wd=0
     return w
 
 
+@pytest.mark.parametrize("update", ["scaled", "lift"])
 @pytest.mark.parametrize("shape", [(10, 30), (30, 10)])
-def test_step_matches_written_out_formula_across_resamples(shape):
+def test_step_matches_written_out_formula_across_resamples(shape, update):
     gen = torch.Generator().manual_seed(3)
     w = nn.Parameter(torch.randn(shape, generator=gen))
     grads = [torch.randn(shape, generator=gen) for _ in range(7)]
     kw = {"lr": 0.05, "rank": 4, "kappa": 3, "seed": 5, "clip": 0.5, "wd": 0.1}
     if shape[0] <= shape[1]:
-        want = _reference_step(w.detach(), grads, b1=0.8, name="w", **kw)
+        want = _reference_step(w.detach(), grads, b1=0.8, name="w", update=update, **kw)
     else:  # n > m is the transposed problem: the factored second moment and the projection are symmetric
-        want = _reference_step(w.detach().T, [g.T for g in grads], b1=0.8, name="w", **kw).T
-    opt = Flora([("w", w)], lr=0.05, rank=4, kappa=3, beta1=0.8, seed=5, clip_threshold=0.5, weight_decay=0.1)
+        want = _reference_step(w.detach().T, [g.T for g in grads], b1=0.8, name="w", update=update, **kw).T
+    opt = Flora([("w", w)], lr=0.05, rank=4, kappa=3, beta1=0.8, seed=5, clip_threshold=0.5, weight_decay=0.1,
+                update=update)
     for g in grads:
         w.grad = g.clone()
         opt.step()
@@ -149,21 +153,25 @@ def _step_direction(w: nn.Parameter, opt: Flora, grad: torch.Tensor) -> torch.Te
     return before - w.detach()
 
 
-def test_update_compresses_to_the_momentum_and_is_nearest_the_fresh_gradient():
+@pytest.mark.parametrize("update", ["scaled", "lift"])
+def test_update_compresses_to_the_momentum_and_is_nearest_the_scaled_fresh_gradient(update):
     gen = torch.Generator().manual_seed(6)
     w = nn.Parameter(torch.zeros(40, 16))  # n > m: projected on the 16 side
-    opt = Flora([("layer.w", w)], lr=1.0, rank=4, kappa=100, clip_threshold=None)
+    opt = Flora([("layer.w", w)], lr=1.0, rank=4, kappa=100, clip_threshold=None, update=update)
     st = opt.state[w]
     proj = gaussian_projection(param_seed(0, "layer.w", 0), 4, 16)
     for _ in range(4):
         d = _step_direction(w, opt, torch.randn(40, 16, generator=gen))
     # the compressed momentum is exactly the compression of the update ...
     torch.testing.assert_close(compress(d, proj), st["exp_avg_c"], rtol=1e-4, atol=1e-5)
-    # ... and d - u lies in the projection's row space (d is the nearest such matrix to u = g / sqrt(v))
+    # ... and d - rho u lies in the projection's row space (d is the nearest such matrix to rho u, u = g / sqrt(v),
+    # rho = min(1, ||C|| / ||P u||) for "scaled", 1 for "lift")
     row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
     u = w.grad * (row / row.mean()).rsqrt().unsqueeze(1) * col.rsqrt().unsqueeze(0)
-    off = (d - u) - lift(compress(d - u, proj), proj, (40, 16))
-    assert off.abs().max().item() < 1e-4 * (d - u).abs().max().item()
+    rho = min(1.0, float(st["exp_avg_c"].norm() / compress(u, proj).norm())) if update == "scaled" else 1.0
+    assert rho < 1.0 or update == "lift"  # independent random gradients: the momentum is shorter than u
+    off = (d - rho * u) - lift(compress(d - rho * u, proj), proj, (40, 16))
+    assert off.abs().max().item() < 1e-4 * (d - rho * u).abs().max().item()
 
 
 def test_after_kappa_steps_the_projection_changed_and_the_update_was_transferred():

@@ -57,7 +57,7 @@ def test_two_process_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None
 
 def test_flora_update_and_nproc_options() -> None:
     assert FLORA_UPDATES == UPDATES
-    with pytest.raises(TrainConfigError, match=r"flora_update must be one of \('lift', 'paper'\), got 'unbiased'"):
+    with pytest.raises(TrainConfigError, match=r"flora_update must be one of \('scaled', 'lift', 'paper'\), got 'unbiased'"):
         TrainConfig(flora_update="unbiased", export=False)
     with pytest.raises(TrainConfigError, match="nproc must be an int >= 1"):
         TrainConfig(nproc=0, export=False)

@@ -70,10 +70,10 @@ def test_paper_rule_follows_the_papers_formulas(shape: tuple[int, int]) -> None:
     torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_paper_and_lift_rules_differ_and_lift_stays_the_default() -> None:
+def test_the_three_rules_differ_and_scaled_is_the_default() -> None:
     shape = (6, 8)
     out = {}
-    for update in (None, "lift", "paper"):
+    for update in (None, "scaled", "lift", "paper"):
         w = torch.nn.Parameter(torch.ones(shape))
         kwargs = {} if update is None else {"update": update}
         opt = Flora([("w", w)], lr=0.05, rank=2, kappa=2, **kwargs)
@@ -81,14 +81,15 @@ def test_paper_and_lift_rules_differ_and_lift_stays_the_default() -> None:
             w.grad = g
             opt.step()
         out[update] = w.detach().clone()
-    assert torch.equal(out[None], out["lift"])
+    assert torch.equal(out[None], out["scaled"])
+    assert not torch.allclose(out["scaled"], out["lift"])
     assert not torch.allclose(out["lift"], out["paper"])
 
 
 def test_update_is_validated_with_the_choices_listed() -> None:
     w = torch.nn.Parameter(torch.ones(4, 4))
-    assert UPDATES == ("lift", "paper")
-    with pytest.raises(OptimizerError, match=r"update must be one of \('lift', 'paper'\), got 'unbiased'"):
+    assert UPDATES == ("scaled", "lift", "paper")
+    with pytest.raises(OptimizerError, match=r"update must be one of \('scaled', 'lift', 'paper'\), got 'unbiased'"):
         Flora([("w", w)], lr=0.1, update="unbiased")
     opt = Flora([("w", w)], lr=0.1)
     with pytest.raises(OptimizerError, match=r"param group 1: update must be one of"):
