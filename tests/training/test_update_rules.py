@@ -137,3 +137,36 @@ def test_sharded_state_dict_round_trip_resumes_bit_exact_in_one_process() -> Non
     assert torch.equal(w2, w) and torch.equal(b2, b)
     template = opt2.sharded_state_dict(template=True)
     assert int(template["state"]["w"]["step"]) == 0 and not math.isnan(float(template["state"]["w"]["exp_avg_c"].sum()))
+
+
+def test_residual_scale_is_the_sketched_norm_ratio_capped_at_one() -> None:
+    from flora_graph.flora.momentum import residual_scale
+
+    gen = torch.Generator().manual_seed(5)
+    c, pu = torch.randn(4, 30, generator=gen), torch.randn(4, 30, generator=gen)
+    assert residual_scale(0.5 * c, c) == pytest.approx(0.5)
+    assert residual_scale(c, pu) == pytest.approx(min(1.0, float(c.norm() / pu.norm())))
+    assert residual_scale(2 * c, c) == 1.0  # capped: the fresh update is never amplified
+    assert residual_scale(c, torch.zeros_like(pu)) == 1.0 and residual_scale(torch.zeros_like(c), torch.zeros_like(pu)) == 0.0
+
+
+@pytest.mark.parametrize(("kind", "low", "high"), [("noise", 0.15, 0.3), ("constant", 0.99, 1.0)])
+def test_scaled_rule_shrinks_noise_to_the_momentums_norm_and_keeps_a_steady_gradient(kind: str, low: float,
+                                                                                      high: float) -> None:
+    """Independent gradients: ``rho`` near ``sqrt((1 - b) / (1 + b))`` = 0.23 (how much an EMA shrinks noise); a
+    gradient that never changes: ``rho`` near 1 (the momentum has caught up with it)."""
+    from flora_graph.flora import compress
+
+    gen = torch.Generator().manual_seed(8)
+    w = torch.nn.Parameter(torch.zeros(48, 64))
+    opt = Flora([("w", w)], lr=1e-3, rank=8, beta1=0.9, beta2=0.999, clip_threshold=None)
+    fixed = torch.randn(48, 64, generator=gen)
+    for _ in range(80):
+        w.grad = fixed.clone() if kind == "constant" else torch.randn(48, 64, generator=gen)
+        opt.step()
+    st = opt.state[w]
+    proj = gaussian_projection(param_seed(0, "w", 0), 8, 48)
+    v = torch.outer(st["exp_avg_sq_row"], st["exp_avg_sq_col"]) / st["exp_avg_sq_row"].mean() / (1 - 0.999**80)
+    u = w.grad / v.sqrt()
+    rho = min(1.0, float(st["exp_avg_c"].norm() / compress(u, proj).norm()))
+    assert low < rho <= high, rho
