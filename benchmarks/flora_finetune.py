@@ -145,7 +145,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("adafactor", {"optimizer": "adafactor", "beta1": 0.0}, (4e-3, 8e-3, 1.6e-2)),
     Method("flora r=8", {"optimizer": "flora", "rank": 8}, (1.6e-2, 3.2e-2, 6.4e-2)),
     Method("flora r=32", {"optimizer": "flora", "rank": 32}, (1.6e-2, 3.2e-2, 6.4e-2)),
-    Method("flora-lift r=8", {"optimizer": "flora", "rank": 8, "flora_update": "lift"}, (8e-3, 1.6e-2, 3.2e-2)),
+    Method("flora-lift r=8", {"optimizer": "flora", "rank": 8, "flora_update": "lift"}, (4e-3, 8e-3, 1.6e-2, 3.2e-2)),
     Method("flora-paper r=8", {"optimizer": "flora", "rank": 8, "flora_update": "paper"}, (8e-3, 1.6e-2, 3.2e-2)),
     Method("flora-paper r=32", {"optimizer": "flora", "rank": 32, "flora_update": "paper"}, (1.6e-2, 3.2e-2, 6.4e-2)),
     Method("lora r=8", {"optimizer": "lora-adam", "rank": 8}, (1.6e-2, 3.2e-2, 6.4e-2)),

@@ -78,7 +78,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--steps", type=int_at_least(1), help="optimizer steps (default 200)")
     p.add_argument("--batch", type=int_at_least(1), help="sequences per micro-batch (default 16)")
     p.add_argument("--seq", type=int_at_least(1), help="tokens (bytes) per sequence (default 64)")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: per optimizer, 1e-2 for flora)")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: per optimizer, 2.4e-2 for flora)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default flora)")
     p.add_argument("--rank", type=int_at_least(1), help="Flora / LoRA rank (default 8)")
     p.add_argument("--kappa", type=int_at_least(1), help="steps between Flora projection resamples (default 1000)")
