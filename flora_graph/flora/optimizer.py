@@ -179,6 +179,20 @@ class Flora(torch.optim.Optimizer):
         self._bases = ProjectionCache()  # each parameter's projection, by seed; never saved
         super().__init__(params, defaults)
 
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Torch's optimizer state plus the options outside ``defaults``; caches and shard specs are rebuilt."""
+        return {**super().__getstate__(), "nan_policy": self.nan_policy, "skipped_steps": self.skipped_steps}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy (``copy.deepcopy``): options, empty caches, shard specs from the named parameters."""
+        super().__setstate__(state)
+        self.nan_policy = state.get("nan_policy", "raise")
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self._plans, self._bases = {}, ProjectionCache()
+        self._specs = {n: shard_spec(n, p, "Flora") for g in self.param_groups
+                       for n, p in zip(g["param_names"], g["params"], strict=True)}
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its parameters are named (see :mod:`.options`) and its options validated."""
@@ -230,12 +244,7 @@ class Flora(torch.optim.Optimizer):
             if self.nan_policy == "skip":
                 self.skipped_steps += 1
                 return loss
-            raise NonFiniteGradientError(
-                f"Flora: non-finite gradient in parameter {bad[0]!r}"
-                + (f" (and {len(bad) - 1} more: {bad[1:4]})" if len(bad) > 1 else "")
-                + "; no state was changed (nan_policy='skip' skips such steps)",
-                bad,
-            )
+            raise NonFiniteGradientError(self._non_finite_message(bad, work), bad)
         batches: dict[tuple[Any, ...], list[Work]] = {}
         for w in work:
             state = w.state = self.state[w.p]
@@ -275,6 +284,23 @@ class Flora(torch.optim.Optimizer):
                 plan.check(name, self.state.get(p))
                 work.append(Work(group, name, p, plan, spec))
         return work
+
+    @staticmethod
+    def _non_finite_message(bad: list[str], work: list[Work]) -> str:
+        """Why the step stopped: a NaN/inf in the first parameter named, or a finite gradient too large to square.
+
+        The probe sums ``g^2`` (or ``g``), so entries above about ``1.8e19`` (or sums past the
+        float32 range) read as non-finite; the gradient itself is checked here, only on this path.
+        """
+        more = f" (and {len(bad) - 1} more: {bad[1:4]})" if len(bad) > 1 else ""
+        tail = "; no state was changed (nan_policy='skip' skips such steps)"
+        grad = next(local(w.p.grad) for w in work if w.name == bad[0])
+        if bool(torch.isfinite(grad).all()):
+            big = float(grad.detach().abs().max())
+            return (f"Flora: parameter {bad[0]!r}{more}: the gradient is finite but too large for its statistics "
+                    f"(largest |g| = {big:.3g}; its squares or sums overflow float32): scale the loss down or clip "
+                    f"the gradients" + tail)
+        return f"Flora: non-finite gradient in parameter {bad[0]!r}{more}" + tail
 
     @staticmethod
     def _probe(work: list[Work], scratch: Scratch) -> list[str]:

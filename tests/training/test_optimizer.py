@@ -413,3 +413,41 @@ def test_non_finite_gradient_error_can_be_rebuilt_from_its_reduce():
 
     err = copy.deepcopy(NonFiniteGradientError("w has NaN", ["w"]))
     assert isinstance(err, NonFiniteGradientError) and err.names == ["w"] and str(err) == "w has NaN"
+
+
+def test_huge_finite_gradient_is_named_as_too_large_not_as_nan():
+    """Entries above ~1.8e19 overflow float32 when squared: the step stops, saying the gradient is finite."""
+    m = _model()
+    opt = Flora(m.named_parameters(), lr=1e-2, rank=4)
+    _train(m, opt, 1)
+    before = [p.detach().clone() for p in m.parameters()]
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    m[0].weight.grad[3, 5] = 3e19
+    with pytest.raises(NonFiniteGradientError, match=r"'0\.weight'.*finite but too large.*3e\+19") as err:
+        opt.step()
+    assert err.value.names == ["0.weight"] and "non-finite" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
+
+
+def test_deepcopy_keeps_the_options_and_steps_like_the_original():
+    """``copy.deepcopy`` (as a trainer's rollback would take) copies params and state together and steps alike."""
+    import copy
+
+    m = _model()
+    opt = Flora(m.named_parameters(), lr=1e-2, rank=4, kappa=3, nan_policy="skip")
+    _train(m, opt, 2)
+    opt2 = copy.deepcopy(opt)
+    assert opt2.nan_policy == "skip" and opt2.param_groups[0]["param_names"] == opt.param_groups[0]["param_names"]
+    ps, ps2 = opt.param_groups[0]["params"], opt2.param_groups[0]["params"]
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(ps, ps2, strict=True))
+    before = ps[0].detach().clone()
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):  # crosses a resample (kappa 3)
+        for a, b in zip(ps, ps2, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt.step()
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps2, strict=True))
+    assert not torch.equal(before, ps[0])
