@@ -48,6 +48,8 @@ _ATTRS = {
     "stride": AttrSpec("ints", (1, 1)),
     "padding": AttrSpec("ints", (0, 0)),
     "dilation": AttrSpec("ints", (1, 1)),
+    "members": AttrSpec("str", ""),  # a packed slot (pack-slots): the members' modules, comma-joined
+    "member_outs": AttrSpec("ints", ()),  # and their output sizes, in order
 }
 
 
@@ -138,7 +140,7 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
-def _numpy_slot(base, x, a, b, *, module, kind, kernel, stride, padding, dilation) -> np.ndarray:
+def _numpy_slot(base, x, a, b, *, module, kind, kernel, stride, padding, dilation, members="", member_outs=()) -> np.ndarray:
     if kind == "linear":
         return base + (x @ a.T) @ b.T
     p = _patches(x, kernel, stride, padding, dilation)
@@ -146,7 +148,8 @@ def _numpy_slot(base, x, a, b, *, module, kind, kernel, stride, padding, dilatio
     return base + (b2 @ (a2 @ p)).reshape(base.shape)
 
 
-def _numpy_mixed(base, x, a, b, index, *, module, kind, kernel, stride, padding, dilation) -> np.ndarray:
+def _numpy_mixed(base, x, a, b, index, *, module, kind, kernel, stride, padding, dilation, members="",
+                 member_outs=()) -> np.ndarray:
     ag, bg = a[index], b[index]  # -1 reads the last (zero) slot; out of range raises IndexError
     if kind == "linear":
         return base + ((_rows(x) @ ag) @ bg).reshape(base.shape)

@@ -45,7 +45,7 @@ from flora_graph.passes.rewrite import eval_static, schedule
 
 __all__ = [
     "INDEX_INPUT", "LORA_ROLES", "SLOTS_DIM", "SLOT_KINDS", "SLOT_OPS", "adapter_slots", "lora_sites", "own_weights",
-    "rank_dim", "slot_nodes", "weight_names",
+    "rank_dim", "slot_inputs", "slot_nodes", "weight_names",
 ]
 
 SLOT_KINDS = ("swappable", "mixed")
@@ -212,21 +212,23 @@ def _input(graph: Graph, module: str, name: str, dims: tuple[Dim, ...], dtype: s
         raise AdapterError(f"module {module!r}: cannot add its slot input {name!r}: {exc}") from None
 
 
-def _weights(graph: Graph, s: _Site, slots: str) -> tuple[ComputationNode, ComputationNode]:
-    a_name, b_name = weight_names(s.module, slots)
-    r = rank_dim(s.module)
+def slot_inputs(graph: Graph, module: str, kind: str, in_dims: tuple[int, ...], out: int, dtype: str,
+                slots: str) -> tuple[ComputationNode, ComputationNode]:
+    """New graph inputs for the ``A`` and ``B`` of ``module``'s ``slots`` slot, with defaults that add nothing."""
+    a_name, b_name = weight_names(module, slots)
+    r = rank_dim(module)
     if slots == "swappable":
-        tail = (1, 1) if s.kind == "conv" else ()
-        a_dims, b_dims = (r, *s.in_dims), (s.out, r, *tail)
-    elif s.kind == "conv":  # A as [slots, R, kh*kw*C] (taps major), B as [slots, out, R]
-        a_dims, b_dims = (SLOTS_DIM, r, math.prod(s.in_dims)), (SLOTS_DIM, s.out, r)
+        tail = (1, 1) if kind == "conv" else ()
+        a_dims, b_dims = (r, *in_dims), (out, r, *tail)
+    elif kind == "conv":  # A as [slots, R, kh*kw*C] (taps major), B as [slots, out, R]
+        a_dims, b_dims = (SLOTS_DIM, r, math.prod(in_dims)), (SLOTS_DIM, out, r)
     else:  # A.T as [slots, in, R], B.T as [slots, R, out]
-        a_dims, b_dims = (SLOTS_DIM, s.in_dims[0], r), (SLOTS_DIM, r, s.out)
+        a_dims, b_dims = (SLOTS_DIM, in_dims[0], r), (SLOTS_DIM, r, out)
     size = 0 if slots == "swappable" else 1  # rank 0; one zero slot of rank 1
     made = []
     for name, dims in ((a_name, a_dims), (b_name, b_dims)):
-        default = np.zeros([size if isinstance(d, str) else d for d in dims], s.dtype)
-        made.append(_input(graph, s.module, name, dims, s.dtype, default))
+        default = np.zeros([size if isinstance(d, str) else d for d in dims], dtype)
+        made.append(_input(graph, module, name, dims, dtype, default))
     return made[0], made[1]
 
 
@@ -266,7 +268,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     index = next((i for i in graph.inputs if i.name == INDEX_INPUT), None)
     made: dict[ComputationNode, ComputationNode] = {}
     for s in sites:
-        a, b = _weights(graph, s, slots)
+        a, b = slot_inputs(graph, s.module, s.kind, s.in_dims, s.out, s.dtype, slots)
         ins = [holders.get(s.base, s.base), holders.get(s.x, s.x), a, b]  # x may be another site: its holder for now
         if slots == "mixed":
             if index is None:

@@ -50,7 +50,7 @@ BACKEND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """Options a preset sets when :func:`optimize` is told the backend it optimizes for."""
 
-_OWN_OPTIONS = frozenset({"fuse_base_and_down", "drop_zero_lora", "skip", "max_iterations", "on_pass"})
+_OWN_OPTIONS = frozenset({"fuse_base_and_down", "drop_zero_lora", "pack_slots", "skip", "max_iterations", "on_pass"})
 
 
 def _plan(preset: str | Sequence[str | PassFn], options: dict[str, Any]) -> tuple[list[str | PassFn], dict[str, Any]]:
@@ -67,6 +67,9 @@ def _plan(preset: str | Sequence[str | PassFn], options: dict[str, Any]) -> tupl
     if fbd:
         at = passes.index("fuse-lora-siblings") if "fuse-lora-siblings" in passes else len(passes)
         passes.insert(at, "fuse-base-and-down")
+    if options.get("pack_slots") and "pack-slots" not in passes:
+        at = passes.index("cse") if "cse" in passes else len(passes)
+        passes.insert(at, "pack-slots")
     skip = options.get("skip", ())
     skip = {skip} if isinstance(skip, str) else set(skip)
     passes = [p for p in passes if not (isinstance(p, str) and p in skip)]
@@ -130,7 +133,10 @@ def optimize(graph: Graph, preset: str | Sequence[str | PassFn] = "fused", *, ve
         **options: ``fuse_base_and_down=True`` adds that pass to the pipeline (``"Conv2d"`` or
             ``"Linear"``: for that op's sites alone, the onnxruntime default); ``drop_zero_lora=True``
             adds drop-zero-lora to ``fused`` (off there by default: a zero ``B`` may be swapped for a
-            trained one later, so ``fused`` keeps every adapter); ``skip`` names passes
+            trained one later, so ``fused`` keeps every adapter); ``pack_slots=True`` adds pack-slots
+            (sibling linear slots on one input become one slot over the concatenated layer: fewer
+            nodes per decode step; adapters are then packed by ``serving.slots.pack_params``, which
+            the serving sessions and ``write_adapter`` apply); ``skip`` names passes
             to leave out; ``on_pass(record, graph)`` is called after every pass run; ``max_iterations`` bounds the fixed-point loop; any other option goes to the
             passes that declare it (``swappable``, ``peak_flops``, ``bandwidth``, ``dynamic_dim_size``,
             ``max_elements``); ``slots="swappable"`` or ``"mixed"`` first makes every LoRA site an

@@ -164,7 +164,7 @@ def export_genai(
     say("optimizing (fused, adapter slots)")
     from flora_graph.passes import optimize
 
-    graph = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable"} if sites else {}))
+    graph = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable", "pack_slots": True} if sites else {}))
     seconds["optimize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

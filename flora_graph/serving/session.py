@@ -44,7 +44,7 @@ from flora_graph.serving.adapter_file import (
     read_adapter_bytes,
 )
 from flora_graph.serving.errors import AdapterFileError, ServingError, UnknownAdapterError
-from flora_graph.serving.slots import ParamSpec, check_params
+from flora_graph.serving.slots import METADATA_KEY, ParamSpec, check_params, slots_from_metadata
 
 __all__ = ["AdapterSession", "OrtModel", "load_params"]
 
@@ -103,10 +103,12 @@ class OrtModel:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.inputs = {i.name: (tuple(i.shape), _ORT_TYPES.get(i.type)) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.spec: ParamSpec = {
+        self.spec = ParamSpec({
             i.name: (tuple(d if isinstance(d, int | str) else None for d in i.shape), np.dtype(_ORT_TYPES[i.type]))
             for i in self.session.get_overridable_initializers() if i.type in _ORT_TYPES
-        }
+        })
+        if METADATA_KEY in self.metadata:  # packed slots take adapters per member module (see slots.pack_params)
+            self.spec.packs = tuple(s for s in slots_from_metadata(self.metadata, where)[1] if s.members)
 
     def feeds(self, inputs: Mapping[str, Any], want: Sequence[str] | None = None) -> dict[str, Any]:
         """The ``want`` inputs (default: all) as arrays of the declared dtypes; ``ServingError`` for a missing or unknown name."""

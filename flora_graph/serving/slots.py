@@ -37,6 +37,7 @@ __all__ = [
     "check_params",
     "graph_adapter_params",
     "graph_slots",
+    "pack_params",
     "param_spec",
     "slots_from_metadata",
     "slots_to_metadata",
@@ -45,8 +46,14 @@ __all__ = [
 METADATA_KEY = "flora_graph.lora_slots"
 """Key of the ONNX ``metadata_props`` entry holding the slots as JSON."""
 
-ParamSpec = dict[str, tuple[tuple[int | str | None, ...], np.dtype]]
-"""``{param name: (dims, dtype)}``: an int dim must match, a str dim is a symbol every param using it shares."""
+class ParamSpec(dict[str, tuple[tuple[int | str | None, ...], np.dtype]]):
+    """``{param name: (dims, dtype)}``: an int dim must match, a str dim is a symbol every param using it shares.
+
+    ``packs`` holds the packed slots (the ``pack-slots`` pass) of the model the spec is for:
+    :func:`check_params` packs an adapter given per member module into their weights.
+    """
+
+    packs: tuple[LoRASlot, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class LoRASlot:
     stride: tuple[int, ...] = ()  # conv only: the down projection's attributes
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
+    members: tuple[str, ...] = ()  # a packed slot (the pack-slots pass): the modules it stands for
+    member_outs: tuple[int, ...] = ()  # and their output sizes (B is block-diagonal over them)
 
     @property
     def a_name(self) -> str:
@@ -91,7 +100,9 @@ class LoRASlot:
         """The slot of a ``LoRASlot`` / ``LoRAMixedSlot`` node (attributes and the shapes of its inputs)."""
         a, base, x = node.attrs, node.inputs[0], node.inputs[1]
         if a["kind"] == "linear":
-            return cls(a["module"], "linear", (int(x.shape[-1]),), int(base.shape[-1]), (), node.dtype)
+            members = tuple(m for m in str(a.get("members", "")).split(",") if m)
+            return cls(a["module"], "linear", (int(x.shape[-1]), ), int(base.shape[-1]), (), node.dtype,
+                       members=members, member_outs=tuple(int(o) for o in a.get("member_outs", ())) if members else ())
         return cls(a["module"], "conv", (int(x.shape[1]), *a["kernel"]), int(base.shape[1]), (1, 1), node.dtype,
                    tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
 
@@ -103,12 +114,15 @@ class LoRASlot:
     def from_json(cls, d: Mapping[str, Any]) -> LoRASlot:
         """Inverse of :meth:`to_json`; raises ``ServingError`` on a malformed entry."""
         try:
-            kw = {k: tuple(int(x) for x in v) if isinstance(v, list) else v for k, v in d.items()}
+            kw = {k: (tuple(str(x) for x in v) if k == "members" else tuple(int(x) for x in v))
+                  if isinstance(v, list) else v for k, v in d.items()}
             slot = cls(**kw)
         except (TypeError, ValueError) as exc:
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: {exc}") from None
         if slot.kind not in ("linear", "conv") or not isinstance(slot.module, str) or not isinstance(slot.out, int):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}")
+        if slot.members and (len(slot.members) != len(slot.member_outs) or sum(slot.member_outs) != slot.out):
+            raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: member outputs do not add up to out")
         return slot
 
 
@@ -163,12 +177,56 @@ def slots_from_metadata(props: Mapping[str, str], where: str) -> tuple[str, list
 
 def param_spec(slots: Sequence[LoRASlot]) -> ParamSpec:
     """The :data:`ParamSpec` an adapter for ``slots`` must meet (rank symbolic per module)."""
-    spec: ParamSpec = {}
+    spec = ParamSpec()
     for s in slots:
         dt = np.dtype(s.dtype)
         spec[s.a_name] = ((s.rank_dim, *s.in_dims), dt)
         spec[s.b_name] = ((s.out, s.rank_dim, *s.b_tail), dt)
+    spec.packs = tuple(s for s in slots if s.members)
     return spec
+
+
+def pack_params(params: Mapping[str, Any], packs: Sequence[LoRASlot], adapter: str) -> dict[str, Any]:
+    """``params`` with the per-module weights of each packed slot's members packed into the slot's own.
+
+    For members ``1..n`` given (``A_i`` ``[r_i, in]``, ``B_i`` ``[out_i, r_i]``; a member left
+    out counts as rank 0): ``A = Concat(A_i)`` along the rank and ``B`` block-diagonal, so the
+    packed slot adds exactly what the members' slots add. Other names pass through (a param
+    named for the packed slot itself included). Raises :class:`AdapterFileError` naming the
+    parameter for a member with ``A`` but no ``B`` (or the reverse) or mismatched shapes.
+    """
+    out = dict(params)
+    for slot in packs:
+        names = [weight_names(m) for m in slot.members]
+        if not any(a in out or b in out for a, b in names):
+            continue
+        a_parts, b_parts = [], []
+        for (a_name, b_name), width in zip(names, slot.member_outs, strict=True):
+            if (a_name in out) != (b_name in out):
+                have, miss = (a_name, b_name) if a_name in out else (b_name, a_name)
+                raise AdapterFileError(f"adapter {adapter!r} sets {have!r} but not {miss!r}; a module's A and B come together")
+            if a_name not in out:
+                a_parts.append(np.zeros((0, *slot.in_dims), np.float32))
+                b_parts.append(np.zeros((width, 0), np.float32))
+                continue
+            a = to_array(out.pop(a_name), f"adapter {adapter!r}: parameter {a_name!r}", AdapterFileError)
+            b = to_array(out.pop(b_name), f"adapter {adapter!r}: parameter {b_name!r}", AdapterFileError)
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1:] != slot.in_dims or b.shape != (width, a.shape[0]):
+                raise AdapterFileError(f"adapter {adapter!r}: parameters {a_name!r} {list(a.shape)} and {b_name!r} "
+                                       f"{list(b.shape)} do not fit the model's [rank, {slot.in_dims[0]}] and "
+                                       f"[{width}, rank] (is it for another model?)")
+            a_parts.append(a)
+            b_parts.append(b)
+        dtype = np.result_type(*a_parts, *b_parts)
+        ranks = [a.shape[0] for a in a_parts]
+        big_b = np.zeros((slot.out, sum(ranks)), dtype)
+        row = col = 0
+        for b, r in zip(b_parts, ranks, strict=True):
+            big_b[row:row + b.shape[0], col:col + r] = b
+            row, col = row + b.shape[0], col + r
+        out[slot.a_name] = np.concatenate([a.astype(dtype, copy=False) for a in a_parts], axis=0)
+        out[slot.b_name] = big_b
+    return out
 
 
 def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, cast: bool = False) -> dict[str, np.ndarray]:
@@ -180,6 +238,9 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
     unless ``cast`` converts float arrays. Raises :class:`AdapterFileError` naming
     ``adapter`` and the parameter at fault.
     """
+    packs = getattr(spec, "packs", ())
+    if packs and not set(params) <= set(spec):
+        params = pack_params(params, packs, adapter)
     out: dict[str, np.ndarray] = {}
     bound: dict[str, tuple[int, str]] = {}
     unknown = sorted(set(params) - set(spec))

@@ -48,9 +48,14 @@ def test_package_layout_and_adapter_checksums(package: Path) -> None:
     assert (package / dec["filename"]).is_file()
     for name, spec in ADAPTERS.items():
         params = read_adapter(package / "adapters" / f"{name}.onnx_adapter", require_checksum=True).params
-        ranks = {v.shape[0] for k, v in params.items() if k.endswith(".lora_A")}
-        assert ranks == {spec["r"]}
-        assert len(params) == 2 * 2 * len(spec["target_modules"])  # A and B per module per layer
+        for k, v in params.items():  # q/k/v and gate/up are packed slots: their rank sums the members targeted
+            if k.endswith(".lora_A"):
+                members = k.removesuffix(".lora_A").rpartition(".")[2].split("+")
+                assert v.shape[0] == spec["r"] * len(set(members) & set(spec["target_modules"])), k
+        assert any("q_proj+k_proj+v_proj" in k for k in params)
+        slots = [{"q_proj", "k_proj", "v_proj"}, {"o_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}]
+        touched = sum(1 for slot in slots if slot & set(spec["target_modules"]))
+        assert len(params) == 2 * 2 * touched  # A and B per slot the adapter targets, per layer
     assert not [p for p in package.parent.iterdir() if p.name.startswith(".pkg")]  # no staging leftovers
 
 

@@ -177,7 +177,8 @@ def test_graph_adapter_params_of_a_slotted_graph_is_an_error(demo: Demo) -> None
 @pytest.mark.parametrize(("preset", "options"), [
     ("unfused", {}), ("fused", {}), ("merged", {}),
     ("fused", {"fuse_base_and_down": True, "drop_zero_lora": True}),
-    ([p for p in PASSES if p != "adapter-slots"], {}),  # every pass, once each, in registration order
+    # every pass, once each, in registration order (pack-slots repacks slots by design: its own tests below)
+    ([p for p in PASSES if p not in ("adapter-slots", "pack-slots")], {}),
 ], ids=["unfused", "fused", "merged", "fused-all-options", "every-pass"])
 def test_slots_survive_every_preset(demo: Demo, kind: str, preset, options: dict) -> None:
     before = slotted(demo.graph, kind)
@@ -276,3 +277,60 @@ def test_a_sequential_whose_module_paths_start_with_a_number() -> None:
     with torch.no_grad():
         np.testing.assert_allclose(session.run({"input": x.numpy()}, "own")["output"], merged(x).numpy(), atol=ATOL)
         np.testing.assert_allclose(session.run({"input": x.numpy()})["output"], base(x).numpy(), atol=BASE_ATOL)
+
+
+# --------------------------------------------------------------------------- pack-slots
+PACKED = {f"layers.{i}.{m}" for i in (0, 1) for m in
+          ("self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj", "mlp.gate_proj+up_proj", "mlp.down_proj")}
+
+
+def test_packed_slots_serve_per_module_adapters_like_the_unpacked_ones(demo: Demo) -> None:
+    """q/k/v and gate/up pack into one slot each (8 slots for 14 modules, fewer ONNX nodes); adapters given per
+    module (ours, and a rank-3 one over all seven projections) are packed on load and give each model's output."""
+    from flora_graph.serving.slots import graph_slots
+
+    packed = optimize(demo.graph, "fused", slots="swappable", pack_slots=True, verify_each=True)
+    assert {m for _, m, _ in slot_signature(packed)} == PACKED
+    slots = {s.module: s for s in graph_slots(packed)}
+    qkv = slots["layers.0.self_attn.q_proj+k_proj+v_proj"]
+    assert qkv.members == tuple(f"layers.0.self_attn.{m}_proj" for m in "qkv") and sum(qkv.member_outs) == qkv.out
+    model = export_swappable(packed)
+    unpacked = export_swappable(optimize(demo.graph, "fused", slots="swappable"))
+    assert len(model.graph.node) < len(unpacked.graph.node) - 20
+    session = AdapterSession(model, intra_op_threads=1)
+    ids = {"input_ids": demo.ids.numpy()}
+    np.testing.assert_allclose(session.run(ids)["output"], demo.eager(demo.base), atol=BASE_ATOL)
+    path = write_adapter(demo.root / "own_packed.onnx_adapter", graph_adapter_params(demo.graph), model=model)
+    session.load_adapter("own", path)
+    session.load_adapter("other", adapter_params(demo.other))
+    for name, ref in (("own", demo.merged), ("other", demo.other_merged)):
+        np.testing.assert_allclose(session.run(ids, name)["output"], demo.eager(ref), atol=ATOL)
+    mixed = MixedAdapterSession(export_mixed(packed), {"own": graph_adapter_params(demo.graph),
+                                                       "other": adapter_params(demo.other)}, intra_op_threads=1)
+    names = ["other", None, "own"]
+    refs = {None: demo.base, "own": demo.merged, "other": demo.other_merged}
+    want = np.stack([demo.eager(refs[n], demo.ids[i : i + 1])[0] for i, n in enumerate(names)])
+    np.testing.assert_allclose(mixed.run(ids, names)["output"], want, atol=ATOL)
+
+
+def test_pack_params_is_block_diagonal_and_refuses_half_a_module(demo: Demo) -> None:
+    from flora_graph.serving.errors import AdapterFileError
+    from flora_graph.serving.slots import graph_slots, pack_params
+
+    packs = [s for s in graph_slots(optimize(demo.graph, "fused", slots="swappable", pack_slots=True)) if s.members]
+    qkv = next(s for s in packs if s.module == "layers.0.self_attn.q_proj+k_proj+v_proj")
+    rng = np.random.default_rng(0)
+    q_a, q_b = rng.normal(size=(2, qkv.in_dims[0])), rng.normal(size=(qkv.member_outs[0], 2))
+    v_a, v_b = rng.normal(size=(5, qkv.in_dims[0])), rng.normal(size=(qkv.member_outs[2], 5))
+    got = pack_params({"layers.0.self_attn.q_proj.lora_A": q_a, "layers.0.self_attn.q_proj.lora_B": q_b,
+                       "layers.0.self_attn.v_proj.lora_A": v_a, "layers.0.self_attn.v_proj.lora_B": v_b}, packs, "t")
+    a, b = got[qkv.a_name], got[qkv.b_name]  # k left out: rank 0 there
+    x = rng.normal(size=(3, qkv.in_dims[0]))
+    q, k = qkv.member_outs[0], qkv.member_outs[1]
+    np.testing.assert_allclose((x @ a.T @ b.T)[:, :q], x @ q_a.T @ q_b.T, atol=1e-12)
+    assert not np.any((x @ a.T @ b.T)[:, q : q + k])
+    np.testing.assert_allclose((x @ a.T @ b.T)[:, q + k :], x @ v_a.T @ v_b.T, atol=1e-12)
+    with pytest.raises(AdapterFileError, match=r"'layers\.0\.self_attn\.q_proj\.lora_A' but not .*q_proj\.lora_B"):
+        pack_params({"layers.0.self_attn.q_proj.lora_A": q_a}, packs, "t")
+    with pytest.raises(AdapterFileError, match=r"'t'.*k_proj.*do not fit"):
+        pack_params({"layers.0.self_attn.k_proj.lora_A": q_a, "layers.0.self_attn.k_proj.lora_B": q_b.T}, packs, "t")
