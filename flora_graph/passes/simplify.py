@@ -8,6 +8,8 @@ the input it returns unchanged, only where that input already has the node's sha
   the constant operand static, of a static shape, and every one of its values the neutral one;
 - ``simplify-same-shape``: ``Reshape``, ``Expand`` or ``Cast`` to the shape and dtype ``x``
   already has, and ``Squeeze`` of the axes an ``Unsqueeze`` just inserted;
+- ``simplify-unsqueeze-chain``: ``Unsqueeze(Unsqueeze(x))`` (the inner one read nowhere else)
+  is one ``Unsqueeze`` (mask code inserts unit axes one at a time: one node per step instead of three);
 - ``simplify-arange-index``: ``x[arange(D0)[..], arange(D1)[..], ...]``, advanced indexing whose
   indices are ``arange`` over the whole of each indexed axis, each along its own axis in
   order: ``x`` with unit axes inserted (``Unsqueeze``), not a gather.
@@ -104,6 +106,33 @@ SAME_SHAPE = Rule("simplify-same-shape", Pat((Op.RESHAPE, Op.EXPAND, Op.CAST), p
                   doc="Reshape, Expand or Cast to the input's own shape and dtype -> the input.")
 
 
+# --------------------------------------------------------------------------- Unsqueeze(Unsqueeze(x))
+def _chained_axes(inner: ComputationNode, outer: ComputationNode) -> tuple[int, ...]:
+    """The axes one ``Unsqueeze`` of ``inner``'s input inserts to give ``outer``'s result."""
+    marks = ["x"] * len(inner.inputs[0].shape)
+    for unsq in (inner, outer):
+        rank = len(marks) + len(unsq.attrs["axes"])
+        for a in sorted(a % rank for a in unsq.attrs["axes"]):
+            marks.insert(a, "u")
+    return tuple(i for i, mark in enumerate(marks) if mark == "u")
+
+
+def _check_unsqueeze_chain(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = _start(m, ctx)
+    if res and ctx.other_users(m["inner"], m.root):
+        return res.fail("the inner Unsqueeze is read elsewhere too")
+    return res
+
+
+UNSQUEEZE_CHAIN = Rule("simplify-unsqueeze-chain",
+                       Pat(Op.UNSQUEEZE, (Pat(Op.UNSQUEEZE, (Pat.any("x"),), name="inner", pred=_untagged),),
+                           pred=_untagged),
+                       lambda m, ctx: ctx.add(Op.UNSQUEEZE, [m["x"]], {"axes": _chained_axes(m["inner"], m.root)},
+                                              name=f"{m.root.name}.merged", meta=m.root.meta),
+                       _check_unsqueeze_chain,
+                       doc="Unsqueeze(Unsqueeze(x, a), b) -> one Unsqueeze inserting both sets of axes.")
+
+
 # --------------------------------------------------------------------------- x[arange, arange]
 def _arange_axis(idx: ComputationNode, size) -> int | str:
     """The axis along which ``idx`` is ``arange(size)`` (every other axis 1), or why it is not."""
@@ -153,7 +182,7 @@ ARANGE_INDEX = Rule("simplify-arange-index", Pat(Op.INDEX, pred=_untagged, name=
                     _rewrite_arange_index, _check_arange_index,
                     doc="x indexed by aranges over its whole axes -> x with unit axes inserted.")
 
-RULES = RuleSet([NEUTRAL, SAME_SHAPE, SQUEEZE_UNSQUEEZE, ARANGE_INDEX])
+RULES = RuleSet([NEUTRAL, SAME_SHAPE, SQUEEZE_UNSQUEEZE, UNSQUEEZE_CHAIN, ARANGE_INDEX])
 
 
 @register_pass("simplify")

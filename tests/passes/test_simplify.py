@@ -90,8 +90,8 @@ def test_indexing_by_whole_aranges_is_an_unsqueeze() -> None:
     before = g.copy()
     res = simplify(g)
     after = verify(res.graph)
-    assert res.stats["fired"] == {"simplify-arange-index": 1}
-    (unsq,) = [n for n in after.nodes if n.op is Op.UNSQUEEZE]
+    assert res.stats["fired"]["simplify-arange-index"] == 1  # (and the index's own Unsqueeze chains merge)
+    (unsq,) = [n for n in after.nodes if n.op is Op.UNSQUEEZE and n.inputs[0].name == "m"]
     assert unsq.attrs["axes"] == (1, 2) and unsq.inputs[0].name == "m" and Op.INDEX not in _ops(after)
     x = {"m": RNG.random((3, 5)) < 0.6, "c": np.ones((1, 1, 1, 1), bool)}
     _same_values(before, after, x)
@@ -149,3 +149,22 @@ def test_a_squeeze_of_the_axes_an_unsqueeze_inserted_goes() -> None:
     assert res.stats["fired"] == {"simplify-squeeze-unsqueeze": 1}
     assert after.outputs["y"].inputs[0].name == "x" and "other" in {n.name for n in after.nodes}
     _same_values(before, after, {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)})
+
+
+@pytest.mark.parametrize(("axes1", "axes2", "axes3"), [((0,), (1,), (3,)), ((-1,), (0, 2), (-2,)), ((1, 2), (0,), (5,))])
+def test_a_chain_of_unsqueezes_is_one_unsqueeze(axes1, axes2, axes3) -> None:
+    g = Graph("chain")
+    x = g.input("x", ("seq", 4))
+    chain = g.add(Op.UNSQUEEZE, [g.add(Op.UNSQUEEZE, [g.add(Op.UNSQUEEZE, [x], {"axes": axes1})], {"axes": axes2})],
+                  {"axes": axes3})
+    shared = g.add(Op.UNSQUEEZE, [x], {"axes": (0,)}, name="shared")  # read twice: its readers keep it
+    g.set_output("y", g.add(Op.MUL, [chain, g.const("two", np.float32(2))], name="y"))
+    g.set_output("z", g.add(Op.ADD, [g.add(Op.UNSQUEEZE, [shared], {"axes": (1,)}), shared], name="z"))
+    before = verify(g).copy()
+    while simplify(g).changed:
+        pass
+    after = verify(g)
+    y_in = after.outputs["y"].inputs[0]
+    assert y_in.op is Op.UNSQUEEZE and y_in.inputs[0].name == "x" and y_in.shape == before.outputs["y"].shape
+    assert "shared" in {n.name for n in after.nodes}
+    _same_values(before, after, {"x": RNG.standard_normal((3, 4)).astype(np.float32)})
