@@ -95,10 +95,16 @@ def test_cli_serve_export_after_fused_keeps_every_adapter_swappable(demo: Demo, 
     model = onnx.load(str(out))
     assert len(model.graph.input) == 29
     assert [i.name for i in model.graph.input] == [i.name for i in onnx.load(str(plain)).graph.input]
-    session = AdapterSession(out, intra_op_threads=1)
+    _serves_base_and_both_adapters(demo, out, write_adapter(demo.root / "own.onnx_adapter",
+                                                            graph_adapter_params(demo.graph), model=out))
+
+
+def _serves_base_and_both_adapters(demo: Demo, model, own) -> None:
+    """An AdapterSession on ``model`` gives the base model, ``own`` (a file) the merged model, and the rank-3
+    adapter (given per module) its merged model."""
+    session = AdapterSession(model, intra_op_threads=1)
     ids = {"input_ids": demo.ids.numpy()}
     np.testing.assert_allclose(session.run(ids)["output"], demo.eager(demo.base), atol=BASE_ATOL)
-    own = write_adapter(demo.root / "own.onnx_adapter", graph_adapter_params(demo.graph), model=out)
     session.load_adapter("own", own)
     session.load_adapter("other", adapter_params(demo.other))
     for name, ref in (("own", demo.merged), ("other", demo.other_merged)):
@@ -297,14 +303,9 @@ def test_packed_slots_serve_per_module_adapters_like_the_unpacked_ones(demo: Dem
     model = export_swappable(packed)
     unpacked = export_swappable(optimize(demo.graph, "fused", slots="swappable"))
     assert len(model.graph.node) < len(unpacked.graph.node) - 20
-    session = AdapterSession(model, intra_op_threads=1)
+    _serves_base_and_both_adapters(demo, model, write_adapter(demo.root / "own_packed.onnx_adapter",
+                                                              graph_adapter_params(demo.graph), model=model))
     ids = {"input_ids": demo.ids.numpy()}
-    np.testing.assert_allclose(session.run(ids)["output"], demo.eager(demo.base), atol=BASE_ATOL)
-    path = write_adapter(demo.root / "own_packed.onnx_adapter", graph_adapter_params(demo.graph), model=model)
-    session.load_adapter("own", path)
-    session.load_adapter("other", adapter_params(demo.other))
-    for name, ref in (("own", demo.merged), ("other", demo.other_merged)):
-        np.testing.assert_allclose(session.run(ids, name)["output"], demo.eager(ref), atol=ATOL)
     mixed = MixedAdapterSession(export_mixed(packed), {"own": graph_adapter_params(demo.graph),
                                                        "other": adapter_params(demo.other)}, intra_op_threads=1)
     names = ["other", None, "own"]
