@@ -139,8 +139,13 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     options: dict[str, object] = {"fuse_base_and_down": True if fbd == "all" else fbd} if fbd else {}
     if args.slots != "none":
         options["slots"] = args.slots
+    if args.pack_slots:
+        if args.slots == "none":
+            console.print("[red]--pack-slots packs adapter slots: give --slots swappable or --slots mixed too[/red]")
+            return 2
+        options["pack_slots"] = True
     out, report = optimize_with_report(graph, args.preset, verify_each=args.verify, on_pass=show, **options)
-    slots = f" --slots {args.slots}" if args.slots != "none" else ""
+    slots = (f" --slots {args.slots}" if args.slots != "none" else "") + (" --pack-slots" if args.pack_slots else "")
     table = Table(title=f"optimize {graph.name!r} --preset {args.preset}{slots}")
     for col in ("pass", "runs", "changed", "ms", "rules fired"):
         table.add_column(col, no_wrap=col == "pass")
@@ -316,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first make every LoRA site an adapter slot whose weights are graph inputs (one adapter per "
                         "run, or per batch row), which every preset keeps, so serve-export keeps every adapter "
                         "swappable (default: %(default)s: the preset may fuse or merge the adapters)")
+    o.add_argument("--pack-slots", action="store_true",
+                   help="with --slots: pack sibling linear slots on one input (q/k/v, gate/up) into one slot over the "
+                        "concatenated layer, fewer nodes per decode step; adapters are still given per module "
+                        "(default: off; the GenAI export turns it on)")
     o.add_argument("--verify", action="store_true", help="verify the graph after every pass")
     o.set_defaults(func=_optimize)
     e = sub.add_parser("export", help="export a model (+ PEFT adapter) to optimized ONNX / TorchScript / pt2")

@@ -335,3 +335,16 @@ def test_pack_params_is_block_diagonal_and_refuses_half_a_module(demo: Demo) -> 
         pack_params({"layers.0.self_attn.q_proj.lora_A": q_a}, packs, "t")
     with pytest.raises(AdapterFileError, match=r"'t'.*k_proj.*do not fit"):
         pack_params({"layers.0.self_attn.k_proj.lora_A": q_a, "layers.0.self_attn.k_proj.lora_B": q_b.T}, packs, "t")
+
+
+def test_cli_optimize_pack_slots_then_serve_export(demo: Demo, capsys) -> None:
+    gp, out = demo.root / "gp", demo.root / "packed.onnx"
+    assert main(["optimize", str(demo.g), "--preset", "fused", "--pack-slots", "--save", str(gp)]) == 2
+    assert "--slots swappable" in " ".join(capsys.readouterr().out.split()) and not gp.exists()
+    assert main(["optimize", str(demo.g), "--preset", "fused", "--slots", "swappable", "--pack-slots",
+                 "--save", str(gp)]) == 0
+    assert "pack-slots x4" in " ".join(capsys.readouterr().out.split())
+    assert main(["serve-export", str(gp), str(out)]) == 0
+    names = [i.name for i in onnx.load(str(out)).graph.input]
+    assert len(names) == 1 + 2 * len(PACKED) and "layers.1.mlp.gate_proj+up_proj.lora_B" in names
+    _serves_base_and_both_adapters(demo, out, graph_adapter_params(demo.graph))
