@@ -27,6 +27,7 @@ restack (milliseconds) instead of a new session.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -62,11 +63,12 @@ def slotted(graph: Graph, slots: str = "swappable") -> Graph:
     return g
 
 
-def _export(graph: Graph, slots: str, opset: int, path: str | Path | None) -> onnx.ModelProto:
+def _export(graph: Graph, slots: str, opset: int, path: str | Path | None,
+            packed: Sequence[LoRASlot] = ()) -> onnx.ModelProto:
     g = slotted(graph, slots)
     model = to_onnx(g, opset)
     props = {p.key: p.value for p in model.metadata_props}
-    helper.set_model_props(model, {**props, **slots_to_metadata(graph_slots(g), slots)})
+    helper.set_model_props(model, {**props, **slots_to_metadata(graph_slots(g), slots, packed)})
     if path is not None:
         save_onnx(model, path)
     return model
@@ -85,7 +87,8 @@ def export_swappable(graph: Graph, path: str | Path | None = None, *, opset: int
     return _export(graph, "swappable", opset, path)
 
 
-def export_mixed(graph: Graph, path: str | Path | None = None, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def export_mixed(graph: Graph, path: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
+                 packed: Sequence[LoRASlot] = ()) -> onnx.ModelProto:
     """The ONNX model of ``graph`` serving rows with different adapters in one call.
 
     Inputs: the graph's own, ``adapter_index`` (int64 ``[batch]``, ``-1``: no adapter) and,
@@ -93,5 +96,9 @@ def export_mixed(graph: Graph, path: str | Path | None = None, *, opset: int = D
     :func:`~flora_graph.serving.mixed.stack_adapters` for their layout). Every site's input
     must have the batch rows as its first dim (the first graph input's first dim);
     :class:`ServingError` names a module where it does not. Writes ``path`` atomically when given.
+    ``packed``: the packed slots (``pack-slots``) of the swappable export beside it, whose adapter
+    files a :class:`~flora_graph.serving.mixed.MixedAdapterSession` on this model then unpacks per
+    module (the mixed model itself is best left unpacked: its per-row gathers would copy the
+    zero blocks of a block-diagonal ``B``).
     """
-    return _export(graph, "mixed", opset, path)
+    return _export(graph, "mixed", opset, path, packed)

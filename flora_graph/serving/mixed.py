@@ -21,7 +21,7 @@ import numpy as np
 from flora_graph.serving.errors import AdapterIndexError, ServingError, UnknownAdapterError
 from flora_graph.serving.export import INDEX_INPUT, stack_names
 from flora_graph.serving.session import AdapterSource, ModelSource, OrtModel, load_params
-from flora_graph.serving.slots import LoRASlot, param_spec, slots_from_metadata
+from flora_graph.serving.slots import LoRASlot, packed_from_metadata, param_spec, slots_from_metadata
 
 __all__ = ["NO_ADAPTER", "MixedAdapterSession", "stack_adapters"]
 
@@ -92,6 +92,7 @@ class MixedAdapterSession:
         if kind != "mixed" or INDEX_INPUT not in self.model.inputs:
             raise ServingError(f"{self.model.where} is a {kind!r} export, not a mixed one (export_mixed)")
         self.spec = param_spec(self.slots)
+        self.spec.unpacks = packed_from_metadata(self.model.metadata, self.model.where)  # files packed for model.onnx
         self._stacked = {n for s in self.slots for n in stack_names(s)}
         self._request = [n for n in self.model.inputs if n != INDEX_INPUT and n not in self._stacked]
         self._lock = threading.Lock()

@@ -16,6 +16,7 @@ exports record in the model's metadata (:func:`slots_to_metadata`).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -38,9 +39,11 @@ __all__ = [
     "graph_adapter_params",
     "graph_slots",
     "pack_params",
+    "packed_from_metadata",
     "param_spec",
     "slots_from_metadata",
     "slots_to_metadata",
+    "unpack_params",
 ]
 
 METADATA_KEY = "flora_graph.lora_slots"
@@ -54,6 +57,7 @@ class ParamSpec(dict[str, tuple[tuple[int | str | None, ...], np.dtype]]):
     """
 
     packs: tuple[LoRASlot, ...] = ()
+    unpacks: tuple[LoRASlot, ...] = ()  # packed slots of another export whose adapter files this model reads per module
 
 
 @dataclass(frozen=True)
@@ -159,9 +163,26 @@ def graph_adapter_params(graph: Graph) -> dict[str, np.ndarray]:
     return out
 
 
-def slots_to_metadata(slots: Sequence[LoRASlot], kind: str) -> dict[str, str]:
-    """``metadata_props`` entries recording ``slots`` and the export ``kind`` (``swappable`` or ``mixed``)."""
-    return {METADATA_KEY: json.dumps({"kind": kind, "slots": [s.to_json() for s in slots]})}
+def slots_to_metadata(slots: Sequence[LoRASlot], kind: str, packed: Sequence[LoRASlot] = ()) -> dict[str, str]:
+    """``metadata_props`` entries recording ``slots`` and the export ``kind`` (``swappable`` or ``mixed``).
+
+    ``packed``: the packed slots of a sibling export (the GenAI model) whose adapter files this
+    model reads, unpacking them per module (:func:`unpack_params`).
+    """
+    doc: dict[str, Any] = {"kind": kind, "slots": [s.to_json() for s in slots]}
+    if packed:
+        doc["packed"] = [s.to_json() for s in packed]
+    return {METADATA_KEY: json.dumps(doc)}
+
+
+def packed_from_metadata(props: Mapping[str, str], where: str) -> tuple[LoRASlot, ...]:
+    """The ``packed`` slots recorded by :func:`slots_to_metadata` (none when absent)."""
+    if METADATA_KEY not in props:
+        return ()
+    try:
+        return tuple(LoRASlot.from_json(d) for d in json.loads(props[METADATA_KEY]).get("packed", []))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ServingError(f"{where}: malformed {METADATA_KEY!r} metadata ({exc})") from None
 
 
 def slots_from_metadata(props: Mapping[str, str], where: str) -> tuple[str, list[LoRASlot]]:
@@ -229,6 +250,40 @@ def pack_params(params: Mapping[str, Any], packs: Sequence[LoRASlot], adapter: s
     return out
 
 
+def unpack_params(params: Mapping[str, Any], packs: Sequence[LoRASlot], adapter: str) -> dict[str, Any]:
+    """The inverse of :func:`pack_params`: each packed slot's ``A``/``B`` in ``params`` split per member module.
+
+    Member ``i`` owns rows ``out_i`` of ``B``, and its rank is the columns of ``B`` that are
+    nonzero in those rows. A column that is zero everywhere adds nothing and is dropped; a
+    column nonzero in the rows of two members is not block-diagonal and refused with
+    :class:`AdapterFileError` naming the parameter. A member with no column is left out (rank 0).
+    """
+    out = dict(params)
+    for slot in packs:
+        if slot.a_name not in out and slot.b_name not in out:
+            continue
+        if (slot.a_name in out) != (slot.b_name in out):
+            have, miss = (slot.a_name, slot.b_name) if slot.a_name in out else (slot.b_name, slot.a_name)
+            raise AdapterFileError(f"adapter {adapter!r} sets {have!r} but not {miss!r}; a module's A and B come together")
+        a = to_array(out.pop(slot.a_name), f"adapter {adapter!r}: parameter {slot.a_name!r}", AdapterFileError)
+        b = to_array(out.pop(slot.b_name), f"adapter {adapter!r}: parameter {slot.b_name!r}", AdapterFileError)
+        if a.ndim != 2 or b.shape != (slot.out, a.shape[0]):
+            raise AdapterFileError(f"adapter {adapter!r}: parameters {slot.a_name!r} {list(a.shape)} and {slot.b_name!r} "
+                                   f"{list(b.shape)} do not fit [rank, in] and [{slot.out}, rank]")
+        bounds = np.cumsum([0, *slot.member_outs])
+        used = np.stack([np.any(b[lo:hi] != 0, axis=0) for lo, hi in itertools.pairwise(bounds)])
+        shared = np.flatnonzero(used.sum(axis=0) > 1)
+        if shared.size:
+            raise AdapterFileError(f"adapter {adapter!r}: parameter {slot.b_name!r} is not block-diagonal over "
+                                   f"{list(slot.members)} (column {int(shared[0])} feeds two of them)")
+        for k, (module, (lo, hi)) in enumerate(zip(slot.members, itertools.pairwise(bounds), strict=True)):
+            cols = np.flatnonzero(used[k])
+            if cols.size:
+                a_name, b_name = weight_names(module)
+                out[a_name], out[b_name] = a[cols], b[lo:hi][:, cols]
+    return out
+
+
 def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, cast: bool = False) -> dict[str, np.ndarray]:
     """Validate adapter ``params`` against ``spec``; return them as contiguous arrays.
 
@@ -238,9 +293,11 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
     unless ``cast`` converts float arrays. Raises :class:`AdapterFileError` naming
     ``adapter`` and the parameter at fault.
     """
-    packs = getattr(spec, "packs", ())
+    packs, unpacks = getattr(spec, "packs", ()), getattr(spec, "unpacks", ())
     if packs and not set(params) <= set(spec):
         params = pack_params(params, packs, adapter)
+    if unpacks and not set(params) <= set(spec):
+        params = unpack_params(params, unpacks, adapter)
     out: dict[str, np.ndarray] = {}
     bound: dict[str, tuple[int, str]] = {}
     unknown = sorted(set(params) - set(spec))

@@ -348,3 +348,34 @@ def test_cli_optimize_pack_slots_then_serve_export(demo: Demo, capsys) -> None:
     names = [i.name for i in onnx.load(str(out)).graph.input]
     assert len(names) == 1 + 2 * len(PACKED) and "layers.1.mlp.gate_proj+up_proj.lora_B" in names
     _serves_base_and_both_adapters(demo, out, graph_adapter_params(demo.graph))
+
+
+def test_unpack_params_inverts_pack_params_and_refuses_a_b_that_is_not_block_diagonal(demo: Demo) -> None:
+    """The mixed model of a GenAI package is unpacked; it reads the package's packed files member by member."""
+    from flora_graph.serving.errors import AdapterFileError
+    from flora_graph.serving.slots import graph_slots, pack_params, unpack_params
+
+    packs = [s for s in graph_slots(optimize(demo.graph, "fused", slots="swappable", pack_slots=True)) if s.members]
+    per_module = adapter_params(demo.other)  # rank 3 on every projection
+    per_module["layers.0.self_attn.k_proj.lora_B"][:, 1] = 0  # a zero column of B adds nothing: dropped
+    packed = pack_params(per_module, packs, "t")
+    back = unpack_params(packed, packs, "t")
+    assert set(back) == set(per_module)
+    for name, value in per_module.items():
+        if name == "layers.0.self_attn.k_proj.lora_A":
+            np.testing.assert_array_equal(back[name], value[[0, 2]])
+        elif name == "layers.0.self_attn.k_proj.lora_B":
+            np.testing.assert_array_equal(back[name], value[:, [0, 2]])
+        else:
+            np.testing.assert_array_equal(back[name], value)
+    qkv = packs[0]
+    bad = dict(packed)
+    bad[qkv.b_name] = np.ones_like(packed[qkv.b_name])
+    with pytest.raises(AdapterFileError, match=r"not block-diagonal.*q_proj"):
+        unpack_params(bad, packs, "t")
+    ids = {"input_ids": demo.ids.numpy()}  # a mixed model of the unpacked graph, told of the packs, loads packed params
+    model = export_mixed(optimize(demo.graph, "fused", slots="swappable"), packed=packs)
+    session = MixedAdapterSession(model, {"other": pack_params(adapter_params(demo.other), packs, "other")},
+                                  intra_op_threads=1)
+    want = np.stack([demo.eager(demo.other_merged, demo.ids[i : i + 1])[0] for i in range(3)])
+    np.testing.assert_allclose(session.run(ids, ["other"] * 3)["output"], want, atol=ATOL)
