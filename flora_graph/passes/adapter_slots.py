@@ -20,10 +20,12 @@ node tagged as part of a LoRA adapter (``meta["role"]`` / ``meta["module"]`` fro
 or the roles the fusing passes give) no longer belongs to an intact site or slot: a pass
 fused or merged that adapter, and a slot made of the rest would bake it in silently.
 
-Every other pass leaves a slot alone: no pass's pattern has a slot op, and a slot's weights
-are graph inputs, never static, so nothing folds, merges, concatenates or reassociates
-them. Run this pass before a preset (``optimize(graph, preset, slots="swappable")``) and
-every adapter stays swappable.
+The presets' passes leave a slot alone: no pattern of theirs has a slot op, and a slot's
+weights are graph inputs, never static, so nothing folds, merges, concatenates or
+reassociates them. Run this pass before a preset (``optimize(graph, preset, slots="swappable")``)
+and every adapter stays swappable. The one pass that rewrites slots, on request, is
+``pack-slots`` (:mod:`flora_graph.passes.pack_slots`): it joins sibling slots into one that
+stays swappable, its adapters packed from the per-module ones where they are loaded.
 """
 
 from __future__ import annotations
