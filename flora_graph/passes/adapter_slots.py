@@ -46,8 +46,8 @@ from flora_graph.passes.lora_pattern import LoRAMatch, find_lora
 from flora_graph.passes.rewrite import eval_static, schedule
 
 __all__ = [
-    "INDEX_INPUT", "LORA_ROLES", "SLOTS_DIM", "SLOT_KINDS", "SLOT_OPS", "adapter_slots", "lora_sites", "own_weights",
-    "rank_dim", "slot_inputs", "slot_nodes", "weight_names",
+    "INDEX_INPUT", "LORA_ROLES", "SLOTS_DIM", "SLOT_KINDS", "SLOT_OPS", "adapter_slots", "drop_unread_inputs", "lora_sites",
+    "own_weights", "rank_dim", "rewire", "slot_inputs", "slot_nodes", "weight_names",
 ]
 
 SLOT_KINDS = ("swappable", "mixed")
@@ -198,13 +198,21 @@ def _check_rows(graph: Graph, sites: Iterable[_Site]) -> Dim:
     return batch
 
 
-def _rewire(graph: Graph, repl: Mapping[ComputationNode, ComputationNode]) -> None:
+def rewire(graph: Graph, repl: Mapping[ComputationNode, ComputationNode]) -> None:
     """Every reader of a key (and every output) reads its value instead, in one walk."""
     for n in graph.nodes:
         if any(i in repl for i in n.inputs):
             n.inputs = [repl.get(i, i) for i in n.inputs]
     for k, v in graph.outputs.items():
         graph.outputs[k] = repl.get(v, v)
+
+
+def drop_unread_inputs(graph: Graph, candidates: Iterable[ComputationNode]) -> None:
+    """Remove the graph inputs among ``candidates`` that no node reads any more (a replaced slot's weights)."""
+    read = {i for n in graph.nodes for i in n.inputs}
+    for i in dict.fromkeys(candidates):
+        if i not in read and i in graph.inputs:
+            graph.remove_input(i)
 
 
 def _input(graph: Graph, module: str, name: str, dims: tuple[Dim, ...], dtype: str, default: np.ndarray | None):
@@ -259,13 +267,10 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     batch = _check_rows(graph, sites) if slots == "mixed" else None
     # 1. detach each site behind a placeholder, so its branch (and its weights' names) leave the graph
     holders = {s.root: graph.add(Op.IDENTITY, [s.base], name=f"{s.module}.lora_slot_pending") for s in sites}
-    _rewire(graph, holders)
+    rewire(graph, holders)
     old = list(dict.fromkeys(i for n in convert for i in n.inputs[2:]))  # a converted slot's weight (and index) inputs
     graph.remove_dead()
-    read = {i for n in graph.nodes for i in n.inputs}
-    for i in old:
-        if i not in read and i in graph.inputs:
-            graph.remove_input(i)
+    drop_unread_inputs(graph, old)
     # 2. the slots, their weights graph inputs (the index after the first site's stacks, as serving exports)
     index = next((i for i in graph.inputs if i.name == INDEX_INPUT), None)
     made: dict[ComputationNode, ComputationNode] = {}
@@ -280,7 +285,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
             made[holders[s.root]] = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot", meta=s.meta)
         except GraphError as exc:
             raise AdapterError(f"module {s.module!r}: cannot make its slot: {exc}") from None
-    _rewire(graph, made)
+    rewire(graph, made)
     schedule(graph)
     graph.remove_dead()
     stats["fired"] = {"adapter-slots": len(sites)}

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from flora_graph.ir import ComputationNode, Graph, Op, OpGroup
-from flora_graph.passes.adapter_slots import INDEX_INPUT, slot_inputs
+from flora_graph.passes.adapter_slots import INDEX_INPUT, drop_unread_inputs, rewire, slot_inputs
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import schedule, static_nodes
 
@@ -117,17 +117,10 @@ def pack_slots(graph: Graph) -> PassResult:
         old += weights
         packed.append([str(n.attrs["module"]) for n in group])
     if repl:
-        for n in graph.nodes:
-            if any(i in repl for i in n.inputs):
-                n.inputs = [repl.get(i, i) for i in n.inputs]
-        for k, v in graph.outputs.items():
-            graph.outputs[k] = repl.get(v, v)
+        rewire(graph, repl)
         schedule(graph)
         graph.remove_dead()
-        read = {i for n in graph.nodes for i in n.inputs}
-        for i in dict.fromkeys(old):
-            if i not in read and i in graph.inputs:
-                graph.remove_input(i)
+        drop_unread_inputs(graph, old)
     stats = {"fired": {_NAME: len(packed)} if packed else {}, "refused": refused, "packed": packed,
              "time_s": time.perf_counter() - t0}
     return PassResult(graph, bool(packed), stats)

@@ -164,8 +164,9 @@ def export_genai(
     say("optimizing (fused, adapter slots)")
     from flora_graph.passes import optimize
 
-    captured = graph
-    graph = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable", "pack_slots": True} if sites else {}))
+    unpacked = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable"} if sites else {}))
+    # model.onnx: sibling slots packed (fewer nodes per step); mixed.onnx below keeps them unpacked
+    graph = optimize(unpacked, ["pack-slots", "cse", "dce"]) if sites else unpacked
     seconds["optimize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -185,7 +186,6 @@ def export_genai(
 
             # unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
             # with 8 adapters); the mixed session unpacks the package's packed adapter files
-            unpacked = optimize(captured, "fused", backend="onnxruntime", slots="swappable")
             export_mixed(unpacked, tmp / MIXED_FILE, opset=GENAI_OPSET,
                          packed=[s for s in graph_slots(graph) if s.members])
         else:

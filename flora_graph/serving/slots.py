@@ -105,7 +105,7 @@ class LoRASlot:
         a, base, x = node.attrs, node.inputs[0], node.inputs[1]
         if a["kind"] == "linear":
             members = tuple(m for m in str(a.get("members", "")).split(",") if m)
-            return cls(a["module"], "linear", (int(x.shape[-1]), ), int(base.shape[-1]), (), node.dtype,
+            return cls(a["module"], "linear", (int(x.shape[-1]),), int(base.shape[-1]), (), node.dtype,
                        members=members, member_outs=tuple(int(o) for o in a.get("member_outs", ())) if members else ())
         return cls(a["module"], "conv", (int(x.shape[1]), *a["kernel"]), int(base.shape[1]), (1, 1), node.dtype,
                    tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
@@ -207,6 +207,13 @@ def param_spec(slots: Sequence[LoRASlot]) -> ParamSpec:
     return spec
 
 
+def _both_or_neither(params: Mapping[str, Any], a_name: str, b_name: str, adapter: str) -> None:
+    """Refuse, naming both, an adapter that sets one of a module's ``A`` and ``B`` without the other."""
+    if (a_name in params) != (b_name in params):
+        have, miss = (a_name, b_name) if a_name in params else (b_name, a_name)
+        raise AdapterFileError(f"adapter {adapter!r} sets {have!r} but not {miss!r}; a module's A and B come together")
+
+
 def pack_params(params: Mapping[str, Any], packs: Sequence[LoRASlot], adapter: str) -> dict[str, Any]:
     """``params`` with the per-module weights of each packed slot's members packed into the slot's own.
 
@@ -223,9 +230,7 @@ def pack_params(params: Mapping[str, Any], packs: Sequence[LoRASlot], adapter: s
             continue
         a_parts, b_parts = [], []
         for (a_name, b_name), width in zip(names, slot.member_outs, strict=True):
-            if (a_name in out) != (b_name in out):
-                have, miss = (a_name, b_name) if a_name in out else (b_name, a_name)
-                raise AdapterFileError(f"adapter {adapter!r} sets {have!r} but not {miss!r}; a module's A and B come together")
+            _both_or_neither(out, a_name, b_name, adapter)
             if a_name not in out:
                 a_parts.append(np.zeros((0, *slot.in_dims), np.float32))
                 b_parts.append(np.zeros((width, 0), np.float32))
@@ -262,9 +267,7 @@ def unpack_params(params: Mapping[str, Any], packs: Sequence[LoRASlot], adapter:
     for slot in packs:
         if slot.a_name not in out and slot.b_name not in out:
             continue
-        if (slot.a_name in out) != (slot.b_name in out):
-            have, miss = (slot.a_name, slot.b_name) if slot.a_name in out else (slot.b_name, slot.a_name)
-            raise AdapterFileError(f"adapter {adapter!r} sets {have!r} but not {miss!r}; a module's A and B come together")
+        _both_or_neither(out, slot.a_name, slot.b_name, adapter)
         a = to_array(out.pop(slot.a_name), f"adapter {adapter!r}: parameter {slot.a_name!r}", AdapterFileError)
         b = to_array(out.pop(slot.b_name), f"adapter {adapter!r}: parameter {slot.b_name!r}", AdapterFileError)
         if a.ndim != 2 or b.shape != (slot.out, a.shape[0]):
@@ -293,11 +296,9 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
     unless ``cast`` converts float arrays. Raises :class:`AdapterFileError` naming
     ``adapter`` and the parameter at fault.
     """
-    packs, unpacks = getattr(spec, "packs", ()), getattr(spec, "unpacks", ())
-    if packs and not set(params) <= set(spec):
-        params = pack_params(params, packs, adapter)
-    if unpacks and not set(params) <= set(spec):
-        params = unpack_params(params, unpacks, adapter)
+    if not set(params) <= set(spec):  # per-module weights for a packed model, or packed ones for an unpacked one
+        params = unpack_params(pack_params(params, getattr(spec, "packs", ()), adapter),
+                               getattr(spec, "unpacks", ()), adapter)
     out: dict[str, np.ndarray] = {}
     bound: dict[str, tuple[int, str]] = {}
     unknown = sorted(set(params) - set(spec))

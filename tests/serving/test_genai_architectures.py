@@ -65,7 +65,7 @@ def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path:
         adapted = peft.get_peft_model(tiny_causal_lm(arch), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         adapted.base_model.model.load_state_dict(model.state_dict(), strict=False)
         for mod in adapted.modules():
-            if hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}):
+            if "default" in getattr(mod, "lora_B", {}):
                 torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
         adapted.save_pretrained(tmp_path / "ad")
         report = export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
