@@ -190,9 +190,7 @@ class Basis:
     def dual(self) -> torch.Tensor:
         """``(P P^T)^{-1} P`` (``r x k``, ``P``'s dtype and device), computed on first use (then also ``dual_t``)."""
         if self._dual is None:
-            where = self.proj.device if self.proj.device.type != "mps" else torch.device("cpu")  # no float64 on MPS
-            p64 = self.proj.to(where, torch.float64)
-            self._dual = torch.linalg.solve(p64 @ p64.T, p64).to(self.proj.device, self.proj.dtype)
+            self._dual = lift_coefficients(self.proj, self.proj)  # (P P^T)^{-1} P, solved in float64
             self.dual_t = self._dual.t()
         return self._dual
 
