@@ -41,8 +41,13 @@ def step_size(group: dict[str, Any], p: torch.Tensor, step: int, spec: ShardSpec
     return p_rms.clamp(min=group["eps"][1]) * min(1e-2, 1.0 / math.sqrt(step))
 
 
-def clip_scale(sq_norm: torch.Tensor, numel: int, group: dict[str, Any], lr: float | torch.Tensor) -> torch.Tensor:
-    """``lr / max(1, RMS(direction) / clip_threshold)`` as a 0-dim tensor from the squared norm (no host sync)."""
+def clip_scale(sq_norm: torch.Tensor, numel: int | torch.Tensor, group: dict[str, Any],
+               lr: float | torch.Tensor) -> torch.Tensor:
+    """``lr / max(1, RMS(direction) / clip_threshold)`` from the squared norm (no host sync).
+
+    A 0-dim tensor for one direction; given 1-D ``sq_norm`` and ``numel`` (one entry per
+    direction), the scales of all of them.
+    """
     if group["clip_threshold"] is None:
         return torch.ones_like(sq_norm) * lr
     rms = (sq_norm / numel).sqrt_()
@@ -136,11 +141,10 @@ def vector_step(params: list[torch.Tensor], states: list[dict[str, Any]], group:
     lr = lrs[0] if not group["relative_step"] else torch.stack(lrs)
     if group["clip_threshold"] is None:
         scales = (torch.ones(len(params), dtype=torch.float32, device=params[0].device) * lr).unbind()
-    else:  # clip_scale's arithmetic, per parameter
-        mean_sq = torch._foreach_pow(torch._foreach_norm(directions), 2.0)
-        torch._foreach_div_(mean_sq, [float(p.numel()) for p in params])
-        rms = torch.stack(mean_sq).sqrt_()
-        scales = (rms / group["clip_threshold"]).clamp_(min=1.0).reciprocal_().mul_(lr).unbind()
+    else:
+        sq_norms = torch.stack(torch._foreach_norm(directions)).square_()
+        numels = torch.tensor([float(p.numel()) for p in params], dtype=torch.float32, device=sq_norms.device)
+        scales = clip_scale(sq_norms, numels, group, lr).unbind()
     works = [p if p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
              else p.detach().to(torch.float32 if p.dtype in LOW_PRECISION else p.dtype).contiguous() for p in params]
     if group["weight_decay"]:
