@@ -109,11 +109,15 @@ def dims_tensor(ctx: Any, dims: Sequence[Dim], node: ComputationNode, hint: str)
 
 
 def scalar_dim(ctx: Any, dim: Dim, node: ComputationNode, dtype: str) -> str:
-    """A rank-0 value of ``dtype`` holding ``dim`` (for ``Range``)."""
+    """A rank-0 value of ``dtype`` holding ``dim`` (for ``Range``; made once per dim and dtype)."""
     if isinstance(dim, int):
         return ctx.constant(np.array(dim, dtype=dtype), f"{node.name}/{dim}")
-    value = ctx.emit("Squeeze", [dim_tensor(ctx, dim, node), int64(ctx, [0], f"{node.name}/axes")])
-    return value if dtype == "int64" else ctx.emit("Cast", [value], to=ONNX_DTYPES[dtype])
+
+    def make() -> str:
+        value = ctx.emit("Squeeze", [dim_tensor(ctx, dim, node), int64(ctx, [0], f"{node.name}/axes")])
+        return value if dtype == "int64" else ctx.emit("Cast", [value], to=ONNX_DTYPES[dtype])
+
+    return ctx.once(("scalar-dim", canonical_dim(dim), dtype), make)
 
 
 def split_key(node: ComputationNode) -> tuple[Any, ...]:

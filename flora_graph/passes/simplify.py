@@ -13,6 +13,10 @@ the input it returns unchanged, only where that input already has the node's sha
 - ``simplify-arange-index``: ``x[arange(D0)[..], arange(D1)[..], ...]``, advanced indexing whose
   indices are ``arange`` over the whole of each indexed axis, each along its own axis in
   order: ``x`` with unit axes inserted (``Unsqueeze``), not a gather.
+- ``simplify-arange-shift``: ``arange(s, e, k) + c`` where ``c`` is a one-element
+  ``arange(c0, c0 + 1)`` (through ``Reshape``/``Squeeze``/``Unsqueeze``) is ``arange(s + c0, e + c0, k)``:
+  Hugging Face's ``cache_position = arange(seq) + past_seq``, read off the inputs as one ``Range``
+  instead of two ranges, a reshape and an add.
 
 Nodes tagged as part of a LoRA adapter (``meta["role"]``) are left alone: the adapter passes
 recognise their sites by them.
@@ -23,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from flora_graph.ir import ComputationNode, Graph, Op
-from flora_graph.ir.shapes import canonical_dim, canonical_shape
+from flora_graph.ir.shapes import add_dims, canonical_dim, canonical_shape
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import RewriteContext
 from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
@@ -182,7 +186,46 @@ ARANGE_INDEX = Rule("simplify-arange-index", Pat(Op.INDEX, pred=_untagged, name=
                     _rewrite_arange_index, _check_arange_index,
                     doc="x indexed by aranges over its whole axes -> x with unit axes inserted.")
 
-RULES = RuleSet([NEUTRAL, SAME_SHAPE, SQUEEZE_UNSQUEEZE, UNSQUEEZE_CHAIN, ARANGE_INDEX])
+# --------------------------------------------------------------------------- arange + c
+def _one_element_start(c: ComputationNode):
+    """``c0`` when ``c`` is ``arange(c0, c0 + 1)`` (step 1), possibly reshaped; else ``None``."""
+    while c.op in (Op.RESHAPE, Op.SQUEEZE, Op.UNSQUEEZE) and c.inputs and _untagged(c):
+        c = c.inputs[0]
+    a = c.attrs
+    if c.op is not Op.ARANGE or not _untagged(c) or a.get("step") != 1:
+        return None
+    start, end = a.get("start"), a.get("end")
+    return start if canonical_dim(add_dims(start, 1)) == canonical_dim(end) else None
+
+
+def _check_arange_shift(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = _start(m, ctx)
+    if not res:
+        return res
+    ar, c, node = m["ar"], m["c"], m.root
+    if ar.dtype != c.dtype or ar.dtype != node.dtype or ar.dtype not in ("int32", "int64"):
+        return res.fail("the aranges differ in dtype or are not integers")
+    if canonical_shape(node.shape) != canonical_shape(ar.shape):
+        return res.fail("the add broadcasts the arange to another shape")
+    shift = _one_element_start(c)
+    if shift is None:
+        return res.fail(f"{c.name!r} is not a one-element arange")
+    m.extra["shift"] = shift
+    return res
+
+
+def _rewrite_arange_shift(m: Match, ctx: RewriteContext) -> ComputationNode:
+    a, shift = m["ar"].attrs, m.extra["shift"]
+    attrs = {**a, "start": canonical_dim(add_dims(a["start"], shift)), "end": canonical_dim(add_dims(a["end"], shift))}
+    return ctx.add(Op.ARANGE, [], attrs, name=f"{m.root.name}.arange", meta=m.root.meta)
+
+
+ARANGE_SHIFT = Rule("simplify-arange-shift",
+                    Pat(Op.ADD, (Pat(Op.ARANGE, name="ar", pred=_untagged), Pat.any("c")), pred=_untagged),
+                    _rewrite_arange_shift, _check_arange_shift,
+                    doc="arange(s, e, k) + one-element arange(c0, c0+1) -> arange(s + c0, e + c0, k).")
+
+RULES = RuleSet([NEUTRAL, SAME_SHAPE, SQUEEZE_UNSQUEEZE, UNSQUEEZE_CHAIN, ARANGE_INDEX, ARANGE_SHIFT])
 
 
 @register_pass("simplify")

@@ -176,8 +176,11 @@ def _live_nodes(graph: Graph) -> list[ComputationNode]:
     return live
 
 
-def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> onnx.ModelProto:
+def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contrib: bool = False) -> onnx.ModelProto:
     """Verify ``graph``, lower the part its outputs need to ONNX at ``opset`` (>= 18), check it.
+
+    ``contrib``: for ONNX Runtime only, use its ``com.microsoft`` contrib ops where its own
+    graph optimizer does not (:mod:`flora_graph.runtimes.ort_contrib`).
 
     Raises :class:`GraphError` for a graph that does not verify, :class:`UnsupportedOpError`
     listing the ops without a lowering and their nodes, and :class:`OnnxExportError` for a
@@ -189,19 +192,21 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> 
     its big weights declared as typed inputs instead of initializers (:func:`check_lowered`),
     so it never serializes the weights and works past protobuf's 2 GiB too.
     """
-    model, weights = lower(graph, opset, check=check)
+    model, weights = lower(graph, opset, check=check, contrib=contrib)
     for name, arr in weights.items():
         add_initializer(model.graph, name, arr)
     return model
 
 
-def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,
+          contrib: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """:func:`to_onnx` without the big weights: ``(model, {initializer name: array})``.
 
     ``model`` holds every node, input, output and small initializer; the arrays (float
     tensors of at least 1 KiB, views of the graph's weights, possibly transposed) are the
     initializers still to add, in order. :func:`save_onnx` writes them straight from the
-    arrays; :func:`to_onnx` adds them to the model. Same errors and ``check`` as :func:`to_onnx`.
+    arrays; :func:`to_onnx` adds them to the model. Same errors, ``check`` and ``contrib`` as
+    :func:`to_onnx`.
     """
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -222,6 +227,12 @@ def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> tu
         OPS[node.op].onnx(ctx, node, result)
         if widen:
             ctx.emit("Cast", [result], [out], to=ONNX_DTYPES[node.dtype])
+    opsets = [helper.make_opsetid("", opset)]
+    if contrib:
+        from flora_graph.runtimes.ort_contrib import CONTRIB_DOMAIN, fuse_skip_rms_norm
+
+        if fuse_skip_rms_norm(ctx):
+            opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     ctx.begin(None)
     for out, n in graph.outputs.items():  # outputs that are leaves or repeat a node: Identity
         if ctx.value(n) != out:
@@ -229,8 +240,7 @@ def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True) -> tu
     inputs = [helper.make_tensor_value_info(n.name, ONNX_DTYPES[n.dtype], list(n.shape)) for n in graph.inputs]
     outputs = [helper.make_tensor_value_info(k, ONNX_DTYPES[n.dtype], list(n.shape)) for k, n in graph.outputs.items()]
     onnx_graph = helper.make_graph(ctx.nodes, graph.name, inputs, outputs, list(ctx.initializers.values()))
-    opsets = [helper.make_opsetid("", opset)]
-    ir_version = helper.find_min_ir_version_for(opsets)
+    ir_version = helper.find_min_ir_version_for(opsets[:1])
     model = helper.make_model(onnx_graph, opset_imports=opsets, ir_version=ir_version, producer_name="flora_graph")
     if check:
         check_lowered(model, ctx.weights, f"graph {graph.name!r}")

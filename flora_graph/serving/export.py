@@ -64,9 +64,9 @@ def slotted(graph: Graph, slots: str = "swappable") -> Graph:
 
 
 def _export(graph: Graph, slots: str, opset: int, path: str | Path | None,
-            packed: Sequence[LoRASlot] = ()) -> onnx.ModelProto:
+            packed: Sequence[LoRASlot] = (), contrib: bool = False) -> onnx.ModelProto:
     g = slotted(graph, slots)
-    model = to_onnx(g, opset)
+    model = to_onnx(g, opset, contrib=contrib)
     props = {p.key: p.value for p in model.metadata_props}
     helper.set_model_props(model, {**props, **slots_to_metadata(graph_slots(g), slots, packed)})
     if path is not None:
@@ -74,21 +74,23 @@ def _export(graph: Graph, slots: str, opset: int, path: str | Path | None,
     return model
 
 
-def export_swappable(graph: Graph, path: str | Path | None = None, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def export_swappable(graph: Graph, path: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
+                     contrib: bool = False) -> onnx.ModelProto:
     """The ONNX model of ``graph`` with every LoRA site's weights as rank-0-default inputs.
 
     ``graph`` is a captured graph with LoRA branches, or a graph with adapter slots (for
     example ``optimize(graph, preset, slots="swappable")``); the adapters' own weights are
     not in the model (write them with ``write_adapter(path, graph_adapter_params(graph))``
     from the captured graph). The slots are recorded in the model's metadata. Writes
-    ``path`` atomically when given. Raises :class:`ServingError` naming the module for a
-    branch that cannot be made swappable.
+    ``path`` atomically when given. ``contrib``: the model is for ONNX Runtime only and may use
+    its contrib ops (see :func:`~flora_graph.runtimes.onnx_lowering.to_onnx`). Raises
+    :class:`ServingError` naming the module for a branch that cannot be made swappable.
     """
-    return _export(graph, "swappable", opset, path)
+    return _export(graph, "swappable", opset, path, contrib=contrib)
 
 
 def export_mixed(graph: Graph, path: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
-                 packed: Sequence[LoRASlot] = ()) -> onnx.ModelProto:
+                 packed: Sequence[LoRASlot] = (), contrib: bool = False) -> onnx.ModelProto:
     """The ONNX model of ``graph`` serving rows with different adapters in one call.
 
     Inputs: the graph's own, ``adapter_index`` (int64 ``[batch]``, ``-1``: no adapter) and,
@@ -99,6 +101,6 @@ def export_mixed(graph: Graph, path: str | Path | None = None, *, opset: int = D
     ``packed``: the packed slots (``pack-slots``) of the swappable export beside it, whose adapter
     files a :class:`~flora_graph.serving.mixed.MixedAdapterSession` on this model then unpacks per
     module (the mixed model itself is best left unpacked: its per-row gathers would copy the
-    zero blocks of a block-diagonal ``B``).
+    zero blocks of a block-diagonal ``B``). ``contrib`` as for :func:`export_swappable`.
     """
-    return _export(graph, "mixed", opset, path, packed)
+    return _export(graph, "mixed", opset, path, packed, contrib)

@@ -180,19 +180,19 @@ def export_genai(
         if sites:
             from flora_graph.serving.export import export_mixed, export_swappable
 
-            export_swappable(graph, tmp / MODEL_FILE, opset=GENAI_OPSET)
+            export_swappable(graph, tmp / MODEL_FILE, opset=GENAI_OPSET, contrib=True)
             say("writing the mixed-adapter model")
             from flora_graph.serving.slots import graph_slots
 
             # unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
             # with 8 adapters); the mixed session unpacks the package's packed adapter files
             export_mixed(unpacked, tmp / MIXED_FILE, opset=GENAI_OPSET,
-                         packed=[s for s in graph_slots(graph) if s.members])
+                         packed=[s for s in graph_slots(graph) if s.members], contrib=True)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
             from flora_graph.runtimes.onnx_writer import save_onnx
 
-            save_onnx(to_onnx(graph, GENAI_OPSET), tmp / MODEL_FILE)
+            save_onnx(to_onnx(graph, GENAI_OPSET, contrib=True), tmp / MODEL_FILE)
         if params:
             from flora_graph.serving.adapter_file import write_adapter
 

@@ -168,3 +168,51 @@ def test_a_chain_of_unsqueezes_is_one_unsqueeze(axes1, axes2, axes3) -> None:
     assert y_in.op is Op.UNSQUEEZE and y_in.inputs[0].name == "x" and y_in.shape == before.outputs["y"].shape
     assert "shared" in {n.name for n in after.nodes}
     _same_values(before, after, {"x": RNG.standard_normal((3, 4)).astype(np.float32)})
+
+
+def _cache_positions(shift_start: object = "past_seq", shift_len: object = None, dtype: str = "int64") -> Graph:
+    """Hugging Face's ``cache_position = arange(seq) + past_seq`` (the shift a one-element arange made a scalar),
+    compared with a key index as the causal mask code does."""
+    g = Graph("positions")
+    g.input("ids", ("batch", "seq"), "int64")
+    m = g.input("mask", ("batch", "past_seq+seq"), "int64")
+    g.input("past", ("batch", 2, "past_seq", 4))
+    shift_end = shift_len if shift_len is not None else f"{shift_start}+1"
+    one = g.add(Op.ARANGE, [], {"start": shift_start, "end": shift_end, "dtype": dtype})
+    pos = g.add(Op.ADD, [g.add(Op.ARANGE, [], {"end": "seq", "dtype": dtype}), g.add(Op.RESHAPE, [one], {"shape": ()})],
+                name="cache_position")
+    keys = g.add(Op.UNSQUEEZE, [g.add(Op.ARANGE, [], {"end": "past_seq+seq", "dtype": dtype})], {"axes": (0,)})
+    causal = g.add(Op.LESS_OR_EQUAL, [keys, g.add(Op.UNSQUEEZE, [pos], {"axes": (1,)})], name="causal")
+    pad = g.add(Op.UNSQUEEZE, [g.add(Op.CAST, [m], {"to": "bool"})], {"axes": (1,)})  # [batch, 1, past_seq+seq]
+    g.set_output("y", g.add(Op.AND, [causal, pad], name="y"))
+    return verify(g)
+
+
+def _mask_inputs(batch: int, seq: int, past: int) -> dict[str, np.ndarray]:
+    return {"ids": np.zeros((batch, seq), np.int64), "mask": (RNG.random((batch, past + seq)) < 0.8).astype(np.int64),
+            "past": np.zeros((batch, 2, past, 4), np.float32)}
+
+
+@pytest.mark.parametrize(("seq", "past"), [(1, 5), (4, 0), (3, 2)])
+def test_an_arange_shifted_by_a_one_element_arange_is_one_arange(seq, past) -> None:
+    g = _cache_positions()
+    before = g.copy()
+    res = simplify(g)
+    after = verify(res.graph)
+    assert res.stats["fired"]["simplify-arange-shift"] == 1
+    (pos,) = [n for n in after.nodes if n.op is Op.ARANGE and n.shape == ("seq",)]
+    assert (pos.attrs["start"], pos.attrs["end"]) == ("past_seq", "past_seq+seq")
+    assert _ops(after)[Op.ADD] == 0 and _ops(after)[Op.RESHAPE] == 0
+    _same_values(before, after, _mask_inputs(2, seq, past))
+
+
+def test_an_add_of_a_longer_arange_stays() -> None:
+    g = _cache_positions(shift_start=0, shift_len=1)  # arange(0, 1): a shift of 0, still one element
+    assert simplify(g.copy()).stats["fired"].get("simplify-arange-shift") == 1
+    g = Graph("longer")
+    a = g.add(Op.ARANGE, [], {"end": "seq"})
+    two = g.add(Op.ARANGE, [], {"start": 0, "end": 2})  # two elements: a broadcast, not a shift
+    g.input("x", ("seq",), "int64")
+    g.set_output("y", g.add(Op.ADD, [g.add(Op.UNSQUEEZE, [a], {"axes": (1,)}), two], name="y"))
+    res = simplify(verify(g))
+    assert "simplify-arange-shift" not in res.stats["fired"]
