@@ -12,7 +12,8 @@ folder that ``onnxruntime_genai.Model(OUT)`` loads, in one step::
     OUT/tokenizer.json, ...          the tokenizer files of the base folder, copied
 
 The model is captured with its cache (:func:`~flora_graph.frontend.causal_lm.capture_causal_lm`),
-optimized with the ``fused`` preset, and every LoRA site of any adapter becomes an adapter
+optimized with the ``fused`` preset and lowered for ONNX Runtime (``to_onnx(..., contrib=True)``:
+residual adds fused into ``SkipSimplifiedLayerNormalization``), and every LoRA site of any adapter becomes an adapter
 slot: its ``A``/``B`` are graph inputs with empty (rank-0) defaults, so the model alone is
 the base model, and ``og.Adapters(model).load(file, NAME)`` plus
 ``generator.set_active_adapter(adapters, NAME)`` switch adapters between generations. Each
