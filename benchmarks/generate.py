@@ -16,6 +16,8 @@ a ``--prompt``-token prompt with:
 
 Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds; each
 ratio is the median over the rounds of that round's ratio (the runs of a round are adjacent in time).
+Each runner holds its own copy of the weights, so each first generates one untimed token: the
+steps timed are the steady state, not a refill of the caches the previous runner evicted.
 Then a mixed-adapter batch: one row per adapter (``--adapters`` rows, distinct prompts of the
 same length), decoded together by the Generator (one call per step), against the same rows
 generated one after the other (Generator, one adapter each), against PEFT's
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             for adapter in which:
                 toks = {}
                 for name, fn in runs.items():  # interleaved
+                    fn(adapter, 1)  # untimed: the runner before evicted this one's weights from the CPU caches
                     full, t_full = fn(adapter, args.new)
                     _, t_one = fn(adapter, 1)
                     times.setdefault((name, adapter), []).append((t_full - t_one) / (args.new - 1))
