@@ -176,37 +176,41 @@ def _live_nodes(graph: Graph) -> list[ComputationNode]:
     return live
 
 
-def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contrib: bool = False) -> onnx.ModelProto:
+def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contrib: bool = False,
+            max_positions: int | None = None) -> onnx.ModelProto:
     """Verify ``graph``, lower the part its outputs need to ONNX at ``opset`` (>= 18), check it.
 
     ``contrib``: for ONNX Runtime only, use its ``com.microsoft`` contrib ops where its own
-    graph optimizer does not (:mod:`flora_graph.runtimes.ort_contrib`).
+    graph optimizer does not (:mod:`flora_graph.runtimes.ort_contrib`). A decoder's attention then
+    becomes ``GroupQueryAttention``, which takes right-padded caches (the model's metadata says so);
+    ``max_positions`` (the context length) lets it apply the rotary embedding too.
 
     Raises :class:`GraphError` for a graph that does not verify, :class:`UnsupportedOpError`
     listing the ops without a lowering and their nodes, and :class:`OnnxExportError` for a
     bad opset or a model ``onnx.checker`` refuses (``check=False`` skips the checker).
-    Every graph input is a model input, in order; one with a default is also an initializer
+    Every graph input is a model input, in order (with ``contrib``, except one only the fused
+    attention made unread, such as ``position_ids``); one with a default is also an initializer
     of its name holding the default.
 
     The checker (``full_check``: structure, types and shape inference) runs on the model with
     its big weights declared as typed inputs instead of initializers (:func:`check_lowered`),
     so it never serializes the weights and works past protobuf's 2 GiB too.
     """
-    model, weights = lower(graph, opset, check=check, contrib=contrib)
+    model, weights = lower(graph, opset, check=check, contrib=contrib, max_positions=max_positions)
     for name, arr in weights.items():
         add_initializer(model.graph, name, arr)
     return model
 
 
-def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,
-          contrib: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contrib: bool = False,
+          max_positions: int | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """:func:`to_onnx` without the big weights: ``(model, {initializer name: array})``.
 
     ``model`` holds every node, input, output and small initializer; the arrays (float
     tensors of at least 1 KiB, views of the graph's weights, possibly transposed) are the
     initializers still to add, in order. :func:`save_onnx` writes them straight from the
-    arrays; :func:`to_onnx` adds them to the model. Same errors, ``check`` and ``contrib`` as
-    :func:`to_onnx`.
+    arrays; :func:`to_onnx` adds them to the model. Same errors, ``check``, ``contrib`` and
+    ``max_positions`` as :func:`to_onnx`.
     """
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -228,20 +232,34 @@ def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True,
         if widen:
             ctx.emit("Cast", [result], [out], to=ONNX_DTYPES[node.dtype])
     opsets = [helper.make_opsetid("", opset)]
+    unread: set[str] = set()
+    props: dict[str, str] = {}
     if contrib:
-        from flora_graph.runtimes.ort_contrib import CONTRIB_DOMAIN, fuse_skip_rms_norm
+        from flora_graph.runtimes.ort_contrib import (
+            CACHE_PADDING_KEY,
+            CONTRIB_DOMAIN,
+            fuse_group_query_attention,
+            fuse_skip_rms_norm,
+        )
 
-        if fuse_skip_rms_norm(ctx):
+        norms = fuse_skip_rms_norm(ctx)
+        attentions, unread = fuse_group_query_attention(ctx, max_positions)
+        if attentions:
+            props[CACHE_PADDING_KEY] = "right"
+        if norms or attentions:
             opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     ctx.begin(None)
     for out, n in graph.outputs.items():  # outputs that are leaves or repeat a node: Identity
         if ctx.value(n) != out:
             ctx.emit("Identity", [ctx.value(n)], [out])
-    inputs = [helper.make_tensor_value_info(n.name, ONNX_DTYPES[n.dtype], list(n.shape)) for n in graph.inputs]
+    inputs = [helper.make_tensor_value_info(n.name, ONNX_DTYPES[n.dtype], list(n.shape)) for n in graph.inputs
+              if n.name not in unread]
     outputs = [helper.make_tensor_value_info(k, ONNX_DTYPES[n.dtype], list(n.shape)) for k, n in graph.outputs.items()]
     onnx_graph = helper.make_graph(ctx.nodes, graph.name, inputs, outputs, list(ctx.initializers.values()))
     ir_version = helper.find_min_ir_version_for(opsets[:1])
     model = helper.make_model(onnx_graph, opset_imports=opsets, ir_version=ir_version, producer_name="flora_graph")
+    if props:
+        helper.set_model_props(model, props)
     if check:
         check_lowered(model, ctx.weights, f"graph {graph.name!r}")
     return model, ctx.weights

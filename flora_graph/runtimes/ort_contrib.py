@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
     from flora_graph.runtimes.onnx_lowering import LoweringContext
 
-__all__ = ["CONTRIB_DOMAIN", "fuse_skip_rms_norm"]
+__all__ = ["CACHE_PADDING_KEY", "CONTRIB_DOMAIN", "fuse_group_query_attention", "fuse_skip_rms_norm"]
 
 CONTRIB_DOMAIN = "com.microsoft"
 _FLOATS = frozenset({"float32", "float16"})
@@ -75,3 +75,184 @@ def fuse_skip_rms_norm(ctx: LoweringContext) -> int:
     if replace:
         ctx.nodes[:] = [replace.get(k, n) for k, n in enumerate(ctx.nodes) if k not in drop]
     return len(replace)
+
+
+CACHE_PADDING_KEY = "flora_graph.cache_padding"
+"""Model metadata written by :func:`fuse_group_query_attention`: ``"right"`` when the model's
+attention reads each row's length from ``attention_mask`` (its row sums) and its caches are
+right-padded, rather than masking positions anywhere."""
+
+_ATTENTION_ATTRS = frozenset({"q_num_heads", "kv_num_heads", "scale", "softcap"})
+
+
+class _Nodes:
+    """Producers and constants of ``ctx.nodes`` for the pattern matches below."""
+
+    def __init__(self, ctx: LoweringContext) -> None:
+        self.ctx = ctx
+        self.producer = {out: n for n in ctx.nodes for out in n.output if out}
+        self.inputs = {n.name for n in ctx.graph.inputs}
+
+    def node(self, value: str, op_type: str) -> onnx.NodeProto | None:
+        n = self.producer.get(value)
+        return n if n is not None and n.op_type == op_type and not n.domain else None
+
+    def const(self, value: str):
+        import numpy as np
+        from onnx import numpy_helper
+
+        if value in self.ctx.initializers:
+            return numpy_helper.to_array(self.ctx.initializers[value])
+        arr = self.ctx.weights.get(value)
+        return None if arr is None else np.asarray(arr)
+
+    def is_const(self, value: str, want: list | int | float) -> bool:
+        arr = self.const(value)
+        return arr is not None and arr.size == (len(want) if isinstance(want, list) else 1) and \
+            [float(v) for v in arr.reshape(-1)] == [float(v) for v in (want if isinstance(want, list) else [want])]
+
+    def unsqueezed(self, value: str, axes: list[int]) -> str | None:
+        n = self.node(value, "Unsqueeze")
+        return n.input[0] if n is not None and len(n.input) == 2 and self.is_const(n.input[1], axes) else None
+
+    def dim(self, value: str) -> tuple[str, int] | None:
+        """``(input, axis)`` when ``value`` is ``Squeeze(Shape(input, start=axis, end=axis + 1))`` of a graph input."""
+        sq = self.node(value, "Squeeze")
+        if sq is None or (len(sq.input) > 1 and not self.is_const(sq.input[1], [0])):
+            return None
+        shape = self.node(sq.input[0], "Shape")
+        if shape is None or shape.input[0] not in self.inputs:
+            return None
+        start, end = _attr(shape, "start", 0), _attr(shape, "end", None)
+        return (shape.input[0], start) if end == start + 1 else None
+
+
+def _causal_mask_of(m: _Nodes, mask: str) -> tuple[str, str] | None:
+    """``(attention_mask, a past input)`` when ``mask`` is exactly ``key position <= query position``
+    and ``attention_mask[batch, key position]`` (``[batch, 1, seq, total]``, the causal mask of a
+    cache whose positions run from 0 to the mask's width), else ``None``."""
+    both = m.node(mask, "And")
+    if both is None:
+        return None
+    for le_name, pad_name in ((both.input[0], both.input[1]), (both.input[1], both.input[0])):
+        le, pad = m.node(le_name, "LessOrEqual"), m.unsqueezed(pad_name, [1, 2])
+        cast = m.node(pad, "Cast") if pad is not None else None
+        if le is None or cast is None or _attr(cast, "to", None) != onnx.TensorProto.BOOL or cast.input[0] not in m.inputs:
+            continue
+        keys, queries = m.unsqueezed(le.input[0], [0, 1, 2]), m.unsqueezed(le.input[1], [0, 1, 3])
+        kr = m.node(keys, "Range") if keys else None
+        qr = m.node(queries, "Range") if queries else None
+        if kr is None or qr is None or not (m.is_const(kr.input[0], 0) and m.is_const(kr.input[2], 1)
+                                            and m.is_const(qr.input[2], 1)):
+            continue
+        total, start = m.dim(kr.input[1]), m.dim(qr.input[0])
+        if total != (cast.input[0], 1) or m.dim(qr.input[1]) != total or start is None or start[1] != 2:
+            continue
+        return cast.input[0], start[0]
+    return None
+
+
+def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
+    """``(input, positions input, inv_freq)`` when ``value`` is a full, non-interleaved
+    ``RotaryEmbedding(input, cos, sin)`` whose tables are ``cos``/``sin`` of
+    ``position_ids * inv_freq`` (a constant), else ``None``."""
+    rot = m.node(value, "RotaryEmbedding")
+    if rot is None or len(rot.input) != 3 or _attr(rot, "interleaved", 0) or _attr(rot, "rotary_embedding_dim", 0) \
+            or _attr(rot, "num_heads", 0) <= 0:
+        return None
+    cos, sin = m.node(rot.input[1], "Cos"), m.node(rot.input[2], "Sin")
+    if cos is None or sin is None or cos.input[0] != sin.input[0]:
+        return None
+    mul = m.node(cos.input[0], "Mul")
+    cast = m.node(mul.input[0], "Cast") if mul is not None else None
+    pos = m.unsqueezed(cast.input[0], [2]) if cast is not None else None
+    if pos not in m.inputs or _attr(cast, "to", None) != onnx.TensorProto.FLOAT or m.const(mul.input[1]) is None:
+        return None
+    return rot.input[0], pos, mul.input[1]
+
+
+def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None = None) -> tuple[int, set[str]]:
+    """Every ``Attention`` of a decoder becomes ``com.microsoft.GroupQueryAttention``, or none does.
+
+    Fused only when each ``Attention`` takes ``(q, k, v, mask, past_key, past_value)`` in 3-D
+    (heads packed in the last dim) with its caches as outputs, and ``mask`` is the causal mask of
+    ``attention_mask`` over cache positions ``0 .. width - 1`` (see :func:`_causal_mask_of`).
+    GroupQueryAttention reads only each row's length (``attention_mask``'s row sums) and keeps
+    the caches right-padded, so the fused model's contract is different: a row's tokens start at
+    cache position 0 (left padding is not masked). The caller records that in the metadata
+    (:data:`CACHE_PADDING_KEY`). Where ``q`` and ``k`` are full rotary embeddings of
+    ``position_ids * inv_freq`` and ``max_positions`` is given, the kernel applies the rotary from
+    ``[max_positions, head_dim / 2]`` cos/sin tables (positions follow from the row lengths), and
+    ``q``/``k``/``v`` cut by one ``Split`` from one projection go in packed. Returns the graph
+    ``(attentions fused, graph inputs no node reads any more)``: ``position_ids`` is one of
+    them once the rotary moved into the kernel.
+    """
+    import numpy as np
+
+    m = _Nodes(ctx)
+    ir: dict[str, ComputationNode] = {name: node for node, name in ctx.names.items()}
+    found = []
+    for n in ctx.nodes:
+        if n.op_type != "Attention" or n.domain:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        q = ir.get(n.input[0]) if n.input else None
+        ok = (len(n.input) == 6 and len(n.output) == 3 and all(n.input) and all(n.output)
+              and set(attrs) <= _ATTENTION_ATTRS and "q_num_heads" in attrs and "kv_num_heads" in attrs
+              and n.input[4] in m.inputs and n.input[5] in m.inputs
+              and q is not None and len(q.shape) == 3 and q.dtype in _FLOATS)
+        mask = _causal_mask_of(m, n.input[3]) if ok else None
+        if mask is None or (found and mask[0] != found[0][2]) or ir[mask[0]].dtype not in ("int64", "int32"):
+            return 0, set()  # one attention the kernel cannot take: the model keeps one contract, the standard one
+        found.append((n, attrs, mask[0], q))
+    if not found:
+        return 0, set()
+    read_before = {i for n in ctx.nodes for i in n.input}
+    ctx.begin(None)
+    start = len(ctx.nodes)
+    attention_mask = found[0][2]
+    mask_dtype = np.dtype(ir[attention_mask].dtype)
+    sums = ctx.emit("ReduceSum", [attention_mask, ctx.constant(np.array([1], np.int64), "gqa.axes")], keepdims=0)
+    last = ctx.emit("Sub", [sums, ctx.constant(np.array(1, mask_dtype), "gqa.one")])
+    seqlens = ctx.emit("Cast", [last], [ctx.fresh("gqa.seqlens_k")], to=onnx.TensorProto.INT32)
+    width = ctx.emit("Gather", [ctx.emit("Shape", [attention_mask]), ctx.constant(np.array(1, np.int64), "gqa.axis1")])
+    total = ctx.emit("Cast", [width], [ctx.fresh("gqa.total_sequence_length")], to=onnx.TensorProto.INT32)
+    prelude = ctx.nodes[start:]  # reads graph inputs only: goes first
+    del ctx.nodes[start:]
+    tables: dict[str, tuple[str, str]] = {}
+    replace = {}
+    for n, attrs, _, q in found:
+        h, kv = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
+        gqa_attrs = {"num_heads": h, "kv_num_heads": kv, "scale": float(attrs.get("scale", 0.0)),
+                     "softcap": float(attrs.get("softcap", 0.0))}
+        inputs = [n.input[0], n.input[1], n.input[2], n.input[4], n.input[5], seqlens, total]
+        rq, rk = _rotary_of(m, n.input[0]), _rotary_of(m, n.input[1])
+        head = int(canonical_dim(q.shape[-1])) // h if isinstance(canonical_dim(q.shape[-1]), int) else 0
+        inv = m.const(rq[2]) if rq is not None else None
+        if (max_positions and rq is not None and rk is not None
+                and rq[1:] == rk[1:] and inv is not None and inv.ndim == 1 and 2 * inv.size == head):
+            if rq[2] not in tables:
+                angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv.astype(np.float32)[None]
+                dt = np.dtype(q.dtype)
+                tables[rq[2]] = (ctx.constant(np.cos(angles).astype(dt), "gqa.cos_cache"),
+                                 ctx.constant(np.sin(angles).astype(dt), "gqa.sin_cache"))
+            q_in, k_in, v_in = rq[0], rk[0], n.input[2]
+            split = m.producer.get(q_in)
+            if (split is not None and split.op_type == "Split" and not split.domain and list(split.output) == [q_in, k_in, v_in]
+                    and _attr(split, "axis", 0) in (-1, 2)):
+                q_in, k_in, v_in = split.input[0], "", ""
+            inputs = [q_in, k_in, v_in, n.input[4], n.input[5], seqlens, total, *tables[rq[2]]]
+            gqa_attrs["do_rotary"] = 1
+        replace[id(n)] = helper.make_node("GroupQueryAttention", inputs, list(n.output), name=f"{n.name}/gqa",
+                                          domain=CONTRIB_DOMAIN, **gqa_attrs)
+    nodes = prelude + [replace.get(id(n), n) for n in ctx.nodes]
+    keep = {ctx.value(n) for n in ctx.graph.outputs.values()} | set(ctx.graph.outputs)
+    while True:  # drop what only the old attention read (mask, rotary tables, the split)
+        read = {i for n in nodes for i in n.input} | keep
+        alive = [n for n in nodes if any(o in read for o in n.output if o)]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    ctx.nodes[:] = nodes
+    read = {i for n in nodes for i in n.input}
+    return len(found), {name for name in m.inputs if name in read_before and name not in read and name not in keep}

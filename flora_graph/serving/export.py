@@ -64,9 +64,9 @@ def slotted(graph: Graph, slots: str = "swappable") -> Graph:
 
 
 def _export(graph: Graph, slots: str, opset: int, path: str | Path | None,
-            packed: Sequence[LoRASlot] = (), contrib: bool = False) -> onnx.ModelProto:
+            packed: Sequence[LoRASlot] = (), contrib: bool = False, max_positions: int | None = None) -> onnx.ModelProto:
     g = slotted(graph, slots)
-    model = to_onnx(g, opset, contrib=contrib)
+    model = to_onnx(g, opset, contrib=contrib, max_positions=max_positions)
     props = {p.key: p.value for p in model.metadata_props}
     helper.set_model_props(model, {**props, **slots_to_metadata(graph_slots(g), slots, packed)})
     if path is not None:
@@ -75,7 +75,7 @@ def _export(graph: Graph, slots: str, opset: int, path: str | Path | None,
 
 
 def export_swappable(graph: Graph, path: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
-                     contrib: bool = False) -> onnx.ModelProto:
+                     contrib: bool = False, max_positions: int | None = None) -> onnx.ModelProto:
     """The ONNX model of ``graph`` with every LoRA site's weights as rank-0-default inputs.
 
     ``graph`` is a captured graph with LoRA branches, or a graph with adapter slots (for
@@ -83,14 +83,16 @@ def export_swappable(graph: Graph, path: str | Path | None = None, *, opset: int
     not in the model (write them with ``write_adapter(path, graph_adapter_params(graph))``
     from the captured graph). The slots are recorded in the model's metadata. Writes
     ``path`` atomically when given. ``contrib``: the model is for ONNX Runtime only and may use
-    its contrib ops (see :func:`~flora_graph.runtimes.onnx_lowering.to_onnx`). Raises
+    its contrib ops (see :func:`~flora_graph.runtimes.onnx_lowering.to_onnx`, also for
+    ``max_positions``). Raises
     :class:`ServingError` naming the module for a branch that cannot be made swappable.
     """
-    return _export(graph, "swappable", opset, path, contrib=contrib)
+    return _export(graph, "swappable", opset, path, contrib=contrib, max_positions=max_positions)
 
 
 def export_mixed(graph: Graph, path: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
-                 packed: Sequence[LoRASlot] = (), contrib: bool = False) -> onnx.ModelProto:
+                 packed: Sequence[LoRASlot] = (), contrib: bool = False,
+                 max_positions: int | None = None) -> onnx.ModelProto:
     """The ONNX model of ``graph`` serving rows with different adapters in one call.
 
     Inputs: the graph's own, ``adapter_index`` (int64 ``[batch]``, ``-1``: no adapter) and,
@@ -101,6 +103,6 @@ def export_mixed(graph: Graph, path: str | Path | None = None, *, opset: int = D
     ``packed``: the packed slots (``pack-slots``) of the swappable export beside it, whose adapter
     files a :class:`~flora_graph.serving.mixed.MixedAdapterSession` on this model then unpacks per
     module (the mixed model itself is best left unpacked: its per-row gathers would copy the
-    zero blocks of a block-diagonal ``B``). ``contrib`` as for :func:`export_swappable`.
+    zero blocks of a block-diagonal ``B``). ``contrib`` and ``max_positions`` as for :func:`export_swappable`.
     """
-    return _export(graph, "mixed", opset, path, packed, contrib)
+    return _export(graph, "mixed", opset, path, packed, contrib, max_positions)

@@ -13,7 +13,9 @@ folder that ``onnxruntime_genai.Model(OUT)`` loads, in one step::
 
 The model is captured with its cache (:func:`~flora_graph.frontend.causal_lm.capture_causal_lm`),
 optimized with the ``fused`` preset and lowered for ONNX Runtime (``to_onnx(..., contrib=True)``:
-residual adds fused into ``SkipSimplifiedLayerNormalization``), and every LoRA site of any adapter becomes an adapter
+residual adds fused into ``SkipSimplifiedLayerNormalization``; attention, with the rotary embedding
+where it can, into ``GroupQueryAttention`` on right-padded caches whose past and present buffers
+GenAI then shares, as the model builder's models do), and every LoRA site of any adapter becomes an adapter
 slot: its ``A``/``B`` are graph inputs with empty (rank-0) defaults, so the model alone is
 the base model, and ``og.Adapters(model).load(file, NAME)`` plus
 ``generator.set_active_adapter(adapters, NAME)`` switch adapters between generations. Each
@@ -181,19 +183,22 @@ def export_genai(
         if sites:
             from flora_graph.serving.export import export_mixed, export_swappable
 
-            export_swappable(graph, tmp / MODEL_FILE, opset=GENAI_OPSET, contrib=True)
+            written_model = export_swappable(graph, tmp / MODEL_FILE, opset=GENAI_OPSET, contrib=True,
+                                             max_positions=context)
             say("writing the mixed-adapter model")
             from flora_graph.serving.slots import graph_slots
 
             # unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
             # with 8 adapters); the mixed session unpacks the package's packed adapter files
             export_mixed(unpacked, tmp / MIXED_FILE, opset=GENAI_OPSET,
-                         packed=[s for s in graph_slots(graph) if s.members], contrib=True)
+                         packed=[s for s in graph_slots(graph) if s.members], contrib=True, max_positions=context)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
             from flora_graph.runtimes.onnx_writer import save_onnx
 
-            save_onnx(to_onnx(graph, GENAI_OPSET, contrib=True), tmp / MODEL_FILE)
+            written_model = to_onnx(graph, GENAI_OPSET, contrib=True, max_positions=context)
+            save_onnx(written_model, tmp / MODEL_FILE)
+        _fit_config(doc, written_model)
         if params:
             from flora_graph.serving.adapter_file import write_adapter
 
@@ -209,6 +214,19 @@ def export_genai(
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     return GenAIReport(Path(out), written, graph.summary(), seconds, genai=arch in GENAI_TYPES)
+
+
+def _fit_config(doc: dict[str, Any], model: Any) -> None:
+    """Make ``doc`` (a :func:`genai_config`) name only the inputs ``model`` takes, and share the past and
+    present cache buffers where its attention is ``GroupQueryAttention`` (right-padded caches)."""
+    from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
+
+    takes = {i.name for i in model.graph.input}
+    inputs = doc["model"]["decoder"]["inputs"]
+    for key in [k for k in ("position_ids",) if k in inputs and inputs[k] not in takes]:
+        del inputs[key]
+    props = {p.key: p.value for p in model.metadata_props}
+    doc["search"]["past_present_share_buffer"] = props.get(CACHE_PADDING_KEY) == "right"
 
 
 def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None:

@@ -128,6 +128,13 @@ class Generator:
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self._present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         model = self._plain if self._plain is not None else self._single.model
+        from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
+
+        # GroupQueryAttention models read each row's length from the mask: their caches are right-padded
+        self.right_padded = model.metadata.get(CACHE_PADDING_KEY) == "right"
+        if self._mixed is not None and (self._mixed.model.metadata.get(CACHE_PADDING_KEY) == "right") != self.right_padded:
+            raise ServingError(f"{self.package}: {MODEL_FILE} and {MIXED_FILE} pad their caches differently "
+                               f"(metadata {CACHE_PADDING_KEY!r}); export the package again")
         steps = ["input_ids", "attention_mask", *(["position_ids"] if self.takes_position_ids else []), *self._past]
         missing = [n for n in steps if n not in model.inputs] + [n for n in ["logits", *self._present]
                                                                    if n not in model.output_names]
@@ -188,7 +195,8 @@ class Generator:
 
 
 class Batch:
-    """Rows decoding together; the key/value cache is held here, left-padded to one length."""
+    """Rows decoding together; the key/value cache is held here, padded to one length: on the left,
+    or on the right for a model whose attention takes row lengths (:attr:`Generator.right_padded`)."""
 
     def __init__(self, gen: Generator) -> None:
         self.gen = gen
@@ -263,7 +271,10 @@ class Batch:
             return {}
         gen, rows = self.gen, self.rows
         ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
-        mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
+        if gen.right_padded:  # row i's token goes to cache position positions[i]: ones up to it
+            mask = (np.arange(self.mask.shape[1] + 1)[None, :] <= self.positions[:, None]).astype(self.mask.dtype)
+        else:
+            mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
         t0 = time.perf_counter()
         out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, [r.adapter for r in rows])
         self.step_seconds.append(time.perf_counter() - t0)
@@ -319,34 +330,46 @@ class Batch:
         if not self.rows:
             self.rows, self.cache, self.mask, self.positions = [row], cache, mask, position
             return
-        have, new = self.mask.shape[1], mask.shape[1]
-        width = max(have, new)
-        self.cache = [np.concatenate([_left_pad(a, width), _left_pad(b, width)], axis=0) for a, b in zip(self.cache, cache, strict=True)]
-        self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], axis=0)
+        width = max(self.mask.shape[1], mask.shape[1])
+        right = self.gen.right_padded
+        self.cache = [np.concatenate([_pad(a, width, right), _pad(b, width, right)], axis=0)
+                      for a, b in zip(self.cache, cache, strict=True)]
+        self.mask = np.concatenate([_pad_mask(self.mask, width, right), _pad_mask(mask, width, right)], axis=0)
         self.positions = np.concatenate([self.positions, position])
         self.rows.append(row)
 
     def _trim(self) -> None:
-        """Drop leading positions that every row pads (after a long row left)."""
+        """Drop the positions that every row pads (after a long row left)."""
         if self.mask.size == 0:
             self.cache, self.mask = [], np.zeros((0, 0), self.mask.dtype)
             self.positions = self.positions[:0]
             return
         used = np.flatnonzero(self.mask.any(axis=0))
+        if self.gen.right_padded:
+            end = int(used[-1]) + 1 if used.size else 0
+            if end < self.mask.shape[1]:
+                self.mask = self.mask[:, :end]
+                self.cache = [c[:, :, :end] for c in self.cache]
+            return
         first = int(used[0]) if used.size else self.mask.shape[1]
         if first:
             self.mask = self.mask[:, first:]
             self.cache = [c[:, :, first:] for c in self.cache]
 
 
-def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
+def _pad(a: np.ndarray, width: int, right: bool) -> np.ndarray:
+    """Cache ``a`` (``[rows, kv, length, head_dim]``) zero-padded to ``width`` positions, on the left or right."""
     extra = width - a.shape[2]
     if not extra:
         return a
-    return np.concatenate([np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype), a], axis=2)
+    zeros = np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)
+    return np.concatenate([a, zeros] if right else [zeros, a], axis=2)
 
 
-def _left_pad_mask(m: np.ndarray, width: int) -> np.ndarray:
+def _pad_mask(m: np.ndarray, width: int, right: bool) -> np.ndarray:
     extra = width - m.shape[1]
-    return m if not extra else np.concatenate([np.zeros((m.shape[0], extra), m.dtype), m], axis=1)
+    if not extra:
+        return m
+    zeros = np.zeros((m.shape[0], extra), m.dtype)
+    return np.concatenate([m, zeros] if right else [zeros, m], axis=1)
 

@@ -73,3 +73,90 @@ def test_residual_add_and_rms_norm_become_one_skip_norm(broadcast_add) -> None:
 def test_without_contrib_nothing_changes_and_no_domain_is_imported() -> None:
     model = to_onnx(_decoder(), 23)
     assert [o.domain for o in model.opset_import] == [""]
+
+
+# ---------------------------------------------------------------- GroupQueryAttention
+def _captured(arch: str):
+    """A tiny ``arch`` captured with its cache and optimized as the GenAI export does; its cache layout."""
+    import warnings
+
+    pytest.importorskip("transformers")
+    from flora_graph.frontend.causal_lm import cache_layout, capture_causal_lm
+    from flora_graph.passes import optimize
+    from tests.frontend.test_causal_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optimize(capture_causal_lm(model), "fused", backend="onnxruntime"), cache_layout(model)
+
+
+def _step(model: onnx.ModelProto, layout, ids: list[list[int]], mask: np.ndarray, past: list[np.ndarray],
+          positions: np.ndarray) -> dict[str, np.ndarray]:
+    from flora_graph.frontend.causal_lm import past_names
+
+    takes = {i.name for i in model.graph.input}
+    feeds = {"input_ids": np.array(ids, np.int64), "attention_mask": mask.astype(np.int64)}
+    if "position_ids" in takes:
+        feeds["position_ids"] = positions.astype(np.int64)
+    feeds.update(zip(past_names(layout.layers), past, strict=True))
+    return _ort(model, feeds)
+
+
+@pytest.mark.parametrize("max_positions", [256, None])
+def test_decoder_attention_becomes_group_query_attention_on_right_padded_caches(max_positions) -> None:
+    """Every attention of a captured Llama becomes one GroupQueryAttention (rotary inside given the
+    positions; position_ids then leaves the inputs); prefill and decode equal the standard model's, and
+    a right-padded batch gives each row the logits and cache of its unpadded run."""
+    from flora_graph.frontend.causal_lm import present_names
+    from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
+
+    graph, layout = _captured("LlamaForCausalLM")
+    plain = to_onnx(graph, 23)
+    fused = to_onnx(graph, 23, contrib=True, max_positions=max_positions)
+    ops = _ops(fused)
+    assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == layout.layers and ops["Attention"] == 0
+    assert {p.key: p.value for p in fused.metadata_props}[CACHE_PADDING_KEY] == "right"
+    rotary = [a.i for n in fused.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute if a.name == "do_rotary"]
+    takes = [i.name for i in fused.graph.input]
+    if max_positions:
+        assert rotary == [1] * layout.layers and ops["RotaryEmbedding"] == 0 and "position_ids" not in takes
+    else:
+        assert rotary in ([], [0] * layout.layers) and ops["RotaryEmbedding"] == 2 * layout.layers and "position_ids" in takes
+    empty = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
+    long, short = [5, 9, 11, 3, 7], [8, 2, 6]
+    alone = {}
+    for name, prompt in (("long", long), ("short", short)):  # unpadded rows, standard model: prefill + one decode step
+        n = len(prompt)
+        pre = _step(plain, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
+        got = _step(fused, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
+        for k in ("logits", *present_names(layout.layers)):
+            np.testing.assert_allclose(got[k], pre[k], atol=2e-5, rtol=1e-4, err_msg=k)
+        past = [pre[k] for k in present_names(layout.layers)]
+        alone[name] = (pre, _step(plain, layout, [[4]], np.ones((1, n + 1)), past, np.array([[n]])))
+    # both rows in one right-padded batch: prefill, then a decode step at each row's own position
+    mask = np.array([[1] * 5, [1, 1, 1, 0, 0]])
+    both = _step(fused, layout, [long, [*short, 0, 0]], mask, [np.zeros((2, *e.shape[1:]), np.float32) for e in empty],
+                 np.array([list(range(5)), [0, 1, 2, 3, 4]]))
+    np.testing.assert_allclose(both["logits"][0], alone["long"][0]["logits"][0], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(both["logits"][1, :3], alone["short"][0]["logits"][0], atol=2e-5, rtol=1e-4)
+    past = [both[k] for k in present_names(layout.layers)]
+    np.testing.assert_allclose(past[0][1, :, :3], alone["short"][0]["present.0.key"][0], atol=2e-5, rtol=1e-4)
+    step_mask = np.array([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    nxt = _step(fused, layout, [[4], [4]], step_mask, past, np.array([[5], [3]]))
+    np.testing.assert_allclose(nxt["logits"][0], alone["long"][1]["logits"][0], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(nxt["logits"][1], alone["short"][1]["logits"][0], atol=2e-5, rtol=1e-4)
+
+
+def test_attention_the_kernel_cannot_take_keeps_the_standard_model() -> None:
+    """Mistral's sliding-window mask is not the plain causal mask: no attention is fused (one contract per
+    model), the metadata says nothing, and the residual norms still fuse."""
+    from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
+
+    graph, layout = _captured("MistralForCausalLM")
+    fused = to_onnx(graph, 23, contrib=True, max_positions=256)
+    ops = _ops(fused)
+    assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == 0 and ops["Attention"] == layout.layers
+    assert ops[f"{CONTRIB_DOMAIN}:SkipSimplifiedLayerNormalization"] > 0
+    assert CACHE_PADDING_KEY not in {p.key for p in fused.metadata_props}
+    assert "position_ids" in [i.name for i in fused.graph.input]

@@ -94,3 +94,33 @@ def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path:
             g.generate_next_token()
         cut = want.index(2) if 2 in want else NEW  # GenAI's min_length forbids EOS (2): equal up to it
         assert [int(t) for t in g.get_sequence(0)][len(PROMPT):][:cut] == want[:cut]
+
+
+@pytest.mark.parametrize(("arch", "right"), [("Qwen3ForCausalLM", False), ("LlamaForCausalLM", True)])
+def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cache_padding(arch: str, right: bool,
+                                                                                            tmp_path: Path) -> None:
+    """Llama's attention becomes GroupQueryAttention (right-padded caches; GenAI shares its past and present
+    buffers), Qwen3's (q/k norms before the rotary) stays standard (left-padded): either way rows of
+    different lengths, joining and leaving, decode as they do alone."""
+    import json
+
+    model = tiny_causal_lm(arch)
+    model.config.eos_token_id = 2
+    model.save_pretrained(tmp_path / "base")
+    save_word_tokenizer(tmp_path / "base", 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg")
+    gen = Generator(tmp_path / "pkg")
+    assert gen.right_padded is right
+    assert json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is right
+    prompts = [PROMPT, [1, 7, 3], [1, 100, 101, 102, 103, 104, 105, 106, 107]]
+    alone = [gen.generate([p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(prompts, (10, 4, 7), strict=True)]
+    batch = gen.batch()
+    rows = [batch.add(prompts[0], max_new_tokens=10, stop_tokens=[])]
+    batch.step()
+    rows.append(batch.add(prompts[1], max_new_tokens=4, stop_tokens=[]))  # leaves first: the cache is trimmed
+    rows.append(batch.add(prompts[2], max_new_tokens=7, stop_tokens=[]))  # the longest history
+    while batch.active:
+        batch.step()
+    assert [batch.row(r).generated for r in rows] == alone
