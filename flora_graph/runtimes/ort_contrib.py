@@ -255,4 +255,7 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
         nodes = alive
     ctx.nodes[:] = nodes
     read = {i for n in nodes for i in n.input}
+    for table in (ctx.initializers, ctx.weights):  # constants only the dropped nodes read
+        for name in [k for k in table if k not in read and k not in m.inputs]:
+            del table[name]
     return len(found), {name for name in m.inputs if name in read_before and name not in read and name not in keep}

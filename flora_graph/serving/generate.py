@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
+from flora_graph.serving.shared_cache import SharedCache
 
 __all__ = ["Batch", "GenerationError", "Generator", "RowSettings"]
 
@@ -187,6 +188,22 @@ class Generator:
             raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
         return self._mixed.run(feeds, adapters, prepared=True)
 
+    def _run_shared(self, shared: SharedCache, feeds: dict[str, np.ndarray], adapters: list[str | None],
+                    vocab: tuple[int, np.dtype]) -> np.ndarray:
+        """One decode step on ``shared`` buffers (right-padded models); the logits ``[rows, 1, vocab]``."""
+        if self._plain is not None:
+            return shared.run(self._plain.session, "plain", self._plain, dict, feeds, vocab, lambda: "generation step")
+        one = adapters[0]
+        if all(a == one for a in adapters):
+            token, inputs = self._single.adapter_inputs(one)
+            return shared.run(self._single.model.session, ("single", one), token, lambda: inputs, feeds, vocab,
+                              lambda: f"generation step with adapter {one!r}" if one else "generation step")
+        if self._mixed is None:
+            raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
+        token, inputs = self._mixed.adapter_inputs(adapters)
+        return shared.run(self._mixed.model.session, ("mixed", tuple(adapters)), token, lambda: inputs, feeds, vocab,
+                          lambda: f"mixed generation step with adapters {sorted({a for a in adapters if a})}")
+
     def check_adapter(self, adapter: str | None) -> None:
         """Raise :class:`UnknownAdapterError` for a name that is not one of the package's adapters."""
         if adapter is not None and adapter not in self.adapter_names:
@@ -203,7 +220,10 @@ class Batch:
         self.rows: list[_Row] = []  # in cache order
         self._done: dict[int, _Row] = {}
         self._next_id = 0
-        self.cache: list[np.ndarray] = []  # per past name: [rows, kv, length, head_dim]
+        self.cache: list[np.ndarray] = []  # per past name: [rows, kv, length, head_dim] (left-padded models)
+        # right-padded models: buffers that are past and present at once, [rows, kv, capacity, head_dim]
+        self.shared = SharedCache(gen._past, gen._present) if gen.right_padded else None
+        self._vocab: tuple[int, np.dtype] | None = None
         self.mask = np.zeros((0, 0), gen._mask_dtype)
         self.positions = np.zeros(0, gen._pos_dtype)  # per row: the position id of its next token
         self.step_seconds: list[float] = []
@@ -248,6 +268,7 @@ class Batch:
         out = self._call(np.array([ids], gen._id_dtype), mask, np.arange(len(ids), dtype=gen._pos_dtype)[None], empty, [adapter])
         row = _Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))
         self._next_id += 1
+        self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
         self._merge(row, [out[n] for n in gen._present], mask)
         self._choose(row, out["logits"][0, -1])
         return row.rid
@@ -259,7 +280,10 @@ class Batch:
             raise GenerationError(f"row {rid} is not active in this batch")
         self._done[rid] = self.rows.pop(idx)
         keep = [i for i in range(len(self.rows) + 1) if i != idx]
-        self.cache = [c[keep] for c in self.cache]
+        if self.shared is not None:
+            self.shared.set([c[keep] for c in self.shared.arrays] if self.rows else [])
+        else:
+            self.cache = [c[keep] for c in self.cache]
         self.mask = self.mask[keep]
         self.positions = self.positions[keep]
         self._trim()
@@ -271,17 +295,24 @@ class Batch:
             return {}
         gen, rows = self.gen, self.rows
         ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
-        if gen.right_padded:  # row i's token goes to cache position positions[i]: ones up to it
+        if self.shared is not None:  # row i's token goes to cache position positions[i]: ones up to it
+            self.shared.grow(self.mask.shape[1] + 1)
             mask = (np.arange(self.mask.shape[1] + 1)[None, :] <= self.positions[:, None]).astype(self.mask.dtype)
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if gen.takes_position_ids:
+                feeds["position_ids"] = self.positions.reshape(-1, 1)
+            t0 = time.perf_counter()
+            logits = gen._run_shared(self.shared, feeds, [r.adapter for r in rows], self._vocab)
+            self.step_seconds.append(time.perf_counter() - t0)
         else:
             mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
-        t0 = time.perf_counter()
-        out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, [r.adapter for r in rows])
-        self.step_seconds.append(time.perf_counter() - t0)
-        self.cache = [out[n] for n in gen._present]
+            t0 = time.perf_counter()
+            out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, [r.adapter for r in rows])
+            self.step_seconds.append(time.perf_counter() - t0)
+            self.cache = [out[n] for n in gen._present]
+            logits = out["logits"]
         self.mask = mask
         self.positions += 1
-        logits = out["logits"]
         chosen = {r.rid: self._choose(r, logits[i, -1]) for i, r in enumerate(rows)}
         for r in [r for r in rows if r.done]:
             self.remove(r.rid)
@@ -327,13 +358,20 @@ class Batch:
             self._done[row.rid] = row
             return
         position = np.array([row.prompt_len], self.positions.dtype)
+        width = max(self.mask.shape[1] if self.rows else 0, mask.shape[1])
+        if self.shared is not None:  # each row's tokens from position 0; room for every row to finish
+            capacity = max(width, *(r.prompt_len + r.settings.max_new_tokens for r in [*self.rows, row]))
+            have = self.shared.arrays if self.rows else [np.zeros((0, *c.shape[1:]), c.dtype) for c in cache]
+            self.shared.set([_stack_right(a, b, capacity) for a, b in zip(have, cache, strict=True)])
         if not self.rows:
-            self.rows, self.cache, self.mask, self.positions = [row], cache, mask, position
+            self.rows, self.mask, self.positions = [row], mask, position
+            if self.shared is None:
+                self.cache = cache
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-        right = self.gen.right_padded
-        self.cache = [np.concatenate([_pad(a, width, right), _pad(b, width, right)], axis=0)
-                      for a, b in zip(self.cache, cache, strict=True)]
+        right = self.shared is not None
+        if not right:
+            self.cache = [np.concatenate([_left_pad(a, width), _left_pad(b, width)], axis=0)
+                          for a, b in zip(self.cache, cache, strict=True)]
         self.mask = np.concatenate([_pad_mask(self.mask, width, right), _pad_mask(mask, width, right)], axis=0)
         self.positions = np.concatenate([self.positions, position])
         self.rows.append(row)
@@ -345,11 +383,8 @@ class Batch:
             self.positions = self.positions[:0]
             return
         used = np.flatnonzero(self.mask.any(axis=0))
-        if self.gen.right_padded:
-            end = int(used[-1]) + 1 if used.size else 0
-            if end < self.mask.shape[1]:
-                self.mask = self.mask[:, :end]
-                self.cache = [c[:, :, :end] for c in self.cache]
+        if self.shared is not None:  # the buffers keep their capacity; the mask is the rows' width
+            self.mask = self.mask[:, :int(used[-1]) + 1 if used.size else 0]
             return
         first = int(used[0]) if used.size else self.mask.shape[1]
         if first:
@@ -357,13 +392,21 @@ class Batch:
             self.cache = [c[:, :, first:] for c in self.cache]
 
 
-def _pad(a: np.ndarray, width: int, right: bool) -> np.ndarray:
-    """Cache ``a`` (``[rows, kv, length, head_dim]``) zero-padded to ``width`` positions, on the left or right."""
+def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
+    """Cache ``a`` (``[rows, kv, length, head_dim]``) zero-padded on the left to ``width`` positions."""
     extra = width - a.shape[2]
     if not extra:
         return a
-    zeros = np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)
-    return np.concatenate([a, zeros] if right else [zeros, a], axis=2)
+    return np.concatenate([np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype), a], axis=2)
+
+
+def _stack_right(rows: np.ndarray, new: np.ndarray, capacity: int) -> np.ndarray:
+    """Caches ``rows`` and ``new`` (``[n, kv, length, head_dim]`` each) stacked, right-padded to ``capacity``."""
+    out = np.zeros((rows.shape[0] + new.shape[0], rows.shape[1], capacity, rows.shape[3]), rows.dtype)
+    keep = min(rows.shape[2], capacity)
+    out[:rows.shape[0], :, :keep] = rows[:, :, :keep]
+    out[rows.shape[0]:, :, :new.shape[2]] = new
+    return out
 
 
 def _pad_mask(m: np.ndarray, width: int, right: bool) -> np.ndarray:

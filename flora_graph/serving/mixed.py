@@ -167,6 +167,13 @@ class MixedAdapterSession:
         feeds.update(current.feeds)
         return self.model.run(feeds, None, lambda: f"mixed batch with adapters {sorted({current.names[i] for i in idx if i >= 0})}")
 
+    def adapter_inputs(self, adapters: Sequence[str | None]) -> tuple[object, dict[str, np.ndarray]]:
+        """``(token, {input: array})``: the stacked weights and the ``adapter_index`` of rows using
+        ``adapters``, for an ``IOBinding`` run; ``token`` is the adapter set (a new object after
+        :meth:`set_adapters`). Raises :class:`UnknownAdapterError` naming the row."""
+        current = self._set
+        return current, {INDEX_INPUT: self._indices(current, list(adapters), len(adapters)), **current.feeds}
+
     def _indices(self, current: _AdapterSet, adapters: str | Sequence[str | None] | None, rows: int) -> np.ndarray:
         if adapters is None or isinstance(adapters, str):
             adapters = [adapters] * rows

@@ -147,6 +147,7 @@ class _Loaded:
     lora: ort.LoraAdapter
     ranks: dict[str, int]
     options: ort.RunOptions  # with the adapter active, made once: a fresh RunOptions per call cost 0.1-0.2 ms
+    inputs: dict[str, ort.OrtValue]  # the same weights as model inputs, for IOBinding runs (which RunOptions adapters skip)
 
 
 class AdapterSession:
@@ -220,7 +221,8 @@ class AdapterSession:
                 raise ServingError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
             options = ort.RunOptions()
             options.add_active_adapter(lora)
-            self._adapters[name] = _Loaded(lora, ranks, options)
+            inputs = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+            self._adapters[name] = _Loaded(lora, ranks, options, inputs)
         return ranks
 
     def unload_adapter(self, name: str) -> None:
@@ -229,6 +231,19 @@ class AdapterSession:
             if name not in self._adapters:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters)}")
             del self._adapters[name]
+
+    def adapter_inputs(self, adapter: str | None) -> tuple[object, dict[str, ort.OrtValue]]:
+        """``(token, {input: value})``: ``adapter``'s weights as model inputs (``None``: none, the defaults
+        serve), for an ``IOBinding`` run, to which ONNX Runtime does not apply ``RunOptions`` adapters.
+        ``token`` is a new object whenever the adapter is loaded again. Raises :class:`UnknownAdapterError`."""
+        if adapter is None:
+            return self, {}
+        with self._lock:
+            loaded = self._adapters.get(adapter)
+            known = sorted(self._adapters)
+        if loaded is None:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {known}")
+        return loaded, loaded.inputs
 
     def run(self, inputs: Mapping[str, Any], adapter: str | None = None, *, prepared: bool = False) -> dict[str, np.ndarray]:
         """Run on named inputs with ``adapter`` active (``None``: the base model); thread-safe.
