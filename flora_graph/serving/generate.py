@@ -7,11 +7,16 @@ different adapters: the package's ``mixed.onnx`` takes the adapters stacked per 
 per-row ``adapter_index`` (:class:`~flora_graph.serving.mixed.MixedAdapterSession`), so the
 whole batch is one ONNX Runtime call per step; when every row uses the same adapter (or
 none), the package's ``model.onnx`` runs with that adapter active. Rows join (:meth:`Batch.add`, which prefills
-the prompt and left-pads the shorter side of the cache) and leave (:meth:`Batch.remove`, or
+the prompt and pads the shorter side of the cache) and leave (:meth:`Batch.remove`, or
 when they finish) between steps.
 
-Left padding is invisible to a row: the attention mask hides the padded positions and
-position ids count a row's own tokens, so a row's tokens are those it would get alone.
+Padding is invisible to a row, so a row's tokens are those it would get alone. A package whose
+models use ``GroupQueryAttention`` (metadata ``flora_graph.cache_padding = "right"``, what the
+GenAI export writes for Llama-like decoders) takes each row's length from the attention mask:
+every row's tokens start at cache position 0, the cache is right-padded, and each layer's cache
+is one buffer that is past and present at once (:class:`~flora_graph.serving.shared_cache.SharedCache`),
+appended to in place. Other packages are left-padded: the attention mask hides the padded
+positions and position ids count a row's own tokens.
 """
 
 from __future__ import annotations
@@ -188,21 +193,23 @@ class Generator:
             raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
         return self._mixed.run(feeds, adapters, prepared=True)
 
-    def _run_shared(self, shared: SharedCache, feeds: dict[str, np.ndarray], adapters: list[str | None],
+    def _run_shared(self, shared: SharedCache, tokens: list[int], lengths: np.ndarray, adapters: list[str | None],
                     vocab: tuple[int, np.dtype]) -> np.ndarray:
-        """One decode step on ``shared`` buffers (right-padded models); the logits ``[rows, 1, vocab]``."""
+        """One decode step on ``shared`` buffers (right-padded models): row ``i`` feeds ``tokens[i]`` at
+        position ``lengths[i]``; the logits ``[rows, 1, vocab]``."""
         if self._plain is not None:
-            return shared.run(self._plain.session, "plain", self._plain, dict, feeds, vocab, lambda: "generation step")
+            return shared.run(self._plain.session, "plain", self._plain, dict, tokens, lengths, vocab,
+                              lambda: "generation step")
         one = adapters[0]
         if all(a == one for a in adapters):
             token, inputs = self._single.adapter_inputs(one)
-            return shared.run(self._single.model.session, ("single", one), token, lambda: inputs, feeds, vocab,
-                              lambda: f"generation step with adapter {one!r}" if one else "generation step")
+            return shared.run(self._single.model.session, ("single", one), token, lambda: inputs, tokens, lengths,
+                              vocab, lambda: f"generation step with adapter {one!r}" if one else "generation step")
         if self._mixed is None:
             raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
         token, inputs = self._mixed.adapter_inputs(adapters)
-        return shared.run(self._mixed.model.session, ("mixed", tuple(adapters)), token, lambda: inputs, feeds, vocab,
-                          lambda: f"mixed generation step with adapters {sorted({a for a in adapters if a})}")
+        return shared.run(self._mixed.model.session, ("mixed", tuple(adapters)), token, lambda: inputs, tokens,
+                          lengths, vocab, lambda: f"mixed generation step with adapters {sorted({a for a in adapters if a})}")
 
     def check_adapter(self, adapter: str | None) -> None:
         """Raise :class:`UnknownAdapterError` for a name that is not one of the package's adapters."""
@@ -222,7 +229,8 @@ class Batch:
         self._next_id = 0
         self.cache: list[np.ndarray] = []  # per past name: [rows, kv, length, head_dim] (left-padded models)
         # right-padded models: buffers that are past and present at once, [rows, kv, capacity, head_dim]
-        self.shared = SharedCache(gen._past, gen._present) if gen.right_padded else None
+        self.shared = SharedCache(gen._past, gen._present, gen._id_dtype, gen._mask_dtype,
+                                  gen._pos_dtype if gen.takes_position_ids else None) if gen.right_padded else None
         self._vocab: tuple[int, np.dtype] | None = None
         self.mask = np.zeros((0, 0), gen._mask_dtype)
         self.positions = np.zeros(0, gen._pos_dtype)  # per row: the position id of its next token
@@ -280,12 +288,12 @@ class Batch:
             raise GenerationError(f"row {rid} is not active in this batch")
         self._done[rid] = self.rows.pop(idx)
         keep = [i for i in range(len(self.rows) + 1) if i != idx]
-        if self.shared is not None:
-            self.shared.set([c[keep] for c in self.shared.arrays] if self.rows else [])
-        else:
-            self.cache = [c[keep] for c in self.cache]
-        self.mask = self.mask[keep]
         self.positions = self.positions[keep]
+        if self.shared is not None:  # the buffers keep their capacity
+            self.shared.set([c[keep] for c in self.shared.arrays] if self.rows else [], self.positions)
+            return
+        self.cache = [c[keep] for c in self.cache]
+        self.mask = self.mask[keep]
         self._trim()
 
     def step(self) -> dict[int, int]:
@@ -294,24 +302,20 @@ class Batch:
         if not self.rows:
             return {}
         gen, rows = self.gen, self.rows
-        ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
-        if self.shared is not None:  # row i's token goes to cache position positions[i]: ones up to it
-            self.shared.grow(self.mask.shape[1] + 1)
-            mask = (np.arange(self.mask.shape[1] + 1)[None, :] <= self.positions[:, None]).astype(self.mask.dtype)
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            if gen.takes_position_ids:
-                feeds["position_ids"] = self.positions.reshape(-1, 1)
+        if self.shared is not None:  # row i's token goes to cache position positions[i], in place
             t0 = time.perf_counter()
-            logits = gen._run_shared(self.shared, feeds, [r.adapter for r in rows], self._vocab)
+            logits = gen._run_shared(self.shared, [r.next_token for r in rows], self.positions,
+                                     [r.adapter for r in rows], self._vocab)
             self.step_seconds.append(time.perf_counter() - t0)
         else:
+            ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
             mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
             t0 = time.perf_counter()
             out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, [r.adapter for r in rows])
             self.step_seconds.append(time.perf_counter() - t0)
             self.cache = [out[n] for n in gen._present]
             logits = out["logits"]
-        self.mask = mask
+            self.mask = mask
         self.positions += 1
         chosen = {r.rid: self._choose(r, logits[i, -1]) for i, r in enumerate(rows)}
         for r in [r for r in rows if r.done]:
@@ -358,34 +362,30 @@ class Batch:
             self._done[row.rid] = row
             return
         position = np.array([row.prompt_len], self.positions.dtype)
-        width = max(self.mask.shape[1] if self.rows else 0, mask.shape[1])
         if self.shared is not None:  # each row's tokens from position 0; room for every row to finish
-            capacity = max(width, *(r.prompt_len + r.settings.max_new_tokens for r in [*self.rows, row]))
-            have = self.shared.arrays if self.rows else [np.zeros((0, *c.shape[1:]), c.dtype) for c in cache]
-            self.shared.set([_stack_right(a, b, capacity) for a, b in zip(have, cache, strict=True)])
-        if not self.rows:
-            self.rows, self.mask, self.positions = [row], mask, position
-            if self.shared is None:
-                self.cache = cache
+            self.rows.append(row)
+            self.positions = np.concatenate([self.positions, position])
+            capacity = max(r.prompt_len + r.settings.max_new_tokens for r in self.rows)
+            have = self.shared.arrays if len(self.rows) > 1 else [np.zeros((0, *c.shape[1:]), c.dtype) for c in cache]
+            self.shared.set([_stack_right(a, b, capacity) for a, b in zip(have, cache, strict=True)], self.positions)
             return
-        right = self.shared is not None
-        if not right:
-            self.cache = [np.concatenate([_left_pad(a, width), _left_pad(b, width)], axis=0)
-                          for a, b in zip(self.cache, cache, strict=True)]
-        self.mask = np.concatenate([_pad_mask(self.mask, width, right), _pad_mask(mask, width, right)], axis=0)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions = [row], cache, mask, position
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.cache = [np.concatenate([_left_pad(a, width), _left_pad(b, width)], axis=0)
+                      for a, b in zip(self.cache, cache, strict=True)]
+        self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], axis=0)
         self.positions = np.concatenate([self.positions, position])
         self.rows.append(row)
 
     def _trim(self) -> None:
-        """Drop the positions that every row pads (after a long row left)."""
+        """Drop leading positions that every row pads (after a long row left; left-padded caches)."""
         if self.mask.size == 0:
             self.cache, self.mask = [], np.zeros((0, 0), self.mask.dtype)
             self.positions = self.positions[:0]
             return
         used = np.flatnonzero(self.mask.any(axis=0))
-        if self.shared is not None:  # the buffers keep their capacity; the mask is the rows' width
-            self.mask = self.mask[:, :int(used[-1]) + 1 if used.size else 0]
-            return
         first = int(used[0]) if used.size else self.mask.shape[1]
         if first:
             self.mask = self.mask[:, first:]
@@ -409,10 +409,7 @@ def _stack_right(rows: np.ndarray, new: np.ndarray, capacity: int) -> np.ndarray
     return out
 
 
-def _pad_mask(m: np.ndarray, width: int, right: bool) -> np.ndarray:
+def _left_pad_mask(m: np.ndarray, width: int) -> np.ndarray:
     extra = width - m.shape[1]
-    if not extra:
-        return m
-    zeros = np.zeros((m.shape[0], extra), m.dtype)
-    return np.concatenate([m, zeros] if right else [zeros, m], axis=1)
+    return m if not extra else np.concatenate([np.zeros((m.shape[0], extra), m.dtype), m], axis=1)
 

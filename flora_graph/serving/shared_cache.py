@@ -28,42 +28,54 @@ __all__ = ["SharedCache"]
 
 
 class SharedCache:
-    """Right-padded caches of a batch, ``[rows, kv_heads, capacity, head_dim]`` per past input.
+    """Right-padded caches of a batch, ``[rows, kv_heads, capacity, head_dim]`` per past input, and the
+    step inputs that go with them, all bound once per (session, adapter) and updated in place.
+
+    The attention mask is ``[rows, capacity]`` with ones on each row's filled positions: the model
+    reads its row sums (the lengths) and its width (the buffers' length), so a step writes one 1
+    per row instead of growing the mask, and writes each row's token into ``input_ids``.
 
     Args:
         past: the past input names, one per cache buffer.
         present: the present output names, in the same order.
+        id_dtype, mask_dtype: the dtypes of ``input_ids`` and ``attention_mask``.
+        position_dtype: that of ``position_ids`` (fed as each row's length), or ``None`` when the
+            model does not take them (its attention applies the rotary embedding itself).
     """
 
-    def __init__(self, past: list[str], present: list[str]) -> None:
+    def __init__(self, past: list[str], present: list[str], id_dtype: np.dtype, mask_dtype: np.dtype,
+                 position_dtype: np.dtype | None = None) -> None:
         self.past, self.present = past, present
+        self._dtypes = (id_dtype, mask_dtype, position_dtype)
         self.arrays: list[np.ndarray] = []
         self._values: list[ort.OrtValue] = []
+        self._step: dict[str, np.ndarray] = {}
         self._logits: np.ndarray | None = None
-        self._bindings: dict[Any, tuple[object, ort.IOBinding, ort.OrtValue, Mapping[str, Any]]] = {}
+        self._bindings: dict[Any, tuple[object, ort.IOBinding, tuple[Any, ...]]] = {}
 
     @property
     def capacity(self) -> int:
         """Positions each buffer holds (0 when empty)."""
         return int(self.arrays[0].shape[2]) if self.arrays else 0
 
-    def set(self, arrays: list[np.ndarray]) -> None:
-        """Use ``arrays`` (C-contiguous, one per past name) as the buffers; forgets every binding."""
+    def set(self, arrays: list[np.ndarray], lengths: np.ndarray) -> None:
+        """Use ``arrays`` (one per past name, row ``i`` filled up to ``lengths[i]``) as the buffers;
+        forgets every binding."""
         self.arrays = [np.ascontiguousarray(a) for a in arrays]
         self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # views: no copy
+        rows, ids, masks, positions = len(lengths), *self._dtypes
+        self._step = {"input_ids": np.zeros((rows, 1), ids),
+                      "attention_mask": (np.arange(self.capacity)[None, :] < np.asarray(lengths)[:, None]).astype(masks)}
+        if positions is not None:
+            self._step["position_ids"] = np.zeros((rows, 1), positions)
+        self._rows = np.arange(rows)
         self._bindings.clear()
         self._logits = None
 
-    def grow(self, capacity: int) -> None:
-        """Make the buffers hold at least ``capacity`` positions (zeros after the old ones)."""
-        if capacity <= self.capacity:
-            return
-        self.set([np.concatenate([a, np.zeros((*a.shape[:2], capacity - a.shape[2], a.shape[3]), a.dtype)], axis=2)
-                  for a in self.arrays])
-
     def run(self, session: ort.InferenceSession, key: Any, token: object, inputs: Callable[[], Mapping[str, Any]],
-            feeds: Mapping[str, np.ndarray], vocab: tuple[int, np.dtype], where: Callable[[], str]) -> np.ndarray:
-        """One call of ``session`` on ``feeds`` (the per-step inputs) with the buffers as past and present.
+            tokens: list[int], lengths: np.ndarray, vocab: tuple[int, np.dtype], where: Callable[[], str]) -> np.ndarray:
+        """One call of ``session``: row ``i`` feeds ``tokens[i]`` at position ``lengths[i]``, the buffers
+        are past and present. The buffers must have room (``lengths < capacity``, see :meth:`set`).
 
         ``key`` names the binding to reuse (a session and an adapter, say) and ``token`` the state
         behind it (the loaded adapter object): a binding made for another token is made again,
@@ -72,14 +84,13 @@ class SharedCache:
         """
         held = self._bindings.get(key)
         if held is None or held[0] is not token:
-            rows = int(self.arrays[0].shape[0])
-            if self._logits is None or self._logits.shape[0] != rows:
-                self._logits = np.empty((rows, 1, vocab[0]), vocab[1])
+            if self._logits is None:
+                self._logits = np.empty((len(self._rows), 1, vocab[0]), vocab[1])
             io = session.io_binding()
             # held with the binding, which points at their memory; as OrtValues, since only those bind to
             # an overridable initializer (an adapter weight), which the numpy binding does not find
             bound = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
-                     for name, value in inputs().items()}
+                     for name, value in {**inputs(), **self._step}.items()}
             for name, value in bound.items():
                 io.bind_ortvalue_input(name, value)
             for past, present, value in zip(self.past, self.present, self._values, strict=True):
@@ -87,12 +98,14 @@ class SharedCache:
                 io.bind_ortvalue_output(present, value)
             logits = ort.OrtValue.ortvalue_from_numpy(self._logits)
             io.bind_ortvalue_output("logits", logits)
-            held = self._bindings[key] = (token, io, logits, bound)
-        io = held[1]
-        for name, value in feeds.items():
-            io.bind_cpu_input(name, value)
+            held = self._bindings[key] = (token, io, (bound, logits))
+        step = self._step
+        step["input_ids"][:, 0] = tokens
+        step["attention_mask"][self._rows, lengths] = 1
+        if "position_ids" in step:
+            step["position_ids"][:, 0] = lengths
         try:
-            session.run_with_iobinding(io)
+            session.run_with_iobinding(held[1])
         except Exception as exc:  # onnxruntime's pybind errors share no base class
             raise ServingError(f"{where()}: onnxruntime failed: {_ort_message(exc)}") from None
         return self._logits
