@@ -179,7 +179,9 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     ``attention_mask`` over cache positions ``0 .. width - 1`` (see :func:`_causal_mask_of`).
     GroupQueryAttention reads only each row's length (``attention_mask``'s row sums) and keeps
     the caches right-padded, so the fused model's contract is different: a row's tokens start at
-    cache position 0 (left padding is not masked). The caller records that in the metadata
+    cache position 0 (left padding is not masked), and the mask's width is either the past's
+    length plus the new tokens' (present = past + new, as before) or at most the past's length
+    (the past is a fixed buffer that present shares, written in place at each row's length). The caller records that in the metadata
     (:data:`CACHE_PADDING_KEY`). Where ``q`` and ``k`` are full rotary embeddings of
     ``position_ids * inv_freq`` and ``max_positions`` is given, the kernel applies the rotary from
     ``[max_positions, head_dim / 2]`` cos/sin tables (positions follow from the row lengths), and
