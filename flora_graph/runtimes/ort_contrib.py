@@ -127,17 +127,34 @@ class _Nodes:
         return (shape.input[0], start) if end == start + 1 else None
 
 
-def _causal_mask_of(m: _Nodes, mask: str) -> tuple[str, str] | None:
-    """``(attention_mask, a past input)`` when ``mask`` is exactly ``key position <= query position``
-    and ``attention_mask[batch, key position]`` (``[batch, 1, seq, total]``, the causal mask of a
-    cache whose positions run from 0 to the mask's width), else ``None``."""
+def _causal_mask_of(m: _Nodes, mask: str) -> tuple[str, str, int] | None:
+    """``(attention_mask, a past input, window)`` when ``mask`` is exactly ``key position <= query
+    position`` and ``attention_mask[batch, key position]`` (``[batch, 1, seq, total]``, the causal mask
+    of a cache whose positions run from 0 to the mask's width), with, for a sliding window of ``window``
+    keys, ``key position > query position - window`` as well (``window`` 0: none); else ``None``."""
     both = m.node(mask, "And")
     if both is None:
         return None
-    for le_name, pad_name in ((both.input[0], both.input[1]), (both.input[1], both.input[0])):
-        le, pad = m.node(le_name, "LessOrEqual"), m.unsqueezed(pad_name, [1, 2])
+    for causal_name, pad_name in ((both.input[0], both.input[1]), (both.input[1], both.input[0])):
+        pad = m.unsqueezed(pad_name, [1, 2])
         cast = m.node(pad, "Cast") if pad is not None else None
-        if le is None or cast is None or _attr(cast, "to", None) != onnx.TensorProto.BOOL or cast.input[0] not in m.inputs:
+        if cast is None or _attr(cast, "to", None) != onnx.TensorProto.BOOL or cast.input[0] not in m.inputs:
+            continue
+        le, window = m.node(causal_name, "LessOrEqual"), 0
+        band = m.node(causal_name, "And") if le is None else None
+        if band is not None:  # a sliding window: (key > query - window) and (key <= query)
+            for gt_name, le_name in ((band.input[0], band.input[1]), (band.input[1], band.input[0])):
+                gt, le = m.node(gt_name, "Greater"), m.node(le_name, "LessOrEqual")
+                sub = m.node(gt.input[1], "Sub") if gt is not None else None
+                width = m.const(sub.input[1]) if sub is not None else None
+                w = float(width.reshape(-1)[0]) if width is not None and width.size == 1 else 0.0
+                if (le is not None and w == int(w) > 0
+                        and gt.input[0] == le.input[0] and sub.input[0] == le.input[1]):
+                    window = int(w)
+                    break
+            else:
+                continue
+        if le is None:
             continue
         keys, queries = m.unsqueezed(le.input[0], [0, 1, 2]), m.unsqueezed(le.input[1], [0, 1, 3])
         kr = m.node(keys, "Range") if keys else None
@@ -148,7 +165,7 @@ def _causal_mask_of(m: _Nodes, mask: str) -> tuple[str, str] | None:
         total, start = m.dim(kr.input[1]), m.dim(qr.input[0])
         if total != (cast.input[0], 1) or m.dim(qr.input[1]) != total or start is None or start[1] != 2:
             continue
-        return cast.input[0], start[0]
+        return cast.input[0], start[0], window
     return None
 
 
@@ -176,7 +193,8 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
 
     Fused only when each ``Attention`` takes ``(q, k, v, mask, past_key, past_value)`` in 3-D
     (heads packed in the last dim) with its caches as outputs, and ``mask`` is the causal mask of
-    ``attention_mask`` over cache positions ``0 .. width - 1`` (see :func:`_causal_mask_of`).
+    ``attention_mask`` over cache positions ``0 .. width - 1``, with or without a sliding window
+    (see :func:`_causal_mask_of`).
     GroupQueryAttention reads only each row's length (``attention_mask``'s row sums) and keeps
     the caches right-padded, so the fused model's contract is different: a row's tokens start at
     cache position 0 (left padding is not masked), and the mask's width is either the past's
@@ -206,7 +224,7 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
         mask = _causal_mask_of(m, n.input[3]) if ok else None
         if mask is None or (found and mask[0] != found[0][2]) or ir[mask[0]].dtype not in ("int64", "int32"):
             return 0, set()  # one attention the kernel cannot take: the model keeps one contract, the standard one
-        found.append((n, attrs, mask[0], q))
+        found.append((n, attrs, mask[0], q, mask[2]))
     if not found:
         return 0, set()
     read_before = {i for n in ctx.nodes for i in n.input}
@@ -223,10 +241,12 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     del ctx.nodes[start:]
     tables: dict[str, tuple[str, str]] = {}
     replace = {}
-    for n, attrs, _, q in found:
+    for n, attrs, _, q, window in found:
         h, kv = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
         gqa_attrs = {"num_heads": h, "kv_num_heads": kv, "scale": float(attrs.get("scale", 0.0)),
                      "softcap": float(attrs.get("softcap", 0.0))}
+        if window:  # ONNX Runtime's kernel keeps local_window_size keys, the query's own among them (checked in tests)
+            gqa_attrs["local_window_size"] = window
         inputs = [n.input[0], n.input[1], n.input[2], n.input[4], n.input[5], seqlens, total]
         rq, rk = _rotary_of(m, n.input[0]), _rotary_of(m, n.input[1])
         head = int(canonical_dim(q.shape[-1])) // h if isinstance(canonical_dim(q.shape[-1]), int) else 0

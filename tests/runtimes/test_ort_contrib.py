@@ -76,8 +76,9 @@ def test_without_contrib_nothing_changes_and_no_domain_is_imported() -> None:
 
 
 # ---------------------------------------------------------------- GroupQueryAttention
-def _captured(arch: str):
-    """A tiny ``arch`` captured with its cache and optimized as the GenAI export does; its cache layout."""
+def _captured(arch: str, **config):
+    """A tiny ``arch`` (``config`` overriding its settings) captured with its cache and optimized as the
+    GenAI export does; its cache layout."""
     import warnings
 
     pytest.importorskip("transformers")
@@ -86,6 +87,12 @@ def _captured(arch: str):
     from tests.frontend.test_causal_lm import tiny_causal_lm
 
     model = tiny_causal_lm(arch)
+    if config:
+        import torch
+
+        model.config.update(config)
+        torch.manual_seed(0)
+        model = type(model)(model.config).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return optimize(capture_causal_lm(model), "fused", backend="onnxruntime"), cache_layout(model)
@@ -148,12 +155,40 @@ def test_decoder_attention_becomes_group_query_attention_on_right_padded_caches(
     np.testing.assert_allclose(nxt["logits"][1], alone["short"][1]["logits"][0], atol=2e-5, rtol=1e-4)
 
 
+def test_sliding_window_attention_keeps_its_window_in_the_kernel() -> None:
+    """Mistral with a 4-key sliding window: GroupQueryAttention's local window of 4 keys (the query's own
+    among them) gives the standard model's logits on a 7-token prompt and on decode steps past the window."""
+    from flora_graph.frontend.causal_lm import present_names
+
+    graph, layout = _captured("MistralForCausalLM", sliding_window=4)
+    plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
+    windows = [a.i for n in fused.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+               if a.name == "local_window_size"]
+    assert windows == [4] * layout.layers
+    empty = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
+    prompt = [5, 9, 11, 3, 7, 8, 2]
+    n = len(prompt)
+    want = _step(plain, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
+    got = _step(fused, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-4)
+    unwindowed = _step(to_onnx(_captured("MistralForCausalLM", sliding_window=None)[0], 23), layout, [prompt],
+                       np.ones((1, n)), empty, np.arange(n)[None])
+    assert np.abs(unwindowed["logits"][0, -1] - want["logits"][0, -1]).max() > 1e-4  # the window matters here
+    for token in (4, 6):
+        past = [want[k] for k in present_names(layout.layers)]
+        want = _step(plain, layout, [[token]], np.ones((1, n + 1)), past, np.array([[n]]))
+        got = _step(fused, layout, [[token]], np.ones((1, n + 1)), past, np.array([[n]]))
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-4)
+        n += 1
+
+
 def test_attention_the_kernel_cannot_take_keeps_the_standard_model() -> None:
-    """Mistral's sliding-window mask is not the plain causal mask: no attention is fused (one contract per
-    model), the metadata says nothing, and the residual norms still fuse."""
+    """Qwen3 normalizes q and k per head between the projection and the rotary, in 4-D: its attention
+    is not the 3-D form the kernel takes, so none is fused (one contract per model), the metadata says
+    nothing, and the residual norms still fuse."""
     from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
 
-    graph, layout = _captured("MistralForCausalLM")
+    graph, layout = _captured("Qwen3ForCausalLM")
     fused = to_onnx(graph, 23, contrib=True, max_positions=256)
     ops = _ops(fused)
     assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == 0 and ops["Attention"] == layout.layers

@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY  # noqa: E402
-from flora_graph.serving.session import AdapterSession, load_params  # noqa: E402
-from flora_graph.serving.shared_cache import SharedCache  # noqa: E402
-from tests.serving.genai_package import PROMPT  # noqa: E402
+from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
+from flora_graph.serving.session import AdapterSession, load_params
+from flora_graph.serving.shared_cache import SharedCache
+from tests.serving.genai_package import PROMPT
 
 
 def test_in_place_steps_equal_plain_runs_and_follow_a_reloaded_adapter(package: Path) -> None:
@@ -30,7 +30,7 @@ def test_in_place_steps_equal_plain_runs_and_follow_a_reloaded_adapter(package: 
     empty = np.zeros((1, dec["num_key_value_heads"], 0, dec["head_size"]), np.float32)
 
     def plain(ids: list[int], caches: list[np.ndarray], length: int) -> dict[str, np.ndarray]:
-        feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, length), np.int64), **dict(zip(past, caches))}
+        feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, length), np.int64), **dict(zip(past, caches, strict=True))}
         return sess.run(feeds, "all7")
 
     n = len(PROMPT)
