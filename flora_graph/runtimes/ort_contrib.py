@@ -1,9 +1,9 @@
 """ONNX Runtime's contrib ops for a lowered model, where ORT's own graph optimizer misses them.
 
 :func:`~flora_graph.runtimes.onnx_lowering.lower` writes standard ONNX; given
-``contrib=True`` it then calls :func:`fuse_skip_rms_norm` on the nodes it emitted, while the
-IR shapes are still at hand. The result runs on ONNX Runtime only (its ``com.microsoft``
-domain), which is what the ONNX Runtime GenAI package is for.
+``contrib=True`` it then calls :func:`fuse_skip_rms_norm` and :func:`fuse_group_query_attention`
+on the nodes it emitted, while the IR shapes are still at hand. The result runs on ONNX Runtime
+only (its ``com.microsoft`` domain), which is what the ONNX Runtime GenAI package is for.
 
 - ``fuse_skip_rms_norm``: a residual ``Add(a, b)`` read by ``RMSNormalization`` becomes one
   ``com.microsoft.SkipSimplifiedLayerNormalization(a, b, scale)`` whose fourth output is the
@@ -13,14 +13,19 @@ domain), which is what the ONNX Runtime GenAI package is for.
   input dtype and normalizes in float32, as ``Add`` + ``RMSNormalization(stash_type=1)`` do.
   Fused only where ``a`` and ``b`` have one shape of rank 2 or 3 (no broadcasting), the norm is
   over the last axis with a scale, in float32 or float16.
+- ``fuse_group_query_attention``: a decoder's ``Attention`` nodes on the causal mask of
+  ``attention_mask`` become ``com.microsoft.GroupQueryAttention`` (rotary inside, q/k/v packed,
+  a sliding window as ``local_window_size``), as the ONNX Runtime GenAI model builder writes
+  them; the model's caches are then right-padded (:data:`CACHE_PADDING_KEY`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from flora_graph.ir.shapes import canonical_dim
 
@@ -97,10 +102,7 @@ class _Nodes:
         n = self.producer.get(value)
         return n if n is not None and n.op_type == op_type and not n.domain else None
 
-    def const(self, value: str):
-        import numpy as np
-        from onnx import numpy_helper
-
+    def const(self, value: str) -> np.ndarray | None:
         if value in self.ctx.initializers:
             return numpy_helper.to_array(self.ctx.initializers[value])
         arr = self.ctx.weights.get(value)
@@ -195,20 +197,22 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     (heads packed in the last dim) with its caches as outputs, and ``mask`` is the causal mask of
     ``attention_mask`` over cache positions ``0 .. width - 1``, with or without a sliding window
     (see :func:`_causal_mask_of`).
+
     GroupQueryAttention reads only each row's length (``attention_mask``'s row sums) and keeps
     the caches right-padded, so the fused model's contract is different: a row's tokens start at
     cache position 0 (left padding is not masked), and the mask's width is either the past's
     length plus the new tokens' (present = past + new, as before) or at most the past's length
-    (the past is a fixed buffer that present shares, written in place at each row's length). The caller records that in the metadata
-    (:data:`CACHE_PADDING_KEY`). Where ``q`` and ``k`` are full rotary embeddings of
-    ``position_ids * inv_freq`` and ``max_positions`` is given, the kernel applies the rotary from
-    ``[max_positions, head_dim / 2]`` cos/sin tables (positions follow from the row lengths), and
-    ``q``/``k``/``v`` cut by one ``Split`` from one projection go in packed. Returns the graph
-    ``(attentions fused, graph inputs no node reads any more)``: ``position_ids`` is one of
-    them once the rotary moved into the kernel.
-    """
-    import numpy as np
+    (the past is a fixed buffer that present shares, written in place at each row's length). The
+    caller records that in the metadata (:data:`CACHE_PADDING_KEY`).
 
+    Where ``q`` and ``k`` are full rotary embeddings of ``position_ids * inv_freq`` and
+    ``max_positions`` is given, the kernel applies the rotary from ``[max_positions, head_dim / 2]``
+    cos/sin tables (positions follow from the row lengths), and ``q``/``k``/``v`` cut by one
+    ``Split`` from one projection go in packed.
+
+    Returns ``(attentions fused, graph inputs no node reads any more)``: ``position_ids`` is one
+    of those once the rotary moved into the kernel.
+    """
     m = _Nodes(ctx)
     ir: dict[str, ComputationNode] = {name: node for node, name in ctx.names.items()}
     found = []
