@@ -14,8 +14,9 @@ only (its ``com.microsoft`` domain), which is what the ONNX Runtime GenAI packag
   Fused only where ``a`` and ``b`` have one shape of rank 2 or 3 (no broadcasting), the norm is
   over the last axis with a scale, in float32 or float16.
 - ``fuse_group_query_attention``: a decoder's ``Attention`` nodes on the causal mask of
-  ``attention_mask`` become ``com.microsoft.GroupQueryAttention`` (rotary inside, q/k/v packed,
-  a sliding window as ``local_window_size``), as the ONNX Runtime GenAI model builder writes
+  ``attention_mask`` become ``com.microsoft.GroupQueryAttention`` (3-D: rotary inside, q/k/v
+  packed; 4-D over caches concatenated outside: the concatenations become its presents; a
+  sliding window as ``local_window_size``), as the ONNX Runtime GenAI model builder writes
   them; the model's caches are then right-padded (:data:`CACHE_PADDING_KEY`).
 """
 
@@ -87,7 +88,7 @@ CACHE_PADDING_KEY = "flora_graph.cache_padding"
 attention reads each row's length from ``attention_mask`` (its row sums) and its caches are
 right-padded, rather than masking positions anywhere."""
 
-_ATTENTION_ATTRS = frozenset({"q_num_heads", "kv_num_heads", "scale", "softcap"})
+_ATTENTION_ATTRS = frozenset({"q_num_heads", "kv_num_heads", "scale", "softcap", "is_causal"})
 
 
 class _Nodes:
@@ -190,11 +191,57 @@ def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
     return rot.input[0], pos, mul.input[1]
 
 
+def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto,
+                 readers: dict[str, int]) -> tuple[int, int, int, str, str] | None:
+    """``(heads, kv_heads, head_dim, new key, new value)`` when ``n`` is a 4-D ``Attention(q, key, value,
+    mask)`` (``[batch, heads, seq, head_dim]``) whose key and value are ``Concat(past, new)`` on the
+    sequence axis of a past graph input, read by nothing else but the graph's outputs; else ``None``."""
+    if len(n.input) != 4 or len(n.output) != 1 or not all(n.input):
+        return None
+    concats = [m.node(n.input[i], "Concat") for i in (1, 2)]
+    if any(c is None or len(c.input) != 2 or _attr(c, "axis", 0) not in (2, -2) or c.input[0] not in m.inputs
+           or readers.get(c.output[0], 0) != 1 for c in concats):
+        return None
+    q, k = ir.get(n.input[0]), ir.get(concats[0].input[1])
+    dims = [canonical_dim(d) for d in (*q.shape, *k.shape)] if q is not None and k is not None else []
+    if len(dims) != 8 or not all(isinstance(d, int) for d in (dims[1], dims[3], dims[5], dims[7])) or dims[3] != dims[7]:
+        return None
+    return dims[1], dims[5], dims[3], concats[0].input[1], concats[1].input[1]
+
+
+def _four_d_group_query_attention(ctx: LoweringContext, m: _Nodes, n: onnx.NodeProto, form: tuple[int, int, int, str, str],
+                                  seqlens: str, total: str, attrs: dict) -> list[onnx.NodeProto]:
+    """The nodes replacing the 4-D attention ``n`` (see :func:`_four_d_form`): q and the new key and value
+    to ``[batch, seq, heads * head_dim]``, GroupQueryAttention writing the concatenations' outputs as its
+    presents, and its output back to ``[batch, heads, seq, head_dim]`` under ``n``'s output name."""
+    h, kv, d, key, value = form
+    past_k, past_v = m.producer[n.input[1]].input[0], m.producer[n.input[2]].input[0]
+    nodes = []
+
+    def shape(dims: list[int]) -> str:
+        return ctx.once(("gqa.shape", *dims), lambda: ctx.constant(np.array(dims, np.int64), "gqa.shape"))
+
+    def to_3d(value: str, heads: int) -> str:
+        t, r = ctx.fresh(f"{value}/bshd"), ctx.fresh(f"{value}/3d")
+        nodes.append(helper.make_node("Transpose", [value], [t], name=f"{n.name}/gqa/{t}", perm=[0, 2, 1, 3]))
+        nodes.append(helper.make_node("Reshape", [t, shape([0, 0, heads * d])], [r], name=f"{n.name}/gqa/{r}"))
+        return r
+
+    q3, k3, v3 = to_3d(n.input[0], h), to_3d(key, kv), to_3d(value, kv)
+    out3, out4 = ctx.fresh(f"{n.output[0]}/3d"), ctx.fresh(f"{n.output[0]}/bshd")
+    nodes.append(helper.make_node("GroupQueryAttention", [q3, k3, v3, past_k, past_v, seqlens, total],
+                                  [out3, n.input[1], n.input[2]], name=f"{n.name}/gqa", domain=CONTRIB_DOMAIN, **attrs))
+    nodes.append(helper.make_node("Reshape", [out3, shape([0, 0, h, d])], [out4], name=f"{n.name}/gqa/{out4}"))
+    nodes.append(helper.make_node("Transpose", [out4], [n.output[0]], name=f"{n.name}/gqa/out", perm=[0, 2, 1, 3]))
+    return nodes
+
+
 def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None = None) -> tuple[int, set[str]]:
     """Every ``Attention`` of a decoder becomes ``com.microsoft.GroupQueryAttention``, or none does.
 
     Fused only when each ``Attention`` takes ``(q, k, v, mask, past_key, past_value)`` in 3-D
-    (heads packed in the last dim) with its caches as outputs, and ``mask`` is the causal mask of
+    (heads packed in the last dim) with its caches as outputs, or ``(q, Concat(past_key, k),
+    Concat(past_value, v), mask)`` in 4-D (see :func:`_four_d_form`), and ``mask`` is the causal mask of
     ``attention_mask`` over cache positions ``0 .. width - 1``, with or without a sliding window
     (see :func:`_causal_mask_of`).
 
@@ -215,20 +262,26 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     """
     m = _Nodes(ctx)
     ir: dict[str, ComputationNode] = {name: node for node, name in ctx.names.items()}
+    readers: dict[str, int] = {}
+    for n in ctx.nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
     found = []
     for n in ctx.nodes:
         if n.op_type != "Attention" or n.domain:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         q = ir.get(n.input[0]) if n.input else None
-        ok = (len(n.input) == 6 and len(n.output) == 3 and all(n.input) and all(n.output)
-              and set(attrs) <= _ATTENTION_ATTRS and "q_num_heads" in attrs and "kv_num_heads" in attrs
-              and n.input[4] in m.inputs and n.input[5] in m.inputs
-              and q is not None and len(q.shape) == 3 and q.dtype in _FLOATS)
-        mask = _causal_mask_of(m, n.input[3]) if ok else None
+        common = (set(attrs) <= _ATTENTION_ATTRS and not attrs.get("is_causal", 0)
+                  and q is not None and q.dtype in _FLOATS)
+        three_d = (common and len(n.input) == 6 and len(n.output) == 3 and all(n.input) and all(n.output)
+                   and "q_num_heads" in attrs and "kv_num_heads" in attrs
+                   and n.input[4] in m.inputs and n.input[5] in m.inputs and len(q.shape) == 3)
+        four_d = _four_d_form(m, ir, n, readers) if common and not three_d and "q_num_heads" not in attrs else None
+        mask = _causal_mask_of(m, n.input[3]) if three_d or four_d else None
         if mask is None or (found and mask[0] != found[0][2]) or ir[mask[0]].dtype not in ("int64", "int32"):
             return 0, set()  # one attention the kernel cannot take: the model keeps one contract, the standard one
-        found.append((n, attrs, mask[0], q, mask[2]))
+        found.append((n, attrs, mask[0], q, mask[2], four_d))
     if not found:
         return 0, set()
     read_before = {i for n in ctx.nodes for i in n.input}
@@ -244,13 +297,21 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     prelude = ctx.nodes[start:]  # reads graph inputs only: goes first
     del ctx.nodes[start:]
     tables: dict[str, tuple[str, str]] = {}
-    replace = {}
-    for n, attrs, _, q, window in found:
-        h, kv = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    dropped: set[int] = set()
+    for n, attrs, _, q, window, four_d in found:
+        if four_d is not None:
+            h, kv, _, _, _ = four_d
+        else:
+            h, kv = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
         gqa_attrs = {"num_heads": h, "kv_num_heads": kv, "scale": float(attrs.get("scale", 0.0)),
                      "softcap": float(attrs.get("softcap", 0.0))}
         if window:  # ONNX Runtime's kernel keeps local_window_size keys, the query's own among them (checked in tests)
             gqa_attrs["local_window_size"] = window
+        if four_d is not None:
+            replace[id(n)] = _four_d_group_query_attention(ctx, m, n, four_d, seqlens, total, gqa_attrs)
+            dropped |= {id(m.producer[n.input[1]]), id(m.producer[n.input[2]])}  # GQA writes the presents
+            continue
         inputs = [n.input[0], n.input[1], n.input[2], n.input[4], n.input[5], seqlens, total]
         rq, rk = _rotary_of(m, n.input[0]), _rotary_of(m, n.input[1])
         head = int(canonical_dim(q.shape[-1])) // h if isinstance(canonical_dim(q.shape[-1]), int) else 0
@@ -269,9 +330,9 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
                 q_in, k_in, v_in = split.input[0], "", ""
             inputs = [q_in, k_in, v_in, n.input[4], n.input[5], seqlens, total, *tables[rq[2]]]
             gqa_attrs["do_rotary"] = 1
-        replace[id(n)] = helper.make_node("GroupQueryAttention", inputs, list(n.output), name=f"{n.name}/gqa",
-                                          domain=CONTRIB_DOMAIN, **gqa_attrs)
-    nodes = prelude + [replace.get(id(n), n) for n in ctx.nodes]
+        replace[id(n)] = [helper.make_node("GroupQueryAttention", inputs, list(n.output), name=f"{n.name}/gqa",
+                                           domain=CONTRIB_DOMAIN, **gqa_attrs)]
+    nodes = prelude + [r for n in ctx.nodes if id(n) not in dropped for r in replace.get(id(n), [n])]
     keep = {ctx.value(n) for n in ctx.graph.outputs.values()} | set(ctx.graph.outputs)
     while True:  # drop what only the old attention read (mask, rotary tables, the split)
         read = {i for n in nodes for i in n.input} | keep

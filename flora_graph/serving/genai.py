@@ -119,9 +119,14 @@ def export_genai(
     adapters: Mapping[str, str | Path] | None = None,
     *,
     progress: Callable[[str], None] | None = None,
+    contrib: bool = True,
 ) -> GenAIReport:
     """Write an ONNX Runtime GenAI package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
+
+    ``contrib=False`` writes the models in standard ONNX only (no ONNX Runtime contrib ops: the
+    standard ``Attention`` on left-padded caches, ``position_ids`` an input), for runtimes or
+    execution providers without them; they are slower in ONNX Runtime.
 
     Every argument and folder is checked before the model loads: an adapter name that cannot
     be a file name, a folder that is not a PEFT LoRA folder (or uses ``modules_to_save``,
@@ -183,7 +188,7 @@ def export_genai(
         if sites:
             from flora_graph.serving.export import export_mixed, export_swappable
 
-            written_model = export_swappable(graph, tmp / MODEL_FILE, opset=GENAI_OPSET, contrib=True,
+            written_model = export_swappable(graph, tmp / MODEL_FILE, opset=GENAI_OPSET, contrib=contrib,
                                              max_positions=context)
             say("writing the mixed-adapter model")
             from flora_graph.serving.slots import graph_slots
@@ -191,12 +196,12 @@ def export_genai(
             # unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
             # with 8 adapters); the mixed session unpacks the package's packed adapter files
             export_mixed(unpacked, tmp / MIXED_FILE, opset=GENAI_OPSET,
-                         packed=[s for s in graph_slots(graph) if s.members], contrib=True, max_positions=context)
+                         packed=[s for s in graph_slots(graph) if s.members], contrib=contrib, max_positions=context)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
             from flora_graph.runtimes.onnx_writer import save_onnx
 
-            written_model = to_onnx(graph, GENAI_OPSET, contrib=True, max_positions=context)
+            written_model = to_onnx(graph, GENAI_OPSET, contrib=contrib, max_positions=context)
             save_onnx(written_model, tmp / MODEL_FILE)
         _fit_config(doc, written_model)
         if params:

@@ -183,15 +183,48 @@ def test_sliding_window_attention_keeps_its_window_in_the_kernel() -> None:
 
 
 def test_attention_the_kernel_cannot_take_keeps_the_standard_model() -> None:
-    """Qwen3 normalizes q and k per head between the projection and the rotary, in 4-D: its attention
-    is not the 3-D form the kernel takes, so none is fused (one contract per model), the metadata says
-    nothing, and the residual norms still fuse."""
+    """An attention whose mask is only ``attention_mask`` (no causal part) is not what the kernel computes:
+    no attention is fused (one contract per model), the metadata says nothing, and the residual norms,
+    ``position_ids``-free here, are untouched."""
     from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
 
-    graph, layout = _captured("Qwen3ForCausalLM")
-    fused = to_onnx(graph, 23, contrib=True, max_positions=256)
+    g = Graph("padding_mask_decoder")
+    x = g.input("x", ("batch", "seq", H))
+    am = g.input("attention_mask", ("batch", "past_seq+seq"), "int64")
+    past = [g.input(f"past_key_values.0.{kv}", ("batch", 2, "past_seq", H // 2)) for kv in ("key", "value")]
+    mask = g.add(Op.UNSQUEEZE, [g.add(Op.CAST, [am], {"to": "bool"})], {"axes": [1, 2]})
+    qkv = [_linear(g, x, f"{n}_proj") for n in ("q", "k", "v")]
+    attrs = {"q_heads": 2, "kv_heads": 2}
+    g.set_output("y", g.add(Op.KV_ATTENTION, [*qkv, *past, mask], attrs))
+    for i, kv in ((1, "key"), (2, "value")):
+        g.set_output(f"present.0.{kv}", g.add(Op.KV_ATTENTION, [*qkv, *past, mask], {**attrs, "output": i}))
+    fused = to_onnx(verify(g), 23, contrib=True, max_positions=64)
     ops = _ops(fused)
-    assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == 0 and ops["Attention"] == layout.layers
-    assert ops[f"{CONTRIB_DOMAIN}:SkipSimplifiedLayerNormalization"] > 0
+    assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == 0 and ops["Attention"] == 1
     assert CACHE_PADDING_KEY not in {p.key for p in fused.metadata_props}
-    assert "position_ids" in [i.name for i in fused.graph.input]
+    assert [i.name for i in fused.graph.input] == [i.name for i in to_onnx(g, 23).graph.input]
+
+
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", pytest.param("GPTNeoXForCausalLM", marks=pytest.mark.slow)])
+def test_four_d_attention_on_concatenated_caches_becomes_group_query_attention(arch: str) -> None:
+    """Qwen3 (per-head q/k norms before the rotary) and GPT-NeoX (partial rotary) attend in 4-D over caches
+    concatenated outside the attention: those become GroupQueryAttention's presents, the rotary stays
+    outside (position_ids stays an input), and prefill and decode equal the standard model's."""
+    from flora_graph.frontend.causal_lm import present_names
+
+    graph, layout = _captured(arch)
+    plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
+    ops = _ops(fused)
+    assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == layout.layers and ops["Attention"] == 0
+    assert ops["Concat"] < _ops(plain)["Concat"] and "position_ids" in [i.name for i in fused.graph.input]
+    empty = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
+    prompt = [5, 9, 11, 3, 7]
+    n = len(prompt)
+    want = _step(plain, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
+    got = _step(fused, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
+    for k in ("logits", *present_names(layout.layers)):
+        np.testing.assert_allclose(got[k], want[k], atol=2e-5, rtol=1e-4, err_msg=k)
+    past = [want[k] for k in present_names(layout.layers)]
+    want = _step(plain, layout, [[4]], np.ones((1, n + 1)), past, np.array([[n]]))
+    got = _step(fused, layout, [[4]], np.ones((1, n + 1)), past, np.array([[n]]))
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-4)

@@ -96,11 +96,13 @@ def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path:
         assert [int(t) for t in g.get_sequence(0)][len(PROMPT):][:cut] == want[:cut]
 
 
-@pytest.mark.parametrize(("arch", "right"), [("Qwen3ForCausalLM", False), ("LlamaForCausalLM", True)])
+@pytest.mark.parametrize(("arch", "right"), [("Qwen3ForCausalLM", True), ("LlamaForCausalLM", True),
+                                             ("LlamaForCausalLM", False)])
 def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cache_padding(arch: str, right: bool,
                                                                                             tmp_path: Path) -> None:
-    """Llama's attention becomes GroupQueryAttention (right-padded caches; GenAI shares its past and present
-    buffers), Qwen3's (q/k norms before the rotary) stays standard (left-padded): either way rows of
+    """With ONNX Runtime's contrib ops, attention becomes GroupQueryAttention (right-padded caches shared by
+    past and present; GenAI shares its buffers too), in 3-D (Llama) or 4-D (Qwen3, caches concatenated
+    outside); in standard ONNX (``contrib=False``) the caches are left-padded: either way rows of
     different lengths, joining and leaving, decode as they do alone."""
     import json
 
@@ -110,7 +112,7 @@ def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cac
     save_word_tokenizer(tmp_path / "base", 128)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_genai(tmp_path / "base", tmp_path / "pkg")
+        export_genai(tmp_path / "base", tmp_path / "pkg", contrib=right)
     gen = Generator(tmp_path / "pkg")
     assert gen.right_padded is right
     assert json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is right
