@@ -220,7 +220,8 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
         raise FloraGraphError("--format genai takes a transformers model folder (config.json + safetensors)")
     adapters = _adapter_args(args.adapter)
     with console.status("starting") as status:
-        report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m))
+        report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
+                              contrib=args.ort_contrib)
     kind = "an ONNX Runtime GenAI package" if report.genai else "a package for flora_graph's Generator (GenAI has no type for it)"
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as {kind}")
     console.print(report.summary)
@@ -342,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=ARTIFACT_BACKENDS, default="onnxruntime", help="the artifact's runtime (--format file)")
     e.add_argument("--preset", choices=presets, default="merged",
                    help="merged bakes the adapters in; fused keeps them apart (--format file; genai packages are fused)")
+    e.add_argument("--ort-contrib", action=argparse.BooleanOptionalAction, default=True,
+                   help="--format genai: use ONNX Runtime's contrib ops (GroupQueryAttention on right-padded caches, "
+                        "SkipSimplifiedLayerNormalization), as the model builder does; --no-ort-contrib writes standard "
+                        "ONNX only (left-padded caches), for runtimes without them")
     e.add_argument("--attention-mask", action="store_true",
                    help="a transformers model also takes attention_mask (and token_type_ids where it has segments, "
                         "as BERT does); outputs keep transformers' names (logits, last_hidden_state, pooler_output)")

@@ -78,3 +78,27 @@ def test_model_class_without_a_genai_type_is_refused(tmp_path: Path) -> None:
     transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "bert")
     with pytest.raises(FloraGraphError, match="no model type for BertForMaskedLM"):
         export_genai(tmp_path / "bert", tmp_path / "out")
+
+
+def test_standard_onnx_package_from_the_command_line_generates_the_same_tokens(folders: Path, tmp_path: Path) -> None:
+    """``--no-ort-contrib``: the models are standard ONNX (no com.microsoft ops, left-padded caches, GenAI
+    keeps past and present apart, position_ids an input), and GenAI still gives eager PEFT's tokens."""
+    import warnings
+
+    import onnx
+
+    from flora_graph.cli import main
+
+    out = tmp_path / "std"
+    args = ["export", str(folders / "base"), "--task", "text-generation-with-past", "--format", "genai",
+            "--no-ort-contrib", "--out", str(out), *(a for n in ADAPTERS for a in ("--adapter", f"{n}={folders / n}"))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    doc = json.loads((out / GENAI_CONFIG).read_text())
+    assert doc["search"]["past_present_share_buffer"] is False and "position_ids" in doc["model"]["decoder"]["inputs"]
+    for f in ("model.onnx", "mixed.onnx"):
+        model = onnx.load(str(out / f), load_external_data=False)
+        assert not [n.op_type for n in model.graph.node if n.domain], f
+    for adapter in (None, "all7"):
+        assert _genai(out, adapter) == eager_tokens(folders, adapter)
