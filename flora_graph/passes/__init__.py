@@ -24,6 +24,7 @@ from flora_graph.passes import (  # noqa: F401
     fuse_rms_norm,
     fuse_rotary,
     merge_lora,
+    pack_linears,
     pack_slots,
     reassociate_low_rank,
     share_kv_heads,

@@ -173,8 +173,9 @@ def export_genai(
     from flora_graph.passes import optimize
 
     unpacked = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable"} if sites else {}))
-    # model.onnx: sibling slots packed (fewer nodes per step); mixed.onnx below keeps them unpacked
-    graph = optimize(unpacked, ["pack-slots", "cse", "dce"]) if sites else unpacked
+    # model.onnx: sibling slots packed (fewer nodes per step); mixed.onnx below keeps them unpacked;
+    # without adapters, sibling layers (q/k/v, gate/up) are packed as plain Linears
+    graph = optimize(unpacked, ["pack-slots" if sites else "pack-linears", "cse", "dce"])
     seconds["optimize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
