@@ -194,9 +194,10 @@ def export_genai(
             say("writing the mixed-adapter model")
             from flora_graph.serving.slots import graph_slots
 
-            # unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
-            # with 8 adapters); the mixed session unpacks the package's packed adapter files
-            export_mixed(unpacked, tmp / MIXED_FILE, opset=GENAI_OPSET,
+            # slots unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
+            # with 8 adapters; the mixed session unpacks the package's packed adapter files); their
+            # base layers packed as plain Linears (pack-linears: 6% faster steps, 8 rows over 8 adapters)
+            export_mixed(optimize(unpacked, ["pack-linears", "cse", "dce"]), tmp / MIXED_FILE, opset=GENAI_OPSET,
                          packed=[s for s in graph_slots(graph) if s.members], contrib=contrib, max_positions=context)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
