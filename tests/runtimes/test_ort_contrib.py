@@ -110,6 +110,26 @@ def _step(model: onnx.ModelProto, layout, ids: list[list[int]], mask: np.ndarray
     return _ort(model, feeds)
 
 
+def _equal_at_prefill_and_decode(plain: onnx.ModelProto, fused: onnx.ModelProto, layout, prompt: list[int],
+                                 tokens: tuple[int, ...] = (4,)) -> list[dict[str, np.ndarray]]:
+    """Run one unpadded row through both models: the prompt, then ``tokens`` one by one, each fed the
+    standard model's caches; assert logits (and the prefill's caches) equal; the standard model's outputs."""
+    from flora_graph.frontend.causal_lm import present_names
+
+    past = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
+    n, ids, outs = 0, prompt, []
+    for step, _ in enumerate((None, *tokens)):
+        total = n + len(ids)
+        args = ([ids], np.ones((1, total)), past, np.arange(n, total)[None])
+        want, got = _step(plain, layout, *args), _step(fused, layout, *args)
+        for k in ("logits", *(present_names(layout.layers) if step == 0 else ())):
+            np.testing.assert_allclose(got[k], want[k], atol=2e-5, rtol=1e-4, err_msg=f"step {step} {k}")
+        outs.append(want)
+        past, n = [want[k] for k in present_names(layout.layers)], total
+        ids = [tokens[step]] if step < len(tokens) else []
+    return outs
+
+
 @pytest.mark.parametrize("max_positions", [256, None])
 def test_decoder_attention_becomes_group_query_attention_on_right_padded_caches(max_positions) -> None:
     """Every attention of a captured Llama becomes one GroupQueryAttention (rotary inside given the
@@ -132,15 +152,9 @@ def test_decoder_attention_becomes_group_query_attention_on_right_padded_caches(
         assert rotary in ([], [0] * layout.layers) and ops["RotaryEmbedding"] == 2 * layout.layers and "position_ids" in takes
     empty = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
     long, short = [5, 9, 11, 3, 7], [8, 2, 6]
-    alone = {}
-    for name, prompt in (("long", long), ("short", short)):  # unpadded rows, standard model: prefill + one decode step
-        n = len(prompt)
-        pre = _step(plain, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
-        got = _step(fused, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
-        for k in ("logits", *present_names(layout.layers)):
-            np.testing.assert_allclose(got[k], pre[k], atol=2e-5, rtol=1e-4, err_msg=k)
-        past = [pre[k] for k in present_names(layout.layers)]
-        alone[name] = (pre, _step(plain, layout, [[4]], np.ones((1, n + 1)), past, np.array([[n]])))
+    # unpadded rows, each alone: prefill + one decode step, equal in both models
+    alone = {name: _equal_at_prefill_and_decode(plain, fused, layout, prompt)
+             for name, prompt in (("long", long), ("short", short))}
     # both rows in one right-padded batch: prefill, then a decode step at each row's own position
     mask = np.array([[1] * 5, [1, 1, 1, 0, 0]])
     both = _step(fused, layout, [long, [*short, 0, 0]], mask, [np.zeros((2, *e.shape[1:]), np.float32) for e in empty],
@@ -158,8 +172,6 @@ def test_decoder_attention_becomes_group_query_attention_on_right_padded_caches(
 def test_sliding_window_attention_keeps_its_window_in_the_kernel() -> None:
     """Mistral with a 4-key sliding window: GroupQueryAttention's local window of 4 keys (the query's own
     among them) gives the standard model's logits on a 7-token prompt and on decode steps past the window."""
-    from flora_graph.frontend.causal_lm import present_names
-
     graph, layout = _captured("MistralForCausalLM", sliding_window=4)
     plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
     windows = [a.i for n in fused.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
@@ -167,19 +179,10 @@ def test_sliding_window_attention_keeps_its_window_in_the_kernel() -> None:
     assert windows == [4] * layout.layers
     empty = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
     prompt = [5, 9, 11, 3, 7, 8, 2]
-    n = len(prompt)
-    want = _step(plain, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
-    got = _step(fused, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
-    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-4)
+    want = _equal_at_prefill_and_decode(plain, fused, layout, prompt, (4, 6))[0]
     unwindowed = _step(to_onnx(_captured("MistralForCausalLM", sliding_window=None)[0], 23), layout, [prompt],
-                       np.ones((1, n)), empty, np.arange(n)[None])
+                       np.ones((1, len(prompt))), empty, np.arange(len(prompt))[None])
     assert np.abs(unwindowed["logits"][0, -1] - want["logits"][0, -1]).max() > 1e-4  # the window matters here
-    for token in (4, 6):
-        past = [want[k] for k in present_names(layout.layers)]
-        want = _step(plain, layout, [[token]], np.ones((1, n + 1)), past, np.array([[n]]))
-        got = _step(fused, layout, [[token]], np.ones((1, n + 1)), past, np.array([[n]]))
-        np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-4)
-        n += 1
 
 
 def test_attention_the_kernel_cannot_take_keeps_the_standard_model() -> None:
@@ -210,21 +213,10 @@ def test_four_d_attention_on_concatenated_caches_becomes_group_query_attention(a
     """Qwen3 (per-head q/k norms before the rotary) and GPT-NeoX (partial rotary) attend in 4-D over caches
     concatenated outside the attention: those become GroupQueryAttention's presents, the rotary stays
     outside (position_ids stays an input), and prefill and decode equal the standard model's."""
-    from flora_graph.frontend.causal_lm import present_names
 
     graph, layout = _captured(arch)
     plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
     ops = _ops(fused)
     assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == layout.layers and ops["Attention"] == 0
     assert ops["Concat"] < _ops(plain)["Concat"] and "position_ids" in [i.name for i in fused.graph.input]
-    empty = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
-    prompt = [5, 9, 11, 3, 7]
-    n = len(prompt)
-    want = _step(plain, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
-    got = _step(fused, layout, [prompt], np.ones((1, n)), empty, np.arange(n)[None])
-    for k in ("logits", *present_names(layout.layers)):
-        np.testing.assert_allclose(got[k], want[k], atol=2e-5, rtol=1e-4, err_msg=k)
-    past = [want[k] for k in present_names(layout.layers)]
-    want = _step(plain, layout, [[4]], np.ones((1, n + 1)), past, np.array([[n]]))
-    got = _step(fused, layout, [[4]], np.ones((1, n + 1)), past, np.array([[n]]))
-    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-4)
+    _equal_at_prefill_and_decode(plain, fused, layout, [5, 9, 11, 3, 7], (4, 6))

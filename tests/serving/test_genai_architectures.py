@@ -19,16 +19,24 @@ PROMPT, NEW = [1, 5, 9, 33, 70], 8
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; a Generator-only architecture
 
 
-@pytest.mark.parametrize("arch", [a if a in FAST else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in [*GENAI_TYPES, *GENERATOR_ONLY]])
-def test_package_generates_eager_greedy_tokens(arch: str, tmp_path: Path) -> None:
+def _package(arch: str, tmp_path: Path, **options):
+    """A tiny ``arch`` saved (with a tokenizer) under ``tmp_path / "base"`` and its package at ``tmp_path / "pkg"``:
+    ``(model, report)``."""
     model = tiny_causal_lm(arch)
     model.config.eos_token_id = 2
     model.save_pretrained(tmp_path / "base")
     save_word_tokenizer(tmp_path / "base", 128)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = export_genai(tmp_path / "base", tmp_path / "pkg")
+        return model, export_genai(tmp_path / "base", tmp_path / "pkg", **options)
+
+
+@pytest.mark.parametrize("arch", [a if a in FAST else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in [*GENAI_TYPES, *GENERATOR_ONLY]])
+def test_package_generates_eager_greedy_tokens(arch: str, tmp_path: Path) -> None:
+    model, report = _package(arch, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         with torch.no_grad():
             want = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW,
                                   do_sample=False)[0, len(PROMPT):].tolist()
@@ -106,13 +114,7 @@ def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cac
     different lengths, joining and leaving, decode as they do alone."""
     import json
 
-    model = tiny_causal_lm(arch)
-    model.config.eos_token_id = 2
-    model.save_pretrained(tmp_path / "base")
-    save_word_tokenizer(tmp_path / "base", 128)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_genai(tmp_path / "base", tmp_path / "pkg", contrib=right)
+    _package(arch, tmp_path, contrib=right)
     gen = Generator(tmp_path / "pkg")
     assert gen.right_padded is right
     assert json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is right
