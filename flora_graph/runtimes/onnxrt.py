@@ -31,6 +31,7 @@ from flora_graph.runtimes.onnx_writer import model_size, save_onnx
 
 __all__ = [
     "GRAPH_OPTIMIZATION_LEVELS", "OnnxRuntimeError", "OnnxRuntimeExecutable", "make_session_options", "onnxruntime_backend",
+    "ort_message",
 ]
 
 GRAPH_OPTIMIZATION_LEVELS = {
@@ -49,10 +50,11 @@ class OnnxRuntimeError(FloraGraphError):
     """onnxruntime refused a model or failed running it (names the graph)."""
 
 
-def _ort_message(exc: Exception) -> str:
-    """The first line of an onnxruntime error, without C++ stack frames."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    return lines[0][:1000]
+def ort_message(exc: BaseException) -> str:
+    """The first line of an onnxruntime error, without C++ stack frames or the source location."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first.rsplit(") ", 1)[-1][:1000] if first.startswith("/") else first[:1000]
 
 
 def _check_threads(name: str, value: int | None) -> None:
@@ -181,7 +183,7 @@ class OnnxRuntimeExecutable(Executable):
             raise
         except Exception as exc:  # onnxruntime's pybind errors (Fail, NotImplemented, InvalidGraph, ...)
             raise OnnxRuntimeError(
-                f"onnxruntime cannot load graph {self.graph.name!r}: {_ort_message(exc)}"
+                f"onnxruntime cannot load graph {self.graph.name!r}: {ort_message(exc)}"
             ) from None
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -193,7 +195,7 @@ class OnnxRuntimeExecutable(Executable):
             values = self.session.run(self.output_names, feeds)
         except Exception as exc:  # onnxruntime's pybind errors carry no common base class
             raise OnnxRuntimeError(
-                f"onnxruntime failed running graph {self.graph.name!r}: {_ort_message(exc)}"
+                f"onnxruntime failed running graph {self.graph.name!r}: {ort_message(exc)}"
             ) from None
         out = dict(zip(self.output_names, values, strict=True))
         for name in self._bf16_outputs:

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from flora_graph.runtimes.onnxrt import make_session_options
+from flora_graph.runtimes.onnxrt import make_session_options, ort_message
 from flora_graph.runtimes.reference import cast_array, to_array
 from flora_graph.serving.adapter_file import (
     decode_adapter,
@@ -55,13 +55,6 @@ _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
 }
-
-
-def _ort_message(exc: BaseException) -> str:
-    """The first line of an onnxruntime error, without the C++ source location."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first.rsplit(") ", 1)[-1][:500] if first.startswith("/") else first[:500]
 
 
 def _load(source: AdapterSource, spec: ParamSpec, name: str, require_checksum: bool) -> tuple[dict[str, np.ndarray], bytes | None]:
@@ -98,7 +91,7 @@ class OrtModel:
             self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), sess_options=opts,
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # onnxruntime's pybind errors share no base class
-            raise ServingError(f"onnxruntime cannot load {where}: {_ort_message(exc)}") from None
+            raise ServingError(f"onnxruntime cannot load {where}: {ort_message(exc)}") from None
         self.where = where
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.inputs = {i.name: (tuple(i.shape), _ORT_TYPES.get(i.type)) for i in self.session.get_inputs()}
@@ -138,7 +131,7 @@ class OrtModel:
         try:
             values = self.session.run(self.output_names, feeds, run_options)
         except Exception as exc:  # onnxruntime's pybind errors share no base class
-            raise ServingError(f"{who()}: onnxruntime failed running {self.where}: {_ort_message(exc)}") from None
+            raise ServingError(f"{who()}: onnxruntime failed running {self.where}: {ort_message(exc)}") from None
         return dict(zip(self.output_names, values, strict=True))
 
 
@@ -213,7 +206,7 @@ class AdapterSession:
                 lora.Load(str(copy))
         except Exception as exc:
             where = repr(str(source)) if isinstance(source, str | Path) else "its weights"
-            raise AdapterFileError(f"adapter {name!r}: onnxruntime cannot load {where}: {_ort_message(exc)}") from None
+            raise AdapterFileError(f"adapter {name!r}: onnxruntime cannot load {where}: {ort_message(exc)}") from None
         ranks = {k.removesuffix(".lora_A"): int(v.shape[0]) for k, v in params.items() if k.endswith(".lora_A")}
         with self._lock:
             old = self._adapters.get(name)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from flora_graph.runtimes.onnxrt import ort_message
 from flora_graph.serving.errors import ServingError
-from flora_graph.serving.session import _ort_message
 
 __all__ = ["SharedCache"]
 
@@ -107,5 +107,5 @@ class SharedCache:
         try:
             session.run_with_iobinding(held[1])
         except Exception as exc:  # onnxruntime's pybind errors share no base class
-            raise ServingError(f"{where()}: onnxruntime failed: {_ort_message(exc)}") from None
+            raise ServingError(f"{where()}: onnxruntime failed: {ort_message(exc)}") from None
         return self._logits
