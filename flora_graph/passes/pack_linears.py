@@ -27,7 +27,7 @@ from flora_graph.passes.adapter_slots import rewire
 from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import schedule, static_nodes
 
-__all__ = ["pack_linears"]
+__all__ = ["concat_linears", "pack_linears"]
 
 _NAME = "pack-linears"
 
@@ -47,6 +47,15 @@ def _groups(graph: Graph) -> list[list[ComputationNode]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def concat_linears(graph: Graph, linears: list[ComputationNode], name: str, meta: dict) -> ComputationNode:
+    """One ``Linear`` of ``linears[0]``'s input over their weights (and biases) concatenated along the
+    output dim (``Concat`` nodes ``<name>.w1``, ``<name>.w2``), named ``name``; the members are left as they are."""
+    first = linears[0]
+    parts = [graph.add(Op.CONCAT, [n.inputs[k] for n in linears], {"axis": 0}, name=f"{name}.w{k}")
+             for k in range(1, len(first.inputs))]
+    return graph.add(Op.LINEAR, [first.inputs[0], *parts], first.attrs, name=name, meta=meta)
+
+
 @register_pass(_NAME)
 def pack_linears(graph: Graph) -> PassResult:
     """Pack sibling static ``Linear`` layers; stats ``packed`` lists each packed group's node names."""
@@ -54,11 +63,7 @@ def pack_linears(graph: Graph) -> PassResult:
     repl: dict[ComputationNode, ComputationNode] = {}
     packed: list[list[str]] = []
     for group in _groups(graph):
-        first = group[0]
-        name = "+".join(n.name for n in group)
-        parts = [graph.add(Op.CONCAT, [n.inputs[k] for n in group], {"axis": 0}, name=f"{name}.w{k}")
-                 for k in range(1, len(first.inputs))]
-        joined = graph.add(Op.LINEAR, [first.inputs[0], *parts], first.attrs, name=name, meta=dict(first.meta))
+        joined = concat_linears(graph, group, "+".join(n.name for n in group), dict(group[0].meta))
         sizes = tuple(int(n.shape[-1]) for n in group)
         for i, n in enumerate(group):
             repl[n] = graph.add(Op.SPLIT, [joined], {"axis": -1, "sizes": sizes, "index": i}, name=f"{n.name}.piece",

@@ -33,6 +33,7 @@ from typing import Any
 from flora_graph.ir import ComputationNode, Graph, Op, OpGroup
 from flora_graph.passes.adapter_slots import INDEX_INPUT, drop_unread_inputs, rewire, slot_inputs
 from flora_graph.passes.base import PassResult, register_pass
+from flora_graph.passes.pack_linears import concat_linears
 from flora_graph.passes.rewrite import schedule, static_nodes
 
 __all__ = ["pack_slots", "packed_module_name"]
@@ -83,10 +84,7 @@ def _pack(graph: Graph, group: list[ComputationNode]) -> tuple[dict[ComputationN
     outs = tuple(int(n.inputs[0].shape[-1]) for n in group)
     module = packed_module_name(modules)
     bases = [n.inputs[0] for n in group]
-    weights = [graph.add(Op.CONCAT, [b.inputs[k] for b in bases], {"axis": 0}, name=f"{module}.base.w{k}")
-               for k in range(1, len(bases[0].inputs))]
-    base = graph.add(Op.LINEAR, [x, *weights], bases[0].attrs, name=f"{module}.base",
-                     meta={**bases[0].meta, "module": module} if bases[0].meta else {})
+    base = concat_linears(graph, bases, f"{module}.base", {**bases[0].meta, "module": module} if bases[0].meta else {})
     slots = "swappable" if op is Op.LORA_SLOT else "mixed"
     a, b = slot_inputs(graph, module, "linear", (int(x.shape[-1]),), sum(outs), first.dtype, slots)
     ins = [base, x, a, b]

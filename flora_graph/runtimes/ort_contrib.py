@@ -97,6 +97,10 @@ class _Nodes:
     def __init__(self, ctx: LoweringContext) -> None:
         self.ctx = ctx
         self.producer = {out: n for n in ctx.nodes for out in n.output if out}
+        self.readers: dict[str, int] = {}  # value name -> how many node inputs read it
+        for n in ctx.nodes:
+            for i in n.input:
+                self.readers[i] = self.readers.get(i, 0) + 1
         self.inputs = {n.name for n in ctx.graph.inputs}
 
     def node(self, value: str, op_type: str) -> onnx.NodeProto | None:
@@ -191,8 +195,7 @@ def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
     return rot.input[0], pos, mul.input[1]
 
 
-def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto,
-                 readers: dict[str, int]) -> tuple[int, int, int, str, str] | None:
+def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto) -> tuple[int, int, int, str, str] | None:
     """``(heads, kv_heads, head_dim, new key, new value)`` when ``n`` is a 4-D ``Attention(q, key, value,
     mask)`` (``[batch, heads, seq, head_dim]``) whose key and value are ``Concat(past, new)`` on the
     sequence axis of a past graph input, read by nothing else but the graph's outputs; else ``None``."""
@@ -200,7 +203,7 @@ def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto,
         return None
     concats = [m.node(n.input[i], "Concat") for i in (1, 2)]
     if any(c is None or len(c.input) != 2 or _attr(c, "axis", 0) not in (2, -2) or c.input[0] not in m.inputs
-           or readers.get(c.output[0], 0) != 1 for c in concats):
+           or m.readers.get(c.output[0], 0) != 1 for c in concats):
         return None
     q, k = ir.get(n.input[0]), ir.get(concats[0].input[1])
     dims = [canonical_dim(d) for d in (*q.shape, *k.shape)] if q is not None and k is not None else []
@@ -262,10 +265,6 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     """
     m = _Nodes(ctx)
     ir: dict[str, ComputationNode] = {name: node for node, name in ctx.names.items()}
-    readers: dict[str, int] = {}
-    for n in ctx.nodes:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
     found = []
     for n in ctx.nodes:
         if n.op_type != "Attention" or n.domain:
@@ -277,14 +276,13 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
         three_d = (common and len(n.input) == 6 and len(n.output) == 3 and all(n.input) and all(n.output)
                    and "q_num_heads" in attrs and "kv_num_heads" in attrs
                    and n.input[4] in m.inputs and n.input[5] in m.inputs and len(q.shape) == 3)
-        four_d = _four_d_form(m, ir, n, readers) if common and not three_d and "q_num_heads" not in attrs else None
+        four_d = _four_d_form(m, ir, n) if common and not three_d and "q_num_heads" not in attrs else None
         mask = _causal_mask_of(m, n.input[3]) if three_d or four_d else None
         if mask is None or (found and mask[0] != found[0][2]) or ir[mask[0]].dtype not in ("int64", "int32"):
             return 0, set()  # one attention the kernel cannot take: the model keeps one contract, the standard one
         found.append((n, attrs, mask[0], q, mask[2], four_d))
     if not found:
         return 0, set()
-    read_before = {i for n in ctx.nodes for i in n.input}
     ctx.begin(None)
     start = len(ctx.nodes)
     attention_mask = found[0][2]
@@ -345,4 +343,4 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     for table in (ctx.initializers, ctx.weights):  # constants only the dropped nodes read
         for name in [k for k in table if k not in read and k not in m.inputs]:
             del table[name]
-    return len(found), {name for name in m.inputs if name in read_before and name not in read and name not in keep}
+    return len(found), {name for name in m.inputs if name in m.readers and name not in read and name not in keep}

@@ -182,31 +182,39 @@ class Generator:
         return [batch.row(r).generated for r in rows]
 
     # ------------------------------------------------------------------ one model call
-    def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
-        """One model call on feeds :class:`Batch` built in the model's dtypes (passed on unchecked)."""
-        if self._plain is not None:  # no adapters: add() refused any adapter name already
-            return self._plain.run(feeds, None, lambda: "generation step")
-        one = adapters[0]
-        if all(a == one for a in adapters):
-            return self._single.run(feeds, one, prepared=True)
+    def _model_for(self, adapters: list[str | None]) -> str:
+        """Which model serves rows using ``adapters``: ``"plain"`` (a package without adapters: add()
+        refused any adapter name already), ``"single"`` (one adapter, or none, for every row) or ``"mixed"``."""
+        if self._plain is not None:
+            return "plain"
+        if all(a == adapters[0] for a in adapters):
+            return "single"
         if self._mixed is None:
             raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
+        return "mixed"
+
+    def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
+        """One model call on feeds :class:`Batch` built in the model's dtypes (passed on unchecked)."""
+        kind = self._model_for(adapters)
+        if kind == "plain":
+            return self._plain.run(feeds, None, lambda: "generation step")
+        if kind == "single":
+            return self._single.run(feeds, adapters[0], prepared=True)
         return self._mixed.run(feeds, adapters, prepared=True)
 
     def _run_shared(self, shared: SharedCache, tokens: list[int], lengths: np.ndarray, adapters: list[str | None],
                     vocab: tuple[int, np.dtype]) -> np.ndarray:
         """One decode step on ``shared`` buffers (right-padded models): row ``i`` feeds ``tokens[i]`` at
         position ``lengths[i]``; the logits ``[rows, 1, vocab]``."""
-        if self._plain is not None:
+        kind = self._model_for(adapters)
+        if kind == "plain":
             return shared.run(self._plain.session, "plain", self._plain, dict, tokens, lengths, vocab,
                               lambda: "generation step")
-        one = adapters[0]
-        if all(a == one for a in adapters):
+        if kind == "single":
+            one = adapters[0]
             token, inputs = self._single.adapter_inputs(one)
             return shared.run(self._single.model.session, ("single", one), token, lambda: inputs, tokens, lengths,
                               vocab, lambda: f"generation step with adapter {one!r}" if one else "generation step")
-        if self._mixed is None:
-            raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
         token, inputs = self._mixed.adapter_inputs(adapters)
         return shared.run(self._mixed.model.session, ("mixed", tuple(adapters)), token, lambda: inputs, tokens,
                           lengths, vocab, lambda: f"mixed generation step with adapters {sorted({a for a in adapters if a})}")

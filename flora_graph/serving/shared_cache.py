@@ -50,6 +50,7 @@ class SharedCache:
         self.arrays: list[np.ndarray] = []
         self._values: list[ort.OrtValue] = []
         self._step: dict[str, np.ndarray] = {}
+        self._rows = np.arange(0)  # row indices, for writing one mask position per row
         self._logits: np.ndarray | None = None
         self._bindings: dict[Any, tuple[object, ort.IOBinding, tuple[Any, ...]]] = {}
 
