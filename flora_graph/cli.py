@@ -221,7 +221,7 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     adapters = _adapter_args(args.adapter)
     with console.status("starting") as status:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
-                              contrib=args.ort_contrib)
+                              contrib=args.ort_contrib, base_branch=args.base_branch)
     kind = "an ONNX Runtime GenAI package" if report.genai else "a package for flora_graph's Generator (GenAI has no type for it)"
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as {kind}")
     console.print(report.summary)
@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format genai: use ONNX Runtime's contrib ops (GroupQueryAttention on right-padded caches, "
                         "SkipSimplifiedLayerNormalization), as the model builder does; --no-ort-contrib writes standard "
                         "ONNX only (left-padded caches), for runtimes without them")
+    e.add_argument("--base-branch", action=argparse.BooleanOptionalAction, default=True,
+                   help="--format genai with adapters: model.onnx is one If on the input flora_graph.adapter_active "
+                        "(set by every adapter file), so the base model skips the empty adapter slots; "
+                        "--no-base-branch runs the slots always (an active adapter then saves the If, ~10 us a step)")
     e.add_argument("--attention-mask", action="store_true",
                    help="a transformers model also takes attention_mask (and token_type_ids where it has segments, "
                         "as BERT does); outputs keep transformers' names (logits, last_hidden_state, pooler_output)")

@@ -9,7 +9,8 @@
   (ONNX Runtime and PyTorch entries) and libtorch/TorchServe.
 * :mod:`flora_graph.serving.genai` (``export_genai``): a causal LM with its key/value cache and
   PEFT adapters as an ONNX Runtime GenAI package; :mod:`flora_graph.serving.generate`
-  (``Generator``): generation from such a package on plain ONNX Runtime, with mixed-adapter batches.
+  (``Generator``): generation from such a package on plain ONNX Runtime, with mixed-adapter batches;
+  :mod:`flora_graph.serving.base_branch`: the package model's ``If`` that skips the slots without an adapter.
 
 Adapters are ``{param name: array}`` mappings (``"<module>.lora_A"``, ``"<module>.lora_B"``
 with the scale folded into ``B``): :func:`adapter_params` makes one from a model with

@@ -50,6 +50,7 @@ import onnx
 import onnxruntime as ort
 
 from flora_graph.runtimes.reference import to_array
+from flora_graph.serving.base_branch import has_adapter_flag
 from flora_graph.serving.errors import AdapterChecksumWarning, AdapterFileError
 from flora_graph.serving.slots import LoRASlot, ParamSpec, check_params, param_spec, slots_from_metadata
 from flora_graph.storage import atomic_write_bytes
@@ -97,7 +98,7 @@ def spec_of(model: ModelRef) -> ParamSpec:
         model = onnx.load(str(model), load_external_data=False)
     if isinstance(model, onnx.ModelProto):
         _, slots = slots_from_metadata({p.key: p.value for p in model.metadata_props}, f"model {model.graph.name!r}")
-        return param_spec(slots)
+        return param_spec(slots, flag=has_adapter_flag(model))
     if isinstance(model, Mapping):
         return dict(model)
     return param_spec(list(model))

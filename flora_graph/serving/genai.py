@@ -20,7 +20,9 @@ slot: its ``A``/``B`` are graph inputs with empty (rank-0) defaults, so the mode
 the base model, and ``og.Adapters(model).load(file, NAME)`` plus
 ``generator.set_active_adapter(adapters, NAME)`` switch adapters between generations. Each
 adapter keeps its own ranks and target modules (a subset of the slots is fine); its scale
-is folded into ``B``. The folder is written through :func:`flora_graph.storage.staged_folder`:
+is folded into ``B``. The model is one ``If`` on the input ``flora_graph.adapter_active``, which
+every adapter file sets to 1 (:mod:`flora_graph.serving.base_branch`): with no adapter active the
+slots' empty kernels do not run at all. The folder is written through :func:`flora_graph.storage.staged_folder`:
 a reader sees the old package or the new one, never a mix.
 """
 
@@ -120,13 +122,16 @@ def export_genai(
     *,
     progress: Callable[[str], None] | None = None,
     contrib: bool = True,
+    base_branch: bool = True,
 ) -> GenAIReport:
     """Write an ONNX Runtime GenAI package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
 
     ``contrib=False`` writes the models in standard ONNX only (no ONNX Runtime contrib ops: the
     standard ``Attention`` on left-padded caches, ``position_ids`` an input), for runtimes or
-    execution providers without them; they are slower in ONNX Runtime.
+    execution providers without them; they are slower in ONNX Runtime. ``base_branch=False`` leaves
+    out the ``If`` that skips the slots when no adapter is active (:mod:`~flora_graph.serving.base_branch`):
+    the base model then runs the slots' empty kernels, and an active adapter saves the ``If``.
 
     Every argument and folder is checked before the model loads: an adapter name that cannot
     be a file name, a folder that is not a PEFT LoRA folder (or uses ``modules_to_save``,
@@ -187,10 +192,14 @@ def export_genai(
     with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
         say("writing the model")
         if sites:
+            from flora_graph.runtimes.onnx_writer import save_onnx
+            from flora_graph.serving.base_branch import branch_on_adapter
             from flora_graph.serving.export import export_mixed, export_swappable
 
-            written_model = export_swappable(graph, tmp / MODEL_FILE, opset=GENAI_OPSET, contrib=contrib,
-                                             max_positions=context)
+            written_model = export_swappable(graph, opset=GENAI_OPSET, contrib=contrib, max_positions=context)
+            if base_branch:
+                written_model = branch_on_adapter(written_model)
+            save_onnx(written_model, tmp / MODEL_FILE)
             say("writing the mixed-adapter model")
             from flora_graph.serving.slots import graph_slots
 

@@ -31,6 +31,7 @@ from flora_graph.runtimes.reference import to_array
 from flora_graph.serving.errors import AdapterFileError, ServingError
 
 __all__ = [
+    "ADAPTER_FLAG",
     "METADATA_KEY",
     "LoRASlot",
     "ParamSpec",
@@ -49,6 +50,11 @@ __all__ = [
 METADATA_KEY = "flora_graph.lora_slots"
 """Key of the ONNX ``metadata_props`` entry holding the slots as JSON."""
 
+ADAPTER_FLAG = "flora_graph.adapter_active"
+"""Input of a model that skips its slots when no adapter is active (float ``[1]``, default ``0``; see
+:mod:`flora_graph.serving.base_branch`). :func:`check_params` adds it, ``[1]``, to every adapter for such a
+model and drops it from an adapter for a model without it."""
+
 class ParamSpec(dict[str, tuple[tuple[int | str | None, ...], np.dtype]]):
     """``{param name: (dims, dtype)}``: an int dim must match, a str dim is a symbol every param using it shares.
 
@@ -57,6 +63,7 @@ class ParamSpec(dict[str, tuple[tuple[int | str | None, ...], np.dtype]]):
     """
 
     packs: tuple[LoRASlot, ...] = ()
+    flag: bool = False  # the model takes ADAPTER_FLAG, which every adapter sets to 1
     unpacks: tuple[LoRASlot, ...] = ()  # packed slots of another export whose adapter files this model reads per module
 
 
@@ -196,9 +203,13 @@ def slots_from_metadata(props: Mapping[str, str], where: str) -> tuple[str, list
         raise ServingError(f"{where}: malformed {METADATA_KEY!r} metadata ({exc})") from None
 
 
-def param_spec(slots: Sequence[LoRASlot]) -> ParamSpec:
-    """The :data:`ParamSpec` an adapter for ``slots`` must meet (rank symbolic per module)."""
+def param_spec(slots: Sequence[LoRASlot], flag: bool = False) -> ParamSpec:
+    """The :data:`ParamSpec` an adapter for ``slots`` must meet (rank symbolic per module); ``flag``: the model
+    also takes :data:`ADAPTER_FLAG`."""
     spec = ParamSpec()
+    if flag:
+        spec[ADAPTER_FLAG] = ((1,), np.dtype(np.float32))
+        spec.flag = True
     for s in slots:
         dt = np.dtype(s.dtype)
         spec[s.a_name] = ((s.rank_dim, *s.in_dims), dt)
@@ -293,9 +304,11 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
     Every name must be in ``spec``; int dims must match; a symbolic dim (a slot's rank)
     takes one value across the params that use it, and every param using a symbol the
     adapter binds must be present (``A`` without ``B`` is refused). Dtypes must match
-    unless ``cast`` converts float arrays. Raises :class:`AdapterFileError` naming
-    ``adapter`` and the parameter at fault.
+    unless ``cast`` converts float arrays. :data:`ADAPTER_FLAG` is added (``[1]``) when the
+    spec has it and dropped when it does not; any other value of it is refused. Raises
+    :class:`AdapterFileError` naming ``adapter`` and the parameter at fault.
     """
+    params = _with_flag(params, spec, adapter)
     if not set(params) <= set(spec):  # per-module weights for a packed model, or packed ones for an unpacked one
         params = unpack_params(pack_params(params, getattr(spec, "packs", ()), adapter),
                                getattr(spec, "unpacks", ()), adapter)
@@ -336,6 +349,23 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
             raise AdapterFileError(f"adapter {adapter!r} sets {bound[syms[0]][1]!r} but not {name!r}; "
                                    "a module's A and B come together")
     return out
+
+
+def _with_flag(params: Mapping[str, Any], spec: ParamSpec, adapter: str) -> Mapping[str, Any]:
+    """``params`` with :data:`ADAPTER_FLAG` set to ``[1]`` for a spec that has it, without it for one that has not."""
+    flag = getattr(spec, "flag", False)
+    if ADAPTER_FLAG in params:
+        value = np.asarray(to_array(params[ADAPTER_FLAG], f"adapter {adapter!r}: parameter {ADAPTER_FLAG!r}",
+                                    AdapterFileError))
+        if value.shape != (1,) or value[0] != 1:
+            raise AdapterFileError(f"adapter {adapter!r}: parameter {ADAPTER_FLAG!r} must be [1] (an adapter is "
+                                   f"active where it is set), got {value.tolist()}")
+        if flag:
+            return params
+        params = dict(params)
+        del params[ADAPTER_FLAG]
+        return params
+    return {**params, ADAPTER_FLAG: np.ones(1, np.float32)} if flag and params else params
 
 
 def adapter_params(model: Any) -> dict[str, np.ndarray]:

@@ -54,6 +54,17 @@ def package(folders: Path) -> Path:
     return out
 
 
+def all_nodes(graph) -> list:
+    """The nodes of an ONNX graph and of its subgraphs (``If`` branches), depth first."""
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                out.extend(all_nodes(attr.g))
+    return out
+
+
 def eager_tokens(folders: Path, adapter: str | None, prompt: list[int] | None = None, new: int = NEW) -> list[int]:
     """Greedy tokens of eager transformers (+ PEFT for ``adapter``) after ``prompt``."""
     import peft

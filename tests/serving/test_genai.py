@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -13,8 +14,10 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot b
 
 from flora_graph.errors import AdapterError, FloraGraphError  # noqa: E402
 from flora_graph.serving import read_adapter  # noqa: E402
+from flora_graph.serving.base_branch import has_adapter_flag  # noqa: E402
 from flora_graph.serving.genai import GENAI_CONFIG, export_genai  # noqa: E402
-from tests.serving.genai_package import ADAPTERS, NEW, PROMPT, eager_tokens  # noqa: E402
+from flora_graph.serving.slots import ADAPTER_FLAG  # noqa: E402
+from tests.serving.genai_package import ADAPTERS, NEW, PROMPT, all_nodes, eager_tokens  # noqa: E402
 
 
 def _genai(package: Path, adapter: str | None) -> list[int]:
@@ -46,6 +49,9 @@ def test_package_layout_and_adapter_checksums(package: Path) -> None:
     assert doc["model"]["type"] == "llama" and dec["num_hidden_layers"] == 2 and dec["num_key_value_heads"] == 2
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key" and dec["outputs"]["logits"] == "logits"
     assert (package / dec["filename"]).is_file()
+    model = onnx.load(str(package / dec["filename"]), load_external_data=False)
+    assert has_adapter_flag(model) and [n.op_type for n in model.graph.node] == ["Cast", "If"]  # base_branch
+    assert sum(n.op_type == "GroupQueryAttention" for n in all_nodes(model.graph)) == 2 * 2  # 2 layers, 2 branches
     for name, spec in ADAPTERS.items():
         params = read_adapter(package / "adapters" / f"{name}.onnx_adapter", require_checksum=True).params
         for k, v in params.items():  # q/k/v and gate/up are packed slots: their rank sums the members targeted
@@ -55,6 +61,7 @@ def test_package_layout_and_adapter_checksums(package: Path) -> None:
         assert any("q_proj+k_proj+v_proj" in k for k in params)
         slots = [{"q_proj", "k_proj", "v_proj"}, {"o_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}]
         touched = sum(1 for slot in slots if slot & set(spec["target_modules"]))
+        assert params.pop(ADAPTER_FLAG).tolist() == [1.0]  # the model takes its slots' branch (base_branch)
         assert len(params) == 2 * 2 * touched  # A and B per slot the adapter targets, per layer
     assert not [p for p in package.parent.iterdir() if p.name.startswith(".pkg")]  # no staging leftovers
 
@@ -82,16 +89,16 @@ def test_model_class_without_a_genai_type_is_refused(tmp_path: Path) -> None:
 
 def test_standard_onnx_package_from_the_command_line_generates_the_same_tokens(folders: Path, tmp_path: Path) -> None:
     """``--no-ort-contrib``: the models are standard ONNX (no com.microsoft ops, left-padded caches, GenAI
-    keeps past and present apart, position_ids an input), and GenAI still gives eager PEFT's tokens."""
+    keeps past and present apart, position_ids an input); ``--no-base-branch``: no ``If``, the slots always run;
+    and GenAI still gives eager PEFT's tokens."""
     import warnings
-
-    import onnx
 
     from flora_graph.cli import main
 
     out = tmp_path / "std"
     args = ["export", str(folders / "base"), "--task", "text-generation-with-past", "--format", "genai",
-            "--no-ort-contrib", "--out", str(out), *(a for n in ADAPTERS for a in ("--adapter", f"{n}={folders / n}"))]
+            "--no-ort-contrib", "--no-base-branch", "--out", str(out),
+            *(a for n in ADAPTERS for a in ("--adapter", f"{n}={folders / n}"))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(args) == 0
@@ -99,6 +106,6 @@ def test_standard_onnx_package_from_the_command_line_generates_the_same_tokens(f
     assert doc["search"]["past_present_share_buffer"] is False and "position_ids" in doc["model"]["decoder"]["inputs"]
     for f in ("model.onnx", "mixed.onnx"):
         model = onnx.load(str(out / f), load_external_data=False)
-        assert not [n.op_type for n in model.graph.node if n.domain], f
+        assert not [n.op_type for n in all_nodes(model.graph) if n.domain or n.op_type == "If"], f
     for adapter in (None, "all7"):
         assert _genai(out, adapter) == eager_tokens(folders, adapter)
