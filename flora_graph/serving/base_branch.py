@@ -52,7 +52,7 @@ def _slot_parts(graph: onnx.GraphProto, weights: Collection[str]) -> tuple[set[i
     tainted = set(weights)
     slot_nodes: set[int] = set()
     sums: dict[str, str] = {}
-    for k, node in enumerate(graph.node):
+    for k, node in enumerate(graph.node):  # ONNX keeps nodes in topological order
         hit = [i for i in node.input if i in tainted]
         if not hit:
             continue
@@ -68,42 +68,10 @@ def _slot_parts(graph: onnx.GraphProto, weights: Collection[str]) -> tuple[set[i
     return slot_nodes, sums
 
 
-def _without_output_identities(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """``graph``'s nodes with each ``Identity`` that copies a node's value to a graph output folded into
-    that node (it writes the output itself).
-
-    ONNX Runtime drops such an ``Identity`` in a main graph but not in an ``If`` branch, where it copies
-    the value each call, and where the value is ``GroupQueryAttention``'s present cache, which then
-    no longer shares the past's buffer, it copies the whole cache as well.
-    """
-    outputs = {o.name for o in graph.output}
-    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    rename: dict[str, str] = {}
-    drop: set[int] = set()
-    for k, n in enumerate(graph.node):
-        if (n.op_type == "Identity" and n.output[0] in outputs and n.input[0] in producer
-                and n.input[0] not in outputs and readers.get(n.input[0]) == 1):
-            rename[n.input[0]] = n.output[0]
-            drop.add(k)
-    nodes = []
-    for k, n in enumerate(graph.node):
-        if k in drop:
-            continue
-        m = onnx.NodeProto()
-        m.CopyFrom(n)
-        m.output[:] = [rename.get(o, o) for o in n.output]
-        nodes.append(m)
-    return nodes
-
-
-def _branch(graph: onnx.GraphProto, keep: list[onnx.NodeProto], rename: dict[str, str], suffix: str) -> onnx.GraphProto:
-    """The subgraph of ``keep`` (values renamed by ``rename``, then every produced value suffixed), with
-    the graph's outputs as its outputs."""
-    produced = {o for n in keep for o in n.output if o}
+def _branch(graph: onnx.GraphProto, keep: list[int], rename: dict[str, str], suffix: str) -> onnx.GraphProto:
+    """The subgraph of the nodes ``keep`` of ``graph`` (values renamed by ``rename``, then every value they
+    produce suffixed), with the graph's outputs as its outputs; the nodes are copied, the initializers not."""
+    produced = {o for k in keep for o in graph.node[k].output if o}
 
     def resolve(v: str) -> str:
         while v in rename:
@@ -115,11 +83,11 @@ def _branch(graph: onnx.GraphProto, keep: list[onnx.NodeProto], rename: dict[str
         return v + suffix if v in produced else v  # else read from the outer graph
 
     nodes = []
-    for n in keep:
+    for k in keep:
         m = onnx.NodeProto()
-        m.CopyFrom(n)
-        m.input[:] = [name(i) if i else i for i in n.input]
-        m.output[:] = [name(o) if o else o for o in n.output]
+        m.CopyFrom(graph.node[k])
+        m.input[:] = [name(i) if i else i for i in m.input]
+        m.output[:] = [name(o) if o else o for o in m.output]
         if m.name:
             m.name += suffix
         nodes.append(m)
@@ -141,7 +109,8 @@ def branch_on_adapter(model: onnx.ModelProto) -> onnx.ModelProto:
 
     The ``then`` branch is the graph as it was. The ``else`` branch skips every slot (see the module
     docstring). The flag is a new input, ``float [1]``, with the default ``0`` (no adapter); the model's
-    other inputs, outputs, initializers and metadata stay as they were. Returns a new model.
+    other inputs, outputs, initializers and metadata stay as they were. ``model`` changes in place (its
+    weights are not copied: a large model's are most of its memory) and is returned.
 
     Raises :class:`ServingError` when the model has no slots, already has the flag, or a value of
     the adapter weights reaches an output other than through a slot's ``Add``.
@@ -155,30 +124,22 @@ def branch_on_adapter(model: onnx.ModelProto) -> onnx.ModelProto:
     if kind != "swappable" or not slots:
         raise ServingError(f"model {model.graph.name!r}: only a swappable export with slots branches on an adapter "
                            f"(it is {kind!r} with {len(slots)} slot(s))")
-    graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)
-    nodes = _without_output_identities(graph)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    graph = model.graph
     slot_nodes, sums = _slot_parts(graph, {n for s in slots for n in (s.a_name, s.b_name)})
     if len(sums) != len(slots):
         raise ServingError(f"model {graph.name!r}: found {len(sums)} slot sum(s) (Add of a base output and a "
                            f"delta) for {len(slots)} slot(s); cannot separate the base model")
-    base_nodes = [n for k, n in enumerate(graph.node) if k not in slot_nodes]
-    with_adapter = _branch(graph, list(graph.node), {}, _WITH)
-    without = _branch(graph, base_nodes, sums, _WITHOUT)
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    del g.node[:]
-    del g.value_info[:]  # the values now live in the branches; ONNX Runtime infers their shapes there
+    every = range(len(graph.node))
+    with_adapter = _branch(graph, list(every), {}, _WITH)
+    without = _branch(graph, [k for k in every if k not in slot_nodes], sums, _WITHOUT)
+    del graph.node[:]
+    del graph.value_info[:]  # the values now live in the branches; ONNX Runtime infers their shapes there
     cond = f"{ADAPTER_FLAG}/active"
-    g.node.extend([
+    graph.node.extend([
         helper.make_node("Cast", [ADAPTER_FLAG], [cond], name=cond, to=TensorProto.BOOL),
         helper.make_node("If", [cond], [o.name for o in graph.output], name="adapter_branch",
                          then_branch=with_adapter, else_branch=without),
     ])
-    g.input.append(helper.make_tensor_value_info(ADAPTER_FLAG, TensorProto.FLOAT, [1]))
-    g.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), ADAPTER_FLAG))
-    return out
+    graph.input.append(helper.make_tensor_value_info(ADAPTER_FLAG, TensorProto.FLOAT, [1]))
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), ADAPTER_FLAG))
+    return model

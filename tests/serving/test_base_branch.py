@@ -39,7 +39,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
 def models(demo: Demo) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """The demo's swappable export (sibling slots packed) and the same model branching on the adapter flag."""
     model = export_swappable(optimize(demo.graph, "fused", slots="swappable", pack_slots=True))
-    return model, branch_on_adapter(model)
+    branched = onnx.ModelProto()
+    branched.CopyFrom(model)
+    assert branch_on_adapter(branched) is branched  # in place: a large model's weights are not copied
+    return model, branched
 
 
 def _weights(model: onnx.ModelProto) -> set[str]:
