@@ -8,6 +8,8 @@ nonzero ``B``) in a temporary folder, exports the package with
 a ``--prompt``-token prompt with:
 
 - ``genai``: ``onnxruntime_genai`` on the package, base model and each adapter active;
+- ``genai no-branch``: the same on the package exported with ``--no-base-branch`` (no ``If`` that skips the
+  empty adapter slots without an adapter): what the branch saves without an adapter and costs with one;
 - ``eager``: ``model.generate`` of transformers (+ ``PeftModel`` for an adapter), with its cache;
 - ``generator``: :class:`flora_graph.serving.generate.Generator` on plain ONNX Runtime (same package);
 - ``builder``: the ONNX Runtime GenAI model builder's models (``python -m onnxruntime_genai.models.builder
@@ -98,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         assert cli(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
                     "--out", str(root / "pkg"), *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]) == 0
         export_s = time.perf_counter() - t0
+        assert cli(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
+                    "--no-base-branch", "--out", str(root / "pkg-no-branch"),
+                    *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]) == 0
         prompt = [1, *range(5, 5 + args.prompt - 1)]
         genai = _genai_runner(og, root / "pkg", peft_dirs, prompt)
+        no_branch = _genai_runner(og, root / "pkg-no-branch", peft_dirs, prompt)
         builder_s, builder = _builder_runners(og, root, next(iter(peft_dirs)), prompt)
 
         import peft
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             out = flora.generate([prompt], adapters=adapter, max_new_tokens=new, stop_tokens=[])[0]
             return out, time.perf_counter() - t
 
-        runs = {"genai": genai, "eager": eager, "generator": generator}
+        runs = {"genai": genai, "genai no-branch": no_branch, "eager": eager, "generator": generator}
         if builder is not None:
             runs["builder"] = builder
         which = [None, next(iter(peft_dirs), None)]
@@ -140,25 +146,27 @@ def main(argv: list[str] | None = None) -> int:
                     _, t_one = fn(adapter, 1)
                     times.setdefault((name, adapter), []).append((t_full - t_one) / (args.new - 1))
                     toks[name] = full
-                same &= toks["genai"] == toks["eager"] == toks["generator"]
+                same &= toks["genai"] == toks["genai no-branch"] == toks["eager"] == toks["generator"]
                 if "builder" in toks:
                     same &= toks["builder"] == toks["eager"]
         mixed, same_mixed, vllm_same = _mixed_batch(args, flora, eager_models, root, peft_dirs)
         print(f"export of base + {args.adapters} adapters: {export_s:.2f} s"
               + (f"; the model builder: {builder_s['base']:.2f} s (base), {builder_s['adapter']:.2f} s (one adapter baked in)"
                  if builder_s else "; the model builder: not run (see above)"))
-        print(f"greedy tokens equal (genai, generator, eager; {args.new} tokens): {same}")
+        print(f"greedy tokens equal (genai, genai no-branch, generator, eager; {args.new} tokens): {same}")
         print("ratios: median over the rounds of each round's ratio (runs of one round are adjacent in time, "
               "so load that drifts between rounds cancels)")
         for adapter in which:
             ms = {name: statistics.median(times[(name, adapter)]) * 1e3 for name in runs}
             label = adapter or "base"
             r = {pair: _paired_ratio(times, *pair, adapter)
-                 for pair in (("genai", "builder"), ("generator", "genai"), ("eager", "genai"), ("eager", "generator"))}
+                 for pair in (("genai", "builder"), ("generator", "genai"), ("eager", "genai"), ("eager", "generator"),
+                              ("genai", "genai no-branch"))}
             print(f"{label:>6}: per decode step genai {ms['genai']:.3f} ms, generator {ms['generator']:.3f} ms, "
                   f"builder {ms.get('builder', float('nan')):.3f} ms, eager+cache {ms['eager']:.3f} ms; "
                   f"genai/builder {r['genai', 'builder']:.2f}x, generator/genai {r['generator', 'genai']:.2f}x, "
-                  f"eager/genai {r['eager', 'genai']:.1f}x, eager/generator {r['eager', 'generator']:.1f}x")
+                  f"eager/genai {r['eager', 'genai']:.1f}x, eager/generator {r['eager', 'generator']:.1f}x; "
+                  f"genai/genai no-branch {r['genai', 'genai no-branch']:.2f}x ({ms['genai no-branch']:.3f} ms)")
         if SWITCH_MS:
             print(f"adapter switch (GenAI set_active_adapter): median {statistics.median(SWITCH_MS):.3f} ms, "
                   f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "

@@ -1,0 +1,28 @@
+"""``benchmarks/generate.py`` on a tiny run: every column runs and produces eager PEFT's tokens."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot be imported on this platform")
+pytest.importorskip("peft")
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_generate_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))
+        mp.delenv("FLORA_VLLM_PYTHON", raising=False)
+        bench = importlib.import_module("generate")
+        assert bench.main(["--adapters", "2", "--new", "6", "--rounds", "1"]) == 0  # 1: some tokens differ
+    out = capsys.readouterr().out
+    assert "greedy tokens equal (genai, genai no-branch, generator, eager; 6 tokens): True" in out
+    for label in ("base:", "a0:"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(label))
+        assert "genai/builder" in line and "genai/genai no-branch" in line
+    assert "vLLM column skipped" in out and "tokens equal eager PEFT per row: True" in out
