@@ -213,13 +213,16 @@ def _onnx_patches(ctx: Any, node: ComputationNode, x: str) -> str:
 
 def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
     """Each row's ``A``/``B`` by ``Gather`` (``-1`` counts from the end: the zero slot), then two
-    batched ``MatMul``; the delta is reshaped to the base's shape."""
+    batched ``MatMul``; the delta is reshaped to the base's shape (a 3-D input's delta has it already)."""
     base, x = ctx.arg(node, 0), ctx.arg(node, 1)
     module, idx = node.attrs["module"], ctx.arg(node, 4)
     ag = ctx.emit("Gather", [ctx.arg(node, 2), idx], axis=0)
     bg = ctx.emit("Gather", [ctx.arg(node, 3), idx], axis=0)
     if node.attrs["kind"] == "conv":  # [batch, out, R] @ ([batch, R, kkC] @ [batch, kkC, H'W'])
         d = ctx.emit("MatMul", [bg, ctx.emit("MatMul", [ag, _onnx_patches(ctx, node, x)])])
+    elif len(node.inputs[1].shape) == 3:  # [batch, seq, in] @ [batch, in, R] @ [batch, R, out]: the base's shape
+        _add(ctx, base, ctx.emit("MatMul", [ctx.emit("MatMul", [x, ag]), bg]), out)
+        return
     else:  # [batch, rows, in] @ [batch, in, R] @ [batch, R, out]
         d_in = node.inputs[1].shape[-1]
         x3 = ctx.once(("lora-rows", x), lambda: ctx.emit(  # shared by the sites reading x (q/k/v)
