@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base-branch", action=argparse.BooleanOptionalAction, default=True,
                    help="--format genai with adapters: model.onnx is one If on the input flora_graph.adapter_active "
                         "(set by every adapter file), so the base model skips the empty adapter slots; "
-                        "--no-base-branch runs the slots always (an active adapter then saves the If, ~10 us a step)")
+                        "--no-base-branch runs the slots always (an active adapter then saves the If, 10-16 us a step)")
     e.add_argument("--attention-mask", action="store_true",
                    help="a transformers model also takes attention_mask (and token_type_ids where it has segments, "
                         "as BERT does); outputs keep transformers' names (logits, last_hidden_state, pooler_output)")

@@ -13,7 +13,9 @@ every call. With no adapter active its rank-0 defaults still cost each slot's ke
   base layer's output it read, and the slot's own nodes are gone.
 
 Both branches read the model's initializers from the outer graph, so the file grows by the graph's
-nodes, not by its weights. The ``If`` costs about 10 µs per call (measured with ONNX Runtime 1.32).
+nodes, not by its weights. The ``If`` itself costs 10-16 µs per call (ONNX Runtime 1.32, the benchmark's
+tiny Llama): up to 5% of a decode step with an adapter active, against about 10% saved without one.
+``benchmarks/generate.py`` prints both, against the same package exported with ``--no-base-branch``.
 
 Adapters switch the branch on themselves. For a model with the flag,
 :func:`~flora_graph.serving.slots.check_params` adds it (``[1]``) to every adapter. So:
