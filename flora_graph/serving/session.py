@@ -58,10 +58,16 @@ _ORT_TYPES = {
 
 
 def _load(source: AdapterSource, spec: ParamSpec, name: str, require_checksum: bool) -> tuple[dict[str, np.ndarray], bytes | None]:
-    """Validated params and, for a file, its verified bytes (read once, into memory)."""
+    """Validated params and, for a file whose params they are, its verified bytes (read once, into memory).
+
+    ``None`` instead of the bytes when validation changed the names (per-module weights packed for the
+    model, the adapter flag added or dropped): ONNX Runtime must then get the validated params, not the file.
+    """
     if isinstance(source, str | Path):
         data = read_adapter_bytes(source, name=name, require_checksum=require_checksum)
-        return check_params(decode_adapter(data, name=name, where=repr(str(source))).params, spec, name), data
+        stored = decode_adapter(data, name=name, where=repr(str(source))).params
+        params = check_params(stored, spec, name)
+        return params, (data if params.keys() == stored.keys() else None)
     if isinstance(source, Mapping):
         return check_params(source, spec, name, cast=True), None
     raise AdapterFileError(f"adapter {name!r}: expected a path or a mapping of arrays, got {type(source).__name__}")
@@ -199,7 +205,7 @@ class AdapterSession:
             if name in self._adapters and not replace:
                 raise ServingError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
         params, data = _load(source, self.model.spec, name, self.require_checksum)
-        if data is None:  # from arrays: the same bytes a file of them would hold
+        if data is None:  # from arrays, or a file whose params validation renamed: the bytes of the params
             data = encode_adapter(params, label=name)
         lora = ort.LoraAdapter()
         try:

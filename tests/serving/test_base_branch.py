@@ -82,6 +82,31 @@ def test_base_and_adapters_through_the_branch_are_eager_torch(demo: Demo, models
         np.testing.assert_allclose(branch.run(ids, adapter)["output"], plain.run(ids, adapter)["output"], atol=1e-5)
 
 
+def test_a_file_for_either_model_serves_the_other(demo: Demo, models, tmp_path: Path) -> None:
+    """A file without the flag (written for the unbranched model) on the branched model, and one with it on the
+    unbranched model: ONNX Runtime gets the validated params (flag added or dropped), in a plain run through
+    RunOptions and through an IOBinding alike."""
+    model, branched = models
+    params = graph_adapter_params(demo.graph)
+    files = {"plain": write_adapter(tmp_path / "plain.onnx_adapter", params, model=model),
+             "branched": write_adapter(tmp_path / "branched.onnx_adapter", params, model=branched)}
+    assert ADAPTER_FLAG not in read_adapter(files["plain"]).params
+    want = demo.eager(demo.merged)
+    ids = demo.ids.numpy()
+    for target, file in ((branched, files["plain"]), (model, files["branched"])):
+        session = AdapterSession(target, intra_op_threads=1)
+        session.load_adapter("own", file)
+        np.testing.assert_allclose(session.run({"input_ids": ids}, "own")["output"], want, atol=2e-5)
+        _, inputs = session.adapter_inputs("own")
+        io = session.model.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        for name, value in inputs.items():
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("output")
+        session.model.session.run_with_iobinding(io)
+        np.testing.assert_allclose(io.copy_outputs_to_cpu()[0], want, atol=2e-5)
+
+
 def test_the_flag_is_added_dropped_and_checked(demo: Demo, models, tmp_path: Path) -> None:
     model, branched = models
     params = graph_adapter_params(demo.graph)
