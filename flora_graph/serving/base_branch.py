@@ -25,6 +25,11 @@ Adapters switch the branch on themselves. For a model with the flag,
 - ONNX Runtime GenAI, which feeds an adapter file's parameters as they are, takes the LoRA branch
   exactly when an adapter is active;
 - :class:`~flora_graph.serving.session.AdapterSession` feeds it with the adapter's weights.
+
+A file written for the same model without the branch (``--no-base-branch``) lacks the flag:
+flora_graph's sessions add it on load, but ONNX Runtime GenAI would run such a file as the base
+model. Write a package's adapter files with the package (``flora-graph export ... --adapter``), or
+with ``write_adapter(..., model=OUT/model.onnx)``.
 """
 
 from __future__ import annotations
