@@ -96,13 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         peft_dirs = build(root, args.adapters)
+        export = ["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
+                  *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]
         t0 = time.perf_counter()
-        assert cli(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
-                    "--out", str(root / "pkg"), *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]) == 0
+        assert cli([*export, "--out", str(root / "pkg")]) == 0
         export_s = time.perf_counter() - t0
-        assert cli(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
-                    "--no-base-branch", "--out", str(root / "pkg-no-branch"),
-                    *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]) == 0
+        assert cli([*export, "--no-base-branch", "--out", str(root / "pkg-no-branch")]) == 0
         prompt = [1, *range(5, 5 + args.prompt - 1)]
         genai = _genai_runner(og, root / "pkg", peft_dirs, prompt)
         no_branch = _genai_runner(og, root / "pkg-no-branch", peft_dirs, prompt)

@@ -44,7 +44,7 @@ from flora_graph.serving.adapter_file import (
     read_adapter_bytes,
 )
 from flora_graph.serving.errors import AdapterFileError, ServingError, UnknownAdapterError
-from flora_graph.serving.slots import ADAPTER_FLAG, METADATA_KEY, ParamSpec, check_params, slots_from_metadata
+from flora_graph.serving.slots import METADATA_KEY, ParamSpec, check_params, slots_from_metadata
 
 __all__ = ["AdapterSession", "OrtModel", "load_params"]
 
@@ -106,7 +106,6 @@ class OrtModel:
             i.name: (tuple(d if isinstance(d, int | str) else None for d in i.shape), np.dtype(_ORT_TYPES[i.type]))
             for i in self.session.get_overridable_initializers() if i.type in _ORT_TYPES
         })
-        self.spec.flag = ADAPTER_FLAG in self.spec  # a model that skips its slots without an adapter (base_branch)
         if METADATA_KEY in self.metadata:  # packed slots take adapters per member module (see slots.pack_params)
             self.spec.packs = tuple(s for s in slots_from_metadata(self.metadata, where)[1] if s.members)
 

@@ -63,7 +63,6 @@ class ParamSpec(dict[str, tuple[tuple[int | str | None, ...], np.dtype]]):
     """
 
     packs: tuple[LoRASlot, ...] = ()
-    flag: bool = False  # the model takes ADAPTER_FLAG, which every adapter sets to 1
     unpacks: tuple[LoRASlot, ...] = ()  # packed slots of another export whose adapter files this model reads per module
 
 
@@ -209,7 +208,6 @@ def param_spec(slots: Sequence[LoRASlot], flag: bool = False) -> ParamSpec:
     spec = ParamSpec()
     if flag:
         spec[ADAPTER_FLAG] = ((1,), np.dtype(np.float32))
-        spec.flag = True
     for s in slots:
         dt = np.dtype(s.dtype)
         spec[s.a_name] = ((s.rank_dim, *s.in_dims), dt)
@@ -353,7 +351,7 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
 
 def _with_flag(params: Mapping[str, Any], spec: ParamSpec, adapter: str) -> Mapping[str, Any]:
     """``params`` with :data:`ADAPTER_FLAG` set to ``[1]`` for a spec that has it, without it for one that has not."""
-    flag = getattr(spec, "flag", False)
+    flag = ADAPTER_FLAG in spec
     if ADAPTER_FLAG in params:
         value = np.asarray(to_array(params[ADAPTER_FLAG], f"adapter {adapter!r}: parameter {ADAPTER_FLAG!r}",
                                     AdapterFileError))
