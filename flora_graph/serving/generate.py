@@ -203,10 +203,10 @@ class Generator:
         return self._mixed.run(feeds, adapters, prepared=True)
 
     def _run_shared(self, shared: SharedCache, tokens: list[int], lengths: np.ndarray, adapters: list[str | None],
-                    vocab: tuple[int, np.dtype]) -> np.ndarray:
+                    kind: str, vocab: tuple[int, np.dtype]) -> np.ndarray:
         """One decode step on ``shared`` buffers (right-padded models): row ``i`` feeds ``tokens[i]`` at
-        position ``lengths[i]``; the logits ``[rows, 1, vocab]``."""
-        kind = self._model_for(adapters)
+        position ``lengths[i]`` through the model ``kind`` (:meth:`_model_for` of ``adapters``); the logits
+        ``[rows, 1, vocab]``."""
         if kind == "plain":
             return shared.run(self._plain.session, "plain", self._plain, dict, tokens, lengths, vocab,
                               lambda: "generation step")
@@ -243,6 +243,9 @@ class Batch:
         self.mask = np.zeros((0, 0), gen._mask_dtype)
         self.positions = np.zeros(0, gen._pos_dtype)  # per row: the position id of its next token
         self.step_seconds: list[float] = []
+        # the rows' adapters, the model kind serving them and whether all are greedy: set by step(),
+        # cleared when a row joins or leaves
+        self._plan: tuple[list[str | None], str, bool] | None = None
 
     @property
     def active(self) -> list[int]:
@@ -295,6 +298,7 @@ class Batch:
         if idx is None:
             raise GenerationError(f"row {rid} is not active in this batch")
         self._done[rid] = self.rows.pop(idx)
+        self._plan = None
         keep = [i for i in range(len(self.rows) + 1) if i != idx]
         self.positions = self.positions[keep]
         if self.shared is not None:  # the buffers keep their capacity
@@ -310,22 +314,28 @@ class Batch:
         if not self.rows:
             return {}
         gen, rows = self.gen, self.rows
+        if self._plan is None:  # what the rows share until one joins or leaves
+            adapters = [r.adapter for r in rows]
+            self._plan = (adapters, gen._model_for(adapters), not any(r.settings.do_sample for r in rows))
+        adapters, kind, greedy = self._plan
         if self.shared is not None:  # row i's token goes to cache position positions[i], in place
             t0 = time.perf_counter()
-            logits = gen._run_shared(self.shared, [r.next_token for r in rows], self.positions,
-                                     [r.adapter for r in rows], self._vocab)
+            logits = gen._run_shared(self.shared, [r.next_token for r in rows], self.positions, adapters, kind,
+                                     self._vocab)
             self.step_seconds.append(time.perf_counter() - t0)
         else:
             ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
             mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
             t0 = time.perf_counter()
-            out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, [r.adapter for r in rows])
+            out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, adapters)
             self.step_seconds.append(time.perf_counter() - t0)
             self.cache = [out[n] for n in gen._present]
             logits = out["logits"]
             self.mask = mask
         self.positions += 1
-        chosen = {r.rid: self._choose(r, logits[i, -1]) for i, r in enumerate(rows)}
+        last = logits[:, -1]
+        picks = last.argmax(-1).tolist() if greedy else [self._pick(r, last[i]) for i, r in enumerate(rows)]
+        chosen = {r.rid: self._take(r, tok) for r, tok in zip(rows, picks, strict=True)}
         for r in [r for r in rows if r.done]:
             self.remove(r.rid)
         return chosen
@@ -342,26 +352,34 @@ class Batch:
         return gen._run(feeds, adapters)
 
     def _choose(self, row: _Row, logits: np.ndarray) -> int:
+        return self._take(row, self._pick(row, logits))
+
+    @staticmethod
+    def _pick(row: _Row, logits: np.ndarray) -> int:
+        """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings."""
         s = row.settings
-        if s.do_sample:
-            z = logits.astype(np.float64) / s.temperature
-            if s.top_k:
-                kth = np.sort(z)[-min(s.top_k, z.size)]
-                z = np.where(z < kth, -np.inf, z)
-            p = np.exp(z - z.max())
-            p /= p.sum()
-            if s.top_p < 1:
-                order = np.argsort(-p)
-                keep = np.cumsum(p[order]) - p[order] < s.top_p
-                q = np.zeros_like(p)
-                q[order[keep]] = p[order[keep]]
-                p = q / q.sum()
-            tok = int(row.rng.choice(p.size, p=p))
-        else:
-            tok = int(logits.argmax())
+        if not s.do_sample:
+            return int(logits.argmax())
+        z = logits.astype(np.float64) / s.temperature
+        if s.top_k:
+            kth = np.sort(z)[-min(s.top_k, z.size)]
+            z = np.where(z < kth, -np.inf, z)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if s.top_p < 1:
+            order = np.argsort(-p)
+            keep = np.cumsum(p[order]) - p[order] < s.top_p
+            q = np.zeros_like(p)
+            q[order[keep]] = p[order[keep]]
+            p = q / q.sum()
+        return int(row.rng.choice(p.size, p=p))
+
+    @staticmethod
+    def _take(row: _Row, tok: int) -> int:
+        """Append ``tok`` to the row; the row is done on a stop token or at ``max_new_tokens``."""
         row.tokens.append(tok)
         row.next_token = tok
-        if tok in s.stop_tokens or len(row.generated) >= s.max_new_tokens:
+        if tok in row.settings.stop_tokens or len(row.tokens) - row.prompt_len >= row.settings.max_new_tokens:
             row.done = True
         return tok
 
@@ -370,6 +388,7 @@ class Batch:
             self._done[row.rid] = row
             return
         position = np.array([row.prompt_len], self.positions.dtype)
+        self._plan = None
         if self.shared is not None:  # each row's tokens from position 0; room for every row to finish
             self.rows.append(row)
             self.positions = np.concatenate([self.positions, position])

@@ -101,10 +101,17 @@ class SharedCache:
             io.bind_ortvalue_output("logits", logits)
             held = self._bindings[key] = (token, io, (bound, logits))
         step = self._step
-        step["input_ids"][:, 0] = tokens
-        step["attention_mask"][self._rows, lengths] = 1
-        if "position_ids" in step:
-            step["position_ids"][:, 0] = lengths
+        if len(tokens) == 1:  # one row: scalar writes, a few times cheaper than the indexed ones
+            n = lengths[0]
+            step["input_ids"][0, 0] = tokens[0]
+            step["attention_mask"][0, n] = 1
+            if "position_ids" in step:
+                step["position_ids"][0, 0] = n
+        else:
+            step["input_ids"][:, 0] = tokens
+            step["attention_mask"][self._rows, lengths] = 1
+            if "position_ids" in step:
+                step["position_ids"][:, 0] = lengths
         try:
             session.run_with_iobinding(held[1])
         except Exception as exc:  # onnxruntime's pybind errors share no base class
