@@ -231,18 +231,23 @@ class AdapterSession:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters)}")
             del self._adapters[name]
 
+    def _loaded(self, adapter: str) -> _Loaded:
+        """The loaded ``adapter``; :class:`UnknownAdapterError` naming the loaded ones otherwise."""
+        with self._lock:
+            loaded = self._adapters.get(adapter)
+            if loaded is None:
+                known = sorted(self._adapters)
+        if loaded is None:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {known}")
+        return loaded
+
     def adapter_inputs(self, adapter: str | None) -> tuple[object, dict[str, ort.OrtValue]]:
         """``(token, {input: value})``: ``adapter``'s weights as model inputs (``None``: none, the defaults
         serve), for an ``IOBinding`` run, to which ONNX Runtime does not apply ``RunOptions`` adapters.
         ``token`` is a new object whenever the adapter is loaded again. Raises :class:`UnknownAdapterError`."""
         if adapter is None:
             return self, {}
-        with self._lock:
-            loaded = self._adapters.get(adapter)
-            known = sorted(self._adapters)
-        if loaded is None:
-            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {known}")
-        return loaded, loaded.inputs
+        return (loaded := self._loaded(adapter)), loaded.inputs
 
     def run(self, inputs: Mapping[str, Any], adapter: str | None = None, *, prepared: bool = False) -> dict[str, np.ndarray]:
         """Run on named inputs with ``adapter`` active (``None``: the base model); thread-safe.
@@ -258,11 +263,7 @@ class AdapterSession:
         options = None  # ORT reads run options without changing them, so one object serves concurrent runs
         loaded = None
         if adapter is not None:
-            with self._lock:
-                loaded = self._adapters.get(adapter)
-                known = sorted(self._adapters)
-            if loaded is None:
-                raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {known}")
+            loaded = self._loaded(adapter)
             options = loaded.options
         out = self.model.run(feeds, options, lambda: f"adapter {adapter!r}" if adapter else "base model (no adapter)")
         del loaded  # held until here: an unload during the run cannot free it
