@@ -17,7 +17,9 @@ a ``--prompt``-token prompt with:
   (``--extra_options adapter_path=DIR``), in onnxruntime-genai.
 
 Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds; each
-ratio is the median over the rounds of that round's ratio (the runs of a round are adjacent in time).
+ratio is the median over the rounds of that round's ratio. A round runs every runner in an order and
+then in the reverse order and takes each runner's mean, so load that drifts linearly over the round
+cancels in every ratio.
 Each runner holds its own copy of the weights, so each first generates one untimed token: the
 steps timed are the steady state, not a refill of the caches the previous runner evicted.
 Then a mixed-adapter batch: one row per adapter (``--adapters`` rows, distinct prompts of the
@@ -130,21 +132,26 @@ def main(argv: list[str] | None = None) -> int:
             out = flora.generate([prompt], adapters=adapter, max_new_tokens=new, stop_tokens=[])[0]
             return out, time.perf_counter() - t
 
-        runs = {"genai": genai, "genai no-branch": no_branch, "eager": eager, "generator": generator}
-        if builder is not None:
-            runs["builder"] = builder
+        # the pairs whose ratios are printed run next to each other; eager, the slowest, runs last
+        runs = {"genai": genai, "generator": generator, "genai no-branch": no_branch,
+                **({"builder": builder} if builder is not None else {}), "eager": eager}
         which = [None, next(iter(peft_dirs), None)]
         times: dict[tuple[str, str | None], list[float]] = {}
         same = True
         for _ in range(args.rounds):
             for adapter in which:
-                toks = {}
-                for name, fn in runs.items():  # interleaved
+                toks, step = {}, {}
+                # each runner twice, in an order and then its reverse: a load that drifts linearly over the
+                # round weighs the same on every runner's mean, so it cancels in every ratio
+                for name in [*runs, *reversed(runs)]:
+                    fn = runs[name]
                     fn(adapter, 1)  # untimed: the runner before evicted this one's weights from the CPU caches
                     full, t_full = fn(adapter, args.new)
                     _, t_one = fn(adapter, 1)
-                    times.setdefault((name, adapter), []).append((t_full - t_one) / (args.new - 1))
-                    toks[name] = full
+                    step.setdefault(name, []).append((t_full - t_one) / (args.new - 1))
+                    same &= toks.setdefault(name, full) == full
+                for name, pair in step.items():
+                    times.setdefault((name, adapter), []).append(statistics.fmean(pair))
                 same &= toks["genai"] == toks["genai no-branch"] == toks["eager"] == toks["generator"]
                 if "builder" in toks:
                     same &= toks["builder"] == toks["eager"]
@@ -153,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; the model builder: {builder_s['base']:.2f} s (base), {builder_s['adapter']:.2f} s (one adapter baked in)"
                  if builder_s else "; the model builder: not run (see above)"))
         print(f"greedy tokens equal (genai, genai no-branch, generator, eager; {args.new} tokens): {same}")
-        print("ratios: median over the rounds of each round's ratio (runs of one round are adjacent in time, "
-              "so load that drifts between rounds cancels)")
+        print("ratios: median over the rounds of each round's ratio (a round runs every runner in an order and then "
+              "in reverse, so load that drifts between rounds, or linearly within one, cancels)")
         for adapter in which:
             ms = {name: statistics.median(times[(name, adapter)]) * 1e3 for name in runs}
             label = adapter or "base"
