@@ -128,7 +128,8 @@ class Generator:
         if adapter_files and (self.package / MIXED_FILE).is_file():
             from flora_graph.serving.mixed import MixedAdapterSession
 
-            self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files,
+            # rows keep their adapters for many steps: their weights are gathered once per set of rows
+            self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files, per_row_weights=True,
                                               require_checksum=require_checksum, **options)
         self.adapter_names = list(adapter_files)
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]

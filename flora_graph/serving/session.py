@@ -82,16 +82,21 @@ class OrtModel:
     """An ``InferenceSession`` with its required inputs, outputs and overridable (LoRA) inputs.
 
     Shared by :class:`AdapterSession` and :class:`~flora_graph.serving.mixed.MixedAdapterSession`.
-    Options are those of :func:`~flora_graph.runtimes.onnxrt.make_session_options`, plus ``providers``.
+    Options are those of :func:`~flora_graph.runtimes.onnxrt.make_session_options`, plus ``providers``,
+    ``where`` (how messages name the model; default its path) and ``external_data_dir`` (the folder of
+    the external weights of a model given as bytes or a ``ModelProto``).
     """
 
     def __init__(self, model: ModelSource, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  graph_optimization_level: str = "all", allow_spinning: bool = False,
-                 providers: Sequence[str] | None = None) -> None:
+                 providers: Sequence[str] | None = None, where: str | None = None,
+                 external_data_dir: str | Path | None = None) -> None:
         opts = make_session_options(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
                                     graph_optimization_level=graph_optimization_level, allow_spinning=allow_spinning)
         opts.log_severity_level = 3  # LoRA inputs are initializers by design; ORT warns about each otherwise
-        where = str(model) if isinstance(model, str | Path) else "model"
+        if external_data_dir is not None:  # a model given in memory whose weights are files beside its path
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
+        where = where or (str(model) if isinstance(model, str | Path) else "model")
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
         try:
             self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), sess_options=opts,
