@@ -178,16 +178,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "
                   "per call (no switch step)")
         rows = len(peft_dirs)
-        print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items()))
-        print(f"  one-adapter batch / sequential {mixed['generator one-adapter batch'] / mixed['generator sequential']:.1f}x "
+        print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}; "
+              "ratios: median of each round's, a round running each in an order and in reverse): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items() if isinstance(k, str)))
+        print(f"  one-adapter batch / sequential {mixed['generator one-adapter batch', 'generator sequential']:.1f}x "
               "(what batching the rows gains here before any per-row adapter work: the most a mixed batch can reach)")
-        print(f"  mixed / sequential {mixed['generator mixed'] / mixed['generator sequential']:.1f}x, "
-              f"mixed / PEFT adapter_names {mixed['generator mixed'] / mixed['peft adapter_names']:.1f}x; "
+        print(f"  mixed / sequential {mixed['generator mixed', 'generator sequential']:.1f}x, "
+              f"mixed / PEFT adapter_names {mixed['generator mixed', 'peft adapter_names']:.1f}x; "
               f"tokens equal eager PEFT per row: {same_mixed}")
         if "vllm" in mixed:
-            print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x; vLLM's tokens equal eager PEFT "
-                  f"per row: {vllm_same}")
+            print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x (medians: vLLM runs in its own "
+                  f"process after the rest); vLLM's tokens equal eager PEFT per row: {vllm_same}")
     return 0 if same and same_mixed else 1
 
 
@@ -200,7 +201,8 @@ def _paired_ratio(times: dict[tuple[str, str | None], list[float]], a: str, b: s
 
 def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft_dirs: dict[str, Path]):
     """Tokens/s of one mixed batch (one row per adapter), of the rows one by one, of PEFT's adapter_names and
-    of vLLM where given; whether every row's tokens equal eager PEFT's, and the same for vLLM (``None``: not run)."""
+    of vLLM where given (keyed by name; the median per-round ratios of the compared pairs keyed by the pair);
+    whether every row's tokens equal eager PEFT's, and the same for vLLM (``None``: not run)."""
     import peft
     import torch
     import transformers
@@ -218,29 +220,41 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
                                            do_sample=False)
             want.append(out[0, len(p):].tolist())
     total = len(names) * args.new
-    rates: dict[str, list[float]] = {}
-    same = True
-    for _ in range(args.rounds):
-        t = time.perf_counter()
-        got = flora.generate(prompts, adapters=names, max_new_tokens=args.new, stop_tokens=[])
-        rates.setdefault("generator mixed", []).append(total / (time.perf_counter() - t))
-        same &= got == want
-        t = time.perf_counter()
-        seq = [flora.generate([p], adapters=n, max_new_tokens=args.new, stop_tokens=[])[0]
-               for p, n in zip(prompts, names, strict=True)]
-        rates.setdefault("generator sequential", []).append(total / (time.perf_counter() - t))
-        same &= seq == want
-        t = time.perf_counter()  # the same batch with one adapter for every row: no per-row adapter work
+
+    def mixed() -> list[list[int]]:
+        return flora.generate(prompts, adapters=names, max_new_tokens=args.new, stop_tokens=[])
+
+    def sequential() -> list[list[int]]:
+        return [flora.generate([p], adapters=n, max_new_tokens=args.new, stop_tokens=[])[0]
+                for p, n in zip(prompts, names, strict=True)]
+
+    def one_adapter() -> None:  # the same batch with one adapter for every row: no per-row adapter work
         flora.generate(prompts, adapters=names[0], max_new_tokens=args.new, stop_tokens=[])
-        rates.setdefault("generator one-adapter batch", []).append(total / (time.perf_counter() - t))
+
+    def peft_names() -> list[list[int]]:
         with torch.no_grad():
-            t = time.perf_counter()
             ids = torch.tensor(prompts)
             out = multi.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=args.new,
                                  min_new_tokens=args.new, do_sample=False)
-            rates.setdefault("peft adapter_names", []).append(total / (time.perf_counter() - t))
-        same &= out[:, args.prompt:].tolist() == want
+        return out[:, args.prompt:].tolist()
+
+    runners = {"generator mixed": mixed, "generator sequential": sequential, "generator one-adapter batch": one_adapter,
+               "peft adapter_names": peft_names}
+    rates: dict[str, list[float]] = {}
+    same = True
+    for _ in range(args.rounds):
+        seconds: dict[str, list[float]] = {}
+        for name in [*runners, *reversed(runners)]:  # in an order and in reverse, as the decode steps above
+            t = time.perf_counter()
+            got = runners[name]()
+            seconds.setdefault(name, []).append(time.perf_counter() - t)
+            same &= got is None or got == want
+        for name, pair in seconds.items():
+            rates.setdefault(name, []).append(total / statistics.fmean(pair))
     result = {k: statistics.median(v) for k, v in rates.items()}
+    for a, b in (("generator mixed", "generator sequential"), ("generator one-adapter batch", "generator sequential"),
+                 ("generator mixed", "peft adapter_names")):
+        result[a, b] = statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
     vllm = _vllm(args, root, peft_dirs, prompts, names)
     if vllm is not None:
         result["vllm"] = statistics.median(vllm["tokens_per_s"])
