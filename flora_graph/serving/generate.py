@@ -4,7 +4,8 @@
 and manages the key/value cache itself: a batch of rows, each with its own prompt, adapter
 (or none), sampling settings, stop tokens and ``max_new_tokens``. Rows of one step may use
 different adapters: the package's ``mixed.onnx`` takes the adapters stacked per module and a
-per-row ``adapter_index`` (:class:`~flora_graph.serving.mixed.MixedAdapterSession`), so the
+per-row ``adapter_index`` (:class:`~flora_graph.serving.mixed.MixedAdapterSession`; the Generator
+serves it with ``per_row_weights``, gathering the rows' weights once per set of rows), so the
 whole batch is one ONNX Runtime call per step; when every row uses the same adapter (or
 none), the package's ``model.onnx`` runs with that adapter active. Rows join (:meth:`Batch.add`, which prefills
 the prompt and pads the shorter side of the cache) and leave (:meth:`Batch.remove`, or

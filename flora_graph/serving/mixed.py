@@ -80,7 +80,7 @@ def stack_adapters(slots: Sequence[LoRASlot], adapters: Sequence[Mapping[str, np
 
 
 def _all_nodes(graph: onnx.GraphProto):
-    """Every node of ``graph`` and of its subgraphs, with the graph holding it."""
+    """Every node of ``graph`` and of its subgraphs (which may read the graph's values)."""
     for n in graph.node:
         yield n
         for a in n.attribute:
