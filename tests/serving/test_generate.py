@@ -59,6 +59,21 @@ def test_stop_tokens_streaming_and_seeded_sampling(gen: Generator, folders: Path
     assert alone[0] != eager_tokens(folders, None, PROMPTS[0], 10)  # and it did sample
 
 
+def test_a_sampled_row_joining_greedy_rows_samples_and_they_stay_greedy(gen: Generator, folders: Path) -> None:
+    sampling = {"do_sample": True, "seed": 7, "top_k": 20, "top_p": 0.9, "max_new_tokens": 10, "stop_tokens": []}
+    alone = gen.generate([PROMPTS[1]], **sampling)[0]
+    assert alone != eager_tokens(folders, None, PROMPTS[1], 10)
+    batch = gen.batch()
+    a = batch.add(PROMPTS[0], adapter="all7", max_new_tokens=14, stop_tokens=[])
+    for _ in range(3):  # an all-greedy batch: one argmax for the rows
+        batch.step()
+    s = batch.add(PROMPTS[1], **sampling)
+    while batch.active:
+        batch.step()
+    assert batch.row(s).generated == alone
+    assert batch.row(a).generated == eager_tokens(folders, "all7", PROMPTS[0], 14)
+
+
 def test_bad_requests_name_the_culprit_and_the_batch_keeps_serving(gen: Generator, folders: Path) -> None:
     batch = gen.batch()
     a = batch.add(PROMPTS[0], adapter="all7", max_new_tokens=5, stop_tokens=[])
