@@ -89,11 +89,15 @@ class Generator:
         package: the folder :func:`~flora_graph.serving.genai.export_genai` wrote.
         threads: ONNX Runtime intra-op threads (no spinning).
         require_checksum: refuse adapter files without a checksum file.
+        per_row_weights: rows with different adapters read their adapter weights gathered once per set
+            of rows (``MixedAdapterSession(per_row_weights=True)``: faster steps, ``rows x`` one adapter's
+            weights held meanwhile); ``False``: the mixed model gathers them in every step.
 
     Raises :class:`ServingError` naming the file for a package it cannot read.
     """
 
-    def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True) -> None:
+    def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True,
+                 per_row_weights: bool = True) -> None:
         from flora_graph.serving.genai import ADAPTERS_DIR, GENAI_CONFIG, MIXED_FILE, MODEL_FILE
 
         self.package = Path(package)
@@ -129,8 +133,7 @@ class Generator:
         if adapter_files and (self.package / MIXED_FILE).is_file():
             from flora_graph.serving.mixed import MixedAdapterSession
 
-            # rows keep their adapters for many steps: their weights are gathered once per set of rows
-            self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files, per_row_weights=True,
+            self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files, per_row_weights=per_row_weights,
                                               require_checksum=require_checksum, **options)
         self.adapter_names = list(adapter_files)
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from flora_graph.serving import INDEX_INPUT
 from flora_graph.serving.errors import UnknownAdapterError
 from flora_graph.serving.generate import GenerationError, Generator
 from tests.serving.genai_package import eager_tokens
@@ -26,6 +27,15 @@ def test_mixed_adapter_batch_of_prompts_of_different_lengths_equals_eager_rows(g
     got = gen.generate(PROMPTS, adapters=adapters, max_new_tokens=32, stop_tokens=[])
     for prompt, adapter, tokens in zip(PROMPTS, adapters, got, strict=True):
         assert tokens == eager_tokens(folders, adapter, prompt), adapter
+
+
+def test_mixed_rows_gathered_in_every_step_give_the_same_tokens(gen: Generator, package: Path, folders: Path) -> None:
+    every_step = Generator(package, per_row_weights=False)
+    assert INDEX_INPUT in every_step._mixed.model.inputs and INDEX_INPUT not in gen._mixed.model.inputs
+    adapters = ["qdown", None, "all7"]
+    got = every_step.generate(PROMPTS[:2] + PROMPTS[:1], adapters=adapters, max_new_tokens=12, stop_tokens=[])
+    assert got == gen.generate(PROMPTS[:2] + PROMPTS[:1], adapters=adapters, max_new_tokens=12, stop_tokens=[])
+    assert got[2] == eager_tokens(folders, "all7", PROMPTS[0], 12)
 
 
 def test_rows_join_and_leave_between_steps(gen: Generator, folders: Path) -> None:
