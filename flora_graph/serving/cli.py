@@ -81,6 +81,9 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     from flora_graph.serving.errors import ServingError
     from flora_graph.serving.generate import Generator
 
+    if args.min_new_tokens > args.max_new_tokens:  # checked before the package is loaded
+        return _refuse(console, f"--min-new-tokens {args.min_new_tokens} is more than --max-new-tokens "
+                                f"{args.max_new_tokens}")
     gen = Generator(args.package, threads=args.threads)
     tokenizer = None
     if args.ids is not None:
@@ -95,7 +98,7 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.package, local_files_only=True)
         ids = tokenizer(args.prompt)["input_ids"]
-    settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
+    settings = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "do_sample": args.temperature > 0,
                 "temperature": args.temperature or 1.0, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     if args.ignore_eos:
         settings["stop_tokens"] = []
@@ -136,6 +139,8 @@ def add_cli(subparsers: Any) -> None:
     g.add_argument("--ids", metavar="ID,ID,...", help="the prompt as token ids instead of text")
     g.add_argument("--adapter", metavar="NAME", help="an adapter of the package (adapters/NAME.onnx_adapter); default none")
     g.add_argument("--max-new-tokens", type=int_at_least(1), default=32, help="tokens to generate at most")
+    g.add_argument("--min-new-tokens", type=int_at_least(0), default=0,
+                   help="tokens to generate before the end-of-text token may be chosen (at most --max-new-tokens)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling at that temperature")
     g.add_argument("--top-k", type=int_at_least(0), default=0, help="sample among the k most likely tokens (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample within the smallest set reaching this probability")

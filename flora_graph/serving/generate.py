@@ -2,7 +2,7 @@
 
 :class:`Generator` loads a package written by :func:`~flora_graph.serving.genai.export_genai`
 and manages the key/value cache itself: a batch of rows, each with its own prompt, adapter
-(or none), sampling settings, stop tokens and ``max_new_tokens``. Rows of one step may use
+(or none), sampling settings, stop tokens, ``max_new_tokens`` and ``min_new_tokens``. Rows of one step may use
 different adapters: the package's ``mixed.onnx`` takes the adapters stacked per module and a
 per-row ``adapter_index`` (:class:`~flora_graph.serving.mixed.MixedAdapterSession`; the Generator
 serves it with ``per_row_weights``, gathering the rows' weights once per set of rows), so the
@@ -44,9 +44,12 @@ class GenerationError(ServingError):
 @dataclass(frozen=True)
 class RowSettings:
     """How one row generates: greedy unless ``do_sample``; sampling draws from ``softmax(logits / temperature)``
-    restricted to the ``top_k`` most likely tokens (0: all) and the smallest set reaching ``top_p``."""
+    restricted to the ``top_k`` most likely tokens (0: all) and the smallest set reaching ``top_p``. Until
+    ``min_new_tokens`` tokens are out, the row's stop tokens cannot be chosen (as transformers'
+    ``min_new_tokens`` and ONNX Runtime GenAI's ``min_length`` keep the end-of-text token out)."""
 
     max_new_tokens: int = 32
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -58,6 +61,10 @@ class RowSettings:
         """Raise :class:`GenerationError` naming the setting that is out of range."""
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if (isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int)
+                or not 0 <= self.min_new_tokens <= self.max_new_tokens):
+            raise GenerationError(f"min_new_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], "
+                                  f"got {self.min_new_tokens!r}")
         if not self.temperature > 0:
             raise GenerationError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -164,8 +171,8 @@ class Generator:
                  on_token: Callable[[int, int], None] | None = None, **settings: Any) -> list[list[int]]:
         """The tokens generated after each prompt (row ``i`` with ``adapters[i]``; one name or ``None``: every row).
 
-        ``settings`` are :class:`RowSettings` fields (``max_new_tokens``, ``do_sample``, ``temperature``,
-        ``top_k``, ``top_p``, ``seed``, ``stop_tokens``; default stop tokens: the package's EOS).
+        ``settings`` are :class:`RowSettings` fields (``max_new_tokens``, ``min_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_tokens``; default stop tokens: the package's EOS).
         ``on_token(row, token)`` streams each token as it is chosen. A seeded row draws the same
         tokens whatever else is in the batch.
         """
@@ -248,8 +255,8 @@ class Batch:
         self.mask = np.zeros((0, 0), gen._mask_dtype)
         self.positions = np.zeros(0, gen._pos_dtype)  # per row: the position id of its next token
         self.step_seconds: list[float] = []
-        # the rows' adapters, the model kind serving them and whether all are greedy: set by step(),
-        # cleared when a row joins or leaves
+        # the rows' adapters, the model kind serving them and whether one argmax picks for all (greedy,
+        # no stop token held back by min_new_tokens): set by step(), cleared when a row joins or leaves
         self._plan: tuple[list[str | None], str, bool] | None = None
 
     @property
@@ -321,7 +328,9 @@ class Batch:
         gen, rows = self.gen, self.rows
         if self._plan is None:  # what the rows share until one joins or leaves
             adapters = [r.adapter for r in rows]
-            self._plan = (adapters, gen._model_for(adapters), not any(r.settings.do_sample for r in rows))
+            self._plan = (adapters, gen._model_for(adapters),
+                          not any(r.settings.do_sample or (r.settings.min_new_tokens and r.settings.stop_tokens)
+                                  for r in rows))
         adapters, kind, greedy = self._plan
         if self.shared is not None:  # row i's token goes to cache position positions[i], in place
             t0 = time.perf_counter()
@@ -361,8 +370,13 @@ class Batch:
 
     @staticmethod
     def _pick(row: _Row, logits: np.ndarray) -> int:
-        """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings."""
+        """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings; no stop
+        token before ``min_new_tokens``."""
         s = row.settings
+        if s.stop_tokens and len(row.tokens) - row.prompt_len < s.min_new_tokens:
+            held = [t for t in s.stop_tokens if 0 <= t < logits.size]
+            logits = logits.copy()
+            logits[held] = -np.inf
         if not s.do_sample:
             return int(logits.argmax())
         z = logits.astype(np.float64) / s.temperature

@@ -84,6 +84,18 @@ def test_a_sampled_row_joining_greedy_rows_samples_and_they_stay_greedy(gen: Gen
     assert batch.row(a).generated == eager_tokens(folders, "all7", PROMPTS[0], 14)
 
 
+def test_min_new_tokens_holds_the_stop_tokens_back_as_eager_does(gen: Generator, folders: Path) -> None:
+    free = gen.generate([PROMPTS[2]], adapters="all7", max_new_tokens=14, stop_tokens=[])[0]
+    assert free[0] == 2  # the end-of-text token is this row's argmax: what min_new_tokens must hold back
+    want = eager_tokens(folders, "all7", PROMPTS[2], 14)  # transformers' min_new_tokens = 14
+    assert want[0] != 2
+    got = gen.generate([PROMPTS[2], PROMPTS[0]], adapters=["all7", "qdown"], min_new_tokens=14, max_new_tokens=14)
+    assert got == [want, eager_tokens(folders, "qdown", PROMPTS[0], 14)]
+    for bad in (-1, 15, True, 2.0):
+        with pytest.raises(GenerationError, match="min_new_tokens"):
+            gen.generate([PROMPTS[0]], min_new_tokens=bad, max_new_tokens=14)
+
+
 def test_bad_requests_name_the_culprit_and_the_batch_keeps_serving(gen: Generator, folders: Path) -> None:
     batch = gen.batch()
     a = batch.add(PROMPTS[0], adapter="all7", max_new_tokens=5, stop_tokens=[])
@@ -114,6 +126,12 @@ def test_generate_command_prints_text_and_speed(package: Path, folders: Path, ca
     assert "tokens/s" in out and "adapter all7" in out
     assert main(["generate", str(package), "--ids", "1,5", "--adapter", "nope"]) == 2
     assert "adapter 'nope' is not in package" in capsys.readouterr().err
+    assert main(["generate", str(package), "--ids", "1,5", "--min-new-tokens", "9", "--max-new-tokens", "8"]) == 2
+    assert "--min-new-tokens 9 is more than --max-new-tokens 8" in capsys.readouterr().out
+    ids = ",".join(map(str, PROMPTS[2]))  # the end-of-text token would come first (see the min_new_tokens test)
+    assert main(["generate", str(package), "--ids", ids, "--adapter", "all7", "--min-new-tokens", "6",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == [str(t) for t in eager_tokens(folders, "all7", PROMPTS[2], 6)]
 
 
 def test_adapter_file_for_another_model_or_rank_is_refused_at_load(package: Path, tmp_path: Path) -> None:
