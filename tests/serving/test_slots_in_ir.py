@@ -312,6 +312,10 @@ def test_packed_slots_serve_per_module_adapters_like_the_unpacked_ones(demo: Dem
     refs = {None: demo.base, "own": demo.merged, "other": demo.other_merged}
     want = np.stack([demo.eager(refs[n], demo.ids[i : i + 1])[0] for i, n in enumerate(names)])
     np.testing.assert_allclose(mixed.run(ids, names)["output"], want, atol=ATOL)
+    per_row = MixedAdapterSession(export_mixed(packed), {"own": graph_adapter_params(demo.graph),
+                                                         "other": adapter_params(demo.other)},
+                                  intra_op_threads=1, per_row_weights=True)  # packed stacks, gathered in numpy
+    np.testing.assert_array_equal(per_row.run(ids, names)["output"], mixed.run(ids, names)["output"])
 
 
 def test_pack_params_is_block_diagonal_and_refuses_half_a_module(demo: Demo) -> None:
