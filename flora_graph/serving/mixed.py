@@ -91,24 +91,43 @@ def _all_nodes(graph: onnx.GraphProto):
 def per_row_inputs(model: onnx.ModelProto, stacks: Collection[str]) -> dict[str, str]:
     """Rewrite mixed export ``model`` in place to take each row's adapter weights as inputs.
 
-    Every ``Gather`` (axis 0) of a stack input in ``stacks`` by ``adapter_index`` is removed; what
-    read its output reads a new input ``<stack>.rows`` (:data:`ROWS_SUFFIX`) of shape ``[batch,
-    *stack.shape[1:]]``, to be fed ``stack[adapter_index]``: the same values, so the outputs are
-    the same bit for bit. Stacks and ``adapter_index`` that nothing reads any more stop being inputs.
-    Returns ``{rows input: stack}``; :class:`ServingError` when the model gathers no stack by index.
+    Every ``Gather`` (axis 0) by ``adapter_index`` of a stack input in ``stacks`` (directly or through
+    ``Cast``\\ s that only it reads, as a float16 graph casts its stacks) is removed; what read its
+    output reads a new input ``<stack>.rows`` (:data:`ROWS_SUFFIX`) of shape ``[batch,
+    *stack.shape[1:]]``, through the same ``Cast``\\ s, to be fed ``stack[adapter_index]``: the same
+    values, so the outputs are the same bit for bit. Stacks and ``adapter_index`` that nothing reads
+    any more stop being inputs. Returns ``{rows input: stack}``; :class:`ServingError` when the
+    model gathers no stack by index.
     """
     g = model.graph
     inputs = {i.name: i for i in g.input}
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in _all_nodes(g):
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in g.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
     rename: dict[str, str] = {}
     rows: dict[str, str] = {}
     keep = []
     for n in g.node:
         axis = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 0)
-        if (n.op_type == "Gather" and n.domain in ("", "ai.onnx") and len(n.input) == 2 and n.input[0] in stacks
-                and n.input[0] in inputs and n.input[1] == INDEX_INPUT and axis == 0):
-            rename[n.output[0]] = rows_name = n.input[0] + ROWS_SUFFIX
-            rows[rows_name] = n.input[0]
-            continue
+        if n.op_type == "Gather" and n.domain in ("", "ai.onnx") and len(n.input) == 2 and n.input[1] == INDEX_INPUT \
+                and axis == 0:
+            casts, data = [], n.input[0]  # Gather(Cast(stack)) is Cast(Gather(stack)): the casts move to the rows
+            while data not in inputs and data in producer and producer[data].op_type == "Cast" and uses[data] == 1:
+                casts.append(producer[data])
+                data = producer[data].input[0]
+            if data in stacks and data in inputs:
+                rows_name = data + ROWS_SUFFIX
+                rows[rows_name] = data
+                if casts:
+                    casts[-1].input[0] = rows_name
+                    rename[n.output[0]] = n.input[0]
+                else:
+                    rename[n.output[0]] = rows_name
+                continue
         keep.append(n)
     if not rows:
         raise ServingError(f"model {g.name!r} gathers no adapter stack by {INDEX_INPUT!r}: not a mixed export")

@@ -167,6 +167,9 @@ def test_float16_graph_computes_lora_in_float32():
     out = s.run({"x": x.numpy()}, names)["output"]
     assert out.dtype == np.float16
     np.testing.assert_allclose(out.astype(np.float32), want, atol=3e-3)
+    per_row = MixedAdapterSession(export_mixed(g), {n: adapter_params(m) for n, m in models.items()},
+                                  intra_op_threads=1, per_row_weights=True)  # float16 rows' weights
+    np.testing.assert_array_equal(per_row.run({"x": x.numpy()}, names)["output"], out)
 
 
 class ConvNet(nn.Module):
