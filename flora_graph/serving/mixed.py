@@ -110,6 +110,7 @@ def per_row_inputs(model: onnx.ModelProto, stacks: Collection[str]) -> dict[str,
         uses[o.name] = uses.get(o.name, 0) + 1
     rename: dict[str, str] = {}
     rows: dict[str, str] = {}
+    recast: list[tuple[onnx.NodeProto, str]] = []  # (the Cast that read a stack, the rows input it reads instead)
     keep = []
     for n in g.node:
         axis = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 0)
@@ -123,16 +124,21 @@ def per_row_inputs(model: onnx.ModelProto, stacks: Collection[str]) -> dict[str,
                 rows_name = data + ROWS_SUFFIX
                 rows[rows_name] = data
                 if casts:
-                    casts[-1].input[0] = rows_name
+                    recast.append((casts[-1], rows_name))
                     rename[n.output[0]] = n.input[0]
                 else:
                     rename[n.output[0]] = rows_name
                 continue
         keep.append(n)
+    # checked before anything changes
     if not rows:
         raise ServingError(f"model {g.name!r} gathers no adapter stack by {INDEX_INPUT!r}: not a mixed export")
     if leaked := sorted(o.name for o in g.output if o.name in rename):
         raise ServingError(f"model {g.name!r}: outputs {leaked} are gathered adapter weights; cannot take them per row")
+    if taken := sorted(set(rows) & (set(inputs) | set(producer))):
+        raise ServingError(f"model {g.name!r} already has values named {taken}; cannot add them as per-row inputs")
+    for cast, rows_name in recast:
+        cast.input[0] = rows_name
     del g.node[:]
     g.node.extend(keep)
     read = set()

@@ -93,3 +93,9 @@ def test_not_a_mixed_export(served, tmp_path):
     model = onnx.load(str(served.mixed))
     with pytest.raises(ServingError, match="gathers no adapter stack"):
         per_row_inputs(model, {"no.such.stack"})
+    taken = "fc_in.lora_A.stack" + ROWS_SUFFIX
+    model.graph.input.append(onnx.helper.make_tensor_value_info(taken, onnx.TensorProto.FLOAT, [1]))
+    before = model.SerializeToString()
+    with pytest.raises(ServingError, match=f"already has values named \\['{taken}'\\]"):
+        per_row_inputs(model, {i.name for i in model.graph.input if i.name.endswith(".stack")})
+    assert model.SerializeToString() == before  # refused before anything changed
