@@ -211,20 +211,20 @@ class MixedAdapterSession:
                  require_checksum: bool = False, per_row_weights: bool = False, **options: Any) -> None:
         self.require_checksum = require_checksum
         self._rows: dict[str, str] = {}  # {rows input: stack} of a per_row_weights session
-        if per_row_weights:
+        if per_row_weights:  # the graph is read (weights left on disk) and rewritten before a session exists
             proto, where, folder = _read_model(model)
-            kind, self.slots = slots_from_metadata({p.key: p.value for p in proto.metadata_props}, where)
-            if kind != "mixed" or INDEX_INPUT not in {i.name for i in proto.graph.input}:
-                raise ServingError(f"{where} is a {kind!r} export, not a mixed one (export_mixed)")
-            self._rows = per_row_inputs(proto, {n for s in self.slots for n in stack_names(s)})
-            still = {i.name for i in proto.graph.input}  # what the rewritten model reads besides the rows' weights
-            self.model = OrtModel(proto.SerializeToString(), where=where, external_data_dir=folder, **options)
+            metadata, inputs = {p.key: p.value for p in proto.metadata_props}, {i.name for i in proto.graph.input}
         else:
             self.model = OrtModel(model, **options)
-            kind, self.slots = slots_from_metadata(self.model.metadata, self.model.where)
-            if kind != "mixed" or INDEX_INPUT not in self.model.inputs:
-                raise ServingError(f"{self.model.where} is a {kind!r} export, not a mixed one (export_mixed)")
-            still = None
+            metadata, where, inputs = self.model.metadata, self.model.where, set(self.model.inputs)
+        kind, self.slots = slots_from_metadata(metadata, where)
+        if kind != "mixed" or INDEX_INPUT not in inputs:
+            raise ServingError(f"{where} is a {kind!r} export, not a mixed one (export_mixed)")
+        still = None  # what the rewritten model reads besides the rows' weights
+        if per_row_weights:
+            self._rows = per_row_inputs(proto, {n for s in self.slots for n in stack_names(s)})
+            still = {i.name for i in proto.graph.input}
+            self.model = OrtModel(proto.SerializeToString(), where=where, external_data_dir=folder, **options)
         self.spec = param_spec(self.slots)
         self.spec.unpacks = packed_from_metadata(self.model.metadata, self.model.where)  # files packed for model.onnx
         # what each call feeds besides the request: the stacks (inputs with a one-slot default) and the
@@ -271,7 +271,7 @@ class MixedAdapterSession:
 
     def indices(self, adapters: str | Sequence[str | None] | None, rows: int) -> np.ndarray:
         """Per-row ``adapter_index`` for adapter names (``None``: no adapter; one name: every row)."""
-        return self._indices(self._set, adapters, rows)
+        return self._indices(self._set, self._row_names(adapters, rows))
 
     def run(self, inputs: Mapping[str, Any], adapters: str | Sequence[str | None] | None = None, *,
             adapter_index: Sequence[int] | np.ndarray | None = None, prepared: bool = False) -> dict[str, np.ndarray]:
@@ -302,10 +302,7 @@ class MixedAdapterSession:
             idx = idx.astype(np.int64)
             feeds.update(self._weights(current, idx))
         else:
-            names = [adapters] * rows if adapters is None or isinstance(adapters, str) else list(adapters)
-            if len(names) != rows:
-                raise ServingError(f"{len(names)} adapter names for a batch of {rows} rows")
-            idx, weights = self._rows_of(current, names)
+            idx, weights = self._rows_of(current, self._row_names(adapters, rows))
             feeds.update(weights)
         return self.model.run(feeds, None, lambda: f"mixed batch with adapters {sorted({current.names[i] for i in idx if i >= 0})}")
 
@@ -322,7 +319,7 @@ class MixedAdapterSession:
         key = tuple(names)
         hit = current.bound.get(key)
         if hit is None:
-            idx = self._indices(current, names, len(names))
+            idx = self._indices(current, names)
             hit = (idx, self._weights(current, idx))
             current.bound.clear()
             current.bound[key] = hit
@@ -337,13 +334,18 @@ class MixedAdapterSession:
             out[name] = current.feeds[stack].take(idx, axis=0)  # -1: the last (zero) slot, as Gather reads it
         return out
 
-    def _indices(self, current: _AdapterSet, adapters: str | Sequence[str | None] | None, rows: int) -> np.ndarray:
-        if adapters is None or isinstance(adapters, str):
-            adapters = [adapters] * rows
-        if len(adapters) != rows:
-            raise ServingError(f"{len(adapters)} adapter names for a batch of {rows} rows")
-        out = np.empty(rows, np.int64)
-        for row, name in enumerate(adapters):
+    @staticmethod
+    def _row_names(adapters: str | Sequence[str | None] | None, rows: int) -> list[str | None]:
+        """Each row's adapter name (``None``: no adapter; one name or ``None``: every row)."""
+        names = [adapters] * rows if adapters is None or isinstance(adapters, str) else list(adapters)
+        if len(names) != rows:
+            raise ServingError(f"{len(names)} adapter names for a batch of {rows} rows")
+        return names
+
+    @staticmethod
+    def _indices(current: _AdapterSet, names: Sequence[str | None]) -> np.ndarray:
+        out = np.empty(len(names), np.int64)
+        for row, name in enumerate(names):
             if name is None:
                 out[row] = NO_ADAPTER
             elif name in current.index:
