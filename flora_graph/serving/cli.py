@@ -75,6 +75,46 @@ def _package(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
+def _rows(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None, list[str | None]] | str:
+    """The rows of ``generate``: ``(texts, ids, adapters)`` (one of ``texts``/``ids`` ``None``) or the refusal."""
+    if args.prompt and args.ids:
+        return "give the prompts as --prompt texts or as --ids, not both"
+    texts = None if args.ids else (args.prompt or ["Hello"])
+    rows = len(args.ids or texts)
+    names = args.adapter or [None]
+    if len(names) not in (1, rows):
+        return (f"{len(names)} --adapter for {rows} prompts: give one for every row, or one per row in order "
+                f"('' for none)")
+    return texts, args.ids, [n or None for n in (names * rows if len(names) == 1 else names)]
+
+
+class _Stream:
+    """Prints one row's text as its tokens come: each token's new text once it decodes to whole
+    characters (a token may end inside a multi-byte character); token ids without a tokenizer."""
+
+    def __init__(self, console: Any, tokenizer: Any) -> None:
+        self.console, self.tokenizer = console, tokenizer
+        self.pending: list[int] = []  # since the last newline: decoded together, as word pieces need
+        self.shown = 0  # characters of their text already printed
+
+    def __call__(self, row: int, token: int) -> None:
+        if self.tokenizer is None:
+            self._show(f"{token} ")
+            return
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self._show(text[self.shown:])
+        self.shown = len(text)
+        if text.endswith("\n"):
+            self.pending, self.shown = [], 0
+
+    def _show(self, piece: str) -> None:
+        if piece:
+            self.console.out(piece, end="", highlight=False)  # as it is: no markup, emoji codes or wrapping
+
+
 def _generate(args: argparse.Namespace, console: Any) -> int:
     import time
 
@@ -84,32 +124,47 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     if args.min_new_tokens > args.max_new_tokens:  # checked before the package is loaded
         return _refuse(console, f"--min-new-tokens {args.min_new_tokens} is more than --max-new-tokens "
                                 f"{args.max_new_tokens}")
-    gen = Generator(args.package, threads=args.threads)
-    tokenizer = None
-    if args.ids is not None:
+    rows = _rows(args)
+    if isinstance(rows, str):
+        return _refuse(console, rows)
+    texts, id_lists, adapters = rows
+    prompts: list[list[int]] = []
+    for given in id_lists or []:
         try:
-            ids = [int(t) for t in args.ids.split(",") if t.strip()]
+            prompts.append([int(t) for t in given.split(",") if t.strip()])
         except ValueError:
-            raise ServingError(f"--ids {args.ids!r}: expected comma-separated token ids such as 1,15043,29892") from None
-    else:
+            raise ServingError(f"--ids {given!r}: expected comma-separated token ids such as 1,15043,29892") from None
+    tokenizer = None
+    if texts is not None:
         if not (Path(args.package) / "tokenizer.json").is_file() and not (Path(args.package) / "tokenizer.model").is_file():
             raise ServingError(f"{args.package} has no tokenizer files (tokenizer.json); pass token ids with --ids")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.package, local_files_only=True)
-        ids = tokenizer(args.prompt)["input_ids"]
+        prompts = [tokenizer(t)["input_ids"] for t in texts]
+    gen = Generator(args.package, threads=args.threads)
     settings = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "do_sample": args.temperature > 0,
                 "temperature": args.temperature or 1.0, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     if args.ignore_eos:
         settings["stop_tokens"] = []
-    streamed: list[int] = []
+    one = len(prompts) == 1
     t0 = time.perf_counter()
-    tokens = gen.generate([ids], adapters=args.adapter, on_token=lambda row, tok: streamed.append(tok), **settings)[0]
+    out = gen.generate(prompts, adapters=adapters, on_token=_Stream(console, tokenizer) if one else None, **settings)
     seconds = time.perf_counter() - t0
-    text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
-    console.print(escape(text), highlight=False)
-    console.print(f"{len(tokens)} tokens in {seconds:.3f} s ({len(tokens) / seconds:.1f} tokens/s, prompt {len(ids)} "
-                  f"tokens, adapter {args.adapter or 'none'})", highlight=False)
+
+    def text(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
+
+    if one:
+        console.print()  # ends the streamed line
+    else:
+        for i, (adapter, tokens) in enumerate(zip(adapters, out, strict=True)):
+            console.out(f"[{i}] adapter {adapter or 'none'}: {text(tokens)}", highlight=False)
+    total = sum(map(len, out))
+    which = f"adapter {adapters[0] or 'none'}" if one else f"adapters {', '.join(a or 'none' for a in adapters)}"
+    console.print(f"{total} tokens in {seconds:.3f} s ({total / seconds:.1f} tokens/s, "
+                  f"{len(prompts)} row{'s' * (not one)}, prompt{'s' * (not one)} "
+                  f"{'/'.join(str(len(p)) for p in prompts)} tokens, {which})", highlight=False)
     return 0
 
 
@@ -133,11 +188,16 @@ def add_cli(subparsers: Any) -> None:
                         "archive <name>.pt + <name>.json beside them); graph SOURCE only")
     p.set_defaults(func=_package)
     g = subparsers.add_parser("generate", help="generate text from a GenAI package (flora-graph export --format genai) "
-                                               "on plain ONNX Runtime, with an adapter or none")
+                                               "on plain ONNX Runtime, with an adapter or none; several prompts "
+                                               "decode as one batch, each row with its own adapter")
     g.add_argument("package", help="the package folder")
-    g.add_argument("--prompt", default="Hello", help="the prompt text (needs the package's tokenizer files)")
-    g.add_argument("--ids", metavar="ID,ID,...", help="the prompt as token ids instead of text")
-    g.add_argument("--adapter", metavar="NAME", help="an adapter of the package (adapters/NAME.onnx_adapter); default none")
+    g.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt text, one row each (needs the package's tokenizer files) (default: Hello)")
+    g.add_argument("--ids", action="append", metavar="ID,ID,...",
+                   help="a prompt as token ids instead of text, one row each")
+    g.add_argument("--adapter", action="append", metavar="NAME",
+                   help="an adapter of the package (adapters/NAME.onnx_adapter): once for every row, or once per row "
+                        "in order, '' for none (a mixed-adapter batch) (default: none)")
     g.add_argument("--max-new-tokens", type=int_at_least(1), default=32, help="tokens to generate at most")
     g.add_argument("--min-new-tokens", type=int_at_least(0), default=0,
                    help="tokens to generate before the end-of-text token may be chosen (at most --max-new-tokens)")

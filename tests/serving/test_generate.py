@@ -134,6 +134,60 @@ def test_generate_command_prints_text_and_speed(package: Path, folders: Path, ca
     assert capsys.readouterr().out.splitlines()[0].split() == [str(t) for t in eager_tokens(folders, "all7", PROMPTS[2], 6)]
 
 
+def test_generate_command_decodes_a_mixed_adapter_batch(package: Path, folders: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from flora_graph.cli import main
+
+    rows = [(PROMPTS[0], "all7"), (PROMPTS[1], None), (PROMPTS[2], "qdown")]
+    argv = ["generate", str(package), "--max-new-tokens", "7", "--ignore-eos"]
+    for prompt, adapter in rows:
+        argv += ["--ids", ",".join(map(str, prompt)), "--adapter", adapter or ""]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for i, (prompt, adapter) in enumerate(rows):
+        assert lines[i] == f"[{i}] adapter {adapter or 'none'}: " + " ".join(map(str, eager_tokens(folders, adapter, prompt, 7)))
+    assert "21 tokens in" in lines[3] and "3 rows" in lines[3] and "adapters all7, none, qdown" in lines[3]
+    # one adapter for every row
+    assert main(["generate", str(package), "--ids", "1,5", "--ids", "1,7,3", "--adapter", "qdown", "--max-new-tokens", "4",
+                 "--ignore-eos"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "[1] adapter qdown: " + " ".join(map(str, eager_tokens(folders, "qdown", PROMPTS[1], 4)))
+    # refused before the package loads: a count of adapters that fits neither every row nor each row, text and ids
+    assert main(["generate", str(package / "missing"), "--ids", "1,5", "--ids", "1,7", "--adapter", "a", "--adapter", "b",
+                 "--adapter", "c"]) == 2
+    assert "3 --adapter for 2 prompts" in capsys.readouterr().out
+    assert main(["generate", str(package / "missing"), "--ids", "1,5", "--prompt", "w5"]) == 2
+    assert "not both" in capsys.readouterr().out
+
+
+def test_generate_command_streams_whole_characters() -> None:
+    from flora_graph.serving.cli import _Stream
+
+    class Bytes:  # a byte-level tokenizer: token t is the byte t
+        @staticmethod
+        def decode(tokens: list[int], skip_special_tokens: bool) -> str:
+            return bytes(tokens).decode("utf-8", errors="replace")
+
+    class Console:
+        def __init__(self) -> None:
+            self.pieces: list[str] = []
+
+        def out(self, piece: str, end: str, highlight: bool) -> None:
+            self.pieces.append(piece + end)
+
+    text = "aé\nb€c"
+    console = Console()
+    stream = _Stream(console, Bytes())
+    for t in text.encode():
+        stream(0, t)
+    assert console.pieces == ["a", "é", "\n", "b", "€", "c"]  # never half a character
+    console = Console()
+    stream = _Stream(console, None)
+    for t in (5, 17):
+        stream(0, t)
+    assert console.pieces == ["5 ", "17 "]
+
+
 def test_adapter_file_for_another_model_or_rank_is_refused_at_load(package: Path, tmp_path: Path) -> None:
     import shutil
 
