@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from flora_graph.cli_types import int_at_least
+from flora_graph.cli_types import float_in, int_at_least
 
 __all__ = ["add_cli"]
 
@@ -143,8 +143,13 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.package, local_files_only=True)
         prompts = [tokenizer(t)["input_ids"] for t in texts]
     gen = Generator(args.package, threads=args.threads)
-    settings = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "do_sample": args.temperature > 0,
-                "temperature": args.temperature or 1.0, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    # what is not given stays the package's (its model's generation config): Generator.defaults
+    settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "seed": args.seed}
+    if args.temperature is not None:
+        settings["do_sample"] = args.temperature > 0
+        if args.temperature > 0:
+            settings["temperature"] = args.temperature
+    settings.update({k: getattr(args, k) for k in ("top_k", "top_p", "repetition_penalty") if getattr(args, k) is not None})
     if args.ignore_eos:
         settings["stop_tokens"] = []
     one = len(prompts) == 1
@@ -201,9 +206,14 @@ def add_cli(subparsers: Any) -> None:
     g.add_argument("--max-new-tokens", type=int_at_least(1), default=32, help="tokens to generate at most")
     g.add_argument("--min-new-tokens", type=int_at_least(0), default=0,
                    help="tokens to generate before the end-of-text token may be chosen (at most --max-new-tokens)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling at that temperature")
-    g.add_argument("--top-k", type=int_at_least(0), default=0, help="sample among the k most likely tokens (0: all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample within the smallest set reaching this probability")
+    g.add_argument("--temperature", type=float_in(0), help="0: greedy; > 0: sampling at that temperature (default: "
+                                                            "the package's search settings, from its generation config)")
+    g.add_argument("--top-k", type=int_at_least(0), help="sample among the k most likely tokens, 0: all (default: the package's)")
+    g.add_argument("--top-p", type=float_in(0, 1, low_open=True),
+                   help="sample within the smallest set reaching this probability (default: the package's)")
+    g.add_argument("--repetition-penalty", type=float_in(0, low_open=True),
+                   help="divide the positive logits (multiply the negative ones) of tokens already in the row, "
+                        "1: none (default: the package's)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     g.add_argument("--threads", type=int_at_least(1), default=1, help="ONNX Runtime intra-op threads")

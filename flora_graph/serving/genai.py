@@ -40,7 +40,8 @@ from typing import Any
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
-__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERATOR_ONLY", "TOKENIZER_FILES", "GenAIReport", "export_genai", "genai_config"]
+__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERATOR_ONLY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport", "export_genai",
+           "genai_config", "search_defaults"]
 
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
@@ -72,19 +73,40 @@ class GenAIReport:
     genai: bool = True  # whether ONNX Runtime GenAI runs the package (else flora_graph's Generator only)
 
 
-def genai_config(model: Any, layout: Any, *, model_type: str, context_length: int) -> dict[str, Any]:
-    """The ``genai_config.json`` document of a package of ``model`` (a transformers causal LM)."""
+def genai_config(model: Any, layout: Any, *, model_type: str, context_length: int,
+                 end_of_turn: int | None = None) -> dict[str, Any]:
+    """The ``genai_config.json`` document of a package of ``model`` (a transformers causal LM).
+
+    Special tokens and the search defaults (:data:`SEARCH_DEFAULTS`) come from the model's
+    ``generation_config`` (its ``generation_config.json``) before its config, as transformers'
+    ``generate()`` and the ONNX Runtime GenAI model builder read them: a chat model's sampling settings
+    and its end-of-turn tokens. ``end_of_turn``: the tokenizer's end-of-text token, added to the end-of-text
+    ids where they lack it (checkpoints whose config names only ``<|endoftext|>`` end each turn with it).
+    """
     cfg = model.config
+    gen_cfg = getattr(model, "generation_config", None)
+
+    vocab = int(cfg.vocab_size)
 
     def token(key: str) -> Any:
-        v = getattr(cfg, key, None)
-        return v if isinstance(v, int | list) else None
+        """The first source's id(s) in the vocabulary: ``generation_config`` first, as ``generate()`` reads it."""
+        for source in (gen_cfg, cfg):
+            v = getattr(source, key, None)
+            ids = [t for t in (v if isinstance(v, list) else [v])
+                   if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab]
+            if ids:
+                return ids if isinstance(v, list) else ids[0]
+        return None
 
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if layout.takes_position_ids:
         inputs["position_ids"] = "position_ids"
     inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
     eos = token("eos_token_id")
+    if end_of_turn is not None:
+        ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if end_of_turn not in ids:
+            eos = [end_of_turn, *ids] if ids else end_of_turn
     first_eos = eos[0] if isinstance(eos, list) and eos else eos
     bos = token("bos_token_id")
     return {
@@ -106,13 +128,34 @@ def genai_config(model: Any, layout: Any, *, model_type: str, context_length: in
             "eos_token_id": eos if eos is not None else 0,
             "pad_token_id": token("pad_token_id") if token("pad_token_id") is not None else (eos if isinstance(eos, int) else 0),
             "type": model_type,
-            "vocab_size": int(cfg.vocab_size),
+            "vocab_size": vocab,
         },
-        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+        "search": {"diversity_penalty": 0.0, "early_stopping": True, "length_penalty": 1.0, "max_length": context_length,
+                   "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": False, **search_defaults(gen_cfg)},
     }
+
+
+SEARCH_DEFAULTS: dict[str, bool | float | int] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                                  "repetition_penalty": 1.0}
+"""The search settings a package carries from the model's generation config (with transformers' defaults),
+which ONNX Runtime GenAI and :class:`~flora_graph.serving.generate.Generator` both apply unless a call sets them."""
+
+
+def search_defaults(gen_cfg: Any) -> dict[str, bool | float | int]:
+    """:data:`SEARCH_DEFAULTS` as ``gen_cfg`` (a transformers ``GenerationConfig`` or ``None``) sets them; values of
+    the wrong type or out of range keep the default (a temperature of 0 means greedy there, and here)."""
+    out = dict(SEARCH_DEFAULTS)
+    for key, default in SEARCH_DEFAULTS.items():
+        v = getattr(gen_cfg, key, None)
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        else:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and (v >= 0 if key == "top_k" else v > 0)
+            ok = ok and (key != "top_p" or v <= 1)
+        if ok:
+            out[key] = type(default)(v)
+    return out
 
 
 def export_genai(
@@ -187,7 +230,8 @@ def export_genai(
     context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
     if arch in GENERATOR_ONLY:
         say(f"ONNX Runtime GenAI has no model type for {arch}: the package serves flora_graph's Generator only")
-    doc = genai_config(model, layout, model_type={**GENAI_TYPES, **GENERATOR_ONLY}[arch], context_length=context)
+    doc = genai_config(model, layout, model_type={**GENAI_TYPES, **GENERATOR_ONLY}[arch], context_length=context,
+                       end_of_turn=_end_of_turn(Path(base), int(model.config.vocab_size), say))
     written: dict[str, Path] = {}
     with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
         say("writing the model")
@@ -230,6 +274,21 @@ def export_genai(
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     return GenAIReport(Path(out), written, graph.summary(), seconds, genai=arch in GENAI_TYPES)
+
+
+def _end_of_turn(base: Path, vocab: int, say: Callable[[str], None]) -> int | None:
+    """The id of the end-of-text token of ``base``'s tokenizer; ``None`` without tokenizer files (or one
+    that does not load, saying so)."""
+    if not any((base / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        eos = AutoTokenizer.from_pretrained(base, local_files_only=True).eos_token_id
+    except Exception as exc:  # a tokenizer that does not load takes nothing else down
+        say(f"the tokenizer of {base} does not load ({type(exc).__name__}: {exc}); end-of-text ids from the config only")
+        return None
+    return eos if isinstance(eos, int) and 0 <= eos < vocab else None
 
 
 def _fit_config(doc: dict[str, Any], model: Any) -> None:

@@ -46,7 +46,9 @@ class RowSettings:
     """How one row generates: greedy unless ``do_sample``; sampling draws from ``softmax(logits / temperature)``
     restricted to the ``top_k`` most likely tokens (0: all) and the smallest set reaching ``top_p``. Until
     ``min_new_tokens`` tokens are out, the row's stop tokens cannot be chosen (as transformers'
-    ``min_new_tokens`` and ONNX Runtime GenAI's ``min_length`` keep the end-of-text token out)."""
+    ``min_new_tokens`` and ONNX Runtime GenAI's ``min_length`` keep the end-of-text token out).
+    ``repetition_penalty`` (1: none) divides the positive logits, and multiplies the negative ones, of
+    every token already in the row, its prompt included, as transformers and ONNX Runtime GenAI do."""
 
     max_new_tokens: int = 32
     min_new_tokens: int = 0
@@ -54,6 +56,7 @@ class RowSettings:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop_tokens: frozenset[int] = frozenset()
 
@@ -71,6 +74,8 @@ class RowSettings:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k!r}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise GenerationError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
 
 
 @dataclass
@@ -100,12 +105,27 @@ class Generator:
             of rows (``MixedAdapterSession(per_row_weights=True)``: faster steps, ``rows x`` one adapter's
             weights held meanwhile); ``False``: the mixed model gathers them in every step.
 
+    Attributes:
+        defaults: the package's search settings (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+            ``repetition_penalty``: its model's generation config, what ONNX Runtime GenAI applies too),
+            the :class:`RowSettings` of a row that does not set them.
+        eos: the package's end-of-text ids, a row's stop tokens unless it sets others.
+
     Raises :class:`ServingError` naming the file for a package it cannot read.
     """
 
     def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True,
                  per_row_weights: bool = True) -> None:
-        from flora_graph.serving.genai import ADAPTERS_DIR, GENAI_CONFIG, MIXED_FILE, MODEL_FILE
+        from types import SimpleNamespace
+
+        from flora_graph.serving.genai import (
+            ADAPTERS_DIR,
+            GENAI_CONFIG,
+            MIXED_FILE,
+            MODEL_FILE,
+            SEARCH_DEFAULTS,
+            search_defaults,
+        )
 
         self.package = Path(package)
         cfg_path = self.package / GENAI_CONFIG
@@ -118,6 +138,8 @@ class Generator:
             self.context_length = int(doc["model"]["context_length"])
             eos = doc["model"].get("eos_token_id")
             self.takes_position_ids = "position_ids" in dec["inputs"]
+            search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
+            self.defaults = search_defaults(SimpleNamespace(**{k: search.get(k) for k in SEARCH_DEFAULTS}))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ServingError(f"{cfg_path}: not a GenAI package config ({type(exc).__name__}: {exc})") from None
         self.eos = frozenset(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
@@ -172,7 +194,8 @@ class Generator:
         """The tokens generated after each prompt (row ``i`` with ``adapters[i]``; one name or ``None``: every row).
 
         ``settings`` are :class:`RowSettings` fields (``max_new_tokens``, ``min_new_tokens``, ``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_tokens``; default stop tokens: the package's EOS).
+        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop_tokens``); those not
+        given are the package's (:attr:`defaults`; stop tokens: its end-of-text ids, :attr:`eos`).
         ``on_token(row, token)`` streams each token as it is chosen. A seeded row draws the same
         tokens whatever else is in the batch.
         """
@@ -275,7 +298,8 @@ class Batch:
 
     def add(self, prompt: Sequence[int], *, adapter: str | None = None, seed: int | None = None,
             stop_tokens: Iterable[int] | None = None, **settings: Any) -> int:
-        """Prefill ``prompt`` as a new row and choose its first token; return the row id.
+        """Prefill ``prompt`` as a new row and choose its first token; return the row id. ``settings``:
+        :class:`RowSettings` fields, the package's :attr:`Generator.defaults` for those not given.
 
         Raises :class:`GenerationError` / :class:`UnknownAdapterError` naming the culprit before
         anything changes: the other rows keep decoding.
@@ -284,7 +308,7 @@ class Batch:
         gen.check_adapter(adapter)
         stops = frozenset(int(t) for t in (gen.eos if stop_tokens is None else stop_tokens))
         try:
-            rs = RowSettings(seed=seed, stop_tokens=stops, **settings)
+            rs = RowSettings(seed=seed, stop_tokens=stops, **{**gen.defaults, **settings})
         except TypeError as exc:
             raise GenerationError(f"unknown generation setting: {exc}") from None
         rs.check()
@@ -329,8 +353,8 @@ class Batch:
         if self._plan is None:  # what the rows share until one joins or leaves
             adapters = [r.adapter for r in rows]
             self._plan = (adapters, gen._model_for(adapters),
-                          not any(r.settings.do_sample or (r.settings.min_new_tokens and r.settings.stop_tokens)
-                                  for r in rows))
+                          not any(r.settings.do_sample or r.settings.repetition_penalty != 1
+                                  or (r.settings.min_new_tokens and r.settings.stop_tokens) for r in rows))
         adapters, kind, greedy = self._plan
         if self.shared is not None:  # row i's token goes to cache position positions[i], in place
             t0 = time.perf_counter()
@@ -373,6 +397,12 @@ class Batch:
         """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings; no stop
         token before ``min_new_tokens``."""
         s = row.settings
+        if s.repetition_penalty != 1:
+            seen = np.unique(np.asarray(row.tokens))
+            seen = seen[(seen >= 0) & (seen < logits.size)]
+            logits = logits.copy()
+            got = logits[seen]
+            logits[seen] = np.where(got < 0, got * s.repetition_penalty, got / s.repetition_penalty)
         if s.stop_tokens and len(row.tokens) - row.prompt_len < s.min_new_tokens:
             held = [t for t in s.stop_tokens if 0 <= t < logits.size]
             logits = logits.copy()
