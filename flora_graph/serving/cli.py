@@ -79,6 +79,10 @@ def _rows(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None,
     """The rows of ``generate``: ``(texts, ids, adapters)`` (one of ``texts``/``ids`` ``None``) or the refusal."""
     if args.prompt and args.ids:
         return "give the prompts as --prompt texts or as --ids, not both"
+    if args.ids and (args.chat or args.system is not None):
+        return "--chat and --system format --prompt texts; --ids are token ids already"
+    if args.system is not None and not args.chat:
+        return "--system needs --chat (it is the chat's system message)"
     texts = None if args.ids else (args.prompt or ["Hello"])
     rows = len(args.ids or texts)
     names = args.adapter or [None]
@@ -86,6 +90,18 @@ def _rows(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None,
         return (f"{len(names)} --adapter for {rows} prompts: give one for every row, or one per row in order "
                 f"('' for none)")
     return texts, args.ids, [n or None for n in (names * rows if len(names) == 1 else names)]
+
+
+def _chat_ids(tokenizer: Any, package: str, system: str | None, text: str) -> list[int]:
+    """``text`` as a user message in the chat template of ``package``'s tokenizer, ready for the reply."""
+    from flora_graph.serving.errors import ServingError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ServingError(f"{package}: its tokenizer has no chat template (chat_template.jinja or tokenizer_config.json's "
+                           f"chat_template); give the prompt without --chat")
+    messages = [*([{"role": "system", "content": system}] if system is not None else []), {"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 class _Stream:
@@ -141,7 +157,10 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.package, local_files_only=True)
-        prompts = [tokenizer(t)["input_ids"] for t in texts]
+        if args.chat:
+            prompts = [_chat_ids(tokenizer, args.package, args.system, t) for t in texts]
+        else:
+            prompts = [tokenizer(t)["input_ids"] for t in texts]
     gen = Generator(args.package, threads=args.threads)
     # what is not given stays the package's (its model's generation config): Generator.defaults
     settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "seed": args.seed}
@@ -200,6 +219,9 @@ def add_cli(subparsers: Any) -> None:
                    help="a prompt text, one row each (needs the package's tokenizer files) (default: Hello)")
     g.add_argument("--ids", action="append", metavar="ID,ID,...",
                    help="a prompt as token ids instead of text, one row each")
+    g.add_argument("--chat", action="store_true",
+                   help="each --prompt is a user message, formatted by the tokenizer's chat template for the reply")
+    g.add_argument("--system", metavar="TEXT", help="with --chat: the system message before each prompt (default: none)")
     g.add_argument("--adapter", action="append", metavar="NAME",
                    help="an adapter of the package (adapters/NAME.onnx_adapter): once for every row, or once per row "
                         "in order, '' for none (a mixed-adapter batch) (default: none)")

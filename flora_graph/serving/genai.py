@@ -49,8 +49,10 @@ GENAI_OPSET = 23  # RotaryEmbedding and RMSNormalization as one node each; onnxr
 MIXED_FILE = "mixed.onnx"
 ADAPTERS_DIR = "adapters"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
-"""Files copied from the base folder where present (ONNX Runtime GenAI's tokenizer reads them)."""
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+"""Files copied from the base folder where present (ONNX Runtime GenAI's tokenizer reads them; transformers
+keeps a chat template in ``chat_template.jinja``)."""
 
 GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma"}

@@ -19,6 +19,8 @@ from flora_graph.serving.generate import GenerationError, Generator  # noqa: E40
 from tests.serving.genai_package import PROMPT, eager_tokens  # noqa: E402
 
 PENALTY = 1.5
+CHAT_TEMPLATE = ("{% for m in messages %}<s> w{{ 10 if m['role'] == 'user' else 11 }} {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}w12{% endif %}")
 
 
 def _eager(folders: Path, prompt: list[int], new: int, **search: object) -> list[int]:
@@ -33,7 +35,7 @@ def _eager(folders: Path, prompt: list[int], new: int, **search: object) -> list
 def chat(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test base model as a chat model: a generation config that samples, with a repetition penalty and
     two end-of-text ids (and one past the vocabulary), and a tokenizer whose end-of-text token (``w9``) the
-    configs do not name."""
+    configs do not name, with a chat template."""
     root = tmp_path_factory.mktemp("chat")
     shutil.copytree(folders / "base", root / "base")
     (root / "base" / "generation_config.json").write_text(json.dumps(
@@ -44,6 +46,7 @@ def chat(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     doc["eos_token"] = "w9"
     tok_cfg.write_text(json.dumps(doc))
     (root / "base" / "special_tokens_map.json").unlink(missing_ok=True)
+    (root / "base" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_genai(root / "base", root / "pkg")
@@ -122,3 +125,22 @@ def test_generate_command_takes_the_package_settings_unless_given(chat: Path, fo
         with pytest.raises(SystemExit) as exc:
             main([*common, flag, value])
         assert exc.value.code == 2 and f"argument {flag}: must be a number in" in capsys.readouterr().err
+
+
+def test_generate_command_formats_chat_prompts_with_the_package_chat_template(chat: Path, package: Path, folders: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    from flora_graph.cli import main
+
+    assert (chat / "chat_template.jinja").read_text() == CHAT_TEMPLATE  # copied with the tokenizer
+    ids = [1, 11, 7, 2, 1, 10, 5, 6, 2, 12]  # <s> system w7 </s> <s> user w5 w6 </s> reply
+    assert main(["generate", str(chat), "--chat", "--system", "w7", "--prompt", "w5 w6", "--temperature", "0",
+                 "--max-new-tokens", "8", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    want = _eager(folders, ids, 8, repetition_penalty=PENALTY)
+    assert out.splitlines()[0].split() == [f"w{t}" for t in want if t >= 3] and "prompt 10 tokens" in out
+    assert main(["generate", str(package), "--chat", "--prompt", "w5"]) == 2  # no chat template there
+    assert "has no chat template" in capsys.readouterr().err
+    assert main(["generate", str(chat), "--system", "w7", "--prompt", "w5"]) == 2
+    assert "--system needs --chat" in capsys.readouterr().out
+    assert main(["generate", str(chat), "--chat", "--ids", "1,5"]) == 2
+    assert "--ids are token ids already" in capsys.readouterr().out
