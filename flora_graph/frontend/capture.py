@@ -535,6 +535,25 @@ def decompose_unconverted(ep: torch.export.ExportedProgram, rounds: int = 3) -> 
     return ep
 
 
+def _without_dead_state(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` without the writes of buffers whose value on entry nothing reads: each call overwrites them
+    before any read (transformers' longrope picks its frequencies so, ``inv_freq.copy_(where(...))``), so
+    no call sees what an earlier one wrote and the write carries no state. Functionalized programs only."""
+    sig = ep.graph_signature
+    unread = {sig.inputs_to_buffers[n.name] for n in ep.graph.nodes
+              if n.op == "placeholder" and n.name in sig.inputs_to_buffers and not n.users}
+    drop = [i for i, spec in enumerate(sig.output_specs)
+            if spec.kind == torch.export.graph_signature.OutputKind.BUFFER_MUTATION and spec.target in unread]
+    if not drop:
+        return ep
+    out = next(n for n in ep.graph.nodes if n.op == "output")
+    out.args = (tuple(v for i, v in enumerate(out.args[0]) if i not in drop), *out.args[1:])
+    ep.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    keep = [spec for i, spec in enumerate(sig.output_specs) if i not in drop]
+    return ep._update(ep.graph_module, torch.export.graph_signature.ExportGraphSignature(sig.input_specs, keep))
+
+
 def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.export.ExportedProgram:
     """``ep`` with its in-place ops made functional (``add_`` -> ``add``, ``index_put_`` -> ``index_put``).
 
@@ -542,9 +561,10 @@ def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.e
     ``scaled_dot_product_attention``, ``layer_norm`` and the LoRA op stay whole. Run only where
     the graph holds an in-place op that :func:`.mutations.plan` cannot convert as it is, as it
     retraces the program. A mutation that outlives the call (a buffer or an input written in
-    place) has no place in a graph without state, and is refused.
+    place) has no place in a graph without state, and is refused, except a buffer's whose value on
+    entry nothing reads (:func:`_without_dead_state`).
     """
-    ep = ep.run_decompositions({})
+    ep = _without_dead_state(ep.run_decompositions({}))
     sig = ep.graph_signature
     escaping = [f"buffer {b!r}" for b in sig.buffers_to_mutate.values()]
     escaping += [f"input {i!r}" for i in sig.user_inputs_to_mutate.values()]

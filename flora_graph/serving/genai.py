@@ -40,8 +40,8 @@ from typing import Any
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
-__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERATOR_ONLY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport", "export_genai",
-           "genai_config", "search_defaults"]
+__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERATOR_ONLY", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
+           "export_genai", "genai_config", "refill_position", "search_defaults"]
 
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
@@ -234,6 +234,7 @@ def export_genai(
         say(f"ONNX Runtime GenAI has no model type for {arch}: the package serves flora_graph's Generator only")
     doc = genai_config(model, layout, model_type={**GENAI_TYPES, **GENERATOR_ONLY}[arch], context_length=context,
                        end_of_turn=_end_of_turn(Path(base), int(model.config.vocab_size), say))
+    refill = refill_position(model) if arch in REFILL_ARCHS else None
     written: dict[str, Path] = {}
     with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
         say("writing the model")
@@ -245,21 +246,22 @@ def export_genai(
             written_model = export_swappable(graph, opset=GENAI_OPSET, contrib=contrib, max_positions=context)
             if base_branch:
                 written_model = branch_on_adapter(written_model)
-            save_onnx(written_model, tmp / MODEL_FILE)
+            save_onnx(_mark_refill(written_model, refill), tmp / MODEL_FILE)
             say("writing the mixed-adapter model")
             from flora_graph.serving.slots import graph_slots
 
             # slots unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
             # with 8 adapters; the mixed session unpacks the package's packed adapter files); their
             # base layers packed as plain Linears (pack-linears: 6% faster steps, 8 rows over 8 adapters)
-            export_mixed(optimize(unpacked, ["pack-linears", "cse", "dce"]), tmp / MIXED_FILE, opset=GENAI_OPSET,
-                         packed=[s for s in graph_slots(graph) if s.members], contrib=contrib, max_positions=context)
+            mixed = export_mixed(optimize(unpacked, ["pack-linears", "cse", "dce"]), opset=GENAI_OPSET,
+                                 packed=[s for s in graph_slots(graph) if s.members], contrib=contrib, max_positions=context)
+            save_onnx(_mark_refill(mixed, refill), tmp / MIXED_FILE)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
             from flora_graph.runtimes.onnx_writer import save_onnx
 
             written_model = to_onnx(graph, GENAI_OPSET, contrib=contrib, max_positions=context)
-            save_onnx(written_model, tmp / MODEL_FILE)
+            save_onnx(_mark_refill(written_model, refill), tmp / MODEL_FILE)
         _fit_config(doc, written_model)
         if params:
             from flora_graph.serving.adapter_file import write_adapter
@@ -276,6 +278,37 @@ def export_genai(
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     return GenAIReport(Path(out), written, graph.summary(), seconds, genai=arch in GENAI_TYPES)
+
+
+REFILL_KEY = "flora_graph.rope_refill_at"
+"""Model metadata: the position at which a row's cache is computed again from all its tokens (see
+:func:`refill_position`); :class:`~flora_graph.serving.generate.Generator` does so."""
+
+REFILL_ARCHS = frozenset({"Phi3ForCausalLM"})
+"""The classes whose transformers ``generate()`` drops the cache where their ``longrope`` rotary switches
+to its long frequencies (``prepare_inputs_for_generation``), as ONNX Runtime GenAI does for ``phi3``."""
+
+
+def refill_position(model: Any) -> int | None:
+    """``original_max_position_embeddings`` of a ``longrope`` model: once a call's positions pass it, the rotary
+    takes its long frequency set, and the cache, rotated by the short one, is computed again from all the
+    tokens (transformers and GenAI do so for Phi-3); ``None`` for any other rotary."""
+    cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or (rope.get("rope_type") or rope.get("type")) != "longrope":
+        return None
+    limit = rope.get("original_max_position_embeddings", getattr(cfg, "original_max_position_embeddings", None))
+    return int(limit) if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def _mark_refill(model: Any, refill: int | None) -> Any:
+    """``model`` with :data:`REFILL_KEY` in its metadata where ``refill`` is set."""
+    if refill is not None:
+        from onnx import helper
+
+        props = {p.key: p.value for p in model.metadata_props}
+        helper.set_model_props(model, {**props, REFILL_KEY: str(refill)})
+    return model
 
 
 def _end_of_turn(base: Path, vocab: int, say: Callable[[str], None]) -> int | None:

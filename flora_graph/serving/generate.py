@@ -110,6 +110,11 @@ class Generator:
             ``repetition_penalty``: its model's generation config, what ONNX Runtime GenAI applies too),
             the :class:`RowSettings` of a row that does not set them.
         eos: the package's end-of-text ids, a row's stop tokens unless it sets others.
+        refill_at: for a ``longrope`` Phi-3 package (metadata :data:`~flora_graph.serving.genai.REFILL_KEY`),
+            the cache length at which a row runs all its tokens again from an empty cache, where its
+            rotary switches to the long frequencies (transformers' and GenAI's Phi-3 recompute the cache
+            there); ``None`` otherwise. A batch's rows share one set, the long one once any row is past
+            that point, as in transformers' batched ``generate()``.
 
     Raises :class:`ServingError` naming the file for a package it cannot read.
     """
@@ -123,6 +128,7 @@ class Generator:
             GENAI_CONFIG,
             MIXED_FILE,
             MODEL_FILE,
+            REFILL_KEY,
             SEARCH_DEFAULTS,
             search_defaults,
         )
@@ -172,6 +178,8 @@ class Generator:
 
         # GroupQueryAttention models read each row's length from the mask: their caches are right-padded
         self.right_padded = model.metadata.get(CACHE_PADDING_KEY) == "right"
+        refill = model.metadata.get(REFILL_KEY)
+        self.refill_at = int(refill) if refill is not None and refill.isdigit() else None
         if self._mixed is not None and (self._mixed.model.metadata.get(CACHE_PADDING_KEY) == "right") != self.right_padded:
             raise ServingError(f"{self.package}: {MODEL_FILE} and {MIXED_FILE} pad their caches differently "
                                f"(metadata {CACHE_PADDING_KEY!r}); export the package again")
@@ -318,38 +326,43 @@ class Batch:
         if len(ids) + rs.max_new_tokens > gen.context_length:
             raise GenerationError(f"prompt of {len(ids)} tokens + max_new_tokens {rs.max_new_tokens} is past the "
                                   f"model's context length {gen.context_length}")
-        empty = [np.zeros((1, gen.kv_heads, 0, gen.head_dim), np.float32) for _ in gen._past]
-        mask = np.ones((1, len(ids)), gen._mask_dtype)
-        out = self._call(np.array([ids], gen._id_dtype), mask, np.arange(len(ids), dtype=gen._pos_dtype)[None], empty, [adapter])
+        cache, mask, logits = self._prefill(ids, adapter)
         row = _Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))
         self._next_id += 1
-        self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
-        self._merge(row, [out[n] for n in gen._present], mask)
-        self._choose(row, out["logits"][0, -1])
+        self._choose(row, logits)
+        self._merge(row, cache, mask)  # a row done on its first token goes straight to the finished ones
         return row.rid
 
     def remove(self, rid: int) -> None:
         """Drop an active row from the batch (its tokens stay readable with :meth:`row`)."""
+        self._done[rid] = self._detach(rid)
+
+    def _detach(self, rid: int) -> _Row:
+        """Take the active row ``rid`` out of the batch and its caches."""
         idx = next((i for i, r in enumerate(self.rows) if r.rid == rid), None)
         if idx is None:
             raise GenerationError(f"row {rid} is not active in this batch")
-        self._done[rid] = self.rows.pop(idx)
+        row = self.rows.pop(idx)
         self._plan = None
         keep = [i for i in range(len(self.rows) + 1) if i != idx]
         self.positions = self.positions[keep]
         if self.shared is not None:  # the buffers keep their capacity
             self.shared.set([c[keep] for c in self.shared.arrays] if self.rows else [], self.positions)
-            return
+            return row
         self.cache = [c[keep] for c in self.cache]
         self.mask = self.mask[keep]
         self._trim()
+        return row
 
     def step(self) -> dict[int, int]:
         """Feed every active row's last token, choose the next; return ``{row id: token}``. Rows
         that hit a stop token or ``max_new_tokens`` finish (and leave the batch)."""
         if not self.rows:
             return {}
-        gen, rows = self.gen, self.rows
+        gen = self.gen
+        if gen.refill_at is not None and gen.refill_at in self.positions:
+            return self._refill_step()
+        rows = self.rows
         if self._plan is None:  # what the rows share until one joins or leaves
             adapters = [r.adapter for r in rows]
             self._plan = (adapters, gen._model_for(adapters),
@@ -379,6 +392,28 @@ class Batch:
         return chosen
 
     # ------------------------------------------------------------------ internals
+    def _refill_step(self) -> dict[int, int]:
+        """:meth:`step` where rows reach the package's :data:`~flora_graph.serving.genai.REFILL_KEY` position:
+        the others step as usual, and each of those runs all its tokens again from an empty cache (its
+        rotary now takes the long frequencies, as transformers' and GenAI's Phi-3 recompute the cache there)."""
+        refill = [self._detach(r.rid) for r in [r for r, p in zip(self.rows, self.positions.tolist(), strict=True)
+                                                if p == self.gen.refill_at]]
+        chosen = self.step() if self.rows else {}
+        for row in refill:
+            cache, mask, logits = self._prefill(row.tokens, row.adapter)
+            chosen[row.rid] = self._choose(row, logits)
+            self._merge(row, cache, mask)
+        return chosen
+
+    def _prefill(self, ids: list[int], adapter: str | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """One row's ``ids`` from an empty cache: ``(its cache, its mask, the last position's logits)``."""
+        gen = self.gen
+        empty = [np.zeros((1, gen.kv_heads, 0, gen.head_dim), np.float32) for _ in gen._past]
+        mask = np.ones((1, len(ids)), gen._mask_dtype)
+        out = self._call(np.array([ids], gen._id_dtype), mask, np.arange(len(ids), dtype=gen._pos_dtype)[None], empty, [adapter])
+        self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
+        return [out[n] for n in gen._present], mask, out["logits"][0, -1]
+
     def _call(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
               adapters: list[str | None]) -> dict[str, np.ndarray]:
         """One model call; every array already contiguous in the dtype the model declares."""
@@ -433,10 +468,11 @@ class Batch:
         return tok
 
     def _merge(self, row: _Row, cache: list[np.ndarray], mask: np.ndarray) -> None:
-        if row.done:  # finished on its first token: nothing to decode
+        """Add ``row``, its tokens but the last (just chosen) in ``cache``, to the batch; a done row finishes."""
+        if row.done:  # finished on the token just chosen: nothing to decode
             self._done[row.rid] = row
             return
-        position = np.array([row.prompt_len], self.positions.dtype)
+        position = np.array([len(row.tokens) - 1], self.positions.dtype)
         self._plan = None
         if self.shared is not None:  # each row's tokens from position 0; room for every row to finish
             self.rows.append(row)

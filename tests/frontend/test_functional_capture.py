@@ -152,6 +152,39 @@ def test_a_mutation_that_outlives_the_call_is_refused(model: nn.Module, what: st
         capture(model, torch.randn(2, 3))
 
 
+class Overwrites(nn.Module):
+    """As transformers' longrope: the buffer is set whole from this call's input before anything reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(3))
+        self.register_buffer("short", torch.tensor([1.0, 2.0, 3.0]))
+        self.register_buffer("long", torch.tensor([4.0, 5.0, 6.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scale.copy_(torch.where(x.max() > 0, self.long, self.short))
+        return x * self.scale
+
+
+class PartlyOverwrites(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("state", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.state[:1].copy_(x[0, :1])  # the rest of the buffer carries over from the last call
+        return x + self.state
+
+
+def test_a_buffer_overwritten_before_any_read_carries_no_state_and_is_captured() -> None:
+    g = capture(Overwrites(), torch.randn(2, 3), {"x": {0: "batch"}})
+    for x in (torch.rand(4, 3) + 0.1, -torch.rand(2, 3) - 0.1):  # the long set, then the short one
+        got = next(iter(run(g, {"x": x.numpy()}).values()))
+        np.testing.assert_allclose(got, _eager(Overwrites(), {"x": x}), atol=ATOL, rtol=RTOL)
+    with pytest.raises(GraphError, match="writes buffer 'state' in place"):
+        capture(PartlyOverwrites(), torch.randn(2, 3))
+
+
 def test_detach_in_place_is_not_a_reason_to_functionalize(monkeypatch) -> None:
     """transformers' caches call ``detach_``: it changes autograd metadata only, so the program is converted as
     traced (no ``run_decompositions``), with ``detach_`` as the identity."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -128,3 +129,82 @@ def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cac
     while batch.active:
         batch.step()
     assert [batch.row(r).generated for r in rows] == alone
+
+
+def test_longrope_package_switches_frequency_sets_where_eager_does(tmp_path: Path) -> None:
+    """Phi-3 128k, Phi-3.5-mini and Phi-4-mini scale their rotary by ``longrope``: a call takes the long
+    frequency set once its positions pass ``original_max_position_embeddings`` (writing the choice into a
+    buffer first: state nothing reads across calls, captured without it), and transformers' ``generate()``
+    computes the cache again from all the tokens there. The package (base and an adapter) gives eager's greedy
+    tokens in the Generator, crossing in the prompt and while decoding, alone and next to another row; GenAI
+    recomputes only at 4097 tokens (the real models' point), so here it matches until the crossing."""
+    import peft
+    import transformers
+
+    from flora_graph.serving.genai import REFILL_KEY
+
+    short = [1.0 + 0.1 * i for i in range(8)]
+
+    def phi3(long: list[float]):
+        return transformers.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       original_max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+                                       pad_token_id=0, initializer_range=0.1,  # tokens that follow the positions
+                                       rope_scaling={"rope_type": "longrope", "short_factor": short, "long_factor": long})
+
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(phi3([2.0 + 0.5 * i for i in range(8)])).eval()
+    never = transformers.Phi3ForCausalLM(phi3(short)).eval()  # the same weights, one frequency set
+    never.load_state_dict(model.state_dict())
+    model.save_pretrained(tmp_path / "base")
+    save_word_tokenizer(tmp_path / "base", 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = peft.get_peft_model(transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base"),
+                                      peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for mod in adapted.modules():
+            if "default" in getattr(mod, "lora_B", {}):
+                torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
+        adapted.save_pretrained(tmp_path / "ad")
+        adapted.eval()
+        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
+    gen, new = Generator(tmp_path / "pkg"), 24
+    assert gen.refill_at == 32
+    for name in ("model.onnx", "mixed.onnx"):
+        props = {p.key: p.value for p in onnx.load(str(tmp_path / "pkg" / name), load_external_data=False).metadata_props}
+        assert props[REFILL_KEY] == "32", name
+    gen_model = og.Model(str(tmp_path / "pkg"))
+    loaded = og.Adapters(gen_model)
+    loaded.load(str(tmp_path / "pkg" / "adapters" / "ad.onnx_adapter"), "ad")
+
+    def eager(m, prompt: list[int]) -> list[int]:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return m.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False)[0, len(prompt):].tolist()
+
+    crossing, past = [1, *range(5, 20)], [1, *range(5, 45)]  # past position 32 while decoding; in the prompt
+    for prompt in (crossing, past):
+        for adapter, m in ((None, model), ("ad", adapted)):
+            want = eager(m, prompt)
+            if adapter is None:
+                assert eager(never, prompt) != want  # the switch shows in the tokens
+            assert gen.generate([prompt], adapters=adapter, max_new_tokens=new, stop_tokens=[])[0] == want, adapter
+            params = og.GeneratorParams(gen_model)
+            params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+            g = og.Generator(gen_model, params)
+            if adapter:
+                g.set_active_adapter(loaded, adapter)
+            g.append_tokens(prompt)
+            while not g.is_done():
+                g.generate_next_token()
+            upto = 32 - len(prompt) + 1 if prompt is crossing else new
+            assert [int(t) for t in g.get_sequence(0)][len(prompt):][:upto] == want[:upto], adapter
+    # rows refilled in one step, one with the adapter and one without (the mixed model): each keeps its tokens
+    other = [1, *range(30, 45)]
+    got = gen.generate([crossing, other], adapters=["ad", None], max_new_tokens=new, stop_tokens=[])
+    assert got == [eager(adapted, crossing), eager(model, other)]
+    # a row that reaches the point while another decodes on: the refilled row keeps its tokens; the batch then
+    # takes the long set for every row (its positions are one call's), as transformers' batched generate does
+    got = gen.generate([crossing, [1, 7, 3]], adapters="ad", max_new_tokens=new, stop_tokens=[])
+    assert got[0] == eager(adapted, crossing)

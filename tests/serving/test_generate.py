@@ -96,6 +96,23 @@ def test_min_new_tokens_holds_the_stop_tokens_back_as_eager_does(gen: Generator,
             gen.generate([PROMPTS[0]], min_new_tokens=bad, max_new_tokens=14)
 
 
+def test_a_row_done_on_its_first_token_generates_nothing_more(gen: Generator, folders: Path) -> None:
+    assert gen.generate([PROMPTS[0]], max_new_tokens=1, stop_tokens=[]) == [eager_tokens(folders, None, PROMPTS[0], 1)]
+    want = eager_tokens(folders, "qdown", PROMPTS[0], 6)
+    want = want[: want.index(2) + 1] if 2 in want else want
+    # all7's first token after PROMPTS[2] is the end-of-text token (see the min_new_tokens test): that row ends there
+    got = gen.generate([PROMPTS[2], PROMPTS[0]], adapters=["all7", "qdown"], max_new_tokens=6, stop_tokens=[2])
+    assert got == [[2], want]
+    batch = gen.batch()
+    a = batch.add(PROMPTS[1], max_new_tokens=1, stop_tokens=[])
+    b = batch.add(PROMPTS[0], max_new_tokens=3, stop_tokens=[])
+    assert batch.active == [b]
+    while batch.active:
+        batch.step()
+    assert batch.row(a).generated == eager_tokens(folders, None, PROMPTS[1], 1)
+    assert batch.row(b).generated == eager_tokens(folders, None, PROMPTS[0], 3)
+
+
 def test_bad_requests_name_the_culprit_and_the_batch_keeps_serving(gen: Generator, folders: Path) -> None:
     batch = gen.batch()
     a = batch.add(PROMPTS[0], adapter="all7", max_new_tokens=5, stop_tokens=[])
