@@ -170,6 +170,7 @@ class Generator:
 
             self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files, per_row_weights=per_row_weights,
                                               require_checksum=require_checksum, **options)
+        self._adapter_files: dict[str, Path] = dict(adapter_files)
         self.adapter_names = list(adapter_files)
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self._present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
@@ -261,6 +262,46 @@ class Generator:
         token, inputs = self._mixed.adapter_inputs(adapters)
         return shared.run(self._mixed.model.session, ("mixed", tuple(adapters)), token, lambda: inputs, tokens,
                           lengths, vocab, lambda: f"mixed generation step with adapters {sorted({a for a in adapters if a})}")
+
+    def load_adapter(self, name: str, source: str | Path, *, replace: bool = False) -> None:
+        """Serve adapter ``name`` from the ``.onnx_adapter`` file ``source`` (written for this package's model,
+        as ``flora-graph export`` writes them; its checksum checked as the package's own are) from the next
+        step on, alone and in mixed batches; ``replace`` swaps the weights of a loaded one, rows decoding with
+        it taking the new ones from their next step. The mixed model's stacks are built again from every
+        adapter file.
+
+        Raises :class:`ServingError` for a package exported without adapters (its model has no slots) or a
+        name already served without ``replace``, and :class:`~flora_graph.serving.errors.AdapterFileError`
+        naming a file that does not fit the model; either way the Generator serves what it served.
+        """
+        from flora_graph.serving.errors import AdapterFileError
+
+        if self._single is None:
+            raise ServingError(f"{self.package} was exported without adapters: its model has no adapter slots")
+        if not isinstance(name, str) or not name:
+            raise ServingError(f"adapter name must be a non-empty str, got {name!r}")
+        if name in self._adapter_files and not replace:
+            raise ServingError(f"adapter {name!r} is already served; pass replace=True to swap its weights")
+        old, files = self._adapter_files, {**self._adapter_files, name: Path(source)}
+        if self._mixed is not None:
+            self._mixed.set_adapters(files)  # checked whole before it changes anything
+        try:
+            self._single.load_adapter(name, files[name], replace=True)
+        except AdapterFileError:
+            if self._mixed is not None:
+                self._mixed.set_adapters(old)
+            raise
+        self._adapter_files, self.adapter_names = files, list(files)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``; a row still decoding with it fails its next step (remove such rows
+        first). Raises :class:`UnknownAdapterError` for a name not served."""
+        self.check_adapter(name)
+        files = {k: v for k, v in self._adapter_files.items() if k != name}
+        if self._mixed is not None:
+            self._mixed.set_adapters(files)
+        self._single.unload_adapter(name)
+        self._adapter_files, self.adapter_names = files, list(files)
 
     def check_adapter(self, adapter: str | None) -> None:
         """Raise :class:`UnknownAdapterError` for a name that is not one of the package's adapters."""

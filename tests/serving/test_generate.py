@@ -113,6 +113,47 @@ def test_a_row_done_on_its_first_token_generates_nothing_more(gen: Generator, fo
     assert batch.row(b).generated == eager_tokens(folders, None, PROMPTS[0], 3)
 
 
+def test_adapters_load_replace_and_unload_while_serving(package: Path, folders: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from flora_graph.serving.errors import AdapterFileError, ServingError
+
+    gen = Generator(package)
+    files = package / "adapters"
+    gen.load_adapter("extra", files / "qdown.onnx_adapter")
+    assert gen.adapter_names == ["all7", "qdown", "extra"]
+    adapters = ["extra", "all7", None]
+    got = gen.generate(PROMPTS, adapters=adapters, max_new_tokens=10, stop_tokens=[])  # a mixed batch
+    assert got == [eager_tokens(folders, a, p, 10) for p, a in zip(PROMPTS, ["qdown", "all7", None], strict=True)]
+    batch = gen.batch()
+    row = batch.add(PROMPTS[0], adapter="extra", max_new_tokens=8, stop_tokens=[])
+    with pytest.raises(ServingError, match="already served"):
+        gen.load_adapter("extra", files / "all7.onnx_adapter")
+    gen.load_adapter("extra", files / "all7.onnx_adapter", replace=True)  # the row decodes on with the new weights
+    assert gen.generate([PROMPTS[1]], adapters="extra", max_new_tokens=10, stop_tokens=[])[0] == \
+        eager_tokens(folders, "all7", PROMPTS[1], 10)
+    while batch.active:
+        batch.step()
+    assert batch.row(row).generated[:1] == eager_tokens(folders, "qdown", PROMPTS[0], 1)
+    # a truncated file (its checksum no longer matches): refused, and what was served still is
+    cut = tmp_path / "cut.onnx_adapter"
+    shutil.copyfile(files / "all7.onnx_adapter", cut)
+    shutil.copyfile(files / "all7.onnx_adapter.sha256", tmp_path / "cut.onnx_adapter.sha256")
+    cut.write_bytes(cut.read_bytes()[:-16])
+    with pytest.raises(AdapterFileError, match="'bad'"):
+        gen.load_adapter("bad", cut)
+    assert gen.adapter_names == ["all7", "qdown", "extra"]
+    assert gen.generate([PROMPTS[0], PROMPTS[1]], adapters=["extra", "qdown"], max_new_tokens=6, stop_tokens=[]) == \
+        [eager_tokens(folders, "all7", PROMPTS[0], 6), eager_tokens(folders, "qdown", PROMPTS[1], 6)]
+    gen.unload_adapter("extra")
+    with pytest.raises(UnknownAdapterError, match="'extra'"):
+        gen.generate([PROMPTS[0]], adapters="extra")
+    with pytest.raises(UnknownAdapterError, match="'extra'"):
+        gen.unload_adapter("extra")
+    assert gen.generate([PROMPTS[0], PROMPTS[1]], adapters=["all7", None], max_new_tokens=6, stop_tokens=[]) == \
+        [eager_tokens(folders, "all7", PROMPTS[0], 6), eager_tokens(folders, None, PROMPTS[1], 6)]
+
+
 def test_bad_requests_name_the_culprit_and_the_batch_keeps_serving(gen: Generator, folders: Path) -> None:
     batch = gen.batch()
     a = batch.add(PROMPTS[0], adapter="all7", max_new_tokens=5, stop_tokens=[])
