@@ -219,6 +219,15 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     if args.model == "default":
         raise FloraGraphError("--format genai takes a transformers model folder (config.json + safetensors)")
     adapters = _adapter_args(args.adapter)
+    if args.replace and not args.adapters_only:
+        raise FloraGraphError("--replace goes with --adapters-only (a full export writes the package anew)")
+    if args.adapters_only:
+        from flora_graph.serving.genai import add_adapters
+
+        with console.status("starting") as status:
+            files = add_adapters(args.out, args.model, adapters, replace=args.replace, progress=lambda m: status.update(m))
+        console.print(f"added {len(files)} adapter(s) to {args.out}" + "".join(f"\n  adapter {n}: {p}" for n, p in files.items()))
+        return 0
     with console.status("starting") as status:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
                               contrib=args.ort_contrib, base_branch=args.base_branch)
@@ -351,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format genai with adapters: model.onnx is one If on the input flora_graph.adapter_active "
                         "(set by every adapter file), so the base model skips the empty adapter slots; "
                         "--no-base-branch runs the slots always (an active adapter then saves the If, 10-16 us a step)")
+    e.add_argument("--adapters-only", action="store_true",
+                   help="--format genai: write only the --adapter files into the existing package --out (exported from "
+                        "this model), leaving its models as they are; their modules must be among its slots")
+    e.add_argument("--replace", action="store_true", help="with --adapters-only: write adapters the package has anew")
     e.add_argument("--attention-mask", action="store_true",
                    help="a transformers model also takes attention_mask (and token_type_ids where it has segments, "
                         "as BERT does); outputs keep transformers' names (logits, last_hidden_state, pooler_output)")

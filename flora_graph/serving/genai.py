@@ -41,7 +41,7 @@ from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
 __all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERATOR_ONLY", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
-           "export_genai", "genai_config", "refill_position", "search_defaults"]
+           "add_adapters", "export_genai", "genai_config", "refill_position", "search_defaults"]
 
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
@@ -324,6 +324,57 @@ def _end_of_turn(base: Path, vocab: int, say: Callable[[str], None]) -> int | No
         say(f"the tokenizer of {base} does not load ({type(exc).__name__}: {exc}); end-of-text ids from the config only")
         return None
     return eos if isinstance(eos, int) and 0 <= eos < vocab else None
+
+
+def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, str | Path], *, replace: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Write the PEFT ``adapters`` (``{name: folder}``) into the package ``package`` that :func:`export_genai` made
+    of the model folder ``base``, as ``adapters/NAME.onnx_adapter`` files with their checksums, without
+    exporting the model again: a new fine-tune served by GenAI and the Generator beside the others. Their
+    target modules must be among the package's slots (the modules its first adapters targeted); ranks are free.
+
+    Everything is checked before any file is written: names that cannot be file names, folders that are not
+    PEFT LoRA folders, a package without adapter slots, a name the package has (unless ``replace``), an
+    adapter on a module without a slot or of another shape. Raises
+    :class:`~flora_graph.errors.FloraGraphError` subclasses naming the culprit. Returns ``{name: file}``.
+    """
+    from flora_graph.model_export import check_adapter_folder, check_model_folder, load_model
+    from flora_graph.serving.adapter_file import spec_of, write_adapter
+    from flora_graph.serving.errors import ServingError
+    from flora_graph.serving.slots import METADATA_KEY, check_params
+
+    say = progress or (lambda msg: None)
+    pkg, adapters = Path(package), dict(adapters)
+    if not adapters:
+        raise AdapterError("no adapters to add")
+    for name, folder in adapters.items():
+        check_name(name, "adapter name", error=AdapterError)
+        _refuse_unswappable(name, Path(folder), check_adapter_folder(folder))
+    if not (pkg / GENAI_CONFIG).is_file() or not (pkg / MODEL_FILE).is_file():
+        raise ServingError(f"{pkg}: not a GenAI package (no {GENAI_CONFIG} or {MODEL_FILE}); export it with "
+                           "flora-graph export BASE --task text-generation-with-past --format genai")
+    import onnx
+
+    model_proto = onnx.load(str(pkg / MODEL_FILE), load_external_data=False)
+    if METADATA_KEY not in {p.key for p in model_proto.metadata_props}:
+        raise ServingError(f"{pkg}: exported without adapters, its model has no adapter slots; export it again "
+                           "with its adapters")
+    spec = spec_of(model_proto)
+    files = {name: pkg / ADAPTERS_DIR / f"{name}.onnx_adapter" for name in adapters}
+    taken = sorted(n for n, f in files.items() if f.exists())
+    if taken and not replace:
+        raise AdapterError(f"{pkg} already has adapter(s) {taken}; pass replace=True (--replace) to write them again")
+    check_model_folder(base)
+    say(f"loading the model of {base}")
+    model = load_model(base).model
+    params = _adapter_params(model, adapters, say)
+    for name, p in params.items():  # every adapter checked before the first is written
+        check_params(p, spec, name, cast=True)
+    (pkg / ADAPTERS_DIR).mkdir(exist_ok=True)
+    for name, p in params.items():
+        say(f"writing adapter {name}")
+        write_adapter(files[name], p, model=model_proto, name=name)
+    return files
 
 
 def _fit_config(doc: dict[str, Any], model: Any) -> None:

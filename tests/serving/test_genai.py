@@ -15,6 +15,7 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot b
 from flora_graph.errors import AdapterError, FloraGraphError  # noqa: E402
 from flora_graph.serving import read_adapter  # noqa: E402
 from flora_graph.serving.base_branch import has_adapter_flag  # noqa: E402
+from flora_graph.serving.errors import AdapterFileError  # noqa: E402
 from flora_graph.serving.genai import GENAI_CONFIG, export_genai  # noqa: E402
 from flora_graph.serving.slots import ADAPTER_FLAG  # noqa: E402
 from tests.serving.genai_package import ADAPTERS, NEW, PROMPT, all_nodes, eager_tokens  # noqa: E402
@@ -109,3 +110,62 @@ def test_standard_onnx_package_from_the_command_line_generates_the_same_tokens(f
         assert not [n.op_type for n in all_nodes(model.graph) if n.domain or n.op_type == "If"], f
     for adapter in (None, "all7"):
         assert _genai(out, adapter) == eager_tokens(folders, adapter)
+
+
+def test_adapters_added_to_a_package_serve_without_a_new_export(folders: Path, package: Path, tmp_path: Path) -> None:
+    """``--adapters-only`` writes adapter files into an existing package; GenAI and the Generator serve them as the
+    package's own. Refused before anything is written: a module without a slot, a name the package has, a
+    package without slots; nothing else in the package changes."""
+    import shutil
+    import warnings
+
+    from flora_graph.cli import main
+    from flora_graph.serving.genai import add_adapters
+    from flora_graph.serving.generate import Generator
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(package, pkg)
+    before = {p.name: p.read_bytes() for p in pkg.iterdir() if p.is_file()}
+    args = ["export", str(folders / "base"), "--task", "text-generation-with-past", "--format", "genai",
+            "--out", str(pkg), "--adapters-only", "--adapter", f"extra={folders / 'qdown'}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    assert (pkg / "adapters" / "extra.onnx_adapter").is_file() and (pkg / "adapters" / "extra.onnx_adapter.sha256").is_file()
+    assert {p.name: p.read_bytes() for p in pkg.iterdir() if p.is_file()} == before
+    assert read_adapter(pkg / "adapters" / "extra.onnx_adapter", require_checksum=True).params.keys() == \
+        read_adapter(pkg / "adapters" / "qdown.onnx_adapter", require_checksum=True).params.keys()
+    want = eager_tokens(folders, "qdown")
+    gen = Generator(pkg)
+    assert gen.generate([PROMPT], adapters="extra", max_new_tokens=NEW, stop_tokens=[])[0] == want
+    model = og.Model(str(pkg))
+    loaded = og.Adapters(model)
+    loaded.load(str(pkg / "adapters" / "extra.onnx_adapter"), "extra")
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + NEW, min_length=len(PROMPT) + NEW, do_sample=False)
+    g = og.Generator(model, params)
+    g.set_active_adapter(loaded, "extra")
+    g.append_tokens(PROMPT)
+    while not g.is_done():
+        g.generate_next_token()
+    assert [int(t) for t in g.get_sequence(0)][len(PROMPT):] == want
+    with pytest.raises(AdapterError, match=r"already has adapter\(s\) \['extra'\]"):
+        add_adapters(pkg, folders / "base", {"extra": folders / "all7"})
+    add_adapters(pkg, folders / "base", {"extra": folders / "all7"}, replace=True)
+    assert Generator(pkg).generate([PROMPT], adapters="extra", max_new_tokens=NEW, stop_tokens=[])[0] == \
+        eager_tokens(folders, "all7")
+    # a package whose slots are qdown's modules only: all7's other modules have none; nothing is written
+    small = tmp_path / "small"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(folders / "base", small, {"qdown": folders / "qdown"})
+        with pytest.raises(AdapterFileError, match="'wide'"):
+            add_adapters(small, folders / "base", {"ok": folders / "qdown", "wide": folders / "all7"})
+    assert sorted(p.name for p in (small / "adapters").iterdir()) == ["qdown.onnx_adapter", "qdown.onnx_adapter.sha256"]
+    bare = tmp_path / "bare"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(folders / "base", bare)
+    with pytest.raises(FloraGraphError, match="exported without adapters"):
+        add_adapters(bare, folders / "base", {"x": folders / "qdown"})
+    assert main([*args[:-3], "--replace", "--adapter", f"x={folders / 'qdown'}"]) == 2  # only with --adapters-only
