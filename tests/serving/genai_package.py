@@ -79,3 +79,19 @@ def eager_tokens(folders: Path, adapter: str | None, prompt: list[int] | None = 
     return out[0, len(prompt):].tolist()
 
 
+
+
+def genai_tokens(model, prompt: list[int], new: int, adapters=None, adapter: str | None = None) -> list[int]:
+    """The ``new`` greedy tokens ONNX Runtime GenAI generates after ``prompt`` on ``og.Model`` ``model`` (with
+    ``adapter`` of ``og.Adapters`` ``adapters`` active), ``min_length`` keeping the end-of-text token out."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    g = og.Generator(model, params)
+    if adapter:
+        g.set_active_adapter(adapters, adapter)
+    g.append_tokens(prompt)
+    while not g.is_done():
+        g.generate_next_token()
+    return [int(t) for t in g.get_sequence(0)][len(prompt):]

@@ -18,7 +18,7 @@ from flora_graph.serving.base_branch import has_adapter_flag  # noqa: E402
 from flora_graph.serving.errors import AdapterFileError  # noqa: E402
 from flora_graph.serving.genai import GENAI_CONFIG, export_genai  # noqa: E402
 from flora_graph.serving.slots import ADAPTER_FLAG  # noqa: E402
-from tests.serving.genai_package import ADAPTERS, NEW, PROMPT, all_nodes, eager_tokens  # noqa: E402
+from tests.serving.genai_package import ADAPTERS, NEW, PROMPT, all_nodes, eager_tokens, genai_tokens  # noqa: E402
 
 
 def _genai(package: Path, adapter: str | None) -> list[int]:
@@ -26,15 +26,7 @@ def _genai(package: Path, adapter: str | None) -> list[int]:
     adapters = og.Adapters(model)
     for name in ADAPTERS:
         adapters.load(str(package / "adapters" / f"{name}.onnx_adapter"), name)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + NEW, do_sample=False)
-    gen = og.Generator(model, params)
-    if adapter:
-        gen.set_active_adapter(adapters, adapter)
-    gen.append_tokens(PROMPT)
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
+    return genai_tokens(model, PROMPT, NEW, adapters, adapter)
 
 
 @pytest.mark.parametrize("adapter", [None, *ADAPTERS])
@@ -141,14 +133,7 @@ def test_adapters_added_to_a_package_serve_without_a_new_export(folders: Path, p
     model = og.Model(str(pkg))
     loaded = og.Adapters(model)
     loaded.load(str(pkg / "adapters" / "extra.onnx_adapter"), "extra")
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + NEW, min_length=len(PROMPT) + NEW, do_sample=False)
-    g = og.Generator(model, params)
-    g.set_active_adapter(loaded, "extra")
-    g.append_tokens(PROMPT)
-    while not g.is_done():
-        g.generate_next_token()
-    assert [int(t) for t in g.get_sequence(0)][len(PROMPT):] == want
+    assert genai_tokens(model, PROMPT, NEW, loaded, "extra") == want
     with pytest.raises(AdapterError, match=r"already has adapter\(s\) \['extra'\]"):
         add_adapters(pkg, folders / "base", {"extra": folders / "all7"})
     add_adapters(pkg, folders / "base", {"extra": folders / "all7"}, replace=True)

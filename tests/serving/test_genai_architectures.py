@@ -15,6 +15,7 @@ from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
 from flora_graph.serving.genai import GENAI_TYPES, GENERATOR_ONLY, export_genai  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
 from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
+from tests.serving.genai_package import genai_tokens  # noqa: E402
 
 PROMPT, NEW = [1, 5, 9, 33, 70], 8
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; a Generator-only architecture
@@ -190,16 +191,8 @@ def test_longrope_package_switches_frequency_sets_where_eager_does(tmp_path: Pat
             if adapter is None:
                 assert eager(never, prompt) != want  # the switch shows in the tokens
             assert gen.generate([prompt], adapters=adapter, max_new_tokens=new, stop_tokens=[])[0] == want, adapter
-            params = og.GeneratorParams(gen_model)
-            params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-            g = og.Generator(gen_model, params)
-            if adapter:
-                g.set_active_adapter(loaded, adapter)
-            g.append_tokens(prompt)
-            while not g.is_done():
-                g.generate_next_token()
             upto = 32 - len(prompt) + 1 if prompt is crossing else new
-            assert [int(t) for t in g.get_sequence(0)][len(prompt):][:upto] == want[:upto], adapter
+            assert genai_tokens(gen_model, prompt, new, loaded, adapter)[:upto] == want[:upto], adapter
     # rows refilled in one step, one with the adapter and one without (the mixed model): each keeps its tokens
     other = [1, *range(30, 45)]
     got = gen.generate([crossing, other], adapters=["ad", None], max_new_tokens=new, stop_tokens=[])

@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 
 from flora_graph.serving.genai import GENAI_CONFIG, SEARCH_DEFAULTS, export_genai  # noqa: E402
 from flora_graph.serving.generate import GenerationError, Generator  # noqa: E402
-from tests.serving.genai_package import PROMPT, eager_tokens  # noqa: E402
+from tests.serving.genai_package import PROMPT, eager_tokens, genai_tokens  # noqa: E402
 
 PENALTY = 1.5
 CHAT_TEMPLATE = ("{% for m in messages %}<s> w{{ 10 if m['role'] == 'user' else 11 }} {{ m['content'] }} </s> {% endfor %}"
@@ -100,14 +100,8 @@ def test_the_package_samples_by_default_as_its_generation_config_says(chat: Path
 
 def test_genai_applies_the_package_search_settings_as_the_generator_does(chat: Path, folders: Path) -> None:
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot be imported on this platform")
-    model = og.Model(str(chat))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + 24, min_length=len(PROMPT) + 24, do_sample=False)
-    g = og.Generator(model, params)  # the penalty is the package's
-    g.append_tokens(PROMPT)
-    while not g.is_done():
-        g.generate_next_token()
-    assert [int(t) for t in g.get_sequence(0)][len(PROMPT):] == _eager(folders, PROMPT, 24, repetition_penalty=PENALTY)
+    # greedy, the penalty the package's
+    assert genai_tokens(og.Model(str(chat)), PROMPT, 24) == _eager(folders, PROMPT, 24, repetition_penalty=PENALTY)
 
 
 def test_generate_command_takes_the_package_settings_unless_given(chat: Path, folders: Path,
