@@ -188,7 +188,7 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     which = f"adapter {adapters[0] or 'none'}" if one else f"adapters {', '.join(a or 'none' for a in adapters)}"
     console.print(f"{total} tokens in {seconds:.3f} s ({total / seconds:.1f} tokens/s, "
                   f"{len(prompts)} row{'s' * (not one)}, prompt{'s' * (not one)} "
-                  f"{'/'.join(str(len(p)) for p in prompts)} tokens, {which})", highlight=False)
+                  f"{'/'.join(str(len(p)) for p in prompts)} tokens, {which})", highlight=False, markup=False)
     return 0
 
 
