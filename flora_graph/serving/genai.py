@@ -146,7 +146,7 @@ which ONNX Runtime GenAI and :class:`~flora_graph.serving.generate.Generator` bo
 
 def search_defaults(gen_cfg: Any) -> dict[str, bool | float | int]:
     """:data:`SEARCH_DEFAULTS` as ``gen_cfg`` (a transformers ``GenerationConfig`` or ``None``) sets them; values of
-    the wrong type or out of range keep the default (a temperature of 0 means greedy there, and here)."""
+    the wrong type or out of range (a temperature of 0, a ``top_p`` above 1) keep the default."""
     out = dict(SEARCH_DEFAULTS)
     for key, default in SEARCH_DEFAULTS.items():
         v = getattr(gen_cfg, key, None)
@@ -314,7 +314,7 @@ def _mark_refill(model: Any, refill: int | None) -> Any:
 def _end_of_turn(base: Path, vocab: int, say: Callable[[str], None]) -> int | None:
     """The id of the end-of-text token of ``base``'s tokenizer; ``None`` without tokenizer files (or one
     that does not load, saying so)."""
-    if not any((base / f).is_file() for f in TOKENIZER_FILES):
+    if not any((base / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
     try:
         from transformers import AutoTokenizer
