@@ -132,7 +132,8 @@ def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cac
     assert [batch.row(r).generated for r in rows] == alone
 
 
-def test_longrope_package_switches_frequency_sets_where_eager_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("contrib", [True, False])  # right-padded caches (GroupQueryAttention) or left-padded
+def test_longrope_package_switches_frequency_sets_where_eager_does(contrib: bool, tmp_path: Path) -> None:
     """Phi-3 128k, Phi-3.5-mini and Phi-4-mini scale their rotary by ``longrope``: a call takes the long
     frequency set once its positions pass ``original_max_position_embeddings`` (writing the choice into a
     buffer first: state nothing reads across calls, captured without it), and transformers' ``generate()``
@@ -168,9 +169,9 @@ def test_longrope_package_switches_frequency_sets_where_eager_does(tmp_path: Pat
                 torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
         adapted.save_pretrained(tmp_path / "ad")
         adapted.eval()
-        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
+        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"}, contrib=contrib)
     gen, new = Generator(tmp_path / "pkg"), 24
-    assert gen.refill_at == 32
+    assert gen.refill_at == 32 and gen.right_padded is contrib
     for name in ("model.onnx", "mixed.onnx"):
         props = {p.key: p.value for p in onnx.load(str(tmp_path / "pkg" / name), load_external_data=False).metadata_props}
         assert props[REFILL_KEY] == "32", name
