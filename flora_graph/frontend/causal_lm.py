@@ -31,7 +31,8 @@ from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
 from flora_graph.ir import Graph
 
-__all__ = ["CacheLayout", "CausalLMWithPast", "cache_layout", "capture_causal_lm", "past_names", "present_names"]
+__all__ = ["CacheLayout", "CausalLMWithPast", "cache_layout", "capture_causal_lm", "longrope_per_row", "past_names",
+           "present_names"]
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,63 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
+def _longrope_forward(module: nn.Module, short: torch.Tensor, long: torch.Tensor, limit: int) -> Callable[..., Any]:
+    """``module``'s rotary forward choosing its frequency set per row: the long one where the row's largest
+    position reaches ``limit`` (transformers' test, ``max(position_ids) + 1 > limit``, taken row by row)."""
+    def forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last = position_ids.amax(dim=-1, keepdim=True)[..., None] + 1  # [batch, 1, 1]
+        inv_freq = torch.where(last > limit, long.to(x.device), short.to(x.device))  # [batch, 1, dim / 2]
+        freqs = position_ids[..., None].float() * inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * module.attention_scaling, emb.sin() * module.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    return forward
+
+
+@contextlib.contextmanager
+def longrope_per_row(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, each transformers ``longrope`` rotary of ``model`` (Phi-3 128k, Phi-3.5, Phi-4-mini)
+    picks its frequency set per row, from that row's largest position, where transformers picks one for the
+    whole batch from the batch's largest: the same for one row, and the rows of a batch stay independent, as
+    the Generator serves them. Each module is checked against its own forward on one row below and one past
+    the switch, bit for bit; one that does not match keeps its forward. Yields the paths switched."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    switched = []
+    for path, module in model.named_modules():
+        params = getattr(getattr(module, "config", None), "rope_parameters", None)
+        if getattr(module, "rope_type", None) != "longrope" or not isinstance(params, dict) \
+                or not isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+            continue
+        limit = params.get("original_max_position_embeddings")
+        if not isinstance(limit, int) or limit < 1:
+            continue
+        short = module.original_inv_freq.detach().clone()
+        long, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, short.device, seq_len=limit + 1)
+        forward = _longrope_forward(module, short, long.detach().clone(), limit)
+        x = torch.zeros(1, 1, dtype=torch.float32)
+        with torch.no_grad():
+            same = all(torch.equal(a, b) for n in (limit - 3, limit + 5)
+                       for a, b in zip(module(x, torch.arange(n)[None]), forward(x, torch.arange(n)[None]), strict=True))
+            module.inv_freq.copy_(module.original_inv_freq)  # the check's calls switched it: as it was
+        if same:
+            switched.append((path, module, forward))
+    for _, module, forward in switched:
+        module.forward = forward
+    try:
+        yield [p for p, _, _ in switched]
+    finally:
+        for _, module, _ in switched:
+            del module.forward  # the class's forward again
+
+
 def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None) -> Graph:
     """Capture ``model`` (a transformers causal LM, or a PeftModel of one) with its key/value cache.
 
     The graph's inputs and outputs are named as in the module docstring; ``batch``, ``seq``
-    and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g. ``{"seq": 4096}``).
+    and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g. ``{"seq": 4096}``). A ``longrope``
+    rotary takes its frequency set row by row (:func:`longrope_per_row`).
 
     Raises:
         GraphError: the model is not a causal LM with a config, or torch.export fails on it.
@@ -183,7 +236,7 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     dims["past_key_values"] = [{0: "batch", 2: "past_seq"}] * (2 * layout.layers)
     in_names = [*dims][:-1] + past_names(layout.layers)
     out_names = ["logits", *present_names(layout.layers)]
-    with _forward_with_past(model, layout):
+    with _forward_with_past(model, layout), longrope_per_row(model):
         graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
                         input_names=in_names, output_names=out_names)
     return graph

@@ -113,8 +113,8 @@ class Generator:
         refill_at: for a ``longrope`` Phi-3 package (metadata :data:`~flora_graph.serving.genai.REFILL_KEY`),
             the cache length at which a row runs all its tokens again from an empty cache, where its
             rotary switches to the long frequencies (transformers' and GenAI's Phi-3 recompute the cache
-            there); ``None`` otherwise. A batch's rows share one set, the long one once any row is past
-            that point, as in transformers' batched ``generate()``.
+            there); ``None`` otherwise. Each row picks its frequency set from its own positions
+            (:func:`~flora_graph.frontend.causal_lm.longrope_per_row`), so rows stay independent.
 
     Raises :class:`ServingError` naming the file for a package it cannot read.
     """

@@ -124,3 +124,30 @@ def test_mask_that_does_not_cover_cache_and_tokens_is_refused() -> None:
     x["position_ids"] = x["position_ids"][:, :1]  # ids and positions of different lengths
     with pytest.raises(RuntimeInputError, match="position_ids"):
         compile(graph, "onnxruntime")(x)
+
+
+def test_longrope_picks_its_frequency_set_per_row_inside_the_block() -> None:
+    """Each row of a batch gets the cos/sin transformers gives it alone, below and past the switch; the
+    module's own forward is back after the block."""
+    from flora_graph.frontend.causal_lm import longrope_per_row
+
+    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                  original_max_position_embeddings=16, pad_token_id=0,
+                                  rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                "long_factor": [3.0 + i for i in range(8)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Phi3ForCausalLM(cfg).eval()
+    rotary, x = model.model.rotary_emb, torch.zeros(1, 1)
+    rows = torch.stack([torch.arange(10, 22), torch.arange(0, 12)])  # past position 16; below it
+    with torch.no_grad():
+        alone = [rotary(x, r[None]) for r in rows]
+        assert not torch.equal(alone[0][0][0, 1:2], rotary(x, torch.arange(12)[None])[0][0, -1:])  # the sets differ
+        with longrope_per_row(model) as paths:
+            assert paths == ["model.rotary_emb"]
+            cos, sin = rotary(x, rows)
+        for i, (c, s) in enumerate(alone):
+            assert torch.equal(cos[i], c[0]) and torch.equal(sin[i], s[0])
+        assert "forward" not in vars(rotary)
+        assert not torch.equal(rotary(x, rows)[0][1], alone[1][0][0])  # transformers: the batch's set for both

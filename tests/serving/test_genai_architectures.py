@@ -138,8 +138,9 @@ def test_longrope_package_switches_frequency_sets_where_eager_does(contrib: bool
     frequency set once its positions pass ``original_max_position_embeddings`` (writing the choice into a
     buffer first: state nothing reads across calls, captured without it), and transformers' ``generate()``
     computes the cache again from all the tokens there. The package (base and an adapter) gives eager's greedy
-    tokens in the Generator, crossing in the prompt and while decoding, alone and next to another row; GenAI
-    recomputes only at 4097 tokens (the real models' point), so here it matches until the crossing."""
+    tokens in the Generator, crossing in the prompt and while decoding, alone and next to other rows (each row
+    picks its set); GenAI recomputes only at 4097 tokens (the real models' point), so here it matches until
+    the crossing."""
     import peft
     import transformers
 
@@ -198,7 +199,7 @@ def test_longrope_package_switches_frequency_sets_where_eager_does(contrib: bool
     other = [1, *range(30, 45)]
     got = gen.generate([crossing, other], adapters=["ad", None], max_new_tokens=new, stop_tokens=[])
     assert got == [eager(adapted, crossing), eager(model, other)]
-    # a row that reaches the point while another decodes on: the refilled row keeps its tokens; the batch then
-    # takes the long set for every row (its positions are one call's), as transformers' batched generate does
+    # a row that passes the point while another decodes on below it: each row picks its own set, so each
+    # keeps the tokens it gets alone (transformers' batched forward would give both the batch's set)
     got = gen.generate([crossing, [1, 7, 3]], adapters="ad", max_new_tokens=new, stop_tokens=[])
-    assert got[0] == eager(adapted, crossing)
+    assert got == [eager(adapted, crossing), eager(adapted, [1, 7, 3])]
