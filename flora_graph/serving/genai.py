@@ -338,6 +338,8 @@ def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, s
     adapter on a module without a slot or of another shape. Raises
     :class:`~flora_graph.errors.FloraGraphError` subclasses naming the culprit. Returns ``{name: file}``.
     """
+    import onnx
+
     from flora_graph.model_export import check_adapter_folder, check_model_folder, load_model
     from flora_graph.serving.adapter_file import spec_of, write_adapter
     from flora_graph.serving.errors import ServingError
@@ -353,8 +355,6 @@ def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, s
     if not (pkg / GENAI_CONFIG).is_file() or not (pkg / MODEL_FILE).is_file():
         raise ServingError(f"{pkg}: not a GenAI package (no {GENAI_CONFIG} or {MODEL_FILE}); export it with "
                            "flora-graph export BASE --task text-generation-with-past --format genai")
-    import onnx
-
     model_proto = onnx.load(str(pkg / MODEL_FILE), load_external_data=False)
     if METADATA_KEY not in {p.key for p in model_proto.metadata_props}:
         raise ServingError(f"{pkg}: exported without adapters, its model has no adapter slots; export it again "
