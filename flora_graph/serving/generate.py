@@ -37,6 +37,9 @@ from flora_graph.serving.shared_cache import SharedCache
 __all__ = ["Batch", "GenerationError", "Generator", "RowSettings"]
 
 
+_UNSERVED = "adapter {!r} stopped being served while the row decoded"
+
+
 class GenerationError(ServingError):
     """A request the generator cannot serve (a prompt past the context, an empty prompt, bad settings)."""
 
@@ -88,6 +91,7 @@ class _Row:
     rng: np.random.Generator
     next_token: int = -1
     done: bool = False
+    error: str | None = None  # why the row finished early (its adapter stopped being served)
 
     @property
     def generated(self) -> list[int]:
@@ -223,6 +227,9 @@ class Generator:
             for r, tok in batch.step().items():
                 if on_token is not None:
                     on_token(r, tok)
+        failed = [batch.row(r).error for r in rows if batch.row(r).error]
+        if failed:
+            raise UnknownAdapterError(failed[0])
         return [batch.row(r).generated for r in rows]
 
     # ------------------------------------------------------------------ one model call
@@ -397,7 +404,9 @@ class Batch:
 
     def step(self) -> dict[int, int]:
         """Feed every active row's last token, choose the next; return ``{row id: token}``. Rows
-        that hit a stop token or ``max_new_tokens`` finish (and leave the batch)."""
+        that hit a stop token or ``max_new_tokens`` finish (and leave the batch); a row whose adapter
+        stopped being served (:meth:`Generator.unload_adapter`) finishes with its ``error`` set, and the
+        others step on."""
         if not self.rows:
             return {}
         gen = self.gen
@@ -410,20 +419,25 @@ class Batch:
                           not any(r.settings.do_sample or r.settings.repetition_penalty != 1
                                   or (r.settings.min_new_tokens and r.settings.stop_tokens) for r in rows))
         adapters, kind, greedy = self._plan
-        if self.shared is not None:  # row i's token goes to cache position positions[i], in place
-            t0 = time.perf_counter()
-            logits = gen._run_shared(self.shared, [r.next_token for r in rows], self.positions, adapters, kind,
-                                     self._vocab)
-            self.step_seconds.append(time.perf_counter() - t0)
-        else:
-            ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
-            mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
-            t0 = time.perf_counter()
-            out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, adapters)
-            self.step_seconds.append(time.perf_counter() - t0)
-            self.cache = [out[n] for n in gen._present]
-            logits = out["logits"]
-            self.mask = mask
+        try:  # an adapter is looked up before anything is written: a refusal leaves the batch as it was
+            if self.shared is not None:  # row i's token goes to cache position positions[i], in place
+                t0 = time.perf_counter()
+                logits = gen._run_shared(self.shared, [r.next_token for r in rows], self.positions, adapters, kind,
+                                         self._vocab)
+                self.step_seconds.append(time.perf_counter() - t0)
+            else:
+                ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
+                mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
+                t0 = time.perf_counter()
+                out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, adapters)
+                self.step_seconds.append(time.perf_counter() - t0)
+                self.cache = [out[n] for n in gen._present]
+                logits = out["logits"]
+                self.mask = mask
+        except UnknownAdapterError:
+            if not self._drop_unserved():
+                raise
+            return self.step()
         self.positions += 1
         last = logits[:, -1]
         picks = last.argmax(-1).tolist() if greedy else [self._pick(r, last[i]) for i, r in enumerate(rows)]
@@ -433,6 +447,14 @@ class Batch:
         return chosen
 
     # ------------------------------------------------------------------ internals
+    def _drop_unserved(self) -> bool:
+        """Finish the rows whose adapter is no longer served, their ``error`` saying so; whether there were any."""
+        gone = [r for r in self.rows if r.adapter is not None and r.adapter not in self.gen.adapter_names]
+        for r in gone:
+            r.error = _UNSERVED.format(r.adapter)
+            self.remove(r.rid)
+        return bool(gone)
+
     def _refill_step(self) -> dict[int, int]:
         """:meth:`step` where rows reach the package's :data:`~flora_graph.serving.genai.REFILL_KEY` position:
         the others step as usual, and each of those runs all its tokens again from an empty cache (its
@@ -441,6 +463,10 @@ class Batch:
                                                 if p == self.gen.refill_at]]
         chosen = self.step() if self.rows else {}
         for row in refill:
+            if row.adapter is not None and row.adapter not in self.gen.adapter_names:
+                row.error = _UNSERVED.format(row.adapter)
+                self._done[row.rid] = row
+                continue
             cache, mask, logits = self._prefill(row.tokens, row.adapter)
             chosen[row.rid] = self._choose(row, logits)
             self._merge(row, cache, mask)

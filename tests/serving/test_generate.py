@@ -145,7 +145,17 @@ def test_adapters_load_replace_and_unload_while_serving(package: Path, folders: 
     assert gen.adapter_names == ["all7", "qdown", "extra"]
     assert gen.generate([PROMPTS[0], PROMPTS[1]], adapters=["extra", "qdown"], max_new_tokens=6, stop_tokens=[]) == \
         [eager_tokens(folders, "all7", PROMPTS[0], 6), eager_tokens(folders, "qdown", PROMPTS[1], 6)]
+    batch = gen.batch()  # unloaded while rows decode with it: they finish with an error, the others go on
+    gone = [batch.add(PROMPTS[0], adapter="extra", max_new_tokens=9, stop_tokens=[]),
+            batch.add(PROMPTS[1], adapter="extra", max_new_tokens=9, stop_tokens=[])]
+    kept = batch.add(PROMPTS[2], adapter="qdown", max_new_tokens=9, stop_tokens=[])
+    batch.step()
     gen.unload_adapter("extra")
+    assert list(batch.step()) == [kept] and batch.active == [kept]
+    assert all("'extra' stopped being served" in batch.row(r).error and len(batch.row(r).generated) == 2 for r in gone)
+    while batch.active:
+        batch.step()
+    assert batch.row(kept).generated == eager_tokens(folders, "qdown", PROMPTS[2], 9) and batch.row(kept).error is None
     with pytest.raises(UnknownAdapterError, match="'extra'"):
         gen.generate([PROMPTS[0]], adapters="extra")
     with pytest.raises(UnknownAdapterError, match="'extra'"):
