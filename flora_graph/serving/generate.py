@@ -301,8 +301,8 @@ class Generator:
         self._adapter_files, self.adapter_names = files, list(files)
 
     def unload_adapter(self, name: str) -> None:
-        """Stop serving adapter ``name``; a row still decoding with it fails its next step (remove such rows
-        first). Raises :class:`UnknownAdapterError` for a name not served."""
+        """Stop serving adapter ``name``; a row still decoding with it finishes at its next step, its ``error``
+        saying why, and the rows beside it decode on. Raises :class:`UnknownAdapterError` for a name not served."""
         self.check_adapter(name)
         files = {k: v for k, v in self._adapter_files.items() if k != name}
         if self._mixed is not None:
