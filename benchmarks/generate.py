@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         assert cli([*export, "--out", str(root / "pkg")]) == 0
         export_s = time.perf_counter() - t0
         assert cli([*export, "--no-base-branch", "--out", str(root / "pkg-no-branch")]) == 0
+        # one more fine-tune into (a copy of) the package, without exporting the model again (--adapters-only)
+        shutil.copytree(root / "pkg", root / "pkg-added")
+        t0 = time.perf_counter()
+        assert cli([*export[:6], "--adapters-only", "--adapter", f"added={next(iter(peft_dirs.values()))}",
+                    "--out", str(root / "pkg-added")]) == 0
+        add_s = time.perf_counter() - t0
         prompt = [1, *range(5, 5 + args.prompt - 1)]
         genai = _genai_runner(og, root / "pkg", peft_dirs, prompt)
         no_branch = _genai_runner(og, root / "pkg-no-branch", peft_dirs, prompt)
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         mixed, same_mixed, vllm_same = _mixed_batch(args, flora, eager_models, root, peft_dirs)
         print(f"export of base + {args.adapters} adapters: {export_s:.2f} s"
               + (f"; the model builder: {builder_s['base']:.2f} s (base), {builder_s['adapter']:.2f} s (one adapter baked in)"
-                 if builder_s else "; the model builder: not run (see above)"))
+                 if builder_s else "; the model builder: not run (see above)")
+              + f"; one more adapter into the package (--adapters-only): {add_s:.2f} s")
         print(f"greedy tokens equal (genai, genai no-branch, generator, eager; {args.new} tokens): {same}")
         print("ratios: median over the rounds of each round's ratio (a round runs every runner in an order and then "
               "in reverse, so load that drifts between rounds, or linearly within one, cancels)")

@@ -26,3 +26,4 @@ def test_generate_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(label))
         assert "genai/builder" in line and "genai/genai no-branch" in line
     assert "vLLM column skipped" in out and "tokens equal eager PEFT per row: True" in out
+    assert "one more adapter into the package (--adapters-only):" in out
