@@ -134,7 +134,8 @@ def genai_config(model: Any, layout: Any, *, model_type: str, context_length: in
         },
         "search": {"diversity_penalty": 0.0, "early_stopping": True, "length_penalty": 1.0, "max_length": context_length,
                    "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-                   "past_present_share_buffer": False, **search_defaults(gen_cfg)},
+                   "past_present_share_buffer": False,
+                   **search_defaults({k: getattr(gen_cfg, k, None) for k in SEARCH_DEFAULTS})},
     }
 
 
@@ -144,12 +145,13 @@ SEARCH_DEFAULTS: dict[str, bool | float | int] = {"do_sample": False, "temperatu
 which ONNX Runtime GenAI and :class:`~flora_graph.serving.generate.Generator` both apply unless a call sets them."""
 
 
-def search_defaults(gen_cfg: Any) -> dict[str, bool | float | int]:
-    """:data:`SEARCH_DEFAULTS` as ``gen_cfg`` (a transformers ``GenerationConfig`` or ``None``) sets them; values of
-    the wrong type or out of range (a temperature of 0, a ``top_p`` above 1) keep the default."""
+def search_defaults(given: Mapping[str, Any]) -> dict[str, bool | float | int]:
+    """:data:`SEARCH_DEFAULTS` as ``given`` (a generation config's values, a package's ``search`` section) sets
+    them; values missing, of the wrong type or out of range (a temperature of 0, a ``top_p`` above 1) keep the
+    default."""
     out = dict(SEARCH_DEFAULTS)
     for key, default in SEARCH_DEFAULTS.items():
-        v = getattr(gen_cfg, key, None)
+        v = given.get(key)
         if isinstance(default, bool):
             ok = isinstance(v, bool)
         else:

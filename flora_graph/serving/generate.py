@@ -125,15 +125,12 @@ class Generator:
 
     def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True,
                  per_row_weights: bool = True) -> None:
-        from types import SimpleNamespace
-
         from flora_graph.serving.genai import (
             ADAPTERS_DIR,
             GENAI_CONFIG,
             MIXED_FILE,
             MODEL_FILE,
             REFILL_KEY,
-            SEARCH_DEFAULTS,
             search_defaults,
         )
 
@@ -149,7 +146,7 @@ class Generator:
             eos = doc["model"].get("eos_token_id")
             self.takes_position_ids = "position_ids" in dec["inputs"]
             search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
-            self.defaults = search_defaults(SimpleNamespace(**{k: search.get(k) for k in SEARCH_DEFAULTS}))
+            self.defaults = search_defaults(search)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ServingError(f"{cfg_path}: not a GenAI package config ({type(exc).__name__}: {exc})") from None
         self.eos = frozenset(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
@@ -174,8 +171,7 @@ class Generator:
 
             self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files, per_row_weights=per_row_weights,
                                               require_checksum=require_checksum, **options)
-        self._adapter_files: dict[str, Path] = dict(adapter_files)
-        self.adapter_names = list(adapter_files)
+        self._adapter_files: dict[str, Path] = dict(adapter_files)  # the adapters served, in load order
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self._present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         model = self._plain if self._plain is not None else self._single.model
@@ -298,7 +294,7 @@ class Generator:
             if self._mixed is not None:
                 self._mixed.set_adapters(old)
             raise
-        self._adapter_files, self.adapter_names = files, list(files)
+        self._adapter_files = files
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving adapter ``name``; a row still decoding with it finishes at its next step, its ``error``
@@ -308,11 +304,20 @@ class Generator:
         if self._mixed is not None:
             self._mixed.set_adapters(files)
         self._single.unload_adapter(name)
-        self._adapter_files, self.adapter_names = files, list(files)
+        self._adapter_files = files
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters served: the package's, then those loaded since."""
+        return list(self._adapter_files)
+
+    def _serves(self, adapter: str | None) -> bool:
+        """Whether rows with ``adapter`` (``None``: none) can run."""
+        return adapter is None or adapter in self._adapter_files
 
     def check_adapter(self, adapter: str | None) -> None:
         """Raise :class:`UnknownAdapterError` for a name that is not one of the package's adapters."""
-        if adapter is not None and adapter not in self.adapter_names:
+        if not self._serves(adapter):
             raise UnknownAdapterError(f"adapter {adapter!r} is not in package {str(self.package)!r} "
                                       f"(it has {self.adapter_names})")
 
@@ -449,11 +454,17 @@ class Batch:
     # ------------------------------------------------------------------ internals
     def _drop_unserved(self) -> bool:
         """Finish the rows whose adapter is no longer served, their ``error`` saying so; whether there were any."""
-        gone = [r for r in self.rows if r.adapter is not None and r.adapter not in self.gen.adapter_names]
+        gone = [r for r in self.rows if self._unserved(r)]
         for r in gone:
-            r.error = _UNSERVED.format(r.adapter)
             self.remove(r.rid)
         return bool(gone)
+
+    def _unserved(self, row: _Row) -> bool:
+        """Whether ``row``'s adapter stopped being served; its ``error`` then says so."""
+        if self.gen._serves(row.adapter):
+            return False
+        row.error = _UNSERVED.format(row.adapter)
+        return True
 
     def _refill_step(self) -> dict[int, int]:
         """:meth:`step` where rows reach the package's :data:`~flora_graph.serving.genai.REFILL_KEY` position:
@@ -463,8 +474,7 @@ class Batch:
                                                 if p == self.gen.refill_at]]
         chosen = self.step() if self.rows else {}
         for row in refill:
-            if row.adapter is not None and row.adapter not in self.gen.adapter_names:
-                row.error = _UNSERVED.format(row.adapter)
+            if self._unserved(row):
                 self._done[row.rid] = row
                 continue
             cache, mask, logits = self._prefill(row.tokens, row.adapter)
