@@ -249,7 +249,7 @@ class Generator:
             return self._single.run(feeds, adapters[0], prepared=True)
         return self._mixed.run(feeds, adapters, prepared=True)
 
-    def _run_shared(self, shared: SharedCache, tokens: list[int], lengths: np.ndarray, adapters: list[str | None],
+    def _run_shared(self, shared: SharedCache, tokens: list[int], lengths: list[int], adapters: list[str | None],
                     kind: str, vocab: tuple[int, np.dtype]) -> np.ndarray:
         """One decode step on ``shared`` buffers (right-padded models): row ``i`` feeds ``tokens[i]`` at
         position ``lengths[i]`` through the model ``kind`` (:meth:`_model_for` of ``adapters``); the logits
@@ -337,7 +337,7 @@ class Batch:
                                   gen._pos_dtype if gen.takes_position_ids else None) if gen.right_padded else None
         self._vocab: tuple[int, np.dtype] | None = None
         self.mask = np.zeros((0, 0), gen._mask_dtype)
-        self.positions = np.zeros(0, gen._pos_dtype)  # per row: the position id of its next token
+        self.positions: list[int] = []  # per row: the position id of its next token
         self.step_seconds: list[float] = []
         # the rows' adapters, the model kind serving them and whether one argmax picks for all (greedy,
         # no stop token held back by min_new_tokens): set by step(), cleared when a row joins or leaves
@@ -398,7 +398,7 @@ class Batch:
         row = self.rows.pop(idx)
         self._plan = None
         keep = [i for i in range(len(self.rows) + 1) if i != idx]
-        self.positions = self.positions[keep]
+        del self.positions[idx]
         if self.shared is not None:  # the buffers keep their capacity
             self.shared.set([c[keep] for c in self.shared.arrays] if self.rows else [], self.positions)
             return row
@@ -434,7 +434,7 @@ class Batch:
                 ids = np.array([[r.next_token] for r in rows], gen._id_dtype)
                 mask = np.concatenate([self.mask, np.ones((len(rows), 1), self.mask.dtype)], axis=1)
                 t0 = time.perf_counter()
-                out = self._call(ids, mask, self.positions.reshape(-1, 1), self.cache, adapters)
+                out = self._call(ids, mask, np.array(self.positions, gen._pos_dtype).reshape(-1, 1), self.cache, adapters)
                 self.step_seconds.append(time.perf_counter() - t0)
                 self.cache = [out[n] for n in gen._present]
                 logits = out["logits"]
@@ -443,9 +443,12 @@ class Batch:
             if not self._drop_unserved():
                 raise
             return self.step()
-        self.positions += 1
-        last = logits[:, -1]
-        picks = last.argmax(-1).tolist() if greedy else [self._pick(r, last[i]) for i, r in enumerate(rows)]
+        # plain Python where it serves: after a model call the CPU caches hold its weights, not numpy's code
+        self.positions = [p + 1 for p in self.positions]
+        if greedy:
+            picks = [int(logits[0, -1].argmax())] if len(rows) == 1 else logits[:, -1].argmax(-1).tolist()
+        else:
+            picks = [self._pick(r, logits[i, -1]) for i, r in enumerate(rows)]
         chosen = {r.rid: self._take(r, tok) for r, tok in zip(rows, picks, strict=True)}
         for r in [r for r in rows if r.done]:
             self.remove(r.rid)
@@ -470,7 +473,7 @@ class Batch:
         """:meth:`step` where rows reach the package's :data:`~flora_graph.serving.genai.REFILL_KEY` position:
         the others step as usual, and each of those runs all its tokens again from an empty cache (its
         rotary now takes the long frequencies, as transformers' and GenAI's Phi-3 recompute the cache there)."""
-        refill = [self._detach(r.rid) for r in [r for r, p in zip(self.rows, self.positions.tolist(), strict=True)
+        refill = [self._detach(r.rid) for r in [r for r, p in zip(self.rows, self.positions, strict=True)
                                                 if p == self.gen.refill_at]]
         chosen = self.step() if self.rows else {}
         for row in refill:
@@ -549,30 +552,29 @@ class Batch:
         if row.done:  # finished on the token just chosen: nothing to decode
             self._done[row.rid] = row
             return
-        position = np.array([len(row.tokens) - 1], self.positions.dtype)
         self._plan = None
         if self.shared is not None:  # each row's tokens from position 0; room for every row to finish
             self.rows.append(row)
-            self.positions = np.concatenate([self.positions, position])
+            self.positions.append(len(row.tokens) - 1)
             capacity = max(r.prompt_len + r.settings.max_new_tokens for r in self.rows)
             have = self.shared.arrays if len(self.rows) > 1 else [np.zeros((0, *c.shape[1:]), c.dtype) for c in cache]
             self.shared.set([_stack_right(a, b, capacity) for a, b in zip(have, cache, strict=True)], self.positions)
             return
         if not self.rows:
-            self.rows, self.cache, self.mask, self.positions = [row], cache, mask, position
+            self.rows, self.cache, self.mask, self.positions = [row], cache, mask, [len(row.tokens) - 1]
             return
         width = max(self.mask.shape[1], mask.shape[1])
         self.cache = [np.concatenate([_left_pad(a, width), _left_pad(b, width)], axis=0)
                       for a, b in zip(self.cache, cache, strict=True)]
         self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], axis=0)
-        self.positions = np.concatenate([self.positions, position])
+        self.positions.append(len(row.tokens) - 1)
         self.rows.append(row)
 
     def _trim(self) -> None:
         """Drop leading positions that every row pads (after a long row left; left-padded caches)."""
         if self.mask.size == 0:
             self.cache, self.mask = [], np.zeros((0, 0), self.mask.dtype)
-            self.positions = self.positions[:0]
+            self.positions = []
             return
         used = np.flatnonzero(self.mask.any(axis=0))
         first = int(used[0]) if used.size else self.mask.shape[1]

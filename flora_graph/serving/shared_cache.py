@@ -15,7 +15,7 @@ it is made again when the rows, the buffers or the adapter behind it change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ class SharedCache:
         """Positions each buffer holds (0 when empty)."""
         return int(self.arrays[0].shape[2]) if self.arrays else 0
 
-    def set(self, arrays: list[np.ndarray], lengths: np.ndarray) -> None:
+    def set(self, arrays: list[np.ndarray], lengths: Sequence[int]) -> None:
         """Use ``arrays`` (one per past name, row ``i`` filled up to ``lengths[i]``) as the buffers;
         forgets every binding."""
         self.arrays = [np.ascontiguousarray(a) for a in arrays]
@@ -74,7 +74,7 @@ class SharedCache:
         self._logits = None
 
     def run(self, session: ort.InferenceSession, key: Any, token: object, inputs: Callable[[], Mapping[str, Any]],
-            tokens: list[int], lengths: np.ndarray, vocab: tuple[int, np.dtype], where: Callable[[], str]) -> np.ndarray:
+            tokens: list[int], lengths: Sequence[int], vocab: tuple[int, np.dtype], where: Callable[[], str]) -> np.ndarray:
         """One call of ``session``: row ``i`` feeds ``tokens[i]`` at position ``lengths[i]``, the buffers
         are past and present. The buffers must have room (``lengths < capacity``, see :meth:`set`).
 
