@@ -231,8 +231,8 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     with console.status("starting") as status:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
                               contrib=args.ort_contrib, base_branch=args.base_branch)
-    kind = "an ONNX Runtime GenAI package" if report.genai else "a package for flora_graph's Generator (GenAI has no type for it)"
-    console.print(f"exported {args.model} with {len(adapters)} adapter(s) as {kind}")
+    console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an ONNX Runtime GenAI package "
+                  f"(model type {report.model_type!r})")
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
     console.print(f"wrote {report.path}" + "".join(f"\n  adapter {n}: {p}" for n, p in report.adapters.items()))

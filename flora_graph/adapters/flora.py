@@ -52,7 +52,8 @@ class FloraAdapter(LoRAAdapter):
     """A LoRA adapter trained the Flora way.
 
     Args:
-        base_layer, rank, alpha, freeze_base: as :class:`LoRAAdapter`.
+        base_layer, rank, alpha, freeze_base: as :class:`LoRAAdapter`; ``rank <= min(fan_in, out)`` (the rank
+            gradients are compressed to).
         resampling_interval: steps between projection resamples, ``>= 1``.
         momentum_decay: first-moment decay, in ``[0, 1)``.
         second_moment_decay: second-moment decay, in ``[0, 1)``.
@@ -87,6 +88,9 @@ class FloraAdapter(LoRAAdapter):
             raise AdapterError(f"{where}: seed must be an int, got {seed!r}")
         self._seed = seed
         super().__init__(base_layer, rank, alpha, freeze_base, 0.0, module_name=module_name, adapter_name=adapter_name)
+        fan_in, out = self.lora_A[0].numel(), self.lora_B.shape[0]
+        if rank > min(fan_in, out):  # the rank Flora compresses gradients to: above this it compresses nothing
+            raise AdapterError(f"{where}: rank {rank} exceeds min(in={fan_in}, out={out}) = {min(fan_in, out)}")
         self._resampling_interval = resampling_interval
         self.momentum_decay = momentum_decay
         self.second_moment_decay = second_moment_decay

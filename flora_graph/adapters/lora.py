@@ -78,7 +78,8 @@ class LoRAAdapter(nn.Module):
 
     Args:
         base_layer: the layer to adapt; kept as ``self.base_layer``.
-        rank: rank ``r`` of the update, ``1 <= r <= min(fan_in, out)``.
+        rank: rank ``r`` of the update, ``r >= 1``; above ``min(fan_in, out)`` the update is still exact, only
+            redundant (PEFT allows it too: an adapter on a one-output gate or score layer has ``r > 1``).
         alpha: scale numerator; ``alpha <= 0`` means ``alpha = rank``.
         freeze_base: stop gradients to the base layer's parameters.
         dropout: dropout probability on the LoRA branch's input, in ``[0, 1)``.
@@ -118,8 +119,6 @@ class LoRAAdapter(nn.Module):
             fan_in, out = base_layer.in_features, base_layer.out_features
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise AdapterError(f"{where}: rank must be a positive int, got {rank!r}")
-        if rank > min(fan_in, out):
-            raise AdapterError(f"{where}: rank {rank} exceeds min(in={fan_in}, out={out}) = {min(fan_in, out)}")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= float(dropout) < 1.0:
             raise AdapterError(f"{where}: dropout must be in [0, 1), got {dropout!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):

@@ -15,7 +15,10 @@ Refused with :class:`~flora_graph.errors.AdapterError` naming the module: a bran
 nodes are also read outside the site; a module with two branches; dynamic LoRA weight
 shapes; a conv branch whose up projection is not 1x1 or whose down projection is grouped;
 for per-row slots, a site whose input's first dim is not the batch dim of the first graph
-input, or a non-pointwise conv site without static spatial dims. And a graph in which a
+input, or a non-pointwise conv site without static spatial dims. A linear site whose input is
+``[batch*seq, features]``, flattened batch-major (a ``Reshape`` of ``[batch, seq, ...]`` followed by
+row-wise ops only, as OPT's MLP and a mixture-of-experts' shared expert run), gets its per-row slot
+between ``Reshape``\\ s to ``[batch, -1, features]`` and back. And a graph in which a
 node tagged as part of a LoRA adapter (``meta["role"]`` / ``meta["module"]`` from capture,
 or the roles the fusing passes give) no longer belongs to an intact site or slot: a pass
 fused or merged that adapter, and a slot made of the rest would bake it in silently.
@@ -181,21 +184,49 @@ def _check_intact(graph: Graph, covered: set[str]) -> None:
             "swappable), or export the graph as captured")
 
 
-def _check_rows(graph: Graph, sites: Iterable[_Site]) -> Dim:
-    """The batch dim of per-row slots: the first graph input's first dim, which every site's input must lead with."""
+# ops whose output row i (first axis of a [rows, features] tensor) is computed from their first operand's row i
+_ROW_WISE = OpGroup.Unary | OpGroup.Binary | OpGroup.Adapter | {Op.LINEAR, Op.MATMUL, Op.LAYER_NORM, Op.RMS_NORM}
+
+
+def _batch_major(x: ComputationNode, batch: Dim) -> bool:
+    """Whether ``x`` ``[batch*seq, features]`` holds its rows batch-major: reached from a ``Reshape`` that merges
+    ``[batch, seq, ..., features]`` into ``[batch*seq, features]`` through row-wise ops only (a flattened MLP, as
+    OPT's layers and a mixture-of-experts' shared expert run), so ``[batch, -1, features]`` gives each batch row
+    its own tokens back."""
+    rows = canonical_dim(x.shape[0])
+    n = x
+    while n.op is not Op.RESHAPE:
+        features_split = n.op is Op.SPLIT and n.attrs.get("axis") in (-1, 1)  # a packed layer's pieces
+        if not (n.op in _ROW_WISE or features_split) or not n.inputs or len(n.shape) != 2 \
+                or canonical_dim(n.shape[0]) != rows:
+            return False
+        n = n.inputs[0]
+    src = n.inputs[0].shape
+    return (len(n.shape) == 2 and canonical_dim(n.shape[0]) == rows and len(src) >= 3
+            and canonical_dim(src[0]) == batch and canonical_dim(n.shape[1]) == canonical_dim(src[-1]))
+
+
+def _check_rows(graph: Graph, sites: Iterable[_Site]) -> tuple[Dim, set[str]]:
+    """The batch dim of per-row slots (the first graph input's first dim, which every site's input must lead
+    with) and the modules whose input is flattened batch-major instead (:func:`_batch_major`)."""
     if not graph.inputs or not graph.inputs[0].shape:
         raise AdapterError(f"graph {graph.name!r}: the first input must have a batch dim for per-row adapters")
     first = graph.inputs[0]
     batch = canonical_dim(first.shape[0])
+    flat: set[str] = set()
     for s in sites:
         shape = s.x.shape
+        if s.kind == "linear" and len(shape) == 2 and canonical_dim(shape[0]) != batch and _batch_major(s.x, batch):
+            flat.add(s.module)
+            continue
         if len(shape) < 2 or canonical_dim(shape[0]) != batch:
             raise AdapterError(f"module {s.module!r}: its input {s.x.name!r} has shape {list(shape)}, whose first dim is "
-                               f"not the batch dim {batch!r} of input {first.name!r}; rows cannot pick adapters there")
+                               f"not the batch dim {batch!r} of input {first.name!r} (nor its rows flattened batch-major "
+                               "from it); rows cannot pick adapters there")
         pointwise = (s.attrs.get("kernel"), s.attrs.get("stride"), s.attrs.get("padding")) == ((1, 1), (1, 1), (0, 0))
         if s.kind == "conv" and not pointwise and not all(isinstance(d, int) for d in shape[2:]):
             raise AdapterError(f"module {s.module!r}: per-row conv adapters need static spatial dims, got {list(shape)}")
-    return batch
+    return batch, flat
 
 
 def rewire(graph: Graph, repl: Mapping[ComputationNode, ComputationNode]) -> None:
@@ -264,7 +295,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     stats: dict[str, Any] = {"fired": {}, "refused": {}, "slots": [s.module for s in sites]}
     if not sites:
         return PassResult(graph, False, {**stats, "time_s": time.perf_counter() - t0})
-    batch = _check_rows(graph, sites) if slots == "mixed" else None
+    batch, flat = _check_rows(graph, sites) if slots == "mixed" else (None, set())
     # 1. detach each site behind a placeholder, so its branch (and its weights' names) leave the graph
     holders = {s.root: graph.add(Op.IDENTITY, [s.base], name=f"{s.module}.lora_slot_pending") for s in sites}
     rewire(graph, holders)
@@ -282,7 +313,15 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
                 index = _input(graph, s.module, INDEX_INPUT, (batch,), "int64", None)  # type: ignore[arg-type]
             ins.append(index)
         try:
-            made[holders[s.root]] = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot", meta=s.meta)
+            if s.module in flat:  # [batch*seq, f] rows as [batch, seq, f] for the slot, and back
+                ins[:2] = [graph.add(Op.RESHAPE, [v], {"shape": (batch, -1, int(v.shape[-1]))},
+                                     name=f"{s.module}.lora_slot/rows_{what}", meta=s.meta)
+                           for v, what in zip(ins[:2], ("base", "x"), strict=True)]
+                slot = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot/by_row", meta=s.meta)
+                made[holders[s.root]] = graph.add(Op.RESHAPE, [slot], {"shape": (-1, s.out)},
+                                                  name=f"{s.module}.lora_slot", meta=s.meta)
+            else:
+                made[holders[s.root]] = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot", meta=s.meta)
         except GraphError as exc:
             raise AdapterError(f"module {s.module!r}: cannot make its slot: {exc}") from None
     rewire(graph, made)

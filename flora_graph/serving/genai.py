@@ -40,8 +40,9 @@ from typing import Any
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
-__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERATOR_ONLY", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
-           "add_adapters", "export_genai", "genai_config", "refill_position", "search_defaults"]
+__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
+           "add_adapters", "causal_lm_classes", "export_genai", "genai_config", "genai_type", "refill_position",
+           "search_defaults"]
 
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
@@ -55,13 +56,34 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 keeps a chat template in ``chat_template.jinja``)."""
 
 GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma"}
-"""transformers class -> ``model.type`` of genai_config.json (the decoder-only types GenAI runs with
-separate ``past_key_values.N.key`` / ``.value`` inputs; checked by loading and generating with each)."""
+               "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma",
+               "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "GraniteForCausalLM": "granite",
+               "OlmoForCausalLM": "olmo", "PhiForCausalLM": "phi", "NemotronForCausalLM": "nemotron",
+               "SmolLM3ForCausalLM": "smollm3", "Ernie4_5ForCausalLM": "ernie4_5"}
+"""transformers class -> ``model.type`` of genai_config.json where ONNX Runtime GenAI names the architecture
+(the types of its model builder); every other causal LM is :data:`GENERIC_TYPE`."""
 
-GENERATOR_ONLY = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox"}
-"""Causal LMs packaged the same way for :class:`~flora_graph.serving.generate.Generator`, which ONNX
-Runtime GenAI 0.18 does not run (no ``gpt_neox`` type; its ``gpt2`` type expects another cache layout)."""
+GENERIC_TYPE = "decoder"
+"""GenAI's decoder-only model type for any other causal LM (GPT-2, GPT-NeoX, OLMo 2, StableLM, Starcoder2,
+OPT, Mixtral, ...): GenAI runs every type of its decoder-only family one way, reading the input and output names
+from the config, and a package's names are the ones it reads. (GenAI's own ``gpt2`` type expects another
+cache layout, so GPT-2 packages are ``decoder`` too.)"""
+
+
+def genai_type(arch: str) -> str:
+    """The ``model.type`` a package of transformers class ``arch`` gets (:data:`GENAI_TYPES`, else
+    :data:`GENERIC_TYPE`)."""
+    return GENAI_TYPES.get(arch, GENERIC_TYPE)
+
+
+def causal_lm_classes() -> frozenset[str]:
+    """The transformers classes ``AutoModelForCausalLM`` builds: the architectures a package is made for."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([v] if isinstance(v, str) else v)
+    return frozenset(names)
 
 
 @dataclass
@@ -72,7 +94,7 @@ class GenAIReport:
     adapters: dict[str, Path]
     summary: str
     seconds: dict[str, float] = field(default_factory=dict)
-    genai: bool = True  # whether ONNX Runtime GenAI runs the package (else flora_graph's Generator only)
+    model_type: str = GENERIC_TYPE  # genai_config.json's model.type (genai_type of the model's class)
 
 
 def genai_config(model: Any, layout: Any, *, model_type: str, context_length: int,
@@ -191,9 +213,9 @@ def export_genai(
     say = progress or (lambda msg: None)
     adapters = dict(adapters or {})
     arch = check_model_folder(base)
-    if arch not in GENAI_TYPES and arch not in GENERATOR_ONLY:
-        raise FloraGraphError(f"{base}: ONNX Runtime GenAI has no model type for {arch}; packages are made for "
-                              f"{sorted(GENAI_TYPES)} (and, for flora_graph's Generator only, {sorted(GENERATOR_ONLY)})")
+    if arch not in causal_lm_classes():
+        raise FloraGraphError(f"{base}: {arch} is not a causal LM (a class transformers' AutoModelForCausalLM "
+                              "builds); generation packages are made for causal LMs")
     for name, folder in adapters.items():
         check_name(name, "adapter name", error=AdapterError)
         _refuse_unswappable(name, Path(folder), check_adapter_folder(folder))
@@ -232,9 +254,7 @@ def export_genai(
 
     t0 = time.perf_counter()
     context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
-    if arch in GENERATOR_ONLY:
-        say(f"ONNX Runtime GenAI has no model type for {arch}: the package serves flora_graph's Generator only")
-    doc = genai_config(model, layout, model_type={**GENAI_TYPES, **GENERATOR_ONLY}[arch], context_length=context,
+    doc = genai_config(model, layout, model_type=genai_type(arch), context_length=context,
                        end_of_turn=_end_of_turn(Path(base), int(model.config.vocab_size), say))
     refill = refill_position(model) if arch in REFILL_ARCHS else None
     written: dict[str, Path] = {}
@@ -279,7 +299,7 @@ def export_genai(
                 shutil.copyfile(src, tmp / f)
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
-    return GenAIReport(Path(out), written, graph.summary(), seconds, genai=arch in GENAI_TYPES)
+    return GenAIReport(Path(out), written, graph.summary(), seconds, model_type=genai_type(arch))
 
 
 REFILL_KEY = "flora_graph.rope_refill_at"

@@ -156,12 +156,12 @@ def test_bad_rank_on_one_target_leaves_model_untouched():
     before = _state(m)
     x = torch.randn(3, 2, 5, 5)
     out = m(x).detach()
-    # rank 9 exceeds min(fan_in, out) = 8 for both stem (18, 8) and mlp.2 (16, 8)
+    # rank 0 is refused for stem and mlp.2
     with pytest.raises(AdapterError, match=r"'stem'"):
-        apply_lora(m, ["stem", "q"], rank={"stem": 9, "attn.q": 2})
+        apply_lora(m, ["stem", "q"], rank={"stem": 0, "attn.q": 2})
     # here attn.q and attn.v are built (freezing their base layers) before mlp.2 fails
     with pytest.raises(AdapterError, match=r"'mlp.2'"):
-        apply_lora(m, ["q", "v", "mlp.2"], rank={"attn.q": 2, "attn.v": 2, "mlp.2": 9})
+        apply_lora(m, ["q", "v", "mlp.2"], rank={"attn.q": 2, "attn.v": 2, "mlp.2": 0})
     assert adapters_of(m) == {}
     assert type(m.attn.q) is nn.Linear and type(m.stem) is nn.Conv2d
     # building the first adapters froze their base layers: that must be undone

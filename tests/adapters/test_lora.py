@@ -411,26 +411,33 @@ def test_bad_rank_raises(rank, direct):
     assert type(m.enc) is nn.Linear
 
 
-def test_rank_above_min_in_out_raises_linear():
-    LoRAAdapter(nn.Linear(10, 6), rank=6)  # = min: fine
+def test_rank_above_min_in_out_is_exact_as_in_peft():
+    """A rank above min(in, out) is redundant but exact (PEFT allows it: a one-output gate or score layer
+    adapted with r 8); the branch is still x A^T B^T * alpha / r."""
+    torch.manual_seed(0)
+    for layer, rank in ((nn.Linear(10, 6), 7), (nn.Linear(3, 10), 4), (nn.Linear(8, 1), 8)):
+        a = LoRAAdapter(layer, rank=rank, alpha=16)
+        nn.init.normal_(a.lora_B, std=0.5)
+        x = torch.randn(5, layer.in_features)
+        want = layer(x) + (x @ a.lora_A.T @ a.lora_B.T) * (16 / rank)
+        torch.testing.assert_close(a(x), want)
     m = nn.Sequential()
     m.add_module("down", nn.Linear(10, 6))
-    with pytest.raises(AdapterError, match=r"'down'.*rank 7"):
-        apply_lora(m, ["down"], rank=7)
-    with pytest.raises(AdapterError):
-        LoRAAdapter(nn.Linear(3, 10), rank=4)  # in is the small side
+    assert apply_lora(m, ["down"], rank=7) == ["down"]
 
 
-def test_rank_bound_on_conv_uses_fan_in():
-    # fan_in = in * kh * kw = 3 * 3 * 3 = 27 < out = 32: rank may exceed in_channels
-    a = LoRAAdapter(nn.Conv2d(3, 32, 3), rank=27)
-    assert a.lora_A.shape == (27, 3, 3, 3)
-    m = nn.Sequential()
-    m.add_module("stem", nn.Conv2d(3, 32, 3))
-    with pytest.raises(AdapterError, match=r"'stem'.*27"):
-        apply_lora(m, ["stem"], rank=28)
+def test_rank_above_fan_in_on_conv_is_exact():
+    # fan_in = in * kh * kw = 3 * 3 * 3 = 27 < out = 32: rank may exceed in_channels, and fan_in too
+    torch.manual_seed(0)
+    for rank in (27, 28):
+        a = LoRAAdapter(nn.Conv2d(3, 32, 3), rank=rank, alpha=rank)
+        assert a.lora_A.shape == (rank, 3, 3, 3)
+        nn.init.normal_(a.lora_B, std=0.5)
+        x = torch.randn(2, 3, 6, 6)
+        want = a.base_layer(x) + F.conv2d(F.conv2d(x, a.lora_A), a.lora_B)
+        torch.testing.assert_close(a(x), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(AdapterError, match="rank"):
-        LoRAAdapter(nn.Conv2d(16, 4, 3), rank=5)  # out is the small side
+        LoRAAdapter(nn.Conv2d(16, 4, 3), rank=0)
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,28 @@ def _config(arch: str):
         "GPTNeoXForCausalLM": lambda: transformers.GPTNeoXConfig(
             vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256),
+        # sliding windows of 3 positions, so that a short prompt already slides; Gemma 2 soft-caps its logits
+        "Gemma2ForCausalLM": lambda: transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=3),
+        "Gemma3ForCausalLM": lambda: transformers.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=3),
+        "GraniteForCausalLM": lambda: transformers.GraniteConfig(
+            **COMMON, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0),
+        "OlmoForCausalLM": lambda: transformers.OlmoConfig(**COMMON),
+        "Olmo2ForCausalLM": lambda: transformers.Olmo2Config(**COMMON),
+        "PhiForCausalLM": lambda: transformers.PhiConfig(**COMMON),
+        "NemotronForCausalLM": lambda: transformers.NemotronConfig(**COMMON),
+        "SmolLM3ForCausalLM": lambda: transformers.SmolLM3Config(**COMMON, pad_token_id=0),
+        "StableLmForCausalLM": lambda: transformers.StableLmConfig(**COMMON),
+        "Starcoder2ForCausalLM": lambda: transformers.Starcoder2Config(**COMMON),
+        "CohereForCausalLM": lambda: transformers.CohereConfig(**COMMON),
+        "GPTJForCausalLM": lambda: transformers.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                           n_positions=256, rotary_dim=8),
+        "OPTForCausalLM": lambda: transformers.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                                         num_attention_heads=4, max_position_embeddings=256,
+                                                         word_embed_proj_dim=64),
+        "BloomForCausalLM": lambda: transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4),
+        "MixtralForCausalLM": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+        "Qwen2MoeForCausalLM": lambda: transformers.Qwen2MoeConfig(
+            **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
     }[arch]()
 
 

@@ -72,11 +72,11 @@ def test_adapters_that_cannot_be_swapped_are_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
-def test_model_class_without_a_genai_type_is_refused(tmp_path: Path) -> None:
+def test_model_class_that_is_not_a_causal_lm_is_refused(tmp_path: Path) -> None:
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=37)
     transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "bert")
-    with pytest.raises(FloraGraphError, match="no model type for BertForMaskedLM"):
+    with pytest.raises(FloraGraphError, match="BertForMaskedLM is not a causal LM"):
         export_genai(tmp_path / "bert", tmp_path / "out")
 
 

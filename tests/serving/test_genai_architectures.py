@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -12,13 +13,23 @@ import torch
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot be imported on this platform")
 
 from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
-from flora_graph.serving.genai import GENAI_TYPES, GENERATOR_ONLY, export_genai  # noqa: E402
+from flora_graph.serving.genai import export_genai, genai_type  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
 from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
 from tests.serving.genai_package import genai_tokens  # noqa: E402
 
 PROMPT, NEW = [1, 5, 9, 33, 70], 8
-FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; a Generator-only architecture
+FIRST = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+         "GemmaForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM"]
+MORE = ["Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+        "PhiForCausalLM", "NemotronForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
+        "CohereForCausalLM", "GPTJForCausalLM", "OPTForCausalLM", "BloomForCausalLM", "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM"]
+"""Causal LMs beyond the first eight: GenAI's own types (Gemma 2 and 3 with sliding windows, Granite, OLMo, Phi,
+Nemotron, SmolLM3) and others as its generic ``decoder`` type; OPT's MLP and Qwen2-MoE's shared expert run on
+flattened ``[batch*seq, hidden]`` rows (per-row slots between reshapes)."""
+FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
+TARGETS = {"MixtralForCausalLM": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # all-linear reaches its experts' tensors
 
 
 def _package(arch: str, tmp_path: Path, **options):
@@ -33,33 +44,41 @@ def _package(arch: str, tmp_path: Path, **options):
         return model, export_genai(tmp_path / "base", tmp_path / "pkg", **options)
 
 
-@pytest.mark.parametrize("arch", [a if a in FAST else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in [*GENAI_TYPES, *GENERATOR_ONLY]])
+def _eager(model, prompt: list[int], new: int, **kw) -> list[int]:
+    """Eager greedy tokens; the mask given, as generate() would otherwise take a prompt token equal to the
+    config's pad id for padding."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=new, do_sample=False, **kw)[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in FIRST])
 def test_package_generates_eager_greedy_tokens(arch: str, tmp_path: Path) -> None:
     model, report = _package(arch, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            want = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW,
-                                  do_sample=False)[0, len(PROMPT):].tolist()
-    assert report.genai == (arch in GENAI_TYPES)
-    assert Generator(tmp_path / "pkg").generate([PROMPT], max_new_tokens=NEW, stop_tokens=[])[0] == want
-    if report.genai:
-        gen_model = og.Model(str(tmp_path / "pkg"))
-        params = og.GeneratorParams(gen_model)
-        params.set_search_options(max_length=len(PROMPT) + NEW, min_length=len(PROMPT) + NEW, do_sample=False)
-        gen = og.Generator(gen_model, params)
-        gen.append_tokens(PROMPT)
-        while not gen.is_done():
-            gen.generate_next_token()
-        assert [int(t) for t in gen.get_sequence(0)][len(PROMPT):] == want
+    want = _eager(model, PROMPT, NEW, min_new_tokens=NEW)
+    written = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["model"]["type"]
+    assert written == report.model_type == {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                                            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                                            "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma"}.get(arch, "decoder")
+    # end-of-text held back until NEW tokens, as eager's min_new_tokens and GenAI's min_length do
+    assert Generator(tmp_path / "pkg").generate([PROMPT], max_new_tokens=NEW, min_new_tokens=NEW)[0] == want
+    gen_model = og.Model(str(tmp_path / "pkg"))
+    params = og.GeneratorParams(gen_model)
+    params.set_search_options(max_length=len(PROMPT) + NEW, min_length=len(PROMPT) + NEW, do_sample=False)
+    gen = og.Generator(gen_model, params)
+    gen.append_tokens(PROMPT)
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)][len(PROMPT):] == want
 
 
-FAST_ADAPTED = {"Qwen2ForCausalLM"}  # biased q/k/v: packed with their biases
+FAST_ADAPTED = {"Qwen2ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM"}  # biased q/k/v packed with their
+# biases; sliding windows and soft-capping; flattened rows
 
 
 @pytest.mark.parametrize("arch", [a if a in FAST_ADAPTED else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in [*GENAI_TYPES, *GENERATOR_ONLY]])
+                                  for a in [*FIRST, *MORE]])
 def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path: Path) -> None:
     """With a PEFT adapter on every linear layer (nonzero ``B``), sibling slots packed: the Generator (adapter
     and base) and GenAI give eager PEFT's greedy tokens."""
@@ -72,7 +91,8 @@ def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path:
     torch.manual_seed(3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adapted = peft.get_peft_model(tiny_causal_lm(arch), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        adapted = peft.get_peft_model(tiny_causal_lm(arch), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS.get(arch, "all-linear")))
         adapted.base_model.model.load_state_dict(model.state_dict(), strict=False)
         for mod in adapted.modules():
             if "default" in getattr(mod, "lora_B", {}):
@@ -83,27 +103,26 @@ def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path:
             adapted.eval()
             for m in (model, adapted.base_model.model):
                 m.generation_config.eos_token_id = None
-            want = adapted.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=NEW,
-                                    do_sample=False)[0, len(PROMPT):].tolist()
-            plain = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, do_sample=False)[0, len(PROMPT):].tolist()
+            want, plain = _eager(adapted, PROMPT, NEW), _eager(model, PROMPT, NEW)
             ids = torch.tensor([PROMPT])
             assert (adapted(input_ids=ids).logits - model(ids).logits).abs().max() > 1e-3  # the adapter matters
     gen = Generator(tmp_path / "pkg")
     assert gen.generate([PROMPT], adapters="ad", max_new_tokens=NEW, stop_tokens=[])[0] == want
     assert gen.generate([PROMPT, PROMPT], adapters=[None, "ad"], max_new_tokens=NEW, stop_tokens=[]) == [plain, want]
-    if report.genai:
-        gen_model = og.Model(str(tmp_path / "pkg"))
-        adapters = og.Adapters(gen_model)
-        adapters.load(str(report.adapters["ad"]), "ad")
-        params = og.GeneratorParams(gen_model)
-        params.set_search_options(max_length=len(PROMPT) + NEW, min_length=len(PROMPT) + NEW, do_sample=False)
-        g = og.Generator(gen_model, params)
-        g.set_active_adapter(adapters, "ad")
-        g.append_tokens(PROMPT)
-        while not g.is_done():
-            g.generate_next_token()
-        cut = want.index(2) if 2 in want else NEW  # GenAI's min_length forbids EOS (2): equal up to it
-        assert [int(t) for t in g.get_sequence(0)][len(PROMPT):][:cut] == want[:cut]
+    assert report.model_type == genai_type(arch)
+    gen_model = og.Model(str(tmp_path / "pkg"))
+    adapters = og.Adapters(gen_model)
+    adapters.load(str(report.adapters["ad"]), "ad")
+    params = og.GeneratorParams(gen_model)
+    params.set_search_options(max_length=len(PROMPT) + NEW, min_length=len(PROMPT) + NEW, do_sample=False)
+    g = og.Generator(gen_model, params)
+    g.set_active_adapter(adapters, "ad")
+    g.append_tokens(PROMPT)
+    while not g.is_done():
+        g.generate_next_token()
+    ends = [i for i, t in enumerate(want) if t in gen.eos]
+    cut = ends[0] if ends else NEW  # GenAI's min_length forbids end-of-text ids: equal up to the first
+    assert [int(t) for t in g.get_sequence(0)][len(PROMPT):][:cut] == want[:cut]
 
 
 @pytest.mark.parametrize(("arch", "right"), [("Qwen3ForCausalLM", True), ("LlamaForCausalLM", True),
@@ -114,8 +133,6 @@ def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cac
     past and present; GenAI shares its buffers too), in 3-D (Llama) or 4-D (Qwen3, caches concatenated
     outside); in standard ONNX (``contrib=False``) the caches are left-padded: either way rows of
     different lengths, joining and leaving, decode as they do alone."""
-    import json
-
     _package(arch, tmp_path, contrib=right)
     gen = Generator(tmp_path / "pkg")
     assert gen.right_padded is right

@@ -114,18 +114,40 @@ def test_sequence_inputs_gather_per_batch_row():
 
 
 class FoldedNet(nn.Module):
-    """Folds the sequence into the rows before its Linear: rows are no longer batch rows."""
+    """Folds the sequence into the rows before its Linear layers, batch-major (as OPT's MLP and a
+    mixture-of-experts' shared expert do): row ``b * seq + t`` is batch row ``b``'s token ``t``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.proj = nn.Linear(16, 8)
+        self.proj, self.out = nn.Linear(16, 8), nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.reshape(-1, 16))
+        return self.out(torch.relu(self.proj(x.reshape(-1, 16))))
+
+
+class SeqMajorNet(FoldedNet):
+    """Folds the sequence into the rows sequence-major: row ``t * batch + b``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.transpose(0, 1).reshape(-1, 16))
+
+
+def test_rows_flattened_batch_major_pick_their_batch_rows_adapter():
+    torch.manual_seed(0)
+    base = FoldedNet().eval()
+    models = {n: random_adapter(base, r, seed=k, targets=["proj", "out"]) for k, (n, r) in enumerate({"p": 3, "q": 5}.items())}
+    x = torch.randn(3, 4, 16)
+    g = capture(models["p"], {"x": x}, {"x": {0: "batch"}})
+    s = MixedAdapterSession(export_mixed(g), {n: adapter_params(m) for n, m in models.items()}, intra_op_threads=1)
+    names = ["q", None, "p"]
+    with torch.no_grad():  # each batch row's 4 tokens through its own merged model
+        want = np.concatenate([(base if n is None else merged(models[n]))(x[i : i + 1]).numpy() for i, n in enumerate(names)])
+        assert not np.allclose(want[:4], base(x[:1]).numpy(), atol=1e-3)  # the adapters matter
+    np.testing.assert_allclose(s.run({"x": x.numpy()}, names)["output"], want, atol=ATOL)
 
 
 def test_site_whose_rows_are_not_batch_rows_is_refused():
-    m = random_adapter(FoldedNet().eval(), 2, seed=0, targets=["proj"])
+    m = random_adapter(SeqMajorNet().eval(), 2, seed=0, targets=["proj"])
     g = capture(m, {"x": torch.randn(2, 4, 16)}, {"x": {0: "batch"}})
     with pytest.raises(ServingError, match=r"module 'proj'.*not the batch dim"):
         export_mixed(g)
