@@ -126,7 +126,10 @@ def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path:
 
 
 @pytest.mark.parametrize(("arch", "right"), [("Qwen3ForCausalLM", True), ("LlamaForCausalLM", True),
-                                             ("LlamaForCausalLM", False)])
+                                             ("LlamaForCausalLM", False),
+                                             *(pytest.param(a, r, marks=pytest.mark.slow) for a, r in (
+                                                 ("OPTForCausalLM", True), ("Qwen2MoeForCausalLM", True),
+                                                 ("BloomForCausalLM", False), ("Gemma3ForCausalLM", False)))])
 def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cache_padding(arch: str, right: bool,
                                                                                             tmp_path: Path) -> None:
     """With ONNX Runtime's contrib ops, attention becomes GroupQueryAttention (right-padded caches shared by
