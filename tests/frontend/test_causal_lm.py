@@ -56,6 +56,9 @@ def _config(arch: str):
                                                          num_attention_heads=4, max_position_embeddings=256,
                                                          word_embed_proj_dim=64),
         "BloomForCausalLM": lambda: transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4),
+        "FalconForCausalLM": lambda: transformers.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                               num_attention_heads=4, new_decoder_architecture=True,
+                                                               num_kv_heads=2),
         "MixtralForCausalLM": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
         "Qwen2MoeForCausalLM": lambda: transformers.Qwen2MoeConfig(
             **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),

@@ -23,8 +23,8 @@ FIRST = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3For
          "GemmaForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM"]
 MORE = ["Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
         "PhiForCausalLM", "NemotronForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
-        "CohereForCausalLM", "GPTJForCausalLM", "OPTForCausalLM", "BloomForCausalLM", "MixtralForCausalLM",
-        "Qwen2MoeForCausalLM"]
+        "CohereForCausalLM", "GPTJForCausalLM", "OPTForCausalLM", "BloomForCausalLM", "FalconForCausalLM",
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
 """Causal LMs beyond the first eight: GenAI's own types (Gemma 2 and 3 with sliding windows, Granite, OLMo, Phi,
 Nemotron, SmolLM3) and others as its generic ``decoder`` type; OPT's MLP and Qwen2-MoE's shared expert run on
 flattened ``[batch*seq, hidden]`` rows (per-row slots between reshapes)."""

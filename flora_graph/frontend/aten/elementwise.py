@@ -2,9 +2,10 @@
 comparisons, logic, ``Where`` and ``Cast``.
 
 ``add``/``sub``/``mul``/``div``/``rsub`` (``Tensor`` and ``Scalar``, with ``alpha``) ->
-``Add``/``Sub``/``Mul``/``Div``; ``pow`` -> ``Pow``; ``neg``, ``relu``, ``silu``,
-``sigmoid``, ``tanh``, ``gelu``; ``exp``, ``log``, ``sqrt``, ``rsqrt``, ``reciprocal``,
-``cos``, ``sin``, ``abs``, ``sign``, ``erf``, ``expm1``, ``log1p``, ``log2``, ``log10``, ``tan``, ``acos``,
+``Add``/``Sub``/``Mul``/``Div`` (a 1-D weight added to a bias-less ``Linear`` that nothing else
+reads: that ``Linear`` with the weight as its bias, see :mod:`~flora_graph.frontend.aten.linear`);
+``pow`` -> ``Pow``; ``neg``, ``relu``, ``silu``, ``sigmoid``, ``tanh``, ``gelu``; ``exp``, ``log``, ``sqrt``,
+``rsqrt``, ``reciprocal``, ``cos``, ``sin``, ``abs``, ``sign``, ``erf``, ``expm1``, ``log1p``, ``log2``, ``log10``, ``tan``, ``acos``,
 ``asin``, ``atan``, ``cosh``, ``sinh``, ``acosh``, ``asinh``, ``atanh`` (cast to the float dtype torch
 computes in); ``ceil``/``floor``/``round``/``trunc`` (nothing on integers); ``maximum``/``max.other``,
 ``minimum``/``min.other`` -> ``Max``/``Min``; ``clamp`` (``Scalar`` and ``Tensor`` bounds) and
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from flora_graph.errors import GraphError
+from flora_graph.frontend.aten.linear import bias_into_linear
 from flora_graph.frontend.aten.registry import (
     Converter,
     as_dtype,
@@ -76,7 +78,13 @@ def _binary(op: Op) -> Converter:
     return conv
 
 
-register(aten.add.Tensor, aten.add.Scalar)(_binary(Op.ADD))
+@register(aten.add.Tensor, aten.add.Scalar)
+def _add(ctx, a, b, *, alpha=1):
+    """``a + alpha * b``; a 1-D weight added to a bias-less ``Linear`` is its bias (:func:`bias_into_linear`)."""
+    folded = bias_into_linear(ctx, a, b) if alpha == 1 else None
+    return folded if folded is not None else _binary(Op.ADD)(ctx, a, b, alpha=alpha)
+
+
 register(aten.sub.Tensor, aten.sub.Scalar)(_binary(Op.SUB))
 register(aten.mul.Tensor, aten.mul.Scalar)(_binary(Op.MUL))
 

@@ -1,6 +1,11 @@
 """ATen converters that emit the linear family (``Linear``, ``MatMul``, ``Conv2d``).
 
-``linear`` -> ``Linear``; ``matmul``/``mm``/``bmm`` -> ``MatMul``; ``addmm`` (GPT-2's
+``linear`` -> ``Linear``; ``matmul``/``mm``/``bmm`` -> ``MatMul``, except ``x @ W.T`` with ``W`` a
+2-D weight and ``x`` of rank 2 or more, the ``Linear(x, W)`` it is, and a 1-D weight ``b`` then added to that
+product alone (``add``, converted in :mod:`~flora_graph.frontend.aten.elementwise`) is folded in as
+its bias, ``Linear(x, W, b)``: a ``Linear`` subclass that multiplies instead of calling ``F.linear``
+(Falcon's ``x @ W.T + b``) stays a ``Linear`` layer the LoRA passes recognise, and LoRA wrapped
+around it an intact site; ``addmm`` (GPT-2's
 ``Conv1D``) -> ``MatMul`` plus ``Mul``/``Add`` for ``alpha``, ``beta`` and the bias;
 ``baddbmm`` (Bloom) likewise over batched matrices; ``conv2d`` (both overloads,
 ``padding="same"``/``"valid"`` included) and 2-D non-transposed ``convolution`` -> ``Conv2d``;
@@ -16,10 +21,10 @@ from typing import Any
 import torch
 
 from flora_graph.errors import UnsupportedOpError
-from flora_graph.frontend.aten.registry import as_dtype, refuse, register
-from flora_graph.ir import Op
+from flora_graph.frontend.aten.registry import as_dtype, out_dtype, refuse, register
+from flora_graph.ir import ComputationNode, Op
 
-__all__: list[str] = []
+__all__ = ["bias_into_linear"]
 
 aten = torch.ops.aten
 
@@ -29,9 +34,44 @@ def _linear(ctx, x, w, b=None):
     return ctx.emit(Op.LINEAR, [x, w] + ([b] if b is not None else []))
 
 
+def _transposed_weight(b: ComputationNode) -> ComputationNode | None:
+    """``W`` where ``b`` is ``W.T`` (a 2-D transpose) of a 2-D weight ``W`` (a ``Const``), else ``None``."""
+    if b.op is not Op.TRANSPOSE or tuple(b.attrs.get("perm", ())) != (1, 0):
+        return None
+    w = b.inputs[0]
+    return w if w.op is Op.CONST and len(w.shape) == 2 else None
+
+
 @register(aten.matmul.default, aten.mm.default, aten.bmm.default)
 def _matmul(ctx, a, b):
+    w = _transposed_weight(b)
+    if w is not None and len(a.shape) >= 2:
+        return ctx.emit(Op.LINEAR, [a, w])  # x @ W.T: the transpose is left unread (capture drops it)
     return ctx.emit(Op.MATMUL, [a, b])
+
+
+def bias_into_linear(ctx, a: Any, b: Any) -> ComputationNode | None:
+    """``Linear(x, W, bias)`` for ``a + b`` (either order) where one is a bias-less ``Linear(x, W)`` of a
+    constant weight that nothing but this sum reads and the other a 1-D weight ``[out]`` of its dtype, else ``None``.
+
+    The ``Linear`` left unread takes the new node's name (inside an adapter: ``<module>.base``),
+    so the folded node is named as a plain ``nn.Linear`` base layer's would be.
+    """
+    fx_args = tuple(ctx.fx_node.args[:2])
+    if len(fx_args) != 2:
+        return None
+    for lin, bias, fx_lin in ((a, b, fx_args[0]), (b, a, fx_args[1])):
+        if not (isinstance(lin, ComputationNode) and isinstance(bias, ComputationNode)
+                and lin.op is Op.LINEAR and len(lin.inputs) == 2 and lin.inputs[1].op is Op.CONST
+                and bias.op is Op.CONST and tuple(bias.shape) == (lin.shape[-1],)
+                and lin.dtype == bias.dtype == out_dtype(ctx)
+                and isinstance(fx_lin, torch.fx.Node) and len(fx_lin.users) == 1):
+            continue
+        folded = ctx.emit(Op.LINEAR, [*lin.inputs, bias])
+        if lin.meta.get("role") and lin.meta.get("role") == folded.meta.get("role"):
+            lin.name, folded.name = folded.name, lin.name  # the unread one is dropped at the end of capture
+        return folded
+    return None
 
 
 @register(aten.addmm.default)
