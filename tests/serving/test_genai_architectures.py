@@ -223,3 +223,27 @@ def test_longrope_package_switches_frequency_sets_where_eager_does(contrib: bool
     # keeps the tokens it gets alone (transformers' batched forward would give both the batch's set)
     got = gen.generate([crossing, [1, 7, 3]], adapters="ad", max_new_tokens=new, stop_tokens=[])
     assert got == [eager(adapted, crossing), eager(adapted, [1, 7, 3])]
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", *(pytest.param(a, marks=pytest.mark.slow)
+                                                        for a in ("Gemma3ForCausalLM", "GPT2LMHeadModel"))])
+def test_genai_batch_of_prompts_of_different_lengths_gives_each_its_own_tokens(arch: str, tmp_path: Path) -> None:
+    """GenAI pads a batch of prompts on the right (its ``PadInputs``): each row still gets its tokens alone, on
+    a GroupQueryAttention package (Llama; Gemma 3's sliding window as the kernel's local window) and a
+    standard one (GPT-2, left-padded caches GenAI pads its own way)."""
+    import numpy as np
+
+    model, _ = _package(arch, tmp_path)
+    prompts, new = [[1, 5, 9, 33, 70, 12, 13], [1, 7, 3]], 6
+    want = [_eager(model, p, new, min_new_tokens=new) for p in prompts]
+    gen_model = og.Model(str(tmp_path / "pkg"))
+    pad = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["model"]["pad_token_id"]
+    assert all(pad not in p for p in prompts)
+    width = max(map(len, prompts))
+    params = og.GeneratorParams(gen_model)
+    params.set_search_options(max_length=width + new, min_length=width + new, do_sample=False, batch_size=len(prompts))
+    g = og.Generator(gen_model, params)
+    g.append_tokens(np.array([p + [pad] * (width - len(p)) for p in prompts], dtype=np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    assert [[int(t) for t in g.get_sequence(i)][width:width + new] for i in range(len(prompts))] == want
