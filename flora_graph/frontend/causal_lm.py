@@ -218,7 +218,8 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
 
     The graph's inputs and outputs are named as in the module docstring; ``batch``, ``seq``
     and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g. ``{"seq": 4096}``). A ``longrope``
-    rotary takes its frequency set row by row (:func:`longrope_per_row`).
+    rotary takes its frequency set row by row (:func:`longrope_per_row`); a sliding window counts token
+    positions (:func:`~flora_graph.frontend.sliding_window.windows_by_position`).
 
     Raises:
         GraphError: the model is not a causal LM with a config, or torch.export fails on it.
@@ -239,4 +240,7 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     with _forward_with_past(model, layout), longrope_per_row(model):
         graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
                         input_names=in_names, output_names=out_names)
+    from flora_graph.frontend.sliding_window import windows_by_position
+
+    windows_by_position(graph)  # counted in tokens: right-padded batches (GenAI's) keep each row's window
     return graph

@@ -134,11 +134,33 @@ class _Nodes:
         return (shape.input[0], start) if end == start + 1 else None
 
 
+def _token_positions_of(m: _Nodes, value: str, attention_mask: str) -> bool:
+    """Whether ``value`` is ``CumSum(attention_mask, axis 1) - 1`` (through a ``Cast``): each slot's token position."""
+    sub = m.node(value, "Sub")
+    cum = m.node(sub.input[0], "CumSum") if sub is not None and m.is_const(sub.input[1], 1) else None
+    if cum is None or not m.is_const(cum.input[1], 1) or _attr(cum, "exclusive", 0) or _attr(cum, "reverse", 0):
+        return False
+    src = m.node(cum.input[0], "Cast")
+    return (src.input[0] if src is not None else cum.input[0]) == attention_mask
+
+
+def _position_band(m: _Nodes, gt: onnx.NodeProto, sub: onnx.NodeProto, attention_mask: str) -> bool:
+    """Whether ``Greater(gt)`` compares token positions (:mod:`flora_graph.frontend.sliding_window`): key
+    positions ``Unsqueeze(pos, [1, 2])`` against ``Sub(Unsqueeze(Slice(pos, ...), [1, 3]), window)``, the new
+    tokens' positions (a slice on axis 1), ``pos`` the token positions of ``attention_mask``."""
+    keys = m.unsqueezed(gt.input[0], [1, 2])
+    queries = m.unsqueezed(sub.input[0], [1, 3])
+    cut = m.node(queries, "Slice") if queries is not None else None
+    return (keys is not None and cut is not None and cut.input[0] == keys and len(cut.input) >= 4
+            and m.is_const(cut.input[3], [1]) and _token_positions_of(m, keys, attention_mask))
+
+
 def _causal_mask_of(m: _Nodes, mask: str) -> tuple[str, str, int] | None:
     """``(attention_mask, a past input, window)`` when ``mask`` is exactly ``key position <= query
     position`` and ``attention_mask[batch, key position]`` (``[batch, 1, seq, total]``, the causal mask
     of a cache whose positions run from 0 to the mask's width), with, for a sliding window of ``window``
-    keys, ``key position > query position - window`` as well (``window`` 0: none); else ``None``."""
+    keys, ``key position > query position - window`` as well, over cache positions or token positions
+    (``window`` 0: none); else ``None``."""
     both = m.node(mask, "And")
     if both is None:
         return None
@@ -156,7 +178,8 @@ def _causal_mask_of(m: _Nodes, mask: str) -> tuple[str, str, int] | None:
                 width = m.const(sub.input[1]) if sub is not None else None
                 w = float(width.reshape(-1)[0]) if width is not None and width.size == 1 else 0.0
                 if (le is not None and w == int(w) > 0
-                        and gt.input[0] == le.input[0] and sub.input[0] == le.input[1]):
+                        and ((gt.input[0] == le.input[0] and sub.input[0] == le.input[1])
+                             or _position_band(m, gt, sub, cast.input[0]))):
                     window = int(w)
                     break
             else:

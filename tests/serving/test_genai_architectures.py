@@ -225,15 +225,20 @@ def test_longrope_package_switches_frequency_sets_where_eager_does(contrib: bool
     assert got == [eager(adapted, crossing), eager(adapted, [1, 7, 3])]
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", *(pytest.param(a, marks=pytest.mark.slow)
-                                                        for a in ("Gemma3ForCausalLM", "GPT2LMHeadModel"))])
-def test_genai_batch_of_prompts_of_different_lengths_gives_each_its_own_tokens(arch: str, tmp_path: Path) -> None:
-    """GenAI pads a batch of prompts on the right (its ``PadInputs``): each row still gets its tokens alone, on
-    a GroupQueryAttention package (Llama; Gemma 3's sliding window as the kernel's local window) and a
-    standard one (GPT-2, left-padded caches GenAI pads its own way)."""
+@pytest.mark.parametrize(("arch", "contrib"), [
+    ("LlamaForCausalLM", True), ("Gemma2ForCausalLM", True),
+    *(pytest.param(a, c, marks=pytest.mark.slow) for a, c in (("Gemma3ForCausalLM", True), ("Gemma3ForCausalLM", False),
+                                                              ("GPT2LMHeadModel", True)))])
+def test_genai_batch_of_prompts_of_different_lengths_gives_each_its_own_tokens(arch: str, contrib: bool,
+                                                                               tmp_path: Path) -> None:
+    """GenAI pads a batch of prompts on the right (its ``PadInputs``), so a shorter row's new tokens follow its
+    padding: each row still gets its tokens alone, on GroupQueryAttention packages (Llama; Gemma 3's sliding
+    window as the kernel's local window) and on standard attention (GPT-2; Gemma 2, whose soft-capped attention
+    stays standard, and Gemma 3 without contrib ops: their sliding windows count token positions, not cache
+    slots; windows of 3 here, so they slide within the prompt)."""
     import numpy as np
 
-    model, _ = _package(arch, tmp_path)
+    model, _ = _package(arch, tmp_path, contrib=contrib)
     prompts, new = [[1, 5, 9, 33, 70, 12, 13], [1, 7, 3]], 6
     want = [_eager(model, p, new, min_new_tokens=new) for p in prompts]
     gen_model = og.Model(str(tmp_path / "pkg"))
