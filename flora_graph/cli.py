@@ -230,7 +230,8 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
         return 0
     with console.status("starting") as status:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
-                              contrib=args.ort_contrib, base_branch=args.base_branch)
+                              contrib=args.ort_contrib, base_branch=args.base_branch, precision=args.precision,
+                              int4_block_size=args.int4_block_size)
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an ONNX Runtime GenAI package "
                   f"(model type {report.model_type!r})")
     console.print(report.summary)
@@ -360,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format genai with adapters: model.onnx is one If on the input flora_graph.adapter_active "
                         "(set by every adapter file), so the base model skips the empty adapter slots; "
                         "--no-base-branch runs the slots always (an active adapter then saves the If, 10-16 us a step)")
+    e.add_argument("--precision", choices=["fp32", "int4"], default="fp32",
+                   help="--format genai: the base layers' weights; int4: 4-bit blocks (ONNX Runtime's MatMulNBits, as "
+                        "the model builder's -p int4), adapters staying float and swappable on top")
+    e.add_argument("--int4-block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
+                   help="--precision int4: input rows per quantization block (one scale each)")
     e.add_argument("--adapters-only", action="store_true",
                    help="--format genai: write only the --adapter files into the existing package --out (exported from "
                         "this model), leaving its models as they are; their modules must be among its slots")

@@ -40,7 +40,7 @@ from typing import Any
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
-__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
+__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "PRECISIONS", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
            "add_adapters", "causal_lm_classes", "export_genai", "genai_config", "genai_type", "refill_position",
            "search_defaults"]
 
@@ -62,6 +62,9 @@ GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qw
                "SmolLM3ForCausalLM": "smollm3", "Ernie4_5ForCausalLM": "ernie4_5"}
 """transformers class -> ``model.type`` of genai_config.json where ONNX Runtime GenAI names the architecture
 (the types of its model builder); every other causal LM is :data:`GENERIC_TYPE`."""
+
+PRECISIONS = ("fp32", "int4")
+"""The weights a package's base layers are stored in (``export_genai(precision=...)``)."""
 
 GENERIC_TYPE = "decoder"
 """GenAI's decoder-only model type for any other causal LM (GPT-2, GPT-NeoX, OLMo 2, StableLM, Starcoder2,
@@ -192,6 +195,8 @@ def export_genai(
     progress: Callable[[str], None] | None = None,
     contrib: bool = True,
     base_branch: bool = True,
+    precision: str = "fp32",
+    int4_block_size: int = 32,
 ) -> GenAIReport:
     """Write an ONNX Runtime GenAI package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
@@ -201,15 +206,23 @@ def export_genai(
     execution providers without them; they are slower in ONNX Runtime. ``base_branch=False`` leaves
     out the ``If`` that skips the slots when no adapter is active (:mod:`~flora_graph.serving.base_branch`):
     the base model then runs the slots' empty kernels, and an active adapter saves the ``If``.
+    ``precision="int4"`` stores the base layers' weights in 4 bits, blocks of ``int4_block_size``
+    (:mod:`~flora_graph.serving.int4`: ONNX Runtime's ``MatMulNBits``, as the model builder's ``-p int4``);
+    adapters stay float and swappable on top.
 
-    Every argument and folder is checked before the model loads: an adapter name that cannot
-    be a file name, a folder that is not a PEFT LoRA folder (or uses ``modules_to_save``,
+    Every argument and folder is checked before the model loads: a precision or block size it does not
+    take, an adapter name that cannot be a file name, a folder that is not a PEFT LoRA folder (or uses ``modules_to_save``,
     which changes base weights and cannot be swapped), a model class GenAI has no type for.
     Raises :class:`~flora_graph.errors.FloraGraphError` subclasses naming the culprit; on
     failure nothing at ``out`` changes.
     """
     from flora_graph.model_export import check_adapter_folder, check_model_folder
+    from flora_graph.serving.int4 import INT4_BLOCK_SIZES, quantize_weights
 
+    if precision not in PRECISIONS:
+        raise FloraGraphError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
+    if precision == "int4" and int4_block_size not in INT4_BLOCK_SIZES:
+        raise FloraGraphError(f"int4 block size {int4_block_size!r}: expected one of {list(INT4_BLOCK_SIZES)}")
     say = progress or (lambda msg: None)
     adapters = dict(adapters or {})
     arch = check_model_folder(base)
@@ -268,6 +281,9 @@ def export_genai(
             written_model = export_swappable(graph, opset=GENAI_OPSET, contrib=contrib, max_positions=context)
             if base_branch:
                 written_model = branch_on_adapter(written_model)
+            if precision == "int4":
+                say(f"quantizing the base weights to 4 bits (blocks of {int4_block_size})")
+                quantize_weights(written_model, int4_block_size)
             save_onnx(_mark_refill(written_model, refill), tmp / MODEL_FILE)
             say("writing the mixed-adapter model")
             from flora_graph.serving.slots import graph_slots
@@ -277,12 +293,17 @@ def export_genai(
             # base layers packed as plain Linears (pack-linears: 6% faster steps, 8 rows over 8 adapters)
             mixed = export_mixed(optimize(unpacked, ["pack-linears", "cse", "dce"]), opset=GENAI_OPSET,
                                  packed=[s for s in graph_slots(graph) if s.members], contrib=contrib, max_positions=context)
+            if precision == "int4":
+                quantize_weights(mixed, int4_block_size)
             save_onnx(_mark_refill(mixed, refill), tmp / MIXED_FILE)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
             from flora_graph.runtimes.onnx_writer import save_onnx
 
             written_model = to_onnx(graph, GENAI_OPSET, contrib=contrib, max_positions=context)
+            if precision == "int4":
+                say(f"quantizing the base weights to 4 bits (blocks of {int4_block_size})")
+                quantize_weights(written_model, int4_block_size)
             save_onnx(_mark_refill(written_model, refill), tmp / MODEL_FILE)
         _fit_config(doc, written_model)
         if params:

@@ -1,0 +1,159 @@
+"""4-bit weights for a package's models: every base ``MatMul`` on a constant weight becomes ONNX Runtime's
+``com.microsoft.MatMulNBits``, as the ONNX Runtime GenAI model builder's ``-p int4`` models are.
+
+A weight ``W`` (``[in, out]`` as ``MatMul`` reads it) is quantized per output column in blocks of
+``block_size`` input rows, symmetric round-to-nearest: ``scale = max|w| / 7`` over the block, ``q =
+clip(round(w / scale), -8, 7)``, stored as ``q + 8`` (two per byte, the first in the low nibble) with the
+default zero point 8. The kernel runs with ``accuracy_level`` 0: it multiplies the float activations by
+the dequantized weights ``q * scale``, so the model computes what a float model of those weights does.
+LoRA slots keep their float weights (graph inputs), so adapters stay swappable and exact on top of the
+quantized base, as QLoRA trains them. Embeddings (``Gather``) stay float.
+
+A weight is constant when it is an initializer that is not also a graph input (a LoRA slot's empty default
+is one), or ``Transpose`` / ``Concat`` / ``Identity`` of constants
+(how a packed q/k/v or gate/up layer reads its members' weights), in the graph or an enclosing one (the base
+branch's ``If``); one quantized initializer serves every ``MatMul`` of one weight. Weights whose rows are not a
+whole number of blocks stay float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["INT4_BLOCK_SIZES", "quantize_block", "quantize_weights"]
+
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+"""Block sizes ``MatMulNBits`` takes (a power of two, at least 16)."""
+
+_CONTRIB = "com.microsoft"
+
+
+def quantize_block(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(packed, scales)`` of ``w`` ``[out, in]`` (``in`` a multiple of ``block_size``): ``packed`` uint8
+    ``[out, in / block_size, block_size / 2]``, ``scales`` ``[out * in / block_size]`` in ``w``'s dtype."""
+    out, k = w.shape
+    blocks = w.astype(np.float32).reshape(out, k // block_size, block_size)
+    scale = np.abs(blocks).max(-1) / 7.0
+    scale[scale == 0] = 1.0  # an all-zero block: any scale gives zeros
+    q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale.reshape(-1).astype(w.dtype)
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        yield from a.graphs
+
+
+class _Quantizer:
+    def __init__(self, model: onnx.ModelProto, block_size: int) -> None:
+        self.model, self.block_size = model, block_size
+        self.top = model.graph
+        fed = {i.name for i in self.top.input}  # an initializer that is also an input is a default (a LoRA slot's)
+        self.inits = {t.name: t for t in self.top.initializer if t.name not in fed}
+        self.made: dict[str, tuple[str, str, int, int]] = {}  # weight signature -> (packed, scales, K, N)
+        self.count = 0
+
+    def _value(self, name: str, producers: list[dict[str, onnx.NodeProto]], memo: dict) -> tuple[str, np.ndarray] | None:
+        """``(signature, value)`` of ``name`` when it is constant (see the module docstring), else ``None``."""
+        if name in memo:
+            return memo[name]
+        node = next((p[name] for p in producers if name in p), None)
+        got = None
+        if node is None:
+            if name in self.inits:
+                got = (name, numpy_helper.to_array(self.inits[name]))
+        elif not node.domain and node.op_type in ("Transpose", "Concat", "Identity"):
+            parts = [self._value(i, producers, memo) for i in node.input]
+            if all(p is not None for p in parts):
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                arrays = [p[1] for p in parts]
+                if node.op_type == "Transpose":
+                    value = np.transpose(arrays[0], attrs.get("perm"))
+                elif node.op_type == "Concat":
+                    value = np.concatenate(arrays, axis=attrs["axis"])
+                else:
+                    value = arrays[0]
+                sig = f"{node.op_type}{sorted(attrs.items())}({','.join(p[0] for p in parts)})"
+                got = (sig, value)
+        memo[name] = got
+        return got
+
+    def graph(self, g: onnx.GraphProto, outer: list[dict[str, onnx.NodeProto]]) -> None:
+        producers = [{o: n for n in g.node for o in n.output}, *outer]
+        memo: dict = {}
+        for i, n in enumerate(g.node):
+            for sub in _subgraphs(n):
+                self.graph(sub, producers)
+            if n.op_type != "MatMul" or n.domain or len(n.input) != 2:
+                continue
+            got = self._value(n.input[1], producers, memo)
+            if got is None or got[1].ndim != 2 or got[1].dtype not in (np.float32, np.float16):
+                continue
+            sig, w = got
+            k, out = w.shape
+            if k % self.block_size:
+                continue
+            if sig not in self.made:
+                packed, scales = quantize_block(np.ascontiguousarray(w.T), self.block_size)
+                base = f"{n.name or n.output[0]}.int4"
+                names = (f"{base}.weight", f"{base}.scales")
+                self.top.initializer.extend([numpy_helper.from_array(packed, names[0]),
+                                             numpy_helper.from_array(scales, names[1])])
+                self.inits.update({names[0]: self.top.initializer[-2], names[1]: self.top.initializer[-1]})
+                self.made[sig] = (*names, k, out)
+            wq, sc, k, out = self.made[sig]
+            g.node[i].CopyFrom(helper.make_node("MatMulNBits", [n.input[0], wq, sc], list(n.output), name=n.name,
+                                                domain=_CONTRIB, K=k, N=out, bits=4, block_size=self.block_size,
+                                                accuracy_level=0))
+            self.count += 1
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads (in any graph, subgraphs included) and initializers nothing reads."""
+
+    def reads(g: onnx.GraphProto) -> set[str]:
+        out = {o.name for o in g.output}
+        for n in g.node:
+            out.update(n.input)
+            for sub in _subgraphs(n):
+                out |= reads(sub)
+        return out
+
+    def prune(g: onnx.GraphProto, outer_reads: set[str]) -> None:
+        while True:
+            read = reads(g) | outer_reads
+            keep = [n for n in g.node if any(o in read for o in n.output) or not n.output]
+            if len(keep) == len(g.node):
+                break
+            del g.node[:]
+            g.node.extend(keep)
+        for n in g.node:
+            for sub in _subgraphs(n):
+                prune(sub, set())
+
+    prune(model.graph, set())
+    read = reads(model.graph)
+    keep = [t for t in model.graph.initializer if t.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def quantize_weights(model: onnx.ModelProto, block_size: int = 32) -> int:
+    """Quantize ``model``'s constant ``MatMul`` weights to 4 bits in place (see the module docstring); return
+    how many ``MatMul``\\ s now read 4-bit weights. Raises ``ValueError`` for a block size not in
+    :data:`INT4_BLOCK_SIZES`."""
+    if block_size not in INT4_BLOCK_SIZES:
+        raise ValueError(f"int4 block size {block_size!r}: expected one of {list(INT4_BLOCK_SIZES)}")
+    q = _Quantizer(model, block_size)
+    q.graph(model.graph, [])
+    if q.count:
+        if not any(o.domain == _CONTRIB for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(_CONTRIB, 1))
+        _drop_unread(model)
+    return q.count

@@ -1,0 +1,142 @@
+"""4-bit packages: base weights as MatMulNBits, adapters float on top; tokens equal eager PEFT on the same
+4-bit weights (quantized here in torch, independently), in the Generator and in GenAI."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from flora_graph.errors import FloraGraphError
+from flora_graph.serving.genai import export_genai
+from flora_graph.serving.generate import Generator
+from flora_graph.serving.int4 import quantize_block
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot be imported on this platform")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
+from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
+from tests.serving.genai_package import genai_tokens  # noqa: E402
+
+PROMPT, NEW, BLOCK = [1, 5, 9, 33, 70], 10, 32
+
+
+def fake_quant(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """``w`` ``[out, in]`` through symmetric 4-bit round-to-nearest in blocks of ``block`` inputs."""
+    out, k = w.shape
+    b = w.reshape(out, k // block, block)
+    scale = b.abs().amax(-1, keepdim=True) / 7
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.clamp(torch.round(b / scale), -8, 7) * scale).reshape(out, k)
+
+
+def test_blocks_run_in_onnxruntime_as_their_dequantized_weights() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 64)).astype(np.float32)  # [out, in]
+    w[3, :32] = 0  # an all-zero block
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    packed, scales = quantize_block(w, BLOCK)
+    assert packed.shape == (24, 2, 16) and packed.dtype == np.uint8 and scales.shape == (48,)
+    deq = fake_quant(torch.from_numpy(w)).numpy()
+    assert np.abs(deq - w).max() <= scales.max() / 2 + 1e-6 and not deq[3, :32].any()
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=64, N=24, bits=4,
+                            block_size=BLOCK, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq.T, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Llama, a PEFT adapter (nonzero ``B``) and its fp32 and int4 packages."""
+    root = tmp_path_factory.mktemp("int4")
+    model = tiny_causal_lm("LlamaForCausalLM")
+    model.config.eos_token_id = 2
+    model.save_pretrained(root / "base")
+    save_word_tokenizer(root / "base", 128)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = peft.get_peft_model(tiny_causal_lm("LlamaForCausalLM"),
+                                      peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        adapted.base_model.model.load_state_dict(model.state_dict(), strict=False)
+        for mod in adapted.modules():
+            if "default" in getattr(mod, "lora_B", {}):
+                torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
+        adapted.save_pretrained(root / "ad")
+        for precision in ("fp32", "int4"):
+            export_genai(root / "base", root / precision, {"ad": root / "ad"}, precision=precision)
+    return root, model, adapted.eval()
+
+
+def _eager(m, prompt: list[int] = PROMPT) -> list[int]:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return m.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=NEW, do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+
+
+def test_int4_package_gives_eager_tokens_of_the_4_bit_weights(packages) -> None:
+    root, model, adapted = packages
+    q_model, q_adapted = copy.deepcopy(model), copy.deepcopy(adapted)
+    with torch.no_grad():
+        for m in (q_model, q_adapted.base_model.model):
+            for name, mod in m.named_modules():
+                if isinstance(mod, torch.nn.Linear) and "lora_" not in name:
+                    mod.weight.copy_(fake_quant(mod.weight))
+    want, want_ad = _eager(q_model), _eager(q_adapted)
+    assert want != _eager(model) and want_ad != want  # the 4 bits and the adapter both show in the tokens
+    gen = Generator(root / "int4")
+    assert gen.generate([PROMPT], max_new_tokens=NEW, stop_tokens=[])[0] == want
+    assert gen.generate([PROMPT], adapters="ad", max_new_tokens=NEW, stop_tokens=[])[0] == want_ad
+    assert gen.generate([PROMPT, PROMPT], adapters=["ad", None], max_new_tokens=NEW, stop_tokens=[]) == [want_ad, want]
+    gen_model = og.Model(str(root / "int4"))
+    loaded = og.Adapters(gen_model)
+    loaded.load(str(root / "int4" / "adapters" / "ad.onnx_adapter"), "ad")
+    assert genai_tokens(gen_model, PROMPT, NEW, loaded, "ad") == want_ad
+    assert genai_tokens(gen_model, PROMPT, NEW, loaded, None) == want
+
+
+def test_int4_models_hold_4_bit_base_weights_and_float_adapter_slots(packages) -> None:
+    root = packages[0]
+    for name in ("model.onnx", "mixed.onnx"):
+        fp32, int4 = (onnx.load(str(root / p / name)) for p in ("fp32", "int4"))
+
+        def ops(m):
+            out = [n.op_type for n in m.graph.node]
+            for n in m.graph.node:
+                for a in n.attribute:
+                    if a.type == onnx.AttributeProto.GRAPH:
+                        out += [x.op_type for x in a.g.node]
+            return out
+
+        assert ops(int4).count("MatMulNBits") > 0
+        # the adapter slots' MatMuls (their weights graph inputs) stay float
+        assert [i.name for i in int4.graph.input] == [i.name for i in fp32.graph.input]
+        assert (root / "int4" / name).stat().st_size < 0.5 * (root / "fp32" / name).stat().st_size, name
+
+
+def test_bad_precision_or_block_size_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    with pytest.raises(FloraGraphError, match="precision 'int8'"):
+        export_genai(tmp_path / "nowhere", tmp_path / "out", precision="int8")
+    with pytest.raises(FloraGraphError, match="block size 48"):
+        export_genai(tmp_path / "nowhere", tmp_path / "out", precision="int4", int4_block_size=48)
+    from flora_graph.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(tmp_path), "--format", "genai", "--precision", "int8"])
+    assert exit_.value.code == 2
+    assert not (tmp_path / "out").exists()
