@@ -231,7 +231,7 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     with console.status("starting") as status:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
                               contrib=args.ort_contrib, base_branch=args.base_branch, precision=args.precision,
-                              int4_block_size=args.int4_block_size)
+                              int4_block_size=args.int4_block_size, int4_accuracy_level=args.int4_accuracy_level)
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an ONNX Runtime GenAI package "
                   f"(model type {report.model_type!r})")
     console.print(report.summary)
@@ -366,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model builder's -p int4), adapters staying float and swappable on top")
     e.add_argument("--int4-block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
                    help="--precision int4: input rows per quantization block (one scale each)")
+    e.add_argument("--int4-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="--precision int4: MatMulNBits' least activation precision; 4 computes in int8 (the model "
+                        "builder's CPU default, the fastest), 0 keeps the input's (the float model of the 4-bit "
+                        "weights, token for token)")
     e.add_argument("--adapters-only", action="store_true",
                    help="--format genai: write only the --adapter files into the existing package --out (exported from "
                         "this model), leaving its models as they are; their modules must be among its slots")

@@ -197,6 +197,7 @@ def export_genai(
     base_branch: bool = True,
     precision: str = "fp32",
     int4_block_size: int = 32,
+    int4_accuracy_level: int = 4,
 ) -> GenAIReport:
     """Write an ONNX Runtime GenAI package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
@@ -208,7 +209,9 @@ def export_genai(
     the base model then runs the slots' empty kernels, and an active adapter saves the ``If``.
     ``precision="int4"`` stores the base layers' weights in 4 bits, blocks of ``int4_block_size``
     (:mod:`~flora_graph.serving.int4`: ONNX Runtime's ``MatMulNBits``, as the model builder's ``-p int4``);
-    adapters stay float and swappable on top.
+    adapters stay float and swappable on top. ``int4_accuracy_level`` 4 (the default, the builder's on CPU)
+    quantizes the activations to int8 as well, the fastest on CPU; 0 computes with float activations: the
+    float model of the 4-bit weights, token for token.
 
     Every argument and folder is checked before the model loads: a precision or block size it does not
     take, an adapter name that cannot be a file name, a folder that is not a PEFT LoRA folder (or uses ``modules_to_save``,
@@ -217,12 +220,14 @@ def export_genai(
     failure nothing at ``out`` changes.
     """
     from flora_graph.model_export import check_adapter_folder, check_model_folder
-    from flora_graph.serving.int4 import INT4_BLOCK_SIZES, quantize_weights
+    from flora_graph.serving.int4 import ACCURACY_LEVELS, INT4_BLOCK_SIZES, quantize_weights
 
     if precision not in PRECISIONS:
         raise FloraGraphError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
     if precision == "int4" and int4_block_size not in INT4_BLOCK_SIZES:
         raise FloraGraphError(f"int4 block size {int4_block_size!r}: expected one of {list(INT4_BLOCK_SIZES)}")
+    if precision == "int4" and int4_accuracy_level not in ACCURACY_LEVELS:
+        raise FloraGraphError(f"int4 accuracy level {int4_accuracy_level!r}: expected one of {list(ACCURACY_LEVELS)}")
     say = progress or (lambda msg: None)
     adapters = dict(adapters or {})
     arch = check_model_folder(base)
@@ -283,7 +288,7 @@ def export_genai(
                 written_model = branch_on_adapter(written_model)
             if precision == "int4":
                 say(f"quantizing the base weights to 4 bits (blocks of {int4_block_size})")
-                quantize_weights(written_model, int4_block_size)
+                quantize_weights(written_model, int4_block_size, int4_accuracy_level)
             save_onnx(_mark_refill(written_model, refill), tmp / MODEL_FILE)
             say("writing the mixed-adapter model")
             from flora_graph.serving.slots import graph_slots
@@ -294,7 +299,7 @@ def export_genai(
             mixed = export_mixed(optimize(unpacked, ["pack-linears", "cse", "dce"]), opset=GENAI_OPSET,
                                  packed=[s for s in graph_slots(graph) if s.members], contrib=contrib, max_positions=context)
             if precision == "int4":
-                quantize_weights(mixed, int4_block_size)
+                quantize_weights(mixed, int4_block_size, int4_accuracy_level)
             save_onnx(_mark_refill(mixed, refill), tmp / MIXED_FILE)
         else:
             from flora_graph.runtimes.onnx_lowering import to_onnx
@@ -303,7 +308,7 @@ def export_genai(
             written_model = to_onnx(graph, GENAI_OPSET, contrib=contrib, max_positions=context)
             if precision == "int4":
                 say(f"quantizing the base weights to 4 bits (blocks of {int4_block_size})")
-                quantize_weights(written_model, int4_block_size)
+                quantize_weights(written_model, int4_block_size, int4_accuracy_level)
             save_onnx(_mark_refill(written_model, refill), tmp / MODEL_FILE)
         _fit_config(doc, written_model)
         if params:

@@ -4,16 +4,18 @@
 A weight ``W`` (``[in, out]`` as ``MatMul`` reads it) is quantized per output column in blocks of
 ``block_size`` input rows, symmetric round-to-nearest: ``scale = max|w| / 7`` over the block, ``q =
 clip(round(w / scale), -8, 7)``, stored as ``q + 8`` (two per byte, the first in the low nibble) with the
-default zero point 8. The kernel runs with ``accuracy_level`` 0: it multiplies the float activations by
-the dequantized weights ``q * scale``, so the model computes what a float model of those weights does.
+default zero point 8. With ``accuracy_level`` 0 the kernel multiplies the float activations by the
+dequantized weights ``q * scale``, so the model computes what a float model of those weights does; 4 (the
+model builder's default on CPU) quantizes the activations to int8 as well: faster on CPUs with int8 dot
+products, no longer equal to the float model of the 4-bit weights.
 LoRA slots keep their float weights (graph inputs), so adapters stay swappable and exact on top of the
 quantized base, as QLoRA trains them. Embeddings (``Gather``) stay float.
 
 A weight is constant when it is an initializer that is not also a graph input (a LoRA slot's empty default
 is one), or ``Transpose`` / ``Concat`` / ``Identity`` of constants
 (how a packed q/k/v or gate/up layer reads its members' weights), in the graph or an enclosing one (the base
-branch's ``If``); one quantized initializer serves every ``MatMul`` of one weight. Weights whose rows are not a
-whole number of blocks stay float.
+branch's ``If``); one quantized initializer serves every ``MatMul`` of one weight. A last block that the weight's rows
+do not fill is zero-padded.
 """
 
 from __future__ import annotations
@@ -24,19 +26,27 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["INT4_BLOCK_SIZES", "quantize_block", "quantize_weights"]
+__all__ = ["ACCURACY_LEVELS", "INT4_BLOCK_SIZES", "quantize_block", "quantize_weights"]
 
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 """Block sizes ``MatMulNBits`` takes (a power of two, at least 16)."""
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+"""``MatMulNBits``' ``accuracy_level``: the least precision of its activations (0: the input's, 1: fp32,
+2: fp16, 3: bf16, 4: int8)."""
 
 _CONTRIB = "com.microsoft"
 
 
 def quantize_block(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(packed, scales)`` of ``w`` ``[out, in]`` (``in`` a multiple of ``block_size``): ``packed`` uint8
-    ``[out, in / block_size, block_size / 2]``, ``scales`` ``[out * in / block_size]`` in ``w``'s dtype."""
+    """``(packed, scales)`` of ``w`` ``[out, in]``: ``packed`` uint8 ``[out, blocks, block_size / 2]``, ``scales``
+    ``[out * blocks]`` in ``w``'s dtype, ``blocks = ceil(in / block_size)`` (the last block zero-padded, as
+    ``MatMulNBits`` reads it)."""
     out, k = w.shape
-    blocks = w.astype(np.float32).reshape(out, k // block_size, block_size)
+    n_blocks = -(-k // block_size)
+    padded = np.zeros((out, n_blocks * block_size), np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(out, n_blocks, block_size)
     scale = np.abs(blocks).max(-1) / 7.0
     scale[scale == 0] = 1.0  # an all-zero block: any scale gives zeros
     q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
@@ -51,8 +61,8 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 
 class _Quantizer:
-    def __init__(self, model: onnx.ModelProto, block_size: int) -> None:
-        self.model, self.block_size = model, block_size
+    def __init__(self, model: onnx.ModelProto, block_size: int, accuracy_level: int) -> None:
+        self.model, self.block_size, self.accuracy_level = model, block_size, accuracy_level
         self.top = model.graph
         fed = {i.name for i in self.top.input}  # an initializer that is also an input is a default (a LoRA slot's)
         self.inits = {t.name: t for t in self.top.initializer if t.name not in fed}
@@ -97,8 +107,6 @@ class _Quantizer:
                 continue
             sig, w = got
             k, out = w.shape
-            if k % self.block_size:
-                continue
             if sig not in self.made:
                 packed, scales = quantize_block(np.ascontiguousarray(w.T), self.block_size)
                 base = f"{n.name or n.output[0]}.int4"
@@ -110,7 +118,7 @@ class _Quantizer:
             wq, sc, k, out = self.made[sig]
             g.node[i].CopyFrom(helper.make_node("MatMulNBits", [n.input[0], wq, sc], list(n.output), name=n.name,
                                                 domain=_CONTRIB, K=k, N=out, bits=4, block_size=self.block_size,
-                                                accuracy_level=0))
+                                                accuracy_level=self.accuracy_level))
             self.count += 1
 
 
@@ -144,13 +152,15 @@ def _drop_unread(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
-def quantize_weights(model: onnx.ModelProto, block_size: int = 32) -> int:
+def quantize_weights(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 0) -> int:
     """Quantize ``model``'s constant ``MatMul`` weights to 4 bits in place (see the module docstring); return
     how many ``MatMul``\\ s now read 4-bit weights. Raises ``ValueError`` for a block size not in
-    :data:`INT4_BLOCK_SIZES`."""
+    :data:`INT4_BLOCK_SIZES` or an accuracy level not in :data:`ACCURACY_LEVELS`."""
     if block_size not in INT4_BLOCK_SIZES:
         raise ValueError(f"int4 block size {block_size!r}: expected one of {list(INT4_BLOCK_SIZES)}")
-    q = _Quantizer(model, block_size)
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"int4 accuracy level {accuracy_level!r}: expected one of {list(ACCURACY_LEVELS)}")
+    q = _Quantizer(model, block_size, accuracy_level)
     q.graph(model.graph, [])
     if q.count:
         if not any(o.domain == _CONTRIB for o in model.opset_import):

@@ -27,3 +27,14 @@ def test_generate_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
         assert "genai/builder" in line and "genai/genai no-branch" in line
     assert "vLLM column skipped" in out and "tokens equal eager PEFT per row: True" in out
     assert "one more adapter into the package (--adapters-only):" in out
+
+
+@pytest.mark.slow
+def test_int4_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))
+        bench = importlib.import_module("int4")
+        assert bench.main(["--adapters", "1", "--new", "6", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy tokens equal (GenAI and the Generator on each int4 package, base and a0): True" in out
+    assert "int4 int8-activations/builder int4" in out and "model size: fp32" in out

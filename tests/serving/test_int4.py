@@ -31,26 +31,28 @@ PROMPT, NEW, BLOCK = [1, 5, 9, 33, 70], 10, 32
 
 
 def fake_quant(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """``w`` ``[out, in]`` through symmetric 4-bit round-to-nearest in blocks of ``block`` inputs."""
+    """``w`` ``[out, in]`` through symmetric 4-bit round-to-nearest in blocks of ``block`` inputs (the last one
+    zero-padded)."""
     out, k = w.shape
-    b = w.reshape(out, k // block, block)
+    padded = torch.nn.functional.pad(w, (0, -k % block))
+    b = padded.reshape(out, -1, block)
     scale = b.abs().amax(-1, keepdim=True) / 7
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return (torch.clamp(torch.round(b / scale), -8, 7) * scale).reshape(out, k)
+    return (torch.clamp(torch.round(b / scale), -8, 7) * scale).reshape(out, -1)[:, :k]
 
 
 def test_blocks_run_in_onnxruntime_as_their_dequantized_weights() -> None:
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((24, 64)).astype(np.float32)  # [out, in]
+    w = rng.standard_normal((24, 80)).astype(np.float32)  # [out, in]: 2.5 blocks
     w[3, :32] = 0  # an all-zero block
-    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x = rng.standard_normal((3, 80)).astype(np.float32)
     packed, scales = quantize_block(w, BLOCK)
-    assert packed.shape == (24, 2, 16) and packed.dtype == np.uint8 and scales.shape == (48,)
+    assert packed.shape == (24, 3, 16) and packed.dtype == np.uint8 and scales.shape == (72,)
     deq = fake_quant(torch.from_numpy(w)).numpy()
     assert np.abs(deq - w).max() <= scales.max() / 2 + 1e-6 and not deq[3, :32].any()
-    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=64, N=24, bits=4,
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=80, N=24, bits=4,
                             block_size=BLOCK, accuracy_level=0)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 80])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
@@ -77,8 +79,9 @@ def packages(tmp_path_factory: pytest.TempPathFactory):
             if "default" in getattr(mod, "lora_B", {}):
                 torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
         adapted.save_pretrained(root / "ad")
-        for precision in ("fp32", "int4"):
-            export_genai(root / "base", root / precision, {"ad": root / "ad"}, precision=precision)
+        export_genai(root / "base", root / "fp32", {"ad": root / "ad"})
+        export_genai(root / "base", root / "int4", {"ad": root / "ad"}, precision="int4", int4_accuracy_level=0)
+        export_genai(root / "base", root / "int8act", {"ad": root / "ad"}, precision="int4")  # the default level, 4
     return root, model, adapted.eval()
 
 
@@ -90,6 +93,7 @@ def _eager(m, prompt: list[int] = PROMPT) -> list[int]:
 
 
 def test_int4_package_gives_eager_tokens_of_the_4_bit_weights(packages) -> None:
+    """Accuracy level 0: float activations, so the package is the float model of its 4-bit weights."""
     root, model, adapted = packages
     q_model, q_adapted = copy.deepcopy(model), copy.deepcopy(adapted)
     with torch.no_grad():
@@ -140,3 +144,27 @@ def test_bad_precision_or_block_size_is_refused_before_anything_loads(tmp_path: 
         main(["export", str(tmp_path), "--format", "genai", "--precision", "int8"])
     assert exit_.value.code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_activations_are_the_default_and_both_runtimes_agree(packages) -> None:
+    """The default accuracy level 4 (int8 activations, the model builder's on CPU): the Generator and GenAI
+    run the same model, so they give the same tokens, base and adapter."""
+    root = packages[0]
+    levels = {a.i for n in _all_nodes(onnx.load(str(root / "int8act" / "model.onnx")).graph) if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    gen = Generator(root / "int8act")
+    gen_model = og.Model(str(root / "int8act"))
+    loaded = og.Adapters(gen_model)
+    loaded.load(str(root / "int8act" / "adapters" / "ad.onnx_adapter"), "ad")
+    for adapter in (None, "ad"):
+        assert gen.generate([PROMPT], adapters=adapter, max_new_tokens=NEW, stop_tokens=[])[0] == \
+            genai_tokens(gen_model, PROMPT, NEW, loaded, adapter)
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
