@@ -314,7 +314,8 @@ def tensor_header(name: str, arr: np.ndarray) -> onnx.TensorProto:
     """A ``TensorProto`` with ``arr``'s name, dtype and dims, no data."""
     t = TensorProto()
     t.name = name
-    t.data_type = ONNX_DTYPES[arr.dtype.name]
+    known = ONNX_DTYPES.get(arr.dtype.name)  # the IR's dtypes; others (a 4-bit weight's uint8) as onnx maps them
+    t.data_type = known if known is not None else helper.np_dtype_to_tensor_dtype(arr.dtype)
     t.dims.extend(int(d) for d in arr.shape)
     return t
 

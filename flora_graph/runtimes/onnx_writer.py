@@ -41,7 +41,7 @@ from flora_graph.runtimes.onnx_lowering import (
 )
 from flora_graph.storage import atomic_file
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "model_size", "save_onnx", "write_external_files", "write_model_file"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "model_size", "save_lowered", "save_onnx", "write_external_files", "write_model_file"]
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes; past it save_onnx writes weights to "<file>.data"
 
@@ -67,17 +67,30 @@ def save_onnx(graph_or_model: Graph | onnx.ModelProto, path: str | Path, *, opse
     it has external data). Raises :class:`OnnxExportError` naming the path when it cannot
     be written; the old model at ``path`` stays whole and no partial file stays.
     """
+    if isinstance(graph_or_model, Graph):
+        return save_lowered(*lower(graph_or_model, opset), path)
     path = Path(os.path.abspath(path))
     try:
-        if isinstance(graph_or_model, Graph):
-            model, weights = lower(graph_or_model, opset)
-            _write_lowered(model, weights, path)
-        elif model_size(graph_or_model) <= EXTERNAL_DATA_THRESHOLD:
+        if model_size(graph_or_model) <= EXTERNAL_DATA_THRESHOLD:
             data = graph_or_model.SerializeToString()
             check_model(data, f"model for {str(path)!r}")
             _commit(path, lambda fh: fh.write(data))
         else:
             _save_external(graph_or_model, path)
+    except OSError as exc:
+        raise OnnxExportError(f"cannot write ONNX model to {str(path)!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def save_lowered(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], path: str | Path) -> Path:
+    """Write :func:`~flora_graph.runtimes.onnx_lowering.lower`'s ``(model, weights)`` to ``path`` atomically, each
+    weight's bytes from its array to the file (no copy in memory), with external data past
+    :data:`EXTERNAL_DATA_THRESHOLD`; return the path. ``model`` may have changed since (its nodes, metadata,
+    small initializers) as long as it reads the weights by their names. Raises :class:`OnnxExportError` as
+    :func:`save_onnx` does."""
+    path = Path(os.path.abspath(path))
+    try:
+        _write_lowered(model, weights, path)
     except OSError as exc:
         raise OnnxExportError(f"cannot write ONNX model to {str(path)!r}: {exc.strerror or exc}") from None
     return path

@@ -30,18 +30,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
 from flora_graph.errors import AdapterError
 from flora_graph.ir import Graph
 from flora_graph.passes.adapter_slots import INDEX_INPUT, SLOTS_DIM, adapter_slots, weight_names
-from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, to_onnx
-from flora_graph.runtimes.onnx_writer import save_onnx
+from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, add_initializer, lower
+from flora_graph.runtimes.onnx_writer import save_lowered
 from flora_graph.serving.errors import ServingError
 from flora_graph.serving.slots import LoRASlot, graph_slots, slots_to_metadata
 
-__all__ = ["INDEX_INPUT", "SLOTS_DIM", "export_mixed", "export_swappable", "slotted", "stack_names"]
+__all__ = ["INDEX_INPUT", "SLOTS_DIM", "export_mixed", "export_swappable", "lower_slotted", "slotted", "stack_names"]
 
 
 def stack_names(slot: LoRASlot) -> tuple[str, str]:
@@ -63,14 +64,26 @@ def slotted(graph: Graph, slots: str = "swappable") -> Graph:
     return g
 
 
-def _export(graph: Graph, slots: str, opset: int, path: str | Path | None,
-            packed: Sequence[LoRASlot] = (), contrib: bool = False, max_positions: int | None = None) -> onnx.ModelProto:
+def lower_slotted(graph: Graph, slots: str = "swappable", *, opset: int = DEFAULT_OPSET, packed: Sequence[LoRASlot] = (),
+                  contrib: bool = False, max_positions: int | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """:func:`export_swappable` (``slots="swappable"``) or :func:`export_mixed` (``"mixed"``) with the big weights
+    apart, as :func:`~flora_graph.runtimes.onnx_lowering.lower` gives them: ``(model, {initializer: array})``,
+    the arrays views of the graph's weights, for :func:`~flora_graph.runtimes.onnx_writer.save_lowered` to
+    write without a copy in memory. Same errors as those."""
     g = slotted(graph, slots)
-    model = to_onnx(g, opset, contrib=contrib, max_positions=max_positions)
+    model, weights = lower(g, opset, contrib=contrib, max_positions=max_positions)
     props = {p.key: p.value for p in model.metadata_props}
     helper.set_model_props(model, {**props, **slots_to_metadata(graph_slots(g), slots, packed)})
+    return model, weights
+
+
+def _export(graph: Graph, slots: str, opset: int, path: str | Path | None,
+            packed: Sequence[LoRASlot] = (), contrib: bool = False, max_positions: int | None = None) -> onnx.ModelProto:
+    model, weights = lower_slotted(graph, slots, opset=opset, packed=packed, contrib=contrib, max_positions=max_positions)
     if path is not None:
-        save_onnx(model, path)
+        save_lowered(model, weights, path)
+    for name, arr in weights.items():
+        add_initializer(model.graph, name, arr)
     return model
 
 

@@ -28,13 +28,13 @@ a reader sees the old package or the new one, never a mix.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from flora_graph.errors import AdapterError, FloraGraphError
@@ -253,11 +253,11 @@ def export_genai(
 
     layout = cache_layout(model)
     sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
-    slotted_model = model
-    if sites:
-        slotted_model = copy.deepcopy(model)
-        apply_lora(slotted_model, sites, rank=1)  # where the slots go; their weights are fed at run time
-    graph = capture_causal_lm(slotted_model, name=arch)
+    if sites:  # the model was loaded for this export alone: its layers take the slots in place, no copy
+        apply_lora(model, sites, rank=1)  # where the slots go; their weights are fed at run time
+    graph = capture_causal_lm(model, name=arch)
+    # the graph holds its own copy of the weights: from here on the model is its configs
+    model = SimpleNamespace(config=model.config, generation_config=getattr(model, "generation_config", None))
     seconds["capture"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -278,38 +278,37 @@ def export_genai(
     written: dict[str, Path] = {}
     with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
         say("writing the model")
-        if sites:
-            from flora_graph.runtimes.onnx_writer import save_onnx
-            from flora_graph.serving.base_branch import branch_on_adapter
-            from flora_graph.serving.export import export_mixed, export_swappable
+        # each model lowered with its big weights apart (views of the graph's), written from the arrays
+        from flora_graph.runtimes.onnx_writer import save_lowered
 
-            written_model = export_swappable(graph, opset=GENAI_OPSET, contrib=contrib, max_positions=context)
-            if base_branch:
-                written_model = branch_on_adapter(written_model)
+        def write(model: Any, weights: dict[str, Any], file: str) -> None:
             if precision == "int4":
-                say(f"quantizing the base weights to 4 bits (blocks of {int4_block_size})")
-                quantize_weights(written_model, int4_block_size, int4_accuracy_level)
-            save_onnx(_mark_refill(written_model, refill), tmp / MODEL_FILE)
-            say("writing the mixed-adapter model")
+                say(f"quantizing {file}'s base weights to 4 bits (blocks of {int4_block_size})")
+                quantize_weights(model, int4_block_size, int4_accuracy_level, weights)
+            save_lowered(_mark_refill(model, refill), weights, tmp / file)
+
+        if sites:
+            from flora_graph.serving.base_branch import branch_on_adapter
+            from flora_graph.serving.export import lower_slotted
             from flora_graph.serving.slots import graph_slots
 
+            written_model, weights = lower_slotted(graph, "swappable", opset=GENAI_OPSET, contrib=contrib,
+                                                   max_positions=context)
+            if base_branch:
+                written_model = branch_on_adapter(written_model)
+            write(written_model, weights, MODEL_FILE)
+            say("writing the mixed-adapter model")
             # slots unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
             # with 8 adapters; the mixed session unpacks the package's packed adapter files); their
             # base layers packed as plain Linears (pack-linears: 6% faster steps, 8 rows over 8 adapters)
-            mixed = export_mixed(optimize(unpacked, ["pack-linears", "cse", "dce"]), opset=GENAI_OPSET,
-                                 packed=[s for s in graph_slots(graph) if s.members], contrib=contrib, max_positions=context)
-            if precision == "int4":
-                quantize_weights(mixed, int4_block_size, int4_accuracy_level)
-            save_onnx(_mark_refill(mixed, refill), tmp / MIXED_FILE)
+            write(*lower_slotted(optimize(unpacked, ["pack-linears", "cse", "dce"]), "mixed", opset=GENAI_OPSET,
+                                 packed=[s for s in graph_slots(graph) if s.members], contrib=contrib,
+                                 max_positions=context), MIXED_FILE)
         else:
-            from flora_graph.runtimes.onnx_lowering import to_onnx
-            from flora_graph.runtimes.onnx_writer import save_onnx
+            from flora_graph.runtimes.onnx_lowering import lower
 
-            written_model = to_onnx(graph, GENAI_OPSET, contrib=contrib, max_positions=context)
-            if precision == "int4":
-                say(f"quantizing the base weights to 4 bits (blocks of {int4_block_size})")
-                quantize_weights(written_model, int4_block_size, int4_accuracy_level)
-            save_onnx(_mark_refill(written_model, refill), tmp / MODEL_FILE)
+            written_model, weights = lower(graph, GENAI_OPSET, contrib=contrib, max_positions=context)
+            write(written_model, weights, MODEL_FILE)
         _fit_config(doc, written_model)
         if params:
             from flora_graph.serving.adapter_file import write_adapter

@@ -61,11 +61,12 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 
 class _Quantizer:
-    def __init__(self, model: onnx.ModelProto, block_size: int, accuracy_level: int) -> None:
-        self.model, self.block_size, self.accuracy_level = model, block_size, accuracy_level
+    def __init__(self, model: onnx.ModelProto, block_size: int, accuracy_level: int,
+                 weights: dict[str, np.ndarray] | None) -> None:
+        self.model, self.block_size, self.accuracy_level, self.weights = model, block_size, accuracy_level, weights
         self.top = model.graph
-        fed = {i.name for i in self.top.input}  # an initializer that is also an input is a default (a LoRA slot's)
-        self.inits = {t.name: t for t in self.top.initializer if t.name not in fed}
+        self.fed = {i.name for i in self.top.input}  # an initializer that is also an input is a default (a slot's)
+        self.inits = {t.name: t for t in self.top.initializer if t.name not in self.fed}
         self.made: dict[str, tuple[str, str, int, int]] = {}  # weight signature -> (packed, scales, K, N)
         self.count = 0
 
@@ -78,6 +79,8 @@ class _Quantizer:
         if node is None:
             if name in self.inits:
                 got = (name, numpy_helper.to_array(self.inits[name]))
+            elif self.weights is not None and name in self.weights and name not in self.fed:
+                got = (name, self.weights[name])
         elif not node.domain and node.op_type in ("Transpose", "Concat", "Identity"):
             parts = [self._value(i, producers, memo) for i in node.input]
             if all(p is not None for p in parts):
@@ -111,9 +114,11 @@ class _Quantizer:
                 packed, scales = quantize_block(np.ascontiguousarray(w.T), self.block_size)
                 base = f"{n.name or n.output[0]}.int4"
                 names = (f"{base}.weight", f"{base}.scales")
-                self.top.initializer.extend([numpy_helper.from_array(packed, names[0]),
-                                             numpy_helper.from_array(scales, names[1])])
-                self.inits.update({names[0]: self.top.initializer[-2], names[1]: self.top.initializer[-1]})
+                if self.weights is not None:  # written with the other weights, from the arrays
+                    self.weights.update({names[0]: packed, names[1]: scales})
+                else:
+                    self.top.initializer.extend([numpy_helper.from_array(packed, names[0]),
+                                                 numpy_helper.from_array(scales, names[1])])
                 self.made[sig] = (*names, k, out)
             wq, sc, k, out = self.made[sig]
             g.node[i].CopyFrom(helper.make_node("MatMulNBits", [n.input[0], wq, sc], list(n.output), name=n.name,
@@ -122,8 +127,9 @@ class _Quantizer:
             self.count += 1
 
 
-def _drop_unread(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nothing reads (in any graph, subgraphs included) and initializers nothing reads."""
+def _drop_unread(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) -> None:
+    """Remove nodes whose outputs nothing reads (in any graph, subgraphs included) and initializers (and
+    ``weights``) nothing reads."""
 
     def reads(g: onnx.GraphProto) -> set[str]:
         out = {o.name for o in g.output}
@@ -150,20 +156,25 @@ def _drop_unread(model: onnx.ModelProto) -> None:
     keep = [t for t in model.graph.initializer if t.name in read]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+    for name in [n for n in (weights or {}) if n not in read]:
+        del weights[name]
 
 
-def quantize_weights(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 0) -> int:
+def quantize_weights(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 0,
+                     weights: dict[str, np.ndarray] | None = None) -> int:
     """Quantize ``model``'s constant ``MatMul`` weights to 4 bits in place (see the module docstring); return
-    how many ``MatMul``\\ s now read 4-bit weights. Raises ``ValueError`` for a block size not in
+    how many ``MatMul``\\ s now read 4-bit weights. ``weights``: the big initializers kept apart
+    (:func:`~flora_graph.runtimes.onnx_lowering.lower`'s), read and updated in place (the 4-bit ones added,
+    the float ones no node reads any more removed). Raises ``ValueError`` for a block size not in
     :data:`INT4_BLOCK_SIZES` or an accuracy level not in :data:`ACCURACY_LEVELS`."""
     if block_size not in INT4_BLOCK_SIZES:
         raise ValueError(f"int4 block size {block_size!r}: expected one of {list(INT4_BLOCK_SIZES)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"int4 accuracy level {accuracy_level!r}: expected one of {list(ACCURACY_LEVELS)}")
-    q = _Quantizer(model, block_size, accuracy_level)
+    q = _Quantizer(model, block_size, accuracy_level, weights)
     q.graph(model.graph, [])
     if q.count:
         if not any(o.domain == _CONTRIB for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(_CONTRIB, 1))
-        _drop_unread(model)
+        _drop_unread(model, weights)
     return q.count
