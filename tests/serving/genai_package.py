@@ -95,3 +95,28 @@ def genai_tokens(model, prompt: list[int], new: int, adapters=None, adapter: str
     while not g.is_done():
         g.generate_next_token()
     return [int(t) for t in g.get_sequence(0)][len(prompt):]
+
+
+def tiny_with_adapter(arch: str, root: Path, target_modules: object = "all-linear"):
+    """A tiny ``arch`` (``tests.frontend.test_causal_lm.tiny_causal_lm``, end-of-text 2) saved with a tokenizer under
+    ``root / "base"`` and a PEFT LoRA adapter on it (r 4, nonzero ``B``) under ``root / "ad"``: ``(model, adapted)``,
+    both in eval mode."""
+    import peft
+
+    from tests.frontend.test_causal_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(arch)
+    model.config.eos_token_id = 2
+    model.save_pretrained(root / "base")
+    save_word_tokenizer(root / "base", 128)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = peft.get_peft_model(tiny_causal_lm(arch), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                            target_modules=target_modules))
+        adapted.base_model.model.load_state_dict(model.state_dict(), strict=False)
+        for mod in adapted.modules():
+            if "default" in getattr(mod, "lora_B", {}):
+                torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
+        adapted.save_pretrained(root / "ad")
+    return model, adapted.eval()

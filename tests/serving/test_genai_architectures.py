@@ -16,7 +16,7 @@ from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
 from flora_graph.serving.genai import export_genai, genai_type  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
 from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
-from tests.serving.genai_package import genai_tokens  # noqa: E402
+from tests.serving.genai_package import genai_tokens, tiny_with_adapter  # noqa: E402
 
 PROMPT, NEW = [1, 5, 9, 33, 70], 8
 FIRST = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
@@ -82,25 +82,11 @@ FAST_ADAPTED = {"Qwen2ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM"}  # bi
 def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path: Path) -> None:
     """With a PEFT adapter on every linear layer (nonzero ``B``), sibling slots packed: the Generator (adapter
     and base) and GenAI give eager PEFT's greedy tokens."""
-    import peft
-
-    model = tiny_causal_lm(arch)
-    model.config.eos_token_id = 2
-    model.save_pretrained(tmp_path / "base")
-    save_word_tokenizer(tmp_path / "base", 128)
-    torch.manual_seed(3)
+    model, adapted = tiny_with_adapter(arch, tmp_path, TARGETS.get(arch, "all-linear"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adapted = peft.get_peft_model(tiny_causal_lm(arch), peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=TARGETS.get(arch, "all-linear")))
-        adapted.base_model.model.load_state_dict(model.state_dict(), strict=False)
-        for mod in adapted.modules():
-            if "default" in getattr(mod, "lora_B", {}):
-                torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
-        adapted.save_pretrained(tmp_path / "ad")
         report = export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
         with torch.no_grad():  # pure greedy: no EOS (the Generator runs with stop_tokens=[])
-            adapted.eval()
             for m in (model, adapted.base_model.model):
                 m.generation_config.eos_token_id = None
             want, plain = _eager(adapted, PROMPT, NEW), _eager(model, PROMPT, NEW)

@@ -20,12 +20,10 @@ from flora_graph.serving.generate import Generator
 from flora_graph.serving.int4 import quantize_block
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot be imported on this platform")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
 
-from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
-from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
-from tests.serving.genai_package import genai_tokens  # noqa: E402
+from tests.serving.genai_package import genai_tokens, tiny_with_adapter  # noqa: E402
 
 PROMPT, NEW, BLOCK = [1, 5, 9, 33, 70], 10, 32
 
@@ -65,24 +63,13 @@ def test_blocks_run_in_onnxruntime_as_their_dequantized_weights() -> None:
 def packages(tmp_path_factory: pytest.TempPathFactory):
     """A tiny Llama, a PEFT adapter (nonzero ``B``) and its fp32 and int4 packages."""
     root = tmp_path_factory.mktemp("int4")
-    model = tiny_causal_lm("LlamaForCausalLM")
-    model.config.eos_token_id = 2
-    model.save_pretrained(root / "base")
-    save_word_tokenizer(root / "base", 128)
-    torch.manual_seed(3)
+    model, adapted = tiny_with_adapter("LlamaForCausalLM", root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adapted = peft.get_peft_model(tiny_causal_lm("LlamaForCausalLM"),
-                                      peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        adapted.base_model.model.load_state_dict(model.state_dict(), strict=False)
-        for mod in adapted.modules():
-            if "default" in getattr(mod, "lora_B", {}):
-                torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
-        adapted.save_pretrained(root / "ad")
         export_genai(root / "base", root / "fp32", {"ad": root / "ad"})
         export_genai(root / "base", root / "int4", {"ad": root / "ad"}, precision="int4", int4_accuracy_level=0)
         export_genai(root / "base", root / "int8act", {"ad": root / "ad"}, precision="int4")  # the default level, 4
-    return root, model, adapted.eval()
+    return root, model, adapted
 
 
 def _eager(m, prompt: list[int] = PROMPT) -> list[int]:
