@@ -1,5 +1,6 @@
-"""4-bit weights for a package's models: every base ``MatMul`` on a constant weight becomes ONNX Runtime's
-``com.microsoft.MatMulNBits``, as the ONNX Runtime GenAI model builder's ``-p int4`` models are.
+"""4-bit weights for a package's models: every base ``MatMul`` (or ``Gemm``, its bias then an ``Add``) on a constant
+weight becomes ONNX Runtime's ``com.microsoft.MatMulNBits``, as the ONNX Runtime GenAI model builder's ``-p int4``
+models are.
 
 A weight ``W`` (``[in, out]`` as ``MatMul`` reads it) is quantized per output column in blocks of
 ``block_size`` input rows, symmetric round-to-nearest: ``scale = max|w| / 7`` over the block, ``q =
@@ -97,19 +98,38 @@ class _Quantizer:
         memo[name] = got
         return got
 
+    def _weight(self, n: onnx.NodeProto, producers: list[dict[str, onnx.NodeProto]], memo: dict) -> tuple[str, np.ndarray] | None:
+        """``(signature, W [in, out])`` of the constant weight a ``MatMul`` or a plain ``Gemm`` (``alpha = beta = 1``,
+        ``A`` not transposed, a bias of ``[out]`` at most) multiplies by, else ``None``."""
+        if n.domain or n.op_type not in ("MatMul", "Gemm"):
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "MatMul" and len(n.input) != 2:
+            return None
+        if n.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                                     or attrs.get("beta", 1.0) != 1.0 or len(n.input) not in (2, 3)):
+            return None
+        got = self._value(n.input[1], producers, memo)
+        if got is None or got[1].ndim != 2 or got[1].dtype not in (np.float32, np.float16):
+            return None
+        sig, w = got
+        if attrs.get("transB", 0):  # Gemm's B as [out, in]
+            sig, w = f"T({sig})", w.T
+        return sig, w
+
     def graph(self, g: onnx.GraphProto, outer: list[dict[str, onnx.NodeProto]]) -> None:
         producers = [{o: n for n in g.node for o in n.output}, *outer]
         memo: dict = {}
+        rewritten: list[tuple[int, list[onnx.NodeProto]]] = []
         for i, n in enumerate(g.node):
             for sub in _subgraphs(n):
                 self.graph(sub, producers)
-            if n.op_type != "MatMul" or n.domain or len(n.input) != 2:
-                continue
-            got = self._value(n.input[1], producers, memo)
-            if got is None or got[1].ndim != 2 or got[1].dtype not in (np.float32, np.float16):
+            got = self._weight(n, producers, memo)
+            if got is None:
                 continue
             sig, w = got
             k, out = w.shape
+            bias = n.input[2] if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2] else None
             if sig not in self.made:
                 packed, scales = quantize_block(np.ascontiguousarray(w.T), self.block_size)
                 base = f"{n.name or n.output[0]}.int4"
@@ -121,10 +141,17 @@ class _Quantizer:
                                                  numpy_helper.from_array(scales, names[1])])
                 self.made[sig] = (*names, k, out)
             wq, sc, k, out = self.made[sig]
-            g.node[i].CopyFrom(helper.make_node("MatMulNBits", [n.input[0], wq, sc], list(n.output), name=n.name,
-                                                domain=_CONTRIB, K=k, N=out, bits=4, block_size=self.block_size,
-                                                accuracy_level=self.accuracy_level))
+            product = f"{n.output[0]}/int4" if bias else n.output[0]
+            nodes = [helper.make_node("MatMulNBits", [n.input[0], wq, sc], [product], name=n.name, domain=_CONTRIB,
+                                      K=k, N=out, bits=4, block_size=self.block_size, accuracy_level=self.accuracy_level)]
+            if bias:  # Gemm's C, broadcast over the rows as Gemm adds it
+                nodes.append(helper.make_node("Add", [product, bias], [n.output[0]], name=f"{n.name}/bias"))
+            rewritten.append((i, nodes))
             self.count += 1
+        for i, nodes in reversed(rewritten):  # in place: every reader still comes after its producer
+            g.node[i].CopyFrom(nodes[0])
+            for extra in reversed(nodes[1:]):
+                g.node.insert(i + 1, extra)
 
 
 def _drop_unread(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) -> None:

@@ -79,15 +79,22 @@ def _eager(m, prompt: list[int] = PROMPT) -> list[int]:
                           max_new_tokens=NEW, do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
 
 
-def test_int4_package_gives_eager_tokens_of_the_4_bit_weights(packages) -> None:
-    """Accuracy level 0: float activations, so the package is the float model of its 4-bit weights."""
-    root, model, adapted = packages
+def _quantized(model, adapted):
+    """Copies of ``model`` and ``adapted`` whose base ``Linear`` layers have 4-bit weights (an output layer tied to
+    the embedding untied first: the embedding, a lookup, stays float)."""
     q_model, q_adapted = copy.deepcopy(model), copy.deepcopy(adapted)
     with torch.no_grad():
         for m in (q_model, q_adapted.base_model.model):
             for name, mod in m.named_modules():
                 if isinstance(mod, torch.nn.Linear) and "lora_" not in name:
-                    mod.weight.copy_(fake_quant(mod.weight))
+                    mod.weight = torch.nn.Parameter(fake_quant(mod.weight.detach().clone()))
+    return q_model, q_adapted
+
+
+def test_int4_package_gives_eager_tokens_of_the_4_bit_weights(packages) -> None:
+    """Accuracy level 0: float activations, so the package is the float model of its 4-bit weights."""
+    root, model, adapted = packages
+    q_model, q_adapted = _quantized(model, adapted)
     want, want_ad = _eager(q_model), _eager(q_adapted)
     assert want != _eager(model) and want_ad != want  # the 4 bits and the adapter both show in the tokens
     gen = Generator(root / "int4")
@@ -155,3 +162,19 @@ def _all_nodes(graph: onnx.GraphProto):
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 yield from _all_nodes(a.g)
+
+
+def test_int4_gemm_layers_and_a_tied_embedding(tmp_path: Path) -> None:
+    """OPT: its MLP layers run on flattened rows, lowered as ``Gemm`` (the bias an ``Add`` after the 4-bit product),
+    and its output layer is tied to the embedding, which stays float; base and adapter rows equal eager's."""
+    model, adapted = tiny_with_adapter("OPTForCausalLM", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"}, precision="int4",
+                     int4_accuracy_level=0)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    q_model, q_adapted = _quantized(model, adapted)
+    want, want_ad = _eager(q_model), _eager(q_adapted)
+    assert want != _eager(model)
+    gen = Generator(tmp_path / "pkg")
+    assert gen.generate([PROMPT, PROMPT], adapters=["ad", None], max_new_tokens=NEW, stop_tokens=[]) == [want_ad, want]
