@@ -66,11 +66,12 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _to_numpy(t: torch.Tensor, name: str) -> np.ndarray:
+def _to_numpy(t: torch.Tensor, name: str, copy: bool = True) -> np.ndarray:
+    """``t`` as a numpy array: a copy, or (``copy=False``) a view of its memory where it is on the CPU."""
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         raise GraphError(f"param {name!r} is bfloat16, which the numpy side cannot hold; cast the model to float32/float16")
-    return t.numpy().copy()
+    return t.numpy().copy() if copy else t.numpy()
 
 
 def _prefix(path: str) -> str:
@@ -81,8 +82,10 @@ def _prefix(path: str) -> str:
 class CaptureContext:
     """State of one capture: the graph being built and the fx node being converted."""
 
-    def __init__(self, graph: Graph, adapters: Mapping[str, Any], symbols: dict[str, str]) -> None:
+    def __init__(self, graph: Graph, adapters: Mapping[str, Any], symbols: dict[str, str],
+                 share_weights: bool = False) -> None:
         self.graph = graph
+        self.share_weights = share_weights  # the graph's weights are views of the model's tensors
         self.adapters = dict(adapters)
         self.symbols = symbols  # sympy symbol name -> IR dim name
         self.in_place: Mapping[torch.fx.Node, Any] = {}  # in-place fx nodes -> their functional twin
@@ -355,6 +358,7 @@ def capture(
     dim_min: DimMax | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    share_weights: bool = False,
 ) -> Graph:
     """Export ``model`` with ``torch.export`` and convert it to a verified :class:`Graph`.
 
@@ -379,6 +383,9 @@ def capture(
         input_names: names of the graph inputs in order, replacing the keyword and parameter
             names (``dynamic_dims`` still uses those; a list input ``past`` has ``past.0``, ...).
         output_names: names of the outputs in order (default ``output`` or ``output_{i}``).
+        share_weights: the graph's weights are views of the model's tensors instead of copies: no second copy
+            of the weights in memory, for a model used for nothing else afterwards (a change to its weights
+            shows in the graph).
 
     Raises:
         UnsupportedOpError: listing every ATen op outside the table and where it occurs.
@@ -386,7 +393,8 @@ def capture(
             or the result does not verify.
     """
     traced = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max, dim_min=dim_min)
-    graph = _convert(traced, flat_dynamic_dims(dynamic_dims), name or type(traced.model).__name__, output_names)
+    graph = _convert(traced, flat_dynamic_dims(dynamic_dims), name or type(traced.model).__name__, output_names,
+                     share_weights)
     graph.dim_max, graph.dim_min = traced.dim_max, traced.dim_min
     if input_names is not None:
         if len(input_names) != len(graph.inputs):
@@ -574,13 +582,15 @@ def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.e
     return ep
 
 
-def _convert(traced: Traced, dynamic_dims: DynamicDims, name: str, output_names: Sequence[str] | None = None) -> Graph:
+def _convert(traced: Traced, dynamic_dims: DynamicDims, name: str, output_names: Sequence[str] | None = None,
+             share_weights: bool = False) -> Graph:
     ep = traced.ep
     sig = ep.graph_signature
     weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     state = {**ep.state_dict, **ep.constants}
     return convert_fx_graph(ep.graph, {n: (fqn, state[fqn]) for n, fqn in weights.items()}, traced.adapters,
-                            dynamic_dims, name, input_names=traced.input_names, output_names=output_names)
+                            dynamic_dims, name, input_names=traced.input_names, output_names=output_names,
+                            share_weights=share_weights)
 
 
 def convert_fx_graph(
@@ -592,6 +602,7 @@ def convert_fx_graph(
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    share_weights: bool = False,
 ) -> Graph:
     """Convert an ATen-level fx graph (torch.export's, or AOT autograd's) to a verified :class:`Graph`.
 
@@ -605,6 +616,7 @@ def convert_fx_graph(
         input_names: the graph input names of the tensor placeholders that are not weights, in
             order (default: the placeholder names).
         output_names: the output names, in order (default ``output`` or ``output_{i}``).
+        share_weights: the graph's weights are views of ``weights``' tensors, not copies (see :func:`capture`).
 
     Raises:
         UnsupportedOpError: listing every ATen op outside the table and where it occurs.
@@ -624,7 +636,7 @@ def convert_fx_graph(
         for ax, d in enumerate(n.meta["val"].shape):
             if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
                 symbols.setdefault(d.node.expr.name, dynamic_dims.get(names[n], {}).get(ax, d.node.expr.name))
-    ctx = CaptureContext(graph, adapters, symbols)
+    ctx = CaptureContext(graph, adapters, symbols, share_weights)
     ctx.in_place = in_place
     env: dict[torch.fx.Node, Any] = {}
     for n in fx_nodes:
@@ -667,7 +679,7 @@ class _LazyConst:
 def _realize(ctx: CaptureContext, v: Any) -> Any:
     if isinstance(v, _LazyConst):
         if v.node is None:
-            v.node = ctx.graph.const(v.fqn, _to_numpy(v.tensor, v.fqn))
+            v.node = ctx.graph.const(v.fqn, _to_numpy(v.tensor, v.fqn, copy=not ctx.share_weights))
         return v.node
     if isinstance(v, list | tuple):
         return type(v)(_realize(ctx, x) for x in v)

@@ -213,13 +213,15 @@ def longrope_per_row(model: nn.Module) -> Iterator[list[str]]:
             del module.forward  # the class's forward again
 
 
-def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None) -> Graph:
+def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None,
+                      share_weights: bool = False) -> Graph:
     """Capture ``model`` (a transformers causal LM, or a PeftModel of one) with its key/value cache.
 
     The graph's inputs and outputs are named as in the module docstring; ``batch``, ``seq``
     and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g. ``{"seq": 4096}``). A ``longrope``
     rotary takes its frequency set row by row (:func:`longrope_per_row`); a sliding window counts token
-    positions (:func:`~flora_graph.frontend.sliding_window.windows_by_position`).
+    positions (:func:`~flora_graph.frontend.sliding_window.windows_by_position`). ``share_weights``: the graph's
+    weights are views of the model's (see :func:`~flora_graph.frontend.capture`).
 
     Raises:
         GraphError: the model is not a causal LM with a config, or torch.export fails on it.
@@ -239,7 +241,7 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     out_names = ["logits", *present_names(layout.layers)]
     with _forward_with_past(model, layout), longrope_per_row(model):
         graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
-                        input_names=in_names, output_names=out_names)
+                        input_names=in_names, output_names=out_names, share_weights=share_weights)
     from flora_graph.frontend.sliding_window import windows_by_position
 
     windows_by_position(graph)  # counted in tokens: right-padded batches (GenAI's) keep each row's window

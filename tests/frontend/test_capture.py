@@ -592,3 +592,16 @@ def test_capture_pauses_the_garbage_collector_and_restores_its_state():
     with pytest.raises(GraphError, match="boom"):
         trace_with_torch_export(Broken(), torch.ones(2, 3))
     assert gc.isenabled()
+
+
+def test_share_weights_makes_the_graph_weights_views_of_the_model() -> None:
+    """``share_weights=True``: no second copy of the weights (a model used for nothing else afterwards, as
+    ``export_genai`` loads one); by default the graph's weights are copies, which later training does not touch."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 8)
+    for share in (False, True):
+        g = capture(model, x, {"input": {0: "batch"}}, share_weights=share)
+        arrays = [np.asarray(v) for v in g.params.values() if np.asarray(v).size >= 16]
+        shared = [any(np.shares_memory(a, p.detach().numpy()) for p in model.parameters()) for a in arrays]
+        assert arrays and all(shared) if share else not any(shared)
+        np.testing.assert_allclose(run(g, {"input": x.numpy()})["output"], model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
