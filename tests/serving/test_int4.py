@@ -178,3 +178,30 @@ def test_int4_gemm_layers_and_a_tied_embedding(tmp_path: Path) -> None:
     assert want != _eager(model)
     gen = Generator(tmp_path / "pkg")
     assert gen.generate([PROMPT, PROMPT], adapters=["ad", None], max_new_tokens=NEW, stop_tokens=[]) == [want_ad, want]
+
+
+def test_int4_from_the_command_line_and_an_adapter_added_later(packages, tmp_path: Path) -> None:
+    """``flora-graph export ... --precision int4 --int4-block-size 16`` writes 16-row blocks; ``--adapters-only``
+    adds an adapter to the int4 package (its slots are the same float inputs), which then serves it."""
+    import shutil
+
+    from flora_graph.cli import main
+
+    root = packages[0]
+    out = tmp_path / "pkg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
+                     "--precision", "int4", "--int4-block-size", "16", "--int4-accuracy-level", "0", "--out", str(out)]) == 0
+        sizes = {a.i for n in _all_nodes(onnx.load(str(out / "model.onnx")).graph) if n.op_type == "MatMulNBits"
+                 for a in n.attribute if a.name == "block_size"}
+        assert sizes == {16}
+        shutil.rmtree(out)
+        assert main(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
+                     "--precision", "int4", "--int4-accuracy-level", "0", "--adapter", f"ad={root / 'ad'}",
+                     "--out", str(out)]) == 0
+        assert main(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
+                     "--adapter", f"later={root / 'ad'}", "--adapters-only", "--out", str(out)]) == 0
+    gen = Generator(out)
+    assert gen.generate([PROMPT], adapters="later", max_new_tokens=NEW, stop_tokens=[]) == \
+        gen.generate([PROMPT], adapters="ad", max_new_tokens=NEW, stop_tokens=[])
