@@ -191,6 +191,10 @@ def _adapter_args(values: Sequence[str] | None) -> dict[str, str]:
 def _export(args: argparse.Namespace, console: Console) -> int:
     from flora_graph.model_export import export_model
 
+    if args.precision != "fp32" and args.format != "genai":
+        raise FloraGraphError(f"--precision {args.precision} goes with --format genai (a GenAI package's base weights)")
+    if args.precision != "int4" and (args.int4_block_size != 32 or args.int4_accuracy_level != 4):
+        raise FloraGraphError("--int4-block-size and --int4-accuracy-level go with --precision int4")
     if args.format == "genai" or args.task == "text-generation-with-past":
         return _export_genai(args, console)
     if args.adapter and len(args.adapter) > 1:
@@ -221,6 +225,9 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     adapters = _adapter_args(args.adapter)
     if args.replace and not args.adapters_only:
         raise FloraGraphError("--replace goes with --adapters-only (a full export writes the package anew)")
+    if args.adapters_only and args.precision != "fp32":
+        raise FloraGraphError("--adapters-only leaves the package's models as they are: drop --precision (adapters "
+                              "are float in any package)")
     if args.adapters_only:
         from flora_graph.serving.genai import add_adapters
 

@@ -127,7 +127,7 @@ def test_int4_models_hold_4_bit_base_weights_and_float_adapter_slots(packages) -
         assert (root / "int4" / name).stat().st_size < 0.5 * (root / "fp32" / name).stat().st_size, name
 
 
-def test_bad_precision_or_block_size_is_refused_before_anything_loads(tmp_path: Path) -> None:
+def test_bad_precision_or_block_size_is_refused_before_anything_loads(tmp_path: Path, capsys) -> None:
     with pytest.raises(FloraGraphError, match="precision 'int8'"):
         export_genai(tmp_path / "nowhere", tmp_path / "out", precision="int8")
     with pytest.raises(FloraGraphError, match="block size 48"):
@@ -137,6 +137,12 @@ def test_bad_precision_or_block_size_is_refused_before_anything_loads(tmp_path: 
     with pytest.raises(SystemExit) as exit_:
         main(["export", str(tmp_path), "--format", "genai", "--precision", "int8"])
     assert exit_.value.code == 2
+    for args, why in ((["--precision", "int4"], "goes with --format genai"),
+                      (["--format", "genai", "--int4-block-size", "64"], "go with --precision int4"),
+                      (["--format", "genai", "--task", "text-generation-with-past", "--precision", "int4",
+                        "--adapters-only", "--adapter", f"a={tmp_path}"], "leaves the package's models")):
+        assert main(["export", str(tmp_path), *args, "--out", str(tmp_path / "out")]) == 2
+        assert why in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
