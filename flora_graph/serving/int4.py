@@ -39,19 +39,25 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 _CONTRIB = "com.microsoft"
 
 
-def quantize_block(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_block(w: np.ndarray, block_size: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """``(packed, scales)`` of ``w`` ``[out, in]``: ``packed`` uint8 ``[out, blocks, block_size / 2]``, ``scales``
     ``[out * blocks]`` in ``w``'s dtype, ``blocks = ceil(in / block_size)`` (the last block zero-padded, as
-    ``MatMulNBits`` reads it)."""
+    ``MatMulNBits`` reads it). Done ``rows`` output rows at a time, so the float temporaries stay small next to
+    a large weight."""
     out, k = w.shape
     n_blocks = -(-k // block_size)
-    padded = np.zeros((out, n_blocks * block_size), np.float32)
-    padded[:, :k] = w
-    blocks = padded.reshape(out, n_blocks, block_size)
-    scale = np.abs(blocks).max(-1) / 7.0
-    scale[scale == 0] = 1.0  # an all-zero block: any scale gives zeros
-    q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale.reshape(-1).astype(w.dtype)
+    packed = np.empty((out, n_blocks, block_size // 2), np.uint8)
+    scales = np.empty((out, n_blocks), w.dtype)
+    for r0 in range(0, out, rows):
+        part = np.zeros((min(rows, out - r0), n_blocks * block_size), np.float32)
+        part[:, :k] = w[r0:r0 + rows]
+        blocks = part.reshape(len(part), n_blocks, block_size)
+        scale = np.abs(blocks).max(-1) / 7.0
+        scale[scale == 0] = 1.0  # an all-zero block: any scale gives zeros
+        q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
+        packed[r0:r0 + rows] = q[..., 0::2] | (q[..., 1::2] << 4)
+        scales[r0:r0 + rows] = scale
+    return packed, scales.reshape(-1)
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -131,7 +137,7 @@ class _Quantizer:
             k, out = w.shape
             bias = n.input[2] if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2] else None
             if sig not in self.made:
-                packed, scales = quantize_block(np.ascontiguousarray(w.T), self.block_size)
+                packed, scales = quantize_block(w.T, self.block_size)  # [out, in]: a view, read in row chunks
                 base = f"{n.name or n.output[0]}.int4"
                 names = (f"{base}.weight", f"{base}.scales")
                 if self.weights is not None:  # written with the other weights, from the arrays

@@ -46,6 +46,9 @@ def test_blocks_run_in_onnxruntime_as_their_dequantized_weights() -> None:
     x = rng.standard_normal((3, 80)).astype(np.float32)
     packed, scales = quantize_block(w, BLOCK)
     assert packed.shape == (24, 3, 16) and packed.dtype == np.uint8 and scales.shape == (72,)
+    chunked = quantize_block(w.T.copy().T, BLOCK, rows=5)  # a strided view, 5 rows at a time: the same bytes
+    np.testing.assert_array_equal(chunked[0], packed)
+    np.testing.assert_array_equal(chunked[1], scales)
     deq = fake_quant(torch.from_numpy(w)).numpy()
     assert np.abs(deq - w).max() <= scales.max() / 2 + 1e-6 and not deq[3, :32].any()
     node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=80, N=24, bits=4,
