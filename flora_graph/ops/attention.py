@@ -61,6 +61,8 @@ def _infer_sdpa(shapes, dtypes, attrs):
         raise ShapeError(f"attention: enable_gqa must be 0 or 1, got {attrs['enable_gqa']}")
     if attrs["scale"] < 0:
         raise ShapeError(f"attention: scale must be >= 0 (0: 1/sqrt(E)), got {attrs['scale']}")
+    if attrs["softcap"] < 0:
+        raise ShapeError(f"attention: softcap must be >= 0 (0: none), got {attrs['softcap']}")
     dtype = same_dtype(dtypes[:3], "attention q/k/v")
     if attrs["enable_gqa"]:
         gqa_group(q, k, v)
@@ -79,13 +81,15 @@ def _infer_sdpa(shapes, dtypes, attrs):
 
 
 def numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None, *,
-               is_causal: int, scale: float, enable_gqa: int) -> np.ndarray:
+               is_causal: int, scale: float, enable_gqa: int, softcap: float = 0.0) -> np.ndarray:
     """``ScaledDotProductAttention`` in float64 (the numpy rule; ``KVCacheAttention`` reuses it)."""
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
     if enable_gqa:  # query head i reads key/value head i // g, as torch
         g = q.shape[-3] // k.shape[-3]
         k, v = np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3)
     s = np.matmul(q.astype(np.float64), np.swapaxes(k.astype(np.float64), -1, -2)) * scale
+    if softcap:  # before the mask, so that a masked score stays -inf (as Gemma 2 and ONNX Attention do)
+        s = softcap * np.tanh(s / softcap)
     if mask is not None and mask.dtype != np.bool_:
         s = s + mask
     keep = None if mask is None or mask.dtype != np.bool_ else mask
@@ -108,12 +112,14 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
     mask = node.inputs[3] if len(node.inputs) == 4 else None
     if ctx.opset >= 23 and _onnx_attention_fits(node):
         attrs = {"is_causal": node.attrs["is_causal"]}
-        if node.attrs["scale"]:
-            attrs["scale"] = node.attrs["scale"]
+        for key in ("scale", "softcap"):
+            if node.attrs[key]:
+                attrs[key] = node.attrs[key]
         ctx.emit("Attention", [ctx.arg(node, i) for i in range(len(node.inputs))], [out], **attrs)
         return
     scale = node.attrs["scale"] or 1.0 / math.sqrt(int(q.shape[-1]))
-    common = {"scale": scale, "bool_mask": mask is not None and mask.dtype == "bool", "causal": bool(node.attrs["is_causal"])}
+    common = {"scale": scale, "bool_mask": mask is not None and mask.dtype == "bool", "causal": bool(node.attrs["is_causal"]),
+              "softcap": node.attrs["softcap"]}
     args = [ctx.arg(node, i) for i in range(3)]
     mask_arg = None if mask is None else ctx.arg(node, 3)
     if not node.attrs["enable_gqa"] or q.shape[-3] == k.shape[-3]:
@@ -174,9 +180,10 @@ def _onnx_attention_fits(node: ComputationNode) -> bool:
 
 def onnx_attention_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *, rank: int,
                               scale: float, mask: str | None = None, bool_mask: bool = True,
-                              causal: bool = False) -> None:
+                              causal: bool = False, softcap: float = 0.0) -> None:
     """``Softmax(q @ k^T * scale + bias) @ v`` over rank-``rank`` ``q``/``k``/``v``, the mask as an
-    additive bias (0 kept, -inf dropped).
+    additive bias (0 kept, -inf dropped); with ``softcap`` the scores are ``softcap * tanh(scores / softcap)``
+    before the bias.
 
     The bias is made once per mask and shared by every attention reading it: a boolean mask
     becomes ``Where(mask, 0, -inf)``, the causal one (keep ``j <= i``) ``Trilu(-inf, k=1)`` of the
@@ -186,6 +193,8 @@ def onnx_attention_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v
     """
     perm = [*range(rank - 2), rank - 1, rank - 2]
     s = ctx.emit("Mul", [ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], perm=perm)]), ctx.scalar(scale)])
+    if softcap:
+        s = ctx.emit("Mul", [ctx.emit("Tanh", [ctx.emit("Div", [s, ctx.scalar(softcap)])]), ctx.scalar(softcap)])
     if causal:
         s = ctx.emit("Add", [s, _causal_bias(ctx, node, s)])
     elif mask is not None:
@@ -213,19 +222,43 @@ def _causal_bias(ctx: Any, node: ComputationNode, scores: str) -> str:
     return ctx.once(("causal-bias", *dims, ctx.dtype), make)
 
 
+def torch_softcapped(q: str, k: str, v: str, mask: str, *, scale: str, softcap: float, node: ComputationNode,
+                     causal: bool = False, group: int = 1) -> str:
+    """A torch expression of soft-capped attention (``F.scaled_dot_product_attention`` takes no softcap):
+    ``softmax(cap * tanh(q @ k^T * scale / cap) + mask) @ v``, ``k``/``v`` heads repeated ``group`` times, a row
+    with nothing kept 0."""
+    cap = float_literal(softcap, node)
+    if group > 1:
+        k, v = f"{k}.repeat_interleave({group}, dim=-3)", f"{v}.repeat_interleave({group}, dim=-3)"
+    s = f"(torch.tanh(({q} @ {k}.transpose(-1, -2)) * {scale} / {cap}) * {cap})"
+    if causal:
+        s = f"{s}.masked_fill(torch.ones({s}.shape[-2:], dtype=torch.bool, device={s}.device).triu(1), float('-inf'))"
+    if mask != "None":
+        s = f"({s}.masked_fill(~{mask}, float('-inf')) if {mask}.dtype == torch.bool else {s} + {mask})"
+    return f"(torch.softmax({s}, dim=-1).nan_to_num(0.0) @ {v})"
+
+
 def _torch_sdpa(node: ComputationNode, args: list[str]) -> str:
     mask = args[3] if len(args) == 4 else "None"
     scale = float_literal(node.attrs["scale"], node) if node.attrs["scale"] else "None"
     causal, gqa = bool(node.attrs["is_causal"]), bool(node.attrs["enable_gqa"])
+    if node.attrs["softcap"]:
+        q, k = node.inputs[:2]
+        group = int(q.shape[-3]) // int(k.shape[-3]) if gqa else 1
+        eff = scale if node.attrs["scale"] else float_literal(1.0 / math.sqrt(int(q.shape[-1])), node)
+        return torch_softcapped(*args[:3], mask, scale=eff, softcap=node.attrs["softcap"], node=node, causal=causal,
+                                group=group)
     return (f"F.scaled_dot_product_attention({args[0]}, {args[1]}, {args[2]}, attn_mask={mask}, dropout_p=0.0, "
             f"is_causal={causal}, scale={scale}, enable_gqa={gqa})")
 
 
 define(
     "SDPA", "ScaledDotProductAttention", (3, 4),
-    {"is_causal": AttrSpec("int", 0), "scale": AttrSpec("float", 0.0), "enable_gqa": AttrSpec("int", 0)},
+    {"is_causal": AttrSpec("int", 0), "scale": AttrSpec("float", 0.0), "enable_gqa": AttrSpec("int", 0),
+     "softcap": AttrSpec("float", 0.0)},
     infer=_infer_sdpa,
-    doc="softmax(q @ k^T * scale + mask) @ v; scale 0 is 1/sqrt(E); a bool mask keeps True, a float mask adds; "
+    doc="softmax(q @ k^T * scale + mask) @ v; scale 0 is 1/sqrt(E); softcap c > 0 caps the scores to "
+        "c * tanh(scores / c) before the mask (Gemma 2); a bool mask keeps True, a float mask adds; "
         "is_causal keeps j <= i (top-left); a row with nothing kept is 0 (as torch); enable_gqa: the key/value "
         "heads (axis -3) divide the query heads, query head i reading key/value head i // g (as torch).",
     numpy=numpy_sdpa, onnx=_onnx_sdpa, torch=_torch_sdpa,

@@ -28,7 +28,7 @@ from flora_graph.ir.ops import AttrSpec
 from flora_graph.ir.shapes import add_dims, broadcast_shapes, canonical_dim, format_shape
 from flora_graph.ops._infer import same_dtype
 from flora_graph.ops._torch import float_literal
-from flora_graph.ops.attention import numpy_sdpa, onnx_grouped_attention
+from flora_graph.ops.attention import numpy_sdpa, onnx_grouped_attention, torch_softcapped
 from flora_graph.ops.registry import define
 
 __all__: list[str] = []
@@ -84,14 +84,16 @@ def _infer(shapes, dtypes, attrs):
     return out, dtype
 
 
-def _numpy(q, k, v, pk, pv, mask=None, *, q_heads: int, kv_heads: int, scale: float, output: int) -> np.ndarray:
+def _numpy(q, k, v, pk, pv, mask=None, *, q_heads: int, kv_heads: int, scale: float, output: int,
+           softcap: float = 0.0) -> np.ndarray:
     s = q.shape[1]
     split = lambda t, n: t.reshape(t.shape[0], s, n, -1).transpose(0, 2, 1, 3)  # noqa: E731
     ck = np.concatenate([pk, split(k, kv_heads).astype(pk.dtype)], axis=2)
     cv = np.concatenate([pv, split(v, kv_heads).astype(pv.dtype)], axis=2)
     if output:
         return ck if output == 1 else cv
-    y = numpy_sdpa(split(q, q_heads), ck, cv, mask, is_causal=0, scale=scale, enable_gqa=int(q_heads != kv_heads))
+    y = numpy_sdpa(split(q, q_heads), ck, cv, mask, is_causal=0, scale=scale, enable_gqa=int(q_heads != kv_heads),
+                   softcap=softcap)
     return y.transpose(0, 2, 1, 3).reshape(y.shape[0], s, -1)
 
 
@@ -99,12 +101,12 @@ def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
     """One ONNX ``Attention`` (opset 23) for the three results of these inputs, else spelled out."""
     a = node.attrs
     names = tuple(ctx.arg(node, i) for i in range(len(node.inputs)))
-    key = ("kv-attention", names, a["q_heads"], a["kv_heads"], a["scale"])
+    key = ("kv-attention", names, a["q_heads"], a["kv_heads"], a["scale"], a["softcap"])
     if ctx.opset >= 23:
         def fused() -> tuple[str, str, str]:
             outs = [ctx.fresh(f"{node.name}/{what.replace(' ', '_')}") for what in OUTPUTS]
             ins = [*names[:3], names[5] if len(names) == 6 else "", names[3], names[4]]
-            extra = {"scale": a["scale"]} if a["scale"] else {}
+            extra = {k: a[k] for k in ("scale", "softcap") if a[k]}
             ctx.emit("Attention", ins, outs, q_num_heads=a["q_heads"], kv_num_heads=a["kv_heads"], **extra)
             return tuple(outs)
 
@@ -126,7 +128,7 @@ def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
         onnx_grouped_attention(ctx, node, heads(names[0], h, d), ck, cv, y4, rank=4, heads=h, kv_heads=kv, head_size=d,
                                value_size=dv, mask=names[5] if len(names) == 6 else None,
                                mask_shape=node.inputs[5].shape if len(names) == 6 else None,
-                               scale=a["scale"] or 1.0 / math.sqrt(d))
+                               scale=a["scale"] or 1.0 / math.sqrt(d), softcap=a["softcap"])
         y = ctx.emit("Reshape", [ctx.emit("Transpose", [y4], perm=perm), ints(0, 0, -1)])
         return y, ck, cv
 
@@ -143,6 +145,11 @@ def _torch(node: ComputationNode, args: list[str]) -> str:
         return ck if a["output"] == 1 else cv
     mask = args[5] if len(args) == 6 else "None"
     scale = float_literal(a["scale"], node) if a["scale"] else "None"
+    if a["softcap"]:
+        q = f"{args[0]}.unflatten(-1, ({h}, {d})).transpose(1, 2)"
+        eff = scale if a["scale"] else float_literal(1.0 / math.sqrt(d), node)
+        y = torch_softcapped(q, ck, cv, mask, scale=eff, softcap=a["softcap"], node=node, group=h // kv)
+        return f"{y}.transpose(1, 2).flatten(-2)"
     return (f"F.scaled_dot_product_attention({args[0]}.unflatten(-1, ({h}, {d})).transpose(1, 2), {ck}, {cv}, "
             f"attn_mask={mask}, dropout_p=0.0, scale={scale}, enable_gqa={h != kv}).transpose(1, 2).flatten(-2)")
 
@@ -150,7 +157,7 @@ def _torch(node: ComputationNode, args: list[str]) -> str:
 define(
     "KV_ATTENTION", "KVCacheAttention", (5, 6),
     {"q_heads": AttrSpec("int", 1), "kv_heads": AttrSpec("int", 1), "scale": AttrSpec("float", 0.0),
-     "output": AttrSpec("int", 0)},
+     "output": AttrSpec("int", 0), "softcap": AttrSpec("float", 0.0)},
     infer=_infer,
     doc="Decoder attention with its key/value cache: q [b,s,H*d], k/v [b,s,KV*d], past_k/past_v [b,KV,P,d], "
         "optional bool mask to [b,H,s,P+s]; output 0: attention [b,s,H*dv], 1/2: the caches with this step "

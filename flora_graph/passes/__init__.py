@@ -23,6 +23,7 @@ from flora_graph.passes import (  # noqa: F401
     fuse_lora_siblings,
     fuse_rms_norm,
     fuse_rotary,
+    fuse_softcap_attention,
     merge_lora,
     pack_linears,
     pack_slots,

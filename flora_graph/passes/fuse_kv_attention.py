@@ -115,7 +115,7 @@ def _rewrite(m: Match, ctx: RewriteContext) -> None:
     att, h, kv = m["attention"], m.extra["h"], m.extra["kv"]
     inputs = [_packed_rotary(m, ctx, "q", h), _packed_rotary(m, ctx, "k", kv), m["v"], m["past_k"], m["past_v"],
               *att.inputs[3:]]
-    attrs = {"q_heads": h, "kv_heads": kv, "scale": att.attrs["scale"]}
+    attrs = {"q_heads": h, "kv_heads": kv, "scale": att.attrs["scale"], "softcap": att.attrs["softcap"]}
     fused = [ctx.add(Op.KV_ATTENTION, inputs, {**attrs, "output": i}, name=f"{att.name}.{what}", meta=att.meta)
              for i, what in enumerate(("kv_attention", "present_k", "present_v"))]
     ctx.replace(m.root, fused[0])

@@ -42,6 +42,30 @@ def _rotary_ref(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tens
     return (x.double() * cos + rotate_half(x.double()) * sin).float()
 
 
+def _softcap_ref(cap: float, scale: float | None = None, group: int = 1) -> Callable[..., torch.Tensor]:
+    """Gemma 2's eager attention in float64: ``softmax(cap * tanh(q @ k^T * scale / cap) + mask) @ v``, the key/value
+    heads repeated ``group`` times."""
+    def ref(q, k, v, *m):
+        q, k, v = q.double(), k.double().repeat_interleave(group, -3), v.double().repeat_interleave(group, -3)
+        s = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        s = torch.tanh(s / cap) * cap
+        if m:
+            s = s.masked_fill(~m[0], float("-inf")) if m[0].dtype == torch.bool else s + m[0].double()
+        return (torch.softmax(s, -1).nan_to_num(0.0) @ v).float()  # a row with nothing kept is 0, as torch's SDPA
+
+    return ref
+
+
+def _kv_softcap_ref(cap: float) -> Callable[..., torch.Tensor]:
+    def ref(q, k, v, pk, pv, *m):
+        ck = torch.cat([pk, k.unflatten(-1, (2, 4)).transpose(1, 2)], 2)
+        cv = torch.cat([pv, v.unflatten(-1, (2, 3)).transpose(1, 2)], 2)
+        y = _softcap_ref(cap, group=2)(q.unflatten(-1, (4, 4)).transpose(1, 2), ck, cv, *m)
+        return y.transpose(1, 2).flatten(-2)
+
+    return ref
+
+
 GQA = {"q": In(("batch", 4, "seq", 4)), "k": In(("batch", 2, "kv", 4)), "v": In(("batch", 2, "kv", 5))}
 ROTARY = {"x": In(("batch", 3, "seq", 8)), "c": In(("batch", 1, "seq", 4)), "s": In(("batch", 1, "seq", 4))}
 PACKED = {"x": In(("batch", "seq", 24)), "c": In(("batch", "seq", 4)), "s": In(("batch", "seq", 4))}
@@ -109,6 +133,12 @@ CASES = [
          op(Op.SDPA, "q", "k", "v", is_causal=1, enable_gqa=1), _sdpa_ref(is_causal=True, enable_gqa=True)),
     Case("sdpa_gqa_3d", {"q": In((4, "seq", 4)), "k": In((2, "kv", 4)), "v": In((2, "kv", 5))},
          op(Op.SDPA, "q", "k", "v", enable_gqa=1), _sdpa_ref(enable_gqa=True)),
+    # soft-capped scores (Gemma 2): cap * tanh(scores / cap), before the mask
+    Case("sdpa_softcap", QKV, op(Op.SDPA, "q", "k", "v", softcap=0.5), _softcap_ref(0.5)),
+    Case("sdpa_softcap_gqa_bool_mask_scale", {**GQA, "m": In(("batch", 1, "seq", "kv"), "bool", "bool")},
+         op(Op.SDPA, "q", "k", "v", "m", enable_gqa=1, softcap=0.7, scale=0.3), _softcap_ref(0.7, 0.3, group=2)),
+    Case("sdpa_softcap_float_mask", {**QKV, "m": In(("seq", "kv"))}, op(Op.SDPA, "q", "k", "v", "m", softcap=0.5),
+         _softcap_ref(0.5)),
     # ------------------------------------------------------------------ RotaryEmbedding
     Case("rotary", ROTARY, op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
     Case("rotary_packed_heads", PACKED, op(Op.ROTARY_EMBEDDING, "x", "c", "s", num_heads=3), _packed_rotary_ref),
@@ -122,6 +152,8 @@ CASES = [
          _kv("q", "k", "v", "pk", "pv", "m"), _kv_ref(0)),
     Case("kv_attention_2d_mask", {**KV, "m": In(("seq", "kv+seq"), "bool", "bool")},
          _kv("q", "k", "v", "pk", "pv", "m"), _kv_ref(0)),
+    Case("kv_attention_softcap", {**KV, "m": In(("batch", 1, "seq", "kv+seq"), "bool", "bool")},
+         _kv("q", "k", "v", "pk", "pv", "m", softcap=0.6), _kv_softcap_ref(0.6)),
     Case("rotary_shared_positions", {**ROTARY, "c": In(("seq", 4)), "s": In(("seq", 4))},
          op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
 ]

@@ -1,0 +1,87 @@
+"""fuse-softcap-attention: Gemma 2's soft-capped attention, spelled out in torch ops, becomes one attention node."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from flora_graph.frontend import capture  # noqa: E402
+from flora_graph.frontend.causal_lm import CausalLMWithPast, cache_layout, capture_causal_lm, example_inputs, past_names  # noqa: E402
+from flora_graph.ir import Op  # noqa: E402
+from flora_graph.passes import optimize  # noqa: E402
+from flora_graph.passes.fuse_softcap_attention import fuse_softcap_attention  # noqa: E402
+from flora_graph.runtimes import compile  # noqa: E402
+from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
+
+
+def _gemma2():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_causal_lm("Gemma2ForCausalLM")
+        return model, capture_causal_lm(model)
+
+
+def test_gemma2_attention_becomes_kv_attention_with_its_cap_and_matches_eager() -> None:
+    model, graph = _gemma2()
+    assert any(n.op is Op.TANH for n in graph.nodes)  # the cap, spelled out as captured
+    fused = optimize(graph, "fused", backend="onnxruntime")
+    atts = [n for n in fused.nodes if n.op is Op.KV_ATTENTION and n.attrs["output"] == 0]
+    assert len(atts) == model.config.num_hidden_layers
+    assert {n.attrs["softcap"] for n in atts} == {model.config.attn_logit_softcapping}
+    assert not any(n.op is Op.SOFTMAX for n in fused.nodes)
+    assert sum(n.op is Op.TANH for n in fused.nodes) == 1  # the final logits' own cap
+    layout = cache_layout(model)
+    wrapper = CausalLMWithPast(model, layout)
+    for backend in ("numpy", "onnxruntime"):
+        exe = compile(fused, backend)
+        for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:  # prefill (a left-padded row), one decode step
+            x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
+            feed = {k: v.numpy() for k, v in x.items() if k != "past_key_values"}
+            feed.update({n: t.numpy() for n, t in zip(past_names(layout.layers), x["past_key_values"], strict=True)})
+            feed = {k: v for k, v in feed.items() if k in [i.name for i in fused.inputs]}
+            with torch.no_grad():
+                want = wrapper(**x)[0].numpy()
+            got = exe(feed)["logits"]
+            rows = [r for r in range(batch) if not (r == 0 and seq > 1)]  # a padded query row is not compared
+            np.testing.assert_allclose(got[rows], want[rows], atol=2e-5, rtol=1e-4, err_msg=backend)
+
+
+def test_gemma2_package_attention_is_group_query_attention_with_cap_and_window(tmp_path) -> None:
+    from flora_graph.llm_demo import save_word_tokenizer
+    from flora_graph.serving.genai import export_genai
+
+    model, _ = _gemma2()
+    model.save_pretrained(tmp_path / "base")
+    save_word_tokenizer(tmp_path / "base", 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg")
+    gqa = [n for n in onnx.load(str(tmp_path / "pkg" / "model.onnx")).graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in gqa]
+    assert len(gqa) == model.config.num_hidden_layers
+    assert all(a["softcap"] == pytest.approx(model.config.attn_logit_softcapping) for a in attrs)
+    assert sorted(a.get("local_window_size", -1) for a in attrs) == [-1, model.config.sliding_window]  # sliding, global
+
+
+class _TwoCaps(nn.Module):
+    """Soft-capped attention whose tanh divides by one cap and multiplies by another: not a soft cap."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        s = torch.tanh(q @ k.transpose(-1, -2) * 0.5 / 30.0) * 20.0
+        return torch.softmax(s + torch.where(m, 0.0, float("-inf")), -1) @ v
+
+
+def test_attention_with_two_caps_is_refused_with_the_reason() -> None:
+    x = {"q": torch.randn(1, 2, 3, 4), "k": torch.randn(1, 2, 3, 4), "v": torch.randn(1, 2, 3, 4),
+         "m": torch.ones(1, 1, 3, 3, dtype=torch.bool)}
+    g = capture(_TwoCaps(), x)
+    res = fuse_softcap_attention(g)
+    assert not res.changed
+    assert any("one positive cap" in why for why in res.stats["refused"].values())
