@@ -31,8 +31,8 @@ from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
 from flora_graph.ir import Graph
 
-__all__ = ["CacheLayout", "CausalLMWithPast", "cache_layout", "capture_causal_lm", "longrope_per_row", "past_names",
-           "present_names"]
+__all__ = ["CacheLayout", "CausalLMWithPast", "cache_layout", "capture_causal_lm", "dynamic_ntk_per_row",
+           "longrope_per_row", "past_names", "present_names"]
 
 
 @dataclass(frozen=True)
@@ -213,13 +213,76 @@ def longrope_per_row(model: nn.Module) -> Iterator[list[str]]:
             del module.forward  # the class's forward again
 
 
+def _dynamic_ntk_forward(module: nn.Module) -> Callable[..., Any]:
+    """``module``'s ``dynamic`` rotary forward with its frequencies computed per row, from that row's largest
+    position, as transformers computes them for the batch (``_compute_dynamic_ntk_parameters`` at
+    ``max(position_ids) + 1``, at least the original length); no state kept between calls."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    init = ROPE_INIT_FUNCTIONS[module.rope_type]
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = position_ids.amax(dim=-1, keepdim=True)[..., None] + 1  # [batch, 1, 1]
+        inv_freq, _ = init(module.config, x.device, seq_len=seq_len)  # [batch, 1, dim / 2]
+        freqs = position_ids[..., None].float() * inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * module.attention_scaling, emb.sin() * module.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    return forward
+
+
+def _reset_dynamic(module: nn.Module) -> None:
+    """A ``dynamic`` rotary's state back to a fresh one's (its frequencies at the original length)."""
+    module.register_buffer("inv_freq", module.original_inv_freq.clone(), persistent=False)
+    module.max_seq_len_cached = module.original_max_seq_len
+
+
+@contextlib.contextmanager
+def dynamic_ntk_per_row(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, each transformers ``dynamic`` (NTK) rotary of ``model`` computes its frequencies in the
+    graph, per row, from that row's largest position, where transformers' forward keeps them as state between
+    calls and grows them past the original length behind a Python ``if`` (which torch.export, and so
+    torch.onnx.export, cannot trace). The same as a fresh model for one row decoding forward, and the rows of a
+    batch stay independent, as the Generator serves them. Each module is checked against its own forward
+    (fresh) on one row below and one past the original length, bit for bit; one that does not match keeps
+    its forward. Yields the paths switched."""
+    switched = []
+    for path, module in model.named_modules():
+        if getattr(module, "rope_type", None) != "dynamic" or not isinstance(getattr(module, "original_inv_freq", None),
+                                                                             torch.Tensor):
+            continue
+        limit = getattr(module, "original_max_seq_len", None)
+        if not isinstance(limit, int) or limit < 1:
+            continue
+        forward = _dynamic_ntk_forward(module)
+        x = torch.zeros(1, 1, dtype=torch.float32)
+        same = True
+        with torch.no_grad():
+            for n in (limit - 3, limit + 5):
+                _reset_dynamic(module)
+                same &= all(torch.equal(a, b) for a, b in zip(module(x, torch.arange(n)[None]),
+                                                              forward(x, torch.arange(n)[None]), strict=True))
+            _reset_dynamic(module)  # the check's calls grew it: as it was
+        if same:
+            switched.append((path, module, forward))
+    for _, module, forward in switched:
+        module.forward = forward
+    try:
+        yield [p for p, _, _ in switched]
+    finally:
+        for _, module, _ in switched:
+            del module.forward  # the class's forward again
+
+
 def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None,
                       share_weights: bool = False) -> Graph:
     """Capture ``model`` (a transformers causal LM, or a PeftModel of one) with its key/value cache.
 
     The graph's inputs and outputs are named as in the module docstring; ``batch``, ``seq``
     and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g. ``{"seq": 4096}``). A ``longrope``
-    rotary takes its frequency set row by row (:func:`longrope_per_row`); a sliding window counts token
+    rotary takes its frequency set row by row (:func:`longrope_per_row`), a ``dynamic`` (NTK) one its
+    frequencies (:func:`dynamic_ntk_per_row`); a sliding window counts token
     positions (:func:`~flora_graph.frontend.sliding_window.windows_by_position`). ``share_weights``: the graph's
     weights are views of the model's (see :func:`~flora_graph.frontend.capture`).
 
@@ -239,7 +302,7 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     dims["past_key_values"] = [{0: "batch", 2: "past_seq"}] * (2 * layout.layers)
     in_names = [*dims][:-1] + past_names(layout.layers)
     out_names = ["logits", *present_names(layout.layers)]
-    with _forward_with_past(model, layout), longrope_per_row(model):
+    with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
         graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
                         input_names=in_names, output_names=out_names, share_weights=share_weights)
     from flora_graph.frontend.sliding_window import windows_by_position

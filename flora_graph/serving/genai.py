@@ -41,7 +41,7 @@ from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
 __all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "PRECISIONS", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
-           "add_adapters", "causal_lm_classes", "export_genai", "genai_config", "genai_type", "refill_position",
+           "add_adapters", "causal_lm_classes", "context_length", "export_genai", "genai_config", "genai_type", "refill_position",
            "search_defaults"]
 
 GENAI_CONFIG = "genai_config.json"
@@ -271,7 +271,7 @@ def export_genai(
     seconds["optimize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
+    context = context_length(model.config)
     doc = genai_config(model, layout, model_type=genai_type(arch), context_length=context,
                        end_of_turn=_end_of_turn(Path(base), int(model.config.vocab_size), say))
     refill = refill_position(model) if arch in REFILL_ARCHS else None
@@ -325,6 +325,18 @@ def export_genai(
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     return GenAIReport(Path(out), written, graph.summary(), seconds, model_type=genai_type(arch))
+
+
+def context_length(config: Any) -> int:
+    """The positions a package of a model with ``config`` serves: ``max_position_embeddings`` (``n_positions``), times
+    the factor of a ``dynamic`` (NTK) rotary, which scales its frequencies to reach past that length."""
+    n = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) == "dynamic":
+        factor = rope.get("factor")
+        if isinstance(factor, int | float) and factor > 1:
+            n = int(n * factor)
+    return n
 
 
 REFILL_KEY = "flora_graph.rope_refill_at"
