@@ -72,3 +72,55 @@ def test_package_decodes_past_the_original_length_as_a_fresh_eager_model(tmp_pat
     # a row past the original length next to one below it: each takes its own frequencies
     got = gen.generate([below, past], max_new_tokens=12, stop_tokens=[])
     assert got == [_fresh_eager(tmp_path / "base", p, 12) for p in (below, past)]
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    {"rope_type": "dynamic", "factor": 4.0},
+])
+def test_rotary_scalings_capture_as_eager_at_prefill_and_decode(rope: dict) -> None:
+    """Positions past the original length (8 or 16) at prefill and at one decode step, left padding included."""
+    import numpy as np
+
+    from flora_graph.frontend.causal_lm import (
+        CausalLMWithPast,
+        cache_layout,
+        capture_causal_lm,
+        example_inputs,
+        past_names,
+    )
+    from flora_graph.runtimes import compile
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=ORIGINAL,
+                                   rope_scaling=rope)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture_causal_lm(model)
+    layout = cache_layout(model)
+    exe = compile(graph, "onnxruntime")
+    for batch, seq, past, pad in [(2, 20, 0, 3), (2, 1, 24, 2)]:
+        x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
+        feed = {k: v.numpy() for k, v in x.items() if k != "past_key_values"}
+        feed.update({n: t.numpy() for n, t in zip(past_names(layout.layers), x["past_key_values"], strict=True)})
+        if rope["rope_type"] == "dynamic":  # eager row by row, each from a fresh state (the graph's rule)
+            want = []
+            for r in range(batch):
+                model.model.rotary_emb.register_buffer("inv_freq", model.model.rotary_emb.original_inv_freq.clone(),
+                                                       persistent=False)
+                model.model.rotary_emb.max_seq_len_cached = model.model.rotary_emb.original_max_seq_len
+                row = {k: (v[r:r + 1] if isinstance(v, torch.Tensor) else [t[r:r + 1] for t in v]) for k, v in x.items()}
+                with torch.no_grad():
+                    want.append(CausalLMWithPast(model, layout)(**row)[0].numpy())
+            want = np.concatenate(want)
+        else:
+            with torch.no_grad():
+                want = CausalLMWithPast(model, layout)(**x)[0].numpy()
+        got = exe(feed)["logits"]
+        rows = [r for r in range(batch) if not (r == 0 and seq > 1)]  # a padded query row is not compared
+        np.testing.assert_allclose(got[rows], want[rows], atol=3e-5, rtol=1e-4, err_msg=str(rope))
