@@ -215,7 +215,7 @@ def export_genai(
 
     Every argument and folder is checked before the model loads: a precision or block size it does not
     take, an adapter name that cannot be a file name, a folder that is not a PEFT LoRA folder (or uses ``modules_to_save``,
-    which changes base weights and cannot be swapped), a model class GenAI has no type for.
+    which changes base weights and cannot be swapped), a model class that is not a causal LM.
     Raises :class:`~flora_graph.errors.FloraGraphError` subclasses naming the culprit; on
     failure nothing at ``out`` changes.
     """
