@@ -13,7 +13,8 @@ it: each row's weights are inputs, gathered from the stacks in numpy instead of 
 ``Gather`` of every slot on every call. A decode loop that keeps its rows for many steps
 (:class:`~flora_graph.serving.generate.Generator`) gathers them once per set of rows
 (:meth:`MixedAdapterSession.adapter_inputs`), at the price of holding ``rows x`` one adapter's
-weights while those rows decode.
+weights while those rows decode. Those are cut to the largest rank among the rows' adapters (the stacks
+are padded to the set's largest), so a batch does not read the zero padding of an adapter it does not use.
 """
 
 from __future__ import annotations
@@ -187,6 +188,8 @@ class _AdapterSet:
     names: tuple[str, ...]
     index: dict[str, int]
     feeds: dict[str, np.ndarray] = field(repr=False)  # the stacked weights
+    # per stack: each slot's rank (the zero slot last, rank 0), and the axis of the stack that holds the rank
+    ranks: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict, repr=False)
     # the last rows asked for: {their adapters: (adapter_index, adapter inputs)}, one entry (a decode loop
     # asks for the same rows every step)
     bound: dict[tuple[str | None, ...], tuple[np.ndarray, dict[str, np.ndarray]]] = field(
@@ -242,7 +245,12 @@ class MixedAdapterSession:
     def _build(self, params: Mapping[str, Mapping[str, np.ndarray]]) -> _AdapterSet:
         feeds = stack_adapters(self.slots, list(params.values()))
         names = tuple(params)
-        return _AdapterSet(names, {n: i for i, n in enumerate(names)}, feeds)
+        ranks: dict[str, tuple[np.ndarray, int]] = {}
+        for s in self.slots:
+            r = np.array([int(p[s.a_name].shape[0]) if s.a_name in p else 0 for p in params.values()] + [0])
+            a_name, b_name = stack_names(s)  # the rank axis: A [slots, in, R] / B [slots, R, out]; conv A [slots, R, ...]
+            ranks[a_name], ranks[b_name] = (r, 1 if s.kind == "conv" else 2), (r, 2 if s.kind == "conv" else 1)
+        return _AdapterSet(names, {n: i for i, n in enumerate(names)}, feeds, ranks)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -331,7 +339,12 @@ class MixedAdapterSession:
         if self._takes_index:
             out[INDEX_INPUT] = idx
         for name, stack in self._rows.items():
-            out[name] = current.feeds[stack].take(idx, axis=0)  # -1: the last (zero) slot, as Gather reads it
+            rows = current.feeds[stack].take(idx, axis=0)  # -1: the last (zero) slot, as Gather reads it
+            ranks, axis = current.ranks[stack]
+            keep = max(1, int(ranks[idx].max())) if len(idx) else 1
+            if keep < rows.shape[axis]:  # only these rows' largest rank: the rest of the padding is exact zeros
+                rows = np.ascontiguousarray(rows[(slice(None),) * axis + (slice(0, keep),)])
+            out[name] = rows
         return out
 
     @staticmethod

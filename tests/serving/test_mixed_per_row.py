@@ -99,3 +99,19 @@ def test_not_a_mixed_export(served, tmp_path):
     with pytest.raises(ServingError, match=f"already has values named \\['{taken}'\\]"):
         per_row_inputs(model, {i.name for i in model.graph.input if i.name.endswith(".stack")})
     assert model.SerializeToString() == before  # refused before anything changed
+
+
+def test_rows_read_only_their_own_largest_rank(served, pair, images):
+    """The stacks are padded to the largest rank of the set (c: 8); rows using a and b only get weights of rank
+    4, the padding beyond it exact zeros, so the outputs stay those of the gathering model, bit for bit."""
+    gathering, per_row = pair
+    names = ["a", "b", None, "a", "b", "b"]
+    _, inputs = per_row.adapter_inputs(names)
+    assert inputs["fc_in.lora_A.stack" + ROWS_SUFFIX].shape == (6, 1024, 4)  # [rows, in, R]
+    assert inputs["fc_in.lora_B.stack" + ROWS_SUFFIX].shape[1] == 4  # [rows, R, out]
+    assert inputs["conv1.lora_A.stack" + ROWS_SUFFIX].shape[1] == 4  # conv: [rows, R, taps]
+    assert per_row.adapter_inputs(["c", None])[1]["fc_in.lora_A.stack" + ROWS_SUFFIX].shape[-1] == 8
+    assert per_row.adapter_inputs([None, None])[1]["fc_in.lora_A.stack" + ROWS_SUFFIX].shape[-1] == 1
+    out = per_row.run({"image": images}, names)["output"]
+    np.testing.assert_array_equal(out, gathering.run({"image": images}, names)["output"])
+    np.testing.assert_allclose(out, per_row_reference(served, names, images), atol=ATOL)
