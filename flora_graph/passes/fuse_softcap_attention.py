@@ -83,6 +83,9 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
     k, v = _unrepeated(k_rep), _unrepeated(m["v_rep"])
     if k is None or v is None or k[1] != v[1]:
         return res.fail("keys and values are not repeated alike for the query heads")
+    heads = canonical_dim(k[0].shape[1])
+    if not isinstance(heads, int) or heads * k[1] != canonical_dim(q.shape[1]) or len(v[0].shape) != 4:
+        return res.fail(f"{k[0].shape[1]} key heads repeated {k[1]} times do not give the {q.shape[1]} query heads")
     chain = ("scores", "scaled", "div", "tanh", "capped", "biased", "probs")
     for a, b in zip(chain, (*chain[1:], "out"), strict=True):
         if others := ctx.other_users(m[a], m[b]):
