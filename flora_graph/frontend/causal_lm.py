@@ -162,13 +162,12 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
-def _longrope_forward(module: nn.Module, short: torch.Tensor, long: torch.Tensor, limit: int) -> Callable[..., Any]:
-    """``module``'s rotary forward choosing its frequency set per row: the long one where the row's largest
-    position reaches ``limit`` (transformers' test, ``max(position_ids) + 1 > limit``, taken row by row)."""
+def _per_row_forward(module: nn.Module, inv_freq_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    """``module``'s rotary forward with frequencies ``inv_freq_of(last)`` (``[batch, 1, dim / 2]``) from each row's
+    own ``last = max(position_ids) + 1`` (``[batch, 1, 1]``), where transformers takes the batch's."""
     def forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last = position_ids.amax(dim=-1, keepdim=True)[..., None] + 1  # [batch, 1, 1]
-        inv_freq = torch.where(last > limit, long.to(x.device), short.to(x.device))  # [batch, 1, dim / 2]
-        freqs = position_ids[..., None].float() * inv_freq.float()
+        freqs = position_ids[..., None].float() * inv_freq_of(last).to(x.device).float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * module.attention_scaling, emb.sin() * module.attention_scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
@@ -176,32 +175,34 @@ def _longrope_forward(module: nn.Module, short: torch.Tensor, long: torch.Tensor
     return forward
 
 
-@contextlib.contextmanager
-def longrope_per_row(model: nn.Module) -> Iterator[list[str]]:
-    """Within the block, each transformers ``longrope`` rotary of ``model`` (Phi-3 128k, Phi-3.5, Phi-4-mini)
-    picks its frequency set per row, from that row's largest position, where transformers picks one for the
-    whole batch from the batch's largest: the same for one row, and the rows of a batch stay independent, as
-    the Generator serves them. Each module is checked against its own forward on one row below and one past
-    the switch, bit for bit; one that does not match keeps its forward. Yields the paths switched."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+_RotarySetup = Callable[[nn.Module], tuple[int, Callable[[torch.Tensor], torch.Tensor], Callable[[], Any]] | None]
+"""``module -> (limit, inv_freq_of, reset)``, or ``None`` for a module to leave as it is."""
 
+
+@contextlib.contextmanager
+def _rotaries_per_row(model: nn.Module, rope_type: str, setup: _RotarySetup) -> Iterator[list[str]]:
+    """Within the block, each rotary of ``model`` of ``rope_type`` whose ``setup(module)`` gives ``(limit,
+    inv_freq_of, reset)`` runs :func:`_per_row_forward` of ``inv_freq_of``, once that forward equals the module's
+    own bit for bit on one row below and one past ``limit``, each from a state ``reset()`` makes as a fresh
+    module's (and left so); the others keep their forward. Yields the paths switched."""
     switched = []
     for path, module in model.named_modules():
-        params = getattr(getattr(module, "config", None), "rope_parameters", None)
-        if getattr(module, "rope_type", None) != "longrope" or not isinstance(params, dict) \
+        if getattr(module, "rope_type", None) != rope_type \
                 or not isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
             continue
-        limit = params.get("original_max_position_embeddings")
-        if not isinstance(limit, int) or limit < 1:
+        made = setup(module)
+        if made is None:
             continue
-        short = module.original_inv_freq.detach().clone()
-        long, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, short.device, seq_len=limit + 1)
-        forward = _longrope_forward(module, short, long.detach().clone(), limit)
+        limit, inv_freq_of, reset = made
+        forward = _per_row_forward(module, inv_freq_of)
         x = torch.zeros(1, 1, dtype=torch.float32)
+        same = True
         with torch.no_grad():
-            same = all(torch.equal(a, b) for n in (limit - 3, limit + 5)
-                       for a, b in zip(module(x, torch.arange(n)[None]), forward(x, torch.arange(n)[None]), strict=True))
-            module.inv_freq.copy_(module.original_inv_freq)  # the check's calls switched it: as it was
+            for n in (limit - 3, limit + 5):
+                reset()
+                same &= all(torch.equal(a, b) for a, b in zip(module(x, torch.arange(n)[None]),
+                                                              forward(x, torch.arange(n)[None]), strict=True))
+            reset()  # the check's calls changed its state: as it was
         if same:
             switched.append((path, module, forward))
     for _, module, forward in switched:
@@ -213,23 +214,28 @@ def longrope_per_row(model: nn.Module) -> Iterator[list[str]]:
             del module.forward  # the class's forward again
 
 
-def _dynamic_ntk_forward(module: nn.Module) -> Callable[..., Any]:
-    """``module``'s ``dynamic`` rotary forward with its frequencies computed per row, from that row's largest
-    position, as transformers computes them for the batch (``_compute_dynamic_ntk_parameters`` at
-    ``max(position_ids) + 1``, at least the original length); no state kept between calls."""
+def _longrope_setup(module: nn.Module):
+    """Per row, the long frequency set where the row's largest position reaches the original length
+    (transformers' test, ``max(position_ids) + 1 > limit``), the short one below it."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    init = ROPE_INIT_FUNCTIONS[module.rope_type]
+    params = getattr(getattr(module, "config", None), "rope_parameters", None)
+    limit = params.get("original_max_position_embeddings") if isinstance(params, dict) else None
+    if not isinstance(limit, int) or limit < 1:
+        return None
+    short = module.original_inv_freq.detach().clone()
+    long = ROPE_INIT_FUNCTIONS["longrope"](module.config, short.device, seq_len=limit + 1)[0].detach().clone()
+    return (limit, lambda last: torch.where(last > limit, long.to(last.device), short.to(last.device)),
+            lambda: module.inv_freq.copy_(module.original_inv_freq))
 
-    def forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = position_ids.amax(dim=-1, keepdim=True)[..., None] + 1  # [batch, 1, 1]
-        inv_freq, _ = init(module.config, x.device, seq_len=seq_len)  # [batch, 1, dim / 2]
-        freqs = position_ids[..., None].float() * inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * module.attention_scaling, emb.sin() * module.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
-    return forward
+def longrope_per_row(model: nn.Module) -> contextlib.AbstractContextManager[list[str]]:
+    """Within the block, each transformers ``longrope`` rotary of ``model`` (Phi-3 128k, Phi-3.5, Phi-4-mini)
+    picks its frequency set per row, from that row's largest position, where transformers picks one for the
+    whole batch from the batch's largest: the same for one row, and the rows of a batch stay independent, as
+    the Generator serves them. Each module is checked against its own forward on one row below and one past
+    the switch, bit for bit; one that does not match keeps its forward. Yields the paths switched."""
+    return _rotaries_per_row(model, "longrope", _longrope_setup)
 
 
 def _reset_dynamic(module: nn.Module) -> None:
@@ -238,8 +244,19 @@ def _reset_dynamic(module: nn.Module) -> None:
     module.max_seq_len_cached = module.original_max_seq_len
 
 
-@contextlib.contextmanager
-def dynamic_ntk_per_row(model: nn.Module) -> Iterator[list[str]]:
+def _dynamic_setup(module: nn.Module):
+    """Per row, transformers' own ``_compute_dynamic_ntk_parameters`` at the row's ``max(position_ids) + 1`` (at
+    least the original length); no state kept between calls."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    limit = getattr(module, "original_max_seq_len", None)
+    if not isinstance(limit, int) or limit < 1:
+        return None
+    init = ROPE_INIT_FUNCTIONS[module.rope_type]
+    return limit, lambda last: init(module.config, last.device, seq_len=last)[0], lambda: _reset_dynamic(module)
+
+
+def dynamic_ntk_per_row(model: nn.Module) -> contextlib.AbstractContextManager[list[str]]:
     """Within the block, each transformers ``dynamic`` (NTK) rotary of ``model`` computes its frequencies in the
     graph, per row, from that row's largest position, where transformers' forward keeps them as state between
     calls and grows them past the original length behind a Python ``if`` (which torch.export, and so
@@ -247,32 +264,7 @@ def dynamic_ntk_per_row(model: nn.Module) -> Iterator[list[str]]:
     batch stay independent, as the Generator serves them. Each module is checked against its own forward
     (fresh) on one row below and one past the original length, bit for bit; one that does not match keeps
     its forward. Yields the paths switched."""
-    switched = []
-    for path, module in model.named_modules():
-        if getattr(module, "rope_type", None) != "dynamic" or not isinstance(getattr(module, "original_inv_freq", None),
-                                                                             torch.Tensor):
-            continue
-        limit = getattr(module, "original_max_seq_len", None)
-        if not isinstance(limit, int) or limit < 1:
-            continue
-        forward = _dynamic_ntk_forward(module)
-        x = torch.zeros(1, 1, dtype=torch.float32)
-        same = True
-        with torch.no_grad():
-            for n in (limit - 3, limit + 5):
-                _reset_dynamic(module)
-                same &= all(torch.equal(a, b) for a, b in zip(module(x, torch.arange(n)[None]),
-                                                              forward(x, torch.arange(n)[None]), strict=True))
-            _reset_dynamic(module)  # the check's calls grew it: as it was
-        if same:
-            switched.append((path, module, forward))
-    for _, module, forward in switched:
-        module.forward = forward
-    try:
-        yield [p for p, _, _ in switched]
-    finally:
-        for _, module, _ in switched:
-            del module.forward  # the class's forward again
+    return _rotaries_per_row(model, "dynamic", _dynamic_setup)
 
 
 def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None,
