@@ -41,7 +41,8 @@ from flora_graph.runtimes.onnx_lowering import (
 )
 from flora_graph.storage import atomic_file
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "model_size", "save_lowered", "save_onnx", "write_external_files", "write_model_file"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "model_size", "save_lowered", "save_onnx", "subgraphs", "write_external_files",
+           "write_model_file"]
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes; past it save_onnx writes weights to "<file>.data"
 
@@ -192,15 +193,20 @@ def _point(t: TensorProto, data_name: str, offset: int, length: int) -> None:
         entry.key, entry.value = key, value
 
 
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs ``node`` holds as attributes (an ``If``'s branches, a ``Loop``'s body)."""
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
 def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """The initializers of ``graph`` and of its subgraphs."""
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for g in attr.graphs:
-                yield from _tensors(g)
+        for g in subgraphs(node):
+            yield from _tensors(g)
 
 
 _PARSE_LIMIT = 64 << 20  # a model file past this is not parsed to find its data files (a fresh name is used)

@@ -21,11 +21,11 @@ do not fill is zero-padded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from flora_graph.runtimes.onnx_writer import subgraphs
 
 __all__ = ["ACCURACY_LEVELS", "INT4_BLOCK_SIZES", "quantize_block", "quantize_weights"]
 
@@ -58,13 +58,6 @@ def quantize_block(w: np.ndarray, block_size: int, rows: int = 1024) -> tuple[np
         packed[r0:r0 + rows] = q[..., 0::2] | (q[..., 1::2] << 4)
         scales[r0:r0 + rows] = scale
     return packed, scales.reshape(-1)
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        yield from a.graphs
 
 
 class _Quantizer:
@@ -128,7 +121,7 @@ class _Quantizer:
         memo: dict = {}
         rewritten: list[tuple[int, list[onnx.NodeProto]]] = []
         for i, n in enumerate(g.node):
-            for sub in _subgraphs(n):
+            for sub in subgraphs(n):
                 self.graph(sub, producers)
             got = self._weight(n, producers, memo)
             if got is None:
@@ -168,7 +161,7 @@ def _drop_unread(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) 
         out = {o.name for o in g.output}
         for n in g.node:
             out.update(n.input)
-            for sub in _subgraphs(n):
+            for sub in subgraphs(n):
                 out |= reads(sub)
         return out
 
@@ -181,7 +174,7 @@ def _drop_unread(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) 
             del g.node[:]
             g.node.extend(keep)
         for n in g.node:
-            for sub in _subgraphs(n):
+            for sub in subgraphs(n):
                 prune(sub, set())
 
     prune(model.graph, set())

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from flora_graph.runtimes.onnx_writer import subgraphs
 from flora_graph.serving.errors import AdapterIndexError, ServingError, UnknownAdapterError
 from flora_graph.serving.export import INDEX_INPUT, stack_names
 from flora_graph.serving.session import AdapterSource, ModelSource, OrtModel, load_params
@@ -84,9 +85,8 @@ def _all_nodes(graph: onnx.GraphProto):
     """Every node of ``graph`` and of its subgraphs (which may read the graph's values)."""
     for n in graph.node:
         yield n
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _all_nodes(sub)
+        for sub in subgraphs(n):
+            yield from _all_nodes(sub)
 
 
 def per_row_inputs(model: onnx.ModelProto, stacks: Collection[str]) -> dict[str, str]:
