@@ -43,7 +43,7 @@ def _scalar(n: ComputationNode, graph: Graph) -> float | None:
     """The value of a one-element constant, else ``None``."""
     if n.op is not Op.CONST:
         return None
-    v = np.asarray(graph.params[n.attrs["param"]])
+    v = np.asarray(graph.param_of(n))
     return float(v.reshape(-1)[0]) if v.size == 1 else None
 
 
@@ -97,7 +97,7 @@ def windows_by_position(graph: Graph) -> int:
         window = _scalar(sub.inputs[1], graph) if sub.op is Op.SUB and len(sub.inputs) == 2 else None
         if (window is not None and window == int(window) > 0 and _is_index(key, graph, total)
                 and _is_query_index(sub.inputs[0], past, seq) and len(key.shape) == 4 and len(sub.shape) == 4):
-            bands.append((n, int(window), sub.inputs[1]))
+            bands.append((n, sub.inputs[1]))
     if not bands:
         return 0
     counts = mask if mask.dtype == "int64" else graph.add(Op.CAST, [mask], {"to": "int64"}, name="window.mask")
@@ -108,7 +108,7 @@ def windows_by_position(graph: Graph) -> int:
     new = graph.add(Op.SLICE, [pos], {"axes": (1,), "starts": (past,), "ends": (total,)}, name="window.new_positions")
     query_pos = graph.add(Op.UNSQUEEZE, [new], {"axes": (1, 3)}, name="window.query_positions")
     changed: set[ComputationNode] = set()
-    for n, _, width in bands:
+    for n, width in bands:
         low = graph.add(Op.SUB, [query_pos, width], name=f"{n.name}.by_position/low")
         band = graph.add(Op.GREATER, [key_pos, low], name=f"{n.name}.by_position")
         graph.replace_all_uses(n, band)
