@@ -64,13 +64,6 @@ def _same_shape(a: ComputationNode, b: ComputationNode) -> bool:
     return tuple(map(canonical_dim, a.shape)) == tuple(map(canonical_dim, b.shape))
 
 
-def _scalar_value(ctx: RewriteContext, node: ComputationNode) -> float | None:
-    """The value of a static node holding one element, else ``None``."""
-    if math.prod(int(d) for d in node.shape) != 1:
-        return None
-    return float(np.asarray(ctx.value(node), dtype=np.float64).reshape(()))
-
-
 def _other_readers(m: Match, ctx: RewriteContext, leaves: tuple[str, ...]) -> str | None:
     inside = set(m.bindings.values()) | {m.root}
     for key, n in m.bindings.items():
@@ -96,13 +89,13 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
     if not axes or axes != list(range(axes[0], rank)):
         return res.fail(f"ReduceMean {mean.name!r} axes {tuple(axes)} are not the trailing axes of rank {rank}")
     p = m.get("p")
-    if p is not None and (p not in ctx.static or _scalar_value(ctx, p) != 2.0):
+    if p is not None and (p not in ctx.static or ctx.scalar(p) != 2.0):
         return res.fail(f"exponent {p.name!r} is not the scalar 2")
     one = m.get("one")
-    if one is not None and _scalar_value(ctx, one) != 1.0:
+    if one is not None and ctx.scalar(one) != 1.0:
         return res.fail(f"numerator {one.name!r} is not the scalar 1")
     var, eps_node = m["var"], m["eps"]
-    eps = _scalar_value(ctx, eps_node) if eps_node in ctx.static else None
+    eps = ctx.scalar(eps_node) if eps_node in ctx.static else None
     if eps is not None and math.isfinite(eps):  # the shortest decimal of the weight's own dtype: 1e-06, not 9.99999997e-07
         eps = float(str(np.asarray(ctx.value(eps_node)).reshape(())[()]))
     if eps is None or not _same_shape(var, mean):

@@ -19,8 +19,6 @@ then comes out 0 instead of uniform); refusals are recorded with the reason.
 
 from __future__ import annotations
 
-import numpy as np
-
 from flora_graph.ir import ComputationNode, Graph, Op
 from flora_graph.ir.shapes import canonical_dim
 from flora_graph.passes.base import PassResult, register_pass
@@ -38,11 +36,6 @@ _CAPPED = Pat(Op.MUL, (Pat(Op.TANH, (Pat(Op.DIV, (Pat(Op.MUL, (_SCORES, Pat.weig
 _BIAS = Pat(Op.WHERE, (Pat.any("mask"), Pat.weight("zero"), Pat.weight("minus_inf")), name="bias")
 PATTERN = Pat(Op.MATMUL, (Pat(Op.SOFTMAX, (Pat(Op.ADD, (_CAPPED, _BIAS), name="biased"),), name="probs"),
                           Pat.any("v_rep")), name="out")
-
-
-def _scalar(ctx: RewriteContext, node: ComputationNode) -> float | None:
-    v = np.asarray(ctx.value(node))
-    return float(v.reshape(-1)[0]) if v.size == 1 else None
 
 
 def _unrepeated(x: ComputationNode) -> tuple[ComputationNode, int] | None:
@@ -72,8 +65,7 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
         return res.fail("not a [b, heads, L, d] attention with k transposed on its last two axes")
     if m["probs"].attrs["axis"] not in (-1, 3):
         return res.fail(f"softmax over axis {m['probs'].attrs['axis']}, not the keys")
-    scale, cap_in, cap_out = (_scalar(ctx, m[n]) for n in ("scale", "cap_in", "cap_out"))
-    zero, minus_inf = _scalar(ctx, m["zero"]), _scalar(ctx, m["minus_inf"])
+    scale, cap_in, cap_out, zero, minus_inf = (ctx.scalar(m[n]) for n in ("scale", "cap_in", "cap_out", "zero", "minus_inf"))
     if scale is None or not scale > 0 or cap_in is None or cap_in != cap_out or not cap_in > 0:
         return res.fail(f"scale {scale} and caps {cap_in}, {cap_out} are not a positive scale and one positive cap")
     # transformers masks with the dtype's lowest value: after the cap (scores within +-cap) it drops a key as -inf

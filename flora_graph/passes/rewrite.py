@@ -8,6 +8,7 @@ and drops what became dead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -89,6 +90,12 @@ class RewriteContext:
     def value(self, node: ComputationNode) -> np.ndarray:
         """The weight value of a static node (``Const`` or an expression of ``Const`` nodes)."""
         return eval_static(self.graph, node, self._values)
+
+    def scalar(self, node: ComputationNode) -> float | None:
+        """The value of a static node holding one element, else ``None``."""
+        if math.prod(int(d) for d in node.shape) != 1:
+            return None
+        return float(np.asarray(self.value(node), dtype=np.float64).reshape(()))
 
     def other_users(self, node: ComputationNode, *allowed: ComputationNode) -> list[str]:
         """Names of the readers of ``node`` other than ``allowed``; a graph output counts as ``<output>``."""
