@@ -63,7 +63,7 @@ def quantize_block(w: np.ndarray, block_size: int, rows: int = 1024) -> tuple[np
 class _Quantizer:
     def __init__(self, model: onnx.ModelProto, block_size: int, accuracy_level: int,
                  weights: dict[str, np.ndarray] | None) -> None:
-        self.model, self.block_size, self.accuracy_level, self.weights = model, block_size, accuracy_level, weights
+        self.block_size, self.accuracy_level, self.weights = block_size, accuracy_level, weights
         self.top = model.graph
         self.fed = {i.name for i in self.top.input}  # an initializer that is also an input is a default (a slot's)
         self.inits = {t.name: t for t in self.top.initializer if t.name not in self.fed}
