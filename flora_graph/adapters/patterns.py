@@ -103,12 +103,12 @@ class BoundedPattern:
             raise AdapterError(f"{where}: {pattern!r} uses a construct the bounded matcher cannot compile ({exc}); "
                                "simplify it") from None
 
-    def _run(self, method: str, text: str) -> bool:
+    def _run(self, method: str, text: str) -> Any:
         if self._left <= 0:
             self._timeout(text)
         start = time.perf_counter()
         try:
-            found = getattr(self._compiled, method)(text, timeout=self._left) is not None
+            found = getattr(self._compiled, method)(text, timeout=self._left)
         except TimeoutError:
             self._timeout(text)
         except RecursionError:
@@ -123,11 +123,16 @@ class BoundedPattern:
 
     def match(self, text: str) -> bool:
         """``re.match`` semantics (anchored at the start)."""
-        return self._run("match", text)
+        return self._run("match", text) is not None
 
     def fullmatch(self, text: str) -> bool:
         """``re.fullmatch`` semantics."""
-        return self._run("fullmatch", text)
+        return self._run("fullmatch", text) is not None
+
+    def match_group(self, text: str, group: str) -> str | None:
+        """The named ``group`` of ``re.match`` semantics (anchored at the start); ``None`` without a match."""
+        found = self._run("match", text)
+        return None if found is None else found.group(group)
 
 
 def compile_pattern(pattern: Any, where: str, *, wrap: str = "{}") -> BoundedPattern:

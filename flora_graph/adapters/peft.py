@@ -5,10 +5,11 @@ A PEFT folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` wi
 :func:`load_peft_adapter` installs flora_graph adapters on a plain model from such a folder,
 honouring ``r``, ``lora_alpha``, ``use_rslora`` (scale ``alpha / sqrt(r)``),
 ``rank_pattern``, ``alpha_pattern``, ``target_modules``, ``exclude_modules``,
-``fan_in_fan_out``, ``modules_to_save`` and ``bias``; any option it cannot honour (DoRA,
-layer selection, LoftQ, ...) is refused with :class:`AdapterError`, never dropped.
+``layers_to_transform`` / ``layers_pattern`` (only the layers named), ``fan_in_fan_out``,
+``modules_to_save`` and ``bias``; any option it cannot honour (DoRA, LoftQ, a LoRA bias,
+...) is refused with :class:`AdapterError`, never dropped.
 The config is input: every field is type-checked, and its regexes (``rank_pattern`` /
-``alpha_pattern`` keys, a string ``target_modules`` / ``exclude_modules``) are compiled with
+``alpha_pattern`` keys, ``layers_pattern``, a string ``target_modules`` / ``exclude_modules``) are compiled with
 an ``AdapterError`` naming the key and matched within a time bound
 (:mod:`flora_graph.adapters.patterns`), so no config raises a raw error or hangs the loader.
 :func:`save_peft_adapter` writes the folder back for the adapters of a model.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ PREFIX = "base_model.model."
 _INIT_ONLY = {"init_lora_weights", "eva_config", "corda_config", "lora_ga_config"}
 # Options whose default values are all we support; anything else is refused by name.
 _DEFAULTS: dict[str, Any] = {
-    "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "megatron_config": None,
+    "use_dora": False, "megatron_config": None,
     "trainable_token_indices": None, "loftq_config": {}, "velora_config": None, "alora_invocation_tokens": None,
     "use_qalora": False, "monteclora_config": None, "layer_replication": None, "lora_bias": False,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
@@ -62,8 +64,11 @@ _KNOWN = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
     "bias", "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern", "megatron_core",
-    "qalora_group_size", "ensure_weight_tying",
+    "qalora_group_size", "ensure_weight_tying", "layers_to_transform", "layers_pattern",
 } | _INIT_ONLY | set(_DEFAULTS)
+
+_FIRST_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+"""PEFT's layer index of a module path without ``layers_pattern``: its first numbered segment."""
 
 
 def read_peft_config(folder: str | Path, *, allow_dora: bool = False) -> dict[str, Any]:
@@ -102,6 +107,7 @@ def read_peft_config(folder: str | Path, *, allow_dora: bool = False) -> dict[st
         raise AdapterError(f"{path}: target_modules is missing (PEFT's per-architecture defaults are not guessed)")
     _check_fields(cfg, path)
     _patterns(cfg, path)  # an invalid regex is refused here, before any model is touched
+    _layer_filter(cfg, path)
     for key in ("target_modules", "exclude_modules"):
         if isinstance(cfg.get(key), str):
             _selector(cfg[key], f"{path}: {key}")
@@ -155,6 +161,50 @@ def _patterns(cfg: dict[str, Any], path: Path) -> dict[str, list[tuple[BoundedPa
     }
 
 
+def _layer_filter(cfg: dict[str, Any], path: Path) -> Callable[[str], bool] | None:
+    """PEFT's ``layers_to_transform`` (with ``layers_pattern``): whether a module path is in one of the
+    layers it names, or ``None`` where it names none. As in PEFT, the layer is the first numbered
+    segment of the path (after one of ``layers_pattern``, where given); a path without one is out.
+    Both options need a list ``target_modules`` (PEFT refuses a string), and a module named by its
+    exact path in ``target_modules`` is kept whatever its layer (PEFT's rule)."""
+    indexes, names = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    if indexes in (None, []):
+        if names not in (None, [], ""):
+            raise AdapterError(f"{path}: layers_pattern={names!r} needs layers_to_transform (PEFT refuses it alone)"[:500])
+        return None
+    ok = (_is_int(indexes) and indexes >= 0) or (isinstance(indexes, list) and all(_is_int(i) and i >= 0 for i in indexes))
+    if not ok:
+        raise AdapterError(f"{path}: layers_to_transform must be a layer index or a list of them, got {indexes!r}"[:500])
+    if isinstance(cfg.get("target_modules"), str):
+        raise AdapterError(f"{path}: layers_to_transform needs target_modules as a list of module names, got the "
+                           f"string {cfg['target_modules']!r} (PEFT refuses the two together)"[:500])
+    wanted = {indexes} if _is_int(indexes) else set(indexes)
+    if names in (None, [], ""):
+        def index(name: str) -> str | None:
+            found = _FIRST_INDEX.match(name)
+            return None if found is None else found.group("idx")
+    else:
+        if isinstance(names, str):
+            names = [names]
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise AdapterError(f"{path}: layers_pattern must be a string or a list of strings, got {names!r}"[:500])
+        patterns = [compile_pattern(n, f"{path}: layers_pattern {n!r}", wrap=r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+                    for n in names]
+
+        def index(name: str) -> str | None:
+            return next((i for i in (p.match_group(name, "idx") for p in patterns) if i is not None), None)
+
+    exact = set(cfg["target_modules"])
+
+    def keep(name: str) -> bool:
+        if name in exact:
+            return True
+        i = index(name)
+        return i is not None and int(i) in wanted
+
+    return keep
+
+
 def _pattern_value(patterns: list[tuple[BoundedPattern, Any]], name: str, default: Any) -> Any:
     """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)`` gives the value (bounded in time)."""
     for pattern, value in patterns:
@@ -179,6 +229,7 @@ def _targets(model: nn.Module, cfg: dict[str, Any], path: Path) -> list[str]:
     if targets == "all-linear":
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         return [n for n in names if n != _output_head(model)]
+    layers = _layer_filter(cfg, path)
     targets = _selector(targets, f"{path}: target_modules")
     exclude = cfg.get("exclude_modules")
     if exclude:
@@ -186,6 +237,8 @@ def _targets(model: nn.Module, cfg: dict[str, Any], path: Path) -> list[str]:
     out = []
     for name, module in model.named_modules():
         if not name or not _selects(name, targets) or (exclude and _selects(name, exclude)):
+            continue
+        if layers is not None and not layers(name):
             continue
         if not is_supported_base(module):
             if len(list(module.children())) == 0:

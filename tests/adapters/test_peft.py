@@ -89,7 +89,11 @@ def test_saved_folder_loads_in_peft_with_equal_outputs(tmp_path):
         ({"reshape": "k.lora_A"}, r"key base_model\.model\.k\.lora_A\.weight has shape"),
         ({"config": {"r": 3}}, r"key base_model\.model\.(q|k)\.lora_A\.weight has shape .* r=3"),
         ({"config": {"use_dora": True}}, r"use_dora=True \(DoRA\) rescales .* installs a DoRA folder through PEFT"),
-        ({"config": {"layers_to_transform": [0]}}, r"layers_to_transform"),
+        ({"config": {"lora_bias": True}}, r"option lora_bias=True is not supported"),
+        ({"config": {"layers_to_transform": ["0"]}}, r"layers_to_transform must be a layer index or a list"),
+        ({"config": {"layers_to_transform": [0], "target_modules": "q|k"}}, r"needs target_modules as a list"),
+        ({"config": {"layers_pattern": "layers"}}, r"layers_pattern='layers' needs layers_to_transform"),
+        ({"config": {"layers_to_transform": 0, "layers_pattern": "("}}, r"layers_pattern '\(': .* not a valid regular"),
         ({"config": {"some_future_option": 1}}, r"unknown PEFT option\(s\) \['some_future_option'\]"),
         ({"config": {"target_modules": ["q"]}}, r"key base_model\.model\.k\.lora_A\.weight matches no adapted module"),
     ],
@@ -104,3 +108,46 @@ def test_bad_folders_raise_naming_the_key_and_leave_the_model_untouched(tmp_path
     assert not adapters_of(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+class Stack(nn.Module):
+    """Numbered layers twice over (``model.layers.i`` and ``extra.blocks.i``), as PEFT's layer selection reads paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(8, 8), "v": nn.Linear(8, 8)}) for _ in range(3))
+        self.extra = nn.Module()
+        self.extra.blocks = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(8, 8)}) for _ in range(2))
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.model.layers, *self.extra.blocks]:
+            x = torch.tanh(layer["q"](x) + (layer["v"](x) if "v" in layer else 0))
+        return self.out(x)
+
+
+@pytest.mark.parametrize(
+    ("config", "adapted"),
+    [
+        ({"target_modules": ["q", "v"], "layers_to_transform": [1]},
+         {"model.layers.1.q", "model.layers.1.v", "extra.blocks.1.q"}),
+        ({"target_modules": ["q"], "layers_to_transform": 0}, {"model.layers.0.q", "extra.blocks.0.q"}),
+        ({"target_modules": ["q"], "layers_to_transform": [1], "layers_pattern": "blocks"}, {"extra.blocks.1.q"}),
+        ({"target_modules": ["q", "model.layers.2.v"], "layers_to_transform": [0, 1],
+          "layers_pattern": ["blocks", "layers"]},
+         {"model.layers.0.q", "model.layers.1.q", "extra.blocks.0.q", "extra.blocks.1.q", "model.layers.2.v"}),
+    ],
+)
+def test_layers_to_transform_adapts_the_layers_peft_adapts(tmp_path, config, adapted):
+    torch.manual_seed(0)
+    plain = Stack().eval()
+    pm = peft.get_peft_model(copy.deepcopy(plain), peft.LoraConfig(r=2, init_lora_weights=False, **config)).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    peft_adapted = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert peft_adapted == adapted  # the cases mean what they say: PEFT's own selection
+    model = copy.deepcopy(plain)
+    assert set(load_peft_adapter(model, tmp_path / "adapter")) == adapted
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(x), atol=1e-5, rtol=1e-5)

@@ -16,7 +16,8 @@ NEW = 32
 ADAPTERS = {
     "all7": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj"]),
-    "qdown": dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"]),  # a subset, another rank
+    # a subset of the modules, in one of the two layers (PEFT's layers_to_transform), another rank
+    "qdown": dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]),
 }
 
 

@@ -55,7 +55,8 @@ def test_package_layout_and_adapter_checksums(package: Path) -> None:
         slots = [{"q_proj", "k_proj", "v_proj"}, {"o_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}]
         touched = sum(1 for slot in slots if slot & set(spec["target_modules"]))
         assert params.pop(ADAPTER_FLAG).tolist() == [1.0]  # the model takes its slots' branch (base_branch)
-        assert len(params) == 2 * 2 * touched  # A and B per slot the adapter targets, per layer
+        layers = len(spec.get("layers_to_transform", range(2)))  # of the model's 2
+        assert len(params) == 2 * layers * touched  # A and B per slot the adapter targets, per layer it targets
     assert not [p for p in package.parent.iterdir() if p.name.startswith(".pkg")]  # no staging leftovers
 
 
