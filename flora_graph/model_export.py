@@ -194,15 +194,15 @@ def check_model_folder(folder: str | Path) -> str:
 
 def check_adapter_folder(folder: str | Path) -> dict[str, Any]:
     """Check a PEFT adapter folder without loading a model: its ``adapter_config.json`` (every option
-    flora_graph refuses; DoRA is accepted, as :func:`export_model` installs it through PEFT) and its
-    safetensors weights; return the config. Raises :class:`AdapterError` naming the file."""
+    flora_graph refuses; DoRA and ``target_parameters`` are accepted, as :func:`export_model` installs them
+    through PEFT) and its safetensors weights; return the config. Raises :class:`AdapterError` naming the file."""
     from flora_graph.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, read_peft_config
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         what = "no such folder" if not folder.exists() else f"no {CONFIG_FILE} in it"
         raise AdapterError(f"{folder}: {what}; expected a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    cfg = read_peft_config(folder, allow_dora=True)
+    cfg = read_peft_config(folder, peft_layers=True)
     if not (folder / WEIGHTS_FILE).is_file():
         pickles = sorted(p.name for p in folder.glob("*.bin"))
         found = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else f"no {WEIGHTS_FILE}"
@@ -246,15 +246,15 @@ def export_model(
                                                                     attention_mask=attention_mask)
     model = spec.model
     if adapter is not None:
-        from flora_graph.adapters.peft import load_peft_adapter
+        from flora_graph.adapters.peft import load_peft_adapter, needs_peft_layers
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
-        if adapter_cfg.get("use_dora") is True:  # DoRA: PEFT's own layers (a learned magnitude over each weight row's norm)
+        if needs_peft_layers(adapter_cfg):  # DoRA, LoRA on expert tensors: PEFT's own layers
             import peft
 
             model = peft.PeftModel.from_pretrained(model, adapter).eval()
-            if preset == "merged":  # m * (W + s B A) / ||W + s B A||, computed once by PEFT
+            if preset == "merged":  # DoRA's m * (W + s B A) / ||W + s B A||, each expert's W + s B_e A_e: once, by PEFT
                 model = model.merge_and_unload()
         else:
             load_peft_adapter(model, adapter)

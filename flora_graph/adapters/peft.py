@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,23 @@ _FIRST_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 """PEFT's layer index of a module path without ``layers_pattern``: its first numbered segment."""
 
 
-def read_peft_config(folder: str | Path, *, allow_dora: bool = False) -> dict[str, Any]:
+PEFT_LAYERS_ONLY = ("use_dora", "target_parameters")
+"""Options only PEFT's own layers run (:func:`load_peft_adapter` refuses them): DoRA's magnitude, and LoRA on
+parameters (``target_parameters``: a mixture of experts' 3-D expert tensors, which PEFT's ``all-linear`` adds
+on models whose experts are fused, such as Qwen3-MoE and OLMoE in transformers 5)."""
+
+
+def needs_peft_layers(cfg: Mapping[str, Any]) -> list[str]:
+    """The :data:`PEFT_LAYERS_ONLY` options a checked config sets."""
+    return [k for k in PEFT_LAYERS_ONLY if cfg.get(k) not in (None, False, [])]
+
+
+def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[str, Any]:
     """Read and check ``adapter_config.json``; refuse every option flora_graph cannot honour.
 
-    ``allow_dora``: accept ``use_dora`` (for callers that install the folder through PEFT itself,
-    as :func:`flora_graph.model_export.export_model` does; :func:`load_peft_adapter` cannot)."""
+    ``peft_layers``: accept the :data:`PEFT_LAYERS_ONLY` options (for callers that install the folder
+    through PEFT itself, as :func:`flora_graph.model_export.export_model` does; :func:`load_peft_adapter`
+    cannot)."""
     path = Path(folder) / CONFIG_FILE
     try:
         cfg = json.loads(path.read_text())
@@ -87,13 +99,18 @@ def read_peft_config(folder: str | Path, *, allow_dora: bool = False) -> dict[st
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     for key, default in _DEFAULTS.items():
         value = cfg.get(key, default)
-        if key == "use_dora" and value is True and allow_dora:
+        if key in PEFT_LAYERS_ONLY and peft_layers:
             continue
         if key == "use_dora" and value is True:
             raise AdapterError(f"{path}: option use_dora=True (DoRA) rescales each base weight row by a learned "
                                "magnitude over its norm, which flora_graph's LoRA adapters do not hold; capture the "
                                "PEFT model itself, or export with `flora-graph export MODEL --adapter DIR`, which "
                                "installs a DoRA folder through PEFT")
+        if key == "target_parameters" and value not in (None, []):
+            raise AdapterError(f"{path}: option target_parameters={value!r} (LoRA on parameters, such as a mixture "
+                               "of experts' expert tensors) is not held by flora_graph's LoRA adapters; capture the "
+                               "PEFT model itself, or export with `flora-graph export MODEL --adapter DIR`, which "
+                               "installs such a folder through PEFT"[:700])
         if value not in (default, None, {}, [], False):
             raise AdapterError(f"{path}: option {key}={value!r} is not supported by flora_graph (refused, not ignored)")
     unknown = sorted(k for k in cfg if k not in _KNOWN and cfg[k] not in (None, False, {}, []))

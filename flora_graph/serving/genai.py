@@ -458,6 +458,12 @@ def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None
     if cfg.get("modules_to_save"):
         raise AdapterError(f"adapter {name!r} ({folder}): modules_to_save={cfg['modules_to_save']!r} replaces base "
                            "weights, which a hot-swappable adapter cannot do; merge it into the base model instead")
+    if cfg.get("target_parameters"):
+        raise AdapterError(f"adapter {name!r} ({folder}): target_parameters={cfg['target_parameters']!r} puts LoRA on "
+                           "parameters (a mixture of experts' expert tensors; PEFT's all-linear adds them where the "
+                           "experts are fused), which have no hot-swappable slot yet; merge the adapter into the base "
+                           "model (PEFT's merge_and_unload, then save_pretrained) and export that folder, or target "
+                           "the linear layers only (target_modules)"[:900])
 
 
 def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None]) -> dict[str, dict]:
