@@ -195,6 +195,9 @@ def _export(args: argparse.Namespace, console: Console) -> int:
         raise FloraGraphError(f"--precision {args.precision} goes with --format genai (a GenAI package's base weights)")
     if args.precision != "int4" and (args.int4_block_size != 32 or args.int4_accuracy_level != 4):
         raise FloraGraphError("--int4-block-size and --int4-accuracy-level go with --precision int4")
+    if args.merge_adapter and args.format != "genai":
+        raise FloraGraphError("--merge-adapter goes with --format genai (a file export takes the adapter as --adapter "
+                              "and bakes it in with --preset merged)")
     if args.format == "genai" or args.task == "text-generation-with-past":
         return _export_genai(args, console)
     if args.adapter and len(args.adapter) > 1:
@@ -228,6 +231,9 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     if args.adapters_only and args.precision != "fp32":
         raise FloraGraphError("--adapters-only leaves the package's models as they are: drop --precision (adapters "
                               "are float in any package)")
+    if args.adapters_only and args.merge_adapter:
+        raise FloraGraphError("--adapters-only leaves the package's models as they are: drop --merge-adapter (it "
+                              "changes the base model)")
     if args.adapters_only:
         from flora_graph.serving.genai import add_adapters
 
@@ -238,9 +244,11 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     with console.status("starting") as status:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
                               contrib=args.ort_contrib, base_branch=args.base_branch, precision=args.precision,
-                              int4_block_size=args.int4_block_size, int4_accuracy_level=args.int4_accuracy_level)
+                              int4_block_size=args.int4_block_size, int4_accuracy_level=args.int4_accuracy_level,
+                              merge=args.merge_adapter)
+    merged = f" (base: {args.model} + {args.merge_adapter} merged)" if args.merge_adapter else ""
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an ONNX Runtime GenAI package "
-                  f"(model type {report.model_type!r})")
+                  f"(model type {report.model_type!r}){merged}")
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
     console.print(f"wrote {report.path}" + "".join(f"\n  adapter {n}: {p}" for n, p in report.adapters.items()))
@@ -377,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--precision int4: MatMulNBits' least activation precision; 4 computes in int8 (the model "
                         "builder's CPU default, the fastest), 0 keeps the input's (the float model of the 4-bit "
                         "weights, token for token)")
+    e.add_argument("--merge-adapter", metavar="DIR", default=None,
+                   help="--format genai: a PEFT adapter folder baked into the package's base weights by PEFT "
+                        "(merge_and_unload): any adapter PEFT merges, DoRA, LoRA on expert tensors "
+                        "(target_parameters) and modules_to_save included; --adapter ones swap on top "
+                        "(default: none)")
     e.add_argument("--adapters-only", action="store_true",
                    help="--format genai: write only the --adapter files into the existing package --out (exported from "
                         "this model), leaving its models as they are; their modules must be among its slots")

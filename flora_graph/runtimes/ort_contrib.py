@@ -89,6 +89,8 @@ attention reads each row's length from ``attention_mask`` (its row sums) and its
 right-padded, rather than masking positions anywhere."""
 
 _ATTENTION_ATTRS = frozenset({"q_num_heads", "kv_num_heads", "scale", "softcap", "is_causal"})
+GQA_HEAD_MULTIPLE = 16
+"""ONNX Runtime's GroupQueryAttention (CPU) refuses at run time a head size that is not a multiple of this."""
 
 
 class _Nodes:
@@ -265,7 +267,7 @@ def _four_d_group_query_attention(ctx: LoweringContext, m: _Nodes, n: onnx.NodeP
 def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None = None) -> tuple[int, set[str]]:
     """Every ``Attention`` of a decoder becomes ``com.microsoft.GroupQueryAttention``, or none does.
 
-    Fused only when each ``Attention`` takes ``(q, k, v, mask, past_key, past_value)`` in 3-D
+    Fused only when each head is a multiple of :data:`GQA_HEAD_MULTIPLE` wide, each ``Attention`` takes ``(q, k, v, mask, past_key, past_value)`` in 3-D
     (heads packed in the last dim) with its caches as outputs, or ``(q, Concat(past_key, k),
     Concat(past_value, v), mask)`` in 4-D (see :func:`_four_d_form`), and ``mask`` is the causal mask of
     ``attention_mask`` over cache positions ``0 .. width - 1``, with or without a sliding window
@@ -301,7 +303,13 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
                    and n.input[4] in m.inputs and n.input[5] in m.inputs and len(q.shape) == 3)
         four_d = _four_d_form(m, ir, n) if common and not three_d and "q_num_heads" not in attrs else None
         mask = _causal_mask_of(m, n.input[3]) if three_d or four_d else None
-        if mask is None or (found and mask[0] != found[0][2]) or ir[mask[0]].dtype not in ("int64", "int32"):
+        head = 0  # each head's width, where it is known
+        if four_d is not None:
+            head = four_d[2]
+        elif three_d and isinstance(canonical_dim(q.shape[-1]), int):
+            head = int(canonical_dim(q.shape[-1])) // int(attrs["q_num_heads"])
+        if (mask is None or (found and mask[0] != found[0][2]) or ir[mask[0]].dtype not in ("int64", "int32")
+                or head % GQA_HEAD_MULTIPLE):
             return 0, set()  # one attention the kernel cannot take: the model keeps one contract, the standard one
         found.append((n, attrs, mask[0], q, mask[2], four_d))
     if not found:

@@ -98,6 +98,7 @@ class GenAIReport:
     summary: str
     seconds: dict[str, float] = field(default_factory=dict)
     model_type: str = GENERIC_TYPE  # genai_config.json's model.type (genai_type of the model's class)
+    merged: Path | None = None  # the PEFT folder baked into the base weights (export_genai's merge)
 
 
 def genai_config(model: Any, layout: Any, *, model_type: str, context_length: int,
@@ -198,9 +199,15 @@ def export_genai(
     precision: str = "fp32",
     int4_block_size: int = 32,
     int4_accuracy_level: int = 4,
+    merge: str | Path | None = None,
 ) -> GenAIReport:
     """Write an ONNX Runtime GenAI package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
+
+    ``merge``: a PEFT folder baked into the base weights first, by PEFT itself (``merge_and_unload``): any
+    adapter PEFT can merge, those no hot-swappable slot holds included (DoRA, LoRA on a mixture of experts'
+    expert tensors, ``modules_to_save``). The package's base model is then the adapted model; ``adapters``
+    swap on top of it.
 
     ``contrib=False`` writes the models in standard ONNX only (no ONNX Runtime contrib ops: the
     standard ``Attention`` on left-padded caches, ``position_ids`` an input), for runtimes or
@@ -237,12 +244,16 @@ def export_genai(
     for name, folder in adapters.items():
         check_name(name, "adapter name", error=AdapterError)
         _refuse_unswappable(name, Path(folder), check_adapter_folder(folder))
+    if merge is not None:
+        check_adapter_folder(merge)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     say(f"loading {arch} from {base}")
     from flora_graph.model_export import load_model
 
     model = load_model(base).model
+    if merge is not None:
+        model = _merged(model, Path(merge), say)
     params = _adapter_params(model, adapters, say)
     seconds["load"] = time.perf_counter() - t0
 
@@ -324,7 +335,8 @@ def export_genai(
                 shutil.copyfile(src, tmp / f)
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
-    return GenAIReport(Path(out), written, graph.summary(), seconds, model_type=genai_type(arch))
+    return GenAIReport(Path(out), written, graph.summary(), seconds, model_type=genai_type(arch),
+                       merged=None if merge is None else Path(merge))
 
 
 def context_length(config: Any) -> int:
@@ -449,21 +461,35 @@ def _fit_config(doc: dict[str, Any], model: Any) -> None:
     doc["search"]["past_present_share_buffer"] = props.get(CACHE_PADDING_KEY) == "right"
 
 
+def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:
+    """``model`` with the PEFT folder ``folder`` merged into its weights by PEFT (``merge_and_unload``)."""
+    import peft
+
+    say(f"merging {folder} into the base weights")
+    try:
+        merged = peft.PeftModel.from_pretrained(model, folder).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # what PEFT raises on a folder for another model
+        raise AdapterError(f"{folder}: PEFT could not merge it into {type(model).__name__} "
+                           f"({str(exc)[:300] or type(exc).__name__})") from None
+    return merged.eval()
+
+
 def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None:
     """Refuse an adapter (its checked PEFT config ``cfg``) that changes more than a LoRA slot can swap."""
     if cfg.get("use_dora"):
         raise AdapterError(f"adapter {name!r} ({folder}): DoRA rescales every adapted base weight row by its "
-                           "magnitude over the row's norm, which a hot-swappable LoRA slot cannot express; export "
-                           "it merged instead (flora-graph export MODEL --adapter DIR --preset merged)")
+                           "magnitude over the row's norm, which a hot-swappable LoRA slot cannot express; bake it "
+                           "into the package's base model instead (--merge-adapter DIR; export_genai(merge=DIR))")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"adapter {name!r} ({folder}): modules_to_save={cfg['modules_to_save']!r} replaces base "
-                           "weights, which a hot-swappable adapter cannot do; merge it into the base model instead")
+                           "weights, which a hot-swappable adapter cannot do; bake it into the package's base model "
+                           "instead (--merge-adapter DIR; export_genai(merge=DIR))")
     if cfg.get("target_parameters"):
         raise AdapterError(f"adapter {name!r} ({folder}): target_parameters={cfg['target_parameters']!r} puts LoRA on "
                            "parameters (a mixture of experts' expert tensors; PEFT's all-linear adds them where the "
-                           "experts are fused), which have no hot-swappable slot yet; merge the adapter into the base "
-                           "model (PEFT's merge_and_unload, then save_pretrained) and export that folder, or target "
-                           "the linear layers only (target_modules)"[:900])
+                           "experts are fused), which have no hot-swappable slot yet; bake it into the package's "
+                           "base model instead (--merge-adapter DIR; export_genai(merge=DIR)), or target the linear "
+                           "layers only (target_modules)"[:900])
 
 
 def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None]) -> dict[str, dict]:

@@ -60,3 +60,16 @@ def test_dora_cannot_be_a_hot_swappable_adapter(dora_folders, tmp_path) -> None:
     with pytest.raises(AdapterError, match="DoRA rescales every adapted base weight row"):
         export_genai(model_dir, tmp_path / "pkg", {"d": adapter_dir})
     assert not (tmp_path / "pkg").exists()
+
+
+def test_dora_merged_into_a_genai_package_generates_as_eager_peft(dora_folders, tmp_path) -> None:
+    from flora_graph.serving.generate import Generator
+    from tests.models.test_expert_lora import NEW, PROMPT, genai_greedy, greedy
+
+    model_dir, adapter_dir = dora_folders
+    report = export_genai(model_dir, tmp_path / "pkg", merge=adapter_dir)
+    assert report.merged == adapter_dir and not report.adapters
+    want = greedy(eager_peft(model_dir, adapter_dir))
+    assert want != greedy(llama_model().eval())  # DoRA changes the tokens: the package must carry it
+    assert Generator(tmp_path / "pkg").generate([PROMPT], max_new_tokens=NEW, stop_tokens=[])[0] == want
+    assert genai_greedy(tmp_path / "pkg") == want

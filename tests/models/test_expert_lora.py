@@ -84,9 +84,73 @@ def test_expert_lora_changes_the_logits_through_the_experts(moe_folders) -> None
 
 def test_expert_lora_is_refused_where_peft_layers_cannot_run(moe_folders, tmp_path) -> None:
     model_dir, adapter_dir = moe_folders
-    with pytest.raises(AdapterError, match=r"target_parameters=.* no hot-swappable slot yet; merge the adapter"):
+    want = r"target_parameters=.* no hot-swappable slot yet; bake it into the package.s base model .*--merge-adapter DIR"
+    with pytest.raises(AdapterError, match=want):
         export_genai(model_dir, tmp_path / "pkg", {"moe": adapter_dir})
     assert not (tmp_path / "pkg").exists()
     model = transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir)
     with pytest.raises(AdapterError, match=r"target_parameters=.* not held by flora_graph's LoRA adapters"):
         load_peft_adapter(model, adapter_dir)
+
+
+PROMPT = [1, 5, 9, 33, 70, 12]
+NEW = 16
+
+
+def greedy(model: torch.nn.Module, new: int = NEW) -> list[int]:
+    """Eager greedy tokens after :data:`PROMPT` (no end-of-text stop)."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                             max_new_tokens=new, do_sample=False)
+    return out[0, len(PROMPT):].tolist()
+
+
+def genai_greedy(package: Path, adapter: str | None = None, new: int = NEW) -> list[int]:
+    """ONNX Runtime GenAI's greedy tokens after :data:`PROMPT` on ``package`` (``adapter`` active)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(package))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + new, min_length=len(PROMPT) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter:
+        loaded = og.Adapters(model)
+        loaded.load(str(package / "adapters" / f"{adapter}.onnx_adapter"), adapter)
+        gen.set_active_adapter(loaded, adapter)
+    gen.append_tokens(PROMPT)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
+
+
+def test_expert_lora_merged_into_a_genai_package_generates_as_eager_peft(moe_folders, tmp_path) -> None:
+    """--merge-adapter bakes the expert LoRA into the package's base; a linear-only adapter swaps on top of it."""
+    from flora_graph.serving.generate import Generator
+
+    model_dir, adapter_dir = moe_folders
+    top = peft.get_peft_model(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir),
+                              peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    top.save_pretrained(tmp_path / "top")
+    out = tmp_path / "pkg"
+    assert main(["export", str(model_dir), "--task", "text-generation-with-past", "--format", "genai",
+                 "--merge-adapter", str(adapter_dir), "--adapter", f"top={tmp_path / 'top'}", "--out", str(out)]) == 0
+    want = greedy(eager_peft(model_dir, adapter_dir))
+    merged = eager_peft(model_dir, adapter_dir).merge_and_unload()
+    want_top = greedy(peft.PeftModel.from_pretrained(merged, tmp_path / "top").eval())
+    plain = greedy(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir).eval())
+    assert want != plain and want_top != want  # each adapter changes the tokens
+    gen = Generator(out)
+    assert gen.generate([PROMPT], max_new_tokens=NEW, stop_tokens=[])[0] == want
+    assert gen.generate([PROMPT], adapters="top", max_new_tokens=NEW, stop_tokens=[])[0] == want_top
+    assert gen.generate([PROMPT, PROMPT], adapters=[None, "top"], max_new_tokens=NEW, stop_tokens=[]) == [want, want_top]
+    assert genai_greedy(out) == want
+    assert genai_greedy(out, "top") == want_top
+
+
+def test_merge_adapter_is_checked_before_anything_loads(moe_folders, tmp_path) -> None:
+    model_dir, _ = moe_folders
+    with pytest.raises(AdapterError, match="no such folder"):
+        export_genai(model_dir, tmp_path / "pkg", merge=tmp_path / "missing")
+    assert not (tmp_path / "pkg").exists()
+    assert main(["export", str(model_dir), "--merge-adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2

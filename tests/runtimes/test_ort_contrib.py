@@ -208,6 +208,21 @@ def test_attention_the_kernel_cannot_take_keeps_the_standard_model() -> None:
     assert [i.name for i in fused.graph.input] == [i.name for i in to_onnx(g, 23).graph.input]
 
 
+def test_heads_the_kernel_refuses_keep_the_standard_model() -> None:
+    """ONNX Runtime's GroupQueryAttention refuses, when it runs, a head size that is not a multiple of 16: a
+    Llama with 8-wide heads keeps the standard attention (and its contract), and runs."""
+    from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY, GQA_HEAD_MULTIPLE
+
+    graph, layout = _captured("LlamaForCausalLM", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8)
+    assert layout.head_dim % GQA_HEAD_MULTIPLE  # the case at hand
+    fused = to_onnx(graph, 23, contrib=True, max_positions=256)
+    ops = _ops(fused)
+    assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == 0 and ops["Attention"] == layout.layers
+    assert CACHE_PADDING_KEY not in {p.key for p in fused.metadata_props}
+    _equal_at_prefill_and_decode(to_onnx(graph, 23), fused, layout, [5, 9, 11, 3])  # runs, and equals the plain model
+
+
 @pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", pytest.param("GPTNeoXForCausalLM", marks=pytest.mark.slow)])
 def test_four_d_attention_on_concatenated_caches_becomes_group_query_attention(arch: str) -> None:
     """Qwen3 (per-head q/k norms before the rotary) and GPT-NeoX (partial rotary) attend in 4-D over caches
