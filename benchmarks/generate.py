@@ -51,9 +51,12 @@ import time
 import warnings
 from pathlib import Path
 
+SIZE = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 4, "intermediate": 688, "vocab": 512}
+"""The issue's tiny Llama; ``--hidden`` etc. change it (the targets are set on this one)."""
 
-def build(root: Path, adapters: int, seed: int = 0) -> dict[str, Path]:
-    """The base folder and ``adapters`` PEFT folders under ``root``."""
+
+def build(root: Path, adapters: int, seed: int = 0, size: dict[str, int] | None = None) -> dict[str, Path]:
+    """The base folder (a Llama of ``size``, :data:`SIZE` by default) and ``adapters`` PEFT folders under ``root``."""
     import peft
     import torch
     import transformers
@@ -61,8 +64,10 @@ def build(root: Path, adapters: int, seed: int = 0) -> dict[str, Path]:
     from flora_graph.llm_demo import save_word_tokenizer
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+    z = {**SIZE, **(size or {})}
+    cfg = transformers.LlamaConfig(vocab_size=z["vocab"], hidden_size=z["hidden"], intermediate_size=z["intermediate"],
+                                   num_hidden_layers=z["layers"], num_attention_heads=z["heads"],
+                                   num_key_value_heads=z["kv_heads"], max_position_embeddings=512,
                                    bos_token_id=1, eos_token_id=2)
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "base")
     save_word_tokenizer(root / "base", cfg.vocab_size)  # the model builder reads the folder's tokenizer
@@ -93,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimum-python", default=os.environ.get("FLORA_OPTIMUM_PYTHON"), metavar="PATH",
                    help="Python of a virtualenv with optimum-onnx for the Optimum column (default: "
                         "$FLORA_OPTIMUM_PYTHON; none: the column is skipped, saying why)")
+    for key, default in SIZE.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=default, help=f"the Llama's {key.replace('_', ' ')}")
+    p.add_argument("--mixed-only", action="store_true",
+                   help="only the export and the mixed-adapter batch (no per-step runners): for larger --hidden etc.")
     args = p.parse_args(argv)
 
     import onnxruntime_genai as og
@@ -105,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        peft_dirs = build(root, args.adapters)
+        peft_dirs = build(root, args.adapters, size={k: getattr(args, k) for k in SIZE})
         export = ["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
                   *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]
         t0 = time.perf_counter()
         assert cli([*export, "--out", str(root / "pkg")]) == 0
         export_s = time.perf_counter() - t0
+        if args.mixed_only:
+            return _mixed_only(args, root, peft_dirs, export_s)
         assert cli([*export, "--no-base-branch", "--out", str(root / "pkg-no-branch")]) == 0
         # one more fine-tune into (a copy of) the package, without exporting the model again (--adapters-only)
         shutil.copytree(root / "pkg", root / "pkg-added")
@@ -208,20 +219,40 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adapter switch (GenAI set_active_adapter): median {statistics.median(SWITCH_MS):.3f} ms, "
                   f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "
                   "per call (no switch step)")
-        rows = len(peft_dirs)
-        print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}; "
-              "ratios: median of each round's, a round running each in an order and in reverse): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items() if isinstance(k, str)))
-        print(f"  one-adapter batch / sequential {mixed['generator one-adapter batch', 'generator sequential']:.1f}x "
-              "(what batching the rows gains here before any per-row adapter work: the most a mixed batch can reach)")
-        print(f"  mixed / sequential {mixed['generator mixed', 'generator sequential']:.1f}x "
-              f"({mixed['generator mixed', 'generator one-adapter batch']:.2f} of the one-adapter batch), "
-              f"mixed / PEFT adapter_names {mixed['generator mixed', 'peft adapter_names']:.1f}x; "
-              f"tokens equal eager PEFT per row: {same_mixed}")
-        if "vllm" in mixed:
-            print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x (medians: vLLM runs in its own "
-                  f"process after the rest); vLLM's tokens equal eager PEFT per row: {vllm_same}")
+        _print_mixed(args, len(peft_dirs), mixed, same_mixed, vllm_same)
     return 0 if same and same_mixed else 1
+
+
+def _mixed_only(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path], export_s: float) -> int:
+    """``--mixed-only``: the export time and the mixed-adapter batch section alone."""
+    import peft
+    import transformers
+
+    from flora_graph.serving.generate import Generator
+
+    eager_models = {n: peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(root / "base"),
+                                                      d).eval() for n, d in peft_dirs.items()}
+    mixed, same_mixed, vllm_same = _mixed_batch(args, Generator(root / "pkg", threads=1), eager_models, root, peft_dirs)
+    size = ", ".join(f"{k} {getattr(args, k)}" for k in SIZE)
+    print(f"Llama {size}; export of base + {args.adapters} adapters: {export_s:.2f} s")
+    _print_mixed(args, len(peft_dirs), mixed, same_mixed, vllm_same)
+    return 0 if same_mixed else 1
+
+
+def _print_mixed(args: argparse.Namespace, rows: int, mixed: dict, same_mixed: bool, vllm_same: bool | None) -> None:
+    """The mixed-adapter batch's lines (see :func:`_mixed_batch`)."""
+    print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}; "
+          "ratios: median of each round's, a round running each in an order and in reverse): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items() if isinstance(k, str)))
+    print(f"  one-adapter batch / sequential {mixed['generator one-adapter batch', 'generator sequential']:.1f}x "
+          "(what batching the rows gains here before any per-row adapter work: the most a mixed batch can reach)")
+    print(f"  mixed / sequential {mixed['generator mixed', 'generator sequential']:.1f}x "
+          f"({mixed['generator mixed', 'generator one-adapter batch']:.2f} of the one-adapter batch), "
+          f"mixed / PEFT adapter_names {mixed['generator mixed', 'peft adapter_names']:.1f}x; "
+          f"tokens equal eager PEFT per row: {same_mixed}")
+    if "vllm" in mixed:
+        print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x (medians: vLLM runs in its own "
+              f"process after the rest); vLLM's tokens equal eager PEFT per row: {vllm_same}")
 
 
 def _paired_ratio(times: dict[tuple[str, str | None], list[float]], a: str, b: str, adapter: str | None) -> float:

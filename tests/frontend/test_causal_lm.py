@@ -62,6 +62,20 @@ def _config(arch: str):
         "MixtralForCausalLM": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
         "Qwen2MoeForCausalLM": lambda: transformers.Qwen2MoeConfig(
             **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+        # attention sinks, sliding windows on alternate layers, clamped SwiGLU experts with biases
+        "GptOssForCausalLM": lambda: transformers.GptOssConfig(**COMMON, head_dim=16, num_local_experts=4,
+                                                               num_experts_per_tok=2, sliding_window=4),
+        "GraniteMoeForCausalLM": lambda: transformers.GraniteMoeConfig(**COMMON, num_local_experts=4,
+                                                                       num_experts_per_tok=2),
+        "ArceeForCausalLM": lambda: transformers.ArceeConfig(**COMMON),
+        "ApertusForCausalLM": lambda: transformers.ApertusConfig(**COMMON),
+        "SeedOssForCausalLM": lambda: transformers.SeedOssConfig(**COMMON, head_dim=16),
+        "HunYuanDenseV1ForCausalLM": lambda: transformers.HunYuanDenseV1Config(**COMMON, head_dim=16),
+        "Exaone4ForCausalLM": lambda: transformers.Exaone4Config(**COMMON, sliding_window=4),
+        "Olmo3ForCausalLM": lambda: transformers.Olmo3Config(**COMMON, sliding_window=4),
+        "Cohere2ForCausalLM": lambda: transformers.Cohere2Config(**COMMON, sliding_window=4),
+        "BitNetForCausalLM": lambda: transformers.BitNetConfig(**COMMON),
+        "Glm4ForCausalLM": lambda: transformers.Glm4Config(**COMMON, head_dim=16, pad_token_id=0),
     }[arch]()
 
 

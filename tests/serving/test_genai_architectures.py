@@ -28,8 +28,14 @@ MORE = ["Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "OlmoFor
 """Causal LMs beyond the first eight: GenAI's own types (Gemma 2 and 3 with sliding windows, Granite, OLMo, Phi,
 Nemotron, SmolLM3) and others as its generic ``decoder`` type; OPT's MLP and Qwen2-MoE's shared expert run on
 flattened ``[batch*seq, hidden]`` rows (per-row slots between reshapes)."""
+NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "SeedOssForCausalLM",
+         "HunYuanDenseV1ForCausalLM", "Exaone4ForCausalLM", "Olmo3ForCausalLM", "Cohere2ForCausalLM",
+         "BitNetForCausalLM", "Glm4ForCausalLM"]
+"""More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
+Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
-TARGETS = {"MixtralForCausalLM": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # all-linear reaches its experts' tensors
+TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
+           for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}
 
 
 def _package(arch: str, tmp_path: Path, **options):
@@ -78,7 +84,7 @@ FAST_ADAPTED = {"Qwen2ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM"}  # bi
 
 
 @pytest.mark.parametrize("arch", [a if a in FAST_ADAPTED else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in [*FIRST, *MORE]])
+                                  for a in [*FIRST, *MORE, *NEWER]])
 def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path: Path) -> None:
     """With a PEFT adapter on every linear layer (nonzero ``B``), sibling slots packed: the Generator (adapter
     and base) and GenAI give eager PEFT's greedy tokens."""
