@@ -1,4 +1,4 @@
-"""Linear algebra: ``Linear``, ``MatMul``, ``Conv2d``.
+"""Linear algebra: ``Linear``, ``MatMul``, ``ExpertLinear`` (a mixture of experts' layer), ``Conv2d``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
 numpy semantics, ONNX rule and torch rule side by side.
@@ -16,7 +16,7 @@ from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import FLOAT_DTYPES, AttrSpec, Op
 from flora_graph.ir.shapes import Dim, broadcast_shapes, canonical_dim, format_shape, window_count
 from flora_graph.ops._infer import same_float_dtype
-from flora_graph.ops._onnx import simple
+from flora_graph.ops._onnx import ONNX_DTYPES, simple
 from flora_graph.ops._torch import call, ints
 from flora_graph.ops.registry import define
 
@@ -87,6 +87,84 @@ define(
     "MATMUL", "MatMul", (2, 2),
     infer=_infer_matmul, doc="numpy/ONNX MatMul with batch broadcasting.",
     numpy=np.matmul, onnx=simple("MatMul"), torch=call("torch.matmul"),
+)
+
+
+# --------------------------------------------------------------------------- ExpertLinear
+def _infer_expert_linear(shapes, dtypes, attrs):
+    x, w, ids = shapes
+    if len(x) != 2 or len(w) != 3 or len(ids) != 1:
+        raise ShapeError(f"ExpertLinear needs x [S, in], W [experts, out, in] (or [experts, in, out] transposed) "
+                         f"and ids [S], got {format_shape(x)}, {format_shape(w)}, {format_shape(ids)}")
+    features, out = (w[1], w[2]) if attrs.get("transposed") else (w[2], w[1])
+    if canonical_dim(x[1]) != canonical_dim(features) or canonical_dim(x[0]) != canonical_dim(ids[0]):
+        raise ShapeError(f"ExpertLinear: x {format_shape(x)}, W {format_shape(w)} and ids {format_shape(ids)} "
+                         "do not agree")
+    if dtypes[2] not in ("int64", "int32"):
+        raise ShapeError(f"ExpertLinear: ids must be int64 or int32, got {dtypes[2]}")
+    return (x[0], out), same_float_dtype(dtypes[:2])
+
+
+def _numpy_expert_linear(x: np.ndarray, w: np.ndarray, ids: np.ndarray, *, transposed: int = 0) -> np.ndarray:
+    out = np.zeros((x.shape[0], w.shape[2] if transposed else w.shape[1]), np.result_type(x, w))
+    for e in np.unique(ids):
+        rows = np.flatnonzero(ids == e)
+        out[rows] = x[rows] @ (w[e] if transposed else w[e].T)
+    return out
+
+
+def _onnx_expert_linear(ctx: Any, node: ComputationNode, out: str) -> None:
+    """A ``Loop`` over the experts ``ids`` names (``Unique``): each takes its rows (``NonZero``), multiplies them by
+    its own weight (``Gather`` of one expert, ``Gemm``) and writes them back (``ScatterND``). Each expert's weight is
+    read once per call, not once per row, and the products are matrix products: a prompt of ``T`` tokens routed to
+    ``k`` experts each does not gather ``T * k`` weight copies."""
+    from onnx import TensorProto, helper
+
+    x, w, ids = ctx.arg(node, 0), ctx.arg(node, 1), ctx.arg(node, 2)
+    compute = ONNX_DTYPES[ctx.dtype]
+    name = ctx.fresh
+    uniq = ctx.emit("Unique", [ids], [name(f"{out}/experts")], sorted=1)
+    trip = ctx.emit("Squeeze", [ctx.emit("Shape", [uniq])])
+    rows = ctx.emit("Shape", [ids])
+    width = ctx.constant(np.array([int(node.shape[1])], np.int64), f"{out}/width")
+    zeros = ctx.emit("ConstantOfShape", [ctx.emit("Concat", [rows, width], axis=0)],
+                     value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    start = ctx.emit("Cast", [zeros], to=compute)
+    i, cond, acc = name(f"{out}/i"), name(f"{out}/cond"), name(f"{out}/acc")
+    e, hit, nz, sel, xs, we, y = (name(f"{out}/{v}") for v in ("expert", "hit", "nonzero", "rows", "x", "w", "y"))
+    cond_out, acc_out = name(f"{out}/cond_out"), name(f"{out}/acc_out")
+    body = helper.make_graph(
+        [helper.make_node("Gather", [uniq, i], [e], axis=0),
+         helper.make_node("Equal", [ids, e], [hit]),
+         helper.make_node("NonZero", [hit], [nz]),
+         helper.make_node("Transpose", [nz], [sel], perm=[1, 0]),
+         helper.make_node("GatherND", [x, sel], [xs]),
+         helper.make_node("Gather", [w, e], [we], axis=0),
+         helper.make_node("Gemm", [xs, we], [y], transB=0 if node.attrs.get("transposed") else 1),
+         helper.make_node("ScatterND", [acc, sel, y], [acc_out]),
+         helper.make_node("Identity", [cond], [cond_out])],
+        f"{out}/per_expert",
+        [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(acc, compute, None)],
+        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(acc_out, compute, None)])
+    ctx.emit("Loop", [trip, "", start], [out], body=body)
+
+
+def _torch_expert_linear(node: ComputationNode, args: list[str]) -> str:
+    w = f"{args[1]}[{args[2]}]"
+    if node.attrs.get("transposed"):
+        return f"torch.bmm({args[0]}.unsqueeze(1), {w}).squeeze(1)"
+    return f"torch.bmm({w}, {args[0]}.unsqueeze(-1)).squeeze(-1)"
+
+
+define(
+    "EXPERT_LINEAR", "ExpertLinear", (3, 3),
+    {"transposed": AttrSpec("int", 0)},
+    infer=_infer_expert_linear,
+    doc="Row s of x times expert ids[s]'s weight: x[s] @ W[ids[s]].T (W [experts, out, in]), or x[s] @ W[ids[s]] "
+        "with transposed=1 (W [experts, in, out]); a mixture of experts' layer on its (token, expert) pairs.",
+    numpy=_numpy_expert_linear, onnx=_onnx_expert_linear, torch=_torch_expert_linear,
 )
 
 

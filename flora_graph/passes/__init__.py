@@ -24,6 +24,7 @@ from flora_graph.passes import (  # noqa: F401
     fuse_rms_norm,
     fuse_rotary,
     fuse_softcap_attention,
+    group_experts,
     merge_lora,
     pack_linears,
     pack_slots,

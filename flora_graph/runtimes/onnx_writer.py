@@ -201,6 +201,16 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
         yield from attr.graphs
 
 
+def reads(node: onnx.NodeProto) -> Iterator[str]:
+    """The value names ``node`` reads: its inputs, and every name the nodes of its subgraphs read (a ``Loop`` body
+    reads values of the graph around it by name; names made inside a subgraph are fresh, so the extra ones
+    match nothing outside)."""
+    yield from node.input
+    for g in subgraphs(node):
+        for inner in g.node:
+            yield from reads(inner)
+
+
 def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """The initializers of ``graph`` and of its subgraphs."""
     yield from graph.initializer

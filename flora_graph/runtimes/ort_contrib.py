@@ -29,6 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from flora_graph.ir.shapes import canonical_dim
+from flora_graph.runtimes.onnx_writer import reads
 
 if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
@@ -101,7 +102,7 @@ class _Nodes:
         self.producer = {out: n for n in ctx.nodes for out in n.output if out}
         self.readers: dict[str, int] = {}  # value name -> how many node inputs read it
         for n in ctx.nodes:
-            for i in n.input:
+            for i in reads(n):  # a subgraph's (a Loop body's) reads of outer values count
                 self.readers[i] = self.readers.get(i, 0) + 1
         self.inputs = {n.name for n in ctx.graph.inputs}
 
@@ -364,13 +365,13 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     nodes = prelude + [r for n in ctx.nodes if id(n) not in dropped for r in replace.get(id(n), [n])]
     keep = {ctx.value(n) for n in ctx.graph.outputs.values()} | set(ctx.graph.outputs)
     while True:  # drop what only the old attention read (mask, rotary tables, the split)
-        read = {i for n in nodes for i in n.input} | keep
+        read = {i for n in nodes for i in reads(n)} | keep
         alive = [n for n in nodes if any(o in read for o in n.output if o)]
         if len(alive) == len(nodes):
             break
         nodes = alive
     ctx.nodes[:] = nodes
-    read = {i for n in nodes for i in n.input}
+    read = {i for n in nodes for i in reads(n)}
     for table in (ctx.initializers, ctx.weights):  # constants only the dropped nodes read
         for name in [k for k in table if k not in read and k not in m.inputs]:
             del table[name]

@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from flora_graph.runtimes.onnx_writer import reads, subgraphs
 from flora_graph.serving.errors import ServingError
 from flora_graph.serving.slots import ADAPTER_FLAG, METADATA_KEY, slots_from_metadata
 
@@ -60,7 +61,7 @@ def _slot_parts(graph: onnx.GraphProto, weights: Collection[str]) -> tuple[set[i
     slot_nodes: set[int] = set()
     sums: dict[str, str] = {}
     for k, node in enumerate(graph.node):  # ONNX keeps nodes in topological order
-        hit = [i for i in node.input if i in tainted]
+        hit = [i for i in reads(node) if i in tainted]  # a Loop body's reads count
         if not hit:
             continue
         slot_nodes.add(k)
@@ -89,12 +90,18 @@ def _branch(graph: onnx.GraphProto, keep: list[int], rename: dict[str, str], suf
         v = resolve(v)
         return v + suffix if v in produced else v  # else read from the outer graph
 
+    def rename_in(m: onnx.NodeProto) -> None:  # a subgraph (a Loop body) reads outer values by name too
+        m.input[:] = [name(i) if i else i for i in m.input]
+        m.output[:] = [name(o) if o else o for o in m.output]
+        for g in subgraphs(m):
+            for inner in g.node:
+                rename_in(inner)
+
     nodes = []
     for k in keep:
         m = onnx.NodeProto()
         m.CopyFrom(graph.node[k])
-        m.input[:] = [name(i) if i else i for i in m.input]
-        m.output[:] = [name(o) if o else o for o in m.output]
+        rename_in(m)
         if m.name:
             m.name += suffix
         nodes.append(m)

@@ -26,6 +26,10 @@ def linear_ref(w: np.ndarray, b: np.ndarray | None = None) -> Any:
     return lambda x: F.linear(x.double(), f64(w), None if b is None else f64(b)).float()
 
 
+_EXPERTS = const(7, 4, 5, 6)  # 4 experts, [out 5, in 6]
+_EXPERTS_T = const(8, 4, 6, 5)  # the same as [in 6, out 5]
+
+
 def _conv_w(*shape: int) -> np.ndarray:
     return const(sum(shape) * 31 + len(shape), *shape)
 
@@ -117,6 +121,13 @@ CASES = [
          lambda x: torch.ops.aten.convolution(x, torch.from_numpy(_conv_w(6, 4, 3)), torch.from_numpy(_conv_w(6)), [1], [1],
                                               [1], False, [0], 1),
          tol=1e-4, capture=("convolution.default",)),
+    # ------------------------------------------------------------------ a mixture of experts' layer
+    Case("expert_linear", {"x": In(("batch", 6)), "ids": In(("batch",), "int64", "index:4")},
+         op(Op.EXPERT_LINEAR, "x", _EXPERTS, "ids"),
+         lambda x, ids: torch.einsum("si,soi->so", x, torch.from_numpy(_EXPERTS)[ids]), tol=1e-5),
+    Case("expert_linear_transposed", {"x": In(("batch", 6)), "ids": In(("batch",), "int64", "index:4")},
+         op(Op.EXPERT_LINEAR, "x", _EXPERTS_T, "ids", transposed=1),
+         lambda x, ids: torch.einsum("si,sio->so", x, torch.from_numpy(_EXPERTS_T)[ids]), tol=1e-5),
     Case("baddbmm", {"c": In(("batch", 1, "seq")), "a": In(("batch", 3, 5)), "b": In(("batch", 5, "seq"))},
          _baddbmm(0.5), lambda c, a, b: torch.baddbmm(c, a, b, beta=1.0, alpha=0.5), tol=1e-5,
          capture=("baddbmm.default",)),
