@@ -523,14 +523,16 @@ def test_static_capture_without_dynamic_dims(captured):
 def test_every_ir_op_is_produced(captured):
     """Every non-leaf IR op except Identity, the adapter slots (which the adapter-slots pass makes, never
     capture), RotaryEmbedding and KVCacheAttention (fuse-rotary and fuse-kv-attention make them:
-    tests/passes/test_fuse_rotary_share_kv.py) comes out of some captured model, here or in a ``capture=(...)`` row of tests/ops: a broken converter shows here."""
+    tests/passes/test_fuse_rotary_share_kv.py) and ExpertLinear (group-experts: tests/passes/test_group_experts.py)
+    comes out of some captured model, here or in a ``capture=(...)`` row of tests/ops: a broken converter shows here."""
     graphs = [get(captured, name).graph for name in ALL_NAMES]
     seen = {n.op for g in graphs for n in g.nodes}
     from ..ops.harness import all_cases, build  # rows captured by tests/ops/test_converters.py
     from .test_capture_transformer_ops import TRANSFORMER_OPS  # produced by the models of that file
 
     by_rows = {n.op for c in all_cases() if c.capture for n in build(c).nodes}
-    want = set(Op) - {Op.INPUT, Op.CONST, Op.IDENTITY, Op.ROTARY_EMBEDDING, Op.KV_ATTENTION} - TRANSFORMER_OPS - OpGroup.Adapter - by_rows
+    made_by_passes = {Op.ROTARY_EMBEDDING, Op.KV_ATTENTION, Op.EXPERT_LINEAR}
+    want = set(Op) - {Op.INPUT, Op.CONST, Op.IDENTITY} - made_by_passes - TRANSFORMER_OPS - OpGroup.Adapter - by_rows
     assert want - seen == set()
 
 
