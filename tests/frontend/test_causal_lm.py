@@ -91,6 +91,24 @@ def _feed(x: dict, layers: int) -> dict[str, np.ndarray]:
     return feed
 
 
+def assert_logits_like_eager(model, graph, backends=("numpy", "onnxruntime"), vocab: int = 128) -> None:
+    """The logits of ``graph`` (``model`` captured with its cache, optimized or not) against eager ``model``'s in
+    each backend, at a prefill with a left-padded row and at one decode step; the padded row's query positions
+    (whose outputs nothing reads) are not compared."""
+    layout = cache_layout(model)
+    wrapper = CausalLMWithPast(model, layout)
+    takes = {i.name for i in graph.inputs}
+    for backend in backends:
+        exe = compile(graph, backend)
+        for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:
+            x = example_inputs(layout, vocab, batch, seq, past, seed=batch, left_pad=pad)
+            with torch.no_grad():
+                want = wrapper(**x)[0].numpy()
+            got = np.asarray(exe({k: v for k, v in _feed(x, layout.layers).items() if k in takes})["logits"])
+            rows = [r for r in range(batch) if not (r == 0 and seq > 1)]
+            np.testing.assert_allclose(got[rows], want[rows], atol=2e-5, rtol=1e-4, err_msg=backend)
+
+
 SLOW = pytest.mark.slow
 ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel",
          *(pytest.param(a, marks=SLOW) for a in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -13,12 +12,11 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from flora_graph.frontend import capture  # noqa: E402
-from flora_graph.frontend.causal_lm import CausalLMWithPast, cache_layout, capture_causal_lm, example_inputs, past_names  # noqa: E402
+from flora_graph.frontend.causal_lm import capture_causal_lm  # noqa: E402
 from flora_graph.ir import Op  # noqa: E402
 from flora_graph.passes import optimize  # noqa: E402
 from flora_graph.passes.fuse_softcap_attention import fuse_softcap_attention  # noqa: E402
-from flora_graph.runtimes import compile  # noqa: E402
-from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
+from tests.frontend.test_causal_lm import assert_logits_like_eager, tiny_causal_lm  # noqa: E402
 
 
 def _gemma2():
@@ -37,21 +35,7 @@ def test_gemma2_attention_becomes_kv_attention_with_its_cap_and_matches_eager() 
     assert {n.attrs["softcap"] for n in atts} == {model.config.attn_logit_softcapping}
     assert not any(n.op is Op.SOFTMAX for n in fused.nodes)
     assert sum(n.op is Op.TANH for n in fused.nodes) == 1  # the final logits' own cap
-    layout = cache_layout(model)
-    wrapper = CausalLMWithPast(model, layout)
-    for backend in ("numpy", "onnxruntime"):
-        exe = compile(fused, backend)
-        for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:  # prefill (a left-padded row), one decode step
-            x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
-            feed = {k: v.numpy() for k, v in x.items() if k != "past_key_values"}
-            feed.update({n: t.numpy() for n, t in zip(past_names(layout.layers), x["past_key_values"], strict=True)})
-            feed = {k: v for k, v in feed.items() if k in [i.name for i in fused.inputs]}
-            with torch.no_grad():
-                want = wrapper(**x)[0].numpy()
-            got = exe(feed)["logits"]
-            rows = [r for r in range(batch) if not (r == 0 and seq > 1)]  # a padded query row is not compared
-            np.testing.assert_allclose(got[rows], want[rows], atol=2e-5, rtol=1e-4, err_msg=backend)
-
+    assert_logits_like_eager(model, fused)
 
 def test_gemma2_package_attention_is_group_query_attention_with_cap_and_window(tmp_path) -> None:
     from flora_graph.llm_demo import save_word_tokenizer

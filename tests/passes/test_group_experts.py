@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -13,12 +12,12 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from flora_graph.frontend import capture  # noqa: E402
-from flora_graph.frontend.causal_lm import CausalLMWithPast, cache_layout, capture_causal_lm, example_inputs, past_names  # noqa: E402
+from flora_graph.frontend.causal_lm import capture_causal_lm  # noqa: E402
 from flora_graph.ir import Op  # noqa: E402
 from flora_graph.passes import optimize  # noqa: E402
 from flora_graph.passes.group_experts import group_experts  # noqa: E402
-from flora_graph.runtimes import compile  # noqa: E402
 from flora_graph.runtimes.onnx_lowering import to_onnx  # noqa: E402
+from tests.frontend.test_causal_lm import assert_logits_like_eager  # noqa: E402
 
 
 def _moe(arch: str):
@@ -47,21 +46,7 @@ def test_expert_products_become_expert_linear_and_match_eager(arch: str, transpo
     experts = [n for n in fused.nodes if n.op is Op.EXPERT_LINEAR]
     assert len(experts) == 2 * layers and {n.attrs["transposed"] for n in experts} == {transposed}
     assert not [n for n in fused.nodes if n.op is Op.GATHER and n.inputs[0].op is Op.CONST and len(n.inputs[0].shape) == 3]
-    layout = cache_layout(model)
-    wrapper = CausalLMWithPast(model, layout)
-    for backend in ("numpy", "onnxruntime", "torchscript"):
-        exe = compile(fused, backend)
-        for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:  # prefill (a left-padded row), one decode step
-            x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
-            feed = {k: v.numpy() for k, v in x.items() if k != "past_key_values"}
-            feed.update({n: t.numpy() for n, t in zip(past_names(layout.layers), x["past_key_values"], strict=True)})
-            feed = {k: v for k, v in feed.items() if k in [i.name for i in fused.inputs]}
-            with torch.no_grad():
-                want = wrapper(**x)[0].numpy()
-            got = np.asarray(exe(feed)["logits"])
-            rows = [r for r in range(batch) if not (r == 0 and seq > 1)]  # a padded query row is not compared
-            np.testing.assert_allclose(got[rows], want[rows], atol=2e-5, rtol=1e-4, err_msg=backend)
-
+    assert_logits_like_eager(model, fused, ("numpy", "onnxruntime", "torchscript"))
 
 def test_onnx_model_loops_over_the_experts_in_use_and_keeps_what_the_loop_reads() -> None:
     """ONNX: one Loop per product, whose body reads the routed rows and the weights from the graph around it;
