@@ -8,9 +8,11 @@ transformers runs a mixture of experts' layers (``batched_mm``, the implementati
 
 ``Gather`` copies one expert weight per pair: a prompt of ``T`` tokens with ``k`` experts each copies ``T * k``
 of them, and each product is a matrix-vector one. Rule ``group-experts`` rewrites both forms to
-``ExpertLinear(x, W, ids)``, which each backend computes per expert: the rows routed to it times its weight,
-read once (ONNX: a ``Loop`` over the experts in use). A 512-token prompt through a 32-expert layer
-(hidden 512, ``k`` 4, one product alone) went from 717 ms to 43 ms in ONNX Runtime; a whole small Qwen3-MoE package prefills 512 tokens in 0.2 s and 0.4 GB instead of 2-16 s and 4.7 GB (``benchmarks/moe.py``).
+``ExpertLinear(x, W, ids)``, which ONNX (a ``Loop`` over the experts in use) and the numpy reference compute per
+expert: the rows routed to it times its weight, read once (the torch backends keep ``batched_mm``'s form). A
+512-token prompt through a 32-expert product (hidden 512, ``k`` 4, the product alone) went from 717 ms to 43 ms in
+ONNX Runtime; a whole small Qwen3-MoE package prefills 512 tokens in 0.2 s and 0.4 GB instead of 2-16 s and
+4.7 GB (``benchmarks/moe.py``).
 
 It fires where ``W`` is a 3-D static weight gathered on its first axis by 1-D integer ids, ``x`` is 2-D, and
 nothing else reads the ``MatMul``'s operands or result; refusals are recorded with the reason.
