@@ -214,3 +214,40 @@ def test_int4_from_the_command_line_and_an_adapter_added_later(packages, tmp_pat
     gen = Generator(out)
     assert gen.generate([PROMPT], adapters="later", max_new_tokens=NEW, stop_tokens=[]) == \
         gen.generate([PROMPT], adapters="ad", max_new_tokens=NEW, stop_tokens=[])
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "GptOssForCausalLM"])
+def test_int4_expert_weights_are_4_bit_and_give_eager_tokens_of_those_weights(arch: str, tmp_path: Path) -> None:
+    """A mixture of experts' expert tensors ([experts, out, in], and gpt-oss's [experts, in, out]) are stored in
+    4 bits per expert; at accuracy level 0 the package gives eager's tokens on the same 4-bit weights."""
+    from flora_graph.llm_demo import save_word_tokenizer
+    from tests.frontend.test_causal_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(arch)
+    model.config.eos_token_id = 2
+    model.save_pretrained(tmp_path / "base")
+    save_word_tokenizer(tmp_path / "base", 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "int4", precision="int4", int4_accuracy_level=0)
+    q = copy.deepcopy(model)
+    embedding = q.get_input_embeddings().weight
+    with torch.no_grad():
+        for module in q.modules():
+            for p in module.parameters(recurse=False):
+                if p is embedding or p.ndim < 2:
+                    continue
+                if p.ndim == 2:  # every linear layer's weight, routers included
+                    p.copy_(fake_quant(p))
+                elif getattr(module, "is_transposed", False):  # [experts, in, out]: blocks along "in"
+                    p.copy_(torch.stack([fake_quant(w.T).T for w in p]))
+                else:  # [experts, out, in]
+                    p.copy_(torch.stack([fake_quant(w) for w in p]))
+    want, plain = _eager(q), _eager(model)
+    assert want != plain  # the 4-bit weights change the tokens: the package must carry exactly them
+    assert Generator(tmp_path / "int4").generate([PROMPT], max_new_tokens=NEW, stop_tokens=[])[0] == want
+    assert genai_tokens(og.Model(str(tmp_path / "int4")), PROMPT, NEW) == want
+    proto = onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False)
+    loops = [n for n in proto.graph.node if n.op_type == "Loop"]
+    assert loops and all(any(m.op_type == "MatMulNBits" for m in loop.attribute[0].g.node) for loop in loops)
+    assert not [t for t in proto.graph.initializer if len(t.dims) == 3 and t.data_type == TensorProto.FLOAT]
