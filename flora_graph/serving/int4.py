@@ -10,10 +10,7 @@ dequantized weights ``q * scale``, so the model computes what a float model of t
 model builder's default on CPU) quantizes the activations to int8 as well: faster on CPUs with int8 dot
 products, no longer equal to the float model of the 4-bit weights.
 LoRA slots keep their float weights (graph inputs), so adapters stay swappable and exact on top of the
-quantized base, as QLoRA trains them. Embeddings (``Gather``) stay float. A mixture of experts' weights
-(``ExpertLinear``'s loop, a ``Gemm`` of ``Gather(W, expert)``) are quantized the same way per expert, stored
-``[experts, out, blocks, block_size / 2]``, and each loop step gathers its expert's 4-bit weight and scales
-for ``MatMulNBits``.
+quantized base, as QLoRA trains them. Embeddings (``Gather``) stay float.
 
 A weight is constant when it is an initializer that is not also a graph input (a LoRA slot's empty default
 is one), or ``Transpose`` / ``Concat`` / ``Identity`` of constants
@@ -119,52 +116,6 @@ class _Quantizer:
             sig, w = f"T({sig})", w.T
         return sig, w
 
-    def _expert_weight(self, n: onnx.NodeProto, producers: list[dict[str, onnx.NodeProto]],
-                       memo: dict) -> tuple[str, np.ndarray, str] | None:
-        """``(signature, W [experts, out, in], expert)`` when ``n`` is a plain ``Gemm`` of one expert's weight,
-        ``Gather(W, expert)`` of a constant 3-D ``W`` (``ExpertLinear``'s loop body: ``W`` as ``[experts, out, in]``
-        with ``transB``, else ``[experts, in, out]``), else ``None``."""
-        if n.domain or n.op_type != "Gemm" or len(n.input) != 2:
-            return None
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            return None
-        gather = next((p[n.input[1]] for p in producers if n.input[1] in p), None)
-        if gather is None or gather.domain or gather.op_type != "Gather" or len(gather.input) != 2:
-            return None
-        if {a.name: helper.get_attribute_value(a) for a in gather.attribute}.get("axis", 0) != 0:
-            return None
-        got = self._value(gather.input[0], producers, memo)
-        if got is None or got[1].ndim != 3 or got[1].dtype not in (np.float32, np.float16):
-            return None
-        sig, w = got
-        if not attrs.get("transB", 0):
-            sig, w = f"T({sig})", w.transpose(0, 2, 1)
-        return sig, w, gather.input[1]
-
-    def _experts(self, n: onnx.NodeProto, sig: str, w: np.ndarray, expert: str) -> list[onnx.NodeProto]:
-        """The nodes that replace an expert's ``Gemm``: its 4-bit weight and scales gathered, ``MatMulNBits``."""
-        experts, out, k = w.shape
-        if sig not in self.made:
-            packed = np.empty((experts, out, -(-k // self.block_size), self.block_size // 2), np.uint8)
-            scales = np.empty((experts, packed.shape[1] * packed.shape[2]), w.dtype)
-            for e in range(experts):  # one expert at a time: the temporaries stay one expert large
-                packed[e], scales[e] = quantize_block(w[e], self.block_size)
-            base = f"{n.name or n.output[0]}.int4"
-            names = (f"{base}.weight", f"{base}.scales")
-            if self.weights is not None:
-                self.weights.update({names[0]: packed, names[1]: scales})
-            else:
-                self.top.initializer.extend([numpy_helper.from_array(packed, names[0]),
-                                             numpy_helper.from_array(scales, names[1])])
-            self.made[sig] = (*names, k, out)
-        wq, sc, k, out = self.made[sig]
-        qe, se = f"{n.output[0]}/int4.weight", f"{n.output[0]}/int4.scales"
-        return [helper.make_node("Gather", [wq, expert], [qe], name=f"{n.name}/int4.weight", axis=0),
-                helper.make_node("Gather", [sc, expert], [se], name=f"{n.name}/int4.scales", axis=0),
-                helper.make_node("MatMulNBits", [n.input[0], qe, se], [n.output[0]], name=n.name, domain=_CONTRIB,
-                                 K=k, N=out, bits=4, block_size=self.block_size, accuracy_level=self.accuracy_level)]
-
     def graph(self, g: onnx.GraphProto, outer: list[dict[str, onnx.NodeProto]]) -> None:
         producers = [{o: n for n in g.node for o in n.output}, *outer]
         memo: dict = {}
@@ -172,11 +123,6 @@ class _Quantizer:
         for i, n in enumerate(g.node):
             for sub in subgraphs(n):
                 self.graph(sub, producers)
-            expert = self._expert_weight(n, producers, memo)
-            if expert is not None:
-                rewritten.append((i, self._experts(n, *expert)))
-                self.count += 1
-                continue
             got = self._weight(n, producers, memo)
             if got is None:
                 continue

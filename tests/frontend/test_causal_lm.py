@@ -65,8 +65,6 @@ def _config(arch: str):
         # attention sinks, sliding windows on alternate layers, clamped SwiGLU experts with biases
         "GptOssForCausalLM": lambda: transformers.GptOssConfig(**COMMON, head_dim=16, num_local_experts=4,
                                                                num_experts_per_tok=2, sliding_window=4),
-        "Qwen3MoeForCausalLM": lambda: transformers.Qwen3MoeConfig(**COMMON, head_dim=16, num_experts=4,
-                                                                   num_experts_per_tok=2, moe_intermediate_size=32),
         "GraniteMoeForCausalLM": lambda: transformers.GraniteMoeConfig(**COMMON, num_local_experts=4,
                                                                        num_experts_per_tok=2),
         "ArceeForCausalLM": lambda: transformers.ArceeConfig(**COMMON),
