@@ -154,3 +154,13 @@ def test_merge_adapter_is_checked_before_anything_loads(moe_folders, tmp_path) -
         export_genai(model_dir, tmp_path / "pkg", merge=tmp_path / "missing")
     assert not (tmp_path / "pkg").exists()
     assert main(["export", str(model_dir), "--merge-adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_merge_adapter_for_another_model_is_refused_naming_it(moe_folders, tmp_path) -> None:
+    from tests.models.test_hf_peft_parity import llama_model
+
+    _, adapter_dir = moe_folders
+    llama_model().save_pretrained(tmp_path / "llama")
+    with pytest.raises(AdapterError, match=r"PEFT could not merge it into LlamaForCausalLM"):
+        export_genai(tmp_path / "llama", tmp_path / "pkg", merge=adapter_dir)
+    assert not (tmp_path / "pkg").exists()
