@@ -11,10 +11,13 @@ softcap=cap, enable_gqa)`` on the unrepeated heads, the form the sdpa path of ot
 The arithmetic is the same: the cap applies before the mask in both.
 
 It fires where ``scale`` and the two caps are scalar constants, the caps equal and positive, the bias is
-``Where(bool mask, 0, -inf)``, softmax runs over the last axis, ``k'`` is transposed on its last two axes, and no
-intermediate is read elsewhere; the bias may be transformers' ``Where(mask, 0, dtype's lowest)``, which drops a
-key as ``-inf`` does once the scores are capped (a row with every key dropped, a padding query nothing reads,
-then comes out 0 instead of uniform); refusals are recorded with the reason.
+``Where(bool mask, 0, -inf)``, softmax runs over the last axis, ``k'`` is transposed on its last two axes, the
+keys and values are a cache's (``Concat`` of a past input and the new ones), and no intermediate is read
+elsewhere. The bias may be transformers' ``Where(mask, 0, dtype's lowest)``, which drops a key as ``-inf`` does
+once the scores are capped, except in a row with every key dropped (a left-padded row's padding queries): eager
+averages every value there, the fused node gives 0. A cache's padded queries feed only cache entries that every
+query masks, so the cache graphs (what packages serve) fuse; a graph without a cache, whose every position is
+an output, keeps the spelled-out ops. Refusals are recorded with the reason.
 """
 
 from __future__ import annotations
@@ -75,6 +78,11 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
     k, v = _unrepeated(k_rep), _unrepeated(m["v_rep"])
     if k is None or v is None or k[1] != v[1]:
         return res.fail("keys and values are not repeated alike for the query heads")
+    if not all(x[0].op is Op.CONCAT and x[0].inputs[0].op is Op.INPUT for x in (k, v)):
+        # a query that sees no key (a left-padded row's padding) averages every value in eager, as the bias is a
+        # finite lowest value, and comes out 0 from the fused node: only a cache's reader, whose padded queries
+        # nothing reads, is the same
+        return res.fail("the keys and values are not a cache's (Concat of a past input and the new ones)")
     heads = canonical_dim(k[0].shape[1])
     if not isinstance(heads, int) or heads * k[1] != canonical_dim(q.shape[1]) or len(v[0].shape) != 4:
         return res.fail(f"{k[0].shape[1]} key heads repeated {k[1]} times do not give the {q.shape[1]} query heads")

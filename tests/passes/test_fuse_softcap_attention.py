@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -16,6 +17,7 @@ from flora_graph.frontend.causal_lm import capture_causal_lm  # noqa: E402
 from flora_graph.ir import Op  # noqa: E402
 from flora_graph.passes import optimize  # noqa: E402
 from flora_graph.passes.fuse_softcap_attention import fuse_softcap_attention  # noqa: E402
+from flora_graph.runtimes import compile  # noqa: E402
 from tests.frontend.test_causal_lm import assert_logits_like_eager, tiny_causal_lm  # noqa: E402
 
 
@@ -69,3 +71,24 @@ def test_attention_with_two_caps_is_refused_with_the_reason() -> None:
     res = fuse_softcap_attention(g)
     assert not res.changed
     assert any("one positive cap" in why for why in res.stats["refused"].values())
+
+
+def test_attention_without_a_cache_keeps_its_ops_and_every_position_equals_eager() -> None:
+    """Without a cache every position is an output, a left-padded row's padding queries too: eager averages every
+    value where a query sees no key (its bias is a finite lowest value), the fused node would give 0. Refused
+    there with the reason, and the optimized graph equals eager at every position."""
+    model, _ = _gemma2()
+    model.config.use_cache = False
+    ids = torch.tensor([[5, 9, 11, 3, 7, 8], [4, 6, 2, 9, 13, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture(model, {"input_ids": ids, "attention_mask": mask},
+                        {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+    res = fuse_softcap_attention(graph)
+    assert not res.changed and any("not a cache's" in why for why in res.stats["refused"].values())
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    got = compile(optimize(graph, "fused", backend="onnxruntime"), "onnxruntime")(
+        input_ids=ids.numpy(), attention_mask=mask.numpy())
+    np.testing.assert_allclose(next(iter(got.values())), want, atol=2e-5, rtol=1e-4)  # the padded row's too
