@@ -37,12 +37,16 @@ __all__ = ["CacheLayout", "CausalLMWithPast", "cache_layout", "capture_causal_lm
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """The key/value cache of a decoder: ``layers`` pairs of ``[batch, kv_heads, past_seq, head_dim]``."""
+    """The key/value cache of a decoder: ``layers`` pairs of ``[batch, kv_heads, past_seq, head_dim]``.
+
+    ``shared``: ``(layer, source)`` for each layer that attends to another layer's keys and values instead of
+    its own (:func:`kv_shared_layers`); its present is the source's, so every layer's cache grows alike."""
 
     layers: int
     kv_heads: int
     head_dim: int
     takes_position_ids: bool
+    shared: tuple[tuple[int, int], ...] = ()
 
 
 def past_names(layers: int) -> list[str]:
@@ -81,7 +85,27 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     kv_heads = get("num_key_value_heads") or heads
     head_dim = get("head_dim") or hidden // heads
     takes = "position_ids" in inspect.signature(base.forward).parameters
-    return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes)
+    return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes, kv_shared_layers(base))
+
+
+def kv_shared_layers(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """``(layer, source)`` for each attention layer of a transformers model that reads another layer's keys and
+    values (``is_kv_shared_layer``: Gemma 3n's last layers, whose own cache transformers leaves empty); the
+    source is the layer of its attention type that stores them (``store_full_length_kv``).
+
+    Raises :class:`GraphError` for a shared layer whose type no layer stores."""
+    attns = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
+             and isinstance(getattr(m, "is_kv_shared_layer", None), bool)]
+    store = {getattr(a, "layer_type", None): a.layer_idx for a in attns if getattr(a, "store_full_length_kv", False)}
+    pairs = []
+    for a in attns:
+        if a.is_kv_shared_layer:
+            kind = getattr(a, "layer_type", None)
+            if kind not in store:
+                raise GraphError(f"{type(model).__name__}: layer {a.layer_idx} reads another layer's keys and values, "
+                                 f"but no layer of its type {kind!r} stores them")
+            pairs.append((a.layer_idx, store[kind]))
+    return tuple(sorted(pairs))
 
 
 def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: str) -> Callable[..., tuple[torch.Tensor, ...]]:
@@ -102,8 +126,9 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
             kwargs["position_ids"] = position_ids
         out = forward(**kwargs)
         flat: list[torch.Tensor] = [out.logits]
+        source = dict(layout.shared)  # a layer reading another's keys and values presents the other's cache
         for i in range(layout.layers):
-            layer = out.past_key_values.layers[i]
+            layer = out.past_key_values.layers[source.get(i, i)]
             flat += [layer.keys, layer.values]
         return tuple(flat)
 

@@ -76,6 +76,11 @@ def _config(arch: str):
         "Cohere2ForCausalLM": lambda: transformers.Cohere2Config(**COMMON, sliding_window=4),
         "BitNetForCausalLM": lambda: transformers.BitNetConfig(**COMMON),
         "Glm4ForCausalLM": lambda: transformers.Glm4Config(**COMMON, head_dim=16, pad_token_id=0),
+        # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
+        "Gemma3nForCausalLM": lambda: transformers.Gemma3nTextConfig(
+            **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
+            hidden_size_per_layer_input=16, num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
+            sliding_window=3, laurel_rank=8, altup_num_inputs=4, activation_sparsity_pattern=[0.0] * 4),
     }[arch]()
 
 
@@ -208,3 +213,24 @@ def test_longrope_picks_its_frequency_set_per_row_inside_the_block() -> None:
             assert torch.equal(cos[i], c[0]) and torch.equal(sin[i], s[0])
         assert "forward" not in vars(rotary)
         assert not torch.equal(rotary(x, rows)[0][1], alone[1][0][0])  # transformers: the batch's set for both
+
+
+def test_layers_reading_another_layers_cache_present_that_cache() -> None:
+    """Gemma 3n's last layers attend to an earlier layer's keys and values and leave their own cache empty in
+    transformers: their presents are the source layer's, so every layer's cache grows by the new tokens, and the
+    graph still equals eager at prefill and decode."""
+    from flora_graph.frontend.causal_lm import kv_shared_layers
+
+    model = tiny_causal_lm("Gemma3nForCausalLM")
+    layout = cache_layout(model)
+    assert layout.shared == kv_shared_layers(model) == ((2, 0), (3, 1))  # by attention type: sliding, full
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture_causal_lm(model)
+    x = example_inputs(layout, 128, 2, 3, 4, seed=1)
+    got = compile(graph, "onnxruntime")(_feed(x, layout.layers))
+    for layer, source in layout.shared:
+        for kv in ("key", "value"):
+            assert got[f"present.{layer}.{kv}"].shape[2] == 4 + 3
+            np.testing.assert_array_equal(got[f"present.{layer}.{kv}"], got[f"present.{source}.{kv}"])
+    assert_logits_like_eager(model, graph)

@@ -30,12 +30,14 @@ Nemotron, SmolLM3) and others as its generic ``decoder`` type; OPT's MLP and Qwe
 flattened ``[batch*seq, hidden]`` rows (per-row slots between reshapes)."""
 NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "SeedOssForCausalLM",
          "HunYuanDenseV1ForCausalLM", "Exaone4ForCausalLM", "Olmo3ForCausalLM", "Cohere2ForCausalLM",
-         "BitNetForCausalLM", "Glm4ForCausalLM"]
+         "BitNetForCausalLM", "Glm4ForCausalLM", "Gemma3nForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
-Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4."""
+Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
+text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache)."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}
+TARGETS["Gemma3nForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _package(arch: str, tmp_path: Path, **options):
