@@ -83,12 +83,15 @@ def slot_nodes(graph: Graph) -> list[ComputationNode]:
 def lora_sites(graph: Graph) -> list[LoRAMatch]:
     """The intact LoRA sites of ``graph`` (branch read only inside the site), in graph order.
 
-    Raises :class:`AdapterError` naming the module for a branch read outside its site or a
-    module with two branches. An empty list when there are none.
+    A module called more than once (Gemma 3n's AltUp router runs twice a layer) has one site per call, all
+    with its one ``A`` and ``B``; its slots then read the same weight inputs. Raises :class:`AdapterError`
+    naming the module for a branch read outside its site or a module with two different branches. An
+    empty list when there are none.
     """
     users = graph.users()
     outputs = {id(n) for n in graph.outputs.values()}
-    found, seen = [], set()
+    found: list[LoRAMatch] = []
+    seen: dict[str, tuple[str | float | None, ...]] = {}  # module -> the params of its A and B, its scale
     for m in find_lora(graph):
         inner = [m.down, m.up, *([m.scale] if m.scale is not None else [])]
         allowed = {id(n) for n in (*inner, m.add)}
@@ -97,11 +100,25 @@ def lora_sites(graph: Graph) -> list[LoRAMatch]:
             if others or id(n) in outputs:
                 raise AdapterError(f"module {m.module!r}: LoRA node {n.name!r} is also read by {others or ['<output>']}; "
                                    "make the slots before fuse-lora-siblings / reassociate-low-rank (optimize(..., slots=...))")
-        if m.module in seen:
-            raise AdapterError(f"module {m.module!r} carries more than one LoRA branch; one slot per module is supported")
-        seen.add(m.module)
+        weights = (_param(m.A), _param(m.B), _scale(graph, m))
+        if m.module in seen and (None in weights[:2] or seen[m.module] != weights):
+            raise AdapterError(f"module {m.module!r} carries more than one LoRA branch (other weights, or weights "
+                               "that are not its parameters); one slot per module is supported")
+        seen[m.module] = weights
         found.append(m)
     return found
+
+
+def _param(node: ComputationNode) -> str | None:
+    """The parameter a ``Const`` node holds (``None`` for another node)."""
+    return str(node.attrs["param"]) if node.op is Op.CONST else None
+
+
+def _scale(graph: Graph, m: LoRAMatch) -> float | None:
+    """A site's scale as a number (capture makes one ``Const`` of it per call), ``None`` without one."""
+    if m.s is None:
+        return None
+    return float(np.asarray(eval_static(graph, m.s, {}), dtype=np.float64).reshape(-1)[0])
 
 
 def own_weights(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarray] | None = None,
@@ -279,12 +296,12 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     t0 = time.perf_counter()
     if slots not in SLOT_KINDS:
         raise ValueError(f"adapter-slots: slots={slots!r}; expected one of {list(SLOT_KINDS)}")
-    matches = lora_sites(graph)
+    matches = lora_sites(graph)  # a module called twice has two sites on its one A and B
     existing = slot_nodes(graph)
     modules = [m.module for m in matches] + [n.attrs["module"] for n in existing]
-    twice = sorted({m for m in modules if modules.count(m) > 1})
+    twice = sorted({m.module for m in matches} & {n.attrs["module"] for n in existing})
     if twice:
-        raise AdapterError(f"module(s) {twice} carry more than one LoRA branch or slot; one slot per module is supported")
+        raise AdapterError(f"module(s) {twice} carry a LoRA branch and a slot; one slot per module is supported")
     _check_intact(graph, set(modules))
     if not modules:
         raise AdapterError(f"graph {graph.name!r} has no LoRA branch (Add(base(x, W), up(down(x, A), B) [* s])) to "
@@ -292,7 +309,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     op = SLOT_OPS[slots]
     convert = [n for n in existing if n.op is not op]
     sites = [_site_of_match(m) for m in matches] + [_site_of_slot(n) for n in convert]
-    stats: dict[str, Any] = {"fired": {}, "refused": {}, "slots": [s.module for s in sites]}
+    stats: dict[str, Any] = {"fired": {}, "refused": {}, "slots": list(dict.fromkeys(s.module for s in sites))}
     if not sites:
         return PassResult(graph, False, {**stats, "time_s": time.perf_counter() - t0})
     batch, flat = _check_rows(graph, sites) if slots == "mixed" else (None, set())
@@ -305,8 +322,11 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     # 2. the slots, their weights graph inputs (the index after the first site's stacks, as serving exports)
     index = next((i for i in graph.inputs if i.name == INDEX_INPUT), None)
     made: dict[ComputationNode, ComputationNode] = {}
+    weights: dict[str, tuple[ComputationNode, ComputationNode]] = {}  # one A and B per module, however often it runs
     for s in sites:
-        a, b = slot_inputs(graph, s.module, s.kind, s.in_dims, s.out, s.dtype, slots)
+        if s.module not in weights:
+            weights[s.module] = slot_inputs(graph, s.module, s.kind, s.in_dims, s.out, s.dtype, slots)
+        a, b = weights[s.module]
         ins = [holders.get(s.base, s.base), holders.get(s.x, s.x), a, b]  # x may be another site: its holder for now
         if slots == "mixed":
             if index is None:

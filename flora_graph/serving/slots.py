@@ -137,10 +137,11 @@ class LoRASlot:
 
 
 def graph_slots(graph: Graph) -> list[LoRASlot]:
-    """The :class:`LoRASlot` of every adapter slot node of ``graph``, in the order of their weight inputs."""
+    """The :class:`LoRASlot` of every adapter slot node of ``graph``, in the order of their weight inputs; one per
+    module (a module that runs twice has two slot nodes on the same weight inputs)."""
     order = {id(n): k for k, n in enumerate(graph.inputs)}
     nodes = sorted(slot_nodes(graph), key=lambda n: order.get(id(n.inputs[2]), len(order)))
-    return [LoRASlot.of_node(n) for n in nodes]
+    return list({s.module: s for s in reversed([LoRASlot.of_node(n) for n in nodes])}.values())[::-1]
 
 
 def graph_adapter_params(graph: Graph) -> dict[str, np.ndarray]:

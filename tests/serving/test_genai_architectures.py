@@ -37,7 +37,7 @@ text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' ca
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}
-TARGETS["Gemma3nForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 
 def _package(arch: str, tmp_path: Path, **options):

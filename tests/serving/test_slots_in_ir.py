@@ -263,6 +263,49 @@ def test_a_site_reading_another_site(kind: str) -> None:
         np.testing.assert_allclose(got, np.stack([want[0], plain[1], want[2]]), atol=ATOL)
 
 
+class Twice(torch.nn.Module):
+    """One layer run twice (as Gemma 3n's AltUp router is), with another between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(torch.tanh(self.b(self.a(x))))
+
+
+@pytest.mark.parametrize("kind", ["swappable", "mixed"])
+def test_a_module_run_twice_has_two_slots_on_one_adapter(kind: str) -> None:
+    from flora_graph.frontend import capture
+    from flora_graph.serving.demo import random_adapter
+    from flora_graph.serving.slots import graph_slots
+
+    torch.manual_seed(0)
+    base = Twice().eval()
+    model = random_adapter(base, 2, seed=1, targets=["a", "b"])
+    x = torch.randn(3, 8)
+    g = capture(model, {"x": x}, {"x": {0: "batch"}})
+    s = slotted(g, kind)
+    twice = [n for n in s.nodes if n.op in OpGroup.Adapter and n.attrs["module"] == "a"]
+    assert len(twice) == 2 and twice[0].inputs[2:4] == twice[1].inputs[2:4]  # one A and one B for both runs
+    assert [slot.module for slot in graph_slots(s)] == ["a", "b"]
+    own = graph_adapter_params(g)
+    assert set(own) == {"a.lora_A", "a.lora_B", "b.lora_A", "b.lora_B"}
+    with torch.no_grad():
+        merged = copy.deepcopy(model)
+        merge_all(merged)
+        want, plain = merged(x).numpy(), base(x).numpy()
+    if kind == "swappable":
+        session = AdapterSession(export_swappable(g), intra_op_threads=1)
+        session.load_adapter("own", own)
+        np.testing.assert_allclose(session.run({"x": x.numpy()}, "own")["output"], want, atol=ATOL)
+        np.testing.assert_allclose(session.run({"x": x.numpy()})["output"], plain, atol=BASE_ATOL)
+    else:
+        session = MixedAdapterSession(export_mixed(g), {"own": own}, intra_op_threads=1)
+        got = session.run({"x": x.numpy()}, ["own", None, "own"])["output"]
+        np.testing.assert_allclose(got, np.stack([want[0], plain[1], want[2]]), atol=ATOL)
+
+
 def test_a_sequential_whose_module_paths_start_with_a_number() -> None:
     """Slots on ``nn.Sequential`` layers ``0`` and ``2``: rank dims ``0.rank`` / ``2.rank``, as the exports always named them."""
     from flora_graph.frontend import capture
