@@ -237,18 +237,29 @@ class Chain(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", ["swappable", "mixed"])
 def test_a_site_reading_another_site(kind: str) -> None:
+    base, model, x, g, s = _adapted_toy(Chain, kind)
+    (slot_a,) = [n for n in s.nodes if n.op in OpGroup.Adapter and n.attrs["module"] == "a"]
+    (slot_b,) = [n for n in s.nodes if n.op in OpGroup.Adapter and n.attrs["module"] == "b"]
+    assert slot_b.inputs[1] is slot_a  # b's site input is a's slot
+    _serves_as_eager(g, s, model, base, x, kind)
+
+
+def _adapted_toy(cls: type[torch.nn.Module], kind: str):
+    """``(base, model, x, captured, slotted)``: ``cls()`` with a random rank-2 adapter on its layers ``a`` and ``b``."""
     from flora_graph.frontend import capture
     from flora_graph.serving.demo import random_adapter
 
     torch.manual_seed(0)
-    base = Chain().eval()
+    base = cls().eval()
     model = random_adapter(base, 2, seed=1, targets=["a", "b"])
     x = torch.randn(3, 8)
     g = capture(model, {"x": x}, {"x": {0: "batch"}})
-    s = slotted(g, kind)
-    (slot_a,) = [n for n in s.nodes if n.op in OpGroup.Adapter and n.attrs["module"] == "a"]
-    (slot_b,) = [n for n in s.nodes if n.op in OpGroup.Adapter and n.attrs["module"] == "b"]
-    assert slot_b.inputs[1] is slot_a  # b's site input is a's slot
+    return base, model, x, g, slotted(g, kind)
+
+
+def _serves_as_eager(g: Graph, s: Graph, model, base, x: torch.Tensor, kind: str) -> None:
+    """``s`` (``g`` slotted as ``kind``) gives eager's merged model with ``g``'s own adapter and the base without
+    one; mixed rows each their own."""
     own = graph_adapter_params(g)
     with torch.no_grad():
         merged = copy.deepcopy(model)
@@ -276,34 +287,14 @@ class Twice(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", ["swappable", "mixed"])
 def test_a_module_run_twice_has_two_slots_on_one_adapter(kind: str) -> None:
-    from flora_graph.frontend import capture
-    from flora_graph.serving.demo import random_adapter
     from flora_graph.serving.slots import graph_slots
 
-    torch.manual_seed(0)
-    base = Twice().eval()
-    model = random_adapter(base, 2, seed=1, targets=["a", "b"])
-    x = torch.randn(3, 8)
-    g = capture(model, {"x": x}, {"x": {0: "batch"}})
-    s = slotted(g, kind)
+    base, model, x, g, s = _adapted_toy(Twice, kind)
     twice = [n for n in s.nodes if n.op in OpGroup.Adapter and n.attrs["module"] == "a"]
     assert len(twice) == 2 and twice[0].inputs[2:4] == twice[1].inputs[2:4]  # one A and one B for both runs
     assert [slot.module for slot in graph_slots(s)] == ["a", "b"]
-    own = graph_adapter_params(g)
-    assert set(own) == {"a.lora_A", "a.lora_B", "b.lora_A", "b.lora_B"}
-    with torch.no_grad():
-        merged = copy.deepcopy(model)
-        merge_all(merged)
-        want, plain = merged(x).numpy(), base(x).numpy()
-    if kind == "swappable":
-        session = AdapterSession(export_swappable(g), intra_op_threads=1)
-        session.load_adapter("own", own)
-        np.testing.assert_allclose(session.run({"x": x.numpy()}, "own")["output"], want, atol=ATOL)
-        np.testing.assert_allclose(session.run({"x": x.numpy()})["output"], plain, atol=BASE_ATOL)
-    else:
-        session = MixedAdapterSession(export_mixed(g), {"own": own}, intra_op_threads=1)
-        got = session.run({"x": x.numpy()}, ["own", None, "own"])["output"]
-        np.testing.assert_allclose(got, np.stack([want[0], plain[1], want[2]]), atol=ATOL)
+    assert set(graph_adapter_params(g)) == {"a.lora_A", "a.lora_B", "b.lora_A", "b.lora_B"}
+    _serves_as_eager(g, s, model, base, x, kind)
 
 
 def test_a_sequential_whose_module_paths_start_with_a_number() -> None:
