@@ -141,7 +141,10 @@ def graph_slots(graph: Graph) -> list[LoRASlot]:
     module (a module that runs twice has two slot nodes on the same weight inputs)."""
     order = {id(n): k for k, n in enumerate(graph.inputs)}
     nodes = sorted(slot_nodes(graph), key=lambda n: order.get(id(n.inputs[2]), len(order)))
-    return list({s.module: s for s in reversed([LoRASlot.of_node(n) for n in nodes])}.values())[::-1]
+    slots: dict[str, LoRASlot] = {}
+    for n in nodes:
+        slots.setdefault(str(n.attrs["module"]), LoRASlot.of_node(n))
+    return list(slots.values())
 
 
 def graph_adapter_params(graph: Graph) -> dict[str, np.ndarray]:
