@@ -99,29 +99,23 @@ NEW = 16
 
 def greedy(model: torch.nn.Module, new: int = NEW) -> list[int]:
     """Eager greedy tokens after :data:`PROMPT` (no end-of-text stop)."""
+    from tests.serving.genai_package import eager_greedy
+
     model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-                             max_new_tokens=new, do_sample=False)
-    return out[0, len(PROMPT):].tolist()
+    return eager_greedy(model, PROMPT, new)
 
 
 def genai_greedy(package: Path, adapter: str | None = None, new: int = NEW) -> list[int]:
     """ONNX Runtime GenAI's greedy tokens after :data:`PROMPT` on ``package`` (``adapter`` active)."""
     import onnxruntime_genai as og
 
+    from tests.serving.genai_package import genai_tokens
+
     model = og.Model(str(package))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + new, min_length=len(PROMPT) + new, do_sample=False)
-    gen = og.Generator(model, params)
+    loaded = og.Adapters(model) if adapter else None
     if adapter:
-        loaded = og.Adapters(model)
         loaded.load(str(package / "adapters" / f"{adapter}.onnx_adapter"), adapter)
-        gen.set_active_adapter(loaded, adapter)
-    gen.append_tokens(PROMPT)
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
+    return genai_tokens(model, PROMPT, new, loaded, adapter)
 
 
 def test_expert_lora_merged_into_a_genai_package_generates_as_eager_peft(moe_folders, tmp_path) -> None:

@@ -82,6 +82,15 @@ def eager_tokens(folders: Path, adapter: str | None, prompt: list[int] | None = 
 
 
 
+def eager_greedy(model, prompt: list[int], new: int, **kw) -> list[int]:
+    """Eager greedy tokens of ``model`` after ``prompt`` (``kw`` to ``generate``); the mask given, as generate() would
+    otherwise take a prompt token equal to the config's pad id for padding."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=new, do_sample=False, **kw)[0, len(prompt):].tolist()
+
+
 def genai_tokens(model, prompt: list[int], new: int, adapters=None, adapter: str | None = None) -> list[int]:
     """The ``new`` greedy tokens ONNX Runtime GenAI generates after ``prompt`` on ``og.Model`` ``model`` (with
     ``adapter`` of ``og.Adapters`` ``adapters`` active), ``min_length`` keeping the end-of-text token out."""

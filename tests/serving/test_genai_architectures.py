@@ -16,7 +16,7 @@ from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
 from flora_graph.serving.genai import export_genai, genai_type  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
 from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
-from tests.serving.genai_package import genai_tokens, tiny_with_adapter  # noqa: E402
+from tests.serving.genai_package import eager_greedy, genai_tokens, tiny_with_adapter  # noqa: E402
 
 PROMPT, NEW = [1, 5, 9, 33, 70], 8
 FIRST = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
@@ -52,19 +52,10 @@ def _package(arch: str, tmp_path: Path, **options):
         return model, export_genai(tmp_path / "base", tmp_path / "pkg", **options)
 
 
-def _eager(model, prompt: list[int], new: int, **kw) -> list[int]:
-    """Eager greedy tokens; the mask given, as generate() would otherwise take a prompt token equal to the
-    config's pad id for padding."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=new, do_sample=False, **kw)[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("arch", [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in FIRST])
 def test_package_generates_eager_greedy_tokens(arch: str, tmp_path: Path) -> None:
     model, report = _package(arch, tmp_path)
-    want = _eager(model, PROMPT, NEW, min_new_tokens=NEW)
+    want = eager_greedy(model, PROMPT, NEW, min_new_tokens=NEW)
     written = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["model"]["type"]
     assert written == report.model_type == {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                                             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
@@ -97,7 +88,7 @@ def test_adapted_package_generates_eager_peft_greedy_tokens(arch: str, tmp_path:
         with torch.no_grad():  # pure greedy: no EOS (the Generator runs with stop_tokens=[])
             for m in (model, adapted.base_model.model):
                 m.generation_config.eos_token_id = None
-            want, plain = _eager(adapted, PROMPT, NEW), _eager(model, PROMPT, NEW)
+            want, plain = eager_greedy(adapted, PROMPT, NEW), eager_greedy(model, PROMPT, NEW)
             ids = torch.tensor([PROMPT])
             assert (adapted(input_ids=ids).logits - model(ids).logits).abs().max() > 1e-3  # the adapter matters
     gen = Generator(tmp_path / "pkg")
@@ -234,7 +225,7 @@ def test_genai_batch_of_prompts_of_different_lengths_gives_each_its_own_tokens(a
 
     model, _ = _package(arch, tmp_path, contrib=contrib)
     prompts, new = [[1, 5, 9, 33, 70, 12, 13], [1, 7, 3]], 6
-    want = [_eager(model, p, new, min_new_tokens=new) for p in prompts]
+    want = [eager_greedy(model, p, new, min_new_tokens=new) for p in prompts]
     gen_model = og.Model(str(tmp_path / "pkg"))
     pad = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["model"]["pad_token_id"]
     assert all(pad not in p for p in prompts)

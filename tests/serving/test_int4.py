@@ -23,7 +23,7 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot b
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tests.serving.genai_package import genai_tokens, tiny_with_adapter  # noqa: E402
+from tests.serving.genai_package import eager_greedy, genai_tokens, tiny_with_adapter  # noqa: E402
 
 PROMPT, NEW, BLOCK = [1, 5, 9, 33, 70], 10, 32
 
@@ -76,10 +76,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _eager(m, prompt: list[int] = PROMPT) -> list[int]:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return m.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=NEW, do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+    return eager_greedy(m, prompt, NEW, eos_token_id=None)
 
 
 def _quantized(model, adapted):
