@@ -211,11 +211,24 @@ register("opt", "decoder", decoder("OPTConfig", "OPTForCausalLM", vocab_size=VOC
                                    ffn_dim=64, num_attention_heads=4, max_position_embeddings=MAX_POS,
                                    word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2,
                                    dim_max=BOUNDED), "learned positions from the mask's cumsum")
+register("gemma3", "decoder", decoder("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, sliding_window=4, **GQA),
+         "q/k norms, local and global layers")
+register("smollm3", "decoder", decoder("SmolLM3Config", "SmolLM3ForCausalLM", pad_token_id=0, bos_token_id=1,
+                                       eos_token_id=2, **GQA), "no rotary on every fourth layer")
+register("olmo2", "decoder", decoder("Olmo2Config", "Olmo2ForCausalLM", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     **GQA), "post-norms, q/k norms over all heads")
+register("phi", "decoder", decoder("PhiConfig", "PhiForCausalLM", bos_token_id=1, eos_token_id=2, **SMALL),
+         "partial rotary, parallel attention and MLP, LayerNorm")
+register("stablelm", "decoder", decoder("StableLmConfig", "StableLmForCausalLM", bos_token_id=1, eos_token_id=2, **GQA),
+         "partial rotary, LayerNorm")
 # mixture of experts: LoRA on the attention (the experts are fused parameters, not Linear layers)
 register("mixtral", "moe", decoder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
                                    lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, **GQA),
          "4 experts, top 2", quick=True)
 
+register("qwen3-moe", "moe", decoder("Qwen3MoeConfig", "Qwen3MoeForCausalLM", head_dim=8, num_experts=4,
+                                     num_experts_per_tok=2, moe_intermediate_size=16, **GQA),
+         "experts as fused 3-d parameters (torch.onnx cannot convert transformers' grouped_mm)")
 
 def encoder(config_cls: str, model_cls: str, *, types: bool = False, lora_cfg: dict | None = None,
             **cfg: Any) -> Callable[[], Built]:
@@ -240,6 +253,16 @@ register("electra", "encoder", encoder("ElectraConfig", "ElectraModel", types=Tr
 register("clip-text", "encoder", encoder("CLIPTextConfig", "CLIPTextModel", bos_token_id=0, eos_token_id=2, **SMALL),
          "causal mask, pooled at argmax id")
 
+register("xlm-roberta", "encoder", encoder("XLMRobertaConfig", "XLMRobertaModel", pad_token_id=1,
+                                           **{**SMALL, "max_position_embeddings": MAX_POS + 2}))
+register("mpnet", "encoder", encoder("MPNetConfig", "MPNetModel", pad_token_id=1,
+                                     **{**SMALL, "max_position_embeddings": MAX_POS + 2}),
+         "relative position buckets shared by the layers")
+register("modernbert", "encoder", encoder("ModernBertConfig", "ModernBertModel", pad_token_id=0, bos_token_id=1,
+                                          eos_token_id=2, cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=2,
+                                          local_attention=4, **SMALL), "rotary, local (sliding) and global layers")
+register("esm", "encoder", encoder("EsmConfig", "EsmModel", pad_token_id=1, mask_token_id=2,
+                                   position_embedding_type="rotary", **SMALL), "protein LM, rotary")
 
 def seq2seq(config_cls: str, model_cls: str, **cfg: Any) -> Callable[[], Built]:
     def build() -> Built:
@@ -255,6 +278,19 @@ register("bart", "encoder-decoder", seq2seq("BartConfig", "BartForConditionalGen
                                             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                             max_position_embeddings=MAX_POS), "learned positions", quick=True)
 
+register("mt5", "encoder-decoder", seq2seq("MT5Config", "MT5ForConditionalGeneration", vocab_size=VOCAB, d_model=32,
+                                           d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
+         "gated GELU feed-forward")
+register("pegasus", "encoder-decoder", seq2seq("PegasusConfig", "PegasusForConditionalGeneration", vocab_size=VOCAB,
+                                               d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                               max_position_embeddings=MAX_POS, pad_token_id=0,
+                                               decoder_start_token_id=0), "sinusoidal positions")
+register("marian", "encoder-decoder", seq2seq("MarianConfig", "MarianMTModel", vocab_size=VOCAB, d_model=32,
+                                              encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                              decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                              max_position_embeddings=MAX_POS, pad_token_id=0,
+                                              decoder_start_token_id=0), "sinusoidal positions, scaled embeddings")
 
 def images(batch: int, seed: int) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
@@ -280,6 +316,23 @@ register("resnet", "conv", vision("ResNetConfig", "ResNetForImageClassification"
                                   depths=[1, 1], layer_type="basic", num_labels=5),
          "batch norm, max pool; LoRA on the classifier")
 
+register("clip-vision", "vision", vision("CLIPVisionConfig", "CLIPVisionModel", **VIT), "pre-norm, class embedding")
+register("siglip-vision", "vision", vision("SiglipVisionConfig", "SiglipVisionModel", **VIT),
+         "attention-pooling head (torch.onnx's file is off)")
+register("dinov2", "vision", vision("Dinov2Config", "Dinov2Model", image_size=32, patch_size=8, num_channels=3,
+                                    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2),
+         "layer scale, interpolated positions")
+register("swin", "vision", vision("SwinConfig", "SwinForImageClassification", image_size=32, patch_size=4, num_channels=3,
+                                  embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=5),
+         "shifted windows, patch merging")
+register("segformer", "vision", vision("SegformerConfig", "SegformerForSemanticSegmentation", num_channels=3,
+                                       num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                       patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                       mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=5),
+         "overlapping patch convs, reduced keys, segmentation head")
+register("mobilevit", "conv", vision("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
+                                     hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 48], num_labels=5),
+         "inverted residuals with transformer blocks over unfolded patches")
 
 def whisper_encoder(lora_cfg: dict | None = None) -> Callable[[], Built]:
     def build() -> Built:
