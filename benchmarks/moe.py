@@ -1,15 +1,26 @@
-"""Mixture of experts: prompt and decode-step time of a GenAI package with ``group-experts`` and without it.
+"""Mixture of experts: prompt and decode-step time of GenAI packages, float and 4-bit, against eager transformers.
 
-Builds a small Qwen3-MoE (hidden ``--hidden``, ``--layers`` layers, ``--experts`` experts, ``--top-k`` per
-token, expert width ``--expert-width``, vocab 1024), exports its GenAI package twice: as ``flora-graph export
---format genai`` writes it (each mixture of experts' product one ``ExpertLinear``: a ``Loop`` over the experts
-in use, each multiplying the rows routed to it), and with the ``group-experts`` pass left out of the presets
-(the products as transformers' ``batched_mm`` writes them: one copy of its expert's weight per token and
-expert, ``Gather`` + batched matrix-vector products). Then, interleaved for ``--rounds`` rounds, it times with
-the Generator (1 thread) the prefill of each ``--prompts`` length and a decode step (median of 32), and eager
-transformers' prefill with its default experts implementation, and checks that both packages give eager's
-greedy tokens. First, each package's prefill of the longest prompt runs in a process of its own, whose peak
-resident memory is printed.
+Builds a small ``--arch`` model (Qwen3-MoE, or gpt-oss: biased experts, clamped SwiGLU; hidden ``--hidden``,
+``--layers`` layers, ``--experts`` experts, ``--top-k`` per token, expert width ``--expert-width``, vocab 1024)
+and exports its GenAI package four ways:
+
+- ``float``: as ``flora-graph export --format genai`` writes it: each expert product one ``ExpertLinear``,
+  a ``Loop`` over the experts in use, each multiplying the rows routed to it (``group-experts``);
+- ``gathered``: with ``group-experts`` left out of the presets: the products as transformers' ``batched_mm``
+  writes them (one copy of its expert's weight per token and expert, ``Gather`` + batched matrix-vector
+  products);
+- ``int4``: ``--precision int4`` (accuracy level 4, blocks of 32): each block one ``com.microsoft.QMoE`` with
+  4-bit experts (:mod:`flora_graph.runtimes.ort_moe`, :mod:`flora_graph.serving.int4`), the other layers
+  ``MatMulNBits``;
+- ``int4 float experts``: the same with the ``MoE`` fusion off: the experts stay float loops (4-bit packages
+  before the fusion).
+
+Then, interleaved for ``--rounds`` rounds, it times with the Generator (1 thread) the prefill of each
+``--prompts`` length and a decode step (median of 32), and eager transformers' prefill with its default
+experts implementation. The float packages must give eager's greedy tokens; for the 4-bit ones the share
+of prompts whose next token equals eager's is printed (4-bit weights and int8 activations move the logits).
+First, each package's prefill of the longest prompt runs in a process of its own, whose peak resident
+memory is printed.
 Run: ``python benchmarks/moe.py``.
 """
 
@@ -28,7 +39,7 @@ from pathlib import Path
 
 
 def build(root: Path, args: argparse.Namespace) -> None:
-    """The base folder and its two packages under ``root``."""
+    """The base folder and its packages (:data:`PACKAGES`) under ``root``."""
     import torch
     import transformers
 
@@ -36,21 +47,40 @@ def build(root: Path, args: argparse.Namespace) -> None:
     from flora_graph.serving.genai import export_genai
 
     torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
-                                      head_dim=args.hidden // 8, num_experts=args.experts,
-                                      num_experts_per_tok=args.top_k, moe_intermediate_size=args.expert_width,
-                                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
-    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(root / "base")
+    common = dict(vocab_size=1024, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=args.hidden // 8, num_experts_per_tok=args.top_k,
+                  max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    if args.arch == "gpt_oss":
+        cfg = transformers.GptOssConfig(**common, intermediate_size=args.expert_width, num_local_experts=args.experts)
+    else:
+        cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=2 * args.hidden, num_experts=args.experts,
+                                          moe_intermediate_size=args.expert_width)
+    model = MODELS[args.arch](cfg)
+    if args.arch == "gpt_oss":  # its experts start empty (torch.empty): give them weights
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(root / "base")
     save_word_tokenizer(root / "base", cfg.vocab_size)
     presets = importlib.import_module("flora_graph.passes.optimize").PRESETS
-    export_genai(root / "base", root / "grouped")
-    kept = dict(presets)
-    try:  # the package as it was before the pass
+    ort_moe = importlib.import_module("flora_graph.runtimes.ort_moe")
+    export_genai(root / "base", root / "float")
+    export_genai(root / "base", root / "int4", precision="int4")
+    kept, fuse = dict(presets), ort_moe.fuse_mixture_of_experts
+    try:  # 4-bit without the MoE nodes, and float as it was before group-experts
+        ort_moe.fuse_mixture_of_experts = lambda ctx: 0
+        export_genai(root / "base", root / "int4 float experts", precision="int4")
         presets.update({k: tuple(p for p in v if p != "group-experts") for k, v in kept.items()})
         export_genai(root / "base", root / "gathered")
     finally:
         presets.update(kept)
+        ort_moe.fuse_mixture_of_experts = fuse
+
+
+MODELS = {"qwen3_moe": lambda cfg: __import__("transformers").Qwen3MoeForCausalLM(cfg),
+          "gpt_oss": lambda cfg: __import__("transformers").GptOssForCausalLM(cfg)}
+PACKAGES = ("float", "gathered", "int4", "int4 float experts")
+FLOAT = ("float", "gathered")
 
 
 def prompt_of(n: int) -> list[int]:
@@ -60,6 +90,7 @@ def prompt_of(n: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", choices=sorted(MODELS), default="qwen3_moe", help="the model family")
     p.add_argument("--hidden", type=int, default=512, help="hidden size")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--experts", type=int, default=32, help="experts per layer")
@@ -83,17 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         build(root, args)
         peaks = {}  # first, before this process holds anything large
-        for name in ("grouped", "gathered"):
+        for name in PACKAGES:
             done = subprocess.run([sys.executable, __file__, "--peak-of", str(root / name),
                                    "--prompts", str(max(args.prompts))], capture_output=True, text=True)
             peaks[name] = (f"{json.loads(done.stdout.strip().splitlines()[-1])['peak_gb']:.2f} GB"
                            if done.returncode == 0 else f"not measured ({done.stderr.strip()[-300:]})")
-        gens = {name: Generator(root / name, threads=1) for name in ("grouped", "gathered")}
-        eager = transformers.Qwen3MoeForCausalLM.from_pretrained(root / "base").eval()
+        gens = {name: Generator(root / name, threads=1) for name in PACKAGES}
+        eager = transformers.AutoModelForCausalLM.from_pretrained(root / "base").eval()
         eager.generation_config.eos_token_id = None
         prefill: dict[tuple[str, int], list[float]] = {}
         step: dict[str, list[float]] = {}
-        same = True
+        same, agree = True, {name: [] for name in PACKAGES if name not in FLOAT}
         for _ in range(args.rounds):
             for n in args.prompts:
                 prompt = prompt_of(n)
@@ -105,25 +136,31 @@ def main(argv: list[str] | None = None) -> int:
                     t = time.perf_counter()
                     got = gen.generate([prompt], max_new_tokens=1, stop_tokens=[])[0]
                     prefill.setdefault((name, n), []).append(time.perf_counter() - t)
-                    same &= got == want
+                    if name in FLOAT:
+                        same &= got == want
+                    else:
+                        agree[name].append(got == want)
             for name, gen in gens.items():
                 batch = gen.batch()
                 batch.add(prompt_of(args.prompts[0]), max_new_tokens=33, stop_tokens=[])
                 while batch.active:
                     batch.step()
                 step.setdefault(name, []).append(float(np.median(batch.step_seconds[1:])))
-        print(f"Qwen3-MoE hidden {args.hidden}, {args.layers} layers, {args.experts} experts (top {args.top_k}, "
+        print(f"{args.arch} hidden {args.hidden}, {args.layers} layers, {args.experts} experts (top {args.top_k}, "
               f"width {args.expert_width}); 1 thread; medians of {args.rounds} interleaved rounds")
         for n in args.prompts:
-            ms = {k: statistics.median(prefill[(k, n)]) * 1e3 for k in ("grouped", "gathered", "eager")}
-            print(f"  prefill {n:>4} tokens: grouped {ms['grouped']:8.1f} ms, gathered {ms['gathered']:8.1f} ms "
-                  f"({ms['gathered'] / ms['grouped']:.1f}x the grouped), eager transformers {ms['eager']:8.1f} ms")
+            ms = {k: statistics.median(prefill[(k, n)]) * 1e3 for k in (*PACKAGES, "eager")}
+            print(f"  prefill {n:>4} tokens: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+                  + f"; float / int4 {ms['float'] / ms['int4']:.2f}x, int4 float experts / int4 "
+                    f"{ms['int4 float experts'] / ms['int4']:.2f}x, gathered / float {ms['gathered'] / ms['float']:.1f}x")
         ms = {k: statistics.median(v) * 1e3 for k, v in step.items()}
-        print(f"  decode step: grouped {ms['grouped']:.3f} ms, gathered {ms['gathered']:.3f} ms "
-              f"({ms['gathered'] / ms['grouped']:.2f}x)")
+        print("  decode step: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+              + f"; float / int4 {ms['float'] / ms['int4']:.2f}x, int4 float experts / int4 "
+                f"{ms['int4 float experts'] / ms['int4']:.2f}x")
         print(f"  peak resident memory of a process loading the package and prefilling {max(args.prompts)} tokens: "
               + ", ".join(f"{name} {peak}" for name, peak in peaks.items()))
-        print(f"greedy tokens equal eager transformers' (both packages, every prompt): {same}")
+        print(f"greedy tokens equal eager transformers' (float packages, every prompt): {same}; 4-bit packages' next "
+              "token equal eager's: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in agree.items()))
     return 0 if same else 1
 
 

@@ -177,13 +177,16 @@ def _live_nodes(graph: Graph) -> list[ComputationNode]:
 
 
 def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contrib: bool = False,
-            max_positions: int | None = None) -> onnx.ModelProto:
+            max_positions: int | None = None, moe: bool = False) -> onnx.ModelProto:
     """Verify ``graph``, lower the part its outputs need to ONNX at ``opset`` (>= 18), check it.
 
     ``contrib``: for ONNX Runtime only, use its ``com.microsoft`` contrib ops where its own
     graph optimizer does not (:mod:`flora_graph.runtimes.ort_contrib`). A decoder's attention then
     becomes ``GroupQueryAttention``, which takes right-padded caches (the model's metadata says so);
-    ``max_positions`` (the context length) lets it apply the rotary embedding too.
+    ``max_positions`` (the context length) lets it apply the rotary embedding too. ``moe`` (with
+    ``contrib``): each mixture-of-experts block becomes one ``com.microsoft.MoE``
+    (:mod:`flora_graph.runtimes.ort_moe`), the form 4-bit packages quantize to ``QMoE``; in float a
+    block's expert products stay ``Loop`` nodes, whose decode steps are faster on CPU.
 
     Raises :class:`GraphError` for a graph that does not verify, :class:`UnsupportedOpError`
     listing the ops without a lowering and their nodes, and :class:`OnnxExportError` for a
@@ -196,21 +199,21 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, con
     its big weights declared as typed inputs instead of initializers (:func:`check_lowered`),
     so it never serializes the weights and works past protobuf's 2 GiB too.
     """
-    model, weights = lower(graph, opset, check=check, contrib=contrib, max_positions=max_positions)
+    model, weights = lower(graph, opset, check=check, contrib=contrib, max_positions=max_positions, moe=moe)
     for name, arr in weights.items():
         add_initializer(model.graph, name, arr)
     return model
 
 
 def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contrib: bool = False,
-          max_positions: int | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+          max_positions: int | None = None, moe: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """:func:`to_onnx` without the big weights: ``(model, {initializer name: array})``.
 
     ``model`` holds every node, input, output and small initializer; the arrays (float
     tensors of at least 1 KiB, views of the graph's weights, possibly transposed) are the
     initializers still to add, in order. :func:`save_onnx` writes them straight from the
-    arrays; :func:`to_onnx` adds them to the model. Same errors, ``check``, ``contrib`` and
-    ``max_positions`` as :func:`to_onnx`.
+    arrays; :func:`to_onnx` adds them to the model. Same errors, ``check``, ``contrib``,
+    ``max_positions`` and ``moe`` as :func:`to_onnx`.
     """
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -238,15 +241,20 @@ def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contr
         from flora_graph.runtimes.ort_contrib import (
             CACHE_PADDING_KEY,
             CONTRIB_DOMAIN,
+            drop_unread,
             fuse_group_query_attention,
             fuse_skip_rms_norm,
         )
+        from flora_graph.runtimes.ort_moe import fuse_mixture_of_experts
 
+        experts = fuse_mixture_of_experts(ctx) if moe else 0
+        if experts:
+            drop_unread(ctx)  # the routing and the experts' loops the MoE nodes replace
         norms = fuse_skip_rms_norm(ctx)
         attentions, unread = fuse_group_query_attention(ctx, max_positions)
         if attentions:
             props[CACHE_PADDING_KEY] = "right"
-        if norms or attentions:
+        if experts or norms or attentions:
             opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     ctx.begin(None)
     for out, n in graph.outputs.items():  # outputs that are leaves or repeat a node: Identity

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
     from flora_graph.runtimes.onnx_lowering import LoweringContext
 
-__all__ = ["CACHE_PADDING_KEY", "CONTRIB_DOMAIN", "fuse_group_query_attention", "fuse_skip_rms_norm"]
+__all__ = ["CACHE_PADDING_KEY", "CONTRIB_DOMAIN", "drop_unread", "fuse_group_query_attention", "fuse_skip_rms_norm"]
 
 CONTRIB_DOMAIN = "com.microsoft"
 _FLOATS = frozenset({"float32", "float16"})
@@ -362,17 +362,26 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
             gqa_attrs["do_rotary"] = 1
         replace[id(n)] = [helper.make_node("GroupQueryAttention", inputs, list(n.output), name=f"{n.name}/gqa",
                                            domain=CONTRIB_DOMAIN, **gqa_attrs)]
-    nodes = prelude + [r for n in ctx.nodes if id(n) not in dropped for r in replace.get(id(n), [n])]
+    ctx.nodes[:] = prelude + [r for n in ctx.nodes if id(n) not in dropped for r in replace.get(id(n), [n])]
+    read = drop_unread(ctx)  # what only the old attention read (mask, rotary tables, the split)
+    return len(found), {name for name in m.inputs if name in m.readers and name not in read}
+
+
+def drop_unread(ctx: LoweringContext) -> set[str]:
+    """Drop the nodes of ``ctx.nodes`` whose outputs nothing reads (through subgraphs) and no graph output
+    is, then the initializers and weights nothing reads any more (graph inputs' defaults kept); return
+    the value names still read, the graph's outputs among them."""
     keep = {ctx.value(n) for n in ctx.graph.outputs.values()} | set(ctx.graph.outputs)
-    while True:  # drop what only the old attention read (mask, rotary tables, the split)
+    inputs = {n.name for n in ctx.graph.inputs}
+    nodes = ctx.nodes
+    while True:
         read = {i for n in nodes for i in reads(n)} | keep
         alive = [n for n in nodes if any(o in read for o in n.output if o)]
         if len(alive) == len(nodes):
             break
         nodes = alive
     ctx.nodes[:] = nodes
-    read = {i for n in nodes for i in reads(n)}
-    for table in (ctx.initializers, ctx.weights):  # constants only the dropped nodes read
-        for name in [k for k in table if k not in read and k not in m.inputs]:
+    for table in (ctx.initializers, ctx.weights):
+        for name in [k for k in table if k not in read and k not in inputs]:
             del table[name]
-    return len(found), {name for name in m.inputs if name in m.readers and name not in read and name not in keep}
+    return read

@@ -65,13 +65,14 @@ def slotted(graph: Graph, slots: str = "swappable") -> Graph:
 
 
 def lower_slotted(graph: Graph, slots: str = "swappable", *, opset: int = DEFAULT_OPSET, packed: Sequence[LoRASlot] = (),
-                  contrib: bool = False, max_positions: int | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+                  contrib: bool = False, max_positions: int | None = None,
+                  moe: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """:func:`export_swappable` (``slots="swappable"``) or :func:`export_mixed` (``"mixed"``) with the big weights
     apart, as :func:`~flora_graph.runtimes.onnx_lowering.lower` gives them: ``(model, {initializer: array})``,
     the arrays views of the graph's weights, for :func:`~flora_graph.runtimes.onnx_writer.save_lowered` to
-    write without a copy in memory. Same errors as those."""
+    write without a copy in memory. Same errors as those; ``moe`` as for :func:`~flora_graph.runtimes.onnx_lowering.lower`."""
     g = slotted(graph, slots)
-    model, weights = lower(g, opset, contrib=contrib, max_positions=max_positions)
+    model, weights = lower(g, opset, contrib=contrib, max_positions=max_positions, moe=moe)
     props = {p.key: p.value for p in model.metadata_props}
     helper.set_model_props(model, {**props, **slots_to_metadata(graph_slots(g), slots, packed)})
     return model, weights

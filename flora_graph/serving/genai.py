@@ -287,6 +287,9 @@ def export_genai(
     doc = genai_config(model, layout, model_type=genai_type(arch), context_length=context,
                        end_of_turn=_end_of_turn(Path(base), int(model.config.vocab_size), say))
     refill = refill_position(model) if arch in REFILL_ARCHS else None
+    # 4-bit packages: mixture-of-experts blocks as MoE nodes, whose experts the quantizer makes 4-bit (QMoE);
+    # float ones keep each expert product a Loop (faster decode steps on CPU than the float MoE kernel)
+    moe = contrib and precision == "int4"
     written: dict[str, Path] = {}
     with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
         say("writing the model")
@@ -305,7 +308,7 @@ def export_genai(
             from flora_graph.serving.slots import graph_slots
 
             written_model, weights = lower_slotted(graph, "swappable", opset=GENAI_OPSET, contrib=contrib,
-                                                   max_positions=context)
+                                                   max_positions=context, moe=moe)
             if base_branch:
                 written_model = branch_on_adapter(written_model)
             write(written_model, weights, MODEL_FILE)
@@ -315,11 +318,11 @@ def export_genai(
             # base layers packed as plain Linears (pack-linears: 6% faster steps, 8 rows over 8 adapters)
             write(*lower_slotted(optimize(unpacked, ["pack-linears", "cse", "dce"]), "mixed", opset=GENAI_OPSET,
                                  packed=[s for s in graph_slots(graph) if s.members], contrib=contrib,
-                                 max_positions=context), MIXED_FILE)
+                                 max_positions=context, moe=moe), MIXED_FILE)
         else:
             from flora_graph.runtimes.onnx_lowering import lower
 
-            written_model, weights = lower(graph, GENAI_OPSET, contrib=contrib, max_positions=context)
+            written_model, weights = lower(graph, GENAI_OPSET, contrib=contrib, max_positions=context, moe=moe)
             write(written_model, weights, MODEL_FILE)
         _fit_config(doc, written_model)
         if params:

@@ -1,12 +1,14 @@
 """4-bit weights for a package's models: every base ``MatMul`` (or ``Gemm``, its bias then an ``Add``) on a constant
-weight becomes ONNX Runtime's ``com.microsoft.MatMulNBits``, as the ONNX Runtime GenAI model builder's ``-p int4``
-models are.
+weight becomes ONNX Runtime's ``com.microsoft.MatMulNBits``, and every mixture of experts written as
+``com.microsoft.MoE`` (:mod:`flora_graph.runtimes.ort_moe`) a ``QMoE`` whose experts are 4-bit, as the ONNX
+Runtime GenAI model builder's ``-p int4`` models are.
 
 A weight ``W`` (``[in, out]`` as ``MatMul`` reads it) is quantized per output column in blocks of
 ``block_size`` input rows, symmetric round-to-nearest: ``scale = max|w| / 7`` over the block, ``q =
 clip(round(w / scale), -8, 7)``, stored as ``q + 8`` (two per byte, the first in the low nibble) with the
-default zero point 8. With ``accuracy_level`` 0 the kernel multiplies the float activations by the
-dequantized weights ``q * scale``, so the model computes what a float model of those weights does; 4 (the
+default zero point 8. An expert's weight (``[out, in]`` in ``MoE``) is quantized the same way, in ``QMoE``'s
+raw layout (``weights_prepacked=0``), where the block size divides both expert widths. With
+``accuracy_level`` 0 the kernel multiplies the float activations by the dequantized weights ``q * scale``, so the model computes what a float model of those weights does; 4 (the
 model builder's default on CPU) quantizes the activations to int8 as well: faster on CPUs with int8 dot
 products, no longer equal to the float model of the 4-bit weights.
 LoRA slots keep their float weights (graph inputs), so adapters stay swappable and exact on top of the
@@ -116,6 +118,40 @@ class _Quantizer:
             sig, w = f"T({sig})", w.T
         return sig, w
 
+    def _store(self, base: str, packed: np.ndarray, scales: np.ndarray) -> tuple[str, str]:
+        """Names of two new initializers holding ``packed`` and ``scales`` (kept with ``weights`` when given)."""
+        names = (f"{base}.weight", f"{base}.scales")
+        if self.weights is not None:  # written with the other weights, from the arrays
+            self.weights.update({names[0]: packed, names[1]: scales})
+        else:
+            self.top.initializer.extend([numpy_helper.from_array(packed, names[0]),
+                                         numpy_helper.from_array(scales, names[1])])
+        return names
+
+    def _experts(self, n: onnx.NodeProto, producers: list[dict[str, onnx.NodeProto]], memo: dict) -> onnx.NodeProto | None:
+        """The ``QMoE`` taking the place of a float ``MoE`` node whose expert weights are constant and whose
+        widths the block size divides, else ``None``."""
+        if n.domain != _CONTRIB or n.op_type != "MoE" or len(n.input) < 5:
+            return None
+        got = [self._value(n.input[i], producers, memo) for i in (2, 4)]
+        if any(w is None or w[1].ndim != 3 or w[1].dtype != np.float32 or w[1].shape[2] % self.block_size
+               for w in got):
+            return None
+        quantized = []
+        for i, (_, w) in zip((2, 4), got, strict=True):  # [experts, out, in]: each expert as MatMulNBits stores it
+            parts = [quantize_block(w[e], self.block_size) for e in range(w.shape[0])]
+            packed = np.stack([p.reshape(w.shape[1], -1) for p, _ in parts])
+            scales = np.stack([sc.reshape(w.shape[1], -1) for _, sc in parts])
+            quantized.append(self._store(f"{n.name or n.output[0]}.fc{1 if i == 2 else 2}.int4", packed, scales))
+        bias = [n.input[i] if len(n.input) > i else "" for i in (3, 5)]
+        inputs = [n.input[0], n.input[1], *quantized[0], bias[0], *quantized[1], bias[1]]
+        while not inputs[-1]:
+            inputs.pop()
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        return helper.make_node("QMoE", inputs, list(n.output), name=n.name, domain=_CONTRIB, **attrs,
+                                expert_weight_bits=4, block_size=self.block_size, accuracy_level=self.accuracy_level,
+                                weights_prepacked=0)
+
     def graph(self, g: onnx.GraphProto, outer: list[dict[str, onnx.NodeProto]]) -> None:
         producers = [{o: n for n in g.node for o in n.output}, *outer]
         memo: dict = {}
@@ -123,6 +159,11 @@ class _Quantizer:
         for i, n in enumerate(g.node):
             for sub in subgraphs(n):
                 self.graph(sub, producers)
+            experts = self._experts(n, producers, memo)
+            if experts is not None:
+                rewritten.append((i, [experts]))
+                self.count += 1
+                continue
             got = self._weight(n, producers, memo)
             if got is None:
                 continue
@@ -131,14 +172,7 @@ class _Quantizer:
             bias = n.input[2] if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2] else None
             if sig not in self.made:
                 packed, scales = quantize_block(w.T, self.block_size)  # [out, in]: a view, read in row chunks
-                base = f"{n.name or n.output[0]}.int4"
-                names = (f"{base}.weight", f"{base}.scales")
-                if self.weights is not None:  # written with the other weights, from the arrays
-                    self.weights.update({names[0]: packed, names[1]: scales})
-                else:
-                    self.top.initializer.extend([numpy_helper.from_array(packed, names[0]),
-                                                 numpy_helper.from_array(scales, names[1])])
-                self.made[sig] = (*names, k, out)
+                self.made[sig] = (*self._store(f"{n.name or n.output[0]}.int4", packed, scales), k, out)
             wq, sc, k, out = self.made[sig]
             product = f"{n.output[0]}/int4" if bias else n.output[0]
             nodes = [helper.make_node("MatMulNBits", [n.input[0], wq, sc], [product], name=n.name, domain=_CONTRIB,
@@ -188,9 +222,9 @@ def _drop_unread(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) 
 
 def quantize_weights(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 0,
                      weights: dict[str, np.ndarray] | None = None) -> int:
-    """Quantize ``model``'s constant ``MatMul`` weights to 4 bits in place (see the module docstring); return
-    how many ``MatMul``\\ s now read 4-bit weights. ``weights``: the big initializers kept apart
-    (:func:`~flora_graph.runtimes.onnx_lowering.lower`'s), read and updated in place (the 4-bit ones added,
+    """Quantize ``model``'s constant ``MatMul`` and ``MoE`` expert weights to 4 bits in place (see the module
+    docstring); return how many ``MatMul``\\ s and ``MoE``\\ s now read 4-bit weights. ``weights``: the big
+    initializers kept apart (:func:`~flora_graph.runtimes.onnx_lowering.lower`'s), read and updated in place (the 4-bit ones added,
     the float ones no node reads any more removed). Raises ``ValueError`` for a block size not in
     :data:`INT4_BLOCK_SIZES` or an accuracy level not in :data:`ACCURACY_LEVELS`."""
     if block_size not in INT4_BLOCK_SIZES:

@@ -211,3 +211,47 @@ def test_int4_from_the_command_line_and_an_adapter_added_later(packages, tmp_pat
     gen = Generator(out)
     assert gen.generate([PROMPT], adapters="later", max_new_tokens=NEW, stop_tokens=[]) == \
         gen.generate([PROMPT], adapters="ad", max_new_tokens=NEW, stop_tokens=[])
+
+
+def _quantized_experts(model, transposed: bool):
+    """A copy of ``model`` whose 2-D base weights (the embedding and LoRA's excepted) and 3-D expert weights are
+    4-bit, each expert quantized over its inputs (``[experts, out, in]``, or ``[experts, in, out]`` where
+    ``transposed``)."""
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in q.named_parameters():
+            if "lora_" in name:
+                continue
+            if p.ndim == 2 and name.endswith("weight") and "embed_tokens" not in name:
+                p.copy_(fake_quant(p.detach().clone()))
+            elif p.ndim == 3:
+                w = p.detach().clone()
+                p.copy_(torch.stack([fake_quant(e.T).T if transposed else fake_quant(e) for e in w]))
+    return q
+
+
+@pytest.mark.parametrize(("arch", "transposed"), [("Qwen2MoeForCausalLM", False), ("GptOssForCausalLM", True)])
+def test_int4_mixture_of_experts_runs_as_qmoe_with_4_bit_experts(arch: str, transposed: bool, tmp_path: Path) -> None:
+    """A mixture of experts in a 4-bit package is one QMoE per layer whose experts are 4-bit (Qwen2-MoE: gate/up in
+    halves, a shared expert, softmax over every expert; gpt-oss: interleaved, biased, clamped SwiGLU, softmax over
+    the top k); at accuracy level 0 the package gives eager's tokens on the same 4-bit weights, base and adapter."""
+    model, adapted = tiny_with_adapter(arch, tmp_path, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"}, precision="int4",
+                     int4_accuracy_level=0)
+    for name, copies in (("model.onnx", 2), ("mixed.onnx", 1)):  # model.onnx: the layers in both branches of its If
+        ops = [n.op_type for n in _all_nodes(onnx.load(str(tmp_path / "pkg" / name)).graph)]
+        assert ops.count("QMoE") == copies * model.config.num_hidden_layers, name
+        assert "Loop" not in ops and "MoE" not in ops, name
+    q_model, q_adapted = _quantized_experts(model, transposed), _quantized_experts(adapted, transposed)
+    want, want_ad = _eager(q_model), _eager(q_adapted)
+    assert want != _eager(model) and want_ad != want
+    gen = Generator(tmp_path / "pkg")
+    assert gen.generate([PROMPT, PROMPT], adapters=["ad", None], max_new_tokens=NEW, stop_tokens=[]) == [want_ad, want]
+    assert gen.generate([PROMPT], adapters="ad", max_new_tokens=NEW, stop_tokens=[])[0] == want_ad
+    gen_model = og.Model(str(tmp_path / "pkg"))
+    loaded = og.Adapters(gen_model)
+    loaded.load(str(tmp_path / "pkg" / "adapters" / "ad.onnx_adapter"), "ad")
+    assert genai_tokens(gen_model, PROMPT, NEW, loaded, "ad") == want_ad
+    assert genai_tokens(gen_model, PROMPT, NEW, loaded, None) == want
