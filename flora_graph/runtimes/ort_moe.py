@@ -94,7 +94,7 @@ def _expert(node: ComputationNode, ids: ComputationNode | None = None):
     return node, bias
 
 
-def _weights(w: ComputationNode, k: int, top: ComputationNode, logits_of) -> tuple[ComputationNode, bool] | None:
+def _weights(w: ComputationNode, top: ComputationNode, logits_of) -> tuple[ComputationNode, bool] | None:
     """``(router logits, normalize)`` for the routing weights ``w`` (``[tokens, k]``) of the top ``top``."""
     if w.op is Op.SOFTMAX and w.attrs.get("axis") in (1, -1):  # softmax over the top k of the logits
         g = w.inputs[0]
@@ -144,7 +144,7 @@ def _match(node: ComputationNode, static: set[ComputationNode]) -> _Block | None
     def logits_of(p: ComputationNode) -> ComputationNode | None:  # the logits behind probabilities p
         return p.inputs[0] if p.op is Op.SOFTMAX and p.attrs.get("axis") in (1, -1) else None
 
-    routing = _weights(u.inputs[0].inputs[0], k, top, logits_of)
+    routing = _weights(u.inputs[0].inputs[0], top, logits_of)
     if routing is None:
         return None
     logits, normalize = routing
@@ -158,8 +158,7 @@ def _match(node: ComputationNode, static: set[ComputationNode]) -> _Block | None
         if n in seen or n in static:
             continue
         seen.add(n)
-        first = _expert(n, ids)
-        if first is not None and first[0].inputs[2] is ids:
+        if _expert(n, ids) is not None:  # the first product (and its bias): where the activation starts
             if h is not None and h is not n:
                 return None
             h = n
