@@ -372,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format genai: use ONNX Runtime's contrib ops (GroupQueryAttention on right-padded caches, "
                         "SkipSimplifiedLayerNormalization), as the model builder does; --no-ort-contrib writes standard "
                         "ONNX only (left-padded caches), for runtimes without them")
-    e.add_argument("--base-branch", action=argparse.BooleanOptionalAction, default=True,
+    e.add_argument("--base-branch", action=argparse.BooleanOptionalAction, default=None,
                    help="--format genai with adapters: model.onnx is one If on the input flora_graph.adapter_active "
                         "(set by every adapter file), so the base model skips the empty adapter slots; "
-                        "--no-base-branch runs the slots always (an active adapter then saves the If, 10-16 us a step)")
+                        "--no-base-branch runs the slots always (an active adapter then saves the If, 10-16 us a step). "
+                        "Default: automatic, on for base weights up to 64 MiB (ONNX Runtime holds each branch's "
+                        "weights apart: twice the memory, which pays only on small models)")
     e.add_argument("--precision", choices=["fp32", "int4"], default="fp32",
                    help="--format genai: the base layers' weights; int4: 4-bit blocks (ONNX Runtime's MatMulNBits, as "
                         "the model builder's -p int4), adapters staying float and swappable on top")

@@ -41,7 +41,7 @@ from typing import Any
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
-__all__ = ["GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "PRECISIONS", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
+__all__ = ["BASE_BRANCH_MAX_BYTES", "GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "PRECISIONS", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
            "add_adapters", "causal_lm_classes", "context_length", "export_genai", "genai_config", "genai_type", "refill_position",
            "search_defaults"]
 
@@ -49,6 +49,12 @@ GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
 GENAI_OPSET = 23  # RotaryEmbedding and RMSNormalization as one node each; onnxruntime >= 1.23 runs them
 MIXED_FILE = "mixed.onnx"
+BASE_BRANCH_MAX_BYTES = 64 * 2**20
+"""The base weights up to which :func:`export_genai` adds the base branch by default. ONNX Runtime prepacks
+the weights of each branch's ``MatMul``\\ s apart, so the branch doubles them in memory and in load time:
+on a 0.5B Qwen2 package (fp32, 1.9 GiB of weights) GenAI held 3.9 GB against 2.0 GB without it, loaded in
+16.4 s against 3.9 s, and decoded no faster (100 against 96 ms a step), the slots' empty kernels being well
+under 1% of a step there; on the 12 MB Llama of ``benchmarks/generate.py`` they are about 10%."""
 ADAPTERS_DIR = "adapters"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -196,7 +202,7 @@ def export_genai(
     *,
     progress: Callable[[str], None] | None = None,
     contrib: bool = True,
-    base_branch: bool = True,
+    base_branch: bool | None = None,
     precision: str = "fp32",
     int4_block_size: int = 32,
     int4_accuracy_level: int = 4,
@@ -212,9 +218,12 @@ def export_genai(
 
     ``contrib=False`` writes the models in standard ONNX only (no ONNX Runtime contrib ops: the
     standard ``Attention`` on left-padded caches, ``position_ids`` an input), for runtimes or
-    execution providers without them; they are slower in ONNX Runtime. ``base_branch=False`` leaves
-    out the ``If`` that skips the slots when no adapter is active (:mod:`~flora_graph.serving.base_branch`):
-    the base model then runs the slots' empty kernels, and an active adapter saves the ``If``.
+    execution providers without them; they are slower in ONNX Runtime. ``base_branch``: whether ``model.onnx``
+    is the ``If`` that skips the slots when no adapter is active (:mod:`~flora_graph.serving.base_branch`);
+    ``None`` (the default) adds it where the base weights are at most :data:`BASE_BRANCH_MAX_BYTES`: ONNX
+    Runtime prepacks each branch's weights apart, doubling them in memory, which pays only where the
+    slots' empty kernels are a noticeable part of a step. Without it the base model runs the slots'
+    empty kernels, and an active adapter saves the ``If``.
     ``precision="int4"`` stores the base layers' weights in 4 bits, blocks of ``int4_block_size``
     (:mod:`~flora_graph.serving.int4`: ONNX Runtime's ``MatMulNBits``, as the model builder's ``-p int4``);
     adapters stay float and swappable on top. ``int4_accuracy_level`` 4 (the default, the builder's on CPU)
@@ -277,6 +286,11 @@ def export_genai(
     from flora_graph.passes import optimize
 
     unpacked = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable"} if sites else {}))
+    weight_bytes = sum(int(a.nbytes) for a in unpacked.params.values())
+    if sites and base_branch is None:
+        base_branch = weight_bytes <= BASE_BRANCH_MAX_BYTES
+        say(f"base branch {'on' if base_branch else 'off'} ({weight_bytes / 2**20:.0f} MiB of weights; "
+            f"automatic up to {BASE_BRANCH_MAX_BYTES // 2**20} MiB)")
     # model.onnx: sibling slots packed (fewer nodes per step); mixed.onnx below keeps them unpacked;
     # without adapters, sibling layers (q/k/v, gate/up) are packed as plain Linears
     graph = optimize(unpacked, ["pack-slots" if sites else "pack-linears", "cse", "dce"])

@@ -155,3 +155,30 @@ def test_adapters_added_to_a_package_serve_without_a_new_export(folders: Path, p
     with pytest.raises(FloraGraphError, match="exported without adapters"):
         add_adapters(bare, folders / "base", {"x": folders / "qdown"})
     assert main([*args[:-3], "--replace", "--adapter", f"x={folders / 'qdown'}"]) == 2  # only with --adapters-only
+
+
+def test_the_base_branch_is_left_out_of_a_package_whose_weights_it_would_double_too_much(
+        folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default the base branch goes only into packages whose base weights are at most BASE_BRANCH_MAX_BYTES
+    (ONNX Runtime holds each branch's prepacked weights apart); above, model.onnx has no ``If`` and its adapters
+    no flag, and the package gives the same tokens; ``base_branch=True`` adds it regardless."""
+    import warnings
+
+    from flora_graph.serving import genai
+    from flora_graph.serving.generate import Generator
+
+    monkeypatch.setattr(genai, "BASE_BRANCH_MAX_BYTES", 1024)  # the test model's weights are well past 1 KiB
+    said: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(folders / "base", tmp_path / "auto", {n: folders / n for n in ADAPTERS}, progress=said.append)
+        export_genai(folders / "base", tmp_path / "forced", {"all7": folders / "all7"}, base_branch=True)
+    assert any(m.startswith("base branch off (") for m in said), said
+    assert not has_adapter_flag(onnx.load(str(tmp_path / "auto" / "model.onnx"), load_external_data=False))
+    assert has_adapter_flag(onnx.load(str(tmp_path / "forced" / "model.onnx"), load_external_data=False))
+    assert ADAPTER_FLAG not in read_adapter(tmp_path / "auto" / "adapters" / "all7.onnx_adapter").params
+    for adapter in (None, "all7"):
+        want = eager_tokens(folders, adapter)
+        assert _genai(tmp_path / "auto", adapter) == want
+        assert Generator(tmp_path / "auto").generate([PROMPT], adapters=adapter, max_new_tokens=len(want),
+                                                      stop_tokens=[])[0] == want
