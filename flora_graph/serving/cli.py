@@ -161,7 +161,8 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
             prompts = [_chat_ids(tokenizer, args.package, args.system, t) for t in texts]
         else:
             prompts = [tokenizer(t)["input_ids"] for t in texts]
-    gen = Generator(args.package, threads=args.threads)
+    # the mixed model (its own copy of the weights) only where the rows' adapters differ
+    gen = Generator(args.package, threads=args.threads, mixed=len(set(adapters)) > 1)
     # what is not given stays the package's (its model's generation config): Generator.defaults
     settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "seed": args.seed}
     if args.temperature is not None:

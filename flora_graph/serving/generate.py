@@ -108,6 +108,11 @@ class Generator:
         per_row_weights: rows with different adapters read their adapter weights gathered once per set
             of rows (``MixedAdapterSession(per_row_weights=True)``: faster steps, ``rows x`` one adapter's
             weights held meanwhile); ``False``: the mixed model gathers them in every step.
+        mixed: when the package's mixed model (rows with different adapters in one batch) loads: ``True``
+            with the Generator; ``"lazy"`` on the first step whose rows use different adapters; ``False``
+            never (such a step raises :class:`ServingError`). The mixed model holds its own copy of the base
+            weights in ONNX Runtime (on a 0.5B Qwen2 package the Generator held 4.2 GB with it, about half
+            without), so a server that never mixes adapters in a batch can leave it out.
 
     Attributes:
         defaults: the package's search settings (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
@@ -124,7 +129,7 @@ class Generator:
     """
 
     def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True,
-                 per_row_weights: bool = True) -> None:
+                 per_row_weights: bool = True, mixed: bool | str = True) -> None:
         from flora_graph.serving.genai import (
             ADAPTERS_DIR,
             GENAI_CONFIG,
@@ -165,12 +170,12 @@ class Generator:
                 self._single.load_adapter(name, path)
         else:  # a package without adapters: the model has no LoRA inputs
             self._plain = OrtModel(self.package / MODEL_FILE, **options)
-        self._mixed = None
-        if adapter_files and (self.package / MIXED_FILE).is_file():
-            from flora_graph.serving.mixed import MixedAdapterSession
-
-            self._mixed = MixedAdapterSession(self.package / MIXED_FILE, adapter_files, per_row_weights=per_row_weights,
-                                              require_checksum=require_checksum, **options)
+        if mixed not in (True, False, "lazy"):
+            raise ServingError(f"mixed must be True, False or 'lazy', got {mixed!r}")
+        self._mixed_mode = mixed
+        self._mixed_file = self.package / MIXED_FILE if adapter_files and mixed is not False else None
+        self._mixed_options = {"per_row_weights": per_row_weights, "require_checksum": require_checksum, **options}
+        self._mixed_session = None
         self._adapter_files: dict[str, Path] = dict(adapter_files)  # the adapters served, in load order
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self._present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
@@ -181,9 +186,8 @@ class Generator:
         self.right_padded = model.metadata.get(CACHE_PADDING_KEY) == "right"
         refill = model.metadata.get(REFILL_KEY)
         self.refill_at = int(refill) if refill is not None and refill.isdigit() else None
-        if self._mixed is not None and (self._mixed.model.metadata.get(CACHE_PADDING_KEY) == "right") != self.right_padded:
-            raise ServingError(f"{self.package}: {MODEL_FILE} and {MIXED_FILE} pad their caches differently "
-                               f"(metadata {CACHE_PADDING_KEY!r}); export the package again")
+        if mixed is True:
+            _ = self._mixed  # loaded and checked now
         steps = ["input_ids", "attention_mask", *(["position_ids"] if self.takes_position_ids else []), *self._past]
         missing = [n for n in steps if n not in model.inputs] + [n for n in ["logits", *self._present]
                                                                    if n not in model.output_names]
@@ -197,6 +201,21 @@ class Generator:
     def batch(self) -> Batch:
         """An empty batch: add rows, step, remove rows, in any order between steps."""
         return Batch(self)
+
+    @property
+    def _mixed(self):
+        """The mixed model's session (loaded on first use where ``mixed="lazy"``), or ``None`` where the package
+        has none or ``mixed=False``."""
+        if self._mixed_session is None and self._mixed_file is not None and self._mixed_file.is_file():
+            from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
+            from flora_graph.serving.mixed import MixedAdapterSession
+
+            session = MixedAdapterSession(self._mixed_file, self._adapter_files, **self._mixed_options)
+            if (session.model.metadata.get(CACHE_PADDING_KEY) == "right") != self.right_padded:
+                raise ServingError(f"{self.package}: its model and {self._mixed_file.name} pad their caches differently "
+                                   f"(metadata {CACHE_PADDING_KEY!r}); export the package again")
+            self._mixed_session = session
+        return self._mixed_session
 
     def generate(self, prompts: Sequence[Sequence[int]], *, adapters: str | Sequence[str | None] | None = None,
                  on_token: Callable[[int, int], None] | None = None, **settings: Any) -> list[list[int]]:
@@ -237,7 +256,8 @@ class Generator:
         if all(a == adapters[0] for a in adapters):
             return "single"
         if self._mixed is None:
-            raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model")
+            why = "this Generator was made with mixed=False" if self._mixed_mode is False else "the package has none"
+            raise ServingError(f"{self.package}: rows with different adapters need the package's mixed model ({why})")
         return "mixed"
 
     def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
@@ -286,13 +306,14 @@ class Generator:
         if name in self._adapter_files and not replace:
             raise ServingError(f"adapter {name!r} is already served; pass replace=True to swap its weights")
         old, files = self._adapter_files, {**self._adapter_files, name: Path(source)}
-        if self._mixed is not None:
-            self._mixed.set_adapters(files)  # checked whole before it changes anything
+        mixed = self._mixed_session  # one not loaded yet stacks the files it finds then
+        if mixed is not None:
+            mixed.set_adapters(files)  # checked whole before it changes anything
         try:
             self._single.load_adapter(name, files[name], replace=True)
         except AdapterFileError:
-            if self._mixed is not None:
-                self._mixed.set_adapters(old)
+            if mixed is not None:
+                mixed.set_adapters(old)
             raise
         self._adapter_files = files
 
@@ -301,8 +322,8 @@ class Generator:
         saying why, and the rows beside it decode on. Raises :class:`UnknownAdapterError` for a name not served."""
         self.check_adapter(name)
         files = {k: v for k, v in self._adapter_files.items() if k != name}
-        if self._mixed is not None:
-            self._mixed.set_adapters(files)
+        if self._mixed_session is not None:
+            self._mixed_session.set_adapters(files)
         self._single.unload_adapter(name)
         self._adapter_files = files
 

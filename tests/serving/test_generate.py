@@ -298,3 +298,27 @@ def test_config_that_does_not_match_the_model_is_refused_naming_the_missing_inpu
     cfg.write_text(json.dumps(doc))
     with pytest.raises(ServingError, match=rf"lacks \['past_key_values\.{layers}\.key', 'past_key_values\.{layers}\.value'"):
         Generator(copy)
+
+
+def test_the_mixed_model_loads_lazily_or_never_as_asked(package: Path, folders: Path) -> None:
+    """``mixed="lazy"``: no mixed session until rows with different adapters step (an adapter loaded before that is
+    stacked with the package's), then eager PEFT's tokens; ``mixed=False``: single-adapter batches serve, a mixed
+    one is refused saying why, and the Generator keeps serving."""
+    from flora_graph.serving.errors import ServingError
+
+    lazy = Generator(package, mixed="lazy")
+    assert lazy._mixed_session is None
+    assert lazy.generate([PROMPTS[0]], adapters="all7", max_new_tokens=6, stop_tokens=[])[0] == \
+        eager_tokens(folders, "all7", PROMPTS[0], 6)
+    assert lazy._mixed_session is None
+    lazy.load_adapter("extra", package / "adapters" / "qdown.onnx_adapter")
+    got = lazy.generate(PROMPTS, adapters=["all7", None, "extra"], max_new_tokens=6, stop_tokens=[])
+    assert lazy._mixed_session is not None
+    assert got == [eager_tokens(folders, a, p, 6) for p, a in zip(PROMPTS, ["all7", None, "qdown"], strict=True)]
+    never = Generator(package, mixed=False)
+    with pytest.raises(ServingError, match="mixed=False"):
+        never.generate(PROMPTS[:2], adapters=["all7", None], max_new_tokens=4, stop_tokens=[])
+    assert never.generate(PROMPTS[:2], adapters="qdown", max_new_tokens=6, stop_tokens=[]) == \
+        [eager_tokens(folders, "qdown", p, 6) for p in PROMPTS[:2]]
+    with pytest.raises(ServingError, match="'sometimes'"):
+        Generator(package, mixed="sometimes")
