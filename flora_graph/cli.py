@@ -245,7 +245,7 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
                               contrib=args.ort_contrib, base_branch=args.base_branch, precision=args.precision,
                               int4_block_size=args.int4_block_size, int4_accuracy_level=args.int4_accuracy_level,
-                              merge=args.merge_adapter)
+                              merge=args.merge_adapter, mixed=args.mixed)
     merged = f" (base: {args.model} + {args.merge_adapter} merged)" if args.merge_adapter else ""
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an ONNX Runtime GenAI package "
                   f"(model type {report.model_type!r}){merged}")
@@ -378,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-base-branch runs the slots always (an active adapter then saves the If, 10-16 us a step). "
                         "Default: automatic, on for base weights up to 64 MiB (ONNX Runtime holds each branch's "
                         "weights apart: twice the memory, which pays only on small models)")
+    e.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
+                   help="--format genai with adapters: also write mixed.onnx, which the Generator runs for batches whose "
+                        "rows use different adapters; it holds its own copy of the base weights, so --no-mixed halves "
+                        "a package served by ONNX Runtime GenAI alone (or the Generator, one adapter per batch)")
     e.add_argument("--precision", choices=["fp32", "int4"], default="fp32",
                    help="--format genai: the base layers' weights; int4: 4-bit blocks (ONNX Runtime's MatMulNBits, as "
                         "the model builder's -p int4), adapters staying float and swappable on top")

@@ -6,7 +6,7 @@ folder that ``onnxruntime_genai.Model(OUT)`` loads, in one step::
     OUT/genai_config.json            model type, sizes, input/output names, search defaults
     OUT/model.onnx (+ model.onnx.data for large models)
     OUT/adapters/NAME.onnx_adapter   one per adapter, with NAME.onnx_adapter.sha256
-    OUT/mixed.onnx                   with adapters: the same model serving rows with different
+    OUT/mixed.onnx                   with adapters (unless mixed=False): the same model serving rows with different
                                      adapters in one call (stacked adapters, a per-row
                                      ``adapter_index``), for :class:`~flora_graph.serving.generate.Generator`
     OUT/tokenizer.json, ...          the tokenizer files of the base folder, copied
@@ -207,6 +207,7 @@ def export_genai(
     int4_block_size: int = 32,
     int4_accuracy_level: int = 4,
     merge: str | Path | None = None,
+    mixed: bool = True,
 ) -> GenAIReport:
     """Write an ONNX Runtime GenAI package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
@@ -215,6 +216,10 @@ def export_genai(
     adapter PEFT can merge, those no hot-swappable slot holds included (DoRA, LoRA on a mixture of experts'
     expert tensors, ``modules_to_save``). The package's base model is then the adapted model; ``adapters``
     swap on top of it.
+
+    ``mixed=False`` leaves out ``mixed.onnx`` (rows with different adapters in one batch, for the
+    :class:`~flora_graph.serving.generate.Generator`), which holds its own copy of the base weights: half the
+    package for ONNX Runtime GenAI, which serves one adapter per generator.
 
     ``contrib=False`` writes the models in standard ONNX only (no ONNX Runtime contrib ops: the
     standard ``Attention`` on left-padded caches, ``position_ids`` an input), for runtimes or
@@ -326,13 +331,14 @@ def export_genai(
             if base_branch:
                 written_model = branch_on_adapter(written_model)
             write(written_model, weights, MODEL_FILE)
-            say("writing the mixed-adapter model")
-            # slots unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
-            # with 8 adapters; the mixed session unpacks the package's packed adapter files); their
-            # base layers packed as plain Linears (pack-linears: 6% faster steps, 8 rows over 8 adapters)
-            write(*lower_slotted(optimize(unpacked, ["pack-linears", "cse", "dce"]), "mixed", opset=GENAI_OPSET,
-                                 packed=[s for s in graph_slots(graph) if s.members], contrib=contrib,
-                                 max_positions=context, moe=moe), MIXED_FILE)
+            if mixed:
+                say("writing the mixed-adapter model")
+                # slots unpacked: per-row gathers of a block-diagonal B would copy its zero blocks (12% slower
+                # with 8 adapters; the mixed session unpacks the package's packed adapter files); their
+                # base layers packed as plain Linears (pack-linears: 6% faster steps, 8 rows over 8 adapters)
+                write(*lower_slotted(optimize(unpacked, ["pack-linears", "cse", "dce"]), "mixed", opset=GENAI_OPSET,
+                                     packed=[s for s in graph_slots(graph) if s.members], contrib=contrib,
+                                     max_positions=context, moe=moe), MIXED_FILE)
         else:
             from flora_graph.runtimes.onnx_lowering import lower
 

@@ -182,3 +182,27 @@ def test_the_base_branch_is_left_out_of_a_package_whose_weights_it_would_double_
         assert _genai(tmp_path / "auto", adapter) == want
         assert Generator(tmp_path / "auto").generate([PROMPT], adapters=adapter, max_new_tokens=len(want),
                                                       stop_tokens=[])[0] == want
+
+
+def test_a_package_without_the_mixed_model_serves_one_adapter_per_batch(folders: Path, tmp_path: Path) -> None:
+    """``--no-mixed``: no mixed.onnx (the base weights once); GenAI and the Generator serve each adapter, and a
+    batch mixing adapters is refused saying the package has no mixed model."""
+    import warnings
+
+    from flora_graph.cli import main
+    from flora_graph.serving.errors import ServingError
+    from flora_graph.serving.generate import Generator
+
+    out = tmp_path / "pkg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", str(folders / "base"), "--task", "text-generation-with-past", "--format", "genai",
+                     "--no-mixed", "--out", str(out), *(a for n in ADAPTERS for a in ("--adapter", f"{n}={folders / n}"))]) == 0
+    assert not (out / "mixed.onnx").exists() and (out / "model.onnx").is_file()
+    gen = Generator(out)
+    for adapter in (None, "all7"):
+        want = eager_tokens(folders, adapter)
+        assert _genai(out, adapter) == want
+        assert gen.generate([PROMPT], adapters=adapter, max_new_tokens=len(want), stop_tokens=[])[0] == want
+    with pytest.raises(ServingError, match="has none"):
+        gen.generate([PROMPT, PROMPT], adapters=["all7", None], max_new_tokens=2, stop_tokens=[])
