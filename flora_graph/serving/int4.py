@@ -12,7 +12,10 @@ raw layout (``weights_prepacked=0``), where the block size divides both expert w
 model builder's default on CPU) quantizes the activations to int8 as well: faster on CPUs with int8 dot
 products, no longer equal to the float model of the 4-bit weights.
 LoRA slots keep their float weights (graph inputs), so adapters stay swappable and exact on top of the
-quantized base, as QLoRA trains them. Embeddings (``Gather``) stay float.
+quantized base, as QLoRA trains them. An embedding (``Gather`` of a constant ``[vocab, hidden]`` table on axis 0,
+``hidden`` a multiple of the block size) becomes ``com.microsoft.GatherBlockQuantized`` over the same 4-bit blocks,
+so the vocabulary's table, often the largest weight of a small model, is 4-bit too; an output layer tied to it
+reads the very same initializers (one 4-bit copy), as the model builder's models do.
 
 A weight is constant when it is an initializer that is not also a graph input (a LoRA slot's empty default
 is one), or ``Transpose`` / ``Concat`` / ``Identity`` of constants
@@ -64,12 +67,14 @@ def quantize_block(w: np.ndarray, block_size: int, rows: int = 1024) -> tuple[np
 
 class _Quantizer:
     def __init__(self, model: onnx.ModelProto, block_size: int, accuracy_level: int,
-                 weights: dict[str, np.ndarray] | None) -> None:
+                 weights: dict[str, np.ndarray] | None, embeddings: bool = True) -> None:
         self.block_size, self.accuracy_level, self.weights = block_size, accuracy_level, weights
+        self.embeddings = embeddings
         self.top = model.graph
         self.fed = {i.name for i in self.top.input}  # an initializer that is also an input is a default (a slot's)
         self.inits = {t.name: t for t in self.top.initializer if t.name not in self.fed}
         self.made: dict[str, tuple[str, str, int, int]] = {}  # weight signature -> (packed, scales, K, N)
+        self.by_memory: dict[tuple, tuple[str, str]] = {}  # an [out, in] matrix's memory -> (packed, scales)
         self.count = 0
 
     def _value(self, name: str, producers: list[dict[str, onnx.NodeProto]], memo: dict) -> tuple[str, np.ndarray] | None:
@@ -128,6 +133,37 @@ class _Quantizer:
                                          numpy_helper.from_array(scales, names[1])])
         return names
 
+    def _blocks(self, w: np.ndarray, base: str) -> tuple[str, str]:
+        """``(packed, scales)`` initializers of ``w`` (``[out, in]``) in 4-bit blocks, made once per matrix: two
+        views of one memory (a tied embedding and the transposed output layer on it) share them."""
+        key = (w.__array_interface__["data"][0], w.shape, w.strides, w.dtype.str)
+        if key not in self.by_memory:
+            self.by_memory[key] = self._store(base, *quantize_block(w, self.block_size))
+        return self.by_memory[key]
+
+    def _embedding(self, n: onnx.NodeProto, producers: list[dict[str, onnx.NodeProto]], memo: dict) -> list[onnx.NodeProto] | None:
+        """``GatherBlockQuantized`` in place of a ``Gather`` (axis 0) of a constant ``[vocab, hidden]`` float table
+        whose rows the block size divides, else ``None``."""
+        if n.domain or n.op_type != "Gather" or len(n.input) != 2:
+            return None
+        if any(a.name == "axis" and helper.get_attribute_value(a) != 0 for a in n.attribute):
+            return None
+        got = self._value(n.input[0], producers, memo)
+        if got is None or got[1].ndim != 2 or got[1].dtype not in (np.float32, np.float16) \
+                or got[1].shape[1] % self.block_size:
+            return None
+        table = got[1]
+        rows, width = table.shape
+        packed, scales = self._blocks(table, f"{n.name or n.output[0]}.int4")
+        base = f"{n.name or n.output[0]}/int4"
+        shapes = {f"{base}.data_shape": [rows, width // 2], f"{base}.scales_shape": [rows, width // self.block_size]}
+        self.top.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in shapes.items())
+        data2d, scales2d = f"{base}.data", f"{base}.scales"
+        return [helper.make_node("Reshape", [packed, f"{base}.data_shape"], [data2d], name=f"{base}/data"),
+                helper.make_node("Reshape", [scales, f"{base}.scales_shape"], [scales2d], name=f"{base}/scales"),
+                helper.make_node("GatherBlockQuantized", [data2d, n.input[1], scales2d], list(n.output), name=n.name,
+                                 domain=_CONTRIB, bits=4, block_size=self.block_size, gather_axis=0, quantize_axis=1)]
+
     def _experts(self, n: onnx.NodeProto, producers: list[dict[str, onnx.NodeProto]], memo: dict) -> onnx.NodeProto | None:
         """The ``QMoE`` taking the place of a float ``MoE`` node whose expert weights are constant and whose
         widths the block size divides, else ``None``."""
@@ -164,15 +200,19 @@ class _Quantizer:
                 rewritten.append((i, [experts]))
                 self.count += 1
                 continue
+            embedding = self._embedding(n, producers, memo) if self.embeddings else None
+            if embedding is not None:
+                rewritten.append((i, embedding))
+                self.count += 1
+                continue
             got = self._weight(n, producers, memo)
             if got is None:
                 continue
             sig, w = got
             k, out = w.shape
             bias = n.input[2] if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2] else None
-            if sig not in self.made:
-                packed, scales = quantize_block(w.T, self.block_size)  # [out, in]: a view, read in row chunks
-                self.made[sig] = (*self._store(f"{n.name or n.output[0]}.int4", packed, scales), k, out)
+            if sig not in self.made:  # [out, in]: a view, read in row chunks
+                self.made[sig] = (*self._blocks(w.T, f"{n.name or n.output[0]}.int4"), k, out)
             wq, sc, k, out = self.made[sig]
             product = f"{n.output[0]}/int4" if bias else n.output[0]
             nodes = [helper.make_node("MatMulNBits", [n.input[0], wq, sc], [product], name=n.name, domain=_CONTRIB,
@@ -221,17 +261,18 @@ def _drop_unread(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) 
 
 
 def quantize_weights(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 0,
-                     weights: dict[str, np.ndarray] | None = None) -> int:
-    """Quantize ``model``'s constant ``MatMul`` and ``MoE`` expert weights to 4 bits in place (see the module
-    docstring); return how many ``MatMul``\\ s and ``MoE``\\ s now read 4-bit weights. ``weights``: the big
-    initializers kept apart (:func:`~flora_graph.runtimes.onnx_lowering.lower`'s), read and updated in place (the 4-bit ones added,
-    the float ones no node reads any more removed). Raises ``ValueError`` for a block size not in
-    :data:`INT4_BLOCK_SIZES` or an accuracy level not in :data:`ACCURACY_LEVELS`."""
+                     weights: dict[str, np.ndarray] | None = None, *, embeddings: bool = True) -> int:
+    """Quantize ``model``'s constant ``MatMul`` and ``MoE`` expert weights to 4 bits in place, and with
+    ``embeddings`` its embedding tables (see the module docstring); return how many nodes now read 4-bit
+    weights. ``weights``: the big initializers kept apart (:func:`~flora_graph.runtimes.onnx_lowering.lower`'s),
+    read and updated in place (the 4-bit ones added, the float ones no node reads any more removed). Raises
+    ``ValueError`` for a block size not in :data:`INT4_BLOCK_SIZES` or an accuracy level not in
+    :data:`ACCURACY_LEVELS`."""
     if block_size not in INT4_BLOCK_SIZES:
         raise ValueError(f"int4 block size {block_size!r}: expected one of {list(INT4_BLOCK_SIZES)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"int4 accuracy level {accuracy_level!r}: expected one of {list(ACCURACY_LEVELS)}")
-    q = _Quantizer(model, block_size, accuracy_level, weights)
+    q = _Quantizer(model, block_size, accuracy_level, weights, embeddings)
     q.graph(model.graph, [])
     if q.count:
         if not any(o.domain == _CONTRIB for o in model.opset_import):

@@ -80,13 +80,13 @@ def _eager(m, prompt: list[int] = PROMPT) -> list[int]:
 
 
 def _quantized(model, adapted):
-    """Copies of ``model`` and ``adapted`` whose base ``Linear`` layers have 4-bit weights (an output layer tied to
-    the embedding untied first: the embedding, a lookup, stays float)."""
+    """Copies of ``model`` and ``adapted`` whose base ``Linear`` and ``Embedding`` layers have 4-bit weights (an
+    output layer tied to the embedding gets the same 4-bit values, both quantized over the hidden axis)."""
     q_model, q_adapted = copy.deepcopy(model), copy.deepcopy(adapted)
     with torch.no_grad():
         for m in (q_model, q_adapted.base_model.model):
             for name, mod in m.named_modules():
-                if isinstance(mod, torch.nn.Linear) and "lora_" not in name:
+                if isinstance(mod, torch.nn.Linear | torch.nn.Embedding) and "lora_" not in name:
                     mod.weight = torch.nn.Parameter(fake_quant(mod.weight.detach().clone()))
     return q_model, q_adapted
 
@@ -121,7 +121,7 @@ def test_int4_models_hold_4_bit_base_weights_and_float_adapter_slots(packages) -
                         out += [x.op_type for x in a.g.node]
             return out
 
-        assert ops(int4).count("MatMulNBits") > 0
+        assert ops(int4).count("MatMulNBits") > 0 and ops(int4).count("GatherBlockQuantized") >= 1  # the embedding
         # the adapter slots' MatMuls (their weights graph inputs) stay float
         assert [i.name for i in int4.graph.input] == [i.name for i in fp32.graph.input]
         assert (root / "int4" / name).stat().st_size < 0.5 * (root / "fp32" / name).stat().st_size, name
@@ -172,16 +172,24 @@ def _all_nodes(graph: onnx.GraphProto):
 
 def test_int4_gemm_layers_and_a_tied_embedding(tmp_path: Path) -> None:
     """OPT: its MLP layers run on flattened rows, lowered as ``Gemm`` (the bias an ``Add`` after the 4-bit product),
-    and its output layer is tied to the embedding, which stays float; base and adapter rows equal eager's."""
+    and its output layer is tied to the embedding: both read one 4-bit copy of the table; base and adapter rows
+    equal eager's."""
     model, adapted = tiny_with_adapter("OPTForCausalLM", tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"}, precision="int4",
                      int4_accuracy_level=0)
     assert model.lm_head.weight is model.get_input_embeddings().weight
+    graph = onnx.load(str(tmp_path / "pkg" / "model.onnx")).graph
+    table = next(n for n in _all_nodes(graph) if n.op_type == "GatherBlockQuantized")
+    reshape = next(n for n in _all_nodes(graph) if n.output[0] == table.input[0])
+    head = [n for n in _all_nodes(graph) if n.op_type == "MatMulNBits" and n.input[1] == reshape.input[0]]
+    assert head and {i.name for i in graph.initializer} >= {reshape.input[0]}  # the output layer reads the same bytes
     q_model, q_adapted = _quantized(model, adapted)
     want, want_ad = _eager(q_model), _eager(q_adapted)
-    assert want != _eager(model)
+    with torch.no_grad():  # the 4 bits move the logits (the tokens may not move)
+        ids = torch.tensor([PROMPT])
+        assert (q_model(ids).logits - model(ids).logits).abs().max() > 1e-3
     gen = Generator(tmp_path / "pkg")
     assert gen.generate([PROMPT, PROMPT], adapters=["ad", None], max_new_tokens=NEW, stop_tokens=[]) == [want_ad, want]
 
@@ -214,7 +222,7 @@ def test_int4_from_the_command_line_and_an_adapter_added_later(packages, tmp_pat
 
 
 def _quantized_experts(model, transposed: bool):
-    """A copy of ``model`` whose 2-D base weights (the embedding and LoRA's excepted) and 3-D expert weights are
+    """A copy of ``model`` whose 2-D base weights (the embedding among them, LoRA's excepted) and 3-D expert weights are
     4-bit, each expert quantized over its inputs (``[experts, out, in]``, or ``[experts, in, out]`` where
     ``transposed``)."""
     q = copy.deepcopy(model)
@@ -222,7 +230,7 @@ def _quantized_experts(model, transposed: bool):
         for name, p in q.named_parameters():
             if "lora_" in name:
                 continue
-            if p.ndim == 2 and name.endswith("weight") and "embed_tokens" not in name:
+            if p.ndim == 2 and name.endswith("weight"):
                 p.copy_(fake_quant(p.detach().clone()))
             elif p.ndim == 3:
                 w = p.detach().clone()
