@@ -15,13 +15,15 @@ only (its ``com.microsoft`` domain), which is what the ONNX Runtime GenAI packag
   over the last axis with a scale, in float32 or float16.
 - ``fuse_group_query_attention``: a decoder's ``Attention`` nodes on the causal mask of
   ``attention_mask`` become ``com.microsoft.GroupQueryAttention`` (3-D: rotary inside, q/k/v
-  packed; 4-D over caches concatenated outside: the concatenations become its presents; a
-  sliding window as ``local_window_size``), as the ONNX Runtime GenAI model builder writes
-  them; the model's caches are then right-padded (:data:`CACHE_PADDING_KEY`).
+  packed; 4-D over caches concatenated outside: the concatenations become its presents, and a full
+  rotary of per-head values transposed to 4-D goes inside as well; a sliding window as
+  ``local_window_size``), as the ONNX Runtime GenAI model builder writes them; the model's caches are
+  then right-padded (:data:`CACHE_PADDING_KEY`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -221,6 +223,36 @@ def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
     return rot.input[0], pos, mul.input[1]
 
 
+def _rotary_4d_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
+    """``(x, positions input, inv_freq)`` when ``value`` is a full, non-interleaved ``RotaryEmbedding`` of
+    ``Transpose(x, [0, 2, 1, 3])`` (``x`` ``[batch, seq, heads, head_dim]``, the transpose read by it alone)
+    whose tables are ``cos``/``sin`` of ``position_ids * inv_freq``, given ``[batch, seq, head_dim / 2]``
+    (a ``Squeeze`` of their ``Unsqueeze`` on axis 1, how the 4-D rotary reads them), else ``None``."""
+    rot = m.node(value, "RotaryEmbedding")
+    if rot is None or len(rot.input) != 3 or _attr(rot, "interleaved", 0) or _attr(rot, "rotary_embedding_dim", 0) \
+            or _attr(rot, "num_heads", 0):
+        return None
+    t = m.node(rot.input[0], "Transpose")
+    if t is None or list(_attr(t, "perm", [])) != [0, 2, 1, 3] or m.readers.get(t.output[0], 0) != 1:
+        return None
+    tables = []
+    for name, op in ((rot.input[1], "Cos"), (rot.input[2], "Sin")):
+        sq = m.node(name, "Squeeze")
+        un = m.node(sq.input[0], "Unsqueeze") if sq is not None and len(sq.input) == 2 and m.is_const(sq.input[1], [1]) else None
+        trig = m.node(un.input[0], op) if un is not None and len(un.input) == 2 and m.is_const(un.input[1], [1]) else None
+        if trig is None:
+            return None
+        tables.append(trig.input[0])
+    if tables[0] != tables[1]:
+        return None
+    mul = m.node(tables[0], "Mul")
+    cast = m.node(mul.input[0], "Cast") if mul is not None else None
+    pos = m.unsqueezed(cast.input[0], [2]) if cast is not None else None
+    if pos not in m.inputs or _attr(cast, "to", None) != onnx.TensorProto.FLOAT or m.const(mul.input[1]) is None:
+        return None
+    return t.input[0], pos, mul.input[1]
+
+
 def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto) -> tuple[int, int, int, str, str] | None:
     """``(heads, kv_heads, head_dim, new key, new value)`` when ``n`` is a 4-D ``Attention(q, key, value,
     mask)`` (``[batch, heads, seq, head_dim]``) whose key and value are ``Concat(past, new)`` on the
@@ -239,10 +271,17 @@ def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto) -
 
 
 def _four_d_group_query_attention(ctx: LoweringContext, m: _Nodes, n: onnx.NodeProto, form: tuple[int, int, int, str, str],
-                                  seqlens: str, total: str, attrs: dict) -> list[onnx.NodeProto]:
+                                  seqlens: str, total: str, attrs: dict,
+                                  tables: Callable[[str], tuple[str, str]] | None = None) -> list[onnx.NodeProto]:
     """The nodes replacing the 4-D attention ``n`` (see :func:`_four_d_form`): q and the new key and value
     to ``[batch, seq, heads * head_dim]``, GroupQueryAttention writing the concatenations' outputs as its
-    presents, and its output back to ``[batch, heads, seq, head_dim]`` under ``n``'s output name."""
+    presents, and its output back to ``[batch, heads, seq, head_dim]`` under ``n``'s output name.
+
+    Where q and k are full rotary embeddings of ``[batch, seq, heads, head_dim]`` values transposed
+    (:func:`_rotary_4d_of`, as Qwen3 and Gemma 3 write them after their per-head norms) on one
+    ``position_ids * inv_freq`` and ``tables`` gives the cos/sin caches of ``inv_freq``, the kernel applies
+    the rotary (``do_rotary``) to those values reshaped, and a value transposed from ``[batch, seq, kv_heads,
+    head_dim]`` goes in reshaped: no transpose and no rotary outside the kernel."""
     h, kv, d, key, value = form
     past_k, past_v = m.producer[n.input[1]].input[0], m.producer[n.input[2]].input[0]
     nodes = []
@@ -250,15 +289,28 @@ def _four_d_group_query_attention(ctx: LoweringContext, m: _Nodes, n: onnx.NodeP
     def shape(dims: list[int]) -> str:
         return ctx.once(("gqa.shape", *dims), lambda: ctx.constant(np.array(dims, np.int64), "gqa.shape"))
 
-    def to_3d(value: str, heads: int) -> str:
-        t, r = ctx.fresh(f"{value}/bshd"), ctx.fresh(f"{value}/3d")
-        nodes.append(helper.make_node("Transpose", [value], [t], name=f"{n.name}/gqa/{t}", perm=[0, 2, 1, 3]))
-        nodes.append(helper.make_node("Reshape", [t, shape([0, 0, heads * d])], [r], name=f"{n.name}/gqa/{r}"))
+    def flat(value: str, heads: int) -> str:
+        r = ctx.fresh(f"{value}/3d")
+        nodes.append(helper.make_node("Reshape", [value, shape([0, 0, heads * d])], [r], name=f"{n.name}/gqa/{r}"))
         return r
 
-    q3, k3, v3 = to_3d(n.input[0], h), to_3d(key, kv), to_3d(value, kv)
+    def to_3d(value: str, heads: int) -> str:
+        t = ctx.fresh(f"{value}/bshd")
+        nodes.append(helper.make_node("Transpose", [value], [t], name=f"{n.name}/gqa/{t}", perm=[0, 2, 1, 3]))
+        return flat(t, heads)
+
+    rq, rk = (_rotary_4d_of(m, n.input[0]), _rotary_4d_of(m, key)) if tables is not None else (None, None)
+    inv = m.const(rq[2]) if rq is not None else None
+    extra = []
+    if rq is not None and rk is not None and rq[1:] == rk[1:] and inv is not None and inv.ndim == 1 and 2 * inv.size == d:
+        q3, k3 = flat(rq[0], h), flat(rk[0], kv)
+        extra, attrs = list(tables(rq[2])), {**attrs, "do_rotary": 1}
+        t = m.node(value, "Transpose")
+        v3 = flat(t.input[0], kv) if t is not None and list(_attr(t, "perm", [])) == [0, 2, 1, 3] else to_3d(value, kv)
+    else:
+        q3, k3, v3 = to_3d(n.input[0], h), to_3d(key, kv), to_3d(value, kv)
     out3, out4 = ctx.fresh(f"{n.output[0]}/3d"), ctx.fresh(f"{n.output[0]}/bshd")
-    nodes.append(helper.make_node("GroupQueryAttention", [q3, k3, v3, past_k, past_v, seqlens, total],
+    nodes.append(helper.make_node("GroupQueryAttention", [q3, k3, v3, past_k, past_v, seqlens, total, *extra],
                                   [out3, n.input[1], n.input[2]], name=f"{n.name}/gqa", domain=CONTRIB_DOMAIN, **attrs))
     nodes.append(helper.make_node("Reshape", [out3, shape([0, 0, h, d])], [out4], name=f"{n.name}/gqa/{out4}"))
     nodes.append(helper.make_node("Transpose", [out4], [n.output[0]], name=f"{n.name}/gqa/out", perm=[0, 2, 1, 3]))
@@ -327,6 +379,16 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     prelude = ctx.nodes[start:]  # reads graph inputs only: goes first
     del ctx.nodes[start:]
     tables: dict[str, tuple[str, str]] = {}
+
+    def tables_of(inv_freq: str) -> tuple[str, str]:
+        """The ``[max_positions, head_dim / 2]`` cos/sin caches of ``inv_freq``, made once."""
+        if inv_freq not in tables:
+            angles = np.arange(max_positions, dtype=np.float32)[:, None] * m.const(inv_freq).astype(np.float32)[None]
+            dt = np.dtype(found[0][3].dtype)
+            tables[inv_freq] = (ctx.constant(np.cos(angles).astype(dt), "gqa.cos_cache"),
+                                ctx.constant(np.sin(angles).astype(dt), "gqa.sin_cache"))
+        return tables[inv_freq]
+
     replace: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
     for n, attrs, _, q, window, four_d in found:
@@ -339,7 +401,8 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
         if window:  # ONNX Runtime's kernel keeps local_window_size keys, the query's own among them (checked in tests)
             gqa_attrs["local_window_size"] = window
         if four_d is not None:
-            replace[id(n)] = _four_d_group_query_attention(ctx, m, n, four_d, seqlens, total, gqa_attrs)
+            replace[id(n)] = _four_d_group_query_attention(ctx, m, n, four_d, seqlens, total, gqa_attrs,
+                                                           tables_of if max_positions else None)
             dropped |= {id(m.producer[n.input[1]]), id(m.producer[n.input[2]])}  # GQA writes the presents
             continue
         inputs = [n.input[0], n.input[1], n.input[2], n.input[4], n.input[5], seqlens, total]
@@ -348,11 +411,7 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
         inv = m.const(rq[2]) if rq is not None else None
         if (max_positions and rq is not None and rk is not None
                 and rq[1:] == rk[1:] and inv is not None and inv.ndim == 1 and 2 * inv.size == head):
-            if rq[2] not in tables:
-                angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv.astype(np.float32)[None]
-                dt = np.dtype(q.dtype)
-                tables[rq[2]] = (ctx.constant(np.cos(angles).astype(dt), "gqa.cos_cache"),
-                                 ctx.constant(np.sin(angles).astype(dt), "gqa.sin_cache"))
+            tables_of(rq[2])
             q_in, k_in, v_in = rq[0], rk[0], n.input[2]
             split = m.producer.get(q_in)
             if (split is not None and split.op_type == "Split" and not split.domain and list(split.output) == [q_in, k_in, v_in]

@@ -226,12 +226,19 @@ def test_heads_the_kernel_refuses_keep_the_standard_model() -> None:
 @pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", pytest.param("GPTNeoXForCausalLM", marks=pytest.mark.slow)])
 def test_four_d_attention_on_concatenated_caches_becomes_group_query_attention(arch: str) -> None:
     """Qwen3 (per-head q/k norms before the rotary) and GPT-NeoX (partial rotary) attend in 4-D over caches
-    concatenated outside the attention: those become GroupQueryAttention's presents, the rotary stays
-    outside (position_ids stays an input), and prefill and decode equal the standard model's."""
+    concatenated outside the attention: those become GroupQueryAttention's presents; Qwen3's full rotary
+    moves into the kernel (its q/k/v go in untransposed, position_ids is no input any more), GPT-NeoX's
+    partial one stays outside (position_ids stays an input); prefill and decode equal the standard model's."""
 
     graph, layout = _captured(arch)
     plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
     ops = _ops(fused)
     assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == layout.layers and ops["Attention"] == 0
-    assert ops["Concat"] < _ops(plain)["Concat"] and "position_ids" in [i.name for i in fused.graph.input]
+    assert ops["Concat"] < _ops(plain)["Concat"]
+    inside = arch == "Qwen3ForCausalLM"
+    assert ("position_ids" in [i.name for i in fused.graph.input]) != inside
+    assert (ops["RotaryEmbedding"] == 0) == inside and (ops["Transpose"] < _ops(plain)["Transpose"] - layout.layers) == inside
+    if inside:
+        gqa = next(n for n in fused.graph.node if n.op_type == "GroupQueryAttention")
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}["do_rotary"] == 1
     _equal_at_prefill_and_decode(plain, fused, layout, [5, 9, 11, 3, 7], (4, 6))
