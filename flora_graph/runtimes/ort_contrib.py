@@ -223,16 +223,22 @@ def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
     return rot.input[0], pos, mul.input[1]
 
 
-def _rotary_4d_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
-    """``(x, positions input, inv_freq)`` when ``value`` is a full, non-interleaved ``RotaryEmbedding`` of
-    ``Transpose(x, [0, 2, 1, 3])`` (``x`` ``[batch, seq, heads, head_dim]``, the transpose read by it alone)
-    whose tables are ``cos``/``sin`` of ``position_ids * inv_freq``, given ``[batch, seq, head_dim / 2]``
-    (a ``Squeeze`` of their ``Unsqueeze`` on axis 1, how the 4-D rotary reads them), else ``None``."""
+def _rotary_4d_of(m: _Nodes, value: str) -> tuple[str, str, str, onnx.NodeProto | None] | None:
+    """``(x, positions input, inv_freq, norm)`` when ``value`` is a full, non-interleaved ``RotaryEmbedding`` of
+    ``Transpose(x, [0, 2, 1, 3])`` (``x`` ``[batch, seq, heads, head_dim]``, the transpose read by it alone), or
+    of ``norm``, an ``RMSNormalization`` over the last axis of that transpose (Gemma 3's per-head norm, which
+    the transpose does not change), whose tables are ``cos``/``sin`` of ``position_ids * inv_freq``, given
+    ``[batch, seq, head_dim / 2]`` (a ``Squeeze`` of their ``Unsqueeze`` on axis 1, how the 4-D rotary reads
+    them), else ``None``."""
     rot = m.node(value, "RotaryEmbedding")
     if rot is None or len(rot.input) != 3 or _attr(rot, "interleaved", 0) or _attr(rot, "rotary_embedding_dim", 0) \
             or _attr(rot, "num_heads", 0):
         return None
-    t = m.node(rot.input[0], "Transpose")
+    norm = m.node(rot.input[0], "RMSNormalization")
+    if norm is not None and (len(norm.input) != 2 or _attr(norm, "axis", -1) not in (-1, 3)
+                             or m.readers.get(norm.output[0], 0) != 1):
+        return None
+    t = m.node(norm.input[0] if norm is not None else rot.input[0], "Transpose")
     if t is None or list(_attr(t, "perm", [])) != [0, 2, 1, 3] or m.readers.get(t.output[0], 0) != 1:
         return None
     tables = []
@@ -250,7 +256,7 @@ def _rotary_4d_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
     pos = m.unsqueezed(cast.input[0], [2]) if cast is not None else None
     if pos not in m.inputs or _attr(cast, "to", None) != onnx.TensorProto.FLOAT or m.const(mul.input[1]) is None:
         return None
-    return t.input[0], pos, mul.input[1]
+    return t.input[0], pos, mul.input[1], norm
 
 
 def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto) -> tuple[int, int, int, str, str] | None:
@@ -299,11 +305,20 @@ def _four_d_group_query_attention(ctx: LoweringContext, m: _Nodes, n: onnx.NodeP
         nodes.append(helper.make_node("Transpose", [value], [t], name=f"{n.name}/gqa/{t}", perm=[0, 2, 1, 3]))
         return flat(t, heads)
 
+    def untransposed(form: tuple[str, str, str, onnx.NodeProto | None], heads: int) -> str:
+        x, _, _, norm = form
+        if norm is not None:  # over the last axis: the same on the untransposed values
+            y = ctx.fresh(f"{norm.output[0]}/bshd")
+            nodes.append(helper.make_node("RMSNormalization", [x, norm.input[1]], [y], name=f"{norm.name}/bshd",
+                                          **{a.name: helper.get_attribute_value(a) for a in norm.attribute if a.name != "axis"}))
+            x = y
+        return flat(x, heads)
+
     rq, rk = (_rotary_4d_of(m, n.input[0]), _rotary_4d_of(m, key)) if tables is not None else (None, None)
     inv = m.const(rq[2]) if rq is not None else None
     extra = []
-    if rq is not None and rk is not None and rq[1:] == rk[1:] and inv is not None and inv.ndim == 1 and 2 * inv.size == d:
-        q3, k3 = flat(rq[0], h), flat(rk[0], kv)
+    if rq is not None and rk is not None and rq[1:3] == rk[1:3] and inv is not None and inv.ndim == 1 and 2 * inv.size == d:
+        q3, k3 = untransposed(rq, h), untransposed(rk, kv)
         extra, attrs = list(tables(rq[2])), {**attrs, "do_rotary": 1}
         t = m.node(value, "Transpose")
         v3 = flat(t.input[0], kv) if t is not None and list(_attr(t, "perm", [])) == [0, 2, 1, 3] else to_3d(value, kv)

@@ -223,19 +223,21 @@ def test_heads_the_kernel_refuses_keep_the_standard_model() -> None:
     _equal_at_prefill_and_decode(to_onnx(graph, 23), fused, layout, [5, 9, 11, 3])  # runs, and equals the plain model
 
 
-@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", pytest.param("GPTNeoXForCausalLM", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", *(pytest.param(a, marks=pytest.mark.slow)
+                                                         for a in ("Gemma3ForCausalLM", "GPTNeoXForCausalLM"))])
 def test_four_d_attention_on_concatenated_caches_becomes_group_query_attention(arch: str) -> None:
-    """Qwen3 (per-head q/k norms before the rotary) and GPT-NeoX (partial rotary) attend in 4-D over caches
-    concatenated outside the attention: those become GroupQueryAttention's presents; Qwen3's full rotary
-    moves into the kernel (its q/k/v go in untransposed, position_ids is no input any more), GPT-NeoX's
-    partial one stays outside (position_ids stays an input); prefill and decode equal the standard model's."""
+    """Qwen3 and Gemma 3 (per-head q/k norms before the rotary, Gemma 3's on the transposed heads, and two
+    rotary bases) and GPT-NeoX (partial rotary) attend in 4-D over caches concatenated outside the attention:
+    those become GroupQueryAttention's presents; Qwen3's and Gemma 3's full rotary moves into the kernel (their
+    q/k/v go in untransposed, position_ids is no input any more), GPT-NeoX's partial one stays outside
+    (position_ids stays an input); prefill and decode equal the standard model's."""
 
     graph, layout = _captured(arch)
     plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
     ops = _ops(fused)
     assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == layout.layers and ops["Attention"] == 0
     assert ops["Concat"] < _ops(plain)["Concat"]
-    inside = arch == "Qwen3ForCausalLM"
+    inside = arch != "GPTNeoXForCausalLM"
     assert ("position_ids" in [i.name for i in fused.graph.input]) != inside
     assert (ops["RotaryEmbedding"] == 0) == inside and (ops["Transpose"] < _ops(plain)["Transpose"] - layout.layers) == inside
     if inside:
