@@ -322,3 +322,42 @@ def test_the_mixed_model_loads_lazily_or_never_as_asked(package: Path, folders: 
         [eager_tokens(folders, "qdown", p, 6) for p in PROMPTS[:2]]
     with pytest.raises(ServingError, match="'sometimes'"):
         Generator(package, mixed="sometimes")
+
+
+def _full_sort_distribution(logits, temperature: float, top_k: int, top_p: float):
+    """The sampling distribution over the whole vocabulary, by full sorts (the straightforward reference)."""
+    import numpy as np
+
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+        z = np.where(z < np.sort(z)[-min(top_k, z.size)], -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        keep = np.cumsum(p[order]) - p[order] < top_p
+        q = np.zeros_like(p)
+        q[order[keep]] = p[order[keep]]
+        p = q / q.sum()
+    return p
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (20, 1.0), (0, 0.9), (20, 0.95), (50, 0.5), (1, 0.9),
+                                              (0, 0.999), (5000, 0.9)])
+def test_sampling_distribution_equals_the_full_sort_one(top_k: int, top_p: float) -> None:
+    """The candidates-only sampling distribution (partitions, a growing nucleus) is the full-sort one, token for
+    token, on a large vocabulary with tied logits (the k-th's ties kept, as transformers does)."""
+    import numpy as np
+
+    from flora_graph.serving.generate import sampling_distribution
+
+    rng = np.random.default_rng(top_k + int(100 * top_p))
+    for scale in (0.5, 3.0):
+        logits = (rng.standard_normal(20000) * scale).astype(np.float32)
+        logits[rng.integers(0, 20000, 300)] = logits.max()  # ties at the top
+        want = _full_sort_distribution(logits, 0.7, top_k, top_p)
+        tokens, p = sampling_distribution(logits, 0.7, top_k, top_p)
+        got = np.zeros_like(want)
+        got[tokens] = p
+        assert len(set(tokens.tolist())) == tokens.size
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
