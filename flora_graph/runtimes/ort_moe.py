@@ -116,8 +116,9 @@ def _weights(w: ComputationNode, top: ComputationNode, logits_of) -> tuple[Compu
     return None
 
 
-def _match(node: ComputationNode, static: set[ComputationNode]) -> _Block | None:
-    """The block whose output is ``node`` (a ``ReduceSum``), or ``None``."""
+def _match(node: ComputationNode, static: set[ComputationNode], position: dict[ComputationNode, int]) -> _Block | None:
+    """The block whose output is ``node`` (a ``ReduceSum``), or ``None``; ``position``: each node's place in the
+    graph's (topological) order."""
     if not (_one(node, Op.REDUCE_SUM, keepdims=0) and tuple(node.attrs.get("axes") or ()) == (1,)):
         return None
     r = node.inputs[0]
@@ -180,8 +181,7 @@ def _match(node: ComputationNode, static: set[ComputationNode]) -> _Block | None
     if len(x.shape) != 2 or canonical_dim(logits.shape[-1]) != experts or int(e2.inputs[1].shape[0]) != experts \
             or x.dtype != "float32" or node.dtype != "float32":
         return None
-    order = {n: i for i, n in enumerate(act)}
-    act.sort(key=lambda n: -order[n])  # found from a backwards: reversed, the graph's order
+    act.sort(key=position.__getitem__)  # found from a backwards: in the graph's order, each after its inputs
     return _Block(node, x, logits, normalize, k, e1.inputs[1], b1, int(e1.attrs.get("transposed", 0)),
                   e2.inputs[1], b2, int(e2.attrs.get("transposed", 0)), act, h, a)
 
@@ -253,7 +253,8 @@ def fuse_mixture_of_experts(ctx: LoweringContext) -> int:
     block read is left for the caller's clean-up of unread nodes.
     """
     static = static_nodes(ctx.graph)
-    blocks = [b for n in ctx.graph.live_nodes() if n in ctx.names and (b := _match(n, static)) is not None]
+    position = {n: i for i, n in enumerate(ctx.graph.nodes)}
+    blocks = [b for n in ctx.graph.live_nodes() if n in ctx.names and (b := _match(n, static, position)) is not None]
     replace = {}
     for b in blocks:
         act = _activation(ctx, b)
