@@ -75,6 +75,7 @@ class _Quantizer:
         self.inits = {t.name: t for t in self.top.initializer if t.name not in self.fed}
         self.made: dict[str, tuple[str, str, int, int]] = {}  # weight signature -> (packed, scales, K, N)
         self.by_memory: dict[tuple, tuple[str, str]] = {}  # an [out, in] matrix's memory -> (packed, scales)
+        self.shapes: set[str] = set()  # the Reshape targets made
         self.count = 0
 
     def _value(self, name: str, producers: list[dict[str, onnx.NodeProto]], memo: dict) -> tuple[str, np.ndarray] | None:
@@ -141,6 +142,14 @@ class _Quantizer:
             self.by_memory[key] = self._store(base, *quantize_block(w, self.block_size))
         return self.by_memory[key]
 
+    def _shape(self, dims: list[int]) -> str:
+        """An int64 initializer holding ``dims`` (a ``Reshape`` target), one per shape."""
+        name = "int4.shape." + "x".join(map(str, dims))
+        if name not in self.shapes:
+            self.top.initializer.append(numpy_helper.from_array(np.array(dims, np.int64), name))
+            self.shapes.add(name)
+        return name
+
     def _embedding(self, n: onnx.NodeProto, producers: list[dict[str, onnx.NodeProto]], memo: dict) -> list[onnx.NodeProto] | None:
         """``GatherBlockQuantized`` in place of a ``Gather`` (axis 0) of a constant ``[vocab, hidden]`` float table
         whose rows the block size divides, else ``None``."""
@@ -155,12 +164,11 @@ class _Quantizer:
         table = got[1]
         rows, width = table.shape
         packed, scales = self._blocks(table, f"{n.name or n.output[0]}.int4")
-        base = f"{n.name or n.output[0]}/int4"
-        shapes = {f"{base}.data_shape": [rows, width // 2], f"{base}.scales_shape": [rows, width // self.block_size]}
-        self.top.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in shapes.items())
+        base = f"{n.output[0]}/int4"  # value names are unique model-wide, a base branch's copies included
         data2d, scales2d = f"{base}.data", f"{base}.scales"
-        return [helper.make_node("Reshape", [packed, f"{base}.data_shape"], [data2d], name=f"{base}/data"),
-                helper.make_node("Reshape", [scales, f"{base}.scales_shape"], [scales2d], name=f"{base}/scales"),
+        return [helper.make_node("Reshape", [packed, self._shape([rows, width // 2])], [data2d], name=f"{base}/data"),
+                helper.make_node("Reshape", [scales, self._shape([rows, width // self.block_size])], [scales2d],
+                                 name=f"{base}/scales"),
                 helper.make_node("GatherBlockQuantized", [data2d, n.input[1], scales2d], list(n.output), name=n.name,
                                  domain=_CONTRIB, bits=4, block_size=self.block_size, gather_axis=0, quantize_axis=1)]
 
@@ -175,10 +183,13 @@ class _Quantizer:
             return None
         quantized = []
         for i, (_, w) in zip((2, 4), got, strict=True):  # [experts, out, in]: each expert as MatMulNBits stores it
-            parts = [quantize_block(w[e], self.block_size) for e in range(w.shape[0])]
-            packed = np.stack([p.reshape(w.shape[1], -1) for p, _ in parts])
-            scales = np.stack([sc.reshape(w.shape[1], -1) for _, sc in parts])
-            quantized.append(self._store(f"{n.name or n.output[0]}.fc{1 if i == 2 else 2}.int4", packed, scales))
+            key = (w.__array_interface__["data"][0], w.shape, w.strides, w.dtype.str)  # a base branch's copy: once
+            if key not in self.by_memory:
+                parts = [quantize_block(w[e], self.block_size) for e in range(w.shape[0])]
+                packed = np.stack([p.reshape(w.shape[1], -1) for p, _ in parts])
+                scales = np.stack([sc.reshape(w.shape[1], -1) for _, sc in parts])
+                self.by_memory[key] = self._store(f"{n.output[0]}.fc{1 if i == 2 else 2}.int4", packed, scales)
+            quantized.append(self.by_memory[key])
         bias = [n.input[i] if len(n.input) > i else "" for i in (3, 5)]
         inputs = [n.input[0], n.input[1], *quantized[0], bias[0], *quantized[1], bias[1]]
         while not inputs[-1]:
