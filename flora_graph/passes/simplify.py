@@ -8,6 +8,9 @@ the input it returns unchanged, only where that input already has the node's sha
   the constant operand static, of a static shape, and every one of its values the neutral one;
 - ``simplify-same-shape``: ``Reshape``, ``Expand`` or ``Cast`` to the shape and dtype ``x``
   already has, and ``Squeeze`` of the axes an ``Unsqueeze`` just inserted;
+- ``simplify-concat-empty``: ``Concat`` of one input and empty ones (a static 0 along the axis: Phi-3's
+  rotary concatenates the rotated head with the rest past its rotary width, nothing when the rotary is
+  full) is that input;
 - ``simplify-unsqueeze-chain``: ``Unsqueeze(Unsqueeze(x))`` (the inner one read nowhere else)
   is one ``Unsqueeze`` (mask code inserts unit axes one at a time: one node per step instead of three);
 - ``simplify-arange-index``: ``x[arange(D0)[..], arange(D1)[..], ...]``, advanced indexing whose
@@ -103,6 +106,24 @@ SQUEEZE_UNSQUEEZE = Rule("simplify-squeeze-unsqueeze",
                          Pat(Op.SQUEEZE, (Pat(Op.UNSQUEEZE, (Pat.any("x"),), name="unsqueeze"),), pred=_untagged),
                          lambda m, ctx: m["x"], _check_squeeze_unsqueeze,
                          doc="Squeeze of exactly the axes an Unsqueeze inserted -> the Unsqueeze's input.")
+
+
+def _check_concat_empty(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = _start(m, ctx)
+    if not res:
+        return res
+    node = m.root
+    axis = node.attrs["axis"] % len(node.shape)
+    full = [i for i in node.inputs if canonical_dim(i.shape[axis]) != 0]
+    if len(full) != 1 or not _same(full[0], node):
+        return res.fail("more than one input holds values along the axis")
+    m.extra["keep"] = full[0]
+    return res
+
+
+CONCAT_EMPTY = Rule("simplify-concat-empty", Pat(Op.CONCAT, pred=_untagged, name="node", extra=True),
+                    lambda m, ctx: m.extra["keep"], _check_concat_empty,
+                    doc="Concat of one input and empty ones (0 along the axis) -> that input.")
 
 
 SAME_SHAPE = Rule("simplify-same-shape", Pat((Op.RESHAPE, Op.EXPAND, Op.CAST), pred=_untagged, name="node"),
@@ -225,7 +246,7 @@ ARANGE_SHIFT = Rule("simplify-arange-shift",
                     _rewrite_arange_shift, _check_arange_shift,
                     doc="arange(s, e, k) + one-element arange(c0, c0+1) -> arange(s + c0, e + c0, k).")
 
-RULES = RuleSet([NEUTRAL, SAME_SHAPE, SQUEEZE_UNSQUEEZE, UNSQUEEZE_CHAIN, ARANGE_INDEX, ARANGE_SHIFT])
+RULES = RuleSet([NEUTRAL, SAME_SHAPE, SQUEEZE_UNSQUEEZE, UNSQUEEZE_CHAIN, ARANGE_INDEX, ARANGE_SHIFT, CONCAT_EMPTY])
 
 
 @register_pass("simplify")

@@ -216,3 +216,21 @@ def test_an_add_of_a_longer_arange_stays() -> None:
     g.set_output("y", g.add(Op.ADD, [g.add(Op.UNSQUEEZE, [a], {"axes": (1,)}), two], name="y"))
     res = simplify(verify(g))
     assert "simplify-arange-shift" not in res.stats["fired"]
+
+
+def test_a_concat_of_one_input_and_empty_ones_is_that_input() -> None:
+    """Phi-3's rotary: the rotated head concatenated with the rest past its rotary width, nothing when the rotary is
+    full. The empty slice goes with the Concat; two inputs with values stay concatenated."""
+    g = Graph("concat")
+    x = g.input("x", ("batch", 2, "seq", 8))
+    rotated = g.add(Op.MUL, [x, g.const("two", np.full((), 2, np.float32))], name="rotated")
+    empty = g.add(Op.SLICE, [x], {"axes": (3,), "starts": (8,), "ends": (8,), "steps": (1,)}, name="rest")
+    g.set_output("y", g.add(Op.NEG, [g.add(Op.CONCAT, [rotated, empty], {"axis": -1}, name="joined")]))
+    half = g.add(Op.SLICE, [x], {"axes": (3,), "starts": (4,), "ends": (8,), "steps": (1,)}, name="half")
+    g.set_output("z", g.add(Op.NEG, [g.add(Op.CONCAT, [rotated, half], {"axis": 3}, name="kept")]))
+    before = verify(g).copy()
+    res = simplify(g)
+    after = verify(res.graph)
+    assert res.stats["fired"] == {"simplify-concat-empty": 1}
+    assert "joined" not in {n.name for n in after.nodes} and "kept" in {n.name for n in after.nodes}
+    _same_values(before, after, {"x": RNG.standard_normal((1, 2, 3, 8)).astype(np.float32)})
