@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import onnx
 import peft
 import pytest
 import torch
 
-from flora_graph.cli import main
 from flora_graph.errors import AdapterError
-from flora_graph.model_export import load_model
 from flora_graph.serving.genai import export_genai
-from tests.models.test_hf_export import eager_peft, run_artifact
-from tests.models.test_hf_peft_parity import TOL, llama_model
+from tests.models.test_hf_export import cli_export_matches_eager, eager_peft
+from tests.models.test_hf_peft_parity import llama_model
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +36,7 @@ def dora_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("preset", ["merged", "fused"])
 def test_dora_folder_exports_equal_to_eager_peft(dora_folders, tmp_path, preset) -> None:
-    model_dir, adapter_dir = dora_folders
-    out = tmp_path / preset
-    assert main(["export", str(model_dir), "--adapter", str(adapter_dir), "--preset", preset, "--out", str(out)]) == 0
-    x = load_model(model_dir).check_inputs
-    with torch.no_grad():
-        want = eager_peft(model_dir, adapter_dir)(**x).logits.numpy()
-    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
-    names = {i.name for i in onnx.load(str(out.with_suffix(".onnx"))).graph.initializer}
+    _, names = cli_export_matches_eager(*dora_folders, preset, tmp_path / preset)
     magnitudes = [n for n in names if "lora_magnitude_vector" in n]
     if preset == "fused":  # the magnitude and A/B stay weights of their own
         assert magnitudes and any("lora_A" in n for n in names)

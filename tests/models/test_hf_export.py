@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import peft
 import pytest
@@ -51,6 +52,17 @@ def run_artifact(path: Path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
         module = torch.jit.load(str(path))
     with torch.no_grad():
         return module(*feeds.values())[0].numpy()
+
+
+def cli_export_matches_eager(model_dir: Path, adapter_dir: Path, preset: str, out: Path) -> tuple[np.ndarray, set[str]]:
+    """``flora-graph export MODEL --adapter ADAPTER --preset PRESET --out OUT`` exits 0 and its ONNX file gives eager
+    PEFT's logits (within ``TOL``) at the model's check inputs; ``(those logits, the file's initializer names)``."""
+    assert main(["export", str(model_dir), "--adapter", str(adapter_dir), "--preset", preset, "--out", str(out)]) == 0
+    x = load_model(model_dir).check_inputs
+    with torch.no_grad():
+        want = eager_peft(model_dir, adapter_dir)(**x).logits.numpy()
+    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
+    return want, {i.name for i in onnx.load(str(out.with_suffix(".onnx"))).graph.initializer}
 
 
 @pytest.fixture(scope="module")
