@@ -204,6 +204,17 @@ def _causal_mask_of(m: _Nodes, mask: str) -> tuple[str, str, int] | None:
     return None
 
 
+def _angles_of(m: _Nodes, value: str) -> tuple[str, str] | None:
+    """``(positions input, inv_freq)`` when ``value`` is ``Cast(Unsqueeze(position_ids, [2]), float) * inv_freq``
+    (a constant): the rotary's angles, whose cos/sin its tables are; else ``None``."""
+    mul = m.node(value, "Mul")
+    cast = m.node(mul.input[0], "Cast") if mul is not None else None
+    pos = m.unsqueezed(cast.input[0], [2]) if cast is not None else None
+    if pos not in m.inputs or _attr(cast, "to", None) != onnx.TensorProto.FLOAT or m.const(mul.input[1]) is None:
+        return None
+    return pos, mul.input[1]
+
+
 def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
     """``(input, positions input, inv_freq)`` when ``value`` is a full, non-interleaved
     ``RotaryEmbedding(input, cos, sin)`` whose tables are ``cos``/``sin`` of
@@ -215,12 +226,8 @@ def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
     cos, sin = m.node(rot.input[1], "Cos"), m.node(rot.input[2], "Sin")
     if cos is None or sin is None or cos.input[0] != sin.input[0]:
         return None
-    mul = m.node(cos.input[0], "Mul")
-    cast = m.node(mul.input[0], "Cast") if mul is not None else None
-    pos = m.unsqueezed(cast.input[0], [2]) if cast is not None else None
-    if pos not in m.inputs or _attr(cast, "to", None) != onnx.TensorProto.FLOAT or m.const(mul.input[1]) is None:
-        return None
-    return rot.input[0], pos, mul.input[1]
+    angles = _angles_of(m, cos.input[0])
+    return None if angles is None else (rot.input[0], *angles)
 
 
 def _rotary_4d_of(m: _Nodes, value: str) -> tuple[str, str, str, onnx.NodeProto | None] | None:
@@ -249,14 +256,8 @@ def _rotary_4d_of(m: _Nodes, value: str) -> tuple[str, str, str, onnx.NodeProto 
         if trig is None:
             return None
         tables.append(trig.input[0])
-    if tables[0] != tables[1]:
-        return None
-    mul = m.node(tables[0], "Mul")
-    cast = m.node(mul.input[0], "Cast") if mul is not None else None
-    pos = m.unsqueezed(cast.input[0], [2]) if cast is not None else None
-    if pos not in m.inputs or _attr(cast, "to", None) != onnx.TensorProto.FLOAT or m.const(mul.input[1]) is None:
-        return None
-    return t.input[0], pos, mul.input[1], norm
+    angles = _angles_of(m, tables[0]) if tables[0] == tables[1] else None
+    return None if angles is None else (t.input[0], *angles, norm)
 
 
 def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto) -> tuple[int, int, int, str, str] | None:

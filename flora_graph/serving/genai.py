@@ -291,8 +291,8 @@ def export_genai(
     from flora_graph.passes import optimize
 
     unpacked = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable"} if sites else {}))
-    weight_bytes = sum(int(a.nbytes) for a in unpacked.params.values())
     if sites and base_branch is None:
+        weight_bytes = sum(int(a.nbytes) for a in unpacked.params.values())
         base_branch = weight_bytes <= BASE_BRANCH_MAX_BYTES
         say(f"base branch {'on' if base_branch else 'off'} ({weight_bytes / 2**20:.0f} MiB of weights; "
             f"automatic up to {BASE_BRANCH_MAX_BYTES // 2**20} MiB)")

@@ -65,6 +65,11 @@ def quantize_block(w: np.ndarray, block_size: int, rows: int = 1024) -> tuple[np
     return packed, scales.reshape(-1)
 
 
+def _memory_key(a: np.ndarray) -> tuple:
+    """What tells apart the arrays that view one memory alike (a weight and its base branch's copy read it)."""
+    return a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str
+
+
 class _Quantizer:
     def __init__(self, model: onnx.ModelProto, block_size: int, accuracy_level: int,
                  weights: dict[str, np.ndarray] | None, embeddings: bool = True) -> None:
@@ -137,7 +142,7 @@ class _Quantizer:
     def _blocks(self, w: np.ndarray, base: str) -> tuple[str, str]:
         """``(packed, scales)`` initializers of ``w`` (``[out, in]``) in 4-bit blocks, made once per matrix: two
         views of one memory (a tied embedding and the transposed output layer on it) share them."""
-        key = (w.__array_interface__["data"][0], w.shape, w.strides, w.dtype.str)
+        key = _memory_key(w)
         if key not in self.by_memory:
             self.by_memory[key] = self._store(base, *quantize_block(w, self.block_size))
         return self.by_memory[key]
@@ -183,7 +188,7 @@ class _Quantizer:
             return None
         quantized = []
         for i, (_, w) in zip((2, 4), got, strict=True):  # [experts, out, in]: each expert as MatMulNBits stores it
-            key = (w.__array_interface__["data"][0], w.shape, w.strides, w.dtype.str)  # a base branch's copy: once
+            key = _memory_key(w)  # a base branch's copy: once
             if key not in self.by_memory:
                 parts = [quantize_block(w[e], self.block_size) for e in range(w.shape[0])]
                 packed = np.stack([p.reshape(w.shape[1], -1) for p, _ in parts])
