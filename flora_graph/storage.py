@@ -10,7 +10,8 @@ folders, and the whole folder is committed in one step:
 
 1. ``rename(staging, NAME)``: when ``NAME`` is absent or an empty folder, that is the commit;
 2. otherwise the entries of the old folder that the artifact does not write (a README beside a
-   PEFT adapter, the other versions of a Triton model) are hard-linked into the staging folder,
+   PEFT adapter, the other versions of a Triton model), but those the artifact claims as its own
+   (``owns``: an optional file this version leaves out), are hard-linked into the staging folder,
    and ``renameat2(staging, NAME, RENAME_EXCHANGE)`` swaps the two folders atomically; the old
    one, now under the temporary name, is removed;
 3. where the filesystem has no exchange (``EINVAL``/``ENOSYS``, or not Linux): two renames,
@@ -18,8 +19,9 @@ folders, and the whole folder is committed in one step:
    artifact whole under ``.NAME.old-<hex>``; the next write to ``NAME`` puts it back first;
 4. where ``NAME`` cannot be renamed at all (a mount point: staged inside it; or ``EBUSY``/
    ``EXDEV``), or holds too many other entries to carry over, the artifact's own entries are
-   renamed in one by one from a staging folder inside ``NAME``, the ``last`` one (the file
-   that describes the others) last. Only this case can show a mix.
+   renamed in one by one from a staging folder inside ``NAME`` (the old entries it claims and does
+   not write removed first), the ``last`` one (the file that describes the others) last. Only this
+   case can show a mix.
 
 **ONNX with external data** (:mod:`flora_graph.runtimes.onnx_writer`): the model file is the
 single commit point. Its data file gets a name the model now at the destination does not read
@@ -430,14 +432,16 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def _carry(dest: Path, staging: Path, own: set[str]) -> bool:
-    """Hard-link the entries of ``dest`` the new artifact does not write into ``staging``.
+def _carry(dest: Path, staging: Path, own: set[str], owns: Callable[[str], bool] | None = None) -> bool:
+    """Hard-link the entries of ``dest`` the new artifact does not write into ``staging``, but those
+    ``owns`` claims (the artifact's own names that this version leaves out: they go with the old one).
 
     Returns False (nothing carried) when they are too many or another filesystem is mounted
     among them; the caller then commits in place.
     """
     leftover = re.compile(rf"\.({'|'.join(re.escape(n) for n in own)})\.(?:tmp-{_TOKEN}|[a-z0-9_]{{8}}\.tmp)") if own else None
-    todo = [e for e in os.scandir(dest) if e.name not in own and not (leftover and leftover.fullmatch(e.name))]
+    todo = [e for e in os.scandir(dest) if e.name not in own and not (leftover and leftover.fullmatch(e.name))
+            and not (owns and owns(e.name))]
     device, count = dest.stat().st_dev, 0
     for e in todo:
         st = e.stat(follow_symlinks=False)
@@ -459,8 +463,9 @@ def _carry(dest: Path, staging: Path, own: set[str]) -> bool:
     return True
 
 
-def _commit_in_place(staging: Path, dest: Path, own: list[str]) -> None:
-    """Rename the artifact's entries into ``dest`` one by one (``own`` in order); not atomic.
+def _commit_in_place(staging: Path, dest: Path, own: list[str], owns: Callable[[str], bool] | None = None) -> None:
+    """Rename the artifact's entries into ``dest`` one by one (``own`` in order); not atomic. The entries
+    of ``dest`` that ``owns`` claims and this version does not write are removed first.
 
     A staging folder outside ``dest`` is first copied into it (renames do not cross mounts).
     """
@@ -469,10 +474,15 @@ def _commit_in_place(staging: Path, dest: Path, own: list[str]) -> None:
         try:
             shutil.copytree(staging, inner, symlinks=True)
             _fsync_tree(inner, own)
-            _commit_in_place(inner, dest, own)
+            _commit_in_place(inner, dest, own, owns)
         finally:
             _remove(inner)
         return
+    if owns is not None:
+        for e in list(os.scandir(dest)):
+            if e.name not in own and not e.name.startswith(".") and owns(e.name):
+                _remove(Path(e.path))
+                boundary("folder:dropped")
     for name in own:
         src, dst = staging / name, dest / name
         if src.is_dir() and dst.is_dir() and not dst.is_symlink():
@@ -501,19 +511,19 @@ def _swap_by_two_renames(staging: Path, dest: Path) -> None:
     os.replace(old, staging)  # the caller removes the old artifact from there
 
 
-def _commit_folder(staging: Path, dest: Path, own: list[str]) -> None:
+def _commit_folder(staging: Path, dest: Path, own: list[str], owns: Callable[[str], bool] | None = None) -> None:
     """Make ``staging`` the folder ``dest`` (see the module's docstring, steps 1-4)."""
     try:
         os.replace(staging, dest)  # dest absent or an empty folder
         return
     except OSError as exc:
         if exc.errno in _NOT_RENAMABLE:
-            _commit_in_place(staging, dest, own)
+            _commit_in_place(staging, dest, own, owns)
             return
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-    if not _carry(dest, staging, set(own)):
-        _commit_in_place(staging, dest, own)
+    if not _carry(dest, staging, set(own), owns):
+        _commit_in_place(staging, dest, own, owns)
         return
     fsync_dir(staging)
     boundary("folder:carried")
@@ -521,7 +531,7 @@ def _commit_folder(staging: Path, dest: Path, own: list[str]) -> None:
         _exchange(staging, dest)
     except OSError as exc:
         if exc.errno in _NOT_RENAMABLE:
-            _commit_in_place(staging, dest, own)
+            _commit_in_place(staging, dest, own, owns)
             return
         if exc.errno not in _NO_EXCHANGE:
             raise
@@ -529,13 +539,16 @@ def _commit_folder(staging: Path, dest: Path, own: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(dest: str | Path, *, what: str = "folder", last: str | None = None) -> Iterator[Path]:
+def staged_folder(dest: str | Path, *, what: str = "folder", last: str | None = None,
+                  owns: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """A fresh empty staging folder for the artifact at ``dest``; committed as ``dest`` when the block succeeds.
 
     Write every file of the artifact into the yielded folder (:func:`write_new`,
     :func:`new_file`, or any writer). At the end of the block they are fsynced and the folder
     is committed as described in the module docstring; entries of an existing ``dest`` that
-    the artifact does not write are kept. ``last`` names the entry renamed last in the
+    the artifact does not write are kept, but those whose names ``owns`` claims: names an artifact of
+    this kind writes in some versions and not in others (a package's optional model, its adapters
+    folder), which would otherwise pair an old file with the new artifact. ``last`` names the entry renamed last in the
     (non-atomic) in-place case. On failure nothing at ``dest`` changes, the staging folder and
     any parent folder this call created are removed, and an ``OSError`` is raised as
     :class:`ArtifactWriteError` naming ``dest``.
@@ -565,9 +578,9 @@ def staged_folder(dest: str | Path, *, what: str = "folder", last: str | None = 
         _fsync_tree(staging, own)
         boundary("folder:staged")
         if inside:
-            _commit_in_place(staging, dest, own)
+            _commit_in_place(staging, dest, own, owns)
         else:
-            _commit_folder(staging, dest, own)
+            _commit_folder(staging, dest, own, owns)
         committed = True
         fsync_dir(parent)
         boundary("folder:committed")

@@ -11,11 +11,14 @@ its own data until the new model replaces it. Data files of the family that the 
 model does not read, and temporaries of killed writes, are removed after each commit.
 :func:`write_model_file` and :func:`write_external_files` write a model into a folder being
 staged whole (a Triton entry; the directory form under the fixed names ``<file>`` and
-``<file>.data``): plain writes, the folder's commit makes them visible.
+``<file>.data``): plain writes, the folder's commit makes them visible. :class:`SharedData`
+writes several lowered models into such a folder with one data file that stores each distinct
+weight once (a GenAI package's two models share their base weights).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -41,8 +44,8 @@ from flora_graph.runtimes.onnx_lowering import (
 )
 from flora_graph.storage import atomic_file
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "model_size", "save_lowered", "save_onnx", "subgraphs", "write_external_files",
-           "write_model_file"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "SharedData", "model_size", "save_lowered", "save_onnx", "subgraphs",
+           "write_external_files", "write_model_file"]
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes; past it save_onnx writes weights to "<file>.data"
 
@@ -191,6 +194,88 @@ def _point(t: TensorProto, data_name: str, offset: int, length: int) -> None:
     for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
         entry = t.external_data.add()
         entry.key, entry.value = key, value
+
+
+class SharedData:
+    """Lowered models written into a folder being staged whole, their weights in one data file that holds each
+    distinct weight once: a weight equal, byte for byte, to one already written is read from there.
+
+    ``with SharedData(folder, "model.onnx.data") as data: data.write(model, weights, "model.onnx"); ...``: each
+    :meth:`write` takes :func:`save_lowered`'s arguments (``weights`` as arrays, the model reading them by name),
+    appends the weights not yet stored (64-byte aligned) and writes the model file pointing into the data file
+    (unchecked, as :func:`save_lowered` writes a lowered model). Plain writes: the folder's commit
+    (:func:`flora_graph.storage.staged_folder`) makes them visible together.
+    """
+
+    def __init__(self, folder: str | Path, data_name: str) -> None:
+        self.folder, self.data_name = Path(folder), data_name
+        self.stored = 0  # bytes in the data file (padding included)
+        self.shared = 0  # bytes of weights read from where an earlier weight stored them
+        self._fh: BinaryIO | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._placed: dict[tuple, list[tuple[np.ndarray, int]]] = {}
+
+    def __enter__(self) -> SharedData:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._stack = contextlib.ExitStack()
+        self._fh = self._stack.enter_context(storage.new_file(self.folder / self.data_name))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stack is not None
+        self._stack.close()  # the data file flushed and fsynced
+
+    def write(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray], file_name: str) -> Path:
+        """``model`` as ``folder/file_name``, its ``weights`` in the shared data file; the model's path."""
+        assert self._fh is not None, "SharedData.write outside its with block"
+        model = _copy_proto(model)
+        for name, arr in weights.items():
+            offset = self._find(arr)
+            if offset is None:
+                pad = -self.stored % 64
+                self._fh.write(b"\0" * pad)
+                offset = self.stored + pad
+                self._fh.write(little_endian(arr).reshape(-1).view(np.uint8).data)
+                self.stored = offset + arr.nbytes
+                self._placed.setdefault(_content_key(arr), []).append((arr, offset))
+            else:
+                self.shared += arr.nbytes
+            t = model.graph.initializer.add()
+            t.CopyFrom(tensor_header(name, arr))
+            _point(t, self.data_name, offset, arr.nbytes)
+        path = self.folder / file_name
+        storage.write_new(path, model.SerializeToString())
+        return path
+
+    def _find(self, arr: np.ndarray) -> int | None:
+        """The offset of a stored weight with ``arr``'s dtype, shape and bytes, or ``None``."""
+        for held, offset in self._placed.get(_content_key(arr), ()):
+            if _same_bytes(held, arr):
+                return offset
+        return None
+
+
+def _content_key(arr: np.ndarray) -> tuple:
+    """dtype, shape and a few sampled values (as raw bits) of ``arr``: equal arrays have equal keys."""
+    if arr.ndim == 0 or arr.size == 0:
+        return arr.dtype.str, arr.shape, arr.tobytes()
+    picks = np.unique(np.linspace(0, arr.size - 1, num=min(arr.size, 16)).astype(np.int64))
+    return arr.dtype.str, arr.shape, _bits(arr)[np.unravel_index(picks, arr.shape)].tobytes()  # any strides, no copy
+
+
+def _bits(arr: np.ndarray) -> np.ndarray:
+    """``arr`` viewed as unsigned integers of its item size (``0.0`` and ``-0.0`` differ, NaNs compare equal)."""
+    kinds = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+    arr = arr if arr.ndim else arr.reshape(1)
+    return arr.view(kinds[arr.dtype.itemsize]) if arr.dtype.itemsize in kinds else arr
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.strides == b.strides:
+        return True  # the same memory
+    return bool(np.array_equal(_bits(a), _bits(b)))
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:

@@ -4,11 +4,12 @@
 folder that ``onnxruntime_genai.Model(OUT)`` loads, in one step::
 
     OUT/genai_config.json            model type, sizes, input/output names, search defaults
-    OUT/model.onnx (+ model.onnx.data for large models)
+    OUT/model.onnx (+ model.onnx.data: its weights past 2 GB, or any size where mixed.onnx shares them)
     OUT/adapters/NAME.onnx_adapter   one per adapter, with NAME.onnx_adapter.sha256
     OUT/mixed.onnx                   with adapters (unless mixed=False): the same model serving rows with different
                                      adapters in one call (stacked adapters, a per-row
-                                     ``adapter_index``), for :class:`~flora_graph.serving.generate.Generator`
+                                     ``adapter_index``), for :class:`~flora_graph.serving.generate.Generator`;
+                                     its base weights are read from model.onnx.data (stored once)
     OUT/tokenizer.json, ...          the tokenizer files of the base folder, copied
 
 The model is captured with its cache (:func:`~flora_graph.frontend.causal_lm.capture_causal_lm`),
@@ -23,12 +24,16 @@ adapter keeps its own ranks and target modules (a subset of the slots is fine); 
 is folded into ``B``. The model is one ``If`` on the input ``flora_graph.adapter_active``, which
 every adapter file sets to 1 (:mod:`flora_graph.serving.base_branch`): with no adapter active the
 slots' empty kernels do not run at all. The folder is written through :func:`flora_graph.storage.staged_folder`:
-a reader sees the old package or the new one, never a mix.
+a reader sees the old package or the new one, never a mix; a package written over another drops the old
+one's entries it does not write (:func:`package_owns`: an old ``mixed.onnx`` or ``adapters`` folder), and
+keeps any other file (a README).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import time
 import warnings
@@ -41,14 +46,17 @@ from typing import Any
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
-__all__ = ["BASE_BRANCH_MAX_BYTES", "GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "PRECISIONS", "REFILL_KEY", "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport",
-           "add_adapters", "causal_lm_classes", "context_length", "export_genai", "genai_config", "genai_type", "refill_position",
-           "search_defaults"]
+__all__ = ["BASE_BRANCH_MAX_BYTES", "GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "MODEL_DATA", "PRECISIONS", "REFILL_KEY",
+           "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport", "add_adapters", "causal_lm_classes", "context_length", "export_genai", "genai_config", "genai_type",
+           "package_owns", "refill_position", "search_defaults"]
 
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
 GENAI_OPSET = 23  # RotaryEmbedding and RMSNormalization as one node each; onnxruntime >= 1.23 runs them
 MIXED_FILE = "mixed.onnx"
+MODEL_DATA = "model.onnx.data"
+"""The external data of a package's models: ``model.onnx``'s weights past the 2 GB of one file, or, where the
+package has ``mixed.onnx``, the weights of both at any size, those they share (the base weights) stored once."""
 BASE_BRANCH_MAX_BYTES = 64 * 2**20
 """The base weights up to which :func:`export_genai` adds the base branch by default. ONNX Runtime prepacks
 the weights of each branch's ``MatMul``\\ s apart, so the branch doubles them in memory and in load time:
@@ -61,6 +69,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 """Files copied from the base folder where present (ONNX Runtime GenAI's tokenizer reads them; transformers
 keeps a chat template in ``chat_template.jinja``)."""
+
+_DATA_FILES = re.compile(r"(?:model|mixed)\.onnx(?:\.[0-9a-f]{16})?\.data")
+
+
+def package_owns(name: str) -> bool:
+    """Whether ``name`` is an entry a package writes in some exports and not in others: a new package
+    removes it from the folder it replaces where it does not write it (an old ``mixed.onnx`` or
+    ``adapters`` beside a model exported without them would serve the old weights)."""
+    return name in (MODEL_FILE, MIXED_FILE, GENAI_CONFIG, ADAPTERS_DIR, *TOKENIZER_FILES) or bool(_DATA_FILES.fullmatch(name))
+
 
 GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma",
@@ -310,16 +328,23 @@ def export_genai(
     # float ones keep each expert product a Loop (faster decode steps on CPU than the float MoE kernel)
     moe = contrib and precision == "int4"
     written: dict[str, Path] = {}
-    with staged_folder(out, what="GenAI package", last=GENAI_CONFIG) as tmp:
+    with staged_folder(out, what="GenAI package", last=GENAI_CONFIG, owns=package_owns) as tmp, \
+            contextlib.ExitStack() as files:
         say("writing the model")
-        # each model lowered with its big weights apart (views of the graph's), written from the arrays
-        from flora_graph.runtimes.onnx_writer import save_lowered
+        # each model lowered with its big weights apart (views of the graph's), written from the arrays; with
+        # the mixed model beside it, both in one data file that holds the weights they share once
+        from flora_graph.runtimes.onnx_writer import SharedData, save_lowered
+
+        shared = files.enter_context(SharedData(tmp, MODEL_DATA)) if sites and mixed else None
 
         def write(model: Any, weights: dict[str, Any], file: str) -> None:
             if precision == "int4":
                 say(f"quantizing {file}'s base weights to 4 bits (blocks of {int4_block_size})")
                 quantize_weights(model, int4_block_size, int4_accuracy_level, weights)
-            save_lowered(_mark_refill(model, refill), weights, tmp / file)
+            if shared is None:
+                save_lowered(_mark_refill(model, refill), weights, tmp / file)
+            else:
+                shared.write(_mark_refill(model, refill), weights, file)
 
         if sites:
             from flora_graph.serving.base_branch import branch_on_adapter
@@ -339,6 +364,9 @@ def export_genai(
                 write(*lower_slotted(optimize(unpacked, ["pack-linears", "cse", "dce"]), "mixed", opset=GENAI_OPSET,
                                      packed=[s for s in graph_slots(graph) if s.members], contrib=contrib,
                                      max_positions=context, moe=moe), MIXED_FILE)
+                say(f"{MIXED_FILE} reads {shared.shared / 2**20:.0f} MiB of its weights from {MODEL_FILE}'s data "
+                    f"({MODEL_DATA}, {shared.stored / 2**20:.0f} MiB)")
+                files.close()  # the data file complete
         else:
             from flora_graph.runtimes.onnx_lowering import lower
 

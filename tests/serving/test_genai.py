@@ -206,3 +206,56 @@ def test_a_package_without_the_mixed_model_serves_one_adapter_per_batch(folders:
         assert gen.generate([PROMPT], adapters=adapter, max_new_tokens=len(want), stop_tokens=[])[0] == want
     with pytest.raises(ServingError, match="has none"):
         gen.generate([PROMPT, PROMPT], adapters=["all7", None], max_new_tokens=2, stop_tokens=[])
+
+
+def _external(path: Path) -> dict[str, tuple[str, int, int]]:
+    """``{initializer: (data file, offset, length)}`` of the model at ``path``'s external weights."""
+    m = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            e = {x.key: x.value for x in t.external_data}
+            out[t.name] = (e["location"], int(e["offset"]), int(e["length"]))
+    return out
+
+
+def test_the_mixed_model_reads_the_base_weights_where_the_model_stores_them(package: Path) -> None:
+    """model.onnx and mixed.onnx keep their weights in one model.onnx.data, which stores the base weights once
+    (the Generator's mixed batches read them there: tests/serving/test_generate.py)."""
+    model, mixed = _external(package / "model.onnx"), _external(package / "mixed.onnx")
+    assert model and mixed and {f for f, _, _ in [*model.values(), *mixed.values()]} == {"model.onnx.data"}
+    ranges = {(o, n) for _, o, n in model.values()}
+    model_bytes = sum(n for _, _, n in model.values())
+    mixed_own = sum(n for _, o, n in mixed.values() if (o, n) not in ranges)
+    mixed_bytes = sum(n for _, _, n in mixed.values())
+    assert mixed_bytes > 0.9 * model_bytes and mixed_own < 0.1 * model_bytes  # its base weights are the model's
+    size = (package / "model.onnx.data").stat().st_size
+    assert model_bytes + mixed_own <= size < model_bytes + mixed_own + 64 * (len(model) + len(mixed))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["swapped", "in-place"])
+def test_a_package_written_over_another_drops_the_old_entries_it_does_not_write(
+        folders: Path, package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool) -> None:
+    """An old mixed.onnx, adapters folder or data file beside a package exported without them would serve the
+    old weights: the new package drops them, whether its folder is swapped in whole or its files renamed in one
+    by one (a mount point), and keeps a file of the user's."""
+    import errno
+    import shutil
+
+    from flora_graph import storage
+    from flora_graph.serving.generate import Generator
+
+    out = tmp_path / "pkg"
+    shutil.copytree(package, out)
+    (out / "README.md").write_text("notes")
+    if in_place:
+        def refuse(a: Path, b: Path) -> None:
+            raise OSError(errno.EXDEV, "another file system")
+
+        monkeypatch.setattr(storage, "_exchange", refuse)
+    export_genai(folders / "base", out, mixed=False)  # no adapters: one small model file, nothing else of the old
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "genai_config.json", "generation_config.json", "model.onnx",
+                                                      "tokenizer.json", "tokenizer_config.json"]
+    assert not _external(out / "model.onnx")
+    assert Generator(out).adapter_names == []
+    assert genai_tokens(og.Model(str(out)), PROMPT, NEW) == eager_tokens(folders, None)
