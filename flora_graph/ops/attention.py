@@ -69,7 +69,12 @@ def _infer_sdpa(shapes, dtypes, attrs):
         batch = (*broadcast_shapes(q[:-3], k[:-3], v[:-3]), q[-3])
     else:
         batch = broadcast_shapes(q[:-2], k[:-2], v[:-2])
-    if len(shapes) == 4:
+    if len(shapes) == 5:  # sinks: one logit per query head, a key that every query sees and that reads no value
+        heads = q[-3] if len(q) >= 3 else None
+        if dtypes[4] != dtype or len(shapes[4]) != 1 or not isinstance(heads, int) or not dims_equal(shapes[4][0], heads):
+            raise ShapeError(f"attention: sinks {format_shape(shapes[4])} {dtypes[4]} are not one {dtype} per query "
+                             f"head of q {format_shape(q)}")
+    if len(shapes) >= 4:
         if attrs["is_causal"]:
             raise ShapeError("attention: is_causal and a mask cannot be combined (as in torch)")
         if dtypes[3] not in ("bool", dtype):
@@ -80,8 +85,9 @@ def _infer_sdpa(shapes, dtypes, attrs):
     return (*batch, q[-2], v[-1]), dtype
 
 
-def numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None, *,
-               is_causal: int, scale: float, enable_gqa: int, softcap: float = 0.0) -> np.ndarray:
+def numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
+               sinks: np.ndarray | None = None, *, is_causal: int, scale: float, enable_gqa: int,
+               softcap: float = 0.0) -> np.ndarray:
     """``ScaledDotProductAttention`` in float64 (the numpy rule; ``KVCacheAttention`` reuses it)."""
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
     if enable_gqa:  # query head i reads key/value head i // g, as torch
@@ -99,9 +105,14 @@ def numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | N
     if keep is not None:
         s = np.where(keep, s, -np.inf)
     top = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    sink = None if sinks is None else sinks.astype(np.float64).reshape(-1, 1, 1)  # [heads, 1, 1]
+    if sink is not None:
+        top = np.maximum(top, sink)
     with np.errstate(invalid="ignore"):
         e = np.exp(s - np.where(np.isneginf(top), 0.0, top))  # a row with nothing kept is all 0
     total = e.sum(axis=-1, keepdims=True)
+    if sink is not None:  # the sink's share of the softmax goes to no value
+        total = total + np.exp(sink - top)
     p = e / np.where(total == 0, 1.0, total)
     return np.matmul(p, v.astype(np.float64))
 
@@ -109,7 +120,7 @@ def numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | N
 def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
     """ONNX ``Attention`` (opset >= 23, rank 4, no float mask), else the decomposition."""
     q, k, v = node.inputs[:3]
-    mask = node.inputs[3] if len(node.inputs) == 4 else None
+    mask = node.inputs[3] if len(node.inputs) >= 4 else None
     if ctx.opset >= 23 and _onnx_attention_fits(node):
         attrs = {"is_causal": node.attrs["is_causal"]}
         for key in ("scale", "softcap"):
@@ -119,7 +130,7 @@ def _onnx_sdpa(ctx: Any, node: ComputationNode, out: str) -> None:
         return
     scale = node.attrs["scale"] or 1.0 / math.sqrt(int(q.shape[-1]))
     common = {"scale": scale, "bool_mask": mask is not None and mask.dtype == "bool", "causal": bool(node.attrs["is_causal"]),
-              "softcap": node.attrs["softcap"]}
+              "softcap": node.attrs["softcap"], "sinks": ctx.arg(node, 4) if len(node.inputs) == 5 else None}
     args = [ctx.arg(node, i) for i in range(3)]
     mask_arg = None if mask is None else ctx.arg(node, 3)
     if not node.attrs["enable_gqa"] or q.shape[-3] == k.shape[-3]:
@@ -138,6 +149,8 @@ def onnx_grouped_attention(ctx: Any, node: ComputationNode, q: str, k: str, v: s
     the mask (of ``mask_shape``) over the grouped scores by :func:`_grouped_mask`; ``common`` as for
     :func:`onnx_attention_decomposed`."""
     g, lead = heads // kv_heads, [0] * (rank - 3)
+    if common.get("sinks") is not None:  # one per query head: over the grouped [.., kv, g, L, S] scores
+        common["sink_shape"] = (kv_heads, g, 1, 1)
     ints = lambda *xs: ctx.constant(np.array(xs, dtype=np.int64), f"{node.name}/shape")  # noqa: E731
     q5 = ctx.emit("Reshape", [q, ints(*lead, kv_heads, g, -1, head_size)])
     k5, v5 = (ctx.emit("Unsqueeze", [t, ints(rank - 2)]) for t in (k, v))
@@ -168,9 +181,11 @@ def _grouped_mask(ctx: Any, node: ComputationNode, mask: str, shape: tuple, kv: 
 
 def _onnx_attention_fits(node: ComputationNode) -> bool:
     """Whether ONNX ``Attention`` computes ``node``: rank 4, one batch, key/value heads equal to the
-    query heads or (grouped) dividing them, and no mask or a boolean one."""
+    query heads or (grouped) dividing them, no mask or a boolean one, and no sinks."""
     q, k, v = (canonical_shape(t.shape) for t in node.inputs[:3])
-    mask = node.inputs[3] if len(node.inputs) == 4 else None
+    mask = node.inputs[3] if len(node.inputs) >= 4 else None
+    if len(node.inputs) == 5:
+        return False
     if len(q) != 4 or len(k) != 4 or len(v) != 4 or not q[0] == k[0] == v[0] or k[1] != v[1]:
         return False
     if q[1] != k[1] and not node.attrs["enable_gqa"]:
@@ -180,10 +195,13 @@ def _onnx_attention_fits(node: ComputationNode) -> bool:
 
 def onnx_attention_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v: str, out: str, *, rank: int,
                               scale: float, mask: str | None = None, bool_mask: bool = True,
-                              causal: bool = False, softcap: float = 0.0) -> None:
+                              causal: bool = False, softcap: float = 0.0, sinks: str | None = None,
+                              sink_shape: tuple[int, ...] | None = None) -> None:
     """``Softmax(q @ k^T * scale + bias) @ v`` over rank-``rank`` ``q``/``k``/``v``, the mask as an
     additive bias (0 kept, -inf dropped); with ``softcap`` the scores are ``softcap * tanh(scores / softcap)``
-    before the bias.
+    before the bias. ``sinks`` (one logit per query head, reshaped to ``sink_shape``, by default
+    ``[heads, 1, 1]``) join each row's softmax as one more key that reads no value: the row's scores get a
+    last column of its head's sink, which the softmax takes and the product drops.
 
     The bias is made once per mask and shared by every attention reading it: a boolean mask
     becomes ``Where(mask, 0, -inf)``, the causal one (keep ``j <= i``) ``Trilu(-inf, k=1)`` of the
@@ -203,7 +221,16 @@ def onnx_attention_decomposed(ctx: Any, node: ComputationNode, q: str, k: str, v
             mask = ctx.once(("mask-bias", bool_name, ctx.dtype),
                             lambda: ctx.emit("Where", [bool_name, ctx.scalar(0.0), ctx.scalar(-math.inf)]))
         s = ctx.emit("Add", [s, mask])
+    if sinks is not None:
+        shape = sink_shape or (-1, 1, 1)
+        column = ctx.emit("Reshape", [sinks, ctx.constant(np.array(shape, np.int64), f"{node.name}/sink_shape")])
+        width = ctx.emit("Concat", [ctx.emit("Shape", [s], end=-1), ctx.constant(np.array([1], np.int64), f"{node.name}/1")],
+                         axis=0)
+        s = ctx.emit("Concat", [s, ctx.emit("Expand", [column, width])], axis=-1)
     p = ctx.emit("Softmax", [s], axis=-1)
+    if sinks is not None:  # the sink's column dropped; its share of each row goes to no value
+        ints = lambda x: ctx.constant(np.array([x], np.int64), f"{node.name}/slice")  # noqa: E731
+        p = ctx.emit("Slice", [p, ints(0), ints(-1), ints(-1)])
     if mask is not None:
         p = ctx.emit("Where", [ctx.emit("IsNaN", [p]), ctx.scalar(0.0), p])
     ctx.emit("MatMul", [p, v], [out])
@@ -222,45 +249,53 @@ def _causal_bias(ctx: Any, node: ComputationNode, scores: str) -> str:
     return ctx.once(("causal-bias", *dims, ctx.dtype), make)
 
 
-def torch_softcapped(q: str, k: str, v: str, mask: str, *, scale: str, softcap: float, node: ComputationNode,
-                     causal: bool = False, group: int = 1) -> str:
-    """A torch expression of soft-capped attention (``F.scaled_dot_product_attention`` takes no softcap):
-    ``softmax(cap * tanh(q @ k^T * scale / cap) + mask) @ v``, ``k``/``v`` heads repeated ``group`` times, a row
-    with nothing kept 0."""
-    cap = float_literal(softcap, node)
+def torch_spelled_attention(q: str, k: str, v: str, mask: str, *, scale: str, node: ComputationNode,
+                            softcap: float = 0.0, sinks: str | None = None, causal: bool = False, group: int = 1) -> str:
+    """A torch expression of attention that ``F.scaled_dot_product_attention`` does not compute (a soft cap,
+    sinks): ``softmax(cap * tanh(q @ k^T * scale / cap) + mask) @ v``, ``k``/``v`` heads repeated ``group``
+    times, a row with nothing kept 0. ``sinks`` (one logit per query head) take their share of each row's
+    softmax and give it to no value: ``softmax(s) * sigmoid(logsumexp(s) - sink)``."""
     if group > 1:
         k, v = f"{k}.repeat_interleave({group}, dim=-3)", f"{v}.repeat_interleave({group}, dim=-3)"
-    s = f"(torch.tanh(({q} @ {k}.transpose(-1, -2)) * {scale} / {cap}) * {cap})"
+    s = f"(({q} @ {k}.transpose(-1, -2)) * {scale})"
+    if softcap:
+        cap = float_literal(softcap, node)
+        s = f"(torch.tanh({s} / {cap}) * {cap})"
     if causal:
         s = f"{s}.masked_fill(torch.ones({s}.shape[-2:], dtype=torch.bool, device={s}.device).triu(1), float('-inf'))"
     if mask != "None":
         s = f"({s}.masked_fill(~{mask}, float('-inf')) if {mask}.dtype == torch.bool else {s} + {mask})"
-    return f"(torch.softmax({s}, dim=-1).nan_to_num(0.0) @ {v})"
+    p = f"torch.softmax({s}, dim=-1)"
+    if sinks is not None:
+        p = f"({p} * torch.sigmoid(torch.logsumexp({s}, dim=-1, keepdim=True) - {sinks}.reshape(-1, 1, 1)))"
+    return f"({p}.nan_to_num(0.0) @ {v})"
 
 
 def _torch_sdpa(node: ComputationNode, args: list[str]) -> str:
-    mask = args[3] if len(args) == 4 else "None"
+    mask = args[3] if len(args) >= 4 else "None"
     scale = float_literal(node.attrs["scale"], node) if node.attrs["scale"] else "None"
     causal, gqa = bool(node.attrs["is_causal"]), bool(node.attrs["enable_gqa"])
-    if node.attrs["softcap"]:
+    if node.attrs["softcap"] or len(args) == 5:
         q, k = node.inputs[:2]
         group = int(q.shape[-3]) // int(k.shape[-3]) if gqa else 1
         eff = scale if node.attrs["scale"] else float_literal(1.0 / math.sqrt(int(q.shape[-1])), node)
-        return torch_softcapped(*args[:3], mask, scale=eff, softcap=node.attrs["softcap"], node=node, causal=causal,
-                                group=group)
+        return torch_spelled_attention(*args[:3], mask, scale=eff, softcap=node.attrs["softcap"], node=node,
+                                       causal=causal, group=group, sinks=args[4] if len(args) == 5 else None)
     return (f"F.scaled_dot_product_attention({args[0]}, {args[1]}, {args[2]}, attn_mask={mask}, dropout_p=0.0, "
             f"is_causal={causal}, scale={scale}, enable_gqa={gqa})")
 
 
 define(
-    "SDPA", "ScaledDotProductAttention", (3, 4),
+    "SDPA", "ScaledDotProductAttention", (3, 5),
     {"is_causal": AttrSpec("int", 0), "scale": AttrSpec("float", 0.0), "enable_gqa": AttrSpec("int", 0),
      "softcap": AttrSpec("float", 0.0)},
     infer=_infer_sdpa,
     doc="softmax(q @ k^T * scale + mask) @ v; scale 0 is 1/sqrt(E); softcap c > 0 caps the scores to "
         "c * tanh(scores / c) before the mask (Gemma 2); a bool mask keeps True, a float mask adds; "
         "is_causal keeps j <= i (top-left); a row with nothing kept is 0 (as torch); enable_gqa: the key/value "
-        "heads (axis -3) divide the query heads, query head i reading key/value head i // g (as torch).",
+        "heads (axis -3) divide the query heads, query head i reading key/value head i // g (as torch); "
+        "sinks (a fifth input after the mask, one logit per query head, gpt-oss) join each row's softmax as a key "
+        "that reads no value.",
     numpy=numpy_sdpa, onnx=_onnx_sdpa, torch=_torch_sdpa,
 )
 

@@ -9,15 +9,19 @@ around it. The ``fuse-kv-attention`` pass makes it from ``ScaledDotProductAttent
 cache ``Concat`` (:mod:`flora_graph.passes.fuse_kv_attention`).
 
 Inputs: ``q [b, s, H*d]``, ``k [b, s, KV*d]``, ``v [b, s, KV*dv]``, ``past_k [b, KV, P, d]``,
-``past_v [b, KV, P, dv]`` and an optional boolean ``mask`` broadcasting to ``[b, H, s, P+s]``;
-``KV`` divides ``H`` (query head ``i`` reads key/value head ``i // (H/KV)``). Before opset 23
-(and in the numpy and torch rules) it is that computation spelled out: the heads unpacked,
-the caches concatenated, grouped-query attention.
+``past_v [b, KV, P, dv]``, an optional boolean ``mask`` broadcasting to ``[b, H, s, P+s]`` and,
+after it, optional ``sinks [H]`` (gpt-oss: one logit per query head that joins each row's softmax
+as a key reading no value); ``KV`` divides ``H`` (query head ``i`` reads key/value head
+``i // (H/KV)``). Before opset 23, with sinks (which ONNX ``Attention`` lacks), and in the numpy
+and torch rules it is that computation spelled out: the heads unpacked, the caches concatenated,
+grouped-query attention. A spelled-out one with sinks is recorded (:class:`SinkAttention`) for the
+ONNX Runtime contrib lowering, whose ``GroupQueryAttention`` takes sinks (``head_sink``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,12 +32,25 @@ from flora_graph.ir.ops import AttrSpec
 from flora_graph.ir.shapes import add_dims, broadcast_shapes, canonical_dim, format_shape
 from flora_graph.ops._infer import same_dtype
 from flora_graph.ops._torch import float_literal
-from flora_graph.ops.attention import numpy_sdpa, onnx_grouped_attention, torch_softcapped
+from flora_graph.ops.attention import numpy_sdpa, onnx_grouped_attention, torch_spelled_attention
 from flora_graph.ops.registry import define
 
-__all__: list[str] = []
+__all__ = ["SinkAttention"]
 
 OUTPUTS = ("attention", "key cache", "value cache")
+
+
+@dataclass(frozen=True)
+class SinkAttention:
+    """A ``KVCacheAttention`` with sinks as its ONNX rule spelled it out: its inputs' value names (``q, k, v,
+    past_k, past_v, mask, sinks``), those of its three results, its head counts, scale and soft cap."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, str, str]
+    q_heads: int
+    kv_heads: int
+    scale: float
+    softcap: float
 
 
 def _heads(shapes, attrs) -> tuple[int, int, int, int]:
@@ -72,7 +89,10 @@ def _infer(shapes, dtypes, attrs):
     if canonical_dim(pk[2]) != canonical_dim(pv[2]):
         raise ShapeError(f"KVCacheAttention: past_k {format_shape(pk)} and past_v {format_shape(pv)} lengths differ")
     total = add_dims(pk[2], q[1])
-    if len(shapes) == 6:
+    if len(shapes) == 7 and (dtypes[6] != dtype or len(shapes[6]) != 1 or canonical_dim(shapes[6][0]) != h):
+        raise ShapeError(f"KVCacheAttention: sinks {format_shape(shapes[6])} {dtypes[6]} are not one {dtype} per "
+                         f"query head ({h})")
+    if len(shapes) >= 6:
         if dtypes[5] != "bool":
             raise ShapeError(f"KVCacheAttention: the mask must be bool, got {dtypes[5]}")
         full = (batch, h, q[1], total)
@@ -84,7 +104,7 @@ def _infer(shapes, dtypes, attrs):
     return out, dtype
 
 
-def _numpy(q, k, v, pk, pv, mask=None, *, q_heads: int, kv_heads: int, scale: float, output: int,
+def _numpy(q, k, v, pk, pv, mask=None, sinks=None, *, q_heads: int, kv_heads: int, scale: float, output: int,
            softcap: float = 0.0) -> np.ndarray:
     s = q.shape[1]
     split = lambda t, n: t.reshape(t.shape[0], s, n, -1).transpose(0, 2, 1, 3)  # noqa: E731
@@ -92,17 +112,19 @@ def _numpy(q, k, v, pk, pv, mask=None, *, q_heads: int, kv_heads: int, scale: fl
     cv = np.concatenate([pv, split(v, kv_heads).astype(pv.dtype)], axis=2)
     if output:
         return ck if output == 1 else cv
-    y = numpy_sdpa(split(q, q_heads), ck, cv, mask, is_causal=0, scale=scale, enable_gqa=int(q_heads != kv_heads),
-                   softcap=softcap)
+    y = numpy_sdpa(split(q, q_heads), ck, cv, mask, sinks, is_causal=0, scale=scale,
+                   enable_gqa=int(q_heads != kv_heads), softcap=softcap)
     return y.transpose(0, 2, 1, 3).reshape(y.shape[0], s, -1)
 
 
 def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
-    """One ONNX ``Attention`` (opset 23) for the three results of these inputs, else spelled out."""
+    """One ONNX ``Attention`` (opset 23) for the three results of these inputs, else spelled out (always with
+    sinks, which ONNX ``Attention`` does not take: the spelled-out results are then recorded in
+    ``ctx.sink_attentions``, for ONNX Runtime's ``GroupQueryAttention`` to take them, sinks and all)."""
     a = node.attrs
     names = tuple(ctx.arg(node, i) for i in range(len(node.inputs)))
     key = ("kv-attention", names, a["q_heads"], a["kv_heads"], a["scale"], a["softcap"])
-    if ctx.opset >= 23:
+    if ctx.opset >= 23 and len(names) < 7:
         def fused() -> tuple[str, str, str]:
             outs = [ctx.fresh(f"{node.name}/{what.replace(' ', '_')}") for what in OUTPUTS]
             ins = [*names[:3], names[5] if len(names) == 6 else "", names[3], names[4]]
@@ -126,10 +148,13 @@ def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
         cv = ctx.emit("Concat", [names[4], heads(names[2], kv, dv)], axis=2)
         y4 = ctx.fresh(f"{node.name}/heads")
         onnx_grouped_attention(ctx, node, heads(names[0], h, d), ck, cv, y4, rank=4, heads=h, kv_heads=kv, head_size=d,
-                               value_size=dv, mask=names[5] if len(names) == 6 else None,
-                               mask_shape=node.inputs[5].shape if len(names) == 6 else None,
-                               scale=a["scale"] or 1.0 / math.sqrt(d), softcap=a["softcap"])
+                               value_size=dv, mask=names[5] if len(names) >= 6 else None,
+                               mask_shape=node.inputs[5].shape if len(names) >= 6 else None,
+                               scale=a["scale"] or 1.0 / math.sqrt(d), softcap=a["softcap"],
+                               sinks=names[6] if len(names) == 7 else None)
         y = ctx.emit("Reshape", [ctx.emit("Transpose", [y4], perm=perm), ints(0, 0, -1)])
+        if len(names) == 7:
+            ctx.sink_attentions.append(SinkAttention(names, (y, ck, cv), h, kv, a["scale"], a["softcap"]))
         return y, ck, cv
 
     ctx.emit("Identity", [ctx.once(key, spelled)[a["output"]]], [out])
@@ -143,24 +168,26 @@ def _torch(node: ComputationNode, args: list[str]) -> str:
     cv = f"torch.cat([{args[4]}, {args[2]}.unflatten(-1, ({kv}, {dv})).transpose(1, 2)], dim=2)"
     if a["output"]:
         return ck if a["output"] == 1 else cv
-    mask = args[5] if len(args) == 6 else "None"
+    mask = args[5] if len(args) >= 6 else "None"
     scale = float_literal(a["scale"], node) if a["scale"] else "None"
-    if a["softcap"]:
+    if a["softcap"] or len(args) == 7:
         q = f"{args[0]}.unflatten(-1, ({h}, {d})).transpose(1, 2)"
         eff = scale if a["scale"] else float_literal(1.0 / math.sqrt(d), node)
-        y = torch_softcapped(q, ck, cv, mask, scale=eff, softcap=a["softcap"], node=node, group=h // kv)
+        y = torch_spelled_attention(q, ck, cv, mask, scale=eff, softcap=a["softcap"], node=node, group=h // kv,
+                                    sinks=args[6] if len(args) == 7 else None)
         return f"{y}.transpose(1, 2).flatten(-2)"
     return (f"F.scaled_dot_product_attention({args[0]}.unflatten(-1, ({h}, {d})).transpose(1, 2), {ck}, {cv}, "
             f"attn_mask={mask}, dropout_p=0.0, scale={scale}, enable_gqa={h != kv}).transpose(1, 2).flatten(-2)")
 
 
 define(
-    "KV_ATTENTION", "KVCacheAttention", (5, 6),
+    "KV_ATTENTION", "KVCacheAttention", (5, 7),
     {"q_heads": AttrSpec("int", 1), "kv_heads": AttrSpec("int", 1), "scale": AttrSpec("float", 0.0),
      "output": AttrSpec("int", 0), "softcap": AttrSpec("float", 0.0)},
     infer=_infer,
     doc="Decoder attention with its key/value cache: q [b,s,H*d], k/v [b,s,KV*d], past_k/past_v [b,KV,P,d], "
-        "optional bool mask to [b,H,s,P+s]; output 0: attention [b,s,H*dv], 1/2: the caches with this step "
-        "appended [b,KV,P+s,d] (ONNX Attention with past/present from opset 23).",
+        "optional bool mask to [b,H,s,P+s], then optional sinks [H] (one logit per query head joining each row's "
+        "softmax as a key that reads no value); output 0: attention [b,s,H*dv], 1/2: the caches with this step "
+        "appended [b,KV,P+s,d] (ONNX Attention with past/present from opset 23, without sinks).",
     numpy=_numpy, onnx=_onnx, torch=_torch, family="attention",
 )

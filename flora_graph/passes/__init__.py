@@ -23,6 +23,7 @@ from flora_graph.passes import (  # noqa: F401
     fuse_lora_siblings,
     fuse_rms_norm,
     fuse_rotary,
+    fuse_sink_attention,
     fuse_softcap_attention,
     group_experts,
     merge_lora,

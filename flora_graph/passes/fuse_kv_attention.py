@@ -88,7 +88,7 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
         c = m[cat]
         if c.attrs["axis"] % 4 != 2 or len(m[past].shape) != 4:
             return res.fail(f"{c.name!r} does not append to a [b, heads, past, d] cache along axis 2")
-    if len(att.inputs) == 4 and (att.inputs[3].dtype != "bool" or len(att.inputs[3].shape) > 4):
+    if len(att.inputs) >= 4 and (att.inputs[3].dtype != "bool" or len(att.inputs[3].shape) > 4):
         return res.fail(f"mask {att.inputs[3].name!r} is not a boolean mask of rank <= 4")
     if tuple(m["packing"].attrs["perm"]) != _HEAD_PERM:
         return res.fail(f"{m['packing'].name!r} does not move the heads back next to the head size")

@@ -14,8 +14,12 @@ twice). Capture keeps seven nodes per query or key (``Mul``, two ``Slice``, ``Ne
   one-element operand (Hugging Face's ``attention_scaling``).
 
 It becomes ``RotaryEmbedding(x, cos[..., :d/2], sin[..., :d/2])``, the halves built as ``cos`` and
-``sin`` are, from ``f`` instead of ``Concat(f, f)`` (no slice; shared by every layer). Refusals are
-recorded with the reason.
+``sin`` are, from ``f`` instead of ``Concat(f, f)`` (no slice; shared by every layer).
+
+Rule ``fuse-rotary-halves`` takes the form gpt-oss writes, on the two halves of ``x`` with ``cos``/``sin``
+of half its last dim already: ``Concat(Sub(Mul(x1, cos), Mul(x2, sin)), Add(Mul(x2, cos), Mul(x1, sin)))``
+with ``x1``, ``x2`` the two outputs of one ``Split`` of ``x``'s last axis in halves; it becomes
+``RotaryEmbedding(x, cos, sin)``. Refusals are recorded with the reason.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from flora_graph.passes.base import PassResult, register_pass
 from flora_graph.passes.rewrite import RewriteContext
 from flora_graph.passes.rules import Match, MatchResult, Pat, Rule, RuleSet
 
-__all__ = ["FUSE_ROTARY", "ROTARY", "fuse_rotary"]
+__all__ = ["FUSE_HALVES_ROTARY", "FUSE_ROTARY", "HALVES_ROTARY", "ROTARY", "fuse_rotary"]
 
 _x = Pat.any("x")
 _rot = Pat(Op.CONCAT, (Pat(Op.NEG, (Pat(Op.SLICE, (_x,), name="hi"),), name="neg"), Pat(Op.SLICE, (_x,), name="lo")),
@@ -126,7 +130,52 @@ FUSE_ROTARY = Rule("fuse-rotary", ROTARY, _rewrite, _check,
                    doc="Replaces x * cos + rotate_half(x) * sin (cos, sin = cat(f, f)) with RotaryEmbedding.")
 
 
+_x1, _x2 = Pat(Op.SPLIT, (_x,), name="x1"), Pat(Op.SPLIT, (_x,), name="x2")
+HALVES_ROTARY: Pat = Pat(Op.CONCAT, (
+    Pat(Op.SUB, (Pat(Op.MUL, (_x1, Pat.any("cos")), name="x1c"), Pat(Op.MUL, (_x2, Pat.any("sin")), name="x2s")),
+        name="first"),
+    Pat(Op.ADD, (Pat(Op.MUL, (Pat.any("x2"), Pat.any("cos")), name="x2c"), Pat(Op.MUL, (Pat.any("x1"), Pat.any("sin")),
+                                                                                  name="x1s")), name="second"),
+), name="out")
+"""The rotary embedding on the halves (gpt-oss): ``x1, x2 = chunk(x, 2, -1)``; ``cat(x1 cos - x2 sin, x2 cos + x1 sin)``
+with ``cos``/``sin`` of half the last dim; root is the ``Concat``."""
+
+
+def _check_halves(m: Match, ctx: RewriteContext) -> MatchResult:
+    res = MatchResult()
+    x, x1, x2, cos, sin = m["x"], m["x1"], m["x2"], m["cos"], m["sin"]
+    rank = len(x.shape)
+    d = x.shape[-1] if rank else None
+    if not isinstance(d, int) or d % 2 or d == 0:
+        return res.fail(f"{x.name!r} {x.shape} has no static, even last dim")
+    h = d // 2
+    for part, index in ((x1, 0), (x2, 1)):
+        a = part.attrs
+        if a["axis"] % rank != rank - 1 or tuple(a["sizes"]) != (h, h) or a["index"] != index:
+            return res.fail(f"{part.name!r} is not half {index} of {x.name!r}'s last axis")
+    if not _last_axis(m.root, m.root.attrs["axis"]):
+        return res.fail(f"{m.root.name!r} does not concatenate along the last axis")
+    for what, c in (("cos", cos), ("sin", sin)):
+        if not c.shape or c.shape[-1] != h or len(c.shape) > rank:
+            return res.fail(f"{what} {c.name!r} {c.shape} does not span half of {x.name!r}'s last axis")
+    if m.root.dtype != x.dtype or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        return res.fail(f"dtypes differ: x {x.dtype}, cos {cos.dtype}, sin {sin.dtype}")
+    chain = (("x1c", "first"), ("x2s", "first"), ("x2c", "second"), ("x1s", "second"), ("first", "out"), ("second", "out"))
+    for a, b in chain:
+        if others := ctx.other_users(m[a], m[b]):
+            return res.fail(f"{m[a].name!r} is also read by {others}")
+    return res
+
+
+def _rewrite_halves(m: Match, ctx: RewriteContext) -> ComputationNode:
+    return ctx.add(Op.ROTARY_EMBEDDING, [m["x"], m["cos"], m["sin"]], name=f"{m.root.name}.rotary", meta=m.root.meta)
+
+
+FUSE_HALVES_ROTARY = Rule("fuse-rotary-halves", HALVES_ROTARY, _rewrite_halves, _check_halves,
+                          doc="Replaces cat(x1 cos - x2 sin, x2 cos + x1 sin) on x's halves with RotaryEmbedding.")
+
+
 @register_pass("fuse-rotary")
 def fuse_rotary(graph: Graph) -> PassResult:
     """Fuse each hand-written rotary embedding into one ``RotaryEmbedding`` node."""
-    return RuleSet([FUSE_ROTARY]).apply(graph)
+    return RuleSet([FUSE_ROTARY, FUSE_HALVES_ROTARY]).apply(graph)

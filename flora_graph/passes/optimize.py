@@ -30,9 +30,9 @@ __all__ = ["BACKEND_DEFAULTS", "PRESETS", "PRESET_OPTIONS", "optimize", "optimiz
 PRESETS: dict[str, tuple[str, ...]] = {
     "unfused": (),
     "fused": ("simplify", "fold-lora-scale", "reassociate-low-rank", "fuse-lora-siblings", "fuse-rms-norm", "fuse-rotary",
-              "fuse-softcap-attention", "share-kv-heads", "fuse-kv-attention", "group-experts", "cse", "dce"),
+              "fuse-softcap-attention", "fuse-sink-attention", "share-kv-heads", "fuse-kv-attention", "group-experts", "cse", "dce"),
     "merged": ("simplify", "drop-zero-lora", "fold-lora-scale", "merge-lora", "constant-fold", "fuse-rms-norm", "fuse-rotary",
-               "fuse-softcap-attention", "share-kv-heads", "fuse-kv-attention", "group-experts", "cse", "dce"),
+               "fuse-softcap-attention", "fuse-sink-attention", "share-kv-heads", "fuse-kv-attention", "group-experts", "cse", "dce"),
 }
 """Pass names of each preset, in the order a pipeline iteration runs them."""
 

@@ -61,6 +61,7 @@ class LoweringContext:
         self.names: dict[ComputationNode, str] = {}
         self.dtype = "float32"
         self.split_reps: dict[tuple[Any, ...], dict[int, ComputationNode]] = {}
+        self.sink_attentions: list[Any] = []  # KVCacheAttentions with sinks, spelled out (ops.kv_attention.SinkAttention)
         self._used: set[str] = {n.name for n in graph.inputs} | set(graph.outputs)
         self._memo: dict[tuple[Any, ...], str] = {}
         self._node_names: set[str] = set()

@@ -215,19 +215,33 @@ def _angles_of(m: _Nodes, value: str) -> tuple[str, str] | None:
     return pos, mul.input[1]
 
 
-def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str] | None:
-    """``(input, positions input, inv_freq)`` when ``value`` is a full, non-interleaved
+def _scaled_trig(m: _Nodes, value: str, op_type: str) -> tuple[str, float] | None:
+    """``(angles, scale)`` when ``value`` is ``op_type(angles)``, or that times a one-element constant ``scale``
+    (YaRN's attention scaling, gpt-oss); else ``None``."""
+    trig = m.node(value, op_type)
+    if trig is not None:
+        return trig.input[0], 1.0
+    mul = m.node(value, "Mul")
+    for a, b in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])) if mul is not None else ():
+        trig, c = m.node(a, op_type), m.const(b)
+        if trig is not None and c is not None and c.size == 1:
+            return trig.input[0], float(c.reshape(-1)[0])
+    return None
+
+
+def _rotary_of(m: _Nodes, value: str) -> tuple[str, str, str, float] | None:
+    """``(input, positions input, inv_freq, scale)`` when ``value`` is a full, non-interleaved
     ``RotaryEmbedding(input, cos, sin)`` whose tables are ``cos``/``sin`` of
-    ``position_ids * inv_freq`` (a constant), else ``None``."""
+    ``position_ids * inv_freq`` (a constant), both times ``scale`` (1 where not scaled), else ``None``."""
     rot = m.node(value, "RotaryEmbedding")
     if rot is None or len(rot.input) != 3 or _attr(rot, "interleaved", 0) or _attr(rot, "rotary_embedding_dim", 0) \
             or _attr(rot, "num_heads", 0) <= 0:
         return None
-    cos, sin = m.node(rot.input[1], "Cos"), m.node(rot.input[2], "Sin")
-    if cos is None or sin is None or cos.input[0] != sin.input[0]:
+    cos, sin = _scaled_trig(m, rot.input[1], "Cos"), _scaled_trig(m, rot.input[2], "Sin")
+    if cos is None or sin is None or cos != sin:
         return None
-    angles = _angles_of(m, cos.input[0])
-    return None if angles is None else (rot.input[0], *angles)
+    angles = _angles_of(m, cos[0])
+    return None if angles is None else (rot.input[0], *angles, cos[1])
 
 
 def _rotary_4d_of(m: _Nodes, value: str) -> tuple[str, str, str, onnx.NodeProto | None] | None:
@@ -360,9 +374,17 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     m = _Nodes(ctx)
     ir: dict[str, ComputationNode] = {name: node for node, name in ctx.names.items()}
     found = []
-    for n in ctx.nodes:
-        if n.op_type != "Attention" or n.domain:
-            continue
+    # attentions with sinks, which the lowering spelled out, stand in as the 3-D Attention they would be
+    sinks: dict[int, str] = {}
+    candidates = [n for n in ctx.nodes if n.op_type == "Attention" and not n.domain]
+    for d in ctx.sink_attentions:
+        q, k, v, past_k, past_v, mask, sink = d.inputs
+        stand_in = helper.make_node("Attention", [q, k, v, mask, past_k, past_v], list(d.outputs),
+                                    q_num_heads=d.q_heads, kv_num_heads=d.kv_heads,
+                                    **{key: val for key, val in (("scale", d.scale), ("softcap", d.softcap)) if val})
+        sinks[id(stand_in)] = sink
+        candidates.append(stand_in)
+    for n in candidates:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         q = ir.get(n.input[0]) if n.input else None
         common = (set(attrs) <= _ATTENTION_ATTRS and not attrs.get("is_causal", 0)
@@ -396,14 +418,16 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     del ctx.nodes[start:]
     tables: dict[str, tuple[str, str]] = {}
 
-    def tables_of(inv_freq: str) -> tuple[str, str]:
-        """The ``[max_positions, head_dim / 2]`` cos/sin caches of ``inv_freq``, made once."""
-        if inv_freq not in tables:
+    def tables_of(inv_freq: str, scale: float = 1.0) -> tuple[str, str]:
+        """The ``[max_positions, head_dim / 2]`` cos/sin caches of ``inv_freq`` (times ``scale``), made once."""
+        key = inv_freq if scale == 1.0 else f"{inv_freq}*{scale!r}"
+        if key not in tables:
             angles = np.arange(max_positions, dtype=np.float32)[:, None] * m.const(inv_freq).astype(np.float32)[None]
             dt = np.dtype(found[0][3].dtype)
-            tables[inv_freq] = (ctx.constant(np.cos(angles).astype(dt), "gqa.cos_cache"),
-                                ctx.constant(np.sin(angles).astype(dt), "gqa.sin_cache"))
-        return tables[inv_freq]
+            factor = np.float32(scale)
+            tables[key] = (ctx.constant((np.cos(angles) * factor).astype(dt), "gqa.cos_cache"),
+                           ctx.constant((np.sin(angles) * factor).astype(dt), "gqa.sin_cache"))
+        return tables[key]
 
     replace: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
@@ -427,14 +451,21 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
         inv = m.const(rq[2]) if rq is not None else None
         if (max_positions and rq is not None and rk is not None
                 and rq[1:] == rk[1:] and inv is not None and inv.ndim == 1 and 2 * inv.size == head):
-            tables_of(rq[2])
+            tables_of(rq[2], rq[3])
             q_in, k_in, v_in = rq[0], rk[0], n.input[2]
             split = m.producer.get(q_in)
             if (split is not None and split.op_type == "Split" and not split.domain and list(split.output) == [q_in, k_in, v_in]
                     and _attr(split, "axis", 0) in (-1, 2)):
                 q_in, k_in, v_in = split.input[0], "", ""
-            inputs = [q_in, k_in, v_in, n.input[4], n.input[5], seqlens, total, *tables[rq[2]]]
+            inputs = [q_in, k_in, v_in, n.input[4], n.input[5], seqlens, total, *tables_of(rq[2], rq[3])]
             gqa_attrs["do_rotary"] = 1
+        if id(n) in sinks:  # the spelled-out attention's last node becomes the kernel, which writes the caches too
+            inputs += [""] * (11 - len(inputs)) + [sinks[id(n)]]  # head_sink, after position_ids and attention_bias
+            y, present_k, present_v = (m.producer[o] for o in n.output)
+            replace[id(y)] = [helper.make_node("GroupQueryAttention", inputs, list(n.output), name=f"{y.name}/gqa",
+                                               domain=CONTRIB_DOMAIN, **gqa_attrs)]
+            dropped |= {id(present_k), id(present_v)}
+            continue
         replace[id(n)] = [helper.make_node("GroupQueryAttention", inputs, list(n.output), name=f"{n.name}/gqa",
                                            domain=CONTRIB_DOMAIN, **gqa_attrs)]
     ctx.nodes[:] = prelude + [r for n in ctx.nodes if id(n) not in dropped for r in replace.get(id(n), [n])]

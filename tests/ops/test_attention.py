@@ -66,6 +66,27 @@ def _kv_softcap_ref(cap: float) -> Callable[..., torch.Tensor]:
     return ref
 
 
+def _sinks_ref(group: int = 1) -> Callable[..., torch.Tensor]:
+    """gpt-oss's eager attention in float64: the scores and each head's sink concatenated, softmax, the sink's
+    column dropped (``q`` ``[b, H, L, d]``, key/value heads repeated ``group`` times, a bool mask)."""
+    def ref(q, k, v, m, sinks):
+        q, k, v = q.double(), k.double().repeat_interleave(group, -3), v.double().repeat_interleave(group, -3)
+        s = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~m, torch.finfo(torch.float64).min)
+        column = sinks.double().reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        logits = torch.cat([s, column], dim=-1)
+        probs = torch.softmax(logits - logits.max(dim=-1, keepdim=True).values, dim=-1)
+        return (probs[..., :-1] @ v).float()
+
+    return ref
+
+
+def _kv_sinks_ref(q, k, v, pk, pv, m, sinks):
+    ck = torch.cat([pk, k.unflatten(-1, (2, 4)).transpose(1, 2)], 2)
+    cv = torch.cat([pv, v.unflatten(-1, (2, 3)).transpose(1, 2)], 2)
+    y = _sinks_ref(group=2)(q.unflatten(-1, (4, 4)).transpose(1, 2), ck, cv, m, sinks)
+    return y.transpose(1, 2).flatten(-2)
+
+
 GQA = {"q": In(("batch", 4, "seq", 4)), "k": In(("batch", 2, "kv", 4)), "v": In(("batch", 2, "kv", 5))}
 ROTARY = {"x": In(("batch", 3, "seq", 8)), "c": In(("batch", 1, "seq", 4)), "s": In(("batch", 1, "seq", 4))}
 PACKED = {"x": In(("batch", "seq", 24)), "c": In(("batch", "seq", 4)), "s": In(("batch", "seq", 4))}
@@ -139,6 +160,11 @@ CASES = [
          op(Op.SDPA, "q", "k", "v", "m", enable_gqa=1, softcap=0.7, scale=0.3), _softcap_ref(0.7, 0.3, group=2)),
     Case("sdpa_softcap_float_mask", {**QKV, "m": In(("seq", "kv"))}, op(Op.SDPA, "q", "k", "v", "m", softcap=0.5),
          _softcap_ref(0.5)),
+    # sinks (gpt-oss): one logit per query head joining each row's softmax, reading no value
+    Case("sdpa_sinks_gqa_bool_mask", {**GQA, "m": In(("batch", 1, "seq", "kv"), "bool", "bool"), "sk": In((4,))},
+         op(Op.SDPA, "q", "k", "v", "m", "sk", enable_gqa=1), _sinks_ref(group=2)),
+    Case("sdpa_sinks_bool_mask", {**QKV, "m": In(("batch", 2, "seq", "kv"), "bool", "bool"), "sk": In((2,))},
+         op(Op.SDPA, "q", "k", "v", "m", "sk"), _sinks_ref()),
     # ------------------------------------------------------------------ RotaryEmbedding
     Case("rotary", ROTARY, op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
     Case("rotary_packed_heads", PACKED, op(Op.ROTARY_EMBEDDING, "x", "c", "s", num_heads=3), _packed_rotary_ref),
@@ -154,6 +180,8 @@ CASES = [
          _kv("q", "k", "v", "pk", "pv", "m"), _kv_ref(0)),
     Case("kv_attention_softcap", {**KV, "m": In(("batch", 1, "seq", "kv+seq"), "bool", "bool")},
          _kv("q", "k", "v", "pk", "pv", "m", softcap=0.6), _kv_softcap_ref(0.6)),
+    Case("kv_attention_sinks", {**KV, "m": In(("batch", 1, "seq", "kv+seq"), "bool", "bool"), "sk": In((4,))},
+         _kv("q", "k", "v", "pk", "pv", "m", "sk"), _kv_sinks_ref),
     Case("rotary_shared_positions", {**ROTARY, "c": In(("seq", 4)), "s": In(("seq", 4))},
          op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
 ]
@@ -178,6 +206,8 @@ def test_opset_23_matches_reference(case: Case) -> None:
     if case.id.startswith("rotary"):  # cos/sin per position only ([seq, d/2]): the halves spelled out
         fits = case.id != "rotary_shared_positions"
         assert (ops.count("RotaryEmbedding") == 1) == fits and ("Split" in ops) != fits, ops
+    elif "sinks" in case.id:  # ONNX Attention takes no sinks: spelled out, the sinks' column concatenated
+        assert "Attention" not in ops and "Softmax" in ops and "Slice" in ops, ops
     elif case.id.startswith("kv_"):
         assert ops.count("Attention") == 1 and "Softmax" not in ops and "Concat" not in ops, ops
     elif _one_attention_node(case):

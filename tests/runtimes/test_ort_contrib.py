@@ -244,3 +244,43 @@ def test_four_d_attention_on_concatenated_caches_becomes_group_query_attention(a
         gqa = next(n for n in fused.graph.node if n.op_type == "GroupQueryAttention")
         assert {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}["do_rotary"] == 1
     _equal_at_prefill_and_decode(plain, fused, layout, [5, 9, 11, 3, 7], (4, 6))
+
+
+def test_attention_sinks_go_into_the_kernel_as_head_sinks() -> None:
+    """gpt-oss (a sink logit per query head, sliding and full layers): each attention becomes one
+    GroupQueryAttention reading the layer's sinks as ``head_sink``, with the sliding layer's window; prefill and
+    decode steps past the window equal the standard model, whose spelled-out sinks give eager's logits."""
+    import warnings
+
+    import torch
+
+    from flora_graph.frontend.causal_lm import cache_layout, capture_causal_lm
+    from flora_graph.passes import optimize
+    from tests.frontend.test_causal_lm import tiny_causal_lm
+
+    model = tiny_causal_lm("GptOssForCausalLM")
+    model.config.update({"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]})
+    torch.manual_seed(0)
+    model = type(model)(model.config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # sinks that take a good share of each row
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, layer.self_attn.sinks.numel()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph, layout = optimize(capture_causal_lm(model), "fused", backend="onnxruntime"), cache_layout(model)
+    assert collections.Counter(n.op for n in graph.nodes)[Op.KV_ATTENTION] == 3 * layout.layers
+    plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
+    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layout.layers and _ops(fused)["Softmax"] == _ops(plain)["Softmax"] - layout.layers
+    assert [n.input[11] for n in gqa] == [f"model.layers.{i}.self_attn.sinks" for i in range(layout.layers)]
+    windows = [next((a.i for a in n.attribute if a.name == "local_window_size"), -1) for n in gqa]
+    assert windows == [4, -1]
+    prompt = [5, 9, 11, 3, 7, 8, 2]
+    want = _equal_at_prefill_and_decode(plain, fused, layout, prompt, (4, 6))
+    with torch.no_grad():
+        eager = model(torch.tensor([prompt])).logits.numpy()
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(-1e4)  # no sinks: other logits (the sinks matter here)
+        sinkless = model(torch.tensor([prompt])).logits.numpy()
+    np.testing.assert_allclose(want[0]["logits"], eager, atol=2e-4, rtol=1e-3)
+    assert np.abs(sinkless - eager).max() > 1e-2
