@@ -44,7 +44,7 @@ from flora_graph.runtimes.onnx_lowering import (
 )
 from flora_graph.storage import atomic_file
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "SharedData", "model_size", "save_lowered", "save_onnx", "subgraphs",
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "SharedData", "data_files_of", "model_size", "save_lowered", "save_onnx", "subgraphs",
            "write_external_files", "write_model_file"]
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes; past it save_onnx writes weights to "<file>.data"
@@ -334,10 +334,15 @@ def _data_name(path: Path) -> str:
     return f"{path.name}.{secrets.token_hex(8)}.data"
 
 
+def data_files_of(model_name: str) -> re.Pattern[str]:
+    """The names the data files of the model file ``model_name`` take (``<name>.data``, ``<name>.<16 hex>.data``)."""
+    return re.compile(rf"{re.escape(model_name)}(?:\.[0-9a-f]{{16}})?\.data")
+
+
 def _tidy(path: Path, keep: str | None) -> None:
     """After a commit: remove the family's data files the model does not read and the temporaries of killed writes."""
     name = re.escape(path.name)
-    family = re.compile(rf"{name}(?:\.[0-9a-f]{{16}})?\.data")
+    family = data_files_of(path.name)
     temps = re.compile(rf"\.{name}(?:\.[0-9a-f]{{16}})?\.data\.tmp-[0-9a-f]{{12}}")
     for entry in os.scandir(path.parent):
         if entry.name != keep and family.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):

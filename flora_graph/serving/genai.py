@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import time
 import warnings
@@ -70,14 +69,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 """Files copied from the base folder where present (ONNX Runtime GenAI's tokenizer reads them; transformers
 keeps a chat template in ``chat_template.jinja``)."""
 
-_DATA_FILES = re.compile(r"(?:model|mixed)\.onnx(?:\.[0-9a-f]{16})?\.data")
-
-
 def package_owns(name: str) -> bool:
     """Whether ``name`` is an entry a package writes in some exports and not in others: a new package
     removes it from the folder it replaces where it does not write it (an old ``mixed.onnx`` or
     ``adapters`` beside a model exported without them would serve the old weights)."""
-    return name in (MODEL_FILE, MIXED_FILE, GENAI_CONFIG, ADAPTERS_DIR, *TOKENIZER_FILES) or bool(_DATA_FILES.fullmatch(name))
+    from flora_graph.runtimes.onnx_writer import data_files_of
+
+    return name in (MODEL_FILE, MIXED_FILE, GENAI_CONFIG, ADAPTERS_DIR, *TOKENIZER_FILES) or any(
+        data_files_of(model).fullmatch(name) for model in (MODEL_FILE, MIXED_FILE))
 
 
 GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
