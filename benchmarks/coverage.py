@@ -221,6 +221,19 @@ register("phi", "decoder", decoder("PhiConfig", "PhiForCausalLM", bos_token_id=1
          "partial rotary, parallel attention and MLP, LayerNorm")
 register("stablelm", "decoder", decoder("StableLmConfig", "StableLmForCausalLM", bos_token_id=1, eos_token_id=2, **GQA),
          "partial rotary, LayerNorm")
+register("gpt-bigcode", "decoder", decoder("GPTBigCodeConfig", "GPTBigCodeForCausalLM", vocab_size=VOCAB, n_embd=32,
+                                           n_layer=2, n_head=4, n_positions=MAX_POS, dim_max=BOUNDED),
+         "StarCoder's multi-query attention, one fused c_attn")
+register("codegen", "decoder", decoder("CodeGenConfig", "CodeGenForCausalLM", vocab_size=VOCAB, n_embd=32, n_layer=2,
+                                       n_head=4, n_positions=MAX_POS, rotary_dim=4, bos_token_id=0, eos_token_id=0),
+         "fused qkv in a mixed head order, interleaved partial rotary")
+register("openai-gpt", "decoder", decoder("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", vocab_size=VOCAB, n_embd=32,
+                                          n_layer=2, n_head=4, n_positions=MAX_POS, dim_max=BOUNDED),
+         "a seq != n_positions guard torch.export suggests no bound for")
+register("roformer-causal", "decoder", decoder("RoFormerConfig", "RoFormerForCausalLM", is_decoder=True, **SMALL),
+         "rotary through reshape_as")
+register("lfm2", "decoder", decoder("Lfm2Config", "Lfm2ForCausalLM", bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                    **GQA), "short convolutions between attention layers, mask[:, -seq:]")
 # mixture of experts: LoRA on the attention (the experts are fused parameters, not Linear layers)
 register("mixtral", "moe", decoder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
                                    lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, **GQA),

@@ -199,7 +199,16 @@ class CaptureContext:
                 return floor_divide_dim(self.ir_dim(expr.args[0]), int(expr.args[1]))
             except ShapeError:
                 pass
-        return str(expr)
+        if isinstance(d, torch.SymInt):  # one value over the dims' ranges (MPT's max(0, 1 - seq) for seq >= 2)
+            try:
+                rng = d.node.shape_env.bound_sympy(expr)
+            except Exception:  # a shape env that cannot bound it: spelled below
+                rng = None
+            if rng is not None and rng.is_singleton():
+                return int(rng.lower)
+        # no dim (a negative size: x[:, -seq:]): spelled in the IR's dim names, for a converter that can place it
+        return str(expr.xreplace({s: sympy.Symbol(self.symbols[s.name]) for s in expr.free_symbols
+                                  if isinstance(s, sympy.Symbol) and s.name in self.symbols}))
 
 
 def _check_bounds(dynamic_dims: DynamicDims | None, bounds: DimMax | None, what: str = "dim_max") -> dict[str, int]:
@@ -234,7 +243,9 @@ def suggested_bounds(message: str) -> dict[str, dict[str, int]]:
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: DynamicDims | None,
-                    dim_max: DimMax | None = None, dim_min: DimMax | None = None):
+                    dim_max: DimMax | None = None, dim_min: DimMax | None = None, auto: bool = False):
+    """torch.export's ``dynamic_shapes`` for ``dynamic_dims``: one ``Dim`` per name, bounded by ``dim_max`` /
+    ``dim_min``; ``auto``: ``Dim.AUTO`` for every dim, whose range torch.export infers from the model's guards."""
     if not dynamic_dims:
         return None
     names = list(inspect.signature(model.forward).parameters)
@@ -242,7 +253,7 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: D
     hi, lo = dim_max or {}, dim_min or {}
 
     def dim(dn: str) -> Any:
-        if not is_dim_name(dn):  # an expression ("past_seq+seq"): torch.export relates it to the other dims
+        if auto or not is_dim_name(dn):  # an expression ("past_seq+seq"): torch.export relates it to the other dims
             return torch.export.Dim.AUTO
         if dn not in dims:
             dims[dn] = torch.export.Dim(dn, min=lo.get(dn, 0), max=hi.get(dn)) if dn in lo else \
@@ -379,7 +390,10 @@ def capture(
             backend exports with the same bound. Names must appear in ``dynamic_dims``.
         dim_min: ``{dim_name: smallest size}``, stored as ``graph.dim_min``. Where torch.export
             fails asking for a bound (its "Suggested fixes: seq = Dim('seq', min=3)"), the
-            bound is applied and the export retried; the graph records it.
+            bound is applied and the export retried; the graph records it. Where it fails on a
+            guard it suggests nothing for (OpenAI GPT's ``seq != n_positions``), the export is
+            retried with ``Dim.AUTO`` (torch.onnx's way): the range it infers is recorded, and a
+            dim the code fixes to the example's size is refused, naming it.
         input_names: names of the graph inputs in order, replacing the keyword and parameter
             names (``dynamic_dims`` still uses those; a list input ``past`` has ``past.0``, ...).
         output_names: names of the outputs in order (default ``output`` or ``output_{i}``).
@@ -432,7 +446,8 @@ def trace_with_torch_export(
     the graph's outputs hold no key/value cache (see :mod:`flora_graph.frontend.model_outputs`).
     Where the exported graph holds in-place ops (``add_``, ``index_put_``), the program is
     functionalized (no decompositions); a graph without them pays only the check. Where
-    torch.export asks for a lower or upper bound on a named dim, it is applied and the export retried.
+    torch.export asks for a lower or upper bound on a named dim, it is applied and the export retried;
+    where it refuses a guard without a bound to suggest, it infers the dims' ranges (``Dim.AUTO``).
 
     Raises:
         GraphError: torch.export failed, or the model writes a buffer or an input in place.
@@ -457,17 +472,26 @@ def trace_with_torch_export(
     with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), merged_peft_attention(model) as merged,
           _conv1d_as_linear(model), lora_sites_as_op({k: v for k, v in adapters.items() if not _inside(k, merged)}),
           _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):
-        for attempt in range(_RETRIES + 1):
-            spec = _dynamic_shapes(model, args, kwargs, dynamic_dims, hi, lo)
+        auto = first = None
+        for attempt in range(_RETRIES + 2):
+            spec = _dynamic_shapes(model, args, kwargs, dynamic_dims, hi, lo, auto=bool(auto))
             try:
                 ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
+                if auto:
+                    _bounds_inferred(ep, model, len(args), dynamic_dims, hi, lo, applied, first)
                 if mutations.plan(ep.graph.nodes, ATEN_TABLE)[1]:  # in-place ops capture cannot take as they are
                     ep = _functionalize(ep, type(model).__name__)
                 ep = decompose_unconverted(ep)
                 break
             except FloraGraphError:
                 raise
-            except Exception as exc:
+            except Exception as raised:
+                exc = first if auto else raised  # the inferred ranges did not help either: the first failure says more
+                if not auto and "Constraints violated" in str(exc) and not suggested_bounds(str(exc)) and named:
+                    # a guard torch.export suggests no bound for (GPT's position table: seq != 64): let it infer
+                    # the range that holds around the example, as torch.onnx does (Dim.AUTO), and check it after
+                    auto, first = True, exc
+                    continue
                 fixes = {dn: b for dn, b in suggested_bounds(str(exc)).items() if dn in named}
                 changed = False
                 for dn, b in fixes.items():
@@ -486,6 +510,40 @@ def trace_with_torch_export(
                     hint += f" (bounds applied from torch.export's suggestions: {', '.join(applied)})"
                 raise GraphError(f"torch.export could not export {type(model).__name__}{hint}: {exc}") from exc
     return Traced(ep, model, adapters, hi, lo, _user_input_names(ep, model, len(args)))
+
+
+def _bounds_inferred(ep: torch.export.ExportedProgram, model: nn.Module, n_args: int, dynamic_dims: DynamicDims,
+                     hi: dict[str, int], lo: dict[str, int], applied: list[str], first: Exception) -> None:
+    """After an export with ``Dim.AUTO``: every named dim stayed dynamic (else :class:`GraphError` with the
+    export's first failure), and the range torch.export inferred for it is kept in ``hi`` / ``lo``."""
+    from torch.utils._sympy.numbers import int_oo
+
+    flat = flat_dynamic_dims(dynamic_dims)
+    inputs = set(ep.graph_signature.user_inputs)
+    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in inputs]
+    specialized: list[str] = []
+    for node, name in zip(user, _user_input_names(ep, model, n_args), strict=False):
+        val = node.meta.get("val")
+        for ax, dn in flat.get(name, {}).items():
+            if not is_dim_name(dn) or not isinstance(val, torch.Tensor) or ax >= val.dim():
+                continue
+            d = val.shape[ax]
+            if not isinstance(d, torch.SymInt) or d.node.expr.is_number:
+                specialized.append(f"{dn} = {int(d)}")
+                continue
+            rng = ep.range_constraints.get(d.node.expr)
+            if rng is None:
+                continue
+            if rng.upper is not int_oo and int(rng.upper) < hi.get(dn, int(rng.upper) + 1):
+                hi[dn] = int(rng.upper)
+                applied.append(f"{dn} <= {hi[dn]}")
+            if rng.lower is not None and int(rng.lower) > max(2, lo.get(dn, 0)):
+                lo[dn] = int(rng.lower)
+                applied.append(f"{dn} >= {lo[dn]}")
+    if specialized:
+        raise GraphError(f"torch.export could not export {type(model).__name__}: its code fixes "
+                         f"{', '.join(sorted(set(specialized)))} (the example's size), which dynamic_dims names as "
+                         f"dynamic: {first}") from first
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:

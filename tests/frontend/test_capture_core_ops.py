@@ -143,6 +143,14 @@ ROWS = [
         ("as_strided.default",)),
     Row("as_strided_reshape", lambda x: x.as_strided((x.shape[0], 3, 2), (6, 2, 1)), [randn(-1, 6)],
         ("as_strided.default",), {0: 0}),
+    Row("view_as", lambda x, y: x.view_as(y) * y, [randn(-1, 6), randn(-1, 2, 3)], ("view_as.default",), {0: 0, 1: 0}),
+    Row("reshape_as_of_a_transpose", lambda x, y: x.transpose(1, 2).reshape_as(y) + y, [randn(-1, 3, 2), randn(-1, 6)],
+        ("reshape_as.default",), {0: 0, 1: 0}),
+    # a start counted back from the end by a dynamic size (LFM2's mask[:, -seq:]): batch - batch of 2*batch
+    Row("slice_back_by_a_dim", lambda x: torch.cat([x, x * 2])[-x.shape[0]:], [randn(-1, 3)], ("slice.Tensor",), {0: 0}),
+    # a start whose expression has one value over the dim's range (MPT's max(0, 1 - seq))
+    Row("slice_start_of_one_value", lambda x: x[torch.sym_max(0, 1 - x.shape[0]):] * 3, [randn(-1, 3)],
+        ("mul.Tensor",), {0: 0}),
     # ------------------------------------------------------------------ creation and aliases
     Row("empty", lambda x: torch.empty(x.shape).fill_(1.5) + x, [randn(-1, 3)], ("empty.memory_format",), {0: 0}),
     Row("empty_strided", lambda x: torch.empty_strided(x.shape, (1, x.shape[0])).fill_(2.0) + x, [randn(-1, 3)],

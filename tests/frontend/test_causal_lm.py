@@ -76,6 +76,12 @@ def _config(arch: str):
         "Cohere2ForCausalLM": lambda: transformers.Cohere2Config(**COMMON, sliding_window=4),
         "BitNetForCausalLM": lambda: transformers.BitNetConfig(**COMMON),
         "Glm4ForCausalLM": lambda: transformers.Glm4Config(**COMMON, head_dim=16, pad_token_id=0),
+        # StarCoder's multi-query attention (one key/value head) in one fused c_attn; CodeGen's fused qkv in a
+        # mixed head order with an interleaved partial rotary
+        "GPTBigCodeForCausalLM": lambda: transformers.GPTBigCodeConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                                       n_positions=256),
+        "CodeGenForCausalLM": lambda: transformers.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                                 n_positions=256, rotary_dim=8),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
         "Gemma3nForCausalLM": lambda: transformers.Gemma3nTextConfig(
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,

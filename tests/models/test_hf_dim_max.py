@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers  # noqa: F401 - the test extra installs it
+import transformers
 
 from flora_graph.errors import GraphError, RuntimeInputError
 from flora_graph.frontend import capture
@@ -106,3 +106,38 @@ def test_torch_export_backend_honours_a_bound_on_a_hand_built_graph() -> None:
     assert exe(x=np.ones((2, 6, 4), np.float32))["y"].shape == (2, 6, 3)
     with pytest.raises(RuntimeInputError, match=r"sizes \d\.\.6"):
         exe(x=np.ones((2, 7, 4), np.float32))
+
+
+def test_a_guard_without_a_suggested_bound_gets_the_range_torch_export_infers() -> None:
+    """OpenAI GPT slices its position ids by the sequence length and guards ``seq != n_positions``, for which
+    torch.export suggests no bound: capture lets it infer the range (as torch.onnx does), which keeps the
+    bound given, and the graph matches eager up to it."""
+    torch.manual_seed(0)
+    cfg = transformers.OpenAIGPTConfig(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=MAX_POS)
+    model = transformers.OpenAIGPTLMHeadModel(cfg).eval()
+    with pytest.raises(Exception, match=r"Constraints violated \(seq\)"):  # what the named dims alone give
+        torch.export.export(model, (), {"input_ids": torch.randint(0, 64, (2, 8))}, strict=False,
+                            dynamic_shapes={"input_ids": {0: torch.export.Dim("batch"),
+                                                          1: torch.export.Dim("seq", max=MAX_POS)}})
+    g = capture(model, {"input_ids": torch.randint(0, 64, (2, 8))}, DYN, dim_max={"seq": MAX_POS})
+    assert g.dim_max == {"seq": MAX_POS}
+    exe = compile(g, "onnxruntime")
+    for batch, seq in [(1, 5), (3, MAX_POS - 1), (2, MAX_POS)]:
+        x = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            want = model(input_ids=x).logits.numpy()
+        np.testing.assert_allclose(exe(input_ids=x.numpy())["output"], want, atol=TOL, rtol=TOL)
+    with pytest.raises(RuntimeInputError, match=rf"past its maximum {MAX_POS}"):
+        compile(g, "numpy")(input_ids=np.zeros((1, MAX_POS + 1), np.int64))
+
+
+class _PerPosition(torch.nn.Module):
+    """A loop over the positions: torch.export fixes the sequence length to the example's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, i] * (i + 1) for i in range(x.shape[1])], dim=1)
+
+
+def test_a_dim_the_code_fixes_is_refused_naming_it() -> None:
+    with pytest.raises(GraphError, match=r"_PerPosition: its code fixes seq = 6 \(the example's size\)"):
+        capture(_PerPosition(), torch.randn(2, 6), {"x": {0: "batch", 1: "seq"}})

@@ -30,10 +30,11 @@ Nemotron, SmolLM3) and others as its generic ``decoder`` type; OPT's MLP and Qwe
 flattened ``[batch*seq, hidden]`` rows (per-row slots between reshapes)."""
 NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "SeedOssForCausalLM",
          "HunYuanDenseV1ForCausalLM", "Exaone4ForCausalLM", "Olmo3ForCausalLM", "Cohere2ForCausalLM",
-         "BitNetForCausalLM", "Glm4ForCausalLM", "Gemma3nForCausalLM"]
+         "BitNetForCausalLM", "Glm4ForCausalLM", "Gemma3nForCausalLM", "GPTBigCodeForCausalLM", "CodeGenForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
-text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache)."""
+text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
+multi-query attention) and CodeGen (a fused qkv in a mixed head order)."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}

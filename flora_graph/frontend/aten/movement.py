@@ -2,11 +2,11 @@
 splits, slices and broadcasts.
 
 ``t``/``transpose``/``permute`` -> ``Transpose``; ``view``/``reshape``/``_unsafe_view``
--> ``Reshape`` (sizes as ONNX's: 0 copies the input's dim, named dims by name, at most one
--1); ``flatten`` -> ``Flatten`` (from axis 1) or ``Reshape``; ``cat`` -> ``Concat`` (1-D
-empty tensors skipped, as torch does); ``split``/``split_with_sizes``/``chunk`` -> one
-``Split`` per piece (a tuple); ``slice`` -> ``Slice`` (nothing for a whole-axis slice);
-``unsqueeze`` -> ``Unsqueeze``; ``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the
+(``view_as``/``reshape_as``: to the other tensor's shape) -> ``Reshape`` (sizes as ONNX's: 0
+copies the input's dim, named dims by name, at most one -1); ``flatten`` -> ``Flatten`` (from
+axis 1) or ``Reshape``; ``cat`` -> ``Concat`` (1-D empty tensors skipped, as torch does);
+``split``/``split_with_sizes``/``chunk`` -> one ``Split`` per piece (a tuple); ``slice`` ->
+``Slice`` (nothing for a whole-axis slice); ``unsqueeze`` -> ``Unsqueeze``; ``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the
 size-1 axes; ``expand``/``expand_as`` -> ``Expand`` (nothing when the shape is unchanged);
 ``flip`` -> ``Flip``; ``stack`` -> ``Unsqueeze`` each, ``Concat``; ``unflatten`` -> ``Reshape``;
 ``repeat_interleave.self_int`` -> ``Unsqueeze``, ``Expand``, ``Reshape``; ``copy`` (a
@@ -30,7 +30,7 @@ import torch
 from flora_graph.errors import GraphError, ShapeError
 from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim, dim_product
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, subtract_dims
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -91,6 +91,12 @@ def _view(ctx, x, shape):
     return ctx.emit(Op.RESHAPE, [x], {"shape": _reshape_target(ctx, x, shape)})
 
 
+@register(aten.view_as.default, aten.reshape_as.default)
+def _view_as(ctx, x, other):
+    """``x`` in ``other``'s shape (RoFormer's rotary, some attention modules)."""
+    return x if tuple(x.shape) == tuple(other.shape) else _view(ctx, x, other.shape)
+
+
 @register(aten.flatten.using_ints)
 def _flatten(ctx, x, start=0, end=-1):
     rank = len(x.shape)
@@ -136,11 +142,27 @@ def _chunk(ctx, x, chunks, dim=0):
 
 
 # --------------------------------------------------------------------------- slice, (un)squeeze, expand
+def _slice_bound(ctx: CaptureContext, v: Any, size: Dim) -> Dim:
+    """A slice bound as an IR dim; a symbolic negative one (``x[:, -seq:]``) counts from the axis' end,
+    ``size - seq``, where that is a dim."""
+    if isinstance(v, SymDim) and isinstance(v.dim, str):
+        try:
+            back = canonical_dim(f"-({v.dim})")  # -(-seq): how far from the end
+        except ShapeError:
+            back = None
+        if back is not None:
+            here = subtract_dims(size, back)
+            if here is None:
+                raise refuse(ctx, f"a slice bound {v.dim!r} that does not fall inside the axis of size {size!r}")
+            return here
+    return dim_of(ctx, v)
+
+
 @register(aten.slice.Tensor)
 def _slice(ctx, x, dim=0, start=None, end=None, step=1):
-    start = 0 if start is None else dim_of(ctx, start)
-    end = 2**63 - 1 if end is None else dim_of(ctx, end)
     axis = axis_of(int(dim), len(x.shape))
+    start = 0 if start is None else _slice_bound(ctx, start, x.shape[axis])
+    end = 2**63 - 1 if end is None else _slice_bound(ctx, end, x.shape[axis])
     if isinstance(x.shape[axis], int) and isinstance(end, int) and end > x.shape[axis]:
         end = x.shape[axis]  # x[..., 8:] of a static dim of 16: end 16, not 2**63 - 1
     whole = (isinstance(end, int) and end >= 2**62) or end == canonical_dim(x.shape[axis])
