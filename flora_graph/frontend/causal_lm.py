@@ -40,13 +40,22 @@ class CacheLayout:
     """The key/value cache of a decoder: ``layers`` pairs of ``[batch, kv_heads, past_seq, head_dim]``.
 
     ``shared``: ``(layer, source)`` for each layer that attends to another layer's keys and values instead of
-    its own (:func:`kv_shared_layers`); its present is the source's, so every layer's cache grows alike."""
+    its own (:func:`kv_shared_layers`); its present is the source's, so every layer's cache grows alike.
+    ``value_dim``: the values' last dim where it is not ``head_dim``: multi-head latent attention (DeepSeek
+    V2/V3, Kimi, GLM-4 MoE lite, MiniCPM3) caches one head of its compressed keys and values
+    (``kv_lora_rank`` wide) as the "key" and the rotary part of its keys (``qk_rope_head_dim``) as the "value"."""
 
     layers: int
     kv_heads: int
     head_dim: int
     takes_position_ids: bool
     shared: tuple[tuple[int, int], ...] = ()
+    value_dim: int | None = None
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """The last dim of a layer's ``(key, value)``."""
+        return self.head_dim, self.head_dim if self.value_dim is None else self.value_dim
 
 
 def past_names(layers: int) -> list[str]:
@@ -85,6 +94,9 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     kv_heads = get("num_key_value_heads") or heads
     head_dim = get("head_dim") or hidden // heads
     takes = "position_ids" in inspect.signature(base.forward).parameters
+    latent, rope = get("kv_lora_rank"), get("qk_rope_head_dim")
+    if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
+        return CacheLayout(int(layers), 1, int(latent), takes, kv_shared_layers(base), int(rope))
     return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes, kv_shared_layers(base))
 
 
@@ -176,8 +188,8 @@ def example_inputs(layout: CacheLayout, vocab: int, batch: int, seq: int, past: 
     out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if layout.takes_position_ids:
         out["position_ids"] = positions_from_mask(mask)[:, past:].contiguous()  # a view would tie seq to its stride
-    out["past_key_values"] = [torch.randn(batch, layout.kv_heads, past, layout.head_dim, generator=gen)
-                              for _ in range(2 * layout.layers)]
+    out["past_key_values"] = [torch.randn(batch, layout.kv_heads, past, dim, generator=gen)
+                              for _ in range(layout.layers) for dim in layout.dims]
     return out
 
 

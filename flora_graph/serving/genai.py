@@ -123,6 +123,7 @@ class GenAIReport:
     seconds: dict[str, float] = field(default_factory=dict)
     model_type: str = GENERIC_TYPE  # genai_config.json's model.type (genai_type of the model's class)
     merged: Path | None = None  # the PEFT folder baked into the base weights (export_genai's merge)
+    not_for_genai: str | None = None  # why ONNX Runtime GenAI cannot run the package (the Generator can), or None
 
 
 def genai_config(model: Any, layout: Any, *, model_type: str, context_length: int,
@@ -387,7 +388,18 @@ def export_genai(
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     return GenAIReport(Path(out), written, graph.summary(), seconds, model_type=genai_type(arch),
-                       merged=None if merge is None else Path(merge))
+                       merged=None if merge is None else Path(merge), not_for_genai=not_for_genai(layout))
+
+
+def not_for_genai(layout: Any) -> str | None:
+    """Why ONNX Runtime GenAI cannot run a package of a model with cache ``layout``
+    (:class:`~flora_graph.frontend.causal_lm.CacheLayout`), or ``None``: GenAI sizes every cache entry by one
+    ``head_size``, and a latent-attention model's cached keys and values differ in width."""
+    key, value = layout.dims
+    if key == value:
+        return None
+    return (f"ONNX Runtime GenAI sizes keys and values alike (head_size), and this model caches keys {key} wide and "
+            f"values {value} wide (multi-head latent attention): the package is for flora_graph's Generator")
 
 
 def context_length(config: Any) -> int:

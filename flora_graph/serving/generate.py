@@ -197,6 +197,10 @@ class Generator:
         self._id_dtype = np.dtype(model.inputs["input_ids"][1] or np.int64)
         self._mask_dtype = np.dtype(model.inputs["attention_mask"][1] or np.int64)
         self._pos_dtype = np.dtype(model.inputs["position_ids"][1] or np.int64) if self.takes_position_ids else np.dtype(np.int64)
+        # each past's [kv_heads, head] as the model declares it: a latent-attention model's keys and values differ
+        self._past_dims = [tuple(d if isinstance(d, int) else fallback
+                                 for d, fallback in zip(model.inputs[n][0][1::2], (self.kv_heads, self.head_dim), strict=True))
+                           for n in self._past]
 
     def batch(self) -> Batch:
         """An empty batch: add rows, step, remove rows, in any order between steps."""
@@ -509,7 +513,7 @@ class Batch:
     def _prefill(self, ids: list[int], adapter: str | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """One row's ``ids`` from an empty cache: ``(its cache, its mask, the last position's logits)``."""
         gen = self.gen
-        empty = [np.zeros((1, gen.kv_heads, 0, gen.head_dim), np.float32) for _ in gen._past]
+        empty = [np.zeros((1, heads, 0, dim), np.float32) for heads, dim in gen._past_dims]
         mask = np.ones((1, len(ids)), gen._mask_dtype)
         out = self._call(np.array([ids], gen._id_dtype), mask, np.arange(len(ids), dtype=gen._pos_dtype)[None], empty, [adapter])
         self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)

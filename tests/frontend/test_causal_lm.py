@@ -82,6 +82,11 @@ def _config(arch: str):
                                                                        n_positions=256),
         "CodeGenForCausalLM": lambda: transformers.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
                                                                  n_positions=256, rotary_dim=8),
+        # multi-head latent attention: one head of compressed keys/values and the keys' rotary part cached
+        "DeepseekV3ForCausalLM": lambda: transformers.DeepseekV3Config(
+            **{**COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+            n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
         "Gemma3nForCausalLM": lambda: transformers.Gemma3nTextConfig(
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
@@ -121,7 +126,7 @@ def assert_logits_like_eager(model, graph, backends=("numpy", "onnxruntime"), vo
 
 
 SLOW = pytest.mark.slow
-ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel",
+ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM",
          *(pytest.param(a, marks=SLOW) for a in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                                   "Phi3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM"))]
 
@@ -137,7 +142,10 @@ def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
         names = ["logits", *present_names(layout.layers)]
         assert list(graph.outputs) == names
         assert graph.inputs[1].name == "attention_mask" and graph.inputs[1].shape == ("batch", "past_seq+seq")
-        assert graph.outputs["present.0.key"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.head_dim)
+        assert graph.outputs["present.0.key"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[0])
+        assert graph.outputs["present.0.value"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[1])
+        if arch == "DeepseekV3ForCausalLM":  # one head of the compressed keys/values, and the keys' rotary part
+            assert (layout.kv_heads, *layout.dims) == (1, 16, 8)
         for backend in ("numpy", "onnxruntime"):
             exe = compile(graph, backend)
             for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:  # prefill (left-padded row), one decode step
