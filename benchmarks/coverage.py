@@ -246,6 +246,17 @@ register("deepseek-v3", "moe", decoder("DeepseekV3Config", "DeepseekV3ForCausalL
                                        lora_cfg={"target_modules": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
                                                                     "kv_b_proj", "o_proj"]}),
          "multi-head latent attention, grouped routing, a dense first layer")
+register("deepseek-v2", "moe", decoder("DeepseekV2Config", "DeepseekV2ForCausalLM", **{**GQA, "num_key_value_heads": 4},
+                                       moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                       topk_group=1, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=None,
+                                       qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+                                       lora_cfg={"target_modules": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                                                                    "o_proj"]}),
+         "complex rotary (torch.polar), multi-head latent attention")
+register("llama4", "moe", decoder("Llama4TextConfig", "Llama4ForCausalLM", **{**GQA, "num_hidden_layers": 4}, head_dim=8,
+                                  intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=4,
+                                  lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+         "complex rotary, chunked attention, a layer without rotary, a shared expert")
 register("qwen3-moe", "moe", decoder("Qwen3MoeConfig", "Qwen3MoeForCausalLM", head_dim=8, num_experts=4,
                                      num_experts_per_tok=2, moe_intermediate_size=16, **GQA),
          "experts as fused 3-d parameters (torch.onnx cannot convert transformers' grouped_mm)")

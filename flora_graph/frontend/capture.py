@@ -36,6 +36,7 @@ from flora_graph.adapters.peft import adapter_label, peft_lora_layers
 from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
 from flora_graph.frontend import mutations
 from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name, refusal_of
+from flora_graph.frontend.aten.complex import COMPLEX_TABLE, complex_converter, touches_complex
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
 from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts
@@ -763,7 +764,7 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     if n.target in NO_TENSOR_OPS:
         return None
     twin = ctx.in_place.get(n)  # an in-place op converted as its functional twin (frontend.mutations)
-    conv = ATEN_TABLE.get(n.target if twin is None else twin)
+    conv = complex_converter(ctx, n) or ATEN_TABLE.get(n.target if twin is None else twin)
     if conv is None:  # _check_supported let it through: every input is constant, so fold it
         return _fold(ctx, n, args, kwargs)
     if getattr(conv, "realizes_args", False):  # it makes each weight's Const where the op-by-op trace would
@@ -799,7 +800,7 @@ def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
     val = n.meta.get("val")
     if not isinstance(out, ComputationNode) or not isinstance(val, torch.Tensor):
         return
-    want = [ctx.ir_dim(d) for d in val.shape]
+    want = [ctx.ir_dim(d) for d in val.shape] + ([2] if val.dtype.is_complex else [])  # complex: real pairs
     try:
         want = [canonical_dim(d) for d in want]
     except ShapeError:
@@ -815,6 +816,10 @@ def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.No
     constants, unless the op is refused (``randn(3, 4)`` is never frozen). ``in_place`` nodes convert as
     their functional twin (:func:`.mutations.plan`)."""
     for n in fx_nodes:
+        if n.op == "call_function" and n.target not in NO_TENSOR_OPS and touches_complex(n) \
+                and n.target not in COMPLEX_TABLE:
+            yield n  # an op on complex values (carried as real pairs) that has no converter for them
+            continue
         if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
                 or _is_shape_arith(n) or n.target in ATEN_TABLE or n in in_place):
             continue
@@ -835,7 +840,8 @@ def _check_supported(fx_nodes: list[torch.fx.Node], weights: Mapping[str, str],
         stack = n.meta.get("nn_module_stack") or {}
         paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v]
         where = f"module {paths[-1]!r} (node {n.name})" if paths and paths[-1] else f"node {n.name}"
-        missing.setdefault(aten_name(n.target), []).append(where)
+        name = f"{aten_name(n.target)} on complex values" if n.target in ATEN_TABLE and touches_complex(n) else aten_name(n.target)
+        missing.setdefault(name, []).append(where)
         if refusal is not None:
             reasons[aten_name(n.target)] = f" (refused, {refusal.name}: {refusal.reason})"
     if missing:

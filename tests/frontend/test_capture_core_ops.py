@@ -151,6 +151,14 @@ ROWS = [
     # a start whose expression has one value over the dim's range (MPT's max(0, 1 - seq))
     Row("slice_start_of_one_value", lambda x: x[torch.sym_max(0, 1 - x.shape[0]):] * 3, [randn(-1, 3)],
         ("mul.Tensor",), {0: 0}),
+    # ------------------------------------------------------------------ complex values (as real pairs): the rotary of
+    # DeepSeek-V2 and Llama 4, a complex x real tensor, a slice and an unsqueeze counted from the complex tensor's end
+    Row("polar_rotary", lambda x, t: torch.view_as_real(
+        torch.view_as_complex(x.reshape(x.shape[0], 3, 4, 2)) * (torch.polar(torch.ones_like(t), t) * 0.5)[None]).flatten(2),
+        [randn(-1, 3, 8), randn(3, 4)], ("polar.default", "view_as_complex.default", "view_as_real.default"), {0: 0}),
+    Row("complex_times_real_sliced", lambda x, r: torch.view_as_real(
+        (torch.view_as_complex(x) * r)[..., 1:].unsqueeze(-1)), [randn(-1, 3, 4, 2), randn(3, 4)],
+        ("view_as_complex.default", "view_as_real.default"), {0: 0}),
     # ------------------------------------------------------------------ creation and aliases
     Row("empty", lambda x: torch.empty(x.shape).fill_(1.5) + x, [randn(-1, 3)], ("empty.memory_format",), {0: 0}),
     Row("empty_strided", lambda x: torch.empty_strided(x.shape, (1, x.shape[0])).fill_(2.0) + x, [randn(-1, 3)],
@@ -275,8 +283,10 @@ def test_size_reads_become_dims() -> None:
     (lambda x: aten.native_dropout(x, 0.5, True)[0], "training mode"),
     (lambda x: aten.embedding_bag.padding_idx(_W, torch.tensor([1, 2]), torch.tensor([0]), False, 2, False, None, False,
                                               None)[3].float().sum() + x.sum(), "max_indices"),
+    (lambda x: torch.view_as_real(torch.view_as_complex(x[..., :4].contiguous().reshape(2, 3, 4, 6, 2, 2)).exp()),
+     r"exp.default on complex values"),
 ], ids=["pool3d_indices", "pool3d_ceil_mode", "adaptive3d_not_divisible", "as_strided_outside", "dropout_training",
-        "embedding_bag_indices"])
+        "embedding_bag_indices", "complex_exp"])
 def test_unsupported_forms_are_refused_by_name(fn: Callable[..., Any], what: str) -> None:
     with pytest.raises(UnsupportedOpError, match=what):
         capture(_module(fn, 1), (torch.randn(2, 3, 4, 6, 5),))

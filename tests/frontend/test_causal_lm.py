@@ -82,6 +82,24 @@ def _config(arch: str):
                                                                        n_positions=256),
         "CodeGenForCausalLM": lambda: transformers.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
                                                                  n_positions=256, rotary_dim=8),
+        # complex rotary (torch.polar), chunked attention on 3 of 4 layers (chunks of 3 positions), no rotary on the
+        # 4th, L2-normed q/k, queries scaled by position, a shared expert beside top-1 routed ones
+        "Llama4ForCausalLM": lambda: transformers.Llama4TextConfig(
+            **{**COMMON, "num_hidden_layers": 4}, head_dim=16, intermediate_size_mlp=96, num_local_experts=2,
+            attention_chunk_size=3, floor_scale=4),
+        # complex rotary and multi-head latent attention
+        "DeepseekV2ForCausalLM": lambda: transformers.DeepseekV2Config(
+            **{**COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+            n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16),
+        # multi-head latent attention with the standard rotary (MiniCPM3) and with routed experts (GLM-4 MoE lite)
+        "MiniCPM3ForCausalLM": lambda: transformers.MiniCPM3Config(
+            **{**COMMON, "num_key_value_heads": 4}, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16),
+        "Glm4MoeLiteForCausalLM": lambda: transformers.Glm4MoeLiteConfig(
+            **{**COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+            n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16),
         # multi-head latent attention: one head of compressed keys/values and the keys' rotary part cached
         "DeepseekV3ForCausalLM": lambda: transformers.DeepseekV3Config(
             **{**COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,

@@ -31,16 +31,24 @@ flattened ``[batch*seq, hidden]`` rows (per-row slots between reshapes)."""
 NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "SeedOssForCausalLM",
          "HunYuanDenseV1ForCausalLM", "Exaone4ForCausalLM", "Olmo3ForCausalLM", "Cohere2ForCausalLM",
          "BitNetForCausalLM", "Glm4ForCausalLM", "Gemma3nForCausalLM", "GPTBigCodeForCausalLM", "CodeGenForCausalLM",
-         "DeepseekV3ForCausalLM"]
+         "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Llama4ForCausalLM", "MiniCPM3ForCausalLM",
+         "Glm4MoeLiteForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
 text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
-multi-query attention) and CodeGen (a fused qkv in a mixed head order)."""
+multi-query attention), CodeGen (a fused qkv in a mixed head order), Llama 4 (complex rotary, chunked attention) and
+the multi-head latent attention of DeepSeek-V2 (complex rotary) and V3, MiniCPM3 and GLM-4 MoE lite, whose packages the
+Generator serves (GenAI sizes cached keys and values alike)."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}
-GENERATOR_ONLY = {"DeepseekV3ForCausalLM": "keys 16 wide and values 8 wide"}  # latent attention: GenAI's one head_size
-TARGETS["DeepseekV3ForCausalLM"] = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # MLA's
+GENERATOR_ONLY = {arch: "keys 16 wide and values 8 wide"  # latent attention: GenAI's one head_size
+                  for arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "MiniCPM3ForCausalLM",
+                               "Glm4MoeLiteForCausalLM")}
+TARGETS.update({arch: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # MLA's
+                for arch in ("DeepseekV3ForCausalLM", "MiniCPM3ForCausalLM", "Glm4MoeLiteForCausalLM")})
+TARGETS["DeepseekV2ForCausalLM"] = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+TARGETS["Llama4ForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 

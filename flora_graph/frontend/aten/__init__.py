@@ -17,8 +17,9 @@ slice, squeeze, expand, flip, stack, unflatten, repeat_interleave, copy, as_stri
 pads, repeat), :mod:`~flora_graph.frontend.aten.indexing` (embedding, index_select, select,
 unbind, gather, index, diagonal, slice/select_scatter, index_put, scatter, scatter_add,
 scatter_reduce, masked_scatter, embedding_bag, col2im), :mod:`~flora_graph.frontend.aten.creation`
-(arange, the full/ones/zeros and empty families) and :mod:`~flora_graph.frontend.aten.aliases`
-(clone/detach/contiguous, eval-mode dropout, getitem). Importing this package registers
+(arange, the full/ones/zeros and empty families), :mod:`~flora_graph.frontend.aten.aliases`
+(clone/detach/contiguous, eval-mode dropout, getitem) and :mod:`~flora_graph.frontend.aten.complex` (complex
+values as real pairs: ``polar``, ``view_as_complex``/``view_as_real``, and the ops of its own table that read them). Importing this package registers
 them all. :mod:`~flora_graph.frontend.aten.refused` holds :data:`REFUSED`, the one list of the
 ops capture refuses on purpose (with Core ATen coverage, see ``docs/ARCHITECTURE.md``). The capture-time LoRA Linear op registers its converter from
 :mod:`flora_graph.frontend.lora_op`, which :mod:`flora_graph.frontend.capture` imports.
@@ -29,6 +30,7 @@ from __future__ import annotations
 from flora_graph.frontend.aten import (  # noqa: F401  (each family registers its converters on import)
     aliases,
     attention,
+    complex,
     creation,
     elementwise,
     indexing,
@@ -62,5 +64,5 @@ __all__ = [
 ]
 
 FAMILIES = ("linear", "elementwise", "reduce", "normalization", "pooling", "attention",
-            "movement", "padding", "indexing", "creation", "aliases")
+            "movement", "padding", "indexing", "creation", "aliases", "complex")
 """The family modules, in the order they are documented."""
