@@ -257,6 +257,25 @@ register("llama4", "moe", decoder("Llama4TextConfig", "Llama4ForCausalLM", **{**
                                   intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=4,
                                   lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
          "complex rotary, chunked attention, a layer without rotary, a shared expert")
+# state-space hybrids: Mamba-2's chunked scan (chunks of 3, so that the example's 8 tokens and the checks' 5 and 11
+# span several) beside attention; LoRA on the attention
+ATTN_LORA = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+register("granite-4-hybrid", "hybrid", decoder("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", **GQA,
+                                               num_local_experts=4, num_experts_per_tok=2, mamba_n_heads=4,
+                                               mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=3,
+                                               layer_types=["mamba", "attention"], lora_cfg=ATTN_LORA),
+         "Mamba-2 and attention layers, experts")
+register("falcon-h1", "hybrid", decoder("FalconH1Config", "FalconH1ForCausalLM", **GQA, head_dim=8, mamba_d_ssm=32,
+                                        mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=3,
+                                        lora_cfg=ATTN_LORA), "Mamba-2 and attention side by side in each layer")
+register("bamba", "hybrid", decoder("BambaConfig", "BambaForCausalLM", **GQA, mamba_n_heads=4, mamba_d_head=16,
+                                    mamba_d_state=8, mamba_chunk_size=3, attn_layer_indices=[1], lora_cfg=ATTN_LORA),
+         "Mamba-2 layers, one attention layer")
+register("nemotron-h", "hybrid", decoder("NemotronHConfig", "NemotronHForCausalLM", vocab_size=VOCAB, hidden_size=32,
+                                         intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=MAX_POS, mamba_num_heads=4, mamba_head_dim=16,
+                                         ssm_state_size=8, chunk_size=3, hybrid_override_pattern="M*-", n_groups=1,
+                                         lora_cfg=ATTN_LORA), "Mamba-2, attention and MLP blocks by pattern")
 register("qwen3-moe", "moe", decoder("Qwen3MoeConfig", "Qwen3MoeForCausalLM", head_dim=8, num_experts=4,
                                      num_experts_per_tok=2, moe_intermediate_size=16, **GQA),
          "experts as fused 3-d parameters (torch.onnx cannot convert transformers' grouped_mm)")

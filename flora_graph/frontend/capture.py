@@ -200,6 +200,9 @@ class CaptureContext:
                 return floor_divide_dim(self.ir_dim(expr.args[0]), int(expr.args[1]))
             except ShapeError:
                 pass
+        rounded = _rounded_up(self, expr)
+        if rounded is not None:
+            return rounded
         if isinstance(d, torch.SymInt):  # one value over the dims' ranges (MPT's max(0, 1 - seq) for seq >= 2)
             try:
                 rng = d.node.shape_env.bound_sympy(expr)
@@ -210,6 +213,34 @@ class CaptureContext:
         # no dim (a negative size: x[:, -seq:]): spelled in the IR's dim names, for a converter that can place it
         return str(expr.xreplace({s: sympy.Symbol(self.symbols[s.name]) for s in expr.free_symbols
                                   if isinstance(s, sympy.Symbol) and s.name in self.symbols}))
+
+
+def _rounded_up(ctx: CaptureContext, expr: Any) -> Dim | None:
+    """A size of one dynamic dim ``d`` that rounds it up to a multiple of ``m`` as torch spells it with ``Mod``
+    (``d + (m - d % m) % m``, and that over ``m``: a chunked scan's padded length and chunk count), as the IR's
+    ``m*((d+m-1)//m)`` or ``((d+m-1)//m)``, or that is one number (the padded length over the chunk count: ``m``);
+    ``None`` for any other. Checked on the dim's first values."""
+    import sympy
+
+    if not any(type(a).__name__ in ("Mod", "PythonMod") for a in sympy.preorder_traversal(expr)) \
+            or len(expr.free_symbols) != 1:
+        return None
+    (sym,) = expr.free_symbols
+    name = ctx.symbols.get(sym.name)
+    if name is None:
+        return None
+    for m in sorted({int(abs(a)) for a in expr.atoms(sympy.Integer) if abs(a) > 1}):
+        chunks = [-(-v // m) for v in range(1, 3 * m + 2)]
+        try:
+            got = [int(expr.subs(sym, v)) for v in range(1, 3 * m + 2)]
+        except (TypeError, ValueError):
+            return None
+        if len(set(got)) == 1 and got[0] >= 0:  # the chunk size itself: padded length // chunk count
+            return got[0]
+        for k in (1, m):
+            if got == [k * c for c in chunks]:
+                return canonical_dim(f"{k}*(({name}+{m - 1})//{m})")
+    return None
 
 
 def _check_bounds(dynamic_dims: DynamicDims | None, bounds: DimMax | None, what: str = "dim_max") -> dict[str, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -332,8 +333,16 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     in_names = [*dims][:-1] + past_names(layout.layers)
     out_names = ["logits", *present_names(layout.layers)]
     with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
-        graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
-                        input_names=in_names, output_names=out_names, share_weights=share_weights)
+        try:
+            graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
+                            input_names=in_names, output_names=out_names, share_weights=share_weights)
+        except GraphError as exc:
+            if re.search(r"(conv|recurrent) state|cache of its own", str(exc)):
+                raise GraphError(f"{type(base).__name__}: its state-space or linear-attention layers keep a recurrent "
+                                 "state, not a key/value cache, which this export does not carry; capture it without "
+                                 "the cache (flora_graph.frontend.capture, or flora-graph export without "
+                                 f"--task text-generation-with-past) ({exc})") from exc
+            raise
     from flora_graph.frontend.sliding_window import windows_by_position
 
     windows_by_position(graph)  # counted in tokens: right-padded batches (GenAI's) keep each row's window

@@ -409,10 +409,20 @@ def _infer_where(shapes, dtypes, attrs):
     return broadcast_shapes(*shapes), same_dtype(dtypes[1:], "Where branches")
 
 
+def _onnx_where(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Where``; of bool branches ``(c and a) or (not c and b)``: ONNX Runtime's CPU ``Where`` takes no bools
+    (a chunked scan's ``tril`` of a bool mask)."""
+    c, a, b = (ctx.arg(node, i) for i in range(3))
+    if node.inputs[1].dtype != "bool":
+        ctx.emit("Where", [c, a, b], [out])
+        return
+    ctx.emit("Or", [ctx.emit("And", [c, a]), ctx.emit("And", [ctx.emit("Not", [c]), b])], [out])
+
+
 define(
     "WHERE", "Where", (3, 3),
     infer=_infer_where, doc="cond ? a : b, broadcasting all three.",
-    numpy=np.where, onnx=simple("Where"), torch=call("torch.where"),
+    numpy=np.where, onnx=_onnx_where, torch=call("torch.where"),
 )
 
 

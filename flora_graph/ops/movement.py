@@ -28,6 +28,7 @@ from flora_graph.ir.shapes import (
     dim_terms,
     dims_equal,
     divide_dims,
+    floor_div_parts,
     format_shape,
     normalize_axis,
     subtract_dims,
@@ -266,6 +267,18 @@ def _nonnegative(dim: Dim | None) -> bool:
     return all(c >= 0 for c, _ in dim_terms(dim))
 
 
+def _floor_multiple_of(a: Dim, b: Dim, *, ceil: bool = False) -> bool:
+    """Whether ``a`` is ``m * (b // m)`` (at most ``b``), or with ``ceil`` ``m * ((b + m - 1) // m)`` (at least ``b``)."""
+    terms = dim_terms(a) if isinstance(a, str) else []
+    if len(terms) != 1 or len(terms[0][1]) != 1:
+        return False
+    parts = floor_div_parts(terms[0][1][0])
+    if parts is None or parts[1] != terms[0][0]:
+        return False
+    m = parts[1]
+    return dims_equal(parts[0], add_dims(b, m - 1) if ceil else b)
+
+
 def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
     """Size of ``x[start:end:step]`` along an axis of size ``dim``; ``ShapeError`` when it is not a dim.
 
@@ -287,6 +300,8 @@ def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
         return max(0, -(-(end - start) // step))
     elif isinstance(dim, int) and start == 0 and step == 1 and isinstance(end, str):
         return canonical_dim(end)
+    if start == 0 and step == 1 and (_floor_multiple_of(end, dim) or _floor_multiple_of(dim, end, ceil=True)):
+        return canonical_dim(end)  # x[:m * (d // m)] of d, x[:d] of m * ((d + m - 1) // m): chunks and back
     negative_end = not to_end and isinstance(end, int) and end < 0
     if negative_end and step == 1 and isinstance(start, int) and start >= 0 \
             and (size := subtract_dims(dim, start - end)) is not None:

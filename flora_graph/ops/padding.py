@@ -16,7 +16,7 @@ import numpy as np
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
-from flora_graph.ir.shapes import dim_product, format_shape
+from flora_graph.ir.shapes import add_dims, dim_product, format_shape
 from flora_graph.ops._onnx import int64
 from flora_graph.ops._torch import dim_expr, dim_source, float_literal, ints, reshaped, size_product
 from flora_graph.ops.registry import define
@@ -40,7 +40,10 @@ def _infer_pad(shapes, dtypes, attrs):
             out.append(d)
             continue
         if not isinstance(d, int):
-            raise ShapeError(f"Pad: cannot pad the named dim {d!r} of {format_shape(x)} (its size is no dim)")
+            if mode == "reflect":  # reflecting needs pads below the dim, which a named dim cannot promise
+                raise ShapeError(f"Pad: cannot reflect-pad the named dim {d!r} of {format_shape(x)}")
+            out.append(add_dims(d, b + e))  # seq + 7: the chunked scans' static pad before their Slice
+            continue
         if mode == "reflect" and max(b, e) >= d:
             raise ShapeError(f"Pad: reflect pads ({b}, {e}) must be < dim {i} = {d}")
         if mode == "edge" and d == 0:

@@ -290,3 +290,26 @@ def test_size_reads_become_dims() -> None:
 def test_unsupported_forms_are_refused_by_name(fn: Callable[..., Any], what: str) -> None:
     with pytest.raises(UnsupportedOpError, match=what):
         capture(_module(fn, 1), (torch.randn(2, 3, 4, 6, 5),))
+
+
+class _Chunked(nn.Module):
+    """Mamba-2's chunked scan over a dynamic length: padded up to a multiple of 3, cumulated per chunk, scaled by
+    the chunk count and the chunk size torch computes back from the padded length, and cut back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, c = x.shape
+        y = F.pad(x, (0, 0, 0, (3 - s % 3) % 3))
+        chunks = y.reshape(b, -1, 3, c)
+        z = chunks.cumsum(2) * chunks.shape[1] + chunks.shape[2]
+        return z.reshape(b, -1, c)[:, :s]
+
+
+def test_a_length_padded_to_whole_chunks_and_cut_back() -> None:
+    g = capture(_Chunked(), (torch.randn(2, 8, 4),), {"x": {0: "batch", 1: "seq"}})
+    pads = [n for n in g.nodes if n.op.value == "Slice" and "//3" in str(n.attrs["ends"])]
+    assert len(pads) == 1 and g.outputs["output"].shape == ("batch", "seq", 4)
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for seq in (2, 3, 7, 11):  # one chunk, exactly one, and more, with and without padding
+            x = torch.randn(3, seq, 4, generator=_gen(seq))
+            _assert_close(exe(x=x.numpy()), _eager(_Chunked(), [x]), 1e-5, f"{backend} seq {seq}")

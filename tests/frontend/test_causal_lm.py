@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from flora_graph.errors import RuntimeInputError  # noqa: E402
+from flora_graph.errors import GraphError, RuntimeInputError  # noqa: E402
 from flora_graph.frontend.causal_lm import (  # noqa: E402
     CausalLMWithPast,
     cache_layout,
@@ -266,3 +266,16 @@ def test_layers_reading_another_layers_cache_present_that_cache() -> None:
             assert got[f"present.{layer}.{kv}"].shape[2] == 4 + 3
             np.testing.assert_array_equal(got[f"present.{layer}.{kv}"], got[f"present.{source}.{kv}"])
     assert_logits_like_eager(model, graph)
+
+
+def test_a_state_space_hybrid_is_refused_with_the_way_out() -> None:
+    """Bamba's Mamba-2 layers keep a recurrent state: the cache export says so and points at the plain capture."""
+    torch.manual_seed(0)
+    model = transformers.BambaForCausalLM(transformers.BambaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=3,
+        attn_layer_indices=[1])).eval()
+    with warnings.catch_warnings(), pytest.raises(GraphError, match=r"BambaForCausalLM: its state-space .* without "
+                                                                    r"the cache"):
+        warnings.simplefilter("ignore")
+        capture_causal_lm(model)

@@ -188,6 +188,10 @@ CASES = [
     Case("where_int", {"c": In(("seq",), "bool", "bool"), "a": In(("batch", "seq"), "int64", "small_int")},
          lambda g, x, rng: g.add(Op.WHERE, [x["c"], g.const("z", np.array(7, np.int64)), x["a"]]),
          lambda c, a: torch.where(c, torch.tensor(7), a)),
+    # bool branches (a tril of a bool mask): ONNX Runtime's Where takes none, the lowering spells it with And/Or
+    Case("where_bool", {"c": In(("seq",), "bool", "bool"), "a": In(("batch", "seq"), "bool", "bool"),
+                        "b": In(("batch", "seq"), "bool", "bool")},
+         lambda g, x, rng: g.add(Op.WHERE, [x["c"], x["a"], x["b"]]), lambda c, a, b: torch.where(c, a, b)),
     *[
         Case(f"cast_{src}_{dst}", {"x": In(("batch", "seq"), src, kind)}, op(Op.CAST, "x", to=dst),
              lambda x, dst=dst: x.to(getattr(torch, dst)), tol=1e-3 if dst == "float16" else 1e-5)

@@ -16,7 +16,7 @@ import torch
 
 from flora_graph.frontend.aten.registry import SymDim, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, dim_product
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_product
 
 __all__: list[str] = []
 
@@ -25,10 +25,44 @@ aten = torch.ops.aten
 _MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 
 
+def _round_up(ctx: Any, pad: Any, axis: int) -> int | None:
+    """``m`` where the dynamic pad ``pad`` (the current node's argument) brings the axis up to the next multiple of
+    ``m`` (``(m - d % m) % m`` of its size ``d``: the chunked scans of Mamba-2 and gated delta rules), else ``None``;
+    checked on the size's first values rather than by the expression's spelling."""
+    import sympy
+
+    fx_pad = next((a for a in ctx.fx_node.args[1] if isinstance(a, torch.fx.Node)), None) \
+        if isinstance(ctx.fx_node.args[1], list | tuple) else None
+    size = ctx.fx_node.args[0].meta["val"].shape[axis]
+    if fx_pad is None or not isinstance(size, torch.SymInt) or not isinstance(fx_pad.meta.get("val"), torch.SymInt):
+        return None
+    p, d = fx_pad.meta["val"].node.expr, size.node.expr
+    if len(d.free_symbols) != 1 or p.free_symbols != d.free_symbols:
+        return None
+    (sym,) = d.free_symbols
+    for m in sorted({int(abs(a)) for a in p.atoms(sympy.Integer) if abs(a) > 1}):
+        try:
+            if all(int(p.subs(sym, v)) == (-int(d.subs(sym, v))) % m for v in range(1, 3 * m + 2)):
+                return m
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
 def _pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], mode: str, value: float = 0.0) -> ComputationNode:
-    """``x`` padded by torch's ``pad`` pairs; negative pads crop (constant mode only)."""
-    if any(isinstance(p, SymDim) for p in pad):
-        raise refuse(ctx, "padding by a dynamic size")
+    """``x`` padded by torch's ``pad`` pairs; negative pads crop (constant mode only). One dynamic pad is taken
+    where it ends an axis at the next multiple of a chunk size (:func:`_round_up`): a static pad of ``m - 1``, then a
+    ``Slice`` to ``m * ((d + m - 1) // m)``."""
+    dynamic = [i for i, p in enumerate(pad) if isinstance(p, SymDim)]
+    if dynamic:
+        axis = len(x.shape) - 1 - dynamic[0] // 2
+        m = _round_up(ctx, pad[dynamic[0]], axis) if len(dynamic) == 1 and dynamic[0] % 2 and mode == "constant" else None
+        if m is None:
+            raise refuse(ctx, "padding by a dynamic size")
+        d = x.shape[axis]
+        x = _pad(ctx, x, [m - 1 if isinstance(p, SymDim) else p for p in pad], mode, value)
+        end = canonical_dim(f"{m}*(({d}+{m - 1})//{m})")
+        return ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (0,), "ends": (end,), "steps": (1,)})
     rank, pad = len(x.shape), [int(p) for p in pad]
     if len(pad) % 2 or len(pad) > 2 * rank:
         raise refuse(ctx, f"padding {pad} of a tensor of rank {rank}")
