@@ -519,7 +519,8 @@ def trace_with_torch_export(
                 raise
             except Exception as raised:
                 exc = first if auto else raised  # the inferred ranges did not help either: the first failure says more
-                if not auto and "Constraints violated" in str(exc) and not suggested_bounds(str(exc)) and named:
+                usable = {dn for dn in suggested_bounds(str(exc)) if dn in named}
+                if not auto and "Constraints violated" in str(exc) and not usable and named:
                     # a guard torch.export suggests no bound for (GPT's position table: seq != 64): let it infer
                     # the range that holds around the example, as torch.onnx does (Dim.AUTO), and check it after
                     auto, first = True, exc
