@@ -61,12 +61,7 @@ def complex_converter(ctx: CaptureContext, n: torch.fx.Node) -> Converter | None
 
 
 def _complex(*targets: Any) -> Callable[[Converter], Converter]:
-    def deco(fn: Converter) -> Converter:
-        for t in targets:
-            COMPLEX_TABLE[t] = fn
-        return fn
-
-    return deco
+    return register(*targets, table=COMPLEX_TABLE)
 
 
 def _rank(ctx: CaptureContext, i: int) -> int:

@@ -74,12 +74,12 @@ def aten_name(target: Any) -> str:
     return str(target) if not callable(target) or hasattr(target, "_schema") else getattr(target, "__name__", str(target))
 
 
-def register(*targets: Any) -> Callable[[Converter], Converter]:
-    """Register a converter for one or more ATen overloads."""
+def register(*targets: Any, table: dict[Any, Converter] | None = None) -> Callable[[Converter], Converter]:
+    """Register a converter for one or more ATen overloads (in :data:`ATEN_TABLE`, or in ``table``)."""
 
     def deco(fn: Converter) -> Converter:
         for t in targets:
-            ATEN_TABLE[t] = fn
+            (ATEN_TABLE if table is None else table)[t] = fn
         return fn
 
     return deco
