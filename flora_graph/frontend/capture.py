@@ -37,6 +37,7 @@ from flora_graph.errors import FloraGraphError, GraphError, ShapeError, Unsuppor
 from flora_graph.frontend import mutations
 from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name, refusal_of
 from flora_graph.frontend.aten.complex import COMPLEX_TABLE, complex_converter, touches_complex
+from flora_graph.frontend.aten.registry import chunk_samples
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
 from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts
@@ -219,7 +220,7 @@ def _rounded_up(ctx: CaptureContext, expr: Any) -> Dim | None:
     """A size of one dynamic dim ``d`` that rounds it up to a multiple of ``m`` as torch spells it with ``Mod``
     (``d + (m - d % m) % m``, and that over ``m``: a chunked scan's padded length and chunk count), as the IR's
     ``m*((d+m-1)//m)`` or ``((d+m-1)//m)``, or that is one number (the padded length over the chunk count: ``m``);
-    ``None`` for any other. Checked on the dim's first values."""
+    ``None`` for any other. Checked on :func:`chunk_samples` of the dim."""
     import sympy
 
     if not any(type(a).__name__ in ("Mod", "PythonMod") for a in sympy.preorder_traversal(expr)) \
@@ -230,9 +231,10 @@ def _rounded_up(ctx: CaptureContext, expr: Any) -> Dim | None:
     if name is None:
         return None
     for m in sorted({int(abs(a)) for a in expr.atoms(sympy.Integer) if abs(a) > 1}):
-        chunks = [-(-v // m) for v in range(1, 3 * m + 2)]
+        values = chunk_samples(m)
+        chunks = [-(-v // m) for v in values]
         try:
-            got = [int(expr.subs(sym, v)) for v in range(1, 3 * m + 2)]
+            got = [int(expr.subs(sym, v)) for v in values]
         except (TypeError, ValueError):
             return None
         if len(set(got)) == 1 and got[0] >= 0:  # the chunk size itself: padded length // chunk count

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from flora_graph.frontend.aten.registry import SymDim, dim_of, refuse, register
+from flora_graph.frontend.aten.registry import SymDim, chunk_samples, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import Dim, canonical_dim, dim_product
 
@@ -28,7 +28,7 @@ _MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 def _round_up(ctx: Any, pad: Any, axis: int) -> int | None:
     """``m`` where the dynamic pad ``pad`` (the current node's argument) brings the axis up to the next multiple of
     ``m`` (``(m - d % m) % m`` of its size ``d``: the chunked scans of Mamba-2 and gated delta rules), else ``None``;
-    checked on the size's first values rather than by the expression's spelling."""
+    checked on a few of the size's values (:func:`~.registry.chunk_samples`), not by spelling."""
     import sympy
 
     fx_pad = next((a for a in ctx.fx_node.args[1] if isinstance(a, torch.fx.Node)), None) \
@@ -42,7 +42,7 @@ def _round_up(ctx: Any, pad: Any, axis: int) -> int | None:
     (sym,) = d.free_symbols
     for m in sorted({int(abs(a)) for a in p.atoms(sympy.Integer) if abs(a) > 1}):
         try:
-            if all(int(p.subs(sym, v)) == (-int(d.subs(sym, v))) % m for v in range(1, 3 * m + 2)):
+            if all(int(p.subs(sym, v)) == (-int(d.subs(sym, v))) % m for v in chunk_samples(m)):
                 return m
         except (TypeError, ValueError):
             return None

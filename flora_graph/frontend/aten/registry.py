@@ -185,3 +185,9 @@ def dim_of(ctx: CaptureContext, v: Any) -> Dim:
 def axis_of(dim: int, rank: int) -> int:
     """A torch dim (maybe negative) as an axis of a tensor of ``rank`` (0 for a scalar)."""
     return dim % rank if rank else 0
+
+
+def chunk_samples(m: int) -> list[int]:
+    """The sizes a rounding to multiples of ``m`` (a chunked scan's) is checked on: both sides of the first
+    multiples of ``m`` and the start of the range, a few values whatever ``m``."""
+    return sorted({v for k in (1, 2, 3) for v in (k * m - 1, k * m, k * m + 1)} | {1, 2, 3} - {0})
