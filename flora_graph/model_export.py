@@ -83,6 +83,10 @@ def _token_inputs(vocab: int, batch: int, seq: int, seed: int) -> dict[str, torc
     return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
 
 
+SCAN_CHUNK_KEYS = ("mamba_chunk_size", "chunk_size")
+"""Config keys of a state-space layer's scan chunk (Bamba, Granite 4, Falcon-H1; Nemotron-H): the example spans two."""
+
+
 def _hf_inputs(vocab: int, batch: int, seq: int, seed: int, mask: bool, types: bool = False) -> dict[str, torch.Tensor]:
     out = _token_inputs(vocab, batch, seq, seed)
     if mask:
@@ -150,6 +154,11 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     example = _hf_inputs(vocab, 2, seq, 0, attention_mask, types)
     with torch.no_grad():
         names_out = output_names(model(**example))
+    chunk = next((int(v) for k in SCAN_CHUNK_KEYS if isinstance(v := getattr(config, k, None), int) and v > 1), None)
+    if chunk is not None and 2 * chunk + 1 > seq:
+        # a chunked scan (Mamba-2's) traced over one chunk would be fixed to one; torch.export runs the example on
+        # fake tensors, so a length of several chunks costs nothing there
+        example = _hf_inputs(vocab, 2, min(2 * chunk + 1, dim_max.get("seq", 2 * chunk + 1)), 0, attention_mask, types)
     return ModelSpec(model, example, {n: {0: "batch", 1: "seq"} for n in example},
                      _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask, types), arch, dim_max,
                      names_out)

@@ -47,3 +47,28 @@ def test_export_cli_and_bad_sources(tmp_path, capsys):
         load_model(tmp_path)
     with pytest.raises(FloraGraphError, match="unknown export backend"):
         export_model(None, tmp_path / "x", backend="tflite")
+
+
+@pytest.mark.slow
+def test_a_state_space_hybrid_exports_for_lengths_past_its_scan_chunk(tmp_path):
+    """Bamba's Mamba-2 scan pads the sequence to whole chunks of 256: an example shorter than a chunk would fix the
+    export to one chunk, so the example spans two; the file matches eager torch at one chunk and at three."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BambaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=4, mamba_d_head=16,
+                                   mamba_d_state=8, attn_layer_indices=[1])
+    assert cfg.mamba_chunk_size == 256
+    model = transformers.BambaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "bamba")
+    export_model(tmp_path / "bamba", tmp_path / "bamba.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "bamba.onnx"), providers=["CPUExecutionProvider"])
+    for seq in (5, 600):
+        ids = torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(seq))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        got = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]  # an all-ones mask: none needed
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
