@@ -840,7 +840,13 @@ def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
     except ShapeError:
         return  # an expression beyond products: nothing to compare against
     if tuple(want) != out.shape:
-        raise ShapeError(f"{ctx.where()}: IR shape {format_shape(out.shape)} != torch shape {format_shape(want)} for {aten_name(n.target)}")
+        fixed = [(o, w) for o, w in zip(out.shape, want, strict=False) if isinstance(w, int) and isinstance(o, str)
+                 and "//" in o]
+        hint = (f" (torch.export fixed {fixed[0][0]} to {fixed[0][1]}, the example's count of chunks: an example "
+                "spanning several chunks helps where the scan runs over all chunks at once, as Mamba-2's does, not "
+                "where Python loops over them)") if fixed and len(want) == len(out.shape) else ""
+        raise ShapeError(f"{ctx.where()}: IR shape {format_shape(out.shape)} != torch shape {format_shape(want)} for "
+                         f"{aten_name(n.target)}{hint}")
 
 
 def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.Node],

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from flora_graph.errors import UnsupportedOpError
+from flora_graph.errors import ShapeError, UnsupportedOpError
 from flora_graph.frontend import ATEN_TABLE, capture
 from flora_graph.frontend.capture import convert_fx_graph
 from flora_graph.ir import Graph
@@ -313,3 +313,9 @@ def test_a_length_padded_to_whole_chunks_and_cut_back() -> None:
         for seq in (2, 3, 7, 11):  # one chunk, exactly one, and more, with and without padding
             x = torch.randn(3, seq, 4, generator=_gen(seq))
             _assert_close(exe(x=x.numpy()), _eager(_Chunked(), [x]), 1e-5, f"{backend} seq {seq}")
+
+
+def test_a_scan_traced_over_one_chunk_is_refused_saying_so() -> None:
+    """An example of one chunk lets torch.export fix the chunk count; capture names it and the way out."""
+    with pytest.raises(ShapeError, match=r"torch.export fixed \(\(seq\+2\)//3\) to 1, the example's count of chunks"):
+        capture(_Chunked(), (torch.randn(2, 2, 4),), {"x": {0: "batch", 1: "seq"}})
