@@ -6,9 +6,10 @@ splits, slices and broadcasts.
 copies the input's dim, named dims by name, at most one -1); ``flatten`` -> ``Flatten`` (from
 axis 1) or ``Reshape``; ``cat`` -> ``Concat`` (1-D empty tensors skipped, as torch does);
 ``split``/``split_with_sizes``/``chunk`` -> one ``Split`` per piece (a tuple); ``slice`` ->
-``Slice`` (nothing for a whole-axis slice); ``unsqueeze`` -> ``Unsqueeze``; ``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the
-size-1 axes; ``expand``/``expand_as`` -> ``Expand`` (nothing when the shape is unchanged);
-``flip`` -> ``Flip``; ``stack`` -> ``Unsqueeze`` each, ``Concat``; ``unflatten`` -> ``Reshape``;
+``Slice`` (nothing for a whole-axis slice; a start counted back from the end by a dynamic size, as
+``x[:, -seq:]``, becomes ``size - seq`` where that is a dim); ``unsqueeze`` -> ``Unsqueeze``;
+``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the size-1 axes; ``expand``/``expand_as`` ->
+``Expand`` (nothing when the shape is unchanged); ``flip`` -> ``Flip``; ``stack`` -> ``Unsqueeze`` each, ``Concat``; ``unflatten`` -> ``Reshape``;
 ``repeat_interleave.self_int`` -> ``Unsqueeze``, ``Expand``, ``Reshape``; ``copy`` (a
 functional copy: ``src`` in ``self``'s dtype, broadcast to its shape) -> ``Cast``/``Expand``;
 ``as_strided`` -> ``Reshape`` where its sizes and strides read the input's elements in order, else
