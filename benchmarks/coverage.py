@@ -230,6 +230,8 @@ register("codegen", "decoder", decoder("CodeGenConfig", "CodeGenForCausalLM", vo
 register("openai-gpt", "decoder", decoder("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", vocab_size=VOCAB, n_embd=32,
                                           n_layer=2, n_head=4, n_positions=MAX_POS, dim_max=BOUNDED),
          "a seq != n_positions guard torch.export suggests no bound for")
+register("mpt", "decoder", decoder("MptConfig", "MptForCausalLM", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
+                                   max_seq_len=MAX_POS), "ALiBi built for max_seq_len, bias[..., max(0, n - seq):]")
 register("roformer-causal", "decoder", decoder("RoFormerConfig", "RoFormerForCausalLM", is_decoder=True, **SMALL),
          "rotary through reshape_as")
 register("lfm2", "decoder", decoder("Lfm2Config", "Lfm2ForCausalLM", bos_token_id=1, eos_token_id=2, pad_token_id=0,

@@ -31,6 +31,7 @@ from flora_graph.runtimes.executable import compile
 from ..ops.harness import aten_overload
 
 aten = torch.ops.aten
+_BIAS = torch.arange(32, dtype=torch.float32).reshape(4, 8)
 BACKENDS = ("onnxruntime", "torchscript", "torch-export")
 EXAMPLE, RUNS = 3, (2, 5)  # the batch size captured, and the two it runs at
 
@@ -319,3 +320,21 @@ def test_a_scan_traced_over_one_chunk_is_refused_saying_so() -> None:
     """An example of one chunk lets torch.export fix the chunk count; capture names it and the way out."""
     with pytest.raises(ShapeError, match=r"torch.export fixed \(\(seq\+2\)//3\) to 1, the example's count of chunks"):
         capture(_Chunked(), (torch.randn(2, 2, 4),), {"x": {0: "batch", 1: "seq"}})
+
+
+def test_a_slice_kept_from_the_end_of_a_static_axis() -> None:
+    """MPT's ``bias[..., max(0, n - seq):]`` (its ALiBi bias built for ``n`` positions): the last ``seq``
+    columns of a static axis, up to the ``n`` torch.export bounds ``seq`` by."""
+
+    class Bias(nn.Module):
+        def forward(self, x):
+            return _BIAS[:, torch.sym_max(0, 8 - x.shape[0]):] * x
+
+    graph = capture(Bias(), (torch.randn(3),), {"x": {0: "batch"}}, dim_max={"batch": 8})
+    exes = {backend: compile(graph, backend) for backend in BACKENDS}
+    for b in (2, 5, 8):
+        x = torch.randn(b, generator=_gen(b))
+        want = _eager(Bias(), [x])
+        _assert_close(run(graph, {"x": x.numpy()}), want, 1e-6, f"reference at {b}")
+        for backend, exe in exes.items():
+            _assert_close(exe({"x": x.numpy()}), want, 1e-6, f"{backend} at {b}")

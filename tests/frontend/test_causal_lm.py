@@ -105,6 +105,9 @@ def _config(arch: str):
             **{**COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
             n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
             qk_nope_head_dim=16, v_head_dim=16),
+        # ALiBi built for max_seq_len positions, its last total_seq columns sliced (bias[..., max(0, n - total):])
+        "MptForCausalLM": lambda: transformers.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4,
+                                                         max_seq_len=256),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
         "Gemma3nForCausalLM": lambda: transformers.Gemma3nTextConfig(
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
@@ -144,7 +147,7 @@ def assert_logits_like_eager(model, graph, backends=("numpy", "onnxruntime"), vo
 
 
 SLOW = pytest.mark.slow
-ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM",
+ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM", "MptForCausalLM",
          *(pytest.param(a, marks=SLOW) for a in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                                   "Phi3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM"))]
 

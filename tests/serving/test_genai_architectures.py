@@ -32,13 +32,14 @@ NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "Aper
          "HunYuanDenseV1ForCausalLM", "Exaone4ForCausalLM", "Olmo3ForCausalLM", "Cohere2ForCausalLM",
          "BitNetForCausalLM", "Glm4ForCausalLM", "Gemma3nForCausalLM", "GPTBigCodeForCausalLM", "CodeGenForCausalLM",
          "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Llama4ForCausalLM", "MiniCPM3ForCausalLM",
-         "Glm4MoeLiteForCausalLM"]
+         "Glm4MoeLiteForCausalLM", "MptForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
 text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
 multi-query attention), CodeGen (a fused qkv in a mixed head order), Llama 4 (complex rotary, chunked attention) and
 the multi-head latent attention of DeepSeek-V2 (complex rotary) and V3, MiniCPM3 and GLM-4 MoE lite, whose packages the
-Generator serves (GenAI sizes cached keys and values alike)."""
+Generator serves (GenAI sizes cached keys and values alike), and MPT (ALiBi over a bias built for its maximum
+length)."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}

@@ -22,6 +22,7 @@ dynamic dim (``Slice(ends=("seq",))``, ``Expand(shape=("batch", 1, "seq"))``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -159,9 +160,37 @@ def _slice_bound(ctx: CaptureContext, v: Any, size: Dim) -> Dim:
     return dim_of(ctx, v)
 
 
+def _kept_from_end(v: Any, size: Dim) -> Dim | None:
+    """The count ``e`` a slice start ``max(0, size - e)`` keeps from the end of a static axis of ``size``
+    (MPT's ``bias[..., max(0, 64 - seq):]``), as a dim; ``None`` for any other start. ``x[max(0, n - e):]``
+    is the last ``min(e, n)`` elements whatever ``e``."""
+    if not (isinstance(v, SymDim) and isinstance(v.dim, str) and isinstance(size, int) and v.dim.startswith("Max(")):
+        return None
+    import sympy
+
+    try:
+        expr = sympy.sympify(v.dim, locals={n: sympy.Symbol(n) for n in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", v.dim)
+                                            if n != "Max"} | {"Max": sympy.Max})
+    except Exception:  # sympify raises what the text's parse raises: not this form
+        return None
+    if not (isinstance(expr, sympy.Max) and len(expr.args) == 2 and 0 in expr.args):
+        return None
+    (inner,) = [a for a in expr.args if a != 0]
+    try:
+        kept = canonical_dim(str(sympy.expand(size - inner)).replace(" ", ""))
+    except ShapeError:
+        return None
+    return kept if isinstance(kept, str) else None
+
+
 @register(aten.slice.Tensor)
 def _slice(ctx, x, dim=0, start=None, end=None, step=1):
     axis = axis_of(int(dim), len(x.shape))
+    kept = _kept_from_end(start, x.shape[axis]) if end is None or (isinstance(end, int) and end >= 2**62) else None
+    if kept is not None and int(step) == 1:  # the last `kept` elements: flip, take the first, flip back
+        head = ctx.emit(Op.FLIP, [x], {"axes": (axis,)})
+        head = ctx.emit(Op.SLICE, [head], {"axes": (axis,), "starts": (0,), "ends": (kept,), "steps": (1,)})
+        return ctx.emit(Op.FLIP, [head], {"axes": (axis,)})
     start = 0 if start is None else _slice_bound(ctx, start, x.shape[axis])
     end = 2**63 - 1 if end is None else _slice_bound(ctx, end, x.shape[axis])
     if isinstance(x.shape[axis], int) and isinstance(end, int) and end > x.shape[axis]:
