@@ -795,7 +795,7 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     kwargs = torch.fx.node.map_aggregate(n.kwargs, val)
     if n.target is torch.ops.aten.sym_size.int or _is_shape_arith(n):
         return SymDim(ctx.ir_dim(n.meta["val"]))
-    if n.target in NO_TENSOR_OPS:
+    if n.target in NO_TENSOR_OPS or _is_size_check(n):
         return None
     twin = ctx.in_place.get(n)  # an in-place op converted as its functional twin (frontend.mutations)
     conv = complex_converter(ctx, n) or ATEN_TABLE.get(n.target if twin is None else twin)
@@ -812,8 +812,15 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
 
 
 def _is_shape_arith(n: torch.fx.Node) -> bool:
-    """Arithmetic on sizes (``operator.mul(sym_size, 4)`` from ``x.view(b * t, c)``): a dim, no tensor."""
-    return isinstance(n.meta.get("val"), torch.SymInt)
+    """Arithmetic on sizes (``operator.mul(sym_size, 4)`` from ``x.view(b * t, c)``): a dim, no tensor. Not a
+    tensor's value read as a number (``item``: refused), whose result torch.export also keeps as a ``SymInt``."""
+    return isinstance(n.meta.get("val"), torch.SymInt) and refusal_of(n.target) is None
+
+
+def _is_size_check(n: torch.fx.Node) -> bool:
+    """A comparison of sizes that only runtime assertions read (``_assert_scalar(ge(u0, 0))``): no tensor."""
+    return isinstance(n.meta.get("val"), torch.SymBool) and bool(n.users) \
+        and all(u.target in NO_TENSOR_OPS for u in n.users)
 
 
 def _fold(ctx: CaptureContext, n: torch.fx.Node, args: Any, kwargs: Any) -> ComputationNode:
@@ -861,7 +868,7 @@ def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.No
             yield n  # an op on complex values (carried as real pairs) that has no converter for them
             continue
         if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
-                or _is_shape_arith(n) or n.target in ATEN_TABLE or n in in_place):
+                or _is_shape_arith(n) or _is_size_check(n) or n.target in ATEN_TABLE or n in in_place):
             continue
         if refusal_of(n.target) is None and all(a in const for a in n.all_input_nodes):
             const.add(n)

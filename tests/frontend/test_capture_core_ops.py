@@ -286,8 +286,14 @@ def test_size_reads_become_dims() -> None:
                                               None)[3].float().sum() + x.sum(), "max_indices"),
     (lambda x: torch.view_as_real(torch.view_as_complex(x[..., :4].contiguous().reshape(2, 3, 4, 6, 2, 2)).exp()),
      r"exp.default on complex values"),
+    # a count read from the data (a graph whose sizes name no input's dim), and JetMoE's expert sizes (.tolist())
+    (lambda x: x.new_ones(4) * (x > 0).long().sum().item() + x.sum(), r"^1 unsupported op\(s\): aten.item.default "
+     r"\(refused, tensor as a Python number"),
+    (lambda x: torch.cat([(p := x.flatten().sort().values.split(
+        torch.stack([(x > 0).sum(), (x <= 0).sum()]).tolist()))[0] * 2, p[1]]).sum(),
+     r"^1 unsupported op\(s\): aten.item.default \(refused"),
 ], ids=["pool3d_indices", "pool3d_ceil_mode", "adaptive3d_not_divisible", "as_strided_outside", "dropout_training",
-        "embedding_bag_indices", "complex_exp"])
+        "embedding_bag_indices", "complex_exp", "item_count", "split_by_sizes_from_data"])
 def test_unsupported_forms_are_refused_by_name(fn: Callable[..., Any], what: str) -> None:
     with pytest.raises(UnsupportedOpError, match=what):
         capture(_module(fn, 1), (torch.randn(2, 3, 4, 6, 5),))
