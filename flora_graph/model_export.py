@@ -22,6 +22,7 @@ from torch import nn
 
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.frontend import capture, max_abs_diff, output_tensors
+from flora_graph.frontend.causal_lm import scan_chunk
 from flora_graph.frontend.model_outputs import output_names, set_use_cache
 from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
@@ -81,10 +82,6 @@ class ExportReport:
 def _token_inputs(vocab: int, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
-
-
-SCAN_CHUNK_KEYS = ("mamba_chunk_size", "chunk_size")
-"""Config keys of a state-space layer's scan chunk (Bamba, Granite 4, Falcon-H1; Nemotron-H): the example spans two."""
 
 
 def _hf_inputs(vocab: int, batch: int, seq: int, seed: int, mask: bool, types: bool = False) -> dict[str, torch.Tensor]:
@@ -154,7 +151,7 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     example = _hf_inputs(vocab, 2, seq, 0, attention_mask, types)
     with torch.no_grad():
         names_out = output_names(model(**example))
-    chunk = next((int(v) for k in SCAN_CHUNK_KEYS if isinstance(v := getattr(config, k, None), int) and v > 1), None)
+    chunk = scan_chunk(config)
     if chunk is not None and 2 * chunk + 1 > seq:
         # a chunked scan (Mamba-2's) traced over one chunk would be fixed to one; torch.export runs the example on
         # fake tensors, so a length of several chunks costs nothing there

@@ -9,6 +9,13 @@ One graph serves prefill (``past_seq = 0``) and decode:
 * outputs ``logits [batch, seq, vocab]`` and ``present.{i}.key`` / ``.value
   [batch, kv_heads, past_seq+seq, head_dim]``.
 
+A hybrid's recurrent layers (Mamba-2 in Bamba, Granite 4, Falcon-H1, Nemotron-H; LFM2's short
+convolutions) keep fixed-size states instead: ``past.{i}.conv`` ``[batch, channels, kernel]`` and
+``past.{i}.recurrent`` ``[batch, heads, head_dim, state]`` in, ``present.{i}.conv`` / ``.recurrent``
+out (ONNX Runtime GenAI's names), zeros for an empty cache (:class:`CacheState`, read off the model's
+own cache after one eager step). The layer takes them as its previous state at any length, so the
+same graph prefills and decodes.
+
 ``past_seq + seq`` is a sum dim of the IR, so every backend checks that the mask covers the
 cache and the new tokens. The model runs through a small wrapper that builds a
 ``DynamicCache`` from the flat past tensors and returns the cache flat again; the rest is
@@ -32,8 +39,19 @@ from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
 from flora_graph.ir import Graph
 
-__all__ = ["CacheLayout", "CausalLMWithPast", "cache_layout", "capture_causal_lm", "dynamic_ntk_per_row",
-           "longrope_per_row", "past_names", "present_names"]
+__all__ = ["SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout", "capture_causal_lm", "dynamic_ntk_per_row",
+           "longrope_per_row", "past_names", "present_names", "scan_chunk"]
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """A fixed-size state a recurrent layer keeps in the cache instead of keys and values: ``kind`` ``"conv"``
+    (the last inputs of its causal convolution, ``[channels, kernel]``) or ``"recurrent"`` (its state-space
+    state, ``[heads, head_dim, state]``); ``shape`` without the batch dim."""
+
+    layer: int
+    kind: str
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -52,11 +70,46 @@ class CacheLayout:
     takes_position_ids: bool
     shared: tuple[tuple[int, int], ...] = ()
     value_dim: int | None = None
+    kv_layers: tuple[int, ...] | None = None
+    states: tuple[CacheState, ...] = ()
 
     @property
     def dims(self) -> tuple[int, int]:
         """The last dim of a layer's ``(key, value)``."""
         return self.head_dim, self.head_dim if self.value_dim is None else self.value_dim
+
+    def entries(self) -> list[tuple[int, str]]:
+        """``(layer, kind)`` of each cache tensor, in input order: per layer, ``"key"`` and ``"value"`` where it
+        attends (every layer unless ``kv_layers`` says which), then its ``states`` (``"conv"``, ``"recurrent"``)."""
+        kv = set(range(self.layers) if self.kv_layers is None else self.kv_layers)
+        out: list[tuple[int, str]] = []
+        for i in range(self.layers):
+            out += [(i, "key"), (i, "value")] if i in kv else []
+            out += [(i, st.kind) for st in self.states if st.layer == i]
+        return out
+
+    def past_names(self) -> list[str]:
+        """The cache inputs, in order: ``past_key_values.{i}.key`` / ``.value``, and a recurrent layer's
+        ``past.{i}.conv`` / ``past.{i}.recurrent`` (ONNX Runtime GenAI's names)."""
+        return [f"past_key_values.{i}.{k}" if k in ("key", "value") else f"past.{i}.{k}" for i, k in self.entries()]
+
+    def present_names(self) -> list[str]:
+        """The cache outputs, in order: ``present.{i}.key`` / ``.value`` / ``.conv`` / ``.recurrent``."""
+        return [f"present.{i}.{k}" for i, k in self.entries()]
+
+    def state_shape(self, layer: int, kind: str) -> tuple[int, ...]:
+        """The shape (without batch) of ``layer``'s ``kind`` state."""
+        return next(st.shape for st in self.states if st.layer == layer and st.kind == kind)
+
+
+SCAN_CHUNK_KEYS = ("mamba_chunk_size", "chunk_size")
+"""Config keys of a state-space layer's scan chunk (Bamba, Granite 4, Falcon-H1; Nemotron-H)."""
+
+
+def scan_chunk(config: Any) -> int | None:
+    """The scan chunk of a state-space model's ``config`` (a chunk over 1 under :data:`SCAN_CHUNK_KEYS`), or ``None``.
+    An example traced over one chunk would have torch.export fix the scan to one chunk: examples span two."""
+    return next((int(v) for k in SCAN_CHUNK_KEYS if isinstance(v := getattr(config, k, None), int) and v > 1), None)
 
 
 def past_names(layers: int) -> list[str]:
@@ -98,7 +151,41 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     latent, rope = get("kv_lora_rank"), get("qk_rope_head_dim")
     if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
         return CacheLayout(int(layers), 1, int(latent), takes, kv_shared_layers(base), int(rope))
-    return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes, kv_shared_layers(base))
+    kv_layers, states = _recurrent_layers(base)
+    return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes, kv_shared_layers(base),
+                       kv_layers=kv_layers, states=states)
+
+
+def _recurrent_layers(model: nn.Module) -> tuple[tuple[int, ...] | None, tuple[CacheState, ...]]:
+    """For a model whose transformers cache has recurrent layers (state-space or convolution layers:
+    Bamba, Granite 4, Falcon-H1, Nemotron-H): the layers with keys and values and the recurrent layers' states,
+    read off the cache of one eager step on two tokens; ``(None, ())`` for a model with attention layers only.
+
+    Raises :class:`GraphError` for a layer that keeps more than one state of a kind."""
+    try:
+        from transformers import DynamicCache
+
+        kinds = [type(layer).__name__ for layer in DynamicCache(config=model.config).layers]
+    except Exception:  # a config the generic cache cannot lay out: attention layers only, as before
+        return None, ()
+    if not any("LinearAttention" in k for k in kinds):
+        return None, ()
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    kv, states = [], []
+    for i, layer in enumerate(cache.layers):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.numel():
+            kv.append(i)
+        for kind in ("conv", "recurrent"):
+            held = {k: v for k, v in (getattr(layer, f"{kind}_states", None) or {}).items() if v is not None}
+            if set(held) - {0} or not all(isinstance(v, torch.Tensor) for v in held.values()):
+                raise GraphError(f"{type(model).__name__}: layer {i} keeps {len(held)} {kind} states; "
+                                 "one per layer is supported")
+            if held:
+                states.append(CacheState(i, kind, tuple(int(d) for d in held[0].shape[1:])))
+    return tuple(kv), tuple(states)
 
 
 def kv_shared_layers(model: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -121,18 +208,47 @@ def kv_shared_layers(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(pairs))
 
 
-def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: str) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """``forward`` (a causal LM's) with flat cache tensors in and out: ``f(input_ids, attention_mask,
-    [position_ids,] past_key_values=[k0, v0, k1, v1, ...])`` returns ``(logits, k0', v0', ...)``."""
+def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any:
+    """A transformers ``DynamicCache`` holding the flat ``past`` (in :meth:`CacheLayout.entries` order). A recurrent
+    layer's states are copies (the layer updates them in place) that it takes as its previous state: zeros are
+    the state of an empty cache, so one graph serves prefill and decode."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-            past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-        from transformers import DynamicCache
-
-        past = past_key_values or []
+    if not layout.states:
         cache = DynamicCache()  # full layers: a sliding window is the mask's business, the cache keeps every position
         for i in range(layout.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        return cache
+    cache = DynamicCache(config=config)
+    keys: dict[int, torch.Tensor] = {}
+    for (i, kind), t in zip(layout.entries(), past, strict=True):
+        layer = cache.layers[i]
+        if kind == "key":
+            keys[i] = t
+        elif kind == "value":
+            if type(layer).__name__ == "DynamicSlidingWindowLayer":
+                cache.layers[i] = DynamicLayer()  # every position kept, as above
+            cache.update(keys.pop(i), t, i)
+        else:
+            getattr(layer, f"{kind}_states")[0] = t.clone()
+            getattr(layer, f"is_{kind}_states_initialized")[0] = True
+            layer.has_previous_state[0] = True
+            layer.dtype, layer.device = t.dtype, t.device
+            if kind == "conv":
+                layer.conv_kernel_size[0] = t.shape[-1]
+    return cache
+
+
+def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: str,
+                 config: Any = None) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``forward`` (a causal LM's, whose config is ``config``) with flat cache tensors in and out:
+    ``f(input_ids, attention_mask, [position_ids,] past_key_values=[k0, v0, k1, v1, ...])`` returns
+    ``(logits, k0', v0', ...)``, in :meth:`CacheLayout.entries` order (a recurrent layer's states among them)."""
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+            past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        cache = _cache_of(layout, list(past_key_values or []), config)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True,
                                   cache_arg: cache}
         if position_ids is not None:
@@ -140,9 +256,11 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
         out = forward(**kwargs)
         flat: list[torch.Tensor] = [out.logits]
         source = dict(layout.shared)  # a layer reading another's keys and values presents the other's cache
-        for i in range(layout.layers):
-            layer = out.past_key_values.layers[source.get(i, i)]
-            flat += [layer.keys, layer.values]
+        returned = getattr(out, "past_key_values", None)
+        returned = cache if returned is None else returned
+        for i, kind in layout.entries():
+            layer = returned.layers[source.get(i, i)]
+            flat.append(getattr(layer, f"{kind}s") if kind in ("key", "value") else getattr(layer, f"{kind}_states")[0])
         return tuple(flat)
 
     return run
@@ -160,7 +278,7 @@ class CausalLMWithPast(nn.Module):
     def __init__(self, model: nn.Module, layout: CacheLayout) -> None:
         super().__init__()
         self.model = model
-        self._run = flat_forward(model, layout, _cache_arg(model))
+        self._run = flat_forward(model, layout, _cache_arg(model), _base(model).config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
@@ -172,7 +290,7 @@ def _forward_with_past(model: nn.Module, layout: CacheLayout) -> Iterator[None]:
     """Give the model itself the flat forward for the block, so module paths (and the adapter
     slots named after them) stay the model's own, with no wrapper prefix."""
     base = _base(model)
-    base.forward = flat_forward(type(base).forward.__get__(base), layout, _cache_arg(base))
+    base.forward = flat_forward(type(base).forward.__get__(base), layout, _cache_arg(base), base.config)
     try:
         yield
     finally:
@@ -189,8 +307,10 @@ def example_inputs(layout: CacheLayout, vocab: int, batch: int, seq: int, past: 
     out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if layout.takes_position_ids:
         out["position_ids"] = positions_from_mask(mask)[:, past:].contiguous()  # a view would tie seq to its stride
-    out["past_key_values"] = [torch.randn(batch, layout.kv_heads, past, dim, generator=gen)
-                              for _ in range(layout.layers) for dim in layout.dims]
+    kv = {"key": layout.dims[0], "value": layout.dims[1]}
+    out["past_key_values"] = [torch.randn(batch, layout.kv_heads, past, kv[kind], generator=gen) if kind in kv
+                              else torch.randn(batch, *layout.state_shape(i, kind), generator=gen)
+                              for i, kind in layout.entries()]
     return out
 
 
@@ -309,8 +429,10 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
                       share_weights: bool = False) -> Graph:
     """Capture ``model`` (a transformers causal LM, or a PeftModel of one) with its key/value cache.
 
-    The graph's inputs and outputs are named as in the module docstring; ``batch``, ``seq``
-    and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g. ``{"seq": 4096}``). A ``longrope``
+    The graph's inputs and outputs are named as in the module docstring (:meth:`CacheLayout.past_names`,
+    :meth:`CacheLayout.present_names`); a state-space model is traced over two chunks of its scan
+    (:func:`scan_chunk`); ``batch``, ``seq`` and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g.
+    ``{"seq": 4096}``). A ``longrope``
     rotary takes its frequency set row by row (:func:`longrope_per_row`), a ``dynamic`` (NTK) one its
     frequencies (:func:`dynamic_ntk_per_row`); a sliding window counts token
     positions (:func:`~flora_graph.frontend.sliding_window.windows_by_position`). ``share_weights``: the graph's
@@ -323,23 +445,27 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     layout = cache_layout(model)
     base = _base(model)
     vocab = int(getattr(base.config, "vocab_size", 256))
-    inputs = example_inputs(layout, vocab, 2, 3, 5)
+    chunk = scan_chunk(base.config) if layout.states else None
+    seq = 3 if chunk is None else min(2 * chunk + 1, (dim_max or {}).get("seq", 2 * chunk + 1))
+    inputs = example_inputs(layout, vocab, 2, seq, 5)  # on fake tensors: a long example costs nothing
     dims: dict[str, Any] = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "past_seq+seq"}}
     if layout.takes_position_ids:
         dims["position_ids"] = {0: "batch", 1: "seq"}
     else:
         inputs.pop("position_ids", None)
-    dims["past_key_values"] = [{0: "batch", 2: "past_seq"}] * (2 * layout.layers)
-    in_names = [*dims][:-1] + past_names(layout.layers)
-    out_names = ["logits", *present_names(layout.layers)]
+    dims["past_key_values"] = [{0: "batch", 2: "past_seq"} if kind in ("key", "value") else {0: "batch"}
+                               for _, kind in layout.entries()]
+    in_names = [*dims][:-1] + layout.past_names()
+    out_names = ["logits", *layout.present_names()]
     with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
         try:
             graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
                             input_names=in_names, output_names=out_names, share_weights=share_weights)
         except GraphError as exc:
             if re.search(r"(conv|recurrent) state|cache of its own", str(exc)):
-                raise GraphError(f"{type(base).__name__}: its state-space or linear-attention layers keep a recurrent "
-                                 "state, not a key/value cache, which this export does not carry; capture it without "
+                raise GraphError(f"{type(base).__name__}: its state-space or linear-attention layers keep a state "
+                                 "this export does not carry (only one convolution and one recurrent state a layer, "
+                                 "as Mamba-2 and LFM2 keep them, are carried); capture it without "
                                  "the cache (flora_graph.frontend.capture, or flora-graph export without "
                                  f"--task text-generation-with-past) ({exc})") from exc
             raise

@@ -85,6 +85,20 @@ class LoweringContext:
         """A value name not used yet, derived from ``hint``."""
         return _unique(hint, self._used)
 
+    def snapshot(self) -> tuple[Any, ...]:
+        """What has been emitted so far, for :meth:`restore` (a fusion that finds it cannot apply after all)."""
+        return (list(self.nodes), dict(self.initializers), dict(self.weights), dict(self._memo), set(self._used),
+                set(self._node_names))
+
+    def restore(self, snap: tuple[Any, ...]) -> None:
+        """Go back to :meth:`snapshot` ``snap``."""
+        nodes, initializers, weights, memo, used, node_names = snap
+        self.nodes[:] = nodes
+        for table, saved in ((self.initializers, initializers), (self.weights, weights), (self._memo, memo)):
+            table.clear()
+            table.update(saved)
+        self._used, self._node_names = set(used), set(node_names)
+
     def begin(self, node: ComputationNode | None, widen: bool = False) -> None:
         """Start lowering ``node`` (``None``: the graph's own glue); ``widen`` computes it in float32."""
         self._current, self._widen = node, widen

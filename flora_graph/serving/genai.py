@@ -394,7 +394,13 @@ def export_genai(
 def not_for_genai(layout: Any) -> str | None:
     """Why ONNX Runtime GenAI cannot run a package of a model with cache ``layout``
     (:class:`~flora_graph.frontend.causal_lm.CacheLayout`), or ``None``: GenAI sizes every cache entry by one
-    ``head_size``, and a latent-attention model's cached keys and values differ in width."""
+    ``head_size``, and a latent-attention model's cached keys and values differ in width; it carries recurrent
+    states for its own model types only."""
+    if layout.states:
+        kinds = sorted({st.kind for st in layout.states})
+        return (f"this model's state-space or convolution layers keep {' and '.join(kinds)} states in the cache "
+                f"({', '.join(layout.past_names()[:2])}, ...) beside keys and values, which ONNX Runtime GenAI carries "
+                "only for its own model types: the package is for flora_graph's Generator")
     key, value = layout.dims
     if key == value:
         return None

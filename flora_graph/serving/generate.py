@@ -23,6 +23,7 @@ positions and position ids count a row's own tokens.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ __all__ = ["Batch", "GenerationError", "Generator", "RowSettings", "sampling_dis
 
 
 _UNSERVED = "adapter {!r} stopped being served while the row decoded"
+_STATE = re.compile(r"^past\.\d+\.(conv|recurrent)$")
+"""A recurrent layer's state among a model's inputs (:meth:`~flora_graph.frontend.causal_lm.CacheLayout.past_names`)."""
 
 
 class GenerationError(ServingError):
@@ -177,9 +180,17 @@ class Generator:
         self._mixed_options = {"per_row_weights": per_row_weights, "require_checksum": require_checksum, **options}
         self._mixed_session = None
         self._adapter_files: dict[str, Path] = dict(adapter_files)  # the adapters served, in load order
-        self._past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-        self._present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         model = self._plain if self._plain is not None else self._single.model
+        # keys and values per layer, and the fixed-size states of recurrent layers (state-space or convolution
+        # layers: "past.{i}.conv" / ".recurrent"), which only the layers with keys and values lack
+        states = [n for n in model.inputs if _STATE.match(n)]
+        kv = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        if states:
+            kv = [n for n in kv if n in model.inputs]
+        order = {n: i for i, n in enumerate(model.inputs)}
+        self._past = sorted(kv + states, key=lambda n: order.get(n, len(order)))
+        self._present = ["present." + n.removeprefix("past_key_values.").removeprefix("past.") for n in self._past]
+        self._is_state = [bool(_STATE.match(n)) for n in self._past]
         from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
 
         # GroupQueryAttention models read each row's length from the mask: their caches are right-padded
@@ -197,10 +208,14 @@ class Generator:
         self._id_dtype = np.dtype(model.inputs["input_ids"][1] or np.int64)
         self._mask_dtype = np.dtype(model.inputs["attention_mask"][1] or np.int64)
         self._pos_dtype = np.dtype(model.inputs["position_ids"][1] or np.int64) if self.takes_position_ids else np.dtype(np.int64)
-        # each past's [kv_heads, head] as the model declares it: a latent-attention model's keys and values differ
-        self._past_dims = [tuple(d if isinstance(d, int) else fallback
+        # each past's [kv_heads, head] as the model declares it: a latent-attention model's keys and values differ;
+        # a state's whole shape but the batch
+        self._past_dims = [tuple(model.inputs[n][0][1:]) if state else
+                           tuple(d if isinstance(d, int) else fallback
                                  for d, fallback in zip(model.inputs[n][0][1::2], (self.kv_heads, self.head_dim), strict=True))
-                           for n in self._past]
+                           for n, state in zip(self._past, self._is_state, strict=True)]
+        if states and (self.right_padded or not all(isinstance(d, int) for n in states for d in model.inputs[n][0][1:])):
+            raise ServingError(f"{model.where}: recurrent states {states[:2]} need fixed shapes and left-padded caches")
 
     def batch(self) -> Batch:
         """An empty batch: add rows, step, remove rows, in any order between steps."""
@@ -513,7 +528,8 @@ class Batch:
     def _prefill(self, ids: list[int], adapter: str | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """One row's ``ids`` from an empty cache: ``(its cache, its mask, the last position's logits)``."""
         gen = self.gen
-        empty = [np.zeros((1, heads, 0, dim), np.float32) for heads, dim in gen._past_dims]
+        empty = [np.zeros((1, *dims), np.float32) if state else np.zeros((1, dims[0], 0, dims[1]), np.float32)
+                 for dims, state in zip(gen._past_dims, gen._is_state, strict=True)]  # a state starts at zeros
         mask = np.ones((1, len(ids)), gen._mask_dtype)
         out = self._call(np.array([ids], gen._id_dtype), mask, np.arange(len(ids), dtype=gen._pos_dtype)[None], empty, [adapter])
         self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
@@ -578,8 +594,8 @@ class Batch:
             self.rows, self.cache, self.mask, self.positions = [row], cache, mask, [len(row.tokens) - 1]
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        self.cache = [np.concatenate([_left_pad(a, width), _left_pad(b, width)], axis=0)
-                      for a, b in zip(self.cache, cache, strict=True)]
+        self.cache = [np.concatenate([a, b] if state else [_left_pad(a, width), _left_pad(b, width)], axis=0)
+                      for a, b, state in zip(self.cache, cache, self.gen._is_state, strict=True)]
         self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], axis=0)
         self.positions.append(len(row.tokens) - 1)
         self.rows.append(row)
@@ -594,7 +610,7 @@ class Batch:
         first = int(used[0]) if used.size else self.mask.shape[1]
         if first:
             self.mask = self.mask[:, first:]
-            self.cache = [c[:, :, first:] for c in self.cache]
+            self.cache = [c if state else c[:, :, first:] for c, state in zip(self.cache, self.gen._is_state, strict=True)]
 
 
 def sampling_distribution(logits: np.ndarray, temperature: float, top_k: int = 0,

@@ -10,8 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from flora_graph.errors import GraphError, RuntimeInputError  # noqa: E402
+from flora_graph.errors import RuntimeInputError  # noqa: E402
 from flora_graph.frontend.causal_lm import (  # noqa: E402
+    CacheLayout,
     CausalLMWithPast,
     cache_layout,
     capture_causal_lm,
@@ -108,6 +109,21 @@ def _config(arch: str):
         # ALiBi built for max_seq_len positions, its last total_seq columns sliced (bias[..., max(0, n - total):])
         "MptForCausalLM": lambda: transformers.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4,
                                                          max_seq_len=256),
+        # state-space hybrids (Mamba-2 layers: a convolution state and a recurrent state in the cache, a chunked
+        # scan of 4 positions) beside attention layers, and LFM2's short convolutions (a convolution state)
+        "BambaForCausalLM": lambda: transformers.BambaConfig(
+            **COMMON, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4, attn_layer_indices=[1]),
+        "GraniteMoeHybridForCausalLM": lambda: transformers.GraniteMoeHybridConfig(
+            **COMMON, num_local_experts=4, num_experts_per_tok=2, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8,
+            mamba_chunk_size=4, layer_types=["mamba", "attention"]),
+        "FalconH1ForCausalLM": lambda: transformers.FalconH1Config(  # attention and Mamba-2 side by side in each layer
+            **COMMON, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+            mamba_chunk_size=4),
+        "NemotronHForCausalLM": lambda: transformers.NemotronHConfig(
+            **{k: v for k, v in COMMON.items() if k != "num_hidden_layers"}, head_dim=16, mamba_num_heads=8,
+            mamba_head_dim=16, ssm_state_size=8, chunk_size=4, hybrid_override_pattern="M*-", n_groups=1),
+        "Lfm2ForCausalLM": lambda: transformers.Lfm2Config(
+            **{**COMMON, "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"]),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
         "Gemma3nForCausalLM": lambda: transformers.Gemma3nTextConfig(
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
@@ -122,9 +138,9 @@ def tiny_causal_lm(arch: str):
     return getattr(transformers, arch)(_config(arch)).eval()
 
 
-def _feed(x: dict, layers: int) -> dict[str, np.ndarray]:
+def _feed(x: dict, layout: CacheLayout) -> dict[str, np.ndarray]:
     feed = {k: v.numpy() for k, v in x.items() if k != "past_key_values"}
-    feed.update({n: t.numpy() for n, t in zip(past_names(layers), x["past_key_values"], strict=True)})
+    feed.update({n: t.numpy() for n, t in zip(layout.past_names(), x["past_key_values"], strict=True)})
     return feed
 
 
@@ -141,13 +157,14 @@ def assert_logits_like_eager(model, graph, backends=("numpy", "onnxruntime"), vo
             x = example_inputs(layout, vocab, batch, seq, past, seed=batch, left_pad=pad)
             with torch.no_grad():
                 want = wrapper(**x)[0].numpy()
-            got = np.asarray(exe({k: v for k, v in _feed(x, layout.layers).items() if k in takes})["logits"])
+            got = np.asarray(exe({k: v for k, v in _feed(x, layout).items() if k in takes})["logits"])
             rows = [r for r in range(batch) if not (r == 0 and seq > 1)]
             np.testing.assert_allclose(got[rows], want[rows], atol=2e-5, rtol=1e-4, err_msg=backend)
 
 
 SLOW = pytest.mark.slow
-ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM", "MptForCausalLM",
+ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM", "MptForCausalLM", "BambaForCausalLM",
+         "Lfm2ForCausalLM",
          *(pytest.param(a, marks=SLOW) for a in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                                   "Phi3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM"))]
 
@@ -160,20 +177,27 @@ def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
         graph = capture_causal_lm(model)
         layout = cache_layout(model)
         wrapper = CausalLMWithPast(model, layout)
-        names = ["logits", *present_names(layout.layers)]
+        names = ["logits", *layout.present_names()]
         assert list(graph.outputs) == names
         assert graph.inputs[1].name == "attention_mask" and graph.inputs[1].shape == ("batch", "past_seq+seq")
-        assert graph.outputs["present.0.key"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[0])
-        assert graph.outputs["present.0.value"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[1])
+        i = (layout.kv_layers or (0,))[0]
+        assert graph.outputs[f"present.{i}.key"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[0])
+        assert graph.outputs[f"present.{i}.value"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[1])
+        for st in layout.states:  # a recurrent layer's state: one fixed size, whatever the length
+            assert graph.outputs[f"present.{st.layer}.{st.kind}"].shape == ("batch", *st.shape)
         if arch == "DeepseekV3ForCausalLM":  # one head of the compressed keys/values, and the keys' rotary part
             assert (layout.kv_heads, *layout.dims) == (1, 16, 8)
+        if arch == "BambaForCausalLM":  # a Mamba-2 layer (convolution and recurrent states), an attention layer
+            assert layout.kv_layers == (1,) and [(st.layer, st.kind) for st in layout.states] == [(0, "conv"), (0, "recurrent")]
+        if arch == "Lfm2ForCausalLM":  # two short-convolution layers around an attention layer
+            assert layout.kv_layers == (1,) and [(st.layer, st.kind) for st in layout.states] == [(0, "conv"), (2, "conv")]
         for backend in ("numpy", "onnxruntime"):
             exe = compile(graph, backend)
             for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:  # prefill (left-padded row), one decode step
                 x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
                 with torch.no_grad():
                     want = wrapper(**x)
-                got = exe(_feed(x, layout.layers))
+                got = exe(_feed(x, layout))
                 for i, n in enumerate(names):
                     np.testing.assert_allclose(got[n], want[i].numpy(), atol=2e-5, rtol=1e-4, err_msg=f"{backend} {n}")
 
@@ -208,16 +232,16 @@ def test_mask_that_does_not_cover_cache_and_tokens_is_refused() -> None:
     model = tiny_causal_lm("GPT2LMHeadModel")
     graph = capture_causal_lm(model)
     layout = cache_layout(model)
-    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout.layers)
+    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout)
     x["attention_mask"] = np.ones((1, 4), np.int64)  # past 3 + seq 2 = 5
     for backend in ("numpy", "onnxruntime"):
         with pytest.raises(RuntimeInputError, match="attention_mask"):
             compile(graph, backend)(x)
-    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout.layers)
+    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout)
     x["past_key_values.1.value"] = x["past_key_values.1.value"][:, :, :2]  # one layer's past shorter than the others
     with pytest.raises(RuntimeInputError, match=r"past_key_values\.1\.value"):
         compile(graph, "onnxruntime")(x)
-    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout.layers)
+    x = _feed(example_inputs(layout, 128, 1, 2, 3), layout)
     x["position_ids"] = x["position_ids"][:, :1]  # ids and positions of different lengths
     with pytest.raises(RuntimeInputError, match="position_ids"):
         compile(graph, "onnxruntime")(x)
@@ -263,7 +287,7 @@ def test_layers_reading_another_layers_cache_present_that_cache() -> None:
         warnings.simplefilter("ignore")
         graph = capture_causal_lm(model)
     x = example_inputs(layout, 128, 2, 3, 4, seed=1)
-    got = compile(graph, "onnxruntime")(_feed(x, layout.layers))
+    got = compile(graph, "onnxruntime")(_feed(x, layout))
     for layer, source in layout.shared:
         for kv in ("key", "value"):
             assert got[f"present.{layer}.{kv}"].shape[2] == 4 + 3
@@ -271,14 +295,32 @@ def test_layers_reading_another_layers_cache_present_that_cache() -> None:
     assert_logits_like_eager(model, graph)
 
 
-def test_a_state_space_hybrid_is_refused_with_the_way_out() -> None:
-    """Bamba's Mamba-2 layers keep a recurrent state: the cache export says so and points at the plain capture."""
-    torch.manual_seed(0)
-    model = transformers.BambaForCausalLM(transformers.BambaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=3,
-        attn_layer_indices=[1])).eval()
-    with warnings.catch_warnings(), pytest.raises(GraphError, match=r"BambaForCausalLM: its state-space .* without "
-                                                                    r"the cache"):
+def test_a_state_space_hybrid_decodes_with_its_states_as_eager_does() -> None:
+    """Bamba's Mamba-2 layer keeps a convolution state and a recurrent state: the graph takes them (zeros: an empty
+    cache) and returns them, so one graph prefills and decodes; its logits step by step equal eager transformers'
+    own cached generation (its cache, not the flat wrapper's), across scan chunks of 4."""
+    model = tiny_causal_lm("BambaForCausalLM")
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        capture_causal_lm(model)
+        graph = capture_causal_lm(model)
+        layout = cache_layout(model)
+    exe = compile(graph, "onnxruntime")
+    prompt = torch.tensor([[5, 9, 33, 70, 2, 17, 4, 8, 90, 11]])  # three chunks of the scan
+    feed = {"input_ids": prompt.numpy(), "attention_mask": np.ones((1, 10), np.int64),
+            "position_ids": np.arange(10)[None]}
+    feed.update({n: np.zeros((1, *layout.state_shape(i, k)) if k in ("conv", "recurrent") else
+                             (1, layout.kv_heads, 0, layout.head_dim), np.float32)
+                 for n, (i, k) in zip(layout.past_names(), layout.entries(), strict=True)})
+    with torch.no_grad():
+        want = model(input_ids=prompt, use_cache=True)
+        cache, ids = want.past_key_values, prompt
+        for step in range(4):
+            got = exe(feed)
+            np.testing.assert_allclose(got["logits"][:, -1], want.logits[:, -1].numpy(), atol=2e-5, rtol=1e-4,
+                                       err_msg=f"step {step}")
+            nxt = want.logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, nxt], 1)
+            want = model(input_ids=nxt, position_ids=torch.tensor([[ids.shape[1] - 1]]), cache=cache, use_cache=True)
+            feed = {"input_ids": nxt.numpy(), "attention_mask": np.ones((1, ids.shape[1]), np.int64),
+                    "position_ids": np.array([[ids.shape[1] - 1]])}
+            feed.update(zip(layout.past_names(), (got[n] for n in layout.present_names()), strict=True))

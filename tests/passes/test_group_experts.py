@@ -99,7 +99,7 @@ def test_contrib_model_runs_each_block_as_one_moe_node_equal_to_the_loops(arch: 
     layout = cache_layout(model)
     sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (plain, contrib)]
     for batch, seq, past in [(2, 5, 0), (2, 1, 4)]:  # unpadded: both cache contracts read these alike
-        feed = _feed(example_inputs(layout, 128, batch, seq, past, seed=seq), layout.layers)
+        feed = _feed(example_inputs(layout, 128, batch, seq, past, seed=seq), layout)
         got = [s.run(["logits"], {i.name: feed[i.name] for i in s.get_inputs()})[0] for s in sessions]
         np.testing.assert_allclose(got[1], got[0], atol=2e-5, rtol=1e-4)
 

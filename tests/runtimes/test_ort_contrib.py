@@ -284,3 +284,23 @@ def test_attention_sinks_go_into_the_kernel_as_head_sinks() -> None:
         sinkless = model(torch.tensor([prompt])).logits.numpy()
     np.testing.assert_allclose(want[0]["logits"], eager, atol=2e-4, rtol=1e-3)
     assert np.abs(sinkless - eager).max() > 1e-2
+
+
+def test_no_group_query_attention_where_the_mask_is_read_past_the_attentions() -> None:
+    """Bamba's Mamba-2 layer zeroes padded tokens with ``attention_mask``, which GroupQueryAttention's right-padded
+    contract would change: its attention stays the standard one, its model left-padded (no metadata), and it
+    gives the same logits as the model lowered without contrib ops."""
+    from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
+
+    graph, layout = _captured("BambaForCausalLM")
+    plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
+    ops = _ops(fused)
+    assert ops[f"{CONTRIB_DOMAIN}:GroupQueryAttention"] == 0 and ops["Attention"] == 1
+    assert CACHE_PADDING_KEY not in {p.key for p in fused.metadata_props}
+    assert ops[f"{CONTRIB_DOMAIN}:SkipSimplifiedLayerNormalization"] > 0  # the other contrib fusions still apply
+    feeds = {"input_ids": np.array([[5, 9, 11, 3, 7]]), "attention_mask": np.array([[0, 0, 1, 1, 1]]),
+             "position_ids": np.array([[1, 1, 0, 1, 2]])}
+    feeds.update({n: np.zeros((1, *layout.state_shape(i, k)) if k in ("conv", "recurrent") else
+                              (1, layout.kv_heads, 0, layout.head_dim), np.float32)
+                  for n, (i, k) in zip(layout.past_names(), layout.entries(), strict=True)})
+    np.testing.assert_allclose(_ort(fused, feeds)["logits"], _ort(plain, feeds)["logits"], atol=2e-5, rtol=1e-4)
