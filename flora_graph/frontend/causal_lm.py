@@ -142,6 +142,11 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     layers = get("num_hidden_layers", "n_layer", "num_layers")
     heads = get("num_attention_heads", "n_head")
     hidden = get("hidden_size", "n_embd")
+    if cfg is not None and layers is not None and hidden is not None and heads is None:
+        kv_layers, states = _recurrent_layers(base)
+        if kv_layers == () and states:  # state-space layers alone (Mamba-2): no keys or values
+            takes = "position_ids" in inspect.signature(base.forward).parameters
+            return CacheLayout(int(layers), 0, 0, takes, kv_layers=kv_layers, states=states)
     if cfg is None or layers is None or heads is None or hidden is None:
         raise GraphError(f"{type(base).__name__}: not a transformers causal LM with a config "
                          "(num_hidden_layers, num_attention_heads, hidden_size)")

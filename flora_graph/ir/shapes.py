@@ -46,6 +46,7 @@ __all__ = [
     "format_shape",
     "is_dim_name",
     "is_static",
+    "linear_rest",
     "normalize_axis",
     "subtract_dims",
     "window_count",
@@ -364,6 +365,20 @@ def subtract_dims(a: Dim, b: Dim) -> Dim | None:
     if any(v < 0 for k, v in acc.items() if k) or (acc.get((), 0) < 0 and not any(v for k, v in acc.items() if k)):
         return None
     return _build_poly(acc)
+
+
+def linear_rest(dim: Dim, name: str) -> Dim | None:
+    """``dim - name`` where ``dim`` holds dim ``name`` as a term of its own (coefficient 1, in no other term) and
+    the rest has no negative named term: ``linear_rest("past_seq+seq", "past_seq") == "seq"``, so a size of
+    ``dim`` less one of the rest gives ``name`` (a mask over ``past_seq+seq`` positions carries ``past_seq``
+    beside ``seq``); ``None`` otherwise."""
+    poly = _poly(dim)
+    if poly.get((name,)) != 1 or any(name in k for k in poly if k != (name,)):
+        return None
+    rest = {k: v for k, v in poly.items() if k != (name,)}
+    if any(v < 0 for k, v in rest.items() if k):
+        return None
+    return _build_poly(rest)
 
 
 def divide_dims(num: Dim, den: Dim) -> Dim | None:

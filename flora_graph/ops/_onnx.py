@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flora_graph.errors import GraphError
-from flora_graph.ir.shapes import Dim, canonical_dim, dim_terms, floor_div_parts
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_terms, floor_div_parts, is_dim_name, linear_rest
 
 if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
@@ -78,6 +78,12 @@ def dim_tensor(ctx: Any, dim: Dim, node: ComputationNode) -> str:
             for i, d in enumerate(inp.shape):
                 if isinstance(d, str) and canonical_dim(d) == dim:
                     return ctx.emit("Shape", [ctx.names[inp]], start=i, end=i + 1)
+        for inp in ctx.graph.inputs:  # a term of its own in an input's dim: past_seq of past_seq+seq, less seq
+            for i, d in enumerate(inp.shape):
+                rest = linear_rest(d, dim) if isinstance(d, str) and is_dim_name(dim) else None
+                if rest is not None:
+                    return ctx.emit("Sub", [ctx.emit("Shape", [ctx.names[inp]], start=i, end=i + 1),
+                                            dim_tensor(ctx, rest, node)])
         parts = floor_div_parts(dim)
         if parts is not None:  # ((samples-10)//5): a dim is never negative, so Div's truncation is the floor
             return ctx.emit("Div", [dim_tensor(ctx, parts[0], node), int64(ctx, [parts[1]], f"{node.name}/divisor")])

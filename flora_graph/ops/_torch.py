@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from flora_graph.errors import GraphError
-from flora_graph.ir.shapes import Dim, Shape, canonical_dim, dim_terms, floor_div_parts
+from flora_graph.ir.shapes import Dim, Shape, canonical_dim, dim_terms, floor_div_parts, linear_rest
 
 if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
@@ -39,6 +39,16 @@ def dim_sources(inputs: Iterable[tuple[str, Shape]]) -> Iterator[dict[Dim, str]]
         for i, d in enumerate(shape):
             if isinstance(d, str):
                 sources.setdefault(canonical_dim(d), f"{arg}.size({i})")
+    for d, src in list(sources.items()):  # a name only a sum carries: past_seq of past_seq+seq, less seq
+        for _, names in dim_terms(d):
+            rest = linear_rest(d, names[0]) if len(names) == 1 and names[0] not in sources else None
+            parts = None if rest is None else [(c, [sources.get(n) for n in ns]) for c, ns in dim_terms(rest)]
+            if parts is not None and all(all(ps) for _, ps in parts):
+                less = ""
+                for c, ps in parts:
+                    factors = ([str(abs(c))] if abs(c) != 1 or not ps else []) + ps
+                    less += (" - " if c < 0 else " + " if less else "") + " * ".join(factors)
+                sources[names[0]] = f"({src} - ({less}))" if less else src
     token = _SOURCES.set(sources)
     try:
         yield sources

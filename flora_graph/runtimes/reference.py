@@ -30,7 +30,7 @@ from flora_graph.errors import GraphError, RuntimeInputError, ShapeError
 from flora_graph.ir.graph import Graph
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op
-from flora_graph.ir.shapes import dim_names, format_shape, is_dim_name
+from flora_graph.ir.shapes import dim_names, dim_terms, format_shape, is_dim_name, linear_rest
 from flora_graph.ops.evaluate import eval_dim, eval_node, np_dtype
 
 __all__ = ["cast_array", "check_inputs", "max_result_bytes", "run", "to_array"]
@@ -148,6 +148,16 @@ def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.
         arrays[name] = arr
     for dim, size, where in compound:  # "batch*seq", "past_seq+seq": check once its names are bound
         value = eval_dim(dim, dims)
+        if value is None:  # one name unbound, a term of its own ("past_seq+seq" beside "seq"): it is the rest
+            for name in sorted({n for _, names in dim_terms(dim) for n in names if n not in dims and is_dim_name(n)}):
+                rest = linear_rest(dim, name)
+                known = None if rest is None else eval_dim(rest, dims)
+                if known is not None:
+                    if size < known:
+                        raise RuntimeInputError(f"{where} has size {size}: dim {dim!r} is at least {rest!r} = {known}")
+                    _bind_dim(dims, name, size - known, where)
+                    value = size
+                    break
         _bind_dim(dims, dim if value is None else value, size, where)
     _check_dim_bounds(graph, dims)
     return {k: arrays[k] for k in declared}, dims

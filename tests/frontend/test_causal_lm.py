@@ -122,6 +122,9 @@ def _config(arch: str):
         "NemotronHForCausalLM": lambda: transformers.NemotronHConfig(
             **{k: v for k, v in COMMON.items() if k != "num_hidden_layers"}, head_dim=16, mamba_num_heads=8,
             mamba_head_dim=16, ssm_state_size=8, chunk_size=4, hybrid_override_pattern="M*-", n_groups=1),
+        "Mamba2ForCausalLM": lambda: transformers.Mamba2Config(  # state-space layers alone: no keys or values
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=8, chunk_size=4,
+            n_groups=1),
         "Lfm2ForCausalLM": lambda: transformers.Lfm2Config(
             **{**COMMON, "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"]),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
@@ -164,7 +167,7 @@ def assert_logits_like_eager(model, graph, backends=("numpy", "onnxruntime"), vo
 
 SLOW = pytest.mark.slow
 ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM", "MptForCausalLM", "BambaForCausalLM",
-         "Lfm2ForCausalLM",
+         "Lfm2ForCausalLM", pytest.param("Mamba2ForCausalLM", marks=SLOW),
          *(pytest.param(a, marks=SLOW) for a in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                                   "Phi3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM"))]
 
@@ -180,15 +183,17 @@ def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
         names = ["logits", *layout.present_names()]
         assert list(graph.outputs) == names
         assert graph.inputs[1].name == "attention_mask" and graph.inputs[1].shape == ("batch", "past_seq+seq")
-        i = (layout.kv_layers or (0,))[0]
-        assert graph.outputs[f"present.{i}.key"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[0])
-        assert graph.outputs[f"present.{i}.value"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[1])
+        for i in (range(layout.layers) if layout.kv_layers is None else layout.kv_layers):
+            assert graph.outputs[f"present.{i}.key"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[0])
+            assert graph.outputs[f"present.{i}.value"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[1])
         for st in layout.states:  # a recurrent layer's state: one fixed size, whatever the length
             assert graph.outputs[f"present.{st.layer}.{st.kind}"].shape == ("batch", *st.shape)
         if arch == "DeepseekV3ForCausalLM":  # one head of the compressed keys/values, and the keys' rotary part
             assert (layout.kv_heads, *layout.dims) == (1, 16, 8)
         if arch == "BambaForCausalLM":  # a Mamba-2 layer (convolution and recurrent states), an attention layer
             assert layout.kv_layers == (1,) and [(st.layer, st.kind) for st in layout.states] == [(0, "conv"), (0, "recurrent")]
+        if arch == "Mamba2ForCausalLM":  # no attention: the mask's width less seq is past_seq
+            assert layout.kv_layers == () and len(layout.states) == 4 and graph.inputs[1].shape[1] == "past_seq+seq"
         if arch == "Lfm2ForCausalLM":  # two short-convolution layers around an attention layer
             assert layout.kv_layers == (1,) and [(st.layer, st.kind) for st in layout.states] == [(0, "conv"), (2, "conv")]
         for backend in ("numpy", "onnxruntime"):

@@ -240,3 +240,23 @@ def test_executable_call_styles_and_save_load(tmp_path) -> None:
         exe({"x": x, "z": z}, x=x)
     exe.save(tmp_path / "g")
     np.testing.assert_allclose(ReferenceExecutable.load(tmp_path / "g")(x=x, z=z)["y"], want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "onnxruntime", "torchscript", "torch-export"])
+def test_a_dim_only_a_sum_carries_is_its_size_less_the_rest(backend: str) -> None:
+    """A mask over ``past_seq+seq`` positions beside ``x[batch, seq]`` and no input of ``past_seq`` alone (a
+    state-space model's cache graph): ``past_seq`` is the mask's width less ``seq``, on every backend."""
+    from flora_graph.runtimes import compile
+
+    g = Graph("sum_carried")
+    mask = g.input("mask", ("batch", "past_seq+seq"))
+    x = g.input("x", ("batch", "seq"))
+    tail = g.add(Op.SLICE, [mask], {"axes": (1,), "starts": ("past_seq",), "ends": ("past_seq+seq",), "steps": (1,)})
+    g.set_output("y", g.add(Op.MUL, [tail, x]))
+    exe = compile(verify(g), backend)
+    for past, seq in ((0, 3), (4, 1), (2, 5)):
+        m = np.arange(2 * (past + seq), dtype=np.float32).reshape(2, past + seq)
+        xs = np.full((2, seq), 2, np.float32)
+        np.testing.assert_array_equal(exe(mask=m, x=xs)["y"], m[:, past:] * 2, err_msg=f"past {past} seq {seq}")
+    with pytest.raises(RuntimeInputError, match="mask"):  # a mask narrower than the new tokens: no past_seq fits
+        run(g, {"mask": np.ones((2, 1), np.float32), "x": np.ones((2, 3), np.float32)})

@@ -33,7 +33,7 @@ NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "Aper
          "BitNetForCausalLM", "Glm4ForCausalLM", "Gemma3nForCausalLM", "GPTBigCodeForCausalLM", "CodeGenForCausalLM",
          "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Llama4ForCausalLM", "MiniCPM3ForCausalLM",
          "Glm4MoeLiteForCausalLM", "MptForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM",
-         "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM"]
+         "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM", "Mamba2ForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
 text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
@@ -41,7 +41,7 @@ multi-query attention), CodeGen (a fused qkv in a mixed head order), Llama 4 (co
 the multi-head latent attention of DeepSeek-V2 (complex rotary) and V3, MiniCPM3 and GLM-4 MoE lite, whose packages the
 Generator serves (GenAI sizes cached keys and values alike), MPT (ALiBi over a bias built for its maximum
 length), and the hybrids whose state-space (Bamba, Granite 4, Falcon-H1, Nemotron-H) or convolution (LFM2) layers keep
-fixed-size states in the cache, which the Generator serves too."""
+fixed-size states in the cache, and Mamba-2 (state-space layers alone), which the Generator serves too."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}
@@ -49,11 +49,13 @@ GENERATOR_ONLY = {arch: "keys 16 wide and values 8 wide"  # latent attention: Ge
                   for arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "MiniCPM3ForCausalLM",
                                "Glm4MoeLiteForCausalLM")}
 GENERATOR_ONLY.update({arch: "convolution" for arch in ("BambaForCausalLM", "GraniteMoeHybridForCausalLM",
-                                                        "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM")})
+                                                        "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM",
+                                                        "Mamba2ForCausalLM")})
 TARGETS.update({arch: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # MLA's
                 for arch in ("DeepseekV3ForCausalLM", "MiniCPM3ForCausalLM", "Glm4MoeLiteForCausalLM")})
 TARGETS.update({arch: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj"]  # PEFT refuses their Mamba out_proj
                 for arch in ("FalconH1ForCausalLM", "NemotronHForCausalLM")})
+TARGETS["Mamba2ForCausalLM"] = ["in_proj"]
 TARGETS["DeepseekV2ForCausalLM"] = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 TARGETS["Llama4ForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -260,3 +262,30 @@ def test_genai_batch_of_prompts_of_different_lengths_gives_each_its_own_tokens(a
     while not g.is_done():
         g.generate_next_token()
     assert [[int(t) for t in g.get_sequence(i)][width:width + new] for i in range(len(prompts))] == want
+
+
+def test_hybrid_rows_of_different_lengths_join_and_leave_as_eager_alone(tmp_path: Path) -> None:
+    """Bamba (a Mamba-2 layer, an attention layer): rows of different prompt lengths, adapter and base mixed, join
+    and leave between steps; the batch left-pads keys and values, stacks the rows' fixed-size states, trims the
+    padding a long row leaves behind, and each row's tokens equal eager PEFT's for it alone."""
+    model, adapted = tiny_with_adapter("BambaForCausalLM", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
+        for m in (model, adapted.base_model.model):
+            m.generation_config.eos_token_id = None
+    long, short, mid = [1, 5, 9, 33, 70, 4, 8, 21, 17, 3, 60], [7, 12], [44, 2, 90, 13, 5]
+    batch = Generator(tmp_path / "pkg").batch()
+    a = batch.add(long, adapter="ad", max_new_tokens=10, stop_tokens=[])
+    for _ in range(2):
+        batch.step()
+    b = batch.add(short, max_new_tokens=10, stop_tokens=[])  # joins a longer history: its keys padded on the left
+    batch.step()
+    c = batch.add(mid, adapter="ad", max_new_tokens=5, stop_tokens=[])
+    batch.step()
+    batch.remove(a)  # the longest leaves: the others' padding is trimmed
+    while batch.active:
+        batch.step()
+    assert batch.row(a).generated == eager_greedy(adapted, long, 10)[: len(batch.row(a).generated)]
+    assert batch.row(b).generated == eager_greedy(model, short, 10)
+    assert batch.row(c).generated == eager_greedy(adapted, mid, 5)
