@@ -235,7 +235,9 @@ register("mpt", "decoder", decoder("MptConfig", "MptForCausalLM", vocab_size=VOC
 register("roformer-causal", "decoder", decoder("RoFormerConfig", "RoFormerForCausalLM", is_decoder=True, **SMALL),
          "rotary through reshape_as")
 register("lfm2", "decoder", decoder("Lfm2Config", "Lfm2ForCausalLM", bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                    **GQA), "short convolutions between attention layers, mask[:, -seq:]")
+                                    **{**GQA, "num_hidden_layers": 3},
+                                    layer_types=["conv", "full_attention", "conv"]),
+         "short convolutions around an attention layer, mask[:, -seq:]")
 # mixture of experts: LoRA on the attention (the experts are fused parameters, not Linear layers)
 register("mixtral", "moe", decoder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
                                    lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, **GQA),
@@ -273,6 +275,15 @@ register("falcon-h1", "hybrid", decoder("FalconH1Config", "FalconH1ForCausalLM",
 register("bamba", "hybrid", decoder("BambaConfig", "BambaForCausalLM", **GQA, mamba_n_heads=4, mamba_d_head=16,
                                     mamba_d_state=8, mamba_chunk_size=3, attn_layer_indices=[1], lora_cfg=ATTN_LORA),
          "Mamba-2 layers, one attention layer")
+register("mamba2", "hybrid", decoder("Mamba2Config", "Mamba2ForCausalLM", vocab_size=VOCAB, hidden_size=32,
+                                     num_hidden_layers=2, num_heads=4, head_dim=16, state_size=8, chunk_size=3,
+                                     n_groups=1, lora_cfg={"target_modules": ["in_proj"]}),
+         "state-space layers alone (Mamba-2's chunked scan)")
+register("qwen3.5", "hybrid", decoder("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", **GQA, head_dim=8,
+                                      linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                                      linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"],
+                                      lora_cfg=ATTN_LORA),
+         "gated delta rule: a Python loop over chunks of 64, bounded to one chunk (dim_max seq 64)")
 register("nemotron-h", "hybrid", decoder("NemotronHConfig", "NemotronHForCausalLM", vocab_size=VOCAB, hidden_size=32,
                                          intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=MAX_POS, mamba_num_heads=4, mamba_head_dim=16,

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterError",
     "ArtifactWriteError",
+    "ChunkCountFixedError",
     "FloraGraphError",
     "GraphError",
     "RuntimeInputError",
@@ -28,6 +29,16 @@ class GraphError(FloraGraphError):
 
 class ShapeError(GraphError):
     """Shapes or dtypes that do not fit an op's schema."""
+
+
+class ChunkCountFixedError(ShapeError):
+    """torch.export fixed a scan's chunk count (``((seq+63)//64)``) to the example's where capture could not bound
+    the dim to it: the program holds up to one chunk, ``chunk`` positions of dim ``dim`` (capture with that
+    ``dim_max``, or an example of several chunks where the scan runs over all of them at once)."""
+
+    def __init__(self, message: str, dim: str, chunk: int) -> None:
+        super().__init__(message)
+        self.dim, self.chunk = dim, chunk
 
 
 class UnsupportedOpError(FloraGraphError):

@@ -33,7 +33,7 @@ from torch.utils._sympy.functions import FloorDiv
 from flora_graph.adapters import adapters_of
 from flora_graph.adapters.lora import is_conv1d
 from flora_graph.adapters.peft import adapter_label, peft_lora_layers
-from flora_graph.errors import FloraGraphError, GraphError, ShapeError, UnsupportedOpError
+from flora_graph.errors import ChunkCountFixedError, FloraGraphError, GraphError, ShapeError, UnsupportedOpError
 from flora_graph.frontend import mutations
 from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name, refusal_of
 from flora_graph.frontend.aten.complex import COMPLEX_TABLE, complex_converter, touches_complex
@@ -42,7 +42,17 @@ from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
 from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts
 from flora_graph.ir import ComputationNode, Graph, Op, verify
-from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, dim_product, floor_divide_dim, format_shape, is_dim_name
+from flora_graph.ir.shapes import (
+    Dim,
+    add_dims,
+    canonical_dim,
+    dim_names,
+    dim_product,
+    floor_div_parts,
+    floor_divide_dim,
+    format_shape,
+    is_dim_name,
+)
 
 __all__ = ["CaptureContext", "Traced", "capture", "convert_fx_graph", "decompose_unconverted", "suggested_bounds",
            "torch_dtype_name", "trace_with_torch_export"]
@@ -85,8 +95,10 @@ class CaptureContext:
     """State of one capture: the graph being built and the fx node being converted."""
 
     def __init__(self, graph: Graph, adapters: Mapping[str, Any], symbols: dict[str, str],
-                 share_weights: bool = False) -> None:
+                 share_weights: bool = False, dim_max: Mapping[str, int] | None = None) -> None:
         self.graph = graph
+        self.dim_max = dict(dim_max or {})  # IR dim name -> the largest size asked for (capture's dim_max)
+        self._one_values: dict[Any, int | None] = {}  # size expression -> its one value up to dim_max, if it has one
         self.share_weights = share_weights  # the graph's weights are views of the model's tensors
         self.adapters = dict(adapters)
         self.symbols = symbols  # sympy symbol name -> IR dim name
@@ -186,6 +198,12 @@ class CaptureContext:
             return int(expr)
         if isinstance(expr, sympy.Symbol):
             return self.symbols.get(expr.name, expr.name)
+        if isinstance(d, torch.SymInt) and self.dim_max:  # one value up to the dim_max asked (one chunk of a scan)
+            if expr not in self._one_values:
+                self._one_values[expr] = _one_value(d.node.shape_env, expr, {
+                    s: self.dim_max[n] for s, n in self.symbols.items() if n in self.dim_max})
+            if self._one_values[expr] is not None:
+                return self._one_values[expr]
         if isinstance(expr, sympy.Add | sympy.Mul):  # a product (view(b * t, c)) or a sum (a cache: past + seq)
             const = sum(int(a) for a in expr.args if isinstance(a, sympy.Integer)) if isinstance(expr, sympy.Add) else 0
             parts = [self.ir_dim(a) for a in expr.args if not (const and isinstance(a, sympy.Integer))]
@@ -201,19 +219,57 @@ class CaptureContext:
                 return floor_divide_dim(self.ir_dim(expr.args[0]), int(expr.args[1]))
             except ShapeError:
                 pass
-        rounded = _rounded_up(self, expr)
-        if rounded is not None:
-            return rounded
-        if isinstance(d, torch.SymInt):  # one value over the dims' ranges (MPT's max(0, 1 - seq) for seq >= 2)
-            try:
+        if isinstance(d, torch.SymInt):  # one value over the dims' ranges (MPT's max(0, 1 - seq) for seq >= 2; one
+            try:                         # chunk of a scan where seq is at most the chunk)
                 rng = d.node.shape_env.bound_sympy(expr)
             except Exception:  # a shape env that cannot bound it: spelled below
                 rng = None
             if rng is not None and rng.is_singleton():
                 return int(rng.lower)
+        rounded = _rounded_up(self, expr)
+        if rounded is not None:
+            return rounded
         # no dim (a negative size: x[:, -seq:]): spelled in the IR's dim names, for a converter that can place it
         return str(expr.xreplace({s: sympy.Symbol(self.symbols[s.name]) for s in expr.free_symbols
                                   if isinstance(s, sympy.Symbol) and s.name in self.symbols}))
+
+
+_FEW = 512
+"""The most sizes a dim may range over for :func:`_one_value` to try them all."""
+_LOOSE = ("Mod", "PythonMod", "FloorDiv", "CeilDiv", "Max", "Min")
+"""The sympy functions torch's range arithmetic bounds loosely."""
+
+
+def _one_value(shape_env: Any, expr: Any, asked: Mapping[str, int]) -> int | None:
+    """The one value ``expr`` (of one dim) takes over the dim's whole range (torch's, capped by the ``asked``
+    maximum of its symbol's name), where that range is at most :data:`_FEW` sizes wide, else ``None``: torch's
+    range arithmetic is loose for ``Mod``, so a scan padded to whole chunks of 64 over ``seq <= 64`` (one chunk,
+    ``seq + (64 - seq % 64) % 64``) bounds to ``[2, oo]``; torch.export then cannot prove its one-chunk guards
+    within the dim_max asked, infers the range itself, and keeps the guards."""
+    import sympy
+
+    if len(expr.free_symbols) != 1 or not any(type(a).__name__ in _LOOSE for a in sympy.preorder_traversal(expr)):
+        return None  # torch bounds sums and products exactly
+    (sym,) = expr.free_symbols
+    if sym.name not in asked:
+        return None
+    from torch.utils._sympy.numbers import int_oo
+
+    rng = getattr(shape_env, "var_to_range", {}).get(sym)
+    hi = asked[sym.name]
+    try:
+        lo = int(rng.lower)
+        if rng.upper is not int_oo:
+            hi = min(hi, int(rng.upper))
+    except (AttributeError, TypeError, ValueError, OverflowError):  # no range to read
+        return None
+    if hi - lo >= _FEW:
+        return None
+    try:
+        values = {int(expr.xreplace({sym: sympy.Integer(v)})) for v in range(lo, hi + 1)}
+    except (TypeError, ValueError):
+        return None
+    return values.pop() if len(values) == 1 else None
 
 
 def _rounded_up(ctx: CaptureContext, expr: Any) -> Dim | None:
@@ -426,8 +482,10 @@ def capture(
             fails asking for a bound (its "Suggested fixes: seq = Dim('seq', min=3)"), the
             bound is applied and the export retried; the graph records it. Where it fails on a
             guard it suggests nothing for (OpenAI GPT's ``seq != n_positions``), the export is
-            retried with ``Dim.AUTO`` (torch.onnx's way): the range it infers is recorded, and a
-            dim the code fixes to the example's size is refused, naming it.
+            retried with ``Dim.AUTO`` (torch.onnx's way): the range it infers is recorded, a size it
+            fixed to the example's value (a Python loop over a scan's chunks, unrolled once: Qwen3.5's
+            gated delta rule) bounds the dim to the sizes that keep that value (one chunk), and a dim the
+            code fixes to the example's size is refused, naming it.
         input_names: names of the graph inputs in order, replacing the keyword and parameter
             names (``dynamic_dims`` still uses those; a list input ``past`` has ``past.0``, ...).
         output_names: names of the outputs in order (default ``output`` or ``output_{i}``).
@@ -557,6 +615,7 @@ def _bounds_inferred(ep: torch.export.ExportedProgram, model: nn.Module, n_args:
     inputs = set(ep.graph_signature.user_inputs)
     user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in inputs]
     specialized: list[str] = []
+    examples: dict[str, int] = {}  # dim name -> the example's size
     for node, name in zip(user, _user_input_names(ep, model, n_args), strict=False):
         val = node.meta.get("val")
         for ax, dn in flat.get(name, {}).items():
@@ -566,6 +625,8 @@ def _bounds_inferred(ep: torch.export.ExportedProgram, model: nn.Module, n_args:
             if not isinstance(d, torch.SymInt) or d.node.expr.is_number:
                 specialized.append(f"{dn} = {int(d)}")
                 continue
+            if isinstance(d.node.hint, int):
+                examples[dn] = d.node.hint
             rng = ep.range_constraints.get(d.node.expr)
             if rng is None:
                 continue
@@ -575,10 +636,74 @@ def _bounds_inferred(ep: torch.export.ExportedProgram, model: nn.Module, n_args:
             if rng.lower is not None and int(rng.lower) > max(2, lo.get(dn, 0)):
                 lo[dn] = int(rng.lower)
                 applied.append(f"{dn} >= {lo[dn]}")
+    for dn, (low, high) in _guard_bounds(str(first), flat, examples).items():
+        # guards torch.export kept as neither a range nor an assertion (a chunk count of one): the sizes around
+        # the example where they hold
+        if high is not None and high < hi.get(dn, high + 1):
+            hi[dn] = high
+            applied.append(f"{dn} <= {high}")
+        if low > max(2, lo.get(dn, 0)):
+            lo[dn] = low
+            applied.append(f"{dn} >= {low}")
     if specialized:
         raise GraphError(f"torch.export could not export {type(model).__name__}: its code fixes "
                          f"{', '.join(sorted(set(specialized)))} (the example's size), which dynamic_dims names as "
                          f"dynamic: {first}") from first
+
+
+_GUARD = re.compile(r"satisfy the generated guard (.+?)\.?$", re.M)
+_SOURCE = re.compile(r"L((?:\[[^\]]+\])+)\.size\(\)\[(\d+)\]")
+_GUARD_TEXT = re.compile(r"^[\d\s()+\-*/%<>=!]*$")
+_GUARD_REACH = 1 << 14  # the sizes past the example a guard is checked on
+
+
+def _guard_bounds(message: str, flat: Mapping[str, Mapping[int, str]],
+                  examples: Mapping[str, int]) -> dict[str, tuple[int, int | None]]:
+    """For each named dim whose size torch.export's ``message`` says it fixed ("... satisfy the generated guard
+    ((L['x'].size()[1] + ...) // 64) == 1": the count of chunks a Python loop ran over): the sizes around the
+    example's where every such guard holds, ``(lowest, highest)`` (``None``: still holding :data:`_GUARD_REACH`
+    sizes past the example). Torch's Python arithmetic, evaluated on sizes; a guard of other dims, or of anything
+    but one equality, is left alone."""
+    by_source = {f"{name}.{axis}": dn for name, axes in flat.items() for axis, dn in axes.items() if is_dim_name(dn)}
+    guards: dict[str, list[str]] = {}
+    for text in _GUARD.findall(message):
+        sources = _SOURCE.findall(text)
+        dims = {by_source.get(".".join(p.strip("'\"") for p in re.findall(r"\[([^\]]+)\]", chain)) + f".{axis}", "")
+                for chain, axis in sources}
+        expr = _SOURCE.sub("{d}", text)
+        # a size of the dim fixed to the example's value ("... == 1": a loop unrolled that many times); the other
+        # guards are torch's own branches, which the IR's shapes, derived anew and checked against torch's, need not
+        # share (Mamba-2's scan runs one chunk as well as three)
+        if len(dims) == 1 and "" not in dims and _GUARD_TEXT.match(expr.replace("{d}", "0")) \
+                and re.fullmatch(r".+ == \d+", expr) and expr.count("==") == 1:
+            guards.setdefault(dims.pop(), []).append(expr)
+    out: dict[str, tuple[int, int | None]] = {}
+    for dn, exprs in guards.items():
+        if dn not in examples:
+            continue
+
+        try:  # digits, operators and the size alone (checked above): no names to reach
+            checks = [eval(f"lambda d: {e.replace('{d}', 'd')}", {"__builtins__": {}}) for e in exprs]
+        except SyntaxError:
+            continue
+
+        def holds(v: int, checks: list[Any] = checks) -> bool:
+            try:
+                return all(bool(c(v)) for c in checks)
+            except (ArithmeticError, TypeError, ValueError):
+                return False
+
+        e = examples[dn]
+        if not holds(e):
+            continue
+        low = e
+        while low > 2 and holds(low - 1):
+            low -= 1
+        high = e
+        while high < e + _GUARD_REACH and holds(high + 1):
+            high += 1
+        out[dn] = (low, None if high >= e + _GUARD_REACH else high)
+    return out
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:
@@ -683,7 +808,7 @@ def _convert(traced: Traced, dynamic_dims: DynamicDims, name: str, output_names:
     state = {**ep.state_dict, **ep.constants}
     return convert_fx_graph(ep.graph, {n: (fqn, state[fqn]) for n, fqn in weights.items()}, traced.adapters,
                             dynamic_dims, name, input_names=traced.input_names, output_names=output_names,
-                            share_weights=share_weights)
+                            share_weights=share_weights, dim_max=traced.dim_max)
 
 
 def convert_fx_graph(
@@ -696,6 +821,7 @@ def convert_fx_graph(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     share_weights: bool = False,
+    dim_max: Mapping[str, int] | None = None,
 ) -> Graph:
     """Convert an ATen-level fx graph (torch.export's, or AOT autograd's) to a verified :class:`Graph`.
 
@@ -710,6 +836,8 @@ def convert_fx_graph(
             order (default: the placeholder names).
         output_names: the output names, in order (default ``output`` or ``output_{i}``).
         share_weights: the graph's weights are views of ``weights``' tensors, not copies (see :func:`capture`).
+        dim_max: the largest size of each named dim the graph is for (the capture's ``dim_max``): a size that has
+            one value up to it is that number.
 
     Raises:
         UnsupportedOpError: listing every ATen op outside the table and where it occurs.
@@ -729,7 +857,7 @@ def convert_fx_graph(
         for ax, d in enumerate(n.meta["val"].shape):
             if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
                 symbols.setdefault(d.node.expr.name, dynamic_dims.get(names[n], {}).get(ax, d.node.expr.name))
-    ctx = CaptureContext(graph, adapters, symbols, share_weights)
+    ctx = CaptureContext(graph, adapters, symbols, share_weights, dim_max)
     ctx.in_place = in_place
     env: dict[torch.fx.Node, Any] = {}
     for n in fx_nodes:
@@ -849,11 +977,17 @@ def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
     if tuple(want) != out.shape:
         fixed = [(o, w) for o, w in zip(out.shape, want, strict=False) if isinstance(w, int) and isinstance(o, str)
                  and "//" in o]
-        hint = (f" (torch.export fixed {fixed[0][0]} to {fixed[0][1]}, the example's count of chunks: an example "
-                "spanning several chunks helps where the scan runs over all chunks at once, as Mamba-2's does, not "
-                "where Python loops over them)") if fixed and len(want) == len(out.shape) else ""
-        raise ShapeError(f"{ctx.where()}: IR shape {format_shape(out.shape)} != torch shape {format_shape(want)} for "
-                         f"{aten_name(n.target)}{hint}")
+        message = f"{ctx.where()}: IR shape {format_shape(out.shape)} != torch shape {format_shape(want)} for " \
+                  f"{aten_name(n.target)}"
+        parts = floor_div_parts(fixed[0][0]) if fixed and len(want) == len(out.shape) else None
+        names = dim_names(parts[0]) if parts is not None else set()
+        if parts is None or len(names) != 1:
+            raise ShapeError(message)
+        raise ChunkCountFixedError(
+            f"{message} (torch.export fixed {fixed[0][0]} to {fixed[0][1]}, the example's count of chunks: an "
+            "example spanning several chunks helps where the scan runs over all chunks at once, as Mamba-2's does, "
+            f"not where Python loops over them; dim_max={{{next(iter(names))!r}: {parts[1]}}} holds one chunk)",
+            next(iter(names)), int(parts[1]))
 
 
 def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.Node],

@@ -39,8 +39,8 @@ from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
 from flora_graph.ir import Graph
 
-__all__ = ["SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout", "capture_causal_lm", "dynamic_ntk_per_row",
-           "longrope_per_row", "past_names", "present_names", "scan_chunk"]
+__all__ = ["SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout", "capture_causal_lm",
+           "dynamic_ntk_per_row", "longrope_per_row", "past_names", "present_names", "scan_chunk"]
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,9 @@ def _recurrent_layers(model: nn.Module) -> tuple[tuple[int, ...] | None, tuple[C
         return None, ()
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "layers"):  # no cache returned: nothing to read the states off
+        return None, ()
     kv, states = [], []
     for i, layer in enumerate(cache.layers):
         keys = getattr(layer, "keys", None)
@@ -464,6 +466,8 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     out_names = ["logits", *layout.present_names()]
     with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
         try:
+            # a Python loop over a scan's chunks (Qwen3.5's gated delta rule) comes out bounded to one chunk a call,
+            # the cache carrying the state from piece to piece: the Generator prefills long prompts in pieces
             graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
                             input_names=in_names, output_names=out_names, share_weights=share_weights)
         except GraphError as exc:

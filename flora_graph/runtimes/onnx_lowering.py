@@ -15,6 +15,7 @@ Writing files is :mod:`flora_graph.runtimes.onnx_writer`'s job.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,14 @@ from flora_graph.ops import OPS
 from flora_graph.ops._onnx import ONNX_DTYPES, split_key
 
 __all__ = [
-    "DEFAULT_OPSET", "MIN_OPSET", "ONNX_DTYPES", "LoweringContext", "OnnxExportError", "add_initializer",
+    "DEFAULT_OPSET", "DIM_MAX_KEY", "MIN_OPSET", "ONNX_DTYPES", "LoweringContext", "OnnxExportError", "add_initializer",
     "check_lowered", "check_model", "lower", "tensor_header", "to_onnx",
 ]
 
 DEFAULT_OPSET = 20  # native Gelu; onnxruntime >= 1.17 runs it
 MIN_OPSET = 18  # Split takes its sizes as an input; LayerNormalization exists
+DIM_MAX_KEY = "flora_graph.dim_max"
+"""Model metadata: the graph's ``dim_max`` as JSON (``{"seq": 64}``: a scan's one chunk per call)."""
 Lowering = Callable[["LoweringContext", ComputationNode, str], None]
 _WIDENED = frozenset({"float16", "bfloat16"})  # computed in float32, like the reference
 _ANY_DTYPE = OpGroup.Movement | {Op.IDENTITY}  # ops that never widen
@@ -271,6 +274,8 @@ def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contr
             props[CACHE_PADDING_KEY] = "right"
         if experts or norms or attentions:
             opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    if graph.dim_max:  # what ONNX cannot declare: a reader (the Generator) keeps each call within it
+        props[DIM_MAX_KEY] = json.dumps(dict(sorted(graph.dim_max.items())))
     ctx.begin(None)
     for out, n in graph.outputs.items():  # outputs that are leaves or repeat a node: Identity
         if ctx.value(n) != out:

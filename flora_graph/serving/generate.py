@@ -17,7 +17,10 @@ GenAI export writes for Llama-like decoders) takes each row's length from the at
 every row's tokens start at cache position 0, the cache is right-padded, and each layer's cache
 is one buffer that is past and present at once (:class:`~flora_graph.serving.shared_cache.SharedCache`),
 appended to in place. Other packages are left-padded: the attention mask hides the padded
-positions and position ids count a row's own tokens.
+positions and position ids count a row's own tokens. A model whose recurrent layers keep fixed-size
+states (``past.{i}.conv`` / ``past.{i}.recurrent``: state-space and convolution layers) has them
+stacked row by row beside its keys and values, zeros for a row's empty cache; such a model is never
+right-padded (its layers read the mask themselves).
 """
 
 from __future__ import annotations
@@ -127,6 +130,9 @@ class Generator:
             rotary switches to the long frequencies (transformers' and GenAI's Phi-3 recompute the cache
             there); ``None`` otherwise. Each row picks its frequency set from its own positions
             (:func:`~flora_graph.frontend.causal_lm.longrope_per_row`), so rows stay independent.
+        max_step: the most new tokens the model takes a call (its ``dim_max`` of ``seq``, metadata
+            :data:`~flora_graph.runtimes.onnx_lowering.DIM_MAX_KEY`: Qwen3.5's scan, one chunk of 64 a call);
+            a longer prompt is prefilled in pieces of that many; ``None``: any number.
 
     Raises :class:`ServingError` naming the file for a package it cannot read.
     """
@@ -195,6 +201,13 @@ class Generator:
 
         # GroupQueryAttention models read each row's length from the mask: their caches are right-padded
         self.right_padded = model.metadata.get(CACHE_PADDING_KEY) == "right"
+        from flora_graph.runtimes.onnx_lowering import DIM_MAX_KEY
+
+        try:  # the most new tokens one call takes (a scan of one chunk a call): longer prompts prefill in pieces
+            piece = json.loads(model.metadata.get(DIM_MAX_KEY) or "{}").get("seq")
+        except ValueError:
+            piece = None
+        self.max_step = int(piece) if isinstance(piece, int) and piece > 0 else None
         refill = model.metadata.get(REFILL_KEY)
         self.refill_at = int(refill) if refill is not None and refill.isdigit() else None
         if mixed is True:
@@ -526,14 +539,20 @@ class Batch:
         return chosen
 
     def _prefill(self, ids: list[int], adapter: str | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """One row's ``ids`` from an empty cache: ``(its cache, its mask, the last position's logits)``."""
+        """One row's ``ids`` from an empty cache: ``(its cache, its mask, the last position's logits)``; in pieces of
+        :attr:`Generator.max_step` tokens where the model takes no more a call, each continuing the cache."""
         gen = self.gen
-        empty = [np.zeros((1, *dims), np.float32) if state else np.zeros((1, dims[0], 0, dims[1]), np.float32)
+        cache = [np.zeros((1, *dims), np.float32) if state else np.zeros((1, dims[0], 0, dims[1]), np.float32)
                  for dims, state in zip(gen._past_dims, gen._is_state, strict=True)]  # a state starts at zeros
-        mask = np.ones((1, len(ids)), gen._mask_dtype)
-        out = self._call(np.array([ids], gen._id_dtype), mask, np.arange(len(ids), dtype=gen._pos_dtype)[None], empty, [adapter])
+        step = gen.max_step or len(ids)
+        for start in range(0, len(ids), step):
+            end = min(start + step, len(ids))
+            mask = np.ones((1, end), gen._mask_dtype)
+            out = self._call(np.array([ids[start:end]], gen._id_dtype), mask,
+                             np.arange(start, end, dtype=gen._pos_dtype)[None], cache, [adapter])
+            cache = [out[n] for n in gen._present]
         self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
-        return [out[n] for n in gen._present], mask, out["logits"][0, -1]
+        return cache, mask, out["logits"][0, -1]
 
     def _call(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
               adapters: list[str | None]) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from flora_graph.errors import ShapeError, UnsupportedOpError
+from flora_graph.errors import RuntimeInputError, UnsupportedOpError
 from flora_graph.frontend import ATEN_TABLE, capture
 from flora_graph.frontend.capture import convert_fx_graph
 from flora_graph.ir import Graph
@@ -322,10 +322,45 @@ def test_a_length_padded_to_whole_chunks_and_cut_back() -> None:
             _assert_close(exe(x=x.numpy()), _eager(_Chunked(), [x]), 1e-5, f"{backend} seq {seq}")
 
 
-def test_a_scan_traced_over_one_chunk_is_refused_saying_so() -> None:
-    """An example of one chunk lets torch.export fix the chunk count; capture names it and the way out."""
-    with pytest.raises(ShapeError, match=r"torch.export fixed \(\(seq\+2\)//3\) to 1, the example's count of chunks"):
-        capture(_Chunked(), (torch.randn(2, 2, 4),), {"x": {0: "batch", 1: "seq"}})
+def test_a_scan_traced_over_one_chunk_is_bounded_to_one_chunk() -> None:
+    """An example of one chunk lets torch.export fix the chunk count to 1: the graph holds up to one chunk, says
+    so (``dim_max``), and matches eager there (a longer example keeps every length: above)."""
+    g = capture(_Chunked(), (torch.randn(2, 2, 4),), {"x": {0: "batch", 1: "seq"}})
+    assert g.dim_max == {"seq": 3}
+    exe = compile(g, "onnxruntime")
+    for seq in (1, 2, 3):
+        x = torch.randn(3, seq, 4, generator=_gen(seq))
+        _assert_close(exe(x=x.numpy()), _eager(_Chunked(), [x]), 1e-5, f"seq {seq}")
+
+
+class _LoopedChunks(nn.Module):
+    """Qwen3.5's gated delta rule's way: padded to whole chunks of 3, then a Python loop over the chunks, each
+    reading the state the one before left (torch.export unrolls it for the example's count)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, c = x.shape
+        chunks = F.pad(x, (0, 0, 0, (3 - s % 3) % 3)).reshape(b, -1, 3, c)
+        state, out = torch.zeros(b, c), []
+        for i in range(chunks.shape[1]):
+            y = chunks[:, i].cumsum(1) + state[:, None]
+            state = y[:, -1]
+            out.append(y)
+        return torch.stack(out, 1).reshape(b, -1, c)[:, :s]
+
+
+def test_a_python_loop_over_chunks_is_bounded_to_the_chunks_it_ran() -> None:
+    """torch.export unrolls the loop for the example's one chunk and keeps no check of it: capture reads the
+    count it fixed off its guards and bounds the dim to one chunk (what a cache graph takes a call; before, the
+    graph silently dropped every chunk past the first), and every backend refuses more."""
+    g = capture(_LoopedChunks(), (torch.randn(2, 2, 4),), {"x": {0: "batch", 1: "seq"}})
+    assert g.dim_max == {"seq": 3}
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for seq in (1, 2, 3):
+            x = torch.randn(2, seq, 4, generator=_gen(seq))
+            _assert_close(exe(x=x.numpy()), _eager(_LoopedChunks(), [x]), 1e-5, f"{backend} seq {seq}")
+        with pytest.raises(RuntimeInputError, match=r"'seq' is 4, past its maximum 3"):
+            exe(x=np.zeros((2, 4, 4), np.float32))
 
 
 def test_a_slice_kept_from_the_end_of_a_static_axis() -> None:

@@ -125,6 +125,10 @@ def _config(arch: str):
         "Mamba2ForCausalLM": lambda: transformers.Mamba2Config(  # state-space layers alone: no keys or values
             vocab_size=128, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=8, chunk_size=4,
             n_groups=1),
+        # gated delta rule layers (a Python loop over chunks of 64: one chunk a call) beside attention
+        "Qwen3_5ForCausalLM": lambda: transformers.Qwen3_5TextConfig(
+            **COMMON, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+            linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
         "Lfm2ForCausalLM": lambda: transformers.Lfm2Config(
             **{**COMMON, "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"]),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache

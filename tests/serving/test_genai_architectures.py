@@ -33,7 +33,7 @@ NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "Aper
          "BitNetForCausalLM", "Glm4ForCausalLM", "Gemma3nForCausalLM", "GPTBigCodeForCausalLM", "CodeGenForCausalLM",
          "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Llama4ForCausalLM", "MiniCPM3ForCausalLM",
          "Glm4MoeLiteForCausalLM", "MptForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM",
-         "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM", "Mamba2ForCausalLM"]
+         "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM", "Mamba2ForCausalLM", "Qwen3_5ForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
 text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
@@ -41,7 +41,8 @@ multi-query attention), CodeGen (a fused qkv in a mixed head order), Llama 4 (co
 the multi-head latent attention of DeepSeek-V2 (complex rotary) and V3, MiniCPM3 and GLM-4 MoE lite, whose packages the
 Generator serves (GenAI sizes cached keys and values alike), MPT (ALiBi over a bias built for its maximum
 length), and the hybrids whose state-space (Bamba, Granite 4, Falcon-H1, Nemotron-H) or convolution (LFM2) layers keep
-fixed-size states in the cache, and Mamba-2 (state-space layers alone), which the Generator serves too."""
+fixed-size states in the cache, Mamba-2 (state-space layers alone) and Qwen3.5 (gated delta rule layers, one chunk
+of their scan a call: longer prompts prefill in pieces), which the Generator serves too."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}
@@ -50,7 +51,7 @@ GENERATOR_ONLY = {arch: "keys 16 wide and values 8 wide"  # latent attention: Ge
                                "Glm4MoeLiteForCausalLM")}
 GENERATOR_ONLY.update({arch: "convolution" for arch in ("BambaForCausalLM", "GraniteMoeHybridForCausalLM",
                                                         "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM",
-                                                        "Mamba2ForCausalLM")})
+                                                        "Mamba2ForCausalLM", "Qwen3_5ForCausalLM")})
 TARGETS.update({arch: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # MLA's
                 for arch in ("DeepseekV3ForCausalLM", "MiniCPM3ForCausalLM", "Glm4MoeLiteForCausalLM")})
 TARGETS.update({arch: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj"]  # PEFT refuses their Mamba out_proj
@@ -289,3 +290,21 @@ def test_hybrid_rows_of_different_lengths_join_and_leave_as_eager_alone(tmp_path
     assert batch.row(a).generated == eager_greedy(adapted, long, 10)[: len(batch.row(a).generated)]
     assert batch.row(b).generated == eager_greedy(model, short, 10)
     assert batch.row(c).generated == eager_greedy(adapted, mid, 5)
+
+
+@pytest.mark.slow
+def test_a_prompt_longer_than_one_scan_chunk_prefills_in_pieces(tmp_path: Path) -> None:
+    """Qwen3.5's gated delta rule loops over chunks of 64 in Python, so its graph takes one chunk a call
+    (``dim_max`` seq 64, in the model's metadata): a 150-token prompt prefills in three pieces, each continuing the
+    cache, and the tokens equal eager PEFT's (which runs its three chunks at once)."""
+    model, adapted = tiny_with_adapter("Qwen3_5ForCausalLM", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
+        for m in (model, adapted.base_model.model):
+            m.generation_config.eos_token_id = None
+    gen = Generator(tmp_path / "pkg")
+    assert gen.max_step == 64
+    prompt = [int(t) for t in torch.randint(3, 128, (150,), generator=torch.Generator().manual_seed(5))]
+    got = gen.generate([prompt, prompt[:40]], adapters=["ad", None], max_new_tokens=6, stop_tokens=[])
+    assert got == [eager_greedy(adapted, prompt, 6), eager_greedy(model, prompt[:40], 6)]

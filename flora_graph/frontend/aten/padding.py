@@ -61,7 +61,8 @@ def _pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], mode: str, value: flo
             raise refuse(ctx, "padding by a dynamic size")
         d = x.shape[axis]
         x = _pad(ctx, x, [m - 1 if isinstance(p, SymDim) else p for p in pad], mode, value)
-        end = canonical_dim(f"{m}*(({d}+{m - 1})//{m})")
+        padded = ctx.ir_dim(ctx.fx_node.meta["val"].shape[axis])  # m itself where the dim's range spans one chunk
+        end = padded if isinstance(padded, int) else canonical_dim(f"{m}*(({d}+{m - 1})//{m})")
         return ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (0,), "ends": (end,), "steps": (1,)})
     rank, pad = len(x.shape), [int(p) for p in pad]
     if len(pad) % 2 or len(pad) > 2 * rank:
