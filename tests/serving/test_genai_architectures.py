@@ -265,16 +265,23 @@ def test_genai_batch_of_prompts_of_different_lengths_gives_each_its_own_tokens(a
     assert [[int(t) for t in g.get_sequence(i)][width:width + new] for i in range(len(prompts))] == want
 
 
+def _greedy_package(arch: str, tmp_path: Path):
+    """A tiny ``arch`` with a PEFT adapter (``tiny_with_adapter``), its package at ``tmp_path / "pkg"`` (adapter
+    ``ad``): ``(model, adapted)``, both generating without an end-of-text token."""
+    model, adapted = tiny_with_adapter(arch, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
+    for m in (model, adapted.base_model.model):
+        m.generation_config.eos_token_id = None
+    return model, adapted
+
+
 def test_hybrid_rows_of_different_lengths_join_and_leave_as_eager_alone(tmp_path: Path) -> None:
     """Bamba (a Mamba-2 layer, an attention layer): rows of different prompt lengths, adapter and base mixed, join
     and leave between steps; the batch left-pads keys and values, stacks the rows' fixed-size states, trims the
     padding a long row leaves behind, and each row's tokens equal eager PEFT's for it alone."""
-    model, adapted = tiny_with_adapter("BambaForCausalLM", tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
-        for m in (model, adapted.base_model.model):
-            m.generation_config.eos_token_id = None
+    model, adapted = _greedy_package("BambaForCausalLM", tmp_path)
     long, short, mid = [1, 5, 9, 33, 70, 4, 8, 21, 17, 3, 60], [7, 12], [44, 2, 90, 13, 5]
     batch = Generator(tmp_path / "pkg").batch()
     a = batch.add(long, adapter="ad", max_new_tokens=10, stop_tokens=[])
@@ -297,12 +304,7 @@ def test_a_prompt_longer_than_one_scan_chunk_prefills_in_pieces(tmp_path: Path) 
     """Qwen3.5's gated delta rule loops over chunks of 64 in Python, so its graph takes one chunk a call
     (``dim_max`` seq 64, in the model's metadata): a 150-token prompt prefills in three pieces, each continuing the
     cache, and the tokens equal eager PEFT's (which runs its three chunks at once)."""
-    model, adapted = tiny_with_adapter("Qwen3_5ForCausalLM", tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_genai(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
-        for m in (model, adapted.base_model.model):
-            m.generation_config.eos_token_id = None
+    model, adapted = _greedy_package("Qwen3_5ForCausalLM", tmp_path)
     gen = Generator(tmp_path / "pkg")
     assert gen.max_step == 64
     prompt = [int(t) for t in torch.randint(3, 128, (150,), generator=torch.Generator().manual_seed(5))]
