@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "each NAME=DIR (NAME defaults to the folder's name)")
     e.add_argument("--task", choices=["default", "text-generation-with-past"], default="default",
                    help="text-generation-with-past: a causal LM with its key/value cache (inputs input_ids, "
-                        "attention_mask, position_ids, past_key_values.N.key/value; outputs logits, present.N.key/value)")
+                        "attention_mask, position_ids, past_key_values.N.key/value, and a state-space or convolution "
+                        "layer's past.N.conv/recurrent; outputs logits, present.N.*)")
     e.add_argument("--format", choices=["file", "genai"], default="file",
                    help="file: one artifact for --backend; genai: an ONNX Runtime GenAI package folder "
                         "(genai_config.json, model.onnx, adapters/NAME.onnx_adapter, tokenizer files)")
