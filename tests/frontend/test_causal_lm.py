@@ -129,6 +129,10 @@ def _config(arch: str):
         "Qwen3_5ForCausalLM": lambda: transformers.Qwen3_5TextConfig(
             **COMMON, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
             linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
+        "Qwen3NextForCausalLM": lambda: transformers.Qwen3NextConfig(  # the same with routed and shared experts
+            **COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
         "Lfm2ForCausalLM": lambda: transformers.Lfm2Config(
             **{**COMMON, "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"]),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
