@@ -357,9 +357,9 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     (see :func:`_causal_mask_of`).
 
     GroupQueryAttention reads only each row's length (``attention_mask``'s row sums) and keeps
-    the caches right-padded, so the fused model's contract is different (and none is fused where anything
-    but the attentions' masks reads ``attention_mask``, such as a state-space layer zeroing padded tokens): a row's tokens start at
-    cache position 0 (left padding is not masked), and the mask's width is either the past's
+    the caches right-padded, so the fused model's contract is different (and none is fused where
+    anything but the attentions' masks reads ``attention_mask``, such as a state-space layer zeroing
+    padded tokens): a row's tokens start at cache position 0 (left padding is not masked), and the mask's width is either the past's
     length plus the new tokens' (present = past + new, as before) or at most the past's length
     (the past is a fixed buffer that present shares, written in place at each row's length). The
     caller records that in the metadata (:data:`CACHE_PADDING_KEY`).
@@ -472,7 +472,8 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
                                            domain=CONTRIB_DOMAIN, **gqa_attrs)]
     ctx.nodes[:] = prelude + [r for n in ctx.nodes if id(n) not in dropped for r in replace.get(id(n), [n])]
     read = drop_unread(ctx)  # what only the old attention read (mask, rotary tables, the split)
-    if any(attention_mask in n.input for n in ctx.nodes[len(prelude):]):
+    own = {id(n) for n in prelude}  # the row lengths GQA reads off the mask
+    if any(attention_mask in n.input for n in ctx.nodes if id(n) not in own):
         # the mask read past the attentions (a state-space layer zeroing padded tokens): right-padded rows would
         # change what those readers see, so the model keeps the standard contract
         ctx.restore(saved)

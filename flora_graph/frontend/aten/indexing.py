@@ -131,7 +131,6 @@ def _static_axis(ctx, x, dim) -> int:
 def _slice_scatter(ctx, x, src, dim=0, start=None, end=None, step=1):
     if any(isinstance(v, SymDim) for v in (start, end)):
         raise refuse(ctx, "slice_scatter at dynamic bounds")
-    axis = axis_of(int(dim), len(x.shape))
     if (start or 0) == 0 and (end is None or end >= 2**62) and int(step) == 1 and src.shape == x.shape:
         return as_dtype(ctx, src, x.dtype)  # the whole axis (x[:, i] = v written through x[:]): src is the result
     axis = _static_axis(ctx, x, dim)
