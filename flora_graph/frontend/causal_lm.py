@@ -433,23 +433,23 @@ def dynamic_ntk_per_row(model: nn.Module) -> contextlib.AbstractContextManager[l
 
 
 def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None,
-                      share_weights: bool = False) -> Graph:
+                      share_weights: bool = False, layout: CacheLayout | None = None) -> Graph:
     """Capture ``model`` (a transformers causal LM, or a PeftModel of one) with its key/value cache.
 
     The graph's inputs and outputs are named as in the module docstring (:meth:`CacheLayout.past_names`,
     :meth:`CacheLayout.present_names`); a state-space model is traced over two chunks of its scan
     (:func:`scan_chunk`); ``batch``, ``seq`` and ``past_seq`` are dynamic (``dim_max`` may bound them, e.g.
-    ``{"seq": 4096}``). A ``longrope``
-    rotary takes its frequency set row by row (:func:`longrope_per_row`), a ``dynamic`` (NTK) one its
-    frequencies (:func:`dynamic_ntk_per_row`); a sliding window counts token
+    ``{"seq": 4096}``). A ``longrope`` rotary takes its frequency set row by row (:func:`longrope_per_row`), a
+    ``dynamic`` (NTK) one its frequencies (:func:`dynamic_ntk_per_row`); a sliding window counts token
     positions (:func:`~flora_graph.frontend.sliding_window.windows_by_position`). ``share_weights``: the graph's
-    weights are views of the model's (see :func:`~flora_graph.frontend.capture`).
+    weights are views of the model's (see :func:`~flora_graph.frontend.capture`). ``layout``: the model's
+    :func:`cache_layout`, where the caller has it (a hybrid's is read off an eager step).
 
     Raises:
         GraphError: the model is not a causal LM with a config, or torch.export fails on it.
         UnsupportedOpError: as :func:`~flora_graph.frontend.capture` does.
     """
-    layout = cache_layout(model)
+    layout = cache_layout(model) if layout is None else layout
     base = _base(model)
     vocab = int(getattr(base.config, "vocab_size", 256))
     chunk = scan_chunk(base.config) if layout.states else None

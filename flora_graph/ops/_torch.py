@@ -44,16 +44,21 @@ def dim_sources(inputs: Iterable[tuple[str, Shape]]) -> Iterator[dict[Dim, str]]
             rest = linear_rest(d, names[0]) if len(names) == 1 and names[0] not in sources else None
             parts = None if rest is None else [(c, [sources.get(n) for n in ns]) for c, ns in dim_terms(rest)]
             if parts is not None and all(all(ps) for _, ps in parts):
-                less = ""
-                for c, ps in parts:
-                    factors = ([str(abs(c))] if abs(c) != 1 or not ps else []) + ps
-                    less += (" - " if c < 0 else " + " if less else "") + " * ".join(factors)
-                sources[names[0]] = f"({src} - ({less}))" if less else src
+                sources[names[0]] = f"({src} - ({_terms_expr(parts)}))" if parts else src
     token = _SOURCES.set(sources)
     try:
         yield sources
     finally:
         _SOURCES.reset(token)
+
+
+def _terms_expr(terms: Sequence[tuple[int, Sequence[str]]]) -> str:
+    """Source of a sum of terms, each a coefficient and its factors' sources: ``a * b - 2 * c + 3``."""
+    out = ""
+    for coef, factors in terms:
+        parts = ([str(abs(coef))] if abs(coef) != 1 or not factors else []) + list(factors)
+        out += (" - " if coef < 0 else " + " if out else "") + " * ".join(parts)
+    return out
 
 
 def dim_expr(dim: Dim, node: ComputationNode, local: Sequence[tuple[str, Shape]] = ()) -> str:
@@ -73,10 +78,7 @@ def dim_expr(dim: Dim, node: ComputationNode, local: Sequence[tuple[str, Shape]]
         return f"(({dim_expr(parts[0], node, local)}) // {parts[1]})"
     terms = dim_terms(dim)
     if len(terms) > 1 or terms[0][0] != 1 or len(terms[0][1]) > 1:  # a product or a sum of named dims
-        out = ""
-        for coef, names in terms:
-            factors = ([str(abs(coef))] if abs(coef) != 1 or not names else []) + [dim_expr(n, node, local) for n in names]
-            out += (" - " if coef < 0 else " + " if out else "") + " * ".join(factors)
+        out = _terms_expr([(coef, [dim_expr(n, node, local) for n in names]) for coef, names in terms])
         return f"({out})" if len(terms) > 1 else out
     raise GraphError(f"node {node.name!r} ({node.op.value}): dim {dim!r} is not carried by any graph input")
 

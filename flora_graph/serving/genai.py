@@ -299,7 +299,8 @@ def export_genai(
     sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
     if sites:  # the model was loaded for this export alone: its layers take the slots in place, no copy
         apply_lora(model, sites, rank=1)  # where the slots go; their weights are fed at run time
-    graph = capture_causal_lm(model, name=arch, share_weights=True)  # the weights stay where the model loaded them
+    # the weights stay where the model loaded them
+    graph = capture_causal_lm(model, name=arch, share_weights=True, layout=layout)
     # the graph's weights keep the tensors' memory alive: from here on the model is its configs
     model = SimpleNamespace(config=model.config, generation_config=getattr(model, "generation_config", None))
     seconds["capture"] = time.perf_counter() - t0
