@@ -256,6 +256,8 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
     def run(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
             past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         cache = _cache_of(layout, list(past_key_values or []), config)
+        if layout.states and not layout.kv_layers:  # recurrent layers alone read the new tokens' part of the mask
+            attention_mask = attention_mask[:, -input_ids.shape[1]:]  # (Mamba-1's layers multiply by it as given)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True,
                                   cache_arg: cache}
         if position_ids is not None:

@@ -12,6 +12,9 @@
   :func:`merged_peft_attention` merges those layers for the capture, so they are captured merged
   (their adapter baked into ``in_proj_weight`` / ``out_proj.weight``; the graph has no LoRA site
   for them), and puts the original parameters back, bit for bit, after.
+
+Mamba-1's selective scan (a Python loop over positions) has its own module,
+:mod:`~flora_graph.frontend.selective_scan`.
 """
 
 from __future__ import annotations

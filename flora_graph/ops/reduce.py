@@ -1,5 +1,5 @@
 """Reductions and scans: ``ReduceMean``, ``ReduceSum``, ``ReduceProd``, ``ReduceMax``,
-``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``, ``ArgTopK``.
+``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``, ``LinearScan``, ``ArgTopK``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
 numpy semantics, ONNX rule and torch rule side by side. The numpy rules sum, multiply,
@@ -269,6 +269,89 @@ define(
     "CUMSUM", "CumSum", (1, 1), {"axis": AttrSpec("int", required=True)},
     infer=_infer_cumsum, doc="Inclusive cumulative sum along axis.",
     numpy=_numpy_cumsum, onnx=_onnx_cumsum, torch=_torch_cumsum,
+)
+
+
+# --------------------------------------------------------------------------- LinearScan
+def _infer_linear_scan(shapes, dtypes, attrs):
+    """``a`` and ``b`` of one shape; ``h0`` that shape without the scanned axis; floats of one dtype."""
+    a, b, h0 = shapes
+    if len(set(dtypes)) != 1 or dtypes[0] not in ("float16", "bfloat16", "float32", "float64"):
+        raise ShapeError(f"LinearScan takes floats of one dtype, got {', '.join(dtypes)}")
+    if len(a) != len(b) or not all(dims_equal(x, y) for x, y in zip(a, b, strict=True)):
+        raise ShapeError(f"LinearScan: a {tuple(a)} and b {tuple(b)} differ in shape")
+    axis = normalize_axis(attrs["axis"], len(a), what="LinearScan axis")
+    rest = [d for i, d in enumerate(a) if i != axis]
+    if len(h0) != len(rest) or not all(dims_equal(x, y) for x, y in zip(h0, rest, strict=True)):
+        raise ShapeError(f"LinearScan: h0 {tuple(h0)} is not a {tuple(a)} without axis {axis}")
+    return tuple(b), dtypes[0]
+
+
+def _numpy_linear_scan(a: np.ndarray, b: np.ndarray, h0: np.ndarray, *, axis: int) -> np.ndarray:
+    """``h[t] = a[t] * h[t-1] + b[t]`` along ``axis`` from ``h[-1] = h0``, in float64."""
+    axis %= a.ndim
+    a64, b64 = np.moveaxis(a, axis, 0).astype(np.float64), np.moveaxis(b, axis, 0).astype(np.float64)
+    out, h = np.empty_like(b64), h0.astype(np.float64)
+    for t in range(a64.shape[0]):
+        h = a64[t] * h + b64[t]
+        out[t] = h
+    return np.moveaxis(out, 0, axis)
+
+
+def _onnx_linear_scan(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``Scan`` over ``a`` and ``b`` along the axis, its state ``h0``: a body of one ``Mul`` and one ``Add``."""
+    from onnx import helper
+
+    a, b, h0 = ctx.args(node)
+    axis = int(node.attrs["axis"]) % len(node.shape)
+    elem = ONNX_DTYPES[ctx.dtype]  # the compute dtype: float32 for a widened 16-bit node
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["a_t", "h"], ["ah"]), helper.make_node("Add", ["ah", "b_t"], ["h_next"]),
+         helper.make_node("Identity", ["h_next"], ["h_out"])],
+        f"{node.name}_step",
+        [helper.make_tensor_value_info(n, elem, None) for n in ("h", "a_t", "b_t")],
+        [helper.make_tensor_value_info(n, elem, None) for n in ("h_next", "h_out")],
+    )
+    ctx.emit("Scan", [h0, a, b], [ctx.fresh(f"{out}/last"), out], body=body, num_scan_inputs=2,
+             scan_input_axes=[axis, axis], scan_output_axes=[axis])
+
+
+_SCAN_HELPER = "_flora_linear_scan"
+_SCAN_SOURCE = f'''
+def {_SCAN_HELPER}(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, axis: int) -> torch.Tensor:
+    """h[t] = a[t] * h[t-1] + b[t] along axis: a loop in TorchScript, torch's scan elsewhere (torch.export)."""
+    if torch.jit.is_scripting():
+        states = []
+        for t in range(a.size(axis)):
+            h = a.select(axis, t) * h + b.select(axis, t)
+            states.append(h)
+        return torch.stack(states, axis)
+    return {_SCAN_HELPER}_traced(a, b, h, axis)
+
+
+def {_SCAN_HELPER}_step(h, ab):
+    h = ab[0] * h + ab[1]
+    return h, h.clone()
+
+
+@torch.jit.unused
+def {_SCAN_HELPER}_traced(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, axis: int) -> torch.Tensor:
+    from torch._higher_order_ops.scan import scan
+
+    return scan({_SCAN_HELPER}_step, h, (a.movedim(axis, 0), b.movedim(axis, 0)))[1].movedim(0, axis)
+'''
+
+
+def _torch_linear_scan(node: ComputationNode, args: list[str]) -> str:
+    return f"{_SCAN_HELPER}({args[0]}, {args[1]}, {args[2]}, {int(node.attrs['axis']) % len(node.shape)})"
+
+
+define(
+    "LINEAR_SCAN", "LinearScan", (3, 3), {"axis": AttrSpec("int", required=True)},
+    infer=_infer_linear_scan,
+    doc="Every state of the first-order linear recurrence h[t] = a[t] * h[t-1] + b[t] along axis, from h[-1] = h0 "
+        "(inputs a, b, h0; h0 is a's shape without axis): a selective scan's states (Mamba), CumSum when a is 1.",
+    numpy=_numpy_linear_scan, onnx=_onnx_linear_scan, torch=_torch_linear_scan, torch_source=_SCAN_SOURCE,
 )
 
 

@@ -47,6 +47,7 @@ class OpDef:
     onnx: OnnxRule
     torch: TorchRule
     family: str  # the module that declares it, e.g. "linear"
+    torch_source: str = ""  # module-level functions the torch rule's expressions call (put before forward)
 
 
 OPS: dict[Op, OpDef] = {}
@@ -66,11 +67,15 @@ def define(
     torch: TorchRule,
     groups: Iterable[str] = (),
     family: str | None = None,
+    torch_source: str = "",
 ) -> Op:
     """Declare op ``Op.<name>`` (``value`` in text and JSON) with ``inputs`` = ``(min, max)``
     (``max`` ``None``: variadic), its attribute specs, shape rule, doc, rules and groups.
 
-    ``family`` defaults to the last component of the calling module's name. Returns the op.
+    ``family`` defaults to the last component of the calling module's name. ``torch_source`` is
+    Python source of module-level functions the torch rule's expressions call (a loop, which
+    one expression cannot hold), written once into each generated module that uses the op;
+    their names start with ``_flora_``. Returns the op.
     """
     if family is None:
         import inspect
@@ -82,7 +87,7 @@ def define(
         if not callable(rule):
             raise TypeError(f"op {value!r}: the {what} rule must be callable, got {rule!r}")
     sch = register_op(name, value, inputs[0], inputs[1], attrs, infer, doc, groups)
-    OPS[sch.op] = OpDef(sch.op, sch, numpy, onnx, torch, family)
+    OPS[sch.op] = OpDef(sch.op, sch, numpy, onnx, torch, family, torch_source)
     return sch.op
 
 

@@ -120,7 +120,8 @@ def generate_forward(graph: Graph, constants: Mapping[ComputationNode, np.ndarra
         parts, body = _fork_parts(body, outs, max_lines, names)
     sig = ", ".join(["self", *(f"{a}: torch.Tensor" for a in args)])
     lines = [f"def forward({sig}) -> {_tensor_tuple(len(outs))}:", *body, f"    return ({', '.join(outs)},)"]
-    return "".join(f"{p}\n\n" for p in parts) + "\n".join(lines) + "\n", args, buffers
+    helpers = dict.fromkeys(OPS[n.op].torch_source for n in graph.live_nodes() if n.op in OPS and OPS[n.op].torch_source)
+    return "".join(f"{h.strip()}\n\n\n" for h in helpers) + "".join(f"{p}\n\n" for p in parts) + "\n".join(lines) + "\n", args, buffers
 
 
 PART_PREFIX = "_flora_part_"  # methods of a forward cut into parts (buffers are "w_*": never a clash)
@@ -135,7 +136,8 @@ def _line_names(line: str) -> tuple[str, set[str]]:
     stmt = ast.parse(line.strip()).body[0]
     if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
         raise GraphError(f"torch lowering: cannot cut the generated line {line.strip()!r} into a part")
-    reads = {n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name)} - {"self", "torch", "F"}
+    called = {id(n.func) for n in ast.walk(stmt.value) if isinstance(n, ast.Call)}  # an op's helper function
+    reads = {n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name) and id(n) not in called} - {"self", "torch", "F"}
     return stmt.targets[0].id, reads
 
 

@@ -125,6 +125,16 @@ def _config(arch: str):
         "Mamba2ForCausalLM": lambda: transformers.Mamba2Config(  # state-space layers alone: no keys or values
             vocab_size=128, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=8, chunk_size=4,
             n_groups=1),
+        # Mamba-1 layers (a selective scan transformers loops over position by position), alone (Mamba; Falcon-Mamba
+        # with its B/C/dt norms) and beside attention layers and experts (Jamba)
+        "MambaForCausalLM": lambda: transformers.MambaConfig(vocab_size=128, hidden_size=64, state_size=8,
+                                                             num_hidden_layers=2, expand=2, conv_kernel=4),
+        "FalconMambaForCausalLM": lambda: transformers.FalconMambaConfig(vocab_size=128, hidden_size=64, state_size=8,
+                                                                         num_hidden_layers=2, expand=2, conv_kernel=4),
+        "JambaForCausalLM": lambda: transformers.JambaConfig(
+            **{**COMMON, "num_hidden_layers": 4}, mamba_d_state=8, mamba_expand=2, mamba_dt_rank=8, num_experts=4,
+            num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+            expert_layer_offset=1, use_mamba_kernels=False),
         # gated delta rule layers (a Python loop over chunks of 64: one chunk a call) beside attention
         "Qwen3_5ForCausalLM": lambda: transformers.Qwen3_5TextConfig(
             **COMMON, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,

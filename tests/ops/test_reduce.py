@@ -1,5 +1,5 @@
 """The reduction family (:mod:`flora_graph.ops.reduce`): ``ReduceMean``, ``ReduceSum``, ``ReduceProd``,
-``ReduceMax``, ``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``, ``ArgTopK``.
+``ReduceMax``, ``ReduceMin``, ``ReduceVar``, ``ArgMax``, ``ArgMin``, ``CumSum``, ``LinearScan``, ``ArgTopK``.
 
 Numpy reference against torch, then every backend against the reference; see
 :mod:`tests.ops.harness`. Rows on ``small_int`` floats have ties, so they check that the arg
@@ -10,6 +10,7 @@ normal floats (no ties); the rows with ties compare ``ArgTopK`` against a stable
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from flora_graph.ir import Op
@@ -58,6 +59,15 @@ def _any_all(g, x, rng):
     return {"any": red(Op.REDUCE_SUM, ()), "any_dim": red(Op.REDUCE_SUM, (1,)), "any_dims": red(Op.REDUCE_SUM, (0, 2)),
             "all": red(Op.REDUCE_PROD, ()), "all_dim": red(Op.REDUCE_PROD, (2,), 1),
             "all_dims": red(Op.REDUCE_PROD, (0, 1))}
+
+
+def _torch_linear_scan(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, axis: int) -> torch.Tensor:
+    """The recurrence as Mamba's reference loop writes it, one position at a time."""
+    states = []
+    for t in range(a.shape[axis]):
+        h = a.select(axis, t) * h + b.select(axis, t)
+        states.append(h)
+    return torch.stack(states, axis)
 
 
 def _std(g, x, rng):
@@ -120,6 +130,13 @@ CASES = [
          lambda x: tuple(torch.sort(x, stable=True, dim=1, descending=True)), capture=("sort.stable",)),
     Case("arg_top_k_ties", {"x": TIES}, op(Op.ARG_TOP_K, "x", k=4, axis=-1, largest=1),
          lambda x: torch.sort(x, stable=True, descending=True)[1][..., :4]),
+    Case("linear_scan_decaying", {"a": In(("batch", 2, "seq", 3), kind="positive"), "b": In(("batch", 2, "seq", 3)),
+                                  "h0": In(("batch", 2, 3))},
+         lambda g, x, rng: g.add(Op.LINEAR_SCAN, [g.add(Op.MUL, [x["a"], g.const("k", np.array(0.3, np.float32))]),
+                                                  x["b"], x["h0"]], {"axis": 2}),
+         lambda a, b, h: _torch_linear_scan(a * 0.3, b, h, 2), tol=1e-5),
+    Case("linear_scan_first_axis", {"a": In(("seq", "batch")), "b": In(("seq", "batch")), "h0": In(("batch",))},
+         op(Op.LINEAR_SCAN, "a", "b", "h0", axis=0), lambda a, b, h: _torch_linear_scan(a, b, h, 0), tol=1e-5),
     Case("cumsum_int", {"x": In(("batch", "seq"), "int64", "small_int")}, op(Op.CUMSUM, "x", axis=-1), lambda x: x.cumsum(-1)),
 ]
 
