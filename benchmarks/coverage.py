@@ -279,6 +279,20 @@ register("mamba2", "hybrid", decoder("Mamba2Config", "Mamba2ForCausalLM", vocab_
                                      num_hidden_layers=2, num_heads=4, head_dim=16, state_size=8, chunk_size=3,
                                      n_groups=1, lora_cfg={"target_modules": ["in_proj"]}),
          "state-space layers alone (Mamba-2's chunked scan)")
+register("mamba", "hybrid", decoder("MambaConfig", "MambaForCausalLM", vocab_size=VOCAB, hidden_size=32,
+                                    num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+                                    lora_cfg={"target_modules": ["in_proj", "x_proj"]}),
+         "Mamba-1's selective scan, a Python loop over positions (one LinearScan)")
+register("falcon-mamba", "hybrid", decoder("FalconMambaConfig", "FalconMambaForCausalLM", vocab_size=VOCAB,
+                                           hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+                                           lora_cfg={"target_modules": ["in_proj", "x_proj"]}),
+         "Mamba-1 with RMS norms on B, C and dt")
+register("jamba", "hybrid", decoder("JambaConfig", "JambaForCausalLM", **{**GQA, "num_hidden_layers": 4},
+                                    mamba_d_state=8, mamba_expand=2, mamba_dt_rank=8, num_experts=4,
+                                    num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+                                    expert_layer_period=2, expert_layer_offset=1, use_mamba_kernels=False,
+                                    lora_cfg={"target_modules": ["q_proj", "v_proj", "in_proj", "x_proj"]}),
+         "Mamba-1 and attention layers, experts on every other layer")
 register("qwen3.5", "hybrid", decoder("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", **GQA, head_dim=8,
                                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
                                       linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"],
