@@ -182,9 +182,11 @@ def check_backend(case: Case, backend: str) -> None:
 
 
 def aten_overload(name: str) -> Any:
-    """``"sign.default"`` -> ``torch.ops.aten.sign.default``."""
+    """``"sign.default"`` -> ``torch.ops.aten.sign.default``; ``"flora_graph::linear_scan.default"`` -> that
+    namespace's op (a custom op capture records as one node)."""
+    namespace, _, name = name.rpartition("::")
     op_name, overload = name.split(".")
-    return getattr(getattr(torch.ops.aten, op_name), overload)
+    return getattr(getattr(getattr(torch.ops, namespace or "aten"), op_name), overload)
 
 
 def check_capture(case: Case) -> set[Op]:

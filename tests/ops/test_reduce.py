@@ -70,6 +70,13 @@ def _torch_linear_scan(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, axis: 
     return torch.stack(states, axis)
 
 
+def _scan_op(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The custom op Mamba-1's layers call while capturing (``flora_graph.frontend.selective_scan``)."""
+    from flora_graph.frontend.selective_scan import linear_scan
+
+    return linear_scan(a, b, h, 1)
+
+
 def _std(g, x, rng):
     var = g.add(Op.REDUCE_VAR, [x["x"]], {"axes": (2,), "keepdims": 0, "correction": 1.0})
     var_all = g.add(Op.REDUCE_VAR, [x["x"]], {"axes": (), "keepdims": 0, "correction": 1.0})
@@ -137,6 +144,8 @@ CASES = [
          lambda a, b, h: _torch_linear_scan(a * 0.3, b, h, 2), tol=1e-5),
     Case("linear_scan_first_axis", {"a": In(("seq", "batch")), "b": In(("seq", "batch")), "h0": In(("batch",))},
          op(Op.LINEAR_SCAN, "a", "b", "h0", axis=0), lambda a, b, h: _torch_linear_scan(a, b, h, 0), tol=1e-5),
+    Case("linear_scan_captured", {"a": In(("batch", "seq", 3)), "b": In(("batch", "seq", 3)), "h0": In(("batch", 3))},
+         op(Op.LINEAR_SCAN, "a", "b", "h0", axis=1), _scan_op, tol=1e-5, capture=("flora_graph::linear_scan.default",)),
     Case("cumsum_int", {"x": In(("batch", "seq"), "int64", "small_int")}, op(Op.CUMSUM, "x", axis=-1), lambda x: x.cumsum(-1)),
 ]
 
