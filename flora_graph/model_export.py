@@ -141,8 +141,9 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     set_use_cache(model, False)  # logits only: no key/value cache outputs (capture drops them too)
     if attention_mask and "attention_mask" not in inspect.signature(model.forward).parameters:
         raise FloraGraphError(f"{arch}.forward takes no attention_mask")
-    vocab = int(getattr(config, "vocab_size", 256))
-    max_pos = getattr(config, "max_position_embeddings", None)
+    text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    vocab = int(getattr(text_config, "vocab_size", None) or getattr(config, "vocab_size", 256))  # a multimodal
+    max_pos = getattr(text_config, "max_position_embeddings", None)  # model's text part names the vocabulary
     dim_max = {"seq": int(max_pos)} if isinstance(max_pos, int) and max_pos >= 2 else {}
     seq = min(8, dim_max.get("seq", 8))
     # an encoder with segment embeddings (BERT) takes token_type_ids beside the mask

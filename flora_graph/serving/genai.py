@@ -40,10 +40,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
+
+if TYPE_CHECKING:
+    from flora_graph.serving.text_decoder import TextDecoder
 
 __all__ = ["BASE_BRANCH_MAX_BYTES", "GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "MODEL_DATA", "PRECISIONS", "REFILL_KEY",
            "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport", "add_adapters", "causal_lm_classes", "context_length", "export_genai", "genai_config", "genai_type",
@@ -271,9 +274,10 @@ def export_genai(
     say = progress or (lambda msg: None)
     adapters = dict(adapters or {})
     arch = check_model_folder(base)
-    if arch not in causal_lm_classes():
+    if arch not in causal_lm_classes() and text_part(base) is None:
         raise FloraGraphError(f"{base}: {arch} is not a causal LM (a class transformers' AutoModelForCausalLM "
-                              "builds); generation packages are made for causal LMs")
+                              "builds) nor a multimodal model whose text part has one; generation packages are "
+                              "made for causal LMs")
     for name, folder in adapters.items():
         check_name(name, "adapter name", error=AdapterError)
         _refuse_unswappable(name, Path(folder), check_adapter_folder(folder))
@@ -283,11 +287,17 @@ def export_genai(
     t0 = time.perf_counter()
     say(f"loading {arch} from {base}")
     from flora_graph.model_export import load_model
+    from flora_graph.serving.text_decoder import text_decoder
 
     model = load_model(base).model
     if merge is not None:
         model = _merged(model, Path(merge), say)
-    params = _adapter_params(model, adapters, say)
+    text = text_decoder(model)
+    if text is not None:
+        say(f"{arch}: exporting its text decoder as {type(text.model).__name__} (the vision/audio side is left out)")
+        arch = type(text.model).__name__
+    params = _adapter_params(model, adapters, say, text)
+    model = model if text is None else text.model
     seconds["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -507,8 +517,10 @@ def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, s
         raise AdapterError(f"{pkg} already has adapter(s) {taken}; pass replace=True (--replace) to write them again")
     check_model_folder(base)
     say(f"loading the model of {base}")
+    from flora_graph.serving.text_decoder import text_decoder
+
     model = load_model(base).model
-    params = _adapter_params(model, adapters, say)
+    params = _adapter_params(model, adapters, say, text_decoder(model))
     for name, p in params.items():  # every adapter checked before the first is written
         check_params(p, spec, name, cast=True)
     (pkg / ADAPTERS_DIR).mkdir(exist_ok=True)
@@ -574,11 +586,39 @@ def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None
                            "layers only (target_modules)"[:900])
 
 
-def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None]) -> dict[str, dict]:
+def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None],
+                    text: TextDecoder | None = None) -> dict[str, dict]:
+    """Each adapter's parameters read on ``model`` (as loaded), named as the package's graph names its slots: by
+    ``text``'s module paths where the package is a multimodal model's text decoder."""
     from flora_graph.serving.slots import peft_adapter_params
+    from flora_graph.serving.text_decoder import text_params
 
     out = {}
     for name, folder in adapters.items():
         say(f"reading adapter {name} from {folder}")
         out[name] = peft_adapter_params(model, folder)
+        if text is not None:
+            out[name], dropped = text_params(out[name], text.paths)
+            if not out[name]:
+                raise AdapterError(f"adapter {name!r} ({folder}) adapts none of {type(text.model).__name__}'s "
+                                   f"modules (only {', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}), "
+                                   "so it cannot change a text generation")
+            if dropped:
+                say(f"adapter {name}: {len(dropped)} module(s) outside the text decoder left out "
+                    f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}): they cannot change a text "
+                    "generation")
     return out
+
+
+def text_part(base: str | Path) -> type | None:
+    """The causal LM class of the text part of the multimodal model folder ``base`` (its config's
+    ``text_config``), or ``None``; reads the config only."""
+    import transformers
+
+    from flora_graph.serving.text_decoder import text_causal_lm_class
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(base, local_files_only=True)
+    except Exception:  # a config transformers cannot read: check_model_folder and the load say why
+        return None
+    return text_causal_lm_class(config)

@@ -145,6 +145,17 @@ def _config(arch: str):
             linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
         "Lfm2ForCausalLM": lambda: transformers.Lfm2Config(
             **{**COMMON, "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"]),
+        # multimodal checkpoints (a vision tower and projector beside the text decoder), whose text part a package holds
+        "Gemma3ForConditionalGeneration": lambda: transformers.Gemma3Config(
+            text_config=transformers.Gemma3TextConfig(**COMMON, head_dim=16), mm_tokens_per_image=4,
+            vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=2, image_size=28, patch_size=14),
+            image_token_index=127, boi_token_index=125, eoi_token_index=126),
+        "Mistral3ForConditionalGeneration": lambda: transformers.Mistral3Config(
+            text_config=transformers.MistralConfig(**COMMON, head_dim=16), image_token_index=127,
+            vision_config=transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                           num_attention_heads=2, image_size=28, patch_size=14,
+                                                           head_dim=16)),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
         "Gemma3nForCausalLM": lambda: transformers.Gemma3nTextConfig(
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
