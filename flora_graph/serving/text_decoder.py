@@ -63,6 +63,9 @@ def text_decoder(model: nn.Module) -> TextDecoder | None:
         return None
     what = f"{type(model).__name__}'s text part as {cls.__name__}"
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if isinstance(decoder, cls):  # the text part is a whole causal LM already (Llama 4's): the checkpoint's
+        decoder.generation_config = model.generation_config  # generation settings (end-of-text ids) are its own
+        return TextDecoder(decoder.eval(), model, _shared_paths(model, decoder))
     with torch.device("meta"):
         text = cls(model.config.get_text_config())
     prefix = cls.base_model_prefix
@@ -79,10 +82,13 @@ def text_decoder(model: nn.Module) -> TextDecoder | None:
     if unfilled:
         raise ModelFolderError(f"{what}: {', '.join(unfilled[:3])} have no counterpart in the checkpoint")
     text.generation_config = model.generation_config
-    text.eval()
+    return TextDecoder(text.eval(), model, _shared_paths(model, text))
+
+
+def _shared_paths(model: nn.Module, text: nn.Module) -> dict[str, str]:
+    """``model``'s path -> ``text``'s path of every module (but the root) the two hold."""
     names = {id(m): n for n, m in model.named_modules()}
-    paths = {names[id(m)]: n for n, m in text.named_modules() if id(m) in names and n}
-    return TextDecoder(text, model, paths)
+    return {names[id(m)]: n for n, m in text.named_modules() if id(m) in names and n}
 
 
 def text_params(params: Mapping[str, Any], paths: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:

@@ -156,6 +156,12 @@ def _config(arch: str):
             vision_config=transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                            num_attention_heads=2, image_size=28, patch_size=14,
                                                            head_dim=16)),
+        "Llama4ForConditionalGeneration": lambda: transformers.Llama4Config(  # its text part a whole causal LM
+            text_config=dict(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, intermediate_size_mlp=96,
+                             num_local_experts=2, attention_chunk_size=3, floor_scale=4),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                               projector_output_dim=64)),
         # per-layer inputs, AltUp, LAuReL, the last layers reading earlier layers' key/value cache
         "Gemma3nForCausalLM": lambda: transformers.Gemma3nTextConfig(
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,

@@ -24,14 +24,18 @@ from tests.frontend.test_causal_lm import tiny_causal_lm  # noqa: E402
 from tests.serving.genai_package import eager_greedy, genai_tokens, tiny_with_adapter  # noqa: E402
 
 PROMPT, NEW = [1, 5, 9, 33, 70], 8
-ARCHS = ["Gemma3ForConditionalGeneration", pytest.param("Mistral3ForConditionalGeneration", marks=pytest.mark.slow)]
+ARCHS = ["Gemma3ForConditionalGeneration", *(pytest.param(a, marks=pytest.mark.slow)
+                                             for a in ("Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration"))]
 TEXT = {"Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", "gemma3_text"),
-        "Mistral3ForConditionalGeneration": ("MistralForCausalLM", "mistral")}
+        "Mistral3ForConditionalGeneration": ("MistralForCausalLM", "mistral"),
+        "Llama4ForConditionalGeneration": ("Llama4ForCausalLM", "decoder")}
+TARGETS = {"Llama4ForConditionalGeneration": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_multimodal_checkpoint_packages_its_text_decoder_with_its_text_adapters(arch: str, tmp_path: Path) -> None:
-    model, adapted = tiny_with_adapter(arch, tmp_path)  # all-linear: the vision tower and projector too
+    # all-linear: the vision tower and projector too (Llama 4: its attention, in the text part and the vision tower)
+    model, adapted = tiny_with_adapter(arch, tmp_path, TARGETS.get(arch, "all-linear"))
     said: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
