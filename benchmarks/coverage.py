@@ -297,7 +297,7 @@ register("qwen3.5", "hybrid", decoder("Qwen3_5TextConfig", "Qwen3_5ForCausalLM",
                                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
                                       linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"],
                                       lora_cfg=ATTN_LORA),
-         "gated delta rule: a Python loop over chunks of 64, bounded to one chunk (dim_max seq 64)")
+         "gated delta rule: a Python loop over chunks of 64 (one GatedDeltaRule)")
 register("nemotron-h", "hybrid", decoder("NemotronHConfig", "NemotronHForCausalLM", vocab_size=VOCAB, hidden_size=32,
                                          intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=MAX_POS, mamba_num_heads=4, mamba_head_dim=16,

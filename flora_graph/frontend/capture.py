@@ -40,8 +40,7 @@ from flora_graph.frontend.aten.complex import COMPLEX_TABLE, complex_converter, 
 from flora_graph.frontend.aten.registry import chunk_samples
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import no_kv_cache
-from flora_graph.frontend.selective_scan import traceable_scans
-from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts
+from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts, traceable_scans
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import (
     Dim,

@@ -6,7 +6,8 @@ transformers' CPU path of a Mamba-1 layer (Mamba, Falcon-Mamba, Jamba) runs its 
 scan ignores the recurrent state in the cache when more than one token comes in (a prefill in
 pieces would restart from zero), taking another branch for one token.
 
-While :func:`~flora_graph.frontend.capture` runs, :func:`traceable_scans` swaps the module-level
+While :func:`~flora_graph.frontend.capture` runs, :func:`~flora_graph.frontend.traceable.traceable_scans`
+swaps the module-level
 ``mamba_scan_forward`` of those models' modeling modules (the function transformers marks as
 replaceable by a kernel, ``use_kernel_forward_from_hub("mamba_scan_forward")``) for
 :func:`scan_forward`: the same discretization, written with torch ops, around the custom op
@@ -19,10 +20,6 @@ its state, the gate) is the model's own, traced as it runs.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,11 +29,12 @@ from torch import nn
 from flora_graph.frontend.aten.registry import register
 from flora_graph.ir import ComputationNode, Op
 
-__all__ = ["SCAN_FORWARD", "linear_scan", "scan_forward", "traceable_scans"]
+__all__ = ["SCAN_FORWARD", "SCAN_FORWARD_PARAMS", "linear_scan", "scan_forward"]
 
 SCAN_FORWARD = "mamba_scan_forward"
-"""The module-level function of a Mamba-1 modeling module that :func:`traceable_scans` swaps."""
-_SIGNATURE = ("module", "hidden_states", "time_step", "B", "C", "gate", "cache")
+"""The module-level function of a Mamba-1 modeling module that :func:`scan_forward` stands in for."""
+SCAN_FORWARD_PARAMS = ("module", "hidden_states", "time_step", "B", "C", "gate", "cache")
+"""Its leading parameters."""
 
 
 @torch.library.custom_op("flora_graph::linear_scan", mutates_args=())
@@ -90,42 +88,6 @@ def scan_forward(module: nn.Module, hidden_states: torch.Tensor, time_step: torc
     if cache is not None:
         cache.update_recurrent_state(states[:, :, -1], module.layer_idx)
     return out.to(hidden_states.dtype)
-
-
-def _scan_modules(model: nn.Module) -> list[Any]:
-    """The modeling modules of ``model``'s layers that define a ``mamba_scan_forward`` of the known signature
-    (a function, or the module the ``kernels`` package wraps it in)."""
-    found: dict[str, Any] = {}
-    for m in model.modules():
-        mod = sys.modules.get(type(m).__module__)
-        fn = getattr(mod, SCAN_FORWARD, None) if mod is not None else None
-        if fn is None or mod.__name__ in found or fn is scan_forward:
-            continue
-        try:
-            params = tuple(inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).parameters)
-        except (TypeError, ValueError):
-            continue
-        if params[:len(_SIGNATURE)] == _SIGNATURE and hasattr(m, "A_log") and hasattr(m, "dt_proj"):
-            found[mod.__name__] = mod
-    return list(found.values())
-
-
-@contextlib.contextmanager
-def traceable_scans(model: nn.Module) -> Iterator[list[str]]:
-    """Within the block, the Mamba-1 layers of ``model`` scan through :func:`scan_forward`; yields the
-    names of the modeling modules switched. Their own function is put back on exit.
-
-    The swap is of a module-level function, so it holds for every model of those classes while
-    the block runs (capture runs ``torch.export`` inside it, nothing else).
-    """
-    swapped = [(mod, getattr(mod, SCAN_FORWARD)) for mod in _scan_modules(model)]
-    for mod, _ in swapped:
-        setattr(mod, SCAN_FORWARD, scan_forward)
-    try:
-        yield [mod.__name__ for mod, _ in swapped]
-    finally:
-        for mod, fn in swapped:
-            setattr(mod, SCAN_FORWARD, fn)
 
 
 @register(torch.ops.flora_graph.linear_scan.default)

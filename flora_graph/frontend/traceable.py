@@ -13,19 +13,36 @@
   (their adapter baked into ``in_proj_weight`` / ``out_proj.weight``; the graph has no LoRA site
   for them), and puts the original parameters back, bit for bit, after.
 
-Mamba-1's selective scan (a Python loop over positions) has its own module,
-:mod:`~flora_graph.frontend.selective_scan`.
+* **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
+  over positions; the gated delta rule of Qwen3.5 and Qwen3-Next, a loop over chunks of 64 around a
+  63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
+  lets a kernel replace (:data:`SWAPS`) for ones around a custom op the trace records as one node
+  (:mod:`~flora_graph.frontend.selective_scan`, :mod:`~flora_graph.frontend.delta_rule`), for the capture.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from torch import nn
 
-__all__ = ["TRACEABLE_EXPERTS", "merged_peft_attention", "traceable_experts"]
+from flora_graph.frontend.delta_rule import DELTA_RULE_PARAMS, gated_delta_rule
+from flora_graph.frontend.selective_scan import SCAN_FORWARD, SCAN_FORWARD_PARAMS, scan_forward
+
+__all__ = ["SWAPS", "TRACEABLE_EXPERTS", "merged_peft_attention", "traceable_experts", "traceable_scans"]
+
+SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
+    SCAN_FORWARD: (SCAN_FORWARD_PARAMS, scan_forward),
+    "torch_chunk_gated_delta_rule": (DELTA_RULE_PARAMS, gated_delta_rule),
+    "torch_recurrent_gated_delta_rule": (DELTA_RULE_PARAMS, gated_delta_rule),
+}
+"""Module-level function name -> (its leading parameters, the traceable function with those) for
+:func:`traceable_scans`."""
 
 TRACEABLE_EXPERTS = "batched_mm"
 _UNTRACEABLE = {None, "grouped_mm", "eager"}
@@ -74,3 +91,40 @@ def merged_peft_attention(model: nn.Module) -> Iterator[list[str]]:
             base.register_parameter("in_proj_weight", w_in)
             del out_base.weight
             out_base.register_parameter("weight", w_out)
+
+
+def _params(fn: Any) -> tuple[str, ...]:
+    """The parameter names of a function or of the module the ``kernels`` package wraps it in (``()`` if none)."""
+    try:
+        return tuple(inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+@contextlib.contextmanager
+def traceable_scans(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, each modeling module of ``model``'s layers that defines a function of :data:`SWAPS`
+    with the expected leading parameters has it swapped for the traceable one; yields ``"module.function"``
+    for each swap. Their own functions are put back on exit.
+
+    The swap is of a module-level function, so it holds for every model of those classes while the block
+    runs (capture runs ``torch.export`` inside it, nothing else).
+    """
+    modules = {}
+    for m in model.modules():
+        mod = sys.modules.get(type(m).__module__)
+        if mod is not None:
+            modules.setdefault(mod.__name__, mod)
+    swapped = []
+    for mod in modules.values():
+        for name, (params, fn) in SWAPS.items():
+            own = getattr(mod, name, None)
+            if own is not None and own is not fn and _params(own)[:len(params)] == params:
+                swapped.append((mod, name, own))
+    for mod, name, _ in swapped:
+        setattr(mod, name, SWAPS[name][1])
+    try:
+        yield [f"{mod.__name__}.{name}" for mod, name, _ in swapped]
+    finally:
+        for mod, name, own in swapped:
+            setattr(mod, name, own)

@@ -7,7 +7,7 @@ comparisons, logic, ``Where``, ``Cast``), :mod:`~flora_graph.ops.reduce` (``Redu
 ``LayerNorm``, ``RMSNorm``, ``LogSoftmax``, ``BatchNorm``, ``GroupNorm``), :mod:`~flora_graph.ops.pooling`
 (``MaxPool2d``, ``AvgPool2d``, ``Resize``), :mod:`~flora_graph.ops.attention`
 (``ScaledDotProductAttention``, ``RotaryEmbedding``; ``KVCacheAttention`` in
-:mod:`~flora_graph.ops.kv_attention`), :mod:`~flora_graph.ops.movement` (reshapes, transposes,
+:mod:`~flora_graph.ops.kv_attention`, ``GatedDeltaRule`` in :mod:`~flora_graph.ops.linear_attention`), :mod:`~flora_graph.ops.movement` (reshapes, transposes,
 concatenation, splits, slices, broadcasts, flips), :mod:`~flora_graph.ops.padding` (``Pad``,
 ``Tile``), :mod:`~flora_graph.ops.indexing` (``Gather``, ``GatherElements``, ``Index`` and
 the scatters ``IndexPut``, ``ScatterElements``), :mod:`~flora_graph.ops.creation` (``Arange``) and
@@ -26,6 +26,7 @@ from flora_graph.ops import (  # noqa: F401  (each family registers its ops on i
     indexing,
     kv_attention,
     linear,
+    linear_attention,
     movement,
     normalization,
     padding,

@@ -56,8 +56,9 @@ class LoweringContext:
     ``dtype`` is the compute dtype of the node being lowered (float32 for widened nodes).
     """
 
-    def __init__(self, graph: Graph, opset: int, live: list[ComputationNode]) -> None:
+    def __init__(self, graph: Graph, opset: int, live: list[ComputationNode], contrib: bool = False) -> None:
         self.graph, self.opset = graph, opset
+        self.contrib = contrib  # an op's rule may use ONNX Runtime's contrib ops (com.microsoft)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, TensorProto] = {}
         self.weights: dict[str, np.ndarray] = {}  # big float initializers, kept as arrays until written
@@ -241,7 +242,7 @@ def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contr
         if any(i.name == out and i is not n for i in graph.inputs):
             raise OnnxExportError(f"graph {graph.name!r}: output {out!r} has the name of an input but another value")
     live = _live_nodes(graph)
-    ctx = LoweringContext(graph, opset, live)
+    ctx = LoweringContext(graph, opset, live, contrib)
     for node in live:
         if node.op in OpGroup.Leaf:
             continue
@@ -272,7 +273,7 @@ def lower(graph: Graph, opset: int = DEFAULT_OPSET, *, check: bool = True, contr
         attentions, unread = fuse_group_query_attention(ctx, max_positions)
         if attentions:
             props[CACHE_PADDING_KEY] = "right"
-        if experts or norms or attentions:
+        if experts or norms or attentions or any(n.domain == CONTRIB_DOMAIN for n in ctx.nodes):
             opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     if graph.dim_max:  # what ONNX cannot declare: a reader (the Generator) keeps each call within it
         props[DIM_MAX_KEY] = json.dumps(dict(sorted(graph.dim_max.items())))

@@ -18,7 +18,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from flora_graph.frontend.causal_lm import CausalLMWithPast, cache_layout, capture_causal_lm, example_inputs  # noqa: E402
-from flora_graph.frontend.selective_scan import SCAN_FORWARD, scan_forward, traceable_scans  # noqa: E402
+from flora_graph.frontend.selective_scan import SCAN_FORWARD, scan_forward  # noqa: E402
+from flora_graph.frontend.traceable import traceable_scans  # noqa: E402
 from flora_graph.ir import Op  # noqa: E402
 from flora_graph.runtimes import compile  # noqa: E402
 
@@ -91,7 +92,7 @@ def test_the_scan_is_swapped_only_while_capturing_and_only_in_mamba_1_models() -
     with traceable_scans(llama) as switched:
         assert switched == []
     with traceable_scans(mamba) as switched:
-        assert switched == [module.__name__] and getattr(module, SCAN_FORWARD) is scan_forward
+        assert switched == [f"{module.__name__}.{SCAN_FORWARD}"] and getattr(module, SCAN_FORWARD) is scan_forward
     assert getattr(module, SCAN_FORWARD) is own
     with pytest.raises(RuntimeError), traceable_scans(mamba):
         raise RuntimeError("inside")

@@ -1,4 +1,5 @@
-"""The attention family (:mod:`flora_graph.ops.attention`): ``ScaledDotProductAttention``, ``RotaryEmbedding``.
+"""The attention family (:mod:`flora_graph.ops.attention`): ``ScaledDotProductAttention``, ``RotaryEmbedding``,
+``KVCacheAttention``, ``GatedDeltaRule`` (against transformers' token-by-token gated delta rule).
 
 Numpy reference against ``F.scaled_dot_product_attention`` (in float64) and Hugging Face's
 ``apply_rotary_pos_emb`` (``rotate_half``), then every backend against the reference; see
@@ -129,6 +130,37 @@ def _grouped_ref(q, k, v, m):
     return out.float().reshape(b, 2, 2, s, 5)
 
 
+DELTA = {"q": In(("batch", 2, "seq", 4)), "k": In(("batch", 2, "seq", 4)), "v": In(("batch", 2, "seq", 3)),
+         "g": In(("batch", 2, "seq")), "beta": In(("batch", 2, "seq"), kind="positive"), "h0": In(("batch", 2, 4, 3))}
+
+
+def _delta_ref(q, k, v, g, beta, h0):
+    """transformers' token-by-token gated delta rule (Qwen3.5's), its l2 norm off and its 1/sqrt(dk) on q undone;
+    its outputs and final state concatenated along axis 2."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+
+    def t(x):
+        return x.transpose(1, 2).contiguous()
+
+    out, state = torch_recurrent_gated_delta_rule(t(q * q.shape[-1] ** 0.5), t(k), t(v), t(g), t(beta),
+                                                  initial_state=h0, output_final_state=True)
+    return torch.cat([t(out), state], 2)
+
+
+def _delta_apart(g, x, rng):
+    """The outputs and the final state read apart, as a captured layer reads them."""
+    both = g.add(Op.GATED_DELTA_RULE, [x[n] for n in DELTA])
+    return {"out": g.add(Op.SLICE, [both], {"axes": (2,), "starts": (0,), "ends": ("seq",)}),
+            "state": g.add(Op.SLICE, [both], {"axes": (2,), "starts": ("seq",), "ends": (2**62,)})}
+
+
+def _delta_op(q, k, v, g, beta, h0):
+    """The custom op a Qwen3.5 layer calls while capturing (``flora_graph.frontend.delta_rule``)."""
+    from flora_graph.frontend.delta_rule import delta_rule
+
+    return delta_rule(q, k, v, g, beta, h0)
+
+
 CASES = [
     Case("sdpa_plain", QKV, op(Op.SDPA, "q", "k", "v"), _sdpa_ref()),
     Case("sdpa_scale", QKV, op(Op.SDPA, "q", "k", "v", scale=0.3), _sdpa_ref(scale=0.3)),
@@ -184,6 +216,8 @@ CASES = [
          _kv("q", "k", "v", "pk", "pv", "m", "sk"), _kv_sinks_ref),
     Case("rotary_shared_positions", {**ROTARY, "c": In(("seq", 4)), "s": In(("seq", 4))},
          op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
+    Case("gated_delta_rule", DELTA, op(Op.GATED_DELTA_RULE, "q", "k", "v", "g", "beta", "h0"), _delta_ref, tol=1e-4),
+    Case("gated_delta_rule_captured", DELTA, _delta_apart, _delta_op, tol=1e-4, capture=("flora_graph::delta_rule.default",)),
 ]
 
 
@@ -272,3 +306,20 @@ def test_a_kv_attention_that_does_not_fit_is_refused_by_name(change, why) -> Non
     with pytest.raises(ShapeError, match=why) as info:
         g.add(Op.KV_ATTENTION, ins, attrs, name="att")
     assert "'att'" in str(info.value)
+
+
+def test_gated_delta_rule_runs_as_onnx_runtime_s_linear_attention_with_contrib_ops() -> None:
+    """With contrib ops the rule is one ``com.microsoft.LinearAttention`` (no ``Scan``); both forms equal the numpy
+    reference at every size, a decaying ``g`` and ``beta`` in (0, 3)."""
+    case = next(c for c in CASES if c.id == "gated_delta_rule")
+    g = build(case)
+    for contrib, op_type in ((False, "Scan"), (True, "LinearAttention")):
+        model = to_onnx(g, contrib=contrib)
+        assert op_type in [n.op_type for n in model.graph.node]
+        assert ("LinearAttention" in [n.op_type for n in model.graph.node]) == contrib
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for k, sizes in enumerate(SIZES):
+            x = feeds(case, sizes, k)
+            x["g"] = -np.abs(x["g"])
+            got = sess.run(None, x)[0]
+            assert_close(got, run(g, x)["out"], case.tol, f"contrib={contrib} at {sizes}")

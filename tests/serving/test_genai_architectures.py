@@ -308,13 +308,23 @@ def test_hybrid_rows_of_different_lengths_join_and_leave_as_eager_alone(tmp_path
 
 
 @pytest.mark.slow
-def test_a_prompt_longer_than_one_scan_chunk_prefills_in_pieces(tmp_path: Path) -> None:
-    """Qwen3.5's gated delta rule loops over chunks of 64 in Python, so its graph takes one chunk a call
-    (``dim_max`` seq 64, in the model's metadata): a 150-token prompt prefills in three pieces, each continuing the
-    cache, and the tokens equal eager PEFT's (which runs its three chunks at once)."""
+def test_a_long_prompt_prefills_in_one_call_or_in_pieces_where_the_model_bounds_a_call(tmp_path: Path) -> None:
+    """Qwen3.5's gated delta rule is one op, so its graph takes any length: a 150-token prompt (three of the chunks
+    transformers loops over) prefills in one call. A model that bounds the tokens of a call (``dim_max`` of seq in
+    its metadata, as a loop torch.export fixed leaves it) prefills in pieces, each continuing the cache (its
+    recurrent states here): the same tokens as eager PEFT either way."""
+    from flora_graph.runtimes.onnx_lowering import DIM_MAX_KEY
+
     model, adapted = _greedy_package("Qwen3_5ForCausalLM", tmp_path)
+    prompt = [int(t) for t in torch.randint(3, 128, (150,), generator=torch.Generator().manual_seed(5))]
+    want = [eager_greedy(adapted, prompt, 6), eager_greedy(model, prompt[:40], 6)]
+    gen = Generator(tmp_path / "pkg")
+    assert gen.max_step is None
+    assert gen.generate([prompt, prompt[:40]], adapters=["ad", None], max_new_tokens=6, stop_tokens=[]) == want
+    for file in ("model.onnx", "mixed.onnx"):  # the bound declared
+        proto = onnx.load(str(tmp_path / "pkg" / file), load_external_data=False)
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, DIM_MAX_KEY: '{"seq": 64}'})
+        onnx.save(proto, str(tmp_path / "pkg" / file))
     gen = Generator(tmp_path / "pkg")
     assert gen.max_step == 64
-    prompt = [int(t) for t in torch.randint(3, 128, (150,), generator=torch.Generator().manual_seed(5))]
-    got = gen.generate([prompt, prompt[:40]], adapters=["ad", None], max_new_tokens=6, stop_tokens=[])
-    assert got == [eager_greedy(adapted, prompt, 6), eager_greedy(model, prompt[:40], 6)]
+    assert gen.generate([prompt, prompt[:40]], adapters=["ad", None], max_new_tokens=6, stop_tokens=[]) == want
