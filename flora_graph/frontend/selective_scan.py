@@ -7,10 +7,9 @@ scan ignores the recurrent state in the cache when more than one token comes in 
 pieces would restart from zero), taking another branch for one token.
 
 While :func:`~flora_graph.frontend.capture` runs, :func:`~flora_graph.frontend.traceable.traceable_scans`
-swaps the module-level
-``mamba_scan_forward`` of those models' modeling modules (the function transformers marks as
-replaceable by a kernel, ``use_kernel_forward_from_hub("mamba_scan_forward")``) for
-:func:`scan_forward`: the same discretization, written with torch ops, around the custom op
+swaps the module-level ``mamba_scan_forward`` of those models' modeling modules (the function
+transformers marks as replaceable by a kernel, ``use_kernel_forward_from_hub("mamba_scan_forward")``)
+for :func:`scan_forward`: the same discretization, written with torch ops, around the custom op
 ``flora_graph::linear_scan`` (:func:`linear_scan`), which the trace records as one node and the
 ATen table turns into the IR's ``LinearScan``. It starts from the cache's recurrent state for
 any number of tokens, so one graph prefills (from zeros or a previous piece's state) and

@@ -101,7 +101,8 @@ def generate_forward(graph: Graph, constants: Mapping[ComputationNode, np.ndarra
     their value (``{buffer name: array}``) instead of being computed. With ``max_lines``,
     a body longer than that is cut into forked parts of at most ``max_lines`` lines
     (methods ``_flora_part_<k>``, defined before ``forward`` in the source; see the module
-    docstring). Raises :class:`UnsupportedOpError` for an op without a torch rule.
+    docstring). The module-level functions the ops' torch rules call (``OpDef.torch_source``:
+    a scan's loop) come first, once each. Raises :class:`UnsupportedOpError` for an op without a torch rule.
     """
     if not graph.outputs:
         raise GraphError(f"graph {graph.name!r} has no outputs to lower")
