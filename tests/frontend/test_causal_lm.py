@@ -207,15 +207,21 @@ ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM", "MptFor
                                                   "Phi3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM"))]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
+def captured_with_eager(arch: str):
+    """A tiny ``arch`` captured with its cache, beside its eager reference: ``(graph, layout, wrapper, output names)``."""
     model = tiny_causal_lm(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = capture_causal_lm(model)
         layout = cache_layout(model)
-        wrapper = CausalLMWithPast(model, layout)
-        names = ["logits", *layout.present_names()]
+    return graph, layout, CausalLMWithPast(model, layout), ["logits", *layout.present_names()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
+    graph, layout, wrapper, names = captured_with_eager(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         assert list(graph.outputs) == names
         assert graph.inputs[1].name == "attention_mask" and graph.inputs[1].shape == ("batch", "past_seq+seq")
         for i in (range(layout.layers) if layout.kv_layers is None else layout.kv_layers):

@@ -9,7 +9,6 @@ whole prompt instead, which is what the pieces must add up to.
 from __future__ import annotations
 
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -17,13 +16,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from flora_graph.frontend.causal_lm import CausalLMWithPast, cache_layout, capture_causal_lm, example_inputs  # noqa: E402
+from flora_graph.frontend.causal_lm import CausalLMWithPast, cache_layout, example_inputs  # noqa: E402
 from flora_graph.frontend.selective_scan import SCAN_FORWARD, scan_forward  # noqa: E402
 from flora_graph.frontend.traceable import traceable_scans  # noqa: E402
 from flora_graph.ir import Op  # noqa: E402
 from flora_graph.runtimes import compile  # noqa: E402
 
-from .test_causal_lm import _feed, tiny_causal_lm  # noqa: E402
+from .test_causal_lm import _feed, captured_with_eager, tiny_causal_lm  # noqa: E402
 
 ARCHS = ["MambaForCausalLM", pytest.param("FalconMambaForCausalLM", marks=pytest.mark.slow),
          pytest.param("JambaForCausalLM", marks=pytest.mark.slow)]
@@ -49,13 +48,7 @@ def _piece(ids: torch.Tensor, start: int, past: list[torch.Tensor], layout) -> d
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_mamba_1_model_prefills_decodes_and_continues_in_pieces_as_eager(arch: str) -> None:
-    model = tiny_causal_lm(arch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = capture_causal_lm(model)
-    layout = cache_layout(model)
-    wrapper = CausalLMWithPast(model, layout)
-    names = ["logits", *layout.present_names()]
+    graph, layout, wrapper, names = captured_with_eager(arch)
     assert sum(n.op is Op.LINEAR_SCAN for n in graph.live_nodes()) == MAMBA_LAYERS[arch]
     assert graph.inputs[0].shape == ("batch", "seq")  # no length fixed to the example's
     assert {st.kind for st in layout.states} == {"conv", "recurrent"}
