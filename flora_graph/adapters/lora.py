@@ -146,6 +146,17 @@ class LoRAAdapter(nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as PEFT's LoRA layers expose it: a model that reads its layer's weight directly
+        (a Mamba layer's ``dt_proj``, a dtype probe) reads the base weight, and the adapter takes no part there."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (``None`` without one), as :attr:`weight`."""
+        return self.base_layer.bias
+
+    @property
     def rank(self) -> int:
         """Rank ``r`` of the low-rank update."""
         return self._rank

@@ -320,6 +320,10 @@ def export_genai(
     from flora_graph.passes import optimize
 
     unpacked = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable"} if sites else {}))
+    if sites:
+        from flora_graph.serving.slots import graph_slots
+
+        params = _read_sites(params, graph_slots(unpacked), say)
     if sites and base_branch is None:
         weight_bytes = sum(int(a.nbytes) for a in unpacked.params.values())
         base_branch = weight_bytes <= BASE_BRANCH_MAX_BYTES
@@ -494,7 +498,7 @@ def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, s
     from flora_graph.model_export import check_adapter_folder, check_model_folder, load_model
     from flora_graph.serving.adapter_file import spec_of, write_adapter
     from flora_graph.serving.errors import ServingError
-    from flora_graph.serving.slots import METADATA_KEY, check_params
+    from flora_graph.serving.slots import METADATA_KEY, check_params, slots_from_metadata
 
     say = progress or (lambda msg: None)
     pkg, adapters = Path(package), dict(adapters)
@@ -520,7 +524,8 @@ def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, s
     from flora_graph.serving.text_decoder import text_decoder
 
     model = load_model(base).model
-    params = _adapter_params(model, adapters, say, text_decoder(model))
+    params = _read_sites(_adapter_params(model, adapters, say, text_decoder(model)),
+                         slots_from_metadata({p.key: p.value for p in model_proto.metadata_props}, str(pkg))[1], say)
     for name, p in params.items():  # every adapter checked before the first is written
         check_params(p, spec, name, cast=True)
     (pkg / ADAPTERS_DIR).mkdir(exist_ok=True)
@@ -607,6 +612,26 @@ def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callabl
                 say(f"adapter {name}: {len(dropped)} module(s) outside the text decoder left out "
                     f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}): they cannot change a text "
                     "generation")
+    return out
+
+
+def _read_sites(params: dict[str, dict], slots: list[Any], say: Callable[[str], None]) -> dict[str, dict]:
+    """``params`` (each adapter's, read on the model) without the adapted modules that have no slot among ``slots``
+    (the model's :class:`~flora_graph.serving.slots.LoRASlot`): a module whose weight the model reads directly (a Mamba
+    layer's ``dt_proj``), where eager PEFT's adapter takes no part either. Raises :class:`AdapterError` for an adapter
+    left with none."""
+    slotted = {m for s in slots for m in (s.members or (s.module,))}
+    sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
+    unread = [site for site in sites if site not in slotted]
+    if not unread:
+        return params
+    say(f"{len(unread)} adapted module(s) take no part in the model's computation (it reads their weight directly, as "
+        f"under eager PEFT), left out: {', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}")
+    out = {name: {k: v for k, v in p.items() if k.rsplit(".", 1)[0] not in unread} for name, p in params.items()}
+    for name, p in out.items():
+        if not p:
+            raise AdapterError(f"adapter {name!r} adapts only modules that take no part in the model's computation "
+                               f"({', '.join(unread[:3])}): it cannot change a generation")
     return out
 
 

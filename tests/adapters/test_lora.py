@@ -39,6 +39,17 @@ def test_shapes_and_init_linear():
     assert isinstance(a.base_layer, nn.Linear)
 
 
+def test_weight_and_bias_are_the_base_layer_s_as_peft_exposes_them():
+    """A model that reads its layer's weight directly (a Mamba layer's ``dt_proj``) reads the base layer's."""
+    base = nn.Linear(5, 4)
+    a = _nonzero(LoRAAdapter(base, rank=2))
+    assert a.weight is base.weight and a.bias is base.bias
+    assert LoRAAdapter(nn.Linear(5, 4, bias=False), rank=2).bias is None
+    assert sorted(n for n, _ in a.named_parameters()) == ["base_layer.bias", "base_layer.weight", "lora_A", "lora_B"]
+    x = torch.randn(3, 5)
+    assert not torch.allclose(a(x), F.linear(x, a.weight, a.bias))  # the adapter's own forward still adds its branch
+
+
 def test_shapes_conv():
     a = LoRAAdapter(nn.Conv2d(3, 8, (3, 5)), rank=2)
     assert a.lora_A.shape == (2, 3, 3, 5)

@@ -62,8 +62,8 @@ TARGETS.update({arch: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"
 TARGETS.update({arch: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj"]  # PEFT refuses their Mamba out_proj
                 for arch in ("FalconH1ForCausalLM", "NemotronHForCausalLM")})
 TARGETS["Mamba2ForCausalLM"] = ["in_proj"]
-TARGETS.update({arch: ["in_proj", "x_proj"]  # PEFT refuses the Mamba out_proj; the layer reads dt_proj's weight
-                for arch in ("MambaForCausalLM", "FalconMambaForCausalLM")})
+TARGETS.update({arch: ["in_proj", "x_proj", "dt_proj"]  # PEFT refuses the Mamba out_proj; the layer reads dt_proj's
+                for arch in ("MambaForCausalLM", "FalconMambaForCausalLM")})  # weight: no part in eager PEFT, nor here
 TARGETS["JambaForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj"]
 TARGETS["Qwen3NextForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "out_proj"]
 TARGETS["Qwen3_5MoeForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "out_proj"]
