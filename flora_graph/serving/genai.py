@@ -498,7 +498,7 @@ def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, s
     from flora_graph.model_export import check_adapter_folder, check_model_folder, load_model
     from flora_graph.serving.adapter_file import spec_of, write_adapter
     from flora_graph.serving.errors import ServingError
-    from flora_graph.serving.slots import METADATA_KEY, check_params, slots_from_metadata
+    from flora_graph.serving.slots import METADATA_KEY, check_params
 
     say = progress or (lambda msg: None)
     pkg, adapters = Path(package), dict(adapters)
@@ -524,8 +524,9 @@ def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, s
     from flora_graph.serving.text_decoder import text_decoder
 
     model = load_model(base).model
-    params = _read_sites(_adapter_params(model, adapters, say, text_decoder(model)),
-                         slots_from_metadata({p.key: p.value for p in model_proto.metadata_props}, str(pkg))[1], say)
+    # a module without a slot in the package is refused (check_params), not left out: the package may have been
+    # exported with other modules adapted, which only a capture of the model could tell from one it never reads
+    params = _adapter_params(model, adapters, say, text_decoder(model))
     for name, p in params.items():  # every adapter checked before the first is written
         check_params(p, spec, name, cast=True)
     (pkg / ADAPTERS_DIR).mkdir(exist_ok=True)
@@ -617,9 +618,9 @@ def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callabl
 
 def _read_sites(params: dict[str, dict], slots: list[Any], say: Callable[[str], None]) -> dict[str, dict]:
     """``params`` (each adapter's, read on the model) without the adapted modules that have no slot among ``slots``
-    (the model's :class:`~flora_graph.serving.slots.LoRASlot`): a module whose weight the model reads directly (a Mamba
-    layer's ``dt_proj``), where eager PEFT's adapter takes no part either. Raises :class:`AdapterError` for an adapter
-    left with none."""
+    (:class:`~flora_graph.serving.slots.LoRASlot` of the graph just captured with every adapted module in place): a
+    module the model never calls, reading its weight directly (a Mamba layer's ``dt_proj``), where eager PEFT's
+    adapter takes no part either. Raises :class:`AdapterError` for an adapter left with none."""
     slotted = {m for s in slots for m in (s.members or (s.module,))}
     sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
     unread = [site for site in sites if site not in slotted]
