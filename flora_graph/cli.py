@@ -252,8 +252,8 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
     console.print(f"wrote {report.path}" + "".join(f"\n  adapter {n}: {p}" for n, p in report.adapters.items()))
-    if report.not_for_genai:
-        console.print(f"note: {report.not_for_genai}")
+    for note in [*report.notes, *([report.not_for_genai] if report.not_for_genai else [])]:
+        console.print(f"note: {note}")
     return 0
 
 

@@ -127,6 +127,7 @@ class GenAIReport:
     model_type: str = GENERIC_TYPE  # genai_config.json's model.type (genai_type of the model's class)
     merged: Path | None = None  # the PEFT folder baked into the base weights (export_genai's merge)
     not_for_genai: str | None = None  # why ONNX Runtime GenAI cannot run the package (the Generator can), or None
+    notes: list[str] = field(default_factory=list)  # what the export left out or chose, for the user to know
 
 
 def genai_config(model: Any, layout: Any, *, model_type: str, context_length: int,
@@ -292,11 +293,17 @@ def export_genai(
     model = load_model(base).model
     if merge is not None:
         model = _merged(model, Path(merge), say)
+    notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        say(msg)
+
     text = text_decoder(model)
     if text is not None:
-        say(f"{arch}: exporting its text decoder as {type(text.model).__name__} (the vision/audio side is left out)")
+        note(f"{arch}: exporting its text decoder as {type(text.model).__name__} (the vision/audio side is left out)")
         arch = type(text.model).__name__
-    params = _adapter_params(model, adapters, say, text)
+    params = _adapter_params(model, adapters, say, text, note)
     model = model if text is None else text.model
     seconds["load"] = time.perf_counter() - t0
 
@@ -323,7 +330,7 @@ def export_genai(
     if sites:
         from flora_graph.serving.slots import graph_slots
 
-        params = _read_sites(params, graph_slots(unpacked), say)
+        params = _read_sites(params, graph_slots(unpacked), note)
     if sites and base_branch is None:
         weight_bytes = sum(int(a.nbytes) for a in unpacked.params.values())
         base_branch = weight_bytes <= BASE_BRANCH_MAX_BYTES
@@ -403,7 +410,7 @@ def export_genai(
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     return GenAIReport(Path(out), written, graph.summary(), seconds, model_type=genai_type(arch),
-                       merged=None if merge is None else Path(merge), not_for_genai=not_for_genai(layout))
+                       merged=None if merge is None else Path(merge), not_for_genai=not_for_genai(layout), notes=notes)
 
 
 def not_for_genai(layout: Any) -> str | None:
@@ -593,9 +600,11 @@ def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None
 
 
 def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None],
-                    text: TextDecoder | None = None) -> dict[str, dict]:
+                    text: TextDecoder | None = None, note: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Each adapter's parameters read on ``model`` (as loaded), named as the package's graph names its slots: by
-    ``text``'s module paths where the package is a multimodal model's text decoder."""
+    ``text``'s module paths where the package is a multimodal model's text decoder (``note`` told of the modules
+    outside it, left out)."""
+    note = note or say
     from flora_graph.serving.slots import peft_adapter_params
     from flora_graph.serving.text_decoder import text_params
 
@@ -610,7 +619,7 @@ def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callabl
                                    f"modules (only {', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}), "
                                    "so it cannot change a text generation")
             if dropped:
-                say(f"adapter {name}: {len(dropped)} module(s) outside the text decoder left out "
+                note(f"adapter {name}: {len(dropped)} module(s) outside the text decoder left out "
                     f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}): they cannot change a text "
                     "generation")
     return out
