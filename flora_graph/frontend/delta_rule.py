@@ -7,7 +7,8 @@ nodes a layer, a minute of capture for a tiny model); a one-token step takes a t
 function instead. While :func:`~flora_graph.frontend.capture` runs,
 :func:`~flora_graph.frontend.traceable.traceable_scans` swaps both module-level functions
 (``torch_chunk_gated_delta_rule`` and ``torch_recurrent_gated_delta_rule``, the ones transformers
-lets a kernel replace: FLA's ``chunk_gated_delta_rule`` API) for :func:`gated_delta_rule`: the same
+lets a kernel replace: FLA's ``chunk_gated_delta_rule`` API) for :func:`gated_delta_rule` and
+:func:`recurrent_gated_delta_rule` (their parameters, in their order): the same
 preparation (grouped heads repeated, float32, the optional l2 norm of queries and keys, queries
 scaled by ``1/sqrt(dk)``) around the custom op ``flora_graph::gated_delta_rule``, which the trace
 records as one node and the ATen table turns into the IR's ``GatedDeltaRule``. It starts from the
@@ -24,10 +25,12 @@ import torch
 from flora_graph.frontend.aten.registry import register
 from flora_graph.ir import ComputationNode, Op
 
-__all__ = ["DELTA_RULE_PARAMS", "delta_rule", "gated_delta_rule"]
+__all__ = ["CHUNKED_PARAMS", "RECURRENT_PARAMS", "delta_rule", "gated_delta_rule", "recurrent_gated_delta_rule"]
 
-DELTA_RULE_PARAMS = ("query", "key", "value", "g", "beta")
-"""The leading parameters of the functions :func:`gated_delta_rule` stands in for."""
+CHUNKED_PARAMS = ("query", "key", "value", "g", "beta", "chunk_size", "initial_state", "output_final_state")
+"""The leading parameters of transformers' ``torch_chunk_gated_delta_rule``, which :func:`gated_delta_rule` takes."""
+RECURRENT_PARAMS = ("query", "key", "value", "g", "beta", "initial_state", "output_final_state")
+"""Those of ``torch_recurrent_gated_delta_rule``, which :func:`recurrent_gated_delta_rule` takes."""
 _END = 2**62  # a slice to the end (the IR's Slice)
 
 
@@ -85,6 +88,17 @@ def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     h0 = q.new_zeros(batch, v_heads, dk, dv) if initial_state is None else initial_state.float()
     out, state = delta_rule(q, k, v, g, beta, h0)
     return out.transpose(1, 2).contiguous().to(dtype), (state if output_final_state else None)
+
+
+def recurrent_gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
+                               beta: torch.Tensor, initial_state: torch.Tensor | None = None,
+                               output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
+                               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`gated_delta_rule` with the parameters of ``torch_recurrent_gated_delta_rule`` (no ``chunk_size``:
+    its sixth is ``initial_state``)."""
+    return gated_delta_rule(query, key, value, g, beta, initial_state=initial_state,
+                            output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                            **kwargs)
 
 
 @register(torch.ops.flora_graph.delta_rule.default)

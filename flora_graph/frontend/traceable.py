@@ -31,15 +31,20 @@ from typing import Any
 
 from torch import nn
 
-from flora_graph.frontend.delta_rule import DELTA_RULE_PARAMS, gated_delta_rule
+from flora_graph.frontend.delta_rule import (
+    CHUNKED_PARAMS,
+    RECURRENT_PARAMS,
+    gated_delta_rule,
+    recurrent_gated_delta_rule,
+)
 from flora_graph.frontend.selective_scan import SCAN_FORWARD, SCAN_FORWARD_PARAMS, scan_forward
 
 __all__ = ["SWAPS", "TRACEABLE_EXPERTS", "merged_peft_attention", "traceable_experts", "traceable_scans"]
 
 SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     SCAN_FORWARD: (SCAN_FORWARD_PARAMS, scan_forward),
-    "torch_chunk_gated_delta_rule": (DELTA_RULE_PARAMS, gated_delta_rule),
-    "torch_recurrent_gated_delta_rule": (DELTA_RULE_PARAMS, gated_delta_rule),
+    "torch_chunk_gated_delta_rule": (CHUNKED_PARAMS, gated_delta_rule),
+    "torch_recurrent_gated_delta_rule": (RECURRENT_PARAMS, recurrent_gated_delta_rule),
 }
 """Module-level function name -> (its leading parameters, the traceable function with those) for
 :func:`traceable_scans`."""

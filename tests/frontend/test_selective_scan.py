@@ -1,4 +1,5 @@
-"""Mamba-1 layers (Mamba, Falcon-Mamba, Jamba) captured with their cache: the selective scan as one ``LinearScan``.
+"""Mamba-1 layers (Mamba, Falcon-Mamba, Jamba) captured with their cache: the selective scan as one ``LinearScan``;
+the swaps of recurrent layers' functions while capturing (``traceable_scans``).
 
 transformers' own cached path of these layers is the reference where it is right: a prefill from an empty
 cache and a one-token decode step from any state. With a state and several new tokens it restarts the scan
@@ -90,6 +91,10 @@ def test_the_scan_is_swapped_only_while_capturing_and_only_in_mamba_1_models() -
     with pytest.raises(RuntimeError), traceable_scans(mamba):
         raise RuntimeError("inside")
     assert getattr(module, SCAN_FORWARD) is own
+    qwen = tiny_causal_lm("Qwen3_5ForCausalLM")  # both gated delta rule functions, each by its own parameters
+    name = type(qwen).__module__
+    with traceable_scans(qwen) as switched:
+        assert switched == [f"{name}.torch_chunk_gated_delta_rule", f"{name}.torch_recurrent_gated_delta_rule"]
 
 
 def test_the_swapped_scan_equals_transformers_where_transformers_is_right() -> None:
