@@ -483,8 +483,9 @@ def capture(
             bound is applied and the export retried; the graph records it. Where it fails on a
             guard it suggests nothing for (OpenAI GPT's ``seq != n_positions``), the export is
             retried with ``Dim.AUTO`` (torch.onnx's way): the range it infers is recorded, a size it
-            fixed to the example's value (a Python loop over a scan's chunks, unrolled once: Qwen3.5's
-            gated delta rule) bounds the dim to the sizes that keep that value (one chunk), and a dim the
+            fixed to the example's value (a Python loop over a scan's chunks, unrolled once, as Qwen3.5's
+            gated delta rule was before it became one op) bounds the dim to the sizes that keep that value
+            (one chunk), and a dim the
             code fixes to the example's size is refused, naming it.
         input_names: names of the graph inputs in order, replacing the keyword and parameter
             names (``dynamic_dims`` still uses those; a list input ``past`` has ``past.0``, ...).

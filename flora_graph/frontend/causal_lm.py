@@ -468,8 +468,8 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     out_names = ["logits", *layout.present_names()]
     with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
         try:
-            # a Python loop over a scan's chunks (Qwen3.5's gated delta rule) comes out bounded to one chunk a call,
-            # the cache carrying the state from piece to piece: the Generator prefills long prompts in pieces
+            # a Python loop over a scan's chunks that no swap makes one op comes out bounded to one chunk a call, the
+            # cache carrying the state from piece to piece: the Generator prefills long prompts in pieces
             graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
                             input_names=in_names, output_names=out_names, share_weights=share_weights)
         except GraphError as exc:

@@ -131,7 +131,8 @@ class Generator:
             there); ``None`` otherwise. Each row picks its frequency set from its own positions
             (:func:`~flora_graph.frontend.causal_lm.longrope_per_row`), so rows stay independent.
         max_step: the most new tokens the model takes a call (its ``dim_max`` of ``seq``, metadata
-            :data:`~flora_graph.runtimes.onnx_lowering.DIM_MAX_KEY`: Qwen3.5's scan, one chunk of 64 a call);
+            :data:`~flora_graph.runtimes.onnx_lowering.DIM_MAX_KEY`: a Python loop over a scan's chunks,
+            one chunk a call);
             a longer prompt is prefilled in pieces of that many; ``None``: any number.
 
     Raises :class:`ServingError` naming the file for a package it cannot read.
