@@ -154,9 +154,10 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     head_dim = get("head_dim") or hidden // heads
     takes = "position_ids" in inspect.signature(base.forward).parameters
     latent, rope = get("kv_lora_rank"), get("qk_rope_head_dim")
-    if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
-        return CacheLayout(int(layers), 1, int(latent), takes, kv_shared_layers(base), int(rope))
     kv_layers, states = _recurrent_layers(base)
+    if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
+        return CacheLayout(int(layers), 1, int(latent), takes, kv_shared_layers(base), int(rope),
+                           kv_layers=kv_layers, states=states)  # beside Kimi Linear's delta attention layers
     return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes, kv_shared_layers(base),
                        kv_layers=kv_layers, states=states)
 

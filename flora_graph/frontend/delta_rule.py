@@ -7,10 +7,11 @@ nodes a layer, a minute of capture for a tiny model); a one-token step takes a t
 function instead. While :func:`~flora_graph.frontend.capture` runs,
 :func:`~flora_graph.frontend.traceable.traceable_scans` swaps both module-level functions
 (``torch_chunk_gated_delta_rule`` and ``torch_recurrent_gated_delta_rule``, the ones transformers
-lets a kernel replace: FLA's ``chunk_gated_delta_rule`` API) for :func:`gated_delta_rule` and
-:func:`recurrent_gated_delta_rule` (their parameters, in their order): the same
-preparation (grouped heads repeated, float32, the optional l2 norm of queries and keys, queries
-scaled by ``1/sqrt(dk)``) around the custom op ``flora_graph::gated_delta_rule``, which the trace
+lets a kernel replace: FLA's ``chunk_gated_delta_rule`` API; Kimi Linear's ``chunk_kimi_delta_attention``
+and ``recurrent_kimi_delta_attention``, the same rule with a decay per key channel) for
+:func:`gated_delta_rule` and :func:`recurrent_gated_delta_rule` (their parameters, in their order): the
+same preparation (grouped heads repeated, float32, the optional l2 norm of queries and keys, queries
+scaled by ``1/sqrt(dk)``) around the custom op ``flora_graph::delta_rule``, which the trace
 records as one node and the ATen table turns into the IR's ``GatedDeltaRule``. It starts from the
 cache's recurrent state for any number of tokens: one graph prefills a prompt of any length and
 decodes.
@@ -40,12 +41,13 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     """The gated delta rule over axis 2: ``(outputs [batch, heads, seq, dv], final state [batch, heads, dk, dv])``.
 
     Per position: ``S = exp(g) S``, ``S += k ⊗ beta (v - Sᵀ k)``, ``o = Sᵀ q``, from ``S = h0``;
-    ``q``, ``k`` are ``[batch, heads, seq, dk]``, ``v`` ``[batch, heads, seq, dv]``, ``g`` and ``beta``
-    ``[batch, heads, seq]``.
+    ``q``, ``k`` are ``[batch, heads, seq, dk]``, ``v`` ``[batch, heads, seq, dv]``, ``beta``
+    ``[batch, heads, seq]``, ``g`` that or ``[batch, heads, seq, dk]`` (a decay per key channel: Kimi's).
     """
     s, outs = h0, []
     for t in range(q.shape[2]):
-        s = s * g[:, :, t].exp()[..., None, None]
+        decay = g[:, :, t].exp()
+        s = s * (decay[..., None] if g.dim() == 4 else decay[..., None, None])
         delta = (v[:, :, t] - (s * k[:, :, t, :, None]).sum(2)) * beta[:, :, t, None]
         s = s + k[:, :, t, :, None] * delta[:, :, None, :]
         outs.append((s * q[:, :, t, :, None]).sum(2))
@@ -67,9 +69,10 @@ def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      beta: torch.Tensor, chunk_size: int = 64, initial_state: torch.Tensor | None = None,
                      output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
                      **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' ``torch_chunk_gated_delta_rule`` / ``torch_recurrent_gated_delta_rule`` (same arguments and
-    result: ``query``/``key`` ``[batch, seq, k_heads, dk]``, ``value`` ``[batch, seq, v_heads, dv]``, ``g`` and
-    ``beta`` ``[batch, seq, v_heads]``) over :func:`delta_rule`; ``chunk_size`` is not needed.
+    """transformers' ``torch_chunk_gated_delta_rule`` (same arguments and result: ``query``/``key``
+    ``[batch, seq, k_heads, dk]``, ``value`` ``[batch, seq, v_heads, dv]``, ``beta`` ``[batch, seq, v_heads]``, ``g``
+    that or ``[batch, seq, v_heads, dk]``: Kimi's ``chunk_kimi_delta_attention``) over :func:`delta_rule`;
+    ``chunk_size`` is not needed.
 
     Raises ``ValueError`` for packed sequences (``cu_seqlens``), which it does not keep apart.
     """

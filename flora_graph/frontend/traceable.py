@@ -14,8 +14,8 @@
   for them), and puts the original parameters back, bit for bit, after.
 
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
-  over positions; the gated delta rule of Qwen3.5 and Qwen3-Next, a loop over chunks of 64 around a
-  63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
+  over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
+  around a 63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
   lets a kernel replace (:data:`SWAPS`) for ones around a custom op the trace records as one node
   (:mod:`~flora_graph.frontend.selective_scan`, :mod:`~flora_graph.frontend.delta_rule`), for the capture.
 """
@@ -45,6 +45,8 @@ SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     SCAN_FORWARD: (SCAN_FORWARD_PARAMS, scan_forward),
     "torch_chunk_gated_delta_rule": (CHUNKED_PARAMS, gated_delta_rule),
     "torch_recurrent_gated_delta_rule": (RECURRENT_PARAMS, recurrent_gated_delta_rule),
+    "chunk_kimi_delta_attention": (CHUNKED_PARAMS, gated_delta_rule),  # a decay per key channel
+    "recurrent_kimi_delta_attention": (RECURRENT_PARAMS, recurrent_gated_delta_rule),
 }
 """Module-level function name -> (its leading parameters, the traceable function with those) for
 :func:`traceable_scans`."""

@@ -1,8 +1,9 @@
-"""``GatedDeltaRule``: linear attention with the gated delta rule (Qwen3.5, Qwen3-Next), in the attention family.
+"""``GatedDeltaRule``: linear attention with the gated delta rule (Qwen3.5, Qwen3-Next; Kimi's delta attention
+with a decay per key channel), in the attention family.
 
 Per head, a state ``S`` (``[dk, dv]``) runs over the positions::
 
-    S = exp(g[t]) * S
+    S = exp(g[t]) * S            (g[t] one value per head, or one per key channel: S's rows)
     S = S + k[t] ⊗ beta[t] * (v[t] - Sᵀ k[t])
     o[t] = Sᵀ q[t]
 
@@ -39,9 +40,11 @@ def _infer(shapes, dtypes, attrs):
     if len(q) != 4 or len(k) != 4 or len(v) != 4:
         raise ShapeError(f"GatedDeltaRule: q {tuple(q)}, k {tuple(k)}, v {tuple(v)} must be [batch, heads, seq, dim]")
     lead = q[:3]
-    for name, s in (("k", k[:3]), ("v", v[:3]), ("g", g), ("beta", beta)):
+    for name, s in (("k", k[:3]), ("v", v[:3]), ("g", g[:3]), ("beta", beta)):
         if len(s) != 3 or not all(dims_equal(a, b) for a, b in zip(s, lead, strict=True)):
             raise ShapeError(f"GatedDeltaRule: {name} {tuple(s)} does not share q's [batch, heads, seq] {tuple(lead)}")
+    if len(g) not in (3, 4) or (len(g) == 4 and not dims_equal(g[3], k[3])):
+        raise ShapeError(f"GatedDeltaRule: g {tuple(g)} is not [batch, heads, seq] nor [batch, heads, seq, dk]")
     if not dims_equal(q[3], k[3]):
         raise ShapeError(f"GatedDeltaRule: q and k widths differ ({q[3]!r}, {k[3]!r})")
     want = (q[0], q[1], k[3], v[3])
@@ -58,7 +61,8 @@ def _numpy(q, k, v, g, beta, h0):
     s = np.array(h0, np.float64)
     out = np.empty(v.shape, np.float64)
     for t in range(q.shape[2]):
-        s = s * np.exp(g[:, :, t])[:, :, None, None]
+        decay = np.exp(g[:, :, t])
+        s = s * (decay[..., None] if g.ndim == 4 else decay[..., None, None])
         delta = (v[:, :, t] - np.einsum("bhkv,bhk->bhv", s, k[:, :, t])) * beta[:, :, t, None]
         s = s + k[:, :, t, :, None] * delta[:, :, None, :]
         out[:, :, t] = np.einsum("bhkv,bhk->bhv", s, q[:, :, t])
@@ -77,8 +81,9 @@ def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
         return
     elem = ONNX_DTYPES[ctx.dtype]
     n = helper.make_node
+    per_channel = len(node.inputs[3].shape) == 4  # decay_t [b, h, dk]: S's rows; else [b, h]
     body = helper.make_graph(
-        [n("Unsqueeze", ["decay_t", "axes23"], ["decay_4d"]),
+        [n("Unsqueeze", ["decay_t", "axis3" if per_channel else "axes23"], ["decay_4d"]),
          n("Mul", ["s", "decay_4d"], ["s_decayed"]),
          n("Unsqueeze", ["k_t", "axis2"], ["k_row"]),  # [b, h, 1, dk]
          n("MatMul", ["k_row", "s_decayed"], ["kv_row"]),  # [b, h, 1, dv]
@@ -115,7 +120,8 @@ def _contrib(ctx: Any, node: ComputationNode, out: str, heads: int, dv: int) -> 
     def flat(x: str) -> str:
         return ctx.emit("Reshape", [ctx.emit("Transpose", [x], perm=[0, 2, 1, 3]), packed])
 
-    g3, beta3 = (ctx.emit("Transpose", [x], perm=[0, 2, 1]) for x in (g, beta))
+    g3 = flat(g) if len(node.inputs[3].shape) == 4 else ctx.emit("Transpose", [g], perm=[0, 2, 1])  # [b, t, h(*dk)]
+    beta3 = ctx.emit("Transpose", [beta], perm=[0, 2, 1])
     state = ctx.fresh(f"{out}/state")
     o = ctx.emit("LinearAttention", [flat(q), flat(k), flat(v), h0, g3, beta3], [ctx.fresh(f"{out}/outputs"), state],
                  domain="com.microsoft", q_num_heads=heads, kv_num_heads=heads, update_rule="gated_delta", scale=1.0)
@@ -132,7 +138,8 @@ def {_HELPER}(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     if torch.jit.is_scripting():
         outs = []
         for t in range(q.size(2)):
-            s = s * torch.exp(g[:, :, t])[:, :, None, None]
+            decay = torch.exp(g[:, :, t])
+            s = s * (decay[:, :, :, None] if decay.dim() == 3 else decay[:, :, None, None])
             delta = (v[:, :, t] - (s * k[:, :, t, :, None]).sum(2)) * beta[:, :, t, None]
             s = s + k[:, :, t, :, None] * delta[:, :, None, :]
             outs.append((s * q[:, :, t, :, None]).sum(2))
@@ -142,7 +149,7 @@ def {_HELPER}(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 
 def {_HELPER}_step(s, x):  # no global names: torch's scan traces it by its module, which cannot be imported
     q, k, v, decay, beta = x
-    s = s * decay[:, :, None, None]
+    s = s * (decay[:, :, :, None] if decay.dim() == 3 else decay[:, :, None, None])
     delta = (v - (s * k[:, :, :, None]).sum(2)) * beta[:, :, None]
     s = s + k[:, :, :, None] * delta[:, :, None, :]
     return s, (s * q[:, :, :, None]).sum(2)
@@ -166,7 +173,8 @@ define(
     "GATED_DELTA_RULE", "GatedDeltaRule", (6, 6), {},
     infer=_infer,
     doc="Linear attention by the gated delta rule over axis 2 (inputs q, k [batch, heads, seq, dk], v [.., dv], "
-        "g, beta [batch, heads, seq], h0 [batch, heads, dk, dv]): per position S = exp(g) S; "
+        "g [batch, heads, seq] or [.., dk] (a decay per key channel), beta [batch, heads, seq], h0 [batch, heads, dk, "
+        "dv]): per position S = exp(g) S; "
         "S += k ⊗ beta (v - Sᵀk); o = Sᵀq. Output [batch, heads, seq + dk, dv]: the outputs, then the final state.",
     numpy=_numpy, onnx=_onnx, torch=_torch, torch_source=_SOURCE, family="attention",
 )

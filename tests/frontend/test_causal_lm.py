@@ -147,6 +147,13 @@ def _config(arch: str):
             **COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=32, linear_num_value_heads=4, linear_num_key_heads=2,
             linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
+        # Kimi's delta attention (a decay per key channel, one short convolution over q, k and v) beside
+        # multi-head latent attention, experts on the second layer
+        "KimiLinearForCausalLM": lambda: transformers.KimiLinearConfig(
+            **{**COMMON, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, linear_head_dim=16, linear_num_heads=4,
+            layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"]),
         "Lfm2ForCausalLM": lambda: transformers.Lfm2Config(
             **{**COMMON, "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"]),
         # multimodal checkpoints (a vision tower and projector beside the text decoder), whose text part a package holds

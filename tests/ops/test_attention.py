@@ -147,6 +147,17 @@ def _delta_ref(q, k, v, g, beta, h0):
     return torch.cat([t(out), state], 2)
 
 
+def _kimi_ref(q, k, v, g, beta, h0):
+    """transformers' token-by-token Kimi delta attention (a decay per key channel), as :func:`_delta_ref`."""
+    from transformers.models.kimi_linear.modeling_kimi_linear import recurrent_kimi_delta_attention
+
+    def t(x):
+        return x.transpose(1, 2).contiguous()
+
+    out, state = recurrent_kimi_delta_attention(t(q * q.shape[-1] ** 0.5), t(k), t(v), t(g), t(beta), h0, True)
+    return torch.cat([t(out), state], 2)
+
+
 def _delta_apart(g, x, rng):
     """The outputs and the final state read apart, as a captured layer reads them."""
     both = g.add(Op.GATED_DELTA_RULE, [x[n] for n in DELTA])
@@ -217,6 +228,8 @@ CASES = [
     Case("rotary_shared_positions", {**ROTARY, "c": In(("seq", 4)), "s": In(("seq", 4))},
          op(Op.ROTARY_EMBEDDING, "x", "c", "s"), _rotary_ref),
     Case("gated_delta_rule", DELTA, op(Op.GATED_DELTA_RULE, "q", "k", "v", "g", "beta", "h0"), _delta_ref, tol=1e-4),
+    Case("gated_delta_rule_per_key_channel", {**DELTA, "g": In(("batch", 2, "seq", 4))},
+         op(Op.GATED_DELTA_RULE, "q", "k", "v", "g", "beta", "h0"), _kimi_ref, tol=1e-4),
     Case("gated_delta_rule_captured", DELTA, _delta_apart, _delta_op, tol=1e-4, capture=("flora_graph::delta_rule.default",)),
 ]
 
@@ -308,10 +321,11 @@ def test_a_kv_attention_that_does_not_fit_is_refused_by_name(change, why) -> Non
     assert "'att'" in str(info.value)
 
 
-def test_gated_delta_rule_runs_as_onnx_runtime_s_linear_attention_with_contrib_ops() -> None:
+@pytest.mark.parametrize("case_name", ["gated_delta_rule", "gated_delta_rule_per_key_channel"])
+def test_gated_delta_rule_runs_as_onnx_runtime_s_linear_attention_with_contrib_ops(case_name: str) -> None:
     """With contrib ops the rule is one ``com.microsoft.LinearAttention`` (no ``Scan``); both forms equal the numpy
-    reference at every size, a decaying ``g`` and ``beta`` in (0, 3)."""
-    case = next(c for c in CASES if c.id == "gated_delta_rule")
+    reference at every size, a decaying ``g`` (per head, or per key channel) and ``beta`` in (0, 3)."""
+    case = next(c for c in CASES if c.id == case_name)
     g = build(case)
     for contrib, op_type in ((False, "Scan"), (True, "LinearAttention")):
         model = to_onnx(g, contrib=contrib)

@@ -34,8 +34,8 @@ NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "Aper
          "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Llama4ForCausalLM", "MiniCPM3ForCausalLM",
          "Glm4MoeLiteForCausalLM", "MptForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM",
          "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM", "Mamba2ForCausalLM", "Qwen3_5ForCausalLM",
-         "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM", "MambaForCausalLM", "FalconMambaForCausalLM",
-         "JambaForCausalLM"]
+         "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM", "KimiLinearForCausalLM", "MambaForCausalLM",
+         "FalconMambaForCausalLM", "JambaForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
 text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
@@ -43,8 +43,9 @@ multi-query attention), CodeGen (a fused qkv in a mixed head order), Llama 4 (co
 the multi-head latent attention of DeepSeek-V2 (complex rotary) and V3, MiniCPM3 and GLM-4 MoE lite, whose packages the
 Generator serves (GenAI sizes cached keys and values alike), MPT (ALiBi over a bias built for its maximum
 length), and the hybrids whose state-space (Bamba, Granite 4, Falcon-H1, Nemotron-H) or convolution (LFM2) layers keep
-fixed-size states in the cache, Mamba-2 (state-space layers alone) and Qwen3.5, Qwen3.5-MoE and Qwen3-Next (gated
-delta rule layers: one op over any length), and the Mamba-1 models (Mamba,
+fixed-size states in the cache, Mamba-2 (state-space layers alone) and Qwen3.5, Qwen3.5-MoE, Qwen3-Next and Kimi
+Linear (gated delta rule layers, Kimi's with a decay per key channel beside latent attention: one op over any
+length), and the Mamba-1 models (Mamba,
 Falcon-Mamba, and Jamba beside attention and experts: their selective scan one op), which the Generator serves too."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
@@ -55,7 +56,8 @@ GENERATOR_ONLY = {arch: "keys 16 wide and values 8 wide"  # latent attention: Ge
 GENERATOR_ONLY.update({arch: "convolution" for arch in ("BambaForCausalLM", "GraniteMoeHybridForCausalLM",
                                                         "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM",
                                                         "Mamba2ForCausalLM", "Qwen3_5ForCausalLM",
-                                                        "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM", "MambaForCausalLM",
+                                                        "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM",
+                                                        "KimiLinearForCausalLM", "MambaForCausalLM",
                                                         "FalconMambaForCausalLM", "JambaForCausalLM")})
 TARGETS.update({arch: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # MLA's
                 for arch in ("DeepseekV3ForCausalLM", "MiniCPM3ForCausalLM", "Glm4MoeLiteForCausalLM")})
@@ -67,6 +69,7 @@ TARGETS.update({arch: ["in_proj", "x_proj", "dt_proj"]  # PEFT refuses the Mamba
 TARGETS["JambaForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj"]
 TARGETS["Qwen3NextForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "out_proj"]
 TARGETS["Qwen3_5MoeForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "out_proj"]
+TARGETS["KimiLinearForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "kv_a_proj_with_mqa", "kv_b_proj"]
 TARGETS["DeepseekV2ForCausalLM"] = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 TARGETS["Llama4ForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
