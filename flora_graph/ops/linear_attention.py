@@ -10,10 +10,10 @@ Per head, a state ``S`` (``[dk, dv]``) runs over the positions::
 from ``S = h0``. The node's one output holds the outputs and then the final state along axis 2:
 ``[batch, heads, seq + dk, dv]`` (``o`` in rows ``:seq``, ``S`` in rows ``seq:``), which two slices
 read apart; the IR's nodes have one output each. The numpy rule loops in float64; the ONNX rule
-is a ``Scan`` over the positions with ``S`` as its state (ONNX Runtime's ``com.microsoft``
-``LinearAttention`` takes its place in packages that use contrib ops:
-:mod:`flora_graph.runtimes.ort_contrib`); the torch rule loops in TorchScript and runs torch's
-``scan`` elsewhere (``torch.export``).
+is a ``Scan`` over the positions with ``S`` as its state, or ONNX Runtime's ``com.microsoft``
+``LinearAttention`` where the lowering takes contrib ops (``to_onnx(..., contrib=True)``, as GenAI
+packages are written; checked against numpy, per head and per key channel); the torch rule loops in
+TorchScript and runs torch's ``scan`` elsewhere (``torch.export``).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _numpy(q, k, v, g, beta, h0):
 def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
     """A ``Scan`` over axis 2 of ``q, k, v, exp(g), beta`` with the state ``S`` (ONNX Runtime's ``LinearAttention``
     where the context takes contrib ops); its outputs and final state concatenated."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     q, k, v, g, beta, h0 = ctx.args(node)
     heads, dv = node.inputs[0].shape[1], node.inputs[2].shape[3]
@@ -100,7 +100,7 @@ def _onnx(ctx: Any, node: ComputationNode, out: str) -> None:
         f"{node.name}_step",
         [helper.make_tensor_value_info(x, elem, None) for x in ("s", "q_t", "k_t", "v_t", "decay_t", "beta_t")],
         [helper.make_tensor_value_info(x, elem, None) for x in ("s_next", "o_t")],
-        [helper.make_tensor(name, 7, [len(vals)], vals) for name, vals in
+        [helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals) for name, vals in
          (("axis2", [2]), ("axis3", [3]), ("axes23", [2, 3]))],
     )
     decay = ctx.emit("Exp", [g])
