@@ -485,8 +485,7 @@ def capture(
             retried with ``Dim.AUTO`` (torch.onnx's way): the range it infers is recorded, a size it
             fixed to the example's value (a Python loop over a scan's chunks, unrolled once, as Qwen3.5's
             gated delta rule was before it became one op) bounds the dim to the sizes that keep that value
-            (one chunk), and a dim the
-            code fixes to the example's size is refused, naming it.
+            (one chunk), and a dim the code fixes to the example's size is refused, naming it.
         input_names: names of the graph inputs in order, replacing the keyword and parameter
             names (``dynamic_dims`` still uses those; a list input ``past`` has ``past.0``, ...).
         output_names: names of the outputs in order (default ``output`` or ``output_{i}``).

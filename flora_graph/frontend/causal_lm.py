@@ -9,8 +9,8 @@ One graph serves prefill (``past_seq = 0``) and decode:
 * outputs ``logits [batch, seq, vocab]`` and ``present.{i}.key`` / ``.value
   [batch, kv_heads, past_seq+seq, head_dim]``.
 
-A hybrid's recurrent layers (Mamba-2 in Bamba, Granite 4, Falcon-H1, Nemotron-H; LFM2's short
-convolutions) keep fixed-size states instead: ``past.{i}.conv`` ``[batch, channels, kernel]`` and
+Recurrent layers (Mamba-2 in Bamba, Granite 4, Falcon-H1, Nemotron-H; Mamba-1; the gated delta rule
+of Qwen3.5, Qwen3-Next, Kimi Linear; LFM2's short convolutions) keep fixed-size states instead: ``past.{i}.conv`` ``[batch, channels, kernel]`` and
 ``past.{i}.recurrent`` ``[batch, heads, head_dim, state]`` in, ``present.{i}.conv`` / ``.recurrent``
 out (ONNX Runtime GenAI's names), zeros for an empty cache (:class:`CacheState`, read off the model's
 own cache after one eager step). The layer takes them as its previous state at any length, so the
@@ -163,8 +163,8 @@ def cache_layout(model: nn.Module) -> CacheLayout:
 
 
 def _recurrent_layers(model: nn.Module) -> tuple[tuple[int, ...] | None, tuple[CacheState, ...]]:
-    """For a model whose transformers cache has recurrent layers (state-space or convolution layers:
-    Bamba, Granite 4, Falcon-H1, Nemotron-H): the layers with keys and values and the recurrent layers' states,
+    """For a model whose transformers cache has recurrent layers (state-space, delta-rule or convolution layers:
+    Bamba, Mamba, Qwen3.5, Kimi Linear, LFM2, ...): the layers with keys and values and the recurrent layers' states,
     read off the cache of one eager step on two tokens; ``(None, ())`` for a model with attention layers only.
 
     Raises :class:`GraphError` for a layer that keeps more than one state of a kind."""

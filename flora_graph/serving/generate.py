@@ -132,8 +132,7 @@ class Generator:
             (:func:`~flora_graph.frontend.causal_lm.longrope_per_row`), so rows stay independent.
         max_step: the most new tokens the model takes a call (its ``dim_max`` of ``seq``, metadata
             :data:`~flora_graph.runtimes.onnx_lowering.DIM_MAX_KEY`: a Python loop over a scan's chunks,
-            one chunk a call);
-            a longer prompt is prefilled in pieces of that many; ``None``: any number.
+            one chunk a call); a longer prompt is prefilled in pieces of that many; ``None``: any number.
 
     Raises :class:`ServingError` naming the file for a package it cannot read.
     """
