@@ -62,7 +62,10 @@ class CacheLayout:
     its own (:func:`kv_shared_layers`); its present is the source's, so every layer's cache grows alike.
     ``value_dim``: the values' last dim where it is not ``head_dim``: multi-head latent attention (DeepSeek
     V2/V3, Kimi, GLM-4 MoE lite, MiniCPM3) caches one head of its compressed keys and values
-    (``kv_lora_rank`` wide) as the "key" and the rotary part of its keys (``qk_rope_head_dim``) as the "value"."""
+    (``kv_lora_rank`` wide) as the "key" and the rotary part of its keys (``qk_rope_head_dim``) as the "value".
+    ``per_layer``: ``(kv_heads, head_dim)`` of every layer where they vary from layer to layer (Gemma 4's full
+    attention layers: wider heads, fewer of them), empty where every layer has ``kv_heads`` and ``head_dim``
+    (:meth:`layer_kv` reads either)."""
 
     layers: int
     kv_heads: int
@@ -72,11 +75,19 @@ class CacheLayout:
     value_dim: int | None = None
     kv_layers: tuple[int, ...] | None = None
     states: tuple[CacheState, ...] = ()
+    per_layer: tuple[tuple[int, int], ...] = ()
 
     @property
     def dims(self) -> tuple[int, int]:
-        """The last dim of a layer's ``(key, value)``."""
+        """The last dim of a layer's ``(key, value)`` (every layer's unless :attr:`per_layer` says otherwise)."""
         return self.head_dim, self.head_dim if self.value_dim is None else self.value_dim
+
+    def layer_kv(self, layer: int) -> tuple[int, int, int]:
+        """``(kv_heads, key dim, value dim)`` of ``layer``'s keys and values."""
+        if self.per_layer:
+            heads, dim = self.per_layer[layer]
+            return heads, dim, dim
+        return self.kv_heads, *self.dims
 
     def entries(self) -> list[tuple[int, str]]:
         """``(layer, kind)`` of each cache tensor, in input order: per layer, ``"key"`` and ``"value"`` where it
@@ -135,9 +146,17 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     """
     base = _base(model)
     cfg = getattr(base, "config", None)
+    layer_cfgs = list(cfg.per_layer_config) if getattr(cfg, "is_heterogeneous", False) is True else []
 
-    def get(*keys: str) -> int | None:
-        return next((getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), int)), None)
+    def get(*keys: str, source: Any = cfg) -> int | None:
+        for k in keys:
+            try:
+                v = getattr(source, k, None)
+            except RuntimeError:  # an attribute a heterogeneous config (Gemma 4) sets per layer: the first layer's
+                v = getattr(layer_cfgs[0], k, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+        return None
 
     layers = get("num_hidden_layers", "n_layer", "num_layers")
     heads = get("num_attention_heads", "n_head")
@@ -158,8 +177,11 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
         return CacheLayout(int(layers), 1, int(latent), takes, kv_shared_layers(base), int(rope),
                            kv_layers=kv_layers, states=states)  # beside Kimi Linear's delta attention layers
+    # layers whose heads differ from the first's (Gemma 4's full attention layers: wider, fewer)
+    geometry = tuple((get("num_key_value_heads", source=c) or heads, get("head_dim", source=c) or hidden // heads)
+                     for c in layer_cfgs)
     return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes, kv_shared_layers(base),
-                       kv_layers=kv_layers, states=states)
+                       kv_layers=kv_layers, states=states, per_layer=geometry if len(set(geometry)) > 1 else ())
 
 
 def _recurrent_layers(model: nn.Module) -> tuple[tuple[int, ...] | None, tuple[CacheState, ...]]:
@@ -317,10 +339,13 @@ def example_inputs(layout: CacheLayout, vocab: int, batch: int, seq: int, past: 
     out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if layout.takes_position_ids:
         out["position_ids"] = positions_from_mask(mask)[:, past:].contiguous()  # a view would tie seq to its stride
-    kv = {"key": layout.dims[0], "value": layout.dims[1]}
-    out["past_key_values"] = [torch.randn(batch, layout.kv_heads, past, kv[kind], generator=gen) if kind in kv
-                              else torch.randn(batch, *layout.state_shape(i, kind), generator=gen)
-                              for i, kind in layout.entries()]
+    def shape(i: int, kind: str) -> tuple[int, ...]:
+        if kind in ("key", "value"):
+            heads, key, value = layout.layer_kv(i)
+            return heads, past, key if kind == "key" else value
+        return layout.state_shape(i, kind)
+
+    out["past_key_values"] = [torch.randn(batch, *shape(i, kind), generator=gen) for i, kind in layout.entries()]
     return out
 
 

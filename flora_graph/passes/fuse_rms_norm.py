@@ -6,7 +6,8 @@ Llama-style models (the built-in decoder, Hugging Face's ``LlamaRMSNorm``) write
 that form. Two rules:
 
 - ``fuse-rms-norm``: ``Mul(x, inv)`` or ``Div(x, Sqrt(var))`` where ``inv`` is ``Rsqrt(var)``,
-  ``Reciprocal(Sqrt(var))`` or ``Div(1, Sqrt(var))``, ``var = Add(ReduceMean(sq), eps)``,
+  ``Reciprocal(Sqrt(var))``, ``Div(1, Sqrt(var))`` or ``Pow(var, -0.5)`` (Gemma 4's),
+  ``var = Add(ReduceMean(sq), eps)``,
   ``sq = Pow(x, 2)`` or ``Mul(x, x)``; ``Mul``/``Add`` operands in either order, no-op
   ``Cast`` nodes allowed between the pieces. The ``ReduceMean`` must reduce the trailing
   axes of ``x`` with ``keepdims=1``, ``eps`` must be a finite scalar weight, the exponent a
@@ -50,14 +51,14 @@ def _build() -> Pat:
     var = _cast(Pat(Op.ADD, (_cast(mean, "cast_mean"), Pat.any("eps")), name="var"), "cast_var")
     sqrt = _cast(Pat(Op.SQRT, (var,), name="sqrt"), "cast_sqrt")
     inv = (Pat(Op.RSQRT, (var,), name="inv") | Pat(Op.RECIPROCAL, (sqrt,), name="inv")
-           | Pat(Op.DIV, (Pat.weight("one"), sqrt), name="inv"))
+           | Pat(Op.DIV, (Pat.weight("one"), sqrt), name="inv") | Pat(Op.POW, (var, Pat.any("minus_half")), name="inv"))
     return Pat(Op.MUL, (x, _cast(inv, "cast_inv")), name="norm") | Pat(Op.DIV, (x, sqrt), name="norm")
 
 
 RMS_NORM: Pat = _build()
 """The decomposed RMSNorm without scale; root is the final ``Mul``/``Div`` by ``x``."""
 
-_LEAVES = ("x", "p", "eps", "one")
+_LEAVES = ("x", "p", "eps", "one", "minus_half")
 
 
 def _same_shape(a: ComputationNode, b: ComputationNode) -> bool:
@@ -91,6 +92,9 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
     p = m.get("p")
     if p is not None and (p not in ctx.static or ctx.scalar(p) != 2.0):
         return res.fail(f"exponent {p.name!r} is not the scalar 2")
+    half = m.get("minus_half")
+    if half is not None and (half not in ctx.static or ctx.scalar(half) != -0.5):
+        return res.fail(f"exponent {half.name!r} is not the scalar -0.5")
     one = m.get("one")
     if one is not None and ctx.scalar(one) != 1.0:
         return res.fail(f"numerator {one.name!r} is not the scalar 1")
@@ -115,7 +119,7 @@ def _rewrite(m: Match, ctx: RewriteContext) -> ComputationNode:
 
 
 FUSE_RMS_NORM = Rule("fuse-rms-norm", RMS_NORM, _rewrite, _check,
-                     doc="Replaces x * rsqrt(mean(x**2, trailing axes) + eps) (and its Sqrt/Div forms) with RMSNorm(x).")
+                     doc="Replaces x * rsqrt(mean(x**2, trailing axes) + eps) (and its Sqrt/Div/Pow forms) with RMSNorm(x).")
 
 _UNSCALED = Pat(Op.RMS_NORM, name="rms", pred=lambda n: len(n.inputs) == 1)
 SCALED: Pat = Pat(Op.MUL, (_cast(_UNSCALED, "cast_rms"), Pat.any("w")), name="scaled")

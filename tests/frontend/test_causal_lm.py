@@ -178,7 +178,22 @@ def _config(arch: str):
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
             hidden_size_per_layer_input=16, num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
             sliding_window=3, laurel_rank=8, altup_num_inputs=4, activation_sparsity_pattern=[0.0] * 4),
+        # full attention layers with wider heads, fewer of them, keys as values; per-layer inputs; a window of 3
+        # positions; the multimodal one's last two layers read earlier layers' cache
+        "Gemma4ForCausalLM": lambda: transformers.Gemma4TextConfig(**GEMMA4),
+        "Gemma4ForConditionalGeneration": lambda: transformers.Gemma4Config(
+            text_config=transformers.Gemma4TextConfig(**GEMMA4, num_kv_shared_layers=2),
+            vision_config=transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                                          patch_size=4, position_embedding_size=64, pooling_kernel_size=2),
+            image_token_id=127, boi_token_id=125, eoi_token_id=126, video_token_id=None, audio_token_id=None,
+            boa_token_id=None, eoa_token_index=None),
     }[arch]()
+
+
+GEMMA4 = dict(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+              attention_k_eq_v=True, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+              layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=3, final_logit_softcapping=30.0)
 
 
 def tiny_causal_lm(arch: str):
@@ -213,7 +228,7 @@ def assert_logits_like_eager(model, graph, backends=("numpy", "onnxruntime"), vo
 
 SLOW = pytest.mark.slow
 ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM", "MptForCausalLM", "BambaForCausalLM",
-         "Lfm2ForCausalLM", pytest.param("Mamba2ForCausalLM", marks=SLOW),
+         "Lfm2ForCausalLM", "Gemma4ForCausalLM", pytest.param("Mamba2ForCausalLM", marks=SLOW),
          *(pytest.param(a, marks=SLOW) for a in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                                   "Phi3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM"))]
 
@@ -236,8 +251,9 @@ def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
         assert list(graph.outputs) == names
         assert graph.inputs[1].name == "attention_mask" and graph.inputs[1].shape == ("batch", "past_seq+seq")
         for i in (range(layout.layers) if layout.kv_layers is None else layout.kv_layers):
-            assert graph.outputs[f"present.{i}.key"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[0])
-            assert graph.outputs[f"present.{i}.value"].shape == ("batch", layout.kv_heads, "past_seq+seq", layout.dims[1])
+            heads, key, value = layout.layer_kv(i)
+            assert graph.outputs[f"present.{i}.key"].shape == ("batch", heads, "past_seq+seq", key)
+            assert graph.outputs[f"present.{i}.value"].shape == ("batch", heads, "past_seq+seq", value)
         for st in layout.states:  # a recurrent layer's state: one fixed size, whatever the length
             assert graph.outputs[f"present.{st.layer}.{st.kind}"].shape == ("batch", *st.shape)
         if arch == "DeepseekV3ForCausalLM":  # one head of the compressed keys/values, and the keys' rotary part
@@ -246,6 +262,10 @@ def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
             assert layout.kv_layers == (1,) and [(st.layer, st.kind) for st in layout.states] == [(0, "conv"), (0, "recurrent")]
         if arch == "Mamba2ForCausalLM":  # no attention: the mask's width less seq is past_seq
             assert layout.kv_layers == () and len(layout.states) == 4 and graph.inputs[1].shape[1] == "past_seq+seq"
+        if arch == "Gemma4ForCausalLM":  # full attention layers: one head of 32 (keys as values), windowed: two of 16
+            assert layout.per_layer == ((2, 16), (1, 32), (2, 16), (1, 32)) and (layout.kv_heads, layout.head_dim) == (2, 16)
+        else:
+            assert layout.per_layer == ()
         if arch == "Lfm2ForCausalLM":  # two short-convolution layers around an attention layer
             assert layout.kv_layers == (1,) and [(st.layer, st.kind) for st in layout.states] == [(0, "conv"), (2, "conv")]
         for backend in ("numpy", "onnxruntime"):

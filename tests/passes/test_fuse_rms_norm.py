@@ -31,7 +31,7 @@ DYN = {"input_ids": {0: "batch", 1: "seq"}}
 
 def rms_graph(*, square: str = "pow", inv: str = "rsqrt", scale: str = "left", x_first: bool = True,
               casts: bool = False, axes: tuple[int, ...] = (2,), keepdims: int = 1, eps_shape: tuple = (),
-              exponent: float = 2.0, share: str = "", scale_shape: tuple = (HIDDEN,), dtype: str = "float32") -> Graph:
+              exponent: float = 2.0, root_exponent: float = -0.5, share: str = "", scale_shape: tuple = (HIDDEN,), dtype: str = "float32") -> Graph:
     """``Linear(x) -> hand-written RMSNorm -> Linear``; options pick the written form or break it."""
     rng = np.random.default_rng(0)
     g = Graph("rms")
@@ -54,6 +54,9 @@ def rms_graph(*, square: str = "pow", inv: str = "rsqrt", scale: str = "left", x
     elif inv == "reciprocal":
         r = g.add(Op.RECIPROCAL, [g.add(Op.SQRT, [var], name="sqrt")], name="inv")
         norm = g.add(Op.MUL, [x, cast(r, "cast_inv")] if x_first else [cast(r, "cast_inv"), x], name="norm")
+    elif inv == "pow_half":  # Gemma 4's: var ** -0.5
+        r = g.add(Op.POW, [var, g.const("minus_half", np.asarray(root_exponent, dtype=dtype))], name="inv")
+        norm = g.add(Op.MUL, [x, r] if x_first else [r, x], name="norm")
     elif inv == "one_div":
         r = g.add(Op.DIV, [g.const("one", np.asarray(1.0, dtype=dtype)), g.add(Op.SQRT, [var], name="sqrt")], name="inv")
         norm = g.add(Op.MUL, [x, r] if x_first else [r, x], name="norm")
@@ -75,7 +78,7 @@ def ops(g: Graph) -> collections.Counter:
     return collections.Counter(n.op for n in g.nodes)
 
 
-FORMS = [dict(square=s, inv=i) for s in ("pow", "mul") for i in ("rsqrt", "reciprocal", "one_div", "div")]
+FORMS = [dict(square=s, inv=i) for s in ("pow", "mul") for i in ("rsqrt", "reciprocal", "one_div", "div", "pow_half")]
 
 
 @pytest.mark.parametrize("form", FORMS, ids=lambda f: f"{f['square']}-{f['inv']}")
@@ -119,6 +122,7 @@ def test_several_trailing_axes_and_a_scalar_shaped_eps() -> None:
     (dict(axes=(1,)), "norm", "axes (1,) are not the trailing axes of rank 3"),
     (dict(eps_shape=(HIDDEN,)), "norm", "is not a scalar weight"),
     (dict(exponent=3.0), "norm", "exponent 'two' is not the scalar 2"),
+    (dict(inv="pow_half", root_exponent=-0.25), "norm", "exponent 'minus_half' is not the scalar -0.5"),
 ])
 def test_refusals_name_their_reason(kw: dict, root: str, why: str) -> None:
     g = rms_graph(scale="", **kw)

@@ -35,7 +35,7 @@ NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "Aper
          "Glm4MoeLiteForCausalLM", "MptForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM",
          "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM", "Mamba2ForCausalLM", "Qwen3_5ForCausalLM",
          "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM", "KimiLinearForCausalLM", "MambaForCausalLM",
-         "FalconMambaForCausalLM", "JambaForCausalLM"]
+         "FalconMambaForCausalLM", "JambaForCausalLM", "Gemma4ForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
 text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
@@ -46,7 +46,9 @@ length), and the hybrids whose state-space (Bamba, Granite 4, Falcon-H1, Nemotro
 fixed-size states in the cache, Mamba-2 (state-space layers alone) and Qwen3.5, Qwen3.5-MoE, Qwen3-Next and Kimi
 Linear (gated delta rule layers, Kimi's with a decay per key channel beside latent attention: one op over any
 length), and the Mamba-1 models (Mamba,
-Falcon-Mamba, and Jamba beside attention and experts: their selective scan one op), which the Generator serves too."""
+Falcon-Mamba, and Jamba beside attention and experts: their selective scan one op), which the Generator serves too,
+and Gemma 4 (GenAI's ``gemma4_text``: its full attention layers' heads wider and fewer than its windowed layers',
+so each layer's cache has its own shape)."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}
@@ -107,8 +109,8 @@ def test_package_generates_eager_greedy_tokens(arch: str, tmp_path: Path) -> Non
     assert [int(t) for t in gen.get_sequence(0)][len(PROMPT):] == want
 
 
-FAST_ADAPTED = {"Qwen2ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM"}  # biased q/k/v packed with their
-# biases; sliding windows and soft-capping; flattened rows
+FAST_ADAPTED = {"Qwen2ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM", "Gemma4ForCausalLM"}  # biased q/k/v
+# packed with their biases; sliding windows and soft-capping; flattened rows; a cache shape per layer
 
 
 @pytest.mark.parametrize("arch", [a if a in FAST_ADAPTED else pytest.param(a, marks=pytest.mark.slow)

@@ -1,4 +1,5 @@
-"""Packages of multimodal checkpoints (Gemma 3, Mistral 3: ``*ForConditionalGeneration``): their text decoder.
+"""Packages of multimodal checkpoints (Gemma 3 and 4, Mistral 3, Llama 4: ``*ForConditionalGeneration``): their text
+decoder.
 
 The reference is eager PEFT on the whole multimodal model with the adapter as trained on it (LoRA on the text
 decoder and on the vision side): a text-only generation must not see the vision side's adapters, and must see
@@ -25,10 +26,12 @@ from tests.serving.genai_package import eager_greedy, genai_tokens, tiny_with_ad
 
 PROMPT, NEW = [1, 5, 9, 33, 70], 8
 ARCHS = ["Gemma3ForConditionalGeneration", *(pytest.param(a, marks=pytest.mark.slow)
-                                             for a in ("Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration"))]
+                                             for a in ("Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration",
+                                                       "Gemma4ForConditionalGeneration"))]
 TEXT = {"Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", "gemma3_text"),
         "Mistral3ForConditionalGeneration": ("MistralForCausalLM", "mistral"),
-        "Llama4ForConditionalGeneration": ("Llama4ForCausalLM", "decoder")}
+        "Llama4ForConditionalGeneration": ("Llama4ForCausalLM", "decoder"),
+        "Gemma4ForConditionalGeneration": ("Gemma4ForCausalLM", "gemma4_text")}
 TARGETS = {"Llama4ForConditionalGeneration": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
