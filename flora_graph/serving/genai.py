@@ -85,8 +85,9 @@ def package_owns(name: str) -> bool:
 GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma",
                "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Gemma4ForCausalLM": "gemma4_text",
-               "GraniteForCausalLM": "granite", "OlmoForCausalLM": "olmo", "PhiForCausalLM": "phi",
-               "NemotronForCausalLM": "nemotron", "SmolLM3ForCausalLM": "smollm3", "Ernie4_5ForCausalLM": "ernie4_5"}
+               "Gemma4UnifiedForCausalLM": "gemma4_text", "GraniteForCausalLM": "granite", "OlmoForCausalLM": "olmo",
+               "PhiForCausalLM": "phi", "NemotronForCausalLM": "nemotron", "SmolLM3ForCausalLM": "smollm3",
+               "Ernie4_5ForCausalLM": "ernie4_5"}
 """transformers class -> ``model.type`` of genai_config.json where ONNX Runtime GenAI names the architecture
 (the types of its model builder); every other causal LM is :data:`GENERIC_TYPE`."""
 

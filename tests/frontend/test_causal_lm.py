@@ -181,12 +181,19 @@ def _config(arch: str):
         # full attention layers with wider heads, fewer of them, keys as values; per-layer inputs; a window of 3
         # positions; the multimodal one's last two layers read earlier layers' cache
         "Gemma4ForCausalLM": lambda: transformers.Gemma4TextConfig(**GEMMA4),
+        # image placeholders (which the whole model embeds as padding, the text decoder as themselves) at the pad id
         "Gemma4ForConditionalGeneration": lambda: transformers.Gemma4Config(
             text_config=transformers.Gemma4TextConfig(**GEMMA4, num_kv_shared_layers=2),
             vision_config=transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                           num_attention_heads=2, num_key_value_heads=2, head_dim=16,
                                                           patch_size=4, position_embedding_size=64, pooling_kernel_size=2),
-            image_token_id=127, boi_token_id=125, eoi_token_id=126, video_token_id=None, audio_token_id=None,
+            image_token_id=0, boi_token_id=125, eoi_token_id=126, video_token_id=None, audio_token_id=None,
+            boa_token_id=None, eoa_token_index=None),
+        "Gemma4UnifiedForConditionalGeneration": lambda: transformers.Gemma4UnifiedConfig(
+            text_config=transformers.Gemma4UnifiedTextConfig(**GEMMA4),
+            vision_config=transformers.Gemma4UnifiedVisionConfig(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32,
+                                                                 mm_posemb_size=16, output_proj_dims=64),
+            image_token_id=0, boi_token_id=125, eoi_token_id=126, video_token_id=None, audio_token_id=None,
             boa_token_id=None, eoa_token_index=None),
     }[arch]()
 

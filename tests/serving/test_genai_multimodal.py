@@ -27,11 +27,13 @@ from tests.serving.genai_package import eager_greedy, genai_tokens, tiny_with_ad
 PROMPT, NEW = [1, 5, 9, 33, 70], 8
 ARCHS = ["Gemma3ForConditionalGeneration", *(pytest.param(a, marks=pytest.mark.slow)
                                              for a in ("Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration",
-                                                       "Gemma4ForConditionalGeneration"))]
+                                                       "Gemma4ForConditionalGeneration",
+                                                       "Gemma4UnifiedForConditionalGeneration"))]
 TEXT = {"Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", "gemma3_text"),
         "Mistral3ForConditionalGeneration": ("MistralForCausalLM", "mistral"),
         "Llama4ForConditionalGeneration": ("Llama4ForCausalLM", "decoder"),
-        "Gemma4ForConditionalGeneration": ("Gemma4ForCausalLM", "gemma4_text")}
+        "Gemma4ForConditionalGeneration": ("Gemma4ForCausalLM", "gemma4_text"),
+        "Gemma4UnifiedForConditionalGeneration": ("Gemma4UnifiedForCausalLM", "gemma4_text")}
 TARGETS = {"Llama4ForConditionalGeneration": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
