@@ -158,8 +158,10 @@ def cache_layout(model: nn.Module) -> CacheLayout:
                 return v
         return None
 
-    layers = get("num_hidden_layers", "n_layer", "num_layers")
-    heads = get("num_attention_heads", "n_head")
+    # a sequence-to-sequence model's decoder as a causal LM (BART, Marian, Blenderbot, Whisper, ...): its config maps
+    # num_hidden_layers / num_attention_heads to the encoder's, and a distilled one's decoder differs (Blenderbot's)
+    layers = get("decoder_layers", "num_hidden_layers", "n_layer", "num_layers")
+    heads = get("decoder_attention_heads", "num_attention_heads", "n_head")
     hidden = get("hidden_size", "n_embd")
     if cfg is not None and layers is not None and hidden is not None and heads is None:
         kv_layers, states = _recurrent_layers(base)
@@ -169,7 +171,7 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     if cfg is None or layers is None or heads is None or hidden is None:
         raise GraphError(f"{type(base).__name__}: not a transformers causal LM with a config "
                          "(num_hidden_layers, num_attention_heads, hidden_size)")
-    kv_heads = get("num_key_value_heads") or heads
+    kv_heads = heads if get("decoder_attention_heads") else get("num_key_value_heads") or heads
     head_dim = get("head_dim") or hidden // heads
     takes = "position_ids" in inspect.signature(base.forward).parameters
     latent, rope = get("kv_lora_rank"), get("qk_rope_head_dim")

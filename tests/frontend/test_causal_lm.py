@@ -178,6 +178,15 @@ def _config(arch: str):
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
             hidden_size_per_layer_input=16, num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
             sliding_window=3, laurel_rank=8, altup_num_inputs=4, activation_sparsity_pattern=[0.0] * 4),
+        # sequence-to-sequence decoders whose encoder has other layer and head counts (num_hidden_layers and
+        # num_attention_heads name the encoder's)
+        "BlenderbotForCausalLM": lambda: transformers.BlenderbotConfig(
+            vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=3, decoder_attention_heads=4,
+            encoder_attention_heads=2, decoder_ffn_dim=96, max_position_embeddings=256),
+        "WhisperForCausalLM": lambda: transformers.WhisperConfig(
+            vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=3, decoder_attention_heads=4,
+            encoder_attention_heads=2, decoder_ffn_dim=96, max_target_positions=256, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, decoder_start_token_id=1),
         # full attention layers with wider heads, fewer of them, keys as values; per-layer inputs; a window of 3
         # positions; the multimodal one's last two layers read earlier layers' cache
         "Gemma4ForCausalLM": lambda: transformers.Gemma4TextConfig(**GEMMA4),
@@ -356,6 +365,15 @@ def test_longrope_picks_its_frequency_set_per_row_inside_the_block() -> None:
             assert torch.equal(cos[i], c[0]) and torch.equal(sin[i], s[0])
         assert "forward" not in vars(rotary)
         assert not torch.equal(rotary(x, rows)[0][1], alone[1][0][0])  # transformers: the batch's set for both
+
+
+@pytest.mark.parametrize("arch", ["BlenderbotForCausalLM", pytest.param("WhisperForCausalLM", marks=SLOW)])
+def test_a_sequence_to_sequence_decoder_caches_its_own_layers_and_heads(arch: str) -> None:
+    """A seq2seq model's decoder as a causal LM: its config's num_hidden_layers / num_attention_heads are the
+    encoder's (1 layer, 2 heads here); the cache is the decoder's (3 layers of 4 heads), and the graph equals eager."""
+    graph, layout, _, names = captured_with_eager(arch)
+    assert (layout.layers, layout.kv_heads, layout.head_dim) == (3, 4, 16) and list(graph.outputs) == names
+    assert_logits_like_eager(tiny_causal_lm(arch), graph)
 
 
 def test_layers_reading_another_layers_cache_present_that_cache() -> None:
