@@ -179,7 +179,8 @@ def genai_config(model: Any, layout: Any, *, model_type: str, context_length: in
                 "inputs": inputs,
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
-                "num_attention_heads": int(getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 0))),
+                "num_attention_heads": int(getattr(cfg, "decoder_attention_heads", None)  # a seq2seq decoder's own
+                                           or getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 0))),
                 "num_hidden_layers": layout.layers,
                 "num_key_value_heads": layout.kv_heads,
             },
@@ -636,8 +637,9 @@ def _read_sites(params: dict[str, dict], slots: list[Any], say: Callable[[str], 
     unread = [site for site in sites if site not in slotted]
     if not unread:
         return params
-    say(f"{len(unread)} adapted module(s) take no part in the model's computation (it reads their weight directly, as "
-        f"under eager PEFT), left out: {', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}")
+    say(f"{len(unread)} adapted module(s) take no part in the model's computation (it never calls them: it reads their "
+        f"weight directly, or skips them, as a decoder without an encoder skips its cross-attention; so under eager "
+        f"PEFT too), left out: {', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}")
     out = {name: {k: v for k, v in p.items() if k.rsplit(".", 1)[0] not in unread} for name, p in params.items()}
     for name, p in out.items():
         if not p:
