@@ -63,9 +63,9 @@ class CacheLayout:
     ``value_dim``: the values' last dim where it is not ``head_dim``: multi-head latent attention (DeepSeek
     V2/V3, Kimi, GLM-4 MoE lite, MiniCPM3) caches one head of its compressed keys and values
     (``kv_lora_rank`` wide) as the "key" and the rotary part of its keys (``qk_rope_head_dim``) as the "value".
-    ``per_layer``: ``(kv_heads, head_dim)`` of every layer where they vary from layer to layer (Gemma 4's full
-    attention layers: wider heads, fewer of them), empty where every layer has ``kv_heads`` and ``head_dim``
-    (:meth:`layer_kv` reads either)."""
+    ``per_layer``: ``(kv_heads, key dim, value dim)`` of every layer where they vary from layer to layer (Gemma 4's
+    full attention layers: wider heads, fewer of them; MiMo-V2's windowed layers: twice the heads), empty where every
+    layer has ``kv_heads`` and :attr:`dims` (:meth:`layer_kv` reads either)."""
 
     layers: int
     kv_heads: int
@@ -75,7 +75,7 @@ class CacheLayout:
     value_dim: int | None = None
     kv_layers: tuple[int, ...] | None = None
     states: tuple[CacheState, ...] = ()
-    per_layer: tuple[tuple[int, int], ...] = ()
+    per_layer: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -85,8 +85,7 @@ class CacheLayout:
     def layer_kv(self, layer: int) -> tuple[int, int, int]:
         """``(kv_heads, key dim, value dim)`` of ``layer``'s keys and values."""
         if self.per_layer:
-            heads, dim = self.per_layer[layer]
-            return heads, dim, dim
+            return self.per_layer[layer]
         return self.kv_heads, *self.dims
 
     def entries(self) -> list[tuple[int, str]]:
@@ -140,7 +139,9 @@ def _base(model: nn.Module) -> nn.Module:
 
 
 def cache_layout(model: nn.Module) -> CacheLayout:
-    """The cache layout of a transformers causal LM, read off its config.
+    """The cache layout of a transformers causal LM, read off its config and the cache of one eager step on two
+    tokens (each layer's keys and values as the model caches them, where they differ from what the config says: MiMo-V2's
+    values narrower than its keys, its windowed layers with twice the heads; a recurrent layer's states).
 
     Raises :class:`GraphError` naming the model when its config has no layer count or heads.
     """
@@ -163,8 +164,12 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     layers = get("decoder_layers", "num_hidden_layers", "n_layer", "num_layers")
     heads = get("decoder_attention_heads", "num_attention_heads", "n_head")
     hidden = get("hidden_size", "n_embd")
+    try:
+        cache, failed = _eager_cache(base), None
+    except Exception as exc:  # a model that takes more than input_ids: the config alone, unless it has recurrent layers
+        cache, failed = None, exc
     if cfg is not None and layers is not None and hidden is not None and heads is None:
-        kv_layers, states = _recurrent_layers(base)
+        kv_layers, states = _recurrent_layers(base, cache, failed)
         if kv_layers == () and states:  # state-space layers alone (Mamba-2): no keys or values
             takes = "position_ids" in inspect.signature(base.forward).parameters
             return CacheLayout(int(layers), 0, 0, takes, kv_layers=kv_layers, states=states)
@@ -175,23 +180,52 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     head_dim = get("head_dim") or hidden // heads
     takes = "position_ids" in inspect.signature(base.forward).parameters
     latent, rope = get("kv_lora_rank"), get("qk_rope_head_dim")
-    kv_layers, states = _recurrent_layers(base)
+    kv_layers, states = _recurrent_layers(base, cache, failed)
+    shared = kv_shared_layers(base)
     if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
-        return CacheLayout(int(layers), 1, int(latent), takes, kv_shared_layers(base), int(rope),
+        return CacheLayout(int(layers), 1, int(latent), takes, shared, int(rope),
                            kv_layers=kv_layers, states=states)  # beside Kimi Linear's delta attention layers
-    # layers whose heads differ from the first's (Gemma 4's full attention layers: wider, fewer)
-    geometry = tuple((get("num_key_value_heads", source=c) or heads, get("head_dim", source=c) or hidden // heads)
-                     for c in layer_cfgs)
-    return CacheLayout(int(layers), int(kv_heads), int(head_dim), takes, kv_shared_layers(base),
-                       kv_layers=kv_layers, states=states, per_layer=geometry if len(set(geometry)) > 1 else ())
+    # each layer's geometry: as cached, else as the config has it (Gemma 4's full attention layers: wider, fewer)
+    geometry = [(get("num_key_value_heads", source=c) or heads, get("head_dim", source=c) or hidden // heads)
+                for c in layer_cfgs] or [(kv_heads, head_dim)] * int(layers)
+    per_layer = [(h, d, d) for h, d in geometry]
+    seen = _cached_kv(cache, dict(shared)) if cache is not None else {}
+    per_layer = [seen.get(i, g) for i, g in enumerate(per_layer)]
+    first = per_layer[min(seen) if seen else 0]
+    return CacheLayout(int(layers), first[0], first[1], takes, shared, None if first[2] == first[1] else first[2],
+                       kv_layers=kv_layers, states=states,
+                       per_layer=tuple(per_layer) if len(set(per_layer)) > 1 else ())
 
 
-def _recurrent_layers(model: nn.Module) -> tuple[tuple[int, ...] | None, tuple[CacheState, ...]]:
+def _eager_cache(model: nn.Module) -> Any:
+    """The transformers cache of one eager step of ``model`` on two tokens, or ``None`` where it returns none."""
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None and hasattr(cache, "layers") else None
+
+
+def _cached_kv(cache: Any, source: dict[int, int]) -> dict[int, tuple[int, int, int]]:
+    """``(kv_heads, key dim, value dim)`` of each layer with keys and values in ``cache`` (``[batch, heads, seq,
+    dim]``); a layer reading another's (``source``) has that layer's."""
+    out: dict[int, tuple[int, int, int]] = {}
+    for i, layer in enumerate(cache.layers):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4 and k.numel():
+            out[i] = (int(k.shape[1]), int(k.shape[3]), int(v.shape[3]))
+    out.update({i: out[j] for i, j in source.items() if j in out})
+    return out
+
+
+def _recurrent_layers(model: nn.Module, cache: Any, failed: Exception | None) -> tuple[tuple[int, ...] | None,
+                                                                                    tuple[CacheState, ...]]:
     """For a model whose transformers cache has recurrent layers (state-space, delta-rule or convolution layers:
     Bamba, Mamba, Qwen3.5, Kimi Linear, LFM2, ...): the layers with keys and values and the recurrent layers' states,
-    read off the cache of one eager step on two tokens; ``(None, ())`` for a model with attention layers only.
+    read off ``cache``, that of one eager step on two tokens (``failed``: why there is none); ``(None, ())`` for a
+    model with attention layers only.
 
-    Raises :class:`GraphError` for a layer that keeps more than one state of a kind."""
+    Raises :class:`GraphError` for a layer that keeps more than one state of a kind, and ``failed`` where the model
+    has recurrent layers."""
     try:
         from transformers import DynamicCache
 
@@ -200,10 +234,9 @@ def _recurrent_layers(model: nn.Module) -> tuple[tuple[int, ...] | None, tuple[C
         return None, ()
     if not any("LinearAttention" in k for k in kinds):
         return None, ()
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
-    cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "layers"):  # no cache returned: nothing to read the states off
+    if failed is not None:
+        raise failed
+    if cache is None:  # no cache returned: nothing to read the states off
         return None, ()
     kv, states = [], []
     for i, layer in enumerate(cache.layers):

@@ -418,18 +418,20 @@ def export_genai(
 def not_for_genai(layout: Any) -> str | None:
     """Why ONNX Runtime GenAI cannot run a package of a model with cache ``layout``
     (:class:`~flora_graph.frontend.causal_lm.CacheLayout`), or ``None``: GenAI sizes every cache entry by one
-    ``head_size``, and a latent-attention model's cached keys and values differ in width; it carries recurrent
-    states for its own model types only."""
+    ``head_size``, and a latent-attention model's cached keys and values differ in width (MiMo-V2's too); it carries
+    recurrent states for its own model types only."""
     if layout.states:
         kinds = sorted({st.kind for st in layout.states})
         return (f"this model's state-space or convolution layers keep {' and '.join(kinds)} states in the cache "
                 f"({', '.join(layout.past_names()[:2])}, ...) beside keys and values, which ONNX Runtime GenAI carries "
                 "only for its own model types: the package is for flora_graph's Generator")
-    key, value = layout.dims
-    if key == value:
+    layers = range(layout.layers) if layout.kv_layers is None else layout.kv_layers
+    wide = next(((key, value) for key, value in (layout.layer_kv(i)[1:] for i in layers) if key != value), None)
+    if wide is None:
         return None
-    return (f"ONNX Runtime GenAI sizes keys and values alike (head_size), and this model caches keys {key} wide and "
-            f"values {value} wide (multi-head latent attention): the package is for flora_graph's Generator")
+    return (f"ONNX Runtime GenAI sizes keys and values alike (head_size), and this model caches keys {wide[0]} wide and "
+            f"values {wide[1]} wide (multi-head latent attention's, MiMo-V2's): the package is for flora_graph's "
+            "Generator")
 
 
 def context_length(config: Any) -> int:

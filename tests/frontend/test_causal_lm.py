@@ -178,6 +178,10 @@ def _config(arch: str):
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
             hidden_size_per_layer_input=16, num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
             sliding_window=3, laurel_rank=8, altup_num_inputs=4, activation_sparsity_pattern=[0.0] * 4),
+        # values narrower than keys; windowed layers (with attention sinks) with twice the heads of full ones
+        "MiMoV2FlashForCausalLM": lambda: transformers.MiMoV2FlashConfig(
+            **COMMON, head_dim=24, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            sliding_window=3, layer_types=["sliding_attention", "full_attention"]),
         # sequence-to-sequence decoders whose encoder has other layer and head counts (num_hidden_layers and
         # num_attention_heads name the encoder's)
         "BlenderbotForCausalLM": lambda: transformers.BlenderbotConfig(
@@ -244,7 +248,7 @@ def assert_logits_like_eager(model, graph, backends=("numpy", "onnxruntime"), vo
 
 SLOW = pytest.mark.slow
 ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "DeepseekV3ForCausalLM", "MptForCausalLM", "BambaForCausalLM",
-         "Lfm2ForCausalLM", "Gemma4ForCausalLM", pytest.param("Mamba2ForCausalLM", marks=SLOW),
+         "Lfm2ForCausalLM", "Gemma4ForCausalLM", "MiMoV2FlashForCausalLM", pytest.param("Mamba2ForCausalLM", marks=SLOW),
          *(pytest.param(a, marks=SLOW) for a in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                                   "Phi3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM"))]
 
@@ -279,7 +283,9 @@ def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
         if arch == "Mamba2ForCausalLM":  # no attention: the mask's width less seq is past_seq
             assert layout.kv_layers == () and len(layout.states) == 4 and graph.inputs[1].shape[1] == "past_seq+seq"
         if arch == "Gemma4ForCausalLM":  # full attention layers: one head of 32 (keys as values), windowed: two of 16
-            assert layout.per_layer == ((2, 16), (1, 32), (2, 16), (1, 32)) and (layout.kv_heads, layout.head_dim) == (2, 16)
+            assert layout.per_layer == ((2, 16, 16), (1, 32, 32)) * 2 and (layout.kv_heads, layout.head_dim) == (2, 16)
+        elif arch == "MiMoV2FlashForCausalLM":  # read off the cache: the config has one head count and no value width
+            assert layout.per_layer == ((4, 24, 16), (2, 24, 16)) and layout.dims == (24, 16)
         else:
             assert layout.per_layer == ()
         if arch == "Lfm2ForCausalLM":  # two short-convolution layers around an attention layer

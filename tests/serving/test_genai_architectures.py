@@ -35,7 +35,7 @@ NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "Aper
          "Glm4MoeLiteForCausalLM", "MptForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM",
          "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM", "Mamba2ForCausalLM", "Qwen3_5ForCausalLM",
          "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM", "KimiLinearForCausalLM", "MambaForCausalLM",
-         "FalconMambaForCausalLM", "JambaForCausalLM", "Gemma4ForCausalLM"]
+         "FalconMambaForCausalLM", "JambaForCausalLM", "Gemma4ForCausalLM", "MiMoV2FlashForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
 text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
@@ -48,13 +48,15 @@ Linear (gated delta rule layers, Kimi's with a decay per key channel beside late
 length), and the Mamba-1 models (Mamba,
 Falcon-Mamba, and Jamba beside attention and experts: their selective scan one op), which the Generator serves too,
 and Gemma 4 (GenAI's ``gemma4_text``: its full attention layers' heads wider and fewer than its windowed layers',
-so each layer's cache has its own shape)."""
+so each layer's cache has its own shape) and MiMo-V2-Flash (values narrower than keys, twice the heads in its
+windowed layers, which have attention sinks: the Generator's)."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
-           for arch in ("MixtralForCausalLM", "GptOssForCausalLM")}
+           for arch in ("MixtralForCausalLM", "GptOssForCausalLM", "MiMoV2FlashForCausalLM")}
 GENERATOR_ONLY = {arch: "keys 16 wide and values 8 wide"  # latent attention: GenAI's one head_size
                   for arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "MiniCPM3ForCausalLM",
                                "Glm4MoeLiteForCausalLM")}
+GENERATOR_ONLY["MiMoV2FlashForCausalLM"] = "keys 24 wide and values 16 wide"
 GENERATOR_ONLY.update({arch: "convolution" for arch in ("BambaForCausalLM", "GraniteMoeHybridForCausalLM",
                                                         "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM",
                                                         "Mamba2ForCausalLM", "Qwen3_5ForCausalLM",
