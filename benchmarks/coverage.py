@@ -307,6 +307,25 @@ register("kimi-linear", "hybrid", decoder("KimiLinearConfig", "KimiLinearForCaus
                                           mlp_layer_types=["dense", "sparse"],
                                           lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
          "Kimi delta attention (a decay per key channel) beside multi-head latent attention, experts")
+register("bailing-hybrid", "hybrid", decoder("BailingHybridConfig", "BailingHybridForCausalLM",
+                                             **{**SMALL, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1,
+                                             eos_token_id=2, head_dim=8, kv_lora_rank=16, q_lora_rank=16,
+                                             qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_local_experts=4,
+                                             num_experts_per_tok=2, moe_intermediate_size=16,
+                                             layer_types=["linear_attention", "full_attention"],
+                                             lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+         "Kimi delta attention split at a dynamic index (tensor_split) beside latent attention, experts")
+register("mimo-v2-flash", "moe", decoder("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **GQA, head_dim=12,
+                                         v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, sliding_window=3,
+                                         layer_types=["sliding_attention", "full_attention"], lora_cfg=ATTN_LORA),
+         "values narrower than keys, windowed layers with sinks and twice the heads, experts")
+register("gemma4", "decoder", decoder("Gemma4TextConfig", "Gemma4ForCausalLM", **{**GQA, "num_hidden_layers": 4},
+                                      head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
+                                      attention_k_eq_v=True, vocab_size_per_layer_input=VOCAB,
+                                      hidden_size_per_layer_input=8, sliding_window=3,
+                                      layer_types=["sliding_attention", "full_attention"] * 2),
+         "full attention layers with wider, fewer heads (keys as values), per-layer inputs, windows")
 register("nemotron-h", "hybrid", decoder("NemotronHConfig", "NemotronHForCausalLM", vocab_size=VOCAB, hidden_size=32,
                                          intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=MAX_POS, mamba_num_heads=4, mamba_head_dim=16,

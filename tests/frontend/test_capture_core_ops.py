@@ -115,6 +115,12 @@ ROWS = [
         ("_cdist_forward.default",), {0: 0}, tol=1e-4),
     Row("pdist", lambda a: F.pdist(a, 1.5), [randn(6, 3)], ("pdist.default",), tol=1e-4),
     Row("_pdist_forward", lambda a: aten._pdist_forward(a, 2.0), [randn(6, 3)], ("_pdist_forward.default",), tol=1e-4),
+    # ------------------------------------------------------------------ tensor_split: at a dynamic index (Bailing's
+    # [seq - kept], whose last piece may be empty), and into sections
+    Row("tensor_split_indices", lambda x: torch.cat(torch.tensor_split(torch.cat([x, 2 * x]), [x.shape[0], 2 * x.shape[0]])
+                                                    [::-1]), [randn(-1, 4)], ("tensor_split.indices",), {0: 0}),
+    Row("tensor_split_sections", lambda x: torch.cat(torch.tensor_split(x, 3, dim=1)[::-1], dim=1), [randn(-1, 7)],
+        ("tensor_split.sections",), {0: 0}),
     # ------------------------------------------------------------------ indexing
     Row("masked_scatter", lambda x, m, s: x.masked_scatter(m, s),
         [randn(-1, 6), lambda b, seed: torch.rand(6, generator=_gen(seed)) > 0.4, randn(-1, 6)],

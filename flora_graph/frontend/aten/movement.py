@@ -5,7 +5,8 @@ splits, slices and broadcasts.
 (``view_as``/``reshape_as``: to the other tensor's shape) -> ``Reshape`` (sizes as ONNX's: 0
 copies the input's dim, named dims by name, at most one -1); ``flatten`` -> ``Flatten`` (from
 axis 1) or ``Reshape``; ``cat`` -> ``Concat`` (1-D empty tensors skipped, as torch does);
-``split``/``split_with_sizes``/``chunk`` -> one ``Split`` per piece (a tuple); ``slice`` ->
+``split``/``split_with_sizes``/``chunk`` -> one ``Split`` per piece (a tuple); ``tensor_split`` -> one ``Slice``
+per piece (at indices, symbolic ones too) or ``Split``; ``slice`` ->
 ``Slice`` (nothing for a whole-axis slice; a start counted back from the end by a dynamic size, as
 ``x[:, -seq:]``, becomes ``size - seq`` where that is a dim); ``unsqueeze`` -> ``Unsqueeze``;
 ``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the size-1 axes; ``expand``/``expand_as`` ->
@@ -22,6 +23,7 @@ dynamic dim (``Slice(ends=("seq",))``, ``Expand(shape=("batch", 1, "seq"))``).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -199,6 +201,25 @@ def _slice(ctx, x, dim=0, start=None, end=None, step=1):
     if start == 0 and step == 1 and whole:
         return x
     return ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (start,), "ends": (end,), "steps": (int(step),)})
+
+
+@register(aten.tensor_split.indices)
+def _tensor_split(ctx, x, indices, dim=0):
+    """``torch.tensor_split(x, indices, dim)``: the pieces between the indices (a symbolic one too: Bailing's
+    ``[seq - kept]``), each a slice."""
+    bounds = [0, *indices, None]
+    return tuple(_slice(ctx, x, dim, a, b) for a, b in itertools.pairwise(bounds))
+
+
+@register(aten.tensor_split.sections)
+def _tensor_split_sections(ctx, x, sections, dim=0):
+    """``torch.tensor_split(x, n, dim)``: ``n`` pieces, the first ``size % n`` one longer."""
+    total, n = x.shape[axis_of(int(dim), len(x.shape))], int(sections)
+    if not isinstance(total, int):
+        raise GraphError(f"{ctx.where()}: tensor_split of {x.name} into {n} along named dim {total!r}")
+    sizes = [total // n + (i < total % n) for i in range(n)]
+    return _split_with_sizes(ctx, x, sizes, dim) if all(sizes) else tuple(
+        _slice(ctx, x, dim, sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(n))
 
 
 @register(aten.unsqueeze.default)
