@@ -11,8 +11,11 @@ onnxruntime_genai.models.builder -i BASE -o OUT -p fp32 -e cpu --extra_options a
 it failed), and then, interleaved for ``--rounds`` rounds, generates ``--new`` greedy tokens after a
 ``--prompt``-token prompt with the adapter active: with the Generator, with GenAI on the package (where GenAI has
 the model's cache layout) and on the builder's model (where it built one), and with eager transformers + PEFT and
-its cache (``generate``), all on 1 thread (ONNX Runtime with no worker threads, none to spin). It prints the median
-tokens/s of each, the ratios to eager, and whether the tokens are equal to eager's.
+its cache (``generate``), all on 1 thread (ONNX Runtime with no worker threads, none to spin), each holding the
+package's end-of-text ids back for all the new tokens (GenAI's ``min_length``, eager's ``min_new_tokens``). It prints
+the median tokens/s of each, the ratios to eager, and whether the tokens are equal to eager's. Gemma 4 comes as the
+text model, its edge models' form (``gemma4-e``: the last layers read earlier layers' cache) and the multimodal
+checkpoint.
 Run: ``python benchmarks/architectures.py``.
 """
 
@@ -36,6 +39,9 @@ GEMMA4 = dict(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, global_head_dim
 ARCHS: dict[str, tuple[str, str, dict[str, Any], list[str] | str]] = {
     "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", GEMMA4,
                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    # the edge models' form (E2B, E4B): the last layers read earlier layers' cache (no GroupQueryAttention then)
+    "gemma4-e": ("Gemma4TextConfig", "Gemma4ForCausalLM", {**GEMMA4, "num_kv_shared_layers": 2},
+                 ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     # the multimodal checkpoint (the form Gemma 4 ships in, and the builder's input), its text decoder adapted
     "gemma4-multimodal": ("Gemma4Config", "Gemma4ForConditionalGeneration",
                           dict(text_config=GEMMA4, vision_config=dict(hidden_size=32, intermediate_size=64,
@@ -139,8 +145,10 @@ def _measure(arch: str, root: Path, prompt: list[int], args: argparse.Namespace)
     builder_s, builder_why = _builder(root) if args.builder else (None, "not run (--no-builder)")
     gen = Generator(root / "pkg", threads=1)
     ids = torch.tensor([prompt])
+    # every runner holds the package's end-of-text ids back for all the new tokens (GenAI's min_length does)
+    held = sorted(gen.eos)
     runs: dict[str, Any] = {"generator": lambda: gen.generate([prompt], adapters="ad", max_new_tokens=args.new,
-                                                              stop_tokens=[])[0]}
+                                                              min_new_tokens=args.new)[0]}
     if genai_ok:
         package = _genai_runner(og, root / "pkg", {"ad": None}, prompt)
         runs["genai"] = lambda: package("ad", args.new)[0]
@@ -151,7 +159,8 @@ def _measure(arch: str, root: Path, prompt: list[int], args: argparse.Namespace)
     def eager() -> list[int]:
         with torch.no_grad():
             return adapted.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=args.new, min_new_tokens=args.new)[0, len(prompt):].tolist()
+                                    max_new_tokens=args.new, min_new_tokens=args.new,
+                                    eos_token_id=held or None)[0, len(prompt):].tolist()
 
     runs["eager"] = eager
     speed: dict[str, list[float]] = {k: [] for k in runs}
