@@ -107,6 +107,11 @@ class _Nodes:
             for i in reads(n):  # a subgraph's (a Loop body's) reads of outer values count
                 self.readers[i] = self.readers.get(i, 0) + 1
         self.inputs = {n.name for n in ctx.graph.inputs}
+        self.attention_reads: dict[str, int] = {}  # value name -> how many 4-D Attention keys / values read it
+        for n in ctx.nodes:
+            if n.op_type == "Attention" and not n.domain and len(n.input) == 4:
+                for i in n.input[1:3]:
+                    self.attention_reads[i] = self.attention_reads.get(i, 0) + 1
 
     def node(self, value: str, op_type: str) -> onnx.NodeProto | None:
         n = self.producer.get(value)
@@ -277,12 +282,14 @@ def _rotary_4d_of(m: _Nodes, value: str) -> tuple[str, str, str, onnx.NodeProto 
 def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto) -> tuple[int, int, int, str, str] | None:
     """``(heads, kv_heads, head_dim, new key, new value)`` when ``n`` is a 4-D ``Attention(q, key, value,
     mask)`` (``[batch, heads, seq, head_dim]``) whose key and value are ``Concat(past, new)`` on the
-    sequence axis of a past graph input, read by nothing else but the graph's outputs; else ``None``."""
+    sequence axis of a past graph input, read by nothing else but 4-D attentions (a layer reading another's
+    cache, as Gemma 3n's and Gemma 4's last layers do, reads the same concatenation) and the graph's outputs;
+    else ``None``."""
     if len(n.input) != 4 or len(n.output) != 1 or not all(n.input):
         return None
     concats = [m.node(n.input[i], "Concat") for i in (1, 2)]
     if any(c is None or len(c.input) != 2 or _attr(c, "axis", 0) not in (2, -2) or c.input[0] not in m.inputs
-           or m.readers.get(c.output[0], 0) != 1 for c in concats):
+           or m.readers.get(c.output[0], 0) != m.attention_reads.get(c.output[0], 0) for c in concats):
         return None
     q, k = ir.get(n.input[0]), ir.get(concats[0].input[1])
     dims = [canonical_dim(d) for d in (*q.shape, *k.shape)] if q is not None and k is not None else []
@@ -293,10 +300,13 @@ def _four_d_form(m: _Nodes, ir: dict[str, ComputationNode], n: onnx.NodeProto) -
 
 def _four_d_group_query_attention(ctx: LoweringContext, m: _Nodes, n: onnx.NodeProto, form: tuple[int, int, int, str, str],
                                   seqlens: str, total: str, attrs: dict,
-                                  tables: Callable[[str], tuple[str, str]] | None = None) -> list[onnx.NodeProto]:
+                                  tables: Callable[[str], tuple[str, str]] | None = None,
+                                  writes: bool = True) -> list[onnx.NodeProto]:
     """The nodes replacing the 4-D attention ``n`` (see :func:`_four_d_form`): q and the new key and value
     to ``[batch, seq, heads * head_dim]``, GroupQueryAttention writing the concatenations' outputs as its
-    presents, and its output back to ``[batch, heads, seq, head_dim]`` under ``n``'s output name.
+    presents (``writes``; else, a layer reading another's cache, to presents of its own no one reads: the
+    same past and new keys and values, so the same cache), and its output back to ``[batch, heads, seq,
+    head_dim]`` under ``n``'s output name.
 
     Where q and k are full rotary embeddings of ``[batch, seq, heads, head_dim]`` values transposed
     (:func:`_rotary_4d_of`, as Qwen3 and Gemma 3 write them after their per-head norms) on one
@@ -340,8 +350,10 @@ def _four_d_group_query_attention(ctx: LoweringContext, m: _Nodes, n: onnx.NodeP
     else:
         q3, k3, v3 = to_3d(n.input[0], h), to_3d(key, kv), to_3d(value, kv)
     out3, out4 = ctx.fresh(f"{n.output[0]}/3d"), ctx.fresh(f"{n.output[0]}/bshd")
+    presents = [n.input[1], n.input[2]] if writes else [ctx.fresh(f"{n.name}/gqa/present_key"),
+                                                       ctx.fresh(f"{n.name}/gqa/present_value")]
     nodes.append(helper.make_node("GroupQueryAttention", [q3, k3, v3, past_k, past_v, seqlens, total, *extra],
-                                  [out3, n.input[1], n.input[2]], name=f"{n.name}/gqa", domain=CONTRIB_DOMAIN, **attrs))
+                                  [out3, *presents], name=f"{n.name}/gqa", domain=CONTRIB_DOMAIN, **attrs))
     nodes.append(helper.make_node("Reshape", [out3, shape([0, 0, h, d])], [out4], name=f"{n.name}/gqa/{out4}"))
     nodes.append(helper.make_node("Transpose", [out4], [n.output[0]], name=f"{n.name}/gqa/out", perm=[0, 2, 1, 3]))
     return nodes
@@ -433,6 +445,7 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
 
     replace: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
+    written: set[str] = set()  # the presents a GroupQueryAttention writes
     for n, attrs, _, q, window, four_d in found:
         if four_d is not None:
             h, kv, _, _, _ = four_d
@@ -443,8 +456,10 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
         if window:  # ONNX Runtime's kernel keeps local_window_size keys, the query's own among them (checked in tests)
             gqa_attrs["local_window_size"] = window
         if four_d is not None:
+            writes = n.input[1] not in written  # the first reader of a cache writes it; later ones read the same
+            written.add(n.input[1])
             replace[id(n)] = _four_d_group_query_attention(ctx, m, n, four_d, seqlens, total, gqa_attrs,
-                                                           tables_of if max_positions else None)
+                                                           tables_of if max_positions else None, writes)
             dropped |= {id(m.producer[n.input[1]]), id(m.producer[n.input[2]])}  # GQA writes the presents
             continue
         inputs = [n.input[0], n.input[1], n.input[2], n.input[4], n.input[5], seqlens, total]

@@ -116,7 +116,8 @@ def _equal_at_prefill_and_decode(plain: onnx.ModelProto, fused: onnx.ModelProto,
     standard model's caches; assert logits (and the prefill's caches) equal; the standard model's outputs."""
     from flora_graph.frontend.causal_lm import present_names
 
-    past = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
+    past = [np.zeros((1, layout.layer_kv(i)[0], 0, layout.layer_kv(i)[1 if kind == "key" else 2]), np.float32)
+            for i, kind in layout.entries()]  # a cache shape per layer (Gemma 4)
     n, ids, outs = 0, prompt, []
     for step, _ in enumerate((None, *tokens)):
         total = n + len(ids)
@@ -243,6 +244,22 @@ def test_four_d_attention_on_concatenated_caches_becomes_group_query_attention(a
     if inside:
         gqa = next(n for n in fused.graph.node if n.op_type == "GroupQueryAttention")
         assert {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}["do_rotary"] == 1
+    _equal_at_prefill_and_decode(plain, fused, layout, [5, 9, 11, 3, 7], (4, 6))
+
+
+def test_layers_reading_another_layers_cache_attend_with_group_query_attention_too() -> None:
+    """Gemma 4's edge form: its last two layers attend over earlier layers' caches (the same concatenations the
+    earlier layers' attentions read), and its full attention layers have wider, fewer heads. Every attention becomes
+    GroupQueryAttention: the first reader of a cache writes it as the present, a later reader takes the same past and
+    new keys and values into presents of its own that nothing reads; prefill and decode equal the standard model."""
+    graph, layout = _captured("Gemma4ForCausalLM", num_kv_shared_layers=2)
+    assert layout.shared == ((2, 0), (3, 1)) and len(set(layout.per_layer)) == 2
+    plain, fused = to_onnx(graph, 23), to_onnx(graph, 23, contrib=True, max_positions=256)
+    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layout.layers and _ops(fused)["Attention"] == 0
+    outputs = {o.name for o in fused.graph.output}
+    assert [n.output[1] in outputs for n in gqa] == [True, True, False, False]
+    assert [n.input[3] for n in gqa] == [f"past_key_values.{i}.key" for i in (0, 1, 0, 1)]
     _equal_at_prefill_and_decode(plain, fused, layout, [5, 9, 11, 3, 7], (4, 6))
 
 
