@@ -355,6 +355,9 @@ register("deberta-v2", "encoder", encoder("DebertaV2Config", "DebertaV2Model", r
 register("albert", "encoder", encoder("AlbertConfig", "AlbertModel", types=True, embedding_size=16, **SMALL),
          "shared layers, factorised embeddings")
 register("electra", "encoder", encoder("ElectraConfig", "ElectraModel", types=True, embedding_size=16, **SMALL))
+register("flaubert", "encoder", encoder("FlaubertConfig", "FlaubertModel", vocab_size=VOCAB, emb_dim=32, n_layers=2,
+                                        n_heads=4, max_position_embeddings=MAX_POS, pad_index=0),
+         "lengths from the ids, checked with .item() for an assertion alone")
 register("clip-text", "encoder", encoder("CLIPTextConfig", "CLIPTextModel", bos_token_id=0, eos_token_id=2, **SMALL),
          "causal mask, pooled at argmax id")
 

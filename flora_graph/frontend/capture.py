@@ -947,9 +947,17 @@ def _is_shape_arith(n: torch.fx.Node) -> bool:
 
 
 def _is_size_check(n: torch.fx.Node) -> bool:
-    """A comparison of sizes that only runtime assertions read (``_assert_scalar(ge(u0, 0))``): no tensor."""
+    """A comparison of sizes that only runtime assertions read (``_assert_scalar(ge(u0, 0))``): no tensor; or a
+    tensor's value read as a number that only such checks read (XLM's and Flaubert's ``assert lengths.max().item()
+    <= slen``): the check holds for every input eager takes, and the graph keeps no Python assertion."""
+    if n.target in _READS_A_NUMBER:
+        return isinstance(n.meta.get("val"), torch.SymInt) and bool(n.users) \
+            and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)
     return isinstance(n.meta.get("val"), torch.SymBool) and bool(n.users) \
         and all(u.target in NO_TENSOR_OPS for u in n.users)
+
+
+_READS_A_NUMBER = (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
 
 
 def _fold(ctx: CaptureContext, n: torch.fx.Node, args: Any, kwargs: Any) -> ComputationNode:

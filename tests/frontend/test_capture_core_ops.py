@@ -305,6 +305,24 @@ def test_unsupported_forms_are_refused_by_name(fn: Callable[..., Any], what: str
         capture(_module(fn, 1), (torch.randn(2, 3, 4, 6, 5),))
 
 
+class _LengthsChecked(nn.Module):
+    """XLM's and Flaubert's ``assert lengths.max().item() <= slen`` (a runtime assertion in the exported program): a
+    value read as a number for a check alone."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        lengths = (ids != 0).sum(dim=1)
+        torch._check(lengths.max().item() <= ids.shape[1])
+        return (torch.arange(ids.shape[1])[None] < lengths[:, None]).float() * ids
+
+
+def test_a_number_read_for_an_assertion_alone_is_no_part_of_the_graph() -> None:
+    g = capture(_LengthsChecked(), (torch.randint(0, 4, (2, 6)),), {"ids": {0: "batch", 1: "seq"}})
+    assert not any("item" in n.name for n in g.nodes)
+    for backend in ("numpy", *BACKENDS[:2]):
+        ids = torch.randint(0, 4, (3, 9), generator=_gen(1))
+        _assert_close(compile(g, backend)({"ids": ids.numpy()}), _eager(_LengthsChecked(), [ids]), 1e-6, backend)
+
+
 class _Chunked(nn.Module):
     """Mamba-2's chunked scan over a dynamic length: padded up to a multiple of 3, cumulated per chunk, scaled by
     the chunk count and the chunk size torch computes back from the padded length, and cut back."""
