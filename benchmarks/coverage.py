@@ -355,6 +355,9 @@ register("deberta-v2", "encoder", encoder("DebertaV2Config", "DebertaV2Model", r
 register("albert", "encoder", encoder("AlbertConfig", "AlbertModel", types=True, embedding_size=16, **SMALL),
          "shared layers, factorised embeddings")
 register("electra", "encoder", encoder("ElectraConfig", "ElectraModel", types=True, embedding_size=16, **SMALL))
+register("mobilebert", "encoder", encoder("MobileBertConfig", "MobileBertModel", types=True, embedding_size=16,
+                                          intra_bottleneck_size=16, num_feedforward_networks=2, **SMALL),
+         "trigram embedding (x[:, 1:] of the tokens), bottlenecks")
 register("flaubert", "encoder", encoder("FlaubertConfig", "FlaubertModel", vocab_size=VOCAB, emb_dim=32, n_layers=2,
                                         n_heads=4, max_position_embeddings=MAX_POS, pad_index=0),
          "lengths from the ids, checked with .item() for an assertion alone")

@@ -306,6 +306,8 @@ def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
     if negative_end and step == 1 and isinstance(start, int) and start >= 0 \
             and (size := subtract_dims(dim, start - end)) is not None:
         return size  # x[:-1] of a named dim: dim-1, as torch.export sizes it (it assumes dim >= 1)
+    if to_end and step == 1 and isinstance(start, int) and start > 0 and (size := subtract_dims(dim, start)) is not None:
+        return size  # x[1:] of a named dim: dim-1 likewise (MobileBERT's trigram embedding)
     if (step == 1 and not negative_end and _nonnegative(start)
             and (to_end or isinstance(dim, int) or _nonnegative(subtract_dims(dim, end)))):
         size = subtract_dims(dim if to_end else end, start)  # x[past_seq:] of past_seq+seq -> seq
