@@ -154,6 +154,8 @@ def cache_layout(model: nn.Module) -> CacheLayout:
             try:
                 v = getattr(source, k, None)
             except RuntimeError:  # an attribute a heterogeneous config (Gemma 4) sets per layer: the first layer's
+                if not layer_cfgs:
+                    raise
                 v = getattr(layer_cfgs[0], k, None)
             if isinstance(v, int) and not isinstance(v, bool):
                 return v
@@ -192,6 +194,8 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     seen = _cached_kv(cache, dict(shared)) if cache is not None else {}
     per_layer = [seen.get(i, g) for i, g in enumerate(per_layer)]
     first = per_layer[min(seen) if seen else 0]
+    if kv_layers is not None:  # a recurrent layer has no keys or values: the first attention layer's stand in
+        per_layer = [g if i in kv_layers else first for i, g in enumerate(per_layer)]
     return CacheLayout(int(layers), first[0], first[1], takes, shared, None if first[2] == first[1] else first[2],
                        kv_layers=kv_layers, states=states,
                        per_layer=tuple(per_layer) if len(set(per_layer)) > 1 else ())

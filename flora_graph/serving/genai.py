@@ -430,8 +430,8 @@ def not_for_genai(layout: Any) -> str | None:
     if wide is None:
         return None
     return (f"ONNX Runtime GenAI sizes keys and values alike (head_size), and this model caches keys {wide[0]} wide and "
-            f"values {wide[1]} wide (multi-head latent attention's, MiMo-V2's): the package is for flora_graph's "
-            "Generator")
+            f"values {wide[1]} wide (as multi-head latent attention and MiMo-V2 cache them): the package is for "
+            "flora_graph's Generator")
 
 
 def context_length(config: Any) -> int:
