@@ -178,6 +178,11 @@ def _config(arch: str):
             **{**COMMON, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=128,
             hidden_size_per_layer_input=16, num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
             sliding_window=3, laurel_rank=8, altup_num_inputs=4, activation_sparsity_pattern=[0.0] * 4),
+        # short convolutions and attention, experts after a dense layer (LFM2's mixture of experts)
+        "Lfm2MoeForCausalLM": lambda: transformers.Lfm2MoeConfig(
+            **{**COMMON, "num_hidden_layers": 3}, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            num_dense_layers=1, layer_types=["conv", "full_attention", "conv"], pad_token_id=0, bos_token_id=1,
+            eos_token_id=2),
         # values narrower than keys; windowed layers (with attention sinks) with twice the heads of full ones
         "MiMoV2FlashForCausalLM": lambda: transformers.MiMoV2FlashConfig(
             **COMMON, head_dim=24, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,

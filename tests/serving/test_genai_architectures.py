@@ -35,7 +35,7 @@ NEWER = ["GptOssForCausalLM", "GraniteMoeForCausalLM", "ArceeForCausalLM", "Aper
          "Glm4MoeLiteForCausalLM", "MptForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM",
          "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM", "Mamba2ForCausalLM", "Qwen3_5ForCausalLM",
          "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM", "KimiLinearForCausalLM", "MambaForCausalLM",
-         "FalconMambaForCausalLM", "JambaForCausalLM", "Gemma4ForCausalLM", "MiMoV2FlashForCausalLM"]
+         "FalconMambaForCausalLM", "JambaForCausalLM", "Gemma4ForCausalLM", "MiMoV2FlashForCausalLM", "Lfm2MoeForCausalLM"]
 """More recent ones: gpt-oss (attention sinks, alternating sliding windows, biased experts), Granite-MoE, Arcee,
 Apertus, Seed-OSS, Hunyuan dense, EXAONE 4 and OLMo 3 and Cohere 2 (sliding windows), BitNet, GLM-4, Gemma 3n (its
 text model: per-layer inputs, AltUp, LAuReL, layers that read earlier layers' cache), GPT-BigCode (StarCoder's
@@ -49,7 +49,7 @@ length), and the Mamba-1 models (Mamba,
 Falcon-Mamba, and Jamba beside attention and experts: their selective scan one op), which the Generator serves too,
 and Gemma 4 (GenAI's ``gemma4_text``: its full attention layers' heads wider and fewer than its windowed layers',
 so each layer's cache has its own shape) and MiMo-V2-Flash (values narrower than keys, twice the heads in its
-windowed layers, which have attention sinks: the Generator's)."""
+windowed layers, which have attention sinks: the Generator's), and LFM2-MoE (short convolutions, experts)."""
 FAST = {"Qwen3ForCausalLM", "GPT2LMHeadModel"}  # no BOS token id; GenAI's generic type
 TARGETS = {arch: ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear reaches their experts' tensors
            for arch in ("MixtralForCausalLM", "GptOssForCausalLM", "MiMoV2FlashForCausalLM")}
@@ -57,6 +57,7 @@ GENERATOR_ONLY = {arch: "keys 16 wide and values 8 wide"  # latent attention: Ge
                   for arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "MiniCPM3ForCausalLM",
                                "Glm4MoeLiteForCausalLM")}
 GENERATOR_ONLY["MiMoV2FlashForCausalLM"] = "keys 24 wide and values 16 wide"
+GENERATOR_ONLY["Lfm2MoeForCausalLM"] = "convolution"
 GENERATOR_ONLY.update({arch: "convolution" for arch in ("BambaForCausalLM", "GraniteMoeHybridForCausalLM",
                                                         "FalconH1ForCausalLM", "NemotronHForCausalLM", "Lfm2ForCausalLM",
                                                         "Mamba2ForCausalLM", "Qwen3_5ForCausalLM",
@@ -68,6 +69,7 @@ TARGETS.update({arch: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"
 TARGETS.update({arch: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj"]  # PEFT refuses their Mamba out_proj
                 for arch in ("FalconH1ForCausalLM", "NemotronHForCausalLM")})
 TARGETS["Mamba2ForCausalLM"] = ["in_proj"]
+TARGETS["Lfm2MoeForCausalLM"] = ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"]  # its experts: 3-d tensors
 TARGETS.update({arch: ["in_proj", "x_proj", "dt_proj"]  # PEFT refuses the Mamba out_proj; the layer reads dt_proj's
                 for arch in ("MambaForCausalLM", "FalconMambaForCausalLM")})  # weight: no part in eager PEFT, nor here
 TARGETS["JambaForCausalLM"] = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj"]
