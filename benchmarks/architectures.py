@@ -150,7 +150,7 @@ def _measure(arch: str, root: Path, prompt: list[int], args: argparse.Namespace)
     runs: dict[str, Any] = {"generator": lambda: gen.generate([prompt], adapters="ad", max_new_tokens=args.new,
                                                               min_new_tokens=args.new)[0]}
     if genai_ok:
-        package = _genai_runner(og, root / "pkg", {"ad": None}, prompt)
+        package = _genai_runner(og, root / "pkg", {"ad": root / "pkg" / "adapters" / "ad.onnx_adapter"}, prompt)
         runs["genai"] = lambda: package("ad", args.new)[0]
     if builder_s is not None:
         built = _genai_runner(og, root / "builder", {}, prompt)

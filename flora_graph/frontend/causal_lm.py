@@ -7,7 +7,8 @@ One graph serves prefill (``past_seq = 0``) and decode:
   where the architecture takes them, and per layer ``past_key_values.{i}.key`` /
   ``.value [batch, kv_heads, past_seq, head_dim]``;
 * outputs ``logits [batch, seq, vocab]`` and ``present.{i}.key`` / ``.value
-  [batch, kv_heads, past_seq+seq, head_dim]``.
+  [batch, kv_heads, past_seq+seq, head_dim]``; ``kv_heads`` and the widths may differ from layer to
+  layer (Gemma 4, MiMo-V2: :attr:`CacheLayout.per_layer`, read off one eager step's cache).
 
 Recurrent layers (Mamba-2 in Bamba, Granite 4, Falcon-H1, Nemotron-H; Mamba-1; the gated delta rule
 of Qwen3.5, Qwen3-Next, Kimi Linear; LFM2's short convolutions) keep fixed-size states instead: ``past.{i}.conv`` ``[batch, channels, kernel]`` and
