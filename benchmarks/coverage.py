@@ -412,10 +412,27 @@ VIT = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 32, 
        "num_attention_heads": 4, "intermediate_size": 64}
 
 
-def vision(config_cls: str, model_cls: str, lora_cfg: dict | None = None, **cfg: Any) -> Callable[[], Built]:
+def vision(config_cls: str, model_cls: str, lora_cfg: dict | None = None, jitter: bool = False,
+           **cfg: Any) -> Callable[[], Built]:
+    """An image model of ``cfg`` on 32x32 images; ``jitter``: its weights and norm statistics moved off their
+    initial values (see :func:`jittered`)."""
     def build() -> Built:
-        return batch_case(lora(hf(config_cls, model_cls, **cfg), **(lora_cfg or {})), images, IMAGE_DIMS)
+        model = hf(config_cls, model_cls, **cfg)
+        return batch_case(lora(jittered(model) if jitter else model, **(lora_cfg or {})), images, IMAGE_DIMS)
     return build
+
+
+def jittered(model: nn.Module, scale: float = 0.05) -> nn.Module:
+    """``model`` with seeded noise on every weight and norm statistic (variances kept positive): a model whose
+    initial weights make its output zero (EfficientNet's last norm starts at zero) would pass any check."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                b.copy_(b.abs() + 0.5 if name.endswith("running_var") else b + torch.randn(b.shape, generator=gen) * scale)
+    return model
 
 
 register("vit", "vision", vision("ViTConfig", "ViTForImageClassification", num_labels=5, **VIT), "patch conv, CLS head",
@@ -441,6 +458,18 @@ register("segformer", "vision", vision("SegformerConfig", "SegformerForSemanticS
                                        patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
                                        mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=5),
          "overlapping patch convs, reduced keys, segmentation head")
+register("efficientnet", "conv", vision("EfficientNetConfig", "EfficientNetForImageClassification", image_size=32,
+                                        width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=5,
+                                        lora_cfg={"target_modules": ["classifier", "project_conv"]}, jitter=True),
+         "squeeze-excitation, depthwise convs, a ceil-mode average pool wider than its input; LoRA on 1x1 convs")
+register("hgnet-v2", "conv", vision("HGNetV2Config", "HGNetV2ForImageClassification", embedding_size=16,
+                                    stem_channels=[3, 8, 16], stage_in_channels=[16, 32], stage_mid_channels=[8, 16],
+                                    stage_out_channels=[32, 64], stage_num_blocks=[1, 1], stage_downsample=[False, True],
+                                    stage_downsample_strides=[2, 2], stage_light_block=[False, True],
+                                    stage_kernel_size=[3, 5], stage_numb_of_layers=[2, 2], hidden_sizes=[32, 64],
+                                    depths=[1, 1], num_labels=5, jitter=True,
+                                    lora_cfg={"target_modules": r".*(stem1|aggregation\.\d)\.convolution|fc"}),
+         "ceil-mode max pool in the stem, aggregated stage convs; LoRA on the convs")
 register("mobilevit", "conv", vision("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
                                      hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 48], num_labels=5),
          "inverted residuals with transformer blocks over unfolded patches")

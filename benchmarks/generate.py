@@ -247,10 +247,13 @@ def _print_mixed(args: argparse.Namespace, rows: int, mixed: dict, same_mixed: b
           + ", ".join(f"{k} {v:.0f}" for k, v in mixed.items() if isinstance(k, str) and isinstance(v, float)))
     print(f"  one-adapter batch / sequential {mixed['generator one-adapter batch', 'generator sequential']:.1f}x "
           "(what batching the rows gains here before any per-row adapter work: the most a mixed batch can reach)")
-    one, many = mixed["matmuls"]
+    one, many, with_adapters = mixed["matmuls"]
     print(f"  the base model's matmuls alone (ONNX Runtime, 1 thread, warm; no attention, norms or adapters): "
-          f"1 row {one * 1e3:.3f} ms, {rows} rows {many * 1e3:.3f} ms: {rows} one-row steps / one {rows}-row step "
-          f"at most {rows * one / many:.1f}x on this machine")
+          f"1 row {one * 1e3:.3f} ms, {rows} rows {many * 1e3:.3f} ms ({rows * one / many:.1f}x less per row); "
+          f"with each row's own adapter products (rank 16, as the mixed model runs them) {with_adapters * 1e3:.3f} ms")
+    print(f"  so a {rows}-row mixed step takes at least {with_adapters * 1e3:.3f} ms: mixed / sequential at most "
+          f"{rows / (with_adapters * mixed['generator sequential']):.1f}x on this machine (the sequential rows' "
+          f"{1e3 / mixed['generator sequential']:.3f} ms per token, prefill included, against that step alone)")
     print(f"  mixed / sequential {mixed['generator mixed', 'generator sequential']:.1f}x "
           f"({mixed['generator mixed', 'generator one-adapter batch']:.2f} of the one-adapter batch), "
           f"mixed / PEFT adapter_names {mixed['generator mixed', 'peft adapter_names']:.1f}x; "
@@ -330,47 +333,64 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
     return result, same, None if vllm is None else vllm["tokens"] == want
 
 
-def _matmul_bound(args: argparse.Namespace, rows: int, reps: int = 200) -> tuple[float, float]:
-    """Seconds of the model's base matmuls alone for one row and for ``rows`` rows: one ONNX Runtime graph of
-    the Llama's weight shapes (q/k/v and gate/up fused, as the package has them, and the output layer), random
-    weights, 1 thread, warm caches, the two interleaved for ``args.rounds`` rounds (medians). A decode step
-    does these and more (attention, norms, each row's adapter), so ``rows`` one-row steps over one
-    ``rows``-row step cannot beat the ratio of these two on this machine."""
+def _matmul_bound(args: argparse.Namespace, rows: int, reps: int = 200) -> tuple[float, float, float]:
+    """Seconds of the model's base matmuls alone for one row and for ``rows`` rows, and of ``rows`` rows' base
+    matmuls together with each row's own adapter products: one ONNX Runtime graph each, the Llama's weight
+    shapes (q/k/v and gate/up fused, as the package has them, and the output layer), random weights, 1 thread,
+    warm caches, interleaved for ``args.rounds`` rounds (medians). The adapter products are what the mixed
+    model runs per site for distinct adapters: ``[rows, 1, in] @ [rows, in, R] @ [rows, R, out]`` with ``R`` the
+    largest rank of :func:`build`'s adapters (16), each of the seven projections of every layer. A decode step
+    does these and more (attention, norms, the rest), so a ``rows``-row mixed step takes at least the third."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     h, i, kv = args.hidden, args.intermediate, args.kv_heads * (args.hidden // args.heads)
     shapes = [(h, h + 2 * kv), (h, h), (h, 2 * i), (i, h)] * args.layers + [(h, args.vocab)]
+    sites = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * args.layers  # q k v o gate up down
+    rank = 16 if args.adapters > 1 else 8
     rng = np.random.default_rng(0)
+    f32 = TensorProto.FLOAT
 
-    def session(m: int):
+    def session(m: int, adapters: bool):
         nodes, ins, outs, inits = [], [], [], []
+        feeds = {}
         for k, (fan_in, fan_out) in enumerate(shapes):
-            ins.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [m, fan_in]))
-            outs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [m, fan_out]))
+            ins.append(helper.make_tensor_value_info(f"x{k}", f32, [m, fan_in]))
+            outs.append(helper.make_tensor_value_info(f"y{k}", f32, [m, fan_out]))
             inits.append(numpy_helper.from_array(rng.standard_normal((fan_in, fan_out), dtype=np.float32), f"w{k}"))
             nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{k}"], [f"y{k}"]))
+            feeds[f"x{k}"] = rng.standard_normal((m, fan_in), dtype=np.float32)
+        for k, (fan_in, fan_out) in enumerate(sites if adapters else []):
+            ins += [helper.make_tensor_value_info(f"u{k}", f32, [m, 1, fan_in]),
+                    helper.make_tensor_value_info(f"a{k}", f32, [m, fan_in, rank]),
+                    helper.make_tensor_value_info(f"b{k}", f32, [m, rank, fan_out])]
+            outs.append(helper.make_tensor_value_info(f"z{k}", f32, [m, 1, fan_out]))
+            nodes += [helper.make_node("MatMul", [f"u{k}", f"a{k}"], [f"t{k}"]),
+                      helper.make_node("MatMul", [f"t{k}", f"b{k}"], [f"z{k}"])]
+            feeds.update({f"u{k}": rng.standard_normal((m, 1, fan_in), dtype=np.float32),
+                          f"a{k}": rng.standard_normal((m, fan_in, rank), dtype=np.float32),
+                          f"b{k}": rng.standard_normal((m, rank, fan_out), dtype=np.float32)})
         model = helper.make_model(helper.make_graph(nodes, "matmuls", ins, outs, inits),
                                   opset_imports=[helper.make_opsetid("", 17)])
         so = ort.SessionOptions()
         so.intra_op_num_threads = so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        feeds = {f"x{k}": rng.standard_normal((m, fan_in), dtype=np.float32) for k, (fan_in, _) in enumerate(shapes)}
         s.run(None, feeds)
         return lambda: s.run(None, feeds)
 
-    runs = {1: session(1), rows: session(rows)}
-    seconds: dict[int, list[float]] = {1: [], rows: []}
+    runs = {"one": session(1, False), "rows": session(rows, False), "rows+adapters": session(rows, True)}
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
-        for m in (1, rows, rows, 1):
-            run = runs[m]
+        for k in [*runs, *reversed(runs)]:
+            run = runs[k]
             t = time.perf_counter()
             for _ in range(reps):
                 run()
-            seconds[m].append((time.perf_counter() - t) / reps)
-    return statistics.median(seconds[1]), statistics.median(seconds[rows])
+            seconds[k].append((time.perf_counter() - t) / reps)
+    one, many, with_adapters = (statistics.median(seconds[k]) for k in runs)
+    return one, many, with_adapters
 
 
 def _vllm(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path], prompts: list[list[int]],

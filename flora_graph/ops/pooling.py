@@ -2,7 +2,13 @@
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
 numpy semantics, ONNX rule and torch rule side by side. All take NCHW input, with static
-spatial dims except ``GridSample``; windows follow torch (floor mode, symmetric padding).
+spatial dims except ``GridSample``; windows follow torch (symmetric padding; floor mode, or with
+``ceil_mode=1`` torch's ceil mode: one more window where the last would cover part of the input,
+none starting in the right padding). ONNX Runtime's ``ceil_mode`` agrees with torch's, but
+``onnx``'s shape inference does not where a window would start in the padding, so the lowering
+writes ceil mode as floor mode over extra right padding instead (exact for max pooling and for an
+average that excludes the padding or has none; an average that counts its padding in ceil mode is
+refused by the shape rule where it gains a window).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ _POOL_ATTRS = {
     "kernel": AttrSpec("ints", required=True),
     "stride": AttrSpec("ints", required=True),
     "padding": AttrSpec("ints", (0, 0)),
+    "ceil_mode": AttrSpec("int", 0),
 }
 
 
@@ -36,7 +43,8 @@ def _check_nchw(what: str, x, *, static: bool = True) -> None:
 
 
 def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
-    _check_nchw(what, x, static=False)  # a dynamic H or W has ((H+2p-d(k-1)-1)//s)+1 positions
+    ceil = bool(attrs.get("ceil_mode", 0))
+    _check_nchw(what, x, static=ceil)  # a dynamic H or W has ((H+2p-d(k-1)-1)//s)+1 positions (floor mode)
     for name in ("kernel", "stride", "padding"):
         if len(attrs[name]) != 2:
             raise ShapeError(f"{what}: {name} must have 2 values, got {attrs[name]}")
@@ -45,10 +53,34 @@ def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
         if min(k, s, d) < 1 or p < 0 or 2 * p > k:
             raise ShapeError(f"{what}: kernel, stride, dilation must be >= 1 and 0 <= padding <= kernel / 2")
         try:
-            out.append(window_count(size, k, s, p, d))
+            out.append(ceil_window_count(size, k, s, p, d) if ceil else window_count(size, k, s, p, d))
         except ShapeError as e:
             raise ShapeError(f"{what}: {e}") from None
     return (x[0], x[1], *out)
+
+
+def ceil_window_count(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """torch's ceil-mode window count: ``ceil((size + 2 padding - dilation (kernel - 1) - 1) / stride) + 1``,
+    less one where the last window would start in the right padding. At least 1 where a window
+    starts inside the input, however short the input (``ShapeError`` otherwise)."""
+    span = dilation * (kernel - 1) + 1
+    n = -(-(size + 2 * padding - span) // stride) + 1
+    if (n - 1) * stride >= size + padding:
+        n -= 1
+    if n < 1:
+        raise ShapeError(f"input size {size} gives no window of kernel {kernel} (stride {stride}, padding {padding})")
+    return n
+
+
+def _ceil_extra(x_shape, attrs, dilation=(1, 1)) -> tuple[int, int]:
+    """The right padding beyond ``padding`` that makes floor mode count ceil mode's windows (0 in floor mode)."""
+    if not attrs.get("ceil_mode", 0):
+        return (0, 0)
+    extra = []
+    for size, k, s, p, d in zip(x_shape[2:], attrs["kernel"], attrs["stride"], attrs["padding"], dilation, strict=True):
+        n = ceil_window_count(size, k, s, p, d)
+        extra.append(max(0, (n - 1) * s + d * (k - 1) + 1 - size - 2 * p))
+    return extra[0], extra[1]
 
 
 def _windows(x: np.ndarray, kernel, stride, padding, dilation, fill: float) -> np.ndarray:
@@ -66,34 +98,73 @@ def _infer_max_pool(shapes, dtypes, attrs):
     return _infer_pool("MaxPool2d", shapes[0], attrs, attrs["dilation"]), same_float_dtype(dtypes)
 
 
-def _numpy_max_pool(x: np.ndarray, *, kernel, stride, padding, dilation) -> np.ndarray:
+def _numpy_max_pool(x: np.ndarray, *, kernel, stride, padding, dilation, ceil_mode: int = 0) -> np.ndarray:
+    if ceil_mode:
+        return _ceil_pool(x, kernel, stride, padding, dilation, np.max)
     return _windows(x, kernel, stride, padding, dilation, -np.inf).max(axis=(4, 5))
+
+
+def _ceil_pool(x: np.ndarray, kernel, stride, padding, dilation, reduce, count_include_pad: int | None = None):
+    """Ceil-mode pooling, one output position at a time over the window's taps inside the input (a window
+    may reach past the padded input); an average (``count_include_pad`` given) divides as torch does:
+    by the taps inside the padded input, or with ``count_include_pad=0`` inside the input."""
+    counts = [ceil_window_count(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation,
+                                                                         strict=True)]
+    out = np.empty((*x.shape[:2], *counts), np.float64 if count_include_pad is not None else x.dtype)
+
+    def taps(i: int, axis: int) -> tuple[slice, int]:
+        size, k, s, p, d = x.shape[2 + axis], kernel[axis], stride[axis], padding[axis], dilation[axis]
+        first = i * s - p
+        padded_end = min(first + d * (k - 1) + 1, size + p)  # torch's window end, clipped to the padded input
+        lo = first if first >= 0 else first + ((d - 1 - first) // d) * d  # the first tap at or after 0
+        hi = min(padded_end, size)
+        return slice(lo, max(lo, hi), d), (padded_end - first + d - 1) // d
+
+    for i in range(counts[0]):
+        rows, nh = taps(i, 0)
+        for j in range(counts[1]):
+            cols, nw = taps(j, 1)
+            win = x[:, :, rows, cols]
+            if count_include_pad is None:
+                out[:, :, i, j] = reduce(win, axis=(2, 3))
+            else:
+                div = nh * nw if count_include_pad else win.shape[2] * win.shape[3]
+                out[:, :, i, j] = win.astype(np.float64).sum(axis=(2, 3)) / div
+    return out
 
 
 def _onnx_max_pool(ctx: Any, node: ComputationNode, out: str) -> None:
     (ph, pw), a = node.attrs["padding"], node.attrs
+    eh, ew = _ceil_extra(node.inputs[0].shape, a, a["dilation"])
     ctx.emit("MaxPool", ctx.args(node), [out], kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-             pads=[ph, pw, ph, pw], dilations=list(a["dilation"]))
+             pads=[ph, pw, ph + eh, pw + ew], dilations=list(a["dilation"]))
 
 
 def _torch_max_pool(node: ComputationNode, args: list[str]) -> str:
     a = node.attrs
-    return f"F.max_pool2d({args[0]}, {ints(a['kernel'])}, {ints(a['stride'])}, {ints(a['padding'])}, {ints(a['dilation'])})"
+    return (f"F.max_pool2d({args[0]}, {ints(a['kernel'])}, {ints(a['stride'])}, {ints(a['padding'])}, "
+            f"{ints(a['dilation'])}, {bool(a['ceil_mode'])})")
 
 
 define(
     "MAX_POOL2D", "MaxPool2d", (1, 1), {**_POOL_ATTRS, "dilation": AttrSpec("ints", (1, 1))},
-    infer=_infer_max_pool, doc="NCHW max pooling (floor mode), padding with -inf (torch max_pool2d, ONNX MaxPool).",
+    infer=_infer_max_pool, doc="NCHW max pooling (floor or ceil mode), padding with -inf (torch max_pool2d, ONNX MaxPool).",
     numpy=_numpy_max_pool, onnx=_onnx_max_pool, torch=_torch_max_pool,
 )
 
 
 # --------------------------------------------------------------------------- AvgPool2d
 def _infer_avg_pool(shapes, dtypes, attrs):
-    return _infer_pool("AvgPool2d", shapes[0], attrs), same_float_dtype(dtypes)
+    out = _infer_pool("AvgPool2d", shapes[0], attrs)
+    if attrs["count_include_pad"] and any(attrs["padding"]) and any(_ceil_extra(shapes[0], attrs)):
+        raise ShapeError("AvgPool2d: ceil mode with count_include_pad=1 and padding gains a window that ONNX's "
+                         "AveragePool divides otherwise than torch")
+    return out, same_float_dtype(dtypes)
 
 
-def _numpy_avg_pool(x: np.ndarray, *, kernel, stride, padding, count_include_pad: int) -> np.ndarray:
+def _numpy_avg_pool(x: np.ndarray, *, kernel, stride, padding, count_include_pad: int, ceil_mode: int = 0) -> np.ndarray:
+    if ceil_mode:
+        return _ceil_pool(x, kernel, stride, padding, (1, 1), None, int(count_include_pad))
     x64 = x.astype(np.float64)
     total = _windows(x64, kernel, stride, padding, (1, 1), 0.0).sum(axis=(4, 5))
     if count_include_pad or not any(padding):
@@ -105,20 +176,24 @@ def _numpy_avg_pool(x: np.ndarray, *, kernel, stride, padding, count_include_pad
 
 def _onnx_avg_pool(ctx: Any, node: ComputationNode, out: str) -> None:
     (ph, pw), a = node.attrs["padding"], node.attrs
+    eh, ew = _ceil_extra(node.inputs[0].shape, a)
+    # the extra padding of ceil mode is never counted: with no other padding, count_include_pad changes nothing
+    cip = int(a["count_include_pad"]) if not (eh or ew) else 0
     ctx.emit("AveragePool", ctx.args(node), [out], kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-             pads=[ph, pw, ph, pw], count_include_pad=int(a["count_include_pad"]))
+             pads=[ph, pw, ph + eh, pw + ew], count_include_pad=cip)
 
 
 def _torch_avg_pool(node: ComputationNode, args: list[str]) -> str:
     a = node.attrs
     return (f"F.avg_pool2d({args[0]}, {ints(a['kernel'])}, {ints(a['stride'])}, {ints(a['padding'])}, "
-            f"False, {bool(a['count_include_pad'])})")
+            f"{bool(a['ceil_mode'])}, {bool(a['count_include_pad'])})")
 
 
 define(
     "AVG_POOL2D", "AvgPool2d", (1, 1), {**_POOL_ATTRS, "count_include_pad": AttrSpec("int", 1)},
     infer=_infer_avg_pool,
-    doc="NCHW average pooling (floor mode); count_include_pad=0 divides by the unpadded count (ONNX AveragePool).",
+    doc="NCHW average pooling (floor or ceil mode); count_include_pad=0 divides by the unpadded count "
+        "(ONNX AveragePool).",
     numpy=_numpy_avg_pool, onnx=_onnx_avg_pool, torch=_torch_avg_pool,
 )
 

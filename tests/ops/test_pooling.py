@@ -38,6 +38,15 @@ CASES = [
     Case("max_pool_dynamic_height", {"x": In(("batch", 3, "seq", 9))},
          op(Op.MAX_POOL2D, "x", kernel=(3, 2), stride=(2, 2), padding=(1, 0)),
          lambda x: F.max_pool2d(x, (3, 2), 2, (1, 0)), dim_min={"seq": 3}, capture=("max_pool2d.default",)),
+    Case("max_pool_ceil", {"x": X}, op(Op.MAX_POOL2D, "x", kernel=(2, 2), stride=(1, 1), ceil_mode=1),
+         lambda x: F.max_pool2d(x, 2, 1, ceil_mode=True), capture=("max_pool2d.default",)),
+    # W 9, kernel 2, stride 2, padding 1: ceil's sixth window would start in the right padding, so torch drops it
+    Case("max_pool_ceil_pad_last_window_dropped", {"x": X},
+         op(Op.MAX_POOL2D, "x", kernel=(3, 2), stride=(2, 2), padding=(1, 1), ceil_mode=1),
+         lambda x: F.max_pool2d(x, (3, 2), 2, 1, ceil_mode=True), capture=("max_pool2d.default",)),
+    Case("max_pool_ceil_dilation", {"x": X},
+         op(Op.MAX_POOL2D, "x", kernel=(2, 2), stride=(3, 2), dilation=(2, 1), ceil_mode=1),
+         lambda x: F.max_pool2d(x, 2, (3, 2), 0, (2, 1), ceil_mode=True)),
     # ------------------------------------------------------------------ AvgPool2d
     Case("avg_pool", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(2, 3), stride=(2, 3)),
          lambda x: F.avg_pool2d(x, (2, 3)), capture=("avg_pool2d.default",)),
@@ -48,6 +57,14 @@ CASES = [
          lambda x: F.avg_pool2d(x, (2, 3), (2, 3), (1, 0)), dim_min={"seq": 3}, capture=("avg_pool2d.default",)),
     Case("avg_pool_pad_exclude", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(3, 2), stride=(2, 2), padding=(1, 1), count_include_pad=0),
          lambda x: F.avg_pool2d(x, (3, 2), 2, 1, count_include_pad=False), capture=("avg_pool2d.default",)),
+    Case("avg_pool_ceil", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(3, 2), stride=(2, 2), ceil_mode=1),
+         lambda x: F.avg_pool2d(x, (3, 2), 2, ceil_mode=True), capture=("avg_pool2d.default",)),
+    Case("avg_pool_ceil_pad_exclude", {"x": X},
+         op(Op.AVG_POOL2D, "x", kernel=(3, 2), stride=(2, 2), padding=(1, 1), count_include_pad=0, ceil_mode=1),
+         lambda x: F.avg_pool2d(x, (3, 2), 2, 1, ceil_mode=True, count_include_pad=False), capture=("avg_pool2d.default",)),
+    # EfficientNet's pooler: a kernel wider than the feature map, one window in ceil mode, the input's mean
+    Case("avg_pool_ceil_kernel_past_input", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(64, 64), stride=(64, 64), ceil_mode=1),
+         lambda x: F.avg_pool2d(x, 64, ceil_mode=True), capture=("avg_pool2d.default",)),
     Case("adaptive_avg_pool_divisible", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(4, 3), stride=(4, 3)),
          lambda x: F.adaptive_avg_pool2d(x, (2, 3)), capture=("adaptive_avg_pool2d.default",)),
     Case("adaptive_avg_pool_global", {"x": X}, _pool_then_global,
@@ -83,7 +100,7 @@ test_reference_matches_torch, test_backend_matches_reference = family_tests(CASE
 
 
 @pytest.mark.parametrize(("fn", "what"), [
-    (lambda x: F.max_pool2d(x, 2, ceil_mode=True), "ceil_mode"),
+    (lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True), "ceil_mode=True with count_include_pad"),
     (lambda x: aten.max_pool2d_with_indices(x, [2, 2])[1].float(), "indices"),
     (lambda x: F.avg_pool2d(x, 2, divisor_override=3), "divisor_override"),
     (lambda x: F.adaptive_avg_pool2d(x, (3, 2)), "does not divide"),

@@ -1,7 +1,8 @@
 """ATen converters that emit the pooling family (``MaxPool2d``, ``AvgPool2d``, ``Resize``, ``GridSample``).
 
 ``max_pool2d`` / ``max_pool2d_with_indices`` (values only; the indices refused when used) ->
-``MaxPool2d``; ``avg_pool2d`` -> ``AvgPool2d`` (``ceil_mode`` and ``divisor_override`` refused);
+``MaxPool2d``; ``avg_pool2d`` -> ``AvgPool2d`` (``divisor_override`` refused; ``ceil_mode`` needs static H
+and W, and an average that counts its padding is refused in ceil mode where that gains a window);
 ``adaptive_avg_pool2d`` / ``_adaptive_avg_pool2d`` -> ``ReduceMean`` over H, W for a 1x1 output,
 else ``AvgPool2d`` when each input size is divisible by its output size (refused otherwise);
 ``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` -> ``Resize`` (scale factors only when
@@ -25,8 +26,11 @@ from typing import Any
 
 import torch
 
+from flora_graph.errors import ShapeError
 from flora_graph.frontend.aten.registry import refuse, refuse_used_outputs, register
 from flora_graph.ir import Op
+from flora_graph.ir.shapes import window_count
+from flora_graph.ops.pooling import ceil_window_count
 
 __all__: list[str] = []
 
@@ -57,13 +61,19 @@ def _nchw(ctx, x) -> None:
         raise refuse(ctx, f"only NCHW input is supported, got rank {len(x.shape)}")
 
 
+def _ceil(ctx, x, ceil_mode) -> dict[str, int]:
+    """The ``ceil_mode`` attribute: ceil mode needs static H and W (floor mode takes dynamic ones)."""
+    if not ceil_mode:
+        return {}
+    _spatial(ctx, x)
+    return {"ceil_mode": 1}
+
+
 def _max_pool(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    if ceil_mode:
-        raise refuse(ctx, "ceil_mode=True")
     _nchw(ctx, x)
     kernel = _pair(kernel_size)
     attrs = {"kernel": kernel, "stride": _pair(stride, kernel), "padding": _pair(padding), "dilation": _pair(dilation)}
-    return ctx.emit(Op.MAX_POOL2D, [x], attrs)
+    return ctx.emit(Op.MAX_POOL2D, [x], {**attrs, **_ceil(ctx, x, ceil_mode)})
 
 
 @register(aten.max_pool2d.default)
@@ -77,17 +87,27 @@ def _max_pool2d_with_indices(ctx, x, kernel_size, stride=(), padding=0, dilation
     return (_max_pool(ctx, x, kernel_size, stride, padding, dilation, ceil_mode), None)
 
 
+def _gains_window(size: int, kernel: int, stride: int, padding: int) -> bool:
+    """Whether ceil mode counts more windows than floor mode over ``size``."""
+    try:
+        return ceil_window_count(size, kernel, stride, padding) != window_count(size, kernel, stride, padding)
+    except ShapeError:  # no floor-mode window at all
+        return True
+
+
 @register(aten.avg_pool2d.default)
 def _avg_pool2d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
                 divisor_override=None):
-    if ceil_mode:
-        raise refuse(ctx, "ceil_mode=True")
     if divisor_override is not None:
         raise refuse(ctx, "divisor_override")
     _nchw(ctx, x)
     kernel = _pair(kernel_size)
     attrs = {"kernel": kernel, "stride": _pair(stride, kernel), "padding": _pair(padding),
-             "count_include_pad": int(bool(count_include_pad))}
+             "count_include_pad": int(bool(count_include_pad)), **_ceil(ctx, x, ceil_mode)}
+    if ceil_mode and count_include_pad and any(attrs["padding"]) and any(
+            _gains_window(n, k, st, p) for n, k, st, p in zip(x.shape[2:], kernel, attrs["stride"], attrs["padding"],
+                                                               strict=True)):
+        raise refuse(ctx, "ceil_mode=True with count_include_pad=True and padding, where ceil mode adds a window")
     return ctx.emit(Op.AVG_POOL2D, [x], attrs)
 
 
