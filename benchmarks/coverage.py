@@ -497,19 +497,25 @@ def whisper_encoder(lora_cfg: dict | None = None) -> Callable[[], Built]:
 register("whisper-encoder", "speech", whisper_encoder(), "conv1d stem, fixed 32 frames", quick=True)
 
 
-def wav2vec2() -> Built:
-    model = lora(hf("Wav2Vec2Config", "Wav2Vec2Model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
-                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=VOCAB),
-                 target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"])
+def speech(config_cls: str, model_cls: str) -> Callable[[], Built]:
+    """A tiny wav2vec 2.0-style model (``config_cls``, ``model_cls``) on raw audio of a dynamic length."""
+    def build() -> Built:
+        model = lora(hf(config_cls, model_cls, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=VOCAB),
+                     target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"])
 
-    def audio(batch: int, seed: int) -> dict[str, torch.Tensor]:
-        n = {0: 400, 1: 320, 2: 480}[seed]  # samples: the check inputs differ in length too
-        return {"input_values": torch.randn(batch, n, generator=torch.Generator().manual_seed(seed))}
-    return batch_case(model, audio, {"input_values": {0: "batch", 1: "samples"}})
+        def audio(batch: int, seed: int) -> dict[str, torch.Tensor]:
+            n = {0: 400, 1: 320, 2: 480}[seed]  # samples: the check inputs differ in length too
+            return {"input_values": torch.randn(batch, n, generator=torch.Generator().manual_seed(seed))}
+        return batch_case(model, audio, {"input_values": {0: "batch", 1: "samples"}})
+    return build
 
 
-register("wav2vec2", "speech", wav2vec2, "strided conv feature extractor over a dynamic length, conv positions")
+register("wav2vec2", "speech", speech("Wav2Vec2Config", "Wav2Vec2Model"),
+         "strided conv feature extractor over a dynamic length, conv positions")
+register("wavlm", "speech", speech("WavLMConfig", "WavLMForCTC"),
+         "gated relative position bias (broadcast_to), CTC head (torch.onnx's file is off)")
 
 
 # torch.nn

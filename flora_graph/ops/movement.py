@@ -349,9 +349,9 @@ def _onnx_slice(ctx: Any, node: ComputationNode, out: str) -> None:
 
 
 def _torch_slice(node: ComputationNode, args: list[str]) -> str:
-    """Python slicing; along a named dim with a nonzero start, or a static dim up to a named end,
-    ``torch.slice_copy`` (a view there makes torch.export guard on the view's contiguity, such as
-    ``6*seq != 12`` or ``seq != 8``)."""
+    """Python slicing; along a named dim with a nonzero start or an end counted from its end, or a static dim
+    up to a named end, ``torch.slice_copy`` (a view there makes torch.export guard on the view's contiguity,
+    such as ``6*seq != 12``, ``seq != 8`` or ``seq-1 != 1``)."""
     x, shape, a = args[0], node.inputs[0].shape, node.attrs
     local = [(x, shape)]
     where = [":"] * len(shape)
@@ -360,7 +360,8 @@ def _torch_slice(node: ComputationNode, args: list[str]) -> str:
         axis %= len(shape)
         start = "" if s == 0 else bound_expr(s, node, local)
         end = "" if isinstance(e, int) and e >= SLICE_END else bound_expr(e, node, local)
-        if (isinstance(shape[axis], str) and s != 0) or (isinstance(shape[axis], int) and isinstance(e, str)):
+        named_cut = isinstance(shape[axis], str) and (s != 0 or (isinstance(e, int) and e < 0))
+        if named_cut or (isinstance(shape[axis], int) and isinstance(e, str)):
             copies.append(f"{axis}, {start or 0}, {end or 'None'}, {st}")
         else:
             where[axis] = f"{start}:{end}" + (f":{st}" if st != 1 else "")

@@ -47,6 +47,20 @@ def _slice_scatter(g, x, rng):
     tail = g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (4,), "ends": (6,)})
     return g.add(Op.CONCAT, [head, x["s"], tail], {"axis": 1})
 
+def _shift_right(g, x, rng):
+    """BART's ``shift_tokens_right`` along a dynamic axis: ``out[:, 1:] = x[:, :-1]``, ``out[:, 0]`` kept."""
+    first = g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (0,), "ends": (1,)})
+    return g.add(Op.CONCAT, [first, g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (0,), "ends": (-1,)})], {"axis": 1})
+
+
+def _select_scatter_ends(g, x, rng):
+    """``s`` written at the first place of a dynamic axis, and at the last place (of ``x`` again)."""
+    s = g.add(Op.UNSQUEEZE, [x["s"]], {"axes": (1,)})
+    rest = g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (1,), "ends": (END,)})
+    head = g.add(Op.SLICE, [x["x"]], {"axes": (1,), "starts": (0,), "ends": (-1,)})
+    return {"first": g.add(Op.CONCAT, [s, rest], {"axis": 1}), "last": g.add(Op.CONCAT, [head, s], {"axis": 1})}
+
+
 CASES = [
     Case("slice_static_steps", {"x": In(("batch", 6, 5))},
          op(Op.SLICE, "x", axes=(1, 2), starts=(1, -3), ends=(5, END), steps=(2, 1)), lambda x: x[:, 1:5:2, -3:]),
@@ -65,6 +79,9 @@ CASES = [
     Case("squeeze", {"x": In(("batch", 1, "seq", 1))}, op(Op.SQUEEZE, "x", axes=(1, -1)), lambda x: x[:, 0, :, 0]),
     Case("expand_named", {"x": In(("batch", 1, 6)), "y": In(("batch", "seq"))},
          op(Op.EXPAND, "x", shape=("batch", "seq", 6)), lambda x, y: x.expand(-1, y.shape[1], -1)),
+    Case("broadcast_to_named", {"x": In((1, 6)), "y": In(("batch", "seq"))},
+         op(Op.EXPAND, "x", shape=("batch", "seq", 6)),
+         lambda x, y: torch.broadcast_to(x, (y.shape[0], y.shape[1], 6)), capture=("broadcast_to.default",)),
     Case("expand_bidirectional", {"x": In(("batch", 1, 6))}, op(Op.EXPAND, "x", shape=(1, 3, 1)),
          lambda x: x.expand(-1, 3, -1)),
     Case("expand_const_to_named", {"y": In(("batch", "seq"), "int64", "small_int")},
@@ -120,6 +137,12 @@ CASES = [
          lambda x, s: torch.select_scatter(x, s, 1, 2), capture=("select_scatter.default",)),
     Case("slice_scatter_step1", {"x": In(("batch", 6)), "s": In(("batch", 2))}, _slice_scatter,
          lambda x, s: torch.slice_scatter(x, s, 1, 2, 4), capture=("slice_scatter.default",)),
+    Case("slice_scatter_dynamic_axis", {"x": In(("batch", "seq"))}, _shift_right,
+         lambda x: torch.slice_scatter(x, x[:, :-1], 1, 1), capture=("slice_scatter.default",),
+         dim_min={"seq": 3}),  # torch.export specializes a size of 1 (seq-1), so the torch-export backend needs seq >= 3
+    Case("select_scatter_dynamic_axis_ends", {"x": In(("batch", "seq", 3)), "s": In(("batch", 3))}, _select_scatter_ends,
+         lambda x, s: (torch.select_scatter(x, s, 1, 0), torch.select_scatter(x, s, 1, -1)), dim_min={"seq": 3},
+         capture=("select_scatter.default",)),
 ]
 
 

@@ -6,8 +6,8 @@ position of a static axis (a tuple); ``gather`` -> ``GatherElements``; ``index.T
 with one index tensor -> ``Gather``, with several on consecutive axes -> ``Index`` (bool
 masks and non-consecutive axes are refused); ``diagonal`` -> ``Index`` of two constant
 ranges over static axes (after a ``Transpose`` moving them last); ``slice_scatter`` and
-``select_scatter`` along a static axis -> ``Concat`` of the kept slices and ``src`` (step 1), else
-``Where`` of a constant mask over ``Gather`` of ``src``; ``index_put`` -> ``IndexPut`` (index
+``select_scatter`` -> ``Concat`` of the kept slices and ``src`` (step 1; static bounds, counted from
+either end of a dynamic axis), else ``Where`` of a constant mask over ``Gather`` of ``src`` (a static axis); ``index_put`` -> ``IndexPut`` (index
 tensors on consecutive axes, no bool masks); ``scatter.src``/``scatter.value``/``scatter_add``
 -> ``ScatterElements`` (``src`` cut to the index's shape, a value broadcast to it);
 ``scatter_reduce.two`` -> ``ScatterElements`` with ``add``/``mul``/``max``/``min`` (``include_self=False``:
@@ -30,6 +30,7 @@ import torch
 from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, refuse, refuse_used_outputs, register
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import canonical_dim
+from flora_graph.ops.movement import SLICE_END
 
 __all__: list[str] = []
 
@@ -123,16 +124,41 @@ def _scatter_slice(ctx, x, src, axis: int, positions: range):
 def _static_axis(ctx, x, dim) -> int:
     axis = axis_of(int(dim), len(x.shape))
     if not isinstance(x.shape[axis], int):
-        raise refuse(ctx, f"a scatter along the dynamic dim {x.shape[axis]!r}")
+        raise refuse(ctx, f"a strided scatter along the dynamic dim {x.shape[axis]!r}")
     return axis
+
+
+def _scatter_run(ctx, x, src, axis: int, start: int, end: int | None):
+    """``x`` with ``src`` written at ``start:end`` (``None``: to the end) of ``axis``, static bounds that may count
+    from the end (negative) over a dynamic dim: the parts of ``x`` before and after, with ``src`` between
+    (BART's ``shift_tokens_right``: ``shifted[:, 1:] = ids[:, :-1]``, ``shifted[:, 0] = start_id``)."""
+    src = as_dtype(ctx, src, x.dtype)
+    parts = []
+    if start != 0:
+        parts.append(ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (0,), "ends": (start,), "steps": (1,)}))
+    parts.append(src)
+    if end is not None:
+        parts.append(ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (end,), "ends": (SLICE_END,), "steps": (1,)}))
+    out = parts[0] if len(parts) == 1 else ctx.emit(Op.CONCAT, parts, {"axis": axis})
+    if canonical_dim(out.shape[axis]) != canonical_dim(x.shape[axis]):
+        raise refuse(ctx, f"a scatter of {src.shape[axis]!r} elements at {start}:{end} of the dynamic dim "
+                          f"{x.shape[axis]!r}, which it does not fill exactly")
+    return out
+
+
+def _to_end(end) -> bool:
+    return end is None or (isinstance(end, int) and end >= 2**62)
 
 
 @register(aten.slice_scatter.default)
 def _slice_scatter(ctx, x, src, dim=0, start=None, end=None, step=1):
     if any(isinstance(v, SymDim) for v in (start, end)):
         raise refuse(ctx, "slice_scatter at dynamic bounds")
-    if (start or 0) == 0 and (end is None or end >= 2**62) and int(step) == 1 and src.shape == x.shape:
+    if (start or 0) == 0 and _to_end(end) and int(step) == 1 and src.shape == x.shape:
         return as_dtype(ctx, src, x.dtype)  # the whole axis (x[:, i] = v written through x[:]): src is the result
+    axis = axis_of(int(dim), len(x.shape))
+    if not isinstance(x.shape[axis], int) and int(step) == 1:
+        return _scatter_run(ctx, x, src, axis, int(start or 0), None if _to_end(end) else int(end))
     axis = _static_axis(ctx, x, dim)
     positions = range(x.shape[axis])[slice(start, end, int(step))]
     if not len(positions):
@@ -144,9 +170,12 @@ def _slice_scatter(ctx, x, src, dim=0, start=None, end=None, step=1):
 def _select_scatter(ctx, x, src, dim, index):
     if isinstance(index, SymDim):
         raise refuse(ctx, "select_scatter at a dynamic index")
-    axis = _static_axis(ctx, x, dim)
-    i = int(index) % x.shape[axis]
+    axis = axis_of(int(dim), len(x.shape))
     src = ctx.emit(Op.UNSQUEEZE, [as_dtype(ctx, src, x.dtype)], {"axes": (axis,)})
+    if not isinstance(x.shape[axis], int):
+        i = int(index)
+        return _scatter_run(ctx, x, src, axis, i, None if i == -1 else i + 1)
+    i = int(index) % x.shape[axis]
     return _scatter_slice(ctx, x, src, axis, range(i, i + 1))
 
 

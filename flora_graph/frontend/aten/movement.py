@@ -9,7 +9,7 @@ axis 1) or ``Reshape``; ``cat`` -> ``Concat`` (1-D empty tensors skipped, as tor
 per piece (at indices, symbolic ones too) or ``Split``; ``slice`` ->
 ``Slice`` (nothing for a whole-axis slice; a start counted back from the end by a dynamic size, as
 ``x[:, -seq:]``, becomes ``size - seq`` where that is a dim); ``unsqueeze`` -> ``Unsqueeze``;
-``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the size-1 axes; ``expand``/``expand_as`` ->
+``squeeze`` (``dim``, ``dims``, all) -> ``Squeeze`` of the size-1 axes; ``expand``/``expand_as``/``broadcast_to`` ->
 ``Expand`` (nothing when the shape is unchanged); ``flip`` -> ``Flip``; ``stack`` -> ``Unsqueeze`` each, ``Concat``; ``unflatten`` -> ``Reshape``;
 ``repeat_interleave.self_int`` -> ``Unsqueeze``, ``Expand``, ``Reshape``; ``copy`` (a
 functional copy: ``src`` in ``self``'s dtype, broadcast to its shape) -> ``Cast``/``Expand``;
@@ -264,6 +264,12 @@ def _expand_to(ctx: CaptureContext, x: ComputationNode, size: Sequence[Any]) -> 
 
 @register(aten.expand.default)
 def _expand(ctx, x, size, *, implicit=False):
+    return _expand_to(ctx, x, size)
+
+
+@register(aten.broadcast_to.default)
+def _broadcast_to(ctx, x, size):
+    """``torch.broadcast_to`` (WavLM's relative position bias), which torch.export keeps as is: ``expand``."""
     return _expand_to(ctx, x, size)
 
 

@@ -10,7 +10,7 @@ dim (:data:`~flora_graph.frontend.aten.registry.SIZE_OPS`), or belongs to one en
 :func:`refusal_of` an op says why. An entry may also list non-core overloads of the same kind
 (``item``, ``rand_like``, ``fft_rfft``) that torch.export keeps when it does not decompose.
 
-Refused forms of converted ops (``ceil_mode``, dropout in training mode, a scatter along a
+Refused forms of converted ops (dropout in training mode, a strided scatter along a
 dynamic axis) are not listed here: their converters raise
 :func:`~flora_graph.frontend.aten.registry.refuse`, naming the form.
 """
