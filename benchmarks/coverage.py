@@ -470,6 +470,15 @@ register("hgnet-v2", "conv", vision("HGNetV2Config", "HGNetV2ForImageClassificat
                                     depths=[1, 1], num_labels=5, jitter=True,
                                     lora_cfg={"target_modules": r".*(stem1|aggregation\.\d)\.convolution|fc"}),
          "ceil-mode max pool in the stem, aggregated stage convs; LoRA on the convs")
+register("depth-anything", "vision", vision("DepthAnythingConfig", "DepthAnythingForDepthEstimation", jitter=True,
+                                            backbone_config={"model_type": "dinov2", "image_size": 32, "patch_size": 8,
+                                                             "hidden_size": 32, "num_hidden_layers": 4,
+                                                             "num_attention_heads": 4, "mlp_ratio": 2,
+                                                             "out_features": ["stage1", "stage2", "stage3", "stage4"],
+                                                             "reshape_hidden_states": False},
+                                            reassemble_hidden_size=32, patch_size=8, neck_hidden_sizes=[8, 16, 32, 32],
+                                            fusion_hidden_size=16, head_hidden_size=8),
+         "DINOv2 features reassembled by transposed convolutions, fused upward (bilinear), a depth map")
 register("mobilevit", "conv", vision("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
                                      hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 48], num_labels=5),
          "inverted residuals with transformer blocks over unfolded patches")

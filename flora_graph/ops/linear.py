@@ -1,4 +1,5 @@
-"""Linear algebra: ``Linear``, ``MatMul``, ``ExpertLinear`` (a mixture of experts' layer), ``Conv2d``.
+"""Linear algebra: ``Linear``, ``MatMul``, ``ExpertLinear`` (a mixture of experts' layer), ``Conv2d``,
+``ConvTranspose2d``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
 numpy semantics, ONNX rule and torch rule side by side.
@@ -14,7 +15,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import FLOAT_DTYPES, AttrSpec, Op
-from flora_graph.ir.shapes import Dim, broadcast_shapes, canonical_dim, format_shape, window_count
+from flora_graph.ir.shapes import (
+    Dim,
+    add_dims,
+    broadcast_shapes,
+    canonical_dim,
+    dim_product,
+    format_shape,
+    window_count,
+)
 from flora_graph.ops._infer import same_float_dtype
 from flora_graph.ops._onnx import ONNX_DTYPES, simple
 from flora_graph.ops._torch import call, ints
@@ -252,4 +261,100 @@ define(
     },
     infer=_infer_conv2d, doc="NCHW convolution, W [O, C/groups, kh, kw], symmetric padding (ph, pw).",
     numpy=_numpy_conv2d, onnx=_onnx_conv2d, torch=_torch_conv2d,
+)
+
+
+# --------------------------------------------------------------------------- ConvTranspose2d
+def _transposed_out(size: Dim, k: int, s: int, p: int, d: int, extra: int) -> Dim:
+    """``(size - 1) * s - 2 p + d (k - 1) + extra + 1`` positions (torch's and ONNX's), ``2*seq`` for a
+    2-tap stride-2 kernel over a dynamic ``seq``."""
+    rest = d * (k - 1) + extra + 1 - 2 * p - s
+    out = add_dims(dim_product([s, size]), rest) if not isinstance(size, int) else (size - 1) * s + rest + s
+    if isinstance(out, int) and out < 1:
+        raise ShapeError(f"ConvTranspose2d: input size {size} gives {out} output positions")
+    return out
+
+
+def _infer_conv_transpose2d(shapes, dtypes, attrs):
+    x, w = shapes[0], shapes[1]
+    if len(x) != 4 or len(w) != 4:
+        raise ShapeError(f"ConvTranspose2d needs x [N,C,H,W] and W [C,O/g,kh,kw], got {format_shape(x)}, {format_shape(w)}")
+    g = attrs["groups"]
+    for name in ("stride", "padding", "dilation", "output_padding"):
+        if len(attrs[name]) != 2:
+            raise ShapeError(f"ConvTranspose2d: {name} must have 2 values, got {attrs[name]}")
+    if not all(isinstance(d, int) for d in w) or g < 1 or w[0] % g:
+        raise ShapeError(f"ConvTranspose2d: W {format_shape(w)} must be static, its {w[0]} input channels "
+                         f"divisible by groups={g}")
+    if x[1] != w[0]:
+        raise ShapeError(f"ConvTranspose2d: x has {x[1]} channels, W {format_shape(w)} expects {w[0]}")
+    cout = w[1] * g
+    if len(shapes) == 3 and (len(shapes[2]) != 1 or shapes[2][0] != cout):
+        raise ShapeError(f"ConvTranspose2d: bias {format_shape(shapes[2])} does not match {cout} channels")
+    (sh, sw), (ph, pw), (dh, dw), (oh, ow) = attrs["stride"], attrs["padding"], attrs["dilation"], attrs["output_padding"]
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0 or not (0 <= oh < max(sh, dh) and 0 <= ow < max(sw, dw)):
+        raise ShapeError("ConvTranspose2d: stride and dilation must be >= 1, padding >= 0, and output_padding "
+                         "below the stride or the dilation")
+    h = _transposed_out(x[2], w[2], sh, ph, dh, oh)
+    ww = _transposed_out(x[3], w[3], sw, pw, dw, ow)
+    return (x[0], cout, h, ww), same_float_dtype(dtypes)
+
+
+def _numpy_conv_transpose2d(
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray | None = None,
+    *,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    output_padding: tuple[int, int],
+    groups: int,
+) -> np.ndarray:
+    """Each input position adds ``x * W`` over its kernel taps at ``stride`` times its place (float64),
+    then the ``padding`` is cut from both ends."""
+    (sh, sw), (ph, pw), (dh, dw), (oh, ow) = stride, padding, dilation, output_padding
+    n, c, h, wd = x.shape
+    _, cog, kh, kw = w.shape
+    full_h, full_w = (h - 1) * sh + dh * (kh - 1) + 1 + oh, (wd - 1) * sw + dw * (kw - 1) + 1 + ow
+    xg = x.astype(np.float64).reshape(n, groups, c // groups, h, wd)
+    wg = w.astype(np.float64).reshape(groups, c // groups, cog, kh, kw)
+    y = np.zeros((n, groups, cog, full_h, full_w))
+    for i in range(kh):
+        for j in range(kw):
+            tap = np.einsum("ngchw,gco->ngohw", xg, wg[:, :, :, i, j], optimize=True)
+            y[:, :, :, i * dh:i * dh + (h - 1) * sh + 1:sh, j * dw:j * dw + (wd - 1) * sw + 1:sw] += tap
+    y = y.reshape(n, groups * cog, full_h, full_w)[:, :, ph:full_h - ph, pw:full_w - pw]
+    return (y if b is None else y + b.reshape(1, -1, 1, 1)).astype(x.dtype)
+
+
+def _onnx_conv_transpose2d(ctx: Any, node: ComputationNode, out: str) -> None:
+    """``ConvTranspose`` with symmetric pads ``[ph, pw, ph, pw]`` and ``output_padding``."""
+    a, kernel = node.attrs, [int(d) for d in node.inputs[1].shape[2:]]
+    (ph, pw) = a["padding"]
+    ctx.emit("ConvTranspose", ctx.args(node), [out], kernel_shape=kernel, strides=list(a["stride"]),
+             pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), output_padding=list(a["output_padding"]),
+             group=a["groups"])
+
+
+def _torch_conv_transpose2d(node: ComputationNode, args: list[str]) -> str:
+    a = node.attrs
+    bias = args[2] if len(args) == 3 else "None"
+    return (f"F.conv_transpose2d({args[0]}, {args[1]}, {bias}, {ints(a['stride'])}, {ints(a['padding'])}, "
+            f"{ints(a['output_padding'])}, {int(a['groups'])}, {ints(a['dilation'])})")
+
+
+define(
+    "CONV_TRANSPOSE2D", "ConvTranspose2d", (2, 3),
+    {
+        "stride": AttrSpec("ints", (1, 1)),
+        "padding": AttrSpec("ints", (0, 0)),
+        "dilation": AttrSpec("ints", (1, 1)),
+        "output_padding": AttrSpec("ints", (0, 0)),
+        "groups": AttrSpec("int", 1),
+    },
+    infer=_infer_conv_transpose2d,
+    doc="NCHW transposed convolution (the gradient of Conv2d), W [C, O/groups, kh, kw], symmetric padding cut "
+        "from the output, output_padding added at its end (torch conv_transpose2d, ONNX ConvTranspose).",
+    numpy=_numpy_conv_transpose2d, onnx=_onnx_conv_transpose2d, torch=_torch_conv_transpose2d,
 )

@@ -122,12 +122,14 @@ class Chunks(nn.Module):
 
 
 class Aliases(nn.Module):
-    """Ops that capture turns into their input: clone, contiguous, detach, eval dropout, same-dtype casts."""
+    """Ops that capture turns into their input: clone, contiguous, detach, eval dropout (channel-wise and
+    alpha dropout too), same-dtype casts."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = x.clone() + x.t().contiguous().t()
         b = F.dropout(x.detach(), 0.3, training=False) * x.to(torch.float32)
-        return a - b.float()
+        c = F.alpha_dropout(x, 0.2, training=False) * F.dropout1d(x.unsqueeze(0), 0.2, training=False).squeeze(0)
+        return a - b.float() + c
 
 
 EXTRA = {"arith": Arith, "chunk": Chunks, "aliases": Aliases}  # no adapters; inputs [batch, 7]

@@ -43,6 +43,20 @@ def conv(id: str, w: np.ndarray, b: np.ndarray | None = None, *, x: In = CONV_X,
         lambda x: F.conv2d(x.double(), f64(w), None if b is None else f64(b), stride, padding, dilation, groups).float(),
     )
 
+def deconv(id: str, w: np.ndarray, b: np.ndarray | None = None, *, x: In = CONV_X, capture: bool = False,
+           **attrs: Any) -> Case:
+    """``ConvTranspose2d(x, w[, b], **attrs)`` against ``F.conv_transpose2d`` with the same attributes (captured
+    from that call where ``capture``)."""
+    stride, padding, out_pad = attrs.get("stride", (1, 1)), attrs.get("padding", (0, 0)), attrs.get("output_padding", (0, 0))
+    dilation, groups = attrs.get("dilation", (1, 1)), attrs.get("groups", 1)
+    return Case(
+        id, {"x": x}, op(Op.CONV_TRANSPOSE2D, "x", w, *([] if b is None else [b]), **attrs),
+        lambda x: F.conv_transpose2d(x.double(), f64(w), None if b is None else f64(b), stride, padding, out_pad, groups,
+                                     dilation).float(),
+        **({"capture": ("convolution.default",), "tol": 1e-4} if capture else {}),
+    )
+
+
 def _conv1d(w: np.ndarray, b: np.ndarray | None = None, prefix: str = "", **attrs: Any) -> Any:
     """``Conv2d`` over ``x`` and ``w`` with a unit axis 2, then that axis squeezed (what ``conv1d`` becomes)."""
 
@@ -53,6 +67,15 @@ def _conv1d(w: np.ndarray, b: np.ndarray | None = None, prefix: str = "", **attr
         return g.add(Op.SQUEEZE, [y], {"axes": (2,)})
 
     return build
+
+
+def _conv_transpose1d(g, x, rng):
+    """``ConvTranspose2d`` over ``x`` and ``w`` with a unit axis 2, then that axis squeezed (``conv_transpose1d``)."""
+    x4 = g.add(Op.UNSQUEEZE, [x["x"]], {"axes": (2,)})
+    w4 = g.add(Op.UNSQUEEZE, [g.const("w", _conv_w(4, 3, 3))], {"axes": (2,)})
+    y = g.add(Op.CONV_TRANSPOSE2D, [x4, w4, g.const("b", _conv_w(3))],
+              {"stride": (1, 2), "padding": (0, 1), "output_padding": (0, 1)})
+    return g.add(Op.SQUEEZE, [y], {"axes": (2,)})
 
 
 def _strided_twice(g, x, rng):
@@ -106,6 +129,13 @@ CASES = [
     conv("conv_depthwise_x2", _conv_w(8, 1, 3, 3), groups=4),
     conv("conv_all", _conv_w(6, 2, 3, 3), _conv_w(6), stride=(2, 3), padding=(1, 2), dilation=(1, 2), groups=2),
     conv("conv_1x1_dynamic_hw", _conv_w(3, 4, 1, 1), x=In(("batch", 4, "seq", "kv"))),
+    # ------------------------------------------------------------------ ConvTranspose2d
+    deconv("deconv_plain", _conv_w(4, 3, 3, 3), _conv_w(3)),
+    deconv("deconv_stride_padding", _conv_w(4, 6, 3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2)),
+    deconv("deconv_groups_dilation", _conv_w(4, 3, 2, 3), _conv_w(6), groups=2, dilation=(2, 1), padding=(1, 1)),
+    # DPT's reassemble: a kernel the size of the stride upsamples by it, over dynamic H and W
+    deconv("deconv_upsample_dynamic_hw", _conv_w(4, 2, 4, 4), _conv_w(2), stride=(4, 4), x=In(("batch", 4, "seq", "kv")),
+           capture=True),
     # ------------------------------------------------------------------ captured ATen forms
     Case("conv1d", {"x": In(("batch", 4, 11))}, _conv1d(_conv_w(6, 4, 3), _conv_w(6), stride=(1, 2), padding=(0, 1)),
          lambda x: F.conv1d(x, torch.from_numpy(_conv_w(6, 4, 3)), torch.from_numpy(_conv_w(6)), 2, 1),
@@ -120,6 +150,9 @@ CASES = [
     Case("convolution_1d", {"x": In(("batch", 4, 11))}, _conv1d(_conv_w(6, 4, 3), _conv_w(6), padding=(0, 1)),
          lambda x: torch.ops.aten.convolution(x, torch.from_numpy(_conv_w(6, 4, 3)), torch.from_numpy(_conv_w(6)), [1], [1],
                                               [1], False, [0], 1),
+         tol=1e-4, capture=("convolution.default",)),
+    Case("conv_transpose1d", {"x": In(("batch", 4, "seq"))}, _conv_transpose1d,
+         lambda x: F.conv_transpose1d(x, torch.from_numpy(_conv_w(4, 3, 3)), torch.from_numpy(_conv_w(3)), 2, 1, 1),
          tol=1e-4, capture=("convolution.default",)),
     # ------------------------------------------------------------------ a mixture of experts' layer
     Case("expert_linear", {"x": In(("batch", 6)), "ids": In(("batch",), "int64", "index:4")},

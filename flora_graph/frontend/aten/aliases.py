@@ -1,6 +1,6 @@
 """ATen ops that emit nothing: aliases, eval-mode dropout and tuple unpacking.
 
-``clone``, ``detach``, ``alias``, ``contiguous`` and ``dropout`` (eval mode, or ``p == 0``)
+``clone``, ``detach``, ``alias``, ``contiguous`` and ``dropout`` (its feature and alpha forms too; eval mode, or ``p == 0``)
 return their input unchanged; ``native_dropout`` there returns it with a mask of ones; either
 in training mode is refused (it draws random numbers). ``operator.getitem``
 picks one value of a tuple-valued node (``split``, ``unbind``, attention kernels).
@@ -34,10 +34,14 @@ register(aten.clone.default, aten.detach.default, aten.alias.default, aten.conti
          aten.detach_.default)(_alias)  # detach_ changes autograd metadata only: the same value
 
 
-@register(aten.dropout.default)
+@register(aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+          aten.feature_alpha_dropout.default)
 def _dropout(ctx: CaptureContext, x: ComputationNode, p: float = 0.5, train: bool = False) -> ComputationNode:
+    """``dropout`` and its channel-wise (``Dropout2d``: ``feature_dropout``) and alpha forms: ``x`` in eval mode."""
     if train and p > 0:
-        raise UnsupportedOpError("dropout in training mode cannot be captured; call model.eval()", {"aten.dropout.default(train=True)": [ctx.where()]})
+        name = str(ctx.fx_node.target).removeprefix("aten.")
+        raise UnsupportedOpError("dropout in training mode cannot be captured; call model.eval()",
+                                 {f"aten.{name}(train=True)": [ctx.where()]})
     return x
 
 

@@ -10,7 +10,8 @@ around it an intact site; ``addmm`` (GPT-2's
 ``baddbmm`` (Bloom) likewise over batched matrices; ``conv2d`` (both overloads,
 ``padding="same"``/``"valid"`` included) and 2-D non-transposed ``convolution`` -> ``Conv2d``;
 ``conv1d`` (both overloads; Whisper) and 1-D ``convolution`` -> ``Conv2d`` over an unsqueezed
-unit axis, then ``Squeeze``. The capture-time LoRA Linear op
+unit axis, then ``Squeeze``; ``conv_transpose2d`` and 2-D transposed ``convolution`` (DPT's and Depth
+Anything's upsampling) -> ``ConvTranspose2d``, their 1-D forms over an unsqueezed unit axis. The capture-time LoRA Linear op
 (``flora_graph::lora_linear``) has its converter in :mod:`flora_graph.frontend.lora_op`.
 """
 
@@ -129,11 +130,36 @@ def _conv1d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 
 @register(aten.convolution.default)
 def _convolution(ctx, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
-    if transposed or len(w.shape) not in (3, 4):
-        raise UnsupportedOpError("only 1-D and 2-D non-transposed convolutions are supported",
+    if len(w.shape) not in (3, 4):
+        raise UnsupportedOpError("only 1-D and 2-D convolutions are supported",
                                  {"aten.convolution.default": [ctx.where()]})
+    if transposed:
+        conv = _conv_transpose1d if len(w.shape) == 3 else _conv_transpose2d
+        return conv(ctx, x, w, b, stride, padding, output_padding, groups, dilation)
     conv = _conv1d if len(w.shape) == 3 else _conv2d
     return conv(ctx, x, w, b, stride, padding, dilation, groups)
+
+
+@register(aten.conv_transpose2d.input)
+def _conv_transpose2d(ctx, x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    if len(x.shape) != 4 or len(w.shape) != 4:
+        raise refuse(ctx, "conv_transpose2d needs x [N, C, H, W] and w [C, O/groups, kh, kw]")
+    attrs = {"stride": _pair(stride), "padding": _pair(padding), "dilation": _pair(dilation),
+             "output_padding": _pair(output_padding), "groups": int(groups)}
+    return ctx.emit(Op.CONV_TRANSPOSE2D, [x, w] + ([b] if b is not None else []), attrs)
+
+
+@register(aten.conv_transpose1d.default)
+def _conv_transpose1d(ctx, x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """``ConvTranspose2d`` over ``x`` ``[N, C, 1, L]`` and ``w`` ``[C, O/g, 1, k]``, then the unit axis squeezed."""
+    if len(x.shape) != 3 or len(w.shape) != 3:
+        raise refuse(ctx, "conv_transpose1d needs x [N, C, L] and w [C, O/groups, k]")
+    x4 = ctx.emit(Op.UNSQUEEZE, [x], {"axes": (2,)})
+    w4 = ctx.emit(Op.UNSQUEEZE, [w], {"axes": (2,)})
+    attrs = {"stride": (1, _pair(stride)[0]), "padding": (0, _pair(padding)[0]), "dilation": (1, _pair(dilation)[0]),
+             "output_padding": (0, _pair(output_padding)[0]), "groups": int(groups)}
+    y = ctx.emit(Op.CONV_TRANSPOSE2D, [x4, w4] + ([b] if b is not None else []), attrs)
+    return ctx.emit(Op.SQUEEZE, [y], {"axes": (2,)})
 
 
 @register(aten.baddbmm.default)
