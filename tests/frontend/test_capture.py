@@ -129,6 +129,7 @@ class Aliases(nn.Module):
         a = x.clone() + x.t().contiguous().t()
         b = F.dropout(x.detach(), 0.3, training=False) * x.to(torch.float32)
         c = F.alpha_dropout(x, 0.2, training=False) * F.dropout1d(x.unsqueeze(0), 0.2, training=False).squeeze(0)
+        c = c - F.feature_alpha_dropout(x.unsqueeze(0), 0.2, training=False).squeeze(0)
         return a - b.float() + c
 
 

@@ -53,7 +53,7 @@ def deconv(id: str, w: np.ndarray, b: np.ndarray | None = None, *, x: In = CONV_
         id, {"x": x}, op(Op.CONV_TRANSPOSE2D, "x", w, *([] if b is None else [b]), **attrs),
         lambda x: F.conv_transpose2d(x.double(), f64(w), None if b is None else f64(b), stride, padding, out_pad, groups,
                                      dilation).float(),
-        **({"capture": ("convolution.default",), "tol": 1e-4} if capture else {}),
+        **({"capture": ("conv_transpose2d.input",), "tol": 1e-4} if capture else {}),
     )
 
 
@@ -153,6 +153,10 @@ CASES = [
          tol=1e-4, capture=("convolution.default",)),
     Case("conv_transpose1d", {"x": In(("batch", 4, "seq"))}, _conv_transpose1d,
          lambda x: F.conv_transpose1d(x, torch.from_numpy(_conv_w(4, 3, 3)), torch.from_numpy(_conv_w(3)), 2, 1, 1),
+         tol=1e-4, capture=("conv_transpose1d.default",)),
+    Case("convolution_transposed_1d", {"x": In(("batch", 4, "seq"))}, _conv_transpose1d,
+         lambda x: torch.ops.aten.convolution(x, torch.from_numpy(_conv_w(4, 3, 3)), torch.from_numpy(_conv_w(3)), [2], [1],
+                                              [1], True, [1], 1),
          tol=1e-4, capture=("convolution.default",)),
     # ------------------------------------------------------------------ a mixture of experts' layer
     Case("expert_linear", {"x": In(("batch", 6)), "ids": In(("batch",), "int64", "index:4")},
