@@ -388,6 +388,11 @@ register("bart", "encoder-decoder", seq2seq("BartConfig", "BartForConditionalGen
                                             encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                                             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                             max_position_embeddings=MAX_POS), "learned positions", quick=True)
+register("bart-qa", "encoder-decoder", encoder("BartConfig", "BartForQuestionAnswering", vocab_size=VOCAB, d_model=32,
+                                               encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                               max_position_embeddings=MAX_POS, pad_token_id=0),
+         "decoder ids shifted from the input ids (scatters along the sequence); torch.onnx fails on its cache output")
 
 register("mt5", "encoder-decoder", seq2seq("MT5Config", "MT5ForConditionalGeneration", vocab_size=VOCAB, d_model=32,
                                            d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
