@@ -97,6 +97,57 @@ def _hf_inputs(vocab: int, batch: int, seq: int, seed: int, mask: bool, types: b
     return out
 
 
+def _size(config: Any) -> tuple[int, int]:
+    """An image model's input height and width: its config's ``image_size`` (an int, a pair or a
+    ``{"height", "width"}`` dict), its vision or backbone config's, else 224."""
+    for c in (config, getattr(config, "vision_config", None), getattr(config, "backbone_config", None)):
+        size = getattr(c, "image_size", None) if c is not None else None
+        if isinstance(size, dict) and {"height", "width"} <= set(size):
+            return int(size["height"]), int(size["width"])
+        if isinstance(size, list | tuple) and len(size) == 2:
+            return int(size[0]), int(size[1])
+        if isinstance(size, int) and size > 0:
+            return size, size
+    return 224, 224
+
+
+def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]],
+                                                             dict[str, torch.Tensor]]:
+    """Example inputs, dynamic dims and check inputs of a transformers model whose main input ``main`` is
+    not tokens: ``pixel_values`` ``[batch, channels, height, width]`` (``[batch, frames, ...]`` for a video
+    model: its config's ``num_frames``) at the config's image size; raw audio ``input_values``
+    ``[batch, samples]`` (samples dynamic), or ``[batch, frames, mel bins]`` where the config fixes them
+    (the Audio Spectrogram Transformer); ``input_features`` ``[batch, mel bins, 2 * max_source_positions]``
+    (Whisper's encoder). Batch is dynamic; the example has 2 rows, the check input 3 (and other samples).
+    Raises :class:`ModelFolderError` naming the input for any other.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    if main == "pixel_values":
+        h, w = _size(config)
+        channels = int(getattr(config, "num_channels", None) or 3)
+        frames = getattr(config, "num_frames", None)
+        lead = (int(frames),) if isinstance(frames, int) and "Video" in arch else ()
+        make = lambda b: {main: randn(b, *lead, channels, h, w)}  # noqa: E731
+        return make(2), {main: {0: "batch"}}, make(3)
+    if main == "input_values":
+        mel, length = getattr(config, "num_mel_bins", None), getattr(config, "max_length", None)
+        if isinstance(mel, int) and isinstance(length, int):  # spectrogram frames of a fixed count
+            return {main: randn(2, length, mel)}, {main: {0: "batch"}}, {main: randn(3, length, mel)}
+        # raw audio: a strided convolution stack over a dynamic number of samples (0.1 s and 0.125 s at 16 kHz)
+        return {main: randn(2, 1600)}, {main: {0: "batch", 1: "samples"}}, {main: randn(3, 2000)}
+    if main == "input_features":
+        mel, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+        if isinstance(mel, int) and isinstance(positions, int):
+            return ({main: randn(2, mel, 2 * positions)}, {main: {0: "batch"}}, {main: randn(3, mel, 2 * positions)})
+    raise ModelFolderError(f"{arch} takes {main!r}: flora-graph export builds token, image and audio inputs "
+                           "(input_ids, pixel_values, input_values, Whisper's input_features); capture it from Python "
+                           "with inputs of its own (flora_graph.frontend.capture)")
+
+
 def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
                attention_mask: bool = False) -> ModelSpec:
     """``None``/``"default"``: the built-in small decoder (with LoRA of ``lora_rank`` on every
@@ -104,7 +155,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     ``config.json`` + safetensors: a transformers model built from it (no download).
 
     A transformers model is loaded in float32 with ``use_cache=False`` (outputs without a
-    key/value cache) and takes ``input_ids`` (``[batch, seq]``, both dynamic), plus an
+    key/value cache); an image, video or audio model takes what :func:`signal_inputs` builds, a
+    token model ``input_ids`` (``[batch, seq]``, both dynamic), plus an
     ``attention_mask`` of the same shape when ``attention_mask`` is true (the check input
     pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``.
     Its outputs are named as transformers names them (``logits``, ``last_hidden_state``,
@@ -139,6 +191,14 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()  # a bfloat16/float16 checkpoint: captured and checked in float32
     set_use_cache(model, False)  # logits only: no key/value cache outputs (capture drops them too)
+    main = getattr(model, "main_input_name", "input_ids")
+    if main != "input_ids":  # an image, video or audio model
+        if attention_mask:
+            raise FloraGraphError(f"{arch} takes {main}, not tokens: an attention_mask is for token inputs")
+        example, dims, check = signal_inputs(config, arch, main)
+        with torch.no_grad():
+            names_out = output_names(model(**example))
+        return ModelSpec(model, example, dims, check, arch, {}, names_out)
     if attention_mask and "attention_mask" not in inspect.signature(model.forward).parameters:
         raise FloraGraphError(f"{arch}.forward takes no attention_mask")
     text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config

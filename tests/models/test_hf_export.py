@@ -143,3 +143,62 @@ def test_llama_logits_keep_their_name(llama_folders, tmp_path) -> None:
     report = export_model(model_dir, tmp_path / "named", adapter=adapter_dir)
     sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["logits"]
+
+
+def _vit_folders(root: Path) -> tuple[Path, Path]:
+    """A tiny ViT classifier (32x32 images) and its PEFT LoRA on every Linear (nonzero B)."""
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, num_labels=5)
+    transformers.ViTForImageClassification(cfg).save_pretrained(root / "model")
+    base = transformers.ViTForImageClassification.from_pretrained(root / "model")
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                              init_lora_weights=False)).save_pretrained(root / "adapter")
+    return root / "model", root / "adapter"
+
+
+def test_an_image_model_folder_exports_from_the_cli_on_pixel_values(tmp_path) -> None:
+    """An image model takes ``pixel_values`` at its config's size, batch dynamic: the file runs at another batch."""
+    model_dir, adapter_dir = _vit_folders(tmp_path)
+    spec = load_model(model_dir)
+    assert list(spec.example_inputs) == ["pixel_values"] and spec.dynamic_dims == {"pixel_values": {0: "batch"}}
+    assert tuple(spec.example_inputs["pixel_values"].shape) == (2, 3, 32, 32)
+    assert spec.check_inputs["pixel_values"].shape[0] == 3
+    want, _ = cli_export_matches_eager(model_dir, adapter_dir, "merged", tmp_path / "vit")
+    x = {"pixel_values": torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(7))}
+    with torch.no_grad():
+        want = eager_peft(model_dir, adapter_dir)(**x).logits.numpy()
+    np.testing.assert_allclose(run_artifact(tmp_path / "vit.onnx", x), want, atol=TOL, rtol=TOL)
+
+
+def test_an_audio_model_folder_exports_over_a_dynamic_number_of_samples(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                      conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                      num_conv_pos_embedding_groups=4, vocab_size=40)
+    transformers.Wav2Vec2ForCTC(cfg).save_pretrained(tmp_path / "model")
+    spec = load_model(tmp_path / "model")
+    assert spec.dynamic_dims == {"input_values": {0: "batch", 1: "samples"}}
+    assert spec.example_inputs["input_values"].shape[1] != spec.check_inputs["input_values"].shape[1]
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "w2v")]) == 0
+    x = {"input_values": torch.randn(2, 1234, generator=torch.Generator().manual_seed(3))}
+    model = transformers.Wav2Vec2ForCTC.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        want = model(**x).logits.numpy()
+    np.testing.assert_allclose(run_artifact(tmp_path / "w2v.onnx", x), want, atol=TOL, rtol=TOL)
+
+
+def test_a_model_on_inputs_the_cli_cannot_build_is_refused_by_name(tmp_path, capsys) -> None:
+    from flora_graph.errors import FloraGraphError
+    from flora_graph.model_export import ModelFolderError
+
+    cfg = transformers.PatchTSTConfig(num_input_channels=2, context_length=16, patch_length=4, patch_stride=4,
+                                      d_model=16, num_attention_heads=2, num_hidden_layers=1, ffn_dim=32, num_targets=3)
+    transformers.PatchTSTForClassification(cfg).save_pretrained(tmp_path / "ts")
+    with pytest.raises(ModelFolderError, match="PatchTSTForClassification takes 'past_values'"):
+        load_model(tmp_path / "ts")
+    assert main(["export", str(tmp_path / "ts"), "--out", str(tmp_path / "ts.onnx")]) != 0
+    assert "past_values" in capsys.readouterr().err
+    vit_dir, _ = _vit_folders(tmp_path / "vit")
+    with pytest.raises(FloraGraphError, match="takes pixel_values, not tokens"):
+        load_model(vit_dir, attention_mask=True)
