@@ -219,6 +219,10 @@ class CaptureContext:
                 return floor_divide_dim(self.ir_dim(expr.args[0]), int(expr.args[1]))
             except ShapeError:
                 pass
+        if type(expr).__name__ in ("Min", "Max") and isinstance(d, torch.SymInt):  # sympy's or torch's own
+            arg = _dominant_arg(d.node.shape_env, expr)
+            if arg is not None:  # SEW's min(pooled, upsampled) of two spellings of one length
+                return self.ir_dim(arg)
         if isinstance(d, torch.SymInt):  # one value over the dims' ranges (MPT's max(0, 1 - seq) for seq >= 2; one
             try:                         # chunk of a scan where seq is at most the chunk)
                 rng = d.node.shape_env.bound_sympy(expr)
@@ -232,6 +236,56 @@ class CaptureContext:
         # no dim (a negative size: x[:, -seq:]): spelled in the IR's dim names, for a converter that can place it
         return str(expr.xreplace({s: sympy.Symbol(self.symbols[s.name]) for s in expr.free_symbols
                                   if isinstance(s, sympy.Symbol) and s.name in self.symbols}))
+
+
+_PERIOD = 100_000
+"""The largest product of floor divisors :func:`_dominant_arg` checks a period of."""
+
+
+def _dominant_arg(shape_env: Any, expr: Any) -> Any:
+    """The argument of ``Min``/``Max`` ``expr`` that it equals at every size of its one symbol, else ``None``.
+
+    Each argument is integer-affine in the symbol through floor divisions by constants, so it repeats, less
+    its slope, with the product of its divisors; ``P`` is their lcm over the arguments. An argument wins
+    everywhere where its difference to each other argument repeats with ``P`` (the same slope) and has the
+    winning sign over one period from the symbol's least size (over the whole range where that is shorter).
+    SEW's ``min(a, b)`` of a pooled and an upsampled length, spelled ``((n - 1)//2) + 1`` and
+    ``(n + 1)//2``, is ``a``; ``min(n//2, 5000)`` has no such argument."""
+    import math
+
+    if len(expr.free_symbols) != 1 or len(expr.args) < 2 or not all(
+            isinstance(a, sympy.Add | sympy.Mul | sympy.Integer | sympy.Symbol | FloorDiv)
+            for arg in expr.args for a in sympy.preorder_traversal(arg)):
+        return None  # each argument affine through floor divisions (no nested Min, Mod, ...): periodic less its slope
+    (sym,) = expr.free_symbols
+    period = math.lcm(*(math.prod(int(a.args[1]) for a in sympy.preorder_traversal(arg)
+                                  if isinstance(a, FloorDiv) and isinstance(a.args[1], sympy.Integer)
+                                  and int(a.args[1]) > 0) for arg in expr.args))
+    rng = getattr(shape_env, "var_to_range", {}).get(sym)
+
+    def bound(v: Any) -> int | None:  # torch's int_oo and sympy's oo: no bound
+        try:
+            return int(v)
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            return None
+
+    lo = max(0, bound(getattr(rng, "lower", None)) or 0)
+    hi = bound(getattr(rng, "upper", None))
+    if period > _PERIOD:
+        return None
+    whole = hi is not None and hi - lo < 2 * period  # the range is short: every size of it is checked
+    sizes = range(lo, hi + 1 if whole else lo + 2 * period)
+    names = {"FloorDiv": lambda a, b: a // b, "Min": min, "Max": max}  # Python's // floors as FloorDiv does
+    try:
+        values = [[f(n) for n in sizes] for f in (sympy.lambdify([sym], a, modules=[names]) for a in expr.args)]
+    except Exception:  # a function the table above does not name (CeilDiv, Mod): not this form
+        return None
+    wins = min if type(expr).__name__ == "Min" else max
+    for k, mine in enumerate(values):
+        if all(wins(v, m) == m for other in values for v, m in zip(other, mine, strict=True)) and (whole or all(
+                other[i] - mine[i] == other[i + period] - mine[i + period] for other in values for i in range(period))):
+            return expr.args[k]
+    return None
 
 
 _FEW = 512

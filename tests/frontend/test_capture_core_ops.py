@@ -403,3 +403,33 @@ def test_a_slice_kept_from_the_end_of_a_static_axis() -> None:
         _assert_close(run(graph, {"x": x.numpy()}), want, 1e-6, f"reference at {b}")
         for backend, exe in exes.items():
             _assert_close(exe({"x": x.numpy()}), want, 1e-6, f"{backend} at {b}")
+
+
+def test_a_min_of_lengths_is_the_argument_it_always_equals() -> None:
+    """SEW's ``min(pooled, upsampled)`` of two spellings of one length after its feature extractor
+    (``((b-1)//2)+1`` and ``(b+1)//2``): :func:`_dominant_arg` picks an argument the minimum equals at
+    every size (checked here far past the period it tests), and none where neither always wins."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv, Max, Min
+
+    from flora_graph.frontend.capture import _dominant_arg
+
+    s = sympy.Symbol("s0", integer=True, positive=True)
+    b = FloorDiv(FloorDiv(FloorDiv(s, 80) - 3, 2) - 1, 2)
+
+    class Range:
+        lower, upper = sympy.Integer(720), sympy.oo
+
+    env = type("Env", (), {"var_to_range": {s: Range()}})()
+
+    def value(e, n):
+        return int(e.xreplace({s: sympy.Integer(n)}))
+
+    for expr in (Min(FloorDiv(b - 1, 2) + 1, FloorDiv(b + 1, 2)), Min(FloorDiv(b, 2), FloorDiv(b + 1, 2)),
+                 Max(FloorDiv(b, 2), FloorDiv(b + 1, 2))):
+        arg = _dominant_arg(env, expr)
+        assert arg is not None and arg in expr.args, expr
+        assert all(value(arg, n) == value(expr, n) for n in range(720, 20_000, 37)), (expr, arg)
+    assert _dominant_arg(env, Min(FloorDiv(s, 2), sympy.Integer(5000))) is None  # each wins somewhere
+    assert _dominant_arg(env, Min(FloorDiv(s, 2), FloorDiv(s, 3) + 100)) is None  # other slopes: no period
+    assert _dominant_arg(env, Min(FloorDiv(s, 2), Max(s, 5000))) is None  # a nested Max: not affine
