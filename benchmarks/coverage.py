@@ -484,6 +484,17 @@ register("depth-anything", "vision", vision("DepthAnythingConfig", "DepthAnythin
                                             reassemble_hidden_size=32, patch_size=8, neck_hidden_sizes=[8, 16, 32, 32],
                                             fusion_hidden_size=16, head_hidden_size=8),
          "DINOv2 features reassembled by transposed convolutions, fused upward (bilinear), a depth map")
+def videomae() -> Built:
+    model = lora(hf("VideoMAEConfig", "VideoMAEForVideoClassification", image_size=32, patch_size=8, num_frames=4,
+                    tubelet_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    num_labels=5))
+
+    def videos(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.randn(batch, 4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
+    return batch_case(model, videos, IMAGE_DIMS)
+
+
+register("videomae", "vision", videomae, "tubelets of two frames (a 3-D convolution), fixed sinusoidal positions")
 register("mobilevit", "conv", vision("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
                                      hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 48], num_labels=5),
          "inverted residuals with transformer blocks over unfolded patches")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +77,20 @@ def _conv_transpose1d(g, x, rng):
     y = g.add(Op.CONV_TRANSPOSE2D, [x4, w4, g.const("b", _conv_w(3))],
               {"stride": (1, 2), "padding": (0, 1), "output_padding": (0, 1)})
     return g.add(Op.SQUEEZE, [y], {"axes": (2,)})
+
+
+_TUBE_W, _TUBE_B = _conv_w(5, 3, 2, 4, 4), _conv_w(5)
+
+
+def _tubelets(g, x, rng):
+    """A video's tubelet embedding (``conv3d``, depth kernel 2 = depth stride) as ``Conv2d`` over the tubelets
+    folded into the batch and their two frames into the channels."""
+    y = g.add(Op.RESHAPE, [x["x"]], {"shape": (0, 3, 2, 2, 8, 8)})
+    y = g.add(Op.RESHAPE, [g.add(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4, 5)})], {"shape": (-1, 6, 8, 8)})
+    w = g.add(Op.RESHAPE, [g.const("w", _TUBE_W)], {"shape": (5, 6, 4, 4)})
+    y = g.add(Op.CONV2D, [y, w, g.const("b", _TUBE_B)], {"stride": (4, 4), "padding": (0, 0), "dilation": (1, 1)})
+    y = g.add(Op.RESHAPE, [y], {"shape": (-1, 2, 5, 2, 2)})
+    return g.add(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4)})
 
 
 def _strided_twice(g, x, rng):
@@ -158,6 +173,9 @@ CASES = [
          lambda x: torch.ops.aten.convolution(x, torch.from_numpy(_conv_w(4, 3, 3)), torch.from_numpy(_conv_w(3)), [2], [1],
                                               [1], True, [1], 1),
          tol=1e-4, capture=("convolution.default",)),
+    Case("conv3d_tubelets", {"x": In(("batch", 3, 4, 8, 8))}, _tubelets,
+         lambda x: F.conv3d(x, torch.from_numpy(_TUBE_W), torch.from_numpy(_TUBE_B), (2, 4, 4)),
+         tol=1e-4, capture=("conv3d.default",)),
     # ------------------------------------------------------------------ a mixture of experts' layer
     Case("expert_linear", {"x": In(("batch", 6)), "ids": In(("batch",), "int64", "index:4")},
          op(Op.EXPERT_LINEAR, "x", _EXPERTS, "ids"),
@@ -172,3 +190,20 @@ CASES = [
 
 
 test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: F.conv3d(x, torch.ones(2, 3, 3, 1, 1), padding=(1, 0, 0)),  # overlapping windows in time
+    lambda x: F.conv3d(x, torch.ones(2, 3, 2, 1, 1), stride=(1, 1, 1)),  # depth stride below its kernel
+    lambda x: F.conv3d(x, torch.ones(2, 3, 3, 1, 1), stride=(3, 1, 1)),  # a kernel that does not divide 4 frames
+], ids=["depth_padding", "overlapping", "frames_not_divided"])
+def test_three_d_convolutions_other_than_tubelets_are_refused_by_name(fn) -> None:
+    from flora_graph.errors import UnsupportedOpError
+    from flora_graph.frontend import capture
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    with pytest.raises(UnsupportedOpError, match="other than tubelets"):
+        capture(M(), torch.randn(2, 3, 4, 5, 5))

@@ -11,7 +11,9 @@ around it an intact site; ``addmm`` (GPT-2's
 ``padding="same"``/``"valid"`` included) and 2-D non-transposed ``convolution`` -> ``Conv2d``;
 ``conv1d`` (both overloads; Whisper) and 1-D ``convolution`` -> ``Conv2d`` over an unsqueezed
 unit axis, then ``Squeeze``; ``conv_transpose2d`` and 2-D transposed ``convolution`` (DPT's and Depth
-Anything's upsampling) -> ``ConvTranspose2d``, their 1-D forms over an unsqueezed unit axis. The capture-time LoRA Linear op
+Anything's upsampling) -> ``ConvTranspose2d``, their 1-D forms over an unsqueezed unit axis; ``conv3d``
+and 3-D ``convolution`` over tubelets (a video model's patches) -> ``Conv2d`` over the tubelets folded into the
+batch. The capture-time LoRA Linear op
 (``flora_graph::lora_linear``) has its converter in :mod:`flora_graph.frontend.lora_op`.
 """
 
@@ -128,10 +130,42 @@ def _conv1d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     return ctx.emit(Op.SQUEEZE, [y], {"axes": (2,)})
 
 
+@register(aten.conv3d.default)
+def _conv3d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """A 3-D convolution whose kernel tiles time (a video model's tubelets: depth stride = depth kernel, no
+    depth padding or dilation, one group) as ``Conv2d`` over the tubelets folded into the batch and their
+    frames into the channels; any other 3-D convolution is refused by name."""
+    st, pad, dil = (_triple(v) for v in (stride, padding, dilation))
+    if len(x.shape) != 5 or len(w.shape) != 5:
+        raise refuse(ctx, "conv3d needs x [N, C, T, H, W] and w [O, C, kt, kh, kw]")
+    o, c, kt, kh, kw = (int(d) for d in w.shape)
+    frames = x.shape[2]
+    if int(groups) != 1 or st[0] != kt or pad[0] or dil[0] != 1 or not isinstance(frames, int) or frames % kt:
+        raise refuse(ctx, "a 3-D convolution other than tubelets (depth stride = depth kernel, no depth padding "
+                          "or dilation, one group, a static number of frames it divides)")
+    tubes = frames // kt
+    h, wd = x.shape[3], x.shape[4]
+    y = ctx.emit(Op.RESHAPE, [x], {"shape": (0, c, tubes, kt, h, wd)})
+    y = ctx.emit(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4, 5)})  # [N, tubes, C, kt, H, W]
+    y = ctx.emit(Op.RESHAPE, [y], {"shape": (-1, c * kt, h, wd)})
+    w2 = ctx.emit(Op.RESHAPE, [w], {"shape": (o, c * kt, kh, kw)})
+    y = ctx.emit(Op.CONV2D, [y, w2] + ([b] if b is not None else []),
+                 {"stride": st[1:], "padding": pad[1:], "dilation": dil[1:], "groups": 1})
+    y = ctx.emit(Op.RESHAPE, [y], {"shape": (-1, tubes, o, y.shape[2], y.shape[3])})
+    return ctx.emit(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4)})  # [N, O, tubes, H', W']
+
+
+def _triple(v: Any) -> tuple[int, ...]:
+    v = list(v) if isinstance(v, list | tuple) else [v]
+    return tuple(int(v[i if len(v) == 3 else 0]) for i in range(3))
+
+
 @register(aten.convolution.default)
 def _convolution(ctx, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+    if len(w.shape) == 5 and not transposed:
+        return _conv3d(ctx, x, w, b, stride, padding, dilation, groups)
     if len(w.shape) not in (3, 4):
-        raise UnsupportedOpError("only 1-D and 2-D convolutions are supported",
+        raise UnsupportedOpError("only 1-D and 2-D convolutions (and 3-D tubelets) are supported",
                                  {"aten.convolution.default": [ctx.where()]})
     if transposed:
         conv = _conv_transpose1d if len(w.shape) == 3 else _conv_transpose2d
