@@ -202,3 +202,20 @@ def test_a_model_on_inputs_the_cli_cannot_build_is_refused_by_name(tmp_path, cap
     vit_dir, _ = _vit_folders(tmp_path / "vit")
     with pytest.raises(FloraGraphError, match="takes pixel_values, not tokens"):
         load_model(vit_dir, attention_mask=True)
+
+
+def test_a_video_model_folder_takes_frames_of_its_config(tmp_path) -> None:
+    """A video classifier takes ``[batch, frames, channels, height, width]`` (its config's ``num_frames``); its
+    tubelet embedding (a 3-D convolution) exports, and the file matches eager at another batch."""
+    torch.manual_seed(0)
+    cfg = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3)
+    transformers.VideoMAEForVideoClassification(cfg).save_pretrained(tmp_path / "model")
+    spec = load_model(tmp_path / "model")
+    assert tuple(spec.example_inputs["pixel_values"].shape) == (2, 4, 3, 32, 32)
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "video")]) == 0
+    x = {"pixel_values": torch.randn(3, 4, 3, 32, 32, generator=torch.Generator().manual_seed(5))}
+    model = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        want = model(**x).logits.numpy()
+    np.testing.assert_allclose(run_artifact(tmp_path / "video.onnx", x), want, atol=TOL, rtol=TOL)
