@@ -27,7 +27,7 @@ from flora_graph.ops._onnx import dims_tensor
 from flora_graph.ops._torch import ints
 from flora_graph.ops.registry import define
 
-__all__: list[str] = []
+__all__ = ["ceil_adds_counted_window", "ceil_window_count"]
 
 _POOL_ATTRS = {
     "kernel": AttrSpec("ints", required=True),
@@ -100,13 +100,13 @@ def _infer_max_pool(shapes, dtypes, attrs):
 
 def _numpy_max_pool(x: np.ndarray, *, kernel, stride, padding, dilation, ceil_mode: int = 0) -> np.ndarray:
     if ceil_mode:
-        return _ceil_pool(x, kernel, stride, padding, dilation, np.max)
+        return _ceil_pool(x, kernel, stride, padding, dilation)
     return _windows(x, kernel, stride, padding, dilation, -np.inf).max(axis=(4, 5))
 
 
-def _ceil_pool(x: np.ndarray, kernel, stride, padding, dilation, reduce, count_include_pad: int | None = None):
+def _ceil_pool(x: np.ndarray, kernel, stride, padding, dilation, count_include_pad: int | None = None):
     """Ceil-mode pooling, one output position at a time over the window's taps inside the input (a window
-    may reach past the padded input); an average (``count_include_pad`` given) divides as torch does:
+    may reach past the padded input): their max, or, ``count_include_pad`` given, their average, divided as torch does:
     by the taps inside the padded input, or with ``count_include_pad=0`` inside the input."""
     counts = [ceil_window_count(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation,
                                                                          strict=True)]
@@ -126,7 +126,7 @@ def _ceil_pool(x: np.ndarray, kernel, stride, padding, dilation, reduce, count_i
             cols, nw = taps(j, 1)
             win = x[:, :, rows, cols]
             if count_include_pad is None:
-                out[:, :, i, j] = reduce(win, axis=(2, 3))
+                out[:, :, i, j] = win.max(axis=(2, 3))
             else:
                 div = nh * nw if count_include_pad else win.shape[2] * win.shape[3]
                 out[:, :, i, j] = win.astype(np.float64).sum(axis=(2, 3)) / div
@@ -154,9 +154,16 @@ define(
 
 
 # --------------------------------------------------------------------------- AvgPool2d
+def ceil_adds_counted_window(x_shape, attrs) -> bool:
+    """Whether an ``AvgPool2d`` of ``attrs`` over ``x_shape`` counts its padding and ceil mode gives it a window
+    floor mode would not: the one form its ONNX lowering cannot write (ONNX divides that window by padding torch
+    leaves out)."""
+    return bool(attrs.get("count_include_pad", 1) and any(attrs["padding"]) and any(_ceil_extra(x_shape, attrs)))
+
+
 def _infer_avg_pool(shapes, dtypes, attrs):
     out = _infer_pool("AvgPool2d", shapes[0], attrs)
-    if attrs["count_include_pad"] and any(attrs["padding"]) and any(_ceil_extra(shapes[0], attrs)):
+    if ceil_adds_counted_window(shapes[0], attrs):
         raise ShapeError("AvgPool2d: ceil mode with count_include_pad=1 and padding gains a window that ONNX's "
                          "AveragePool divides otherwise than torch")
     return out, same_float_dtype(dtypes)
@@ -164,7 +171,7 @@ def _infer_avg_pool(shapes, dtypes, attrs):
 
 def _numpy_avg_pool(x: np.ndarray, *, kernel, stride, padding, count_include_pad: int, ceil_mode: int = 0) -> np.ndarray:
     if ceil_mode:
-        return _ceil_pool(x, kernel, stride, padding, (1, 1), None, int(count_include_pad))
+        return _ceil_pool(x, kernel, stride, padding, (1, 1), int(count_include_pad))
     x64 = x.astype(np.float64)
     total = _windows(x64, kernel, stride, padding, (1, 1), 0.0).sum(axis=(4, 5))
     if count_include_pad or not any(padding):

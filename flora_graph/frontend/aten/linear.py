@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from flora_graph.errors import UnsupportedOpError
-from flora_graph.frontend.aten.registry import as_dtype, out_dtype, refuse, register
+from flora_graph.frontend.aten.registry import as_dtype, out_dtype, refuse, register, size_ints
 from flora_graph.ir import ComputationNode, Op
 
 __all__ = ["bias_into_linear"]
@@ -135,7 +135,7 @@ def _conv3d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     """A 3-D convolution whose kernel tiles time (a video model's tubelets: depth stride = depth kernel, no
     depth padding or dilation, one group) as ``Conv2d`` over the tubelets folded into the batch and their
     frames into the channels; any other 3-D convolution is refused by name."""
-    st, pad, dil = (_triple(v) for v in (stride, padding, dilation))
+    st, pad, dil = (size_ints(v, 3) for v in (stride, padding, dilation))
     if len(x.shape) != 5 or len(w.shape) != 5:
         raise refuse(ctx, "conv3d needs x [N, C, T, H, W] and w [O, C, kt, kh, kw]")
     o, c, kt, kh, kw = (int(d) for d in w.shape)
@@ -153,11 +153,6 @@ def _conv3d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
                  {"stride": st[1:], "padding": pad[1:], "dilation": dil[1:], "groups": 1})
     y = ctx.emit(Op.RESHAPE, [y], {"shape": (-1, tubes, o, y.shape[2], y.shape[3])})
     return ctx.emit(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4)})  # [N, O, tubes, H', W']
-
-
-def _triple(v: Any) -> tuple[int, ...]:
-    v = list(v) if isinstance(v, list | tuple) else [v]
-    return tuple(int(v[i if len(v) == 3 else 0]) for i in range(3))
 
 
 @register(aten.convolution.default)

@@ -26,11 +26,9 @@ from typing import Any
 
 import torch
 
-from flora_graph.errors import ShapeError
-from flora_graph.frontend.aten.registry import refuse, refuse_used_outputs, register
+from flora_graph.frontend.aten.registry import refuse, refuse_used_outputs, register, size_ints
 from flora_graph.ir import Op
-from flora_graph.ir.shapes import window_count
-from flora_graph.ops.pooling import ceil_window_count
+from flora_graph.ops.pooling import ceil_adds_counted_window
 
 __all__: list[str] = []
 
@@ -38,15 +36,7 @@ aten = torch.ops.aten
 
 
 def _pair(v: Any, default: Any = None) -> tuple[int, int]:
-    return _ints(v, 2, default)  # type: ignore[return-value]
-
-
-def _ints(v: Any, n: int, default: Any = None) -> tuple[int, ...]:
-    """A torch size argument (an int, or a list of 1 or ``n``; empty: ``default``) as ``n`` ints."""
-    if v is None or (isinstance(v, list | tuple) and not v):
-        v = default
-    v = list(v) if isinstance(v, list | tuple) else [v]
-    return tuple(int(v[0]) if len(v) == 1 else int(v[i]) for i in range(n))
+    return size_ints(v, 2, default)  # type: ignore[return-value]
 
 
 def _spatial(ctx, x) -> tuple[int, int]:
@@ -87,14 +77,6 @@ def _max_pool2d_with_indices(ctx, x, kernel_size, stride=(), padding=0, dilation
     return (_max_pool(ctx, x, kernel_size, stride, padding, dilation, ceil_mode), None)
 
 
-def _gains_window(size: int, kernel: int, stride: int, padding: int) -> bool:
-    """Whether ceil mode counts more windows than floor mode over ``size``."""
-    try:
-        return ceil_window_count(size, kernel, stride, padding) != window_count(size, kernel, stride, padding)
-    except ShapeError:  # no floor-mode window at all
-        return True
-
-
 @register(aten.avg_pool2d.default)
 def _avg_pool2d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
                 divisor_override=None):
@@ -104,9 +86,7 @@ def _avg_pool2d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, coun
     kernel = _pair(kernel_size)
     attrs = {"kernel": kernel, "stride": _pair(stride, kernel), "padding": _pair(padding),
              "count_include_pad": int(bool(count_include_pad)), **_ceil(ctx, x, ceil_mode)}
-    if ceil_mode and count_include_pad and any(attrs["padding"]) and any(
-            _gains_window(n, k, st, p) for n, k, st, p in zip(x.shape[2:], kernel, attrs["stride"], attrs["padding"],
-                                                               strict=True)):
+    if ceil_adds_counted_window(x.shape, attrs):
         raise refuse(ctx, "ceil_mode=True with count_include_pad=True and padding, where ceil mode adds a window")
     return ctx.emit(Op.AVG_POOL2D, [x], attrs)
 
@@ -179,9 +159,9 @@ def _pool3d(ctx, x, op: Op, kernel, stride, padding, **attrs):
 def _max_pool3d_values(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     if ceil_mode:
         raise refuse(ctx, "ceil_mode=True")
-    kernel = _ints(kernel_size, 3)
-    return _pool3d(ctx, x, Op.MAX_POOL2D, kernel, _ints(stride, 3, kernel), _ints(padding, 3),
-                   dilation=_ints(dilation, 3))
+    kernel = size_ints(kernel_size, 3)
+    return _pool3d(ctx, x, Op.MAX_POOL2D, kernel, size_ints(stride, 3, kernel), size_ints(padding, 3),
+                   dilation=size_ints(dilation, 3))
 
 
 @register(aten.max_pool3d.default)
@@ -202,14 +182,14 @@ def _avg_pool3d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, coun
         raise refuse(ctx, "ceil_mode=True")
     if divisor_override is not None:
         raise refuse(ctx, "divisor_override")
-    kernel = _ints(kernel_size, 3)
-    return _pool3d(ctx, x, Op.AVG_POOL2D, kernel, _ints(stride, 3, kernel), _ints(padding, 3),
+    kernel = size_ints(kernel_size, 3)
+    return _pool3d(ctx, x, Op.AVG_POOL2D, kernel, size_ints(stride, 3, kernel), size_ints(padding, 3),
                    count_include_pad=int(bool(count_include_pad)))
 
 
 @register(aten.adaptive_avg_pool3d.default, aten._adaptive_avg_pool3d.default)
 def _adaptive_avg_pool3d(ctx, x, output_size):
-    out = _ints(output_size, 3)
+    out = size_ints(output_size, 3)
     rank = len(x.shape)
     if rank not in (4, 5):
         raise refuse(ctx, "only [N, C, D, H, W] or [C, D, H, W] input is supported")
@@ -227,15 +207,15 @@ def _avg_pool1d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, coun
     """``[N, C, L]`` (or ``[C, L]``) as ``[N, C, 1, L]`` through the 2-D average pooling."""
     if ceil_mode:
         raise refuse(ctx, "ceil_mode=True")
-    kernel = _ints(kernel_size, 1)
-    attrs = {"kernel": (1, kernel[0]), "stride": (1, _ints(stride, 1, kernel)[0]), "padding": (0, _ints(padding, 1)[0]),
+    kernel = size_ints(kernel_size, 1)
+    attrs = {"kernel": (1, kernel[0]), "stride": (1, size_ints(stride, 1, kernel)[0]), "padding": (0, size_ints(padding, 1)[0]),
              "count_include_pad": int(bool(count_include_pad))}
     return _as_2d(ctx, x, lambda plane: ctx.emit(Op.AVG_POOL2D, [plane], attrs))
 
 
 @register(aten.adaptive_avg_pool1d.default)
 def _adaptive_avg_pool1d(ctx, x, output_size):
-    (out,) = _ints(output_size, 1)
+    (out,) = size_ints(output_size, 1)
     if out == 1:
         return ctx.emit(Op.REDUCE_MEAN, [x], {"axes": (len(x.shape) - 1,), "keepdims": 1})
     length = x.shape[-1]

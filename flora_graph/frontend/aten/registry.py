@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATEN_TABLE", "NO_TENSOR_OPS", "SIZE_OPS", "Converter", "SymDim", "as_dtype", "aten_name", "axis_of", "cast_to_out",
-    "compute_dtype", "dim_of", "operand", "out_dtype", "refuse", "refuse_used_outputs", "register",
+    "compute_dtype", "dim_of", "operand", "out_dtype", "refuse", "refuse_used_outputs", "register", "size_ints",
 ]
 
 aten = torch.ops.aten
@@ -180,6 +180,14 @@ def dim_of(ctx: CaptureContext, v: Any) -> Dim:
     if isinstance(v, bool) or not isinstance(v, int):
         raise GraphError(f"{ctx.where()}: expected a size, got {v!r}")
     return int(v)
+
+
+def size_ints(v: Any, n: int, default: Any = None) -> tuple[int, ...]:
+    """A torch size argument (an int, or a list of 1 or ``n``; empty: ``default``) as ``n`` ints."""
+    if v is None or (isinstance(v, list | tuple) and not v):
+        v = default
+    v = list(v) if isinstance(v, list | tuple) else [v]
+    return tuple(int(v[0]) if len(v) == 1 else int(v[i]) for i in range(n))
 
 
 def axis_of(dim: int, rank: int) -> int:
