@@ -394,6 +394,17 @@ register("bart-qa", "encoder-decoder", encoder("BartConfig", "BartForQuestionAns
                                                max_position_embeddings=MAX_POS, pad_token_id=0),
          "decoder ids shifted from the input ids (scatters along the sequence); torch.onnx fails on its cache output")
 
+register("longt5", "encoder-decoder", seq2seq("LongT5Config", "LongT5ForConditionalGeneration", vocab_size=VOCAB,
+                                              d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                              decoder_start_token_id=0),
+         "local attention in blocks (logical_and of int64 masks)")
+register("pegasus-x", "encoder-decoder", seq2seq("PegasusXConfig", "PegasusXForConditionalGeneration", vocab_size=VOCAB,
+                                                 d_model=32, encoder_layers=2, decoder_layers=2,
+                                                 encoder_attention_heads=4, decoder_attention_heads=4,
+                                                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=MAX_POS,
+                                                 block_size=6, num_global_tokens=4, pad_token_id=0,
+                                                 decoder_start_token_id=0),
+         "staggered blocks: padded by block - seq % block")
 register("mt5", "encoder-decoder", seq2seq("MT5Config", "MT5ForConditionalGeneration", vocab_size=VOCAB, d_model=32,
                                            d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
          "gated GELU feed-forward")

@@ -189,24 +189,26 @@ class CaptureContext:
         """``value`` with every weight it holds made a ``Const`` node (once per weight)."""
         return _realize(self, value)
 
-    def ir_dim(self, d: Any) -> Dim:
-        """A torch size (int or SymInt) as an IR dim."""
+    def ir_dim(self, d: Any, env: Any = None) -> Dim:
+        """A torch size (int or SymInt) as an IR dim; ``env``: the shape env of a sympy expression ``d`` (a part of
+        a SymInt's), which bounds it."""
         if isinstance(d, int):
             return d
         expr = d.node.expr if isinstance(d, torch.SymInt) else d
+        env = d.node.shape_env if isinstance(d, torch.SymInt) else env
         if isinstance(expr, sympy.Integer):
             return int(expr)
         if isinstance(expr, sympy.Symbol):
             return self.symbols.get(expr.name, expr.name)
-        if isinstance(d, torch.SymInt) and self.dim_max:  # one value up to the dim_max asked (one chunk of a scan)
+        if env is not None and self.dim_max:  # one value up to the dim_max asked (one chunk of a scan)
             if expr not in self._one_values:
-                self._one_values[expr] = _one_value(d.node.shape_env, expr, {
+                self._one_values[expr] = _one_value(env, expr, {
                     s: self.dim_max[n] for s, n in self.symbols.items() if n in self.dim_max})
             if self._one_values[expr] is not None:
                 return self._one_values[expr]
         if isinstance(expr, sympy.Add | sympy.Mul):  # a product (view(b * t, c)) or a sum (a cache: past + seq)
             const = sum(int(a) for a in expr.args if isinstance(a, sympy.Integer)) if isinstance(expr, sympy.Add) else 0
-            parts = [self.ir_dim(a) for a in expr.args if not (const and isinstance(a, sympy.Integer))]
+            parts = [self.ir_dim(a, env) for a in expr.args if not (const and isinstance(a, sympy.Integer))]
             try:
                 if isinstance(expr, sympy.Mul):
                     return dim_product(parts)
@@ -216,16 +218,16 @@ class CaptureContext:
                 pass
         if isinstance(expr, FloorDiv) and isinstance(expr.args[1], sympy.Integer):  # a strided conv's output length
             try:
-                return floor_divide_dim(self.ir_dim(expr.args[0]), int(expr.args[1]))
+                return floor_divide_dim(self.ir_dim(expr.args[0], env), int(expr.args[1]))
             except ShapeError:
                 pass
-        if type(expr).__name__ in ("Min", "Max") and isinstance(d, torch.SymInt):  # sympy's or torch's own
-            arg = _dominant_arg(d.node.shape_env, expr)
+        if type(expr).__name__ in ("Min", "Max") and env is not None:  # sympy's or torch's own
+            arg = _dominant_arg(env, expr)
             if arg is not None:  # SEW's min(pooled, upsampled) of two spellings of one length
-                return self.ir_dim(arg)
-        if isinstance(d, torch.SymInt):  # one value over the dims' ranges (MPT's max(0, 1 - seq) for seq >= 2; one
+                return self.ir_dim(arg, env)
+        if env is not None:  # one value over the dims' ranges (MPT's max(0, 1 - seq) for seq >= 2; one
             try:                         # chunk of a scan where seq is at most the chunk)
-                rng = d.node.shape_env.bound_sympy(expr)
+                rng = env.bound_sympy(expr)
             except Exception:  # a shape env that cannot bound it: spelled below
                 rng = None
             if rng is not None and rng.is_singleton():
@@ -233,6 +235,12 @@ class CaptureContext:
         rounded = _rounded_up(self, expr)
         if rounded is not None:
             return rounded
+        floored = _mod_as_floor(expr)
+        if floored is not None:  # PegasusX's padded length d - d % m + m: m*(d//m) + m
+            try:
+                return canonical_dim(self.ir_dim(floored, env))
+            except ShapeError:  # still no dim (a negative one): spelled below
+                pass
         # no dim (a negative size: x[:, -seq:]): spelled in the IR's dim names, for a converter that can place it
         return str(expr.xreplace({s: sympy.Symbol(self.symbols[s.name]) for s in expr.free_symbols
                                   if isinstance(s, sympy.Symbol) and s.name in self.symbols}))
@@ -324,6 +332,17 @@ def _one_value(shape_env: Any, expr: Any, asked: Mapping[str, int]) -> int | Non
     except (TypeError, ValueError):
         return None
     return values.pop() if len(values) == 1 else None
+
+
+def _mod_as_floor(expr: Any) -> Any:
+    """``expr`` with each ``Mod(a, m)`` of a constant ``m > 0`` written ``a - m*(a//m)`` (torch's ``Mod`` and
+    ``PythonMod`` floor as Python's ``%``), where it had one, expanded so that the terms of ``a`` cancel; else
+    ``None``."""
+    mods = {a for a in sympy.preorder_traversal(expr) if type(a).__name__ in ("Mod", "PythonMod")
+            and isinstance(a.args[1], sympy.Integer) and int(a.args[1]) > 0}
+    if not mods:
+        return None
+    return sympy.expand(expr.xreplace({a: a.args[0] - a.args[1] * FloorDiv(*a.args) for a in mods}))
 
 
 def _rounded_up(ctx: CaptureContext, expr: Any) -> Dim | None:
@@ -796,20 +815,24 @@ def _unconverted(ep: torch.export.ExportedProgram) -> set[Any]:
             if isinstance(n.target, torch._ops.OpOverload)}
 
 
+def _decompositions(ep: torch.export.ExportedProgram) -> dict[Any, Any]:
+    """The decompositions in torch.export's default table of the ops of ``ep`` that have no converter (and that
+    the IR does not refuse by name)."""
+    missing = _unconverted(ep)
+    if not missing:
+        return {}
+    table = torch.export.default_decompositions()
+    return {op: table[op] for op in missing if op in table and refusal_of(op) is None}
+
+
 def decompose_unconverted(ep: torch.export.ExportedProgram, rounds: int = 3) -> torch.export.ExportedProgram:
     """``ep`` with the ops that have no converter but a decomposition in torch.export's default table
     (``logsumexp``, ``softplus``, ``glu``, ``floor_divide``, ...) decomposed, and nothing else: the
     high-level ops the IR maps whole (``linear``, ``scaled_dot_product_attention``, ``layer_norm``, the
     LoRA op) stay as they are. Repeated while a decomposition leaves such ops behind; a graph whose ops
     all convert pays one walk of its nodes."""
-    table = None
     for _ in range(rounds):
-        missing = _unconverted(ep)
-        if not missing:
-            break
-        if table is None:
-            table = torch.export.default_decompositions()
-        chosen = {op: table[op] for op in missing if op in table and refusal_of(op) is None}
+        chosen = _decompositions(ep)
         if not chosen:
             break
         ep = ep.run_decompositions(chosen)
@@ -838,14 +861,14 @@ def _without_dead_state(ep: torch.export.ExportedProgram) -> torch.export.Export
 def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.export.ExportedProgram:
     """``ep`` with its in-place ops made functional (``add_`` -> ``add``, ``index_put_`` -> ``index_put``).
 
-    ``run_decompositions`` with an empty table functionalizes and decomposes nothing: ``linear``,
-    ``scaled_dot_product_attention``, ``layer_norm`` and the LoRA op stay whole. Run only where
-    the graph holds an in-place op that :func:`.mutations.plan` cannot convert as it is, as it
-    retraces the program. A mutation that outlives the call (a buffer or an input written in
+    ``run_decompositions`` functionalizes; its table holds only the decompositions of the ops without a
+    converter (:func:`_decompositions`, in the same retrace): ``linear``, ``scaled_dot_product_attention``,
+    ``layer_norm`` and the LoRA op stay whole. Run only where the graph holds an in-place op that
+    :func:`.mutations.plan` cannot convert as it is, as it retraces the program. A mutation that outlives the call (a buffer or an input written in
     place) has no place in a graph without state, and is refused, except a buffer's whose value on
     entry nothing reads (:func:`_without_dead_state`).
     """
-    ep = _without_dead_state(ep.run_decompositions({}))
+    ep = _without_dead_state(ep.run_decompositions(_decompositions(ep)))
     sig = ep.graph_signature
     escaping = [f"buffer {b!r}" for b in sig.buffers_to_mutate.values()]
     escaping += [f"input {i!r}" for i in sig.user_inputs_to_mutate.values()]

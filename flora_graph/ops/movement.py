@@ -268,15 +268,27 @@ def _nonnegative(dim: Dim | None) -> bool:
 
 
 def _floor_multiple_of(a: Dim, b: Dim, *, ceil: bool = False) -> bool:
-    """Whether ``a`` is ``m * (b // m)`` (at most ``b``), or with ``ceil`` ``m * ((b + m - 1) // m)`` (at least ``b``)."""
+    """Whether ``a`` is ``m * ((b - c) // m)`` for a constant ``c >= 0`` (at most ``b``), or with ``ceil``
+    ``m * ((b + c) // m)`` for ``c >= m - 1`` (at least ``b``): chunks and back. Canonical dims pull multiples of
+    ``m`` out of the floor division (``m*((d+m)//m)`` reads ``m*((d)//m)+m``), so ``a`` may carry a constant
+    beside it."""
     terms = dim_terms(a) if isinstance(a, str) else []
+    const = sum(c for c, names in terms if not names)
+    terms = [(c, names) for c, names in terms if names]
     if len(terms) != 1 or len(terms[0][1]) != 1:
         return False
     parts = floor_div_parts(terms[0][1][0])
-    if parts is None or parts[1] != terms[0][0]:
+    if parts is None or parts[1] != terms[0][0] or const % parts[1]:
         return False
     m = parts[1]
-    return dims_equal(parts[0], add_dims(b, m - 1) if ceil else b)
+    num = {names: c for c, names in dim_terms(parts[0])}  # a's numerator, with a's constant put back into it
+    num[()] = num.get((), 0) + const
+    for c, names in dim_terms(b):
+        num[names] = num.get(names, 0) - c
+    offset = num.pop((), 0)
+    if any(num.values()):
+        return False
+    return offset >= m - 1 if ceil else offset <= 0
 
 
 def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:

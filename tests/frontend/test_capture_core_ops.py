@@ -346,6 +346,35 @@ def test_a_length_padded_to_whole_chunks_and_cut_back() -> None:
             _assert_close(exe(x=x.numpy()), _eager(_Chunked(), [x]), 1e-5, f"{backend} seq {seq}")
 
 
+class _Blocks(nn.Module):
+    """PegasusX's local attention: where the length is no multiple of the block size (a branch torch.export takes
+    for the example), states and mask padded by ``4 - s % 4`` (a full block more at a multiple, as the exported
+    program does; the extra block is masked out), attention within each block, cut back."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, c = x.shape
+        if s % 4 != 0:
+            x = F.pad(x, (0, 0, 0, 4 - s % 4))
+            mask = F.pad(mask, (0, 4 - s % 4), value=-1e9)
+        blocks = x.view(b, x.shape[1] // 4, 4, c)
+        scores = blocks @ blocks.transpose(-1, -2) + mask.view(b, mask.shape[1] // 4, 1, 4)
+        return (scores.softmax(-1) @ blocks).reshape(b, x.shape[1], c)[:, :s]
+
+
+def test_a_length_padded_by_a_periodic_size_and_cut_back() -> None:
+    example = (torch.randn(2, 10, 4), torch.zeros(2, 10))
+    g = capture(_Blocks(), example, {"x": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}})
+    assert g.dim_max == {} and g.outputs["output"].shape == ("batch", "seq", 4)
+    assert any(n.op.value == "Slice" and n.attrs["ends"] == ("4*((seq)//4)+4",) for n in g.nodes)
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for seq in (3, 4, 9, 12):  # one block, whole blocks (padded by one more), and more
+            x, mask = torch.randn(3, seq, 4, generator=_gen(seq)), torch.zeros(3, seq)
+            mask[0, :2] = -1e9
+            _assert_close(exe(x=x.numpy(), mask=mask.numpy()), _eager(_Blocks(), [x, mask]), 1e-5,
+                          f"{backend} seq {seq}")
+
+
 def test_a_scan_traced_over_one_chunk_is_bounded_to_one_chunk() -> None:
     """An example of one chunk lets torch.export fix the chunk count to 1: the graph holds up to one chunk, says
     so (``dim_max``), and matches eager there (a longer example keeps every length: above)."""

@@ -374,6 +374,20 @@ def test_sum_of_dims_is_a_dim() -> None:
     np.testing.assert_allclose(run(graph, {"x": x.numpy()})["output"], fn(x).numpy(), rtol=1e-6)
 
 
+def test_logical_ops_read_numbers_as_nonzero() -> None:
+    """LongT5's local-attention mask: ``logical_and`` of int64 tensors (torch reads each as ``x != 0``)."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        ids = (x * 2).long()  # zeros where |x| < 0.5
+        both = torch.logical_and(ids, x.round()) | torch.logical_or(ids[:, :1], x > 1)
+        return (both ^ torch.logical_xor(ids, x) ^ torch.logical_not(ids)).float()
+
+    graph = _capture(fn)
+    for seq in (5, 8):
+        x = torch.randn(3, seq, 8, generator=torch.Generator().manual_seed(seq))
+        assert 0 < int(fn(x).sum()) < fn(x).numel()
+        np.testing.assert_array_equal(run(graph, {"x": x.numpy()})["output"], fn(x).numpy())
+
+
 def test_bitwise_ops_on_integers_are_unsupported() -> None:
     with pytest.raises(UnsupportedOpError, match="only bool"):
         _capture(lambda x: (x.long() & x.long()).float())

@@ -162,12 +162,21 @@ for _targets, _op, _neg in [
     register(*_targets)(_compare(_op, _neg))
 
 
+_LOGICAL = {aten.logical_not.default, aten.logical_and.default, aten.logical_or.default, aten.logical_xor.default}
+
+
 def _bool_only(ctx: CaptureContext, *xs: Any) -> list[ComputationNode]:
+    """The inputs of a logical or bitwise op as bool tensors: a ``logical_*`` op reads a number as ``x != 0``
+    (torch's rule); a bitwise op on a number (its bits) is refused."""
+    out = []
     for x in xs:
+        if isinstance(x, ComputationNode) and x.dtype != "bool" and ctx.fx_node.target in _LOGICAL:
+            x = ctx.emit(Op.NOT, [ctx.emit(Op.EQUAL, [x, as_dtype(ctx, 0, x.dtype)])])
         if not isinstance(x, ComputationNode) or x.dtype != "bool":
             got = x.dtype if isinstance(x, ComputationNode) else type(x).__name__
-            raise refuse(ctx, f"bitwise/logical op on {got} (only bool tensors are supported)")
-    return list(xs)
+            raise refuse(ctx, f"bitwise op on {got} (only bool tensors are supported; logical_* ops take any dtype)")
+        out.append(x)
+    return out
 
 
 @register(aten.logical_not.default, aten.bitwise_not.default)
