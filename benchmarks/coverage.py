@@ -533,13 +533,15 @@ def whisper_encoder(lora_cfg: dict | None = None) -> Callable[[], Built]:
 register("whisper-encoder", "speech", whisper_encoder(), "conv1d stem, fixed 32 frames", quick=True)
 
 
-def speech(config_cls: str, model_cls: str) -> Callable[[], Built]:
-    """A tiny wav2vec 2.0-style model (``config_cls``, ``model_cls``) on raw audio of a dynamic length."""
+def speech(config_cls: str, model_cls: str, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj"),
+           **cfg: Any) -> Callable[[], Built]:
+    """A tiny wav2vec 2.0-style model (``config_cls``, ``model_cls``, ``cfg`` beside the sizes) on raw audio of a
+    dynamic length, LoRA on its attention projections ``targets`` and feed-forward layers."""
     def build() -> Built:
         model = lora(hf(config_cls, model_cls, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
-                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=VOCAB),
-                     target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"])
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=VOCAB, **cfg),
+                     target_modules=[*targets, "intermediate_dense", "output_dense"])
 
         def audio(batch: int, seed: int) -> dict[str, torch.Tensor]:
             n = {0: 400, 1: 320, 2: 480}[seed]  # samples: the check inputs differ in length too
@@ -552,6 +554,10 @@ register("wav2vec2", "speech", speech("Wav2Vec2Config", "Wav2Vec2Model"),
          "strided conv feature extractor over a dynamic length, conv positions")
 register("wavlm", "speech", speech("WavLMConfig", "WavLMForCTC"),
          "gated relative position bias (broadcast_to), CTC head (torch.onnx's file is off)")
+register("wav2vec2-conformer", "speech",
+         speech("Wav2Vec2ConformerConfig", "Wav2Vec2ConformerForCTC", ("linear_q", "linear_k", "linear_v", "linear_out"),
+                position_embeddings_type="relative", conv_depthwise_kernel_size=3),
+         "relative positions: a window around the centre of a static table (start c + 1 - frames)")
 
 
 # torch.nn

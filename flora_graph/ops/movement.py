@@ -267,6 +267,29 @@ def _nonnegative(dim: Dim | None) -> bool:
     return all(c >= 0 for c, _ in dim_terms(dim))
 
 
+def _nonnegative_within(part: Dim | None, size: Dim) -> bool:
+    """Whether ``part`` is at least 0 wherever the axis' ``size`` is (a size is never negative): both linear in one
+    atom ``a`` (a name or a floor division), ``part = g*a + d`` and ``size = s*a + c`` with ``g, s > 0``, and
+    ``part >= 0`` at the least ``a`` where ``size >= 0``. Wav2Vec2-Conformer's ``x[:, :, :, : w // 2 + 1]`` of
+    ``w = 2n - 1`` relative positions: ``n - 2`` over the atom of ``n = a - 1``, ``0`` at the least ``a = 2``."""
+    if _nonnegative(part):
+        return True
+    if part is None or isinstance(part, int) or isinstance(size, int):
+        return False
+    p_terms, s_terms = dim_terms(part), dim_terms(size)
+    p_named = [(c, n) for c, n in p_terms if n]
+    s_named = [(c, n) for c, n in s_terms if n]
+    if len(p_named) != 1 or len(s_named) != 1 or p_named[0][1] != s_named[0][1] or len(p_named[0][1]) != 1:
+        return False
+    (g, _), (k, _) = p_named[0], s_named[0]
+    d = sum(c for c, n in p_terms if not n)
+    c = sum(c for c, n in s_terms if not n)
+    if g <= 0 or k <= 0:
+        return False
+    least = max(0, -(c // k))  # the least a with k*a + c >= 0
+    return g * least + d >= 0
+
+
 def _floor_multiple_of(a: Dim, b: Dim, *, ceil: bool = False) -> bool:
     """Whether ``a`` is ``m * ((b - c) // m)`` for a constant ``c >= 0`` (at most ``b``), or with ``ceil``
     ``m * ((b + c) // m)`` for ``c >= m - 1`` (at least ``b``): chunks and back. Canonical dims pull multiples of
@@ -320,10 +343,10 @@ def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
         return size  # x[:-1] of a named dim: dim-1, as torch.export sizes it (it assumes dim >= 1)
     if to_end and step == 1 and isinstance(start, int) and start > 0 and (size := subtract_dims(dim, start)) is not None:
         return size  # x[1:] of a named dim: dim-1 likewise (MobileBERT's trigram embedding)
-    if (step == 1 and not negative_end and _nonnegative(start)
-            and (to_end or isinstance(dim, int) or _nonnegative(subtract_dims(dim, end)))):
+    if (step == 1 and not negative_end and _nonnegative_within(start, dim)
+            and (to_end or isinstance(dim, int) or _nonnegative_within(subtract_dims(dim, end), dim))):
         size = subtract_dims(dim if to_end else end, start)  # x[past_seq:] of past_seq+seq -> seq
-        if _nonnegative(size):
+        if _nonnegative_within(size, dim):
             return size
     raise ShapeError(f"Slice: the size of [{start}:{end}:{step}] of a dim {dim} cannot be written as a dim")
 

@@ -351,6 +351,31 @@ def test_size_that_is_not_a_dim_is_refused() -> None:
     assert any("aten.arange.default" in k for k in info.value.ops)
 
 
+class _RelativeWindow(nn.Module):
+    """Wav2Vec2-Conformer's relative positions: a table of 2c + 1 rows around its centre c, its window
+    ``pe[c - n + 1 : c + n]`` for n frames (a start of ``c + 1 - n``, no dim), then the rel-shift's first
+    ``w // 2 + 1`` of the window's ``w = 2n - 1`` rows (``n``: at most ``w`` where ``w >= 0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pe", torch.randn(41, 8, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, n = self.pe.shape[0] // 2, x.shape[1] - 1  # a frame count that is not the input's dim itself
+        window = self.pe[c - n + 1: c + n]
+        return x[:, 1:] * window[: window.shape[0] // 2 + 1].flip(0) + window[n - 1:].sum(0)
+
+
+def test_a_window_around_a_centre_of_a_static_table() -> None:
+    graph = capture(_RelativeWindow(), torch.randn(*EXAMPLE, 8), {"x": DIMS})
+    ort = compile(graph, "onnxruntime")
+    for seq in (2, 5, 13, 21):  # one frame up to the whole table
+        x = torch.randn(3, seq, 8, generator=torch.Generator().manual_seed(seq))
+        want = _RelativeWindow()(x).numpy()
+        np.testing.assert_allclose(run(graph, {"x": x.numpy()})["output"], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ort(x=x.numpy())["output"], want, rtol=1e-5, atol=1e-6)
+
+
 def test_floor_division_of_a_dim_is_a_dim() -> None:
     def fn(x: torch.Tensor) -> torch.Tensor:
         return x.sum(1, keepdim=True) * torch.arange(x.shape[1] // 2, dtype=x.dtype)[:, None]
@@ -386,6 +411,15 @@ def test_logical_ops_read_numbers_as_nonzero() -> None:
         x = torch.randn(3, seq, 8, generator=torch.Generator().manual_seed(seq))
         assert 0 < int(fn(x).sum()) < fn(x).numel()
         np.testing.assert_array_equal(run(graph, {"x": x.numpy()})["output"], fn(x).numpy())
+
+
+def test_glu_halves_its_dim() -> None:
+    graph = _capture(lambda x: F.glu(x, -1) + F.glu(x.transpose(1, 2), 1).transpose(1, 2)[..., :4])
+    assert {n.op for n in graph.nodes} >= {Op.SIGMOID, Op.SLICE, Op.MUL}
+    x = torch.randn(3, 6, 8, generator=torch.Generator().manual_seed(4))
+    want = F.glu(x, -1) + F.glu(x.transpose(1, 2), 1).transpose(1, 2)[..., :4]
+    np.testing.assert_allclose(compile(graph, "onnxruntime")(x=x.numpy())["output"], want.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(run(graph, {"x": x.numpy()})["output"], want.numpy(), rtol=1e-6)
 
 
 def test_bitwise_ops_on_integers_are_unsupported() -> None:

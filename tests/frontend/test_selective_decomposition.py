@@ -52,3 +52,28 @@ def test_an_op_without_a_decomposition_is_still_named() -> None:
 
     with pytest.raises(UnsupportedOpError, match=r"aten\.cumprod\.default"):
         capture(Cumprod(), torch.randn(2, 3))
+
+
+class WrittenInPlace(nn.Module):
+    """An in-place write capture functionalizes (a slice of an intermediate) beside an op it decomposes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        y[:, 0] = torch.logsumexp(x[:, 0], -1, keepdim=True)
+        return y
+
+
+def test_functionalizing_and_decomposing_retrace_the_program_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    real = torch.export.ExportedProgram.run_decompositions
+
+    def counted(self: torch.export.ExportedProgram, table: dict | None = None, **kw: object) -> object:
+        calls.append(sorted(str(op) for op in (table or {})))
+        return real(self, table, **kw)
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", counted)
+    graph = capture(WrittenInPlace(), torch.randn(2, 3, 8), {"x": {0: "batch", 1: "seq"}})
+    assert calls == [["aten.logsumexp.default"]]  # one retrace: functionalized and decomposed together
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(compile(graph, "onnxruntime")(x=x.numpy())["output"], WrittenInPlace()(x).numpy(),
+                               rtol=1e-5, atol=1e-6)

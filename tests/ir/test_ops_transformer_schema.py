@@ -135,6 +135,10 @@ def test_static_slice_size_matches_python(size: int, start: int, end: int, step:
         ("past_seq+seq", 0, "past_seq", 1, "past_seq"),
         ("seq", 2, -1, 1, "seq-3"),  # as torch.export sizes it (it assumes seq >= 3)
         ("seq", 1, END, 1, "seq-1"),  # likewise (MobileBERT's trigram embedding)
+        ("2*seq-3", 0, "seq-1", 1, "seq-1"),  # seq >= 2 where 2*seq-3 >= 0: seq-1 <= 2*seq-3 (a window's half)
+        ("2*seq-3", "seq-2", END, 1, "seq-1"),
+        ("16*((seq)//16)+16", 0, "seq", 1, "seq"),  # a padded length and back (PegasusX's blocks)
+        ("seq+16", 0, "16*((seq)//16)+16", 1, "16*((seq)//16)+16"),
     ],
 )
 def test_named_slice_size(dim, start, end, step, want) -> None:
@@ -142,7 +146,9 @@ def test_named_slice_size(dim, start, end, step, want) -> None:
 
 
 @pytest.mark.parametrize(("dim", "start", "end", "step"), [("seq", 0, END, 2), ("seq", -3, 1, 1), (256, 1, "seq", 1), ("seq", "batch", END, 1),
-                                                           ("seq", 0, "batch", 1), ("past_seq", 0, "past_seq+seq", 1)])
+                                                           ("seq", 0, "batch", 1), ("past_seq", 0, "past_seq+seq", 1),
+                                                           ("2*seq-3", 0, "seq-3", 1), ("2*seq-3", 0, "2*seq", 1),
+                                                           ("seq+15", 0, "16*((seq)//16)+16", 1)])
 def test_unexpressible_slice_sizes_are_refused(dim, start, end, step) -> None:
     with pytest.raises(ShapeError, match="cannot be written"):
         slice_size(dim, start, end, step)

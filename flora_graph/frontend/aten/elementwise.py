@@ -126,6 +126,19 @@ def _gelu(ctx, x, approximate="none"):
     return ctx.emit(Op.GELU, [x], {"approximate": approximate})
 
 
+@register(aten.glu.default)
+def _glu(ctx, x, dim=-1):
+    """``a * sigmoid(b)`` of the two halves of ``dim`` (a static, even size; Conformer's convolution module)."""
+    axis = int(dim) % len(x.shape)
+    size = x.shape[axis]
+    if not isinstance(size, int) or size % 2:
+        raise refuse(ctx, f"glu along a dim of {size!r} (it halves a static, even size)")
+    half = size // 2
+    a, b = (ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (s,), "ends": (s + half,), "steps": (1,)})
+            for s in (0, half))
+    return ctx.emit(Op.MUL, [a, ctx.emit(Op.SIGMOID, [b])])
+
+
 def _float_unary(op: Op):
     def conv(ctx, x):
         return ctx.emit(op, [cast_to_out(ctx, x)])

@@ -34,7 +34,7 @@ import torch
 from flora_graph.errors import GraphError, ShapeError
 from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, subtract_dims
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, dim_terms, subtract_dims
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -185,14 +185,86 @@ def _kept_from_end(v: Any, size: Dim) -> Dim | None:
     return kept if isinstance(kept, str) else None
 
 
+def _counted_back(ctx: CaptureContext, v: Any, size: Dim) -> tuple[int, Dim] | None:
+    """``(k, e)`` where the slice start ``v`` (the current node's) is ``k - e``, a constant ``0 < k <= size`` of a
+    static axis less a dim ``e`` (Wav2Vec2-Conformer's relative positions, ``pe[:, c - n + 1 : c + n]``); ``None``
+    for any other."""
+    fx_start = ctx.fx_node.kwargs.get("start", ctx.fx_node.args[2] if len(ctx.fx_node.args) > 2 else None)
+    val = fx_start.meta.get("val") if isinstance(fx_start, torch.fx.Node) else None
+    if not (isinstance(v, SymDim) and isinstance(val, torch.SymInt) and isinstance(size, int)):
+        return None
+    k = val.node.expr.as_coeff_Add()[0]
+    if not k.is_Integer or not 0 < int(k) <= size:
+        return None
+    try:
+        back = canonical_dim(ctx.ir_dim(k - val.node.expr))
+    except ShapeError:
+        return None
+    return (int(k), back) if isinstance(back, str) else None
+
+
+def _linear(dim: Dim) -> tuple[int, str | None, int] | None:
+    """``(g, a, d)`` where ``dim`` is ``g*a + d`` of one atom ``a`` (a name or a floor division; ``None`` and
+    ``g = 0`` for a number), else ``None``."""
+    if isinstance(dim, int):
+        return 0, None, dim
+    terms = dim_terms(dim)
+    named = [(c, n) for c, n in terms if n]
+    if len(named) != 1 or len(named[0][1]) != 1:
+        return None
+    return named[0][0], named[0][1][0], sum(c for c, n in terms if not n)
+
+
+def _window_cut(k: int, e: Dim, stop: Dim, size: int) -> tuple[int, Dim, Dim] | None:
+    """Where to cut the window ``[k - e, stop)`` of a static axis of ``size`` into two slices whose lengths are
+    dims: ``(p, p - (k - e), stop - p)``, ``p`` the window's start at the least size its length ``w`` is not
+    negative at (the head then empty; both lengths grow with the size). ``e`` and ``stop`` linear in one atom."""
+    le, ls = _linear(e), _linear(stop)
+    if le is None or ls is None or (le[1] is not None and ls[1] is not None and le[1] != ls[1]):
+        return None
+    (g, _, d), (h, _, c) = le, ls
+    if g < 0 or h < 0 or g + h == 0:
+        return None
+    least = max(0, -((c + d - k) // (g + h)))  # the least atom at which w = (g + h)*a + c + d - k >= 0
+    p = k - d - g * least
+    if not 0 <= p <= size or p > h * least + c:
+        return None
+    try:
+        return p, canonical_dim(f"{e}{p - k:+d}") if p != k else e, canonical_dim(f"{stop}{-p:+d}") if p else stop
+    except ShapeError:
+        return None
+
+
+def _last(ctx: CaptureContext, x: ComputationNode, axis: int, kept: Dim) -> ComputationNode:
+    """The last ``kept`` elements of ``x`` along ``axis``: flip, take the first, flip back."""
+    head = ctx.emit(Op.FLIP, [x], {"axes": (axis,)})
+    head = ctx.emit(Op.SLICE, [head], {"axes": (axis,), "starts": (0,), "ends": (kept,), "steps": (1,)})
+    return ctx.emit(Op.FLIP, [head], {"axes": (axis,)})
+
+
 @register(aten.slice.Tensor)
 def _slice(ctx, x, dim=0, start=None, end=None, step=1):
     axis = axis_of(int(dim), len(x.shape))
-    kept = _kept_from_end(start, x.shape[axis]) if end is None or (isinstance(end, int) and end >= 2**62) else None
-    if kept is not None and int(step) == 1:  # the last `kept` elements: flip, take the first, flip back
-        head = ctx.emit(Op.FLIP, [x], {"axes": (axis,)})
-        head = ctx.emit(Op.SLICE, [head], {"axes": (axis,), "starts": (0,), "ends": (kept,), "steps": (1,)})
-        return ctx.emit(Op.FLIP, [head], {"axes": (axis,)})
+    to_end = end is None or (isinstance(end, int) and end >= 2**62)
+    kept = _kept_from_end(start, x.shape[axis]) if to_end else None
+    if kept is not None and int(step) == 1:
+        return _last(ctx, x, axis, kept)
+    back = _counted_back(ctx, start, x.shape[axis]) if int(step) == 1 else None
+    if back is not None:  # x[k - e : end]: the last rows of x[:p], then the first of x[p:]
+        k, e = back
+        size = x.shape[axis]
+        fx_end = ctx.fx_node.kwargs.get("end", ctx.fx_node.args[3] if len(ctx.fx_node.args) > 3 else None)
+        val = fx_end.meta.get("val") if isinstance(fx_end, torch.fx.Node) else end
+        stop = size if to_end else ctx.ir_dim(val) if isinstance(val, torch.SymInt | int) else None
+        cut = _window_cut(k, e, stop, size) if stop is not None else None
+        if cut is None:
+            raise refuse(ctx, f"a slice from {start.dim!r} to {end!r} of an axis of {size}")
+        p, head_len, tail_len = cut
+        head = _last(ctx, ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (0,), "ends": (p,), "steps": (1,)}),
+                     axis, head_len)
+        tail = ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (p,), "ends": (size,), "steps": (1,)})
+        tail = ctx.emit(Op.SLICE, [tail], {"axes": (axis,), "starts": (0,), "ends": (tail_len,), "steps": (1,)})
+        return ctx.emit(Op.CONCAT, [head, tail], {"axis": axis})
     start = 0 if start is None else _slice_bound(ctx, start, x.shape[axis])
     end = 2**63 - 1 if end is None else _slice_bound(ctx, end, x.shape[axis])
     if isinstance(x.shape[axis], int) and isinstance(end, int) and end > x.shape[axis]:
