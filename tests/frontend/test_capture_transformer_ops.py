@@ -55,7 +55,7 @@ TRANSFORMER_TARGETS = _overloads("""
     triu.default tril.default diff.default
     addmm.default
     mean.dim sum.dim_IntList mean.default sum.default cumsum.default
-    rms_norm.default
+    rms_norm.default glu.default
     scaled_dot_product_attention.default _scaled_dot_product_flash_attention_for_cpu.default
     _scaled_dot_product_efficient_attention.default
     slice.Tensor unsqueeze.default squeeze.dim squeeze.dims squeeze.default expand.default expand_as.default
@@ -138,6 +138,7 @@ class Math(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         a = torch.sqrt(x.abs()) + torch.exp(x) - torch.log(x.abs() + 1) + torch.cos(x) * torch.sin(x)
         b = torch.reciprocal(x.abs() + 0.5) + torch.pow(x.abs() + 0.1, x) + 2.0**x
+        b = b + F.glu(torch.cat([x, x.flip(-1)], -1))  # Conformer's gated convolution module
         c = torch.rsqrt(ids.abs() + 1)  # an integer input promoted to float
         d = ids * 0.5 + ids / 2  # int * float, int / int -> float
         return a, b, c, d
