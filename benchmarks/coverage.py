@@ -405,6 +405,12 @@ register("pegasus-x", "encoder-decoder", seq2seq("PegasusXConfig", "PegasusXForC
                                                  block_size=6, num_global_tokens=4, pad_token_id=0,
                                                  decoder_start_token_id=0),
          "staggered blocks: padded by block - seq % block")
+register("prophetnet", "encoder-decoder", seq2seq("ProphetNetConfig", "ProphetNetForConditionalGeneration",
+                                                  vocab_size=VOCAB, hidden_size=32, encoder_ffn_dim=64,
+                                                  decoder_ffn_dim=64, num_encoder_layers=2, num_decoder_layers=2,
+                                                  num_encoder_attention_heads=4, num_decoder_attention_heads=4,
+                                                  max_position_embeddings=MAX_POS, relative_max_distance=16),
+         "n-gram streams: (1 + ngram) * seq rows cut in seq (torch.onnx fails)")
 register("mt5", "encoder-decoder", seq2seq("MT5Config", "MT5ForConditionalGeneration", vocab_size=VOCAB, d_model=32,
                                            d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
          "gated GELU feed-forward")

@@ -414,6 +414,22 @@ def test_logical_ops_read_numbers_as_nonzero() -> None:
         np.testing.assert_array_equal(run(graph, {"x": x.numpy()})["output"], fn(x).numpy())
 
 
+def test_a_named_dim_cut_in_equal_named_pieces() -> None:
+    """ProphetNet's streams: ``(1 + ngram) * seq`` rows cut by ``chunk`` and by ``split`` of ``seq``."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        streams = torch.cat([x, x * 2, x - 1], 1)  # 3*seq rows
+        a, b, c = streams.chunk(3, dim=1)
+        d, e, f = streams.split(x.shape[1], dim=1)
+        return a * b - c + d * e * f
+
+    graph = _capture(fn)
+    ort = compile(graph, "onnxruntime")
+    for seq in (1, 4, 9):
+        x = torch.randn(3, seq, 8, generator=torch.Generator().manual_seed(seq))
+        np.testing.assert_allclose(run(graph, {"x": x.numpy()})["output"], fn(x).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(ort(x=x.numpy())["output"], fn(x).numpy(), rtol=1e-6)
+
+
 def test_glu_halves_its_dim() -> None:
     graph = _capture(lambda x: F.glu(x, -1) + F.glu(x.transpose(1, 2), 1).transpose(1, 2)[..., :4])
     assert {n.op for n in graph.nodes} >= {Op.SIGMOID, Op.SLICE, Op.MUL}

@@ -34,7 +34,7 @@ import torch
 from flora_graph.errors import GraphError, ShapeError
 from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, dim_terms, subtract_dims
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, dim_terms, divide_dims, subtract_dims
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -128,11 +128,25 @@ def _split_with_sizes(ctx, x, sizes, dim=0):
     return tuple(ctx.emit(Op.SPLIT, [x], {"axis": int(dim), "sizes": sizes, "index": i}) for i in range(len(sizes)))
 
 
+def _equal_pieces(ctx: CaptureContext, x: ComputationNode, piece: Dim, dim: int) -> tuple[ComputationNode, ...]:
+    """``x`` cut along a named ``dim`` into pieces of the dim ``piece`` that divides it a static number of times
+    (ProphetNet's main and predicted streams, ``(1 + ngram) * seq`` rows cut in ``seq``), each a ``Slice``;
+    ``GraphError`` where ``piece`` does not divide it so."""
+    axis = axis_of(int(dim), len(x.shape))
+    total = x.shape[axis]
+    count = divide_dims(total, piece) if piece not in (0, 1) else None
+    if not isinstance(count, int) or count < 1:
+        raise GraphError(f"{ctx.where()}: split of {x.name} along named dim {total!r} in pieces of {piece!r}")
+    bounds = [dim_product([k, piece]) if k else 0 for k in range(count + 1)]
+    return tuple(ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (bounds[k],), "ends": (bounds[k + 1],),
+                                          "steps": (1,)}) for k in range(count))
+
+
 @register(aten.split.Tensor)
 def _split(ctx, x, split_size, dim=0):
     total = x.shape[dim]
     if not isinstance(total, int):
-        raise GraphError(f"{ctx.where()}: split of {x.name} along named dim {total!r}")
+        return _equal_pieces(ctx, x, dim_of(ctx, split_size), dim)
     sizes = [split_size] * (total // split_size) + ([total % split_size] if total % split_size else [])
     return _split_with_sizes(ctx, x, sizes, dim)
 
@@ -141,7 +155,10 @@ def _split(ctx, x, split_size, dim=0):
 def _chunk(ctx, x, chunks, dim=0):
     total = x.shape[dim]
     if not isinstance(total, int):
-        raise GraphError(f"{ctx.where()}: chunk of {x.name} along named dim {total!r}")
+        piece = divide_dims(total, int(chunks))
+        if piece is None:
+            raise GraphError(f"{ctx.where()}: chunk of {x.name} along named dim {total!r} in {chunks} pieces")
+        return _equal_pieces(ctx, x, piece, dim)
     return _split(ctx, x, max(1, -(-total // chunks)), dim)  # torch: pieces of ceil(total / chunks)
 
 
