@@ -560,6 +560,8 @@ register("wav2vec2", "speech", speech("Wav2Vec2Config", "Wav2Vec2Model"),
          "strided conv feature extractor over a dynamic length, conv positions")
 register("wavlm", "speech", speech("WavLMConfig", "WavLMForCTC"),
          "gated relative position bias (broadcast_to), CTC head (torch.onnx's file is off)")
+register("sew", "speech", speech("SEWConfig", "SEWForCTC"),
+         "frames pooled, upsampled and padded back by their parity (n - 2*(n//2))")
 register("wav2vec2-conformer", "speech",
          speech("Wav2Vec2ConformerConfig", "Wav2Vec2ConformerForCTC", ("linear_q", "linear_k", "linear_v", "linear_out"),
                 position_embeddings_type="relative", conv_depthwise_kernel_size=3),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from flora_graph.errors import ShapeError
 
@@ -37,10 +37,12 @@ __all__ = [
     "broadcast_shapes",
     "canonical_dim",
     "canonical_shape",
+    "difference_range",
     "dim_names",
     "dim_product",
     "dim_terms",
     "divide_dims",
+    "eval_dim",
     "floor_div_parts",
     "floor_divide_dim",
     "format_shape",
@@ -261,6 +263,70 @@ def dim_names(dim: Dim) -> set[str]:
             parts = floor_div_parts(n)
             out |= dim_names(parts[0]) if parts else {n}
     return out
+
+
+def eval_dim(dim: int | str, dims: Mapping[str, int]) -> int | None:
+    """The size of ``dim`` (an int, a name, or a polynomial such as ``"a*b"`` or ``"past_seq+seq"``)
+    under ``dims``; ``None`` if unbound."""
+    if isinstance(dim, int):
+        return dim
+    if dim in dims:
+        return dims[dim]
+    total = 0
+    for coef, names in dim_terms(dim):
+        term = coef
+        for n in names:
+            value = dims.get(n)
+            if value is None and (parts := floor_div_parts(n)) is not None:  # "((samples-10)//5)"
+                num = eval_dim(parts[0], dims)
+                value = None if num is None else num // parts[1]
+            if value is None:
+                return None
+            term *= int(value)
+        total += term
+    return total
+
+
+_PERIOD = 4096
+"""The longest period :func:`difference_range` evaluates a difference over."""
+
+
+def difference_range(a: Dim, b: Dim) -> tuple[int, int] | None:
+    """``(least, greatest)`` of ``a - b`` over every size of the one dim name both are written in, where that
+    difference repeats: each term at most one name or floor division, and the terms that grow with the size
+    cancel (equal slopes), so that ``a - b`` repeats with the product ``P`` of the divisors (nested divisions
+    multiply: ``((s//5)-1)//2`` repeats every 10). Checked on ``0..2P``; ``None`` for any other pair.
+    SEW's frames ``n`` against their pooling and upsampling back, ``2*(n//2)``: ``(0, 1)``."""
+    names = dim_names(a) | dim_names(b)
+    if len(names) > 1:
+        return None
+    if not names:
+        return (int(a) - int(b),) * 2 if isinstance(a, int) and isinstance(b, int) else None
+    atoms: set[str] = set()
+
+    def collect(dim: Dim) -> bool:
+        for _, key in dim_terms(dim):
+            if len(key) > 1:
+                return False
+            for n in key:
+                parts = floor_div_parts(n)
+                if parts is not None:
+                    atoms.add(n)
+                    if not collect(parts[0]):
+                        return False
+        return True
+
+    if not (collect(a) and collect(b)):
+        return None
+    period = math.prod(floor_div_parts(n)[1] for n in atoms)  # type: ignore[index]
+    if period > _PERIOD:
+        return None
+    (name,) = names
+    diffs = [eval_dim(a, {name: v}) - eval_dim(b, {name: v}) for v in range(2 * period)]  # type: ignore[operator]
+    if diffs[:period] != diffs[period:]:
+        return None
+    return min(diffs), max(diffs)
+
 
 
 def is_dim_name(dim: Dim) -> bool:

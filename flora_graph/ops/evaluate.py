@@ -18,7 +18,7 @@ import numpy as np
 from flora_graph.errors import GraphError, UnsupportedOpError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import Op, schema
-from flora_graph.ir.shapes import dim_terms, floor_div_parts, is_static
+from flora_graph.ir.shapes import eval_dim, is_static
 from flora_graph.ops.registry import OPS
 
 __all__ = ["eval_dim", "eval_node", "fold_static", "np_dtype", "resolve_attrs"]
@@ -31,28 +31,6 @@ def np_dtype(name: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
-
-
-def eval_dim(dim: int | str, dims: Mapping[str, int]) -> int | None:
-    """The size of ``dim`` (an int, a name, or a polynomial such as ``"a*b"`` or ``"past_seq+seq"``)
-    under ``dims``; ``None`` if unbound."""
-    if isinstance(dim, int):
-        return dim
-    if dim in dims:
-        return dims[dim]
-    total = 0
-    for coef, names in dim_terms(dim):
-        term = coef
-        for n in names:
-            value = dims.get(n)
-            if value is None and (parts := floor_div_parts(n)) is not None:  # "((samples-10)//5)"
-                num = eval_dim(parts[0], dims)
-                value = None if num is None else num // parts[1]
-            if value is None:
-                return None
-            term *= int(value)
-        total += term
-    return total
 
 
 def resolve_attrs(node: ComputationNode, dims: Mapping[str, int] | None) -> dict[str, Any]:

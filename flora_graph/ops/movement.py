@@ -24,6 +24,7 @@ from flora_graph.ir.shapes import (
     add_dims,
     broadcast_shapes,
     canonical_dim,
+    difference_range,
     dim_product,
     dim_terms,
     dims_equal,
@@ -337,6 +338,9 @@ def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
         return canonical_dim(end)
     if start == 0 and step == 1 and (_floor_multiple_of(end, dim) or _floor_multiple_of(dim, end, ceil=True)):
         return canonical_dim(end)  # x[:m * (d // m)] of d, x[:d] of m * ((d + m - 1) // m): chunks and back
+    if start == 0 and step == 1 and isinstance(end, str) and (r := difference_range(dim, end)) is not None \
+            and r[0] >= 0:
+        return canonical_dim(end)  # SEW's frames n of its upsampled 2*(n//2), padded by at most 1
     negative_end = not to_end and isinstance(end, int) and end < 0
     if negative_end and step == 1 and isinstance(start, int) and start >= 0 \
             and (size := subtract_dims(dim, start - end)) is not None:

@@ -375,6 +375,27 @@ def test_a_length_padded_by_a_periodic_size_and_cut_back() -> None:
                           f"{backend} seq {seq}")
 
 
+class _PooledAndBack(nn.Module):
+    """SEW's encoder: frames pooled by 2, upsampled back to ``2*(n//2)``, padded to ``n`` where shorter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        y = F.avg_pool1d(x.transpose(1, 2), 2).transpose(1, 2).repeat_interleave(2, dim=1)
+        if y.shape[1] < n:
+            y = F.pad(y, (0, 0, 0, n - y.shape[1]))
+        return y + x
+
+
+def test_a_length_padded_back_by_its_parity() -> None:
+    g = capture(_PooledAndBack(), (torch.randn(2, 9, 4),), {"x": {0: "batch", 1: "seq"}})
+    assert g.outputs["output"].shape == ("batch", "seq", 4)
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for seq in (3, 8, 11):  # odd lengths padded by one, an even one not padded
+            x = torch.randn(3, seq, 4, generator=_gen(seq))
+            _assert_close(exe(x=x.numpy()), _eager(_PooledAndBack(), [x]), 1e-5, f"{backend} seq {seq}")
+
+
 def test_a_scan_traced_over_one_chunk_is_bounded_to_one_chunk() -> None:
     """An example of one chunk lets torch.export fix the chunk count to 1: the graph holds up to one chunk, says
     so (``dim_max``), and matches eager there (a longer example keeps every length: above)."""

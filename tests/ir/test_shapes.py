@@ -8,10 +8,12 @@ from flora_graph.errors import GraphError, ShapeError
 from flora_graph.ir.shapes import (
     broadcast_shapes,
     canonical_dim,
+    difference_range,
     dim_names,
     dim_product,
     dims_equal,
     divide_dims,
+    eval_dim,
     floor_div_parts,
     floor_divide_dim,
     format_shape,
@@ -20,7 +22,6 @@ from flora_graph.ir.shapes import (
     static_numel,
     window_count,
 )
-from flora_graph.ops.evaluate import eval_dim
 
 
 @pytest.mark.parametrize(
@@ -237,3 +238,22 @@ def test_a_negative_term_is_a_dim_only_under_a_multiple_of_it():
     for bad in ("((a)//0)", "((a)//x)", "(a", "a)//2"):
         with pytest.raises(ShapeError):
             canonical_dim(bad)
+
+
+@pytest.mark.parametrize(("a", "b", "want"), [
+    ("seq+16", "16*((seq)//16)+16", (0, 15)),  # a padded length's headroom
+    ("16*((seq)//16)+16", "seq", (1, 16)),  # PegasusX: padded by 16 - seq % 16
+    ("((n)//10)-1", "2*((n+10)//20)-2", (0, 1)),  # SEW: frames against their pooled-and-upsampled count
+    ("((((n)//5)-1)//2)", "((n)//10)", (-1, 0)),  # nested divisions repeat with the product of the divisors
+    ("seq", "seq", (0, 0)),
+    (7, 3, (4, 4)),
+])
+def test_difference_range(a, b, want):
+    assert difference_range(a, b) == want
+    for v in range(0, 200):  # against the sizes themselves
+        assert want[0] <= eval_dim(a, {"seq": v, "n": v}) - eval_dim(b, {"seq": v, "n": v}) <= want[1]
+
+
+@pytest.mark.parametrize(("a", "b"), [("2*seq", "seq"), ("seq", "batch"), ("batch*seq", "seq"), ("seq", 4)])
+def test_a_difference_that_grows_has_no_range(a, b):
+    assert difference_range(a, b) is None

@@ -17,7 +17,7 @@ import torch
 from flora_graph.errors import ShapeError
 from flora_graph.frontend.aten.registry import SymDim, chunk_samples, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim, dim_product
+from flora_graph.ir.shapes import Dim, canonical_dim, difference_range, dim_product
 
 __all__: list[str] = []
 
@@ -50,69 +50,33 @@ def _round_up(ctx: Any, pad: Any, axis: int) -> int | None:
     return None
 
 
-def _periodic_bound(ctx: Any, pad: Any) -> int | None:
-    """The largest value of the dynamic pad ``pad`` (the current node's argument), where it is a periodic function
-    of its one size (PegasusX's ``m - d % m``: no term grows with ``d``) that never goes below 0, else ``None``.
-    Periodic: equal one period of the lcm of its divisors apart, over two periods from the size's least value."""
-    import math
-
-    import sympy
-
-    fx_pad = next((a for a in ctx.fx_node.args[1] if isinstance(a, torch.fx.Node)), None) \
-        if isinstance(ctx.fx_node.args[1], list | tuple) else None
-    val = fx_pad.meta.get("val") if fx_pad is not None else None
-    if not isinstance(val, torch.SymInt) or len(val.node.expr.free_symbols) != 1:
-        return None
-    p = val.node.expr
-    (sym,) = p.free_symbols
-    period = math.lcm(*(int(a.args[1]) for a in sympy.preorder_traversal(p)
-                        if type(a).__name__ in ("Mod", "PythonMod", "FloorDiv") and isinstance(a.args[1], sympy.Integer)
-                        and int(a.args[1]) > 0))
-    if period > _PERIOD:
-        return None
-    rng = getattr(val.node.shape_env, "var_to_range", {}).get(sym)
-    try:
-        lo = max(0, int(rng.lower)) if rng is not None else 0
-    except (TypeError, ValueError, OverflowError):
-        lo = 0
-    try:
-        values = [int(p.subs(sym, v)) for v in range(lo, lo + 2 * period)]
-    except (TypeError, ValueError):
-        return None
-    if min(values) < 0 or values[:period] != values[period:]:
-        return None
-    return max(values)
-
-
-_PERIOD = 4096
-"""The longest period of a dynamic pad :func:`_periodic_bound` checks (its sizes are substituted one by one)."""
-
-
 def _pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], mode: str, value: float = 0.0) -> ComputationNode:
     """``x`` padded by torch's ``pad`` pairs; negative pads crop (constant mode only). One dynamic pad at the end of
     an axis is taken where it is bounded: where it ends the axis at the next multiple of a chunk size
-    (:func:`_round_up`), a static pad of ``m - 1``, then a ``Slice`` to ``m * ((d + m - 1) // m)``; where it is
-    periodic in the size (:func:`_periodic_bound`: ``m - d % m``, up to ``m``), a static pad of its largest value,
-    then a ``Slice`` to the padded size torch computes (``m*(d//m) + m``)."""
+    (:func:`_round_up`), a static pad of ``m - 1``, then a ``Slice`` to ``m * ((d + m - 1) // m)``; where the padded
+    size torch computes less the axis' repeats with the size (:func:`~flora_graph.ir.shapes.difference_range`:
+    PegasusX's ``m - d % m`` up to ``m``, SEW's ``n - 2*(n//2)`` up to 1), a static pad of its largest value, then
+    a ``Slice`` to that padded size."""
     dynamic = [i for i, p in enumerate(pad) if isinstance(p, SymDim)]
     if dynamic:
         axis = len(x.shape) - 1 - dynamic[0] // 2
         one_end = len(dynamic) == 1 and dynamic[0] % 2 and mode == "constant"
         m = _round_up(ctx, pad[dynamic[0]], axis) if one_end else None
-        bound = _periodic_bound(ctx, pad[dynamic[0]]) if one_end and m is None else None
-        if m is None and bound is None:
-            raise refuse(ctx, "padding by a dynamic size")
         d = x.shape[axis]
-        x = _pad(ctx, x, [(m - 1 if m is not None else bound) if isinstance(p, SymDim) else p for p in pad],
-                 mode, value)
         padded = ctx.ir_dim(ctx.fx_node.meta["val"].shape[axis])  # m itself where the dim's range spans one chunk
-        if m is not None and not isinstance(padded, int):
-            padded = canonical_dim(f"{m}*(({d}+{m - 1})//{m})")
-        elif m is None:
+        if m is not None:
+            if not isinstance(padded, int):
+                padded = canonical_dim(f"{m}*(({d}+{m - 1})//{m})")
+            most = m - 1
+        else:
             try:
-                padded = canonical_dim(padded)
-            except ShapeError:
-                raise refuse(ctx, f"padding by a dynamic size to {padded}, which is not a dim") from None
+                span = difference_range(canonical_dim(padded), d) if one_end else None
+            except ShapeError:  # no dim: a size torch computes that the IR cannot write
+                span = None
+            if span is None or span[0] < 0:
+                raise refuse(ctx, "padding by a dynamic size")
+            most = span[1]
+        x = _pad(ctx, x, [most if isinstance(p, SymDim) else p for p in pad], mode, value)
         return ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (0,), "ends": (padded,), "steps": (1,)})
     rank, pad = len(x.shape), [int(p) for p in pad]
     if len(pad) % 2 or len(pad) > 2 * rank:
