@@ -516,6 +516,32 @@ register("mobilevit", "conv", vision("MobileViTConfig", "MobileViTForImageClassi
                                      hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 48], num_labels=5),
          "inverted residuals with transformer blocks over unfolded patches")
 
+def sam() -> Built:
+    """SAM (a tiny config: 128-pixel images, windowed and global attention with relative positions) on images and
+    two prompt points per image, LoRA on its attention projections."""
+    import transformers
+
+    torch.manual_seed(0)
+    vision = transformers.SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4,
+                                          image_size=128, patch_size=16, window_size=4, global_attn_indexes=(1,),
+                                          num_pos_feats=8, mlp_dim=64)
+    prompt = transformers.SamPromptEncoderConfig(hidden_size=16, image_size=128, patch_size=16, mask_input_channels=4)
+    decoder = transformers.SamMaskDecoderConfig(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                                                iou_head_hidden_dim=16)
+    config = transformers.SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                                    mask_decoder_config=decoder.to_dict())
+    model = lora(transformers.SamModel(config).eval(), target_modules=["qkv", "q_proj", "k_proj", "v_proj", "out_proj"])
+
+    def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return {"pixel_values": torch.randn(batch, 3, 128, 128, generator=gen),
+                "input_points": torch.rand(batch, 1, 2, 2, generator=gen) * 128}
+    return batch_case(model, make, {"pixel_values": {0: "batch"}, "input_points": {0: "batch"}})
+
+
+register("sam", "vision", sam, "windowed attention with relative positions, prompt points (cat of int and float)")
+
+
 def whisper_encoder(lora_cfg: dict | None = None) -> Callable[[], Built]:
     def build() -> Built:
         from transformers.models.whisper.modeling_whisper import WhisperEncoder

@@ -430,6 +430,18 @@ def test_a_named_dim_cut_in_equal_named_pieces() -> None:
         np.testing.assert_allclose(ort(x=x.numpy())["output"], fn(x).numpy(), rtol=1e-6)
 
 
+def test_cat_promotes_mixed_dtypes() -> None:
+    """SAM's prompt encoder joins embeddings of int32 labels with float ones: torch.cat promotes."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        flags = torch.cat([(x > 0).to(torch.int32), (x < -1)], -1)  # int32 and bool -> int32
+        return torch.cat([x, flags], -1) * 2  # float32 and int32 -> float32
+
+    graph = _capture(fn)
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
+    np.testing.assert_array_equal(run(graph, {"x": x.numpy()})["output"], fn(x).numpy())
+    np.testing.assert_array_equal(compile(graph, "onnxruntime")(x=x.numpy())["output"], fn(x).numpy())
+
+
 def test_glu_halves_its_dim() -> None:
     graph = _capture(lambda x: F.glu(x, -1) + F.glu(x.transpose(1, 2), 1).transpose(1, 2)[..., :4])
     assert {n.op for n in graph.nodes} >= {Op.SIGMOID, Op.SLICE, Op.MUL}

@@ -26,6 +26,15 @@ def _pool_then_global(g, x, rng):
     return g.add(Op.REDUCE_MEAN, [pooled], {"axes": (2, 3), "keepdims": 1})
 
 
+def _resize_1d(size: int, mode: str, align_corners: int = 0):
+    """``Resize`` of ``[N, C, L]`` as ``[N, C, 1, L]``, the 1-D upsampling's lowering."""
+    def build(g, x, rng):
+        plane = g.add(Op.UNSQUEEZE, [x["x"]], {"axes": (2,)})
+        out = g.add(Op.RESIZE, [plane], {"size": (1, size), "mode": mode, "align_corners": align_corners})
+        return g.add(Op.SQUEEZE, [out], {"axes": (2,)})
+    return build
+
+
 CASES = [
     # ------------------------------------------------------------------ MaxPool2d
     Case("max_pool", {"x": X}, op(Op.MAX_POOL2D, "x", kernel=(2, 2), stride=(2, 2)),
@@ -77,6 +86,13 @@ CASES = [
          lambda x: F.interpolate(x, size=(5, 4), mode="nearest"), capture=("upsample_nearest2d.vec",)),
     Case("upsample_bilinear", {"x": X}, op(Op.RESIZE, "x", size=(11, 18), mode="linear"),
          lambda x: F.interpolate(x, size=(11, 18), mode="bilinear"), capture=("upsample_bilinear2d.vec",)),
+    # SAM's relative-position tables resized along their one axis
+    Case("upsample_linear_1d", {"x": In(("batch", 3, 9))}, _resize_1d(13, "linear"),
+         lambda x: F.interpolate(x, size=13, mode="linear"), capture=("upsample_linear1d.vec",)),
+    Case("upsample_linear_1d_corners", {"x": In(("batch", 3, 9))}, _resize_1d(5, "linear", 1),
+         lambda x: F.interpolate(x, size=5, mode="linear", align_corners=True), capture=("upsample_linear1d.vec",)),
+    Case("upsample_nearest_1d", {"x": In(("batch", 3, 9))}, _resize_1d(18, "nearest"),
+         lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), capture=("upsample_nearest1d.vec",)),
     # ------------------------------------------------------------------ GridSample (grid points up to ~3 outside [-1, 1])
     Case("grid_sample_bilinear", {"x": X, "g": GRID}, op(Op.GRID_SAMPLE, "x", "g"),
          lambda x, g: F.grid_sample(x, g, align_corners=False), tol=1e-4, capture=("grid_sampler.default",)),

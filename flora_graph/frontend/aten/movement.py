@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from flora_graph.errors import GraphError, ShapeError
-from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, refuse, register
+from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, out_dtype, refuse, register
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, dim_terms, divide_dims, subtract_dims
 
@@ -118,7 +118,12 @@ def _flatten(ctx, x, start=0, end=-1):
 # --------------------------------------------------------------------------- concat, split
 @register(aten.cat.default)
 def _cat(ctx, tensors, dim=0):
+    """``Concat``; tensors of several dtypes are cast to the one torch promotes them to (SAM's prompt encoder
+    joins int32 labels' embeddings with float ones)."""
     kept = [t for t in tensors if tuple(t.shape) != (0,)] or list(tensors)[:1]  # torch skips 1-D empty tensors
+    if len({t.dtype for t in kept}) > 1:
+        dtype = out_dtype(ctx)
+        kept = [as_dtype(ctx, t, dtype) for t in kept]
     return kept[0] if len(kept) == 1 else ctx.emit(Op.CONCAT, kept, {"axis": int(dim)})
 
 

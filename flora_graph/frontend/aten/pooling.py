@@ -6,7 +6,8 @@ and W, and an average that counts its padding is refused in ceil mode where that
 ``adaptive_avg_pool2d`` / ``_adaptive_avg_pool2d`` -> ``ReduceMean`` over H, W for a 1x1 output,
 else ``AvgPool2d`` when each input size is divisible by its output size (refused otherwise);
 ``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` -> ``Resize`` (scale factors only when
-they give whole output sizes).
+they give whole output sizes); ``upsample_nearest1d.vec`` / ``upsample_linear1d.vec`` -> ``Resize`` of
+``[N, C, 1, L]``.
 
 ``grid_sampler_2d`` / ``grid_sampler`` (4-D input) -> ``GridSample`` (bilinear, nearest, bicubic;
 zeros, border, reflection padding).
@@ -130,6 +131,18 @@ def _upsample_nearest2d(ctx, x, output_size, scale_factors):
 @register(aten.upsample_bilinear2d.vec)
 def _upsample_bilinear2d(ctx, x, output_size, align_corners, scale_factors):
     return _resize(ctx, x, output_size, scale_factors, "linear", align_corners)
+
+
+@register(aten.upsample_linear1d.vec, aten.upsample_nearest1d.vec)
+def _upsample_1d(ctx, x, output_size, *rest):
+    """``[N, C, L]`` (or ``[C, L]``) as ``[N, C, 1, L]`` through the 2-D ``Resize`` (SAM's relative-position tables
+    resized to its feature map's span)."""
+    linear = ctx.fx_node.target is aten.upsample_linear1d.vec
+    align_corners, scale_factors = (rest[0], rest[1]) if linear else (False, rest[0])
+    size = None if output_size is None else (1, *size_ints(output_size, 1))
+    scales = None if scale_factors is None else (1.0, float(next(iter(scale_factors))))
+    return _as_2d(ctx, x, lambda plane: _resize(ctx, plane, size, scales, "linear" if linear else "nearest",
+                                                 align_corners))
 
 
 # --------------------------------------------------------------------------- 3-D pooling: two 2-D poolings
