@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model (+ PEFT adapter) to optimized ONNX / TorchScript / pt2")
     e.add_argument("model", nargs="?", default="default",
                    help="a folder with config.json + safetensors (a token, image, video or audio model: it takes "
-                        "input_ids, pixel_values, input_values or Whisper's input_features), or 'default' (the "
+                        "input_ids, pixel_values, pixel_values_videos, input_values or input_features), or 'default' (the "
                         "built-in decoder)")
     e.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
                    help="a PEFT adapter folder (adapter_config.json + safetensors); --format genai takes several, "

@@ -118,7 +118,10 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
     model: its config's ``num_frames``) at the config's image size; raw audio ``input_values``
     ``[batch, samples]`` (samples dynamic), or ``[batch, frames, mel bins]`` where the config fixes them
     (the Audio Spectrogram Transformer); ``input_features`` ``[batch, mel bins, 2 * max_source_positions]``
-    (Whisper's encoder). Batch is dynamic; the example has 2 rows, the check input 3 (and other samples).
+    (Whisper's encoder) or ``[batch, frames, features]`` (frames dynamic: Wav2Vec2-BERT's
+    ``feature_projection_input_dim``, Parakeet's and LASR's ``num_mel_bins``); ``pixel_values_videos`` as a
+    video model's ``pixel_values`` (VideoPrism, V-JEPA 2). Batch is dynamic; the example has 2 rows, the check
+    input 3 (and other samples or frames).
     Raises :class:`ModelFolderError` naming the input for any other.
     """
     gen = torch.Generator().manual_seed(0)
@@ -126,11 +129,12 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen)
 
-    if main == "pixel_values":
+    if main in ("pixel_values", "pixel_values_videos"):
         h, w = _size(config)
         channels = int(getattr(config, "num_channels", None) or 3)
-        frames = getattr(config, "num_frames", None)
-        lead = (int(frames),) if isinstance(frames, int) and "Video" in arch else ()
+        frames = getattr(config, "num_frames", None) or getattr(getattr(config, "vision_config", None), "num_frames", None)
+        video = "Video" in arch or main == "pixel_values_videos"
+        lead = (int(frames),) if isinstance(frames, int) and video else ()
         make = lambda b: {main: randn(b, *lead, channels, h, w)}  # noqa: E731
         return make(2), {main: {0: "batch"}}, make(3)
     if main == "input_values":
@@ -143,9 +147,14 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
         mel, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
         if isinstance(mel, int) and isinstance(positions, int):
             return ({main: randn(2, mel, 2 * positions)}, {main: {0: "batch"}}, {main: randn(3, mel, 2 * positions)})
-    raise ModelFolderError(f"{arch} takes {main!r}: flora-graph export builds token, image and audio inputs "
-                           "(input_ids, pixel_values, input_values, Whisper's input_features); capture it from Python "
-                           "with inputs of its own (flora_graph.frontend.capture)")
+        # feature frames over a dynamic count (Wav2Vec2-BERT's stacked filterbanks, Parakeet's and LASR's mel bins)
+        inner = getattr(config, "encoder_config", None) or config
+        width = getattr(inner, "feature_projection_input_dim", None) or getattr(inner, "num_mel_bins", None)
+        if isinstance(width, int):
+            return {main: randn(2, 64, width)}, {main: {0: "batch", 1: "frames"}}, {main: randn(3, 80, width)}
+    raise ModelFolderError(f"{arch} takes {main!r}: flora-graph export builds token, image, video and audio inputs "
+                           "(input_ids, pixel_values, pixel_values_videos, input_values, input_features); capture it "
+                           "from Python with inputs of its own (flora_graph.frontend.capture)")
 
 
 def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,

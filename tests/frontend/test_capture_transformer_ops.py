@@ -430,6 +430,23 @@ def test_a_named_dim_cut_in_equal_named_pieces() -> None:
         np.testing.assert_allclose(ort(x=x.numpy())["output"], fn(x).numpy(), rtol=1e-6)
 
 
+def test_arange_counting_down_past_zero() -> None:
+    """Parakeet's relative positions ``arange(n - 1, -n, -1)`` (an end that is no dim), XLNet's with float whole
+    steps, and a negative step of two: ``start + step * Arange(0, length)``."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        rel = torch.arange(n - 1, -n, -1)
+        floats = torch.arange(n, -n, -1.0)
+        even = torch.arange(2 * n, 0, -2)
+        return x.sum() + rel.sum() + floats[:, None].sum(1).mean() + even.float().mean() + rel.float().std()
+
+    graph = _capture(fn)
+    for seq in (1, 4, 9):
+        x = torch.randn(3, seq, 8, generator=torch.Generator().manual_seed(seq))
+        np.testing.assert_allclose(run(graph, {"x": x.numpy()})["output"], fn(x).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(compile(graph, "onnxruntime")(x=x.numpy())["output"], fn(x).numpy(), rtol=1e-5)
+
+
 def test_cat_promotes_mixed_dtypes() -> None:
     """SAM's prompt encoder joins embeddings of int32 labels with float ones: torch.cat promotes."""
     def fn(x: torch.Tensor) -> torch.Tensor:

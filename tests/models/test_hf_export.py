@@ -219,3 +219,24 @@ def test_a_video_model_folder_takes_frames_of_its_config(tmp_path) -> None:
     with torch.no_grad():
         want = model(**x).logits.numpy()
     np.testing.assert_allclose(run_artifact(tmp_path / "video.onnx", x), want, atol=TOL, rtol=TOL)
+
+
+def test_a_speech_model_on_feature_frames_exports_over_a_dynamic_frame_count(tmp_path) -> None:
+    """Parakeet's CTC model takes ``input_features`` ``[batch, frames, mel bins]`` (its encoder config's
+    ``num_mel_bins``), frames dynamic; its relative positions count down past zero (``arange(n - 1, -n, -1)``).
+    The CLI refused the input before; the file matches eager at another batch and frame count."""
+    torch.manual_seed(0)
+    enc = transformers.ParakeetEncoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, subsampling_conv_channels=8, num_mel_bins=16,
+                                             conv_kernel_size=3, max_position_embeddings=256)
+    cfg = transformers.ParakeetCTCConfig(vocab_size=40, pad_token_id=39, encoder_config=enc.to_dict())
+    transformers.ParakeetForCTC(cfg).save_pretrained(tmp_path / "model")
+    spec = load_model(tmp_path / "model")
+    assert spec.dynamic_dims == {"input_features": {0: "batch", 1: "frames"}}
+    assert tuple(spec.example_inputs["input_features"].shape) == (2, 64, 16)
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "asr")]) == 0
+    x = {"input_features": torch.randn(3, 123, 16, generator=torch.Generator().manual_seed(4))}
+    model = transformers.ParakeetForCTC.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        want = model(**x).logits.numpy()
+    np.testing.assert_allclose(run_artifact(tmp_path / "asr.onnx", x), want, atol=TOL, rtol=TOL)

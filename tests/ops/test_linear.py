@@ -70,6 +70,22 @@ def _conv1d(w: np.ndarray, b: np.ndarray | None = None, prefix: str = "", **attr
     return build
 
 
+def _padded_conv1d(w: np.ndarray, before: int, after: int, **attrs: Any) -> Any:
+    """``Pad`` of the length by ``before`` and ``after``, then :func:`_conv1d` (``padding="same"`` with an even kernel:
+    torch pads less before than after)."""
+    def build(g, x, rng):
+        padded = g.add(Op.PAD, [x["x"]], {"pads": (0, 0, before, 0, 0, after), "mode": "constant", "value": 0.0})
+        return _conv1d(w, **attrs)(g, {"x": padded}, rng)
+
+    return build
+
+
+def _padded_conv2d(g, x, rng):
+    """A 2 x 4 kernel, ``padding="same"``: H padded 0 / 1, W 1 / 2, then ``Conv2d`` without padding."""
+    padded = g.add(Op.PAD, [x["x"]], {"pads": (0, 0, 0, 1, 0, 0, 1, 2), "mode": "constant", "value": 0.0})
+    return g.add(Op.CONV2D, [padded, g.const("w", _conv_w(5, 3, 2, 4))], {})
+
+
 def _conv_transpose1d(g, x, rng):
     """``ConvTranspose2d`` over ``x`` and ``w`` with a unit axis 2, then that axis squeezed (``conv_transpose1d``)."""
     x4 = g.add(Op.UNSQUEEZE, [x["x"]], {"axes": (2,)})
@@ -162,6 +178,13 @@ CASES = [
     Case("conv1d_same_groups", {"x": In(("batch", 4, 9))}, _conv1d(_conv_w(4, 2, 3), padding=(0, 2), dilation=(1, 2), groups=2),
          lambda x: F.conv1d(x, torch.from_numpy(_conv_w(4, 2, 3)), None, 1, "same", 2, 2),
          tol=1e-4, capture=("conv1d.padding",)),
+    # LASR's depthwise convolution: an even kernel, "same" padding split 1 before, 2 after
+    Case("conv1d_same_even_kernel", {"x": In(("batch", 4, "seq"))}, _padded_conv1d(_conv_w(4, 1, 4), 1, 2, groups=4),
+         lambda x: F.conv1d(x, torch.from_numpy(_conv_w(4, 1, 4)), None, 1, "same", 1, 4),
+         tol=1e-4, capture=("conv1d.padding",)),
+    Case("conv2d_same_even_kernel", {"x": In(("batch", 3, 6, 7))}, _padded_conv2d,
+         lambda x: F.conv2d(x, torch.from_numpy(_conv_w(5, 3, 2, 4)), None, 1, "same"),
+         tol=1e-4, capture=("conv2d.padding",)),
     Case("convolution_1d", {"x": In(("batch", 4, 11))}, _conv1d(_conv_w(6, 4, 3), _conv_w(6), padding=(0, 1)),
          lambda x: torch.ops.aten.convolution(x, torch.from_numpy(_conv_w(6, 4, 3)), torch.from_numpy(_conv_w(6)), [1], [1],
                                               [1], False, [0], 1),

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from flora_graph.frontend.aten.registry import SymDim, dim_of, out_dtype, refuse, register
+from flora_graph.errors import ShapeError, UnsupportedOpError
+from flora_graph.frontend.aten.registry import SymDim, as_dtype, dim_of, out_dtype, refuse, register
 from flora_graph.ir import ComputationNode, Op
+from flora_graph.ir.shapes import canonical_dim
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -34,14 +36,50 @@ def _arange(ctx, *bounds, **kwargs):
     start, end, step = (0, bounds[0], 1) if len(bounds) == 1 else (*bounds, 1)[:3]
     if any(isinstance(b, float) for b in (start, end, step)):
         if any(isinstance(b, SymDim) for b in (start, end, step)):
+            if all(float(b).is_integer() for b in (start, end, step) if isinstance(b, float)):
+                return _counted_arange(ctx, dtype)  # XLNet's arange(klen, -qlen, -1.0): whole numbers
             raise refuse(ctx, "arange with float and dynamic bounds")
         return ctx.new_param(ctx.fx_node.name, np.arange(start, end, step, dtype=np.float64).astype(dtype))
-    start, end, step = (dim_of(ctx, b) for b in (start, end, step))
+    if dtype not in ("int32", "int64", "float32", "float64") and any(isinstance(b, SymDim) for b in bounds):
+        raise refuse(ctx, f"arange of dtype {dtype}")
+    try:
+        start, end, step = (dim_of(ctx, b) for b in (start, end, step))
+    except UnsupportedOpError:  # a bound that is no dim: Parakeet's relative positions, arange(n - 1, -n, -1)
+        return _counted_arange(ctx, dtype)
     if all(isinstance(b, int) for b in (start, end, step)):
         return ctx.new_param(ctx.fx_node.name, np.arange(start, end, step, dtype=dtype))
-    if dtype not in ("int32", "int64", "float32", "float64"):
-        raise refuse(ctx, f"arange of dtype {dtype}")
+    if isinstance(step, int) and step < 0:
+        return _counted_arange(ctx, dtype)
     return ctx.emit(Op.ARANGE, [], {"start": start, "end": end, "step": step, "dtype": dtype})
+
+
+def _counted_arange(ctx: CaptureContext, dtype: str) -> ComputationNode:
+    """``arange(start, end, step)`` with a static step as ``start + step * Arange(0, n)``, ``n`` its length
+    ``ceil((end - start) / step)`` where that is a dim though a bound is not one (``arange(n - 1, -n, -1)``:
+    ``2n - 1`` values) or the step is negative, and ``start`` a dim or a number."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    args = list(ctx.fx_node.args) + [ctx.fx_node.kwargs[k] for k in ("start", "end", "step") if k in ctx.fx_node.kwargs]
+    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in args]
+    b, e, s = (0, vals[0], 1) if len(vals) == 1 else (*vals, 1)[:3]
+    b, e, s = (int(v) if isinstance(v, float) and v.is_integer() else v for v in (b, e, s))
+    if not isinstance(s, int) or s == 0 or any(not isinstance(v, int | torch.SymInt) for v in (b, e)):
+        raise refuse(ctx, "arange with a bound that is no dim")
+    expr = [sympy.Integer(v) if isinstance(v, int) else v.node.expr for v in (b, e)]
+    span = expr[1] - expr[0] if s > 0 else expr[0] - expr[1]
+    length = span if abs(s) == 1 else FloorDiv(span + abs(s) - 1, abs(s))
+    try:
+        n = canonical_dim(ctx.ir_dim(sympy.expand(length)))
+        first = b if isinstance(b, int) else canonical_dim(ctx.ir_dim(b))
+    except ShapeError:
+        raise refuse(ctx, f"arange from {b} to {e} by {s}: its length or start is no dim") from None
+    ramp = ctx.emit(Op.ARANGE, [], {"start": 0, "end": n, "step": 1, "dtype": dtype})
+    if s != 1:
+        ramp = ctx.emit(Op.MUL, [ramp, as_dtype(ctx, s, dtype)])
+    if first == 0:
+        return ramp
+    return ctx.emit(Op.ADD, [ramp, as_dtype(ctx, first if isinstance(first, int) else SymDim(first), dtype)])
 
 
 def _filled(ctx: CaptureContext, size: Sequence[Any], value: Any) -> ComputationNode:

@@ -95,16 +95,24 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v[0]), int(v[-1]))
 
 
+def _same(ctx: Any, x: ComputationNode, totals: list[int]) -> tuple[ComputationNode, list[int]]:
+    """``padding="same"`` (stride 1) over the last ``len(totals)`` axes of ``x``, each padded by ``totals[i]`` in
+    all: the convolution's own symmetric padding where every total is even, else an explicit ``Pad`` of torch's
+    split (``total // 2`` before, the rest after: an even kernel, LASR's depthwise convolutions) and none."""
+    if not any(t % 2 for t in totals):
+        return x, [t // 2 for t in totals]
+    lead = [0] * (len(x.shape) - len(totals))
+    pads = (*lead, *(t // 2 for t in totals), *lead, *(t - t // 2 for t in totals))
+    return ctx.emit(Op.PAD, [x], {"pads": pads, "mode": "constant", "value": 0.0}), [0] * len(totals)
+
+
 @register(aten.conv2d.default, aten.conv2d.padding)
 def _conv2d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     if isinstance(padding, str):
         if padding == "valid":
             padding = 0
         else:  # "same" with stride 1
-            total = [d * (k - 1) for d, k in zip(_pair(dilation), w.shape[2:], strict=True)]
-            if any(t % 2 for t in total):
-                raise UnsupportedOpError("asymmetric 'same' padding", {"aten.conv2d.padding": [ctx.where()]})
-            padding = [t // 2 for t in total]
+            x, padding = _same(ctx, x, [d * (k - 1) for d, k in zip(_pair(dilation), w.shape[2:], strict=True)])
     attrs = {"stride": _pair(stride), "padding": _pair(padding), "dilation": _pair(dilation), "groups": int(groups)}
     return ctx.emit(Op.CONV2D, [x, w] + ([b] if b is not None else []), attrs)
 
@@ -118,10 +126,7 @@ def _conv1d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
         if padding == "valid":
             padding = 0
         else:  # "same" with stride 1
-            total = _pair(dilation)[0] * (int(w.shape[2]) - 1)
-            if total % 2:
-                raise refuse(ctx, "asymmetric 'same' padding")
-            padding = total // 2
+            x, (padding,) = _same(ctx, x, [_pair(dilation)[0] * (int(w.shape[2]) - 1)])
     x4 = ctx.emit(Op.UNSQUEEZE, [x], {"axes": (2,)})
     w4 = ctx.emit(Op.UNSQUEEZE, [w], {"axes": (2,)})
     attrs = {"stride": (1, _pair(stride)[0]), "padding": (0, _pair(padding)[0]), "dilation": (1, _pair(dilation)[0]),
