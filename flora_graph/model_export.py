@@ -99,9 +99,9 @@ def _hf_inputs(vocab: int, batch: int, seq: int, seed: int, mask: bool, types: b
 
 def _size(config: Any) -> tuple[int, int]:
     """An image model's input height and width: its config's ``image_size`` (an int, a pair or a
-    ``{"height", "width"}`` dict), its vision or backbone config's, else 224."""
+    ``{"height", "width"}`` dict; V-JEPA 2's ``crop_size``), its vision or backbone config's, else 224."""
     for c in (config, getattr(config, "vision_config", None), getattr(config, "backbone_config", None)):
-        size = getattr(c, "image_size", None) if c is not None else None
+        size = (getattr(c, "image_size", None) or getattr(c, "crop_size", None)) if c is not None else None
         if isinstance(size, dict) and {"height", "width"} <= set(size):
             return int(size["height"]), int(size["width"])
         if isinstance(size, list | tuple) and len(size) == 2:
@@ -115,7 +115,7 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
                                                              dict[str, torch.Tensor]]:
     """Example inputs, dynamic dims and check inputs of a transformers model whose main input ``main`` is
     not tokens: ``pixel_values`` ``[batch, channels, height, width]`` (``[batch, frames, ...]`` for a video
-    model: its config's ``num_frames``) at the config's image size; raw audio ``input_values``
+    model: its config's ``num_frames`` or ``frames_per_clip``) at the config's image size; raw audio ``input_values``
     ``[batch, samples]`` (samples dynamic), or ``[batch, frames, mel bins]`` where the config fixes them
     (the Audio Spectrogram Transformer); ``input_features`` ``[batch, mel bins, 2 * max_source_positions]``
     (Whisper's encoder) or ``[batch, frames, features]`` (frames dynamic: Wav2Vec2-BERT's
@@ -132,7 +132,8 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
     if main in ("pixel_values", "pixel_values_videos"):
         h, w = _size(config)
         channels = int(getattr(config, "num_channels", None) or 3)
-        frames = getattr(config, "num_frames", None) or getattr(getattr(config, "vision_config", None), "num_frames", None)
+        frames = next((f for c in (config, getattr(config, "vision_config", None)) for k in ("num_frames", "frames_per_clip")
+                       if isinstance(f := getattr(c, k, None), int)), None)
         video = "Video" in arch or main == "pixel_values_videos"
         lead = (int(frames),) if isinstance(frames, int) and video else ()
         make = lambda b: {main: randn(b, *lead, channels, h, w)}  # noqa: E731

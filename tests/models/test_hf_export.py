@@ -240,3 +240,18 @@ def test_a_speech_model_on_feature_frames_exports_over_a_dynamic_frame_count(tmp
     with torch.no_grad():
         want = model(**x).logits.numpy()
     np.testing.assert_allclose(run_artifact(tmp_path / "asr.onnx", x), want, atol=TOL, rtol=TOL)
+
+
+def test_video_inputs_read_the_frame_count_and_size_each_config_names() -> None:
+    from flora_graph.model_export import signal_inputs
+
+    cases = [(transformers.VJEPA2Config(crop_size=32, frames_per_clip=4), "VJEPA2ForVideoClassification",
+              "pixel_values_videos", (2, 4, 3, 32, 32)),
+             (transformers.VideoPrismVisionConfig(image_size=48, num_frames=6), "VideoPrismForVideoClassification",
+              "pixel_values_videos", (2, 6, 3, 48, 48)),
+             (transformers.VideoMAEConfig(image_size=32, num_frames=4), "VideoMAEForVideoClassification",
+              "pixel_values", (2, 4, 3, 32, 32))]
+    for config, arch, main_input, shape in cases:
+        example, dims, check = signal_inputs(config, arch, main_input)
+        assert tuple(example[main_input].shape) == shape and dims == {main_input: {0: "batch"}}, arch
+        assert tuple(check[main_input].shape) == (3, *shape[1:]), arch
