@@ -827,7 +827,7 @@ def _decompositions(ep: torch.export.ExportedProgram) -> dict[Any, Any]:
 
 def decompose_unconverted(ep: torch.export.ExportedProgram, rounds: int = 3) -> torch.export.ExportedProgram:
     """``ep`` with the ops that have no converter but a decomposition in torch.export's default table
-    (``logsumexp``, ``softplus``, ``glu``, ``floor_divide``, ...) decomposed, and nothing else: the
+    (``logsumexp``, ``softplus``, ``mish``, ``floor_divide``, ...) decomposed, and nothing else: the
     high-level ops the IR maps whole (``linear``, ``scaled_dot_product_attention``, ``layer_norm``, the
     LoRA op) stay as they are. Repeated while a decomposition leaves such ops behind; a graph whose ops
     all convert pays one walk of its nodes."""
@@ -864,9 +864,9 @@ def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.e
     ``run_decompositions`` functionalizes; its table holds only the decompositions of the ops without a
     converter (:func:`_decompositions`, in the same retrace): ``linear``, ``scaled_dot_product_attention``,
     ``layer_norm`` and the LoRA op stay whole. Run only where the graph holds an in-place op that
-    :func:`.mutations.plan` cannot convert as it is, as it retraces the program. A mutation that outlives the call (a buffer or an input written in
-    place) has no place in a graph without state, and is refused, except a buffer's whose value on
-    entry nothing reads (:func:`_without_dead_state`).
+    :func:`.mutations.plan` cannot convert as it is, as it retraces the program. A mutation that outlives
+    the call (a buffer or an input written in place) has no place in a graph without state, and is refused,
+    except a buffer's whose value on entry nothing reads (:func:`_without_dead_state`).
     """
     ep = _without_dead_state(ep.run_decompositions(_decompositions(ep)))
     sig = ep.graph_signature

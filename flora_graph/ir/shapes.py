@@ -50,6 +50,7 @@ __all__ = [
     "is_static",
     "linear_rest",
     "normalize_axis",
+    "one_atom_linear",
     "subtract_dims",
     "window_count",
 ]
@@ -327,6 +328,18 @@ def difference_range(a: Dim, b: Dim) -> tuple[int, int] | None:
         return None
     return min(diffs), max(diffs)
 
+
+
+def one_atom_linear(dim: Dim) -> tuple[int, str | None, int] | None:
+    """``(g, a, d)`` where ``dim`` is ``g*a + d`` of one atom ``a`` (a name or a floor division; ``None`` and
+    ``g = 0`` for a number), else ``None``: ``"2*((n)//10)-3"`` -> ``(2, "((n)//10)", -3)``."""
+    if isinstance(dim, int):
+        return 0, None, dim
+    terms = dim_terms(dim)
+    named = [(c, k) for c, k in terms if k]
+    if len(named) != 1 or len(named[0][1]) != 1:
+        return None
+    return named[0][0], named[0][1][0], sum(c for c, k in terms if not k)
 
 
 def is_dim_name(dim: Dim) -> bool:

@@ -32,6 +32,7 @@ from flora_graph.ir.shapes import (
     floor_div_parts,
     format_shape,
     normalize_axis,
+    one_atom_linear,
     subtract_dims,
 )
 from flora_graph.ops._infer import same_float_dtype
@@ -270,21 +271,18 @@ def _nonnegative(dim: Dim | None) -> bool:
 
 def _nonnegative_within(part: Dim | None, size: Dim) -> bool:
     """Whether ``part`` is at least 0 wherever the axis' ``size`` is (a size is never negative): both linear in one
-    atom ``a`` (a name or a floor division), ``part = g*a + d`` and ``size = s*a + c`` with ``g, s > 0``, and
-    ``part >= 0`` at the least ``a`` where ``size >= 0``. Wav2Vec2-Conformer's ``x[:, :, :, : w // 2 + 1]`` of
-    ``w = 2n - 1`` relative positions: ``n - 2`` over the atom of ``n = a - 1``, ``0`` at the least ``a = 2``."""
+    atom ``a`` (:func:`~flora_graph.ir.shapes.one_atom_linear`), ``part = g*a + d`` and ``size = s*a + c`` with
+    ``g, s > 0``, and ``part >= 0`` at the least ``a`` where ``size >= 0``. Wav2Vec2-Conformer's
+    ``x[:, :, :, : w // 2 + 1]`` of ``w = 2n - 1`` relative positions: ``n - 2`` over the atom of ``n = a - 1``,
+    ``0`` at the least ``a = 2``."""
     if _nonnegative(part):
         return True
     if part is None or isinstance(part, int) or isinstance(size, int):
         return False
-    p_terms, s_terms = dim_terms(part), dim_terms(size)
-    p_named = [(c, n) for c, n in p_terms if n]
-    s_named = [(c, n) for c, n in s_terms if n]
-    if len(p_named) != 1 or len(s_named) != 1 or p_named[0][1] != s_named[0][1] or len(p_named[0][1]) != 1:
+    lp, ls = one_atom_linear(part), one_atom_linear(size)
+    if lp is None or ls is None or lp[1] != ls[1]:
         return False
-    (g, _), (k, _) = p_named[0], s_named[0]
-    d = sum(c for c, n in p_terms if not n)
-    c = sum(c for c, n in s_terms if not n)
+    (g, _, d), (k, _, c) = lp, ls
     if g <= 0 or k <= 0:
         return False
     least = max(0, -(c // k))  # the least a with k*a + c >= 0
@@ -292,27 +290,15 @@ def _nonnegative_within(part: Dim | None, size: Dim) -> bool:
 
 
 def _floor_multiple_of(a: Dim, b: Dim, *, ceil: bool = False) -> bool:
-    """Whether ``a`` is ``m * ((b - c) // m)`` for a constant ``c >= 0`` (at most ``b``), or with ``ceil``
-    ``m * ((b + c) // m)`` for ``c >= m - 1`` (at least ``b``): chunks and back. Canonical dims pull multiples of
-    ``m`` out of the floor division (``m*((d+m)//m)`` reads ``m*((d)//m)+m``), so ``a`` may carry a constant
-    beside it."""
+    """Whether ``a`` is ``m * (b // m)`` (at most ``b``), or with ``ceil`` ``m * ((b + m - 1) // m)`` (at least ``b``)."""
     terms = dim_terms(a) if isinstance(a, str) else []
-    const = sum(c for c, names in terms if not names)
-    terms = [(c, names) for c, names in terms if names]
     if len(terms) != 1 or len(terms[0][1]) != 1:
         return False
     parts = floor_div_parts(terms[0][1][0])
-    if parts is None or parts[1] != terms[0][0] or const % parts[1]:
+    if parts is None or parts[1] != terms[0][0]:
         return False
     m = parts[1]
-    num = {names: c for c, names in dim_terms(parts[0])}  # a's numerator, with a's constant put back into it
-    num[()] = num.get((), 0) + const
-    for c, names in dim_terms(b):
-        num[names] = num.get(names, 0) - c
-    offset = num.pop((), 0)
-    if any(num.values()):
-        return False
-    return offset >= m - 1 if ceil else offset <= 0
+    return dims_equal(parts[0], add_dims(b, m - 1) if ceil else b)
 
 
 def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:

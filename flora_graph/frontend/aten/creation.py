@@ -44,8 +44,11 @@ def _arange(ctx, *bounds, **kwargs):
         raise refuse(ctx, f"arange of dtype {dtype}")
     try:
         start, end, step = (dim_of(ctx, b) for b in (start, end, step))
-    except UnsupportedOpError:  # a bound that is no dim: Parakeet's relative positions, arange(n - 1, -n, -1)
-        return _counted_arange(ctx, dtype)
+    except UnsupportedOpError as exc:  # a bound that is no dim: Parakeet's relative positions, arange(n - 1, -n, -1)
+        try:
+            return _counted_arange(ctx, dtype)
+        except UnsupportedOpError:
+            raise exc from None  # the bound that is no dim says more than the length
     if all(isinstance(b, int) for b in (start, end, step)):
         return ctx.new_param(ctx.fx_node.name, np.arange(start, end, step, dtype=dtype))
     if isinstance(step, int) and step < 0:
@@ -73,7 +76,8 @@ def _counted_arange(ctx: CaptureContext, dtype: str) -> ComputationNode:
         n = canonical_dim(ctx.ir_dim(sympy.expand(length)))
         first = b if isinstance(b, int) else canonical_dim(ctx.ir_dim(b))
     except ShapeError:
-        raise refuse(ctx, f"arange from {b} to {e} by {s}: its length or start is no dim") from None
+        raise refuse(ctx, f"arange from {ctx.ir_dim(b)} to {ctx.ir_dim(e)} by {s}: its length or start is "
+                          "no dim") from None
     ramp = ctx.emit(Op.ARANGE, [], {"start": 0, "end": n, "step": 1, "dtype": dtype})
     if s != 1:
         ramp = ctx.emit(Op.MUL, [ramp, as_dtype(ctx, s, dtype)])

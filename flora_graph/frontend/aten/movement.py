@@ -34,7 +34,7 @@ import torch
 from flora_graph.errors import GraphError, ShapeError
 from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, out_dtype, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, dim_terms, divide_dims, subtract_dims
+from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, divide_dims, one_atom_linear, subtract_dims
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -225,23 +225,11 @@ def _counted_back(ctx: CaptureContext, v: Any, size: Dim) -> tuple[int, Dim] | N
     return (int(k), back) if isinstance(back, str) else None
 
 
-def _linear(dim: Dim) -> tuple[int, str | None, int] | None:
-    """``(g, a, d)`` where ``dim`` is ``g*a + d`` of one atom ``a`` (a name or a floor division; ``None`` and
-    ``g = 0`` for a number), else ``None``."""
-    if isinstance(dim, int):
-        return 0, None, dim
-    terms = dim_terms(dim)
-    named = [(c, n) for c, n in terms if n]
-    if len(named) != 1 or len(named[0][1]) != 1:
-        return None
-    return named[0][0], named[0][1][0], sum(c for c, n in terms if not n)
-
-
 def _window_cut(k: int, e: Dim, stop: Dim, size: int) -> tuple[int, Dim, Dim] | None:
     """Where to cut the window ``[k - e, stop)`` of a static axis of ``size`` into two slices whose lengths are
     dims: ``(p, p - (k - e), stop - p)``, ``p`` the window's start at the least size its length ``w`` is not
     negative at (the head then empty; both lengths grow with the size). ``e`` and ``stop`` linear in one atom."""
-    le, ls = _linear(e), _linear(stop)
+    le, ls = one_atom_linear(e), one_atom_linear(stop)
     if le is None or ls is None or (le[1] is not None and ls[1] is not None and le[1] != ls[1]):
         return None
     (g, _, d), (h, _, c) = le, ls
