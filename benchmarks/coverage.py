@@ -349,6 +349,9 @@ register("roberta", "encoder", encoder("RobertaConfig", "RobertaModel", pad_toke
          "positions from the ids")
 register("distilbert", "encoder", encoder("DistilBertConfig", "DistilBertModel", vocab_size=VOCAB, dim=32, n_layers=2,
                                           n_heads=4, hidden_dim=64, max_position_embeddings=MAX_POS))
+register("xlnet", "encoder", encoder("XLNetConfig", "XLNetLMHeadModel", vocab_size=VOCAB, d_model=32, n_layer=2,
+                                     n_head=4, d_inner=64, use_mems_eval=False),
+         "relative positions counted down past zero, arange(klen, -qlen, -1.0) (torch.onnx fails)")
 register("deberta-v2", "encoder", encoder("DebertaV2Config", "DebertaV2Model", relative_attention=True,
                                           position_buckets=16, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
                                           **SMALL), "disentangled relative attention")
