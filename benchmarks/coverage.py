@@ -943,7 +943,7 @@ def run_case(case: Case, workdir: Path, *, torch_onnx: bool = True, torch_onnx_f
             built = case.build()
             want = [eager(built.model, x) for x in built.checks]
             with torch.no_grad():
-                names = output_names(built.model(**built.example))
+                names = output_names(built.model(**built.example), built.example)
             res["adapter_effect"] = adapter_effect(built.model, built.checks[1], want[1])
     except Exception as exc:
         res["build_error"] = describe(exc)

@@ -207,7 +207,7 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
             raise FloraGraphError(f"{arch} takes {main}, not tokens: an attention_mask is for token inputs")
         example, dims, check = signal_inputs(config, arch, main)
         with torch.no_grad():
-            names_out = output_names(model(**example))
+            names_out = output_names(model(**example), example)
         return ModelSpec(model, example, dims, check, arch, {}, names_out)
     if attention_mask and "attention_mask" not in inspect.signature(model.forward).parameters:
         raise FloraGraphError(f"{arch}.forward takes no attention_mask")
@@ -221,7 +221,7 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         and int(getattr(config, "type_vocab_size", 0) or 0) > 1
     example = _hf_inputs(vocab, 2, seq, 0, attention_mask, types)
     with torch.no_grad():
-        names_out = output_names(model(**example))
+        names_out = output_names(model(**example), example)
     chunk = scan_chunk(config)
     if chunk is not None and 2 * chunk + 1 > seq:
         # a chunked scan (Mamba-2's) traced over one chunk would be fixed to one; torch.export runs the example on

@@ -39,7 +39,7 @@ from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_na
 from flora_graph.frontend.aten.complex import COMPLEX_TABLE, complex_converter, touches_complex
 from flora_graph.frontend.aten.registry import chunk_samples
 from flora_graph.frontend.lora_op import lora_sites_as_op
-from flora_graph.frontend.model_outputs import no_kv_cache
+from flora_graph.frontend.model_outputs import leaf_keys, no_kv_cache
 from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts, traceable_scans
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import (
@@ -423,24 +423,31 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: D
                 torch.export.Dim(dn, max=hi.get(dn))
         return dims[dn]
 
-    def spec_for(name: str) -> Any:
+    def spec_for(name: str, value: Any) -> Any:
         def of(axes: Any) -> Any:
             if isinstance(axes, list | tuple):  # a list input: one spec per element
                 return [of(a) for a in axes]
             return {int(ax): dim(dn) for ax, dn in axes.items()}
 
         axes = dynamic_dims.get(name)
-        return None if axes is None else of(axes)
+        if axes is not None:
+            return of(axes)
+        if isinstance(value, torch.Tensor) or value is None:
+            return None
+        # a container without dynamic dims (a dict of conditions): torch.export wants its structure, all static
+        from torch.utils import _pytree as pytree
+
+        return pytree.tree_map(lambda _: None, value)
 
     known = set(names[: len(args)]) | set(kwargs)
     unknown = set(dynamic_dims) - known
     if unknown:
         raise GraphError(f"dynamic_dims names unknown inputs {sorted(unknown)}; the model takes {sorted(known)}")
-    spec: dict[str, Any] = {n: spec_for(n) for n in names[: len(args)]}
+    spec: dict[str, Any] = {n: spec_for(n, a) for n, a in zip(names, args)}
     params = inspect.signature(model.forward).parameters
     var_kw = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    named = {k: spec_for(k) for k in kwargs if k in params and k != var_kw}
-    extra = {k: spec_for(k) for k in kwargs if k not in named}
+    named = {k: spec_for(k, v) for k, v in kwargs.items() if k in params and k != var_kw}
+    extra = {k: spec_for(k, v) for k, v in kwargs.items() if k not in named}
     spec.update(named)
     if extra:  # keywords that land in forward(**kwargs) are specified under that parameter's name
         spec[var_kw or "kwargs"] = extra
@@ -798,8 +805,7 @@ def _user_input_names(ep: torch.export.ExportedProgram, model: nn.Module, n_args
     names: dict[int, str] = {}
     roots = [(params[i] if i < len(params) else f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     for root, value in roots:
-        for path, leaf in pytree.tree_flatten_with_path(value)[0]:
-            keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        for keys, leaf in leaf_keys(value):
             names[leaf] = ".".join([root, *keys])
     order = [names[i] for i in range(spec.num_leaves) if i in names]
     user = [n for n in ep.graph_signature.user_inputs]

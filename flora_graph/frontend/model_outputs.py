@@ -17,7 +17,7 @@ module, so that both see the same outputs:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from torch import nn
 
 from flora_graph.errors import FloraGraphError
 
-__all__ = ["max_abs_diff", "no_kv_cache", "output_names", "output_tensors", "set_use_cache"]
+__all__ = ["leaf_keys", "max_abs_diff", "no_kv_cache", "output_names", "output_tensors", "set_use_cache"]
 
 
 def _cache_configs(model: nn.Module) -> list[Any]:
@@ -74,20 +74,55 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     return tensors
 
 
-def output_names(out: Any) -> list[str]:
+def output_names(out: Any, inputs: Collection[str] = ()) -> list[str]:
     """Names for :func:`output_tensors`' tensors, as Hugging Face names them: a ``ModelOutput``'s field
     (``logits``, ``last_hidden_state``, ``pooler_output``), ``field.i`` inside a tuple field, ``output_i``
-    for a plain tuple's items (``output`` for a lone tensor)."""
+    for a plain tuple's items (``output`` for a lone tensor).
+
+    A name that is one of the model's ``inputs`` (a diffusers UNet takes ``sample`` and returns ``sample``)
+    is prefixed ``out_`` until it is not (``out_sample``, the name Optimum gives that output): one ONNX
+    graph cannot hold two values of one name."""
+    leaves = [(keys, leaf) for keys, leaf in leaf_keys(out) if isinstance(leaf, torch.Tensor)]
+    if len(leaves) == 1 and not leaves[0][0]:
+        names = ["output"]
+    else:
+        names = [".".join(keys) if keys and not keys[0].isdigit() else "output_" + "_".join(keys) for keys, _ in leaves]
+    taken = set(inputs)
+    for i, name in enumerate(names):
+        while name in taken:
+            name = "out_" + name
+        names[i] = name
+    return names
+
+
+def leaf_keys(value: Any) -> list[tuple[list[str], Any]]:
+    """``(keys, leaf)`` for every leaf of ``value`` in torch's pytree order: a dict key, a sequence index
+    or an attribute name per level, as strings.
+
+    Types registered with torch's pytree without a key function (diffusers' ``BaseOutput``, whose
+    ``tree_flatten_with_path`` raises) are named from their flattening: the keys it keeps for a
+    dict-like type, else each child's index."""
     import torch.utils._pytree as pytree
 
-    leaves = [(path, leaf) for path, leaf in pytree.tree_flatten_with_path(out)[0] if isinstance(leaf, torch.Tensor)]
-    if len(leaves) == 1 and not leaves[0][0]:
-        return ["output"]
-    names = []
-    for path, _ in leaves:
-        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        names.append(".".join(keys) if keys and not keys[0].isdigit() else "output_" + "_".join(keys))
-    return names
+    try:
+        return [([str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path], leaf)
+                for path, leaf in pytree.tree_flatten_with_path(value)[0]]
+    except ValueError:  # a node type without flatten_with_keys_fn
+        pass
+    leaves, spec = pytree.tree_flatten(value)
+    out: list[tuple[list[str], Any]] = []
+
+    def walk(node: Any, keys: list[str]) -> None:
+        if node.is_leaf():
+            out.append((keys, leaves[len(out)]))
+            return
+        context, children = node.context, node.children()
+        named = isinstance(context, list | tuple) and len(context) == len(children)
+        for i, child in enumerate(children):
+            walk(child, [*keys, str(context[i]) if named else str(i)])
+
+    walk(spec, [])
+    return out
 
 
 def max_abs_diff(got: Mapping[str, np.ndarray], want: Sequence[torch.Tensor]) -> float:

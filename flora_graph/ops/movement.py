@@ -30,6 +30,7 @@ from flora_graph.ir.shapes import (
     dims_equal,
     divide_dims,
     floor_div_parts,
+    floor_divide_dim,
     format_shape,
     normalize_axis,
     one_atom_linear,
@@ -333,6 +334,10 @@ def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
         return size  # x[:-1] of a named dim: dim-1, as torch.export sizes it (it assumes dim >= 1)
     if to_end and step == 1 and isinstance(start, int) and start > 0 and (size := subtract_dims(dim, start)) is not None:
         return size  # x[1:] of a named dim: dim-1 likewise (MobileBERT's trigram embedding)
+    if to_end and step > 1 and isinstance(start, int) and start >= 0 and not isinstance(dim, int) \
+            and (rest := subtract_dims(dim, start + 1)) is not None:
+        # x[a::s] of a named dim: ceil((dim - a) / s) = (dim - a - 1) // s + 1 (a strided 3-D convolution's frames)
+        return add_dims(floor_divide_dim(rest, step), 1)
     if (step == 1 and not negative_end and _nonnegative_within(start, dim)
             and (to_end or isinstance(dim, int) or _nonnegative_within(subtract_dims(dim, end), dim))):
         size = subtract_dims(dim if to_end else end, start)  # x[past_seq:] of past_seq+seq -> seq

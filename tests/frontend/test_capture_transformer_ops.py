@@ -476,3 +476,26 @@ def test_bitwise_ops_on_integers_are_unsupported() -> None:
 def test_attention_dropout_is_unsupported() -> None:
     with pytest.raises(UnsupportedOpError, match="dropout"):
         _capture(lambda x: F.scaled_dot_product_attention(x, x, x, dropout_p=0.5))
+
+
+def test_split_back_into_named_pieces() -> None:
+    """Flux's joint attention: text and image tokens concatenated along the sequence and split back by
+    ``[text, image]``, two named dims (``Slice``\\ s between their running sums), beside static sizes."""
+    class Joint(nn.Module):
+        def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            joint = torch.cat([text, image], dim=1).softmax(1)
+            t, i = joint.split([text.shape[1], image.shape[1]], dim=1)
+            a, b = i.split([3, 5], dim=-1)
+            return t * 2, torch.cat([b, a], -1) - 1
+
+    graph = capture(Joint(), (torch.randn(2, 4, 8), torch.randn(2, 6, 8)),
+                    {"text": {0: "batch", 1: "text"}, "image": {0: "batch", 1: "image"}})
+    ort = compile(graph, "onnxruntime")
+    for t, i in ((1, 9), (7, 2), (5, 5)):
+        gen = torch.Generator().manual_seed(t)
+        text, image = torch.randn(3, t, 8, generator=gen), torch.randn(3, i, 8, generator=gen)
+        want = [w.numpy() for w in Joint()(text, image)]
+        for got in (run(graph, {"text": text.numpy(), "image": image.numpy()}), ort(text=text.numpy(), image=image.numpy())):
+            for g, w in zip(got.values(), want, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+

@@ -15,6 +15,7 @@ import torch
 
 from flora_graph.errors import GraphError, ShapeError
 from flora_graph.ir import Graph, Op, OpGroup, verify
+from flora_graph.ir.shapes import eval_dim
 from flora_graph.ops.movement import SLICE_END, slice_size
 
 from .helpers import assert_graphs_equal
@@ -145,7 +146,17 @@ def test_named_slice_size(dim, start, end, step, want) -> None:
     assert slice_size(dim, start, end, step) == want
 
 
-@pytest.mark.parametrize(("dim", "start", "end", "step"), [("seq", 0, END, 2), ("seq", -3, 1, 1), (256, 1, "seq", 1), ("seq", "batch", END, 1),
+@pytest.mark.parametrize(("start", "step"), [(0, 2), (1, 3), (2, 2), (0, 5)])
+def test_strided_slice_of_a_named_dim_to_its_end(start, step) -> None:
+    """``x[a::s]`` of a named dim (a strided 3-D convolution's frames): ``ceil((seq - a) / s)``, a floor division,
+    equal to Python's count at every size past ``a``."""
+    size = slice_size("seq", start, END, step)
+    assert isinstance(size, str) and "//" in size
+    for n in range(start + 1, 40):
+        assert eval_dim(size, {"seq": n}) == len(range(n)[start::step]), (size, n)
+
+
+@pytest.mark.parametrize(("dim", "start", "end", "step"), [("seq", -3, 1, 1), (256, 1, "seq", 1), ("seq", "batch", END, 1),
                                                            ("seq", 0, "batch", 1), ("past_seq", 0, "past_seq+seq", 1),
                                                            ("2*seq-3", 0, "seq-3", 1), ("2*seq-3", 0, "2*seq", 1),
                                                            ("seq+15", 0, "16*((seq)//16)+16", 1)])

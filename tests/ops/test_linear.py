@@ -215,18 +215,48 @@ CASES = [
 test_reference_matches_torch, test_backend_matches_reference = family_tests(CASES)
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: F.conv3d(x, torch.ones(2, 3, 3, 1, 1), padding=(1, 0, 0)),  # overlapping windows in time
-    lambda x: F.conv3d(x, torch.ones(2, 3, 2, 1, 1), stride=(1, 1, 1)),  # depth stride below its kernel
-    lambda x: F.conv3d(x, torch.ones(2, 3, 3, 1, 1), stride=(3, 1, 1)),  # a kernel that does not divide 4 frames
-], ids=["depth_padding", "overlapping", "frames_not_divided"])
-def test_three_d_convolutions_other_than_tubelets_are_refused_by_name(fn) -> None:
+_CONV3D = {  # (weight [O, C/groups, kt, kh, kw], bias, keyword arguments of F.conv3d); x is [batch, 4, frames, 6, 7]
+    "overlapping_time_padded": (_conv_w(5, 4, 3, 3, 3), _conv_w(5), {"padding": 1}),
+    "depth_stride_below_kernel": (_conv_w(5, 4, 2, 1, 1), None, {}),
+    "strided": (_conv_w(6, 4, 3, 3, 3), _conv_w(6), {"stride": (2, 2, 1), "padding": (1, 1, 0)}),
+    "dilated_grouped": (_conv_w(6, 2, 2, 3, 1), _conv_w(6), {"dilation": (2, 1, 1), "groups": 2, "padding": (2, 1, 0)}),
+    "same": (_conv_w(4, 4, 3, 2, 3), None, {"padding": "same"}),
+}
+
+
+@pytest.mark.parametrize("name", list(_CONV3D))
+def test_three_d_convolutions_over_any_number_of_frames(name: str) -> None:
+    """Any 3-D convolution (a video VAE's: overlapping windows in time, time padding, strides, dilation, groups,
+    "same" padding) over a dynamic number of frames, against ``F.conv3d`` in the numpy reference, ONNX Runtime
+    and TorchScript, at frame counts other than the example's (tubelets keep their own form, the table above)."""
+    from flora_graph.frontend import capture
+    from flora_graph.runtimes.executable import compile
+    from flora_graph.runtimes.reference import run
+
+    w, b, kw = _CONV3D[name]
+    weight, bias = torch.from_numpy(w), None if b is None else torch.from_numpy(b)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return F.conv3d(x, weight, bias, **kw)
+
+    graph = capture(M(), torch.randn(2, 4, 6, 6, 7), {"x": {0: "batch", 2: "frames"}})
+    backends = [compile(graph, "onnxruntime"), compile(graph, "torchscript")]
+    for batch, frames in ((1, 5), (3, 9), (2, 4)):
+        x = torch.randn(batch, 4, frames, 6, 7, generator=torch.Generator().manual_seed(frames))
+        want = F.conv3d(x.double(), weight.double(), None if bias is None else bias.double(), **kw).float().numpy()
+        for got in (run(graph, {"x": x.numpy()}), *(fn(x=x.numpy()) for fn in backends)):
+            assert got["output"].shape == want.shape
+            np.testing.assert_allclose(got["output"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_three_d_transposed_convolutions_are_refused_by_name() -> None:
     from flora_graph.errors import UnsupportedOpError
     from flora_graph.frontend import capture
 
     class M(torch.nn.Module):
         def forward(self, x):
-            return fn(x)
+            return F.conv_transpose3d(x, torch.ones(3, 2, 3, 1, 1))
 
-    with pytest.raises(UnsupportedOpError, match="other than tubelets"):
+    with pytest.raises(UnsupportedOpError, match="transposed convolutions"):
         capture(M(), torch.randn(2, 3, 4, 5, 5))

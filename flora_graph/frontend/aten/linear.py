@@ -12,8 +12,8 @@ around it an intact site; ``addmm`` (GPT-2's
 ``conv1d`` (both overloads; Whisper) and 1-D ``convolution`` -> ``Conv2d`` over an unsqueezed
 unit axis, then ``Squeeze``; ``conv_transpose2d`` and 2-D transposed ``convolution`` (DPT's and Depth
 Anything's upsampling) -> ``ConvTranspose2d``, their 1-D forms over an unsqueezed unit axis; ``conv3d``
-and 3-D ``convolution`` over tubelets (a video model's patches) -> ``Conv2d`` over the tubelets folded into the
-batch. The capture-time LoRA Linear op
+and 3-D ``convolution`` -> ``Conv2d`` over frames folded into the batch (a video model's tubelets, each
+tubelet's frames as channels; any other kernel, each output frame's window of frames as channels). The capture-time LoRA Linear op
 (``flora_graph::lora_linear``) has its converter in :mod:`flora_graph.frontend.lora_op`.
 """
 
@@ -26,6 +26,7 @@ import torch
 from flora_graph.errors import UnsupportedOpError
 from flora_graph.frontend.aten.registry import as_dtype, out_dtype, refuse, register, size_ints
 from flora_graph.ir import ComputationNode, Op
+from flora_graph.ops.movement import SLICE_END
 
 __all__ = ["bias_into_linear"]
 
@@ -135,19 +136,26 @@ def _conv1d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     return ctx.emit(Op.SQUEEZE, [y], {"axes": (2,)})
 
 
-@register(aten.conv3d.default)
+@register(aten.conv3d.default, aten.conv3d.padding)
 def _conv3d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    """A 3-D convolution whose kernel tiles time (a video model's tubelets: depth stride = depth kernel, no
-    depth padding or dilation, one group) as ``Conv2d`` over the tubelets folded into the batch and their
-    frames into the channels; any other 3-D convolution is refused by name."""
-    st, pad, dil = (size_ints(v, 3) for v in (stride, padding, dilation))
+    """A 3-D convolution as ``Conv2d`` over frames folded into the batch: a kernel that tiles time (a video
+    model's tubelets: depth stride = depth kernel, no depth padding or dilation, one group, a static number
+    of frames it divides) takes each tubelet's frames as channels; any other (a video VAE's causal
+    convolutions: overlapping windows, time padding, strides, groups, a dynamic number of frames) stacks
+    each output frame's ``kt`` input frames as channels (:func:`_frame_windows`)."""
     if len(x.shape) != 5 or len(w.shape) != 5:
-        raise refuse(ctx, "conv3d needs x [N, C, T, H, W] and w [O, C, kt, kh, kw]")
+        raise refuse(ctx, "conv3d needs x [N, C, T, H, W] and w [O, C/groups, kt, kh, kw]")
+    st, dil = size_ints(stride, 3), size_ints(dilation, 3)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        else:  # "same" with stride 1
+            x, padding = _same(ctx, x, [d * (k - 1) for d, k in zip(dil, w.shape[2:], strict=True)])
+    pad = size_ints(padding, 3)
     o, c, kt, kh, kw = (int(d) for d in w.shape)
     frames = x.shape[2]
     if int(groups) != 1 or st[0] != kt or pad[0] or dil[0] != 1 or not isinstance(frames, int) or frames % kt:
-        raise refuse(ctx, "a 3-D convolution other than tubelets (depth stride = depth kernel, no depth padding "
-                          "or dilation, one group, a static number of frames it divides)")
+        return _frame_windows(ctx, x, w, b, st, pad, dil, int(groups))
     tubes = frames // kt
     h, wd = x.shape[3], x.shape[4]
     y = ctx.emit(Op.RESHAPE, [x], {"shape": (0, c, tubes, kt, h, wd)})
@@ -160,12 +168,44 @@ def _conv3d(ctx, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     return ctx.emit(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4)})  # [N, O, tubes, H', W']
 
 
+def _frame_windows(ctx: Any, x: ComputationNode, w: ComputationNode, b: ComputationNode | None, st: tuple[int, ...],
+                   pad: tuple[int, ...], dil: tuple[int, ...], groups: int) -> ComputationNode:
+    """Any 3-D convolution as one ``Conv2d``: the time axis padded, the ``kt`` frames each output frame reads
+    (``Slice`` per tap, every ``st`` frames) stacked beside the channels, ``[N, C, kt, T', H, W]`` ->
+    ``[N*T', C*kt, H, W]``, convolved with ``w`` as ``[O, C/groups*kt, kh, kw]`` (the channel-major order keeps
+    the groups), and unfolded to ``[N, O, T', H', W']``. Holds ``kt`` copies of the input's frames."""
+    o, cg, kt, kh, kw = (int(d) for d in w.shape)
+    c = x.shape[1]
+    if not isinstance(c, int):
+        raise refuse(ctx, f"conv3d of {x.name} with a dynamic number of channels {c!r}")
+    if pad[0]:
+        x = ctx.emit(Op.PAD, [x], {"pads": (0, 0, pad[0], 0, 0, 0, 0, pad[0], 0, 0), "mode": "constant", "value": 0.0})
+    taps = []
+    for j in range(kt):  # tap j reads frames j*dil .. end - (kt-1-j)*dil: one per position of the window
+        back = (kt - 1 - j) * dil[0]
+        tap = ctx.emit(Op.SLICE, [x], {"axes": (2,), "starts": (j * dil[0],), "ends": (-back if back else SLICE_END,),
+                                       "steps": (1,)})
+        taps.append(ctx.emit(Op.UNSQUEEZE, [tap], {"axes": (2,)}))
+    y = taps[0] if kt == 1 else ctx.emit(Op.CONCAT, taps, {"axis": 2})  # [N, C, kt, L, H, W]
+    if st[0] > 1:
+        y = ctx.emit(Op.SLICE, [y], {"axes": (3,), "starts": (0,), "ends": (SLICE_END,), "steps": (st[0],)})
+    n, frames, h, wd = y.shape[0], y.shape[3], y.shape[4], y.shape[5]
+    y = ctx.emit(Op.TRANSPOSE, [y], {"perm": (0, 3, 1, 2, 4, 5)})  # [N, T', C, kt, H, W]
+    y = ctx.emit(Op.RESHAPE, [y], {"shape": (-1, c * kt, h, wd)})
+    w2 = ctx.emit(Op.RESHAPE, [w], {"shape": (o, cg * kt, kh, kw)})
+    y = ctx.emit(Op.CONV2D, [y, w2] + ([b] if b is not None else []),
+                 {"stride": st[1:], "padding": pad[1:], "dilation": dil[1:], "groups": groups})
+    y = ctx.emit(Op.RESHAPE, [y], {"shape": (n, frames, o, y.shape[2], y.shape[3])})
+    return ctx.emit(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4)})
+
+
 @register(aten.convolution.default)
 def _convolution(ctx, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
     if len(w.shape) == 5 and not transposed:
         return _conv3d(ctx, x, w, b, stride, padding, dilation, groups)
     if len(w.shape) not in (3, 4):
-        raise UnsupportedOpError("only 1-D and 2-D convolutions (and 3-D tubelets) are supported",
+        kind = "transposed convolutions" if transposed else "convolutions"
+        raise UnsupportedOpError(f"only 1-D and 2-D {kind} (and 3-D convolutions) are supported",
                                  {"aten.convolution.default": [ctx.where()]})
     if transposed:
         conv = _conv_transpose1d if len(w.shape) == 3 else _conv_transpose2d

@@ -34,7 +34,16 @@ import torch
 from flora_graph.errors import GraphError, ShapeError
 from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, out_dtype, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim, dim_product, divide_dims, one_atom_linear, subtract_dims
+from flora_graph.ir.shapes import (
+    Dim,
+    add_dims,
+    canonical_dim,
+    dim_product,
+    dims_equal,
+    divide_dims,
+    one_atom_linear,
+    subtract_dims,
+)
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -129,8 +138,22 @@ def _cat(ctx, tensors, dim=0):
 
 @register(aten.split_with_sizes.default)
 def _split_with_sizes(ctx, x, sizes, dim=0):
-    sizes = tuple(int(s) for s in sizes)
-    return tuple(ctx.emit(Op.SPLIT, [x], {"axis": int(dim), "sizes": sizes, "index": i}) for i in range(len(sizes)))
+    """``Split`` by static sizes; pieces of which some are named dims (Flux's joint text and image tokens,
+    ``cat`` along the sequence and split back by ``[text, image]``) are ``Slice`` ops between their running
+    sums, which must add up to the axis' size."""
+    if all(isinstance(s, int) for s in sizes):
+        sizes = tuple(int(s) for s in sizes)
+        return tuple(ctx.emit(Op.SPLIT, [x], {"axis": int(dim), "sizes": sizes, "index": i}) for i in range(len(sizes)))
+    axis = axis_of(int(dim), len(x.shape))
+    pieces = [dim_of(ctx, s) for s in sizes]
+    bounds = [0]
+    for piece in pieces:
+        bounds.append(add_dims(bounds[-1], piece))
+    if not dims_equal(bounds[-1], x.shape[axis]):
+        raise refuse(ctx, f"split of {x.name} along an axis of size {x.shape[axis]!r} in pieces {pieces} "
+                          f"that add up to {bounds[-1]!r}")
+    return tuple(ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (bounds[k],), "ends": (bounds[k + 1],),
+                                          "steps": (1,)}) for k in range(len(pieces)))
 
 
 def _equal_pieces(ctx: CaptureContext, x: ComputationNode, piece: Dim, dim: int) -> tuple[ComputationNode, ...]:
