@@ -949,7 +949,7 @@ def run_case(case: Case, workdir: Path, *, torch_onnx: bool = True, torch_onnx_f
         res["build_error"] = describe(exc)
         return res
     res["outputs"] = names
-    res["shapes"] = [{k: list(v.shape) for k, v in x.items()} for x in built.checks]
+    res["shapes"] = [{k: list(v.shape) for k, v in x.items() if isinstance(v, torch.Tensor)} for x in built.checks]
     flora: dict[str, Any] = {"times": {}}
     onnx_side: dict[str, Any] = {"times": {}}
     graph = None

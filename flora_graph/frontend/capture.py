@@ -443,7 +443,7 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_dims: D
     unknown = set(dynamic_dims) - known
     if unknown:
         raise GraphError(f"dynamic_dims names unknown inputs {sorted(unknown)}; the model takes {sorted(known)}")
-    spec: dict[str, Any] = {n: spec_for(n, a) for n, a in zip(names, args)}
+    spec: dict[str, Any] = {n: spec_for(n, a) for n, a in zip(names, args, strict=False)}
     params = inspect.signature(model.forward).parameters
     var_kw = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     named = {k: spec_for(k, v) for k, v in kwargs.items() if k in params and k != var_kw}
