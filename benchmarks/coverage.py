@@ -753,6 +753,59 @@ register("llama-lora-bias", "peft", llama_peft(lora_bias=True, target_modules=["
          "lora_bias: a bias on each B")
 
 
+# --------------------------------------------------------------------------------------------- diffusion models
+DIFFUSION_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the modules diffusers' own LoRA training targets
+
+
+def _noise(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def sd_unet() -> Built:
+    """A Stable Diffusion UNet (``UNet2DConditionModel``: ResNet blocks, self- and cross-attention over text, a
+    timestep embedding), LoRA on the attention projections and on the ResNet blocks' convolutions (LoCon)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8)
+    model = lora(jittered(unet.eval()), target_modules=[*DIFFUSION_ATTENTION, "conv1", "conv2"])
+
+    def make(batch: int, text: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"sample": _noise(seed, batch, 4, 8, 8), "timestep": torch.full((batch,), 10.0 + 97 * seed),
+                "encoder_hidden_states": _noise(seed + 9, batch, text, 24)}
+    dims = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "text"}}
+    return Built(model, make(2, 6, 0), dims, None, (make(1, 5, 1), make(3, 11, 2)))
+
+
+def flux() -> Built:
+    """A Flux transformer (``FluxTransformer2DModel``: joint text-image blocks whose tokens are concatenated and
+    split back, single-stream blocks, 3-axis rotary positions), LoRA on every Linear, text of any length."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                             pooled_projection_dim=16, axes_dims_rope=[4, 4, 8])
+    model = lora(jittered(model.eval()))
+    grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+
+    def make(batch: int, text: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"hidden_states": _noise(seed, batch, 16, 8), "encoder_hidden_states": _noise(seed + 1, batch, text, 24),
+                "pooled_projections": _noise(seed + 2, batch, 16), "timestep": torch.full((batch,), 0.5 + seed / 10),
+                "img_ids": grid.reshape(-1, 3), "txt_ids": torch.zeros(text, 3)}
+    dims = {"hidden_states": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "text"},
+            "pooled_projections": {0: "batch"}, "timestep": {0: "batch"}, "txt_ids": {0: "text"}}
+    return Built(model, make(2, 6, 0), dims, None, (make(1, 5, 1), make(3, 11, 2)))
+
+
+register("sd-unet", "diffusion", sd_unet, "UNet with cross-attention; output 'sample' named as an input; LoCon",
+         quick=True)
+register("flux", "diffusion", flux, "joint text-image tokens cat and split by [text, image]")
+
+
 # --------------------------------------------------------------------------------------------- measuring
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -896,7 +949,8 @@ def torch_onnx_export(model: nn.Module, built: Built, path: Path, times: dict[st
             model, route = spare.get_base_model(), f"unmerged (merge_and_unload: {describe(exc)})"
             times.clear()
     with clock(times, "export"), quiet():
-        dims = {n: {ax: str(d) for ax, d in axes.items()} for n, axes in built.dynamic_dims.items()}
+        dims = {n: {ax: str(d) for ax, d in built.dynamic_dims[n].items()} if n in built.dynamic_dims else None
+                for n in built.example}  # torch.export wants every input named, static ones as None
         program = torch.onnx.export(model, (), kwargs=built.example, dynamo=True, dynamic_shapes=dims, verbose=False)
         program.save(str(path))
     return route

@@ -809,7 +809,11 @@ def _user_input_names(ep: torch.export.ExportedProgram, model: nn.Module, n_args
             names[leaf] = ".".join([root, *keys])
     order = [names[i] for i in range(spec.num_leaves) if i in names]
     user = [n for n in ep.graph_signature.user_inputs]
-    return order if len(order) == len(user) else user
+    if len(order) != len(user):
+        order = user
+    # only tensors become graph inputs: a number among the inputs (LTX-Video's frame count) is a constant there
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    return [name for name, u in zip(order, user, strict=True) if isinstance(vals.get(u), torch.Tensor)]
 
 
 def _unconverted(ep: torch.export.ExportedProgram) -> set[Any]:
@@ -954,6 +958,8 @@ def convert_fx_graph(
                 env[n] = graph.input(names[n], [ctx.ir_dim(d) for d in val.shape], torch_dtype_name(val.dtype))
             elif isinstance(val, torch.SymInt):  # a size passed as an input (AOT graphs with dynamic shapes)
                 env[n] = SymDim(ctx.ir_dim(val))
+            elif isinstance(val, bool | int | float) or val is None:  # a number torch.export fixed: its value
+                env[n] = val
             else:
                 raise GraphError(f"placeholder {n.name} of {name} is neither a tensor nor a size: {val!r}")
         elif n.op == "call_function":

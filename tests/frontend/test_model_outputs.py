@@ -81,3 +81,19 @@ def test_capture_names_inputs_and_outputs_of_such_types() -> None:
             assert list(got) == names
             for g, w in zip(got.values(), want, strict=True):
                 np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_numbers_among_the_inputs_are_not_graph_inputs() -> None:
+    """A model taking sizes as numbers beside its tensors (LTX-Video's ``num_frames, height, width``): the
+    numbers are constants of the graph, and the tensors keep their own names."""
+    class Video(nn.Module):
+        def forward(self, hidden: torch.Tensor, frames: int, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return hidden.reshape(hidden.shape[0], frames, -1).mean(1) * scale + text.sum(1)
+
+    model = Video()
+    example = {"hidden": torch.randn(2, 6, 4), "frames": 3, "text": torch.randn(2, 5, 8), "scale": 0.5}
+    graph = capture(model, example, {"hidden": {0: "batch"}, "text": {0: "batch", 1: "seq"}})
+    assert [i.name for i in graph.inputs] == ["hidden", "text"]
+    hidden, text = torch.randn(3, 6, 4), torch.randn(3, 7, 8)
+    want = model(hidden, 3, text, 0.5).numpy()
+    np.testing.assert_allclose(run(graph, {"hidden": hidden.numpy(), "text": text.numpy()})["output"], want, rtol=1e-6)
