@@ -913,6 +913,19 @@ def flora_export(built: Built, names: list[str] | None, path: Path, times: dict[
     return graph
 
 
+def graph_feeds(x: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A check input as the captured graph takes it: the tensors inside a dict or list input named ``input.key``,
+    numbers and flags left out (the capture made them constants)."""
+    from flora_graph.frontend.model_outputs import leaf_keys
+
+    out = {}
+    for name, value in x.items():
+        for keys, leaf in leaf_keys(value):
+            if isinstance(leaf, torch.Tensor):
+                out[".".join([name, *keys])] = leaf
+    return out
+
+
 def flora_cells(graph: Any, built: Built, want: list[list[np.ndarray]]) -> dict[str, dict[str, Any]]:
     """Every preset x backend of the captured ``graph`` at the check inputs: ``{"fused/onnxruntime": {"rel_err":
     [at check 0, at check 1]} or {"error": ...}}``."""
@@ -927,7 +940,7 @@ def flora_cells(graph: Any, built: Built, want: list[list[np.ndarray]]) -> dict[
             try:
                 with quiet():
                     exe = compile(optimize(graph, preset, backend=backend), backend, **backend_options(backend, 1))
-                    cells[key] = {"rel_err": [rel_err(list(exe(**x).values()), w)
+                    cells[key] = {"rel_err": [rel_err(list(exe(**graph_feeds(x)).values()), w)
                                               for x, w in zip(built.checks, want, strict=True)]}
             except Exception as exc:
                 cells[key] = {"error": describe(exc)}

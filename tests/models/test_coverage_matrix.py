@@ -2,7 +2,7 @@
 
 A representative subset (``QUICK``: a decoder with two adapters active, GPT-2's ``Conv1D``, a
 mixture of experts, BERT, Bart, ViT, Whisper's encoder, LoRA on ``nn.MultiheadAttention``, Conv2d
-LoRA on a ResNet) runs in the default suite; every other case is marked slow. Each case must
+LoRA on a ResNet, a diffusers UNet) runs in the default suite; every other case is marked slow. Each case must
 build, capture and export, and every preset x backend (``fused``, ``merged`` x ``onnxruntime``,
 ``torchscript``) must match eager PEFT within 1e-4 relative at two shapes other than the
 example's; the adapters must move the output well beyond that tolerance, so a capture that lost
