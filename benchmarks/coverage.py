@@ -3,9 +3,11 @@
 Run: python benchmarks/coverage.py [--cases NAME ...] [--quick] [--out DIR] [--no-torch-onnx]
 
 Needs the ``bench`` extra (``onnxscript`` for ``torch.onnx.export(..., dynamo=True)``, peft,
-transformers). Every case is built from a tiny config (no download), seeded, in eval mode:
+transformers, diffusers). Every case is built from a tiny config (no download), seeded, in eval mode:
 decoders, encoders, encoder-decoders, a text encoder, vision transformers and conv nets, speech
-encoders, a mixture of experts, ``torch.nn`` transformer blocks, and PEFT variants (rsLoRA,
+encoders, a mixture of experts, diffusion models (diffusers' Stable Diffusion UNet, Flux transformer and
+LTX-Video VAE),
+``torch.nn`` transformer blocks, and PEFT variants (rsLoRA,
 rank/alpha patterns, embedding LoRA, two adapters active at once, a second adapter set active,
 a weighted combination, ``modules_to_save``, DoRA, Conv2d and Conv1d LoRA). Each model carries a
 PEFT LoRA with a nonzero ``B`` (``init_lora_weights=False``); a model that takes an
@@ -801,9 +803,32 @@ def flux() -> Built:
     return Built(model, make(2, 6, 0), dims, None, (make(1, 5, 1), make(3, 11, 2)))
 
 
+def video_vae() -> Built:
+    """LTX-Video's VAE (``AutoencoderKLLTXVideo``, encoded and decoded): causal 3-D convolutions (the first frame
+    repeated before the clip, kernel 3 over overlapping frames), strided 3-D downsampling; LoRA on every
+    ``Conv3d`` (each causal convolution's inner one)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False)
+    convs = [n for n, m in vae.named_modules() if type(m) is nn.Conv3d]
+    model = lora(jittered(vae.eval()), target_modules=convs, r=2, lora_alpha=4)
+
+    def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"sample": _noise(seed, batch, 3, 9, 16, 16)}
+    return batch_case(model, make, {"sample": {0: "batch"}})
+
+
 register("sd-unet", "diffusion", sd_unet, "UNet with cross-attention; output 'sample' named as an input; LoCon",
          quick=True)
 register("flux", "diffusion", flux, "joint text-image tokens cat and split by [text, image]")
+register("ltx-video-vae", "diffusion", video_vae, "causal and strided 3-D convolutions; Conv3d LoRA")
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -962,8 +987,12 @@ def torch_onnx_export(model: nn.Module, built: Built, path: Path, times: dict[st
             model, route = spare.get_base_model(), f"unmerged (merge_and_unload: {describe(exc)})"
             times.clear()
     with clock(times, "export"), quiet():
-        dims = {n: {ax: str(d) for ax, d in built.dynamic_dims[n].items()} if n in built.dynamic_dims else None
-                for n in built.example}  # torch.export wants every input named, static ones as None
+        import torch.utils._pytree as pytree
+
+        # torch.export wants every input named, static ones as None (a container's members each)
+        dims = {n: {ax: str(d) for ax, d in built.dynamic_dims[n].items()} if n in built.dynamic_dims
+                else None if isinstance(v, torch.Tensor) else pytree.tree_map(lambda _: None, v)
+                for n, v in built.example.items()}
         program = torch.onnx.export(model, (), kwargs=built.example, dynamo=True, dynamic_shapes=dims, verbose=False)
         program.save(str(path))
     return route
