@@ -109,6 +109,20 @@ def _tubelets(g, x, rng):
     return g.add(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4)})
 
 
+_FRAME_W = _conv_w(5, 3, 1, 3, 3)
+
+
+def _framewise(g, x, rng):
+    """``conv3d(padding="same")`` of a one-frame kernel (a video block's spatial convolution): ``Conv2d`` over
+    the frames folded into the batch (one-frame tubelets), padded by 1."""
+    y = g.add(Op.RESHAPE, [x["x"]], {"shape": (0, 3, 4, 1, 6, 6)})
+    y = g.add(Op.RESHAPE, [g.add(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4, 5)})], {"shape": (-1, 3, 6, 6)})
+    w = g.add(Op.RESHAPE, [g.const("w", _FRAME_W)], {"shape": (5, 3, 3, 3)})
+    y = g.add(Op.CONV2D, [y, w], {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)})
+    y = g.add(Op.RESHAPE, [y], {"shape": (-1, 4, 5, 6, 6)})
+    return g.add(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4)})
+
+
 def _strided_twice(g, x, rng):
     """Two strided conv1d over a dynamic length (Wav2Vec2's feature extractor), then the length
     used as a value: flattened into ``[batch, 5 * (((seq+3)//4)+1)]`` (the IR writes the nested
@@ -199,6 +213,8 @@ CASES = [
     Case("conv3d_tubelets", {"x": In(("batch", 3, 4, 8, 8))}, _tubelets,
          lambda x: F.conv3d(x, torch.from_numpy(_TUBE_W), torch.from_numpy(_TUBE_B), (2, 4, 4)),
          tol=1e-4, capture=("conv3d.default",)),
+    Case("conv3d_same_one_frame_kernel", {"x": In(("batch", 3, 4, 6, 6))}, _framewise,
+         lambda x: F.conv3d(x, torch.from_numpy(_FRAME_W), None, 1, "same"), tol=1e-4, capture=("conv3d.padding",)),
     # ------------------------------------------------------------------ a mixture of experts' layer
     Case("expert_linear", {"x": In(("batch", 6)), "ids": In(("batch",), "int64", "index:4")},
          op(Op.EXPERT_LINEAR, "x", _EXPERTS, "ids"),
