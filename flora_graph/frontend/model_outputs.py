@@ -92,6 +92,7 @@ def output_names(out: Any, inputs: Collection[str] = ()) -> list[str]:
         while name in taken:
             name = "out_" + name
         names[i] = name
+        taken.add(name)
     return names
 
 
