@@ -8,8 +8,8 @@ per-row ``adapter_index`` (:class:`~flora_graph.serving.mixed.MixedAdapterSessio
 serves it with ``per_row_weights``, gathering the rows' weights once per set of rows), so the
 whole batch is one ONNX Runtime call per step; when every row uses the same adapter (or
 none), the package's ``model.onnx`` runs with that adapter active. Rows join (:meth:`Batch.add`, which prefills
-the prompt and pads the shorter side of the cache) and leave (:meth:`Batch.remove`, or
-when they finish) between steps.
+the prompt and pads the shorter side of the cache; :meth:`Batch.add_many`, several prompts in one prefill call
+where the cache is right-padded) and leave (:meth:`Batch.remove`, or when they finish) between steps.
 
 Padding is invisible to a row, so a row's tokens are those it would get alone. A package whose
 models use ``GroupQueryAttention`` (metadata ``flora_graph.cache_padding = "right"``, what the
@@ -265,8 +265,8 @@ class Generator:
             raise GenerationError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
         batch = self.batch()
         seed = settings.pop("seed", None)
-        rows = [batch.add(p, adapter=a, seed=None if seed is None else seed + i, **settings)
-                for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
+        rows = batch.add_many(prompts, adapters=adapters,
+                              seeds=[None if seed is None else seed + i for i in range(len(prompts))], **settings)
         if on_token is not None:
             for r in rows:
                 on_token(r, batch.row(r).next_token)
@@ -418,6 +418,52 @@ class Batch:
         Raises :class:`GenerationError` / :class:`UnknownAdapterError` naming the culprit before
         anything changes: the other rows keep decoding.
         """
+        ids, rs = self._request(prompt, adapter, seed, stop_tokens, settings)
+        cache, mask, logits = self._prefill(ids, adapter)
+        row = self._new_row(ids, adapter, rs, seed)
+        self._choose(row, logits)
+        self._merge(row, cache, mask)  # a row done on its first token goes straight to the finished ones
+        return row.rid
+
+    def add_many(self, prompts: Sequence[Sequence[int]], *, adapters: Sequence[str | None] | None = None,
+                 seeds: Sequence[int | None] | None = None, stop_tokens: Iterable[int] | None = None,
+                 **settings: Any) -> list[int]:
+        """:meth:`add` for several prompts at once (row ``i`` with ``adapters[i]`` and ``seeds[i]``, the same
+        ``settings``); their ids, in order. A package whose cache is right-padded prefills them in one model
+        call, the prompts right-padded to the longest (each row's tokens, positions and logits are those it
+        gets alone); otherwise, or where the model takes fewer tokens a call than the longest prompt, one
+        after the other.
+
+        Raises :class:`GenerationError` / :class:`UnknownAdapterError` naming the row and the culprit before
+        anything changes: the other rows keep decoding.
+        """
+        gen = self.gen
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        seeds = [None] * len(prompts) if seeds is None else list(seeds)
+        if not len(prompts) == len(adapters) == len(seeds):
+            raise GenerationError(f"{len(prompts)} prompts, {len(adapters)} adapter names and {len(seeds)} seeds")
+        requests = []
+        for i, (prompt, adapter, seed) in enumerate(zip(prompts, adapters, seeds, strict=True)):
+            try:
+                requests.append(self._request(prompt, adapter, seed, stop_tokens, settings))
+            except ServingError as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from None
+        longest = max((len(ids) for ids, _ in requests), default=0)
+        if len(requests) < 2 or not gen.right_padded or (gen.max_step is not None and longest > gen.max_step) \
+                or (gen._mixed is None and len(set(adapters)) > 1):
+            return [self.add(p, adapter=a, seed=sd, stop_tokens=stop_tokens, **settings)
+                    for p, a, sd in zip(prompts, adapters, seeds, strict=True)]
+        cache, logits = self._prefill_many([ids for ids, _ in requests], adapters)
+        rows = []
+        for i, ((ids, rs), adapter, seed) in enumerate(zip(requests, adapters, seeds, strict=True)):
+            rows.append(self._new_row(ids, adapter, rs, seed))
+            self._choose(rows[-1], logits[i, len(ids) - 1])
+        self._join_right(rows, cache)
+        return [r.rid for r in rows]
+
+    def _request(self, prompt: Sequence[int], adapter: str | None, seed: int | None, stop_tokens: Iterable[int] | None,
+                 settings: dict[str, Any]) -> tuple[list[int], RowSettings]:
+        """A row's prompt ids and settings, checked (:class:`GenerationError` / :class:`UnknownAdapterError`)."""
         gen = self.gen
         gen.check_adapter(adapter)
         stops = frozenset(int(t) for t in (gen.eos if stop_tokens is None else stop_tokens))
@@ -432,12 +478,12 @@ class Batch:
         if len(ids) + rs.max_new_tokens > gen.context_length:
             raise GenerationError(f"prompt of {len(ids)} tokens + max_new_tokens {rs.max_new_tokens} is past the "
                                   f"model's context length {gen.context_length}")
-        cache, mask, logits = self._prefill(ids, adapter)
+        return ids, rs
+
+    def _new_row(self, ids: list[int], adapter: str | None, rs: RowSettings, seed: int | None) -> _Row:
         row = _Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))
         self._next_id += 1
-        self._choose(row, logits)
-        self._merge(row, cache, mask)  # a row done on its first token goes straight to the finished ones
-        return row.rid
+        return row
 
     def remove(self, rid: int) -> None:
         """Drop an active row from the batch (its tokens stay readable with :meth:`row`)."""
@@ -554,6 +600,40 @@ class Batch:
         self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
         return cache, mask, out["logits"][0, -1]
 
+    def _prefill_many(self, prompts: list[list[int]], adapters: list[str | None]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Rows ``prompts`` from empty caches in one call, right-padded to the longest (a right-padded package: the
+        attention takes each row's length from the mask, positions count from 0 in every row): ``(their caches
+        [rows, kv, longest, head_dim], valid up to each row's length; the logits [rows, longest, vocab])``."""
+        gen = self.gen
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        ids = np.zeros((n, longest), gen._id_dtype)
+        mask = np.zeros((n, longest), gen._mask_dtype)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)], mask[i, :len(p)] = p, 1
+        cache = [np.zeros((n, dims[0], 0, dims[1]), np.float32) for dims in gen._past_dims]
+        positions = np.broadcast_to(np.arange(longest, dtype=gen._pos_dtype), (n, longest)).copy()
+        out = self._call(ids, mask, positions, cache, adapters)
+        self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
+        return [out[name] for name in gen._present], out["logits"]
+
+    def _join_right(self, rows: list[_Row], cache: list[np.ndarray]) -> None:
+        """Add ``rows`` (row ``i``'s tokens but the last, just chosen, in ``cache[:][i]`` from position 0) to a
+        right-padded batch's buffers, with room for every row to finish; a row done already finishes."""
+        live = [i for i, r in enumerate(rows) if not r.done]
+        for r in rows:
+            if r.done:  # finished on the token just chosen: nothing to decode
+                self._done[r.rid] = r
+        if not live:
+            return
+        self._plan = None
+        cache = [c[live] if len(live) < len(rows) else c for c in cache]
+        had = bool(self.rows)
+        self.rows.extend(rows[i] for i in live)
+        self.positions.extend(len(rows[i].tokens) - 1 for i in live)
+        capacity = max(r.prompt_len + r.settings.max_new_tokens for r in self.rows)
+        have = self.shared.arrays if had else [np.zeros((0, *c.shape[1:]), c.dtype) for c in cache]
+        self.shared.set([_stack_right(a, b, capacity) for a, b in zip(have, cache, strict=True)], self.positions)
+
     def _call(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
               adapters: list[str | None]) -> dict[str, np.ndarray]:
         """One model call; every array already contiguous in the dtype the model declares."""
@@ -598,17 +678,13 @@ class Batch:
 
     def _merge(self, row: _Row, cache: list[np.ndarray], mask: np.ndarray) -> None:
         """Add ``row``, its tokens but the last (just chosen) in ``cache``, to the batch; a done row finishes."""
+        if self.shared is not None:  # each row's tokens from position 0; room for every row to finish
+            self._join_right([row], cache)
+            return
         if row.done:  # finished on the token just chosen: nothing to decode
             self._done[row.rid] = row
             return
         self._plan = None
-        if self.shared is not None:  # each row's tokens from position 0; room for every row to finish
-            self.rows.append(row)
-            self.positions.append(len(row.tokens) - 1)
-            capacity = max(r.prompt_len + r.settings.max_new_tokens for r in self.rows)
-            have = self.shared.arrays if len(self.rows) > 1 else [np.zeros((0, *c.shape[1:]), c.dtype) for c in cache]
-            self.shared.set([_stack_right(a, b, capacity) for a, b in zip(have, cache, strict=True)], self.positions)
-            return
         if not self.rows:
             self.rows, self.cache, self.mask, self.positions = [row], cache, mask, [len(row.tokens) - 1]
             return

@@ -38,6 +38,46 @@ def test_mixed_rows_gathered_in_every_step_give_the_same_tokens(gen: Generator, 
     assert got[2] == eager_tokens(folders, "all7", PROMPTS[0], 12)
 
 
+def test_prompts_added_together_are_prefilled_in_one_call(gen: Generator, folders: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``add_many`` on a right-padded package: one model call prefills every prompt (right-padded to the longest),
+    joining rows already decoding; each row's tokens are eager PEFT's, and a row done on its first token finishes."""
+    assert gen.right_padded
+    calls = []
+    run = gen._run
+    monkeypatch.setattr(gen, "_run", lambda feeds, adapters: calls.append(feeds["input_ids"].shape) or run(feeds, adapters))
+    batch = gen.batch()
+    first = batch.add(PROMPTS[1], adapter="qdown", max_new_tokens=10, min_new_tokens=10)  # eos held back, as eager
+    batch.step()
+    calls.clear()
+    ids = batch.add_many([PROMPTS[2], PROMPTS[0], PROMPTS[1]], adapters=["all7", None, "qdown"], max_new_tokens=10,
+                         min_new_tokens=10)
+    assert calls == [(3, 9)]  # one call, the three prompts padded to the longest
+    once = batch.add_many([PROMPTS[0], PROMPTS[1]], adapters=[None, "all7"], max_new_tokens=1, min_new_tokens=1)
+    assert [batch.row(r).done for r in once] == [True, True] and not set(once) & set(batch.active)
+    while batch.active:
+        batch.step()
+    for rid, prompt, adapter in zip(ids, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], ["all7", None, "qdown"], strict=True):
+        assert batch.row(rid).generated == eager_tokens(folders, adapter, prompt, 10), adapter
+    assert batch.row(first).generated == eager_tokens(folders, "qdown", PROMPTS[1], 10)
+    assert [batch.row(r).generated for r in once] == [eager_tokens(folders, None, PROMPTS[0], 1),
+                                                      eager_tokens(folders, "all7", PROMPTS[1], 1)]
+
+
+def test_a_bad_prompt_among_several_is_refused_naming_it_before_anything_changes(gen: Generator) -> None:
+    batch = gen.batch()
+    a = batch.add(PROMPTS[0], max_new_tokens=4, stop_tokens=[])
+    with pytest.raises(GenerationError, match="prompt 1: prompt is empty"):
+        batch.add_many([PROMPTS[1], [], PROMPTS[2]], max_new_tokens=4, stop_tokens=[])
+    with pytest.raises(UnknownAdapterError, match="prompt 2: adapter 'nope'"):
+        batch.add_many([PROMPTS[1], PROMPTS[0], PROMPTS[2]], adapters=[None, "all7", "nope"])
+    with pytest.raises(GenerationError, match="2 prompts, 1 adapter names"):
+        batch.add_many([PROMPTS[1], PROMPTS[0]], adapters=[None])
+    assert batch.active == [a]
+    batch.step()
+    assert len(batch.row(a).generated) == 2
+
+
 def test_rows_join_and_leave_between_steps(gen: Generator, folders: Path) -> None:
     batch = gen.batch()
     a = batch.add(PROMPTS[0], adapter="all7", max_new_tokens=12, stop_tokens=[])
