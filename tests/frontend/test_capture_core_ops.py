@@ -98,6 +98,25 @@ ROWS = [
         ("adaptive_avg_pool3d.default",), {0: 0}),
     Row("_adaptive_avg_pool3d_global", lambda x: aten._adaptive_avg_pool3d(x, [1, 1, 1]), [randn(-1, 2, 5, 6, 7)],
         ("_adaptive_avg_pool3d.default",), {0: 0}),
+    # adaptive windows that do not tile the input: torch's overlapping windows, one axis after the other
+    Row("adaptive_avg_pool3d_windows", lambda x: F.adaptive_avg_pool3d(x, (2, 4, 3)), [randn(-1, 2, 5, 6, 7)],
+        ("adaptive_avg_pool3d.default",), {0: 0}),
+    Row("adaptive_avg_pool2d_windows", lambda x: F.adaptive_avg_pool2d(x, (3, 2)), [randn(-1, 3, 7, 5)],
+        ("adaptive_avg_pool2d.default",), {0: 0}),
+    Row("adaptive_avg_pool1d_windows", lambda x: aten.adaptive_avg_pool1d(x, [4]), [randn(-1, 4, 9)],
+        ("adaptive_avg_pool1d.default",), {0: 0}),
+    Row("adaptive_max_pool2d", lambda x: F.adaptive_max_pool2d(x, (3, 4)), [randn(-1, 3, 6, 8)],
+        ("adaptive_max_pool2d.default",), {0: 0}),
+    Row("adaptive_max_pool2d_windows", lambda x: F.adaptive_max_pool2d(x, (4, 3)), [randn(-1, 3, 7, 5)],
+        ("adaptive_max_pool2d.default",), {0: 0}),
+    Row("adaptive_max_pool2d_global", lambda x: F.adaptive_max_pool2d(x, 1), [randn(-1, 3, 7, 5)],
+        ("adaptive_max_pool2d.default",), {0: 0}),
+    Row("adaptive_max_pool1d_windows", lambda x: F.adaptive_max_pool1d(x, 4), [randn(-1, 3, 10)],
+        ("adaptive_max_pool2d.default",), {0: 0}),
+    # ------------------------------------------------------------------ circular padding (padding_mode="circular")
+    Row("pad_circular", lambda x: F.pad(x, (1, 2, 2, 0), mode="circular"), [randn(-1, 3, 4, 5)], ("pad.default",), {0: 0}),
+    Row("conv2d_circular", lambda x, w: F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), w),
+        [randn(-1, 3, 5, 6), randn(4, 3, 3, 3)], ("pad.default",), {0: 0}, tol=1e-4),
     # ------------------------------------------------------------------ normalization with batch statistics
     Row("batch_norm_no_stats", lambda x, w, b: aten._native_batch_norm_legit.no_stats(x, w, b, True, 0.1, 1e-3),
         [randn(-1, 3, 4, 5), randn(3), randn(3)], ("_native_batch_norm_legit.no_stats",), {0: 0}, tol=1e-4),
@@ -285,7 +304,6 @@ def test_size_reads_become_dims() -> None:
 @pytest.mark.parametrize(("fn", "what"), [
     (lambda x: aten.max_pool3d_with_indices(x, [2, 2, 2])[1].float(), "indices"),
     (lambda x: F.avg_pool3d(x, 2, ceil_mode=True), "ceil_mode"),
-    (lambda x: F.adaptive_avg_pool3d(x, (2, 4, 3)), "does not divide"),
     (lambda x: x[..., :2].as_strided((4, 4), (6, 1)), "outside its input"),
     (lambda x: aten.native_dropout(x, 0.5, True)[0], "training mode"),
     (lambda x: aten.embedding_bag.padding_idx(_W, torch.tensor([1, 2]), torch.tensor([0]), False, 2, False, None, False,
@@ -298,11 +316,18 @@ def test_size_reads_become_dims() -> None:
     (lambda x: torch.cat([(p := x.flatten().sort().values.split(
         torch.stack([(x > 0).sum(), (x <= 0).sum()]).tolist()))[0] * 2, p[1]]).sum(),
      r"^1 unsupported op\(s\): aten.item.default \(refused"),
-], ids=["pool3d_indices", "pool3d_ceil_mode", "adaptive3d_not_divisible", "as_strided_outside", "dropout_training",
+], ids=["pool3d_indices", "pool3d_ceil_mode", "as_strided_outside", "dropout_training",
         "embedding_bag_indices", "complex_exp", "item_count", "split_by_sizes_from_data"])
 def test_unsupported_forms_are_refused_by_name(fn: Callable[..., Any], what: str) -> None:
     with pytest.raises(UnsupportedOpError, match=what):
         capture(_module(fn, 1), (torch.randn(2, 3, 4, 6, 5),))
+
+
+@pytest.mark.parametrize("fn", [lambda x: F.adaptive_avg_pool3d(x, (2, 4, 3)), lambda x: F.adaptive_max_pool2d(x[:, 0], (4, 3))],
+                         ids=["avg3d", "max2d"])
+def test_adaptive_windows_over_a_dynamic_axis_are_refused_by_name(fn: Callable[..., Any]) -> None:
+    with pytest.raises(UnsupportedOpError, match=r"dynamic|static H and W"):
+        capture(_module(fn, 1), (torch.randn(2, 3, 4, 6, 5),), {"x0": {0: "batch", 4: "width"}})
 
 
 class _LengthsChecked(nn.Module):

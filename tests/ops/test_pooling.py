@@ -119,10 +119,10 @@ test_reference_matches_torch, test_backend_matches_reference = family_tests(CASE
     (lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True), "ceil_mode=True with count_include_pad"),
     (lambda x: aten.max_pool2d_with_indices(x, [2, 2])[1].float(), "indices"),
     (lambda x: F.avg_pool2d(x, 2, divisor_override=3), "divisor_override"),
-    (lambda x: F.adaptive_avg_pool2d(x, (3, 2)), "does not divide"),
+    (lambda x: aten.adaptive_max_pool2d(x, [3, 2])[1].float(), "indices"),
     (lambda x: F.interpolate(x, scale_factor=1.5), "whole output sizes"),
     (lambda x: aten.native_layer_norm(x, [9], None, None, 1e-5)[1], "mean/rstd"),
-], ids=["ceil_mode", "indices", "divisor_override", "adaptive_not_divisible", "scale_not_whole", "layer_norm_mean"])
+], ids=["ceil_mode", "indices", "divisor_override", "adaptive_max_indices", "scale_not_whole", "layer_norm_mean"])
 def test_unsupported_forms_are_refused_by_name(fn, what):
     from flora_graph.frontend import capture
 

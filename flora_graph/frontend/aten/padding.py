@@ -1,7 +1,8 @@
 """ATen converters that emit the padding family (``Pad``, ``Tile``).
 
 ``constant_pad_nd`` and ``pad`` (``constant``, ``reflect``, ``replicate``) ->
-``Pad`` (a negative pad crops first, by a ``Slice``); ``reflection_pad1d/2d/3d`` -> ``Pad``
+``Pad`` (a negative pad crops first, by a ``Slice``), ``pad`` (``circular``) -> ``Slice``\\ s of each axis' two
+ends ``Concat``-ed around it; ``reflection_pad1d/2d/3d`` -> ``Pad``
 (``reflect``); ``replication_pad1d/2d/3d`` -> ``Pad`` (``edge``); ``repeat`` -> ``Tile``
 (after an ``Unsqueeze`` when the repeats add leading axes). torch pads are pairs (begin,
 end) from the last axis back; the IR's are ONNX's (every begin, then every end).
@@ -18,6 +19,7 @@ from flora_graph.errors import ShapeError
 from flora_graph.frontend.aten.registry import SymDim, chunk_samples, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import Dim, canonical_dim, difference_range, dim_product
+from flora_graph.ops.movement import SLICE_END
 
 __all__: list[str] = []
 
@@ -105,9 +107,27 @@ def _constant_pad_nd(ctx, x, pad, value=0):
 
 @register(aten.pad.default)
 def _pad_any(ctx, x, pad, mode="constant", value=None):
+    if mode == "circular":
+        return _circular(ctx, x, pad)
     if mode not in _MODES:
         raise refuse(ctx, f"{mode} padding")
     return _pad(ctx, x, pad, mode, 0.0 if value is None else value)
+
+
+def _circular(ctx: Any, x: ComputationNode, pad: Sequence[Any]) -> ComputationNode:
+    """Circular padding (a convolution's ``padding_mode="circular"``): each padded axis wraps around, the last
+    ``begin`` elements ``Concat``-ed before it and the first ``end`` after it (``Slice``\\ s; any axis size)."""
+    if any(not isinstance(p, int) or p < 0 for p in pad) or len(pad) % 2 or len(pad) > 2 * len(x.shape):
+        raise refuse(ctx, f"circular padding {list(pad)} (static, nonnegative pads of at most every axis)")
+    for i in range(len(pad) // 2):
+        axis, b, e = len(x.shape) - 1 - i, int(pad[2 * i]), int(pad[2 * i + 1])
+        parts = [ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (-b,), "ends": (SLICE_END,), "steps": (1,)})] if b else []
+        parts.append(x)
+        if e:
+            parts.append(ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (0,), "ends": (e,), "steps": (1,)}))
+        if len(parts) > 1:
+            x = ctx.emit(Op.CONCAT, parts, {"axis": axis})
+    return x
 
 
 @register(aten.reflection_pad1d.default, aten.reflection_pad2d.default, aten.reflection_pad3d.default)

@@ -3,8 +3,10 @@
 ``max_pool2d`` / ``max_pool2d_with_indices`` (values only; the indices refused when used) ->
 ``MaxPool2d``; ``avg_pool2d`` -> ``AvgPool2d`` (``divisor_override`` refused; ``ceil_mode`` needs static H
 and W, and an average that counts its padding is refused in ceil mode where that gains a window);
-``adaptive_avg_pool2d`` / ``_adaptive_avg_pool2d`` -> ``ReduceMean`` over H, W for a 1x1 output,
-else ``AvgPool2d`` when each input size is divisible by its output size (refused otherwise);
+``adaptive_avg_pool2d`` / ``_adaptive_avg_pool2d`` and ``adaptive_max_pool2d`` (values only) -> ``ReduceMean`` /
+``ReduceMax`` over H, W for a 1x1 output, else ``AvgPool2d`` / ``MaxPool2d`` when each input size is divisible
+by its output size, else torch's (maybe overlapping) windows one axis after the other, a ``Slice`` and a
+reduction each, ``Concat``-ed (static sizes; likewise the 1-D and 3-D adaptive averages);
 ``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` -> ``Resize`` (scale factors only when
 they give whole output sizes); ``upsample_nearest1d.vec`` / ``upsample_linear1d.vec`` -> ``Resize`` of
 ``[N, C, 1, L]``.
@@ -14,7 +16,7 @@ zeros, border, reflection padding).
 
 3-D pooling is separable, so it is two 2-D poolings: ``max_pool3d`` / ``max_pool3d_with_indices``
 (values only), ``avg_pool3d`` and ``adaptive_avg_pool3d`` / ``_adaptive_avg_pool3d`` (1x1x1 or
-divisible sizes) pool ``[N, C*D, H, W]`` over H and W, then ``[N, C, D, H'*W']`` over D (a
+divisible sizes; other sizes by windows) pool ``[N, C*D, H, W]`` over H and W, then ``[N, C, D, H'*W']`` over D (a
 ``(kD, 1)`` window), with the same refusals as in 2-D. A max of maxima is the max of the box;
 an average of averages is the box's average, since both torch's divisor (the window's size, or
 with ``count_include_pad=False`` its unpadded size) and the box are products over the axes.
@@ -94,16 +96,51 @@ def _avg_pool2d(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, coun
 
 @register(aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default)
 def _adaptive_avg_pool2d(ctx, x, output_size):
+    return _adaptive2d(ctx, x, output_size, Op.AVG_POOL2D)
+
+
+@register(aten.adaptive_max_pool2d.default)
+def _adaptive_max_pool2d(ctx, x, output_size):
+    """Values only (the indices refused when used), as :func:`_adaptive2d` takes them."""
+    refuse_used_outputs(ctx, "the indices output", 1)
+    return (_adaptive2d(ctx, x, output_size, Op.MAX_POOL2D), None)
+
+
+def _adaptive2d(ctx, x, output_size, pool: Op):
+    """Adaptive average or max pooling over H, W: one reduction for a 1x1 output; a pooling window of ``size //
+    out`` where each size divides; otherwise torch's windows (``floor(i * size / out)`` to ``ceil((i + 1) * size /
+    out)``, which may overlap) one axis after the other (:func:`_adaptive_windows`), static sizes only."""
     oh, ow = _pair(output_size)
     if len(x.shape) != 4:
         raise refuse(ctx, "only NCHW input is supported")
+    reduce = Op.REDUCE_MEAN if pool is Op.AVG_POOL2D else Op.REDUCE_MAX
     if (oh, ow) == (1, 1):
-        return ctx.emit(Op.REDUCE_MEAN, [x], {"axes": (2, 3), "keepdims": 1})
+        return ctx.emit(reduce, [x], {"axes": (2, 3), "keepdims": 1})
     h, w = _spatial(ctx, x)
     if h % oh or w % ow:
-        raise refuse(ctx, f"output size {(oh, ow)} that does not divide the input size {(h, w)}")
+        return _adaptive_windows(ctx, _adaptive_windows(ctx, x, 2, oh, reduce), 3, ow, reduce)
     kernel = (h // oh, w // ow)
-    return ctx.emit(Op.AVG_POOL2D, [x], {"kernel": kernel, "stride": kernel, "padding": (0, 0), "count_include_pad": 1})
+    attrs = {"kernel": kernel, "stride": kernel, "padding": (0, 0)}
+    if pool is Op.AVG_POOL2D:
+        attrs["count_include_pad"] = 1
+    else:
+        attrs["dilation"] = (1, 1)
+    return ctx.emit(pool, [x], attrs)
+
+
+def _adaptive_windows(ctx, x, axis: int, out: int, reduce: Op):
+    """Adaptive pooling along one static ``axis`` of ``x``: output ``i`` reduces (``ReduceMean``/``ReduceMax``) the
+    ``Slice`` from ``floor(i * size / out)`` to ``ceil((i + 1) * size / out)``; the ``out`` results ``Concat``-ed.
+    Separable: a box's mean is the mean of its rows' means (equal-sized rows), its max the max of theirs."""
+    size = x.shape[axis]
+    if not isinstance(size, int):
+        raise refuse(ctx, f"adaptive pooling of a dynamic axis of size {size!r} to {out}")
+    if size == out:
+        return x
+    parts = [ctx.emit(reduce, [ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (i * size // out,),
+                                                         "ends": (-(-(i + 1) * size // out),), "steps": (1,)})],
+                      {"axes": (axis,), "keepdims": 1}) for i in range(out)]
+    return parts[0] if out == 1 else ctx.emit(Op.CONCAT, parts, {"axis": axis})
 
 
 def _resize(ctx, x, output_size, scale_factors, mode: str, align_corners: bool):
@@ -209,8 +246,12 @@ def _adaptive_avg_pool3d(ctx, x, output_size):
     if out == (1, 1, 1):
         return ctx.emit(Op.REDUCE_MEAN, [x], {"axes": (rank - 3, rank - 2, rank - 1), "keepdims": 1})
     sizes = x.shape[-3:]
-    if not all(isinstance(s, int) for s in sizes) or any(s % o for s, o in zip(sizes, out, strict=True)):
-        raise refuse(ctx, f"output size {out} that does not divide the input size {tuple(sizes)}")
+    if not all(isinstance(s, int) for s in sizes):
+        raise refuse(ctx, f"output size {out} of a dynamic input size {tuple(sizes)}")
+    if any(s % o for s, o in zip(sizes, out, strict=True)):
+        for axis, o in zip(range(rank - 3, rank), out, strict=True):
+            x = _adaptive_windows(ctx, x, axis, o, Op.REDUCE_MEAN)
+        return x
     kernel = tuple(s // o for s, o in zip(sizes, out, strict=True))
     return _pool3d(ctx, x, Op.AVG_POOL2D, kernel, kernel, (0, 0, 0), count_include_pad=1)
 
@@ -232,8 +273,10 @@ def _adaptive_avg_pool1d(ctx, x, output_size):
     if out == 1:
         return ctx.emit(Op.REDUCE_MEAN, [x], {"axes": (len(x.shape) - 1,), "keepdims": 1})
     length = x.shape[-1]
-    if not isinstance(length, int) or length % out:
-        raise refuse(ctx, f"output size {out} that does not divide the input length {length}")
+    if not isinstance(length, int):
+        raise refuse(ctx, f"output size {out} of a dynamic input length {length!r}")
+    if length % out:
+        return _adaptive_windows(ctx, x, len(x.shape) - 1, out, Op.REDUCE_MEAN)
     k = length // out
     attrs = {"kernel": (1, k), "stride": (1, k), "padding": (0, 0), "count_include_pad": 1}
     return _as_2d(ctx, x, lambda plane: ctx.emit(Op.AVG_POOL2D, [plane], attrs))
