@@ -113,6 +113,9 @@ ROWS = [
         ("adaptive_max_pool2d.default",), {0: 0}),
     Row("adaptive_max_pool1d_windows", lambda x: F.adaptive_max_pool1d(x, 4), [randn(-1, 3, 10)],
         ("adaptive_max_pool2d.default",), {0: 0}),
+    # ------------------------------------------------------------------ 3-D transposed convolution (a video decoder's)
+    Row("conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=(2, 1, 2), padding=1), [randn(-1, 3, 3, 4, 4),
+        randn(3, 2, 3, 3, 3)], ("conv_transpose3d.input",), {0: 0}, tol=1e-4),
     # ------------------------------------------------------------------ circular padding (padding_mode="circular")
     Row("pad_circular", lambda x: F.pad(x, (1, 2, 2, 0), mode="circular"), [randn(-1, 3, 4, 5)], ("pad.default",), {0: 0}),
     Row("conv2d_circular", lambda x, w: F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), w),

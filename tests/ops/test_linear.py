@@ -266,13 +266,36 @@ def test_three_d_convolutions_over_any_number_of_frames(name: str) -> None:
             np.testing.assert_allclose(got["output"], want, rtol=1e-4, atol=1e-4)
 
 
-def test_three_d_transposed_convolutions_are_refused_by_name() -> None:
-    from flora_graph.errors import UnsupportedOpError
+_DECONV3D = {  # (weight [C, O/groups, kt, kh, kw], bias, keyword arguments of F.conv_transpose3d); x [batch, 4, T, 5, 6]
+    "plain": (_conv_w(4, 3, 3, 3, 3), _conv_w(3), {}),
+    "strided_padded": (_conv_w(4, 2, 3, 3, 2), _conv_w(2), {"stride": (2, 2, 1), "padding": (1, 1, 0),
+                                                           "output_padding": (1, 0, 0)}),
+    "dilated_grouped": (_conv_w(4, 3, 2, 1, 3), None, {"stride": (3, 1, 2), "dilation": (2, 1, 1), "groups": 2,
+                                                        "padding": (1, 0, 1)}),
+    "upsampling_time": (_conv_w(4, 5, 4, 1, 1), _conv_w(5), {"stride": (2, 1, 1), "padding": (1, 0, 0)}),
+}
+
+
+@pytest.mark.parametrize("name", list(_DECONV3D))
+def test_three_d_transposed_convolutions_over_any_number_of_frames(name: str) -> None:
+    """3-D transposed convolutions (strides, padding, output padding, dilation, groups) over a dynamic number of
+    frames, against ``F.conv_transpose3d`` in the numpy reference, ONNX Runtime and TorchScript."""
     from flora_graph.frontend import capture
+    from flora_graph.runtimes.executable import compile
+    from flora_graph.runtimes.reference import run
+
+    w, b, kw = _DECONV3D[name]
+    weight, bias = torch.from_numpy(w), None if b is None else torch.from_numpy(b)
 
     class M(torch.nn.Module):
         def forward(self, x):
-            return F.conv_transpose3d(x, torch.ones(3, 2, 3, 1, 1))
+            return F.conv_transpose3d(x, weight, bias, **kw)
 
-    with pytest.raises(UnsupportedOpError, match="transposed convolutions"):
-        capture(M(), torch.randn(2, 3, 4, 5, 5))
+    graph = capture(M(), torch.randn(2, 4, 4, 5, 6), {"x": {0: "batch", 2: "frames"}})
+    backends = [compile(graph, "onnxruntime"), compile(graph, "torchscript")]
+    for batch, frames in ((1, 3), (3, 7), (2, 2)):
+        x = torch.randn(batch, 4, frames, 5, 6, generator=torch.Generator().manual_seed(frames))
+        want = F.conv_transpose3d(x.double(), weight.double(), None if bias is None else bias.double(), **kw).float().numpy()
+        for got in (run(graph, {"x": x.numpy()}), *(fn(x=x.numpy()) for fn in backends)):
+            assert got["output"].shape == want.shape
+            np.testing.assert_allclose(got["output"], want, rtol=1e-4, atol=1e-4)

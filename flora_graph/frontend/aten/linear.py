@@ -13,7 +13,9 @@ around it an intact site; ``addmm`` (GPT-2's
 unit axis, then ``Squeeze``; ``conv_transpose2d`` and 2-D transposed ``convolution`` (DPT's and Depth
 Anything's upsampling) -> ``ConvTranspose2d``, their 1-D forms over an unsqueezed unit axis; ``conv3d``
 and 3-D ``convolution`` -> ``Conv2d`` over frames folded into the batch (a video model's tubelets, each
-tubelet's frames as channels; any other kernel, each output frame's window of frames as channels). The capture-time LoRA Linear op
+tubelet's frames as channels; any other kernel, each output frame's window of frames as channels);
+``conv_transpose3d`` and 3-D transposed ``convolution`` -> one ``ConvTranspose2d`` over the frames folded into
+the batch, its time taps overlap-added. The capture-time LoRA Linear op
 (``flora_graph::lora_linear``) has its converter in :mod:`flora_graph.frontend.lora_op`.
 """
 
@@ -26,6 +28,7 @@ import torch
 from flora_graph.errors import UnsupportedOpError
 from flora_graph.frontend.aten.registry import as_dtype, out_dtype, refuse, register, size_ints
 from flora_graph.ir import ComputationNode, Op
+from flora_graph.ir.shapes import dim_product
 from flora_graph.ops.movement import SLICE_END
 
 __all__ = ["bias_into_linear"]
@@ -199,13 +202,58 @@ def _frame_windows(ctx: Any, x: ComputationNode, w: ComputationNode, b: Computat
     return ctx.emit(Op.TRANSPOSE, [y], {"perm": (0, 2, 1, 3, 4)})
 
 
+@register(aten.conv_transpose3d.input)
+def _conv_transpose3d(ctx, x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """A 3-D transposed convolution as one ``ConvTranspose2d`` over the frames folded into the batch, every
+    time tap's output channels side by side (``w`` as ``[C, O/groups*kt, kh, kw]``), then the taps overlap-added
+    in time: each tap's frames spread ``st`` apart (zero frames between), shifted by ``j*dil`` and summed,
+    cropped by the time padding and extended by its output padding. Any number of frames."""
+    if len(x.shape) != 5 or len(w.shape) != 5:
+        raise refuse(ctx, "conv_transpose3d needs x [N, C, T, H, W] and w [C, O/groups, kt, kh, kw]")
+    st, pad, opad, dil = (size_ints(v, 3) for v in (stride, padding, output_padding, dilation))
+    c, og, kt, kh, kw = (int(d) for d in w.shape)
+    if x.shape[1] != c:
+        raise refuse(ctx, f"conv_transpose3d of {x.name} with {x.shape[1]!r} channels for a weight of {c}")
+    n, frames, h, wd = x.shape[0], x.shape[2], x.shape[3], x.shape[4]
+    o = og * int(groups)
+    y = ctx.emit(Op.TRANSPOSE, [x], {"perm": (0, 2, 1, 3, 4)})  # [N, T, C, H, W]
+    y = ctx.emit(Op.RESHAPE, [y], {"shape": (-1, c, h, wd)})
+    w2 = ctx.emit(Op.RESHAPE, [w], {"shape": (c, og * kt, kh, kw)})
+    y = ctx.emit(Op.CONV_TRANSPOSE2D, [y, w2], {"stride": st[1:], "padding": pad[1:], "dilation": dil[1:],
+                                                "output_padding": opad[1:], "groups": int(groups)})
+    ho, wo = y.shape[2], y.shape[3]
+    y = ctx.emit(Op.RESHAPE, [y], {"shape": (n, frames, o, kt, ho, wo)})  # channels (o, tap), group-major
+    if st[0] > 1:  # st - 1 zero frames after each frame, the last frame's dropped: (T - 1) * st + 1 frames
+        y = ctx.emit(Op.UNSQUEEZE, [y], {"axes": (2,)})
+        y = ctx.emit(Op.PAD, [y], {"pads": (0, 0, 0, 0, 0, 0, 0, 0, 0, st[0] - 1, 0, 0, 0, 0), "mode": "constant",
+                                   "value": 0.0})
+        y = ctx.emit(Op.RESHAPE, [y], {"shape": (n, dim_product([frames, st[0]]), o, kt, ho, wo)})
+        y = ctx.emit(Op.SLICE, [y], {"axes": (1,), "starts": (0,), "ends": (1 - st[0],), "steps": (1,)})
+    total = None
+    for j in range(kt):  # tap j lands j*dil frames later
+        tap = ctx.emit(Op.SLICE, [y], {"axes": (3,), "starts": (j,), "ends": (j + 1,), "steps": (1,)})
+        tap = ctx.emit(Op.SQUEEZE, [tap], {"axes": (3,)})
+        before, after = j * dil[0], (kt - 1 - j) * dil[0] + opad[0]
+        if before or after:
+            tap = ctx.emit(Op.PAD, [tap], {"pads": (0, before, 0, 0, 0, 0, after, 0, 0, 0), "mode": "constant",
+                                           "value": 0.0})
+        total = tap if total is None else ctx.emit(Op.ADD, [total, tap])
+    if pad[0]:
+        total = ctx.emit(Op.SLICE, [total], {"axes": (1,), "starts": (pad[0],), "ends": (-pad[0],), "steps": (1,)})
+    y = ctx.emit(Op.TRANSPOSE, [total], {"perm": (0, 2, 1, 3, 4)})  # [N, O, T', H', W']
+    if b is not None:
+        y = ctx.emit(Op.ADD, [y, ctx.emit(Op.RESHAPE, [b], {"shape": (o, 1, 1, 1)})])
+    return y
+
+
 @register(aten.convolution.default)
 def _convolution(ctx, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
-    if len(w.shape) == 5 and not transposed:
+    if len(w.shape) == 5:
+        if transposed:
+            return _conv_transpose3d(ctx, x, w, b, stride, padding, output_padding, groups, dilation)
         return _conv3d(ctx, x, w, b, stride, padding, dilation, groups)
     if len(w.shape) not in (3, 4):
-        kind = "transposed convolutions" if transposed else "convolutions"
-        raise UnsupportedOpError(f"only 1-D and 2-D {kind} (and 3-D convolutions) are supported",
+        raise UnsupportedOpError("only 1-D, 2-D and 3-D convolutions are supported",
                                  {"aten.convolution.default": [ctx.where()]})
     if transposed:
         conv = _conv_transpose1d if len(w.shape) == 3 else _conv_transpose2d
