@@ -15,7 +15,7 @@ from flora_graph.frontend.aten.einsum import parse_equation
 from flora_graph.runtimes.executable import compile
 from flora_graph.runtimes.reference import run
 
-TARGETS = {torch.ops.aten.einsum.default}
+TARGETS = {torch.ops.aten.einsum.default, torch.ops.aten._trilinear.default, torch.ops.aten.bilinear.default}
 """The ATen op these tests exercise (test_capture.py checks every converter is)."""
 
 # equation, operand shapes ("b": the batch, "s": the sequence; both dynamic)
@@ -95,3 +95,33 @@ def test_unsupported_einsums_are_refused_by_name(equation: str, shapes: list[tup
 
     with pytest.raises(UnsupportedOpError, match=what):
         capture(Many(), _inputs(shapes, 2, 5, 0))
+
+
+class _Bilinear(nn.Module):
+    """``nn.Bilinear`` (``x1 W x2 + b``), and ``_trilinear`` of another expansion (a sum over the middle axis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bilinear = nn.Bilinear(5, 4, 3)
+        self.w = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        other = torch.ops.aten._trilinear(x0, self.w, x1, [2], [0], [1], [1])  # [b, 5, 1] [1, 5, 4] [b, 1, 4] -> [b, 4]
+        return self.bilinear(x0, x1) + other.sum(-1, keepdim=True)
+
+
+def test_bilinear_as_two_einsums_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_retrace(*args: object, **kwargs: object) -> None:
+        raise AssertionError("bilinear or _trilinear was decomposed (the program retraced)")
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", no_retrace)
+    model = _Bilinear().eval()
+    graph = capture(model, (torch.randn(2, 5), torch.randn(2, 4)), {"x0": {0: "batch"}, "x1": {0: "batch"}})
+    ort = compile(graph, "onnxruntime")
+    for batch in (3, 1):
+        gen = torch.Generator().manual_seed(batch)
+        x0, x1 = torch.randn(batch, 5, generator=gen), torch.randn(batch, 4, generator=gen)
+        with torch.no_grad():
+            want = model(x0, x1).numpy()
+        np.testing.assert_allclose(run(graph, {"x0": x0.numpy(), "x1": x1.numpy()})["output"], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ort(x0=x0.numpy(), x1=x1.numpy())["output"], want, rtol=1e-5, atol=1e-5)

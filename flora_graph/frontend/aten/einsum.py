@@ -1,4 +1,5 @@
-"""ATen converter for ``einsum`` over one or two operands, into the ops torch's own decomposition gives.
+"""ATen converters for ``einsum`` over one or two operands (and ``bilinear``, ``_trilinear``), into the ops
+torch's own decomposition gives.
 
 Converted directly rather than decomposed: a decomposition retraces the whole program
 (seconds on a model of a few layers). One operand: sums over the letters the output drops, then a
@@ -9,7 +10,7 @@ only, summed first). The left operand is transposed to ``[batch, left, contracte
 ``[batch, contracted, right]``, each group folded into one axis (``Reshape``, where it has several
 letters or none), multiplied (``MatMul``, whose batch axes broadcast), unfolded and transposed to the
 output's order. Repeated letters in one operand (a diagonal) and three or more operands are refused
-by name.
+by name. ``bilinear`` (``nn.Bilinear``, kept whole by torch.export) and ``_trilinear`` are two such einsums.
 """
 
 from __future__ import annotations
@@ -137,3 +138,28 @@ def _einsum(ctx, equation, operands, *, path=None):
     if tuple(y.shape) != shape:
         y = ctx.emit(Op.RESHAPE, [y], {"shape": shape})
     return _permute(ctx, y, batch + left + right, out)
+
+
+@register(aten._trilinear.default)
+def _trilinear(ctx, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
+    """``nn.Bilinear``'s product: each operand unsqueezed at its ``expand`` axes, the three multiplied and summed
+    over ``sumdim``, as two two-operand einsums (one letter per axis; the first pair contracts the axes the third
+    operand and the output do not keep), so the product never holds the whole broadcast box."""
+    rank = len(i1.shape) + len(expand1)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:rank]
+    terms = ["".join(letters[a] for a in range(rank) if a not in set(e)) for e in (expand1, expand2, expand3)]
+    out = "".join(letters[a] for a in range(rank) if a not in set(sumdim))
+    if any(len(t) != len(x.shape) for t, x in zip(terms, (i1, i2, i3), strict=True)):
+        raise refuse(ctx, f"_trilinear of ranks {[len(x.shape) for x in (i1, i2, i3)]} with expands "
+                          f"{[list(expand1), list(expand2), list(expand3)]}")
+    keep = "".join(c for c in letters if (c in terms[0] or c in terms[1]) and (c in out or c in terms[2]))
+    first = _einsum(ctx, f"{terms[0]},{terms[1]}->{keep}", [i1, i2])
+    return _einsum(ctx, f"{keep},{terms[2]}->{out}", [first, i3])
+
+
+@register(aten.bilinear.default)
+def _bilinear(ctx, x1, x2, w, b=None):
+    """``nn.Bilinear``, which torch.export keeps whole: ``x1 W x2 + b`` over any leading axes as the einsums
+    ``...i,oij->...oj`` and ``...oj,...j->...o`` (no retrace to decompose it)."""
+    y = _einsum(ctx, "...oj,...j->...o", [_einsum(ctx, "...i,oij->...oj", [x1, w]), x2])
+    return y if b is None else ctx.emit(Op.ADD, [y, b])
