@@ -113,6 +113,21 @@ ROWS = [
         ("adaptive_max_pool2d.default",), {0: 0}),
     Row("adaptive_max_pool1d_windows", lambda x: F.adaptive_max_pool1d(x, 4), [randn(-1, 3, 10)],
         ("adaptive_max_pool2d.default",), {0: 0}),
+    # ------------------------------------------------------------------ scans and statistics
+    Row("logcumsumexp", lambda x: torch.logcumsumexp(x, 1), [randn(-1, 7)], ("logcumsumexp.default",), {0: 0}),
+    Row("logcumsumexp_wide", lambda x: torch.logcumsumexp(torch.where(x > 0.8, float("-inf"), x * 200), -1),
+        [randn(-1, 3, 9)], ("logcumsumexp.default",), {0: 0}, tol=1e-4),  # exp(200) overflows float32 unshifted
+    Row("var_mean", lambda x: torch.cat(torch.var_mean(x, 1, keepdim=True), 1), [randn(-1, 7)],
+        ("var_mean.correction",), {0: 0}),
+    Row("std_mean", lambda x: torch.stack(torch.std_mean(x, (1, 2), correction=0)), [randn(-1, 3, 4)],
+        ("std_mean.correction",), {0: 0}),
+    # ------------------------------------------------------------------ buckets, sliding windows
+    Row("bucketize", lambda x, b: torch.bucketize(x, b).float(), [randn(-1, 7), fixed(torch.linspace(-2, 2, 9))],
+        ("bucketize.Tensor",), {0: 0}),
+    Row("bucketize_right_int32", lambda x, b: torch.bucketize(x.round(), b, out_int32=True, right=True).float(),
+        [randn(-1, 7), fixed(torch.arange(-2.0, 3.0))], ("bucketize.Tensor",), {0: 0}),
+    Row("unfold_windows", lambda x: x.unfold(1, 3, 2), [randn(-1, 9, 2)], ("unfold.default",), {0: 0}),
+    Row("unfold_last", lambda x: x.unfold(-1, 4, 1), [randn(-1, 3, 6)], ("unfold.default",), {0: 0}),
     # ------------------------------------------------------------------ 3-D transposed convolution (a video decoder's)
     Row("conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=(2, 1, 2), padding=1), [randn(-1, 3, 3, 4, 4),
         randn(3, 2, 3, 3, 3)], ("conv_transpose3d.input",), {0: 0}, tol=1e-4),
@@ -331,6 +346,29 @@ def test_unsupported_forms_are_refused_by_name(fn: Callable[..., Any], what: str
 def test_adaptive_windows_over_a_dynamic_axis_are_refused_by_name(fn: Callable[..., Any]) -> None:
     with pytest.raises(UnsupportedOpError, match=r"dynamic|static H and W"):
         capture(_module(fn, 1), (torch.randn(2, 3, 4, 6, 5),), {"x0": {0: "batch", 4: "width"}})
+
+
+def test_logcumsumexp_over_a_dynamic_axis() -> None:
+    """Over a dynamic axis, ``logcumsumexp`` shifts by the axis' maximum (the exact per-prefix form needs a static
+    one): within float32 tolerance where the prefixes are within ``exp``'s range of it."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.logcumsumexp(x * 5, 1)
+
+    g = capture(_module(fn, 1), (torch.randn(2, 6),), {"x0": {0: "batch", 1: "seq"}})
+    for shape in ((3, 11), (1, 2)):
+        x = torch.randn(*shape, generator=_gen(shape[1]))
+        _assert_close(run(g, {"x0": x.numpy()}), _eager(fn, [x]), 1e-5, "logcumsumexp dynamic")
+
+
+def test_a_value_check_is_no_part_of_the_graph() -> None:
+    """``torch._assert_async`` (``one_hot``'s index range, as decomposed): torch checks at trace time; no node."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        torch._assert_async((x.abs() < 1e9).all(), "values out of range")
+        return x * 2
+
+    g = capture(_module(fn, 1), (torch.randn(2, 3),), {"x0": {0: "batch"}})
+    x = torch.randn(4, 3)
+    _assert_close(run(g, {"x0": x.numpy()}), _eager(fn, [x]), 1e-6, "assert_async")
 
 
 class _LengthsChecked(nn.Module):

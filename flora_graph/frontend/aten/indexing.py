@@ -19,7 +19,10 @@ offset2bag, bag sizes and max indices refused when used) -> ``Gather`` of the ro
 ``col2im`` (``F.fold``) -> ``IndexPut`` accumulating each column of blocks at its constant positions
 in the padded output, then a ``Slice`` of the padding;
 ``masked_scatter`` -> ``Where`` of the mask over ``Gather`` of the flattened source at the mask's
-running count (``CumSum``) minus one.
+running count (``CumSum``) minus one; ``bucketize`` -> the count of boundaries below each value
+(``Less``/``LessOrEqual`` against the boundaries on a new last axis, ``ReduceSum``); ``unfold``
+(``Tensor.unfold``: sliding windows of a static axis) -> ``Gather`` of a constant ``[windows, size]``
+index, the window axis moved last.
 """
 
 from __future__ import annotations
@@ -364,3 +367,35 @@ def _embedding_bag(ctx, weight, indices, offsets, scale_grad_by_freq=False, mode
         return ctx.emit(Op.DIV, [out, ctx.emit(Op.MAX, [count, ctx.scalar(1.0, dtype)])]), None, None, None
     filled = ctx.emit(Op.GREATER, [count, ctx.scalar(0.0, dtype)])
     return ctx.emit(Op.WHERE, [filled, out, ctx.scalar(0.0, dtype)]), None, None, None
+
+
+@register(aten.bucketize.Tensor)
+def _bucketize(ctx, x, boundaries, *, out_int32=False, right=False):
+    """The index of each value's bucket among sorted 1-D ``boundaries``: how many are below it (``right``: at or
+    below it), as torch's ``bucketize`` counts."""
+    if len(boundaries.shape) != 1:
+        raise refuse(ctx, f"bucketize by boundaries of rank {len(boundaries.shape)} (1-D only)")
+    dtype = x.dtype if x.dtype == boundaries.dtype else "float64"
+    v = ctx.emit(Op.UNSQUEEZE, [as_dtype(ctx, x, dtype)], {"axes": (len(x.shape),)})
+    below = ctx.emit(Op.LESS_OR_EQUAL if right else Op.LESS, [as_dtype(ctx, boundaries, dtype), v])
+    count = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [below], {"to": "int64"})], {"axes": (len(x.shape),), "keepdims": 0})
+    return ctx.emit(Op.CAST, [count], {"to": "int32"}) if out_int32 else count
+
+
+@register(aten.unfold.default)
+def _unfold(ctx, x, dim, size, step):
+    """``Tensor.unfold``: the windows of ``size`` every ``step`` along a static axis, a new last axis of ``size``."""
+    if not x.shape:
+        raise refuse(ctx, "unfold of a scalar")
+    axis = axis_of(int(dim), len(x.shape))
+    length = x.shape[axis]
+    if not isinstance(length, int):
+        raise refuse(ctx, f"unfold of a dynamic axis of size {length!r}")
+    size, step = int(size), int(step)
+    count = (length - size) // step + 1
+    index = np.arange(count)[:, None] * step + np.arange(size)[None, :]
+    idx = ctx.new_param(f"{ctx.fx_node.name}_windows", index.astype(np.int64))
+    y = ctx.emit(Op.GATHER, [x, idx], {"axis": axis})  # [..., count, size, ...]
+    rank = len(y.shape)
+    perm = [a for a in range(rank) if a != axis + 1] + [axis + 1]
+    return y if perm == list(range(rank)) else ctx.emit(Op.TRANSPOSE, [y], {"perm": tuple(perm)})

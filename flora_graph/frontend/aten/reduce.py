@@ -71,6 +71,36 @@ def _cumsum(ctx, x, dim, *, dtype=None):
     return ctx.emit(Op.CUMSUM, [cast_to_out(ctx, x)], {"axis": int(dim)})
 
 
+EXACT_LOGCUMSUMEXP = 1024
+"""The longest static axis whose ``logcumsumexp`` is one log-sum-exp per prefix (``L x L`` values a row)."""
+
+
+@register(aten.logcumsumexp.default)
+def _logcumsumexp(ctx, x, dim):
+    """Each prefix's log-sum-exp, shifted by its own maximum, on a static axis of at most
+    :data:`EXACT_LOGCUMSUMEXP`: the axis broadcast against itself (``[..., i, j, ...]``, ``-inf`` where ``j > i``),
+    so a prefix far below the axis' maximum keeps its value. A longer or dynamic axis: ``log(cumsum(exp(x - m))) +
+    m`` with ``m`` the axis' maximum (as torch.onnx exports it), where a prefix more than ~87 below ``m`` (float32's
+    ``exp`` range) underflows to ``-inf``."""
+    x = cast_to_out(ctx, x)
+    if not x.shape:
+        return x
+    axis = int(dim) % len(x.shape)
+    length = x.shape[axis]
+    lowest = as_dtype(ctx, float(np.finfo(x.dtype).min), x.dtype)  # a max kept finite: a row of -inf gives -inf
+    if isinstance(length, int) and length <= EXACT_LOGCUMSUMEXP:
+        later = np.triu(np.full((length, length), -np.inf, x.dtype), 1)  # [i, j]: -inf where j > i
+        mask = ctx.new_param(f"{ctx.fx_node.name}_prefixes", later.reshape(later.shape + (1,) * (len(x.shape) - axis - 1)))
+        z = ctx.emit(Op.ADD, [ctx.emit(Op.UNSQUEEZE, [x], {"axes": (axis,)}), mask])  # [..., i, j, ...]
+        m = ctx.emit(Op.MAX, [ctx.emit(Op.REDUCE_MAX, [z], {"axes": (axis + 1,), "keepdims": 1}), lowest])
+        total = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.EXP, [ctx.emit(Op.SUB, [z, m])])], {"axes": (axis + 1,), "keepdims": 1})
+        y = ctx.emit(Op.ADD, [ctx.emit(Op.LOG, [total]), m])
+        return ctx.emit(Op.SQUEEZE, [y], {"axes": (axis + 1,)})
+    m = ctx.emit(Op.MAX, [ctx.emit(Op.REDUCE_MAX, [x], {"axes": (axis,), "keepdims": 1}), lowest])
+    shifted = ctx.emit(Op.EXP, [ctx.emit(Op.SUB, [x, m])])
+    return ctx.emit(Op.ADD, [ctx.emit(Op.LOG, [ctx.emit(Op.CUMSUM, [shifted], {"axis": axis})]), m])
+
+
 @register(aten.prod.dim_int)
 def _prod_dim(ctx, x, dim, keepdim=False, *, dtype=None):
     x = cast_to_out(ctx, x)
@@ -157,7 +187,7 @@ def _var(ctx, x, dim, correction, keepdim) -> ComputationNode:
         raise refuse(ctx, "the variance of a scalar")
     attrs = {"axes": _reduce_axes(x, dim), "keepdims": int(bool(keepdim)), "correction": float(correction)}
     var = ctx.emit(Op.REDUCE_VAR, [x], attrs)
-    is_std = ctx.fx_node.target in (aten.std.dim, aten.std.correction)
+    is_std = ctx.fx_node.target in (aten.std.dim, aten.std.correction, aten.std_mean.correction)
     return ctx.emit(Op.SQRT, [var]) if is_std else var
 
 
@@ -169,6 +199,14 @@ def _var_dim(ctx, x, dim=None, unbiased=True, keepdim=False):
 @register(aten.var.correction, aten.std.correction)
 def _var_correction(ctx, x, dim=None, *, correction=None, keepdim=False):
     return _var(ctx, x, dim, 1.0 if correction is None else correction, keepdim)
+
+
+@register(aten.var_mean.correction, aten.std_mean.correction)
+def _var_mean(ctx, x, dim=None, *, correction=None, keepdim=False):
+    """``(var or std, mean)`` over the same axes."""
+    spread = _var(ctx, x, dim, 1.0 if correction is None else correction, keepdim)
+    x = as_dtype(ctx, x, out_dtype(ctx))
+    return spread, ctx.emit(Op.REDUCE_MEAN, [x], {"axes": _reduce_axes(x, dim), "keepdims": int(bool(keepdim))})
 
 
 

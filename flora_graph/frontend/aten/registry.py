@@ -57,6 +57,8 @@ NO_TENSOR_OPS = {
     aten._assert_scalar.default,
     aten.sym_constrain_range_for_size.default,
     aten._assert_tensor_metadata.default,
+    aten._assert_async.msg,  # a check on values (one_hot's index range): torch's, at trace time; no graph node
+    aten._assert_async.default,
 }
 
 SIZE_OPS = frozenset({
