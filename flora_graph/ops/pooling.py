@@ -213,7 +213,27 @@ def _infer_resize(shapes, dtypes, attrs):
         raise ShapeError(f"Resize: size must be 2 positive ints, got {size}")
     if attrs["mode"] == "nearest" and attrs["align_corners"]:
         raise ShapeError("Resize: align_corners needs mode 'linear'")
+    if attrs.get("antialias") and (attrs["mode"] != "linear" or attrs["align_corners"]):
+        raise ShapeError("Resize: antialias needs mode 'linear' without align_corners")
     return (*shapes[0][:2], *size), same_float_dtype(dtypes)
+
+
+def _antialias_weights(out: int, size: int) -> np.ndarray:
+    """torch's antialiased bilinear weights ``[out, size]`` along one axis (``_upsample_bilinear2d_aa``): a triangle
+    filter centred on ``scale * (i + 0.5)``, widened by the scale when shrinking, over the input positions whose
+    centres it reaches, normalized to sum 1."""
+    scale = size / out
+    support = scale if scale >= 1 else 1.0
+    inv = 1 / scale if scale >= 1 else 1.0
+    w = np.zeros((out, size))
+    for i in range(out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)  # C++'s truncation toward zero, as torch computes it
+        hi = min(int(center + support + 0.5), size)
+        taps = np.clip(1 - np.abs((np.arange(lo, hi) - center + 0.5) * inv), 0, None)
+        if taps.sum():
+            w[i, lo:hi] = taps / taps.sum()
+    return w
 
 
 def _source(out: int, size: int, mode: str, align_corners: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -231,8 +251,11 @@ def _source(out: int, size: int, mode: str, align_corners: int) -> tuple[np.ndar
     return i0, i1, src - i0
 
 
-def _numpy_resize(x: np.ndarray, *, size, mode: str, align_corners: int) -> np.ndarray:
+def _numpy_resize(x: np.ndarray, *, size, mode: str, align_corners: int, antialias: int = 0) -> np.ndarray:
     y = x.astype(np.float64)
+    if antialias:  # separable: H then W, each a matrix of weights
+        y = np.einsum("oh,nchw->ncow", _antialias_weights(int(size[0]), x.shape[2]), y)
+        return np.einsum("ow,nchw->ncho", _antialias_weights(int(size[1]), x.shape[3]), y)
     for axis, (out, n) in enumerate(zip(size, x.shape[2:], strict=True), start=2):
         i0, i1, lam = _source(int(out), n, mode, align_corners)
         shape = [1] * 4
@@ -252,6 +275,8 @@ def _onnx_resize(ctx: Any, node: ComputationNode, out: str) -> None:
     else:
         ctm = "align_corners" if a["align_corners"] else "pytorch_half_pixel"
         attrs = {"mode": "linear", "coordinate_transformation_mode": ctm}
+        if a.get("antialias"):  # opset 18 (the lowering's least); torch's filter drops the taps outside the input
+            attrs.update(antialias=1, coordinate_transformation_mode="half_pixel", exclude_outside=1)
     ctx.emit("Resize", [ctx.arg(node, 0), "", "", sizes], [out], **attrs)
 
 
@@ -259,7 +284,8 @@ def _torch_resize(node: ComputationNode, args: list[str]) -> str:
     a = node.attrs
     if a["mode"] == "nearest":
         return f"F.interpolate({args[0]}, {ints(a['size'])}, mode='nearest')"
-    return f"F.interpolate({args[0]}, {ints(a['size'])}, mode='bilinear', align_corners={bool(a['align_corners'])})"
+    aa = ", antialias=True" if a.get("antialias") else ""
+    return f"F.interpolate({args[0]}, {ints(a['size'])}, mode='bilinear', align_corners={bool(a['align_corners'])}{aa})"
 
 
 define(
@@ -268,9 +294,11 @@ define(
         "size": AttrSpec("ints", required=True),
         "mode": AttrSpec("str", "nearest", choices=("nearest", "linear")),
         "align_corners": AttrSpec("int", 0),
+        "antialias": AttrSpec("int", 0),
     },
     infer=_infer_resize,
-    doc="NCHW resize of H, W to size: torch's nearest (floor of dst * in / out) or bilinear (ONNX Resize).",
+    doc="NCHW resize of H, W to size: torch's nearest (floor of dst * in / out) or bilinear (ONNX Resize); "
+        "antialias: torch's antialiased bilinear (a triangle filter widened when shrinking).",
     numpy=_numpy_resize, onnx=_onnx_resize, torch=_torch_resize,
 )
 

@@ -109,6 +109,13 @@ CASES = [
     Case("upsample_bilinear_corners", {"x": X}, op(Op.RESIZE, "x", size=(16, 7), mode="linear", align_corners=1),
          lambda x: F.interpolate(x, size=(16, 7), mode="bilinear", align_corners=True),
          capture=("upsample_bilinear2d.vec",)),
+    # antialiased bilinear (a vision tower's position table resized): shrinking by uneven factors, and growing
+    Case("resize_bilinear_antialias_down", {"x": X}, op(Op.RESIZE, "x", size=(3, 5), mode="linear", antialias=1),
+         lambda x: F.interpolate(x, size=(3, 5), mode="bilinear", antialias=True), tol=1e-5,
+         capture=("_upsample_bilinear2d_aa.vec",)),
+    Case("resize_bilinear_antialias_up", {"x": X}, op(Op.RESIZE, "x", size=(13, 4), mode="linear", antialias=1),
+         lambda x: aten._upsample_bilinear2d_aa(x, [13, 4], False), tol=1e-5,
+         capture=("_upsample_bilinear2d_aa.default",)),
 ]
 
 

@@ -7,8 +7,8 @@ and W, and an average that counts its padding is refused in ceil mode where that
 ``ReduceMax`` over H, W for a 1x1 output, else ``AvgPool2d`` / ``MaxPool2d`` when each input size is divisible
 by its output size, else torch's (maybe overlapping) windows one axis after the other, a ``Slice`` and a
 reduction each, ``Concat``-ed (static sizes; likewise the 1-D and 3-D adaptive averages);
-``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` -> ``Resize`` (scale factors only when
-they give whole output sizes); ``upsample_nearest1d.vec`` / ``upsample_linear1d.vec`` -> ``Resize`` of
+``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` / ``_upsample_bilinear2d_aa`` -> ``Resize`` (scale
+factors only when they give whole output sizes; antialiased bilinear without ``align_corners``); ``upsample_nearest1d.vec`` / ``upsample_linear1d.vec`` -> ``Resize`` of
 ``[N, C, 1, L]``.
 
 ``grid_sampler_2d`` / ``grid_sampler`` (4-D input) -> ``GridSample`` (bilinear, nearest, bicubic;
@@ -143,7 +143,7 @@ def _adaptive_windows(ctx, x, axis: int, out: int, reduce: Op):
     return parts[0] if out == 1 else ctx.emit(Op.CONCAT, parts, {"axis": axis})
 
 
-def _resize(ctx, x, output_size, scale_factors, mode: str, align_corners: bool):
+def _resize(ctx, x, output_size, scale_factors, mode: str, align_corners: bool, antialias: bool = False):
     h, w = _spatial(ctx, x)
     if output_size is not None:
         size = _pair(output_size)
@@ -152,7 +152,8 @@ def _resize(ctx, x, output_size, scale_factors, mode: str, align_corners: bool):
         size = (math.floor(h * sh), math.floor(w * sw))
         if size[0] != h * sh or size[1] != w * sw:
             raise refuse(ctx, "scale factors that do not give whole output sizes")
-    return ctx.emit(Op.RESIZE, [x], {"size": size, "mode": mode, "align_corners": int(bool(align_corners))})
+    attrs = {"size": size, "mode": mode, "align_corners": int(bool(align_corners))}
+    return ctx.emit(Op.RESIZE, [x], {**attrs, "antialias": 1} if antialias else attrs)
 
 
 def _pair_float(v: Any) -> tuple[float, float]:
@@ -168,6 +169,22 @@ def _upsample_nearest2d(ctx, x, output_size, scale_factors):
 @register(aten.upsample_bilinear2d.vec)
 def _upsample_bilinear2d(ctx, x, output_size, align_corners, scale_factors):
     return _resize(ctx, x, output_size, scale_factors, "linear", align_corners)
+
+
+@register(aten._upsample_bilinear2d_aa.default)
+def _upsample_bilinear2d_aa(ctx, x, output_size, align_corners, scales_h=None, scales_w=None):
+    """``F.interpolate(mode="bilinear", antialias=True)`` (a vision tower's resize of its position table) ->
+    ``Resize`` with ``antialias``, to the output size torch computed (without ``align_corners``)."""
+    if align_corners:
+        raise refuse(ctx, "antialiased bilinear resizing with align_corners=True")
+    return _resize(ctx, x, output_size, None, "linear", False, antialias=True)
+
+
+@register(aten._upsample_bilinear2d_aa.vec)
+def _upsample_bilinear2d_aa_vec(ctx, x, output_size, align_corners, scale_factors):
+    if align_corners:
+        raise refuse(ctx, "antialiased bilinear resizing with align_corners=True")
+    return _resize(ctx, x, output_size, scale_factors, "linear", False, antialias=True)
 
 
 @register(aten.upsample_linear1d.vec, aten.upsample_nearest1d.vec)
