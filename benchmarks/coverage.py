@@ -430,6 +430,10 @@ register("marian", "encoder-decoder", seq2seq("MarianConfig", "MarianMTModel", v
                                               max_position_embeddings=MAX_POS, pad_token_id=0,
                                               decoder_start_token_id=0), "sinusoidal positions, scaled embeddings")
 
+def _noise(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 def images(batch: int, seed: int) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
 
@@ -474,6 +478,18 @@ register("resnet", "conv", vision("ResNetConfig", "ResNetForImageClassification"
 register("clip-vision", "vision", vision("CLIPVisionConfig", "CLIPVisionModel", **VIT), "pre-norm, class embedding")
 register("siglip-vision", "vision", vision("SiglipVisionConfig", "SiglipVisionModel", **VIT),
          "attention-pooling head (torch.onnx's file is off)")
+def tipsv2() -> Built:
+    """TIPSv2's vision tower on 48-pixel images with a 32-pixel config: its position table resized to the 6x6
+    patch grid by antialiased bilinear interpolation."""
+    model = hf("Tipsv2VisionConfig", "Tipsv2VisionModel", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, image_size=32, patch_size=8)
+
+    def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": _noise(seed, batch, 3, 48, 48)}
+    return batch_case(lora(jittered(model)), make, IMAGE_DIMS)
+
+
+register("tipsv2", "vision", tipsv2, "position table resized with antialiasing")
 register("dinov2", "vision", vision("Dinov2Config", "Dinov2Model", image_size=32, patch_size=8, num_channels=3,
                                     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2),
          "layer scale, interpolated positions")
@@ -757,10 +773,6 @@ register("llama-lora-bias", "peft", llama_peft(lora_bias=True, target_modules=["
 
 # --------------------------------------------------------------------------------------------- diffusion models
 DIFFUSION_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the modules diffusers' own LoRA training targets
-
-
-def _noise(seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def sd_unet() -> Built:
