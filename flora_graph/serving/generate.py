@@ -602,7 +602,8 @@ class Batch:
 
     def _prefill_many(self, prompts: list[list[int]], adapters: list[str | None]) -> tuple[list[np.ndarray], np.ndarray]:
         """Rows ``prompts`` from empty caches in one call, right-padded to the longest (a right-padded package: the
-        attention takes each row's length from the mask, positions count from 0 in every row): ``(their caches
+        attention takes each row's length from the mask, positions count from 0 in every row, a padded slot
+        repeating its row's last): ``(their caches
         [rows, kv, longest, head_dim], valid up to each row's length; the logits [rows, longest, vocab])``."""
         gen = self.gen
         n, longest = len(prompts), max(len(p) for p in prompts)
@@ -611,7 +612,10 @@ class Batch:
         for i, p in enumerate(prompts):
             ids[i, :len(p)], mask[i, :len(p)] = p, 1
         cache = [np.zeros((n, dims[0], 0, dims[1]), np.float32) for dims in gen._past_dims]
-        positions = np.broadcast_to(np.arange(longest, dtype=gen._pos_dtype), (n, longest)).copy()
+        # a padded slot repeats its row's last position: a model whose rotary depends on a row's furthest position
+        # (dynamic scaling, longrope's switch) sees each row's own
+        positions = np.minimum(np.arange(longest)[None, :], np.array([len(p) - 1 for p in prompts])[:, None])
+        positions = positions.astype(gen._pos_dtype)
         out = self._call(ids, mask, positions, cache, adapters)
         self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
         return [out[name] for name in gen._present], out["logits"]
