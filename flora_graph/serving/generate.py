@@ -602,9 +602,9 @@ class Batch:
 
     def _prefill_many(self, prompts: list[list[int]], adapters: list[str | None]) -> tuple[list[np.ndarray], np.ndarray]:
         """Rows ``prompts`` from empty caches in one call, right-padded to the longest (a right-padded package: the
-        attention takes each row's length from the mask, positions count from 0 in every row, a padded slot
-        repeating its row's last): ``(their caches
-        [rows, kv, longest, head_dim], valid up to each row's length; the logits [rows, longest, vocab])``."""
+        attention takes each row's length from the mask; positions count from 0 in every row, a padded slot
+        repeating its row's last): ``(their caches [rows, kv, longest, head_dim], valid up to each row's length;
+        the logits [rows, longest, vocab])``."""
         gen = self.gen
         n, longest = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((n, longest), gen._id_dtype)
