@@ -378,7 +378,8 @@ def _bucketize(ctx, x, boundaries, *, out_int32=False, right=False):
     dtype = x.dtype if x.dtype == boundaries.dtype else "float64"
     v = ctx.emit(Op.UNSQUEEZE, [as_dtype(ctx, x, dtype)], {"axes": (len(x.shape),)})
     below = ctx.emit(Op.LESS_OR_EQUAL if right else Op.LESS, [as_dtype(ctx, boundaries, dtype), v])
-    count = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [below], {"to": "int64"})], {"axes": (len(x.shape),), "keepdims": 0})
+    count = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [below], {"to": "int64"})],
+                     {"axes": (len(x.shape),), "keepdims": 0})
     return ctx.emit(Op.CAST, [count], {"to": "int32"}) if out_int32 else count
 
 

@@ -121,7 +121,8 @@ def _circular(ctx: Any, x: ComputationNode, pad: Sequence[Any]) -> ComputationNo
         raise refuse(ctx, f"circular padding {list(pad)} (static, nonnegative pads of at most every axis)")
     for i in range(len(pad) // 2):
         axis, b, e = len(x.shape) - 1 - i, int(pad[2 * i]), int(pad[2 * i + 1])
-        parts = [ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (-b,), "ends": (SLICE_END,), "steps": (1,)})] if b else []
+        parts = [ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (-b,), "ends": (SLICE_END,), "steps": (1,)})
+                 ] if b else []
         parts.append(x)
         if e:
             parts.append(ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (0,), "ends": (e,), "steps": (1,)}))

@@ -8,8 +8,8 @@ and W, and an average that counts its padding is refused in ceil mode where that
 by its output size, else torch's (maybe overlapping) windows one axis after the other, a ``Slice`` and a
 reduction each, ``Concat``-ed (static sizes; likewise the 1-D and 3-D adaptive averages);
 ``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` / ``_upsample_bilinear2d_aa`` -> ``Resize`` (scale
-factors only when they give whole output sizes; antialiased bilinear without ``align_corners``); ``upsample_nearest1d.vec`` / ``upsample_linear1d.vec`` -> ``Resize`` of
-``[N, C, 1, L]``.
+factors only when they give whole output sizes; antialiased bilinear without ``align_corners``);
+``upsample_nearest1d.vec`` / ``upsample_linear1d.vec`` -> ``Resize`` of ``[N, C, 1, L]``.
 
 ``grid_sampler_2d`` / ``grid_sampler`` (4-D input) -> ``GridSample`` (bilinear, nearest, bicubic;
 zeros, border, reflection padding).

@@ -90,10 +90,12 @@ def _logcumsumexp(ctx, x, dim):
     lowest = as_dtype(ctx, float(np.finfo(x.dtype).min), x.dtype)  # a max kept finite: a row of -inf gives -inf
     if isinstance(length, int) and length <= EXACT_LOGCUMSUMEXP:
         later = np.triu(np.full((length, length), -np.inf, x.dtype), 1)  # [i, j]: -inf where j > i
-        mask = ctx.new_param(f"{ctx.fx_node.name}_prefixes", later.reshape(later.shape + (1,) * (len(x.shape) - axis - 1)))
+        later = later.reshape(later.shape + (1,) * (len(x.shape) - axis - 1))
+        mask = ctx.new_param(f"{ctx.fx_node.name}_prefixes", later)
         z = ctx.emit(Op.ADD, [ctx.emit(Op.UNSQUEEZE, [x], {"axes": (axis,)}), mask])  # [..., i, j, ...]
         m = ctx.emit(Op.MAX, [ctx.emit(Op.REDUCE_MAX, [z], {"axes": (axis + 1,), "keepdims": 1}), lowest])
-        total = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.EXP, [ctx.emit(Op.SUB, [z, m])])], {"axes": (axis + 1,), "keepdims": 1})
+        total = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.EXP, [ctx.emit(Op.SUB, [z, m])])],
+                         {"axes": (axis + 1,), "keepdims": 1})
         y = ctx.emit(Op.ADD, [ctx.emit(Op.LOG, [total]), m])
         return ctx.emit(Op.SQUEEZE, [y], {"axes": (axis + 1,)})
     m = ctx.emit(Op.MAX, [ctx.emit(Op.REDUCE_MAX, [x], {"axes": (axis,), "keepdims": 1}), lowest])
