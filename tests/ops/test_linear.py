@@ -240,32 +240,6 @@ _CONV3D = {  # (weight [O, C/groups, kt, kh, kw], bias, keyword arguments of F.c
 }
 
 
-@pytest.mark.parametrize("name", list(_CONV3D))
-def test_three_d_convolutions_over_any_number_of_frames(name: str) -> None:
-    """Any 3-D convolution (a video VAE's: overlapping windows in time, time padding, strides, dilation, groups,
-    "same" padding) over a dynamic number of frames, against ``F.conv3d`` in the numpy reference, ONNX Runtime
-    and TorchScript, at frame counts other than the example's (tubelets keep their own form, the table above)."""
-    from flora_graph.frontend import capture
-    from flora_graph.runtimes.executable import compile
-    from flora_graph.runtimes.reference import run
-
-    w, b, kw = _CONV3D[name]
-    weight, bias = torch.from_numpy(w), None if b is None else torch.from_numpy(b)
-
-    class M(torch.nn.Module):
-        def forward(self, x):
-            return F.conv3d(x, weight, bias, **kw)
-
-    graph = capture(M(), torch.randn(2, 4, 6, 6, 7), {"x": {0: "batch", 2: "frames"}})
-    backends = [compile(graph, "onnxruntime"), compile(graph, "torchscript")]
-    for batch, frames in ((1, 5), (3, 9), (2, 4)):
-        x = torch.randn(batch, 4, frames, 6, 7, generator=torch.Generator().manual_seed(frames))
-        want = F.conv3d(x.double(), weight.double(), None if bias is None else bias.double(), **kw).float().numpy()
-        for got in (run(graph, {"x": x.numpy()}), *(fn(x=x.numpy()) for fn in backends)):
-            assert got["output"].shape == want.shape
-            np.testing.assert_allclose(got["output"], want, rtol=1e-4, atol=1e-4)
-
-
 _DECONV3D = {  # (weight [C, O/groups, kt, kh, kw], bias, keyword arguments of F.conv_transpose3d); x [batch, 4, T, 5, 6]
     "plain": (_conv_w(4, 3, 3, 3, 3), _conv_w(3), {}),
     "strided_padded": (_conv_w(4, 2, 3, 3, 2), _conv_w(2), {"stride": (2, 2, 1), "padding": (1, 1, 0),
@@ -276,26 +250,34 @@ _DECONV3D = {  # (weight [C, O/groups, kt, kh, kw], bias, keyword arguments of F
 }
 
 
-@pytest.mark.parametrize("name", list(_DECONV3D))
-def test_three_d_transposed_convolutions_over_any_number_of_frames(name: str) -> None:
-    """3-D transposed convolutions (strides, padding, output padding, dilation, groups) over a dynamic number of
-    frames, against ``F.conv_transpose3d`` in the numpy reference, ONNX Runtime and TorchScript."""
+_VIDEO = [(F.conv3d, name, (6, 6, 7), ((1, 5), (3, 9), (2, 4))) for name in _CONV3D] + \
+    [(F.conv_transpose3d, name, (4, 5, 6), ((1, 3), (3, 7), (2, 2))) for name in _DECONV3D]
+
+
+@pytest.mark.parametrize(("conv", "name", "example", "runs"), _VIDEO, ids=[f"{c.__name__}-{n}" for c, n, *_ in _VIDEO])
+def test_three_d_convolutions_over_any_number_of_frames(conv, name: str, example: tuple[int, ...],
+                                                        runs: tuple[tuple[int, int], ...]) -> None:
+    """Any 3-D convolution (a video VAE's: overlapping windows in time, time padding, strides, dilation, groups,
+    "same" padding) and 3-D transposed convolution (strides, padding, output padding, dilation, groups) over a
+    dynamic number of frames, against torch in float64 on the numpy reference, ONNX Runtime and TorchScript, at
+    frame counts other than the example's (tubelets keep their own form, the table above)."""
     from flora_graph.frontend import capture
     from flora_graph.runtimes.executable import compile
     from flora_graph.runtimes.reference import run
 
-    w, b, kw = _DECONV3D[name]
+    w, b, kw = (_CONV3D if conv is F.conv3d else _DECONV3D)[name]
     weight, bias = torch.from_numpy(w), None if b is None else torch.from_numpy(b)
 
     class M(torch.nn.Module):
         def forward(self, x):
-            return F.conv_transpose3d(x, weight, bias, **kw)
+            return conv(x, weight, bias, **kw)
 
-    graph = capture(M(), torch.randn(2, 4, 4, 5, 6), {"x": {0: "batch", 2: "frames"}})
+    frames0, h, wd = example
+    graph = capture(M(), torch.randn(2, 4, frames0, h, wd), {"x": {0: "batch", 2: "frames"}})
     backends = [compile(graph, "onnxruntime"), compile(graph, "torchscript")]
-    for batch, frames in ((1, 3), (3, 7), (2, 2)):
-        x = torch.randn(batch, 4, frames, 5, 6, generator=torch.Generator().manual_seed(frames))
-        want = F.conv_transpose3d(x.double(), weight.double(), None if bias is None else bias.double(), **kw).float().numpy()
+    for batch, frames in runs:
+        x = torch.randn(batch, 4, frames, h, wd, generator=torch.Generator().manual_seed(frames))
+        want = conv(x.double(), weight.double(), None if bias is None else bias.double(), **kw).float().numpy()
         for got in (run(graph, {"x": x.numpy()}), *(fn(x=x.numpy()) for fn in backends)):
             assert got["output"].shape == want.shape
             np.testing.assert_allclose(got["output"], want, rtol=1e-4, atol=1e-4)
