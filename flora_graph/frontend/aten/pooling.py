@@ -171,20 +171,15 @@ def _upsample_bilinear2d(ctx, x, output_size, align_corners, scale_factors):
     return _resize(ctx, x, output_size, scale_factors, "linear", align_corners)
 
 
-@register(aten._upsample_bilinear2d_aa.default)
-def _upsample_bilinear2d_aa(ctx, x, output_size, align_corners, scales_h=None, scales_w=None):
+@register(aten._upsample_bilinear2d_aa.default, aten._upsample_bilinear2d_aa.vec)
+def _upsample_bilinear2d_aa(ctx, x, output_size, align_corners, *scales):
     """``F.interpolate(mode="bilinear", antialias=True)`` (a vision tower's resize of its position table) ->
-    ``Resize`` with ``antialias``, to the output size torch computed (without ``align_corners``)."""
+    ``Resize`` with ``antialias`` (without ``align_corners``): to ``output_size`` where given (``.default``
+    always gives it; its ``scales_h``, ``scales_w`` only restate it), else by ``.vec``'s scale factors."""
     if align_corners:
         raise refuse(ctx, "antialiased bilinear resizing with align_corners=True")
-    return _resize(ctx, x, output_size, None, "linear", False, antialias=True)
-
-
-@register(aten._upsample_bilinear2d_aa.vec)
-def _upsample_bilinear2d_aa_vec(ctx, x, output_size, align_corners, scale_factors):
-    if align_corners:
-        raise refuse(ctx, "antialiased bilinear resizing with align_corners=True")
-    return _resize(ctx, x, output_size, scale_factors, "linear", False, antialias=True)
+    factors = scales[0] if ctx.fx_node.target is aten._upsample_bilinear2d_aa.vec else None
+    return _resize(ctx, x, output_size, factors, "linear", False, antialias=True)
 
 
 @register(aten.upsample_linear1d.vec, aten.upsample_nearest1d.vec)

@@ -205,9 +205,9 @@ def _var_correction(ctx, x, dim=None, *, correction=None, keepdim=False):
 
 @register(aten.var_mean.correction, aten.std_mean.correction)
 def _var_mean(ctx, x, dim=None, *, correction=None, keepdim=False):
-    """``(var or std, mean)`` over the same axes."""
-    spread = _var(ctx, x, dim, 1.0 if correction is None else correction, keepdim)
+    """``(var or std, mean)`` over the same axes, of one cast of ``x``."""
     x = as_dtype(ctx, x, out_dtype(ctx))
+    spread = _var(ctx, x, dim, 1.0 if correction is None else correction, keepdim)
     return spread, ctx.emit(Op.REDUCE_MEAN, [x], {"axes": _reduce_axes(x, dim), "keepdims": int(bool(keepdim))})
 
 
