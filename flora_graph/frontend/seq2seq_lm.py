@@ -1,0 +1,294 @@
+"""Capture a Hugging Face encoder-decoder model (T5, BART, Marian, Pegasus, Whisper, ...) for generation with a cache.
+
+Two graphs, named as Optimum names the ONNX models of a sequence-to-sequence generation:
+
+* the **encoder**: ``input_ids [batch, enc_seq]`` and ``attention_mask [batch, enc_seq]`` (or a speech model's
+  ``input_features [batch, mel_bins, frames]``) in; out, for every decoder layer, the cross-attention's keys and
+  values of the encoder's states, ``present.{i}.encoder.key`` / ``.value [batch, heads, enc_seq', head_dim]``: the
+  decoder layers' key/value projections of the cross-attention run once per input, in the encoder graph, not once
+  per generated token;
+* the **decoder**, one graph for the first step (``past_seq = 0``) and every later one: ``input_ids [batch, seq]``
+  (the decoder's tokens), ``encoder_attention_mask [batch, enc_seq]`` (where the model reads one), and per layer
+  ``past_key_values.{i}.decoder.key`` / ``.value [batch, heads, past_seq, head_dim]`` (its self-attention's cache)
+  and ``past_key_values.{i}.encoder.key`` / ``.value`` (the encoder graph's outputs) in; ``logits [batch, seq,
+  vocab]`` and ``present.{i}.decoder.key`` / ``.value [batch, heads, past_seq+seq, head_dim]`` out.
+
+The rows of a batch share the decoder's positions (every row starts from the decoder's start token, as
+transformers' ``generate`` runs an encoder-decoder model), so the decoder needs no mask of its own; the encoder's
+padding is the encoder mask's business.
+
+Both are captured through the model's own forward (a flat-cache stand-in for the block, so module paths, and the
+adapter slots named after them, stay the model's own): the decoder's runs on an ``EncoderDecoderCache`` whose
+cross-attention part is marked filled, so each layer reads its keys and values from the inputs; the encoder's
+runs the encoder and then one decoder step on an empty cache, keeping only the cross-attention keys and values
+that step stores (the rest of it is dead code the passes remove). PEFT LoRA layers come out tagged as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flora_graph.errors import GraphError
+from flora_graph.frontend.capture import capture
+from flora_graph.ir import Graph
+
+__all__ = ["Seq2SeqLayout", "capture_seq2seq", "seq2seq_layout"]
+
+
+@dataclass(frozen=True)
+class Seq2SeqLayout:
+    """The caches of an encoder-decoder model: ``layers`` decoder layers, each with self-attention keys and values
+    ``[batch, heads, past_seq, head_dim]`` and cross-attention keys and values ``[batch, cross_heads, enc_seq',
+    cross_head_dim]``. ``main_input``: ``"input_ids"`` (text, with ``attention_mask``) or ``"input_features"``
+    (speech: a fixed ``[mel_bins, frames]`` per row, ``feature_shape``). ``encoder_mask``: whether the decoder reads
+    the encoder's mask (Whisper's does not: its inputs are never padded)."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    cross_heads: int
+    cross_head_dim: int
+    main_input: str = "input_ids"
+    encoder_mask: bool = True
+    feature_shape: tuple[int, ...] = ()
+
+    def encoder_inputs(self) -> list[str]:
+        """The encoder graph's inputs."""
+        return [self.main_input, "attention_mask"] if self.main_input == "input_ids" else [self.main_input]
+
+    def cross_names(self) -> list[str]:
+        """The encoder graph's outputs: ``present.{i}.encoder.key`` / ``.value``."""
+        return [f"present.{i}.encoder.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    def past_names(self) -> list[str]:
+        """The decoder's cache inputs, per layer: ``past_key_values.{i}.decoder.key`` / ``.value``, then
+        ``past_key_values.{i}.encoder.key`` / ``.value``."""
+        return [f"past_key_values.{i}.{part}.{k}" for i in range(self.layers)
+                for part in ("decoder", "encoder") for k in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        """The decoder's cache outputs: ``present.{i}.decoder.key`` / ``.value``."""
+        return [f"present.{i}.decoder.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    def decoder_inputs(self) -> list[str]:
+        """The decoder graph's inputs, in order."""
+        return ["input_ids", *(["encoder_attention_mask"] if self.encoder_mask else []), *self.past_names()]
+
+
+def _base(model: nn.Module) -> nn.Module:
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+        return model.get_base_model()
+    return model
+
+
+def _caches(out: Any) -> Any:
+    cache = getattr(out, "past_key_values", None)
+    return getattr(out, "cache", None) if cache is None else cache
+
+
+def _example_encoder_inputs(base: nn.Module, batch: int, enc_seq: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    cfg = base.config
+    if getattr(base, "main_input_name", "input_ids") == "input_features":
+        bins = int(getattr(cfg, "num_mel_bins", 80))
+        frames = 2 * int(getattr(cfg, "max_source_positions", 1500))  # Whisper takes exactly this many frames
+        return {"input_features": torch.randn(batch, bins, frames, generator=gen)}
+    vocab = int(getattr(cfg, "vocab_size", 256))
+    ids = torch.randint(3, vocab, (batch, enc_seq), generator=gen)
+    mask = torch.ones(batch, enc_seq, dtype=torch.int64)
+    mask[0, enc_seq - 1:] = 0  # the first row padded
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _start_ids(base: nn.Module, batch: int, seq: int) -> torch.Tensor:
+    start = getattr(base.config, "decoder_start_token_id", None)
+    return torch.full((batch, seq), int(start) if isinstance(start, int) else 0, dtype=torch.int64)
+
+
+def seq2seq_layout(model: nn.Module) -> Seq2SeqLayout:
+    """The cache layout of a transformers encoder-decoder model (or a PeftModel of one), read off the
+    ``EncoderDecoderCache`` of one eager step.
+
+    Raises :class:`GraphError` naming the model when it is not an encoder-decoder model with such a cache.
+    """
+    base = _base(model)
+    name = type(base).__name__
+    if not getattr(getattr(base, "config", None), "is_encoder_decoder", False) or not callable(
+            getattr(base, "get_encoder", None)):
+        raise GraphError(f"{name}: not a transformers encoder-decoder model (config.is_encoder_decoder, "
+                         "get_encoder())")
+    main = getattr(base, "main_input_name", "input_ids")
+    if main not in ("input_ids", "input_features"):
+        raise GraphError(f"{name}: its encoder takes {main!r}; encoder-decoder generation is captured for models "
+                         "that take input_ids or input_features")
+    inputs = _example_encoder_inputs(base, 1, 3)
+    try:
+        with torch.no_grad():
+            out = base(**inputs, decoder_input_ids=_start_ids(base, 1, 2), use_cache=True)
+    except Exception as exc:
+        raise GraphError(f"{name}: one eager step failed ({type(exc).__name__}: {exc})") from exc
+    cache = _caches(out)
+    if cache is None or not hasattr(cache, "cross_attention_cache"):
+        raise GraphError(f"{name}: its decoder returns no EncoderDecoderCache ({type(cache).__name__}), so its "
+                         "cross-attention keys and values cannot be carried between steps")
+    selfc, cross = cache.self_attention_cache, cache.cross_attention_cache
+    layers = len(selfc.layers)
+    if not layers or len(cross.layers) != layers:
+        raise GraphError(f"{name}: {layers} self-attention and {len(cross.layers)} cross-attention cache layers")
+    k, ck = selfc.layers[0].keys, cross.layers[0].keys
+    for i in range(layers):
+        if (selfc.layers[i].keys.shape[1:2] + selfc.layers[i].keys.shape[3:] != k.shape[1:2] + k.shape[3:]
+                or cross.layers[i].keys.shape[1:2] + cross.layers[i].keys.shape[3:] != ck.shape[1:2] + ck.shape[3:]):
+            raise GraphError(f"{name}: decoder layer {i}'s cache differs in heads or width from layer 0's")
+    takes_mask = main == "input_ids" and "attention_mask" in inspect.signature(base.forward).parameters
+    features = tuple(inputs["input_features"].shape[1:]) if main == "input_features" else ()
+    return Seq2SeqLayout(layers, int(k.shape[1]), int(k.shape[3]), int(ck.shape[1]), int(ck.shape[3]),
+                         main, takes_mask, features)
+
+
+def _cache(layout: Seq2SeqLayout, past: list[torch.Tensor]) -> Any:
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    own, cross = DynamicCache(), DynamicCache()
+    for i in range(layout.layers):
+        own.update(past[4 * i], past[4 * i + 1], i)
+        cross.update(past[4 * i + 2], past[4 * i + 3], i)
+    cache = EncoderDecoderCache(own, cross)
+    for i in range(layout.layers):
+        cache.is_updated[i] = True  # each layer reads its cross-attention keys and values from the cache
+    return cache
+
+
+def _cache_arg(base: nn.Module) -> str:
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _hidden(base: nn.Module) -> int:
+    cfg = base.config
+    for key in ("d_model", "hidden_size"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int):
+            return v
+    raise GraphError(f"{type(base).__name__}: its config has no d_model / hidden_size")
+
+
+def decoder_forward(base: nn.Module, layout: Seq2SeqLayout):
+    """``base``'s forward as the decoder graph: ``f(input_ids, encoder_attention_mask=None, past_key_values=[...])``
+    returns ``(logits, present self keys and values...)`` (:meth:`Seq2SeqLayout.present_names` order)."""
+    forward = type(base).forward.__get__(base)
+    arg, hidden = _cache_arg(base), _hidden(base)
+
+    def run(input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
+            past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        past = list(past_key_values or [])
+        cache = _cache(layout, past)
+        ck = past[2]  # the encoder's states are read only for their shape once the cross cache is filled
+        states = ck.new_zeros(ck.shape[0], ck.shape[2], hidden)
+        kwargs: dict[str, Any] = {"decoder_input_ids": input_ids, "encoder_outputs": (states,), arg: cache,
+                                  "use_cache": True}
+        if encoder_attention_mask is not None:
+            kwargs["attention_mask"] = encoder_attention_mask
+        out = forward(**kwargs)
+        own = _caches(out).self_attention_cache
+        flat = [out.logits]
+        for i in range(layout.layers):
+            flat += [own.layers[i].keys, own.layers[i].values]
+        return tuple(flat)
+
+    return run
+
+
+def encoder_forward(base: nn.Module, layout: Seq2SeqLayout):
+    """``base``'s forward as the encoder graph: the encoder's inputs in, every decoder layer's cross-attention keys
+    and values out (:meth:`Seq2SeqLayout.cross_names` order)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    forward = type(base).forward.__get__(base)
+    arg = _cache_arg(base)
+
+    def cross(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        main = inputs[layout.main_input]
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        start = torch.zeros(main.shape[0], 1, dtype=torch.int64, device=main.device)
+        out = forward(**inputs, decoder_input_ids=start, **{arg: cache}, use_cache=True)
+        kv = _caches(out).cross_attention_cache
+        flat: list[torch.Tensor] = []
+        for i in range(layout.layers):
+            flat += [kv.layers[i].keys, kv.layers[i].values]
+        return tuple(flat)
+
+    if layout.main_input == "input_features":
+        def speech(input_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return cross({"input_features": input_features})
+
+        return speech
+
+    def text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return cross({"input_ids": input_ids, "attention_mask": attention_mask})
+
+    return text
+
+
+@contextlib.contextmanager
+def _forward_as(base: nn.Module, run: Any) -> Iterator[None]:
+    base.forward = run
+    try:
+        yield
+    finally:
+        del base.forward
+
+
+def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights: bool = False,
+                    layout: Seq2SeqLayout | None = None, dim_max: dict[str, int] | None = None) -> tuple[Graph, Graph]:
+    """Capture ``model`` (a transformers encoder-decoder model, or a PeftModel of one) as its ``(encoder,
+    decoder)`` graphs, named as the module docstring says.
+
+    ``batch``, ``enc_seq``, ``seq`` and ``past_seq`` are dynamic (``dim_max`` may bound them: a learned position
+    table bounds ``seq``/``enc_seq`` and ``past_seq+seq``); a speech encoder's frames are fixed (Whisper reads
+    exactly ``2 * max_source_positions``). ``share_weights``: the graphs' weights are views of the model's (see
+    :func:`~flora_graph.frontend.capture`). ``layout``: the model's :func:`seq2seq_layout`, where the caller has it.
+
+    Raises:
+        GraphError: the model is not an encoder-decoder model, or torch.export fails on it.
+        UnsupportedOpError: as :func:`~flora_graph.frontend.capture` does.
+    """
+    layout = seq2seq_layout(model) if layout is None else layout
+    base = _base(model)
+    title = name or type(base).__name__
+    enc_inputs = _example_encoder_inputs(base, 2, 7)
+    enc_dims: dict[str, Any] = ({"input_ids": {0: "batch", 1: "enc_seq"}, "attention_mask": {0: "batch", 1: "enc_seq"}}
+                                if layout.main_input == "input_ids" else {"input_features": {0: "batch"}})
+    bounds = {k: v for k, v in (dim_max or {}).items() if k in ("enc_seq", "batch")}
+    with _forward_as(base, encoder_forward(base, layout)):
+        encoder = capture(model, enc_inputs, enc_dims, name=f"{title}.encoder", dim_max=bounds or None,
+                          input_names=layout.encoder_inputs(), output_names=layout.cross_names(),
+                          share_weights=share_weights)
+    gen = torch.Generator().manual_seed(1)
+    batch, seq, past, enc_seq = 2, 3, 5, (7 if layout.main_input == "input_ids" else None)
+    cross_len = int(encoder.outputs[layout.cross_names()[0]].shape[2]) if enc_seq is None else enc_seq
+    cross_dim: Any = "enc_seq" if enc_seq is not None else None
+    inputs: dict[str, Any] = {"input_ids": torch.randint(0, int(getattr(base.config, "vocab_size", 256)), (batch, seq),
+                                                         generator=gen)}
+    dims: dict[str, Any] = {"input_ids": {0: "batch", 1: "seq"}}
+    if layout.encoder_mask:
+        inputs["encoder_attention_mask"] = torch.ones(batch, cross_len, dtype=torch.int64)
+        dims["encoder_attention_mask"] = {0: "batch", 1: "enc_seq"}
+    shapes = [(layout.heads, past, layout.head_dim)] * 2 + [(layout.cross_heads, cross_len, layout.cross_head_dim)] * 2
+    inputs["past_key_values"] = [torch.randn(batch, *shapes[j], generator=gen)
+                                 for _ in range(layout.layers) for j in range(4)]
+    dims["past_key_values"] = [{0: "batch", 2: "past_seq"} if j < 2 else
+                               ({0: "batch", 2: cross_dim} if cross_dim else {0: "batch"})
+                               for _ in range(layout.layers) for j in range(4)]
+    with _forward_as(base, decoder_forward(base, layout)):
+        decoder = capture(model, inputs, dims, name=f"{title}.decoder", dim_max=dim_max,
+                          input_names=layout.decoder_inputs(), output_names=["logits", *layout.present_names()],
+                          share_weights=share_weights)
+    return encoder, decoder
