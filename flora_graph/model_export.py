@@ -188,18 +188,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         from flora_graph.models import build_demo_model, demo_inputs
 
         return ModelSpec(build_demo_model(), demo_inputs(2), {"image": {0: "batch"}}, demo_inputs(3, seed=1), "demo")
-    folder = Path(source)
-    arch = check_model_folder(folder)
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        model = getattr(transformers, arch).from_pretrained(folder, config=config, local_files_only=True,
-                                                            use_safetensors=True).eval()
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot use
-        raise ModelFolderError(f"{folder}: transformers cannot load {arch} from it ({type(exc).__name__}: {exc})") from exc
-    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
-        model = model.float()  # a bfloat16/float16 checkpoint: captured and checked in float32
+    model = load_transformers(source)
+    arch, config = type(model).__name__, model.config
     set_use_cache(model, False)  # logits only: no key/value cache outputs (capture drops them too)
     main = getattr(model, "main_input_name", "input_ids")
     if main != "input_ids":  # an image, video or audio model
@@ -230,6 +220,25 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     return ModelSpec(model, example, {n: {0: "batch", 1: "seq"} for n in example},
                      _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask, types), arch, dim_max,
                      names_out)
+
+
+def load_transformers(folder: str | Path) -> torch.nn.Module:
+    """The transformers model of ``folder`` (config.json + safetensors, its ``architectures`` class), in eval
+    mode and float32, loaded without a download; :class:`ModelFolderError` for a folder it cannot use (see
+    :func:`check_model_folder`; pickle weights are never loaded)."""
+    folder = Path(folder)
+    arch = check_model_folder(folder)
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = getattr(transformers, arch).from_pretrained(folder, config=config, local_files_only=True,
+                                                            use_safetensors=True).eval()
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot use
+        raise ModelFolderError(f"{folder}: transformers cannot load {arch} from it ({type(exc).__name__}: {exc})") from exc
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()  # a bfloat16/float16 checkpoint: captured and checked in float32
+    return model
 
 
 def check_model_folder(folder: str | Path) -> str:

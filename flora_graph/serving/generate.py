@@ -38,7 +38,7 @@ import numpy as np
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.shared_cache import SharedCache
 
-__all__ = ["Batch", "GenerationError", "Generator", "RowSettings", "sampling_distribution"]
+__all__ = ["Batch", "GenerationError", "Generator", "Row", "RowSettings", "pick_token", "sampling_distribution", "take_token"]
 
 
 _UNSERVED = "adapter {!r} stopped being served while the row decoded"
@@ -88,7 +88,9 @@ class RowSettings:
 
 
 @dataclass
-class _Row:
+class Row:
+    """One generation: its settings, its tokens (the prompt then the tokens chosen), its random stream."""
+
     rid: int
     adapter: str | None
     settings: RowSettings
@@ -381,8 +383,8 @@ class Batch:
 
     def __init__(self, gen: Generator) -> None:
         self.gen = gen
-        self.rows: list[_Row] = []  # in cache order
-        self._done: dict[int, _Row] = {}
+        self.rows: list[Row] = []  # in cache order
+        self._done: dict[int, Row] = {}
         self._next_id = 0
         self.cache: list[np.ndarray] = []  # per past name: [rows, kv, length, head_dim] (left-padded models)
         # right-padded models: buffers that are past and present at once, [rows, kv, capacity, head_dim]
@@ -401,7 +403,7 @@ class Batch:
         """Ids of the rows still generating."""
         return [r.rid for r in self.rows]
 
-    def row(self, rid: int) -> _Row:
+    def row(self, rid: int) -> Row:
         """The row ``rid`` (active or finished)."""
         for r in self.rows:
             if r.rid == rid:
@@ -480,8 +482,8 @@ class Batch:
                                   f"model's context length {gen.context_length}")
         return ids, rs
 
-    def _new_row(self, ids: list[int], adapter: str | None, rs: RowSettings, seed: int | None) -> _Row:
-        row = _Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))
+    def _new_row(self, ids: list[int], adapter: str | None, rs: RowSettings, seed: int | None) -> Row:
+        row = Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))
         self._next_id += 1
         return row
 
@@ -489,7 +491,7 @@ class Batch:
         """Drop an active row from the batch (its tokens stay readable with :meth:`row`)."""
         self._done[rid] = self._detach(rid)
 
-    def _detach(self, rid: int) -> _Row:
+    def _detach(self, rid: int) -> Row:
         """Take the active row ``rid`` out of the batch and its caches."""
         idx = next((i for i, r in enumerate(self.rows) if r.rid == rid), None)
         if idx is None:
@@ -547,8 +549,8 @@ class Batch:
         if greedy:
             picks = [int(logits[0, -1].argmax())] if len(rows) == 1 else logits[:, -1].argmax(-1).tolist()
         else:
-            picks = [self._pick(r, logits[i, -1]) for i, r in enumerate(rows)]
-        chosen = {r.rid: self._take(r, tok) for r, tok in zip(rows, picks, strict=True)}
+            picks = [pick_token(r, logits[i, -1]) for i, r in enumerate(rows)]
+        chosen = {r.rid: take_token(r, tok) for r, tok in zip(rows, picks, strict=True)}
         for r in [r for r in rows if r.done]:
             self.remove(r.rid)
         return chosen
@@ -561,7 +563,7 @@ class Batch:
             self.remove(r.rid)
         return bool(gone)
 
-    def _unserved(self, row: _Row) -> bool:
+    def _unserved(self, row: Row) -> bool:
         """Whether ``row``'s adapter stopped being served; its ``error`` then says so."""
         if self.gen._serves(row.adapter):
             return False
@@ -620,7 +622,7 @@ class Batch:
         self._vocab = (int(out["logits"].shape[-1]), out["logits"].dtype)
         return [out[name] for name in gen._present], out["logits"]
 
-    def _join_right(self, rows: list[_Row], cache: list[np.ndarray]) -> None:
+    def _join_right(self, rows: list[Row], cache: list[np.ndarray]) -> None:
         """Add ``rows`` (row ``i``'s tokens but the last, just chosen, in ``cache[:][i]`` from position 0) to a
         right-padded batch's buffers, with room for every row to finish; a row done already finishes."""
         live = [i for i, r in enumerate(rows) if not r.done]
@@ -648,39 +650,10 @@ class Batch:
         feeds.update(zip(gen._past, past, strict=True))
         return gen._run(feeds, adapters)
 
-    def _choose(self, row: _Row, logits: np.ndarray) -> int:
-        return self._take(row, self._pick(row, logits))
+    def _choose(self, row: Row, logits: np.ndarray) -> int:
+        return take_token(row, pick_token(row, logits))
 
-    @staticmethod
-    def _pick(row: _Row, logits: np.ndarray) -> int:
-        """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings; no stop
-        token before ``min_new_tokens``."""
-        s = row.settings
-        if s.repetition_penalty != 1:
-            seen = np.unique(np.asarray(row.tokens))
-            seen = seen[(seen >= 0) & (seen < logits.size)]
-            logits = logits.copy()
-            got = logits[seen]
-            logits[seen] = np.where(got < 0, got * s.repetition_penalty, got / s.repetition_penalty)
-        if s.stop_tokens and len(row.tokens) - row.prompt_len < s.min_new_tokens:
-            held = [t for t in s.stop_tokens if 0 <= t < logits.size]
-            logits = logits.copy()
-            logits[held] = -np.inf
-        if not s.do_sample:
-            return int(logits.argmax())
-        tokens, p = sampling_distribution(logits, s.temperature, s.top_k, s.top_p)
-        return int(tokens[row.rng.choice(p.size, p=p)])
-
-    @staticmethod
-    def _take(row: _Row, tok: int) -> int:
-        """Append ``tok`` to the row; the row is done on a stop token or at ``max_new_tokens``."""
-        row.tokens.append(tok)
-        row.next_token = tok
-        if tok in row.settings.stop_tokens or len(row.tokens) - row.prompt_len >= row.settings.max_new_tokens:
-            row.done = True
-        return tok
-
-    def _merge(self, row: _Row, cache: list[np.ndarray], mask: np.ndarray) -> None:
+    def _merge(self, row: Row, cache: list[np.ndarray], mask: np.ndarray) -> None:
         """Add ``row``, its tokens but the last (just chosen) in ``cache``, to the batch; a done row finishes."""
         if self.shared is not None:  # each row's tokens from position 0; room for every row to finish
             self._join_right([row], cache)
@@ -710,6 +683,35 @@ class Batch:
         if first:
             self.mask = self.mask[:, first:]
             self.cache = [c if state else c[:, :, first:] for c, state in zip(self.cache, self.gen._is_state, strict=True)]
+
+
+def pick_token(row: Row, logits: np.ndarray) -> int:
+    """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings; no stop
+    token before ``min_new_tokens``."""
+    s = row.settings
+    if s.repetition_penalty != 1:
+        seen = np.unique(np.asarray(row.tokens))
+        seen = seen[(seen >= 0) & (seen < logits.size)]
+        logits = logits.copy()
+        got = logits[seen]
+        logits[seen] = np.where(got < 0, got * s.repetition_penalty, got / s.repetition_penalty)
+    if s.stop_tokens and len(row.tokens) - row.prompt_len < s.min_new_tokens:
+        held = [t for t in s.stop_tokens if 0 <= t < logits.size]
+        logits = logits.copy()
+        logits[held] = -np.inf
+    if not s.do_sample:
+        return int(logits.argmax())
+    tokens, p = sampling_distribution(logits, s.temperature, s.top_k, s.top_p)
+    return int(tokens[row.rng.choice(p.size, p=p)])
+
+
+def take_token(row: Row, tok: int) -> int:
+    """Append ``tok`` to the row; the row is done on a stop token or at ``max_new_tokens``."""
+    row.tokens.append(tok)
+    row.next_token = tok
+    if tok in row.settings.stop_tokens or len(row.tokens) - row.prompt_len >= row.settings.max_new_tokens:
+        row.done = True
+    return tok
 
 
 def sampling_distribution(logits: np.ndarray, temperature: float, top_k: int = 0,

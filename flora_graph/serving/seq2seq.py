@@ -1,0 +1,450 @@
+"""Encoder-decoder generation packages (T5, BART, Marian, Pegasus, Whisper, ...) with hot-swappable LoRA adapters.
+
+:func:`export_seq2seq` goes from a transformers model folder and PEFT adapter folders to::
+
+    OUT/seq2seq_config.json              sizes, special tokens, position limits, search defaults
+    OUT/encoder.onnx                     the encoder and every decoder layer's cross-attention keys and values
+    OUT/decoder.onnx                     the decoder with its self-attention cache (one model: first and later steps)
+    OUT/model.onnx.data                  the weights of both, each stored once (T5's shared embedding)
+    OUT/adapters/NAME.encoder.onnx_adapter, NAME.decoder.onnx_adapter
+                                         each adapter's weights for each model (a file only where the adapter
+                                         adapts one of its modules), with their ``.sha256`` checksums
+    OUT/tokenizer.json, ...              the tokenizer files of the base folder, copied
+
+The graphs are :func:`~flora_graph.frontend.seq2seq_lm.capture_seq2seq`'s, optimized with the ``fused`` preset
+for ONNX Runtime; every LoRA site of any adapter is an adapter slot (its ``A``/``B`` graph inputs with empty
+defaults), so each model alone is the base model. A cross-attention's key and value projections live in the
+encoder model (they run once per input), so their adapter weights go in the adapter's encoder file.
+The folder is written through :func:`flora_graph.storage.staged_folder`: a reader sees the old package or
+the new one, never a mix.
+
+:class:`Seq2SeqGenerator` generates from such a package on plain ONNX Runtime: the encoder once per batch, then one
+decoder call per step, greedy or sampled (:class:`~flora_graph.serving.generate.RowSettings`), the rows of a
+batch padded on the encoder side only (every row's decoder starts at the decoder's start token, as transformers'
+``generate`` runs it), a finished row leaving the batch. It applies what the model's generation config asks of a
+greedy or sampled search (forced first and last tokens, suppressed tokens), as ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from flora_graph.errors import AdapterError, FloraGraphError
+from flora_graph.serving.errors import ServingError, UnknownAdapterError
+from flora_graph.serving.generate import GenerationError, Row, RowSettings, pick_token, take_token
+from flora_graph.storage import check_name, staged_folder
+
+__all__ = ["DECODER_FILE", "ENCODER_FILE", "SEQ2SEQ_CONFIG", "SEQ2SEQ_TASKS", "Seq2SeqGenerator", "Seq2SeqReport",
+           "export_seq2seq", "seq2seq_classes"]
+
+SEQ2SEQ_CONFIG = "seq2seq_config.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+DATA_FILE = "model.onnx.data"
+ADAPTERS_DIR = "adapters"
+PARTS = ("encoder", "decoder")
+SEQ2SEQ_TASKS = ("text2text-generation-with-past", "automatic-speech-recognition-with-past")
+"""The export tasks that write a package of this module (Optimum's names for the same models)."""
+OPSET = 23
+
+
+def seq2seq_classes() -> frozenset[str]:
+    """The transformers classes an encoder-decoder generation package is made from (``AutoModelForSeq2SeqLM`` and
+    ``AutoModelForSpeechSeq2Seq``'s)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
+    )
+
+    return frozenset([*MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values(),
+                      *MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.values()])
+
+
+def _owns(name: str) -> bool:
+    return name == ADAPTERS_DIR  # written only where the package has adapters
+
+
+@dataclass
+class Seq2SeqReport:
+    """What :func:`export_seq2seq` wrote: the folder, each adapter's files, the graphs' summaries, seconds per stage."""
+
+    path: Path
+    adapters: dict[str, list[Path]]
+    summary: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _token_ids(value: Any, vocab: int) -> list[int]:
+    values = value if isinstance(value, list | tuple) else [value]
+    return [int(t) for t in values if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab]
+
+
+def package_config(model: Any, layout: Any) -> dict[str, Any]:
+    """The ``seq2seq_config.json`` document of a package of ``model`` (its config and generation config; the
+    generation config's values first, as transformers' ``generate`` reads them) with cache ``layout``."""
+    from flora_graph.serving.genai import SEARCH_DEFAULTS, search_defaults
+
+    cfg, gen = model.config, getattr(model, "generation_config", None)
+    vocab = int(cfg.vocab_size)
+
+    def first(key: str) -> Any:
+        for source in (gen, cfg):
+            v = getattr(source, key, None)
+            if v is not None:
+                return v
+        return None
+
+    def one(key: str) -> int | None:
+        ids = _token_ids(first(key), vocab)
+        return ids[0] if ids else None
+
+    bad = [w[0] for w in (first("bad_words_ids") or []) if isinstance(w, list | tuple) and len(w) == 1]
+    speech = layout.main_input == "input_features"
+
+    def limit(*keys: str) -> int | None:
+        return next((int(getattr(cfg, k)) for k in keys if isinstance(getattr(cfg, k, None), int)), None)
+
+    return {
+        "model_type": type(model).__name__,
+        "vocab_size": vocab,
+        "layers": layout.layers,
+        "heads": layout.heads,
+        "head_dim": layout.head_dim,
+        "cross_heads": layout.cross_heads,
+        "cross_head_dim": layout.cross_head_dim,
+        "main_input": layout.main_input,
+        "encoder_mask": layout.encoder_mask,
+        "feature_shape": list(layout.feature_shape),
+        "encoder": ENCODER_FILE,
+        "decoder": DECODER_FILE,
+        "decoder_start_token_id": one("decoder_start_token_id") or 0,
+        "eos_token_id": _token_ids(first("eos_token_id"), vocab),
+        "pad_token_id": one("pad_token_id"),
+        "max_source_positions": None if speech else limit("max_source_positions", "max_position_embeddings"),
+        "max_target_positions": limit("max_target_positions", "max_position_embeddings"),
+        "search": {
+            **search_defaults({k: getattr(gen, k, None) for k in SEARCH_DEFAULTS}),
+            "forced_bos_token_id": one("forced_bos_token_id"),
+            "forced_eos_token_id": one("forced_eos_token_id"),
+            "suppress_tokens": sorted(set(_token_ids(first("suppress_tokens") or [], vocab) + _token_ids(bad, vocab))),
+            "begin_suppress_tokens": _token_ids(first("begin_suppress_tokens") or [], vocab),
+        },
+    }
+
+
+def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str | Path] | None = None, *,
+                   progress: Callable[[str], None] | None = None) -> Seq2SeqReport:
+    """Write an encoder-decoder generation package of the transformers model folder ``base`` with the PEFT
+    ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
+
+    Every argument and folder is checked before the model loads (an adapter name that cannot be a file name, a
+    folder that is not a PEFT LoRA folder or changes more than a slot swaps, a model class that is not an
+    encoder-decoder generation model). Raises :class:`~flora_graph.errors.FloraGraphError` subclasses naming the
+    culprit; on failure nothing at ``out`` changes.
+    """
+    from flora_graph.model_export import check_adapter_folder, check_model_folder
+    from flora_graph.serving.genai import TOKENIZER_FILES, _adapter_params, _read_sites, _refuse_unswappable
+
+    say = progress or (lambda msg: None)
+    adapters = dict(adapters or {})
+    arch = check_model_folder(base)
+    if arch not in seq2seq_classes():
+        raise FloraGraphError(f"{base}: {arch} is not an encoder-decoder generation model (a class transformers' "
+                              "AutoModelForSeq2SeqLM or AutoModelForSpeechSeq2Seq builds)")
+    for name, folder in adapters.items():
+        check_name(name, "adapter name", error=AdapterError)
+        _refuse_unswappable(name, Path(folder), check_adapter_folder(folder))
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        say(msg)
+
+    t0 = time.perf_counter()
+    say(f"loading {arch} from {base}")
+    from flora_graph.model_export import load_transformers
+
+    model = load_transformers(base)
+    params = _adapter_params(model, adapters, say)
+    seconds["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("capturing the encoder and the decoder with its cache")
+    from flora_graph.adapters import apply_lora
+    from flora_graph.frontend.seq2seq_lm import capture_seq2seq, seq2seq_layout
+
+    layout = seq2seq_layout(model)
+    sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
+    if sites:  # the model was loaded for this export alone: its layers take the slots in place
+        apply_lora(model, sites, rank=1)
+    graphs = dict(zip(PARTS, capture_seq2seq(model, name=arch, share_weights=True, layout=layout), strict=True))
+    doc = package_config(model, layout)
+    model = SimpleNamespace(config=model.config)  # the graphs' weights keep the tensors alive: the model is its config
+    seconds["capture"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("optimizing (fused, adapter slots)")
+    from flora_graph.passes import optimize
+    from flora_graph.serving.slots import graph_slots
+
+    slotted = {"slots": "swappable"} if sites else {}
+    unpacked = {part: optimize(g, "fused", backend="onnxruntime", **slotted) for part, g in graphs.items()}
+    modules = {part: {m for s in graph_slots(g) for m in (s.members or (s.module,))} for part, g in unpacked.items()}
+    if sites:
+        params = _read_sites(params, [s for g in unpacked.values() for s in graph_slots(g)], note)
+    final = {part: optimize(g, ["pack-slots" if modules[part] else "pack-linears", "cse", "dce"])
+             for part, g in unpacked.items()}
+    seconds["optimize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    written: dict[str, list[Path]] = {}
+    with staged_folder(out, what="encoder-decoder package", last=SEQ2SEQ_CONFIG, owns=_owns) as tmp:
+        from flora_graph.runtimes.onnx_lowering import lower
+        from flora_graph.runtimes.onnx_writer import SharedData
+        from flora_graph.serving.export import lower_slotted
+
+        with SharedData(tmp, DATA_FILE) as data:
+            for part, g in final.items():
+                say(f"writing the {part}")
+                lowered = (lower_slotted(g, "swappable", opset=OPSET, contrib=True) if modules[part]
+                           else lower(g, OPSET, contrib=True))
+                data.write(*lowered, f"{part}.onnx")
+        if params:
+            from flora_graph.serving.adapter_file import write_adapter
+
+            (tmp / ADAPTERS_DIR).mkdir()
+            for name, p in params.items():
+                say(f"writing adapter {name}")
+                for part in PARTS:
+                    mine = {k: v for k, v in p.items() if k.rsplit(".", 1)[0] in modules[part]}
+                    if mine:
+                        file = f"{name}.{part}.onnx_adapter"
+                        write_adapter(tmp / ADAPTERS_DIR / file, mine, model=tmp / f"{part}.onnx", name=name)
+                        written.setdefault(name, []).append(Path(out) / ADAPTERS_DIR / file)
+        for f in TOKENIZER_FILES:
+            src = Path(base) / f
+            if src.is_file() and not src.is_symlink():
+                shutil.copyfile(src, tmp / f)
+        for f in ("spiece.model", "source.spm", "target.spm", "sentencepiece.bpe.model", "preprocessor_config.json"):
+            src = Path(base) / f  # T5 / Marian / mBART tokenizers' vocabularies, Whisper's feature extractor
+            if src.is_file() and not src.is_symlink():
+                shutil.copyfile(src, tmp / f)
+        (tmp / SEQ2SEQ_CONFIG).write_text(json.dumps(doc, indent=2))
+    seconds["write"] = time.perf_counter() - t0
+    summary = "\n".join(f"{part}: {g.summary()}" for part, g in final.items())
+    return Seq2SeqReport(Path(out), written, summary, seconds, notes)
+
+
+class Seq2SeqGenerator:
+    """Greedy and sampled generation from an encoder-decoder package (:func:`export_seq2seq`) on plain ONNX Runtime.
+
+    Args:
+        package: the folder :func:`export_seq2seq` wrote; its adapters are loaded.
+        threads: ONNX Runtime intra-op threads (no spinning).
+        require_checksum: refuse adapter files without a checksum file.
+
+    Attributes:
+        defaults: the package's search settings (its model's generation config), the :class:`RowSettings` of a
+            call that does not set them.
+        eos: the package's end-of-text ids, a row's stop tokens unless it sets others.
+        start: the decoder's start token, every row's first decoder token unless a call gives a decoder prompt.
+
+    Raises :class:`ServingError` naming the file for a package it cannot read.
+    """
+
+    def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True) -> None:
+        from flora_graph.frontend.seq2seq_lm import Seq2SeqLayout
+        from flora_graph.serving.genai import search_defaults
+        from flora_graph.serving.session import AdapterSession, OrtModel
+
+        self.package = Path(package)
+        path = self.package / SEQ2SEQ_CONFIG
+        try:
+            doc = json.loads(path.read_text())
+            self.layout = Seq2SeqLayout(int(doc["layers"]), int(doc["heads"]), int(doc["head_dim"]),
+                                        int(doc["cross_heads"]), int(doc["cross_head_dim"]), str(doc["main_input"]),
+                                        bool(doc["encoder_mask"]), tuple(int(d) for d in doc["feature_shape"]))
+            self.vocab = int(doc["vocab_size"])
+            self.start = int(doc["decoder_start_token_id"])
+            self.eos = frozenset(int(t) for t in doc["eos_token_id"])
+            self.pad = int(doc["pad_token_id"]) if doc.get("pad_token_id") is not None else 0
+            self.max_source = doc.get("max_source_positions")
+            self.max_target = doc.get("max_target_positions")
+            search = doc["search"]
+            self.defaults = search_defaults(search)
+            self._forced_bos, self._forced_eos = search.get("forced_bos_token_id"), search.get("forced_eos_token_id")
+            self._suppress = np.asarray(search.get("suppress_tokens") or [], np.int64)
+            self._begin_suppress = np.asarray(search.get("begin_suppress_tokens") or [], np.int64)
+            files = {part: self.package / str(doc[part]) for part in PARTS}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ServingError(f"{path}: not an encoder-decoder package config ({type(exc).__name__}: {exc})") from None
+        options = {"intra_op_threads": threads, "inter_op_threads": 1}
+        found: dict[str, dict[str, Path]] = {}
+        for p in sorted((self.package / ADAPTERS_DIR).glob("*.onnx_adapter")):
+            name, _, part = p.name.removesuffix(".onnx_adapter").rpartition(".")
+            if part in PARTS and name:
+                found.setdefault(name, {})[part] = p
+        self.models: dict[str, Any] = {}
+        for part in PARTS:
+            probe = OrtModel(files[part], **options)
+            if probe.spec:  # adapter slots: an AdapterSession serves it (its own session of the file)
+                del probe
+                session = AdapterSession(files[part], require_checksum=require_checksum, **options)
+                for name, parts in found.items():
+                    if part in parts:
+                        session.load_adapter(name, parts[part])
+                self.models[part] = session
+            else:
+                self.models[part] = probe
+        self._adapters = {name: set(parts) for name, parts in found.items()}
+        self._past = self.layout.past_names()
+        self._present = self.layout.present_names()
+        dec = self._model("decoder")
+        missing = [n for n in self.layout.decoder_inputs() if n not in dec.inputs]
+        missing += [n for n in ["logits", *self._present] if n not in dec.output_names]
+        enc = self._model("encoder")
+        missing += [n for n in self.layout.encoder_inputs() if n not in enc.inputs]
+        missing += [n for n in self.layout.cross_names() if n not in enc.output_names]
+        if missing:
+            raise ServingError(f"{self.package}: its models do not match {path}: they lack {missing}")
+
+    def _model(self, part: str) -> Any:
+        m = self.models[part]
+        return getattr(m, "model", m)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters the package serves."""
+        return sorted(self._adapters)
+
+    def _run(self, part: str, feeds: dict[str, np.ndarray], adapter: str | None) -> dict[str, np.ndarray]:
+        """One call of the ``part`` model on feeds built in its dtypes, ``adapter`` active where it adapts it."""
+        from flora_graph.serving.session import OrtModel
+
+        session = self.models[part]
+        if isinstance(session, OrtModel):  # no adapter slots in this model
+            return session.run(feeds, None, lambda: f"the {part}")
+        return session.run(feeds, adapter if adapter is not None and part in self._adapters[adapter] else None,
+                           prepared=True)
+
+    def encode(self, inputs: Sequence[Sequence[int]] | np.ndarray, adapter: str | None = None
+               ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Run the encoder: each row's cross-attention keys and values (:meth:`Seq2SeqLayout.cross_names` order) and
+        the encoder mask (``None`` for a speech model). ``inputs``: token id lists (right-padded here) or, for a
+        speech model, features ``[batch, mel_bins, frames]``."""
+        self._check_adapter(adapter)
+        if self.layout.main_input == "input_features":
+            feats = np.ascontiguousarray(np.asarray(inputs, np.float32))
+            want = (len(feats), *self.layout.feature_shape) if feats.ndim == 3 else None
+            if want is None or feats.shape != want:
+                raise GenerationError(f"input_features must be [batch, {', '.join(map(str, self.layout.feature_shape))}]"
+                                      f", got {list(feats.shape)}")
+            out = self._run("encoder", {"input_features": feats}, adapter)
+            return [out[n] for n in self.layout.cross_names()], None
+        rows = [[int(t) for t in row] for row in inputs]
+        for i, row in enumerate(rows):
+            if not row:
+                raise GenerationError(f"input {i} is empty")
+            bad = [t for t in row if not 0 <= t < self.vocab]
+            if bad:
+                raise GenerationError(f"input {i}: token ids {bad[:3]} outside the vocabulary of {self.vocab}")
+            if self.max_source is not None and len(row) > self.max_source:
+                raise GenerationError(f"input {i} of {len(row)} tokens is past the encoder's {self.max_source} positions")
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), self.pad, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        out = self._run("encoder", {"input_ids": ids, "attention_mask": mask}, adapter)
+        return [out[n] for n in self.layout.cross_names()], mask
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self._adapters:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not in {self.package}; it serves {self.adapter_names}")
+
+    def generate(self, inputs: Sequence[Sequence[int]] | np.ndarray, *, adapter: str | None = None,
+                 decoder_prompt: Sequence[int] | None = None, on_token: Callable[[int, int], None] | None = None,
+                 **settings: Any) -> list[list[int]]:
+        """The tokens generated for each input (token ids, or a speech model's features), all rows with ``adapter``
+        (``None``: the base model).
+
+        ``decoder_prompt``: every row's first decoder tokens (default: the decoder's start token; Whisper's
+        task tokens go here). ``settings`` are :class:`RowSettings` fields; those not given are the package's
+        (:attr:`defaults`; stop tokens: its end-of-text ids). ``on_token(row, token)`` streams each token as it
+        is chosen. Raises :class:`GenerationError` for bad inputs or settings, :class:`UnknownAdapterError` for an
+        adapter the package does not serve, before anything runs.
+        """
+        self._check_adapter(adapter)
+        stops = settings.pop("stop_tokens", None)
+        seed = settings.pop("seed", None)
+        try:
+            rs = RowSettings(stop_tokens=frozenset(int(t) for t in (self.eos if stops is None else stops)),
+                             **{**self.defaults, **settings})
+        except TypeError as exc:
+            raise GenerationError(f"unknown generation setting: {exc}") from None
+        rs.check()
+        prompt = [self.start] if decoder_prompt is None else [int(t) for t in decoder_prompt]
+        if not prompt or any(not 0 <= t < self.vocab for t in prompt):
+            raise GenerationError(f"decoder_prompt {prompt!r}: expected token ids below {self.vocab}")
+        if self.max_target is not None and len(prompt) + rs.max_new_tokens - 1 > self.max_target:
+            raise GenerationError(f"decoder prompt of {len(prompt)} tokens + max_new_tokens {rs.max_new_tokens} is past "
+                                  f"the decoder's {self.max_target} positions")
+        cross, mask = self.encode(inputs, adapter)
+        batch = cross[0].shape[0]
+        rows = [Row(i, adapter, rs, list(prompt), len(prompt), np.random.default_rng(None if seed is None else seed + i))
+                for i in range(batch)]
+        live = list(range(batch))
+        empty = np.zeros((batch, self.layout.heads, 0, self.layout.head_dim), np.float32)
+        own = [empty] * (2 * self.layout.layers)
+        ids = np.asarray([prompt] * batch, np.int64)
+        while live:
+            feeds: dict[str, np.ndarray] = {"input_ids": ids}
+            if mask is not None:
+                feeds["encoder_attention_mask"] = mask
+            for i in range(self.layout.layers):
+                feeds[self._past[4 * i]], feeds[self._past[4 * i + 1]] = own[2 * i], own[2 * i + 1]
+                feeds[self._past[4 * i + 2]], feeds[self._past[4 * i + 3]] = cross[2 * i], cross[2 * i + 1]
+            out = self._run("decoder", feeds, adapter)
+            logits = out["logits"][:, -1]
+            own = [out[n] for n in self._present]
+            for j, r in enumerate(live):
+                tok = take_token(rows[r], pick_token(rows[r], self._processed(rows[r], logits[j])))
+                if on_token is not None:
+                    on_token(r, tok)
+            keep = [j for j, r in enumerate(live) if not rows[r].done]
+            if len(keep) < len(live):  # finished rows leave the batch
+                live = [live[j] for j in keep]
+                own = [a[keep] for a in own]
+                cross = [a[keep] for a in cross]
+                mask = None if mask is None else mask[keep]
+            ids = np.asarray([[rows[r].next_token] for r in live], np.int64).reshape(len(live), 1)
+        return [r.generated for r in rows]
+
+    def _processed(self, row: Row, logits: np.ndarray) -> np.ndarray:
+        """``logits`` as the model's generation config changes them before a token is picked: suppressed tokens,
+        tokens suppressed at the first step, a forced first token, a forced last token (at ``max_new_tokens``)."""
+        n = len(row.tokens) - row.prompt_len
+        forced = (self._forced_bos if n == 0 else None)
+        if self._forced_eos is not None and n == row.settings.max_new_tokens - 1:
+            forced = self._forced_eos
+        if forced is not None:
+            out = np.full_like(logits, -np.inf)
+            out[forced] = 0.0
+            return out
+        if self._suppress.size or (n == 0 and self._begin_suppress.size):
+            logits = logits.copy()
+            logits[self._suppress] = -np.inf
+            if n == 0:
+                logits[self._begin_suppress] = -np.inf
+        return logits
