@@ -18,6 +18,9 @@ from flora_graph.errors import FloraGraphError
 __all__ = ["ARTIFACT_BACKENDS", "HelpFormatter", "Parser", "build_parser", "int_at_least", "main"]
 
 ARTIFACT_BACKENDS = ("onnxruntime", "torchscript", "torch-export")
+SEQ2SEQ_TASKS = ("text2text-generation-with-past", "automatic-speech-recognition-with-past")
+"""The export tasks that write an encoder-decoder package (:func:`flora_graph.serving.seq2seq.export_seq2seq`;
+Optimum's names for the same models)."""
 """The backends ``export`` writes an artifact for and ``bench`` times (``model_export.SUFFIX``'s keys)."""
 
 
@@ -198,6 +201,8 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     if args.merge_adapter and args.format != "genai":
         raise FloraGraphError("--merge-adapter goes with --format genai (a file export takes the adapter as --adapter "
                               "and bakes it in with --preset merged)")
+    if args.task in SEQ2SEQ_TASKS:
+        return _export_seq2seq(args, console)
     if args.format == "genai" or args.task == "text-generation-with-past":
         return _export_genai(args, console)
     if args.adapter and len(args.adapter) > 1:
@@ -215,6 +220,31 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     mark = "[green]ok[/green]" if report.ok else "[red]MISMATCH[/red]"
     console.print(f"parity: max |{args.backend} - eager torch| = {report.max_abs_diff:.3e} on a fresh input shape  {mark}")
     return 0 if report.ok else 1
+
+
+def _export_seq2seq(args: argparse.Namespace, console: Console) -> int:
+    from flora_graph.serving.seq2seq import export_seq2seq
+
+    if args.format != "file":
+        raise FloraGraphError(f"--task {args.task} writes an encoder-decoder package folder (encoder.onnx, decoder.onnx, "
+                              "adapters, seq2seq_config.json); drop --format genai")
+    if args.model == "default":
+        raise FloraGraphError(f"--task {args.task} takes a transformers model folder (config.json + safetensors)")
+    given = [flag for flag, on in (("--merge-adapter", args.merge_adapter), ("--adapters-only", args.adapters_only),
+                                   ("--replace", args.replace)) if on]
+    if given:
+        raise FloraGraphError(f"{', '.join(given)} go with --format genai, not --task {args.task}")
+    adapters = _adapter_args(args.adapter)
+    with console.status("starting") as status:
+        report = export_seq2seq(args.model, args.out, adapters, progress=lambda m: status.update(m))
+    console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an encoder-decoder package")
+    console.print(report.summary)
+    console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
+    console.print(f"wrote {report.path}" + "".join(f"\n  adapter {n}: {', '.join(map(str, ps))}"
+                                                   for n, ps in report.adapters.items()))
+    for note in report.notes:
+        console.print(f"note: {note}")
+    return 0
 
 
 def _export_genai(args: argparse.Namespace, console: Console) -> int:
@@ -363,10 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
                    help="a PEFT adapter folder (adapter_config.json + safetensors); --format genai takes several, "
                         "each NAME=DIR (NAME defaults to the folder's name)")
-    e.add_argument("--task", choices=["default", "text-generation-with-past"], default="default",
+    e.add_argument("--task", choices=["default", "text-generation-with-past", *SEQ2SEQ_TASKS], default="default",
                    help="text-generation-with-past: a causal LM with its key/value cache (inputs input_ids, "
                         "attention_mask, position_ids, past_key_values.N.key/value, and a state-space or convolution "
-                        "layer's past.N.conv/recurrent; outputs logits, present.N.*)")
+                        "layer's past.N.conv/recurrent; outputs logits, present.N.*); "
+                        "text2text-generation-with-past / automatic-speech-recognition-with-past: an encoder-decoder "
+                        "model (T5, BART, Marian, Whisper, ...) as a package folder: encoder.onnx (the cross-attention "
+                        "keys and values), decoder.onnx with its cache, adapters/NAME.{encoder,decoder}.onnx_adapter, "
+                        "seq2seq_config.json, for flora-graph generate")
     e.add_argument("--format", choices=["file", "genai"], default="file",
                    help="file: one artifact for --backend; genai: an ONNX Runtime GenAI package folder "
                         "(genai_config.json, model.onnx, adapters/NAME.onnx_adapter, tokenizer files)")

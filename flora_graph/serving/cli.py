@@ -150,9 +150,19 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
             prompts.append([int(t) for t in given.split(",") if t.strip()])
         except ValueError:
             raise ServingError(f"--ids {given!r}: expected comma-separated token ids such as 1,15043,29892") from None
+    from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG
+
+    seq2seq = (Path(args.package) / SEQ2SEQ_CONFIG).is_file()
+    if seq2seq and len(set(adapters)) > 1:
+        return _refuse(console, "an encoder-decoder package generates a batch with one adapter (or none) for every row; "
+                                f"got {sorted({a or '' for a in adapters})}")
+    if seq2seq and args.chat:
+        return _refuse(console, "--chat formats a causal LM's prompt; an encoder-decoder package takes the input text "
+                                "as it is")
     tokenizer = None
     if texts is not None:
-        if not (Path(args.package) / "tokenizer.json").is_file() and not (Path(args.package) / "tokenizer.model").is_file():
+        if not any((Path(args.package) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "spiece.model",
+                                                                 "source.spm")):
             raise ServingError(f"{args.package} has no tokenizer files (tokenizer.json); pass token ids with --ids")
         from transformers import AutoTokenizer
 
@@ -161,8 +171,12 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
             prompts = [_chat_ids(tokenizer, args.package, args.system, t) for t in texts]
         else:
             prompts = [tokenizer(t)["input_ids"] for t in texts]
-    # the mixed model (its own copy of the weights) only where the rows' adapters differ
-    gen = Generator(args.package, threads=args.threads, mixed=len(set(adapters)) > 1)
+    if seq2seq:
+        from flora_graph.serving.seq2seq import Seq2SeqGenerator
+
+        gen: Any = Seq2SeqGenerator(args.package, threads=args.threads)
+    else:  # the mixed model (its own copy of the weights) only where the rows' adapters differ
+        gen = Generator(args.package, threads=args.threads, mixed=len(set(adapters)) > 1)
     # what is not given stays the package's (its model's generation config): Generator.defaults
     settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "seed": args.seed}
     if args.temperature is not None:
@@ -174,7 +188,11 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
         settings["stop_tokens"] = []
     one = len(prompts) == 1
     t0 = time.perf_counter()
-    out = gen.generate(prompts, adapters=adapters, on_token=_Stream(console, tokenizer) if one else None, **settings)
+    stream = _Stream(console, tokenizer) if one else None
+    if seq2seq:
+        out = gen.generate(prompts, adapter=adapters[0], on_token=stream, **settings)
+    else:
+        out = gen.generate(prompts, adapters=adapters, on_token=stream, **settings)
     seconds = time.perf_counter() - t0
 
     def text(tokens: list[int]) -> str:
@@ -213,8 +231,9 @@ def add_cli(subparsers: Any) -> None:
                         "archive <name>.pt + <name>.json beside them); graph SOURCE only")
     p.set_defaults(func=_package)
     g = subparsers.add_parser("generate", help="generate text from a GenAI package (flora-graph export --format genai) "
+                                               "or an encoder-decoder package (--task text2text-generation-with-past) "
                                                "on plain ONNX Runtime, with an adapter or none; several prompts "
-                                               "decode as one batch, each row with its own adapter")
+                                               "decode as one batch, each row with its own adapter (a GenAI package)")
     g.add_argument("package", help="the package folder")
     g.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt text, one row each (needs the package's tokenizer files) (default: Hello)")

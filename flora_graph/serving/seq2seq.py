@@ -43,7 +43,7 @@ from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.generate import GenerationError, Row, RowSettings, pick_token, take_token
 from flora_graph.storage import check_name, staged_folder
 
-__all__ = ["DECODER_FILE", "ENCODER_FILE", "SEQ2SEQ_CONFIG", "SEQ2SEQ_TASKS", "Seq2SeqGenerator", "Seq2SeqReport",
+__all__ = ["DECODER_FILE", "ENCODER_FILE", "SEQ2SEQ_CONFIG", "Seq2SeqGenerator", "Seq2SeqReport",
            "export_seq2seq", "seq2seq_classes"]
 
 SEQ2SEQ_CONFIG = "seq2seq_config.json"
@@ -52,8 +52,6 @@ DECODER_FILE = "decoder.onnx"
 DATA_FILE = "model.onnx.data"
 ADAPTERS_DIR = "adapters"
 PARTS = ("encoder", "decoder")
-SEQ2SEQ_TASKS = ("text2text-generation-with-past", "automatic-speech-recognition-with-past")
-"""The export tasks that write a package of this module (Optimum's names for the same models)."""
 OPSET = 23
 
 
