@@ -417,7 +417,9 @@ class Seq2SeqGenerator:
             logits = out["logits"][:, -1]
             own = [out[n] for n in self._present]
             for j, r in enumerate(live):
-                tok = take_token(rows[r], pick_token(rows[r], self._processed(rows[r], logits[j])))
+                forced = self._forced(rows[r])
+                tok = take_token(rows[r], pick_token(rows[r], self._suppressed(rows[r], logits[j]))
+                                 if forced is None else forced)
                 if on_token is not None:
                     on_token(r, tok)
             keep = [j for j, r in enumerate(live) if not rows[r].done]
@@ -429,20 +431,23 @@ class Seq2SeqGenerator:
             ids = np.asarray([[rows[r].next_token] for r in live], np.int64).reshape(len(live), 1)
         return [r.generated for r in rows]
 
-    def _processed(self, row: Row, logits: np.ndarray) -> np.ndarray:
-        """``logits`` as the model's generation config changes them before a token is picked: suppressed tokens,
-        tokens suppressed at the first step, a forced first token, a forced last token (at ``max_new_tokens``)."""
+    def _forced(self, row: Row) -> int | None:
+        """The token the model's generation config forces as the row's next one: its first token
+        (``forced_bos_token_id``), its last at ``max_new_tokens`` (``forced_eos_token_id``, which wins over
+        ``min_new_tokens``, as in transformers), else ``None``."""
         n = len(row.tokens) - row.prompt_len
-        forced = (self._forced_bos if n == 0 else None)
         if self._forced_eos is not None and n == row.settings.max_new_tokens - 1:
-            forced = self._forced_eos
-        if forced is not None:
-            out = np.full_like(logits, -np.inf)
-            out[forced] = 0.0
-            return out
-        if self._suppress.size or (n == 0 and self._begin_suppress.size):
-            logits = logits.copy()
-            logits[self._suppress] = -np.inf
-            if n == 0:
-                logits[self._begin_suppress] = -np.inf
+            return int(self._forced_eos)
+        return int(self._forced_bos) if n == 0 and self._forced_bos is not None else None
+
+    def _suppressed(self, row: Row, logits: np.ndarray) -> np.ndarray:
+        """``logits`` without the tokens the model's generation config keeps out: ``suppress_tokens`` (and single-token
+        ``bad_words_ids``) always, ``begin_suppress_tokens`` at the first step."""
+        first = len(row.tokens) == row.prompt_len
+        if not self._suppress.size and not (first and self._begin_suppress.size):
+            return logits
+        logits = logits.copy()
+        logits[self._suppress] = -np.inf
+        if first:
+            logits[self._begin_suppress] = -np.inf
         return logits

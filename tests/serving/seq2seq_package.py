@@ -1,0 +1,125 @@
+"""Tiny encoder-decoder folders (T5, BART, Marian, Whisper), PEFT adapters on each and their packages, built once."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+NEW = 32
+PROMPTS = [[5, 9, 33, 70, 12, 8, 4], [7, 3, 44], [10, 11, 12, 13, 14]]
+TARGETS = {"t5": ["q", "k", "v", "o", "wi", "wo"], "whisper": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def build(kind: str):
+    """A tiny random model of ``kind`` with the special tokens and generation settings its family's checkpoints
+    carry (BART's forced first and last tokens, Marian's pad token kept out of the output)."""
+    import transformers
+
+    torch.manual_seed(0)
+    small = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64)
+    if kind == "t5":
+        cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        return transformers.T5ForConditionalGeneration(cfg).eval()
+    if kind == "bart":
+        cfg = transformers.BartConfig(vocab_size=100, max_position_embeddings=64, forced_eos_token_id=2, **small)
+        model = transformers.BartForConditionalGeneration(cfg).eval()
+        model.generation_config.forced_bos_token_id = 0  # as bart-large's generation config has it
+        return model
+    if kind == "marian":
+        cfg = transformers.MarianConfig(vocab_size=100, max_position_embeddings=64, pad_token_id=99,
+                                        decoder_start_token_id=99, eos_token_id=0, forced_eos_token_id=0, **small)
+        model = transformers.MarianMTModel(cfg).eval()
+        model.generation_config.bad_words_ids = [[99]]  # as the opus-mt checkpoints keep the pad token out
+        return model
+    if kind == "whisper":
+        cfg = transformers.WhisperConfig(vocab_size=100, num_mel_bins=8, max_source_positions=16,
+                                         max_target_positions=64, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+                                         decoder_start_token_id=2, **small)
+        return transformers.WhisperForConditionalGeneration(cfg).eval()
+    raise ValueError(kind)
+
+
+def adapter_specs(kind: str) -> dict[str, dict]:
+    """Two adapters: every projection of both stacks at rank 8, and a subset (two projections of the second
+    layers) at rank 4."""
+    targets = TARGETS.get(kind, DEFAULT_TARGETS)
+    return {"all": dict(r=8, lora_alpha=16, target_modules=targets),
+            "some": dict(r=4, lora_alpha=4, target_modules=targets[:2], layers_to_transform=[1])}
+
+
+def make_folders(root: Path, kind: str) -> Path:
+    """``root/base`` and one PEFT folder per adapter of :func:`adapter_specs` (``B`` nonzero)."""
+    import peft
+
+    model = build(kind)
+    model.save_pretrained(root / "base")
+    for name, spec in adapter_specs(kind).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapted = peft.get_peft_model(type(model).from_pretrained(root / "base"), peft.LoraConfig(**spec))
+        gen = torch.Generator().manual_seed(len(name))
+        for mod in adapted.modules():
+            if hasattr(mod, "lora_B"):
+                for k in mod.lora_B:
+                    mod.lora_B[k].weight.data.normal_(0, 0.3, generator=gen)
+        adapted.save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def seq2seq_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{kind: root}`` with ``root/base``, ``root/all``, ``root/some`` and ``root/pkg`` (the package of both
+    adapters, written by ``flora-graph export --task ...``)."""
+    pytest.importorskip("peft")
+    from flora_graph.cli import main
+
+    out = {}
+    for kind in ("t5", "bart", "marian", "whisper"):
+        root = make_folders(tmp_path_factory.mktemp(kind), kind)
+        task = "automatic-speech-recognition-with-past" if kind == "whisper" else "text2text-generation-with-past"
+        args = ["export", str(root / "base"), "--task", task, "--out", str(root / "pkg"),
+                *(a for n in adapter_specs(kind) for a in ("--adapter", f"{n}={root / n}"))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(args) == 0
+        out[kind] = root
+    return out
+
+
+def eager_model(root: Path, kind: str, adapter: str | None):
+    """The eager transformers model of ``root/base`` (+ PEFT ``adapter``)."""
+    import peft
+
+    model = build(kind)
+    base = type(model).from_pretrained(root / "base").eval()
+    base.generation_config = model.generation_config
+    return peft.PeftModel.from_pretrained(base, root / adapter).eval() if adapter else base
+
+
+def eager_tokens(root: Path, kind: str, adapter: str | None, prompts: list[list[int]], pad: int, eos: set[int],
+                 **kwargs) -> list[list[int]]:
+    """Greedy tokens of eager transformers (+ PEFT) ``generate`` for the right-padded ``prompts``, each row cut
+    after its first end-of-text token (``generate`` pads a finished row)."""
+    model = eager_model(root, kind, adapter)
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros(len(prompts), width, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, **kwargs)
+    return [_cut(row[1:], eos) for row in out.tolist()]
+
+
+def _cut(row: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[:i + 1]
+    return row

@@ -1,0 +1,188 @@
+"""Encoder-decoder packages (T5, BART, Marian, Whisper): export, generation against eager transformers + PEFT, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flora_graph.errors import FloraGraphError
+from flora_graph.serving.errors import AdapterFileError, UnknownAdapterError
+from flora_graph.serving.generate import GenerationError
+from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG, Seq2SeqGenerator, export_seq2seq
+from tests.serving.seq2seq_package import NEW, PROMPTS, eager_model, eager_tokens, seq2seq_packages  # noqa: F401
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
+@pytest.mark.parametrize("adapter", [None, "all", "some"])
+def test_greedy_tokens_equal_eager_peft(seq2seq_packages: dict[str, Path], kind: str, adapter: str | None) -> None:
+    """A padded batch of three inputs, 32 tokens a row (the end-of-text token held back until then, so every row
+    runs every step): the tokens of eager transformers + PEFT ``generate`` (BART's forced first and last tokens and
+    Marian's banned pad token included)."""
+    root = seq2seq_packages[kind]
+    gen = Seq2SeqGenerator(root / "pkg")
+    ours = gen.generate(PROMPTS, adapter=adapter, max_new_tokens=NEW, min_new_tokens=NEW)
+    ref = eager_tokens(root, kind, adapter, PROMPTS, gen.pad, set(), max_new_tokens=NEW, min_new_tokens=NEW)
+    assert ours == ref
+    assert all(len(row) == NEW for row in ours)
+    if adapter == "all":  # the adapter changes the generation (nonzero B), so equality above is not the base's
+        assert ours != gen.generate(PROMPTS, max_new_tokens=NEW, min_new_tokens=NEW)
+
+
+def _stop_tokens(rows: list[list[int]]) -> list[int]:
+    """Two tokens the rows first reach at the most different steps (none at the first step)."""
+    ranked = []
+    for t in sorted({t for r in rows for t in r}):
+        firsts = [r.index(t) if t in r else len(r) for r in rows]
+        if min(firsts) > 0:
+            ranked.append((len(set(firsts)), t))
+    return sorted(t for _, t in sorted(ranked, reverse=True)[:2])
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
+def test_rows_stop_at_their_stop_tokens_and_leave(seq2seq_packages: dict[str, Path], kind: str) -> None:
+    """Rows stop at their stop tokens (tokens the rows reach at different steps, so the batch shrinks as they
+    leave), each row's tokens those of eager ``generate`` with the same end-of-text ids."""
+    root = seq2seq_packages[kind]
+    gen = Seq2SeqGenerator(root / "pkg")
+    prompts = [*PROMPTS, [40, 41], [90, 2, 3, 4, 5, 6, 7, 8, 9]]
+    full = gen.generate(prompts, adapter="all", max_new_tokens=NEW, stop_tokens=[])
+    stops = _stop_tokens(full)
+    ours = gen.generate(prompts, adapter="all", max_new_tokens=NEW, stop_tokens=stops)
+    assert ours == eager_tokens(root, kind, "all", prompts, gen.pad, set(stops), max_new_tokens=NEW,
+                                eos_token_id=stops)
+    assert len({len(r) for r in ours}) > 1  # rows left at different steps
+    assert all(r == f[:len(r)] and r[-1] in stops for r, f in zip(ours, full, strict=True) if len(r) < NEW)
+
+
+@pytest.mark.parametrize("adapter", [None, "all", "some"])
+def test_whisper_tokens_equal_eager_peft(seq2seq_packages: dict[str, Path], adapter: str | None) -> None:
+    """Speech features in, the tokens of eager Whisper + PEFT ``generate``; the cross-attention's key and value
+    projections (adapted in both adapters) run in the encoder model."""
+    root = seq2seq_packages["whisper"]
+    gen = Seq2SeqGenerator(root / "pkg")
+    feats = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
+    ours = gen.generate(feats.numpy(), adapter=adapter, max_new_tokens=NEW, min_new_tokens=NEW)
+    model = eager_model(root, "whisper", adapter)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model.generate(input_features=feats, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                             num_beams=1)
+    assert ours == ref.tolist()
+    files = sorted(p.name for p in (root / "pkg" / "adapters").glob("*.onnx_adapter"))
+    assert files == ["all.decoder.onnx_adapter", "all.encoder.onnx_adapter", "some.decoder.onnx_adapter",
+                     "some.encoder.onnx_adapter"]
+
+
+def test_cache_shapes(seq2seq_packages: dict[str, Path]) -> None:
+    """The encoder's cross keys/values are ``[batch, heads, enc_seq, head_dim]``; the decoder's presents grow by
+    the step's tokens from an empty past."""
+    import onnxruntime as ort
+
+    pkg = seq2seq_packages["bart"] / "pkg"
+    enc = ort.InferenceSession(str(pkg / "encoder.onnx"))
+    dec = ort.InferenceSession(str(pkg / "decoder.onnx"))
+    ids = np.array([[5, 6, 7, 8, 9], [3, 4, 5, 1, 1]], np.int64)
+    mask = np.array([[1] * 5, [1, 1, 1, 0, 0]], np.int64)
+    cross = enc.run(None, {"input_ids": ids, "attention_mask": mask})
+    assert [c.shape for c in cross] == [(2, 4, 5, 8)] * 4
+    names = [o.name for o in enc.get_outputs()]
+    feeds = {"input_ids": np.array([[2, 0, 7]] * 2, np.int64), "encoder_attention_mask": mask}
+    for i in range(2):
+        feeds[f"past_key_values.{i}.decoder.key"] = feeds[f"past_key_values.{i}.decoder.value"] = \
+            np.zeros((2, 4, 0, 8), np.float32)
+        feeds[f"past_key_values.{i}.encoder.key"] = cross[names.index(f"present.{i}.encoder.key")]
+        feeds[f"past_key_values.{i}.encoder.value"] = cross[names.index(f"present.{i}.encoder.value")]
+    out = dict(zip([o.name for o in dec.get_outputs()], dec.run(None, feeds), strict=True))
+    assert out["logits"].shape == (2, 3, 100)
+    assert out["present.1.decoder.value"].shape == (2, 4, 3, 8)
+    feeds["input_ids"] = np.array([[9], [9]], np.int64)
+    for i in range(2):
+        for k in ("key", "value"):
+            feeds[f"past_key_values.{i}.decoder.{k}"] = out[f"present.{i}.decoder.{k}"]
+    assert dec.run(["present.0.decoder.key"], feeds)[0].shape == (2, 4, 4, 8)
+
+
+def test_bad_requests_are_refused_naming_the_culprit(seq2seq_packages: dict[str, Path]) -> None:
+    gen = Seq2SeqGenerator(seq2seq_packages["bart"] / "pkg")
+    with pytest.raises(UnknownAdapterError, match="'nope'.*serves \\['all', 'some'\\]"):
+        gen.generate(PROMPTS, adapter="nope")
+    with pytest.raises(GenerationError, match="input 1 is empty"):
+        gen.generate([[5, 6], []])
+    with pytest.raises(GenerationError, match="input 0: token ids \\[100\\] outside the vocabulary of 100"):
+        gen.generate([[5, 100]])
+    with pytest.raises(GenerationError, match="input 0 of 70 tokens is past the encoder's 64 positions"):
+        gen.generate([[5] * 70])
+    with pytest.raises(GenerationError, match="max_new_tokens 80 is past the decoder's 64 positions"):
+        gen.generate(PROMPTS, max_new_tokens=80)
+    with pytest.raises(GenerationError, match="unknown generation setting"):
+        gen.generate(PROMPTS, beams=4)
+    with pytest.raises(GenerationError, match="max_new_tokens must be"):
+        gen.generate(PROMPTS, max_new_tokens=0)
+    assert len(gen.generate([[5, 6]], max_new_tokens=3, min_new_tokens=3)[0]) == 3  # still serving
+    speech = Seq2SeqGenerator(seq2seq_packages["whisper"] / "pkg")
+    with pytest.raises(GenerationError, match=r"input_features must be \[batch, 8, 32\], got \[2, 8, 30\]"):
+        speech.generate(np.zeros((2, 8, 30), np.float32))
+
+
+def test_an_adapter_file_of_another_model_is_refused(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
+    """Marian's adapter file put in BART's package: its layout is another model's, refused on load naming it."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(seq2seq_packages["bart"] / "pkg", pkg)
+    for suffix in ("", ".sha256"):
+        shutil.copyfile(seq2seq_packages["t5"] / "pkg" / "adapters" / f"all.decoder.onnx_adapter{suffix}",
+                        pkg / "adapters" / f"x.decoder.onnx_adapter{suffix}")
+    with pytest.raises(AdapterFileError, match="'x'"):
+        Seq2SeqGenerator(pkg)
+
+
+def test_a_changed_adapter_file_fails_its_checksum(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    shutil.copytree(seq2seq_packages["t5"] / "pkg", pkg)
+    f = pkg / "adapters" / "some.encoder.onnx_adapter"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="some"):
+        Seq2SeqGenerator(pkg)
+
+
+def test_export_refusals_leave_nothing(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
+    root = seq2seq_packages["t5"]
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    with pytest.raises(FloraGraphError, match="LlamaForCausalLM is not an encoder-decoder generation model"):
+        export_seq2seq(tmp_path / "llama", tmp_path / "out")
+    with pytest.raises(FloraGraphError, match="adapter name"):
+        export_seq2seq(root / "base", tmp_path / "out", {"../x": root / "all"})
+    with pytest.raises(FloraGraphError, match="adapter_config.json"):
+        export_seq2seq(root / "base", tmp_path / "out", {"x": root / "base"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_package_config_and_cli_generate(seq2seq_packages: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from flora_graph.cli import main
+
+    root = seq2seq_packages["bart"]
+    doc = json.loads((root / "pkg" / SEQ2SEQ_CONFIG).read_text())
+    assert doc["search"]["forced_bos_token_id"] == 0 and doc["search"]["forced_eos_token_id"] == 2
+    assert doc["max_source_positions"] == doc["max_target_positions"] == 64
+    marian = json.loads((seq2seq_packages["marian"] / "pkg" / SEQ2SEQ_CONFIG).read_text())
+    assert marian["search"]["suppress_tokens"] == [99] and marian["decoder_start_token_id"] == 99
+    assert main(["generate", str(root / "pkg"), "--ids", "5,9,33", "--adapter", "all", "--max-new-tokens", "8",
+                 "--min-new-tokens", "8"]) == 0
+    want = Seq2SeqGenerator(root / "pkg").generate([[5, 9, 33]], adapter="all", max_new_tokens=8, min_new_tokens=8)[0]
+    out = capsys.readouterr().out
+    assert " ".join(map(str, want)) in out and "8 tokens in" in out
+    assert main(["generate", str(root / "pkg"), "--ids", "5,9", "--ids", "4,4", "--adapter", "all", "--adapter", ""]) == 2
+    assert "one adapter (or none) for every row" in capsys.readouterr().out
