@@ -18,6 +18,7 @@ from flora_graph.models import demo_inputs
 from flora_graph.serving import adapter_params, export_mixed, export_swappable, write_adapter
 from flora_graph.serving.demo import demo_adapter_models
 from tests.serving.genai_package import folders, package  # noqa: F401 - session fixtures of the GenAI tests
+from tests.serving.seq2seq_package import seq2seq_packages  # noqa: F401 - of the encoder-decoder tests
 
 RANKS = {"a": 2, "b": 4, "c": 8}
 ATOL = 2e-5

@@ -15,7 +15,7 @@ from flora_graph.errors import FloraGraphError
 from flora_graph.serving.errors import AdapterFileError, UnknownAdapterError
 from flora_graph.serving.generate import GenerationError
 from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG, Seq2SeqGenerator, export_seq2seq
-from tests.serving.seq2seq_package import NEW, PROMPTS, eager_model, eager_tokens, seq2seq_packages  # noqa: F401
+from tests.serving.seq2seq_package import NEW, PROMPTS, eager_model, eager_tokens
 
 pytest.importorskip("transformers")
 
@@ -112,7 +112,7 @@ def test_cache_shapes(seq2seq_packages: dict[str, Path]) -> None:
 
 def test_bad_requests_are_refused_naming_the_culprit(seq2seq_packages: dict[str, Path]) -> None:
     gen = Seq2SeqGenerator(seq2seq_packages["bart"] / "pkg")
-    with pytest.raises(UnknownAdapterError, match="'nope'.*serves \\['all', 'some'\\]"):
+    with pytest.raises(UnknownAdapterError, match=r"'nope'.*serves \['all', 'some'\]"):
         gen.generate(PROMPTS, adapter="nope")
     with pytest.raises(GenerationError, match="input 1 is empty"):
         gen.generate([[5, 6], []])
@@ -165,7 +165,7 @@ def test_export_refusals_leave_nothing(seq2seq_packages: dict[str, Path], tmp_pa
         export_seq2seq(tmp_path / "llama", tmp_path / "out")
     with pytest.raises(FloraGraphError, match="adapter name"):
         export_seq2seq(root / "base", tmp_path / "out", {"../x": root / "all"})
-    with pytest.raises(FloraGraphError, match="adapter_config.json"):
+    with pytest.raises(FloraGraphError, match=r"adapter_config\.json"):
         export_seq2seq(root / "base", tmp_path / "out", {"x": root / "base"})
     assert not (tmp_path / "out").exists()
 
