@@ -53,6 +53,8 @@ import time
 import warnings
 from pathlib import Path
 
+from optimum_worker import OptimumWorker
+
 SIZE = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 4, "intermediate": 688, "vocab": 512}
 """The issue's tiny Llama; ``--hidden`` etc. change it (the targets are set on this one)."""
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         genai = _genai_runner(og, root / "pkg", peft_dirs, prompt)
         no_branch = _genai_runner(og, root / "pkg-no-branch", peft_dirs, prompt)
         builder_s, builder = _builder_runners(og, root, next(iter(peft_dirs)), prompt)
-        optimum = _OptimumWorker.start(args.optimum_python, root, next(iter(peft_dirs)), prompt)
+        optimum = OptimumWorker.start(args.optimum_python, root, next(iter(peft_dirs)), prompt)
 
         import peft
 
@@ -472,64 +474,6 @@ def _builder_runners(og, root: Path, adapter: str, prompt: list[int]):
         return runs[name](None, new)
 
     return seconds, run
-
-
-class _OptimumWorker:
-    """``benchmarks/optimum_decode.py`` under ``--optimum-python``, kept running: it exports the base and the
-    adapter the Optimum way, then generates on request, so its runs interleave with the others."""
-
-    def __init__(self, proc, log: Path, export_s: dict[str, float]):
-        self.proc, self.log, self.export_s = proc, log, export_s
-
-    @classmethod
-    def start(cls, python: str | None, root: Path, adapter: str, prompt: list[int]) -> _OptimumWorker | None:
-        """The running worker, or ``None`` (saying why) where it cannot run."""
-        import subprocess
-
-        if not python:
-            print("Optimum column skipped: no --optimum-python (or $FLORA_OPTIMUM_PYTHON); benchmarks/optimum_decode.py "
-                  "says how to install optimum-onnx in a virtualenv of its own")
-            return None
-        log = root / "optimum.log"
-        cmd = [python, str(Path(__file__).with_name("optimum_decode.py")), "--base", str(root / "base"), "--adapter",
-               f"{adapter}={root / adapter}", "--work", str(root), "--prompt", json.dumps(prompt)]
-        try:
-            with log.open("w") as err:  # its warnings go to a file: a pipe nobody reads could fill and block it
-                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
-        except OSError as exc:
-            print(f"Optimum column skipped: {python} could not run benchmarks/optimum_decode.py ({exc})")
-            return None
-        worker = cls(proc, log, {})
-        first = worker._reply('{"export_s"')
-        if first is None:
-            return None
-        worker.export_s = first["export_s"]
-        return worker
-
-    def _reply(self, start: str) -> dict | None:
-        """The next line of the worker's that starts with ``start``, parsed; ``None`` (saying why) at its end."""
-        for line in self.proc.stdout:
-            if line.startswith(start):
-                return json.loads(line)
-        self.proc.wait()
-        print(f"Optimum column skipped: benchmarks/optimum_decode.py stopped (exit {self.proc.returncode}):\n"
-              f"{self.log.read_text()[-3000:]}")
-        return None
-
-    def run(self, adapter: str | None, new: int) -> tuple[list[int], float]:
-        """Greedy tokens of ``new`` steps with ``adapter`` (merged) or the base, and the seconds the worker measured."""
-        self.proc.stdin.write(json.dumps({"adapter": adapter, "new": new}) + "\n")
-        self.proc.stdin.flush()
-        reply = self._reply('{"tokens"')
-        if reply is None:
-            raise RuntimeError("the Optimum worker stopped; see its log above")
-        return reply["tokens"], reply["seconds"]
-
-    def close(self) -> None:
-        """Stop the worker (an empty request)."""
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        self.proc.wait(timeout=60)
 
 
 def _one_thread(package: Path) -> str:

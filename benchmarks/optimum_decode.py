@@ -1,4 +1,6 @@
-"""Hugging Face Optimum on the decode benchmark: the Optimum column of ``benchmarks/generate.py``.
+"""Hugging Face Optimum on the decode benchmarks: the Optimum column of ``benchmarks/generate.py`` (a causal LM,
+``--task text-generation-with-past``) and ``benchmarks/seq2seq.py`` (an encoder-decoder model,
+``--task text2text-generation-with-past``).
 
 Runs under the Python of a virtualenv that holds ``optimum-onnx`` (it needs ``transformers<4.58``,
 so it cannot share flora_graph's environment). Install it with::
@@ -7,16 +9,18 @@ so it cannot share flora_graph's environment). Install it with::
     optimum-venv/bin/pip install -c constraints.txt torch==2.13.0 "transformers<4.58" \\
         "optimum-onnx[onnxruntime]==0.1.0" peft
 
-``benchmarks/generate.py --optimum-python optimum-venv/bin/python`` starts this script once as a
-worker. It does what an Optimum user does to serve a base model and a PEFT adapter: exports the base
-folder with ``optimum.exporters.onnx.main_export(..., task="text-generation-with-past")`` and, per
-adapter, ``merge_and_unload()`` of the PEFT model, saved and exported the same way (Optimum has no
+``benchmarks/generate.py --optimum-python optimum-venv/bin/python`` (or ``benchmarks/seq2seq.py``) starts this
+script once as a worker (``benchmarks/optimum_worker.py``). It does what an Optimum user does to serve a base
+model and a PEFT adapter: exports the base folder with ``optimum.exporters.onnx.main_export(..., task=TASK)`` and,
+per adapter, ``merge_and_unload()`` of the PEFT model, saved and exported the same way (Optimum has no
 swappable adapters: one model per adapter). It prints one JSON line ``{"export_s": {...}}`` with the
-seconds of each export (the merge included), loads every model in ``ORTModelForCausalLM`` (one
-intra-op thread, no spinning) and then answers requests, one JSON line each on stdin
-(``{"adapter": NAME or null, "new": N}``), with one JSON line on stdout: the greedy tokens of
-``model.generate`` after the prompt and the seconds it took (measured here, so the pipe does not
-count). An empty line or end of input stops it.
+seconds of each export (the merge included), loads every model in ``ORTModelForCausalLM`` or
+``ORTModelForSeq2SeqLM`` (one intra-op thread, no spinning) and then answers requests, one JSON line each on
+stdin (``{"adapter": NAME or null, "new": N}``), with one JSON line on stdout: the greedy tokens of
+``model.generate`` (``N`` new tokens, the end-of-text token held back until then) and the seconds it took
+(measured here, so the pipe does not count). The prompt (``--prompt``) is a JSON list of token ids (one row), or
+``{"input_ids": [[...]], "attention_mask": [[...]]}`` (a padded batch); the tokens come back as a list, or a
+list per row for a batch. An empty line or end of input stops it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ def main() -> int:
     p.add_argument("--base", required=True, type=Path, help="the base model folder (transformers format)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a PEFT adapter folder (repeat)")
     p.add_argument("--work", required=True, type=Path, help="a folder for the merged models and the exports")
-    p.add_argument("--prompt", required=True, help="JSON list of the prompt's token ids")
+    p.add_argument("--prompt", required=True, help="JSON list of the prompt's token ids, or {input_ids, attention_mask}")
+    p.add_argument("--task", choices=["text-generation-with-past", "text2text-generation-with-past"],
+                   default="text-generation-with-past", help="the model's task, as Optimum names it")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import onnxruntime as ort
@@ -42,10 +48,13 @@ def main() -> int:
     import torch
     import transformers
     from optimum.exporters.onnx import main_export
-    from optimum.onnxruntime import ORTModelForCausalLM
+    from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForSeq2SeqLM
 
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
+    seq2seq = args.task == "text2text-generation-with-past"
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    ort_class = ORTModelForSeq2SeqLM if seq2seq else ORTModelForCausalLM
     adapters = dict(a.split("=", 1) for a in args.adapter)
     seconds, folders = {}, {}
     for name in [None, *adapters]:
@@ -53,11 +62,10 @@ def main() -> int:
         t = time.perf_counter()
         source = args.base
         if name is not None:  # Optimum serves one merged model per adapter
-            model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(args.base),
-                                                   adapters[name]).merge_and_unload()
+            model = peft.PeftModel.from_pretrained(auto.from_pretrained(args.base), adapters[name]).merge_and_unload()
             source = args.work / f"merged_{name}"
             model.save_pretrained(source)
-        main_export(str(source), output=out, task="text-generation-with-past", device="cpu", no_post_process=False)
+        main_export(str(source), output=out, task=args.task, device="cpu", no_post_process=False)
         seconds[name or "base"] = time.perf_counter() - t
         folders[name] = out
     print(json.dumps({"export_s": seconds}), flush=True)
@@ -66,11 +74,14 @@ def main() -> int:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    models = {name: ORTModelForCausalLM.from_pretrained(folder, session_options=options, provider="CPUExecutionProvider",
-                                                        use_io_binding=False)
+    models = {name: ort_class.from_pretrained(folder, session_options=options, provider="CPUExecutionProvider",
+                                              use_io_binding=False)
               for name, folder in folders.items()}
-    prompt = torch.tensor([json.loads(args.prompt)])
-    mask = torch.ones_like(prompt)
+    given = json.loads(args.prompt)
+    batch = isinstance(given, dict)
+    prompt = torch.tensor(given["input_ids"] if batch else [given])
+    mask = torch.tensor(given["attention_mask"]) if batch else torch.ones_like(prompt)
+    skip = 1 if seq2seq else prompt.shape[1]  # the decoder's start token, or the prompt
     for line in sys.stdin:
         if not line.strip():
             break
@@ -79,7 +90,8 @@ def main() -> int:
         t = time.perf_counter()
         out = model.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         dt = time.perf_counter() - t
-        print(json.dumps({"tokens": out[0, prompt.shape[1]:].tolist(), "seconds": dt}), flush=True)
+        rows = out[:, skip:].tolist()
+        print(json.dumps({"tokens": rows if batch else rows[0], "seconds": dt}), flush=True)
     return 0
 
 
