@@ -11,6 +11,8 @@
   PEFT adapters as an ONNX Runtime GenAI package; :mod:`flora_graph.serving.generate`
   (``Generator``): generation from such a package on plain ONNX Runtime, with mixed-adapter batches;
   :mod:`flora_graph.serving.base_branch`: the package model's ``If`` that skips the slots without an adapter.
+* :mod:`flora_graph.serving.seq2seq` (``export_seq2seq``, ``Seq2SeqGenerator``): an encoder-decoder model (T5,
+  BART, Marian, Whisper) as an encoder, a decoder with its cache and per-model adapter files, and generation from it.
 
 Adapters are ``{param name: array}`` mappings (``"<module>.lora_A"``, ``"<module>.lora_B"``
 with the scale folded into ``B``): :func:`adapter_params` makes one from a model with
