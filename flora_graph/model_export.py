@@ -119,7 +119,8 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
     ``[batch, samples]`` (samples dynamic), or ``[batch, frames, mel bins]`` where the config fixes them
     (the Audio Spectrogram Transformer); ``input_features`` ``[batch, mel bins, 2 * max_source_positions]``
     (Whisper's encoder) or ``[batch, frames, features]`` (frames dynamic: Wav2Vec2-BERT's
-    ``feature_projection_input_dim``, Parakeet's and LASR's ``num_mel_bins``); ``pixel_values_videos`` as a
+    ``feature_projection_input_dim``, Parakeet's and LASR's ``num_mel_bins``, Speech2Text's
+    ``input_feat_per_channel * input_channels``); ``pixel_values_videos`` as a
     video model's ``pixel_values`` (VideoPrism, V-JEPA 2). Batch is dynamic; the example has 2 rows, the check
     input 3 (and other samples or frames).
     Raises :class:`ModelFolderError` naming the input for any other.
@@ -151,6 +152,9 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
         # feature frames over a dynamic count (Wav2Vec2-BERT's stacked filterbanks, Parakeet's and LASR's mel bins)
         inner = getattr(config, "encoder_config", None) or config
         width = getattr(inner, "feature_projection_input_dim", None) or getattr(inner, "num_mel_bins", None)
+        per_channel = getattr(inner, "input_feat_per_channel", None)  # Speech2Text's filterbanks per channel
+        if width is None and isinstance(per_channel, int):
+            width = per_channel * int(getattr(inner, "input_channels", 1) or 1)
         if isinstance(width, int):
             return {main: randn(2, 64, width)}, {main: {0: "batch", 1: "frames"}}, {main: randn(3, 80, width)}
     raise ModelFolderError(f"{arch} takes {main!r}: flora-graph export builds token, image, video and audio inputs "

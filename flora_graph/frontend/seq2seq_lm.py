@@ -46,9 +46,10 @@ __all__ = ["Seq2SeqLayout", "capture_seq2seq", "seq2seq_layout"]
 class Seq2SeqLayout:
     """The caches of an encoder-decoder model: ``layers`` decoder layers, each with self-attention keys and values
     ``[batch, heads, past_seq, head_dim]`` and cross-attention keys and values ``[batch, cross_heads, enc_seq',
-    cross_head_dim]``. ``main_input``: ``"input_ids"`` (text, with ``attention_mask``) or ``"input_features"``
-    (speech: a fixed ``[mel_bins, frames]`` per row, ``feature_shape``). ``encoder_mask``: whether the decoder reads
-    the encoder's mask (Whisper's does not: its inputs are never padded)."""
+    cross_head_dim]``. ``main_input``: ``"input_ids"`` (text, with ``attention_mask``), ``"input_features"`` or
+    ``"input_values"`` (speech: a row's shape is ``feature_shape``, ``None`` where it is free: Whisper's fixed
+    ``[mel_bins, frames]``, Speech2Text's ``[frames, features]``, Moonshine's samples). ``encoder_mask``: whether the
+    decoder reads the encoder's mask (only text inputs are padded)."""
 
     layers: int
     heads: int
@@ -57,7 +58,7 @@ class Seq2SeqLayout:
     cross_head_dim: int
     main_input: str = "input_ids"
     encoder_mask: bool = True
-    feature_shape: tuple[int, ...] = ()
+    feature_shape: tuple[int | None, ...] = ()
 
     def encoder_inputs(self) -> list[str]:
         """The encoder graph's inputs."""
@@ -93,18 +94,26 @@ def _caches(out: Any) -> Any:
     return getattr(out, "cache", None) if cache is None else cache
 
 
-def _example_encoder_inputs(base: nn.Module, batch: int, enc_seq: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+def _encoder_example(base: nn.Module, *, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]]:
+    """Two rows of the encoder's inputs and their dynamic dims: token ids and a mask (the first row padded), or a
+    speech model's features or samples as :func:`~flora_graph.model_export.signal_inputs` builds them."""
+    main = getattr(base, "main_input_name", "input_ids")
+    if main != "input_ids":
+        from flora_graph.model_export import signal_inputs
+
+        example, dims, _ = signal_inputs(base.config, type(base).__name__, main)
+        return example, dims
     gen = torch.Generator().manual_seed(seed)
-    cfg = base.config
-    if getattr(base, "main_input_name", "input_ids") == "input_features":
-        bins = int(getattr(cfg, "num_mel_bins", 80))
-        frames = 2 * int(getattr(cfg, "max_source_positions", 1500))  # Whisper takes exactly this many frames
-        return {"input_features": torch.randn(batch, bins, frames, generator=gen)}
-    vocab = int(getattr(cfg, "vocab_size", 256))
-    ids = torch.randint(3, vocab, (batch, enc_seq), generator=gen)
-    mask = torch.ones(batch, enc_seq, dtype=torch.int64)
-    mask[0, enc_seq - 1:] = 0  # the first row padded
-    return {"input_ids": ids, "attention_mask": mask}
+    ids = torch.randint(3, int(getattr(base.config, "vocab_size", 256)), (2, 7), generator=gen)
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    mask[0, 6:] = 0  # the first row padded
+    return {"input_ids": ids, "attention_mask": mask}, {"input_ids": {0: "batch", 1: "enc_seq"},
+                                                        "attention_mask": {0: "batch", 1: "enc_seq"}}
+
+
+def _encoded(base: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """The encoder's output on ``inputs`` (its own output type, which the model's forward takes back)."""
+    return base.get_encoder()(**inputs)
 
 
 def _start_ids(base: nn.Module, batch: int, seq: int) -> torch.Tensor:
@@ -125,13 +134,15 @@ def seq2seq_layout(model: nn.Module) -> Seq2SeqLayout:
         raise GraphError(f"{name}: not a transformers encoder-decoder model (config.is_encoder_decoder, "
                          "get_encoder())")
     main = getattr(base, "main_input_name", "input_ids")
-    if main not in ("input_ids", "input_features"):
+    if main not in ("input_ids", "input_features", "input_values"):
         raise GraphError(f"{name}: its encoder takes {main!r}; encoder-decoder generation is captured for models "
-                         "that take input_ids or input_features")
-    inputs = _example_encoder_inputs(base, 1, 3)
+                         "that take input_ids, input_features or input_values")
+    inputs, dims = _encoder_example(base)
+    inputs = {k: v[:1] for k, v in inputs.items()}
     try:
         with torch.no_grad():
-            out = base(**inputs, decoder_input_ids=_start_ids(base, 1, 2), use_cache=True)
+            out = base(encoder_outputs=_encoded(base, inputs), attention_mask=inputs.get("attention_mask"),
+                       decoder_input_ids=_start_ids(base, 1, 2), use_cache=True)
     except Exception as exc:
         raise GraphError(f"{name}: one eager step failed ({type(exc).__name__}: {exc})") from exc
     cache = _caches(out)
@@ -148,7 +159,8 @@ def seq2seq_layout(model: nn.Module) -> Seq2SeqLayout:
                 or cross.layers[i].keys.shape[1:2] + cross.layers[i].keys.shape[3:] != ck.shape[1:2] + ck.shape[3:]):
             raise GraphError(f"{name}: decoder layer {i}'s cache differs in heads or width from layer 0's")
     takes_mask = main == "input_ids" and "attention_mask" in inspect.signature(base.forward).parameters
-    features = tuple(inputs["input_features"].shape[1:]) if main == "input_features" else ()
+    features = () if main == "input_ids" else tuple(
+        None if i in dims[main] else int(d) for i, d in enumerate(inputs[main].shape) if i > 0)
     return Seq2SeqLayout(layers, int(k.shape[1]), int(k.shape[3]), int(ck.shape[1]), int(ck.shape[3]),
                          main, takes_mask, features)
 
@@ -185,14 +197,17 @@ def decoder_forward(base: nn.Module, layout: Seq2SeqLayout):
     returns ``(logits, present self keys and values...)`` (:meth:`Seq2SeqLayout.present_names` order)."""
     forward = type(base).forward.__get__(base)
     arg, hidden = _cache_arg(base), _hidden(base)
+    example, _ = _encoder_example(base)
+    with torch.no_grad():  # the encoder's own output type, which the decoder may read more than the states of
+        encoded = type(_encoded(base, {k: v[:1] for k, v in example.items()}))
 
     def run(input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
             past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         past = list(past_key_values or [])
         cache = _cache(layout, past)
         ck = past[2]  # the encoder's states are read only for their shape once the cross cache is filled
-        states = ck.new_zeros(ck.shape[0], ck.shape[2], hidden)
-        kwargs: dict[str, Any] = {"decoder_input_ids": input_ids, "encoder_outputs": (states,), arg: cache,
+        states = encoded(last_hidden_state=ck.new_zeros(ck.shape[0], ck.shape[2], hidden))
+        kwargs: dict[str, Any] = {"decoder_input_ids": input_ids, "encoder_outputs": states, arg: cache,
                                   "use_cache": True}
         if encoder_attention_mask is not None:
             kwargs["attention_mask"] = encoder_attention_mask
@@ -218,7 +233,8 @@ def encoder_forward(base: nn.Module, layout: Seq2SeqLayout):
         main = inputs[layout.main_input]
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = torch.zeros(main.shape[0], 1, dtype=torch.int64, device=main.device)
-        out = forward(**inputs, decoder_input_ids=start, **{arg: cache}, use_cache=True)
+        out = forward(encoder_outputs=_encoded(base, inputs), attention_mask=inputs.get("attention_mask"),
+                      decoder_input_ids=start, **{arg: cache}, use_cache=True)
         kv = _caches(out).cross_attention_cache
         flat: list[torch.Tensor] = []
         for i in range(layout.layers):
@@ -226,10 +242,15 @@ def encoder_forward(base: nn.Module, layout: Seq2SeqLayout):
         return tuple(flat)
 
     if layout.main_input == "input_features":
-        def speech(input_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def features(input_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return cross({"input_features": input_features})
 
-        return speech
+        return features
+    if layout.main_input == "input_values":
+        def samples(input_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return cross({"input_values": input_values})
+
+        return samples
 
     def text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return cross({"input_ids": input_ids, "attention_mask": attention_mask})
@@ -252,8 +273,9 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     decoder)`` graphs, named as the module docstring says.
 
     ``batch``, ``enc_seq``, ``seq`` and ``past_seq`` are dynamic (``dim_max`` may bound them: a learned position
-    table bounds ``seq``/``enc_seq`` and ``past_seq+seq``); a speech encoder's frames are fixed (Whisper reads
-    exactly ``2 * max_source_positions``). ``share_weights``: the graphs' weights are views of the model's (see
+    table bounds ``seq``/``enc_seq`` and ``past_seq+seq``); a speech encoder's input has the dims
+    :func:`~flora_graph.model_export.signal_inputs` gives it (Whisper's frames fixed, ``2 * max_source_positions``;
+    Speech2Text's frames and Moonshine's samples dynamic, the cross-attention's length then the decoder's ``enc_seq``). ``share_weights``: the graphs' weights are views of the model's (see
     :func:`~flora_graph.frontend.capture`). ``layout``: the model's :func:`seq2seq_layout`, where the caller has it.
 
     Raises:
@@ -263,18 +285,16 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     layout = seq2seq_layout(model) if layout is None else layout
     base = _base(model)
     title = name or type(base).__name__
-    enc_inputs = _example_encoder_inputs(base, 2, 7)
-    enc_dims: dict[str, Any] = ({"input_ids": {0: "batch", 1: "enc_seq"}, "attention_mask": {0: "batch", 1: "enc_seq"}}
-                                if layout.main_input == "input_ids" else {"input_features": {0: "batch"}})
+    enc_inputs, enc_dims = _encoder_example(base)
     bounds = {k: v for k, v in (dim_max or {}).items() if k in ("enc_seq", "batch")}
     with _forward_as(base, encoder_forward(base, layout)):
         encoder = capture(model, enc_inputs, enc_dims, name=f"{title}.encoder", dim_max=bounds or None,
                           input_names=layout.encoder_inputs(), output_names=layout.cross_names(),
                           share_weights=share_weights)
     gen = torch.Generator().manual_seed(1)
-    batch, seq, past, enc_seq = 2, 3, 5, (7 if layout.main_input == "input_ids" else None)
-    cross_len = int(encoder.outputs[layout.cross_names()[0]].shape[2]) if enc_seq is None else enc_seq
-    cross_dim: Any = "enc_seq" if enc_seq is not None else None
+    batch, seq, past = 2, 3, 5
+    cross = encoder.outputs[layout.cross_names()[0]].shape[2]  # fixed where the encoder's input is (Whisper's)
+    cross_len, cross_dim = (cross, None) if isinstance(cross, int) else (7, "enc_seq")
     inputs: dict[str, Any] = {"input_ids": torch.randint(0, int(getattr(base.config, "vocab_size", 256)), (batch, seq),
                                                          generator=gen)}
     dims: dict[str, Any] = {"input_ids": {0: "batch", 1: "seq"}}

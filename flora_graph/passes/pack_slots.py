@@ -22,7 +22,9 @@ them where they enter a session or an adapter file. A mixed slot is packed the s
 
 Packed: linear slots of one kind, not packed already, whose base is a ``Linear`` of the
 slot's own input with a static weight, of one dtype and bias presence, read by nothing but
-its slot. Everything else is left as it is (``refused`` says why for a lone slot).
+its slot. A module that runs more than once (PEGASUS-X's projections, on local and global tokens) is packed only
+where every run of it has the same siblings, all runs then reading one packed slot's weights: an adapter's weights
+for a module go to one slot. Everything else is left as it is (``refused`` says why for a lone slot).
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ def _groups(graph: Graph) -> tuple[dict[tuple, list[ComputationNode]], dict[str,
     return groups, refused
 
 
-def _pack(graph: Graph, group: list[ComputationNode]) -> tuple[dict[ComputationNode, ComputationNode], list]:
-    """The packed slot and a ``Split`` per member; returns ``{old slot: its piece}`` and the old weight inputs."""
+def _pack(graph: Graph, group: list[ComputationNode], made: dict[str, tuple[ComputationNode, ComputationNode]]
+          ) -> tuple[dict[ComputationNode, ComputationNode], list]:
+    """The packed slot and a ``Split`` per member; returns ``{old slot: its piece}`` and the old weight inputs.
+    ``made``: the weight inputs of the packed modules so far, which a group of the same modules (layers called
+    twice, on two inputs: PEGASUS-X's local and global tokens) reads too."""
     first = group[0]
     x, op = first.inputs[1], first.op
     modules = [str(n.attrs["module"]) for n in group]
@@ -86,7 +91,9 @@ def _pack(graph: Graph, group: list[ComputationNode]) -> tuple[dict[ComputationN
     bases = [n.inputs[0] for n in group]
     base = concat_linears(graph, bases, f"{module}.base", {**bases[0].meta, "module": module} if bases[0].meta else {})
     slots = "swappable" if op is Op.LORA_SLOT else "mixed"
-    a, b = slot_inputs(graph, module, "linear", (int(x.shape[-1]),), sum(outs), first.dtype, slots)
+    if module not in made:
+        made[module] = slot_inputs(graph, module, "linear", (int(x.shape[-1]),), sum(outs), first.dtype, slots)
+    a, b = made[module]
     ins = [base, x, a, b]
     if slots == "mixed":
         ins.append(next(i for i in graph.inputs if i.name == INDEX_INPUT))
@@ -106,11 +113,30 @@ def pack_slots(graph: Graph) -> PassResult:
     repl: dict[ComputationNode, ComputationNode] = {}
     old: list[ComputationNode] = []
     packed: list[list[str]] = []
+    made: dict[str, tuple[ComputationNode, ComputationNode]] = {}
+    # a module takes one packed slot's weights or its own: one packed with the same siblings wherever it runs
+    sets: dict[str, set[frozenset[str]]] = {}
+    order: dict[frozenset[str], list[str]] = {}  # the first run's member order, which every run of the set takes
+    for group in groups.values():
+        mods = [str(n.attrs["module"]) for n in group]
+        members = frozenset(mods) if len(group) > 1 else frozenset()
+        order.setdefault(members, mods)
+        for m in mods:
+            sets.setdefault(m, set()).add(members)
+    for name in refused:
+        sets.setdefault(str(graph.node(name).attrs["module"]), set()).add(frozenset())
     for group in groups.values():
         if len(group) < 2:
             refused[group[0].name] = f"{_NAME}: no sibling slot reads {group[0].inputs[1].name!r}"
             continue
-        pieces, weights = _pack(graph, group)
+        members = frozenset(str(n.attrs["module"]) for n in group)
+        if any(sets[m] != {members} for m in members) or len(members) < len(group):
+            for n in group:
+                refused[n.name] = (f"{_NAME}: module {n.attrs['module']!r} runs elsewhere with other siblings (or "
+                                   "none), and one module takes one slot's weights")
+            continue
+        group = sorted(group, key=lambda n, first=order[members]: first.index(str(n.attrs["module"])))
+        pieces, weights = _pack(graph, group, made)
         repl.update(pieces)
         old += weights
         packed.append([str(n.attrs["module"]) for n in group])

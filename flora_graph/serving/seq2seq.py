@@ -272,7 +272,8 @@ class Seq2SeqGenerator:
             doc = json.loads(path.read_text())
             self.layout = Seq2SeqLayout(int(doc["layers"]), int(doc["heads"]), int(doc["head_dim"]),
                                         int(doc["cross_heads"]), int(doc["cross_head_dim"]), str(doc["main_input"]),
-                                        bool(doc["encoder_mask"]), tuple(int(d) for d in doc["feature_shape"]))
+                                        bool(doc["encoder_mask"]),
+                                        tuple(None if d is None else int(d) for d in doc["feature_shape"]))
             self.vocab = int(doc["vocab_size"])
             self.start = int(doc["decoder_start_token_id"])
             self.eos = frozenset(int(t) for t in doc["eos_token_id"])
@@ -340,15 +341,20 @@ class Seq2SeqGenerator:
                ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Run the encoder: each row's cross-attention keys and values (:meth:`Seq2SeqLayout.cross_names` order) and
         the encoder mask (``None`` for a speech model). ``inputs``: token id lists (right-padded here) or, for a
-        speech model, features ``[batch, mel_bins, frames]``."""
+        speech model, one array ``[batch, ...]`` of its features or samples (``layout.feature_shape`` a row; rows are
+        not masked, so a batch's rows are of one length)."""
         self._check_adapter(adapter)
-        if self.layout.main_input == "input_features":
-            feats = np.ascontiguousarray(np.asarray(inputs, np.float32))
-            want = (len(feats), *self.layout.feature_shape) if feats.ndim == 3 else None
-            if want is None or feats.shape != want:
-                raise GenerationError(f"input_features must be [batch, {', '.join(map(str, self.layout.feature_shape))}]"
-                                      f", got {list(feats.shape)}")
-            out = self._run("encoder", {"input_features": feats}, adapter)
+        main, shape = self.layout.main_input, self.layout.feature_shape
+        if main != "input_ids":
+            try:
+                feats = np.ascontiguousarray(np.asarray(inputs, np.float32))
+            except (TypeError, ValueError) as exc:
+                raise GenerationError(f"{main}: expected one array [batch, ...] ({exc})") from None
+            if feats.ndim != 1 + len(shape) or not len(feats) or any(
+                    want is not None and got != want for got, want in zip(feats.shape[1:], shape, strict=True)):
+                dims = ", ".join("any" if d is None else str(d) for d in shape)
+                raise GenerationError(f"{main} must be [batch, {dims}], got {list(feats.shape)}")
+            out = self._run("encoder", {main: feats}, adapter)
             return [out[n] for n in self.layout.cross_names()], None
         rows = [[int(t) for t in row] for row in inputs]
         for i, row in enumerate(rows):

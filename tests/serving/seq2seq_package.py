@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -103,10 +104,10 @@ def eager_model(root: Path, kind: str, adapter: str | None):
 
 
 def eager_tokens(root: Path, kind: str, adapter: str | None, prompts: list[list[int]], pad: int, eos: set[int],
-                 **kwargs) -> list[list[int]]:
-    """Greedy tokens of eager transformers (+ PEFT) ``generate`` for the right-padded ``prompts``, each row cut
-    after its first end-of-text token (``generate`` pads a finished row)."""
-    model = eager_model(root, kind, adapter)
+                 model: Any = None, **kwargs) -> list[list[int]]:
+    """Greedy tokens of eager transformers (+ PEFT) ``generate`` (of ``model``, else :func:`eager_model`'s) for the
+    right-padded ``prompts``, each row cut after its first end-of-text token (``generate`` pads a finished row)."""
+    model = eager_model(root, kind, adapter) if model is None else model
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad)
     mask = torch.zeros(len(prompts), width, dtype=torch.int64)
@@ -123,3 +124,84 @@ def _cut(row: list[int], eos: set[int]) -> list[int]:
         if t in eos:
             return row[:i + 1]
     return row
+
+
+_E = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+          encoder_ffn_dim=64, decoder_ffn_dim=64)
+_T = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+ARCHITECTURES = {
+    "mt5": ("MT5Config", "MT5ForConditionalGeneration", _T),
+    "umt5": ("UMT5Config", "UMT5ForConditionalGeneration", _T),
+    "longt5": ("LongT5Config", "LongT5ForConditionalGeneration", _T),
+    "mbart": ("MBartConfig", "MBartForConditionalGeneration", dict(vocab_size=100, max_position_embeddings=64, **_E)),
+    "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration",
+                dict(vocab_size=100, max_position_embeddings=64, **_E)),
+    "pegasus-x": ("PegasusXConfig", "PegasusXForConditionalGeneration",
+                  dict(vocab_size=100, max_position_embeddings=64, num_global_tokens=4, block_size=4,
+                       stagger_local_blocks=True, **_E)),
+    "blenderbot": ("BlenderbotConfig", "BlenderbotForConditionalGeneration",
+                   dict(vocab_size=100, max_position_embeddings=64, **_E)),
+    "blenderbot-small": ("BlenderbotSmallConfig", "BlenderbotSmallForConditionalGeneration",
+                         dict(vocab_size=100, max_position_embeddings=64, **_E)),
+    "m2m100": ("M2M100Config", "M2M100ForConditionalGeneration", dict(vocab_size=100, max_position_embeddings=64, **_E)),
+    "plbart": ("PLBartConfig", "PLBartForConditionalGeneration", dict(vocab_size=100, max_position_embeddings=64, **_E)),
+    "fsmt": ("FSMTConfig", "FSMTForConditionalGeneration",
+             dict(src_vocab_size=100, tgt_vocab_size=100, max_position_embeddings=64, langs=["en", "de"], **_E)),
+    "bigbird-pegasus": ("BigBirdPegasusConfig", "BigBirdPegasusForConditionalGeneration",
+                        dict(vocab_size=100, max_position_embeddings=64, attention_type="original_full", **_E)),
+    "nllb-moe": ("NllbMoeConfig", "NllbMoeForConditionalGeneration",
+                 dict(vocab_size=100, max_position_embeddings=64, num_experts=4, expert_capacity=8, **_E)),
+    "speech-to-text": ("Speech2TextConfig", "Speech2TextForConditionalGeneration",
+                       dict(vocab_size=100, input_feat_per_channel=8, max_source_positions=64, max_target_positions=64,
+                            conv_channels=16, input_channels=1, **_E)),
+    "moonshine": ("MoonshineConfig", "MoonshineForConditionalGeneration",
+                  dict(vocab_size=100, hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=2,
+                       decoder_num_hidden_layers=2, encoder_num_attention_heads=4, decoder_num_attention_heads=4)),
+}
+"""More encoder-decoder families, tiny: ``(config class, model class, config)``, each with PEFT's ``all-linear`` LoRA."""
+
+
+def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
+    """Export ``ARCHITECTURES[kind]`` with an ``all-linear`` PEFT adapter (nonzero ``B``) and assert that the
+    package's greedy tokens, base and adapter, equal eager transformers + PEFT ``generate`` on a padded batch (or
+    two speech rows: Speech2Text's 40 frames, Moonshine's 3,200 samples)."""
+    import peft
+    import transformers
+
+    from flora_graph.serving.seq2seq import Seq2SeqGenerator, export_seq2seq
+
+    config_cls, model_cls, cfg = ARCHITECTURES[kind]
+    cls = getattr(transformers, model_cls)
+    torch.manual_seed(0)
+    cls(getattr(transformers, config_cls)(**cfg)).eval().save_pretrained(root / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = peft.get_peft_model(cls.from_pretrained(root / "base"),
+                                      peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(1)
+    for mod in adapted.modules():
+        if hasattr(mod, "lora_B"):
+            for k in mod.lora_B:
+                mod.lora_B[k].weight.data.normal_(0, 0.3, generator=gen)
+    adapted.save_pretrained(root / "ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_seq2seq(root / "base", root / "pkg", {"ad": root / "ad"})
+    served = Seq2SeqGenerator(root / "pkg")
+    main = served.layout.main_input
+    for adapter in (None, "ad"):
+        model = cls.from_pretrained(root / "base").eval()
+        model = peft.PeftModel.from_pretrained(model, root / "ad").eval() if adapter else model
+        kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
+        if main == "input_ids":
+            ours = served.generate(PROMPTS, adapter=adapter, max_new_tokens=new, min_new_tokens=new)
+            assert ours == eager_tokens(root, kind, adapter, PROMPTS, served.pad, set(), model=model,
+                                        max_new_tokens=new, min_new_tokens=new)
+            continue
+        shape = [(40 if main == "input_features" else 3200) if d is None else d for d in served.layout.feature_shape]
+        x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+        ours = served.generate(x.numpy(), adapter=adapter, max_new_tokens=new, min_new_tokens=new)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = model.generate(**{main: x}, **kwargs)
+        assert ours == [row[-new:] for row in ref.tolist()]

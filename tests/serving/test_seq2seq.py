@@ -15,7 +15,14 @@ from flora_graph.errors import FloraGraphError
 from flora_graph.serving.errors import AdapterFileError, UnknownAdapterError
 from flora_graph.serving.generate import GenerationError
 from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG, Seq2SeqGenerator, export_seq2seq
-from tests.serving.seq2seq_package import NEW, PROMPTS, eager_model, eager_tokens
+from tests.serving.seq2seq_package import (
+    ARCHITECTURES,
+    NEW,
+    PROMPTS,
+    architecture_matches_eager,
+    eager_model,
+    eager_tokens,
+)
 
 pytest.importorskip("transformers")
 
@@ -186,3 +193,14 @@ def test_package_config_and_cli_generate(seq2seq_packages: dict[str, Path], caps
     assert " ".join(map(str, want)) in out and "8 tokens in" in out
     assert main(["generate", str(root / "pkg"), "--ids", "5,9", "--ids", "4,4", "--adapter", "all", "--adapter", ""]) == 2
     assert "one adapter (or none) for every row" in capsys.readouterr().out
+
+
+QUICK = ("mbart", "speech-to-text")
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k in QUICK else pytest.mark.slow) for k in ARCHITECTURES])
+def test_more_families_generate_eager_peft_tokens(kind: str, tmp_path: Path) -> None:
+    """mT5, UMT5, LongT5, mBART, Pegasus, PEGASUS-X (its projections run on local and global tokens), Blenderbot,
+    M2M100, PLBart, FSMT, BigBird-Pegasus, NLLB-MoE, Speech2Text (features, frames free), Moonshine (raw samples):
+    PEFT's all-linear LoRA, the package's greedy tokens equal eager's, base and adapter."""
+    architecture_matches_eager(tmp_path, kind)

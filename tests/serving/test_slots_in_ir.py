@@ -352,6 +352,46 @@ def test_packed_slots_serve_per_module_adapters_like_the_unpacked_ones(demo: Dem
     np.testing.assert_array_equal(per_row.run(ids, names)["output"], mixed.run(ids, names)["output"])
 
 
+class LocalGlobal(torch.nn.Module):
+    """Projections run on two inputs, as PEGASUS-X's attention runs them on its local and global tokens: ``q``, ``k``
+    and ``v`` on both (``same=True``), or ``q``, ``k``, ``v`` on one and ``k``, ``v`` alone on the other."""
+
+    def __init__(self, same: bool) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.same = same
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        out = self.q(x) * self.k(x) + self.v(x) + self.k(y) * self.v(y)
+        return out + self.q(y) if self.same else out
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_module_run_twice_is_packed_only_with_the_same_siblings_everywhere(same: bool) -> None:
+    """Two runs with the same siblings read one packed slot's weights; where one run of ``k``/``v`` has other
+    siblings, none of them is packed (one module's adapter weights go to one slot): either way the packed adapter
+    gives eager's output."""
+    from flora_graph.frontend import capture
+    from flora_graph.serving.demo import random_adapter
+    from flora_graph.serving.slots import graph_slots, pack_params
+
+    torch.manual_seed(0)
+    base = LocalGlobal(same).eval()
+    model = random_adapter(base, 2, seed=1, targets=["q", "k", "v"])
+    x = torch.randn(3, 8)
+    g = capture(model, {"x": x}, {"x": {0: "batch"}})
+    packed = optimize(g, "fused", slots="swappable", pack_slots=True, verify_each=True)
+    slots = [n for n in packed.nodes if n.op in OpGroup.Adapter]
+    assert [n.attrs["module"] for n in slots] == (["q+k+v"] * 2 if same else ["q", "k", "v", "k", "v"])
+    own = pack_params(graph_adapter_params(g), [s for s in graph_slots(packed) if s.members], "own")
+    with torch.no_grad():
+        merged = copy.deepcopy(model)
+        merge_all(merged)
+        want = merged(x).numpy()
+    np.testing.assert_allclose(run(packed, {"x": x.numpy(), **own})["output"], want, atol=ATOL)
+
+
 def test_pack_params_is_block_diagonal_and_refuses_half_a_module(demo: Demo) -> None:
     from flora_graph.serving.errors import AdapterFileError
     from flora_graph.serving.slots import graph_slots, pack_params
