@@ -24,6 +24,7 @@ from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.frontend import capture, max_abs_diff, output_tensors
 from flora_graph.frontend.causal_lm import scan_chunk
 from flora_graph.frontend.model_outputs import output_names, set_use_cache
+from flora_graph.frontend.signal_inputs import signal_inputs
 from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
 
@@ -97,71 +98,6 @@ def _hf_inputs(vocab: int, batch: int, seq: int, seed: int, mask: bool, types: b
     return out
 
 
-def _size(config: Any) -> tuple[int, int]:
-    """An image model's input height and width: its config's ``image_size`` (an int, a pair or a
-    ``{"height", "width"}`` dict; V-JEPA 2's ``crop_size``), its vision or backbone config's, else 224."""
-    for c in (config, getattr(config, "vision_config", None), getattr(config, "backbone_config", None)):
-        size = (getattr(c, "image_size", None) or getattr(c, "crop_size", None)) if c is not None else None
-        if isinstance(size, dict) and {"height", "width"} <= set(size):
-            return int(size["height"]), int(size["width"])
-        if isinstance(size, list | tuple) and len(size) == 2:
-            return int(size[0]), int(size[1])
-        if isinstance(size, int) and size > 0:
-            return size, size
-    return 224, 224
-
-
-def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]],
-                                                             dict[str, torch.Tensor]]:
-    """Example inputs, dynamic dims and check inputs of a transformers model whose main input ``main`` is
-    not tokens: ``pixel_values`` ``[batch, channels, height, width]`` (``[batch, frames, ...]`` for a video
-    model: its config's ``num_frames`` or ``frames_per_clip``) at the config's image size; raw audio ``input_values``
-    ``[batch, samples]`` (samples dynamic), or ``[batch, frames, mel bins]`` where the config fixes them
-    (the Audio Spectrogram Transformer); ``input_features`` ``[batch, mel bins, 2 * max_source_positions]``
-    (Whisper's encoder) or ``[batch, frames, features]`` (frames dynamic: Wav2Vec2-BERT's
-    ``feature_projection_input_dim``, Parakeet's and LASR's ``num_mel_bins``, Speech2Text's
-    ``input_feat_per_channel * input_channels``); ``pixel_values_videos`` as a
-    video model's ``pixel_values`` (VideoPrism, V-JEPA 2). Batch is dynamic; the example has 2 rows, the check
-    input 3 (and other samples or frames).
-    Raises :class:`ModelFolderError` naming the input for any other.
-    """
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
-
-    if main in ("pixel_values", "pixel_values_videos"):
-        h, w = _size(config)
-        channels = int(getattr(config, "num_channels", None) or 3)
-        frames = next((f for c in (config, getattr(config, "vision_config", None)) for k in ("num_frames", "frames_per_clip")
-                       if isinstance(f := getattr(c, k, None), int)), None)
-        video = "Video" in arch or main == "pixel_values_videos"
-        lead = (int(frames),) if isinstance(frames, int) and video else ()
-        make = lambda b: {main: randn(b, *lead, channels, h, w)}  # noqa: E731
-        return make(2), {main: {0: "batch"}}, make(3)
-    if main == "input_values":
-        mel, length = getattr(config, "num_mel_bins", None), getattr(config, "max_length", None)
-        if isinstance(mel, int) and isinstance(length, int):  # spectrogram frames of a fixed count
-            return {main: randn(2, length, mel)}, {main: {0: "batch"}}, {main: randn(3, length, mel)}
-        # raw audio: a strided convolution stack over a dynamic number of samples (0.1 s and 0.125 s at 16 kHz)
-        return {main: randn(2, 1600)}, {main: {0: "batch", 1: "samples"}}, {main: randn(3, 2000)}
-    if main == "input_features":
-        mel, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
-        if isinstance(mel, int) and isinstance(positions, int):
-            return ({main: randn(2, mel, 2 * positions)}, {main: {0: "batch"}}, {main: randn(3, mel, 2 * positions)})
-        # feature frames over a dynamic count (Wav2Vec2-BERT's stacked filterbanks, Parakeet's and LASR's mel bins)
-        inner = getattr(config, "encoder_config", None) or config
-        width = getattr(inner, "feature_projection_input_dim", None) or getattr(inner, "num_mel_bins", None)
-        per_channel = getattr(inner, "input_feat_per_channel", None)  # Speech2Text's filterbanks per channel
-        if width is None and isinstance(per_channel, int):
-            width = per_channel * int(getattr(inner, "input_channels", 1) or 1)
-        if isinstance(width, int):
-            return {main: randn(2, 64, width)}, {main: {0: "batch", 1: "frames"}}, {main: randn(3, 80, width)}
-    raise ModelFolderError(f"{arch} takes {main!r}: flora-graph export builds token, image, video and audio inputs "
-                           "(input_ids, pixel_values, pixel_values_videos, input_values, input_features); capture it "
-                           "from Python with inputs of its own (flora_graph.frontend.capture)")
-
-
 def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
                attention_mask: bool = False) -> ModelSpec:
     """``None``/``"default"``: the built-in small decoder (with LoRA of ``lora_rank`` on every
@@ -169,7 +105,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     ``config.json`` + safetensors: a transformers model built from it (no download).
 
     A transformers model is loaded in float32 with ``use_cache=False`` (outputs without a
-    key/value cache); an image, video or audio model takes what :func:`signal_inputs` builds, a
+    key/value cache); an image, video or audio model takes what
+    :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds, a
     token model ``input_ids`` (``[batch, seq]``, both dynamic), plus an
     ``attention_mask`` of the same shape when ``attention_mask`` is true (the check input
     pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``.
@@ -199,7 +136,12 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     if main != "input_ids":  # an image, video or audio model
         if attention_mask:
             raise FloraGraphError(f"{arch} takes {main}, not tokens: an attention_mask is for token inputs")
-        example, dims, check = signal_inputs(config, arch, main)
+        built = signal_inputs(config, arch, main)
+        if built is None:
+            raise ModelFolderError(f"{arch} takes {main!r}: flora-graph export builds token, image, video and audio "
+                                   "inputs (input_ids, pixel_values, pixel_values_videos, input_values, input_features); "
+                                   "capture it from Python with inputs of its own (flora_graph.frontend.capture)")
+        example, dims, check = built
         with torch.no_grad():
             names_out = output_names(model(**example), example)
         return ModelSpec(model, example, dims, check, arch, {}, names_out)

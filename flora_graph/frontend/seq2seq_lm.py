@@ -96,13 +96,16 @@ def _caches(out: Any) -> Any:
 
 def _encoder_example(base: nn.Module, *, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]]:
     """Two rows of the encoder's inputs and their dynamic dims: token ids and a mask (the first row padded), or a
-    speech model's features or samples as :func:`~flora_graph.model_export.signal_inputs` builds them."""
+    speech model's features or samples as :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds them."""
     main = getattr(base, "main_input_name", "input_ids")
     if main != "input_ids":
-        from flora_graph.model_export import signal_inputs
+        from flora_graph.frontend.signal_inputs import signal_inputs
 
-        example, dims, _ = signal_inputs(base.config, type(base).__name__, main)
-        return example, dims
+        built = signal_inputs(base.config, type(base).__name__, main)
+        if built is None:
+            raise GraphError(f"{type(base).__name__}: its encoder's {main!r} has no example input this capture can "
+                             "build from the config")
+        return built[0], built[1]
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, int(getattr(base.config, "vocab_size", 256)), (2, 7), generator=gen)
     mask = torch.ones(2, 7, dtype=torch.int64)
@@ -274,7 +277,7 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
 
     ``batch``, ``enc_seq``, ``seq`` and ``past_seq`` are dynamic (``dim_max`` may bound them: a learned position
     table bounds ``seq``/``enc_seq`` and ``past_seq+seq``); a speech encoder's input has the dims
-    :func:`~flora_graph.model_export.signal_inputs` gives it (Whisper's frames fixed, ``2 * max_source_positions``;
+    :func:`~flora_graph.frontend.signal_inputs.signal_inputs` gives it (Whisper's frames fixed, ``2 * max_source_positions``;
     Speech2Text's frames and Moonshine's samples dynamic, the cross-attention's length then the decoder's ``enc_seq``). ``share_weights``: the graphs' weights are views of the model's (see
     :func:`~flora_graph.frontend.capture`). ``layout``: the model's :func:`seq2seq_layout`, where the caller has it.
 

@@ -175,6 +175,9 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
         from flora_graph.serving.seq2seq import Seq2SeqGenerator
 
         gen: Any = Seq2SeqGenerator(args.package, threads=args.threads)
+        if gen.layout.main_input != "input_ids":
+            return _refuse(console, f"{args.package} is a speech model's package: it takes audio features, not "
+                                    "text; generate from Python with flora_graph.serving.seq2seq.Seq2SeqGenerator")
     else:  # the mixed model (its own copy of the weights) only where the rows' adapters differ
         gen = Generator(args.package, threads=args.threads, mixed=len(set(adapters)) > 1)
     # what is not given stays the package's (its model's generation config): Generator.defaults

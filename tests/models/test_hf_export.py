@@ -243,7 +243,7 @@ def test_a_speech_model_on_feature_frames_exports_over_a_dynamic_frame_count(tmp
 
 
 def test_video_inputs_read_the_frame_count_and_size_each_config_names() -> None:
-    from flora_graph.model_export import signal_inputs
+    from flora_graph.frontend.signal_inputs import signal_inputs
 
     cases = [(transformers.VJEPA2Config(crop_size=32, frames_per_clip=4), "VJEPA2ForVideoClassification",
               "pixel_values_videos", (2, 4, 3, 32, 32)),

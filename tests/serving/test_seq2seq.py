@@ -193,6 +193,8 @@ def test_package_config_and_cli_generate(seq2seq_packages: dict[str, Path], caps
     assert " ".join(map(str, want)) in out and "8 tokens in" in out
     assert main(["generate", str(root / "pkg"), "--ids", "5,9", "--ids", "4,4", "--adapter", "all", "--adapter", ""]) == 2
     assert "one adapter (or none) for every row" in capsys.readouterr().out
+    assert main(["generate", str(seq2seq_packages["whisper"] / "pkg"), "--ids", "5,9"]) == 2
+    assert "speech model's package" in capsys.readouterr().out
 
 
 QUICK = ("mbart", "speech-to-text")
