@@ -153,9 +153,6 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG
 
     seq2seq = (Path(args.package) / SEQ2SEQ_CONFIG).is_file()
-    if seq2seq and len(set(adapters)) > 1:
-        return _refuse(console, "an encoder-decoder package generates a batch with one adapter (or none) for every row; "
-                                f"got {sorted({a or '' for a in adapters})}")
     if seq2seq and args.chat:
         return _refuse(console, "--chat formats a causal LM's prompt; an encoder-decoder package takes the input text "
                                 "as it is")
@@ -191,11 +188,7 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
         settings["stop_tokens"] = []
     one = len(prompts) == 1
     t0 = time.perf_counter()
-    stream = _Stream(console, tokenizer) if one else None
-    if seq2seq:
-        out = gen.generate(prompts, adapter=adapters[0], on_token=stream, **settings)
-    else:
-        out = gen.generate(prompts, adapters=adapters, on_token=stream, **settings)
+    out = gen.generate(prompts, adapters=adapters, on_token=_Stream(console, tokenizer) if one else None, **settings)
     seconds = time.perf_counter() - t0
 
     def text(tokens: list[int]) -> str:
@@ -236,7 +229,7 @@ def add_cli(subparsers: Any) -> None:
     g = subparsers.add_parser("generate", help="generate text from a GenAI package (flora-graph export --format genai) "
                                                "or an encoder-decoder package (--task text2text-generation-with-past) "
                                                "on plain ONNX Runtime, with an adapter or none; several prompts "
-                                               "decode as one batch, each row with its own adapter (a GenAI package)")
+                                               "decode as one batch, each row with its own adapter")
     g.add_argument("package", help="the package folder")
     g.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt text, one row each (needs the package's tokenizer files) (default: Hello)")

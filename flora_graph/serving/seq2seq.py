@@ -5,7 +5,11 @@
     OUT/seq2seq_config.json              sizes, special tokens, position limits, search defaults
     OUT/encoder.onnx                     the encoder and every decoder layer's cross-attention keys and values
     OUT/decoder.onnx                     the decoder with its self-attention cache (one model: first and later steps)
-    OUT/model.onnx.data                  the weights of both, each stored once (T5's shared embedding)
+    OUT/encoder.mixed.onnx, decoder.mixed.onnx
+                                         with adapters (unless ``mixed=False``): the same models serving rows with
+                                         different adapters in one call (stacked adapters, a per-row ``adapter_index``)
+    OUT/model.onnx.data                  the weights of all, each stored once (T5's shared embedding, the base
+                                         weights the mixed models read)
     OUT/adapters/NAME.encoder.onnx_adapter, NAME.decoder.onnx_adapter
                                          each adapter's weights for each model (a file only where the adapter
                                          adapts one of its modules), with their ``.sha256`` checksums
@@ -41,6 +45,8 @@ import numpy as np
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.generate import GenerationError, Row, RowSettings, pick_token, take_token
+from flora_graph.serving.mixed import MixedAdapterSession
+from flora_graph.serving.session import AdapterSession
 from flora_graph.storage import check_name, staged_folder
 
 __all__ = ["DECODER_FILE", "ENCODER_FILE", "SEQ2SEQ_CONFIG", "Seq2SeqGenerator", "Seq2SeqReport",
@@ -50,6 +56,8 @@ SEQ2SEQ_CONFIG = "seq2seq_config.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 DATA_FILE = "model.onnx.data"
+MIXED_SUFFIX = ".mixed.onnx"
+"""``encoder`` / ``decoder`` + this: the mixed-adapter model of each (rows with different adapters in one call)."""
 ADAPTERS_DIR = "adapters"
 PARTS = ("encoder", "decoder")
 OPSET = 23
@@ -68,7 +76,7 @@ def seq2seq_classes() -> frozenset[str]:
 
 
 def _owns(name: str) -> bool:
-    return name == ADAPTERS_DIR  # written only where the package has adapters
+    return name == ADAPTERS_DIR or name.endswith(MIXED_SUFFIX)  # written only where the package has adapters
 
 
 @dataclass
@@ -141,9 +149,12 @@ def package_config(model: Any, layout: Any) -> dict[str, Any]:
 
 
 def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str | Path] | None = None, *,
-                   progress: Callable[[str], None] | None = None) -> Seq2SeqReport:
+                   progress: Callable[[str], None] | None = None, mixed: bool = True) -> Seq2SeqReport:
     """Write an encoder-decoder generation package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
+
+    ``mixed=False`` leaves out the mixed-adapter models (``encoder.mixed.onnx``, ``decoder.mixed.onnx``: rows
+    with different adapters in one batch), which ONNX Runtime holds with their own copy of the base weights.
 
     Every argument and folder is checked before the model loads (an adapter name that cannot be a file name, a
     folder that is not a PEFT LoRA folder or changes more than a slot swaps, a model class that is not an
@@ -218,6 +229,11 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
                 lowered = (lower_slotted(g, "swappable", opset=OPSET, contrib=True) if modules[part]
                            else lower(g, OPSET, contrib=True))
                 data.write(*lowered, f"{part}.onnx")
+                if modules[part] and mixed:  # slots unpacked, base layers packed (as a GenAI package's mixed.onnx)
+                    say(f"writing the mixed-adapter {part}")
+                    data.write(*lower_slotted(optimize(unpacked[part], ["pack-linears", "cse", "dce"]), "mixed",
+                                              opset=OPSET, packed=[s for s in graph_slots(g) if s.members],
+                                              contrib=True), f"{part}{MIXED_SUFFIX}")
         if params:
             from flora_graph.serving.adapter_file import write_adapter
 
@@ -264,7 +280,6 @@ class Seq2SeqGenerator:
     def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True) -> None:
         from flora_graph.frontend.seq2seq_lm import Seq2SeqLayout
         from flora_graph.serving.genai import search_defaults
-        from flora_graph.serving.session import AdapterSession, OrtModel
 
         self.package = Path(package)
         path = self.package / SEQ2SEQ_CONFIG
@@ -294,19 +309,15 @@ class Seq2SeqGenerator:
             name, _, part = p.name.removesuffix(".onnx_adapter").rpartition(".")
             if part in PARTS and name:
                 found.setdefault(name, {})[part] = p
-        self.models: dict[str, Any] = {}
-        for part in PARTS:
-            probe = OrtModel(files[part], **options)
-            if probe.spec:  # adapter slots: an AdapterSession serves it (its own session of the file)
-                del probe
-                session = AdapterSession(files[part], require_checksum=require_checksum, **options)
-                for name, parts in found.items():
-                    if part in parts:
-                        session.load_adapter(name, parts[part])
-                self.models[part] = session
-            else:
-                self.models[part] = probe
-        self._adapters = {name: set(parts) for name, parts in found.items()}
+        self.models: dict[str, AdapterSession] = {}
+        for part in PARTS:  # a model without slots serves the base alone (an adapter that adapts nothing there)
+            self.models[part] = session = AdapterSession(files[part], require_checksum=require_checksum, **options)
+            for name, parts in found.items():
+                if part in parts:
+                    session.load_adapter(name, parts[part])
+        self._files = {name: dict(parts) for name, parts in found.items()}
+        self._mixed_options = {"require_checksum": require_checksum, "per_row_weights": True, **options}
+        self._mixed: dict[str, MixedAdapterSession | None] = {}
         self._past = self.layout.past_names()
         self._present = self.layout.present_names()
         dec = self._model("decoder")
@@ -319,31 +330,52 @@ class Seq2SeqGenerator:
             raise ServingError(f"{self.package}: its models do not match {path}: they lack {missing}")
 
     def _model(self, part: str) -> Any:
-        m = self.models[part]
-        return getattr(m, "model", m)
+        return self.models[part].model
 
     @property
     def adapter_names(self) -> list[str]:
         """The adapters the package serves."""
-        return sorted(self._adapters)
+        return sorted(self._files)
 
-    def _run(self, part: str, feeds: dict[str, np.ndarray], adapter: str | None) -> dict[str, np.ndarray]:
-        """One call of the ``part`` model on feeds built in its dtypes, ``adapter`` active where it adapts it."""
-        from flora_graph.serving.session import OrtModel
+    def _mixed_session(self, part: str) -> MixedAdapterSession | None:
+        """``part``'s mixed-adapter model with every adapter's file for it, loaded on first use; ``None`` where the
+        package has none (``export_seq2seq(mixed=False)``, or a model no adapter adapts)."""
+        if part not in self._mixed:
+            path = self.package / f"{part}{MIXED_SUFFIX}"
+            files = {name: parts[part] for name, parts in self._files.items() if part in parts}
+            self._mixed[part] = MixedAdapterSession(path, files, **self._mixed_options) if path.is_file() else None
+        return self._mixed[part]
 
-        session = self.models[part]
-        if isinstance(session, OrtModel):  # no adapter slots in this model
-            return session.run(feeds, None, lambda: f"the {part}")
-        return session.run(feeds, adapter if adapter is not None and part in self._adapters[adapter] else None,
-                           prepared=True)
+    def _run(self, part: str, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
+        """One call of the ``part`` model on feeds built in its dtypes, row ``i`` with ``adapters[i]`` where that
+        adapter adapts the model (else the base): the model with one adapter active where the rows agree, its mixed
+        model where they do not."""
+        names = [a if a is not None and part in self._files[a] else None for a in adapters]
+        if all(n == names[0] for n in names):
+            return self.models[part].run(feeds, names[0], prepared=True)
+        mixed = self._mixed_session(part)
+        if mixed is None:
+            raise ServingError(f"{self.package}: rows with different adapters need its mixed-adapter models "
+                               f"({part}{MIXED_SUFFIX}); export it again without --no-mixed")
+        return mixed.run(feeds, names, prepared=True)
 
-    def encode(self, inputs: Sequence[Sequence[int]] | np.ndarray, adapter: str | None = None
+    def _row_adapters(self, adapters: str | Sequence[str | None] | None, rows: int) -> list[str | None]:
+        names = [adapters] * rows if adapters is None or isinstance(adapters, str) else list(adapters)
+        if len(names) != rows:
+            raise GenerationError(f"{len(names)} adapter names for {rows} inputs")
+        for row, name in enumerate(names):
+            if name is not None and name not in self._files:
+                raise UnknownAdapterError(f"row {row}: adapter {name!r} is not in {self.package}; it serves "
+                                          f"{self.adapter_names}")
+        return names
+
+    def encode(self, inputs: Sequence[Sequence[int]] | np.ndarray, adapters: str | Sequence[str | None] | None = None
                ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Run the encoder: each row's cross-attention keys and values (:meth:`Seq2SeqLayout.cross_names` order) and
         the encoder mask (``None`` for a speech model). ``inputs``: token id lists (right-padded here) or, for a
         speech model, one array ``[batch, ...]`` of its features or samples (``layout.feature_shape`` a row; rows are
-        not masked, so a batch's rows are of one length)."""
-        self._check_adapter(adapter)
+        not masked, so a batch's rows are of one length). ``adapters``: one name (or ``None``) for every row, or one
+        per row."""
         main, shape = self.layout.main_input, self.layout.feature_shape
         if main != "input_ids":
             try:
@@ -354,9 +386,10 @@ class Seq2SeqGenerator:
                     want is not None and got != want for got, want in zip(feats.shape[1:], shape, strict=True)):
                 dims = ", ".join("any" if d is None else str(d) for d in shape)
                 raise GenerationError(f"{main} must be [batch, {dims}], got {list(feats.shape)}")
-            out = self._run("encoder", {main: feats}, adapter)
+            out = self._run("encoder", {main: feats}, self._row_adapters(adapters, len(feats)))
             return [out[n] for n in self.layout.cross_names()], None
         rows = [[int(t) for t in row] for row in inputs]
+        names = self._row_adapters(adapters, len(rows))
         for i, row in enumerate(rows):
             if not row:
                 raise GenerationError(f"input {i} is empty")
@@ -365,31 +398,30 @@ class Seq2SeqGenerator:
                 raise GenerationError(f"input {i}: token ids {bad[:3]} outside the vocabulary of {self.vocab}")
             if self.max_source is not None and len(row) > self.max_source:
                 raise GenerationError(f"input {i} of {len(row)} tokens is past the encoder's {self.max_source} positions")
+        if not rows:
+            raise GenerationError("no inputs")
         width = max(map(len, rows))
         ids = np.full((len(rows), width), self.pad, np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for i, row in enumerate(rows):
             ids[i, :len(row)], mask[i, :len(row)] = row, 1
-        out = self._run("encoder", {"input_ids": ids, "attention_mask": mask}, adapter)
+        out = self._run("encoder", {"input_ids": ids, "attention_mask": mask}, names)
         return [out[n] for n in self.layout.cross_names()], mask
 
-    def _check_adapter(self, adapter: str | None) -> None:
-        if adapter is not None and adapter not in self._adapters:
-            raise UnknownAdapterError(f"adapter {adapter!r} is not in {self.package}; it serves {self.adapter_names}")
-
-    def generate(self, inputs: Sequence[Sequence[int]] | np.ndarray, *, adapter: str | None = None,
-                 decoder_prompt: Sequence[int] | None = None, on_token: Callable[[int, int], None] | None = None,
-                 **settings: Any) -> list[list[int]]:
-        """The tokens generated for each input (token ids, or a speech model's features), all rows with ``adapter``
-        (``None``: the base model).
+    def generate(self, inputs: Sequence[Sequence[int]] | np.ndarray, *,
+                 adapters: str | Sequence[str | None] | None = None, decoder_prompt: Sequence[int] | None = None,
+                 on_token: Callable[[int, int], None] | None = None, **settings: Any) -> list[list[int]]:
+        """The tokens generated for each input (token ids, or a speech model's features or samples), row ``i`` with
+        ``adapters[i]`` (one name or ``None``: every row; ``None``: the base model). Rows with different adapters run
+        in one call per step (the package's mixed-adapter models).
 
         ``decoder_prompt``: every row's first decoder tokens (default: the decoder's start token; Whisper's
         task tokens go here). ``settings`` are :class:`RowSettings` fields; those not given are the package's
-        (:attr:`defaults`; stop tokens: its end-of-text ids). ``on_token(row, token)`` streams each token as it
-        is chosen. Raises :class:`GenerationError` for bad inputs or settings, :class:`UnknownAdapterError` for an
-        adapter the package does not serve, before anything runs.
+        (:attr:`defaults`; stop tokens: its end-of-text ids). A seeded row (``seed``: row ``i`` draws from
+        ``seed + i``) draws the same tokens whatever else is in the batch. ``on_token(row, token)`` streams each
+        token as it is chosen. Raises :class:`GenerationError` for bad inputs or settings,
+        :class:`UnknownAdapterError` for an adapter the package does not serve, before anything runs.
         """
-        self._check_adapter(adapter)
         stops = settings.pop("stop_tokens", None)
         seed = settings.pop("seed", None)
         try:
@@ -404,10 +436,11 @@ class Seq2SeqGenerator:
         if self.max_target is not None and len(prompt) + rs.max_new_tokens - 1 > self.max_target:
             raise GenerationError(f"decoder prompt of {len(prompt)} tokens + max_new_tokens {rs.max_new_tokens} is past "
                                   f"the decoder's {self.max_target} positions")
-        cross, mask = self.encode(inputs, adapter)
+        cross, mask = self.encode(inputs, adapters)
         batch = cross[0].shape[0]
-        rows = [Row(i, adapter, rs, list(prompt), len(prompt), np.random.default_rng(None if seed is None else seed + i))
-                for i in range(batch)]
+        names = self._row_adapters(adapters, batch)
+        rows = [Row(i, names[i], rs, list(prompt), len(prompt),
+                    np.random.default_rng(None if seed is None else seed + i)) for i in range(batch)]
         live = list(range(batch))
         empty = np.zeros((batch, self.layout.heads, 0, self.layout.head_dim), np.float32)
         own = [empty] * (2 * self.layout.layers)
@@ -419,7 +452,7 @@ class Seq2SeqGenerator:
             for i in range(self.layout.layers):
                 feeds[self._past[4 * i]], feeds[self._past[4 * i + 1]] = own[2 * i], own[2 * i + 1]
                 feeds[self._past[4 * i + 2]], feeds[self._past[4 * i + 3]] = cross[2 * i], cross[2 * i + 1]
-            out = self._run("decoder", feeds, adapter)
+            out = self._run("decoder", feeds, [rows[r].adapter for r in live])
             logits = out["logits"][:, -1]
             own = [out[n] for n in self._present]
             for j, r in enumerate(live):

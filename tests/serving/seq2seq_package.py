@@ -194,13 +194,13 @@ def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
         model = peft.PeftModel.from_pretrained(model, root / "ad").eval() if adapter else model
         kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
         if main == "input_ids":
-            ours = served.generate(PROMPTS, adapter=adapter, max_new_tokens=new, min_new_tokens=new)
+            ours = served.generate(PROMPTS, adapters=adapter, max_new_tokens=new, min_new_tokens=new)
             assert ours == eager_tokens(root, kind, adapter, PROMPTS, served.pad, set(), model=model,
                                         max_new_tokens=new, min_new_tokens=new)
             continue
         shape = [(40 if main == "input_features" else 3200) if d is None else d for d in served.layout.feature_shape]
         x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-        ours = served.generate(x.numpy(), adapter=adapter, max_new_tokens=new, min_new_tokens=new)
+        ours = served.generate(x.numpy(), adapters=adapter, max_new_tokens=new, min_new_tokens=new)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ref = model.generate(**{main: x}, **kwargs)

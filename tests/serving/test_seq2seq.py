@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flora_graph.errors import FloraGraphError
-from flora_graph.serving.errors import AdapterFileError, UnknownAdapterError
+from flora_graph.serving.errors import AdapterFileError, ServingError, UnknownAdapterError
 from flora_graph.serving.generate import GenerationError
 from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG, Seq2SeqGenerator, export_seq2seq
 from tests.serving.seq2seq_package import (
@@ -35,7 +35,7 @@ def test_greedy_tokens_equal_eager_peft(seq2seq_packages: dict[str, Path], kind:
     Marian's banned pad token included)."""
     root = seq2seq_packages[kind]
     gen = Seq2SeqGenerator(root / "pkg")
-    ours = gen.generate(PROMPTS, adapter=adapter, max_new_tokens=NEW, min_new_tokens=NEW)
+    ours = gen.generate(PROMPTS, adapters=adapter, max_new_tokens=NEW, min_new_tokens=NEW)
     ref = eager_tokens(root, kind, adapter, PROMPTS, gen.pad, set(), max_new_tokens=NEW, min_new_tokens=NEW)
     assert ours == ref
     assert all(len(row) == NEW for row in ours)
@@ -60,9 +60,9 @@ def test_rows_stop_at_their_stop_tokens_and_leave(seq2seq_packages: dict[str, Pa
     root = seq2seq_packages[kind]
     gen = Seq2SeqGenerator(root / "pkg")
     prompts = [*PROMPTS, [40, 41], [90, 2, 3, 4, 5, 6, 7, 8, 9]]
-    full = gen.generate(prompts, adapter="all", max_new_tokens=NEW, stop_tokens=[])
+    full = gen.generate(prompts, adapters="all", max_new_tokens=NEW, stop_tokens=[])
     stops = _stop_tokens(full)
-    ours = gen.generate(prompts, adapter="all", max_new_tokens=NEW, stop_tokens=stops)
+    ours = gen.generate(prompts, adapters="all", max_new_tokens=NEW, stop_tokens=stops)
     assert ours == eager_tokens(root, kind, "all", prompts, gen.pad, set(stops), max_new_tokens=NEW,
                                 eos_token_id=stops)
     assert len({len(r) for r in ours}) > 1  # rows left at different steps
@@ -76,7 +76,7 @@ def test_whisper_tokens_equal_eager_peft(seq2seq_packages: dict[str, Path], adap
     root = seq2seq_packages["whisper"]
     gen = Seq2SeqGenerator(root / "pkg")
     feats = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
-    ours = gen.generate(feats.numpy(), adapter=adapter, max_new_tokens=NEW, min_new_tokens=NEW)
+    ours = gen.generate(feats.numpy(), adapters=adapter, max_new_tokens=NEW, min_new_tokens=NEW)
     model = eager_model(root, "whisper", adapter)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -86,6 +86,34 @@ def test_whisper_tokens_equal_eager_peft(seq2seq_packages: dict[str, Path], adap
     files = sorted(p.name for p in (root / "pkg" / "adapters").glob("*.onnx_adapter"))
     assert files == ["all.decoder.onnx_adapter", "all.encoder.onnx_adapter", "some.decoder.onnx_adapter",
                      "some.encoder.onnx_adapter"]
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "whisper"])
+def test_rows_with_different_adapters_decode_as_each_alone(seq2seq_packages: dict[str, Path], kind: str) -> None:
+    """One batch whose rows use different adapters (or none): the mixed-adapter encoder and decoder, one call a
+    step; each row's tokens are those it gets in a batch of its own adapter (and eager PEFT's)."""
+    root = seq2seq_packages[kind]
+    gen = Seq2SeqGenerator(root / "pkg")
+    names = ["all", None, "some", "all"]
+    if kind == "whisper":
+        inputs = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(3)).numpy()
+    else:
+        inputs = [*PROMPTS, [60, 61, 62]]
+    mixed = gen.generate(inputs, adapters=names, max_new_tokens=NEW, min_new_tokens=NEW)
+    assert gen._mixed["decoder"] is not None  # the mixed models ran
+    for i, name in enumerate(names):
+        assert mixed[i] == gen.generate(inputs[i:i + 1], adapters=name, max_new_tokens=NEW, min_new_tokens=NEW)[0]
+    assert len({tuple(r) for r in mixed}) > 1  # the adapters change the rows: a row with the wrong one would differ
+
+
+def test_a_package_without_mixed_models_refuses_mixed_rows(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
+    root = seq2seq_packages["t5"]
+    report = export_seq2seq(root / "base", tmp_path / "pkg", {"all": root / "all"}, mixed=False)
+    assert not list(report.path.glob("*.mixed.onnx"))
+    gen = Seq2SeqGenerator(tmp_path / "pkg")
+    with pytest.raises(ServingError, match=r"encoder\.mixed\.onnx.*without --no-mixed"):
+        gen.generate(PROMPTS[:2], adapters=["all", None])
+    assert gen.generate(PROMPTS[:2], adapters="all", max_new_tokens=3, min_new_tokens=3)  # one adapter still serves
 
 
 def test_cache_shapes(seq2seq_packages: dict[str, Path]) -> None:
@@ -120,7 +148,7 @@ def test_cache_shapes(seq2seq_packages: dict[str, Path]) -> None:
 def test_bad_requests_are_refused_naming_the_culprit(seq2seq_packages: dict[str, Path]) -> None:
     gen = Seq2SeqGenerator(seq2seq_packages["bart"] / "pkg")
     with pytest.raises(UnknownAdapterError, match=r"'nope'.*serves \['all', 'some'\]"):
-        gen.generate(PROMPTS, adapter="nope")
+        gen.generate(PROMPTS, adapters="nope")
     with pytest.raises(GenerationError, match="input 1 is empty"):
         gen.generate([[5, 6], []])
     with pytest.raises(GenerationError, match="input 0: token ids \\[100\\] outside the vocabulary of 100"):
@@ -188,11 +216,15 @@ def test_package_config_and_cli_generate(seq2seq_packages: dict[str, Path], caps
     assert marian["search"]["suppress_tokens"] == [99] and marian["decoder_start_token_id"] == 99
     assert main(["generate", str(root / "pkg"), "--ids", "5,9,33", "--adapter", "all", "--max-new-tokens", "8",
                  "--min-new-tokens", "8"]) == 0
-    want = Seq2SeqGenerator(root / "pkg").generate([[5, 9, 33]], adapter="all", max_new_tokens=8, min_new_tokens=8)[0]
+    want = Seq2SeqGenerator(root / "pkg").generate([[5, 9, 33]], adapters="all", max_new_tokens=8, min_new_tokens=8)[0]
     out = capsys.readouterr().out
     assert " ".join(map(str, want)) in out and "8 tokens in" in out
-    assert main(["generate", str(root / "pkg"), "--ids", "5,9", "--ids", "4,4", "--adapter", "all", "--adapter", ""]) == 2
-    assert "one adapter (or none) for every row" in capsys.readouterr().out
+    assert main(["generate", str(root / "pkg"), "--ids", "5,9", "--ids", "4,4", "--adapter", "all", "--adapter", "",
+                 "--max-new-tokens", "4", "--min-new-tokens", "4"]) == 0
+    rows = Seq2SeqGenerator(root / "pkg").generate([[5, 9], [4, 4]], adapters=["all", None], max_new_tokens=4,
+                                                   min_new_tokens=4)
+    out = capsys.readouterr().out
+    assert f"[0] adapter all: {' '.join(map(str, rows[0]))}" in out and f"[1] adapter none: {' '.join(map(str, rows[1]))}" in out
     assert main(["generate", str(seq2seq_packages["whisper"] / "pkg"), "--ids", "5,9"]) == 2
     assert "speech model's package" in capsys.readouterr().out
 
