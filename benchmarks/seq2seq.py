@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         # a batch whose rows use different adapters (and none): one call a step, against the rows one at a time
         names = [[*peft_dirs, None][i % (len(peft_dirs) + 1)] for i in range(args.batch)]
         mixed_t, alone_t, same_mixed = [], [], True
+        flora_gen.generate(inputs, adapters=names, max_new_tokens=1)  # untimed: loads the mixed-adapter models
         for _ in range(args.rounds):
             t = time.perf_counter()
             rows = flora_gen.generate(inputs, adapters=names, max_new_tokens=args.new, min_new_tokens=args.new)
