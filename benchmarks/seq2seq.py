@@ -7,7 +7,7 @@ alternating, q/k/v/o/wi/wo of both stacks, nonzero ``B``) in a temporary folder,
 interleaved for ``--rounds`` rounds, generates ``--new`` greedy tokens for a padded batch of ``--batch`` inputs
 (``--input`` tokens and shorter) with:
 
-- ``flora``: :class:`flora_graph.serving.seq2seq.Seq2SeqGenerator` on plain ONNX Runtime, the adapter named per call;
+- ``flora``: :class:`flora_graph.serving.seq2seq.Seq2SeqGenerator` on plain ONNX Runtime, the adapter named per row;
 - ``eager``: ``model.generate`` of transformers (+ ``PeftModel`` for an adapter), with its cache;
 - ``optimum``, given ``--optimum-python`` (a virtualenv holding ``optimum-onnx``; see
   ``benchmarks/optimum_decode.py``): Optimum's export of the base and of the first adapter merged into it (Optimum

@@ -236,7 +236,7 @@ def _export_seq2seq(args: argparse.Namespace, console: Console) -> int:
         raise FloraGraphError(f"{', '.join(given)} go with --format genai, not --task {args.task}")
     adapters = _adapter_args(args.adapter)
     with console.status("starting") as status:
-        report = export_seq2seq(args.model, args.out, adapters, progress=lambda m: status.update(m))
+        report = export_seq2seq(args.model, args.out, adapters, progress=lambda m: status.update(m), mixed=args.mixed)
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an encoder-decoder package")
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
                    help="--format genai with adapters: also write mixed.onnx, which the Generator runs for batches whose "
                         "rows use different adapters; it holds its own copy of the base weights, so --no-mixed halves "
-                        "a package served by ONNX Runtime GenAI alone (or the Generator, one adapter per batch)")
+                        "a package served by ONNX Runtime GenAI alone (or the Generator, one adapter per batch); an "
+                        "encoder-decoder package's encoder.mixed.onnx / decoder.mixed.onnx likewise")
     e.add_argument("--precision", choices=["fp32", "int4"], default="fp32",
                    help="--format genai: the base layers' weights; int4: 4-bit blocks (ONNX Runtime's MatMulNBits, as "
                         "the model builder's -p int4; the embedding table as GatherBlockQuantized, shared with a tied "

@@ -25,7 +25,8 @@ the new one, never a mix.
 :class:`Seq2SeqGenerator` generates from such a package on plain ONNX Runtime: the encoder once per batch, then one
 decoder call per step, greedy or sampled (:class:`~flora_graph.serving.generate.RowSettings`), the rows of a
 batch padded on the encoder side only (every row's decoder starts at the decoder's start token, as transformers'
-``generate`` runs it), a finished row leaving the batch. It applies what the model's generation config asks of a
+``generate`` runs it), a finished row leaving the batch, each row with its own adapter or none (rows that differ run
+through the mixed-adapter models, one call a step). It applies what the model's generation config asks of a
 greedy or sampled search (forced first and last tokens, suppressed tokens), as ``generate`` does.
 """
 

@@ -116,6 +116,33 @@ def test_a_package_without_mixed_models_refuses_mixed_rows(seq2seq_packages: dic
     assert gen.generate(PROMPTS[:2], adapters="all", max_new_tokens=3, min_new_tokens=3)  # one adapter still serves
 
 
+def test_a_decoder_prompt_continues_as_eager_does(seq2seq_packages: dict[str, Path]) -> None:
+    """Whisper's task tokens as the decoder prompt (three tokens in the first step): eager ``generate`` with the
+    same ``decoder_input_ids``."""
+    root = seq2seq_packages["whisper"]
+    gen = Seq2SeqGenerator(root / "pkg")
+    feats = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(5))
+    prompt = [2, 40, 41]
+    ours = gen.generate(feats.numpy(), adapters="all", decoder_prompt=prompt, max_new_tokens=12, min_new_tokens=12)
+    model = eager_model(root, "whisper", "all")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model.generate(input_features=feats, decoder_input_ids=torch.tensor([prompt] * 2), max_new_tokens=12,
+                             min_new_tokens=12, do_sample=False, num_beams=1)
+    assert ours == [row[-12:] for row in ref.tolist()]
+
+
+def test_seeded_sampling_draws_a_row_alike_in_any_batch(seq2seq_packages: dict[str, Path]) -> None:
+    gen = Seq2SeqGenerator(seq2seq_packages["marian"] / "pkg")
+    kw = dict(do_sample=True, temperature=1.5, top_k=20, seed=7, max_new_tokens=16, min_new_tokens=16)
+    both = gen.generate(PROMPTS[:2], adapters="all", **kw)
+    assert both[0] == gen.generate(PROMPTS[:1], adapters="all", **kw)[0]
+    assert both == gen.generate(PROMPTS[:2], adapters="all", **kw)
+    assert both[0] != gen.generate(PROMPTS[:1], adapters="all", **{**kw, "seed": 8})[0]
+    greedy = gen.generate(PROMPTS[:1], adapters="all", max_new_tokens=16, min_new_tokens=16)[0]
+    assert both[0] != greedy
+
+
 def test_cache_shapes(seq2seq_packages: dict[str, Path]) -> None:
     """The encoder's cross keys/values are ``[batch, heads, enc_seq, head_dim]``; the decoder's presents grow by
     the step's tokens from an empty past."""
