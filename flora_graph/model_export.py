@@ -142,9 +142,10 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
                                    "inputs (input_ids, pixel_values, pixel_values_videos, input_values, input_features); "
                                    "capture it from Python with inputs of its own (flora_graph.frontend.capture)")
         example, dims, check = built
+        dim_max = _decoder_ids(model, example, check, dims)
         with torch.no_grad():
             names_out = output_names(model(**example), example)
-        return ModelSpec(model, example, dims, check, arch, {}, names_out)
+        return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
     if attention_mask and "attention_mask" not in inspect.signature(model.forward).parameters:
         raise FloraGraphError(f"{arch}.forward takes no attention_mask")
     text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
@@ -156,16 +157,38 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     types = attention_mask and "token_type_ids" in inspect.signature(model.forward).parameters \
         and int(getattr(config, "type_vocab_size", 0) or 0) > 1
     example = _hf_inputs(vocab, 2, seq, 0, attention_mask, types)
-    with torch.no_grad():
-        names_out = output_names(model(**example), example)
     chunk = scan_chunk(config)
     if chunk is not None and 2 * chunk + 1 > seq:
         # a chunked scan (Mamba-2's) traced over one chunk would be fixed to one; torch.export runs the example on
         # fake tensors, so a length of several chunks costs nothing there
         example = _hf_inputs(vocab, 2, min(2 * chunk + 1, dim_max.get("seq", 2 * chunk + 1)), 0, attention_mask, types)
-    return ModelSpec(model, example, {n: {0: "batch", 1: "seq"} for n in example},
-                     _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask, types), arch, dim_max,
-                     names_out)
+    dims = {n: {0: "batch", 1: "seq"} for n in example}
+    check = _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask, types)
+    dim_max.update(_decoder_ids(model, example, check, dims))
+    with torch.no_grad():
+        names_out = output_names(model(**example), example)
+    return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
+
+
+def _decoder_ids(model: torch.nn.Module, example: dict[str, torch.Tensor], check: dict[str, torch.Tensor],
+                 dims: dict[str, dict[int, str]]) -> dict[str, int]:
+    """For an encoder-decoder model (T5, BART, Marian, Whisper, ...): ``decoder_input_ids`` ``[batch, dec_seq]``
+    added to ``example`` and ``check`` (other lengths than the encoder's) and to ``dims``, as Optimum's exports of
+    such a model without a cache take them; returns the bound of ``dec_seq`` where the decoder's positions are a
+    table (``{}`` otherwise, and for any other model)."""
+    config = model.config
+    if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" not in inspect.signature(
+            model.forward).parameters:
+        return {}
+    vocab = int(getattr(config, "tgt_vocab_size", None) or getattr(config, "vocab_size", 256))  # FSMT's own target
+    gen = torch.Generator().manual_seed(2)
+    for inputs, length in ((example, 5), (check, 4)):
+        rows = int(next(iter(inputs.values())).shape[0])
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (rows, length), generator=gen)
+    dims["decoder_input_ids"] = {0: "batch", 1: "dec_seq"}
+    limit = next((getattr(config, k) for k in ("max_target_positions", "max_position_embeddings")
+                  if isinstance(getattr(config, k, None), int)), None)
+    return {"dec_seq": int(limit)} if limit is not None and limit >= 5 else {}
 
 
 def load_transformers(folder: str | Path) -> torch.nn.Module:

@@ -20,7 +20,7 @@ import transformers
 
 from flora_graph.cli import main
 from flora_graph.model_export import export_model, load_model
-from tests.models.test_hf_peft_parity import MAX_POS, TOL, bert_model, gpt2_model, llama_model, peft_model
+from tests.models.test_hf_peft_parity import MAX_POS, TOL, VOCAB, bert_model, gpt2_model, llama_model, peft_model
 
 
 def save_folders(family: str, root: Path) -> tuple[Path, Path]:
@@ -255,3 +255,39 @@ def test_video_inputs_read_the_frame_count_and_size_each_config_names() -> None:
         example, dims, check = signal_inputs(config, arch, main_input)
         assert tuple(example[main_input].shape) == shape and dims == {main_input: {0: "batch"}}, arch
         assert tuple(check[main_input].shape) == (3, *shape[1:]), arch
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_an_encoder_decoder_folder_exports_on_decoder_input_ids_with_its_adapter(family, tmp_path) -> None:
+    """``flora-graph export FOLDER`` on a T5 / BART folder without a task: the model takes ``decoder_input_ids``
+    ``[batch, dec_seq]`` beside ``input_ids`` (as Optimum's exports without a cache do; the CLI raised an untyped
+    error before) and gives eager PEFT's logits at another batch, encoder and decoder length."""
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    decoder_start_token_id=0, pad_token_id=0)
+        base, targets = transformers.T5ForConditionalGeneration(cfg), ["q", "v", "wo"]
+    else:
+        cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, max_position_embeddings=MAX_POS)
+        base, targets = transformers.BartForConditionalGeneration(cfg), ["q_proj", "v_proj", "fc2"]
+    base.save_pretrained(tmp_path / "model")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    pm.save_pretrained(tmp_path / "adapter")
+    spec = load_model(tmp_path / "model")
+    assert spec.dynamic_dims["decoder_input_ids"] == {0: "batch", 1: "dec_seq"}
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "s2s")]) == 0
+    sess = ort.InferenceSession(str(tmp_path / "s2s.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.name for i in sess.get_inputs()} == {"input_ids", "decoder_input_ids"}
+    gen = torch.Generator().manual_seed(5)
+    x = {"input_ids": torch.randint(0, VOCAB, (3, 9), generator=gen),
+         "decoder_input_ids": torch.randint(0, VOCAB, (3, 6), generator=gen)}
+    with torch.no_grad():
+        want = eager_peft(tmp_path / "model", tmp_path / "adapter")(**x).logits.numpy()
+    got = sess.run(["logits"], {k: v.numpy() for k, v in x.items()})[0]
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
