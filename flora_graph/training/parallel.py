@@ -174,8 +174,36 @@ def _rank_main(rank: int, world: int, config: TrainConfig, progress: str | None,
                         "checkpoints": [str(p) for p in r.checkpoints], "start_step": r.start_step,
                         "model": weights}, Path(out) / "result.pt")
         dist.barrier()
+        if rank == 0:  # every rank is past its last collective and result.pt is whole: the run is complete
+            (Path(out) / DONE).touch()
     finally:
         dist.destroy_process_group()
+
+
+DONE = "done"
+"""The file rank 0 creates in the run's folder once every rank has passed the last barrier (after ``result.pt``)."""
+
+
+def join_ranks(ctx: Any, out: Path) -> None:
+    """Wait for the ranks of ``ctx`` (``torch.multiprocessing``'s context); a rank's typed error is raised again here.
+
+    A rank that dies by a signal *after* the run is complete (``out/done`` exists: every rank passed the last barrier
+    and ``result.pt`` is whole), as gloo can abort a process while tearing its process group down on a loaded
+    machine, loses nothing: the run counts as finished. Any other death raises as ``torch.multiprocessing`` reports
+    it."""
+    import torch.multiprocessing as mp
+
+    try:
+        while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the rank's traceback
+            time.sleep(0.05)
+    except mp.ProcessRaisedException:
+        error = out / "error.json"
+        if error.is_file():
+            raise _read_error(error) from None
+        raise
+    except mp.ProcessExitedException:
+        if not (out / DONE).is_file():
+            raise
 
 
 def launch(config: TrainConfig, progress: Any, optimizer_factory: Any) -> TrainResult:
@@ -191,14 +219,7 @@ def launch(config: TrainConfig, progress: Any, optimizer_factory: Any) -> TrainR
     with tempfile.TemporaryDirectory(prefix="flora-train-") as out:
         ctx = mp.start_processes(_rank_main, args=(config.nproc, config, progress, out),
                                  nprocs=config.nproc, join=False, start_method="spawn")
-        try:
-            while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the rank's traceback
-                time.sleep(0.05)
-        except mp.ProcessRaisedException:
-            error = Path(out) / "error.json"
-            if error.is_file():
-                raise _read_error(error) from None
-            raise
+        join_ranks(ctx, Path(out))
         result = torch.load(Path(out) / "result.pt", weights_only=True)
     model = build_model(config)
     model.load_state_dict(result["model"])

@@ -93,3 +93,26 @@ def test_a_rank_error_crosses_to_the_launcher_as_json_of_its_class(tmp_path: Pat
     assert type(err) is TrainConfigError and str(err) == "resume: option nproc differs"
     (tmp_path / "f.json").write_text('{"module": "os", "type": "system", "message": "x"}')
     assert type(_read_error(tmp_path / "f.json")) is FloraGraphError  # only flora_graph error classes come back
+
+
+class _DiedBySignal:
+    """A stand-in for ``torch.multiprocessing``'s context whose rank 1 died by SIGABRT."""
+
+    def join(self, timeout: float | None = None) -> bool:
+        import torch.multiprocessing as mp
+
+        raise mp.ProcessExitedException("process 1 terminated with signal SIGABRT", error_index=1, error_pid=1,
+                                        exit_code=-6, signal_name="SIGABRT")
+
+
+def test_a_rank_dying_in_teardown_after_the_run_completed_loses_nothing(tmp_path: Path) -> None:
+    """gloo can abort a rank while its process group is torn down on a loaded machine: after rank 0 marked the run
+    complete (every rank past the last barrier, the result written) that is no failure; before, it is."""
+    import torch.multiprocessing as mp
+
+    from flora_graph.training.parallel import DONE, join_ranks
+
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        join_ranks(_DiedBySignal(), tmp_path)
+    (tmp_path / DONE).touch()
+    join_ranks(_DiedBySignal(), tmp_path)
