@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--replace", action="store_true", help="with --adapters-only: write adapters the package has anew")
     e.add_argument("--attention-mask", action="store_true",
                    help="a transformers model also takes attention_mask (and token_type_ids where it has segments, "
-                        "as BERT does); outputs keep transformers' names (logits, last_hidden_state, pooler_output)")
+                        "as BERT does; an encoder-decoder model takes it always, beside decoder_input_ids); outputs "
+                        "keep transformers' names (logits, last_hidden_state, pooler_output)")
     e.add_argument("--out", default="model", help="output file (the backend's suffix is added), or the package folder")
     e.set_defaults(func=_export)
     b = sub.add_parser("bench", help="time every preset x backend against eager torch (interleaved medians)")

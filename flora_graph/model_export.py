@@ -108,8 +108,9 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     key/value cache); an image, video or audio model takes what
     :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds, a
     token model ``input_ids`` (``[batch, seq]``, both dynamic), plus an
-    ``attention_mask`` of the same shape when ``attention_mask`` is true (the check input
-    pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``.
+    ``attention_mask`` of the same shape when ``attention_mask`` is true or the model is an encoder-decoder one (the
+    check input pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``; an
+    encoder-decoder model (T5, BART, Whisper, ...) takes ``decoder_input_ids`` ``[batch, dec_seq]`` too.
     Its outputs are named as transformers names them (``logits``, ``last_hidden_state``,
     ``pooler_output``: ``spec.output_names``). Where the config has ``max_position_embeddings`` (BERT, GPT-2,
     Llama), ``"seq"`` is bounded by it (``dim_max``): BERT and GPT-2 slice a learned position
@@ -146,8 +147,12 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         with torch.no_grad():
             names_out = output_names(model(**example), example)
         return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
-    if attention_mask and "attention_mask" not in inspect.signature(model.forward).parameters:
+    takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+    if attention_mask and not takes_mask:
         raise FloraGraphError(f"{arch}.forward takes no attention_mask")
+    # an encoder-decoder model's encoder reads padded batches through its mask, always (Optimum's exports take it);
+    # SwitchTransformers' encoder cannot even run without one under torch.export
+    attention_mask = attention_mask or (takes_mask and bool(getattr(config, "is_encoder_decoder", False)))
     text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
     vocab = int(getattr(text_config, "vocab_size", None) or getattr(config, "vocab_size", 256))  # a multimodal
     max_pos = getattr(text_config, "max_position_embeddings", None)  # model's text part names the vocabulary

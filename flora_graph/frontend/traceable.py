@@ -6,7 +6,11 @@
   implementation computes the same outputs with batched matrix products over the selected
   experts, which torch.export traces; :func:`traceable_experts` selects it for the capture and
   restores the model's choice after. (``eager`` loops over the experts present in the batch, a
-  data-dependent loop torch.export refuses.)
+  data-dependent loop torch.export refuses.) SwitchTransformers' experts (a ``ModuleDict`` of ``expert_{i}`` fed
+  one-hot ``selected_experts``) loop the same way in their own ``forward``: they run every expert on every token
+  and keep each token's own, weighted, instead (what the loop adds, bit for bit, at ``num_experts`` times the
+  work); its router converts its classifier with ``Module.to`` on every call, which torch.export cannot replay on
+  fake tensors: the conversion is done once before, and the call left a no-op.
 * **PEFT LoRA on** ``nn.MultiheadAttention``: PEFT merges the adapter into a plain tensor for each
   call, which torch.export refuses ("a fake tensor in the exported program constant's list").
   :func:`merged_peft_attention` merges those layers for the capture, so they are captured merged
@@ -29,6 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from flora_graph.frontend.delta_rule import (
@@ -58,19 +63,69 @@ _UNTRACEABLE = {None, "grouped_mm", "eager"}
 @contextlib.contextmanager
 def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, every experts module of ``model`` whose implementation torch.export cannot
-    trace runs ``batched_mm``; yields the paths of the modules switched. Restored on exit."""
+    trace runs ``batched_mm`` (or, for SwitchTransformers' experts, every expert densely: see the module's
+    docstring) and every router that converts its classifier in ``forward`` has it converted already;
+    yields the paths of the experts modules switched. Restored on exit."""
     experts = [(path, module.config) for path, module in model.named_modules()
                if hasattr(module, "_apply_gate") and hasattr(type(getattr(module, "config", None)), "_experts_implementation")]
     originals = {id(cfg): (cfg, getattr(cfg, "_experts_implementation_internal", None)) for _, cfg in experts}
     paths = [path for path, cfg in experts if originals[id(cfg)][1] in _UNTRACEABLE]
     changed = [(cfg, was) for cfg, was in originals.values() if was in _UNTRACEABLE]
+    dense = [(path, module) for path, module in model.named_modules() if _one_hot_experts(module)]
+    routers = [module for module in model.modules() if _converting_router(module)]
     for cfg, _ in changed:
         cfg._experts_implementation_internal = TRACEABLE_EXPERTS
+    for path, module in dense:
+        module.forward = _dense_forward(module)  # an instance attribute: deleted on exit
+        paths.append(path)
+    for router in routers:
+        router.classifier.to(router.dtype)  # what the router's first call does (nothing where the dtype is the model's)
+        router.classifier.to = _same(router.classifier)
     try:
         yield paths
     finally:
         for cfg, was in changed:
             cfg._experts_implementation_internal = was
+        for _, module in dense:
+            del module.forward
+        for router in routers:
+            del router.classifier.to
+
+
+def _one_hot_experts(module: nn.Module) -> bool:
+    """SwitchTransformers' experts: a ``ModuleDict`` of ``expert_0``, ``expert_1``, ... whose ``forward`` takes
+    the tokens, their one-hot ``selected_experts`` ``[tokens, 1, experts]`` and ``routing_weights`` ``[tokens, 1]``."""
+    return isinstance(module, nn.ModuleDict) and "expert_0" in module and "forward" not in vars(module) and \
+        _params(type(module).forward)[1:4] == ("hidden_states", "selected_experts", "routing_weights")
+
+
+def _dense_forward(module: nn.ModuleDict) -> Callable[..., torch.Tensor]:
+    """``module``'s forward (see :func:`_one_hot_experts`) over every expert and every token: token ``t`` gets
+    ``expert_e(x_t) * routing_weights[t]`` summed over the experts ``e`` it selects, as the loop it replaces adds
+    them (an unselected expert's output is multiplied by zero)."""
+    count = len(module)
+
+    def forward(hidden_states: torch.Tensor, selected_experts: torch.Tensor,
+                routing_weights: torch.Tensor) -> torch.Tensor:
+        weights = selected_experts[:, 0, :].to(hidden_states.dtype) * routing_weights  # [tokens, experts]
+        out = torch.zeros_like(hidden_states)
+        for e in range(count):
+            out = out + module[f"expert_{e}"](hidden_states) * weights[:, e, None]
+        return out
+
+    return forward
+
+
+def _converting_router(module: nn.Module) -> bool:
+    """A SwitchTransformers router: it assigns ``self.classifier = self.classifier.to(self.dtype)`` on every call."""
+    return isinstance(getattr(module, "classifier", None), nn.Module) and isinstance(getattr(module, "dtype", None),
+                                                                                    torch.dtype) \
+        and hasattr(module, "jitter_noise") and hasattr(module, "expert_capacity")  # classifier: PEFT's LoRA too
+
+
+def _same(module: nn.Module) -> Callable[..., nn.Module]:
+    """A ``to`` for ``module`` that returns it unchanged (its parameters were converted already)."""
+    return lambda *args, **kwargs: module
 
 
 @contextlib.contextmanager

@@ -257,16 +257,23 @@ def test_video_inputs_read_the_frame_count_and_size_each_config_names() -> None:
         assert tuple(check[main_input].shape) == (3, *shape[1:]), arch
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "bart", "switch"])
 def test_an_encoder_decoder_folder_exports_on_decoder_input_ids_with_its_adapter(family, tmp_path) -> None:
-    """``flora-graph export FOLDER`` on a T5 / BART folder without a task: the model takes ``decoder_input_ids``
-    ``[batch, dec_seq]`` beside ``input_ids`` (as Optimum's exports without a cache do; the CLI raised an untyped
-    error before) and gives eager PEFT's logits at another batch, encoder and decoder length."""
+    """``flora-graph export FOLDER`` on a T5 / BART folder without a task: the model takes ``attention_mask`` and
+    ``decoder_input_ids`` ``[batch, dec_seq]`` beside ``input_ids`` (as Optimum's exports without a cache do; the CLI
+    raised an untyped error before) and gives eager PEFT's logits at another batch, encoder and decoder length,
+    a row padded."""
     torch.manual_seed(0)
     if family == "t5":
         cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                     decoder_start_token_id=0, pad_token_id=0)
         base, targets = transformers.T5ForConditionalGeneration(cfg), ["q", "v", "wo"]
+    elif family == "switch":  # every layer a mixture of experts; LoRA on the router and the experts too
+        cfg = transformers.SwitchTransformersConfig(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                    num_decoder_layers=2, num_heads=4, num_experts=4,
+                                                    expert_capacity=4, encoder_sparse_step=1, decoder_sparse_step=1,
+                                                    decoder_start_token_id=0, pad_token_id=0)
+        base, targets = transformers.SwitchTransformersForConditionalGeneration(cfg), ["q", "classifier", "wi", "wo"]
     else:
         cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
@@ -283,9 +290,11 @@ def test_an_encoder_decoder_folder_exports_on_decoder_input_ids_with_its_adapter
     assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"),
                  "--out", str(tmp_path / "s2s")]) == 0
     sess = ort.InferenceSession(str(tmp_path / "s2s.onnx"), providers=["CPUExecutionProvider"])
-    assert {i.name for i in sess.get_inputs()} == {"input_ids", "decoder_input_ids"}
+    assert {i.name for i in sess.get_inputs()} == {"input_ids", "attention_mask", "decoder_input_ids"}
     gen = torch.Generator().manual_seed(5)
-    x = {"input_ids": torch.randint(0, VOCAB, (3, 9), generator=gen),
+    mask = torch.ones(3, 9, dtype=torch.int64)
+    mask[0, 6:] = 0  # a padded row
+    x = {"input_ids": torch.randint(0, VOCAB, (3, 9), generator=gen), "attention_mask": mask,
          "decoder_input_ids": torch.randint(0, VOCAB, (3, 6), generator=gen)}
     with torch.no_grad():
         want = eager_peft(tmp_path / "model", tmp_path / "adapter")(**x).logits.numpy()

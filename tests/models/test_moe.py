@@ -86,3 +86,34 @@ def test_mixtral_with_peft_lora_and_its_cache() -> None:
             got = exe(feed)
             for i, name in enumerate(["logits", *present_names(layout.layers)]):
                 np.testing.assert_allclose(got[name], want[i].numpy(), atol=TOL, rtol=TOL, err_msg=name)
+
+
+def test_switch_experts_run_densely_while_capturing_with_tokens_over_capacity_dropped() -> None:
+    """SwitchTransformers loops over the experts its tokens hit (data-dependent) and converts its router's classifier
+    with ``Module.to`` every call: inside ``traceable_experts`` each experts module runs every expert on every token
+    and keeps each token's own (tokens over an expert's capacity get nothing, as in the loop); the encoder captures
+    and matches eager at another shape; on exit the modules are as they were."""
+    torch.manual_seed(0)
+    cfg = transformers.SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                                num_experts=4, expert_capacity=2, encoder_sparse_step=1)
+    model = transformers.SwitchTransformersEncoderModel(cfg).eval()
+    mlp = model.encoder.block[0].layer[1].mlp
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        selected, _, _ = mlp.router(x)
+        assert (selected.sum(-1) == 0).any()  # some tokens routed past their expert's capacity
+        want = mlp(x)
+        with traceable_experts(model) as switched:
+            got = mlp(x)
+    assert switched == [f"encoder.block.{i}.layer.1.mlp.experts" for i in range(2)]
+    assert "forward" not in vars(mlp.experts) and "to" not in vars(mlp.router.classifier)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    graph = capture(model, {"input_ids": torch.randint(0, 64, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.int64)},
+                    {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+    ids = torch.randint(0, 64, (3, 13), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 13, dtype=torch.int64)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    got = next(iter(compile(graph, "onnxruntime")(input_ids=ids.numpy(), attention_mask=mask.numpy()).values()))
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
