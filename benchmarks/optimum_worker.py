@@ -3,8 +3,17 @@ run in a virtualenv of its own and kept running, so its runs interleave with the
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
+
+
+def add_optimum_python(parser: argparse.ArgumentParser) -> None:
+    """The ``--optimum-python`` flag of a benchmark with an Optimum column (:class:`OptimumWorker` reads it)."""
+    parser.add_argument("--optimum-python", default=os.environ.get("FLORA_OPTIMUM_PYTHON"), metavar="PATH",
+                        help="Python of a virtualenv with optimum-onnx for the Optimum column (default: "
+                             "$FLORA_OPTIMUM_PYTHON; none: the column is skipped, saying why)")
 
 
 class OptimumWorker:

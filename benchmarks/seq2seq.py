@@ -28,14 +28,14 @@ Run: ``python benchmarks/seq2seq.py``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from optimum_worker import OptimumWorker
+from optimum_worker import OptimumWorker, add_optimum_python
+from step_timing import paired_ratio, step_times
 
 SIZES = {
     "small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
@@ -76,10 +76,6 @@ def _inputs(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [[*rng.integers(2, vocab, max(2, length - 3 * i) - 1).tolist(), 1] for i in range(batch)]
 
 
-def _paired_ratio(times: dict[tuple[str, str | None], list[float]], a: str, b: str, adapter: str | None) -> float:
-    return statistics.median(x / y for x, y in zip(times[(a, adapter)], times[(b, adapter)], strict=True))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="the T5's geometry")
@@ -88,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", type=int, default=32, help="tokens of the longest input")
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
-    p.add_argument("--optimum-python", default=os.environ.get("FLORA_OPTIMUM_PYTHON"), metavar="PATH",
-                   help="Python of a virtualenv with optimum-onnx for the Optimum column (default: "
-                        "$FLORA_OPTIMUM_PYTHON; none: the column is skipped, saying why)")
+    add_optimum_python(p)
     args = p.parse_args(argv)
 
     import peft
@@ -140,23 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = {"flora": flora, **({"optimum": optimum.run} if optimum is not None else {}), "eager": eager}
         which = [None, first]
-        times: dict[tuple[str, str | None], list[float]] = {}
-        same = same_optimum = True
-        for _ in range(args.rounds):
-            for adapter in which:
-                toks, step = {}, {}
-                for name in [*runs, *reversed(runs)]:
-                    fn = runs[name]
-                    fn(adapter, 1)  # untimed: the runner before evicted this one's weights from the CPU caches
-                    full, t_full = fn(adapter, args.new)
-                    _, t_one = fn(adapter, 1)
-                    step.setdefault(name, []).append((t_full - t_one) / (args.new - 1))
-                    same &= toks.setdefault(name, full) == full
-                for name, pair in step.items():
-                    times.setdefault((name, adapter), []).append(statistics.fmean(pair))
-                same &= toks["flora"] == toks["eager"]
-                if "optimum" in toks:
-                    same_optimum &= toks["optimum"] == toks["eager"]
+        times, rounds, same = step_times(runs, which, args.rounds, args.new)
+        same_optimum = True
+        for toks in rounds:
+            same &= toks["flora"] == toks["eager"]
+            if "optimum" in toks:
+                same_optimum &= toks["optimum"] == toks["eager"]
         if optimum is not None:
             optimum.close()
         # a batch whose rows use different adapters (and none): one call a step, against the rows one at a time
@@ -192,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             ms = {name: statistics.median(times[(name, adapter)]) * 1e3 for name in runs}
             line = (f"{adapter or 'base':>6}: per decode step (all {args.batch} rows) flora_graph {ms['flora']:.3f} ms, "
                     f"eager+cache {ms['eager']:.3f} ms: eager/flora_graph "
-                    f"{_paired_ratio(times, 'eager', 'flora', adapter):.1f}x")
+                    f"{paired_ratio(times, 'eager', 'flora', adapter):.1f}x")
             if optimum is not None:
                 line += (f"; Optimum (ORTModelForSeq2SeqLM) {ms['optimum']:.3f} ms: optimum/flora_graph "
-                         f"{_paired_ratio(times, 'optimum', 'flora', adapter):.2f}x")
+                         f"{paired_ratio(times, 'optimum', 'flora', adapter):.2f}x")
             print(line)
         tokens = args.batch * args.new
         print(f"mixed-adapter batch ({', '.join(n or 'none' for n in names)}; one call a step): "
