@@ -47,7 +47,7 @@ from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.generate import GenerationError, Row, RowSettings, pick_token, take_token
 from flora_graph.serving.mixed import MixedAdapterSession
-from flora_graph.serving.session import AdapterSession
+from flora_graph.serving.session import AdapterSession, OrtModel
 from flora_graph.storage import check_name, staged_folder
 
 __all__ = ["DECODER_FILE", "ENCODER_FILE", "SEQ2SEQ_CONFIG", "Seq2SeqGenerator", "Seq2SeqReport",
@@ -261,6 +261,17 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     return Seq2SeqReport(Path(out), written, summary, seconds, notes)
 
 
+class _BaseOnly:
+    """A part of a package whose model has no LoRA inputs (exported without adapters, or one that no adapter
+    adapts): it serves the base alone, as :class:`AdapterSession` serves with no adapter active."""
+
+    def __init__(self, model: OrtModel, part: str) -> None:
+        self.model, self.part = model, part
+
+    def run(self, feeds: dict[str, np.ndarray], adapter: str | None, *, prepared: bool = False) -> dict[str, np.ndarray]:
+        return self.model.run(feeds, None, lambda: f"{self.part} step")
+
+
 class Seq2SeqGenerator:
     """Greedy and sampled generation from an encoder-decoder package (:func:`export_seq2seq`) on plain ONNX Runtime.
 
@@ -310,9 +321,17 @@ class Seq2SeqGenerator:
             name, _, part = p.name.removesuffix(".onnx_adapter").rpartition(".")
             if part in PARTS and name:
                 found.setdefault(name, {})[part] = p
-        self.models: dict[str, AdapterSession] = {}
+        self.models: dict[str, AdapterSession | _BaseOnly] = {}
         for part in PARTS:  # a model without slots serves the base alone (an adapter that adapts nothing there)
-            self.models[part] = session = AdapterSession(files[part], require_checksum=require_checksum, **options)
+            model = OrtModel(files[part], **options)
+            if not model.spec:
+                stray = sorted(str(parts[part]) for parts in found.values() if part in parts)
+                if stray:
+                    raise ServingError(f"{files[part]} has no LoRA inputs, yet the package has adapter files for it: "
+                                       f"{stray}")
+                self.models[part] = _BaseOnly(model, part)
+                continue
+            self.models[part] = session = AdapterSession(model, require_checksum=require_checksum)
             for name, parts in found.items():
                 if part in parts:
                     session.load_adapter(name, parts[part])

@@ -158,7 +158,8 @@ class AdapterSession:
     """An ONNX Runtime session over a swappable export, serving any loaded adapter per call.
 
     Args:
-        model: the swappable ONNX model (path, bytes or ``ModelProto``).
+        model: the swappable ONNX model (path, bytes or ``ModelProto``), or an :class:`OrtModel` of it loaded
+            already (``options`` are then its own).
         require_checksum: refuse adapter files without a checksum file (default: load them
             with an :class:`~flora_graph.serving.errors.AdapterChecksumWarning`).
         **options: ``intra_op_threads``, ``inter_op_threads``, ``graph_optimization_level``,
@@ -170,7 +171,7 @@ class AdapterSession:
 
     def __init__(self, model: ModelSource, *, require_checksum: bool = False, **options: Any) -> None:
         self.require_checksum = require_checksum
-        self.model = OrtModel(model, **options)
+        self.model = model if isinstance(model, OrtModel) else OrtModel(model, **options)  # loaded already: as it is
         if not self.model.spec:
             raise ServingError(f"{self.model.where} has no overridable initializers (LoRA inputs); "
                                "export it with export_swappable")

@@ -265,3 +265,28 @@ def test_more_families_generate_eager_peft_tokens(kind: str, tmp_path: Path) -> 
     M2M100, PLBart, FSMT, BigBird-Pegasus, NLLB-MoE, Speech2Text (features, frames free), Moonshine (raw samples):
     PEFT's all-linear LoRA, the package's greedy tokens equal eager's, base and adapter."""
     architecture_matches_eager(tmp_path, kind)
+
+
+def test_a_package_without_adapters_generates_the_base(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
+    """``flora-graph export BASE --task text2text-generation-with-past`` with no ``--adapter``: its models have no
+    LoRA inputs, and the package still serves the base (the Generator refused such a package before), with eager
+    ``generate``'s tokens; naming an adapter is refused by name. An adapter file for a model without slots is an
+    error naming the file."""
+    from flora_graph.cli import main
+
+    root = seq2seq_packages["t5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", str(root / "base"), "--task", "text2text-generation-with-past",
+                     "--out", str(tmp_path / "plain")]) == 0
+    gen = Seq2SeqGenerator(tmp_path / "plain")
+    assert gen.adapter_names == []
+    ours = gen.generate(PROMPTS, max_new_tokens=NEW, min_new_tokens=NEW)
+    assert ours == eager_tokens(root, "t5", None, PROMPTS, gen.pad, set(), max_new_tokens=NEW, min_new_tokens=NEW)
+    with pytest.raises(UnknownAdapterError, match="'all'"):
+        gen.generate(PROMPTS, adapters="all", max_new_tokens=2)
+    (tmp_path / "plain" / "adapters").mkdir(exist_ok=True)
+    shutil.copyfile(root / "pkg" / "adapters" / "all.decoder.onnx_adapter",
+                    tmp_path / "plain" / "adapters" / "all.decoder.onnx_adapter")
+    with pytest.raises(ServingError, match=r"no LoRA inputs.*all\.decoder\.onnx_adapter"):
+        Seq2SeqGenerator(tmp_path / "plain")
