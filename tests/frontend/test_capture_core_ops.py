@@ -126,6 +126,7 @@ ROWS = [
         ("bucketize.Tensor",), {0: 0}),
     Row("bucketize_right_int32", lambda x, b: torch.bucketize(x.round(), b, out_int32=True, right=True).float(),
         [randn(-1, 7), fixed(torch.arange(-2.0, 3.0))], ("bucketize.Tensor",), {0: 0}),
+    Row("one_hot", lambda x: F.one_hot(x, 6).float() * 2, [randint(6, -1, 5)], ("one_hot.default",), {0: 0}),
     Row("unfold_windows", lambda x: x.unfold(1, 3, 2), [randn(-1, 9, 2)], ("unfold.default",), {0: 0}),
     Row("unfold_last", lambda x: x.unfold(-1, 4, 1), [randn(-1, 3, 6)], ("unfold.default",), {0: 0}),
     # ------------------------------------------------------------------ 3-D transposed convolution (a video decoder's)

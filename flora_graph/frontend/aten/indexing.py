@@ -22,7 +22,9 @@ in the padded output, then a ``Slice`` of the padding;
 running count (``CumSum``) minus one; ``bucketize`` -> the count of boundaries below each value
 (``Less``/``LessOrEqual`` against the boundaries on a new last axis, ``ReduceSum``); ``unfold``
 (``Tensor.unfold``: sliding windows of a static axis) -> ``Gather`` of a constant ``[windows, size]``
-index, the window axis moved last.
+index, the window axis moved last; ``one_hot`` (a given class count) -> ``Equal`` of the index on a new last axis
+against a constant range, cast to ``int64`` (its decomposition would retrace the whole program; torch checks the
+index range at trace time only, as there).
 """
 
 from __future__ import annotations
@@ -381,6 +383,16 @@ def _bucketize(ctx, x, boundaries, *, out_int32=False, right=False):
     count = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [below], {"to": "int64"})],
                      {"axes": (len(x.shape),), "keepdims": 0})
     return ctx.emit(Op.CAST, [count], {"to": "int32"}) if out_int32 else count
+
+
+@register(aten.one_hot.default)
+def _one_hot(ctx, x, num_classes=-1):
+    """``F.one_hot``: ``int64`` ``[..., num_classes]``, 1 where the position is the index."""
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise refuse(ctx, "one_hot without num_classes (a class count read from the data)")
+    v = ctx.emit(Op.UNSQUEEZE, [as_dtype(ctx, x, "int64")], {"axes": (len(x.shape),)})
+    hit = ctx.emit(Op.EQUAL, [v, ctx.new_param(ctx.fx_node.name + "_classes", np.arange(num_classes, dtype=np.int64))])
+    return ctx.emit(Op.CAST, [hit], {"to": "int64"})
 
 
 @register(aten.unfold.default)
