@@ -223,27 +223,32 @@ def _batch_major(x: ComputationNode, batch: Dim) -> bool:
             and canonical_dim(src[0]) == batch and canonical_dim(n.shape[1]) == canonical_dim(src[-1]))
 
 
-def _check_rows(graph: Graph, sites: Iterable[_Site]) -> tuple[Dim, set[str]]:
+def _check_rows(graph: Graph, sites: Iterable[_Site]) -> tuple[Dim, dict[str, str]]:
     """The batch dim of per-row slots (the first graph input's first dim, which every site's input must lead
-    with) and the modules whose input is flattened batch-major instead (:func:`_batch_major`)."""
+    with) and the modules whose input holds it otherwise: ``"flat"``, flattened batch-major
+    (:func:`_batch_major`), or ``"second"``, sequence-first ``[seq, batch, ..., features]`` (FSMT's layers)."""
     if not graph.inputs or not graph.inputs[0].shape:
         raise AdapterError(f"graph {graph.name!r}: the first input must have a batch dim for per-row adapters")
     first = graph.inputs[0]
     batch = canonical_dim(first.shape[0])
-    flat: set[str] = set()
+    layout: dict[str, str] = {}
     for s in sites:
         shape = s.x.shape
         if s.kind == "linear" and len(shape) == 2 and canonical_dim(shape[0]) != batch and _batch_major(s.x, batch):
-            flat.add(s.module)
+            layout[s.module] = "flat"
+            continue
+        if s.kind == "linear" and len(shape) >= 3 and canonical_dim(shape[0]) != batch \
+                and canonical_dim(shape[1]) == batch:
+            layout[s.module] = "second"
             continue
         if len(shape) < 2 or canonical_dim(shape[0]) != batch:
             raise AdapterError(f"module {s.module!r}: its input {s.x.name!r} has shape {list(shape)}, whose first dim is "
-                               f"not the batch dim {batch!r} of input {first.name!r} (nor its rows flattened batch-major "
-                               "from it); rows cannot pick adapters there")
+                               f"not the batch dim {batch!r} of input {first.name!r} (nor its second, nor its rows "
+                               "flattened batch-major from it); rows cannot pick adapters there")
         pointwise = (s.attrs.get("kernel"), s.attrs.get("stride"), s.attrs.get("padding")) == ((1, 1), (1, 1), (0, 0))
         if s.kind == "conv" and not pointwise and not all(isinstance(d, int) for d in shape[2:]):
             raise AdapterError(f"module {s.module!r}: per-row conv adapters need static spatial dims, got {list(shape)}")
-    return batch, flat
+    return batch, layout
 
 
 def rewire(graph: Graph, repl: Mapping[ComputationNode, ComputationNode]) -> None:
@@ -312,7 +317,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     stats: dict[str, Any] = {"fired": {}, "refused": {}, "slots": list(dict.fromkeys(s.module for s in sites))}
     if not sites:
         return PassResult(graph, False, {**stats, "time_s": time.perf_counter() - t0})
-    batch, flat = _check_rows(graph, sites) if slots == "mixed" else (None, set())
+    batch, layout = _check_rows(graph, sites) if slots == "mixed" else (None, {})
     # 1. detach each site behind a placeholder, so its branch (and its weights' names) leave the graph
     holders = {s.root: graph.add(Op.IDENTITY, [s.base], name=f"{s.module}.lora_slot_pending") for s in sites}
     rewire(graph, holders)
@@ -333,13 +338,18 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
                 index = _input(graph, s.module, INDEX_INPUT, (batch,), "int64", None)  # type: ignore[arg-type]
             ins.append(index)
         try:
-            if s.module in flat:  # [batch*seq, f] rows as [batch, seq, f] for the slot, and back
-                ins[:2] = [graph.add(Op.RESHAPE, [v], {"shape": (batch, -1, int(v.shape[-1]))},
-                                     name=f"{s.module}.lora_slot/rows_{what}", meta=s.meta)
-                           for v, what in zip(ins[:2], ("base", "x"), strict=True)]
+            if s.module in layout:  # rows as [batch, seq, f] for the slot, and back
+                if layout[s.module] == "flat":  # from [batch*seq, f]
+                    there, back = {"shape": (batch, -1, int(s.x.shape[-1]))}, {"shape": (-1, s.out)}
+                    there_base = {"shape": (batch, -1, s.out)}
+                    how = Op.RESHAPE
+                else:  # from [seq, batch, ..., f]: the first two axes swapped, there and back
+                    there = back = there_base = {"perm": (1, 0, *range(2, len(s.x.shape)))}
+                    how = Op.TRANSPOSE
+                ins[:2] = [graph.add(how, [v], attrs, name=f"{s.module}.lora_slot/rows_{what}", meta=s.meta)
+                           for v, attrs, what in zip(ins[:2], (there_base, there), ("base", "x"), strict=True)]
                 slot = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot/by_row", meta=s.meta)
-                made[holders[s.root]] = graph.add(Op.RESHAPE, [slot], {"shape": (-1, s.out)},
-                                                  name=f"{s.module}.lora_slot", meta=s.meta)
+                made[holders[s.root]] = graph.add(how, [slot], back, name=f"{s.module}.lora_slot", meta=s.meta)
             else:
                 made[holders[s.root]] = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot", meta=s.meta)
         except GraphError as exc:

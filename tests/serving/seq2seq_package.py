@@ -167,7 +167,8 @@ ARCHITECTURES = {
 def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
     """Export ``ARCHITECTURES[kind]`` with an ``all-linear`` PEFT adapter (nonzero ``B``) and assert that the
     package's greedy tokens, base and adapter, equal eager transformers + PEFT ``generate`` on a padded batch (or
-    two speech rows: Speech2Text's 40 frames, Moonshine's 3,200 samples)."""
+    two speech rows: Speech2Text's 40 frames, Moonshine's 3,200 samples), and for token inputs that a batch mixing
+    rows with and without the adapter gives each row those tokens."""
     import peft
     import transformers
 
@@ -192,12 +193,13 @@ def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
         export_seq2seq(root / "base", root / "pkg", {"ad": root / "ad"})
     served = Seq2SeqGenerator(root / "pkg")
     main = served.layout.main_input
+    alone = {}
     for adapter in (None, "ad"):
         model = cls.from_pretrained(root / "base").eval()
         model = peft.PeftModel.from_pretrained(model, root / "ad").eval() if adapter else model
         kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
         if main == "input_ids":
-            ours = served.generate(PROMPTS, adapters=adapter, max_new_tokens=new, min_new_tokens=new)
+            ours = alone[adapter] = served.generate(PROMPTS, adapters=adapter, max_new_tokens=new, min_new_tokens=new)
             assert ours == eager_tokens(root, kind, adapter, PROMPTS, served.pad, set(), model=model,
                                         max_new_tokens=new, min_new_tokens=new)
             continue
@@ -208,3 +210,7 @@ def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
             warnings.simplefilter("ignore")
             ref = model.generate(**{main: x}, **kwargs)
         assert ours == [row[-new:] for row in ref.tolist()]
+    if main == "input_ids":  # rows with and without the adapter in one batch (the mixed-adapter models)
+        rows = ["ad", None, "ad"]
+        mixed = served.generate(PROMPTS, adapters=rows, max_new_tokens=new, min_new_tokens=new)
+        assert mixed == [alone[a][i] for i, a in enumerate(rows)]

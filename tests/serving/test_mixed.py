@@ -146,6 +146,23 @@ def test_rows_flattened_batch_major_pick_their_batch_rows_adapter():
     np.testing.assert_allclose(s.run({"x": x.numpy()}, names)["output"], want, atol=ATOL)
 
 
+class SeqFirstNet(nn.Module):
+    """Linear layers on sequence-first ``[seq, batch, features]`` (FSMT's and ``nn.MultiheadAttention``'s layout),
+    back to batch-first at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x.transpose(0, 1)))).transpose(0, 1)
+
+
+def test_sequence_first_inputs_pick_their_batch_rows_adapter():
+    """The slot sees the rows batch-first (the first two axes swapped, there and back): each batch row its adapter."""
+    check_rows_match_merged(SeqFirstNet, ["up", "down"], {"p": 3, "q": 6}, (3, 5, 16))
+
+
 def test_site_whose_rows_are_not_batch_rows_is_refused():
     m = random_adapter(SeqMajorNet().eval(), 2, seed=0, targets=["proj"])
     g = capture(m, {"x": torch.randn(2, 4, 16)}, {"x": {0: "batch"}})
