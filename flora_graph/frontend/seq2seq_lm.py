@@ -94,6 +94,18 @@ def _caches(out: Any) -> Any:
     return getattr(out, "cache", None) if cache is None else cache
 
 
+def vocab_size(config: Any, side: str) -> int:
+    """The vocabulary of the encoder's input ids (``side="encoder"``) or of the decoder's logits (``"decoder"``): a
+    composite config's own side (``EncoderDecoderModel``'s, T5Gemma's), FSMT's source or target one, else the
+    model's one (256 where the config names none)."""
+    own = {"encoder": "src_vocab_size", "decoder": "tgt_vocab_size"}[side]
+    for v in (getattr(getattr(config, side, None), "vocab_size", None), getattr(config, own, None),
+              getattr(config, "vocab_size", None)):
+        if isinstance(v, int) and v > 0:
+            return v
+    return 256
+
+
 def _encoder_example(base: nn.Module, *, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]]:
     """Two rows of the encoder's inputs and their dynamic dims: token ids and a mask (the first row padded), or a
     speech model's features or samples as :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds them."""
@@ -107,7 +119,7 @@ def _encoder_example(base: nn.Module, *, seed: int = 0) -> tuple[dict[str, torch
                              "build from the config")
         return built[0], built[1]
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, int(getattr(base.config, "vocab_size", 256)), (2, 7), generator=gen)
+    ids = torch.randint(3, vocab_size(base.config, "encoder"), (2, 7), generator=gen)
     mask = torch.ones(2, 7, dtype=torch.int64)
     mask[0, 6:] = 0  # the first row padded
     return {"input_ids": ids, "attention_mask": mask}, {"input_ids": {0: "batch", 1: "enc_seq"},
@@ -186,23 +198,15 @@ def _cache_arg(base: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _hidden(base: nn.Module) -> int:
-    cfg = base.config
-    for key in ("d_model", "hidden_size"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int):
-            return v
-    raise GraphError(f"{type(base).__name__}: its config has no d_model / hidden_size")
-
-
 def decoder_forward(base: nn.Module, layout: Seq2SeqLayout):
     """``base``'s forward as the decoder graph: ``f(input_ids, encoder_attention_mask=None, past_key_values=[...])``
     returns ``(logits, present self keys and values...)`` (:meth:`Seq2SeqLayout.present_names` order)."""
     forward = type(base).forward.__get__(base)
-    arg, hidden = _cache_arg(base), _hidden(base)
+    arg = _cache_arg(base)
     example, _ = _encoder_example(base)
     with torch.no_grad():  # the encoder's own output type, which the decoder may read more than the states of
-        encoded = type(_encoded(base, {k: v[:1] for k, v in example.items()}))
+        sample = _encoded(base, {k: v[:1] for k, v in example.items()})
+    encoded, hidden = type(sample), int(sample.last_hidden_state.shape[-1])  # the encoder's width (T5Gemma: its own)
 
     def run(input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
             past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
@@ -298,7 +302,7 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     batch, seq, past = 2, 3, 5
     cross = encoder.outputs[layout.cross_names()[0]].shape[2]  # fixed where the encoder's input is (Whisper's)
     cross_len, cross_dim = (cross, None) if isinstance(cross, int) else (7, "enc_seq")
-    inputs: dict[str, Any] = {"input_ids": torch.randint(0, int(getattr(base.config, "vocab_size", 256)), (batch, seq),
+    inputs: dict[str, Any] = {"input_ids": torch.randint(0, vocab_size(base.config, "decoder"), (batch, seq),
                                                          generator=gen)}
     dims: dict[str, Any] = {"input_ids": {0: "batch", 1: "seq"}}
     if layout.encoder_mask:

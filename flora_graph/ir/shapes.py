@@ -461,11 +461,14 @@ def linear_rest(dim: Dim, name: str) -> Dim | None:
 
 
 def divide_dims(num: Dim, den: Dim) -> Dim | None:
-    """``num / den`` as a dim, or ``None`` when it does not divide exactly (by a single-term
-    divisor, or by a sum equal to ``num``)."""
+    """``num / den`` as a dim, or ``None`` when it does not divide exactly (integer coefficients, no
+    remainder): ``divide_dims("32*t*batch-32*batch", "batch*t-batch") == 32`` (a length less one, times
+    the batch, as a reshape of conv-reduced frames leaves it)."""
     pn, pd = _poly(num), _poly(den)
     if pn == pd and pd:
         return 1
+    if len(pd) > 1:
+        return _long_division(pn, pd)
     if len(pd) != 1:
         return None
     (dkey, dcoef), = pd.items()
@@ -477,6 +480,36 @@ def divide_dims(num: Dim, den: Dim) -> Dim | None:
             return None
         out[tuple(sorted((have - need).elements()))] = coef // dcoef
     return _build_poly(out)
+
+
+def _long_division(pn: Poly, pd: Poly) -> Dim | None:
+    """Exact division of polynomial dims by a divisor of several terms (multivariate long division in graded
+    lexicographic order of the names' exponents); ``None`` where a step leaves a remainder or a fraction."""
+    names = sorted({n for key in (*pn, *pd) for n in key})
+
+    def order(key: tuple[str, ...]) -> tuple[int, tuple[int, ...]]:
+        counts = Counter(key)
+        return len(key), tuple(counts[n] for n in names)
+
+    lead = max(pd, key=order)
+    need = Counter(lead)
+    rest = {k: v for k, v in pn.items() if v}
+    out: Poly = {}
+    for _ in range(len(pn) * len(pd) + 8):  # each step takes the leading term out; bounded for safety
+        if not rest:
+            return _build_poly(out) if out else 0
+        top = max(rest, key=order)
+        have = Counter(top)
+        if rest[top] % pd[lead] or any(have[n] < c for n, c in need.items()):
+            return None
+        q_key, q_coef = tuple(sorted((have - need).elements())), rest[top] // pd[lead]
+        out[q_key] = out.get(q_key, 0) + q_coef
+        for key, coef in pd.items():
+            k = tuple(sorted(q_key + key))
+            rest[k] = rest.get(k, 0) - q_coef * coef
+            if not rest[k]:
+                del rest[k]
+    return None
 
 
 def is_static(shape: Sequence[Dim]) -> bool:

@@ -99,10 +99,11 @@ def _token_ids(value: Any, vocab: int) -> list[int]:
 def package_config(model: Any, layout: Any) -> dict[str, Any]:
     """The ``seq2seq_config.json`` document of a package of ``model`` (its config and generation config; the
     generation config's values first, as transformers' ``generate`` reads them) with cache ``layout``."""
+    from flora_graph.frontend.seq2seq_lm import vocab_size
     from flora_graph.serving.genai import SEARCH_DEFAULTS, search_defaults
 
     cfg, gen = model.config, getattr(model, "generation_config", None)
-    vocab = int(cfg.vocab_size)
+    vocab = vocab_size(cfg, "decoder")
 
     def first(key: str) -> Any:
         for source in (gen, cfg):
@@ -134,7 +135,9 @@ def package_config(model: Any, layout: Any) -> dict[str, Any]:
         "feature_shape": list(layout.feature_shape),
         "encoder": ENCODER_FILE,
         "decoder": DECODER_FILE,
-        "decoder_start_token_id": one("decoder_start_token_id") or 0,
+        # generate's own fallback: the start token, else the beginning-of-text one (T5Gemma names only that)
+        "decoder_start_token_id": next((t for t in (one("decoder_start_token_id"), one("bos_token_id")) if t is not None),
+                                       0),
         "eos_token_id": _token_ids(first("eos_token_id"), vocab),
         "pad_token_id": one("pad_token_id"),
         "max_source_positions": None if speech else limit("max_source_positions", "max_position_embeddings"),

@@ -114,6 +114,10 @@ def test_dim_product(dims, want):
         ("batch", "batch*batch", None),
         (8, "batch", None),
         ("batch", 2, None),
+        ("32*t*batch-32*batch", "batch*t-batch", 32),  # conv-reduced frames less one, times the batch
+        ("seq*seq-1", "seq-1", "seq+1"),
+        ("seq*seq+1", "seq-1", None),  # a remainder
+        ("3*seq+3", "2*seq+2", None),  # a fraction
     ],
 )
 def test_divide_dims(num, den, want):
@@ -121,7 +125,8 @@ def test_divide_dims(num, den, want):
 
 
 def test_divide_then_multiply_round_trips():
-    for num, den in [("6*batch*seq", "2*batch"), ("batch*seq", "seq"), (24, 6)]:
+    for num, den in [("6*batch*seq", "2*batch"), ("batch*seq", "seq"), (24, 6), ("seq*seq-1", "seq-1"),
+                     ("2*batch*past+2*batch*seq", "past+seq")]:
         q = divide_dims(num, den)
         assert q is not None
         assert dims_equal(dim_product([q, den]), num)

@@ -129,6 +129,10 @@ def _cut(row: list[int], eos: set[int]) -> list[int]:
 _E = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
           encoder_ffn_dim=64, decoder_ffn_dim=64)
 _T = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+_GEMMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+_BERT = dict(model_type="bert", vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=64, max_position_embeddings=64)
 ARCHITECTURES = {
     "mt5": ("MT5Config", "MT5ForConditionalGeneration", _T),
     "umt5": ("UMT5Config", "UMT5ForConditionalGeneration", _T),
@@ -157,6 +161,20 @@ ARCHITECTURES = {
     "switch-transformers": ("SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration",
                             dict(**_T, num_decoder_layers=2, num_experts=4, expert_capacity=8, encoder_sparse_step=1,
                                  decoder_sparse_step=1)),
+    "mvp": ("MvpConfig", "MvpForConditionalGeneration", dict(vocab_size=100, max_position_embeddings=64, **_E)),
+    # its start token is the beginning-of-text one; the encoder's and decoder's configs of their own
+    "t5gemma": ("T5GemmaConfig", "T5GemmaForConditionalGeneration",
+                dict(encoder=_GEMMA, decoder=_GEMMA, vocab_size=100)),
+    # BERT2BERT: transformers' generic encoder-decoder of two BERTs, the decoder's cross-attention added
+    "encoder-decoder": ("EncoderDecoderConfig", "EncoderDecoderModel",
+                        dict(encoder=_BERT, decoder={**_BERT, "is_decoder": True, "add_cross_attention": True},
+                             decoder_start_token_id=2, pad_token_id=0)),
+    # raw samples through a convolutional feature encoder (a length less one after its positions)
+    "speecht5": ("SpeechT5Config", "SpeechT5ForSpeechToText",
+                 dict(vocab_size=100, hidden_size=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, conv_dim=(16, 16),
+                      conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=2, max_speech_positions=512, max_text_positions=64)),
     "moonshine": ("MoonshineConfig", "MoonshineForConditionalGeneration",
                   dict(vocab_size=100, hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=2,
                        decoder_num_hidden_layers=2, encoder_num_attention_heads=4, decoder_num_attention_heads=4)),
@@ -167,7 +185,7 @@ ARCHITECTURES = {
 def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
     """Export ``ARCHITECTURES[kind]`` with an ``all-linear`` PEFT adapter (nonzero ``B``) and assert that the
     package's greedy tokens, base and adapter, equal eager transformers + PEFT ``generate`` on a padded batch (or
-    two speech rows: Speech2Text's 40 frames, Moonshine's 3,200 samples), and for token inputs that a batch mixing
+    two speech rows: Speech2Text's 40 frames, Moonshine's and SpeechT5's 3,200 samples), and for token inputs that a batch mixing
     rows with and without the adapter gives each row those tokens."""
     import peft
     import transformers
