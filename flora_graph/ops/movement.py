@@ -88,6 +88,14 @@ def _infer_reshape(shapes, dtypes, attrs):
                 else:
                     kept.append(d)
             missing = divide_dims(dim_product(rest), dim_product(kept))
+            piece = dim_product(kept)
+            if missing is None and isinstance(piece, int) and piece > 0 and \
+                    sum(not isinstance(d, int) for d in rest) == 1:
+                # one dynamic length cut into pieces of a static size, every other dim kept (Moonshine's frames of
+                # 80 samples): the count is exact where the size divides it, the one case where the reshape runs
+                total_rest = dim_product(rest)
+                g = math.gcd(piece, *(c for c, _ in dim_terms(total_rest)))  # floor(k a / k b) = floor(a / b)
+                missing = floor_divide_dim(divide_dims(total_rest, g), piece // g)
         if missing is None:
             raise ShapeError(f"Reshape: cannot infer -1 in {target} for input {format_shape(x)}")
         out[infer_at] = missing

@@ -102,6 +102,11 @@ def test_bad_dim_attribute() -> None:
         (("batch", "seq", 64), ("batch*seq", 64), ("batch*seq", 64)),
         (("batch", 2, 2, "seq", 16), (0, 4, "seq", 16), ("batch", 4, "seq", 16)),
         (("batch*seq", 8), ("batch", "seq", 8), ("batch", "seq", 8)),
+        (("batch", "samples"), (0, -1, 80), ("batch", "((samples)//80)", 80)),  # raw samples cut into frames
+        (("batch", "samples", 2), (0, -1, 160), ("batch", "((samples)//80)", 160)),
+        # a dynamic batch regrouped: exact where it divides (the one case the reshape runs), as torch's own
+        (("batch", 4), (-1, 3), ("((4*batch)//3)", 3)),
+        (("batch", 4), (8, -1), (8, "((batch)//2)")),
     ],
 )
 def test_reshape_to_named_dims(x, target, want) -> None:

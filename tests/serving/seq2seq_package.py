@@ -133,6 +133,9 @@ _GEMMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_l
               num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
 _BERT = dict(model_type="bert", vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=64, max_position_embeddings=64)
+_PARAKEET = dict(model_type="parakeet_encoder", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, subsampling_conv_channels=8, num_mel_bins=16, conv_kernel_size=3,
+                 max_position_embeddings=256)
 ARCHITECTURES = {
     "mt5": ("MT5Config", "MT5ForConditionalGeneration", _T),
     "umt5": ("UMT5Config", "UMT5ForConditionalGeneration", _T),
@@ -175,6 +178,26 @@ ARCHITECTURES = {
                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, conv_dim=(16, 16),
                       conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
                       num_conv_pos_embedding_groups=2, max_speech_positions=512, max_text_positions=64)),
+    # SeamlessM4T's text-to-text model (its speech encoder unused)
+    "seamless-m4t": ("SeamlessM4TConfig", "SeamlessM4TForTextToText",
+                     dict(vocab_size=100, hidden_size=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                          speech_encoder_layers=1, speech_encoder_attention_heads=4,
+                          speech_encoder_intermediate_size=64)),
+    # Canary and Cohere's ASR: a FastConformer (Parakeet) encoder over filterbank frames
+    "canary": ("CanaryConfig", "CanaryForConditionalGeneration",
+               dict(encoder_config=_PARAKEET, decoder_config=dict(_GEMMA, num_key_value_heads=4), vocab_size=100,
+                    pad_token_id=2, bos_token_id=4, eos_token_id=3, decoder_start_token_id=4)),
+    "cohere-asr": ("CohereAsrConfig", "CohereAsrForConditionalGeneration",
+                   dict(encoder_config=_PARAKEET, vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, intermediate_size=64, head_dim=8,
+                        max_position_embeddings=64)),
+    # raw samples cut into frames of 80 by a reshape
+    "moonshine-streaming": ("MoonshineStreamingConfig", "MoonshineStreamingForConditionalGeneration",
+                            dict(encoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, num_key_value_heads=4, head_dim=8),
+                                 vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=64)),
     "moonshine": ("MoonshineConfig", "MoonshineForConditionalGeneration",
                   dict(vocab_size=100, hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=2,
                        decoder_num_hidden_layers=2, encoder_num_attention_heads=4, decoder_num_attention_heads=4)),
