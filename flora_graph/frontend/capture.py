@@ -40,7 +40,12 @@ from flora_graph.frontend.aten.complex import COMPLEX_TABLE, complex_converter, 
 from flora_graph.frontend.aten.registry import chunk_samples
 from flora_graph.frontend.lora_op import lora_sites_as_op
 from flora_graph.frontend.model_outputs import leaf_keys, no_kv_cache
-from flora_graph.frontend.traceable import merged_peft_attention, traceable_experts, traceable_scans
+from flora_graph.frontend.traceable import (
+    broadcast_masks,
+    merged_peft_attention,
+    traceable_experts,
+    traceable_scans,
+)
 from flora_graph.ir import ComputationNode, Graph, Op, verify
 from flora_graph.ir.shapes import (
     Dim,
@@ -641,7 +646,7 @@ def trace_with_torch_export(
     adapters = {**adapters_of(model), **peft_lora_layers(model)}
     applied: list[str] = []
     # no_kv_cache: a Hugging Face causal LM with use_cache on would return a DynamicCache torch.export cannot trace
-    with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), traceable_scans(model),
+    with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), traceable_scans(model), broadcast_masks(),
           merged_peft_attention(model) as merged,
           _conv1d_as_linear(model), lora_sites_as_op({k: v for k, v in adapters.items() if not _inside(k, merged)}),
           _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):

@@ -17,6 +17,11 @@
   (their adapter baked into ``in_proj_weight`` / ``out_proj.weight``; the graph has no LoRA site
   for them), and puts the original parameters back, bit for bit, after.
 
+* **Attention masks built with** ``torch.vmap``: transformers builds a mask through ``vmap`` where a model adds a
+  mask function of its own (T5Gemma 2's bidirectional sliding window), which torch.export records as vmap's
+  batching ops that no exporter converts. Its other path broadcasts the index ranges through the same function
+  (as it does for every mask of its own); :func:`broadcast_masks` has ``sdpa_mask`` take that path while capturing.
+
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
   over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
   around a 63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
@@ -44,7 +49,8 @@ from flora_graph.frontend.delta_rule import (
 )
 from flora_graph.frontend.selective_scan import SCAN_FORWARD, SCAN_FORWARD_PARAMS, scan_forward
 
-__all__ = ["SWAPS", "TRACEABLE_EXPERTS", "merged_peft_attention", "traceable_experts", "traceable_scans"]
+__all__ = ["SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_attention", "traceable_experts",
+           "traceable_scans"]
 
 SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     SCAN_FORWARD: (SCAN_FORWARD_PARAMS, scan_forward),
@@ -126,6 +132,35 @@ def _converting_router(module: nn.Module) -> bool:
 def _same(module: nn.Module) -> Callable[..., nn.Module]:
     """A ``to`` for ``module`` that returns it unchanged (its parameters were converted already)."""
     return lambda *args, **kwargs: module
+
+
+@contextlib.contextmanager
+def broadcast_masks() -> Iterator[bool]:
+    """Within the block, transformers' ``sdpa_mask`` (and the ``eager_mask`` over it) builds every mask by
+    broadcasting its index ranges through the mask function, never by ``torch.vmap``; yields whether transformers
+    is there to patch. Its mask functions compare and index tensors of indices, so both paths give the same mask
+    (the captured graph is checked against eager by every export). Restored on exit."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield False
+        return
+    own = masking_utils.sdpa_mask
+    mapping = masking_utils.AttentionMaskInterface._global_mapping
+
+    def sdpa_mask(*args: Any, **kwargs: Any) -> Any:
+        return own(*args, **{**kwargs, "use_vmap": False})
+
+    registered = mapping.get("sdpa") is own
+    masking_utils.sdpa_mask = sdpa_mask
+    if registered:
+        mapping["sdpa"] = sdpa_mask
+    try:
+        yield True
+    finally:
+        masking_utils.sdpa_mask = own
+        if registered:
+            mapping["sdpa"] = own
 
 
 @contextlib.contextmanager

@@ -32,6 +32,14 @@ from ..ops.harness import aten_overload
 
 aten = torch.ops.aten
 _BIAS = torch.arange(32, dtype=torch.float32).reshape(4, 8)
+_ROW = torch.tensor([1.0, -2.0, 3.0, -4.0])
+
+
+def _put_inner(x: torch.Tensor) -> torch.Tensor:
+    """``y[:, mask] = row`` over a mask of the middle axis (T5Gemma 2's end-of-image embedding is the leading form)."""
+    y = x.clone()
+    y[:, x[0, :, 0] > 0] = _ROW
+    return y
 BACKENDS = ("onnxruntime", "torchscript", "torch-export")
 EXAMPLE, RUNS = 3, (2, 5)  # the batch size captured, and the two it runs at
 
@@ -126,6 +134,11 @@ ROWS = [
         ("bucketize.Tensor",), {0: 0}),
     Row("bucketize_right_int32", lambda x, b: torch.bucketize(x.round(), b, out_int32=True, right=True).float(),
         [randn(-1, 7), fixed(torch.arange(-2.0, 3.0))], ("bucketize.Tensor",), {0: 0}),
+    Row("index_put_mask_row", lambda x: x.index_put((x[..., 0] > 0,), _ROW), [randn(-1, 5, 4)],
+        ("index_put.default",), {0: 0}),
+    Row("index_put_mask_scalar_accumulate", lambda x: x.index_put((x[..., 1] > 0,), torch.tensor(2.0), accumulate=True),
+        [randn(-1, 5, 4)], ("index_put.default",), {0: 0}),
+    Row("index_put_mask_inner_axis", _put_inner, [randn(-1, 5, 4)], ("index_put.default",), {0: 0}),
     Row("one_hot", lambda x: F.one_hot(x, 6).float() * 2, [randint(6, -1, 5)], ("one_hot.default",), {0: 0}),
     Row("unfold_windows", lambda x: x.unfold(1, 3, 2), [randn(-1, 9, 2)], ("unfold.default",), {0: 0}),
     Row("unfold_last", lambda x: x.unfold(-1, 4, 1), [randn(-1, 3, 6)], ("unfold.default",), {0: 0}),

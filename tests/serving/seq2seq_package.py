@@ -168,6 +168,12 @@ ARCHITECTURES = {
     # its start token is the beginning-of-text one; the encoder's and decoder's configs of their own
     "t5gemma": ("T5GemmaConfig", "T5GemmaForConditionalGeneration",
                 dict(encoder=_GEMMA, decoder=_GEMMA, vocab_size=100)),
+    # its encoder's sliding window a mask function of its own (built by vmap in transformers), an image encoder beside
+    "t5gemma2": ("T5Gemma2Config", "T5Gemma2ForConditionalGeneration",
+                 dict(encoder=dict(text_config=_GEMMA, vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                                          image_size=32, patch_size=8)),
+                      decoder=_GEMMA)),
     # BERT2BERT: transformers' generic encoder-decoder of two BERTs, the decoder's cross-attention added
     "encoder-decoder": ("EncoderDecoderConfig", "EncoderDecoderModel",
                         dict(encoder=_BERT, decoder={**_BERT, "is_decoder": True, "add_cross_attention": True},

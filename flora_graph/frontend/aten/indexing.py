@@ -8,7 +8,7 @@ masks and non-consecutive axes are refused); ``diagonal`` -> ``Index`` of two co
 ranges over static axes (after a ``Transpose`` moving them last); ``slice_scatter`` and
 ``select_scatter`` -> ``Concat`` of the kept slices and ``src`` (step 1; static bounds, counted from
 either end of a dynamic axis), else ``Where`` of a constant mask over ``Gather`` of ``src`` (a static axis); ``index_put`` -> ``IndexPut`` (index
-tensors on consecutive axes, no bool masks); ``scatter.src``/``scatter.value``/``scatter_add``
+tensors on consecutive axes), with one bool mask and one value for all its positions ``Where`` of the mask; ``scatter.src``/``scatter.value``/``scatter_add``
 -> ``ScatterElements`` (``src`` cut to the index's shape, a value broadcast to it);
 ``scatter_reduce.two`` -> ``ScatterElements`` with ``add``/``mul``/``max``/``min`` (``include_self=False``:
 over the reduction's identity where the index reaches), ``mean`` as that sum over the count of
@@ -188,12 +188,39 @@ def _select_scatter(ctx, x, src, dim, index):
 def _index_put(ctx, x, indices, values, accumulate=False):
     used = [(i, t) for i, t in enumerate(indices) if t is not None]
     if any(t.dtype == "bool" for _, t in used):
-        raise refuse(ctx, "index_put with a bool mask (data-dependent positions)")
+        return _masked_put(ctx, x, used, values, bool(accumulate))
     if not used or [i for i, _ in used] != list(range(used[0][0], used[0][0] + len(used))):
         raise refuse(ctx, "index_put of axes that are not consecutive")
     values = as_dtype(ctx, values, x.dtype)
     return ctx.emit(Op.INDEX_PUT, [x, values, *(t for _, t in used)],
                     {"axis": used[0][0], "accumulate": int(bool(accumulate))})
+
+
+def _masked_put(ctx, x, used: list, values, accumulate: bool) -> ComputationNode:
+    """``x[mask] = values`` (``+=`` where ``accumulate``) with one bool mask over axes ``k .. k+m`` of ``x`` and one
+    value for every selected position (a row, a scalar: T5Gemma 2's end-of-image embedding): ``Where`` of the mask
+    over ``values`` broadcast, no data-dependent shape. Values per selected position are refused."""
+    (k, mask), = used if len(used) == 1 else [(None, None)]
+    if mask is None:
+        raise refuse(ctx, "index_put with a bool mask beside other indices (data-dependent positions)")
+    m, rank = len(mask.shape), len(x.shape)
+    if tuple(canonical_dim(d) for d in mask.shape) != tuple(canonical_dim(d) for d in x.shape[k:k + m]):
+        raise refuse(ctx, f"index_put with a bool mask of shape {list(mask.shape)} over {list(x.shape)}")
+    tail = rank - k - m  # the axes each selected position carries
+    if isinstance(values, ComputationNode):
+        vshape = list(values.shape)
+        if len(vshape) == tail + 1 and vshape[0] == 1:  # one row for all, as [1, ...]
+            values = ctx.emit(Op.RESHAPE, [values], {"shape": tuple(vshape[1:]) or (1,)})
+            vshape = vshape[1:]
+        if len(vshape) > tail:
+            raise refuse(ctx, "index_put of a value per masked position (data-dependent positions)")
+        values = as_dtype(ctx, values, x.dtype)
+    else:
+        values = as_dtype(ctx, values, x.dtype)
+    where = ctx.emit(Op.RESHAPE, [mask], {"shape": (*(1,) * k, *mask.shape, *(1,) * tail)}) if k or tail else mask
+    if accumulate:
+        values = ctx.emit(Op.ADD, [x, values])
+    return ctx.emit(Op.WHERE, [where, values, x])
 
 
 def _updates(ctx, x, index, src) -> ComputationNode:
