@@ -24,6 +24,7 @@ from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.frontend import capture, max_abs_diff, output_tensors
 from flora_graph.frontend.causal_lm import scan_chunk
 from flora_graph.frontend.model_outputs import output_names, set_use_cache
+from flora_graph.frontend.seq2seq_lm import vocab_size
 from flora_graph.frontend.signal_inputs import signal_inputs
 from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
@@ -155,6 +156,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     attention_mask = attention_mask or (takes_mask and bool(getattr(config, "is_encoder_decoder", False)))
     text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
     vocab = int(getattr(text_config, "vocab_size", None) or getattr(config, "vocab_size", 256))  # a multimodal
+    if getattr(config, "is_encoder_decoder", False):  # the encoder's own (EncoderDecoderModel's sides, FSMT's source)
+        vocab = vocab_size(config, "encoder")
     max_pos = getattr(text_config, "max_position_embeddings", None)  # model's text part names the vocabulary
     dim_max = {"seq": int(max_pos)} if isinstance(max_pos, int) and max_pos >= 2 else {}
     seq = min(8, dim_max.get("seq", 8))
@@ -185,7 +188,7 @@ def _decoder_ids(model: torch.nn.Module, example: dict[str, torch.Tensor], check
     if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" not in inspect.signature(
             model.forward).parameters:
         return {}
-    vocab = int(getattr(config, "tgt_vocab_size", None) or getattr(config, "vocab_size", 256))  # FSMT's own target
+    vocab = vocab_size(config, "decoder")  # FSMT's target, EncoderDecoderModel's decoder
     gen = torch.Generator().manual_seed(2)
     for inputs, length in ((example, 5), (check, 4)):
         rows = int(next(iter(inputs.values())).shape[0])

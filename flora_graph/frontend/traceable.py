@@ -22,6 +22,10 @@
   batching ops that no exporter converts. Its other path broadcasts the index ranges through the same function
   (as it does for every mask of its own); :func:`broadcast_masks` has ``sdpa_mask`` take that path while capturing.
 
+* **A mask dropped where it masks nothing**: FSMT's ``make_padding_mask`` returns ``None`` where no token is padding,
+  a branch on the data torch.export refuses; the swap (:data:`SWAPS`) always returns the mask, which masks nothing
+  there, the same attention.
+
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
   over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
   around a 63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
@@ -58,6 +62,7 @@ SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "torch_recurrent_gated_delta_rule": (RECURRENT_PARAMS, recurrent_gated_delta_rule),
     "chunk_kimi_delta_attention": (CHUNKED_PARAMS, gated_delta_rule),  # a decay per key channel
     "recurrent_kimi_delta_attention": (RECURRENT_PARAMS, recurrent_gated_delta_rule),
+    "make_padding_mask": (("input_ids", "padding_idx"), lambda input_ids, padding_idx=1: input_ids.eq(padding_idx)),
 }
 """Module-level function name -> (its leading parameters, the traceable function with those) for
 :func:`traceable_scans`."""

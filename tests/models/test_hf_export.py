@@ -300,3 +300,27 @@ def test_an_encoder_decoder_folder_exports_on_decoder_input_ids_with_its_adapter
         want = eager_peft(tmp_path / "model", tmp_path / "adapter")(**x).logits.numpy()
     got = sess.run(["logits"], {k: v.numpy() for k, v in x.items()})[0]
     np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("kind", ["fsmt", "encoder-decoder", "t5gemma2"])
+def test_more_encoder_decoder_folders_export_with_parity(kind, tmp_path) -> None:
+    """FSMT (its decoder padding mask is dropped where no token pads: a branch on the data, swapped for the mask
+    itself while tracing), BERT2BERT (each side's vocabulary) and T5Gemma 2 (a mask built by vmap): the CLI's export
+    gives eager's logits at another batch and lengths, a decoder row holding the pad token."""
+    from tests.serving.seq2seq_package import ARCHITECTURES
+
+    config_cls, model_cls, cfg = ARCHITECTURES[kind]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg)).eval()
+    model.save_pretrained(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "plain")]) == 0
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.ones(3, 9, dtype=torch.int64)
+    mask[1, 5:] = 0
+    dec = torch.randint(3, 100, (3, 6), generator=gen)
+    dec[2, 4:] = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    x = {"input_ids": torch.randint(3, 100, (3, 9), generator=gen), "attention_mask": mask, "decoder_input_ids": dec}
+    with torch.no_grad():
+        want = model(**x, use_cache=False).logits.numpy()
+    sess = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["logits"], {k: v.numpy() for k, v in x.items()})[0], want, atol=TOL, rtol=TOL)
