@@ -77,8 +77,17 @@ def _package(args: argparse.Namespace, console: Any) -> int:
 
 def _rows(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None, list[str | None]] | str:
     """The rows of ``generate``: ``(texts, ids, adapters)`` (one of ``texts``/``ids`` ``None``) or the refusal."""
-    if args.prompt and args.ids:
-        return "give the prompts as --prompt texts or as --ids, not both"
+    if sum(bool(x) for x in (args.prompt, args.ids, args.audio)) > 1:
+        return "give the rows as --prompt texts, as --ids or as --audio files, one kind only"
+    if args.decoder_ids and not args.audio:
+        return "--decoder-ids are a speech model's first decoder tokens: they go with --audio"
+    if args.audio and (args.chat or args.system is not None):
+        return "--chat and --system format --prompt texts; --audio is a speech model's input"
+    if args.audio:
+        names = args.adapter or [None]
+        if len(names) not in (1, len(args.audio)):
+            return f"{len(names)} --adapter for {len(args.audio)} --audio files: one for every row, or one per row"
+        return None, None, [n or None for n in (names * len(args.audio) if len(names) == 1 else names)]
     if args.ids and (args.chat or args.system is not None):
         return "--chat and --system format --prompt texts; --ids are token ids already"
     if args.system is not None and not args.chat:
@@ -168,24 +177,23 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
             prompts = [_chat_ids(tokenizer, args.package, args.system, t) for t in texts]
         else:
             prompts = [tokenizer(t)["input_ids"] for t in texts]
+    if args.audio and not seq2seq:
+        return _refuse(console, f"--audio is for a speech model's encoder-decoder package; {args.package} is not one")
     if seq2seq:
         from flora_graph.serving.seq2seq import Seq2SeqGenerator
 
         gen: Any = Seq2SeqGenerator(args.package, threads=args.threads)
-        if gen.layout.main_input != "input_ids":
-            return _refuse(console, f"{args.package} is a speech model's package: it takes audio features, not "
-                                    "text; generate from Python with flora_graph.serving.seq2seq.Seq2SeqGenerator")
+        speech = gen.layout.main_input != "input_ids"
+        if speech and not args.audio:
+            return _refuse(console, f"{args.package} is a speech model's package: give --audio FILE.wav (it takes "
+                                    "audio, not text)")
+        if args.audio and not speech:
+            return _refuse(console, f"{args.package} takes text (input_ids): give --prompt or --ids, not --audio")
+        if args.audio:
+            return _transcribe(args, console, gen, adapters)
     else:  # the mixed model (its own copy of the weights) only where the rows' adapters differ
         gen = Generator(args.package, threads=args.threads, mixed=len(set(adapters)) > 1)
-    # what is not given stays the package's (its model's generation config): Generator.defaults
-    settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "seed": args.seed}
-    if args.temperature is not None:
-        settings["do_sample"] = args.temperature > 0
-        if args.temperature > 0:
-            settings["temperature"] = args.temperature
-    settings.update({k: getattr(args, k) for k in ("top_k", "top_p", "repetition_penalty") if getattr(args, k) is not None})
-    if args.ignore_eos:
-        settings["stop_tokens"] = []
+    settings = _settings(args)
     one = len(prompts) == 1
     t0 = time.perf_counter()
     out = gen.generate(prompts, adapters=adapters, on_token=_Stream(console, tokenizer) if one else None, **settings)
@@ -204,6 +212,57 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     console.print(f"{total} tokens in {seconds:.3f} s ({total / seconds:.1f} tokens/s, "
                   f"{len(prompts)} row{'s' * (not one)}, prompt{'s' * (not one)} "
                   f"{'/'.join(str(len(p)) for p in prompts)} tokens, {which})", highlight=False, markup=False)
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation settings ``generate`` was given; what is not given stays the package's (its model's
+    generation config: ``Generator.defaults``)."""
+    settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "seed": args.seed}
+    if args.temperature is not None:
+        settings["do_sample"] = args.temperature > 0
+        if args.temperature > 0:
+            settings["temperature"] = args.temperature
+    settings.update({k: getattr(args, k) for k in ("top_k", "top_p", "repetition_penalty") if getattr(args, k) is not None})
+    if args.ignore_eos:
+        settings["stop_tokens"] = []
+    return settings
+
+
+def _transcribe(args: argparse.Namespace, console: Any, gen: Any, adapters: list[str | None]) -> int:
+    """``generate --audio``: each WAV file through the package's feature extractor and the speech model, one row a
+    file (recordings of different lengths are not batched); prints each row's text (token ids without tokenizer
+    files) and the tokens/s."""
+    import time
+
+    from flora_graph.serving.audio import read_wav, speech_inputs
+
+    package = Path(args.package)
+    rows = []
+    for path in args.audio:  # every file read and checked before anything runs
+        samples, rate = read_wav(path)
+        rows.append(speech_inputs(package, gen.layout.main_input, samples, rate, what=str(path)))
+    tokenizer = None
+    if any((package / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "spiece.model")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(package, local_files_only=True)
+    try:
+        prompt = [int(t) for t in args.decoder_ids.split(",") if t.strip()] if args.decoder_ids else None
+    except ValueError:
+        from flora_graph.serving.errors import ServingError
+
+        raise ServingError(f"--decoder-ids {args.decoder_ids!r}: expected comma-separated token ids") from None
+    settings = _settings(args)
+    total, t0 = 0, time.perf_counter()
+    for i, (path, feats, adapter) in enumerate(zip(args.audio, rows, adapters, strict=True)):
+        tokens = gen.generate(feats, adapters=adapter, decoder_prompt=prompt, **settings)[0]
+        total += len(tokens)
+        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
+        console.out(f"[{i}] {path} (adapter {adapter or 'none'}): {text}", highlight=False)
+    seconds = time.perf_counter() - t0
+    console.print(f"{total} tokens in {seconds:.3f} s ({total / seconds:.1f} tokens/s, {len(rows)} recording"
+                  f"{'s' * (len(rows) != 1)}, features included)", highlight=False, markup=False)
     return 0
 
 
@@ -235,6 +294,12 @@ def add_cli(subparsers: Any) -> None:
                    help="a prompt text, one row each (needs the package's tokenizer files) (default: Hello)")
     g.add_argument("--ids", action="append", metavar="ID,ID,...",
                    help="a prompt as token ids instead of text, one row each")
+    g.add_argument("--audio", action="append", metavar="FILE.wav",
+                   help="a speech model's package: a PCM WAV file at its feature extractor's sampling rate, one row "
+                        "each (the package's preprocessor_config.json makes its features)")
+    g.add_argument("--decoder-ids", metavar="ID,ID,...",
+                   help="with --audio: the decoder's first tokens (Whisper's language and task tokens) (default: the "
+                        "package's decoder start token)")
     g.add_argument("--chat", action="store_true",
                    help="each --prompt is a user message, formatted by the tokenizer's chat template for the reply")
     g.add_argument("--system", metavar="TEXT", help="with --chat: the system message before each prompt (default: none)")

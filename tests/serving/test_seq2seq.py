@@ -290,3 +290,55 @@ def test_a_package_without_adapters_generates_the_base(seq2seq_packages: dict[st
                     tmp_path / "plain" / "adapters" / "all.decoder.onnx_adapter")
     with pytest.raises(ServingError, match=r"no LoRA inputs.*all\.decoder\.onnx_adapter"):
         Seq2SeqGenerator(tmp_path / "plain")
+
+
+def _wav(path: Path, samples: np.ndarray, rate: int = 16000, channels: int = 1) -> Path:
+    """``samples`` (floats in [-1, 1], each repeated on every channel) as a 16-bit PCM WAV file."""
+    import wave
+
+    pcm = np.repeat((samples * 32767).astype("<i2")[:, None], channels, axis=1)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+    return path
+
+
+def test_cli_transcribes_wav_files_with_a_speech_package(seq2seq_packages: dict[str, Path], tmp_path: Path,
+                                                         capsys) -> None:
+    """``flora-graph generate PKG --audio F.wav``: the package's feature extractor (its preprocessor_config.json)
+    turns each file into Whisper's frames, and each row's tokens are the Generator's on those frames (stereo read as
+    the mean of its channels); a file at another rate, a text package and a speech package without audio are
+    refused by name."""
+    import transformers
+
+    from flora_graph.cli import main
+    from flora_graph.serving.audio import read_wav, speech_inputs
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(seq2seq_packages["whisper"] / "pkg", pkg)
+    # the tiny model's 8 mel bins and 32 frames (16 positions, two frames each): one second at 500 samples a frame
+    transformers.WhisperFeatureExtractor(feature_size=8, sampling_rate=16000, hop_length=500, chunk_length=1,
+                                         n_fft=400).save_pretrained(pkg)
+    t = np.arange(9000) / 16000
+    mono = _wav(tmp_path / "a.wav", 0.5 * np.sin(2 * np.pi * 440 * t))
+    stereo = _wav(tmp_path / "b.wav", 0.3 * np.sin(2 * np.pi * 220 * t) * np.exp(-3 * t), channels=2)
+    samples, rate = read_wav(stereo)
+    assert rate == 16000 and samples.shape == (9000,)
+    assert main(["generate", str(pkg), "--audio", str(mono), "--audio", str(stereo), "--adapter", "", "--adapter",
+                 "all", "--max-new-tokens", "6", "--min-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    gen = Seq2SeqGenerator(pkg)
+    for i, (path, adapter) in enumerate([(mono, None), (stereo, "all")]):
+        feats = speech_inputs(pkg, "input_features", *read_wav(path))
+        assert feats.shape == (1, 8, 32)
+        tokens = gen.generate(feats, adapters=adapter, max_new_tokens=6, min_new_tokens=6)[0]
+        assert f"[{i}] {path} (adapter {adapter or 'none'}): {' '.join(map(str, tokens))}" in out
+    _wav(tmp_path / "c.wav", 0.1 * np.sin(2 * np.pi * 440 * t), rate=8000)
+    assert main(["generate", str(pkg), "--audio", str(tmp_path / "c.wav")]) == 2
+    said = capsys.readouterr()
+    assert "8000 Hz" in said.out + said.err and "16000 Hz" in said.out + said.err
+    assert main(["generate", str(pkg), "--ids", "5,6"]) == 2
+    assert main(["generate", str(seq2seq_packages["t5"] / "pkg"), "--audio", str(mono)]) == 2
+    assert main(["generate", str(pkg), "--decoder-ids", "2", "--ids", "5"]) == 2
