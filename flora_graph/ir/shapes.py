@@ -495,7 +495,7 @@ def _long_division(pn: Poly, pd: Poly) -> Dim | None:
     need = Counter(lead)
     rest = {k: v for k, v in pn.items() if v}
     out: Poly = {}
-    for _ in range(len(pn) * len(pd) + 8):  # each step takes the leading term out; bounded for safety
+    for _ in range(64 + len(pn) * len(pd)):  # each step takes the leading term out; bounded for safety
         if not rest:
             return _build_poly(out) if out else 0
         top = max(rest, key=order)
