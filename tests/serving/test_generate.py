@@ -265,7 +265,7 @@ def test_generate_command_decodes_a_mixed_adapter_batch(package: Path, folders: 
                  "--adapter", "c"]) == 2
     assert "3 --adapter for 2 prompts" in capsys.readouterr().out
     assert main(["generate", str(package / "missing"), "--ids", "1,5", "--prompt", "w5"]) == 2
-    assert "not both" in capsys.readouterr().out
+    assert "one kind only" in capsys.readouterr().out
 
 
 def test_generate_command_streams_whole_characters() -> None:
