@@ -153,12 +153,7 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     if isinstance(rows, str):
         return _refuse(console, rows)
     texts, id_lists, adapters = rows
-    prompts: list[list[int]] = []
-    for given in id_lists or []:
-        try:
-            prompts.append([int(t) for t in given.split(",") if t.strip()])
-        except ValueError:
-            raise ServingError(f"--ids {given!r}: expected comma-separated token ids such as 1,15043,29892") from None
+    prompts = [_ids(given, "--ids") for given in id_lists or []]
     from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG
 
     seq2seq = (Path(args.package) / SEQ2SEQ_CONFIG).is_file()
@@ -167,12 +162,9 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
                                 "as it is")
     tokenizer = None
     if texts is not None:
-        if not any((Path(args.package) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "spiece.model",
-                                                                 "source.spm")):
+        tokenizer = _tokenizer(Path(args.package))
+        if tokenizer is None:
             raise ServingError(f"{args.package} has no tokenizer files (tokenizer.json); pass token ids with --ids")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.package, local_files_only=True)
         if args.chat:
             prompts = [_chat_ids(tokenizer, args.package, args.system, t) for t in texts]
         else:
@@ -215,6 +207,29 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "spiece.model", "source.spm")
+"""A package holds a tokenizer where one of these is there (fast, SentencePiece, T5's, Marian's)."""
+
+
+def _tokenizer(package: Path) -> Any:
+    """``package``'s tokenizer (transformers' ``AutoTokenizer``, no download), or ``None`` where it has no files."""
+    if not any((package / f).is_file() for f in _TOKENIZER_MARKERS):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(package, local_files_only=True)
+
+
+def _ids(given: str, flag: str) -> list[int]:
+    """``given`` (``1,15043,29892``) as token ids; :class:`ServingError` naming ``flag`` otherwise."""
+    try:
+        return [int(t) for t in given.split(",") if t.strip()]
+    except ValueError:
+        from flora_graph.serving.errors import ServingError
+
+        raise ServingError(f"{flag} {given!r}: expected comma-separated token ids such as 1,15043,29892") from None
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The generation settings ``generate`` was given; what is not given stays the package's (its model's
     generation config: ``Generator.defaults``)."""
@@ -242,17 +257,8 @@ def _transcribe(args: argparse.Namespace, console: Any, gen: Any, adapters: list
     for path in args.audio:  # every file read and checked before anything runs
         samples, rate = read_wav(path)
         rows.append(speech_inputs(package, gen.layout.main_input, samples, rate, what=str(path)))
-    tokenizer = None
-    if any((package / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "spiece.model")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(package, local_files_only=True)
-    try:
-        prompt = [int(t) for t in args.decoder_ids.split(",") if t.strip()] if args.decoder_ids else None
-    except ValueError:
-        from flora_graph.serving.errors import ServingError
-
-        raise ServingError(f"--decoder-ids {args.decoder_ids!r}: expected comma-separated token ids") from None
+    tokenizer = _tokenizer(package)
+    prompt = _ids(args.decoder_ids, "--decoder-ids") if args.decoder_ids else None
     settings = _settings(args)
     total, t0 = 0, time.perf_counter()
     for i, (path, feats, adapter) in enumerate(zip(args.audio, rows, adapters, strict=True)):
