@@ -36,7 +36,7 @@ import json
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from flora_graph.serving.text_decoder import TextDecoder
 
 __all__ = ["BASE_BRANCH_MAX_BYTES", "GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "MODEL_DATA", "PRECISIONS", "REFILL_KEY",
-           "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport", "add_adapters", "causal_lm_classes", "context_length", "export_genai", "genai_config", "genai_type",
+           "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport", "add_adapters", "causal_lm_classes", "context_length", "copy_present", "export_genai", "genai_config", "genai_type",
            "package_owns", "refill_position", "search_defaults"]
 
 GENAI_CONFIG = "genai_config.json"
@@ -71,6 +71,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 """Files copied from the base folder where present (ONNX Runtime GenAI's tokenizer reads them; transformers
 keeps a chat template in ``chat_template.jinja``)."""
+
+
+def copy_present(base: str | Path, dest: Path, names: Sequence[str]) -> None:
+    """Copy each of ``names`` that ``base`` holds as a plain file (not a link) into ``dest``."""
+    for f in names:
+        src = Path(base) / f
+        if src.is_file() and not src.is_symlink():
+            shutil.copyfile(src, dest / f)
+
 
 def package_owns(name: str) -> bool:
     """Whether ``name`` is an entry a package writes in some exports and not in others: a new package
@@ -405,10 +414,7 @@ def export_genai(
                 say(f"writing adapter {name}")
                 write_adapter(tmp / ADAPTERS_DIR / f"{name}.onnx_adapter", p, model=tmp / MODEL_FILE, name=name)
                 written[name] = Path(out) / ADAPTERS_DIR / f"{name}.onnx_adapter"
-        for f in TOKENIZER_FILES:
-            src = Path(base) / f
-            if src.is_file() and not src.is_symlink():
-                shutil.copyfile(src, tmp / f)
+        copy_present(base, tmp, TOKENIZER_FILES)
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     return GenAIReport(Path(out), written, graph.summary(), seconds, model_type=genai_type(arch),

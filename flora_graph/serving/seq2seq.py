@@ -33,7 +33,6 @@ greedy or sampled search (forced first and last tokens, suppressed tokens), as `
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -166,7 +165,13 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     culprit; on failure nothing at ``out`` changes.
     """
     from flora_graph.model_export import check_adapter_folder, check_model_folder
-    from flora_graph.serving.genai import TOKENIZER_FILES, _adapter_params, _read_sites, _refuse_unswappable
+    from flora_graph.serving.genai import (
+        TOKENIZER_FILES,
+        _adapter_params,
+        _read_sites,
+        _refuse_unswappable,
+        copy_present,
+    )
 
     say = progress or (lambda msg: None)
     adapters = dict(adapters or {})
@@ -250,14 +255,9 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
                         file = f"{name}.{part}.onnx_adapter"
                         write_adapter(tmp / ADAPTERS_DIR / file, mine, model=tmp / f"{part}.onnx", name=name)
                         written.setdefault(name, []).append(Path(out) / ADAPTERS_DIR / file)
-        for f in TOKENIZER_FILES:
-            src = Path(base) / f
-            if src.is_file() and not src.is_symlink():
-                shutil.copyfile(src, tmp / f)
-        for f in ("spiece.model", "source.spm", "target.spm", "sentencepiece.bpe.model", "preprocessor_config.json"):
-            src = Path(base) / f  # T5 / Marian / mBART tokenizers' vocabularies, Whisper's feature extractor
-            if src.is_file() and not src.is_symlink():
-                shutil.copyfile(src, tmp / f)
+        # and T5's / Marian's / mBART's tokenizer vocabularies, a speech model's feature extractor
+        copy_present(base, tmp, (*TOKENIZER_FILES, "spiece.model", "source.spm", "target.spm",
+                                 "sentencepiece.bpe.model", "preprocessor_config.json"))
         (tmp / SEQ2SEQ_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     summary = "\n".join(f"{part}: {g.summary()}" for part, g in final.items())
