@@ -465,26 +465,12 @@ def divide_dims(num: Dim, den: Dim) -> Dim | None:
     remainder): ``divide_dims("32*t*batch-32*batch", "batch*t-batch") == 32`` (a length less one, times
     the batch, as a reshape of conv-reduced frames leaves it)."""
     pn, pd = _poly(num), _poly(den)
-    if pn == pd and pd:
-        return 1
-    if len(pd) > 1:
-        return _long_division(pn, pd)
-    if len(pd) != 1:
-        return None
-    (dkey, dcoef), = pd.items()
-    need = Counter(dkey)
-    out: Poly = {}
-    for key, coef in pn.items():
-        have = Counter(key)
-        if coef % dcoef or any(have[k] < v for k, v in need.items()):
-            return None
-        out[tuple(sorted((have - need).elements()))] = coef // dcoef
-    return _build_poly(out)
+    return _long_division(pn, pd) if pd else None  # a zero divisor divides nothing
 
 
 def _long_division(pn: Poly, pd: Poly) -> Dim | None:
-    """Exact division of polynomial dims by a divisor of several terms (multivariate long division in graded
-    lexicographic order of the names' exponents); ``None`` where a step leaves a remainder or a fraction."""
+    """Exact division of polynomial dims by a non-zero divisor of one term or several (multivariate long division in
+    graded lexicographic order of the names' exponents); ``None`` where a step leaves a remainder or a fraction."""
     names = sorted({n for key in (*pn, *pd) for n in key})
 
     def order(key: tuple[str, ...]) -> tuple[int, tuple[int, ...]]:
