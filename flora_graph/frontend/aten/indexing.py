@@ -200,9 +200,9 @@ def _masked_put(ctx, x, used: list, values, accumulate: bool) -> ComputationNode
     """``x[mask] = values`` (``+=`` where ``accumulate``) with one bool mask over axes ``k .. k+m`` of ``x`` and one
     value for every selected position (a row, a scalar: T5Gemma 2's end-of-image embedding): ``Where`` of the mask
     over ``values`` broadcast, no data-dependent shape. Values per selected position are refused."""
-    (k, mask), = used if len(used) == 1 else [(None, None)]
-    if mask is None:
+    if len(used) != 1:
         raise refuse(ctx, "index_put with a bool mask beside other indices (data-dependent positions)")
+    (k, mask), = used
     m, rank = len(mask.shape), len(x.shape)
     if tuple(canonical_dim(d) for d in mask.shape) != tuple(canonical_dim(d) for d in x.shape[k:k + m]):
         raise refuse(ctx, f"index_put with a bool mask of shape {list(mask.shape)} over {list(x.shape)}")
@@ -214,9 +214,7 @@ def _masked_put(ctx, x, used: list, values, accumulate: bool) -> ComputationNode
             vshape = vshape[1:]
         if len(vshape) > tail:
             raise refuse(ctx, "index_put of a value per masked position (data-dependent positions)")
-        values = as_dtype(ctx, values, x.dtype)
-    else:
-        values = as_dtype(ctx, values, x.dtype)
+    values = as_dtype(ctx, values, x.dtype)
     where = ctx.emit(Op.RESHAPE, [mask], {"shape": (*(1,) * k, *mask.shape, *(1,) * tail)}) if k or tail else mask
     if accumulate:
         values = ctx.emit(Op.ADD, [x, values])
