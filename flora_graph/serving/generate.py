@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from flora_graph.serving.beam import NO_RULES, Rules, process_scores
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.shared_cache import SharedCache
 
@@ -57,7 +58,14 @@ class RowSettings:
     ``min_new_tokens`` tokens are out, the row's stop tokens cannot be chosen (as transformers'
     ``min_new_tokens`` and ONNX Runtime GenAI's ``min_length`` keep the end-of-text token out).
     ``repetition_penalty`` (1: none) divides the positive logits, and multiplies the negative ones, of
-    every token already in the row, its prompt included, as transformers and ONNX Runtime GenAI do."""
+    every token already in the row, its prompt included, as transformers and ONNX Runtime GenAI do;
+    ``no_repeat_ngram_size`` (0: none) keeps out every token that would repeat an n-gram of the row.
+
+    ``num_beams`` above 1 is beam search (:class:`~flora_graph.serving.beam.BeamSearch`, greedy only), with
+    transformers' ``length_penalty`` (a finished hypothesis scores its summed log-probabilities over its
+    length to this power) and ``early_stopping`` (``True``: an input stops at ``num_beams`` finished
+    hypotheses; ``False``: when no running one can beat them at its current length; ``"never"``: at the
+    length that could)."""
 
     max_new_tokens: int = 32
     min_new_tokens: int = 0
@@ -68,6 +76,10 @@ class RowSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_tokens: frozenset[int] = frozenset()
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def check(self) -> None:
         """Raise :class:`GenerationError` naming the setting that is out of range."""
@@ -85,6 +97,18 @@ class RowSettings:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k!r}")
         if not 0 < self.repetition_penalty < float("inf"):
             raise GenerationError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
+        for name in ("no_repeat_ngram_size", "num_beams"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "num_beams" else 0):
+                raise GenerationError(f"{name} must be an int >= {1 if name == 'num_beams' else 0}, got {v!r}")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, int | float) \
+                or not np.isfinite(self.length_penalty):
+            raise GenerationError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise GenerationError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise GenerationError(f"num_beams={self.num_beams} with do_sample: beam search here is greedy; "
+                                  "set num_beams=1 to sample")
 
 
 @dataclass
@@ -474,6 +498,9 @@ class Batch:
         except TypeError as exc:
             raise GenerationError(f"unknown generation setting: {exc}") from None
         rs.check()
+        if rs.num_beams > 1:
+            raise GenerationError(f"num_beams={rs.num_beams}: a Batch steps each row on its own; beam search runs "
+                                  "through Generator.generate")
         ids = [int(t) for t in prompt]
         if not ids:
             raise GenerationError("prompt is empty")
@@ -523,6 +550,7 @@ class Batch:
             adapters = [r.adapter for r in rows]
             self._plan = (adapters, gen._model_for(adapters),
                           not any(r.settings.do_sample or r.settings.repetition_penalty != 1
+                                  or r.settings.no_repeat_ngram_size
                                   or (r.settings.min_new_tokens and r.settings.stop_tokens) for r in rows))
         adapters, kind, greedy = self._plan
         try:  # an adapter is looked up before anything is written: a refusal leaves the batch as it was
@@ -685,20 +713,12 @@ class Batch:
             self.cache = [c if state else c[:, :, first:] for c, state in zip(self.cache, self.gen._is_state, strict=True)]
 
 
-def pick_token(row: Row, logits: np.ndarray) -> int:
-    """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings; no stop
-    token before ``min_new_tokens``."""
+def pick_token(row: Row, logits: np.ndarray, rules: Rules = NO_RULES) -> int:
+    """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings, after its settings'
+    and the package's ``rules`` (:func:`~flora_graph.serving.beam.process_scores`: no stop token before
+    ``min_new_tokens``, the repetition penalty, forced and suppressed tokens)."""
     s = row.settings
-    if s.repetition_penalty != 1:
-        seen = np.unique(np.asarray(row.tokens))
-        seen = seen[(seen >= 0) & (seen < logits.size)]
-        logits = logits.copy()
-        got = logits[seen]
-        logits[seen] = np.where(got < 0, got * s.repetition_penalty, got / s.repetition_penalty)
-    if s.stop_tokens and len(row.tokens) - row.prompt_len < s.min_new_tokens:
-        held = [t for t in s.stop_tokens if 0 <= t < logits.size]
-        logits = logits.copy()
-        logits[held] = -np.inf
+    logits = process_scores(logits, row.tokens, row.prompt_len, s, s.stop_tokens, rules)
     if not s.do_sample:
         return int(logits.argmax())
     tokens, p = sampling_distribution(logits, s.temperature, s.top_k, s.top_p)

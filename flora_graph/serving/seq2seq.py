@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from flora_graph.errors import AdapterError, FloraGraphError
+from flora_graph.serving.beam import BeamSearch, Rules, beam_defaults
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.generate import GenerationError, Row, RowSettings, pick_token, take_token
 from flora_graph.serving.mixed import MixedAdapterSession
@@ -99,6 +100,7 @@ def package_config(model: Any, layout: Any) -> dict[str, Any]:
     """The ``seq2seq_config.json`` document of a package of ``model`` (its config and generation config; the
     generation config's values first, as transformers' ``generate`` reads them) with cache ``layout``."""
     from flora_graph.frontend.seq2seq_lm import vocab_size
+    from flora_graph.serving.beam import BEAM_DEFAULTS
     from flora_graph.serving.genai import SEARCH_DEFAULTS, search_defaults
 
     cfg, gen = model.config, getattr(model, "generation_config", None)
@@ -143,6 +145,8 @@ def package_config(model: Any, layout: Any) -> dict[str, Any]:
         "max_target_positions": limit("max_target_positions", "max_position_embeddings"),
         "search": {
             **search_defaults({k: getattr(gen, k, None) for k in SEARCH_DEFAULTS}),
+            **beam_defaults({k: getattr(gen, k, None) for k in BEAM_DEFAULTS}),
+            "min_length": int(getattr(gen, "min_length", None) or 0),
             "forced_bos_token_id": one("forced_bos_token_id"),
             "forced_eos_token_id": one("forced_eos_token_id"),
             "suppress_tokens": sorted(set(_token_ids(first("suppress_tokens") or [], vocab) + _token_ids(bad, vocab))),
@@ -276,7 +280,8 @@ class _BaseOnly:
 
 
 class Seq2SeqGenerator:
-    """Greedy and sampled generation from an encoder-decoder package (:func:`export_seq2seq`) on plain ONNX Runtime.
+    """Greedy, sampled and beam search generation from an encoder-decoder package (:func:`export_seq2seq`) on plain
+    ONNX Runtime, with its model's generation config (:attr:`defaults`, :attr:`rules`) unless a call sets otherwise.
 
     Args:
         package: the folder :func:`export_seq2seq` wrote; its adapters are loaded.
@@ -285,7 +290,9 @@ class Seq2SeqGenerator:
 
     Attributes:
         defaults: the package's search settings (its model's generation config), the :class:`RowSettings` of a
-            call that does not set them.
+            call that does not set them (``num_beams`` above 1: beam search, as ``generate`` does by default).
+        rules: the package's fixed score rules (:class:`~flora_graph.serving.beam.Rules`: forced first and last
+            tokens, suppressed tokens, ``min_length``).
         eos: the package's end-of-text ids, a row's stop tokens unless it sets others.
         start: the decoder's start token, every row's first decoder token unless a call gives a decoder prompt.
 
@@ -311,10 +318,12 @@ class Seq2SeqGenerator:
             self.max_source = doc.get("max_source_positions")
             self.max_target = doc.get("max_target_positions")
             search = doc["search"]
-            self.defaults = search_defaults(search)
-            self._forced_bos, self._forced_eos = search.get("forced_bos_token_id"), search.get("forced_eos_token_id")
-            self._suppress = np.asarray(search.get("suppress_tokens") or [], np.int64)
-            self._begin_suppress = np.asarray(search.get("begin_suppress_tokens") or [], np.int64)
+            self.defaults = {**search_defaults(search), **beam_defaults(search)}
+            forced = [None if search.get(k) is None else int(search[k]) for k in ("forced_bos_token_id",
+                                                                                  "forced_eos_token_id")]
+            self.rules = Rules(suppress=np.asarray(search.get("suppress_tokens") or [], np.int64),
+                               begin_suppress=np.asarray(search.get("begin_suppress_tokens") or [], np.int64),
+                               forced_bos=forced[0], forced_eos=forced[1], min_length=int(search.get("min_length") or 0))
             files = {part: self.package / str(doc[part]) for part in PARTS}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ServingError(f"{path}: not an encoder-decoder package config ({type(exc).__name__}: {exc})") from None
@@ -442,7 +451,8 @@ class Seq2SeqGenerator:
         task tokens go here). ``settings`` are :class:`RowSettings` fields; those not given are the package's
         (:attr:`defaults`; stop tokens: its end-of-text ids). A seeded row (``seed``: row ``i`` draws from
         ``seed + i``) draws the same tokens whatever else is in the batch. ``on_token(row, token)`` streams each
-        token as it is chosen. Raises :class:`GenerationError` for bad inputs or settings,
+        token as it is chosen (with ``num_beams`` above 1, beam search, each input's tokens once its search has
+        stopped). Raises :class:`GenerationError` for bad inputs or settings,
         :class:`UnknownAdapterError` for an adapter the package does not serve, before anything runs.
         """
         stops = settings.pop("stop_tokens", None)
@@ -460,28 +470,21 @@ class Seq2SeqGenerator:
             raise GenerationError(f"decoder prompt of {len(prompt)} tokens + max_new_tokens {rs.max_new_tokens} is past "
                                   f"the decoder's {self.max_target} positions")
         cross, mask = self.encode(inputs, adapters)
+        if rs.num_beams > 1:
+            return self._beam_search(cross, mask, self._row_adapters(adapters, cross[0].shape[0]), prompt, rs, on_token)
         batch = cross[0].shape[0]
         names = self._row_adapters(adapters, batch)
         rows = [Row(i, names[i], rs, list(prompt), len(prompt),
                     np.random.default_rng(None if seed is None else seed + i)) for i in range(batch)]
         live = list(range(batch))
-        empty = np.zeros((batch, self.layout.heads, 0, self.layout.head_dim), np.float32)
-        own = [empty] * (2 * self.layout.layers)
+        own = self._empty_cache(batch)
         ids = np.asarray([prompt] * batch, np.int64)
         while live:
-            feeds: dict[str, np.ndarray] = {"input_ids": ids}
-            if mask is not None:
-                feeds["encoder_attention_mask"] = mask
-            for i in range(self.layout.layers):
-                feeds[self._past[4 * i]], feeds[self._past[4 * i + 1]] = own[2 * i], own[2 * i + 1]
-                feeds[self._past[4 * i + 2]], feeds[self._past[4 * i + 3]] = cross[2 * i], cross[2 * i + 1]
-            out = self._run("decoder", feeds, [rows[r].adapter for r in live])
+            out = self._run("decoder", self._decoder_feeds(ids, own, cross, mask), [rows[r].adapter for r in live])
             logits = out["logits"][:, -1]
             own = [out[n] for n in self._present]
             for j, r in enumerate(live):
-                forced = self._forced(rows[r])
-                tok = take_token(rows[r], pick_token(rows[r], self._suppressed(rows[r], logits[j]))
-                                 if forced is None else forced)
+                tok = take_token(rows[r], pick_token(rows[r], logits[j], self.rules))
                 if on_token is not None:
                     on_token(r, tok)
             keep = [j for j, r in enumerate(live) if not rows[r].done]
@@ -493,23 +496,48 @@ class Seq2SeqGenerator:
             ids = np.asarray([[rows[r].next_token] for r in live], np.int64).reshape(len(live), 1)
         return [r.generated for r in rows]
 
-    def _forced(self, row: Row) -> int | None:
-        """The token the model's generation config forces as the row's next one: its first token
-        (``forced_bos_token_id``), its last at ``max_new_tokens`` (``forced_eos_token_id``, which wins over
-        ``min_new_tokens``, as in transformers), else ``None``."""
-        n = len(row.tokens) - row.prompt_len
-        if self._forced_eos is not None and n == row.settings.max_new_tokens - 1:
-            return int(self._forced_eos)
-        return int(self._forced_bos) if n == 0 and self._forced_bos is not None else None
+    def _empty_cache(self, rows: int) -> list[np.ndarray]:
+        """The decoder's self-attention caches of ``rows`` rows before the first step (no positions)."""
+        return [np.zeros((rows, self.layout.heads, 0, self.layout.head_dim), np.float32)] * (2 * self.layout.layers)
 
-    def _suppressed(self, row: Row, logits: np.ndarray) -> np.ndarray:
-        """``logits`` without the tokens the model's generation config keeps out: ``suppress_tokens`` (and single-token
-        ``bad_words_ids``) always, ``begin_suppress_tokens`` at the first step."""
-        first = len(row.tokens) == row.prompt_len
-        if not self._suppress.size and not (first and self._begin_suppress.size):
-            return logits
-        logits = logits.copy()
-        logits[self._suppress] = -np.inf
-        if first:
-            logits[self._begin_suppress] = -np.inf
-        return logits
+    def _decoder_feeds(self, ids: np.ndarray, own: list[np.ndarray], cross: list[np.ndarray],
+                       mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        """One decoder call's inputs: ``ids`` ``[rows, n]`` after the self-attention caches ``own``, attending to
+        the encoder's ``cross`` keys and values (and ``mask``, a text encoder's)."""
+        feeds: dict[str, np.ndarray] = {"input_ids": ids}
+        if mask is not None:
+            feeds["encoder_attention_mask"] = mask
+        for i in range(self.layout.layers):
+            feeds[self._past[4 * i]], feeds[self._past[4 * i + 1]] = own[2 * i], own[2 * i + 1]
+            feeds[self._past[4 * i + 2]], feeds[self._past[4 * i + 3]] = cross[2 * i], cross[2 * i + 1]
+        return feeds
+
+    def _beam_search(self, cross: list[np.ndarray], mask: np.ndarray | None, names: list[str | None], prompt: list[int],
+                     rs: RowSettings, on_token: Callable[[int, int], None] | None) -> list[list[int]]:
+        """:meth:`generate` with ``rs.num_beams`` hypotheses per input (:class:`~flora_graph.serving.beam.BeamSearch`):
+        each input's rows run together, the inputs in one call per step, an input leaving the batch when its search
+        stops; ``on_token`` gets each input's tokens once its search has chosen them."""
+        k, batch = rs.num_beams, cross[0].shape[0]
+        search = BeamSearch([prompt] * batch, k, rs, rs.stop_tokens, self.rules)
+        cross = [np.repeat(a, k, axis=0) for a in cross]  # the beams of an input attend to the same encoding
+        mask = None if mask is None else np.repeat(mask, k, axis=0)
+        own = self._empty_cache(batch * k)
+        ids = np.asarray([prompt] * (batch * k), np.int64)
+        while True:
+            ran = search.live
+            out = self._run("decoder", self._decoder_feeds(ids, own, cross, mask), [names[i] for i in ran for _ in range(k)])
+            search.step(out["logits"][:, -1])
+            if search.done:
+                break
+            own = [out[n][search.reorder] for n in self._present]
+            if len(search.live) < len(ran):  # inputs whose search stopped leave the batch
+                rows = [j * k + b for j, i in enumerate(ran) if i in search.live for b in range(k)]
+                cross = [a[rows] for a in cross]
+                mask = None if mask is None else mask[rows]
+            ids = search.tokens.reshape(-1, 1)
+        results = [list(r or []) for r in search.result]
+        if on_token is not None:
+            for i, tokens in enumerate(results):
+                for tok in tokens:
+                    on_token(i, tok)
+        return results

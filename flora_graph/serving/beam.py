@@ -1,0 +1,246 @@
+"""Beam search and the score rules of a generation config, on numpy, as transformers' ``generate`` applies them.
+
+:func:`process_scores` is the one place where a row's next-token scores are changed before a token is chosen,
+greedy, sampled or by beam search: the repetition penalty, ``no_repeat_ngram_size``, the minimum length (no stop
+token before it), the forced first and last tokens and the suppressed tokens of a package's generation config
+(:class:`Rules`), in the order of transformers' logits processors. Greedy and sampled steps apply them to the
+logits, beam search to the log-probabilities, as transformers does.
+
+:class:`BeamSearch` keeps ``num_beams`` hypotheses per input and picks, at every step, the best ``num_beams``
+continuations of all of them, with the length penalty and stopping rules of transformers' vectorized beam search
+(``length_penalty``, ``early_stopping`` ``True`` / ``False`` / ``"never"``): a generator feeds it each step's logits,
+reorders its key/value cache rows by :attr:`BeamSearch.reorder` and feeds :attr:`BeamSearch.tokens`. Scores are
+float32 throughout, as in transformers, so the same logits give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["BEAM_DEFAULTS", "NO_RULES", "BeamSearch", "Rules", "banned_ngram_tokens", "beam_defaults", "log_softmax",
+           "process_scores"]
+
+_PENALTY = np.float32(-1.0e9)
+"""What transformers adds to a score that must not be chosen (a finished or stopped hypothesis)."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A package's fixed score rules (its generation config's): ``suppress`` tokens are never chosen,
+    ``begin_suppress`` not as the first new token; ``forced_bos`` is the first token after a one-token decoder
+    prompt, ``forced_eos`` the token at ``max_new_tokens``; no stop token while a row holds fewer than
+    ``min_length`` tokens, its prompt included (transformers' ``min_length``)."""
+
+    suppress: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    begin_suppress: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    forced_bos: int | None = None
+    forced_eos: int | None = None
+    min_length: int = 0
+
+
+NO_RULES = Rules()
+
+BEAM_DEFAULTS: dict[str, bool | float | int | str] = {"num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
+                                                     "no_repeat_ngram_size": 0}
+"""The beam search settings a package carries from its model's generation config (with transformers' defaults)."""
+
+
+def beam_defaults(given) -> dict[str, bool | float | int | str]:
+    """:data:`BEAM_DEFAULTS` as ``given`` (a generation config's values, a package's ``search`` section) sets them;
+    values missing or out of range keep the default."""
+    out = dict(BEAM_DEFAULTS)
+    for key in ("num_beams", "no_repeat_ngram_size"):
+        v = given.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= (1 if key == "num_beams" else 0):
+            out[key] = v
+    v = given.get("length_penalty")
+    if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v):
+        out["length_penalty"] = float(v)
+    if given.get("early_stopping") in (True, False, "never"):
+        out["early_stopping"] = given["early_stopping"]
+    return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """``log(softmax(logits))`` over the last axis, in float32."""
+    x = np.asarray(logits, np.float32)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def banned_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
+    """The tokens that would repeat an ``n``-gram of ``tokens``: those that followed an earlier occurrence of its
+    last ``n - 1`` tokens (none while it holds fewer than ``n - 1``), as transformers' ``no_repeat_ngram_size``."""
+    if n <= 0 or len(tokens) + 1 < n:
+        return []
+    if n == 1:
+        return sorted(set(tokens))
+    tail = tuple(tokens[len(tokens) - n + 1:])
+    return sorted({tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == tail})
+
+
+def process_scores(scores: np.ndarray, tokens: Sequence[int], prompt_len: int, settings, stop: Collection[int],
+                   rules: Rules = NO_RULES) -> np.ndarray:
+    """One row's next-token ``scores`` ``[vocab]`` (logits, or log-probabilities for beam search) after the row's
+    ``settings`` (a :class:`~flora_graph.serving.generate.RowSettings`: ``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``min_new_tokens``, ``max_new_tokens``) and the package's ``rules``, for a row that
+    holds ``tokens`` (its prompt, ``prompt_len`` of them, then what it generated) and stops on ``stop``. A copy
+    where anything changes; ``scores`` itself otherwise."""
+    vocab = scores.size
+    n = len(tokens)
+    new = n - prompt_len
+    out = scores
+
+    def writable() -> np.ndarray:
+        nonlocal out
+        if out is scores:
+            out = scores.copy()
+        return out
+
+    if settings.repetition_penalty != 1:
+        seen = np.unique(np.asarray(tokens, np.int64))
+        seen = seen[(seen >= 0) & (seen < vocab)]
+        got = writable()[seen]
+        out[seen] = np.where(got < 0, got * settings.repetition_penalty, got / settings.repetition_penalty)
+    if getattr(settings, "no_repeat_ngram_size", 0):
+        banned = banned_ngram_tokens(tokens, settings.no_repeat_ngram_size)
+        if banned:
+            writable()[banned] = -np.inf
+    if stop and (n < rules.min_length or new < settings.min_new_tokens):
+        held = [t for t in stop if 0 <= t < vocab]
+        writable()[held] = -np.inf
+    forced = None
+    if rules.forced_bos is not None and n == 1:
+        forced = rules.forced_bos
+    if rules.forced_eos is not None and new == settings.max_new_tokens - 1:
+        forced = rules.forced_eos
+    if forced is not None:
+        writable()[:] = -np.inf
+        out[forced] = 0
+    if rules.suppress.size:
+        writable()[rules.suppress] = -np.inf
+    if rules.begin_suppress.size and new == 0:
+        writable()[rules.begin_suppress] = -np.inf
+    return out
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``scores`` ``[rows, n]``, the indices of the ``k`` highest, highest first (ties: lowest index)."""
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+class BeamSearch:
+    """Beam search over ``inputs`` inputs that share one prompt length, ``num_beams`` hypotheses each.
+
+    Args:
+        prompts: each input's prompt (its decoder prompt, for an encoder-decoder), all of one length.
+        num_beams: hypotheses per input.
+        settings: the :class:`~flora_graph.serving.generate.RowSettings` of every input (``max_new_tokens``,
+            ``length_penalty``, ``early_stopping``, the score rules of :func:`process_scores`).
+        stop: the stop tokens (a hypothesis that chooses one is finished).
+        rules: the package's :class:`Rules`.
+
+    Every live input has ``num_beams`` rows, in input order (:attr:`live`). After :meth:`step` a generator
+    keeps rows :attr:`reorder` of its caches (indices into the rows it just ran), drops those of inputs no
+    longer live, and feeds :attr:`tokens`. :attr:`result` is each input's best finished hypothesis (its new
+    tokens, the stop token included) once :attr:`done`.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], num_beams: int, settings, stop: Collection[int],
+                 rules: Rules = NO_RULES) -> None:
+        self.k = k = int(num_beams)
+        self.settings, self.stop, self.rules = settings, frozenset(stop), rules
+        self.prompt_len = plen = len(prompts[0])
+        self.max_len = plen + settings.max_new_tokens
+        b = len(prompts)
+        self.seqs = np.zeros((b, k, self.max_len), np.int64)
+        self.seqs[:, :, :plen] = np.asarray(prompts, np.int64)[:, None, :]
+        self.scores = np.full((b, k), _PENALTY, np.float32)  # the running hypotheses' summed log-probabilities
+        self.scores[:, 0] = 0
+        self.best = np.zeros((b, k, self.max_len), np.int64)  # finished hypotheses, best first
+        self.best_scores = np.full((b, k), _PENALTY, np.float32)
+        self.best_lens = np.zeros((b, k), np.int64)
+        self.finished = np.zeros((b, k), bool)
+        self.improvable = np.ones(b, bool)
+        self.cur = plen
+        self.live = list(range(b))
+        self.reorder = np.arange(b * k)
+        self.tokens = np.asarray(prompts, np.int64)[:, -1].repeat(k)
+        self._n_stop = len(self.stop)
+        self.result: list[list[int] | None] = [None] * b
+
+    @property
+    def done(self) -> bool:
+        """Whether every input has its result."""
+        return not self.live
+
+    def step(self, logits: np.ndarray) -> None:
+        """Choose the next tokens from ``logits`` ``[live inputs * num_beams, vocab]`` (the last position of the
+        rows as last fed); updates :attr:`reorder`, :attr:`tokens`, :attr:`live` and :attr:`result`."""
+        k, s, live = self.k, self.settings, np.asarray(self.live)
+        b, vocab = len(live), logits.shape[-1]
+        cur = self.cur
+        logp = log_softmax(logits)
+        seqs = self.seqs[live]
+        for row in range(b * k):
+            toks = seqs[row // k, row % k, :cur].tolist()
+            logp[row] = process_scores(logp[row], toks, self.prompt_len, s, self.stop, self.rules)
+        total = (logp.reshape(b, k, vocab) + self.scores[live][:, :, None]).reshape(b, k * vocab)
+        keep = max(2, 1 + self._n_stop) * k
+        top = _top(total, keep)
+        cand_scores = np.take_along_axis(total, top, axis=1)
+        cand_beam, cand_tok = top // vocab, top % vocab
+        cand_seqs = np.take_along_axis(seqs, cand_beam[:, :, None], axis=1)
+        cand_seqs[:, :, cur] = cand_tok
+        hits = np.isin(cand_tok, list(self.stop)) | (cur + 1 >= self.max_len)
+        # the best num_beams candidates that go on
+        running = cand_scores + hits.astype(np.float32) * _PENALTY
+        go = _top(running, k)
+        self.seqs[live] = np.take_along_axis(cand_seqs, go[:, :, None], axis=1)
+        self.scores[live] = np.take_along_axis(running, go, axis=1)
+        beam = np.take_along_axis(cand_beam, go, axis=1)
+        # the finished ones among the first num_beams candidates, if they beat what is finished already
+        just = hits & (np.arange(keep) < k)[None, :]
+        final = cand_scores / np.float32((cur + 1 - self.prompt_len) ** s.length_penalty)
+        full = self.finished[live].all(axis=1) & (s.early_stopping is True)
+        final = final + full[:, None].astype(np.float32) * _PENALTY
+        final = final + (~self.improvable[live])[:, None].astype(np.float32) * _PENALTY
+        final = final + (~just).astype(np.float32) * _PENALTY
+        merged_scores = np.concatenate([self.best_scores[live], final], axis=1)
+        merged_seqs = np.concatenate([self.best[live], cand_seqs], axis=1)
+        merged_lens = np.concatenate([self.best_lens[live], np.full((b, keep), cur + 1, np.int64)], axis=1)
+        merged_fin = np.concatenate([self.finished[live], just], axis=1)
+        pick = _top(merged_scores, k)
+        self.best[live] = np.take_along_axis(merged_seqs, pick[:, :, None], axis=1)
+        self.best_scores[live] = np.take_along_axis(merged_scores, pick, axis=1)
+        self.best_lens[live] = np.take_along_axis(merged_lens, pick, axis=1)
+        self.finished[live] = np.take_along_axis(merged_fin, pick, axis=1)
+        self.cur = cur = cur + 1
+        # can a running hypothesis still beat the worst finished one?
+        if s.early_stopping == "never" and s.length_penalty > 0:
+            length = self.max_len - self.prompt_len
+        else:
+            length = cur - self.prompt_len
+        best_running = self.scores[live][:, :1] / np.float32(length ** s.length_penalty)
+        fin = self.finished[live]
+        worst = np.where(fin, self.best_scores[live].min(axis=1, keepdims=True), _PENALTY)
+        self.improvable[live] &= (best_running > worst).any(axis=1)
+        stopped = ~self.improvable[live] | (fin.all(axis=1) & (s.early_stopping is True))
+        if cur >= self.max_len or hits.all():  # no input can go on
+            stopped[:] = True
+        for j in np.flatnonzero(stopped):
+            i = int(live[j])
+            self.result[i] = self.best[i, 0, self.prompt_len:self.best_lens[i, 0]].tolist()
+        on = ~stopped
+        self.reorder = ((np.arange(b)[:, None] * k + beam)[on]).reshape(-1)
+        self.tokens = self.seqs[live[on], :, cur - 1].reshape(-1)
+        self.live = [int(i) for i in live[on]]

@@ -1,0 +1,197 @@
+"""Beam search and the generation config's score rules against transformers: its logits processors on the same
+scores, and eager transformers + PEFT ``generate(num_beams=...)`` on the encoder-decoder packages."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flora_graph.serving.beam import Rules, banned_ngram_tokens, log_softmax, process_scores
+from flora_graph.serving.generate import GenerationError, RowSettings
+from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG, Seq2SeqGenerator
+from tests.serving.seq2seq_package import PROMPTS, _cut, eager_model
+
+transformers = pytest.importorskip("transformers")
+
+SEARCHES = {  # each a different path through the search: the default stop rule, early stopping, "never", min length
+    "beams4": dict(num_beams=4),
+    "early": dict(num_beams=3, length_penalty=2.0, early_stopping=True),
+    "never-ngram": dict(num_beams=4, length_penalty=0.5, early_stopping="never", no_repeat_ngram_size=2),
+    "short-penalty": dict(num_beams=2, length_penalty=-1.0, repetition_penalty=1.3),
+}
+
+
+def _eager(root: Path, kind: str, adapter: str | None, prompts: list[list[int]], pad: int, eos: set[int],
+           **kwargs) -> list[list[int]]:
+    """Eager transformers (+ PEFT) ``generate`` on the right-padded ``prompts``, each row cut after its first
+    end-of-text token."""
+    model = eager_model(root, kind, adapter)
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros(len(prompts), width, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
+    return [_cut(row[1:], eos) for row in out.tolist()]
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
+@pytest.mark.parametrize("search", list(SEARCHES))
+@pytest.mark.parametrize("adapter", [None, "all"])
+def test_beam_search_equals_eager_generate(seq2seq_packages: dict[str, Path], kind: str, search: str,
+                                           adapter: str | None) -> None:
+    """A padded batch of three inputs, 24 new tokens at most: the tokens of eager transformers + PEFT
+    ``generate`` with the same beam settings (BART's forced first and last tokens and Marian's banned pad token
+    included), inputs leaving the batch as their searches stop."""
+    root = seq2seq_packages[kind]
+    gen = Seq2SeqGenerator(root / "pkg")
+    kw = SEARCHES[search]
+    ours = gen.generate(PROMPTS, adapters=adapter, max_new_tokens=24, **kw)
+    assert ours == _eager(root, kind, adapter, PROMPTS, gen.pad, set(gen.eos), max_new_tokens=24, **kw)
+    if search == "beams4":  # the search finds other tokens than greedy decoding
+        assert ours != gen.generate(PROMPTS, adapters=adapter, max_new_tokens=24)
+
+
+def test_beam_search_stops_inputs_at_different_steps(seq2seq_packages: dict[str, Path]) -> None:
+    """T5's inputs finish at different lengths (their best hypotheses end with the end-of-text token), as eager's."""
+    root = seq2seq_packages["t5"]
+    gen = Seq2SeqGenerator(root / "pkg")
+    kw = SEARCHES["never-ngram"]
+    ours = gen.generate(PROMPTS, adapters="all", max_new_tokens=24, **kw)
+    assert len({len(r) for r in ours}) == 3 and sum(r[-1] in gen.eos for r in ours) == 2
+    assert ours == _eager(root, "t5", "all", PROMPTS, gen.pad, set(gen.eos), max_new_tokens=24, **kw)
+
+
+def test_whisper_beam_search_equals_eager_generate(seq2seq_packages: dict[str, Path]) -> None:
+    root = seq2seq_packages["whisper"]
+    gen = Seq2SeqGenerator(root / "pkg")
+    feats = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
+    ours = gen.generate(feats.numpy(), adapters="all", max_new_tokens=16, num_beams=3)
+    model = eager_model(root, "whisper", "all")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model.generate(input_features=feats, max_new_tokens=16, do_sample=False, num_beams=3)
+    assert ours == [_cut(row, set(gen.eos)) for row in ref.tolist()]
+
+
+@pytest.mark.parametrize("kind", ["bart", "whisper"])
+def test_beam_search_rows_with_different_adapters_search_as_each_alone(seq2seq_packages: dict[str, Path],
+                                                                        kind: str) -> None:
+    """Inputs with different adapters (or none) in one beam search: the mixed-adapter models run every input's
+    beams with its adapter, each input's tokens those of a search of its own."""
+    root = seq2seq_packages[kind]
+    gen = Seq2SeqGenerator(root / "pkg")
+    names = ["all", None, "some"]
+    if kind == "whisper":
+        inputs = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(3)).numpy()
+    else:
+        inputs = PROMPTS
+    mixed = gen.generate(inputs, adapters=names, max_new_tokens=16, num_beams=3)
+    assert gen._mixed["decoder"] is not None
+    for i, name in enumerate(names):
+        assert mixed[i] == gen.generate(inputs[i:i + 1], adapters=name, max_new_tokens=16, num_beams=3)[0]
+
+
+def test_a_package_searches_as_its_generation_config_says(tmp_path: Path) -> None:
+    """A BART whose generation config asks for beams, a length penalty, early stopping, no repeated trigram and a
+    minimum length (as bart-large-cnn's does): the package carries them, and its ``generate()`` with no settings
+    gives eager ``generate()``'s tokens with none."""
+    from flora_graph.cli import main
+    from tests.serving.seq2seq_package import make_folders
+
+    root = make_folders(tmp_path, "bart")
+    base = transformers.BartForConditionalGeneration.from_pretrained(root / "base")
+    base.generation_config.update(num_beams=4, length_penalty=2.0, early_stopping=True, no_repeat_ngram_size=3,
+                                  min_length=12, max_length=20, forced_bos_token_id=0)
+    base.save_pretrained(root / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", str(root / "base"), "--task", "text2text-generation-with-past", "--out",
+                     str(root / "pkg"), "--adapter", f"all={root / 'all'}"]) == 0
+    search = json.loads((root / "pkg" / SEQ2SEQ_CONFIG).read_text())["search"]
+    assert {k: search[k] for k in ("num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size",
+                                   "min_length")} == dict(num_beams=4, length_penalty=2.0, early_stopping=True,
+                                                          no_repeat_ngram_size=3, min_length=12)
+    gen = Seq2SeqGenerator(root / "pkg")
+    assert gen.defaults["num_beams"] == 4 and gen.rules.min_length == 12
+    import peft
+
+    for adapter in (None, "all"):
+        model = transformers.BartForConditionalGeneration.from_pretrained(root / "base").eval()
+        if adapter:
+            model = peft.PeftModel.from_pretrained(model, root / adapter).eval()
+        ids = torch.tensor([PROMPTS[0]])
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = model.generate(input_ids=ids, max_new_tokens=19).tolist()[0][1:]
+        got = gen.generate([PROMPTS[0]], adapters=adapter, max_new_tokens=19)[0]
+        assert got == _cut(want, set(gen.eos))
+        assert len(got) >= 11  # min_length counts the decoder start token
+
+
+def _settings(**kw) -> RowSettings:
+    return RowSettings(**{"max_new_tokens": 8, "stop_tokens": frozenset({2}), **kw})
+
+
+def test_score_rules_equal_transformers_processors() -> None:
+    """:func:`process_scores` against transformers' own logits processors on the same scores and sequences: the
+    repetition penalty, no repeated n-grams, the minimum length, forced first and last tokens, suppressed tokens."""
+    from transformers.generation import logits_process as lp
+
+    rng = np.random.default_rng(0)
+    vocab = 30
+    seq = [0, 5, 6, 7, 5, 6, 9, 5]
+    scores = rng.standard_normal(vocab).astype(np.float32)
+
+    def theirs(*procs) -> np.ndarray:
+        out = torch.tensor(scores)[None]
+        ids = torch.tensor([seq])
+        for p in procs:
+            out = p(ids, out)
+        return out[0].numpy()
+
+    s = _settings(repetition_penalty=1.5, no_repeat_ngram_size=3)
+    want = theirs(lp.RepetitionPenaltyLogitsProcessor(1.5), lp.NoRepeatNGramLogitsProcessor(3))
+    np.testing.assert_array_equal(process_scores(scores, seq, 1, s, {2}), want)
+    for n in (1, 2, 3, 9, 10):
+        want = theirs(lp.NoRepeatNGramLogitsProcessor(n))
+        assert banned_ngram_tokens(seq, n) == np.flatnonzero(np.isinf(want)).tolist()
+    rules = Rules(min_length=9, suppress=np.array([3, 4]))
+    want = theirs(lp.MinLengthLogitsProcessor(9, [2, 11]), lp.SuppressTokensLogitsProcessor([3, 4]))
+    np.testing.assert_array_equal(process_scores(scores, seq, 1, _settings(), {2, 11}, rules), want)
+    # the last of max_new_tokens: 7 new tokens after a 1-token prompt, 8 at most (transformers: max_length 9)
+    want = theirs(lp.ForcedEOSTokenLogitsProcessor(9, 2))
+    got = process_scores(scores, seq, 1, _settings(max_new_tokens=8), {2}, Rules(forced_eos=2))
+    np.testing.assert_array_equal(got, want)
+    want = theirs(lp.ForcedBOSTokenLogitsProcessor(7))
+    assert np.array_equal(want, scores)  # not the first step: nothing forced
+    got = process_scores(scores, [0], 1, _settings(), {2}, Rules(forced_bos=7))
+    assert got.argmax() == 7 and np.isinf(np.delete(got, 7)).all()
+    untouched = process_scores(scores, seq, 1, _settings(), {2})
+    assert untouched is scores  # nothing to change: no copy
+
+
+def test_log_softmax_equals_torch() -> None:
+    x = np.random.default_rng(1).standard_normal((3, 50)).astype(np.float32) * 8
+    np.testing.assert_allclose(log_softmax(x), torch.log_softmax(torch.tensor(x), -1).numpy(), rtol=0, atol=2e-6)
+
+
+def test_bad_beam_settings_are_refused_naming_them(seq2seq_packages: dict[str, Path]) -> None:
+    gen = Seq2SeqGenerator(seq2seq_packages["bart"] / "pkg")
+    for kw, msg in [(dict(num_beams=0), "num_beams must be an int >= 1"),
+                    (dict(num_beams=2.5), "num_beams must be an int"),
+                    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an int >= 0"),
+                    (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+                    (dict(early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
+                    (dict(num_beams=2, do_sample=True), "beam search here is greedy")]:
+        with pytest.raises(GenerationError, match=msg):
+            gen.generate(PROMPTS, **kw)
+    assert len(gen.generate(PROMPTS[:1], num_beams=2, max_new_tokens=3)[0]) == 3  # still serving
+
