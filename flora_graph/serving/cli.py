@@ -238,7 +238,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["do_sample"] = args.temperature > 0
         if args.temperature > 0:
             settings["temperature"] = args.temperature
-    settings.update({k: getattr(args, k) for k in ("top_k", "top_p", "repetition_penalty") if getattr(args, k) is not None})
+    settings.update({k: getattr(args, k) for k in ("top_k", "top_p", "repetition_penalty", "num_beams", "length_penalty",
+                                                   "no_repeat_ngram_size") if getattr(args, k) is not None})
+    if args.early_stopping is not None:
+        settings["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
+    if args.temperature is not None and args.temperature > 0 and args.num_beams is None:
+        settings["num_beams"] = 1  # sampling asked for: one hypothesis a row, whatever the package's search says
     if args.ignore_eos:
         settings["stop_tokens"] = []
     return settings
@@ -323,6 +328,16 @@ def add_cli(subparsers: Any) -> None:
     g.add_argument("--repetition-penalty", type=float_in(0, low_open=True),
                    help="divide the positive logits (multiply the negative ones) of tokens already in the row, "
                         "1: none (default: the package's)")
+    g.add_argument("--num-beams", type=int_at_least(1), help="beam search with this many hypotheses per prompt, 1: "
+                                                            "none (default: the package's, from its generation config)")
+    g.add_argument("--length-penalty", type=float_in(-float("inf"), low_open=True),
+                   help="beam search: a finished hypothesis scores its summed log-probabilities over its length to "
+                        "this power (default: the package's)")
+    g.add_argument("--early-stopping", choices=("true", "false", "never"),
+                   help="beam search: stop a prompt at --num-beams finished hypotheses (true), when no running one can "
+                        "beat them (false), or only when none could at any length (never) (default: the package's)")
+    g.add_argument("--no-repeat-ngram-size", type=int_at_least(0),
+                   help="never repeat an n-gram of this size in a row, 0: allowed (default: the package's)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     g.add_argument("--threads", type=int_at_least(1), default=1, help="ONNX Runtime intra-op threads")

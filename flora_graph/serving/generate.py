@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from flora_graph.serving.beam import NO_RULES, Rules, process_scores
+from flora_graph.serving.beam import NO_RULES, BeamSearch, Rules, process_scores
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.shared_cache import SharedCache
 
@@ -280,16 +280,26 @@ class Generator:
         """The tokens generated after each prompt (row ``i`` with ``adapters[i]``; one name or ``None``: every row).
 
         ``settings`` are :class:`RowSettings` fields (``max_new_tokens``, ``min_new_tokens``, ``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop_tokens``); those not
+        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``seed``,
+        ``stop_tokens``, and for beam search ``num_beams``, ``length_penalty``, ``early_stopping``); those not
         given are the package's (:attr:`defaults`; stop tokens: its end-of-text ids, :attr:`eos`).
-        ``on_token(row, token)`` streams each token as it is chosen. A seeded row draws the same
-        tokens whatever else is in the batch.
+        ``on_token(row, token)`` streams each token as it is chosen (with ``num_beams`` above 1, :meth:`Batch.search`,
+        a prompt's tokens once its search has stopped). A seeded row draws the same tokens whatever else is in the
+        batch.
         """
         if adapters is None or isinstance(adapters, str):
             adapters = [adapters] * len(prompts)
         if len(adapters) != len(prompts):
             raise GenerationError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
         batch = self.batch()
+        if settings.get("num_beams", self.defaults.get("num_beams", 1)) != 1:
+            settings.pop("seed", None)  # beam search draws nothing
+            out = batch.search(prompts, adapters=adapters, **settings)
+            if on_token is not None:
+                for r, tokens in enumerate(out):
+                    for tok in tokens:
+                        on_token(r, tok)
+            return out
         seed = settings.pop("seed", None)
         rows = batch.add_many(prompts, adapters=adapters,
                               seeds=[None if seed is None else seed + i for i in range(len(prompts))], **settings)
@@ -488,8 +498,9 @@ class Batch:
         return [r.rid for r in rows]
 
     def _request(self, prompt: Sequence[int], adapter: str | None, seed: int | None, stop_tokens: Iterable[int] | None,
-                 settings: dict[str, Any]) -> tuple[list[int], RowSettings]:
-        """A row's prompt ids and settings, checked (:class:`GenerationError` / :class:`UnknownAdapterError`)."""
+                 settings: dict[str, Any], *, beams: bool = False) -> tuple[list[int], RowSettings]:
+        """A row's prompt ids and settings, checked (:class:`GenerationError` / :class:`UnknownAdapterError`);
+        ``num_beams`` above 1 only where ``beams`` (:meth:`search`)."""
         gen = self.gen
         gen.check_adapter(adapter)
         stops = frozenset(int(t) for t in (gen.eos if stop_tokens is None else stop_tokens))
@@ -498,7 +509,7 @@ class Batch:
         except TypeError as exc:
             raise GenerationError(f"unknown generation setting: {exc}") from None
         rs.check()
-        if rs.num_beams > 1:
+        if rs.num_beams > 1 and not beams:
             raise GenerationError(f"num_beams={rs.num_beams}: a Batch steps each row on its own; beam search runs "
                                   "through Generator.generate")
         ids = [int(t) for t in prompt]
@@ -507,7 +518,48 @@ class Batch:
         if len(ids) + rs.max_new_tokens > gen.context_length:
             raise GenerationError(f"prompt of {len(ids)} tokens + max_new_tokens {rs.max_new_tokens} is past the "
                                   f"model's context length {gen.context_length}")
+        if beams and gen.refill_at is not None and len(ids) + rs.max_new_tokens > gen.refill_at:
+            raise GenerationError(f"num_beams={rs.num_beams}: beam search does not run past position {gen.refill_at}, "
+                                  f"where this model's rotary embedding changes (prompt of {len(ids)} tokens + "
+                                  f"max_new_tokens {rs.max_new_tokens}); use num_beams=1")
         return ids, rs
+
+    def search(self, prompts: Sequence[Sequence[int]], *, adapters: Sequence[str | None] | None = None,
+               stop_tokens: Iterable[int] | None = None, **settings: Any) -> list[list[int]]:
+        """Beam search (:class:`~flora_graph.serving.beam.BeamSearch`, ``settings["num_beams"]`` hypotheses, the
+        package's :attr:`Generator.defaults` for settings not given) for each prompt, with ``adapters[i]``: the
+        tokens of its best hypothesis, the stop token included. A prompt's hypotheses run as the rows of one
+        call a step, their caches reordered as the search picks them; the prompts one after the other. Every
+        request is checked before anything runs; the batch's own rows are left as they are."""
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        if len(adapters) != len(prompts):
+            raise GenerationError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
+        requests = []
+        for i, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
+            try:
+                requests.append(self._request(prompt, adapter, None, stop_tokens, settings, beams=True))
+            except ServingError as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from None
+        gen, out = self.gen, []
+        for (ids, rs), adapter in zip(requests, adapters, strict=True):
+            k = rs.num_beams
+            cache, mask, logits = self._prefill(ids, adapter)
+            beams = BeamSearch([ids], k, rs, rs.stop_tokens)
+            cache = [np.repeat(c, k, axis=0) for c in cache]
+            mask = np.repeat(mask, k, axis=0)
+            logits = np.repeat(logits[None], k, axis=0)
+            while True:
+                beams.step(logits)
+                if beams.done:
+                    break
+                cache = [c[beams.reorder] for c in cache]
+                mask = np.concatenate([mask, np.ones((k, 1), mask.dtype)], axis=1)
+                step = self._call(beams.tokens.astype(gen._id_dtype).reshape(k, 1), mask,
+                                  np.full((k, 1), beams.cur - 1, gen._pos_dtype), cache, [adapter] * k)
+                cache = [step[n] for n in gen._present]
+                logits = step["logits"][:, -1]
+            out.append(list(beams.result[0] or []))
+        return out
 
     def _new_row(self, ids: list[int], adapter: str | None, rs: RowSettings, seed: int | None) -> Row:
         row = Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))

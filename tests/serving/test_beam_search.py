@@ -195,3 +195,92 @@ def test_bad_beam_settings_are_refused_naming_them(seq2seq_packages: dict[str, P
             gen.generate(PROMPTS, **kw)
     assert len(gen.generate(PROMPTS[:1], num_beams=2, max_new_tokens=3)[0]) == 3  # still serving
 
+
+
+def _eager_causal(model, prompt: list[int], stops: list[int], **kwargs) -> list[int]:
+    """Eager ``generate`` after ``prompt`` stopping on ``stops``, cut after the first of them."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, eos_token_id=stops, **kwargs)
+    return _cut(out[0, len(prompt):].tolist(), set(stops))
+
+
+@pytest.mark.parametrize("search", list(SEARCHES))
+@pytest.mark.parametrize("adapter", [None, "all7", "qdown"])
+def test_decoder_beam_search_equals_eager_generate(folders: Path, package: Path, search: str,
+                                                   adapter: str | None) -> None:
+    """The GenAI package's Llama (its caches right-padded buffers that ``GroupQueryAttention`` appends to): eager
+    transformers + PEFT ``generate`` with the same beam settings, stopping on a token its hypotheses reach."""
+    import peft
+
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import PROMPT
+
+    gen = Generator(package)
+    kw = SEARCHES[search]
+    full = gen.generate([PROMPT], adapters=adapter, max_new_tokens=20, stop_tokens=[], **kw)[0]
+    stops = [full[len(full) // 2]]  # a token the best hypothesis reaches half-way
+    model = transformers.LlamaForCausalLM.from_pretrained(folders / "base").eval()
+    if adapter:
+        model = peft.PeftModel.from_pretrained(model, folders / adapter).eval()
+    want = _eager_causal(model, PROMPT, stops, max_new_tokens=20, **kw)
+    assert gen.generate([PROMPT], adapters=adapter, max_new_tokens=20, stop_tokens=stops, **kw)[0] == want
+    assert gen.generate([PROMPT], adapters=adapter, max_new_tokens=20, min_new_tokens=20, **kw)[0] == \
+        _eager_causal(model, PROMPT, [2], max_new_tokens=20, min_new_tokens=20, **kw)
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Lfm2ForCausalLM"])
+def test_decoder_beam_search_reorders_every_kind_of_cache(arch: str, tmp_path: Path) -> None:
+    """GPT-2 (a left-padded cache) and LFM2 (short-convolution states beside its keys and values): two prompts,
+    each its own search, as eager PEFT ``generate``."""
+    from flora_graph.cli import main
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import tiny_with_adapter
+
+    model, adapted = tiny_with_adapter(arch, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", str(tmp_path / "base"), "--task", "text-generation-with-past", "--format", "genai",
+                     "--adapter", f"a={tmp_path / 'ad'}", "--out", str(tmp_path / "pkg")]) == 0
+    gen = Generator(tmp_path / "pkg")
+    prompts = [[1, 5, 9, 33, 70, 12], [4, 8]]
+    got = gen.generate(prompts, adapters=["a", None], max_new_tokens=16, stop_tokens=[2], **SEARCHES["never-ngram"])
+    for prompt, row, eager in zip(prompts, got, [adapted, model], strict=True):
+        assert row == _eager_causal(eager, prompt, [2], max_new_tokens=16, **SEARCHES["never-ngram"])
+
+
+def test_a_batch_refuses_beams_and_generate_checks_every_prompt_first(package: Path) -> None:
+    from flora_graph.serving.errors import UnknownAdapterError
+    from flora_graph.serving.generate import Generator
+
+    gen = Generator(package)
+    batch = gen.batch()
+    with pytest.raises(GenerationError, match="a Batch steps each row on its own"):
+        batch.add([1, 5, 9], num_beams=2)
+    with pytest.raises(UnknownAdapterError, match=r"prompt 1: .*'nope'"):
+        gen.generate([[1, 5], [1, 6]], adapters=["all7", "nope"], num_beams=2)
+    with pytest.raises(GenerationError, match="prompt 0: prompt of 250 tokens"):
+        gen.generate([[1] * 250], num_beams=2, max_new_tokens=10)
+    assert not batch.active
+
+
+def test_cli_generate_with_beams(package: Path, capsys: pytest.CaptureFixture) -> None:
+    """``flora-graph generate --num-beams ...`` prints each prompt's best hypothesis, the Generator's."""
+    from flora_graph.cli import main
+    from flora_graph.serving.generate import Generator
+
+    flags = ["--num-beams", "3", "--length-penalty", "0.5", "--early-stopping", "never", "--no-repeat-ngram-size", "2",
+             "--max-new-tokens", "12", "--ignore-eos"]
+    assert main(["generate", str(package), "--ids", "1,5,9,33", "--ids", "1,7", "--adapter", "all7", *flags]) == 0
+    want = Generator(package).generate([[1, 5, 9, 33], [1, 7]], adapters="all7", num_beams=3, length_penalty=0.5,
+                                       early_stopping="never", no_repeat_ngram_size=2, max_new_tokens=12,
+                                       stop_tokens=[])
+    out = capsys.readouterr().out
+    for i, row in enumerate(want):  # token ids in, token ids out
+        assert f"[{i}] adapter all7: {' '.join(map(str, row))}" in out
+    assert "24 tokens in" in out
+    assert want[0] != Generator(package).generate([[1, 5, 9, 33]], adapters="all7", max_new_tokens=12,
+                                                  stop_tokens=[])[0]
+    with pytest.raises(SystemExit):
+        main(["generate", str(package), "--ids", "1,5", "--early-stopping", "maybe"])
