@@ -16,8 +16,9 @@ per adapter, ``merge_and_unload()`` of the PEFT model, saved and exported the sa
 swappable adapters: one model per adapter). It prints one JSON line ``{"export_s": {...}}`` with the
 seconds of each export (the merge included), loads every model in ``ORTModelForCausalLM`` or
 ``ORTModelForSeq2SeqLM`` (one intra-op thread, no spinning) and then answers requests, one JSON line each on
-stdin (``{"adapter": NAME or null, "new": N}``), with one JSON line on stdout: the greedy tokens of
-``model.generate`` (``N`` new tokens, the end-of-text token held back until then) and the seconds it took
+stdin (``{"adapter": NAME or null, "new": N}``, and ``"num_beams": K`` for beam search), with one JSON line on
+stdout: the greedy (or beam search) tokens of ``model.generate`` (``N`` new tokens, the end-of-text token held back
+until then) and the seconds it took
 (measured here, so the pipe does not count). The prompt (``--prompt``) is a JSON list of token ids (one row), or
 ``{"input_ids": [[...]], "attention_mask": [[...]]}`` (a padded batch); the tokens come back as a list, or a
 list per row for a batch. An empty line or end of input stops it.
@@ -88,7 +89,8 @@ def main() -> int:
         request = json.loads(line)
         model, new = models[request["adapter"]], int(request["new"])
         t = time.perf_counter()
-        out = model.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        out = model.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             num_beams=int(request.get("num_beams", 1)))
         dt = time.perf_counter() - t
         rows = out[:, skip:].tolist()
         print(json.dumps({"tokens": rows if batch else rows[0], "seconds": dt}), flush=True)

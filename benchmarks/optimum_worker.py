@@ -61,10 +61,10 @@ class OptimumWorker:
               f"{self.log.read_text()[-3000:]}")
         return None
 
-    def run(self, adapter: str | None, new: int) -> tuple[list, float]:
-        """Greedy tokens of ``new`` steps with ``adapter`` (merged) or the base (a list per row for a batch), and the
-        seconds the worker measured."""
-        self.proc.stdin.write(json.dumps({"adapter": adapter, "new": new}) + "\n")
+    def run(self, adapter: str | None, new: int, num_beams: int = 1) -> tuple[list, float]:
+        """Greedy tokens (beam search's, with ``num_beams`` above 1) of ``new`` steps with ``adapter`` (merged) or the
+        base (a list per row for a batch), and the seconds the worker measured."""
+        self.proc.stdin.write(json.dumps({"adapter": adapter, "new": new, "num_beams": num_beams}) + "\n")
         self.proc.stdin.flush()
         reply = self._reply('{"tokens"')
         if reply is None:

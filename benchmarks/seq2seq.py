@@ -14,6 +14,10 @@ interleaved for ``--rounds`` rounds, generates ``--new`` greedy tokens for a pad
   has no swappable adapters; its exporter is torch.onnx), run by ``ORTModelForSeq2SeqLM.generate`` in a worker
   process, so its runs interleave with the others.
 
+The same runners then search with ``--beams`` hypotheses per input (``num_beams``; every hypothesis runs
+``--new`` tokens), all of a step's ``batch x beams`` rows in one call, and their tokens are checked against eager's
+beam search.
+
 Then a batch whose rows use different adapters (and one none), decoded together by the package's mixed-adapter
 models, against the same rows generated one at a time (tokens/s, medians).
 
@@ -28,6 +32,7 @@ Run: ``python benchmarks/seq2seq.py``.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -76,6 +81,11 @@ def _inputs(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [[*rng.integers(2, vocab, max(2, length - 3 * i) - 1).tolist(), 1] for i in range(batch)]
 
 
+def _with_beams(fn, beams: int, adapter: str | None, new: int):
+    """``fn(adapter, new, beams)``: a runner of :func:`step_times` that searches with ``beams`` hypotheses."""
+    return fn(adapter, new, beams)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="the T5's geometry")
@@ -84,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", type=int, default=32, help="tokens of the longest input")
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
+    p.add_argument("--beams", type=int, default=4, help="hypotheses per input of the beam search section (1: none)")
     add_optimum_python(p)
     args = p.parse_args(argv)
 
@@ -118,30 +129,35 @@ def main(argv: list[str] | None = None) -> int:
                 transformers.T5ForConditionalGeneration.from_pretrained(root / "base"), d).eval()
         ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
 
-        def eager(adapter: str | None, new: int) -> tuple[list[list[int]], float]:
+        def eager(adapter: str | None, new: int, beams: int = 1) -> tuple[list[list[int]], float]:
             with torch.no_grad():
                 t = time.perf_counter()
                 out = eager_models[adapter].generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=new,
-                                                     min_new_tokens=new, do_sample=False, num_beams=1)
+                                                     min_new_tokens=new, do_sample=False, num_beams=beams)
                 return out[:, 1:].tolist(), time.perf_counter() - t
 
         flora_gen = Seq2SeqGenerator(root / "pkg", threads=1)
 
-        def flora(adapter: str | None, new: int) -> tuple[list[list[int]], float]:
+        def flora(adapter: str | None, new: int, beams: int = 1) -> tuple[list[list[int]], float]:
             t = time.perf_counter()
-            out = flora_gen.generate(inputs, adapters=adapter, max_new_tokens=new, min_new_tokens=new)
+            out = flora_gen.generate(inputs, adapters=adapter, max_new_tokens=new, min_new_tokens=new, num_beams=beams)
             return out, time.perf_counter() - t
 
-        runs = {"flora": flora, **({"optimum": optimum.run} if optimum is not None else {}), "eager": eager}
+        def runners(beams: int) -> dict:
+            runs = {"flora": flora, **({"optimum": optimum.run} if optimum is not None else {}), "eager": eager}
+            return {name: functools.partial(_with_beams, fn, beams) for name, fn in runs.items()}
+
         which = [None, first]
-        times, rounds, same = step_times(runs, which, args.rounds, args.new)
-        same_optimum = True
-        for toks in rounds:
-            same &= toks["flora"] == toks["eager"]
-            if "optimum" in toks:
-                same_optimum &= toks["optimum"] == toks["eager"]
+        searches = {1: step_times(runners(1), which, args.rounds, args.new)}
+        if args.beams > 1:
+            searches[args.beams] = step_times(runners(args.beams), which, args.rounds, args.new)
         if optimum is not None:
             optimum.close()
+        agree = {}  # per search: (flora_graph's tokens equal eager's, Optimum's equal eager's)
+        for beams, (_, rounds, stable) in searches.items():
+            agree[beams] = (stable and all(t["flora"] == t["eager"] for t in rounds),
+                            all(t.get("optimum", t["eager"]) == t["eager"] for t in rounds))
+        same = all(ok for ok, _ in agree.values())
         # a batch whose rows use different adapters (and none): one call a step, against the rows one at a time
         names = [[*peft_dirs, None][i % (len(peft_dirs) + 1)] for i in range(args.batch)]
         mixed_t, alone_t, same_mixed = [], [], True
@@ -169,17 +185,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"{base_s:.2f} s (base), {one_s:.2f} s (one adapter merged and exported); base + {args.adapters} "
                   f"adapters that way: {base_s + args.adapters * one_s:.2f} s, {args.adapters + 1} full models: "
                   f"{(base_s + args.adapters * one_s) / export_s:.1f}x flora_graph's export")
-            print(f"Optimum's greedy tokens equal eager's: {same_optimum}")
-        print(f"greedy tokens equal (flora_graph, eager; {args.new} tokens a row): {same}")
-        for adapter in which:
-            ms = {name: statistics.median(times[(name, adapter)]) * 1e3 for name in runs}
-            line = (f"{adapter or 'base':>6}: per decode step (all {args.batch} rows) flora_graph {ms['flora']:.3f} ms, "
-                    f"eager+cache {ms['eager']:.3f} ms: eager/flora_graph "
-                    f"{paired_ratio(times, 'eager', 'flora', adapter):.1f}x")
-            if optimum is not None:
-                line += (f"; Optimum (ORTModelForSeq2SeqLM) {ms['optimum']:.3f} ms: optimum/flora_graph "
-                         f"{paired_ratio(times, 'optimum', 'flora', adapter):.2f}x")
-            print(line)
+        for beams, (times, _, _) in searches.items():
+            what = "greedy" if beams == 1 else f"beam search, {beams} hypotheses an input"
+            print(f"{what}: tokens equal eager's ({args.new} tokens a row): flora_graph {agree[beams][0]}"
+                  + (f", Optimum {agree[beams][1]}" if optimum is not None else ""))
+            for adapter in which:
+                ms = {name: statistics.median(times[(name, adapter)]) * 1e3 for name in ("flora", "eager", "optimum")
+                      if (name, adapter) in times}
+                line = (f"{adapter or 'base':>6}: per decode step (all {args.batch * beams} rows) flora_graph "
+                        f"{ms['flora']:.3f} ms, eager+cache {ms['eager']:.3f} ms: eager/flora_graph "
+                        f"{paired_ratio(times, 'eager', 'flora', adapter):.1f}x")
+                if optimum is not None:
+                    line += (f"; Optimum (ORTModelForSeq2SeqLM) {ms['optimum']:.3f} ms: optimum/flora_graph "
+                             f"{paired_ratio(times, 'optimum', 'flora', adapter):.2f}x")
+                print(line)
         tokens = args.batch * args.new
         print(f"mixed-adapter batch ({', '.join(n or 'none' for n in names)}; one call a step): "
               f"{tokens / statistics.median(mixed_t):.0f} tokens/s against {tokens / statistics.median(alone_t):.0f} "

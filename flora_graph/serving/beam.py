@@ -82,36 +82,41 @@ def banned_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
     return sorted({tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == tail})
 
 
-def process_scores(scores: np.ndarray, tokens: Sequence[int], prompt_len: int, settings, stop: Collection[int],
-                   rules: Rules = NO_RULES) -> np.ndarray:
-    """One row's next-token ``scores`` ``[vocab]`` (logits, or log-probabilities for beam search) after the row's
-    ``settings`` (a :class:`~flora_graph.serving.generate.RowSettings`: ``repetition_penalty``,
-    ``no_repeat_ngram_size``, ``min_new_tokens``, ``max_new_tokens``) and the package's ``rules``, for a row that
-    holds ``tokens`` (its prompt, ``prompt_len`` of them, then what it generated) and stops on ``stop``. A copy
-    where anything changes; ``scores`` itself otherwise."""
-    vocab = scores.size
-    n = len(tokens)
+def process_scores(scores: np.ndarray, tokens: Sequence[Sequence[int]] | Sequence[int], prompt_len: int, settings,
+                   stop: Collection[int], rules: Rules = NO_RULES) -> np.ndarray:
+    """Next-token ``scores`` (logits, or log-probabilities for beam search) after the rows' ``settings`` (a
+    :class:`~flora_graph.serving.generate.RowSettings`: ``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``min_new_tokens``, ``max_new_tokens``) and the package's ``rules``: ``scores`` ``[rows, vocab]`` for rows that
+    hold ``tokens[i]`` (all of one length: a prompt of ``prompt_len`` tokens, then what they generated), or
+    ``[vocab]`` for one row that holds ``tokens``; every row stops on ``stop``. A copy where anything changes;
+    ``scores`` itself otherwise. What depends on the length alone is done once for every row."""
+    one = scores.ndim == 1
+    rows = [tokens] if one else tokens
+    out = scores[None] if one else scores
+    vocab = out.shape[-1]
+    n = len(rows[0]) if len(rows) else 0
     new = n - prompt_len
-    out = scores
+    copied = False
 
     def writable() -> np.ndarray:
-        nonlocal out
-        if out is scores:
-            out = scores.copy()
+        nonlocal out, copied
+        if not copied:
+            out, copied = out.copy(), True
         return out
 
     if settings.repetition_penalty != 1:
-        seen = np.unique(np.asarray(tokens, np.int64))
-        seen = seen[(seen >= 0) & (seen < vocab)]
-        got = writable()[seen]
-        out[seen] = np.where(got < 0, got * settings.repetition_penalty, got / settings.repetition_penalty)
-    if getattr(settings, "no_repeat_ngram_size", 0):
-        banned = banned_ngram_tokens(tokens, settings.no_repeat_ngram_size)
-        if banned:
-            writable()[banned] = -np.inf
+        for i, row in enumerate(rows):
+            seen = np.unique(np.asarray(row, np.int64))
+            seen = seen[(seen >= 0) & (seen < vocab)]
+            got = writable()[i, seen]
+            out[i, seen] = np.where(got < 0, got * settings.repetition_penalty, got / settings.repetition_penalty)
+    if settings.no_repeat_ngram_size:
+        for i, row in enumerate(rows):
+            banned = banned_ngram_tokens(list(row), settings.no_repeat_ngram_size)
+            if banned:
+                writable()[i, banned] = -np.inf
     if stop and (n < rules.min_length or new < settings.min_new_tokens):
-        held = [t for t in stop if 0 <= t < vocab]
-        writable()[held] = -np.inf
+        writable()[:, [t for t in stop if 0 <= t < vocab]] = -np.inf
     forced = None
     if rules.forced_bos is not None and n == 1:
         forced = rules.forced_bos
@@ -119,23 +124,23 @@ def process_scores(scores: np.ndarray, tokens: Sequence[int], prompt_len: int, s
         forced = rules.forced_eos
     if forced is not None:
         writable()[:] = -np.inf
-        out[forced] = 0
+        out[:, forced] = 0
     if rules.suppress.size:
-        writable()[rules.suppress] = -np.inf
+        writable()[:, rules.suppress] = -np.inf
     if rules.begin_suppress.size and new == 0:
-        writable()[rules.begin_suppress] = -np.inf
-    return out
+        writable()[:, rules.begin_suppress] = -np.inf
+    if not copied:
+        return scores
+    return out[0] if one else out
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Per row of ``scores`` ``[rows, n]``, the indices of the ``k`` highest, highest first (ties: lowest index)."""
-    if k < scores.shape[1]:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+    rows = np.arange(scores.shape[0])[:, None]
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+        np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    part = np.sort(part, axis=1)
+    return part[rows, np.argsort(-scores[rows, part], axis=1, kind="stable")]
 
 
 class BeamSearch:
@@ -176,6 +181,7 @@ class BeamSearch:
         self.reorder = np.arange(b * k)
         self.tokens = np.asarray(prompts, np.int64)[:, -1].repeat(k)
         self._n_stop = len(self.stop)
+        self._stop_ids = np.asarray(sorted(self.stop), np.int64)
         self.result: list[list[int] | None] = [None] * b
 
     @property
@@ -186,61 +192,57 @@ class BeamSearch:
     def step(self, logits: np.ndarray) -> None:
         """Choose the next tokens from ``logits`` ``[live inputs * num_beams, vocab]`` (the last position of the
         rows as last fed); updates :attr:`reorder`, :attr:`tokens`, :attr:`live` and :attr:`result`."""
-        k, s, live = self.k, self.settings, np.asarray(self.live)
-        b, vocab = len(live), logits.shape[-1]
-        cur = self.cur
-        logp = log_softmax(logits)
-        seqs = self.seqs[live]
-        for row in range(b * k):
-            toks = seqs[row // k, row % k, :cur].tolist()
-            logp[row] = process_scores(logp[row], toks, self.prompt_len, s, self.stop, self.rules)
-        total = (logp.reshape(b, k, vocab) + self.scores[live][:, :, None]).reshape(b, k * vocab)
+        k, s, cur = self.k, self.settings, self.cur
+        b, vocab = len(self.live), logits.shape[-1]
+        rows = np.arange(b)[:, None]
+        logp = process_scores(log_softmax(logits), self.seqs[:, :, :cur].reshape(b * k, cur), self.prompt_len, s,
+                              self.stop, self.rules)
+        total = (logp.reshape(b, k, vocab) + self.scores[:, :, None]).reshape(b, k * vocab)
         keep = max(2, 1 + self._n_stop) * k
         top = _top(total, keep)
-        cand_scores = np.take_along_axis(total, top, axis=1)
+        cand_scores = total[rows, top]
         cand_beam, cand_tok = top // vocab, top % vocab
-        cand_seqs = np.take_along_axis(seqs, cand_beam[:, :, None], axis=1)
+        cand_seqs = self.seqs[rows, cand_beam]
         cand_seqs[:, :, cur] = cand_tok
-        hits = np.isin(cand_tok, list(self.stop)) | (cur + 1 >= self.max_len)
+        hits = (cand_tok[:, :, None] == self._stop_ids).any(axis=2) | (cur + 1 >= self.max_len)
         # the best num_beams candidates that go on
         running = cand_scores + hits.astype(np.float32) * _PENALTY
         go = _top(running, k)
-        self.seqs[live] = np.take_along_axis(cand_seqs, go[:, :, None], axis=1)
-        self.scores[live] = np.take_along_axis(running, go, axis=1)
-        beam = np.take_along_axis(cand_beam, go, axis=1)
-        # the finished ones among the first num_beams candidates, if they beat what is finished already
-        just = hits & (np.arange(keep) < k)[None, :]
-        final = cand_scores / np.float32((cur + 1 - self.prompt_len) ** s.length_penalty)
-        full = self.finished[live].all(axis=1) & (s.early_stopping is True)
-        final = final + full[:, None].astype(np.float32) * _PENALTY
-        final = final + (~self.improvable[live])[:, None].astype(np.float32) * _PENALTY
-        final = final + (~just).astype(np.float32) * _PENALTY
-        merged_scores = np.concatenate([self.best_scores[live], final], axis=1)
-        merged_seqs = np.concatenate([self.best[live], cand_seqs], axis=1)
-        merged_lens = np.concatenate([self.best_lens[live], np.full((b, keep), cur + 1, np.int64)], axis=1)
-        merged_fin = np.concatenate([self.finished[live], just], axis=1)
-        pick = _top(merged_scores, k)
-        self.best[live] = np.take_along_axis(merged_seqs, pick[:, :, None], axis=1)
-        self.best_scores[live] = np.take_along_axis(merged_scores, pick, axis=1)
-        self.best_lens[live] = np.take_along_axis(merged_lens, pick, axis=1)
-        self.finished[live] = np.take_along_axis(merged_fin, pick, axis=1)
+        self.seqs, self.scores, beam = cand_seqs[rows, go], running[rows, go], cand_beam[rows, go]
+        # the finished ones among the first num_beams candidates, if they beat what is finished already (where none
+        # finished, every candidate scores below every finished hypothesis and the finished ones stay)
+        just = hits[:, :k]
+        if just.any():
+            final = cand_scores[:, :k] / np.float32((cur + 1 - self.prompt_len) ** s.length_penalty)
+            full = self.finished.all(axis=1) & (s.early_stopping is True)
+            final = final + full[:, None].astype(np.float32) * _PENALTY
+            final = final + (~self.improvable)[:, None].astype(np.float32) * _PENALTY
+            final = final + (~just).astype(np.float32) * _PENALTY
+            merged = np.concatenate([self.best_scores, final], axis=1)
+            pick = _top(merged, k)
+            self.best = np.concatenate([self.best, cand_seqs[:, :k]], axis=1)[rows, pick]
+            self.best_scores = merged[rows, pick]
+            self.best_lens = np.concatenate([self.best_lens, np.full((b, k), cur + 1, np.int64)], axis=1)[rows, pick]
+            self.finished = np.concatenate([self.finished, just], axis=1)[rows, pick]
         self.cur = cur = cur + 1
         # can a running hypothesis still beat the worst finished one?
         if s.early_stopping == "never" and s.length_penalty > 0:
             length = self.max_len - self.prompt_len
         else:
             length = cur - self.prompt_len
-        best_running = self.scores[live][:, :1] / np.float32(length ** s.length_penalty)
-        fin = self.finished[live]
-        worst = np.where(fin, self.best_scores[live].min(axis=1, keepdims=True), _PENALTY)
-        self.improvable[live] &= (best_running > worst).any(axis=1)
-        stopped = ~self.improvable[live] | (fin.all(axis=1) & (s.early_stopping is True))
+        best_running = self.scores[:, :1] / np.float32(length ** s.length_penalty)
+        worst = np.where(self.finished, self.best_scores.min(axis=1, keepdims=True), _PENALTY)
+        self.improvable &= (best_running > worst).any(axis=1)
+        stopped = ~self.improvable | (self.finished.all(axis=1) & (s.early_stopping is True))
         if cur >= self.max_len or hits.all():  # no input can go on
             stopped[:] = True
         for j in np.flatnonzero(stopped):
-            i = int(live[j])
-            self.result[i] = self.best[i, 0, self.prompt_len:self.best_lens[i, 0]].tolist()
+            self.result[self.live[j]] = self.best[j, 0, self.prompt_len:self.best_lens[j, 0]].tolist()
         on = ~stopped
-        self.reorder = ((np.arange(b)[:, None] * k + beam)[on]).reshape(-1)
-        self.tokens = self.seqs[live[on], :, cur - 1].reshape(-1)
-        self.live = [int(i) for i in live[on]]
+        self.reorder = ((rows * k + beam)[on]).reshape(-1)
+        if not on.all():  # the state of the inputs that go on
+            self.seqs, self.scores, self.best, self.best_scores = self.seqs[on], self.scores[on], self.best[on], \
+                self.best_scores[on]
+            self.best_lens, self.finished, self.improvable = self.best_lens[on], self.finished[on], self.improvable[on]
+            self.live = [i for i, o in zip(self.live, on, strict=True) if o]
+        self.tokens = self.seqs[:, :, cur - 1].reshape(-1)
