@@ -284,3 +284,27 @@ def test_cli_generate_with_beams(package: Path, capsys: pytest.CaptureFixture) -
                                                   stop_tokens=[])[0]
     with pytest.raises(SystemExit):
         main(["generate", str(package), "--ids", "1,5", "--early-stopping", "maybe"])
+
+
+@pytest.mark.parametrize("adapter", [None, "all7"])
+def test_decoder_beam_search_equals_onnxruntime_genai(package: Path, adapter: str | None) -> None:
+    """ONNX Runtime GenAI's own beam search on the same package (the adapter loaded from its file): the same tokens."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai does not import on this platform")
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import PROMPT
+
+    model = og.Model(str(package))
+    adapters = og.Adapters(model)
+    adapters.load(str(package / "adapters" / "all7.onnx_adapter"), "all7")
+    for kw in (dict(num_beams=4), dict(num_beams=3, length_penalty=2.0, early_stopping=True)):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(PROMPT) + 16, min_length=len(PROMPT) + 16, do_sample=False, **kw)
+        search = og.Generator(model, params)
+        if adapter:
+            search.set_active_adapter(adapters, adapter)
+        search.append_tokens(PROMPT)
+        while not search.is_done():
+            search.generate_next_token()
+        theirs = [int(t) for t in search.get_sequence(0)][len(PROMPT):]
+        ours = Generator(package).generate([PROMPT], adapters=adapter, max_new_tokens=16, min_new_tokens=16, **kw)[0]
+        assert ours == theirs
