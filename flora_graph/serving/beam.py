@@ -156,8 +156,8 @@ class BeamSearch:
 
     Every live input has ``num_beams`` rows, in input order (:attr:`live`). After :meth:`step` a generator
     keeps rows :attr:`reorder` of its caches (indices into the rows it just ran), drops those of inputs no
-    longer live, and feeds :attr:`tokens`. :attr:`result` is each input's best finished hypothesis (its new
-    tokens, the stop token included) once :attr:`done`.
+    longer live, and feeds :attr:`tokens`. :attr:`result` holds each input's ``num_return_sequences`` best finished
+    hypotheses, best first (their new tokens, the stop token included), once :attr:`done`.
     """
 
     def __init__(self, prompts: Sequence[Sequence[int]], num_beams: int, settings, stop: Collection[int],
@@ -182,7 +182,7 @@ class BeamSearch:
         self.tokens = np.asarray(prompts, np.int64)[:, -1].repeat(k)
         self._n_stop = len(self.stop)
         self._stop_ids = np.asarray(sorted(self.stop), np.int64)
-        self.result: list[list[int] | None] = [None] * b
+        self.result: list[list[list[int]] | None] = [None] * b
 
     @property
     def done(self) -> bool:
@@ -237,7 +237,8 @@ class BeamSearch:
         if cur >= self.max_len or hits.all():  # no input can go on
             stopped[:] = True
         for j in np.flatnonzero(stopped):
-            self.result[self.live[j]] = self.best[j, 0, self.prompt_len:self.best_lens[j, 0]].tolist()
+            self.result[self.live[j]] = [self.best[j, h, self.prompt_len:self.best_lens[j, h]].tolist()
+                                         for h in range(s.num_return_sequences)]
         on = ~stopped
         self.reorder = ((rows * k + beam)[on]).reshape(-1)
         if not on.all():  # the state of the inputs that go on

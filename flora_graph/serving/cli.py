@@ -186,7 +186,8 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     else:  # the mixed model (its own copy of the weights) only where the rows' adapters differ
         gen = Generator(args.package, threads=args.threads, mixed=len(set(adapters)) > 1)
     settings = _settings(args)
-    one = len(prompts) == 1
+    n = settings.get("num_return_sequences", 1)
+    one = len(prompts) == 1 and n == 1
     t0 = time.perf_counter()
     out = gen.generate(prompts, adapters=adapters, on_token=_Stream(console, tokenizer) if one else None, **settings)
     seconds = time.perf_counter() - t0
@@ -197,14 +198,20 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
     if one:
         console.print()  # ends the streamed line
     else:
-        for i, (adapter, tokens) in enumerate(zip(adapters, out, strict=True)):
-            console.out(f"[{i}] adapter {adapter or 'none'}: {text(tokens)}", highlight=False)
+        for row, tokens in enumerate(out):
+            i, j = divmod(row, n)
+            console.out(f"[{_label(i, j, n)}] adapter {adapters[i] or 'none'}: {text(tokens)}", highlight=False)
     total = sum(map(len, out))
     which = f"adapter {adapters[0] or 'none'}" if one else f"adapters {', '.join(a or 'none' for a in adapters)}"
     console.print(f"{total} tokens in {seconds:.3f} s ({total / seconds:.1f} tokens/s, "
-                  f"{len(prompts)} row{'s' * (not one)}, prompt{'s' * (not one)} "
+                  f"{len(out)} row{'s' * (len(out) != 1)}, prompt{'s' * (len(prompts) != 1)} "
                   f"{'/'.join(str(len(p)) for p in prompts)} tokens, {which})", highlight=False, markup=False)
     return 0
+
+
+def _label(i: int, j: int, n: int) -> str:
+    """How a printed row names prompt ``i``'s sequence ``j`` of ``n``: ``i``, or ``i.j`` where each has several."""
+    return str(i) if n == 1 else f"{i}.{j}"
 
 
 _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "spiece.model", "source.spm")
@@ -239,7 +246,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if args.temperature > 0:
             settings["temperature"] = args.temperature
     settings.update({k: getattr(args, k) for k in ("top_k", "top_p", "repetition_penalty", "num_beams", "length_penalty",
-                                                   "no_repeat_ngram_size") if getattr(args, k) is not None})
+                                                   "no_repeat_ngram_size", "num_return_sequences")
+                     if getattr(args, k) is not None})
     if args.early_stopping is not None:
         settings["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
     if args.temperature is not None and args.temperature > 0 and args.num_beams is None:
@@ -266,11 +274,12 @@ def _transcribe(args: argparse.Namespace, console: Any, gen: Any, adapters: list
     prompt = _ids(args.decoder_ids, "--decoder-ids") if args.decoder_ids else None
     settings = _settings(args)
     total, t0 = 0, time.perf_counter()
+    n = settings.get("num_return_sequences", 1)
     for i, (path, feats, adapter) in enumerate(zip(args.audio, rows, adapters, strict=True)):
-        tokens = gen.generate(feats, adapters=adapter, decoder_prompt=prompt, **settings)[0]
-        total += len(tokens)
-        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
-        console.out(f"[{i}] {path} (adapter {adapter or 'none'}): {text}", highlight=False)
+        for j, tokens in enumerate(gen.generate(feats, adapters=adapter, decoder_prompt=prompt, **settings)):
+            total += len(tokens)
+            text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
+            console.out(f"[{_label(i, j, n)}] {path} (adapter {adapter or 'none'}): {text}", highlight=False)
     seconds = time.perf_counter() - t0
     console.print(f"{total} tokens in {seconds:.3f} s ({total / seconds:.1f} tokens/s, {len(rows)} recording"
                   f"{'s' * (len(rows) != 1)}, features included)", highlight=False, markup=False)
@@ -338,6 +347,9 @@ def add_cli(subparsers: Any) -> None:
                         "beat them (false), or only when none could at any length (never) (default: the package's)")
     g.add_argument("--no-repeat-ngram-size", type=int_at_least(0),
                    help="never repeat an n-gram of this size in a row, 0: allowed (default: the package's)")
+    g.add_argument("--num-return-sequences", type=int_at_least(1),
+                   help="sequences printed per prompt: beam search's best hypotheses (at most --num-beams), or draws "
+                        "(default: 1)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     g.add_argument("--threads", type=int_at_least(1), default=1, help="ONNX Runtime intra-op threads")

@@ -61,7 +61,8 @@ class RowSettings:
     every token already in the row, its prompt included, as transformers and ONNX Runtime GenAI do;
     ``no_repeat_ngram_size`` (0: none) keeps out every token that would repeat an n-gram of the row.
 
-    ``num_beams`` above 1 is beam search (:class:`~flora_graph.serving.beam.BeamSearch`, greedy only), with
+    ``num_return_sequences`` rows come back per prompt: the best hypotheses of beam search (at most
+    ``num_beams``), or as many draws of sampling. ``num_beams`` above 1 is beam search (:class:`~flora_graph.serving.beam.BeamSearch`, greedy only), with
     transformers' ``length_penalty`` (a finished hypothesis scores its summed log-probabilities over its
     length to this power) and ``early_stopping`` (``True``: an input stops at ``num_beams`` finished
     hypotheses; ``False``: when no running one can beat them at its current length; ``"never"``: at the
@@ -80,6 +81,7 @@ class RowSettings:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    num_return_sequences: int = 1
 
     def check(self) -> None:
         """Raise :class:`GenerationError` naming the setting that is out of range."""
@@ -97,10 +99,14 @@ class RowSettings:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k!r}")
         if not 0 < self.repetition_penalty < float("inf"):
             raise GenerationError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
-        for name in ("no_repeat_ngram_size", "num_beams"):
+        for name, low in (("no_repeat_ngram_size", 0), ("num_beams", 1), ("num_return_sequences", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "num_beams" else 0):
-                raise GenerationError(f"{name} must be an int >= {1 if name == 'num_beams' else 0}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise GenerationError(f"{name} must be an int >= {low}, got {v!r}")
+        if self.num_return_sequences > 1 and not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise GenerationError(f"num_return_sequences={self.num_return_sequences}: at most num_beams="
+                                  f"{self.num_beams} hypotheses to return (greedy search finds one; sampling draws any "
+                                  "number)")
         if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, int | float) \
                 or not np.isfinite(self.length_penalty):
             raise GenerationError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
@@ -278,6 +284,8 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[int]], *, adapters: str | Sequence[str | None] | None = None,
                  on_token: Callable[[int, int], None] | None = None, **settings: Any) -> list[list[int]]:
         """The tokens generated after each prompt (row ``i`` with ``adapters[i]``; one name or ``None``: every row).
+        With ``num_return_sequences`` ``n`` above 1, prompt ``i``'s ``n`` sequences (beam search's best hypotheses, or
+        draws) are rows ``i * n`` to ``i * n + n - 1``.
 
         ``settings`` are :class:`RowSettings` fields (``max_new_tokens``, ``min_new_tokens``, ``do_sample``,
         ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``seed``,
@@ -300,6 +308,14 @@ class Generator:
                     for tok in tokens:
                         on_token(r, tok)
             return out
+        n = settings.pop("num_return_sequences", 1)
+        if n != 1:  # draws: each prompt n times, rows i * n + j
+            try:
+                RowSettings(num_return_sequences=n, **{**self.defaults, **settings}).check()
+            except TypeError as exc:
+                raise GenerationError(f"unknown generation setting: {exc}") from None
+            prompts = [p for p in prompts for _ in range(n)]
+            adapters = [a for a in adapters for _ in range(n)]
         seed = settings.pop("seed", None)
         rows = batch.add_many(prompts, adapters=adapters,
                               seeds=[None if seed is None else seed + i for i in range(len(prompts))], **settings)
@@ -512,6 +528,9 @@ class Batch:
         if rs.num_beams > 1 and not beams:
             raise GenerationError(f"num_beams={rs.num_beams}: a Batch steps each row on its own; beam search runs "
                                   "through Generator.generate")
+        if rs.num_return_sequences > 1 and not beams:
+            raise GenerationError(f"num_return_sequences={rs.num_return_sequences}: a Batch row is one sequence; "
+                                  "Generator.generate returns several per prompt")
         ids = [int(t) for t in prompt]
         if not ids:
             raise GenerationError("prompt is empty")
@@ -558,7 +577,7 @@ class Batch:
                                   np.full((k, 1), beams.cur - 1, gen._pos_dtype), cache, [adapter] * k)
                 cache = [step[n] for n in gen._present]
                 logits = step["logits"][:, -1]
-            out.append(list(beams.result[0] or []))
+            out.extend(beams.result[0] or [])
         return out
 
     def _new_row(self, ids: list[int], adapter: str | None, rs: RowSettings, seed: int | None) -> Row:

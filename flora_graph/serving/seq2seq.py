@@ -445,7 +445,8 @@ class Seq2SeqGenerator:
                  on_token: Callable[[int, int], None] | None = None, **settings: Any) -> list[list[int]]:
         """The tokens generated for each input (token ids, or a speech model's features or samples), row ``i`` with
         ``adapters[i]`` (one name or ``None``: every row; ``None``: the base model). Rows with different adapters run
-        in one call per step (the package's mixed-adapter models).
+        in one call per step (the package's mixed-adapter models). With ``num_return_sequences`` ``n`` above 1, input
+        ``i``'s ``n`` sequences (beam search's best hypotheses, or draws) are rows ``i * n`` to ``i * n + n - 1``.
 
         ``decoder_prompt``: every row's first decoder tokens (default: the decoder's start token; Whisper's
         task tokens go here). ``settings`` are :class:`RowSettings` fields; those not given are the package's
@@ -470,10 +471,14 @@ class Seq2SeqGenerator:
             raise GenerationError(f"decoder prompt of {len(prompt)} tokens + max_new_tokens {rs.max_new_tokens} is past "
                                   f"the decoder's {self.max_target} positions")
         cross, mask = self.encode(inputs, adapters)
+        names = self._row_adapters(adapters, cross[0].shape[0])
         if rs.num_beams > 1:
-            return self._beam_search(cross, mask, self._row_adapters(adapters, cross[0].shape[0]), prompt, rs, on_token)
+            return self._beam_search(cross, mask, names, prompt, rs, on_token)
+        if (n := rs.num_return_sequences) > 1:  # draws: each input n times (encoded once), rows i * n + j
+            cross = [np.repeat(a, n, axis=0) for a in cross]
+            mask = None if mask is None else np.repeat(mask, n, axis=0)
+            names = [a for a in names for _ in range(n)]
         batch = cross[0].shape[0]
-        names = self._row_adapters(adapters, batch)
         rows = [Row(i, names[i], rs, list(prompt), len(prompt),
                     np.random.default_rng(None if seed is None else seed + i)) for i in range(batch)]
         live = list(range(batch))
@@ -535,7 +540,7 @@ class Seq2SeqGenerator:
                 cross = [a[rows] for a in cross]
                 mask = None if mask is None else mask[rows]
             ids = search.tokens.reshape(-1, 1)
-        results = [list(r or []) for r in search.result]
+        results = [list(h) for r in search.result for h in r or []]
         if on_token is not None:
             for i, tokens in enumerate(results):
                 for tok in tokens:

@@ -284,6 +284,16 @@ def test_cli_generate_with_beams(package: Path, capsys: pytest.CaptureFixture) -
                                                   stop_tokens=[])[0]
     with pytest.raises(SystemExit):
         main(["generate", str(package), "--ids", "1,5", "--early-stopping", "maybe"])
+    assert main(["generate", str(package), "--ids", "1,5,9,33", "--adapter", "all7", *flags,
+                 "--num-return-sequences", "2"]) == 0
+    out = capsys.readouterr().out
+    two = Generator(package).generate([[1, 5, 9, 33]], adapters="all7", num_beams=3, length_penalty=0.5,
+                                      early_stopping="never", no_repeat_ngram_size=2, max_new_tokens=12,
+                                      stop_tokens=[], num_return_sequences=2)
+    assert two[0] == want[0] and two[1] != two[0]
+    for j, row in enumerate(two):
+        assert f"[0.{j}] adapter all7: {' '.join(map(str, row))}" in out
+    assert "2 rows, prompt 4 tokens" in out
 
 
 @pytest.mark.parametrize("adapter", [None, "all7"])
@@ -308,3 +318,39 @@ def test_decoder_beam_search_equals_onnxruntime_genai(package: Path, adapter: st
         theirs = [int(t) for t in search.get_sequence(0)][len(PROMPT):]
         ours = Generator(package).generate([PROMPT], adapters=adapter, max_new_tokens=16, min_new_tokens=16, **kw)[0]
         assert ours == theirs
+
+
+def test_several_sequences_per_input_as_eager_returns_them(seq2seq_packages: dict[str, Path], folders: Path,
+                                                           package: Path) -> None:
+    """``num_return_sequences``: beam search's best hypotheses per input, best first, as eager ``generate`` returns
+    them (encoder-decoder and decoder); sampling draws that many rows per input; greedy search refuses more than one."""
+    import peft
+
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import PROMPT
+
+    root = seq2seq_packages["t5"]
+    gen = Seq2SeqGenerator(root / "pkg")
+    kw = dict(num_beams=4, num_return_sequences=3, max_new_tokens=12)
+    ours = gen.generate(PROMPTS, adapters="all", **kw)
+    assert len(ours) == 3 * len(PROMPTS) and len({tuple(r) for r in ours[:3]}) == 3
+    assert ours == _eager(root, "t5", "all", PROMPTS, gen.pad, set(gen.eos), **kw)
+    model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(folders / "base"),
+                                           folders / "all7").eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                              do_sample=False, min_new_tokens=10, **{**kw, "max_new_tokens": 10})
+    got = Generator(package).generate([PROMPT], adapters="all7", min_new_tokens=10, **{**kw, "max_new_tokens": 10})
+    assert got == want[:, len(PROMPT):].tolist()
+    drawn = gen.generate(PROMPTS[:2], do_sample=True, num_return_sequences=3, seed=1, max_new_tokens=6, top_k=20)
+    assert len(drawn) == 6 and drawn[3:] == gen.generate(PROMPTS[1:2], do_sample=True, num_return_sequences=3, seed=4,
+                                                         max_new_tokens=6, top_k=20)
+    with pytest.raises(GenerationError, match="at most num_beams=1"):
+        gen.generate(PROMPTS, num_return_sequences=2)
+    with pytest.raises(GenerationError, match="at most num_beams=2"):
+        Generator(package).generate([PROMPT], num_beams=2, num_return_sequences=3)
+    with pytest.raises(GenerationError, match="a Batch row is one sequence"):
+        Generator(package).batch().add(PROMPT, do_sample=True, num_return_sequences=2)
+    assert len(Generator(package).generate([PROMPT, PROMPT[:3]], do_sample=True, num_return_sequences=2,
+                                           max_new_tokens=4)) == 4
