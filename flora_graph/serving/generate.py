@@ -59,7 +59,8 @@ class RowSettings:
     ``min_new_tokens`` and ONNX Runtime GenAI's ``min_length`` keep the end-of-text token out).
     ``repetition_penalty`` (1: none) divides the positive logits, and multiplies the negative ones, of
     every token already in the row, its prompt included, as transformers and ONNX Runtime GenAI do;
-    ``no_repeat_ngram_size`` (0: none) keeps out every token that would repeat an n-gram of the row.
+    ``no_repeat_ngram_size`` (0: none) keeps out every token that would repeat an n-gram of the row, and
+    ``encoder_no_repeat_ngram_size`` (an encoder-decoder's) every token that would repeat one of its input.
 
     ``num_return_sequences`` rows come back per prompt: the best hypotheses of beam search (at most
     ``num_beams``), or as many draws of sampling. ``num_beams`` above 1 is beam search (:class:`~flora_graph.serving.beam.BeamSearch`, greedy only), with
@@ -78,6 +79,7 @@ class RowSettings:
     seed: int | None = None
     stop_tokens: frozenset[int] = frozenset()
     no_repeat_ngram_size: int = 0
+    encoder_no_repeat_ngram_size: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -99,7 +101,8 @@ class RowSettings:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k!r}")
         if not 0 < self.repetition_penalty < float("inf"):
             raise GenerationError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
-        for name, low in (("no_repeat_ngram_size", 0), ("num_beams", 1), ("num_return_sequences", 1)):
+        for name, low in (("no_repeat_ngram_size", 0), ("encoder_no_repeat_ngram_size", 0), ("num_beams", 1),
+                          ("num_return_sequences", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise GenerationError(f"{name} must be an int >= {low}, got {v!r}")
@@ -528,6 +531,9 @@ class Batch:
         if rs.num_beams > 1 and not beams:
             raise GenerationError(f"num_beams={rs.num_beams}: a Batch steps each row on its own; beam search runs "
                                   "through Generator.generate")
+        if rs.encoder_no_repeat_ngram_size:
+            raise GenerationError(f"encoder_no_repeat_ngram_size={rs.encoder_no_repeat_ngram_size}: a decoder-only "
+                                  "model has no encoder input")
         if rs.num_return_sequences > 1 and not beams:
             raise GenerationError(f"num_return_sequences={rs.num_return_sequences}: a Batch row is one sequence; "
                                   "Generator.generate returns several per prompt")
@@ -784,12 +790,14 @@ class Batch:
             self.cache = [c if state else c[:, :, first:] for c, state in zip(self.cache, self.gen._is_state, strict=True)]
 
 
-def pick_token(row: Row, logits: np.ndarray, rules: Rules = NO_RULES) -> int:
+def pick_token(row: Row, logits: np.ndarray, rules: Rules = NO_RULES,
+               source: dict[tuple[int, ...], set[int]] | None = None) -> int:
     """The row's next token from its ``logits`` ``[vocab]``: greedy, or drawn by its settings, after its settings'
     and the package's ``rules`` (:func:`~flora_graph.serving.beam.process_scores`: no stop token before
-    ``min_new_tokens``, the repetition penalty, forced and suppressed tokens)."""
+    ``min_new_tokens``, the repetition penalty, forced and suppressed tokens; ``source``: the row's encoder input as
+    an :func:`~flora_graph.serving.beam.ngram_table`)."""
     s = row.settings
-    logits = process_scores(logits, row.tokens, row.prompt_len, s, s.stop_tokens, rules)
+    logits = process_scores(logits, row.tokens, row.prompt_len, s, s.stop_tokens, rules, source)
     if not s.do_sample:
         return int(logits.argmax())
     tokens, p = sampling_distribution(logits, s.temperature, s.top_k, s.top_p)

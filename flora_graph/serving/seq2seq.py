@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from flora_graph.errors import AdapterError, FloraGraphError
-from flora_graph.serving.beam import BeamSearch, Rules, beam_defaults
+from flora_graph.serving.beam import BeamSearch, Rules, beam_defaults, ngram_table
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.generate import GenerationError, Row, RowSettings, pick_token, take_token
 from flora_graph.serving.mixed import MixedAdapterSession
@@ -470,14 +470,20 @@ class Seq2SeqGenerator:
         if self.max_target is not None and len(prompt) + rs.max_new_tokens - 1 > self.max_target:
             raise GenerationError(f"decoder prompt of {len(prompt)} tokens + max_new_tokens {rs.max_new_tokens} is past "
                                   f"the decoder's {self.max_target} positions")
+        if rs.encoder_no_repeat_ngram_size and self.layout.main_input != "input_ids":
+            raise GenerationError(f"encoder_no_repeat_ngram_size={rs.encoder_no_repeat_ngram_size}: this package's "
+                                  f"encoder takes {self.layout.main_input}, not token ids")
         cross, mask = self.encode(inputs, adapters)
         names = self._row_adapters(adapters, cross[0].shape[0])
+        sources = [ngram_table([int(t) for t in row], rs.encoder_no_repeat_ngram_size) for row in inputs] \
+            if rs.encoder_no_repeat_ngram_size else None
         if rs.num_beams > 1:
-            return self._beam_search(cross, mask, names, prompt, rs, on_token)
+            return self._beam_search(cross, mask, names, prompt, rs, on_token, sources)
         if (n := rs.num_return_sequences) > 1:  # draws: each input n times (encoded once), rows i * n + j
             cross = [np.repeat(a, n, axis=0) for a in cross]
             mask = None if mask is None else np.repeat(mask, n, axis=0)
             names = [a for a in names for _ in range(n)]
+            sources = None if sources is None else [t for t in sources for _ in range(n)]
         batch = cross[0].shape[0]
         rows = [Row(i, names[i], rs, list(prompt), len(prompt),
                     np.random.default_rng(None if seed is None else seed + i)) for i in range(batch)]
@@ -489,7 +495,7 @@ class Seq2SeqGenerator:
             logits = out["logits"][:, -1]
             own = [out[n] for n in self._present]
             for j, r in enumerate(live):
-                tok = take_token(rows[r], pick_token(rows[r], logits[j], self.rules))
+                tok = take_token(rows[r], pick_token(rows[r], logits[j], self.rules, sources and sources[r]))
                 if on_token is not None:
                     on_token(r, tok)
             keep = [j for j, r in enumerate(live) if not rows[r].done]
@@ -518,12 +524,13 @@ class Seq2SeqGenerator:
         return feeds
 
     def _beam_search(self, cross: list[np.ndarray], mask: np.ndarray | None, names: list[str | None], prompt: list[int],
-                     rs: RowSettings, on_token: Callable[[int, int], None] | None) -> list[list[int]]:
+                     rs: RowSettings, on_token: Callable[[int, int], None] | None,
+                     sources: list[dict[tuple[int, ...], set[int]]] | None) -> list[list[int]]:
         """:meth:`generate` with ``rs.num_beams`` hypotheses per input (:class:`~flora_graph.serving.beam.BeamSearch`):
         each input's rows run together, the inputs in one call per step, an input leaving the batch when its search
         stops; ``on_token`` gets each input's tokens once its search has chosen them."""
         k, batch = rs.num_beams, cross[0].shape[0]
-        search = BeamSearch([prompt] * batch, k, rs, rs.stop_tokens, self.rules)
+        search = BeamSearch([prompt] * batch, k, rs, rs.stop_tokens, self.rules, sources)
         cross = [np.repeat(a, k, axis=0) for a in cross]  # the beams of an input attend to the same encoding
         mask = None if mask is None else np.repeat(mask, k, axis=0)
         own = self._empty_cache(batch * k)

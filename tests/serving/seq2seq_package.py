@@ -105,8 +105,9 @@ def eager_model(root: Path, kind: str, adapter: str | None):
 
 def eager_tokens(root: Path, kind: str, adapter: str | None, prompts: list[list[int]], pad: int, eos: set[int],
                  model: Any = None, **kwargs) -> list[list[int]]:
-    """Greedy tokens of eager transformers (+ PEFT) ``generate`` (of ``model``, else :func:`eager_model`'s) for the
-    right-padded ``prompts``, each row cut after its first end-of-text token (``generate`` pads a finished row)."""
+    """Greedy tokens (or beam search's, by ``kwargs``) of eager transformers (+ PEFT) ``generate`` (of ``model``, else
+    :func:`eager_model`'s) for the right-padded ``prompts``, each row cut after its first end-of-text token
+    (``generate`` pads a finished row)."""
     model = eager_model(root, kind, adapter) if model is None else model
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad)
@@ -115,7 +116,7 @@ def eager_tokens(root: Path, kind: str, adapter: str | None, prompts: list[list[
         ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, **kwargs)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **{"num_beams": 1, **kwargs})
     return [_cut(row[1:], eos) for row in out.tolist()]
 
 
@@ -215,7 +216,8 @@ def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
     """Export ``ARCHITECTURES[kind]`` with an ``all-linear`` PEFT adapter (nonzero ``B``) and assert that the
     package's greedy tokens, base and adapter, equal eager transformers + PEFT ``generate`` on a padded batch (or
     two speech rows: Speech2Text's 40 frames, Moonshine's and SpeechT5's 3,200 samples), and for token inputs that a batch mixing
-    rows with and without the adapter gives each row those tokens."""
+    rows with and without the adapter gives each row those tokens and that beam search (no repeated n-grams of the
+    output or of the input) gives eager's tokens with the adapter."""
     import peft
     import transformers
 
@@ -261,3 +263,8 @@ def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
         rows = ["ad", None, "ad"]
         mixed = served.generate(PROMPTS, adapters=rows, max_new_tokens=new, min_new_tokens=new)
         assert mixed == [alone[a][i] for i, a in enumerate(rows)]
+        # beam search with the adapter, n-grams of the output and of the input kept from repeating
+        search = dict(num_beams=3, length_penalty=0.8, no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=2)
+        ours = served.generate(PROMPTS[:1], adapters="ad", max_new_tokens=new, **search)
+        assert ours == eager_tokens(root, kind, "ad", PROMPTS[:1], served.pad, set(served.eos), model=model,
+                                    max_new_tokens=new, **search)
