@@ -248,20 +248,21 @@ def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
         model = peft.PeftModel.from_pretrained(model, root / "ad").eval() if adapter else model
         kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
         if main == "input_ids":
-            ours = alone[adapter] = served.generate(PROMPTS, adapters=adapter, max_new_tokens=new, min_new_tokens=new)
+            ours = alone[adapter] = served.generate(PROMPTS, adapters=adapter, max_new_tokens=new, min_new_tokens=new,
+                                                    num_beams=1)  # greedy, where the config asks for beams too (FSMT)
             assert ours == eager_tokens(root, kind, adapter, PROMPTS, served.pad, set(), model=model,
                                         max_new_tokens=new, min_new_tokens=new)
             continue
         shape = [(40 if main == "input_features" else 3200) if d is None else d for d in served.layout.feature_shape]
         x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-        ours = served.generate(x.numpy(), adapters=adapter, max_new_tokens=new, min_new_tokens=new)
+        ours = served.generate(x.numpy(), adapters=adapter, max_new_tokens=new, min_new_tokens=new, num_beams=1)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ref = model.generate(**{main: x}, **kwargs)
         assert ours == [row[-new:] for row in ref.tolist()]
     if main == "input_ids":  # rows with and without the adapter in one batch (the mixed-adapter models)
         rows = ["ad", None, "ad"]
-        mixed = served.generate(PROMPTS, adapters=rows, max_new_tokens=new, min_new_tokens=new)
+        mixed = served.generate(PROMPTS, adapters=rows, max_new_tokens=new, min_new_tokens=new, num_beams=1)
         assert mixed == [alone[a][i] for i, a in enumerate(rows)]
         # beam search with the adapter, n-grams of the output and of the input kept from repeating
         search = dict(num_beams=3, length_penalty=0.8, no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=2)
