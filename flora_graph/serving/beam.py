@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BEAM_DEFAULTS", "NO_RULES", "BeamSearch", "Rules", "banned_ngram_tokens", "beam_defaults", "log_softmax",
-           "ngram_table", "process_scores"]
+__all__ = ["BEAM_DEFAULTS", "NO_RULES", "SCORE_SETTINGS", "BeamSearch", "Rules", "banned_ngram_tokens", "beam_defaults",
+           "log_softmax", "ngram_table", "process_scores", "unapplied_settings"]
 
 _PENALTY = np.float32(-1.0e9)
 """What transformers adds to a score that must not be chosen (a finished or stopped hypothesis)."""
@@ -61,6 +61,35 @@ def beam_defaults(given) -> dict[str, bool | float | int | str]:
         out["length_penalty"] = float(v)
     if given.get("early_stopping") in (True, False, "never"):
         out["early_stopping"] = given["early_stopping"]
+    return out
+
+
+SCORE_SETTINGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                  "repetition_penalty", "encoder_repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+                  "encoder_no_repeat_ngram_size", "bad_words_ids", "force_words_ids", "renormalize_logits",
+                  "constraints", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+                  "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+                  "guidance_scale", "num_beams", "num_beam_groups", "diversity_penalty", "penalty_alpha", "dola_layers",
+                  "min_length", "min_new_tokens", "early_stopping", "watermarking_config")
+"""The generation config's settings that change which tokens ``generate`` chooses."""
+
+
+def unapplied_settings(generation_config, applied: Collection[str]) -> list[str]:
+    """``key=value`` for each setting of ``generation_config`` (transformers' ``GenerationConfig``, or ``None``)
+    that changes the tokens ``generate`` chooses, is not transformers' default and is not among ``applied`` (what a
+    package carries); beam sampling (a package samples without beams) and a ``bad_words_ids`` entry of several tokens
+    (a package keeps single tokens out) among them."""
+    if generation_config is None or not hasattr(generation_config, "to_diff_dict"):
+        return []
+    given = generation_config.to_diff_dict()
+    out = [f"{k}={given[k]!r}" for k in SCORE_SETTINGS if k in given and given[k] is not None and k not in applied]
+    if "num_beams" in applied and given.get("do_sample") and (given.get("num_beams") or 1) > 1:
+        out.append(f"num_beams={given['num_beams']} with do_sample=True (beam sampling; the package samples one "
+                   "hypothesis)")
+    if "bad_words_ids" in applied:
+        longer = [w for w in given.get("bad_words_ids") or [] if isinstance(w, list | tuple) and len(w) > 1]
+        if longer:
+            out.append(f"bad_words_ids={longer!r} (sequences of several tokens)")
     return out
 
 

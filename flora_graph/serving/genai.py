@@ -331,6 +331,12 @@ def export_genai(
     graph = capture_causal_lm(model, name=arch, share_weights=True, layout=layout)
     # the graph's weights keep the tensors' memory alive: from here on the model is its configs
     model = SimpleNamespace(config=model.config, generation_config=getattr(model, "generation_config", None))
+    from flora_graph.serving.beam import unapplied_settings
+
+    skipped = unapplied_settings(model.generation_config, SEARCH_DEFAULTS)
+    if skipped:
+        note(f"the generation config's {', '.join(skipped)}: not applied by the package (eager generate applies "
+             "them)")
     seconds["capture"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

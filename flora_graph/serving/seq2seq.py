@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 
 from flora_graph.errors import AdapterError, FloraGraphError
-from flora_graph.serving.beam import BeamSearch, Rules, beam_defaults, ngram_table
+from flora_graph.serving.beam import BEAM_DEFAULTS, BeamSearch, Rules, beam_defaults, ngram_table, unapplied_settings
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
+from flora_graph.serving.genai import SEARCH_DEFAULTS, copy_present, search_defaults
 from flora_graph.serving.generate import GenerationError, Row, RowSettings, pick_token, take_token
 from flora_graph.serving.mixed import MixedAdapterSession
 from flora_graph.serving.session import AdapterSession, OrtModel
@@ -96,12 +97,15 @@ def _token_ids(value: Any, vocab: int) -> list[int]:
     return [int(t) for t in values if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab]
 
 
+SEQ2SEQ_APPLIED = frozenset({*SEARCH_DEFAULTS, *BEAM_DEFAULTS, "min_length", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                             "begin_suppress_tokens", "bad_words_ids"})
+"""The generation config's token-choosing settings an encoder-decoder package carries (:func:`package_config`)."""
+
+
 def package_config(model: Any, layout: Any) -> dict[str, Any]:
     """The ``seq2seq_config.json`` document of a package of ``model`` (its config and generation config; the
     generation config's values first, as transformers' ``generate`` reads them) with cache ``layout``."""
     from flora_graph.frontend.seq2seq_lm import vocab_size
-    from flora_graph.serving.beam import BEAM_DEFAULTS
-    from flora_graph.serving.genai import SEARCH_DEFAULTS, search_defaults
 
     cfg, gen = model.config, getattr(model, "generation_config", None)
     vocab = vocab_size(cfg, "decoder")
@@ -146,6 +150,7 @@ def package_config(model: Any, layout: Any) -> dict[str, Any]:
         "search": {
             **search_defaults({k: getattr(gen, k, None) for k in SEARCH_DEFAULTS}),
             **beam_defaults({k: getattr(gen, k, None) for k in BEAM_DEFAULTS}),
+            **({"num_beams": 1} if getattr(gen, "do_sample", False) else {}),  # no beam sampling: it samples one
             "min_length": int(getattr(gen, "min_length", None) or 0),
             "forced_bos_token_id": one("forced_bos_token_id"),
             "forced_eos_token_id": one("forced_eos_token_id"),
@@ -169,13 +174,7 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     culprit; on failure nothing at ``out`` changes.
     """
     from flora_graph.model_export import check_adapter_folder, check_model_folder
-    from flora_graph.serving.genai import (
-        TOKENIZER_FILES,
-        _adapter_params,
-        _read_sites,
-        _refuse_unswappable,
-        copy_present,
-    )
+    from flora_graph.serving.genai import TOKENIZER_FILES, _adapter_params, _read_sites, _refuse_unswappable
 
     say = progress or (lambda msg: None)
     adapters = dict(adapters or {})
@@ -212,6 +211,9 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
         apply_lora(model, sites, rank=1)
     graphs = dict(zip(PARTS, capture_seq2seq(model, name=arch, share_weights=True, layout=layout), strict=True))
     doc = package_config(model, layout)
+    skipped = unapplied_settings(getattr(model, "generation_config", None), SEQ2SEQ_APPLIED)
+    if skipped:
+        note(f"the generation config's {', '.join(skipped)}: not applied by the package (eager generate applies them)")
     model = SimpleNamespace(config=model.config)  # the graphs' weights keep the tensors alive: the model is its config
     seconds["capture"] = time.perf_counter() - t0
 
@@ -301,7 +303,6 @@ class Seq2SeqGenerator:
 
     def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True) -> None:
         from flora_graph.frontend.seq2seq_lm import Seq2SeqLayout
-        from flora_graph.serving.genai import search_defaults
 
         self.package = Path(package)
         path = self.package / SEQ2SEQ_CONFIG

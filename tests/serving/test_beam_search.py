@@ -354,3 +354,31 @@ def test_several_sequences_per_input_as_eager_returns_them(seq2seq_packages: dic
         Generator(package).batch().add(PROMPT, do_sample=True, num_return_sequences=2)
     assert len(Generator(package).generate([PROMPT, PROMPT[:3]], do_sample=True, num_return_sequences=2,
                                            max_new_tokens=4)) == 4
+
+
+def test_generation_settings_a_package_does_not_apply_are_reported(tmp_path: Path) -> None:
+    """Settings of the generation config that change the tokens and that the package does not carry (group beam
+    search, typical sampling, a banned word of two tokens) are named in the export's notes; those it carries are
+    not."""
+    from flora_graph.serving.beam import unapplied_settings
+    from flora_graph.serving.seq2seq import SEQ2SEQ_APPLIED, export_seq2seq
+    from tests.serving.seq2seq_package import make_folders
+
+    gc = transformers.GenerationConfig(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, typical_p=0.9,
+                                       no_repeat_ngram_size=3, bad_words_ids=[[5], [6, 7]], max_length=40)
+    assert unapplied_settings(gc, SEQ2SEQ_APPLIED) == ["typical_p=0.9", "num_beam_groups=2", "diversity_penalty=0.5",
+                                                       "bad_words_ids=[[6, 7]] (sequences of several tokens)"]
+    assert unapplied_settings(transformers.GenerationConfig(), SEQ2SEQ_APPLIED) == []
+    assert unapplied_settings(None, SEQ2SEQ_APPLIED) == []
+    root = make_folders(tmp_path, "marian")
+    model = transformers.MarianMTModel.from_pretrained(root / "base")
+    model.generation_config.update(typical_p=0.9, do_sample=True, num_beams=4)
+    model.save_pretrained(root / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = export_seq2seq(root / "base", tmp_path / "pkg")
+    assert any("typical_p=0.9" in n and "not applied" in n for n in report.notes)
+    assert any("num_beams=4 with do_sample=True (beam sampling" in n for n in report.notes)
+    gen = Seq2SeqGenerator(tmp_path / "pkg")
+    assert gen.defaults["num_beams"] == 1 and gen.defaults["do_sample"]  # it samples by default, one hypothesis
+    assert len(gen.generate(PROMPTS[:1], max_new_tokens=4, min_new_tokens=4, seed=0)[0]) == 4
