@@ -252,6 +252,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
     if args.temperature is not None and args.temperature > 0 and args.num_beams is None:
         settings["num_beams"] = 1  # sampling asked for: one hypothesis a row, whatever the package's search says
+    if args.num_beams is not None and args.num_beams > 1 and args.temperature is None:
+        settings["do_sample"] = False  # beam search asked for: greedy, whatever the package's search says
     if args.ignore_eos:
         settings["stop_tokens"] = []
     return settings
