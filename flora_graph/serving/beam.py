@@ -1,10 +1,11 @@
 """Beam search and the score rules of a generation config, on numpy, as transformers' ``generate`` applies them.
 
 :func:`process_scores` is the one place where a row's next-token scores are changed before a token is chosen,
-greedy, sampled or by beam search: the repetition penalty, ``no_repeat_ngram_size``, the minimum length (no stop
-token before it), the forced first and last tokens and the suppressed tokens of a package's generation config
-(:class:`Rules`), in the order of transformers' logits processors. Greedy and sampled steps apply them to the
-logits, beam search to the log-probabilities, as transformers does.
+greedy, sampled or by beam search: the repetition penalty, ``no_repeat_ngram_size`` (and an encoder-decoder's
+``encoder_no_repeat_ngram_size``), the minimum length (no stop token before it), the forced first and last tokens
+and the suppressed tokens of a package's generation config (:class:`Rules`), in the order of transformers' logits
+processors. Greedy and sampled steps apply them to the logits, beam search to the log-probabilities, as
+transformers does. :func:`unapplied_settings` names what a generation config asks that a package does not carry.
 
 :class:`BeamSearch` keeps ``num_beams`` hypotheses per input and picks, at every step, the best ``num_beams``
 continuations of all of them, with the length penalty and stopping rules of transformers' vectorized beam search
@@ -45,7 +46,8 @@ NO_RULES = Rules()
 
 BEAM_DEFAULTS: dict[str, bool | float | int | str] = {"num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
                                                      "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0}
-"""The beam search settings a package carries from its model's generation config (with transformers' defaults)."""
+"""The beam search and n-gram settings a package carries from its model's generation config (with transformers'
+defaults)."""
 
 
 def beam_defaults(given) -> dict[str, bool | float | int | str]:
