@@ -553,9 +553,12 @@ class Batch:
                stop_tokens: Iterable[int] | None = None, **settings: Any) -> list[list[int]]:
         """Beam search (:class:`~flora_graph.serving.beam.BeamSearch`, ``settings["num_beams"]`` hypotheses, the
         package's :attr:`Generator.defaults` for settings not given) for each prompt, with ``adapters[i]``: the
-        tokens of its best hypothesis, the stop token included. A prompt's hypotheses run as the rows of one
-        call a step, their caches reordered as the search picks them; the prompts one after the other. Every
-        request is checked before anything runs; the batch's own rows are left as they are."""
+        tokens of its best hypotheses (``num_return_sequences`` of them, rows ``i * n + j``), the stop token
+        included. Each prompt is prefilled alone and searches on its own, as it would alone; the hypotheses of
+        every prompt still searching run as the rows of one call a step (padded as the package pads its cache,
+        rows with different adapters through its mixed model), their caches reordered as the searches pick them
+        and a prompt's rows dropped when its search stops. Every request is checked before anything runs; the
+        batch's own rows are left as they are."""
         adapters = [None] * len(prompts) if adapters is None else list(adapters)
         if len(adapters) != len(prompts):
             raise GenerationError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
@@ -565,26 +568,66 @@ class Batch:
                 requests.append(self._request(prompt, adapter, None, stop_tokens, settings, beams=True))
             except ServingError as exc:
                 raise type(exc)(f"prompt {i}: {exc}") from None
-        gen, out = self.gen, []
+        gen = self.gen
+        if len(set(adapters)) > 1 and gen._mixed is None:  # one adapter a call: the prompts by adapter
+            out: list[list[list[int]]] = [[] for _ in prompts]
+            for name in dict.fromkeys(adapters):
+                mine = [i for i, a in enumerate(adapters) if a == name]
+                found = self.search([prompts[i] for i in mine], adapters=[name] * len(mine), stop_tokens=stop_tokens,
+                                    **settings)
+                n = len(found) // len(mine)
+                for j, i in enumerate(mine):
+                    out[i] = found[j * n:(j + 1) * n]
+            return [h for hyps in out for h in hyps]
+        k = requests[0][1].num_beams
+        searches, caches, firsts = [], [], []
         for (ids, rs), adapter in zip(requests, adapters, strict=True):
-            k = rs.num_beams
-            cache, mask, logits = self._prefill(ids, adapter)
-            beams = BeamSearch([ids], k, rs, rs.stop_tokens)
-            cache = [np.repeat(c, k, axis=0) for c in cache]
-            mask = np.repeat(mask, k, axis=0)
-            logits = np.repeat(logits[None], k, axis=0)
-            while True:
-                beams.step(logits)
+            cache, _, logits = self._prefill(ids, adapter)
+            searches.append(BeamSearch([ids], k, rs, rs.stop_tokens))
+            caches.append(cache)
+            firsts.append(logits)
+        lens = np.repeat([len(ids) for ids, _ in requests], k)  # tokens in each row's cache
+        width = int(lens.max())
+        right = gen.right_padded
+        cache = [np.concatenate([np.repeat(c[j] if state else _stack_right(c[j][:0], c[j], width) if right
+                                           else _left_pad(c[j], width), k, axis=0) for c in caches])
+                 for j, state in enumerate(gen._is_state)]
+        mask = ((np.arange(width)[None, :] < lens[:, None]) if right
+                else (np.arange(width)[None, :] >= width - lens[:, None])).astype(gen._mask_dtype)
+        names = [a for a in adapters for _ in range(k)]
+        logits = np.repeat(np.stack(firsts), k, axis=0)
+        live, results = list(range(len(prompts))), [[] for _ in prompts]
+        while True:
+            order, tokens, going = [], [], []
+            for g, i in enumerate(live):  # each prompt's search picks from its rows' logits
+                beams = searches[i]
+                beams.step(logits[g * k:(g + 1) * k])
                 if beams.done:
-                    break
-                cache = [c[beams.reorder] for c in cache]
-                mask = np.concatenate([mask, np.ones((k, 1), mask.dtype)], axis=1)
-                step = self._call(beams.tokens.astype(gen._id_dtype).reshape(k, 1), mask,
-                                  np.full((k, 1), beams.cur - 1, gen._pos_dtype), cache, [adapter] * k)
-                cache = [step[n] for n in gen._present]
-                logits = step["logits"][:, -1]
-            out.extend(beams.result[0] or [])
-        return out
+                    results[i] = beams.result[0] or []
+                    continue
+                going.append(i)
+                order.extend(g * k + beams.reorder)
+                tokens.extend(beams.tokens.tolist())
+            if not going:
+                break
+            order = np.asarray(order)
+            cache, lens, mask = [c[order] for c in cache], lens[order], mask[order]
+            names = [names[r] for r in order]
+            live = going
+            if right:  # each row's token after its own tokens; positions past the longest row dropped
+                width = int(lens.max())
+                cache = [c if state else c[:, :, :width] for c, state in zip(cache, gen._is_state, strict=True)]
+                mask = (np.arange(width + 1)[None, :] < lens[:, None] + 1).astype(gen._mask_dtype)
+            else:  # left-padded: positions that every row pads dropped (a long prompt's search stopped)
+                first = int(np.argmax(mask.any(axis=0)))
+                cache = [c if state else c[:, :, first:] for c, state in zip(cache, gen._is_state, strict=True)]
+                mask = np.concatenate([mask[:, first:], np.ones((len(mask), 1), mask.dtype)], axis=1)
+            step = self._call(np.asarray(tokens, gen._id_dtype).reshape(-1, 1), mask,
+                              lens.astype(gen._pos_dtype).reshape(-1, 1), cache, names)
+            cache = [step[n] for n in gen._present]
+            lens = lens + 1
+            logits = step["logits"][:, -1]
+        return [h for hyps in results for h in hyps]
 
     def _new_row(self, ids: list[int], adapter: str | None, rs: RowSettings, seed: int | None) -> Row:
         row = Row(self._next_id, adapter, rs, ids, len(ids), np.random.default_rng(seed))

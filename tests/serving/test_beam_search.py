@@ -382,3 +382,23 @@ def test_generation_settings_a_package_does_not_apply_are_reported(tmp_path: Pat
     gen = Seq2SeqGenerator(tmp_path / "pkg")
     assert gen.defaults["num_beams"] == 1 and gen.defaults["do_sample"]  # it samples by default, one hypothesis
     assert len(gen.generate(PROMPTS[:1], max_new_tokens=4, min_new_tokens=4, seed=0)[0]) == 4
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_decoder_prompts_search_together_as_each_alone(package: Path, mixed: bool) -> None:
+    """Prompts of different lengths and adapters searching in one call a step (the right-padded Llama's caches; with
+    ``mixed=False`` one call per adapter): each prompt's hypotheses those of its search alone, stopping at different
+    steps."""
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import PROMPT
+
+    gen = Generator(package, mixed=mixed)
+    prompts = [PROMPT, [1, 7], [1, 9, 4, 4, 8, 30, 31, 2, 5, 6], PROMPT[:4]]
+    names = ["all7", None, "qdown", "all7"]
+    kw = dict(SEARCHES["never-ngram"], max_new_tokens=14, num_return_sequences=2)
+    alone = [gen.generate([p], adapters=a, **kw) for p, a in zip(prompts, names, strict=True)]
+    stops = [alone[0][0][5], alone[2][0][3]]
+    alone = [gen.generate([p], adapters=a, stop_tokens=stops, **kw) for p, a in zip(prompts, names, strict=True)]
+    together = gen.generate(prompts, adapters=names, stop_tokens=stops, **kw)
+    assert together == [h for hyps in alone for h in hyps]
+    assert len({len(hyps[0]) for hyps in alone}) > 1  # the searches stopped at different steps
