@@ -405,8 +405,9 @@ def _vllm(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path], prom
 SWITCH_MS: list[float] = []  # each set_active_adapter call of a GenAI generation, in ms
 
 
-def _genai_runner(og, package: Path, adapters: dict[str, Path], prompt: list[int]):
-    """``run(adapter, new) -> (tokens, seconds)`` on the GenAI package ``package`` (its adapters loaded)."""
+def _genai_runner(og, package: Path, adapters: dict[str, Path], prompt: list[int], **search):
+    """``run(adapter, new) -> (tokens, seconds)`` on the GenAI package ``package`` (its adapters loaded); ``search``:
+    more search options (``num_beams``)."""
     model = og.Model(_one_thread(package))
     loaded = og.Adapters(model)
     for n in adapters:
@@ -415,7 +416,8 @@ def _genai_runner(og, package: Path, adapters: dict[str, Path], prompt: list[int
 
     def run(adapter: str | None, new: int) -> tuple[list[int], float]:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+        params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False,
+                                  **search)
         t = time.perf_counter()
         gen = og.Generator(model, params)
         if adapter:

@@ -201,6 +201,9 @@ def _top(scores: np.ndarray, k: int, block: int = 256) -> np.ndarray:
         best = np.sort(np.argpartition(-highs, k - 1, axis=1)[:, :k], axis=1)
         idx = (best[:, :, None] * block + np.arange(block)).reshape(rows_n, -1)
         scores = padded[rows, idx]
+    elif 4 * k < n:  # the k highest first, then their order (ties: lowest index, as sorted)
+        idx = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
+        scores = scores[rows, idx]
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return idx[rows, order]
 

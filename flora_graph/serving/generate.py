@@ -555,9 +555,10 @@ class Batch:
         package's :attr:`Generator.defaults` for settings not given) for each prompt, with ``adapters[i]``: the
         tokens of its best hypotheses (``num_return_sequences`` of them, rows ``i * n + j``), the stop token
         included. Each prompt is prefilled alone and searches on its own, as it would alone; the hypotheses of
-        every prompt still searching run as the rows of one call a step (padded as the package pads its cache,
-        rows with different adapters through its mixed model), their caches reordered as the searches pick them
-        and a prompt's rows dropped when its search stops. Every request is checked before anything runs; the
+        every prompt still searching run as the rows of one call a step (padded as the package pads its cache:
+        a right-padded package's in buffers that are past and present at once, reordered in place; rows with
+        different adapters through its mixed model), their caches reordered as the searches pick them and a
+        prompt's rows dropped when its search stops. Every request is checked before anything runs; the
         batch's own rows are left as they are."""
         adapters = [None] * len(prompts) if adapters is None else list(adapters)
         if len(adapters) != len(prompts):
@@ -589,11 +590,16 @@ class Batch:
         lens = np.repeat([len(ids) for ids, _ in requests], k)  # tokens in each row's cache
         width = int(lens.max())
         right = gen.right_padded
-        cache = [np.concatenate([np.repeat(c[j] if state else _stack_right(c[j][:0], c[j], width) if right
-                                           else _left_pad(c[j], width), k, axis=0) for c in caches])
-                 for j, state in enumerate(gen._is_state)]
-        mask = ((np.arange(width)[None, :] < lens[:, None]) if right
-                else (np.arange(width)[None, :] >= width - lens[:, None])).astype(gen._mask_dtype)
+        if right:  # buffers that are past and present at once, reordered in place (SharedCache)
+            capacity = max(len(ids) + rs.max_new_tokens for ids, rs in requests)
+            shared = SharedCache(gen._past, gen._present, gen._id_dtype, gen._mask_dtype,
+                                 gen._pos_dtype if gen.takes_position_ids else None)
+            shared.set([np.concatenate([np.repeat(_stack_right(c[j][:0], c[j], capacity), k, axis=0) for c in caches])
+                        for j in range(len(gen._past))], lens.tolist())
+        else:
+            cache = [np.concatenate([np.repeat(c[j] if state else _left_pad(c[j], width), k, axis=0) for c in caches])
+                     for j, state in enumerate(gen._is_state)]
+            mask = (np.arange(width)[None, :] >= width - lens[:, None]).astype(gen._mask_dtype)
         names = [a for a in adapters for _ in range(k)]
         logits = np.repeat(np.stack(firsts), k, axis=0)
         live, results = list(range(len(prompts))), [[] for _ in prompts]
@@ -611,22 +617,24 @@ class Batch:
             if not going:
                 break
             order = np.asarray(order)
-            cache, lens, mask = [c[order] for c in cache], lens[order], mask[order]
-            names = [names[r] for r in order]
-            live = going
-            if right:  # each row's token after its own tokens; positions past the longest row dropped
-                width = int(lens.max())
-                cache = [c if state else c[:, :, :width] for c, state in zip(cache, gen._is_state, strict=True)]
-                mask = (np.arange(width + 1)[None, :] < lens[:, None] + 1).astype(gen._mask_dtype)
+            lens, names, live = lens[order], [names[r] for r in order], going
+            if right:  # row i's token goes to position lens[i] of its buffers, in place
+                if len(order) < len(shared.arrays[0]):  # a prompt's search stopped: its rows leave
+                    shared.set([a[order] for a in shared.arrays], lens.tolist())
+                else:  # the same rows reordered: the bound buffers keep their memory
+                    for a in shared.arrays:
+                        a[:] = a[order]
+                logits = gen._run_shared(shared, tokens, lens.tolist(), names, gen._model_for(names), self._vocab)[:, -1]
             else:  # left-padded: positions that every row pads dropped (a long prompt's search stopped)
+                cache, mask = [c[order] for c in cache], mask[order]
                 first = int(np.argmax(mask.any(axis=0)))
                 cache = [c if state else c[:, :, first:] for c, state in zip(cache, gen._is_state, strict=True)]
                 mask = np.concatenate([mask[:, first:], np.ones((len(mask), 1), mask.dtype)], axis=1)
-            step = self._call(np.asarray(tokens, gen._id_dtype).reshape(-1, 1), mask,
-                              lens.astype(gen._pos_dtype).reshape(-1, 1), cache, names)
-            cache = [step[n] for n in gen._present]
+                step = self._call(np.asarray(tokens, gen._id_dtype).reshape(-1, 1), mask,
+                                  lens.astype(gen._pos_dtype).reshape(-1, 1), cache, names)
+                cache = [step[n] for n in gen._present]
+                logits = step["logits"][:, -1]
             lens = lens + 1
-            logits = step["logits"][:, -1]
         return [h for hyps in results for h in hyps]
 
     def _new_row(self, ids: list[int], adapter: str | None, rs: RowSettings, seed: int | None) -> Row:

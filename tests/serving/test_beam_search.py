@@ -402,3 +402,15 @@ def test_decoder_prompts_search_together_as_each_alone(package: Path, mixed: boo
     together = gen.generate(prompts, adapters=names, stop_tokens=stops, **kw)
     assert together == [h for hyps in alone for h in hyps]
     assert len({len(hyps[0]) for hyps in alone}) > 1  # the searches stopped at different steps
+
+
+def test_top_continuations_equal_a_full_sort() -> None:
+    """The top ``k`` of each row, by every path (a full sort, a partition, the blocks of highest maximum over a long
+    row): a stable full sort's, values and indices (ties kept off the cut)."""
+    from flora_graph.serving.beam import _top
+
+    rng = np.random.default_rng(0)
+    for n, k in [(7, 5), (300, 8), (2048, 8), (4 * 32128, 8), (5000, 16), (70000, 2)]:
+        x = rng.permutation(n * 3).reshape(3, n).astype(np.float32)  # distinct values
+        x[:, 1] = x[:, 0]  # a tie, kept first if among the top: lowest index first
+        np.testing.assert_array_equal(_top(x, k), np.argsort(-x, axis=1, kind="stable")[:, :k])

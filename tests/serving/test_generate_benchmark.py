@@ -38,3 +38,14 @@ def test_int4_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
     out = capsys.readouterr().out
     assert "greedy tokens equal (GenAI and the Generator on each int4 package, base and a0): True" in out
     assert "int4 int8-activations/builder int4" in out and "model size: fp32" in out
+
+
+@pytest.mark.slow
+def test_beam_search_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))
+        bench = importlib.import_module("beam_search")
+        assert bench.main(["--adapters", "2", "--new", "5", "--rounds", "1", "--prompts", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens equal eager's: generator True, genai True" in out
+    assert out.count("the same hypotheses: True") == 2 and "generator/genai" in out
