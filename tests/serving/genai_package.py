@@ -91,13 +91,14 @@ def eager_greedy(model, prompt: list[int], new: int, **kw) -> list[int]:
                               max_new_tokens=new, do_sample=False, **kw)[0, len(prompt):].tolist()
 
 
-def genai_tokens(model, prompt: list[int], new: int, adapters=None, adapter: str | None = None) -> list[int]:
-    """The ``new`` greedy tokens ONNX Runtime GenAI generates after ``prompt`` on ``og.Model`` ``model`` (with
-    ``adapter`` of ``og.Adapters`` ``adapters`` active), ``min_length`` keeping the end-of-text token out."""
+def genai_tokens(model, prompt: list[int], new: int, adapters=None, adapter: str | None = None, **search) -> list[int]:
+    """The ``new`` greedy tokens (beam search's, by ``search`` options such as ``num_beams``) ONNX Runtime GenAI
+    generates after ``prompt`` on ``og.Model`` ``model`` (with ``adapter`` of ``og.Adapters`` ``adapters`` active),
+    ``min_length`` keeping the end-of-text token out."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False, **search)
     g = og.Generator(model, params)
     if adapter:
         g.set_active_adapter(adapters, adapter)

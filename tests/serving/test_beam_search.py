@@ -14,7 +14,7 @@ import torch
 from flora_graph.serving.beam import Rules, banned_ngram_tokens, log_softmax, process_scores
 from flora_graph.serving.generate import GenerationError, RowSettings
 from flora_graph.serving.seq2seq import SEQ2SEQ_CONFIG, Seq2SeqGenerator
-from tests.serving.seq2seq_package import PROMPTS, _cut, eager_model
+from tests.serving.seq2seq_package import PROMPTS, _cut, eager_model, eager_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,22 +24,6 @@ SEARCHES = {  # each a different path through the search: the default stop rule,
     "never-ngram": dict(num_beams=4, length_penalty=0.5, early_stopping="never", no_repeat_ngram_size=2),
     "short-penalty": dict(num_beams=2, length_penalty=-1.0, repetition_penalty=1.3),
 }
-
-
-def _eager(root: Path, kind: str, adapter: str | None, prompts: list[list[int]], pad: int, eos: set[int],
-           **kwargs) -> list[list[int]]:
-    """Eager transformers (+ PEFT) ``generate`` on the right-padded ``prompts``, each row cut after its first
-    end-of-text token."""
-    model = eager_model(root, kind, adapter)
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad)
-    mask = torch.zeros(len(prompts), width, dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
-    return [_cut(row[1:], eos) for row in out.tolist()]
 
 
 @pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
@@ -54,7 +38,7 @@ def test_beam_search_equals_eager_generate(seq2seq_packages: dict[str, Path], ki
     gen = Seq2SeqGenerator(root / "pkg")
     kw = SEARCHES[search]
     ours = gen.generate(PROMPTS, adapters=adapter, max_new_tokens=24, **kw)
-    assert ours == _eager(root, kind, adapter, PROMPTS, gen.pad, set(gen.eos), max_new_tokens=24, **kw)
+    assert ours == eager_tokens(root, kind, adapter, PROMPTS, gen.pad, set(gen.eos), max_new_tokens=24, **kw)
     if search == "beams4":  # the search finds other tokens than greedy decoding
         assert ours != gen.generate(PROMPTS, adapters=adapter, max_new_tokens=24)
 
@@ -66,7 +50,7 @@ def test_beam_search_stops_inputs_at_different_steps(seq2seq_packages: dict[str,
     kw = SEARCHES["never-ngram"]
     ours = gen.generate(PROMPTS, adapters="all", max_new_tokens=24, **kw)
     assert len({len(r) for r in ours}) == 3 and sum(r[-1] in gen.eos for r in ours) == 2
-    assert ours == _eager(root, "t5", "all", PROMPTS, gen.pad, set(gen.eos), max_new_tokens=24, **kw)
+    assert ours == eager_tokens(root, "t5", "all", PROMPTS, gen.pad, set(gen.eos), max_new_tokens=24, **kw)
 
 
 def test_whisper_beam_search_equals_eager_generate(seq2seq_packages: dict[str, Path]) -> None:
@@ -301,21 +285,13 @@ def test_decoder_beam_search_equals_onnxruntime_genai(package: Path, adapter: st
     """ONNX Runtime GenAI's own beam search on the same package (the adapter loaded from its file): the same tokens."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai does not import on this platform")
     from flora_graph.serving.generate import Generator
-    from tests.serving.genai_package import PROMPT
+    from tests.serving.genai_package import PROMPT, genai_tokens
 
     model = og.Model(str(package))
     adapters = og.Adapters(model)
     adapters.load(str(package / "adapters" / "all7.onnx_adapter"), "all7")
     for kw in (dict(num_beams=4), dict(num_beams=3, length_penalty=2.0, early_stopping=True)):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(PROMPT) + 16, min_length=len(PROMPT) + 16, do_sample=False, **kw)
-        search = og.Generator(model, params)
-        if adapter:
-            search.set_active_adapter(adapters, adapter)
-        search.append_tokens(PROMPT)
-        while not search.is_done():
-            search.generate_next_token()
-        theirs = [int(t) for t in search.get_sequence(0)][len(PROMPT):]
+        theirs = genai_tokens(model, PROMPT, 16, adapters, adapter, **kw)
         ours = Generator(package).generate([PROMPT], adapters=adapter, max_new_tokens=16, min_new_tokens=16, **kw)[0]
         assert ours == theirs
 
@@ -334,7 +310,7 @@ def test_several_sequences_per_input_as_eager_returns_them(seq2seq_packages: dic
     kw = dict(num_beams=4, num_return_sequences=3, max_new_tokens=12)
     ours = gen.generate(PROMPTS, adapters="all", **kw)
     assert len(ours) == 3 * len(PROMPTS) and len({tuple(r) for r in ours[:3]}) == 3
-    assert ours == _eager(root, "t5", "all", PROMPTS, gen.pad, set(gen.eos), **kw)
+    assert ours == eager_tokens(root, "t5", "all", PROMPTS, gen.pad, set(gen.eos), **kw)
     model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(folders / "base"),
                                            folders / "all7").eval()
     with torch.no_grad(), warnings.catch_warnings():
