@@ -62,12 +62,12 @@ class RowSettings:
     ``no_repeat_ngram_size`` (0: none) keeps out every token that would repeat an n-gram of the row, and
     ``encoder_no_repeat_ngram_size`` (an encoder-decoder's) every token that would repeat one of its input.
 
-    ``num_return_sequences`` rows come back per prompt: the best hypotheses of beam search (at most
-    ``num_beams``), or as many draws of sampling. ``num_beams`` above 1 is beam search (:class:`~flora_graph.serving.beam.BeamSearch`, greedy only), with
+    ``num_beams`` above 1 is beam search (:class:`~flora_graph.serving.beam.BeamSearch`, greedy only), with
     transformers' ``length_penalty`` (a finished hypothesis scores its summed log-probabilities over its
     length to this power) and ``early_stopping`` (``True``: an input stops at ``num_beams`` finished
     hypotheses; ``False``: when no running one can beat them at its current length; ``"never"``: at the
-    length that could)."""
+    length that could). ``num_return_sequences`` rows come back per prompt: the best hypotheses of beam
+    search (at most ``num_beams``), or as many draws of sampling."""
 
     max_new_tokens: int = 32
     min_new_tokens: int = 0
