@@ -246,7 +246,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if args.temperature > 0:
             settings["temperature"] = args.temperature
     settings.update({k: getattr(args, k) for k in ("top_k", "top_p", "repetition_penalty", "num_beams", "length_penalty",
-                                                   "no_repeat_ngram_size", "num_return_sequences")
+                                                   "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+                                                   "num_return_sequences")
                      if getattr(args, k) is not None})
     if args.early_stopping is not None:
         settings["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
@@ -349,6 +350,9 @@ def add_cli(subparsers: Any) -> None:
                         "beat them (false), or only when none could at any length (never) (default: the package's)")
     g.add_argument("--no-repeat-ngram-size", type=int_at_least(0),
                    help="never repeat an n-gram of this size in a row, 0: allowed (default: the package's)")
+    g.add_argument("--encoder-no-repeat-ngram-size", type=int_at_least(0),
+                   help="an encoder-decoder package: never repeat an n-gram of this size of the input, 0: allowed "
+                        "(default: the package's)")
     g.add_argument("--num-return-sequences", type=int_at_least(1),
                    help="sequences printed per prompt: beam search's best hypotheses (at most --num-beams), or draws "
                         "(default: 1)")

@@ -390,3 +390,19 @@ def test_top_continuations_equal_a_full_sort() -> None:
         x = rng.permutation(n * 3).reshape(3, n).astype(np.float32)  # distinct values
         x[:, 1] = x[:, 0]  # a tie, kept first if among the top: lowest index first
         np.testing.assert_array_equal(_top(x, k), np.argsort(-x, axis=1, kind="stable")[:, :k])
+
+
+def test_cli_generate_searches_an_encoder_decoder_package(seq2seq_packages: dict[str, Path],
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """``flora-graph generate`` with beam search flags on a text encoder-decoder package: each input's best
+    hypothesis, the Seq2SeqGenerator's (``--encoder-no-repeat-ngram-size`` included)."""
+    from flora_graph.cli import main
+
+    pkg = seq2seq_packages["bart"] / "pkg"
+    assert main(["generate", str(pkg), "--ids", "5,9,33,70", "--ids", "7,3", "--adapter", "all", "--num-beams", "3",
+                 "--no-repeat-ngram-size", "2", "--encoder-no-repeat-ngram-size", "2", "--max-new-tokens", "10"]) == 0
+    want = Seq2SeqGenerator(pkg).generate([[5, 9, 33, 70], [7, 3]], adapters="all", num_beams=3, no_repeat_ngram_size=2,
+                                          encoder_no_repeat_ngram_size=2, max_new_tokens=10)
+    out = capsys.readouterr().out
+    for i, row in enumerate(want):
+        assert f"[{i}] adapter all: {' '.join(map(str, row))}" in out

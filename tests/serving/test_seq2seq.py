@@ -335,6 +335,15 @@ def test_cli_transcribes_wav_files_with_a_speech_package(seq2seq_packages: dict[
         assert feats.shape == (1, 8, 32)
         tokens = gen.generate(feats, adapters=adapter, max_new_tokens=6, min_new_tokens=6)[0]
         assert f"[{i}] {path} (adapter {adapter or 'none'}): {' '.join(map(str, tokens))}" in out
+    # beam search, two hypotheses a file, printed as [file.hypothesis]
+    assert main(["generate", str(pkg), "--audio", str(mono), "--adapter", "all", "--max-new-tokens", "6",
+                 "--num-beams", "3", "--num-return-sequences", "2"]) == 0
+    out = capsys.readouterr().out
+    feats = speech_inputs(pkg, "input_features", *read_wav(mono))
+    two = gen.generate(feats, adapters="all", max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    assert len(two) == 2 and two[0] != two[1]
+    for j, tokens in enumerate(two):
+        assert f"[0.{j}] {mono} (adapter all): {' '.join(map(str, tokens))}" in out
     _wav(tmp_path / "c.wav", 0.1 * np.sin(2 * np.pi * 440 * t), rate=8000)
     assert main(["generate", str(pkg), "--audio", str(tmp_path / "c.wav")]) == 2
     said = capsys.readouterr()
