@@ -278,12 +278,21 @@ def kv_shared_layers(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(pairs))
 
 
+def _whole_sliding_layer() -> type:
+    """A transformers ``DynamicLayer`` that keeps every position yet counts as a sliding-window layer: the mask
+    applies the window, and transformers builds a hybrid model's sliding-window mask from the first layer that says
+    it slides (its query offset that layer's length). Without the flag that mask read a linear-attention layer's
+    token count, which the flat cache does not carry, and decoded every query at position 0."""
+    from transformers.cache_utils import DynamicLayer
+
+    return type("_WholeSlidingLayer", (DynamicLayer,), {"is_sliding": True})
+
+
 def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any:
     """A transformers ``DynamicCache`` holding the flat ``past`` (in :meth:`CacheLayout.entries` order). A recurrent
     layer's states are copies (the layer updates them in place) that it takes as its previous state: zeros are
     the state of an empty cache, so one graph serves prefill and decode."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     if not layout.states:
         cache = DynamicCache()  # full layers: a sliding window is the mask's business, the cache keeps every position
@@ -291,6 +300,7 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
             cache.update(past[2 * i], past[2 * i + 1], i)
         return cache
     cache = DynamicCache(config=config)
+    whole_sliding = _whole_sliding_layer()
     keys: dict[int, torch.Tensor] = {}
     for (i, kind), t in zip(layout.entries(), past, strict=True):
         layer = cache.layers[i]
@@ -298,7 +308,7 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
             keys[i] = t
         elif kind == "value":
             if type(layer).__name__ == "DynamicSlidingWindowLayer":
-                cache.layers[i] = DynamicLayer()  # every position kept, as above
+                cache.layers[i] = whole_sliding()  # every position kept, as above
             cache.update(keys.pop(i), t, i)
         else:
             getattr(layer, f"{kind}_states")[0] = t.clone()

@@ -143,6 +143,12 @@ def _config(arch: str):
             **COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=32, linear_num_value_heads=4, linear_num_key_heads=2,
             linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
+        # linear attention beside a sliding-window layer (the only one with rotary embeddings) and experts
+        "LaraMiniForCausalLM": lambda: transformers.LaraMiniConfig(
+            **COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "sliding_attention"],
+            sliding_window=3),
         "Qwen3_5MoeForCausalLM": lambda: transformers.Qwen3_5MoeTextConfig(  # Qwen3.5's with experts
             **COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=32, linear_num_value_heads=4, linear_num_key_heads=2,

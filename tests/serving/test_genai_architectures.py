@@ -320,6 +320,18 @@ def test_hybrid_rows_of_different_lengths_join_and_leave_as_eager_alone(tmp_path
     assert batch.row(c).generated == eager_greedy(adapted, mid, 5)
 
 
+def test_linear_attention_beside_a_sliding_window_decodes_as_eager(tmp_path: Path) -> None:
+    """LaraMini (a gated delta-rule layer, then a sliding-window layer of 3 tokens, the only one with rotary
+    embeddings): decoding past the window gives eager's tokens, base and adapter, rows of different lengths in one
+    batch. The sliding-window mask once took its query positions from the linear layer's token count, which the
+    exported cache does not carry, so every decode step queried position 0."""
+    model, adapted = _greedy_package("LaraMiniForCausalLM", tmp_path)
+    gen = Generator(tmp_path / "pkg")
+    prompts = [[1, 5, 9, 33, 70], [7, 12]]
+    assert gen.generate(prompts, adapters=["ad", None], max_new_tokens=10, min_new_tokens=10) == \
+        [eager_greedy(adapted, prompts[0], 10, min_new_tokens=10), eager_greedy(model, prompts[1], 10, min_new_tokens=10)]
+
+
 @pytest.mark.slow
 def test_a_long_prompt_prefills_in_one_call_or_in_pieces_where_the_model_bounds_a_call(tmp_path: Path) -> None:
     """Qwen3.5's gated delta rule is one op, so its graph takes any length: a 150-token prompt (three of the chunks
