@@ -1,0 +1,89 @@
+"""Causal LM families beyond those ``tests/frontend/test_causal_lm.py`` configures by hand: each built from its
+config class's own defaults with every size the config has made small, exported as a GenAI package and decoded
+by the Generator, against eager transformers' greedy tokens.
+
+Two things of the random models are set apart from the families' code: a zero-initialized matrix (an expert router's
+``gate``, which transformers initializes to zeros) gets small random values, so that no two experts tie and the
+choice between them is not up to each runtime's tie-breaking; and the generation config's forced end-of-text token
+(BART-like decoders'), which a decoder package does not apply (its export says so), is dropped from eager's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
+from flora_graph.serving.genai import export_genai  # noqa: E402
+from flora_graph.serving.generate import Generator  # noqa: E402
+from tests.serving.genai_package import eager_greedy  # noqa: E402
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+             vocab_size=128, head_dim=16, max_position_embeddings=256, n_embd=64, n_layer=2, n_head=4, d_model=64,
+             n_layers=2, n_heads=4, num_layers=2, num_heads=4, ffn_dim=96, decoder_layers=2, decoder_attention_heads=4,
+             decoder_ffn_dim=96, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=96,
+             moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+             shared_expert_intermediate_size=32, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=16, n_positions=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             tie_word_embeddings=False)
+"""Small sizes, each given to a config class that has the attribute."""
+
+FAMILIES = [
+    "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BartForCausalLM", "BeamForCausalLM",
+    "BertGenerationDecoder", "BertLMHeadModel", "BigBirdForCausalLM", "BigBirdPegasusForCausalLM", "BioGptForCausalLM",
+    "BlenderbotSmallForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "Cohere2MoeForCausalLM",
+    "CwmForCausalLM", "Data2VecTextForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "ElectraForCausalLM",
+    "ErgoForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "ErnieForCausalLM", "ExaoneMoeForCausalLM",
+    "FlexOlmoForCausalLM", "FlintForCausalLM", "GPTNeoXJapaneseForCausalLM", "Glm4MoeForCausalLM", "GlmForCausalLM",
+    "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
+    "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM",
+    "Jais2ForCausalLM", "Kolibri1ForCausalLM", "LagunaForCausalLM", "Lfm3ForCausalLM", "MBartForCausalLM",
+    "MarianForCausalLM", "MegatronBertForCausalLM", "MellumForCausalLM", "MiniCPM5MoeForCausalLM",
+    "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",
+    "ModernBertDecoderForCausalLM", "MvpForCausalLM", "NanoChatForCausalLM", "OlmoHybridForCausalLM",
+    "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "PhimoeForCausalLM",
+    "RemBertForCausalLM", "RoCBertForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
+    "SolarOpenForCausalLM", "TrOCRForCausalLM", "VaultGemmaForCausalLM", "XGLMForCausalLM", "XLMRobertaForCausalLM",
+    "XLMRobertaXLForCausalLM",
+]
+
+
+def small_model(arch: str):
+    """A seeded random ``arch`` of small sizes (:data:`SMALL`), in eval mode; zero matrices made small and random."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = next(k for k, v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
+                      if (v if isinstance(v, str) else v[0]) == arch)
+    config_cls = type(CONFIG_MAPPING[model_type]())
+    defaults = config_cls()
+    config = config_cls(**{k: v for k, v in SMALL.items() if hasattr(defaults, k)})
+    if hasattr(config, "is_decoder"):  # the encoder families' causal LM heads
+        config.is_decoder = True
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2 and p.dtype.is_floating_point and not p.any():
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_family_package_decodes_eager_greedy_tokens(arch: str, tmp_path: Path) -> None:
+    model = small_model(arch)
+    model.save_pretrained(tmp_path / "base")
+    save_word_tokenizer(tmp_path / "base", model.config.vocab_size)
+    model.generation_config.forced_eos_token_id = None
+    prompt = [1, 5, 9, 33, 70]
+    want = eager_greedy(model, prompt, 8, min_new_tokens=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg")
+    assert Generator(tmp_path / "pkg").generate([prompt], max_new_tokens=8, min_new_tokens=8)[0] == want
