@@ -97,8 +97,8 @@ def _token_ids(value: Any, vocab: int) -> list[int]:
     return [int(t) for t in values if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab]
 
 
-SEQ2SEQ_APPLIED = frozenset({*SEARCH_DEFAULTS, *BEAM_DEFAULTS, "min_length", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
-                             "begin_suppress_tokens", "bad_words_ids"})
+SEQ2SEQ_APPLIED = frozenset({*SEARCH_DEFAULTS, *BEAM_DEFAULTS, "min_length", "forced_bos_token_id",
+                             "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids"})
 """The generation config's token-choosing settings an encoder-decoder package carries (:func:`package_config`)."""
 
 
