@@ -131,8 +131,8 @@ def process_scores(scores: np.ndarray, tokens: Sequence[Sequence[int]] | Sequenc
     hold ``tokens[i]`` (all of one length: a prompt of ``prompt_len`` tokens, then what they generated), or
     ``[vocab]`` for one row that holds ``tokens``; every row stops on ``stop``. ``sources``: each row's encoder
     input as an :func:`ngram_table` of ``settings.encoder_no_repeat_ngram_size`` (an encoder-decoder's rows; one
-    table for one row). A copy
-    where anything changes; ``scores`` itself otherwise. What depends on the length alone is done once for every row."""
+    table for one row). A copy where anything changes; ``scores`` itself otherwise. What depends on the length alone
+    is done once for every row."""
     one = scores.ndim == 1
     rows = [tokens] if one else tokens
     out = scores[None] if one else scores
