@@ -27,6 +27,7 @@ passes (``fused``, ``merged``, adapter slots) apply unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator
@@ -278,6 +279,7 @@ def kv_shared_layers(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(pairs))
 
 
+@functools.cache
 def _whole_sliding_layer() -> type:
     """A transformers ``DynamicLayer`` that keeps every position yet counts as a sliding-window layer: the mask
     applies the window, and transformers builds a hybrid model's sliding-window mask from the first layer that says

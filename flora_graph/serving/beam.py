@@ -246,7 +246,6 @@ class BeamSearch:
         self.live = list(range(b))
         self.reorder = np.arange(b * k)
         self.tokens = np.asarray(prompts, np.int64)[:, -1].repeat(k)
-        self._n_stop = len(self.stop)
         self._stop_ids = np.asarray(sorted(self.stop), np.int64)
         self.result: list[list[list[int]] | None] = [None] * b
         self.sources = None if sources is None else list(sources)
@@ -266,7 +265,7 @@ class BeamSearch:
                               self.stop, self.rules,
                               None if self.sources is None else [t for t in self.sources for _ in range(k)])
         total = (logp.reshape(b, k, vocab) + self.scores[:, :, None]).reshape(b, k * vocab)
-        keep = max(2, 1 + self._n_stop) * k
+        keep = max(2, 1 + len(self._stop_ids)) * k
         top = _top(total, keep)
         cand_scores = total[rows, top]
         cand_beam, cand_tok = top // vocab, top % vocab

@@ -85,6 +85,17 @@ class RowSettings:
     early_stopping: bool | str = False
     num_return_sequences: int = 1
 
+    @classmethod
+    def of(cls, defaults: dict[str, Any], settings: dict[str, Any], **fixed: Any) -> RowSettings:
+        """The settings a call asks for: ``settings`` over a package's ``defaults``, with ``fixed`` fields, checked;
+        :class:`GenerationError` for an unknown setting or one out of range."""
+        try:
+            rs = cls(**fixed, **{**defaults, **settings})
+        except TypeError as exc:
+            raise GenerationError(f"unknown generation setting: {exc}") from None
+        rs.check()
+        return rs
+
     def check(self) -> None:
         """Raise :class:`GenerationError` naming the setting that is out of range."""
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -313,10 +324,7 @@ class Generator:
             return out
         n = settings.pop("num_return_sequences", 1)
         if n != 1:  # draws: each prompt n times, rows i * n + j
-            try:
-                RowSettings(num_return_sequences=n, **{**self.defaults, **settings}).check()
-            except TypeError as exc:
-                raise GenerationError(f"unknown generation setting: {exc}") from None
+            RowSettings.of(self.defaults, settings, num_return_sequences=n)
             prompts = [p for p in prompts for _ in range(n)]
             adapters = [a for a in adapters for _ in range(n)]
         seed = settings.pop("seed", None)
@@ -523,11 +531,7 @@ class Batch:
         gen = self.gen
         gen.check_adapter(adapter)
         stops = frozenset(int(t) for t in (gen.eos if stop_tokens is None else stop_tokens))
-        try:
-            rs = RowSettings(seed=seed, stop_tokens=stops, **{**gen.defaults, **settings})
-        except TypeError as exc:
-            raise GenerationError(f"unknown generation setting: {exc}") from None
-        rs.check()
+        rs = RowSettings.of(gen.defaults, settings, seed=seed, stop_tokens=stops)
         if rs.num_beams > 1 and not beams:
             raise GenerationError(f"num_beams={rs.num_beams}: a Batch steps each row on its own; beam search runs "
                                   "through Generator.generate")
@@ -626,10 +630,8 @@ class Batch:
                         a[:] = a[order]
                 logits = gen._run_shared(shared, tokens, lens.tolist(), names, gen._model_for(names), self._vocab)[:, -1]
             else:  # left-padded: positions that every row pads dropped (a long prompt's search stopped)
-                cache, mask = [c[order] for c in cache], mask[order]
-                first = int(np.argmax(mask.any(axis=0)))
-                cache = [c if state else c[:, :, first:] for c, state in zip(cache, gen._is_state, strict=True)]
-                mask = np.concatenate([mask[:, first:], np.ones((len(mask), 1), mask.dtype)], axis=1)
+                cache, mask = _trim_left([c[order] for c in cache], mask[order], gen._is_state)
+                mask = np.concatenate([mask, np.ones((len(mask), 1), mask.dtype)], axis=1)
                 step = self._call(np.asarray(tokens, gen._id_dtype).reshape(-1, 1), mask,
                                   lens.astype(gen._pos_dtype).reshape(-1, 1), cache, names)
                 cache = [step[n] for n in gen._present]
@@ -834,11 +836,17 @@ class Batch:
             self.cache, self.mask = [], np.zeros((0, 0), self.mask.dtype)
             self.positions = []
             return
-        used = np.flatnonzero(self.mask.any(axis=0))
-        first = int(used[0]) if used.size else self.mask.shape[1]
-        if first:
-            self.mask = self.mask[:, first:]
-            self.cache = [c if state else c[:, :, first:] for c, state in zip(self.cache, self.gen._is_state, strict=True)]
+        self.cache, self.mask = _trim_left(self.cache, self.mask, self.gen._is_state)
+
+
+def _trim_left(cache: list[np.ndarray], mask: np.ndarray, is_state: Sequence[bool]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Left-padded ``cache`` and ``mask`` (rows ``[rows, positions]``) without the leading positions every row pads;
+    a recurrent state (``is_state``) has no positions and stays as it is."""
+    used = np.flatnonzero(mask.any(axis=0))
+    first = int(used[0]) if used.size else mask.shape[1]
+    if not first:
+        return cache, mask
+    return [c if state else c[:, :, first:] for c, state in zip(cache, is_state, strict=True)], mask[:, first:]
 
 
 def pick_token(row: Row, logits: np.ndarray, rules: Rules = NO_RULES,

@@ -459,12 +459,8 @@ class Seq2SeqGenerator:
         """
         stops = settings.pop("stop_tokens", None)
         seed = settings.pop("seed", None)
-        try:
-            rs = RowSettings(stop_tokens=frozenset(int(t) for t in (self.eos if stops is None else stops)),
-                             **{**self.defaults, **settings})
-        except TypeError as exc:
-            raise GenerationError(f"unknown generation setting: {exc}") from None
-        rs.check()
+        rs = RowSettings.of(self.defaults, settings,
+                            stop_tokens=frozenset(int(t) for t in (self.eos if stops is None else stops)))
         prompt = [self.start] if decoder_prompt is None else [int(t) for t in decoder_prompt]
         if not prompt or any(not 0 <= t < self.vocab for t in prompt):
             raise GenerationError(f"decoder_prompt {prompt!r}: expected token ids below {self.vocab}")
