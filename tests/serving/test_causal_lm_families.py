@@ -1,6 +1,7 @@
 """Causal LM families beyond those ``tests/frontend/test_causal_lm.py`` configures by hand: each built from its
 config class's own defaults with every size the config has made small, exported as a GenAI package and decoded
-by the Generator, against eager transformers' greedy tokens.
+by the Generator, against eager transformers' greedy tokens; and the package's model over the whole sequence in one
+call against eager's logits at every position.
 
 Two things of the random models are set apart from the families' code: a zero-initialized matrix (an expert router's
 ``gate``, which transformers initializes to zeros) gets small random values, so that no two experts tie and the
@@ -10,9 +11,11 @@ choice between them is not up to each runtime's tie-breaking; and the generation
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,28 +36,49 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key
              tie_word_embeddings=False)
 """Small sizes, each given to a config class that has the attribute."""
 
+_LATENT = dict(num_key_value_heads=4, head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+               topk_group=1, first_k_dense_replace=1, n_shared_experts=1)
+"""Multi-head latent attention (DeepSeek-V3-like) at small sizes: keys and values as many heads as queries, as the
+checkpoints have them, and rotary dims that agree with ``head_dim``."""
+
+OVERRIDES = {
+    "AXK1ForCausalLM": _LATENT,
+    "Dots1ForCausalLM": dict(n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                             layer_types=["full_attention", "sliding_attention"], sliding_window=4, max_window_layers=1),
+    "GPTNeoForCausalLM": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
+    "LongcatFlashForCausalLM": _LATENT,
+    "YoutuForCausalLM": _LATENT,
+    "Zamba2ForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], hybrid_layer_ids=[1], mamba_d_state=16,
+                              n_mamba_heads=4, mamba_headdim=32, attention_head_dim=32, kv_channels=16,
+                              attention_hidden_size=128, num_query_groups=4, num_key_value_heads=4,
+                              use_mamba_kernels=False, chunk_size=8),
+}
+"""Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
+latent attention's head dims), over :data:`SMALL`."""
+
 FAMILIES = [
-    "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BartForCausalLM", "BeamForCausalLM",
+    "AXK1ForCausalLM", "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BartForCausalLM", "BeamForCausalLM",
     "BertGenerationDecoder", "BertLMHeadModel", "BigBirdForCausalLM", "BigBirdPegasusForCausalLM", "BioGptForCausalLM",
     "BlenderbotSmallForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "Cohere2MoeForCausalLM",
-    "CwmForCausalLM", "Data2VecTextForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "ElectraForCausalLM",
+    "CwmForCausalLM", "Data2VecTextForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "Dots1ForCausalLM", "ElectraForCausalLM",
     "ErgoForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "ErnieForCausalLM", "ExaoneMoeForCausalLM",
-    "FlexOlmoForCausalLM", "FlintForCausalLM", "GPTNeoXJapaneseForCausalLM", "Glm4MoeForCausalLM", "GlmForCausalLM",
+    "FlexOlmoForCausalLM", "FlintForCausalLM", "GPTNeoForCausalLM", "GPTNeoXJapaneseForCausalLM", "Glm4MoeForCausalLM", "GlmForCausalLM",
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
     "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM",
-    "Jais2ForCausalLM", "Kolibri1ForCausalLM", "LagunaForCausalLM", "Lfm3ForCausalLM", "MBartForCausalLM",
+    "Jais2ForCausalLM", "Kolibri1ForCausalLM", "LagunaForCausalLM", "Lfm3ForCausalLM", "LongcatFlashForCausalLM", "MBartForCausalLM",
     "MarianForCausalLM", "MegatronBertForCausalLM", "MellumForCausalLM", "MiniCPM5MoeForCausalLM",
     "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",
-    "ModernBertDecoderForCausalLM", "MvpForCausalLM", "NanoChatForCausalLM", "OlmoHybridForCausalLM",
-    "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "PhimoeForCausalLM",
-    "RemBertForCausalLM", "RoCBertForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
+    "ModernBertDecoderForCausalLM", "MoshiForCausalLM", "MvpForCausalLM", "NanoChatForCausalLM", "OlmoHybridForCausalLM",
+    "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "Phi4MultimodalForCausalLM", "PhimoeForCausalLM",
+    "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
     "SolarOpenForCausalLM", "TrOCRForCausalLM", "VaultGemmaForCausalLM", "XGLMForCausalLM", "XLMRobertaForCausalLM",
-    "XLMRobertaXLForCausalLM",
+    "XLMRobertaXLForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM",
 ]
 
 
 def small_model(arch: str):
-    """A seeded random ``arch`` of small sizes (:data:`SMALL`), in eval mode; zero matrices made small and random."""
+    """A seeded random ``arch`` of small sizes (:data:`SMALL`, then :data:`OVERRIDES`), in eval mode; zero matrices
+    made small and random."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -62,7 +86,7 @@ def small_model(arch: str):
                       if (v if isinstance(v, str) else v[0]) == arch)
     config_cls = type(CONFIG_MAPPING[model_type]())
     defaults = config_cls()
-    config = config_cls(**{k: v for k, v in SMALL.items() if hasattr(defaults, k)})
+    config = config_cls(**{**{k: v for k, v in SMALL.items() if hasattr(defaults, k)}, **OVERRIDES.get(arch, {})})
     if hasattr(config, "is_decoder"):  # the encoder families' causal LM heads
         config.is_decoder = True
     torch.manual_seed(0)
@@ -87,3 +111,36 @@ def test_family_package_decodes_eager_greedy_tokens(arch: str, tmp_path: Path) -
         warnings.simplefilter("ignore")
         export_genai(tmp_path / "base", tmp_path / "pkg")
     assert Generator(tmp_path / "pkg").generate([prompt], max_new_tokens=8, min_new_tokens=8)[0] == want
+    # every position's logits of the whole sequence in one call, which tokens alone may not tell apart (a window that
+    # drops keys changes the logits without always changing the argmax)
+    ids = [*prompt, *want]
+    kwargs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    if "position_ids" in inspect.signature(model.forward).parameters:  # as generate() gives them: from 0 (RoBERTa-like
+        kwargs["position_ids"] = torch.arange(len(ids))[None]  # decoders' own forward would start at pad id + 1)
+    with torch.no_grad():
+        eager = model(**kwargs).logits
+    np.testing.assert_allclose(prefill_logits(tmp_path / "pkg", ids), eager[0].numpy(), rtol=0, atol=1e-4)
+
+
+def prefill_logits(package: Path, ids: list[int]) -> np.ndarray:
+    """``[len(ids), vocab]``: the logits of ``package``'s model over ``ids`` from an empty cache, in one ONNX Runtime
+    call (keys and values of no past positions, recurrent states of zeros)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
+    n = len(ids)
+    feeds = {}
+    for i in sess.get_inputs():
+        dt = dtypes[i.type]
+        if i.name == "input_ids":
+            feeds[i.name] = np.array([ids], dt)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((1, n), dt)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(n, dtype=dt)[None]
+        elif i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dt)
+        else:  # a recurrent layer's fixed-size state
+            feeds[i.name] = np.zeros([1, *i.shape[1:]], dt)
+    return sess.run(["logits"], feeds)[0][0]
