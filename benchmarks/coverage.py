@@ -371,6 +371,10 @@ register("clip-text", "encoder", encoder("CLIPTextConfig", "CLIPTextModel", bos_
 
 register("xlm-roberta", "encoder", encoder("XLMRobertaConfig", "XLMRobertaModel", pad_token_id=1,
                                            **{**SMALL, "max_position_embeddings": MAX_POS + 2}))
+register("xmod", "encoder", encoder("XmodConfig", "XmodModel", pad_token_id=1, languages=("en_XX", "de_DE"),
+                                   default_language="de_DE", **{**SMALL, "max_position_embeddings": MAX_POS + 2},
+                                   lora_cfg={"target_modules": ["query", "value", "dense1", "dense2"]}),
+         "a per-language adapter per layer, its rows taken by a bool mask (run densely)")
 register("mpnet", "encoder", encoder("MPNetConfig", "MPNetModel", pad_token_id=1,
                                      **{**SMALL, "max_position_embeddings": MAX_POS + 2}),
          "relative position buckets shared by the layers")

@@ -10,7 +10,10 @@
   one-hot ``selected_experts``) loop the same way in their own ``forward``: they run every expert on every token
   and keep each token's own, weighted, instead (what the loop adds, bit for bit, at ``num_experts`` times the
   work); its router converts its classifier with ``Module.to`` on every call, which torch.export cannot replay on
-  fake tensors: the conversion is done once before, and the call left a no-op.
+  fake tensors: the conversion is done once before, and the call left a no-op. X-MOD's language adapters
+  (``lang_adapter``: each row's adapter chosen by its ``lang_ids``) take each language's rows with a bool mask
+  and put the adapter's outputs back with another, a data-dependent shape; there too every adapter runs on every
+  row and each row keeps its own language's (``Where``), at ``languages`` times the adapters' work.
 * **PEFT LoRA on** ``nn.MultiheadAttention``: PEFT merges the adapter into a plain tensor for each
   call, which torch.export refuses ("a fake tensor in the exported program constant's list").
   :func:`merged_peft_attention` merges those layers for the capture, so they are captured merged
@@ -74,8 +77,8 @@ _UNTRACEABLE = {None, "grouped_mm", "eager"}
 @contextlib.contextmanager
 def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, every experts module of ``model`` whose implementation torch.export cannot
-    trace runs ``batched_mm`` (or, for SwitchTransformers' experts, every expert densely: see the module's
-    docstring) and every router that converts its classifier in ``forward`` has it converted already;
+    trace runs ``batched_mm`` (or, for SwitchTransformers' experts and X-MOD's language adapters, every expert
+    densely: see the module's docstring) and every router that converts its classifier in ``forward`` has it converted already;
     yields the paths of the experts modules switched. Restored on exit."""
     experts = [(path, module.config) for path, module in model.named_modules()
                if hasattr(module, "_apply_gate") and hasattr(type(getattr(module, "config", None)), "_experts_implementation")]
@@ -83,11 +86,15 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
     paths = [path for path, cfg in experts if originals[id(cfg)][1] in _UNTRACEABLE]
     changed = [(cfg, was) for cfg, was in originals.values() if was in _UNTRACEABLE]
     dense = [(path, module) for path, module in model.named_modules() if _one_hot_experts(module)]
+    languages = [(path, module) for path, module in model.named_modules() if _language_adapters(module)]
     routers = [module for module in model.modules() if _converting_router(module)]
     for cfg, _ in changed:
         cfg._experts_implementation_internal = TRACEABLE_EXPERTS
     for path, module in dense:
         module.forward = _dense_forward(module)  # an instance attribute: deleted on exit
+        paths.append(path)
+    for path, module in languages:
+        module.lang_adapter = _dense_lang_adapter(module)
         paths.append(path)
     for router in routers:
         router.classifier.to(router.dtype)  # what the router's first call does (nothing where the dtype is the model's)
@@ -99,6 +106,8 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
             cfg._experts_implementation_internal = was
         for _, module in dense:
             del module.forward
+        for _, module in languages:
+            del module.lang_adapter
         for router in routers:
             del router.classifier.to
 
@@ -125,6 +134,41 @@ def _dense_forward(module: nn.ModuleDict) -> Callable[..., torch.Tensor]:
         return out
 
     return forward
+
+
+_LANGUAGE_ADAPTER_ATTRS = ("adapter_modules", "ln_before_adapter", "adapter_layer_norm", "adapter_reuse_layer_norm",
+                           "LayerNorm", "dropout")
+
+
+def _language_adapters(module: nn.Module) -> bool:
+    """X-MOD's output layer: ``lang_adapter(lang_ids, hidden_states)`` over a ``ModuleDict`` of ``adapter_modules``,
+    one per language, with the layer norm and residual settings :func:`_dense_lang_adapter` reads."""
+    return all(hasattr(module, a) for a in _LANGUAGE_ADAPTER_ATTRS) and "lang_adapter" not in vars(module) and \
+        isinstance(module.adapter_modules, nn.ModuleDict) and \
+        _params(getattr(type(module), "lang_adapter", None))[1:3] == ("lang_ids", "hidden_states")
+
+
+def _dense_lang_adapter(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """``module``'s ``lang_adapter`` (see :func:`_language_adapters`) with every language's adapter run on every row:
+    row ``i`` keeps the output of adapter ``lang_ids[i]`` (zeros where no adapter has that index, as the masked
+    puts leave them), then the dropout and the residual as transformers' method adds them."""
+
+    def lang_adapter(lang_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not module.ln_before_adapter:
+            residual = hidden_states
+        if module.adapter_layer_norm is not None:
+            hidden_states = module.adapter_layer_norm(hidden_states)
+        elif module.adapter_reuse_layer_norm:
+            hidden_states = module.LayerNorm(hidden_states)
+        if module.ln_before_adapter:
+            residual = hidden_states
+        rows = lang_ids.reshape(-1, *(1,) * (hidden_states.dim() - 1))
+        out = torch.zeros_like(hidden_states)
+        for index, key in enumerate(module.adapter_modules.keys()):
+            out = torch.where(rows == index, module.adapter_modules[key](hidden_states), out)
+        return module.dropout(out) + residual
+
+    return lang_adapter
 
 
 def _converting_router(module: nn.Module) -> bool:

@@ -47,6 +47,7 @@ OVERRIDES = {
                              layer_types=["full_attention", "sliding_attention"], sliding_window=4, max_window_layers=1),
     "GPTNeoForCausalLM": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
     "LongcatFlashForCausalLM": _LATENT,
+    "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
     "YoutuForCausalLM": _LATENT,
     "Zamba2ForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], hybrid_layer_ids=[1], mamba_d_state=16,
                               n_mamba_heads=4, mamba_headdim=32, attention_head_dim=32, kv_channels=16,
@@ -72,7 +73,7 @@ FAMILIES = [
     "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "Phi4MultimodalForCausalLM", "PhimoeForCausalLM",
     "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
     "SolarOpenForCausalLM", "TrOCRForCausalLM", "VaultGemmaForCausalLM", "XGLMForCausalLM", "XLMRobertaForCausalLM",
-    "XLMRobertaXLForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM",
+    "XLMRobertaXLForCausalLM", "XmodForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM",
 ]
 
 
