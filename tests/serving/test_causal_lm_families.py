@@ -43,26 +43,32 @@ checkpoints have them, and rotary dims that agree with ``head_dim``."""
 
 OVERRIDES = {
     "AXK1ForCausalLM": _LATENT,
+    "CohereCompassForCausalLM": dict(layer_types=["full_attention", "sliding_attention"], sliding_window=4,
+                                     rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                      for t in ("full_attention", "sliding_attention")}),
     "Dots1ForCausalLM": dict(n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
                              layer_types=["full_attention", "sliding_attention"], sliding_window=4, max_window_layers=1),
     "GPTNeoForCausalLM": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
     "LongcatFlashForCausalLM": _LATENT,
     "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
     "YoutuForCausalLM": _LATENT,
+    "ZayaForCausalLM": dict(layer_types=["hybrid", "hybrid"], router_hidden_size=32, num_experts=4,
+                            moe_intermediate_size=32, num_experts_per_tok=1),
     "Zamba2ForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], hybrid_layer_ids=[1], mamba_d_state=16,
                               n_mamba_heads=4, mamba_headdim=32, attention_head_dim=32, kv_channels=16,
                               attention_hidden_size=128, num_query_groups=4, num_key_value_heads=4,
                               use_mamba_kernels=False, chunk_size=8),
 }
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
-latent attention's head dims), over :data:`SMALL`."""
+latent attention's head dims, rotary settings per layer type), over :data:`SMALL` (given to the text config of a
+multimodal family)."""
 
 FAMILIES = [
     "AXK1ForCausalLM", "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BartForCausalLM", "BeamForCausalLM",
     "BertGenerationDecoder", "BertLMHeadModel", "BigBirdForCausalLM", "BigBirdPegasusForCausalLM", "BioGptForCausalLM",
-    "BlenderbotSmallForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "Cohere2MoeForCausalLM",
+    "BlenderbotSmallForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "CohereCompassForCausalLM", "Cohere2MoeForCausalLM",
     "CwmForCausalLM", "Data2VecTextForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "Dots1ForCausalLM", "ElectraForCausalLM",
-    "ErgoForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "ErnieForCausalLM", "ExaoneMoeForCausalLM",
+    "Emu3ForCausalLM", "ErgoForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "ErnieForCausalLM", "ExaoneMoeForCausalLM",
     "FlexOlmoForCausalLM", "FlintForCausalLM", "GPTNeoForCausalLM", "GPTNeoXJapaneseForCausalLM", "Glm4MoeForCausalLM", "GlmForCausalLM",
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
     "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM",
@@ -73,7 +79,7 @@ FAMILIES = [
     "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "Phi4MultimodalForCausalLM", "PhimoeForCausalLM",
     "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
     "SolarOpenForCausalLM", "TrOCRForCausalLM", "VaultGemmaForCausalLM", "XGLMForCausalLM", "XLMRobertaForCausalLM",
-    "XLMRobertaXLForCausalLM", "XmodForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM",
+    "XLMRobertaXLForCausalLM", "XmodForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM", "ZayaForCausalLM",
 ]
 
 
@@ -87,6 +93,9 @@ def small_model(arch: str):
                       if (v if isinstance(v, str) else v[0]) == arch)
     config_cls = type(CONFIG_MAPPING[model_type]())
     defaults = config_cls()
+    text = getattr(defaults, "text_config", None)
+    if text is not None and not hasattr(defaults, "hidden_size"):  # a multimodal config: its causal LM is the text part
+        config_cls, defaults = type(text), text
     config = config_cls(**{**{k: v for k, v in SMALL.items() if hasattr(defaults, k)}, **OVERRIDES.get(arch, {})})
     if hasattr(config, "is_decoder"):  # the encoder families' causal LM heads
         config.is_decoder = True
