@@ -375,6 +375,9 @@ register("xmod", "encoder", encoder("XmodConfig", "XmodModel", pad_token_id=1, l
                                    default_language="de_DE", **{**SMALL, "max_position_embeddings": MAX_POS + 2},
                                    lora_cfg={"target_modules": ["query", "value", "dense1", "dense2"]}),
          "a per-language adapter per layer, its rows taken by a bool mask (run densely)")
+register("fnet", "encoder", lambda: token_case(lora(hf("FNetConfig", "FNetModel", **{
+    k: v for k, v in SMALL.items() if k != "num_attention_heads"}, pad_token_id=0), target_modules=["dense"]),
+    mask=False, dim_max=BOUNDED), "token mixing by a 2-D FFT (fftn over tokens and features, real part)")
 register("mpnet", "encoder", encoder("MPNetConfig", "MPNetModel", pad_token_id=1,
                                      **{**SMALL, "max_position_embeddings": MAX_POS + 2}),
          "relative position buckets shared by the layers")

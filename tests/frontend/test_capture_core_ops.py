@@ -214,6 +214,22 @@ ROWS = [
     Row("polar_rotary", lambda x, t: torch.view_as_real(
         torch.view_as_complex(x.reshape(x.shape[0], 3, 4, 2)) * (torch.polar(torch.ones_like(t), t) * 0.5)[None]).flatten(2),
         [randn(-1, 3, 8), randn(3, 4)], ("polar.default", "view_as_complex.default", "view_as_real.default"), {0: 0}),
+    # ------------------------------------------------------------------ FFTs (frontend/aten/spectral.py): FNet's token
+    # mixing, one-sided spectra and their inverses, every normalization, a transform over the dynamic batch axis
+    Row("fftn_real_part", lambda x: torch.fft.fftn(x, dim=(1, 2)).real, [randn(-1, 5, 6)], ("_fft_c2c.default",),
+        {0: 0}, tol=1e-4),
+    Row("rfft_ortho", lambda x: torch.view_as_real(torch.fft.rfft(x, norm="ortho")), [randn(-1, 3, 8)],
+        ("_fft_r2c.default",), {0: 0}, tol=1e-4),
+    Row("rfft2_then_irfft2_odd", lambda x, w: torch.fft.irfft2(torch.fft.rfft2(x) * w, s=(4, 7)),
+        [randn(-1, 4, 7), randn(4, 4)], ("_fft_r2c.default", "_fft_c2r.default"), {0: 0}, tol=1e-4),
+    Row("irfft_forward_norm", lambda x: torch.fft.irfft(torch.view_as_complex(x), n=6, norm="forward"),
+        [randn(-1, 4, 2)], ("_fft_c2r.default",), {0: 0}, tol=1e-4),
+    Row("ifftn_over_the_batch", lambda x: torch.view_as_real(torch.fft.ifftn(torch.view_as_complex(x), dim=(0, 1))),
+        [randn(-1, 3, 2)], ("_fft_c2c.default",), {0: 0}, tol=1e-4),
+    Row("fftn_ortho_over_the_batch", lambda x: torch.view_as_real(torch.fft.fftn(x, dim=(0, 1), norm="ortho")),
+        [randn(-1, 3)], ("_fft_c2c.default",), {0: 0}, tol=1e-4),
+    Row("rfft_magnitudes", lambda x: torch.fft.rfft(x).abs(), [randn(-1, 9)], ("_fft_r2c.default",),
+        {0: 0}, tol=1e-4),
     Row("complex_times_real_sliced", lambda x, r: torch.view_as_real(
         (torch.view_as_complex(x) * r)[..., 1:].unsqueeze(-1)), [randn(-1, 3, 4, 2), randn(3, 4)],
         ("view_as_complex.default", "view_as_real.default"), {0: 0}),
@@ -563,3 +579,10 @@ def test_a_min_of_lengths_is_the_argument_it_always_equals() -> None:
     assert _dominant_arg(env, Min(FloorDiv(s, 2), sympy.Integer(5000))) is None  # each wins somewhere
     assert _dominant_arg(env, Min(FloorDiv(s, 2), FloorDiv(s, 3) + 100)) is None  # other slopes: no period
     assert _dominant_arg(env, Min(FloorDiv(s, 2), Max(s, 5000))) is None  # a nested Max: not affine
+
+
+def test_a_one_sided_fft_over_a_dynamic_axis_is_refused_by_name() -> None:
+    """A one-sided spectrum keeps ``n // 2 + 1`` bins of its last axis, a length no dim names where ``n`` is dynamic."""
+    with pytest.raises(UnsupportedOpError, match=r"one-sided real FFT over the dynamic dim 'batch'"):
+        capture(_module(lambda x: torch.view_as_real(torch.fft.rfftn(x, dim=(1, 0))), 1), (torch.randn(3, 4),),
+                {"x0": {0: "batch"}})

@@ -20,7 +20,9 @@ unbind, gather, index, diagonal, slice/select_scatter, index_put, scatter, scatt
 scatter_reduce, masked_scatter, embedding_bag, col2im), :mod:`~flora_graph.frontend.aten.creation`
 (arange, the full/ones/zeros and empty families), :mod:`~flora_graph.frontend.aten.aliases`
 (clone/detach/contiguous, eval-mode dropout, getitem) and :mod:`~flora_graph.frontend.aten.complex` (complex
-values as real pairs: ``polar``, ``view_as_complex``/``view_as_real``, and the ops of its own table that read them). Importing this package registers
+values as real pairs: ``polar``, ``view_as_complex``/``view_as_real``, and the ops of its own table that read them),
+:mod:`~flora_graph.frontend.aten.spectral` (``torch.fft``'s transforms as products with cos/sin matrices, and casts
+to and from complex values). Importing this package registers
 them all. :mod:`~flora_graph.frontend.aten.refused` holds :data:`REFUSED`, the one list of the
 ops capture refuses on purpose (with Core ATen coverage, see ``docs/ARCHITECTURE.md``). The capture-time LoRA Linear op registers its converter from
 :mod:`flora_graph.frontend.lora_op`, which :mod:`flora_graph.frontend.capture` imports.
@@ -42,6 +44,7 @@ from flora_graph.frontend.aten import (  # noqa: F401  (each family registers it
     padding,
     pooling,
     reduce,
+    spectral,
 )
 from flora_graph.frontend.aten.refused import REFUSED, refusal_of
 from flora_graph.frontend.aten.registry import (
@@ -66,5 +69,5 @@ __all__ = [
 ]
 
 FAMILIES = ("linear", "elementwise", "reduce", "normalization", "pooling", "attention",
-            "movement", "padding", "indexing", "creation", "aliases", "complex")
+            "movement", "padding", "indexing", "creation", "aliases", "complex", "spectral")
 """The family modules, in the order they are documented."""

@@ -7,8 +7,9 @@ returns, so ``view_as_complex`` and ``view_as_real`` emit nothing. ``polar(r, th
 complex value converts through :data:`COMPLEX_TABLE` instead of :data:`~.registry.ATEN_TABLE`
 (:func:`complex_converter`; capture dispatches there): ``mul`` (complex x complex as
 ``(a c - b d, a d + b c)``, complex x real scales both parts), and ``unsqueeze`` / ``slice`` /
-aliases, whose axes count the complex tensor's own dims (a negative axis skips the pair axis). Any
-other op on complex values is refused by name.
+aliases, whose axes count the complex tensor's own dims (a negative axis skips the pair axis), and ``abs``
+(the magnitudes, real). :mod:`~flora_graph.frontend.aten.spectral` adds the FFTs and the casts to and from
+complex. Any other op on complex values is refused by name.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ aten = torch.ops.aten
 COMPLEX_TABLE: dict[Any, Converter] = {}
 """ATen overload -> its converter where it reads or returns a complex value (carried as real pairs)."""
 
-COMPLEX_ONLY = frozenset({aten.polar.default, aten.view_as_complex.default, aten.view_as_real.default})
+COMPLEX_ONLY = frozenset({aten.polar.default, aten.view_as_complex.default, aten.view_as_real.default,
+                          aten._fft_c2c.default, aten._fft_r2c.default, aten._fft_c2r.default})
 """The ops whose values are complex by definition: in :data:`~.registry.ATEN_TABLE` and :data:`COMPLEX_TABLE` alike."""
 
 
@@ -107,6 +109,13 @@ def _mul(ctx, a, b):
     if isinstance(s, ComputationNode):  # a real tensor: the same factor for both parts
         s = _last(ctx, s)
     return ctx.emit(Op.MUL, [z, operand(ctx, s, z.dtype)])
+
+
+@_complex(aten.abs.default)
+def _abs(ctx, z):
+    """``|z|``: ``sqrt(re^2 + im^2)`` over the pairs (a spectrum's magnitudes), real."""
+    squares = ctx.emit(Op.MUL, [z, z])
+    return ctx.emit(Op.SQRT, [ctx.emit(Op.REDUCE_SUM, [squares], {"axes": (len(z.shape) - 1,), "keepdims": 0})])
 
 
 @_complex(aten.unsqueeze.default)

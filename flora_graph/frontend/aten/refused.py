@@ -8,7 +8,7 @@ dim (:data:`~flora_graph.frontend.aten.registry.SIZE_OPS`), or belongs to one en
 :class:`~flora_graph.errors.UnsupportedOpError` naming it and the module path where it occurs
 (``ops`` maps ``"aten.nonzero.default"`` to ``["module 'head' (node nonzero)"]``); the
 :func:`refusal_of` an op says why. An entry may also list non-core overloads of the same kind
-(``item``, ``rand_like``, ``fft_rfft``) that torch.export keeps when it does not decompose.
+(``item``, ``rand_like``) that torch.export keeps when it does not decompose.
 
 Refused forms of converted ops (dropout in training mode, a strided scatter along a
 dynamic axis) are not listed here: their converters raise
@@ -67,12 +67,6 @@ REFUSED: tuple[Refusal, ...] = (
         "storage layout",
         "reads or resizes a tensor's storage (is_contiguous, resize_): the IR holds values, not strides or storages",
         (aten.sym_is_contiguous.default, aten.resize_.default),
-    ),
-    Refusal(
-        "complex FFT",
-        "the IR has no complex dtype to hold a spectrum",
-        (aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default, aten.fft_fft.default,
-         aten.fft_rfft.default, aten.fft_irfft.default),
     ),
 )
 """The refusal list: at most ten entries, each a kind of op with its reason (see the module doc)."""
