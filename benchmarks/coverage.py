@@ -333,6 +333,10 @@ register("nemotron-h", "hybrid", decoder("NemotronHConfig", "NemotronHForCausalL
                                          max_position_embeddings=MAX_POS, mamba_num_heads=4, mamba_head_dim=16,
                                          ssm_state_size=8, chunk_size=3, hybrid_override_pattern="M*-", n_groups=1,
                                          lora_cfg=ATTN_LORA), "Mamba-2, attention and MLP blocks by pattern")
+register("jetmoe", "moe", decoder("JetMoeConfig", "JetMoeForCausalLM", **{**GQA, "num_attention_heads": 4},
+                                  kv_channels=8, num_local_experts=4, num_experts_per_tok=2,
+                                  lora_cfg={"target_modules": ["layer"]}),
+         "experts of tokens sorted by expert and split by counts read into Python (tolist), for the MLP and attention")
 register("qwen3-moe", "moe", decoder("Qwen3MoeConfig", "Qwen3MoeForCausalLM", head_dim=8, num_experts=4,
                                      num_experts_per_tok=2, moe_intermediate_size=16, **GQA),
          "experts as fused 3-d parameters (torch.onnx cannot convert transformers' grouped_mm)")

@@ -13,7 +13,11 @@
   fake tensors: the conversion is done once before, and the call left a no-op. X-MOD's language adapters
   (``lang_adapter``: each row's adapter chosen by its ``lang_ids``) take each language's rows with a bool mask
   and put the adapter's outputs back with another, a data-dependent shape; there too every adapter runs on every
-  row and each row keeps its own language's (``Where``), at ``languages`` times the adapters' work.
+  row and each row keeps its own language's (``Where``), at ``languages`` times the adapters' work. JetMoE's
+  mixtures of experts and of attention heads sort their tokens by expert and split them by each expert's count,
+  read into Python (``tolist``); their routers keep the counts a tensor instead, and their experts run on every
+  sorted token, each keeping its own expert's product (the expert of a position: how many counts' running sums
+  it has passed), at ``experts`` times the experts' work.
 * **PEFT LoRA on** ``nn.MultiheadAttention``: PEFT merges the adapter into a plain tensor for each
   call, which torch.export refuses ("a fake tensor in the exported program constant's list").
   :func:`merged_peft_attention` merges those layers for the capture, so they are captured merged
@@ -46,6 +50,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flora_graph.frontend.delta_rule import (
@@ -77,8 +82,8 @@ _UNTRACEABLE = {None, "grouped_mm", "eager"}
 @contextlib.contextmanager
 def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, every experts module of ``model`` whose implementation torch.export cannot
-    trace runs ``batched_mm`` (or, for SwitchTransformers' experts and X-MOD's language adapters, every expert
-    densely: see the module's docstring) and every router that converts its classifier in ``forward`` has it converted already;
+    trace runs ``batched_mm`` (or, for SwitchTransformers' and JetMoE's experts and X-MOD's language adapters,
+    every expert densely: see the module's docstring) and every router that converts its classifier in ``forward`` has it converted already;
     yields the paths of the experts modules switched. Restored on exit."""
     experts = [(path, module.config) for path, module in model.named_modules()
                if hasattr(module, "_apply_gate") and hasattr(type(getattr(module, "config", None)), "_experts_implementation")]
@@ -87,6 +92,7 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
     changed = [(cfg, was) for cfg, was in originals.values() if was in _UNTRACEABLE]
     dense = [(path, module) for path, module in model.named_modules() if _one_hot_experts(module)]
     languages = [(path, module) for path, module in model.named_modules() if _language_adapters(module)]
+    split = [(path, module) for path, module in model.named_modules() if _split_experts(module)]
     routers = [module for module in model.modules() if _converting_router(module)]
     for cfg, _ in changed:
         cfg._experts_implementation_internal = TRACEABLE_EXPERTS
@@ -95,6 +101,11 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
         paths.append(path)
     for path, module in languages:
         module.lang_adapter = _dense_lang_adapter(module)
+        paths.append(path)
+    for path, module in split:
+        module.router.forward = _counting_router(module.router)
+        for experts in (module.input_linear, module.output_linear):
+            experts.forward = _sorted_dense_forward(experts)
         paths.append(path)
     for router in routers:
         router.classifier.to(router.dtype)  # what the router's first call does (nothing where the dtype is the model's)
@@ -108,6 +119,9 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
             del module.forward
         for _, module in languages:
             del module.lang_adapter
+        for _, module in split:
+            for m in (module.router, module.input_linear, module.output_linear):
+                del m.forward
         for router in routers:
             del router.classifier.to
 
@@ -169,6 +183,51 @@ def _dense_lang_adapter(module: nn.Module) -> Callable[..., torch.Tensor]:
         return module.dropout(out) + residual
 
     return lang_adapter
+
+
+def _split_experts(module: nn.Module) -> bool:
+    """JetMoE's mixture of experts or of attention: a ``router`` (``forward(hidden_states)``, a linear ``layer``
+    to its ``num_experts``, ``top_k``) and ``input_linear`` / ``output_linear`` experts (``forward(inputs,
+    expert_size)`` over a ``[experts, out, in]`` ``weight``) fed tokens sorted by expert."""
+    router = getattr(module, "router", None)
+    experts = [getattr(module, n, None) for n in ("input_linear", "output_linear")]
+    return isinstance(router, nn.Module) and isinstance(getattr(router, "layer", None), nn.Module) and \
+        isinstance(getattr(router, "top_k", None), int) and "forward" not in vars(router) and \
+        _params(type(router).forward)[1:] == ("hidden_states",) and all(
+            isinstance(e, nn.Module) and "forward" not in vars(e) and _params(type(e).forward)[1:3] == (
+                "inputs", "expert_size") and isinstance(getattr(e, "weight", None), torch.Tensor) and e.weight.dim() == 3
+            for e in experts)
+
+
+def _counting_router(router: nn.Module) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``router``'s forward (see :func:`_split_experts`) with the tokens per expert a tensor, not a list: the top
+    ``top_k`` experts of each token, their softmax gates, the token positions sorted by expert."""
+
+    def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = router.layer(hidden_states).float()
+        top_logits, top_indices = logits.topk(router.top_k, dim=1)
+        top_gates = torch.softmax(top_logits, dim=1).type_as(hidden_states)
+        counts = torch.zeros_like(logits, dtype=torch.long).scatter(1, top_indices, 1).sum(0)
+        _, sorted_positions = top_indices.flatten().sort(0)
+        return (sorted_positions, sorted_positions.div(router.top_k, rounding_mode="trunc"),
+                top_gates.flatten()[sorted_positions], counts, logits)
+
+    return forward
+
+
+def _sorted_dense_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
+    """``experts``' forward (see :func:`_split_experts`) over tokens sorted by expert with ``expert_size`` a tensor of
+    counts: every expert on every token, a token keeping the product of the expert whose run it falls in."""
+
+    def forward(inputs: torch.Tensor, expert_size: torch.Tensor) -> torch.Tensor:
+        ends = expert_size.cumsum(0)
+        owner = (torch.arange(inputs.shape[0], device=inputs.device)[:, None] >= ends[None, :]).sum(1)[:, None]
+        out = inputs.new_zeros(inputs.shape[0], experts.weight.shape[1])
+        for e in range(experts.weight.shape[0]):
+            out = torch.where(owner == e, F.linear(inputs, experts.weight[e]), out)
+        return out
+
+    return forward
 
 
 def _converting_router(module: nn.Module) -> bool:

@@ -117,3 +117,30 @@ def test_switch_experts_run_densely_while_capturing_with_tokens_over_capacity_dr
         want = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     got = next(iter(compile(graph, "onnxruntime")(input_ids=ids.numpy(), attention_mask=mask.numpy()).values()))
     np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
+def jetmoe():
+    torch.manual_seed(0)
+    cfg = transformers.JetMoeConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                                    kv_channels=16, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                                    max_position_embeddings=128, use_cache=False)
+    return transformers.JetMoeForCausalLM(cfg).eval()
+
+
+def test_jetmoe_experts_split_by_counts_capture_with_peft_lora() -> None:
+    """JetMoE's mixtures of experts and of attention split sorted tokens by counts read into Python (``tolist``):
+    captured with the counts a tensor and every expert on every token, at any batch and length, against eager PEFT."""
+    model = peft.get_peft_model(jetmoe(), peft.LoraConfig(r=4, target_modules=["layer"], init_lora_weights=False))
+    model.eval()
+    with traceable_experts(model) as switched:
+        assert sorted(switched) == [f"base_model.model.model.layers.{i}.{m}" for i in (0, 1) for m in ("mlp", "self_attention.experts")]
+    assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__.startswith("JetMoe"))
+    graph = capture(model, {"input_ids": torch.randint(0, 128, (2, 8))}, DIMS, dim_max={"seq": 128})
+    assert any(n.meta.get("adapter") for n in graph.nodes)  # the routers' LoRA sites
+    for backend in ("numpy", "onnxruntime"):
+        exe = compile(graph, backend)
+        for shape in [(1, 5), (3, 11)]:
+            x = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
+            with torch.no_grad():
+                want = model(input_ids=x).logits.numpy()
+            np.testing.assert_allclose(next(iter(exe(input_ids=x.numpy()).values())), want, atol=TOL, rtol=TOL)

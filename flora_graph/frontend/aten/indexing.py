@@ -8,7 +8,8 @@ masks and non-consecutive axes are refused); ``diagonal`` -> ``Index`` of two co
 ranges over static axes (after a ``Transpose`` moving them last); ``slice_scatter`` and
 ``select_scatter`` -> ``Concat`` of the kept slices and ``src`` (step 1; static bounds, counted from
 either end of a dynamic axis), else ``Where`` of a constant mask over ``Gather`` of ``src`` (a static axis); ``index_put`` -> ``IndexPut`` (index
-tensors on consecutive axes), with one bool mask and one value for all its positions ``Where`` of the mask; ``scatter.src``/``scatter.value``/``scatter_add``
+tensors on consecutive axes), with one bool mask and one value for all its positions ``Where`` of the mask;
+``index_add`` -> an accumulating ``IndexPut`` on its axis; ``scatter.src``/``scatter.value``/``scatter_add``
 -> ``ScatterElements`` (``src`` cut to the index's shape, a value broadcast to it);
 ``scatter_reduce.two`` -> ``ScatterElements`` with ``add``/``mul``/``max``/``min`` (``include_self=False``:
 over the reduction's identity where the index reaches), ``mean`` as that sum over the count of
@@ -194,6 +195,16 @@ def _index_put(ctx, x, indices, values, accumulate=False):
     values = as_dtype(ctx, values, x.dtype)
     return ctx.emit(Op.INDEX_PUT, [x, values, *(t for _, t in used)],
                     {"axis": used[0][0], "accumulate": int(bool(accumulate))})
+
+
+@register(aten.index_add.default)
+def _index_add(ctx, x, dim, index, source, *, alpha=1):
+    """``x.index_add(dim, index, source, alpha)``: ``source`` (times ``alpha``) added at positions ``index`` of axis
+    ``dim``, repeated positions summing: an accumulating ``IndexPut`` on that axis."""
+    source = as_dtype(ctx, source, x.dtype)
+    if alpha != 1:
+        source = ctx.emit(Op.MUL, [source, ctx.scalar(alpha, x.dtype)])
+    return ctx.emit(Op.INDEX_PUT, [x, source, index], {"axis": axis_of(int(dim), len(x.shape)), "accumulate": 1})
 
 
 def _masked_put(ctx, x, used: list, values, accumulate: bool) -> ComputationNode:
