@@ -510,6 +510,10 @@ register("tipsv2", "vision", tipsv2, "position table resized with antialiasing")
 register("dinov2", "vision", vision("Dinov2Config", "Dinov2Model", image_size=32, patch_size=8, num_channels=3,
                                     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2),
          "layer scale, interpolated positions")
+register("dinov2-registers", "vision", vision("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", image_size=64,
+                                              patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, mlp_ratio=2, num_register_tokens=2),
+         "register tokens, a position table for 64x64 resized to 32x32 (antialiased bicubic)")
 register("swin", "vision", vision("SwinConfig", "SwinForImageClassification", image_size=32, patch_size=4, num_channels=3,
                                   embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=5),
          "shifted windows, patch merging")

@@ -213,24 +213,43 @@ def _infer_resize(shapes, dtypes, attrs):
         raise ShapeError(f"Resize: size must be 2 positive ints, got {size}")
     if attrs["mode"] == "nearest" and attrs["align_corners"]:
         raise ShapeError("Resize: align_corners needs mode 'linear'")
-    if attrs.get("antialias") and (attrs["mode"] != "linear" or attrs["align_corners"]):
-        raise ShapeError("Resize: antialias needs mode 'linear' without align_corners")
+    if attrs.get("antialias") and (attrs["mode"] == "nearest" or attrs["align_corners"]):
+        raise ShapeError("Resize: antialias needs mode 'linear' or 'cubic' without align_corners")
+    if attrs["mode"] == "cubic" and not attrs.get("antialias"):
+        raise ShapeError("Resize: mode 'cubic' is antialiased (torch's plain bicubic decomposes before capture)")
     return (*shapes[0][:2], *size), same_float_dtype(dtypes)
 
 
-def _antialias_weights(out: int, size: int) -> np.ndarray:
-    """torch's antialiased bilinear weights ``[out, size]`` along one axis (``_upsample_bilinear2d_aa``): a triangle
-    filter centred on ``scale * (i + 0.5)``, widened by the scale when shrinking, over the input positions whose
-    centres it reaches, normalized to sum 1."""
+_AA_CUBIC_A = -0.5
+"""The bicubic constant of torch's antialiased bicubic (PIL's), where its plain bicubic uses -0.75."""
+
+
+def _triangle(t: np.ndarray) -> np.ndarray:
+    return np.clip(1 - np.abs(t), 0, None)
+
+
+def _keys_cubic(t: np.ndarray, a: float = _AA_CUBIC_A) -> np.ndarray:
+    t = np.abs(t)
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t < 1, near, np.where(t < 2, far, 0.0))
+
+
+def _antialias_weights(out: int, size: int, mode: str = "linear") -> np.ndarray:
+    """torch's antialiased weights ``[out, size]`` along one axis (``_upsample_bilinear2d_aa``,
+    ``_upsample_bicubic2d_aa``): a triangle (``linear``) or Keys cubic filter (``cubic``, ``a = -0.5``) centred on
+    ``scale * (i + 0.5)``, its support (1 or 2 input positions) widened by the scale when shrinking, over the
+    input positions whose centres it reaches, normalized to sum 1."""
     scale = size / out
-    support = scale if scale >= 1 else 1.0
+    filt, reach = (_triangle, 1.0) if mode == "linear" else (_keys_cubic, 2.0)
+    support = reach * scale if scale >= 1 else reach
     inv = 1 / scale if scale >= 1 else 1.0
     w = np.zeros((out, size))
     for i in range(out):
         center = scale * (i + 0.5)
         lo = max(int(center - support + 0.5), 0)  # C++'s truncation toward zero, as torch computes it
         hi = min(int(center + support + 0.5), size)
-        taps = np.clip(1 - np.abs((np.arange(lo, hi) - center + 0.5) * inv), 0, None)
+        taps = filt((np.arange(lo, hi) - center + 0.5) * inv)
         if taps.sum():
             w[i, lo:hi] = taps / taps.sum()
     return w
@@ -254,8 +273,8 @@ def _source(out: int, size: int, mode: str, align_corners: int) -> tuple[np.ndar
 def _numpy_resize(x: np.ndarray, *, size, mode: str, align_corners: int, antialias: int = 0) -> np.ndarray:
     y = x.astype(np.float64)
     if antialias:  # separable: H then W, each a matrix of weights
-        y = np.einsum("oh,nchw->ncow", _antialias_weights(int(size[0]), x.shape[2]), y)
-        return np.einsum("ow,nchw->ncho", _antialias_weights(int(size[1]), x.shape[3]), y)
+        y = np.einsum("oh,nchw->ncow", _antialias_weights(int(size[0]), x.shape[2], mode), y)
+        return np.einsum("ow,nchw->ncho", _antialias_weights(int(size[1]), x.shape[3], mode), y)
     for axis, (out, n) in enumerate(zip(size, x.shape[2:], strict=True), start=2):
         i0, i1, lam = _source(int(out), n, mode, align_corners)
         shape = [1] * 4
@@ -274,9 +293,11 @@ def _onnx_resize(ctx: Any, node: ComputationNode, out: str) -> None:
         attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
     else:
         ctm = "align_corners" if a["align_corners"] else "pytorch_half_pixel"
-        attrs = {"mode": "linear", "coordinate_transformation_mode": ctm}
+        attrs = {"mode": a["mode"], "coordinate_transformation_mode": ctm}
         if a.get("antialias"):  # opset 18 (the lowering's least); torch's filter drops the taps outside the input
             attrs.update(antialias=1, coordinate_transformation_mode="half_pixel", exclude_outside=1)
+            if a["mode"] == "cubic":
+                attrs.update(cubic_coeff_a=_AA_CUBIC_A)
     ctx.emit("Resize", [ctx.arg(node, 0), "", "", sizes], [out], **attrs)
 
 
@@ -285,20 +306,22 @@ def _torch_resize(node: ComputationNode, args: list[str]) -> str:
     if a["mode"] == "nearest":
         return f"F.interpolate({args[0]}, {ints(a['size'])}, mode='nearest')"
     aa = ", antialias=True" if a.get("antialias") else ""
-    return f"F.interpolate({args[0]}, {ints(a['size'])}, mode='bilinear', align_corners={bool(a['align_corners'])}{aa})"
+    mode = "bicubic" if a["mode"] == "cubic" else "bilinear"
+    return f"F.interpolate({args[0]}, {ints(a['size'])}, mode='{mode}', align_corners={bool(a['align_corners'])}{aa})"
 
 
 define(
     "RESIZE", "Resize", (1, 1),
     {
         "size": AttrSpec("ints", required=True),
-        "mode": AttrSpec("str", "nearest", choices=("nearest", "linear")),
+        "mode": AttrSpec("str", "nearest", choices=("nearest", "linear", "cubic")),
         "align_corners": AttrSpec("int", 0),
         "antialias": AttrSpec("int", 0),
     },
     infer=_infer_resize,
     doc="NCHW resize of H, W to size: torch's nearest (floor of dst * in / out) or bilinear (ONNX Resize); "
-        "antialias: torch's antialiased bilinear (a triangle filter widened when shrinking).",
+        "antialias: torch's antialiased bilinear or bicubic (mode 'cubic', antialiased only: a triangle or Keys "
+        "a = -0.5 filter widened when shrinking).",
     numpy=_numpy_resize, onnx=_onnx_resize, torch=_torch_resize,
 )
 

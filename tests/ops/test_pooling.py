@@ -116,6 +116,13 @@ CASES = [
     Case("resize_bilinear_antialias_up", {"x": X}, op(Op.RESIZE, "x", size=(13, 4), mode="linear", antialias=1),
          lambda x: aten._upsample_bilinear2d_aa(x, [13, 4], False), tol=1e-5,
          capture=("_upsample_bilinear2d_aa.default",)),
+    # antialiased bicubic (DINOv2 with registers): Keys a = -0.5 taps, shrinking unevenly and growing
+    Case("resize_bicubic_antialias_down", {"x": X}, op(Op.RESIZE, "x", size=(3, 5), mode="cubic", antialias=1),
+         lambda x: F.interpolate(x, size=(3, 5), mode="bicubic", antialias=True), tol=1e-5,
+         capture=("_upsample_bicubic2d_aa.vec",)),
+    Case("resize_bicubic_antialias_up", {"x": X}, op(Op.RESIZE, "x", size=(13, 11), mode="cubic", antialias=1),
+         lambda x: aten._upsample_bicubic2d_aa(x, [13, 11], False), tol=1e-5,
+         capture=("_upsample_bicubic2d_aa.default",)),
 ]
 
 

@@ -7,8 +7,9 @@ and W, and an average that counts its padding is refused in ceil mode where that
 ``ReduceMax`` over H, W for a 1x1 output, else ``AvgPool2d`` / ``MaxPool2d`` when each input size is divisible
 by its output size, else torch's (maybe overlapping) windows one axis after the other, a ``Slice`` and a
 reduction each, ``Concat``-ed (static sizes; likewise the 1-D and 3-D adaptive averages);
-``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` / ``_upsample_bilinear2d_aa`` -> ``Resize`` (scale
-factors only when they give whole output sizes; antialiased bilinear without ``align_corners``);
+``upsample_nearest2d.vec`` / ``upsample_bilinear2d.vec`` / ``_upsample_bilinear2d_aa`` / ``_upsample_bicubic2d_aa``
+-> ``Resize`` (scale factors only when they give whole output sizes; antialiased bilinear and bicubic without
+``align_corners``);
 ``upsample_nearest1d.vec`` / ``upsample_linear1d.vec`` -> ``Resize`` of ``[N, C, 1, L]``.
 
 ``grid_sampler_2d`` / ``grid_sampler`` (4-D input) -> ``GridSample`` (bilinear, nearest, bicubic;
@@ -180,6 +181,16 @@ def _upsample_bilinear2d_aa(ctx, x, output_size, align_corners, *scales):
         raise refuse(ctx, "antialiased bilinear resizing with align_corners=True")
     factors = scales[0] if ctx.fx_node.target is aten._upsample_bilinear2d_aa.vec else None
     return _resize(ctx, x, output_size, factors, "linear", False, antialias=True)
+
+
+@register(aten._upsample_bicubic2d_aa.default, aten._upsample_bicubic2d_aa.vec)
+def _upsample_bicubic2d_aa(ctx, x, output_size, align_corners, *scales):
+    """``F.interpolate(mode="bicubic", antialias=True)`` (DINOv2 with registers resizing its position table) ->
+    ``Resize`` of mode ``cubic`` with ``antialias``, as the bilinear one (torch's plain bicubic decomposes)."""
+    if align_corners:
+        raise refuse(ctx, "antialiased bicubic resizing with align_corners=True")
+    factors = scales[0] if ctx.fx_node.target is aten._upsample_bicubic2d_aa.vec else None
+    return _resize(ctx, x, output_size, factors, "cubic", False, antialias=True)
 
 
 @register(aten.upsample_linear1d.vec, aten.upsample_nearest1d.vec)
