@@ -1100,9 +1100,9 @@ def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.No
     constants, unless the op is refused (``randn(3, 4)`` is never frozen). ``in_place`` nodes convert as
     their functional twin (:func:`.mutations.plan`)."""
     for n in fx_nodes:
-        if n.op == "call_function" and n.target not in NO_TENSOR_OPS and touches_complex(n) \
-                and n.target not in COMPLEX_TABLE:
-            yield n  # an op on complex values (carried as real pairs) that has no converter for them
+        if n.op == "call_function" and n.target not in NO_TENSOR_OPS and touches_complex(n):
+            if n.target not in COMPLEX_TABLE:
+                yield n  # an op on complex values (carried as real pairs) that has no converter for them
             continue
         if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
                 or _is_shape_arith(n) or _is_size_check(n) or n.target in ATEN_TABLE or n in in_place):

@@ -232,6 +232,8 @@ ROWS = [
         [randn(-1, 3, 2)], ("_fft_c2c.default",), {0: 0}, tol=1e-4),
     Row("fftn_ortho_over_the_batch", lambda x: torch.view_as_real(torch.fft.fftn(x, dim=(0, 1), norm="ortho")),
         [randn(-1, 3)], ("_fft_c2c.default",), {0: 0}, tol=1e-4),
+    Row("hfft_of_a_conjugate", lambda x: torch.fft.hfft(torch.view_as_complex(x)), [randn(-1, 5, 2)],
+        ("_fft_c2r.default",), {0: 0}, tol=1e-4),
     Row("rfft_magnitudes", lambda x: torch.fft.rfft(x).abs(), [randn(-1, 9)], ("_fft_r2c.default",),
         {0: 0}, tol=1e-4),
     Row("complex_times_real_sliced", lambda x, r: torch.view_as_real(

@@ -7,8 +7,8 @@ returns, so ``view_as_complex`` and ``view_as_real`` emit nothing. ``polar(r, th
 complex value converts through :data:`COMPLEX_TABLE` instead of :data:`~.registry.ATEN_TABLE`
 (:func:`complex_converter`; capture dispatches there): ``mul`` (complex x complex as
 ``(a c - b d, a d + b c)``, complex x real scales both parts), and ``unsqueeze`` / ``slice`` /
-aliases, whose axes count the complex tensor's own dims (a negative axis skips the pair axis), and ``abs``
-(the magnitudes, real). :mod:`~flora_graph.frontend.aten.spectral` adds the FFTs and the casts to and from
+aliases, whose axes count the complex tensor's own dims (a negative axis skips the pair axis), ``abs``
+(the magnitudes, real) and the conjugates. :mod:`~flora_graph.frontend.aten.spectral` adds the FFTs and the casts to and from
 complex. Any other op on complex values is refused by name.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from flora_graph.errors import UnsupportedOpError
@@ -116,6 +117,12 @@ def _abs(ctx, z):
     """``|z|``: ``sqrt(re^2 + im^2)`` over the pairs (a spectrum's magnitudes), real."""
     squares = ctx.emit(Op.MUL, [z, z])
     return ctx.emit(Op.SQRT, [ctx.emit(Op.REDUCE_SUM, [squares], {"axes": (len(z.shape) - 1,), "keepdims": 0})])
+
+
+@_complex(aten._conj.default, aten.conj_physical.default, aten.conj.default)
+def _conj(ctx, z):
+    """The conjugate: the imaginary parts negated."""
+    return ctx.emit(Op.MUL, [z, ctx.new_param(f"{ctx.fx_node.name}_signs", np.array([1.0, -1.0], z.dtype))])
 
 
 @_complex(aten.unsqueeze.default)
