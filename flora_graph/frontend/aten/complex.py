@@ -28,7 +28,7 @@ from flora_graph.ir import ComputationNode, Op
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
 
-__all__ = ["COMPLEX_ONLY", "COMPLEX_TABLE", "complex_converter", "is_complex", "touches_complex"]
+__all__ = ["COMPLEX_ONLY", "COMPLEX_TABLE", "complex_converter", "is_complex", "pairs", "parts", "touches_complex"]
 
 aten = torch.ops.aten
 
@@ -80,12 +80,23 @@ def _last(ctx: CaptureContext, x: ComputationNode) -> ComputationNode:
     return ctx.emit(Op.UNSQUEEZE, [x], {"axes": (len(x.shape),)})
 
 
+def pairs(ctx: CaptureContext, re: ComputationNode, im: ComputationNode) -> ComputationNode:
+    """Real parts ``re`` and imaginary parts ``im`` (``[..., n]`` each) as one complex value, ``[..., n, 2]``."""
+    return ctx.emit(Op.CONCAT, [_last(ctx, re), _last(ctx, im)], {"axis": len(re.shape)})
+
+
+def parts(ctx: CaptureContext, z: ComputationNode) -> tuple[ComputationNode, ComputationNode]:
+    """The real and imaginary parts of complex value ``z`` (``[..., n, 2]`` -> two ``[..., n]``)."""
+    last = len(z.shape) - 1
+    return tuple(ctx.emit(Op.GATHER, [z, ctx.new_param(f"{ctx.fx_node.name}_part", np.asarray(k, np.int64))],
+                          {"axis": last}) for k in (0, 1))
+
+
 @register(aten.polar.default)
 @_complex(aten.polar.default)
 def _polar(ctx, r, theta):
     """``r * (cos(theta), sin(theta))`` as the last axis of pairs."""
-    parts = [ctx.emit(Op.MUL, [r, ctx.emit(op, [theta])]) for op in (Op.COS, Op.SIN)]
-    return ctx.emit(Op.CONCAT, [_last(ctx, p) for p in parts], {"axis": len(parts[0].shape)})
+    return pairs(ctx, *(ctx.emit(Op.MUL, [r, ctx.emit(op, [theta])]) for op in (Op.COS, Op.SIN)))
 
 
 @register(aten.view_as_complex.default, aten.view_as_real.default)

@@ -172,25 +172,23 @@ def _upsample_bilinear2d(ctx, x, output_size, align_corners, scale_factors):
     return _resize(ctx, x, output_size, scale_factors, "linear", align_corners)
 
 
-@register(aten._upsample_bilinear2d_aa.default, aten._upsample_bilinear2d_aa.vec)
-def _upsample_bilinear2d_aa(ctx, x, output_size, align_corners, *scales):
-    """``F.interpolate(mode="bilinear", antialias=True)`` (a vision tower's resize of its position table) ->
-    ``Resize`` with ``antialias`` (without ``align_corners``): to ``output_size`` where given (``.default``
-    always gives it; its ``scales_h``, ``scales_w`` only restate it), else by ``.vec``'s scale factors."""
-    if align_corners:
-        raise refuse(ctx, "antialiased bilinear resizing with align_corners=True")
-    factors = scales[0] if ctx.fx_node.target is aten._upsample_bilinear2d_aa.vec else None
-    return _resize(ctx, x, output_size, factors, "linear", False, antialias=True)
+_ANTIALIASED = {aten._upsample_bilinear2d_aa.default: "linear", aten._upsample_bilinear2d_aa.vec: "linear",
+                aten._upsample_bicubic2d_aa.default: "cubic", aten._upsample_bicubic2d_aa.vec: "cubic"}
+"""The antialiased resizes -> their ``Resize`` mode (torch's plain bicubic decomposes before capture)."""
 
 
-@register(aten._upsample_bicubic2d_aa.default, aten._upsample_bicubic2d_aa.vec)
-def _upsample_bicubic2d_aa(ctx, x, output_size, align_corners, *scales):
-    """``F.interpolate(mode="bicubic", antialias=True)`` (DINOv2 with registers resizing its position table) ->
-    ``Resize`` of mode ``cubic`` with ``antialias``, as the bilinear one (torch's plain bicubic decomposes)."""
+@register(*_ANTIALIASED)
+def _upsample_antialiased(ctx, x, output_size, align_corners, *scales):
+    """``F.interpolate(mode="bilinear" or "bicubic", antialias=True)`` (a vision tower's resize of its position table,
+    DINOv2 with registers') -> ``Resize`` with ``antialias`` (without ``align_corners``): to ``output_size`` where
+    given (``.default`` always gives it; its ``scales_h``, ``scales_w`` only restate it), else by ``.vec``'s scale
+    factors."""
+    mode = _ANTIALIASED[ctx.fx_node.target]
     if align_corners:
-        raise refuse(ctx, "antialiased bicubic resizing with align_corners=True")
-    factors = scales[0] if ctx.fx_node.target is aten._upsample_bicubic2d_aa.vec else None
-    return _resize(ctx, x, output_size, factors, "cubic", False, antialias=True)
+        raise refuse(ctx, f"antialiased {'bilinear' if mode == 'linear' else 'bicubic'} resizing with align_corners=True")
+    vec = ctx.fx_node.target in (aten._upsample_bilinear2d_aa.vec, aten._upsample_bicubic2d_aa.vec)
+    factors = scales[0] if vec else None
+    return _resize(ctx, x, output_size, factors, mode, False, antialias=True)
 
 
 @register(aten.upsample_linear1d.vec, aten.upsample_nearest1d.vec)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from flora_graph.frontend.aten.complex import COMPLEX_TABLE, is_complex
-from flora_graph.frontend.aten.registry import SymDim, axis_of, dim_value, refuse, register
+from flora_graph.frontend.aten.complex import COMPLEX_TABLE, is_complex, pairs, parts
+from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import Dim
 
@@ -49,16 +49,9 @@ def _part_dtype(ctx: CaptureContext) -> str:
     return _PART[val.dtype]
 
 
-def _parts(ctx: CaptureContext, z: ComputationNode) -> tuple[ComputationNode, ComputationNode]:
-    """The real and imaginary parts of pairs ``z`` (``[..., n, 2]`` -> two ``[..., n]``)."""
-    last = len(z.shape) - 1
-    return tuple(ctx.emit(Op.GATHER, [z, ctx.new_param(f"{ctx.fx_node.name}_part", np.asarray(k, np.int64))],
-                          {"axis": last}) for k in (0, 1))
-
-
-def _pairs(ctx: CaptureContext, re: ComputationNode, im: ComputationNode) -> ComputationNode:
-    axis = len(re.shape)
-    return ctx.emit(Op.CONCAT, [ctx.emit(Op.UNSQUEEZE, [p], {"axes": (axis,)}) for p in (re, im)], {"axis": axis})
+def _length(ctx: CaptureContext, d: Dim, dtype: str) -> ComputationNode:
+    """Length ``d`` (an int or a dynamic dim) as a rank-0 value of ``dtype``."""
+    return as_dtype(ctx, d if isinstance(d, int) else SymDim(d), dtype)
 
 
 def _twiddles(ctx: CaptureContext, rows: Dim, cols: Dim, period: Dim, dtype: str,
@@ -75,8 +68,8 @@ def _twiddles(ctx: CaptureContext, rows: Dim, cols: Dim, period: Dim, dtype: str
     j = ctx.emit(Op.ARANGE, [], {"start": 0, "end": rows, "step": 1, "dtype": "int64"})
     k = ctx.emit(Op.ARANGE, [], {"start": 0, "end": cols, "step": 1, "dtype": "int64"})
     jk = ctx.emit(Op.MUL, [ctx.emit(Op.UNSQUEEZE, [j], {"axes": (1,)}), ctx.emit(Op.UNSQUEEZE, [k], {"axes": (0,)})])
-    n = dim_value(ctx, SymDim(period)) if not isinstance(period, int) else ctx.scalar(period, "int64")
-    step = ctx.emit(Op.DIV, [ctx.scalar(2 * math.pi, "float64"), ctx.emit(Op.CAST, [n], {"to": "float64"})])
+    n = _length(ctx, period, "int64")
+    step = ctx.emit(Op.DIV, [ctx.scalar(2 * math.pi, "float64"), as_dtype(ctx, n, "float64")])
     angle = ctx.emit(Op.MUL, [ctx.emit(Op.CAST, [ctx.emit(Op.FMOD, [jk, n])], {"to": "float64"}), step])
     return tuple(ctx.emit(Op.CAST, [ctx.emit(op, [angle])], {"to": dtype}) for op in (Op.COS, Op.SIN))
 
@@ -122,8 +115,7 @@ def _scale(ctx: CaptureContext, parts: tuple[ComputationNode, ...], lengths: lis
     else:
         n = None
         for d in lengths:
-            v = ctx.emit(Op.CAST, [dim_value(ctx, SymDim(d)) if not isinstance(d, int) else ctx.scalar(d, "int64")],
-                         {"to": dtype})
+            v = _length(ctx, d, dtype)
             n = v if n is None else ctx.emit(Op.MUL, [n, v])
         factor = ctx.emit(Op.DIV, [ctx.scalar(1.0, dtype), ctx.emit(Op.SQRT, [n]) if normalization == 1 else n])
     return tuple(ctx.emit(Op.MUL, [p, factor]) for p in parts)
@@ -136,17 +128,17 @@ def _axes(ctx: CaptureContext, dim: Any, rank: int) -> list[int]:
 @register(aten._fft_c2c.default)
 @register(aten._fft_c2c.default, table=COMPLEX_TABLE)
 def _fft_c2c(ctx, z, dim, normalization, forward):
-    re, im = _parts(ctx, z)
+    re, im = parts(ctx, z)
     axes = _axes(ctx, dim, len(re.shape))
     for axis in axes:
         re, im = _dft(ctx, re, im, axis, inverse=not forward)
-    return _pairs(ctx, *_scale(ctx, (re, im), [z.shape[a] for a in axes], int(normalization)))
+    return pairs(ctx, *_scale(ctx, (re, im), [z.shape[a] for a in axes], int(normalization)))
 
 
 @register(aten._fft_r2c.default)
 @register(aten._fft_r2c.default, table=COMPLEX_TABLE)
 def _fft_r2c(ctx, x, dim, normalization, onesided):
-    x = x if x.dtype == _part_dtype(ctx) else ctx.emit(Op.CAST, [x], {"to": _part_dtype(ctx)})
+    x = as_dtype(ctx, x, _part_dtype(ctx))
     axes = _axes(ctx, dim, len(x.shape))
     lengths = [x.shape[a] for a in axes]
     cols = None
@@ -158,13 +150,13 @@ def _fft_r2c(ctx, x, dim, normalization, onesided):
     re, im = _dft(ctx, x, None, axes[-1], inverse=False, cols=cols)
     for axis in axes[:-1]:
         re, im = _dft(ctx, re, im, axis, inverse=False)
-    return _pairs(ctx, *_scale(ctx, (re, im), lengths, int(normalization)))
+    return pairs(ctx, *_scale(ctx, (re, im), lengths, int(normalization)))
 
 
 @register(aten._fft_c2r.default)
 @register(aten._fft_c2r.default, table=COMPLEX_TABLE)
 def _fft_c2r(ctx, z, dim, normalization, last_dim_size):
-    re, im = _parts(ctx, z)
+    re, im = parts(ctx, z)
     axes = _axes(ctx, dim, len(re.shape))
     for axis in axes[:-1]:
         re, im = _dft(ctx, re, im, axis, inverse=True)
@@ -186,12 +178,8 @@ def _to(ctx, x, *args, **kwargs):
     the real parts (torch drops the imaginary ones)."""
     out = ctx.fx_node.meta["val"].dtype
     if not is_complex(ctx.fx_node.args[0]):
-        part = _part_dtype(ctx)
-        x = x if x.dtype == part else ctx.emit(Op.CAST, [x], {"to": part})
-        return _pairs(ctx, x, ctx.emit(Op.MUL, [x, ctx.scalar(0.0, part)]))
+        x = as_dtype(ctx, x, _part_dtype(ctx))
+        return pairs(ctx, x, ctx.emit(Op.MUL, [x, ctx.scalar(0.0, x.dtype)]))
     if out.is_complex:
-        part = _part_dtype(ctx)
-        return x if x.dtype == part else ctx.emit(Op.CAST, [x], {"to": part})
-    re, _ = _parts(ctx, x)
-    target = str(out).removeprefix("torch.")
-    return re if re.dtype == target else ctx.emit(Op.CAST, [re], {"to": target})
+        return as_dtype(ctx, x, _part_dtype(ctx))
+    return as_dtype(ctx, parts(ctx, x)[0], str(out).removeprefix("torch."))
