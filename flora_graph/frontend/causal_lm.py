@@ -17,6 +17,11 @@ out (ONNX Runtime GenAI's names), zeros for an empty cache (:class:`CacheState`,
 own cache after one eager step). The layer takes them as its previous state at any length, so the
 same graph prefills and decodes.
 
+The sparse attention of DeepSeek-V3.2 (GLM-MoE-DSA, AXK2, Dots3 Note, HY-V4: "DeepSeek Sparse Attention") keeps,
+beside its keys and values, the keys of its indexer (one head, ``index_head_dim`` wide), which grow with them:
+``past_key_values.{i}.indexer_key`` ``[batch, 1, past_seq, index_head_dim]`` in and ``present.{i}.indexer_key`` out,
+one head of keys as far as a runtime is concerned (:attr:`CacheLayout.indexed`).
+
 ``past_seq + seq`` is a sum dim of the IR, so every backend checks that the mask covers the
 cache and the new tokens. The model runs through a small wrapper that builds a
 ``DynamicCache`` from the flat past tensors and returns the cache flat again; the rest is
@@ -41,7 +46,7 @@ from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
 from flora_graph.ir import Graph
 
-__all__ = ["SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout", "capture_causal_lm",
+__all__ = ["GROWING", "INDEXER_KEY", "SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout", "capture_causal_lm",
            "dynamic_ntk_per_row", "longrope_per_row", "past_names", "present_names", "scan_chunk"]
 
 
@@ -67,7 +72,9 @@ class CacheLayout:
     (``kv_lora_rank`` wide) as the "key" and the rotary part of its keys (``qk_rope_head_dim``) as the "value".
     ``per_layer``: ``(kv_heads, key dim, value dim)`` of every layer where they vary from layer to layer (Gemma 4's
     full attention layers: wider heads, fewer of them; MiMo-V2's windowed layers: twice the heads), empty where every
-    layer has ``kv_heads`` and :attr:`dims` (:meth:`layer_kv` reads either)."""
+    layer has ``kv_heads`` and :attr:`dims` (:meth:`layer_kv` reads either).
+    ``indexed``: ``(layer, index_head_dim)`` of each layer whose sparse attention caches its indexer's keys too
+    (``[batch, 1, past_seq, index_head_dim]``, after the layer's keys and values)."""
 
     layers: int
     kv_heads: int
@@ -78,6 +85,7 @@ class CacheLayout:
     kv_layers: tuple[int, ...] | None = None
     states: tuple[CacheState, ...] = ()
     per_layer: tuple[tuple[int, int, int], ...] = ()
+    indexed: tuple[tuple[int, int], ...] = ()
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -92,27 +100,45 @@ class CacheLayout:
 
     def entries(self) -> list[tuple[int, str]]:
         """``(layer, kind)`` of each cache tensor, in input order: per layer, ``"key"`` and ``"value"`` where it
-        attends (every layer unless ``kv_layers`` says which), then its ``states`` (``"conv"``, ``"recurrent"``)."""
+        attends (every layer unless ``kv_layers`` says which), then its indexer's keys (``"indexer_key"``, where
+        :attr:`indexed` names it), then its ``states`` (``"conv"``, ``"recurrent"``)."""
         kv = set(range(self.layers) if self.kv_layers is None else self.kv_layers)
+        indexed = dict(self.indexed)
         out: list[tuple[int, str]] = []
         for i in range(self.layers):
             out += [(i, "key"), (i, "value")] if i in kv else []
+            out += [(i, INDEXER_KEY)] if i in indexed else []
             out += [(i, st.kind) for st in self.states if st.layer == i]
         return out
 
     def past_names(self) -> list[str]:
-        """The cache inputs, in order: ``past_key_values.{i}.key`` / ``.value``, and a recurrent layer's
-        ``past.{i}.conv`` / ``past.{i}.recurrent`` (ONNX Runtime GenAI's names)."""
-        return [f"past_key_values.{i}.{k}" if k in ("key", "value") else f"past.{i}.{k}" for i, k in self.entries()]
+        """The cache inputs, in order: ``past_key_values.{i}.key`` / ``.value`` / ``.indexer_key``, and a recurrent
+        layer's ``past.{i}.conv`` / ``past.{i}.recurrent`` (ONNX Runtime GenAI's names)."""
+        return [f"past_key_values.{i}.{k}" if k in GROWING else f"past.{i}.{k}" for i, k in self.entries()]
 
     def present_names(self) -> list[str]:
-        """The cache outputs, in order: ``present.{i}.key`` / ``.value`` / ``.conv`` / ``.recurrent``."""
+        """The cache outputs, in order: ``present.{i}.key`` / ``.value`` / ``.indexer_key`` / ``.conv`` /
+        ``.recurrent``."""
         return [f"present.{i}.{k}" for i, k in self.entries()]
 
     def state_shape(self, layer: int, kind: str) -> tuple[int, ...]:
         """The shape (without batch) of ``layer``'s ``kind`` state."""
         return next(st.shape for st in self.states if st.layer == layer and st.kind == kind)
 
+    def growing_shape(self, layer: int, kind: str, past: int) -> tuple[int, int, int]:
+        """``[heads, past, dim]`` of ``layer``'s ``kind`` of :data:`GROWING` at ``past`` positions."""
+        if kind == INDEXER_KEY:
+            return 1, past, dict(self.indexed)[layer]
+        heads, key, value = self.layer_kv(layer)
+        return heads, past, key if kind == "key" else value
+
+
+INDEXER_KEY = "indexer_key"
+"""The cache entry of a sparse attention layer's indexer keys (see :attr:`CacheLayout.indexed`)."""
+
+GROWING = ("key", "value", INDEXER_KEY)
+"""The cache entries that grow by the new tokens, ``[batch, heads, past_seq, dim]``; the others are fixed-size
+states."""
 
 SCAN_CHUNK_KEYS = ("mamba_chunk_size", "chunk_size")
 """Config keys of a state-space layer's scan chunk (Bamba, Granite 4, Falcon-H1; Nemotron-H)."""
@@ -186,9 +212,11 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     latent, rope = get("kv_lora_rank"), get("qk_rope_head_dim")
     kv_layers, states = _recurrent_layers(base, cache, failed)
     shared = kv_shared_layers(base)
+    indexed = _indexed_layers(cache)
     if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
         return CacheLayout(int(layers), 1, int(latent), takes, shared, int(rope),
-                           kv_layers=kv_layers, states=states)  # beside Kimi Linear's delta attention layers
+                           kv_layers=kv_layers, states=states,  # beside Kimi Linear's delta attention layers
+                           indexed=indexed)  # DeepSeek-V3.2's sparse attention
     # each layer's geometry: as cached, else as the config has it (Gemma 4's full attention layers: wider, fewer)
     geometry = [(get("num_key_value_heads", source=c) or heads, get("head_dim", source=c) or hidden // heads)
                 for c in layer_cfgs] or [(kv_heads, head_dim)] * int(layers)
@@ -200,7 +228,7 @@ def cache_layout(model: nn.Module) -> CacheLayout:
         per_layer = [g if i in kv_layers else first for i, g in enumerate(per_layer)]
     return CacheLayout(int(layers), first[0], first[1], takes, shared, None if first[2] == first[1] else first[2],
                        kv_layers=kv_layers, states=states,
-                       per_layer=tuple(per_layer) if len(set(per_layer)) > 1 else ())
+                       per_layer=tuple(per_layer) if len(set(per_layer)) > 1 else (), indexed=indexed)
 
 
 def _eager_cache(model: nn.Module) -> Any:
@@ -209,6 +237,17 @@ def _eager_cache(model: nn.Module) -> Any:
         out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
     cache = getattr(out, "past_key_values", None)
     return cache if cache is not None and hasattr(cache, "layers") else None
+
+
+def _indexed_layers(cache: Any) -> tuple[tuple[int, int], ...]:
+    """``(layer, index_head_dim)`` of each layer of ``cache`` (one eager step's, or ``None``) that holds its indexer's
+    keys (transformers' ``DynamicIndexedLayer``: ``indexer_keys`` ``[batch, seq, index_head_dim]``)."""
+    out = []
+    for i, layer in enumerate(getattr(cache, "layers", None) or []):
+        keys = getattr(layer, "indexer_keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 3:
+            out.append((i, int(keys.shape[-1])))
+    return tuple(out)
 
 
 def _cached_kv(cache: Any, source: dict[int, int]) -> dict[int, tuple[int, int, int]]:
@@ -296,7 +335,7 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
     the state of an empty cache, so one graph serves prefill and decode."""
     from transformers import DynamicCache
 
-    if not layout.states:
+    if not layout.states and not layout.indexed:
         cache = DynamicCache()  # full layers: a sliding window is the mask's business, the cache keeps every position
         for i in range(layout.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
@@ -312,6 +351,9 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
             if type(layer).__name__ == "DynamicSlidingWindowLayer":
                 cache.layers[i] = whole_sliding()  # every position kept, as above
             cache.update(keys.pop(i), t, i)
+        elif kind == INDEXER_KEY:  # [batch, 1, past, dim] as the graph carries them, [batch, past, dim] as the layer
+            layer.lazy_initialization_indexer(t[:, 0])
+            layer.indexer_keys = t[:, 0]
         else:
             getattr(layer, f"{kind}_states")[0] = t.clone()
             getattr(layer, f"is_{kind}_states_initialized")[0] = True
@@ -344,7 +386,10 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
         returned = cache if returned is None else returned
         for i, kind in layout.entries():
             layer = returned.layers[source.get(i, i)]
-            flat.append(getattr(layer, f"{kind}s") if kind in ("key", "value") else getattr(layer, f"{kind}_states")[0])
+            if kind == INDEXER_KEY:
+                flat.append(layer.indexer_keys[:, None])
+            else:
+                flat.append(getattr(layer, f"{kind}s") if kind in ("key", "value") else getattr(layer, f"{kind}_states")[0])
         return tuple(flat)
 
     return run
@@ -392,10 +437,7 @@ def example_inputs(layout: CacheLayout, vocab: int, batch: int, seq: int, past: 
     if layout.takes_position_ids:
         out["position_ids"] = positions_from_mask(mask)[:, past:].contiguous()  # a view would tie seq to its stride
     def shape(i: int, kind: str) -> tuple[int, ...]:
-        if kind in ("key", "value"):
-            heads, key, value = layout.layer_kv(i)
-            return heads, past, key if kind == "key" else value
-        return layout.state_shape(i, kind)
+        return layout.growing_shape(i, kind, past) if kind in GROWING else layout.state_shape(i, kind)
 
     out["past_key_values"] = [torch.randn(batch, *shape(i, kind), generator=gen) for i, kind in layout.entries()]
     return out
@@ -540,7 +582,7 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
         dims["position_ids"] = {0: "batch", 1: "seq"}
     else:
         inputs.pop("position_ids", None)
-    dims["past_key_values"] = [{0: "batch", 2: "past_seq"} if kind in ("key", "value") else {0: "batch"}
+    dims["past_key_values"] = [{0: "batch", 2: "past_seq"} if kind in GROWING else {0: "batch"}
                                for _, kind in layout.entries()]
     in_names = [*dims][:-1] + layout.past_names()
     out_names = ["logits", *layout.present_names()]

@@ -33,6 +33,14 @@
   a branch on the data torch.export refuses; the swap (:data:`SWAPS`) always returns the mask, which masks nothing
   there, the same attention.
 
+* **Sparse attention's top-k selection** (DeepSeek-V3.2, GLM-MoE-DSA, AXK2, Dots3 Note, HY-V4): the indexer of
+  DeepSeek Sparse Attention returns the ``topk(min(index_topk, keys))`` best keys of each query, a ``min`` that
+  torch.export decides from the example's length and fixes (or refuses, for a length on either side of
+  ``index_topk``). :func:`traceable_indexers` has it sort every key instead (``index_topk`` made larger than any
+  length while it runs) and return the first ``index_topk`` of that order, the best key repeated where there are
+  fewer keys: the same keys, the only use the attention makes of them being a mask scattered from them, where a key
+  named twice is selected once.
+
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
   over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
   around a 63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
@@ -62,7 +70,7 @@ from flora_graph.frontend.delta_rule import (
 from flora_graph.frontend.selective_scan import SCAN_FORWARD, SCAN_FORWARD_PARAMS, scan_forward
 
 __all__ = ["SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_attention", "traceable_experts",
-           "traceable_scans"]
+           "traceable_indexers", "traceable_scans"]
 
 SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     SCAN_FORWARD: (SCAN_FORWARD_PARAMS, scan_forward),
@@ -240,6 +248,59 @@ def _converting_router(module: nn.Module) -> bool:
 def _same(module: nn.Module) -> Callable[..., nn.Module]:
     """A ``to`` for ``module`` that returns it unchanged (its parameters were converted already)."""
     return lambda *args, **kwargs: module
+
+
+_INDEXER_TOPK = "topk = min(self.index_topk, index_scores.shape[-1])"
+"""The statement of DeepSeek-V3.2's indexer (and of the families that copy it) that :func:`traceable_indexers`
+makes traceable."""
+
+def _top_k_indexer(module: nn.Module) -> bool:
+    """A DeepSeek Sparse Attention indexer: an int ``index_topk`` and a ``forward`` that returns the indices of the
+    ``min(index_topk, keys)`` best keys of each query (the statement :data:`_INDEXER_TOPK`)."""
+    if not isinstance(getattr(module, "index_topk", None), int) or "forward" in vars(module):
+        return False
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return _INDEXER_TOPK in source
+
+
+def _padded_top_k(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """``module``'s forward (see :func:`_top_k_indexer`) returning ``[..., index_topk]`` indices for any number of
+    keys: its own order of every key, the first ``index_topk`` of it, the best key repeated past the last key.
+    The keys are counted by the last dim of its ``attention_mask`` (``[batch, queries, keys]``)."""
+    forward, k = type(module).forward, module.index_topk
+    signature = inspect.signature(forward)
+
+    def top_k(*args: Any, **kwargs: Any) -> torch.Tensor:
+        mask = signature.bind(module, *args, **kwargs).arguments.get("attention_mask")
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{type(module).__name__}: an indexer without an attention mask to count the keys by")
+        module.index_topk = mask.shape[-1]  # min(index_topk, keys) is every key: a sort, of any length
+        try:
+            order = forward(module, *args, **kwargs)
+        finally:
+            module.index_topk = k
+        best = order[..., :1].expand(*order.shape[:-1], k)
+        return torch.cat([order, best], dim=-1)[..., :k]
+
+    return top_k
+
+
+@contextlib.contextmanager
+def traceable_indexers(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every DeepSeek Sparse Attention indexer of ``model`` (:func:`_top_k_indexer`) returns a fixed
+    number of key indices, ``index_topk``, for any number of keys (see the module's docstring); yields their paths.
+    Restored on exit."""
+    indexers = [(path, module) for path, module in model.named_modules() if _top_k_indexer(module)]
+    for _, module in indexers:
+        module.forward = _padded_top_k(module)  # an instance attribute: deleted on exit
+    try:
+        yield [path for path, _ in indexers]
+    finally:
+        for _, module in indexers:
+            del module.forward
 
 
 @contextlib.contextmanager

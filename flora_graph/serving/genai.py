@@ -431,12 +431,15 @@ def not_for_genai(layout: Any) -> str | None:
     """Why ONNX Runtime GenAI cannot run a package of a model with cache ``layout``
     (:class:`~flora_graph.frontend.causal_lm.CacheLayout`), or ``None``: GenAI sizes every cache entry by one
     ``head_size``, and a latent-attention model's cached keys and values differ in width (MiMo-V2's too); it carries
-    recurrent states for its own model types only."""
+    recurrent states for its own model types only, and no sparse attention's indexer keys."""
     if layout.states:
         kinds = sorted({st.kind for st in layout.states})
         return (f"this model's state-space or convolution layers keep {' and '.join(kinds)} states in the cache "
                 f"({', '.join(layout.past_names()[:2])}, ...) beside keys and values, which ONNX Runtime GenAI carries "
                 "only for its own model types: the package is for flora_graph's Generator")
+    if layout.indexed:
+        return (f"this model's sparse attention caches its indexer's keys ({layout.past_names()[2]}, ...) beside keys "
+                "and values, which ONNX Runtime GenAI does not carry: the package is for flora_graph's Generator")
     layers = range(layout.layers) if layout.kv_layers is None else layout.kv_layers
     wide = next(((key, value) for key, value in (layout.layer_kv(i)[1:] for i in layers) if key != value), None)
     if wide is None:

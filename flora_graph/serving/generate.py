@@ -20,7 +20,8 @@ appended to in place. Other packages are left-padded: the attention mask hides t
 positions and position ids count a row's own tokens. A model whose recurrent layers keep fixed-size
 states (``past.{i}.conv`` / ``past.{i}.recurrent``: state-space and convolution layers) has them
 stacked row by row beside its keys and values, zeros for a row's empty cache; such a model is never
-right-padded (its layers read the mask themselves).
+right-padded (its layers read the mask themselves). A sparse attention's indexer keys
+(``past_key_values.{i}.indexer_key``, ``[batch, 1, past_seq, dim]``) are one head of keys to it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ __all__ = ["Batch", "GenerationError", "Generator", "Row", "RowSettings", "pick_
 _UNSERVED = "adapter {!r} stopped being served while the row decoded"
 _STATE = re.compile(r"^past\.\d+\.(conv|recurrent)$")
 """A recurrent layer's state among a model's inputs (:meth:`~flora_graph.frontend.causal_lm.CacheLayout.past_names`)."""
+_INDEXER = re.compile(r"^past_key_values\.\d+\.indexer_key$")
+"""A sparse attention layer's indexer keys among a model's inputs: ``[batch, 1, past_seq, dim]``, one head of keys."""
 
 
 class GenerationError(ServingError):
@@ -239,6 +242,7 @@ class Generator:
         kv = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         if states:
             kv = [n for n in kv if n in model.inputs]
+        kv += [n for n in model.inputs if _INDEXER.match(n)]  # sparse attention's indexer keys grow as keys do
         order = {n: i for i, n in enumerate(model.inputs)}
         self._past = sorted(kv + states, key=lambda n: order.get(n, len(order)))
         self._present = ["present." + n.removeprefix("past_key_values.").removeprefix("past.") for n in self._past]

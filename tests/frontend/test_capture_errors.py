@@ -95,6 +95,15 @@ def test_unsupported_op_inside_adapted_model_names_module():
     assert set(err.ops) == {"aten.lgamma.default", "aten.cumprod.default"}
 
 
+def test_topk_with_a_dynamic_k_of_another_axis_is_refused_by_name():
+    class TopBatch(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.topk(x.shape[0], dim=1).values  # k the batch, of a static axis of 8
+
+    with pytest.raises(UnsupportedOpError, match=r"topk with a dynamic k \('batch'\) other than the axis's dim"):
+        capture(TopBatch(), torch.randn(3, 8), BATCH)
+
+
 def test_ops_on_weights_only_are_folded_not_reported():
     """An unsupported op whose inputs are all weights runs once at capture and becomes a constant."""
 

@@ -129,6 +129,8 @@ CASES = [
          lambda x: tuple(torch.topk(x, 2, 1, largest=False)), capture=("topk.default",)),
     Case("topk_int_full", {"x": In(("batch", 4), "int64", "index:1000")}, _top_k(4, 1, 1),
          lambda x: tuple(torch.topk(x, 4, sorted=True)), capture=("topk.default",)),
+    Case("topk_of_the_axis_dim", {"x": X}, _top_k("seq", 1, 1), lambda x: tuple(torch.topk(x, x.shape[1], 1)),
+         capture=("topk.default",)),  # a dynamic k, the axis's own dim: every value in order
     Case("sort_named_axis_descending", {"x": X}, _top_k("seq", 1, 1), lambda x: tuple(torch.sort(x, 1, descending=True)),
          capture=("sort.default",)),
     Case("sort_stable_ties", {"x": TIES}, _top_k(6, 2, 0), lambda x: tuple(torch.sort(x, stable=True)),

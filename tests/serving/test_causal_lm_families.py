@@ -41,8 +41,18 @@ _LATENT = dict(num_key_value_heads=4, head_dim=8, qk_rope_head_dim=8, qk_nope_he
 """Multi-head latent attention (DeepSeek-V3-like) at small sizes: keys and values as many heads as queries, as the
 checkpoints have them, and rotary dims that agree with ``head_dim``."""
 
+_SPARSE = dict(_LATENT, index_head_dim=16, index_n_heads=16, index_topk=4)
+"""DeepSeek Sparse Attention (DeepSeek-V3.2-like) over latent attention: an indexer that keeps the best 4 keys of each
+query, fewer than the test's tokens, so that it selects; 16 indexer heads, so that no two keys tie at a score of 0
+(each head's score is a ReLU) and the choice between tied keys is not up to each runtime's tie-breaking."""
+
 OVERRIDES = {
     "AXK1ForCausalLM": _LATENT,
+    "AXK2ForCausalLM": _SPARSE,
+    "DeepseekV32ForCausalLM": dict(_SPARSE, mlp_layer_types=["dense", "sparse"]),
+    "Dots3NoteForCausalLM": _SPARSE,
+    "GlmMoeDsaForCausalLM": _SPARSE,
+    "HYV4ForCausalLM": _SPARSE,
     "CohereCompassForCausalLM": dict(layer_types=["full_attention", "sliding_attention"], sliding_window=4,
                                      rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
                                                       for t in ("full_attention", "sliding_attention")}),
@@ -64,7 +74,8 @@ latent attention's head dims, rotary settings per layer type), over :data:`SMALL
 multimodal family)."""
 
 FAMILIES = [
-    "AXK1ForCausalLM", "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BartForCausalLM", "BeamForCausalLM",
+    "AXK1ForCausalLM", "AXK2ForCausalLM", "DeepseekV32ForCausalLM", "Dots3NoteForCausalLM", "GlmMoeDsaForCausalLM",
+    "HYV4ForCausalLM", "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BartForCausalLM", "BeamForCausalLM",
     "BertGenerationDecoder", "BertLMHeadModel", "BigBirdForCausalLM", "BigBirdPegasusForCausalLM", "BioGptForCausalLM",
     "BlenderbotSmallForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "CohereCompassForCausalLM", "Cohere2MoeForCausalLM",
     "CwmForCausalLM", "Data2VecTextForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "Dots1ForCausalLM", "ElectraForCausalLM",
@@ -83,6 +94,14 @@ FAMILIES = [
 ]
 
 
+def _has(config, key: str) -> bool:
+    """Whether ``config`` has ``key``: a heterogeneous config (one per layer) refuses to read a per-layer one globally."""
+    try:
+        return hasattr(config, key)
+    except Exception as exc:  # transformers' AmbiguousGlobalPerLayerAttributeError: the config has it, per layer
+        return "per-layer attribute" in str(exc)
+
+
 def small_model(arch: str):
     """A seeded random ``arch`` of small sizes (:data:`SMALL`, then :data:`OVERRIDES`), in eval mode; zero matrices
     made small and random."""
@@ -96,7 +115,7 @@ def small_model(arch: str):
     text = getattr(defaults, "text_config", None)
     if text is not None and not hasattr(defaults, "hidden_size"):  # a multimodal config: its causal LM is the text part
         config_cls, defaults = type(text), text
-    config = config_cls(**{**{k: v for k, v in SMALL.items() if hasattr(defaults, k)}, **OVERRIDES.get(arch, {})})
+    config = config_cls(**{**{k: v for k, v in SMALL.items() if _has(defaults, k)}, **OVERRIDES.get(arch, {})})
     if hasattr(config, "is_decoder"):  # the encoder families' causal LM heads
         config.is_decoder = True
     torch.manual_seed(0)

@@ -12,7 +12,7 @@
 ``ArgMin``. ``any``/``all`` (``.default``, ``.dim``, ``.dims``) -> ``ReduceSum``/``ReduceProd``
 of the input as 0/1 int64, cast to bool (exact, empty reductions included).
 ``var``/``std`` (``.dim``, ``.correction``) -> ``ReduceVar`` (then ``Sqrt``).
-``topk`` (a static ``k``) and ``sort`` (``.default``, ``.stable``; ``k`` the axis's dim) -> the pair
+``topk`` (a static ``k``, or the axis's dim: every value in order) and ``sort`` (``.default``, ``.stable``; ``k`` the axis's dim) -> the pair
 (``GatherElements`` of the indices, ``ArgTopK``): always sorted (``sorted=False`` allows any order) and
 stable, which ``topk`` and an unstable ``sort`` allow too (their order of ties is unspecified).
 
@@ -33,8 +33,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from flora_graph.frontend.aten.registry import as_dtype, axis_of, cast_to_out, dim_of, out_dtype, refuse, register
+from flora_graph.frontend.aten.registry import (
+    SymDim,
+    as_dtype,
+    axis_of,
+    cast_to_out,
+    dim_of,
+    out_dtype,
+    refuse,
+    register,
+)
 from flora_graph.ir import ComputationNode, Op
+from flora_graph.ir.shapes import dims_equal
 
 __all__: list[str] = []
 
@@ -227,9 +237,13 @@ def _top_k(ctx, x: ComputationNode, k: Any, dim: int, largest: bool) -> tuple[Co
 
 @register(aten.topk.default)
 def _topk(ctx, x, k, dim=-1, largest=True, sorted=True):
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, SymDim) and x.shape:  # a dynamic k: the axis's own dim is a full sort
+        k = dim_of(ctx, k)
+        if isinstance(k, str) and not dims_equal(k, x.shape[axis_of(int(dim), len(x.shape))]):
+            raise refuse(ctx, f"topk with a dynamic k ({k!r}) other than the axis's dim")
+    if isinstance(k, bool) or not isinstance(k, int | str):
         raise refuse(ctx, f"topk with a dynamic k ({k!r})")
-    return _top_k(ctx, x, int(k), dim, largest)
+    return _top_k(ctx, x, k, dim, largest)
 
 
 @register(aten.sort.default)
