@@ -259,6 +259,14 @@ register("deepseek-v2", "moe", decoder("DeepseekV2Config", "DeepseekV2ForCausalL
                                        lora_cfg={"target_modules": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                                                                     "o_proj"]}),
          "complex rotary (torch.polar), multi-head latent attention")
+register("deepseek-v3.2", "moe", decoder("DeepseekV32Config", "DeepseekV32ForCausalLM",
+                                         **{**GQA, "num_key_value_heads": 4}, moe_intermediate_size=16,
+                                         n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                         first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4,
+                                         qk_nope_head_dim=8, v_head_dim=8, index_topk=8, index_n_heads=16,
+                                         index_head_dim=8, mlp_layer_types=["dense", "sparse"],
+                                         lora_cfg={"target_modules": ["q_b_proj", "kv_b_proj", "o_proj"]}),
+         "sparse attention: an indexer keeps the best min(8, keys) keys of each query (fewer keys at 5 tokens)")
 register("llama4", "moe", decoder("Llama4TextConfig", "Llama4ForCausalLM", **{**GQA, "num_hidden_layers": 4}, head_dim=8,
                                   intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=4,
                                   lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
