@@ -325,6 +325,11 @@ register("bailing-hybrid", "hybrid", decoder("BailingHybridConfig", "BailingHybr
                                              layer_types=["linear_attention", "full_attention"],
                                              lora_cfg={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
          "Kimi delta attention split at a dynamic index (tensor_split) beside latent attention, experts")
+register("minimax", "hybrid", decoder("MiniMaxConfig", "MiniMaxForCausalLM", **GQA, head_dim=8, num_local_experts=4,
+                                      num_experts_per_tok=2, block_size=3,
+                                      layer_types=["linear_attention", "full_attention"],
+                                      lora_cfg={"target_modules": ["qkv_proj", "out_proj", "q_proj", "v_proj"]}),
+         "lightning attention (a decayed linear attention looped over blocks of 3) beside attention, experts")
 register("mimo-v2-flash", "moe", decoder("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **GQA, head_dim=12,
                                          v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=16, sliding_window=3,

@@ -44,7 +44,7 @@ from flora_graph.frontend.traceable import (
     broadcast_masks,
     merged_peft_attention,
     traceable_experts,
-    traceable_indexers,
+    traceable_modules,
     traceable_scans,
 )
 from flora_graph.ir import ComputationNode, Graph, Op, verify
@@ -647,7 +647,7 @@ def trace_with_torch_export(
     adapters = {**adapters_of(model), **peft_lora_layers(model)}
     applied: list[str] = []
     # no_kv_cache: a Hugging Face causal LM with use_cache on would return a DynamicCache torch.export cannot trace
-    with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), traceable_indexers(model), traceable_scans(model),
+    with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), traceable_modules(model), traceable_scans(model),
           broadcast_masks(),
           merged_peft_attention(model) as merged,
           _conv1d_as_linear(model), lora_sites_as_op({k: v for k, v in adapters.items() if not _inside(k, merged)}),

@@ -36,7 +36,7 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -74,7 +74,9 @@ class CacheLayout:
     full attention layers: wider heads, fewer of them; MiMo-V2's windowed layers: twice the heads), empty where every
     layer has ``kv_heads`` and :attr:`dims` (:meth:`layer_kv` reads either).
     ``indexed``: ``(layer, index_head_dim)`` of each layer whose sparse attention caches its indexer's keys too
-    (``[batch, 1, past_seq, index_head_dim]``, after the layer's keys and values)."""
+    (``[batch, 1, past_seq, index_head_dim]``, after the layer's keys and values).
+    ``cache_type``: the cache class the model requires where it is its own (MiniMax's, which keeps its lightning
+    attention's states in ``linear_cache`` beside a ``DynamicCache``'s layers), else ``None``."""
 
     layers: int
     kv_heads: int
@@ -86,6 +88,7 @@ class CacheLayout:
     states: tuple[CacheState, ...] = ()
     per_layer: tuple[tuple[int, int, int], ...] = ()
     indexed: tuple[tuple[int, int], ...] = ()
+    cache_type: type | None = field(default=None, compare=False)
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -213,10 +216,11 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     kv_layers, states = _recurrent_layers(base, cache, failed)
     shared = kv_shared_layers(base)
     indexed = _indexed_layers(cache)
+    own = type(cache) if _linear_cache(cache) is not None else None  # MiniMax's cache class, which its forward requires
     if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
         return CacheLayout(int(layers), 1, int(latent), takes, shared, int(rope),
                            kv_layers=kv_layers, states=states,  # beside Kimi Linear's delta attention layers
-                           indexed=indexed)  # DeepSeek-V3.2's sparse attention
+                           indexed=indexed, cache_type=own)  # DeepSeek-V3.2's sparse attention
     # each layer's geometry: as cached, else as the config has it (Gemma 4's full attention layers: wider, fewer)
     geometry = [(get("num_key_value_heads", source=c) or heads, get("head_dim", source=c) or hidden // heads)
                 for c in layer_cfgs] or [(kv_heads, head_dim)] * int(layers)
@@ -228,7 +232,8 @@ def cache_layout(model: nn.Module) -> CacheLayout:
         per_layer = [g if i in kv_layers else first for i, g in enumerate(per_layer)]
     return CacheLayout(int(layers), first[0], first[1], takes, shared, None if first[2] == first[1] else first[2],
                        kv_layers=kv_layers, states=states,
-                       per_layer=tuple(per_layer) if len(set(per_layer)) > 1 else (), indexed=indexed)
+                       per_layer=tuple(per_layer) if len(set(per_layer)) > 1 else (), indexed=indexed,
+                       cache_type=own)
 
 
 def _eager_cache(model: nn.Module) -> Any:
@@ -237,6 +242,14 @@ def _eager_cache(model: nn.Module) -> Any:
         out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
     cache = getattr(out, "past_key_values", None)
     return cache if cache is not None and hasattr(cache, "layers") else None
+
+
+def _linear_cache(cache: Any) -> list[Any] | None:
+    """MiniMax's ``linear_cache`` (a list over the layers: a lightning attention layer's state ``[batch, heads,
+    head_dim, head_dim]``, ``[]`` for the others) of ``cache``, where it is such a cache, else ``None``."""
+    linear = getattr(cache, "linear_cache", None)
+    ok = isinstance(linear, list) and callable(getattr(cache, "set_linear_cache", None))
+    return linear if ok and any(isinstance(t, torch.Tensor) for t in linear) else None
 
 
 def _indexed_layers(cache: Any) -> tuple[tuple[int, int], ...]:
@@ -284,10 +297,14 @@ def _recurrent_layers(model: nn.Module, cache: Any, failed: Exception | None) ->
     if cache is None:  # no cache returned: nothing to read the states off
         return None, ()
     kv, states = [], []
+    linear = _linear_cache(cache) or []
     for i, layer in enumerate(cache.layers):
         keys = getattr(layer, "keys", None)
         if isinstance(keys, torch.Tensor) and keys.numel():
             kv.append(i)
+        if i < len(linear) and isinstance(linear[i], torch.Tensor):  # MiniMax's lightning attention: one state a layer
+            states.append(CacheState(i, "recurrent", tuple(int(d) for d in linear[i].shape[1:])))
+            continue
         for kind in ("conv", "recurrent"):
             held = {k: v for k, v in (getattr(layer, f"{kind}_states", None) or {}).items() if v is not None}
             if set(held) - {0} or not all(isinstance(v, torch.Tensor) for v in held.values()):
@@ -335,6 +352,24 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
     the state of an empty cache, so one graph serves prefill and decode."""
     from transformers import DynamicCache
 
+    if layout.cache_type is not None:  # MiniMax's: keys and values as a DynamicCache's, the states in its linear_cache
+        cache = layout.cache_type()
+        keys: dict[int, torch.Tensor] = {}
+        widths: list[torch.Tensor] = []
+        for (i, kind), t in zip(layout.entries(), past, strict=True):
+            if kind == "key":
+                keys[i] = t
+            elif kind == "value":
+                cache.update(keys.pop(i), t, i)
+                widths = widths or [t[..., :1]]
+            else:
+                cache.set_linear_cache(i, t.clone())
+        # the causal mask reads the cache's length off its first layer, a lightning attention layer whose keys the
+        # cache never holds: without positions there it would cover the new tokens alone (eager decoding skips the
+        # mask where nothing is padded). Each such layer holds keys one wide over the cached positions instead.
+        for st in layout.states if widths else ():
+            cache.update(widths[0], widths[0], st.layer)
+        return cache
     if not layout.states and not layout.indexed:
         cache = DynamicCache()  # full layers: a sliding window is the mask's business, the cache keeps every position
         for i in range(layout.layers):
@@ -385,6 +420,9 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
         returned = getattr(out, "past_key_values", None)
         returned = cache if returned is None else returned
         for i, kind in layout.entries():
+            if layout.cache_type is not None and kind not in GROWING:  # MiniMax's lightning attention state
+                flat.append(returned.linear_cache[i])
+                continue
             layer = returned.layers[source.get(i, i)]
             if kind == INDEXER_KEY:
                 flat.append(layer.indexer_keys[:, None])

@@ -36,10 +36,15 @@
 * **Sparse attention's top-k selection** (DeepSeek-V3.2, GLM-MoE-DSA, AXK2, Dots3 Note, HY-V4): the indexer of
   DeepSeek Sparse Attention returns the ``topk(min(index_topk, keys))`` best keys of each query, a ``min`` that
   torch.export decides from the example's length and fixes (or refuses, for a length on either side of
-  ``index_topk``). :func:`traceable_indexers` has it sort every key instead (``index_topk`` made larger than any
-  length while it runs) and return the first ``index_topk`` of that order, the best key repeated where there are
+  ``index_topk``). While capturing it sorts every key instead (``index_topk`` made the number of keys while
+  it runs) and returns the first ``index_topk`` of that order, the best key repeated where there are
   fewer keys: the same keys, the only use the attention makes of them being a mask scattered from them, where a key
-  named twice is selected once.
+  named twice is selected once. :func:`traceable_modules` swaps it in.
+
+* **MiniMax's lightning attention**, a decayed linear attention that transformers loops over blocks of tokens (a
+  count fixed from the example's length) or over the tokens one by one once the cache holds its state: one closed
+  form for any length from any state (:mod:`~flora_graph.frontend.lightning_attention`), swapped in by
+  :func:`traceable_modules`.
 
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
   over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
@@ -67,10 +72,11 @@ from flora_graph.frontend.delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule,
 )
+from flora_graph.frontend.lightning_attention import is_lightning_attention, lightning_forward
 from flora_graph.frontend.selective_scan import SCAN_FORWARD, SCAN_FORWARD_PARAMS, scan_forward
 
-__all__ = ["SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_attention", "traceable_experts",
-           "traceable_indexers", "traceable_scans"]
+__all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_attention", "traceable_experts",
+           "traceable_modules", "traceable_scans"]
 
 SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     SCAN_FORWARD: (SCAN_FORWARD_PARAMS, scan_forward),
@@ -251,7 +257,7 @@ def _same(module: nn.Module) -> Callable[..., nn.Module]:
 
 
 _INDEXER_TOPK = "topk = min(self.index_topk, index_scores.shape[-1])"
-"""The statement of DeepSeek-V3.2's indexer (and of the families that copy it) that :func:`traceable_indexers`
+"""The statement of DeepSeek-V3.2's indexer (and of the families that copy it) that :func:`traceable_modules`
 makes traceable."""
 
 def _top_k_indexer(module: nn.Module) -> bool:
@@ -288,18 +294,29 @@ def _padded_top_k(module: nn.Module) -> Callable[..., torch.Tensor]:
     return top_k
 
 
+MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Callable[..., Any]]], ...] = (
+    (_top_k_indexer, _padded_top_k),
+    (is_lightning_attention, lightning_forward),
+)
+"""(which modules, the forward they take instead) for :func:`traceable_modules`: DeepSeek Sparse Attention's indexers,
+MiniMax's lightning attention."""
+
+
 @contextlib.contextmanager
-def traceable_indexers(model: nn.Module) -> Iterator[list[str]]:
-    """Within the block, every DeepSeek Sparse Attention indexer of ``model`` (:func:`_top_k_indexer`) returns a fixed
-    number of key indices, ``index_topk``, for any number of keys (see the module's docstring); yields their paths.
-    Restored on exit."""
-    indexers = [(path, module) for path, module in model.named_modules() if _top_k_indexer(module)]
-    for _, module in indexers:
-        module.forward = _padded_top_k(module)  # an instance attribute: deleted on exit
+def traceable_modules(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every module of ``model`` that a predicate of :data:`MODULE_SWAPS` picks runs that entry's
+    forward (see the module's docstring); yields their paths. Restored on exit."""
+    swapped = []
+    for path, module in model.named_modules():
+        for picks, forward in MODULE_SWAPS:
+            if picks(module):
+                module.forward = forward(module)  # an instance attribute: deleted on exit
+                swapped.append((path, module))
+                break
     try:
-        yield [path for path, _ in indexers]
+        yield [path for path, _ in swapped]
     finally:
-        for _, module in indexers:
+        for _, module in swapped:
             del module.forward
 
 

@@ -434,7 +434,8 @@ def not_for_genai(layout: Any) -> str | None:
     recurrent states for its own model types only, and no sparse attention's indexer keys."""
     if layout.states:
         kinds = sorted({st.kind for st in layout.states})
-        return (f"this model's state-space or convolution layers keep {' and '.join(kinds)} states in the cache "
+        return (f"this model's recurrent layers (state-space, convolution or linear attention) keep {' and '.join(kinds)} "
+                f"states in the cache "
                 f"({', '.join(layout.past_names()[:2])}, ...) beside keys and values, which ONNX Runtime GenAI carries "
                 "only for its own model types: the package is for flora_graph's Generator")
     if layout.indexed:

@@ -60,6 +60,7 @@ OVERRIDES = {
                              layer_types=["full_attention", "sliding_attention"], sliding_window=4, max_window_layers=1),
     "GPTNeoForCausalLM": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
     "LongcatFlashForCausalLM": _LATENT,
+    "MiniMaxForCausalLM": dict(layer_types=["linear_attention", "full_attention"], block_size=4),
     "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
     "YoutuForCausalLM": _LATENT,
     "ZayaForCausalLM": dict(layer_types=["hybrid", "hybrid"], router_hidden_size=32, num_experts=4,
@@ -70,7 +71,8 @@ OVERRIDES = {
                               use_mamba_kernels=False, chunk_size=8),
 }
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
-latent attention's head dims, rotary settings per layer type), over :data:`SMALL` (given to the text config of a
+latent attention's head dims, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
+that the prompt spans two), over :data:`SMALL` (given to the text config of a
 multimodal family)."""
 
 FAMILIES = [
@@ -84,7 +86,7 @@ FAMILIES = [
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
     "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM",
     "Jais2ForCausalLM", "JetMoeForCausalLM", "Kolibri1ForCausalLM", "LagunaForCausalLM", "Lfm3ForCausalLM", "LongcatFlashForCausalLM", "MBartForCausalLM",
-    "MarianForCausalLM", "MegatronBertForCausalLM", "MellumForCausalLM", "MiniCPM5MoeForCausalLM",
+    "MarianForCausalLM", "MegatronBertForCausalLM", "MiniMaxForCausalLM", "MellumForCausalLM", "MiniCPM5MoeForCausalLM",
     "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",
     "ModernBertDecoderForCausalLM", "MoshiForCausalLM", "MvpForCausalLM", "NanoChatForCausalLM", "OlmoHybridForCausalLM",
     "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "Phi4MultimodalForCausalLM", "PhimoeForCausalLM",

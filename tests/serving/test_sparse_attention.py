@@ -2,7 +2,7 @@
 
 The indexer keeps the best ``index_topk`` keys of each query, ``min(index_topk, keys)`` of them, which torch.export
 would fix from the example's length; while capturing it sorts every key and keeps the first ``index_topk`` instead
-(:func:`~flora_graph.frontend.traceable.traceable_indexers`). Its keys are cached beside the keys and values as
+(:func:`~flora_graph.frontend.traceable.traceable_modules`). Its keys are cached beside the keys and values as
 ``past_key_values.{i}.indexer_key``. References: eager transformers (with PEFT for an adapter), unpadded, row by row.
 """
 
@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from flora_graph.frontend.causal_lm import cache_layout  # noqa: E402
-from flora_graph.frontend.traceable import traceable_indexers  # noqa: E402
+from flora_graph.frontend.traceable import traceable_modules  # noqa: E402
 from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
 from flora_graph.serving.genai import export_genai  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
@@ -44,7 +44,7 @@ def test_indexer_swap_keeps_eager_outputs_below_and_above_top_k(model, length: i
     ids = torch.arange(3, 3 + 2 * length).reshape(2, length)
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits
-        with traceable_indexers(model) as swapped:
+        with traceable_modules(model) as swapped:
             got = model(input_ids=ids, use_cache=False).logits
     assert swapped == [f"model.layers.{i}.self_attn.indexer" for i in range(model.config.num_hidden_layers)]
     assert model.config.index_topk == 4 and "forward" not in vars(model.model.layers[0].self_attn.indexer)
@@ -56,7 +56,7 @@ def test_indexer_swap_returns_top_k_indices_for_fewer_keys(model) -> None:
     seen = []
     hook = indexer.register_forward_hook(lambda mod, args, out: seen.append(out))
     try:
-        with torch.no_grad(), traceable_indexers(model):
+        with torch.no_grad(), traceable_modules(model):
             model(input_ids=torch.tensor([[3, 4]]), use_cache=False)
     finally:
         hook.remove()
