@@ -11,7 +11,8 @@ One graph serves prefill (``past_seq = 0``) and decode:
   layer (Gemma 4, MiMo-V2: :attr:`CacheLayout.per_layer`, read off one eager step's cache).
 
 Recurrent layers (Mamba-2 in Bamba, Granite 4, Falcon-H1, Nemotron-H; Mamba-1; the gated delta rule
-of Qwen3.5, Qwen3-Next, Kimi Linear; LFM2's short convolutions) keep fixed-size states instead: ``past.{i}.conv`` ``[batch, channels, kernel]`` and
+of Qwen3.5, Qwen3-Next, Kimi Linear; LFM2's short convolutions; MiniMax's lightning attention, whose own cache class
+keeps its states apart, :attr:`CacheLayout.cache_type`) keep fixed-size states instead: ``past.{i}.conv`` ``[batch, channels, kernel]`` and
 ``past.{i}.recurrent`` ``[batch, heads, head_dim, state]`` in, ``present.{i}.conv`` / ``.recurrent``
 out (ONNX Runtime GenAI's names), zeros for an empty cache (:class:`CacheState`, read off the model's
 own cache after one eager step). The layer takes them as its previous state at any length, so the
@@ -46,8 +47,8 @@ from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
 from flora_graph.ir import Graph
 
-__all__ = ["GROWING", "INDEXER_KEY", "SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout", "capture_causal_lm",
-           "dynamic_ntk_per_row", "longrope_per_row", "past_names", "present_names", "scan_chunk"]
+__all__ = ["GROWING", "INDEXER_KEY", "SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout",
+           "capture_causal_lm", "dynamic_ntk_per_row", "longrope_per_row", "past_names", "present_names", "scan_chunk"]
 
 
 @dataclass(frozen=True)
