@@ -76,6 +76,8 @@ class CacheLayout:
     layer has ``kv_heads`` and :attr:`dims` (:meth:`layer_kv` reads either).
     ``indexed``: ``(layer, index_head_dim)`` of each layer whose sparse attention caches its indexer's keys too
     (``[batch, 1, past_seq, index_head_dim]``, after the layer's keys and values).
+    ``layers`` counts the cache's layers, which may be more than the model's: a model that runs a section of its
+    layers several times (Dory's recurrent loops) caches each pass apart, in layers after its own.
     ``cache_type``: the cache class the model requires where it is its own (MiniMax's, which keeps its lightning
     attention's states in ``linear_cache`` beside a ``DynamicCache``'s layers), else ``None``."""
 
@@ -227,6 +229,9 @@ def cache_layout(model: nn.Module) -> CacheLayout:
                 for c in layer_cfgs] or [(kv_heads, head_dim)] * int(layers)
     per_layer = [(h, d, d) for h, d in geometry]
     seen = _cached_kv(cache, dict(shared)) if cache is not None else {}
+    if seen and max(seen) >= int(layers):  # cache layers past the model's own: a looped section's later passes (Dory)
+        per_layer += [(kv_heads, head_dim, head_dim)] * (max(seen) + 1 - int(layers))
+        layers = max(seen) + 1
     per_layer = [seen.get(i, g) for i, g in enumerate(per_layer)]
     first = per_layer[min(seen) if seen else 0]
     if kv_layers is not None:  # a recurrent layer has no keys or values: the first attention layer's stand in
