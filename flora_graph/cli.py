@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text-generation-with-past: a causal LM with its key/value cache (inputs input_ids, "
                         "attention_mask, position_ids, past_key_values.N.key/value (and .indexer_key for DeepSeek-V3.2's sparse "
                         "attention), and a state-space or convolution "
-                        "layer's past.N.conv/recurrent; outputs logits, present.N.*); "
+                        "layer's past.N.conv/recurrent (.conv.1, ... for several); outputs logits, present.N.*); "
                         "text2text-generation-with-past / automatic-speech-recognition-with-past: an encoder-decoder "
                         "model (T5, BART, Marian, Whisper, ...) as a package folder: encoder.onnx (the cross-attention "
                         "keys and values), decoder.onnx with its cache, adapters/NAME.{encoder,decoder}.onnx_adapter, "

@@ -48,14 +48,16 @@ from flora_graph.frontend.capture import capture
 from flora_graph.ir import Graph
 
 __all__ = ["GROWING", "INDEXER_KEY", "SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout",
-           "capture_causal_lm", "dynamic_ntk_per_row", "longrope_per_row", "past_names", "present_names", "scan_chunk"]
+           "capture_causal_lm", "dynamic_ntk_per_row", "longrope_per_row", "past_names", "present_names", "scan_chunk",
+           "state_slot"]
 
 
 @dataclass(frozen=True)
 class CacheState:
     """A fixed-size state a recurrent layer keeps in the cache instead of keys and values: ``kind`` ``"conv"``
     (the last inputs of its causal convolution, ``[channels, kernel]``) or ``"recurrent"`` (its state-space
-    state, ``[heads, head_dim, state]``); ``shape`` without the batch dim."""
+    state, ``[heads, head_dim, state]``), ``"conv.1"``, ``"conv.2"``, ... for a layer's further states of the kind
+    (Inkling's several short convolutions a layer: :func:`state_slot`); ``shape`` without the batch dim."""
 
     layer: int
     kind: str
@@ -313,12 +315,18 @@ def _recurrent_layers(model: nn.Module, cache: Any, failed: Exception | None) ->
             continue
         for kind in ("conv", "recurrent"):
             held = {k: v for k, v in (getattr(layer, f"{kind}_states", None) or {}).items() if v is not None}
-            if set(held) - {0} or not all(isinstance(v, torch.Tensor) for v in held.values()):
-                raise GraphError(f"{type(model).__name__}: layer {i} keeps {len(held)} {kind} states; "
-                                 "one per layer is supported")
-            if held:
-                states.append(CacheState(i, kind, tuple(int(d) for d in held[0].shape[1:])))
+            if not all(isinstance(k, int) and isinstance(v, torch.Tensor) for k, v in held.items()):
+                raise GraphError(f"{type(model).__name__}: layer {i} keeps {kind} states that are not tensors by index")
+            states += [CacheState(i, f"{kind}.{j}" if j else kind, tuple(int(d) for d in held[j].shape[1:]))
+                       for j in sorted(held)]
     return tuple(kv), tuple(states)
+
+
+def state_slot(kind: str) -> tuple[str, int]:
+    """``(kind, index)`` of a :class:`CacheState` kind among its layer's states of that kind: ``"conv"`` is
+    ``("conv", 0)``, ``"conv.2"`` ``("conv", 2)``."""
+    base, _, index = kind.partition(".")
+    return base, int(index or 0)
 
 
 def kv_shared_layers(model: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -342,14 +350,28 @@ def kv_shared_layers(model: nn.Module) -> tuple[tuple[int, int], ...]:
 
 
 @functools.cache
-def _whole_sliding_layer() -> type:
+def _whole_sliding_layer(linear: bool = False) -> type:
     """A transformers ``DynamicLayer`` that keeps every position yet counts as a sliding-window layer: the mask
     applies the window, and transformers builds a hybrid model's sliding-window mask from the first layer that says
     it slides (its query offset that layer's length). Without the flag that mask read a linear-attention layer's
-    token count, which the flat cache does not carry, and decoded every query at position 0."""
-    from transformers.cache_utils import DynamicLayer
+    token count, which the flat cache does not carry, and decoded every query at position 0. ``linear``: the same
+    for a layer that also keeps a recurrent layer's states (``LinearAttentionAndFullAttentionLayer``, standing in
+    for Inkling's ``LinearAttentionAndSlidingWindowAttentionLayer``)."""
+    from transformers import cache_utils
 
-    return type("_WholeSlidingLayer", (DynamicLayer,), {"is_sliding": True})
+    base = cache_utils.LinearAttentionAndFullAttentionLayer if linear else cache_utils.DynamicLayer
+    return type(f"_WholeSliding{base.__name__}", (base,), {"is_sliding": True})
+
+
+def _keeping_every_position(layer: Any) -> Any:
+    """``layer`` (a fresh cache layer) or, for a sliding-window one, one that keeps every position
+    (:func:`_whole_sliding_layer`): the mask applies the window over the flat cache's keys."""
+    kind = type(layer).__name__
+    if kind == "DynamicSlidingWindowLayer":
+        return _whole_sliding_layer()()
+    if kind == "LinearAttentionAndSlidingWindowAttentionLayer":
+        return _whole_sliding_layer(linear=True)(number_of_states=layer.number_of_states)
+    return layer
 
 
 def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any:
@@ -382,26 +404,25 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
             cache.update(past[2 * i], past[2 * i + 1], i)
         return cache
     cache = DynamicCache(config=config)
-    whole_sliding = _whole_sliding_layer()
     keys: dict[int, torch.Tensor] = {}
     for (i, kind), t in zip(layout.entries(), past, strict=True):
         layer = cache.layers[i]
         if kind == "key":
             keys[i] = t
         elif kind == "value":
-            if type(layer).__name__ == "DynamicSlidingWindowLayer":
-                cache.layers[i] = whole_sliding()  # every position kept, as above
+            cache.layers[i] = _keeping_every_position(layer)
             cache.update(keys.pop(i), t, i)
         elif kind == INDEXER_KEY:  # [batch, 1, past, dim] as the graph carries them, [batch, past, dim] as the layer
             layer.lazy_initialization_indexer(t[:, 0])
             layer.indexer_keys = t[:, 0]
         else:
-            getattr(layer, f"{kind}_states")[0] = t.clone()
-            getattr(layer, f"is_{kind}_states_initialized")[0] = True
-            layer.has_previous_state[0] = True
+            base, j = state_slot(kind)
+            getattr(layer, f"{base}_states")[j] = t.clone()
+            getattr(layer, f"is_{base}_states_initialized")[j] = True
+            layer.has_previous_state[j] = True
             layer.dtype, layer.device = t.dtype, t.device
-            if kind == "conv":
-                layer.conv_kernel_size[0] = t.shape[-1]
+            if base == "conv":
+                layer.conv_kernel_size[j] = t.shape[-1]
     return cache
 
 
@@ -432,8 +453,11 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
             layer = returned.layers[source.get(i, i)]
             if kind == INDEXER_KEY:
                 flat.append(layer.indexer_keys[:, None])
+            elif kind in ("key", "value"):
+                flat.append(getattr(layer, f"{kind}s"))
             else:
-                flat.append(getattr(layer, f"{kind}s") if kind in ("key", "value") else getattr(layer, f"{kind}_states")[0])
+                base, j = state_slot(kind)
+                flat.append(getattr(layer, f"{base}_states")[j])
         return tuple(flat)
 
     return run

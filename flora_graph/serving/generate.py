@@ -18,7 +18,8 @@ every row's tokens start at cache position 0, the cache is right-padded, and eac
 is one buffer that is past and present at once (:class:`~flora_graph.serving.shared_cache.SharedCache`),
 appended to in place. Other packages are left-padded: the attention mask hides the padded
 positions and position ids count a row's own tokens. A model whose recurrent layers keep fixed-size
-states (``past.{i}.conv`` / ``past.{i}.recurrent``: state-space and convolution layers) has them
+states (``past.{i}.conv`` / ``past.{i}.recurrent``, ``past.{i}.conv.1``, ... where a layer keeps several:
+state-space and convolution layers) has them
 stacked row by row beside its keys and values, zeros for a row's empty cache; such a model is never
 right-padded (its layers read the mask themselves). A sparse attention's indexer keys
 (``past_key_values.{i}.indexer_key``, ``[batch, 1, past_seq, dim]``) are one head of keys to it.
@@ -44,7 +45,7 @@ __all__ = ["Batch", "GenerationError", "Generator", "Row", "RowSettings", "pick_
 
 
 _UNSERVED = "adapter {!r} stopped being served while the row decoded"
-_STATE = re.compile(r"^past\.\d+\.(conv|recurrent)$")
+_STATE = re.compile(r"^past\.\d+\.(conv|recurrent)(\.\d+)?$")
 """A recurrent layer's state among a model's inputs (:meth:`~flora_graph.frontend.causal_lm.CacheLayout.past_names`)."""
 _INDEXER = re.compile(r"^past_key_values\.\d+\.indexer_key$")
 """A sparse attention layer's indexer keys among a model's inputs: ``[batch, 1, past_seq, dim]``, one head of keys."""
