@@ -74,17 +74,21 @@ def test_layout_names_the_indexer_keys(model) -> None:
     assert layout.growing_shape(1, "indexer_key", 7) == (1, 7, head)
 
 
-def test_package_with_an_adapter_decodes_padded_rows_as_eager_peft(model, tmp_path: Path) -> None:
+def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model, tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "base")
     save_word_tokenizer(tmp_path / "base", model.config.vocab_size)
-    torch.manual_seed(1)
-    adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_b_proj", "kv_b_proj", "o_proj"],
-                                                  init_lora_weights=False))
-    adapted.save_pretrained(tmp_path / "lora")
+    adapted = {}
+    for seed, (name, targets) in enumerate({"attn": ["q_b_proj", "kv_b_proj", "o_proj"],
+                                            "index": ["wq_b", "wk", "o_proj"]}.items()):  # the second adapts the indexer
+        torch.manual_seed(seed)
+        peft_model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                         peft.LoraConfig(r=4 * (seed + 1), lora_alpha=8, target_modules=targets,
+                                                         init_lora_weights=False))
+        peft_model.save_pretrained(tmp_path / name)
+        adapted[name] = peft_model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = export_genai(tmp_path / "base", tmp_path / "pkg", {"lora": tmp_path / "lora"})
+        report = export_genai(tmp_path / "base", tmp_path / "pkg", {n: tmp_path / n for n in adapted})
     assert "indexer" in report.not_for_genai
     gen = Generator(tmp_path / "pkg")
     import onnxruntime as ort
@@ -93,11 +97,13 @@ def test_package_with_an_adapter_decodes_padded_rows_as_eager_peft(model, tmp_pa
                                                             providers=["CPUExecutionProvider"]).get_inputs()}
     assert inputs["past_key_values.1.indexer_key"][1:] == [1, "past_seq", model.config.index_head_dim]
     prompts = [[1, 5, 9, 33, 70, 12, 40, 41, 7], [1, 8, 3]]  # 9 and 3 tokens: one row left-padded by 6
-    base = gen.generate(prompts, max_new_tokens=8, min_new_tokens=8)
-    lora = gen.generate(prompts, adapters="lora", max_new_tokens=8, min_new_tokens=8)
-    adapted.eval()
+    new = dict(max_new_tokens=8, min_new_tokens=8)
+    base = gen.generate(prompts, **new)
+    attn = gen.generate(prompts, adapters="attn", **new)
+    mixed = gen.generate(prompts, adapters=["index", "attn"], **new)  # rows of different adapters in each step
     for row, prompt in enumerate(prompts):
         assert base[row] == eager_greedy(model, prompt, 8, min_new_tokens=8)
-        assert lora[row] == eager_greedy(adapted, prompt, 8, min_new_tokens=8)
-    assert base != lora  # the adapter changes the tokens: the slots are fed
-    np.testing.assert_array_equal(gen.generate([prompts[1]], max_new_tokens=8, min_new_tokens=8)[0], base[1])
+        assert attn[row] == eager_greedy(adapted["attn"], prompt, 8, min_new_tokens=8)
+    assert mixed == [eager_greedy(adapted["index"], prompts[0], 8, min_new_tokens=8), attn[1]]
+    assert base != attn and mixed[0] != base[0]  # the adapters change the tokens: their slots are fed
+    np.testing.assert_array_equal(gen.generate([prompts[1]], **new)[0], base[1])
