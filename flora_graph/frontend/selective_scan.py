@@ -15,6 +15,12 @@ ATen table turns into the IR's ``LinearScan``. It starts from the cache's recurr
 any number of tokens, so one graph prefills (from zeros or a previous piece's state) and
 decodes. Every other op of the layer (projections and their adapters, the convolution with
 its state, the gate) is the model's own, traced as it runs.
+
+Zamba (1)'s Mamba layers split the channels into heads, each with its own ``x_proj`` and ``dt_proj`` weights, and
+branch on the number of tokens in the layer's ``forward`` itself: one token steps from the cached state, more scan
+from zeros (``mamba_selective_scan`` takes no initial state). :func:`multi_head_mixer_forward` is that ``forward``
+with one scan per head over :func:`linear_scan` from the cached state for any number of tokens;
+:func:`~flora_graph.frontend.traceable.traceable_modules` swaps it in while capturing.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from torch import nn
 from flora_graph.frontend.aten.registry import register
 from flora_graph.ir import ComputationNode, Op
 
-__all__ = ["SCAN_FORWARD", "SCAN_FORWARD_PARAMS", "linear_scan", "scan_forward"]
+__all__ = ["SCAN_FORWARD", "SCAN_FORWARD_PARAMS", "is_multi_head_mixer", "linear_scan", "multi_head_mixer_forward",
+           "scan_forward"]
 
 SCAN_FORWARD = "mamba_scan_forward"
 """The module-level function of a Mamba-1 modeling module that :func:`scan_forward` stands in for."""
@@ -87,6 +94,58 @@ def scan_forward(module: nn.Module, hidden_states: torch.Tensor, time_step: torc
     if cache is not None:
         cache.update_recurrent_state(states[:, :, -1], module.layer_idx)
     return out.to(hidden_states.dtype)
+
+
+def is_multi_head_mixer(module: nn.Module) -> bool:
+    """Zamba's Mamba mixer: ``n_mamba_heads`` heads, each with its ``x_proj_weight`` / ``dt_proj_weight`` rows, an
+    ``in_proj``, a depthwise ``conv1d``, ``A_log`` and ``D`` per head, an ``out_proj``."""
+    return "forward" not in vars(module) and all(hasattr(module, a) for a in (
+        "n_mamba_heads", "mamba_head_dim", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D", "in_proj",
+        "conv1d", "out_proj", "time_step_rank", "ssm_state_size", "layer_idx", "activation")) and \
+        isinstance(module.A_log, torch.Tensor) and module.A_log.dim() == 3
+
+
+def multi_head_mixer_forward(module: nn.Module) -> Any:
+    """``module``'s forward (see :func:`is_multi_head_mixer`) with every head's scan over :func:`linear_scan`, from
+    the cache's recurrent state ``[batch, heads, head_dim, state]`` (zeros without one) for any number of tokens; the
+    projections, the padding mask and the convolution with its cached state are the model's own."""
+    import sys
+
+    own = sys.modules[type(module).__module__]
+    masked, conv = own.apply_mask_to_padding_states, own.causal_conv1d_forward
+    heads, dim = module.n_mamba_heads, module.mamba_head_dim
+
+    def forward(hidden_states: torch.Tensor, cache: Any = None, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        batch, seq, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        projected = module.in_proj(masked(hidden_states, attention_mask)).transpose(1, 2)
+        x, gate = projected.view(batch, -1, 2, seq).chunk(2, dim=2)
+        x = conv(module.conv1d, x.squeeze(2).contiguous(), cache, module.layer_idx, activation=module.activation,
+                 **kwargs)
+        x = masked(x.transpose(1, 2), attention_mask).transpose(1, 2)
+        u = x.reshape(batch, heads, dim, seq).transpose(0, 1).float()  # [heads, batch, head_dim, seq]
+        gate = gate.reshape(batch, heads, dim, seq).transpose(0, 1).float()
+        params = (module.x_proj_weight[:, None] @ u.to(module.x_proj_weight.dtype)).transpose(-1, -2)
+        time_step, B, C = torch.split(params, [module.time_step_rank, module.ssm_state_size, module.ssm_state_size],
+                                      dim=-1)  # [heads, batch, seq, *]
+        dt = (module.dt_proj_weight[:, None] @ time_step.transpose(-1, -2)).float()  # [heads, batch, head_dim, seq]
+        dt = F.softplus(dt + module.dt_proj_bias.float()[:, None, :, None])
+        A = -torch.exp(module.A_log.float())  # [heads, head_dim, state]
+        decay = torch.exp(A[:, None, :, None, :] * dt[..., None])  # [heads, batch, head_dim, seq, state]
+        drive = dt[..., None] * B.float()[:, :, None, :, :] * u[..., None]
+        state = cache.get_recurrent_state(module.layer_idx, state_idx=0) if cache is not None else None
+        if state is None:
+            state = decay.new_zeros(batch, heads, dim, decay.shape[-1])
+        states = linear_scan(decay, drive, state.transpose(0, 1).to(decay.dtype), 3)
+        out = (states * C.float()[:, :, None, :, :]).sum(-1)  # [heads, batch, head_dim, seq]
+        out = (out + u * module.D.float()[:, None, :, None]) * F.silu(gate)
+        if cache is not None:
+            cache.update_recurrent_state(states[:, :, :, -1].transpose(0, 1).contiguous(), module.layer_idx)
+        out = out.transpose(0, 1).reshape(batch, heads * dim, seq)
+        return module.out_proj(out.transpose(1, 2).to(dtype))
+
+    return forward
 
 
 @register(torch.ops.flora_graph.linear_scan.default)

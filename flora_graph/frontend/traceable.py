@@ -73,7 +73,13 @@ from flora_graph.frontend.delta_rule import (
     recurrent_gated_delta_rule,
 )
 from flora_graph.frontend.lightning_attention import is_lightning_attention, lightning_forward
-from flora_graph.frontend.selective_scan import SCAN_FORWARD, SCAN_FORWARD_PARAMS, scan_forward
+from flora_graph.frontend.selective_scan import (
+    SCAN_FORWARD,
+    SCAN_FORWARD_PARAMS,
+    is_multi_head_mixer,
+    multi_head_mixer_forward,
+    scan_forward,
+)
 
 __all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_attention", "traceable_experts",
            "traceable_modules", "traceable_scans"]
@@ -297,9 +303,10 @@ def _padded_top_k(module: nn.Module) -> Callable[..., torch.Tensor]:
 MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Callable[..., Any]]], ...] = (
     (_top_k_indexer, _padded_top_k),
     (is_lightning_attention, lightning_forward),
+    (is_multi_head_mixer, multi_head_mixer_forward),
 )
 """(which modules, the forward they take instead) for :func:`traceable_modules`: DeepSeek Sparse Attention's indexers,
-MiniMax's lightning attention."""
+MiniMax's lightning attention, Zamba's multi-head Mamba mixers."""
 
 
 @contextlib.contextmanager

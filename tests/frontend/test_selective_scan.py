@@ -111,3 +111,50 @@ def test_the_swapped_scan_equals_transformers_where_transformers_is_right() -> N
                 got = wrapper(**x)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def _zamba():
+    from tests.serving.test_causal_lm_families import small_model
+
+    return small_model("ZambaForCausalLM")  # a Mamba layer of 2 heads, then a hybrid layer
+
+
+def test_zambas_multi_head_mixer_swapped_equals_transformers_prefill_and_decode() -> None:
+    """transformers' Zamba mixer scans from zeros for several tokens and steps from the cached state for one; the
+    swap scans from the cached state for any number, so it must equal both where they are right."""
+    from flora_graph.frontend.selective_scan import is_multi_head_mixer
+    from flora_graph.frontend.traceable import traceable_modules
+
+    model = _zamba()
+    mixers = [m for m in model.modules() if is_multi_head_mixer(m)]
+    assert len(mixers) == 2 and mixers[0].n_mamba_heads == 2
+    ids, step = torch.arange(3, 17).reshape(2, 7), torch.tensor([[9], [4]])
+    with torch.no_grad():
+        first = model(input_ids=ids, use_cache=True)
+        want = model(input_ids=step, cache=first.past_key_values, use_cache=True).logits
+        with traceable_modules(model) as swapped:
+            assert len(swapped) == 2
+            again = model(input_ids=ids, use_cache=True)
+            got = model(input_ids=step, cache=again.past_key_values, use_cache=True).logits
+    assert not any("forward" in vars(m) for m in mixers)  # restored
+    np.testing.assert_allclose(again.logits.numpy(), first.logits.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
+
+
+def test_zamba_package_decodes_left_padded_rows_as_eager(tmp_path) -> None:
+    import warnings
+
+    from flora_graph.llm_demo import save_word_tokenizer
+    from flora_graph.serving.genai import export_genai
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import eager_greedy
+
+    model = _zamba()
+    model.save_pretrained(tmp_path / "base")
+    save_word_tokenizer(tmp_path / "base", model.config.vocab_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_genai(tmp_path / "base", tmp_path / "pkg")
+    prompts = [[1, 5, 9, 33, 70, 12, 40, 41, 7], [1, 8, 3]]
+    got = Generator(tmp_path / "pkg").generate(prompts, max_new_tokens=8, min_new_tokens=8)
+    assert got == [eager_greedy(model, p, 8, min_new_tokens=8) for p in prompts]

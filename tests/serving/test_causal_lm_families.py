@@ -66,6 +66,9 @@ OVERRIDES = {
     "MiniMaxForCausalLM": dict(layer_types=["linear_attention", "full_attention"], block_size=4),
     "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
     "YoutuForCausalLM": _LATENT,
+    "ZambaForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], attention_hidden_size=128,
+                             attention_head_dim=32, num_key_value_heads=4, mamba_dt_rank=8, mamba_d_state=8,
+                             n_mamba_heads=2, use_mamba_kernels=False, attn_layer_period=2, attn_layer_offset=1),
     "ZayaForCausalLM": dict(layer_types=["hybrid", "hybrid"], router_hidden_size=32, num_experts=4,
                             moe_intermediate_size=32, num_experts_per_tok=1),
     "Zamba2ForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], hybrid_layer_ids=[1], mamba_d_state=16,
@@ -95,7 +98,7 @@ FAMILIES = [
     "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "Phi4MultimodalForCausalLM", "PhimoeForCausalLM",
     "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
     "SolarOpenForCausalLM", "TrOCRForCausalLM", "VaultGemmaForCausalLM", "XGLMForCausalLM", "XLMRobertaForCausalLM",
-    "XLMRobertaXLForCausalLM", "XmodForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM", "ZayaForCausalLM",
+    "XLMRobertaXLForCausalLM", "XmodForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM", "ZambaForCausalLM", "ZayaForCausalLM",
 ]
 
 
