@@ -5,7 +5,6 @@ tokens with one); a MiniMax package's left-padded rows against eager, row by row
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,18 +73,7 @@ def test_swapped_module_equals_transformers_prefill_and_decode(seq: int) -> None
 
 
 def test_package_decodes_left_padded_rows_as_eager(tmp_path: Path) -> None:
-    from flora_graph.llm_demo import save_word_tokenizer
-    from flora_graph.serving.genai import export_genai
-    from flora_graph.serving.generate import Generator
-    from tests.serving.genai_package import eager_greedy
+    from tests.serving.genai_package import assert_padded_rows_decode_as_eager
 
-    model = _minimax()
-    model.save_pretrained(tmp_path / "base")
-    save_word_tokenizer(tmp_path / "base", model.config.vocab_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = export_genai(tmp_path / "base", tmp_path / "pkg")
+    report = assert_padded_rows_decode_as_eager(_minimax(), tmp_path)
     assert "linear attention" in report.not_for_genai
-    prompts = [[1, 5, 9, 33, 70, 12, 40, 41, 7], [1, 8, 3]]  # the second row left-padded by 6 in the batch
-    got = Generator(tmp_path / "pkg").generate(prompts, max_new_tokens=8, min_new_tokens=8)
-    assert got == [eager_greedy(model, p, 8, min_new_tokens=8) for p in prompts]

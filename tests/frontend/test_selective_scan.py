@@ -142,19 +142,6 @@ def test_zambas_multi_head_mixer_swapped_equals_transformers_prefill_and_decode(
 
 
 def test_zamba_package_decodes_left_padded_rows_as_eager(tmp_path) -> None:
-    import warnings
+    from tests.serving.genai_package import assert_padded_rows_decode_as_eager
 
-    from flora_graph.llm_demo import save_word_tokenizer
-    from flora_graph.serving.genai import export_genai
-    from flora_graph.serving.generate import Generator
-    from tests.serving.genai_package import eager_greedy
-
-    model = _zamba()
-    model.save_pretrained(tmp_path / "base")
-    save_word_tokenizer(tmp_path / "base", model.config.vocab_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_genai(tmp_path / "base", tmp_path / "pkg")
-    prompts = [[1, 5, 9, 33, 70, 12, 40, 41, 7], [1, 8, 3]]
-    got = Generator(tmp_path / "pkg").generate(prompts, max_new_tokens=8, min_new_tokens=8)
-    assert got == [eager_greedy(model, p, 8, min_new_tokens=8) for p in prompts]
+    assert_padded_rows_decode_as_eager(_zamba(), tmp_path)

@@ -131,3 +131,34 @@ def tiny_with_adapter(arch: str, root: Path, target_modules: object = "all-linea
                 torch.nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
         adapted.save_pretrained(root / "ad")
     return model, adapted.eval()
+PADDED_PROMPTS = [[1, 5, 9, 33, 70, 12, 40, 41, 7], [1, 8, 3]]
+"""Two prompts of 9 and 3 tokens: in one batch the second row is left-padded by 6."""
+
+
+def save_small(model, folder: Path) -> Path:
+    """``model`` saved as ``folder / "base"`` with a word tokenizer of its vocabulary; that folder."""
+    model.save_pretrained(folder / "base")
+    save_word_tokenizer(folder / "base", model.config.vocab_size)
+    return folder / "base"
+
+
+def export_small(model, folder: Path, adapters: dict[str, Path] | None = None):
+    """``model`` saved (:func:`save_small`) and exported by ``export_genai`` to ``folder / "pkg"`` with PEFT
+    ``adapters`` (name -> folder); the export's report."""
+    from flora_graph.serving.genai import export_genai
+
+    save_small(model, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_genai(folder / "base", folder / "pkg", adapters)
+
+
+def assert_padded_rows_decode_as_eager(model, folder: Path, new: int = 8):
+    """Export ``model`` (:func:`export_small`) and check that the Generator decodes :data:`PADDED_PROMPTS` in one
+    batch as eager transformers decodes each prompt alone, ``new`` greedy tokens; the export's report."""
+    from flora_graph.serving.generate import Generator
+
+    report = export_small(model, folder)
+    got = Generator(folder / "pkg").generate(PADDED_PROMPTS, max_new_tokens=new, min_new_tokens=new)
+    assert got == [eager_greedy(model, p, new, min_new_tokens=new) for p in PADDED_PROMPTS]
+    return report

@@ -4,7 +4,6 @@ the window as eager transformers does, row by row."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from flora_graph.frontend.causal_lm import cache_layout, state_slot  # noqa: E402
-from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
-from flora_graph.serving.genai import export_genai  # noqa: E402
-from flora_graph.serving.generate import Generator  # noqa: E402
-from tests.serving.genai_package import eager_greedy  # noqa: E402
+from tests.serving.genai_package import assert_padded_rows_decode_as_eager  # noqa: E402
 from tests.serving.test_causal_lm_families import small_model  # noqa: E402
 
 
@@ -32,12 +28,4 @@ def test_layout_names_every_state_of_a_layer() -> None:
 
 
 def test_package_decodes_left_padded_rows_past_the_window_as_eager(tmp_path: Path) -> None:
-    model = small_model("InklingForCausalLM")  # a window of 4 positions on both layers
-    model.save_pretrained(tmp_path / "base")
-    save_word_tokenizer(tmp_path / "base", model.config.vocab_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_genai(tmp_path / "base", tmp_path / "pkg")
-    prompts = [[1, 5, 9, 33, 70, 12, 40, 41, 7], [1, 8, 3]]
-    got = Generator(tmp_path / "pkg").generate(prompts, max_new_tokens=8, min_new_tokens=8)
-    assert got == [eager_greedy(model, p, 8, min_new_tokens=8) for p in prompts]
+    assert_padded_rows_decode_as_eager(small_model("InklingForCausalLM"), tmp_path)  # a window of 4 on both layers

@@ -8,7 +8,6 @@ would fix from the example's length; while capturing it sorts every key and keep
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,8 @@ peft = pytest.importorskip("peft")
 
 from flora_graph.frontend.causal_lm import cache_layout  # noqa: E402
 from flora_graph.frontend.traceable import traceable_modules  # noqa: E402
-from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
-from flora_graph.serving.genai import export_genai  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
-from tests.serving.genai_package import eager_greedy  # noqa: E402
+from tests.serving.genai_package import PADDED_PROMPTS, eager_greedy, export_small, save_small  # noqa: E402
 from tests.serving.test_causal_lm_families import small_model  # noqa: E402
 
 ARCH = "DeepseekV32ForCausalLM"
@@ -75,8 +72,7 @@ def test_layout_names_the_indexer_keys(model) -> None:
 
 
 def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model, tmp_path: Path) -> None:
-    model.save_pretrained(tmp_path / "base")
-    save_word_tokenizer(tmp_path / "base", model.config.vocab_size)
+    save_small(model, tmp_path)  # the base folder the adapters are made on
     adapted = {}
     for seed, (name, targets) in enumerate({"attn": ["q_b_proj", "kv_b_proj", "o_proj"],
                                             "index": ["wq_b", "wk", "o_proj"]}.items()):  # the second adapts the indexer
@@ -86,9 +82,7 @@ def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model
                                                          init_lora_weights=False))
         peft_model.save_pretrained(tmp_path / name)
         adapted[name] = peft_model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = export_genai(tmp_path / "base", tmp_path / "pkg", {n: tmp_path / n for n in adapted})
+    report = export_small(model, tmp_path, {n: tmp_path / n for n in adapted})
     assert "indexer" in report.not_for_genai
     gen = Generator(tmp_path / "pkg")
     import onnxruntime as ort
@@ -96,7 +90,7 @@ def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model
     inputs = {i.name: i.shape for i in ort.InferenceSession(str(tmp_path / "pkg" / "model.onnx"),
                                                             providers=["CPUExecutionProvider"]).get_inputs()}
     assert inputs["past_key_values.1.indexer_key"][1:] == [1, "past_seq", model.config.index_head_dim]
-    prompts = [[1, 5, 9, 33, 70, 12, 40, 41, 7], [1, 8, 3]]  # 9 and 3 tokens: one row left-padded by 6
+    prompts = PADDED_PROMPTS
     new = dict(max_new_tokens=8, min_new_tokens=8)
     base = gen.generate(prompts, **new)
     attn = gen.generate(prompts, adapters="attn", **new)
