@@ -46,6 +46,10 @@
   form for any length from any state (:mod:`~flora_graph.frontend.lightning_attention`), swapped in by
   :func:`traceable_modules`.
 
+* **Zamba's multi-head Mamba mixers**, which branch on the number of tokens in their own ``forward`` (one token steps
+  from the cached state, more scan from zeros): one scan per head from the cached state for any number
+  (:func:`~flora_graph.frontend.selective_scan.multi_head_mixer_forward`), swapped in by :func:`traceable_modules`.
+
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
   over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
   around a 63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
@@ -265,6 +269,7 @@ def _same(module: nn.Module) -> Callable[..., nn.Module]:
 _INDEXER_TOPK = "topk = min(self.index_topk, index_scores.shape[-1])"
 """The statement of DeepSeek-V3.2's indexer (and of the families that copy it) that :func:`traceable_modules`
 makes traceable."""
+
 
 def _top_k_indexer(module: nn.Module) -> bool:
     """A DeepSeek Sparse Attention indexer: an int ``index_topk`` and a ``forward`` that returns the indices of the

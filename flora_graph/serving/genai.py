@@ -434,10 +434,10 @@ def not_for_genai(layout: Any) -> str | None:
     recurrent states for its own model types only, and no sparse attention's indexer keys."""
     if layout.states:
         kinds = sorted({st.kind for st in layout.states})
-        return (f"this model's recurrent layers (state-space, convolution or linear attention) keep {' and '.join(kinds)} "
-                f"states in the cache "
-                f"({', '.join(layout.past_names()[:2])}, ...) beside keys and values, which ONNX Runtime GenAI carries "
-                "only for its own model types: the package is for flora_graph's Generator")
+        return (f"this model's recurrent layers (state-space, convolution or linear attention) keep "
+                f"{' and '.join(kinds)} states in the cache ({', '.join(layout.past_names()[:2])}, ...) beside keys and "
+                "values, which ONNX Runtime GenAI carries only for its own model types: the package is for flora_graph's "
+                "Generator")
     if layout.indexed:
         return (f"this model's sparse attention caches its indexer's keys ({layout.past_names()[2]}, ...) beside keys "
                 "and values, which ONNX Runtime GenAI does not carry: the package is for flora_graph's Generator")

@@ -12,9 +12,9 @@
 ``ArgMin``. ``any``/``all`` (``.default``, ``.dim``, ``.dims``) -> ``ReduceSum``/``ReduceProd``
 of the input as 0/1 int64, cast to bool (exact, empty reductions included).
 ``var``/``std`` (``.dim``, ``.correction``) -> ``ReduceVar`` (then ``Sqrt``).
-``topk`` (a static ``k``, or the axis's dim: every value in order) and ``sort`` (``.default``, ``.stable``; ``k`` the axis's dim) -> the pair
-(``GatherElements`` of the indices, ``ArgTopK``): always sorted (``sorted=False`` allows any order) and
-stable, which ``topk`` and an unstable ``sort`` allow too (their order of ties is unspecified).
+``topk`` (a static ``k``, or the axis's dim: every value in order) and ``sort`` (``.default``, ``.stable``;
+``k`` the axis's dim) -> the pair (``GatherElements`` of the indices, ``ArgTopK``): always sorted
+(``sorted=False`` allows any order) and stable, which ``topk`` and an unstable ``sort`` allow too (their order of ties is unspecified).
 
 ``cdist`` / ``_cdist_forward`` -> the p-norm over the last axis of ``x1[..., :, None, :] -
 x2[..., None, :, :]`` (``Abs`` then ``ReduceSum`` for p = 1, ``ReduceMax`` for p = inf, ``Pow``
