@@ -20,6 +20,7 @@ and final state for any number of tokens from any state, in closed form:
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -55,8 +56,6 @@ def is_lightning_attention(module: nn.Module) -> bool:
             "layer_idx", "block_size")):
         return False
     try:
-        import inspect
-
         params = tuple(inspect.signature(type(module).forward).parameters)[1:4]
     except (TypeError, ValueError):
         return False
