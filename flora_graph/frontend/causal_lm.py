@@ -383,20 +383,20 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
     if layout.cache_type is not None:  # MiniMax's: keys and values as a DynamicCache's, the states in its linear_cache
         cache = layout.cache_type()
         keys: dict[int, torch.Tensor] = {}
-        widths: list[torch.Tensor] = []
+        positions: torch.Tensor | None = None  # one-wide keys over the cached positions
         for (i, kind), t in zip(layout.entries(), past, strict=True):
             if kind == "key":
                 keys[i] = t
             elif kind == "value":
                 cache.update(keys.pop(i), t, i)
-                widths = widths or [t[..., :1]]
+                positions = t[..., :1] if positions is None else positions
             else:
                 cache.set_linear_cache(i, t.clone())
         # the causal mask reads the cache's length off its first layer, a lightning attention layer whose keys the
         # cache never holds: without positions there it would cover the new tokens alone (eager decoding skips the
         # mask where nothing is padded). Each such layer holds keys one wide over the cached positions instead.
-        for st in layout.states if widths else ():
-            cache.update(widths[0], widths[0], st.layer)
+        for st in layout.states if positions is not None else ():
+            cache.update(positions, positions, st.layer)
         return cache
     if not layout.states and not layout.indexed:
         cache = DynamicCache()  # full layers: a sliding window is the mask's business, the cache keeps every position

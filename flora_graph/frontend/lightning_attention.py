@@ -50,7 +50,8 @@ def decayed_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def is_lightning_attention(module: nn.Module) -> bool:
     """MiniMax's lightning attention module: its per-head ``slope_rate`` ``[heads, 1, 1]``, ``qkv_proj``,
     ``output_gate``, ``norm`` and ``out_proj``, and a ``forward(hidden_states, position_embeddings, attention_mask,
-    cache)`` over a cache with ``get_linear_cache`` / ``set_linear_cache``."""
+    cache)`` over a cache with ``get_linear_cache`` / ``set_linear_cache``; its modeling module's
+    ``apply_mask_to_padding_states``."""
     if "forward" in vars(module) or not all(hasattr(module, a) for a in (
             "slope_rate", "qkv_proj", "output_gate", "norm", "out_proj", "act_fn", "head_dim", "num_attention_heads",
             "layer_idx", "block_size")):
@@ -60,14 +61,15 @@ def is_lightning_attention(module: nn.Module) -> bool:
     except (TypeError, ValueError):
         return False
     return params == ("hidden_states", "position_embeddings", "attention_mask") and \
-        isinstance(module.slope_rate, torch.Tensor) and module.slope_rate.dim() == 3
+        isinstance(module.slope_rate, torch.Tensor) and module.slope_rate.dim() == 3 and \
+        callable(getattr(sys.modules.get(type(module).__module__), "apply_mask_to_padding_states", None))
 
 
 def lightning_forward(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """``module``'s forward (see :func:`is_lightning_attention`) with :func:`decayed_linear_attention` for its loops:
     the same projections, padding mask, norm and output gate; the state from the cache (zeros where it holds none)
     and back into it."""
-    masked = getattr(sys.modules.get(type(module).__module__), "apply_mask_to_padding_states", None)
+    masked = sys.modules[type(module).__module__].apply_mask_to_padding_states
     heads, dim = module.num_attention_heads, module.head_dim
 
     def forward(hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: torch.Tensor | None = None,
@@ -75,8 +77,7 @@ def lightning_forward(module: nn.Module) -> Callable[..., tuple[torch.Tensor, to
         cache = kwargs.pop("past_key_values", cache)
         batch, seq, _ = hidden_states.shape
         qkv = module.act_fn(module.qkv_proj(hidden_states))
-        if masked is not None:
-            qkv = masked(qkv, attention_mask)
+        qkv = masked(qkv, attention_mask)
         q, k, v = torch.split(qkv.reshape(batch, seq, heads, 3 * dim), dim, dim=3)
         state = cache.get_linear_cache(module.layer_idx) if cache is not None else None
         if state is None:

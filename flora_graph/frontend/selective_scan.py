@@ -25,6 +25,7 @@ with one scan per head over :func:`linear_scan` from the cached state for any nu
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -98,19 +99,20 @@ def scan_forward(module: nn.Module, hidden_states: torch.Tensor, time_step: torc
 
 def is_multi_head_mixer(module: nn.Module) -> bool:
     """Zamba's Mamba mixer: ``n_mamba_heads`` heads, each with its ``x_proj_weight`` / ``dt_proj_weight`` rows, an
-    ``in_proj``, a depthwise ``conv1d``, ``A_log`` and ``D`` per head, an ``out_proj``."""
+    ``in_proj``, a depthwise ``conv1d``, ``A_log`` and ``D`` per head, an ``out_proj``; its modeling module's
+    ``apply_mask_to_padding_states`` and ``causal_conv1d_forward``."""
     return "forward" not in vars(module) and all(hasattr(module, a) for a in (
         "n_mamba_heads", "mamba_head_dim", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D", "in_proj",
         "conv1d", "out_proj", "time_step_rank", "ssm_state_size", "layer_idx", "activation")) and \
-        isinstance(module.A_log, torch.Tensor) and module.A_log.dim() == 3
+        isinstance(module.A_log, torch.Tensor) and module.A_log.dim() == 3 and \
+        all(callable(getattr(sys.modules.get(type(module).__module__), f, None))
+            for f in ("apply_mask_to_padding_states", "causal_conv1d_forward"))
 
 
 def multi_head_mixer_forward(module: nn.Module) -> Any:
     """``module``'s forward (see :func:`is_multi_head_mixer`) with every head's scan over :func:`linear_scan`, from
     the cache's recurrent state ``[batch, heads, head_dim, state]`` (zeros without one) for any number of tokens; the
     projections, the padding mask and the convolution with its cached state are the model's own."""
-    import sys
-
     own = sys.modules[type(module).__module__]
     masked, conv = own.apply_mask_to_padding_states, own.causal_conv1d_forward
     heads, dim = module.n_mamba_heads, module.mamba_head_dim
