@@ -453,13 +453,18 @@ class _Blocks(nn.Module):
     for the example), states and mask padded by ``4 - s % 4`` (a full block more at a multiple, as the exported
     program does; the extra block is masked out), attention within each block, cut back."""
 
+    def __init__(self, block: int = 4) -> None:
+        super().__init__()
+        self.block = block
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, s, c = x.shape
-        if s % 4 != 0:
-            x = F.pad(x, (0, 0, 0, 4 - s % 4))
-            mask = F.pad(mask, (0, 4 - s % 4), value=-1e9)
-        blocks = x.view(b, x.shape[1] // 4, 4, c)
-        scores = blocks @ blocks.transpose(-1, -2) + mask.view(b, mask.shape[1] // 4, 1, 4)
+        k = self.block
+        if s % k != 0:
+            x = F.pad(x, (0, 0, 0, k - s % k))
+            mask = F.pad(mask, (0, k - s % k), value=-1e9)
+        blocks = x.view(b, x.shape[1] // k, k, c)
+        scores = blocks @ blocks.transpose(-1, -2) + mask.view(b, mask.shape[1] // k, 1, k)
         return (scores.softmax(-1) @ blocks).reshape(b, x.shape[1], c)[:, :s]
 
 
@@ -474,6 +479,23 @@ def test_a_length_padded_by_a_periodic_size_and_cut_back() -> None:
             x, mask = torch.randn(3, seq, 4, generator=_gen(seq)), torch.zeros(3, seq)
             mask[0, :2] = -1e9
             _assert_close(exe(x=x.numpy(), mask=mask.numpy()), _eager(_Blocks(), [x, mask]), 1e-5,
+                          f"{backend} seq {seq}")
+
+
+def test_a_length_padded_up_to_one_block_larger_than_its_bound() -> None:
+    """Every length up to ``dim_max`` (12) is padded to one block of 16 (PegasusX's blocks of 512 in a model of 256
+    positions): torch.export makes the padded size 16 and the pad ``16 - seq``."""
+    example = (torch.randn(2, 10, 4), torch.zeros(2, 10))
+    g = capture(_Blocks(16), example, {"x": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}},
+                dim_max={"seq": 12})
+    assert g.outputs["output"].shape == ("batch", "seq", 4)
+    assert any(n.op.value == "Slice" and n.attrs["ends"] == (16,) for n in g.nodes)
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for seq in (2, 7, 12):
+            x, mask = torch.randn(3, seq, 4, generator=_gen(seq)), torch.zeros(3, seq)
+            mask[0, :1] = -1e9
+            _assert_close(exe(x=x.numpy(), mask=mask.numpy()), _eager(_Blocks(16), [x, mask]), 1e-5,
                           f"{backend} seq {seq}")
 
 

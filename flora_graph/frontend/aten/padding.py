@@ -58,7 +58,8 @@ def _pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], mode: str, value: flo
     (:func:`_round_up`), a static pad of ``m - 1``, then a ``Slice`` to ``m * ((d + m - 1) // m)``; where the padded
     size torch computes less the axis' repeats with the size (:func:`~flora_graph.ir.shapes.difference_range`:
     PegasusX's ``m - d % m`` up to ``m``, SEW's ``n - 2*(n//2)`` up to 1), a static pad of its largest value, then
-    a ``Slice`` to that padded size."""
+    a ``Slice`` to that padded size; where the padded size is static (PegasusX's block of ``m`` where the axis is at
+    most ``m``: ``m - d``), a pad of that size, then the ``Slice`` to it."""
     dynamic = [i for i, p in enumerate(pad) if isinstance(p, SymDim)]
     if dynamic:
         axis = len(x.shape) - 1 - dynamic[0] // 2
@@ -70,6 +71,8 @@ def _pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], mode: str, value: flo
             if not isinstance(padded, int):
                 padded = canonical_dim(f"{m}*(({d}+{m - 1})//{m})")
             most = m - 1
+        elif one_end and isinstance(padded, int):  # a static size the axis is padded up to (PegasusX's block, where
+            most = padded  # the axis' bound is below it): any pad up to it, then the Slice
         else:
             try:
                 span = difference_range(canonical_dim(padded), d) if one_end else None
