@@ -1024,8 +1024,8 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
         return None
     twin = ctx.in_place.get(n)  # an in-place op converted as its functional twin (frontend.mutations)
     conv = complex_converter(ctx, n) or ATEN_TABLE.get(n.target if twin is None else twin)
-    if conv is None:  # _check_supported let it through: every input is constant, so fold it
-        return _fold(ctx, n, args, kwargs)
+    if conv is None or _reads_bfloat16_weights(args, kwargs):  # every input is constant: fold it (_check_supported
+        return _fold(ctx, n, args, kwargs)  # let through an op without a converter only where it can)
     if getattr(conv, "realizes_args", False):  # it makes each weight's Const where the op-by-op trace would
         out = conv(ctx, *args, **kwargs)
     else:
@@ -1034,6 +1034,16 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     if twin is not None:
         env[n.args[0]] = out  # every later reader of the written tensor sees the new value
     return out
+
+
+def _reads_bfloat16_weights(args: Any, kwargs: Any) -> bool:
+    """Whether an op reads weights alone, one of them bfloat16 (RecurrentGemma's ``normalizer``, which its forward
+    converts to the activations' type): torch computes it at capture, as the model would, so that the graph holds the
+    result (an error names it where that is bfloat16 too), not the bfloat16 weight numpy cannot hold."""
+    flat = [*torch.fx.node.map_aggregate(args, lambda a: a), *kwargs.values()]
+    leaves: list[Any] = []
+    torch.fx.node.map_aggregate(flat, leaves.append)
+    return any(isinstance(a, _LazyConst) and a.tensor.dtype == torch.bfloat16 for a in leaves) and _is_const(leaves)
 
 
 def _is_shape_arith(n: torch.fx.Node) -> bool:

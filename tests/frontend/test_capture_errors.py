@@ -126,6 +126,37 @@ def test_ops_on_weights_only_are_folded_not_reported():
     torch.testing.assert_close(torch.from_numpy(run(g, {"x": x})["output"]), torch.from_numpy(want), atol=1e-6, rtol=1e-6)
 
 
+class Normalized(nn.Module):
+    """RecurrentGemma's ``normalizer``: a bfloat16 buffer (sqrt of the width, rounded) converted to the activations'
+    type; ``bf16_math`` multiplies it in bfloat16 first, a result numpy cannot hold."""
+
+    def __init__(self, bf16_math: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("normalizer", torch.tensor(5.7, dtype=torch.bfloat16), persistent=False)
+        self.bf16_math = bf16_math
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.normalizer * self.normalizer if self.bf16_math else self.normalizer
+        return x * scale.type(x.dtype)
+
+
+def test_bfloat16_weight_converted_to_float32_is_folded() -> None:
+    model = Normalized()
+    g = capture(model, torch.randn(3, 4), BATCH)
+    assert g.ops() == ["Mul"]
+    from flora_graph.runtimes.reference import run
+
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = model(x).numpy()  # 5.6875, the bfloat16 value, not 5.7
+    assert run(g, {"x": x.numpy()})["output"].tolist() == want.tolist()
+
+
+def test_bfloat16_arithmetic_on_weights_is_refused_by_name() -> None:
+    with pytest.raises(GraphError, match="is bfloat16"):
+        capture(Normalized(bf16_math=True), torch.randn(3, 4), BATCH)
+
+
 def test_dtype_cast_is_captured_as_cast():
     class Cast(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
