@@ -245,11 +245,32 @@ def cache_layout(model: nn.Module) -> CacheLayout:
 
 
 def _eager_cache(model: nn.Module) -> Any:
-    """The transformers cache of one eager step of ``model`` on two tokens, or ``None`` where it returns none."""
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    """The transformers cache of one eager step of ``model`` on two tokens, or ``None`` where it returns none. The
+    step runs with the capture's module swaps (:func:`~flora_graph.frontend.traceable.traceable_modules`), so the cache
+    holds what the captured graph keeps (RecurrentGemma's recurrent blocks keep their states in attributes of their
+    own, the swapped ones in the cache)."""
+    from flora_graph.frontend.traceable import traceable_modules
+
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with torch.no_grad(), traceable_modules(model):
+        cache = getattr(model(input_ids=ids, use_cache=True), "past_key_values", None)
+        given = _recurrent_cache(model) if cache is None else None
+        if given is not None:  # a model that returns no cache but fills the one it is given (RecurrentGemma)
+            model(input_ids=ids, use_cache=True, **{_cache_arg(model): given})
+            cache = given
     return cache if cache is not None and hasattr(cache, "layers") else None
+
+
+def _recurrent_cache(model: nn.Module) -> Any:
+    """An empty ``DynamicCache`` laid out for ``model``'s config where it has recurrent (linear attention) layers,
+    else ``None``."""
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a config the generic cache cannot lay out
+        return None
+    return cache if any("LinearAttention" in type(layer).__name__ for layer in cache.layers) else None
 
 
 def _linear_cache(cache: Any) -> list[Any] | None:

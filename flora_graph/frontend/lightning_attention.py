@@ -65,10 +65,10 @@ def is_lightning_attention(module: nn.Module) -> bool:
         callable(getattr(sys.modules.get(type(module).__module__), "apply_mask_to_padding_states", None))
 
 
-def lightning_forward(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def lightning_forward(module: nn.Module, path: str = "") -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """``module``'s forward (see :func:`is_lightning_attention`) with :func:`decayed_linear_attention` for its loops:
     the same projections, padding mask, norm and output gate; the state from the cache (zeros where it holds none)
-    and back into it."""
+    and back into it. (``path``, the module's name in the model, is not needed: the module knows its layer.)"""
     masked = sys.modules[type(module).__module__].apply_mask_to_padding_states
     heads, dim = module.num_attention_heads, module.head_dim
 

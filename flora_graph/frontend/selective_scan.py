@@ -109,10 +109,11 @@ def is_multi_head_mixer(module: nn.Module) -> bool:
             for f in ("apply_mask_to_padding_states", "causal_conv1d_forward"))
 
 
-def multi_head_mixer_forward(module: nn.Module) -> Any:
+def multi_head_mixer_forward(module: nn.Module, path: str = "") -> Any:
     """``module``'s forward (see :func:`is_multi_head_mixer`) with every head's scan over :func:`linear_scan`, from
     the cache's recurrent state ``[batch, heads, head_dim, state]`` (zeros without one) for any number of tokens; the
-    projections, the padding mask and the convolution with its cached state are the model's own."""
+    projections, the padding mask and the convolution with its cached state are the model's own. (``path``, the
+    module's name in the model, is not needed: the module knows its layer.)"""
     own = sys.modules[type(module).__module__]
     masked, conv = own.apply_mask_to_padding_states, own.causal_conv1d_forward
     heads, dim = module.n_mamba_heads, module.mamba_head_dim

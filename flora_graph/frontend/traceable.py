@@ -50,6 +50,10 @@
   from the cached state, more scan from zeros): one scan per head from the cached state for any number
   (:func:`~flora_graph.frontend.selective_scan.multi_head_mixer_forward`), swapped in by :func:`traceable_modules`.
 
+* **RecurrentGemma's recurrent blocks** (Griffin's), which keep their convolution's inputs and their recurrence's
+  state in attributes of their own and branch on the number of tokens: the same block with both states in the cache
+  for any number of tokens (:mod:`~flora_graph.frontend.recurrent_block`), swapped in by :func:`traceable_modules`.
+
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
   over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
   around a 63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
@@ -77,6 +81,7 @@ from flora_graph.frontend.delta_rule import (
     recurrent_gated_delta_rule,
 )
 from flora_graph.frontend.lightning_attention import is_lightning_attention, lightning_forward
+from flora_graph.frontend.recurrent_block import is_recurrent_block, recurrent_block_forward
 from flora_graph.frontend.selective_scan import (
     SCAN_FORWARD,
     SCAN_FORWARD_PARAMS,
@@ -283,7 +288,7 @@ def _top_k_indexer(module: nn.Module) -> bool:
     return _INDEXER_TOPK in source
 
 
-def _padded_top_k(module: nn.Module) -> Callable[..., torch.Tensor]:
+def _padded_top_k(module: nn.Module, path: str = "") -> Callable[..., torch.Tensor]:
     """``module``'s forward (see :func:`_top_k_indexer`) returning ``[..., index_topk]`` indices for any number of
     keys: its own order of every key, the first ``index_topk`` of it, the best key repeated past the last key.
     The keys are counted by the last dim of its ``attention_mask`` (``[batch, queries, keys]``)."""
@@ -305,13 +310,15 @@ def _padded_top_k(module: nn.Module) -> Callable[..., torch.Tensor]:
     return top_k
 
 
-MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Callable[..., Any]]], ...] = (
+MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str], Callable[..., Any]]], ...] = (
     (_top_k_indexer, _padded_top_k),
     (is_lightning_attention, lightning_forward),
     (is_multi_head_mixer, multi_head_mixer_forward),
+    (is_recurrent_block, recurrent_block_forward),
 )
-"""(which modules, the forward they take instead) for :func:`traceable_modules`: DeepSeek Sparse Attention's indexers,
-MiniMax's lightning attention, Zamba's multi-head Mamba mixers."""
+"""(which modules, the forward they take instead, made from the module and its path in the model) for
+:func:`traceable_modules`: DeepSeek Sparse Attention's indexers, MiniMax's lightning attention, Zamba's multi-head
+Mamba mixers, RecurrentGemma's recurrent blocks."""
 
 
 @contextlib.contextmanager
@@ -322,7 +329,7 @@ def traceable_modules(model: nn.Module) -> Iterator[list[str]]:
     for path, module in model.named_modules():
         for picks, forward in MODULE_SWAPS:
             if picks(module):
-                module.forward = forward(module)  # an instance attribute: deleted on exit
+                module.forward = forward(module, path)  # an instance attribute: deleted on exit
                 swapped.append((path, module))
                 break
     try:

@@ -23,6 +23,7 @@ only (its ``com.microsoft`` domain), which is what the ONNX Runtime GenAI packag
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from flora_graph.ir.node import ComputationNode
     from flora_graph.runtimes.onnx_lowering import LoweringContext
 
-__all__ = ["CACHE_PADDING_KEY", "CONTRIB_DOMAIN", "drop_unread", "fuse_group_query_attention", "fuse_skip_rms_norm"]
+__all__ = ["CACHE_PADDING_KEY", "CONTRIB_DOMAIN", "STATE_INPUT", "drop_unread", "fuse_group_query_attention", "fuse_skip_rms_norm"]
 
 CONTRIB_DOMAIN = "com.microsoft"
 _FLOATS = frozenset({"float32", "float16"})
@@ -90,6 +91,11 @@ CACHE_PADDING_KEY = "flora_graph.cache_padding"
 """Model metadata written by :func:`fuse_group_query_attention`: ``"right"`` when the model's
 attention reads each row's length from ``attention_mask`` (its row sums) and its caches are
 right-padded, rather than masking positions anywhere."""
+
+STATE_INPUT = re.compile(r"^past\.\d+\.(conv|recurrent)(\.\d+)?$")
+"""The name of a recurrent layer's fixed-size state among a decoder's inputs (``past.{i}.conv``, ``past.{i}.recurrent``,
+``past.{i}.conv.1``, ...). A state takes every token a row is given, padding included, in order: its rows must be
+left-padded, which :func:`fuse_group_query_attention` (right-padded caches) would break."""
 
 _ATTENTION_ATTRS = frozenset({"q_num_heads", "kv_num_heads", "scale", "softcap", "is_causal"})
 GQA_HEAD_MULTIPLE = 16
@@ -385,6 +391,8 @@ def fuse_group_query_attention(ctx: LoweringContext, max_positions: int | None =
     of those once the rotary moved into the kernel.
     """
     m = _Nodes(ctx)
+    if any(STATE_INPUT.match(name) for name in m.inputs):  # a recurrent layer's state needs left padding
+        return 0, set()
     ir: dict[str, ComputationNode] = {name: node for node, name in ctx.names.items()}
     found = []
     # attentions with sinks, which the lowering spelled out, stand in as the 3-D Attention they would be

@@ -45,8 +45,6 @@ __all__ = ["Batch", "GenerationError", "Generator", "Row", "RowSettings", "pick_
 
 
 _UNSERVED = "adapter {!r} stopped being served while the row decoded"
-_STATE = re.compile(r"^past\.\d+\.(conv|recurrent)(\.\d+)?$")
-"""A recurrent layer's state among a model's inputs (:meth:`~flora_graph.frontend.causal_lm.CacheLayout.past_names`)."""
 _INDEXER = re.compile(r"^past_key_values\.\d+\.indexer_key$")
 """A sparse attention layer's indexer keys among a model's inputs: ``[batch, 1, past_seq, dim]``, one head of keys."""
 
@@ -236,10 +234,12 @@ class Generator:
         self._mixed_options = {"per_row_weights": per_row_weights, "require_checksum": require_checksum, **options}
         self._mixed_session = None
         self._adapter_files: dict[str, Path] = dict(adapter_files)  # the adapters served, in load order
+        from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY, STATE_INPUT
+
         model = self._plain if self._plain is not None else self._single.model
         # keys and values per layer, and the fixed-size states of recurrent layers (state-space or convolution
         # layers: "past.{i}.conv" / ".recurrent"), which only the layers with keys and values lack
-        states = [n for n in model.inputs if _STATE.match(n)]
+        states = [n for n in model.inputs if STATE_INPUT.match(n)]
         kv = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         if states:
             kv = [n for n in kv if n in model.inputs]
@@ -247,9 +247,7 @@ class Generator:
         order = {n: i for i, n in enumerate(model.inputs)}
         self._past = sorted(kv + states, key=lambda n: order.get(n, len(order)))
         self._present = ["present." + n.removeprefix("past_key_values.").removeprefix("past.") for n in self._past]
-        self._is_state = [bool(_STATE.match(n)) for n in self._past]
-        from flora_graph.runtimes.ort_contrib import CACHE_PADDING_KEY
-
+        self._is_state = [bool(STATE_INPUT.match(n)) for n in self._past]
         # GroupQueryAttention models read each row's length from the mask: their caches are right-padded
         self.right_padded = model.metadata.get(CACHE_PADDING_KEY) == "right"
         from flora_graph.runtimes.onnx_lowering import DIM_MAX_KEY

@@ -64,6 +64,7 @@ OVERRIDES = {
     "InklingForCausalLM": dict(sliding_window_size=4),
     "LongcatFlashForCausalLM": _LATENT,
     "MiniMaxForCausalLM": dict(layer_types=["linear_attention", "full_attention"], block_size=4),
+    "RecurrentGemmaForCausalLM": dict(num_hidden_layers=3, lru_width=64, attention_window_size=4),
     "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
     "YoutuForCausalLM": _LATENT,
     "ZambaForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], attention_hidden_size=128,
@@ -96,7 +97,7 @@ FAMILIES = [
     "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",
     "ModernBertDecoderForCausalLM", "MoshiForCausalLM", "MvpForCausalLM", "NanoChatForCausalLM", "OlmoHybridForCausalLM",
     "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "Phi4MultimodalForCausalLM", "PhimoeForCausalLM",
-    "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
+    "RecurrentGemmaForCausalLM", "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
     "SolarOpenForCausalLM", "TrOCRForCausalLM", "VaultGemmaForCausalLM", "XGLMForCausalLM", "XLMRobertaForCausalLM",
     "XLMRobertaXLForCausalLM", "XmodForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM", "ZambaForCausalLM", "ZayaForCausalLM",
 ]
