@@ -330,6 +330,12 @@ register("minimax", "hybrid", decoder("MiniMaxConfig", "MiniMaxForCausalLM", **G
                                       layer_types=["linear_attention", "full_attention"],
                                       lora_cfg={"target_modules": ["qkv_proj", "out_proj", "q_proj", "v_proj"]}),
          "lightning attention (a decayed linear attention looped over blocks of 3) beside attention, experts")
+register("recurrent-gemma", "hybrid", decoder("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", **{**GQA, "num_hidden_layers": 3},
+                                              head_dim=8, lru_width=32, attention_window_size=4, mask=False,
+                                              lora_cfg={"target_modules": ["linear_x", "linear_y", "linear_out",
+                                                                           "q_proj", "v_proj"]}),
+         "Griffin: RG-LRU recurrent blocks (a scan transformers loops over positions) beside windowed attention; "
+         "unpadded: transformers convolves a row's padding into its first tokens, which the export treats as absent")
 register("mimo-v2-flash", "moe", decoder("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **GQA, head_dim=12,
                                          v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=16, sliding_window=3,
