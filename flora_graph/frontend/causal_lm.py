@@ -78,6 +78,9 @@ class CacheLayout:
     layer has ``kv_heads`` and :attr:`dims` (:meth:`layer_kv` reads either).
     ``indexed``: ``(layer, index_head_dim)`` of each layer whose sparse attention caches its indexer's keys too
     (``[batch, 1, past_seq, index_head_dim]``, after the layer's keys and values).
+    ``kv_layers``: the layers with keys and values where not every layer has them, else ``None``: a recurrent layer
+    keeps :attr:`states` instead; a layer an eager text-only step leaves empty keeps nothing (Mllama's cross-attention
+    layers, which its text decoder skips without an image).
     ``layers`` counts the cache's layers, which may be more than the model's: a model that runs a section of its
     layers several times (Dory's recurrent loops) caches each pass apart, in layers after its own.
     ``cache_type``: the cache class the model requires where it is its own (MiniMax's, which keeps its lightning
@@ -235,6 +238,8 @@ def cache_layout(model: nn.Module) -> CacheLayout:
         per_layer += [(kv_heads, head_dim, head_dim)] * (max(seen) + 1 - int(layers))
         layers = max(seen) + 1
     per_layer = [seen.get(i, g) for i, g in enumerate(per_layer)]
+    if kv_layers is None and seen and len(seen) < int(layers):  # layers the step left empty keep no cache: Mllama's
+        kv_layers = tuple(sorted(seen))  # cross-attention layers, which a text-only step skips
     first = per_layer[min(seen) if seen else 0]
     if kv_layers is not None:  # a recurrent layer has no keys or values: the first attention layer's stand in
         per_layer = [g if i in kv_layers else first for i, g in enumerate(per_layer)]
@@ -421,8 +426,9 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
         return cache
     if not layout.states and not layout.indexed:
         cache = DynamicCache()  # full layers: a sliding window is the mask's business, the cache keeps every position
-        for i in range(layout.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        kv = [i for i, kind in layout.entries() if kind == "key"]  # a layer without (Mllama's cross-attention) is empty
+        for n, i in enumerate(kv):
+            cache.update(past[2 * n], past[2 * n + 1], i)
         return cache
     cache = DynamicCache(config=config)
     keys: dict[int, torch.Tensor] = {}

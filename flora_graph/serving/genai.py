@@ -431,7 +431,8 @@ def not_for_genai(layout: Any) -> str | None:
     """Why ONNX Runtime GenAI cannot run a package of a model with cache ``layout``
     (:class:`~flora_graph.frontend.causal_lm.CacheLayout`), or ``None``: GenAI sizes every cache entry by one
     ``head_size``, and a latent-attention model's cached keys and values differ in width (MiMo-V2's too); it carries
-    recurrent states for its own model types only, and no sparse attention's indexer keys."""
+    recurrent states for its own model types only, no sparse attention's indexer keys, and keys and values for every
+    layer (not a layer without a cache, as Mllama's cross-attention layers are without an image)."""
     if layout.states:
         kinds = sorted({st.kind for st in layout.states})
         return (f"this model's recurrent layers (state-space, convolution or linear attention) keep "
@@ -441,6 +442,10 @@ def not_for_genai(layout: Any) -> str | None:
     if layout.indexed:
         return (f"this model's sparse attention caches its indexer's keys ({layout.past_names()[2]}, ...) beside keys "
                 "and values, which ONNX Runtime GenAI does not carry: the package is for flora_graph's Generator")
+    if layout.kv_layers is not None and len(layout.kv_layers) < layout.layers:
+        empty = sorted(set(range(layout.layers)) - set(layout.kv_layers))
+        return (f"this model's layers {empty} keep no cache (cross-attention layers a text-only decoder skips), and "
+                "ONNX Runtime GenAI expects keys and values for every layer: the package is for flora_graph's Generator")
     layers = range(layout.layers) if layout.kv_layers is None else layout.kv_layers
     wide = next(((key, value) for key, value in (layout.layer_kv(i)[1:] for i in layers) if key != value), None)
     if wide is None:

@@ -241,7 +241,7 @@ class Generator:
         # layers: "past.{i}.conv" / ".recurrent"), which only the layers with keys and values lack
         states = [n for n in model.inputs if STATE_INPUT.match(n)]
         kv = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-        if states:
+        if states or any(n in model.inputs for n in kv):  # layers without a cache: recurrent, or Mllama's cross-attention
             kv = [n for n in kv if n in model.inputs]
         kv += [n for n in model.inputs if _INDEXER.match(n)]  # sparse attention's indexer keys grow as keys do
         order = {n: i for i, n in enumerate(model.inputs)}

@@ -64,6 +64,7 @@ OVERRIDES = {
     "InklingForCausalLM": dict(sliding_window_size=4),
     "LongcatFlashForCausalLM": _LATENT,
     "MiniMaxForCausalLM": dict(layer_types=["linear_attention", "full_attention"], block_size=4),
+    "MllamaForCausalLM": dict(num_hidden_layers=3, cross_attention_layers=[1]),
     "RecurrentGemmaForCausalLM": dict(num_hidden_layers=3, lru_width=64, attention_window_size=4),
     "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
     "YoutuForCausalLM": _LATENT,
@@ -79,8 +80,8 @@ OVERRIDES = {
 }
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
 latent attention's head dims, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
-that the prompt spans two), over :data:`SMALL` (given to the text config of a
-multimodal family)."""
+that the prompt spans two; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
+layer between two self-attention layers), over :data:`SMALL` (given to the text config of a multimodal family)."""
 
 FAMILIES = [
     "AXK1ForCausalLM", "AXK2ForCausalLM", "DeepseekV32ForCausalLM", "Dots3NoteForCausalLM", "GlmMoeDsaForCausalLM",
@@ -93,7 +94,7 @@ FAMILIES = [
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
     "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM", "InklingForCausalLM",
     "Jais2ForCausalLM", "JetMoeForCausalLM", "Kolibri1ForCausalLM", "LagunaForCausalLM", "Lfm3ForCausalLM", "LongcatFlashForCausalLM", "MBartForCausalLM",
-    "MarianForCausalLM", "MegatronBertForCausalLM", "MiniMaxForCausalLM", "MellumForCausalLM", "MiniCPM5MoeForCausalLM",
+    "MarianForCausalLM", "MegatronBertForCausalLM", "MiniMaxForCausalLM", "MellumForCausalLM", "MllamaForCausalLM", "MiniCPM5MoeForCausalLM",
     "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",
     "ModernBertDecoderForCausalLM", "MoshiForCausalLM", "MvpForCausalLM", "NanoChatForCausalLM", "OlmoHybridForCausalLM",
     "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "Phi4MultimodalForCausalLM", "PhimoeForCausalLM",
