@@ -363,6 +363,9 @@ def export_genai(
     doc = genai_config(model, layout, model_type=genai_type(arch), context_length=context,
                        end_of_turn=_end_of_turn(Path(base), int(model.config.vocab_size), say))
     refill = refill_position(model) if arch in REFILL_ARCHS else None
+    marks = {REFILL_KEY: str(refill)} if refill is not None else {}
+    if layout.kv_layers is not None and not layout.states and len(layout.kv_layers) < layout.layers:
+        marks[UNCACHED_KEY] = json.dumps(sorted(set(range(layout.layers)) - set(layout.kv_layers)))
     # 4-bit packages: mixture-of-experts blocks as MoE nodes, whose experts the quantizer makes 4-bit (QMoE);
     # float ones keep each expert product a Loop (faster decode steps on CPU than the float MoE kernel)
     moe = contrib and precision == "int4"
@@ -381,9 +384,9 @@ def export_genai(
                 say(f"quantizing {file}'s base weights to 4 bits (blocks of {int4_block_size})")
                 quantize_weights(model, int4_block_size, int4_accuracy_level, weights)
             if shared is None:
-                save_lowered(_mark_refill(model, refill), weights, tmp / file)
+                save_lowered(_marked(model, marks), weights, tmp / file)
             else:
-                shared.write(_mark_refill(model, refill), weights, file)
+                shared.write(_marked(model, marks), weights, file)
 
         if sites:
             from flora_graph.serving.base_branch import branch_on_adapter
@@ -471,6 +474,11 @@ REFILL_KEY = "flora_graph.rope_refill_at"
 """Model metadata: the position at which a row's cache is computed again from all its tokens (see
 :func:`refill_position`); :class:`~flora_graph.serving.generate.Generator` does so."""
 
+UNCACHED_KEY = "flora_graph.uncached_layers"
+"""Model metadata: the layers without keys and values among the decoder's ``num_hidden_layers``, a JSON list, where
+there are such layers (Mllama's cross-attention layers in a text-only decoder; not written for recurrent layers, whose
+states stand in their place); :class:`~flora_graph.serving.generate.Generator` expects the others' caches."""
+
 REFILL_ARCHS = frozenset({"Phi3ForCausalLM"})
 """The classes whose transformers ``generate()`` drops the cache where their ``longrope`` rotary switches
 to its long frequencies (``prepare_inputs_for_generation``), as ONNX Runtime GenAI does for ``phi3``."""
@@ -488,13 +496,13 @@ def refill_position(model: Any) -> int | None:
     return int(limit) if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
-def _mark_refill(model: Any, refill: int | None) -> Any:
-    """``model`` with :data:`REFILL_KEY` in its metadata where ``refill`` is set."""
-    if refill is not None:
+def _marked(model: Any, marks: dict[str, str]) -> Any:
+    """``model`` with ``marks`` in its metadata (:data:`REFILL_KEY`, :data:`UNCACHED_KEY`)."""
+    if marks:
         from onnx import helper
 
         props = {p.key: p.value for p in model.metadata_props}
-        helper.set_model_props(model, {**props, REFILL_KEY: str(refill)})
+        helper.set_model_props(model, {**props, **marks})
     return model
 
 

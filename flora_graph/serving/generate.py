@@ -193,6 +193,7 @@ class Generator:
             MIXED_FILE,
             MODEL_FILE,
             REFILL_KEY,
+            UNCACHED_KEY,
             search_defaults,
         )
 
@@ -240,8 +241,9 @@ class Generator:
         # keys and values per layer, and the fixed-size states of recurrent layers (state-space or convolution
         # layers: "past.{i}.conv" / ".recurrent"), which only the layers with keys and values lack
         states = [n for n in model.inputs if STATE_INPUT.match(n)]
-        kv = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-        if states or any(n in model.inputs for n in kv):  # layers without a cache: recurrent, or Mllama's cross-attention
+        uncached = set(json.loads(model.metadata.get(UNCACHED_KEY, "[]")))  # Mllama's cross-attention layers
+        kv = [f"past_key_values.{i}.{kv}" for i in range(self.layers) if i not in uncached for kv in ("key", "value")]
+        if states:
             kv = [n for n in kv if n in model.inputs]
         kv += [n for n in model.inputs if _INDEXER.match(n)]  # sparse attention's indexer keys grow as keys do
         order = {n: i for i, n in enumerate(model.inputs)}

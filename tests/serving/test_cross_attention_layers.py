@@ -25,5 +25,11 @@ def test_layout_leaves_out_the_cross_attention_layers() -> None:
 
 
 def test_package_decodes_left_padded_rows_as_eager(tmp_path: Path) -> None:
+    import onnx
+
+    from flora_graph.serving.genai import UNCACHED_KEY
+
     report = assert_padded_rows_decode_as_eager(small_model(ARCH), tmp_path)
     assert "layers [1] keep no cache" in report.not_for_genai
+    props = {p.key: p.value for p in onnx.load(tmp_path / "pkg" / "model.onnx", load_external_data=False).metadata_props}
+    assert props[UNCACHED_KEY] == "[1]"  # the Generator expects keys and values for layers 0 and 2 alone
