@@ -777,6 +777,33 @@ def llama_dora() -> Built:
 
 
 register("llama-dora", "peft", llama_dora, "use_dora, magnitudes off the weight norms")
+
+
+def llama_tuner(config_cls: str, **cfg: Any) -> Callable[[], Built]:
+    """The Llama with a PEFT tuner other than LoRA (``peft.<config_cls>(**cfg)``) on q/v/down, every trainable
+    weight random (the tuners that start as the identity change nothing otherwise)."""
+    def build() -> Built:
+        import peft
+
+        model = hf("LlamaConfig", "LlamaForCausalLM", use_cache=False, **GQA)
+        torch.manual_seed(1)
+        model = peft.get_peft_model(model, getattr(peft, config_cls)(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                     init_weights=False, **cfg)).eval()
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad and not p.any():
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        return token_case(model)
+    return build
+
+
+register("llama-hra", "peft", llama_tuner("HRAConfig", r=4), "HRA (Householder reflections), captured merged")
+register("llama-shira", "peft", llama_tuner("ShiraConfig", r=4), "SHiRA (a sparse high-rank adapter), captured merged")
+register("llama-boft", "peft", llama_tuner("BOFTConfig", boft_block_size=4),
+         "BOFT (butterfly orthogonal factors, a linear solve), captured merged")
+register("llama-c3a", "peft", llama_tuner("C3AConfig", block_size=8),
+         "C3A (circular convolutions as complex FFTs), captured merged")
 register("resnet-conv2d-lora", "peft", vision("ResNetConfig", "ResNetForImageClassification", embedding_size=8,
                                               hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5,
                                               lora_cfg={"target_modules": ["convolution"], "r": 2, "lora_alpha": 4}),

@@ -18,11 +18,12 @@
   read into Python (``tolist``); their routers keep the counts a tensor instead, and their experts run on every
   sorted token, each keeping its own expert's product (the expert of a position: how many counts' running sums
   it has passed), at ``experts`` times the experts' work.
-* **PEFT LoRA on** ``nn.MultiheadAttention``: PEFT merges the adapter into a plain tensor for each
-  call, which torch.export refuses ("a fake tensor in the exported program constant's list").
-  :func:`merged_peft_attention` merges those layers for the capture, so they are captured merged
-  (their adapter baked into ``in_proj_weight`` / ``out_proj.weight``; the graph has no LoRA site
-  for them), and puts the original parameters back, bit for bit, after.
+* **PEFT layers torch.export cannot trace adapted**: PEFT's LoRA on ``nn.MultiheadAttention`` merges the adapter
+  into a plain tensor for each call, which torch.export refuses ("a fake tensor in the exported program constant's
+  list"), and HRA's and SHiRA's layers do the same; BOFT's solve a linear system for their orthogonal factor and
+  C3A's multiply complex FFTs, which no converter takes. :func:`merged_peft_layers` merges those layers for the
+  capture (PEFT's ``merge``), so they are captured merged (their adapter baked into the base weights; the graph has
+  no LoRA site for them), and puts the original parameters back, bit for bit, after.
 
 * **Attention masks built with** ``torch.vmap``: transformers builds a mask through ``vmap`` where a model adds a
   mask function of its own (T5Gemma 2's bidirectional sliding window), which torch.export records as vmap's
@@ -66,7 +67,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -90,7 +90,7 @@ from flora_graph.frontend.selective_scan import (
     scan_forward,
 )
 
-__all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_attention", "traceable_experts",
+__all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_layers", "traceable_experts",
            "traceable_modules", "traceable_scans"]
 
 SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
@@ -368,31 +368,50 @@ def broadcast_masks() -> Iterator[bool]:
             mapping["sdpa"] = own
 
 
+_MERGED_TUNERS = ("peft.tuners.hra.", "peft.tuners.shira.", "peft.tuners.boft.", "peft.tuners.c3a.")
+"""PEFT tuners whose layers build their adapted weight with ops that torch.export, or the ATen table after it, cannot
+take (HRA's and SHiRA's a tensor made in ``forward``, a "fake tensor in the constants"; BOFT's a ``linalg.solve`` of
+its Cayley transform; C3A's complex FFT products): :func:`merged_peft_layers` merges them for the capture."""
+
+
+def _merged_for_capture(module: nn.Module) -> bool:
+    """Whether :func:`merged_peft_layers` merges ``module``: a PEFT LoRA ``MultiheadAttention`` or a layer of
+    :data:`_MERGED_TUNERS`, not merged already."""
+    if getattr(module, "merged", True) is not False or not callable(getattr(module, "merge", None)):
+        return False
+    if type(module).__name__ == "MultiheadAttention":
+        return hasattr(module, "lora_A")
+    return type(module).__module__.startswith(_MERGED_TUNERS) and callable(getattr(module, "get_base_layer", None))
+
+
 @contextlib.contextmanager
-def merged_peft_attention(model: nn.Module) -> Iterator[list[str]]:
-    """Within the block, every PEFT LoRA ``MultiheadAttention`` of ``model`` that is not merged is merged;
-    yields their paths. On exit they are unmerged and their original parameters restored exactly."""
+def merged_peft_layers(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every PEFT layer of ``model`` that torch.export cannot trace adapted is merged (PEFT's own
+    ``merge``): LoRA on ``nn.MultiheadAttention`` and the layers of :data:`_MERGED_TUNERS`; yields their paths. On
+    exit they are unmerged and their base layers' original parameters put back, untouched: the merge wrote into copies,
+    which the exported program keeps (its weights are read after the block)."""
     saved = []
     for path, module in model.named_modules():
-        if type(module).__name__ != "MultiheadAttention" or not hasattr(module, "lora_A") or getattr(module, "merged", True):
-            continue
-        base = module.get_base_layer()
-        out_base = base.out_proj.get_base_layer()
-        saved.append((path, module, base, base.in_proj_weight, out_base, out_base.weight))
+        if _merged_for_capture(module):
+            params = [(owner, name, p) for owner in module.get_base_layer().modules()
+                      for name, p in owner.named_parameters(recurse=False)]
+            saved.append((path, module, params))
     try:
-        for _, module, *_ in saved:
+        for _, module, params in saved:
+            for owner, name, p in params:  # merged into copies, whatever PEFT writes in place
+                owner._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
             module.merge()
-        yield [s[0] for s in saved]
-    finally:
-        for _, module, base, w_in, out_base, w_out in saved:
-            if module.merged:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    module.unmerge()  # PEFT's bookkeeping; then the original parameters, not a subtraction's result
-            del base.in_proj_weight
-            base.register_parameter("in_proj_weight", w_in)
-            del out_base.weight
-            out_base.register_parameter("weight", w_out)
+        yield [path for path, _, _ in saved]
+    finally:  # no unmerge, which would write into the copies the exported program holds: the originals go back,
+        for _, module, params in saved:  # and PEFT's record of the merge is cleared
+            for owner, name, p in params:
+                owner._parameters.pop(name, None)
+                if hasattr(owner, name):  # a plain tensor a merge left in the parameter's place
+                    delattr(owner, name)
+                owner.register_parameter(name, p)
+            for layer in module.modules():  # the layer's and those within it (the attention's adapted out_proj)
+                if isinstance(getattr(layer, "merged_adapters", None), list):
+                    layer.merged_adapters.clear()
 
 
 def _params(fn: Any) -> tuple[str, ...]:

@@ -71,3 +71,44 @@ def test_conv1d_lora_over_a_dynamic_length(padding: int) -> None:
     graph = capture(model, torch.randn(2, 5, 16), DIMS)
     assert graph.outputs[next(iter(graph.outputs))].shape[1] == ("seq" if padding else "seq-2")
     _check(model, graph)
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+TUNERS = {  # PEFT tuners whose adapted layers torch.export, or the ATen table, cannot take unmerged
+    "hra": lambda: peft.HRAConfig(r=4, target_modules=["up", "down"], init_weights=False),
+    "shira": lambda: peft.ShiraConfig(r=4, target_modules=["up", "down"], init_weights=False),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=["up", "down"], init_weights=False),
+    "c3a": lambda: peft.C3AConfig(block_size=8, target_modules=["up", "down"], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("tuner", sorted(TUNERS))
+def test_untraceable_tuner_layers_are_captured_merged_and_the_model_is_restored(tuner: str) -> None:
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Mlp(), TUNERS[tuner]()).eval()
+    with torch.no_grad():  # every adapter weight nonzero: the adapter changes the outputs
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(0, 0.1)
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        want = model(x)
+        with model.disable_adapter():
+            assert not torch.allclose(model(x), want, atol=1e-3)
+    before = {k: (v, v.detach().clone()) for k, v in model.named_parameters()}
+    graph = capture(model, torch.randn(2, 5, 16), DIMS)
+    after = dict(model.named_parameters())
+    assert all(after[k] is p and torch.equal(p, data) for k, (p, data) in before.items())  # the same tensors, untouched
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    _check(model, graph)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)  # the adapter still applies in eager
