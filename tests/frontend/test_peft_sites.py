@@ -1,4 +1,5 @@
-"""PEFT LoRA on nn.MultiheadAttention (captured merged) and on Conv1d over a dynamic length."""
+"""PEFT LoRA on nn.MultiheadAttention (captured merged) and on Conv1d over a dynamic length; PEFT's other tuners,
+as PEFT runs them or (HRA, SHiRA, BOFT, C3A) merged."""
 
 from __future__ import annotations
 
@@ -112,3 +113,35 @@ def test_untraceable_tuner_layers_are_captured_merged_and_the_model_is_restored(
     _check(model, graph)
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=0, atol=0)  # the adapter still applies in eager
+
+
+TRACED_TUNERS = {  # PEFT tuners other than LoRA whose layers capture as PEFT runs them
+    "adalora": lambda: peft.AdaLoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False, total_step=10),
+    "loha": lambda: peft.LoHaConfig(r=4, target_modules=["up", "down"], init_weights=False),
+    "lokr": lambda: peft.LoKrConfig(r=4, target_modules=["up", "down"], init_weights=False),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["up", "down"], init_weights=False),
+    "ia3": lambda: peft.IA3Config(target_modules=["up", "down"], feedforward_modules=["down"], init_ia3_weights=False),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["up", "down"], init_weights=False),
+    "fourierft": lambda: peft.FourierFTConfig(n_frequency=16, target_modules=["up", "down"], init_weights=False),
+    "randlora": lambda: peft.RandLoraConfig(r=4, target_modules=["up", "down"], init_weights=False),
+    "miss": lambda: peft.MissConfig(r=4, target_modules=["up", "down"], init_weights=False),
+    "vblora": lambda: peft.VBLoRAConfig(r=4, target_modules=["up", "down"], vector_length=8, num_vectors=16),
+    "delora": lambda: peft.DeloraConfig(r=4, target_modules=["up", "down"], init_weights=False),
+    "road": lambda: peft.RoadConfig(group_size=8, target_modules=["up", "down"], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("tuner", sorted(TRACED_TUNERS))
+def test_other_tuners_capture_as_peft_runs_them(tuner: str) -> None:
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Mlp(), TRACED_TUNERS[tuner]()).eval()
+    with torch.no_grad():  # every adapter weight nonzero: the adapter changes the outputs
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(0, 0.1)
+        x = torch.randn(3, 7, 16)
+        adapted = model(x)
+        with model.disable_adapter():
+            assert not torch.allclose(model(x), adapted, atol=1e-4)  # the adapter changes the outputs
+    graph = capture(model, torch.randn(2, 5, 16), DIMS)
+    _check(model, graph)
