@@ -92,19 +92,25 @@ TUNERS = {  # PEFT tuners whose adapted layers torch.export, or the ATen table, 
 }
 
 
-@pytest.mark.parametrize("tuner", sorted(TUNERS))
-def test_untraceable_tuner_layers_are_captured_merged_and_the_model_is_restored(tuner: str) -> None:
+def tuned(config: peft.PeftConfig) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """:class:`Mlp` adapted by ``config``, every adapter weight nonzero, in eval mode; an input and its output, which
+    the adapter changes (checked)."""
     torch.manual_seed(0)
-    model = peft.get_peft_model(Mlp(), TUNERS[tuner]()).eval()
-    with torch.no_grad():  # every adapter weight nonzero: the adapter changes the outputs
+    model = peft.get_peft_model(Mlp(), config).eval()
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and not p.any():
                 p.normal_(0, 0.1)
-    x = torch.randn(3, 7, 16)
-    with torch.no_grad():
         want = model(x)
         with model.disable_adapter():
-            assert not torch.allclose(model(x), want, atol=1e-3)
+            assert not torch.allclose(model(x), want, atol=1e-4)
+    return model, x, want
+
+
+@pytest.mark.parametrize("tuner", sorted(TUNERS))
+def test_untraceable_tuner_layers_are_captured_merged_and_the_model_is_restored(tuner: str) -> None:
+    model, x, want = tuned(TUNERS[tuner]())
     before = {k: (v, v.detach().clone()) for k, v in model.named_parameters()}
     graph = capture(model, torch.randn(2, 5, 16), DIMS)
     after = dict(model.named_parameters())
@@ -133,15 +139,5 @@ TRACED_TUNERS = {  # PEFT tuners other than LoRA whose layers capture as PEFT ru
 
 @pytest.mark.parametrize("tuner", sorted(TRACED_TUNERS))
 def test_other_tuners_capture_as_peft_runs_them(tuner: str) -> None:
-    torch.manual_seed(0)
-    model = peft.get_peft_model(Mlp(), TRACED_TUNERS[tuner]()).eval()
-    with torch.no_grad():  # every adapter weight nonzero: the adapter changes the outputs
-        for p in model.parameters():
-            if p.requires_grad and not p.any():
-                p.normal_(0, 0.1)
-        x = torch.randn(3, 7, 16)
-        adapted = model(x)
-        with model.disable_adapter():
-            assert not torch.allclose(model(x), adapted, atol=1e-4)  # the adapter changes the outputs
-    graph = capture(model, torch.randn(2, 5, 16), DIMS)
-    _check(model, graph)
+    model, _, _ = tuned(TRACED_TUNERS[tuner]())
+    _check(model, capture(model, torch.randn(2, 5, 16), DIMS))

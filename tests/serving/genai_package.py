@@ -142,6 +142,42 @@ def save_small(model, folder: Path) -> Path:
     return folder / "base"
 
 
+def small_adapters(model, folder: Path, targets: dict[str, list[str]]) -> dict[str, object]:
+    """``model`` saved (:func:`save_small`) and a PEFT LoRA adapter on it per name of ``targets`` (its target modules;
+    the ``k``-th of rank ``4 * (k + 1)``, seed ``k``, nonzero ``B``) saved as ``folder / name``: name -> the adapted
+    model, in eval mode."""
+    import peft
+    import transformers
+
+    base = save_small(model, folder)
+    adapted = {}
+    for seed, (name, modules) in enumerate(targets.items()):
+        torch.manual_seed(seed)
+        peft_model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                         peft.LoraConfig(r=4 * (seed + 1), lora_alpha=8, target_modules=modules,
+                                                         init_lora_weights=False))
+        peft_model.save_pretrained(folder / name)
+        adapted[name] = peft_model.eval()
+    return adapted
+
+
+def assert_mixed_rows_decode_as_eager_peft(gen, model, adapted: dict, one: str, other: str, new: int = 8) -> list:
+    """The Generator ``gen`` decodes :data:`PADDED_PROMPTS` in one batch as eager transformers (``model``) and eager
+    PEFT (``adapted``, name -> adapted model) decode each prompt alone: with no adapter, with ``one`` for both rows,
+    and with ``other`` and ``one`` as the rows' adapters in the same steps; the adapters change the tokens. The
+    tokens of the rows without adapter."""
+    kw = dict(max_new_tokens=new, min_new_tokens=new)
+    base = gen.generate(PADDED_PROMPTS, **kw)
+    single = gen.generate(PADDED_PROMPTS, adapters=one, **kw)
+    mixed = gen.generate(PADDED_PROMPTS, adapters=[other, one], **kw)  # rows of different adapters in each step
+    for row, prompt in enumerate(PADDED_PROMPTS):
+        assert base[row] == eager_greedy(model, prompt, new, min_new_tokens=new)
+        assert single[row] == eager_greedy(adapted[one], prompt, new, min_new_tokens=new)
+    assert mixed == [eager_greedy(adapted[other], PADDED_PROMPTS[0], new, min_new_tokens=new), single[1]]
+    assert base != single and mixed[0] != base[0]  # the adapters change the tokens: their slots are fed
+    return base
+
+
 def export_small(model, folder: Path, adapters: dict[str, Path] | None = None):
     """``model`` saved (:func:`save_small`) and exported by ``export_genai`` to ``folder / "pkg"`` with PEFT
     ``adapters`` (name -> folder); the export's report."""

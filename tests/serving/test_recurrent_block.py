@@ -17,11 +17,15 @@ peft = pytest.importorskip("peft")
 from flora_graph.frontend.causal_lm import cache_layout  # noqa: E402
 from flora_graph.frontend.traceable import traceable_modules  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
-from tests.serving.genai_package import PADDED_PROMPTS, eager_greedy, export_small, save_small  # noqa: E402
+from tests.serving.genai_package import (  # noqa: E402
+    PADDED_PROMPTS,
+    assert_mixed_rows_decode_as_eager_peft,
+    export_small,
+    small_adapters,
+)
 from tests.serving.test_causal_lm_families import small_model  # noqa: E402
 
 ARCH = "RecurrentGemmaForCausalLM"
-NEW = dict(max_new_tokens=8, min_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +90,8 @@ def test_left_padded_prefill_in_one_call_gives_each_rows_logits_alone(model, tmp
 
 
 def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model, tmp_path: Path) -> None:
-    save_small(model, tmp_path)  # the base folder the adapters are made on
-    adapted = {}
-    for seed, (name, targets) in enumerate({"block": ["linear_x", "linear_y", "linear_out"],
-                                            "attn": ["q_proj", "v_proj", "o_proj", "down_proj"]}.items()):
-        torch.manual_seed(seed)
-        peft_model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                         peft.LoraConfig(r=4 * (seed + 1), lora_alpha=8, target_modules=targets,
-                                                         init_lora_weights=False))
-        peft_model.save_pretrained(tmp_path / name)
-        adapted[name] = peft_model.eval()
+    adapted = small_adapters(model, tmp_path, {"block": ["linear_x", "linear_y", "linear_out"],
+                                                  "attn": ["q_proj", "v_proj", "o_proj", "down_proj"]})
     report = export_small(model, tmp_path, {n: tmp_path / n for n in adapted})
     assert "recurrent" in report.not_for_genai
-    gen = Generator(tmp_path / "pkg")
-    base = gen.generate(PADDED_PROMPTS, **NEW)
-    block = gen.generate(PADDED_PROMPTS, adapters="block", **NEW)
-    mixed = gen.generate(PADDED_PROMPTS, adapters=["attn", "block"], **NEW)  # rows of different adapters in each step
-    for row, prompt in enumerate(PADDED_PROMPTS):
-        assert base[row] == eager_greedy(model, prompt, 8, min_new_tokens=8)
-        assert block[row] == eager_greedy(adapted["block"], prompt, 8, min_new_tokens=8)
-    assert mixed == [eager_greedy(adapted["attn"], PADDED_PROMPTS[0], 8, min_new_tokens=8), block[1]]
-    assert base != block and mixed[0] != base[0]  # the adapters change the tokens: their slots are fed
+    assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "block", "attn")

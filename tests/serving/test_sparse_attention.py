@@ -20,7 +20,12 @@ peft = pytest.importorskip("peft")
 from flora_graph.frontend.causal_lm import cache_layout  # noqa: E402
 from flora_graph.frontend.traceable import traceable_modules  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
-from tests.serving.genai_package import PADDED_PROMPTS, eager_greedy, export_small, save_small  # noqa: E402
+from tests.serving.genai_package import (  # noqa: E402
+    PADDED_PROMPTS,
+    assert_mixed_rows_decode_as_eager_peft,
+    export_small,
+    small_adapters,
+)
 from tests.serving.test_causal_lm_families import small_model  # noqa: E402
 
 ARCH = "DeepseekV32ForCausalLM"
@@ -72,16 +77,8 @@ def test_layout_names_the_indexer_keys(model) -> None:
 
 
 def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model, tmp_path: Path) -> None:
-    save_small(model, tmp_path)  # the base folder the adapters are made on
-    adapted = {}
-    for seed, (name, targets) in enumerate({"attn": ["q_b_proj", "kv_b_proj", "o_proj"],
-                                            "index": ["wq_b", "wk", "o_proj"]}.items()):  # the second adapts the indexer
-        torch.manual_seed(seed)
-        peft_model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                         peft.LoraConfig(r=4 * (seed + 1), lora_alpha=8, target_modules=targets,
-                                                         init_lora_weights=False))
-        peft_model.save_pretrained(tmp_path / name)
-        adapted[name] = peft_model.eval()
+    adapted = small_adapters(model, tmp_path, {"attn": ["q_b_proj", "kv_b_proj", "o_proj"],
+                                                  "index": ["wq_b", "wk", "o_proj"]})  # the indexer's own
     report = export_small(model, tmp_path, {n: tmp_path / n for n in adapted})
     assert "indexer" in report.not_for_genai
     gen = Generator(tmp_path / "pkg")
@@ -90,14 +87,5 @@ def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model
     inputs = {i.name: i.shape for i in ort.InferenceSession(str(tmp_path / "pkg" / "model.onnx"),
                                                             providers=["CPUExecutionProvider"]).get_inputs()}
     assert inputs["past_key_values.1.indexer_key"][1:] == [1, "past_seq", model.config.index_head_dim]
-    prompts = PADDED_PROMPTS
-    new = dict(max_new_tokens=8, min_new_tokens=8)
-    base = gen.generate(prompts, **new)
-    attn = gen.generate(prompts, adapters="attn", **new)
-    mixed = gen.generate(prompts, adapters=["index", "attn"], **new)  # rows of different adapters in each step
-    for row, prompt in enumerate(prompts):
-        assert base[row] == eager_greedy(model, prompt, 8, min_new_tokens=8)
-        assert attn[row] == eager_greedy(adapted["attn"], prompt, 8, min_new_tokens=8)
-    assert mixed == [eager_greedy(adapted["index"], prompts[0], 8, min_new_tokens=8), attn[1]]
-    assert base != attn and mixed[0] != base[0]  # the adapters change the tokens: their slots are fed
-    np.testing.assert_array_equal(gen.generate([prompts[1]], **new)[0], base[1])
+    base = assert_mixed_rows_decode_as_eager_peft(gen, model, adapted, "attn", "index")
+    np.testing.assert_array_equal(gen.generate([PADDED_PROMPTS[1]], max_new_tokens=8, min_new_tokens=8)[0], base[1])
