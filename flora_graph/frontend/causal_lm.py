@@ -318,13 +318,7 @@ def _recurrent_layers(model: nn.Module, cache: Any, failed: Exception | None) ->
 
     Raises :class:`GraphError` for a layer that keeps more than one state of a kind, and ``failed`` where the model
     has recurrent layers."""
-    try:
-        from transformers import DynamicCache
-
-        kinds = [type(layer).__name__ for layer in DynamicCache(config=model.config).layers]
-    except Exception:  # a config the generic cache cannot lay out: attention layers only, as before
-        return None, ()
-    if not any("LinearAttention" in k for k in kinds):
+    if _recurrent_cache(model) is None:  # attention layers only (or a config the generic cache cannot lay out)
         return None, ()
     if failed is not None:
         raise failed
