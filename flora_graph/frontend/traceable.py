@@ -387,9 +387,10 @@ def _merged_for_capture(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def merged_peft_layers(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, every PEFT layer of ``model`` that torch.export cannot trace adapted is merged (PEFT's own
-    ``merge``): LoRA on ``nn.MultiheadAttention`` and the layers of :data:`_MERGED_TUNERS`; yields their paths. On
-    exit they are unmerged and their base layers' original parameters put back, untouched: the merge wrote into copies,
-    which the exported program keeps (its weights are read after the block)."""
+    ``merge``): LoRA on ``nn.MultiheadAttention`` and the layers of :data:`_MERGED_TUNERS`; yields their paths. The
+    merge writes into copies of their base layers' parameters, which the exported program keeps (its weights are read
+    after the block); on exit the original parameters go back, untouched, and PEFT's record of the merge is cleared
+    (no ``unmerge``, which would write into the copies)."""
     saved = []
     for path, module in model.named_modules():
         if _merged_for_capture(module):
