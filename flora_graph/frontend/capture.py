@@ -1040,9 +1040,8 @@ def _reads_bfloat16_weights(args: Any, kwargs: Any) -> bool:
     """Whether an op reads weights alone, one of them bfloat16 (RecurrentGemma's ``normalizer``, which its forward
     converts to the activations' type): torch computes it at capture, as the model would, so that the graph holds the
     result (an error names it where that is bfloat16 too), not the bfloat16 weight numpy cannot hold."""
-    flat = [*torch.fx.node.map_aggregate(args, lambda a: a), *kwargs.values()]
     leaves: list[Any] = []
-    torch.fx.node.map_aggregate(flat, leaves.append)
+    torch.fx.node.map_aggregate((args, kwargs), leaves.append)
     return any(isinstance(a, _LazyConst) and a.tensor.dtype == torch.bfloat16 for a in leaves) and _is_const(leaves)
 
 
