@@ -132,6 +132,12 @@ class CacheLayout:
         ``.recurrent``."""
         return [f"present.{i}.{k}" for i, k in self.entries()]
 
+    def uncached_layers(self) -> list[int]:
+        """The layers that keep nothing in the cache, neither keys and values nor states (Mllama's cross-attention
+        layers, which its text decoder skips without an image)."""
+        held = {i for i, _ in self.entries()}
+        return [i for i in range(self.layers) if i not in held]
+
     def state_shape(self, layer: int, kind: str) -> tuple[int, ...]:
         """The shape (without batch) of ``layer``'s ``kind`` state."""
         return next(st.shape for st in self.states if st.layer == layer and st.kind == kind)

@@ -364,8 +364,8 @@ def export_genai(
                        end_of_turn=_end_of_turn(Path(base), int(model.config.vocab_size), say))
     refill = refill_position(model) if arch in REFILL_ARCHS else None
     marks = {REFILL_KEY: str(refill)} if refill is not None else {}
-    if layout.kv_layers is not None and not layout.states and len(layout.kv_layers) < layout.layers:
-        marks[UNCACHED_KEY] = json.dumps(sorted(set(range(layout.layers)) - set(layout.kv_layers)))
+    if uncached := layout.uncached_layers():
+        marks[UNCACHED_KEY] = json.dumps(uncached)
     # 4-bit packages: mixture-of-experts blocks as MoE nodes, whose experts the quantizer makes 4-bit (QMoE);
     # float ones keep each expert product a Loop (faster decode steps on CPU than the float MoE kernel)
     moe = contrib and precision == "int4"
@@ -445,9 +445,8 @@ def not_for_genai(layout: Any) -> str | None:
     if layout.indexed:
         return (f"this model's sparse attention caches its indexer's keys ({layout.past_names()[2]}, ...) beside keys "
                 "and values, which ONNX Runtime GenAI does not carry: the package is for flora_graph's Generator")
-    if layout.kv_layers is not None and len(layout.kv_layers) < layout.layers:
-        empty = sorted(set(range(layout.layers)) - set(layout.kv_layers))
-        return (f"this model's layers {empty} keep no cache (cross-attention layers a text-only decoder skips), and "
+    if uncached := layout.uncached_layers():
+        return (f"this model's layers {uncached} keep no cache (cross-attention layers a text-only decoder skips), and "
                 "ONNX Runtime GenAI expects keys and values for every layer: the package is for flora_graph's Generator")
     layers = range(layout.layers) if layout.kv_layers is None else layout.kv_layers
     wide = next(((key, value) for key, value in (layout.layer_kv(i)[1:] for i in layers) if key != value), None)
@@ -475,9 +474,10 @@ REFILL_KEY = "flora_graph.rope_refill_at"
 :func:`refill_position`); :class:`~flora_graph.serving.generate.Generator` does so."""
 
 UNCACHED_KEY = "flora_graph.uncached_layers"
-"""Model metadata: the layers without keys and values among the decoder's ``num_hidden_layers``, a JSON list, where
-there are such layers (Mllama's cross-attention layers in a text-only decoder; not written for recurrent layers, whose
-states stand in their place); :class:`~flora_graph.serving.generate.Generator` expects the others' caches."""
+"""Model metadata: the layers that keep nothing in the cache among the decoder's ``num_hidden_layers``
+(:meth:`~flora_graph.frontend.causal_lm.CacheLayout.uncached_layers`), a JSON list, where there are such layers
+(Mllama's cross-attention layers in a text-only decoder); :class:`~flora_graph.serving.generate.Generator` expects the
+others' caches."""
 
 REFILL_ARCHS = frozenset({"Phi3ForCausalLM"})
 """The classes whose transformers ``generate()`` drops the cache where their ``longrope`` rotary switches

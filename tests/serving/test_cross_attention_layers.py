@@ -19,7 +19,7 @@ ARCH = "MllamaForCausalLM"
 
 def test_layout_leaves_out_the_cross_attention_layers() -> None:
     layout = cache_layout(small_model(ARCH))  # layer 1 attends to the image
-    assert layout.kv_layers == (0, 2) and layout.layers == 3
+    assert layout.kv_layers == (0, 2) and layout.layers == 3 and layout.uncached_layers() == [1]
     assert layout.past_names() == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.2.key",
                                    "past_key_values.2.value"]
 
