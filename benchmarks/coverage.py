@@ -336,6 +336,11 @@ register("recurrent-gemma", "hybrid", decoder("RecurrentGemmaConfig", "Recurrent
                                                                            "q_proj", "v_proj"]}),
          "Griffin: RG-LRU recurrent blocks (a scan transformers loops over positions) beside windowed attention; "
          "unpadded: transformers convolves a row's padding into its first tokens, which the export treats as absent")
+register("dbrx", "moe", decoder("DbrxConfig", "DbrxForCausalLM", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
+                                 max_seq_len=MAX_POS, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                                 ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2, "hidden_size": 32},
+                                 lora_cfg={"target_modules": ["Wqkv", "out_proj"]}),
+         "experts stacked in one parameter each, looped over the experts hit (data-dependent); clipped fused qkv")
 register("mimo-v2-flash", "moe", decoder("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **GQA, head_dim=12,
                                          v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=16, sliding_window=3,

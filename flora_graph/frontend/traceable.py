@@ -17,7 +17,10 @@
   mixtures of experts and of attention heads sort their tokens by expert and split them by each expert's count,
   read into Python (``tolist``); their routers keep the counts a tensor instead, and their experts run on every
   sorted token, each keeping its own expert's product (the expert of a position: how many counts' running sums
-  it has passed), at ``experts`` times the experts' work.
+  it has passed), at ``experts`` times the experts' work. DBRX's experts (every expert's ``w1`` / ``v1`` / ``w2``
+  stacked in one parameter each) loop over the experts present in the batch as ``eager`` does; they run
+  ``batched_mm``'s form instead, on each ``(token, expert)`` pair's slice of the stacked weights
+  (:func:`_gathered_glu_forward`), which rule ``group-experts`` turns into one product per expert.
 * **PEFT layers torch.export cannot trace adapted**: PEFT's LoRA on ``nn.MultiheadAttention`` merges the adapter
   into a plain tensor for each call, which torch.export refuses ("a fake tensor in the exported program constant's
   list"), and HRA's and SHiRA's layers do the same; BOFT's solve a linear system for their orthogonal factor and
@@ -122,6 +125,7 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
     dense = [(path, module) for path, module in model.named_modules() if _one_hot_experts(module)]
     languages = [(path, module) for path, module in model.named_modules() if _language_adapters(module)]
     split = [(path, module) for path, module in model.named_modules() if _split_experts(module)]
+    stacked = [(path, module) for path, module in model.named_modules() if _stacked_glu_experts(module)]
     routers = [module for module in model.modules() if _converting_router(module)]
     for cfg, _ in changed:
         cfg._experts_implementation_internal = TRACEABLE_EXPERTS
@@ -135,6 +139,9 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
         module.router.forward = _counting_router(module.router)
         for experts in (module.input_linear, module.output_linear):
             experts.forward = _sorted_dense_forward(experts)
+        paths.append(path)
+    for path, module in stacked:
+        module.forward = _gathered_glu_forward(module)
         paths.append(path)
     for router in routers:
         router.classifier.to(router.dtype)  # what the router's first call does (nothing where the dtype is the model's)
@@ -151,6 +158,8 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
         for _, module in split:
             for m in (module.router, module.input_linear, module.output_linear):
                 del m.forward
+        for _, module in stacked:
+            del module.forward
         for router in routers:
             del router.classifier.to
 
@@ -255,6 +264,39 @@ def _sorted_dense_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
         for e in range(experts.weight.shape[0]):
             out = torch.where(owner == e, F.linear(inputs, experts.weight[e]), out)
         return out
+
+    return forward
+
+
+def _stacked_glu_experts(module: nn.Module) -> bool:
+    """DBRX's experts: an ``mlp`` whose ``w1``, ``v1`` and ``w2`` stack every expert's ``[ffn, hidden]`` matrix
+    (``[experts * ffn, hidden]``), ``num_experts``, and a ``forward(hidden_states, top_k_index, top_k_weights)`` that
+    loops over the experts the batch selects."""
+    mlp = getattr(module, "mlp", None)
+    return "forward" not in vars(module) and isinstance(getattr(module, "num_experts", None), int) and \
+        all(isinstance(getattr(mlp, n, None), torch.Tensor) and getattr(mlp, n).ndim == 2 for n in ("w1", "v1", "w2")) \
+        and callable(getattr(mlp, "activation_fn", None)) and \
+        _params(type(module).forward)[1:4] == ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def _gathered_glu_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """``module``'s forward (see :func:`_stacked_glu_experts`) as ``batched_mm`` computes experts: each token repeated
+    once per expert it selects, each ``(token, expert)`` pair times its expert's slice of ``w1`` and ``v1`` (one
+    product, the two side by side) and, gated, of ``w2``, weighted, and a token's pairs summed. The same products as the loop over experts, which adds a token's
+    weighted outputs in expert order (equal for two experts a token; rounding apart for more)."""
+    mlp, count = module.mlp, module.num_experts
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        batch, width = hidden_states.shape[0], hidden_states.shape[-1]
+        k = top_k_index.shape[-1]
+        ids = top_k_index.reshape(-1)
+        pairs = hidden_states.reshape(-1, width).repeat_interleave(k, dim=0)
+        split = (count, -1, width)
+        gate_up = torch.cat([mlp.w1.view(split), mlp.v1.view(split)], dim=1)  # [experts, 2 * ffn, hidden]
+        gate, up = torch.matmul(gate_up[ids], pairs.unsqueeze(2)).squeeze(2).chunk(2, dim=-1)
+        down = torch.matmul((mlp.activation_fn(gate) * up).unsqueeze(1), mlp.w2.view(split)[ids]).squeeze(1)
+        weighted = down * top_k_weights.reshape(-1, 1).to(down.dtype)
+        return weighted.view(-1, k, width).sum(dim=1).view(batch, -1, width)
 
     return forward
 

@@ -21,6 +21,7 @@ from flora_graph.frontend.causal_lm import (  # noqa: E402
     present_names,
 )
 from flora_graph.frontend.traceable import traceable_experts  # noqa: E402
+from flora_graph.ir import Op  # noqa: E402
 from flora_graph.passes import optimize  # noqa: E402
 from flora_graph.runtimes import compile  # noqa: E402
 
@@ -139,6 +140,38 @@ def test_jetmoe_experts_split_by_counts_capture_with_peft_lora() -> None:
     assert any(n.meta.get("adapter") for n in graph.nodes)  # the routers' LoRA sites
     for backend in ("numpy", "onnxruntime"):
         exe = compile(graph, backend)
+        for shape in [(1, 5), (3, 11)]:
+            x = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
+            with torch.no_grad():
+                want = model(input_ids=x).logits.numpy()
+            np.testing.assert_allclose(next(iter(exe(input_ids=x.numpy()).values())), want, atol=TOL, rtol=TOL)
+
+
+def dbrx():
+    torch.manual_seed(0)
+    cfg = transformers.DbrxConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=128, use_cache=False,
+                                  attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                                  ffn_config={"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 3,
+                                              "hidden_size": 64})
+    return transformers.DbrxForCausalLM(cfg).eval()
+
+
+def test_dbrx_stacked_experts_capture_grouped_with_peft_lora() -> None:
+    """DBRX's experts stack every expert's weights in one parameter and loop over the experts the batch hits
+    (data-dependent): captured as ``(token, expert)`` products on slices of the stacked weights, grouped into one
+    ``ExpertLinear`` per product, and equal to eager PEFT at other batches and lengths, with 3 experts a token (the
+    loop adds them in expert order, the products in the router's)."""
+    model = peft.get_peft_model(dbrx(), peft.LoraConfig(r=4, target_modules=["Wqkv", "out_proj"],
+                                                       init_lora_weights=False)).eval()
+    with traceable_experts(model) as switched:
+        assert switched == [f"base_model.model.transformer.blocks.{i}.ffn.experts" for i in (0, 1)]
+    assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "DbrxExperts")
+    graph = capture(model, {"input_ids": torch.randint(0, 128, (2, 8))}, DIMS, dim_max={"seq": 128})
+    assert any(n.meta.get("adapter") for n in graph.nodes)
+    grouped = optimize(graph, "fused", backend="onnxruntime")
+    assert sum(n.op == Op.EXPERT_LINEAR for n in grouped.nodes) == 4  # w1 with v1, and w2, of each layer
+    for g, backend in ((graph, "numpy"), (grouped, "onnxruntime")):
+        exe = compile(g, backend)
         for shape in [(1, 5), (3, 11)]:
             x = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
             with torch.no_grad():

@@ -56,6 +56,8 @@ OVERRIDES = {
     "CohereCompassForCausalLM": dict(layer_types=["full_attention", "sliding_attention"], sliding_window=4,
                                      rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
                                                       for t in ("full_attention", "sliding_attention")}),
+    "DbrxForCausalLM": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), max_seq_len=256,
+                            ffn_config=dict(ffn_hidden_size=96, moe_num_experts=4, moe_top_k=2, hidden_size=64)),
     "Dots1ForCausalLM": dict(n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
                              layer_types=["full_attention", "sliding_attention"], sliding_window=4, max_window_layers=1),
     "DoryForCausalLM": dict(num_hidden_layers=4, n_input_layers=1, n_recurrent_layers=2, n_output_layers=1,
@@ -79,7 +81,7 @@ OVERRIDES = {
                               use_mamba_kernels=False, chunk_size=8),
 }
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
-latent attention's head dims, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
+latent attention's head dims, DBRX's nested attention and experts configs, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
 that the prompt spans two; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
 layer between two self-attention layers), over :data:`SMALL` (given to the text config of a multimodal family)."""
 
@@ -88,7 +90,7 @@ FAMILIES = [
     "HYV4ForCausalLM", "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BartForCausalLM", "BeamForCausalLM",
     "BertGenerationDecoder", "BertLMHeadModel", "BigBirdForCausalLM", "BigBirdPegasusForCausalLM", "BioGptForCausalLM",
     "BlenderbotSmallForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "CohereCompassForCausalLM", "Cohere2MoeForCausalLM",
-    "CwmForCausalLM", "Data2VecTextForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "DoryForCausalLM", "Dots1ForCausalLM", "ElectraForCausalLM",
+    "CwmForCausalLM", "Data2VecTextForCausalLM", "DbrxForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "DoryForCausalLM", "Dots1ForCausalLM", "ElectraForCausalLM",
     "Emu3ForCausalLM", "ErgoForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "ErnieForCausalLM", "ExaoneMoeForCausalLM",
     "FlexOlmoForCausalLM", "FlintForCausalLM", "GPTNeoForCausalLM", "GPTNeoXJapaneseForCausalLM", "Glm4MoeForCausalLM", "GlmForCausalLM",
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
