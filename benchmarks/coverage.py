@@ -341,6 +341,11 @@ register("dbrx", "moe", decoder("DbrxConfig", "DbrxForCausalLM", vocab_size=VOCA
                                  ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2, "hidden_size": 32},
                                  lora_cfg={"target_modules": ["Wqkv", "out_proj"]}),
          "experts stacked in one parameter each, looped over the experts hit (data-dependent); clipped fused qkv")
+register("rwkv", "hybrid", decoder("RwkvConfig", "RwkvForCausalLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                   attention_hidden_size=32, intermediate_size=64, context_length=MAX_POS, mask=False,
+                                   lora_cfg={"target_modules": ["key", "value", "receptance", "output"]}),
+         "RWKV-4: token shifts and the WKV recurrence, which transformers loops over positions with its states in a "
+         "list; unpadded: transformers ignores the mask")
 register("mimo-v2-flash", "moe", decoder("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **GQA, head_dim=12,
                                          v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=16, sliding_window=3,

@@ -45,6 +45,7 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
+from flora_graph.frontend.rwkv import is_rwkv_lm, rwkv_cache, rwkv_forward
 from flora_graph.ir import Graph
 
 __all__ = ["GROWING", "INDEXER_KEY", "SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout",
@@ -259,7 +260,7 @@ def _eager_cache(model: nn.Module) -> Any:
     """The transformers cache of one eager step of ``model`` on two tokens, or ``None`` where it returns none. The
     step runs with the capture's module swaps (:func:`~flora_graph.frontend.traceable.traceable_modules`), so the cache
     holds what the captured graph keeps (RecurrentGemma's recurrent blocks keep their states in attributes of their
-    own, the swapped ones in the cache)."""
+    own, the swapped ones in the cache; RWKV's forward passes a list of its own, the swapped one a cache)."""
     from flora_graph.frontend.traceable import traceable_modules
 
     ids = torch.zeros(1, 2, dtype=torch.long)
@@ -275,6 +276,8 @@ def _eager_cache(model: nn.Module) -> Any:
 def _recurrent_cache(model: nn.Module) -> Any:
     """An empty ``DynamicCache`` laid out for ``model``'s config where it has recurrent (linear attention) layers,
     else ``None``."""
+    if is_rwkv_lm(model):  # no layer types in its config: every layer recurrent
+        return rwkv_cache(model)
     try:
         from transformers import DynamicCache
 
@@ -444,6 +447,11 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
             layer.indexer_keys = t[:, 0]
         else:
             base, j = state_slot(kind)
+            if not hasattr(layer, f"{base}_states"):  # a recurrent layer the config does not name (RWKV's)
+                from transformers.cache_utils import LinearAttentionLayer
+
+                count = 1 + max(state_slot(st.kind)[1] for st in layout.states if st.layer == i)
+                layer = cache.layers[i] = LinearAttentionLayer(number_of_states=count)
             getattr(layer, f"{base}_states")[j] = t.clone()
             getattr(layer, f"is_{base}_states_initialized")[j] = True
             layer.has_previous_state[j] = True
@@ -492,7 +500,14 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
 
 def _cache_arg(model: nn.Module) -> str:
     params = inspect.signature(_base(model).forward).parameters
-    return "past_key_values" if "past_key_values" in params else "cache"
+    return "past_key_values" if "past_key_values" in params or is_rwkv_lm(_base(model)) else "cache"
+
+
+def _lm_forward(model: nn.Module, bound: Callable[..., Any]) -> Callable[..., Any]:
+    """``bound`` (``model``'s forward), or the forward that keeps the model's states in a cache where its own
+    keeps them elsewhere (RWKV: :func:`~flora_graph.frontend.rwkv.rwkv_forward`)."""
+    base = _base(model)
+    return rwkv_forward(base) if is_rwkv_lm(base) else bound
 
 
 class CausalLMWithPast(nn.Module):
@@ -502,7 +517,7 @@ class CausalLMWithPast(nn.Module):
     def __init__(self, model: nn.Module, layout: CacheLayout) -> None:
         super().__init__()
         self.model = model
-        self._run = flat_forward(model, layout, _cache_arg(model), _base(model).config)
+        self._run = flat_forward(_lm_forward(model, model), layout, _cache_arg(model), _base(model).config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
@@ -514,7 +529,8 @@ def _forward_with_past(model: nn.Module, layout: CacheLayout) -> Iterator[None]:
     """Give the model itself the flat forward for the block, so module paths (and the adapter
     slots named after them) stay the model's own, with no wrapper prefix."""
     base = _base(model)
-    base.forward = flat_forward(type(base).forward.__get__(base), layout, _cache_arg(base), base.config)
+    base.forward = flat_forward(_lm_forward(base, type(base).forward.__get__(base)), layout, _cache_arg(base),
+                                base.config)
     try:
         yield
     finally:

@@ -58,6 +58,10 @@
   state in attributes of their own and branch on the number of tokens: the same block with both states in the cache
   for any number of tokens (:mod:`~flora_graph.frontend.recurrent_block`), swapped in by :func:`traceable_modules`.
 
+* **RWKV causal LMs**, which pass their states as a list they write in place, loop over positions in Python and ignore
+  the attention mask: the forward of :mod:`~flora_graph.frontend.rwkv`, over one scan, with padding left out of the
+  states, swapped in by :func:`traceable_modules`.
+
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
   over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
   around a 63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
@@ -85,6 +89,7 @@ from flora_graph.frontend.delta_rule import (
 )
 from flora_graph.frontend.lightning_attention import is_lightning_attention, lightning_forward
 from flora_graph.frontend.recurrent_block import is_recurrent_block, recurrent_block_forward
+from flora_graph.frontend.rwkv import is_rwkv_lm, rwkv_forward
 from flora_graph.frontend.selective_scan import (
     SCAN_FORWARD,
     SCAN_FORWARD_PARAMS,
@@ -357,10 +362,12 @@ MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str]
     (is_lightning_attention, lightning_forward),
     (is_multi_head_mixer, multi_head_mixer_forward),
     (is_recurrent_block, recurrent_block_forward),
+    (lambda module: is_rwkv_lm(module) and "forward" not in vars(module), lambda module, path: rwkv_forward(module)),
 )
 """(which modules, the forward they take instead, made from the module and its path in the model) for
 :func:`traceable_modules`: DeepSeek Sparse Attention's indexers, MiniMax's lightning attention, Zamba's multi-head
-Mamba mixers, RecurrentGemma's recurrent blocks."""
+Mamba mixers, RecurrentGemma's recurrent blocks, RWKV causal LMs (one whose forward the cache export has given it
+already keeps that one)."""
 
 
 @contextlib.contextmanager

@@ -67,6 +67,7 @@ OVERRIDES = {
     "LongcatFlashForCausalLM": _LATENT,
     "MiniMaxForCausalLM": dict(layer_types=["linear_attention", "full_attention"], block_size=4),
     "MllamaForCausalLM": dict(num_hidden_layers=3, cross_attention_layers=[1]),
+    "RwkvForCausalLM": dict(attention_hidden_size=64, context_length=256),
     "RecurrentGemmaForCausalLM": dict(num_hidden_layers=3, lru_width=64, attention_window_size=4),
     "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
     "YoutuForCausalLM": _LATENT,
@@ -83,7 +84,7 @@ OVERRIDES = {
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
 latent attention's head dims, DBRX's nested attention and experts configs, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
 that the prompt spans two; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
-layer between two self-attention layers), over :data:`SMALL` (given to the text config of a multimodal family)."""
+layer between two self-attention layers; RWKV's time-mixing width), over :data:`SMALL` (given to the text config of a multimodal family)."""
 
 FAMILIES = [
     "AXK1ForCausalLM", "AXK2ForCausalLM", "DeepseekV32ForCausalLM", "Dots3NoteForCausalLM", "GlmMoeDsaForCausalLM",
@@ -100,7 +101,7 @@ FAMILIES = [
     "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",
     "ModernBertDecoderForCausalLM", "MoshiForCausalLM", "MvpForCausalLM", "NanoChatForCausalLM", "OlmoHybridForCausalLM",
     "OlmoeForCausalLM", "PLBartForCausalLM", "PegasusForCausalLM", "PersimmonForCausalLM", "Phi4MultimodalForCausalLM", "PhimoeForCausalLM",
-    "RecurrentGemmaForCausalLM", "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM",
+    "RecurrentGemmaForCausalLM", "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM", "RwkvForCausalLM",
     "SolarOpenForCausalLM", "TrOCRForCausalLM", "VaultGemmaForCausalLM", "XGLMForCausalLM", "XLMRobertaForCausalLM",
     "XLMRobertaXLForCausalLM", "XmodForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM", "ZambaForCausalLM", "ZayaForCausalLM",
 ]
