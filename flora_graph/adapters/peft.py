@@ -272,11 +272,18 @@ def _output_head(model: nn.Module) -> str | None:
 
 
 def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str = "default",
-                      adapter_cls: type[LoRAAdapter] = LoRAAdapter) -> list[str]:
+                      adapter_cls: type[LoRAAdapter] = LoRAAdapter, keep_base: bool = False) -> list[str]:
     """Install the LoRA adapters of a PEFT folder on ``model``; return the adapted module paths.
 
+    Whole weights the folder holds are loaded into ``model`` as PEFT loads them: ``modules_to_save``, LoRA biases
+    (``bias``), and the embedding layers PEFT saves beside an adapter that targets one (``embed_tokens`` /
+    ``lm_head``: the model's input and output embeddings, as they were when it saved). With ``keep_base`` a whole
+    weight that differs from the model's is refused instead (an adapter that must leave the base model as it is:
+    a hot-swappable one); one equal to it changes nothing.
+
     Raises :class:`AdapterError` naming the key or option at fault (missing key, wrong shape,
-    ``r`` that disagrees with the weights, unsupported option) and leaves ``model`` untouched.
+    ``r`` that disagrees with the weights, unsupported option, a base weight changed under ``keep_base``) and
+    leaves ``model`` untouched.
     """
     folder = Path(folder)
     cfg = read_peft_config(folder)
@@ -328,6 +335,13 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
             p.requires_grad_(flag)
         raise
     extra = _load_plain_tensors(model, cfg, state, used, names, wpath)
+    changed = [k for k, (target, value) in extra.items() if not torch.equal(target, value.to(target.dtype))]
+    if keep_base and changed:
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        raise AdapterError(f"{wpath}: key {PREFIX}{changed[0]} replaces the base model's weight with other values "
+                           f"({len(changed)} such key(s)), which an adapter that leaves the base model as it is cannot "
+                           "do; bake it into the base model instead (--merge-adapter DIR; export_genai(merge=DIR))")
     leftover = sorted(k for k in state if k not in used and k not in extra)
     if leftover:
         for p, flag in requires_grad:
@@ -343,11 +357,13 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
 
 def _load_plain_tensors(model: nn.Module, cfg: dict[str, Any], state: dict[str, torch.Tensor], used: set[str],
                         adapted: list[str], wpath: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``modules_to_save`` weights and LoRA biases: checked now, copied once all checks pass."""
+    """``modules_to_save`` weights, LoRA biases and saved embedding layers (:func:`_embedding_layers`): checked now,
+    copied once all checks pass."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     plan: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     saved = cfg.get("modules_to_save") or []
+    embeddings = _embedding_layers(model)
     for key, value in state.items():
         if key in used:
             continue
@@ -356,6 +372,8 @@ def _load_plain_tensors(model: nn.Module, cfg: dict[str, Any], state: dict[str, 
         if cfg.get("bias", "none") == "all" and key.endswith(".bias"):
             wanted = True
         if cfg.get("bias") == "lora_only" and key.endswith(".bias") and module in adapted:
+            wanted = True
+        if module in embeddings:
             wanted = True
         if not wanted:
             continue
@@ -368,6 +386,15 @@ def _load_plain_tensors(model: nn.Module, cfg: dict[str, Any], state: dict[str, 
         if not any(_under(k, m) for k in plan):
             raise AdapterError(f"{wpath}: modules_to_save names {m!r}, but no weights for it are in the file")
     return plan
+
+
+def _embedding_layers(model: nn.Module) -> set[str]:
+    """The paths of ``model``'s input and output embedding modules (transformers' ``get_input_embeddings`` /
+    ``get_output_embeddings``), whose whole weights PEFT saves beside an adapter that targets an embedding layer
+    (``save_embedding_layers="auto"``), or one fine-tuned after the vocabulary was resized."""
+    layers = [getattr(model, f, None) for f in ("get_input_embeddings", "get_output_embeddings")]
+    found = [m for m in (f() if callable(f) else None for f in layers) if isinstance(m, nn.Module)]
+    return {n for n, m in model.named_modules() if any(m is f for f in found)}
 
 
 def _plain_key(key: str) -> str:

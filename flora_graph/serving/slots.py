@@ -400,12 +400,14 @@ def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     The folder is installed on a copy of ``base_model`` (the plain model the swappable graph
     was captured from, without adapters) with :func:`~flora_graph.adapters.peft.load_peft_adapter`,
     which honours ``r``/``lora_alpha``/``use_rslora``/``rank_pattern``/``alpha_pattern`` and
-    refuses what it cannot; ``base_model`` itself is not touched.
+    refuses what it cannot, a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
+    saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
+    itself is not touched.
     """
     import copy
 
     from flora_graph.adapters.peft import load_peft_adapter
 
     model = copy.deepcopy(base_model)
-    load_peft_adapter(model, folder)
+    load_peft_adapter(model, folder, keep_base=True)
     return adapter_params(model)

@@ -151,3 +151,42 @@ def test_layers_to_transform_adapts_the_layers_peft_adapts(tmp_path, config, ada
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(x), pm(x), atol=1e-5, rtol=1e-5)
+
+
+def _llama_with_head_adapter(tmp_path):
+    """A tiny transformers Llama and a PEFT adapter on ``q_proj`` and ``lm_head`` saved for it: PEFT saves the
+    output layer's whole weight beside the adapter (``save_embedding_layers="auto"``)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    plain = transformers.LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(plain), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                                   init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    return plain, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_saved_embedding_layers_load_as_peft_loads_them(tmp_path, changed):
+    """The output layer's weight saved beside an adapter on it is loaded into the model as PEFT loads it: the same
+    outputs as PEFT's model of the folder, whether it is the base's own or (a fine-tune after a change) other values;
+    ``keep_base`` takes the first and refuses the second, naming the key, with the model untouched."""
+    plain, folder = _llama_with_head_adapter(tmp_path)
+    if changed:
+        edit_peft_folder(folder, shift="lm_head.base_layer")
+    want_model = peft.PeftModel.from_pretrained(copy.deepcopy(plain), folder).eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    model = copy.deepcopy(plain)
+    assert load_peft_adapter(model, folder) == ["model.layers.0.self_attn.q_proj", "lm_head"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    kept = copy.deepcopy(plain)
+    if changed:
+        with pytest.raises(AdapterError, match=r"lm_head\.weight replaces the base model's weight"):
+            load_peft_adapter(kept, folder, keep_base=True)
+        assert not adapters_of(kept) and torch.equal(kept.lm_head.weight, plain.lm_head.weight)
+    else:
+        load_peft_adapter(kept, folder, keep_base=True)
+        assert torch.equal(adapters_of(kept)["lm_head"].base_layer.weight, plain.lm_head.weight)
