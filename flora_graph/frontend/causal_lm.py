@@ -45,7 +45,7 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
-from flora_graph.frontend.rwkv import is_rwkv_lm, rwkv_cache, rwkv_forward
+from flora_graph.frontend.state_forwards import state_forward
 from flora_graph.ir import Graph
 
 __all__ = ["GROWING", "INDEXER_KEY", "SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout",
@@ -260,7 +260,8 @@ def _eager_cache(model: nn.Module) -> Any:
     """The transformers cache of one eager step of ``model`` on two tokens, or ``None`` where it returns none. The
     step runs with the capture's module swaps (:func:`~flora_graph.frontend.traceable.traceable_modules`), so the cache
     holds what the captured graph keeps (RecurrentGemma's recurrent blocks keep their states in attributes of their
-    own, the swapped ones in the cache; RWKV's forward passes a list of its own, the swapped one a cache)."""
+    own, the swapped ones in the cache; RWKV's and xLSTM's forwards keep states of their own, the swapped ones a
+    cache)."""
     from flora_graph.frontend.traceable import traceable_modules
 
     ids = torch.zeros(1, 2, dtype=torch.long)
@@ -276,8 +277,9 @@ def _eager_cache(model: nn.Module) -> Any:
 def _recurrent_cache(model: nn.Module) -> Any:
     """An empty ``DynamicCache`` laid out for ``model``'s config where it has recurrent (linear attention) layers,
     else ``None``."""
-    if is_rwkv_lm(model):  # no layer types in its config: every layer recurrent
-        return rwkv_cache(model)
+    own = state_forward(model)
+    if own is not None:  # no layer types in its config (RWKV, xLSTM): every layer recurrent
+        return own.cache(model)
     try:
         from transformers import DynamicCache
 
@@ -500,14 +502,15 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
 
 def _cache_arg(model: nn.Module) -> str:
     params = inspect.signature(_base(model).forward).parameters
-    return "past_key_values" if "past_key_values" in params or is_rwkv_lm(_base(model)) else "cache"
+    return "past_key_values" if "past_key_values" in params or state_forward(_base(model)) else "cache"
 
 
 def _lm_forward(model: nn.Module, bound: Callable[..., Any]) -> Callable[..., Any]:
     """``bound`` (``model``'s forward), or the forward that keeps the model's states in a cache where its own
-    keeps them elsewhere (RWKV: :func:`~flora_graph.frontend.rwkv.rwkv_forward`)."""
+    keeps them elsewhere (RWKV, xLSTM: :mod:`~flora_graph.frontend.state_forwards`)."""
     base = _base(model)
-    return rwkv_forward(base) if is_rwkv_lm(base) else bound
+    own = state_forward(base)
+    return bound if own is None else own.forward(base)
 
 
 class CausalLMWithPast(nn.Module):

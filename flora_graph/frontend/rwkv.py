@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flora_graph.frontend.cache_states import keep_state, kept_state, linear_cache
 from flora_graph.frontend.selective_scan import linear_scan
 
 __all__ = ["is_rwkv_lm", "rwkv_cache", "rwkv_forward"]
@@ -55,12 +56,7 @@ def is_rwkv_lm(model: nn.Module) -> bool:
 
 def rwkv_cache(model: nn.Module) -> Any:
     """An empty ``DynamicCache`` with a ``LinearAttentionLayer`` of two states for each block of ``model``."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import LinearAttentionLayer
-
-    cache = DynamicCache()
-    cache.layers = [LinearAttentionLayer(number_of_states=2) for _ in model.rwkv.blocks]
-    return cache
+    return linear_cache(len(model.rwkv.blocks), 2)
 
 
 def rwkv_forward(model: nn.Module) -> Callable[..., Any]:
@@ -95,19 +91,19 @@ def rwkv_forward(model: nn.Module) -> Callable[..., Any]:
             k = att.key(_mix(x, shifted, att.time_mix_key))
             v = att.value(_mix(x, shifted, att.time_mix_value))
             r = torch.sigmoid(att.receptance(_mix(x, shifted, att.time_mix_receptance)))
-            recurrent = layer.recurrent_states.get(0)
+            recurrent = kept_state(layer, "recurrent", 0)
             if recurrent is None:
                 recurrent = k.new_zeros(k.shape[0], 3, k.shape[-1], dtype=torch.float32)
             wkv, recurrent = _wkv(att.time_decay, att.time_first, k, v, recurrent, real)
-            _keep(layer, "conv", 0, x[:, -1:].transpose(1, 2))
-            _keep(layer, "recurrent", 0, recurrent)
+            keep_state(layer, "conv", 0, x[:, -1:].transpose(1, 2))
+            keep_state(layer, "recurrent", 0, recurrent)
             hidden = hidden + att.output(r * wkv.to(r.dtype))
             x = _padding_zeroed(block.ln2(hidden), real)
             ff = block.feed_forward
             shifted = _shifted(x, _state(layer, "conv", 1, x))
             key = torch.square(torch.relu(ff.key(_mix(x, shifted, ff.time_mix_key))))
             receptance = torch.sigmoid(ff.receptance(_mix(x, shifted, ff.time_mix_receptance)))
-            _keep(layer, "conv", 1, x[:, -1:].transpose(1, 2))
+            keep_state(layer, "conv", 1, x[:, -1:].transpose(1, 2))
             hidden = hidden + receptance * ff.value(key)
             if halve_every > 0 and (i + 1) % halve_every == 0:
                 hidden = hidden / 2
@@ -122,17 +118,8 @@ def _padding_zeroed(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
 
 def _state(layer: Any, kind: str, index: int, x: torch.Tensor) -> torch.Tensor:
     """The token-shift state ``[batch, hidden]`` the cache layer keeps (``[batch, hidden, 1]``), zeros where none."""
-    kept = getattr(layer, f"{kind}_states").get(index)
+    kept = kept_state(layer, kind, index)
     return torch.zeros_like(x[:, 0]) if kept is None else kept[..., -1].to(x.dtype)
-
-
-def _keep(layer: Any, kind: str, index: int, value: torch.Tensor) -> None:
-    getattr(layer, f"{kind}_states")[index] = value
-    getattr(layer, f"is_{kind}_states_initialized")[index] = True
-    layer.has_previous_state[index] = True
-    layer.dtype, layer.device = value.dtype, value.device
-    if kind == "conv":
-        layer.conv_kernel_size[index] = value.shape[-1]
 
 
 def _shifted(x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,10 @@
   state in attributes of their own and branch on the number of tokens: the same block with both states in the cache
   for any number of tokens (:mod:`~flora_graph.frontend.recurrent_block`), swapped in by :func:`traceable_modules`.
 
-* **RWKV causal LMs**, which pass their states as a list they write in place, loop over positions in Python and ignore
-  the attention mask: the forward of :mod:`~flora_graph.frontend.rwkv`, over one scan, with padding left out of the
-  states, swapped in by :func:`traceable_modules`.
+* **RWKV and xLSTM causal LMs**, which keep their states in a list or a cache class of their own that they write in
+  place, loop over positions in Python and ignore the attention mask: the forwards of
+  :mod:`~flora_graph.frontend.state_forwards`, one scan (RWKV) or one closed form (xLSTM) for any number of tokens,
+  with padding left out of the states, swapped in by :func:`traceable_modules`.
 
 * **Recurrent layers' scans** that transformers writes as Python loops (Mamba-1's selective scan, a loop
   over positions; the gated delta rule of Qwen3.5, Qwen3-Next and Kimi Linear, a loop over chunks of 64
@@ -89,7 +90,6 @@ from flora_graph.frontend.delta_rule import (
 )
 from flora_graph.frontend.lightning_attention import is_lightning_attention, lightning_forward
 from flora_graph.frontend.recurrent_block import is_recurrent_block, recurrent_block_forward
-from flora_graph.frontend.rwkv import is_rwkv_lm, rwkv_forward
 from flora_graph.frontend.selective_scan import (
     SCAN_FORWARD,
     SCAN_FORWARD_PARAMS,
@@ -97,6 +97,7 @@ from flora_graph.frontend.selective_scan import (
     multi_head_mixer_forward,
     scan_forward,
 )
+from flora_graph.frontend.state_forwards import state_forward
 
 __all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_layers", "traceable_experts",
            "traceable_modules", "traceable_scans"]
@@ -362,12 +363,13 @@ MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str]
     (is_lightning_attention, lightning_forward),
     (is_multi_head_mixer, multi_head_mixer_forward),
     (is_recurrent_block, recurrent_block_forward),
-    (lambda module: is_rwkv_lm(module) and "forward" not in vars(module), lambda module, path: rwkv_forward(module)),
+    (lambda module: "forward" not in vars(module) and state_forward(module) is not None,
+     lambda module, path: state_forward(module).forward(module)),
 )
 """(which modules, the forward they take instead, made from the module and its path in the model) for
 :func:`traceable_modules`: DeepSeek Sparse Attention's indexers, MiniMax's lightning attention, Zamba's multi-head
-Mamba mixers, RecurrentGemma's recurrent blocks, RWKV causal LMs (one whose forward the cache export has given it
-already keeps that one)."""
+Mamba mixers, RecurrentGemma's recurrent blocks, RWKV and xLSTM causal LMs (one whose forward the cache export has
+given it already keeps that one)."""
 
 
 @contextlib.contextmanager

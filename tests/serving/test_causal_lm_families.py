@@ -69,6 +69,7 @@ OVERRIDES = {
     "MllamaForCausalLM": dict(num_hidden_layers=3, cross_attention_layers=[1]),
     "RwkvForCausalLM": dict(attention_hidden_size=64, context_length=256),
     "RecurrentGemmaForCausalLM": dict(num_hidden_layers=3, lru_width=64, attention_window_size=4),
+    "xLSTMForCausalLM": dict(hidden_size=128, embedding_dim=128, num_blocks=2, mode="inference"),
     "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
     "YoutuForCausalLM": _LATENT,
     "ZambaForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], attention_hidden_size=128,
@@ -84,7 +85,8 @@ OVERRIDES = {
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
 latent attention's head dims, DBRX's nested attention and experts configs, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
 that the prompt spans two; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
-layer between two self-attention layers; RWKV's time-mixing width), over :data:`SMALL` (given to the text config of a multimodal family)."""
+layer between two self-attention layers; RWKV's time-mixing width; xLSTM's
+widths, which its config rounds up to 64 for its cache and its layers do not), over :data:`SMALL` (given to the text config of a multimodal family)."""
 
 FAMILIES = [
     "AXK1ForCausalLM", "AXK2ForCausalLM", "DeepseekV32ForCausalLM", "Dots3NoteForCausalLM", "GlmMoeDsaForCausalLM",
@@ -104,11 +106,16 @@ FAMILIES = [
     "RecurrentGemmaForCausalLM", "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM", "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM", "RwkvForCausalLM",
     "SolarOpenForCausalLM", "TrOCRForCausalLM", "VaultGemmaForCausalLM", "XGLMForCausalLM", "XLMRobertaForCausalLM",
     "XLMRobertaXLForCausalLM", "XmodForCausalLM", "YoutuForCausalLM", "Zamba2ForCausalLM", "ZambaForCausalLM", "ZayaForCausalLM",
+    "xLSTMForCausalLM",
 ]
 
 
 def _has(config, key: str) -> bool:
-    """Whether ``config`` has ``key``: a heterogeneous config (one per layer) refuses to read a per-layer one globally."""
+    """Whether ``config`` has ``key`` to set: a heterogeneous config (one per layer) refuses to read a per-layer one
+    globally; a property without a setter (xLSTM's head dims, worked out from its sizes) is not set."""
+    prop = getattr(type(config), key, None)
+    if isinstance(prop, property) and prop.fset is None:
+        return False
     try:
         return hasattr(config, key)
     except Exception as exc:  # transformers' AmbiguousGlobalPerLayerAttributeError: the config has it, per layer

@@ -1,0 +1,37 @@
+"""Recurrent states in a transformers ``DynamicCache`` for the forwards that keep them there in place of a model's own
+(:mod:`~flora_graph.frontend.rwkv`, :mod:`~flora_graph.frontend.xlstm`): one ``LinearAttentionLayer`` a layer, its
+states by kind (``conv``, ``recurrent``) and index, as the cache export reads and writes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["keep_state", "kept_state", "linear_cache"]
+
+
+def linear_cache(layers: int, states: int) -> Any:
+    """An empty ``DynamicCache`` of ``layers`` ``LinearAttentionLayer``\\ s, each with room for ``states`` states of a
+    kind."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionLayer
+
+    cache = DynamicCache()
+    cache.layers = [LinearAttentionLayer(number_of_states=states) for _ in range(layers)]
+    return cache
+
+
+def kept_state(layer: Any, kind: str, index: int) -> torch.Tensor | None:
+    """The ``kind`` state ``index`` the cache layer holds, or ``None``."""
+    return getattr(layer, f"{kind}_states").get(index)
+
+
+def keep_state(layer: Any, kind: str, index: int, value: torch.Tensor) -> None:
+    """Make ``value`` the layer's ``kind`` state ``index`` (a new tensor, not written into the old one)."""
+    getattr(layer, f"{kind}_states")[index] = value
+    getattr(layer, f"is_{kind}_states_initialized")[index] = True
+    layer.has_previous_state[index] = True
+    layer.dtype, layer.device = value.dtype, value.device
+    if kind == "conv":
+        layer.conv_kernel_size[index] = value.shape[-1]

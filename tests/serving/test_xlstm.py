@@ -1,0 +1,116 @@
+"""xLSTM (transformers' mLSTM blocks, xLSTM-7B's): each layer's matrix memory, normalizer and stabilizer kept in the
+cache (``past.{i}.recurrent``, ``.recurrent.1``, ``.recurrent.2``) where transformers keeps an ``xLSTMCache`` of its own,
+in one closed form for any number of tokens (:mod:`~flora_graph.frontend.xlstm`), padding adding and decaying nothing.
+References: eager transformers (with PEFT for an adapter), unpadded, row by row, through its own cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from flora_graph.frontend.causal_lm import cache_layout  # noqa: E402
+from flora_graph.frontend.xlstm import is_xlstm_lm, xlstm_cache, xlstm_forward  # noqa: E402
+from flora_graph.serving.generate import Generator  # noqa: E402
+from tests.serving.genai_package import (  # noqa: E402
+    PADDED_PROMPTS,
+    assert_mixed_rows_decode_as_eager_peft,
+    export_small,
+    small_adapters,
+)
+from tests.serving.test_causal_lm_families import small_model  # noqa: E402
+
+ARCH = "xLSTMForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The family test's small xLSTM (hidden 128: 4 heads of keys 16 wide and values 32), its input gates' biases
+    raised so that the stabilizer follows the input gate on some tokens and the decay on others."""
+    model = small_model(ARCH)
+    with torch.no_grad():
+        for block in model.backbone.blocks:
+            block.mlstm_layer.igate_preact.bias.normal_(2.0, 3.0)
+    return model
+
+
+def test_forward_keeps_eager_logits_and_steps_from_the_cache(model) -> None:
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(0))  # past the chunk size (64)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        whole = xlstm_forward(model)(input_ids=ids).logits
+        eager = model(input_ids=ids[:, :9], use_cache=True)
+        forward, cache = xlstm_forward(model), xlstm_cache(model)
+        prefill = forward(input_ids=ids[:, :5], past_key_values=cache).logits
+        steps = [forward(input_ids=ids[:, t:t + 1], past_key_values=cache).logits for t in range(5, 9)]
+    assert is_xlstm_lm(model)
+    torch.testing.assert_close(whole, want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat([prefill, *steps], 1), eager.logits, rtol=0, atol=1e-4)
+    for j, state in enumerate(eager.cache.rnn_state[1]):  # the states are transformers' own
+        torch.testing.assert_close(cache.layers[1].recurrent_states[j], state, rtol=1e-4, atol=1e-5)
+
+
+def test_layout_names_each_layers_states(model) -> None:
+    layout = cache_layout(model)
+    cfg = model.config
+    assert layout.past_names() == [f"past.{i}.{k}" for i in range(2) for k in ("recurrent", "recurrent.1", "recurrent.2")]
+    assert layout.kv_layers == () and layout.state_shape(0, "recurrent") == (cfg.num_heads, 16, 32)
+    assert layout.state_shape(1, "recurrent.1") == (cfg.num_heads, 16)
+    assert layout.state_shape(1, "recurrent.2") == (cfg.num_heads, 1)
+
+
+def test_left_padded_prefill_in_one_call_gives_each_rows_logits_alone(model, tmp_path: Path) -> None:
+    """One call over a left-padded batch (transformers' xLSTM reads no mask and runs the padding as tokens)."""
+    import onnxruntime as ort
+
+    export_small(model, tmp_path)
+    session = ort.InferenceSession(str(tmp_path / "pkg" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def logits(rows: list[list[int]], mask: list[list[int]]) -> np.ndarray:
+        feeds = {"input_ids": np.array(rows), "attention_mask": np.array(mask)}
+        for i in session.get_inputs():
+            if i.name.startswith("past."):
+                feeds[i.name] = np.zeros((len(rows), *i.shape[1:]), np.float32)
+        return session.run(["logits"], feeds)[0]
+
+    long, short = PADDED_PROMPTS
+    pad = len(long) - len(short)
+    both = logits([long, [0] * pad + short], [[1] * len(long), [0] * pad + [1] * len(short)])
+    with torch.no_grad():
+        want = [model(input_ids=torch.tensor([p])).logits[0].numpy() for p in (long, short)]
+    np.testing.assert_allclose(both[0], want[0], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(both[1, pad:], want[1], rtol=0, atol=1e-4)
+
+
+def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model, tmp_path: Path) -> None:
+    adapted = small_adapters(model, tmp_path, {"mix": ["q", "k", "v", "igate_preact"],
+                                               "out": ["out_proj", "proj_down", "lm_head"]})
+    report = export_small(model, tmp_path, {n: tmp_path / n for n in adapted})
+    assert report.not_for_genai
+    assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "mix", "out", new=16)
+
+
+def test_captured_without_the_cache_at_any_length_as_eager_peft(model) -> None:
+    """``capture`` (no cache) swaps the forward in for the trace and out after: every length, against eager PEFT."""
+    from flora_graph.frontend import capture
+    from flora_graph.runtimes import compile
+
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q", "v", "out_proj"],
+                                                         init_lora_weights=False)).eval()
+    try:
+        graph = capture(adapted, {"input_ids": torch.randint(0, 128, (2, 8))}, {"input_ids": {0: "batch", 1: "seq"}})
+        assert "forward" not in vars(model) and any(n.meta.get("adapter") for n in graph.nodes)
+        for backend in ("numpy", "onnxruntime"):
+            exe = compile(graph, backend)
+            for shape in [(1, 5), (3, 11)]:
+                x = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
+                with torch.no_grad():
+                    want = adapted(input_ids=x).logits.numpy()
+                np.testing.assert_allclose(next(iter(exe(input_ids=x.numpy()).values())), want, rtol=0, atol=1e-4)
+    finally:
+        adapted.unload()  # the module-scoped model without the adapter for the tests after
