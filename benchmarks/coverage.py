@@ -346,6 +346,11 @@ register("rwkv", "hybrid", decoder("RwkvConfig", "RwkvForCausalLM", vocab_size=V
                                    lora_cfg={"target_modules": ["key", "value", "receptance", "output"]}),
          "RWKV-4: token shifts and the WKV recurrence, which transformers loops over positions with its states in a "
          "list; unpadded: transformers ignores the mask")
+register("xlstm", "hybrid", decoder("xLSTMConfig", "xLSTMForCausalLM", vocab_size=VOCAB, hidden_size=128, embedding_dim=128,
+                                    num_hidden_layers=2, num_blocks=2, num_heads=4, mode="inference", mask=False,
+                                    lora_cfg={"target_modules": ["q", "k", "v", "out_proj", "proj_down"]}),
+         "mLSTM matrix memories (a loop over positions, a chunked kernel, a step kernel) in a cache class of its own; "
+         "unpadded: transformers reads no mask; hidden 128, as its config rounds its widths up to 64")
 register("mimo-v2-flash", "moe", decoder("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **GQA, head_dim=12,
                                          v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=16, sliding_window=3,
