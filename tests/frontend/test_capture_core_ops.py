@@ -614,3 +614,20 @@ def test_a_one_sided_fft_over_a_dynamic_axis_is_refused_by_name() -> None:
     with pytest.raises(UnsupportedOpError, match=r"one-sided real FFT over the dynamic dim 'batch'"):
         capture(_module(lambda x: torch.view_as_real(torch.fft.rfftn(x, dim=(1, 0))), 1), (torch.randn(3, 4),),
                 {"x0": {0: "batch"}})
+
+
+def test_a_dynamic_size_as_a_fill_value() -> None:
+    """``full_like(indices, keys)`` (a sentinel one past the last key, as sparse attention masks invalid picks) and a
+    size as a scalar tensor: the value follows the size at every run."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        picks = x.argsort(-1)
+        sentinel = torch.full_like(picks, x.shape[1])
+        return torch.where(x > 0, picks, sentinel) + x.new_full((3,), x.shape[0]).long().sum() + \
+            torch.scalar_tensor(x.shape[1], dtype=torch.long)
+
+    g = capture(_module(fn, 1), (torch.randn(2, 6),), {"x0": {0: "batch", 1: "seq"}})
+    for shape in ((3, 11), (1, 2)):
+        x = torch.randn(*shape, generator=_gen(shape[1]))
+        for backend in BACKENDS:
+            got = compile(g, backend)(x0=x.numpy())
+            np.testing.assert_array_equal(next(iter(got.values())), fn(x).numpy(), err_msg=backend)

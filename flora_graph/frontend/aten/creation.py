@@ -87,11 +87,12 @@ def _counted_arange(ctx: CaptureContext, dtype: str) -> ComputationNode:
 
 
 def _filled(ctx: CaptureContext, size: Sequence[Any], value: Any) -> ComputationNode:
-    """``size`` filled with ``value`` in the node's dtype: a constant, or ``Expand`` of a scalar to named sizes."""
+    """``size`` filled with ``value`` in the node's dtype: a constant, or ``Expand`` of a scalar to named sizes (a
+    dynamic size as the value: ``full_like(indices, keys)``, a sentinel past the last key)."""
     dtype = out_dtype(ctx)
     dims = [dim_of(ctx, s) for s in size]
     if isinstance(value, SymDim):
-        raise refuse(ctx, "a tensor filled with a dynamic size")
+        return ctx.emit(Op.EXPAND, [as_dtype(ctx, value, dtype)], {"shape": tuple(dims)})
     if all(isinstance(d, int) for d in dims):
         return ctx.new_param(ctx.fx_node.name, np.full([int(d) for d in dims], value, dtype=dtype))
     scalar = ctx.new_param(f"{ctx.fx_node.name}_value", np.asarray(value, dtype=dtype))
@@ -149,5 +150,5 @@ def _empty_like(ctx, x, **kwargs):
 @register(aten.scalar_tensor.default)
 def _scalar_tensor(ctx, value, **kwargs):
     if isinstance(value, SymDim):
-        raise refuse(ctx, "a tensor holding a dynamic size")
+        return as_dtype(ctx, value, out_dtype(ctx))
     return ctx.new_param(ctx.fx_node.name, np.asarray(value, dtype=out_dtype(ctx)))
