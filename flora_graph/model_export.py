@@ -257,8 +257,8 @@ def check_model_folder(folder: str | Path) -> str:
 
 def check_adapter_folder(folder: str | Path) -> dict[str, Any]:
     """Check a PEFT adapter folder without loading a model: its ``adapter_config.json`` (every option
-    flora_graph refuses; DoRA and ``target_parameters`` are accepted, as :func:`export_model` installs them
-    through PEFT) and its safetensors weights; return the config. Raises :class:`AdapterError` naming the file."""
+    flora_graph refuses; DoRA, ``target_parameters`` and ``trainable_token_indices`` are accepted, as
+    :func:`export_model` installs them through PEFT) and its safetensors weights; return the config. Raises :class:`AdapterError` naming the file."""
     from flora_graph.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, read_peft_config
 
     folder = Path(folder)
@@ -313,7 +313,7 @@ def export_model(
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
-        if needs_peft_layers(adapter_cfg):  # DoRA, LoRA on expert tensors: PEFT's own layers
+        if needs_peft_layers(adapter_cfg):  # DoRA, LoRA on expert tensors, trainable tokens: PEFT's own layers
             import peft
 
             model = peft.PeftModel.from_pretrained(model, adapter).eval()

@@ -71,10 +71,11 @@ _FIRST_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 """PEFT's layer index of a module path without ``layers_pattern``: its first numbered segment."""
 
 
-PEFT_LAYERS_ONLY = ("use_dora", "target_parameters")
-"""Options only PEFT's own layers run (:func:`load_peft_adapter` refuses them): DoRA's magnitude, and LoRA on
+PEFT_LAYERS_ONLY = ("use_dora", "target_parameters", "trainable_token_indices")
+"""Options only PEFT's own layers run (:func:`load_peft_adapter` refuses them): DoRA's magnitude, LoRA on
 parameters (``target_parameters``: a mixture of experts' 3-D expert tensors, which PEFT's ``all-linear`` adds
-on models whose experts are fused, such as Qwen3-MoE and OLMoE in transformers 5)."""
+on models whose experts are fused, such as Qwen3-MoE and OLMoE in transformers 5), and trainable tokens
+(``trainable_token_indices``: new embedding rows for the tokens it names, beside the LoRA)."""
 
 
 def needs_peft_layers(cfg: Mapping[str, Any]) -> list[str]:
@@ -111,6 +112,11 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
                                "of experts' expert tensors) is not held by flora_graph's LoRA adapters; capture the "
                                "PEFT model itself, or export with `flora-graph export MODEL --adapter DIR`, which "
                                "installs such a folder through PEFT"[:700])
+        if key == "trainable_token_indices" and value not in (None, [], {}):
+            raise AdapterError(f"{path}: option trainable_token_indices={value!r} (embedding rows of their own for the "
+                               "tokens it names) is not held by flora_graph's LoRA adapters; capture the PEFT model "
+                               "itself, or export with `flora-graph export MODEL --adapter DIR`, which installs such a "
+                               "folder through PEFT"[:700])
         if value not in (default, None, {}, [], False):
             raise AdapterError(f"{path}: option {key}={value!r} is not supported by flora_graph (refused, not ignored)")
     unknown = sorted(k for k in cfg if k not in _KNOWN and cfg[k] not in (None, False, {}, []))

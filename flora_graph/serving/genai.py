@@ -624,6 +624,11 @@ def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None
         raise AdapterError(f"adapter {name!r} ({folder}): modules_to_save={cfg['modules_to_save']!r} replaces base "
                            "weights, which a hot-swappable adapter cannot do; bake it into the package's base model "
                            "instead (--merge-adapter DIR; export_genai(merge=DIR))")
+    if cfg.get("trainable_token_indices"):
+        raise AdapterError(f"adapter {name!r} ({folder}): trainable_token_indices={cfg['trainable_token_indices']!r} "
+                           "gives the tokens it names embedding rows of their own, which a hot-swappable adapter "
+                           "cannot do (its slots are on linear layers); bake it into the package's base model instead "
+                           "(--merge-adapter DIR; export_genai(merge=DIR))"[:900])
     if cfg.get("target_parameters"):
         raise AdapterError(f"adapter {name!r} ({folder}): target_parameters={cfg['target_parameters']!r} puts LoRA on "
                            "parameters (a mixture of experts' expert tensors; PEFT's all-linear adds them where the "

@@ -37,3 +37,54 @@ def test_an_adapter_whose_saved_output_layer_differs_is_refused_by_name(tmp_path
     with pytest.raises(AdapterError, match=r"lm_head\.weight replaces the base model's weight.*--merge-adapter"):
         export_small(model, tmp_path, {"head": tmp_path / "head"})
     assert not (tmp_path / "pkg").exists()
+
+
+def _trainable_tokens(model, folder: Path) -> object:
+    """``model`` saved, and a PEFT adapter on ``q_proj`` with trainable tokens 5 and 9 (nonzero rows) saved as
+    ``folder / "tokens"``: the adapted model, in eval mode."""
+    import torch
+
+    from tests.serving.genai_package import save_small
+
+    base = save_small(model, folder)
+    torch.manual_seed(0)
+    adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                  peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[5, 9],
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.normal_(0, 1.0)
+    adapted.save_pretrained(folder / "tokens")
+    return adapted.eval()
+
+
+def test_trainable_tokens_are_refused_as_swappable_and_merged_on_request(tmp_path: Path) -> None:
+    """Trainable tokens give the tokens they name embedding rows of their own: no hot-swappable slot holds them, so
+    the package refuses them by name and takes them merged into its base model, where it decodes as eager PEFT."""
+    from flora_graph.serving.genai import export_genai
+    from tests.serving.genai_package import eager_greedy
+
+    model = small_model("LlamaForCausalLM")
+    adapted = _trainable_tokens(model, tmp_path)
+    with pytest.raises(AdapterError, match=r"trainable_token_indices=\[5, 9\].*--merge-adapter"):
+        export_small(model, tmp_path, {"tokens": tmp_path / "tokens"})
+    export_genai(tmp_path / "base", tmp_path / "pkg", merge=tmp_path / "tokens")
+    prompt = [1, 5, 9, 33, 9]
+    got = Generator(tmp_path / "pkg").generate([prompt], max_new_tokens=8, min_new_tokens=8)[0]
+    assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != eager_greedy(model, prompt, 8, min_new_tokens=8)
+
+
+def test_trainable_tokens_export_through_peft_and_the_loader_names_the_option(tmp_path: Path) -> None:
+    """``export_model`` installs the folder through PEFT (checked against eager there); flora_graph's own loader,
+    which holds LoRA layers only, refuses it by the option's name."""
+    import copy
+
+    from flora_graph.adapters.peft import load_peft_adapter
+    from flora_graph.model_export import export_model
+
+    model = small_model("LlamaForCausalLM")
+    _trainable_tokens(model, tmp_path)
+    assert export_model(str(tmp_path / "base"), tmp_path / "m", adapter=tmp_path / "tokens", preset="fused").ok
+    with pytest.raises(AdapterError, match=r"trainable_token_indices=\[5, 9\].*flora-graph export MODEL --adapter"):
+        load_peft_adapter(copy.deepcopy(model), tmp_path / "tokens")
