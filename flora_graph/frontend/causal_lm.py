@@ -449,7 +449,7 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
             layer.indexer_keys = t[:, 0]
         else:
             base, j = state_slot(kind)
-            if not hasattr(layer, f"{base}_states"):  # a recurrent layer the config does not name (RWKV's)
+            if not hasattr(layer, f"{base}_states"):  # a recurrent layer the config does not name (RWKV's, xLSTM's)
                 from transformers.cache_utils import LinearAttentionLayer
 
                 count = 1 + max(state_slot(st.kind)[1] for st in layout.states if st.layer == i)
@@ -502,7 +502,8 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
 
 def _cache_arg(model: nn.Module) -> str:
     params = inspect.signature(_base(model).forward).parameters
-    return "past_key_values" if "past_key_values" in params or state_forward(_base(model)) else "cache"
+    own = state_forward(_base(model)) is not None  # the forward called in place of the class's takes either
+    return "past_key_values" if "past_key_values" in params or own else "cache"
 
 
 def _lm_forward(model: nn.Module, bound: Callable[..., Any]) -> Callable[..., Any]:
