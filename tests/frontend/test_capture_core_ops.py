@@ -121,6 +121,12 @@ ROWS = [
         ("adaptive_max_pool2d.default",), {0: 0}),
     Row("adaptive_max_pool1d_windows", lambda x: F.adaptive_max_pool1d(x, 4), [randn(-1, 3, 10)],
         ("adaptive_max_pool2d.default",), {0: 0}),
+    # ------------------------------------------------------------------ one-sided clamps, square, log-sigmoid (RWKV, xLSTM)
+    Row("clamp_min", lambda x: aten.clamp_min(x, 0.25), [randn(-1, 6)], ("clamp_min.default",), {0: 0}),
+    Row("clamp_max_tensor", lambda x, m: aten.clamp_max.Tensor(x, m), [randn(-1, 6), randn(6)],
+        ("clamp_max.Tensor",), {0: 0}),
+    Row("square", lambda x: torch.square(x * 3), [randn(-1, 6)], ("square.default",), {0: 0}, tol=0),
+    Row("log_sigmoid", lambda x: F.logsigmoid(x * 40), [randn(-1, 7)], ("log_sigmoid.default",), {0: 0}),
     # ------------------------------------------------------------------ scans and statistics
     Row("logcumsumexp", lambda x: torch.logcumsumexp(x, 1), [randn(-1, 7)], ("logcumsumexp.default",), {0: 0}),
     Row("logcumsumexp_wide", lambda x: torch.logcumsumexp(torch.where(x > 0.8, float("-inf"), x * 200), -1),

@@ -8,8 +8,9 @@ reads: that ``Linear`` with the weight as its bias, see :mod:`~flora_graph.front
 ``rsqrt``, ``reciprocal``, ``cos``, ``sin``, ``abs``, ``sign``, ``erf``, ``expm1``, ``log1p``, ``log2``, ``log10``, ``tan``, ``acos``,
 ``asin``, ``atan``, ``cosh``, ``sinh``, ``acosh``, ``asinh``, ``atanh`` (cast to the float dtype torch
 computes in); ``ceil``/``floor``/``round``/``trunc`` (nothing on integers); ``maximum``/``max.other``,
-``minimum``/``min.other`` -> ``Max``/``Min``; ``clamp`` (``Scalar`` and ``Tensor`` bounds) and
-``hardtanh`` -> ``Max`` then ``Min``; ``atan2`` (and ``atan2.out``), ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
+``minimum``/``min.other`` -> ``Max``/``Min``; ``clamp`` (``Scalar`` and ``Tensor`` bounds), ``clamp_min``,
+``clamp_max`` and ``hardtanh`` -> ``Max`` then ``Min``; ``square`` -> ``Mul`` of ``x`` by itself; ``log_sigmoid`` ->
+``Min(x, 0) - Log1p(Exp(-|x|))``; ``atan2`` (and ``atan2.out``), ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
 ``div`` with a ``rounding_mode`` (``Div``, then ``Trunc``/``Floor``; integer floor division through
 ``Remainder``); ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; ``fill.Scalar``
 -> ``Expand`` of the value; ``eq``/``ne``/``lt``/
@@ -315,9 +316,34 @@ def _clamp(ctx, x, min=None, max=None):
     return y
 
 
+@register(aten.clamp_min.default, aten.clamp_min.Tensor)
+def _clamp_min(ctx, x, min):
+    return _clamp(ctx, x, min=min)
+
+
+@register(aten.clamp_max.default, aten.clamp_max.Tensor)
+def _clamp_max(ctx, x, max):
+    return _clamp(ctx, x, max=max)
+
+
 @register(aten.hardtanh.default)
 def _hardtanh(ctx, x, min_val=-1.0, max_val=1.0):
     return _clamp(ctx, x, min_val, max_val)
+
+
+@register(aten.square.default)
+def _square(ctx, x):
+    """``x * x``, as torch computes it (its ``pow(x, 2)`` multiplies)."""
+    y = operand(ctx, x, out_dtype(ctx))
+    return ctx.emit(Op.MUL, [y, y])
+
+
+@register(aten.log_sigmoid.default)
+def _log_sigmoid(ctx, x):
+    """``min(x, 0) - log1p(exp(-|x|))``: torch's stable form, finite for any ``x``."""
+    zero = as_dtype(ctx, 0.0, x.dtype)
+    tail = ctx.emit(Op.LOG1P, [ctx.emit(Op.EXP, [ctx.emit(Op.NEG, [ctx.emit(Op.ABS, [x])])])])
+    return ctx.emit(Op.SUB, [ctx.emit(Op.MIN, [x, zero]), tail])
 
 
 @register(aten.elu.default)
