@@ -123,8 +123,9 @@ def _state(layer: Any, kind: str, index: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _shifted(x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Each position's previous token: ``previous`` (the kept state) for the first."""
-    return torch.cat([previous[:, None], x[:, :-1]], dim=1)
+    """Each position's previous token: ``previous`` (the kept state) for the first. (Cut after the concatenation:
+    ``x[:, :-1]`` makes torch.export guard ``seq - 1 != 1`` and retry the export.)"""
+    return torch.cat([previous[:, None], x], dim=1)[:, :x.shape[1]]
 
 
 def _mix(x: torch.Tensor, shifted: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ def _wkv(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v:
         decay = torch.where(real[..., None], decay, torch.ones_like(decay))
     weight = torch.exp(k - top[:, None])
     states = linear_scan(torch.stack([decay, decay], dim=2), torch.stack([weight * v, weight], dim=2), h0, 1)
-    before = torch.cat([h0[:, None], states[:, :-1]], dim=1)  # [batch, seq, 2, channels]: the state before each token
+    before = torch.cat([h0[:, None], states], dim=1)[:, :k.shape[1]]  # [batch, seq, 2, channels]: before each token
     first = torch.exp(u + k - top[:, None])
     numerator, denominator = before[:, :, 0] + first * v, before[:, :, 1] + first
     out = torch.where(denominator > 0, numerator / denominator, torch.zeros_like(numerator))  # 0/0 at padding
