@@ -438,10 +438,10 @@ def not_for_genai(layout: Any) -> str | None:
     layer (not a layer without a cache, as Mllama's cross-attention layers are without an image)."""
     if layout.states:
         kinds = sorted({st.kind for st in layout.states})
+        where = "beside keys and values" if layout.kv_layers != () else "(it caches no keys or values)"
         return (f"this model's recurrent layers (state-space, convolution or linear attention) keep "
-                f"{' and '.join(kinds)} states in the cache ({', '.join(layout.past_names()[:2])}, ...) beside keys and "
-                "values, which ONNX Runtime GenAI carries only for its own model types: the package is for flora_graph's "
-                "Generator")
+                f"{', '.join(kinds)} states in the cache ({', '.join(layout.past_names()[:2])}, ...) {where}, which "
+                "ONNX Runtime GenAI carries only for its own model types: the package is for flora_graph's Generator")
     if layout.indexed:
         return (f"this model's sparse attention caches its indexer's keys ({layout.past_names()[2]}, ...) beside keys "
                 "and values, which ONNX Runtime GenAI does not carry: the package is for flora_graph's Generator")

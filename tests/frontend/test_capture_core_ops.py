@@ -127,6 +127,17 @@ ROWS = [
         ("clamp_max.Tensor",), {0: 0}),
     Row("square", lambda x: torch.square(x * 3), [randn(-1, 6)], ("square.default",), {0: 0}, tol=0),
     Row("log_sigmoid", lambda x: F.logsigmoid(x * 40), [randn(-1, 7)], ("log_sigmoid.default",), {0: 0}),
+    # ------------------------------------------------------------------ ops torch.export would otherwise decompose by a retrace
+    Row("softplus", lambda x: F.softplus(x * 8, beta=2.0, threshold=5.0), [randn(-1, 7)], ("softplus.default",), {0: 0}),
+    Row("logsumexp", lambda x: torch.logsumexp(torch.where(x > 1.2, float("-inf"), x * 50), 1), [randn(-1, 6, 3)],
+        ("logsumexp.default",), {0: 0}),
+    Row("logsumexp_keepdim", lambda x: torch.logsumexp(x, (0, 2), keepdim=True), [randn(-1, 6, 3)],
+        ("logsumexp.default",), {0: 0}),
+    Row("floor_divide", lambda x, n: torch.floor_divide(x * 7, 2.5) + torch.floor_divide(n, 3), [randn(-1, 6),
+                                                                                                randint(20, 6, low=-20)],
+        ("floor_divide.default",), {0: 0}),
+    Row("concat", lambda x: torch.concat([x, x * 2], 1) + torch.concatenate([x, x], 1), [randn(-1, 4)],
+        ("concat.default", "concatenate.default"), {0: 0}),
     # ------------------------------------------------------------------ scans and statistics
     Row("logcumsumexp", lambda x: torch.logcumsumexp(x, 1), [randn(-1, 7)], ("logcumsumexp.default",), {0: 0}),
     Row("logcumsumexp_wide", lambda x: torch.logcumsumexp(torch.where(x > 0.8, float("-inf"), x * 200), -1),

@@ -109,6 +109,12 @@ def _ones_zeros(ctx, size, **kwargs):
     return _filled(ctx, size, 1 if ctx.fx_node.target is aten.ones.default else 0)
 
 
+@register(aten.new_empty.default)
+def _new_empty(ctx, x, size, **kwargs):
+    """Zeros: one valid value of uninitialized memory, the same on every backend."""
+    return _filled(ctx, size, 0)
+
+
 @register(aten.new_ones.default, aten.new_zeros.default)
 def _new_ones_zeros(ctx, x, size, **kwargs):
     return _filled(ctx, size, 1 if ctx.fx_node.target is aten.new_ones.default else 0)

@@ -11,8 +11,9 @@ computes in); ``ceil``/``floor``/``round``/``trunc`` (nothing on integers); ``ma
 ``minimum``/``min.other`` -> ``Max``/``Min``; ``clamp`` (``Scalar`` and ``Tensor`` bounds), ``clamp_min``,
 ``clamp_max`` and ``hardtanh`` -> ``Max`` then ``Min``; ``square`` -> ``Mul`` of ``x`` by itself; ``log_sigmoid`` ->
 ``Min(x, 0) - Log1p(Exp(-|x|))``; ``atan2`` (and ``atan2.out``), ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
-``div`` with a ``rounding_mode`` (``Div``, then ``Trunc``/``Floor``; integer floor division through
-``Remainder``); ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; ``fill.Scalar``
+``div`` with a ``rounding_mode`` and ``floor_divide`` (``Div``, then ``Trunc``/``Floor``; integer floor division
+through ``Remainder``); ``softplus`` (``beta``, ``threshold``) -> ``Where(beta x > threshold, x, Log1p(Exp(beta x)) /
+beta)``; ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; ``fill.Scalar``
 -> ``Expand`` of the value; ``eq``/``ne``/``lt``/
 ``le``/``gt``/``ge`` -> ``Equal`` (``ne``: plus ``Not``), ``Less``, ``LessOrEqual``,
 ``Greater``, ``GreaterOrEqual``; ``logical_*``/``bitwise_*`` on bool tensors (and a bool scalar) ->
@@ -366,6 +367,23 @@ def _float_test(ctx, x):
     if not x.dtype.startswith(("float", "bfloat")):
         x = as_dtype(ctx, x, "float32")
     return ctx.emit(Op.IS_INF if ctx.fx_node.target is aten.isinf.default else Op.IS_NAN, [x])
+
+
+@register(aten.floor_divide.default, aten.floor_divide.Scalar)
+def _floor_divide(ctx, a, b):
+    """``a // b``: ``div`` rounding down."""
+    return _div_mode(ctx, a, b, rounding_mode="floor")
+
+
+@register(aten.softplus.default)
+def _softplus(ctx, x, beta=1, threshold=20):
+    """``log1p(exp(beta * x)) / beta``, and ``x`` itself where ``beta * x > threshold`` (torch's form)."""
+    scaled = x if beta == 1 else ctx.emit(Op.MUL, [x, as_dtype(ctx, beta, x.dtype)])
+    soft = ctx.emit(Op.LOG1P, [ctx.emit(Op.EXP, [scaled])])
+    if beta != 1:
+        soft = ctx.emit(Op.DIV, [soft, as_dtype(ctx, beta, x.dtype)])
+    above = ctx.emit(Op.GREATER, [scaled, as_dtype(ctx, threshold, x.dtype)])
+    return ctx.emit(Op.WHERE, [above, x, soft])
 
 
 @register(aten.div.Tensor_mode, aten.div.Scalar_mode)

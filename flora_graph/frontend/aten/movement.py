@@ -125,7 +125,7 @@ def _flatten(ctx, x, start=0, end=-1):
 
 
 # --------------------------------------------------------------------------- concat, split
-@register(aten.cat.default)
+@register(aten.cat.default, aten.concat.default, aten.concatenate.default)
 def _cat(ctx, tensors, dim=0):
     """``Concat``; tensors of several dtypes are cast to the one torch promotes them to (SAM's prompt encoder
     joins int32 labels' embeddings with float ones)."""

@@ -3,7 +3,8 @@
 
 ``mean.dim``/``sum.dim_IntList``/``prod.dim_int`` (axes, ``keepdim``) and
 ``mean.default``/``sum.default``/``prod.default`` (every axis) -> ``ReduceMean``/``ReduceSum``/
-``ReduceProd``; ``cumsum`` -> ``CumSum``. The input is cast to the dtype torch reduces in first
+``ReduceProd``; ``cumsum`` -> ``CumSum``; ``logsumexp`` -> ``Log(ReduceSum(Exp(x - m))) + m``, ``m`` the
+``ReduceMax`` (``0`` where infinite). The input is cast to the dtype torch reduces in first
 (``sum``/``prod`` of ints -> int64, ``dtype=``); a scalar input is only cast.
 
 ``amax``/``amin`` (``dim=[]``: every axis), ``max.default``/``min.default`` -> ``ReduceMax``/
@@ -111,6 +112,21 @@ def _logcumsumexp(ctx, x, dim):
     m = ctx.emit(Op.MAX, [ctx.emit(Op.REDUCE_MAX, [x], {"axes": (axis,), "keepdims": 1}), lowest])
     shifted = ctx.emit(Op.EXP, [ctx.emit(Op.SUB, [x, m])])
     return ctx.emit(Op.ADD, [ctx.emit(Op.LOG, [ctx.emit(Op.CUMSUM, [shifted], {"axis": axis})]), m])
+
+
+@register(aten.logsumexp.default)
+def _logsumexp(ctx, x, dim, keepdim=False):
+    """``log(sum(exp(x - m))) + m`` with ``m`` the maximum over ``dim`` (``0`` where it is infinite), as torch
+    computes it."""
+    x = cast_to_out(ctx, x)
+    if not x.shape:
+        return x
+    axes = _reduce_axes(x, dim)
+    m = ctx.emit(Op.REDUCE_MAX, [x], {"axes": axes, "keepdims": 1})
+    total = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.EXP, [ctx.emit(Op.SUB, [x, m])])], {"axes": axes, "keepdims": 1})
+    finite = ctx.emit(Op.WHERE, [ctx.emit(Op.IS_INF, [m]), as_dtype(ctx, 0.0, x.dtype), m])
+    y = ctx.emit(Op.ADD, [ctx.emit(Op.LOG, [total]), finite])
+    return y if keepdim else ctx.emit(Op.SQUEEZE, [y], {"axes": axes or tuple(range(len(x.shape)))})
 
 
 @register(aten.prod.dim_int)
