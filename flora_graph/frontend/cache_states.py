@@ -1,6 +1,8 @@
 """Recurrent states in a transformers ``DynamicCache`` for the forwards that keep them there in place of a model's own
 (:mod:`~flora_graph.frontend.rwkv`, :mod:`~flora_graph.frontend.xlstm`): one ``LinearAttentionLayer`` a layer, its
-states by kind (``conv``, ``recurrent``) and index, as the cache export reads and writes them."""
+states by kind (``conv``, ``recurrent``) and index, as the cache export reads and writes them; and the recurrent
+state of the swapped layers of :mod:`~flora_graph.frontend.selective_scan` and
+:mod:`~flora_graph.frontend.recurrent_block`, set without an in-place write."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["keep_state", "kept_state", "linear_cache"]
+__all__ = ["keep_recurrent_state", "keep_state", "kept_state", "linear_cache"]
 
 
 def linear_cache(layers: int, states: int) -> Any:
@@ -25,6 +27,17 @@ def linear_cache(layers: int, states: int) -> Any:
 def kept_state(layer: Any, kind: str, index: int) -> torch.Tensor | None:
     """The ``kind`` state ``index`` the cache layer holds, or ``None``."""
     return getattr(layer, f"{kind}_states").get(index)
+
+
+def keep_recurrent_state(cache: Any, layer: int, value: torch.Tensor) -> None:
+    """Make ``value`` the recurrent state of ``cache``'s ``layer`` (a transformers cache): assigned, where the cache's
+    own ``update_recurrent_state`` copies it into the tensor it holds, an in-place write that makes capture
+    retrace the program to functionalize it."""
+    held = cache.layers[layer] if isinstance(getattr(cache, "layers", None), list) else None
+    if held is not None and isinstance(getattr(held, "recurrent_states", None), dict):
+        keep_state(held, "recurrent", 0, value)
+    else:
+        cache.update_recurrent_state(value, layer)
 
 
 def keep_state(layer: Any, kind: str, index: int, value: torch.Tensor) -> None:

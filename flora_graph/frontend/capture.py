@@ -21,7 +21,7 @@ import contextlib
 import gc
 import inspect
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -659,7 +659,7 @@ def trace_with_torch_export(
                 ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
                 if auto:
                     _bounds_inferred(ep, model, len(args), dynamic_dims, hi, lo, applied, first)
-                if mutations.plan(ep.graph.nodes, ATEN_TABLE)[1]:  # in-place ops capture cannot take as they are
+                if mutations.plan(ep.graph.nodes, ATEN_TABLE, _lifted(ep))[1]:  # in-place ops capture cannot take as they are
                     ep = _functionalize(ep, type(model).__name__)
                 ep = decompose_unconverted(ep)
                 break
@@ -827,9 +827,15 @@ def _unconverted(ep: torch.export.ExportedProgram) -> set[Any]:
     """The ATen overloads of ``ep`` that :func:`_check_supported` would refuse (no converter, not folded)."""
     sig = ep.graph_signature
     const = {n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in sig.user_inputs}
-    in_place = mutations.plan(ep.graph.nodes, ATEN_TABLE)[0]
+    in_place = mutations.plan(ep.graph.nodes, ATEN_TABLE, _lifted(ep))[0]
     return {n.target for n in _without_converter(ep.graph.nodes, const, in_place)
             if isinstance(n.target, torch._ops.OpOverload)}
+
+
+def _lifted(ep: torch.export.ExportedProgram) -> set[str]:
+    """The placeholders of ``ep``'s lifted tensor constants (tensors made during the call, as torch.export refuses
+    a write into a constant the module holds)."""
+    return set(ep.graph_signature.inputs_to_lifted_tensor_constants)
 
 
 def _decompositions(ep: torch.export.ExportedProgram) -> dict[Any, Any]:
@@ -903,7 +909,7 @@ def _convert(traced: Traced, dynamic_dims: DynamicDims, name: str, output_names:
     state = {**ep.state_dict, **ep.constants}
     return convert_fx_graph(ep.graph, {n: (fqn, state[fqn]) for n, fqn in weights.items()}, traced.adapters,
                             dynamic_dims, name, input_names=traced.input_names, output_names=output_names,
-                            share_weights=share_weights, dim_max=traced.dim_max)
+                            share_weights=share_weights, dim_max=traced.dim_max, constants=_lifted(ep))
 
 
 def convert_fx_graph(
@@ -917,6 +923,7 @@ def convert_fx_graph(
     output_names: Sequence[str] | None = None,
     share_weights: bool = False,
     dim_max: Mapping[str, int] | None = None,
+    constants: Collection[str] = (),
 ) -> Graph:
     """Convert an ATen-level fx graph (torch.export's, or AOT autograd's) to a verified :class:`Graph`.
 
@@ -933,13 +940,15 @@ def convert_fx_graph(
         share_weights: the graph's weights are views of ``weights``' tensors, not copies (see :func:`capture`).
         dim_max: the largest size of each named dim the graph is for (the capture's ``dim_max``): a size that has
             one value up to it is that number.
+        constants: the placeholders of constants made during the call (torch.export's lifted tensor constants),
+            which an in-place op may write as its functional twin (:func:`.mutations.plan`).
 
     Raises:
         UnsupportedOpError: listing every ATen op outside the table and where it occurs.
     """
     adapters, dynamic_dims = adapters or {}, dynamic_dims or {}
     fx_nodes = list(fx_graph.nodes)
-    in_place = mutations.plan(fx_nodes, ATEN_TABLE)[0]
+    in_place = mutations.plan(fx_nodes, ATEN_TABLE, constants)[0]
     _check_supported(fx_nodes, weights, in_place)
 
     graph = Graph(name)
@@ -1031,8 +1040,8 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     else:
         out = conv(ctx, *_realize(ctx, args), **_realize(ctx, kwargs))
     _check_shape(ctx, n, out)
-    if twin is not None:
-        env[n.args[0]] = out  # every later reader of the written tensor sees the new value
+    if twin is not None:  # every later reader of the written tensor sees the new value (through detach_ too)
+        env[n.args[0]] = env[mutations.written_root(n.args[0])] = out
     return out
 
 

@@ -4,7 +4,10 @@ torch.export keeps in-place ops (``add_``, ``masked_fill_``, ``index_put_``) on 
 computes. Functionalizing them with ``run_decompositions({})`` retraces the whole program (5-10 s of
 CPU for T5, DeBERTa-v2 or Falcon). An in-place op needs no retrace when it writes a tensor that:
 
-- the model computed (not an input, a weight or a buffer: that write outlives the call);
+- the model computed (not an input, a weight or a buffer: that write outlives the call), or made as a constant
+  during the call (``torch.tensor(0)`` in a cache layer's ``__init__``: torch.export lifts it as a constant, and
+  refuses a write into a constant the module holds), seen through ops that change autograd metadata only
+  (``detach_``);
 - is nobody's view and has no view taken of it (a write through a view, or seen through one,
   reaches memory the op's result does not stand for);
 - keeps its dtype under the functional op (no float scalar added in place to an int tensor).
@@ -17,12 +20,12 @@ retraces only when some other in-place op remains.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["AUTOGRAD_ONLY", "functional_of", "plan"]
+__all__ = ["AUTOGRAD_ONLY", "functional_of", "plan", "written_root"]
 
 AUTOGRAD_ONLY = frozenset({torch.ops.aten.detach_.default})
 """In-place ops that change autograd metadata only, never a value: converted as the identity, and no
@@ -87,9 +90,18 @@ def _keeps_dtype(n: torch.fx.Node, dtype: torch.dtype) -> bool:
     return True
 
 
-def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any) -> tuple[dict[torch.fx.Node, Any], list[torch.fx.Node]]:
+def written_root(n: Any) -> Any:
+    """``n`` seen through the :data:`AUTOGRAD_ONLY` ops that return their input (``x.detach_()`` is ``x``)."""
+    while isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in AUTOGRAD_ONLY and n.args:
+        n = n.args[0]
+    return n
+
+
+def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any,
+         constants: Collection[str] = ()) -> tuple[dict[torch.fx.Node, Any], list[torch.fx.Node]]:
     """The in-place nodes of ``fx_nodes`` to convert as their functional twin (``{node: twin}``, the
-    twin having a converter in ``converters``), and the in-place nodes that need a retrace."""
+    twin having a converter in ``converters``), and the in-place nodes that need a retrace. ``constants``: the
+    placeholders of the constants torch.export lifted from tensors the call made, which a write may take."""
     nodes = list(fx_nodes)
     safe: dict[torch.fx.Node, Any] = {}
     unsafe: list[torch.fx.Node] = []
@@ -98,10 +110,14 @@ def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any) -> tuple[dict[torch
             continue
         twin = functional_of(n.target)
         written = n.args[0] if n.args else None
-        ok = (twin is not None and twin in converters and isinstance(written, torch.fx.Node)
-              and written.op == "call_function" and (written in safe or not _is_view(written))
+        root = written_root(written)
+        fresh = isinstance(root, torch.fx.Node) and (
+            (root.op == "call_function" and (root in safe or not _is_view(root)))
+            or (root.op == "placeholder" and root.name in constants))
+        seen = {*root.users, *written.users} if fresh else set()
+        ok = (twin is not None and twin in converters and fresh
               and _dtype(written) is not None and _keeps_dtype(n, _dtype(written))
-              and not any(_is_view(u) and not _mutable(u.target) for u in written.users))
+              and not any(_is_view(u) and not _mutable(u.target) and u.target not in AUTOGRAD_ONLY for u in seen))
         if ok:
             safe[n] = twin
         else:

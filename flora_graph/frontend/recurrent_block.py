@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora_graph.errors import GraphError
+from flora_graph.frontend.cache_states import keep_recurrent_state
 from flora_graph.frontend.selective_scan import linear_scan
 
 __all__ = ["is_recurrent_block", "recurrent_block_forward"]
@@ -91,7 +92,7 @@ def recurrent_block_forward(module: nn.Module, path: str) -> Callable[..., tuple
             state = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float32, device=x.device)
         states = linear_scan((torch.exp(log_a) * ~reset).float(), normalized.float(), state.float(), 1)
         if cache is not None:
-            cache.update_recurrent_state(states[:, -1], layer)
+            keep_recurrent_state(cache, layer, states[:, -1])
         return module.linear_out(states.type(x.dtype) * y), None
 
     return forward

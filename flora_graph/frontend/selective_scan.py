@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora_graph.frontend.aten.registry import register
+from flora_graph.frontend.cache_states import keep_recurrent_state
 from flora_graph.ir import ComputationNode, Op
 
 __all__ = ["SCAN_FORWARD", "SCAN_FORWARD_PARAMS", "is_multi_head_mixer", "linear_scan", "multi_head_mixer_forward",
@@ -93,7 +94,7 @@ def scan_forward(module: nn.Module, hidden_states: torch.Tensor, time_step: torc
     out = torch.matmul(states.transpose(1, 2), C.float()[:, :, :, None])[..., 0].transpose(1, 2)  # [batch, channels, seq]
     out = (out + u * module.D.float()[None, :, None]) * F.silu(gate.float())
     if cache is not None:
-        cache.update_recurrent_state(states[:, :, -1], module.layer_idx)
+        keep_recurrent_state(cache, module.layer_idx, states[:, :, -1])
     return out.to(hidden_states.dtype)
 
 
@@ -144,7 +145,7 @@ def multi_head_mixer_forward(module: nn.Module, path: str = "") -> Any:
         out = (states * C.float()[:, :, None, :, :]).sum(-1)  # [heads, batch, head_dim, seq]
         out = (out + u * module.D.float()[:, None, :, None]) * F.silu(gate)
         if cache is not None:
-            cache.update_recurrent_state(states[:, :, :, -1].transpose(0, 1).contiguous(), module.layer_idx)
+            keep_recurrent_state(cache, module.layer_idx, states[:, :, :, -1].transpose(0, 1).contiguous())
         out = out.transpose(0, 1).reshape(batch, heads * dim, seq)
         return module.out_proj(out.transpose(1, 2).to(dtype))
 

@@ -125,6 +125,9 @@ ROWS = [
     Row("clamp_min", lambda x: aten.clamp_min(x, 0.25), [randn(-1, 6)], ("clamp_min.default",), {0: 0}),
     Row("clamp_max_tensor", lambda x, m: aten.clamp_max.Tensor(x, m), [randn(-1, 6), randn(6)],
         ("clamp_max.Tensor",), {0: 0}),
+    Row("clamp_max", lambda x: aten.clamp_max(x, -0.25), [randn(-1, 6)], ("clamp_max.default",), {0: 0}),
+    Row("clamp_min_tensor", lambda x, m: aten.clamp_min.Tensor(x, m), [randn(-1, 6), randn(6)],
+        ("clamp_min.Tensor",), {0: 0}),
     Row("square", lambda x: torch.square(x * 3), [randn(-1, 6)], ("square.default",), {0: 0}, tol=0),
     Row("log_sigmoid", lambda x: F.logsigmoid(x * 40), [randn(-1, 7)], ("log_sigmoid.default",), {0: 0}),
     # ------------------------------------------------------------------ ops torch.export would otherwise decompose by a retrace
@@ -136,6 +139,10 @@ ROWS = [
     Row("floor_divide", lambda x, n: torch.floor_divide(x * 7, 2.5) + torch.floor_divide(n, 3), [randn(-1, 6),
                                                                                                 randint(20, 6, low=-20)],
         ("floor_divide.default",), {0: 0}),
+    Row("floor_divide_scalar", lambda x: aten.floor_divide.Scalar(x * 7, -2.5), [randn(-1, 6)],
+        ("floor_divide.Scalar",), {0: 0}),
+    Row("new_empty_filled", lambda x: aten.new_empty(x, [2, 3]).fill_(2.5) + x[:2, :3], [randn(-1, 6)],
+        ("new_empty.default",), {0: 0}),
     Row("concat", lambda x: torch.concat([x, x * 2], 1) + torch.concatenate([x, x], 1), [randn(-1, 4)],
         ("concat.default", "concatenate.default"), {0: 0}),
     # ------------------------------------------------------------------ scans and statistics

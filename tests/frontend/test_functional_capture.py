@@ -263,6 +263,20 @@ class SameDtypeTo(nn.Module):
         return h
 
 
+class MadeConstant(nn.Module):
+    """A tensor made in the call (torch.export lifts it as a constant), detached and counted up in place, as a
+    transformers cache layer counts its tokens (``cumulative_length.add_``); and a computed tensor written through
+    ``detach_``: no view of either, so no retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        count = torch.tensor(2.0)
+        count.detach_()
+        count.add_(x.shape[0])
+        h = x * 2
+        h.detach_().add_(y)
+        return h * count
+
+
 def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, object]:
     module = importlib.import_module("flora_graph.frontend.capture")  # the module: the package exports capture()
     calls: list[str] = []
@@ -272,8 +286,8 @@ def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, o
     return len(calls), g
 
 
-@pytest.mark.parametrize(("model", "retrace"), [(Fresh, False), (ThroughView, True), (ViewReadAfter, True),
-                                                (SplitItem, True), (SameDtypeTo, True)])
+@pytest.mark.parametrize(("model", "retrace"), [(Fresh, False), (MadeConstant, False), (ThroughView, True),
+                                                (ViewReadAfter, True), (SplitItem, True), (SameDtypeTo, True)])
 def test_in_place_ops_convert_without_a_retrace_only_where_no_view_shares_them(model, retrace, monkeypatch) -> None:
     torch.manual_seed(0)
     m = model().eval()
