@@ -1042,6 +1042,15 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     _check_shape(ctx, n, out)
     if twin is not None:  # every later reader of the written tensor sees the new value (through detach_ too)
         env[n.args[0]] = env[mutations.written_root(n.args[0])] = out
+        if (cut := mutations.sliced_base(n.args[0])) is not None:  # a slice's write: scattered back into its base
+            base, cuts = cut
+            scatter = ATEN_TABLE[torch.ops.aten.slice_scatter.default]
+            whole = out
+            for i in range(len(cuts) - 1, -1, -1):  # the innermost slice first, into the one it was cut from
+                _, dim, start, end, step = cuts[i]
+                outer = env[cuts[i - 1][0]] if i else env[base]
+                whole = scatter(ctx, outer, whole, dim, start, end, step)
+            env[base] = env[mutations.written_root(base)] = whole
     return out
 
 

@@ -9,7 +9,9 @@ CPU for T5, DeBERTa-v2 or Falcon). An in-place op needs no retrace when it write
   refuses a write into a constant the module holds), seen through ops that change autograd metadata only
   (``detach_``);
 - is nobody's view and has no view taken of it (a write through a view, or seen through one,
-  reaches memory the op's result does not stand for);
+  reaches memory the op's result does not stand for), or is a static slice of such a tensor
+  (``k[..., :d].copy_(k_nope)``, as latent attention fills its keys: :func:`sliced_base`), written as a
+  ``slice_scatter`` into it, where no other view of it taken before the write is read after;
 - keeps its dtype under the functional op (no float scalar added in place to an int tensor).
 
 Such an op is its functional twin (``add_.Tensor`` -> ``add.Tensor``) whose result replaces the
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AUTOGRAD_ONLY", "functional_of", "plan", "written_root"]
+__all__ = ["AUTOGRAD_ONLY", "functional_of", "plan", "sliced_base", "written_root"]
 
 AUTOGRAD_ONLY = frozenset({torch.ops.aten.detach_.default})
 """In-place ops that change autograd metadata only, never a value: converted as the identity, and no
@@ -97,12 +99,52 @@ def written_root(n: Any) -> Any:
     return n
 
 
+def _slice_args(n: Any) -> tuple[torch.fx.Node, int, int, int | None, int] | None:
+    """``(input, dim, start, end, step)`` of an ``aten.slice.Tensor`` node at static bounds, else ``None``."""
+    if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is torch.ops.aten.slice.Tensor):
+        return None
+    base, dim, start, end, step = (list(n.args) + [0, None, None, 1][len(n.args) - 1:])[:5]
+    if not isinstance(base, torch.fx.Node) or not all(isinstance(v, int) or v is None for v in (dim, start, end, step)):
+        return None
+    return base, int(dim), start or 0, end, step or 1
+
+
+def sliced_base(n: Any) -> tuple[torch.fx.Node, list[tuple[torch.fx.Node, int, int, int | None, int]]] | None:
+    """Where ``n`` is a static slice of a static slice ... of a tensor (``h[:, :5]`` is two slices): ``(that
+    tensor, [(slice node, dim, start, end, step), ...])`` from the tensor's slice to ``n``, each slice but ``n``
+    read by the next alone; else ``None``."""
+    cuts = []
+    while (args := _slice_args(n)) is not None:
+        cuts.append((n, *args[1:]))
+        n = args[0]
+        if _slice_args(n) is not None and len(n.users) != 1:
+            return None
+    return (n, cuts[::-1]) if cuts else None
+
+
+def _stale_views(base: torch.fx.Node, write: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
+    """Whether a view of ``base`` taken before ``write`` (the write's outermost slice), or a view of that view, is read
+    after it (it would see the write)."""
+    at = order[write]
+    views = [v for v in base.users if v is not write and _is_view(v) and v.target not in AUTOGRAD_ONLY
+             and order.get(v, at + 1) < at]
+    while views:
+        v = views.pop()
+        for u in v.users:
+            if _is_view(u) and u.target not in AUTOGRAD_ONLY and order.get(u, at + 1) < at:
+                views.append(u)  # a view of the view, taken before too: its readers count
+            elif order.get(u, at + 1) > at:
+                return True
+    return False
+
+
 def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any,
          constants: Collection[str] = ()) -> tuple[dict[torch.fx.Node, Any], list[torch.fx.Node]]:
     """The in-place nodes of ``fx_nodes`` to convert as their functional twin (``{node: twin}``, the
     twin having a converter in ``converters``), and the in-place nodes that need a retrace. ``constants``: the
     placeholders of the constants torch.export lifted from tensors the call made, which a write may take."""
     nodes = list(fx_nodes)
+    order = {n: i for i, n in enumerate(nodes)}
     safe: dict[torch.fx.Node, Any] = {}
     unsafe: list[torch.fx.Node] = []
     for n in nodes:
@@ -118,6 +160,13 @@ def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any,
         ok = (twin is not None and twin in converters and fresh
               and _dtype(written) is not None and _keeps_dtype(n, _dtype(written))
               and not any(_is_view(u) and not _mutable(u.target) and u.target not in AUTOGRAD_ONLY for u in seen))
+        if not ok and twin is not None and twin in converters and (cut := sliced_base(written)) is not None:
+            base = written_root(cut[0])  # a slice of a tensor the call made: scattered back into it
+            ok = (isinstance(base, torch.fx.Node) and set(written.users) == {n}
+                  and ((base.op == "call_function" and (base in safe or not _is_view(base)))
+                       or (base.op == "placeholder" and base.name in constants))
+                  and _dtype(written) is not None and _keeps_dtype(n, _dtype(written))
+                  and not _stale_views(cut[0], cut[1][0][0], order))
         if ok:
             safe[n] = twin
         else:

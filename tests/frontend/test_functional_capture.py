@@ -277,6 +277,28 @@ class MadeConstant(nn.Module):
         return h * count
 
 
+class SliceFilled(nn.Module):
+    """A tensor made in the call filled slice by slice (latent attention's keys: ``k[..., :d].copy_(k_nope)``), one
+    slice scaled in place after: each write a ``slice_scatter`` into it, no retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x.new_empty(x.shape[0], 8)
+        h[:, :5].copy_(x[:, :5] * 3)
+        h[:, 5:].copy_(y[:, :1])  # broadcast over the slice
+        h[:, 1:4].mul_(-2)
+        return h + 1
+
+
+class SliceStaleView(nn.Module):
+    """A view taken before a slice's write and read after it (it sees the write): a retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        v = h[:, 3:]
+        h[:, :4].mul_(0)
+        return v + y[:, :3]
+
+
 def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, object]:
     module = importlib.import_module("flora_graph.frontend.capture")  # the module: the package exports capture()
     calls: list[str] = []
@@ -286,8 +308,9 @@ def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, o
     return len(calls), g
 
 
-@pytest.mark.parametrize(("model", "retrace"), [(Fresh, False), (MadeConstant, False), (ThroughView, True),
-                                                (ViewReadAfter, True), (SplitItem, True), (SameDtypeTo, True)])
+@pytest.mark.parametrize(("model", "retrace"), [(Fresh, False), (MadeConstant, False), (SliceFilled, False),
+                                                (SliceStaleView, True), (ThroughView, True), (ViewReadAfter, True),
+                                                (SplitItem, True), (SameDtypeTo, True)])
 def test_in_place_ops_convert_without_a_retrace_only_where_no_view_shares_them(model, retrace, monkeypatch) -> None:
     torch.manual_seed(0)
     m = model().eval()
