@@ -198,3 +198,49 @@ def assert_padded_rows_decode_as_eager(model, folder: Path, new: int = 8):
     got = Generator(folder / "pkg").generate(PADDED_PROMPTS, max_new_tokens=new, min_new_tokens=new)
     assert got == [eager_greedy(model, p, new, min_new_tokens=new) for p in PADDED_PROMPTS]
     return report
+
+
+def assert_one_padded_call_gives_rows_alone(model, folder: Path) -> None:
+    """Export ``model`` (:func:`export_small`: a model of recurrent states alone, no keys, values or positions in) and
+    check that one ONNX Runtime call over :data:`PADDED_PROMPTS`, left-padded, from zero states, gives each row the
+    logits eager transformers gives it alone (transformers' own call reads no mask, so it runs the padding as tokens)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    export_small(model, folder)
+    session = ort.InferenceSession(str(folder / "pkg" / "model.onnx"), providers=["CPUExecutionProvider"])
+    long, short = PADDED_PROMPTS
+    pad = len(long) - len(short)
+    feeds = {"input_ids": np.array([long, [0] * pad + short]),
+             "attention_mask": np.array([[1] * len(long), [0] * pad + [1] * len(short)])}
+    feeds.update({i.name: np.zeros((2, *i.shape[1:]), np.float32) for i in session.get_inputs() if i.name.startswith("past.")})
+    both = session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        want = [model(input_ids=torch.tensor([p])).logits[0].numpy() for p in (long, short)]
+    np.testing.assert_allclose(both[0], want[0], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(both[1, pad:], want[1], rtol=0, atol=1e-4)
+
+
+def assert_captured_without_cache_as_eager_peft(model, targets: list[str]) -> None:
+    """``model`` with a PEFT LoRA on ``targets`` (nonzero ``B``), captured without the cache at one length, runs on
+    numpy and ONNX Runtime at other batches and lengths as eager PEFT does; the model's own forward is back after.
+    The adapter is unloaded again (the model as it was)."""
+    import numpy as np
+    import peft
+
+    from flora_graph.frontend import capture
+    from flora_graph.runtimes import compile
+
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
+    try:
+        graph = capture(adapted, {"input_ids": torch.randint(0, 128, (2, 8))}, {"input_ids": {0: "batch", 1: "seq"}})
+        assert "forward" not in vars(model) and any(n.meta.get("adapter") for n in graph.nodes)
+        for backend in ("numpy", "onnxruntime"):
+            exe = compile(graph, backend)
+            for shape in [(1, 5), (3, 11)]:
+                x = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
+                with torch.no_grad():
+                    want = adapted(input_ids=x).logits.numpy()
+                np.testing.assert_allclose(next(iter(exe(input_ids=x.numpy()).values())), want, rtol=0, atol=1e-4)
+    finally:
+        adapted.unload()

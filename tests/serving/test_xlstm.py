@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,8 +17,9 @@ from flora_graph.frontend.causal_lm import cache_layout  # noqa: E402
 from flora_graph.frontend.xlstm import is_xlstm_lm, xlstm_cache, xlstm_forward  # noqa: E402
 from flora_graph.serving.generate import Generator  # noqa: E402
 from tests.serving.genai_package import (  # noqa: E402
-    PADDED_PROMPTS,
+    assert_captured_without_cache_as_eager_peft,
     assert_mixed_rows_decode_as_eager_peft,
+    assert_one_padded_call_gives_rows_alone,
     export_small,
     small_adapters,
 )
@@ -66,25 +66,7 @@ def test_layout_names_each_layers_states(model) -> None:
 
 def test_left_padded_prefill_in_one_call_gives_each_rows_logits_alone(model, tmp_path: Path) -> None:
     """One call over a left-padded batch (transformers' xLSTM reads no mask and runs the padding as tokens)."""
-    import onnxruntime as ort
-
-    export_small(model, tmp_path)
-    session = ort.InferenceSession(str(tmp_path / "pkg" / "model.onnx"), providers=["CPUExecutionProvider"])
-
-    def logits(rows: list[list[int]], mask: list[list[int]]) -> np.ndarray:
-        feeds = {"input_ids": np.array(rows), "attention_mask": np.array(mask)}
-        for i in session.get_inputs():
-            if i.name.startswith("past."):
-                feeds[i.name] = np.zeros((len(rows), *i.shape[1:]), np.float32)
-        return session.run(["logits"], feeds)[0]
-
-    long, short = PADDED_PROMPTS
-    pad = len(long) - len(short)
-    both = logits([long, [0] * pad + short], [[1] * len(long), [0] * pad + [1] * len(short)])
-    with torch.no_grad():
-        want = [model(input_ids=torch.tensor([p])).logits[0].numpy() for p in (long, short)]
-    np.testing.assert_allclose(both[0], want[0], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(both[1, pad:], want[1], rtol=0, atol=1e-4)
+    assert_one_padded_call_gives_rows_alone(model, tmp_path)
 
 
 def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model, tmp_path: Path) -> None:
@@ -97,20 +79,4 @@ def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model
 
 def test_captured_without_the_cache_at_any_length_as_eager_peft(model) -> None:
     """``capture`` (no cache) swaps the forward in for the trace and out after: every length, against eager PEFT."""
-    from flora_graph.frontend import capture
-    from flora_graph.runtimes import compile
-
-    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q", "v", "out_proj"],
-                                                         init_lora_weights=False)).eval()
-    try:
-        graph = capture(adapted, {"input_ids": torch.randint(0, 128, (2, 8))}, {"input_ids": {0: "batch", 1: "seq"}})
-        assert "forward" not in vars(model) and any(n.meta.get("adapter") for n in graph.nodes)
-        for backend in ("numpy", "onnxruntime"):
-            exe = compile(graph, backend)
-            for shape in [(1, 5), (3, 11)]:
-                x = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
-                with torch.no_grad():
-                    want = adapted(input_ids=x).logits.numpy()
-                np.testing.assert_allclose(next(iter(exe(input_ids=x.numpy()).values())), want, rtol=0, atol=1e-4)
-    finally:
-        adapted.unload()  # the module-scoped model without the adapter for the tests after
+    assert_captured_without_cache_as_eager_peft(model, ["q", "v", "out_proj"])
