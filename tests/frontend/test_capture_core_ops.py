@@ -145,6 +145,14 @@ ROWS = [
         ("new_empty.default",), {0: 0}),
     Row("concat", lambda x: torch.concat([x, x * 2], 1) + torch.concatenate([x, x], 1), [randn(-1, 4)],
         ("concat.default", "concatenate.default"), {0: 0}),
+    Row("movedim", lambda x: x.movedim(1, -1) * 2, [randn(-1, 3, 4, 5)], ("movedim.int",), {0: 0}),
+    # complex values through to.dtype_layout / to.device (the complex table's converters: the real ones must not run)
+    Row("complex_to_dtype_layout", lambda x: torch.view_as_real(
+        (c := aten.to.dtype_layout(torch.view_as_complex(x), dtype=torch.complex64)) * c), [randn(-1, 3, 2)],
+        ("view_as_complex.default",), {0: 0}),
+    Row("complex_to_device", lambda x: torch.view_as_real(
+        torch.view_as_complex(x).to(device=x.device, dtype=torch.complex64) * 3), [randn(-1, 3, 2)],
+        ("view_as_complex.default",), {0: 0}),
     # ------------------------------------------------------------------ scans and statistics
     Row("logcumsumexp", lambda x: torch.logcumsumexp(x, 1), [randn(-1, 7)], ("logcumsumexp.default",), {0: 0}),
     Row("logcumsumexp_wide", lambda x: torch.logcumsumexp(torch.where(x > 0.8, float("-inf"), x * 200), -1),

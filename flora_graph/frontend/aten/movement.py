@@ -78,6 +78,17 @@ def _permute(ctx, x, dims):
     return ctx.emit(Op.TRANSPOSE, [x], {"perm": tuple(d % len(x.shape) for d in dims)})
 
 
+@register(aten.movedim.int)
+def _movedim(ctx, x, source, destination):
+    """``Transpose`` moving axis ``source`` to ``destination``, the others in order (torch.export keeps it where no
+    retrace decomposes it)."""
+    rank = len(x.shape)
+    src, dst = source % rank, destination % rank
+    perm = [d for d in range(rank) if d != src]
+    perm.insert(dst, src)
+    return ctx.emit(Op.TRANSPOSE, [x], {"perm": tuple(perm)})
+
+
 # --------------------------------------------------------------------------- reshapes
 def _reshape_target(ctx: CaptureContext, x: ComputationNode, shape: Sequence[Any]) -> tuple[Dim, ...]:
     """Torch's target sizes as IR Reshape sizes: a dim equal to the input's at that position -> 0 (ONNX's

@@ -172,7 +172,7 @@ def _fft_c2r(ctx, z, dim, normalization, last_dim_size):
     return _scale(ctx, (out,), [*(re.shape[a] for a in axes[:-1]), n], int(normalization))[0]
 
 
-@register(aten._to_copy.default, aten.to.dtype, table=COMPLEX_TABLE)
+@register(aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, table=COMPLEX_TABLE)
 def _to(ctx, x, *args, **kwargs):
     """Real to complex: the values as real parts beside zeros; complex to complex: the parts cast; complex to real:
     the real parts (torch drops the imaginary ones)."""
