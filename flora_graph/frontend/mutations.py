@@ -166,7 +166,7 @@ def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any,
                   and ((base.op == "call_function" and (base in safe or not _is_view(base)))
                        or (base.op == "placeholder" and base.name in constants))
                   and _dtype(written) is not None and _keeps_dtype(n, _dtype(written))
-                  and not _stale_views(cut[0], cut[1][0][0], order))
+                  and not any(_stale_views(b, cut[1][0][0], order) for b in {cut[0], base}))
         if ok:
             safe[n] = twin
         else:
