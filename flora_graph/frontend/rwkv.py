@@ -19,9 +19,10 @@ their LoRA layers, the head), each layer's states in a ``LinearAttentionLayer`` 
 :func:`~flora_graph.frontend.selective_scan.linear_scan` from the kept state, in float64 and scaled by the largest
 exponent of the call so that nothing overflows (nor underflows where one call's exponents span more than float32's
 range), and the state it keeps is scaled back to ``den = 1``: transformers' loop keeps a running maximum instead, the
-same values up to rounding. Padding (a position the mask marks 0) leaves every
-state as it was and a padded row's first token mixes with zeros, as an unpadded row's does: a left-padded batch
-gives each row its logits alone.
+same values up to rounding. Left padding (positions the mask marks 0 before a row's
+first token) adds nothing to the WKV state nor decays it, and the row's first token mixes with zeros, as an unpadded
+row's does: a left-padded batch gives each row its logits alone. (Padding after a row's last token would leave zeros
+as its token-shift states: the export's callers pad on the left.)
 """
 
 from __future__ import annotations
