@@ -1,4 +1,4 @@
-"""Adapters on the output layer (``lm_head``), beside which PEFT saves the layer's whole weight
+"""Adapters that carry base weights: on the output layer (``lm_head``), beside which PEFT saves the layer's whole weight
 (``save_embedding_layers="auto"``): the package swaps the adapter and keeps the base weight, which the file holds
 unchanged; a file whose saved weight differs (a fine-tune that changed it) is refused by name, since a swappable
 adapter leaves the base model as it is. References: eager PEFT, row by row."""
@@ -88,3 +88,24 @@ def test_trainable_tokens_export_through_peft_and_the_loader_names_the_option(tm
     assert export_model(str(tmp_path / "base"), tmp_path / "m", adapter=tmp_path / "tokens", preset="fused").ok
     with pytest.raises(AdapterError, match=r"trainable_token_indices=\[5, 9\].*flora-graph export MODEL --adapter"):
         load_peft_adapter(copy.deepcopy(model), tmp_path / "tokens")
+
+
+def test_an_adapter_that_trained_the_base_biases_is_refused_by_name(tmp_path: Path) -> None:
+    """``bias="lora_only"`` trains the adapted layers' base biases, which PEFT saves whole: a swappable package
+    refuses them by name (it dropped them before, and decoded other tokens than eager PEFT)."""
+    import torch
+
+    from tests.serving.genai_package import save_small
+
+    model = small_model("Qwen2ForCausalLM")
+    base = save_small(model, tmp_path)
+    adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                  peft.LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only",
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith("q_proj.base_layer.bias"):
+                p.add_(0.5)
+    adapted.save_pretrained(tmp_path / "biased")
+    with pytest.raises(AdapterError, match=r"q_proj\.bias replaces the base model's weight"):
+        export_small(model, tmp_path, {"biased": tmp_path / "biased"})
