@@ -6,11 +6,12 @@ state of the swapped layers of :mod:`~flora_graph.frontend.selective_scan` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["keep_recurrent_state", "keep_state", "kept_state", "linear_cache"]
+__all__ = ["call_cache", "keep_recurrent_state", "keep_state", "kept_state", "linear_cache", "real_tokens"]
 
 
 def linear_cache(layers: int, states: int) -> Any:
@@ -22,6 +23,20 @@ def linear_cache(layers: int, states: int) -> Any:
     cache = DynamicCache()
     cache.layers = [LinearAttentionLayer(number_of_states=states) for _ in range(layers)]
     return cache
+
+
+def call_cache(past_key_values: Any, cache: Any, use_cache: bool | None, config: Any,
+               empty: Callable[[], Any]) -> tuple[Any, bool]:
+    """The cache a state-keeping forward runs on (``past_key_values``, else ``cache``, else ``empty()``) and whether it
+    returns it (``use_cache``, by default the config's)."""
+    cache = past_key_values if past_key_values is not None else cache
+    return (empty() if cache is None else cache), bool(config.use_cache) if use_cache is None else use_cache
+
+
+def real_tokens(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """``[batch, seq]``, true where a new token is not padding: the new tokens' part of ``attention_mask`` (``None``
+    for no mask)."""
+    return None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:].bool()
 
 
 def kept_state(layer: Any, kind: str, index: int) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora_graph.frontend.cache_states import keep_state, kept_state, linear_cache
+from flora_graph.frontend.cache_states import call_cache, keep_state, kept_state, linear_cache, real_tokens
 from flora_graph.frontend.selective_scan import linear_scan
 
 __all__ = ["is_rwkv_lm", "rwkv_cache", "rwkv_forward"]
@@ -76,11 +76,8 @@ def rwkv_forward(model: nn.Module) -> Callable[..., Any]:
 
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: Any = None, cache: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
-        cache = past_key_values if past_key_values is not None else cache
-        use_cache = bool(config.use_cache) if use_cache is None else use_cache
-        if cache is None:
-            cache = rwkv_cache(model)
-        real = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:].bool()
+        cache, use_cache = call_cache(past_key_values, cache, use_cache, config, lambda: rwkv_cache(model))
+        real = real_tokens(attention_mask, input_ids)
         hidden = body.embeddings(input_ids)
         for i, block in enumerate(body.blocks):
             layer = cache.layers[i]

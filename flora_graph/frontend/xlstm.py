@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora_graph.frontend.cache_states import keep_state, kept_state, linear_cache
+from flora_graph.frontend.cache_states import call_cache, keep_state, kept_state, linear_cache, real_tokens
 
 __all__ = ["is_xlstm_lm", "xlstm_cache", "xlstm_forward"]
 
@@ -65,11 +65,8 @@ def xlstm_forward(model: nn.Module) -> Callable[..., Any]:
 
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: Any = None, cache: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
-        cache = past_key_values if past_key_values is not None else cache
-        use_cache = bool(config.use_cache) if use_cache is None else use_cache
-        if cache is None:
-            cache = xlstm_cache(model)
-        real = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:].bool()
+        cache, use_cache = call_cache(past_key_values, cache, use_cache, config, lambda: xlstm_cache(model))
+        real = real_tokens(attention_mask, input_ids)
         hidden = body.embeddings(input_ids)
         for block, layer in zip(body.blocks, cache.layers, strict=True):
             hidden = hidden + _mlstm_layer(block.mlstm_layer, block.norm_mlstm(hidden), layer, real, config)
