@@ -341,8 +341,9 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
             p.requires_grad_(flag)
         raise
     extra = _load_plain_tensors(model, cfg, state, used, names, wpath)
-    changed = [k for k, (target, value) in extra.items() if not torch.equal(target, value.to(target.dtype))]
-    if keep_base and changed:
+    changed = [k for k, (target, value) in extra.items()
+               if not torch.equal(target, value.to(target.dtype))] if keep_base else []
+    if changed:
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         raise AdapterError(f"{wpath}: key {PREFIX}{changed[0]} replaces the base model's weight with other values "
