@@ -351,6 +351,19 @@ register("xlstm", "hybrid", decoder("xLSTMConfig", "xLSTMForCausalLM", vocab_siz
                                     lora_cfg={"target_modules": ["q", "k", "v", "out_proj", "proj_down"]}),
          "mLSTM matrix memories (a loop over positions, a chunked kernel, a step kernel) in a cache class of its own; "
          "unpadded: transformers reads no mask; hidden 128, as its config rounds its widths up to 64")
+INKLING2 = {**GQA, "head_dim": 8, "unpadded_vocab_size": VOCAB, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
+            "swa_head_dim": 8, "sliding_window_size": 3, "rel_extent": 4, "log_scaling_n_floor": 4,
+            "n_layers_per_attn_res_block": 1, "layer_types": ["hybrid_sliding", "hybrid"], "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+            "lora_cfg": {"target_modules": ["linear", "gate_proj"]}}
+register("inkling2", "hybrid", decoder("Inkling2TextConfig", "Inkling2ForCausalLM", **INKLING2),
+         "short convolutions on every projection, whose key/value taps are projected per token (windows of a padded "
+         "sequence: unfold over a dynamic axis), a relative position bias, attention residuals over blocks, experts")
+register("inkling2-loop", "hybrid", decoder("Inkling2LoopTextConfig", "Inkling2LoopForCausalLM",
+                                            **{**INKLING2, "num_hidden_layers": 4, "layer_types": ["hybrid_sliding", "hybrid"] * 2},
+                                            loop_layer_index_start=2, loop_layer_index_end=4, loop_num_passes=2,
+                                            loop_gate_rank=8),
+         "Inkling 2 with its last two layers run twice, gated by the first pass's block states")
 register("mimo-v2-flash", "moe", decoder("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **GQA, head_dim=12,
                                          v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=16, sliding_window=3,

@@ -85,7 +85,10 @@ class CacheLayout:
     ``layers`` counts the cache's layers, which may be more than the model's: a model that runs a section of its
     layers several times (Dory's recurrent loops) caches each pass apart, in layers after its own.
     ``cache_type``: the cache class the model requires where it is its own (MiniMax's, which keeps its lightning
-    attention's states in ``linear_cache`` beside a ``DynamicCache``'s layers), else ``None``."""
+    attention's states in ``linear_cache`` beside a ``DynamicCache``'s layers), else ``None``.
+    ``repeats``: for each cache layer past the model's own, one of the model's layers whose kind of cache layer it
+    is (Inkling 2 Loop's later passes keep states and a window, as the layers they run again), where the cache
+    laid out from the config has a layer object per kind; empty otherwise."""
 
     layers: int
     kv_heads: int
@@ -98,6 +101,7 @@ class CacheLayout:
     per_layer: tuple[tuple[int, int, int], ...] = ()
     indexed: tuple[tuple[int, int], ...] = ()
     cache_type: type | None = field(default=None, compare=False)
+    repeats: tuple[int, ...] = ()
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -241,6 +245,7 @@ def cache_layout(model: nn.Module) -> CacheLayout:
                 for c in layer_cfgs] or [(kv_heads, head_dim)] * int(layers)
     per_layer = [(h, d, d) for h, d in geometry]
     seen = _cached_kv(cache, dict(shared)) if cache is not None else {}
+    own_layers = int(layers)
     if seen and max(seen) >= int(layers):  # cache layers past the model's own: a looped section's later passes (Dory)
         per_layer += [(kv_heads, head_dim, head_dim)] * (max(seen) + 1 - int(layers))
         layers = max(seen) + 1
@@ -253,7 +258,24 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     return CacheLayout(int(layers), first[0], first[1], takes, shared, None if first[2] == first[1] else first[2],
                        kv_layers=kv_layers, states=states,
                        per_layer=tuple(per_layer) if len(set(per_layer)) > 1 else (), indexed=indexed,
-                       cache_type=own)
+                       cache_type=own, repeats=_repeated_layers(cache, own_layers) if states else ())
+
+
+def _repeated_layers(cache: Any, own: int) -> tuple[int, ...]:
+    """For each layer of the eager ``cache`` past the model's ``own`` layers, the first of the model's layers that is
+    the same kind of cache layer (its class and window): the later passes of a looped section copy those."""
+    layers = list(getattr(cache, "layers", []))
+
+    def kind(layer: Any) -> tuple[Any, ...]:
+        return type(layer), getattr(layer, "sliding_window", None), getattr(layer, "number_of_states", None)
+
+    out = []
+    for i in range(own, len(layers)):
+        j = next((j for j in range(own) if kind(layers[j]) == kind(layers[i])), None)
+        if j is None:
+            raise GraphError(f"cache layer {i} (a {type(layers[i]).__name__}) repeats none of the model's {own} layers")
+        out.append(j)
+    return tuple(out)
 
 
 def _eager_cache(model: nn.Module) -> Any:
@@ -436,6 +458,7 @@ def _cache_of(layout: CacheLayout, past: list[torch.Tensor], config: Any) -> Any
             cache.update(past[2 * n], past[2 * n + 1], i)
         return cache
     cache = DynamicCache(config=config)
+    cache.layers += [DynamicCache(config=config).layers[j] for j in layout.repeats]  # a looped section's later passes
     keys: dict[int, torch.Tensor] = {}
     for (i, kind), t in zip(layout.entries(), past, strict=True):
         layer = cache.layers[i]

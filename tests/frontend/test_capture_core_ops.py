@@ -174,6 +174,9 @@ ROWS = [
     Row("one_hot", lambda x: F.one_hot(x, 6).float() * 2, [randint(6, -1, 5)], ("one_hot.default",), {0: 0}),
     Row("unfold_windows", lambda x: x.unfold(1, 3, 2), [randn(-1, 9, 2)], ("unfold.default",), {0: 0}),
     Row("unfold_last", lambda x: x.unfold(-1, 4, 1), [randn(-1, 3, 6)], ("unfold.default",), {0: 0}),
+    # windows along the dynamic axis itself (Inkling 2's short convolutions over a sequence padded by k - 1)
+    Row("unfold_dynamic", lambda x: F.pad(x, (0, 0, 2, 0)).unfold(0, 3, 1), [randn(-1, 4)],
+        ("unfold.default",), {0: 0}),
     # ------------------------------------------------------------------ 3-D transposed convolution (a video decoder's)
     Row("conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=(2, 1, 2), padding=1), [randn(-1, 3, 3, 4, 4),
         randn(3, 2, 3, 3, 3)], ("conv_transpose3d.input",), {0: 0}, tol=1e-4),

@@ -46,6 +46,13 @@ _SPARSE = dict(_LATENT, index_head_dim=16, index_n_heads=16, index_topk=4)
 query, fewer than the test's tokens, so that it selects; 16 indexer heads, so that no two keys tie at a score of 0
 (each head's score is a ReLU) and the choice between tied keys is not up to each runtime's tie-breaking."""
 
+_INKLING2 = dict(num_hidden_layers=4, layer_types=["hybrid_sliding", "hybrid"] * 2, unpadded_vocab_size=128,
+                 swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16, sliding_window_size=4,
+                 rel_extent=8, log_scaling_n_floor=4, n_layers_per_attn_res_block=2)
+"""Inkling 2 at small sizes: its windowed and full layers alternating, a window and a relative position bias shorter
+than the test's tokens, its queries' logarithmic scaling from position 4 on, blocks of two layers for its attention
+residuals, and an output layer as wide as the vocabulary (the checkpoints' is narrower, padded on save)."""
+
 OVERRIDES = {
     "AXK1ForCausalLM": _LATENT,
     "AXK2ForCausalLM": _SPARSE,
@@ -64,6 +71,9 @@ OVERRIDES = {
                             n_recurrent_loops=2),
     "GPTNeoForCausalLM": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
     "InklingForCausalLM": dict(sliding_window_size=4),
+    "Inkling2ForCausalLM": _INKLING2,
+    "Inkling2LoopForCausalLM": dict(_INKLING2, loop_layer_index_start=2, loop_layer_index_end=4, loop_num_passes=2,
+                                    loop_gate_rank=8),
     "LongcatFlashForCausalLM": _LATENT,
     "MiniMaxForCausalLM": dict(layer_types=["linear_attention", "full_attention"], block_size=4),
     "MllamaForCausalLM": dict(num_hidden_layers=3, cross_attention_layers=[1]),
@@ -83,7 +93,8 @@ OVERRIDES = {
                               use_mamba_kernels=False, chunk_size=8),
 }
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
-latent attention's head dims, DBRX's nested attention and experts configs, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
+latent attention's head dims, DBRX's nested attention and experts configs, Inkling 2 Loop's second pass over its last
+two layers (their cache layers kept apart from the first pass's), rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
 that the prompt spans two; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
 layer between two self-attention layers; RWKV's time-mixing width; xLSTM's
 widths, which its config rounds up to 64 for its cache and its layers do not), over :data:`SMALL` (given to the text config of a multimodal family)."""
@@ -98,6 +109,7 @@ FAMILIES = [
     "FlexOlmoForCausalLM", "FlintForCausalLM", "GPTNeoForCausalLM", "GPTNeoXJapaneseForCausalLM", "Glm4MoeForCausalLM", "GlmForCausalLM",
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
     "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM", "InklingForCausalLM",
+    "Inkling2ForCausalLM", "Inkling2LoopForCausalLM",
     "Jais2ForCausalLM", "JetMoeForCausalLM", "Kolibri1ForCausalLM", "LagunaForCausalLM", "Lfm3ForCausalLM", "LongcatFlashForCausalLM", "MBartForCausalLM",
     "MarianForCausalLM", "MegatronBertForCausalLM", "MiniMaxForCausalLM", "MellumForCausalLM", "MllamaForCausalLM", "MiniCPM5MoeForCausalLM",
     "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",

@@ -29,3 +29,15 @@ def test_layout_names_every_state_of_a_layer() -> None:
 
 def test_package_decodes_left_padded_rows_past_the_window_as_eager(tmp_path: Path) -> None:
     assert_padded_rows_decode_as_eager(small_model("InklingForCausalLM"), tmp_path)  # a window of 4 on both layers
+
+
+def test_looped_layers_keep_a_cache_layer_per_pass() -> None:
+    """Inkling 2 Loop runs its last two layers twice: the second pass keeps keys, values and states of its own, in
+    cache layers 4 and 5, of the kinds of layers 2 and 3 (a window, then full attention): those of layers 0 and 1."""
+    layout = cache_layout(small_model("Inkling2LoopForCausalLM"))
+    assert (layout.layers, layout.repeats) == (6, (0, 1))
+    assert "past.5.conv.3" in layout.past_names() and "present.5.value" in layout.present_names()
+
+
+def test_looped_package_decodes_left_padded_rows_as_eager(tmp_path: Path) -> None:
+    assert_padded_rows_decode_as_eager(small_model("Inkling2LoopForCausalLM"), tmp_path)

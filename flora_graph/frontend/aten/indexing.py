@@ -35,7 +35,7 @@ import torch
 
 from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, refuse, refuse_used_outputs, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import canonical_dim
+from flora_graph.ir.shapes import canonical_dim, subtract_dims
 from flora_graph.ops.movement import SLICE_END
 
 __all__: list[str] = []
@@ -433,17 +433,26 @@ def _one_hot(ctx, x, num_classes=-1):
 
 @register(aten.unfold.default)
 def _unfold(ctx, x, dim, size, step):
-    """``Tensor.unfold``: the windows of ``size`` every ``step`` along a static axis, a new last axis of ``size``."""
+    """``Tensor.unfold``: the windows of ``size`` every ``step`` along an axis, a new last axis of ``size``. A
+    dynamic axis (a short convolution's padded tokens, ``seq + k - 1``) takes windows every position: ``length -
+    size + 1`` of them, their starts an ``Arange`` of that dim."""
     if not x.shape:
         raise refuse(ctx, "unfold of a scalar")
     axis = axis_of(int(dim), len(x.shape))
     length = x.shape[axis]
-    if not isinstance(length, int):
-        raise refuse(ctx, f"unfold of a dynamic axis of size {length!r}")
     size, step = int(size), int(step)
-    count = (length - size) // step + 1
-    index = np.arange(count)[:, None] * step + np.arange(size)[None, :]
-    idx = ctx.new_param(f"{ctx.fx_node.name}_windows", index.astype(np.int64))
+    if isinstance(length, int):
+        count = (length - size) // step + 1
+        index = np.arange(count)[:, None] * step + np.arange(size)[None, :]
+        idx = ctx.new_param(f"{ctx.fx_node.name}_windows", index.astype(np.int64))
+    else:
+        count = subtract_dims(length, size - 1) if step == 1 else None
+        if count is None:
+            raise refuse(ctx, f"unfold of a dynamic axis of size {length!r} by {size} every {step}: the window "
+                              "count is no dim (every position only)")
+        starts = ctx.emit(Op.ARANGE, [], {"start": 0, "end": count, "step": 1, "dtype": "int64"})
+        offsets = ctx.new_param(f"{ctx.fx_node.name}_offsets", np.arange(size, dtype=np.int64)[None, :])
+        idx = ctx.emit(Op.ADD, [ctx.emit(Op.UNSQUEEZE, [starts], {"axes": (1,)}), offsets])  # [count, size]
     y = ctx.emit(Op.GATHER, [x, idx], {"axis": axis})  # [..., count, size, ...]
     rank = len(y.shape)
     perm = [a for a in range(rank) if a != axis + 1] + [axis + 1]
