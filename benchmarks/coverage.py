@@ -364,6 +364,16 @@ register("inkling2-loop", "hybrid", decoder("Inkling2LoopTextConfig", "Inkling2L
                                             loop_layer_index_start=2, loop_layer_index_end=4, loop_num_passes=2,
                                             loop_gate_rank=8),
          "Inkling 2 with its last two layers run twice, gated by the first pass's block states")
+register("kolibri1.1", "moe", decoder("Kolibri1_1Config", "Kolibri1_1ForCausalLM", **{**GQA, "num_hidden_layers": 3},
+                                       head_dim=16, sliding_window=3, index_layers=[1], kv_source_layers=[0, 1, 1],
+                                       layer_types=["sliding_attention", "indexed_attention", "indexed_attention"],
+                                       mlp_only_layers=[0], mlp_only_intermediate_size=64, num_experts=4,
+                                       num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                       index_num_heads=2, index_topk=2, index_pool_size=4, index_compression=2,
+                                       index_num_local_tokens=2, index_num_sink_tokens=1, lora_cfg=ATTN_LORA),
+         "sparse attention whose indexer pools blocks of keys, then keeps each query's best, its sinks and its local "
+         "keys (transformers loops over rows and groups of queries); NVFP4 keys and values (8-bit float scales); "
+         "layers reading an earlier layer's keys and values")
 register("mimo-v2-flash", "moe", decoder("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **GQA, head_dim=12,
                                          v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=16, sliding_window=3,

@@ -89,6 +89,7 @@ from flora_graph.frontend.delta_rule import (
     recurrent_gated_delta_rule,
 )
 from flora_graph.frontend.lightning_attention import is_lightning_attention, lightning_forward
+from flora_graph.frontend.pooled_indexer import is_pooled_indexer, pooled_indexer_forward
 from flora_graph.frontend.recurrent_block import is_recurrent_block, recurrent_block_forward
 from flora_graph.frontend.selective_scan import (
     SCAN_FORWARD,
@@ -360,6 +361,7 @@ def _padded_top_k(module: nn.Module, path: str = "") -> Callable[..., torch.Tens
 
 MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str], Callable[..., Any]]], ...] = (
     (_top_k_indexer, _padded_top_k),
+    (is_pooled_indexer, pooled_indexer_forward),
     (is_lightning_attention, lightning_forward),
     (is_multi_head_mixer, multi_head_mixer_forward),
     (is_recurrent_block, recurrent_block_forward),
@@ -367,7 +369,7 @@ MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str]
      lambda module, path: state_forward(module).forward(module)),
 )
 """(which modules, the forward they take instead, made from the module and its path in the model) for
-:func:`traceable_modules`: DeepSeek Sparse Attention's indexers, MiniMax's lightning attention, Zamba's multi-head
+:func:`traceable_modules`: DeepSeek Sparse Attention's indexers, Kolibri 1.1's pooled indexers, MiniMax's lightning attention, Zamba's multi-head
 Mamba mixers, RecurrentGemma's recurrent blocks, RWKV and xLSTM causal LMs (one whose forward the cache export has
 given it already keeps that one)."""
 

@@ -109,9 +109,12 @@ def float_math(fn: str) -> Lower:
 
 
 def float_literal(value: float, node: ComputationNode) -> str:
-    """Source of a finite float attribute; ``GraphError`` naming the node for inf/NaN."""
-    if not math.isfinite(value):
-        raise GraphError(f"node {node.name!r} ({node.op.value}): non-finite attribute {value}")
+    """Source of a float attribute: ``float("inf")`` (negated) and ``float("nan")`` for the non-finite ones, which
+    TorchScript reads as Python does."""
+    if math.isnan(value):
+        return 'float("nan")'
+    if math.isinf(value):
+        return 'float("inf")' if value > 0 else '-float("inf")'
     return repr(float(value))
 
 

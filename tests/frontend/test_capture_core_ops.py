@@ -72,6 +72,10 @@ class Row:
 
 
 _W = torch.randn(10, 3, generator=_gen(11))
+_FLOAT8_VALUES = torch.cat([torch.tensor([0.0, -0.0, 2**-9, 2**-10, 3 * 2**-10, 1.0, 1.0625, 1.1875, 2.0, 240.0, 448.0,
+                                          460.0, 1e4, -3.3, 2**-6, 0.0151, 1e-12, 61440.0 / 128, 70000.0 / 128]),
+                            torch.randn(45, generator=_gen(12)) * 40]).reshape(4, 16)
+_FLOAT8_SCALE = torch.linspace(0.5, 2.0, 16)
 _OFFSETS = torch.tensor([0, 2, 2])  # bags [0, 2), [] and [2, end)
 
 ROWS = [
@@ -175,6 +179,13 @@ ROWS = [
     Row("unfold_windows", lambda x: x.unfold(1, 3, 2), [randn(-1, 9, 2)], ("unfold.default",), {0: 0}),
     Row("unfold_last", lambda x: x.unfold(-1, 4, 1), [randn(-1, 3, 6)], ("unfold.default",), {0: 0}),
     # windows along the dynamic axis itself (Inkling 2's short convolutions over a sequence padded by k - 1)
+    # 8-bit floats (Kolibri 1.1's NVFP4 scales): subnormals, ties to even, e4m3fn saturating, e5m2 past its range
+    Row("to_float8_e4m3fn", lambda x: (x * _FLOAT8_SCALE).to(torch.float8_e4m3fn).float(), [fixed(_FLOAT8_VALUES)],
+        ("to.dtype",)),
+    Row("to_float8_e5m2", lambda x: (x * _FLOAT8_SCALE * 128).to(torch.float8_e5m2).float(), [fixed(_FLOAT8_VALUES)],
+        ("to.dtype",)),
+    Row("copysign", lambda a, b: torch.copysign(a, b), [randn(-1, 6), fixed(torch.tensor([1.0, -2.0, 0.0, -0.0, 3.0, -1.0]))],
+        ("copysign.Tensor",), {0: 0}),
     Row("unfold_dynamic", lambda x: F.pad(x, (0, 0, 2, 0)).unfold(0, 3, 1), [randn(-1, 4)],
         ("unfold.default",), {0: 0}),
     # ------------------------------------------------------------------ 3-D transposed convolution (a video decoder's)

@@ -34,6 +34,9 @@ def _tile_dynamic_count(g, x, rng):  # w.repeat(batch, 2): what aten.repeat with
 CASES = [
     Case("pad_constant", {"x": In(("batch", "seq", 6))}, op(Op.PAD, "x", pads=(0, 0, 1, 0, 0, 2), value=0.5),
          lambda x: torch.constant_pad_nd(x, [1, 2], 0.5), capture=("constant_pad_nd.default",)),
+    # a non-finite value (scores padded with -inf before a top-k): every backend writes it, TorchScript's source too
+    Case("pad_minus_inf", {"x": In(("batch", "seq", 6))}, op(Op.PAD, "x", pads=(0, 0, 0, 0, 0, 3), value=float("-inf")),
+         lambda x: torch.constant_pad_nd(x, [0, 3], float("-inf")), capture=("constant_pad_nd.default",)),
     Case("pad_constant_crop", {"x": In(("batch", 5, 6))}, _crop_then_pad,
          lambda x: torch.constant_pad_nd(x, [1, -2, -1, 2]), capture=("constant_pad_nd.default",)),
     Case("pad_int", {"x": In(("batch", 3), "int64", "small_int")}, op(Op.PAD, "x", pads=(0, 2, 0, 1), value=7.0),

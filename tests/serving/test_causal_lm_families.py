@@ -72,6 +72,11 @@ OVERRIDES = {
     "GPTNeoForCausalLM": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
     "InklingForCausalLM": dict(sliding_window_size=4),
     "Inkling2ForCausalLM": _INKLING2,
+    "Kolibri1_1ForCausalLM": dict(num_hidden_layers=3, layer_types=["sliding_attention", "indexed_attention",
+                                                                    "indexed_attention"], sliding_window=4,
+                                  index_layers=[1], kv_source_layers=[0, 1, 1], mlp_only_layers=[0],
+                                  mlp_only_intermediate_size=96, index_num_heads=2, index_topk=3, index_pool_size=6,
+                                  index_compression=2, index_num_local_tokens=2, index_num_sink_tokens=1),
     "Inkling2LoopForCausalLM": dict(_INKLING2, loop_layer_index_start=2, loop_layer_index_end=4, loop_num_passes=2,
                                     loop_gate_rank=8),
     "LongcatFlashForCausalLM": _LATENT,
@@ -94,7 +99,8 @@ OVERRIDES = {
 }
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
 latent attention's head dims, DBRX's nested attention and experts configs, Inkling 2 Loop's second pass over its last
-two layers (their cache layers kept apart from the first pass's), rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
+two layers (their cache layers kept apart from the first pass's), Kolibri 1.1's indexed layers (the second reads the
+first's keys and values and pool) with budgets below the test's tokens, so that they select, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
 that the prompt spans two; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
 layer between two self-attention layers; RWKV's time-mixing width; xLSTM's
 widths, which its config rounds up to 64 for its cache and its layers do not), over :data:`SMALL` (given to the text config of a multimodal family)."""
@@ -110,7 +116,7 @@ FAMILIES = [
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
     "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM", "InklingForCausalLM",
     "Inkling2ForCausalLM", "Inkling2LoopForCausalLM",
-    "Jais2ForCausalLM", "JetMoeForCausalLM", "Kolibri1ForCausalLM", "LagunaForCausalLM", "Lfm3ForCausalLM", "LongcatFlashForCausalLM", "MBartForCausalLM",
+    "Jais2ForCausalLM", "JetMoeForCausalLM", "Kolibri1ForCausalLM", "Kolibri1_1ForCausalLM", "LagunaForCausalLM", "Lfm3ForCausalLM", "LongcatFlashForCausalLM", "MBartForCausalLM",
     "MarianForCausalLM", "MegatronBertForCausalLM", "MiniMaxForCausalLM", "MellumForCausalLM", "MllamaForCausalLM", "MiniCPM5MoeForCausalLM",
     "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",
     "ModernBertDecoderForCausalLM", "MoshiForCausalLM", "MvpForCausalLM", "NanoChatForCausalLM", "OlmoHybridForCausalLM",

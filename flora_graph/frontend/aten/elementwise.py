@@ -10,7 +10,8 @@ reads: that ``Linear`` with the weight as its bias, see :mod:`~flora_graph.front
 computes in); ``ceil``/``floor``/``round``/``trunc`` (nothing on integers); ``maximum``/``max.other``,
 ``minimum``/``min.other`` -> ``Max``/``Min``; ``clamp`` (``Scalar`` and ``Tensor`` bounds), ``clamp_min``,
 ``clamp_max`` and ``hardtanh`` -> ``Max`` then ``Min``; ``square`` -> ``Mul`` of ``x`` by itself; ``log_sigmoid`` ->
-``Min(x, 0) - Log1p(Exp(-|x|))``; ``atan2`` (and ``atan2.out``), ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
+``Min(x, 0) - Log1p(Exp(-|x|))``; ``copysign`` -> ``Where`` of ``Neg(Abs(a))`` / ``Abs(a)`` by ``b``'s sign (``-0.0``
+negative); ``atan2`` (and ``atan2.out``), ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
 ``div`` with a ``rounding_mode`` and ``floor_divide`` (``Div``, then ``Trunc``/``Floor``; integer floor division
 through ``Remainder``); ``softplus`` (``beta``, ``threshold``) -> ``Where(beta x > threshold, x, Log1p(Exp(beta x)) /
 beta)``; ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; ``fill.Scalar``
@@ -20,7 +21,7 @@ beta)``; ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; 
 ``Not``/``And``/``Or``/``Xor``; ``where`` and ``masked_fill`` -> ``Where``; ``triu``/``tril`` (a constant
 mask, or ``Arange`` + comparison, then ``Where``); ``diff`` with a one-element ``prepend``
 (transformers' packed-sequence check); ``to``/``_to_copy``/``type_as`` -> ``Cast`` (nothing
-when the dtype is unchanged).
+when the dtype is unchanged; to an 8-bit float, its rounding in the source's float dtype).
 
 Types follow torch's promotion: operands are cast to the dtype torch computes in.
 """
@@ -57,10 +58,47 @@ aten = torch.ops.aten
 
 
 # --------------------------------------------------------------------------- casts
+_FLOAT8 = {"float8_e4m3fn": (3, -6, 448.0, 448.0), "float8_e5m2": (2, -14, 57344.0, 2 * 57344.0)}
+"""Each 8-bit float torch casts to: (mantissa bits, least normal exponent, largest finite value, the magnitude a
+larger one is taken as). torch saturates e4m3fn, which has no infinity, at its largest value; e5m2 rounds past its
+largest to infinity, as a value twice that large does."""
+
+
 @register(aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device)
 def _to(ctx, x, *args, **kwargs):
-    """Any ``to``/``_to_copy``: a ``Cast`` to the dtype torch reports, nothing when it is unchanged."""
+    """Any ``to``/``_to_copy``: a ``Cast`` to the dtype torch reports, nothing when it is unchanged; to an 8-bit
+    float (:data:`_FLOAT8`), the value rounded to that type's grid, kept in ``x``'s float dtype (what a cast back,
+    which then costs nothing, reads: the fake quantization of NVFP4 scales)."""
+    target = out_dtype(ctx)
+    if target in _FLOAT8:
+        return _float8_rounded(ctx, x, *_FLOAT8[target])
     return cast_to_out(ctx, x)
+
+
+def _float8_rounded(ctx, x, mantissa: int, least: int, largest: float, cap: float):
+    """``x`` rounded to nearest-even on the grid of an 8-bit float, as torch's cast rounds it: magnitudes taken at
+    most ``cap``, in steps of ``2^(e - mantissa)`` where ``e`` is the magnitude's binary exponent, at least ``least``
+    (subnormals); what rounds past ``largest`` is infinite."""
+    if x.dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise refuse(ctx, f"a cast of {x.dtype} to an 8-bit float")
+    dt = x.dtype
+    magnitude = ctx.emit(Op.MIN, [ctx.emit(Op.ABS, [x]), ctx.scalar(cap, dt)])
+    two = ctx.scalar(2.0, dt)
+    e = ctx.emit(Op.FLOOR, [ctx.emit(Op.LOG2, [magnitude])])
+    e = ctx.emit(Op.MAX, [e, ctx.scalar(float(least), dt)])  # zero's -inf too
+    # Log2 may land a power of two off by one: the step's power of two brackets the magnitude
+    power = ctx.emit(Op.POW, [two, e])
+    e = ctx.emit(Op.SUB, [e, ctx.emit(Op.CAST, [ctx.emit(Op.GREATER, [power, magnitude])], {"to": dt})])
+    e = ctx.emit(Op.MAX, [e, ctx.scalar(float(least), dt)])
+    power = ctx.emit(Op.POW, [two, e])
+    up = ctx.emit(Op.LESS_OR_EQUAL, [ctx.emit(Op.MUL, [power, two]), magnitude])
+    e = ctx.emit(Op.ADD, [e, ctx.emit(Op.CAST, [up], {"to": dt})])
+    step = ctx.emit(Op.POW, [two, ctx.emit(Op.SUB, [e, ctx.scalar(float(mantissa), dt)])])
+    rounded = ctx.emit(Op.MUL, [ctx.emit(Op.ROUND, [ctx.emit(Op.DIV, [magnitude, step])]), step])
+    rounded = ctx.emit(Op.WHERE, [ctx.emit(Op.GREATER, [rounded, ctx.scalar(largest, dt)]),
+                                  ctx.scalar(float("inf"), dt), rounded])
+    negative = ctx.emit(Op.LESS, [x, ctx.scalar(0.0, dt)])
+    return ctx.emit(Op.WHERE, [negative, ctx.emit(Op.NEG, [rounded]), rounded])
 
 
 @register(aten.type_as.default)
@@ -337,6 +375,20 @@ def _square(ctx, x):
     """``x * x``, as torch computes it (its ``pow(x, 2)`` multiplies)."""
     y = operand(ctx, x, out_dtype(ctx))
     return ctx.emit(Op.MUL, [y, y])
+
+
+@register(aten.copysign.Tensor, aten.copysign.Scalar)
+def _copysign(ctx, a, b):
+    """``|a|`` with the sign of ``b``: negative where ``b < 0``, or ``b`` is ``-0.0`` (``1 / b < 0``); a ``NaN``
+    ``b`` counts as positive."""
+    dtype = out_dtype(ctx)
+    a, b = operand(ctx, a, dtype), operand(ctx, b, dtype)
+    zero = ctx.scalar(0.0, dtype)
+    negative_zero = ctx.emit(Op.AND, [ctx.emit(Op.EQUAL, [b, zero]),
+                                      ctx.emit(Op.LESS, [ctx.emit(Op.DIV, [ctx.scalar(1.0, dtype), b]), zero])])
+    negative = ctx.emit(Op.OR, [ctx.emit(Op.LESS, [b, zero]), negative_zero])
+    magnitude = ctx.emit(Op.ABS, [a])
+    return ctx.emit(Op.WHERE, [negative, ctx.emit(Op.NEG, [magnitude]), magnitude])
 
 
 @register(aten.log_sigmoid.default)

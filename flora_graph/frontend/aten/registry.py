@@ -160,6 +160,9 @@ def compute_dtype(ctx: CaptureContext, *args: Any) -> str:
     for a in args:
         if isinstance(a, torch.fx.Node):
             v = a.meta["val"]
+            if isinstance(v, torch.SymInt | torch.SymFloat | torch.SymBool):  # a size read off a tensor: a number
+                probes.append({torch.SymInt: 1, torch.SymFloat: 1.0, torch.SymBool: True}[type(v)])
+                continue
             probes.append(torch.empty([] if v.dim() == 0 else [1], dtype=v.dtype))
         else:
             probes.append(a)
