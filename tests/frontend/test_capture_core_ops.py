@@ -186,6 +186,7 @@ ROWS = [
         ("to.dtype",)),
     Row("copysign", lambda a, b: torch.copysign(a, b), [randn(-1, 6), fixed(torch.tensor([1.0, -2.0, 0.0, -0.0, 3.0, -1.0]))],
         ("copysign.Tensor",), {0: 0}),
+    Row("copysign_scalar", lambda x: torch.copysign(x, -0.0), [randn(-1, 6)], ("copysign.Scalar",), {0: 0}),
     Row("unfold_dynamic", lambda x: F.pad(x, (0, 0, 2, 0)).unfold(0, 3, 1), [randn(-1, 4)],
         ("unfold.default",), {0: 0}),
     # ------------------------------------------------------------------ 3-D transposed convolution (a video decoder's)
