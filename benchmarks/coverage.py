@@ -201,6 +201,9 @@ register("gpt2", "decoder", decoder("GPT2Config", "GPT2LMHeadModel", vocab_size=
          "Conv1D (fan_in_fan_out), learned positions", quick=True)
 register("gpt-neox", "decoder", decoder("GPTNeoXConfig", "GPTNeoXForCausalLM", bos_token_id=0, eos_token_id=0, **SMALL),
          "partial rotary, parallel residual")
+register("ctrl", "decoder", decoder("CTRLConfig", "CTRLLMHeadModel", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                    dff=64, n_positions=MAX_POS, dim_max=BOUNDED, lora_cfg={"target_modules": ["Wq", "Wv"]}),
+         "sinusoidal position table re-assigned to itself on every call (a buffer write that carries no state)")
 register("gpt-j", "decoder", decoder("GPTJConfig", "GPTJForCausalLM", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                                      n_positions=MAX_POS, rotary_dim=4, bos_token_id=0, eos_token_id=0),
          "interleaved rotary")

@@ -865,15 +865,25 @@ def decompose_unconverted(ep: torch.export.ExportedProgram, rounds: int = 3) -> 
 def _without_dead_state(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``ep`` without the writes of buffers whose value on entry nothing reads: each call overwrites them
     before any read (transformers' longrope picks its frequencies so, ``inv_freq.copy_(where(...))``), so
-    no call sees what an earlier one wrote and the write carries no state. Functionalized programs only."""
+    no call sees what an earlier one wrote and the write carries no state; and without the writes of a buffer's
+    own value back into it (CTRL's ``self.pos_encoding = self.pos_encoding.to(dtype)`` in the dtype it has).
+    Functionalized programs only."""
     sig = ep.graph_signature
     unread = {sig.inputs_to_buffers[n.name] for n in ep.graph.nodes
               if n.op == "placeholder" and n.name in sig.inputs_to_buffers and not n.users}
+    out = next(n for n in ep.graph.nodes if n.op == "output")
+    written = out.args[0]
+
+    def unchanged(i: int, target: str) -> bool:
+        value = written[i]
+        return isinstance(value, torch.fx.Node) and value.op == "placeholder" \
+            and sig.inputs_to_buffers.get(value.name) == target
+
     drop = [i for i, spec in enumerate(sig.output_specs)
-            if spec.kind == torch.export.graph_signature.OutputKind.BUFFER_MUTATION and spec.target in unread]
+            if spec.kind == torch.export.graph_signature.OutputKind.BUFFER_MUTATION
+            and (spec.target in unread or unchanged(i, spec.target))]
     if not drop:
         return ep
-    out = next(n for n in ep.graph.nodes if n.op == "output")
     out.args = (tuple(v for i, v in enumerate(out.args[0]) if i not in drop), *out.args[1:])
     ep.graph.eliminate_dead_code()
     ep.graph_module.recompile()

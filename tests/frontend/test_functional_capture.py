@@ -185,6 +185,26 @@ def test_a_buffer_overwritten_before_any_read_carries_no_state_and_is_captured()
         capture(PartlyOverwrites(), torch.randn(2, 3))
 
 
+class ReassignsBuffer(nn.Module):
+    """As CTRL's model: a buffer assigned its own ``to`` in the dtype it has on every call (no state: the value
+    written is the one read), which torch.export records as a copy into the buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(16, 4, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.table = self.table.to(dtype=torch.float32)
+        return self.table[ids] * 2
+
+
+def test_a_buffer_assigned_its_own_value_carries_no_state_and_is_captured() -> None:
+    g = capture(ReassignsBuffer(), torch.tensor([[1, 2, 3], [4, 5, 6]]), {"ids": {0: "batch", 1: "seq"}})
+    ids = torch.tensor([[0, 5], [15, 7]])
+    got = next(iter(run(g, {"ids": ids.numpy()}).values()))
+    np.testing.assert_allclose(got, _eager(ReassignsBuffer(), {"ids": ids}), atol=ATOL, rtol=RTOL)
+
+
 def test_detach_in_place_is_not_a_reason_to_functionalize(monkeypatch) -> None:
     """transformers' caches call ``detach_``: it changes autograd metadata only, so the program is converted as
     traced (no ``run_decompositions``), with ``detach_`` as the identity."""
