@@ -92,6 +92,22 @@ def _keeps_dtype(n: torch.fx.Node, dtype: torch.dtype) -> bool:
     return True
 
 
+def _private_alias(v: torch.fx.Node, write: torch.fx.Node, order: dict[torch.fx.Node, int],
+                   safe: Collection[torch.fx.Node]) -> bool:
+    """Whether ``v`` is a ``to`` in the dtype it has (an alias) of a tensor the call made, which nothing reads
+    after ``write`` and of which no other view is taken: writing ``v`` then changes what ``v``'s readers see
+    alone (transformers' recurrent layers copy their new state into ``state.to(dtype)`` of their cloned cache)."""
+    if not (v.op == "call_function" and isinstance(v.target, torch._ops.OpOverload)
+            and v.target.overloadpacket is torch.ops.aten.to and _is_view(v) and v.args
+            and not v.kwargs.get("copy", False) and v.kwargs.get("memory_format") in (None, torch.preserve_format)):
+        return False
+    base = v.args[0]
+    if not (isinstance(base, torch.fx.Node) and base.op == "call_function" and (base in safe or not _is_view(base))):
+        return False
+    at = order[write]
+    return all(u is v or (order.get(u, at + 1) < at and not _is_view(u)) for u in base.users)
+
+
 def written_root(n: Any) -> Any:
     """``n`` seen through the :data:`AUTOGRAD_ONLY` ops that return their input (``x.detach_()`` is ``x``)."""
     while isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in AUTOGRAD_ONLY and n.args:
@@ -155,11 +171,12 @@ def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any,
         root = written_root(written)
         fresh = isinstance(root, torch.fx.Node) and (
             (root.op == "call_function" and (root in safe or not _is_view(root)))
-            or (root.op == "placeholder" and root.name in constants))
-        seen = {*root.users, *written.users} if fresh else set()
+            or (root.op == "placeholder" and root.name in constants)
+            or _private_alias(root, n, order, safe))
+        # a view of the tensor taken before the write and read after it would see the write: refused
         ok = (twin is not None and twin in converters and fresh
               and _dtype(written) is not None and _keeps_dtype(n, _dtype(written))
-              and not any(_is_view(u) and not _mutable(u.target) and u.target not in AUTOGRAD_ONLY for u in seen))
+              and not any(_stale_views(v, n, order) for v in {root, written}))
         if not ok and twin is not None and twin in converters and (cut := sliced_base(written)) is not None:
             base = written_root(cut[0])  # a slice of a tensor the call made: scattered back into it
             ok = (isinstance(base, torch.fx.Node) and set(written.users) == {n}

@@ -60,9 +60,24 @@ def _targets(model: nn.Module, example, dims) -> set:
     return {n.target for n in ep.graph.nodes if n.op == "call_function"}
 
 
+class InPlaceStale(InPlace):
+    """:class:`InPlace`'s ops, with a view of ``h`` taken before its writes and read after them (it sees them): the
+    program is functionalized."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        early = h[:, :1]
+        h.add_(y)
+        h.div_(2)
+        row = torch.tanh(h[0])
+        row[torch.tensor([0, 3])] = 0.25
+        h.masked_fill_(h > 0.5, -1.0)
+        return torch.relu(h) + row + early
+
+
 def test_in_place_ops_become_functional() -> None:
     torch.manual_seed(0)
-    targets = _targets(InPlace().eval(), _feeds(3, 0), {"x": {0: "b"}, "y": {0: "b"}})
+    targets = _targets(InPlaceStale().eval(), _feeds(3, 0), {"x": {0: "b"}, "y": {0: "b"}})
     aten = torch.ops.aten
     assert {aten.add.Tensor, aten.div.Tensor, aten.index_put.default, aten.masked_fill.Scalar} <= targets
     assert not [t for t in targets if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable]
@@ -70,9 +85,10 @@ def test_in_place_ops_become_functional() -> None:
 
 
 @pytest.mark.parametrize("backend", ["numpy", "onnxruntime"])
-def test_in_place_module_matches_eager(backend: str) -> None:
+@pytest.mark.parametrize("model_cls", [InPlace, InPlaceStale])  # converted as traced, and functionalized
+def test_in_place_module_matches_eager(backend: str, model_cls: type[nn.Module]) -> None:
     torch.manual_seed(0)
-    model = InPlace().eval()
+    model = model_cls().eval()
     g = capture(model, _feeds(3, 0), {"x": {0: "b"}, "y": {0: "b"}})
     assert {Op.INDEX_PUT, Op.WHERE} <= {n.op for n in g.nodes}
     exe = None if backend == "numpy" else compile(g, backend)
@@ -275,12 +291,35 @@ class SplitItem(nn.Module):
 
 
 class SameDtypeTo(nn.Module):
-    """``to`` of the same dtype is the tensor itself: writing the result writes the input."""
+    """``to`` of the same dtype is the tensor itself: writing the result writes the input, which nothing reads after
+    (torch.export returns the write's result), so the write converts as it is."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = x * 2
         h.to(torch.float32).add_(y)
         return h
+
+
+class ClonedState(nn.Module):
+    """As a Mamba-2 layer's convolution state: a clone of the cache's, read through a slice, then overwritten whole
+    (``copy_``); the slice is read before the write, so it converts as it is."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        state = x.clone()
+        shifted = torch.cat([state[:, 1:], y[:, :1]], dim=1)
+        state.copy_(shifted)
+        return state * 2
+
+
+class AliasedState(nn.Module):
+    """As a gated delta layer's recurrent state: ``to`` in its own dtype of a clone (an alias of it), read, then
+    written whole through that alias; nothing reads the clone after, so it converts as it is."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        state = x.clone().to(torch.float32)
+        out = state * y
+        state.copy_(out + 1)
+        return state + out
 
 
 class MadeConstant(nn.Module):
@@ -330,7 +369,8 @@ def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, o
 
 @pytest.mark.parametrize(("model", "retrace"), [(Fresh, False), (MadeConstant, False), (SliceFilled, False),
                                                 (SliceStaleView, True), (ThroughView, True), (ViewReadAfter, True),
-                                                (SplitItem, True), (SameDtypeTo, True)])
+                                                (SplitItem, True), (SameDtypeTo, False), (InPlaceStale, True),
+                                                (ClonedState, False), (AliasedState, False)])
 def test_in_place_ops_convert_without_a_retrace_only_where_no_view_shares_them(model, retrace, monkeypatch) -> None:
     torch.manual_seed(0)
     m = model().eval()
