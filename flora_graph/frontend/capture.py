@@ -34,7 +34,7 @@ from flora_graph.adapters import adapters_of
 from flora_graph.adapters.lora import is_conv1d
 from flora_graph.adapters.peft import adapter_label, peft_lora_layers
 from flora_graph.errors import ChunkCountFixedError, FloraGraphError, GraphError, ShapeError, UnsupportedOpError
-from flora_graph.frontend import mutations
+from flora_graph.frontend import mutations, selected_rows
 from flora_graph.frontend.aten import ATEN_TABLE, NO_TENSOR_OPS, SymDim, aten_name, refusal_of
 from flora_graph.frontend.aten.complex import COMPLEX_TABLE, complex_converter, touches_complex
 from flora_graph.frontend.aten.registry import chunk_samples
@@ -109,6 +109,7 @@ class CaptureContext:
         self.adapters = dict(adapters)
         self.symbols = symbols  # sympy symbol name -> IR dim name
         self.in_place: Mapping[torch.fx.Node, Any] = {}  # in-place fx nodes -> their functional twin
+        self.selected: dict[torch.fx.Node, Any] = {}  # fx nodes of rows a bool mask picked -> that mask (selected_rows)
         self.fx_node: torch.fx.Node | None = None
 
     # ------------------------------------------------------------------ where are we
@@ -995,6 +996,9 @@ def convert_fx_graph(
             if output_names is not None and len(output_names) != len(outs):
                 raise GraphError(f"{name}: {len(output_names)} output names for {len(outs)} outputs")
             for i, o in enumerate(outs):
+                if o in ctx.selected:
+                    raise UnsupportedOpError(f"output {i} of {name} is rows picked by a bool mask, as many as the data "
+                                             "decides", {"index (a bool mask's rows as an output)": [n.name]})
                 node = _realize(ctx, env[o])
                 if not isinstance(node, ComputationNode):
                     raise GraphError(f"output {i} of {name} is not a tensor")
@@ -1041,6 +1045,8 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
         return SymDim(ctx.ir_dim(n.meta["val"]))
     if n.target in NO_TENSOR_OPS or _is_size_check(n):
         return None
+    if ctx.selected:
+        selected_rows.check(ctx, n)  # rows a bool mask picked: read one at a time, or refused
     twin = ctx.in_place.get(n)  # an in-place op converted as its functional twin (frontend.mutations)
     conv = complex_converter(ctx, n) or ATEN_TABLE.get(n.target if twin is None else twin)
     if conv is None or _reads_bfloat16_weights(args, kwargs):  # every input is constant: fold it (_check_supported

@@ -80,7 +80,11 @@ def _index(ctx, x, indices):
     """One index tensor -> ``Gather``; several on consecutive axes -> ``Index`` (their shapes broadcast)."""
     used = [(i, t) for i, t in enumerate(indices) if t is not None]
     if any(t.dtype == "bool" for _, t in used):
-        raise refuse(ctx, "indexing with a bool mask")
+        if len(indices) == 1 and used and used[0][0] == 0:  # rows of the leading axes: every row, the picked first
+            from flora_graph.frontend.selected_rows import select
+
+            return select(ctx, x, used[0][1])
+        raise refuse(ctx, "indexing with a bool mask beside other indices, or not from the first axis")
     if not used or [i for i, _ in used] != list(range(used[0][0], used[0][0] + len(used))):
         raise refuse(ctx, "advanced indexing of axes that are not consecutive")
     if len(used) == 1:
@@ -210,7 +214,9 @@ def _index_add(ctx, x, dim, index, source, *, alpha=1):
 def _masked_put(ctx, x, used: list, values, accumulate: bool) -> ComputationNode:
     """``x[mask] = values`` (``+=`` where ``accumulate``) with one bool mask over axes ``k .. k+m`` of ``x`` and one
     value for every selected position (a row, a scalar: T5Gemma 2's end-of-image embedding): ``Where`` of the mask
-    over ``values`` broadcast, no data-dependent shape. Values per selected position are refused."""
+    over ``values`` broadcast, no data-dependent shape. A value per selected position of the leading axes (rows a bool
+    mask picked, :mod:`~flora_graph.frontend.selected_rows`) is gathered to its place, the k-th true one taking row
+    k; other values per selected position are refused."""
     if len(used) != 1:
         raise refuse(ctx, "index_put with a bool mask beside other indices (data-dependent positions)")
     (k, mask), = used
@@ -223,7 +229,13 @@ def _masked_put(ctx, x, used: list, values, accumulate: bool) -> ComputationNode
         if len(vshape) == tail + 1 and vshape[0] == 1:  # one row for all, as [1, ...]
             values = ctx.emit(Op.RESHAPE, [values], {"shape": tuple(vshape[1:]) or (1,)})
             vshape = vshape[1:]
-        if len(vshape) > tail:
+        if len(vshape) == tail + 1 and k == 0:  # a row per masked position, in order (rows a bool mask picked)
+            flat = ctx.emit(Op.RESHAPE, [mask], {"shape": (-1,)})
+            place = ctx.emit(Op.SUB, [ctx.emit(Op.CUMSUM, [ctx.emit(Op.CAST, [flat], {"to": "int64"})], {"axis": 0}),
+                                      ctx.scalar(1, "int64")])
+            place = ctx.emit(Op.MAX, [place, ctx.scalar(0, "int64")])  # before the first: masked out below
+            values = ctx.emit(Op.RESHAPE, [ctx.emit(Op.GATHER, [values, place], {"axis": 0})], {"shape": tuple(x.shape)})
+        elif len(vshape) > tail:
             raise refuse(ctx, "index_put of a value per masked position (data-dependent positions)")
     values = as_dtype(ctx, values, x.dtype)
     where = ctx.emit(Op.RESHAPE, [mask], {"shape": (*(1,) * k, *mask.shape, *(1,) * tail)}) if k or tail else mask

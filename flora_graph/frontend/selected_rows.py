@@ -1,0 +1,190 @@
+"""Rows picked by a bool mask (``x[mask]``), whose count the data decides, as every row in a fixed order.
+
+``x[mask]`` with one bool mask over ``x``'s leading axes has as many rows as the mask has true places: a size no
+input carries (torch.export's unbacked ``u0``). Capture takes every row instead, the selected ones first in their
+order and the others after them (:func:`select`), and reads ``u0`` as the mask's number of places. That is exact
+for what transformers does with such rows, as long as each row is computed alone and only the selected ones are
+written back: a per-token layer norm or MLP on the picked tokens, put back with ``masked_scatter`` or
+``index_put`` by the same mask (Higgs Audio v2's audio and text token paths).
+
+So every op that reads picked rows is checked before it converts (:func:`check`): one that keeps the rows apart
+(elementwise ops, casts, ``linear`` / ``matmul`` on the rows, reductions and views that leave the row axis whole)
+passes them on; ``masked_scatter`` / ``index_put`` by the same mask (its ``unsqueeze``, its negation, as those read
+it) end them; anything else (a sum over the rows, their count read as a value, a graph output) is refused, naming
+the node, as every bool-mask index was before.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from flora_graph.frontend.aten.registry import refuse
+from flora_graph.ir import ComputationNode, Op
+from flora_graph.ir.shapes import dim_product
+
+if TYPE_CHECKING:
+    from flora_graph.frontend.capture import CaptureContext
+
+__all__ = ["check", "mask_key", "select"]
+
+aten = torch.ops.aten
+
+_ROWWISE = frozenset({
+    "add", "sub", "mul", "div", "pow", "neg", "rsqrt", "sqrt", "exp", "log", "tanh", "sigmoid", "silu", "gelu", "relu",
+    "to", "_to_copy", "clone", "contiguous", "type_as", "where", "masked_fill", "clamp", "clamp_min", "clamp_max", "abs",
+    "reciprocal", "_assert_tensor_metadata", "detach", "alias", "softplus", "erf", "cos", "sin", "square", "rsub",
+    "maximum", "minimum", "sign", "hardtanh", "leaky_relu", "elu", "mish", "log_sigmoid", "copysign", "floor", "ceil",
+    "round", "trunc", "eq", "ne", "lt", "le", "gt", "ge", "bitwise_not", "logical_not", "dropout", "layer_norm",
+    "native_layer_norm", "rms_norm", "linear", "lora_linear",
+})
+"""Ops (ATen packets and flora_graph's LoRA op) that compute each row of their first input apart from the others."""
+
+_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "var", "std", "softmax", "_softmax", "log_softmax",
+                         "_log_softmax", "linalg_vector_norm", "norm", "cumsum", "any", "all", "max", "min", "prod"})
+"""Reductions (and scans) along the axes they name: row-wise where the row axis is not among them."""
+
+_VIEWS = frozenset({"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "permute", "expand",
+                    "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "t", "flatten", "unflatten",
+                    "narrow", "matmul", "mm", "bmm"})
+"""Ops whose result is row-wise where the row axis comes out as the first axis, the same size."""
+
+_PRODUCTS = frozenset({"linear", "lora_linear", "matmul", "mm", "bmm"})
+"""Ops that mix their second input's rows: row-wise on their first input's rows alone."""
+
+_PEELED = frozenset({"to", "_to_copy", "clone", "alias", "contiguous", "detach", "_assert_tensor_metadata"})
+
+
+def mask_key(v: Any) -> Any:
+    """What a bool mask (an fx node) selects, the same for the same places: casts, copies and a trailing
+    ``unsqueeze`` seen through, a negation as ``("not", key)`` (two cancel)."""
+    while isinstance(v, torch.fx.Node) and v.op == "call_function" and isinstance(v.target, torch._ops.OpOverload):
+        name = v.target.overloadpacket.__name__
+        if name in _PEELED and v.args:
+            v = v.args[0]
+        elif name == "unsqueeze" and len(v.args) > 1 and int(v.args[1]) in (-1, _rank(v) - 1):
+            v = v.args[0]
+        elif name in ("bitwise_not", "logical_not"):
+            inner = mask_key(v.args[0])
+            return inner[1] if isinstance(inner, tuple) and inner[0] == "not" else ("not", inner)
+        else:
+            break
+    return v
+
+
+def _rank(n: torch.fx.Node) -> int:
+    val = n.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else -1
+
+
+def select(ctx: CaptureContext, x: ComputationNode, mask: ComputationNode) -> ComputationNode:
+    """``x[mask]`` (``mask`` over ``x``'s leading axes) as all of ``x``'s rows, the selected first in order: each
+    row scattered to its place, ``cumsum(mask) - 1`` for a selected one and ``count + cumsum(~mask) - 1`` for the
+    others; ``u0`` reads as the mask's number of places."""
+    m = len(mask.shape)
+    if tuple(mask.shape) != tuple(x.shape[:m]):
+        raise refuse(ctx, f"indexing with a bool mask of shape {list(mask.shape)} over {list(x.shape)} (leading "
+                          "axes only)")
+    count = dim_product(list(mask.shape))
+    tail = tuple(x.shape[m:])
+    rows = ctx.emit(Op.RESHAPE, [x], {"shape": (count, *tail)})
+    flat = ctx.emit(Op.RESHAPE, [mask], {"shape": (count,)})
+    picked = ctx.emit(Op.CAST, [flat], {"to": "int64"})
+    one = ctx.scalar(1, "int64")
+    before = ctx.emit(Op.SUB, [ctx.emit(Op.CUMSUM, [picked], {"axis": 0}), one])
+    total = ctx.emit(Op.REDUCE_SUM, [picked], {"axes": (0,), "keepdims": 1})
+    rest = ctx.emit(Op.CUMSUM, [ctx.emit(Op.SUB, [one, picked])], {"axis": 0})
+    place = ctx.emit(Op.WHERE, [flat, before, ctx.emit(Op.SUB, [ctx.emit(Op.ADD, [total, rest]), one])])
+    empty = ctx.emit(Op.EXPAND, [ctx.scalar(0, x.dtype)], {"shape": (count, *tail)})
+    out = ctx.emit(Op.INDEX_PUT, [empty, rows, place], {"axis": 0, "accumulate": 0})
+    rows_dim = ctx.fx_node.meta["val"].shape[0]
+    if isinstance(rows_dim, torch.SymInt):
+        ctx.symbols[str(rows_dim.node.expr)] = count
+    ctx.selected[ctx.fx_node] = mask_key(ctx.fx_node.args[1][0])
+    return out
+
+
+def check(ctx: CaptureContext, n: torch.fx.Node) -> None:
+    """Before ``n`` converts: refuse it where it reads picked rows (:func:`select`) other than one at a time, or
+    writes them back by another mask; else mark its result as picked rows where it passes them on."""
+    reads = [a for a in _fx_args(n) if a in ctx.selected]
+    if not reads:
+        return
+    name = n.target.overloadpacket.__name__ if isinstance(n.target, torch._ops.OpOverload) else getattr(
+        n.target, "__name__", str(n.target))
+    if name.endswith("_") and not name.startswith("_") and name != "index_put_":
+        name = name[:-1]  # an in-place op: its functional twin's rows
+    keys = {ctx.selected[a] for a in reads}
+    if len(keys) > 1:
+        raise refuse(ctx, "an op on rows picked by two different bool masks")
+    key = next(iter(keys))
+    if name in ("masked_scatter", "index_put", "index_put_"):
+        mask = n.args[1] if name == "masked_scatter" else n.args[1][0] if len(n.args[1]) == 1 else None
+        if n.args[0] in ctx.selected or mask is None or mask_key(mask) != key:
+            raise refuse(ctx, f"{name} of rows picked by a bool mask, by another mask")
+        return  # the rows are back in place
+    if name == "sym_size":
+        return  # the rows' count: the mask's number of places, as select reads u0
+    if name == "getitem":
+        ctx.selected[n] = key
+        return
+    elementwise = name in _ROWWISE and name not in _PRODUCTS
+    if not elementwise and n.args and n.args[0] not in ctx.selected:
+        raise refuse(ctx, f"{name} reading rows picked by a bool mask as other than its first input")
+    if name in _PRODUCTS and len(reads) > 1:
+        raise refuse(ctx, f"{name} of rows picked by a bool mask with each other (it mixes the rows)")
+    ok = name in _ROWWISE or (name in _REDUCTIONS and _keeps_rows(n)) or (name in _VIEWS and _first_axis_kept(n))
+    if ok and elementwise:
+        ok = all(_broadcasts_rows(n, a) for a in _fx_args(n) if a not in ctx.selected)
+    if not ok:
+        raise refuse(ctx, f"indexing with a bool mask, its rows then read by {name} (only ops that keep each row "
+                          "apart and a masked_scatter / index_put back by the same mask)")
+    ctx.selected[n] = key
+
+
+def _fx_args(n: torch.fx.Node) -> list[torch.fx.Node]:
+    out: list[torch.fx.Node] = []
+    torch.fx.node.map_aggregate((n.args, n.kwargs), lambda a: out.append(a) if isinstance(a, torch.fx.Node) else None)
+    return out
+
+
+def _keeps_rows(n: torch.fx.Node) -> bool:
+    """A reduction over named axes, none of them the first (``dim`` positional or keyword)."""
+    dims = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    if dims is None or isinstance(dims, bool):
+        return False
+    rank = _rank(n.args[0])
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return bool(dims) and all(isinstance(d, int) and d % rank != 0 for d in dims)
+
+
+def _first_axis_kept(n: torch.fx.Node) -> bool:
+    """The result's first axis is the input's first, the same size (views, and a product on the rows' features)."""
+    src, out = n.args[0].meta.get("val"), n.meta.get("val")
+    outs = out if isinstance(out, tuple | list) else [out]
+    if not isinstance(src, torch.Tensor) or not outs or not all(isinstance(o, torch.Tensor) and o.dim() for o in outs):
+        return False
+    name = n.target.overloadpacket.__name__
+    if name in ("matmul", "mm", "bmm") and src.dim() < 2:
+        return False
+    if name in ("transpose", "permute", "t"):
+        axes = [int(a) for a in n.args[1:]] if name == "transpose" else list(n.args[1]) if name == "permute" else [0, 1]
+        if name == "transpose" and 0 in (a % src.dim() for a in axes):
+            return False
+        if name == "permute" and axes[0] % src.dim() != 0:
+            return False
+        if name == "t":
+            return False
+    if name in ("slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow", "squeeze", "flatten",
+                "unflatten") and len(n.args) > 1 and isinstance(n.args[1], int) and n.args[1] % src.dim() == 0:
+        return False
+    return all(o.shape[0] is src.shape[0] or o.shape[0] == src.shape[0] for o in outs)
+
+
+def _broadcasts_rows(n: torch.fx.Node, other: torch.fx.Node) -> bool:
+    """Whether a tensor beside picked rows broadcasts along them (no row axis of its own)."""
+    out, val = n.meta.get("val"), other.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return True
+    return val.dim() < out.dim() or val.shape[0] == 1
