@@ -108,7 +108,7 @@ def float_math(fn: str) -> Lower:
     return lower
 
 
-def float_literal(value: float, node: ComputationNode) -> str:
+def float_literal(value: float) -> str:
     """Source of a float attribute: ``float("inf")`` (negated) and ``float("nan")`` for the non-finite ones, which
     TorchScript reads as Python does."""
     if math.isnan(value):

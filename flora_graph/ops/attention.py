@@ -259,7 +259,7 @@ def torch_spelled_attention(q: str, k: str, v: str, mask: str, *, scale: str, no
         k, v = f"{k}.repeat_interleave({group}, dim=-3)", f"{v}.repeat_interleave({group}, dim=-3)"
     s = f"(({q} @ {k}.transpose(-1, -2)) * {scale})"
     if softcap:
-        cap = float_literal(softcap, node)
+        cap = float_literal(softcap)
         s = f"(torch.tanh({s} / {cap}) * {cap})"
     if causal:
         s = f"{s}.masked_fill(torch.ones({s}.shape[-2:], dtype=torch.bool, device={s}.device).triu(1), float('-inf'))"
@@ -273,12 +273,12 @@ def torch_spelled_attention(q: str, k: str, v: str, mask: str, *, scale: str, no
 
 def _torch_sdpa(node: ComputationNode, args: list[str]) -> str:
     mask = args[3] if len(args) >= 4 else "None"
-    scale = float_literal(node.attrs["scale"], node) if node.attrs["scale"] else "None"
+    scale = float_literal(node.attrs["scale"]) if node.attrs["scale"] else "None"
     causal, gqa = bool(node.attrs["is_causal"]), bool(node.attrs["enable_gqa"])
     if node.attrs["softcap"] or len(args) == 5:
         q, k = node.inputs[:2]
         group = int(q.shape[-3]) // int(k.shape[-3]) if gqa else 1
-        eff = scale if node.attrs["scale"] else float_literal(1.0 / math.sqrt(int(q.shape[-1])), node)
+        eff = scale if node.attrs["scale"] else float_literal(1.0 / math.sqrt(int(q.shape[-1])))
         return torch_spelled_attention(*args[:3], mask, scale=eff, softcap=node.attrs["softcap"], node=node,
                                        causal=causal, group=group, sinks=args[4] if len(args) == 5 else None)
     return (f"F.scaled_dot_product_attention({args[0]}, {args[1]}, {args[2]}, attn_mask={mask}, dropout_p=0.0, "

@@ -166,14 +166,14 @@ define(
     {"alpha": AttrSpec("float", 1.0)},
     infer=unary, doc="x > 0 ? x : alpha * (exp(x) - 1).",
     numpy=_numpy_elu, onnx=simple("Elu", alpha="alpha"),
-    torch=lambda node, args: f"F.elu({args[0]}, alpha={float_literal(node.attrs['alpha'], node)})", groups=("Unary",),
+    torch=lambda node, args: f"F.elu({args[0]}, alpha={float_literal(node.attrs['alpha'])})", groups=("Unary",),
 )
 define(
     "LEAKY_RELU", "LeakyRelu", (1, 1),
     {"alpha": AttrSpec("float", 0.01)},
     infer=unary, doc="x > 0 ? x : alpha * x.",
     numpy=lambda x, *, alpha: np.where(x > 0, x, x * alpha).astype(x.dtype), onnx=simple("LeakyRelu", alpha="alpha"),
-    torch=lambda node, args: f"F.leaky_relu({args[0]}, {float_literal(node.attrs['alpha'], node)})", groups=("Unary",),
+    torch=lambda node, args: f"F.leaky_relu({args[0]}, {float_literal(node.attrs['alpha'])})", groups=("Unary",),
 )
 define(
     "IDENTITY", "Identity", (1, 1),

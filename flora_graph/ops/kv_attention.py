@@ -169,10 +169,10 @@ def _torch(node: ComputationNode, args: list[str]) -> str:
     if a["output"]:
         return ck if a["output"] == 1 else cv
     mask = args[5] if len(args) >= 6 else "None"
-    scale = float_literal(a["scale"], node) if a["scale"] else "None"
+    scale = float_literal(a["scale"]) if a["scale"] else "None"
     if a["softcap"] or len(args) == 7:
         q = f"{args[0]}.unflatten(-1, ({h}, {d})).transpose(1, 2)"
-        eff = scale if a["scale"] else float_literal(1.0 / math.sqrt(d), node)
+        eff = scale if a["scale"] else float_literal(1.0 / math.sqrt(d))
         y = torch_spelled_attention(q, ck, cv, mask, scale=eff, softcap=a["softcap"], node=node, group=h // kv,
                                     sinks=args[6] if len(args) == 7 else None)
         return f"{y}.transpose(1, 2).flatten(-2)"

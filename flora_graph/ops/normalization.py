@@ -111,7 +111,7 @@ def _torch_layer_norm(node: ComputationNode, args: list[str]) -> str:
         )
     scale = args[1] if len(args) > 1 else "None"
     bias = args[2] if len(args) > 2 else "None"
-    eps = float_literal(node.attrs["epsilon"], node)
+    eps = float_literal(node.attrs["epsilon"])
     return f"F.layer_norm({args[0]}, {ints(int(d) for d in norm)}, {scale}, {bias}, {eps})"
 
 
@@ -164,7 +164,7 @@ def _onnx_rms_norm(ctx: Any, node: ComputationNode, out: str) -> None:
 def _torch_rms_norm(node: ComputationNode, args: list[str]) -> str:
     x, shape = args[0], node.inputs[0].shape
     axis = node.attrs["axis"] % len(shape)
-    eps = float_literal(node.attrs["epsilon"], node)
+    eps = float_literal(node.attrs["epsilon"])
     scale = args[1] if len(args) > 1 else "None"
     if all(isinstance(d, int) for d in shape[axis:]):
         return f"torch.rms_norm({x}, {ints(shape[axis:])}, {scale}, {eps})"
@@ -216,7 +216,7 @@ def _numpy_batch_norm(x, scale, bias, mean, var, *, epsilon: float) -> np.ndarra
 
 def _torch_batch_norm(node: ComputationNode, args: list[str]) -> str:
     x, scale, bias, mean, var = args
-    eps = float_literal(node.attrs["epsilon"], node)
+    eps = float_literal(node.attrs["epsilon"])
     return f"F.batch_norm({x}, {mean}, {var}, {scale}, {bias}, False, 0.0, {eps})"
 
 
@@ -272,7 +272,7 @@ def _onnx_group_norm(ctx: Any, node: ComputationNode, out: str) -> None:
 def _torch_group_norm(node: ComputationNode, args: list[str]) -> str:
     scale = args[1] if len(args) > 1 else "None"
     bias = args[2] if len(args) > 2 else "None"
-    eps = float_literal(node.attrs["epsilon"], node)
+    eps = float_literal(node.attrs["epsilon"])
     return f"F.group_norm({args[0]}, {int(node.attrs['groups'])}, {scale}, {bias}, {eps})"
 
 

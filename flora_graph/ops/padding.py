@@ -84,7 +84,7 @@ def _torch_pad(node: ComputationNode, args: list[str]) -> str:
         return x
     flat = ints(v for i in range(rank - 1, rank - k - 1, -1) for v in (pads[i], pads[rank + i]))
     if a["mode"] == "constant":
-        return f"F.pad({x}, {flat}, value={float_literal(a['value'], node)})"
+        return f"F.pad({x}, {flat}, value={float_literal(a['value'])})"
     lead = rank - k
     if lead in (1, 2):
         return f"F.pad({x}, {flat}, mode={_TORCH_MODES[a['mode']]!r})"
