@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flora_graph.frontend.aten.indexing import true_ranks
 from flora_graph.frontend.aten.registry import refuse
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import dim_product
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
 
 __all__ = ["check", "mask_key", "select"]
-
-aten = torch.ops.aten
 
 _ROWWISE = frozenset({
     "add", "sub", "mul", "div", "pow", "neg", "rsqrt", "sqrt", "exp", "log", "tanh", "sigmoid", "silu", "gelu", "relu",
@@ -46,7 +45,7 @@ _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "var", "std", "softmax",
 """Reductions (and scans) along the axes they name: row-wise where the row axis is not among them."""
 
 _VIEWS = frozenset({"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "permute", "expand",
-                    "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "t", "flatten", "unflatten",
+                    "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "flatten", "unflatten",
                     "narrow", "matmul", "mm", "bmm"})
 """Ops whose result is row-wise where the row axis comes out as the first axis, the same size."""
 
@@ -90,12 +89,10 @@ def select(ctx: CaptureContext, x: ComputationNode, mask: ComputationNode) -> Co
     tail = tuple(x.shape[m:])
     rows = ctx.emit(Op.RESHAPE, [x], {"shape": (count, *tail)})
     flat = ctx.emit(Op.RESHAPE, [mask], {"shape": (count,)})
-    picked = ctx.emit(Op.CAST, [flat], {"to": "int64"})
-    one = ctx.scalar(1, "int64")
-    before = ctx.emit(Op.SUB, [ctx.emit(Op.CUMSUM, [picked], {"axis": 0}), one])
-    total = ctx.emit(Op.REDUCE_SUM, [picked], {"axes": (0,), "keepdims": 1})
-    rest = ctx.emit(Op.CUMSUM, [ctx.emit(Op.SUB, [one, picked])], {"axis": 0})
-    place = ctx.emit(Op.WHERE, [flat, before, ctx.emit(Op.SUB, [ctx.emit(Op.ADD, [total, rest]), one])])
+    before = true_ranks(ctx, flat)  # a picked row's place
+    after = true_ranks(ctx, ctx.emit(Op.NOT, [flat]))  # the others', after every picked one
+    total = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [flat], {"to": "int64"})], {"axes": (0,), "keepdims": 1})
+    place = ctx.emit(Op.WHERE, [flat, before, ctx.emit(Op.ADD, [total, after])])
     empty = ctx.emit(Op.EXPAND, [ctx.scalar(0, x.dtype)], {"shape": (count, *tail)})
     out = ctx.emit(Op.INDEX_PUT, [empty, rows, place], {"axis": 0, "accumulate": 0})
     rows_dim = ctx.fx_node.meta["val"].shape[0]
@@ -113,13 +110,13 @@ def check(ctx: CaptureContext, n: torch.fx.Node) -> None:
         return
     name = n.target.overloadpacket.__name__ if isinstance(n.target, torch._ops.OpOverload) else getattr(
         n.target, "__name__", str(n.target))
-    if name.endswith("_") and not name.startswith("_") and name != "index_put_":
+    if name.endswith("_") and not name.startswith("_"):
         name = name[:-1]  # an in-place op: its functional twin's rows
     keys = {ctx.selected[a] for a in reads}
     if len(keys) > 1:
         raise refuse(ctx, "an op on rows picked by two different bool masks")
     key = next(iter(keys))
-    if name in ("masked_scatter", "index_put", "index_put_"):
+    if name in ("masked_scatter", "index_put"):
         mask = n.args[1] if name == "masked_scatter" else n.args[1][0] if len(n.args[1]) == 1 else None
         if n.args[0] in ctx.selected or mask is None or mask_key(mask) != key:
             raise refuse(ctx, f"{name} of rows picked by a bool mask, by another mask")
@@ -168,14 +165,10 @@ def _first_axis_kept(n: torch.fx.Node) -> bool:
     name = n.target.overloadpacket.__name__
     if name in ("matmul", "mm", "bmm") and src.dim() < 2:
         return False
-    if name in ("transpose", "permute", "t"):
-        axes = [int(a) for a in n.args[1:]] if name == "transpose" else list(n.args[1]) if name == "permute" else [0, 1]
-        if name == "transpose" and 0 in (a % src.dim() for a in axes):
-            return False
-        if name == "permute" and axes[0] % src.dim() != 0:
-            return False
-        if name == "t":
-            return False
+    if name == "transpose" and 0 in (int(a) % src.dim() for a in n.args[1:]):
+        return False
+    if name == "permute" and int(n.args[1][0]) % src.dim() != 0:
+        return False
     if name in ("slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow", "squeeze", "flatten",
                 "unflatten") and len(n.args) > 1 and isinstance(n.args[1], int) and n.args[1] % src.dim() == 0:
         return False

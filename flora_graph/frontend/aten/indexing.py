@@ -189,6 +189,13 @@ def _select_scatter(ctx, x, src, dim, index):
     return _scatter_slice(ctx, x, src, axis, range(i, i + 1))
 
 
+def true_ranks(ctx, flat: ComputationNode) -> ComputationNode:
+    """Each place of the 1-D bool mask ``flat``: its rank among the true places, ``cumsum(mask) - 1`` (``-1`` before
+    the first), the row a masked write takes (``masked_scatter``, ``index_put``, rows a mask picked)."""
+    counted = ctx.emit(Op.CUMSUM, [ctx.emit(Op.CAST, [flat], {"to": "int64"})], {"axis": 0})
+    return ctx.emit(Op.SUB, [counted, ctx.scalar(1, "int64")])
+
+
 @register(aten.index_put.default)
 def _index_put(ctx, x, indices, values, accumulate=False):
     used = [(i, t) for i, t in enumerate(indices) if t is not None]
@@ -230,9 +237,7 @@ def _masked_put(ctx, x, used: list, values, accumulate: bool) -> ComputationNode
             values = ctx.emit(Op.RESHAPE, [values], {"shape": tuple(vshape[1:]) or (1,)})
             vshape = vshape[1:]
         if len(vshape) == tail + 1 and k == 0:  # a row per masked position, in order (rows a bool mask picked)
-            flat = ctx.emit(Op.RESHAPE, [mask], {"shape": (-1,)})
-            place = ctx.emit(Op.SUB, [ctx.emit(Op.CUMSUM, [ctx.emit(Op.CAST, [flat], {"to": "int64"})], {"axis": 0}),
-                                      ctx.scalar(1, "int64")])
+            place = true_ranks(ctx, ctx.emit(Op.RESHAPE, [mask], {"shape": (-1,)}))
             place = ctx.emit(Op.MAX, [place, ctx.scalar(0, "int64")])  # before the first: masked out below
             values = ctx.emit(Op.RESHAPE, [ctx.emit(Op.GATHER, [values, place], {"axis": 0})], {"shape": tuple(x.shape)})
         elif len(vshape) > tail:
@@ -278,9 +283,7 @@ def _masked_scatter(ctx, x, mask, source):
     first elements: the place whose mask is the k-th true one takes ``source.flatten()[k]``."""
     shape = tuple(ctx.ir_dim(d) for d in ctx.fx_node.meta["val"].shape)
     x, mask = (v if tuple(v.shape) == shape else ctx.emit(Op.EXPAND, [v], {"shape": shape}) for v in (x, mask))
-    flat = ctx.emit(Op.RESHAPE, [mask], {"shape": (-1,)})
-    count = ctx.emit(Op.CUMSUM, [ctx.emit(Op.CAST, [flat], {"to": "int64"})], {"axis": 0})
-    k = ctx.emit(Op.SUB, [count, ctx.scalar(1, "int64")])  # -1 before the first true place: masked out below
+    k = true_ranks(ctx, ctx.emit(Op.RESHAPE, [mask], {"shape": (-1,)}))  # -1 before the first true place: masked out
     taken = ctx.emit(Op.GATHER, [ctx.emit(Op.RESHAPE, [as_dtype(ctx, source, x.dtype)], {"shape": (-1,)}), k], {"axis": 0})
     return ctx.emit(Op.WHERE, [mask, ctx.emit(Op.RESHAPE, [taken], {"shape": shape}), x])
 
