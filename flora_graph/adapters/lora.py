@@ -1,9 +1,12 @@
-"""``LoRAAdapter``: a low-rank branch beside an ``nn.Linear`` or ``nn.Conv2d``.
+"""``LoRAAdapter``: a low-rank branch beside an ``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``.
 
 ``y = base(x) + s * B(A(dropout(x)))`` with ``s = alpha / rank`` (``alpha <= 0`` means
 ``alpha = rank``). ``A`` is ``[r, in]`` (kaiming-uniform) and ``B`` is ``[out, r]`` (zeros),
 PEFT's layout; for a convolution ``A`` is ``[r, in, kh, kw]`` with the base layer's
-stride, padding and dilation, and ``B`` is a ``[out, r, 1, 1]`` pointwise convolution.
+stride, padding and dilation, and ``B`` is a ``[out, r, 1, 1]`` pointwise convolution. For an
+embedding (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``) ``A`` is ``[r, vocab]`` (zeros) and
+``B`` is ``[dim, r]`` (normal), and the branch reads token ids: ``s * embedding(ids, A.T) @ B.T``,
+the low-rank product of the ids' one-hot rows (no dropout, as PEFT's).
 :meth:`LoRAAdapter.delta_weight` is the one source of truth that merging and the
 compiler's merge pass agree with.
 """
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SUPPORTED_BASE_LAYERS", "LoRAAdapter", "is_conv1d", "is_supported_base"]
 
-SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv2d)
+SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
 """Base layer classes LoRA wraps; transformers' ``Conv1D`` (GPT-2) too, recognised by :func:`is_conv1d`."""
 
 
@@ -74,7 +77,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class LoRAAdapter(nn.Module):
-    """Wraps ``base_layer`` (``nn.Linear`` or ``nn.Conv2d``) with a rank-``rank`` LoRA branch.
+    """Wraps ``base_layer`` (``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``) with a rank-``rank`` LoRA branch.
 
     Args:
         base_layer: the layer to adapt; kept as ``self.base_layer``.
@@ -113,6 +116,11 @@ class LoRAAdapter(nn.Module):
             self._padding = _conv_padding(base_layer, where)
             fan_in = base_layer.in_channels * math.prod(base_layer.kernel_size)
             out = base_layer.out_channels
+        elif isinstance(base_layer, nn.Embedding):
+            if base_layer.max_norm is not None or base_layer.sparse:
+                what = f"max_norm={base_layer.max_norm}" if base_layer.max_norm is not None else "sparse=True"
+                raise AdapterError(f"{where}: LoRA on an embedding with {what} is unsupported")
+            fan_in, out = base_layer.num_embeddings, base_layer.embedding_dim
         elif is_conv1d(base_layer):
             fan_in, out = base_layer.weight.shape  # stored [in, out]
         else:
@@ -130,7 +138,8 @@ class LoRAAdapter(nn.Module):
         self._alpha = float(alpha) if alpha > 0 else float(rank)
         self._freeze_base = bool(freeze_base)
         self._base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # PEFT's embedding LoRA reads token ids: no dropout there
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 and not isinstance(base_layer, nn.Embedding) else nn.Identity()
         w = base_layer.weight
         kw = {"device": w.device, "dtype": w.dtype}
         if isinstance(base_layer, nn.Conv2d):
@@ -153,8 +162,8 @@ class LoRAAdapter(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        """The base layer's bias (``None`` without one), as :attr:`weight`."""
-        return self.base_layer.bias
+        """The base layer's bias (``None`` without one, an embedding's), as :attr:`weight`."""
+        return getattr(self.base_layer, "bias", None)
 
     @property
     def rank(self) -> int:
@@ -182,6 +191,11 @@ class LoRAAdapter(nn.Module):
         return isinstance(self.base_layer, nn.Conv2d)
 
     @property
+    def is_embedding(self) -> bool:
+        """Whether the base layer is an embedding (the branch reads token ids)."""
+        return isinstance(self.base_layer, nn.Embedding)
+
+    @property
     def parameter_count(self) -> int:
         """Trainable parameter count: LoRA only when the base is frozen, else base + LoRA."""
         n = self.lora_A.numel() + self.lora_B.numel()
@@ -194,7 +208,12 @@ class LoRAAdapter(nn.Module):
 
     # ------------------------------------------------------------------ state
     def reset_lora_parameters(self) -> None:
-        """``A`` kaiming-uniform (as ``nn.Linear`` initialises weights), ``B`` zeros."""
+        """``A`` kaiming-uniform (as ``nn.Linear`` initialises weights), ``B`` zeros; an embedding's ``A`` zeros and
+        ``B`` normal (PEFT's)."""
+        if self.is_embedding:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            return
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
@@ -233,6 +252,8 @@ class LoRAAdapter(nn.Module):
             base = self.base_layer
             h = F.conv2d(h, self.lora_A, None, base.stride, self._padding, base.dilation)
             h = F.conv2d(h, self.lora_B)
+        elif self.is_embedding:  # the ids' rows of A.T: one-hot(ids) @ A.T, traced as one Gather
+            h = F.linear(F.embedding(x, self.lora_A.t()), self.lora_B)
         else:
             h = F.linear(F.linear(h, self.lora_A), self.lora_B)
         return h * self.scaling
@@ -246,7 +267,7 @@ class LoRAAdapter(nn.Module):
         a = self.lora_A.detach().float().reshape(self._rank, -1)
         b = self.lora_B.detach().float().reshape(-1, self._rank)
         delta = (b @ a).mul_(self.scaling)
-        if is_conv1d(self.base_layer):
+        if is_conv1d(self.base_layer) or self.is_embedding:  # stored [in, out] / [vocab, dim]
             return delta.t().contiguous()
         return delta.reshape(self.base_layer.weight.shape)
 
@@ -295,13 +316,19 @@ class LoRAAdapter(nn.Module):
 
         base = self.base_layer
         w = const("base_layer.weight", base.weight)
-        args = [x, w] + ([const("base_layer.bias", base.bias)] if base.bias is not None else [])
+        bias = getattr(base, "bias", None)  # an embedding has none
+        args = [x, w] + ([const("base_layer.bias", bias)] if bias is not None else [])
         # weights are added right before their first reader, the order capture produces
         if self.is_conv:
             conv = {"stride": tuple(base.stride), "padding": self._padding, "dilation": tuple(base.dilation)}
             y = graph.add(Op.CONV2D, args, {**conv, "groups": 1}, name=p + "base", meta=tag("base"))
             h = graph.add(Op.CONV2D, [x, const("lora_A", self.lora_A)], conv, name=p + "lora_down", meta=tag("lora_down"))
             h = graph.add(Op.CONV2D, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
+        elif self.is_embedding:  # rows of the weight and of A.T by the ids
+            y = graph.add(Op.GATHER, [w, x], {"axis": 0}, name=p + "base", meta=tag("base"))
+            a_t = graph.add(Op.TRANSPOSE, [const("lora_A", self.lora_A)], {"perm": (1, 0)}, name=p + "lora_A_t")
+            h = graph.add(Op.GATHER, [a_t, x], {"axis": 0}, name=p + "lora_down", meta=tag("lora_down"))
+            h = graph.add(Op.LINEAR, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
         else:
             if is_conv1d(base):  # weight stored [in, out]: the Linear reads its transpose
                 args[1] = graph.add(Op.TRANSPOSE, [w], {"perm": (1, 0)}, name=p + "base_layer.weight_t")

@@ -309,7 +309,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
         raise AdapterError("model already carries adapters; load a PEFT adapter onto a plain model")
     names = _targets(model, cfg, cpath)
     if not names:
-        raise AdapterError(f"{folder}: target_modules={cfg['target_modules']!r} match no Linear/Conv2d of {type(model).__name__}")
+        raise AdapterError(f"{folder}: target_modules={cfg['target_modules']!r} match no Linear/Conv2d/Embedding of {type(model).__name__}")
     built: list[tuple[str, LoRAAdapter]] = []
     used: set[str] = set()
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
@@ -318,7 +318,8 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
             r = int(_pattern_value(patterns["rank_pattern"], name, cfg["r"]))
             alpha = float(_pattern_value(patterns["alpha_pattern"], name, cfg.get("lora_alpha", 8)))
             eff_alpha = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha  # our scale is alpha / r
-            a_key = f"{name}.lora_A.weight"  # checked before the adapter is built: r comes from the config
+            keys = _lora_keys(model.get_submodule(name), name)
+            a_key = keys["lora_A"]  # checked before the adapter is built: r comes from the config
             if a_key not in state:
                 raise AdapterError(f"{wpath}: missing key {PREFIX}{a_key} for module {name!r} (r={r})")
             if state[a_key].ndim == 0 or state[a_key].shape[0] != r:
@@ -326,7 +327,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
                                    f"module {name!r} with r={r} needs {r} rows")
             adapter = adapter_cls(model.get_submodule(name), r, eff_alpha, module_name=name, adapter_name=adapter_name)
             for part, param in (("lora_A", adapter.lora_A), ("lora_B", adapter.lora_B)):
-                key = f"{name}.{part}.weight"
+                key = keys[part]
                 if key not in state:
                     raise AdapterError(f"{wpath}: missing key {PREFIX}{key} for module {name!r} (r={r})")
                 t = state[key]
@@ -360,6 +361,14 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
     for name, adapter in built:
         _set_submodule(model, name, adapter)
     return names
+
+
+def _lora_keys(module: nn.Module, name: str) -> dict[str, str]:
+    """The file keys (``base_model.model.`` dropped) of ``module``'s ``A`` and ``B`` as PEFT saves them: an embedding's
+    are parameters of their own (``<name>.lora_embedding_A``), a Linear's or Conv2d's the weights of layers."""
+    if isinstance(module, nn.Embedding):
+        return {"lora_A": f"{name}.lora_embedding_A", "lora_B": f"{name}.lora_embedding_B"}
+    return {"lora_A": f"{name}.lora_A.weight", "lora_B": f"{name}.lora_B.weight"}
 
 
 def _load_plain_tensors(model: nn.Module, cfg: dict[str, Any], state: dict[str, torch.Tensor], used: set[str],
@@ -434,8 +443,9 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, *, base_model_name_o
     alpha = max(set(alpha_of.values()), key=list(alpha_of.values()).count)
     tensors: dict[str, torch.Tensor] = {}
     for name, a in found.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.lora_A.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = a.lora_B.detach().cpu().contiguous()
+        keys = _lora_keys(a.base_layer, name)
+        tensors[f"{PREFIX}{keys['lora_A']}"] = a.lora_A.detach().cpu().contiguous()
+        tensors[f"{PREFIX}{keys['lora_B']}"] = a.lora_B.detach().cpu().contiguous()
     for m in modules_to_save or []:
         for pname, p in model.get_submodule(m).named_parameters():
             tensors[f"{PREFIX}{m}.modules_to_save.{pname}"] = p.detach().cpu().contiguous()

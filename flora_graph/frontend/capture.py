@@ -180,13 +180,19 @@ class CaptureContext:
             raise ShapeError(f"{self.where()}: {exc}") from None
 
     def _role(self, adapter: str, op: Op, inputs: Sequence[ComputationNode]) -> str | None:
-        params = {i.attrs["param"] for i in inputs if i.op is Op.CONST}
+        if op is Op.TRANSPOSE:  # a weight's view (an embedding LoRA's A.T), not a part of the branch
+            return None
+        # an embedding's branch gathers rows of A's transpose
+        reads = [i.inputs[0] if op is Op.GATHER and i.op is Op.TRANSPOSE else i for i in inputs]
+        params = {i.attrs["param"] for i in reads if i.op is Op.CONST}
         p = _prefix(adapter)
-        for param in params:  # ours: "<m>.lora_A"; PEFT's: "<m>.lora_A.<adapter>.weight"
-            for part, role in (("lora_A", "lora_down"), ("lora_B", "lora_up")):
+        # ours: "<m>.lora_A"; PEFT's: "<m>.lora_A.<adapter>.weight", an embedding's "<m>.lora_embedding_A.<adapter>"
+        for param in params:
+            for part, role in (("lora_A", "lora_down"), ("lora_B", "lora_up"), ("lora_embedding_A", "lora_down"),
+                               ("lora_embedding_B", "lora_up")):
                 if param == f"{p}{part}" or param.startswith(f"{p}{part}."):
                     return role
-        if self.module_path().startswith(f"{p}base_layer") and op in (Op.LINEAR, Op.CONV2D):
+        if self.module_path().startswith(f"{p}base_layer") and op in (Op.LINEAR, Op.CONV2D, Op.GATHER):
             return "base"  # the base layer's own product (not, e.g., a Conv1D weight's transpose)
         if self.module_path() == adapter:
             return {Op.MUL: "lora_scale", Op.ADD: "lora_add"}.get(op)

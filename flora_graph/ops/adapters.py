@@ -5,15 +5,19 @@ the graph runs, not when it is built (:mod:`flora_graph.passes.adapter_slots` ma
 from the LoRA sites of a captured graph). Both ops read the base layer's output ``base`` and
 the site's input ``x`` and compute ``base + up(down(x, A), B)``, the scale folded into
 ``B`` (PEFT's layout). Attributes: ``module`` (the adapted module, for messages and
-names), ``kind`` (``"linear"`` or ``"conv"``) and, for a conv site, the down projection's
-``kernel``/``stride``/``padding``/``dilation`` (the up projection is a 1x1 convolution).
+names), ``kind`` (``"linear"``, ``"conv"`` or ``"embedding"``) and, for a conv site, the down projection's
+``kernel``/``stride``/``padding``/``dilation`` (the up projection is a 1x1 convolution). An embedding
+site's ``x`` is the token ids (int64) and its down projection takes their columns of ``A``
+(``[rank, vocab]``, PEFT's ``lora_embedding_A``): the product of their one-hot rows with ``A.T``.
 
 * ``LoRASlot(base, x, A, B)``: ``A`` is ``[rank, in]`` (linear) or ``[rank, C, kh, kw]``
   (conv), ``B`` is ``[out, rank]`` or ``[out, rank, 1, 1]``. Rank 0 adds exact zeros.
 * ``LoRAMixedSlot(base, x, A_stack, B_stack, adapter_index)``: per row ``i`` of the batch,
   the adapter ``adapter_index[i]`` of the stacks (``-1``: the last slot, by convention all
   zeros). Linear: ``A_stack`` ``[slots, in, R]`` (``A.T`` per adapter), ``B_stack``
-  ``[slots, R, out]``. Conv: ``A_stack`` ``[slots, R, kh*kw*C]`` (patch order ``(i, j, c)``,
+  ``[slots, R, out]``; an embedding the same with ``in`` the vocabulary, each row's ids picking
+  rows of its own adapter's ``A.T`` (one ``Gather`` from the stack seen as ``[slots*vocab, R]``:
+  no row copies a whole table). Conv: ``A_stack`` ``[slots, R, kh*kw*C]`` (patch order ``(i, j, c)``,
   taps major), ``B_stack`` ``[slots, out, R]``; ``x``'s first dim is the batch.
 
 The ONNX rules emit what :mod:`flora_graph.serving` exports: ``Gemm``/``MatMul`` (``Conv``
@@ -36,6 +40,7 @@ from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import FLOAT_DTYPES, AttrSpec
 from flora_graph.ir.shapes import Dim, format_shape
 from flora_graph.ops._infer import same_dtype
+from flora_graph.ops._onnx import ONNX_DTYPES
 from flora_graph.ops._torch import ints
 from flora_graph.ops.registry import define
 
@@ -43,7 +48,7 @@ __all__: list[str] = []
 
 _ATTRS = {
     "module": AttrSpec("str", required=True),
-    "kind": AttrSpec("str", "linear", choices=("linear", "conv")),
+    "kind": AttrSpec("str", "linear", choices=("linear", "conv", "embedding")),
     "kernel": AttrSpec("ints", (1, 1)),
     "stride": AttrSpec("ints", (1, 1)),
     "padding": AttrSpec("ints", (0, 0)),
@@ -85,11 +90,16 @@ def _conv_base(x, out: Dim, attrs, what: str) -> tuple[Dim, ...]:
 def _infer_slot(shapes, dtypes, attrs):
     base, x, a, b = shapes
     what = f"LoRASlot of module {attrs['module']!r}"
-    dtype = _float(dtypes, what)
+    embedding = attrs["kind"] == "embedding"
+    dtype = _float(dtypes[:1] + dtypes[2:] if embedding else dtypes, what)
     if attrs["kind"] == "linear":
         if len(x) < 1 or len(a) != 2 or len(b) != 2 or x[-1] != a[1] or b[1] != a[0]:
             raise _fail(what, "want x [..., in], A [rank, in], B [out, rank]", shapes)
         want = (*x[:-1], b[0])
+    elif embedding:
+        if dtypes[1] not in ("int64", "int32") or len(a) != 2 or len(b) != 2 or b[1] != a[0]:
+            raise _fail(what, "want integer ids x [...], A [rank, vocab], B [out, rank]", shapes)
+        want = (*x, b[0])
     else:
         if len(x) != 4 or len(a) != 4 or len(b) != 4 or a[1] != x[1] or b[1] != a[0] or tuple(b[2:]) != (1, 1):
             raise _fail(what, "want x [N, C, H, W], A [rank, C, kh, kw], B [out, rank, 1, 1]", shapes)
@@ -104,14 +114,20 @@ def _infer_slot(shapes, dtypes, attrs):
 def _infer_mixed(shapes, dtypes, attrs):
     base, x, a, b, idx = shapes
     what = f"LoRAMixedSlot of module {attrs['module']!r}"
-    dtype = _float(dtypes[:4], what)
+    embedding = attrs["kind"] == "embedding"
+    dtype = _float(dtypes[:1] + dtypes[2:4] if embedding else dtypes[:4], what)
     if dtypes[4] != "int64" or len(idx) != 1:
         raise ShapeError(f"{what}: adapter_index must be int64 [batch], got {dtypes[4]}{format_shape(idx)}")
     if len(a) != 3 or len(b) != 3 or a[0] != b[0]:
         raise _fail(what, "want A and B stacks of rank 3 with one number of slots", shapes)
     if len(x) < 2 or x[0] != idx[0]:
         raise _fail(what, "x's first dim must be the batch dim of adapter_index", shapes)
-    if attrs["kind"] == "linear":
+    if embedding:
+        if dtypes[1] not in ("int64", "int32") or a[2] != b[1]:
+            raise _fail(what, "want integer ids x [batch, ...], A stack [slots, vocab, R], B stack [slots, R, out]",
+                        shapes)
+        want = (*x, b[2])
+    elif attrs["kind"] == "linear":
         if x[-1] != a[1] or a[2] != b[1]:
             raise _fail(what, "want x [batch, ..., in], A stack [slots, in, R], B stack [slots, R, out]", shapes)
         want = (*x[:-1], b[2])
@@ -143,6 +159,8 @@ def _rows(x: np.ndarray) -> np.ndarray:
 def _numpy_slot(base, x, a, b, *, module, kind, kernel, stride, padding, dilation, members="", member_outs=()) -> np.ndarray:
     if kind == "linear":
         return base + (x @ a.T) @ b.T
+    if kind == "embedding":
+        return base + a.T[x] @ b.T
     p = _patches(x, kernel, stride, padding, dilation)
     a2, b2 = a.reshape(a.shape[0], math.prod(a.shape[1:])), b.reshape(b.shape[0], b.shape[1])
     return base + (b2 @ (a2 @ p)).reshape(base.shape)
@@ -151,6 +169,9 @@ def _numpy_slot(base, x, a, b, *, module, kind, kernel, stride, padding, dilatio
 def _numpy_mixed(base, x, a, b, index, *, module, kind, kernel, stride, padding, dilation, members="",
                  member_outs=()) -> np.ndarray:
     ag, bg = a[index], b[index]  # -1 reads the last (zero) slot; out of range raises IndexError
+    if kind == "embedding":  # row i's ids index its own adapter's [vocab, R]
+        rows = np.stack([ag[i][x[i]] for i in range(x.shape[0])]) if x.shape[0] else np.zeros((*x.shape, a.shape[2]), a.dtype)
+        return base + (_rows(rows) @ bg).reshape(base.shape)
     if kind == "linear":
         return base + ((_rows(x) @ ag) @ bg).reshape(base.shape)
     p = _patches(x, kernel, stride, padding, dilation)
@@ -169,7 +190,11 @@ def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
     weights otherwise; a conv site is ``Conv`` with A's kernel then a 1x1 ``Conv`` by B."""
     base, x, a, b = (ctx.arg(node, i) for i in range(4))
     attrs = node.attrs
-    if attrs["kind"] == "conv":
+    if attrs["kind"] == "embedding":  # the ids' columns of A [rank, vocab], then ids' axes first: [..., rank]
+        rank = len(node.inputs[1].shape)
+        h = ctx.emit("Transpose", [ctx.emit("Gather", [a, x], axis=1)], perm=[*range(1, rank + 1), 0])
+        delta = ctx.emit("MatMul", [h, ctx.emit("Transpose", [b], perm=[1, 0])])
+    elif attrs["kind"] == "conv":
         pads = [*attrs["padding"], *attrs["padding"]]
         h = ctx.emit("Conv", [x, a], kernel_shape=list(attrs["kernel"]), strides=list(attrs["stride"]), pads=pads,
                      dilations=list(attrs["dilation"]))
@@ -216,6 +241,9 @@ def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
     batched ``MatMul``; the delta is reshaped to the base's shape (a 3-D input's delta has it already)."""
     base, x = ctx.arg(node, 0), ctx.arg(node, 1)
     module, idx = node.attrs["module"], ctx.arg(node, 4)
+    if node.attrs["kind"] == "embedding":
+        _onnx_mixed_embedding(ctx, node, out)
+        return
     ag = ctx.emit("Gather", [ctx.arg(node, 2), idx], axis=0)
     bg = ctx.emit("Gather", [ctx.arg(node, 3), idx], axis=0)
     if node.attrs["kind"] == "conv":  # [batch, out, R] @ ([batch, R, kkC] @ [batch, kkC, H'W'])
@@ -237,6 +265,30 @@ def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
     _add(ctx, base, ctx.emit("Reshape", [d, target]), out)
 
 
+def _onnx_mixed_embedding(ctx: Any, node: ComputationNode, out: str) -> None:
+    """Row ``i``'s ids index its own adapter's ``A.T``: one ``Gather`` from the stack as ``[slots*vocab, R]`` by
+    ``slot * vocab + id`` (``-1``, the zero slot, made ``slots - 1`` first), then a batched ``MatMul`` by each row's
+    ``B``; ids ``[batch, n, ...]``."""
+    base, x, a_stack, b_stack, idx = (ctx.arg(node, i) for i in range(5))
+    module, ids = node.attrs["module"], node.inputs[1]
+    vocab = int(node.inputs[2].shape[1])
+    if node.inputs[1].dtype != "int64":
+        x = ctx.emit("Cast", [x], to=ONNX_DTYPES["int64"])
+    slots = ctx.emit("Gather", [ctx.emit("Shape", [a_stack]), ctx.constant(np.array(0, np.int64), f"{module}/zero")],
+                     axis=0)
+    slot = ctx.emit("Mod", [ctx.emit("Add", [idx, slots]), slots])  # -1 -> slots - 1
+    lead = [-1] + [1] * (len(ids.shape) - 1)  # [batch, 1, ...]: broadcast over the ids' other axes
+    start = ctx.emit("Reshape", [ctx.emit("Mul", [slot, ctx.constant(np.array(vocab, np.int64), f"{module}/vocab")]),
+                                 ctx.constant(np.array(lead, np.int64), f"{module}/lead")])
+    h = ctx.emit("Gather", [ctx.emit("Flatten", [a_stack], axis=2), ctx.emit("Add", [start, x])], axis=0)
+    bg = ctx.emit("Gather", [b_stack, idx], axis=0)  # [batch, R, out]
+    if len(ids.shape) > 2:  # [batch, 1, ..., R, out]: one B per row over the ids' other axes
+        axes = ctx.constant(np.arange(1, len(ids.shape) - 1, dtype=np.int64), f"{module}/inner_axes")
+        bg = ctx.emit("Unsqueeze", [bg, axes])
+    d = ctx.emit("MatMul", [h, bg])  # [batch, ..., R] @ [batch, (1, ...,) R, out]: the base's shape
+    _add(ctx, base, d, out)
+
+
 # --------------------------------------------------------------------------- torch
 def _unfold(x: str, attrs: dict[str, Any]) -> str:
     return (f"F.unfold({x}, {ints(attrs['kernel'])}, {ints(attrs['dilation'])}, {ints(attrs['padding'])}, "
@@ -247,6 +299,8 @@ def _torch_slot(node: ComputationNode, args: list[str]) -> str:
     base, x, a, b = args
     if node.attrs["kind"] == "linear":
         return f"{base} + F.linear(F.linear({x}, {a}), {b})"
+    if node.attrs["kind"] == "embedding":
+        return f"{base} + F.linear(F.embedding({x}, {a}.t()), {b})"
     # im2col + matmul rather than conv2d, which refuses a weight of 0 output channels (rank 0)
     delta = f"torch.matmul({b}.flatten(1), torch.matmul({a}.flatten(1), {_unfold(x, node.attrs)}))"
     return f"{base} + {delta}.reshape_as({base})"
@@ -255,6 +309,10 @@ def _torch_slot(node: ComputationNode, args: list[str]) -> str:
 def _torch_mixed(node: ComputationNode, args: list[str]) -> str:
     base, x, a, b, idx = args
     ag, bg = f"{a}[{idx}]", f"{b}[{idx}]"  # a negative index counts from the end, as Gather does
+    if node.attrs["kind"] == "embedding":  # row i's ids index its own adapter's [vocab, R]
+        rows = f"{idx}.reshape([-1] + [1] * ({x}.dim() - 1)).expand_as({x})"
+        picked = f"{a}[{rows}, {x}]"
+        return f"{base} + torch.matmul({picked}.flatten(1, -2), {bg}).reshape_as({base})"
     if node.attrs["kind"] == "linear":
         rows = f"{x}.unsqueeze(1)" if len(node.inputs[1].shape) == 2 else f"{x}.flatten(1, -2)"
         return f"{base} + torch.matmul(torch.matmul({rows}, {ag}), {bg}).reshape_as({base})"

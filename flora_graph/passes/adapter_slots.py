@@ -45,7 +45,7 @@ from flora_graph.errors import AdapterError, GraphError
 from flora_graph.ir import ComputationNode, Graph, Op, OpGroup
 from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
 from flora_graph.passes.base import PassResult, register_pass
-from flora_graph.passes.lora_pattern import LoRAMatch, find_lora
+from flora_graph.passes.lora_pattern import EMBEDDING_LORA, LORA, LoRAMatch, find_lora
 from flora_graph.passes.rewrite import eval_static, schedule
 
 __all__ = [
@@ -92,7 +92,7 @@ def lora_sites(graph: Graph) -> list[LoRAMatch]:
     outputs = {id(n) for n in graph.outputs.values()}
     found: list[LoRAMatch] = []
     seen: dict[str, tuple[str | float | None, ...]] = {}  # module -> the params of its A and B, its scale
-    for m in find_lora(graph):
+    for m in find_lora(graph, LORA | EMBEDDING_LORA):
         inner = [m.down, m.up, *([m.scale] if m.scale is not None else [])]
         allowed = {id(n) for n in (*inner, m.add)}
         for n in inner:
@@ -110,7 +110,10 @@ def lora_sites(graph: Graph) -> list[LoRAMatch]:
 
 
 def _param(node: ComputationNode) -> str | None:
-    """The parameter a ``Const`` node holds (``None`` for another node)."""
+    """The parameter a ``Const`` node holds, or whose transpose it is (an embedding's ``A.T``); ``None`` for
+    another node."""
+    if node.op is Op.TRANSPOSE and node.inputs[0].op is Op.CONST:
+        return f"{node.inputs[0].attrs['param']}.T"
     return str(node.attrs["param"]) if node.op is Op.CONST else None
 
 
@@ -123,9 +126,12 @@ def _scale(graph: Graph, m: LoRAMatch) -> float | None:
 
 def own_weights(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarray] | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """A site's own ``(A, s·B)`` (the scale folded into ``B``, in ``B``'s dtype), as a slot takes them."""
+    """A site's own ``(A, s·B)`` (the scale folded into ``B``, in ``B``'s dtype), as a slot takes them (an embedding's
+    ``A`` as ``[r, vocab]``, PEFT's layout, from the ``[vocab, r]`` table its ids index)."""
     memo = {} if memo is None else memo
     a = np.array(eval_static(graph, m.A, memo), copy=True)
+    if m.op is Op.GATHER:
+        a = np.ascontiguousarray(a.T)
     b = np.asarray(eval_static(graph, m.B, memo))
     s = 1.0 if m.s is None else float(np.asarray(eval_static(graph, m.s, memo), dtype=np.float64).reshape(()))
     return a, (b.astype(np.float32) * np.float32(s)).astype(b.dtype)
@@ -136,7 +142,7 @@ class _Site:
     """What a slot is made of: from an intact site (``root`` its ``Add``) or a slot to convert (``root`` itself)."""
 
     module: str
-    kind: str  # "linear" or "conv"
+    kind: str  # "linear", "conv" or "embedding"
     root: ComputationNode
     base: ComputationNode
     x: ComputationNode
@@ -158,6 +164,9 @@ def _site_of_match(m: LoRAMatch) -> _Site:
     attrs: dict[str, Any] = {"module": module, "kind": "linear"}
     if m.op is Op.LINEAR:
         return _Site(module, "linear", m.add, m.base, m.x, (int(a[1]),), int(b[0]), m.A.dtype, attrs, meta)
+    if m.op is Op.GATHER:  # A is the [vocab, r] table the ids index
+        attrs["kind"] = "embedding"
+        return _Site(module, "embedding", m.add, m.base, m.x, (int(a[0]),), int(b[0]), m.B.dtype, attrs, meta)
     up, down = m.up.attrs, m.down.attrs
     if tuple(b[2:]) != (1, 1) or up["stride"] != (1, 1) or up["padding"] != (0, 0) or up["dilation"] != (1, 1):
         raise AdapterError(f"module {module!r}: the LoRA up projection must be a pointwise (1x1) convolution, "
@@ -173,6 +182,8 @@ def _site_of_slot(n: ComputationNode) -> _Site:
     base, x, kind = n.inputs[0], n.inputs[1], n.attrs["kind"]
     if kind == "linear":
         in_dims, out = (int(x.shape[-1]),), int(base.shape[-1])
+    elif kind == "embedding":
+        in_dims, out = (int(n.inputs[2].shape[-1] if n.op is Op.LORA_SLOT else n.inputs[2].shape[1]),), int(base.shape[-1])
     else:
         in_dims, out = (int(x.shape[1]), *n.attrs["kernel"]), int(base.shape[1])
     return _Site(n.attrs["module"], kind, n, base, x, in_dims, out, n.dtype, dict(n.attrs), dict(n.meta))

@@ -20,7 +20,7 @@ from flora_graph.ir import ComputationNode, Graph, Op
 from flora_graph.passes.rewrite import RewriteContext, static_nodes
 from flora_graph.passes.rules import Match, Pat
 
-__all__ = ["LORA", "LORA_BRANCH", "LORA_KINDS", "SCALED_BRANCH", "LoRAMatch", "find_lora", "match_lora"]
+__all__ = ["EMBEDDING_LORA", "LORA", "LORA_BRANCH", "LORA_KINDS", "SCALED_BRANCH", "LoRAMatch", "find_lora", "match_lora"]
 
 LORA_KINDS = (Op.LINEAR, Op.CONV2D)
 
@@ -59,6 +59,30 @@ LORA: Pat = _lora(Op.LINEAR) | _lora(Op.CONV2D)
 """The whole adapter: root is the ``Add``."""
 
 
+def _rows_by_id(n: ComputationNode) -> bool:
+    return n.attrs.get("axis") == 0
+
+
+def _tagged(n: ComputationNode) -> bool:
+    """A node capture (or ``export_graph``) tagged as a LoRA adapter's."""
+    return bool(n.meta.get("module")) and n.meta.get("role") == "lora_add"
+
+
+def _embedding_lora() -> Pat:
+    base = Pat(Op.GATHER, (Pat.weight("W"), Pat.any("x")), name="base", pred=_rows_by_id)
+    down = Pat(Op.GATHER, (Pat.weight("A"), Pat.any("x")), name="down", pred=_rows_by_id)
+    up = Pat(Op.LINEAR, (down, Pat.weight("B")), name="up")
+    return Pat(Op.ADD, (base, _scaled(up) | up), name="add", pred=_tagged)
+
+
+EMBEDDING_LORA: Pat = _embedding_lora()
+"""An embedding's adapter, ``Add(Gather(W, ids), Mul(Linear(Gather(A.T, ids), B), s))`` (PEFT's ``lora_embedding_A``
+/ ``_B``, rows by token id): root is the ``Add``, which must carry capture's ``lora_add`` tag (an untagged
+gather-and-project beside an embedding, a factorised embedding, is the model's own); ``A`` binds the static
+``[vocab, r]`` table the ids index (``A.T`` of PEFT's ``[r, vocab]``). Only the adapter slots read it: the
+fusing and merging rules leave an embedding's branch as captured."""
+
+
 @dataclass
 class LoRAMatch:
     """One recognised adapter (or bare branch when ``add``/``base`` are ``None``)."""
@@ -78,18 +102,19 @@ class LoRAMatch:
 
     @classmethod
     def from_match(cls, m: Match) -> LoRAMatch:
-        """Build from a match of :data:`LORA`, :data:`LORA_BRANCH` or :data:`SCALED_BRANCH`."""
+        """Build from a match of :data:`LORA`, :data:`EMBEDDING_LORA`, :data:`LORA_BRANCH` or :data:`SCALED_BRANCH`."""
         base = m.get("base")
         return cls(
-            op=m["up"].op, x=m["x"], down=m["down"], up=m["up"], A=m["A"], B=m["B"], base=base, W=m.get("W"),
+            # the down projection's op: Gather for an embedding's adapter, whose up projection is a Linear
+            op=m["down"].op, x=m["x"], down=m["down"], up=m["up"], A=m["A"], B=m["B"], base=base, W=m.get("W"),
             bias=base.inputs[2] if base is not None and len(base.inputs) == 3 else None,
             scale=m.get("scale"), s=m.get("s"), add=m.get("add"),
         )
 
     @property
     def rank(self) -> int:
-        """``r``: rows of ``A``."""
-        return int(self.A.shape[0])
+        """``r``: rows of ``A`` (columns of an embedding's ``[vocab, r]`` table)."""
+        return int(self.A.shape[1] if self.op is Op.GATHER else self.A.shape[0])
 
     @property
     def nodes(self) -> list[ComputationNode]:

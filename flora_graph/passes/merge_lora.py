@@ -4,7 +4,9 @@ The merged weight is accumulated in float32 (float64 for a float64 ``W``) and ca
 ``W``'s dtype once, into a new param ``f"{module}.merged_weight"``; ``W`` is never edited.
 A non-finite merged weight raises ``GraphError`` naming the node. For ``Conv2d`` the down
 projection must use the base's stride, padding and dilation and the up projection must be
-a 1x1, stride-1, unpadded convolution; otherwise the merge is refused with the reason.
+a 1x1, stride-1, unpadded convolution; otherwise the merge is refused with the reason. An embedding's
+adapter (:data:`~flora_graph.passes.lora_pattern.EMBEDDING_LORA`) becomes one ``Gather`` of the table
+``W + s·(B@A).T``.
 An adapter slot (``LoRASlot``/``LoRAMixedSlot``, :mod:`~flora_graph.passes.adapter_slots`) is
 never merged: it is not this pattern, and its weights are graph inputs, not weights.
 """
@@ -16,7 +18,7 @@ import numpy as np
 from flora_graph.errors import GraphError
 from flora_graph.ir import Graph, Op
 from flora_graph.passes.base import PassResult, register_pass
-from flora_graph.passes.lora_pattern import LORA, LoRAMatch
+from flora_graph.passes.lora_pattern import EMBEDDING_LORA, LORA, LoRAMatch
 from flora_graph.passes.rewrite import RewriteContext
 from flora_graph.passes.rules import Match, MatchResult, Rule, RuleSet
 
@@ -87,6 +89,15 @@ def _rewrite(m: Match, ctx: RewriteContext):
     lm = LoRAMatch.from_match(m)
     assert lm.add is not None and lm.base is not None and lm.W is not None
     where = f"{lm.add.name!r} (module {lm.module!r})"
+    if lm.op is Op.GATHER:  # the table [vocab, dim] + s * (A.T [vocab, r] @ B.T): W.T + s·B@A, transposed back
+        w = np.asarray(ctx.value(lm.W))
+        merged = merged_weight(np.ascontiguousarray(w.T), np.asarray(ctx.value(lm.A)).T, np.asarray(ctx.value(lm.B)),
+                               lm.scale_value(ctx), where)
+        const = ctx.new_const(f"{lm.module}.merged_weight", np.ascontiguousarray(merged.T))
+        meta = dict(lm.base.meta)
+        if meta.get("role"):
+            meta["role"] = "merged"
+        return ctx.add(Op.GATHER, [const, lm.x], lm.base.attrs, name=f"{lm.module}.merged", meta=meta)
     w = merged_weight(np.asarray(ctx.value(lm.W)), np.asarray(ctx.value(lm.A)), np.asarray(ctx.value(lm.B)),
                       lm.scale_value(ctx), where)
     const = ctx.new_const(f"{lm.module}.merged_weight", w)
@@ -97,7 +108,7 @@ def _rewrite(m: Match, ctx: RewriteContext):
     return ctx.add(lm.op, ins, lm.base.attrs, name=f"{lm.module}.merged", meta=meta)
 
 
-MERGE_LORA = Rule("merge-lora", LORA, _rewrite, _check,
+MERGE_LORA = Rule("merge-lora", LORA | EMBEDDING_LORA, _rewrite, _check,
                   doc="Replaces Add(base(x, W, b), s·B(A(x))) with base(x, W + s·B@A, b).")
 
 

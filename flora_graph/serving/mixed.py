@@ -48,7 +48,7 @@ def stack_adapters(slots: Sequence[LoRASlot], adapters: Sequence[Mapping[str, np
 
     Per slot, ``R`` is the largest rank any adapter gives the module (at least 1) and there
     are ``len(adapters) + 1`` slots, the last all zeros (index ``-1``). A ``Linear`` slot
-    stacks ``A.T`` as ``[slots, in, R]`` and ``B.T`` as ``[slots, R, out]``; a ``Conv2d``
+    stacks ``A.T`` as ``[slots, in, R]`` and ``B.T`` as ``[slots, R, out]`` (an ``Embedding``: ``in`` the vocabulary); a ``Conv2d``
     slot stacks ``A`` as ``[slots, R, kh*kw*C]`` (taps major, the patch order of the
     export) and ``B`` as ``[slots, out, R]``. Lower
     ranks are zero-padded, which adds exact zeros; an adapter without a module is zeros there.
@@ -250,6 +250,8 @@ class MixedAdapterSession:
             r = np.array([int(p[s.a_name].shape[0]) if s.a_name in p else 0 for p in params.values()] + [0])
             a_name, b_name = stack_names(s)  # the rank axis: A [slots, in, R] / B [slots, R, out]; conv A [slots, R, ...]
             ranks[a_name], ranks[b_name] = (r, 1 if s.kind == "conv" else 2), (r, 2 if s.kind == "conv" else 1)
+            if s.kind == "embedding":  # its A stack is read whole (rows index it by id): B keeps every rank too
+                del ranks[a_name], ranks[b_name]
         return _AdapterSet(names, {n: i for i, n in enumerate(names)}, feeds, ranks)
 
     @property
@@ -340,6 +342,9 @@ class MixedAdapterSession:
             out[INDEX_INPUT] = idx
         for name, stack in self._rows.items():
             rows = current.feeds[stack].take(idx, axis=0)  # -1: the last (zero) slot, as Gather reads it
+            if stack not in current.ranks:  # an embedding's B: its A stack keeps every rank
+                out[name] = rows
+                continue
             ranks, axis = current.ranks[stack]
             keep = max(1, int(ranks[idx].max())) if len(idx) else 1
             if keep < rows.shape[axis]:  # only these rows' largest rank: the rest of the padding is exact zeros

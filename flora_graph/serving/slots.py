@@ -71,7 +71,7 @@ class LoRASlot:
     """One swappable LoRA site: module path, kind and weight shapes with the rank left open."""
 
     module: str
-    kind: str  # "linear" or "conv"
+    kind: str  # "linear", "conv" or "embedding" (in_dims: the vocabulary)
     in_dims: tuple[int, ...]  # A's dims after the rank
     out: int
     b_tail: tuple[int, ...]  # B's dims after the rank: () or (1, 1)
@@ -113,6 +113,10 @@ class LoRASlot:
             members = tuple(m for m in str(a.get("members", "")).split(",") if m)
             return cls(a["module"], "linear", (int(x.shape[-1]),), int(base.shape[-1]), (), node.dtype,
                        members=members, member_outs=tuple(int(o) for o in a.get("member_outs", ())) if members else ())
+        if a["kind"] == "embedding":  # A [rank, vocab], or the stack of A.T [slots, vocab, R]
+            table = node.inputs[2].shape
+            vocab = table[-1] if len(table) == 2 else table[1]
+            return cls(a["module"], "embedding", (int(vocab),), int(base.shape[-1]), (), node.dtype)
         return cls(a["module"], "conv", (int(x.shape[1]), *a["kernel"]), int(base.shape[1]), (1, 1), node.dtype,
                    tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
 
@@ -129,7 +133,7 @@ class LoRASlot:
             slot = cls(**kw)
         except (TypeError, ValueError) as exc:
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: {exc}") from None
-        if slot.kind not in ("linear", "conv") or not isinstance(slot.module, str) or not isinstance(slot.out, int):
+        if slot.kind not in ("linear", "conv", "embedding") or not isinstance(slot.module, str) or not isinstance(slot.out, int):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}")
         if slot.members and (len(slot.members) != len(slot.member_outs) or sum(slot.member_outs) != slot.out):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: member outputs do not add up to out")

@@ -454,8 +454,8 @@ def test_rank_above_fan_in_on_conv_is_exact():
 @pytest.mark.parametrize(
     ("layer", "what"),
     [
-        (nn.Embedding(10, 4), "Embedding"),
         (nn.Conv1d(3, 4, 3), "Conv1d"),
+        (nn.Embedding(10, 4, max_norm=1.0), "max_norm"),
         (nn.Conv2d(4, 8, 3, groups=2), "group"),
         (nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), "padding_mode"),
         (nn.Conv2d(4, 8, 2, padding="same"), "same"),

@@ -2,9 +2,9 @@
 
 The numpy rule is checked against an independent float64 torch expression (``F.linear`` /
 ``F.conv2d``, each row of a mixed batch with its own adapter taken back out of the stacks);
-each backend against the numpy rule. Linear (2-D and 3-D rows) and conv sites (strided,
-padded, dilated 3x3; pointwise with dynamic spatial dims), ranks 0, 1 and 3, float32 and
-float16, ``B`` nonzero throughout. The table harness of this folder skips this family
+each backend against the numpy rule. Linear (2-D and 3-D rows), conv sites (strided,
+padded, dilated 3x3; pointwise with dynamic spatial dims) and embedding sites (``F.embedding`` of
+the ids by ``A.T``; 2-D and 3-D ids), ranks 0, 1 and 3, float32 and float16, ``B`` nonzero throughout. The table harness of this folder skips this family
 (``TESTED_FAMILIES``): a slot's weights are fed per run, which its generic cases do not model.
 """
 
@@ -43,6 +43,8 @@ class Site:
     def base(self) -> tuple[Any, ...]:
         if self.kind == "linear":
             return (*self.x[:-1], self.out)
+        if self.kind == "embedding":
+            return (*self.x, self.out)
         (kh, kw) = self.in_dims[1:]
         a = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), **self.attrs}
         dims = [d if isinstance(d, str) else (d + 2 * p - dl * (k - 1) - 1) // s + 1
@@ -51,6 +53,8 @@ class Site:
 
     def node_attrs(self) -> dict[str, Any]:
         extra = {"kind": "conv", "kernel": self.in_dims[1:]} if self.kind == "conv" else {}
+        if self.kind == "embedding":
+            extra = {"kind": "embedding"}
         return {"module": self.id, **extra, **self.attrs}
 
 
@@ -59,6 +63,8 @@ SITES = [
     Site("linear_3d", "linear", ("batch", "seq", 8), (8,), 5),
     Site("conv_3x3", "conv", ("batch", 3, 9, 11), (3, 3, 3), 4, {"stride": (2, 1), "padding": (1, 2), "dilation": (2, 1)}),
     Site("conv_1x1_dynamic", "conv", ("batch", 4, "h", "w"), (4, 1, 1), 6),
+    Site("embedding_2d", "embedding", ("batch", "seq"), (11,), 5),
+    Site("embedding_3d", "embedding", ("batch", "seq", 2), (11,), 5),
 ]
 RANKS = (0, 1, 3)
 DTYPES = ("float32", "float16")
@@ -69,7 +75,7 @@ def concrete(shape: tuple[Any, ...], rank: int) -> tuple[int, ...]:
 
 
 def stack_shapes(s: Site) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    if s.kind == "linear":
+    if s.kind in ("linear", "embedding"):
         return ("slots", s.in_dims[0], "r"), ("slots", "r", s.out)
     return ("slots", "r", math.prod(s.in_dims)), ("slots", s.out, "r")
 
@@ -77,7 +83,7 @@ def stack_shapes(s: Site) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 def build(s: Site, mixed: bool, dtype: str, *, defaults: int | None = None) -> Graph:
     """One slot node over graph inputs ``base``, ``x``, ``A``, ``B`` (``idx``); ``defaults``: rank of the weights' defaults."""
     g = Graph(s.id)
-    base, x = g.input("base", s.base, dtype), g.input("x", s.x, dtype)
+    base, x = g.input("base", s.base, dtype), g.input("x", s.x, "int64" if s.kind == "embedding" else dtype)
     if mixed:
         shapes = stack_shapes(s)
     else:
@@ -100,6 +106,8 @@ def feeds(s: Site, mixed: bool, dtype: str, rank: int, seed: int = 0) -> dict[st
         out[name] = arr
     assert rank == 0 or np.abs(out["B"]).max() > 0.1  # B is nonzero
     out = {k: v.astype(dtype) for k, v in out.items()}
+    if s.kind == "embedding":  # token ids, every id of the vocabulary possible
+        out["x"] = rng.integers(0, s.in_dims[0], concrete(s.x, rank)).astype(np.int64)
     if mixed:
         out["idx"] = np.array([2, -1, 0], np.int64)
     return out
@@ -111,18 +119,21 @@ def delta64(s: Site, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
         a, b = torch.zeros(1, *a.shape[1:], dtype=a.dtype), torch.zeros(b.shape[0], 1, *b.shape[2:], dtype=b.dtype)
     if s.kind == "linear":
         return F.linear(F.linear(x, a), b)
+    if s.kind == "embedding":
+        return F.linear(F.embedding(x, a.T), b)
     at = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), **s.attrs}
     return F.conv2d(F.conv2d(x, a, None, at["stride"], at["padding"], at["dilation"]), b)
 
 
 def reference(s: Site, mixed: bool, f: dict[str, np.ndarray]) -> np.ndarray:
-    t = {k: torch.from_numpy(v.astype(np.float64)) for k, v in f.items() if k != "idx"}
+    t = {k: torch.from_numpy(v if k == "x" and s.kind == "embedding" else v.astype(np.float64))
+         for k, v in f.items() if k != "idx"}
     if not mixed:
         return (t["base"] + delta64(s, t["x"], t["A"], t["B"])).numpy()
     rows = []
     for i, k in enumerate(f["idx"]):
         a, b = t["A"][k], t["B"][k]
-        if s.kind == "linear":  # stacks hold A.T and B.T
+        if s.kind in ("linear", "embedding"):  # stacks hold A.T and B.T
             a, b = a.T, b.T
         else:  # A [R, kh*kw*C] taps major -> [R, C, kh, kw]; B [out, R] -> [out, R, 1, 1]
             c, kh, kw = s.in_dims
@@ -174,7 +185,7 @@ def test_backend_matches_numpy_rule(case, backend: str) -> None:
 
 
 @pytest.mark.parametrize("mixed", [False, True])
-@pytest.mark.parametrize("site", [SITES[1], SITES[2]], ids=lambda s: s.id)
+@pytest.mark.parametrize("site", [SITES[1], SITES[2], SITES[4]], ids=lambda s: s.id)
 def test_torch_export_matches_numpy_rule(site: Site, mixed: bool) -> None:
     g = build(site, mixed, "float32")
     exe = compile(g, "torch-export")
@@ -215,7 +226,12 @@ def test_a_default_binds_its_dims_like_a_given_input() -> None:
     (SITES[2], True, "float32", ["Gather", "Gather", "Pad", *["Slice"] * 9, "Concat", "Reshape", "MatMul", "MatMul",
                                  "Reshape", "Add"]),
     (SITES[3], True, "float32", ["Gather", "Gather", "Reshape", "MatMul", "MatMul", "Shape", "Reshape", "Add"]),
-], ids=["gemm", "matmul", "conv", "gemm-f16", "mixed-linear", "mixed-rows", "mixed-conv", "mixed-pointwise"])
+    (SITES[4], False, "float32", ["Gather", "Transpose", "Transpose", "MatMul", "Add"]),
+    # no Gather of a whole table per row: the ids index the stack as [slots*vocab, R] at slot*vocab + id
+    (SITES[4], True, "float32", ["Shape", "Gather", "Add", "Mod", "Mul", "Reshape", "Flatten", "Add", "Gather",
+                                 "Gather", "MatMul", "Add"]),
+], ids=["gemm", "matmul", "conv", "gemm-f16", "mixed-linear", "mixed-rows", "mixed-conv", "mixed-pointwise",
+        "embedding", "mixed-embedding"])
 def test_onnx_nodes(site: Site, mixed: bool, dtype: str, ops: list[str]) -> None:
     """The ONNX rules emit what the serving exports always did (inputs with defaults as initializers)."""
     g = build(site, mixed, dtype, defaults=0 if not mixed else 1)

@@ -1,7 +1,8 @@
-"""Adapters that carry base weights: on the output layer (``lm_head``), beside which PEFT saves the layer's whole weight
+"""Adapters on the embedding layers: on the output layer (``lm_head``) and on the input embedding (``embed_tokens``,
+PEFT's ``lora_embedding_A`` / ``_B``: a slot that reads the token ids), beside which PEFT saves the layer's whole weight
 (``save_embedding_layers="auto"``): the package swaps the adapter and keeps the base weight, which the file holds
 unchanged; a file whose saved weight differs (a fine-tune that changed it) is refused by name, since a swappable
-adapter leaves the base model as it is. References: eager PEFT, row by row."""
+adapter leaves the base model as it is. References: eager PEFT, row by row, and ONNX Runtime GenAI."""
 
 from __future__ import annotations
 
@@ -28,6 +29,46 @@ def test_package_with_an_output_layer_adapter_decodes_as_eager_peft(tmp_path: Pa
     adapted = small_adapters(model, tmp_path, {"head": ["q_proj", "lm_head"], "attn": ["v_proj", "o_proj"]})
     export_small(model, tmp_path, {n: tmp_path / n for n in adapted})
     assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "head", "attn")
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_package_with_an_input_embedding_adapter_decodes_as_eager_peft(tmp_path: Path, arch: str) -> None:
+    """LoRA on ``embed_tokens`` (as continued-pretraining recipes target it) beside the projections: swappable in the
+    package, one adapter per row in a mixed batch (the rows' ids index their own adapter's table), and in ONNX
+    Runtime GenAI; the Qwen2 model ties its output layer to the embedding, which the adapter leaves alone."""
+    import onnxruntime_genai as og
+
+    from tests.serving.genai_package import eager_greedy, genai_tokens
+
+    model = small_model(arch)
+    if arch == "Qwen2ForCausalLM":  # the output layer tied to the embedding, as small Qwen2 checkpoints have it
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    adapted = small_adapters(model, tmp_path, {"emb": ["embed_tokens", "q_proj"], "attn": ["v_proj", "o_proj"]})
+    if arch == "Qwen2ForCausalLM":
+        assert adapted["emb"].get_output_embeddings().weight is adapted["emb"].get_input_embeddings().weight
+    export_small(model, tmp_path, {n: tmp_path / n for n in adapted})
+    assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "emb", "attn")
+    og_model = og.Model(str(tmp_path / "pkg"))
+    og_adapters = og.Adapters(og_model)
+    og_adapters.load(str(tmp_path / "pkg" / "adapters" / "emb.onnx_adapter"), "emb")
+    prompt = [1, 5, 9, 33, 70, 12]
+    assert genai_tokens(og_model, prompt, 8, og_adapters, "emb") == eager_greedy(adapted["emb"], prompt, 8,
+                                                                                  min_new_tokens=8)
+
+
+def test_an_input_embedding_adapter_alone_changes_the_tokens(tmp_path: Path) -> None:
+    """An adapter on ``embed_tokens`` only: its slot alone carries it (nothing else of the adapter is fed), and the
+    rows decode as eager PEFT's, other tokens than the base model's."""
+    from tests.serving.genai_package import eager_greedy
+
+    model = small_model("LlamaForCausalLM")
+    adapted = small_adapters(model, tmp_path, {"emb": ["embed_tokens"]})
+    export_small(model, tmp_path, {"emb": tmp_path / "emb"})
+    prompt = [1, 5, 9, 33, 70, 12]
+    got = Generator(tmp_path / "pkg").generate([prompt], adapters="emb", max_new_tokens=8, min_new_tokens=8)[0]
+    assert got == eager_greedy(adapted["emb"], prompt, 8, min_new_tokens=8) != eager_greedy(model, prompt, 8,
+                                                                                           min_new_tokens=8)
 
 
 def test_an_adapter_whose_saved_output_layer_differs_is_refused_by_name(tmp_path: Path) -> None:
