@@ -6,7 +6,8 @@ PEFT's layout; for a convolution ``A`` is ``[r, in, kh, kw]`` with the base laye
 stride, padding and dilation, and ``B`` is a ``[out, r, 1, 1]`` pointwise convolution. For an
 embedding (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``) ``A`` is ``[r, vocab]`` (zeros) and
 ``B`` is ``[dim, r]`` (normal), and the branch reads token ids: ``s * embedding(ids, A.T) @ B.T``,
-the low-rank product of the ids' one-hot rows (no dropout, as PEFT's).
+the low-rank product of the ids' one-hot rows (no dropout, as PEFT's); an embedding that scales its own rows by a
+scalar ``embed_scale`` (Gemma 3's) scales the branch by it too, as PEFT's layer does.
 :meth:`LoRAAdapter.delta_weight` is the one source of truth that merging and the
 compiler's merge pass agree with.
 """
@@ -181,6 +182,23 @@ class LoRAAdapter(nn.Module):
         return self._alpha / self._rank
 
     @property
+    def embed_scale(self) -> torch.Tensor | None:
+        """The scalar an embedding base layer scales its rows by (its ``embed_scale``: Gemma 3's), which the branch
+        takes too, as PEFT's layer does (PEFT's rule: a number, or a tensor of one element); ``None`` otherwise."""
+        scale = getattr(self.base_layer, "embed_scale", None) if self.is_embedding else None
+        if isinstance(scale, int | float) and not isinstance(scale, bool):
+            w = self.base_layer.weight
+            return torch.tensor(scale, dtype=w.dtype, device=w.device)
+        return scale if isinstance(scale, torch.Tensor) and scale.numel() == 1 else None
+
+    @property
+    def branch_scale(self) -> float:
+        """The factor on ``B``'s output in the branch: :attr:`scaling`, times :attr:`embed_scale` where there is one
+        (what a slot's ``B`` folds in)."""
+        scale = self.embed_scale
+        return self.scaling if scale is None else self.scaling * float(scale)
+
+    @property
     def is_base_frozen(self) -> bool:
         """Whether the base layer's parameters are excluded from training."""
         return self._freeze_base
@@ -253,7 +271,9 @@ class LoRAAdapter(nn.Module):
             h = F.conv2d(h, self.lora_A, None, base.stride, self._padding, base.dilation)
             h = F.conv2d(h, self.lora_B)
         elif self.is_embedding:  # the ids' rows of A.T: one-hot(ids) @ A.T, traced as one Gather
-            h = F.linear(F.embedding(x, self.lora_A.t()), self.lora_B)
+            h = F.linear(F.embedding(x, self.lora_A.t()), self.lora_B) * self.scaling
+            scale = self.embed_scale
+            return h if scale is None else h * scale.to(h.dtype)  # PEFT's order: s first, then the rows' scale
         else:
             h = F.linear(F.linear(h, self.lora_A), self.lora_B)
         return h * self.scaling
@@ -325,7 +345,13 @@ class LoRAAdapter(nn.Module):
             h = graph.add(Op.CONV2D, [x, const("lora_A", self.lora_A)], conv, name=p + "lora_down", meta=tag("lora_down"))
             h = graph.add(Op.CONV2D, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
         elif self.is_embedding:  # rows of the weight and of A.T by the ids
+            if type(base) is not nn.Embedding and self.embed_scale is None:
+                raise AdapterError(f"{self._where()}: export_graph knows nn.Embedding's forward, not "
+                                   f"{type(base).__name__}'s; capture the model instead (flora_graph.frontend.capture)")
             y = graph.add(Op.GATHER, [w, x], {"axis": 0}, name=p + "base", meta=tag("base"))
+            if self.embed_scale is not None:  # the layer's own forward scales its rows (Gemma 3's)
+                y = graph.add(Op.MUL, [y, const("base_layer.embed_scale", self.embed_scale.detach())],
+                              name=p + "base_layer.scaled")
             a_t = graph.add(Op.TRANSPOSE, [const("lora_A", self.lora_A)], {"perm": (1, 0)}, name=p + "lora_A_t")
             h = graph.add(Op.GATHER, [a_t, x], {"axis": 0}, name=p + "lora_down", meta=tag("lora_down"))
             h = graph.add(Op.LINEAR, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
@@ -337,6 +363,9 @@ class LoRAAdapter(nn.Module):
             h = graph.add(Op.LINEAR, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
         s = const("scaling", torch.tensor(self.scaling, dtype=self.lora_B.dtype))
         h = graph.add(Op.MUL, [h, s], name=p + "lora_scale", meta=tag("lora_scale"))
+        if self.embed_scale is not None:  # the branch scaled as the rows are (PEFT's)
+            es = const("embed_scale", self.embed_scale.detach().to(self.lora_B.dtype))
+            h = graph.add(Op.MUL, [h, es], name=p + "lora_scale_rows", meta=tag("lora_scale"))
         return graph.add(Op.ADD, [y, h], name=p + "lora_add", meta=tag("lora_add"))
 
     def extra_repr(self) -> str:

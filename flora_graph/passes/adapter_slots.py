@@ -93,7 +93,7 @@ def lora_sites(graph: Graph) -> list[LoRAMatch]:
     found: list[LoRAMatch] = []
     seen: dict[str, tuple[str | float | None, ...]] = {}  # module -> the params of its A and B, its scale
     for m in find_lora(graph, LORA | EMBEDDING_LORA):
-        inner = [m.down, m.up, *([m.scale] if m.scale is not None else [])]
+        inner = [m.down, m.up, *(n for n in (m.scale, m.scale2) if n is not None)]
         allowed = {id(n) for n in (*inner, m.add)}
         for n in inner:
             others = [u.name for u in users.get(n, []) if id(u) not in allowed]
@@ -118,10 +118,12 @@ def _param(node: ComputationNode) -> str | None:
 
 
 def _scale(graph: Graph, m: LoRAMatch) -> float | None:
-    """A site's scale as a number (capture makes one ``Const`` of it per call), ``None`` without one."""
+    """A site's scale as a number (capture makes one ``Const`` of it per call; times an embedding's ``s2``), ``None``
+    without one."""
     if m.s is None:
         return None
-    return float(np.asarray(eval_static(graph, m.s, {}), dtype=np.float64).reshape(-1)[0])
+    return math.prod(float(np.asarray(eval_static(graph, v, {}), dtype=np.float64).reshape(-1)[0])
+                     for v in (m.s, m.s2) if v is not None)
 
 
 def own_weights(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarray] | None = None,
@@ -133,7 +135,8 @@ def own_weights(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarr
     if m.op is Op.GATHER:
         a = np.ascontiguousarray(a.T)
     b = np.asarray(eval_static(graph, m.B, memo))
-    s = 1.0 if m.s is None else float(np.asarray(eval_static(graph, m.s, memo), dtype=np.float64).reshape(()))
+    s = math.prod(float(np.asarray(eval_static(graph, v, memo), dtype=np.float64).reshape(())) for v in (m.s, m.s2)
+                  if v is not None)
     return a, (b.astype(np.float32) * np.float32(s)).astype(b.dtype)
 
 

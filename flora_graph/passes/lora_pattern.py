@@ -69,15 +69,22 @@ def _tagged(n: ComputationNode) -> bool:
 
 
 def _embedding_lora() -> Pat:
-    base = Pat(Op.GATHER, (Pat.weight("W"), Pat.any("x")), name="base", pred=_rows_by_id)
+    rows = Pat(Op.GATHER, (Pat.weight("W"), Pat.any("x")), name="base", pred=_rows_by_id)
+    # a scaled embedding (Gemma's rows times sqrt(hidden)), whose base layer's own forward scales its rows
+    scaled = Pat(Op.MUL, (Pat(Op.GATHER, (Pat.weight("W"), Pat.any("x")), name="rows", pred=_rows_by_id),
+                          Pat.weight("embed_scale", pred=_is_scalar)), name="base", pred=_no_broadcast)
+    base = rows | scaled
     down = Pat(Op.GATHER, (Pat.weight("A"), Pat.any("x")), name="down", pred=_rows_by_id)
     up = Pat(Op.LINEAR, (down, Pat.weight("B")), name="up")
-    return Pat(Op.ADD, (base, _scaled(up) | up), name="add", pred=_tagged)
+    # PEFT scales the branch by the layer's embed_scale too (Gemma 3's embedding scales its own rows): a second scalar
+    twice = Pat(Op.MUL, (_scaled(up), Pat.weight("s2", pred=_is_scalar)), name="scale2", pred=_no_broadcast)
+    return Pat(Op.ADD, (base, twice | _scaled(up) | up), name="add", pred=_tagged)
 
 
 EMBEDDING_LORA: Pat = _embedding_lora()
 """An embedding's adapter, ``Add(Gather(W, ids), Mul(Linear(Gather(A.T, ids), B), s))`` (PEFT's ``lora_embedding_A``
-/ ``_B``, rows by token id): root is the ``Add``, which must carry capture's ``lora_add`` tag (an untagged
+/ ``_B``, rows by token id; the base rows may be scaled by a scalar weight, as Gemma 3's embedding scales them, and the
+branch by a second one, as PEFT scales it then, bound as ``s2``): root is the ``Add``, which must carry capture's ``lora_add`` tag (an untagged
 gather-and-project beside an embedding, a factorised embedding, is the model's own); ``A`` binds the static
 ``[vocab, r]`` table the ids index (``A.T`` of PEFT's ``[r, vocab]``). Only the adapter slots read it: the
 fusing and merging rules leave an embedding's branch as captured."""
@@ -99,6 +106,8 @@ class LoRAMatch:
     scale: ComputationNode | None = None
     s: ComputationNode | None = None
     add: ComputationNode | None = None
+    scale2: ComputationNode | None = None  # an embedding's branch scaled once more (PEFT's embed_scale)
+    s2: ComputationNode | None = None
 
     @classmethod
     def from_match(cls, m: Match) -> LoRAMatch:
@@ -108,7 +117,7 @@ class LoRAMatch:
             # the down projection's op: Gather for an embedding's adapter, whose up projection is a Linear
             op=m["down"].op, x=m["x"], down=m["down"], up=m["up"], A=m["A"], B=m["B"], base=base, W=m.get("W"),
             bias=base.inputs[2] if base is not None and len(base.inputs) == 3 else None,
-            scale=m.get("scale"), s=m.get("s"), add=m.get("add"),
+            scale=m.get("scale"), s=m.get("s"), add=m.get("add"), scale2=m.get("scale2"), s2=m.get("s2"),
         )
 
     @property
@@ -119,7 +128,7 @@ class LoRAMatch:
     @property
     def nodes(self) -> list[ComputationNode]:
         """The non-weight nodes of the match, root last."""
-        return [n for n in (self.base, self.down, self.up, self.scale, self.add) if n is not None]
+        return [n for n in (self.base, self.down, self.up, self.scale, self.scale2, self.add) if n is not None]
 
     @property
     def module(self) -> str:
@@ -138,8 +147,9 @@ class LoRAMatch:
         return None
 
     def scale_value(self, ctx: RewriteContext) -> float:
-        """The scalar ``s`` (``1.0`` when the scale is folded away)."""
-        return 1.0 if self.s is None else float(np.asarray(ctx.value(self.s), dtype=np.float64).reshape(()))
+        """The scalar ``s`` (``1.0`` when the scale is folded away), times ``s2`` where the branch has it."""
+        return math.prod(float(np.asarray(ctx.value(v), dtype=np.float64).reshape(()))
+                         for v in (self.s, self.s2) if v is not None)
 
 
 def match_lora(node: ComputationNode, static: set[ComputationNode], pattern: Pat = LORA) -> LoRAMatch | None:

@@ -48,6 +48,8 @@ def _check(m: Match, ctx: RewriteContext) -> MatchResult:
         return res.fail(f"Add {lm.add.name!r} broadcasts base {lm.base.name!r}")
     if lm.op is Op.CONV2D and (why := _conv_reason(lm)) is not None:
         return res.fail(why)
+    if lm.op is Op.GATHER and lm.base.op is not Op.GATHER:
+        return res.fail(f"embedding {lm.module!r} scales its rows ({lm.base.name!r}) and not the adapter's: left as captured")
     inner = [n for n in lm.nodes if n is not lm.add]
     shared = {n.name: ctx.other_users(n, *lm.nodes) for n in inner}
     shared = {k: v for k, v in shared.items() if v}

@@ -394,7 +394,7 @@ def adapter_params(model: Any) -> dict[str, np.ndarray]:
                 raise AdapterFileError(f"module {path!r}: bfloat16 adapter weights; cast the model to float32/float16")
             out[f"{path}.lora_A"] = ad.lora_A.detach().cpu().numpy().copy()
             b = ad.lora_B.detach().cpu()
-            out[f"{path}.lora_B"] = (b.float() * ad.scaling).to(b.dtype).numpy()
+            out[f"{path}.lora_B"] = (b.float() * ad.branch_scale).to(b.dtype).numpy()
     return out
 
 

@@ -35,23 +35,43 @@ class Tiny(nn.Module):
         return self.proj(self.emb(ids))
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Rows times a scalar buffer ``embed_scale``, as Gemma 3's embedding computes them."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.embed_scale = nn.Buffer(torch.tensor(DIM**0.5), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class ScaledTiny(Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = ScaledEmbedding(VOCAB, DIM)
+
+
 def _ids(batch: int = 3, seq: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _peft_model(targets: list[str], seed: int = 0) -> tuple[nn.Module, nn.Module]:
+def _peft_model(targets: list[str], seed: int = 0, cls: type[nn.Module] = Tiny) -> tuple[nn.Module, nn.Module]:
     """``(plain, PEFT-adapted)`` with nonzero ``A`` and ``B`` on every adapted layer."""
     torch.manual_seed(seed)
-    plain = Tiny().eval()
+    plain = cls().eval()
     adapted = peft.get_peft_model(copy.deepcopy(plain), peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets,
                                                                       init_lora_weights=False)).eval()
     return plain, adapted
 
 
-def test_the_adapter_computes_what_peft_embedding_lora_computes() -> None:
-    plain, adapted = _peft_model(["emb"])
+@pytest.mark.parametrize("cls", [Tiny, ScaledTiny], ids=["plain", "scaled"])
+def test_the_adapter_computes_what_peft_embedding_lora_computes(cls: type[nn.Module]) -> None:
+    """A scaled embedding's branch is scaled as its rows are (PEFT's rule), and the merged table is unscaled."""
+    plain, adapted = _peft_model(["emb"], cls=cls)
     layer = adapted.base_model.model.emb
     ours = LoRAAdapter(copy.deepcopy(plain.emb), 3, 6, module_name="emb")
+    assert (ours.embed_scale is None) == (cls is Tiny)
     with torch.no_grad():
         ours.lora_A.copy_(layer.lora_embedding_A["default"])
         ours.lora_B.copy_(layer.lora_embedding_B["default"])
@@ -74,9 +94,10 @@ def test_a_fresh_adapter_adds_nothing_and_refuses_max_norm() -> None:
         LoRAAdapter(nn.Embedding(VOCAB, DIM, max_norm=1.0), 4, module_name="e")
 
 
-def test_export_graph_runs_as_the_module() -> None:
+@pytest.mark.parametrize("layer", [nn.Embedding, ScaledEmbedding])
+def test_export_graph_runs_as_the_module(layer: type[nn.Embedding]) -> None:
     torch.manual_seed(0)
-    ad = LoRAAdapter(nn.Embedding(VOCAB, DIM), 3, 6, module_name="emb")
+    ad = LoRAAdapter(layer(VOCAB, DIM), 3, 6, module_name="emb")
     nn.init.normal_(ad.lora_A)
     g = Graph("emb")
     x = g.input("ids", ("batch", "seq"), "int64")
@@ -84,7 +105,8 @@ def test_export_graph_runs_as_the_module() -> None:
     ids = _ids()
     np.testing.assert_allclose(run(g, {"ids": ids.numpy()})["y"], ad(ids).detach().numpy(), rtol=1e-5, atol=1e-6)
     merged = optimize(g, "merged")
-    assert [n.op for n in merged.live_nodes() if n.op not in (Op.CONST, Op.INPUT)] == [Op.GATHER]  # adapter baked in
+    if layer is nn.Embedding:  # one table, the adapter baked in
+        assert [n.op for n in merged.live_nodes() if n.op not in (Op.CONST, Op.INPUT)] == [Op.GATHER]
     np.testing.assert_allclose(run(merged, {"ids": ids.numpy()})["y"], ad(ids).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -100,10 +122,13 @@ def test_peft_folder_loads_onto_our_adapters_and_saves_back(tmp_path) -> None:
     torch.testing.assert_close(again(ids), adapted(ids))
 
 
+@pytest.mark.parametrize("cls", [Tiny, ScaledTiny], ids=["plain", "scaled"])
 @pytest.mark.parametrize("source", ["ours", "peft"])
 @pytest.mark.parametrize("preset", ["unfused", "fused", "merged"])
-def test_captured_adapter_runs_as_eager_in_every_preset(source: str, preset: str) -> None:
-    plain, adapted = _peft_model(["emb", "proj"])
+def test_captured_adapter_runs_as_eager_in_every_preset(source: str, preset: str, cls: type[nn.Module]) -> None:
+    """merged bakes a plain embedding's adapter into its table; a scaled one's is left as captured (the rows'
+    scale is the layer's, not the adapter's), and both run as eager."""
+    plain, adapted = _peft_model(["emb", "proj"], cls=cls)
     if source == "ours":
         adapted = copy.deepcopy(plain)
         apply_lora(adapted, ["emb", "proj"], rank=3, alpha=6)
@@ -115,24 +140,33 @@ def test_captured_adapter_runs_as_eager_in_every_preset(source: str, preset: str
     want = adapted(ids).detach().numpy()
     g = optimize(capture(adapted, {"ids": _ids(2, 5)}, {"ids": {0: "batch", 1: "seq"}}), preset)
     tables = [n for n in g.live_nodes() if n.op is Op.GATHER]
-    assert len(tables) == (1 if preset == "merged" else 2)
+    assert len(tables) == (1 if preset == "merged" and cls is Tiny else 2)
     for backend in ("numpy", "onnxruntime", "torchscript"):
         np.testing.assert_allclose(compile(g, backend)({"ids": ids.numpy()})["y" if "y" in g.outputs else
                                                                               next(iter(g.outputs))],
                                    want, rtol=1e-5, atol=1e-5, err_msg=backend)
 
 
+@pytest.mark.parametrize("cls", [Tiny, ScaledTiny], ids=["plain", "scaled"])
 @pytest.mark.parametrize("slots", ["swappable", "mixed"])
-def test_embedding_site_becomes_a_slot_fed_its_own_adapter(slots: str) -> None:
+def test_embedding_site_becomes_a_slot_fed_its_own_adapter(slots: str, cls: type[nn.Module]) -> None:
     """The captured PEFT embedding adapter becomes a slot of kind ``embedding`` (``A`` ``[r, vocab]``, PEFT's
-    layout); fed the graph's own adapter it runs as eager PEFT, and without one as the plain model."""
+    layout; a scaled embedding's scale folded into ``B`` with the adapter's); fed the graph's own adapter it runs as
+    eager PEFT, and without one as the plain model."""
     from flora_graph.serving.mixed import stack_adapters
+    from flora_graph.serving.slots import adapter_params
 
-    plain, adapted = _peft_model(["emb", "proj"])
+    plain, adapted = _peft_model(["emb", "proj"], cls=cls)
     captured = capture(adapted, {"ids": _ids(2, 5)}, {"ids": {0: "batch", 1: "seq"}})
     own = graph_adapter_params(captured)
     torch.testing.assert_close(torch.from_numpy(own["emb.lora_A"]),
                                adapted.base_model.model.emb.lora_embedding_A["default"].detach())
+    ours = copy.deepcopy(plain)  # the same folder on our adapters gives the same slot weights
+    with torch.no_grad():
+        apply_lora(ours, ["emb", "proj"], rank=3, alpha=6)
+        ours.emb.lora_A.copy_(adapted.base_model.model.emb.lora_embedding_A["default"])
+        ours.emb.lora_B.copy_(adapted.base_model.model.emb.lora_embedding_B["default"])
+    np.testing.assert_allclose(adapter_params(ours)["emb.lora_B"], own["emb.lora_B"], rtol=1e-6)
     g = optimize(captured, "fused", slots=slots)
     emb = next(s for s in graph_slots(g) if s.module == "emb")
     assert (emb.kind, emb.in_dims, emb.out) == ("embedding", (VOCAB,), DIM)
@@ -153,3 +187,13 @@ def test_embedding_site_becomes_a_slot_fed_its_own_adapter(slots: str) -> None:
     if slots == "swappable":  # no adapter: the plain model
         np.testing.assert_allclose(compile(g, "onnxruntime")({"ids": ids.numpy()})[out], plain(ids).detach().numpy(),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_export_graph_refuses_an_embedding_whose_forward_it_does_not_know() -> None:
+    class Shifted(nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) + 1
+
+    g = Graph("emb")
+    with pytest.raises(AdapterError, match=r"module 'emb': export_graph knows nn.Embedding's forward, not Shifted's"):
+        LoRAAdapter(Shifted(VOCAB, DIM), 3, module_name="emb").export_graph(g, g.input("ids", ("b",), "int64"))

@@ -31,11 +31,12 @@ def test_package_with_an_output_layer_adapter_decodes_as_eager_peft(tmp_path: Pa
     assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "head", "attn")
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM"])
 def test_package_with_an_input_embedding_adapter_decodes_as_eager_peft(tmp_path: Path, arch: str) -> None:
     """LoRA on ``embed_tokens`` (as continued-pretraining recipes target it) beside the projections: swappable in the
     package, one adapter per row in a mixed batch (the rows' ids index their own adapter's table), and in ONNX
-    Runtime GenAI; the Qwen2 model ties its output layer to the embedding, which the adapter leaves alone."""
+    Runtime GenAI; the Qwen2 model ties its output layer to the embedding, which the adapter leaves alone, and Gemma 3's
+    embedding scales its rows, which PEFT scales the adapter's by too."""
     import onnxruntime_genai as og
 
     from tests.serving.genai_package import eager_greedy, genai_tokens
