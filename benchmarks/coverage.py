@@ -603,6 +603,25 @@ register("depth-anything", "vision", vision("DepthAnythingConfig", "DepthAnythin
                                             reassemble_hidden_size=32, patch_size=8, neck_hidden_sizes=[8, 16, 32, 32],
                                             fusion_hidden_size=16, head_hidden_size=8),
          "DINOv2 features reassembled by transposed convolutions, fused upward (bilinear), a depth map")
+def deformable_detr() -> Built:
+    """Deformable DETR (a ResNet backbone of three feature levels, one encoder and one decoder layer) on 64x64 images:
+    its group norms need more than one value per group at the coarsest of its three levels (no fourth, strided one)."""
+    model = hf("DeformableDetrConfig", "DeformableDetrModel", use_timm_backbone=False, use_pretrained_backbone=False,
+               backbone=None, backbone_config={"model_type": "resnet", "hidden_sizes": [16, 32, 64, 128],
+                                               "depths": [1, 1, 1, 1], "out_features": ["stage2", "stage3", "stage4"]},
+               d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=64,
+               encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, encoder_n_points=2,
+               decoder_n_points=2, num_feature_levels=3)
+
+    def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": _noise(seed, batch, 3, 64, 64)}
+    return batch_case(lora(model), make, IMAGE_DIMS)
+
+
+register("deformable-detr", "vision", deformable_detr,
+         "multi-scale deformable attention (grid_sample), reference points from meshgrid")
+
+
 def videomae() -> Built:
     model = lora(hf("VideoMAEConfig", "VideoMAEForVideoClassification", image_size=32, patch_size=8, num_frames=4,
                     tubelet_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -1114,6 +1114,8 @@ def _fold(ctx: CaptureContext, n: torch.fx.Node, args: Any, kwargs: Any) -> Comp
         return a
 
     result = n.target(*torch.fx.node.map_aggregate(args, real), **torch.fx.node.map_aggregate(kwargs, real))
+    if isinstance(result, tuple | list) and result and all(isinstance(t, torch.Tensor) for t in result):
+        return tuple(ctx.new_param(f"{n.name}_{i}", _to_numpy(t, f"{n.name}_{i}")) for i, t in enumerate(result))
     if not isinstance(result, torch.Tensor):
         raise UnsupportedOpError(f"{aten_name(n.target)} returns no tensor", {aten_name(n.target): [ctx.where()]})
     return ctx.new_param(n.name, _to_numpy(result, n.name))

@@ -189,6 +189,11 @@ ROWS = [
     Row("copysign_scalar", lambda x: torch.copysign(x, -0.0), [randn(-1, 6)], ("copysign.Scalar",), {0: 0}),
     Row("unfold_dynamic", lambda x: F.pad(x, (0, 0, 2, 0)).unfold(0, 3, 1), [randn(-1, 4)],
         ("unfold.default",), {0: 0}),
+    # grids (Deformable DETR's reference points): over the dynamic batch, ij and xy, a 0-D input among them
+    Row("meshgrid_ij", lambda a, b: sum(g * (k + 1) for k, g in enumerate(torch.meshgrid(a, b, indexing="ij"))),
+        [randn(-1), randn(5)], ("meshgrid.indexing",), {0: 0}),
+    Row("meshgrid_xy", lambda a, b, c: torch.stack(torch.meshgrid(a, b, c, indexing="xy")).sum(0) * 2,
+        [randn(4), randn(-1), fixed(torch.tensor(1.5))], ("meshgrid.indexing",), {1: 0}),
     # ------------------------------------------------------------------ 3-D transposed convolution (a video decoder's)
     Row("conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=(2, 1, 2), padding=1), [randn(-1, 3, 3, 4, 4),
         randn(3, 2, 3, 3, 3)], ("conv_transpose3d.input",), {0: 0}, tol=1e-4),

@@ -394,6 +394,27 @@ def _expand_as(ctx, x, other):
     return _expand_to(ctx, x, other.shape)
 
 
+@register(aten.meshgrid.default, aten.meshgrid.indexing)
+def _meshgrid(ctx, tensors, indexing="ij"):
+    """``torch.meshgrid`` (Deformable DETR's reference points): each 1-D input laid along its own axis and expanded to
+    the grid; ``indexing="xy"`` swaps the first two axes of the grid, as torch does. A 0-D input counts as one element."""
+    if indexing not in ("ij", "xy"):
+        raise refuse(ctx, f"meshgrid indexing={indexing!r}")
+    if any(len(x.shape) > 1 for x in tensors):
+        raise refuse(ctx, "meshgrid of inputs that are not 1-D or 0-D")
+    flat = [x if len(x.shape) == 1 else ctx.emit(Op.RESHAPE, [x], {"shape": (1,)}) for x in tensors]
+    order = list(range(len(flat)))
+    if indexing == "xy" and len(flat) >= 2:
+        order[0], order[1] = 1, 0
+    grid = [flat[k].shape[0] for k in order]  # axis a of the grid holds input order[a]
+    out = []
+    for k, x in enumerate(flat):
+        axis = order.index(k)
+        along = ctx.emit(Op.RESHAPE, [x], {"shape": tuple(-1 if a == axis else 1 for a in range(len(grid)))})
+        out.append(_expand_to(ctx, along, [d if isinstance(d, int) else SymDim(d) for d in grid]))
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- flip, stack, unflatten, repeat_interleave, copy
 @register(aten.flip.default)
 def _flip(ctx, x, dims):
