@@ -14,6 +14,11 @@ import torch
 __all__ = ["signal_inputs"]
 
 
+_VIDEO_PREFIXES = ("Vivit", "Timesformer")
+"""Video models whose class name does not say so (VideoMAE's and VideoPrism's do): their ``pixel_values`` are
+``[batch, frames, channels, height, width]``. X-CLIP's vision model has ``num_frames`` too, but takes frames as images."""
+
+
 def _size(config: Any) -> tuple[int, int]:
     """An image model's input height and width: its config's ``image_size`` (an int, a pair or a
     ``{"height", "width"}`` dict; V-JEPA 2's ``crop_size``), its vision or backbone config's, else 224."""
@@ -32,7 +37,7 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
                                                              dict[str, torch.Tensor]] | None:
     """Example inputs, dynamic dims and check inputs of a transformers model whose main input ``main`` is
     not tokens: ``pixel_values`` ``[batch, channels, height, width]`` (``[batch, frames, ...]`` for a video
-    model: its config's ``num_frames`` or ``frames_per_clip``) at the config's image size; raw audio ``input_values``
+    model (VideoMAE, ViViT, TimeSformer: its config's ``num_frames`` or ``frames_per_clip``) at the config's image size; raw audio ``input_values``
     ``[batch, samples]`` (samples dynamic), or ``[batch, frames, mel bins]`` where the config fixes them
     (the Audio Spectrogram Transformer); ``input_features`` ``[batch, mel bins, 2 * max_source_positions]``
     (Whisper's encoder) or ``[batch, frames, features]`` (frames dynamic: Wav2Vec2-BERT's
@@ -51,7 +56,7 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
         channels = int(getattr(config, "num_channels", None) or 3)
         frames = next((f for c in (config, getattr(config, "vision_config", None)) for k in ("num_frames", "frames_per_clip")
                        if isinstance(f := getattr(c, k, None), int)), None)
-        video = "Video" in arch or main == "pixel_values_videos"
+        video = "Video" in arch or arch.startswith(_VIDEO_PREFIXES) or main == "pixel_values_videos"
         lead = (int(frames),) if isinstance(frames, int) and video else ()
         make = lambda b: {main: randn(b, *lead, channels, h, w)}  # noqa: E731
         return make(2), {main: {0: "batch"}}, make(3)

@@ -221,6 +221,22 @@ def test_a_video_model_folder_takes_frames_of_its_config(tmp_path) -> None:
     np.testing.assert_allclose(run_artifact(tmp_path / "video.onnx", x), want, atol=TOL, rtol=TOL)
 
 
+def test_a_vivit_folder_exports_on_frames(tmp_path) -> None:
+    """ViViT's class name does not say video: the CLI gave it images, which its tubelet embedding refused; it takes
+    ``[batch, frames, channels, height, width]`` and the file matches eager at another batch."""
+    torch.manual_seed(0)
+    cfg = transformers.VivitConfig(image_size=32, num_frames=4, tubelet_size=[2, 8, 8], hidden_size=32,
+                                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    transformers.VivitModel(cfg).save_pretrained(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "video")]) == 0
+    x = {"pixel_values": torch.randn(3, 4, 3, 32, 32, generator=torch.Generator().manual_seed(5))}
+    model = transformers.VivitModel.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        want = model(**x)
+    np.testing.assert_allclose(run_artifact(tmp_path / "video.onnx", x), want.last_hidden_state.numpy(), atol=TOL,
+                               rtol=TOL)
+
+
 def test_a_speech_model_on_feature_frames_exports_over_a_dynamic_frame_count(tmp_path) -> None:
     """Parakeet's CTC model takes ``input_features`` ``[batch, frames, mel bins]`` (its encoder config's
     ``num_mel_bins``), frames dynamic; its relative positions count down past zero (``arange(n - 1, -n, -1)``).
@@ -250,7 +266,13 @@ def test_video_inputs_read_the_frame_count_and_size_each_config_names() -> None:
              (transformers.VideoPrismVisionConfig(image_size=48, num_frames=6), "VideoPrismForVideoClassification",
               "pixel_values_videos", (2, 6, 3, 48, 48)),
              (transformers.VideoMAEConfig(image_size=32, num_frames=4), "VideoMAEForVideoClassification",
-              "pixel_values", (2, 4, 3, 32, 32))]
+              "pixel_values", (2, 4, 3, 32, 32)),
+             # class names that do not say video; X-CLIP's vision model names frames but takes them as images
+             (transformers.VivitConfig(image_size=32, num_frames=4), "VivitModel", "pixel_values", (2, 4, 3, 32, 32)),
+             (transformers.TimesformerConfig(image_size=32, num_frames=4), "TimesformerForVideoClassification",
+              "pixel_values", (2, 4, 3, 32, 32)),
+             (transformers.XCLIPVisionConfig(image_size=32, num_frames=4), "XCLIPVisionModel", "pixel_values",
+              (2, 3, 32, 32))]
     for config, arch, main_input, shape in cases:
         example, dims, check = signal_inputs(config, arch, main_input)
         assert tuple(example[main_input].shape) == shape and dims == {main_input: {0: "batch"}}, arch
