@@ -194,6 +194,10 @@ ROWS = [
         [randn(-1), randn(5)], ("meshgrid.indexing",), {0: 0}),
     Row("meshgrid_xy", lambda a, b, c: torch.stack(torch.meshgrid(a, b, c, indexing="xy")).sum(0) * 2,
         [randn(4), randn(-1), fixed(torch.tensor(1.5))], ("meshgrid.indexing",), {1: 0}),
+    # an axis rounded down to whole windows, cut back to the input's length (DAC's decoded audio): the whole axis
+    Row("slice_rounded_down", lambda x, w: F.conv_transpose1d(F.conv1d(torch.cat([x] * 4, -1), w, stride=3), w,
+                                                             stride=3)[..., : 4 * x.shape[-1]],
+        [randn(2, 1, -1), randn(1, 1, 3)], ("slice.Tensor",), {0: 2}),
     # ------------------------------------------------------------------ 3-D transposed convolution (a video decoder's)
     Row("conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=(2, 1, 2), padding=1), [randn(-1, 3, 3, 4, 4),
         randn(3, 2, 3, 3, 3)], ("conv_transpose3d.input",), {0: 0}, tol=1e-4),

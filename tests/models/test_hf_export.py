@@ -237,6 +237,31 @@ def test_a_vivit_folder_exports_on_frames(tmp_path) -> None:
                                rtol=TOL)
 
 
+def test_an_audio_codec_folder_exports_on_channels_and_any_number_of_samples(tmp_path) -> None:
+    """DAC takes ``[batch, channels, samples]`` (the CLI gave it ``[batch, samples]``), and cuts its decoded audio,
+    ``hop * (samples // hop)`` long, back to ``samples``, which keeps all of it: capture refused that slice (no IR dim
+    is the smaller of the two). Every output matches eager at a length that is not a multiple of the hop."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    cfg = transformers.DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4], decoder_hidden_size=16,
+                                 upsampling_ratios=[4, 2], hidden_size=16, n_codebooks=2, codebook_size=16,
+                                 codebook_dim=4, hop_length=8)
+    transformers.DacModel(cfg).save_pretrained(tmp_path / "model")
+    spec = load_model(tmp_path / "model")
+    assert spec.dynamic_dims == {"input_values": {0: "batch", 2: "samples"}}
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "codec")]) == 0
+    x = torch.randn(3, 1, 1003, generator=torch.Generator().manual_seed(5))
+    model = transformers.DacModel.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        want = model(input_values=x)
+    sess = ort.InferenceSession(str(tmp_path / "codec.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_values": x.numpy()}), strict=True))
+    assert got["audio_values"].shape == tuple(want.audio_values.shape) == (3, 1000)
+    for name in ("audio_values", "quantized_representation", "audio_codes", "projected_latents"):
+        np.testing.assert_allclose(got[name], getattr(want, name).numpy(), atol=TOL, rtol=TOL, err_msg=name)
+
+
 def test_a_speech_model_on_feature_frames_exports_over_a_dynamic_frame_count(tmp_path) -> None:
     """Parakeet's CTC model takes ``input_features`` ``[batch, frames, mel bins]`` (its encoder config's
     ``num_mel_bins``), frames dynamic; its relative positions count down past zero (``arange(n - 1, -n, -1)``).
