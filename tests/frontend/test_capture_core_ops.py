@@ -192,6 +192,8 @@ ROWS = [
     # grids (Deformable DETR's reference points): over the dynamic batch, ij and xy, a 0-D input among them
     Row("meshgrid_ij", lambda a, b: sum(g * (k + 1) for k, g in enumerate(torch.meshgrid(a, b, indexing="ij"))),
         [randn(-1), randn(5)], ("meshgrid.indexing",), {0: 0}),
+    Row("meshgrid_default", lambda a, b: torch.stack(aten.meshgrid.default([a, b])).prod(0), [randn(3), randn(-1)],
+        ("meshgrid.default",), {1: 0}),
     Row("meshgrid_xy", lambda a, b, c: torch.stack(torch.meshgrid(a, b, c, indexing="xy")).sum(0) * 2,
         [randn(4), randn(-1), fixed(torch.tensor(1.5))], ("meshgrid.indexing",), {1: 0}),
     # an axis rounded down to whole windows, cut back to the input's length (DAC's decoded audio): the whole axis
