@@ -622,6 +622,25 @@ register("deformable-detr", "vision", deformable_detr,
          "multi-scale deformable attention (grid_sample), reference points from meshgrid")
 
 
+def mask2former() -> Built:
+    """Mask2Former on a Swin backbone of four stages (one block each) with a deformable-attention pixel decoder and
+    masked attention over its queries, on 64x64 images."""
+    model = hf("Mask2FormerConfig", "Mask2FormerModel", use_timm_backbone=False, use_pretrained_backbone=False,
+               backbone=None, backbone_config={"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1],
+                                               "num_heads": [1, 1, 2, 2], "window_size": 2, "image_size": 64,
+                                               "out_features": ["stage1", "stage2", "stage3", "stage4"]},
+               hidden_dim=32, mask_feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+               dim_feedforward=64, encoder_feedforward_dim=64, num_queries=8)
+
+    def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": _noise(seed, batch, 3, 64, 64)}
+    return batch_case(lora(model), make, IMAGE_DIMS)
+
+
+register("mask2former", "vision", mask2former,
+         "Swin features, a deformable-attention pixel decoder, masked attention by bool masks multiplied")
+
+
 def videomae() -> Built:
     model = lora(hf("VideoMAEConfig", "VideoMAEForVideoClassification", image_size=32, patch_size=8, num_frames=4,
                     tubelet_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

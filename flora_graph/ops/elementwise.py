@@ -69,16 +69,33 @@ def _numpy_pow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.power(a, b)
 
 
-for _name, _value, _doc, _numpy, _torch, _groups in (
-    ("ADD", "Add", "a + b", np.add, call("torch.add"), ("Binary", "Commutative")),
-    ("SUB", "Sub", "a - b", np.subtract, call("torch.sub"), ("Binary",)),
-    ("MUL", "Mul", "a * b", np.multiply, call("torch.mul"), ("Binary", "Commutative")),
-    ("DIV", "Div", "a / b", _numpy_div, _torch_div, ("Binary",)),
+def _logical_for_bool(op_type: str, logical: str | None) -> Any:
+    """ONNX ``op_type``, or ``logical`` where the node is bool (ONNX's ``Add`` and ``Mul`` take no bool; torch's bool
+    ``a + b`` is ``or`` and ``a * b`` is ``and``, as numpy's are: Mask2Former multiplies masks)."""
+    plain = simple(op_type)
+    if logical is None:
+        return plain
+
+    def lower(ctx: Any, node: ComputationNode, out: str) -> None:
+        if node.dtype == "bool":
+            ctx.emit(logical, ctx.args(node), [out])
+        else:
+            plain(ctx, node, out)
+
+    lower.__doc__ = f"Lowers to ONNX ``{op_type}`` (``{logical}`` of bools)."
+    return lower
+
+
+for _name, _value, _doc, _numpy, _torch, _groups, _logical in (
+    ("ADD", "Add", "a + b", np.add, call("torch.add"), ("Binary", "Commutative"), "Or"),
+    ("SUB", "Sub", "a - b", np.subtract, call("torch.sub"), ("Binary",), None),
+    ("MUL", "Mul", "a * b", np.multiply, call("torch.mul"), ("Binary", "Commutative"), "And"),
+    ("DIV", "Div", "a / b", _numpy_div, _torch_div, ("Binary",), None),
 ):
     define(
         _name, _value, (2, 2),
         infer=binary, doc=f"{_doc}, broadcasting.",
-        numpy=_numpy, onnx=simple(_value), torch=_torch, groups=_groups,
+        numpy=_numpy, onnx=_logical_for_bool(_value, _logical), torch=_torch, groups=_groups,
     )
 
 

@@ -196,6 +196,9 @@ ROWS = [
         ("meshgrid.default",), {1: 0}),
     Row("meshgrid_xy", lambda a, b, c: torch.stack(torch.meshgrid(a, b, c, indexing="xy")).sum(0) * 2,
         [randn(4), randn(-1), fixed(torch.tensor(1.5))], ("meshgrid.indexing",), {1: 0}),
+    # bool masks multiplied and added (Mask2Former's): ONNX's Mul and Add take no bool, And and Or do
+    Row("mul_bool", lambda x: ((x > 0) * (x < 1)).float(), [randn(-1, 6)], ("mul.Tensor",), {0: 0}),
+    Row("add_bool", lambda x: ((x > 1) + (x < -1)).float(), [randn(-1, 6)], ("add.Tensor",), {0: 0}),
     # an axis rounded down to whole windows, cut back to the input's length (DAC's decoded audio): the whole axis
     Row("slice_rounded_down", lambda x, w: F.conv_transpose1d(F.conv1d(torch.cat([x] * 4, -1), w, stride=3), w,
                                                              stride=3)[..., : 4 * x.shape[-1]],
