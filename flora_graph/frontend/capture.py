@@ -999,6 +999,10 @@ def convert_fx_graph(
             env[n] = _call(ctx, n, env)
         elif n.op == "output":
             outs = n.args[0] if isinstance(n.args[0], tuple | list) else (n.args[0],)
+            # numbers among the outputs (MaskFormer's Swin returns its stages' spatial sizes) are no tensors of the
+            # graph, nor named by output_names, which names the tensors
+            outs = [o for o in outs if not (o is None or isinstance(o, bool | int | float) or (
+                isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), bool | int | float | torch.SymInt)))]
             if output_names is not None and len(output_names) != len(outs):
                 raise GraphError(f"{name}: {len(output_names)} output names for {len(outs)} outputs")
             for i, o in enumerate(outs):

@@ -101,3 +101,23 @@ def test_numbers_among_the_inputs_are_not_graph_inputs() -> None:
     want = model(hidden, 3, text, 0.5).numpy()
     np.testing.assert_allclose(run(graph, {"hidden": hidden.numpy(), "text": text.numpy()})["output"], want,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_numbers_among_the_outputs_are_not_graph_outputs() -> None:
+    """A model returning sizes beside its tensors (MaskFormer's Swin returns each stage's spatial size, a static and
+    a dynamic one here): the names name the tensors, and the graph's outputs are those tensors, as eager's."""
+    class Stages(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict:
+            h = x.relu()
+            return {"last": h * 2, "sizes": ((x.shape[1], x.shape[2]), (4, 2)), "pooled": h.mean(1)}
+
+    model = Stages()
+    example = {"x": torch.randn(2, 5, 4)}
+    names = output_names(model(**example), example)
+    assert names == ["last", "pooled"]
+    graph = capture(model, example, {"x": {0: "batch", 1: "seq"}}, output_names=names)
+    x = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(1))
+    got = compile(graph, "onnxruntime")(x=x.numpy())
+    assert list(got) == names
+    np.testing.assert_allclose(got["last"], model(x)["last"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got["pooled"], model(x)["pooled"].numpy(), rtol=1e-5, atol=1e-6)
