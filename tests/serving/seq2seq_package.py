@@ -11,8 +11,10 @@ import torch
 
 NEW = 32
 PROMPTS = [[5, 9, 33, 70, 12, 8, 4], [7, 3, 44], [10, 11, 12, 13, 14]]
-TARGETS = {"t5": ["q", "k", "v", "o", "wi", "wo"], "whisper": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+TARGETS = {"t5": ["q", "k", "v", "o", "wi", "wo"], "whisper": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+           # BART's token embeddings too (both stacks' scaled embeddings): an embedding slot in each side's model
+           "bart": [*DEFAULT_TARGETS, "embed_tokens"]}
 
 
 def build(kind: str):
