@@ -71,6 +71,8 @@ def make_folders(root: Path, kind: str) -> Path:
             if hasattr(mod, "lora_B"):
                 for k in mod.lora_B:
                     mod.lora_B[k].weight.data.normal_(0, 0.3, generator=gen)
+            for k in getattr(mod, "lora_embedding_A", {}):  # an embedding's A starts at zero: nonzero here
+                mod.lora_embedding_A[k].data.normal_(0, 0.3, generator=gen)
         adapted.save_pretrained(root / name)
     return root
 

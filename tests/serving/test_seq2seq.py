@@ -43,6 +43,20 @@ def test_greedy_tokens_equal_eager_peft(seq2seq_packages: dict[str, Path], kind:
         assert ours != gen.generate(PROMPTS, max_new_tokens=NEW, min_new_tokens=NEW)
 
 
+def test_bart_token_embeddings_are_slots_of_both_sides(seq2seq_packages: dict[str, Path]) -> None:
+    """The BART adapter ``all`` adapts both stacks' token embeddings: each side's model has an embedding slot, and
+    its adapter files hold their tables (the greedy tokens above are eager PEFT's with them)."""
+    import onnx
+
+    from flora_graph.serving.slots import slots_from_metadata
+
+    root = seq2seq_packages["bart"]
+    for side in ("encoder", "decoder"):
+        model = onnx.load(str(root / "pkg" / f"{side}.onnx"), load_external_data=False)
+        _, slots = slots_from_metadata({p.key: p.value for p in model.metadata_props}, side)
+        assert [s.module for s in slots if s.kind == "embedding"] == [f"model.{side}.embed_tokens"], side
+
+
 def _stop_tokens(rows: list[list[int]]) -> list[int]:
     """Two tokens the rows first reach at the most different steps (none at the first step)."""
     ranked = []
