@@ -107,7 +107,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
 
     A transformers model is loaded in float32 with ``use_cache=False`` (outputs without a
     key/value cache); an image, video or audio model takes what
-    :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds, a
+    :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds (raw audio as ``[batch, 1, samples]`` where the
+    model refuses ``[batch, samples]``: its first convolution reads one channel, which no config field says), a
     token model ``input_ids`` (``[batch, seq]``, both dynamic), plus an
     ``attention_mask`` of the same shape when ``attention_mask`` is true or the model is an encoder-decoder one (the
     check input pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``; an
@@ -146,7 +147,18 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         example, dims, check = built
         dim_max = _decoder_ids(model, example, check, dims)
         with torch.no_grad():
-            names_out = output_names(model(**example), example)
+            try:
+                out = model(**example)
+            except (RuntimeError, ValueError) as exc:  # raw audio of one channel, [batch, 1, samples] (OmniASR's)
+                if main != "input_values" or example[main].dim() != 2:
+                    raise
+                example, check = ({k: v.unsqueeze(1) for k, v in x.items()} for x in (example, check))
+                dims = {main: {0: "batch", 2: "samples"}}
+                try:
+                    out = model(**example)
+                except (RuntimeError, ValueError):
+                    raise exc from None  # neither layout: the first one's error
+            names_out = output_names(out, example)
         return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
     takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
     if attention_mask and not takes_mask:

@@ -262,6 +262,27 @@ def test_an_audio_codec_folder_exports_on_channels_and_any_number_of_samples(tmp
         np.testing.assert_allclose(got[name], getattr(want, name).numpy(), atol=TOL, rtol=TOL, err_msg=name)
 
 
+def test_raw_audio_of_one_channel_is_tried_where_samples_alone_are_refused(tmp_path) -> None:
+    """OmniASR's CTC model reads ``[batch, 1, samples]`` (its first convolution takes one channel), which nothing in
+    its config says: ``[batch, samples]`` fails in eager, so the channel axis is tried, and the file matches eager at
+    another batch and length."""
+    torch.manual_seed(0)
+    audio = dict(hidden_size=32, conv_dim=[16, 16], conv_kernel=[10, 3], conv_stride=[5, 2], num_attention_heads=4,
+                 num_hidden_layers=2, intermediate_size=64, num_conv_pos_embeddings=16,
+                 num_conv_pos_embedding_groups=4)
+    cfg = transformers.OmniASRCTCConfig(vocab_size=40, audio_config=audio)
+    transformers.OmniASRCTCModel(cfg).save_pretrained(tmp_path / "model")
+    spec = load_model(tmp_path / "model")
+    assert spec.dynamic_dims == {"input_values": {0: "batch", 2: "samples"}}
+    assert tuple(spec.example_inputs["input_values"].shape) == (2, 1, 1600)
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "asr")]) == 0
+    x = {"input_values": torch.randn(3, 1, 2345, generator=torch.Generator().manual_seed(4))}
+    model = transformers.OmniASRCTCModel.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        want = model(**x).last_hidden_state.numpy()
+    np.testing.assert_allclose(run_artifact(tmp_path / "asr.onnx", x), want, atol=TOL, rtol=TOL)
+
+
 def test_a_speech_model_on_feature_frames_exports_over_a_dynamic_frame_count(tmp_path) -> None:
     """Parakeet's CTC model takes ``input_features`` ``[batch, frames, mel bins]`` (its encoder config's
     ``num_mel_bins``), frames dynamic; its relative positions count down past zero (``arange(n - 1, -n, -1)``).
