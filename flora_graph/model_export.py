@@ -107,8 +107,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
 
     A transformers model is loaded in float32 with ``use_cache=False`` (outputs without a
     key/value cache); an image, video or audio model takes what
-    :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds (raw audio as ``[batch, 1, samples]`` where the
-    model refuses ``[batch, samples]``: its first convolution reads one channel, which no config field says), a
+    :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds (where the model refuses it, the other layout of
+    its audio: ``[batch, 1, samples]``, features ``[batch, features, frames]``; see :func:`_other_layout`), a
     token model ``input_ids`` (``[batch, seq]``, both dynamic), plus an
     ``attention_mask`` of the same shape when ``attention_mask`` is true or the model is an encoder-decoder one (the
     check input pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``; an
@@ -149,11 +149,11 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         with torch.no_grad():
             try:
                 out = model(**example)
-            except (RuntimeError, ValueError) as exc:  # raw audio of one channel, [batch, 1, samples] (OmniASR's)
-                if main != "input_values" or example[main].dim() != 2:
+            except (RuntimeError, ValueError) as exc:
+                other = _other_layout(main, example, check, dims)
+                if other is None:
                     raise
-                example, check = ({k: v.unsqueeze(1) for k, v in x.items()} for x in (example, check))
-                dims = {main: {0: "batch", 2: "samples"}}
+                example, check, dims = other
                 try:
                     out = model(**example)
                 except (RuntimeError, ValueError):
@@ -188,6 +188,22 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     with torch.no_grad():
         names_out = output_names(model(**example), example)
     return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
+
+
+def _other_layout(main: str, example: dict[str, torch.Tensor], check: dict[str, torch.Tensor],
+                  dims: dict[str, dict[int, str]]) -> tuple[dict, dict, dict] | None:
+    """The other layout of an audio input a model refused, which no config field tells apart: raw audio of one
+    channel ``[batch, 1, samples]`` (OmniASR's first convolution reads one channel), or features channels-first
+    ``[batch, features, frames]`` (GLM-ASR's encoder convolves over frames, as Whisper's does); ``None`` for another
+    input."""
+    x = example[main]
+    if main == "input_values" and x.dim() == 2:
+        move, named = (lambda t: t.unsqueeze(1)), {0: "batch", 2: "samples"}
+    elif main == "input_features" and x.dim() == 3 and dims.get(main, {}).get(1) == "frames":
+        move, named = (lambda t: t.transpose(1, 2).contiguous()), {0: "batch", 2: "frames"}
+    else:
+        return None
+    return {k: move(v) for k, v in example.items()}, {k: move(v) for k, v in check.items()}, {main: named}
 
 
 def _decoder_ids(model: torch.nn.Module, example: dict[str, torch.Tensor], check: dict[str, torch.Tensor],

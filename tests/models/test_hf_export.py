@@ -283,6 +283,26 @@ def test_raw_audio_of_one_channel_is_tried_where_samples_alone_are_refused(tmp_p
     np.testing.assert_allclose(run_artifact(tmp_path / "asr.onnx", x), want, atol=TOL, rtol=TOL)
 
 
+def test_features_channels_first_are_tried_where_frames_first_are_refused(tmp_path) -> None:
+    """GLM-ASR's encoder convolves over frames, ``[batch, mel bins, frames]``, as Whisper's does, but its config names
+    no ``max_source_positions``: ``[batch, frames, mel bins]`` fails in eager, so the features are given channels
+    first, frames dynamic, and the file matches eager at another batch and frame count."""
+    torch.manual_seed(0)
+    cfg = transformers.GlmAsrEncoderConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                           num_key_value_heads=4, num_hidden_layers=2, num_mel_bins=16,
+                                           max_position_embeddings=256)
+    transformers.GlmAsrEncoder(cfg).save_pretrained(tmp_path / "model")
+    spec = load_model(tmp_path / "model")
+    assert spec.dynamic_dims == {"input_features": {0: "batch", 2: "frames"}}
+    assert tuple(spec.example_inputs["input_features"].shape) == (2, 16, 64)
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "enc")]) == 0
+    x = {"input_features": torch.randn(3, 16, 90, generator=torch.Generator().manual_seed(4))}
+    model = transformers.GlmAsrEncoder.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        want = model(**x).last_hidden_state.numpy()
+    np.testing.assert_allclose(run_artifact(tmp_path / "enc.onnx", x), want, atol=TOL, rtol=TOL)
+
+
 def test_a_speech_model_on_feature_frames_exports_over_a_dynamic_frame_count(tmp_path) -> None:
     """Parakeet's CTC model takes ``input_features`` ``[batch, frames, mel bins]`` (its encoder config's
     ``num_mel_bins``), frames dynamic; its relative positions count down past zero (``arange(n - 1, -n, -1)``).
