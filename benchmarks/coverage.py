@@ -603,41 +603,32 @@ register("depth-anything", "vision", vision("DepthAnythingConfig", "DepthAnythin
                                             reassemble_hidden_size=32, patch_size=8, neck_hidden_sizes=[8, 16, 32, 32],
                                             fusion_hidden_size=16, head_hidden_size=8),
          "DINOv2 features reassembled by transposed convolutions, fused upward (bilinear), a depth map")
-def deformable_detr() -> Built:
-    """Deformable DETR (a ResNet backbone of three feature levels, one encoder and one decoder layer) on 64x64 images:
-    its group norms need more than one value per group at the coarsest of its three levels (no fourth, strided one)."""
-    model = hf("DeformableDetrConfig", "DeformableDetrModel", use_timm_backbone=False, use_pretrained_backbone=False,
-               backbone=None, backbone_config={"model_type": "resnet", "hidden_sizes": [16, 32, 64, 128],
-                                               "depths": [1, 1, 1, 1], "out_features": ["stage2", "stage3", "stage4"]},
-               d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=64,
-               encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, encoder_n_points=2,
-               decoder_n_points=2, num_feature_levels=3)
+def detector(config_cls: str, model_cls: str, backbone: dict[str, Any], **cfg: Any) -> Callable[[], Built]:
+    """A detection or segmentation model of ``cfg`` on a transformers ``backbone`` config (no timm, no pretrained
+    weights), on 64x64 images: at 32x32 the coarsest feature level leaves its group norms one value per group."""
+    def build() -> Built:
+        model = hf(config_cls, model_cls, use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
+                   backbone_config=backbone, **cfg)
 
-    def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": _noise(seed, batch, 3, 64, 64)}
-    return batch_case(lora(model), make, IMAGE_DIMS)
+        def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
+            return {"pixel_values": _noise(seed, batch, 3, 64, 64)}
+        return batch_case(lora(model), make, IMAGE_DIMS)
+    return build
 
 
-register("deformable-detr", "vision", deformable_detr,
-         "multi-scale deformable attention (grid_sample), reference points from meshgrid")
-
-
-def mask2former() -> Built:
-    """Mask2Former on a Swin backbone of four stages (one block each) with a deformable-attention pixel decoder and
-    masked attention over its queries, on 64x64 images."""
-    model = hf("Mask2FormerConfig", "Mask2FormerModel", use_timm_backbone=False, use_pretrained_backbone=False,
-               backbone=None, backbone_config={"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1],
-                                               "num_heads": [1, 1, 2, 2], "window_size": 2, "image_size": 64,
-                                               "out_features": ["stage1", "stage2", "stage3", "stage4"]},
-               hidden_dim=32, mask_feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
-               dim_feedforward=64, encoder_feedforward_dim=64, num_queries=8)
-
-    def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": _noise(seed, batch, 3, 64, 64)}
-    return batch_case(lora(model), make, IMAGE_DIMS)
-
-
-register("mask2former", "vision", mask2former,
+register("deformable-detr", "vision", detector(
+    "DeformableDetrConfig", "DeformableDetrModel",
+    {"model_type": "resnet", "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1],
+     "out_features": ["stage2", "stage3", "stage4"]},
+    d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+    decoder_attention_heads=2, num_queries=10, encoder_n_points=2, decoder_n_points=2, num_feature_levels=3),
+         "multi-scale deformable attention (grid_sample) over three ResNet levels, reference points from meshgrid")
+register("mask2former", "vision", detector(
+    "Mask2FormerConfig", "Mask2FormerModel",
+    {"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2,
+     "image_size": 64, "out_features": ["stage1", "stage2", "stage3", "stage4"]},
+    hidden_dim=32, mask_feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+    dim_feedforward=64, encoder_feedforward_dim=64, num_queries=8),
          "Swin features, a deformable-attention pixel decoder, masked attention by bool masks multiplied")
 
 

@@ -262,45 +262,40 @@ def test_an_audio_codec_folder_exports_on_channels_and_any_number_of_samples(tmp
         np.testing.assert_allclose(got[name], getattr(want, name).numpy(), atol=TOL, rtol=TOL, err_msg=name)
 
 
-def test_raw_audio_of_one_channel_is_tried_where_samples_alone_are_refused(tmp_path) -> None:
-    """OmniASR's CTC model reads ``[batch, 1, samples]`` (its first convolution takes one channel), which nothing in
-    its config says: ``[batch, samples]`` fails in eager, so the channel axis is tried, and the file matches eager at
-    another batch and length."""
-    torch.manual_seed(0)
+def _omniasr() -> object:
     audio = dict(hidden_size=32, conv_dim=[16, 16], conv_kernel=[10, 3], conv_stride=[5, 2], num_attention_heads=4,
                  num_hidden_layers=2, intermediate_size=64, num_conv_pos_embeddings=16,
                  num_conv_pos_embedding_groups=4)
-    cfg = transformers.OmniASRCTCConfig(vocab_size=40, audio_config=audio)
-    transformers.OmniASRCTCModel(cfg).save_pretrained(tmp_path / "model")
-    spec = load_model(tmp_path / "model")
-    assert spec.dynamic_dims == {"input_values": {0: "batch", 2: "samples"}}
-    assert tuple(spec.example_inputs["input_values"].shape) == (2, 1, 1600)
-    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "asr")]) == 0
-    x = {"input_values": torch.randn(3, 1, 2345, generator=torch.Generator().manual_seed(4))}
-    model = transformers.OmniASRCTCModel.from_pretrained(tmp_path / "model").eval()
-    with torch.no_grad():
-        want = model(**x).last_hidden_state.numpy()
-    np.testing.assert_allclose(run_artifact(tmp_path / "asr.onnx", x), want, atol=TOL, rtol=TOL)
+    return transformers.OmniASRCTCModel(transformers.OmniASRCTCConfig(vocab_size=40, audio_config=audio))
 
 
-def test_features_channels_first_are_tried_where_frames_first_are_refused(tmp_path) -> None:
-    """GLM-ASR's encoder convolves over frames, ``[batch, mel bins, frames]``, as Whisper's does, but its config names
-    no ``max_source_positions``: ``[batch, frames, mel bins]`` fails in eager, so the features are given channels
-    first, frames dynamic, and the file matches eager at another batch and frame count."""
+def _glmasr() -> object:
+    return transformers.GlmAsrEncoder(transformers.GlmAsrEncoderConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+        num_mel_bins=16, max_position_embeddings=256))
+
+
+@pytest.mark.parametrize(("build", "name", "dims", "example", "check"), [
+    # OmniASR's first convolution reads one channel: [batch, 1, samples]
+    (_omniasr, "input_values", {0: "batch", 2: "samples"}, (2, 1, 1600), (3, 1, 2345)),
+    # GLM-ASR's encoder convolves over frames, as Whisper's does, but names no max_source_positions
+    (_glmasr, "input_features", {0: "batch", 2: "frames"}, (2, 16, 64), (3, 16, 90)),
+], ids=["omniasr-one-channel", "glmasr-channels-first"])
+def test_the_other_audio_layout_is_tried_where_the_first_is_refused(tmp_path, build, name, dims, example,
+                                                                     check) -> None:
+    """No config field says these models' input layout: the first one fails in eager, so load_model tries the other
+    (raw audio of one channel; features channels-first), and the file matches eager at another batch and length."""
     torch.manual_seed(0)
-    cfg = transformers.GlmAsrEncoderConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                           num_key_value_heads=4, num_hidden_layers=2, num_mel_bins=16,
-                                           max_position_embeddings=256)
-    transformers.GlmAsrEncoder(cfg).save_pretrained(tmp_path / "model")
+    model = build().eval()
+    model.save_pretrained(tmp_path / "model")
     spec = load_model(tmp_path / "model")
-    assert spec.dynamic_dims == {"input_features": {0: "batch", 2: "frames"}}
-    assert tuple(spec.example_inputs["input_features"].shape) == (2, 16, 64)
-    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "enc")]) == 0
-    x = {"input_features": torch.randn(3, 16, 90, generator=torch.Generator().manual_seed(4))}
-    model = transformers.GlmAsrEncoder.from_pretrained(tmp_path / "model").eval()
+    assert spec.dynamic_dims == {name: dims}
+    assert tuple(spec.example_inputs[name].shape) == example
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "asr")]) == 0
+    x = {name: torch.randn(*check, generator=torch.Generator().manual_seed(4))}
     with torch.no_grad():
-        want = model(**x).last_hidden_state.numpy()
-    np.testing.assert_allclose(run_artifact(tmp_path / "enc.onnx", x), want, atol=TOL, rtol=TOL)
+        want = type(model).from_pretrained(tmp_path / "model").eval()(**x).last_hidden_state.numpy()
+    np.testing.assert_allclose(run_artifact(tmp_path / "asr.onnx", x), want, atol=TOL, rtol=TOL)
 
 
 def test_a_speech_model_on_feature_frames_exports_over_a_dynamic_frame_count(tmp_path) -> None:
