@@ -70,7 +70,7 @@ def _tagged(n: ComputationNode) -> bool:
 
 def _embedding_lora() -> Pat:
     rows = Pat(Op.GATHER, (Pat.weight("W"), Pat.any("x")), name="base", pred=_rows_by_id)
-    # a scaled embedding (Gemma's rows times sqrt(hidden)), whose base layer's own forward scales its rows
+    # a scaled embedding (Gemma 3's rows times sqrt(hidden)), whose base layer's own forward scales its rows
     scaled = Pat(Op.MUL, (Pat(Op.GATHER, (Pat.weight("W"), Pat.any("x")), name="rows", pred=_rows_by_id),
                           Pat.weight("embed_scale", pred=_is_scalar)), name="base", pred=_no_broadcast)
     base = rows | scaled
@@ -84,10 +84,10 @@ def _embedding_lora() -> Pat:
 EMBEDDING_LORA: Pat = _embedding_lora()
 """An embedding's adapter, ``Add(Gather(W, ids), Mul(Linear(Gather(A.T, ids), B), s))`` (PEFT's ``lora_embedding_A``
 / ``_B``, rows by token id; the base rows may be scaled by a scalar weight, as Gemma 3's embedding scales them, and the
-branch by a second one, as PEFT scales it then, bound as ``s2``): root is the ``Add``, which must carry capture's ``lora_add`` tag (an untagged
-gather-and-project beside an embedding, a factorised embedding, is the model's own); ``A`` binds the static
-``[vocab, r]`` table the ids index (``A.T`` of PEFT's ``[r, vocab]``). Only the adapter slots read it: the
-fusing and merging rules leave an embedding's branch as captured."""
+branch by a second one, as PEFT scales it then, bound as ``s2``): root is the ``Add``, which must carry capture's
+``lora_add`` tag (an untagged gather-and-project beside an embedding, a factorised embedding, is the model's own); ``A`` binds the static
+``[vocab, r]`` table the ids index (``A.T`` of PEFT's ``[r, vocab]``). The adapter slots and ``merge-lora`` read
+it; the fusing rules leave an embedding's branch as captured."""
 
 
 @dataclass
