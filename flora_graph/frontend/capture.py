@@ -58,6 +58,7 @@ from flora_graph.ir.shapes import (
     floor_divide_dim,
     format_shape,
     is_dim_name,
+    is_rounded_down,
 )
 
 __all__ = ["CaptureContext", "Traced", "capture", "convert_fx_graph", "decompose_unconverted", "suggested_bounds",
@@ -1125,17 +1126,6 @@ def _fold(ctx: CaptureContext, n: torch.fx.Node, args: Any, kwargs: Any) -> Comp
     return ctx.new_param(n.name, _to_numpy(result, n.name))
 
 
-def _rounded_down(ir: Dim, torch_dim: Dim) -> bool:
-    """Whether the IR dim is ``torch_dim`` rounded down to a multiple, ``k * (torch_dim // k)``: torch's shape of a
-    slice ``x[..., :n]`` of such an axis says ``n`` (it takes the end for the length where it cannot compare them);
-    the slice keeps the whole axis (``aten.slice`` in ``aten/movement.py``), which the IR says, and so do the values."""
-    if not isinstance(ir, str) or not isinstance(torch_dim, str):
-        return False
-    head, sep, atom = ir.partition("*")
-    parts = floor_div_parts(atom) if sep and head.isdigit() else None
-    return parts is not None and parts[1] == int(head) and canonical_dim(parts[0]) == canonical_dim(torch_dim)
-
-
 def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
     val = n.meta.get("val")
     if not isinstance(out, ComputationNode) or not isinstance(val, torch.Tensor):
@@ -1146,7 +1136,9 @@ def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
     except ShapeError:
         return  # an expression beyond products: nothing to compare against
     if tuple(want) != out.shape and not (len(want) == len(out.shape) and all(
-            o == w or _rounded_down(o, w) for o, w in zip(out.shape, want, strict=True))):
+            # torch's shape of x[..., :n] along an axis k*(n//k) says n (it cannot compare the two); the IR's, the
+            # whole axis (aten.slice in aten/movement.py), as the values are
+            o == w or is_rounded_down(o, w) for o, w in zip(out.shape, want, strict=True))):
         fixed = [(o, w) for o, w in zip(out.shape, want, strict=False) if isinstance(w, int) and isinstance(o, str)
                  and "//" in o]
         message = f"{ctx.where()}: IR shape {format_shape(out.shape)} != torch shape {format_shape(want)} for " \

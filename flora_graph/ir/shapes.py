@@ -47,6 +47,7 @@ __all__ = [
     "floor_divide_dim",
     "format_shape",
     "is_dim_name",
+    "is_rounded_down",
     "is_static",
     "linear_rest",
     "normalize_axis",
@@ -253,6 +254,17 @@ def floor_div_parts(atom: str) -> tuple[Dim, int] | None:
     if not sep or not head.startswith("(") or not head.endswith(")") or not den.isdigit():
         return None
     return canonical_dim(head[1:-1]), int(den)
+
+
+def is_rounded_down(dim: Dim, of: Dim) -> bool:
+    """Whether ``dim`` is ``of`` rounded down to a multiple, ``k * (of // k)`` (``"8*((samples)//8)"`` of
+    ``"samples"``): never more than ``of``, so ``x[..., :of]`` along such an axis keeps all of it (a codec's decoded
+    audio cut back to its input's length: DAC's)."""
+    if not isinstance(dim, str) or not isinstance(of, str):
+        return False
+    head, sep, atom = dim.partition("*")
+    parts = floor_div_parts(atom) if sep and head.isdigit() else None
+    return parts is not None and parts[1] == int(head) and canonical_dim(parts[0]) == canonical_dim(of)
 
 
 def dim_names(dim: Dim) -> set[str]:

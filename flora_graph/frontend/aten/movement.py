@@ -41,6 +41,7 @@ from flora_graph.ir.shapes import (
     dim_product,
     dims_equal,
     divide_dims,
+    is_rounded_down,
     one_atom_linear,
     subtract_dims,
 )
@@ -286,31 +287,6 @@ def _last(ctx: CaptureContext, x: ComputationNode, axis: int, kept: Dim) -> Comp
     return ctx.emit(Op.FLIP, [head], {"axes": (axis,)})
 
 
-def _keeps_whole_axis(ctx: CaptureContext, axis: int) -> bool:
-    """Whether the current slice ``x[..., :end]`` keeps all of ``x`` along ``axis`` whatever the sizes: its output has
-    the input's symbolic length in torch's shapes, or the axis is ``end`` rounded down to a multiple, ``k * (end //
-    k)`` (a codec's decoder output cut back to the input's length: DAC's), never longer than ``end``."""
-    from torch.utils._sympy.functions import FloorDiv
-
-    fx = ctx.fx_node
-    src = fx.args[0].meta.get("val") if fx.args and isinstance(fx.args[0], torch.fx.Node) else None
-    out = fx.meta.get("val")
-    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)) or src.dim() != out.dim():
-        return False
-    size = src.shape[axis]
-    if not isinstance(size, torch.SymInt):
-        return False  # a static axis: the bounds say it
-    if isinstance(out.shape[axis], torch.SymInt) and out.shape[axis].node.expr == size.node.expr:
-        return True
-    end = fx.kwargs.get("end", fx.args[3] if len(fx.args) > 3 else None)
-    end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
-    if not isinstance(end, torch.SymInt):
-        return False
-    coeff, rest = size.node.expr.as_coeff_Mul()
-    return (isinstance(rest, FloorDiv) and rest.args[0] == end.node.expr and rest.args[1] == coeff
-            and coeff.is_Integer and int(coeff) > 0)
-
-
 @register(aten.slice.Tensor)
 def _slice(ctx, x, dim=0, start=None, end=None, step=1):
     axis = axis_of(int(dim), len(x.shape))
@@ -334,13 +310,13 @@ def _slice(ctx, x, dim=0, start=None, end=None, step=1):
         tail = ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (p,), "ends": (size,), "steps": (1,)})
         tail = ctx.emit(Op.SLICE, [tail], {"axes": (axis,), "starts": (0,), "ends": (tail_len,), "steps": (1,)})
         return ctx.emit(Op.CONCAT, [head, tail], {"axis": axis})
-    if (start is None or start == 0) and int(step) == 1 and _keeps_whole_axis(ctx, axis):
-        return x  # x[..., :n] of an axis torch knows is at most n long (DAC's 512*(n//512) samples cut back to n)
     start = 0 if start is None else _slice_bound(ctx, start, x.shape[axis])
     end = 2**63 - 1 if end is None else _slice_bound(ctx, end, x.shape[axis])
     if isinstance(x.shape[axis], int) and isinstance(end, int) and end > x.shape[axis]:
         end = x.shape[axis]  # x[..., 8:] of a static dim of 16: end 16, not 2**63 - 1
-    whole = (isinstance(end, int) and end >= 2**62) or end == canonical_dim(x.shape[axis])
+    # an axis k*(n//k) long cut at n keeps all of it (DAC's 512*(n//512) decoded samples cut back to n)
+    whole = (isinstance(end, int) and end >= 2**62) or end == canonical_dim(x.shape[axis]) \
+        or is_rounded_down(x.shape[axis], end)
     if start == 0 and step == 1 and whole:
         return x
     return ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (start,), "ends": (end,), "steps": (int(step),)})
