@@ -170,8 +170,8 @@ def _numpy_mixed(base, x, a, b, index, *, module, kind, kernel, stride, padding,
                  member_outs=()) -> np.ndarray:
     ag, bg = a[index], b[index]  # -1 reads the last (zero) slot; out of range raises IndexError
     if kind == "embedding":  # row i's ids index its own adapter's [vocab, R]
-        rows = np.stack([ag[i][x[i]] for i in range(x.shape[0])]) if x.shape[0] else np.zeros((*x.shape, a.shape[2]), a.dtype)
-        return base + (_rows(rows) @ bg).reshape(base.shape)
+        rows = np.take_along_axis(ag, x.reshape(x.shape[0], -1, 1), axis=1)  # [batch, ids, R]
+        return base + (rows @ bg).reshape(base.shape)
     if kind == "linear":
         return base + ((_rows(x) @ ag) @ bg).reshape(base.shape)
     p = _patches(x, kernel, stride, padding, dilation)
@@ -239,11 +239,11 @@ def _onnx_patches(ctx: Any, node: ComputationNode, x: str) -> str:
 def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
     """Each row's ``A``/``B`` by ``Gather`` (``-1`` counts from the end: the zero slot), then two
     batched ``MatMul``; the delta is reshaped to the base's shape (a 3-D input's delta has it already)."""
-    base, x = ctx.arg(node, 0), ctx.arg(node, 1)
-    module, idx = node.attrs["module"], ctx.arg(node, 4)
     if node.attrs["kind"] == "embedding":
         _onnx_mixed_embedding(ctx, node, out)
         return
+    base, x = ctx.arg(node, 0), ctx.arg(node, 1)
+    module, idx = node.attrs["module"], ctx.arg(node, 4)
     ag = ctx.emit("Gather", [ctx.arg(node, 2), idx], axis=0)
     bg = ctx.emit("Gather", [ctx.arg(node, 3), idx], axis=0)
     if node.attrs["kind"] == "conv":  # [batch, out, R] @ ([batch, R, kkC] @ [batch, kkC, H'W'])
