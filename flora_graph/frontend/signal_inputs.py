@@ -19,11 +19,6 @@ _VIDEO_PREFIXES = ("Vivit", "Timesformer")
 ``[batch, frames, channels, height, width]``. X-CLIP's vision model has ``num_frames`` too, but takes frames as images."""
 
 
-_CODEC_PREFIXES = ("Dac", "Xcodec")
-"""Audio codecs whose configs name no ``audio_channels`` (EnCodec's and Mimi's do): their ``input_values`` are
-``[batch, channels, samples]``, one channel."""
-
-
 def _size(config: Any) -> tuple[int, int]:
     """An image model's input height and width: its config's ``image_size`` (an int, a pair or a
     ``{"height", "width"}`` dict; V-JEPA 2's ``crop_size``), its vision or backbone config's, else 224."""
@@ -44,7 +39,7 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
     not tokens: ``pixel_values`` ``[batch, channels, height, width]`` (``[batch, frames, ...]`` for a video
     model (VideoMAE, ViViT, TimeSformer: its config's ``num_frames`` or ``frames_per_clip``) at the config's image
     size; raw audio ``input_values`` ``[batch, samples]`` (samples dynamic; an audio codec's ``[batch, channels,
-    samples]``: EnCodec, Mimi, DAC, X-codec), or ``[batch, frames, mel bins]`` where the config fixes them
+    samples]``: EnCodec's and Mimi's ``audio_channels``), or ``[batch, frames, mel bins]`` where the config fixes them
     (the Audio Spectrogram Transformer); ``input_features`` ``[batch, mel bins, 2 * max_source_positions]``
     (Whisper's encoder) or ``[batch, frames, features]`` (frames dynamic: Wav2Vec2-BERT's
     ``feature_projection_input_dim``, Parakeet's and LASR's ``num_mel_bins``, Speech2Text's
@@ -71,8 +66,9 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
         if isinstance(mel, int) and isinstance(length, int):  # spectrogram frames of a fixed count
             return {main: randn(2, length, mel)}, {main: {0: "batch"}}, {main: randn(3, length, mel)}
         channels = getattr(config, "audio_channels", None)
-        if isinstance(channels, int) or arch.startswith(_CODEC_PREFIXES):  # a codec: [batch, channels, samples]
-            channels = int(channels or 1)  # 0.25 s and 0.3 s at 16 kHz: frames of its hop (Mimi's 1920 samples)
+        if isinstance(channels, int):
+            # a codec, [batch, channels, samples], 0.25 s and 0.3 s at 16 kHz: whole frames of its hop (Mimi's 1920
+            # samples). One without the field (DAC) reads one channel: load_model tries that where it refuses these
             return ({main: randn(2, channels, 4000)}, {main: {0: "batch", 2: "samples"}},
                     {main: randn(3, channels, 4800)})
         # raw audio: a strided convolution stack over a dynamic number of samples (0.1 s and 0.125 s at 16 kHz)
