@@ -118,11 +118,13 @@ def _param(node: ComputationNode) -> str | None:
 
 
 def _scale(graph: Graph, m: LoRAMatch) -> float | None:
-    """A site's scale as a number (capture makes one ``Const`` of it per call; times an embedding's ``s2``), ``None``
-    without one."""
-    if m.s is None:
-        return None
-    return math.prod(float(np.asarray(eval_static(graph, v, {}), dtype=np.float64).reshape(-1)[0])
+    """A site's scale as a number (capture makes one ``Const`` of it per call), ``None`` without one."""
+    return None if m.s is None else _factor(graph, m, {})
+
+
+def _factor(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarray]) -> float:
+    """The factor on a site's branch: its scale ``s``, times an embedding's ``s2`` (``1.0`` without either)."""
+    return math.prod(float(np.asarray(eval_static(graph, v, memo), dtype=np.float64).reshape(-1)[0])
                      for v in (m.s, m.s2) if v is not None)
 
 
@@ -135,8 +137,7 @@ def own_weights(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarr
     if m.op is Op.GATHER:
         a = np.ascontiguousarray(a.T)
     b = np.asarray(eval_static(graph, m.B, memo))
-    s = math.prod(float(np.asarray(eval_static(graph, v, memo), dtype=np.float64).reshape(())) for v in (m.s, m.s2)
-                  if v is not None)
+    s = _factor(graph, m, memo)
     return a, (b.astype(np.float32) * np.float32(s)).astype(b.dtype)
 
 

@@ -91,22 +91,17 @@ def _rewrite(m: Match, ctx: RewriteContext):
     lm = LoRAMatch.from_match(m)
     assert lm.add is not None and lm.base is not None and lm.W is not None
     where = f"{lm.add.name!r} (module {lm.module!r})"
-    if lm.op is Op.GATHER:  # the table [vocab, dim] + s * (A.T [vocab, r] @ B.T): W.T + s·B@A, transposed back
-        w = np.asarray(ctx.value(lm.W))
-        merged = merged_weight(np.ascontiguousarray(w.T), np.asarray(ctx.value(lm.A)).T, np.asarray(ctx.value(lm.B)),
-                               lm.scale_value(ctx), where)
-        const = ctx.new_const(f"{lm.module}.merged_weight", np.ascontiguousarray(merged.T))
-        meta = dict(lm.base.meta)
-        if meta.get("role"):
-            meta["role"] = "merged"
-        return ctx.add(Op.GATHER, [const, lm.x], lm.base.attrs, name=f"{lm.module}.merged", meta=meta)
-    w = merged_weight(np.asarray(ctx.value(lm.W)), np.asarray(ctx.value(lm.A)), np.asarray(ctx.value(lm.B)),
-                      lm.scale_value(ctx), where)
+    w, a, b = (np.asarray(ctx.value(n)) for n in (lm.W, lm.A, lm.B))
+    gather = lm.op is Op.GATHER
+    if gather:  # the table [vocab, dim] + s * (A.T [vocab, r] @ B.T): W.T + s·B@A, transposed back
+        w = np.ascontiguousarray(merged_weight(np.ascontiguousarray(w.T), a.T, b, lm.scale_value(ctx), where).T)
+    else:
+        w = merged_weight(w, a, b, lm.scale_value(ctx), where)
     const = ctx.new_const(f"{lm.module}.merged_weight", w)
+    ins = [const, lm.x] if gather else [lm.x, const] + ([lm.bias] if lm.bias is not None else [])
     meta = dict(lm.base.meta)
     if meta.get("role"):
         meta["role"] = "merged"
-    ins = [lm.x, const] + ([lm.bias] if lm.bias is not None else [])
     return ctx.add(lm.op, ins, lm.base.attrs, name=f"{lm.module}.merged", meta=meta)
 
 
