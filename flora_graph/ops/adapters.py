@@ -38,7 +38,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import FLOAT_DTYPES, AttrSpec
-from flora_graph.ir.shapes import Dim, format_shape
+from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
 from flora_graph.ops._infer import same_dtype
 from flora_graph.ops._onnx import ONNX_DTYPES
 from flora_graph.ops._torch import ints
@@ -48,7 +48,7 @@ __all__: list[str] = []
 
 _ATTRS = {
     "module": AttrSpec("str", required=True),
-    "kind": AttrSpec("str", "linear", choices=("linear", "conv", "embedding")),
+    "kind": AttrSpec("str", "linear", choices=("linear", "conv", "embedding", "experts")),
     "kernel": AttrSpec("ints", (1, 1)),
     "stride": AttrSpec("ints", (1, 1)),
     "padding": AttrSpec("ints", (0, 0)),
@@ -87,10 +87,27 @@ def _conv_base(x, out: Dim, attrs, what: str) -> tuple[Dim, ...]:
     return (x[0], out, _spatial(x[2], kh, sh, ph, dh, what), _spatial(x[3], kw, sw, pw, dw, what))
 
 
+def _experts_ids(shapes, dtypes, what: str, at: int) -> None:
+    if len(shapes) != at + 1 or dtypes[at] not in ("int64", "int32") or len(shapes[at]) != 1:
+        raise _fail(what, f"an experts slot takes the pairs' expert ids (int [pairs]) as input {at}", shapes)
+
+
 def _infer_slot(shapes, dtypes, attrs):
-    base, x, a, b = shapes
+    base, x, a, b = shapes[:4]
     what = f"LoRASlot of module {attrs['module']!r}"
     embedding = attrs["kind"] == "embedding"
+    if attrs["kind"] == "experts":
+        _experts_ids(shapes, dtypes, what, 4)
+        dtype = _float(dtypes[:4], what)
+        if len(x) != 2 or len(a) != 3 or len(b) != 3 or a[0] != b[0] or a[2] != x[1] or b[2] != a[1] \
+                or canonical_dim(shapes[4][0]) != canonical_dim(x[0]):
+            raise _fail(what, "want x [pairs, in], A [experts, rank, in], B [experts, out, rank], ids [pairs]", shapes)
+        want = (x[0], b[1])
+        if tuple(base) != tuple(want):
+            raise _fail(what, f"base {format_shape(base)} is not the layer's output {format_shape(want)}", shapes)
+        return tuple(base), dtype
+    if len(shapes) != 4:
+        raise _fail(what, "takes base, x, A and B", shapes)
     dtype = _float(dtypes[:1] + dtypes[2:] if embedding else dtypes, what)
     if attrs["kind"] == "linear":
         if len(x) < 1 or len(a) != 2 or len(b) != 2 or x[-1] != a[1] or b[1] != a[0]:
@@ -111,9 +128,29 @@ def _infer_slot(shapes, dtypes, attrs):
     return tuple(base), dtype
 
 
+def _infer_mixed_experts(shapes, dtypes, what: str):
+    base, x, a, b, idx, _ = shapes
+    _experts_ids(shapes, dtypes, what, 5)
+    dtype = _float(dtypes[:4], what)
+    if dtypes[4] != "int64" or len(idx) != 1:
+        raise ShapeError(f"{what}: adapter_index must be int64 [batch], got {dtypes[4]}{format_shape(idx)}")
+    if len(x) != 2 or len(a) != 4 or len(b) != 4 or a[:2] != b[:2] or a[3] != x[1] or b[3] != a[2] \
+            or canonical_dim(shapes[5][0]) != canonical_dim(x[0]):
+        raise _fail(what, "want x [pairs, in], A stack [slots, experts, R, in], B stack [slots, experts, out, R], "
+                    "ids [pairs]", shapes)
+    want = (x[0], b[2])
+    if tuple(base) != tuple(want):
+        raise _fail(what, f"base {format_shape(base)} is not the layer's output {format_shape(want)}", shapes)
+    return tuple(base), dtype
+
+
 def _infer_mixed(shapes, dtypes, attrs):
-    base, x, a, b, idx = shapes
     what = f"LoRAMixedSlot of module {attrs['module']!r}"
+    if attrs["kind"] == "experts":
+        return _infer_mixed_experts(shapes, dtypes, what)
+    if len(shapes) != 5:
+        raise _fail(what, "takes base, x, the A and B stacks and adapter_index", shapes)
+    base, x, a, b, idx = shapes
     embedding = attrs["kind"] == "embedding"
     dtype = _float(dtypes[:1] + dtypes[2:4] if embedding else dtypes[:4], what)
     if dtypes[4] != "int64" or len(idx) != 1:
@@ -156,7 +193,23 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
-def _numpy_slot(base, x, a, b, *, module, kind, kernel, stride, padding, dilation, members="", member_outs=()) -> np.ndarray:
+def _numpy_experts(base: np.ndarray, x: np.ndarray, a: np.ndarray, b: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``base`` plus each pair's ``x[s] @ a[ids[s]].T @ b[ids[s]].T``, one product per expert present."""
+    out = np.array(base, copy=True)
+    for e in np.unique(ids):
+        rows = np.flatnonzero(ids == e)
+        out[rows] += (x[rows] @ a[e].T) @ b[e].T
+    return out
+
+
+def _pair_slots(index: np.ndarray, pairs: int) -> np.ndarray:
+    """Each (token, expert) pair's adapter: its batch row's (pairs are batch-major, ``pairs / batch`` a row)."""
+    return index[np.arange(pairs) // (pairs // len(index))]
+
+
+def _numpy_slot(base, x, a, b, *ids, module, kind, kernel, stride, padding, dilation, members="", member_outs=()) -> np.ndarray:
+    if kind == "experts":
+        return _numpy_experts(base, x, a, b, ids[0])
     if kind == "linear":
         return base + (x @ a.T) @ b.T
     if kind == "embedding":
@@ -166,8 +219,12 @@ def _numpy_slot(base, x, a, b, *, module, kind, kernel, stride, padding, dilatio
     return base + (b2 @ (a2 @ p)).reshape(base.shape)
 
 
-def _numpy_mixed(base, x, a, b, index, *, module, kind, kernel, stride, padding, dilation, members="",
+def _numpy_mixed(base, x, a, b, index, *ids, module, kind, kernel, stride, padding, dilation, members="",
                  member_outs=()) -> np.ndarray:
+    if kind == "experts":  # a pair's expert of its row's adapter, in the stacks seen as [slots*experts, ...]
+        experts = a.shape[1]
+        comb = _pair_slots(index, x.shape[0]) * experts + ids[0]  # -1 (no adapter): the zero slot, from the end
+        return _numpy_experts(base, x, a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]), comb)
     ag, bg = a[index], b[index]  # -1 reads the last (zero) slot; out of range raises IndexError
     if kind == "embedding":  # row i's ids index its own adapter's [vocab, R]
         rows = np.take_along_axis(ag, x.reshape(x.shape[0], -1, 1), axis=1)  # [batch, ids, R]
@@ -190,6 +247,9 @@ def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
     weights otherwise; a conv site is ``Conv`` with A's kernel then a 1x1 ``Conv`` by B."""
     base, x, a, b = (ctx.arg(node, i) for i in range(4))
     attrs = node.attrs
+    if attrs["kind"] == "experts":
+        _onnx_experts(ctx, node, base, x, a, b, ctx.arg(node, 4), out)
+        return
     if attrs["kind"] == "embedding":  # the ids' columns of A [rank, vocab], then ids' axes first: [..., rank]
         rank = len(node.inputs[1].shape)
         h = ctx.emit("Transpose", [ctx.emit("Gather", [a, x], axis=1)], perm=[*range(1, rank + 1), 0])
@@ -204,6 +264,43 @@ def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
     else:
         h = ctx.emit("MatMul", [x, ctx.emit("Transpose", [a], perm=[1, 0])])
         delta = ctx.emit("MatMul", [h, ctx.emit("Transpose", [b], perm=[1, 0])])
+    _add(ctx, base, delta, out)
+
+
+def _onnx_experts(ctx: Any, node: ComputationNode, base: str, x: str, a: str, b: str, ids: str, out: str) -> None:
+    """``base`` plus a ``Loop`` over the experts present, each pair's rows times ``A[e].T`` then ``B[e].T``."""
+    from flora_graph.ops.linear import emit_expert_loop
+
+    if node.inputs[-1].dtype != "int64":
+        ids = ctx.emit("Cast", [ids], to=ONNX_DTYPES["int64"])
+    delta = emit_expert_loop(ctx, x, ids, [(a, 1), (b, 1)], int(node.shape[1]), ctx.fresh(f"{out}/lora"))
+    _add(ctx, base, delta, out)
+
+
+def _onnx_mixed_experts(ctx: Any, node: ComputationNode, out: str) -> None:
+    """Each pair's own expert of its row's adapter: the stacks seen as ``[slots*experts, ...]``, indexed by
+    ``adapter_index[row] * experts + id`` (pairs batch-major, ``pairs / batch`` a row; ``-1``, the zero slot,
+    counts from the end), through the experts ``Loop``."""
+    base, x, a_stack, b_stack, idx, ids = (ctx.arg(node, i) for i in range(6))
+    module, experts = node.attrs["module"], int(node.inputs[2].shape[1])
+    if node.inputs[5].dtype != "int64":
+        ids = ctx.emit("Cast", [ids], to=ONNX_DTYPES["int64"])
+    zero = ctx.constant(np.array(0, np.int64), f"{module}/zero")
+    pairs = ctx.emit("Gather", [ctx.emit("Shape", [ids]), zero], axis=0)
+    per_row = ctx.emit("Div", [pairs, ctx.emit("Gather", [ctx.emit("Shape", [idx]), zero], axis=0)])
+    row = ctx.emit("Div", [ctx.emit("Range", [zero, pairs, ctx.constant(np.array(1, np.int64), f"{module}/one")]),
+                           per_row])
+    comb = ctx.emit("Add", [ctx.emit("Mul", [ctx.emit("Gather", [idx, row], axis=0),
+                                             ctx.constant(np.array(experts, np.int64), f"{module}/experts")]), ids])
+    flat = []
+    for stack in (a_stack, b_stack):
+        tail = ctx.emit("Slice", [ctx.emit("Shape", [stack]), ctx.constant(np.array([2], np.int64), f"{module}/from"),
+                                  ctx.constant(np.array([4], np.int64), f"{module}/to")])
+        shape = ctx.emit("Concat", [ctx.constant(np.array([-1], np.int64), f"{module}/all"), tail], axis=0)
+        flat.append(ctx.emit("Reshape", [stack, shape]))
+    from flora_graph.ops.linear import emit_expert_loop
+
+    delta = emit_expert_loop(ctx, x, comb, [(flat[0], 1), (flat[1], 1)], int(node.shape[1]), ctx.fresh(f"{out}/lora"))
     _add(ctx, base, delta, out)
 
 
@@ -241,6 +338,9 @@ def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
     batched ``MatMul``; the delta is reshaped to the base's shape (a 3-D input's delta has it already)."""
     if node.attrs["kind"] == "embedding":
         _onnx_mixed_embedding(ctx, node, out)
+        return
+    if node.attrs["kind"] == "experts":
+        _onnx_mixed_experts(ctx, node, out)
         return
     base, x = ctx.arg(node, 0), ctx.arg(node, 1)
     module, idx = node.attrs["module"], ctx.arg(node, 4)
@@ -295,8 +395,14 @@ def _unfold(x: str, attrs: dict[str, Any]) -> str:
             f"{ints(attrs['stride'])})")
 
 
+def _torch_experts(base: str, x: str, a: str, b: str, ids: str) -> str:
+    return f"{base} + torch.bmm({b}[{ids}], torch.bmm({a}[{ids}], {x}.unsqueeze(-1))).squeeze(-1)"
+
+
 def _torch_slot(node: ComputationNode, args: list[str]) -> str:
-    base, x, a, b = args
+    base, x, a, b = args[:4]
+    if node.attrs["kind"] == "experts":
+        return _torch_experts(base, x, a, b, args[4])
     if node.attrs["kind"] == "linear":
         return f"{base} + F.linear(F.linear({x}, {a}), {b})"
     if node.attrs["kind"] == "embedding":
@@ -307,7 +413,12 @@ def _torch_slot(node: ComputationNode, args: list[str]) -> str:
 
 
 def _torch_mixed(node: ComputationNode, args: list[str]) -> str:
-    base, x, a, b, idx = args
+    base, x, a, b, idx = args[:5]
+    if node.attrs["kind"] == "experts":  # a pair's expert of its row's adapter (-1: the zero slot, from the end)
+        experts = int(node.inputs[2].shape[1])
+        row = f"torch.arange({x}.shape[0], device={x}.device) // ({x}.shape[0] // {idx}.shape[0])"
+        comb = f"({idx}[{row}] * {experts} + {args[5]})"
+        return _torch_experts(base, x, f"{a}.flatten(0, 1)", f"{b}.flatten(0, 1)", comb)
     ag, bg = f"{a}[{idx}]", f"{b}[{idx}]"  # a negative index counts from the end, as Gather does
     if node.attrs["kind"] == "embedding":  # row i's ids index its own adapter's [vocab, R]
         rows = f"{idx}.reshape([-1] + [1] * ({x}.dim() - 1)).expand_as({x})"
@@ -322,13 +433,13 @@ def _torch_mixed(node: ComputationNode, args: list[str]) -> str:
 
 
 define(
-    "LORA_SLOT", "LoRASlot", (4, 4), _ATTRS,
+    "LORA_SLOT", "LoRASlot", (4, 5), _ATTRS,
     infer=_infer_slot, doc="base + up(down(x, A), B): a LoRA site whose A, B (scale folded) are inputs.",
     numpy=_numpy_slot, onnx=_onnx_slot, torch=_torch_slot, groups=["Adapter"],
 )
 
 define(
-    "LORA_MIXED_SLOT", "LoRAMixedSlot", (5, 5), _ATTRS,
+    "LORA_MIXED_SLOT", "LoRAMixedSlot", (5, 6), _ATTRS,
     infer=_infer_mixed, doc="base + up(down(x, A[i]), B[i]) per batch row, i = adapter_index[row] into stacks.",
     numpy=_numpy_mixed, onnx=_onnx_mixed, torch=_torch_mixed, groups=["Adapter"],
 )

@@ -123,41 +123,52 @@ def _numpy_expert_linear(x: np.ndarray, w: np.ndarray, ids: np.ndarray, *, trans
 
 
 def _onnx_expert_linear(ctx: Any, node: ComputationNode, out: str) -> None:
-    """A ``Loop`` over the experts ``ids`` names (``Unique``): each takes its rows (``NonZero``), multiplies them by
-    its own weight (``Gather`` of one expert, ``Gemm``) and writes them back (``ScatterND``). Each expert's weight is
-    read once per call, not once per row, and the products are matrix products: a prompt of ``T`` tokens routed to
-    ``k`` experts each does not gather ``T * k`` weight copies."""
+    """A ``Loop`` over the experts ``ids`` names (:func:`emit_expert_loop`)."""
+    trans_b = 0 if node.attrs.get("transposed") else 1
+    emit_expert_loop(ctx, ctx.arg(node, 0), ctx.arg(node, 2), [(ctx.arg(node, 1), trans_b)], int(node.shape[1]), out)
+
+
+def emit_expert_loop(ctx: Any, x: str, ids: str, weights: list[tuple[str, int]], width: int, out: str) -> str:
+    """``out[s] = x[s] @ op(w1[ids[s]]) @ op(w2[ids[s]]) ...`` (``op`` transposing where ``transB`` is 1; ``width``
+    columns): a ``Loop`` over the experts ``ids`` names (``Unique``), each taking its rows (``NonZero``), multiplying
+    them by its own weights in turn (``Gather`` of one expert each, ``Gemm``) and writing them back (``ScatterND``).
+    Each expert's weights are read once per call, not once per row, and the products are matrix products: a prompt
+    of ``T`` tokens routed to ``k`` experts each does not gather ``T * k`` weight copies. An expert index may be
+    negative (``Gather`` counts it from the end). Returns ``out``."""
     from onnx import TensorProto, helper
 
-    x, w, ids = ctx.arg(node, 0), ctx.arg(node, 1), ctx.arg(node, 2)
     compute = ONNX_DTYPES[ctx.dtype]
     name = ctx.fresh
     uniq = ctx.emit("Unique", [ids], [name(f"{out}/experts")], sorted=1)
     trip = ctx.emit("Squeeze", [ctx.emit("Shape", [uniq])])
     rows = ctx.emit("Shape", [ids])
-    width = ctx.constant(np.array([int(node.shape[1])], np.int64), f"{out}/width")
-    zeros = ctx.emit("ConstantOfShape", [ctx.emit("Concat", [rows, width], axis=0)],
+    cols = ctx.constant(np.array([width], np.int64), f"{out}/width")
+    zeros = ctx.emit("ConstantOfShape", [ctx.emit("Concat", [rows, cols], axis=0)],
                      value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     start = ctx.emit("Cast", [zeros], to=compute)
     i, cond, acc = name(f"{out}/i"), name(f"{out}/cond"), name(f"{out}/acc")
-    e, hit, nz, sel, xs, we, y = (name(f"{out}/{v}") for v in ("expert", "hit", "nonzero", "rows", "x", "w", "y"))
+    e, hit, nz, sel, xs = (name(f"{out}/{v}") for v in ("expert", "hit", "nonzero", "rows", "x"))
     cond_out, acc_out = name(f"{out}/cond_out"), name(f"{out}/acc_out")
+    nodes = [helper.make_node("Gather", [uniq, i], [e], axis=0),
+             helper.make_node("Equal", [ids, e], [hit]),
+             helper.make_node("NonZero", [hit], [nz]),
+             helper.make_node("Transpose", [nz], [sel], perm=[1, 0]),
+             helper.make_node("GatherND", [x, sel], [xs])]
+    y = xs
+    for k, (w, trans_b) in enumerate(weights):
+        we, yk = name(f"{out}/w{k}"), name(f"{out}/y{k}")
+        nodes += [helper.make_node("Gather", [w, e], [we], axis=0),
+                  helper.make_node("Gemm", [y, we], [yk], transB=trans_b)]
+        y = yk
+    nodes += [helper.make_node("ScatterND", [acc, sel, y], [acc_out]),
+              helper.make_node("Identity", [cond], [cond_out])]
     body = helper.make_graph(
-        [helper.make_node("Gather", [uniq, i], [e], axis=0),
-         helper.make_node("Equal", [ids, e], [hit]),
-         helper.make_node("NonZero", [hit], [nz]),
-         helper.make_node("Transpose", [nz], [sel], perm=[1, 0]),
-         helper.make_node("GatherND", [x, sel], [xs]),
-         helper.make_node("Gather", [w, e], [we], axis=0),
-         helper.make_node("Gemm", [xs, we], [y], transB=0 if node.attrs.get("transposed") else 1),
-         helper.make_node("ScatterND", [acc, sel, y], [acc_out]),
-         helper.make_node("Identity", [cond], [cond_out])],
-        f"{out}/per_expert",
+        nodes, f"{out}/per_expert",
         [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
          helper.make_tensor_value_info(acc, compute, None)],
         [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
          helper.make_tensor_value_info(acc_out, compute, None)])
-    ctx.emit("Loop", [trip, "", start], [out], body=body)
+    return ctx.emit("Loop", [trip, "", start], [out], body=body)
 
 
 def _torch_expert_linear(node: ComputationNode, args: list[str]) -> str:

@@ -45,7 +45,8 @@ from flora_graph.errors import AdapterError, GraphError
 from flora_graph.ir import ComputationNode, Graph, Op, OpGroup
 from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
 from flora_graph.passes.base import PassResult, register_pass
-from flora_graph.passes.lora_pattern import EMBEDDING_LORA, LORA, LoRAMatch, find_lora
+from flora_graph.passes.lora_pattern import EMBEDDING_LORA, EXPERT_LORA, LORA, LoRAMatch, find_lora
+from flora_graph.passes.param_lora import split_param_lora
 from flora_graph.passes.rewrite import eval_static, schedule
 
 __all__ = [
@@ -92,7 +93,7 @@ def lora_sites(graph: Graph) -> list[LoRAMatch]:
     outputs = {id(n) for n in graph.outputs.values()}
     found: list[LoRAMatch] = []
     seen: dict[str, tuple[str | float | None, ...]] = {}  # module -> the params of its A and B, its scale
-    for m in find_lora(graph, LORA | EMBEDDING_LORA):
+    for m in find_lora(graph, LORA | EMBEDDING_LORA | EXPERT_LORA):
         inner = [m.down, m.up, *(n for n in (m.scale, m.scale2) if n is not None)]
         allowed = {id(n) for n in (*inner, m.add)}
         for n in inner:
@@ -131,7 +132,8 @@ def _factor(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarray])
 def own_weights(graph: Graph, m: LoRAMatch, memo: dict[ComputationNode, np.ndarray] | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
     """A site's own ``(A, s·B)`` (the scale folded into ``B``, in ``B``'s dtype), as a slot takes them (an embedding's
-    ``A`` as ``[r, vocab]``, PEFT's layout, from the ``[vocab, r]`` table its ids index)."""
+    ``A`` as ``[r, vocab]``, PEFT's layout, from the ``[vocab, r]`` table its ids index; an expert site's
+    ``[experts, r, in]`` and ``[experts, out, r]``)."""
     memo = {} if memo is None else memo
     a = np.array(eval_static(graph, m.A, memo), copy=True)
     if m.op is Op.GATHER:
@@ -146,7 +148,7 @@ class _Site:
     """What a slot is made of: from an intact site (``root`` its ``Add``) or a slot to convert (``root`` itself)."""
 
     module: str
-    kind: str  # "linear", "conv" or "embedding"
+    kind: str  # "linear", "conv", "embedding" or "experts"
     root: ComputationNode
     base: ComputationNode
     x: ComputationNode
@@ -155,6 +157,7 @@ class _Site:
     dtype: str
     attrs: dict[str, Any]
     meta: dict[str, Any]
+    ids: ComputationNode | None = None  # an experts site's per-pair expert ids
 
 
 def _site_of_match(m: LoRAMatch) -> _Site:
@@ -168,6 +171,10 @@ def _site_of_match(m: LoRAMatch) -> _Site:
     attrs: dict[str, Any] = {"module": module, "kind": "linear"}
     if m.op is Op.LINEAR:
         return _Site(module, "linear", m.add, m.base, m.x, (int(a[1]),), int(b[0]), m.A.dtype, attrs, meta)
+    if m.op is Op.EXPERT_LINEAR:  # A [experts, r, in], B [experts, out, r]; in_dims: (experts, in)
+        attrs["kind"] = "experts"
+        return _Site(module, "experts", m.add, m.base, m.x, (int(a[0]), int(a[2])), int(b[1]), m.A.dtype, attrs, meta,
+                     m.ids)
     if m.op is Op.GATHER:  # A is the [vocab, r] table the ids index
         attrs["kind"] = "embedding"
         return _Site(module, "embedding", m.add, m.base, m.x, (int(a[0]),), int(b[0]), m.B.dtype, attrs, meta)
@@ -188,6 +195,10 @@ def _site_of_slot(n: ComputationNode) -> _Site:
         in_dims, out = (int(x.shape[-1]),), int(base.shape[-1])
     elif kind == "embedding":
         in_dims, out = (int(n.inputs[2].shape[-1] if n.op is Op.LORA_SLOT else n.inputs[2].shape[1]),), int(base.shape[-1])
+    elif kind == "experts":  # A [experts, r, in], or its stack [slots, experts, R, in]; ids the last input
+        a = n.inputs[2].shape
+        in_dims, out = (int(a[0] if n.op is Op.LORA_SLOT else a[1]), int(x.shape[-1])), int(base.shape[-1])
+        return _Site(n.attrs["module"], kind, n, base, x, in_dims, out, n.dtype, dict(n.attrs), dict(n.meta), n.inputs[-1])
     else:
         in_dims, out = (int(x.shape[1]), *n.attrs["kernel"]), int(base.shape[1])
     return _Site(n.attrs["module"], kind, n, base, x, in_dims, out, n.dtype, dict(n.attrs), dict(n.meta))
@@ -249,6 +260,12 @@ def _check_rows(graph: Graph, sites: Iterable[_Site]) -> tuple[Dim, dict[str, st
     layout: dict[str, str] = {}
     for s in sites:
         shape = s.x.shape
+        if s.kind == "experts":  # (token, expert) pairs, batch-major: [batch*seq*k, in]
+            if str(batch) not in str(canonical_dim(shape[0])).split("*"):
+                raise AdapterError(f"module {s.module!r}: its (token, expert) pairs {s.x.name!r} {list(shape)} are not "
+                                   f"a multiple of the batch dim {batch!r} of input {first.name!r}; rows cannot pick "
+                                   "adapters there")
+            continue
         if s.kind == "linear" and len(shape) == 2 and canonical_dim(shape[0]) != batch and _batch_major(s.x, batch):
             layout[s.module] = "flat"
             continue
@@ -295,7 +312,10 @@ def slot_inputs(graph: Graph, module: str, kind: str, in_dims: tuple[int, ...], 
     """New graph inputs for the ``A`` and ``B`` of ``module``'s ``slots`` slot, with defaults that add nothing."""
     a_name, b_name = weight_names(module, slots)
     r = rank_dim(module)
-    if slots == "swappable":
+    if kind == "experts":  # in_dims (experts, in): A [experts, r, in], B [experts, out, r] (a stack of them)
+        lead = () if slots == "swappable" else (SLOTS_DIM,)
+        a_dims, b_dims = (*lead, in_dims[0], r, in_dims[1]), (*lead, in_dims[0], out, r)
+    elif slots == "swappable":
         tail = (1, 1) if kind == "conv" else ()
         a_dims, b_dims = (r, *in_dims), (out, r, *tail)
     elif kind == "conv":  # A as [slots, R, kh*kw*C] (taps major), B as [slots, out, R]
@@ -316,6 +336,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     t0 = time.perf_counter()
     if slots not in SLOT_KINDS:
         raise ValueError(f"adapter-slots: slots={slots!r}; expected one of {list(SLOT_KINDS)}")
+    split_param_lora(graph)  # LoRA on parameters (expert tensors, a router's weight) as sites of their own
     matches = lora_sites(graph)  # a module called twice has two sites on its one A and B
     existing = slot_nodes(graph)
     modules = [m.module for m in matches] + [n.attrs["module"] for n in existing]
@@ -352,6 +373,8 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
             if index is None:
                 index = _input(graph, s.module, INDEX_INPUT, (batch,), "int64", None)  # type: ignore[arg-type]
             ins.append(index)
+        if s.ids is not None:
+            ins.append(holders.get(s.ids, s.ids))
         try:
             if s.module in layout:  # rows as [batch, seq, f] for the slot, and back
                 if layout[s.module] == "flat":  # from [batch*seq, f]

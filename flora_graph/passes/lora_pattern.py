@@ -20,7 +20,7 @@ from flora_graph.ir import ComputationNode, Graph, Op
 from flora_graph.passes.rewrite import RewriteContext, static_nodes
 from flora_graph.passes.rules import Match, Pat
 
-__all__ = ["EMBEDDING_LORA", "LORA", "LORA_BRANCH", "LORA_KINDS", "SCALED_BRANCH", "LoRAMatch", "find_lora", "match_lora"]
+__all__ = ["EMBEDDING_LORA", "EXPERT_LORA", "LORA", "LORA_BRANCH", "LORA_KINDS", "SCALED_BRANCH", "LoRAMatch", "find_lora", "match_lora"]
 
 LORA_KINDS = (Op.LINEAR, Op.CONV2D)
 
@@ -90,6 +90,24 @@ branch by a second one, as PEFT scales it then, bound as ``s2``): root is the ``
 it; the fusing rules leave an embedding's branch as captured."""
 
 
+def _plain_product(n: ComputationNode) -> bool:
+    return not n.attrs.get("transposed")
+
+
+def _expert_lora() -> Pat:
+    down = Pat(Op.EXPERT_LINEAR, (Pat.any("x"), Pat.weight("A"), Pat.any("ids")), name="down", pred=_plain_product)
+    up = Pat(Op.EXPERT_LINEAR, (down, Pat.weight("B"), Pat.any("ids")), name="up", pred=_plain_product)
+    return Pat(Op.ADD, (Pat.any("base"), _scaled(up) | up), name="add", pred=_tagged)
+
+
+EXPERT_LORA: Pat = _expert_lora()
+"""LoRA on a mixture of experts' expert tensor (PEFT's ``target_parameters``), as
+:func:`~flora_graph.passes.param_lora.split_param_lora` writes it: ``Add(base, Mul(ExpertLinear(ExpertLinear(x, A,
+ids), B, ids), s))`` with ``A`` ``[experts, r, in]`` and ``B`` ``[experts, out, r]``, each (token, expert) pair's
+own expert's factors; root is the ``Add``, which must carry the ``lora_add`` tag. The adapter slots read it; no
+fusing or merging rule does."""
+
+
 @dataclass
 class LoRAMatch:
     """One recognised adapter (or bare branch when ``add``/``base`` are ``None``)."""
@@ -111,8 +129,12 @@ class LoRAMatch:
 
     @classmethod
     def from_match(cls, m: Match) -> LoRAMatch:
-        """Build from a match of :data:`LORA`, :data:`EMBEDDING_LORA`, :data:`LORA_BRANCH` or :data:`SCALED_BRANCH`."""
+        """Build from a match of :data:`LORA`, :data:`EMBEDDING_LORA`, :data:`EXPERT_LORA`, :data:`LORA_BRANCH` or
+        :data:`SCALED_BRANCH`."""
         base = m.get("base")
+        if m["down"].op is Op.EXPERT_LINEAR:  # the base is the experts' product, whatever its form
+            return cls(op=Op.EXPERT_LINEAR, x=m["x"], down=m["down"], up=m["up"], A=m["A"], B=m["B"], base=base,
+                       scale=m.get("scale"), s=m.get("s"), add=m.get("add"))
         return cls(
             # the down projection's op: Gather for an embedding's adapter, whose up projection is a Linear
             op=m["down"].op, x=m["x"], down=m["down"], up=m["up"], A=m["A"], B=m["B"], base=base, W=m.get("W"),
@@ -122,8 +144,13 @@ class LoRAMatch:
 
     @property
     def rank(self) -> int:
-        """``r``: rows of ``A`` (columns of an embedding's ``[vocab, r]`` table)."""
-        return int(self.A.shape[1] if self.op is Op.GATHER else self.A.shape[0])
+        """``r``: rows of ``A`` (columns of an embedding's ``[vocab, r]`` table; an expert's rows of ``A[e]``)."""
+        return int(self.A.shape[1] if self.op in (Op.GATHER, Op.EXPERT_LINEAR) else self.A.shape[0])
+
+    @property
+    def ids(self) -> ComputationNode | None:
+        """An expert site's per-pair expert ids (``None`` for other sites)."""
+        return self.down.inputs[2] if self.op is Op.EXPERT_LINEAR else None
 
     @property
     def nodes(self) -> list[ComputationNode]:

@@ -326,7 +326,15 @@ def export_genai(
     layout = cache_layout(model)
     sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
     if sites:  # the model was loaded for this export alone: its layers take the slots in place, no copy
-        apply_lora(model, sites, rank=1)  # where the slots go; their weights are fed at run time
+        # where the slots go; their weights are fed at run time. A parameter's path (LoRA on a mixture of experts'
+        # expert tensor, PEFT's target_parameters) takes a parametrization instead of a layer wrapper
+        from flora_graph.adapters.param_lora import apply_param_lora, is_param_path
+
+        on_params = [p for p in sites if is_param_path(model, p)]
+        if on_params:
+            apply_param_lora(model, on_params, rank=1)
+        if layers := [p for p in sites if p not in on_params]:
+            apply_lora(model, layers, rank=1)
     # the weights stay where the model loaded them
     graph = capture_causal_lm(model, name=arch, share_weights=True, layout=layout)
     # the graph's weights keep the tensors' memory alive: from here on the model is its configs
@@ -629,12 +637,6 @@ def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None
                            "gives the tokens it names embedding rows of their own, which a hot-swappable adapter "
                            "cannot do (its slots are on linear layers); bake it into the package's base model instead "
                            "(--merge-adapter DIR; export_genai(merge=DIR))"[:900])
-    if cfg.get("target_parameters"):
-        raise AdapterError(f"adapter {name!r} ({folder}): target_parameters={cfg['target_parameters']!r} puts LoRA on "
-                           "parameters (a mixture of experts' expert tensors; PEFT's all-linear adds them where the "
-                           "experts are fused), which have no hot-swappable slot yet; bake it into the package's "
-                           "base model instead (--merge-adapter DIR; export_genai(merge=DIR)), or target the linear "
-                           "layers only (target_modules)"[:900])
 
 
 def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None],

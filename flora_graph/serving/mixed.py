@@ -56,13 +56,15 @@ def stack_adapters(slots: Sequence[LoRASlot], adapters: Sequence[Mapping[str, np
     out: dict[str, np.ndarray] = {}
     n = len(adapters) + 1
     for s in slots:
-        ranks = [int(p[s.a_name].shape[0]) for p in adapters if s.a_name in p]
+        ranks = [int(p[s.a_name].shape[1 if s.kind == "experts" else 0]) for p in adapters if s.a_name in p]
         r = max([1, *ranks])
         dt = np.dtype(s.dtype)
         a_name, b_name = stack_names(s)
         if s.kind == "conv":
             a = np.zeros((n, r, int(np.prod(s.in_dims))), dt)
             b = np.zeros((n, s.out, r), dt)
+        elif s.kind == "experts":
+            a, b = np.zeros((n, *s.a_shape(r)), dt), np.zeros((n, *s.b_shape(r)), dt)
         else:
             a = np.zeros((n, *s.in_dims, r), dt)
             b = np.zeros((n, r, s.out), dt)
@@ -70,6 +72,10 @@ def stack_adapters(slots: Sequence[LoRASlot], adapters: Sequence[Mapping[str, np
             if s.a_name not in p:
                 continue
             pa, pb = p[s.a_name], p[s.b_name]
+            if s.kind == "experts":  # [experts, rk, in] and [experts, out, rk]
+                rk = pa.shape[1]
+                a[k, :, :rk], b[k, :, :, :rk] = pa, pb
+                continue
             rk = pa.shape[0]
             if s.kind == "conv":
                 a[k, :rk] = pa.transpose(0, 2, 3, 1).reshape(rk, -1)
@@ -247,6 +253,8 @@ class MixedAdapterSession:
         names = tuple(params)
         ranks: dict[str, tuple[np.ndarray, int]] = {}
         for s in self.slots:
+            if s.kind == "experts":  # its stacks are read whole (pairs index them by expert): not cut per row
+                continue
             r = np.array([int(p[s.a_name].shape[0]) if s.a_name in p else 0 for p in params.values()] + [0])
             a_name, b_name = stack_names(s)  # the rank axis: A [slots, in, R] / B [slots, R, out]; conv A [slots, R, ...]
             ranks[a_name], ranks[b_name] = (r, 1 if s.kind == "conv" else 2), (r, 2 if s.kind == "conv" else 1)

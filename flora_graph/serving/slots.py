@@ -71,8 +71,8 @@ class LoRASlot:
     """One swappable LoRA site: module path, kind and weight shapes with the rank left open."""
 
     module: str
-    kind: str  # "linear", "conv" or "embedding" (in_dims: the vocabulary)
-    in_dims: tuple[int, ...]  # A's dims after the rank
+    kind: str  # "linear", "conv", "embedding" (in_dims: the vocabulary) or "experts" (in_dims: (experts, in))
+    in_dims: tuple[int, ...]  # A's dims but the rank
     out: int
     b_tail: tuple[int, ...]  # B's dims after the rank: () or (1, 1)
     dtype: str
@@ -97,12 +97,16 @@ class LoRASlot:
         """The symbolic dim naming this slot's rank in the ONNX model."""
         return rank_dim(self.module)
 
-    def a_shape(self, rank: int) -> tuple[int, ...]:
-        """Shape of ``A`` at ``rank``."""
+    def a_shape(self, rank: int | str) -> tuple[int | str, ...]:
+        """Shape of ``A`` at ``rank`` (an experts slot's ``[experts, rank, in]``)."""
+        if self.kind == "experts":
+            return (self.in_dims[0], rank, self.in_dims[1])
         return (rank, *self.in_dims)
 
-    def b_shape(self, rank: int) -> tuple[int, ...]:
-        """Shape of ``B`` at ``rank``."""
+    def b_shape(self, rank: int | str) -> tuple[int | str, ...]:
+        """Shape of ``B`` at ``rank`` (an experts slot's ``[experts, out, rank]``)."""
+        if self.kind == "experts":
+            return (self.in_dims[0], self.out, rank)
         return (self.out, rank, *self.b_tail)
 
     @classmethod
@@ -113,6 +117,9 @@ class LoRASlot:
             members = tuple(m for m in str(a.get("members", "")).split(",") if m)
             return cls(a["module"], "linear", (int(x.shape[-1]),), int(base.shape[-1]), (), node.dtype,
                        members=members, member_outs=tuple(int(o) for o in a.get("member_outs", ())) if members else ())
+        if a["kind"] == "experts":  # A [experts, rank, in], or its stack [slots, experts, R, in]
+            experts = node.inputs[2].shape[0 if len(node.inputs[2].shape) == 3 else 1]
+            return cls(a["module"], "experts", (int(experts), int(x.shape[-1])), int(base.shape[-1]), (), node.dtype)
         if a["kind"] == "embedding":  # A [rank, vocab], or the stack of A.T [slots, vocab, R]
             table = node.inputs[2].shape
             vocab = table[-1] if len(table) == 2 else table[1]
@@ -133,7 +140,7 @@ class LoRASlot:
             slot = cls(**kw)
         except (TypeError, ValueError) as exc:
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: {exc}") from None
-        if slot.kind not in ("linear", "conv", "embedding") or not isinstance(slot.module, str) or not isinstance(slot.out, int):
+        if slot.kind not in ("linear", "conv", "embedding", "experts") or not isinstance(slot.module, str) or not isinstance(slot.out, int):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}")
         if slot.members and (len(slot.members) != len(slot.member_outs) or sum(slot.member_outs) != slot.out):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: member outputs do not add up to out")
@@ -218,8 +225,8 @@ def param_spec(slots: Sequence[LoRASlot], flag: bool = False) -> ParamSpec:
         spec[ADAPTER_FLAG] = ((1,), np.dtype(np.float32))
     for s in slots:
         dt = np.dtype(s.dtype)
-        spec[s.a_name] = ((s.rank_dim, *s.in_dims), dt)
-        spec[s.b_name] = ((s.out, s.rank_dim, *s.b_tail), dt)
+        spec[s.a_name] = (s.a_shape(s.rank_dim), dt)
+        spec[s.b_name] = (s.b_shape(s.rank_dim), dt)
     spec.packs = tuple(s for s in slots if s.members)
     return spec
 
@@ -375,7 +382,8 @@ def _with_flag(params: Mapping[str, Any], spec: ParamSpec, adapter: str) -> Mapp
 
 
 def adapter_params(model: Any) -> dict[str, np.ndarray]:
-    """``{param name: array}`` of every :class:`~flora_graph.adapters.LoRAAdapter` in ``model`` (``s·B`` folded).
+    """``{param name: array}`` of every :class:`~flora_graph.adapters.LoRAAdapter` in ``model`` (``s·B`` folded), and of
+    every :class:`~flora_graph.adapters.param_lora.ParamLoRA` on a parameter of it.
 
     Names are ``"<module path>.lora_A"`` / ``"<module path>.lora_B"``, the names the
     ``adapter-slots`` pass gives the slots of a graph captured from the same model.
@@ -383,12 +391,18 @@ def adapter_params(model: Any) -> dict[str, np.ndarray]:
     import torch
 
     from flora_graph.adapters import adapters_of
+    from flora_graph.adapters.param_lora import param_adapters_of
 
     found = adapters_of(model)
-    if not found:
+    on_params = param_adapters_of(model)
+    if not found and not on_params:
         raise FloraGraphError(f"{type(model).__name__} has no LoRAAdapter modules")
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
+        for path, p in on_params.items():  # LoRA on a parameter: A [(experts,) r, in], B [(experts,) out, r]
+            out[f"{path}.lora_A"] = p.lora_A.detach().cpu().numpy().copy()
+            b = p.lora_B.detach().cpu()
+            out[f"{path}.lora_B"] = (b.float() * p.scaling).to(b.dtype).numpy()
         for path, ad in found.items():
             if ad.lora_A.dtype == torch.bfloat16:
                 raise AdapterFileError(f"module {path!r}: bfloat16 adapter weights; cast the model to float32/float16")
@@ -404,14 +418,18 @@ def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     The folder is installed on a copy of ``base_model`` (the plain model the swappable graph
     was captured from, without adapters) with :func:`~flora_graph.adapters.peft.load_peft_adapter`,
     which honours ``r``/``lora_alpha``/``use_rslora``/``rank_pattern``/``alpha_pattern`` and
-    refuses what it cannot, a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
+    refuses what it cannot (a folder with ``target_parameters``, LoRA on expert tensors, is read through PEFT's
+    own layers: :func:`~flora_graph.adapters.param_lora.peft_param_adapter_params`), a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
     saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
     itself is not touched.
     """
     import copy
 
-    from flora_graph.adapters.peft import load_peft_adapter
+    from flora_graph.adapters.param_lora import peft_param_adapter_params
+    from flora_graph.adapters.peft import load_peft_adapter, read_peft_config
 
+    if read_peft_config(folder, peft_layers=True).get("target_parameters"):
+        return peft_param_adapter_params(base_model, folder)
     model = copy.deepcopy(base_model)
     load_peft_adapter(model, folder, keep_base=True)
     return adapter_params(model)
