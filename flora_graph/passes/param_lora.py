@@ -30,8 +30,8 @@ from flora_graph.passes.rewrite import schedule
 
 __all__ = ["split_param_lora"]
 
-_ORIGINAL = re.compile(r"(?P<owner>.+)\.parametrizations\.(?P<name>[^.]+)\.original")
-_FACTOR = re.compile(r"(?P<owner>.+)\.parametrizations\.(?P<name>[^.]+)\.\d+\.lora_(?P<part>[AB])")
+_ORIGINAL = re.compile(r"(?:(?P<owner>.+)\.)?parametrizations\.(?P<name>[^.]+)\.original")
+_FACTOR = re.compile(r"(?:(?P<owner>.+)\.)?parametrizations\.(?P<name>[^.]+)\.\d+\.lora_(?P<part>[AB])")
 
 
 def _param(n: ComputationNode) -> str:
@@ -64,7 +64,7 @@ def _sites(graph: Graph) -> list[tuple[str, ComputationNode, ComputationNode, Co
             parts = _delta(d) if m else None
             if parts is not None:
                 a, b, s, _ = parts
-                found.append((f"{m['owner']}.{m['name']}", n, w, a, b, s))
+                found.append((f"{m['owner']}.{m['name']}" if m["owner"] else m["name"], n, w, a, b, s))
                 break
     return found
 

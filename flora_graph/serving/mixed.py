@@ -231,8 +231,11 @@ class MixedAdapterSession:
             raise ServingError(f"{where} is a {kind!r} export, not a mixed one (export_mixed)")
         still = None  # what the rewritten model reads besides the rows' weights
         if per_row_weights:
-            self._rows = per_row_inputs(proto, {n for s in self.slots for n in stack_names(s)})
-            still = {i.name for i in proto.graph.input}
+            # experts slots read their stacks whole (each pair picks its expert of its row's adapter): a model with
+            # no other slot has no rows' weights to take
+            if any(s.kind != "experts" for s in self.slots):
+                self._rows = per_row_inputs(proto, {n for s in self.slots for n in stack_names(s)})
+                still = {i.name for i in proto.graph.input}
             self.model = OrtModel(proto.SerializeToString(), where=where, external_data_dir=folder, **options)
         self.spec = param_spec(self.slots)
         self.spec.unpacks = packed_from_metadata(self.model.metadata, self.model.where)  # files packed for model.onnx

@@ -1,5 +1,6 @@
 """LoRA on a mixture of experts' expert tensors (PEFT ``target_parameters``): exported through PEFT's own
-layers, merged and fused, equal to eager PEFT; refused as a hot-swappable adapter, saying what to do.
+layers, merged and fused, equal to eager PEFT; and a hot-swappable adapter of a GenAI package (each (token, expert)
+pair's own expert's low-rank product, an ``experts`` slot), alone or per row of a mixed batch, equal to eager PEFT.
 
 PEFT's ``all-linear`` adds ``target_parameters`` by itself on models whose experts are fused 3-D tensors
 (Qwen3-MoE, OLMoE in transformers 5), so an ordinary fine-tune of such a model carries them.
@@ -75,12 +76,9 @@ def test_expert_lora_changes_the_logits_through_the_experts(moe_folders) -> None
         assert (peft_model(**x).logits - want).abs().max() > 100 * TOL
 
 
-def test_expert_lora_is_refused_where_peft_layers_cannot_run(moe_folders, tmp_path) -> None:
+def test_flora_graphs_own_loader_refuses_expert_lora_naming_what_reads_it(moe_folders) -> None:
+    """flora_graph's LoRAAdapter loader holds layer adapters only; the package reads such a folder through PEFT."""
     model_dir, adapter_dir = moe_folders
-    want = r"target_parameters=.* no hot-swappable slot yet; bake it into the package.s base model .*--merge-adapter DIR"
-    with pytest.raises(AdapterError, match=want):
-        export_genai(model_dir, tmp_path / "pkg", {"moe": adapter_dir})
-    assert not (tmp_path / "pkg").exists()
     model = transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir)
     with pytest.raises(AdapterError, match=r"target_parameters=.* not held by flora_graph's LoRA adapters"):
         load_peft_adapter(model, adapter_dir)
@@ -151,3 +149,147 @@ def test_merge_adapter_for_another_model_is_refused_naming_it(moe_folders, tmp_p
     with pytest.raises(AdapterError, match=r"PEFT could not merge it into LlamaForCausalLM"):
         export_genai(tmp_path / "llama", tmp_path / "pkg", merge=adapter_dir)
     assert not (tmp_path / "pkg").exists()
+
+
+@pytest.fixture(scope="module")
+def expert_package(moe_folders, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.nn.Module]]:
+    """A package of the tiny Qwen3-MoE with the all-linear adapter ``moe`` (expert tensors, the routers' weights,
+    attention) and a layer adapter ``attn`` (q/o only); ``(package, {adapter: eager PEFT model})``."""
+    model_dir, adapter_dir = moe_folders
+    root = tmp_path_factory.mktemp("expert_pkg")
+    attn = peft.get_peft_model(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir),
+                               peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    attn.save_pretrained(root / "attn")
+    export_genai(model_dir, root / "pkg", {"moe": adapter_dir, "attn": root / "attn"})
+    eager = {"moe": eager_peft(model_dir, adapter_dir),
+             "attn": peft.PeftModel.from_pretrained(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir),
+                                                    root / "attn").eval(),
+             None: transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir).eval()}
+    return root / "pkg", eager
+
+
+def test_expert_lora_is_a_slot_of_its_own_per_expert_tensor(expert_package, moe_folders) -> None:
+    """The package's slots: one ``experts`` slot per adapted expert tensor, a linear slot on each router's weight (a
+    2-D parameter), and the file's weights are PEFT's per expert (``s * B_e @ A_e`` is PEFT's delta of expert e)."""
+    from peft.tuners.lora import ParamWrapper
+
+    from flora_graph.serving.adapter_file import read_adapter
+    from flora_graph.serving.session import OrtModel
+    from flora_graph.serving.slots import slots_from_metadata
+
+    package, eager = expert_package
+    kind, slots = slots_from_metadata(OrtModel(package / "model.onnx").metadata, "model.onnx")
+    assert kind == "swappable"
+    by_module = {s.module: s for s in slots}
+    gate_up = by_module["model.layers.0.mlp.experts.gate_up_proj"]
+    assert (gate_up.kind, gate_up.in_dims, gate_up.out) == ("experts", (4, 32), 32)
+    assert by_module["model.layers.1.mlp.experts.down_proj"].kind == "experts"
+    assert by_module["model.layers.0.mlp.gate.weight"].kind == "linear"
+    params = read_adapter(package / "adapters" / "moe.onnx_adapter").params
+    a, b = params["model.layers.1.mlp.experts.down_proj.lora_A"], params["model.layers.1.mlp.experts.down_proj.lora_B"]
+    assert a.shape == (4, 4, 16) and b.shape == (4, 32, 4)
+    wrapper = next(m for n, m in eager["moe"].named_modules() if isinstance(m, ParamWrapper)
+                   and m.parameter_name == "down_proj" and ".layers.1." in n)
+    with torch.no_grad():
+        want = wrapper.get_delta_weight("default").numpy()  # [experts, out, in], as the parameter is stored
+    np.testing.assert_allclose(b @ a, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(want).max() > 1e-3
+
+
+def test_expert_lora_decodes_as_eager_peft_alone_and_per_row(expert_package) -> None:
+    """Greedy tokens equal eager PEFT's with no adapter, with each, with rows of each in one batch (the expert
+    slots pick each pair's expert of its row's adapter), and in ONNX Runtime GenAI."""
+    from flora_graph.serving.generate import Generator
+
+    package, eager = expert_package
+    want = {a: greedy(m) for a, m in eager.items()}
+    assert len({tuple(v) for v in want.values()}) == 3  # each adapter changes the tokens
+    gen = Generator(package)
+    for adapter, tokens in want.items():
+        assert gen.generate([PROMPT], adapters=adapter, max_new_tokens=NEW, stop_tokens=[])[0] == tokens
+    rows = ["moe", None, "attn", "moe"]
+    assert gen.generate([PROMPT] * 4, adapters=rows, max_new_tokens=NEW, stop_tokens=[]) == [want[r] for r in rows]
+    assert genai_greedy(package, "moe") == want["moe"]
+    assert genai_greedy(package) == want[None]
+
+
+def test_an_adapter_on_the_experts_alone_moves_the_tokens_through_them(moe_folders, tmp_path) -> None:
+    """An adapter whose only LoRA is on the expert tensors: the package's tokens leave the base's and equal eager
+    PEFT's; without the If that skips empty slots, the base runs the experts slots at rank 0 and stays the base."""
+    from flora_graph.serving.generate import Generator
+
+    model_dir, _ = moe_folders
+    model = peft.get_peft_model(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir),
+                                peft.LoraConfig(r=3, lora_alpha=6, target_modules=[], init_lora_weights=False,
+                                                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    model.save_pretrained(tmp_path / "experts")
+    export_genai(model_dir, tmp_path / "pkg", {"experts": tmp_path / "experts"}, base_branch=False)
+    want, plain = greedy(eager_peft(model_dir, tmp_path / "experts")), greedy(
+        transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir).eval())
+    assert want != plain
+    gen = Generator(tmp_path / "pkg")
+    assert gen.generate([PROMPT], adapters="experts", max_new_tokens=NEW, stop_tokens=[])[0] == want
+    assert gen.generate([PROMPT, PROMPT], adapters=[None, "experts"], max_new_tokens=NEW, stop_tokens=[]) == [plain, want]
+    assert gen.generate([PROMPT], max_new_tokens=NEW, stop_tokens=[])[0] == plain
+
+
+def test_transposed_experts_with_biases_take_their_lora_too(tmp_path) -> None:
+    """gpt-oss stores its experts ``[experts, in, out]`` with biases (``is_transposed``), its adapters name the
+    expert tensors in ``target_parameters``: tokens equal eager PEFT alone and per row."""
+    from flora_graph.serving.generate import Generator
+
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=120, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=64, sliding_window=8)
+    transformers.GptOssForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    model = peft.get_peft_model(transformers.GptOssForCausalLM.from_pretrained(tmp_path / "model"),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    model.save_pretrained(tmp_path / "oss")
+    export_genai(tmp_path / "model", tmp_path / "pkg", {"oss": tmp_path / "oss"})
+    want = greedy(eager_peft(tmp_path / "model", tmp_path / "oss"))
+    plain = greedy(transformers.GptOssForCausalLM.from_pretrained(tmp_path / "model").eval())
+    gen = Generator(tmp_path / "pkg")
+    assert gen.generate([PROMPT, PROMPT], adapters=["oss", None], max_new_tokens=NEW, stop_tokens=[]) == [want, plain]
+    assert want != plain
+
+
+def test_an_expert_adapter_that_does_not_fit_is_refused_naming_its_parameter(expert_package) -> None:
+    from flora_graph.serving.adapter_file import read_adapter
+    from flora_graph.serving.errors import AdapterFileError
+    from flora_graph.serving.session import AdapterSession
+
+    package, _ = expert_package
+    session = AdapterSession(package / "model.onnx")
+    params = read_adapter(package / "adapters" / "moe.onnx_adapter").params
+    name = "model.layers.0.mlp.experts.gate_up_proj.lora_A"
+    rank = params[name].shape[1]
+    with pytest.raises(AdapterFileError, match=rf"{name}' has shape \[3, {rank}, 32\], the model takes \[4, "):
+        session.load_adapter("fewer_experts", {**params, name: params[name][:3]})
+    with pytest.raises(AdapterFileError, match=r"gate_up_proj.lora_[AB]' has .*rank = \d+, but"):
+        session.load_adapter("other_rank", {**params, name: np.zeros((4, 5, 32), np.float32)})
+    session.load_adapter("moe", params)  # the session keeps serving
+
+
+def test_a_parameter_read_other_than_by_its_product_is_refused_by_name() -> None:
+    """A parametrized weight read by something else than a Linear or an expert product cannot be split into a slot."""
+    from torch import nn
+
+    from flora_graph.adapters.param_lora import apply_param_lora
+    from flora_graph.frontend.capture import capture
+    from flora_graph.passes.adapter_slots import adapter_slots
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, x):
+            return x @ self.weight.t() + self.weight.sum()
+
+    model = Odd()
+    apply_param_lora(model, ["weight"], rank=2)
+    graph = capture(model, (torch.randn(3, 4),))
+    with pytest.raises(AdapterError, match=r"parameter 'weight': its adapted weight is read by"):
+        adapter_slots(graph)
