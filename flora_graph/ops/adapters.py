@@ -129,8 +129,8 @@ def _infer_slot(shapes, dtypes, attrs):
 
 
 def _infer_mixed_experts(shapes, dtypes, what: str):
-    base, x, a, b, idx, _ = shapes
     _experts_ids(shapes, dtypes, what, 5)
+    base, x, a, b, idx, _ = shapes
     dtype = _float(dtypes[:4], what)
     if dtypes[4] != "int64" or len(idx) != 1:
         raise ShapeError(f"{what}: adapter_index must be int64 [batch], got {dtypes[4]}{format_shape(idx)}")
@@ -138,6 +138,8 @@ def _infer_mixed_experts(shapes, dtypes, what: str):
             or canonical_dim(shapes[5][0]) != canonical_dim(x[0]):
         raise _fail(what, "want x [pairs, in], A stack [slots, experts, R, in], B stack [slots, experts, out, R], "
                     "ids [pairs]", shapes)
+    if not isinstance(a[1], int):  # a pair's row of the stacks is slot * experts + expert
+        raise _fail(what, "the stacks' number of experts must be static", shapes)
     want = (x[0], b[2])
     if tuple(base) != tuple(want):
         raise _fail(what, f"base {format_shape(base)} is not the layer's output {format_shape(want)}", shapes)
@@ -224,7 +226,8 @@ def _numpy_mixed(base, x, a, b, index, *ids, module, kind, kernel, stride, paddi
     if kind == "experts":  # a pair's expert of its row's adapter, in the stacks seen as [slots*experts, ...]
         experts = a.shape[1]
         comb = _pair_slots(index, x.shape[0]) * experts + ids[0]  # -1 (no adapter): the zero slot, from the end
-        return _numpy_experts(base, x, a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]), comb)
+        return _numpy_experts(base, x, a.reshape(a.shape[0] * experts, *a.shape[2:]),
+                              b.reshape(b.shape[0] * experts, *b.shape[2:]), comb)
     ag, bg = a[index], b[index]  # -1 reads the last (zero) slot; out of range raises IndexError
     if kind == "embedding":  # row i's ids index its own adapter's [vocab, R]
         rows = np.take_along_axis(ag, x.reshape(x.shape[0], -1, 1), axis=1)  # [batch, ids, R]
@@ -293,11 +296,14 @@ def _onnx_mixed_experts(ctx: Any, node: ComputationNode, out: str) -> None:
     comb = ctx.emit("Add", [ctx.emit("Mul", [ctx.emit("Gather", [idx, row], axis=0),
                                              ctx.constant(np.array(experts, np.int64), f"{module}/experts")]), ids])
     flat = []
-    for stack in (a_stack, b_stack):
-        tail = ctx.emit("Slice", [ctx.emit("Shape", [stack]), ctx.constant(np.array([2], np.int64), f"{module}/from"),
+    for stack in (a_stack, b_stack):  # [slots*experts, ...], the product spelled out: a rank-0 stack is empty
+        dims = ctx.emit("Shape", [stack])
+        lead = ctx.emit("ReduceProd", [ctx.emit("Slice", [dims, ctx.constant(np.array([0], np.int64), f"{module}/at0"),
+                                                          ctx.constant(np.array([2], np.int64), f"{module}/at2")])],
+                        keepdims=1)
+        tail = ctx.emit("Slice", [dims, ctx.constant(np.array([2], np.int64), f"{module}/from"),
                                   ctx.constant(np.array([4], np.int64), f"{module}/to")])
-        shape = ctx.emit("Concat", [ctx.constant(np.array([-1], np.int64), f"{module}/all"), tail], axis=0)
-        flat.append(ctx.emit("Reshape", [stack, shape]))
+        flat.append(ctx.emit("Reshape", [stack, ctx.emit("Concat", [lead, tail], axis=0)], allowzero=1))
     from flora_graph.ops.linear import emit_expert_loop
 
     delta = emit_expert_loop(ctx, x, comb, [(flat[0], 1), (flat[1], 1)], int(node.shape[1]), ctx.fresh(f"{out}/lora"))
