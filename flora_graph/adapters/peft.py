@@ -110,8 +110,9 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
         if key == "target_parameters" and value not in (None, []):
             raise AdapterError(f"{path}: option target_parameters={value!r} (LoRA on parameters, such as a mixture "
                                "of experts' expert tensors) is not held by flora_graph's LoRA adapters; capture the "
-                               "PEFT model itself, or export with `flora-graph export MODEL --adapter DIR`, which "
-                               "installs such a folder through PEFT"[:700])
+                               "PEFT model itself, export with `flora-graph export MODEL --adapter DIR`, which "
+                               "installs such a folder through PEFT, or serve it hot-swappable in a GenAI package "
+                               "(`--format genai --adapter NAME=DIR`), which reads it through PEFT"[:700])
         if key == "trainable_token_indices" and value not in (None, [], {}):
             raise AdapterError(f"{path}: option trainable_token_indices={value!r} (embedding rows of their own for the "
                                "tokens it names) is not held by flora_graph's LoRA adapters; capture the PEFT model "

@@ -5,13 +5,19 @@ the graph runs, not when it is built (:mod:`flora_graph.passes.adapter_slots` ma
 from the LoRA sites of a captured graph). Both ops read the base layer's output ``base`` and
 the site's input ``x`` and compute ``base + up(down(x, A), B)``, the scale folded into
 ``B`` (PEFT's layout). Attributes: ``module`` (the adapted module, for messages and
-names), ``kind`` (``"linear"``, ``"conv"`` or ``"embedding"``) and, for a conv site, the down projection's
+names), ``kind`` (``"linear"``, ``"conv"``, ``"embedding"`` or ``"experts"``) and, for a conv site, the down projection's
 ``kernel``/``stride``/``padding``/``dilation`` (the up projection is a 1x1 convolution). An embedding
 site's ``x`` is the token ids (int64) and its down projection takes their columns of ``A``
 (``[rank, vocab]``, PEFT's ``lora_embedding_A``): the product of their one-hot rows with ``A.T``.
 
 * ``LoRASlot(base, x, A, B)``: ``A`` is ``[rank, in]`` (linear) or ``[rank, C, kh, kw]``
   (conv), ``B`` is ``[out, rank]`` or ``[out, rank, 1, 1]``. Rank 0 adds exact zeros.
+* ``kind="experts"`` (LoRA on a mixture of experts' expert tensor): a fifth input ``ids`` (int ``[pairs]``), ``x``
+  ``[pairs, in]`` the (token, expert) pairs, ``A`` ``[experts, rank, in]``, ``B`` ``[experts, out, rank]``; pair ``s``
+  adds ``x[s] @ A[ids[s]].T @ B[ids[s]].T``. Mixed: a sixth input ``ids`` after ``adapter_index``, stacks
+  ``[slots, experts, R, in]`` / ``[slots, experts, out, R]``, the pairs batch-major (``pairs / batch`` a row), pair
+  ``s`` reading the stacks seen as ``[slots*experts, ...]`` at ``adapter_index[row] * experts + ids[s]``. ONNX: a
+  ``Loop`` over the experts present (:func:`~flora_graph.ops.linear.emit_expert_loop`), no weight copied per pair.
 * ``LoRAMixedSlot(base, x, A_stack, B_stack, adapter_index)``: per row ``i`` of the batch,
   the adapter ``adapter_index[i]`` of the stacks (``-1``: the last slot, by convention all
   zeros). Linear: ``A_stack`` ``[slots, in, R]`` (``A.T`` per adapter), ``B_stack``

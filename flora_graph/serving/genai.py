@@ -246,8 +246,7 @@ def export_genai(
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
 
     ``merge``: a PEFT folder baked into the base weights first, by PEFT itself (``merge_and_unload``): any
-    adapter PEFT can merge, those no hot-swappable slot holds included (DoRA, LoRA on a mixture of experts'
-    expert tensors, ``modules_to_save``). The package's base model is then the adapted model; ``adapters``
+    adapter PEFT can merge, those no hot-swappable slot holds included (DoRA, ``modules_to_save``). The package's base model is then the adapted model; ``adapters``
     swap on top of it.
 
     ``mixed=False`` leaves out ``mixed.onnx`` (rows with different adapters in one batch, for the
@@ -356,6 +355,9 @@ def export_genai(
         from flora_graph.serving.slots import graph_slots
 
         params = _read_sites(params, graph_slots(unpacked), note)
+        if precision == "int4" and any(s.kind == "experts" for s in graph_slots(unpacked)):
+            note("the expert tensors that carry adapter slots stay float (a loop over the experts present): ONNX "
+                 "Runtime's QMoE takes no LoRA between its products; the other layers are 4-bit")
     if sites and base_branch is None:
         weight_bytes = sum(int(a.nbytes) for a in unpacked.params.values())
         base_branch = weight_bytes <= BASE_BRANCH_MAX_BYTES
