@@ -293,3 +293,37 @@ def test_a_parameter_read_other_than_by_its_product_is_refused_by_name() -> None
     graph = capture(model, (torch.randn(3, 4),))
     with pytest.raises(AdapterError, match=r"parameter 'weight': its adapted weight is read by"):
         adapter_slots(graph)
+
+
+def test_a_4_bit_package_keeps_its_adapted_experts_float_and_serves_them(moe_folders, tmp_path) -> None:
+    """``--precision int4``: ONNX Runtime's QMoE takes no LoRA between its products, so experts with slots stay
+    float loops (the package says so); the adapter swaps and mixes per row as in the float package."""
+    from flora_graph.serving.generate import Generator
+
+    model_dir, adapter_dir = moe_folders
+    report = export_genai(model_dir, tmp_path / "pkg", {"moe": adapter_dir}, precision="int4", int4_accuracy_level=0)
+    assert any("stay float" in n for n in report.notes)
+    gen = Generator(tmp_path / "pkg")
+    alone = [gen.generate([PROMPT], adapters=a, max_new_tokens=NEW, stop_tokens=[])[0] for a in (None, "moe")]
+    assert alone[0] != alone[1]
+    assert gen.generate([PROMPT, PROMPT], adapters=[None, "moe"], max_new_tokens=NEW, stop_tokens=[]) == alone
+
+
+def test_an_expert_adapter_joins_a_package_without_exporting_it_again(expert_package, moe_folders, tmp_path) -> None:
+    """``add_adapters`` (``--adapters-only``) writes another expert fine-tune, of another rank, into the package."""
+    from flora_graph.serving.genai import add_adapters
+    from flora_graph.serving.generate import Generator
+
+    model_dir, _ = moe_folders
+    package, _ = expert_package
+    model = peft.get_peft_model(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir),
+                                peft.LoraConfig(r=5, lora_alpha=7, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "more")
+    import shutil
+
+    shutil.copytree(package, tmp_path / "pkg")
+    add_adapters(tmp_path / "pkg", model_dir, {"more": tmp_path / "more"})
+    want = greedy(eager_peft(model_dir, tmp_path / "more"))
+    gen = Generator(tmp_path / "pkg")
+    assert gen.generate([PROMPT], adapters="more", max_new_tokens=NEW, stop_tokens=[])[0] == want
+    assert genai_greedy(tmp_path / "pkg", "more") == want
