@@ -327,3 +327,32 @@ def test_an_expert_adapter_joins_a_package_without_exporting_it_again(expert_pac
     gen = Generator(tmp_path / "pkg")
     assert gen.generate([PROMPT], adapters="more", max_new_tokens=NEW, stop_tokens=[])[0] == want
     assert genai_greedy(tmp_path / "pkg", "more") == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "GraniteMoeForCausalLM",
+                                  "Glm4MoeForCausalLM", "PhimoeForCausalLM", "DeepseekV32ForCausalLM"])
+def test_expert_lora_of_other_mixtures_decodes_as_eager_peft(arch: str, tmp_path) -> None:
+    """LoRA on every 3-D expert tensor of the family (PEFT ``target_parameters`` by name), alone and beside a row
+    without an adapter: tokens equal eager PEFT's."""
+    from flora_graph.llm_demo import save_word_tokenizer
+    from flora_graph.serving.generate import Generator
+    from tests.serving.test_causal_lm_families import small_model
+
+    model = small_model(arch)
+    model.save_pretrained(tmp_path / "base")
+    save_word_tokenizer(tmp_path / "base", model.config.vocab_size)
+    tensors = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.ndim == 3 and "experts" in n})
+    assert tensors  # the family stores its experts as 3-D tensors (else this tests nothing)
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(getattr(transformers, arch).from_pretrained(tmp_path / "base"),
+                                  peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=tensors,
+                                                  init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "experts")
+    export_genai(tmp_path / "base", tmp_path / "pkg", {"experts": tmp_path / "experts"})
+    want = greedy(eager_peft(tmp_path / "base", tmp_path / "experts"), 8)
+    plain = greedy(getattr(transformers, arch).from_pretrained(tmp_path / "base").eval(), 8)
+    assert want != plain
+    got = Generator(tmp_path / "pkg").generate([PROMPT, PROMPT], adapters=["experts", None], max_new_tokens=8,
+                                               stop_tokens=[])
+    assert got == [want, plain]
