@@ -78,9 +78,7 @@ def is_param_path(model: nn.Module, path: str) -> bool:
         mod = model.get_submodule(owner) if owner else model
     except AttributeError:
         return False
-    if parametrize.is_parametrized(mod, name):
-        return True
-    return isinstance(mod._parameters.get(name), nn.Parameter)
+    return parametrize.is_parametrized(mod, name) or name in dict(mod.named_parameters(recurse=False))
 
 
 def apply_param_lora(model: nn.Module, paths: Sequence[str], rank: int = 8, alpha: float = -1) -> list[str]:
@@ -102,7 +100,7 @@ def apply_param_lora(model: nn.Module, paths: Sequence[str], rank: int = 8, alph
         lora = ParamLoRA(tuple(param.shape), rank, alpha, transposed=bool(getattr(mod, "is_transposed", False)),
                          where=f"parameter {path!r}").to(param.dtype)
         built.append((mod, name, lora))
-    for mod, name, lora in built:
+    for mod, name, lora in built:  # unsafe: no trial forward (a whole [experts, out, in] delta) to check the shape
         parametrize.register_parametrization(mod, name, lora, unsafe=True)
     return list(paths)
 
@@ -121,10 +119,7 @@ def param_adapters_of(model: nn.Module) -> dict[str, ParamLoRA]:
 def _peft_path(name: str) -> str:
     """A PEFT module name as the plain model's path: no ``base_model.model.`` prefix, no ``.base_layer`` segments
     (nested ``ParamWrapper``\\ s wrap one module once per parameter)."""
-    name = name.removeprefix("base_model.model.")
-    while ".base_layer" in f".{name}.":
-        name = ".".join(p for p in name.split(".") if p != "base_layer")
-    return name
+    return ".".join(p for p in name.removeprefix("base_model.model.").split(".") if p != "base_layer")
 
 
 def peft_param_adapter_params(base_model: nn.Module, folder: str | Path) -> dict[str, np.ndarray]:
@@ -164,7 +159,7 @@ def peft_param_adapter_params(base_model: nn.Module, folder: str | Path) -> dict
             b = mod.lora_B["default"].weight.detach().float() * s
             if isinstance(mod, lora.ParamWrapper):
                 path = f"{_peft_path(name)}.{mod.parameter_name}"
-                if mod.num_experts > 1 or getattr(mod, "_param_ndim", 2) == 3:
+                if mod.get_param().dim() == 3:
                     e = mod.num_experts
                     a = a.reshape(e, -1, a.shape[-1])  # [experts, r, in]
                     b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # [experts, out, r]
