@@ -18,19 +18,16 @@ its slot and its weights in an adapter file (``"<owner>.<name>.lora_A"``).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from flora_graph.errors import AdapterError
 
-__all__ = ["ParamLoRA", "apply_param_lora", "is_param_path", "param_adapters_of", "peft_param_adapter_params"]
+__all__ = ["ParamLoRA", "apply_param_lora", "is_param_path", "param_adapters_of"]
 
 
 class ParamLoRA(nn.Module):
@@ -113,67 +110,4 @@ def param_adapters_of(model: nn.Module) -> dict[str, ParamLoRA]:
             for p in plist:
                 if isinstance(p, ParamLoRA):
                     out[f"{owner}.{name}" if owner else name] = p
-    return out
-
-
-def _peft_path(name: str) -> str:
-    """A PEFT module name as the plain model's path: no ``base_model.model.`` prefix, no ``.base_layer`` segments
-    (nested ``ParamWrapper``\\ s wrap one module once per parameter)."""
-    return ".".join(p for p in name.removeprefix("base_model.model.").split(".") if p != "base_layer")
-
-
-def peft_param_adapter_params(base_model: nn.Module, folder: str | Path) -> dict[str, np.ndarray]:
-    """``{param name: array}`` of a PEFT folder with ``target_parameters``, read through PEFT's own layers.
-
-    The folder is installed by PEFT on a copy of ``base_model`` (PEFT alone knows how it nests one wrapper per
-    adapted parameter). Each parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the
-    scale folded (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; its layer
-    adapters (``lora.Linear``) as :func:`~flora_graph.serving.slots.adapter_params` names them. Raises
-    :class:`AdapterError` where PEFT refuses the folder, where a tensor of it matches nothing in the model, and for
-    a LoRA layer kind a hot-swappable slot does not take this way (an embedding's, a convolution's).
-    """
-    import peft
-    from peft.tuners import lora
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    model = copy.deepcopy(base_model)
-    try:
-        adapted = peft.PeftModel.from_pretrained(model, folder)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise AdapterError(f"{folder}: PEFT could not load it into {type(base_model).__name__} "
-                           f"({str(exc)[:300] or type(exc).__name__})") from None
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        saved = set(f.keys())
-    unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
-    if unheld:
-        raise AdapterError(f"{folder}: {len(unheld)} of its tensors match nothing in {type(base_model).__name__} "
-                           f"({', '.join(unheld[:3])}); is it an adapter of another model?")
-    out: dict[str, np.ndarray] = {}
-    with torch.no_grad():
-        for name, mod in adapted.named_modules():
-            if not isinstance(mod, lora.LoraLayer) or "default" not in getattr(mod, "lora_A", {}):
-                continue
-            s = float(mod.scaling["default"])
-            a = mod.lora_A["default"].weight.detach().float()
-            b = mod.lora_B["default"].weight.detach().float() * s
-            if isinstance(mod, lora.ParamWrapper):
-                path = f"{_peft_path(name)}.{mod.parameter_name}"
-                if mod.get_param().dim() == 3:
-                    e = mod.num_experts
-                    a = a.reshape(e, -1, a.shape[-1])  # [experts, r, in]
-                    b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # [experts, out, r]
-            elif type(mod) is lora.Linear and not mod.fan_in_fan_out:
-                path = _peft_path(name)
-            else:
-                raise AdapterError(f"{folder}: module {_peft_path(name)!r} is a {type(mod).__name__} LoRA layer, which "
-                                   "an adapter with target_parameters cannot carry as a hot-swappable slot here")
-            if getattr(mod, "lora_bias", {}).get("default"):
-                raise AdapterError(f"{folder}: module {path!r} has a LoRA bias (lora_bias=True), which a slot cannot "
-                                   "carry")
-            dtype = mod.lora_A["default"].weight.dtype
-            if dtype == torch.bfloat16:
-                raise AdapterError(f"{folder}: module {path!r}: bfloat16 adapter weights; cast them to float32/float16")
-            out[f"{path}.lora_A"] = np.ascontiguousarray(a.to(dtype).numpy())
-            out[f"{path}.lora_B"] = np.ascontiguousarray(b.to(dtype).numpy())
     return out

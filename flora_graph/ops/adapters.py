@@ -61,6 +61,7 @@ _ATTRS = {
     "dilation": AttrSpec("ints", (1, 1)),
     "members": AttrSpec("str", ""),  # a packed slot (pack-slots): the members' modules, comma-joined
     "member_outs": AttrSpec("ints", ()),  # and their output sizes, in order
+    "dora": AttrSpec("int", 0),  # a linear slot that also takes DoRA's magnitude: d [out] (a stack [slots, out])
 }
 
 
@@ -98,6 +99,15 @@ def _experts_ids(shapes, dtypes, what: str, at: int) -> None:
         raise _fail(what, f"an experts slot takes the pairs' expert ids (int [pairs]) as input {at}", shapes)
 
 
+def _dora(shapes, dtypes, attrs, what: str, at: int) -> int:
+    """``1`` for a slot with DoRA's magnitude (input ``at``: ``d`` [out], or a stack ``[slots, out]``), else ``0``."""
+    if not attrs.get("dora"):
+        return 0
+    if attrs["kind"] != "linear" or attrs.get("members"):
+        raise _fail(what, "only a linear slot of one module takes a DoRA magnitude", shapes)
+    return 1
+
+
 def _infer_slot(shapes, dtypes, attrs):
     base, x, a, b = shapes[:4]
     what = f"LoRASlot of module {attrs['module']!r}"
@@ -112,9 +122,12 @@ def _infer_slot(shapes, dtypes, attrs):
         if tuple(base) != tuple(want):
             raise _fail(what, f"base {format_shape(base)} is not the layer's output {format_shape(want)}", shapes)
         return tuple(base), dtype
-    if len(shapes) != 4:
-        raise _fail(what, "takes base, x, A and B", shapes)
+    dora = _dora(shapes, dtypes, attrs, what, 4)
+    if len(shapes) != 4 + dora:
+        raise _fail(what, "takes base, x, A and B" + (" and the DoRA magnitude" if dora else ""), shapes)
     dtype = _float(dtypes[:1] + dtypes[2:] if embedding else dtypes, what)
+    if dora and tuple(shapes[4]) != (b[0],):
+        raise _fail(what, f"its DoRA magnitude must be [out] = [{b[0]}]", shapes)
     if attrs["kind"] == "linear":
         if len(x) < 1 or len(a) != 2 or len(b) != 2 or x[-1] != a[1] or b[1] != a[0]:
             raise _fail(what, "want x [..., in], A [rank, in], B [out, rank]", shapes)
@@ -156,11 +169,15 @@ def _infer_mixed(shapes, dtypes, attrs):
     what = f"LoRAMixedSlot of module {attrs['module']!r}"
     if attrs["kind"] == "experts":
         return _infer_mixed_experts(shapes, dtypes, what)
-    if len(shapes) != 5:
-        raise _fail(what, "takes base, x, the A and B stacks and adapter_index", shapes)
-    base, x, a, b, idx = shapes
+    dora = _dora(shapes, dtypes, attrs, what, 5)
+    if len(shapes) != 5 + dora:
+        raise _fail(what, "takes base, x, the A and B stacks and adapter_index"
+                    + (" and the DoRA magnitudes' stack" if dora else ""), shapes)
+    base, x, a, b, idx = shapes[:5]
+    if dora and (len(shapes[5]) != 2 or shapes[5][0] != a[0] or shapes[5][1] != b[2]):
+        raise _fail(what, "its DoRA magnitudes' stack must be [slots, out]", shapes)
     embedding = attrs["kind"] == "embedding"
-    dtype = _float(dtypes[:1] + dtypes[2:4] if embedding else dtypes[:4], what)
+    dtype = _float(dtypes[:4] + dtypes[5:] if dora else dtypes[:1] + dtypes[2:4] if embedding else dtypes[:4], what)
     if dtypes[4] != "int64" or len(idx) != 1:
         raise ShapeError(f"{what}: adapter_index must be int64 [batch], got {dtypes[4]}{format_shape(idx)}")
     if len(a) != 3 or len(b) != 3 or a[0] != b[0]:
@@ -215,11 +232,13 @@ def _pair_slots(index: np.ndarray, pairs: int) -> np.ndarray:
     return index[np.arange(pairs) // (pairs // len(index))]
 
 
-def _numpy_slot(base, x, a, b, *ids, module, kind, kernel, stride, padding, dilation, members="", member_outs=()) -> np.ndarray:
+def _numpy_slot(base, x, a, b, *ids, module, kind, kernel, stride, padding, dilation, members="", member_outs=(),
+                dora=0) -> np.ndarray:
     if kind == "experts":
         return _numpy_experts(base, x, a, b, ids[0])
     if kind == "linear":
-        return base + (x @ a.T) @ b.T
+        s1 = base + (x @ a.T) @ b.T
+        return s1 + ids[0] * s1 if dora else s1  # DoRA: (1 + d) * (base + delta), base without its bias
     if kind == "embedding":
         return base + a.T[x] @ b.T
     p = _patches(x, kernel, stride, padding, dilation)
@@ -228,7 +247,7 @@ def _numpy_slot(base, x, a, b, *ids, module, kind, kernel, stride, padding, dila
 
 
 def _numpy_mixed(base, x, a, b, index, *ids, module, kind, kernel, stride, padding, dilation, members="",
-                 member_outs=()) -> np.ndarray:
+                 member_outs=(), dora=0) -> np.ndarray:
     if kind == "experts":  # a pair's expert of its row's adapter, in the stacks seen as [slots*experts, ...]
         experts = a.shape[1]
         comb = _pair_slots(index, x.shape[0]) * experts + ids[0]  # -1 (no adapter): the zero slot, from the end
@@ -239,7 +258,10 @@ def _numpy_mixed(base, x, a, b, index, *ids, module, kind, kernel, stride, paddi
         rows = np.take_along_axis(ag, x.reshape(x.shape[0], -1, 1), axis=1)  # [batch, ids, R]
         return base + (rows @ bg).reshape(base.shape)
     if kind == "linear":
-        return base + ((_rows(x) @ ag) @ bg).reshape(base.shape)
+        s1 = base + ((_rows(x) @ ag) @ bg).reshape(base.shape)
+        if dora:  # each row's own magnitude, over its positions
+            s1 = s1 + ids[0][index].reshape(len(index), *[1] * (base.ndim - 2), -1) * s1
+        return s1
     p = _patches(x, kernel, stride, padding, dilation)
     n, c, taps, cols = x.shape[0], x.shape[1], kernel[0] * kernel[1], p.shape[2]
     p = p.reshape(n, c, taps, cols).transpose(0, 2, 1, 3).reshape(n, taps * c, cols)  # taps major: (i, j, c)
@@ -247,8 +269,14 @@ def _numpy_mixed(base, x, a, b, index, *ids, module, kind, kernel, stride, paddi
 
 
 # --------------------------------------------------------------------------- ONNX
-def _add(ctx: Any, base: str, delta: str, out: str) -> None:
-    ctx.emit("Add", [base, delta], [out])
+def _add(ctx: Any, base: str, delta: str, out: str, magnitude: str | None = None) -> None:
+    """``base + delta`` into ``out``; with DoRA's ``magnitude`` ``d``, ``(base + delta) + d * (base + delta)`` (the last
+    ``Add`` reads the slot's sum and a value of its weights, as :mod:`~flora_graph.serving.base_branch` expects)."""
+    if magnitude is None:
+        ctx.emit("Add", [base, delta], [out])
+        return
+    s1 = ctx.emit("Add", [base, delta])
+    ctx.emit("Add", [s1, ctx.emit("Mul", [magnitude, s1])], [out])
 
 
 def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
@@ -273,7 +301,7 @@ def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
     else:
         h = ctx.emit("MatMul", [x, ctx.emit("Transpose", [a], perm=[1, 0])])
         delta = ctx.emit("MatMul", [h, ctx.emit("Transpose", [b], perm=[1, 0])])
-    _add(ctx, base, delta, out)
+    _add(ctx, base, delta, out, ctx.arg(node, 4) if attrs.get("dora") else None)
 
 
 def _onnx_experts(ctx: Any, node: ComputationNode, base: str, x: str, a: str, b: str, ids: str, out: str) -> None:
@@ -361,7 +389,7 @@ def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
     if node.attrs["kind"] == "conv":  # [batch, out, R] @ ([batch, R, kkC] @ [batch, kkC, H'W'])
         d = ctx.emit("MatMul", [bg, ctx.emit("MatMul", [ag, _onnx_patches(ctx, node, x)])])
     elif len(node.inputs[1].shape) == 3:  # [batch, seq, in] @ [batch, in, R] @ [batch, R, out]: the base's shape
-        _add(ctx, base, ctx.emit("MatMul", [ctx.emit("MatMul", [x, ag]), bg]), out)
+        _add(ctx, base, ctx.emit("MatMul", [ctx.emit("MatMul", [x, ag]), bg]), out, _row_magnitudes(ctx, node, idx))
         return
     else:  # [batch, rows, in] @ [batch, in, R] @ [batch, R, out]
         d_in = node.inputs[1].shape[-1]
@@ -374,7 +402,19 @@ def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
         target = ctx.constant(np.array([0, *rest], np.int64), f"{module}/delta/shape")
     else:
         target = ctx.emit("Shape", [ctx.value(like)])
-    _add(ctx, base, ctx.emit("Reshape", [d, target]), out)
+    _add(ctx, base, ctx.emit("Reshape", [d, target]), out, _row_magnitudes(ctx, node, idx))
+
+
+def _row_magnitudes(ctx: Any, node: ComputationNode, idx: str) -> str | None:
+    """A DoRA slot's rows' magnitudes ``[batch, 1, ..., out]`` (each row's of the stack, over its positions)."""
+    if not node.attrs.get("dora"):
+        return None
+    rows = ctx.emit("Gather", [ctx.arg(node, 5), idx], axis=0)  # [batch, out]
+    rank = len(node.inputs[0].shape)
+    if rank <= 2:
+        return rows
+    axes = ctx.constant(np.arange(1, rank - 1, dtype=np.int64), f"{node.attrs['module']}/magnitude_axes")
+    return ctx.emit("Unsqueeze", [rows, axes])
 
 
 def _onnx_mixed_embedding(ctx: Any, node: ComputationNode, out: str) -> None:
@@ -416,7 +456,8 @@ def _torch_slot(node: ComputationNode, args: list[str]) -> str:
     if node.attrs["kind"] == "experts":
         return _torch_experts(base, x, a, b, args[4])
     if node.attrs["kind"] == "linear":
-        return f"{base} + F.linear(F.linear({x}, {a}), {b})"
+        summed = f"{base} + F.linear(F.linear({x}, {a}), {b})"
+        return f"(1 + {args[4]}) * ({summed})" if node.attrs.get("dora") else summed
     if node.attrs["kind"] == "embedding":
         return f"{base} + F.linear(F.embedding({x}, {a}.t()), {b})"
     # im2col + matmul rather than conv2d, which refuses a weight of 0 output channels (rank 0)
@@ -438,14 +479,18 @@ def _torch_mixed(node: ComputationNode, args: list[str]) -> str:
         return f"{base} + torch.matmul({picked}.flatten(1, -2), {bg}).reshape_as({base})"
     if node.attrs["kind"] == "linear":
         rows = f"{x}.unsqueeze(1)" if len(node.inputs[1].shape) == 2 else f"{x}.flatten(1, -2)"
-        return f"{base} + torch.matmul(torch.matmul({rows}, {ag}), {bg}).reshape_as({base})"
+        summed = f"{base} + torch.matmul(torch.matmul({rows}, {ag}), {bg}).reshape_as({base})"
+        if not node.attrs.get("dora"):
+            return summed
+        lead = ", ".join(["-1"] + ["1"] * (len(node.inputs[0].shape) - 2))
+        return f"(1 + {args[5]}[{idx}].reshape([{lead}, {args[5]}.shape[1]])) * ({summed})"
     c, (kh, kw) = node.inputs[1].shape[1], node.attrs["kernel"]
     patches = f"{_unfold(x, node.attrs)}.unflatten(1, [{c}, {kh * kw}]).transpose(1, 2).flatten(1, 2)"
     return f"{base} + torch.matmul({bg}, torch.matmul({ag}, {patches})).reshape_as({base})"
 
 
 define(
-    "LORA_SLOT", "LoRASlot", (4, 5), _ATTRS,
+    "LORA_SLOT", "LoRASlot", (4, 5), _ATTRS,  # experts: + ids; DoRA: + magnitude
     infer=_infer_slot, doc="base + up(down(x, A), B): a LoRA site whose A, B (scale folded) are inputs.",
     numpy=_numpy_slot, onnx=_onnx_slot, torch=_torch_slot, groups=["Adapter"],
 )

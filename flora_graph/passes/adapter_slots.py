@@ -51,6 +51,7 @@ from flora_graph.passes.rewrite import eval_static, schedule
 
 __all__ = [
     "INDEX_INPUT", "LORA_ROLES", "SLOTS_DIM", "SLOT_KINDS", "SLOT_OPS", "adapter_slots", "drop_unread_inputs", "lora_sites",
+    "magnitude_name",
     "own_weights", "rank_dim", "rewire", "slot_inputs", "slot_nodes", "weight_names",
 ]
 
@@ -63,6 +64,11 @@ SLOTS_DIM = "adapter_slots"
 LORA_ROLES = frozenset({"base", "lora_down", "lora_up", "lora_scale", "lora_add",  # capture
                         "lora_product", "lora_down_fused", "base_and_down", "merged"})  # what passes make of them
 """``meta["role"]`` values of nodes that belong to a LoRA adapter."""
+
+
+def magnitude_name(module: str, slots: str = "swappable") -> str:
+    """Input name of a DoRA slot's magnitude ``d`` (``<module>.lora_magnitude``; ``.stack`` for mixed slots)."""
+    return f"{module}.lora_magnitude" + ("" if slots == "swappable" else ".stack")
 
 
 def weight_names(module: str, slots: str = "swappable") -> tuple[str, str]:
@@ -158,6 +164,8 @@ class _Site:
     attrs: dict[str, Any]
     meta: dict[str, Any]
     ids: ComputationNode | None = None  # an experts site's per-pair expert ids
+    w: ComputationNode | None = None  # a linear site's base weight and bias (a DoRA slot reads the product without it)
+    bias: ComputationNode | None = None
 
 
 def _site_of_match(m: LoRAMatch) -> _Site:
@@ -170,7 +178,8 @@ def _site_of_match(m: LoRAMatch) -> _Site:
     meta = {**m.add.meta, "role": "lora_slot"} if m.add.meta else {"role": "lora_slot", "module": module}
     attrs: dict[str, Any] = {"module": module, "kind": "linear"}
     if m.op is Op.LINEAR:
-        return _Site(module, "linear", m.add, m.base, m.x, (int(a[1]),), int(b[0]), m.A.dtype, attrs, meta)
+        return _Site(module, "linear", m.add, m.base, m.x, (int(a[1]),), int(b[0]), m.A.dtype, attrs, meta, w=m.W,
+                     bias=m.bias)
     if m.op is Op.EXPERT_LINEAR:  # A [experts, r, in], B [experts, out, r]; in_dims: (experts, in)
         attrs["kind"] = "experts"
         return _Site(module, "experts", m.add, m.base, m.x, (int(a[0]), int(a[2])), int(b[1]), m.A.dtype, attrs, meta,
@@ -330,9 +339,36 @@ def slot_inputs(graph: Graph, module: str, kind: str, in_dims: tuple[int, ...], 
     return made[0], made[1]
 
 
+def _dora_sites(sites: list[_Site], dora: Iterable[str]) -> None:
+    """Mark the sites of the ``dora`` modules (and converted DoRA slots) as DoRA slots; refuse a module that is no
+    linear site of its own."""
+    want = set(dora)
+    found = {s.module for s in sites}
+    if missing := sorted(want - found):
+        raise AdapterError(f"DoRA module(s) {missing[:5]} have no LoRA site in the graph")
+    for s in sites:
+        if s.module in want or s.attrs.get("dora"):
+            if s.kind != "linear" or s.attrs.get("members"):
+                raise AdapterError(f"module {s.module!r}: DoRA's magnitude rescales a linear layer's rows; its "
+                                   f"{s.kind} slot cannot take one")
+            s.attrs["dora"] = 1
+
+
+def _magnitude_input(graph: Graph, module: str, out: int, dtype: str, slots: str) -> ComputationNode:
+    """A DoRA slot's magnitude input, ``d = m / ||W + s B A|| - 1`` per output row (``[out]``, a stack ``[slots,
+    out]``), zeros by default: no rescaling."""
+    dims = (out,) if slots == "swappable" else (SLOTS_DIM, out)
+    default = np.zeros([1 if isinstance(d, str) else d for d in dims], dtype)
+    return _input(graph, module, magnitude_name(module, slots), dims, dtype, default)
+
+
 @register_pass("adapter-slots")
-def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
-    """Make every LoRA site (and every slot of the other kind) a ``slots`` slot; stats ``slots`` lists the modules."""
+def adapter_slots(graph: Graph, *, slots: str = "swappable", dora: Iterable[str] = ()) -> PassResult:
+    """Make every LoRA site (and every slot of the other kind) a ``slots`` slot; stats ``slots`` lists the modules.
+
+    ``dora``: modules whose slots also take DoRA's magnitude (a weight-decomposed adapter, PEFT's ``use_dora``):
+    the slot reads the layer's product without its bias and gives ``(1 + d) * (base + delta)``, the bias added
+    after; an adapter without DoRA leaves ``d`` at its default, zeros."""
     t0 = time.perf_counter()
     if slots not in SLOT_KINDS:
         raise ValueError(f"adapter-slots: slots={slots!r}; expected one of {list(SLOT_KINDS)}")
@@ -353,6 +389,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     stats: dict[str, Any] = {"fired": {}, "refused": {}, "slots": list(dict.fromkeys(s.module for s in sites))}
     if not sites:
         return PassResult(graph, False, {**stats, "time_s": time.perf_counter() - t0})
+    _dora_sites(sites, dora)
     batch, layout = _check_rows(graph, sites) if slots == "mixed" else (None, {})
     # 1. detach each site behind a placeholder, so its branch (and its weights' names) leave the graph
     holders = {s.root: graph.add(Op.IDENTITY, [s.base], name=f"{s.module}.lora_slot_pending") for s in sites}
@@ -363,18 +400,25 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
     # 2. the slots, their weights graph inputs (the index after the first site's stacks, as serving exports)
     index = next((i for i in graph.inputs if i.name == INDEX_INPUT), None)
     made: dict[ComputationNode, ComputationNode] = {}
-    weights: dict[str, tuple[ComputationNode, ComputationNode]] = {}  # one A and B per module, however often it runs
+    weights: dict[str, tuple[ComputationNode, ...]] = {}  # one A and B per module, however often it runs
     for s in sites:
         if s.module not in weights:
             weights[s.module] = slot_inputs(graph, s.module, s.kind, s.in_dims, s.out, s.dtype, slots)
-        a, b = weights[s.module]
+            if s.attrs.get("dora"):
+                weights[s.module] += (_magnitude_input(graph, s.module, s.out, s.dtype, slots),)
+        a, b = weights[s.module][:2]
         ins = [holders.get(s.base, s.base), holders.get(s.x, s.x), a, b]  # x may be another site: its holder for now
+        bias = None
+        if s.attrs.get("dora") and s.bias is not None:  # the product without its bias, which is added after
+            ins[0] = graph.add(Op.LINEAR, [ins[1], s.w], name=f"{s.module}.base_without_bias", meta=s.meta)
+            bias = s.bias
         if slots == "mixed":
             if index is None:
                 index = _input(graph, s.module, INDEX_INPUT, (batch,), "int64", None)  # type: ignore[arg-type]
             ins.append(index)
         if s.ids is not None:
             ins.append(holders.get(s.ids, s.ids))
+        ins.extend(weights[s.module][2:])  # a DoRA slot's magnitude
         try:
             if s.module in layout:  # rows as [batch, seq, f] for the slot, and back
                 if layout[s.module] == "flat":  # from [batch*seq, f]
@@ -390,6 +434,9 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable") -> PassResult:
                 made[holders[s.root]] = graph.add(how, [slot], back, name=f"{s.module}.lora_slot", meta=s.meta)
             else:
                 made[holders[s.root]] = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot", meta=s.meta)
+            if bias is not None:
+                made[holders[s.root]] = graph.add(Op.ADD, [made[holders[s.root]], bias], name=f"{s.module}.bias",
+                                                  meta=s.meta)
         except GraphError as exc:
             raise AdapterError(f"module {s.module!r}: cannot make its slot: {exc}") from None
     rewire(graph, made)

@@ -60,7 +60,8 @@ def _groups(graph: Graph) -> tuple[dict[tuple, list[ComputationNode]], dict[str,
     groups: dict[tuple, list[ComputationNode]] = {}
     refused: dict[str, str] = {}
     for n in graph.nodes:
-        if n.op not in OpGroup.Adapter or n.attrs.get("kind") != "linear" or n.attrs.get("members"):
+        if n.op not in OpGroup.Adapter or n.attrs.get("kind") != "linear" or n.attrs.get("members") \
+                or n.attrs.get("dora"):  # a DoRA slot's magnitude rescales its own rows: not packed
             continue
         base, x = n.inputs[0], n.inputs[1]
         why = None

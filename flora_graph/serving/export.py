@@ -36,18 +36,24 @@ from onnx import helper
 
 from flora_graph.errors import AdapterError
 from flora_graph.ir import Graph
-from flora_graph.passes.adapter_slots import INDEX_INPUT, SLOTS_DIM, adapter_slots, weight_names
+from flora_graph.passes.adapter_slots import INDEX_INPUT, SLOTS_DIM, adapter_slots, magnitude_name, weight_names
 from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, add_initializer, lower
 from flora_graph.runtimes.onnx_writer import save_lowered
 from flora_graph.serving.errors import ServingError
 from flora_graph.serving.slots import LoRASlot, graph_slots, slots_to_metadata
 
-__all__ = ["INDEX_INPUT", "SLOTS_DIM", "export_mixed", "export_swappable", "lower_slotted", "slotted", "stack_names"]
+__all__ = ["INDEX_INPUT", "SLOTS_DIM", "export_mixed", "export_swappable", "lower_slotted", "slotted", "stack_names",
+           "stacked_inputs"]
 
 
 def stack_names(slot: LoRASlot) -> tuple[str, str]:
     """Input names of a slot's stacked ``A`` and ``B`` in the mixed export."""
     return weight_names(slot.module, "mixed")
+
+
+def stacked_inputs(slot: LoRASlot) -> tuple[str, ...]:
+    """Every stacked input of a slot in the mixed export: ``A``, ``B`` and a DoRA slot's magnitudes."""
+    return (*stack_names(slot), *((magnitude_name(slot.module, "mixed"),) if slot.dora else ()))
 
 
 def slotted(graph: Graph, slots: str = "swappable") -> Graph:

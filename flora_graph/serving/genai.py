@@ -350,7 +350,9 @@ def export_genai(
     say("optimizing (fused, adapter slots)")
     from flora_graph.passes import optimize
 
-    unpacked = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable"} if sites else {}))
+    # a DoRA adapter's modules: their slots also take its magnitude (each output row's rescaling)
+    dora = sorted({k.removesuffix(".lora_magnitude") for p in params.values() for k in p if k.endswith(".lora_magnitude")})
+    unpacked = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable", "dora": dora} if sites else {}))
     if sites:
         from flora_graph.serving.slots import graph_slots
 
@@ -626,10 +628,6 @@ def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:
 
 def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None:
     """Refuse an adapter (its checked PEFT config ``cfg``) that changes more than a LoRA slot can swap."""
-    if cfg.get("use_dora"):
-        raise AdapterError(f"adapter {name!r} ({folder}): DoRA rescales every adapted base weight row by its "
-                           "magnitude over the row's norm, which a hot-swappable LoRA slot cannot express; bake it "
-                           "into the package's base model instead (--merge-adapter DIR; export_genai(merge=DIR))")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"adapter {name!r} ({folder}): modules_to_save={cfg['modules_to_save']!r} replaces base "
                            "weights, which a hot-swappable adapter cannot do; bake it into the package's base model "

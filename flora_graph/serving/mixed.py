@@ -30,7 +30,7 @@ import onnx
 
 from flora_graph.runtimes.onnx_writer import subgraphs
 from flora_graph.serving.errors import AdapterIndexError, ServingError, UnknownAdapterError
-from flora_graph.serving.export import INDEX_INPUT, stack_names
+from flora_graph.serving.export import INDEX_INPUT, stack_names, stacked_inputs
 from flora_graph.serving.session import AdapterSource, ModelSource, OrtModel, load_params
 from flora_graph.serving.slots import LoRASlot, packed_from_metadata, param_spec, slots_from_metadata
 
@@ -48,9 +48,10 @@ def stack_adapters(slots: Sequence[LoRASlot], adapters: Sequence[Mapping[str, np
 
     Per slot, ``R`` is the largest rank any adapter gives the module (at least 1) and there
     are ``len(adapters) + 1`` slots, the last all zeros (index ``-1``). A ``Linear`` slot
-    stacks ``A.T`` as ``[slots, in, R]`` and ``B.T`` as ``[slots, R, out]`` (an ``Embedding``: ``in`` the vocabulary); a ``Conv2d``
-    slot stacks ``A`` as ``[slots, R, kh*kw*C]`` (taps major, the patch order of the
-    export) and ``B`` as ``[slots, out, R]``. Lower
+    stacks ``A.T`` as ``[slots, in, R]`` and ``B.T`` as ``[slots, R, out]`` (an ``Embedding``: ``in`` the vocabulary), and
+    a DoRA slot its magnitudes as ``[slots, out]``; an experts slot ``A`` as ``[slots, experts, R, in]`` and ``B`` as
+    ``[slots, experts, out, R]``; a ``Conv2d`` slot ``A`` as ``[slots, R, kh*kw*C]`` (taps major, the patch order of
+    the export) and ``B`` as ``[slots, out, R]``. Lower
     ranks are zero-padded, which adds exact zeros; an adapter without a module is zeros there.
     """
     out: dict[str, np.ndarray] = {}
@@ -84,6 +85,12 @@ def stack_adapters(slots: Sequence[LoRASlot], adapters: Sequence[Mapping[str, np
                 a[k, :, :rk] = pa.T
                 b[k, :rk, :] = pb.T
         out[a_name], out[b_name] = a, b
+        if s.dora:  # each adapter's magnitude d (zeros: an adapter without DoRA, and the zero slot)
+            m = np.zeros((n, s.out), dt)
+            for k, p in enumerate(adapters):
+                if s.m_name in p:
+                    m[k] = p[s.m_name]
+            out[stacked_inputs(s)[2]] = m
     return out
 
 
@@ -234,14 +241,14 @@ class MixedAdapterSession:
             # experts slots read their stacks whole (each pair picks its expert of its row's adapter): a model with
             # no other slot has no rows' weights to take
             if any(s.kind != "experts" for s in self.slots):
-                self._rows = per_row_inputs(proto, {n for s in self.slots for n in stack_names(s)})
+                self._rows = per_row_inputs(proto, {n for s in self.slots for n in stacked_inputs(s)})
                 still = {i.name for i in proto.graph.input}
             self.model = OrtModel(proto.SerializeToString(), where=where, external_data_dir=folder, **options)
         self.spec = param_spec(self.slots)
         self.spec.unpacks = packed_from_metadata(self.model.metadata, self.model.where)  # files packed for model.onnx
         # what each call feeds besides the request: the stacks (inputs with a one-slot default) and the
         # index, where the model reads them, and the rows' own weights
-        stacked = [n for s in self.slots for n in stack_names(s)]
+        stacked = [n for s in self.slots for n in stacked_inputs(s)]
         self._stacked = stacked if still is None else [n for n in stacked if n in still]
         self._takes_index = still is None or INDEX_INPUT in still
         self._request = [n for n in self.model.inputs

@@ -20,13 +20,14 @@ import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.ir import ComputationNode, Graph
-from flora_graph.passes.adapter_slots import lora_sites, own_weights, rank_dim, slot_nodes, weight_names
+from flora_graph.passes.adapter_slots import lora_sites, magnitude_name, own_weights, rank_dim, slot_nodes, weight_names
 from flora_graph.runtimes.reference import to_array
 from flora_graph.serving.errors import AdapterFileError, ServingError
 
@@ -42,6 +43,7 @@ __all__ = [
     "pack_params",
     "packed_from_metadata",
     "param_spec",
+    "params_through_peft",
     "slots_from_metadata",
     "slots_to_metadata",
     "unpack_params",
@@ -81,6 +83,7 @@ class LoRASlot:
     dilation: tuple[int, ...] = ()
     members: tuple[str, ...] = ()  # a packed slot (the pack-slots pass): the modules it stands for
     member_outs: tuple[int, ...] = ()  # and their output sizes (B is block-diagonal over them)
+    dora: bool = False  # a linear slot that also takes DoRA's magnitude (param m_name, [out])
 
     @property
     def a_name(self) -> str:
@@ -91,6 +94,11 @@ class LoRASlot:
     def b_name(self) -> str:
         """Parameter (and ONNX input) name of ``B`` (scale folded in)."""
         return weight_names(self.module)[1]
+
+    @property
+    def m_name(self) -> str:
+        """Parameter (and ONNX input) name of a DoRA slot's magnitude ``d = m / ||W + s B A|| - 1`` (``[out]``)."""
+        return magnitude_name(self.module)
 
     @property
     def rank_dim(self) -> str:
@@ -116,7 +124,8 @@ class LoRASlot:
         if a["kind"] == "linear":
             members = tuple(m for m in str(a.get("members", "")).split(",") if m)
             return cls(a["module"], "linear", (int(x.shape[-1]),), int(base.shape[-1]), (), node.dtype,
-                       members=members, member_outs=tuple(int(o) for o in a.get("member_outs", ())) if members else ())
+                       members=members, member_outs=tuple(int(o) for o in a.get("member_outs", ())) if members else (),
+                       dora=bool(a.get("dora")))
         if a["kind"] == "experts":  # A [experts, rank, in], or its stack [slots, experts, R, in]
             experts = node.inputs[2].shape[0 if len(node.inputs[2].shape) == 3 else 1]
             return cls(a["module"], "experts", (int(experts), int(x.shape[-1])), int(base.shape[-1]), (), node.dtype)
@@ -142,6 +151,8 @@ class LoRASlot:
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: {exc}") from None
         if slot.kind not in ("linear", "conv", "embedding", "experts") or not isinstance(slot.module, str) or not isinstance(slot.out, int):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}")
+        if not isinstance(slot.dora, bool) or (slot.dora and slot.kind != "linear"):
+            raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: dora must be a bool, on a linear slot")
         if slot.members and (len(slot.members) != len(slot.member_outs) or sum(slot.member_outs) != slot.out):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: member outputs do not add up to out")
         return slot
@@ -227,6 +238,8 @@ def param_spec(slots: Sequence[LoRASlot], flag: bool = False) -> ParamSpec:
         dt = np.dtype(s.dtype)
         spec[s.a_name] = (s.a_shape(s.rank_dim), dt)
         spec[s.b_name] = (s.b_shape(s.rank_dim), dt)
+        if s.dora:
+            spec[s.m_name] = ((s.out,), dt)
     spec.packs = tuple(s for s in slots if s.members)
     return spec
 
@@ -419,17 +432,95 @@ def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     was captured from, without adapters) with :func:`~flora_graph.adapters.peft.load_peft_adapter`,
     which honours ``r``/``lora_alpha``/``use_rslora``/``rank_pattern``/``alpha_pattern`` and
     refuses what it cannot (a folder with ``target_parameters``, LoRA on expert tensors, is read through PEFT's
-    own layers: :func:`~flora_graph.adapters.param_lora.peft_param_adapter_params`), a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
+    own layers, as is a DoRA folder: :func:`params_through_peft`), a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
     saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
     itself is not touched.
     """
     import copy
 
-    from flora_graph.adapters.param_lora import peft_param_adapter_params
     from flora_graph.adapters.peft import load_peft_adapter, read_peft_config
 
-    if read_peft_config(folder, peft_layers=True).get("target_parameters"):
-        return peft_param_adapter_params(base_model, folder)
+    cfg = read_peft_config(folder, peft_layers=True)
+    if cfg.get("target_parameters") or cfg.get("use_dora"):
+        return params_through_peft(base_model, folder)
     model = copy.deepcopy(base_model)
     load_peft_adapter(model, folder, keep_base=True)
     return adapter_params(model)
+
+
+def _peft_path(name: str) -> str:
+    """A PEFT module name as the plain model's path: no ``base_model.model.`` prefix, no ``.base_layer`` segments
+    (nested ``ParamWrapper``\\ s wrap one module once per parameter)."""
+    return ".".join(p for p in name.removeprefix("base_model.model.").split(".") if p != "base_layer")
+
+
+def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
+    """``{param name: array}`` of a PEFT folder that only PEFT's own layers hold, read through them.
+
+    For LoRA on parameters (``target_parameters``, a mixture of experts' expert tensors: PEFT alone knows how it nests
+    one wrapper per adapted parameter) and DoRA (``use_dora``). The folder is installed by PEFT on a copy of
+    ``base_model``. A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
+    (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; a layer's as
+    :func:`adapter_params` names them. A DoRA layer also gives its magnitude as ``d = m / ||W + s B A|| - 1`` per output
+    row (``"<module>.lora_magnitude"``, ``[out]``; PEFT's norm over the base weight and the adapter's product, which
+    the slot's ``(1 + d) * (base + delta)`` then applies). Raises :class:`AdapterError` where PEFT refuses the folder,
+    where a tensor of it matches nothing in the model, and for a LoRA layer kind a slot does not take this way (an
+    embedding's, a convolution's, a layer with ``fan_in_fan_out`` or a LoRA bias).
+    """
+    import copy
+
+    import peft
+    import torch
+    from peft.tuners import lora
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    model = copy.deepcopy(base_model)
+    try:
+        adapted = peft.PeftModel.from_pretrained(model, folder)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise AdapterError(f"{folder}: PEFT could not load it into {type(base_model).__name__} "
+                           f"({str(exc)[:300] or type(exc).__name__})") from None
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
+    if unheld:
+        raise AdapterError(f"{folder}: {len(unheld)} of its tensors match nothing in {type(base_model).__name__} "
+                           f"({', '.join(unheld[:3])}); is it an adapter of another model?")
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for name, mod in adapted.named_modules():
+            if not isinstance(mod, lora.LoraLayer) or "default" not in getattr(mod, "lora_A", {}):
+                continue
+            s = float(mod.scaling["default"])
+            a = mod.lora_A["default"].weight.detach().float()
+            b = mod.lora_B["default"].weight.detach().float() * s
+            magnitude = None
+            if isinstance(mod, lora.ParamWrapper):
+                path = f"{_peft_path(name)}.{mod.parameter_name}"
+                if mod.get_param().dim() == 3:
+                    e = mod.num_experts
+                    a = a.reshape(e, -1, a.shape[-1])  # [experts, r, in]
+                    b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # [experts, out, r]
+            elif type(mod) is lora.Linear and not mod.fan_in_fan_out:
+                path = _peft_path(name)
+                if mod.use_dora.get("default"):  # m / ||W + s B A|| per output row, as PEFT's DoRA layer divides
+                    w = mod.get_base_layer().weight.detach().float()
+                    m = mod.lora_magnitude_vector["default"].weight.detach().float()
+                    magnitude = m / torch.linalg.norm(w + b @ a, dim=1) - 1
+            else:
+                raise AdapterError(f"{folder}: module {_peft_path(name)!r} is a {type(mod).__name__} LoRA layer"
+                                   f"{' with fan_in_fan_out' if getattr(mod, 'fan_in_fan_out', False) else ''}, which an "
+                                   "adapter read through PEFT's layers (target_parameters, DoRA) cannot carry as a "
+                                   "hot-swappable slot")
+            if getattr(mod, "lora_bias", {}).get("default"):
+                raise AdapterError(f"{folder}: module {path!r} has a LoRA bias (lora_bias=True), which a slot cannot "
+                                   "carry")
+            dtype = mod.lora_A["default"].weight.dtype
+            if dtype == torch.bfloat16:
+                raise AdapterError(f"{folder}: module {path!r}: bfloat16 adapter weights; cast them to float32/float16")
+            out[f"{path}.lora_A"] = np.ascontiguousarray(a.to(dtype).numpy())
+            out[f"{path}.lora_B"] = np.ascontiguousarray(b.to(dtype).numpy())
+            if magnitude is not None:
+                out[magnitude_name(path)] = np.ascontiguousarray(magnitude.to(dtype).numpy())
+    return out
