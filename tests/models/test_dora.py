@@ -1,4 +1,6 @@
-"""DoRA (PEFT ``use_dora=True``): exported through PEFT's own layers, merged and fused, equal to eager PEFT."""
+"""DoRA (PEFT ``use_dora=True``): exported through PEFT's own layers, merged and fused, equal to eager PEFT; and a
+hot-swappable adapter of a GenAI package (a linear slot that also takes the magnitude ``d = m / ||W + s B A|| - 1`` of
+each output row), alone, per row of a mixed batch beside plain LoRA adapters, and in ONNX Runtime GenAI."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import transformers
 
-from flora_graph.errors import AdapterError
 from flora_graph.serving.genai import export_genai
 from tests.models.test_hf_export import cli_export_matches_eager, eager_peft
 from tests.models.test_hf_peft_parity import llama_model
@@ -44,13 +46,6 @@ def test_dora_folder_exports_equal_to_eager_peft(dora_folders, tmp_path, preset)
         assert not magnitudes and not any("lora_" in n for n in names)
 
 
-def test_dora_cannot_be_a_hot_swappable_adapter(dora_folders, tmp_path) -> None:
-    model_dir, adapter_dir = dora_folders
-    with pytest.raises(AdapterError, match="DoRA rescales every adapted base weight row"):
-        export_genai(model_dir, tmp_path / "pkg", {"d": adapter_dir})
-    assert not (tmp_path / "pkg").exists()
-
-
 def test_dora_merged_into_a_genai_package_generates_as_eager_peft(dora_folders, tmp_path) -> None:
     from flora_graph.serving.generate import Generator
     from tests.models.test_expert_lora import NEW, PROMPT, genai_greedy, greedy
@@ -62,3 +57,79 @@ def test_dora_merged_into_a_genai_package_generates_as_eager_peft(dora_folders, 
     assert want != greedy(llama_model().eval())  # DoRA changes the tokens: the package must carry it
     assert Generator(tmp_path / "pkg").generate([PROMPT], max_new_tokens=NEW, stop_tokens=[])[0] == want
     assert genai_greedy(tmp_path / "pkg") == want
+
+
+@pytest.fixture(scope="module")
+def dora_package(dora_folders, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A package of the tiny Llama with the DoRA adapter ``dora`` and a plain LoRA adapter ``plain`` (q/v/up, so
+    ``q_proj`` and ``v_proj`` carry both kinds); ``(package, {adapter: eager PEFT model})``."""
+    model_dir, adapter_dir = dora_folders
+    root = tmp_path_factory.mktemp("dora_pkg")
+    plain = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(model_dir),
+                                peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+    plain.save_pretrained(root / "plain")
+    report = export_genai(model_dir, root / "pkg", {"dora": adapter_dir, "plain": root / "plain"})
+    assert set(report.adapters) == {"dora", "plain"}
+    eager = {"dora": eager_peft(model_dir, adapter_dir), "plain": eager_peft(model_dir, root / "plain"),
+             None: transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()}
+    return root / "pkg", eager
+
+
+def test_dora_is_a_hot_swappable_adapter_alone_and_per_row(dora_package) -> None:
+    """Greedy tokens equal eager PEFT's with no adapter, the DoRA one, the plain one, rows of each in one batch, and
+    in ONNX Runtime GenAI."""
+    from flora_graph.serving.generate import Generator
+    from tests.models.test_expert_lora import NEW, PROMPT, genai_greedy, greedy
+
+    package, eager = dora_package
+    want = {a: greedy(m) for a, m in eager.items()}
+    assert len({tuple(v) for v in want.values()}) == 3
+    gen = Generator(package)
+    for adapter, tokens in want.items():
+        assert gen.generate([PROMPT], adapters=adapter, max_new_tokens=NEW, stop_tokens=[])[0] == tokens
+    rows = ["dora", None, "plain", "dora"]
+    assert gen.generate([PROMPT] * 4, adapters=rows, max_new_tokens=NEW, stop_tokens=[]) == [want[r] for r in rows]
+    assert genai_greedy(package, "dora") == want["dora"]
+    assert genai_greedy(package, "plain") == want["plain"]
+
+
+def test_dora_magnitude_is_pefts_rescaling_of_each_row(dora_package, dora_folders) -> None:
+    """The file's ``d`` is PEFT's ``m / ||W + s B A|| - 1``, computed here from the folder by hand; the DoRA modules'
+    slots (and only theirs) take it."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from flora_graph.serving.adapter_file import read_adapter
+    from flora_graph.serving.session import OrtModel
+    from flora_graph.serving.slots import slots_from_metadata
+
+    package, _ = dora_package
+    model_dir, adapter_dir = dora_folders
+    params = read_adapter(package / "adapters" / "dora.onnx_adapter").params
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    a, b = saved[f"{key}.lora_A.weight"], saved[f"{key}.lora_B.weight"]
+    m = saved[f"{key}.lora_magnitude_vector"]
+    w = transformers.LlamaForCausalLM.from_pretrained(model_dir).model.layers[0].self_attn.q_proj.weight.detach()
+    want = (m / torch.linalg.norm(w + 2.0 * (b @ a), dim=1) - 1).numpy()  # s = alpha / r = 8 / 4
+    np.testing.assert_allclose(params["model.layers.0.self_attn.q_proj.lora_magnitude"], want, rtol=1e-5, atol=1e-6)
+    assert np.abs(want).max() > 0.05
+    _, slots = slots_from_metadata(OrtModel(package / "model.onnx").metadata, "model.onnx")
+    assert {s.module.rsplit(".", 1)[-1] for s in slots if s.dora} == {"q_proj", "v_proj", "down_proj"}
+    assert not any(s.dora for s in slots if s.module.endswith(("up_proj", "k_proj", "o_proj")))
+
+
+def test_a_dora_adapter_for_a_package_without_its_magnitudes_is_refused_by_name(dora_folders, tmp_path) -> None:
+    """A package exported with plain adapters has no magnitude inputs: a DoRA fine-tune added later is refused,
+    naming the parameter, and the package stays as it was."""
+    from flora_graph.serving.errors import AdapterFileError
+    from flora_graph.serving.genai import add_adapters
+
+    model_dir, adapter_dir = dora_folders
+    plain = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(model_dir),
+                                peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    plain.save_pretrained(tmp_path / "plain")
+    export_genai(model_dir, tmp_path / "pkg", {"plain": tmp_path / "plain"})
+    with pytest.raises(AdapterFileError, match=r"lora_magnitude"):
+        add_adapters(tmp_path / "pkg", model_dir, {"dora": adapter_dir})
+    assert not (tmp_path / "pkg" / "adapters" / "dora.onnx_adapter").exists()
