@@ -105,8 +105,9 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
         if key == "use_dora" and value is True:
             raise AdapterError(f"{path}: option use_dora=True (DoRA) rescales each base weight row by a learned "
                                "magnitude over its norm, which flora_graph's LoRA adapters do not hold; capture the "
-                               "PEFT model itself, or export with `flora-graph export MODEL --adapter DIR`, which "
-                               "installs a DoRA folder through PEFT")
+                               "PEFT model itself, export with `flora-graph export MODEL --adapter DIR`, which "
+                               "installs a DoRA folder through PEFT, or serve it hot-swappable in a GenAI package "
+                               "(`--format genai --adapter NAME=DIR`)")
         if key == "target_parameters" and value not in (None, []):
             raise AdapterError(f"{path}: option target_parameters={value!r} (LoRA on parameters, such as a mixture "
                                "of experts' expert tensors) is not held by flora_graph's LoRA adapters; capture the "

@@ -246,7 +246,7 @@ def export_genai(
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
 
     ``merge``: a PEFT folder baked into the base weights first, by PEFT itself (``merge_and_unload``): any
-    adapter PEFT can merge, those no hot-swappable slot holds included (DoRA, ``modules_to_save``). The package's base model is then the adapted model; ``adapters``
+    adapter PEFT can merge, those no hot-swappable slot holds included (``modules_to_save``, trainable tokens). The package's base model is then the adapted model; ``adapters``
     swap on top of it.
 
     ``mixed=False`` leaves out ``mixed.onnx`` (rows with different adapters in one batch, for the
