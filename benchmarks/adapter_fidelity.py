@@ -13,8 +13,8 @@ Per variant it generates ``--new`` greedy tokens after a 6-token prompt with eag
 reference), with the builder's model of the base with the adapter baked in (``python -m
 onnxruntime_genai.models.builder -i BASE -o OUT -p fp32 -e cpu --extra_options adapter_path=DIR``, run in
 onnxruntime-genai), and with flora_graph's package (the adapter hot-swappable, ``flora-graph export BASE
---task text-generation-with-past --format genai --adapter NAME=DIR``; DoRA, which no swappable slot holds,
-baked in with ``--merge-adapter DIR``), also in onnxruntime-genai, and prints whether each equals the
+--task text-generation-with-past --format genai --adapter NAME=DIR``, DoRA's magnitude included), also in
+onnxruntime-genai, and prints whether each equals the
 reference and the largest difference of their first step's logits from eager's. The base model alone is
 the control row: the builder must match there for its other rows to mean anything.
 Run: ``python benchmarks/adapter_fidelity.py``.
@@ -92,17 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                                   capture_output=True, text=True)
             builder = (_genai(root / f"builder_{name}", None, args.new) if done.returncode == 0
                        else (f"builder failed: {done.stderr.strip().splitlines()[-1][:100]}", None))
-            if name == "dora":  # baked in: no swappable slot holds DoRA's magnitude
-                export_genai(root / "base", root / f"flora_{name}", merge=root / name)
-                ours = _genai(root / f"flora_{name}", None, args.new)
-            else:
-                export_genai(root / "base", root / f"flora_{name}", {name: root / name} if name else None)
-                ours = _genai(root / f"flora_{name}", name, args.new)
+            export_genai(root / "base", root / f"flora_{name}", {name: root / name} if name else None)
+            ours = _genai(root / f"flora_{name}", name, args.new)
             rows.append((name or "base (control)", want, want_logits, builder, ours))
 
     print(f"greedy tokens ({args.new}) equal eager transformers + PEFT; in brackets, the largest |logit - eager's| "
           "at the first new token")
-    print(f"{'adapter':>16}  {'builder (baked in)':>28}  {'flora_graph':>28}")
+    print(f"{'adapter':>16}  {'builder (baked in)':>28}  {'flora_graph (swappable)':>28}")
     for name, want, want_logits, builder, ours in rows:
         cells = []
         for tokens, logits in (builder, ours):
