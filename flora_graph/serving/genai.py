@@ -319,21 +319,10 @@ def export_genai(
 
     t0 = time.perf_counter()
     say("capturing with the key/value cache")
-    from flora_graph.adapters import apply_lora
     from flora_graph.frontend.causal_lm import cache_layout, capture_causal_lm
 
     layout = cache_layout(model)
-    sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
-    if sites:  # the model was loaded for this export alone: its layers take the slots in place, no copy
-        # where the slots go; their weights are fed at run time. A parameter's path (LoRA on a mixture of experts'
-        # expert tensor, PEFT's target_parameters) takes a parametrization instead of a layer wrapper
-        from flora_graph.adapters.param_lora import apply_param_lora, is_param_path
-
-        on_params = [p for p in sites if is_param_path(model, p)]
-        if on_params:
-            apply_param_lora(model, on_params, rank=1)
-        if layers := [p for p in sites if p not in on_params]:
-            apply_lora(model, layers, rank=1)
+    sites = install_sites(model, params)
     # the weights stay where the model loaded them
     graph = capture_causal_lm(model, name=arch, share_weights=True, layout=layout)
     # the graph's weights keep the tensors' memory alive: from here on the model is its configs
@@ -350,9 +339,7 @@ def export_genai(
     say("optimizing (fused, adapter slots)")
     from flora_graph.passes import optimize
 
-    # a DoRA adapter's modules: their slots also take its magnitude (each output row's rescaling)
-    dora = sorted({k.removesuffix(".lora_magnitude") for p in params.values() for k in p if k.endswith(".lora_magnitude")})
-    unpacked = optimize(graph, "fused", backend="onnxruntime", **({"slots": "swappable", "dora": dora} if sites else {}))
+    unpacked = optimize(graph, "fused", backend="onnxruntime", **slot_options(params))
     if sites:
         from flora_graph.serving.slots import graph_slots
 
@@ -624,6 +611,32 @@ def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:
                            f"tensors match nothing there ({', '.join(unheld[:3])}{', ...' if len(unheld) > 3 else ''});"
                            " is it an adapter of another model?")
     return adapted.merge_and_unload().eval()
+
+
+def install_sites(model: Any, params: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Put a rank-1 adapter where the adapters ``params`` (``{name: {param: array}}``) have weights, so that capture
+    sees a LoRA site there (the slots' weights are fed at run time); returns the sites' paths. The model was loaded
+    for the export alone: its layers take the adapters in place, no copy. A parameter's path (LoRA on a mixture of
+    experts' expert tensor, PEFT's ``target_parameters``) takes a parametrization instead of a layer wrapper."""
+    from flora_graph.adapters import apply_lora
+    from flora_graph.adapters.param_lora import apply_param_lora, is_param_path
+
+    sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
+    on_params = [p for p in sites if is_param_path(model, p)]
+    if on_params:
+        apply_param_lora(model, on_params, rank=1)
+    if layers := [p for p in sites if p not in on_params]:
+        apply_lora(model, layers, rank=1)
+    return sites
+
+
+def slot_options(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``optimize`` options that make the slots of the adapters ``params``: none without adapters; the modules of a
+    DoRA adapter (a ``lora_magnitude`` among its weights) take its magnitude."""
+    if not any(params.values()):
+        return {}
+    dora = sorted({k.removesuffix(".lora_magnitude") for p in params.values() for k in p if k.endswith(".lora_magnitude")})
+    return {"slots": "swappable", "dora": dora}
 
 
 def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None:

@@ -174,7 +174,14 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     culprit; on failure nothing at ``out`` changes.
     """
     from flora_graph.model_export import check_adapter_folder, check_model_folder
-    from flora_graph.serving.genai import TOKENIZER_FILES, _adapter_params, _read_sites, _refuse_unswappable
+    from flora_graph.serving.genai import (
+        TOKENIZER_FILES,
+        _adapter_params,
+        _read_sites,
+        _refuse_unswappable,
+        install_sites,
+        slot_options,
+    )
 
     say = progress or (lambda msg: None)
     adapters = dict(adapters or {})
@@ -202,13 +209,10 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
 
     t0 = time.perf_counter()
     say("capturing the encoder and the decoder with its cache")
-    from flora_graph.adapters import apply_lora
     from flora_graph.frontend.seq2seq_lm import capture_seq2seq, seq2seq_layout
 
     layout = seq2seq_layout(model)
-    sites = sorted({k.rsplit(".", 1)[0] for p in params.values() for k in p})
-    if sites:  # the model was loaded for this export alone: its layers take the slots in place
-        apply_lora(model, sites, rank=1)
+    sites = install_sites(model, params)
     graphs = dict(zip(PARTS, capture_seq2seq(model, name=arch, share_weights=True, layout=layout), strict=True))
     doc = package_config(model, layout)
     skipped = unapplied_settings(getattr(model, "generation_config", None), SEQ2SEQ_APPLIED)
@@ -222,7 +226,7 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     from flora_graph.passes import optimize
     from flora_graph.serving.slots import graph_slots
 
-    slotted = {"slots": "swappable"} if sites else {}
+    slotted = slot_options(params)
     unpacked = {part: optimize(g, "fused", backend="onnxruntime", **slotted) for part, g in graphs.items()}
     modules = {part: {m for s in graph_slots(g) for m in (s.members or (s.module,))} for part, g in unpacked.items()}
     if sites:

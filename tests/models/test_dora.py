@@ -133,3 +133,33 @@ def test_a_dora_adapter_for_a_package_without_its_magnitudes_is_refused_by_name(
     with pytest.raises(AdapterFileError, match=r"lora_magnitude"):
         add_adapters(tmp_path / "pkg", model_dir, {"dora": adapter_dir})
     assert not (tmp_path / "pkg" / "adapters" / "dora.onnx_adapter").exists()
+
+
+def test_dora_in_an_encoder_decoder_package_decodes_as_eager_peft(tmp_path) -> None:
+    """BART with a DoRA adapter on both stacks' projections (biased: each rescaled without its bias):
+    the package's encoder and decoder slots take each module's magnitude; tokens equal eager PEFT's, alone and
+    beside a row without an adapter."""
+    from flora_graph.serving.seq2seq import Seq2SeqGenerator, export_seq2seq
+    from tests.serving.seq2seq_package import build, eager_tokens
+
+    model = build("bart")
+    model.save_pretrained(tmp_path / "base")
+    adapted = peft.get_peft_model(type(model).from_pretrained(tmp_path / "base"),
+                                  peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                                  target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))
+    gen_t = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.5 * torch.rand(p.shape, generator=gen_t))
+            if "lora_B" in name:  # large enough to move this small model's tokens
+                p.copy_(torch.randn(p.shape, generator=gen_t) * 0.3)
+    adapted.save_pretrained(tmp_path / "dora")
+    export_seq2seq(tmp_path / "base", tmp_path / "pkg", {"dora": tmp_path / "dora"})
+    prompts, new = [[5, 9, 33, 70, 12, 8, 4], [7, 3, 44]], 8
+    gen = Seq2SeqGenerator(tmp_path / "pkg")
+    want = eager_tokens(tmp_path, "bart", "dora", prompts, gen.pad, set(), max_new_tokens=new, min_new_tokens=new)
+    plain = eager_tokens(tmp_path, "bart", None, prompts, gen.pad, set(), max_new_tokens=new, min_new_tokens=new)
+    assert want != plain
+    assert gen.generate(prompts, adapters="dora", max_new_tokens=new, min_new_tokens=new) == want
+    assert gen.generate(prompts, adapters=["dora", None], max_new_tokens=new, min_new_tokens=new) == [want[0], plain[1]]
