@@ -18,6 +18,10 @@ site's ``x`` is the token ids (int64) and its down projection takes their column
   ``[slots, experts, R, in]`` / ``[slots, experts, out, R]``, the pairs batch-major (``pairs / batch`` a row), pair
   ``s`` reading the stacks seen as ``[slots*experts, ...]`` at ``adapter_index[row] * experts + ids[s]``. ONNX: a
   ``Loop`` over the experts present (:func:`~flora_graph.ops.linear.emit_expert_loop`), no weight copied per pair.
+* ``dora=1`` (a linear slot of one module, DoRA's weight-decomposed adapter): a last input ``d`` ``[out]`` (mixed: a
+  stack ``[slots, out]``, each row's own), the slot giving ``(1 + d) * (base + delta)``; ``base`` is the layer's
+  product without its bias (``adapter-slots`` adds the bias after the slot), and ``d = m / ||W + s B A|| - 1`` per output
+  row, zeros for a plain LoRA adapter.
 * ``LoRAMixedSlot(base, x, A_stack, B_stack, adapter_index)``: per row ``i`` of the batch,
   the adapter ``adapter_index[i]`` of the stacks (``-1``: the last slot, by convention all
   zeros). Linear: ``A_stack`` ``[slots, in, R]`` (``A.T`` per adapter), ``B_stack``
@@ -48,6 +52,7 @@ from flora_graph.ir.shapes import Dim, canonical_dim, format_shape
 from flora_graph.ops._infer import same_dtype
 from flora_graph.ops._onnx import ONNX_DTYPES
 from flora_graph.ops._torch import ints
+from flora_graph.ops.linear import emit_expert_loop
 from flora_graph.ops.registry import define
 
 __all__: list[str] = []
@@ -232,13 +237,13 @@ def _pair_slots(index: np.ndarray, pairs: int) -> np.ndarray:
     return index[np.arange(pairs) // (pairs // len(index))]
 
 
-def _numpy_slot(base, x, a, b, *ids, module, kind, kernel, stride, padding, dilation, members="", member_outs=(),
+def _numpy_slot(base, x, a, b, *extra, module, kind, kernel, stride, padding, dilation, members="", member_outs=(),
                 dora=0) -> np.ndarray:
-    if kind == "experts":
-        return _numpy_experts(base, x, a, b, ids[0])
+    if kind == "experts":  # extra: the pairs' ids
+        return _numpy_experts(base, x, a, b, extra[0])
     if kind == "linear":
         s1 = base + (x @ a.T) @ b.T
-        return s1 + ids[0] * s1 if dora else s1  # DoRA: (1 + d) * (base + delta), base without its bias
+        return s1 + extra[0] * s1 if dora else s1  # DoRA (extra: d): (1 + d) * (base + delta), base without its bias
     if kind == "embedding":
         return base + a.T[x] @ b.T
     p = _patches(x, kernel, stride, padding, dilation)
@@ -246,11 +251,11 @@ def _numpy_slot(base, x, a, b, *ids, module, kind, kernel, stride, padding, dila
     return base + (b2 @ (a2 @ p)).reshape(base.shape)
 
 
-def _numpy_mixed(base, x, a, b, index, *ids, module, kind, kernel, stride, padding, dilation, members="",
+def _numpy_mixed(base, x, a, b, index, *extra, module, kind, kernel, stride, padding, dilation, members="",
                  member_outs=(), dora=0) -> np.ndarray:
-    if kind == "experts":  # a pair's expert of its row's adapter, in the stacks seen as [slots*experts, ...]
+    if kind == "experts":  # a pair's expert (extra: the ids) of its row's adapter, the stacks as [slots*experts, ...]
         experts = a.shape[1]
-        comb = _pair_slots(index, x.shape[0]) * experts + ids[0]  # -1 (no adapter): the zero slot, from the end
+        comb = _pair_slots(index, x.shape[0]) * experts + extra[0]  # -1 (no adapter): the zero slot, from the end
         return _numpy_experts(base, x, a.reshape(a.shape[0] * experts, *a.shape[2:]),
                               b.reshape(b.shape[0] * experts, *b.shape[2:]), comb)
     ag, bg = a[index], b[index]  # -1 reads the last (zero) slot; out of range raises IndexError
@@ -259,8 +264,8 @@ def _numpy_mixed(base, x, a, b, index, *ids, module, kind, kernel, stride, paddi
         return base + (rows @ bg).reshape(base.shape)
     if kind == "linear":
         s1 = base + ((_rows(x) @ ag) @ bg).reshape(base.shape)
-        if dora:  # each row's own magnitude, over its positions
-            s1 = s1 + ids[0][index].reshape(len(index), *[1] * (base.ndim - 2), -1) * s1
+        if dora:  # each row's own magnitude (extra: the stack of d), over its positions
+            s1 = s1 + extra[0][index].reshape(len(index), *[1] * (base.ndim - 2), -1) * s1
         return s1
     p = _patches(x, kernel, stride, padding, dilation)
     n, c, taps, cols = x.shape[0], x.shape[1], kernel[0] * kernel[1], p.shape[2]
@@ -306,8 +311,6 @@ def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
 
 def _onnx_experts(ctx: Any, node: ComputationNode, base: str, x: str, a: str, b: str, ids: str, out: str) -> None:
     """``base`` plus a ``Loop`` over the experts present, each pair's rows times ``A[e].T`` then ``B[e].T``."""
-    from flora_graph.ops.linear import emit_expert_loop
-
     if node.inputs[-1].dtype != "int64":
         ids = ctx.emit("Cast", [ids], to=ONNX_DTYPES["int64"])
     delta = emit_expert_loop(ctx, x, ids, [(a, 1), (b, 1)], int(node.shape[1]), ctx.fresh(f"{out}/lora"))
@@ -338,8 +341,6 @@ def _onnx_mixed_experts(ctx: Any, node: ComputationNode, out: str) -> None:
         tail = ctx.emit("Slice", [dims, ctx.constant(np.array([2], np.int64), f"{module}/from"),
                                   ctx.constant(np.array([4], np.int64), f"{module}/to")])
         flat.append(ctx.emit("Reshape", [stack, ctx.emit("Concat", [lead, tail], axis=0)], allowzero=1))
-    from flora_graph.ops.linear import emit_expert_loop
-
     delta = emit_expert_loop(ctx, x, comb, [(flat[0], 1), (flat[1], 1)], int(node.shape[1]), ctx.fresh(f"{out}/lora"))
     _add(ctx, base, delta, out)
 
