@@ -464,8 +464,8 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     :func:`adapter_params` names them. A DoRA layer also gives its magnitude as ``d = m / ||W + s B A|| - 1`` per output
     row (``"<module>.lora_magnitude"``, ``[out]``; PEFT's norm over the base weight and the adapter's product, which
     the slot's ``(1 + d) * (base + delta)`` then applies). Raises :class:`AdapterError` where PEFT refuses the folder,
-    where a tensor of it matches nothing in the model, and for a LoRA layer kind a slot does not take this way (an
-    embedding's, a convolution's, a layer with ``fan_in_fan_out`` or a LoRA bias).
+    where a tensor of it matches nothing in the model, where it changes a base weight, and for a LoRA layer kind a
+    slot does not take this way (an embedding's, a convolution's, a layer with ``fan_in_fan_out`` or a LoRA bias).
     """
     import copy
 
@@ -487,6 +487,14 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     if unheld:
         raise AdapterError(f"{folder}: {len(unheld)} of its tensors match nothing in {type(base_model).__name__} "
                            f"({', '.join(unheld[:3])}); is it an adapter of another model?")
+    own = dict(base_model.named_parameters())
+    for name, p in adapted.named_parameters():  # a swappable adapter leaves the base model as it is
+        path = _peft_path(name)
+        if path in own and not torch.equal(p.detach(), own[path].detach()):
+            raise AdapterError(f"{folder}: it replaces the base model's weight {path!r} with other values (PEFT saves "
+                               "such weights beside an adapter on an embedding layer), which an adapter that leaves the "
+                               "base model as it is cannot do; bake it into the base model instead (--merge-adapter "
+                               "DIR; export_genai(merge=DIR))")
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for name, mod in adapted.named_modules():
