@@ -20,6 +20,7 @@ from tests.models.test_hf_peft_parity import llama_model
 def dora_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny Llama folder and a DoRA adapter on it: nonzero ``B``, magnitudes that are not the weight norms."""
     root = tmp_path_factory.mktemp("dora")
+    torch.manual_seed(0)  # the model and the adapter's A: the same on every run
     base = llama_model()
     base.save_pretrained(root / "model")
     model = peft.get_peft_model(llama_model(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
@@ -65,6 +66,7 @@ def dora_package(dora_folders, tmp_path_factory: pytest.TempPathFactory) -> tupl
     ``q_proj`` and ``v_proj`` carry both kinds); ``(package, {adapter: eager PEFT model})``."""
     model_dir, adapter_dir = dora_folders
     root = tmp_path_factory.mktemp("dora_pkg")
+    torch.manual_seed(68)  # the adapter's random factors, the same on every run
     plain = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(model_dir),
                                 peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
     plain.save_pretrained(root / "plain")
@@ -126,6 +128,7 @@ def test_a_dora_adapter_for_a_package_without_its_magnitudes_is_refused_by_name(
     from flora_graph.serving.genai import add_adapters
 
     model_dir, adapter_dir = dora_folders
+    torch.manual_seed(129)  # the adapter's random factors, the same on every run
     plain = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(model_dir),
                                 peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
     plain.save_pretrained(tmp_path / "plain")
@@ -144,6 +147,7 @@ def test_dora_in_an_encoder_decoder_package_decodes_as_eager_peft(tmp_path) -> N
 
     model = build("bart")
     model.save_pretrained(tmp_path / "base")
+    torch.manual_seed(147)  # the adapter's random factors, the same on every run
     adapted = peft.get_peft_model(type(model).from_pretrained(tmp_path / "base"),
                                   peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
                                                   target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))

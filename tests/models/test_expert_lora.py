@@ -157,6 +157,7 @@ def expert_package(moe_folders, tmp_path_factory: pytest.TempPathFactory) -> tup
     attention) and a layer adapter ``attn`` (q/o only); ``(package, {adapter: eager PEFT model})``."""
     model_dir, adapter_dir = moe_folders
     root = tmp_path_factory.mktemp("expert_pkg")
+    torch.manual_seed(160)  # the adapter's random factors, the same on every run
     attn = peft.get_peft_model(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir),
                                peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
     attn.save_pretrained(root / "attn")
@@ -219,6 +220,7 @@ def test_an_adapter_on_the_experts_alone_moves_the_tokens_through_them(moe_folde
     from flora_graph.serving.generate import Generator
 
     model_dir, _ = moe_folders
+    torch.manual_seed(222)  # the adapter's random factors, the same on every run
     model = peft.get_peft_model(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir),
                                 peft.LoraConfig(r=3, lora_alpha=6, target_modules=[], init_lora_weights=False,
                                                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
@@ -316,6 +318,7 @@ def test_an_expert_adapter_joins_a_package_without_exporting_it_again(expert_pac
 
     model_dir, _ = moe_folders
     package, _ = expert_package
+    torch.manual_seed(319)  # the adapter's random factors, the same on every run
     model = peft.get_peft_model(transformers.Qwen3MoeForCausalLM.from_pretrained(model_dir),
                                 peft.LoraConfig(r=5, lora_alpha=7, target_modules="all-linear", init_lora_weights=False))
     model.save_pretrained(tmp_path / "more")
