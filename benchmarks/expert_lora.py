@@ -30,6 +30,7 @@ import time
 import warnings
 from pathlib import Path
 
+from package_runners import eager_runner, genai_runner, generator_runner, one_thread
 from step_timing import paired_ratio, step_times
 
 
@@ -77,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     args = p.parse_args(argv)
 
-    import json
 
-    import onnxruntime_genai as og
     import peft
     import torch
     import transformers
@@ -96,43 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         assert cli(["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
                     *(a for n, d in dirs.items() for a in ("--adapter", f"{n}={d}")), "--out", str(root / "pkg")]) == 0
         export_s = time.perf_counter() - t0
-        cfg = root / "pkg" / "genai_config.json"
-        doc = json.loads(cfg.read_text())
-        doc["model"]["decoder"]["session_options"].update({"intra_op_num_threads": 1, "inter_op_num_threads": 1})
-        cfg.write_text(json.dumps(doc, indent=2))
+        one_thread(root / "pkg")
         first = next(iter(dirs))
         prompt = [1, *range(5, 5 + args.prompt - 1)]
         eager_models = {n: peft.PeftModel.from_pretrained(transformers.Qwen3MoeForCausalLM.from_pretrained(root / "base"),
                                                           d).eval() for n, d in dirs.items()}
         gen = Generator(root / "pkg", threads=1)
-        og_model = og.Model(str(root / "pkg"))
-        og_adapters = og.Adapters(og_model)
-        og_adapters.load(str(root / "pkg" / "adapters" / f"{first}.onnx_adapter"), first)
-
-        def generator(adapter: str, new: int) -> tuple[list[int], float]:
-            t = time.perf_counter()
-            out = gen.generate([prompt], adapters=adapter, max_new_tokens=new, stop_tokens=[])[0]
-            return out, time.perf_counter() - t
-
-        def genai(adapter: str, new: int) -> tuple[list[int], float]:
-            params = og.GeneratorParams(og_model)
-            params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-            t = time.perf_counter()
-            g = og.Generator(og_model, params)
-            g.set_active_adapter(og_adapters, adapter)
-            g.append_tokens(prompt)
-            while not g.is_done():
-                g.generate_next_token()
-            return [int(x) for x in g.get_sequence(0)][len(prompt):], time.perf_counter() - t
-
-        def eager(adapter: str, new: int) -> tuple[list[int], float]:
-            with torch.no_grad():
-                t = time.perf_counter()
-                out = eager_models[adapter].generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
-                                                     do_sample=False)
-                return out[0, len(prompt):].tolist(), time.perf_counter() - t
-
-        runs = {"generator": generator, "genai": genai, "eager": eager}
+        runs = {"generator": generator_runner(gen, prompt), "genai": genai_runner(root / "pkg", [first], prompt),
+                "eager": eager_runner(eager_models, prompt)}
         times, rounds, _ = step_times(runs, [first], args.rounds, args.new)
         same = all(t["generator"] == t["genai"] == t["eager"] for t in rounds)
         ms = {n: statistics.median(times[(n, first)]) * 1e3 for n in runs}
