@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from package_runners import eager_runner, genai_runner, generator_runner, one_thread
+from package_runners import eager_runner, genai_runner, generator_runner, mixed_vs_sequential, one_thread
 from step_timing import paired_ratio, step_times
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,19 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             want = [eager_models[n].generate(torch.tensor([q]), max_new_tokens=args.new, min_new_tokens=args.new,
                                              do_sample=False)[0, len(q):].tolist() for q, n in zip(prompts, rows, strict=True)]
-        runners = {"mixed": lambda: gen.generate(prompts, adapters=rows, max_new_tokens=args.new, stop_tokens=[]),
-                   "sequential": lambda: [gen.generate([q], adapters=n, max_new_tokens=args.new, stop_tokens=[])[0]
-                                          for q, n in zip(prompts, rows, strict=True)]}
-        rates: dict[str, list[float]] = {k: [] for k in runners}
-        same_mixed = True
-        for _ in range(args.rounds):
-            seconds: dict[str, list[float]] = {}
-            for k in [*runners, *reversed(runners)]:
-                t = time.perf_counter()
-                same_mixed &= runners[k]() == want
-                seconds.setdefault(k, []).append(time.perf_counter() - t)
-            for k, pair in seconds.items():
-                rates[k].append(args.rows * args.new / statistics.fmean(pair))
+        mixed_rate, seq_rate, ratio, same_mixed = mixed_vs_sequential(gen, prompts, rows, args.new, args.rounds, want)
 
     print(f"export of base + a DoRA and a LoRA adapter (r 16, all seven projections), both hot-swappable: {export_s:.2f} s")
     for n in names:
@@ -110,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 strict=True))
     print(f"a DoRA step / a LoRA step (generator): {dora_cost:.2f}x")
     print(f"greedy tokens equal (generator, genai, eager PEFT): {same}")
-    ratio = statistics.median(m / s for m, s in zip(rates["mixed"], rates["sequential"], strict=True))
     print(f"mixed batch, {args.rows} rows alternating DoRA and LoRA x {args.new} tokens (tokens/s, median of {args.rounds}): "
-          f"mixed {statistics.median(rates['mixed']):.0f}, the rows in sequence {statistics.median(rates['sequential']):.0f};"
+          f"mixed {mixed_rate:.0f}, the rows in sequence {seq_rate:.0f};"
           f" mixed / sequential {ratio:.2f}x; tokens equal eager PEFT per row: {same_mixed}")
     return 0 if same and same_mixed else 1
 

@@ -30,7 +30,7 @@ import time
 import warnings
 from pathlib import Path
 
-from package_runners import eager_runner, genai_runner, generator_runner, one_thread
+from package_runners import eager_runner, genai_runner, generator_runner, mixed_vs_sequential, one_thread
 from step_timing import paired_ratio, step_times
 
 
@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     args = p.parse_args(argv)
 
-
     import peft
     import torch
     import transformers
@@ -124,25 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError) as exc:
             peft_mixed = f"refused ({str(exc)[:100]})"
 
-        def mixed() -> list[list[int]]:
-            return gen.generate(prompts, adapters=names, max_new_tokens=args.new, stop_tokens=[])
-
-        def sequential() -> list[list[int]]:
-            return [gen.generate([q], adapters=n, max_new_tokens=args.new, stop_tokens=[])[0]
-                    for q, n in zip(prompts, names, strict=True)]
-
-        rates: dict[str, list[float]] = {"mixed": [], "sequential": []}
-        same_mixed = True
-        for _ in range(args.rounds):
-            seconds: dict[str, list[float]] = {}
-            for name, fn in [("mixed", mixed), ("sequential", sequential), ("sequential", sequential), ("mixed", mixed)]:
-                t = time.perf_counter()
-                got = fn()
-                seconds.setdefault(name, []).append(time.perf_counter() - t)
-                same_mixed &= got == want
-            for name, pair in seconds.items():
-                rates[name].append(len(names) * args.new / statistics.fmean(pair))
-        ratio = statistics.median(m / s for m, s in zip(rates["mixed"], rates["sequential"], strict=True))
+        mixed_rate, seq_rate, ratio, same_mixed = mixed_vs_sequential(gen, prompts, names, args.new, args.rounds, want)
 
     print(f"Qwen3-MoE hidden {args.hidden}, {args.layers} layers, {args.experts} experts, top-{args.top_k}, expert width "
           f"{args.expert_width}; {args.adapters} all-linear adapters (expert tensors, routers, attention)")
@@ -153,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
           f"eager/genai {paired_ratio(times, 'eager', 'genai', first):.1f}x")
     print(f"greedy tokens equal (generator, genai, eager PEFT): {same}")
     print(f"mixed batch, {len(names)} rows over {len(names)} adapters x {args.new} tokens (tokens/s, median of "
-          f"{args.rounds}): mixed {statistics.median(rates['mixed']):.0f}, the rows in sequence "
-          f"{statistics.median(rates['sequential']):.0f}; mixed / sequential {ratio:.2f}x; tokens equal eager PEFT per "
+          f"{args.rounds}): mixed {mixed_rate:.0f}, the rows in sequence "
+          f"{seq_rate:.0f}; mixed / sequential {ratio:.2f}x; tokens equal eager PEFT per "
           f"row: {same_mixed}; PEFT's adapter_names on these adapters: {peft_mixed}")
     return 0 if same and same_mixed else 1
 

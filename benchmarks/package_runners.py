@@ -63,3 +63,27 @@ def eager_runner(models: Mapping[str | None, Any], prompt: list[int]) -> Runner:
                                            do_sample=False)
             return out[0, len(prompt):].tolist(), time.perf_counter() - t
     return run
+
+
+def mixed_vs_sequential(gen: Any, prompts: list[list[int]], adapters: list[str | None], new: int, rounds: int,
+                        want: list[list[int]]) -> tuple[float, float, float, bool]:
+    """The Generator ``gen`` on ``prompts`` (row ``i`` with ``adapters[i]``) decoded as one mixed batch and as the rows
+    one after the other, interleaved for ``rounds`` rounds (each round runs them in an order and its reverse):
+    ``(mixed tokens/s, sequential tokens/s, median of the rounds' mixed / sequential, every run gave want)``."""
+    import statistics
+
+    runners = {"mixed": lambda: gen.generate(prompts, adapters=adapters, max_new_tokens=new, stop_tokens=[]),
+               "sequential": lambda: [gen.generate([q], adapters=a, max_new_tokens=new, stop_tokens=[])[0]
+                                      for q, a in zip(prompts, adapters, strict=True)]}
+    rates: dict[str, list[float]] = {k: [] for k in runners}
+    same = True
+    for _ in range(rounds):
+        seconds: dict[str, list[float]] = {}
+        for k in [*runners, *reversed(runners)]:
+            t = time.perf_counter()
+            same &= runners[k]() == want
+            seconds.setdefault(k, []).append(time.perf_counter() - t)
+        for k, pair in seconds.items():
+            rates[k].append(len(prompts) * new / statistics.fmean(pair))
+    ratio = statistics.median(m / s for m, s in zip(rates["mixed"], rates["sequential"], strict=True))
+    return statistics.median(rates["mixed"]), statistics.median(rates["sequential"]), ratio, same
