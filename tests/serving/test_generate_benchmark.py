@@ -1,4 +1,4 @@
-"""``benchmarks/generate.py`` on a tiny run: every column runs and produces eager PEFT's tokens."""
+"""The benchmarks (`generate.py`, `int4.py`, `beam_search.py`, `dora.py`, `expert_lora.py`) on tiny runs: every column runs and produces eager PEFT's tokens."""
 
 from __future__ import annotations
 
@@ -49,3 +49,26 @@ def test_beam_search_benchmark_runs_every_column_with_equal_tokens(capsys) -> No
     out = capsys.readouterr().out
     assert "tokens equal eager's: generator True, genai True" in out
     assert out.count("the same hypotheses: True") == 2 and "generator/genai" in out
+
+
+@pytest.mark.slow
+def test_dora_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))
+        bench = importlib.import_module("dora")
+        assert bench.main(["--new", "6", "--rows", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy tokens equal (generator, genai, eager PEFT): True" in out
+    assert "a DoRA step / a LoRA step (generator)" in out and "tokens equal eager PEFT per row: True" in out
+
+
+@pytest.mark.slow
+def test_expert_lora_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))
+        bench = importlib.import_module("expert_lora")
+        assert bench.main(["--hidden", "64", "--layers", "2", "--expert-width", "64", "--adapters", "2", "--new", "6",
+                           "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy tokens equal (generator, genai, eager PEFT): True" in out
+    assert "tokens equal eager PEFT per row: True" in out and "adapter_names on these adapters: refused" in out
