@@ -117,8 +117,9 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
         if key == "trainable_token_indices" and value not in (None, [], {}):
             raise AdapterError(f"{path}: option trainable_token_indices={value!r} (embedding rows of their own for the "
                                "tokens it names) is not held by flora_graph's LoRA adapters; capture the PEFT model "
-                               "itself, or export with `flora-graph export MODEL --adapter DIR`, which installs such a "
-                               "folder through PEFT"[:700])
+                               "itself, export with `flora-graph export MODEL --adapter DIR`, which installs such a "
+                               "folder through PEFT, or serve it hot-swappable in a GenAI package "
+                               "(`--format genai --adapter NAME=DIR`)"[:700])
         if value not in (default, None, {}, [], False):
             raise AdapterError(f"{path}: option {key}={value!r} is not supported by flora_graph (refused, not ignored)")
     unknown = sorted(k for k in cfg if k not in _KNOWN and cfg[k] not in (None, False, {}, []))

@@ -246,7 +246,7 @@ def export_genai(
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
 
     ``merge``: a PEFT folder baked into the base weights first, by PEFT itself (``merge_and_unload``): any
-    adapter PEFT can merge, those no hot-swappable slot holds included (``modules_to_save``, trainable tokens). The package's base model is then the adapted model; ``adapters``
+    adapter PEFT can merge, those no hot-swappable slot holds included (``modules_to_save``). The package's base model is then the adapted model; ``adapters``
     swap on top of it.
 
     ``mixed=False`` leaves out ``mixed.onnx`` (rows with different adapters in one batch, for the
@@ -645,11 +645,6 @@ def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None
         raise AdapterError(f"adapter {name!r} ({folder}): modules_to_save={cfg['modules_to_save']!r} replaces base "
                            "weights, which a hot-swappable adapter cannot do; bake it into the package's base model "
                            "instead (--merge-adapter DIR; export_genai(merge=DIR))")
-    if cfg.get("trainable_token_indices"):
-        raise AdapterError(f"adapter {name!r} ({folder}): trainable_token_indices={cfg['trainable_token_indices']!r} "
-                           "gives the tokens it names embedding rows of their own, which a hot-swappable adapter "
-                           "cannot do (its slots are on linear layers); bake it into the package's base model instead "
-                           "(--merge-adapter DIR; export_genai(merge=DIR))"[:900])
 
 
 def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None],

@@ -441,7 +441,7 @@ def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     from flora_graph.adapters.peft import load_peft_adapter, read_peft_config
 
     cfg = read_peft_config(folder, peft_layers=True)
-    if cfg.get("target_parameters") or cfg.get("use_dora"):
+    if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices"):
         return params_through_peft(base_model, folder)
     model = copy.deepcopy(base_model)
     load_peft_adapter(model, folder, keep_base=True)
@@ -458,7 +458,9 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     """``{param name: array}`` of a PEFT folder that only PEFT's own layers hold, read through them.
 
     For LoRA on parameters (``target_parameters``, a mixture of experts' expert tensors: PEFT alone knows how it nests
-    one wrapper per adapted parameter) and DoRA (``use_dora``). The folder is installed by PEFT on a copy of
+    one wrapper per adapted parameter), DoRA (``use_dora``) and trainable tokens (``trainable_token_indices``: new
+    embedding rows for the tokens named, as a LoRA whose rank is their count on the embedding, and on an output layer
+    tied to it, :func:`_token_rows`). The folder is installed by PEFT on a copy of
     ``base_model``. A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
     (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; a layer's as
     :func:`adapter_params` names them. A DoRA layer also gives its magnitude as ``d = m / ||W + s B A|| - 1`` per output
@@ -472,6 +474,7 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     import peft
     import torch
     from peft.tuners import lora
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -531,4 +534,44 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
             out[f"{path}.lora_B"] = np.ascontiguousarray(b.to(dtype).numpy())
             if magnitude is not None:
                 out[magnitude_name(path)] = np.ascontiguousarray(magnitude.to(dtype).numpy())
+        for name, mod in adapted.named_modules():
+            if isinstance(mod, TrainableTokensLayer) and "default" in mod.token_indices:
+                _add_rank(out, _peft_path(name).removesuffix(".token_adapter"), *_token_rows(mod))
     return out
+
+
+def _token_rows(layer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's trainable tokens of ``layer`` as a LoRA of rank ``n`` (their count), ``(A, B)`` in the slot's layout:
+    the rows ``new - old`` of the tokens named, picked by one-hot factors. An embedding's ``A`` ``[n, vocab]`` picks
+    each token's id and ``B`` ``[dim, n]`` holds its new row less its old (times a scaled embedding's ``embed_scale``,
+    which PEFT applies to the new rows too); a tied output layer's ``A`` ``[n, dim]`` holds the rows and ``B``
+    ``[vocab, n]`` puts each on its token's logit."""
+    import torch
+
+    idx = list(layer.token_indices["default"])
+    base = layer.base_layer
+    w = base.weight.detach().float()
+    delta = layer.trainable_tokens_delta["default"].detach().float() - w[idx]  # [n, dim]
+    one_hot = torch.zeros(len(idx), w.shape[0])
+    one_hot[torch.arange(len(idx)), torch.tensor(idx)] = 1
+    if isinstance(base, torch.nn.Embedding):
+        scale = layer._get_embed_scale()
+        b = delta.T * (float(scale) if scale is not None else 1.0)
+        a = one_hot
+    elif isinstance(base, torch.nn.Linear):
+        a, b = delta, one_hot.T
+    else:
+        raise AdapterError(f"trainable tokens on a {type(base).__name__}, which no slot takes")
+    dtype = base.weight.dtype
+    if dtype == torch.bfloat16:
+        raise AdapterError("trainable tokens: bfloat16 weights; cast the model to float32/float16")
+    return a.to(dtype).numpy(), b.to(dtype).numpy()
+
+
+def _add_rank(params: dict[str, np.ndarray], module: str, a: np.ndarray, b: np.ndarray) -> None:
+    """Add ``(a, b)`` to ``module``'s adapter in ``params`` (its ranks joined: the sum of both products), or set it."""
+    a_name, b_name = weight_names(module)
+    if a_name in params:
+        a = np.concatenate([params[a_name], a], axis=0)
+        b = np.concatenate([params[b_name], b], axis=1)
+    params[a_name], params[b_name] = np.ascontiguousarray(a), np.ascontiguousarray(b)

@@ -101,20 +101,63 @@ def _trainable_tokens(model, folder: Path) -> object:
     return adapted.eval()
 
 
-def test_trainable_tokens_are_refused_as_swappable_and_merged_on_request(tmp_path: Path) -> None:
-    """Trainable tokens give the tokens they name embedding rows of their own: no hot-swappable slot holds them, so
-    the package refuses them by name and takes them merged into its base model, where it decodes as eager PEFT."""
+def test_trainable_tokens_merged_on_request_decode_as_eager_peft(tmp_path: Path) -> None:
+    """``--merge-adapter`` bakes trainable tokens into the package's base model, where it decodes as eager PEFT."""
     from flora_graph.serving.genai import export_genai
     from tests.serving.genai_package import eager_greedy
 
     model = small_model("LlamaForCausalLM")
     adapted = _trainable_tokens(model, tmp_path)
-    with pytest.raises(AdapterError, match=r"trainable_token_indices=\[5, 9\].*--merge-adapter"):
-        export_small(model, tmp_path, {"tokens": tmp_path / "tokens"})
     export_genai(tmp_path / "base", tmp_path / "pkg", merge=tmp_path / "tokens")
     prompt = [1, 5, 9, 33, 9]
     got = Generator(tmp_path / "pkg").generate([prompt], max_new_tokens=8, min_new_tokens=8)[0]
     assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != eager_greedy(model, prompt, 8, min_new_tokens=8)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM"])
+def test_trainable_tokens_are_hot_swappable(tmp_path: Path, arch: str) -> None:
+    """Trainable tokens (new embedding rows for the tokens named) as a LoRA of their count's rank on the embedding:
+    one-hot ``A`` picks each token's id, ``B`` holds its new row less its old; on an output layer tied to the
+    embedding (Qwen2 here), the same rows on their tokens' logits; Gemma 3's scaled embedding scales them. Greedy
+    tokens equal eager PEFT's alone, beside a plain row, and in ONNX Runtime GenAI; the file's embedding product is
+    PEFT's new rows less the old ones."""
+    import numpy as np
+    import onnxruntime_genai as og
+    import torch
+
+    from flora_graph.serving.adapter_file import read_adapter
+    from tests.serving.genai_package import eager_greedy, genai_tokens
+
+    model = small_model(arch)
+    if arch == "Qwen2ForCausalLM":  # the output layer tied to the embedding: PEFT gives it the new rows too
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    adapted = _trainable_tokens(model, tmp_path)
+    export_small(model, tmp_path, {"tokens": tmp_path / "tokens"})
+    prompt = [1, 5, 9, 33, 9]
+    want, plain = eager_greedy(adapted, prompt, 8, min_new_tokens=8), eager_greedy(model, prompt, 8, min_new_tokens=8)
+    tied = arch == "Qwen2ForCausalLM"
+    assert tied or want != plain  # (the tied model's own tokens are its new token's already)
+    gen = Generator(tmp_path / "pkg")
+    assert gen.generate([prompt], adapters="tokens", max_new_tokens=8, min_new_tokens=8)[0] == want
+    assert gen.generate([prompt, prompt], adapters=[None, "tokens"], max_new_tokens=8, min_new_tokens=8) == [plain, want]
+    og_model = og.Model(str(tmp_path / "pkg"))
+    loaded = og.Adapters(og_model)
+    loaded.load(str(tmp_path / "pkg" / "adapters" / "tokens.onnx_adapter"), "tokens")
+    assert genai_tokens(og_model, prompt, 8, loaded, "tokens") == want
+    params = read_adapter(tmp_path / "pkg" / "adapters" / "tokens.onnx_adapter").params
+    a, b = params["model.embed_tokens.lora_A"], params["model.embed_tokens.lora_B"]
+    layer = next(m for n, m in adapted.named_modules() if n.endswith("embed_tokens.token_adapter"))
+    scale = layer._get_embed_scale()
+    with torch.no_grad():
+        rows = (layer.trainable_tokens_delta["default"] - model.model.embed_tokens.weight[[5, 9]]).numpy()
+    np.testing.assert_allclose((b @ a).T[[5, 9]], rows * (1.0 if scale is None else float(scale)), rtol=1e-5, atol=1e-5)
+    assert not np.any((b @ a).T[[0, 1, 33]])  # the other tokens' rows are left alone
+    assert ("lm_head.lora_A" in params) == tied  # a tied output layer carries the rows too
+    if tied:  # each named token's logit row moves by its new row less its old, no other row
+        head = params["lm_head.lora_B"] @ params["lm_head.lora_A"]
+        np.testing.assert_allclose(head[[5, 9]], rows, rtol=1e-5, atol=1e-5)
+        assert not np.any(head[[0, 1, 33]])
 
 
 def test_trainable_tokens_export_through_peft_and_the_loader_names_the_option(tmp_path: Path) -> None:
