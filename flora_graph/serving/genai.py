@@ -246,8 +246,9 @@ def export_genai(
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
 
     ``merge``: a PEFT folder baked into the base weights first, by PEFT itself (``merge_and_unload``): any
-    adapter PEFT can merge, those no hot-swappable slot holds included (``modules_to_save``). The package's base model is then the adapted model; ``adapters``
-    swap on top of it.
+    adapter PEFT can merge, those no hot-swappable slot holds included (``modules_to_save``). The package's base
+    model is then the adapted model; ``adapters`` swap on top of it. Adapters with DoRA, LoRA on a mixture of
+    experts' expert tensors (``target_parameters``) or trainable tokens swap as any other.
 
     ``mixed=False`` leaves out ``mixed.onnx`` (rows with different adapters in one batch, for the
     :class:`~flora_graph.serving.generate.Generator`), which holds its own copy of the base weights: half the
