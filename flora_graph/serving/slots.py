@@ -431,10 +431,10 @@ def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     The folder is installed on a copy of ``base_model`` (the plain model the swappable graph
     was captured from, without adapters) with :func:`~flora_graph.adapters.peft.load_peft_adapter`,
     which honours ``r``/``lora_alpha``/``use_rslora``/``rank_pattern``/``alpha_pattern`` and
-    refuses what it cannot (a folder with ``target_parameters``, LoRA on expert tensors, is read through PEFT's
-    own layers, as is a DoRA folder: :func:`params_through_peft`), a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
+    refuses what it cannot, a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
     saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
-    itself is not touched.
+    itself is not touched. A folder that only PEFT's own layers hold (``target_parameters``: LoRA on expert
+    tensors; ``use_dora``; ``trainable_token_indices``) is read through them instead: :func:`params_through_peft`.
     """
     import copy
 
