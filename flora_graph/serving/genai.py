@@ -35,7 +35,6 @@ import contextlib
 import json
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -591,26 +590,10 @@ def _fit_config(doc: dict[str, Any], model: Any) -> None:
 
 def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:
     """``model`` with the PEFT folder ``folder`` merged into its weights by PEFT (``merge_and_unload``)."""
-    import peft
-    from safetensors import safe_open
-
-    from flora_graph.adapters.peft import WEIGHTS_FILE
+    from flora_graph.serving.slots import peft_installed
 
     say(f"merging {folder} into the base weights")
-    try:
-        with warnings.catch_warnings():  # PEFT warns, and goes on, where a target matches nothing: checked below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            adapted = peft.PeftModel.from_pretrained(model, folder)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # what PEFT raises on a folder for another model
-        raise AdapterError(f"{folder}: PEFT could not merge it into {type(model).__name__} "
-                           f"({str(exc)[:300] or type(exc).__name__})") from None
-    with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
-        saved = set(f.keys())
-    unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
-    if unheld:  # PEFT would merge the rest and drop these without a word
-        raise AdapterError(f"{folder}: PEFT could not merge it into {type(model).__name__}: {len(unheld)} of its "
-                           f"tensors match nothing there ({', '.join(unheld[:3])}{', ...' if len(unheld) > 3 else ''});"
-                           " is it an adapter of another model?")
+    adapted = peft_installed(model, folder, "merge")
     return adapted.merge_and_unload().eval()
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "packed_from_metadata",
     "param_spec",
     "params_through_peft",
+    "peft_installed",
     "slots_from_metadata",
     "slots_to_metadata",
     "unpack_params",
@@ -454,6 +455,34 @@ def _peft_path(name: str) -> str:
     return ".".join(p for p in name.removeprefix("base_model.model.").split(".") if p != "base_layer")
 
 
+def peft_installed(model: Any, folder: Path, what: str) -> Any:
+    """``model`` (changed in place) with the PEFT folder ``folder`` installed by PEFT itself, to ``what`` (``"merge"``,
+    ``"load"``: how messages say it). Raises :class:`AdapterError` where PEFT refuses the folder, and where some of its
+    tensors match nothing in the model (PEFT would drop them without a word: an adapter of another model)."""
+    import warnings
+
+    import peft
+    from safetensors import safe_open
+
+    from flora_graph.adapters.peft import WEIGHTS_FILE
+
+    try:
+        with warnings.catch_warnings():  # PEFT warns, and goes on, where a target matches nothing: checked below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            adapted = peft.PeftModel.from_pretrained(model, folder)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # what PEFT raises on a folder for another model
+        raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__} "
+                           f"({str(exc)[:300] or type(exc).__name__})") from None
+    with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
+        saved = set(f.keys())
+    unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
+    if unheld:
+        raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__}: {len(unheld)} of its "
+                           f"tensors match nothing there ({', '.join(unheld[:3])}{', ...' if len(unheld) > 3 else ''});"
+                           " is it an adapter of another model?")
+    return adapted
+
+
 def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     """``{param name: array}`` of a PEFT folder that only PEFT's own layers hold, read through them.
 
@@ -471,25 +500,12 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     """
     import copy
 
-    import peft
     import torch
     from peft.tuners import lora
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-    from safetensors import safe_open
 
     folder = Path(folder)
-    model = copy.deepcopy(base_model)
-    try:
-        adapted = peft.PeftModel.from_pretrained(model, folder)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise AdapterError(f"{folder}: PEFT could not load it into {type(base_model).__name__} "
-                           f"({str(exc)[:300] or type(exc).__name__})") from None
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        saved = set(f.keys())
-    unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
-    if unheld:
-        raise AdapterError(f"{folder}: {len(unheld)} of its tensors match nothing in {type(base_model).__name__} "
-                           f"({', '.join(unheld[:3])}); is it an adapter of another model?")
+    adapted = peft_installed(copy.deepcopy(base_model), folder, "load")
     own = dict(base_model.named_parameters())
     for name, p in adapted.named_parameters():  # a swappable adapter leaves the base model as it is
         path = _peft_path(name)
