@@ -26,7 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
-from package_runners import eager_runner, genai_runner, generator_runner, mixed_vs_sequential, one_thread
+from generate import _genai_runner, build
+from package_runners import eager_runner, generator_runner, mixed_vs_sequential
 from step_timing import paired_ratio, step_times
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     args = p.parse_args(argv)
 
+    import onnxruntime_genai as og
     import peft
     import torch
     import transformers
-    from generate import build
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -70,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                     "--adapter", f"dora={root / 'dora'}", "--adapter", f"lora={root / 'lora'}",
                     "--out", str(root / "pkg")]) == 0
         export_s = time.perf_counter() - t0
-        one_thread(root / "pkg")
         names = ["dora", "lora"]
         prompt = [1, *range(5, 5 + args.prompt - 1)]
         eager_models = {n: peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(root / "base"),
                                                           root / n).eval() for n in names}
         gen = Generator(root / "pkg", threads=1)
-        runs = {"generator": generator_runner(gen, prompt), "genai": genai_runner(root / "pkg", names, prompt),
+        # onnxruntime-genai on one thread (_genai_runner sets the package's config), the adapters' files loaded
+        runs = {"generator": generator_runner(gen, prompt),
+                "genai": _genai_runner(og, root / "pkg", {n: root / n for n in names}, prompt),
                 "eager": eager_runner(eager_models, prompt)}
         times, rounds, _ = step_times(runs, names, args.rounds, args.new)
         same = all(t["generator"] == t["genai"] == t["eager"] for t in rounds)

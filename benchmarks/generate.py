@@ -54,6 +54,7 @@ import warnings
 from pathlib import Path
 
 from optimum_worker import OptimumWorker, add_optimum_python
+from package_runners import eager_runner, generator_runner, interleaved_rates
 from step_timing import paired_ratio, step_times
 
 SIZE = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 4, "intermediate": 688, "vocab": 512}
@@ -145,21 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             eager_models[n] = peft.PeftModel.from_pretrained(
                 transformers.LlamaForCausalLM.from_pretrained(root / "base"), d).eval()
 
-        def eager(adapter: str | None, new: int) -> tuple[list[int], float]:
-            with torch.no_grad():
-                t = time.perf_counter()
-                out = eager_models[adapter].generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
-                                                     do_sample=False)
-                return out[0, len(prompt):].tolist(), time.perf_counter() - t
-
         from flora_graph.serving.generate import Generator
 
         flora = Generator(root / "pkg", threads=1)
-
-        def generator(adapter: str | None, new: int) -> tuple[list[int], float]:
-            t = time.perf_counter()
-            out = flora.generate([prompt], adapters=adapter, max_new_tokens=new, stop_tokens=[])[0]
-            return out, time.perf_counter() - t
+        eager, generator = eager_runner(eager_models, prompt), generator_runner(flora, prompt)
 
         # the pairs whose ratios are printed run next to each other; eager, the slowest, runs last
         runs = {"genai": genai, "generator": generator, "genai no-branch": no_branch,
@@ -294,17 +284,7 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
 
     runners = {"generator mixed": mixed, "generator sequential": sequential, "generator one-adapter batch": one_adapter,
                "peft adapter_names": peft_names}
-    rates: dict[str, list[float]] = {}
-    same = True
-    for _ in range(args.rounds):
-        seconds: dict[str, list[float]] = {}
-        for name in [*runners, *reversed(runners)]:  # in an order and in reverse, as the decode steps above
-            t = time.perf_counter()
-            got = runners[name]()
-            seconds.setdefault(name, []).append(time.perf_counter() - t)
-            same &= got is None or got == want
-        for name, pair in seconds.items():
-            rates.setdefault(name, []).append(total / statistics.fmean(pair))
+    rates, same = interleaved_rates(runners, args.rounds, total, want)  # in an order and in reverse, as the steps above
     result = {k: statistics.median(v) for k, v in rates.items()}
     for a, b in (("generator mixed", "generator sequential"), ("generator one-adapter batch", "generator sequential"),
                  ("generator mixed", "generator one-adapter batch"), ("generator mixed", "peft adapter_names")):
