@@ -207,10 +207,10 @@ def _site_of_slot(n: ComputationNode) -> _Site:
     elif kind == "experts":  # A [experts, r, in], or its stack [slots, experts, R, in]; ids the last input
         a = n.inputs[2].shape
         in_dims, out = (int(a[0] if n.op is Op.LORA_SLOT else a[1]), int(x.shape[-1])), int(base.shape[-1])
-        return _Site(n.attrs["module"], kind, n, base, x, in_dims, out, n.dtype, dict(n.attrs), dict(n.meta), n.inputs[-1])
     else:
         in_dims, out = (int(x.shape[1]), *n.attrs["kernel"]), int(base.shape[1])
-    return _Site(n.attrs["module"], kind, n, base, x, in_dims, out, n.dtype, dict(n.attrs), dict(n.meta))
+    return _Site(n.attrs["module"], kind, n, base, x, in_dims, out, n.dtype, dict(n.attrs), dict(n.meta),
+                 n.inputs[-1] if kind == "experts" else None)
 
 
 def _check_intact(graph: Graph, covered: set[str]) -> None:
