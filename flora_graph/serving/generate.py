@@ -651,24 +651,32 @@ class Batch:
 
     def remove(self, rid: int) -> None:
         """Drop an active row from the batch (its tokens stay readable with :meth:`row`)."""
-        self._done[rid] = self._detach(rid)
+        self._finish([rid])
 
-    def _detach(self, rid: int) -> Row:
-        """Take the active row ``rid`` out of the batch and its caches."""
-        idx = next((i for i, r in enumerate(self.rows) if r.rid == rid), None)
-        if idx is None:
-            raise GenerationError(f"row {rid} is not active in this batch")
-        row = self.rows.pop(idx)
+    def _finish(self, rids: Sequence[int]) -> None:
+        """Drop the active rows ``rids`` together (one copy of the caches), their tokens kept readable."""
+        for row in self._detach(rids):
+            self._done[row.rid] = row
+
+    def _detach(self, rids: Sequence[int]) -> list[Row]:
+        """Take the active rows ``rids`` out of the batch and its caches (one copy of the caches for all of them;
+        none when no row stays), in the order given."""
+        where = {r.rid: i for i, r in enumerate(self.rows)}
+        if missing := [rid for rid in rids if rid not in where]:
+            raise GenerationError(f"row {missing[0]} is not active in this batch")
+        gone = {where[rid] for rid in rids}
+        out = [self.rows[where[rid]] for rid in rids]
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        self.positions = [self.positions[i] for i in keep]
         self._plan = None
-        keep = [i for i in range(len(self.rows) + 1) if i != idx]
-        del self.positions[idx]
         if self.shared is not None:  # the buffers keep their capacity
             self.shared.set([c[keep] for c in self.shared.arrays] if self.rows else [], self.positions)
-            return row
+            return out
         self.cache = [c[keep] for c in self.cache]
         self.mask = self.mask[keep]
         self._trim()
-        return row
+        return out
 
     def step(self) -> dict[int, int]:
         """Feed every active row's last token, choose the next; return ``{row id: token}``. Rows
@@ -714,16 +722,16 @@ class Batch:
         else:
             picks = [pick_token(r, logits[i, -1]) for i, r in enumerate(rows)]
         chosen = {r.rid: take_token(r, tok) for r, tok in zip(rows, picks, strict=True)}
-        for r in [r for r in rows if r.done]:
-            self.remove(r.rid)
+        if done := [r.rid for r in rows if r.done]:  # rows finishing together leave in one copy of the caches
+            self._finish(done)
         return chosen
 
     # ------------------------------------------------------------------ internals
     def _drop_unserved(self) -> bool:
         """Finish the rows whose adapter is no longer served, their ``error`` saying so; whether there were any."""
-        gone = [r for r in self.rows if self._unserved(r)]
-        for r in gone:
-            self.remove(r.rid)
+        gone = [r.rid for r in self.rows if self._unserved(r)]
+        if gone:
+            self._finish(gone)
         return bool(gone)
 
     def _unserved(self, row: Row) -> bool:
@@ -737,8 +745,7 @@ class Batch:
         """:meth:`step` where rows reach the package's :data:`~flora_graph.serving.genai.REFILL_KEY` position:
         the others step as usual, and each of those runs all its tokens again from an empty cache (its
         rotary now takes the long frequencies, as transformers' and GenAI's Phi-3 recompute the cache there)."""
-        refill = [self._detach(r.rid) for r in [r for r, p in zip(self.rows, self.positions, strict=True)
-                                                if p == self.gen.refill_at]]
+        refill = self._detach([r.rid for r, p in zip(self.rows, self.positions, strict=True) if p == self.gen.refill_at])
         chosen = self.step() if self.rows else {}
         for row in refill:
             if self._unserved(row):

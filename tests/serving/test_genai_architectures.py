@@ -167,20 +167,26 @@ def test_batched_rows_of_different_lengths_equal_their_single_runs_on_either_cac
     """With ONNX Runtime's contrib ops, attention becomes GroupQueryAttention (right-padded caches shared by
     past and present; GenAI shares its buffers too), in 3-D (Llama) or 4-D (Qwen3, caches concatenated
     outside); in standard ONNX (``contrib=False``) the caches are left-padded: either way rows of
-    different lengths, joining and leaving, decode as they do alone."""
+    different lengths, joining and leaving (two in the same step, from between rows that stay), decode as they
+    do alone."""
     _package(arch, tmp_path, contrib=right)
     gen = Generator(tmp_path / "pkg")
     assert gen.right_padded is right
     assert json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is right
-    prompts = [PROMPT, [1, 7, 3], [1, 100, 101, 102, 103, 104, 105, 106, 107]]
-    alone = [gen.generate([p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(prompts, (10, 4, 7), strict=True)]
+    prompts = [PROMPT, [1, 7, 3], [1, 100, 101, 102, 103, 104, 105, 106, 107], [1, 9, 8, 7, 6]]
+    news = (10, 4, 7, 4)
+    alone = [gen.generate([p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(prompts, news, strict=True)]
     batch = gen.batch()
     rows = [batch.add(prompts[0], max_new_tokens=10, stop_tokens=[])]
     batch.step()
     rows.append(batch.add(prompts[1], max_new_tokens=4, stop_tokens=[]))  # leaves first: the cache is trimmed
     rows.append(batch.add(prompts[2], max_new_tokens=7, stop_tokens=[]))  # the longest history
+    rows.append(batch.add(prompts[3], max_new_tokens=4, stop_tokens=[]))  # leaves with the second row
+    sizes = []
     while batch.active:
         batch.step()
+        sizes.append(len(batch.active))
+    assert sizes[:3] == [4, 4, 2]  # rows 1 and 3 left in one step; rows 0 and 2 went on
     assert [batch.row(r).generated for r in rows] == alone
 
 
