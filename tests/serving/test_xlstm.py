@@ -51,8 +51,10 @@ def test_forward_keeps_eager_logits_and_steps_from_the_cache(model) -> None:
     assert is_xlstm_lm(model)
     torch.testing.assert_close(whole, want, rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.cat([prefill, *steps], 1), eager.logits, rtol=0, atol=1e-4)
-    for j, state in enumerate(eager.cache.rnn_state[1]):  # the states are transformers' own
-        torch.testing.assert_close(cache.layers[1].recurrent_states[j], state, rtol=1e-4, atol=1e-5)
+    # the states are transformers' own, to float32 rounding through the exponential gates: up to 4e-5 on states as
+    # large as 10.6 (1e-5 of each state's largest entry), which one small entry's relative error alone can exceed
+    for j, state in enumerate(eager.cache.rnn_state[1]):
+        torch.testing.assert_close(cache.layers[1].recurrent_states[j], state, rtol=1e-4, atol=1e-4)
 
 
 def test_layout_names_each_layers_states(model) -> None:
