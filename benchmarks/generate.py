@@ -35,7 +35,9 @@ vLLM's CPU backend on the same base, adapters and prompts: tokens/s of each. The
 one batch with one adapter for all of them show what batching alone gains on this machine,
 the ceiling of the mixed batch's gain over the rows in sequence; the base model's matmuls alone, timed
 at one row and at the batch's rows in one ONNX Runtime graph, and the batch's matmuls with each row's own
-adapter products beside them, estimate what any mixed step can gain here.
+adapter products beside them, estimate what any mixed step can gain here. Then a batch whose rows share adapters
+(``--shared-rows`` over ``--shared-adapters``), as the Generator runs it (rows grouped by adapter) against each row
+reading its own weights and against one adapter for every row.
 Every run uses 1 thread (torch and ONNX Runtime: no worker threads to spin). It checks that
 all of them produce eager PEFT's greedy tokens and prints the ratios.
 Run: ``python benchmarks/generate.py``.
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     add_optimum_python(p)
     for key, default in SIZE.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=default, help=f"the Llama's {key.replace('_', ' ')}")
+    p.add_argument("--shared-rows", type=int, default=32,
+                   help="rows of the batch whose rows share adapters (row i uses adapter i mod --shared-adapters)")
+    p.add_argument("--shared-adapters", type=int, default=4, help="adapters those rows share")
     p.add_argument("--mixed-only", action="store_true",
                    help="only the export and the mixed-adapter batch (no per-step runners): for larger --hidden etc.")
     args = p.parse_args(argv)
@@ -200,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"max {max(SWITCH_MS):.3f} ms over {len(SWITCH_MS)} generations; the Generator names the adapter "
                   "per call (no switch step)")
         _print_mixed(args, len(peft_dirs), mixed, same_mixed, vllm_same)
-    return 0 if same and same_mixed else 1
+        same_shared = _shared_batch(args, flora, eager_models, root, peft_dirs)
+    return 0 if same and same_mixed and same_shared else 1
 
 
 def _mixed_only(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path], export_s: float) -> int:
@@ -212,11 +218,13 @@ def _mixed_only(args: argparse.Namespace, root: Path, peft_dirs: dict[str, Path]
 
     eager_models = {n: peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(root / "base"),
                                                       d).eval() for n, d in peft_dirs.items()}
-    mixed, same_mixed, vllm_same = _mixed_batch(args, Generator(root / "pkg", threads=1), eager_models, root, peft_dirs)
+    flora = Generator(root / "pkg", threads=1)
+    mixed, same_mixed, vllm_same = _mixed_batch(args, flora, eager_models, root, peft_dirs)
     size = ", ".join(f"{k} {getattr(args, k)}" for k in SIZE)
     print(f"Llama {size}; export of base + {args.adapters} adapters: {export_s:.2f} s")
     _print_mixed(args, len(peft_dirs), mixed, same_mixed, vllm_same)
-    return 0 if same_mixed else 1
+    same_shared = _shared_batch(args, flora, eager_models, root, peft_dirs)
+    return 0 if same_mixed and same_shared else 1
 
 
 def _print_mixed(args: argparse.Namespace, rows: int, mixed: dict, same_mixed: bool, vllm_same: bool | None) -> None:
@@ -294,6 +302,44 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
     if vllm is not None:
         result["vllm"] = statistics.median(vllm["tokens_per_s"])
     return result, same, None if vllm is None else vllm["tokens"] == want
+
+
+def _shared_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft_dirs: dict[str, Path]) -> bool:
+    """A batch of ``--shared-rows`` rows over ``--shared-adapters`` adapters (row ``i``: adapter ``i`` mod that, one of
+    8 prompts), as a server's rows share adapters: tokens/s of the Generator as it runs them (``group_rows``: the
+    rows of an adapter together, its weights read once a step), with each row's own weights (``group_rows=False``),
+    and with one adapter for every row (no per-row adapter work: the ceiling), interleaved as :func:`_mixed_batch`;
+    prints them and returns whether both layouts gave the same tokens, and the rows of the first 8 prompts eager
+    PEFT's."""
+    import torch
+
+    from flora_graph.serving.generate import Generator
+
+    names = list(peft_dirs)[:max(1, args.shared_adapters)]
+    n = max(1, args.shared_rows)
+    prompts = [[1, *range(5 + 7 * (i % 8) + i // 8, 5 + 7 * (i % 8) + i // 8 + args.prompt - 1)] for i in range(n)]
+    adapters = [names[i % len(names)] for i in range(n)]
+    per_row = Generator(root / "pkg", threads=1, group_rows=False)
+    runs = {"grouped": lambda: flora.generate(prompts, adapters=adapters, max_new_tokens=args.new, stop_tokens=[]),
+            "per-row": lambda: per_row.generate(prompts, adapters=adapters, max_new_tokens=args.new, stop_tokens=[]),
+            "one adapter": lambda: flora.generate(prompts, adapters=names[0], max_new_tokens=args.new,
+                                                  stop_tokens=[]) and None}
+    want = runs["per-row"]()
+    rates, same = interleaved_rates(runs, args.rounds, n * args.new, want)
+    with torch.no_grad():
+        for p, a, got in list(zip(prompts, adapters, want, strict=True))[:8]:
+            out = eager_models[a].generate(torch.tensor([p]), max_new_tokens=args.new, min_new_tokens=args.new,
+                                           do_sample=False)
+            same &= out[0, len(p):].tolist() == got
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ratio = {k: statistics.median(x / y for x, y in zip(rates["grouped"], rates[k], strict=True))
+             for k in ("per-row", "one adapter")}
+    print(f"rows sharing adapters, {n} rows over {len(names)} adapters x {args.new} tokens (tokens/s, median of "
+          f"{args.rounds}): grouped by adapter (the Generator's default) {med['grouped']:.0f}, each row's own weights "
+          f"{med['per-row']:.0f}, one adapter for every row {med['one adapter']:.0f}; grouped / per-row "
+          f"{ratio['per-row']:.2f}x, grouped / one-adapter {ratio['one adapter']:.2f}x; tokens equal (both layouts, "
+          f"and eager PEFT for the first 8 rows): {same}")
+    return same
 
 
 def _matmul_bound(args: argparse.Namespace, rows: int, reps: int = 200) -> tuple[float, float, float]:

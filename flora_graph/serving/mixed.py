@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from flora_graph.runtimes.onnx_writer import subgraphs
+from flora_graph.serving import grouped
 from flora_graph.serving.errors import AdapterIndexError, ServingError, UnknownAdapterError
 from flora_graph.serving.export import INDEX_INPUT, stack_names, stacked_inputs
 from flora_graph.serving.session import AdapterSource, ModelSource, OrtModel, load_params
@@ -220,14 +221,19 @@ class MixedAdapterSession:
             weights in numpy, and :meth:`adapter_inputs` once per set of rows, so a decode loop binding
             them skips the per-slot ``Gather`` of every step (measured 16% off an 8-row step of the
             deployable-LLM benchmark's model) and holds ``rows x`` one adapter's weights meanwhile.
+        group_rows: serve the ``Linear`` slots (not DoRA) as :func:`~flora_graph.serving.grouped.group_rows` rewrites
+            them: the rows that use one adapter run together on that adapter's weights, read once a call however
+            many rows use it (the other slots as ``per_row_weights`` says).
         **options: session options as for :class:`~flora_graph.serving.session.AdapterSession`.
     """
 
     def __init__(self, model: ModelSource, adapters: Mapping[str, AdapterSource] | None = None, *,
-                 require_checksum: bool = False, per_row_weights: bool = False, **options: Any) -> None:
+                 require_checksum: bool = False, per_row_weights: bool = False, group_rows: bool = False,
+                 **options: Any) -> None:
         self.require_checksum = require_checksum
         self._rows: dict[str, str] = {}  # {rows input: stack} of a per_row_weights session
-        if per_row_weights:  # the graph is read (weights left on disk) and rewritten before a session exists
+        self._groups: dict[str, str] = {}  # {groups input: stack} of a group_rows session
+        if per_row_weights or group_rows:  # the graph is read (weights left on disk) and rewritten before a session exists
             proto, where, folder = _read_model(model)
             metadata, inputs = {p.key: p.value for p in proto.metadata_props}, {i.name for i in proto.graph.input}
         else:
@@ -237,11 +243,15 @@ class MixedAdapterSession:
         if kind != "mixed" or INDEX_INPUT not in inputs:
             raise ServingError(f"{where} is a {kind!r} export, not a mixed one (export_mixed)")
         still = None  # what the rewritten model reads besides the rows' weights
-        if per_row_weights:
-            # experts slots read their stacks whole (each pair picks its expert of its row's adapter): a model with
-            # no other slot has no rows' weights to take
-            if any(s.kind != "experts" for s in self.slots):
-                self._rows = per_row_inputs(proto, {n for s in self.slots for n in stacked_inputs(s)})
+        if per_row_weights or group_rows:
+            if group_rows:  # Linear slots on groups of rows, one per adapter of the call
+                self._groups = grouped.group_rows(proto, self.slots)
+            # the other slots, with per_row_weights: each row's own weights (experts slots read their stacks whole:
+            # each pair picks its expert of its row's adapter)
+            left = [s for s in self.slots if s.kind != "experts" and not set(stack_names(s)) <= set(self._groups.values())]
+            if per_row_weights and left:
+                self._rows = per_row_inputs(proto, {n for s in left for n in stacked_inputs(s)})
+            if self._rows or self._groups:
                 still = {i.name for i in proto.graph.input}
             self.model = OrtModel(proto.SerializeToString(), where=where, external_data_dir=folder, **options)
         self.spec = param_spec(self.slots)
@@ -251,8 +261,8 @@ class MixedAdapterSession:
         stacked = [n for s in self.slots for n in stacked_inputs(s)]
         self._stacked = stacked if still is None else [n for n in stacked if n in still]
         self._takes_index = still is None or INDEX_INPUT in still
-        self._request = [n for n in self.model.inputs
-                         if n != INDEX_INPUT and n not in stacked and n not in self._rows]
+        self._request = [n for n in self.model.inputs if n != INDEX_INPUT and n not in stacked and n not in self._rows
+                         and n not in self._groups and n not in (grouped.ROWS_INPUT, grouped.PLACES_INPUT)]
         self._lock = threading.Lock()
         self._set = self._build({})
         if adapters:
@@ -368,6 +378,13 @@ class MixedAdapterSession:
             if keep < rows.shape[axis]:  # only these rows' largest rank: the rest of the padding is exact zeros
                 rows = np.ascontiguousarray(rows[(slice(None),) * axis + (slice(0, keep),)])
             out[name] = rows
+        if self._groups:  # one entry per adapter of the call, [groups, 1, ...], cut to their largest rank
+            slots, out[grouped.ROWS_INPUT], out[grouped.PLACES_INPUT] = grouped.row_groups(idx)
+            for name, stack in self._groups.items():
+                ranks, axis = current.ranks[stack]
+                keep = max(1, int(ranks[slots].max())) if len(slots) else 1
+                weights = current.feeds[stack].take(slots, axis=0)[:, None]  # -1: the zero slot
+                out[name] = np.ascontiguousarray(weights[(slice(None),) * (axis + 1) + (slice(0, keep),)])
         return out
 
     @staticmethod

@@ -30,12 +30,27 @@ def test_mixed_adapter_batch_of_prompts_of_different_lengths_equals_eager_rows(g
 
 
 def test_mixed_rows_gathered_in_every_step_give_the_same_tokens(gen: Generator, package: Path, folders: Path) -> None:
-    every_step = Generator(package, per_row_weights=False)
+    every_step = Generator(package, per_row_weights=False, group_rows=False)
     assert INDEX_INPUT in every_step._mixed.model.inputs and INDEX_INPUT not in gen._mixed.model.inputs
     adapters = ["qdown", None, "all7"]
     got = every_step.generate(PROMPTS[:2] + PROMPTS[:1], adapters=adapters, max_new_tokens=12, stop_tokens=[])
     assert got == gen.generate(PROMPTS[:2] + PROMPTS[:1], adapters=adapters, max_new_tokens=12, stop_tokens=[])
     assert got[2] == eager_tokens(folders, "all7", PROMPTS[0], 12)
+
+
+def test_rows_sharing_adapters_decode_alike_grouped_or_per_row(gen: Generator, package: Path, folders: Path) -> None:
+    """The default mixed model runs the rows of one adapter together (``group_rows``); per-row weights give the same
+    tokens, each row eager PEFT's, with rows of no adapter among them and prompts of different lengths."""
+    from flora_graph.serving.grouped import PLACES_INPUT
+
+    per_row = Generator(package, group_rows=False)
+    assert PLACES_INPUT in gen._mixed.model.inputs and PLACES_INPUT not in per_row._mixed.model.inputs
+    prompts = [PROMPTS[i % 3] for i in range(7)]
+    adapters = ["all7", None, "all7", "qdown", "all7", None, "qdown"]
+    got = gen.generate(prompts, adapters=adapters, max_new_tokens=10, min_new_tokens=10)  # eos held back, as eager
+    assert got == per_row.generate(prompts, adapters=adapters, max_new_tokens=10, min_new_tokens=10)
+    for prompt, adapter, tokens in zip(prompts[:4], adapters[:4], got[:4], strict=True):
+        assert tokens == eager_tokens(folders, adapter, prompt, 10), adapter
 
 
 def test_prompts_added_together_are_prefilled_in_one_call(gen: Generator, folders: Path,

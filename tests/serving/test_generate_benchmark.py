@@ -19,7 +19,7 @@ def test_generate_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
         mp.syspath_prepend(str(BENCH))
         mp.delenv("FLORA_VLLM_PYTHON", raising=False)
         bench = importlib.import_module("generate")
-        assert bench.main(["--adapters", "2", "--new", "6", "--rounds", "1"]) == 0  # 1: some tokens differ
+        assert bench.main(["--adapters", "2", "--new", "6", "--rounds", "1", "--shared-rows", "5"]) == 0  # 1: tokens differ
     out = capsys.readouterr().out
     assert "greedy tokens equal (genai, genai no-branch, generator, eager; 6 tokens): True" in out
     for label in ("base:", "a0:"):
@@ -27,6 +27,8 @@ def test_generate_benchmark_runs_every_column_with_equal_tokens(capsys) -> None:
         assert "genai/builder" in line and "genai/genai no-branch" in line
     assert "vLLM column skipped" in out and "tokens equal eager PEFT per row: True" in out
     assert "one more adapter into the package (--adapters-only):" in out
+    assert "rows sharing adapters, 5 rows over 2 adapters" in out
+    assert "and eager PEFT for the first 8 rows): True" in out
 
 
 @pytest.mark.slow
