@@ -166,9 +166,9 @@ class Generator:
             ``group_rows`` this applies to the slots that are not grouped (DoRA, embedding, conv).
         group_rows: rows with different adapters run their ``Linear`` slots in groups, one per adapter
             (``MixedAdapterSession(group_rows=True)``): each adapter's weights read once a step however many
-            rows use it, and held once. Measured on the deployable-LLM benchmark's tiny Llama (one thread):
-            32 rows over 4 adapters 27% less per step than per-row weights, 8 rows over 3 adapters 7% less,
-            8 rows over 8 adapters 3% more (two small gathers per slot); ``False``: per-row weights.
+            rows use it, and held once. ``benchmarks/generate.py --shared-rows N --shared-adapters K`` on its tiny
+            Llama (one thread): 1.42x the tokens/s of per-row weights for 32 rows over 4 adapters, 1.09x for 8 over
+            3, 0.99x for 8 rows over 8 adapters (two small gathers per slot); ``False``: per-row weights.
         mixed: when the package's mixed model (rows with different adapters in one batch) loads: ``True``
             with the Generator; ``"lazy"`` on the first step whose rows use different adapters; ``False``
             never (such a step raises :class:`ServingError`). The mixed model holds its own copy of the base
