@@ -353,7 +353,9 @@ class Seq2SeqGenerator:
                 if part in parts:
                     session.load_adapter(name, parts[part])
         self._files = {name: dict(parts) for name, parts in found.items()}
-        self._mixed_options = {"require_checksum": require_checksum, "per_row_weights": True, **options}
+        # rows sharing an adapter run together on its weights (Linear slots), the other slots on each row's own
+        self._mixed_options = {"require_checksum": require_checksum, "per_row_weights": True, "group_rows": True,
+                               **options}
         self._mixed: dict[str, MixedAdapterSession | None] = {}
         self._past = self.layout.past_names()
         self._present = self.layout.present_names()

@@ -104,8 +104,9 @@ def test_whisper_tokens_equal_eager_peft(seq2seq_packages: dict[str, Path], adap
 
 @pytest.mark.parametrize("kind", ["t5", "bart", "whisper"])
 def test_rows_with_different_adapters_decode_as_each_alone(seq2seq_packages: dict[str, Path], kind: str) -> None:
-    """One batch whose rows use different adapters (or none): the mixed-adapter encoder and decoder, one call a
-    step; each row's tokens are those it gets in a batch of its own adapter (and eager PEFT's)."""
+    """One batch whose rows use different adapters (or none), two of them one adapter: the mixed-adapter encoder and
+    decoder, one call a step, rows grouped by adapter; each row's tokens are those it gets in a batch of its own
+    adapter (and eager PEFT's)."""
     root = seq2seq_packages[kind]
     gen = Seq2SeqGenerator(root / "pkg")
     names = ["all", None, "some", "all"]
@@ -115,6 +116,10 @@ def test_rows_with_different_adapters_decode_as_each_alone(seq2seq_packages: dic
         inputs = [*PROMPTS, [60, 61, 62]]
     mixed = gen.generate(inputs, adapters=names, max_new_tokens=NEW, min_new_tokens=NEW)
     assert gen._mixed["decoder"] is not None  # the mixed models ran
+    from flora_graph.serving.grouped import PLACES_INPUT
+
+    for part in ("encoder", "decoder"):  # the two rows of "all" ran together on its weights
+        assert PLACES_INPUT in gen._mixed[part].model.inputs
     for i, name in enumerate(names):
         assert mixed[i] == gen.generate(inputs[i:i + 1], adapters=name, max_new_tokens=NEW, min_new_tokens=NEW)[0]
     assert len({tuple(r) for r in mixed}) > 1  # the adapters change the rows: a row with the wrong one would differ
