@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
+from flora_graph.runtimes.onnx_writer import reads
 from flora_graph.serving.errors import ServingError
 from flora_graph.serving.export import INDEX_INPUT, stack_names
 from flora_graph.serving.slots import LoRASlot
@@ -116,7 +117,7 @@ def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, s
     del g.node[:]
     g.node.extend(nodes)
 
-    read = {i for n in g.node for i in n.input} | _subgraph_reads(g)
+    read = {i for n in g.node for i in reads(n)}  # an If's branches may read a stack too
     int64 = onnx.TensorProto.INT64
     new_inputs = []
     for i in g.input:
@@ -138,17 +139,6 @@ def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, s
     del g.initializer[:]
     g.initializer.extend(kept)
     return groups
-
-
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names the subgraphs of ``graph``'s nodes read (an ``If``'s branches may read a stack)."""
-    from flora_graph.runtimes.onnx_writer import subgraphs
-
-    out: set[str] = set()
-    for n in graph.node:
-        for sub in subgraphs(n):
-            out |= {i for m in sub.node for i in m.input} | _subgraph_reads(sub)
-    return out
 
 
 def row_groups(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
