@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from flora_graph.runtimes.onnx_writer import reads
+from flora_graph.runtimes.onnx_writer import reads, subgraphs
 from flora_graph.serving.errors import ServingError
 from flora_graph.serving.export import INDEX_INPUT, stack_names
 from flora_graph.serving.slots import LoRASlot
@@ -53,7 +53,8 @@ def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, s
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    # values read besides by the graph's own nodes: its outputs, and what its nodes' subgraphs (an If's branches) read
+    elsewhere = {o.name for o in g.output} | {i for n in g.node for sub in subgraphs(n) for m in sub.node for i in reads(m)}
 
     def gather_of(stack: str) -> onnx.NodeProto | None:
         found = [n for n in consumers.get(stack, []) if n.op_type == "Gather" and n.domain in ("", "ai.onnx")
@@ -63,7 +64,7 @@ def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, s
 
     def sole(value: str) -> onnx.NodeProto | None:
         use = consumers.get(value, [])
-        return use[0] if len(use) == 1 and value not in outputs else None
+        return use[0] if len(use) == 1 and value not in elsewhere else None
 
     plans = []
     for s in slots:
