@@ -37,12 +37,12 @@ PLACES_INPUT = "lora_group_places"
 
 
 def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, str]:
-    """Rewrite mixed export ``model`` in place so that its ``Linear`` slots (not DoRA) run on groups of rows.
+    """Rewrite mixed export ``model`` in place so that its ``Linear`` slots run on groups of rows.
 
     Each such slot's ``MatMul(x, Gather(A stack, adapter_index))`` and ``MatMul(., Gather(B stack, adapter_index))``
     become ``MatMul(Gather(x, rows), <A stack>.groups)`` and ``MatMul(., <B stack>.groups)``, put back per row by
-    ``GatherND(., places)`` (``x`` gathered once for the slots that read it). A slot whose graph is not that
-    (another kind, DoRA, a cast between) keeps its gathers. Stacks nothing reads any more stop being inputs.
+    ``GatherND(., places)`` (``x`` gathered once for the slots that read it); a DoRA slot's magnitudes keep their
+    gather by row. A slot whose graph is not that (another kind, a cast between) keeps its gathers. Stacks nothing reads any more stop being inputs.
     Returns ``{groups input: stack}``, empty (the model unchanged) where no slot can be grouped;
     :class:`ServingError`, the model unchanged, where the new inputs' names are taken.
     """
@@ -68,7 +68,7 @@ def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, s
 
     plans = []
     for s in slots:
-        if s.kind != "linear" or s.dora:
+        if s.kind != "linear":  # a DoRA slot's product too: its magnitudes stay gathered per row
             continue
         a_stack, b_stack = stack_names(s)
         ga, gb = gather_of(a_stack), gather_of(b_stack)

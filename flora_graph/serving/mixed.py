@@ -221,7 +221,7 @@ class MixedAdapterSession:
             weights in numpy, and :meth:`adapter_inputs` once per set of rows, so a decode loop binding
             them skips the per-slot ``Gather`` of every step (measured 16% off an 8-row step of the
             deployable-LLM benchmark's model) and holds ``rows x`` one adapter's weights meanwhile.
-        group_rows: serve the ``Linear`` slots (not DoRA) as :func:`~flora_graph.serving.grouped.group_rows` rewrites
+        group_rows: serve the ``Linear`` slots as :func:`~flora_graph.serving.grouped.group_rows` rewrites
             them: the rows that use one adapter run together on that adapter's weights, read once a call however
             many rows use it (the other slots as ``per_row_weights`` says).
         **options: session options as for :class:`~flora_graph.serving.session.AdapterSession`.
@@ -248,9 +248,9 @@ class MixedAdapterSession:
                 self._groups = grouped.group_rows(proto, self.slots)
             # the other slots, with per_row_weights: each row's own weights (experts slots read their stacks whole:
             # each pair picks its expert of its row's adapter)
-            left = [s for s in self.slots if s.kind != "experts" and not set(stack_names(s)) <= set(self._groups.values())]
+            left = {n for s in self.slots if s.kind != "experts" for n in stacked_inputs(s)} - set(self._groups.values())
             if per_row_weights and left:
-                self._rows = per_row_inputs(proto, {n for s in left for n in stacked_inputs(s)})
+                self._rows = per_row_inputs(proto, left)
             if self._rows or self._groups:
                 still = {i.name for i in proto.graph.input}
             self.model = OrtModel(proto.SerializeToString(), where=where, external_data_dir=folder, **options)

@@ -78,8 +78,8 @@ def dora_package(dora_folders, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 
 def test_dora_is_a_hot_swappable_adapter_alone_and_per_row(dora_package) -> None:
-    """Greedy tokens equal eager PEFT's with no adapter, the DoRA one, the plain one, rows of each in one batch, and
-    in ONNX Runtime GenAI."""
+    """Greedy tokens equal eager PEFT's with no adapter, the DoRA one, the plain one, rows of each in one batch (the
+    rows of one adapter grouped), and in ONNX Runtime GenAI."""
     from flora_graph.serving.generate import Generator
     from tests.models.test_expert_lora import NEW, PROMPT, genai_greedy, greedy
 
@@ -91,6 +91,13 @@ def test_dora_is_a_hot_swappable_adapter_alone_and_per_row(dora_package) -> None
         assert gen.generate([PROMPT], adapters=adapter, max_new_tokens=NEW, stop_tokens=[])[0] == tokens
     rows = ["dora", None, "plain", "dora"]
     assert gen.generate([PROMPT] * 4, adapters=rows, max_new_tokens=NEW, stop_tokens=[]) == [want[r] for r in rows]
+    from flora_graph.serving.export import stack_names, stacked_inputs
+    from flora_graph.serving.grouped import GROUPS_SUFFIX
+    from flora_graph.serving.mixed import ROWS_SUFFIX
+
+    dora = next(s for s in gen._mixed.slots if s.dora)  # its product ran on the two DoRA rows together
+    assert stack_names(dora)[0] + GROUPS_SUFFIX in gen._mixed.model.inputs
+    assert stacked_inputs(dora)[2] + ROWS_SUFFIX in gen._mixed.model.inputs  # its magnitudes per row
     assert genai_greedy(package, "dora") == want["dora"]
     assert genai_greedy(package, "plain") == want["plain"]
 
