@@ -15,6 +15,9 @@ it: each row's weights are inputs, gathered from the stacks in numpy instead of 
 (:meth:`MixedAdapterSession.adapter_inputs`), at the price of holding ``rows x`` one adapter's
 weights while those rows decode. Those are cut to the largest rank among the rows' adapters (the stacks
 are padded to the set's largest), so a batch does not read the zero padding of an adapter it does not use.
+
+With ``group_rows=True`` the ``Linear`` slots run as :func:`~flora_graph.serving.grouped.group_rows` rewrites them:
+the rows of one adapter together on its weights, fed once a call however many rows use it.
 """
 
 from __future__ import annotations
