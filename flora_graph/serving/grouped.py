@@ -119,26 +119,15 @@ def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, s
     g.node.extend(nodes)
 
     read = {i for n in g.node for i in reads(n)}  # an If's branches may read a stack too
-    int64 = onnx.TensorProto.INT64
-    new_inputs = []
-    for i in g.input:
-        for name in (k for k, stack in groups.items() if stack == i.name):
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(i)
-            vi.name = name
-            dims = vi.type.tensor_type.shape.dim
-            dims[0].dim_param = "adapter_groups"
-            dims.insert(1, onnx.TensorShapeProto.Dimension(dim_value=1))  # broadcast over the group's rows
-            new_inputs.append(vi)
-        if i.name in read or (i.name not in groups.values() and i.name != INDEX_INPUT):
-            new_inputs.append(i)
-    new_inputs += [onnx.helper.make_tensor_value_info(ROWS_INPUT, int64, ["adapter_groups", "group_rows"]),
-                   onnx.helper.make_tensor_value_info(PLACES_INPUT, int64, ["batch", 2])]
-    del g.input[:]
-    g.input.extend(new_inputs)
-    kept = [t for t in g.initializer if t.name in read or t.name not in groups.values()]  # a stack's one-slot default
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    from flora_graph.serving.mixed import replace_stack_inputs  # mixed serves this module's models
+
+    def shape(dims) -> None:
+        dims[0].dim_param = "adapter_groups"
+        dims.insert(1, onnx.TensorShapeProto.Dimension(dim_value=1))  # broadcast over the group's rows
+
+    replace_stack_inputs(g, groups, read, shape)
+    g.input.extend([onnx.helper.make_tensor_value_info(ROWS_INPUT, onnx.TensorProto.INT64, ["adapter_groups", "group_rows"]),
+                    onnx.helper.make_tensor_value_info(PLACES_INPUT, onnx.TensorProto.INT64, ["batch", 2])])
     return groups
 
 

@@ -23,7 +23,7 @@ the rows of one adapter together on its weights, fed once a call however many ro
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,22 +166,32 @@ def per_row_inputs(model: onnx.ModelProto, stacks: Collection[str]) -> dict[str,
     index_dim = onnx.TensorShapeProto.Dimension()  # the batch dim adapter_index declares (unknown without one)
     if INDEX_INPUT in inputs and inputs[INDEX_INPUT].type.tensor_type.shape.dim:
         index_dim.CopyFrom(inputs[INDEX_INPUT].type.tensor_type.shape.dim[0])
+    replace_stack_inputs(g, rows, read, lambda dims: dims[0].CopyFrom(index_dim))
+    return rows
+
+
+def replace_stack_inputs(graph: onnx.GraphProto, derived: Mapping[str, str], read: Collection[str],
+                         shape: Callable[[Any], None]) -> None:
+    """Declare each input of ``derived`` (``{new input: stack}``) just before its stack among ``graph``'s inputs, as a
+    copy of the stack's declaration whose dims ``shape`` edits in place; then drop the stacks of ``derived`` and
+    ``adapter_index`` where nothing reads them (``read``: the names the graph's nodes read), inputs and initializers
+    (a stack's one-slot default) both."""
+    drop = {*derived.values(), INDEX_INPUT}
     new_inputs = []
-    for i in g.input:
-        for rows_name in (r for r, stack in rows.items() if stack == i.name):
+    for i in graph.input:
+        for name in (k for k, stack in derived.items() if stack == i.name):
             vi = onnx.ValueInfoProto()
             vi.CopyFrom(i)
-            vi.name = rows_name
-            vi.type.tensor_type.shape.dim[0].CopyFrom(index_dim)
+            vi.name = name
+            shape(vi.type.tensor_type.shape.dim)
             new_inputs.append(vi)
-        if i.name in read or (i.name not in stacks and i.name != INDEX_INPUT):
+        if i.name in read or i.name not in drop:
             new_inputs.append(i)
-    del g.input[:]
-    g.input.extend(new_inputs)
-    kept = [t for t in g.initializer if t.name in read or t.name not in stacks]  # a stack's one-slot default
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    return rows
+    del graph.input[:]
+    graph.input.extend(new_inputs)
+    kept = [t for t in graph.initializer if t.name in read or t.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _read_model(model: ModelSource) -> tuple[onnx.ModelProto, str, Path | None]:
