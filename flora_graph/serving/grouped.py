@@ -41,9 +41,9 @@ def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, s
 
     Each such slot's ``MatMul(x, Gather(A stack, adapter_index))`` and ``MatMul(., Gather(B stack, adapter_index))``
     become ``MatMul(Gather(x, rows), <A stack>.groups)`` and ``MatMul(., <B stack>.groups)``, put back per row by
-    ``GatherND(., places)`` (``x`` gathered once for the slots that read it); a DoRA slot's magnitudes keep their
-    gather by row. A slot whose graph is not that (another kind, a cast between) keeps its gathers. Stacks nothing reads any more stop being inputs.
-    Returns ``{groups input: stack}``, empty (the model unchanged) where no slot can be grouped;
+    ``GatherND(., places)`` (``x`` gathered once, before the first slot that reads it); a DoRA slot's magnitudes
+    keep their gather by row. A slot whose graph is not that (another kind, a cast between) keeps its gathers.
+    Stacks nothing reads any more stop being inputs. Returns ``{groups input: stack}``, empty (the model unchanged) where no slot can be grouped;
     :class:`ServingError`, the model unchanged, where the new inputs' names are taken.
     """
     g = model.graph
@@ -89,20 +89,21 @@ def group_rows(model: onnx.ModelProto, slots: Sequence[LoRASlot]) -> dict[str, s
         raise ServingError(f"model {g.name!r} already has values named {clash}; cannot group its rows by adapter")
 
     drop = set()
-    gathered: dict[str, str] = {}  # a slot input -> its tokens gathered by group
-    new_nodes: dict[int, list[onnx.NodeProto]] = {}  # nodes to put before the node at that position
-    after: dict[int, list[onnx.NodeProto]] = {}
     position = {id(n): k for k, n in enumerate(g.node)}
+    earliest: dict[str, tuple[int, str]] = {}  # a slot input -> (the first position reading it, that slot's module)
+    for s, _, _, first, _ in plans:
+        earliest[first.input[0]] = min(earliest.get(first.input[0], (len(position), "")), (position[id(first)], s.module))
+    gathered = {x: f"{x}{GROUPS_SUFFIX}" for x in earliest}  # a slot input -> its rows gathered by group
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}  # nodes to put before the node at that position
+    for x, (at, module) in earliest.items():
+        new_nodes.setdefault(at, []).append(
+            onnx.helper.make_node("Gather", [x, ROWS_INPUT], [gathered[x]], axis=0, name=f"{module}.lora_group"))
+    after: dict[int, list[onnx.NodeProto]] = {}
     groups: dict[str, str] = {}
     for s, ga, gb, first, second in plans:
         a_stack, b_stack = stack_names(s)
         drop.update({id(ga), id(gb)})
-        x = first.input[0]
-        if x not in gathered:
-            gathered[x] = f"{x}{GROUPS_SUFFIX}"
-            new_nodes.setdefault(position[id(first)], []).append(
-                onnx.helper.make_node("Gather", [x, ROWS_INPUT], [gathered[x]], axis=0, name=f"{s.module}.lora_group"))
-        first.input[:] = [gathered[x], a_stack + GROUPS_SUFFIX]
+        first.input[:] = [gathered[first.input[0]], a_stack + GROUPS_SUFFIX]
         out = second.output[0]
         second.input[1] = b_stack + GROUPS_SUFFIX
         second.output[0] = out + GROUPS_SUFFIX

@@ -93,3 +93,18 @@ def test_a_model_without_gathered_linear_slots_stays_as_it_is_and_taken_names_ar
     with pytest.raises(ServingError, match=f"already has values named \\['{ROWS_INPUT}'\\]"):
         group_rows(model, _slots(model))
     assert model.SerializeToString() == before
+
+
+def test_a_shared_input_is_gathered_once_before_every_slot_that_reads_it(package):
+    """The Llama package's q/k/v (and gate/up) slots read one input: one ``Gather`` of it, placed before the first
+    of them in the graph whatever order the slots come in, so the graph stays topologically sorted."""
+    model = onnx.load(str(package / "mixed.onnx"), load_external_data=False)
+    slots = _slots(model)
+    assert group_rows(model, slots[::-1])
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and list(n.input[1:]) == [ROWS_INPUT]]
+    layers = len({s.module.split(".self_attn")[0].split(".mlp")[0] for s in slots})
+    assert len(gathers) == len({n.input[0] for n in gathers}) == 4 * layers  # q/k/v, o, gate/up, down
+    defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    for n in model.graph.node:
+        assert set(n.input) <= defined, n.name
+        defined.update(n.output)
