@@ -265,12 +265,7 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
                                            peft_dirs[names[0]], adapter_name=names[0]).eval()
     for n in names[1:]:
         multi.load_adapter(peft_dirs[n], adapter_name=n)
-    want = []
-    with torch.no_grad():
-        for p, n in zip(prompts, names, strict=True):
-            out = eager_models[n].generate(torch.tensor([p]), max_new_tokens=args.new, min_new_tokens=args.new,
-                                           do_sample=False)
-            want.append(out[0, len(p):].tolist())
+    want = _eager_tokens(eager_models, prompts, names, args.new)
     total = len(names) * args.new
 
     def mixed() -> list[list[int]]:
@@ -311,8 +306,6 @@ def _shared_batch(args: argparse.Namespace, flora, eager_models, root: Path, pef
     and with one adapter for every row (no per-row adapter work: the ceiling), interleaved as :func:`_mixed_batch`;
     prints them and returns whether both layouts gave the same tokens, and the rows of the first 8 prompts eager
     PEFT's."""
-    import torch
-
     from flora_graph.serving.generate import Generator
 
     names = list(peft_dirs)[:max(1, args.shared_adapters)]
@@ -326,11 +319,7 @@ def _shared_batch(args: argparse.Namespace, flora, eager_models, root: Path, pef
                                                   stop_tokens=[]) and None}
     want = runs["per-row"]()
     rates, same = interleaved_rates(runs, args.rounds, n * args.new, want)
-    with torch.no_grad():
-        for p, a, got in list(zip(prompts, adapters, want, strict=True))[:8]:
-            out = eager_models[a].generate(torch.tensor([p]), max_new_tokens=args.new, min_new_tokens=args.new,
-                                           do_sample=False)
-            same &= out[0, len(p):].tolist() == got
+    same &= _eager_tokens(eager_models, prompts[:8], adapters[:8], args.new) == want[:8]
     med = {k: statistics.median(v) for k, v in rates.items()}
     ratio = {k: statistics.median(x / y for x, y in zip(rates["grouped"], rates[k], strict=True))
              for k in ("per-row", "one adapter")}
@@ -340,6 +329,15 @@ def _shared_batch(args: argparse.Namespace, flora, eager_models, root: Path, pef
           f"{ratio['per-row']:.2f}x, grouped / one-adapter {ratio['one adapter']:.2f}x; tokens equal (both layouts, "
           f"and eager PEFT for the first 8 rows): {same}")
     return same
+
+
+def _eager_tokens(eager_models, prompts: list[list[int]], adapters: list[str], new: int) -> list[list[int]]:
+    """Eager PEFT's greedy ``new`` tokens after each prompt, row ``i`` on ``eager_models[adapters[i]]``, one at a time."""
+    import torch
+
+    with torch.no_grad():
+        return [eager_models[a].generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new,
+                                         do_sample=False)[0, len(p):].tolist() for p, a in zip(prompts, adapters, strict=True)]
 
 
 def _matmul_bound(args: argparse.Namespace, rows: int, reps: int = 200) -> tuple[float, float, float]:

@@ -223,6 +223,20 @@ class _AdapterSet:
         default_factory=dict, repr=False, compare=False)
 
 
+def _slots_of(current: _AdapterSet, stack: str, which: np.ndarray) -> np.ndarray:
+    """Entries ``which`` of ``stack`` in set ``current`` (``-1``: the last, zero slot, as ``Gather`` reads it), cut to
+    the largest rank among them: the rest of the padding is exact zeros. An embedding's ``B`` keeps every rank (its
+    ``A`` stack is read whole)."""
+    rows = current.feeds[stack].take(which, axis=0)
+    if stack not in current.ranks:
+        return rows
+    ranks, axis = current.ranks[stack]
+    keep = max(1, int(ranks[which].max())) if len(which) else 1
+    if keep < rows.shape[axis]:
+        rows = np.ascontiguousarray(rows[(slice(None),) * axis + (slice(0, keep),)])
+    return rows
+
+
 class MixedAdapterSession:
     """An ONNX Runtime session over a mixed export; each row of a call names its adapter.
 
@@ -382,22 +396,11 @@ class MixedAdapterSession:
         if self._takes_index:
             out[INDEX_INPUT] = idx
         for name, stack in self._rows.items():
-            rows = current.feeds[stack].take(idx, axis=0)  # -1: the last (zero) slot, as Gather reads it
-            if stack not in current.ranks:  # an embedding's B: its A stack keeps every rank
-                out[name] = rows
-                continue
-            ranks, axis = current.ranks[stack]
-            keep = max(1, int(ranks[idx].max())) if len(idx) else 1
-            if keep < rows.shape[axis]:  # only these rows' largest rank: the rest of the padding is exact zeros
-                rows = np.ascontiguousarray(rows[(slice(None),) * axis + (slice(0, keep),)])
-            out[name] = rows
-        if self._groups:  # one entry per adapter of the call, [groups, 1, ...], cut to their largest rank
+            out[name] = _slots_of(current, stack, idx)
+        if self._groups:  # one entry per adapter of the call, [groups, 1, ...]: broadcast over each group's rows
             slots, out[grouped.ROWS_INPUT], out[grouped.PLACES_INPUT] = grouped.row_groups(idx)
             for name, stack in self._groups.items():
-                ranks, axis = current.ranks[stack]
-                keep = max(1, int(ranks[slots].max())) if len(slots) else 1
-                weights = current.feeds[stack].take(slots, axis=0)[:, None]  # -1: the zero slot
-                out[name] = np.ascontiguousarray(weights[(slice(None),) * (axis + 1) + (slice(0, keep),)])
+                out[name] = _slots_of(current, stack, slots)[:, None]
         return out
 
     @staticmethod
