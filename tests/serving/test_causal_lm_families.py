@@ -56,6 +56,9 @@ residuals, and an output layer as wide as the vocabulary (the checkpoints' is na
 OVERRIDES = {
     "AXK1ForCausalLM": _LATENT,
     "AXK2ForCausalLM": _SPARSE,
+    "BailingHybridForCausalLM": dict(_LATENT, layer_types=["linear_attention", "full_attention"],
+                                     mlp_layer_types=["dense", "sparse"], num_experts_per_token=2, linear_num_heads=4,
+                                     linear_head_dim=16),
     "DeepseekV32ForCausalLM": dict(_SPARSE, mlp_layer_types=["dense", "sparse"]),
     "Dots3NoteForCausalLM": _SPARSE,
     "GlmMoeDsaForCausalLM": _SPARSE,
@@ -98,7 +101,7 @@ OVERRIDES = {
                               use_mamba_kernels=False, chunk_size=8),
 }
 """Sizes a family's config checks against each other (layer patterns, windows shorter than the test's tokens,
-latent attention's head dims, DBRX's nested attention and experts configs, Inkling 2 Loop's second pass over its last
+latent attention's head dims, Bailing's hybrid of a linear attention layer and a latent attention one, DBRX's nested attention and experts configs, Inkling 2 Loop's second pass over its last
 two layers (their cache layers kept apart from the first pass's), Kolibri 1.1's indexed layers (the second reads the
 first's keys and values and pool) with budgets below the test's tokens, so that they select, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
 that the prompt spans two; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
@@ -107,7 +110,8 @@ widths, which its config rounds up to 64 for its cache and its layers do not), o
 
 FAMILIES = [
     "AXK1ForCausalLM", "AXK2ForCausalLM", "DeepseekV32ForCausalLM", "Dots3NoteForCausalLM", "GlmMoeDsaForCausalLM",
-    "HYV4ForCausalLM", "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BartForCausalLM", "BeamForCausalLM",
+    "HYV4ForCausalLM", "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "AriaTextForCausalLM", "BailingHybridForCausalLM",
+    "BartForCausalLM", "BeamForCausalLM",
     "BertGenerationDecoder", "BertLMHeadModel", "BigBirdForCausalLM", "BigBirdPegasusForCausalLM", "BioGptForCausalLM",
     "BlenderbotSmallForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "CohereCompassForCausalLM", "Cohere2MoeForCausalLM",
     "CwmForCausalLM", "Data2VecTextForCausalLM", "DbrxForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "DoryForCausalLM", "Dots1ForCausalLM", "ElectraForCausalLM",
