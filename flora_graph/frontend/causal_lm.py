@@ -21,7 +21,9 @@ same graph prefills and decodes.
 The sparse attention of DeepSeek-V3.2 (GLM-MoE-DSA, AXK2, Dots3 Note, HY-V4: "DeepSeek Sparse Attention") keeps,
 beside its keys and values, the keys of its indexer (one head, ``index_head_dim`` wide), which grow with them:
 ``past_key_values.{i}.indexer_key`` ``[batch, 1, past_seq, index_head_dim]`` in and ``present.{i}.indexer_key`` out,
-one head of keys as far as a runtime is concerned (:attr:`CacheLayout.indexed`).
+one head of keys as far as a runtime is concerned (:attr:`CacheLayout.indexed`). Qwen4-Exp's QSA indexer also
+rotates its blocks of keys at their positions, which its cache keeps beside the indexer keys; the wrapper rebuilds
+that history from the attention mask (:attr:`CacheLayout.indexer_positions`), so the runtime carries nothing more.
 
 ``past_seq + seq`` is a sum dim of the IR, so every backend checks that the mask covers the
 cache and the new tokens. The model runs through a small wrapper that builds a
@@ -79,6 +81,9 @@ class CacheLayout:
     layer has ``kv_heads`` and :attr:`dims` (:meth:`layer_kv` reads either).
     ``indexed``: ``(layer, index_head_dim)`` of each layer whose sparse attention caches its indexer's keys too
     (``[batch, 1, past_seq, index_head_dim]``, after the layer's keys and values).
+    ``indexer_positions``: ``(layer, position dims)`` of each layer whose cache keeps the positions of its indexer's
+    keys (``indexer_position_ids``, ``[dims, batch, past_seq]``: Qwen4-Exp's, three for its multimodal rotary),
+    which the model reads for the whole sequence: the flat forward rebuilds them from the attention mask.
     ``kv_layers``: the layers with keys and values where not every layer has them, else ``None``: a recurrent layer
     keeps :attr:`states` instead; a layer an eager text-only step leaves empty keeps nothing (Mllama's cross-attention
     layers, which its text decoder skips without an image).
@@ -100,6 +105,7 @@ class CacheLayout:
     states: tuple[CacheState, ...] = ()
     per_layer: tuple[tuple[int, int, int], ...] = ()
     indexed: tuple[tuple[int, int], ...] = ()
+    indexer_positions: tuple[tuple[int, int], ...] = ()
     cache_type: type | None = field(default=None, compare=False)
     repeats: tuple[int, ...] = ()
 
@@ -235,11 +241,13 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     kv_layers, states = _recurrent_layers(base, cache, failed)
     shared = kv_shared_layers(base)
     indexed = _indexed_layers(cache)
+    positions = _indexer_positions(cache)
     own = type(cache) if _linear_cache(cache) is not None else None  # MiniMax's cache class, which its forward requires
     if latent and rope:  # multi-head latent attention: the compressed keys/values and the keys' rotary part
         return CacheLayout(int(layers), 1, int(latent), takes, shared, int(rope),
                            kv_layers=kv_layers, states=states,  # beside Kimi Linear's delta attention layers
-                           indexed=indexed, cache_type=own)  # DeepSeek-V3.2's sparse attention
+                           indexed=indexed, indexer_positions=positions,  # DeepSeek-V3.2's sparse attention
+                           cache_type=own)
     # each layer's geometry: as cached, else as the config has it (Gemma 4's full attention layers: wider, fewer)
     geometry = [(get("num_key_value_heads", source=c) or heads, get("head_dim", source=c) or hidden // heads)
                 for c in layer_cfgs] or [(kv_heads, head_dim)] * int(layers)
@@ -258,6 +266,7 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     return CacheLayout(int(layers), first[0], first[1], takes, shared, None if first[2] == first[1] else first[2],
                        kv_layers=kv_layers, states=states,
                        per_layer=tuple(per_layer) if len(set(per_layer)) > 1 else (), indexed=indexed,
+                       indexer_positions=positions,
                        cache_type=own, repeats=_repeated_layers(cache, own_layers) if states else ())
 
 
@@ -327,6 +336,17 @@ def _indexed_layers(cache: Any) -> tuple[tuple[int, int], ...]:
         keys = getattr(layer, "indexer_keys", None)
         if isinstance(keys, torch.Tensor) and keys.dim() == 3:
             out.append((i, int(keys.shape[-1])))
+    return tuple(out)
+
+
+def _indexer_positions(cache: Any) -> tuple[tuple[int, int], ...]:
+    """``(layer, position dims)`` of each layer of ``cache`` (one eager step's, or ``None``) that keeps its indexer
+    keys' positions (``indexer_position_ids``, ``[dims, batch, seq]``)."""
+    out = []
+    for i, layer in enumerate(getattr(cache, "layers", None) or []):
+        held = getattr(layer, "indexer_position_ids", None)
+        if isinstance(held, torch.Tensor) and held.dim() == 3:
+            out.append((i, int(held.shape[0])))
     return tuple(out)
 
 
@@ -495,6 +515,10 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
     def run(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
             past_key_values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         cache = _cache_of(layout, list(past_key_values or []), config)
+        if layout.indexer_positions:  # the past positions, as the eager steps before would have kept them
+            history = positions_from_mask(attention_mask)[:, : attention_mask.shape[1] - input_ids.shape[1]]
+            for i, dims in layout.indexer_positions:
+                cache.layers[i].indexer_position_ids = history[None].expand(dims, -1, -1)
         if layout.states and not layout.kv_layers:  # recurrent layers alone read the new tokens' part of the mask
             attention_mask = attention_mask[:, -input_ids.shape[1]:]  # (Mamba-1's layers multiply by it as given)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True,

@@ -45,6 +45,11 @@
   fewer keys: the same keys, the only use the attention makes of them being a mask scattered from them, where a key
   named twice is selected once. :func:`traceable_modules` swaps it in.
 
+* **Block-sparse token selection** (Kolibri 1.1's pooled indexer, Qwen4-Exp's QSA indexer), which transformers
+  computes per batch row and per query (or group of queries) in Python loops over ``nonzero`` / ``unique()``: the
+  same masks for every query in one pass (:mod:`~flora_graph.frontend.pooled_indexer`,
+  :mod:`~flora_graph.frontend.qsa_indexer`), swapped in by :func:`traceable_modules`.
+
 * **MiniMax's lightning attention**, a decayed linear attention that transformers loops over blocks of tokens (a
   count fixed from the example's length) or over the tokens one by one once the cache holds its state: one closed
   form for any length from any state (:mod:`~flora_graph.frontend.lightning_attention`), swapped in by
@@ -90,6 +95,7 @@ from flora_graph.frontend.delta_rule import (
 )
 from flora_graph.frontend.lightning_attention import is_lightning_attention, lightning_forward
 from flora_graph.frontend.pooled_indexer import is_pooled_indexer, pooled_indexer_forward
+from flora_graph.frontend.qsa_indexer import is_qsa_indexer, qsa_indexer_forward
 from flora_graph.frontend.recurrent_block import is_recurrent_block, recurrent_block_forward
 from flora_graph.frontend.selective_scan import (
     SCAN_FORWARD,
@@ -362,6 +368,7 @@ def _padded_top_k(module: nn.Module, path: str = "") -> Callable[..., torch.Tens
 MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str], Callable[..., Any]]], ...] = (
     (_top_k_indexer, _padded_top_k),
     (is_pooled_indexer, pooled_indexer_forward),
+    (is_qsa_indexer, qsa_indexer_forward),
     (is_lightning_attention, lightning_forward),
     (is_multi_head_mixer, multi_head_mixer_forward),
     (is_recurrent_block, recurrent_block_forward),
@@ -369,7 +376,8 @@ MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str]
      lambda module, path: state_forward(module).forward(module)),
 )
 """(which modules, the forward they take instead, made from the module and its path in the model) for
-:func:`traceable_modules`: DeepSeek Sparse Attention's indexers, Kolibri 1.1's pooled indexers, MiniMax's lightning attention, Zamba's multi-head
+:func:`traceable_modules`: DeepSeek Sparse Attention's indexers, Kolibri 1.1's pooled indexers, Qwen4-Exp's QSA
+indexers, MiniMax's lightning attention, Zamba's multi-head
 Mamba mixers, RecurrentGemma's recurrent blocks, RWKV and xLSTM causal LMs (one whose forward the cache export has
 given it already keeps that one)."""
 
