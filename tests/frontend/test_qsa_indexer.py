@@ -1,7 +1,8 @@
 """Qwen4-Exp's QSA token indexer made traceable (:mod:`flora_graph.frontend.qsa_indexer`): the mask of every query at
 once against transformers' own loops over rows and queries, from a cache of past indexer keys and from none, and a
 package that decodes left-padded rows as eager transformers decodes each alone (its cache layout rebuilding the
-indexer's past positions from the attention mask)."""
+indexer's past positions from the attention mask), with PEFT adapters on its attention, its delta-rule layer and its
+indexer, rows of different adapters in one batch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ transformers = pytest.importorskip("transformers")
 
 from flora_graph.frontend.causal_lm import cache_layout, positions_from_mask  # noqa: E402
 from flora_graph.frontend.qsa_indexer import is_qsa_indexer, qsa_indexer_forward  # noqa: E402
-from tests.serving.genai_package import assert_padded_rows_decode_as_eager  # noqa: E402
+from flora_graph.serving.generate import Generator  # noqa: E402
+from tests.serving.genai_package import (  # noqa: E402
+    assert_mixed_rows_decode_as_eager_peft,
+    assert_padded_rows_decode_as_eager,
+    export_small,
+    small_adapters,
+)
 from tests.serving.test_causal_lm_families import small_model  # noqa: E402
 
 
@@ -67,3 +74,10 @@ def test_layout_rebuilds_the_indexer_positions(model) -> None:
 
 def test_package_decodes_left_padded_rows_as_eager(model, tmp_path: Path) -> None:
     assert_padded_rows_decode_as_eager(model, tmp_path)
+
+
+def test_package_with_adapters_decodes_padded_and_mixed_rows_as_eager_peft(model, tmp_path: Path) -> None:
+    adapted = small_adapters(model, tmp_path, {"attn": ["q_proj", "v_proj", "o_proj", "in_proj_qkv", "out_proj"],
+                                                  "index": ["index_qk_proj", "k_proj", "in_proj_z"]})  # the indexer's projection too
+    export_small(model, tmp_path, {n: tmp_path / n for n in adapted})
+    assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "attn", "index")
