@@ -50,6 +50,11 @@
   same masks for every query in one pass (:mod:`~flora_graph.frontend.pooled_indexer`,
   :mod:`~flora_graph.frontend.qsa_indexer`), swapped in by :func:`traceable_modules`.
 
+* **Token ids in a recurrent state** (Qwen4-Exp's per-layer n-gram embeddings, which read the last tokens from an
+  ``int64`` convolution state, end-of-text where none came before): the module sees float states of id + 1, 0 for
+  no token, the zeros of an empty cache (:mod:`~flora_graph.frontend.token_context`), swapped in by
+  :func:`traceable_modules`.
+
 * **MiniMax's lightning attention**, a decayed linear attention that transformers loops over blocks of tokens (a
   count fixed from the example's length) or over the tokens one by one once the cache holds its state: one closed
   form for any length from any state (:mod:`~flora_graph.frontend.lightning_attention`), swapped in by
@@ -105,6 +110,7 @@ from flora_graph.frontend.selective_scan import (
     scan_forward,
 )
 from flora_graph.frontend.state_forwards import state_forward
+from flora_graph.frontend.token_context import is_token_context_embedding, token_context_forward
 
 __all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_layers", "traceable_experts",
            "traceable_modules", "traceable_scans"]
@@ -369,6 +375,7 @@ MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str]
     (_top_k_indexer, _padded_top_k),
     (is_pooled_indexer, pooled_indexer_forward),
     (is_qsa_indexer, qsa_indexer_forward),
+    (is_token_context_embedding, token_context_forward),
     (is_lightning_attention, lightning_forward),
     (is_multi_head_mixer, multi_head_mixer_forward),
     (is_recurrent_block, recurrent_block_forward),
@@ -377,7 +384,7 @@ MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str]
 )
 """(which modules, the forward they take instead, made from the module and its path in the model) for
 :func:`traceable_modules`: DeepSeek Sparse Attention's indexers, Kolibri 1.1's pooled indexers, Qwen4-Exp's QSA
-indexers, MiniMax's lightning attention, Zamba's multi-head
+indexers and n-gram embeddings, MiniMax's lightning attention, Zamba's multi-head
 Mamba mixers, RecurrentGemma's recurrent blocks, RWKV and xLSTM causal LMs (one whose forward the cache export has
 given it already keeps that one)."""
 

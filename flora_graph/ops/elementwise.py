@@ -8,7 +8,8 @@
 * binary ``Max``, ``Min``, ``Atan2``, ``Fmod``, ``Remainder``; activations ``Elu``, ``LeakyRelu``;
 * comparisons (broadcasting, result bool): ``Equal``, ``Less``, ``LessOrEqual``, ``Greater``,
   ``GreaterOrEqual``;
-* boolean logic: ``Not``, ``And``, ``Or``, ``Xor``; float tests ``IsInf``, ``IsNaN``;
+* boolean logic: ``Not``, ``And``, ``Or``, ``Xor``; integer bits: ``BitwiseNot``, ``BitwiseAnd``, ``BitwiseOr``,
+  ``BitwiseXor``; float tests ``IsInf``, ``IsNaN``;
 * ``Where`` (``cond ? a : b``) and ``Cast``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
@@ -400,6 +401,30 @@ for _name, _value, _doc, _numpy, _torch in (
         numpy=_numpy, onnx=simple(_value), torch=call(_torch), groups=("Logical",),
     )
 
+
+def _infer_bitwise(shapes, dtypes, attrs):
+    """Broadcasting ``BitwiseAnd``/``Or``/``Xor`` of integers of one dtype; ``BitwiseNot`` of one."""
+    dtype = same_dtype(dtypes, "bitwise op")
+    if not dtype.startswith(("int", "uint")):
+        raise ShapeError(f"bitwise ops take integer inputs, got {list(dtypes)}")
+    return (broadcast_shapes(shapes[0], shapes[1]) if len(shapes) == 2 else tuple(shapes[0])), dtype
+
+
+define(
+    "BITWISE_NOT", "BitwiseNot", (1, 1),
+    infer=_infer_bitwise, doc="Bitwise not of an integer value (its two's complement bits).",
+    numpy=np.bitwise_not, onnx=simple("BitwiseNot"), torch=call("torch.bitwise_not"),
+)
+for _name, _value, _doc, _numpy, _torch in (
+    ("BITWISE_AND", "BitwiseAnd", "and", np.bitwise_and, "torch.bitwise_and"),
+    ("BITWISE_OR", "BitwiseOr", "or", np.bitwise_or, "torch.bitwise_or"),
+    ("BITWISE_XOR", "BitwiseXor", "exclusive or", np.bitwise_xor, "torch.bitwise_xor"),
+):
+    define(
+        _name, _value, (2, 2),
+        infer=_infer_bitwise, doc=f"Bitwise {_doc} of integer values of one dtype, broadcasting.",
+        numpy=_numpy, onnx=simple(_value), torch=call(_torch),
+    )
 
 def _infer_float_test(shapes, dtypes, attrs):
     if not dtypes[0].startswith(("float", "bfloat")):

@@ -161,6 +161,13 @@ ROWS = [
     Row("logcumsumexp", lambda x: torch.logcumsumexp(x, 1), [randn(-1, 7)], ("logcumsumexp.default",), {0: 0}),
     Row("logcumsumexp_wide", lambda x: torch.logcumsumexp(torch.where(x > 0.8, float("-inf"), x * 200), -1),
         [randn(-1, 3, 9)], ("logcumsumexp.default",), {0: 0}, tol=1e-4),  # exp(200) overflows float32 unshifted
+    # cummax / cummin: ties (whole numbers) go to the later index, as torch's loop keeps them
+    Row("cummax", lambda x: torch.cat([t.float() for t in torch.cummax(x.round(), 1)], 1), [randn(-1, 7)],
+        ("cummax.default",), {0: 0}),
+    Row("cummin_inner", lambda x: torch.cat([t.float() for t in torch.cummin(x.round(), 1)], 1), [randn(-1, 9, 2)],
+        ("cummin.default",), {0: 0}),
+    Row("cummax_values_int", lambda x: torch.cummax(x, -1).values.float(), [randint(5, -1, 6, low=-3)],
+        ("cummax.default",), {0: 0}),
     Row("var_mean", lambda x: torch.cat(torch.var_mean(x, 1, keepdim=True), 1), [randn(-1, 7)],
         ("var_mean.correction",), {0: 0}),
     Row("std_mean", lambda x: torch.stack(torch.std_mean(x, (1, 2), correction=0)), [randn(-1, 3, 4)],
@@ -455,6 +462,26 @@ def test_logcumsumexp_over_a_dynamic_axis() -> None:
     for shape in ((3, 11), (1, 2)):
         x = torch.randn(*shape, generator=_gen(shape[1]))
         _assert_close(run(g, {"x0": x.numpy()}), _eager(fn, [x]), 1e-5, "logcumsumexp dynamic")
+
+
+def test_cummax_over_a_dynamic_axis() -> None:
+    """Over a dynamic axis the doubling scan runs its full count of steps: each prefix's last end-of-text position
+    (Qwen4-Exp's n-gram context), and the values and indices of a float prefix maximum with ties, at lengths 1 to 40."""
+    def fn(ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1])
+        last = torch.cummax(torch.where(ids == 2, positions, -1), dim=1).values
+        values, indices = torch.cummax(x.round(), dim=1)
+        return torch.cat([last.float(), values, indices.float()], 1)
+
+    g = capture(_module(fn, 2), (torch.randint(0, 4, (2, 6)), torch.randn(2, 6)),
+                {"x0": {0: "batch", 1: "seq"}, "x1": {0: "batch", 1: "seq"}})
+    exes = {backend: compile(g, backend) for backend in BACKENDS}
+    for n in (1, 2, 5, 40):
+        ids, x = torch.randint(0, 4, (3, n), generator=_gen(n)), torch.randn(3, n, generator=_gen(n + 1)) * 2
+        feeds, want = {"x0": ids.numpy(), "x1": x.numpy()}, _eager(fn, [ids, x])
+        _assert_close(run(g, feeds), want, 0, f"cummax over {n}")
+        for backend, exe in exes.items():
+            _assert_close(exe(feeds), want, 0, f"cummax over {n} on {backend}")
 
 
 def test_a_value_check_is_no_part_of_the_graph() -> None:

@@ -179,6 +179,18 @@ CASES = [
          capture=("bitwise_and.Scalar", "bitwise_or.Scalar", "bitwise_xor.Scalar")),
     Case("bool_scalar_operators", {"a": BOOL}, _bool_scalars, lambda a: ((a & True) | False) ^ True,
          capture=("__and__.Scalar", "__or__.Scalar", "__xor__.Scalar")),
+    # integer bits (Qwen4-Exp's n-gram hashes): two's complement, negative values included
+    Case("bitwise_int", {"a": In(("batch", "seq"), "int64", "small_int"), "b": In((1, "seq"), "int64", "small_int")},
+         lambda g, x, rng: g.add(Op.BITWISE_XOR, [x["a"], g.add(Op.BITWISE_OR, [g.add(Op.BITWISE_AND, [x["a"], x["b"]]),
+                                                                             g.add(Op.BITWISE_NOT, [x["b"]])])]),
+         lambda a, b: torch.bitwise_xor(a, torch.bitwise_or(torch.bitwise_and(a, b), torch.bitwise_not(b))),
+         capture=("bitwise_xor.Tensor", "bitwise_or.Tensor", "bitwise_and.Tensor", "bitwise_not.default")),
+    Case("bitwise_int_scalars", {"a": In(("batch", "seq"), "int64", "small_int")},
+         lambda g, x, rng: g.add(Op.BITWISE_XOR, [g.add(Op.BITWISE_OR, [
+             g.add(Op.BITWISE_AND, [x["a"], g.const("six", np.array(6, np.int64))]),
+             g.const("one", np.array(1, np.int64))]), g.const("three", np.array(3, np.int64))]),
+         lambda a: torch.bitwise_xor(torch.bitwise_or(torch.bitwise_and(a, 6), 1), 3),
+         capture=("bitwise_and.Scalar", "bitwise_or.Scalar", "bitwise_xor.Scalar")),
     Case("isinf", {"x": X}, chain((Op.MUL, np.array(100.0, np.float32)), Op.EXP, Op.IS_INF),
          lambda x: torch.isinf(torch.exp(x * 100.0)), capture=("isinf.default",)),
     Case("isnan", {"x": X}, chain(Op.SQRT, Op.IS_NAN), lambda x: torch.isnan(torch.sqrt(x)), capture=("isnan.default",)),

@@ -89,7 +89,8 @@ OVERRIDES = {
     "Qwen4ExpForCausalLM": dict(layer_types=["linear_attention", "indexed_attention"], linear_key_head_dim=16,
                                 linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                                 shared_expert_intermediate_size=32, hc_lowrank=8, indexer_n_heads=16,
-                                indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2),
+                                indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2,
+                                ple_layer_ids=[1], ple_embed_dim=32, heads_per_ngram=2, ngram_vocab_size_base=500),
     "RecurrentGemmaForCausalLM": dict(num_hidden_layers=3, lru_width=64, attention_window_size=4),
     "xLSTMForCausalLM": dict(hidden_size=128, embedding_dim=128, num_blocks=2, mode="inference"),
     "XmodForCausalLM": dict(languages=("en_XX", "de_DE"), default_language="de_DE"),
@@ -109,7 +110,8 @@ latent attention's head dims, Bailing's hybrid of a linear attention layer and a
 two layers (their cache layers kept apart from the first pass's), Kolibri 1.1's indexed layers (the second reads the
 first's keys and values and pool) with budgets below the test's tokens, so that they select, rotary settings per layer type, MiniMax's lightning attention in blocks of 4, so
 that the prompt spans two; Qwen4-Exp's QSA indexer keeping 2 blocks of 2 keys and the keys past them, fewer than the
-test's tokens, so that it selects, with 16 indexer heads, so that no two blocks tie at a score of 0; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
+test's tokens, so that it selects, with 16 indexer heads, so that no two blocks tie at a score of 0, and its per-layer n-gram embeddings on its
+delta-rule layer, their hashed vocabularies small; RecurrentGemma's two recurrent blocks before its attention layer, Mllama's cross-attention
 layer between two self-attention layers; RWKV's time-mixing width; xLSTM's
 widths, which its config rounds up to 64 for its cache and its layers do not), over :data:`SMALL` (given to the text config of a multimodal family)."""
 

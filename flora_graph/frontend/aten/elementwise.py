@@ -220,31 +220,41 @@ _LOGICAL = {aten.logical_not.default, aten.logical_and.default, aten.logical_or.
 
 def _bool_only(ctx: CaptureContext, *xs: Any) -> list[ComputationNode]:
     """The inputs of a logical or bitwise op as bool tensors: a ``logical_*`` op reads a number as ``x != 0``
-    (torch's rule); a bitwise op on a number (its bits) is refused."""
+    (torch's rule); a bitwise op on numbers goes to :func:`_bits` instead."""
     out = []
     for x in xs:
         if isinstance(x, ComputationNode) and x.dtype != "bool" and ctx.fx_node.target in _LOGICAL:
             x = ctx.emit(Op.NOT, [ctx.emit(Op.EQUAL, [x, as_dtype(ctx, 0, x.dtype)])])
         if not isinstance(x, ComputationNode) or x.dtype != "bool":
             got = x.dtype if isinstance(x, ComputationNode) else type(x).__name__
-            raise refuse(ctx, f"bitwise op on {got} (only bool tensors are supported; logical_* ops take any dtype)")
+            raise refuse(ctx, f"bitwise op on {got} (bool and integer tensors are supported; logical_* ops take any "
+                              "dtype)")
         out.append(x)
     return out
 
 
+def _bits(ctx: CaptureContext, logical: Op, bitwise: Op, *xs: Any) -> ComputationNode:
+    """A logical op (``logical``) of the inputs as bools (:func:`_bool_only`), or, for a bitwise op whose result is an
+    integer (torch's promotion of integer tensors and Python ints), ``bitwise`` of the inputs cast to it."""
+    dtype = out_dtype(ctx)
+    if ctx.fx_node.target in _LOGICAL or not dtype.startswith(("int", "uint")):
+        return ctx.emit(logical, _bool_only(ctx, *xs))
+    return ctx.emit(bitwise, [as_dtype(ctx, x, dtype) for x in xs])
+
+
 @register(aten.logical_not.default, aten.bitwise_not.default)
 def _not(ctx, x):
-    return ctx.emit(Op.NOT, _bool_only(ctx, x))
+    return _bits(ctx, Op.NOT, Op.BITWISE_NOT, x)
 
 
 @register(aten.logical_and.default, aten.bitwise_and.Tensor, aten.__and__.Tensor)
 def _and(ctx, a, b):
-    return ctx.emit(Op.AND, _bool_only(ctx, a, b))
+    return _bits(ctx, Op.AND, Op.BITWISE_AND, a, b)
 
 
 @register(aten.logical_or.default, aten.bitwise_or.Tensor, aten.__or__.Tensor)
 def _or(ctx, a, b):
-    return ctx.emit(Op.OR, _bool_only(ctx, a, b))
+    return _bits(ctx, Op.OR, Op.BITWISE_OR, a, b)
 
 
 @register(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
@@ -465,19 +475,24 @@ def _fill(ctx, x, value):
 # --------------------------------------------------------------------------- xor, bitwise ops with a bool scalar
 @register(aten.logical_xor.default, aten.bitwise_xor.Tensor, aten.__xor__.Tensor)
 def _xor(ctx, a, b):
-    return ctx.emit(Op.XOR, _bool_only(ctx, a, b))
+    return _bits(ctx, Op.XOR, Op.BITWISE_XOR, a, b)
 
 
-_BOOL_SCALAR_OPS = {
-    aten.bitwise_and.Scalar: Op.AND, aten.__and__.Scalar: Op.AND,
-    aten.bitwise_or.Scalar: Op.OR, aten.__or__.Scalar: Op.OR,
-    aten.bitwise_xor.Scalar: Op.XOR, aten.__xor__.Scalar: Op.XOR,
+_SCALAR_OPS = {
+    aten.bitwise_and.Scalar: (Op.AND, Op.BITWISE_AND), aten.__and__.Scalar: (Op.AND, Op.BITWISE_AND),
+    aten.bitwise_or.Scalar: (Op.OR, Op.BITWISE_OR), aten.__or__.Scalar: (Op.OR, Op.BITWISE_OR),
+    aten.bitwise_xor.Scalar: (Op.XOR, Op.BITWISE_XOR), aten.__xor__.Scalar: (Op.XOR, Op.BITWISE_XOR),
 }
 
 
-@register(*_BOOL_SCALAR_OPS)
+@register(*_SCALAR_OPS)
 def _bitwise_scalar(ctx, x, other):
-    """A bool tensor with a Python bool: ``And``/``Or``/``Xor`` with a bool constant."""
-    if not isinstance(other, bool):
-        raise refuse(ctx, f"bitwise op with the scalar {other!r} (only bool tensors and bools are supported)")
-    return ctx.emit(_BOOL_SCALAR_OPS[ctx.fx_node.target], [*_bool_only(ctx, x), as_dtype(ctx, other, "bool")])
+    """A bool tensor with a Python bool (``And``/``Or``/``Xor`` with a bool constant), or an integer tensor with a
+    Python int (``BitwiseAnd``/``Or``/``Xor``)."""
+    logical, bitwise = _SCALAR_OPS[ctx.fx_node.target]
+    if isinstance(other, bool) and x.dtype == "bool":
+        return ctx.emit(logical, [*_bool_only(ctx, x), as_dtype(ctx, other, "bool")])
+    if not isinstance(other, int) or not out_dtype(ctx).startswith(("int", "uint")):
+        raise refuse(ctx, f"bitwise op with the scalar {other!r} (bool tensors with bools and integer tensors with "
+                          "ints are supported)")
+    return _bits(ctx, logical, bitwise, x, other)

@@ -4,7 +4,8 @@
 ``mean.dim``/``sum.dim_IntList``/``prod.dim_int`` (axes, ``keepdim``) and
 ``mean.default``/``sum.default``/``prod.default`` (every axis) -> ``ReduceMean``/``ReduceSum``/
 ``ReduceProd``; ``cumsum`` -> ``CumSum``; ``logsumexp`` -> ``Log(ReduceSum(Exp(x - m))) + m``, ``m`` the
-``ReduceMax`` (``0`` where infinite). The input is cast to the dtype torch reduces in first
+``ReduceMax`` (``0`` where infinite); ``cummax`` / ``cummin`` -> a doubling scan of ``Max`` / ``Min`` over
+shifts gathered along the axis (and ``Where`` for the indices). The input is cast to the dtype torch reduces in first
 (``sum``/``prod`` of ints -> int64, ``dtype=``); a scalar input is only cast.
 
 ``amax``/``amin`` (``dim=[]``: every axis), ``max.default``/``min.default`` -> ``ReduceMax``/
@@ -29,6 +30,7 @@ formula torch uses for small inputs
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -112,6 +114,46 @@ def _logcumsumexp(ctx, x, dim):
     m = ctx.emit(Op.MAX, [ctx.emit(Op.REDUCE_MAX, [x], {"axes": (axis,), "keepdims": 1}), lowest])
     shifted = ctx.emit(Op.EXP, [ctx.emit(Op.SUB, [x, m])])
     return ctx.emit(Op.ADD, [ctx.emit(Op.LOG, [ctx.emit(Op.CUMSUM, [shifted], {"axis": axis})]), m])
+
+
+SCAN_STEPS = 31
+"""Doubling steps of :func:`_cummax` on a dynamic axis: prefixes of up to ``2**31`` positions."""
+
+
+@register(aten.cummax.default, aten.cummin.default)
+def _cummax(ctx, x, dim):
+    """Each prefix's maximum (minimum) and the index of its last occurrence, as torch's loop keeps them: a doubling
+    scan, step ``s`` taking the better of each position and the one ``2**s`` before it (the later on a tie), the first
+    position where there is none (its value, which every prefix holds, changes nothing), a ``Gather`` along the axis. ``ceil(log2(n))`` steps on a static axis of ``n``, :data:`SCAN_STEPS` on a dynamic one. The
+    indices are computed where something reads them. NaN is compared as ``Max`` / ``Min`` compare it."""
+    is_max = ctx.fx_node.target is aten.cummax.default
+    if not x.shape:
+        return x, as_dtype(ctx, 0, "int64")
+    axis = axis_of(int(dim), len(x.shape))
+    length = x.shape[axis]
+    if length == 0:
+        return x, ctx.emit(Op.CAST, [x], {"to": "int64"})
+    steps = math.ceil(math.log2(length)) if isinstance(length, int) else SCAN_STEPS
+    used = {int(u.args[1]) for u in ctx.fx_node.users if u.target is operator.getitem and u.users}
+    index = None
+    if 1 in used:  # the positions along the axis, as int64 of x's shape
+        zeros = ctx.emit(Op.MUL, [ctx.emit(Op.CAST, [ctx.emit(Op.IS_NAN, [x]) if x.dtype.startswith("float")
+                                                     else x], {"to": "int64"}), as_dtype(ctx, 0, "int64")])
+        ones = ctx.emit(Op.ADD, [zeros, as_dtype(ctx, 1, "int64")])
+        index = ctx.emit(Op.SUB, [ctx.emit(Op.CUMSUM, [ones], {"axis": axis}), as_dtype(ctx, 1, "int64")])
+    at = ctx.emit(Op.ARANGE, [], {"start": 0, "end": length, "step": 1, "dtype": "int64"})  # positions on the axis
+
+    def before(v: ComputationNode, shift: int) -> ComputationNode:  # v[i - shift], v[0] where i < shift
+        back = ctx.emit(Op.MAX, [ctx.emit(Op.SUB, [at, as_dtype(ctx, shift, "int64")]), as_dtype(ctx, 0, "int64")])
+        return ctx.emit(Op.GATHER, [v, back], {"axis": axis})
+
+    for s in range(steps):
+        earlier = before(x, 2**s)
+        if index is not None:  # the later position wins a tie: the earlier one only where strictly better
+            better = ctx.emit(Op.GREATER if is_max else Op.LESS, [earlier, x])
+            index = ctx.emit(Op.WHERE, [better, before(index, 2**s), index])
+        x = ctx.emit(Op.MAX if is_max else Op.MIN, [earlier, x])
+    return x, index
 
 
 @register(aten.logsumexp.default)
