@@ -21,7 +21,9 @@ import contextlib
 import gc
 import inspect
 import re
+import traceback
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -697,8 +699,22 @@ def trace_with_torch_export(
                     hint = " (a dynamic dim needs an upper bound here: pass capture(..., dim_max={dim_name: largest_size}))"
                 if applied:
                     hint += f" (bounds applied from torch.export's suggestions: {', '.join(applied)})"
-                raise GraphError(f"torch.export could not export {type(model).__name__}{hint}: {exc}") from exc
+                raise GraphError(f"torch.export could not export {type(model).__name__}{hint}: {_said(exc)}") from exc
     return Traced(ep, model, adapters, hi, lo, _user_input_names(ep, model, len(args)))
+
+
+def _said(exc: BaseException) -> str:
+    """``exc``'s message, or where it has none (a bare ``assert`` in the model's code), its type and the line that
+    raised it: the innermost frame of its traceback, with the file's path from its package on."""
+    if str(exc).strip():
+        return str(exc)
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    path = Path(last.filename)
+    short = "/".join(path.parts[-4:]) if "site-packages" in path.parts else str(path)
+    return f"{type(exc).__name__} at {short}:{last.lineno}" + (f" ({last.line})" if last.line else "")
 
 
 def _bounds_inferred(ep: torch.export.ExportedProgram, model: nn.Module, n_args: int, dynamic_dims: DynamicDims,

@@ -234,3 +234,19 @@ def test_failed_capture_restores_mode():
     with pytest.raises(GraphError):
         capture(model, torch.randn(3, 4))
     assert model.training
+
+
+class AssertsWhileExporting(nn.Module):
+    """An error without a message under torch.export (as XLM's bare ``assert`` on its masks gives with a cache's;
+    raised, not asserted, as pytest gives a test module's asserts a message)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            raise AssertionError
+        return x * 2
+
+
+def test_an_export_failure_without_a_message_names_its_type_and_line():
+    with pytest.raises(GraphError, match=r"could not export AssertsWhileExporting: AssertionError at .*"
+                                         r"test_capture_errors\.py:\d+ \(raise AssertionError\)"):
+        capture(AssertsWhileExporting(), (torch.randn(2, 4),), BATCH)
