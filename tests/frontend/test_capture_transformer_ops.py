@@ -468,9 +468,22 @@ def test_glu_halves_its_dim() -> None:
     np.testing.assert_allclose(run(graph, {"x": x.numpy()})["output"], want.numpy(), rtol=1e-6)
 
 
-def test_bitwise_ops_on_integers_are_unsupported() -> None:
-    with pytest.raises(UnsupportedOpError, match="only bool"):
-        _capture(lambda x: (x.long() & x.long()).float())
+def test_bitwise_ops_on_integers_keep_their_bits() -> None:
+    """Integer ``&`` / ``|`` / ``^`` / ``~`` (with a tensor or a Python int) are the integers' bits, not a bool's."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        a, b = (x * 40).long(), (x.flip(-1) * 40).long()
+        return (((a & b) | 5) ^ ~b ^ (a | 3)).float()
+
+    graph = _capture(fn)
+    assert {n.op for n in graph.nodes} >= {Op.BITWISE_AND, Op.BITWISE_OR, Op.BITWISE_XOR, Op.BITWISE_NOT}
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(run(graph, {"x": x.numpy()})["output"], fn(x).numpy())
+    np.testing.assert_array_equal(compile(graph, "onnxruntime")(x=x.numpy())["output"], fn(x).numpy())
+
+
+def test_bitwise_ops_with_a_float_scalar_are_refused() -> None:
+    with pytest.raises(UnsupportedOpError, match="scalar"):
+        _capture(lambda x: torch.ops.aten.bitwise_and.Scalar(x > 0, 1.5).float())
 
 
 def test_attention_dropout_is_unsupported() -> None:
