@@ -547,6 +547,24 @@ def flat_forward(forward: Callable[..., Any], layout: CacheLayout, cache_arg: st
     return run
 
 
+def _cache_method_missing(exc: GraphError, model: nn.Module) -> tuple[str, str] | None:
+    """``(method, "class(es) ...")`` where the export failed on a method the model calls on a cache layer of the flat
+    cache (``'DynamicLayer' object has no attribute ...``) that its eager cache's own layer classes have, else
+    ``None``."""
+    found = re.search(r"'(\w*Layer)' object has no attribute '(\w+)'", str(exc))
+    if found is None:
+        return None
+    try:
+        cache = _eager_cache(_base(model))
+    except Exception:  # the eager step itself fails: nothing to name
+        return None
+    owners = sorted({type(layer).__name__ for layer in getattr(cache, "layers", None) or []
+                     if callable(getattr(layer, found.group(2), None))})
+    if not owners:
+        return None
+    return found.group(2), ("class " if len(owners) == 1 else "classes ") + ", ".join(owners)
+
+
 def _cache_arg(model: nn.Module) -> str:
     params = inspect.signature(_base(model).forward).parameters
     own = state_forward(_base(model)) is not None  # the forward called in place of the class's takes either
@@ -748,20 +766,25 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
                                for _, kind in layout.entries()]
     in_names = [*dims][:-1] + layout.past_names()
     out_names = ["logits", *layout.present_names()]
-    with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
-        try:
+    try:
+        with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
             # a Python loop over a scan's chunks that no swap makes one op comes out bounded to one chunk a call, the
             # cache carrying the state from piece to piece: the Generator prefills long prompts in pieces
             graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
                             input_names=in_names, output_names=out_names, share_weights=share_weights)
-        except GraphError as exc:
-            if re.search(r"(conv|recurrent) state|cache of its own", str(exc)):
-                raise GraphError(f"{type(base).__name__}: its state-space or linear-attention layers keep a state "
-                                 "this export does not carry (only one convolution and one recurrent state a layer, "
-                                 "as Mamba-2 and LFM2 keep them, are carried); capture it without "
-                                 "the cache (flora_graph.frontend.capture, or flora-graph export without "
-                                 f"--task text-generation-with-past) ({exc})") from exc
-            raise
+    except GraphError as exc:  # the model's own forward again here, for an eager step that names its cache's class
+        without = ("capture it without the cache (flora_graph.frontend.capture, or flora-graph export without --task "
+                   "text-generation-with-past)")
+        if re.search(r"(conv|recurrent) state|cache of its own", str(exc)):
+            raise GraphError(f"{type(base).__name__}: its state-space or linear-attention layers keep a state "
+                             "this export does not carry (only one convolution and one recurrent state a layer, "
+                             f"as Mamba-2 and LFM2 keep them, are carried); {without} ({exc})") from exc
+        if (own := _cache_method_missing(exc, model)) is not None:
+            raise GraphError(f"{type(base).__name__}: its forward calls {own[0]!r} on its cache layers, a method of "
+                             f"its own cache layer {own[1]}, which keep state beyond keys, values and fixed-size "
+                             "states (a compressor's buffered tokens and counts) that this export's flat cache cannot "
+                             f"carry ({exc})") from exc
+        raise
     from flora_graph.frontend.sliding_window import windows_by_position
 
     windows_by_position(graph)  # counted in tokens: right-padded batches (GenAI's) keep each row's window
