@@ -11,6 +11,7 @@ which reads as end-of-text, the module's own filler. Exact while ids are below 2
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +29,6 @@ EXACT_IDS = 2**24
 def is_token_context_embedding(module: nn.Module) -> bool:
     """Qwen4-Exp's n-gram embedding: an ``int`` ``context_len``, ``eos_token_id`` and ``unigram_vocab_size``, an
     ``ngram_embedding`` and a forward of ``(input_ids, cache)``."""
-    import inspect
-
     if "forward" in vars(module) or not isinstance(getattr(module, "ngram_embedding", None), nn.Embedding):
         return False
     if not all(isinstance(getattr(module, a, None), int) for a in ("context_len", "eos_token_id", "unigram_vocab_size")):

@@ -123,9 +123,10 @@ SCAN_STEPS = 31
 @register(aten.cummax.default, aten.cummin.default)
 def _cummax(ctx, x, dim):
     """Each prefix's maximum (minimum) and the index of its last occurrence, as torch's loop keeps them: a doubling
-    scan, step ``s`` taking the better of each position and the one ``2**s`` before it (the later on a tie), the first
-    position where there is none (its value, which every prefix holds, changes nothing), a ``Gather`` along the axis. ``ceil(log2(n))`` steps on a static axis of ``n``, :data:`SCAN_STEPS` on a dynamic one. The
-    indices are computed where something reads them. NaN is compared as ``Max`` / ``Min`` compare it."""
+    scan, step ``s`` taking the better of each position and the one ``2**s`` before it (the later on a tie; the first
+    position where there is none, whose value every prefix holds), read by a ``Gather`` along the axis.
+    ``ceil(log2(n))`` steps on a static axis of ``n``, :data:`SCAN_STEPS` on a dynamic one. The indices are computed
+    where something reads them. NaN is compared as ``Max`` / ``Min`` compare it."""
     is_max = ctx.fx_node.target is aten.cummax.default
     if not x.shape:
         return x, as_dtype(ctx, 0, "int64")
