@@ -390,18 +390,6 @@ define(
     infer=_infer_logical_not, doc="Logical not of a bool value.",
     numpy=np.logical_not, onnx=simple("Not"), torch=call("torch.logical_not"), groups=("Logical",),
 )
-for _name, _value, _doc, _numpy, _torch in (
-    ("AND", "And", "and", np.logical_and, "torch.logical_and"),
-    ("OR", "Or", "or", np.logical_or, "torch.logical_or"),
-    ("XOR", "Xor", "exclusive or", np.logical_xor, "torch.logical_xor"),
-):
-    define(
-        _name, _value, (2, 2),
-        infer=_infer_logical, doc=f"Logical {_doc} of bool values, broadcasting.",
-        numpy=_numpy, onnx=simple(_value), torch=call(_torch), groups=("Logical",),
-    )
-
-
 def _infer_bitwise(shapes, dtypes, attrs):
     """Broadcasting ``BitwiseAnd``/``Or``/``Xor`` of integers of one dtype; ``BitwiseNot`` of one."""
     dtype = same_dtype(dtypes, "bitwise op")
@@ -415,16 +403,24 @@ define(
     infer=_infer_bitwise, doc="Bitwise not of an integer value (its two's complement bits).",
     numpy=np.bitwise_not, onnx=simple("BitwiseNot"), torch=call("torch.bitwise_not"),
 )
-for _name, _value, _doc, _numpy, _torch in (
-    ("BITWISE_AND", "BitwiseAnd", "and", np.bitwise_and, "torch.bitwise_and"),
-    ("BITWISE_OR", "BitwiseOr", "or", np.bitwise_or, "torch.bitwise_or"),
-    ("BITWISE_XOR", "BitwiseXor", "exclusive or", np.bitwise_xor, "torch.bitwise_xor"),
+for _name, _value, _doc, _numpy, _torch, _infer, _groups in (
+    ("AND", "And", "Logical and of bool values", np.logical_and, "torch.logical_and", _infer_logical, ("Logical",)),
+    ("OR", "Or", "Logical or of bool values", np.logical_or, "torch.logical_or", _infer_logical, ("Logical",)),
+    ("XOR", "Xor", "Logical exclusive or of bool values", np.logical_xor, "torch.logical_xor", _infer_logical,
+     ("Logical",)),
+    ("BITWISE_AND", "BitwiseAnd", "Bitwise and of integer values of one dtype", np.bitwise_and, "torch.bitwise_and",
+     _infer_bitwise, ()),
+    ("BITWISE_OR", "BitwiseOr", "Bitwise or of integer values of one dtype", np.bitwise_or, "torch.bitwise_or",
+     _infer_bitwise, ()),
+    ("BITWISE_XOR", "BitwiseXor", "Bitwise exclusive or of integer values of one dtype", np.bitwise_xor,
+     "torch.bitwise_xor", _infer_bitwise, ()),
 ):
     define(
         _name, _value, (2, 2),
-        infer=_infer_bitwise, doc=f"Bitwise {_doc} of integer values of one dtype, broadcasting.",
-        numpy=_numpy, onnx=simple(_value), torch=call(_torch),
+        infer=_infer, doc=f"{_doc}, broadcasting.",
+        numpy=_numpy, onnx=simple(_value), torch=call(_torch), groups=_groups,
     )
+
 
 def _infer_float_test(shapes, dtypes, attrs):
     if not dtypes[0].startswith(("float", "bfloat")):
