@@ -13,7 +13,7 @@ group's ``A`` (input ``<stack>.groups``, ``[groups, in, R]``), masked by the row
 
 A group is a bin of the call's adapters (:func:`pack_rows`): each adapter takes as many rank lanes as its largest
 rank, the bins are as wide as the call's widest adapter, and the adapters go into the first bin with room, widest
-first, where that at least halves the groups (else each adapter is a group of its own). A bin's ``A`` holds its adapters' ``A`` side by side along the rank (each cut to its rank in the slot), its
+first. A bin's ``A`` holds its adapters' ``A`` side by side along the rank (each cut to its rank in the slot), its
 ``B`` their ``B`` stacked the same way, and a row's lanes are ones on its adapter's ranks, zeros elsewhere, so that it
 reads its adapter's product alone: with ranks 8 and 16 two rank-8 adapters share a bin, one rank-64 adapter and seven
 of rank 8 take two bins, not eight bins of 64 (the lanes multiply exact zeros away). Rows without an adapter take no
@@ -218,11 +218,8 @@ class Packing:
 def pack_rows(index: np.ndarray, widths: np.ndarray) -> Packing:
     """The groups of a call whose row ``i`` uses stack slot ``index[i]`` (``-1``: the zero slot, last), the slots
     ``widths`` rank lanes wide (``widths[slot]``): the distinct slots packed into bins as wide as the widest of them,
-    widest first (ties in order of first use), each into the first bin with room, the groups in the order the bins
-    open; where that does not at least halve the groups, one group a slot, in order of first use (packing a few lanes
-    away pads the other groups' rows to the packed group's: measured no faster on the deployable-LLM benchmark's
-    ranks 8 and 16). A group's rows in row order (a group with fewer rows repeats its first: computed, never read
-    back)."""
+    widest first (ties in order of first use), each into the first bin with room; the groups in the order the bins
+    open, a group's rows in row order (a group with fewer rows repeats its first: computed, never read back)."""
     index = np.asarray(index, np.int64)
     slots = np.asarray(widths).shape[0]
     own = np.where(index < 0, index + slots, index)  # the zero slot by its place
@@ -241,9 +238,6 @@ def pack_rows(index: np.ndarray, widths: np.ndarray) -> Packing:
         bins[b].append(int(used[k]))
         room[b] -= wide[k]
         bin_of[int(used[k])] = b
-    if 2 * len(bins) > len(used):  # packing saves less than half the groups: one a slot, in order of first use
-        bins = [[int(u)] for u in used]  # (no group's rows padded to another's for a few lanes)
-        bin_of = {int(u): b for b, u in enumerate(used)}
     group = np.array([bin_of[int(u)] for u in own], np.int64)
     counts = np.bincount(group, minlength=len(bins))
     rows = np.zeros((len(bins), int(counts.max()) if counts.size else 0), np.int64)
