@@ -289,8 +289,7 @@ class MixedAdapterSession:
         self._stacked = stacked if still is None else [n for n in stacked if n in still]
         self._takes_index = still is None or INDEX_INPUT in still
         self._request = [n for n in self.model.inputs if n != INDEX_INPUT and n not in stacked and n not in self._rows
-                         and n not in self._groups
-                         and n not in (grouped.ROWS_INPUT, grouped.PLACES_INPUT, grouped.LANES_INPUT)]
+                         and n not in self._groups and n not in (grouped.ROWS_INPUT, grouped.PLACES_INPUT)]
         self._lock = threading.Lock()
         self._set = self._build({})
         if adapters:
@@ -398,7 +397,7 @@ class MixedAdapterSession:
             out[INDEX_INPUT] = idx
         for name, stack in self._rows.items():
             out[name] = _slots_of(current, stack, idx)
-        if self._groups:  # one entry per bin of the call's adapters, [groups, ...], and each row's lanes in its bin
+        if self._groups:  # one entry per bin of the call's adapters, [groups, 1, ...]: broadcast over its rows
             out.update(grouped.grouped_inputs(self._groups, current.feeds, current.ranks, idx))
         return out
 

@@ -12,7 +12,7 @@ from flora_graph.serving import INDEX_INPUT, MixedAdapterSession, ServingError
 from flora_graph.serving.export import stack_names
 from flora_graph.serving.grouped import (
     GROUPS_SUFFIX,
-    LANES_INPUT,
+    LANES_SUFFIX,
     PLACES_INPUT,
     ROWS_INPUT,
     group_rows,
@@ -45,13 +45,16 @@ def test_the_rewrite_groups_the_linear_slots_and_leaves_the_others(served):
     linear = [s for s in slots if s.kind == "linear"]
     assert linear and any(s.kind == "conv" for s in slots)
     groups = group_rows(model, slots)
-    assert sorted(groups.values()) == sorted(n for s in linear for n in stack_names(s))
-    assert all(name == stack + GROUPS_SUFFIX for name, stack in groups.items())
+    assert sorted(set(groups.values())) == sorted(n for s in linear for n in stack_names(s))
+    assert {name for name, stack in groups.items() if name in (stack + GROUPS_SUFFIX, stack + LANES_SUFFIX)} \
+        == set(groups)
+    assert sorted(n for n in groups if n.endswith(LANES_SUFFIX)) == sorted(stack_names(s)[0] + LANES_SUFFIX
+                                                                          for s in linear)
     gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[1:] == [INDEX_INPUT]}
     assert gathered == {n for s in slots if s.kind == "conv" for n in stack_names(s)}  # conv slots still gather
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert inputs["fc_in.lora_A.stack" + GROUPS_SUFFIX] == ["adapter_groups", 1024, "fc_in.rank"]
-    assert inputs[LANES_INPUT] == ["adapter_groups", "group_rows", 1, "lora_lanes"]
+    assert inputs["fc_in.lora_A.stack" + GROUPS_SUFFIX] == ["adapter_groups", 1, 1024, "fc_in.rank"]
+    assert inputs["fc_in.lora_A.stack" + LANES_SUFFIX] == ["adapter_groups", "group_rows", 1, "fc_in.rank"]
     assert inputs[ROWS_INPUT] == ["adapter_groups", "group_rows"] and inputs[PLACES_INPUT] == ["batch", 2]
     assert INDEX_INPUT in inputs and not set(groups.values()) & set(inputs)  # the conv slots read the index
     nodes = model.graph.node
@@ -67,7 +70,7 @@ def test_same_outputs_as_the_gathering_model(served, sessions, images, names):
     for kind in ("grouped", "grouped+per-row"):
         assert sessions[kind].input_names == ["image"]
         out = sessions[kind].run({"image": images}, names)["output"]
-        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)  # one product a group: float32 sums in another order
+        np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
         np.testing.assert_allclose(out, per_row_reference(served, names, images), atol=ATOL)
 
 
@@ -78,13 +81,13 @@ def test_each_adapter_is_fed_once_packed_beside_others_by_rank(served, sessions)
     assert [served.params[n]["fc_in.lora_A"].shape[0] for n in ("a", "b")] == [2, 4]
     _, inputs = s.adapter_inputs(["b", "a", None, "a", "b", "b"])
     a_groups, b_groups = inputs["fc_in.lora_A.stack" + GROUPS_SUFFIX], inputs["fc_in.lora_B.stack" + GROUPS_SUFFIX]
-    assert a_groups.shape == (2, 1024, 4) and b_groups.shape[:2] == (2, 4)  # [groups, in, R]: bins of 4
-    np.testing.assert_array_equal(a_groups[0], served.params["b"]["fc_in.lora_A"].T)
-    np.testing.assert_array_equal(a_groups[1, :, :2], served.params["a"]["fc_in.lora_A"].T)
-    assert not a_groups[1, :, 2:].any() and not b_groups[1, 2:].any()  # the bin's lanes a leaves free
+    assert a_groups.shape == (2, 1, 1024, 4) and b_groups.shape[:3] == (2, 1, 4)  # [groups, 1, in, R]: bins of 4
+    np.testing.assert_array_equal(a_groups[0, 0], served.params["b"]["fc_in.lora_A"].T)
+    np.testing.assert_array_equal(a_groups[1, 0, :, :2], served.params["a"]["fc_in.lora_A"].T)
+    assert not a_groups[1, 0, :, 2:].any() and not b_groups[1, 0, 2:].any()  # the bin's lanes a leaves free
     np.testing.assert_array_equal(inputs[ROWS_INPUT], [[0, 2, 4, 5], [1, 3, 1, 1]])
     np.testing.assert_array_equal(inputs[PLACES_INPUT], [[0, 0], [1, 0], [0, 1], [1, 1], [0, 2], [0, 3]])
-    lanes = inputs[LANES_INPUT][..., 0, :]  # [groups, rows in a group, R]
+    lanes = inputs["fc_in.lora_A.stack" + LANES_SUFFIX][..., 0, :]  # [groups, rows in a group, R]
     np.testing.assert_array_equal(lanes[0], [[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])  # b, none, b, b
     np.testing.assert_array_equal(lanes[1, :2], [[1, 1, 0, 0], [1, 1, 0, 0]])  # a, a
     assert inputs["conv1.lora_A.stack" + ROWS_SUFFIX].shape[0] == 6  # the conv slots: each row's own weights
@@ -100,13 +103,13 @@ def test_two_small_adapters_share_a_bin_and_read_their_own_ranks_alone():
     for slot, r in enumerate(ranks[:3]):
         a[slot, :, :r], b[slot, :r] = gen.normal(size=(5, r)), gen.normal(size=(r, 3))
     index = np.array([1, 2, -1, 0, 2])
-    out = grouped_inputs({"A.groups": "A", "B.groups": "B"}, {"A": a, "B": b}, {"A": (ranks, 2), "B": (ranks, 1)},
-                         index)
-    assert out["A.groups"].shape == (2, 5, 2)  # adapter 0 (and the no-adapter row, no lanes); 1 and 2 side by side
+    out = grouped_inputs({"A.groups": "A", "B.groups": "B", "A.lanes": "A"}, {"A": a, "B": b},
+                         {"A": (ranks, 2), "B": (ranks, 1)}, index)
+    assert out["A.groups"].shape == (2, 1, 5, 2)  # adapter 0 (and the no-adapter row, no lanes); 1 and 2 side by side
     np.testing.assert_array_equal(out[ROWS_INPUT], [[2, 3, 2], [0, 1, 4]])
     x = gen.normal(size=(5, 5)).astype(np.float32)
     for row, (g, p) in enumerate(out[PLACES_INPUT].tolist()):
-        got = (x[row] @ out["A.groups"][g]) * out[LANES_INPUT][g, p, 0] @ out["B.groups"][g]
+        got = (x[row] @ out["A.groups"][g, 0]) * out["A.lanes"][g, p, 0] @ out["B.groups"][g, 0]
         np.testing.assert_allclose(got, x[row] @ a[index[row]] @ b[index[row]], rtol=1e-6, atol=1e-6)
 
 
