@@ -63,10 +63,8 @@ SIZE = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 4, "intermediate": 6
 """The issue's tiny Llama; ``--hidden`` etc. change it (the targets are set on this one)."""
 
 
-def build(root: Path, adapters: int, seed: int = 0, size: dict[str, int] | None = None,
-          ranks: tuple[int, ...] = (8, 16)) -> dict[str, Path]:
-    """The base folder (a Llama of ``size``, :data:`SIZE` by default) and ``adapters`` PEFT folders under ``root``,
-    adapter ``i`` of rank ``ranks[i % len(ranks)]``."""
+def build(root: Path, adapters: int, seed: int = 0, size: dict[str, int] | None = None) -> dict[str, Path]:
+    """The base folder (a Llama of ``size``, :data:`SIZE` by default) and ``adapters`` PEFT folders under ``root``."""
     import peft
     import torch
     import transformers
@@ -83,7 +81,7 @@ def build(root: Path, adapters: int, seed: int = 0, size: dict[str, int] | None 
     save_word_tokenizer(root / "base", cfg.vocab_size)  # the model builder reads the folder's tokenizer
     out = {}
     for i in range(adapters):
-        r = ranks[i % len(ranks)]
+        r = 8 if i % 2 == 0 else 16
         spec = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                      "up_proj", "down_proj"])
         model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(root / "base"), spec)
@@ -94,17 +92,6 @@ def build(root: Path, adapters: int, seed: int = 0, size: dict[str, int] | None 
         model.save_pretrained(root / f"a{i}")
         out[f"a{i}"] = root / f"a{i}"
     return out
-
-
-def _ranks(text: str) -> tuple[int, ...]:
-    """``--ranks``: comma-separated positive ints."""
-    try:
-        ranks = tuple(int(r) for r in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated ranks, such as 8,16") from None
-    if not ranks or min(ranks) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: ranks must be positive")
-    return ranks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared-rows", type=int, default=32,
                    help="rows of the batch whose rows share adapters (row i uses adapter i mod --shared-adapters)")
     p.add_argument("--shared-adapters", type=int, default=4, help="adapters those rows share")
-    p.add_argument("--ranks", type=_ranks, default="8,16", metavar="R,R,...",
-                   help="the adapters' ranks, adapter i taking the (i mod count)-th (64,8,8,8,8,8,8,8: one wide adapter "
-                        "among narrow ones, packed two bins of 64 wide in a mixed batch instead of eight)")
     p.add_argument("--mixed-only", action="store_true",
                    help="only the export and the mixed-adapter batch (no per-step runners): for larger --hidden etc.")
     args = p.parse_args(argv)
@@ -139,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        peft_dirs = build(root, args.adapters, size={k: getattr(args, k) for k in SIZE}, ranks=args.ranks)
+        peft_dirs = build(root, args.adapters, size={k: getattr(args, k) for k in SIZE})
         export = ["export", str(root / "base"), "--task", "text-generation-with-past", "--format", "genai",
                   *(a for n, d in peft_dirs.items() for a in ("--adapter", f"{n}={d}"))]
         t0 = time.perf_counter()

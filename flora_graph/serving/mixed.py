@@ -397,8 +397,10 @@ class MixedAdapterSession:
             out[INDEX_INPUT] = idx
         for name, stack in self._rows.items():
             out[name] = _slots_of(current, stack, idx)
-        if self._groups:  # one entry per bin of the call's adapters, [groups, 1, ...]: broadcast over its rows
-            out.update(grouped.grouped_inputs(self._groups, current.feeds, current.ranks, idx))
+        if self._groups:  # one entry per adapter of the call, [groups, 1, ...]: broadcast over each group's rows
+            slots, out[grouped.ROWS_INPUT], out[grouped.PLACES_INPUT] = grouped.row_groups(idx)
+            for name, stack in self._groups.items():
+                out[name] = _slots_of(current, stack, slots)[:, None]
         return out
 
     @staticmethod
