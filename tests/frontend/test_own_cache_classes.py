@@ -49,13 +49,13 @@ def test_the_cache_export_is_refused_naming_the_method_and_its_class(model) -> N
         capture_causal_lm(model)
 
 
-def test_without_the_cache_its_heavily_compressed_attention_captures_as_eager(model) -> None:
+def test_without_the_cache_its_heavily_compressed_attention_captures_as_eager() -> None:
     model = _with({**WINDOWS, "layer_types": ["heavily_compressed_attention"] * 2})
+    assert model.config.compress_rates["heavily_compressed_attention"] == 4
     gen = torch.Generator().manual_seed(0)
     graph = capture(model, (torch.randint(3, 100, (2, 9), generator=gen),), {"input_ids": {0: "batch", 1: "seq"}})
     onnx = compile(graph, "onnxruntime")
     name = graph.inputs[0].name
-    assert [type(layer).__name__ for layer in model.model.layers] == ["DeepseekV4DecoderLayer"] * 2
     for n in (8, 19):  # whole windows, and a part of one (the capture takes 8 tokens and more: graph.dim_min)
         ids = torch.randint(3, 100, (3, n), generator=gen)
         with torch.no_grad():
