@@ -773,12 +773,12 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
             graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
                             input_names=in_names, output_names=out_names, share_weights=share_weights)
     except GraphError as exc:  # the model's own forward again here, for an eager step that names its cache's class
-        without = ("capture it without the cache (flora_graph.frontend.capture, or flora-graph export without --task "
-                   "text-generation-with-past)")
         if re.search(r"(conv|recurrent) state|cache of its own", str(exc)):
             raise GraphError(f"{type(base).__name__}: its state-space or linear-attention layers keep a state "
                              "this export does not carry (only one convolution and one recurrent state a layer, "
-                             f"as Mamba-2 and LFM2 keep them, are carried); {without} ({exc})") from exc
+                             "as Mamba-2 and LFM2 keep them, are carried); capture it without the cache "
+                             "(flora_graph.frontend.capture, or flora-graph export without --task "
+                             f"text-generation-with-past) ({exc})") from exc
         if (own := _cache_method_missing(exc, model)) is not None:
             raise GraphError(f"{type(base).__name__}: its forward calls {own[0]!r} on its cache layers, a method of "
                              f"its own cache layer {own[1]}, which keep state beyond keys, values and fixed-size "

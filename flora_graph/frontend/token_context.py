@@ -66,8 +66,8 @@ class TokenStates:
 
 def token_context_forward(module: nn.Module, path: str = "") -> Callable[..., torch.Tensor]:
     """``module``'s forward (see :func:`is_token_context_embedding`) with its cache seen through
-    :class:`TokenStates` and its n-grams' restarts found without a scan (see the module docstring). Raises :class:`GraphError` naming ``path`` where its vocabulary has ids that float32 does
-    not hold exactly."""
+    :class:`TokenStates` and its n-grams' restarts found without a scan (see the module docstring). Raises
+    :class:`GraphError` naming ``path`` where its vocabulary has ids that float32 does not hold exactly."""
     if module.unigram_vocab_size >= EXACT_IDS - 1 or module.eos_token_id >= EXACT_IDS - 1:
         raise GraphError(f"{path or type(module).__name__}: a vocabulary of {module.unigram_vocab_size} ids, past the "
                          f"{EXACT_IDS - 1} that a float32 cache state holds exactly")

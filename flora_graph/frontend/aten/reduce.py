@@ -135,14 +135,12 @@ def _cummax(ctx, x, dim):
     if length == 0:
         return x, ctx.emit(Op.CAST, [x], {"to": "int64"})
     steps = math.ceil(math.log2(length)) if isinstance(length, int) else SCAN_STEPS
+    at = ctx.emit(Op.ARANGE, [], {"start": 0, "end": length, "step": 1, "dtype": "int64"})  # positions on the axis
     used = {int(u.args[1]) for u in ctx.fx_node.users if u.target is operator.getitem and u.users}
     index = None
     if 1 in used:  # the positions along the axis, as int64 of x's shape
-        zeros = ctx.emit(Op.MUL, [ctx.emit(Op.CAST, [ctx.emit(Op.IS_NAN, [x]) if x.dtype.startswith("float")
-                                                     else x], {"to": "int64"}), as_dtype(ctx, 0, "int64")])
-        ones = ctx.emit(Op.ADD, [zeros, as_dtype(ctx, 1, "int64")])
-        index = ctx.emit(Op.SUB, [ctx.emit(Op.CUMSUM, [ones], {"axis": axis}), as_dtype(ctx, 1, "int64")])
-    at = ctx.emit(Op.ARANGE, [], {"start": 0, "end": length, "step": 1, "dtype": "int64"})  # positions on the axis
+        along = ctx.emit(Op.RESHAPE, [at], {"shape": (-1,) + (1,) * (len(x.shape) - axis - 1)})
+        index = ctx.emit(Op.EXPAND, [along], {"shape": tuple(x.shape)})
 
     def before(v: ComputationNode, shift: int) -> ComputationNode:  # v[i - shift], v[0] where i < shift
         back = ctx.emit(Op.MAX, [ctx.emit(Op.SUB, [at, as_dtype(ctx, shift, "int64")]), as_dtype(ctx, 0, "int64")])
