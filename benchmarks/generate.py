@@ -246,6 +246,10 @@ def _print_mixed(args: argparse.Namespace, rows: int, mixed: dict, same_mixed: b
           f"({mixed['generator mixed', 'generator one-adapter batch']:.2f} of the one-adapter batch), "
           f"mixed / PEFT adapter_names {mixed['generator mixed', 'peft adapter_names']:.1f}x; "
           f"tokens equal eager PEFT per row: {same_mixed}")
+    print(f"  huge pages (the Generator's default) / small pages: mixed "
+          f"{mixed['generator mixed', 'generator mixed, small pages']:.2f}x, sequential "
+          f"{mixed['generator sequential', 'generator sequential, small pages']:.2f}x; mixed / sequential with small "
+          f"pages {mixed['generator mixed, small pages', 'generator sequential, small pages']:.1f}x")
     if "vllm" in mixed:
         print(f"  mixed / vLLM CPU {mixed['generator mixed'] / mixed['vllm']:.1f}x (medians: vLLM runs in its own "
               f"process after the rest); vLLM's tokens equal eager PEFT per row: {vllm_same}")
@@ -285,12 +289,27 @@ def _mixed_batch(args: argparse.Namespace, flora, eager_models, root: Path, peft
                                  min_new_tokens=args.new, do_sample=False)
         return out[:, args.prompt:].tolist()
 
+    from flora_graph.serving.generate import Generator
+
+    small = Generator(root / "pkg", threads=1, huge_pages=False)  # the sessions' weights in 4 KiB pages
+
+    def mixed_small() -> list[list[int]]:
+        return small.generate(prompts, adapters=names, max_new_tokens=args.new, stop_tokens=[])
+
+    def sequential_small() -> list[list[int]]:
+        return [small.generate([p], adapters=n, max_new_tokens=args.new, stop_tokens=[])[0]
+                for p, n in zip(prompts, names, strict=True)]
+
     runners = {"generator mixed": mixed, "generator sequential": sequential, "generator one-adapter batch": one_adapter,
-               "peft adapter_names": peft_names}
+               "peft adapter_names": peft_names, "generator mixed, small pages": mixed_small,
+               "generator sequential, small pages": sequential_small}
     rates, same = interleaved_rates(runners, args.rounds, total, want)  # in an order and in reverse, as the steps above
     result = {k: statistics.median(v) for k, v in rates.items()}
     for a, b in (("generator mixed", "generator sequential"), ("generator one-adapter batch", "generator sequential"),
-                 ("generator mixed", "generator one-adapter batch"), ("generator mixed", "peft adapter_names")):
+                 ("generator mixed", "generator one-adapter batch"), ("generator mixed", "peft adapter_names"),
+                 ("generator mixed", "generator mixed, small pages"),
+                 ("generator sequential", "generator sequential, small pages"),
+                 ("generator mixed, small pages", "generator sequential, small pages")):
         result[a, b] = statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
     result["matmuls"] = _matmul_bound(args, len(names))
     vllm = _vllm(args, root, peft_dirs, prompts, names)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from flora_graph.runtimes import huge_pages
 from flora_graph.serving.beam import NO_RULES, BeamSearch, Rules, process_scores
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.shared_cache import SharedCache
@@ -174,6 +175,8 @@ class Generator:
             never (such a step raises :class:`ServingError`). The mixed model holds its own copy of the base
             weights in ONNX Runtime (on a 0.5B Qwen2 package the Generator held 4.2 GB with it, about half
             without), so a server that never mixes adapters in a batch can leave it out.
+        huge_pages: back the sessions' weights with huge pages where Linux can
+            (:func:`~flora_graph.runtimes.huge_pages.huge_pages`); ``False``: leave them in small pages.
 
     Attributes:
         defaults: the package's search settings (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
@@ -193,7 +196,8 @@ class Generator:
     """
 
     def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True,
-                 per_row_weights: bool = True, group_rows: bool = True, mixed: bool | str = True) -> None:
+                 per_row_weights: bool = True, group_rows: bool = True, mixed: bool | str = True,
+                 huge_pages: bool = True) -> None:
         from flora_graph.serving.genai import (
             ADAPTERS_DIR,
             GENAI_CONFIG,
@@ -222,7 +226,8 @@ class Generator:
         self.eos = frozenset(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
         adapter_files = {p.name.removesuffix(".onnx_adapter"): p
                          for p in sorted((self.package / ADAPTERS_DIR).glob("*.onnx_adapter"))}
-        options = {"intra_op_threads": threads, "inter_op_threads": 1}
+        self._huge_pages = huge_pages
+        options = {"intra_op_threads": threads, "inter_op_threads": 1, "huge_pages": huge_pages}
         from flora_graph.serving.session import AdapterSession, OrtModel
 
         # one adapter (or none) for every row: the package's model, with that adapter active;
@@ -611,8 +616,13 @@ class Batch:
             capacity = max(len(ids) + rs.max_new_tokens for ids, rs in requests)
             shared = SharedCache(gen._past, gen._present, gen._id_dtype, gen._mask_dtype,
                                  gen._pos_dtype if gen.takes_position_ids else None)
-            shared.set([np.concatenate([np.repeat(_stack_right(c[j][:0], c[j], capacity), k, axis=0) for c in caches])
-                        for j in range(len(gen._past))], lens.tolist())
+            first = caches[0]  # each prompt's cache [1, kv, length, head_dim] k times, right-padded to capacity
+            out = huge_pages.zeros({str(j): ((len(lens), c.shape[1], capacity, c.shape[3]), c.dtype) for j, c in enumerate(first)},
+                                   gen._huge_pages)
+            for i, cache in enumerate(caches):
+                for j, c in enumerate(cache):
+                    out[str(j)][i * k:(i + 1) * k, :, :c.shape[2]] = c
+            shared.set([out[str(j)] for j in range(len(first))], lens.tolist())
         else:
             cache = [np.concatenate([np.repeat(c[j] if state else _left_pad(c[j], width), k, axis=0) for c in caches])
                      for j, state in enumerate(gen._is_state)]
@@ -816,7 +826,11 @@ class Batch:
         self.positions.extend(len(rows[i].tokens) - 1 for i in live)
         capacity = max(r.prompt_len + r.settings.max_new_tokens for r in self.rows)
         have = self.shared.arrays if had else [np.zeros((0, *c.shape[1:]), c.dtype) for c in cache]
-        self.shared.set([_stack_right(a, b, capacity) for a, b in zip(have, cache, strict=True)], self.positions)
+        # side by side in huge pages where they fill one: a step reads every row's keys and values
+        out = huge_pages.zeros({str(k): ((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]), a.dtype)
+                                for k, (a, b) in enumerate(zip(have, cache, strict=True))}, self.gen._huge_pages)
+        self.shared.set([_stack_right(a, b, out[str(k)]) for k, (a, b) in enumerate(zip(have, cache, strict=True))],
+                        self.positions)
 
     def _call(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
               adapters: list[str | None]) -> dict[str, np.ndarray]:
@@ -936,10 +950,10 @@ def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype), a], axis=2)
 
 
-def _stack_right(rows: np.ndarray, new: np.ndarray, capacity: int) -> np.ndarray:
-    """Caches ``rows`` and ``new`` (``[n, kv, length, head_dim]`` each) stacked, right-padded to ``capacity``."""
-    out = np.zeros((rows.shape[0] + new.shape[0], rows.shape[1], capacity, rows.shape[3]), rows.dtype)
-    keep = min(rows.shape[2], capacity)
+def _stack_right(rows: np.ndarray, new: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Caches ``rows`` and ``new`` (``[n, kv, length, head_dim]`` each) stacked into zeros ``out``, right-padded to its
+    capacity (``out.shape[2]``); returns ``out``."""
+    keep = min(rows.shape[2], out.shape[2])
     out[:rows.shape[0], :, :keep] = rows[:, :, :keep]
     out[rows.shape[0]:, :, :new.shape[2]] = new
     return out

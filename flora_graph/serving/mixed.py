@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from flora_graph.runtimes import huge_pages
 from flora_graph.runtimes.onnx_writer import subgraphs
 from flora_graph.serving import grouped
 from flora_graph.serving.errors import AdapterIndexError, ServingError, UnknownAdapterError
@@ -223,18 +224,15 @@ class _AdapterSet:
         default_factory=dict, repr=False, compare=False)
 
 
-def _slots_of(current: _AdapterSet, stack: str, which: np.ndarray) -> np.ndarray:
-    """Entries ``which`` of ``stack`` in set ``current`` (``-1``: the last, zero slot, as ``Gather`` reads it), cut to
-    the largest rank among them: the rest of the padding is exact zeros. An embedding's ``B`` keeps every rank (its
-    ``A`` stack is read whole)."""
-    rows = current.feeds[stack].take(which, axis=0)
+def _cut(current: _AdapterSet, stack: str, which: np.ndarray) -> np.ndarray:
+    """``stack`` of set ``current`` cut to the largest rank among its entries ``which`` (a view): the rest of the
+    padding is exact zeros. An embedding's ``B`` keeps every rank (its ``A`` stack is read whole)."""
+    whole = current.feeds[stack]
     if stack not in current.ranks:
-        return rows
+        return whole
     ranks, axis = current.ranks[stack]
     keep = max(1, int(ranks[which].max())) if len(which) else 1
-    if keep < rows.shape[axis]:
-        rows = np.ascontiguousarray(rows[(slice(None),) * axis + (slice(0, keep),)])
-    return rows
+    return whole[(slice(None),) * axis + (slice(0, keep),)] if keep < whole.shape[axis] else whole
 
 
 class MixedAdapterSession:
@@ -258,6 +256,7 @@ class MixedAdapterSession:
                  require_checksum: bool = False, per_row_weights: bool = False, group_rows: bool = False,
                  **options: Any) -> None:
         self.require_checksum = require_checksum
+        self._huge_pages = bool(options.get("huge_pages", True))
         self._rows: dict[str, str] = {}  # {rows input: stack} of a per_row_weights session
         self._groups: dict[str, str] = {}  # {groups input: stack} of a group_rows session
         if per_row_weights or group_rows:  # the graph is read (weights left on disk) and rewritten before a session exists
@@ -395,12 +394,17 @@ class MixedAdapterSession:
         out = {n: current.feeds[n] for n in self._stacked}
         if self._takes_index:
             out[INDEX_INPUT] = idx
-        for name, stack in self._rows.items():
-            out[name] = _slots_of(current, stack, idx)
+        # entries of the stacks (-1: the last, zero slot, as Gather reads it), cut to the largest rank among them
+        taken = {name: (_cut(current, stack, idx), idx) for name, stack in self._rows.items()}
         if self._groups:  # one entry per adapter of the call, [groups, 1, ...]: broadcast over each group's rows
             slots, out[grouped.ROWS_INPUT], out[grouped.PLACES_INPUT] = grouped.row_groups(idx)
-            for name, stack in self._groups.items():
-                out[name] = _slots_of(current, stack, slots)[:, None]
+            taken.update({name: (_cut(current, stack, slots), slots) for name, stack in self._groups.items()})
+        # side by side in huge pages: a decode step reads them all, as it reads the model's weights
+        arrays = huge_pages.zeros({name: ((len(which), *src.shape[1:]), src.dtype) for name, (src, which) in taken.items()},
+                                  self._huge_pages)
+        for name, (src, which) in taken.items():
+            np.take(src, which, axis=0, out=arrays[name])
+            out[name] = arrays[name][:, None] if name in self._groups else arrays[name]
         return out
 
     @staticmethod

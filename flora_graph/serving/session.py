@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from flora_graph.runtimes.huge_pages import huge_pages as backed_by_huge_pages
 from flora_graph.runtimes.onnxrt import make_session_options, ort_message
 from flora_graph.runtimes.reference import cast_array, to_array
 from flora_graph.serving.adapter_file import (
@@ -83,14 +84,17 @@ class OrtModel:
 
     Shared by :class:`AdapterSession` and :class:`~flora_graph.serving.mixed.MixedAdapterSession`.
     Options are those of :func:`~flora_graph.runtimes.onnxrt.make_session_options`, plus ``providers``,
-    ``where`` (how messages name the model; default its path) and ``external_data_dir`` (the folder of
-    the external weights of a model given as bytes or a ``ModelProto``).
+    ``where`` (how messages name the model; default its path), ``external_data_dir`` (the folder of
+    the external weights of a model given as bytes or a ``ModelProto``) and ``huge_pages`` (default
+    ``True``: the memory the session allocates as it loads, its weights above all, is collapsed into
+    huge pages where Linux can, :func:`~flora_graph.runtimes.huge_pages.huge_pages`; :attr:`huge_pages`
+    says what was).
     """
 
     def __init__(self, model: ModelSource, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  graph_optimization_level: str = "all", allow_spinning: bool = False,
                  providers: Sequence[str] | None = None, where: str | None = None,
-                 external_data_dir: str | Path | None = None) -> None:
+                 external_data_dir: str | Path | None = None, huge_pages: bool = True) -> None:
         opts = make_session_options(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
                                     graph_optimization_level=graph_optimization_level, allow_spinning=allow_spinning)
         opts.log_severity_level = 3  # LoRA inputs are initializers by design; ORT warns about each otherwise
@@ -99,8 +103,9 @@ class OrtModel:
         where = where or (str(model) if isinstance(model, str | Path) else "model")
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
         try:
-            self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), sess_options=opts,
-                                                providers=list(providers or ["CPUExecutionProvider"]))
+            with backed_by_huge_pages(huge_pages) as self.huge_pages:
+                self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source),
+                                                    sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # onnxruntime's pybind errors share no base class
             raise ServingError(f"onnxruntime cannot load {where}: {ort_message(exc)}") from None
         self.where = where
