@@ -44,6 +44,9 @@ __all__ = ["HUGE_PAGE", "Collapsed", "huge_pages", "private_anonymous", "zeros"]
 HUGE_PAGE = 2 << 20
 """Bytes in an x86-64 / arm64 (4 KiB base pages) transparent huge page."""
 
+MIN_BYTES = HUGE_PAGE
+""":func:`zeros` lays out arrays of at least this many bytes in total in a mapping of their own."""
+
 MIN_RESIDENT = 0.75
 """The part of a span that must be resident for it to be collapsed (the rest would be filled with zeros)."""
 
@@ -114,24 +117,31 @@ def _new_spans(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> l
 
 
 def _collapse(libc: ctypes.CDLL, spans: list[int], result: Collapsed) -> None:
+    """Collapse the spans (sorted starts) at least :data:`MIN_RESIDENT` resident, each run of adjacent ones in one
+    call (the kernel's fixed cost is per call)."""
     global _unsupported
     pages = HUGE_PAGE // 4096
     vec = (ctypes.c_ubyte * pages)()
+    runs: list[list[int]] = []  # [start, end) of adjacent spans to collapse
     for start in spans:
         if libc.mincore(start, HUGE_PAGE, vec) != 0:  # unmapped meanwhile (another thread freed it)
             continue
         if sum(b & 1 for b in bytes(vec)) < MIN_RESIDENT * pages:
             result.sparse += HUGE_PAGE
-            continue
-        if libc.madvise(start, HUGE_PAGE, _MADV_COLLAPSE) == 0:
-            result.bytes += HUGE_PAGE
+        elif runs and runs[-1][1] == start:
+            runs[-1][1] += HUGE_PAGE
+        else:
+            runs.append([start, start + HUGE_PAGE])
+    for start, end in runs:
+        if libc.madvise(start, end - start, _MADV_COLLAPSE) == 0:
+            result.bytes += end - start
             continue
         err = ctypes.get_errno()
         if err == errno.EINVAL:  # the kernel predates MADV_COLLAPSE, or huge pages are off
             _unsupported = result.reason = "this kernel does not collapse pages (MADV_COLLAPSE needs Linux 6.1+ and " \
                                            "transparent huge pages not set to 'never')"
             return
-        result.failed += HUGE_PAGE
+        result.failed += end - start  # some of the run may be collapsed: the kernel stops at the first failure
         if err == errno.ENOMEM:  # no free huge page: the rest would fail too
             result.reason = "no free huge page"
             return
@@ -155,11 +165,11 @@ def huge_pages(enabled: bool = True) -> Iterator[Collapsed]:
 
 def zeros(specs: Mapping[str, tuple[Sequence[int], np.dtype]], enabled: bool = True) -> dict[str, np.ndarray]:
     """Zeroed C-contiguous arrays ``{name: array of (shape, dtype)}``, side by side (64-byte aligned) in one private
-    anonymous mapping that asks for huge pages where their total is at least :data:`HUGE_PAGE` (Linux, ``enabled``);
+    anonymous mapping that asks for huge pages where their total is at least :data:`MIN_BYTES` (Linux, ``enabled``);
     each its own ``numpy.zeros`` otherwise. The mapping lives as long as any of the arrays."""
     sizes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for k, (shape, dtype) in specs.items()}
     total = sum(-(-n // 64) * 64 for n in sizes.values())
-    if not enabled or total < HUGE_PAGE or not sys.platform.startswith("linux"):
+    if not enabled or total < MIN_BYTES or not sys.platform.startswith("linux"):
         return {k: np.zeros(tuple(shape), dtype) for k, (shape, dtype) in specs.items()}
     area = mmap.mmap(-1, -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = np.frombuffer(area, np.uint8)  # fresh anonymous pages read as zeros; the arrays hold the mapping

@@ -175,8 +175,10 @@ class Generator:
             never (such a step raises :class:`ServingError`). The mixed model holds its own copy of the base
             weights in ONNX Runtime (on a 0.5B Qwen2 package the Generator held 4.2 GB with it, about half
             without), so a server that never mixes adapters in a batch can leave it out.
-        huge_pages: back the sessions' weights with huge pages where Linux can
-            (:func:`~flora_graph.runtimes.huge_pages.huge_pages`); ``False``: leave them in small pages.
+        huge_pages: back the sessions' weights, a mixed batch's per-row adapter weights and the key/value caches
+            with huge pages where Linux can (:mod:`~flora_graph.runtimes.huge_pages`): on a 2-core VM an 8-row
+            mixed-adapter batch ran 1.16x as fast and a one-row generation 1.02x; loading takes longer, about
+            2-4 ms per MB of weights there; ``False``: small pages.
 
     Attributes:
         defaults: the package's search settings (``do_sample``, ``temperature``, ``top_k``, ``top_p``,

@@ -293,6 +293,8 @@ class Seq2SeqGenerator:
         package: the folder :func:`export_seq2seq` wrote; its adapters are loaded.
         threads: ONNX Runtime intra-op threads (no spinning).
         require_checksum: refuse adapter files without a checksum file.
+        huge_pages: back the sessions' weights with huge pages where Linux can
+            (:func:`~flora_graph.runtimes.huge_pages.huge_pages`); ``False``: leave them in small pages.
 
     Attributes:
         defaults: the package's search settings (its model's generation config), the :class:`RowSettings` of a
@@ -305,7 +307,8 @@ class Seq2SeqGenerator:
     Raises :class:`ServingError` naming the file for a package it cannot read.
     """
 
-    def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True) -> None:
+    def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True,
+                 huge_pages: bool = True) -> None:
         from flora_graph.frontend.seq2seq_lm import Seq2SeqLayout
 
         self.package = Path(package)
@@ -332,7 +335,7 @@ class Seq2SeqGenerator:
             files = {part: self.package / str(doc[part]) for part in PARTS}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ServingError(f"{path}: not an encoder-decoder package config ({type(exc).__name__}: {exc})") from None
-        options = {"intra_op_threads": threads, "inter_op_threads": 1}
+        options = {"intra_op_threads": threads, "inter_op_threads": 1, "huge_pages": huge_pages}
         found: dict[str, dict[str, Path]] = {}
         for p in sorted((self.package / ADAPTERS_DIR).glob("*.onnx_adapter")):
             name, _, part = p.name.removesuffix(".onnx_adapter").rpartition(".")

@@ -53,6 +53,39 @@ def test_rows_sharing_adapters_decode_alike_grouped_or_per_row(gen: Generator, p
         assert tokens == eager_tokens(folders, adapter, prompt, 10), adapter
 
 
+def test_step_arrays_in_huge_page_mappings_give_eager_tokens(package: Path, folders: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step array laid out by ``huge_pages.zeros`` (its threshold at 0 here: this package's arrays are far under
+    a huge page) in mappings of their own: the rows' adapter weights and the caches there, each row's tokens are
+    eager PEFT's, as with ``huge_pages=False`` (plain numpy arrays)."""
+    import mmap
+
+    from flora_graph.runtimes import huge_pages
+
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 0)
+    backed, plain = Generator(package), Generator(package, huge_pages=False)
+    assert not any(m.huge_pages.reason == "not asked for" for m in (backed._single.model, backed._mixed.model))
+    assert all(m.huge_pages.reason == "not asked for" for m in (plain._single.model, plain._mixed.model))
+    adapters = ["qdown", None, "all7"]
+    batch = backed.batch()
+    batch.add_many(PROMPTS, adapters=adapters, max_new_tokens=9, min_new_tokens=9)  # eos held back, as eager
+    _, inputs = backed._mixed.adapter_inputs(adapters)
+
+    def mapped(a) -> bool:
+        while a.base is not None and not isinstance(a.base, memoryview):
+            a = a.base
+        return isinstance(a.base, memoryview) and isinstance(a.base.obj, mmap.mmap)
+
+    weights = [v for k, v in inputs.items() if k.endswith(".groups")]
+    assert weights and all(mapped(v) for v in weights) and all(mapped(c) for c in batch.shared.arrays)
+    while batch.active:
+        batch.step()
+    got = [batch.row(r).generated for r in range(3)]
+    assert got == plain.generate(PROMPTS, adapters=adapters, max_new_tokens=9, min_new_tokens=9)
+    for prompt, adapter, tokens in zip(PROMPTS, adapters, got, strict=True):
+        assert tokens == eager_tokens(folders, adapter, prompt, 9), adapter
+
+
 def test_prompts_added_together_are_prefilled_in_one_call(gen: Generator, folders: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """``add_many`` on a right-padded package: one model call prefills every prompt (right-padded to the longest),
@@ -262,7 +295,7 @@ def test_generate_command_decodes_a_mixed_adapter_batch(package: Path, folders: 
     from flora_graph.cli import main
 
     rows = [(PROMPTS[0], "all7"), (PROMPTS[1], None), (PROMPTS[2], "qdown")]
-    argv = ["generate", str(package), "--max-new-tokens", "7", "--ignore-eos"]
+    argv = ["generate", str(package), "--max-new-tokens", "7", "--ignore-eos", "--huge-pages"]
     for prompt, adapter in rows:
         argv += ["--ids", ",".join(map(str, prompt)), "--adapter", adapter or ""]
     assert main(argv) == 0
