@@ -168,7 +168,7 @@ class AdapterSession:
         require_checksum: refuse adapter files without a checksum file (default: load them
             with an :class:`~flora_graph.serving.errors.AdapterChecksumWarning`).
         **options: ``intra_op_threads``, ``inter_op_threads``, ``graph_optimization_level``,
-            ``allow_spinning`` (default ``False``), ``providers``.
+            ``allow_spinning`` (default ``False``), ``providers``, ``huge_pages`` (default ``True``; see :class:`OrtModel`).
 
     Raises:
         ServingError: the model cannot be loaded, or has no overridable LoRA inputs.
