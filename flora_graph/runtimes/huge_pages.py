@@ -71,6 +71,9 @@ class Collapsed:
     reason: str | None = None
 
 
+_LIBC: list[ctypes.CDLL] = []  # the C library, typed once
+
+
 def _libc() -> ctypes.CDLL | str:
     """The C library with ``madvise`` and ``mincore`` typed, or why there is none to use."""
     if not sys.platform.startswith("linux"):
@@ -79,10 +82,12 @@ def _libc() -> ctypes.CDLL | str:
         return _unsupported
     if os.sysconf("SC_PAGE_SIZE") != 4096:
         return f"pages of {os.sysconf('SC_PAGE_SIZE')} bytes, not 4096"
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    return libc
+    if not _LIBC:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 def private_anonymous() -> list[tuple[int, int]]:
@@ -121,12 +126,12 @@ def _collapse(libc: ctypes.CDLL, spans: list[int], result: Collapsed) -> None:
     call (the kernel's fixed cost is per call)."""
     global _unsupported
     pages = HUGE_PAGE // 4096
-    vec = (ctypes.c_ubyte * pages)()
+    vec = np.zeros(pages, np.uint8)  # mincore's answer: bit 0 set for each resident page
     runs: list[list[int]] = []  # [start, end) of adjacent spans to collapse
     for start in spans:
-        if libc.mincore(start, HUGE_PAGE, vec) != 0:  # unmapped meanwhile (another thread freed it)
+        if libc.mincore(start, HUGE_PAGE, vec.ctypes.data) != 0:  # unmapped meanwhile (another thread freed it)
             continue
-        if sum(b & 1 for b in bytes(vec)) < MIN_RESIDENT * pages:
+        if np.count_nonzero(vec & 1) < MIN_RESIDENT * pages:
             result.sparse += HUGE_PAGE
         elif runs and runs[-1][1] == start:
             runs[-1][1] += HUGE_PAGE
@@ -158,9 +163,19 @@ def huge_pages(enabled: bool = True) -> Iterator[Collapsed]:
         result.reason = libc
         yield result
         return
-    before = private_anonymous()
+    try:
+        before = private_anonymous()
+    except OSError as exc:  # /proc not mounted or not readable (a sandbox)
+        result.reason = f"cannot read /proc/self/maps ({exc})"
+        yield result
+        return
     yield result
-    _collapse(libc, _new_spans(before, private_anonymous()), result)
+    try:
+        after = private_anonymous()
+    except OSError as exc:
+        result.reason = f"cannot read /proc/self/maps ({exc})"
+        return
+    _collapse(libc, _new_spans(before, after), result)
 
 
 def zeros(specs: Mapping[str, tuple[Sequence[int], np.dtype]], enabled: bool = True) -> dict[str, np.ndarray]:

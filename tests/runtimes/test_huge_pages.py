@@ -8,6 +8,7 @@ contents and a session its outputs.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -48,8 +49,16 @@ def _smaps_of(address: int) -> dict[str, int]:
 
 
 def _mapped(size: int) -> np.ndarray:
-    """Bytes of a private anonymous mapping of its own (which the array holds)."""
-    return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+    """``size`` bytes of a private anonymous mapping (which the array holds), between two inaccessible pages, so the
+    kernel does not merge it with a neighbour and its ``/proc/self/smaps`` entry counts its own pages alone."""
+    page = mmap.PAGESIZE
+    raw = np.frombuffer(mmap.mmap(-1, size + 2 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for at in (raw.ctypes.data, raw.ctypes.data + page + size):
+            assert libc.mprotect(at, page, 0) == 0, os.strerror(ctypes.get_errno())  # PROT_NONE
+    return raw[page:page + size]
 
 
 def test_new_spans_are_the_aligned_huge_pages_of_new_or_grown_memory():
@@ -177,3 +186,24 @@ def test_a_session_loads_its_weights_into_huge_pages(tmp_path):
         assert out["True"][0] >= 8 * MB, out["True"][:2]  # the 16 MB of weights and their packed copy
     else:
         assert out["True"][0] == 0 and out["True"][1]
+
+
+def test_unreadable_maps_leave_memory_as_it_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A sandbox without /proc: the block runs, nothing is collapsed, the reason says why, and a session still loads."""
+    from flora_graph.serving.session import OrtModel
+
+    def denied() -> list[tuple[int, int]]:
+        raise PermissionError("denied")
+
+    monkeypatch.setattr(hp, "private_anonymous", denied)
+    monkeypatch.setattr(hp, "_unsupported", None)
+    with hp.huge_pages() as done:
+        raw = _mapped(4 * MB)
+        raw[:] = 3
+    assert done.bytes == 0 and (done.reason or "").startswith(("cannot read /proc/self/maps", "huge pages are collapsed"))
+    assert raw.sum() == 12 * MB
+    path, w = _wide_model(tmp_path)
+    model = OrtModel(path, intra_op_threads=1)
+    assert model.huge_pages.bytes == 0 and model.huge_pages.reason
+    x = np.ones((1, 1024), np.float32)
+    np.testing.assert_allclose(model.run({"x": x}, None, lambda: "test")["y"], x @ w, rtol=1e-4, atol=1e-3)
