@@ -51,7 +51,7 @@ MIN_RESIDENT = 0.75
 """The part of a span that must be resident for it to be collapsed (the rest would be filled with zeros)."""
 
 _MADV_COLLAPSE = 25
-_unsupported: str | None = None  # set once the kernel refuses MADV_COLLAPSE itself
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 @dataclass
@@ -61,8 +61,8 @@ class Collapsed:
     Attributes:
         bytes: memory now in huge pages (a multiple of :data:`HUGE_PAGE`).
         sparse: bytes of spans left in small pages because less than :data:`MIN_RESIDENT` of them was resident.
-        failed: bytes the kernel did not collapse (no free huge page, say).
-        reason: why nothing was tried (``None`` where it was).
+        failed: bytes the kernel did not collapse (no free huge page, a span another thread changed meanwhile).
+        reason: why nothing, or nothing more, was collapsed (``None`` where every span was tried).
     """
 
     bytes: int = 0
@@ -75,19 +75,28 @@ _LIBC: list[ctypes.CDLL] = []  # the C library, typed once
 
 
 def _libc() -> ctypes.CDLL | str:
-    """The C library with ``madvise`` and ``mincore`` typed, or why there is none to use."""
+    """The C library with ``madvise`` and ``mincore`` typed, or why it cannot collapse pages here."""
+    if _LIBC:
+        return _LIBC[0]
     if not sys.platform.startswith("linux"):
         return f"huge pages are collapsed on Linux only, not {sys.platform}"
-    if _unsupported is not None:
-        return _unsupported
+    release = os.uname().release
+    version = tuple(int(x) for x in release.split("-")[0].split(".")[:2] if x.isdigit())
+    if version < (6, 1):
+        return f"Linux {release} has no MADV_COLLAPSE (6.1 or later has)"
+    try:
+        with open(_THP) as f:
+            if "[never]" in f.read():
+                return f"transparent huge pages are off ({_THP}: never)"
+    except OSError as exc:
+        return f"cannot read {_THP} ({exc.strerror})"
     if os.sysconf("SC_PAGE_SIZE") != 4096:
         return f"pages of {os.sysconf('SC_PAGE_SIZE')} bytes, not 4096"
-    if not _LIBC:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        _LIBC.append(libc)
-    return _LIBC[0]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _LIBC.append(libc)
+    return libc
 
 
 def private_anonymous() -> list[tuple[int, int]]:
@@ -123,8 +132,7 @@ def _new_spans(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> l
 
 def _collapse(libc: ctypes.CDLL, spans: list[int], result: Collapsed) -> None:
     """Collapse the spans (sorted starts) at least :data:`MIN_RESIDENT` resident, each run of adjacent ones in one
-    call (the kernel's fixed cost is per call)."""
-    global _unsupported
+    call (the kernel's fixed cost is per call); a run that fails is tried span by span, to count what was done."""
     pages = HUGE_PAGE // 4096
     vec = np.zeros(pages, np.uint8)  # mincore's answer: bit 0 set for each resident page
     runs: list[list[int]] = []  # [start, end) of adjacent spans to collapse
@@ -142,13 +150,18 @@ def _collapse(libc: ctypes.CDLL, spans: list[int], result: Collapsed) -> None:
             result.bytes += end - start
             continue
         err = ctypes.get_errno()
-        if err == errno.EINVAL:  # the kernel predates MADV_COLLAPSE, or huge pages are off
-            _unsupported = result.reason = "this kernel does not collapse pages (MADV_COLLAPSE needs Linux 6.1+ and " \
-                                           "transparent huge pages not set to 'never')"
-            return
-        result.failed += end - start  # some of the run may be collapsed: the kernel stops at the first failure
-        if err == errno.ENOMEM:  # no free huge page: the rest would fail too
-            result.reason = "no free huge page"
+        if err == errno.ENOMEM or end - start == HUGE_PAGE:
+            result.failed += end - start
+        else:  # the kernel stops at a span it cannot collapse: the others one by one
+            for span in range(start, end, HUGE_PAGE):
+                if libc.madvise(span, HUGE_PAGE, _MADV_COLLAPSE) == 0:
+                    result.bytes += HUGE_PAGE
+                    continue
+                result.failed += HUGE_PAGE
+                if (err := ctypes.get_errno()) == errno.ENOMEM:
+                    break
+        if err == errno.ENOMEM:  # no free huge page (or the memory unmapped meanwhile): the rest would fail too
+            result.reason = "the kernel had no huge page free (ENOMEM)"
             return
 
 
@@ -189,7 +202,10 @@ def zeros(specs: Mapping[str, tuple[Sequence[int], np.dtype]], enabled: bool = T
     area = mmap.mmap(-1, -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = np.frombuffer(area, np.uint8)  # fresh anonymous pages read as zeros; the arrays hold the mapping
     start = -raw.ctypes.data % HUGE_PAGE  # the first huge-page boundary in the mapping
-    area.madvise(mmap.MADV_HUGEPAGE, start, len(area) - start - (len(area) - start) % HUGE_PAGE)
+    try:
+        area.madvise(mmap.MADV_HUGEPAGE, start, len(area) - start - (len(area) - start) % HUGE_PAGE)
+    except OSError:  # a kernel without transparent huge pages: small pages serve as well
+        pass
     out = {}
     for k, (shape, dtype) in specs.items():
         out[k] = raw[start:start + sizes[k]].view(dtype).reshape(tuple(shape))
