@@ -35,7 +35,9 @@ vLLM's CPU backend on the same base, adapters and prompts: tokens/s of each. The
 one batch with one adapter for all of them show what batching alone gains on this machine,
 the ceiling of the mixed batch's gain over the rows in sequence; the base model's matmuls alone, timed
 at one row and at the batch's rows in one ONNX Runtime graph, and the batch's matmuls with each row's own
-adapter products beside them, estimate what any mixed step can gain here. Then a batch whose rows share adapters
+adapter products beside them, estimate what any mixed step can gain here; the mixed batch and the rows in sequence
+also run on a Generator with ``huge_pages=False`` (the weights, rows' adapter weights and caches in 4 KiB pages), which
+shows what the default huge pages gain. Then a batch whose rows share adapters
 (``--shared-rows`` over ``--shared-adapters``), as the Generator runs it (rows grouped by adapter) against each row
 reading its own weights and against one adapter for every row.
 Every run uses 1 thread (torch and ONNX Runtime: no worker threads to spin). It checks that
