@@ -3,10 +3,11 @@
 A decode step reads every weight of the model once, tens of megabytes for the smallest LLM, and a CPU
 maps them page by page. Linux maps a process's memory in 4 KiB pages unless the process asks for 2 MiB
 ones (transparent huge pages in ``madvise`` mode, the default of many distributions), and ONNX Runtime's
-CPU allocator does not ask. With 4 KiB pages a step over 12 MB of weights misses the TLB thousands of
-times, and in a virtual machine each miss walks two page tables. On the deployable-LLM benchmark's tiny
-Llama (a 2-core cloud VM, one thread) huge pages made an 8-row mixed-adapter generation 7-14% faster and a
-one-row generation 2-4% faster (``python benchmarks/generate.py --mixed-only`` times both ways side by side).
+CPU allocator does not ask. With 4 KiB pages a step over 12 MB of weights touches some 3,000 pages, more
+than a core's TLB holds, and in a virtual machine each miss walks two page tables. On a 2-core cloud VM (one thread) huge pages made
+the deployable-LLM benchmark's 8-row mixed-adapter generation 1.11-1.16x as fast and its one-row generation
+0.99-1.03x (``python benchmarks/generate.py --mixed-only``), and a 512 MB model's one-row step 1.21x, for a load
+3.5 ms a MB longer (``python benchmarks/huge_pages.py``; most of it the VM's first touch of new memory).
 
 :func:`huge_pages` wraps the code that allocates such memory (:class:`~flora_graph.serving.session.OrtModel`
 wraps its session's creation, where ONNX Runtime reads and pre-packs the weights): on leaving the block,

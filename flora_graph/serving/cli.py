@@ -360,7 +360,8 @@ def add_cli(subparsers: Any) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     g.add_argument("--threads", type=int_at_least(1), default=1, help="ONNX Runtime intra-op threads")
     g.add_argument("--huge-pages", action="store_true",
-                   help="load the model's weights into 2 MiB pages (Linux): each step reads them faster (15%% on a "
-                        "512 MB model's steps here), the load takes longer (2-4 ms a MB here): worth it past a few "
-                        "hundred tokens (default: off for this one-shot command; Generator's default is on)")
+                   help="load the model's weights into 2 MiB pages (Linux): each step reads them faster (1.21x on a "
+                        "512 MB model's steps here), the load takes longer (3.5 ms a MB here; benchmarks/huge_pages.py): "
+                        "worth it past a few hundred tokens (default: off for this one-shot command; Generator's "
+                        "default is on)")
     g.set_defaults(func=_generate)

@@ -177,8 +177,9 @@ class Generator:
             without), so a server that never mixes adapters in a batch can leave it out.
         huge_pages: back the sessions' weights, a mixed batch's per-row adapter weights and the key/value caches
             with huge pages where Linux can (:mod:`~flora_graph.runtimes.huge_pages`): on a 2-core VM an 8-row
-            mixed-adapter batch ran 1.16x as fast and a one-row generation 1.02x; loading takes longer, about
-            2-4 ms per MB of weights there; ``False``: small pages.
+            mixed-adapter batch ran 1.11-1.16x as fast, a one-row generation 0.99-1.03x, a 512 MB model's step
+            1.21x; loading takes longer, about 3.5 ms per MB of weights there (``benchmarks/huge_pages.py``);
+            ``False``: small pages.
 
     Attributes:
         defaults: the package's search settings (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
