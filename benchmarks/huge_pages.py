@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         m = med[huge]
         print(f"  huge_pages={huge}: load {m['load']:.2f} s, step {m['step'] * 1e3:.2f} ms, "
               f"collapsed {m['collapsed'] / 2**20:.0f} MiB" + (f" ({runs[huge][0]['reason']})" if runs[huge][0]['reason'] else ""))
-    print(f"  step small / huge pages {med[False]['step'] / med[True]['step']:.2f}x; load +"
-          f"{(med[True]['load'] - med[False]['load']) / args.mb * 1e3:.2f} ms per MB")
+    print(f"  step small / huge pages {med[False]['step'] / med[True]['step']:.2f}x; load "
+          f"{(med[True]['load'] - med[False]['load']) / args.mb * 1e3:+.2f} ms per MB")
     return 0
 
 

@@ -247,3 +247,20 @@ def test_collapse_runs_adjacent_spans_together_and_counts_what_failed():
     done = hp.Collapsed()
     hp._collapse(libc, [1 * H, 2 * H, 4 * H], done)  # no huge page free: nothing more is tried
     assert libc.calls == [(1 * H, 2 * H)] and done.bytes == 0 and done.failed == 2 * H and "ENOMEM" in done.reason
+
+
+def test_the_benchmark_loads_both_ways_and_prints_the_ratios(capsys: pytest.CaptureFixture):
+    """``benchmarks/huge_pages.py`` on a 24 MB chain: each load in a process of its own, both ways."""
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(bench_dir))
+        import importlib
+
+        bench = importlib.import_module("huge_pages")
+        assert bench.main(["--mb", "24", "--layers", "6", "--rounds", "1", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split(":")[0].strip(): ln for ln in out.splitlines()}
+    assert "collapsed 0 MiB (not asked for)" in lines["huge_pages=False"]
+    collapsed = float(re.search(r"collapsed (\d+) MiB", lines["huge_pages=True"]).group(1))
+    assert collapsed >= 16 if COLLAPSES else collapsed == 0
+    assert re.search(r"step small / huge pages \d+\.\d\dx; load [+-]\d+\.\d\d ms per MB", out)
