@@ -36,6 +36,7 @@ import onnx
 import onnxruntime as ort
 
 from flora_graph.runtimes.huge_pages import huge_pages as backed_by_huge_pages
+from flora_graph.runtimes.huge_pages import zeros as backed_zeros
 from flora_graph.runtimes.onnxrt import make_session_options, ort_message
 from flora_graph.runtimes.reference import cast_array, to_array
 from flora_graph.serving.adapter_file import (
@@ -88,7 +89,8 @@ class OrtModel:
     the external weights of a model given as bytes or a ``ModelProto``) and ``huge_pages`` (default
     ``True``: the memory the session allocates as it loads, its weights above all, is collapsed into
     huge pages where Linux can, :func:`~flora_graph.runtimes.huge_pages.huge_pages`; :attr:`huge_pages`
-    says what was).
+    says what was; an :class:`AdapterSession` also lays out each adapter's weights for ``IOBinding`` runs
+    side by side in huge pages, :func:`~flora_graph.runtimes.huge_pages.zeros`).
     """
 
     def __init__(self, model: ModelSource, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
@@ -176,6 +178,7 @@ class AdapterSession:
 
     def __init__(self, model: ModelSource, *, require_checksum: bool = False, **options: Any) -> None:
         self.require_checksum = require_checksum
+        self._huge_pages = bool(options.get("huge_pages", True))
         self.model = model if isinstance(model, OrtModel) else OrtModel(model, **options)  # loaded already: as it is
         if not self.model.spec:
             raise ServingError(f"{self.model.where} has no overridable initializers (LoRA inputs); "
@@ -231,7 +234,11 @@ class AdapterSession:
                 raise ServingError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
             options = ort.RunOptions()
             options.add_active_adapter(lora)
-            inputs = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+            # side by side in huge pages where they fill one, as the session's own weights (each OrtValue holds its view)
+            arrays = backed_zeros({k: (np.shape(v), np.asarray(v).dtype) for k, v in params.items()}, self._huge_pages)
+            for k, v in params.items():
+                arrays[k][...] = v
+            inputs = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
             self._adapters[name] = _Loaded(lora, ranks, options, inputs)
         return ranks
 

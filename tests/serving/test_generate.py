@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -78,6 +79,9 @@ def test_step_arrays_in_huge_page_mappings_give_eager_tokens(package: Path, fold
 
     weights = [v for k, v in inputs.items() if k.endswith(".groups")]
     assert weights and all(mapped(v) for v in weights) and all(mapped(c) for c in batch.shared.arrays)
+    _, single = backed._single.adapter_inputs("all7")  # one adapter's weights for the one-adapter model: one block
+    ptrs = sorted(v.data_ptr() for v in single.values())
+    assert len(ptrs) > 2 and ptrs[-1] - ptrs[0] < sum(int(np.prod(v.shape())) * 4 + 64 for v in single.values())
     while batch.active:
         batch.step()
     got = [batch.row(r).generated for r in range(3)]
