@@ -4,10 +4,11 @@ A decode step reads every weight of the model once, tens of megabytes for the sm
 maps them page by page. Linux maps a process's memory in 4 KiB pages unless the process asks for 2 MiB
 ones (transparent huge pages in ``madvise`` mode, the default of many distributions), and ONNX Runtime's
 CPU allocator does not ask. With 4 KiB pages a step over 12 MB of weights touches some 3,000 pages, more
-than a core's TLB holds, and in a virtual machine each miss walks two page tables. On a 2-core cloud VM (one thread) huge pages made
-the deployable-LLM benchmark's 8-row mixed-adapter generation 1.11-1.16x as fast and its one-row generation
-0.99-1.03x (``python benchmarks/generate.py --mixed-only``), and a 512 MB model's one-row step 1.21x, for a load
-3.5 ms a MB longer (``python benchmarks/huge_pages.py``; most of it the VM's first touch of new memory).
+than a core's TLB holds, and in a virtual machine each miss walks two page tables. On a 2-core cloud VM (one
+thread) huge pages made the deployable-LLM benchmark's 8-row mixed-adapter generation 1.11-1.16x as fast and
+its one-row generation 0.99-1.03x (``python benchmarks/generate.py --mixed-only``), and a 512 MB model's one-row
+step 1.21x, for a load 3.5 ms a MB longer (``python benchmarks/huge_pages.py``; most of it the VM's first touch
+of new memory).
 
 :func:`huge_pages` wraps the code that allocates such memory (:class:`~flora_graph.serving.session.OrtModel`
 wraps its session's creation, where ONNX Runtime reads and pre-packs the weights): on leaving the block,
@@ -17,9 +18,9 @@ that is at least three quarters resident is collapsed into a huge page with ``ma
 thread's stack, an arena reserved ahead) are left alone, so the resident memory grows by at most the
 quarter-empty spans' missing pages. Memory the block takes back from what the process freed before (free
 chunks of the heap) stays as it was, so a server that loads its models first gets the most out of it.
-Nothing changes the memory's policy for later allocations. Where the
-kernel cannot (another OS, an older kernel, transparent huge pages set to ``never``, no free huge page),
-the block's memory stays in small pages and :attr:`Collapsed.reason` says why.
+Nothing changes the memory's policy for later allocations. Where the kernel cannot (another OS, an older
+kernel, transparent huge pages set to ``never``, no free huge page), the block's memory stays in small pages
+and :attr:`Collapsed.reason` says why.
 
 :func:`zeros` is for the package's own arrays that a step reads whole: a mixed batch's per-row adapter weights
 and a batch's key/value caches are laid side by side in one mapping that asks for huge pages (``madvise(
@@ -51,7 +52,7 @@ MIN_BYTES = HUGE_PAGE
 MIN_RESIDENT = 0.75
 """The part of a span that must be resident for it to be collapsed (the rest would be filled with zeros)."""
 
-_MADV_COLLAPSE = 25
+_MADV_COLLAPSE = 25  # Linux's value; Python's mmap module does not name it
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -166,6 +167,15 @@ def _collapse(libc: ctypes.CDLL, spans: list[int], result: Collapsed) -> None:
             return
 
 
+def _mappings(result: Collapsed) -> list[tuple[int, int]] | None:
+    """:func:`private_anonymous`, or ``None`` with ``result.reason`` saying why it cannot be read."""
+    try:
+        return private_anonymous()
+    except OSError as exc:  # /proc not mounted or not readable (a sandbox)
+        result.reason = f"cannot read /proc/self/maps ({exc})"
+        return None
+
+
 @contextmanager
 def huge_pages(enabled: bool = True) -> Iterator[Collapsed]:
     """Collapse into huge pages the memory that the ``with`` block maps or grows and fills (see the module's docs);
@@ -175,21 +185,10 @@ def huge_pages(enabled: bool = True) -> Iterator[Collapsed]:
     libc = _libc() if enabled else "not asked for"
     if isinstance(libc, str):
         result.reason = libc
-        yield result
-        return
-    try:
-        before = private_anonymous()
-    except OSError as exc:  # /proc not mounted or not readable (a sandbox)
-        result.reason = f"cannot read /proc/self/maps ({exc})"
-        yield result
-        return
+    before = None if result.reason else _mappings(result)
     yield result
-    try:
-        after = private_anonymous()
-    except OSError as exc:
-        result.reason = f"cannot read /proc/self/maps ({exc})"
-        return
-    _collapse(libc, _new_spans(before, after), result)
+    if before is not None and (after := _mappings(result)) is not None:
+        _collapse(libc, _new_spans(before, after), result)
 
 
 def zeros(specs: Mapping[str, tuple[Sequence[int], np.dtype]], enabled: bool = True) -> dict[str, np.ndarray]:

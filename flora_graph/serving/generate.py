@@ -619,13 +619,11 @@ class Batch:
             capacity = max(len(ids) + rs.max_new_tokens for ids, rs in requests)
             shared = SharedCache(gen._past, gen._present, gen._id_dtype, gen._mask_dtype,
                                  gen._pos_dtype if gen.takes_position_ids else None)
-            first = caches[0]  # each prompt's cache [1, kv, length, head_dim] k times, right-padded to capacity
-            out = huge_pages.zeros({str(j): ((len(lens), c.shape[1], capacity, c.shape[3]), c.dtype) for j, c in enumerate(first)},
-                                   gen._huge_pages)
-            for i, cache in enumerate(caches):
-                for j, c in enumerate(cache):
-                    out[str(j)][i * k:(i + 1) * k, :, :c.shape[2]] = c
-            shared.set([out[str(j)] for j in range(len(first))], lens.tolist())
+            buffers = _cache_buffers(caches[0], len(lens), capacity, gen._huge_pages)
+            for i, cache in enumerate(caches):  # each prompt's cache [1, kv, length, head_dim] k times
+                for buffer, c in zip(buffers, cache, strict=True):
+                    buffer[i * k:(i + 1) * k, :, :c.shape[2]] = c
+            shared.set(buffers, lens.tolist())
         else:
             cache = [np.concatenate([np.repeat(c[j] if state else _left_pad(c[j], width), k, axis=0) for c in caches])
                      for j, state in enumerate(gen._is_state)]
@@ -829,11 +827,8 @@ class Batch:
         self.positions.extend(len(rows[i].tokens) - 1 for i in live)
         capacity = max(r.prompt_len + r.settings.max_new_tokens for r in self.rows)
         have = self.shared.arrays if had else [np.zeros((0, *c.shape[1:]), c.dtype) for c in cache]
-        # side by side in huge pages where they fill one: a step reads every row's keys and values
-        out = huge_pages.zeros({str(k): ((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]), a.dtype)
-                                for k, (a, b) in enumerate(zip(have, cache, strict=True))}, self.gen._huge_pages)
-        self.shared.set([_stack_right(a, b, out[str(k)]) for k, (a, b) in enumerate(zip(have, cache, strict=True))],
-                        self.positions)
+        buffers = _cache_buffers(cache, len(self.rows), capacity, self.gen._huge_pages)
+        self.shared.set([_stack_right(a, b, out) for a, b, out in zip(have, cache, buffers, strict=True)], self.positions)
 
     def _call(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
               adapters: list[str | None]) -> dict[str, np.ndarray]:
@@ -951,6 +946,14 @@ def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
     if not extra:
         return a
     return np.concatenate([np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype), a], axis=2)
+
+
+def _cache_buffers(like: Sequence[np.ndarray], rows: int, capacity: int, huge: bool) -> list[np.ndarray]:
+    """Zeroed right-padded cache buffers ``[rows, kv, capacity, head_dim]``, one per cache of ``like`` (its ``kv``,
+    ``head_dim`` and dtype), side by side in huge pages where they fill one (``huge``): a step reads them all."""
+    out = huge_pages.zeros({str(j): ((rows, c.shape[1], capacity, c.shape[3]), c.dtype) for j, c in enumerate(like)},
+                           huge)
+    return [out[str(j)] for j in range(len(like))]
 
 
 def _stack_right(rows: np.ndarray, new: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -256,7 +256,6 @@ class MixedAdapterSession:
                  require_checksum: bool = False, per_row_weights: bool = False, group_rows: bool = False,
                  **options: Any) -> None:
         self.require_checksum = require_checksum
-        self._huge_pages = bool(options.get("huge_pages", True))
         self._rows: dict[str, str] = {}  # {rows input: stack} of a per_row_weights session
         self._groups: dict[str, str] = {}  # {groups input: stack} of a group_rows session
         if per_row_weights or group_rows:  # the graph is read (weights left on disk) and rewritten before a session exists
@@ -401,7 +400,7 @@ class MixedAdapterSession:
             taken.update({name: (_cut(current, stack, slots), slots) for name, stack in self._groups.items()})
         # side by side in huge pages: a decode step reads them all, as it reads the model's weights
         arrays = huge_pages.zeros({name: ((len(which), *src.shape[1:]), src.dtype) for name, (src, which) in taken.items()},
-                                  self._huge_pages)
+                                  self.model.asks_huge_pages)
         for name, (src, which) in taken.items():
             np.take(src, which, axis=0, out=arrays[name])
             out[name] = arrays[name][:, None] if name in self._groups else arrays[name]

@@ -89,8 +89,10 @@ class OrtModel:
     the external weights of a model given as bytes or a ``ModelProto``) and ``huge_pages`` (default
     ``True``: the memory the session allocates as it loads, its weights above all, is collapsed into
     huge pages where Linux can, :func:`~flora_graph.runtimes.huge_pages.huge_pages`; :attr:`huge_pages`
-    says what was; an :class:`AdapterSession` also lays out each adapter's weights for ``IOBinding`` runs
-    side by side in huge pages, :func:`~flora_graph.runtimes.huge_pages.zeros`).
+    says what was, :attr:`asks_huge_pages` whether it was asked; an :class:`AdapterSession` over the model
+    also lays out each adapter's weights for ``IOBinding`` runs side by side in huge pages, and a
+    :class:`~flora_graph.serving.mixed.MixedAdapterSession` its rows' weights,
+    :func:`~flora_graph.runtimes.huge_pages.zeros`).
     """
 
     def __init__(self, model: ModelSource, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
@@ -104,6 +106,7 @@ class OrtModel:
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
         where = where or (str(model) if isinstance(model, str | Path) else "model")
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        self.asks_huge_pages = huge_pages  # the sessions over this model lay out their own step arrays as it asks
         try:
             with backed_by_huge_pages(huge_pages) as self.huge_pages:
                 self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source),
@@ -178,7 +181,6 @@ class AdapterSession:
 
     def __init__(self, model: ModelSource, *, require_checksum: bool = False, **options: Any) -> None:
         self.require_checksum = require_checksum
-        self._huge_pages = bool(options.get("huge_pages", True))
         self.model = model if isinstance(model, OrtModel) else OrtModel(model, **options)  # loaded already: as it is
         if not self.model.spec:
             raise ServingError(f"{self.model.where} has no overridable initializers (LoRA inputs); "
@@ -235,7 +237,8 @@ class AdapterSession:
             options = ort.RunOptions()
             options.add_active_adapter(lora)
             # side by side in huge pages where they fill one, as the session's own weights (each OrtValue holds its view)
-            arrays = backed_zeros({k: (np.shape(v), np.asarray(v).dtype) for k, v in params.items()}, self._huge_pages)
+            arrays = backed_zeros({k: (np.shape(v), np.asarray(v).dtype) for k, v in params.items()},
+                                  self.model.asks_huge_pages)
             for k, v in params.items():
                 arrays[k][...] = v
             inputs = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
