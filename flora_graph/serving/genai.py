@@ -245,9 +245,11 @@ def export_genai(
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
 
     ``merge``: a PEFT folder baked into the base weights first, by PEFT itself (``merge_and_unload``): any
-    adapter PEFT can merge, those no hot-swappable slot holds included (``modules_to_save``). The package's base
-    model is then the adapted model; ``adapters`` swap on top of it. Adapters with DoRA, LoRA on a mixture of
-    experts' expert tensors (``target_parameters``) or trainable tokens swap as any other.
+    adapter PEFT can merge, those no hot-swappable slot holds included (a ``modules_to_save`` module other than a
+    ``Linear`` or an ``Embedding``, or one whose bias changes). The package's base model is then the adapted model;
+    ``adapters`` swap on top of it. Adapters with DoRA, LoRA on a mixture of experts' expert tensors
+    (``target_parameters``), trainable tokens or ``Linear`` / ``Embedding`` modules trained whole (``modules_to_save``,
+    a slot of full rank: :func:`~flora_graph.serving.slots.params_through_peft`) swap as any other.
 
     ``mixed=False`` leaves out ``mixed.onnx`` (rows with different adapters in one batch, for the
     :class:`~flora_graph.serving.generate.Generator`), which holds its own copy of the base weights: half the
@@ -268,8 +270,8 @@ def export_genai(
     float model of the 4-bit weights, token for token.
 
     Every argument and folder is checked before the model loads: a precision or block size it does not
-    take, an adapter name that cannot be a file name, a folder that is not a PEFT LoRA folder (or uses ``modules_to_save``,
-    which changes base weights and cannot be swapped), a model class that is not a causal LM.
+    take, an adapter name that cannot be a file name, a folder that is not a PEFT LoRA folder, a model class that is not
+    a causal LM; an adapter no slot can carry is refused by name when it is read, before anything is written.
     Raises :class:`~flora_graph.errors.FloraGraphError` subclasses naming the culprit; on
     failure nothing at ``out`` changes.
     """
@@ -291,7 +293,7 @@ def export_genai(
                               "made for causal LMs")
     for name, folder in adapters.items():
         check_name(name, "adapter name", error=AdapterError)
-        _refuse_unswappable(name, Path(folder), check_adapter_folder(folder))
+        check_adapter_folder(folder)
     if merge is not None:
         check_adapter_folder(merge)
     seconds: dict[str, float] = {}
@@ -545,7 +547,7 @@ def add_adapters(package: str | Path, base: str | Path, adapters: Mapping[str, s
         raise AdapterError("no adapters to add")
     for name, folder in adapters.items():
         check_name(name, "adapter name", error=AdapterError)
-        _refuse_unswappable(name, Path(folder), check_adapter_folder(folder))
+        check_adapter_folder(folder)
     if not (pkg / GENAI_CONFIG).is_file() or not (pkg / MODEL_FILE).is_file():
         raise ServingError(f"{pkg}: not a GenAI package (no {GENAI_CONFIG} or {MODEL_FILE}); export it with "
                            "flora-graph export BASE --task text-generation-with-past --format genai")
@@ -621,14 +623,6 @@ def slot_options(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         return {}
     dora = sorted({k.removesuffix(".lora_magnitude") for p in params.values() for k in p if k.endswith(".lora_magnitude")})
     return {"slots": "swappable", "dora": dora}
-
-
-def _refuse_unswappable(name: str, folder: Path, cfg: Mapping[str, Any]) -> None:
-    """Refuse an adapter (its checked PEFT config ``cfg``) that changes more than a LoRA slot can swap."""
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"adapter {name!r} ({folder}): modules_to_save={cfg['modules_to_save']!r} replaces base "
-                           "weights, which a hot-swappable adapter cannot do; bake it into the package's base model "
-                           "instead (--merge-adapter DIR; export_genai(merge=DIR))")
 
 
 def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None],

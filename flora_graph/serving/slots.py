@@ -435,14 +435,16 @@ def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     refuses what it cannot, a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
     saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
     itself is not touched. A folder that only PEFT's own layers hold (``target_parameters``: LoRA on expert
-    tensors; ``use_dora``; ``trainable_token_indices``) is read through them instead: :func:`params_through_peft`.
+    tensors; ``use_dora``; ``trainable_token_indices``; ``modules_to_save``) is read through them instead:
+    :func:`params_through_peft`.
     """
     import copy
 
     from flora_graph.adapters.peft import load_peft_adapter, read_peft_config
 
     cfg = read_peft_config(folder, peft_layers=True)
-    if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices"):
+    if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices") \
+            or cfg.get("modules_to_save"):
         return params_through_peft(base_model, folder)
     model = copy.deepcopy(base_model)
     load_peft_adapter(model, folder, keep_base=True)
@@ -487,9 +489,11 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     """``{param name: array}`` of a PEFT folder that only PEFT's own layers hold, read through them.
 
     For LoRA on parameters (``target_parameters``, a mixture of experts' expert tensors: PEFT alone knows how it nests
-    one wrapper per adapted parameter), DoRA (``use_dora``) and trainable tokens (``trainable_token_indices``: new
+    one wrapper per adapted parameter), DoRA (``use_dora``), trainable tokens (``trainable_token_indices``: new
     embedding rows for the tokens named, as a LoRA whose rank is their count on the embedding, and on an output layer
-    tied to it, :func:`_token_rows`). The folder is installed by PEFT on a copy of
+    tied to it, :func:`_token_rows`) and whole modules the adapter trained (``modules_to_save``: the change of a
+    ``Linear``'s or an ``Embedding``'s weight as a LoRA of full rank, :func:`_saved_rows`). The folder is installed by
+    PEFT on a copy of
     ``base_model``. A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
     (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; a layer's as
     :func:`adapter_params` names them. A DoRA layer also gives its magnitude as ``d = m / ||W + s B A|| - 1`` per output
@@ -503,6 +507,7 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     import torch
     from peft.tuners import lora
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.utils import ModulesToSaveWrapper
 
     folder = Path(folder)
     adapted = peft_installed(copy.deepcopy(base_model), folder, "load")
@@ -553,7 +558,50 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
         for name, mod in adapted.named_modules():
             if isinstance(mod, TrainableTokensLayer) and "default" in mod.token_indices:
                 _add_rank(out, _peft_path(name).removesuffix(".token_adapter"), *_token_rows(mod))
+            elif isinstance(mod, ModulesToSaveWrapper) and "default" in mod.modules_to_save:
+                path = _peft_path(name)
+                if (rows := _saved_rows(mod.original_module, mod.modules_to_save["default"], path, folder)) is not None:
+                    _add_rank(out, path, *rows)
     return out
+
+
+def _saved_rows(base: Any, saved: Any, path: str, folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A module the adapter trained whole (PEFT's ``modules_to_save``: ``saved`` replaces ``base``) as a LoRA of full
+    rank ``r = min(in, out)`` in the slot's layout, ``(A, B)`` whose product is the change of its weight (``None``
+    where it does not change). A ``Linear``: ``A`` ``[r, in]``, ``B`` ``[out, r]``, one of them the change and the
+    other the identity. An ``Embedding``: ``A`` ``[r, vocab]``, ``B`` ``[dim, r]``, the change of every token's row as
+    the module computes it (a scaled embedding's rows scaled). A slot adds the product to the base module's output,
+    so the package sums ``W x`` and ``(W' - W) x`` where PEFT computes ``W' x``: equal up to float rounding.
+    Raises :class:`AdapterError` naming the module for another kind of module or a changed bias, which a slot cannot
+    carry."""
+    import torch
+
+    merge = "bake it into the base model instead (--merge-adapter DIR; export_genai(merge=DIR))"
+    if type(base) is not type(saved) or not isinstance(base, (torch.nn.Linear, torch.nn.Embedding)):
+        raise AdapterError(f"{folder}: modules_to_save trains {path!r} whole, a {type(base).__name__}; a hot-swappable "
+                           f"slot carries a trained Linear or Embedding only: {merge}")
+    own = dict(base.named_parameters())
+    for pname, p in saved.named_parameters():
+        if pname != "weight" and not torch.equal(p.detach(), own[pname].detach()):
+            raise AdapterError(f"{folder}: modules_to_save trains {path!r} whole and changes its {pname}, which a slot "
+                               f"(a product added to the module's output) cannot carry: {merge}")
+    w = base.weight
+    if w.dtype == torch.bfloat16:
+        raise AdapterError(f"{folder}: module {path!r}: bfloat16 weights; cast the model to float32/float16")
+    with torch.no_grad():
+        if isinstance(base, torch.nn.Embedding):  # every token's row as each module computes it: [vocab, dim]
+            ids = torch.arange(w.shape[0])
+            delta = (saved(ids).float() - base(ids).float()).T  # [dim, vocab], as a Linear's [out, in]
+        else:
+            delta = saved.weight.detach().float() - w.detach().float()
+    if not torch.any(delta):
+        return None
+    out_dim, in_dim = delta.shape
+    if out_dim <= in_dim:  # rank out: A the change, B the identity
+        a, b = delta, torch.eye(out_dim)
+    else:  # rank in: A the identity, B the change
+        a, b = torch.eye(in_dim), delta
+    return a.to(w.dtype).numpy(), b.to(w.dtype).numpy()
 
 
 def _token_rows(layer: Any) -> tuple[np.ndarray, np.ndarray]:

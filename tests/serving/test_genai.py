@@ -65,9 +65,9 @@ def test_adapters_that_cannot_be_swapped_are_refused_before_anything_is_written(
 
     from tests.peft_folders import edit_peft_folder
 
-    saved = edit_peft_folder(shutil.copytree(folders / "qdown", tmp_path / "saved"), config={"modules_to_save": ["lm_head"]})
-    with pytest.raises(AdapterError, match="modules_to_save"):
-        export_genai(folders / "base", tmp_path / "out", {"saved": saved})
+    loftq = edit_peft_folder(shutil.copytree(folders / "qdown", tmp_path / "loftq"), config={"loftq_config": {"loftq_bits": 4}})
+    with pytest.raises(AdapterError, match="loftq_config"):
+        export_genai(folders / "base", tmp_path / "out", {"loftq": loftq})
     with pytest.raises(AdapterError, match="adapter name"):
         export_genai(folders / "base", tmp_path / "out", {"../x": folders / "qdown"})
     assert not (tmp_path / "out").exists()

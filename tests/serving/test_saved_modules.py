@@ -1,0 +1,146 @@
+"""Modules an adapter trains whole (PEFT's ``modules_to_save``: the output layer, the input embedding, a projection),
+swapped as slots of full rank: the change of the module's weight as a LoRA whose rank is the smaller of its sizes,
+one factor the change and the other the identity. References: eager PEFT (alone, row by row in a mixed batch, and
+in ONNX Runtime GenAI) and the adapter file's product against PEFT's weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+
+from flora_graph.errors import AdapterError  # noqa: E402
+from flora_graph.serving.generate import Generator  # noqa: E402
+from tests.serving.genai_package import (  # noqa: E402
+    assert_mixed_rows_decode_as_eager_peft,
+    eager_greedy,
+    export_small,
+    genai_tokens,
+    save_small,
+    small_adapters,
+)
+from tests.serving.test_causal_lm_families import small_model  # noqa: E402
+
+
+def _saved(model, folder: Path, name: str, saved: list[str], targets: list[str], change: str = "weight",
+           seed: int = 7) -> object:
+    """A PEFT adapter on ``targets`` that also trains the modules ``saved`` whole (``modules_to_save``), their
+    ``change`` parameter moved by random values, saved as ``folder / name`` beside the saved base model: the adapted
+    model, in eval mode."""
+    base = save_small(model, folder)
+    torch.manual_seed(seed)
+    adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved,
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for pname, p in adapted.named_parameters():
+            if ".modules_to_save.default." in pname and pname.endswith(f".{change}"):
+                p.add_(torch.randn_like(p) * (float(p.std()) or 0.1) * 2)  # a bias may start at zeros
+    adapted.save_pretrained(folder / name)
+    return adapted.eval()
+
+
+@pytest.mark.parametrize("arch, saved", [("LlamaForCausalLM", ["lm_head"]), ("Gemma3ForCausalLM", ["embed_tokens"]),
+                                         ("Qwen2ForCausalLM", ["embed_tokens", "lm_head"])])
+def test_modules_trained_whole_swap_and_decode_as_eager_peft(tmp_path: Path, arch: str, saved: list[str]) -> None:
+    """An output layer or an input embedding trained whole (Gemma 3's scaled; Qwen2's tied to the output layer, both
+    saved), beside LoRA on ``q_proj``: alone, in a mixed batch beside another adapter's rows, and in ONNX Runtime
+    GenAI, greedy tokens equal eager PEFT's, and other than without the saved modules."""
+    import onnxruntime_genai as og
+
+    model = small_model(arch)
+    if arch == "Qwen2ForCausalLM":  # tied, as small Qwen2 checkpoints are: PEFT trains two copies apart
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    adapted = small_adapters(model, tmp_path, {"attn": ["v_proj", "o_proj"], "lora": ["q_proj"]})
+    adapted["whole"] = _saved(model, tmp_path, "whole", saved, ["q_proj"])
+    export_small(model, tmp_path, {n: tmp_path / n for n in ("attn", "whole")})
+    assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "whole", "attn")
+    prompt = [1, 5, 9, 33, 70, 12]
+    want = eager_greedy(adapted["whole"], prompt, 8, min_new_tokens=8)
+    without = adapted["whole"]
+    with without.disable_adapter():  # LoRA and the saved modules both off: the base model's tokens
+        assert eager_greedy(without, prompt, 8, min_new_tokens=8) == eager_greedy(model, prompt, 8, min_new_tokens=8)
+    og_model = og.Model(str(tmp_path / "pkg"))
+    og_adapters = og.Adapters(og_model)
+    og_adapters.load(str(tmp_path / "pkg" / "adapters" / "whole.onnx_adapter"), "whole")
+    assert genai_tokens(og_model, prompt, 8, og_adapters, "whole") == want
+
+
+def test_a_saved_module_is_a_full_rank_slot_whose_product_is_its_change(tmp_path: Path) -> None:
+    """The adapter file's output-layer slot has rank ``hidden`` (the smaller size), and ``B @ A`` is the saved weight
+    less the base one; a saved module that PEFT keeps unchanged adds no slot."""
+    from flora_graph.serving.slots import peft_adapter_params
+
+    model = small_model("LlamaForCausalLM")
+    adapted = _saved(model, tmp_path, "whole", ["lm_head"], ["q_proj"])
+    params = peft_adapter_params(model, tmp_path / "whole")
+    a, b = params["lm_head.lora_A"], params["lm_head.lora_B"]
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    assert a.shape == (hidden, hidden) and b.shape == (vocab, hidden)
+    saved = adapted.base_model.model.lm_head.modules_to_save["default"].weight.detach().numpy()
+    np.testing.assert_allclose(b @ a, saved - model.lm_head.weight.detach().numpy(), rtol=0, atol=1e-6)
+    assert not np.allclose(b @ a, 0)
+    untouched = _saved(model, tmp_path, "untouched", ["lm_head"], ["q_proj"], change="none")
+    assert untouched is not None
+    assert not any(k.startswith("lm_head.") for k in peft_adapter_params(model, tmp_path / "untouched"))
+
+
+def test_a_saved_module_with_a_changed_bias_or_of_another_kind_is_refused_by_name(tmp_path: Path) -> None:
+    """A saved module whose bias changes (Qwen2's ``q_proj`` has one) or that is not a ``Linear`` / ``Embedding`` (the
+    final norm) cannot be a slot: refused naming the module and what changed, ``--merge-adapter`` offered; nothing is
+    written."""
+    model = small_model("Qwen2ForCausalLM")
+    _saved(model, tmp_path, "bias", ["layers.0.self_attn.q_proj"], ["v_proj"], change="bias")
+    with pytest.raises(AdapterError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*changes its bias.*--merge-adapter"):
+        export_small(model, tmp_path, {"bias": tmp_path / "bias"})
+    _saved(model, tmp_path, "norm", ["model.norm"], ["v_proj"])
+    with pytest.raises(AdapterError, match=r"'model\.norm' whole, a Qwen2RMSNorm.*--merge-adapter"):
+        export_small(model, tmp_path, {"norm": tmp_path / "norm"})
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_a_saved_projection_inside_a_packed_slot_decodes_as_eager_peft(tmp_path: Path) -> None:
+    """A projection of one layer trained whole (its weight changed, its bias not): a full-rank part of the packed
+    q/k/v slot beside the adapter's LoRA on ``v_proj``; greedy tokens equal eager PEFT's."""
+    model = small_model("Qwen2ForCausalLM")
+    adapted = _saved(model, tmp_path, "proj", ["layers.0.self_attn.q_proj"], ["v_proj"])
+    export_small(model, tmp_path, {"proj": tmp_path / "proj"})
+    prompt = [1, 5, 9, 33, 70, 12]
+    got = Generator(tmp_path / "pkg").generate([prompt], adapters="proj", max_new_tokens=8, min_new_tokens=8)[0]
+    assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8)
+
+
+def test_an_encoder_decoder_output_layer_trained_whole_decodes_as_eager_peft(tmp_path: Path) -> None:
+    """BART's output layer (tied to its shared embedding) trained whole beside LoRA on ``q_proj``: the
+    encoder-decoder package's greedy tokens equal eager PEFT ``generate``'s, alone and beside a row without it."""
+    import warnings
+
+    from flora_graph.serving.seq2seq import Seq2SeqGenerator, export_seq2seq
+    from tests.serving.seq2seq_package import PROMPTS, build, eager_tokens
+
+    model = build("bart")
+    model.save_pretrained(tmp_path / "base")
+    torch.manual_seed(3)
+    adapted = peft.get_peft_model(type(model).from_pretrained(tmp_path / "base"),
+                                  peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        w = adapted.base_model.model.lm_head.modules_to_save["default"].weight
+        w.add_(torch.randn_like(w) * float(w.std()) * 2)
+    adapted.save_pretrained(tmp_path / "whole")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_seq2seq(tmp_path / "base", tmp_path / "pkg", {"whole": tmp_path / "whole"})
+    gen = Seq2SeqGenerator(tmp_path / "pkg")
+    kw = dict(max_new_tokens=8, min_new_tokens=8)
+    want = eager_tokens(tmp_path, "bart", "whole", PROMPTS[:2], gen.pad, set(), **kw)
+    assert gen.generate(PROMPTS[:2], adapters="whole", **kw) == want
+    base = eager_tokens(tmp_path, "bart", None, PROMPTS[:2], gen.pad, set(), **kw)
+    assert want != base
+    assert gen.generate(PROMPTS[:2], adapters=["whole", None], **kw) == [want[0], base[1]]
