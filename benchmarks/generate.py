@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"genai/builder {r['genai', 'builder']:.2f}x, generator/genai {r['generator', 'genai']:.2f}x, "
                   f"eager/genai {r['eager', 'genai']:.1f}x, eager/generator {r['eager', 'generator']:.1f}x; "
                   f"genai/genai no-branch {r['genai', 'genai no-branch']:.2f}x ({ms['genai no-branch']:.3f} ms)")
+            one_row = mixed["matmuls"][0] * 1e3
+            print(f"{'':>6}  eager+cache / the base model's matmuls alone at one row ({one_row:.3f} ms, below): "
+                  f"{ms['eager'] / one_row:.1f}x, what a one-row step that did nothing else would gain over eager "
+                  "on this machine (its weights read once a step)")
             if optimum is not None:
                 print(f"{'':>6}  Optimum (ORTModelForCausalLM.generate) {ms['optimum']:.3f} ms: optimum/generator "
                       f"{paired_ratio(times, 'optimum', 'generator', adapter):.1f}x, optimum/genai "
