@@ -534,7 +534,9 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
                     e = mod.num_experts
                     a = a.reshape(e, -1, a.shape[-1])  # [experts, r, in]
                     b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # [experts, out, r]
-            elif type(mod) is lora.Linear and not mod.fan_in_fan_out:
+            elif type(mod) is lora.Linear and not (mod.fan_in_fan_out and mod.use_dora.get("default")):
+                # fan_in_fan_out (GPT-2's Conv1D, weight [in, out]) lays out only the merged weight: the product is
+                # the same x A^T B^T
                 path = _peft_path(name)
                 if mod.use_dora.get("default"):  # m / ||W + s B A|| per output row, as PEFT's DoRA layer divides
                     w = mod.get_base_layer().weight.detach().float()
@@ -542,9 +544,9 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
                     magnitude = m / torch.linalg.norm(w + b @ a, dim=1) - 1
             else:
                 raise AdapterError(f"{folder}: module {_peft_path(name)!r} is a {type(mod).__name__} LoRA layer"
-                                   f"{' with fan_in_fan_out' if getattr(mod, 'fan_in_fan_out', False) else ''}, which an "
-                                   "adapter read through PEFT's layers (target_parameters, DoRA) cannot carry as a "
-                                   "hot-swappable slot")
+                                   f"{' with fan_in_fan_out and DoRA' if getattr(mod, 'fan_in_fan_out', False) else ''}, "
+                                   "which an adapter read through PEFT's layers (target_parameters, DoRA, "
+                                   "modules_to_save) cannot carry as a hot-swappable slot")
             if getattr(mod, "lora_bias", {}).get("default"):
                 raise AdapterError(f"{folder}: module {path!r} has a LoRA bias (lora_bias=True), which a slot cannot "
                                    "carry")
@@ -568,18 +570,19 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
 def _saved_rows(base: Any, saved: Any, path: str, folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """A module the adapter trained whole (PEFT's ``modules_to_save``: ``saved`` replaces ``base``) as a LoRA of full
     rank ``r = min(in, out)`` in the slot's layout, ``(A, B)`` whose product is the change of its weight (``None``
-    where it does not change). A ``Linear``: ``A`` ``[r, in]``, ``B`` ``[out, r]``, one of them the change and the
-    other the identity. An ``Embedding``: ``A`` ``[r, vocab]``, ``B`` ``[dim, r]``, the change of every token's row as
+    where it does not change). A ``Linear`` (or GPT-2's ``Conv1D``, its weight transposed): ``A`` ``[r, in]``, ``B``
+    ``[out, r]``, one of them the change and the other the identity. An ``Embedding``: ``A`` ``[r, vocab]``, ``B`` ``[dim, r]``, the change of every token's row as
     the module computes it (a scaled embedding's rows scaled). A slot adds the product to the base module's output,
     so the package sums ``W x`` and ``(W' - W) x`` where PEFT computes ``W' x``: equal up to float rounding.
     Raises :class:`AdapterError` naming the module for another kind of module or a changed bias, which a slot cannot
     carry."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     merge = "bake it into the base model instead (--merge-adapter DIR; export_genai(merge=DIR))"
-    if type(base) is not type(saved) or not isinstance(base, (torch.nn.Linear, torch.nn.Embedding)):
+    if type(base) is not type(saved) or not isinstance(base, (torch.nn.Linear, torch.nn.Embedding, Conv1D)):
         raise AdapterError(f"{folder}: modules_to_save trains {path!r} whole, a {type(base).__name__}; a hot-swappable "
-                           f"slot carries a trained Linear or Embedding only: {merge}")
+                           f"slot carries a trained Linear (or GPT-2's Conv1D) or Embedding only: {merge}")
     own = dict(base.named_parameters())
     for pname, p in saved.named_parameters():
         if pname != "weight" and not torch.equal(p.detach(), own[pname].detach()):
@@ -594,6 +597,8 @@ def _saved_rows(base: Any, saved: Any, path: str, folder: Path) -> tuple[np.ndar
             delta = (saved(ids).float() - base(ids).float()).T  # [dim, vocab], as a Linear's [out, in]
         else:
             delta = saved.weight.detach().float() - w.detach().float()
+            if isinstance(base, Conv1D):  # weight [in, out]
+                delta = delta.T
     if not torch.any(delta):
         return None
     out_dim, in_dim = delta.shape

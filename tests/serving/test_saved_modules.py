@@ -144,3 +144,16 @@ def test_an_encoder_decoder_output_layer_trained_whole_decodes_as_eager_peft(tmp
     base = eager_tokens(tmp_path, "bart", None, PROMPTS[:2], gen.pad, set(), **kw)
     assert want != base
     assert gen.generate(PROMPTS[:2], adapters=["whole", None], **kw) == [want[0], base[1]]
+
+
+def test_gpt2_conv1d_modules_trained_whole_beside_fan_in_fan_out_lora_decode_as_eager_peft(tmp_path: Path) -> None:
+    """GPT-2: LoRA on ``c_attn`` (a ``Conv1D``, PEFT's ``fan_in_fan_out``) beside a ``Conv1D`` (``c_fc``, its weight
+    ``[in, out]``) and the output layer tied to ``wte`` trained whole: read through PEFT's layers, greedy tokens equal
+    eager PEFT's, and other than the base model's."""
+    model = small_model("GPT2LMHeadModel")
+    adapted = _saved(model, tmp_path, "whole", ["h.0.mlp.c_fc", "lm_head"], ["c_attn"])
+    assert adapted.base_model.model.transformer.h[0].attn.c_attn.fan_in_fan_out
+    export_small(model, tmp_path, {"whole": tmp_path / "whole"})
+    prompt = [1, 5, 9, 33, 70, 12]
+    got = Generator(tmp_path / "pkg").generate([prompt], adapters="whole", max_new_tokens=8, min_new_tokens=8)[0]
+    assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != eager_greedy(model, prompt, 8, min_new_tokens=8)
