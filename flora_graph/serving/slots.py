@@ -500,7 +500,8 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     row (``"<module>.lora_magnitude"``, ``[out]``; PEFT's norm over the base weight and the adapter's product, which
     the slot's ``(1 + d) * (base + delta)`` then applies). Raises :class:`AdapterError` where PEFT refuses the folder,
     where a tensor of it matches nothing in the model, where it changes a base weight, and for a LoRA layer kind a
-    slot does not take this way (an embedding's, a convolution's, a layer with ``fan_in_fan_out`` or a LoRA bias).
+    slot does not take this way (an embedding's, a convolution's, a layer with a LoRA bias; a
+    GPT-2 ``Conv1D`` layer (``fan_in_fan_out``) is read as a ``Linear``, its base weight transposed for DoRA).
     """
     import copy
 
@@ -534,18 +535,18 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
                     e = mod.num_experts
                     a = a.reshape(e, -1, a.shape[-1])  # [experts, r, in]
                     b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # [experts, out, r]
-            elif type(mod) is lora.Linear and not (mod.fan_in_fan_out and mod.use_dora.get("default")):
-                # fan_in_fan_out (GPT-2's Conv1D, weight [in, out]) lays out only the merged weight: the product is
+            elif type(mod) is lora.Linear:
+                # fan_in_fan_out (GPT-2's Conv1D, weight [in, out]) lays out only the base weight: the product is
                 # the same x A^T B^T
                 path = _peft_path(name)
                 if mod.use_dora.get("default"):  # m / ||W + s B A|| per output row, as PEFT's DoRA layer divides
                     w = mod.get_base_layer().weight.detach().float()
+                    w = w.T if mod.fan_in_fan_out else w  # [out, in]
                     m = mod.lora_magnitude_vector["default"].weight.detach().float()
                     magnitude = m / torch.linalg.norm(w + b @ a, dim=1) - 1
             else:
-                raise AdapterError(f"{folder}: module {_peft_path(name)!r} is a {type(mod).__name__} LoRA layer"
-                                   f"{' with fan_in_fan_out and DoRA' if getattr(mod, 'fan_in_fan_out', False) else ''}, "
-                                   "which an adapter read through PEFT's layers (target_parameters, DoRA, "
+                raise AdapterError(f"{folder}: module {_peft_path(name)!r} is a {type(mod).__name__} LoRA layer, which "
+                                   "an adapter read through PEFT's layers (target_parameters, DoRA, trainable tokens, "
                                    "modules_to_save) cannot carry as a hot-swappable slot")
             if getattr(mod, "lora_bias", {}).get("default"):
                 raise AdapterError(f"{folder}: module {path!r} has a LoRA bias (lora_bias=True), which a slot cannot "

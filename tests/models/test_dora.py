@@ -174,3 +174,31 @@ def test_dora_in_an_encoder_decoder_package_decodes_as_eager_peft(tmp_path) -> N
     assert want != plain
     assert gen.generate(prompts, adapters="dora", max_new_tokens=new, min_new_tokens=new) == want
     assert gen.generate(prompts, adapters=["dora", None], max_new_tokens=new, min_new_tokens=new) == [want[0], plain[1]]
+
+
+def test_dora_on_gpt2_conv1d_layers_swaps_and_decodes_as_eager_peft(tmp_path) -> None:
+    """DoRA on GPT-2's ``Conv1D`` layers (PEFT's ``fan_in_fan_out``: the base weight ``[in, out]``, which the magnitude's
+    row norms read transposed): a hot-swappable adapter whose rows decode as eager PEFT's, alone and beside a row
+    without it, and other than the base model's."""
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import eager_greedy, export_small, save_small
+    from tests.serving.test_causal_lm_families import small_model
+
+    model = small_model("GPT2LMHeadModel")
+    base = save_small(model, tmp_path)
+    torch.manual_seed(0)
+    adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                  peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, fan_in_fan_out=True,
+                                                  target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    with torch.no_grad():
+        for module in adapted.modules():
+            for vec in getattr(module, "lora_magnitude_vector", {}).values():
+                vec.weight.mul_(1.0 + 0.5 * torch.rand(vec.weight.shape))
+    adapted.save_pretrained(tmp_path / "dora")
+    export_small(model, tmp_path, {"dora": tmp_path / "dora"})
+    prompt = [1, 5, 9, 33, 70, 12]
+    want, plain = (eager_greedy(m.eval(), prompt, 8, min_new_tokens=8) for m in (adapted, model))
+    assert want != plain
+    rows = Generator(tmp_path / "pkg").generate([prompt] * 2, adapters=["dora", None], max_new_tokens=8,
+                                                min_new_tokens=8)
+    assert rows == [want, plain]
