@@ -28,10 +28,10 @@ from tests.serving.test_causal_lm_families import small_model  # noqa: E402
 
 
 def _saved(model, folder: Path, name: str, saved: list[str], targets: list[str], change: str = "weight",
-           seed: int = 7) -> object:
+           seed: int = 7, scale: float = 2.0) -> object:
     """A PEFT adapter on ``targets`` that also trains the modules ``saved`` whole (``modules_to_save``), their
-    ``change`` parameter moved by random values, saved as ``folder / name`` beside the saved base model: the adapted
-    model, in eval mode."""
+    ``change`` parameter moved by random values (``scale`` times its spread), saved as ``folder / name`` beside the
+    saved base model: the adapted model, in eval mode."""
     base = save_small(model, folder)
     torch.manual_seed(seed)
     adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
@@ -40,9 +40,23 @@ def _saved(model, folder: Path, name: str, saved: list[str], targets: list[str],
     with torch.no_grad():
         for pname, p in adapted.named_parameters():
             if ".modules_to_save.default." in pname and pname.endswith(f".{change}"):
-                p.add_(torch.randn_like(p) * (float(p.std()) or 0.1) * 2)  # a bias may start at zeros
+                p.add_(torch.randn_like(p) * (float(p.std()) or 0.1) * scale)  # a bias may start at zeros
     adapted.save_pretrained(folder / name)
     return adapted.eval()
+
+
+def _saved_undone(adapted, prompt: list[int]) -> list[int]:
+    """Eager PEFT's greedy tokens of ``adapted`` with its saved modules' weights put back to the base's (its LoRA
+    kept): what the package would give if the saved modules were dropped."""
+    import copy
+
+    from peft.utils import ModulesToSaveWrapper
+
+    undone = copy.deepcopy(adapted)
+    for mod in undone.modules():
+        if isinstance(mod, ModulesToSaveWrapper):
+            mod.modules_to_save["default"].load_state_dict(mod.original_module.state_dict())
+    return eager_greedy(undone, prompt, 8, min_new_tokens=8)
 
 
 @pytest.mark.parametrize("arch, saved", [("LlamaForCausalLM", ["lm_head"]), ("Gemma3ForCausalLM", ["embed_tokens"]),
@@ -50,22 +64,20 @@ def _saved(model, folder: Path, name: str, saved: list[str], targets: list[str],
 def test_modules_trained_whole_swap_and_decode_as_eager_peft(tmp_path: Path, arch: str, saved: list[str]) -> None:
     """An output layer or an input embedding trained whole (Gemma 3's scaled; Qwen2's tied to the output layer, both
     saved), beside LoRA on ``q_proj``: alone, in a mixed batch beside another adapter's rows, and in ONNX Runtime
-    GenAI, greedy tokens equal eager PEFT's, and other than without the saved modules."""
+    GenAI, greedy tokens equal eager PEFT's, which the saved modules change."""
     import onnxruntime_genai as og
 
     model = small_model(arch)
     if arch == "Qwen2ForCausalLM":  # tied, as small Qwen2 checkpoints are: PEFT trains two copies apart
         model.config.tie_word_embeddings = True
         model.lm_head.weight = model.model.embed_tokens.weight
-    adapted = small_adapters(model, tmp_path, {"attn": ["v_proj", "o_proj"], "lora": ["q_proj"]})
+    adapted = small_adapters(model, tmp_path, {"attn": ["v_proj", "o_proj"]})
     adapted["whole"] = _saved(model, tmp_path, "whole", saved, ["q_proj"])
     export_small(model, tmp_path, {n: tmp_path / n for n in ("attn", "whole")})
     assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "whole", "attn")
     prompt = [1, 5, 9, 33, 70, 12]
     want = eager_greedy(adapted["whole"], prompt, 8, min_new_tokens=8)
-    without = adapted["whole"]
-    with without.disable_adapter():  # LoRA and the saved modules both off: the base model's tokens
-        assert eager_greedy(without, prompt, 8, min_new_tokens=8) == eager_greedy(model, prompt, 8, min_new_tokens=8)
+    assert want != _saved_undone(adapted["whole"], prompt)  # the saved modules' slots are fed, not only the LoRA
     og_model = og.Model(str(tmp_path / "pkg"))
     og_adapters = og.Adapters(og_model)
     og_adapters.load(str(tmp_path / "pkg" / "adapters" / "whole.onnx_adapter"), "whole")
@@ -86,9 +98,9 @@ def test_a_saved_module_is_a_full_rank_slot_whose_product_is_its_change(tmp_path
     saved = adapted.base_model.model.lm_head.modules_to_save["default"].weight.detach().numpy()
     np.testing.assert_allclose(b @ a, saved - model.lm_head.weight.detach().numpy(), rtol=0, atol=1e-6)
     assert not np.allclose(b @ a, 0)
-    untouched = _saved(model, tmp_path, "untouched", ["lm_head"], ["q_proj"], change="none")
-    assert untouched is not None
-    assert not any(k.startswith("lm_head.") for k in peft_adapter_params(model, tmp_path / "untouched"))
+    _saved(model, tmp_path, "untouched", ["lm_head"], ["q_proj"], change="none")
+    untouched = peft_adapter_params(model, tmp_path / "untouched")
+    assert any(k.endswith("q_proj.lora_A") for k in untouched) and not any(k.startswith("lm_head.") for k in untouched)
 
 
 def test_a_saved_module_with_a_changed_bias_or_of_another_kind_is_refused_by_name(tmp_path: Path) -> None:
@@ -109,11 +121,16 @@ def test_a_saved_projection_inside_a_packed_slot_decodes_as_eager_peft(tmp_path:
     """A projection of one layer trained whole (its weight changed, its bias not): a full-rank part of the packed
     q/k/v slot beside the adapter's LoRA on ``v_proj``; greedy tokens equal eager PEFT's."""
     model = small_model("Qwen2ForCausalLM")
-    adapted = _saved(model, tmp_path, "proj", ["layers.0.self_attn.q_proj"], ["v_proj"])
+    adapted = _saved(model, tmp_path, "proj", ["layers.0.self_attn.q_proj"], ["v_proj"], scale=10.0)
     export_small(model, tmp_path, {"proj": tmp_path / "proj"})
     prompt = [1, 5, 9, 33, 70, 12]
     got = Generator(tmp_path / "pkg").generate([prompt], adapters="proj", max_new_tokens=8, min_new_tokens=8)[0]
-    assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8)
+    assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != _saved_undone(adapted, prompt)
+    from flora_graph.serving.adapter_file import read_adapter
+
+    params = read_adapter(tmp_path / "pkg" / "adapters" / "proj.onnx_adapter").params
+    packed = params["model.layers.0.self_attn.q_proj+v_proj.lora_A"]  # the full rank (hidden) and the LoRA's 4
+    assert packed.shape == (model.config.hidden_size + 4, model.config.hidden_size)
 
 
 def test_an_encoder_decoder_output_layer_trained_whole_decodes_as_eager_peft(tmp_path: Path) -> None:
@@ -156,4 +173,4 @@ def test_gpt2_conv1d_modules_trained_whole_beside_fan_in_fan_out_lora_decode_as_
     export_small(model, tmp_path, {"whole": tmp_path / "whole"})
     prompt = [1, 5, 9, 33, 70, 12]
     got = Generator(tmp_path / "pkg").generate([prompt], adapters="whole", max_new_tokens=8, min_new_tokens=8)[0]
-    assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != eager_greedy(model, prompt, 8, min_new_tokens=8)
+    assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != _saved_undone(adapted, prompt)
