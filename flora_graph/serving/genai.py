@@ -629,15 +629,21 @@ def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callabl
                     text: TextDecoder | None = None, note: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Each adapter's parameters read on ``model`` (as loaded), named as the package's graph names its slots: by
     ``text``'s module paths where the package is a multimodal model's text decoder (``note`` told of the modules
-    outside it, left out)."""
+    outside it, left out, and of the modules an adapter trains whole, with their size)."""
     note = note or say
+    from flora_graph.passes.adapter_slots import weight_names
     from flora_graph.serving.slots import peft_adapter_params
     from flora_graph.serving.text_decoder import text_params
 
     out = {}
     for name, folder in adapters.items():
         say(f"reading adapter {name} from {folder}")
-        out[name] = peft_adapter_params(model, folder)
+        whole: list[str] = []
+        out[name] = peft_adapter_params(model, folder, saved=whole)
+        if whole:  # a full-rank slot is as large as its module: worth saying
+            size = sum(out[name][k].nbytes for m in whole for k in weight_names(m))
+            note(f"adapter {name}: {', '.join(whole)} trained whole (modules_to_save) swap as slots of full rank, "
+                 f"{size / 2**20:.1f} MB of its file; a step with it active computes their change once more")
         if text is not None:
             out[name], dropped = text_params(out[name], text.paths)
             if not out[name]:

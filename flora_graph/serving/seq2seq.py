@@ -203,7 +203,7 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     from flora_graph.model_export import load_transformers
 
     model = load_transformers(base)
-    params = _adapter_params(model, adapters, say)
+    params = _adapter_params(model, adapters, say, note=note)
     seconds["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -426,7 +426,7 @@ def adapter_params(model: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
+def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None = None) -> dict[str, np.ndarray]:
     """``{param name: array}`` of a PEFT adapter folder, for :func:`write_adapter` / sessions.
 
     The folder is installed on a copy of ``base_model`` (the plain model the swappable graph
@@ -436,7 +436,7 @@ def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
     itself is not touched. A folder that only PEFT's own layers hold (``target_parameters``: LoRA on expert
     tensors; ``use_dora``; ``trainable_token_indices``; ``modules_to_save``) is read through them instead:
-    :func:`params_through_peft`.
+    :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
     """
     import copy
 
@@ -445,7 +445,7 @@ def peft_adapter_params(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     cfg = read_peft_config(folder, peft_layers=True)
     if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices") \
             or cfg.get("modules_to_save"):
-        return params_through_peft(base_model, folder)
+        return params_through_peft(base_model, folder, saved=saved)
     model = copy.deepcopy(base_model)
     load_peft_adapter(model, folder, keep_base=True)
     return adapter_params(model)
@@ -485,7 +485,7 @@ def peft_installed(model: Any, folder: Path, what: str) -> Any:
     return adapted
 
 
-def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
+def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None = None) -> dict[str, np.ndarray]:
     """``{param name: array}`` of a PEFT folder that only PEFT's own layers hold, read through them.
 
     For LoRA on parameters (``target_parameters``, a mixture of experts' expert tensors: PEFT alone knows how it nests
@@ -498,7 +498,8 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
     (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; a layer's as
     :func:`adapter_params` names them. A DoRA layer also gives its magnitude as ``d = m / ||W + s B A|| - 1`` per output
     row (``"<module>.lora_magnitude"``, ``[out]``; PEFT's norm over the base weight and the adapter's product, which
-    the slot's ``(1 + d) * (base + delta)`` then applies). Raises :class:`AdapterError` where PEFT refuses the folder,
+    the slot's ``(1 + d) * (base + delta)`` then applies). ``saved`` (a list), where given, gets the path of each module
+    trained whole that became a slot. Raises :class:`AdapterError` where PEFT refuses the folder,
     where a tensor of it matches nothing in the model, where it changes a base weight, and for a LoRA layer kind a
     slot does not take this way (an embedding's, a convolution's, a layer with a LoRA bias; a
     GPT-2 ``Conv1D`` layer (``fan_in_fan_out``) is read as a ``Linear``, its base weight transposed for DoRA).
@@ -565,6 +566,8 @@ def params_through_peft(base_model: Any, folder: Any) -> dict[str, np.ndarray]:
                 path = _peft_path(name)
                 if (rows := _saved_rows(mod.original_module, mod.modules_to_save["default"], path, folder)) is not None:
                     _add_rank(out, path, *rows)
+                    if saved is not None:
+                        saved.append(path)
     return out
 
 

@@ -73,7 +73,9 @@ def test_modules_trained_whole_swap_and_decode_as_eager_peft(tmp_path: Path, arc
         model.lm_head.weight = model.model.embed_tokens.weight
     adapted = small_adapters(model, tmp_path, {"attn": ["v_proj", "o_proj"]})
     adapted["whole"] = _saved(model, tmp_path, "whole", saved, ["q_proj"])
-    export_small(model, tmp_path, {n: tmp_path / n for n in ("attn", "whole")})
+    report = export_small(model, tmp_path, {n: tmp_path / n for n in ("attn", "whole")})
+    told = [n for n in report.notes if "trained whole" in n]  # the export names them: their slots are large
+    assert len(told) == 1 and told[0].startswith("adapter whole:") and all(m in told[0] for m in saved)
     assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "whole", "attn")
     prompt = [1, 5, 9, 33, 70, 12]
     want = eager_greedy(adapted["whole"], prompt, 8, min_new_tokens=8)
@@ -153,7 +155,8 @@ def test_an_encoder_decoder_output_layer_trained_whole_decodes_as_eager_peft(tmp
     adapted.save_pretrained(tmp_path / "whole")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_seq2seq(tmp_path / "base", tmp_path / "pkg", {"whole": tmp_path / "whole"})
+        report = export_seq2seq(tmp_path / "base", tmp_path / "pkg", {"whole": tmp_path / "whole"})
+    assert any(n.startswith("adapter whole: lm_head trained whole") for n in report.notes)
     gen = Seq2SeqGenerator(tmp_path / "pkg")
     kw = dict(max_new_tokens=8, min_new_tokens=8)
     want = eager_tokens(tmp_path, "bart", "whole", PROMPTS[:2], gen.pad, set(), **kw)
