@@ -386,8 +386,39 @@ def test_transposed_weights_are_written_transposed(tmp_path: Path) -> None:
     np.testing.assert_allclose(ort_run(tmp_path / "t.onnx", feeds)["y"], run(g, feeds)["y"], atol=ATOL, rtol=RTOL)
 
 
-def test_saved_graph_past_threshold_uses_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_THRESHOLD", 10_000)
+@pytest.mark.parametrize("rank", [2, 3])
+def test_a_tied_table_is_written_once(tmp_path: Path, rank: int) -> None:
+    """An embedding's table that a linear layer also reads (an output layer tied to it) is written once: the layer is
+    a ``Gemm`` with ``transB`` on the table itself (its input flattened to 2-D and the leading dims given back), not a
+    ``MatMul`` on a transposed copy; outputs equal the numpy interpreter's. An untied layer keeps its ``MatMul``."""
+    g = Graph("tied")
+    ids = g.input("ids", ("batch", "seq")[:rank - 1], dtype="int64")
+    table = g.const("table", w(50, 40))
+    hidden = g.add(Op.GATHER, [table, ids], {"axis": 0})
+    g.set_output("logits", g.add(Op.LINEAR, [hidden, table]))
+    g.set_output("other", g.add(Op.LINEAR, [hidden, g.const("head", w(30, 40, seed=2))]))
+    model = onnx.load(str(save_onnx(verify(g), tmp_path / "tied.onnx")))
+    assert [t.name for t in model.graph.initializer if sorted(t.dims) == [40, 50]] == ["table"]
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm" and n.input[1] == "table"]
+    assert len(gemms) == 1 and {a.name: a.i for a in gemms[0].attribute}.get("transB") == 1
+    if rank == 3:  # a 2-D input is a Gemm on the weight as it is anyway; a 3-D one a MatMul on a transposed copy
+        assert [n.input[1] for n in model.graph.node if n.op_type == "MatMul"] == ["head.T"]
+    onnx.checker.check_model(str(tmp_path / "tied.onnx"), full_check=True)
+    for batch in BATCHES:
+        shape = (batch, 7)[:rank - 1]
+        feeds = {"ids": np.random.default_rng(batch).integers(0, 50, shape)}
+        got, want = ort_run(tmp_path / "tied.onnx", feeds), run(g, feeds)
+        for name in ("logits", "other"):
+            assert got[name].shape == (*shape, 50 if name == "logits" else 30)
+            np.testing.assert_allclose(got[name], want[name], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("limit", ["EXTERNAL_DATA_THRESHOLD", "DATA_FILE_BYTES"])
+def test_saved_graph_past_threshold_uses_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       limit: str) -> None:
+    """Past protobuf's limit, or past the size from which a data file loads faster (each set low here), a graph is
+    written with its weights in a data file beside the model."""
+    monkeypatch.setattr(onnx_writer, limit, 10_000)
     g = big_graph()
     path = save_onnx(g, tmp_path / "big.onnx")
     assert listing(tmp_path) == ["big.onnx", "big.onnx.data"]
