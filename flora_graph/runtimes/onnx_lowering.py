@@ -301,13 +301,16 @@ def _tie_transposed(ctx: LoweringContext) -> None:
     Each ``MatMul`` of the transposed copy becomes a ``Gemm`` with ``transB`` on the weight itself, its input flattened
     to 2-D and the result given the input's leading dims back; the copy is not written. ONNX Runtime prepacks a
     ``Gemm``'s constant ``B`` as it does a ``MatMul``'s, so the step and the load take as long, and a tied model's
-    package is smaller by its table (a Qwen2-0.5B: 0.54 GB of 2.5). A copy something else reads stays.
+    package is smaller by its table (a Qwen2-0.5B: 0.54 GB of 2.5). A copy something else reads (a subgraph
+    included) stays.
     """
+    from flora_graph.runtimes.onnx_writer import reads
+
     for key, name in list(ctx._memo.items()):
         if key[0] != "param" or not key[2] or name not in ctx.weights or ("param", key[1], False) not in ctx._memo:
             continue
         plain = ctx._memo["param", key[1], False]
-        readers = [i for i, n in enumerate(ctx.nodes) if name in n.input]
+        readers = [i for i, n in enumerate(ctx.nodes) if name in set(reads(n))]
         if not readers or any(ctx.nodes[i].op_type != "MatMul" or ctx.nodes[i].domain
                               or list(ctx.nodes[i].input[1:]) != [name] or ctx.nodes[i].input[0] == name for i in readers):
             continue
