@@ -315,8 +315,8 @@ def _tie_transposed(ctx: LoweringContext) -> None:
                               or list(ctx.nodes[i].input[1:]) != [name] or ctx.nodes[i].input[0] == name for i in readers):
             continue
         rows, cols = ctx.weights[name].shape  # [in, out]
-        flat = ctx.once(("shape", -1, rows), lambda r=rows: ctx.constant(np.array([-1, r], np.int64), "flat_rows"))
-        out_dim = ctx.once(("shape", cols), lambda c=cols: ctx.constant(np.array([c], np.int64), "out_dim"))
+        flat = ctx.once(("tied rows", rows), lambda r=rows: ctx.constant(np.array([-1, r], np.int64), "flat_rows"))
+        out_dim = ctx.once(("tied cols", cols), lambda c=cols: ctx.constant(np.array([c], np.int64), "out_dim"))
         for i in reversed(readers):
             matmul = ctx.nodes[i]
             x, (y,), where = matmul.input[0], matmul.output, matmul.name or matmul.output[0]
