@@ -307,9 +307,9 @@ def _tie_transposed(ctx: LoweringContext) -> None:
     from flora_graph.runtimes.onnx_writer import reads
 
     for key, name in list(ctx._memo.items()):
-        if key[0] != "param" or not key[2] or name not in ctx.weights or ("param", key[1], False) not in ctx._memo:
+        plain = ctx._memo.get(("param", key[1], False)) if key[0] == "param" and key[2] else None
+        if plain is None or name not in ctx.weights:
             continue
-        plain = ctx._memo["param", key[1], False]
         readers = [i for i, n in enumerate(ctx.nodes) if name in set(reads(n))]
         if not readers or any(ctx.nodes[i].op_type != "MatMul" or ctx.nodes[i].domain
                               or list(ctx.nodes[i].input[1:]) != [name] or ctx.nodes[i].input[0] == name for i in readers):

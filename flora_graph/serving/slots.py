@@ -485,6 +485,10 @@ def peft_installed(model: Any, folder: Path, what: str) -> Any:
     return adapted
 
 
+_MERGE_INSTEAD = "bake it into the base model instead (--merge-adapter DIR; export_genai(merge=DIR))"
+"""What a refusal of a swappable adapter offers instead."""
+
+
 def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None = None) -> dict[str, np.ndarray]:
     """``{param name: array}`` of a PEFT folder that only PEFT's own layers hold, read through them.
 
@@ -519,8 +523,7 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
         if path in own and not torch.equal(p.detach(), own[path].detach()):
             raise AdapterError(f"{folder}: it replaces the base model's weight {path!r} with other values (PEFT saves "
                                "such weights beside an adapter on an embedding layer), which an adapter that leaves the "
-                               "base model as it is cannot do; bake it into the base model instead (--merge-adapter "
-                               "DIR; export_genai(merge=DIR))")
+                               f"base model as it is cannot do; {_MERGE_INSTEAD}")
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for name, mod in adapted.named_modules():
@@ -575,23 +578,22 @@ def _saved_rows(base: Any, saved: Any, path: str, folder: Path) -> tuple[np.ndar
     """A module the adapter trained whole (PEFT's ``modules_to_save``: ``saved`` replaces ``base``) as a LoRA of full
     rank ``r = min(in, out)`` in the slot's layout, ``(A, B)`` whose product is the change of its weight (``None``
     where it does not change). A ``Linear`` (or GPT-2's ``Conv1D``, its weight transposed): ``A`` ``[r, in]``, ``B``
-    ``[out, r]``, one of them the change and the other the identity. An ``Embedding``: ``A`` ``[r, vocab]``, ``B`` ``[dim, r]``, the change of every token's row as
-    the module computes it (a scaled embedding's rows scaled). A slot adds the product to the base module's output,
+    ``[out, r]``, one of them the change and the other the identity. An ``Embedding``: ``A`` ``[r, vocab]``, ``B``
+    ``[dim, r]``, the change of every token's row as the module computes it (a scaled embedding's rows scaled). A slot adds the product to the base module's output,
     so the package sums ``W x`` and ``(W' - W) x`` where PEFT computes ``W' x``: equal up to float rounding.
     Raises :class:`AdapterError` naming the module for another kind of module or a changed bias, which a slot cannot
     carry."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    merge = "bake it into the base model instead (--merge-adapter DIR; export_genai(merge=DIR))"
     if type(base) is not type(saved) or not isinstance(base, (torch.nn.Linear, torch.nn.Embedding, Conv1D)):
         raise AdapterError(f"{folder}: modules_to_save trains {path!r} whole, a {type(base).__name__}; a hot-swappable "
-                           f"slot carries a trained Linear (or GPT-2's Conv1D) or Embedding only: {merge}")
+                           f"slot carries a trained Linear (or GPT-2's Conv1D) or Embedding only: {_MERGE_INSTEAD}")
     own = dict(base.named_parameters())
     for pname, p in saved.named_parameters():
         if pname != "weight" and not torch.equal(p.detach(), own[pname].detach()):
             raise AdapterError(f"{folder}: modules_to_save trains {path!r} whole and changes its {pname}, which a slot "
-                               f"(a product added to the module's output) cannot carry: {merge}")
+                               f"(a product added to the module's output) cannot carry: {_MERGE_INSTEAD}")
     w = base.weight
     if w.dtype == torch.bfloat16:
         raise AdapterError(f"{folder}: module {path!r}: bfloat16 weights; cast the model to float32/float16")
