@@ -337,7 +337,7 @@ def export_model(
                                                                     attention_mask=attention_mask)
     model = spec.model
     if adapter is not None:
-        from flora_graph.adapters.peft import load_peft_adapter, needs_peft_layers
+        from flora_graph.adapters.peft import load_peft_adapter, merge_peft, needs_peft_layers
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
@@ -346,7 +346,7 @@ def export_model(
 
             model = peft.PeftModel.from_pretrained(model, adapter).eval()
             if preset == "merged":  # DoRA's m * (W + s B A) / ||W + s B A||, each expert's W + s B_e A_e: once, by PEFT
-                model = model.merge_and_unload()
+                model = merge_peft(model)
         else:
             load_peft_adapter(model, adapter)
     seconds["load"] = time.perf_counter() - t0

@@ -42,6 +42,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "adapter_label",
     "load_peft_adapter",
+    "merge_peft",
     "peft_lora_layers",
     "read_peft_config",
     "save_peft_adapter",
@@ -71,11 +72,29 @@ _FIRST_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 """PEFT's layer index of a module path without ``layers_pattern``: its first numbered segment."""
 
 
-PEFT_LAYERS_ONLY = ("use_dora", "target_parameters", "trainable_token_indices")
+PEFT_LAYERS_ONLY = ("use_dora", "target_parameters", "trainable_token_indices", "lora_bias")
 """Options only PEFT's own layers run (:func:`load_peft_adapter` refuses them): DoRA's magnitude, LoRA on
 parameters (``target_parameters``: a mixture of experts' 3-D expert tensors, which PEFT's ``all-linear`` adds
-on models whose experts are fused, such as Qwen3-MoE and OLMoE in transformers 5), and trainable tokens
-(``trainable_token_indices``: new embedding rows for the tokens it names, beside the LoRA)."""
+on models whose experts are fused, such as Qwen3-MoE and OLMoE in transformers 5), trainable tokens
+(``trainable_token_indices``: new embedding rows for the tokens it names, beside the LoRA), and a bias on each
+LoRA's up projection (``lora_bias``)."""
+
+
+def merge_peft(adapted: nn.Module) -> nn.Module:
+    """PEFT's ``merge_and_unload`` of the PEFT model ``adapted``: the plain model with its adapters in the weights.
+
+    A layer without a bias of its own under a LoRA with a bias (``lora_bias``), which PEFT refuses to merge, first
+    gets a bias of zeros (the same outputs), so that the merged layer holds the LoRA's scaled bias."""
+    from peft.tuners import lora
+
+    with torch.no_grad():
+        for mod in adapted.modules():
+            if isinstance(mod, lora.LoraLayer) and any(getattr(mod, "lora_bias", {}).values()):
+                base = mod.get_base_layer()
+                if isinstance(base, nn.Linear) and base.bias is None:
+                    base.bias = nn.Parameter(torch.zeros(base.out_features, dtype=base.weight.dtype,
+                                                         device=base.weight.device), requires_grad=False)
+    return adapted.merge_and_unload()
 
 
 def needs_peft_layers(cfg: Mapping[str, Any]) -> list[str]:
@@ -120,6 +139,11 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
                                "itself, export with `flora-graph export MODEL --adapter DIR`, which installs such a "
                                "folder through PEFT, or serve it hot-swappable in a GenAI package "
                                "(`--format genai --adapter NAME=DIR`)"[:700])
+        if key == "lora_bias" and value is True:
+            raise AdapterError(f"{path}: option lora_bias=True (a bias on each LoRA's up projection) is not held by "
+                               "flora_graph's LoRA adapters; capture the PEFT model itself, export with `flora-graph "
+                               "export MODEL --adapter DIR`, which installs such a folder through PEFT, or serve it "
+                               "hot-swappable in a GenAI package (`--format genai --adapter NAME=DIR`)")
         if value not in (default, None, {}, [], False):
             raise AdapterError(f"{path}: option {key}={value!r} is not supported by flora_graph (refused, not ignored)")
     unknown = sorted(k for k in cfg if k not in _KNOWN and cfg[k] not in (None, False, {}, []))

@@ -22,6 +22,10 @@ site's ``x`` is the token ids (int64) and its down projection takes their column
   stack ``[slots, out]``, each row's own), the slot giving ``(1 + d) * (base + delta)``; ``base`` is the layer's
   product without its bias (``adapter-slots`` adds the bias after the slot), and ``d = m / ||W + s B A|| - 1`` per output
   row, zeros for a plain LoRA adapter.
+* ``lora_bias=1`` (a linear slot of one module): a last input ``c`` ``[out]`` (mixed: a stack ``[slots, out]``, each
+  row's own; after a DoRA slot's ``d``), added to the delta: ``base + (delta + c)``, a DoRA slot's
+  ``(1 + d) * (base + delta) + c``. It carries what an adapter adds to the layer's bias (PEFT's ``lora_bias``, a bias
+  it trained, a module trained whole with its bias); zeros for an adapter that adds none.
 * ``LoRAMixedSlot(base, x, A_stack, B_stack, adapter_index)``: per row ``i`` of the batch,
   the adapter ``adapter_index[i]`` of the stacks (``-1``: the last slot, by convention all
   zeros). Linear: ``A_stack`` ``[slots, in, R]`` (``A.T`` per adapter), ``B_stack``
@@ -67,6 +71,7 @@ _ATTRS = {
     "members": AttrSpec("str", ""),  # a packed slot (pack-slots): the members' modules, comma-joined
     "member_outs": AttrSpec("ints", ()),  # and their output sizes, in order
     "dora": AttrSpec("int", 0),  # a linear slot that also takes DoRA's magnitude: d [out] (a stack [slots, out])
+    "lora_bias": AttrSpec("int", 0),  # a linear slot that also takes a bias: c [out] (a stack [slots, out]), last
 }
 
 
@@ -104,13 +109,23 @@ def _experts_ids(shapes, dtypes, what: str, at: int) -> None:
         raise _fail(what, f"an experts slot takes the pairs' expert ids (int [pairs]) as input {at}", shapes)
 
 
-def _dora(shapes, dtypes, attrs, what: str, at: int) -> int:
-    """``1`` for a slot with DoRA's magnitude (input ``at``: ``d`` [out], or a stack ``[slots, out]``), else ``0``."""
-    if not attrs.get("dora"):
-        return 0
-    if attrs["kind"] != "linear" or attrs.get("members"):
-        raise _fail(what, "only a linear slot of one module takes a DoRA magnitude", shapes)
-    return 1
+_EXTRA_WHAT = {"dora": "DoRA magnitude", "lora_bias": "bias"}
+
+
+def _extras(shapes, attrs, what: str) -> tuple[str, ...]:
+    """The vectors a linear slot of one module takes after its other inputs, in order: ``"dora"`` (DoRA's magnitude
+    ``d``) and ``"lora_bias"`` (a bias ``c``), each ``[out]`` (a stack ``[slots, out]``)."""
+    extras = tuple(k for k in ("dora", "lora_bias") if attrs.get(k))
+    if extras and (attrs["kind"] != "linear" or attrs.get("members")):
+        raise _fail(what, f"only a linear slot of one module takes a {' or a '.join(_EXTRA_WHAT[k] for k in extras)}",
+                    shapes)
+    return extras
+
+
+def _extra_names(extras: tuple[str, ...], stacks: bool = False) -> str:
+    """`` and the DoRA magnitude and the bias`` (``stacks``: ``... magnitudes' stack ... biases' stack``)."""
+    plural = {"DoRA magnitude": "DoRA magnitudes' stack", "bias": "biases' stack"}
+    return "".join(f" and the {plural[_EXTRA_WHAT[k]] if stacks else _EXTRA_WHAT[k]}" for k in extras)
 
 
 def _infer_slot(shapes, dtypes, attrs):
@@ -127,12 +142,13 @@ def _infer_slot(shapes, dtypes, attrs):
         if tuple(base) != tuple(want):
             raise _fail(what, f"base {format_shape(base)} is not the layer's output {format_shape(want)}", shapes)
         return tuple(base), dtype
-    dora = _dora(shapes, dtypes, attrs, what, 4)
-    if len(shapes) != 4 + dora:
-        raise _fail(what, "takes base, x, A and B" + (" and the DoRA magnitude" if dora else ""), shapes)
+    extras = _extras(shapes, attrs, what)
+    if len(shapes) != 4 + len(extras):
+        raise _fail(what, "takes base, x, A and B" + _extra_names(extras), shapes)
     dtype = _float(dtypes[:1] + dtypes[2:] if embedding else dtypes, what)
-    if dora and tuple(shapes[4]) != (b[0],):
-        raise _fail(what, f"its DoRA magnitude must be [out] = [{b[0]}]", shapes)
+    for k, extra in enumerate(extras):
+        if tuple(shapes[4 + k]) != (b[0],):
+            raise _fail(what, f"its {_EXTRA_WHAT[extra]} must be [out] = [{b[0]}]", shapes)
     if attrs["kind"] == "linear":
         if len(x) < 1 or len(a) != 2 or len(b) != 2 or x[-1] != a[1] or b[1] != a[0]:
             raise _fail(what, "want x [..., in], A [rank, in], B [out, rank]", shapes)
@@ -174,15 +190,16 @@ def _infer_mixed(shapes, dtypes, attrs):
     what = f"LoRAMixedSlot of module {attrs['module']!r}"
     if attrs["kind"] == "experts":
         return _infer_mixed_experts(shapes, dtypes, what)
-    dora = _dora(shapes, dtypes, attrs, what, 5)
-    if len(shapes) != 5 + dora:
-        raise _fail(what, "takes base, x, the A and B stacks and adapter_index"
-                    + (" and the DoRA magnitudes' stack" if dora else ""), shapes)
+    extras = _extras(shapes, attrs, what)
+    if len(shapes) != 5 + len(extras):
+        raise _fail(what, "takes base, x, the A and B stacks and adapter_index" + _extra_names(extras, stacks=True),
+                    shapes)
     base, x, a, b, idx = shapes[:5]
-    if dora and (len(shapes[5]) != 2 or shapes[5][0] != a[0] or shapes[5][1] != b[2]):
-        raise _fail(what, "its DoRA magnitudes' stack must be [slots, out]", shapes)
+    for k, extra in enumerate(extras):
+        if len(shapes[5 + k]) != 2 or shapes[5 + k][0] != a[0] or shapes[5 + k][1] != b[2]:
+            raise _fail(what, f"its {_extra_names((extra,), stacks=True)[9:]} must be [slots, out]", shapes)
     embedding = attrs["kind"] == "embedding"
-    dtype = _float(dtypes[:4] + dtypes[5:] if dora else dtypes[:1] + dtypes[2:4] if embedding else dtypes[:4], what)
+    dtype = _float(dtypes[:4] + dtypes[5:] if extras else dtypes[:1] + dtypes[2:4] if embedding else dtypes[:4], what)
     if dtypes[4] != "int64" or len(idx) != 1:
         raise ShapeError(f"{what}: adapter_index must be int64 [batch], got {dtypes[4]}{format_shape(idx)}")
     if len(a) != 3 or len(b) != 3 or a[0] != b[0]:
@@ -238,12 +255,13 @@ def _pair_slots(index: np.ndarray, pairs: int) -> np.ndarray:
 
 
 def _numpy_slot(base, x, a, b, *extra, module, kind, kernel, stride, padding, dilation, members="", member_outs=(),
-                dora=0) -> np.ndarray:
+                dora=0, lora_bias=0) -> np.ndarray:
     if kind == "experts":  # extra: the pairs' ids
         return _numpy_experts(base, x, a, b, extra[0])
     if kind == "linear":
         s1 = base + (x @ a.T) @ b.T
-        return s1 + extra[0] * s1 if dora else s1  # DoRA (extra: d): (1 + d) * (base + delta), base without its bias
+        s1 = s1 + extra[0] * s1 if dora else s1  # DoRA (extra: d): (1 + d) * (base + delta), base without its bias
+        return s1 + extra[-1] if lora_bias else s1  # the bias c, last
     if kind == "embedding":
         return base + a.T[x] @ b.T
     p = _patches(x, kernel, stride, padding, dilation)
@@ -252,7 +270,7 @@ def _numpy_slot(base, x, a, b, *extra, module, kind, kernel, stride, padding, di
 
 
 def _numpy_mixed(base, x, a, b, index, *extra, module, kind, kernel, stride, padding, dilation, members="",
-                 member_outs=(), dora=0) -> np.ndarray:
+                 member_outs=(), dora=0, lora_bias=0) -> np.ndarray:
     if kind == "experts":  # a pair's expert (extra: the ids) of its row's adapter, the stacks as [slots*experts, ...]
         experts = a.shape[1]
         comb = _pair_slots(index, x.shape[0]) * experts + extra[0]  # -1 (no adapter): the zero slot, from the end
@@ -264,9 +282,10 @@ def _numpy_mixed(base, x, a, b, index, *extra, module, kind, kernel, stride, pad
         return base + (rows @ bg).reshape(base.shape)
     if kind == "linear":
         s1 = base + ((_rows(x) @ ag) @ bg).reshape(base.shape)
-        if dora:  # each row's own magnitude (extra: the stack of d), over its positions
-            s1 = s1 + extra[0][index].reshape(len(index), *[1] * (base.ndim - 2), -1) * s1
-        return s1
+        lead = (len(index), *[1] * (base.ndim - 2), -1)  # each row's own vector, over its positions
+        if dora:  # extra: the stack of d
+            s1 = s1 + extra[0][index].reshape(lead) * s1
+        return s1 + extra[-1][index].reshape(lead) if lora_bias else s1  # the stack of c, last
     p = _patches(x, kernel, stride, padding, dilation)
     n, c, taps, cols = x.shape[0], x.shape[1], kernel[0] * kernel[1], p.shape[2]
     p = p.reshape(n, c, taps, cols).transpose(0, 2, 1, 3).reshape(n, taps * c, cols)  # taps major: (i, j, c)
@@ -274,14 +293,16 @@ def _numpy_mixed(base, x, a, b, index, *extra, module, kind, kernel, stride, pad
 
 
 # --------------------------------------------------------------------------- ONNX
-def _add(ctx: Any, base: str, delta: str, out: str, magnitude: str | None = None) -> None:
-    """``base + delta`` into ``out``; with DoRA's ``magnitude`` ``d``, ``(base + delta) + d * (base + delta)`` (the last
-    ``Add`` reads the slot's sum and a value of its weights, as :mod:`~flora_graph.serving.base_branch` expects)."""
+def _add(ctx: Any, base: str, delta: str, out: str, magnitude: str | None = None, bias: str | None = None) -> None:
+    """``base + delta`` into ``out``; with DoRA's ``magnitude`` ``d``, ``(base + delta) + d * (base + delta)``; with a
+    ``bias`` ``c`` added to the part that reads the weights (``base + (delta + c)``, ``s1 + (d * s1 + c)``): the last
+    ``Add`` reads the slot's sum and a value of its weights, as :mod:`~flora_graph.serving.base_branch` expects."""
     if magnitude is None:
-        ctx.emit("Add", [base, delta], [out])
+        ctx.emit("Add", [base, delta if bias is None else ctx.emit("Add", [delta, bias])], [out])
         return
     s1 = ctx.emit("Add", [base, delta])
-    ctx.emit("Add", [s1, ctx.emit("Mul", [magnitude, s1])], [out])
+    scaled = ctx.emit("Mul", [magnitude, s1])
+    ctx.emit("Add", [s1, scaled if bias is None else ctx.emit("Add", [scaled, bias])], [out])
 
 
 def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
@@ -306,7 +327,8 @@ def _onnx_slot(ctx: Any, node: ComputationNode, out: str) -> None:
     else:
         h = ctx.emit("MatMul", [x, ctx.emit("Transpose", [a], perm=[1, 0])])
         delta = ctx.emit("MatMul", [h, ctx.emit("Transpose", [b], perm=[1, 0])])
-    _add(ctx, base, delta, out, ctx.arg(node, 4) if attrs.get("dora") else None)
+    _add(ctx, base, delta, out, ctx.arg(node, 4) if attrs.get("dora") else None,
+         ctx.arg(node, len(node.inputs) - 1) if attrs.get("lora_bias") else None)
 
 
 def _onnx_experts(ctx: Any, node: ComputationNode, base: str, x: str, a: str, b: str, ids: str, out: str) -> None:
@@ -390,7 +412,7 @@ def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
     if node.attrs["kind"] == "conv":  # [batch, out, R] @ ([batch, R, kkC] @ [batch, kkC, H'W'])
         d = ctx.emit("MatMul", [bg, ctx.emit("MatMul", [ag, _onnx_patches(ctx, node, x)])])
     elif len(node.inputs[1].shape) == 3:  # [batch, seq, in] @ [batch, in, R] @ [batch, R, out]: the base's shape
-        _add(ctx, base, ctx.emit("MatMul", [ctx.emit("MatMul", [x, ag]), bg]), out, _row_magnitudes(ctx, node, idx))
+        _add(ctx, base, ctx.emit("MatMul", [ctx.emit("MatMul", [x, ag]), bg]), out, *_row_extras(ctx, node, idx))
         return
     else:  # [batch, rows, in] @ [batch, in, R] @ [batch, R, out]
         d_in = node.inputs[1].shape[-1]
@@ -403,19 +425,27 @@ def _onnx_mixed(ctx: Any, node: ComputationNode, out: str) -> None:
         target = ctx.constant(np.array([0, *rest], np.int64), f"{module}/delta/shape")
     else:
         target = ctx.emit("Shape", [ctx.value(like)])
-    _add(ctx, base, ctx.emit("Reshape", [d, target]), out, _row_magnitudes(ctx, node, idx))
+    _add(ctx, base, ctx.emit("Reshape", [d, target]), out, *_row_extras(ctx, node, idx))
 
 
-def _row_magnitudes(ctx: Any, node: ComputationNode, idx: str) -> str | None:
-    """A DoRA slot's rows' magnitudes ``[batch, 1, ..., out]`` (each row's of the stack, over its positions)."""
-    if not node.attrs.get("dora"):
-        return None
-    rows = ctx.emit("Gather", [ctx.arg(node, 5), idx], axis=0)  # [batch, out]
-    rank = len(node.inputs[0].shape)
-    if rank <= 2:
-        return rows
-    axes = ctx.constant(np.arange(1, rank - 1, dtype=np.int64), f"{node.attrs['module']}/magnitude_axes")
-    return ctx.emit("Unsqueeze", [rows, axes])
+def _row_extras(ctx: Any, node: ComputationNode, idx: str) -> tuple[str | None, str | None]:
+    """A slot's rows' DoRA magnitudes and biases (``None`` where it takes none), each ``[batch, 1, ..., out]``: each
+    row's of its stack, over its positions."""
+    found: list[str | None] = []
+    at = 5
+    for key in ("dora", "lora_bias"):
+        if not node.attrs.get(key):
+            found.append(None)
+            continue
+        rows = ctx.emit("Gather", [ctx.arg(node, at), idx], axis=0)  # [batch, out]
+        at += 1
+        rank = len(node.inputs[0].shape)
+        if rank > 2:
+            axes = ctx.once(("lora-row-axes", rank), lambda rank=rank: ctx.constant(
+                np.arange(1, rank - 1, dtype=np.int64), f"lora_row_axes_{rank}"))
+            rows = ctx.emit("Unsqueeze", [rows, axes])
+        found.append(rows)
+    return found[0], found[1]
 
 
 def _onnx_mixed_embedding(ctx: Any, node: ComputationNode, out: str) -> None:
@@ -458,7 +488,8 @@ def _torch_slot(node: ComputationNode, args: list[str]) -> str:
         return _torch_experts(base, x, a, b, args[4])
     if node.attrs["kind"] == "linear":
         summed = f"{base} + F.linear(F.linear({x}, {a}), {b})"
-        return f"(1 + {args[4]}) * ({summed})" if node.attrs.get("dora") else summed
+        summed = f"(1 + {args[4]}) * ({summed})" if node.attrs.get("dora") else summed
+        return f"{summed} + {args[-1]}" if node.attrs.get("lora_bias") else summed
     if node.attrs["kind"] == "embedding":
         return f"{base} + F.linear(F.embedding({x}, {a}.t()), {b})"
     # im2col + matmul rather than conv2d, which refuses a weight of 0 output channels (rank 0)
@@ -481,23 +512,25 @@ def _torch_mixed(node: ComputationNode, args: list[str]) -> str:
     if node.attrs["kind"] == "linear":
         rows = f"{x}.unsqueeze(1)" if len(node.inputs[1].shape) == 2 else f"{x}.flatten(1, -2)"
         summed = f"{base} + torch.matmul(torch.matmul({rows}, {ag}), {bg}).reshape_as({base})"
-        if not node.attrs.get("dora"):
-            return summed
         lead = ", ".join(["-1"] + ["1"] * (len(node.inputs[0].shape) - 2))
-        return f"(1 + {args[5]}[{idx}].reshape([{lead}, {args[5]}.shape[1]])) * ({summed})"
+        if node.attrs.get("dora"):
+            summed = f"(1 + {args[5]}[{idx}].reshape([{lead}, {args[5]}.shape[1]])) * ({summed})"
+        if node.attrs.get("lora_bias"):
+            summed = f"{summed} + {args[-1]}[{idx}].reshape([{lead}, {args[-1]}.shape[1]])"
+        return summed
     c, (kh, kw) = node.inputs[1].shape[1], node.attrs["kernel"]
     patches = f"{_unfold(x, node.attrs)}.unflatten(1, [{c}, {kh * kw}]).transpose(1, 2).flatten(1, 2)"
     return f"{base} + torch.matmul({bg}, torch.matmul({ag}, {patches})).reshape_as({base})"
 
 
 define(
-    "LORA_SLOT", "LoRASlot", (4, 5), _ATTRS,  # experts: + ids; DoRA: + magnitude
+    "LORA_SLOT", "LoRASlot", (4, 6), _ATTRS,  # experts: + ids; DoRA: + magnitude; + bias
     infer=_infer_slot, doc="base + up(down(x, A), B): a LoRA site whose A, B (scale folded) are inputs.",
     numpy=_numpy_slot, onnx=_onnx_slot, torch=_torch_slot, groups=["Adapter"],
 )
 
 define(
-    "LORA_MIXED_SLOT", "LoRAMixedSlot", (5, 6), _ATTRS,
+    "LORA_MIXED_SLOT", "LoRAMixedSlot", (5, 7), _ATTRS,
     infer=_infer_mixed, doc="base + up(down(x, A[i]), B[i]) per batch row, i = adapter_index[row] into stacks.",
     numpy=_numpy_mixed, onnx=_onnx_mixed, torch=_torch_mixed, groups=["Adapter"],
 )

@@ -50,9 +50,22 @@ from flora_graph.passes.param_lora import split_param_lora
 from flora_graph.passes.rewrite import eval_static, schedule
 
 __all__ = [
-    "INDEX_INPUT", "LORA_ROLES", "SLOTS_DIM", "SLOT_KINDS", "SLOT_OPS", "adapter_slots", "drop_unread_inputs", "lora_sites",
+    "INDEX_INPUT",
+    "LORA_ROLES",
+    "SLOTS_DIM",
+    "SLOT_KINDS",
+    "SLOT_OPS",
+    "adapter_slots",
+    "bias_name",
+    "drop_unread_inputs",
+    "lora_sites",
     "magnitude_name",
-    "own_weights", "rank_dim", "rewire", "slot_inputs", "slot_nodes", "weight_names",
+    "own_weights",
+    "rank_dim",
+    "rewire",
+    "slot_inputs",
+    "slot_nodes",
+    "weight_names",
 ]
 
 SLOT_KINDS = ("swappable", "mixed")
@@ -69,6 +82,12 @@ LORA_ROLES = frozenset({"base", "lora_down", "lora_up", "lora_scale", "lora_add"
 def magnitude_name(module: str, slots: str = "swappable") -> str:
     """Input name of a DoRA slot's magnitude ``d`` (``<module>.lora_magnitude``; ``.stack`` for mixed slots)."""
     return f"{module}.lora_magnitude" + ("" if slots == "swappable" else ".stack")
+
+
+def bias_name(module: str, slots: str = "swappable") -> str:
+    """Input name of a slot's bias ``c``, what an adapter adds to the layer's bias (``<module>.lora_bias``; ``.stack``
+    for mixed slots)."""
+    return f"{module}.lora_bias" + ("" if slots == "swappable" else ".stack")
 
 
 def weight_names(module: str, slots: str = "swappable") -> tuple[str, str]:
@@ -339,33 +358,37 @@ def slot_inputs(graph: Graph, module: str, kind: str, in_dims: tuple[int, ...], 
     return made[0], made[1]
 
 
-def _dora_sites(sites: list[_Site], dora: Iterable[str]) -> None:
-    """Mark the sites of the ``dora`` modules (and converted DoRA slots) as DoRA slots; refuse a module that is no
-    linear site of its own. A module without a site here is left alone (an encoder-decoder's other graph has it)."""
-    want = set(dora)
-    for s in sites:
-        if s.module in want or s.attrs.get("dora"):
-            if s.kind != "linear" or s.attrs.get("members"):
-                raise AdapterError(f"module {s.module!r}: DoRA's magnitude rescales a linear layer's rows; its "
-                                   f"{s.kind} slot cannot take one")
-            s.attrs["dora"] = 1
+def _vector_sites(sites: list[_Site], dora: Iterable[str], bias: Iterable[str]) -> None:
+    """Mark the sites of the ``dora`` modules (and converted DoRA slots) as DoRA slots, and those of the ``bias``
+    modules (and converted slots with a bias) as slots with a bias; refuse a module that is no linear site of its own.
+    A module without a site here is left alone (an encoder-decoder's other graph has it)."""
+    for key, want, why in (("dora", set(dora), "DoRA's magnitude rescales a linear layer's rows"),
+                           ("lora_bias", set(bias), "an adapter's bias adds to a linear layer's outputs")):
+        for s in sites:
+            if s.module in want or s.attrs.get(key):
+                if s.kind != "linear" or s.attrs.get("members"):
+                    raise AdapterError(f"module {s.module!r}: {why}; its {s.kind} slot cannot take one")
+                s.attrs[key] = 1
 
 
-def _magnitude_input(graph: Graph, module: str, out: int, dtype: str, slots: str) -> ComputationNode:
-    """A DoRA slot's magnitude input, ``d = m / ||W + s B A|| - 1`` per output row (``[out]``, a stack ``[slots,
-    out]``), zeros by default: no rescaling."""
+def _vector_input(graph: Graph, module: str, name: str, out: int, dtype: str, slots: str) -> ComputationNode:
+    """A slot's vector input ``[out]`` (a stack ``[slots, out]``), zeros by default: a DoRA slot's magnitude
+    ``d = m / ||W + s B A|| - 1`` per output row (no rescaling), a slot's bias (none added)."""
     dims = (out,) if slots == "swappable" else (SLOTS_DIM, out)
     default = np.zeros([1 if isinstance(d, str) else d for d in dims], dtype)
-    return _input(graph, module, magnitude_name(module, slots), dims, dtype, default)
+    return _input(graph, module, name, dims, dtype, default)
 
 
 @register_pass("adapter-slots")
-def adapter_slots(graph: Graph, *, slots: str = "swappable", dora: Iterable[str] = ()) -> PassResult:
+def adapter_slots(graph: Graph, *, slots: str = "swappable", dora: Iterable[str] = (),
+                  bias: Iterable[str] = ()) -> PassResult:
     """Make every LoRA site (and every slot of the other kind) a ``slots`` slot; stats ``slots`` lists the modules.
 
     ``dora``: modules whose slots also take DoRA's magnitude (a weight-decomposed adapter, PEFT's ``use_dora``):
     the slot reads the layer's product without its bias and gives ``(1 + d) * (base + delta)``, the bias added
-    after; an adapter without DoRA leaves ``d`` at its default, zeros."""
+    after; an adapter without DoRA leaves ``d`` at its default, zeros. ``bias``: modules whose slots also take a
+    bias ``c`` (:func:`bias_name`), added to their output: what an adapter adds to the layer's bias (PEFT's
+    ``lora_bias``, a trained bias); an adapter without one leaves ``c`` at its default, zeros."""
     t0 = time.perf_counter()
     if slots not in SLOT_KINDS:
         raise ValueError(f"adapter-slots: slots={slots!r}; expected one of {list(SLOT_KINDS)}")
@@ -386,7 +409,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable", dora: Iterable[str]
     stats: dict[str, Any] = {"fired": {}, "refused": {}, "slots": list(dict.fromkeys(s.module for s in sites))}
     if not sites:
         return PassResult(graph, False, {**stats, "time_s": time.perf_counter() - t0})
-    _dora_sites(sites, dora)
+    _vector_sites(sites, dora, bias)
     batch, layout = _check_rows(graph, sites) if slots == "mixed" else (None, {})
     # 1. detach each site behind a placeholder, so its branch (and its weights' names) leave the graph
     holders = {s.root: graph.add(Op.IDENTITY, [s.base], name=f"{s.module}.lora_slot_pending") for s in sites}
@@ -401,8 +424,9 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable", dora: Iterable[str]
     for s in sites:
         if s.module not in weights:
             weights[s.module] = slot_inputs(graph, s.module, s.kind, s.in_dims, s.out, s.dtype, slots)
-            if s.attrs.get("dora"):
-                weights[s.module] += (_magnitude_input(graph, s.module, s.out, s.dtype, slots),)
+            for key, name in (("dora", magnitude_name), ("lora_bias", bias_name)):
+                if s.attrs.get(key):
+                    weights[s.module] += (_vector_input(graph, s.module, name(s.module, slots), s.out, s.dtype, slots),)
         a, b = weights[s.module][:2]
         ins = [holders.get(s.base, s.base), holders.get(s.x, s.x), a, b]  # x may be another site: its holder for now
         bias = None
@@ -415,7 +439,7 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable", dora: Iterable[str]
             ins.append(index)
         if s.ids is not None:
             ins.append(holders.get(s.ids, s.ids))
-        ins.extend(weights[s.module][2:])  # a DoRA slot's magnitude
+        ins.extend(weights[s.module][2:])  # a DoRA slot's magnitude, a slot's bias
         try:
             if s.module in layout:  # rows as [batch, seq, f] for the slot, and back
                 if layout[s.module] == "flat":  # from [batch*seq, f]

@@ -12,7 +12,8 @@ ONNX Runtime runs as one fused kernel).
 ``slots="swappable"`` (or ``"mixed"``) runs ``adapter-slots`` once before the preset: every
 LoRA site becomes an adapter slot whose weights are graph inputs, which no pass of any
 preset touches, so every adapter stays swappable through ``fused`` and ``merged`` alike
-(``dora=[modules]``: those modules' slots also take DoRA's magnitude).
+(``dora=[modules]``: those modules' slots also take DoRA's magnitude; ``bias=[modules]``: a bias added to their
+output).
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ def _plan(preset: str | Sequence[str | PassFn], options: dict[str, Any]) -> tupl
     skip = {skip} if isinstance(skip, str) else set(skip)
     passes = [p for p in passes if not (isinstance(p, str) and p in skip)]
     fns = [get_pass(p)[1] for p in passes]
-    unknown = sorted(k for k in options if k not in _OWN_OPTIONS and k not in ("slots", "dora")
+    unknown = sorted(k for k in options if k not in _OWN_OPTIONS and k not in ("slots", "dora", "bias")
                      and not any(k in accepted_options(f, {k: 0}) for f in fns))
     if unknown:
         raise TypeError(f"option(s) {unknown} are not accepted by any pass of {[get_pass(p)[0] for p in passes]}")
-    pass_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS and k != "dora"}
+    pass_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS and k not in ("dora", "bias")}
     if isinstance(fbd, str):  # fuse_base_and_down="Conv2d": that op's sites alone
         pass_options["only"] = fbd
     return passes, pass_options
@@ -95,19 +96,19 @@ def optimize_with_report(graph: Graph, preset: str | Sequence[str | PassFn] = "f
     pipeline = Pipeline(passes, verify_each=verify_each, max_iterations=int(options.get("max_iterations", 10)),
                         options=pass_options, on_pass=options.get("on_pass"))
     work = graph.copy(share_weights=True)  # copy-on-write: passes never write a weight
-    first = _make_slots(work, options["slots"], verify_each, options.get("on_pass"), options.get("dora", ())) \
-        if options.get("slots") else None
+    first = _make_slots(work, options["slots"], verify_each, options.get("on_pass"), options.get("dora", ()),
+                        options.get("bias", ())) if options.get("slots") else None
     out, report = pipeline.run(work)
     if first is not None:
         report.records.insert(0, first)
     return out, report
 
 
-def _make_slots(graph: Graph, slots: str, verify_each: bool, on_pass: Any, dora: Any = ()) -> PassRecord:
+def _make_slots(graph: Graph, slots: str, verify_each: bool, on_pass: Any, dora: Any = (), bias: Any = ()) -> PassRecord:
     """Run ``adapter-slots`` once, before the pipeline (its typed errors reach the caller as they are)."""
     before = sum(1 for n in graph.nodes if n.op not in (Op.INPUT, Op.CONST))
     t0 = time.perf_counter()
-    result = adapter_slots(graph, slots=slots, dora=dora)
+    result = adapter_slots(graph, slots=slots, dora=dora, bias=bias)
     if verify_each:
         verify(graph)
     after = sum(1 for n in graph.nodes if n.op not in (Op.INPUT, Op.CONST))

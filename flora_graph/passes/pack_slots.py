@@ -61,8 +61,8 @@ def _groups(graph: Graph) -> tuple[dict[tuple, list[ComputationNode]], dict[str,
     refused: dict[str, str] = {}
     for n in graph.nodes:
         if n.op not in OpGroup.Adapter or n.attrs.get("kind") != "linear" or n.attrs.get("members") \
-                or n.attrs.get("dora"):  # a DoRA slot's magnitude rescales its own rows: not packed
-            continue
+                or n.attrs.get("dora") or n.attrs.get("lora_bias"):
+            continue  # a DoRA slot's magnitude rescales its own rows, a slot's bias adds to them: not packed
         base, x = n.inputs[0], n.inputs[1]
         why = None
         if base.op is not Op.LINEAR or base.inputs[0] is not x:

@@ -139,7 +139,7 @@ def branch_on_adapter(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ServingError(f"model {model.graph.name!r}: only a swappable export with slots branches on an adapter "
                            f"(it is {kind!r} with {len(slots)} slot(s))")
     graph = model.graph
-    weights = {n for s in slots for n in (s.a_name, s.b_name, *((s.m_name,) if s.dora else ()))}
+    weights = {n for s in slots for n in (s.a_name, s.b_name, *s.vector_names)}
     slot_nodes, sums = _slot_parts(graph, weights)
     if len(sums) < len(slots):  # a module that runs twice has two sums
         raise ServingError(f"model {graph.name!r}: found {len(sums)} slot sum(s) (Add of a base output and a "

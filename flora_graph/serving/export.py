@@ -36,7 +36,14 @@ from onnx import helper
 
 from flora_graph.errors import AdapterError
 from flora_graph.ir import Graph
-from flora_graph.passes.adapter_slots import INDEX_INPUT, SLOTS_DIM, adapter_slots, magnitude_name, weight_names
+from flora_graph.passes.adapter_slots import (
+    INDEX_INPUT,
+    SLOTS_DIM,
+    adapter_slots,
+    bias_name,
+    magnitude_name,
+    weight_names,
+)
 from flora_graph.runtimes.onnx_lowering import DEFAULT_OPSET, add_initializer, lower
 from flora_graph.runtimes.onnx_writer import save_lowered
 from flora_graph.serving.errors import ServingError
@@ -52,8 +59,10 @@ def stack_names(slot: LoRASlot) -> tuple[str, str]:
 
 
 def stacked_inputs(slot: LoRASlot) -> tuple[str, ...]:
-    """Every stacked input of a slot in the mixed export: ``A``, ``B`` and a DoRA slot's magnitudes."""
-    return (*stack_names(slot), *((magnitude_name(slot.module, "mixed"),) if slot.dora else ()))
+    """Every stacked input of a slot in the mixed export: ``A``, ``B``, a DoRA slot's magnitudes and a slot's biases
+    (in the order of :attr:`~flora_graph.serving.slots.LoRASlot.vector_names`)."""
+    return (*stack_names(slot), *((magnitude_name(slot.module, "mixed"),) if slot.dora else ()),
+            *((bias_name(slot.module, "mixed"),) if slot.lora_bias else ()))
 
 
 def slotted(graph: Graph, slots: str = "swappable") -> Graph:

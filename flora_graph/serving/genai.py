@@ -591,12 +591,13 @@ def _fit_config(doc: dict[str, Any], model: Any) -> None:
 
 
 def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:
-    """``model`` with the PEFT folder ``folder`` merged into its weights by PEFT (``merge_and_unload``)."""
+    """``model`` with the PEFT folder ``folder`` merged into its weights by PEFT (:func:`~flora_graph.adapters.peft.merge_peft`)."""
+    from flora_graph.adapters.peft import merge_peft
     from flora_graph.serving.slots import peft_installed
 
     say(f"merging {folder} into the base weights")
     adapted = peft_installed(model, folder, "merge")
-    return adapted.merge_and_unload().eval()
+    return merge_peft(adapted).eval()
 
 
 def install_sites(model: Any, params: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -618,11 +619,15 @@ def install_sites(model: Any, params: Mapping[str, Mapping[str, Any]]) -> list[s
 
 def slot_options(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """``optimize`` options that make the slots of the adapters ``params``: none without adapters; the modules of a
-    DoRA adapter (a ``lora_magnitude`` among its weights) take its magnitude."""
+    DoRA adapter (a ``lora_magnitude`` among its weights) take its magnitude, those of an adapter with a bias (a
+    ``lora_bias``) a bias."""
     if not any(params.values()):
         return {}
-    dora = sorted({k.removesuffix(".lora_magnitude") for p in params.values() for k in p if k.endswith(".lora_magnitude")})
-    return {"slots": "swappable", "dora": dora}
+
+    def having(suffix: str) -> list[str]:
+        return sorted({k.removesuffix(suffix) for p in params.values() for k in p if k.endswith(suffix)})
+
+    return {"slots": "swappable", "dora": having(".lora_magnitude"), "bias": having(".lora_bias")}
 
 
 def _adapter_params(model: Any, adapters: Mapping[str, str | Path], say: Callable[[str], None],

@@ -54,7 +54,7 @@ def stack_adapters(slots: Sequence[LoRASlot], adapters: Sequence[Mapping[str, np
     Per slot, ``R`` is the largest rank any adapter gives the module (at least 1) and there
     are ``len(adapters) + 1`` slots, the last all zeros (index ``-1``). A ``Linear`` slot
     stacks ``A.T`` as ``[slots, in, R]`` and ``B.T`` as ``[slots, R, out]`` (an ``Embedding``: ``in`` the vocabulary), and
-    a DoRA slot its magnitudes as ``[slots, out]``; an experts slot ``A`` as ``[slots, experts, R, in]`` and ``B`` as
+    a DoRA slot its magnitudes, a slot with a bias its biases, as ``[slots, out]``; an experts slot ``A`` as ``[slots, experts, R, in]`` and ``B`` as
     ``[slots, experts, out, R]``; a ``Conv2d`` slot ``A`` as ``[slots, R, kh*kw*C]`` (taps major, the patch order of
     the export) and ``B`` as ``[slots, out, R]``. Lower
     ranks are zero-padded, which adds exact zeros; an adapter without a module is zeros there.
@@ -90,12 +90,12 @@ def stack_adapters(slots: Sequence[LoRASlot], adapters: Sequence[Mapping[str, np
                 a[k, :, :rk] = pa.T
                 b[k, :rk, :] = pb.T
         out[a_name], out[b_name] = a, b
-        if s.dora:  # each adapter's magnitude d (zeros: an adapter without DoRA, and the zero slot)
-            m = np.zeros((n, s.out), dt)
+        for name, stack in zip(s.vector_names, stacked_inputs(s)[2:], strict=True):
+            m = np.zeros((n, s.out), dt)  # each adapter's magnitude d or bias c (zeros: an adapter without, the zero slot)
             for k, p in enumerate(adapters):
-                if s.m_name in p:
-                    m[k] = p[s.m_name]
-            out[stacked_inputs(s)[2]] = m
+                if name in p:
+                    m[k] = p[name]
+            out[stack] = m
     return out
 
 

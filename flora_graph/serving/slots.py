@@ -27,7 +27,15 @@ import numpy as np
 
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.ir import ComputationNode, Graph
-from flora_graph.passes.adapter_slots import lora_sites, magnitude_name, own_weights, rank_dim, slot_nodes, weight_names
+from flora_graph.passes.adapter_slots import (
+    bias_name,
+    lora_sites,
+    magnitude_name,
+    own_weights,
+    rank_dim,
+    slot_nodes,
+    weight_names,
+)
 from flora_graph.runtimes.reference import to_array
 from flora_graph.serving.errors import AdapterFileError, ServingError
 
@@ -85,6 +93,7 @@ class LoRASlot:
     members: tuple[str, ...] = ()  # a packed slot (the pack-slots pass): the modules it stands for
     member_outs: tuple[int, ...] = ()  # and their output sizes (B is block-diagonal over them)
     dora: bool = False  # a linear slot that also takes DoRA's magnitude (param m_name, [out])
+    lora_bias: bool = False  # a linear slot that also takes a bias (param c_name, [out])
 
     @property
     def a_name(self) -> str:
@@ -100,6 +109,16 @@ class LoRASlot:
     def m_name(self) -> str:
         """Parameter (and ONNX input) name of a DoRA slot's magnitude ``d = m / ||W + s B A|| - 1`` (``[out]``)."""
         return magnitude_name(self.module)
+
+    @property
+    def c_name(self) -> str:
+        """Parameter (and ONNX input) name of a slot's bias ``c``, what an adapter adds to the layer's bias (``[out]``)."""
+        return bias_name(self.module)
+
+    @property
+    def vector_names(self) -> tuple[str, ...]:
+        """The ``[out]`` parameters the slot takes besides ``A`` and ``B``: :attr:`m_name` (DoRA), :attr:`c_name`."""
+        return (*((self.m_name,) if self.dora else ()), *((self.c_name,) if self.lora_bias else ()))
 
     @property
     def rank_dim(self) -> str:
@@ -126,7 +145,7 @@ class LoRASlot:
             members = tuple(m for m in str(a.get("members", "")).split(",") if m)
             return cls(a["module"], "linear", (int(x.shape[-1]),), int(base.shape[-1]), (), node.dtype,
                        members=members, member_outs=tuple(int(o) for o in a.get("member_outs", ())) if members else (),
-                       dora=bool(a.get("dora")))
+                       dora=bool(a.get("dora")), lora_bias=bool(a.get("lora_bias")))
         if a["kind"] == "experts":  # A [experts, rank, in], or its stack [slots, experts, R, in]
             experts = node.inputs[2].shape[0 if len(node.inputs[2].shape) == 3 else 1]
             return cls(a["module"], "experts", (int(experts), int(x.shape[-1])), int(base.shape[-1]), (), node.dtype)
@@ -152,8 +171,9 @@ class LoRASlot:
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: {exc}") from None
         if slot.kind not in ("linear", "conv", "embedding", "experts") or not isinstance(slot.module, str) or not isinstance(slot.out, int):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}")
-        if not isinstance(slot.dora, bool) or (slot.dora and slot.kind != "linear"):
-            raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: dora must be a bool, on a linear slot")
+        for key in ("dora", "lora_bias"):
+            if not isinstance(getattr(slot, key), bool) or (getattr(slot, key) and slot.kind != "linear"):
+                raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: {key} must be a bool, on a linear slot")
         if slot.members and (len(slot.members) != len(slot.member_outs) or sum(slot.member_outs) != slot.out):
             raise ServingError(f"malformed LoRA slot entry {dict(d)!r}: member outputs do not add up to out")
         return slot
@@ -239,8 +259,8 @@ def param_spec(slots: Sequence[LoRASlot], flag: bool = False) -> ParamSpec:
         dt = np.dtype(s.dtype)
         spec[s.a_name] = (s.a_shape(s.rank_dim), dt)
         spec[s.b_name] = (s.b_shape(s.rank_dim), dt)
-        if s.dora:
-            spec[s.m_name] = ((s.out,), dt)
+        for name in s.vector_names:
+            spec[name] = ((s.out,), dt)
     spec.packs = tuple(s for s in slots if s.members)
     return spec
 
@@ -435,8 +455,9 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     refuses what it cannot, a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
     saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
     itself is not touched. A folder that only PEFT's own layers hold (``target_parameters``: LoRA on expert
-    tensors; ``use_dora``; ``trainable_token_indices``; ``modules_to_save``) is read through them instead:
-    :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
+    tensors; ``use_dora``; ``trainable_token_indices``; ``modules_to_save``; ``lora_bias``; biases it trained,
+    ``bias="all"`` / ``"lora_only"``) is read through them instead: :func:`params_through_peft` (``saved``, a list,
+    gets the paths of the modules it trains whole).
     """
     import copy
 
@@ -444,7 +465,7 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
 
     cfg = read_peft_config(folder, peft_layers=True)
     if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices") \
-            or cfg.get("modules_to_save"):
+            or cfg.get("modules_to_save") or cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
         return params_through_peft(base_model, folder, saved=saved)
     model = copy.deepcopy(base_model)
     load_peft_adapter(model, folder, keep_base=True)
@@ -496,7 +517,10 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     one wrapper per adapted parameter), DoRA (``use_dora``), trainable tokens (``trainable_token_indices``: new
     embedding rows for the tokens named, as a LoRA whose rank is their count on the embedding, and on an output layer
     tied to it, :func:`_token_rows`) and whole modules the adapter trained (``modules_to_save``: the change of a
-    ``Linear``'s or an ``Embedding``'s weight as a LoRA of full rank, :func:`_saved_rows`). The folder is installed by
+    ``Linear``'s or an ``Embedding``'s weight as a LoRA of full rank, :func:`_saved_rows`) and biases (PEFT's
+    ``lora_bias``, ``scaling`` times ``lora_B``'s bias; a ``Linear``'s bias the adapter trained, ``bias="all"`` /
+    ``"lora_only"``, or changed in a module it trains whole: the change) as the slot's bias ``c``
+    (``"<module>.lora_bias"``, ``[out]``, summed where several add to one module). The folder is installed by
     PEFT on a copy of
     ``base_model``. A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
     (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; a layer's as
@@ -504,8 +528,8 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     row (``"<module>.lora_magnitude"``, ``[out]``; PEFT's norm over the base weight and the adapter's product, which
     the slot's ``(1 + d) * (base + delta)`` then applies). ``saved`` (a list), where given, gets the path of each module
     trained whole that became a slot. Raises :class:`AdapterError` where PEFT refuses the folder,
-    where a tensor of it matches nothing in the model, where it changes a base weight, and for a LoRA layer kind a
-    slot does not take this way (an embedding's, a convolution's, a layer with a LoRA bias; a
+    where a tensor of it matches nothing in the model, where it changes a base weight (but a ``Linear``'s bias), and
+    for a LoRA layer kind a slot does not take this way (an embedding's, a convolution's; a
     GPT-2 ``Conv1D`` layer (``fan_in_fan_out``) is read as a ``Linear``, its base weight transposed for DoRA).
     """
     import copy
@@ -514,17 +538,24 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     from peft.tuners import lora
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.utils import ModulesToSaveWrapper
+    from transformers.pytorch_utils import Conv1D
 
     folder = Path(folder)
     adapted = peft_installed(copy.deepcopy(base_model), folder, "load")
     own = dict(base_model.named_parameters())
-    for name, p in adapted.named_parameters():  # a swappable adapter leaves the base model as it is
-        path = _peft_path(name)
-        if path in own and not torch.equal(p.detach(), own[path].detach()):
-            raise AdapterError(f"{folder}: it replaces the base model's weight {path!r} with other values (PEFT saves "
-                               "such weights beside an adapter on an embedding layer), which an adapter that leaves the "
-                               f"base model as it is cannot do; {_MERGE_INSTEAD}")
     out: dict[str, np.ndarray] = {}
+    for name, p in adapted.named_parameters():  # a swappable adapter leaves the base model as it is, but biases
+        path = _peft_path(name)
+        if path not in own or torch.equal(p.detach(), own[path].detach()):
+            continue
+        owner = path.rpartition(".")[0]
+        if path.endswith(".bias") and isinstance(base_model.get_submodule(owner), (torch.nn.Linear, Conv1D)):
+            _add_bias(out, owner, p.detach().float() - own[path].detach().float(), own[path].dtype, folder)
+            continue
+        raise AdapterError(f"{folder}: it replaces the base model's weight {path!r} with other values (PEFT saves "
+                           "such weights beside an adapter on an embedding layer, and trains every bias with "
+                           "bias='all'), which an adapter that leaves the base model as it is cannot do (but a Linear "
+                           f"layer's bias); {_MERGE_INSTEAD}")
     with torch.no_grad():
         for name, mod in adapted.named_modules():
             if not isinstance(mod, lora.LoraLayer) or "default" not in getattr(mod, "lora_A", {}):
@@ -552,10 +583,9 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
                 raise AdapterError(f"{folder}: module {_peft_path(name)!r} is a {type(mod).__name__} LoRA layer, which "
                                    "an adapter read through PEFT's layers (target_parameters, DoRA, trainable tokens, "
                                    "modules_to_save) cannot carry as a hot-swappable slot")
-            if getattr(mod, "lora_bias", {}).get("default"):
-                raise AdapterError(f"{folder}: module {path!r} has a LoRA bias (lora_bias=True), which a slot cannot "
-                                   "carry")
             dtype = mod.lora_A["default"].weight.dtype
+            if getattr(mod, "lora_bias", {}).get("default"):  # B's bias, scaled as PEFT's forward scales B's output
+                _add_bias(out, path, mod.lora_B["default"].bias.detach().float() * s, dtype, folder)
             if dtype == torch.bfloat16:
                 raise AdapterError(f"{folder}: module {path!r}: bfloat16 adapter weights; cast them to float32/float16")
             out[f"{path}.lora_A"] = np.ascontiguousarray(a.to(dtype).numpy())
@@ -567,33 +597,48 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
                 _add_rank(out, _peft_path(name).removesuffix(".token_adapter"), *_token_rows(mod))
             elif isinstance(mod, ModulesToSaveWrapper) and "default" in mod.modules_to_save:
                 path = _peft_path(name)
-                if (rows := _saved_rows(mod.original_module, mod.modules_to_save["default"], path, folder)) is not None:
+                rows, bias = _saved_rows(mod.original_module, mod.modules_to_save["default"], path, folder)
+                if rows is not None:
                     _add_rank(out, path, *rows)
                     if saved is not None:
                         saved.append(path)
+                if bias is not None:
+                    _add_bias(out, path, bias, mod.original_module.weight.dtype, folder)
     return out
 
 
-def _saved_rows(base: Any, saved: Any, path: str, folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """A module the adapter trained whole (PEFT's ``modules_to_save``: ``saved`` replaces ``base``) as a LoRA of full
-    rank ``r = min(in, out)`` in the slot's layout, ``(A, B)`` whose product is the change of its weight (``None``
-    where it does not change). A ``Linear`` (or GPT-2's ``Conv1D``, its weight transposed): ``A`` ``[r, in]``, ``B``
+def _add_bias(params: dict[str, np.ndarray], module: str, c: Any, dtype: Any, folder: Path) -> None:
+    """Add the float tensor ``c`` (``[out]``) to ``module``'s bias in ``params`` (:func:`bias_name`), or set it, in
+    ``dtype``."""
+    import torch
+
+    if dtype == torch.bfloat16:
+        raise AdapterError(f"{folder}: module {module!r}: bfloat16 weights; cast the model to float32/float16")
+    name = bias_name(module)
+    if name in params:
+        c = c + torch.from_numpy(params[name]).float()
+    params[name] = np.ascontiguousarray(c.to(dtype).numpy())
+
+
+def _saved_rows(base: Any, saved: Any, path: str, folder: Path) -> tuple[tuple[np.ndarray, np.ndarray] | None, Any]:
+    """A module the adapter trained whole (PEFT's ``modules_to_save``: ``saved`` replaces ``base``) as ``(rows,
+    bias)``: a LoRA of full rank ``r = min(in, out)`` in the slot's layout, ``(A, B)`` whose product is the change of
+    its weight, and the change of its bias (a float tensor ``[out]``), each ``None`` where it does not change. A
+    ``Linear`` (or GPT-2's ``Conv1D``, its weight transposed): ``A`` ``[r, in]``, ``B``
     ``[out, r]``, one of them the change and the other the identity. An ``Embedding``: ``A`` ``[r, vocab]``, ``B``
-    ``[dim, r]``, the change of every token's row as the module computes it (a scaled embedding's rows scaled). A slot adds the product to the base module's output,
-    so the package sums ``W x`` and ``(W' - W) x`` where PEFT computes ``W' x``: equal up to float rounding.
-    Raises :class:`AdapterError` naming the module for another kind of module or a changed bias, which a slot cannot
-    carry."""
+    ``[dim, r]``, the change of every token's row as the module computes it (a scaled embedding's rows scaled). A slot
+    adds the product and the bias to the base module's output,
+    so the package sums ``W x + b`` and ``(W' - W) x + (b' - b)`` where PEFT computes ``W' x + b'``: equal up to float
+    rounding. Raises :class:`AdapterError` naming the module for another kind of module, which a slot cannot carry."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
     if type(base) is not type(saved) or not isinstance(base, (torch.nn.Linear, torch.nn.Embedding, Conv1D)):
         raise AdapterError(f"{folder}: modules_to_save trains {path!r} whole, a {type(base).__name__}; a hot-swappable "
                            f"slot carries a trained Linear (or GPT-2's Conv1D) or Embedding only: {_MERGE_INSTEAD}")
-    own = dict(base.named_parameters())
-    for pname, p in saved.named_parameters():
-        if pname != "weight" and not torch.equal(p.detach(), own[pname].detach()):
-            raise AdapterError(f"{folder}: modules_to_save trains {path!r} whole and changes its {pname}, which a slot "
-                               f"(a product added to the module's output) cannot carry: {_MERGE_INSTEAD}")
+    bias = None
+    if getattr(base, "bias", None) is not None and not torch.equal(saved.bias.detach(), base.bias.detach()):
+        bias = saved.bias.detach().float() - base.bias.detach().float()
     w = base.weight
     if w.dtype == torch.bfloat16:
         raise AdapterError(f"{folder}: module {path!r}: bfloat16 weights; cast the model to float32/float16")
@@ -606,13 +651,13 @@ def _saved_rows(base: Any, saved: Any, path: str, folder: Path) -> tuple[np.ndar
             if isinstance(base, Conv1D):  # weight [in, out]
                 delta = delta.T
     if not torch.any(delta):
-        return None
+        return None, bias
     out_dim, in_dim = delta.shape
     if out_dim <= in_dim:  # rank out: A the change, B the identity
         a, b = delta, torch.eye(out_dim)
     else:  # rank in: A the identity, B the change
         a, b = torch.eye(in_dim), delta
-    return a.to(w.dtype).numpy(), b.to(w.dtype).numpy()
+    return (a.to(w.dtype).numpy(), b.to(w.dtype).numpy()), bias
 
 
 def _token_rows(layer: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -89,7 +89,7 @@ def test_saved_folder_loads_in_peft_with_equal_outputs(tmp_path):
         ({"reshape": "k.lora_A"}, r"key base_model\.model\.k\.lora_A\.weight has shape"),
         ({"config": {"r": 3}}, r"key base_model\.model\.(q|k)\.lora_A\.weight has shape .* r=3"),
         ({"config": {"use_dora": True}}, r"use_dora=True \(DoRA\) rescales .* installs a DoRA folder through PEFT"),
-        ({"config": {"lora_bias": True}}, r"option lora_bias=True is not supported"),
+        ({"config": {"lora_bias": True}}, r"option lora_bias=True \(a bias on each LoRA.s up projection\) is not held"),
         ({"config": {"layers_to_transform": ["0"]}}, r"layers_to_transform must be a layer index or a list"),
         ({"config": {"layers_to_transform": [0], "target_modules": "q|k"}}, r"needs target_modules as a list"),
         ({"config": {"layers_pattern": "layers"}}, r"layers_pattern='layers' needs layers_to_transform"),

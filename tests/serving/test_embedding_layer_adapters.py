@@ -175,22 +175,27 @@ def test_trainable_tokens_export_through_peft_and_the_loader_names_the_option(tm
         load_peft_adapter(copy.deepcopy(model), tmp_path / "tokens")
 
 
-def test_an_adapter_that_trained_the_base_biases_is_refused_by_name(tmp_path: Path) -> None:
-    """``bias="lora_only"`` trains the adapted layers' base biases, which PEFT saves whole: a swappable package
-    refuses them by name (it dropped them before, and decoded other tokens than eager PEFT)."""
+def test_an_adapter_that_trained_every_bias_swaps_them_beside_its_lora(tmp_path: Path) -> None:
+    """``bias="all"`` trains every bias, which PEFT saves whole: Qwen2's ``q``/``k``/``v`` biases, also in the layers
+    (``k_proj``) its LoRA leaves alone, where the package puts a slot of its bias alone; greedy tokens equal eager
+    PEFT's (it dropped them once, and decoded other tokens)."""
     import torch
 
-    from tests.serving.genai_package import save_small
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import eager_greedy, save_small
+    from tests.serving.test_adapter_biases import without_biases
 
     model = small_model("Qwen2ForCausalLM")
     base = save_small(model, tmp_path)
     adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
-                                  peft.LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only",
+                                  peft.LoraConfig(r=4, target_modules=["q_proj"], bias="all",
                                                   init_lora_weights=False))
     with torch.no_grad():
         for name, p in adapted.named_parameters():
-            if name.endswith("q_proj.base_layer.bias"):
-                p.add_(0.5)
+            if name.endswith("k_proj.bias") or name.endswith("v_proj.bias"):
+                p.add_(torch.randn_like(p) * 3)
     adapted.save_pretrained(tmp_path / "biased")
-    with pytest.raises(AdapterError, match=r"q_proj\.bias replaces the base model's weight"):
-        export_small(model, tmp_path, {"biased": tmp_path / "biased"})
+    export_small(model, tmp_path, {"biased": tmp_path / "biased"})
+    prompt = [1, 5, 9, 33, 70, 12]
+    got = Generator(tmp_path / "pkg").generate([prompt], adapters="biased", max_new_tokens=8, min_new_tokens=8)[0]
+    assert got == eager_greedy(adapted.eval(), prompt, 8, min_new_tokens=8) != without_biases(adapted, prompt)

@@ -105,14 +105,26 @@ def test_a_saved_module_is_a_full_rank_slot_whose_product_is_its_change(tmp_path
     assert any(k.endswith("q_proj.lora_A") for k in untouched) and not any(k.startswith("lm_head.") for k in untouched)
 
 
-def test_a_saved_module_with_a_changed_bias_or_of_another_kind_is_refused_by_name(tmp_path: Path) -> None:
-    """A saved module whose bias changes (Qwen2's ``q_proj`` has one) or that is not a ``Linear`` / ``Embedding`` (the
-    final norm) cannot be a slot: refused naming the module and what changed, ``--merge-adapter`` offered; nothing is
-    written."""
+def test_a_saved_module_whose_bias_alone_changed_is_a_bias_slot(tmp_path: Path) -> None:
+    """A saved module whose bias alone changes (Qwen2's ``q_proj`` has one): no full-rank factors, the change of its
+    bias the slot's bias; greedy tokens equal eager PEFT's, which the bias changes."""
+    from flora_graph.serving.slots import peft_adapter_params
+
     model = small_model("Qwen2ForCausalLM")
-    _saved(model, tmp_path, "bias", ["layers.0.self_attn.q_proj"], ["v_proj"], change="bias")
-    with pytest.raises(AdapterError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*changes its bias.*--merge-adapter"):
-        export_small(model, tmp_path, {"bias": tmp_path / "bias"})
+    adapted = _saved(model, tmp_path, "bias", ["layers.0.self_attn.q_proj"], ["v_proj"], change="bias", scale=20.0)
+    params = peft_adapter_params(model, tmp_path / "bias")
+    q = "model.layers.0.self_attn.q_proj"
+    assert f"{q}.lora_A" not in params and f"{q}.lora_bias" in params
+    export_small(model, tmp_path, {"bias": tmp_path / "bias"})
+    prompt = [1, 5, 9, 33, 70, 12]
+    got = Generator(tmp_path / "pkg").generate([prompt], adapters="bias", max_new_tokens=8, min_new_tokens=8)[0]
+    assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != _saved_undone(adapted, prompt)
+
+
+def test_a_saved_module_of_another_kind_is_refused_by_name(tmp_path: Path) -> None:
+    """A saved module that is not a ``Linear`` / ``Embedding`` (the final norm) cannot be a slot: refused naming the
+    module, ``--merge-adapter`` offered; nothing is written."""
+    model = small_model("Qwen2ForCausalLM")
     _saved(model, tmp_path, "norm", ["model.norm"], ["v_proj"])
     with pytest.raises(AdapterError, match=r"'model\.norm' whole, a Qwen2RMSNorm.*--merge-adapter"):
         export_small(model, tmp_path, {"norm": tmp_path / "norm"})
