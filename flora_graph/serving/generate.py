@@ -164,7 +164,8 @@ class Generator:
         per_row_weights: rows with different adapters read their adapter weights gathered once per set
             of rows (``MixedAdapterSession(per_row_weights=True)``: faster steps, ``rows x`` one adapter's
             weights held meanwhile); ``False``: the mixed model gathers them in every step. With
-            ``group_rows`` this applies to the weights that are not grouped (embedding and conv slots, DoRA magnitudes).
+            ``group_rows`` this applies to the weights that are not grouped (embedding and conv slots, DoRA magnitudes,
+            slots' biases).
         group_rows: rows with different adapters run their ``Linear`` slots in groups, one per adapter
             (``MixedAdapterSession(group_rows=True)``): each adapter's weights read once a step however many
             rows use it, and held once. ``benchmarks/generate.py --shared-rows N --shared-adapters K`` on its tiny
