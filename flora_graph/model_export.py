@@ -9,6 +9,7 @@ torch on a fresh input shape and reports the largest difference.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import json
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "check_model_folder",
     "export_model",
     "load_model",
+    "quantized_checkpoint",
 ]
 
 SUFFIX = {"onnxruntime": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
@@ -47,6 +49,21 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 
 class ModelFolderError(FloraGraphError):
     """A model folder cannot be loaded: no config, no safetensors weights, an unusable ``architectures`` entry."""
+
+
+def quantized_checkpoint(config: dict[str, Any]) -> str | None:
+    """How the checkpoint of a model folder's ``config`` (its ``config.json``, read) is quantized, as a phrase for
+    messages (``"a bitsandbytes 4-bit (nf4) checkpoint"``), or ``None`` for a float one (no
+    ``quantization_config``)."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    method = q.get("quant_method")
+    if method == "bitsandbytes":
+        bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else "quantized"
+        kind = f" ({q.get('bnb_4bit_quant_type')})" if q.get("load_in_4bit") and q.get("bnb_4bit_quant_type") else ""
+        return f"a bitsandbytes {bits}{kind} checkpoint"
+    return f"a {method!s} checkpoint"
 
 
 @dataclass
@@ -230,7 +247,9 @@ def _decoder_ids(model: torch.nn.Module, example: dict[str, torch.Tensor], check
 def load_transformers(folder: str | Path) -> torch.nn.Module:
     """The transformers model of ``folder`` (config.json + safetensors, its ``architectures`` class), in eval
     mode and float32, loaded without a download; :class:`ModelFolderError` for a folder it cannot use (see
-    :func:`check_model_folder`; pickle weights are never loaded)."""
+    :func:`check_model_folder`; pickle weights are never loaded). A bitsandbytes 4-bit or 8-bit checkpoint (the base
+    of a QLoRA adapter) is dequantized as it loads: its layers become plain ``Linear`` layers holding the weights its
+    own forward computes with (on CPU, bitsandbytes' kernels round their products otherwise, about 1e-3 apart)."""
     folder = Path(folder)
     arch = check_model_folder(folder)
     import transformers
@@ -241,6 +260,8 @@ def load_transformers(folder: str | Path) -> torch.nn.Module:
                                                             use_safetensors=True).eval()
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot use
         raise ModelFolderError(f"{folder}: transformers cannot load {arch} from it ({type(exc).__name__}: {exc})") from exc
+    if getattr(model, "is_quantized", False):  # a bitsandbytes checkpoint (check_model_folder refuses the others):
+        model = model.dequantize()  # its weights as its own forward computes them, before any forward repacks them
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()  # a bfloat16/float16 checkpoint: captured and checked in float32
     return model
@@ -251,7 +272,8 @@ def check_model_folder(folder: str | Path) -> str:
 
     Raises :class:`ModelFolderError` naming the file or entry at fault: no ``config.json``, a
     ``config.json`` that is not a JSON object, an ``architectures`` entry that is not the name
-    of a transformers model class, or weights only as pickles (``pytorch_model.bin``):
+    of a transformers model class, a quantized checkpoint other than a bitsandbytes one (or a bitsandbytes one
+    without that package installed), or weights only as pickles (``pytorch_model.bin``):
     flora_graph loads safetensors only.
     """
     folder = Path(folder)
@@ -275,6 +297,13 @@ def check_model_folder(folder: str | Path) -> str:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ModelFolderError(f"{cfg_path}: architectures entry {arch!r} is not a transformers model class "
                                f"(expected a name such as \"LlamaForCausalLM\")")
+    quantized = quantized_checkpoint(cfg)
+    if quantized is not None and cfg["quantization_config"].get("quant_method") != "bitsandbytes":
+        raise ModelFolderError(f"{cfg_path}: {quantized} (quantization_config), whose weights flora_graph does not "
+                               "read; export the model's float checkpoint (a 4-bit GenAI package: --precision int4)")
+    if quantized is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelFolderError(f"{cfg_path}: {quantized}, which transformers reads through the bitsandbytes package: "
+                               "install it (pip install bitsandbytes), or export the model's float checkpoint")
     if not any(folder.glob("*.safetensors")):
         pickles = sorted(p.name for p in folder.iterdir() if p.name in PICKLE_WEIGHTS or p.suffix in (".bin", ".pt", ".pth"))
         found = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else "no weights"

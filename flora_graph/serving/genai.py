@@ -275,7 +275,7 @@ def export_genai(
     Raises :class:`~flora_graph.errors.FloraGraphError` subclasses naming the culprit; on
     failure nothing at ``out`` changes.
     """
-    from flora_graph.model_export import check_adapter_folder, check_model_folder
+    from flora_graph.model_export import check_adapter_folder, check_model_folder, quantized_checkpoint
     from flora_graph.serving.int4 import ACCURACY_LEVELS, INT4_BLOCK_SIZES, quantize_weights
 
     if precision not in PRECISIONS:
@@ -310,6 +310,11 @@ def export_genai(
     def note(msg: str) -> None:
         notes.append(msg)
         say(msg)
+
+    if quantized := quantized_checkpoint(json.loads((Path(base) / "config.json").read_text())):
+        note(f"{base}: {quantized}, dequantized to float32 as it loads (a QLoRA adapter's base): the package's weights "
+             "are as its layers compute with them" + ("" if precision == "int4" else
+                                                      ", at 32 bits a weight (--precision int4 writes 4-bit ones)"))
 
     text = text_decoder(model)
     if text is not None:
