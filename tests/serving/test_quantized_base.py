@@ -15,7 +15,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
-pytest.importorskip("bitsandbytes")
+import bitsandbytes  # noqa: E402, F401  (a test dependency: transformers reads the checkpoints through it)
 
 from flora_graph.llm_demo import save_word_tokenizer  # noqa: E402
 from flora_graph.model_export import ModelFolderError, check_model_folder  # noqa: E402
