@@ -370,6 +370,10 @@ def export_model(
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
+        if callable(getattr(model, "get_input_embeddings", None)):  # a fine-tune that added tokens: its vocabulary
+            from flora_graph.serving.genai import fit_vocab
+
+            fit_vocab(model, Path(adapter), say)
         if needs_peft_layers(adapter_cfg):  # DoRA, LoRA on expert tensors, trainable tokens: PEFT's own layers
             import peft
 

@@ -46,6 +46,7 @@ __all__ = [
     "peft_lora_layers",
     "read_peft_config",
     "save_peft_adapter",
+    "saved_vocab",
 ]
 
 CONFIG_FILE = "adapter_config.json"
@@ -438,6 +439,31 @@ def _embedding_layers(model: nn.Module) -> set[str]:
     layers = [getattr(model, f, None) for f in ("get_input_embeddings", "get_output_embeddings")]
     found = [m for m in (f() if callable(f) else None for f in layers) if isinstance(m, nn.Module)]
     return {n for n, m in model.named_modules() if any(m is f for f in found)}
+
+
+def saved_vocab(model: nn.Module, folder: str | Path) -> int | None:
+    """The vocabulary of the embedding layers the adapter folder ``folder`` saves whole (PEFT saves them when a
+    fine-tune resized them: it added tokens) where it differs from ``model``'s, else ``None``. Reads the weights
+    file's header only; :class:`AdapterError` for a file that is not safetensors, or saved layers of two sizes."""
+    from safetensors import safe_open
+
+    wpath = Path(folder) / WEIGHTS_FILE
+    layers = _embedding_layers(model)
+    if not layers:  # no token embeddings to resize
+        return None
+    sizes: set[int] = set()
+    try:
+        with safe_open(str(wpath), "pt") as f:
+            for key in f.keys():
+                module, _, name = _plain_key(key).rpartition(".")
+                if module in layers and name == "weight" and ".original_module." not in key:
+                    sizes.add(int(f.get_slice(key).get_shape()[0]))
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise AdapterError(f"{wpath}: cannot read the adapter weights ({exc})") from None
+    if len(sizes) > 1:
+        raise AdapterError(f"{wpath}: its saved embedding layers have {sorted(sizes)} rows: no one vocabulary")
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    return next((n for n in sizes if n != vocab), None)
 
 
 def _plain_key(key: str) -> str:

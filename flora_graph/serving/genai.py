@@ -303,13 +303,22 @@ def export_genai(
     from flora_graph.serving.text_decoder import text_decoder
 
     model = load_model(base).model
-    if merge is not None:
-        model = _merged(model, Path(merge), say)
     notes: list[str] = []
 
     def note(msg: str) -> None:
         notes.append(msg)
         say(msg)
+
+    tokenizer_from = Path(base)  # a merged fine-tune's own tokenizer, saved beside it, wins: it trained with it
+    if merge is not None:
+        vocab = int(model.config.get_text_config().vocab_size)
+        model = _merged(model, Path(merge), say)
+        if _has_tokenizer(Path(merge)):
+            tokenizer_from = Path(merge)
+            note(f"the tokenizer files of {merge}, saved beside the merged adapter, are the package's")
+        elif int(model.config.get_text_config().vocab_size) != vocab:
+            note(f"the package's tokenizer is {base}'s, without the tokens {merge} added (ids {vocab} and up): save "
+                 "the fine-tune's tokenizer beside it to ship them")
 
     if quantized := quantized_checkpoint(json.loads((Path(base) / "config.json").read_text())):
         note(f"{base}: {quantized}, dequantized to float32 as it loads (a QLoRA adapter's base): the package's weights "
@@ -367,7 +376,7 @@ def export_genai(
     t0 = time.perf_counter()
     context = context_length(model.config)
     doc = genai_config(model, layout, model_type=genai_type(arch), context_length=context,
-                       end_of_turn=_end_of_turn(Path(base), int(model.config.vocab_size), say))
+                       end_of_turn=_end_of_turn(tokenizer_from, int(model.config.vocab_size), say))
     refill = refill_position(model) if arch in REFILL_ARCHS else None
     marks = {REFILL_KEY: str(refill)} if refill is not None else {}
     if uncached := layout.uncached_layers():
@@ -429,7 +438,8 @@ def export_genai(
                 say(f"writing adapter {name}")
                 write_adapter(tmp / ADAPTERS_DIR / f"{name}.onnx_adapter", p, model=tmp / MODEL_FILE, name=name)
                 written[name] = Path(out) / ADAPTERS_DIR / f"{name}.onnx_adapter"
-        copy_present(base, tmp, TOKENIZER_FILES)
+        copy_present(base, tmp, ("generation_config.json",))
+        copy_present(tokenizer_from, tmp, [f for f in TOKENIZER_FILES if f != "generation_config.json"])
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     return GenAIReport(Path(out), written, graph.summary(), seconds, model_type=genai_type(arch),
@@ -512,10 +522,15 @@ def _marked(model: Any, marks: dict[str, str]) -> Any:
     return model
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer's files (a fast tokenizer's, a SentencePiece model, a BPE vocabulary)."""
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def _end_of_turn(base: Path, vocab: int, say: Callable[[str], None]) -> int | None:
     """The id of the end-of-text token of ``base``'s tokenizer; ``None`` without tokenizer files (or one
     that does not load, saying so)."""
-    if not any((base / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if not _has_tokenizer(base):
         return None
     try:
         from transformers import AutoTokenizer
@@ -596,13 +611,27 @@ def _fit_config(doc: dict[str, Any], model: Any) -> None:
 
 
 def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:
-    """``model`` with the PEFT folder ``folder`` merged into its weights by PEFT (:func:`~flora_graph.adapters.peft.merge_peft`)."""
+    """``model`` with the PEFT folder ``folder`` merged into its weights by PEFT (:func:`~flora_graph.adapters.peft.merge_peft`),
+    its vocabulary first resized to the folder's (:func:`fit_vocab`)."""
     from flora_graph.adapters.peft import merge_peft
     from flora_graph.serving.slots import peft_installed
 
     say(f"merging {folder} into the base weights")
+    fit_vocab(model, folder, say)
     adapted = peft_installed(model, folder, "merge")
     return merge_peft(adapted).eval()
+
+
+def fit_vocab(model: Any, folder: Path, say: Callable[[str], None]) -> None:
+    """Resize ``model``'s token embeddings (in place) to the vocabulary of the adapter folder ``folder`` where it saves
+    embedding layers of another size (a fine-tune that added tokens, whose saved layers then replace the new rows);
+    nothing where it does not."""
+    from flora_graph.adapters.peft import saved_vocab
+
+    if (n := saved_vocab(model, folder)) is not None:
+        say(f"{folder}: its embedding layers hold {n} tokens, the base model "
+            f"{int(model.get_input_embeddings().weight.shape[0])}: the model takes its vocabulary")
+        model.resize_token_embeddings(n, mean_resizing=False)
 
 
 def install_sites(model: Any, params: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -461,9 +461,14 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     """
     import copy
 
-    from flora_graph.adapters.peft import load_peft_adapter, read_peft_config
+    from flora_graph.adapters.peft import load_peft_adapter, read_peft_config, saved_vocab
 
     cfg = read_peft_config(folder, peft_layers=True)
+    if (n := saved_vocab(base_model, folder)) is not None:
+        raise AdapterError(f"{folder}: its embedding layers hold {n} tokens, the base model "
+                           f"{int(base_model.get_input_embeddings().weight.shape[0])} (a fine-tune that added tokens): "
+                           f"the adapters of one package share its vocabulary, so it cannot swap; {_MERGE_INSTEAD}, "
+                           "where the package takes its vocabulary (and its tokenizer, saved beside it)")
     if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices") \
             or cfg.get("modules_to_save") or cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
         return params_through_peft(base_model, folder, saved=saved)
