@@ -366,14 +366,11 @@ def export_model(
                                                                     attention_mask=attention_mask)
     model = spec.model
     if adapter is not None:
-        from flora_graph.adapters.peft import load_peft_adapter, merge_peft, needs_peft_layers
+        from flora_graph.adapters.peft import fit_vocab, load_peft_adapter, merge_peft, needs_peft_layers
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
-        if callable(getattr(model, "get_input_embeddings", None)):  # a fine-tune that added tokens: its vocabulary
-            from flora_graph.serving.genai import fit_vocab
-
-            fit_vocab(model, Path(adapter), say)
+        fit_vocab(model, Path(adapter), say)  # a fine-tune that added tokens: the model takes its vocabulary
         if needs_peft_layers(adapter_cfg):  # DoRA, LoRA on expert tensors, trainable tokens: PEFT's own layers
             import peft
 

@@ -41,6 +41,7 @@ __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "adapter_label",
+    "fit_vocab",
     "load_peft_adapter",
     "merge_peft",
     "peft_lora_layers",
@@ -448,9 +449,13 @@ def saved_vocab(model: nn.Module, folder: str | Path) -> int | None:
     from safetensors import safe_open
 
     wpath = Path(folder) / WEIGHTS_FILE
-    layers = _embedding_layers(model)
-    if not layers:  # no token embeddings to resize
+    try:
+        table = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without input embeddings
         return None
+    if not isinstance(table, nn.Embedding):  # no token table to resize (an image model's patch embeddings)
+        return None
+    layers = _embedding_layers(model)
     sizes: set[int] = set()
     try:
         with safe_open(str(wpath), "pt") as f:
@@ -462,8 +467,20 @@ def saved_vocab(model: nn.Module, folder: str | Path) -> int | None:
         raise AdapterError(f"{wpath}: cannot read the adapter weights ({exc})") from None
     if len(sizes) > 1:
         raise AdapterError(f"{wpath}: its saved embedding layers have {sorted(sizes)} rows: no one vocabulary")
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    vocab = int(table.weight.shape[0])
     return next((n for n in sizes if n != vocab), None)
+
+
+def fit_vocab(model: nn.Module, folder: str | Path, say: Callable[[str], None] = lambda msg: None) -> int | None:
+    """Resize ``model``'s token embeddings (in place) to the vocabulary of the adapter folder ``folder`` where it saves
+    embedding layers of another size (:func:`saved_vocab`: a fine-tune that added tokens, whose saved layers then
+    replace the new rows), telling ``say``; returns that size, ``None`` (nothing done) where it saves none."""
+    n = saved_vocab(model, folder)
+    if n is not None:
+        say(f"{folder}: its embedding layers hold {n} tokens, the base model "
+            f"{int(model.get_input_embeddings().weight.shape[0])}: the model takes its vocabulary")
+        model.resize_token_embeddings(n, mean_resizing=False)
+    return n
 
 
 def _plain_key(key: str) -> str:

@@ -612,26 +612,14 @@ def _fit_config(doc: dict[str, Any], model: Any) -> None:
 
 def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:
     """``model`` with the PEFT folder ``folder`` merged into its weights by PEFT (:func:`~flora_graph.adapters.peft.merge_peft`),
-    its vocabulary first resized to the folder's (:func:`fit_vocab`)."""
-    from flora_graph.adapters.peft import merge_peft
+    its vocabulary first resized to the folder's (:func:`~flora_graph.adapters.peft.fit_vocab`)."""
+    from flora_graph.adapters.peft import fit_vocab, merge_peft
     from flora_graph.serving.slots import peft_installed
 
     say(f"merging {folder} into the base weights")
     fit_vocab(model, folder, say)
     adapted = peft_installed(model, folder, "merge")
     return merge_peft(adapted).eval()
-
-
-def fit_vocab(model: Any, folder: Path, say: Callable[[str], None]) -> None:
-    """Resize ``model``'s token embeddings (in place) to the vocabulary of the adapter folder ``folder`` where it saves
-    embedding layers of another size (a fine-tune that added tokens, whose saved layers then replace the new rows);
-    nothing where it does not."""
-    from flora_graph.adapters.peft import saved_vocab
-
-    if (n := saved_vocab(model, folder)) is not None:
-        say(f"{folder}: its embedding layers hold {n} tokens, the base model "
-            f"{int(model.get_input_embeddings().weight.shape[0])}: the model takes its vocabulary")
-        model.resize_token_embeddings(n, mean_resizing=False)
 
 
 def install_sites(model: Any, params: Mapping[str, Mapping[str, Any]]) -> list[str]:
