@@ -436,8 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge-adapter", metavar="DIR", default=None,
                    help="--format genai: a PEFT adapter folder baked into the package's base weights by PEFT "
                         "(merge_and_unload): any adapter PEFT merges, DoRA, LoRA on expert tensors "
-                        "(target_parameters) and modules_to_save included; --adapter ones swap on top "
-                        "(default: none)")
+                        "(target_parameters), modules_to_save and LoRA biases included, and a fine-tune that added "
+                        "tokens (the package takes its vocabulary and the tokenizer saved beside it); --adapter ones "
+                        "swap on top (default: none)")
     e.add_argument("--adapters-only", action="store_true",
                    help="--format genai: write only the --adapter files into the existing package --out (exported from "
                         "this model), leaving its models as they are; their modules must be among its slots")
