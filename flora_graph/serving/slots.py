@@ -362,6 +362,16 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
     out: dict[str, np.ndarray] = {}
     bound: dict[str, tuple[int, str]] = {}
     unknown = sorted(set(params) - set(spec))
+    vectors = {"lora_bias": "bias", "lora_magnitude": "DoRA magnitude"}
+    slotted = {n.removesuffix(".lora_A") for n in spec if n.endswith(".lora_A")} \
+        | {m for slot in getattr(spec, "packs", ()) for m in slot.members}
+    mods = sorted({n.rpartition(".")[0] for n in unknown})
+    if unknown and all(n.rpartition(".")[2] in vectors for n in unknown) and set(mods) <= slotted:
+        # slots of the model, made without the vector the adapter gives them
+        what = " and ".join(sorted({vectors[n.rpartition(".")[2]] for n in unknown}))
+        raise AdapterFileError(f"adapter {adapter!r} adds a {what} to {len(mods)} module(s) ({', '.join(mods[:3])}"
+                               f"{', ...' if len(mods) > 3 else ''}) whose slots in this model take none (the adapters "
+                               "it was exported with added none there); export it again with this adapter among them")
     if unknown:
         near = ", ".join(sorted(spec)[:4])
         raise AdapterFileError(f"adapter {adapter!r} has parameter(s) {unknown[:5]} the model does not take "

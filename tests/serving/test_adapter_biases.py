@@ -190,3 +190,20 @@ def test_an_encoder_decoder_adapter_with_biases_decodes_as_eager_peft(tmp_path: 
     base = eager_tokens(tmp_path, "bart", None, PROMPTS[:2], gen.pad, set(), **kw)
     assert want != base
     assert gen.generate(PROMPTS[:2], adapters=["biased", None], **kw) == [want[0], base[1]]
+
+
+def test_adding_a_biased_adapter_to_a_package_without_bias_slots_says_to_export_again(tmp_path: Path) -> None:
+    """``add_adapters`` (``--adapters-only``) of an adapter with a LoRA bias to a package whose slots were made
+    without one: refused naming the modules and what to do; the package is unchanged."""
+    from flora_graph.serving.errors import AdapterFileError
+    from flora_graph.serving.genai import add_adapters
+
+    model = small_model("LlamaForCausalLM")
+    small_adapters(model, tmp_path, {"attn": ["q_proj", "v_proj"]})
+    export_small(model, tmp_path, {"attn": tmp_path / "attn"})
+    before = sorted(p.name for p in (tmp_path / "pkg" / "adapters").iterdir())
+    _biased(model, tmp_path, "biased", target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(AdapterFileError, match=r"adds a bias to 2 module\(s\) \(model\.layers\.0\.self_attn\.q_proj, "
+                                               r".*export it again with this adapter among them"):
+        add_adapters(tmp_path / "pkg", tmp_path / "base", {"biased": tmp_path / "biased"})
+    assert sorted(p.name for p in (tmp_path / "pkg" / "adapters").iterdir()) == before
