@@ -110,6 +110,7 @@ def _experts_ids(shapes, dtypes, what: str, at: int) -> None:
 
 
 _EXTRA_WHAT = {"dora": "DoRA magnitude", "lora_bias": "bias"}
+_STACK_WHAT = {"dora": "DoRA magnitudes' stack", "lora_bias": "biases' stack"}
 
 
 def _extras(shapes, attrs, what: str) -> tuple[str, ...]:
@@ -124,8 +125,7 @@ def _extras(shapes, attrs, what: str) -> tuple[str, ...]:
 
 def _extra_names(extras: tuple[str, ...], stacks: bool = False) -> str:
     """`` and the DoRA magnitude and the bias`` (``stacks``: ``... magnitudes' stack ... biases' stack``)."""
-    plural = {"DoRA magnitude": "DoRA magnitudes' stack", "bias": "biases' stack"}
-    return "".join(f" and the {plural[_EXTRA_WHAT[k]] if stacks else _EXTRA_WHAT[k]}" for k in extras)
+    return "".join(f" and the {(_STACK_WHAT if stacks else _EXTRA_WHAT)[k]}" for k in extras)
 
 
 def _infer_slot(shapes, dtypes, attrs):
@@ -197,7 +197,7 @@ def _infer_mixed(shapes, dtypes, attrs):
     base, x, a, b, idx = shapes[:5]
     for k, extra in enumerate(extras):
         if len(shapes[5 + k]) != 2 or shapes[5 + k][0] != a[0] or shapes[5 + k][1] != b[2]:
-            raise _fail(what, f"its {_extra_names((extra,), stacks=True)[9:]} must be [slots, out]", shapes)
+            raise _fail(what, f"its {_STACK_WHAT[extra]} must be [slots, out]", shapes)
     embedding = attrs["kind"] == "embedding"
     dtype = _float(dtypes[:4] + dtypes[5:] if extras else dtypes[:1] + dtypes[2:4] if embedding else dtypes[:4], what)
     if dtypes[4] != "int64" or len(idx) != 1:
