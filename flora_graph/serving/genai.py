@@ -246,10 +246,14 @@ def export_genai(
 
     ``merge``: a PEFT folder baked into the base weights first, by PEFT itself (``merge_and_unload``): any
     adapter PEFT can merge, those no hot-swappable slot holds included (a ``modules_to_save`` module other than a
-    ``Linear`` or an ``Embedding``, or one whose bias changes). The package's base model is then the adapted model;
-    ``adapters`` swap on top of it. Adapters with DoRA, LoRA on a mixture of experts' expert tensors
-    (``target_parameters``), trainable tokens or ``Linear`` / ``Embedding`` modules trained whole (``modules_to_save``,
-    a slot of full rank: :func:`~flora_graph.serving.slots.params_through_peft`) swap as any other.
+    ``Linear`` or an ``Embedding``, a norm's trained bias). The package's base model is then the adapted model;
+    ``adapters`` swap on top of it. A fine-tune that added tokens (embedding layers of another size saved beside it)
+    gives the model its vocabulary first; tokenizer files saved beside the merged adapter are the package's. Adapters
+    with DoRA, LoRA on a mixture of experts' expert tensors (``target_parameters``), trainable tokens, biases
+    (``lora_bias``, a ``Linear``'s trained bias) or ``Linear`` / ``Embedding`` modules trained whole
+    (``modules_to_save``, a slot of full rank: :func:`~flora_graph.serving.slots.params_through_peft`) swap as any
+    other. A bitsandbytes 4-bit or 8-bit ``base`` (a QLoRA adapter's) is dequantized as it loads, and the report's
+    notes say so.
 
     ``mixed=False`` leaves out ``mixed.onnx`` (rows with different adapters in one batch, for the
     :class:`~flora_graph.serving.generate.Generator`), which holds its own copy of the base weights: half the
