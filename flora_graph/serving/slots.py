@@ -544,8 +544,9 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     the slot's ``(1 + d) * (base + delta)`` then applies). ``saved`` (a list), where given, gets the path of each module
     trained whole that became a slot. Raises :class:`AdapterError` where PEFT refuses the folder,
     where a tensor of it matches nothing in the model, where it changes a base weight (but a ``Linear``'s bias), and
-    for a LoRA layer kind a slot does not take this way (an embedding's, a convolution's; a
-    GPT-2 ``Conv1D`` layer (``fan_in_fan_out``) is read as a ``Linear``, its base weight transposed for DoRA).
+    for a LoRA layer kind a slot does not take this way (a convolution's, DoRA on an embedding; an embedding's LoRA is
+    read as :func:`_embedding_rows` says, and a GPT-2 ``Conv1D`` layer (``fan_in_fan_out``) as a ``Linear``, its base
+    weight transposed for DoRA).
     """
     import copy
 
@@ -573,6 +574,9 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
                            f"layer's bias); {_MERGE_INSTEAD}")
     with torch.no_grad():
         for name, mod in adapted.named_modules():
+            if isinstance(mod, lora.Embedding) and "default" in mod.lora_embedding_A:
+                _embedding_rows(out, mod, _peft_path(name), folder)
+                continue
             if not isinstance(mod, lora.LoraLayer) or "default" not in getattr(mod, "lora_A", {}):
                 continue
             s = float(mod.scaling["default"])
@@ -620,6 +624,24 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
                 if bias is not None:
                     _add_bias(out, path, bias, mod.original_module.weight.dtype, folder)
     return out
+
+
+def _embedding_rows(params: dict[str, np.ndarray], layer: Any, path: str, folder: Path) -> None:
+    """PEFT's LoRA on an embedding (``lora_embedding_A`` ``[r, vocab]``, ``lora_embedding_B`` ``[dim, r]``) into
+    ``params`` in the slot's layout: ``A`` as it is, ``B`` times the scale (and a scaled embedding's ``embed_scale``,
+    which PEFT applies to the LoRA's rows too). Raises :class:`AdapterError` for DoRA on it, which no slot carries."""
+    import torch
+
+    if layer.use_dora.get("default"):
+        raise AdapterError(f"{folder}: module {path!r}: DoRA on an embedding layer, which no hot-swappable slot "
+                           f"carries; {_MERGE_INSTEAD}")
+    a = layer.lora_embedding_A["default"].detach()
+    if a.dtype == torch.bfloat16:
+        raise AdapterError(f"{folder}: module {path!r}: bfloat16 adapter weights; cast them to float32/float16")
+    scale = layer._get_embed_scale()
+    b = layer.lora_embedding_B["default"].detach().float() * float(layer.scaling["default"]) \
+        * (float(scale) if scale is not None else 1.0)
+    _add_rank(params, path, a.numpy().copy(), b.to(a.dtype).numpy())
 
 
 def _add_bias(params: dict[str, np.ndarray], module: str, c: Any, dtype: Any, folder: Path) -> None:

@@ -199,3 +199,51 @@ def test_an_adapter_that_trained_every_bias_swaps_them_beside_its_lora(tmp_path:
     prompt = [1, 5, 9, 33, 70, 12]
     got = Generator(tmp_path / "pkg").generate([prompt], adapters="biased", max_new_tokens=8, min_new_tokens=8)[0]
     assert got == eager_greedy(adapted.eval(), prompt, 8, min_new_tokens=8) != without_biases(adapted, prompt)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
+def test_an_input_embedding_adapter_read_through_peft_s_layers_keeps_its_rows(tmp_path: Path, arch: str) -> None:
+    """LoRA on ``embed_tokens`` in a folder read through PEFT's own layers (it also trains ``lm_head`` whole, and
+    biases): the embedding's LoRA is read there too (Gemma 3's rows scaled, as PEFT scales them), not dropped; greedy
+    tokens equal eager PEFT's alone and per row of a mixed batch, and differ from the same adapter without the
+    embedding's LoRA."""
+    import copy
+
+    import torch
+
+    from tests.serving.genai_package import eager_greedy, save_small
+
+    model = small_model(arch)
+    adapted = small_adapters(model, tmp_path, {"attn": ["v_proj", "o_proj"]})
+    base = save_small(model, tmp_path)
+    torch.manual_seed(6)
+    emb = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                              peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                              modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        head = emb.base_model.model.lm_head.modules_to_save["default"].weight
+        head.add_(torch.randn_like(head) * float(head.std()))
+    emb.save_pretrained(tmp_path / "emb")
+    adapted["emb"] = emb.eval()
+    export_small(model, tmp_path, {n: tmp_path / n for n in ("attn", "emb")})
+    assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "emb", "attn")
+    without = copy.deepcopy(adapted["emb"])
+    with torch.no_grad():
+        without.base_model.model.model.embed_tokens.lora_embedding_B["default"].zero_()
+    prompt = [1, 5, 9, 33, 70, 12]
+    assert eager_greedy(adapted["emb"], prompt, 8, min_new_tokens=8) != eager_greedy(without, prompt, 8,
+                                                                                      min_new_tokens=8)
+
+
+def test_dora_on_an_input_embedding_is_refused_by_name(tmp_path: Path) -> None:
+    """DoRA on ``embed_tokens``, which no slot carries: refused naming the module, ``--merge-adapter`` offered."""
+    from tests.serving.genai_package import save_small
+
+    model = small_model("LlamaForCausalLM")
+    base = save_small(model, tmp_path)
+    peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                        peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True,
+                                        init_lora_weights=False)).save_pretrained(tmp_path / "dora")
+    with pytest.raises(AdapterError, match=r"'model\.embed_tokens': DoRA on an embedding layer.*--merge-adapter"):
+        export_small(model, tmp_path, {"dora": tmp_path / "dora"})
+    assert not (tmp_path / "pkg").exists()
