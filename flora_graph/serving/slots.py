@@ -369,7 +369,8 @@ def check_params(params: Mapping[str, Any], spec: ParamSpec, adapter: str, *, ca
     if unknown and all(n.rpartition(".")[2] in vectors for n in unknown) and set(mods) <= slotted:
         # slots of the model, made without the vector the adapter gives them
         what = " and ".join(sorted({vectors[n.rpartition(".")[2]] for n in unknown}))
-        raise AdapterFileError(f"adapter {adapter!r} adds a {what} to {len(mods)} module(s) ({', '.join(mods[:3])}"
+        raise AdapterFileError(f"adapter {adapter!r} adds a {what} (parameter(s) {unknown[:2]}"
+                               f"{' ...' if len(unknown) > 2 else ''}) to {len(mods)} module(s) ({', '.join(mods[:3])}"
                                f"{', ...' if len(mods) > 3 else ''}) whose slots in this model take none (the adapters "
                                "it was exported with added none there); export it again with this adapter among them")
     if unknown:
@@ -623,7 +624,67 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
                         saved.append(path)
                 if bias is not None:
                     _add_bias(out, path, bias, mod.original_module.weight.dtype, folder)
+        _check_against_peft(base_model, adapted, out, folder)
     return out
+
+
+def _check_against_peft(base_model: Any, adapted: Any, params: Mapping[str, np.ndarray], folder: Path) -> None:
+    """Check ``params`` (read from the PEFT model ``adapted``) module by module against PEFT's own layers: for each
+    ``Linear`` (GPT-2's ``Conv1D``) or ``Embedding`` that PEFT wraps or that ``params`` name, the base module's output on
+    random inputs plus what its slot adds (``A``, ``B``, DoRA's ``d``, the bias ``c``) must be the wrapped module's.
+    Raises :class:`AdapterError` naming the module where it is not: a part of the adapter that reading it lost (it would
+    serve other tokens than PEFT without a word). A mixture of experts' expert tensors are left to their own tests."""
+    import torch
+    from peft.tuners import lora
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.utils import ModulesToSaveWrapper
+    from transformers.pytorch_utils import Conv1D
+
+    tuners = (lora.LoraLayer, ModulesToSaveWrapper, TrainableTokensLayer)
+    tokens: dict[str, list[int]] = {}
+    paths = {k.rpartition(".")[0] for k in params}
+    for name, mod in adapted.named_modules():
+        if isinstance(mod, tuners):
+            path = _peft_path(name).removesuffix(".token_adapter")
+            paths.add(path)
+            if isinstance(mod, TrainableTokensLayer) and "default" in mod.token_indices:
+                tokens.setdefault(path, []).extend(int(i) for i in mod.token_indices["default"])
+    gen = torch.Generator().manual_seed(0)
+    inner = adapted.get_base_model()
+    for path in sorted(paths):
+        try:
+            orig, wrapped = base_model.get_submodule(path), inner.get_submodule(path)
+        except AttributeError:  # a parameter's path (LoRA on expert tensors), or no module of the plain model
+            continue
+        if isinstance(orig, torch.nn.Embedding):
+            vocab = orig.num_embeddings
+            x = torch.cat([torch.randint(0, vocab, (64,), generator=gen), torch.tensor(tokens.get(path, []),
+                                                                                        dtype=torch.int64)])
+        elif isinstance(orig, (torch.nn.Linear, Conv1D)):
+            width = orig.in_features if isinstance(orig, torch.nn.Linear) else orig.weight.shape[0]
+            x = torch.randn(4, width, generator=gen, dtype=orig.weight.dtype)
+        else:
+            continue
+        want = wrapped(x).double().numpy()
+        got = orig(x).double().numpy()
+        a, b = (params.get(n) for n in weight_names(path))
+        if a is not None:
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            delta = a.T[x.numpy()] @ b.T if x.dtype == torch.int64 else x.double().numpy() @ a.T @ b.T
+        else:
+            delta = 0.0
+        d, c = params.get(magnitude_name(path)), params.get(bias_name(path))
+        if d is not None:  # DoRA: (1 + d) * (the product without the bias + delta) + the bias
+            b0 = orig.bias.double().numpy() if getattr(orig, "bias", None) is not None else 0.0
+            got = (1 + d.astype(np.float64)) * (got - b0 + delta) + b0
+        else:
+            got = got + delta
+        if c is not None:
+            got = got + c.astype(np.float64)
+        diff = float(np.abs(got - want).max()) if want.size else 0.0
+        if diff > 1e-3 * (1.0 + float(np.abs(want).max(initial=0.0))):
+            raise AdapterError(f"{folder}: module {path!r}: the adapter as read for its slots gives other outputs than "
+                               f"PEFT's own layer (largest difference {diff:.3g}); refused rather than served wrong")
 
 
 def _embedding_rows(params: dict[str, np.ndarray], layer: Any, path: str, folder: Path) -> None:

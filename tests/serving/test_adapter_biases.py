@@ -203,7 +203,8 @@ def test_adding_a_biased_adapter_to_a_package_without_bias_slots_says_to_export_
     export_small(model, tmp_path, {"attn": tmp_path / "attn"})
     before = sorted(p.name for p in (tmp_path / "pkg" / "adapters").iterdir())
     _biased(model, tmp_path, "biased", target_modules=["q_proj"], lora_bias=True)
-    with pytest.raises(AdapterFileError, match=r"adds a bias to 2 module\(s\) \(model\.layers\.0\.self_attn\.q_proj, "
+    with pytest.raises(AdapterFileError, match=r"adds a bias \(parameter\(s\) \['model\.layers\.0\.self_attn\.q_proj\."
+                                               r"lora_bias'.*\) to 2 module\(s\) \(model\.layers\.0\.self_attn\.q_proj, "
                                                r".*export it again with this adapter among them"):
         add_adapters(tmp_path / "pkg", tmp_path / "base", {"biased": tmp_path / "biased"})
     assert sorted(p.name for p in (tmp_path / "pkg" / "adapters").iterdir()) == before

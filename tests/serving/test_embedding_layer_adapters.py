@@ -247,3 +247,25 @@ def test_dora_on_an_input_embedding_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(AdapterError, match=r"'model\.embed_tokens': DoRA on an embedding layer.*--merge-adapter"):
         export_small(model, tmp_path, {"dora": tmp_path / "dora"})
     assert not (tmp_path / "pkg").exists()
+
+
+def test_a_part_of_an_adapter_that_reading_it_loses_is_refused_not_served(tmp_path: Path, monkeypatch) -> None:
+    """The slots read through PEFT's layers are checked module by module against PEFT's own outputs: with the
+    embedding's LoRA lost in reading (as it once was), the export refuses naming the module instead of serving other
+    tokens than eager PEFT; nothing is written."""
+    import torch
+
+    import flora_graph.serving.slots as slots
+    from tests.serving.genai_package import save_small
+
+    model = small_model("LlamaForCausalLM")
+    base = save_small(model, tmp_path)
+    torch.manual_seed(6)
+    peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                        peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"],
+                                        init_lora_weights=False)).save_pretrained(tmp_path / "emb")
+    monkeypatch.setattr(slots, "_embedding_rows", lambda *args, **kw: None)
+    with pytest.raises(AdapterError, match=r"module 'model\.embed_tokens': the adapter as read for its slots gives "
+                                           r"other outputs than PEFT's own layer"):
+        export_small(model, tmp_path, {"emb": tmp_path / "emb"})
+    assert not (tmp_path / "pkg").exists()
