@@ -372,9 +372,10 @@ def export_genai(
         base_branch = weight_bytes <= BASE_BRANCH_MAX_BYTES
         say(f"base branch {'on' if base_branch else 'off'} ({weight_bytes / 2**20:.0f} MiB of weights; "
             f"automatic up to {BASE_BRANCH_MAX_BYTES // 2**20} MiB)")
-    # model.onnx: sibling slots packed (fewer nodes per step); mixed.onnx below keeps them unpacked;
-    # without adapters, sibling layers (q/k/v, gate/up) are packed as plain Linears
-    graph = optimize(unpacked, ["pack-slots" if sites else "pack-linears", "cse", "dce"])
+    # model.onnx: sibling slots packed (fewer nodes per step), and the sibling layers outside slots (q/k/v, gate/up
+    # an adapter leaves alone) as plain Linears, as mixed.onnx below packs them: both then store those weights as
+    # they are, once in the shared data file; mixed.onnx keeps its slots unpacked
+    graph = optimize(unpacked, [*(["pack-slots"] if sites else []), "pack-linears", "cse", "dce"])
     seconds["optimize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

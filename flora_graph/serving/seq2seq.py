@@ -230,7 +230,7 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     modules = {part: {m for s in graph_slots(g) for m in (s.members or (s.module,))} for part, g in unpacked.items()}
     if sites:
         params = _read_sites(params, [s for g in unpacked.values() for s in graph_slots(g)], note)
-    final = {part: optimize(g, ["pack-slots" if modules[part] else "pack-linears", "cse", "dce"])
+    final = {part: optimize(g, [*(["pack-slots"] if modules[part] else []), "pack-linears", "cse", "dce"])
              for part, g in unpacked.items()}
     seconds["optimize"] = time.perf_counter() - t0
 
