@@ -429,10 +429,10 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable", dora: Iterable[str]
                     weights[s.module] += (_vector_input(graph, s.module, name(s.module, slots), s.out, s.dtype, slots),)
         a, b = weights[s.module][:2]
         ins = [holders.get(s.base, s.base), holders.get(s.x, s.x), a, b]  # x may be another site: its holder for now
-        bias = None
+        base_bias = None
         if s.attrs.get("dora") and s.bias is not None:  # the product without its bias, which is added after
             ins[0] = graph.add(Op.LINEAR, [ins[1], s.w], name=f"{s.module}.base_without_bias", meta=s.meta)
-            bias = s.bias
+            base_bias = s.bias
         if slots == "mixed":
             if index is None:
                 index = _input(graph, s.module, INDEX_INPUT, (batch,), "int64", None)  # type: ignore[arg-type]
@@ -455,8 +455,8 @@ def adapter_slots(graph: Graph, *, slots: str = "swappable", dora: Iterable[str]
                 made[holders[s.root]] = graph.add(how, [slot], back, name=f"{s.module}.lora_slot", meta=s.meta)
             else:
                 made[holders[s.root]] = graph.add(op, ins, s.attrs, name=f"{s.module}.lora_slot", meta=s.meta)
-            if bias is not None:
-                made[holders[s.root]] = graph.add(Op.ADD, [made[holders[s.root]], bias], name=f"{s.module}.bias",
+            if base_bias is not None:
+                made[holders[s.root]] = graph.add(Op.ADD, [made[holders[s.root]], base_bias], name=f"{s.module}.bias",
                                                   meta=s.meta)
         except GraphError as exc:
             raise AdapterError(f"module {s.module!r}: cannot make its slot: {exc}") from None
