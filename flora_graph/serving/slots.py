@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from flora_graph.errors import AdapterError, FloraGraphError
-from flora_graph.ir import ComputationNode, Graph
+from flora_graph.ir import ComputationNode, Graph, Op
+from flora_graph.ops.registry import op_def
 from flora_graph.passes.adapter_slots import (
     bias_name,
     lora_sites,
@@ -666,21 +667,20 @@ def _check_against_peft(base_model: Any, adapted: Any, params: Mapping[str, np.n
         else:
             continue
         want = wrapped(x).double().numpy()
-        got = orig(x).double().numpy()
+        base = orig(x).double().numpy()
         a, b = (params.get(n) for n in weight_names(path))
-        if a is not None:
-            a, b = a.astype(np.float64), b.astype(np.float64)
-            delta = a.T[x.numpy()] @ b.T if x.dtype == torch.int64 else x.double().numpy() @ a.T @ b.T
-        else:
-            delta = 0.0
+        if a is None:  # a slot the adapter leaves at rank 0 (a bias alone)
+            width = orig.num_embeddings if x.dtype == torch.int64 else x.shape[1]
+            a, b = np.zeros((0, width)), np.zeros((want.shape[-1], 0))
         d, c = params.get(magnitude_name(path)), params.get(bias_name(path))
-        if d is not None:  # DoRA: (1 + d) * (the product without the bias + delta) + the bias
-            b0 = orig.bias.double().numpy() if getattr(orig, "bias", None) is not None else 0.0
-            got = (1 + d.astype(np.float64)) * (got - b0 + delta) + b0
-        else:
-            got = got + delta
-        if c is not None:
-            got = got + c.astype(np.float64)
+        b0 = orig.bias.double().numpy() if d is not None and getattr(orig, "bias", None) is not None else 0.0
+        # the slot's own numpy rule, as every backend is tested against; a DoRA slot reads the product without the
+        # bias, which adapter-slots adds after it
+        got = op_def(Op.LORA_SLOT).numpy(
+            base - b0, x.numpy() if x.dtype == torch.int64 else x.double().numpy(), a.astype(np.float64),
+            b.astype(np.float64), *(v.astype(np.float64) for v in (d, c) if v is not None), module=path,
+            kind="embedding" if x.dtype == torch.int64 else "linear", kernel=(1, 1), stride=(1, 1), padding=(0, 0),
+            dilation=(1, 1), dora=int(d is not None), lora_bias=int(c is not None)) + b0
         diff = float(np.abs(got - want).max()) if want.size else 0.0
         if diff > 1e-3 * (1.0 + float(np.abs(want).max(initial=0.0))):
             raise AdapterError(f"{folder}: module {path!r}: the adapter as read for its slots gives other outputs than "
