@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,8 +48,11 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
+from flora_graph.frontend.layer_stamp import StampError, capture_stamped
 from flora_graph.frontend.state_forwards import state_forward
 from flora_graph.ir import Graph
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["GROWING", "INDEXER_KEY", "SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout",
            "capture_causal_lm", "dynamic_ntk_per_row", "longrope_per_row", "past_names", "present_names", "scan_chunk",
@@ -735,7 +739,8 @@ def dynamic_ntk_per_row(model: nn.Module) -> contextlib.AbstractContextManager[l
 
 
 def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None,
-                      share_weights: bool = False, layout: CacheLayout | None = None) -> Graph:
+                      share_weights: bool = False, layout: CacheLayout | None = None,
+                      stamp_layers: bool = True) -> Graph:
     """Capture ``model`` (a transformers causal LM, or a PeftModel of one) with its key/value cache.
 
     The graph's inputs and outputs are named as in the module docstring (:meth:`CacheLayout.past_names`,
@@ -745,7 +750,10 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     ``dynamic`` (NTK) one its frequencies (:func:`dynamic_ntk_per_row`); a sliding window counts token
     positions (:func:`~flora_graph.frontend.sliding_window.windows_by_position`). ``share_weights``: the graph's
     weights are views of the model's (see :func:`~flora_graph.frontend.capture`). ``layout``: the model's
-    :func:`cache_layout`, where the caller has it (a hybrid's is read off an eager step).
+    :func:`cache_layout`, where the caller has it (a hybrid's is read off an eager step). ``stamp_layers``: where
+    the layers past the first are alike, trace three and copy the program of layer 1 for the others
+    (:mod:`~flora_graph.frontend.layer_stamp`: the same graph, checked against the trace of layer 2, in a fraction
+    of the time on a deep model); ``False``, or where they are not, every layer is traced.
 
     Raises:
         GraphError: the model is not a causal LM with a config, or torch.export fails on it.
@@ -766,12 +774,21 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
                                for _, kind in layout.entries()]
     in_names = [*dims][:-1] + layout.past_names()
     out_names = ["logits", *layout.present_names()]
+    graph = None
     try:
         with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
+            if stamp_layers:  # three layers traced, the others stamped from them where that is exact
+                try:
+                    graph = capture_stamped(model, inputs, dims, layout, name=name or type(base).__name__,
+                                            input_names=in_names, output_names=out_names, dim_max=dim_max,
+                                            share_weights=share_weights)
+                except StampError as exc:
+                    _log.debug("%s: every layer traced: %s", type(base).__name__, exc)
             # a Python loop over a scan's chunks that no swap makes one op comes out bounded to one chunk a call, the
             # cache carrying the state from piece to piece: the Generator prefills long prompts in pieces
-            graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
-                            input_names=in_names, output_names=out_names, share_weights=share_weights)
+            if graph is None:
+                graph = capture(model, inputs, dims, name=name or type(base).__name__, dim_max=dim_max,
+                                input_names=in_names, output_names=out_names, share_weights=share_weights)
     except GraphError as exc:  # the model's own forward again here, for an eager step that names its cache's class
         if re.search(r"(conv|recurrent) state|cache of its own", str(exc)):
             raise GraphError(f"{type(base).__name__}: its state-space or linear-attention layers keep a state "

@@ -1,0 +1,513 @@
+"""Capture a deep decoder by tracing three of its layers and stamping the rest.
+
+``torch.export`` spends most of a decoder's capture tracing its layers one op at a time under fake
+tensors, about the same time for every layer (0.4 s a layer on a 2-core VM, 10 s of a 24-layer 0.5B
+model's 19 s export). Where the layers past the first are alike, tracing three is enough: the
+program of layer 1 is copied for layers 2 .. N-1, each copy reading its own layer's weights and
+cache, and the head reads the last copy.
+
+How it stays exact:
+
+* **Which models.** The decoder's layers are one ``nn.ModuleList`` as long as its cache; layers 1 ..
+  N-1 agree in every module's class, its plain attributes (``sliding_window``, ``is_sliding``, a LoRA
+  layer's ``scaling`` ...; the layer's own index aside), its weights' names, shapes and dtypes, and in
+  the config's per-layer lists (``layer_types``); the cache holds keys and values in every layer and
+  nothing else (:func:`plan` says why not otherwise).
+* **The trace.** The model runs with its first three layers (the others removed from the list while
+  it is traced) and the flat cache of all N: the program's layers run in order, each reading the one
+  before it through one tensor (the residual stream) and nothing else, the head reading the last.
+* **The check.** Layer 2 stamped from layer 1 must equal, op for op, the layer 2 torch.export traced
+  (:func:`canonical`: every op, its arguments, its module path, its output's shape and dtype, weights
+  by name, constants by value). Anything else raises :class:`StampError` and the caller traces every
+  layer instead.
+
+The stamped program then converts as a traced one does (:func:`~flora_graph.frontend.capture.convert_fx_graph`);
+adapters are tagged from the module paths the copies carry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flora_graph.errors import GraphError
+
+__all__ = ["MIN_LAYERS", "TRACED", "LayerStack", "StampError", "canonical", "plan", "stamp", "truncated"]
+
+TRACED = 3
+"""The layers traced: layer 0 (which may differ: a model's first layer often does), the template (1) and the one
+the check stamps (2)."""
+
+MIN_LAYERS = 6
+"""The fewest layers worth stamping: below it, tracing every layer costs about what three and the check do."""
+
+_INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "idx", "training"})
+"""Module attributes that hold the layer's own index (or the mode), left out of the comparison of layers."""
+
+
+class StampError(GraphError):
+    """The layers cannot be stamped (the message says why); the caller traces every layer."""
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """The decoder's layers: ``owner.<attr>`` is the ``nn.ModuleList`` at module path ``prefix``, ``count`` long."""
+
+    owner: nn.Module
+    attr: str
+    prefix: str
+    count: int
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if depth > 2:
+        return False
+    if isinstance(value, list | tuple | frozenset | set):
+        return len(value) <= 64 and all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return len(value) <= 64 and all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _hooks(m: nn.Module) -> tuple:
+    """The forward hooks of ``m`` (a hook adds ops to its module's program), by the function each calls."""
+    found = []
+    for kind in ("_forward_pre_hooks", "_forward_hooks"):
+        for h in (getattr(m, kind, None) or {}).values():
+            fn = getattr(h, "__func__", h)
+            found.append((kind, getattr(fn, "__module__", ""), getattr(fn, "__qualname__", type(fn).__qualname__),
+                          id(getattr(fn, "__code__", fn))))
+    return tuple(found)
+
+
+def _signature(layer: nn.Module, path: str) -> tuple:
+    """What must agree between two layers for one's program to be the other's with its own weights (``path``: the
+    layer's module path, which an attribute naming a module in it reads as ``#``)."""
+    here = re.compile(re.escape(path) + r"(?=\.|'|$)")
+    parts: list[Any] = []
+    for name, m in layer.named_modules(remove_duplicate=False):
+        attrs = tuple(sorted((k, here.sub("#", repr(v))) for k, v in vars(m).items()
+                             if not k.startswith("_") and k not in _INDEX_ATTRS and _plain(v)))
+        parts.append((name, type(m).__module__, type(m).__qualname__, attrs, "forward" in vars(m), _hooks(m)))
+    for name, t in [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False)]:
+        parts.append((name, tuple(t.shape), str(t.dtype)))
+    return tuple(parts)
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def plan(model: nn.Module, layout: Any) -> LayerStack:
+    """The layer list of ``model`` (a transformers causal LM, the module torch.export traces) to stamp for a cache
+    laid out as ``layout`` (a :class:`~flora_graph.frontend.causal_lm.CacheLayout`); raises :class:`StampError`
+    saying why where its layers cannot be stamped."""
+    if (layout.shared or layout.kv_layers is not None or layout.states or layout.indexed or layout.indexer_positions
+            or layout.cache_type is not None or layout.repeats):
+        raise StampError("the cache holds more than keys and values in every layer")
+    n = int(layout.layers)
+    if n < MIN_LAYERS:
+        raise StampError(f"{n} layers: too few to stamp")
+    if layout.per_layer and len(set(layout.per_layer[1:])) > 1:
+        raise StampError("the layers' keys and values differ in shape")
+    found = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        raise StampError(f"{len(found)} module lists of {n} layers")
+    prefix, layers = found[0]
+    if not prefix:
+        raise StampError("the layer list is the model itself")
+    owner_path, _, attr = prefix.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    if getattr(owner, attr, None) is not layers:
+        raise StampError(f"{prefix} is not an attribute of its owner")
+    first = _signature(layers[1], f"{prefix}.1")
+    for i in range(2, n):
+        if _signature(layers[i], f"{prefix}.{i}") != first:
+            raise StampError(f"layer {i} differs from layer 1 ({prefix})")
+    cfg = _text_config(model)
+    for key, value in sorted(vars(cfg).items() if cfg is not None else ()):
+        if isinstance(value, list | tuple) and len(value) == n and len({repr(v) for v in value[1:]}) > 1:
+            raise StampError(f"the config's per-layer {key} differs from layer to layer")
+    return LayerStack(owner, attr, prefix, n)
+
+
+@contextlib.contextmanager
+def truncated(stack: LayerStack, keep: int = TRACED) -> Iterator[None]:
+    """While the block runs, the layer list holds its first ``keep`` layers (the same modules, the same paths)."""
+    full = getattr(stack.owner, stack.attr)
+    setattr(stack.owner, stack.attr, nn.ModuleList(list(full)[:keep]))
+    try:
+        yield
+    finally:
+        setattr(stack.owner, stack.attr, full)
+
+
+def _layer_of_path(path: str, prefix: str) -> int | None:
+    if not path.startswith(prefix + "."):
+        return None
+    head = path[len(prefix) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _stack_paths(node: torch.fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [v[0] for v in stack.values() if isinstance(v, tuple) and v and isinstance(v[0], str)]
+
+
+def _renamed_stack(node: torch.fx.Node, prefix: str, old: int, new: int) -> dict:
+    """``node``'s ``nn_module_stack`` with layer ``old``'s paths moved to layer ``new``."""
+    head, out = f"{prefix}.{old}", {}
+    for key, v in (node.meta.get("nn_module_stack") or {}).items():
+        if isinstance(v, tuple) and v and isinstance(v[0], str) and (v[0] == head or v[0].startswith(head + ".")):
+            v = (f"{prefix}.{new}{v[0][len(head):]}", *v[1:])
+            key = f"{key}@{new}"
+        out[key] = v
+    return out
+
+
+@dataclass
+class Stamped:
+    """A stamped program: ``graph``, and the weight placeholders by name (``name -> (fqn, tensor)``)."""
+
+    graph: torch.fx.Graph
+    weights: dict[str, tuple[str, torch.Tensor]]
+
+
+def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tensor]], input_names: Sequence[str],
+          output_names: Sequence[str], layers: int, prefix: str, tensors: Mapping[str, torch.Tensor], *,
+          template: int = 1) -> Stamped:
+    """The program of ``fx_graph`` (a trace of the first layers of a decoder whose layer list is at ``prefix``) with
+    the layers after ``template`` replaced by copies of it, up to ``layers`` layers.
+
+    ``weights``: placeholder name -> (fqn, tensor) of the trace's weights; ``input_names`` / ``output_names``: the
+    graph's inputs (of the tensor placeholders that are not weights, in order) and outputs, among them
+    ``past_key_values.{i}.*`` / ``present.{i}.*`` for every layer; ``tensors``: the whole model's weights by fqn,
+    where the copies find theirs. Raises :class:`StampError` where the program is not a chain of layers
+    each reading the one before through one tensor.
+    """
+    nodes = list(fx_graph.nodes)
+    if any(n.op not in ("placeholder", "call_function", "output") for n in nodes):
+        raise StampError("the program calls subgraphs")
+    user = [n for n in nodes if n.op == "placeholder" and n.name not in weights
+            and isinstance(n.meta.get("val"), torch.Tensor)]
+    if len(user) != len(input_names):
+        raise StampError(f"{len(input_names)} input names for {len(user)} inputs")
+    by_input = dict(zip(input_names, user, strict=True))
+    input_of = {n: name for name, n in by_input.items()}
+
+    def layer_of(n: torch.fx.Node) -> int | None:
+        if n.op == "placeholder":
+            return _layer_of_path(weights[n.name][0], prefix) if n.name in weights else None
+        found = [i for p in _stack_paths(n) if (i := _layer_of_path(p, prefix)) is not None]
+        return found[0] if found else None
+
+    calls = [n for n in nodes if n.op == "call_function"]
+    where = {n: layer_of(n) for n in calls}
+    traced = sorted({i for i in where.values() if i is not None})
+    if traced != list(range(len(traced))) or template + 1 >= len(traced) or len(traced) > layers:
+        raise StampError(f"the trace holds layers {traced}")
+    blocks: dict[int, list[torch.fx.Node]] = {i: [] for i in traced}
+    pre: list[torch.fx.Node] = []
+    tail: list[torch.fx.Node] = []
+    seen_layer = -1
+    for n in calls:  # the program must run: the part before the layers, layer 0, 1, ..., the head
+        i = where[n]
+        if i is None:
+            (pre if seen_layer < 0 else tail).append(n)
+            continue
+        if i < seen_layer or tail:
+            raise StampError(f"layer {i}'s ops are not together ({n.name})")
+        seen_layer = i
+        blocks[i].append(n)
+    last = traced[-1]
+    body = set(blocks[template])
+
+    def reads(block: Sequence[torch.fx.Node]) -> list[torch.fx.Node]:
+        out: dict[torch.fx.Node, None] = {}
+        for n in block:
+            for a in n.all_input_nodes:
+                out.setdefault(a, None)
+        return list(out)
+
+    def size(n: torch.fx.Node) -> bool:  # a size (torch.export computes one once, where first asked): shared
+        return isinstance(n.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool)
+
+    # the one tensor from layer to layer: what the template reads of the layer before, what the next reads of it
+    entering = [a for a in reads(blocks[template]) if a.op == "call_function" and where[a] == template - 1
+                and not size(a)]
+    leaving = [a for a in reads(blocks[template + 1]) if a in body and not size(a)]
+    into_head = [a for a in reads(tail) if a.op == "call_function" and where[a] is not None and not size(a)]
+    if len(entering) != 1 or len(leaving) != 1 or len(into_head) != 1 or where[into_head[0]] != last:
+        raise StampError(f"layers pass {len(entering)}/{len(leaving)} tensors on, the head reads "
+                         f"{len(into_head)} of them")
+    hidden_in, hidden_out, head_in = entering[0], leaving[0], into_head[0]
+    for n in blocks[template]:  # the template's tensors go to the next layer (one) and the outputs, no further
+        for u in n.users:
+            if u.op == "call_function" and u not in body and where[u] != template + 1 and not size(n):
+                raise StampError(f"{n.name} of layer {template} is read outside the next layer ({u.name})")
+    for i in traced:
+        for n in reads(blocks[i]):
+            if n.op == "call_function" and where[n] is not None and where[n] not in (i, i - 1) and not size(n):
+                raise StampError(f"layer {i} reads layer {where[n]} ({n.name})")
+    for i in traced[template + 1:]:
+        for n in blocks[i]:
+            if any(u.op == "call_function" and where[u] is None and u not in tail for u in n.users):
+                raise StampError(f"{n.name} of layer {i} is read before the layers")
+
+    out_node = next(n for n in nodes if n.op == "output")
+    outs = list(out_node.args[0]) if isinstance(out_node.args[0], tuple | list) else [out_node.args[0]]
+    kept_outs = [o for o in outs if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor)]
+    if len(kept_outs) != len(outs) or len(outs) != len(output_names):
+        raise StampError(f"{len(output_names)} output names for {len(outs)} outputs")
+    out_at = {name: k for k, name in enumerate(output_names)}
+    layer_name = re.compile(r"^(past_key_values|present)\.(\d+)\.(.+)$")
+
+    def moved(name: str, layer: int) -> str:
+        m = layer_name.match(name)
+        return f"{m.group(1)}.{layer}.{m.group(3)}" if m else name
+
+    # ops before the layers that read one layer's cache (the flat cache's layers made from the inputs): a copy
+    # reads its own layer's, found by structure with the template's layer index moved
+    past_of = {n: (int(m.group(2)), m.group(3)) for n, name in input_of.items()
+               if (m := layer_name.match(name)) and m.group(1) == "past_key_values"}
+    pre_set = set(pre)
+    deps: dict[torch.fx.Node, frozenset[int]] = {}
+    for n in pre:
+        found: set[int] = set()
+        if size(n):  # the layers' caches share their sizes
+            deps[n] = frozenset()
+            continue
+        for a in n.all_input_nodes:
+            found |= {past_of[a][0]} if a in past_of else deps.get(a, frozenset())
+        deps[n] = frozenset(found)
+    keys: dict[tuple[torch.fx.Node, int | None], Any] = {}
+
+    def key(n: torch.fx.Node, move: int | None) -> Any:
+        """``n``'s structure, the template's layer read as layer ``move`` where given."""
+        if (n, move) in keys:
+            return keys[(n, move)]
+
+        def enc(a: Any) -> Any:
+            if isinstance(a, torch.fx.Node):
+                if a in past_of:
+                    i, kind = past_of[a]
+                    return ("past", move if move is not None and i == template else i, kind)
+                if a in pre_set:
+                    return ("pre", key(a, move))
+                if a.name in weights:  # the model's weights by name, a constant made during the call by value
+                    fqn, t = weights[a.name]
+                    return ("weight", fqn) if fqn in tensors else ("constant", _digest(t))
+                return ("node", a.name)
+            if isinstance(a, list | tuple):
+                return tuple(enc(x) for x in a)
+            if isinstance(a, dict):
+                return tuple(sorted((k, enc(v)) for k, v in a.items()))
+            return repr(a)
+
+        keys[(n, move)] = out = (str(n.target), enc(n.args), enc(n.kwargs))
+        return out
+
+    by_key: dict[Any, torch.fx.Node] = {}
+    for n in pre:
+        if deps[n]:
+            by_key.setdefault(key(n, None), n)
+
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    new_weights = {k: v for k, v in weights.items()}
+    by_fqn = {fqn: n for n in nodes if n.op == "placeholder" and n.name in weights for fqn in [weights[n.name][0]]}
+    for n in nodes:
+        if n.op == "placeholder":
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    for n in pre + [n for i in traced if i <= template for n in blocks[i]]:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+
+    head = f"{prefix}.{template}."
+    made: dict[str, torch.fx.Node] = {}
+
+    def weight_of(a: torch.fx.Node, j: int) -> torch.fx.Node:
+        fqn, tensor = weights[a.name]
+        if not fqn.startswith(head):
+            return env[a]
+        want = f"{prefix}.{j}.{fqn[len(head):]}"
+        if want in by_fqn:
+            return env[by_fqn[want]]
+        if want not in made:
+            found = tensors.get(want)
+            if found is None or tuple(found.shape) != tuple(tensor.shape) or found.dtype != tensor.dtype:
+                raise StampError(f"the model has no weight {want} like {fqn}")
+            ph = graph.placeholder(f"stamped_{j}_{a.name}")
+            ph.meta = dict(a.meta)
+            new_weights[ph.name] = (want, found)
+            made[want] = ph
+        return made[want]
+
+    copies: dict[int, dict[torch.fx.Node, torch.fx.Node]] = {}
+    for j in range(template + 1, layers):
+        mine: dict[torch.fx.Node, torch.fx.Node] = {}
+        before = env[hidden_out] if j == template + 1 else copies[j - 1][hidden_out]
+
+        def arg(a: torch.fx.Node, j: int = j, mine: dict = mine, before: torch.fx.Node = before) -> torch.fx.Node:
+            if a in mine:
+                return mine[a]
+            if a is hidden_in:
+                return before
+            if a.op == "placeholder":
+                if a.name in weights:
+                    return weight_of(a, j)
+                name = input_of.get(a)
+                if name is not None and (m := layer_name.match(name)) and int(m.group(2)) == template:
+                    return env[by_input[moved(name, j)]]
+                return env[a]
+            if where.get(a) is not None and not size(a):
+                raise StampError(f"layer {template} reads {a.name} of layer {where[a]}")
+            if a in pre_set and deps[a]:  # made from the cache's inputs: from layer j's where it is the template's
+                if deps[a] != {template}:
+                    raise StampError(f"layer {template} reads {a.name}, made from the cache of layers {sorted(deps[a])}")
+                twin = by_key.get(key(a, j))
+                if twin is None:
+                    raise StampError(f"no op makes layer {j}'s {a.name}")
+                return env[twin]
+            return env[a]
+
+        for n in blocks[template]:
+            if size(n):  # a size the template computed: torch.export reuses it in the later layers
+                mine[n] = env[n]
+                continue
+            c = graph.node_copy(n, arg)
+            c.meta = dict(n.meta)
+            c.meta["nn_module_stack"] = _renamed_stack(n, prefix, template, j)
+            mine[n] = c
+        copies[j] = mine
+    final = copies[layers - 1] if layers - 1 > template else {n: env[n] for n in blocks[template]}
+    for n in tail:
+        env[n] = graph.node_copy(n, lambda a: final[hidden_out] if a is head_in else env[a])
+    new_outs = []
+    for name, o in zip(output_names, outs, strict=True):
+        m = layer_name.match(name)
+        i = int(m.group(2)) if m and m.group(1) == "present" else None
+        if i is not None and template < i < layers:
+            src = outs[out_at[moved(name, template)]]
+            if src not in body:
+                raise StampError(f"{moved(name, template)} is not made by layer {template}")
+            new_outs.append(copies[i][src])
+        elif o.op == "call_function" and where.get(o) is not None and where[o] > template:
+            raise StampError(f"output {name} comes from layer {where[o]}")
+        else:
+            new_outs.append(env[o])
+    graph.output(tuple(new_outs) if isinstance(out_node.args[0], tuple | list) else new_outs[0])
+    return Stamped(graph, new_weights)
+
+
+def _digest(t: torch.Tensor) -> tuple[str, str, tuple[int, ...]]:
+    """A tensor's value as a key: a hash of its bytes, its dtype and shape."""
+    data = t.detach().cpu().contiguous()
+    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return hashlib.sha1(raw).hexdigest(), str(data.dtype), tuple(data.shape)
+
+
+def canonical(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tensor]], constants: Sequence[str],
+              input_names: Sequence[str]) -> list[tuple]:
+    """``fx_graph`` op by op as plain values that two traces of one program share: each op's target, arguments
+    (ops by position, weights by name, constants by value, inputs by graph input name), module path, and output
+    shape and dtype; the op order is the program's."""
+    constants = set(constants)
+    user = [n for n in fx_graph.nodes if n.op == "placeholder" and n.name not in weights
+            and isinstance(n.meta.get("val"), torch.Tensor)]
+    named = dict(zip(user, input_names, strict=True))
+    digests: dict[str, str] = {}
+    at: dict[torch.fx.Node, int] = {}
+
+    def enc(a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            if a.op == "placeholder":
+                if a.name in weights:
+                    fqn, t = weights[a.name]
+                    if a.name in constants:
+                        if a.name not in digests:
+                            digests[a.name] = _digest(t)
+                        return ("constant", digests[a.name])
+                    return ("weight", fqn)
+                return ("input", named.get(a, a.name))
+            return ("op", at[a])
+        if isinstance(a, list | tuple):
+            return tuple(enc(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, enc(v)) for k, v in a.items()))
+        return repr(a)
+
+    def meta(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return (str(v.dtype), repr(tuple(v.shape)))
+        if isinstance(v, list | tuple):
+            return tuple(meta(x) for x in v)
+        return repr(v)
+
+    out: list[tuple] = []
+    for n in fx_graph.nodes:
+        if n.op == "placeholder":
+            continue
+        at[n] = len(out)
+        out.append((n.op, str(n.target), enc(n.args), enc(n.kwargs), tuple(_stack_paths(n)), meta(n.meta.get("val"))))
+    return out
+
+
+def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic_dims: Mapping[str, Any], layout: Any,
+                    *, name: str, input_names: Sequence[str], output_names: Sequence[str],
+                    dim_max: Mapping[str, int] | None = None, share_weights: bool = False) -> Any:
+    """:func:`~flora_graph.frontend.capture` of a causal LM with its flat cache (the arguments
+    :func:`~flora_graph.frontend.causal_lm.capture_causal_lm` passes it), tracing :data:`TRACED` layers and
+    stamping the others; raises :class:`StampError` where that cannot be done exactly (:func:`plan`, :func:`stamp`,
+    the check of layer 2), before anything is converted."""
+    from flora_graph.frontend.capture import _lifted, convert_fx_graph, flat_dynamic_dims, trace_with_torch_export
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) and hasattr(
+        model, "peft_config") else model
+    stack = plan(base, layout)
+    try:
+        with truncated(stack):
+            traced = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max)
+    except Exception as exc:  # the model needs all its layers to run: every layer is traced instead
+        raise StampError(f"its first {TRACED} layers alone do not trace ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    ep = traced.ep
+    sig = ep.graph_signature
+    state = {**ep.state_dict, **ep.constants}
+    weights = {n: (fqn, state[fqn]) for n, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+                                                   **sig.inputs_to_lifted_tensor_constants}.items()}
+    module = traced.model
+    tensors = {**dict(module.named_parameters(remove_duplicate=False)),
+               **dict(module.named_buffers(remove_duplicate=False))}
+    for fqn, t in weights.values():  # the trace read the layers' own tensors (none swapped while it traced)
+        own = tensors.get(fqn)
+        if fqn.startswith(f"{stack.prefix}.") and (own is None or own.shape != t.shape or own.dtype != t.dtype
+                                                   or own.data_ptr() != t.data_ptr() or own.stride() != t.stride()):
+            raise StampError(f"the traced program reads {fqn} other than the model holds it")
+    constants = sorted(_lifted(ep))
+    check = stamp(ep.graph, weights, input_names, output_names, TRACED, stack.prefix, tensors)
+    if canonical(check.graph, check.weights, constants, input_names) != canonical(ep.graph, weights, constants,
+                                                                                input_names):
+        raise StampError(f"layer 2 stamped from layer 1 differs from its trace ({stack.prefix})")
+    full = stamp(ep.graph, weights, input_names, output_names, stack.count, stack.prefix, tensors)
+    from flora_graph.adapters import adapters_of
+    from flora_graph.adapters.peft import peft_lora_layers
+
+    adapters = {**adapters_of(module), **peft_lora_layers(module)}
+    graph = convert_fx_graph(full.graph, full.weights, adapters, flat_dynamic_dims(dynamic_dims), name,
+                             input_names=traced.input_names, output_names=output_names, share_weights=share_weights,
+                             dim_max=traced.dim_max, constants=constants)
+    graph.dim_max, graph.dim_min = traced.dim_max, traced.dim_min
+    for node, new in zip(list(graph.inputs), input_names, strict=True):  # as capture names them
+        graph.rename_input(node.name, new)
+    return graph

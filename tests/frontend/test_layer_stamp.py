@@ -1,0 +1,175 @@
+"""Deep decoders captured from three traced layers, the others stamped: the graph of tracing every layer."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from flora_graph.frontend import layer_stamp  # noqa: E402
+from flora_graph.frontend.causal_lm import (  # noqa: E402
+    CausalLMWithPast,
+    cache_layout,
+    capture_causal_lm,
+    example_inputs,
+)
+from flora_graph.frontend.layer_stamp import StampError  # noqa: E402
+from flora_graph.ir import Op  # noqa: E402
+from flora_graph.runtimes import compile  # noqa: E402
+from tests.frontend.test_causal_lm import COMMON, _config, _feed  # noqa: E402
+
+LAYERS = 7
+SLOW = pytest.mark.slow
+
+
+def deep(arch: str, layers: int = LAYERS, **changes):
+    """A seeded tiny ``arch`` of ``layers`` layers (the family test's config otherwise), in eval mode."""
+    saved = dict(COMMON)
+    COMMON.update(num_hidden_layers=layers)
+    try:
+        cfg = _config(arch)
+    finally:
+        COMMON.clear()
+        COMMON.update(saved)
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    return getattr(transformers, arch)(cfg).eval()
+
+
+def structure(graph, model) -> list[tuple]:
+    """``graph`` node by node: op, attributes, inputs (by position), shape and dtype, a constant's value and, for
+    ``model``'s weights, name (the capture names the constants it makes after the ops that read them)."""
+    weights = {n for n, _ in [*model.named_parameters(), *model.named_buffers()]}
+    at: dict = {}
+    out = []
+    for n in graph.nodes:
+        at[n] = len(out)
+        attrs = {k: v for k, v in n.attrs.items() if k != "param"}
+        key = (n.op.name, repr(sorted(attrs.items())), tuple(at[i] for i in n.inputs), tuple(n.shape), n.dtype)
+        if n.op is Op.CONST:
+            param = n.attrs.get("param")
+            key += (param if param in weights else None, graph.params[param].tobytes())
+        out.append(key)
+    return out + [("output", name, at[node]) for name, node in graph.outputs.items()] + [
+        ("input", i.name, tuple(i.shape), i.dtype) for i in graph.inputs]
+
+
+def stamped_only(model, layout):
+    """``model`` captured with its layers stamped; the :class:`StampError` where they cannot be (no full trace)."""
+    import flora_graph.frontend.causal_lm as causal_lm
+
+    real, errors = causal_lm.capture_stamped, []
+
+    def keep(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except StampError as exc:
+            errors.append(exc)
+            raise
+
+    def refuse(*args, **kwargs):
+        raise errors[0] if errors else AssertionError("not stamped")
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setattr(causal_lm, "capture_stamped", keep)
+        mp.setattr(causal_lm, "capture", refuse)
+        return capture_causal_lm(model, layout=layout)
+
+
+def both(model):
+    """``model`` captured with its layers stamped and with every layer traced; its cache layout."""
+    layout = cache_layout(model)
+    stamped = stamped_only(model, layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = capture_causal_lm(model, layout=layout, stamp_layers=False)
+    return stamped, traced, layout
+
+
+STAMPED = ["LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM",
+           pytest.param("DeepseekV3ForCausalLM", marks=SLOW), pytest.param("Qwen2MoeForCausalLM", marks=SLOW),
+           pytest.param("CohereForCausalLM", marks=SLOW), pytest.param("Olmo2ForCausalLM", marks=SLOW),
+           pytest.param("GemmaForCausalLM", marks=SLOW), pytest.param("Qwen3ForCausalLM", marks=SLOW)]
+
+
+@pytest.mark.parametrize("arch", STAMPED)
+def test_a_stamped_capture_is_the_graph_of_tracing_every_layer(arch: str) -> None:
+    # Mixtral: routed experts; DeepSeek-V3: latent attention, its first layer dense and the others with experts;
+    # Mistral: a sliding window (rewritten to count positions, as a full trace's is)
+    model = deep(arch)
+    stamped, traced, layout = both(model)
+    assert structure(stamped, model) == structure(traced, model)
+    wrapper = CausalLMWithPast(model, layout)
+    names = ["logits", *layout.present_names()]
+    for backend in ("numpy", "onnxruntime"):
+        exe = compile(stamped, backend)
+        for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:
+            x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
+            with torch.no_grad():
+                want = wrapper(**x)
+            got = exe(_feed(x, layout))
+            for i, n in enumerate(names):
+                np.testing.assert_allclose(got[n], want[i].numpy(), atol=2e-5, rtol=1e-4, err_msg=f"{backend} {n}")
+
+
+def test_every_layer_of_a_deep_model_reads_its_own_weights_and_cache() -> None:
+    model = deep("LlamaForCausalLM", 9)
+    stamped, traced, layout = both(model)
+    assert structure(stamped, model) == structure(traced, model)
+    consts = {n.attrs["param"] for n in stamped.nodes if n.op is Op.CONST}
+    for i in range(9):
+        assert f"model.layers.{i}.self_attn.q_proj.weight" in consts
+        assert f"past_key_values.{i}.key" in [x.name for x in stamped.inputs]
+    assert list(stamped.outputs) == ["logits", *layout.present_names()]
+    with torch.no_grad():  # a change to one late layer's weights shows in the stamped graph's outputs
+        model.model.layers[7].mlp.down_proj.weight.mul_(3.0)
+    again = capture_causal_lm(model, layout=layout)
+    x = _feed(example_inputs(layout, 128, 2, 4, 3, seed=1), layout)
+    with torch.no_grad():
+        want = CausalLMWithPast(model, layout)(**example_inputs(layout, 128, 2, 4, 3, seed=1))[0].numpy()
+    np.testing.assert_allclose(compile(again, "numpy")(x)["logits"], want, atol=2e-5, rtol=1e-4)
+    assert not np.allclose(compile(stamped, "numpy")(x)["logits"], want, atol=1e-3)
+
+
+@pytest.mark.parametrize(("arch", "layers", "why"), [
+    ("Gemma2ForCausalLM", LAYERS, "layer 2 differs from layer 1"),  # sliding and full attention alternate
+    ("SmolLM3ForCausalLM", LAYERS, "layer 3 differs from layer 1"),  # no rotary in every fourth layer
+    ("LlamaForCausalLM", 4, "4 layers: too few to stamp"),
+    ("BambaForCausalLM", LAYERS, "more than keys and values"),  # state-space layers beside attention
+])
+def test_layers_that_are_not_alike_are_traced_every_one(arch: str, layers: int, why: str) -> None:
+    model = deep(arch, layers)
+    with pytest.raises(StampError, match=why):
+        layer_stamp.plan(model, cache_layout(model))
+
+
+def test_a_hook_on_a_late_layer_is_not_lost() -> None:
+    model = deep("LlamaForCausalLM")
+    model.model.layers[5].register_forward_hook(lambda mod, args, out: out * 0.5)
+    with pytest.raises(StampError, match="layer 5 differs from layer 1"):
+        layer_stamp.plan(model, cache_layout(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture_causal_lm(model)  # every layer traced: the hook's product is in the graph
+    layout = cache_layout(model)
+    x = example_inputs(layout, 128, 2, 3, 2, seed=3)
+    with torch.no_grad():
+        want = CausalLMWithPast(model, layout)(**x)[0].numpy()
+    np.testing.assert_allclose(compile(graph, "numpy")(_feed(x, layout))["logits"], want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_layer_2_unlike_its_trace_is_refused_by_the_check() -> None:
+    # with hooks left out of the comparison of the layers' modules, a hook on layer 2 alone passes it: the op-by-op
+    # check of layer 2 stamped from layer 1 against its trace refuses the stamping then
+    model = deep("LlamaForCausalLM")
+    model.model.layers[2].register_forward_hook(lambda mod, args, out: out * 0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer_stamp, "_hooks", lambda m: ())
+        with pytest.raises(StampError, match="layer 2 stamped from layer 1 differs from its trace"):
+            stamped_only(model, cache_layout(model))
