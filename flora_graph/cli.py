@@ -201,6 +201,9 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     if args.merge_adapter and args.format != "genai":
         raise FloraGraphError("--merge-adapter goes with --format genai (a file export takes the adapter as --adapter "
                               "and bakes it in with --preset merged)")
+    if args.trace_every_layer and (args.format != "genai" or args.task in SEQ2SEQ_TASKS):
+        raise FloraGraphError("--trace-every-layer goes with a decoder's --format genai package (its capture with the "
+                              "key/value cache)")
     if args.task in SEQ2SEQ_TASKS:
         return _export_seq2seq(args, console)
     if args.format == "genai" or args.task == "text-generation-with-past":
@@ -275,7 +278,7 @@ def _export_genai(args: argparse.Namespace, console: Console) -> int:
         report = export_genai(args.model, args.out, adapters, progress=lambda m: status.update(m),
                               contrib=args.ort_contrib, base_branch=args.base_branch, precision=args.precision,
                               int4_block_size=args.int4_block_size, int4_accuracy_level=args.int4_accuracy_level,
-                              merge=args.merge_adapter, mixed=args.mixed)
+                              merge=args.merge_adapter, mixed=args.mixed, stamp_layers=not args.trace_every_layer)
     merged = f" (base: {args.model} + {args.merge_adapter} merged)" if args.merge_adapter else ""
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an ONNX Runtime GenAI package "
                   f"(model type {report.model_type!r}){merged}")
@@ -433,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--precision int4: MatMulNBits' least activation precision; 4 computes in int8 (the model "
                         "builder's CPU default, the fastest), 0 keeps the input's (the float model of the 4-bit "
                         "weights, token for token)")
+    e.add_argument("--trace-every-layer", action="store_true",
+                   help="--format genai: trace every decoder layer with torch.export; by default, where the layers "
+                        "past the first are alike, three are traced and the others stamped from layer 1 (the same "
+                        "graph, checked against the trace of layer 2, in a fraction of the time on a deep model)")
     e.add_argument("--merge-adapter", metavar="DIR", default=None,
                    help="--format genai: a PEFT adapter folder baked into the package's base weights by PEFT "
                         "(merge_and_unload): any adapter PEFT merges, DoRA, LoRA on expert tensors "

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -738,6 +739,29 @@ def dynamic_ntk_per_row(model: nn.Module) -> contextlib.AbstractContextManager[l
     return _rotaries_per_row(model, "dynamic", _dynamic_setup)
 
 
+def _check_stamped(graph: Graph, base: nn.Module, layout: CacheLayout, vocab: int, out_names: list[str]) -> None:
+    """Raise :class:`StampError` unless ``graph`` (stamped) computes, in the numpy reference backend, the logits
+    and every layer's keys and values that ``base`` (its flat forward on) computes eagerly on a short decode step:
+    the stamped layers past those traced are checked by value too."""
+    from flora_graph.runtimes import compile as compile_graph
+
+    x = example_inputs(layout, vocab, 1, 2, 2, seed=7)
+    takes = {i.name for i in graph.inputs}
+    feeds = {k: v.numpy() for k, v in x.items() if k != "past_key_values" and k in takes}
+    feeds.update({n: t.numpy() for n, t in zip(layout.past_names(), x["past_key_values"], strict=True) if n in takes})
+    try:
+        with torch.no_grad():
+            want = base(**x)
+        got = compile_graph(graph, "numpy")(feeds)
+    except Exception as exc:  # a model the reference check cannot run: not stamped
+        raise StampError(f"the check of the stamped graph failed to run ({type(exc).__name__}: {exc})") from exc
+    for name, ref in zip(out_names, want, strict=True):
+        ref = ref.detach().float().numpy()
+        diff = float(np.abs(np.asarray(got[name], np.float32) - ref).max()) if ref.size else 0.0
+        if not diff <= 1e-3 * (1.0 + float(np.abs(ref).max())):
+            raise StampError(f"the stamped graph's {name} differs from eager by {diff:.3g}")
+
+
 def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dict[str, int] | None = None,
                       share_weights: bool = False, layout: CacheLayout | None = None,
                       stamp_layers: bool = True) -> Graph:
@@ -782,7 +806,9 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
                     graph = capture_stamped(model, inputs, dims, layout, name=name or type(base).__name__,
                                             input_names=in_names, output_names=out_names, dim_max=dim_max,
                                             share_weights=share_weights)
+                    _check_stamped(graph, base, layout, vocab, out_names)
                 except StampError as exc:
+                    graph = None
                     _log.debug("%s: every layer traced: %s", type(base).__name__, exc)
             # a Python loop over a scan's chunks that no swap makes one op comes out bounded to one chunk a call, the
             # cache carrying the state from piece to piece: the Generator prefills long prompts in pieces

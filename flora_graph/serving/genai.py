@@ -240,6 +240,7 @@ def export_genai(
     int4_accuracy_level: int = 4,
     merge: str | Path | None = None,
     mixed: bool = True,
+    stamp_layers: bool = True,
 ) -> GenAIReport:
     """Write an ONNX Runtime GenAI package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
@@ -272,6 +273,10 @@ def export_genai(
     adapters stay float and swappable on top. ``int4_accuracy_level`` 4 (the default, the builder's on CPU)
     quantizes the activations to int8 as well, the fastest on CPU; 0 computes with float activations: the
     float model of the 4-bit weights, token for token.
+
+    ``stamp_layers``: where the decoder's layers past the first are alike, torch.export traces three of them and the
+    others are stamped from layer 1 (:mod:`~flora_graph.frontend.layer_stamp`: the same graph, checked against
+    the trace of layer 2; a 24-layer 0.5B Qwen2 captured in 2.8 s instead of 8.2 s); ``False`` traces every layer.
 
     Every argument and folder is checked before the model loads: a precision or block size it does not
     take, an adapter name that cannot be a file name, a folder that is not a PEFT LoRA folder, a model class that is not
@@ -344,7 +349,7 @@ def export_genai(
     layout = cache_layout(model)
     sites = install_sites(model, params)
     # the weights stay where the model loaded them
-    graph = capture_causal_lm(model, name=arch, share_weights=True, layout=layout)
+    graph = capture_causal_lm(model, name=arch, share_weights=True, layout=layout, stamp_layers=stamp_layers)
     # the graph's weights keep the tensors' memory alive: from here on the model is its configs
     model = SimpleNamespace(config=model.config, generation_config=getattr(model, "generation_config", None))
     from flora_graph.serving.beam import unapplied_settings

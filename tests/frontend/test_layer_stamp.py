@@ -63,21 +63,24 @@ def stamped_only(model, layout):
     """``model`` captured with its layers stamped; the :class:`StampError` where they cannot be (no full trace)."""
     import flora_graph.frontend.causal_lm as causal_lm
 
-    real, errors = causal_lm.capture_stamped, []
+    errors: list[StampError] = []
 
-    def keep(*args, **kwargs):
-        try:
-            return real(*args, **kwargs)
-        except StampError as exc:
-            errors.append(exc)
-            raise
+    def keep(real):
+        def run(*args, **kwargs):
+            try:
+                return real(*args, **kwargs)
+            except StampError as exc:
+                errors.append(exc)
+                raise
+        return run
 
     def refuse(*args, **kwargs):
         raise errors[0] if errors else AssertionError("not stamped")
 
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.setattr(causal_lm, "capture_stamped", keep)
+        for name in ("capture_stamped", "_check_stamped"):  # the stamping and its check against eager
+            mp.setattr(causal_lm, name, keep(getattr(causal_lm, name)))
         mp.setattr(causal_lm, "capture", refuse)
         return capture_causal_lm(model, layout=layout)
 
@@ -173,3 +176,27 @@ def test_a_layer_2_unlike_its_trace_is_refused_by_the_check() -> None:
         mp.setattr(layer_stamp, "_hooks", lambda m: ())
         with pytest.raises(StampError, match="layer 2 stamped from layer 1 differs from its trace"):
             stamped_only(model, cache_layout(model))
+
+
+def test_a_stamped_layer_that_computes_otherwise_is_caught_by_value(monkeypatch) -> None:
+    # the stamping handed layer 5 the weights of layer 4 (a fault the op-by-op check of layer 2 cannot see): the
+    # check of the whole stamped graph against eager on a short decode step refuses it, and every layer is traced
+    model = deep("LlamaForCausalLM")
+    layout = cache_layout(model)
+    real = layer_stamp.stamp
+
+    def faulty(fx_graph, weights, input_names, output_names, layers, prefix, tensors, **kw):
+        if layers > layer_stamp.TRACED:
+            tensors = {**tensors, f"{prefix}.5.mlp.down_proj.weight": tensors[f"{prefix}.4.mlp.down_proj.weight"]}
+        return real(fx_graph, weights, input_names, output_names, layers, prefix, tensors, **kw)
+
+    monkeypatch.setattr(layer_stamp, "stamp", faulty)
+    with pytest.raises(StampError, match="differs from eager"):
+        stamped_only(model, layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture_causal_lm(model, layout=layout)  # traced whole after the refusal
+    x = example_inputs(layout, 128, 2, 3, 2, seed=3)
+    with torch.no_grad():
+        want = CausalLMWithPast(model, layout)(**x)[0].numpy()
+    np.testing.assert_allclose(compile(graph, "numpy")(_feed(x, layout))["logits"], want, atol=2e-5, rtol=1e-4)
