@@ -10,16 +10,20 @@ How it stays exact:
 
 * **Which models.** The decoder's layers are one ``nn.ModuleList`` as long as its cache; layers 1 ..
   N-1 agree in every module's class, its plain attributes (``sliding_window``, ``is_sliding``, a LoRA
-  layer's ``scaling`` ...; the layer's own index aside), its weights' names, shapes and dtypes, and in
-  the config's per-layer lists (``layer_types``); the cache holds keys and values in every layer and
-  nothing else (:func:`plan` says why not otherwise).
+  layer's ``scaling`` ...; the layer's own index aside, and its own module path where an attribute names it),
+  its forward hooks, its weights' names, shapes and dtypes, and in the config's per-layer lists
+  (``layer_types``); the cache holds keys and values in every layer and nothing else (:func:`plan` says why
+  not otherwise).
 * **The trace.** The model runs with its first three layers (the others removed from the list while
   it is traced) and the flat cache of all N: the program's layers run in order, each reading the one
   before it through one tensor (the residual stream) and nothing else, the head reading the last.
-* **The check.** Layer 2 stamped from layer 1 must equal, op for op, the layer 2 torch.export traced
+* **The checks.** Layer 2 stamped from layer 1 must equal, op for op, the layer 2 torch.export traced
   (:func:`canonical`: every op, its arguments, its module path, its output's shape and dtype, weights
   by name, constants by value). Anything else raises :class:`StampError` and the caller traces every
-  layer instead.
+  layer instead. The caller (:func:`~flora_graph.frontend.causal_lm.capture_causal_lm`) then runs the
+  whole stamped graph against the eager model on a short decode step, the logits and every layer's keys and
+  values, which a layer past those traced that computes otherwise (a Python branch on its own index that
+  neither its attributes nor the config show) would fail.
 
 The stamped program then converts as a traced one does (:func:`~flora_graph.frontend.capture.convert_fx_graph`);
 adapters are tagged from the module paths the copies carry.

@@ -184,7 +184,8 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
         if args.audio:
             return _transcribe(args, console, gen, adapters)
     else:  # the mixed model (its own copy of the weights) only where the rows' adapters differ
-        gen = Generator(args.package, threads=args.threads, mixed=len(set(adapters)) > 1, huge_pages=args.huge_pages)
+        gen = Generator(args.package, threads=args.threads, mixed="auto" if len(set(adapters)) > 1 else False,
+                        huge_pages=args.huge_pages)
     settings = _settings(args)
     n = settings.get("num_return_sequences", 1)
     one = len(prompts) == 1 and n == 1

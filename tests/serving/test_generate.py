@@ -416,6 +416,45 @@ def test_the_mixed_model_loads_lazily_or_never_as_asked(package: Path, folders: 
         Generator(package, mixed="sometimes")
 
 
+def test_the_mixed_model_alone_serves_every_row_as_eager_peft(package: Path, folders: Path, monkeypatch) -> None:
+    """``mixed="only"``: the package's model is not loaded; rows without an adapter, with one adapter for all and with
+    different adapters decode as eager PEFT (padded prompts of different lengths), an adapter loads and unloads, and
+    ``"auto"`` picks it for a package whose model reaches ``MIXED_ONLY_BYTES``."""
+    import flora_graph.serving.generate as generate
+    from flora_graph.serving.errors import ServingError
+
+    only = Generator(package, mixed="only")
+    assert only._single is None and only._mixed_session is not None
+    for adapters in (None, "all7", ["qdown", None, "all7"]):
+        got = only.generate(PROMPTS, adapters=adapters, max_new_tokens=10, min_new_tokens=10)
+        per_row = adapters if isinstance(adapters, list) else [adapters] * len(PROMPTS)
+        assert got == [eager_tokens(folders, a, p, 10) for p, a in zip(PROMPTS, per_row, strict=True)], adapters
+    only.load_adapter("extra", package / "adapters" / "qdown.onnx_adapter")
+    assert only.generate([PROMPTS[1]], adapters="extra", max_new_tokens=6, min_new_tokens=6) == \
+        [eager_tokens(folders, "qdown", PROMPTS[1], 6)]
+    only.unload_adapter("extra")
+    with pytest.raises(UnknownAdapterError, match="extra"):
+        only.generate([PROMPTS[1]], adapters="extra", max_new_tokens=2)
+    assert Generator(package)._single is not None  # a tiny package: both models, as with mixed=True
+    monkeypatch.setattr(generate, "MIXED_ONLY_BYTES", 1)
+    assert Generator(package)._single is None
+    with pytest.raises(ServingError, match="'only' or 'auto'"):
+        Generator(package, mixed="sometimes")
+
+
+def test_mixed_only_needs_a_package_with_its_mixed_model(package: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from flora_graph.serving.errors import ServingError
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(package, copy)
+    (copy / "mixed.onnx").unlink()
+    with pytest.raises(ServingError, match=r"mixed='only' serves every row through the package's mixed\.onnx"):
+        Generator(copy, mixed="only")
+    assert Generator(copy)._mixed is None  # "auto": the package's model alone
+
+
 def _full_sort_distribution(logits, temperature: float, top_k: int, top_p: float):
     """The sampling distribution over the whole vocabulary, by full sorts (the straightforward reference)."""
     import numpy as np
