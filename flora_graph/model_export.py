@@ -63,7 +63,9 @@ def quantized_checkpoint(config: dict[str, Any]) -> str | None:
         bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else "quantized"
         kind = f" ({q.get('bnb_4bit_quant_type')})" if q.get("load_in_4bit") and q.get("bnb_4bit_quant_type") else ""
         return f"a bitsandbytes {bits}{kind} checkpoint"
-    return f"a {method!s} checkpoint"
+    if not isinstance(method, str) or not method:
+        return "a quantized checkpoint of an unnamed method (quantization_config has no quant_method)"
+    return f"a {method} checkpoint"
 
 
 @dataclass

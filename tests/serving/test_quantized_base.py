@@ -114,3 +114,7 @@ def test_other_quantized_checkpoints_are_refused_by_name_before_loading(tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ModelFolderError, match=r"a bitsandbytes 4-bit \(nf4\) checkpoint.*pip install bitsandbytes"):
         check_model_folder(folder)
+    config["quantization_config"] = {"bits": 4}  # no quant_method: refused, saying so
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"unnamed method \(quantization_config has no quant_method\)"):
+        check_model_folder(folder)
