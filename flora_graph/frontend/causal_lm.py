@@ -807,7 +807,7 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
                                             input_names=in_names, output_names=out_names, dim_max=dim_max,
                                             share_weights=share_weights)
                     _check_stamped(graph, base, layout, vocab, out_names)
-                except StampError as exc:
+                except Exception as exc:  # a StampError, or what the stamping did not foresee: every layer traced
                     graph = None
                     _log.debug("%s: every layer traced: %s", type(base).__name__, exc)
             # a Python loop over a scan's chunks that no swap makes one op comes out bounded to one chunk a call, the
