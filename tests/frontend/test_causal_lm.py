@@ -301,15 +301,21 @@ def test_cache_graph_matches_eager_at_prefill_and_decode(arch: str) -> None:
             assert layout.per_layer == ()
         if arch == "Lfm2ForCausalLM":  # two short-convolution layers around an attention layer
             assert layout.kv_layers == (1,) and [(st.layer, st.kind) for st in layout.states] == [(0, "conv"), (2, "conv")]
-        for backend in ("numpy", "onnxruntime"):
-            exe = compile(graph, backend)
-            for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:  # prefill (left-padded row), one decode step
-                x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
-                with torch.no_grad():
-                    want = wrapper(**x)
-                got = exe(_feed(x, layout))
-                for i, n in enumerate(names):
-                    np.testing.assert_allclose(got[n], want[i].numpy(), atol=2e-5, rtol=1e-4, err_msg=f"{backend} {n}")
+        assert_outputs_like_eager(graph, layout, wrapper, names)
+
+
+def assert_outputs_like_eager(graph, layout: CacheLayout, wrapper, names: list[str]) -> None:
+    """Every output of ``graph`` (``names``: logits, then the presents) against ``wrapper`` (the eager model with its
+    flat cache) in the numpy and ONNX Runtime backends, at a prefill with a left-padded row and at one decode step."""
+    for backend in ("numpy", "onnxruntime"):
+        exe = compile(graph, backend)
+        for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:  # prefill (left-padded row), one decode step
+            x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
+            with torch.no_grad():
+                want = wrapper(**x)
+            got = exe(_feed(x, layout))
+            for i, n in enumerate(names):
+                np.testing.assert_allclose(got[n], want[i].numpy(), atol=2e-5, rtol=1e-4, err_msg=f"{backend} {n}")
 
 
 def test_left_padded_rows_equal_unpadded_runs_and_decode_continues_them() -> None:

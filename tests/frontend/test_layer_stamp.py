@@ -20,7 +20,7 @@ from flora_graph.frontend.causal_lm import (  # noqa: E402
 from flora_graph.frontend.layer_stamp import StampError  # noqa: E402
 from flora_graph.ir import Op  # noqa: E402
 from flora_graph.runtimes import compile  # noqa: E402
-from tests.frontend.test_causal_lm import COMMON, _config, _feed  # noqa: E402
+from tests.frontend.test_causal_lm import COMMON, _config, _feed, assert_outputs_like_eager  # noqa: E402
 
 LAYERS = 7
 SLOW = pytest.mark.slow
@@ -108,17 +108,7 @@ def test_a_stamped_capture_is_the_graph_of_tracing_every_layer(arch: str) -> Non
     model = deep(arch)
     stamped, traced, layout = both(model)
     assert structure(stamped, model) == structure(traced, model)
-    wrapper = CausalLMWithPast(model, layout)
-    names = ["logits", *layout.present_names()]
-    for backend in ("numpy", "onnxruntime"):
-        exe = compile(stamped, backend)
-        for batch, seq, past, pad in [(2, 5, 0, 2), (3, 1, 6, 3)]:
-            x = example_inputs(layout, 128, batch, seq, past, seed=batch, left_pad=pad)
-            with torch.no_grad():
-                want = wrapper(**x)
-            got = exe(_feed(x, layout))
-            for i, n in enumerate(names):
-                np.testing.assert_allclose(got[n], want[i].numpy(), atol=2e-5, rtol=1e-4, err_msg=f"{backend} {n}")
+    assert_outputs_like_eager(stamped, layout, CausalLMWithPast(model, layout), ["logits", *layout.present_names()])
 
 
 def test_every_layer_of_a_deep_model_reads_its_own_weights_and_cache() -> None:
