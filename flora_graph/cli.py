@@ -437,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "builder's CPU default, the fastest), 0 keeps the input's (the float model of the 4-bit "
                         "weights, token for token)")
     e.add_argument("--trace-every-layer", action="store_true",
-                   help="--format genai: trace every decoder layer with torch.export; by default, where the layers "
-                        "past the first are alike, three are traced and the others stamped from layer 1 (the same "
-                        "graph, checked against the trace of layer 2, in a fraction of the time on a deep model)")
+                   help="--format genai: trace every decoder layer with torch.export; by default the first layers "
+                        "are traced, up to a template of each kind of layer, and the others stamped from their "
+                        "kind's template (the same graph, checked, in a fraction of the time on a deep model)")
     e.add_argument("--merge-adapter", metavar="DIR", default=None,
                    help="--format genai: a PEFT adapter folder baked into the package's base weights by PEFT "
                         "(merge_and_unload): any adapter PEFT merges, DoRA, LoRA on expert tensors "

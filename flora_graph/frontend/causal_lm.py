@@ -774,10 +774,11 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     ``dynamic`` (NTK) one its frequencies (:func:`dynamic_ntk_per_row`); a sliding window counts token
     positions (:func:`~flora_graph.frontend.sliding_window.windows_by_position`). ``share_weights``: the graph's
     weights are views of the model's (see :func:`~flora_graph.frontend.capture`). ``layout``: the model's
-    :func:`cache_layout`, where the caller has it (a hybrid's is read off an eager step). ``stamp_layers``: where
-    the layers past the first are alike, trace three and copy the program of layer 1 for the others
-    (:mod:`~flora_graph.frontend.layer_stamp`: the same graph, checked against the trace of layer 2, in a fraction
-    of the time on a deep model); ``False``, or where they are not, every layer is traced.
+    :func:`cache_layout`, where the caller has it (a hybrid's is read off an eager step). ``stamp_layers``: trace the
+    first layers, up to a template of each kind of layer (three where the layers past the first are alike), and
+    copy each template's program for the later layers of its kind (:mod:`~flora_graph.frontend.layer_stamp`: the
+    same graph, checked op by op against a traced layer and by value against eager, in a fraction of the time on a
+    deep model); ``False``, or where that cannot be done exactly, every layer is traced.
 
     Raises:
         GraphError: the model is not a causal LM with a config, or torch.export fails on it.

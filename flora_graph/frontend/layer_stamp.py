@@ -1,23 +1,27 @@
-"""Capture a deep decoder by tracing three of its layers and stamping the rest.
+"""Capture a deep decoder by tracing its first layers and stamping the rest.
 
 ``torch.export`` spends most of a decoder's capture tracing its layers one op at a time under fake
 tensors, about the same time for every layer (0.4 s a layer on a 2-core VM, 10 s of a 24-layer 0.5B
-model's 19 s export). Where the layers past the first are alike, tracing three is enough: the
-program of layer 1 is copied for layers 2 .. N-1, each copy reading its own layer's weights and
-cache, and the head reads the last copy.
+model's 19 s export). Layers of one kind have one program: tracing a template of each kind is enough.
+Where the layers past the first are alike, three are traced (layer 0, which often differs, the template
+1, and 2 for the check); where they come in kinds (windowed and full attention in turn, no rotary in every
+fourth layer), the first layers up to the first of every kind. The program of each kind's template is
+copied for the later layers of its kind, each copy reading its own layer's weights and cache and the layer
+before it, and the head reads the last copy.
 
 How it stays exact:
 
-* **Which models.** The decoder's layers are one ``nn.ModuleList`` as long as its cache; layers 1 ..
-  N-1 agree in every module's class, its plain attributes (``sliding_window``, ``is_sliding``, a LoRA
-  layer's ``scaling`` ...; the layer's own index aside, and its own module path where an attribute names it),
-  its forward hooks, its weights' names, shapes and dtypes, and in the config's per-layer lists
-  (``layer_types``); the cache holds keys and values in every layer and nothing else (:func:`plan` says why
-  not otherwise).
-* **The trace.** The model runs with its first three layers (the others removed from the list while
-  it is traced) and the flat cache of all N: the program's layers run in order, each reading the one
-  before it through one tensor (the residual stream) and nothing else, the head reading the last.
-* **The checks.** Layer 2 stamped from layer 1 must equal, op for op, the layer 2 torch.export traced
+* **Which models.** The decoder's layers are one ``nn.ModuleList`` as long as its cache. Two layers are
+  of one kind where they agree in every module's class, its plain attributes (``sliding_window``,
+  ``is_sliding``, a LoRA layer's ``scaling`` ...; the layer's own index aside, and its own module path where an
+  attribute names it), its forward hooks, its weights' names, shapes and dtypes, and in the config's
+  per-layer lists (``layer_types``). The cache holds keys and values in every layer and nothing else, and at
+  least :data:`MIN_STAMPED` layers are left past those traced (:func:`plan` says why not otherwise).
+* **The trace.** The model runs with its first layers (the others removed from the list while it is
+  traced) and the flat cache of all N: the program's layers run in order, each reading the one before it
+  through one tensor (the residual stream) and nothing else, the head reading the last.
+* **The checks.** The first traced layer past its kind's template (layer 2 where the layers are alike),
+  stamped from the template, must equal, op for op, that layer as torch.export traced it
   (:func:`canonical`: every op, its arguments, its module path, its output's shape and dtype, weights
   by name, constants by value). Anything else raises :class:`StampError` and the caller traces every
   layer instead. The caller (:func:`~flora_graph.frontend.causal_lm.capture_causal_lm`) then runs the
@@ -34,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +47,17 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 
-__all__ = ["MIN_LAYERS", "TRACED", "LayerStack", "StampError", "canonical", "plan", "stamp", "truncated"]
+__all__ = ["MIN_LAYERS", "MIN_STAMPED", "TRACED", "LayerStack", "StampError", "canonical", "plan", "stamp", "truncated"]
 
 TRACED = 3
-"""The layers traced: layer 0 (which may differ: a model's first layer often does), the template (1) and the one
-the check stamps (2)."""
+"""The layers traced where the layers past the first are alike: layer 0 (which may differ: a model's first layer
+often does), the template (1) and the one the check stamps (2)."""
 
 MIN_LAYERS = 6
 """The fewest layers worth stamping: below it, tracing every layer costs about what three and the check do."""
+
+MIN_STAMPED = 3
+"""The fewest layers left to stamp past those traced (more kinds of layer need more traced)."""
 
 _INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "idx", "training"})
 """Module attributes that hold the layer's own index (or the mode), left out of the comparison of layers."""
@@ -62,12 +69,26 @@ class StampError(GraphError):
 
 @dataclass(frozen=True)
 class LayerStack:
-    """The decoder's layers: ``owner.<attr>`` is the ``nn.ModuleList`` at module path ``prefix``, ``count`` long."""
+    """The decoder's layers: ``owner.<attr>`` is the ``nn.ModuleList`` at module path ``prefix``, ``count`` long.
+
+    ``kinds``: each layer's kind (layers of one kind are alike; layer 0 is its own kind unless it is like a later
+    one), ``traced``: the first layers traced, which hold a template of every kind (its first layer from 1 on),
+    ``check``: the traced layer stamped from its kind's template and compared with its trace."""
 
     owner: nn.Module
     attr: str
     prefix: str
     count: int
+    kinds: tuple[int, ...] = ()
+    traced: int = TRACED
+    check: int = TRACED - 1
+
+    def templates(self) -> dict[int, int]:
+        """Each kind's template: its first layer from layer 1 on."""
+        out: dict[int, int] = {}
+        for i in range(1, self.count):
+            out.setdefault(self.kinds[i], i)
+        return out
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
@@ -115,8 +136,8 @@ def _text_config(model: nn.Module) -> Any:
 
 def plan(model: nn.Module, layout: Any) -> LayerStack:
     """The layer list of ``model`` (a transformers causal LM, the module torch.export traces) to stamp for a cache
-    laid out as ``layout`` (a :class:`~flora_graph.frontend.causal_lm.CacheLayout`); raises :class:`StampError`
-    saying why where its layers cannot be stamped."""
+    laid out as ``layout`` (a :class:`~flora_graph.frontend.causal_lm.CacheLayout`): its layers' kinds, how many to
+    trace and which to check; raises :class:`StampError` saying why where its layers cannot be stamped."""
     if (layout.shared or layout.kv_layers is not None or layout.states or layout.indexed or layout.indexer_positions
             or layout.cache_type is not None or layout.repeats):
         raise StampError("the cache holds more than keys and values in every layer")
@@ -135,15 +156,25 @@ def plan(model: nn.Module, layout: Any) -> LayerStack:
     owner = model.get_submodule(owner_path)
     if getattr(owner, attr, None) is not layers:
         raise StampError(f"{prefix} is not an attribute of its owner")
-    first = _signature(layers[1], f"{prefix}.1")
-    for i in range(2, n):
-        if _signature(layers[i], f"{prefix}.{i}") != first:
-            raise StampError(f"layer {i} differs from layer 1 ({prefix})")
     cfg = _text_config(model)
-    for key, value in sorted(vars(cfg).items() if cfg is not None else ()):
-        if isinstance(value, list | tuple) and len(value) == n and len({repr(v) for v in value[1:]}) > 1:
-            raise StampError(f"the config's per-layer {key} differs from layer to layer")
-    return LayerStack(owner, attr, prefix, n)
+    per_layer = [(key, value) for key, value in sorted(vars(cfg).items() if cfg is not None else ())
+                 if isinstance(value, list | tuple) and len(value) == n]
+    seen: dict[tuple, int] = {}
+    kinds = []
+    for i in range(n):  # a kind: what the layer's modules are and what the config's per-layer lists say of it
+        sig = (_signature(layers[i], f"{prefix}.{i}"), tuple((key, repr(value[i])) for key, value in per_layer))
+        kinds.append(seen.setdefault(sig, len(seen)))
+    stack = LayerStack(owner, attr, prefix, n, tuple(kinds))
+    templates = stack.templates()
+    traced = max(templates.values()) + 1
+    # the check: the first layer past its kind's template, traced too
+    check = next((i for i in range(2, n) if templates[kinds[i]] < i), None)
+    if check is None:
+        raise StampError(f"no two of layers 1 .. {n - 1} are alike ({prefix})")
+    traced = max(traced, check + 1)
+    if n - traced < MIN_STAMPED:
+        raise StampError(f"{traced} of {n} layers to trace for {len(templates)} kind(s) of layer: too few left to stamp")
+    return LayerStack(owner, attr, prefix, n, tuple(kinds), traced, check)
 
 
 @contextlib.contextmanager
@@ -189,10 +220,11 @@ class Stamped:
 
 
 def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tensor]], input_names: Sequence[str],
-          output_names: Sequence[str], layers: int, prefix: str, tensors: Mapping[str, torch.Tensor], *,
-          template: int = 1) -> Stamped:
+          output_names: Sequence[str], layers: int, prefix: str, tensors: Mapping[str, torch.Tensor],
+          kinds: Sequence[int], *, again: Collection[int] = ()) -> Stamped:
     """The program of ``fx_graph`` (a trace of the first layers of a decoder whose layer list is at ``prefix``) with
-    the layers after ``template`` replaced by copies of it, up to ``layers`` layers.
+    the layers past those traced, up to ``layers``, and the traced layers in ``again``, copied from their kind's
+    template (``kinds``: each layer's kind; a kind's template is its first layer from 1 on, traced).
 
     ``weights``: placeholder name -> (fqn, tensor) of the trace's weights; ``input_names`` / ``output_names``: the
     graph's inputs (of the tensor placeholders that are not weights, in order) and outputs, among them
@@ -211,15 +243,19 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
     input_of = {n: name for name, n in by_input.items()}
 
     def layer_of(n: torch.fx.Node) -> int | None:
-        if n.op == "placeholder":
-            return _layer_of_path(weights[n.name][0], prefix) if n.name in weights else None
         found = [i for p in _stack_paths(n) if (i := _layer_of_path(p, prefix)) is not None]
         return found[0] if found else None
 
     calls = [n for n in nodes if n.op == "call_function"]
     where = {n: layer_of(n) for n in calls}
     traced = sorted({i for i in where.values() if i is not None})
-    if traced != list(range(len(traced))) or template + 1 >= len(traced) or len(traced) > layers:
+    count = len(traced)
+    template_of: dict[int, int] = {}
+    for i in range(1, layers):
+        template_of.setdefault(kinds[i], i)
+    templates = set(template_of.values())
+    if traced != list(range(count)) or count > layers or any(t >= count for t in templates) or any(
+            i in templates or not 0 < i < count for i in again):
         raise StampError(f"the trace holds layers {traced}")
     blocks: dict[int, list[torch.fx.Node]] = {i: [] for i in traced}
     pre: list[torch.fx.Node] = []
@@ -234,8 +270,6 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
             raise StampError(f"layer {i}'s ops are not together ({n.name})")
         seen_layer = i
         blocks[i].append(n)
-    last = traced[-1]
-    body = set(blocks[template])
 
     def reads(block: Sequence[torch.fx.Node]) -> list[torch.fx.Node]:
         out: dict[torch.fx.Node, None] = {}
@@ -247,27 +281,30 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
     def size(n: torch.fx.Node) -> bool:  # a size (torch.export computes one once, where first asked): shared
         return isinstance(n.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool)
 
-    # the one tensor from layer to layer: what the template reads of the layer before, what the next reads of it
-    entering = [a for a in reads(blocks[template]) if a.op == "call_function" and where[a] == template - 1
-                and not size(a)]
-    leaving = [a for a in reads(blocks[template + 1]) if a in body and not size(a)]
+    # the one tensor from layer to layer: what each layer reads of the one before, what the head reads of the last
+    into: dict[int, torch.fx.Node] = {}
+    out_of: dict[int, torch.fx.Node] = {}
+    for i in traced[1:]:
+        entering = [a for a in reads(blocks[i]) if a.op == "call_function" and where[a] == i - 1 and not size(a)]
+        if len(entering) != 1:
+            raise StampError(f"layer {i} reads {len(entering)} tensors of layer {i - 1}")
+        into[i] = out_of[i - 1] = entering[0]
     into_head = [a for a in reads(tail) if a.op == "call_function" and where[a] is not None and not size(a)]
-    if len(entering) != 1 or len(leaving) != 1 or len(into_head) != 1 or where[into_head[0]] != last:
-        raise StampError(f"layers pass {len(entering)}/{len(leaving)} tensors on, the head reads "
-                         f"{len(into_head)} of them")
-    hidden_in, hidden_out, head_in = entering[0], leaving[0], into_head[0]
-    for n in blocks[template]:  # the template's tensors go to the next layer (one) and the outputs, no further
-        for u in n.users:
-            if u.op == "call_function" and u not in body and where[u] != template + 1 and not size(n):
-                raise StampError(f"{n.name} of layer {template} is read outside the next layer ({u.name})")
+    if len(into_head) != 1 or where[into_head[0]] != count - 1:
+        raise StampError(f"the head reads {len(into_head)} tensors of the layers")
+    out_of[count - 1] = into_head[0]
     for i in traced:
         for n in reads(blocks[i]):
             if n.op == "call_function" and where[n] is not None and where[n] not in (i, i - 1) and not size(n):
                 raise StampError(f"layer {i} reads layer {where[n]} ({n.name})")
-    for i in traced[template + 1:]:
-        for n in blocks[i]:
-            if any(u.op == "call_function" and where[u] is None and u not in tail for u in n.users):
-                raise StampError(f"{n.name} of layer {i} is read before the layers")
+        for n in blocks[i]:  # a layer's tensors go to the next layer (one), the head (the last's) and the outputs
+            if size(n):
+                continue
+            for u in n.users:
+                if u.op == "call_function" and where.get(u) != i and not (u in tail or where.get(u) == i + 1):
+                    raise StampError(f"{n.name} of layer {i} is read by {u.name}")
+                if u.op == "call_function" and where.get(u) != i and n is not out_of[i]:
+                    raise StampError(f"{n.name} of layer {i} is read by {u.name}, past the one tensor layers pass on")
 
     out_node = next(n for n in nodes if n.op == "output")
     outs = list(out_node.args[0]) if isinstance(out_node.args[0], tuple | list) else [out_node.args[0]]
@@ -295,10 +332,10 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
         for a in n.all_input_nodes:
             found |= {past_of[a][0]} if a in past_of else deps.get(a, frozenset())
         deps[n] = frozenset(found)
-    keys: dict[tuple[torch.fx.Node, int | None], Any] = {}
+    keys: dict[tuple[torch.fx.Node, tuple[int, int] | None], Any] = {}
 
-    def key(n: torch.fx.Node, move: int | None) -> Any:
-        """``n``'s structure, the template's layer read as layer ``move`` where given."""
+    def key(n: torch.fx.Node, move: tuple[int, int] | None) -> Any:
+        """``n``'s structure, layer ``move[0]``'s cache read as layer ``move[1]``'s where given."""
         if (n, move) in keys:
             return keys[(n, move)]
 
@@ -306,7 +343,7 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
             if isinstance(a, torch.fx.Node):
                 if a in past_of:
                     i, kind = past_of[a]
-                    return ("past", move if move is not None and i == template else i, kind)
+                    return ("past", move[1] if move is not None and i == move[0] else i, kind)
                 if a in pre_set:
                     return ("pre", key(a, move))
                 if a.name in weights:  # the model's weights by name, a constant made during the call by value
@@ -329,19 +366,18 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
 
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
-    new_weights = {k: v for k, v in weights.items()}
-    by_fqn = {fqn: n for n in nodes if n.op == "placeholder" and n.name in weights for fqn in [weights[n.name][0]]}
+    new_weights = dict(weights)
+    by_fqn = {weights[n.name][0]: n for n in nodes if n.op == "placeholder" and n.name in weights}
     for n in nodes:
         if n.op == "placeholder":
             env[n] = graph.node_copy(n, lambda a: env[a])
-    for n in pre + [n for i in traced if i <= template for n in blocks[i]]:
+    for n in pre:
         env[n] = graph.node_copy(n, lambda a: env[a])
-
-    head = f"{prefix}.{template}."
     made: dict[str, torch.fx.Node] = {}
 
-    def weight_of(a: torch.fx.Node, j: int) -> torch.fx.Node:
+    def weight_of(a: torch.fx.Node, t: int, j: int) -> torch.fx.Node:
         fqn, tensor = weights[a.name]
+        head = f"{prefix}.{t}."
         if not fqn.startswith(head):
             return env[a]
         want = f"{prefix}.{j}.{fqn[len(head):]}"
@@ -357,56 +393,70 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
             made[want] = ph
         return made[want]
 
-    copies: dict[int, dict[torch.fx.Node, torch.fx.Node]] = {}
-    for j in range(template + 1, layers):
+    def copy(t: int, j: int, before: torch.fx.Node) -> dict[torch.fx.Node, torch.fx.Node]:
+        """Layer ``t``'s ops as layer ``j``'s, reading ``before`` where ``t`` reads the layer before it."""
         mine: dict[torch.fx.Node, torch.fx.Node] = {}
-        before = env[hidden_out] if j == template + 1 else copies[j - 1][hidden_out]
+        body = set(blocks[t])
 
-        def arg(a: torch.fx.Node, j: int = j, mine: dict = mine, before: torch.fx.Node = before) -> torch.fx.Node:
+        def arg(a: torch.fx.Node) -> torch.fx.Node:
             if a in mine:
                 return mine[a]
-            if a is hidden_in:
+            if a is into[t]:
                 return before
             if a.op == "placeholder":
                 if a.name in weights:
-                    return weight_of(a, j)
+                    return weight_of(a, t, j)
                 name = input_of.get(a)
-                if name is not None and (m := layer_name.match(name)) and int(m.group(2)) == template:
+                if name is not None and (m := layer_name.match(name)) and int(m.group(2)) == t:
                     return env[by_input[moved(name, j)]]
                 return env[a]
-            if where.get(a) is not None and not size(a):
-                raise StampError(f"layer {template} reads {a.name} of layer {where[a]}")
+            if a not in body and where.get(a) is not None and not size(a):
+                raise StampError(f"layer {t} reads {a.name} of layer {where[a]}")
             if a in pre_set and deps[a]:  # made from the cache's inputs: from layer j's where it is the template's
-                if deps[a] != {template}:
-                    raise StampError(f"layer {template} reads {a.name}, made from the cache of layers {sorted(deps[a])}")
-                twin = by_key.get(key(a, j))
+                if deps[a] != {t}:
+                    raise StampError(f"layer {t} reads {a.name}, made from the cache of layers {sorted(deps[a])}")
+                twin = by_key.get(key(a, (t, j)))
                 if twin is None:
                     raise StampError(f"no op makes layer {j}'s {a.name}")
                 return env[twin]
             return env[a]
 
-        for n in blocks[template]:
+        for n in blocks[t]:
             if size(n):  # a size the template computed: torch.export reuses it in the later layers
                 mine[n] = env[n]
                 continue
             c = graph.node_copy(n, arg)
             c.meta = dict(n.meta)
-            c.meta["nn_module_stack"] = _renamed_stack(n, prefix, template, j)
+            c.meta["nn_module_stack"] = _renamed_stack(n, prefix, t, j)
             mine[n] = c
-        copies[j] = mine
-    final = copies[layers - 1] if layers - 1 > template else {n: env[n] for n in blocks[template]}
+        return mine
+
+    copies: dict[int, dict[torch.fx.Node, torch.fx.Node]] = {}
+    last_out: torch.fx.Node | None = None  # the output of the layer placed last
+    for j in range(layers):
+        if j < count and j not in again:
+            for n in blocks[j]:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+            last_out = env[out_of[j]] if j in out_of else None
+            continue
+        t = template_of[kinds[j]]
+        copies[j] = copy(t, j, last_out)
+        last_out = copies[j][out_of[t]]
+        if j < count:  # a traced layer stamped again: the layers after it read the copy
+            env[out_of[j]] = last_out
     for n in tail:
-        env[n] = graph.node_copy(n, lambda a: final[hidden_out] if a is head_in else env[a])
+        env[n] = graph.node_copy(n, lambda a: last_out if a is out_of[count - 1] else env[a])
     new_outs = []
     for name, o in zip(output_names, outs, strict=True):
         m = layer_name.match(name)
         i = int(m.group(2)) if m and m.group(1) == "present" else None
-        if i is not None and template < i < layers:
-            src = outs[out_at[moved(name, template)]]
-            if src not in body:
-                raise StampError(f"{moved(name, template)} is not made by layer {template}")
+        if i is not None and i in copies:
+            t = template_of[kinds[i]]
+            src = outs[out_at[moved(name, t)]]
+            if where.get(src) != t:
+                raise StampError(f"{moved(name, t)} is not made by layer {t}")
             new_outs.append(copies[i][src])
-        elif o.op == "call_function" and where.get(o) is not None and where[o] > template:
+        elif o.op == "call_function" and where.get(o) is not None and where[o] in again:
             raise StampError(f"output {name} comes from layer {where[o]}")
         else:
             new_outs.append(env[o])
@@ -471,19 +521,19 @@ def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic
                     *, name: str, input_names: Sequence[str], output_names: Sequence[str],
                     dim_max: Mapping[str, int] | None = None, share_weights: bool = False) -> Any:
     """:func:`~flora_graph.frontend.capture` of a causal LM with its flat cache (the arguments
-    :func:`~flora_graph.frontend.causal_lm.capture_causal_lm` passes it), tracing :data:`TRACED` layers and
-    stamping the others; raises :class:`StampError` where that cannot be done exactly (:func:`plan`, :func:`stamp`,
-    the check of layer 2), before anything is converted."""
+    :func:`~flora_graph.frontend.causal_lm.capture_causal_lm` passes it), tracing its first layers (:func:`plan`)
+    and stamping the others; raises :class:`StampError` where that cannot be done exactly (:func:`plan`, :func:`stamp`,
+    the check of the first layer past its kind's template), before anything is converted."""
     from flora_graph.frontend.capture import _lifted, convert_fx_graph, flat_dynamic_dims, trace_with_torch_export
 
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) and hasattr(
         model, "peft_config") else model
     stack = plan(base, layout)
     try:
-        with truncated(stack):
+        with truncated(stack, stack.traced):
             traced = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max)
     except Exception as exc:  # the model needs all its layers to run: every layer is traced instead
-        raise StampError(f"its first {TRACED} layers alone do not trace ({type(exc).__name__}: "
+        raise StampError(f"its first {stack.traced} layers alone do not trace ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
     ep = traced.ep
     sig = ep.graph_signature
@@ -499,11 +549,13 @@ def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic
                                                    or own.data_ptr() != t.data_ptr() or own.stride() != t.stride()):
             raise StampError(f"the traced program reads {fqn} other than the model holds it")
     constants = sorted(_lifted(ep))
-    check = stamp(ep.graph, weights, input_names, output_names, TRACED, stack.prefix, tensors)
+    check = stamp(ep.graph, weights, input_names, output_names, stack.traced, stack.prefix, tensors, stack.kinds,
+                  again=[stack.check])
     if canonical(check.graph, check.weights, constants, input_names) != canonical(ep.graph, weights, constants,
                                                                                 input_names):
-        raise StampError(f"layer 2 stamped from layer 1 differs from its trace ({stack.prefix})")
-    full = stamp(ep.graph, weights, input_names, output_names, stack.count, stack.prefix, tensors)
+        template = stack.templates()[stack.kinds[stack.check]]
+        raise StampError(f"layer {stack.check} stamped from layer {template} differs from its trace ({stack.prefix})")
+    full = stamp(ep.graph, weights, input_names, output_names, stack.count, stack.prefix, tensors, stack.kinds)
     from flora_graph.adapters import adapters_of
     from flora_graph.adapters.peft import peft_lora_layers
 

@@ -95,16 +95,21 @@ def both(model):
     return stamped, traced, layout
 
 
-STAMPED = ["LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", pytest.param("Phi3ForCausalLM", marks=SLOW),
+STAMPED = ["LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Gemma2ForCausalLM",
+           pytest.param("Phi3ForCausalLM", marks=SLOW),
            pytest.param("DeepseekV3ForCausalLM", marks=SLOW), pytest.param("Qwen2MoeForCausalLM", marks=SLOW),
            pytest.param("CohereForCausalLM", marks=SLOW), pytest.param("Olmo2ForCausalLM", marks=SLOW),
-           pytest.param("GemmaForCausalLM", marks=SLOW), pytest.param("Qwen3ForCausalLM", marks=SLOW)]
+           pytest.param("GemmaForCausalLM", marks=SLOW), pytest.param("Qwen3ForCausalLM", marks=SLOW),
+           pytest.param("GptOssForCausalLM", marks=SLOW), pytest.param("SmolLM3ForCausalLM", marks=SLOW),
+           pytest.param("Cohere2ForCausalLM", marks=SLOW)]
 
 
 @pytest.mark.parametrize("arch", STAMPED)
 def test_a_stamped_capture_is_the_graph_of_tracing_every_layer(arch: str) -> None:
     # Mixtral: routed experts; DeepSeek-V3: latent attention, its first layer dense and the others with experts;
-    # Mistral: a sliding window (rewritten to count positions, as a full trace's is)
+    # Mistral: a sliding window (rewritten to count positions, as a full trace's is); Gemma 2, gpt-oss: windowed and
+    # full attention layers in turn (two kinds of layer, a template each); SmolLM3: no rotary in every fourth layer;
+    # Cohere 2: a full attention layer after three windowed ones
     model = deep(arch)
     stamped, traced, layout = both(model)
     assert structure(stamped, model) == structure(traced, model)
@@ -130,9 +135,20 @@ def test_every_layer_of_a_deep_model_reads_its_own_weights_and_cache() -> None:
     assert not np.allclose(compile(stamped, "numpy")(x)["logits"], want, atol=1e-3)
 
 
+@SLOW
+def test_a_layer_kind_first_seen_late_is_traced_and_the_others_stamped() -> None:
+    # Gemma 3 at 13 layers: five windowed layers, then a full one: layers 0-5 traced (the full layer's template is
+    # layer 5), the others stamped from layers 1 and 5
+    model = deep("Gemma3ForCausalLM", 13)
+    stack = layer_stamp.plan(model, cache_layout(model))
+    assert (stack.traced, stack.check, sorted(stack.templates().values())) == (6, 2, [1, 5])
+    stamped, traced, layout = both(model)
+    assert structure(stamped, model) == structure(traced, model)
+    assert_outputs_like_eager(stamped, layout, CausalLMWithPast(model, layout), ["logits", *layout.present_names()])
+
+
 @pytest.mark.parametrize(("arch", "layers", "why"), [
-    ("Gemma2ForCausalLM", LAYERS, "layer 2 differs from layer 1"),  # sliding and full attention alternate
-    ("SmolLM3ForCausalLM", LAYERS, "layer 3 differs from layer 1"),  # no rotary in every fourth layer
+    ("Gemma3ForCausalLM", LAYERS, "6 of 7 layers to trace for 2 kind"),  # its full layer's template is layer 5
     ("LlamaForCausalLM", 4, "4 layers: too few to stamp"),
     ("BambaForCausalLM", LAYERS, "more than keys and values"),  # state-space layers beside attention
 ])
@@ -143,18 +159,22 @@ def test_layers_that_are_not_alike_are_traced_every_one(arch: str, layers: int, 
 
 
 def test_a_hook_on_a_late_layer_is_not_lost() -> None:
-    model = deep("LlamaForCausalLM")
-    model.model.layers[5].register_forward_hook(lambda mod, args, out: out * 0.5)
-    with pytest.raises(StampError, match="layer 5 differs from layer 1"):
-        layer_stamp.plan(model, cache_layout(model))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = capture_causal_lm(model)  # every layer traced: the hook's product is in the graph
-    layout = cache_layout(model)
+    # a hook on layer 6 of 14 makes it a kind of its own: traced (layers 0-6), the hook's product in the graph; on
+    # layer 5 of 7 too few layers would be left to stamp, and every layer is traced
+    model = deep("LlamaForCausalLM", 14)
+    model.model.layers[6].register_forward_hook(lambda mod, args, out: out * 0.5)
+    stack = layer_stamp.plan(model, cache_layout(model))
+    assert stack.traced == 7 and stack.kinds[6] != stack.kinds[5] == stack.kinds[7]
+    stamped, traced, layout = both(model)
+    assert structure(stamped, model) == structure(traced, model)
     x = example_inputs(layout, 128, 2, 3, 2, seed=3)
     with torch.no_grad():
         want = CausalLMWithPast(model, layout)(**x)[0].numpy()
-    np.testing.assert_allclose(compile(graph, "numpy")(_feed(x, layout))["logits"], want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(compile(stamped, "numpy")(_feed(x, layout))["logits"], want, atol=2e-5, rtol=1e-4)
+    short = deep("LlamaForCausalLM")
+    short.model.layers[5].register_forward_hook(lambda mod, args, out: out * 0.5)
+    with pytest.raises(StampError, match="6 of 7 layers to trace for 2 kind"):
+        layer_stamp.plan(short, cache_layout(short))
 
 
 def test_a_layer_2_unlike_its_trace_is_refused_by_the_check() -> None:
@@ -175,10 +195,10 @@ def test_a_stamped_layer_that_computes_otherwise_is_caught_by_value(monkeypatch)
     layout = cache_layout(model)
     real = layer_stamp.stamp
 
-    def faulty(fx_graph, weights, input_names, output_names, layers, prefix, tensors, **kw):
+    def faulty(fx_graph, weights, input_names, output_names, layers, prefix, tensors, *args, **kw):
         if layers > layer_stamp.TRACED:
             tensors = {**tensors, f"{prefix}.5.mlp.down_proj.weight": tensors[f"{prefix}.4.mlp.down_proj.weight"]}
-        return real(fx_graph, weights, input_names, output_names, layers, prefix, tensors, **kw)
+        return real(fx_graph, weights, input_names, output_names, layers, prefix, tensors, *args, **kw)
 
     monkeypatch.setattr(layer_stamp, "stamp", faulty)
     with pytest.raises(StampError, match="differs from eager"):
