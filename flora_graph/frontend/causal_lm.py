@@ -802,7 +802,7 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     graph = None
     try:
         with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
-            if stamp_layers:  # three layers traced, the others stamped from them where that is exact
+            if stamp_layers:  # the first layers traced, the others stamped from them where that is exact
                 try:
                     graph = capture_stamped(model, inputs, dims, layout, name=name or type(base).__name__,
                                             input_names=in_names, output_names=out_names, dim_max=dim_max,
