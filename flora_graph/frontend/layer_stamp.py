@@ -47,11 +47,7 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 
-__all__ = ["MIN_LAYERS", "MIN_STAMPED", "TRACED", "LayerStack", "StampError", "canonical", "plan", "stamp", "truncated"]
-
-TRACED = 3
-"""The layers traced where the layers past the first are alike: layer 0 (which may differ: a model's first layer
-often does), the template (1) and the one the check stamps (2)."""
+__all__ = ["MIN_LAYERS", "MIN_STAMPED", "LayerStack", "StampError", "canonical", "plan", "stamp", "truncated"]
 
 MIN_LAYERS = 6
 """The fewest layers worth stamping: below it, tracing every layer costs about what three and the check do."""
@@ -79,16 +75,21 @@ class LayerStack:
     attr: str
     prefix: str
     count: int
-    kinds: tuple[int, ...] = ()
-    traced: int = TRACED
-    check: int = TRACED - 1
+    kinds: tuple[int, ...]
+    traced: int
+    check: int
 
     def templates(self) -> dict[int, int]:
         """Each kind's template: its first layer from layer 1 on."""
-        out: dict[int, int] = {}
-        for i in range(1, self.count):
-            out.setdefault(self.kinds[i], i)
-        return out
+        return _templates(self.kinds)
+
+
+def _templates(kinds: Sequence[int]) -> dict[int, int]:
+    """Kind -> its template, the first of ``kinds``' layers of the kind from layer 1 on."""
+    out: dict[int, int] = {}
+    for i in range(1, len(kinds)):
+        out.setdefault(kinds[i], i)
+    return out
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
@@ -164,8 +165,7 @@ def plan(model: nn.Module, layout: Any) -> LayerStack:
     for i in range(n):  # a kind: what the layer's modules are and what the config's per-layer lists say of it
         sig = (_signature(layers[i], f"{prefix}.{i}"), tuple((key, repr(value[i])) for key, value in per_layer))
         kinds.append(seen.setdefault(sig, len(seen)))
-    stack = LayerStack(owner, attr, prefix, n, tuple(kinds))
-    templates = stack.templates()
+    templates = _templates(kinds)
     traced = max(templates.values()) + 1
     # the check: the first layer past its kind's template, traced too
     check = next((i for i in range(2, n) if templates[kinds[i]] < i), None)
@@ -178,10 +178,11 @@ def plan(model: nn.Module, layout: Any) -> LayerStack:
 
 
 @contextlib.contextmanager
-def truncated(stack: LayerStack, keep: int = TRACED) -> Iterator[None]:
-    """While the block runs, the layer list holds its first ``keep`` layers (the same modules, the same paths)."""
+def truncated(stack: LayerStack) -> Iterator[None]:
+    """While the block runs, the layer list holds its first ``stack.traced`` layers (the same modules, the same
+    paths)."""
     full = getattr(stack.owner, stack.attr)
-    setattr(stack.owner, stack.attr, nn.ModuleList(list(full)[:keep]))
+    setattr(stack.owner, stack.attr, nn.ModuleList(list(full)[:stack.traced]))
     try:
         yield
     finally:
@@ -250,9 +251,7 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
     where = {n: layer_of(n) for n in calls}
     traced = sorted({i for i in where.values() if i is not None})
     count = len(traced)
-    template_of: dict[int, int] = {}
-    for i in range(1, layers):
-        template_of.setdefault(kinds[i], i)
+    template_of = _templates(kinds[:layers])
     templates = set(template_of.values())
     if traced != list(range(count)) or count > layers or any(t >= count for t in templates) or any(
             i in templates or not 0 < i < count for i in again):
@@ -530,7 +529,7 @@ def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic
         model, "peft_config") else model
     stack = plan(base, layout)
     try:
-        with truncated(stack, stack.traced):
+        with truncated(stack):
             traced = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max)
     except Exception as exc:  # the model needs all its layers to run: every layer is traced instead
         raise StampError(f"its first {stack.traced} layers alone do not trace ({type(exc).__name__}: "

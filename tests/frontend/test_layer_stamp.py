@@ -193,10 +193,10 @@ def test_a_stamped_layer_that_computes_otherwise_is_caught_by_value(monkeypatch)
     # check of the whole stamped graph against eager on a short decode step refuses it, and every layer is traced
     model = deep("LlamaForCausalLM")
     layout = cache_layout(model)
-    real = layer_stamp.stamp
+    real, traced = layer_stamp.stamp, layer_stamp.plan(model, layout).traced
 
     def faulty(fx_graph, weights, input_names, output_names, layers, prefix, tensors, *args, **kw):
-        if layers > layer_stamp.TRACED:
+        if layers > traced:
             tensors = {**tensors, f"{prefix}.5.mlp.down_proj.weight": tensors[f"{prefix}.4.mlp.down_proj.weight"]}
         return real(fx_graph, weights, input_names, output_names, layers, prefix, tensors, *args, **kw)
 
