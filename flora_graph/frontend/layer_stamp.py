@@ -49,11 +49,13 @@ from flora_graph.errors import GraphError
 
 __all__ = ["MIN_LAYERS", "MIN_STAMPED", "LayerStack", "StampError", "canonical", "plan", "stamp", "truncated"]
 
-MIN_LAYERS = 6
-"""The fewest layers worth stamping: below it, tracing every layer costs about what three and the check do."""
-
 MIN_STAMPED = 3
-"""The fewest layers left to stamp past those traced (more kinds of layer need more traced)."""
+"""The fewest layers left to stamp past those traced (more kinds of layer need more traced): below it, tracing every
+layer costs about what the stamping and its checks do."""
+
+MIN_LAYERS = 3 + MIN_STAMPED
+"""The fewest layers any plan stamps: three traced (layer 0, a template, the check) and :data:`MIN_STAMPED` left;
+fewer are refused before the layers are compared."""
 
 _INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "idx", "training"})
 """Module attributes that hold the layer's own index (or the mode), left out of the comparison of layers."""
