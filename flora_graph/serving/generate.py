@@ -43,13 +43,39 @@ from flora_graph.serving.beam import NO_RULES, BeamSearch, Rules, process_scores
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.shared_cache import SharedCache
 
-__all__ = ["MIXED_ONLY_BYTES", "Batch", "GenerationError", "Generator", "Row", "RowSettings", "pick_token", "sampling_distribution", "take_token"]
+__all__ = ["MIXED_MODES", "MIXED_ONLY_BYTES", "Batch", "GenerationError", "Generator", "Row", "RowSettings", "mixed_mode",
+           "pick_token", "sampling_distribution", "take_token"]
 
 
 MIXED_ONLY_BYTES = 256 * 2**20
 """A package's model and data of at least this many bytes: :class:`Generator` serves every row through its mixed
 model (``mixed="auto"``), holding the base weights once. Below it the steps are short enough that the package's own
 model, which skips the adapter slots for rows without one, is worth its second copy."""
+
+MIXED_MODES = (True, False, "lazy", "only", "auto")
+"""The ``mixed`` arguments of :class:`Generator` and :class:`~flora_graph.serving.seq2seq.Seq2SeqGenerator`."""
+
+
+def mixed_mode(mixed: bool | str, package: Path, *, mixed_files: Sequence[Path], weight_files: Sequence[Path],
+               adapters: bool, small: bool | str) -> bool | str:
+    """The mode a generator serves ``package`` in for its ``mixed`` argument (one of :data:`MIXED_MODES`).
+
+    ``mixed_files`` are the package's mixed models, ``weight_files`` the files whose bytes hold its models and weights,
+    ``adapters`` whether it has adapter files. ``"auto"`` becomes ``"only"`` where the package has adapters and a mixed
+    model and its weights reach :data:`MIXED_ONLY_BYTES`, else ``small``; the other modes stay as given. Raises
+    :class:`ServingError` for another value, and for ``"only"`` where the package has no mixed model (or no adapters).
+    """
+    if mixed not in MIXED_MODES:
+        raise ServingError(f"mixed must be True, False, 'lazy', 'only' or 'auto', got {mixed!r}")
+    has_mixed = adapters and any(p.is_file() for p in mixed_files)
+    if mixed == "only" and not has_mixed:
+        names = " / ".join(p.name for p in mixed_files)
+        raise ServingError(f"{package}: mixed='only' serves every row through the package's {names}, which it has not"
+                           + ("" if adapters else " (a package without adapters)"))
+    if mixed == "auto":
+        weights = sum(p.stat().st_size for p in weight_files if p.is_file())
+        return "only" if has_mixed and weights >= MIXED_ONLY_BYTES else small
+    return mixed
 
 _UNSERVED = "adapter {!r} stopped being served while the row decoded"
 _INDEXER = re.compile(r"^past_key_values\.\d+\.indexer_key$")
@@ -250,15 +276,9 @@ class Generator:
         # rows with different adapters: the mixed model, one call for the whole batch
         self._single: AdapterSession | None = None
         self._plain: OrtModel | None = None
-        if mixed not in (True, False, "lazy", "only", "auto"):
-            raise ServingError(f"mixed must be True, False, 'lazy', 'only' or 'auto', got {mixed!r}")
-        has_mixed = bool(adapter_files) and (self.package / MIXED_FILE).is_file()
-        if mixed == "only" and not has_mixed:
-            raise ServingError(f"{self.package}: mixed='only' serves every row through the package's {MIXED_FILE}, "
-                               "which it has not" + ("" if adapter_files else " (a package without adapters)"))
-        if mixed == "auto":
-            weights = sum(p.stat().st_size for p in self.package.glob(f"{MODEL_FILE}*") if p.is_file())
-            mixed = "only" if has_mixed and weights >= MIXED_ONLY_BYTES else True
+        mixed = mixed_mode(mixed, self.package, mixed_files=[self.package / MIXED_FILE],
+                           weight_files=sorted(self.package.glob(f"{MODEL_FILE}*")), adapters=bool(adapter_files),
+                           small=True)
         self._mixed_only = mixed == "only"
         if adapter_files and not self._mixed_only:
             self._single = AdapterSession(self.package / MODEL_FILE, require_checksum=require_checksum, **options)

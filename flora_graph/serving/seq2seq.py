@@ -46,7 +46,7 @@ from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.serving.beam import BEAM_DEFAULTS, BeamSearch, Rules, beam_defaults, ngram_table, unapplied_settings
 from flora_graph.serving.errors import ServingError, UnknownAdapterError
 from flora_graph.serving.genai import SEARCH_DEFAULTS, copy_present, search_defaults
-from flora_graph.serving.generate import GenerationError, Row, RowSettings, pick_token, take_token
+from flora_graph.serving.generate import GenerationError, Row, RowSettings, mixed_mode, pick_token, take_token
 from flora_graph.serving.mixed import MixedAdapterSession
 from flora_graph.serving.session import AdapterSession, OrtModel
 from flora_graph.storage import check_name, staged_folder
@@ -294,6 +294,14 @@ class Seq2SeqGenerator:
         require_checksum: refuse adapter files without a checksum file.
         huge_pages: back the sessions' weights with huge pages where Linux can
             (:func:`~flora_graph.runtimes.huge_pages.huge_pages`); ``False``: leave them in small pages.
+        mixed: how the package's mixed-adapter models (``encoder.mixed.onnx``, ``decoder.mixed.onnx``) are used, as
+            :class:`~flora_graph.serving.generate.Generator` takes it. ``"lazy"``: each loads on the first call
+            whose rows use different adapters, beside the part's own model, which serves the calls whose rows share
+            one adapter (or none); ``True``: the same, loaded with the generator; ``False``: never (rows with
+            different adapters raise :class:`ServingError`); ``"only"``: each part's mixed model serves every row
+            and the part's own model is not loaded, so the base weights are held once instead of twice. ``"auto"``
+            (the default): ``"only"`` for a package whose models and data reach
+            :data:`~flora_graph.serving.generate.MIXED_ONLY_BYTES`, else ``"lazy"``.
 
     Attributes:
         defaults: the package's search settings (its model's generation config), the :class:`RowSettings` of a
@@ -307,7 +315,7 @@ class Seq2SeqGenerator:
     """
 
     def __init__(self, package: str | Path, *, threads: int | None = 1, require_checksum: bool = True,
-                 huge_pages: bool = True) -> None:
+                 huge_pages: bool = True, mixed: bool | str = "auto") -> None:
         from flora_graph.frontend.seq2seq_lm import Seq2SeqLayout
 
         self.package = Path(package)
@@ -340,8 +348,22 @@ class Seq2SeqGenerator:
             name, _, part = p.name.removesuffix(".onnx_adapter").rpartition(".")
             if part in PARTS and name:
                 found.setdefault(name, {})[part] = p
-        self.models: dict[str, AdapterSession | _BaseOnly] = {}
+        self._files = {name: dict(parts) for name, parts in found.items()}
+        mixed_files = {part: self.package / f"{part}{MIXED_SUFFIX}" for part in PARTS}
+        self._mixed_mode = mixed_mode(mixed, self.package, mixed_files=list(mixed_files.values()),
+                                      weight_files=[*files.values(), self.package / DATA_FILE], adapters=bool(found),
+                                      small="lazy")
+        # rows sharing an adapter run together on its weights (Linear slots), the other slots on each row's own
+        self._mixed_options = {"require_checksum": require_checksum, "per_row_weights": True, "group_rows": True,
+                               **options}
+        self._mixed: dict[str, MixedAdapterSession | None] = {}
+        # None: the part's mixed model serves every row (mixed="only"), its own model is not loaded
+        self.models: dict[str, AdapterSession | _BaseOnly | None] = {}
         for part in PARTS:  # a model without slots serves the base alone (an adapter that adapts nothing there)
+            if self._mixed_mode == "only" and mixed_files[part].is_file():
+                self.models[part] = None
+                self._mixed_session(part)
+                continue
             model = OrtModel(files[part], **options)
             if not model.spec:
                 stray = sorted(str(parts[part]) for parts in found.values() if part in parts)
@@ -354,11 +376,9 @@ class Seq2SeqGenerator:
             for name, parts in found.items():
                 if part in parts:
                     session.load_adapter(name, parts[part])
-        self._files = {name: dict(parts) for name, parts in found.items()}
-        # rows sharing an adapter run together on its weights (Linear slots), the other slots on each row's own
-        self._mixed_options = {"require_checksum": require_checksum, "per_row_weights": True, "group_rows": True,
-                               **options}
-        self._mixed: dict[str, MixedAdapterSession | None] = {}
+        if self._mixed_mode is True:  # loaded and checked now
+            for part in PARTS:
+                self._mixed_session(part)
         self._past = self.layout.past_names()
         self._present = self.layout.present_names()
         dec = self._model("decoder")
@@ -371,7 +391,8 @@ class Seq2SeqGenerator:
             raise ServingError(f"{self.package}: its models do not match {path}: they lack {missing}")
 
     def _model(self, part: str) -> Any:
-        return self.models[part].model
+        served = self.models[part]
+        return self._mixed[part].model if served is None else served.model
 
     @property
     def adapter_names(self) -> list[str]:
@@ -380,7 +401,10 @@ class Seq2SeqGenerator:
 
     def _mixed_session(self, part: str) -> MixedAdapterSession | None:
         """``part``'s mixed-adapter model with every adapter's file for it, loaded on first use; ``None`` where the
-        package has none (``export_seq2seq(mixed=False)``, or a model no adapter adapts)."""
+        package has none (``export_seq2seq(mixed=False)``, or a model no adapter adapts) or the generator was made
+        with ``mixed=False``."""
+        if self._mixed_mode is False:
+            return None
         if part not in self._mixed:
             path = self.package / f"{part}{MIXED_SUFFIX}"
             files = {name: parts[part] for name, parts in self._files.items() if part in parts}
@@ -392,12 +416,15 @@ class Seq2SeqGenerator:
         adapter adapts the model (else the base): the model with one adapter active where the rows agree, its mixed
         model where they do not."""
         names = [a if a is not None and part in self._files[a] else None for a in adapters]
-        if all(n == names[0] for n in names):
-            return self.models[part].run(feeds, names[0], prepared=True)
+        served = self.models[part]
+        if served is not None and all(n == names[0] for n in names):
+            return served.run(feeds, names[0], prepared=True)
         mixed = self._mixed_session(part)
         if mixed is None:
+            why = ("this generator was made with mixed=False" if self._mixed_mode is False
+                   else "export it again without --no-mixed")
             raise ServingError(f"{self.package}: rows with different adapters need its mixed-adapter models "
-                               f"({part}{MIXED_SUFFIX}); export it again without --no-mixed")
+                               f"({part}{MIXED_SUFFIX}); {why}")
         return mixed.run(feeds, names, prepared=True)
 
     def _row_adapters(self, adapters: str | Sequence[str | None] | None, rows: int) -> list[str | None]:

@@ -125,6 +125,54 @@ def test_rows_with_different_adapters_decode_as_each_alone(seq2seq_packages: dic
     assert len({tuple(r) for r in mixed}) > 1  # the adapters change the rows: a row with the wrong one would differ
 
 
+@pytest.mark.parametrize("kind", ["t5", "bart", "whisper"])
+def test_the_mixed_models_alone_serve_every_row_as_eager_peft(seq2seq_packages: dict[str, Path], kind: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mixed="only"``: neither part's own model is loaded; rows without an adapter, with one adapter for all and with
+    different adapters generate eager PEFT's tokens (a padded batch); ``"auto"`` picks it for a package whose models
+    and data reach ``MIXED_ONLY_BYTES`` and loads the mixed models lazily below that."""
+    import flora_graph.serving.generate as generate
+
+    root = seq2seq_packages[kind]
+    only = Seq2SeqGenerator(root / "pkg", mixed="only")
+    assert only.models == {"encoder": None, "decoder": None}
+    assert set(only._mixed) == {"encoder", "decoder"}
+    if kind == "whisper":
+        inputs = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(3)).numpy()
+    else:
+        inputs = PROMPTS
+    lazy = Seq2SeqGenerator(root / "pkg", mixed="lazy")
+    for adapters in (None, "all", ["some", None, "all"]):
+        got = only.generate(inputs, adapters=adapters, max_new_tokens=NEW, min_new_tokens=NEW)
+        assert got == lazy.generate(inputs, adapters=adapters, max_new_tokens=NEW, min_new_tokens=NEW), adapters
+        if kind != "whisper":
+            per_row = adapters if isinstance(adapters, list) else [adapters] * len(PROMPTS)
+            for i, name in enumerate(per_row):
+                assert got[i] == eager_tokens(root, kind, name, [PROMPTS[i]], lazy.pad, set(), max_new_tokens=NEW,
+                                              min_new_tokens=NEW)[0], (adapters, i)
+    assert Seq2SeqGenerator(root / "pkg")._mixed == {}  # a tiny package: "lazy", nothing mixed loaded yet
+    monkeypatch.setattr(generate, "MIXED_ONLY_BYTES", 1)
+    assert Seq2SeqGenerator(root / "pkg").models == {"encoder": None, "decoder": None}
+    with pytest.raises(ServingError, match="'only' or 'auto', got 'sometimes'"):
+        Seq2SeqGenerator(root / "pkg", mixed="sometimes")
+
+
+def test_mixed_modes_load_and_refuse_as_they_say(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
+    """``mixed=True`` loads both mixed models with the generator; ``False`` refuses rows with different adapters,
+    naming the setting, and serves one adapter; ``"only"`` refuses a package without mixed models, naming them."""
+    root = seq2seq_packages["t5"]
+    assert set(Seq2SeqGenerator(root / "pkg", mixed=True)._mixed) == {"encoder", "decoder"}
+    off = Seq2SeqGenerator(root / "pkg", mixed=False)
+    with pytest.raises(ServingError, match=r"encoder\.mixed\.onnx.*made with mixed=False"):
+        off.generate(PROMPTS[:2], adapters=["all", None])
+    assert off.generate(PROMPTS[:2], adapters="all", max_new_tokens=3, min_new_tokens=3) == \
+        Seq2SeqGenerator(root / "pkg").generate(PROMPTS[:2], adapters="all", max_new_tokens=3, min_new_tokens=3)
+    export_seq2seq(root / "base", tmp_path / "pkg", {"all": root / "all"}, mixed=False)
+    with pytest.raises(ServingError, match=r"mixed='only' serves every row through the package's "
+                                           r"encoder\.mixed\.onnx / decoder\.mixed\.onnx, which it has not"):
+        Seq2SeqGenerator(tmp_path / "pkg", mixed="only")
+
+
 def test_a_package_without_mixed_models_refuses_mixed_rows(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
     root = seq2seq_packages["t5"]
     report = export_seq2seq(root / "base", tmp_path / "pkg", {"all": root / "all"}, mixed=False)
