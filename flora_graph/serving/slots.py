@@ -466,13 +466,12 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     which honours ``r``/``lora_alpha``/``use_rslora``/``rank_pattern``/``alpha_pattern`` and
     refuses what it cannot, a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
     saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
-    itself is not touched. A folder that only PEFT's own layers hold (``target_parameters``: LoRA on expert
+    itself is not touched. The copy's modules are its own and its weights ``base_model``'s (:func:`_module_copy`:
+    ``keep_base`` writes none of them), so reading an adapter holds no second copy of the model. A folder that only PEFT's own layers hold (``target_parameters``: LoRA on expert
     tensors; ``use_dora``; ``trainable_token_indices``; ``modules_to_save``; ``lora_bias``; biases it trained,
     ``bias="all"`` / ``"lora_only"``) is read through them instead: :func:`params_through_peft` (``saved``, a list,
     gets the paths of the modules it trains whole).
     """
-    import copy
-
     from flora_graph.adapters.peft import load_peft_adapter, read_peft_config, saved_vocab
 
     cfg = read_peft_config(folder, peft_layers=True)
@@ -484,9 +483,24 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices") \
             or cfg.get("modules_to_save") or cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
         return params_through_peft(base_model, folder, saved=saved)
-    model = copy.deepcopy(base_model)
-    load_peft_adapter(model, folder, keep_base=True)
-    return adapter_params(model)
+    flags = [(p, p.requires_grad) for p in base_model.parameters()]
+    try:
+        model = _module_copy(base_model)
+        load_peft_adapter(model, folder, keep_base=True)
+        return adapter_params(model)
+    finally:  # the adapters froze the weights they wrap, which are base_model's too
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _module_copy(model: Any) -> Any:
+    """A copy of ``model`` whose modules (and their plain attributes) are its own and whose parameters and buffers
+    are ``model``'s: wrapping its modules leaves ``model``'s as they are, and no weight is copied. Only for a change
+    that writes no weight."""
+    import copy
+
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _peft_path(name: str) -> str:

@@ -132,3 +132,47 @@ def test_a_peft_folder_serves_as_an_adapter(served, images, tmp_path):
         want = pm(torch.from_numpy(images)).numpy()
     assert np.abs(want - served.reference(None, images)).max() > 0.05
     np.testing.assert_allclose(s.run({"image": images}, "peft")["output"], want, atol=ATOL)
+
+
+def test_reading_a_peft_folder_leaves_the_base_model_as_it_was_and_copies_no_weight(served, tmp_path, monkeypatch):
+    """``peft_adapter_params`` installs the folder on a copy of the model whose modules are its own and whose weights
+    are the model's: the model keeps its modules, values and ``requires_grad`` flags, and the copy's weights are the
+    model's tensors (reading an adapter of a large model holds no second copy of it); the params are PEFT's."""
+    import copy
+
+    import peft
+    import torch
+
+    import flora_graph.adapters.peft as peft_loader
+    from flora_graph.serving import peft_adapter_params
+    from flora_graph.serving.demo import DEMO_TARGETS
+
+    base = copy.deepcopy(served.base)
+    for i, p in enumerate(base.parameters()):
+        p.requires_grad_(i % 2 == 0)
+    torch.manual_seed(12)
+    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=list(DEMO_TARGETS), init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(served.base), cfg).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    kinds = {n: type(m) for n, m in base.named_modules()}
+    flags = [p.requires_grad for p in base.parameters()]
+    installed_on = []
+    real = peft_loader.load_peft_adapter
+
+    def spy(model, folder, **kw):
+        installed_on.append({id(t) for t in (*model.parameters(), *model.buffers())})
+        return real(model, folder, **kw)
+
+    monkeypatch.setattr(peft_loader, "load_peft_adapter", spy)
+    params = peft_adapter_params(base, tmp_path / "peft")
+    assert installed_on and installed_on[0] == {id(t) for t in (*base.parameters(), *base.buffers())}
+    assert {n: type(m) for n, m in base.named_modules()} == kinds
+    assert [p.requires_grad for p in base.parameters()] == flags
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for name in DEMO_TARGETS:  # A as saved, B times alpha / r
+        layer = pm.get_submodule(name)
+        np.testing.assert_allclose(params[f"{name}.lora_A"], layer.lora_A["default"].weight.detach().numpy())
+        np.testing.assert_allclose(params[f"{name}.lora_B"], layer.lora_B["default"].weight.detach().numpy() * 3,
+                                   rtol=1e-6)
