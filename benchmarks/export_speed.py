@@ -10,6 +10,9 @@ rounds (the order rotating each round), medians reported:
 - ``builder``: ``python -m onnxruntime_genai.models.builder -i BASE -p fp32 -e cpu --extra_options
   adapter_path=ADAPTER`` (the adapter baked in).
 
+Each run's peak resident memory is reported beside its time (``ru_maxrss`` of its process, read with
+``os.wait4``).
+
 The model made by default has Qwen2-0.5B's shapes (24 layers, hidden 896, a 151936-token vocabulary, bf16
 weights) with random weights; ``--layers`` / ``--hidden`` / ``--intermediate`` change them. Every package
 is written to a temporary folder and removed after its run. Run: ``python benchmarks/export_speed.py``.
@@ -62,15 +65,21 @@ def _commands(base: Path, adapter: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-def _run(cmd: list[str], out: Path) -> float:
-    """Seconds of one export in its own process; ``out`` removed after."""
-    t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    seconds = time.perf_counter() - t
-    shutil.rmtree(out, ignore_errors=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{(done.stderr or done.stdout)[-3000:]}")
-    return seconds
+def _run(cmd: list[str], out: Path) -> tuple[float, float]:
+    """Seconds and peak resident memory (GB, the process's own ``ru_maxrss``: its pages of the model files it maps
+    included) of one export in its own process; ``out`` removed after."""
+    with tempfile.TemporaryFile("w+") as log:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        shutil.rmtree(out, ignore_errors=True)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{log.read()[-3000:]}")
+    return seconds, usage.ru_maxrss / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,14 +110,18 @@ def main(argv: list[str] | None = None) -> int:
             cmds.pop("builder")
         names = list(cmds)
         seconds: dict[str, list[float]] = {n: [] for n in names}
+        peaks: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                s = _run(cmds[name], out)
+                s, peak = _run(cmds[name], out)
                 seconds[name].append(s)
-                print(f"round {r + 1}: {name}: {s:.1f} s", flush=True)
+                peaks[name].append(peak)
+                print(f"round {r + 1}: {name}: {s:.1f} s, peak {peak:.2f} GB", flush=True)
         med = {n: statistics.median(v) for n, v in seconds.items()}
         print("medians: " + ", ".join(f"{n} {v:.1f} s" for n, v in med.items()))
+        print("peak resident memory (median): " + ", ".join(f"{n} {statistics.median(v):.2f} GB"
+                                                            for n, v in peaks.items()))
         print(f"every layer traced / stamped: {med['flora, every layer traced'] / med['flora']:.2f}x")
         if "builder" in med:
             print(f"builder / flora: {med['builder'] / med['flora']:.2f}x (flora {'faster' if med['flora'] < med['builder'] else 'slower'})")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -493,14 +494,60 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
             p.requires_grad_(flag)
 
 
-def _module_copy(model: Any) -> Any:
+def _module_copy(model: Any, private: Collection[str] = ()) -> Any:
     """A copy of ``model`` whose modules (and their plain attributes) are its own and whose parameters and buffers
-    are ``model``'s: wrapping its modules leaves ``model``'s as they are, and no weight is copied. Only for a change
-    that writes no weight."""
+    are ``model``'s, but those named in ``private`` (any of their names), which are copied: wrapping its modules
+    leaves ``model``'s as they are, and no other weight is copied. Only for a change that writes no shared weight."""
     import copy
 
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    own = {id(t) for name, t in named if name in private}
+    memo = {id(t): t for _, t in named if id(t) not in own}
     return copy.deepcopy(model, memo)
+
+
+_ADAPTER_OWNED = re.compile(r"^(lora_.*|token_adapter|modules_to_save|original_module|trainable_tokens_.*)$")
+"""A segment of a PEFT file key that makes the tensor the adapter's own (PEFT loads it into no base weight)."""
+
+
+def _peft_copy(base_model: Any, folder: Path) -> tuple[Any, Callable[[], None]]:
+    """``(a copy of base_model for PEFT to install folder on, a function that undoes what the install did to
+    base_model)``: the copy's modules are its own and so are the base weights the folder's file names (PEFT loads
+    them in place: biases, embedding layers, modules it trains whole); the other weights are ``base_model``'s unless
+    the config asks for an initialization that rewrites base weights (PiSSA, OLoRA, LoftQ, ...: a whole copy). The
+    function restores the ``requires_grad`` flags PEFT set on the shared weights and raises :class:`AdapterError`,
+    each weight restored, where the install replaced one's data."""
+    import copy
+
+    from safetensors import safe_open
+
+    from flora_graph.adapters.peft import WEIGHTS_FILE, read_peft_config
+
+    init = read_peft_config(folder, peft_layers=True).get("init_lora_weights", True)
+    if isinstance(init, str) and init != "gaussian":
+        return copy.deepcopy(base_model), lambda: None
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # unreadable: PEFT says why on a whole copy
+        return copy.deepcopy(base_model), lambda: None
+    paths = [_peft_path(k) for k in keys]
+    private = {path for path in paths if not any(_ADAPTER_OWNED.match(seg) for seg in path.split("."))}
+    model = _module_copy(base_model, private)
+    copied = {id(q) for q in model.parameters()}
+    before = [(p, p.data, p.requires_grad) for p in base_model.parameters() if id(p) in copied]
+
+    def undo() -> None:
+        replaced = [p for p, data, _ in before if p.data_ptr() != data.data_ptr()]
+        for p, data, flag in before:
+            p.data = data
+            p.requires_grad_(flag)
+        if replaced:
+            raise AdapterError(f"{folder}: PEFT replaced {len(replaced)} of the base model's weights as it installed "
+                               f"the adapter, which an adapter that leaves the base model as it is cannot do; "
+                               f"{_MERGE_INSTEAD}")
+
+    return model, undo
 
 
 def _peft_path(name: str) -> str:
@@ -564,7 +611,6 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     read as :func:`_embedding_rows` says, and a GPT-2 ``Conv1D`` layer (``fan_in_fan_out``) as a ``Linear``, its base
     weight transposed for DoRA).
     """
-    import copy
 
     import torch
     from peft.tuners import lora
@@ -573,7 +619,11 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     from transformers.pytorch_utils import Conv1D
 
     folder = Path(folder)
-    adapted = peft_installed(copy.deepcopy(base_model), folder, "load")
+    model, undo = _peft_copy(base_model, folder)
+    try:
+        adapted = peft_installed(model, folder, "load")
+    finally:
+        undo()
     own = dict(base_model.named_parameters())
     out: dict[str, np.ndarray] = {}
     for name, p in adapted.named_parameters():  # a swappable adapter leaves the base model as it is, but biases

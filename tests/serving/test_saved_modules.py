@@ -189,3 +189,74 @@ def test_gpt2_conv1d_modules_trained_whole_beside_fan_in_fan_out_lora_decode_as_
     prompt = [1, 5, 9, 33, 70, 12]
     got = Generator(tmp_path / "pkg").generate([prompt], adapters="whole", max_new_tokens=8, min_new_tokens=8)[0]
     assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != _saved_undone(adapted, prompt)
+
+
+def test_reading_through_peft_shares_the_weights_peft_leaves_alone(tmp_path: Path, monkeypatch) -> None:
+    """An adapter read through PEFT's own layers (DoRA, a saved output layer, trained biases) is installed on a copy
+    of the model that holds its own copy of the weights the folder's file names (the output layer, the biases) and
+    shares the others: the model keeps its modules, values and flags, and the params are those of a whole copy."""
+    import copy
+
+    import flora_graph.serving.slots as slots
+
+    model = small_model("Qwen2ForCausalLM")
+    base = save_small(model, tmp_path)
+    torch.manual_seed(3)
+    adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                                  modules_to_save=["lm_head"], bias="lora_only",
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if p.requires_grad and ("bias" in name or "modules_to_save" in name or "magnitude" in name):
+                p.add_(torch.randn_like(p) * 0.3)
+    adapted.save_pretrained(tmp_path / "dora")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    flags = [p.requires_grad for p in model.parameters()]
+    installed_on = []
+    real = slots.peft_installed
+
+    def spy(m, folder, what):
+        installed_on.append(dict(m.named_parameters(remove_duplicate=False)))
+        return real(m, folder, what)
+
+    monkeypatch.setattr(slots, "peft_installed", spy)
+    params = slots.peft_adapter_params(model, tmp_path / "dora")
+    own = dict(model.named_parameters(remove_duplicate=False))
+    copied = installed_on[0]
+    private = {"lm_head.weight", *(f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(model.config.num_hidden_layers)
+                                   for p in ("q", "v"))}
+    assert {n for n in own if copied[n] is not own[n]} == private
+    assert {n: type(m) for n, m in model.named_modules()} == kinds
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    monkeypatch.setattr(slots, "_module_copy", lambda m, private=(): copy.deepcopy(m))  # a whole copy, as before
+    whole = slots.peft_adapter_params(model, tmp_path / "dora")
+    assert sorted(params) == sorted(whole)
+    for k in params:
+        np.testing.assert_array_equal(params[k], whole[k], err_msg=k)
+    assert any(k.endswith(".lora_magnitude") for k in params) and "lm_head.lora_A" in params
+
+
+def test_peft_replacing_a_shared_weight_is_refused_and_undone(tmp_path: Path, monkeypatch) -> None:
+    """Where PEFT replaces the data of a weight the copy shares with the model (as an initialization that rewrites
+    base weights would), the model gets its weight back and the adapter is refused, naming the folder."""
+    import flora_graph.serving.slots as slots
+
+    model = small_model("Qwen2ForCausalLM")
+    _saved(model, tmp_path, "whole", ["lm_head"], ["q_proj"])
+    weight = model.model.layers[0].mlp.up_proj.weight
+    data, values = weight.data, weight.detach().clone()
+    real = slots.peft_installed
+
+    def rewrites(m, folder, what):
+        out = real(m, folder, what)
+        m.get_submodule("model.layers.0.mlp.up_proj").weight.data = torch.zeros_like(values)
+        return out
+
+    monkeypatch.setattr(slots, "peft_installed", rewrites)
+    with pytest.raises(AdapterError, match=r"whole: PEFT replaced 1 of the base model's weights"):
+        slots.peft_adapter_params(model, tmp_path / "whole")
+    assert weight.data.data_ptr() == data.data_ptr() and torch.equal(weight, values)
