@@ -19,7 +19,8 @@ How it stays exact:
   least :data:`MIN_STAMPED` layers are left past those traced (:func:`plan` says why not otherwise).
 * **The trace.** The model runs with its first layers (the others removed from the list while it is
   traced) and the flat cache of all N: the program's layers run in order, each reading the one before it
-  through one tensor (the residual stream) and nothing else, the head reading the last.
+  through one tensor (the residual stream) and, besides, only tensors of layer 0 that every later layer reads as
+  they are (T5's position biases, which its first layer computes), the head reading the last.
 * **The checks.** The first traced layer past its kind's template (layer 2 where the layers are alike),
   stamped from the template, must equal, op for op, that layer as torch.export traced it
   (:func:`canonical`: every op, its arguments, its module path, its output's shape and dtype, weights
@@ -47,7 +48,8 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 
-__all__ = ["MIN_LAYERS", "MIN_STAMPED", "LayerStack", "StampError", "canonical", "plan", "stamp", "truncated"]
+__all__ = ["MIN_LAYERS", "MIN_STAMPED", "LayerStack", "StampError", "canonical", "plan", "plan_layers", "stamp",
+           "truncated"]
 
 MIN_STAMPED = 3
 """The fewest layers left to stamp past those traced (more kinds of layer need more traced): below it, tracing every
@@ -149,12 +151,22 @@ def plan(model: nn.Module, layout: Any) -> LayerStack:
         raise StampError(f"{n} layers: too few to stamp")
     if layout.per_layer and len(set(layout.per_layer[1:])) > 1:
         raise StampError("the layers' keys and values differ in shape")
-    found = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    found = [path for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if len(found) != 1:
         raise StampError(f"{len(found)} module lists of {n} layers")
-    prefix, layers = found[0]
-    if not prefix:
-        raise StampError("the layer list is the model itself")
+    return plan_layers(model, found[0])
+
+
+def plan_layers(model: nn.Module, prefix: str) -> LayerStack:
+    """The layer list of ``model`` at module path ``prefix`` (an ``nn.ModuleList``) to stamp: its layers' kinds, how
+    many to trace and which to check; raises :class:`StampError` saying why where its layers cannot be stamped.
+    :func:`plan` finds a causal LM's; an encoder-decoder model's decoder names its own."""
+    layers = model.get_submodule(prefix) if prefix else model
+    if not prefix or not isinstance(layers, nn.ModuleList):
+        raise StampError(f"{prefix or 'the model'} is not a layer list within the model")
+    n = len(layers)
+    if n < MIN_LAYERS:
+        raise StampError(f"{n} layers: too few to stamp")
     owner_path, _, attr = prefix.rpartition(".")
     owner = model.get_submodule(owner_path)
     if getattr(owner, attr, None) is not layers:
@@ -282,24 +294,30 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
     def size(n: torch.fx.Node) -> bool:  # a size (torch.export computes one once, where first asked): shared
         return isinstance(n.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool)
 
+    # tensors of layer 0 that the layers past the next read too, beside the one tensor layers pass on (T5's position
+    # biases, which its first layer computes and every later layer adds): each copy reads them as its template does
+    side = {n for n in blocks.get(0, []) if not size(n) and any((where.get(u) or 0) >= 2 for u in n.users)}
     # the one tensor from layer to layer: what each layer reads of the one before, what the head reads of the last
     into: dict[int, torch.fx.Node] = {}
     out_of: dict[int, torch.fx.Node] = {}
     for i in traced[1:]:
-        entering = [a for a in reads(blocks[i]) if a.op == "call_function" and where[a] == i - 1 and not size(a)]
+        entering = [a for a in reads(blocks[i]) if a.op == "call_function" and where[a] == i - 1 and not size(a)
+                    and a not in side]
         if len(entering) != 1:
             raise StampError(f"layer {i} reads {len(entering)} tensors of layer {i - 1}")
         into[i] = out_of[i - 1] = entering[0]
-    into_head = [a for a in reads(tail) if a.op == "call_function" and where[a] is not None and not size(a)]
+    into_head = [a for a in reads(tail) if a.op == "call_function" and where[a] is not None and not size(a)
+                 and a not in side]
     if len(into_head) != 1 or where[into_head[0]] != count - 1:
         raise StampError(f"the head reads {len(into_head)} tensors of the layers")
     out_of[count - 1] = into_head[0]
     for i in traced:
         for n in reads(blocks[i]):
-            if n.op == "call_function" and where[n] is not None and where[n] not in (i, i - 1) and not size(n):
+            if n.op == "call_function" and where[n] is not None and where[n] not in (i, i - 1) and not size(n) \
+                    and n not in side:
                 raise StampError(f"layer {i} reads layer {where[n]} ({n.name})")
         for n in blocks[i]:  # a layer's tensors go to the next layer (one), the head (the last's) and the outputs
-            if size(n):
+            if size(n) or n in side:
                 continue
             for u in n.users:
                 if u.op == "call_function" and where.get(u) != i and not (u in tail or where.get(u) == i + 1):
@@ -411,6 +429,8 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
                 if name is not None and (m := layer_name.match(name)) and int(m.group(2)) == t:
                     return env[by_input[moved(name, j)]]
                 return env[a]
+            if a in side:
+                return env[a]
             if a not in body and where.get(a) is not None and not size(a):
                 raise StampError(f"layer {t} reads {a.name} of layer {where[a]}")
             if a in pre_set and deps[a]:  # made from the cache's inputs: from layer j's where it is the template's
@@ -520,16 +540,18 @@ def canonical(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.T
 
 def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic_dims: Mapping[str, Any], layout: Any,
                     *, name: str, input_names: Sequence[str], output_names: Sequence[str],
-                    dim_max: Mapping[str, int] | None = None, share_weights: bool = False) -> Any:
-    """:func:`~flora_graph.frontend.capture` of a causal LM with its flat cache (the arguments
-    :func:`~flora_graph.frontend.causal_lm.capture_causal_lm` passes it), tracing its first layers (:func:`plan`)
-    and stamping the others; raises :class:`StampError` where that cannot be done exactly (:func:`plan`, :func:`stamp`,
+                    dim_max: Mapping[str, int] | None = None, share_weights: bool = False,
+                    stack: LayerStack | None = None) -> Any:
+    """:func:`~flora_graph.frontend.capture` of a decoder with its flat cache (the arguments
+    :func:`~flora_graph.frontend.causal_lm.capture_causal_lm` passes it), tracing its first layers (:func:`plan` of
+    ``layout``, or ``stack`` where the caller planned the layers, as an encoder-decoder model's decoder does) and
+    stamping the others; raises :class:`StampError` where that cannot be done exactly (:func:`plan`, :func:`stamp`,
     the check of the first layer past its kind's template), before anything is converted."""
     from flora_graph.frontend.capture import _lifted, convert_fx_graph, flat_dynamic_dims, trace_with_torch_export
 
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) and hasattr(
         model, "peft_config") else model
-    stack = plan(base, layout)
+    stack = plan(base, layout) if stack is None else stack
     try:
         with truncated(stack):
             traced = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max)

@@ -28,16 +28,21 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
+from flora_graph.frontend.layer_stamp import StampError, capture_stamped, plan_layers
 from flora_graph.ir import Graph
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Seq2SeqLayout", "capture_seq2seq", "seq2seq_layout"]
 
@@ -131,6 +136,29 @@ def _encoded(base: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     return base.get_encoder()(**inputs)
 
 
+def _without_compute(base: nn.Module, run: Any, inputs: dict[str, torch.Tensor]) -> Any:
+    """``run(inputs)`` on fake tensors (shapes and types, no arithmetic: a speech encoder's window of 1,500 positions
+    costs seconds eagerly), or eagerly where fake tensors cannot run it (data-dependent shapes); a module attribute
+    the fake run set (a cache of positions some layers keep) gets its old value back."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    before = {id(m): (m, dict(vars(m)), dict(m._buffers)) for m in base.modules()}
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            return run({k: mode.from_tensor(v) for k, v in inputs.items()})
+    except Exception:
+        pass
+    finally:
+        for m, attrs, buffers in before.values():
+            if any(isinstance(v, FakeTensor) for v in (*vars(m).values(), *m._buffers.values())):
+                vars(m).clear()
+                vars(m).update(attrs)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+    with torch.no_grad():
+        return run(inputs)
+
+
 def _start_ids(base: nn.Module, batch: int, seq: int) -> torch.Tensor:
     start = getattr(base.config, "decoder_start_token_id", None)
     return torch.full((batch, seq), int(start) if isinstance(start, int) else 0, dtype=torch.int64)
@@ -154,10 +182,13 @@ def seq2seq_layout(model: nn.Module) -> Seq2SeqLayout:
                          "that take input_ids, input_features or input_values")
     inputs, dims = _encoder_example(base)
     inputs = {k: v[:1] for k, v in inputs.items()}
-    try:
-        with torch.no_grad():
-            out = base(encoder_outputs=_encoded(base, inputs), attention_mask=inputs.get("attention_mask"),
-                       decoder_input_ids=_start_ids(base, 1, 2), use_cache=True)
+
+    def step(x: dict[str, torch.Tensor]) -> Any:
+        return base(encoder_outputs=_encoded(base, x), attention_mask=x.get("attention_mask"),
+                    decoder_input_ids=_start_ids(base, 1, 2), use_cache=True)
+
+    try:  # only the cache's shapes are read
+        out = _without_compute(base, step, inputs)
     except Exception as exc:
         raise GraphError(f"{name}: one eager step failed ({type(exc).__name__}: {exc})") from exc
     cache = _caches(out)
@@ -204,8 +235,8 @@ def decoder_forward(base: nn.Module, layout: Seq2SeqLayout):
     forward = type(base).forward.__get__(base)
     arg = _cache_arg(base)
     example, _ = _encoder_example(base)
-    with torch.no_grad():  # the encoder's own output type, which the decoder may read more than the states of
-        sample = _encoded(base, {k: v[:1] for k, v in example.items()})
+    # the encoder's own output type, which the decoder may read more than the states of
+    sample = _without_compute(base, lambda x: _encoded(base, x), {k: v[:1] for k, v in example.items()})
     encoded, hidden = type(sample), int(sample.last_hidden_state.shape[-1])  # the encoder's width (T5Gemma: its own)
 
     def run(input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
@@ -213,7 +244,10 @@ def decoder_forward(base: nn.Module, layout: Seq2SeqLayout):
         past = list(past_key_values or [])
         cache = _cache(layout, past)
         ck = past[2]  # the encoder's states are read only for their shape once the cross cache is filled
-        states = encoded(last_hidden_state=ck.new_zeros(ck.shape[0], ck.shape[2], hidden))
+        # (made from the cache's sizes alone, not from layer 0's keys: the layers read them, and a stamped layer
+        # reads its own layer's cache only)
+        states = encoded(last_hidden_state=torch.zeros(ck.shape[0], ck.shape[2], hidden, dtype=ck.dtype,
+                                                       device=ck.device))
         kwargs: dict[str, Any] = {"decoder_input_ids": input_ids, "encoder_outputs": states, arg: cache,
                                   "use_cache": True}
         if encoder_attention_mask is not None:
@@ -274,8 +308,51 @@ def _forward_as(base: nn.Module, run: Any) -> Iterator[None]:
         del base.forward
 
 
+def decoder_layers(base: nn.Module, layout: Seq2SeqLayout) -> str:
+    """The module path of ``base``'s decoder layer list (the one ``nn.ModuleList`` of ``layout.layers`` layers in its
+    decoder: ``model.decoder.layers``, T5's ``decoder.block``); :class:`StampError` where there is not one."""
+    get = getattr(base, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    where = next((path for path, m in base.named_modules() if m is decoder), None) if decoder is not None else None
+    if where is None:
+        raise StampError(f"{type(base).__name__}: no decoder module found (get_decoder())")
+    found = [path for path, m in decoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) == layout.layers]
+    if len(found) != 1:
+        raise StampError(f"{len(found)} module lists of {layout.layers} layers in the decoder ({where})")
+    return f"{where}.{found[0]}" if where else found[0]
+
+
+def _check_decoder(graph: Graph, run: Any, layout: Seq2SeqLayout, cross_len: int, vocab: int,
+                   out_names: list[str]) -> None:
+    """Raise :class:`StampError` unless ``graph`` (a stamped decoder) computes, in the numpy reference backend, the
+    logits and every layer's keys and values that the eager decoder (``run``, :func:`decoder_forward`'s) computes on a
+    two-token step with a two-token past: the stamped layers past those traced are checked by value too."""
+    from flora_graph.runtimes import compile as compile_graph
+
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, vocab, (1, 2), generator=gen)
+    shapes = [(layout.heads, 2, layout.head_dim)] * 2 + [(layout.cross_heads, cross_len, layout.cross_head_dim)] * 2
+    past = [torch.randn(1, *shapes[j], generator=gen) for _ in range(layout.layers) for j in range(4)]
+    mask = torch.ones(1, cross_len, dtype=torch.int64) if layout.encoder_mask else None
+    feeds = {"input_ids": ids.numpy(), **({"encoder_attention_mask": mask.numpy()} if mask is not None else {}),
+             **{n: t.numpy() for n, t in zip(layout.past_names(), past, strict=True)}}
+    takes = {i.name for i in graph.inputs}
+    try:
+        with torch.no_grad():
+            want = run(ids, mask, past)
+        got = compile_graph(graph, "numpy")({k: v for k, v in feeds.items() if k in takes})
+    except Exception as exc:  # a model the reference check cannot run: not stamped
+        raise StampError(f"the check of the stamped decoder failed to run ({type(exc).__name__}: {exc})") from exc
+    for name, ref in zip(out_names, want, strict=True):
+        ref = ref.detach().float().numpy()
+        diff = float(np.abs(np.asarray(got[name], np.float32) - ref).max()) if ref.size else 0.0
+        if not diff <= 1e-3 * (1.0 + float(np.abs(ref).max())):
+            raise StampError(f"the stamped decoder's {name} differs from eager by {diff:.3g}")
+
+
 def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights: bool = False,
-                    layout: Seq2SeqLayout | None = None, dim_max: dict[str, int] | None = None) -> tuple[Graph, Graph]:
+                    layout: Seq2SeqLayout | None = None, dim_max: dict[str, int] | None = None,
+                    stamp_layers: bool = True) -> tuple[Graph, Graph]:
     """Capture ``model`` (a transformers encoder-decoder model, or a PeftModel of one) as its ``(encoder,
     decoder)`` graphs, named as the module docstring says.
 
@@ -284,6 +361,10 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     :func:`~flora_graph.frontend.signal_inputs.signal_inputs` gives it (Whisper's frames fixed, ``2 * max_source_positions``;
     Speech2Text's frames and Moonshine's samples dynamic, the cross-attention's length then the decoder's ``enc_seq``). ``share_weights``: the graphs' weights are views of the model's (see
     :func:`~flora_graph.frontend.capture`). ``layout``: the model's :func:`seq2seq_layout`, where the caller has it.
+    ``stamp_layers``: the decoder graph traces its first decoder layers and copies their programs for the others
+    (:mod:`~flora_graph.frontend.layer_stamp`, checked op by op against a traced layer and by value against the eager
+    decoder; where that cannot be done exactly, as for T5, whose layers read the first one's position bias, every layer
+    is traced); ``False``: every layer traced.
 
     Raises:
         GraphError: the model is not an encoder-decoder model, or torch.export fails on it.
@@ -314,8 +395,22 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     dims["past_key_values"] = [{0: "batch", 2: "past_seq"} if j < 2 else
                                ({0: "batch", 2: cross_dim} if cross_dim else {0: "batch"})
                                for _ in range(layout.layers) for j in range(4)]
-    with _forward_as(base, decoder_forward(base, layout)):
-        decoder = capture(model, inputs, dims, name=f"{title}.decoder", dim_max=dim_max,
-                          input_names=layout.decoder_inputs(), output_names=["logits", *layout.present_names()],
-                          share_weights=share_weights)
+    out_names = ["logits", *layout.present_names()]
+    decoder = None
+    run = decoder_forward(base, layout)
+    with _forward_as(base, run):
+        if stamp_layers:  # the first decoder layers traced, the others stamped from them where that is exact
+            try:
+                stack = plan_layers(base, decoder_layers(base, layout))
+                decoder = capture_stamped(model, inputs, dims, None, name=f"{title}.decoder",
+                                          input_names=layout.decoder_inputs(), output_names=out_names,
+                                          dim_max=dim_max, share_weights=share_weights, stack=stack)
+                _check_decoder(decoder, run, layout, cross_len, vocab_size(base.config, "decoder"), out_names)
+            except Exception as exc:  # a StampError, or what the stamping did not foresee: every layer traced
+                decoder = None
+                _log.debug("%s: every decoder layer traced: %s", title, exc)
+        if decoder is None:
+            decoder = capture(model, inputs, dims, name=f"{title}.decoder", dim_max=dim_max,
+                              input_names=layout.decoder_inputs(), output_names=out_names,
+                              share_weights=share_weights)
     return encoder, decoder
