@@ -201,9 +201,9 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     if args.merge_adapter and args.format != "genai":
         raise FloraGraphError("--merge-adapter goes with --format genai (a file export takes the adapter as --adapter "
                               "and bakes it in with --preset merged)")
-    if args.trace_every_layer and (args.format != "genai" or args.task in SEQ2SEQ_TASKS):
-        raise FloraGraphError("--trace-every-layer goes with a decoder's --format genai package (its capture with the "
-                              "key/value cache)")
+    if args.trace_every_layer and args.format != "genai" and args.task not in SEQ2SEQ_TASKS:
+        raise FloraGraphError("--trace-every-layer goes with a generation package (--format genai, or an "
+                              "encoder-decoder --task): its capture with the key/value cache")
     if args.task in SEQ2SEQ_TASKS:
         return _export_seq2seq(args, console)
     if args.format == "genai" or args.task == "text-generation-with-past":
@@ -239,7 +239,8 @@ def _export_seq2seq(args: argparse.Namespace, console: Console) -> int:
         raise FloraGraphError(f"{', '.join(given)} go with --format genai, not --task {args.task}")
     adapters = _adapter_args(args.adapter)
     with console.status("starting") as status:
-        report = export_seq2seq(args.model, args.out, adapters, progress=lambda m: status.update(m), mixed=args.mixed)
+        report = export_seq2seq(args.model, args.out, adapters, progress=lambda m: status.update(m), mixed=args.mixed,
+                                stamp_layers=not args.trace_every_layer)
     console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an encoder-decoder package")
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
@@ -437,9 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "builder's CPU default, the fastest), 0 keeps the input's (the float model of the 4-bit "
                         "weights, token for token)")
     e.add_argument("--trace-every-layer", action="store_true",
-                   help="--format genai: trace every decoder layer with torch.export; by default the first layers "
-                        "are traced, up to a template of each kind of layer, and the others stamped from their "
-                        "kind's template (the same graph, checked, in a fraction of the time on a deep model)")
+                   help="--format genai or an encoder-decoder --task: trace every decoder layer with torch.export; "
+                        "by default the first layers are traced, up to a template of each kind of layer, and the "
+                        "others stamped from their kind's template (the same graph, checked, in a fraction of the "
+                        "time on a deep model)")
     e.add_argument("--merge-adapter", metavar="DIR", default=None,
                    help="--format genai: a PEFT adapter folder baked into the package's base weights by PEFT "
                         "(merge_and_unload): any adapter PEFT merges, DoRA, LoRA on expert tensors "

@@ -161,12 +161,15 @@ def package_config(model: Any, layout: Any) -> dict[str, Any]:
 
 
 def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str | Path] | None = None, *,
-                   progress: Callable[[str], None] | None = None, mixed: bool = True) -> Seq2SeqReport:
+                   progress: Callable[[str], None] | None = None, mixed: bool = True,
+                   stamp_layers: bool = True) -> Seq2SeqReport:
     """Write an encoder-decoder generation package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
 
     ``mixed=False`` leaves out the mixed-adapter models (``encoder.mixed.onnx``, ``decoder.mixed.onnx``: rows
     with different adapters in one batch), which ONNX Runtime holds with their own copy of the base weights.
+    ``stamp_layers=False`` traces every decoder layer; by default the decoder's first layers are traced and the
+    others stamped from them (:func:`~flora_graph.frontend.seq2seq_lm.capture_seq2seq`: the same graph, checked).
 
     Every argument and folder is checked before the model loads (an adapter name that cannot be a file name, a
     folder that is not a PEFT LoRA folder or changes more than a slot swaps, a model class that is not an
@@ -212,7 +215,8 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
 
     layout = seq2seq_layout(model)
     sites = install_sites(model, params)
-    graphs = dict(zip(PARTS, capture_seq2seq(model, name=arch, share_weights=True, layout=layout), strict=True))
+    graphs = dict(zip(PARTS, capture_seq2seq(model, name=arch, share_weights=True, layout=layout,
+                                                       stamp_layers=stamp_layers), strict=True))
     doc = package_config(model, layout)
     skipped = unapplied_settings(getattr(model, "generation_config", None), SEQ2SEQ_APPLIED)
     if skipped:

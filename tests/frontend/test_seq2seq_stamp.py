@@ -178,3 +178,26 @@ def test_a_deep_package_generates_eager_peft_tokens(kind: str, tmp_path: Path) -
     assert want["ad"] != want[None]
     mixed = served.generate(prompts, adapters=["ad", None], max_new_tokens=10, min_new_tokens=10, num_beams=1)
     assert mixed == [want["ad"][0], want[None][1]]
+
+
+def test_cli_trace_every_layer_reaches_an_encoder_decoder_export(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``flora-graph export --task text2text-generation-with-past --trace-every-layer`` traces the decoder whole (the
+    stamping never asked for), the default stamps it; a plain file export refuses the flag, exit status 2."""
+    from flora_graph.cli import main
+
+    deep("bart").save_pretrained(tmp_path / "base")
+    asked: list[bool] = []
+    real = seq2seq_lm.capture_seq2seq
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["stamp_layers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq_lm, "capture_seq2seq", spy)
+    for flags in (["--trace-every-layer"], []):
+        assert main(["export", str(tmp_path / "base"), "--task", "text2text-generation-with-past", "--out",
+                     str(tmp_path / f"pkg{len(flags)}"), *flags]) == 0
+    assert asked == [False, True]
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "base"), "--out", str(tmp_path / "m.onnx"), "--trace-every-layer"]) == 2
+    assert "--trace-every-layer goes with a generation package" in capsys.readouterr().err
