@@ -142,19 +142,25 @@ def _without_compute(base: nn.Module, run: Any, inputs: dict[str, torch.Tensor])
     the fake run set (a cache of positions some layers keep) gets its old value back."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    before = {id(m): (m, dict(vars(m)), dict(m._buffers)) for m in base.modules()}
+    def fake(v: Any) -> bool:
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, list | tuple) else (v,)
+        return any(isinstance(x, FakeTensor) for x in items)
+
+    before = [(m, dict(vars(m)), dict(m._buffers), dict(m._parameters)) for m in base.modules()]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
             return run({k: mode.from_tensor(v) for k, v in inputs.items()})
     except Exception:
         pass
     finally:
-        for m, attrs, buffers in before.values():
-            if any(isinstance(v, FakeTensor) for v in (*vars(m).values(), *m._buffers.values())):
+        for m, attrs, buffers, params in before:
+            if any(fake(v) for v in (*vars(m).values(), *m._buffers.values(), *m._parameters.values())):
                 vars(m).clear()
                 vars(m).update(attrs)
                 m._buffers.clear()
                 m._buffers.update(buffers)
+                m._parameters.clear()
+                m._parameters.update(params)
     with torch.no_grad():
         return run(inputs)
 

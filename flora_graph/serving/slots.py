@@ -468,10 +468,10 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     refuses what it cannot, a base weight the folder changes among it (``keep_base``: the embedding layers PEFT
     saves beside an adapter on ``lm_head`` are loaded only where they are the base model's own); ``base_model``
     itself is not touched. The copy's modules are its own and its weights ``base_model``'s (:func:`_module_copy`:
-    ``keep_base`` writes none of them), so reading an adapter holds no second copy of the model. A folder that only PEFT's own layers hold (``target_parameters``: LoRA on expert
-    tensors; ``use_dora``; ``trainable_token_indices``; ``modules_to_save``; ``lora_bias``; biases it trained,
-    ``bias="all"`` / ``"lora_only"``) is read through them instead: :func:`params_through_peft` (``saved``, a list,
-    gets the paths of the modules it trains whole).
+    ``keep_base`` writes none of them), so reading an adapter holds no second copy of the model. A folder that only
+    PEFT's own layers hold (``target_parameters``: LoRA on expert tensors; ``use_dora``; ``trainable_token_indices``;
+    ``modules_to_save``; ``lora_bias``; biases it trained, ``bias="all"`` / ``"lora_only"``) is read through them
+    instead: :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
     """
     from flora_graph.adapters.peft import load_peft_adapter, read_peft_config, saved_vocab
 
@@ -609,9 +609,9 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     where a tensor of it matches nothing in the model, where it changes a base weight (but a ``Linear``'s bias), and
     for a LoRA layer kind a slot does not take this way (a convolution's, DoRA on an embedding; an embedding's LoRA is
     read as :func:`_embedding_rows` says, and a GPT-2 ``Conv1D`` layer (``fan_in_fan_out``) as a ``Linear``, its base
-    weight transposed for DoRA).
+    weight transposed for DoRA). PEFT installs the folder on :func:`_peft_copy`'s copy of ``base_model``, which shares
+    the weights the folder does not load.
     """
-
     import torch
     from peft.tuners import lora
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer

@@ -201,3 +201,35 @@ def test_cli_trace_every_layer_reaches_an_encoder_decoder_export(tmp_path: Path,
     capsys.readouterr()
     assert main(["export", str(tmp_path / "base"), "--out", str(tmp_path / "m.onnx"), "--trace-every-layer"]) == 2
     assert "--trace-every-layer goes with a generation package" in capsys.readouterr().err
+
+
+def test_probes_run_on_fake_tensors_and_leave_no_fake_state() -> None:
+    """``_without_compute`` gives eager's output type and shapes without computing; a module that caches a tensor
+    as it runs gets its old value back (no fake tensor left on it), and one whose shapes depend on its data runs
+    eagerly."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    class Caching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.cached = None
+            self.register_buffer("steps", torch.zeros(1))
+
+        def forward(self, x):
+            self.cached = [x * 2]
+            self.steps = self.steps + 1
+            return self.lin(x)
+
+    class Selecting(torch.nn.Module):
+        def forward(self, x):
+            return x[x > 0]
+
+    m = Caching()
+    out = seq2seq_lm._without_compute(m, lambda d: m(d["x"]), {"x": torch.randn(2, 4)})
+    assert isinstance(out, FakeTensor) and tuple(out.shape) == (2, 3)
+    assert m.cached is None and not isinstance(m.steps, FakeTensor) and float(m.steps) == 0.0
+    x = torch.tensor([1.0, -1.0, 2.0])
+    sel = Selecting()
+    got = seq2seq_lm._without_compute(sel, lambda d: sel(d["x"]), {"x": x})
+    assert not isinstance(got, FakeTensor) and got.tolist() == [1.0, 2.0]
