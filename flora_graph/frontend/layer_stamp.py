@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +48,8 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 
-__all__ = ["MIN_LAYERS", "MIN_STAMPED", "LayerStack", "StampError", "canonical", "plan", "plan_layers", "stamp",
-           "truncated"]
+__all__ = ["MIN_LAYERS", "MIN_STAMPED", "LayerStack", "StampError", "canonical", "check_by_value", "plan", "plan_layers",
+           "stamp", "truncated"]
 
 MIN_STAMPED = 3
 """The fewest layers left to stamp past those traced (more kinds of layer need more traced): below it, tracing every
@@ -536,6 +536,30 @@ def canonical(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.T
         at[n] = len(out)
         out.append((n.op, str(n.target), enc(n.args), enc(n.kwargs), tuple(_stack_paths(n)), meta(n.meta.get("val"))))
     return out
+
+
+def check_by_value(graph: Any, feeds: Mapping[str, Any], eager: Callable[[], Sequence[torch.Tensor]],
+                   out_names: Sequence[str], what: str) -> None:
+    """Raise :class:`StampError` unless ``graph`` (a stamped IR graph), run in the numpy reference backend on ``feeds``
+    (those it takes), gives the outputs ``out_names`` that ``eager()`` returns in that order, each within ``1e-3`` of
+    its own scale: the stamped layers past those traced are checked by value too. ``what`` names the graph in the
+    message."""
+    import numpy as np
+
+    from flora_graph.runtimes import compile as compile_graph
+
+    takes = {i.name for i in graph.inputs}
+    try:
+        with torch.no_grad():
+            want = eager()
+        got = compile_graph(graph, "numpy")({k: v for k, v in feeds.items() if k in takes})
+    except Exception as exc:  # a model the reference check cannot run: not stamped
+        raise StampError(f"the check of {what} failed to run ({type(exc).__name__}: {exc})") from exc
+    for name, ref in zip(out_names, want, strict=True):
+        ref = ref.detach().float().numpy()
+        diff = float(np.abs(np.asarray(got[name], np.float32) - ref).max()) if ref.size else 0.0
+        if not diff <= 1e-3 * (1.0 + float(np.abs(ref).max())):
+            raise StampError(f"{what}'s {name} differs from eager by {diff:.3g}")
 
 
 def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic_dims: Mapping[str, Any], layout: Any,

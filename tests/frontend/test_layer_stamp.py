@@ -59,20 +59,22 @@ def structure(graph, model) -> list[tuple]:
         ("input", i.name, tuple(i.shape), i.dtype) for i in graph.inputs]
 
 
+def kept(real, errors: list):
+    """``real``, each :class:`StampError` it raises appended to ``errors`` too."""
+    def run(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except StampError as exc:
+            errors.append(exc)
+            raise
+    return run
+
+
 def stamped_only(model, layout):
     """``model`` captured with its layers stamped; the :class:`StampError` where they cannot be (no full trace)."""
     import flora_graph.frontend.causal_lm as causal_lm
 
     errors: list[StampError] = []
-
-    def keep(real):
-        def run(*args, **kwargs):
-            try:
-                return real(*args, **kwargs)
-            except StampError as exc:
-                errors.append(exc)
-                raise
-        return run
 
     def refuse(*args, **kwargs):
         raise errors[0] if errors else AssertionError("not stamped")
@@ -80,7 +82,7 @@ def stamped_only(model, layout):
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in ("capture_stamped", "_check_stamped"):  # the stamping and its check against eager
-            mp.setattr(causal_lm, name, keep(getattr(causal_lm, name)))
+            mp.setattr(causal_lm, name, kept(getattr(causal_lm, name), errors))
         mp.setattr(causal_lm, "capture", refuse)
         return capture_causal_lm(model, layout=layout)
 

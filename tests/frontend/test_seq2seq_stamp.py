@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 from flora_graph.frontend import seq2seq_lm  # noqa: E402
 from flora_graph.frontend.layer_stamp import StampError  # noqa: E402
 from flora_graph.runtimes import compile  # noqa: E402
-from tests.frontend.test_layer_stamp import structure  # noqa: E402
+from tests.frontend.test_layer_stamp import kept, structure  # noqa: E402
+from tests.serving.seq2seq_package import nonzero_b  # noqa: E402
 
 SLOW = pytest.mark.slow
 _E = dict(d_model=32, encoder_layers=2, decoder_layers=7, encoder_attention_heads=4, decoder_attention_heads=4,
@@ -48,15 +49,6 @@ def stamped_decoder(model, layout):
     real_stamped, real_check, real_capture = (seq2seq_lm.capture_stamped, seq2seq_lm._check_decoder,
                                               seq2seq_lm.capture)
 
-    def keep(real):
-        def run(*args, **kwargs):
-            try:
-                return real(*args, **kwargs)
-            except StampError as exc:
-                errors.append(exc)
-                raise
-        return run
-
     def encoder_only(*args, **kwargs):
         if kwargs["name"].endswith(".decoder"):
             raise errors[0] if errors else AssertionError("not stamped")
@@ -64,8 +56,8 @@ def stamped_decoder(model, layout):
 
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.setattr(seq2seq_lm, "capture_stamped", keep(real_stamped))
-        mp.setattr(seq2seq_lm, "_check_decoder", keep(real_check))
+        mp.setattr(seq2seq_lm, "capture_stamped", kept(real_stamped, errors))
+        mp.setattr(seq2seq_lm, "_check_decoder", kept(real_check, errors))
         mp.setattr(seq2seq_lm, "capture", encoder_only)
         return seq2seq_lm.capture_seq2seq(model, layout=layout)[1]
 
@@ -149,11 +141,7 @@ def test_a_deep_package_generates_eager_peft_tokens(kind: str, tmp_path: Path) -
     model = deep(kind)
     model.save_pretrained(tmp_path / "base")
     adapted = peft.get_peft_model(deep(kind), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(1)
-    for mod in adapted.modules():
-        if hasattr(mod, "lora_B"):
-            for k in mod.lora_B:
-                mod.lora_B[k].weight.data.normal_(0, 0.3, generator=gen)
+    nonzero_b(adapted)
     adapted.save_pretrained(tmp_path / "ad")
     real_capture = seq2seq_lm.capture
 

@@ -216,6 +216,15 @@ ARCHITECTURES = {
 """More encoder-decoder families, tiny: ``(config class, model class, config)``, each with PEFT's ``all-linear`` LoRA."""
 
 
+def nonzero_b(adapted, std: float = 0.3, seed: int = 1) -> None:
+    """Every LoRA ``B`` of the PEFT model ``adapted`` drawn from a seeded normal (PEFT starts them at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    for mod in adapted.modules():
+        if hasattr(mod, "lora_B"):
+            for k in mod.lora_B:
+                mod.lora_B[k].weight.data.normal_(0, std, generator=gen)
+
+
 def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
     """Export ``ARCHITECTURES[kind]`` with an ``all-linear`` PEFT adapter (nonzero ``B``) and assert that the
     package's greedy tokens, base and adapter, equal eager transformers + PEFT ``generate`` on a padded batch (or
@@ -235,11 +244,7 @@ def architecture_matches_eager(root: Path, kind: str, new: int = 12) -> None:
         warnings.simplefilter("ignore")
         adapted = peft.get_peft_model(cls.from_pretrained(root / "base"),
                                       peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(1)
-    for mod in adapted.modules():
-        if hasattr(mod, "lora_B"):
-            for k in mod.lora_B:
-                mod.lora_B[k].weight.data.normal_(0, 0.3, generator=gen)
+    nonzero_b(adapted)
     adapted.save_pretrained(root / "ad")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
