@@ -236,7 +236,8 @@ class Stamped:
 
 def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tensor]], input_names: Sequence[str],
           output_names: Sequence[str], layers: int, prefix: str, tensors: Mapping[str, torch.Tensor],
-          kinds: Sequence[int], *, again: Collection[int] = ()) -> Stamped:
+          kinds: Sequence[int], *, again: Collection[int] = (), cached: bool = True,
+          constants: Collection[str] = ()) -> Stamped:
     """The program of ``fx_graph`` (a trace of the first layers of a decoder whose layer list is at ``prefix``) with
     the layers past those traced, up to ``layers``, and the traced layers in ``again``, copied from their kind's
     template (``kinds``: each layer's kind; a kind's template is its first layer from 1 on, traced).
@@ -244,8 +245,10 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
     ``weights``: placeholder name -> (fqn, tensor) of the trace's weights; ``input_names`` / ``output_names``: the
     graph's inputs (of the tensor placeholders that are not weights, in order) and outputs, among them
     ``past_key_values.{i}.*`` / ``present.{i}.*`` for every layer; ``tensors``: the whole model's weights by fqn,
-    where the copies find theirs. Raises :class:`StampError` where the program is not a chain of layers
-    each reading the one before through one tensor.
+    where the copies find theirs; ``constants``: the placeholders of tensors the program made (lifted constants), which
+    every copy reads as its template does. ``cached=False``: the layers have no cache (an encoder's, stamped before the
+    decoder's in a graph whose layer-numbered inputs and outputs are the decoder's). Raises :class:`StampError` where
+    the program is not a chain of layers each reading the one before through one tensor.
     """
     nodes = list(fx_graph.nodes)
     if any(n.op not in ("placeholder", "call_function", "output") for n in nodes):
@@ -331,7 +334,8 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
     if len(kept_outs) != len(outs) or len(outs) != len(output_names):
         raise StampError(f"{len(output_names)} output names for {len(outs)} outputs")
     out_at = {name: k for k, name in enumerate(output_names)}
-    layer_name = re.compile(r"^(past_key_values|present)\.(\d+)\.(.+)$")
+    # the inputs and outputs of one layer's cache (none for layers without one)
+    layer_name = re.compile(r"^(past_key_values|present)\.(\d+)\.(.+)$" if cached else r"(?!)")
 
     def moved(name: str, layer: int) -> str:
         m = layer_name.match(name)
@@ -397,7 +401,7 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
     def weight_of(a: torch.fx.Node, t: int, j: int) -> torch.fx.Node:
         fqn, tensor = weights[a.name]
         head = f"{prefix}.{t}."
-        if not fqn.startswith(head):
+        if not fqn.startswith(head) or a.name in constants:  # a constant the layer made: the same in every copy
             return env[a]
         want = f"{prefix}.{j}.{fqn[len(head):]}"
         if want in by_fqn:
@@ -478,7 +482,15 @@ def stamp(fx_graph: torch.fx.Graph, weights: Mapping[str, tuple[str, torch.Tenso
                 raise StampError(f"{moved(name, t)} is not made by layer {t}")
             new_outs.append(copies[i][src])
         elif o.op == "call_function" and where.get(o) is not None and where[o] in again:
-            raise StampError(f"output {name} comes from layer {where[o]}")
+            # a traced layer stamped again made it: the copy's output of the same name (for a later layer's stand-in
+            # that is this layer's output, the name this layer gives it)
+            j = where[o]
+            own = next((n2 for n2, o2 in zip(output_names, outs, strict=True)
+                        if o2 is o and (m2 := layer_name.match(n2)) and int(m2.group(2)) == j), None)
+            src = None if own is None else outs[out_at[moved(own, template_of[kinds[j]])]]
+            if src is None or src not in copies[j]:
+                raise StampError(f"output {name} comes from layer {j}")
+            new_outs.append(copies[j][src])
         else:
             new_outs.append(env[o])
     graph.output(tuple(new_outs) if isinstance(out_node.args[0], tuple | list) else new_outs[0])
@@ -565,23 +577,28 @@ def check_by_value(graph: Any, feeds: Mapping[str, Any], eager: Callable[[], Seq
 def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic_dims: Mapping[str, Any], layout: Any,
                     *, name: str, input_names: Sequence[str], output_names: Sequence[str],
                     dim_max: Mapping[str, int] | None = None, share_weights: bool = False,
-                    stack: LayerStack | None = None) -> Any:
+                    stack: LayerStack | None = None, uncached: Sequence[LayerStack] = ()) -> Any:
     """:func:`~flora_graph.frontend.capture` of a decoder with its flat cache (the arguments
     :func:`~flora_graph.frontend.causal_lm.capture_causal_lm` passes it), tracing its first layers (:func:`plan` of
     ``layout``, or ``stack`` where the caller planned the layers, as an encoder-decoder model's decoder does) and
-    stamping the others; raises :class:`StampError` where that cannot be done exactly (:func:`plan`, :func:`stamp`,
-    the check of the first layer past its kind's template), before anything is converted."""
+    stamping the others; the layer lists ``uncached`` (an encoder's, traced in the same program before the decoder's)
+    are cut and stamped the same way first, their layers without a cache. Raises :class:`StampError` where that
+    cannot be done exactly (:func:`plan`, :func:`stamp`, the check of the first layer past its kind's template),
+    before anything is converted."""
     from flora_graph.frontend.capture import _lifted, convert_fx_graph, flat_dynamic_dims, trace_with_torch_export
 
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) and hasattr(
         model, "peft_config") else model
-    stack = plan(base, layout) if stack is None else stack
+    stacks = [*((s, False) for s in uncached), (plan(base, layout) if stack is None else stack, True)]
     try:
-        with truncated(stack):
+        with contextlib.ExitStack() as cut:
+            for s, _ in stacks:
+                cut.enter_context(truncated(s))
             traced = trace_with_torch_export(model, example_inputs, dynamic_dims, dim_max=dim_max)
     except Exception as exc:  # the model needs all its layers to run: every layer is traced instead
-        raise StampError(f"its first {stack.traced} layers alone do not trace ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+        raise StampError(f"its first layers alone ({', '.join(f'{s.traced} of {s.prefix}' for s, _ in stacks)}) do "
+                         f"not trace ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") \
+            from exc
     ep = traced.ep
     sig = ep.graph_signature
     state = {**ep.state_dict, **ep.constants}
@@ -590,19 +607,23 @@ def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic
     module = traced.model
     tensors = {**dict(module.named_parameters(remove_duplicate=False)),
                **dict(module.named_buffers(remove_duplicate=False))}
-    for fqn, t in weights.values():  # the trace read the layers' own tensors (none swapped while it traced)
-        own = tensors.get(fqn)
-        if fqn.startswith(f"{stack.prefix}.") and (own is None or own.shape != t.shape or own.dtype != t.dtype
-                                                   or own.data_ptr() != t.data_ptr() or own.stride() != t.stride()):
-            raise StampError(f"the traced program reads {fqn} other than the model holds it")
     constants = sorted(_lifted(ep))
-    check = stamp(ep.graph, weights, input_names, output_names, stack.traced, stack.prefix, tensors, stack.kinds,
-                  again=[stack.check])
-    if canonical(check.graph, check.weights, constants, input_names) != canonical(ep.graph, weights, constants,
-                                                                                input_names):
-        template = stack.templates()[stack.kinds[stack.check]]
-        raise StampError(f"layer {stack.check} stamped from layer {template} differs from its trace ({stack.prefix})")
-    full = stamp(ep.graph, weights, input_names, output_names, stack.count, stack.prefix, tensors, stack.kinds)
+    for placeholder, (fqn, t) in weights.items():  # the trace read the layers' own tensors (none swapped meanwhile)
+        own = tensors.get(fqn)
+        if placeholder not in constants and any(fqn.startswith(f"{s.prefix}.") for s, _ in stacks) and (
+                own is None or own.shape != t.shape or own.dtype != t.dtype or own.data_ptr() != t.data_ptr()
+                or own.stride() != t.stride()):
+            raise StampError(f"the traced program reads {fqn} other than the model holds it")
+    full = Stamped(ep.graph, weights)
+    for s, cached in stacks:  # each list in turn, on the program with the lists before it stamped
+        check = stamp(full.graph, full.weights, input_names, output_names, s.traced, s.prefix, tensors, s.kinds,
+                      again=[s.check], cached=cached, constants=constants)
+        if canonical(check.graph, check.weights, constants, input_names) != canonical(full.graph, full.weights,
+                                                                                    constants, input_names):
+            template = s.templates()[s.kinds[s.check]]
+            raise StampError(f"layer {s.check} stamped from layer {template} differs from its trace ({s.prefix})")
+        full = stamp(full.graph, full.weights, input_names, output_names, s.count, s.prefix, tensors, s.kinds,
+                     cached=cached, constants=constants)
     from flora_graph.adapters import adapters_of
     from flora_graph.adapters.peft import peft_lora_layers
 

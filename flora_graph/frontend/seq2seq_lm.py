@@ -283,8 +283,9 @@ def encoder_forward(base: nn.Module, layout: Seq2SeqLayout):
                       decoder_input_ids=start, **{arg: cache}, use_cache=True)
         kv = _caches(out).cross_attention_cache
         flat: list[torch.Tensor] = []
-        for i in range(layout.layers):
-            flat += [kv.layers[i].keys, kv.layers[i].values]
+        for i in range(layout.layers):  # a decoder cut to its first layers (for the stamping) fills fewer: the last
+            layer = kv.layers[min(i, len(kv.layers) - 1)]  # one stands in until the stamped layers replace it
+            flat += [layer.keys, layer.values]
         return tuple(flat)
 
     if layout.main_input == "input_features":
@@ -327,6 +328,21 @@ def decoder_layers(base: nn.Module, layout: Seq2SeqLayout) -> str:
     return f"{where}.{found[0]}" if where else found[0]
 
 
+def encoder_layers(base: nn.Module) -> str:
+    """The module path of ``base``'s encoder layer list (the one outermost ``nn.ModuleList`` of more than one module
+    in its encoder: ``model.encoder.layers``, T5's ``encoder.block``); :class:`StampError` where there is not one."""
+    get = getattr(base, "get_encoder", None)
+    encoder = get() if callable(get) else None
+    where = next((path for path, m in base.named_modules() if m is encoder), None) if encoder is not None else None
+    if where is None:
+        raise StampError(f"{type(base).__name__}: no encoder module found (get_encoder())")
+    lists = [path for path, m in encoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    outer = [p for p in lists if not any(p.startswith(f"{q}.") for q in lists)]
+    if len(outer) != 1:
+        raise StampError(f"{len(outer)} outermost layer lists in the encoder ({where})")
+    return f"{where}.{outer[0]}" if where else outer[0]
+
+
 def _check_decoder(graph: Graph, run: Any, layout: Seq2SeqLayout, cross_len: int, vocab: int,
                    out_names: list[str]) -> None:
     """Raise :class:`StampError` unless ``graph`` (a stamped decoder) computes, in the numpy reference backend, the
@@ -367,10 +383,28 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     title = name or type(base).__name__
     enc_inputs, enc_dims = _encoder_example(base)
     bounds = {k: v for k, v in (dim_max or {}).items() if k in ("enc_seq", "batch")}
-    with _forward_as(base, encoder_forward(base, layout)):
-        encoder = capture(model, enc_inputs, enc_dims, name=f"{title}.encoder", dim_max=bounds or None,
-                          input_names=layout.encoder_inputs(), output_names=layout.cross_names(),
-                          share_weights=share_weights)
+    encoder = None
+    cross_names = layout.cross_names()
+    run_encoder = encoder_forward(base, layout)
+    with _forward_as(base, run_encoder):
+        # a text encoder's layers stamped, then the decoder's (whose cross-attention projections the encoder graph
+        # runs); a speech encoder's window is checked by value at the cost of the layers the stamping saves
+        if stamp_layers and layout.main_input == "input_ids":
+            try:
+                lists = [plan_layers(base, encoder_layers(base)), plan_layers(base, decoder_layers(base, layout))]
+                encoder = capture_stamped(model, enc_inputs, enc_dims, None, name=f"{title}.encoder",
+                                          input_names=layout.encoder_inputs(), output_names=cross_names,
+                                          dim_max=bounds or None, share_weights=share_weights, stack=lists[1],
+                                          uncached=lists[:1])
+                feeds = {k: v.numpy() for k, v in enc_inputs.items()}
+                check_by_value(encoder, feeds, lambda: run_encoder(**enc_inputs), cross_names, "the stamped encoder")
+            except Exception as exc:  # a StampError, or what the stamping did not foresee: every layer traced
+                encoder = None
+                _log.debug("%s: every encoder graph layer traced: %s", title, exc)
+        if encoder is None:
+            encoder = capture(model, enc_inputs, enc_dims, name=f"{title}.encoder", dim_max=bounds or None,
+                              input_names=layout.encoder_inputs(), output_names=cross_names,
+                              share_weights=share_weights)
     gen = torch.Generator().manual_seed(1)
     batch, seq, past = 2, 3, 5
     cross = encoder.outputs[layout.cross_names()[0]].shape[2]  # fixed where the encoder's input is (Whisper's)

@@ -18,7 +18,7 @@ from tests.frontend.test_layer_stamp import kept, structure  # noqa: E402
 from tests.serving.seq2seq_package import nonzero_b  # noqa: E402
 
 SLOW = pytest.mark.slow
-_E = dict(d_model=32, encoder_layers=2, decoder_layers=7, encoder_attention_heads=4, decoder_attention_heads=4,
+_E = dict(d_model=32, encoder_layers=7, decoder_layers=7, encoder_attention_heads=4, decoder_attention_heads=4,
           encoder_ffn_dim=64, decoder_ffn_dim=64)
 _T = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=7, num_heads=4, decoder_start_token_id=0)
 DEEP = {
@@ -42,24 +42,26 @@ def deep(kind: str):
     return DEEP[kind]().eval()
 
 
-def stamped_decoder(model, layout):
-    """``model``'s decoder graph captured with its layers stamped; the :class:`StampError` where they cannot be (the
-    decoder is never traced whole)."""
+def stamped_graphs(model, layout):
+    """``model``'s ``(encoder, decoder)`` graphs captured with their layers stamped (a speech model's encoder graph
+    traced whole); the :class:`StampError` where they cannot be (no other graph is traced whole)."""
     errors: list[Exception] = []
-    real_stamped, real_check, real_capture = (seq2seq_lm.capture_stamped, seq2seq_lm._check_decoder,
-                                              seq2seq_lm.capture)
+    real_stamped, real_check, real_by_value, real_capture = (
+        seq2seq_lm.capture_stamped, seq2seq_lm._check_decoder, seq2seq_lm.check_by_value, seq2seq_lm.capture)
+    text = layout.main_input == "input_ids"
 
-    def encoder_only(*args, **kwargs):
-        if kwargs["name"].endswith(".decoder"):
-            raise errors[0] if errors else AssertionError("not stamped")
+    def refused(*args, **kwargs):
+        if text or kwargs["name"].endswith(".decoder"):
+            raise errors[0] if errors else AssertionError(f"{kwargs['name']} not stamped")
         return real_capture(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mp.setattr(seq2seq_lm, "capture_stamped", kept(real_stamped, errors))
         mp.setattr(seq2seq_lm, "_check_decoder", kept(real_check, errors))
-        mp.setattr(seq2seq_lm, "capture", encoder_only)
-        return seq2seq_lm.capture_seq2seq(model, layout=layout)[1]
+        mp.setattr(seq2seq_lm, "check_by_value", kept(real_by_value, errors))
+        mp.setattr(seq2seq_lm, "capture", refused)
+        return seq2seq_lm.capture_seq2seq(model, layout=layout)
 
 
 def decoder_feeds(layout, cross: int, seed: int = 0) -> tuple[dict, dict]:
@@ -77,19 +79,28 @@ def decoder_feeds(layout, cross: int, seed: int = 0) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("kind", ["bart", "t5", "whisper", pytest.param("marian", marks=SLOW),
                                   pytest.param("switch", marks=SLOW)])
-def test_a_stamped_decoder_is_the_graph_of_tracing_every_layer(kind: str) -> None:
-    """Seven decoder layers, three traced and four stamped (Switch Transformers: sparse and dense layers in turn, the
-    first four traced): node for node the graph of tracing every layer, and eager's logits and every layer's keys and
-    values in the numpy backend."""
+def test_stamped_graphs_are_the_graphs_of_tracing_every_layer(kind: str) -> None:
+    """Seven encoder and seven decoder layers, three of each traced and four stamped (Switch Transformers: sparse and
+    dense layers in turn, the first four traced); a text model's encoder graph stamps its encoder's layers and then
+    its decoder's (whose cross-attention projections it runs), a speech model's is traced whole. Node for node the
+    graphs of tracing every layer; the decoder gives eager's logits and every layer's keys and values in the numpy
+    backend, the encoder eager's cross-attention keys and values."""
     model = deep(kind)
     layout = seq2seq_lm.seq2seq_layout(model)
-    stamped = stamped_decoder(model, layout)
+    stamped_encoder, stamped = stamped_graphs(model, layout)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder, traced = seq2seq_lm.capture_seq2seq(model, layout=layout, stamp_layers=False)
     assert structure(stamped, model) == structure(traced, model)
-    cross = encoder.outputs[layout.cross_names()[0]].shape[2]
-    feeds, args = decoder_feeds(layout, cross if isinstance(cross, int) else 5)
+    assert structure(stamped_encoder, model) == structure(encoder, model)
+    inputs, _ = seq2seq_lm._encoder_example(model)
+    with torch.no_grad(), seq2seq_lm._forward_as(model, seq2seq_lm.encoder_forward(model, layout)):
+        cross = model(**inputs)
+    got = compile(stamped_encoder, "numpy")({k: v.numpy() for k, v in inputs.items()})
+    for name, ref in zip(layout.cross_names(), cross, strict=True):
+        np.testing.assert_allclose(got[name], ref.numpy(), atol=2e-5, rtol=1e-4, err_msg=name)
+    cross_len = encoder.outputs[layout.cross_names()[0]].shape[2]
+    feeds, args = decoder_feeds(layout, cross_len if isinstance(cross_len, int) else 5)
     got = compile(stamped, "numpy")(feeds)
     with torch.no_grad():
         want = seq2seq_lm.decoder_forward(model, layout)(**args)
@@ -118,8 +129,9 @@ def test_a_stamped_decoder_that_differs_from_eager_is_traced_whole(monkeypatch) 
 
     def wrong_weights(*args, **kwargs):
         graph = real(*args, **kwargs)
-        src, dst = "model.decoder.layers.4.fc1.weight", "model.decoder.layers.5.fc1.weight"
-        graph.params[dst] = graph.params[src]
+        if kwargs["name"].endswith(".decoder"):
+            src, dst = "model.decoder.layers.4.fc1.weight", "model.decoder.layers.5.fc1.weight"
+            graph.params[dst] = graph.params[src]
         return graph
 
     monkeypatch.setattr(seq2seq_lm, "capture_stamped", wrong_weights)
@@ -132,7 +144,8 @@ def test_a_stamped_decoder_that_differs_from_eager_is_traced_whole(monkeypatch) 
 
 @pytest.mark.parametrize("kind", ["bart", pytest.param("t5", marks=SLOW)])
 def test_a_deep_package_generates_eager_peft_tokens(kind: str, tmp_path: Path) -> None:
-    """A seven-decoder-layer package with an all-linear adapter, its decoder stamped (a full trace of it refused):
+    """A package of seven encoder and decoder layers with an all-linear adapter, both graphs stamped (a full trace
+    refused):
     greedy tokens of the base and the adapter, alone and in one mixed batch, equal eager transformers + PEFT."""
     import peft
 
@@ -143,15 +156,13 @@ def test_a_deep_package_generates_eager_peft_tokens(kind: str, tmp_path: Path) -
     adapted = peft.get_peft_model(deep(kind), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     nonzero_b(adapted)
     adapted.save_pretrained(tmp_path / "ad")
-    real_capture = seq2seq_lm.capture
 
-    def encoder_only(*args, **kwargs):
-        assert not kwargs["name"].endswith(".decoder"), "the decoder was traced whole"
-        return real_capture(*args, **kwargs)
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{kwargs['name']} was traced whole")
 
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.setattr(seq2seq_lm, "capture", encoder_only)
+        mp.setattr(seq2seq_lm, "capture", refused)
         export_seq2seq(tmp_path / "base", tmp_path / "pkg", {"ad": tmp_path / "ad"})
     served = Seq2SeqGenerator(tmp_path / "pkg")
     prompts = [[5, 9, 33, 70, 12], [7, 3, 44, 8, 10]]
