@@ -16,10 +16,11 @@ exports record in the model's metadata (:func:`slots_to_metadata`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -484,14 +485,10 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices") \
             or cfg.get("modules_to_save") or cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
         return params_through_peft(base_model, folder, saved=saved)
-    flags = [(p, p.requires_grad) for p in base_model.parameters()]
-    try:
-        model = _module_copy(base_model)
+    with _shared_copy(base_model, folder, "the LoRA loader") as model:
         load_peft_adapter(model, folder, keep_base=True)
-        return adapter_params(model)
-    finally:  # the adapters froze the weights they wrap, which are base_model's too
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        params = adapter_params(model)
+    return params
 
 
 def _module_copy(model: Any, private: Collection[str] = ()) -> Any:
@@ -510,13 +507,32 @@ _ADAPTER_OWNED = re.compile(r"^(lora_.*|token_adapter|modules_to_save|original_m
 """A segment of a PEFT file key that makes the tensor the adapter's own (PEFT loads it into no base weight)."""
 
 
-def _peft_copy(base_model: Any, folder: Path) -> tuple[Any, Callable[[], None]]:
-    """``(a copy of base_model for PEFT to install folder on, a function that undoes what the install did to
-    base_model)``: the copy's modules are its own and so are the base weights the folder's file names (PEFT loads
-    them in place: biases, embedding layers, modules it trains whole); the other weights are ``base_model``'s unless
-    the config asks for an initialization that rewrites base weights (PiSSA, OLoRA, LoftQ, ...: a whole copy). The
-    function restores the ``requires_grad`` flags PEFT set on the shared weights and raises :class:`AdapterError`,
-    each weight restored, where the install replaced one's data."""
+@contextlib.contextmanager
+def _shared_copy(model: Any, folder: Any, by: str, private: Collection[str] = ()) -> Iterator[Any]:
+    """A copy of ``model`` (:func:`_module_copy`, its weights but ``private`` shared) to install the adapter ``folder``
+    on. On leaving, the weights the copy shares get back their data and the ``requires_grad`` flags the install set
+    (an adapter freezes the weights it wraps); :class:`AdapterError` naming ``folder``, each weight restored, where the
+    install (by ``by``, as the message says it) replaced one's data."""
+    twin = _module_copy(model, private)
+    copied = {id(q) for q in twin.parameters()}
+    before = [(p, p.data, p.requires_grad) for p in model.parameters() if id(p) in copied]
+    try:
+        yield twin
+    finally:
+        replaced = [p for p, data, _ in before if p.data_ptr() != data.data_ptr()]
+        for p, data, flag in before:
+            p.data = data
+            p.requires_grad_(flag)
+    if replaced:
+        raise AdapterError(f"{folder}: {by} replaced {len(replaced)} of the base model's weights as it installed the "
+                           f"adapter, which an adapter that leaves the base model as it is cannot do; {_MERGE_INSTEAD}")
+
+
+def _peft_copy(base_model: Any, folder: Path) -> contextlib.AbstractContextManager[Any]:
+    """A copy of ``base_model`` for PEFT to install ``folder`` on, as a context (:func:`_shared_copy`): the copy's own
+    weights are those the folder's file names (PEFT loads them in place: biases, embedding layers, modules it trains
+    whole), the others ``base_model``'s, unless the config asks for an initialization that rewrites base weights
+    (PiSSA, OLoRA, LoftQ, ...) or the file cannot be read (PEFT then says why): a whole copy."""
     import copy
 
     from safetensors import safe_open
@@ -525,29 +541,15 @@ def _peft_copy(base_model: Any, folder: Path) -> tuple[Any, Callable[[], None]]:
 
     init = read_peft_config(folder, peft_layers=True).get("init_lora_weights", True)
     if isinstance(init, str) and init != "gaussian":
-        return copy.deepcopy(base_model), lambda: None
+        return contextlib.nullcontext(copy.deepcopy(base_model))
     try:
         with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
             keys = list(f.keys())
-    except Exception:  # unreadable: PEFT says why on a whole copy
-        return copy.deepcopy(base_model), lambda: None
+    except Exception:
+        return contextlib.nullcontext(copy.deepcopy(base_model))
     paths = [_peft_path(k) for k in keys]
     private = {path for path in paths if not any(_ADAPTER_OWNED.match(seg) for seg in path.split("."))}
-    model = _module_copy(base_model, private)
-    copied = {id(q) for q in model.parameters()}
-    before = [(p, p.data, p.requires_grad) for p in base_model.parameters() if id(p) in copied]
-
-    def undo() -> None:
-        replaced = [p for p, data, _ in before if p.data_ptr() != data.data_ptr()]
-        for p, data, flag in before:
-            p.data = data
-            p.requires_grad_(flag)
-        if replaced:
-            raise AdapterError(f"{folder}: PEFT replaced {len(replaced)} of the base model's weights as it installed "
-                               f"the adapter, which an adapter that leaves the base model as it is cannot do; "
-                               f"{_MERGE_INSTEAD}")
-
-    return model, undo
+    return _shared_copy(base_model, folder, "PEFT", private)
 
 
 def _peft_path(name: str) -> str:
@@ -619,11 +621,8 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     from transformers.pytorch_utils import Conv1D
 
     folder = Path(folder)
-    model, undo = _peft_copy(base_model, folder)
-    try:
+    with _peft_copy(base_model, folder) as model:
         adapted = peft_installed(model, folder, "load")
-    finally:
-        undo()
     own = dict(base_model.named_parameters())
     out: dict[str, np.ndarray] = {}
     for name, p in adapted.named_parameters():  # a swappable adapter leaves the base model as it is, but biases
