@@ -438,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "builder's CPU default, the fastest), 0 keeps the input's (the float model of the 4-bit "
                         "weights, token for token)")
     e.add_argument("--trace-every-layer", action="store_true",
-                   help="--format genai or an encoder-decoder --task: trace every decoder layer with torch.export; "
-                        "by default the first layers are traced, up to a template of each kind of layer, and the "
+                   help="--format genai or an encoder-decoder --task: trace every layer with torch.export; by "
+                        "default the first layers are traced, up to a template of each kind of layer, and the "
                         "others stamped from their kind's template (the same graph, checked, in a fraction of the "
                         "time on a deep model)")
     e.add_argument("--merge-adapter", metavar="DIR", default=None,

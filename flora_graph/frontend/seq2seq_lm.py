@@ -371,8 +371,10 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     :func:`~flora_graph.frontend.capture`). ``layout``: the model's :func:`seq2seq_layout`, where the caller has it.
     ``stamp_layers``: the decoder graph traces its first decoder layers and copies their programs for the others
     (:mod:`~flora_graph.frontend.layer_stamp`, checked op by op against a traced layer and by value against the eager
-    decoder; where that cannot be done exactly, as for T5, whose layers read the first one's position bias, every layer
-    is traced); ``False``: every layer traced.
+    decoder; T5's later layers read the position biases its first layer computes, as their copies do), and a text
+    model's encoder graph its first encoder layers and then its first decoder layers (checked against eager's
+    cross-attention keys and values); a speech model's encoder graph, and any graph that cannot be stamped exactly, is
+    traced whole; ``False``: every layer traced.
 
     Raises:
         GraphError: the model is not an encoder-decoder model, or torch.export fails on it.
@@ -383,19 +385,25 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     title = name or type(base).__name__
     enc_inputs, enc_dims = _encoder_example(base)
     bounds = {k: v for k, v in (dim_max or {}).items() if k in ("enc_seq", "batch")}
+    decoder_list = None  # planned once, stamped in both graphs
+    if stamp_layers:
+        try:
+            decoder_list = plan_layers(base, decoder_layers(base, layout))
+        except StampError as exc:
+            _log.debug("%s: every decoder layer traced: %s", title, exc)
     encoder = None
     cross_names = layout.cross_names()
     run_encoder = encoder_forward(base, layout)
     with _forward_as(base, run_encoder):
         # a text encoder's layers stamped, then the decoder's (whose cross-attention projections the encoder graph
-        # runs); a speech encoder's window is checked by value at the cost of the layers the stamping saves
-        if stamp_layers and layout.main_input == "input_ids":
+        # runs); a speech encoder's graph is traced whole: checking it by value would run its whole window, which
+        # costs what the stamping saves
+        if decoder_list is not None and layout.main_input == "input_ids":
             try:
-                lists = [plan_layers(base, encoder_layers(base)), plan_layers(base, decoder_layers(base, layout))]
                 encoder = capture_stamped(model, enc_inputs, enc_dims, None, name=f"{title}.encoder",
                                           input_names=layout.encoder_inputs(), output_names=cross_names,
-                                          dim_max=bounds or None, share_weights=share_weights, stack=lists[1],
-                                          uncached=lists[:1])
+                                          dim_max=bounds or None, share_weights=share_weights, stack=decoder_list,
+                                          uncached=[plan_layers(base, encoder_layers(base))])
                 feeds = {k: v.numpy() for k, v in enc_inputs.items()}
                 check_by_value(encoder, feeds, lambda: run_encoder(**enc_inputs), cross_names, "the stamped encoder")
             except Exception as exc:  # a StampError, or what the stamping did not foresee: every layer traced
@@ -425,12 +433,11 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     decoder = None
     run = decoder_forward(base, layout)
     with _forward_as(base, run):
-        if stamp_layers:  # the first decoder layers traced, the others stamped from them where that is exact
+        if decoder_list is not None:  # the first decoder layers traced, the others stamped where that is exact
             try:
-                stack = plan_layers(base, decoder_layers(base, layout))
                 decoder = capture_stamped(model, inputs, dims, None, name=f"{title}.decoder",
                                           input_names=layout.decoder_inputs(), output_names=out_names,
-                                          dim_max=dim_max, share_weights=share_weights, stack=stack)
+                                          dim_max=dim_max, share_weights=share_weights, stack=decoder_list)
                 _check_decoder(decoder, run, layout, cross_len, vocab_size(base.config, "decoder"), out_names)
             except Exception as exc:  # a StampError, or what the stamping did not foresee: every layer traced
                 decoder = None

@@ -168,8 +168,9 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
 
     ``mixed=False`` leaves out the mixed-adapter models (``encoder.mixed.onnx``, ``decoder.mixed.onnx``: rows
     with different adapters in one batch), which ONNX Runtime holds with their own copy of the base weights.
-    ``stamp_layers=False`` traces every decoder layer; by default the decoder's first layers are traced and the
-    others stamped from them (:func:`~flora_graph.frontend.seq2seq_lm.capture_seq2seq`: the same graph, checked).
+    ``stamp_layers=False`` traces every layer; by default the decoder's first layers are traced and the others
+    stamped from them, and a text model's encoder layers too (:func:`~flora_graph.frontend.seq2seq_lm.capture_seq2seq`:
+    the same graphs, checked).
 
     Every argument and folder is checked before the model loads (an adapter name that cannot be a file name, a
     folder that is not a PEFT LoRA folder or changes more than a slot swaps, a model class that is not an
@@ -216,7 +217,7 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     layout = seq2seq_layout(model)
     sites = install_sites(model, params)
     graphs = dict(zip(PARTS, capture_seq2seq(model, name=arch, share_weights=True, layout=layout,
-                                                       stamp_layers=stamp_layers), strict=True))
+                                             stamp_layers=stamp_layers), strict=True))
     doc = package_config(model, layout)
     skipped = unapplied_settings(getattr(model, "generation_config", None), SEQ2SEQ_APPLIED)
     if skipped:
@@ -353,8 +354,8 @@ class Seq2SeqGenerator:
             if part in PARTS and name:
                 found.setdefault(name, {})[part] = p
         self._files = {name: dict(parts) for name, parts in found.items()}
-        mixed_files = {part: self.package / f"{part}{MIXED_SUFFIX}" for part in PARTS}
-        self._mixed_mode = mixed_mode(mixed, self.package, mixed_files=list(mixed_files.values()),
+        self._mixed_paths = {part: self.package / f"{part}{MIXED_SUFFIX}" for part in PARTS}
+        self._mixed_mode = mixed_mode(mixed, self.package, mixed_files=list(self._mixed_paths.values()),
                                       weight_files=[*files.values(), self.package / DATA_FILE], adapters=bool(found),
                                       small="lazy")
         # rows sharing an adapter run together on its weights (Linear slots), the other slots on each row's own
@@ -364,7 +365,7 @@ class Seq2SeqGenerator:
         # None: the part's mixed model serves every row (mixed="only"), its own model is not loaded
         self.models: dict[str, AdapterSession | _BaseOnly | None] = {}
         for part in PARTS:  # a model without slots serves the base alone (an adapter that adapts nothing there)
-            if self._mixed_mode == "only" and mixed_files[part].is_file():
+            if self._mixed_mode == "only" and self._mixed_paths[part].is_file():
                 self.models[part] = None
                 self._mixed_session(part)
                 continue
@@ -410,7 +411,7 @@ class Seq2SeqGenerator:
         if self._mixed_mode is False:
             return None
         if part not in self._mixed:
-            path = self.package / f"{part}{MIXED_SUFFIX}"
+            path = self._mixed_paths[part]
             files = {name: parts[part] for name, parts in self._files.items() if part in parts}
             self._mixed[part] = MixedAdapterSession(path, files, **self._mixed_options) if path.is_file() else None
         return self._mixed[part]
