@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,11 +47,9 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
-from flora_graph.frontend.layer_stamp import capture_stamped, check_by_value
+from flora_graph.frontend.layer_stamp import capture_stamped, check_by_value, stamped_or_none
 from flora_graph.frontend.state_forwards import state_forward
 from flora_graph.ir import Graph
-
-_log = logging.getLogger(__name__)
 
 __all__ = ["GROWING", "INDEXER_KEY", "SCAN_CHUNK_KEYS", "CacheLayout", "CacheState", "CausalLMWithPast", "cache_layout",
            "capture_causal_lm", "dynamic_ntk_per_row", "longrope_per_row", "past_names", "present_names", "scan_chunk",
@@ -789,14 +786,11 @@ def capture_causal_lm(model: nn.Module, *, name: str | None = None, dim_max: dic
     try:
         with _forward_with_past(model, layout), longrope_per_row(model), dynamic_ntk_per_row(model):
             if stamp_layers:  # the first layers traced, the others stamped from them where that is exact
-                try:
-                    graph = capture_stamped(model, inputs, dims, layout, name=name or type(base).__name__,
+                graph = stamped_or_none(
+                    lambda: capture_stamped(model, inputs, dims, layout, name=name or type(base).__name__,
                                             input_names=in_names, output_names=out_names, dim_max=dim_max,
-                                            share_weights=share_weights)
-                    _check_stamped(graph, base, layout, vocab, out_names)
-                except Exception as exc:  # a StampError, or what the stamping did not foresee: every layer traced
-                    graph = None
-                    _log.debug("%s: every layer traced: %s", type(base).__name__, exc)
+                                            share_weights=share_weights),
+                    lambda g: _check_stamped(g, base, layout, vocab, out_names), type(base).__name__)
             # a Python loop over a scan's chunks that no swap makes one op comes out bounded to one chunk a call, the
             # cache carrying the state from piece to piece: the Generator prefills long prompts in pieces
             if graph is None:

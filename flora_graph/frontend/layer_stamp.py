@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,9 @@ from torch import nn
 from flora_graph.errors import GraphError
 
 __all__ = ["MIN_LAYERS", "MIN_STAMPED", "LayerStack", "StampError", "canonical", "check_by_value", "plan", "plan_layers",
-           "stamp", "truncated"]
+           "stamp", "stamped_or_none", "truncated"]
+
+_log = logging.getLogger(__name__)
 
 MIN_STAMPED = 3
 """The fewest layers left to stamp past those traced (more kinds of layer need more traced): below it, tracing every
@@ -572,6 +575,19 @@ def check_by_value(graph: Any, feeds: Mapping[str, Any], eager: Callable[[], Seq
         diff = float(np.abs(np.asarray(got[name], np.float32) - ref).max()) if ref.size else 0.0
         if not diff <= 1e-3 * (1.0 + float(np.abs(ref).max())):
             raise StampError(f"{what}'s {name} differs from eager by {diff:.3g}")
+
+
+def stamped_or_none(stamped: Callable[[], Any], check: Callable[[Any], None], what: str) -> Any | None:
+    """``stamped()`` (a :func:`capture_stamped` graph) where ``check`` (by value, as :func:`check_by_value`) passes it;
+    ``None`` where either raises (a :class:`StampError`, or what the stamping did not foresee), logged at debug level
+    with the reason: the caller traces every layer of ``what`` instead."""
+    try:
+        graph = stamped()
+        check(graph)
+        return graph
+    except Exception as exc:
+        _log.debug("%s: every layer traced: %s", what, exc)
+        return None
 
 
 def capture_stamped(model: nn.Module, example_inputs: Mapping[str, Any], dynamic_dims: Mapping[str, Any], layout: Any,

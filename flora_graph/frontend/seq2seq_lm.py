@@ -38,7 +38,7 @@ from torch import nn
 
 from flora_graph.errors import GraphError
 from flora_graph.frontend.capture import capture
-from flora_graph.frontend.layer_stamp import StampError, capture_stamped, check_by_value, plan_layers
+from flora_graph.frontend.layer_stamp import StampError, capture_stamped, check_by_value, plan_layers, stamped_or_none
 from flora_graph.ir import Graph
 
 _log = logging.getLogger(__name__)
@@ -399,16 +399,14 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
         # runs); a speech encoder's graph is traced whole: checking it by value would run its whole window, which
         # costs what the stamping saves
         if decoder_list is not None and layout.main_input == "input_ids":
-            try:
-                encoder = capture_stamped(model, enc_inputs, enc_dims, None, name=f"{title}.encoder",
-                                          input_names=layout.encoder_inputs(), output_names=cross_names,
-                                          dim_max=bounds or None, share_weights=share_weights, stack=decoder_list,
-                                          uncached=[plan_layers(base, encoder_layers(base))])
-                feeds = {k: v.numpy() for k, v in enc_inputs.items()}
-                check_by_value(encoder, feeds, lambda: run_encoder(**enc_inputs), cross_names, "the stamped encoder")
-            except Exception as exc:  # a StampError, or what the stamping did not foresee: every layer traced
-                encoder = None
-                _log.debug("%s: every encoder graph layer traced: %s", title, exc)
+            encoder = stamped_or_none(
+                lambda: capture_stamped(model, enc_inputs, enc_dims, None, name=f"{title}.encoder",
+                                        input_names=layout.encoder_inputs(), output_names=cross_names,
+                                        dim_max=bounds or None, share_weights=share_weights, stack=decoder_list,
+                                        uncached=[plan_layers(base, encoder_layers(base))]),
+                lambda g: check_by_value(g, {k: v.numpy() for k, v in enc_inputs.items()},
+                                         lambda: run_encoder(**enc_inputs), cross_names, "the stamped encoder"),
+                f"{title}.encoder")
         if encoder is None:
             encoder = capture(model, enc_inputs, enc_dims, name=f"{title}.encoder", dim_max=bounds or None,
                               input_names=layout.encoder_inputs(), output_names=cross_names,
@@ -434,14 +432,12 @@ def capture_seq2seq(model: nn.Module, *, name: str | None = None, share_weights:
     run = decoder_forward(base, layout)
     with _forward_as(base, run):
         if decoder_list is not None:  # the first decoder layers traced, the others stamped where that is exact
-            try:
-                decoder = capture_stamped(model, inputs, dims, None, name=f"{title}.decoder",
-                                          input_names=layout.decoder_inputs(), output_names=out_names,
-                                          dim_max=dim_max, share_weights=share_weights, stack=decoder_list)
-                _check_decoder(decoder, run, layout, cross_len, vocab_size(base.config, "decoder"), out_names)
-            except Exception as exc:  # a StampError, or what the stamping did not foresee: every layer traced
-                decoder = None
-                _log.debug("%s: every decoder layer traced: %s", title, exc)
+            decoder = stamped_or_none(
+                lambda: capture_stamped(model, inputs, dims, None, name=f"{title}.decoder",
+                                        input_names=layout.decoder_inputs(), output_names=out_names,
+                                        dim_max=dim_max, share_weights=share_weights, stack=decoder_list),
+                lambda g: _check_decoder(g, run, layout, cross_len, vocab_size(base.config, "decoder"), out_names),
+                f"{title}.decoder")
         if decoder is None:
             decoder = capture(model, inputs, dims, name=f"{title}.decoder", dim_max=dim_max,
                               input_names=layout.decoder_inputs(), output_names=out_names,
