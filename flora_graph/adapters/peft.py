@@ -38,6 +38,7 @@ from flora_graph.errors import AdapterError
 from flora_graph.storage import staged_folder, write_new
 
 __all__ = [
+    "ADALORA",
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "adapter_label",
@@ -99,17 +100,28 @@ def merge_peft(adapted: nn.Module) -> nn.Module:
     return adapted.merge_and_unload()
 
 
+ADALORA = "ADALORA"
+"""The ``peft_type`` of an AdaLoRA folder: each LoRA ``x (A * E)^T B^T * lora_alpha / (ranknum + 1e-5)``, its ranks
+pruned through the learned diagonal ``E`` (the ranks it kept are those its file holds, ``rank_pattern``). Only PEFT's
+own layers (``SVDLinear``) read one: :func:`load_peft_adapter` refuses it."""
+
+ADALORA_SCHEDULE = frozenset({"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                              "total_step"})
+"""AdaLoRA's options that steer its rank budget while it trains: nothing a trained adapter's outputs depend on."""
+
+
 def needs_peft_layers(cfg: Mapping[str, Any]) -> list[str]:
-    """The :data:`PEFT_LAYERS_ONLY` options a checked config sets."""
-    return [k for k in PEFT_LAYERS_ONLY if cfg.get(k) not in (None, False, [])]
+    """The :data:`PEFT_LAYERS_ONLY` options a checked config sets, and ``"peft_type"`` for an AdaLoRA one."""
+    return [k for k in PEFT_LAYERS_ONLY if cfg.get(k) not in (None, False, [])] + (
+        ["peft_type"] if cfg.get("peft_type") == ADALORA else [])
 
 
 def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[str, Any]:
     """Read and check ``adapter_config.json``; refuse every option flora_graph cannot honour.
 
-    ``peft_layers``: accept the :data:`PEFT_LAYERS_ONLY` options (for callers that install the folder
-    through PEFT itself, as :func:`flora_graph.model_export.export_model` does; :func:`load_peft_adapter`
-    cannot)."""
+    ``peft_layers``: accept the :data:`PEFT_LAYERS_ONLY` options and AdaLoRA folders (:data:`ADALORA`; for callers
+    that install the folder through PEFT itself, as :func:`flora_graph.model_export.export_model` does;
+    :func:`load_peft_adapter` cannot)."""
     path = Path(folder) / CONFIG_FILE
     try:
         cfg = json.loads(path.read_text())
@@ -117,8 +129,17 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
         raise AdapterError(f"{path}: cannot read the PEFT config ({str(exc)[:300] or type(exc).__name__})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path}: not a JSON object")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
+    if cfg.get("peft_type") == ADALORA and not peft_layers:
+        raise AdapterError(f"{path}: peft_type {ADALORA!r} (AdaLoRA: each rank scaled by a learned singular value) is "
+                           "read through PEFT's own layers, not installed as flora_graph's LoRA adapters; capture the "
+                           "PEFT model itself, export with `flora-graph export MODEL --adapter DIR`, which installs it "
+                           "through PEFT, or serve it hot-swappable in a GenAI package (`--format genai --adapter "
+                           "NAME=DIR`)")
+    if cfg.get("peft_type", "LORA") not in ("LORA", ADALORA):
+        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA and ADALORA only)")
+    read = cfg
+    if cfg.get("peft_type") == ADALORA:  # its rank_pattern: the ranks each module kept, not a rank per regex
+        cfg = _adalora_checked(cfg, path)
     for key, default in _DEFAULTS.items():
         value = cfg.get(key, default)
         if key in PEFT_LAYERS_ONLY and peft_layers:
@@ -148,7 +169,8 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
                                "hot-swappable in a GenAI package (`--format genai --adapter NAME=DIR`)")
         if value not in (default, None, {}, [], False):
             raise AdapterError(f"{path}: option {key}={value!r} is not supported by flora_graph (refused, not ignored)")
-    unknown = sorted(k for k in cfg if k not in _KNOWN and cfg[k] not in (None, False, {}, []))
+    known = _KNOWN | (ADALORA_SCHEDULE if cfg.get("peft_type") == ADALORA else frozenset())
+    unknown = sorted(k for k in cfg if k not in known and cfg[k] not in (None, False, {}, []))
     if unknown:
         raise AdapterError(f"{path}: unknown PEFT option(s) {unknown}; refusing rather than ignoring them")
     if not _is_int(cfg.get("r")) or cfg["r"] <= 0:
@@ -163,7 +185,21 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
     for key in ("target_modules", "exclude_modules"):
         if isinstance(cfg.get(key), str):
             _selector(cfg[key], f"{path}: {key}")
-    return cfg
+    return read
+
+
+def _adalora_checked(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """An AdaLoRA config without its ``rank_pattern`` (``{module: [kept, ...]}``, which PEFT applies as it loads the
+    folder, its tensors already cut to the ranks kept), checked to be that; the rest is checked as a LoRA config's."""
+    pattern = cfg.get("rank_pattern")
+    if pattern is not None and not (isinstance(pattern, dict) and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(b, bool) for b in v) for k, v in pattern.items())):
+        raise AdapterError(f"{path}: an AdaLoRA rank_pattern must be an object {{module: [true/false per rank]}}, got "
+                           f"{pattern!r}"[:500])
+    if not _is_int(cfg.get("init_r")) or cfg["init_r"] <= 0:
+        raise AdapterError(f"{path}: init_r (AdaLoRA's rank before pruning) must be a positive int, got "
+                           f"{cfg.get('init_r')!r}"[:500])
+    return {k: v for k, v in cfg.items() if k != "rank_pattern"}
 
 
 def _is_int(v: Any) -> bool:

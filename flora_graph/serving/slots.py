@@ -471,10 +471,10 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     itself is not touched. The copy's modules are its own and its weights ``base_model``'s (:func:`_module_copy`:
     ``keep_base`` writes none of them), so reading an adapter holds no second copy of the model. A folder that only
     PEFT's own layers hold (``target_parameters``: LoRA on expert tensors; ``use_dora``; ``trainable_token_indices``;
-    ``modules_to_save``; ``lora_bias``; biases it trained, ``bias="all"`` / ``"lora_only"``) is read through them
-    instead: :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
+    ``modules_to_save``; ``lora_bias``; biases it trained, ``bias="all"`` / ``"lora_only"``; an AdaLoRA folder) is read
+    through them instead: :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
     """
-    from flora_graph.adapters.peft import load_peft_adapter, read_peft_config, saved_vocab
+    from flora_graph.adapters.peft import load_peft_adapter, needs_peft_layers, read_peft_config, saved_vocab
 
     cfg = read_peft_config(folder, peft_layers=True)
     if (n := saved_vocab(base_model, folder)) is not None:
@@ -482,8 +482,7 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
                            f"{int(base_model.get_input_embeddings().weight.shape[0])} (a fine-tune that added tokens): "
                            f"the adapters of one package share its vocabulary, so it cannot swap; {_MERGE_INSTEAD}, "
                            "where the package takes its vocabulary (and its tokenizer, saved beside it)")
-    if cfg.get("target_parameters") or cfg.get("use_dora") or cfg.get("trainable_token_indices") \
-            or cfg.get("modules_to_save") or cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
+    if needs_peft_layers(cfg) or cfg.get("modules_to_save") or cfg.get("bias", "none") != "none":
         return params_through_peft(base_model, folder, saved=saved)
     with _shared_copy(base_model, folder, "the LoRA loader") as model:
         load_peft_adapter(model, folder, keep_base=True)
@@ -602,7 +601,8 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     ``"lora_only"``, or changed in a module it trains whole: the change) as the slot's bias ``c``
     (``"<module>.lora_bias"``, ``[out]``, summed where several add to one module). The folder is installed by
     PEFT on a copy of
-    ``base_model``. A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
+    ``base_model``. An AdaLoRA layer (PEFT's ``SVDLinear``, ``x (A * E)^T B^T * alpha / (ranknum + 1e-5)``) gives ``A * E``
+    as ``A`` and ``B`` with that scale folded; a module whose ranks it pruned to none has no slot entry. A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
     (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; a layer's as
     :func:`adapter_params` names them. A DoRA layer also gives its magnitude as ``d = m / ||W + s B A|| - 1`` per output
     row (``"<module>.lora_magnitude"``, ``[out]``; PEFT's norm over the base weight and the adapter's product, which
@@ -615,7 +615,7 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     the weights the folder does not load.
     """
     import torch
-    from peft.tuners import lora
+    from peft.tuners import adalora, lora
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.utils import ModulesToSaveWrapper
     from transformers.pytorch_utils import Conv1D
@@ -645,9 +645,20 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
             if not isinstance(mod, lora.LoraLayer) or "default" not in getattr(mod, "lora_A", {}):
                 continue
             s = float(mod.scaling["default"])
+            magnitude = None
+            if type(mod) is adalora.SVDLinear:  # x (A * E)^T B^T * scaling / (ranknum + 1e-5), as its forward computes
+                path = _peft_path(name)
+                dtype = mod.lora_A["default"].dtype
+                a = mod.lora_A["default"].detach().float() * mod.lora_E["default"].detach().float()
+                b = mod.lora_B["default"].detach().float() * (s / (float(mod.ranknum["default"]) + 1e-5))
+                if a.shape[0]:  # a module whose ranks AdaLoRA pruned to none adds nothing: no slot entry
+                    _store_rank(out, path, a, b, dtype, folder)
+                continue
+            if isinstance(mod, adalora.AdaLoraLayer):
+                raise AdapterError(f"{folder}: module {_peft_path(name)!r} is an AdaLoRA {type(mod).__name__} layer; "
+                                   "AdaLoRA swaps as a hot-swappable slot on Linear layers only")
             a = mod.lora_A["default"].weight.detach().float()
             b = mod.lora_B["default"].weight.detach().float() * s
-            magnitude = None
             if isinstance(mod, lora.ParamWrapper):
                 path = f"{_peft_path(name)}.{mod.parameter_name}"
                 if mod.get_param().dim() == 3:
@@ -670,10 +681,7 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
             dtype = mod.lora_A["default"].weight.dtype
             if getattr(mod, "lora_bias", {}).get("default"):  # B's bias, scaled as PEFT's forward scales B's output
                 _add_bias(out, path, mod.lora_B["default"].bias.detach().float() * s, dtype, folder)
-            if dtype == torch.bfloat16:
-                raise AdapterError(f"{folder}: module {path!r}: bfloat16 adapter weights; cast them to float32/float16")
-            out[f"{path}.lora_A"] = np.ascontiguousarray(a.to(dtype).numpy())
-            out[f"{path}.lora_B"] = np.ascontiguousarray(b.to(dtype).numpy())
+            _store_rank(out, path, a, b, dtype, folder)
             if magnitude is not None:
                 out[magnitude_name(path)] = np.ascontiguousarray(magnitude.to(dtype).numpy())
         for name, mod in adapted.named_modules():
@@ -690,6 +698,17 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
                     _add_bias(out, path, bias, mod.original_module.weight.dtype, folder)
         _check_against_peft(base_model, adapted, out, folder)
     return out
+
+
+def _store_rank(params: dict[str, np.ndarray], path: str, a: Any, b: Any, dtype: Any, folder: Path) -> None:
+    """A layer's ``A`` and scaled ``B`` (float tensors) into ``params`` in the adapter's ``dtype``; :class:`AdapterError`
+    for bfloat16, which the adapter files do not hold."""
+    import torch
+
+    if dtype == torch.bfloat16:
+        raise AdapterError(f"{folder}: module {path!r}: bfloat16 adapter weights; cast them to float32/float16")
+    params[f"{path}.lora_A"] = np.ascontiguousarray(a.to(dtype).numpy())
+    params[f"{path}.lora_B"] = np.ascontiguousarray(b.to(dtype).numpy())
 
 
 def _check_against_peft(base_model: Any, adapted: Any, params: Mapping[str, np.ndarray], folder: Path) -> None:
