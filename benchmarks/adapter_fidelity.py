@@ -7,7 +7,10 @@ layers) and one PEFT adapter per variant, each with nonzero ``B``:
 - ``rslora``: ``use_rslora`` (scale ``alpha / sqrt(r)``);
 - ``pattern``: ``rank_pattern`` / ``alpha_pattern`` (another rank and scale per module);
 - ``layers``: ``layers_to_transform`` (one layer of the model only);
-- ``dora``: ``use_dora`` with magnitudes that are not the weight norms.
+- ``dora``: ``use_dora`` with magnitudes that are not the weight norms;
+- ``adalora``: an AdaLoRA adapter (``peft_type`` ``ADALORA``: ``x (A * E)^T B^T * alpha / (ranknum + 1e-5)``), ``A``,
+  ``E`` and ``B`` drawn large and trained a few steps with PEFT's rank allocation, whose last step prunes each
+  module to the ranks it keeps (its ``rank_pattern``; some modules keep none).
 
 Per variant it generates ``--new`` greedy tokens after a 6-token prompt with eager transformers + PEFT (the
 reference), with the builder's model of the base with the adapter baked in (``python -m
@@ -37,6 +40,8 @@ VARIANTS = {
     "pattern": dict(r=4, lora_alpha=8, target_modules=TARGETS, rank_pattern={"v_proj": 8}, alpha_pattern={"o_proj": 32}),
     "layers": dict(r=4, lora_alpha=16, target_modules=TARGETS, layers_to_transform=[1]),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    "adalora": dict(init_r=8, target_r=4, lora_alpha=16, target_modules=TARGETS, total_step=6, tinit=1, tfinal=1,
+                    deltaT=1),
 }
 
 
@@ -64,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         save_word_tokenizer(root / "base", cfg.vocab_size)  # the model builder reads the folder's tokenizer
         gen = torch.Generator().manual_seed(1)
         for name, spec in VARIANTS.items():
+            if name == "adalora":
+                _adalora(root / "base", spec, root / name)
+                continue
             model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(root / "base"),
                                         peft.LoraConfig(init_lora_weights=False, **spec))  # nonzero B
             with torch.no_grad():
@@ -110,6 +118,31 @@ def main(argv: list[str] | None = None) -> int:
     flora_ok = all(ours[0] == want for _, want, _, _, ours in rows)
     print(f"flora_graph equals eager PEFT on every variant: {flora_ok}")
     return 0 if flora_ok else 1
+
+
+def _adalora(base: Path, spec: dict, out: Path) -> None:
+    """An AdaLoRA adapter of ``spec`` on ``base``: ``A``, ``E`` and ``B`` drawn large (AdaLoRA starts ``E`` at zero), then
+    ``spec["total_step"]`` SGD steps on random tokens with PEFT's rank allocation after each (``update_and_allocate``;
+    its last step prunes each module to the ranks it keeps), saved as ``out``."""
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(2)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base), peft.AdaLoraConfig(**spec))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f".{k}." in name for k in ("lora_A", "lora_B", "lora_E")):
+                p.normal_(0, 1.0 if ".lora_E." in name else 0.2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for step in range(spec["total_step"]):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    model.save_pretrained(out)
 
 
 def _genai(package: Path, adapter: str | None, new: int):
