@@ -395,8 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "input_ids, pixel_values, pixel_values_videos, input_values or input_features), or 'default' (the "
                         "built-in decoder)")
     e.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
-                   help="a PEFT adapter folder (adapter_config.json + safetensors); --format genai takes several, "
-                        "each NAME=DIR (NAME defaults to the folder's name)")
+                   help="a PEFT adapter folder (adapter_config.json + safetensors): LoRA (DoRA too) or AdaLoRA, or "
+                        "for the default task one of PEFT's other weight adapters (IA3, LoHa, LoKr, VeRA, OFT, BOFT, "
+                        "HRA, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LN tuning, DeLoRA), installed through "
+                        "PEFT; --format genai and the encoder-decoder tasks take several LoRA or AdaLoRA ones, each "
+                        "NAME=DIR (NAME defaults to the folder's name)")
     e.add_argument("--task", choices=["default", "text-generation-with-past", *SEQ2SEQ_TASKS], default="default",
                    help="text-generation-with-past: a causal LM with its key/value cache (inputs input_ids, "
                         "attention_mask, position_ids, past_key_values.N.key/value (and .indexer_key for DeepSeek-V3.2's sparse "
@@ -445,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge-adapter", metavar="DIR", default=None,
                    help="--format genai: a PEFT adapter folder baked into the package's base weights by PEFT "
                         "(merge_and_unload): any adapter PEFT merges, DoRA, LoRA on expert tensors "
-                        "(target_parameters), modules_to_save and LoRA biases included, and a fine-tune that added "
+                        "(target_parameters), modules_to_save, LoRA biases, AdaLoRA and PEFT's other weight adapters "
+                        "(LoHa, LoKr, VeRA, IA3, ...) included, and a fine-tune that added "
                         "tokens (the package takes its vocabulary and the tokenizer saved beside it); --adapter ones "
                         "swap on top (default: none)")
     e.add_argument("--adapters-only", action="store_true",

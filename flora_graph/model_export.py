@@ -316,8 +316,9 @@ def check_model_folder(folder: str | Path) -> str:
 
 def check_adapter_folder(folder: str | Path) -> dict[str, Any]:
     """Check a PEFT adapter folder without loading a model: its ``adapter_config.json`` (every option
-    flora_graph refuses; DoRA, ``target_parameters`` and ``trainable_token_indices`` are accepted, as
-    :func:`export_model` installs them through PEFT) and its safetensors weights; return the config. Raises :class:`AdapterError` naming the file."""
+    flora_graph refuses; DoRA, ``target_parameters``, ``trainable_token_indices``, AdaLoRA and the adapter types of
+    :data:`~flora_graph.adapters.peft.THROUGH_PEFT` are accepted, as :func:`export_model` installs them through PEFT)
+    and its safetensors weights; return the config. Raises :class:`AdapterError` naming the file."""
     from flora_graph.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, read_peft_config
 
     folder = Path(folder)
@@ -373,10 +374,11 @@ def export_model(
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
         fit_vocab(model, Path(adapter), say)  # a fine-tune that added tokens: the model takes its vocabulary
-        if needs_peft_layers(adapter_cfg):  # DoRA, LoRA on expert tensors, trainable tokens: PEFT's own layers
-            import peft
+        # DoRA, LoRA on expert tensors, trainable tokens, AdaLoRA, the other adapter types: PEFT's own layers
+        if needs_peft_layers(adapter_cfg):
+            from flora_graph.serving.slots import peft_installed
 
-            model = peft.PeftModel.from_pretrained(model, adapter).eval()
+            model = peft_installed(model, Path(adapter), "load").eval()
             if preset == "merged":  # DoRA's m * (W + s B A) / ||W + s B A||, each expert's W + s B_e A_e: once, by PEFT
                 model = merge_peft(model)
         else:

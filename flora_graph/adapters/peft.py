@@ -40,6 +40,7 @@ from flora_graph.storage import staged_folder, write_new
 __all__ = [
     "ADALORA",
     "CONFIG_FILE",
+    "THROUGH_PEFT",
     "WEIGHTS_FILE",
     "adapter_label",
     "fit_vocab",
@@ -110,18 +111,36 @@ ADALORA_SCHEDULE = frozenset({"init_r", "target_r", "tinit", "tfinal", "deltaT",
 """AdaLoRA's options that steer its rank budget while it trains: nothing a trained adapter's outputs depend on."""
 
 
+THROUGH_PEFT = frozenset({"IA3", "LOHA", "LOKR", "VERA", "OFT", "BOFT", "HRA", "FOURIERFT", "VBLORA", "RANDLORA",
+                          "SHIRA", "C3A", "MISS", "LN_TUNING", "DELORA"})
+"""PEFT's weight-adapter types other than LoRA that flora_graph installs through PEFT itself (IA3's scaling vectors,
+LoHa's Hadamard and LoKr's Kronecker products, VeRA's shared projections, OFT's and BOFT's rotations, HRA's
+reflections, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LayerNorm tuning, DeLoRA): a capture runs the ops their
+layers run and the ``merged`` preset takes PEFT's ``merge_and_unload``; a GenAI package merges one into its base
+(``--merge-adapter``) but does not swap it, as its product is no slot's low-rank ``A`` and ``B``. Each is checked against
+eager PEFT (``tests/adapters/test_peft_types.py``); a type not named here is refused."""
+
+
 def needs_peft_layers(cfg: Mapping[str, Any]) -> list[str]:
-    """The :data:`PEFT_LAYERS_ONLY` options a checked config sets, and ``"peft_type"`` for an AdaLoRA one."""
+    """The :data:`PEFT_LAYERS_ONLY` options a checked config sets, and ``"peft_type"`` for an AdaLoRA one or one of
+    :data:`THROUGH_PEFT`."""
     return [k for k in PEFT_LAYERS_ONLY if cfg.get(k) not in (None, False, [])] + (
-        ["peft_type"] if cfg.get("peft_type") == ADALORA else [])
+        ["peft_type"] if cfg.get("peft_type") == ADALORA or _through_peft(cfg) else [])
+
+
+def _through_peft(cfg: Mapping[str, Any]) -> bool:
+    """Whether ``cfg`` is of an adapter type of :data:`THROUGH_PEFT`."""
+    kind = cfg.get("peft_type")
+    return isinstance(kind, str) and kind in THROUGH_PEFT
 
 
 def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[str, Any]:
     """Read and check ``adapter_config.json``; refuse every option flora_graph cannot honour.
 
-    ``peft_layers``: accept the :data:`PEFT_LAYERS_ONLY` options and AdaLoRA folders (:data:`ADALORA`; for callers
-    that install the folder through PEFT itself, as :func:`flora_graph.model_export.export_model` does;
-    :func:`load_peft_adapter` cannot)."""
+    ``peft_layers``: accept the :data:`PEFT_LAYERS_ONLY` options, AdaLoRA folders (:data:`ADALORA`) and the other
+    adapter types of :data:`THROUGH_PEFT` (for callers that install the folder through PEFT itself, as
+    :func:`flora_graph.model_export.export_model` does; :func:`load_peft_adapter` cannot). A folder of one of
+    :data:`THROUGH_PEFT` is returned as it is: PEFT checks its options as it loads it."""
     path = Path(folder) / CONFIG_FILE
     try:
         cfg = json.loads(path.read_text())
@@ -129,14 +148,22 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
         raise AdapterError(f"{path}: cannot read the PEFT config ({str(exc)[:300] or type(exc).__name__})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path}: not a JSON object")
-    if cfg.get("peft_type") == ADALORA and not peft_layers:
+    kind = cfg.get("peft_type", "LORA")
+    if kind == ADALORA and not peft_layers:
         raise AdapterError(f"{path}: peft_type {ADALORA!r} (AdaLoRA: each rank scaled by a learned singular value) is "
                            "read through PEFT's own layers, not installed as flora_graph's LoRA adapters; capture the "
                            "PEFT model itself, export with `flora-graph export MODEL --adapter DIR`, which installs it "
                            "through PEFT, or serve it hot-swappable in a GenAI package (`--format genai --adapter "
                            "NAME=DIR`)")
-    if cfg.get("peft_type", "LORA") not in ("LORA", ADALORA):
-        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA and ADALORA only)")
+    if _through_peft(cfg):
+        if not peft_layers:
+            raise AdapterError(f"{path}: peft_type {kind!r} is not a LoRA that flora_graph's adapters hold; capture the "
+                               "PEFT model itself, or export with `flora-graph export MODEL --adapter DIR`, which "
+                               "installs it through PEFT (or bake it into a GenAI package: --merge-adapter DIR)")
+        return cfg
+    if kind not in ("LORA", ADALORA):
+        raise AdapterError(f"{path}: peft_type {kind!r} is not supported (LORA, ADALORA and "
+                           f"{', '.join(sorted(THROUGH_PEFT))})"[:700])
     read = cfg
     if cfg.get("peft_type") == ADALORA:  # its rank_pattern: the ranks each module kept, not a rank per regex
         cfg = _adalora_checked(cfg, path)

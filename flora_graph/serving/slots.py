@@ -474,9 +474,18 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     ``modules_to_save``; ``lora_bias``; biases it trained, ``bias="all"`` / ``"lora_only"``; an AdaLoRA folder) is read
     through them instead: :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
     """
-    from flora_graph.adapters.peft import load_peft_adapter, needs_peft_layers, read_peft_config, saved_vocab
+    from flora_graph.adapters.peft import (
+        THROUGH_PEFT,
+        load_peft_adapter,
+        needs_peft_layers,
+        read_peft_config,
+        saved_vocab,
+    )
 
     cfg = read_peft_config(folder, peft_layers=True)
+    if cfg.get("peft_type") in THROUGH_PEFT:
+        raise AdapterError(f"{folder}: a {cfg['peft_type']} adapter changes its layers by other than a low-rank product "
+                           f"x A^T B^T, which no hot-swappable slot holds; {_MERGE_INSTEAD}")
     if (n := saved_vocab(base_model, folder)) is not None:
         raise AdapterError(f"{folder}: its embedding layers hold {n} tokens, the base model "
                            f"{int(base_model.get_input_embeddings().weight.shape[0])} (a fine-tune that added tokens): "
@@ -720,10 +729,11 @@ def _check_against_peft(base_model: Any, adapted: Any, params: Mapping[str, np.n
     import torch
     from peft.tuners import lora
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
     from transformers.pytorch_utils import Conv1D
 
-    tuners = (lora.LoraLayer, ModulesToSaveWrapper, TrainableTokensLayer)
+    tuners = (lora.LoraLayer, ModulesToSaveWrapper, TrainableTokensLayer, BaseTunerLayer)  # any layer PEFT put there
     tokens: dict[str, list[int]] = {}
     paths = {k.rpartition(".")[0] for k in params}
     for name, mod in adapted.named_modules():
