@@ -9,7 +9,8 @@ encoders, a mixture of experts, diffusion models (diffusers' Stable Diffusion UN
 LTX-Video VAE),
 ``torch.nn`` transformer blocks, and PEFT variants (rsLoRA,
 rank/alpha patterns, embedding LoRA, two adapters active at once, a second adapter set active,
-a weighted combination, ``modules_to_save``, DoRA, Conv2d and Conv1d LoRA). Each model carries a
+a weighted combination, ``modules_to_save``, DoRA, AdaLoRA, Conv2d and Conv1d LoRA, and PEFT tuners other than
+LoRA: HRA, SHiRA, BOFT, C3A). Each model carries a
 PEFT LoRA with a nonzero ``B`` (``init_lora_weights=False``); a model that takes an
 ``attention_mask`` gets one whose first row is left-padded by two positions.
 
@@ -868,6 +869,24 @@ def llama_tuner(config_cls: str, **cfg: Any) -> Callable[[], Built]:
     return build
 
 
+def llama_adalora() -> Built:
+    """The Llama with an AdaLoRA adapter on q/v/down (``x (A * E)^T B^T * alpha / (ranknum + 1e-5)``), ``A``, ``E`` and
+    ``B`` random (AdaLoRA starts ``E`` at zero)."""
+    import peft
+
+    model = hf("LlamaConfig", "LlamaForCausalLM", use_cache=False, **GQA)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, total_step=10,
+                                                          target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_((0.5 if ".lora_E." in name else 0.2) * torch.randn(p.shape, generator=gen))
+    return token_case(model)
+
+
+register("llama-adalora", "peft", llama_adalora, "AdaLoRA (singular values E between A and B)")
 register("llama-hra", "peft", llama_tuner("HRAConfig", r=4), "HRA (Householder reflections), captured merged")
 register("llama-shira", "peft", llama_tuner("ShiraConfig", r=4), "SHiRA (a sparse high-rank adapter), captured merged")
 register("llama-boft", "peft", llama_tuner("BOFTConfig", boft_block_size=4),
