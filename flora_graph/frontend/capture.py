@@ -216,6 +216,8 @@ class CaptureContext:
             return int(expr)
         if isinstance(expr, sympy.Symbol):
             return self.symbols.get(expr.name, expr.name)
+        if (exact := _exact_rounding(expr)) is not None:  # math.ceil(0.5 * tokens): integer arithmetic
+            return self.ir_dim(exact, env)
         if env is not None and self.dim_max:  # one value up to the dim_max asked (one chunk of a scan)
             if expr not in self._one_values:
                 self._one_values[expr] = _one_value(env, expr, {
@@ -359,6 +361,30 @@ def _mod_as_floor(expr: Any) -> Any:
     if not mods:
         return None
     return sympy.expand(expr.xreplace({a: a.args[0] - a.args[1] * FloorDiv(*a.args) for a in mods}))
+
+
+def _exact_rounding(expr: Any) -> Any:
+    """``math.ceil(c * n)`` or ``math.floor(c * n)`` of a size ``n`` and a float ``c = p / 2**k`` (torch spells it
+    ``CeilToInt(c*ToFloat(n))``; NLLB-MoE's expert capacity, ``ceil(fraction * tokens)``) as integer arithmetic:
+    ``(p*n + 2**k - 1) // 2**k`` or ``p*n // 2**k``, which Python's float product equals for every ``p*n`` below
+    ``2**53``; ``None`` for any other expression (another ``c`` rounds its product)."""
+    import fractions
+
+    kind = type(expr).__name__
+    if kind not in ("CeilToInt", "FloorToInt") or len(expr.args) != 1:
+        return None
+    coeff, rest = expr.args[0].as_coeff_Mul()
+    if type(rest).__name__ != "ToFloat" or not isinstance(coeff, sympy.Number) or not coeff > 0:
+        return None
+    c = fractions.Fraction(float(coeff))
+    p, q = c.numerator, c.denominator
+    if q & (q - 1) or p > 2**20:  # not p / 2**k, or a product that may pass 2**53
+        return None
+    n = rest.args[0]
+    if not n.is_integer:
+        return None
+    total = p * n + (q - 1 if kind == "CeilToInt" else 0)
+    return FloorDiv(total, q) if q > 1 else total
 
 
 def _rounded_up(ctx: CaptureContext, expr: Any) -> Dim | None:
@@ -1070,7 +1096,7 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     kwargs = torch.fx.node.map_aggregate(n.kwargs, val)
     if n.target is torch.ops.aten.sym_size.int or _is_shape_arith(n):
         return SymDim(ctx.ir_dim(n.meta["val"]))
-    if n.target in NO_TENSOR_OPS or _is_size_check(n):
+    if n.target in NO_TENSOR_OPS or _is_size_check(n) or _is_float_size(n):
         return None
     if ctx.selected:
         selected_rows.check(ctx, n)  # rows a bool mask picked: read one at a time, or refused
@@ -1110,6 +1136,13 @@ def _is_shape_arith(n: torch.fx.Node) -> bool:
     """Arithmetic on sizes (``operator.mul(sym_size, 4)`` from ``x.view(b * t, c)``): a dim, no tensor. Not a
     tensor's value read as a number (``item``: refused), whose result torch.export also keeps as a ``SymInt``."""
     return isinstance(n.meta.get("val"), torch.SymInt) and refusal_of(n.target) is None
+
+
+def _is_float_size(n: torch.fx.Node) -> bool:
+    """A size as a float on its way back to a size (``math.ceil(fraction * tokens)``: ``sym_float``, ``mul``): no
+    value of its own, as the size it rounds to is read from that node's own expression (``CaptureContext.ir_dim``)."""
+    return isinstance(n.meta.get("val"), torch.SymFloat) and refusal_of(n.target) is None and bool(n.users) \
+        and all(_is_shape_arith(u) or _is_float_size(u) for u in n.users)
 
 
 def _is_size_check(n: torch.fx.Node) -> bool:
@@ -1182,7 +1215,8 @@ def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.No
                 yield n  # an op on complex values (carried as real pairs) that has no converter for them
             continue
         if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
-                or _is_shape_arith(n) or _is_size_check(n) or n.target in ATEN_TABLE or n in in_place):
+                or _is_shape_arith(n) or _is_float_size(n) or _is_size_check(n) or n.target in ATEN_TABLE
+                or n in in_place):
             continue
         if refusal_of(n.target) is None and all(a in const for a in n.all_input_nodes):
             const.add(n)

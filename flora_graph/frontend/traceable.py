@@ -142,6 +142,7 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
     paths = [path for path, cfg in experts if originals[id(cfg)][1] in _UNTRACEABLE]
     changed = [(cfg, was) for cfg, was in originals.values() if was in _UNTRACEABLE]
     dense = [(path, module) for path, module in model.named_modules() if _one_hot_experts(module)]
+    masked = [(path, module) for path, module in model.named_modules() if _masked_experts(module)]
     languages = [(path, module) for path, module in model.named_modules() if _language_adapters(module)]
     split = [(path, module) for path, module in model.named_modules() if _split_experts(module)]
     stacked = [(path, module) for path, module in model.named_modules() if _stacked_glu_experts(module)]
@@ -150,6 +151,9 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
         cfg._experts_implementation_internal = TRACEABLE_EXPERTS
     for path, module in dense:
         module.forward = _dense_forward(module)  # an instance attribute: deleted on exit
+        paths.append(path)
+    for path, module in masked:
+        module.forward = _dense_masked_forward(module)
         paths.append(path)
     for path, module in languages:
         module.lang_adapter = _dense_lang_adapter(module)
@@ -170,7 +174,7 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
     finally:
         for cfg, was in changed:
             cfg._experts_implementation_internal = was
-        for _, module in dense:
+        for _, module in [*dense, *masked]:
             del module.forward
         for _, module in languages:
             del module.lang_adapter
@@ -180,7 +184,7 @@ def traceable_experts(model: nn.Module) -> Iterator[list[str]]:
         for _, module in stacked:
             del module.forward
         for router in routers:
-            del router.classifier.to
+            vars(router.classifier).pop("to", None)  # (torch.export may have put the module's attributes back already)
 
 
 def _one_hot_experts(module: nn.Module) -> bool:
@@ -202,6 +206,46 @@ def _dense_forward(module: nn.ModuleDict) -> Callable[..., torch.Tensor]:
         out = torch.zeros_like(hidden_states)
         for e in range(count):
             out = out + module[f"expert_{e}"](hidden_states) * weights[:, e, None]
+        return out
+
+    return forward
+
+
+_EXPERT_MASK = "expert_mask = torch.nn.functional.one_hot(router_mask, num_classes=self.num_experts).permute(2, 1, 0)"
+"""The statement of NLLB-MoE's experts' ``forward`` that :func:`_masked_experts` recognizes them by."""
+
+
+def _masked_experts(module: nn.Module) -> bool:
+    """NLLB-MoE's experts: a ``ModuleDict`` of ``expert_0``, ``expert_1``, ... (``num_experts`` of them) whose ``forward``
+    takes the tokens, a ``router_mask`` and ``router_probs`` (``[tokens, experts]`` each) and loops over the experts
+    ``one_hot(router_mask).permute(2, 1, 0)`` marks (the statement :data:`_EXPERT_MASK`): expert ``v`` runs on each
+    token ``t`` once per slot ``e`` with ``router_mask[t, e] == v``, weighted by ``router_probs[t, e]``."""
+    if not (isinstance(module, nn.ModuleDict) and "expert_0" in module and "forward" not in vars(module)
+            and isinstance(getattr(module, "num_experts", None), int)
+            and _params(type(module).forward)[1:4] == ("hidden_states", "router_mask", "router_probs")):
+        return False
+    try:
+        return _EXPERT_MASK in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _dense_masked_forward(module: nn.ModuleDict) -> Callable[..., torch.Tensor]:
+    """``module``'s forward (see :func:`_masked_experts`) over every expert and every token: expert ``v``'s output on
+    token ``t`` weighted by the sum of ``router_probs[t, e]`` over the slots ``e`` that mark it, as the loop adds one
+    product per such slot (an expert no slot marks is multiplied by zero), then scaled as the loop scales it for its
+    token dropout, at ``num_experts`` times the experts' work."""
+    count = module.num_experts
+
+    def forward(hidden_states: torch.Tensor, router_mask: torch.Tensor, router_probs: torch.Tensor) -> torch.Tensor:
+        marks = torch.nn.functional.one_hot(router_mask, num_classes=count).permute(2, 1, 0)  # [experts, slots, tokens]
+        weights = (marks.to(router_probs.dtype) * router_probs.T[None]).sum(1)  # [experts, tokens]
+        out = torch.zeros_like(hidden_states)
+        for v in range(count):
+            y = module[f"expert_{v}"](hidden_states) * weights[v, :, None]
+            if module.moe_token_dropout > 0:
+                y = module.token_dropout(y) if module.training else y * (1 - module.moe_token_dropout)
+            out = out + y.to(hidden_states.dtype)
         return out
 
     return forward
@@ -321,10 +365,12 @@ def _gathered_glu_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
 
 
 def _converting_router(module: nn.Module) -> bool:
-    """A SwitchTransformers router: it assigns ``self.classifier = self.classifier.to(self.dtype)`` on every call."""
+    """A SwitchTransformers router (or NLLB-MoE's, through its ``_cast_classifier``): it assigns ``self.classifier =
+    self.classifier.to(self.dtype)`` on every call."""
     return isinstance(getattr(module, "classifier", None), nn.Module) and isinstance(getattr(module, "dtype", None),
                                                                                     torch.dtype) \
-        and hasattr(module, "jitter_noise") and hasattr(module, "expert_capacity")  # classifier: PEFT's LoRA too
+        and (hasattr(module, "jitter_noise") or callable(getattr(module, "_cast_classifier", None))) \
+        and hasattr(module, "expert_capacity")  # classifier: PEFT's LoRA too
 
 
 def _same(module: nn.Module) -> Callable[..., nn.Module]:

@@ -10,6 +10,7 @@ functionalized (``atan2.out``, ``_native_batch_norm_legit``) and the size reads 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -719,3 +720,37 @@ def test_a_dynamic_size_as_a_fill_value() -> None:
         for backend in BACKENDS:
             got = compile(g, backend)(x0=x.numpy())
             np.testing.assert_array_equal(next(iter(got.values())), fn(x).numpy(), err_msg=backend)
+
+
+class _Capacity(nn.Module):
+    """NLLB-MoE's expert capacity: ``math.ceil(fraction * tokens)`` (or ``floor``) of the batch's token count, a
+    float product of a size rounded back to one, compared with each token's position."""
+
+    def __init__(self, fraction: float, rounding: Callable[[float], int] = math.ceil) -> None:
+        super().__init__()
+        self.fraction, self.rounding = fraction, rounding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0] * x.shape[1]
+        capacity = self.rounding(self.fraction * tokens)
+        return x * torch.lt(torch.arange(x.shape[1]), capacity).to(x.dtype)[None, :, None]
+
+
+@pytest.mark.parametrize("fraction, rounding", [(1.0, math.ceil), (0.5, math.ceil), (0.375, math.ceil),
+                                                (0.25, math.floor)])
+def test_a_size_times_a_fraction_rounded_back_is_integer_arithmetic(fraction: float, rounding) -> None:
+    """``ceil(c * n)`` / ``floor(c * n)`` of a size ``n`` and a float ``c = p / 2**k`` as ``(p*n + 2**k - 1) // 2**k``
+    / ``p*n // 2**k``: the eager values at every length, odd and even, on every backend."""
+    g = capture(_Capacity(fraction, rounding), (torch.randn(2, 5, 3),), {"x": {0: "batch", 1: "seq"}})
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for batch, seq in ((1, 1), (1, 3), (2, 5), (3, 7), (4, 9)):
+            x = torch.randn(batch, seq, 3, generator=_gen(seq))
+            _assert_close(exe(x=x.numpy()), _eager(_Capacity(fraction, rounding), [x]), 0.0,
+                          f"{backend} {batch}x{seq}")
+
+
+def test_a_size_times_another_fraction_is_refused_by_name() -> None:
+    """``ceil(0.3 * n)``: the float product rounds, so no integer arithmetic is its value: refused, naming it."""
+    with pytest.raises(UnsupportedOpError, match=r"CeilToInt\(0\.3"):
+        capture(_Capacity(0.3), (torch.randn(2, 5, 3),), {"x": {0: "batch", 1: "seq"}})

@@ -163,6 +163,11 @@ ARCHITECTURES = {
                         dict(vocab_size=100, max_position_embeddings=64, attention_type="original_full", **_E)),
     "nllb-moe": ("NllbMoeConfig", "NllbMoeForConditionalGeneration",
                  dict(vocab_size=100, max_position_embeddings=64, num_experts=4, expert_capacity=8, **_E)),
+    # its second layers sparse (top-2 routing into 4 experts, capacity ceil(0.5 * tokens), token dropout's eval scale)
+    "nllb-moe-experts": ("NllbMoeConfig", "NllbMoeForConditionalGeneration",
+                         dict(vocab_size=100, max_position_embeddings=64, num_experts=4, expert_capacity=8,
+                              encoder_sparse_step=2, decoder_sparse_step=2, moe_eval_capacity_token_fraction=0.5,
+                              moe_token_dropout=0.2, **_E)),
     "speech-to-text": ("Speech2TextConfig", "Speech2TextForConditionalGeneration",
                        dict(vocab_size=100, input_feat_per_channel=8, max_source_positions=64, max_target_positions=64,
                             conv_channels=16, input_channels=1, **_E)),

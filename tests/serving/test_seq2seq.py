@@ -323,13 +323,14 @@ def test_package_config_and_cli_generate(seq2seq_packages: dict[str, Path], caps
     assert "speech model's package" in capsys.readouterr().out
 
 
-QUICK = ("mbart", "speech-to-text")
+QUICK = ("mbart", "speech-to-text", "nllb-moe-experts")
 
 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k in QUICK else pytest.mark.slow) for k in ARCHITECTURES])
 def test_more_families_generate_eager_peft_tokens(kind: str, tmp_path: Path) -> None:
     """mT5, UMT5, LongT5, mBART, Pegasus, PEGASUS-X (its projections run on local and global tokens), Blenderbot,
-    M2M100, PLBart, FSMT, BigBird-Pegasus, NLLB-MoE, Speech2Text (features, frames free), Moonshine (raw samples):
+    M2M100, PLBart, FSMT, BigBird-Pegasus, NLLB-MoE (dense layers alone, and with expert layers: top-2 routing, its
+    capacity a fraction of the tokens), Speech2Text (features, frames free), Moonshine (raw samples):
     PEFT's all-linear LoRA, the package's greedy tokens equal eager's, base and adapter."""
     architecture_matches_eager(tmp_path, kind)
 
