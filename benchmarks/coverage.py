@@ -471,6 +471,13 @@ register("switch-transformers", "encoder-decoder",
                  encoder_sparse_step=1, decoder_sparse_step=1, decoder_start_token_id=0),
          "every layer a mixture of experts with a capacity (tokens over it dropped); its loop over the experts hit runs "
          "densely while tracing; torch.onnx fails on the router's Module.to and that loop")
+register("nllb-moe", "encoder-decoder",
+         seq2seq("NllbMoeConfig", "NllbMoeForConditionalGeneration", vocab_size=VOCAB, d_model=32, encoder_layers=2,
+                 decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                 decoder_ffn_dim=64, max_position_embeddings=MAX_POS, num_experts=4, expert_capacity=4,
+                 encoder_sparse_step=2, decoder_sparse_step=2),
+         "top-2 routing into experts in every second layer, a capacity of ceil(fraction * tokens); its loop over the "
+         "experts hit runs densely while tracing; torch.onnx fails on the router's Module.to and that loop")
 register("bart-qa", "encoder-decoder", encoder("BartConfig", "BartForQuestionAnswering", vocab_size=VOCAB, d_model=32,
                                                encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                                                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
