@@ -369,14 +369,19 @@ def export_model(
                                                                     attention_mask=attention_mask)
     model = spec.model
     if adapter is not None:
-        from flora_graph.adapters.peft import fit_vocab, load_peft_adapter, merge_peft, needs_peft_layers
+        from flora_graph.adapters.peft import (
+            fit_vocab,
+            load_peft_adapter,
+            merge_peft,
+            needs_peft_layers,
+            peft_installed,
+        )
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
         fit_vocab(model, Path(adapter), say)  # a fine-tune that added tokens: the model takes its vocabulary
         # DoRA, LoRA on expert tensors, trainable tokens, AdaLoRA, the other adapter types: PEFT's own layers
         if needs_peft_layers(adapter_cfg):
-            from flora_graph.serving.slots import peft_installed
 
             model = peft_installed(model, Path(adapter), "load").eval()
             if preset == "merged":  # DoRA's m * (W + s B A) / ||W + s B A||, each expert's W + s B_e A_e: once, by PEFT

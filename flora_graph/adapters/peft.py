@@ -46,6 +46,7 @@ __all__ = [
     "fit_vocab",
     "load_peft_adapter",
     "merge_peft",
+    "peft_installed",
     "peft_lora_layers",
     "read_peft_config",
     "save_peft_adapter",
@@ -618,3 +619,30 @@ def adapter_label(module: nn.Module) -> str:
         return name
     active = getattr(module, "active_adapters", None) or ["default"]
     return active[0] if isinstance(active, list | tuple) and len(active) == 1 else ",".join(map(str, active))
+
+
+def peft_installed(model: Any, folder: str | Path, what: str) -> Any:
+    """``model`` (changed in place) with the PEFT folder ``folder`` installed by PEFT itself, to ``what`` (``"merge"``,
+    ``"load"``: how messages say it). Raises :class:`AdapterError` where PEFT refuses the folder, and where some of its
+    tensors match nothing in the model (PEFT would drop them without a word: an adapter of another model)."""
+    import warnings
+
+    import peft
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    try:
+        with warnings.catch_warnings():  # PEFT warns, and goes on, where a target matches nothing: checked below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            adapted = peft.PeftModel.from_pretrained(model, folder)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # what PEFT raises on a folder for another model
+        raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__} "
+                           f"({str(exc)[:300] or type(exc).__name__})") from None
+    with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
+        saved = set(f.keys())
+    unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
+    if unheld:
+        raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__}: {len(unheld)} of its "
+                           f"tensors match nothing there ({', '.join(unheld[:3])}{', ...' if len(unheld) > 3 else ''});"
+                           " is it an adapter of another model?")
+    return adapted

@@ -624,8 +624,7 @@ def _fit_config(doc: dict[str, Any], model: Any) -> None:
 def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:
     """``model`` with the PEFT folder ``folder`` merged into its weights by PEFT (:func:`~flora_graph.adapters.peft.merge_peft`),
     its vocabulary first resized to the folder's (:func:`~flora_graph.adapters.peft.fit_vocab`)."""
-    from flora_graph.adapters.peft import fit_vocab, merge_peft
-    from flora_graph.serving.slots import peft_installed
+    from flora_graph.adapters.peft import fit_vocab, merge_peft, peft_installed
 
     say(f"merging {folder} into the base weights")
     fit_vocab(model, folder, say)

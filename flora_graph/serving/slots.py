@@ -55,7 +55,6 @@ __all__ = [
     "packed_from_metadata",
     "param_spec",
     "params_through_peft",
-    "peft_installed",
     "slots_from_metadata",
     "slots_to_metadata",
     "unpack_params",
@@ -566,34 +565,6 @@ def _peft_path(name: str) -> str:
     return ".".join(p for p in name.removeprefix("base_model.model.").split(".") if p != "base_layer")
 
 
-def peft_installed(model: Any, folder: Path, what: str) -> Any:
-    """``model`` (changed in place) with the PEFT folder ``folder`` installed by PEFT itself, to ``what`` (``"merge"``,
-    ``"load"``: how messages say it). Raises :class:`AdapterError` where PEFT refuses the folder, and where some of its
-    tensors match nothing in the model (PEFT would drop them without a word: an adapter of another model)."""
-    import warnings
-
-    import peft
-    from safetensors import safe_open
-
-    from flora_graph.adapters.peft import WEIGHTS_FILE
-
-    try:
-        with warnings.catch_warnings():  # PEFT warns, and goes on, where a target matches nothing: checked below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            adapted = peft.PeftModel.from_pretrained(model, folder)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # what PEFT raises on a folder for another model
-        raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__} "
-                           f"({str(exc)[:300] or type(exc).__name__})") from None
-    with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
-        saved = set(f.keys())
-    unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
-    if unheld:
-        raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__}: {len(unheld)} of its "
-                           f"tensors match nothing there ({', '.join(unheld[:3])}{', ...' if len(unheld) > 3 else ''});"
-                           " is it an adapter of another model?")
-    return adapted
-
-
 _MERGE_INSTEAD = "bake it into the base model instead (--merge-adapter DIR; export_genai(merge=DIR))"
 """What a refusal of a swappable adapter offers instead."""
 
@@ -628,6 +599,8 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.utils import ModulesToSaveWrapper
     from transformers.pytorch_utils import Conv1D
+
+    from flora_graph.adapters.peft import peft_installed
 
     folder = Path(folder)
     with _peft_copy(base_model, folder) as model:

@@ -197,6 +197,7 @@ def test_reading_through_peft_shares_the_weights_peft_leaves_alone(tmp_path: Pat
     shares the others: the model keeps its modules, values and flags, and the params are those of a whole copy."""
     import copy
 
+    import flora_graph.adapters.peft as peft_io
     import flora_graph.serving.slots as slots
 
     model = small_model("Qwen2ForCausalLM")
@@ -215,13 +216,13 @@ def test_reading_through_peft_shares_the_weights_peft_leaves_alone(tmp_path: Pat
     kinds = {n: type(m) for n, m in model.named_modules()}
     flags = [p.requires_grad for p in model.parameters()]
     installed_on = []
-    real = slots.peft_installed
+    real = peft_io.peft_installed
 
     def spy(m, folder, what):
         installed_on.append(dict(m.named_parameters(remove_duplicate=False)))
         return real(m, folder, what)
 
-    monkeypatch.setattr(slots, "peft_installed", spy)
+    monkeypatch.setattr(peft_io, "peft_installed", spy)
     params = slots.peft_adapter_params(model, tmp_path / "dora")
     own = dict(model.named_parameters(remove_duplicate=False))
     copied = installed_on[0]
@@ -243,20 +244,21 @@ def test_reading_through_peft_shares_the_weights_peft_leaves_alone(tmp_path: Pat
 def test_peft_replacing_a_shared_weight_is_refused_and_undone(tmp_path: Path, monkeypatch) -> None:
     """Where PEFT replaces the data of a weight the copy shares with the model (as an initialization that rewrites
     base weights would), the model gets its weight back and the adapter is refused, naming the folder."""
+    import flora_graph.adapters.peft as peft_io
     import flora_graph.serving.slots as slots
 
     model = small_model("Qwen2ForCausalLM")
     _saved(model, tmp_path, "whole", ["lm_head"], ["q_proj"])
     weight = model.model.layers[0].mlp.up_proj.weight
     data, values = weight.data, weight.detach().clone()
-    real = slots.peft_installed
+    real = peft_io.peft_installed
 
     def rewrites(m, folder, what):
         out = real(m, folder, what)
         m.get_submodule("model.layers.0.mlp.up_proj").weight.data = torch.zeros_like(values)
         return out
 
-    monkeypatch.setattr(slots, "peft_installed", rewrites)
+    monkeypatch.setattr(peft_io, "peft_installed", rewrites)
     with pytest.raises(AdapterError, match=r"whole: PEFT replaced 1 of the base model's weights"):
         slots.peft_adapter_params(model, tmp_path / "whole")
     assert weight.data.data_ptr() == data.data_ptr() and torch.equal(weight, values)
