@@ -198,9 +198,9 @@ def _export(args: argparse.Namespace, console: Console) -> int:
         raise FloraGraphError(f"--precision {args.precision} goes with --format genai (a GenAI package's base weights)")
     if args.precision != "int4" and (args.int4_block_size != 32 or args.int4_accuracy_level != 4):
         raise FloraGraphError("--int4-block-size and --int4-accuracy-level go with --precision int4")
-    if args.merge_adapter and args.format != "genai":
-        raise FloraGraphError("--merge-adapter goes with --format genai (a file export takes the adapter as --adapter "
-                              "and bakes it in with --preset merged)")
+    if args.merge_adapter and args.format != "genai" and args.task not in SEQ2SEQ_TASKS:
+        raise FloraGraphError("--merge-adapter goes with a generation package (--format genai, or an encoder-decoder "
+                              "task); a file export takes the adapter as --adapter and bakes it in with --preset merged")
     if args.trace_every_layer and args.format != "genai" and args.task not in SEQ2SEQ_TASKS:
         raise FloraGraphError("--trace-every-layer goes with a generation package (--format genai, or an "
                               "encoder-decoder --task): its capture with the key/value cache")
@@ -233,15 +233,15 @@ def _export_seq2seq(args: argparse.Namespace, console: Console) -> int:
                               "adapters, seq2seq_config.json); drop --format genai")
     if args.model == "default":
         raise FloraGraphError(f"--task {args.task} takes a transformers model folder (config.json + safetensors)")
-    given = [flag for flag, on in (("--merge-adapter", args.merge_adapter), ("--adapters-only", args.adapters_only),
-                                   ("--replace", args.replace)) if on]
+    given = [flag for flag, on in (("--adapters-only", args.adapters_only), ("--replace", args.replace)) if on]
     if given:
         raise FloraGraphError(f"{', '.join(given)} go with --format genai, not --task {args.task}")
     adapters = _adapter_args(args.adapter)
     with console.status("starting") as status:
         report = export_seq2seq(args.model, args.out, adapters, progress=lambda m: status.update(m), mixed=args.mixed,
-                                stamp_layers=not args.trace_every_layer)
-    console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an encoder-decoder package")
+                                stamp_layers=not args.trace_every_layer, merge=args.merge_adapter)
+    merged = f" (base: {args.model} + {args.merge_adapter} merged)" if args.merge_adapter else ""
+    console.print(f"exported {args.model} with {len(adapters)} adapter(s) as an encoder-decoder package{merged}")
     console.print(report.summary)
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
     console.print(f"wrote {report.path}" + "".join(f"\n  adapter {n}: {', '.join(map(str, ps))}"
@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "others stamped from their kind's template (the same graph, checked, in a fraction of the "
                         "time on a deep model)")
     e.add_argument("--merge-adapter", metavar="DIR", default=None,
-                   help="--format genai: a PEFT adapter folder baked into the package's base weights by PEFT "
+                   help="--format genai and the encoder-decoder tasks: a PEFT adapter folder baked into the "
+                        "package's base weights by PEFT "
                         "(merge_and_unload): any adapter PEFT merges, DoRA, LoRA on expert tensors "
                         "(target_parameters), modules_to_save, LoRA biases, AdaLoRA and PEFT's other weight adapters "
                         "(LoHa, LoKr, VeRA, IA3, ...) included, and a fine-tune that added "

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from flora_graph.serving.text_decoder import TextDecoder
 
 __all__ = ["BASE_BRANCH_MAX_BYTES", "GENAI_CONFIG", "GENAI_TYPES", "GENERIC_TYPE", "MODEL_DATA", "PRECISIONS", "REFILL_KEY",
-           "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport", "add_adapters", "causal_lm_classes", "context_length", "copy_present", "export_genai", "genai_config", "genai_type",
+           "SEARCH_DEFAULTS", "TOKENIZER_FILES", "GenAIReport", "add_adapters", "causal_lm_classes", "context_length", "copy_present", "export_genai", "genai_config", "genai_type", "merged_base",
            "package_owns", "refill_position", "search_defaults"]
 
 GENAI_CONFIG = "genai_config.json"
@@ -319,16 +319,7 @@ def export_genai(
         notes.append(msg)
         say(msg)
 
-    tokenizer_from = Path(base)  # a merged fine-tune's own tokenizer, saved beside it, wins: it trained with it
-    if merge is not None:
-        vocab = int(model.config.get_text_config().vocab_size)
-        model = _merged(model, Path(merge), say)
-        if _has_tokenizer(Path(merge)):
-            tokenizer_from = Path(merge)
-            note(f"the tokenizer files of {merge}, saved beside the merged adapter, are the package's")
-        elif int(model.config.get_text_config().vocab_size) != vocab:
-            note(f"the package's tokenizer is {base}'s, without the tokens {merge} added (ids {vocab} and up): save "
-                 "the fine-tune's tokenizer beside it to ship them")
+    model, tokenizer_from = merged_base(model, base, merge, say, note)
 
     if quantized := quantized_checkpoint(json.loads((Path(base) / "config.json").read_text())):
         note(f"{base}: {quantized}, dequantized to float32 as it loads (a QLoRA adapter's base): the package's weights "
@@ -534,8 +525,10 @@ def _marked(model: Any, marks: dict[str, str]) -> Any:
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    """Whether ``folder`` holds a tokenizer's files (a fast tokenizer's, a SentencePiece model, a BPE vocabulary)."""
-    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    """Whether ``folder`` holds a tokenizer's files (a fast tokenizer's, a SentencePiece model, a BPE vocabulary; T5's,
+    Marian's and mBART's SentencePiece models)."""
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model",
+                                                "source.spm", "sentencepiece.bpe.model"))
 
 
 def _end_of_turn(base: Path, vocab: int, say: Callable[[str], None]) -> int | None:
@@ -619,6 +612,25 @@ def _fit_config(doc: dict[str, Any], model: Any) -> None:
         del inputs[key]
     props = {p.key: p.value for p in model.metadata_props}
     doc["search"]["past_present_share_buffer"] = props.get(CACHE_PADDING_KEY) == "right"
+
+
+def merged_base(model: Any, base: str | Path, merge: str | Path | None, say: Callable[[str], None],
+                note: Callable[[str], None]) -> tuple[Any, Path]:
+    """``(model, the folder of the package's tokenizer files)``: ``model`` loaded from ``base`` with the PEFT folder
+    ``merge`` baked into its weights (:func:`_merged`; as it is for ``None``), and ``merge`` itself where it holds
+    tokenizer files (a merged fine-tune's own tokenizer wins: it trained with it), else ``base``; ``note`` says which,
+    and that the base's tokenizer lacks the tokens a fine-tune added without saving its tokenizer."""
+    if merge is None:
+        return model, Path(base)
+    vocab = int(model.config.get_text_config().vocab_size)
+    model = _merged(model, Path(merge), say)
+    if _has_tokenizer(Path(merge)):
+        note(f"the tokenizer files of {merge}, saved beside the merged adapter, are the package's")
+        return model, Path(merge)
+    if int(model.config.get_text_config().vocab_size) != vocab:
+        note(f"the package's tokenizer is {base}'s, without the tokens {merge} added (ids {vocab} and up): save "
+             "the fine-tune's tokenizer beside it to ship them")
+    return model, Path(base)
 
 
 def _merged(model: Any, folder: Path, say: Callable[[str], None]) -> Any:

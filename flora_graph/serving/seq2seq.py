@@ -90,6 +90,7 @@ class Seq2SeqReport:
     summary: str
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    merged: Path | None = None  # the PEFT folder baked into the base weights (export_seq2seq's merge)
 
 
 def _token_ids(value: Any, vocab: int) -> list[int]:
@@ -162,9 +163,13 @@ def package_config(model: Any, layout: Any) -> dict[str, Any]:
 
 def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str | Path] | None = None, *,
                    progress: Callable[[str], None] | None = None, mixed: bool = True,
-                   stamp_layers: bool = True) -> Seq2SeqReport:
+                   stamp_layers: bool = True, merge: str | Path | None = None) -> Seq2SeqReport:
     """Write an encoder-decoder generation package of the transformers model folder ``base`` with the PEFT
     ``adapters`` (``{name: folder}``) as hot-swappable ``.onnx_adapter`` files; see the module docstring.
+
+    ``merge``: a PEFT folder baked into the base weights first, by PEFT itself (``merge_and_unload``), as
+    :func:`~flora_graph.serving.genai.export_genai` bakes one: any adapter PEFT merges, those no slot holds included
+    (PEFT's other adapter types, DoRA on an embedding, ...); ``adapters`` swap on top of it.
 
     ``mixed=False`` leaves out the mixed-adapter models (``encoder.mixed.onnx``, ``decoder.mixed.onnx``: rows
     with different adapters in one batch), which ONNX Runtime holds with their own copy of the base weights.
@@ -183,6 +188,7 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
         _adapter_params,
         _read_sites,
         install_sites,
+        merged_base,
         slot_options,
     )
 
@@ -195,6 +201,8 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     for name, folder in adapters.items():
         check_name(name, "adapter name", error=AdapterError)
         check_adapter_folder(folder)
+    if merge is not None:
+        check_adapter_folder(merge)
     seconds: dict[str, float] = {}
     notes: list[str] = []
 
@@ -206,7 +214,7 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
     say(f"loading {arch} from {base}")
     from flora_graph.model_export import load_transformers
 
-    model = load_transformers(base)
+    model, tokenizer_from = merged_base(load_transformers(base), base, merge, say, note)
     params = _adapter_params(model, adapters, say, note=note)
     seconds["load"] = time.perf_counter() - t0
 
@@ -270,12 +278,13 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
                         write_adapter(tmp / ADAPTERS_DIR / file, mine, model=tmp / f"{part}.onnx", name=name)
                         written.setdefault(name, []).append(Path(out) / ADAPTERS_DIR / file)
         # and T5's / Marian's / mBART's tokenizer vocabularies, a speech model's feature extractor
-        copy_present(base, tmp, (*TOKENIZER_FILES, "spiece.model", "source.spm", "target.spm",
-                                 "sentencepiece.bpe.model", "preprocessor_config.json"))
+        tokenizer = (*TOKENIZER_FILES, "spiece.model", "source.spm", "target.spm", "sentencepiece.bpe.model")
+        copy_present(base, tmp, ("generation_config.json", "preprocessor_config.json"))
+        copy_present(tokenizer_from, tmp, [f for f in tokenizer if f != "generation_config.json"])
         (tmp / SEQ2SEQ_CONFIG).write_text(json.dumps(doc, indent=2))
     seconds["write"] = time.perf_counter() - t0
     summary = "\n".join(f"{part}: {g.summary()}" for part, g in final.items())
-    return Seq2SeqReport(Path(out), written, summary, seconds, notes)
+    return Seq2SeqReport(Path(out), written, summary, seconds, notes, merged=None if merge is None else Path(merge))
 
 
 class _BaseOnly:

@@ -6,6 +6,7 @@ nonzero trainable values, so it changes the logits."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -117,3 +118,39 @@ def test_flora_graph_s_own_lora_adapters_refuse_the_other_types_by_name(tmp_path
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "peft_type": "PREFIX_TUNING"}))
     with pytest.raises(AdapterError, match="PREFIX_TUNING' is not supported"):
         read_peft_config(tmp_path / "VERA", peft_layers=True)
+
+
+def test_an_encoder_decoder_package_merges_an_ia3_adapter_and_swaps_a_lora_on_top(tmp_path: Path) -> None:
+    """``flora-graph export T5 --task text2text-generation-with-past --merge-adapter IA3_DIR --adapter lora=DIR``: the
+    package's base rows decode as eager PEFT's IA3 model, and its LoRA rows as eager PEFT's LoRA on that merged model
+    (both differ from the plain base model's tokens)."""
+    from flora_graph.serving.seq2seq import Seq2SeqGenerator
+    from tests.serving.seq2seq_package import PROMPTS, build, eager_tokens
+
+    model = build("t5")
+    model.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ia3 = peft.get_peft_model(type(model).from_pretrained(tmp_path / "base"),
+                                  peft.IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"]))
+        with torch.no_grad():
+            for p in ia3.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.8)
+        ia3.save_pretrained(tmp_path / "ia3")
+        merged = peft.PeftModel.from_pretrained(type(model).from_pretrained(tmp_path / "base"),
+                                                tmp_path / "ia3").merge_and_unload().eval()
+        lora = peft.get_peft_model(type(model).from_pretrained(tmp_path / "base"),
+                                   peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
+        lora.save_pretrained(tmp_path / "lora")
+        assert main(["export", str(tmp_path / "base"), "--task", "text2text-generation-with-past", "--merge-adapter",
+                     str(tmp_path / "ia3"), "--adapter", f"lora={tmp_path / 'lora'}", "--out", str(tmp_path / "pkg")]) == 0
+        on_merged = peft.PeftModel.from_pretrained(copy.deepcopy(merged), tmp_path / "lora").eval()  # wraps in place
+    gen = Seq2SeqGenerator(tmp_path / "pkg")
+    kw = dict(max_new_tokens=10, min_new_tokens=10)
+    base = eager_tokens(tmp_path, "t5", None, PROMPTS, gen.pad, set(), model=model.eval(), **kw)
+    want = eager_tokens(tmp_path, "t5", None, PROMPTS, gen.pad, set(), model=merged, **kw)
+    want_lora = eager_tokens(tmp_path, "t5", None, PROMPTS, gen.pad, set(), model=on_merged, **kw)
+    assert gen.generate(PROMPTS, **kw) == want != base
+    assert gen.generate(PROMPTS, adapters=["lora", None, "lora"], **kw) == [want_lora[0], want[1], want_lora[2]]
+    assert want_lora != want
