@@ -7,7 +7,8 @@ honouring ``r``, ``lora_alpha``, ``use_rslora`` (scale ``alpha / sqrt(r)``),
 ``rank_pattern``, ``alpha_pattern``, ``target_modules``, ``exclude_modules``,
 ``layers_to_transform`` / ``layers_pattern`` (only the layers named), ``fan_in_fan_out``,
 ``modules_to_save`` and ``bias``; any option it cannot honour (DoRA, LoftQ, a LoRA bias,
-...) is refused with :class:`AdapterError`, never dropped.
+...) is refused with :class:`AdapterError`, never dropped. AdaLoRA folders (:data:`ADALORA`) and PEFT's other adapter
+types (:data:`THROUGH_PEFT`) are read through PEFT's own layers (:func:`peft_installed`), by the callers that can.
 The config is input: every field is type-checked, and its regexes (``rank_pattern`` /
 ``alpha_pattern`` keys, ``layers_pattern``, a string ``target_modules`` / ``exclude_modules``) are compiled with
 an ``AdapterError`` naming the key and matched within a time bound
@@ -107,7 +108,7 @@ ADALORA = "ADALORA"
 pruned through the learned diagonal ``E`` (the ranks it kept are those its file holds, ``rank_pattern``). Only PEFT's
 own layers (``SVDLinear``) read one: :func:`load_peft_adapter` refuses it."""
 
-ADALORA_SCHEDULE = frozenset({"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+_ADALORA_SCHEDULE = frozenset({"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                               "total_step"})
 """AdaLoRA's options that steer its rank budget while it trains: nothing a trained adapter's outputs depend on."""
 
@@ -197,7 +198,7 @@ def read_peft_config(folder: str | Path, *, peft_layers: bool = False) -> dict[s
                                "hot-swappable in a GenAI package (`--format genai --adapter NAME=DIR`)")
         if value not in (default, None, {}, [], False):
             raise AdapterError(f"{path}: option {key}={value!r} is not supported by flora_graph (refused, not ignored)")
-    known = _KNOWN | (ADALORA_SCHEDULE if cfg.get("peft_type") == ADALORA else frozenset())
+    known = _KNOWN | (_ADALORA_SCHEDULE if cfg.get("peft_type") == ADALORA else frozenset())
     unknown = sorted(k for k in cfg if k not in known and cfg[k] not in (None, False, {}, []))
     if unknown:
         raise AdapterError(f"{path}: unknown PEFT option(s) {unknown}; refusing rather than ignoring them")
