@@ -483,8 +483,8 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
 
     cfg = read_peft_config(folder, peft_layers=True)
     if cfg.get("peft_type") in THROUGH_PEFT:
-        raise AdapterError(f"{folder}: a {cfg['peft_type']} adapter changes its layers by other than a low-rank product "
-                           f"x A^T B^T, which no hot-swappable slot holds; {_MERGE_INSTEAD}")
+        raise AdapterError(f"{folder}: a {cfg['peft_type']} adapter changes a layer in a form of its own, not as the "
+                           f"LoRA product x A^T B^T a hot-swappable slot holds; {_MERGE_INSTEAD}")
     if (n := saved_vocab(base_model, folder)) is not None:
         raise AdapterError(f"{folder}: its embedding layers hold {n} tokens, the base model "
                            f"{int(base_model.get_input_embeddings().weight.shape[0])} (a fine-tune that added tokens): "
