@@ -118,9 +118,11 @@ THROUGH_PEFT = frozenset({"IA3", "LOHA", "LOKR", "VERA", "OFT", "BOFT", "HRA", "
 """PEFT's weight-adapter types other than LoRA that flora_graph installs through PEFT itself (IA3's scaling vectors,
 LoHa's Hadamard and LoKr's Kronecker products, VeRA's shared projections, OFT's and BOFT's rotations, HRA's
 reflections, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LayerNorm tuning, DeLoRA): a capture runs the ops their
-layers run and the ``merged`` preset takes PEFT's ``merge_and_unload``; a GenAI package merges one into its base
-(``--merge-adapter``) but does not swap it, as its product is no slot's low-rank ``A`` and ``B``. Each is checked against
-eager PEFT (``tests/adapters/test_peft_types.py``); a type not named here is refused."""
+layers run and the ``merged`` preset takes PEFT's ``merge_and_unload``; a generation package merges one into its base
+(``--merge-adapter``), and swaps one whose layers PEFT can express as a change of a ``Linear``'s weight
+(``supports_lora_conversion``: VeRA, LoHa, LoKr, VB-LoRA, FourierFT, RandLoRA, C3A, DeLoRA) as a slot of that change
+(:func:`flora_graph.serving.slots.params_through_peft`), refusing the others by name. Each is checked against eager PEFT
+(``tests/adapters/test_peft_types.py``); a type not named here is refused."""
 
 
 def needs_peft_layers(cfg: Mapping[str, Any]) -> list[str]:

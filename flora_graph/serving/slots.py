@@ -473,18 +473,9 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     ``modules_to_save``; ``lora_bias``; biases it trained, ``bias="all"`` / ``"lora_only"``; an AdaLoRA folder) is read
     through them instead: :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
     """
-    from flora_graph.adapters.peft import (
-        THROUGH_PEFT,
-        load_peft_adapter,
-        needs_peft_layers,
-        read_peft_config,
-        saved_vocab,
-    )
+    from flora_graph.adapters.peft import load_peft_adapter, needs_peft_layers, read_peft_config, saved_vocab
 
     cfg = read_peft_config(folder, peft_layers=True)
-    if cfg.get("peft_type") in THROUGH_PEFT:
-        raise AdapterError(f"{folder}: a {cfg['peft_type']} adapter changes a layer in a form of its own, not as the "
-                           f"LoRA product x A^T B^T a hot-swappable slot holds; {_MERGE_INSTEAD}")
     if (n := saved_vocab(base_model, folder)) is not None:
         raise AdapterError(f"{folder}: its embedding layers hold {n} tokens, the base model "
                            f"{int(base_model.get_input_embeddings().weight.shape[0])} (a fine-tune that added tokens): "
@@ -582,7 +573,8 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     (``"<module>.lora_bias"``, ``[out]``, summed where several add to one module). The folder is installed by
     PEFT on a copy of
     ``base_model``. An AdaLoRA layer (PEFT's ``SVDLinear``, ``x (A * E)^T B^T * alpha / (ranknum + 1e-5)``) gives ``A * E``
-    as ``A`` and ``B`` with that scale folded; a module whose ranks it pruned to none has no slot entry. A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
+    as ``A`` and ``B`` with that scale folded; a module whose ranks it pruned to none has no slot entry. A layer of one
+    of PEFT's other adapter types gives its change of the weight, factored (:func:`_delta_rows`). A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
     (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; a layer's as
     :func:`adapter_params` names them. A DoRA layer also gives its magnitude as ``d = m / ||W + s B A|| - 1`` per output
     row (``"<module>.lora_magnitude"``, ``[out]``; PEFT's norm over the base weight and the adapter's product, which
@@ -597,11 +589,13 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     import torch
     from peft.tuners import adalora, lora
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
     from transformers.pytorch_utils import Conv1D
 
     from flora_graph.adapters.peft import peft_installed
 
+    aux = (TrainableTokensLayer, ModulesToSaveWrapper)  # read below
     folder = Path(folder)
     with _peft_copy(base_model, folder) as model:
         adapted = peft_installed(model, folder, "load")
@@ -623,6 +617,9 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
         for name, mod in adapted.named_modules():
             if isinstance(mod, lora.Embedding) and "default" in mod.lora_embedding_A:
                 _embedding_rows(out, mod, _peft_path(name), folder)
+                continue
+            if isinstance(mod, BaseTunerLayer) and not isinstance(mod, (lora.LoraLayer, *aux)):
+                _delta_rows(out, mod, _peft_path(name), folder)  # PEFT's other adapter types
                 continue
             if not isinstance(mod, lora.LoraLayer) or "default" not in getattr(mod, "lora_A", {}):
                 continue
@@ -680,6 +677,45 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
                     _add_bias(out, path, bias, mod.original_module.weight.dtype, folder)
         _check_against_peft(base_model, adapted, out, folder)
     return out
+
+
+def _delta_rows(params: dict[str, np.ndarray], layer: Any, path: str, folder: Path) -> None:
+    """A layer of one of PEFT's other adapter types (:data:`~flora_graph.adapters.peft.THROUGH_PEFT`) on a ``Linear``
+    (GPT-2's ``Conv1D``) into ``params`` as a slot: its change of the weight, ``delta`` (PEFT's ``get_delta_weight``,
+    for the layers PEFT says convert to LoRA: ``supports_lora_conversion``), factored exactly. Where its rank is at
+    most half the smaller size (VeRA's, LoHa's, VB-LoRA's, ...) ``A`` and ``B`` are its singular vectors, the values
+    folded into ``B``, up to the float64 rank (singular values past ``s_max * max(out, in) * eps32``, what float32 can
+    tell apart, dropped); otherwise ``A`` is the identity and ``B`` the change itself (a slot of full rank, as a module
+    trained whole). A layer with no change adds no entry. Raises :class:`AdapterError` naming the module for a layer
+    PEFT cannot convert (IA3's, OFT's, ...: no weight change alone makes its output) or on another kind of module."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    base = layer.get_base_layer()
+    kind = type(layer).__module__.split(".")[2] if type(layer).__module__.startswith("peft.tuners.") else "PEFT"
+    if not isinstance(base, torch.nn.Linear | Conv1D) or not layer.supports_lora_conversion("default"):
+        raise AdapterError(f"{folder}: module {path!r}: its {kind} layer ({type(layer).__name__} on a "
+                           f"{type(base).__name__}) is not one PEFT gives as a change of a Linear's weight alone "
+                           f"(supports_lora_conversion), which is what a hot-swappable slot holds; {_MERGE_INSTEAD}")
+    try:
+        delta = layer.get_delta_weight("default").detach().double()
+    except TypeError as exc:  # a delta that needs more than the adapter (MiSS's "bat" reads the base weight)
+        raise AdapterError(f"{folder}: module {path!r}: PEFT gives its {kind} layer's change of the weight only with "
+                           f"more than the adapter ({exc}); {_MERGE_INSTEAD}") from None
+    if isinstance(base, Conv1D):  # its weight, and PEFT's change of it, laid out [in, out]
+        delta = delta.T
+    dtype = base.weight.dtype if base.weight.dtype != torch.bfloat16 else torch.float32
+    values = torch.linalg.svdvals(delta)
+    if not values.numel() or values[0] == 0:
+        return
+    rank = int((values > values[0] * max(delta.shape) * torch.finfo(torch.float32).eps).sum())
+    if 2 * rank > min(delta.shape):  # about full rank: the identity on the smaller side, the change as it is
+        out, width = delta.shape
+        a, b = (torch.eye(width, dtype=delta.dtype), delta) if width <= out else (delta, torch.eye(out, dtype=delta.dtype))
+    else:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        a, b = vh[:rank], u[:, :rank] * s[:rank]
+    _store_rank(params, path, a, b, dtype, folder)
 
 
 def _store_rank(params: dict[str, np.ndarray], path: str, a: Any, b: Any, dtype: Any, folder: Path) -> None:

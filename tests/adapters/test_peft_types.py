@@ -1,8 +1,9 @@
 """PEFT's adapter types other than LoRA (``flora_graph.adapters.peft.THROUGH_PEFT``): ``flora-graph export MODEL
 --adapter DIR`` installs the folder through PEFT, captures the ops its layers run (``fused``) or PEFT's merge of it
-(``merged``), and the ONNX model's logits are eager PEFT's; a GenAI package merges one into its base
-(``--merge-adapter``) with eager PEFT's greedy tokens, and refuses to swap one, naming why. Every adapter is drawn with
-nonzero trainable values, so it changes the logits."""
+(``merged``), and the ONNX model's logits are eager PEFT's; a package swaps those whose layers PEFT gives as a change
+of a ``Linear``'s weight (greedy tokens eager PEFT's, alone and in mixed batches) and refuses the others by name, which
+merge into its base (``--merge-adapter``) with eager PEFT's greedy tokens. Every adapter is drawn with nonzero
+trainable values, so it changes the logits."""
 
 from __future__ import annotations
 
@@ -85,21 +86,72 @@ def test_export_of_a_peft_adapter_type_matches_eager_peft(tmp_path: Path, kind: 
     assert np.abs(want - base).max() > 1e-2  # the adapter is in the model, not only the base
 
 
-def test_a_genai_package_merges_a_loha_adapter_and_refuses_to_swap_it(tmp_path: Path) -> None:
-    """``--merge-adapter`` of a LoHa folder: the package's greedy tokens are eager PEFT's (and not the base model's);
-    ``--adapter NAME=DIR`` of it is refused naming the type and what to do, and nothing is written."""
+SWAPPABLE = ("VERA", "LOHA", "LOKR", "VBLORA", "FOURIERFT", "RANDLORA", "C3A", "DELORA")
+"""The types whose layers PEFT gives as a change of a ``Linear``'s weight (``supports_lora_conversion``): they swap."""
+
+
+@pytest.mark.parametrize("kind", SWAPPABLE)
+def test_a_peft_adapter_type_swaps_in_a_package_and_decodes_as_eager_peft(tmp_path: Path, kind: str) -> None:
+    """A package with the adapter and a LoRA one: padded rows with no adapter, with it for both rows, and a mixed batch
+    (the LoRA on one row, it on the other) decode as eager PEFT decodes each prompt alone; the adapter changes the
+    tokens."""
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import assert_mixed_rows_decode_as_eager_peft, export_small, small_adapters
+
+    model = small_model("LlamaForCausalLM")
+    adapted = small_adapters(model, tmp_path, {"lora": ["q_proj", "up_proj"]})
+    adapted[kind] = adapter_of(kind, model, tmp_path)
+    export_small(model, tmp_path, {"lora": tmp_path / "lora", kind: tmp_path / kind})
+    assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, kind, "lora")
+
+
+def test_a_low_rank_change_swaps_at_its_rank_and_a_full_one_at_full_rank(tmp_path: Path) -> None:
+    """VeRA's change (rank 8) is stored as its singular vectors, 8 of them; C3A's circulant blocks (full rank) as the
+    identity and the change itself; both give PEFT's change of the weight; and in ONNX Runtime GenAI the VeRA
+    adapter's tokens are eager PEFT's."""
+    import onnxruntime_genai as og
+
+    from flora_graph.serving.slots import peft_adapter_params
+    from tests.serving.genai_package import export_small, genai_tokens
+
+    model = small_model("LlamaForCausalLM")
+    for kind, rank in (("VERA", 8), ("C3A", 32)):
+        adapted = adapter_of(kind, model, tmp_path)
+        params = peft_adapter_params(model, tmp_path / kind)
+        layer = adapted.base_model.model.model.layers[0].self_attn.v_proj  # [32, 64]: rank at most 32
+        a, b = params["model.layers.0.self_attn.v_proj.lora_A"], params["model.layers.0.self_attn.v_proj.lora_B"]
+        assert a.shape[0] == rank
+        np.testing.assert_allclose(b @ a, layer.get_delta_weight("default").detach().numpy(), rtol=0, atol=1e-5)
+    export_small(model, tmp_path, {"vera": tmp_path / "VERA"})
+    og_model = og.Model(str(tmp_path / "pkg"))
+    og_adapters = og.Adapters(og_model)
+    og_adapters.load(str(tmp_path / "pkg" / "adapters" / "vera.onnx_adapter"), "vera")
+    vera = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                          tmp_path / "VERA").eval()
+    prompt = [1, 5, 9, 33, 70, 12]
+    assert genai_tokens(og_model, prompt, 8, og_adapters, "vera") == eager_greedy(vera, prompt, 8, min_new_tokens=8)
+
+
+def test_the_other_types_are_refused_by_name_for_a_package_and_merge_into_its_base(tmp_path: Path) -> None:
+    """IA3, OFT, BOFT, HRA, SHiRA, LN tuning and MiSS (no change of a Linear's weight alone, as PEFT gives them) are
+    refused as hot-swappable adapters, naming the module and what to do, nothing written; ``--merge-adapter`` of the IA3
+    one gives eager PEFT's greedy tokens (not the base model's)."""
     from flora_graph.serving.genai import export_genai
     from flora_graph.serving.generate import Generator
 
     model = small_model("LlamaForCausalLM")
-    adapted = adapter_of("LOHA", model, tmp_path)
-    prompt = [1, 5, 9, 33, 70, 12]
+    refused = sorted(THROUGH_PEFT - set(SWAPPABLE))
+    assert refused == ["BOFT", "HRA", "IA3", "LN_TUNING", "MISS", "OFT", "SHIRA"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_genai(tmp_path / "base", tmp_path / "merged", merge=tmp_path / "LOHA")
-        with pytest.raises(AdapterError, match=r"LOHA adapter.*--merge-adapter"):
-            export_genai(tmp_path / "base", tmp_path / "swapped", {"loha": tmp_path / "LOHA"})
-    assert not (tmp_path / "swapped").exists()
+        for kind in refused:
+            adapter_of(kind, model, tmp_path)
+            with pytest.raises(AdapterError, match=r"module 'model\.layers\.0\..*--merge-adapter"):
+                export_genai(tmp_path / "base", tmp_path / "swapped", {kind.lower(): tmp_path / kind})
+            assert not (tmp_path / "swapped").exists()
+        adapted = adapter_of("IA3", model, tmp_path)
+        export_genai(tmp_path / "base", tmp_path / "merged", merge=tmp_path / "IA3")
+    prompt = [1, 5, 9, 33, 70, 12]
     got = Generator(tmp_path / "merged").generate([prompt], max_new_tokens=8, min_new_tokens=8)[0]
     assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != eager_greedy(model, prompt, 8, min_new_tokens=8)
 
