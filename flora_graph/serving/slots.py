@@ -470,8 +470,8 @@ def peft_adapter_params(base_model: Any, folder: Any, *, saved: list[str] | None
     itself is not touched. The copy's modules are its own and its weights ``base_model``'s (:func:`_module_copy`:
     ``keep_base`` writes none of them), so reading an adapter holds no second copy of the model. A folder that only
     PEFT's own layers hold (``target_parameters``: LoRA on expert tensors; ``use_dora``; ``trainable_token_indices``;
-    ``modules_to_save``; ``lora_bias``; biases it trained, ``bias="all"`` / ``"lora_only"``; an AdaLoRA folder) is read
-    through them instead: :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
+    ``modules_to_save``; ``lora_bias``; biases it trained, ``bias="all"`` / ``"lora_only"``; an AdaLoRA folder; one of
+    PEFT's other adapter types, :data:`~flora_graph.adapters.peft.THROUGH_PEFT`) is read through them instead: :func:`params_through_peft` (``saved``, a list, gets the paths of the modules it trains whole).
     """
     from flora_graph.adapters.peft import load_peft_adapter, needs_peft_layers, read_peft_config, saved_vocab
 
@@ -572,9 +572,10 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
     ``"lora_only"``, or changed in a module it trains whole: the change) as the slot's bias ``c``
     (``"<module>.lora_bias"``, ``[out]``, summed where several add to one module). The folder is installed by
     PEFT on a copy of
-    ``base_model``. An AdaLoRA layer (PEFT's ``SVDLinear``, ``x (A * E)^T B^T * alpha / (ranknum + 1e-5)``) gives ``A * E``
-    as ``A`` and ``B`` with that scale folded; a module whose ranks it pruned to none has no slot entry. A layer of one
-    of PEFT's other adapter types gives its change of the weight, factored (:func:`_delta_rows`). A parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
+    ``base_model``. An AdaLoRA layer (PEFT's ``SVDLinear``, ``x (A * E)^T B^T * alpha / (ranknum + 1e-5)``) gives
+    ``A * E`` as ``A`` and ``B`` with that scale folded; a module whose ranks it pruned to none has no slot entry. A
+    layer of one of PEFT's other adapter types gives its change of the weight, factored (:func:`_delta_rows`). A
+    parameter's ``A`` is ``[experts, r, in]`` and ``B`` ``[experts, out, r]`` with the scale folded
     (``[r, in]`` / ``[out, r]`` for a 2-D weight), named ``"<owner>.<param>.lora_A"``; a layer's as
     :func:`adapter_params` names them. A DoRA layer also gives its magnitude as ``d = m / ||W + s B A|| - 1`` per output
     row (``"<module>.lora_magnitude"``, ``[out]``; PEFT's norm over the base weight and the adapter's product, which

@@ -105,6 +105,21 @@ def test_a_peft_adapter_type_swaps_in_a_package_and_decodes_as_eager_peft(tmp_pa
     assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, kind, "lora")
 
 
+def test_vera_on_gpt2_s_conv1d_layers_swaps_as_eager_peft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VeRA on GPT-2's ``Conv1D`` layers (``fan_in_fan_out``: PEFT's change of the weight laid out ``[in, out]``, turned
+    for the slot): mixed rows beside a LoRA adapter decode as eager PEFT."""
+    from flora_graph.serving.generate import Generator
+    from tests.serving.genai_package import assert_mixed_rows_decode_as_eager_peft, export_small, small_adapters
+
+    monkeypatch.setitem(CONFIGS, "VERA", lambda: peft.VeraConfig(r=8, target_modules=["c_attn", "c_fc"],
+                                                                 fan_in_fan_out=True))
+    model = small_model("GPT2LMHeadModel")
+    adapted = small_adapters(model, tmp_path, {"lora": ["c_attn"]})
+    adapted["VERA"] = adapter_of("VERA", model, tmp_path)
+    export_small(model, tmp_path, {"lora": tmp_path / "lora", "VERA": tmp_path / "VERA"})
+    assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "VERA", "lora")
+
+
 def test_a_low_rank_change_swaps_at_its_rank_and_a_full_one_at_full_rank(tmp_path: Path) -> None:
     """VeRA's change (rank 8) is stored as its singular vectors, 8 of them; C3A's circulant blocks (full rank) as the
     identity and the change itself; both give PEFT's change of the weight; and in ONNX Runtime GenAI the VeRA
