@@ -10,7 +10,10 @@ layers) and one PEFT adapter per variant, each with nonzero ``B``:
 - ``dora``: ``use_dora`` with magnitudes that are not the weight norms;
 - ``adalora``: an AdaLoRA adapter (``peft_type`` ``ADALORA``: ``x (A * E)^T B^T * alpha / (ranknum + 1e-5)``), ``A``,
   ``E`` and ``B`` drawn large and trained a few steps with PEFT's rank allocation, whose last step prunes each
-  module to the ranks it keeps (its ``rank_pattern``; some modules keep none).
+  module to the ranks it keeps (its ``rank_pattern``; some modules keep none);
+- ``loha`` and ``vera``: PEFT's LoHa (a Hadamard product of two low-rank products) and VeRA (shared random projections
+  scaled per layer) adapters, every trainable value drawn at random (flora_graph swaps each as a slot of its change
+  of the weight).
 
 Per variant it generates ``--new`` greedy tokens after a 6-token prompt with eager transformers + PEFT (the
 reference), with the builder's model of the base with the adapter baked in (``python -m
@@ -42,7 +45,11 @@ VARIANTS = {
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
     "adalora": dict(init_r=8, target_r=4, lora_alpha=16, target_modules=TARGETS, total_step=6, tinit=1, tfinal=1,
                     deltaT=1),
+    "loha": dict(r=4, alpha=8, target_modules=TARGETS, init_weights=False),
+    "vera": dict(r=16, target_modules=TARGETS),
 }
+OTHER_TYPES = {"loha": "LoHaConfig", "vera": "VeraConfig"}
+"""The variants of PEFT's other adapter types: their config classes."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in VARIANTS.items():
             if name == "adalora":
                 _adalora(root / "base", spec, root / name)
+                continue
+            if name in OTHER_TYPES:
+                model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(root / "base"),
+                                            getattr(peft, OTHER_TYPES[name])(**spec))
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+                model.save_pretrained(root / name)
                 continue
             model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(root / "base"),
                                         peft.LoraConfig(init_lora_weights=False, **spec))  # nonzero B
