@@ -634,16 +634,20 @@ def peft_installed(model: Any, folder: str | Path, what: str) -> Any:
     from safetensors import safe_open
 
     folder = Path(folder)
-    try:
-        with warnings.catch_warnings():  # PEFT warns, and goes on, where a target matches nothing: checked below
-            warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # PEFT warns, and goes on, where a target matches nothing:
+        # checked below; an AdaLoRA module pruned to no rank saves empty tensors, which PEFT takes for unsharded
+        # ones; and PEFT asks transformers a deprecated question: none is the user's to act on
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing", category=FutureWarning)
+        try:
             adapted = peft.PeftModel.from_pretrained(model, folder)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # what PEFT raises on a folder for another model
-        raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__} "
-                           f"({str(exc)[:300] or type(exc).__name__})") from None
-    with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
-        saved = set(f.keys())
-    unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # what PEFT raises on another model's folder
+            raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__} "
+                               f"({str(exc)[:300] or type(exc).__name__})") from None
+        with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
+            saved = set(f.keys())
+        unheld = sorted(saved - set(peft.get_peft_model_state_dict(adapted)))
     if unheld:
         raise AdapterError(f"{folder}: PEFT could not {what} it into {type(model).__name__}: {len(unheld)} of its "
                            f"tensors match nothing there ({', '.join(unheld[:3])}{', ...' if len(unheld) > 3 else ''});"
