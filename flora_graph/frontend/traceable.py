@@ -10,7 +10,10 @@
   one-hot ``selected_experts``) loop the same way in their own ``forward``: they run every expert on every token
   and keep each token's own, weighted, instead (what the loop adds, bit for bit, at ``num_experts`` times the
   work); its router converts its classifier with ``Module.to`` on every call, which torch.export cannot replay on
-  fake tensors: the conversion is done once before, and the call left a no-op. X-MOD's language adapters
+  fake tensors: the conversion is done once before, and the call left a no-op. NLLB-MoE's experts and router are
+  handled alike: its experts loop over the experts ``one_hot(router_mask)`` marks, each on the (token, slot) pairs it
+  marks; they run every expert on every token, each weighted by the summed probabilities of the slots that mark it
+  (:func:`_dense_masked_forward`), and its router's ``_cast_classifier`` converts the classifier as Switch's does. X-MOD's language adapters
   (``lang_adapter``: each row's adapter chosen by its ``lang_ids``) take each language's rows with a bool mask
   and put the adapter's outputs back with another, a data-dependent shape; there too every adapter runs on every
   row and each row keeps its own language's (``Where``), at ``languages`` times the adapters' work. JetMoE's
