@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flora_graph.flora import Flora, FloraAccumulator
+from flora_graph.training.parallel import DONE
 
 STEPS = 4
 MICRO = 2  # micro-batches per rank per step in the accumulation scenarios
@@ -64,11 +65,11 @@ def run_accumulate(model: nn.Module, wrapped: nn.Module, batches, micro: int, no
         opt.zero_grad(set_to_none=True)
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def worker(rank: int, world: int, meet: str, out_dir: str) -> None:
     """One DDP rank: both scenarios on its shard; saves its final parameters."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{Path(meet) / 'store'}", rank=rank, world_size=world)
     try:
         shard = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in global_batches()]
         results = {}
@@ -82,5 +83,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
+        if rank == 0:  # every rank is past its last collective and its results are whole
+            (Path(meet) / DONE).touch()
     finally:
         dist.destroy_process_group()

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.training import _ddp_worker as w
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.training.test_fsdp import _spawn
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_ranks_are_identical_and_match_a_single_process(tmp_path: Path):
-    ctx = mp.start_processes(w.worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 90
-    while not ctx.join(timeout=1):  # raises if a rank fails
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:  # only the two ranks this test started
-                proc.terminate()
-            pytest.fail("DDP ranks did not finish within 90 s")
+    _spawn(w.worker, 2, (str(tmp_path),), limit=90)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     single = {}
