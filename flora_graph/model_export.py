@@ -382,7 +382,6 @@ def export_model(
         fit_vocab(model, Path(adapter), say)  # a fine-tune that added tokens: the model takes its vocabulary
         # DoRA, LoRA on expert tensors, trainable tokens, AdaLoRA, the other adapter types: PEFT's own layers
         if needs_peft_layers(adapter_cfg):
-
             model = peft_installed(model, Path(adapter), "load").eval()
             if preset == "merged":  # DoRA's m * (W + s B A) / ||W + s B A||, each expert's W + s B_e A_e: once, by PEFT
                 model = merge_peft(model)
