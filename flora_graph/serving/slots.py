@@ -706,17 +706,24 @@ def _delta_rows(params: dict[str, np.ndarray], layer: Any, path: str, folder: Pa
     if isinstance(base, Conv1D):  # its weight, and PEFT's change of it, laid out [in, out]
         delta = delta.T
     dtype = base.weight.dtype if base.weight.dtype != torch.bfloat16 else torch.float32
-    values = torch.linalg.svdvals(delta)
+    u, values, vh = torch.linalg.svd(delta, full_matrices=False)
     if not values.numel() or values[0] == 0:
         return
     rank = int((values > values[0] * max(delta.shape) * torch.finfo(torch.float32).eps).sum())
-    if 2 * rank > min(delta.shape):  # about full rank: the identity on the smaller side, the change as it is
-        out, width = delta.shape
-        a, b = (torch.eye(width, dtype=delta.dtype), delta) if width <= out else (delta, torch.eye(out, dtype=delta.dtype))
-    else:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        a, b = vh[:rank], u[:, :rank] * s[:rank]
+    # about full rank: the identity on the smaller side, the change as it is
+    a, b = _full_rank(delta) if 2 * rank > min(delta.shape) else (vh[:rank], u[:, :rank] * values[:rank])
     _store_rank(params, path, a, b, dtype, folder)
+
+
+def _full_rank(delta: Any) -> tuple[Any, Any]:
+    """``(A, B)`` of rank ``min(out, in)`` whose product ``B A`` is ``delta`` ``[out, in]`` exactly: one of them the
+    change and the other the identity (``A`` the change where ``out <= in``)."""
+    import torch
+
+    out_dim, in_dim = delta.shape
+    if out_dim <= in_dim:
+        return delta, torch.eye(out_dim, dtype=delta.dtype)
+    return torch.eye(in_dim, dtype=delta.dtype), delta
 
 
 def _store_rank(params: dict[str, np.ndarray], path: str, a: Any, b: Any, dtype: Any, folder: Path) -> None:
@@ -852,11 +859,7 @@ def _saved_rows(base: Any, saved: Any, path: str, folder: Path) -> tuple[tuple[n
                 delta = delta.T
     if not torch.any(delta):
         return None, bias
-    out_dim, in_dim = delta.shape
-    if out_dim <= in_dim:  # rank out: A the change, B the identity
-        a, b = delta, torch.eye(out_dim)
-    else:  # rank in: A the identity, B the change
-        a, b = torch.eye(in_dim), delta
+    a, b = _full_rank(delta)
     return (a.to(w.dtype).numpy(), b.to(w.dtype).numpy()), bias
 
 
