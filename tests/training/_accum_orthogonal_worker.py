@@ -8,15 +8,13 @@ compressed sums). Saves the gathered parameters of both.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from flora_graph.flora import FloraAccumulator
-from flora_graph.training.parallel import DONE
 from tests.training import _fsdp_worker as w
+from tests.training._ranks import rank_group
 
 
 def run(model: torch.nn.Module, batches, micro: int) -> None:
@@ -27,10 +25,7 @@ def run(model: torch.nn.Module, batches, micro: int) -> None:
 
 def worker(rank: int, world: int, meet: str, out_dir: str, steps: int) -> None:
     """One rank: the sharded and the plain scenario on its half of every batch; saves both models' parameters."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{Path(meet) / 'store'}", rank=rank, world_size=world)
-    try:
+    with rank_group(rank, world, meet):
         shard = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in w.global_batches(steps)]
         sharded = w._sharded()
         run(sharded, shard, w.MICRO)
@@ -38,8 +33,3 @@ def worker(rank: int, world: int, meet: str, out_dir: str, steps: int) -> None:
         run(plain, shard, w.MICRO)
         results = {"fsdp": w._full(sharded), "plain": {k: v.detach().clone() for k, v in plain.state_dict().items()}}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-        if rank == 0:  # every rank is past its last collective and its results are whole
-            (Path(meet) / DONE).touch()
-    finally:
-        dist.destroy_process_group()

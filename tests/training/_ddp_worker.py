@@ -7,16 +7,14 @@ its half of the global batch and by a single process on the whole batch.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flora_graph.flora import Flora, FloraAccumulator
-from flora_graph.training.parallel import DONE
+from tests.training._ranks import rank_group
 
 STEPS = 4
 MICRO = 2  # micro-batches per rank per step in the accumulation scenarios
@@ -67,10 +65,7 @@ def run_accumulate(model: nn.Module, wrapped: nn.Module, batches, micro: int, no
 
 def worker(rank: int, world: int, meet: str, out_dir: str) -> None:
     """One DDP rank: both scenarios on its shard; saves its final parameters."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{Path(meet) / 'store'}", rank=rank, world_size=world)
-    try:
+    with rank_group(rank, world, meet):
         shard = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in global_batches()]
         results = {}
         for name in SCENARIOS:
@@ -82,8 +77,3 @@ def worker(rank: int, world: int, meet: str, out_dir: str) -> None:
                 run_accumulate(model, ddp, shard, MICRO, no_sync=name == "accumulate")
             results[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-        if rank == 0:  # every rank is past its last collective and its results are whole
-            (Path(meet) / DONE).touch()
-    finally:
-        dist.destroy_process_group()

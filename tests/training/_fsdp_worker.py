@@ -10,7 +10,6 @@ on a plain model.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import nn
 
 from flora_graph.flora import Flora, FloraAccumulator, OptimizerError
 from flora_graph.flora.sharding import local
-from flora_graph.training.parallel import DONE
+from tests.training._ranks import rank_group
 
 MICRO = 2  # micro-batches per rank per step in the accumulation scenario
 SPLIT = 2  # the resume scenario saves after this many steps
@@ -166,10 +165,7 @@ def _bad_inputs() -> dict[str, str]:
 
 def worker(rank: int, world: int, meet: str, out_dir: str, steps: int, scenarios: tuple[str, ...]) -> None:
     """One FSDP2 rank: the scenarios on its half of every batch; saves gathered parameters and findings."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{Path(meet) / 'store'}", rank=rank, world_size=world)
-    try:
+    with rank_group(rank, world, meet):
         shard = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in global_batches(steps)]
         results: dict[str, Any] = {}
         for name in scenarios:
@@ -184,11 +180,6 @@ def worker(rank: int, world: int, meet: str, out_dir: str, steps: int, scenarios
         results["errors"] = _bad_inputs()
         results["other_world"] = _other_world(out_dir, saved)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-        if rank == 0:  # every rank is past its last collective and its results are whole
-            (Path(meet) / DONE).touch()
-    finally:
-        dist.destroy_process_group()
 
 
 def _other_world(out_dir: str, saved: dict[str, Any]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from tests.training import _accum_orthogonal_worker as ow
 from tests.training import _fsdp_worker as w
-from tests.training.test_fsdp import _spawn
+from tests.training._ranks import spawn
 
 STEPS = 4
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("orthogonal")
-    _spawn(ow.worker, 2, (str(out), STEPS))
+    spawn(ow.worker, 2, (str(out), STEPS))
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 
 from tests.training import _ddp_worker as w
-from tests.training.test_fsdp import _spawn
+from tests.training._ranks import spawn
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_ranks_are_identical_and_match_a_single_process(tmp_path: Path):
-    _spawn(w.worker, 2, (str(tmp_path),), limit=90)
+    spawn(w.worker, 2, (str(tmp_path),), limit=90)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     single = {}

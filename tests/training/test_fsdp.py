@@ -9,20 +9,16 @@ checkpoint loaded on a 1-rank mesh (another world size), refused with the state 
 
 from __future__ import annotations
 
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flora_graph.flora.moments import state_shapes
 from flora_graph.flora.projection import layout_for
-from flora_graph.training.parallel import DONE
 from tests.training import _fsdp_worker as w
+from tests.training._ranks import spawn
 
 STEPS = 4
 SCENARIOS = ("flora", "lift", "paper", "accumulate", "options")
@@ -32,30 +28,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _spawn(fn, nprocs: int, args: tuple, limit: float = 120.0) -> None:
-    """Run ``fn(rank, nprocs, meet, *args)`` on ``nprocs`` processes, as the trainer's launcher runs its ranks
-    (``flora_graph.training.parallel``): they meet through a file store in a fresh folder ``meet`` (no port to race
-    another test for, no rank hosting a server the others outlive), and a rank killed by a signal after rank 0 marked
-    the run complete there (``DONE``: every rank past its last barrier, its results written), as gloo can abort one
-    while tearing the group down on a loaded machine, loses nothing. Fails the test past ``limit`` seconds."""
-    with tempfile.TemporaryDirectory(prefix="flora-ranks-") as meet:
-        ctx = mp.start_processes(fn, args=(nprocs, meet, *args), nprocs=nprocs, join=False)
-        deadline = time.monotonic() + limit
-        try:
-            while not ctx.join(timeout=1):  # raises if a rank fails
-                if time.monotonic() > deadline:
-                    for proc in ctx.processes:  # only the ranks this test started
-                        proc.terminate()
-                    pytest.fail(f"{fn.__name__}: ranks did not finish within {limit:.0f} s")
-        except mp.ProcessExitedException:
-            if not (Path(meet) / DONE).is_file():
-                raise
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("fsdp")
-    _spawn(w.worker, 2, (str(out), STEPS, SCENARIOS))
+    spawn(w.worker, 2, (str(out), STEPS, SCENARIOS))
     return {"ranks": [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]}
 
 
