@@ -609,6 +609,42 @@ def test_a_length_padded_back_by_its_parity() -> None:
             _assert_close(exe(x=x.numpy()), _eager(_PooledAndBack(), [x]), 1e-5, f"{backend} seq {seq}")
 
 
+class _PaddedToOther(nn.Module):
+    """GIT's block ids (``[batch, seq]``) padded at the end to the keys' length ``past + seq`` with -1, as
+    transformers' ``maybe_pad_block_sequence_ids`` does, and a float state padded at the start by ``past`` and at
+    the end by 2: pads of sizes that no bounded range holds."""
+
+    def forward(self, ids: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = past.shape[1]
+        groups = F.pad(ids, (0, p + ids.shape[1] - ids.shape[1]), value=-1)
+        state = F.pad(ids.float()[:, None], (p, 2, 1, 0), value=0.5)
+        return groups, state
+
+
+def test_a_constant_pad_by_another_inputs_length() -> None:
+    example = (torch.randint(0, 4, (2, 5)), torch.zeros(2, 3))
+    g = capture(_PaddedToOther(), example, {"ids": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}})
+    assert [o.shape for o in g.outputs.values()] == [("batch", "past_seq+seq"), ("batch", 2, "past_seq+seq+2")]
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for seq, past in ((4, 0), (1, 6), (7, 2)):  # no cache yet, a decode step, a longer call
+            ids, pst = torch.randint(0, 4, (3, seq), generator=_gen(seq)), torch.zeros(3, past)
+            _assert_close(exe(ids=ids.numpy(), past=pst.numpy()), _eager(_PaddedToOther(), [ids, pst]), 0,
+                          f"{backend} seq {seq} past {past}")
+
+
+def test_a_constant_pad_that_may_be_negative_is_refused() -> None:
+    """``seq - past`` pads where ``seq >= past`` and crops where not, which one graph cannot do by a fill."""
+
+    class Diff(nn.Module):
+        def forward(self, ids: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+            return F.pad(ids, (0, ids.shape[1] - past.shape[1]))
+
+    with pytest.raises(UnsupportedOpError, match="may be negative"):
+        capture(Diff(), (torch.randint(0, 4, (2, 5)), torch.zeros(2, 3)),
+                {"ids": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}})
+
+
 def test_a_scan_traced_over_one_chunk_is_bounded_to_one_chunk() -> None:
     """An example of one chunk lets torch.export fix the chunk count to 1: the graph holds up to one chunk, says
     so (``dim_max``), and matches eager there (a longer example keeps every length: above)."""

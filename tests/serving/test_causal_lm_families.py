@@ -122,7 +122,7 @@ FAMILIES = [
     "BertGenerationDecoder", "BertLMHeadModel", "BigBirdForCausalLM", "BigBirdPegasusForCausalLM", "BioGptForCausalLM",
     "BlenderbotSmallForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "CohereCompassForCausalLM", "Cohere2MoeForCausalLM",
     "CwmForCausalLM", "Data2VecTextForCausalLM", "DbrxForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "DoryForCausalLM", "Dots1ForCausalLM", "ElectraForCausalLM",
-    "Emu3ForCausalLM", "ErgoForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "ErnieForCausalLM", "ExaoneMoeForCausalLM",
+    "Emu3ForCausalLM", "ErgoForCausalLM", "GitForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "ErnieForCausalLM", "ExaoneMoeForCausalLM",
     "FlexOlmoForCausalLM", "FlintForCausalLM", "GPTNeoForCausalLM", "GPTNeoXJapaneseForCausalLM", "Glm4MoeForCausalLM", "GlmForCausalLM",
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "HYV3ForCausalLM",
     "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM", "InklingForCausalLM",

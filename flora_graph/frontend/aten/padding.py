@@ -1,7 +1,8 @@
 """ATen converters that emit the padding family (``Pad``, ``Tile``).
 
 ``constant_pad_nd`` and ``pad`` (``constant``, ``reflect``, ``replicate``) ->
-``Pad`` (a negative pad crops first, by a ``Slice``), ``pad`` (``circular``) -> ``Slice``\\ s of each axis' two
+``Pad`` (a negative pad crops first, by a ``Slice``; a constant pad by a dynamic size that no bound holds, as the
+cached length, is the value expanded to that size and ``Concat``-ed on), ``pad`` (``circular``) -> ``Slice``\\ s of each axis' two
 ends ``Concat``-ed around it; ``reflection_pad1d/2d/3d`` -> ``Pad``
 (``reflect``); ``replication_pad1d/2d/3d`` -> ``Pad`` (``edge``); ``repeat`` -> ``Tile``
 (after an ``Unsqueeze`` when the repeats add leading axes). torch pads are pairs (begin,
@@ -13,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from flora_graph.errors import ShapeError
 from flora_graph.frontend.aten.registry import SymDim, chunk_samples, dim_of, refuse, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import Dim, canonical_dim, difference_range, dim_product
+from flora_graph.ir.shapes import Dim, canonical_dim, difference_range, dim_product, dim_terms, is_dim_name
 from flora_graph.ops.movement import SLICE_END
 
 __all__: list[str] = []
@@ -79,6 +81,8 @@ def _pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], mode: str, value: flo
             except ShapeError:  # no dim: a size torch computes that the IR cannot write
                 span = None
             if span is None or span[0] < 0:
+                if mode == "constant":  # a size of its own (GIT's block ids padded by the cached length)
+                    return _fill_pad(ctx, x, pad, value)
                 raise refuse(ctx, "padding by a dynamic size")
             most = span[1]
         x = _pad(ctx, x, [most if isinstance(p, SymDim) else p for p in pad], mode, value)
@@ -101,6 +105,29 @@ def _pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], mode: str, value: flo
     if not any(begins) and not any(ends):
         return x
     return ctx.emit(Op.PAD, [x], {"pads": (*begins, *ends), "mode": _MODES[mode], "value": float(value)})
+
+
+def _fill_pad(ctx: Any, x: ComputationNode, pad: Sequence[Any], value: float) -> ComputationNode:
+    """``x`` padded with ``value`` where a pad is a dim of its own (unbounded: the cached length ``past_seq``): the
+    static pads first, then each dynamic one as ``value`` expanded to the axis' other sizes and that dim,
+    ``Concat``-ed on its side. A dynamic pad must be a sum of dims with nonnegative coefficients, a size that no
+    input makes negative (torch crops on a negative pad, which a fill cannot)."""
+    x = _pad(ctx, x, [0 if isinstance(p, SymDim) else p for p in pad], "constant", value)
+    fill = ctx.new_param(f"{ctx.fx_node.name}_fill", np.asarray(value, dtype=x.dtype))
+    for i, p in enumerate(pad):
+        if not isinstance(p, SymDim):
+            continue
+        try:
+            size = canonical_dim(p.dim)
+            terms = dim_terms(size)
+        except ShapeError:  # a negative term, which the IR writes no dim of
+            terms = [(-1, ())]
+        if any(c < 0 or any(not is_dim_name(n) for n in names) for c, names in terms):
+            raise refuse(ctx, f"padding by {p.dim!r}, a dynamic size that may be negative")
+        axis = len(x.shape) - 1 - i // 2
+        block = ctx.emit(Op.EXPAND, [fill], {"shape": tuple(size if a == axis else d for a, d in enumerate(x.shape))})
+        x = ctx.emit(Op.CONCAT, [block, x] if i % 2 == 0 else [x, block], {"axis": axis})
+    return x
 
 
 @register(aten.constant_pad_nd.default)
