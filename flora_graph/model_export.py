@@ -128,7 +128,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     key/value cache); an image, video or audio model takes what
     :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds (where the model refuses it, the other layout of
     its audio: ``[batch, 1, samples]``, features ``[batch, features, frames]``; see :func:`_other_layout`), a
-    token model ``input_ids`` (``[batch, seq]``, both dynamic), plus an
+    token model ``input_ids`` (``[batch, seq]``, both dynamic; Perceiver's text models too, whose main input
+    ``inputs`` takes them by that name), plus an
     ``attention_mask`` of the same shape when ``attention_mask`` is true or the model is an encoder-decoder one (the
     check input pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``; an
     encoder-decoder model (T5, BART, Whisper, ...) takes ``decoder_input_ids`` ``[batch, dec_seq]`` too.
@@ -155,6 +156,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     arch, config = type(model).__name__, model.config
     set_use_cache(model, False)  # logits only: no key/value cache outputs (capture drops them too)
     main = getattr(model, "main_input_name", "input_ids")
+    if main == "inputs" and "input_ids" in inspect.signature(model.forward).parameters:
+        main = "input_ids"  # Perceiver's text models: a generic input that takes token ids by that name too
     if main != "input_ids":  # an image, video or audio model
         if attention_mask:
             raise FloraGraphError(f"{arch} takes {main}, not tokens: an attention_mask is for token inputs")

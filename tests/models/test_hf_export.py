@@ -188,6 +188,33 @@ def test_an_audio_model_folder_exports_over_a_dynamic_number_of_samples(tmp_path
     np.testing.assert_allclose(run_artifact(tmp_path / "w2v.onnx", x), want, atol=TOL, rtol=TOL)
 
 
+def test_a_perceiver_text_classifier_exports_on_token_ids_and_its_mask(tmp_path) -> None:
+    """Perceiver's text models name their main input ``inputs`` and take the token ids as ``input_ids`` too: the
+    CLI exports them as token models (``input_ids``, ``attention_mask``), as torch.onnx does given ``input_ids``."""
+    cfg = transformers.PerceiverConfig(vocab_size=VOCAB, max_position_embeddings=MAX_POS, d_model=32, d_latents=32,
+                                       num_latents=8, num_blocks=1, num_self_attends_per_block=2,
+                                       num_self_attention_heads=2, num_cross_attention_heads=2, num_labels=3)
+    torch.manual_seed(0)
+    transformers.PerceiverForSequenceClassification(cfg).save_pretrained(tmp_path / "model")
+    base = transformers.PerceiverForSequenceClassification.from_pretrained(tmp_path / "model")
+    lora = peft.LoraConfig(init_lora_weights=False, r=4, target_modules=["query", "value"])
+    peft.get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "perceiver"
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
+                 "--out", str(out)]) == 0
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    x = load_model(tmp_path / "model", attention_mask=True).check_inputs
+    assert (x["attention_mask"] == 0).any()  # the check exercises padding
+    with torch.no_grad():
+        eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
+        want, plain = eager(**x).logits.numpy(), eager.get_base_model()
+    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
+    with torch.no_grad(), eager.disable_adapter():
+        assert np.abs(plain(**x).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
+
+
 def test_a_model_on_inputs_the_cli_cannot_build_is_refused_by_name(tmp_path, capsys) -> None:
     from flora_graph.errors import FloraGraphError
     from flora_graph.model_export import ModelFolderError
