@@ -206,6 +206,12 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         example = _hf_inputs(vocab, 2, min(2 * chunk + 1, dim_max.get("seq", 2 * chunk + 1)), 0, attention_mask, types)
     dims = {n: {0: "batch", 1: "seq"} for n in example}
     check = _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask, types)
+    eos = _classified_at_eos(model)
+    if eos is not None:  # every row ends its text with one end-of-sequence token, as a tokenizer gives it
+        for inputs in (example, check):
+            ids = inputs["input_ids"]
+            ids[ids == eos] = (eos + 1) % vocab
+            ids[:, -1] = eos
     dim_max.update(_decoder_ids(model, example, check, dims))
     with torch.no_grad():
         names_out = output_names(model(**example), example)
@@ -228,6 +234,29 @@ def _other_layout(main: str, example: dict[str, torch.Tensor], check: dict[str, 
     return {k: move(v) for k, v in example.items()}, {k: move(v) for k, v in check.items()}, {main: named}
 
 
+def _reads_encoder_positions(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder model's classification or question-answering head (BART's, T5's),
+    which shifts the encoder's tokens into the decoder and reads the decoder's states at the encoder's positions:
+    it takes no ``decoder_input_ids`` of another length (Optimum's exports of these heads take none)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    heads = (auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES)
+    return any(type(model).__name__ in (v if isinstance(v, tuple | list) else (v,)) for m in heads for v in m.values())
+
+
+def _classified_at_eos(model: torch.nn.Module) -> int | None:
+    """The end-of-sequence id where ``model``'s head classifies each row at its end-of-sequence tokens (BART's and
+    T5's sequence classification: every row must hold the same number of them), else ``None``."""
+    eos = getattr(model.config, "eos_token_id", None)
+    if not isinstance(eos, int) or not _reads_encoder_positions(model):
+        return None
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    return eos if "eos_mask" in source else None
+
+
 def _decoder_ids(model: torch.nn.Module, example: dict[str, torch.Tensor], check: dict[str, torch.Tensor],
                  dims: dict[str, dict[int, str]]) -> dict[str, int]:
     """For an encoder-decoder model (T5, BART, Marian, Whisper, ...): ``decoder_input_ids`` ``[batch, dec_seq]``
@@ -236,7 +265,7 @@ def _decoder_ids(model: torch.nn.Module, example: dict[str, torch.Tensor], check
     table (``{}`` otherwise, and for any other model)."""
     config = model.config
     if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" not in inspect.signature(
-            model.forward).parameters:
+            model.forward).parameters or _reads_encoder_positions(model):
         return {}
     vocab = vocab_size(config, "decoder")  # FSMT's target, EncoderDecoderModel's decoder
     gen = torch.Generator().manual_seed(2)

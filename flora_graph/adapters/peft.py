@@ -409,7 +409,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
     built: list[tuple[str, LoRAAdapter]] = []
     used: set[str] = set()
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    try:
+    try:  # building an adapter freezes its base layer: every refusal below puts the flags back
         for name in names:
             r = int(_pattern_value(patterns["rank_pattern"], name, cfg["r"]))
             alpha = float(_pattern_value(patterns["alpha_pattern"], name, cfg.get("lora_alpha", 8)))
@@ -433,24 +433,22 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
                     param.copy_(t.to(param.dtype))
                 used.add(key)
             built.append((name, adapter))
+        extra = _load_plain_tensors(model, cfg, state, used, names, wpath)
+        changed = [k for k, (target, value) in extra.items()
+                   if not torch.equal(target, value.to(target.dtype))] if keep_base else []
+        if changed:
+            raise AdapterError(f"{wpath}: key {PREFIX}{changed[0]} replaces the base model's weight with other values "
+                               f"({len(changed)} such key(s)), which an adapter that leaves the base model as it is "
+                               "cannot do; bake it into the base model instead (--merge-adapter DIR; "
+                               "export_genai(merge=DIR))")
+        leftover = sorted(k for k in state if k not in used and k not in extra)
+        if leftover:
+            raise AdapterError(f"{wpath}: key {PREFIX}{leftover[0]} matches no adapted module ({len(leftover)} unused "
+                               "key(s))")
     except BaseException:
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         raise
-    extra = _load_plain_tensors(model, cfg, state, used, names, wpath)
-    changed = [k for k, (target, value) in extra.items()
-               if not torch.equal(target, value.to(target.dtype))] if keep_base else []
-    if changed:
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
-        raise AdapterError(f"{wpath}: key {PREFIX}{changed[0]} replaces the base model's weight with other values "
-                           f"({len(changed)} such key(s)), which an adapter that leaves the base model as it is cannot "
-                           "do; bake it into the base model instead (--merge-adapter DIR; export_genai(merge=DIR))")
-    leftover = sorted(k for k in state if k not in used and k not in extra)
-    if leftover:
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
-        raise AdapterError(f"{wpath}: key {PREFIX}{leftover[0]} matches no adapted module ({len(leftover)} unused key(s))")
     with torch.no_grad():
         for target, value in extra.values():
             target.copy_(value.to(target.dtype))
@@ -494,8 +492,9 @@ def _load_plain_tensors(model: nn.Module, cfg: dict[str, Any], state: dict[str, 
         if tuple(own[key].shape) != tuple(value.shape):
             raise AdapterError(f"{wpath}: key {PREFIX}{key} has shape {tuple(value.shape)}, the model's is {tuple(own[key].shape)}")
         plan[key] = (own[key].data, value)
-    for m in saved:
-        if not any(_under(k, m) for k in plan):
+    modules = {n for n, _ in model.named_modules() if n}
+    for m in saved:  # a name no module of the model has saves nothing (PEFT's task defaults: SEQ_CLS's 'classifier'
+        if not any(_under(k, m) for k in plan) and any(_under(f"{n}.", m) for n in modules):  # on BART)
             raise AdapterError(f"{wpath}: modules_to_save names {m!r}, but no weights for it are in the file")
     return plan
 

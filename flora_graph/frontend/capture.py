@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import operator
 import re
 import traceback
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -1094,12 +1095,16 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
 
     args = torch.fx.node.map_aggregate(n.args, val)
     kwargs = torch.fx.node.map_aggregate(n.kwargs, val)
+    if _checked_alone(n):
+        return None
     if n.target is torch.ops.aten.sym_size.int or _is_shape_arith(n):
         return SymDim(ctx.ir_dim(n.meta["val"]))
     if n.target in NO_TENSOR_OPS or _is_size_check(n) or _is_float_size(n):
         return None
-    if ctx.selected:
-        selected_rows.check(ctx, n)  # rows a bool mask picked: read one at a time, or refused
+    if ctx.selected and (own := selected_rows.check(ctx, n)) is not None:  # rows a bool mask picked: read one at
+        out = own(lambda a: env[a])  # a time, regrouped per leading row (converted there), or refused
+        _check_shape(ctx, n, out)
+        return out
     twin = ctx.in_place.get(n)  # an in-place op converted as its functional twin (frontend.mutations)
     conv = complex_converter(ctx, n) or ATEN_TABLE.get(n.target if twin is None else twin)
     if conv is None or _reads_bfloat16_weights(args, kwargs):  # every input is constant: fold it (_check_supported
@@ -1153,10 +1158,33 @@ def _is_size_check(n: torch.fx.Node) -> bool:
         return isinstance(n.meta.get("val"), torch.SymInt) and bool(n.users) \
             and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)
     return isinstance(n.meta.get("val"), torch.SymBool) and bool(n.users) \
-        and all(u.target in NO_TENSOR_OPS for u in n.users)
+        and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)  # through and_ / or_
 
 
 _READS_A_NUMBER = (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
+
+
+def _checked_alone(n: torch.fx.Node) -> bool:
+    """A tensor (or a piece of one, ``getitem``) that only runtime checks of its size read (BART's classification
+    head: ``torch._check`` that ``unique_consecutive`` of the rows' end-of-sequence counts has one value), through
+    its pieces, the unread ones too: no part of the graph, as :func:`_is_size_check`'s numbers are not."""
+    if n.op != "call_function":
+        return False
+    if n.target is operator.getitem:
+        n = n.args[0]
+        if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+            return False
+    if n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int or not n.users \
+            or not isinstance(n.meta.get("val"), torch.Tensor | tuple | list):
+        return False
+
+    def sizes_checked(v: torch.fx.Node) -> bool:  # each size read of v only checked
+        return all(u.target is torch.ops.aten.sym_size.int and u.users and all(_is_size_check(c) for c in u.users)
+                   for u in v.users)
+
+    return all(sizes_checked(u) if u.target is operator.getitem else
+               u.target is torch.ops.aten.sym_size.int and u.users and all(_is_size_check(c) for c in u.users)
+               for u in n.users) and any(u.users for u in n.users)
 
 
 def _fold(ctx: CaptureContext, n: torch.fx.Node, args: Any, kwargs: Any) -> ComputationNode:
@@ -1215,7 +1243,7 @@ def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.No
                 yield n  # an op on complex values (carried as real pairs) that has no converter for them
             continue
         if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
-                or _is_shape_arith(n) or _is_float_size(n) or _is_size_check(n) or n.target in ATEN_TABLE
+                or _is_shape_arith(n) or _is_float_size(n) or _is_size_check(n) or _checked_alone(n) or n.target in ATEN_TABLE
                 or n in in_place):
             continue
         if refusal_of(n.target) is None and all(a in const for a in n.all_input_nodes):

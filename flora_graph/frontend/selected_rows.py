@@ -16,12 +16,14 @@ the node, as every bool-mask index was before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flora_graph.frontend.aten.indexing import true_ranks
-from flora_graph.frontend.aten.registry import refuse
+from flora_graph.frontend.aten.registry import SymDim, as_dtype, refuse
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import dim_product
 
@@ -102,16 +104,35 @@ def select(ctx: CaptureContext, x: ComputationNode, mask: ComputationNode) -> Co
     return out
 
 
-def check(ctx: CaptureContext, n: torch.fx.Node) -> None:
+@dataclass(frozen=True)
+class _Grouped:
+    """Rows a 2-D mask ``[B, S]`` picked, viewed back as ``[B, -1, ...]`` (:func:`_regroup`): each leading row's picks
+    first along axis 1, in order, its other positions after them; ``counts`` (``[B, 1]`` int64) how many it picked."""
+
+    key: Any
+    counts: ComputationNode
+
+
+Convert = Callable[[Callable[[torch.fx.Node], Any]], ComputationNode]
+"""A conversion :func:`check` gives for a node in place of its converter: called with the fx-node -> IR lookup."""
+
+
+def check(ctx: CaptureContext, n: torch.fx.Node) -> Convert | None:
     """Before ``n`` converts: refuse it where it reads picked rows (:func:`select`) other than one at a time, or
-    writes them back by another mask; else mark its result as picked rows where it passes them on."""
+    writes them back by another mask; else mark its result as picked rows where it passes them on. Returns the
+    conversion to use instead of ``n``'s converter where picked rows are regrouped per leading row (BART's
+    classification head: ``x[eos_mask].view(B, -1, H)[:, -1]``, each row's last end-of-sequence state)."""
     reads = [a for a in _fx_args(n) if a in ctx.selected]
     if not reads:
-        return
+        return None
     name = n.target.overloadpacket.__name__ if isinstance(n.target, torch._ops.OpOverload) else getattr(
         n.target, "__name__", str(n.target))
     if name.endswith("_") and not name.startswith("_"):
         name = name[:-1]  # an in-place op: its functional twin's rows
+    if any(isinstance(ctx.selected[a], _Grouped) for a in reads):
+        return _grouped_read(ctx, n, name, reads)
+    if name in ("view", "reshape", "_unsafe_view") and _regroups(n):
+        return lambda env: _regroup(ctx, n, env)
     keys = {ctx.selected[a] for a in reads}
     if len(keys) > 1:
         raise refuse(ctx, "an op on rows picked by two different bool masks")
@@ -120,12 +141,12 @@ def check(ctx: CaptureContext, n: torch.fx.Node) -> None:
         mask = n.args[1] if name == "masked_scatter" else n.args[1][0] if len(n.args[1]) == 1 else None
         if n.args[0] in ctx.selected or mask is None or mask_key(mask) != key:
             raise refuse(ctx, f"{name} of rows picked by a bool mask, by another mask")
-        return  # the rows are back in place
+        return None  # the rows are back in place
     if name == "sym_size":
-        return  # the rows' count: the mask's number of places, as select reads u0
+        return None  # the rows' count: the mask's number of places, as select reads u0
     if name == "getitem":
         ctx.selected[n] = key
-        return
+        return None
     elementwise = name in _ROWWISE and name not in _PRODUCTS
     if not elementwise and n.args and n.args[0] not in ctx.selected:
         raise refuse(ctx, f"{name} reading rows picked by a bool mask as other than its first input")
@@ -138,6 +159,67 @@ def check(ctx: CaptureContext, n: torch.fx.Node) -> None:
         raise refuse(ctx, f"indexing with a bool mask, its rows then read by {name} (only ops that keep each row "
                           "apart and a masked_scatter / index_put back by the same mask)")
     ctx.selected[n] = key
+    return None
+
+
+def _regroups(n: torch.fx.Node) -> bool:
+    """Whether the view ``n`` takes the rows ``x[mask]`` picked (``mask`` ``[B, S]`` over ``x`` ``[B, S, ...]``) as
+    ``[B, -1, ...]``: each leading row's picks, as many for every row (what the view means; BART checks it)."""
+    src = n.args[0]
+    if src.target is not torch.ops.aten.index.Tensor or len(src.args[1]) != 1:
+        return False
+    x, mask, out = src.args[0].meta.get("val"), src.args[1][0].meta.get("val"), n.meta.get("val")
+    if not all(isinstance(t, torch.Tensor) for t in (x, mask, out)) or mask.dim() != 2 or out.dim() != x.dim():
+        return False
+    same = lambda a, b: str(a) == str(b)  # noqa: E731 - sizes alike, ints or the same symbol
+    return same(out.shape[0], x.shape[0]) and all(same(a, b) for a, b in zip(out.shape[2:], x.shape[2:], strict=True))
+
+
+def _regroup(ctx: CaptureContext, n: torch.fx.Node, env: Callable[[torch.fx.Node], Any]) -> ComputationNode:
+    """``x[mask].view(B, -1, ...)`` as ``x`` with each leading row's picked positions first along axis 1, in order
+    (a stable sort of the positions, the picked before the others), marked :class:`_Grouped`."""
+    src = n.args[0]
+    x, mask = env(src.args[0]), env(src.args[1][0])
+    positions = ctx.emit(Op.ARANGE, [], {"start": 0, "end": x.shape[1], "step": 1, "dtype": "int64"})
+    later = ctx.emit(Op.ADD, [positions, as_dtype(ctx, SymDim(x.shape[1]) if isinstance(x.shape[1], str)
+                                                   else x.shape[1], "int64")])
+    key = ctx.emit(Op.WHERE, [mask, positions, later])
+    order = ctx.emit(Op.ARG_TOP_K, [key], {"k": x.shape[1], "axis": 1, "largest": 0})
+    lead = tuple(x.shape[:2]) + (1,) * (len(x.shape) - 2)
+    index = ctx.emit(Op.EXPAND, [ctx.emit(Op.RESHAPE, [order], {"shape": lead})], {"shape": tuple(x.shape)})
+    out = ctx.emit(Op.GATHER_ELEMENTS, [x, index], {"axis": 1})
+    counts = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [mask], {"to": "int64"})], {"axes": (1,), "keepdims": 1})
+    ctx.selected[n] = _Grouped(ctx.selected[src], counts)
+    return out
+
+
+def _grouped_read(ctx: CaptureContext, n: torch.fx.Node, name: str, reads: list[torch.fx.Node]) -> Convert | None:
+    """An op on regrouped rows (:class:`_Grouped`): a slice of the leading rows keeps them so; one position of each
+    row's picks (``select`` on axis 1: counted from the end, per row) ends them; anything else is refused."""
+    grouped = ctx.selected[reads[0]]
+    if len(reads) > 1 or n.args[0] is not reads[0]:
+        raise refuse(ctx, f"{name} reading rows a bool mask picked and regrouped as other than its first input")
+    rank = _rank(reads[0])
+    axis = int(n.args[1]) % rank if len(n.args) > 1 and isinstance(n.args[1], int) else None
+    if name == "slice" and axis == 0:
+        ctx.selected[n] = grouped
+        return None
+    if name == "select" and axis == 1 and isinstance(n.args[2], int):
+        if n.args[2] >= 0:
+            return None  # the first picks are in place
+        return lambda env: _select_from_end(ctx, env(reads[0]), grouped.counts, int(n.args[2]))
+    raise refuse(ctx, f"indexing with a bool mask, its rows regrouped per leading row and then read by {name} (only "
+                      "a slice of the rows and one position of each row's picks)")
+
+
+def _select_from_end(ctx: CaptureContext, x: ComputationNode, counts: ComputationNode, i: int) -> ComputationNode:
+    """Position ``counts + i`` (``i < 0``) of each leading row of ``x`` along axis 1, that axis dropped."""
+    at = ctx.emit(Op.ADD, [counts, ctx.scalar(i, "int64")])  # [B, 1]
+    lead = (x.shape[0], 1) + (1,) * (len(x.shape) - 2)
+    index = ctx.emit(Op.EXPAND, [ctx.emit(Op.RESHAPE, [at], {"shape": lead})],
+                     {"shape": (x.shape[0], 1, *x.shape[2:])})
+    picked = ctx.emit(Op.GATHER_ELEMENTS, [x, index], {"axis": 1})
+    return ctx.emit(Op.RESHAPE, [picked], {"shape": (x.shape[0], *x.shape[2:])})
 
 
 def _fx_args(n: torch.fx.Node) -> list[torch.fx.Node]:

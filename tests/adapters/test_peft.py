@@ -96,6 +96,7 @@ def test_saved_folder_loads_in_peft_with_equal_outputs(tmp_path):
         ({"config": {"layers_to_transform": 0, "layers_pattern": "("}}, r"layers_pattern '\(': .* not a valid regular"),
         ({"config": {"some_future_option": 1}}, r"unknown PEFT option\(s\) \['some_future_option'\]"),
         ({"config": {"target_modules": ["q"]}}, r"key base_model\.model\.k\.lora_A\.weight matches no adapted module"),
+        ({"config": {"modules_to_save": ["score"]}}, r"modules_to_save names 'score', but no weights for it are in"),
     ],
 )
 def test_bad_folders_raise_naming_the_key_and_leave_the_model_untouched(tmp_path, edit, match):
@@ -108,6 +109,18 @@ def test_bad_folders_raise_naming_the_key_and_leave_the_model_untouched(tmp_path
     assert not adapters_of(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_module_to_save_the_model_does_not_have_saves_nothing(tmp_path):
+    """PEFT's task defaults name modules a model may not have (``SEQ_CLS``: ``classifier`` and ``score``, which
+    BART's ``classification_head`` is neither): PEFT saves and loads nothing for such a name, and so does the load."""
+    plain, pm, folder = _peft_folder(tmp_path, r=2, lora_alpha=4, target_modules=["q", "k"],
+                                     modules_to_save=["classifier"])
+    model = copy.deepcopy(plain)
+    load_peft_adapter(model, folder)
+    x, img = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, img), pm(x, img), atol=1e-5, rtol=1e-5)
 
 
 class Stack(nn.Module):

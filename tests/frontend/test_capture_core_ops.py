@@ -645,6 +645,55 @@ def test_a_constant_pad_that_may_be_negative_is_refused() -> None:
                 {"ids": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}})
 
 
+class _AtEachRowsMarks(nn.Module):
+    """BART's classification head: the states at each row's end-of-sequence marks (``ids == 2``), as many in every
+    row (a size check alone, on ``unique_consecutive`` of the counts), grouped per row by a view; the last mark's
+    and the first mark's state of each row."""
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        marks = ids.eq(2)
+        torch._check(torch.unique_consecutive(marks.sum(1)).numel() == 1)
+        grouped = x[marks, :].view(x.size(0), -1, x.size(-1))
+        return grouped[:, -1, :] * 2, grouped[:, 0, :]
+
+
+def _marked_ids(rows: int, seq: int, marks: int, seed: int) -> torch.Tensor:
+    """Token ids without a 2 but at ``marks`` places of each row, the last one of them last or, in odd rows, two
+    places before the end (right padding after it)."""
+    gen = _gen(seed)
+    ids = torch.randint(3, 9, (rows, seq), generator=gen)
+    for r in range(rows):
+        end = seq - 1 - 2 * (r % 2)
+        ids[r, torch.randperm(end, generator=gen)[:marks - 1]] = 2
+        ids[r, end] = 2
+    return ids
+
+
+def test_rows_a_mask_picks_grouped_per_row_by_a_view() -> None:
+    example = (_marked_ids(2, 7, 2, 0), torch.randn(2, 7, 4))
+    g = capture(_AtEachRowsMarks(), example, {"ids": {0: "batch", 1: "seq"}, "x": {0: "batch", 1: "seq"}})
+    assert not any("unique" in n.name for n in g.nodes)  # read by a check alone
+    assert [o.shape for o in g.outputs.values()] == [("batch", 4), ("batch", 4)]
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for rows, seq, marks in ((3, 9, 3), (1, 4, 1), (4, 12, 2)):  # other counts of marks than the example's
+            ids, x = _marked_ids(rows, seq, marks, seq), torch.randn(rows, seq, 4, generator=_gen(rows))
+            _assert_close(exe(ids=ids.numpy(), x=x.numpy()), _eager(_AtEachRowsMarks(), [ids, x]), 0,
+                          f"{backend} {rows}x{seq}, {marks} marks a row")
+
+
+def test_rows_a_mask_picks_grouped_per_row_and_then_mixed_are_refused() -> None:
+    class Summed(nn.Module):
+        def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            marks = ids.eq(2)
+            torch._check(torch.unique_consecutive(marks.sum(1)).numel() == 1)
+            return x[marks, :].view(x.size(0), -1, x.size(-1)).sum(1)
+
+    with pytest.raises(UnsupportedOpError, match="regrouped per leading row and then read by sum"):
+        capture(Summed(), (_marked_ids(2, 7, 2, 0), torch.randn(2, 7, 4)),
+                {"ids": {0: "batch", 1: "seq"}, "x": {0: "batch", 1: "seq"}})
+
+
 def test_a_scan_traced_over_one_chunk_is_bounded_to_one_chunk() -> None:
     """An example of one chunk lets torch.export fix the chunk count to 1: the graph holds up to one chunk, says
     so (``dim_max``), and matches eager there (a longer example keeps every length: above)."""

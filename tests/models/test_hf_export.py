@@ -215,6 +215,63 @@ def test_a_perceiver_text_classifier_exports_on_token_ids_and_its_mask(tmp_path)
         assert np.abs(plain(**x).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
 
 
+def _pair_ids(rows: int, seq: int, eos: int, pad: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Premise/hypothesis pairs as BART's tokenizer writes them, ``<s> A </s></s> B </s>``, of different lengths,
+    right-padded with ``pad`` and the mask zero there: three end-of-sequence marks in every row."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((rows, seq), pad)
+    mask = torch.zeros(rows, seq, dtype=torch.int64)
+    for r in range(rows):
+        n = seq - 2 * r
+        row = torch.randint(3, VOCAB, (n,), generator=gen)
+        cut = 2 + r
+        row[cut], row[cut + 1], row[n - 1] = eos, eos, eos
+        ids[r, :n], mask[r, :n] = row, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_an_encoder_decoder_classifier_exports_on_its_tokens_alone(family, tmp_path) -> None:
+    """BART's and T5's sequence classification (``facebook/bart-large-mnli``, the zero-shot classification model)
+    read the decoder's state at each row's last end-of-sequence mark, picked by a bool mask and regrouped per row
+    (where torch.onnx's dynamo export fails), with the decoder fed the encoder's tokens shifted: the CLI exports
+    ``input_ids`` and ``attention_mask`` alone, as Optimum does, with a PEFT adapter trained for the task."""
+    if family == "bart":
+        cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, max_position_embeddings=MAX_POS, num_labels=3)
+        cls, targets = transformers.BartForSequenceClassification, ["q_proj", "v_proj"]
+    else:
+        cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    decoder_start_token_id=0, num_labels=3)
+        cls, targets = transformers.T5ForSequenceClassification, ["q", "v"]
+    torch.manual_seed(0)
+    model = cls(cfg)
+    with torch.no_grad():  # logits of order 1 (its initial head gives about 0.01, below what the tolerance tells)
+        model.classification_head.out_proj.weight.normal_(0, 2)
+    model.save_pretrained(tmp_path / "model")
+    lora = peft.LoraConfig(task_type="SEQ_CLS", init_lora_weights=False, r=4, target_modules=targets)
+    peft.get_peft_model(cls.from_pretrained(tmp_path / "model"), lora).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "classifier"
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
+                 "--out", str(out)]) == 0
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert sess.get_outputs()[0].name == "logits"
+    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
+    spec = load_model(tmp_path / "model", attention_mask=True)
+    assert (spec.check_inputs["input_ids"][:, -1] == cfg.eos_token_id).all()  # one mark a row, at its end
+    for ids, mask in ((spec.check_inputs["input_ids"], spec.check_inputs["attention_mask"]),
+                      _pair_ids(3, 12, cfg.eos_token_id, cfg.pad_token_id, 0),
+                      _pair_ids(1, 9, cfg.eos_token_id, cfg.pad_token_id, 1)):
+        with torch.no_grad():
+            want = eager(input_ids=ids, attention_mask=mask).logits.numpy()
+        got = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+        with torch.no_grad(), eager.disable_adapter():
+            assert np.abs(eager(input_ids=ids, attention_mask=mask).logits.numpy() - want).max() > 100 * TOL
+
+
 def test_a_model_on_inputs_the_cli_cannot_build_is_refused_by_name(tmp_path, capsys) -> None:
     from flora_graph.errors import FloraGraphError
     from flora_graph.model_export import ModelFolderError
