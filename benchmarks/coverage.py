@@ -481,8 +481,28 @@ register("nllb-moe", "encoder-decoder",
 register("bart-qa", "encoder-decoder", encoder("BartConfig", "BartForQuestionAnswering", vocab_size=VOCAB, d_model=32,
                                                encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                                                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                               max_position_embeddings=MAX_POS, pad_token_id=0),
-         "decoder ids shifted from the input ids (scatters along the sequence); torch.onnx fails on its cache output")
+                                               max_position_embeddings=MAX_POS, pad_token_id=0, use_cache=False),
+         "decoder ids shifted from the input ids (scatters along the sequence)")
+
+def eos_classifier(config_cls: str, model_cls: str, **cfg: Any) -> Callable[[], Built]:
+    """A sequence classifier read at each row's last end-of-sequence token (id 2): every row of the example and checks
+    holds a premise/hypothesis pair's three, ``A </s></s> B </s>``."""
+    def build() -> Built:
+        case = token_case(lora(hf(config_cls, model_cls, use_cache=False, **cfg)), dim_max=BOUNDED)
+        for x in (case.example, *case.checks):
+            ids = x["input_ids"]
+            ids[:, -1] = ids[:, 1] = ids[:, 2] = 2
+        return case
+    return build
+
+
+register("bart-mnli", "encoder-decoder", eos_classifier("BartConfig", "BartForSequenceClassification", vocab_size=VOCAB,
+                                                        d_model=32, encoder_layers=2, decoder_layers=2,
+                                                        encoder_attention_heads=4, decoder_attention_heads=4,
+                                                        encoder_ffn_dim=64, decoder_ffn_dim=64, num_labels=3,
+                                                        max_position_embeddings=MAX_POS, pad_token_id=0),
+         "the zero-shot classifier's form: each row's state at its last end-of-sequence token, picked by a bool mask "
+         "and regrouped per row by a view")
 
 register("longt5", "encoder-decoder", seq2seq("LongT5Config", "LongT5ForConditionalGeneration", vocab_size=VOCAB,
                                               d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
