@@ -26,6 +26,7 @@ from flora_graph.frontend.aten.indexing import true_ranks
 from flora_graph.frontend.aten.registry import SymDim, as_dtype, refuse
 from flora_graph.ir import ComputationNode, Op
 from flora_graph.ir.shapes import dim_product
+from flora_graph.ops.movement import SLICE_END
 
 if TYPE_CHECKING:
     from flora_graph.frontend.capture import CaptureContext
@@ -201,20 +202,25 @@ def _grouped_read(ctx: CaptureContext, n: torch.fx.Node, name: str, reads: list[
         raise refuse(ctx, f"{name} reading rows a bool mask picked and regrouped as other than its first input")
     rank = _rank(reads[0])
     axis = int(n.args[1]) % rank if len(n.args) > 1 and isinstance(n.args[1], int) else None
-    if name == "slice" and axis == 0:
-        ctx.selected[n] = grouped
+    if name == "sym_size":
+        return None  # a size read, for a check or a dim
+    given = tuple(n.args[2:5])
+    start, end, step = (*given, *(0, None, 1)[len(given):])
+    whole = start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= SLICE_END))
+    if name == "slice" and axis == 0 and whole:
+        ctx.selected[n] = grouped  # every leading row, as each row's count is kept
         return None
     if name == "select" and axis == 1 and isinstance(n.args[2], int):
         if n.args[2] >= 0:
             return None  # the first picks are in place
         return lambda env: _select_from_end(ctx, env(reads[0]), grouped.counts, int(n.args[2]))
     raise refuse(ctx, f"indexing with a bool mask, its rows regrouped per leading row and then read by {name} (only "
-                      "a slice of the rows and one position of each row's picks)")
+                      "a slice of every leading row and one position of each row's picks)")
 
 
 def _select_from_end(ctx: CaptureContext, x: ComputationNode, counts: ComputationNode, i: int) -> ComputationNode:
     """Position ``counts + i`` (``i < 0``) of each leading row of ``x`` along axis 1, that axis dropped."""
-    at = ctx.emit(Op.ADD, [counts, ctx.scalar(i, "int64")])  # [B, 1]
+    at = ctx.emit(Op.ADD, [counts, as_dtype(ctx, i, "int64")])  # [B, 1]
     lead = (x.shape[0], 1) + (1,) * (len(x.shape) - 2)
     index = ctx.emit(Op.EXPAND, [ctx.emit(Op.RESHAPE, [at], {"shape": lead})],
                      {"shape": (x.shape[0], 1, *x.shape[2:])})

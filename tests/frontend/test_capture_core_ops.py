@@ -682,15 +682,18 @@ def test_rows_a_mask_picks_grouped_per_row_by_a_view() -> None:
                           f"{backend} {rows}x{seq}, {marks} marks a row")
 
 
-def test_rows_a_mask_picks_grouped_per_row_and_then_mixed_are_refused() -> None:
-    class Summed(nn.Module):
+@pytest.mark.parametrize(("read", "what"), [(lambda g: g.sum(1), "sum"), (lambda g: g[..., :2][:, -1], "slice")])
+def test_rows_a_mask_picks_grouped_per_row_and_then_mixed_are_refused(read, what) -> None:
+    """A sum over each row's picks, and a slice of their features (only a slice of every leading row is taken)."""
+
+    class Read(nn.Module):
         def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             marks = ids.eq(2)
             torch._check(torch.unique_consecutive(marks.sum(1)).numel() == 1)
-            return x[marks, :].view(x.size(0), -1, x.size(-1)).sum(1)
+            return read(x[marks, :].view(x.size(0), -1, x.size(-1)))
 
-    with pytest.raises(UnsupportedOpError, match="regrouped per leading row and then read by sum"):
-        capture(Summed(), (_marked_ids(2, 7, 2, 0), torch.randn(2, 7, 4)),
+    with pytest.raises(UnsupportedOpError, match=f"regrouped per leading row and then read by {what}"):
+        capture(Read(), (_marked_ids(2, 7, 2, 0), torch.randn(2, 7, 4)),
                 {"ids": {0: "batch", 1: "seq"}, "x": {0: "batch", 1: "seq"}})
 
 
