@@ -46,6 +46,7 @@ from flora_graph.frontend.model_outputs import leaf_keys, no_kv_cache
 from flora_graph.frontend.traceable import (
     broadcast_masks,
     merged_peft_layers,
+    sized_len,
     traceable_experts,
     traceable_modules,
     traceable_scans,
@@ -685,7 +686,7 @@ def trace_with_torch_export(
     applied: list[str] = []
     # no_kv_cache: a Hugging Face causal LM with use_cache on would return a DynamicCache torch.export cannot trace
     with (_eval_mode(model), no_kv_cache(model), traceable_experts(model), traceable_modules(model), traceable_scans(model),
-          broadcast_masks(),
+          sized_len(model), broadcast_masks(),
           merged_peft_layers(model) as merged,
           _conv1d_as_linear(model), lora_sites_as_op({k: v for k, v in adapters.items() if not _inside(k, merged)}),
           _no_stack_traces(), _no_fake_tensor_cache(), _gc_paused(), torch.no_grad()):

@@ -81,14 +81,20 @@
   around a 63-step forward substitution): :func:`traceable_scans` swaps the module-level functions transformers
   lets a kernel replace (:data:`SWAPS`) for ones around a custom op the trace records as one node
   (:mod:`~flora_graph.frontend.selective_scan`, :mod:`~flora_graph.frontend.delta_rule`), for the capture.
+* **``len`` of a tensor** in a model's own code (RT-DETR and PP-DocLayout V3: ``batch_size = len(source_flatten)``):
+  Python's ``len`` makes the dynamic batch the example's number, so the export would hold that batch alone
+  (torch.onnx's file silently does). :func:`sized_len` gives those modules a ``len`` that
+  returns a tensor's first size as torch keeps it, a dim where it is dynamic.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import inspect
 import sys
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -115,8 +121,8 @@ from flora_graph.frontend.selective_scan import (
 from flora_graph.frontend.state_forwards import state_forward
 from flora_graph.frontend.token_context import is_token_context_embedding, token_context_forward
 
-__all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_layers", "traceable_experts",
-           "traceable_modules", "traceable_scans"]
+__all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_layers", "sized_len",
+           "traceable_experts", "traceable_modules", "traceable_scans"]
 
 SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     SCAN_FORWARD: (SCAN_FORWARD_PARAMS, scan_forward),
@@ -549,13 +555,8 @@ def traceable_scans(model: nn.Module) -> Iterator[list[str]]:
     The swap is of a module-level function, so it holds for every model of those classes while the block
     runs (capture runs ``torch.export`` inside it, nothing else).
     """
-    modules = {}
-    for m in model.modules():
-        mod = sys.modules.get(type(m).__module__)
-        if mod is not None:
-            modules.setdefault(mod.__name__, mod)
     swapped = []
-    for mod in modules.values():
+    for mod in _modeling_modules(model):
         for name, (params, fn) in SWAPS.items():
             own = getattr(mod, name, None)
             if own is not None and own is not fn and _params(own)[:len(params)] == params:
@@ -566,3 +567,34 @@ def traceable_scans(model: nn.Module) -> Iterator[list[str]]:
     finally:
         for mod, name, own in swapped:
             setattr(mod, name, own)
+
+
+def _modeling_modules(model: nn.Module) -> list[ModuleType]:
+    """The Python modules that define the classes of ``model``'s layers, each once."""
+    modules: dict[str, ModuleType] = {}
+    for m in model.modules():
+        mod = sys.modules.get(type(m).__module__)
+        if mod is not None:
+            modules.setdefault(mod.__name__, mod)
+    return list(modules.values())
+
+
+def _size_len(x: Any) -> Any:
+    """``len(x)``, a tensor's first size as torch keeps it (a ``SymInt`` where it is dynamic)."""
+    return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else builtins.len(x)
+
+
+@contextlib.contextmanager
+def sized_len(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, ``len`` in each modeling module of ``model``'s layers (torch's own aside) is
+    :func:`_size_len`: Python's ``len`` of a tensor turns its dynamic first size into the example's number, which
+    fixes RT-DETR's batch (``batch_size = len(source_flatten)``), where its first size keeps the dim. Yields the modules patched; a module's own ``len`` is left alone, and every patch is removed on exit."""
+    patched = [mod for mod in _modeling_modules(model)
+               if not mod.__name__.startswith("torch.") and "len" not in vars(mod)]
+    for mod in patched:
+        mod.len = _size_len  # type: ignore[attr-defined]
+    try:
+        yield [mod.__name__ for mod in patched]
+    finally:
+        for mod in patched:
+            del mod.len

@@ -697,6 +697,27 @@ def test_rows_a_mask_picks_grouped_per_row_and_then_mixed_are_refused(read, what
                 {"ids": {0: "batch", 1: "seq"}, "x": {0: "batch", 1: "seq"}})
 
 
+class _CountedRows(nn.Module):
+    """RT-DETR's ``batch_size = len(source_flatten)``: a tensor's first size read with Python's ``len``, which would
+    make the dynamic batch the example's number."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = len(x)
+        anchors = torch.arange(x.shape[1], dtype=x.dtype).repeat(rows, 1)
+        return x.reshape(rows, -1).cumsum(-1) + anchors
+
+
+def test_len_of_a_tensor_keeps_its_dynamic_size() -> None:
+    g = capture(_CountedRows(), (torch.randn(2, 6),), {"x": {0: "batch", 1: "seq"}})
+    assert g.outputs["output"].shape == ("batch", "seq")
+    assert "len" not in globals()  # this module's len is Python's again
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for rows, seq in ((1, 3), (5, 9)):
+            x = torch.randn(rows, seq, generator=_gen(rows))
+            _assert_close(exe(x=x.numpy()), _eager(_CountedRows(), [x]), 1e-5, f"{backend} {rows}x{seq}")
+
+
 def test_a_scan_traced_over_one_chunk_is_bounded_to_one_chunk() -> None:
     """An example of one chunk lets torch.export fix the chunk count to 1: the graph holds up to one chunk, says
     so (``dim_max``), and matches eager there (a longer example keeps every length: above)."""
