@@ -1179,12 +1179,10 @@ def _checked_alone(n: torch.fx.Node) -> bool:
             or not isinstance(n.meta.get("val"), torch.Tensor | tuple | list):
         return False
 
-    def sizes_checked(v: torch.fx.Node) -> bool:  # each size read of v only checked
-        return all(u.target is torch.ops.aten.sym_size.int and u.users and all(_is_size_check(c) for c in u.users)
-                   for u in v.users)
+    def checked_size(u: torch.fx.Node) -> bool:  # a size read that only checks read
+        return u.target is torch.ops.aten.sym_size.int and bool(u.users) and all(_is_size_check(c) for c in u.users)
 
-    return all(sizes_checked(u) if u.target is operator.getitem else
-               u.target is torch.ops.aten.sym_size.int and u.users and all(_is_size_check(c) for c in u.users)
+    return all(all(checked_size(c) for c in u.users) if u.target is operator.getitem else checked_size(u)
                for u in n.users) and any(u.users for u in n.users)
 
 
@@ -1244,8 +1242,8 @@ def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.No
                 yield n  # an op on complex values (carried as real pairs) that has no converter for them
             continue
         if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
-                or _is_shape_arith(n) or _is_float_size(n) or _is_size_check(n) or _checked_alone(n) or n.target in ATEN_TABLE
-                or n in in_place):
+                or _is_shape_arith(n) or _is_float_size(n) or _is_size_check(n) or _checked_alone(n)
+                or n.target in ATEN_TABLE or n in in_place):
             continue
         if refusal_of(n.target) is None and all(a in const for a in n.all_input_nodes):
             const.add(n)
