@@ -129,7 +129,7 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds (where the model refuses it, the other layout of
     its audio: ``[batch, 1, samples]``, features ``[batch, features, frames]``; see :func:`_other_layout`), a
     token model ``input_ids`` (``[batch, seq]``, both dynamic; Perceiver's text models too, whose main input
-    ``inputs`` takes them by that name), plus an
+    ``inputs`` takes them by that name; Perceiver's image classifiers take their pixels as ``inputs``), plus an
     ``attention_mask`` of the same shape when ``attention_mask`` is true or the model is an encoder-decoder one (the
     check input pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``; an
     encoder-decoder model (T5, BART, Whisper, ...) takes ``decoder_input_ids`` ``[batch, dec_seq]`` too.
@@ -162,6 +162,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         if attention_mask:
             raise FloraGraphError(f"{arch} takes {main}, not tokens: an attention_mask is for token inputs")
         built = signal_inputs(config, arch, main)
+        if built is None and main == "inputs" and "ImageClassification" in arch:  # Perceiver's image classifiers:
+            built = _renamed(signal_inputs(config, arch, "pixel_values"), "pixel_values", main)  # pixels as `inputs`
         if built is None:
             raise ModelFolderError(f"{arch} takes {main!r}: flora-graph export builds token, image, video and audio "
                                    "inputs (input_ids, pixel_values, pixel_values_videos, input_values, input_features); "
@@ -216,6 +218,13 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     with torch.no_grad():
         names_out = output_names(model(**example), example)
     return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
+
+
+def _renamed(built: tuple[dict, dict, dict] | None, old: str, new: str) -> tuple[dict, dict, dict] | None:
+    """:func:`signal_inputs`' ``(example, dims, check)`` with the input ``old`` named ``new``."""
+    if built is None:
+        return None
+    return tuple({new if k == old else k: v for k, v in part.items()} for part in built)  # type: ignore[return-value]
 
 
 def _other_layout(main: str, example: dict[str, torch.Tensor], check: dict[str, torch.Tensor],

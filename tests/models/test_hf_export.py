@@ -215,6 +215,30 @@ def test_a_perceiver_text_classifier_exports_on_token_ids_and_its_mask(tmp_path)
         assert np.abs(plain(**x).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
 
 
+def test_a_perceiver_image_classifier_exports_on_pixels_named_inputs(tmp_path) -> None:
+    """Perceiver's image classifiers take their pixels as ``inputs`` (``[batch, channels, size, size]`` at the
+    config's image size): the CLI builds them, batch dynamic, and the file gives eager PEFT's logits at another batch."""
+    cfg = transformers.PerceiverConfig(d_model=32, d_latents=32, num_latents=8, num_blocks=1,
+                                       num_self_attends_per_block=2, num_self_attention_heads=2,
+                                       num_cross_attention_heads=2, image_size=16, num_labels=3)
+    torch.manual_seed(0)
+    transformers.PerceiverForImageClassificationLearned(cfg).save_pretrained(tmp_path / "model")
+    base = transformers.PerceiverForImageClassificationLearned.from_pretrained(tmp_path / "model")
+    lora = peft.LoraConfig(init_lora_weights=False, r=4, target_modules=["query", "value"])
+    peft.get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "perceiver"
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 0
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("inputs", ["batch", 3, 16, 16])]
+    x = {"inputs": torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
+    with torch.no_grad():
+        want = eager(**x).logits.numpy()
+        with eager.disable_adapter():
+            assert np.abs(eager(**x).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
+    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
+
+
 def _pair_ids(rows: int, seq: int, eos: int, pad: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Premise/hypothesis pairs as BART's tokenizer writes them, ``<s> A </s></s> B </s>``, of different lengths,
     right-padded with ``pad`` and the mask zero there: three end-of-sequence marks in every row."""
