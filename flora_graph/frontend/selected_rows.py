@@ -186,9 +186,7 @@ def _regroup(ctx: CaptureContext, n: torch.fx.Node, env: Callable[[torch.fx.Node
                                                    else x.shape[1], "int64")])
     key = ctx.emit(Op.WHERE, [mask, positions, later])
     order = ctx.emit(Op.ARG_TOP_K, [key], {"k": x.shape[1], "axis": 1, "largest": 0})
-    lead = tuple(x.shape[:2]) + (1,) * (len(x.shape) - 2)
-    index = ctx.emit(Op.EXPAND, [ctx.emit(Op.RESHAPE, [order], {"shape": lead})], {"shape": tuple(x.shape)})
-    out = ctx.emit(Op.GATHER_ELEMENTS, [x, index], {"axis": 1})
+    out = _take_positions(ctx, x, order, x.shape[1])
     counts = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [mask], {"to": "int64"})], {"axes": (1,), "keepdims": 1})
     ctx.selected[n] = _Grouped(ctx.selected[src], counts)
     return out
@@ -221,11 +219,15 @@ def _grouped_read(ctx: CaptureContext, n: torch.fx.Node, name: str, reads: list[
 def _select_from_end(ctx: CaptureContext, x: ComputationNode, counts: ComputationNode, i: int) -> ComputationNode:
     """Position ``counts + i`` (``i < 0``) of each leading row of ``x`` along axis 1, that axis dropped."""
     at = ctx.emit(Op.ADD, [counts, as_dtype(ctx, i, "int64")])  # [B, 1]
-    lead = (x.shape[0], 1) + (1,) * (len(x.shape) - 2)
-    index = ctx.emit(Op.EXPAND, [ctx.emit(Op.RESHAPE, [at], {"shape": lead})],
-                     {"shape": (x.shape[0], 1, *x.shape[2:])})
-    picked = ctx.emit(Op.GATHER_ELEMENTS, [x, index], {"axis": 1})
-    return ctx.emit(Op.RESHAPE, [picked], {"shape": (x.shape[0], *x.shape[2:])})
+    return ctx.emit(Op.RESHAPE, [_take_positions(ctx, x, at, 1)], {"shape": (x.shape[0], *x.shape[2:])})
+
+
+def _take_positions(ctx: CaptureContext, x: ComputationNode, at: ComputationNode, k: Any) -> ComputationNode:
+    """``x`` ``[B, S, ...]`` at ``k`` positions of each leading row along axis 1 (``at``, int64 ``[B, k]``):
+    ``[B, k, ...]``."""
+    lead = (x.shape[0], k) + (1,) * (len(x.shape) - 2)
+    index = ctx.emit(Op.EXPAND, [ctx.emit(Op.RESHAPE, [at], {"shape": lead})], {"shape": (x.shape[0], k, *x.shape[2:])})
+    return ctx.emit(Op.GATHER_ELEMENTS, [x, index], {"axis": 1})
 
 
 def _fx_args(n: torch.fx.Node) -> list[torch.fx.Node]:
