@@ -660,8 +660,8 @@ def trace_with_torch_export(
     :func:`convert_fx_graph` converts the program.
     A model with a ``config.use_cache`` (Hugging Face) is traced with it off, and restored after:
     the graph's outputs hold no key/value cache (see :mod:`flora_graph.frontend.model_outputs`).
-    Where the exported graph holds in-place ops (``add_``, ``index_put_``), the program is
-    functionalized (no decompositions); a graph without them pays only the check. Where
+    Where the exported graph holds in-place ops (``add_``, ``index_put_``) or a region run with autocast off, the
+    program is functionalized (no decompositions); a graph without them pays only the check. Where
     torch.export asks for a lower or upper bound on a named dim, it is applied and the export retried;
     where it refuses a guard without a bound to suggest, it infers the dims' ranges (``Dim.AUTO``).
 
@@ -697,7 +697,8 @@ def trace_with_torch_export(
                 ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
                 if auto:
                     _bounds_inferred(ep, model, len(args), dynamic_dims, hi, lo, applied, first)
-                if mutations.plan(ep.graph.nodes, ATEN_TABLE, _lifted(ep))[1]:  # in-place ops capture cannot take as they are
+                if mutations.plan(ep.graph.nodes, ATEN_TABLE, _lifted(ep))[1] or _wrapped(ep):
+                    # in-place ops capture cannot take as they are, or regions torch.export wrapped: retraced
                     ep = _functionalize(ep, type(model).__name__)
                 ep = decompose_unconverted(ep)
                 break
@@ -943,13 +944,25 @@ def _without_dead_state(ep: torch.export.ExportedProgram) -> torch.export.Export
     return ep._update(ep.graph_module, torch.export.graph_signature.ExportGraphSignature(sig.input_specs, keep))
 
 
+_WRAPPERS = frozenset(getattr(torch.ops.higher_order, name) for name in ("wrap_with_autocast", "wrap_with_set_grad_enabled")
+                      if hasattr(torch.ops.higher_order, name))
+"""Higher-order ops torch.export wraps a region of the model in (``with torch.autocast(..., enabled=False):``, as
+Qwen3-MoE's experts run), which the retrace of :func:`_functionalize` inlines."""
+
+
+def _wrapped(ep: torch.export.ExportedProgram) -> bool:
+    """Whether ``ep`` holds a region in one of the :data:`_WRAPPERS`."""
+    return any(n.op == "call_function" and n.target in _WRAPPERS for n in ep.graph.nodes)
+
+
 def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.export.ExportedProgram:
     """``ep`` with its in-place ops made functional (``add_`` -> ``add``, ``index_put_`` -> ``index_put``).
 
     ``run_decompositions`` functionalizes; its table holds only the decompositions of the ops without a
     converter (:func:`_decompositions`, in the same retrace): ``linear``, ``scaled_dot_product_attention``,
     ``layer_norm`` and the LoRA op stay whole. Run only where the graph holds an in-place op that
-    :func:`.mutations.plan` cannot convert as it is, as it retraces the program. A mutation that outlives
+    :func:`.mutations.plan` cannot convert as it is, or a region in one of the :data:`_WRAPPERS` (which the
+    retrace inlines), as it retraces the program. A mutation that outlives
     the call (a buffer or an input written in place) has no place in a graph without state, and is refused,
     except a buffer's whose value on entry nothing reads (:func:`_without_dead_state`).
     """
@@ -1119,12 +1132,16 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
         env[n.args[0]] = env[mutations.written_root(n.args[0])] = out
         if (cut := mutations.sliced_base(n.args[0])) is not None:  # a slice's write: scattered back into its base
             base, cuts = cut
-            scatter = ATEN_TABLE[torch.ops.aten.slice_scatter.default]
             whole = out
-            for i in range(len(cuts) - 1, -1, -1):  # the innermost slice first, into the one it was cut from
-                _, dim, start, end, step = cuts[i]
-                outer = env[cuts[i - 1][0]] if i else env[base]
-                whole = scatter(ctx, outer, whole, dim, start, end, step)
+            for i in range(len(cuts) - 1, -1, -1):  # the innermost cut first, into the one it was cut from
+                c = cuts[i]
+                outer = cuts[i - 1].node if i else base
+                if c.select:
+                    whole = ATEN_TABLE[torch.ops.aten.select_scatter.default](ctx, env[outer], whole, c.dim, c.start)
+                else:
+                    whole = ATEN_TABLE[torch.ops.aten.slice_scatter.default](ctx, env[outer], whole, c.dim, c.start,
+                                                                             c.end, c.step)
+                env[outer] = whole  # a cut on the way that is read again sees the write
             env[base] = env[mutations.written_root(base)] = whole
     return out
 

@@ -9,9 +9,11 @@ CPU for T5, DeBERTa-v2 or Falcon). An in-place op needs no retrace when it write
   refuses a write into a constant the module holds), seen through ops that change autograd metadata only
   (``detach_``);
 - is nobody's view and has no view taken of it (a write through a view, or seen through one,
-  reaches memory the op's result does not stand for), or is a static slice of such a tensor
-  (``k[..., :d].copy_(k_nope)``, as latent attention fills its keys: :func:`sliced_base`), written as a
-  ``slice_scatter`` into it, where no other view of it taken before the write is read after;
+  reaches memory the op's result does not stand for), or is a static slice or select of such a tensor
+  (``k[..., :d].copy_(k_nope)``, as latent attention fills its keys; ``ids[:, 0] = start_id``, as BART shifts its
+  decoder's tokens; ``t = freq[0]; t[..., 1::3] = ...``, as Qwen3.5 lays out its rotary frequencies:
+  :func:`sliced_base`), written as a ``slice_scatter`` / ``select_scatter`` into it and into each cut on the way,
+  where no other view of any of them taken before the write is read after;
 - keeps its dtype under the functional op (no float scalar added in place to an int tensor).
 
 Such an op is its functional twin (``add_.Tensor`` -> ``add.Tensor``) whose result replaces the
@@ -23,11 +25,11 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Collection, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["AUTOGRAD_ONLY", "functional_of", "plan", "sliced_base", "written_root"]
+__all__ = ["AUTOGRAD_ONLY", "Cut", "functional_of", "plan", "sliced_base", "written_root"]
 
 AUTOGRAD_ONLY = frozenset({torch.ops.aten.detach_.default})
 """In-place ops that change autograd metadata only, never a value: converted as the identity, and no
@@ -115,35 +117,54 @@ def written_root(n: Any) -> Any:
     return n
 
 
-def _slice_args(n: Any) -> tuple[torch.fx.Node, int, int, int | None, int] | None:
-    """``(input, dim, start, end, step)`` of an ``aten.slice.Tensor`` node at static bounds, else ``None``."""
-    if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is torch.ops.aten.slice.Tensor):
+class Cut(NamedTuple):
+    """One static view of :func:`sliced_base`'s chain: ``node`` is ``input[..., start:end:step]`` along ``dim``, or
+    where ``select``, ``input.select(dim, start)`` (that one place, the axis dropped)."""
+
+    node: torch.fx.Node
+    dim: int
+    start: int
+    end: int | None
+    step: int
+    select: bool = False
+
+
+def _cut_args(n: Any) -> tuple[torch.fx.Node, Cut] | None:
+    """``(input, its cut)`` of an ``aten.slice.Tensor`` node at static bounds or an ``aten.select.int`` node at a
+    static index, else ``None``."""
+    if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+        return None
+    if n.target is torch.ops.aten.select.int:
+        base, dim, index = n.args
+        if not isinstance(base, torch.fx.Node) or not isinstance(dim, int) or not isinstance(index, int):
+            return None
+        return base, Cut(n, dim, index, None, 1, select=True)
+    if n.target is not torch.ops.aten.slice.Tensor:
         return None
     base, dim, start, end, step = (list(n.args) + [0, None, None, 1][len(n.args) - 1:])[:5]
     if not isinstance(base, torch.fx.Node) or not all(isinstance(v, int) or v is None for v in (dim, start, end, step)):
         return None
-    return base, int(dim), start or 0, end, step or 1
+    return base, Cut(n, int(dim), start or 0, end, step or 1)
 
 
-def sliced_base(n: Any) -> tuple[torch.fx.Node, list[tuple[torch.fx.Node, int, int, int | None, int]]] | None:
-    """Where ``n`` is a static slice of a static slice ... of a tensor (``h[:, :5]`` is two slices): ``(that
-    tensor, [(slice node, dim, start, end, step), ...])`` from the tensor's slice to ``n``, each slice but ``n``
-    read by the next alone; else ``None``."""
+def sliced_base(n: Any) -> tuple[torch.fx.Node, list[Cut]] | None:
+    """Where ``n`` is a static slice or select of a static slice ... of a tensor (``h[:, :5]`` is two slices,
+    ``ids[:, 0]`` a select): ``(that tensor, [cut, ...])`` from the tensor's cut to ``n``; else ``None``. A cut on
+    the way may have other readers (``t = freq[0]`` written slice by slice): a write updates it too."""
     cuts = []
-    while (args := _slice_args(n)) is not None:
-        cuts.append((n, *args[1:]))
-        n = args[0]
-        if _slice_args(n) is not None and len(n.users) != 1:
-            return None
+    while (args := _cut_args(n)) is not None:
+        n, cut = args
+        cuts.append(cut)
     return (n, cuts[::-1]) if cuts else None
 
 
-def _stale_views(base: torch.fx.Node, write: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
-    """Whether a view of ``base`` taken before ``write`` (the write's outermost slice), or a view of that view, is read
-    after it (it would see the write)."""
+def _stale_views(base: torch.fx.Node, write: torch.fx.Node, order: dict[torch.fx.Node, int],
+                 chain: Collection[torch.fx.Node] = ()) -> bool:
+    """Whether a view of ``base`` taken before ``write``, or a view of that view, is read after it (it would see the
+    write); the views in ``chain`` (those a write into a slice was cut through, which the write updates) aside."""
     at = order[write]
-    views = [v for v in base.users if v is not write and _is_view(v) and v.target not in AUTOGRAD_ONLY
-             and order.get(v, at + 1) < at]
+    views = [v for v in base.users if v is not write and v not in chain and _is_view(v)
+             and v.target not in AUTOGRAD_ONLY and order.get(v, at + 1) < at]
     while views:
         v = views.pop()
         for u in v.users:
@@ -179,11 +200,12 @@ def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any,
               and not any(_stale_views(v, n, order) for v in {root, written}))
         if not ok and twin is not None and twin in converters and (cut := sliced_base(written)) is not None:
             base = written_root(cut[0])  # a slice of a tensor the call made: scattered back into it
+            chain = {base, cut[0], *(c.node for c in cut[1])}  # what the write updates
             ok = (isinstance(base, torch.fx.Node) and set(written.users) == {n}
                   and ((base.op == "call_function" and (base in safe or not _is_view(base)))
                        or (base.op == "placeholder" and base.name in constants))
                   and _dtype(written) is not None and _keeps_dtype(n, _dtype(written))
-                  and not any(_stale_views(b, cut[1][0][0], order) for b in {cut[0], base}))
+                  and not any(_stale_views(b, n, order, chain) for b in chain))
         if ok:
             safe[n] = twin
         else:

@@ -340,6 +340,11 @@ def slice_size(dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
     if negative_end and step == 1 and isinstance(start, int) and start >= 0 \
             and (size := subtract_dims(dim, start - end)) is not None:
         return size  # x[:-1] of a named dim: dim-1, as torch.export sizes it (it assumes dim >= 1)
+    if negative_end and step > 1 and isinstance(start, int) and start >= 0 \
+            and (rest := subtract_dims(dim, start - end + 1)) is not None:
+        # x[a:-b:s] of a named dim: ceil((dim - b - a) / s) = (dim - b - a - 1) // s + 1, as torch.export sizes it
+        # (it assumes dim - b > a); Funnel's factorized attention pools x[:-1:2] of its seq + 1 positions
+        return add_dims(floor_divide_dim(rest, step), 1)
     if to_end and step == 1 and isinstance(start, int) and start > 0 and (size := subtract_dims(dim, start)) is not None:
         return size  # x[1:] of a named dim: dim-1 likewise (MobileBERT's trigram embedding)
     if to_end and step > 1 and isinstance(start, int) and start >= 0 and not isinstance(dim, int) \

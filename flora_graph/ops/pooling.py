@@ -1,14 +1,16 @@
 """Pooling, resizing and sampling: ``MaxPool2d``, ``AvgPool2d``, ``Resize``, ``GridSample``.
 
 Each op is declared once with :func:`~flora_graph.ops.registry.define`: schema, shape rule,
-numpy semantics, ONNX rule and torch rule side by side. All take NCHW input, with static
-spatial dims except ``GridSample``; windows follow torch (symmetric padding; floor mode, or with
-``ceil_mode=1`` torch's ceil mode: one more window where the last would cover part of the input,
-none starting in the right padding). ONNX Runtime's ``ceil_mode`` agrees with torch's, but
-``onnx``'s shape inference does not where a window would start in the padding, so the lowering
-writes ceil mode as floor mode over extra right padding instead (exact for max pooling and for an
-average that excludes the padding or has none; an average that counts its padding in ceil mode is
-refused by the shape rule where it gains a window).
+numpy semantics, ONNX rule and torch rule side by side. All take NCHW input, ``Resize`` with static
+spatial dims. Windows follow torch (symmetric padding; floor mode, or with ``ceil_mode=1`` torch's ceil
+mode: one more window where the last would cover part of the input, none starting in the right
+padding). ONNX Runtime's ``ceil_mode`` agrees with torch's, but ``onnx``'s shape inference does not
+where a window would start in the padding, so the lowering writes ceil mode over static sizes as floor
+mode over extra right padding instead (exact for max pooling and for an average that excludes the
+padding or has none; an average that counts its padding in ceil mode is refused by the shape rule
+where it gains a window). A dynamic H or W pools in floor mode, or in ceil mode where no window can
+start past the input (no padding, windows at least as long as their stride: Funnel's pooling of its
+sequence), which ONNX's own ``ceil_mode`` then counts alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from flora_graph.errors import ShapeError
 from flora_graph.ir.node import ComputationNode
 from flora_graph.ir.ops import AttrSpec
-from flora_graph.ir.shapes import canonical_dim, format_shape, window_count
+from flora_graph.ir.shapes import Dim, add_dims, canonical_dim, floor_divide_dim, format_shape, window_count
 from flora_graph.ops._infer import same_float_dtype
 from flora_graph.ops._onnx import dims_tensor
 from flora_graph.ops._torch import ints
@@ -44,10 +46,14 @@ def _check_nchw(what: str, x, *, static: bool = True) -> None:
 
 def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
     ceil = bool(attrs.get("ceil_mode", 0))
-    _check_nchw(what, x, static=ceil)  # a dynamic H or W has ((H+2p-d(k-1)-1)//s)+1 positions (floor mode)
+    _check_nchw(what, x, static=False)  # a dynamic H or W has ((H+2p-d(k-1)-1)//s)+1 positions (floor mode)
     for name in ("kernel", "stride", "padding"):
         if len(attrs[name]) != 2:
             raise ShapeError(f"{what}: {name} must have 2 values, got {attrs[name]}")
+    if ceil and not all(isinstance(d, int) for d in x[2:]) and not _ceil_native(attrs, dilation):
+        raise ShapeError(f"{what}: ceil mode over a dynamic H or W needs padding 0 and windows at least as long as "
+                         f"their stride, got {format_shape(x)} with kernel {tuple(attrs['kernel'])}, stride "
+                         f"{tuple(attrs['stride'])}, padding {tuple(attrs['padding'])}")
     out = []
     for size, k, s, p, d in zip(x[2:], attrs["kernel"], attrs["stride"], attrs["padding"], dilation, strict=True):
         if min(k, s, d) < 1 or p < 0 or 2 * p > k:
@@ -59,11 +65,23 @@ def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
     return (x[0], x[1], *out)
 
 
-def ceil_window_count(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+def _ceil_native(attrs, dilation=(1, 1)) -> bool:
+    """Whether ceil mode's windows need no correction: no padding, and each window (``d (k - 1) + 1`` long) at least
+    as long as its stride, so that none starts past the input. ONNX's ``ceil_mode`` then counts torch's windows at any
+    size, a dynamic one too, and a window's taps inside the input are all it averages."""
+    return not any(attrs["padding"]) and all(d * (k - 1) + 1 >= s for k, s, d in
+                                             zip(attrs["kernel"], attrs["stride"], dilation, strict=True))
+
+
+def ceil_window_count(size: Dim, kernel: int, stride: int, padding: int, dilation: int = 1) -> Dim:
     """torch's ceil-mode window count: ``ceil((size + 2 padding - dilation (kernel - 1) - 1) / stride) + 1``,
     less one where the last window would start in the right padding. At least 1 where a window
-    starts inside the input, however short the input (``ShapeError`` otherwise)."""
+    starts inside the input, however short the input (``ShapeError`` otherwise). A dynamic ``size`` is
+    a floor-division dim, for the windows :func:`_ceil_native` takes (no padding, none shorter than its stride)."""
     span = dilation * (kernel - 1) + 1
+    if not isinstance(size, int):  # padding 0, span >= stride (_ceil_native): ceil((size - span) / stride) + 1,
+        # which is (size - span + stride - 1) // stride + 1
+        return add_dims(floor_divide_dim(canonical_dim(f"{canonical_dim(size)}-{span - stride + 1}"), stride), 1)
     n = -(-(size + 2 * padding - span) // stride) + 1
     if (n - 1) * stride >= size + padding:
         n -= 1
@@ -74,8 +92,8 @@ def ceil_window_count(size: int, kernel: int, stride: int, padding: int, dilatio
 
 def _ceil_extra(x_shape, attrs, dilation=(1, 1)) -> tuple[int, int]:
     """The right padding beyond ``padding`` that makes floor mode count ceil mode's windows (0 in floor mode)."""
-    if not attrs.get("ceil_mode", 0):
-        return (0, 0)
+    if not attrs.get("ceil_mode", 0) or not all(isinstance(v, int) for v in x_shape[2:]):
+        return (0, 0)  # floor mode; or a dynamic size, which ONNX's own ceil mode pools (_ceil_native)
     extra = []
     for size, k, s, p, d in zip(x_shape[2:], attrs["kernel"], attrs["stride"], attrs["padding"], dilation, strict=True):
         n = ceil_window_count(size, k, s, p, d)
@@ -133,15 +151,37 @@ def _ceil_pool(x: np.ndarray, kernel, stride, padding, dilation, count_include_p
     return out
 
 
+def _onnx_ceil(node: ComputationNode) -> dict[str, int]:
+    """``ceil_mode=1`` where ceil mode pools a dynamic H or W (:func:`_ceil_native` windows); nothing where the lowering
+    writes ceil mode as floor mode over extra right padding (static sizes) or the node pools in floor mode."""
+    dynamic = not all(isinstance(v, int) for v in node.inputs[0].shape[2:])
+    return {"ceil_mode": 1} if node.attrs.get("ceil_mode", 0) and dynamic else {}
+
+
 def _onnx_max_pool(ctx: Any, node: ComputationNode, out: str) -> None:
     (ph, pw), a = node.attrs["padding"], node.attrs
     eh, ew = _ceil_extra(node.inputs[0].shape, a, a["dilation"])
     ctx.emit("MaxPool", ctx.args(node), [out], kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-             pads=[ph, pw, ph + eh, pw + ew], dilations=list(a["dilation"]))
+             pads=[ph, pw, ph + eh, pw + ew], dilations=list(a["dilation"]), **_onnx_ceil(node))
+
+
+def _torch_ceil_pad(node: ComputationNode, x: str, dilation=(1, 1)) -> str | None:
+    """Where ceil mode pools a dynamic H or W: ``F.pad``'s right padding of ``x`` that makes floor mode count its
+    windows (``-(size - span) % stride`` per axis, which torch.export keeps symbolic; its ceil mode guards the window
+    that would start past the input, and fixes the size); else ``None``."""
+    a = node.attrs
+    if not a.get("ceil_mode", 0) or all(isinstance(v, int) for v in node.inputs[0].shape[2:]):
+        return None
+    (sh, sw), (kh, kw), (dh, dw) = a["stride"], a["kernel"], dilation
+    return (f"[0, (-({x}.shape[3] - {dw * (kw - 1) + 1})) % {sw}, "
+            f"0, (-({x}.shape[2] - {dh * (kh - 1) + 1})) % {sh}]")
 
 
 def _torch_max_pool(node: ComputationNode, args: list[str]) -> str:
     a = node.attrs
+    if (pad := _torch_ceil_pad(node, args[0], a["dilation"])) is not None:  # no padding of its own (_ceil_native)
+        return (f"F.max_pool2d(F.pad({args[0]}, {pad}, value=float('-inf')), {ints(a['kernel'])}, "
+                f"{ints(a['stride'])}, 0, {ints(a['dilation'])})")
     return (f"F.max_pool2d({args[0]}, {ints(a['kernel'])}, {ints(a['stride'])}, {ints(a['padding'])}, "
             f"{ints(a['dilation'])}, {bool(a['ceil_mode'])})")
 
@@ -184,14 +224,20 @@ def _numpy_avg_pool(x: np.ndarray, *, kernel, stride, padding, count_include_pad
 def _onnx_avg_pool(ctx: Any, node: ComputationNode, out: str) -> None:
     (ph, pw), a = node.attrs["padding"], node.attrs
     eh, ew = _ceil_extra(node.inputs[0].shape, a)
-    # the extra padding of ceil mode is never counted: with no other padding, count_include_pad changes nothing
-    cip = int(a["count_include_pad"]) if not (eh or ew) else 0
+    ceil = _onnx_ceil(node)
+    # the extra padding of ceil mode is never counted: with no other padding, count_include_pad changes nothing;
+    # ONNX's own ceil mode (no padding) divides a window by its taps inside the input, as torch does, only without it
+    cip = int(a["count_include_pad"]) if not (eh or ew or ceil) else 0
     ctx.emit("AveragePool", ctx.args(node), [out], kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-             pads=[ph, pw, ph + eh, pw + ew], count_include_pad=cip)
+             pads=[ph, pw, ph + eh, pw + ew], count_include_pad=cip, **ceil)
 
 
 def _torch_avg_pool(node: ComputationNode, args: list[str]) -> str:
     a = node.attrs
+    if (pad := _torch_ceil_pad(node, args[0])) is not None:  # no padding of its own: each window's taps inside x
+        k, st, x = ints(a["kernel"]), ints(a["stride"]), args[0]
+        ones = f"F.pad(torch.ones_like({x}), {pad})"
+        return f"(F.avg_pool2d(F.pad({x}, {pad}), {k}, {st}) / F.avg_pool2d({ones}, {k}, {st}))"
     return (f"F.avg_pool2d({args[0]}, {ints(a['kernel'])}, {ints(a['stride'])}, {ints(a['padding'])}, "
             f"{bool(a['ceil_mode'])}, {bool(a['count_include_pad'])})")
 

@@ -315,6 +315,14 @@ ROWS = [
     Row("empty_like", lambda x: torch.empty_like(x).fill_(0.5) * x, [randn(-1, 3)], ("empty_like.default",), {0: 0}),
     Row("native_dropout_eval", lambda x: aten.native_dropout(x, 0.3, False), [randn(-1, 3)],
         ("native_dropout.default",), {0: 0}),
+    # XLNet's -torch.eye(qlen) over a dynamic length; a rectangular one; Flux's torch.outer(positions, omega)
+    Row("eye_of_a_dynamic_size", lambda x: -torch.eye(x.shape[0], dtype=x.dtype) + x[:, :1], [randn(-1, 3)],
+        ("eye.default",), {0: 0}),
+    Row("eye_rectangular", lambda x: torch.eye(x.shape[0], 3) * x, [randn(-1, 3)], ("eye.m",), {0: 0}),
+    Row("outer", lambda x, y: torch.outer(x[:, 1], y), [randn(-1, 3), randn(4)], ("outer.default",), {0: 0}),
+    Row("ger", lambda x, y: aten.ger(y, x[:, 0]), [randn(-1, 3), randn(4)], ("ger.default",), {0: 0}),
+    # a fill by a 0-d tensor (BART writes its decoder's start token so, ids[:, 0] = start)
+    Row("fill_by_a_tensor", lambda x: aten.fill.Tensor(x, x[1, 2]) - x, [randn(-1, 3)], ("fill.Tensor",), {0: 0}),
 ]
 """The rows; ``CORE_TARGETS`` are the converters they run."""
 

@@ -358,6 +358,56 @@ class SliceStaleView(nn.Module):
         return v + y[:, :3]
 
 
+class SelectFilled(nn.Module):
+    """BART's decoder tokens: ``x`` shifted right into a tensor made in the call (a slice of a ``select``), its first
+    place set to a start value (``fill_`` of a select of a select, by a 0-d tensor), then another select written from
+    ``y`` and scaled in place: each write a ``select_scatter`` (a ``slice_scatter`` inside one) into the tensor, no
+    retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], 2, 6)
+        h[:, 0, 1:] = x[:, :-1]
+        h[:, 0, 0] = 7.0
+        h[:, 1] = y
+        h[:, -1].mul_(-2)
+        return h + 1
+
+
+class SelectStaleView(nn.Module):
+    """A view taken before a select's write and read after it (it sees the write): a retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        v = h[:, :2]
+        h[:, 0] = 0.5
+        return v + y[:, :2]
+
+
+class SharedCutFilled(nn.Module):
+    """Qwen3.5's rotary layout: ``t = f[0]`` (a select other writes and reads share), strided slices of it written from
+    ``f``'s other rows, then ``t`` read: each write a ``slice_scatter`` into ``t`` and a ``select_scatter`` into ``f``,
+    no retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        f = torch.stack([x, y, x * y])
+        t = f[0]
+        t[..., 1::3] = f[1, ..., 1::3]
+        t[..., 2::3] = f[2, ..., 2::3]
+        return torch.cat([t, f[0] * 2], dim=-1)
+
+
+class ViewAfterCutStale(nn.Module):
+    """A view taken after the written slice was cut but before the write, read after it (it sees the write): a
+    retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        s = h[:, :4]
+        v = h[:, 3:]
+        s.mul_(0)
+        return v + y[:, :3]
+
+
 def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, object]:
     module = importlib.import_module("flora_graph.frontend.capture")  # the module: the package exports capture()
     calls: list[str] = []
@@ -370,7 +420,9 @@ def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, o
 @pytest.mark.parametrize(("model", "retrace"), [(Fresh, False), (MadeConstant, False), (SliceFilled, False),
                                                 (SliceStaleView, True), (ThroughView, True), (ViewReadAfter, True),
                                                 (SplitItem, True), (SameDtypeTo, False), (InPlaceStale, True),
-                                                (ClonedState, False), (AliasedState, False)])
+                                                (ClonedState, False), (AliasedState, False),
+                                                (SelectFilled, False), (SelectStaleView, True),
+                                                (SharedCutFilled, False), (ViewAfterCutStale, True)])
 def test_in_place_ops_convert_without_a_retrace_only_where_no_view_shares_them(model, retrace, monkeypatch) -> None:
     torch.manual_seed(0)
     m = model().eval()
@@ -390,3 +442,30 @@ def test_functional_twins() -> None:
     assert functional_of(aten.masked_fill_.Scalar) is aten.masked_fill.Scalar
     assert functional_of(aten.index_put_.default) is aten.index_put.default
     assert functional_of(aten.add.Tensor) is None  # nothing written
+
+
+class AutocastOff(nn.Module):
+    """A region run with autocast off (``with torch.autocast(..., enabled=False)``, as Qwen3-MoE routes its experts),
+    with no in-place op: torch.export wraps it in ``wrap_with_autocast``, which the retrace inlines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            h = self.proj(x.float()).softmax(-1)
+        return h * y[:, :4]
+
+
+def test_a_region_with_autocast_off_is_inlined(monkeypatch) -> None:
+    torch.manual_seed(0)
+    m = AutocastOff().eval()
+    calls, g = _retraces(m, monkeypatch)
+    assert calls == 1
+    for backend in ("numpy", "onnxruntime"):
+        exe = compile(g, backend)
+        for k, batch in enumerate((2, 5)):
+            feeds = _feeds(batch, k + 1)
+            got = exe(**{n: v.numpy() for n, v in feeds.items()})
+            np.testing.assert_allclose(next(iter(got.values())), _eager(m, feeds), atol=ATOL, rtol=RTOL)

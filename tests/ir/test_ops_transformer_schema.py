@@ -161,6 +161,19 @@ def test_strided_slice_of_a_named_dim_to_its_end(start, step) -> None:
         assert eval_dim(size, {"seq": n}) == len(range(n)[start::step]), (size, n)
 
 
+@pytest.mark.parametrize(("dim", "start", "end", "step"), [("seq+1", 0, -1, 2), ("seq", 1, -2, 3), ("seq", 0, -1, 2),
+                                                           ("seq+4", 2, -3, 4)])
+def test_strided_slice_of_a_named_dim_to_a_negative_end(dim, start, end, step) -> None:
+    """``x[a:-b:s]`` of a named dim (Funnel's factorized attention pools ``x[:-1:2]`` of its seq + 1 positions):
+    ``ceil((dim - b - a) / s)``, a floor division, equal to Python's count at every size where ``dim - b > a``."""
+    size = slice_size(dim, start, end, step)
+    assert isinstance(size, str) and "//" in size
+    for n in range(1, 40):
+        d = eval_dim(dim, {"seq": n})
+        if d + end > start:
+            assert eval_dim(size, {"seq": n}) == len(range(d)[start:end:step]), (size, n)
+
+
 @pytest.mark.parametrize(("dim", "start", "end", "step"), [("seq", -3, 1, 1), (256, 1, "seq", 1), ("seq", "batch", END, 1),
                                                            ("seq", 0, "batch", 1), ("past_seq", 0, "past_seq+seq", 1),
                                                            ("2*seq-3", 0, "seq-3", 1), ("2*seq-3", 0, "2*seq", 1),

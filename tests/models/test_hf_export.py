@@ -222,6 +222,36 @@ def test_a_perceiver_text_classifier_exports_on_token_ids_and_its_mask(tmp_path)
     np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
 
 
+def test_a_funnel_classifier_with_factorized_attention_exports_on_a_dynamic_sequence(tmp_path) -> None:
+    """Funnel's factorized attention pools its position embeddings ``x[:-1:2]`` of ``seq + 1`` rows, and its states
+    with a ceil-mode average over the sequence: sizes of a dynamic ``seq`` that the CLI's file keeps (torch.onnx
+    exports it too), within tolerance of eager PEFT at another batch and an odd length, left-padded."""
+    cfg = transformers.FunnelConfig(vocab_size=VOCAB, block_sizes=[1, 1], d_model=32, n_head=4, d_head=8, d_inner=64,
+                                    num_decoder_layers=1, max_position_embeddings=MAX_POS, num_labels=3,
+                                    attention_type="factorized")
+    torch.manual_seed(0)
+    save_with_adapter(transformers.FunnelForSequenceClassification(cfg), tmp_path, r=4,
+                      target_modules=["q_head", "v_head"])
+    out = tmp_path / "funnel"
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
+                 "--out", str(out)]) == 0
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("input_ids", ["batch", "seq"]),
+                                                              ("attention_mask", ["batch", "seq"])]
+    x = load_model(tmp_path / "model", attention_mask=True).check_inputs
+    assert x["input_ids"].shape[1] % 2 and (x["attention_mask"] == 0).any()  # a short last window, and padding
+    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
+    with torch.no_grad():
+        want = eager(**x).logits.numpy()
+        with eager.disable_adapter():
+            assert np.abs(eager(**x).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
+    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
+    even = {k: v[:, :-1] for k, v in x.items()}  # an even length: every window whole
+    with torch.no_grad():
+        want = eager(**even).logits.numpy()
+    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), even), want, atol=TOL, rtol=TOL)
+
+
 def test_a_perceiver_image_classifier_exports_on_pixels_named_inputs(tmp_path) -> None:
     """Perceiver's image classifiers take their pixels as ``inputs`` (``[batch, channels, size, size]`` at the
     config's image size): the CLI builds them, batch dynamic, and the file gives eager PEFT's logits at another batch."""

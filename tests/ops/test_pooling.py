@@ -71,6 +71,17 @@ CASES = [
     Case("avg_pool_ceil_pad_exclude", {"x": X},
          op(Op.AVG_POOL2D, "x", kernel=(3, 2), stride=(2, 2), padding=(1, 1), count_include_pad=0, ceil_mode=1),
          lambda x: F.avg_pool2d(x, (3, 2), 2, 1, ceil_mode=True, count_include_pad=False), capture=("avg_pool2d.default",)),
+    # ceil mode over a dynamic height (windows no shorter than their stride, no padding: ONNX's own ceil mode), at
+    # odd heights (a last window cut short) and even ones; Funnel pools its sequence so, x[:, None, :, :] by (2, 1)
+    Case("max_pool_ceil_dynamic_height", {"x": In(("batch", 3, "seq+2", 9))},
+         op(Op.MAX_POOL2D, "x", kernel=(3, 2), stride=(2, 2), ceil_mode=1),
+         lambda x: F.max_pool2d(x, (3, 2), 2, ceil_mode=True), capture=("max_pool2d.default",)),
+    Case("avg_pool_ceil_dynamic_height", {"x": In(("batch", 1, "seq+2", 5))},
+         op(Op.AVG_POOL2D, "x", kernel=(2, 1), stride=(2, 1), ceil_mode=1),
+         lambda x: F.avg_pool2d(x, (2, 1), (2, 1), ceil_mode=True), capture=("avg_pool2d.default",)),
+    Case("avg_pool_ceil_dynamic_even_height", {"x": In(("batch", 2, "seq+1", 9))},
+         op(Op.AVG_POOL2D, "x", kernel=(3, 3), stride=(2, 2), ceil_mode=1),
+         lambda x: F.avg_pool2d(x, 3, 2, ceil_mode=True), capture=("avg_pool2d.default",)),
     # EfficientNet's pooler: a kernel wider than the feature map, one window in ceil mode, the input's mean
     Case("avg_pool_ceil_kernel_past_input", {"x": X}, op(Op.AVG_POOL2D, "x", kernel=(64, 64), stride=(64, 64), ceil_mode=1),
          lambda x: F.avg_pool2d(x, 64, ceil_mode=True), capture=("avg_pool2d.default",)),
@@ -146,3 +157,22 @@ def test_unsupported_forms_are_refused_by_name(fn, what):
 
     with pytest.raises(UnsupportedOpError, match=what):
         capture(M(), torch.randn(2, 3, 8, 9))
+
+
+@pytest.mark.parametrize(("fn", "what"), [
+    (lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False), "padding 0"),
+    (lambda x: F.max_pool2d(x, 2, 3, ceil_mode=True), "at least as long as"),
+], ids=["padding", "stride_past_window"])
+def test_ceil_mode_over_a_dynamic_height_is_refused_where_a_window_could_start_past_the_input(fn, what):
+    """torch drops a ceil-mode window that would start in the right padding (or past the input), which a dynamic size
+    leaves open: refused by name, where the same pooling over a static size converts."""
+    from flora_graph.errors import ShapeError
+    from flora_graph.frontend import capture
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    capture(M(), torch.randn(2, 3, 8, 9))
+    with pytest.raises(ShapeError, match=what):
+        capture(M(), torch.randn(2, 3, 8, 9), {"x": {2: "h"}})

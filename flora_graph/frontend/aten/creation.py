@@ -6,7 +6,9 @@ float), else ``Arange`` with the dynamic bounds as dim attributes (``Arange(end=
 ``full_like``/``ones_like``/``zeros_like`` -> a constant when every size is static, else
 ``Expand`` of a scalar to the named sizes; ``empty.memory_format``/``empty_strided``/``empty_like``
 -> zeros the same way (torch leaves their values unspecified; strides and memory formats are
-layouts, which the IR does not have); ``scalar_tensor`` -> a rank-0 constant.
+layouts, which the IR does not have); ``scalar_tensor`` -> a rank-0 constant; ``eye`` (``n``, or ``n, m``) -> a
+constant when both sizes are static, else ``Equal`` of two ``Arange`` s (rows against columns) cast to the dtype
+(XLNet's ``torch.eye(qlen)`` mask).
 """
 
 from __future__ import annotations
@@ -158,3 +160,24 @@ def _scalar_tensor(ctx, value, **kwargs):
     if isinstance(value, SymDim):
         return as_dtype(ctx, value, out_dtype(ctx))
     return ctx.new_param(ctx.fx_node.name, np.asarray(value, dtype=out_dtype(ctx)))
+
+
+@register(aten.eye.default, aten.eye.m)
+def _eye(ctx, n, m=None, **kwargs):
+    """``n x m`` (``m``: ``n``) ones on the diagonal: a constant, or where a size is dynamic, row index == column
+    index."""
+    dtype = out_dtype(ctx)
+    n = dim_of(ctx, n)
+    m = n if m is None else dim_of(ctx, m)
+    if isinstance(n, int) and isinstance(m, int):
+        return ctx.new_param(ctx.fx_node.name, np.eye(n, m, dtype=dtype))
+
+    def positions(size: Any, axis: int) -> ComputationNode:
+        if isinstance(size, int):
+            count = ctx.new_param(f"{ctx.fx_node.name}_{axis}", np.arange(size, dtype=np.int64))
+        else:
+            count = ctx.emit(Op.ARANGE, [], {"start": 0, "end": size, "step": 1, "dtype": "int64"})
+        return ctx.emit(Op.UNSQUEEZE, [count], {"axes": (axis,)})
+
+    same = ctx.emit(Op.EQUAL, [positions(n, 1), positions(m, 0)])
+    return ctx.emit(Op.CAST, [same], {"to": dtype})

@@ -14,8 +14,8 @@ computes in); ``ceil``/``floor``/``round``/``trunc`` (nothing on integers); ``ma
 negative); ``atan2`` (and ``atan2.out``), ``fmod``, ``remainder`` (``Tensor``, ``Scalar``);
 ``div`` with a ``rounding_mode`` and ``floor_divide`` (``Div``, then ``Trunc``/``Floor``; integer floor division
 through ``Remainder``); ``softplus`` (``beta``, ``threshold``) -> ``Where(beta x > threshold, x, Log1p(Exp(beta x)) /
-beta)``; ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; ``fill.Scalar``
--> ``Expand`` of the value; ``eq``/``ne``/``lt``/
+beta)``; ``elu`` (``scale`` as a ``Mul``), ``leaky_relu``; ``isinf``/``isnan``; ``fill`` (``.Scalar``, ``.Tensor``)
+-> ``Expand`` of the value; ``outer`` / ``ger`` -> ``Mul`` of the vectors unsqueezed; ``eq``/``ne``/``lt``/
 ``le``/``gt``/``ge`` -> ``Equal`` (``ne``: plus ``Not``), ``Less``, ``LessOrEqual``,
 ``Greater``, ``GreaterOrEqual``; ``logical_*``/``bitwise_*`` on bool tensors (and a bool scalar) ->
 ``Not``/``And``/``Or``/``Xor``; ``where`` and ``masked_fill`` -> ``Where``; ``triu``/``tril`` (a constant
@@ -127,6 +127,14 @@ def _add(ctx, a, b, *, alpha=1):
 
 register(aten.sub.Tensor, aten.sub.Scalar)(_binary(Op.SUB))
 register(aten.mul.Tensor, aten.mul.Scalar)(_binary(Op.MUL))
+
+
+@register(aten.outer.default, aten.ger.default)
+def _outer(ctx, a, b):
+    """``a[:, None] * b[None, :]`` of two vectors (Flux's rotary frequencies, ``torch.outer(pos, omega)``)."""
+    dtype = out_dtype(ctx)
+    rows = ctx.emit(Op.UNSQUEEZE, [operand(ctx, a, dtype)], {"axes": (1,)})
+    return ctx.emit(Op.MUL, [rows, ctx.emit(Op.UNSQUEEZE, [operand(ctx, b, dtype)], {"axes": (0,)})])
 
 
 @register(aten.div.Tensor, aten.div.Scalar)
@@ -466,9 +474,10 @@ def _div_mode(ctx, a, b, *, rounding_mode=None):
     raise refuse(ctx, f"div with rounding_mode={rounding_mode!r}")
 
 
-@register(aten.fill.Scalar)
+@register(aten.fill.Scalar, aten.fill.Tensor)
 def _fill(ctx, x, value):
-    """``value`` in ``x``'s dtype, expanded to ``x``'s shape."""
+    """``value`` (a number, or a 0-d tensor: ``x[:, 0] = start_id`` writes one) in ``x``'s dtype, expanded to ``x``'s
+    shape."""
     return ctx.emit(Op.EXPAND, [as_dtype(ctx, value, x.dtype)], {"shape": tuple(x.shape)})
 
 

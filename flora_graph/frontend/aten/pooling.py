@@ -1,8 +1,9 @@
 """ATen converters that emit the pooling family (``MaxPool2d``, ``AvgPool2d``, ``Resize``, ``GridSample``).
 
 ``max_pool2d`` / ``max_pool2d_with_indices`` (values only; the indices refused when used) ->
-``MaxPool2d``; ``avg_pool2d`` -> ``AvgPool2d`` (``divisor_override`` refused; ``ceil_mode`` needs static H
-and W, and an average that counts its padding is refused in ceil mode where that gains a window);
+``MaxPool2d``; ``avg_pool2d`` -> ``AvgPool2d`` (``divisor_override`` refused; ``ceil_mode`` over a dynamic H
+or W needs windows that cannot start past the input, and an average that counts its padding is refused in ceil
+mode where that gains a window);
 ``adaptive_avg_pool2d`` / ``_adaptive_avg_pool2d`` and ``adaptive_max_pool2d`` (values only) -> ``ReduceMean`` /
 ``ReduceMax`` over H, W for a 1x1 output, else ``AvgPool2d`` / ``MaxPool2d`` when each input size is divisible
 by its output size, else torch's (maybe overlapping) windows one axis after the other, a ``Slice`` and a
@@ -56,11 +57,9 @@ def _nchw(ctx, x) -> None:
 
 
 def _ceil(ctx, x, ceil_mode) -> dict[str, int]:
-    """The ``ceil_mode`` attribute: ceil mode needs static H and W (floor mode takes dynamic ones)."""
-    if not ceil_mode:
-        return {}
-    _spatial(ctx, x)
-    return {"ceil_mode": 1}
+    """The ``ceil_mode`` attribute (over a dynamic H or W, the IR's shape rule takes windows that cannot start past
+    the input alone, and refuses the others by name)."""
+    return {"ceil_mode": 1} if ceil_mode else {}
 
 
 def _max_pool(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
