@@ -443,6 +443,11 @@ register("xmod", "encoder", encoder("XmodConfig", "XmodModel", pad_token_id=1, l
 register("fnet", "encoder", lambda: token_case(lora(hf("FNetConfig", "FNetModel", **{
     k: v for k, v in SMALL.items() if k != "num_attention_heads"}, pad_token_id=0), target_modules=["dense"]),
     mask=False, dim_max=BOUNDED), "token mixing by a 2-D FFT (fftn over tokens and features, real part)")
+register("funnel", "encoder", encoder("FunnelConfig", "FunnelModel", vocab_size=VOCAB, block_sizes=[1, 1], d_model=32,
+                                      n_head=4, d_head=8, d_inner=64, num_decoder_layers=1,
+                                      max_position_embeddings=MAX_POS, attention_type="factorized",
+                                      lora_cfg={"target_modules": ["q_head", "v_head"]}),
+         "the sequence pooled between blocks (ceil-mode average, x[:-1:2] of seq + 1 positions), upsampled back")
 register("mpnet", "encoder", encoder("MPNetConfig", "MPNetModel", pad_token_id=1,
                                      **{**SMALL, "max_position_embeddings": MAX_POS + 2}),
          "relative position buckets shared by the layers")
