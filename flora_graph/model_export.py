@@ -134,7 +134,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     check input pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``; an
     encoder-decoder model (T5, BART, Whisper, ...) takes ``decoder_input_ids`` ``[batch, dec_seq]`` too.
     Its outputs are named as transformers names them (``logits``, ``last_hidden_state``,
-    ``pooler_output``: ``spec.output_names``). Where the config has ``max_position_embeddings`` (BERT, GPT-2,
+    ``pooler_output``: ``spec.output_names``). A multiple-choice head (``BertForMultipleChoice``) takes each token
+    input as ``[batch, choices, seq]``, all three dynamic. Where the config has ``max_position_embeddings`` (BERT, GPT-2,
     Llama), ``"seq"`` is bounded by it (``dim_max``): BERT and GPT-2 slice a learned position
     table by the sequence length, which ``torch.export`` accepts only under a bound.
 
@@ -208,6 +209,12 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         example = _hf_inputs(vocab, 2, min(2 * chunk + 1, dim_max.get("seq", 2 * chunk + 1)), 0, attention_mask, types)
     dims = {n: {0: "batch", 1: "seq"} for n in example}
     check = _hf_inputs(vocab, 3, min(11, dim_max.get("seq", 11)), 1, attention_mask, types)
+    if _is_multiple_choice(model):  # [batch, choices, seq]: each choice a row of its own, scored against the others
+        example = _hf_inputs(vocab, 2 * 3, example["input_ids"].shape[1], 0, attention_mask, types)
+        check = _hf_inputs(vocab, 3 * 4, check["input_ids"].shape[1], 1, attention_mask, types)
+        example = {n: t.view(2, 3, -1) for n, t in example.items()}
+        check = {n: t.view(3, 4, -1) for n, t in check.items()}
+        dims = {n: {0: "batch", 1: "choices", 2: "seq"} for n in example}
     eos = _classified_at_eos(model)
     if eos is not None:  # every row ends its text with one end-of-sequence token, as a tokenizer gives it
         for inputs in (example, check):
@@ -251,6 +258,15 @@ def _reads_encoder_positions(model: torch.nn.Module) -> bool:
 
     heads = (auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES)
     return any(type(model).__name__ in (v if isinstance(v, tuple | list) else (v,)) for m in heads for v in m.values())
+
+
+def _is_multiple_choice(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a multiple-choice head (``BertForMultipleChoice``): it takes its tokens as ``[batch,
+    choices, seq]`` and gives one score per choice, as Optimum's multiple-choice exports take them."""
+    from transformers.models.auto import modeling_auto as auto
+
+    names = auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values()
+    return any(type(model).__name__ in (v if isinstance(v, tuple | list) else (v,)) for v in names)
 
 
 def _classified_at_eos(model: torch.nn.Module) -> int | None:

@@ -222,6 +222,37 @@ def test_a_perceiver_text_classifier_exports_on_token_ids_and_its_mask(tmp_path)
     np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("arch", ["BertForMultipleChoice", "RobertaForMultipleChoice"])
+def test_a_multiple_choice_head_exports_on_tokens_per_choice(arch, tmp_path) -> None:
+    """A multiple-choice head scores each of a row's choices: the CLI exports it on ``[batch, choices, seq]`` tokens
+    and mask, all three dynamic (as Optimum's multiple-choice exports), ``logits`` ``[batch, choices]``, within
+    tolerance of eager PEFT at other batch, choice and sequence sizes, a padded choice among them."""
+    config_cls = transformers.BertConfig if arch.startswith("Bert") else transformers.RobertaConfig
+    pad = {} if arch.startswith("Bert") else {"pad_token_id": 1}
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=MAX_POS + 2, **pad)
+    torch.manual_seed(0)
+    save_with_adapter(getattr(transformers, arch)(cfg), tmp_path, r=4, lora_alpha=256, target_modules=["query", "value"])
+    out = tmp_path / "choices"
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
+                 "--out", str(out)]) == 0
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    assert {(i.name, tuple(i.shape)) for i in sess.get_inputs()} >= {("input_ids", ("batch", "choices", "seq")),
+                                                                     ("attention_mask", ("batch", "choices", "seq"))}
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    x = load_model(tmp_path / "model", attention_mask=True).check_inputs
+    assert x["input_ids"].shape[:2] == (3, 4) and (x["attention_mask"] == 0).any()
+    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
+    for feeds in (x, {k: v[:2, :3, 1:].contiguous() for k, v in x.items()}):
+        with torch.no_grad():
+            want = eager(**feeds).logits.numpy()
+            with eager.disable_adapter():
+                assert np.abs(eager(**feeds).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
+        assert want.shape == feeds["input_ids"].shape[:2]
+        got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})[0]
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
 def test_a_funnel_classifier_with_factorized_attention_exports_on_a_dynamic_sequence(tmp_path) -> None:
     """Funnel's factorized attention pools its position embeddings ``x[:-1:2]`` of ``seq + 1`` rows, and its states
     with a ceil-mode average over the sequence: sizes of a dynamic ``seq`` that the CLI's file keeps (torch.onnx
