@@ -198,7 +198,8 @@ class Generator:
             ``group_rows`` this applies to the weights that are not grouped (embedding and conv slots, DoRA magnitudes,
             slots' biases).
         group_rows: rows with different adapters run their ``Linear`` slots in groups, one per adapter
-            (``MixedAdapterSession(group_rows=True)``): each adapter's weights read once a step however many
+            (``MixedAdapterSession(group_rows=True)``; below :data:`MIXED_ONLY_BYTES`, rows that share no adapter
+            run on a per-row session, ``distinct_rows_per_row``): each adapter's weights read once a step however many
             rows use it, and held once. ``benchmarks/generate.py --shared-rows N --shared-adapters K`` on its tiny
             Llama (one thread): 1.42x the tokens/s of per-row weights for 32 rows over 4 adapters, 1.09x for 8 over
             3, 0.99x for 8 rows over 8 adapters (two small gathers per slot); ``False``: per-row weights.
@@ -288,7 +289,10 @@ class Generator:
             self._plain = OrtModel(self.package / MODEL_FILE, **options)
         self._mixed_mode = mixed
         self._mixed_file = self.package / MIXED_FILE if adapter_files and mixed is not False else None
+        # below MIXED_ONLY_BYTES the base weights are held twice anyway (the package's model beside the mixed one):
+        # rows that share no adapter run on a per-row session of the mixed model, where grouping gains nothing
         self._mixed_options = {"per_row_weights": per_row_weights, "group_rows": group_rows,
+                               "distinct_rows_per_row": not self._mixed_only,
                                "require_checksum": require_checksum, **options}
         self._mixed_session = None
         self._adapter_files: dict[str, Path] = dict(adapter_files)  # the adapters served, in load order
@@ -447,7 +451,7 @@ class Generator:
             return shared.run(self._single.model.session, ("single", one), token, lambda: inputs, tokens, lengths,
                               vocab, lambda: f"generation step with adapter {one!r}" if one else "generation step")
         token, inputs = self._mixed.adapter_inputs(adapters)
-        return shared.run(self._mixed.model.session, ("mixed", tuple(adapters)), token, lambda: inputs, tokens,
+        return shared.run(self._mixed.model_for(adapters).session, ("mixed", tuple(adapters)), token, lambda: inputs, tokens,
                           lengths, vocab, lambda: f"mixed generation step with adapters {sorted({a for a in adapters if a})}")
 
     def load_adapter(self, name: str, source: str | Path, *, replace: bool = False) -> None:

@@ -211,6 +211,20 @@ def _read_model(model: ModelSource) -> tuple[onnx.ModelProto, str, Path | None]:
         raise ServingError(f"cannot read {where} as an ONNX model ({type(exc).__name__}: {exc})") from None
 
 
+@dataclass
+class _Layout:
+    """One session of a mixed model and what its calls feed: ``rows`` ``{rows input: stack}`` (each row's own
+    weights), ``groups`` ``{groups input: stack}`` (each adapter's, once a call), ``reads`` its inputs (``None``: the
+    model as exported, every stack and ``adapter_index``), ``stacked`` the stacks it reads whole."""
+
+    model: OrtModel
+    rows: dict[str, str]
+    groups: dict[str, str]
+    reads: set[str] | None
+    stacked: list[str] = field(default_factory=list)
+    takes_index: bool = True
+
+
 @dataclass(frozen=True)
 class _AdapterSet:
     names: tuple[str, ...]
@@ -249,15 +263,20 @@ class MixedAdapterSession:
         group_rows: serve the ``Linear`` slots as :func:`~flora_graph.serving.grouped.group_rows` rewrites
             them: the rows that use one adapter run together on that adapter's weights, read once a call however
             many rows use it (the other slots as ``per_row_weights`` says).
+        distinct_rows_per_row: with ``group_rows`` and ``per_row_weights``, also hold the model as
+            ``per_row_weights`` alone rewrites it, a second session, and serve it a call whose rows each use another
+            adapter (or none): grouping reads nothing less there and costs two gathers a slot (8% of an 8-row step
+            over 8 adapters of the deployable-LLM benchmark's model). The model's weights are held twice.
         **options: session options as for :class:`~flora_graph.serving.session.AdapterSession`.
     """
 
     def __init__(self, model: ModelSource, adapters: Mapping[str, AdapterSource] | None = None, *,
                  require_checksum: bool = False, per_row_weights: bool = False, group_rows: bool = False,
-                 **options: Any) -> None:
+                 distinct_rows_per_row: bool = False, **options: Any) -> None:
         self.require_checksum = require_checksum
         self._rows: dict[str, str] = {}  # {rows input: stack} of a per_row_weights session
         self._groups: dict[str, str] = {}  # {groups input: stack} of a group_rows session
+        self._twin: _Layout | None = None  # distinct_rows_per_row: the per-row session, for rows that share no adapter
         if per_row_weights or group_rows:  # the graph is read (weights left on disk) and rewritten before a session exists
             proto, where, folder = _read_model(model)
             metadata, inputs = {p.key: p.value for p in proto.metadata_props}, {i.name for i in proto.graph.input}
@@ -269,23 +288,35 @@ class MixedAdapterSession:
             raise ServingError(f"{where} is a {kind!r} export, not a mixed one (export_mixed)")
         still = None  # what the rewritten model reads besides the rows' weights
         if per_row_weights or group_rows:
+            weighted = {n for s in self.slots if s.kind != "experts" for n in stacked_inputs(s)}
+            twin = None
+            if distinct_rows_per_row and group_rows and per_row_weights and weighted:
+                twin = onnx.ModelProto()
+                twin.CopyFrom(proto)
             if group_rows:  # Linear slots on groups of rows, one per adapter of the call
                 self._groups = grouped.group_rows(proto, self.slots)
             # the other slots, with per_row_weights: each row's own weights (experts slots read their stacks whole:
             # each pair picks its expert of its row's adapter)
-            left = {n for s in self.slots if s.kind != "experts" for n in stacked_inputs(s)} - set(self._groups.values())
+            left = weighted - set(self._groups.values())
             if per_row_weights and left:
                 self._rows = per_row_inputs(proto, left)
             if self._rows or self._groups:
                 still = {i.name for i in proto.graph.input}
             self.model = OrtModel(proto.SerializeToString(), where=where, external_data_dir=folder, **options)
+            if twin is not None and self._groups:  # every slot on the rows' own weights, as per_row_weights alone
+                rows = per_row_inputs(twin, weighted)
+                self._twin = _Layout(OrtModel(twin.SerializeToString(), where=where, external_data_dir=folder,
+                                              **options), rows, {}, {i.name for i in twin.graph.input})
         self.spec = param_spec(self.slots)
         self.spec.unpacks = packed_from_metadata(self.model.metadata, self.model.where)  # files packed for model.onnx
         # what each call feeds besides the request: the stacks (inputs with a one-slot default) and the
         # index, where the model reads them, and the rows' own weights
         stacked = [n for s in self.slots for n in stacked_inputs(s)]
-        self._stacked = stacked if still is None else [n for n in stacked if n in still]
-        self._takes_index = still is None or INDEX_INPUT in still
+        self._main = _Layout(self.model, self._rows, self._groups, still)
+        for layout in (self._main, self._twin):
+            if layout is not None:
+                layout.stacked = stacked if layout.reads is None else [n for n in stacked if n in layout.reads]
+                layout.takes_index = layout.reads is None or INDEX_INPUT in layout.reads
         self._request = [n for n in self.model.inputs if n != INDEX_INPUT and n not in stacked and n not in self._rows
                          and n not in self._groups and n not in (grouped.ROWS_INPUT, grouped.PLACES_INPUT)]
         self._lock = threading.Lock()
@@ -363,47 +394,61 @@ class MixedAdapterSession:
                                         f"{len(current.names)} adapters {list(current.names)} take 0..{len(current.names) - 1} "
                                         f"(-1: no adapter)")
             idx = idx.astype(np.int64)
-            feeds.update(self._weights(current, idx))
+            layout = self._layout(idx)
+            feeds.update(self._weights(current, idx, layout))
         else:
-            idx, weights = self._rows_of(current, self._row_names(adapters, rows))
+            idx, weights, layout = self._rows_of(current, self._row_names(adapters, rows))
             feeds.update(weights)
-        return self.model.run(feeds, None, lambda: f"mixed batch with adapters {sorted({current.names[i] for i in idx if i >= 0})}")
+        return layout.model.run(feeds, None,
+                                lambda: f"mixed batch with adapters {sorted({current.names[i] for i in idx if i >= 0})}")
 
     def adapter_inputs(self, adapters: Sequence[str | None]) -> tuple[object, dict[str, np.ndarray]]:
         """``(token, {input: array})``: the adapter inputs of rows using ``adapters`` (the stacks and
-        ``adapter_index``, or the rows' own weights), for an ``IOBinding`` run; ``token`` is the adapter
-        set (a new object after :meth:`set_adapters`). The last answer is kept for the next call with
-        the same rows. Raises :class:`UnknownAdapterError` naming the row."""
+        ``adapter_index``, or the rows' own weights), for an ``IOBinding`` run of :meth:`model_for` those rows;
+        ``token`` is the adapter set (a new object after :meth:`set_adapters`). The last answer is kept for the next
+        call with the same rows. Raises :class:`UnknownAdapterError` naming the row."""
         current = self._set
         return current, self._rows_of(current, list(adapters))[1]
 
-    def _rows_of(self, current: _AdapterSet, names: list[str | None]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """``(adapter_index, adapter inputs)`` of rows using ``names``; the last answer is kept on the set."""
+    def model_for(self, adapters: Sequence[str | None]) -> OrtModel:
+        """The session that serves rows using ``adapters``: :attr:`model`, or with ``distinct_rows_per_row`` the
+        per-row one where no two rows share an adapter. Raises :class:`UnknownAdapterError` naming the row."""
+        return self._layout(self._indices(self._set, list(adapters))).model
+
+    def _layout(self, idx: np.ndarray) -> _Layout:
+        """The layout that serves rows ``idx``: the per-row twin where it is held and no two rows share an index."""
+        return self._twin if self._twin is not None and len(np.unique(idx)) == len(idx) else self._main
+
+    def _rows_of(self, current: _AdapterSet, names: list[str | None]
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray], _Layout]:
+        """``(adapter_index, adapter inputs, the layout they are for)`` of rows using ``names``; the last answer is
+        kept on the set."""
         key = tuple(names)
         hit = current.bound.get(key)
         if hit is None:
             idx = self._indices(current, names)
-            hit = (idx, self._weights(current, idx))
+            layout = self._layout(idx)
+            hit = (idx, self._weights(current, idx, layout), layout)
             current.bound.clear()
             current.bound[key] = hit
         return hit
 
-    def _weights(self, current: _AdapterSet, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """The adapter inputs of rows ``idx`` of set ``current``."""
-        out = {n: current.feeds[n] for n in self._stacked}
-        if self._takes_index:
+    def _weights(self, current: _AdapterSet, idx: np.ndarray, layout: _Layout) -> dict[str, np.ndarray]:
+        """The adapter inputs of rows ``idx`` of set ``current``, as ``layout`` reads them."""
+        out = {n: current.feeds[n] for n in layout.stacked}
+        if layout.takes_index:
             out[INDEX_INPUT] = idx
         # entries of the stacks (-1: the last, zero slot, as Gather reads it), cut to the largest rank among them
-        taken = {name: (_cut(current, stack, idx), idx) for name, stack in self._rows.items()}
-        if self._groups:  # one entry per adapter of the call, [groups, 1, ...]: broadcast over each group's rows
+        taken = {name: (_cut(current, stack, idx), idx) for name, stack in layout.rows.items()}
+        if layout.groups:  # one entry per adapter of the call, [groups, 1, ...]: broadcast over each group's rows
             slots, out[grouped.ROWS_INPUT], out[grouped.PLACES_INPUT] = grouped.row_groups(idx)
-            taken.update({name: (_cut(current, stack, slots), slots) for name, stack in self._groups.items()})
+            taken.update({name: (_cut(current, stack, slots), slots) for name, stack in layout.groups.items()})
         # side by side in huge pages: a decode step reads them all, as it reads the model's weights
         arrays = huge_pages.zeros({name: ((len(which), *src.shape[1:]), src.dtype) for name, (src, which) in taken.items()},
-                                  self.model.asks_huge_pages)
+                                  layout.model.asks_huge_pages)
         for name, (src, which) in taken.items():
             np.take(src, which, axis=0, out=arrays[name])
-            out[name] = arrays[name][:, None] if name in self._groups else arrays[name]
+            out[name] = arrays[name][:, None] if name in layout.groups else arrays[name]
         return out
 
     @staticmethod

@@ -65,9 +65,12 @@ def test_step_arrays_in_huge_page_mappings_give_eager_tokens(package: Path, fold
 
     monkeypatch.setattr(huge_pages, "MIN_BYTES", 0)
     backed, plain = Generator(package), Generator(package, huge_pages=False)
-    assert not any(m.huge_pages.reason == "not asked for" for m in (backed._single.model, backed._mixed.model))
-    assert all(m.huge_pages.reason == "not asked for" for m in (plain._single.model, plain._mixed.model))
-    adapters = ["qdown", None, "all7"]
+    adapters = ["qdown", None, "all7"]  # no two rows share an adapter: the mixed model's per-row session serves them
+    assert backed._mixed.model_for(adapters) is not backed._mixed.model
+    assert not any(m.huge_pages.reason == "not asked for"
+                   for m in (backed._single.model, backed._mixed.model, backed._mixed.model_for(adapters)))
+    assert all(m.huge_pages.reason == "not asked for"
+               for m in (plain._single.model, plain._mixed.model, plain._mixed.model_for(adapters)))
     batch = backed.batch()
     batch.add_many(PROMPTS, adapters=adapters, max_new_tokens=9, min_new_tokens=9)  # eos held back, as eager
     _, inputs = backed._mixed.adapter_inputs(adapters)
@@ -77,8 +80,11 @@ def test_step_arrays_in_huge_page_mappings_give_eager_tokens(package: Path, fold
             a = a.base
         return isinstance(a.base, memoryview) and isinstance(a.base.obj, mmap.mmap)
 
-    weights = [v for k, v in inputs.items() if k.endswith(".groups")]
+    weights = [v for k, v in inputs.items() if k.endswith(".rows")]
     assert weights and all(mapped(v) for v in weights) and all(mapped(c) for c in batch.shared.arrays)
+    _, sharing = backed._mixed.adapter_inputs(["all7", None, "all7"])  # rows that share one: grouped, once each
+    groups = [v for k, v in sharing.items() if k.endswith(".groups")]
+    assert groups and all(mapped(v) for v in groups)
     _, single = backed._single.adapter_inputs("all7")  # one adapter's weights for the one-adapter model: one block
     ptrs = sorted(v.data_ptr() for v in single.values())
     assert len(ptrs) > 2 and ptrs[-1] - ptrs[0] < sum(int(np.prod(v.shape())) * 4 + 64 for v in single.values())

@@ -27,7 +27,9 @@ def sessions(served):
     return {"gathering": MixedAdapterSession(served.mixed, adapters, intra_op_threads=1),
             "grouped": MixedAdapterSession(served.mixed, adapters, intra_op_threads=1, group_rows=True),
             "grouped+per-row": MixedAdapterSession(served.mixed, adapters, intra_op_threads=1, group_rows=True,
-                                                   per_row_weights=True)}
+                                                   per_row_weights=True),
+            "grouped+distinct": MixedAdapterSession(served.mixed, adapters, intra_op_threads=1, group_rows=True,
+                                                    per_row_weights=True, distinct_rows_per_row=True)}
 
 
 def test_the_rewrite_groups_the_linear_slots_and_leaves_the_others(served):
@@ -52,11 +54,30 @@ def test_the_rewrite_groups_the_linear_slots_and_leaves_the_others(served):
                                    ["a", "b", "c", "a", "b", "c"]])
 def test_same_outputs_as_the_gathering_model(served, sessions, images, names):
     want = sessions["gathering"].run({"image": images}, names)["output"]
-    for kind in ("grouped", "grouped+per-row"):
+    for kind in ("grouped", "grouped+per-row", "grouped+distinct"):
         assert sessions[kind].input_names == ["image"]
         out = sessions[kind].run({"image": images}, names)["output"]
         np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
         np.testing.assert_allclose(out, per_row_reference(served, names, images), atol=ATOL)
+
+
+@pytest.mark.parametrize(("names", "per_row"), [(["a", "b", "c", None], True), (["c", None, "a"], True),
+                                             (["a", "b", "a"], False), ([None, "c", None], False), (["b"], True)])
+def test_rows_that_share_no_adapter_run_on_the_per_row_session(served, sessions, images, names, per_row):
+    """``distinct_rows_per_row``: rows that each use another adapter (or none) run on the per-row session, which reads
+    each row's own weights and no groups; rows that share one run grouped; both give the gathering model's outputs."""
+    s = sessions["grouped+distinct"]
+    model = s.model_for(names)
+    assert (model is not s.model) == per_row
+    _, inputs = s.adapter_inputs(names)
+    assert (ROWS_INPUT in inputs) == (not per_row)
+    assert ("fc_in.lora_A.stack" + ROWS_SUFFIX in inputs) == per_row
+    assert set(inputs) <= set(model.inputs)
+    x = images[:len(names)]
+    want = sessions["gathering"].run({"image": x}, names)["output"]
+    np.testing.assert_allclose(s.run({"image": x}, names)["output"], want, rtol=0, atol=1e-6)
+    idx = s.indices(names, len(names))
+    np.testing.assert_allclose(s.run({"image": x}, adapter_index=idx)["output"], want, rtol=0, atol=1e-6)
 
 
 def test_each_adapter_is_fed_once_cut_to_the_calls_largest_rank(served, sessions):
