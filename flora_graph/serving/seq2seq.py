@@ -367,9 +367,10 @@ class Seq2SeqGenerator:
         self._mixed_mode = mixed_mode(mixed, self.package, mixed_files=list(self._mixed_paths.values()),
                                       weight_files=[*files.values(), self.package / DATA_FILE], adapters=bool(found),
                                       small="lazy")
-        # rows sharing an adapter run together on its weights (Linear slots), the other slots on each row's own
+        # rows sharing an adapter run together on its weights (Linear slots), the other slots on each row's own;
+        # rows that share none on a per-row session, where the parts' own models hold the base weights twice anyway
         self._mixed_options = {"require_checksum": require_checksum, "per_row_weights": True, "group_rows": True,
-                               **options}
+                               "distinct_rows_per_row": self._mixed_mode != "only", **options}
         self._mixed: dict[str, MixedAdapterSession | None] = {}
         # None: the part's mixed model serves every row (mixed="only"), its own model is not loaded
         self.models: dict[str, AdapterSession | _BaseOnly | None] = {}
