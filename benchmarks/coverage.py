@@ -419,6 +419,10 @@ register("distilbert", "encoder", encoder("DistilBertConfig", "DistilBertModel",
 register("xlnet", "encoder", encoder("XLNetConfig", "XLNetLMHeadModel", vocab_size=VOCAB, d_model=32, n_layer=2,
                                      n_head=4, d_inner=64, use_mems_eval=False),
          "relative positions counted down past zero, arange(klen, -qlen, -1.0) (torch.onnx fails)")
+register("deberta", "encoder", encoder("DebertaConfig", "DebertaModel", relative_attention=True,
+                                       pos_att_type=["c2p", "p2c"], max_relative_positions=-1,
+                                       position_biased_input=False, **SMALL),
+         "disentangled attention over relative embeddings cut by torch.tensor(min(seq, max)) read back as numbers")
 register("deberta-v2", "encoder", encoder("DebertaV2Config", "DebertaV2Model", relative_attention=True,
                                           position_buckets=16, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
                                           **SMALL), "disentangled relative attention")

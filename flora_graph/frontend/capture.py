@@ -31,6 +31,7 @@ import numpy as np
 import sympy
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._sympy.functions import FloorDiv
 
 from flora_graph.adapters import adapters_of
@@ -113,6 +114,7 @@ class CaptureContext:
         self.share_weights = share_weights  # the graph's weights are views of the model's tensors
         self.adapters = dict(adapters)
         self.symbols = symbols  # sympy symbol name -> IR dim name
+        self.unbacked: dict[Any, Any] = {}  # a symbol torch made for a size read back as a number -> that size
         self.in_place: Mapping[torch.fx.Node, Any] = {}  # in-place fx nodes -> their functional twin
         self.selected: dict[torch.fx.Node, Any] = {}  # fx nodes of rows a bool mask picked -> that mask (selected_rows)
         self.fx_node: torch.fx.Node | None = None
@@ -207,12 +209,20 @@ class CaptureContext:
         """``value`` with every weight it holds made a ``Const`` node (once per weight)."""
         return _realize(self, value)
 
+    def size_expr(self, d: Any) -> Any:
+        """The sympy expression of torch size ``d`` (a SymInt or an expression), the sizes read back as numbers
+        (:attr:`unbacked`) written as what they are."""
+        expr = d.node.expr if isinstance(d, torch.SymInt) else d
+        if self.unbacked and isinstance(expr, sympy.Basic) and expr.free_symbols & self.unbacked.keys():
+            expr = expr.xreplace(self.unbacked)
+        return expr
+
     def ir_dim(self, d: Any, env: Any = None) -> Dim:
         """A torch size (int or SymInt) as an IR dim; ``env``: the shape env of a sympy expression ``d`` (a part of
         a SymInt's), which bounds it."""
         if isinstance(d, int):
             return d
-        expr = d.node.expr if isinstance(d, torch.SymInt) else d
+        expr = self.size_expr(d)
         env = d.node.shape_env if isinstance(d, torch.SymInt) else env
         if isinstance(expr, sympy.Integer):
             return int(expr)
@@ -220,6 +230,13 @@ class CaptureContext:
             return self.symbols.get(expr.name, expr.name)
         if (exact := _exact_rounding(expr)) is not None:  # math.ceil(0.5 * tokens): integer arithmetic
             return self.ir_dim(exact, env)
+        if env is not None and type(expr).__name__ not in ("Min", "Max") and any(
+                type(a).__name__ in ("Min", "Max") for a in sympy.preorder_traversal(expr)):
+            # a Min / Max inside (DeBERTa's 64 - min(seq, 64)): each that one argument decides, that argument
+            resolved = expr.xreplace({a: arg for a in sympy.preorder_traversal(expr) if type(a).__name__ in ("Min", "Max")
+                                      and (arg := _dominant_arg(env, a)) is not None})
+            if resolved != expr:
+                return self.ir_dim(resolved, env)
         if env is not None and self.dim_max:  # one value up to the dim_max asked (one chunk of a scan)
             if expr not in self._one_values:
                 self._one_values[expr] = _one_value(env, expr, {
@@ -299,6 +316,17 @@ def _dominant_arg(shape_env: Any, expr: Any) -> Any:
 
     lo = max(0, bound(getattr(rng, "lower", None)) or 0)
     hi = bound(getattr(rng, "upper", None))
+    if hi is not None and all(sympy.Poly(arg, sym).degree() <= 1 for arg in expr.args if not any(
+            isinstance(a, FloorDiv) for a in sympy.preorder_traversal(arg))) and not any(
+            isinstance(a, FloorDiv) for arg in expr.args for a in sympy.preorder_traversal(arg)):
+        # affine arguments over a bounded range: one that wins at both ends wins everywhere between (DeBERTa's
+        # min(seq, 64) where seq is at most 64)
+        ends = [[int(arg.subs(sym, n)) for n in (lo, hi)] for arg in expr.args]
+        wins = min if type(expr).__name__ == "Min" else max
+        for k, mine in enumerate(ends):
+            if all(wins(v, m) == m for other in ends for v, m in zip(other, mine, strict=True)):
+                return expr.args[k]
+        return None
     if period > _PERIOD:
         return None
     whole = hi is not None and hi - lo < 2 * period  # the range is short: every size of it is checked
@@ -1111,6 +1139,10 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     kwargs = torch.fx.node.map_aggregate(n.kwargs, val)
     if _checked_alone(n):
         return None
+    if (value := _size_item(n)) is not None:  # a size torch.tensor() held, read back: the size
+        if isinstance(n.meta["val"].node.expr, sympy.Symbol):
+            ctx.unbacked[n.meta["val"].node.expr] = ctx.size_expr(value)
+        return SymDim(ctx.ir_dim(value, n.meta["val"].node.shape_env))
     if n.target is torch.ops.aten.sym_size.int or _is_shape_arith(n):
         return SymDim(ctx.ir_dim(n.meta["val"]))
     if n.target in NO_TENSOR_OPS or _is_size_check(n) or _is_float_size(n):
@@ -1146,6 +1178,20 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
     return out
 
 
+def _torch_size(ctx: CaptureContext, dim: Dim, env: Any) -> Any:
+    """IR dim ``dim`` as a sympy expression of torch's symbols (those of shape env ``env`` that
+    :attr:`CaptureContext.symbols` names), or a symbol of its own where it names others."""
+    if isinstance(dim, int):
+        return sympy.Integer(dim)
+    names = {ctx.symbols[sym.name]: sym for sym in getattr(env, "var_to_range", {})
+             if isinstance(ctx.symbols.get(sym.name), str) and is_dim_name(ctx.symbols[sym.name])}
+    try:
+        expr = sympy.sympify(dim, locals=names)
+    except (sympy.SympifyError, TypeError, SyntaxError):
+        return sympy.Symbol(dim)
+    return expr if expr.free_symbols <= set(names.values()) else sympy.Symbol(dim)
+
+
 def _reads_bfloat16_weights(args: Any, kwargs: Any) -> bool:
     """Whether an op reads weights alone, one of them bfloat16 (RecurrentGemma's ``normalizer``, which its forward
     converts to the activations' type): torch computes it at capture, as the model would, so that the graph holds the
@@ -1169,17 +1215,61 @@ def _is_float_size(n: torch.fx.Node) -> bool:
 
 
 def _is_size_check(n: torch.fx.Node) -> bool:
-    """A comparison of sizes that only runtime assertions read (``_assert_scalar(ge(u0, 0))``): no tensor; or a
+    """A comparison of sizes that only runtime assertions read (``_assert_scalar(ge(u0, 0))``), or nothing: no tensor; or a
     tensor's value read as a number that only such checks read (XLM's and Flaubert's ``assert lengths.max().item()
     <= slen``): the check holds for every input eager takes, and the graph keeps no Python assertion."""
     if n.target in _READS_A_NUMBER:
         return isinstance(n.meta.get("val"), torch.SymInt) and bool(n.users) \
             and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)
-    return isinstance(n.meta.get("val"), torch.SymBool) and bool(n.users) \
-        and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)  # through and_ / or_
+    return isinstance(n.meta.get("val"), torch.SymBool) \
+        and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)  # through and_ / or_; or read by none
 
 
 _READS_A_NUMBER = (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
+
+_SIZE_ARITH = {torch.ops.aten.add.Tensor: lambda a, b: a + b, torch.ops.aten.add.Scalar: lambda a, b: a + b,
+               torch.ops.aten.sub.Tensor: lambda a, b: a - b, torch.ops.aten.sub.Scalar: lambda a, b: a - b,
+               torch.ops.aten.rsub.Tensor: lambda a, b: b - a, torch.ops.aten.rsub.Scalar: lambda a, b: b - a,
+               torch.ops.aten.mul.Tensor: lambda a, b: a * b, torch.ops.aten.mul.Scalar: lambda a, b: a * b}
+_SIZE_SAME = (torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten._to_copy.default,
+              torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
+
+
+def _size_value(v: Any, depth: int = 0) -> Any:
+    """The sympy expression of the integer ``v`` holds, where it is computed from sizes alone: a Python int, a size
+    (a ``SymInt`` node), or an integer tensor of one value made from them (``torch.tensor(min(q_len, k_len))``:
+    ``scalar_tensor``, then ``+``, ``-``, ``*`` with such values); else ``None``."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return sympy.Integer(v)
+    if not isinstance(v, torch.fx.Node) or depth > 32:
+        return None
+    val = v.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        return val.node.expr if v.op == "placeholder" or _is_shape_arith(v) or v.target is torch.ops.aten.sym_size.int \
+            else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 0 or val.dtype.is_floating_point or val.dtype.is_complex \
+            or val.dtype == torch.bool or v.op != "call_function":
+        return None
+    if v.target is torch.ops.aten.scalar_tensor.default:
+        return _size_value(v.args[0], depth + 1)
+    if (v.target in _SIZE_SAME or getattr(v.target, "overloadpacket", None) is torch.ops.aten.to) and v.args:
+        return _size_value(v.args[0], depth + 1)  # an integer copy of it (its dtype checked above)
+    if v.target in _SIZE_ARITH and len(v.args) == 2 and not v.kwargs.get("alpha", 1) != 1:
+        a, b = (_size_value(x, depth + 1) for x in v.args)
+        return None if a is None or b is None else _SIZE_ARITH[v.target](a, b)
+    return None
+
+
+def _size_item(n: torch.fx.Node) -> Any:
+    """Where ``n`` reads back as a number (``item``) an integer tensor holding a size (:func:`_size_value`): that
+    size's expression, which torch.export keeps as a new symbol (DeBERTa's attention span, sliced by); else
+    ``None``."""
+    if n.op != "call_function" or n.target not in _READS_A_NUMBER or not n.args \
+            or not isinstance(n.meta.get("val"), torch.SymInt):
+        return None
+    return _size_value(n.args[0])
 
 
 def _checked_alone(n: torch.fx.Node) -> bool:
@@ -1223,6 +1313,11 @@ def _check_shape(ctx: CaptureContext, n: torch.fx.Node, out: Any) -> None:
     val = n.meta.get("val")
     if not isinstance(out, ComputationNode) or not isinstance(val, torch.Tensor):
         return
+    if len(out.shape) == val.dim() + (1 if val.dtype.is_complex else 0):
+        for axis, d in enumerate(val.shape):  # a size torch cannot relate to the inputs' (a slice by a size read back
+            expr = d.node.expr if isinstance(d, torch.SymInt) else None  # as a number): the IR's, which knows it
+            if isinstance(expr, sympy.Symbol) and free_unbacked_symbols(expr) and expr not in ctx.unbacked:
+                ctx.unbacked[expr] = _torch_size(ctx, out.shape[axis], d.node.shape_env)
     want = [ctx.ir_dim(d) for d in val.shape] + ([2] if val.dtype.is_complex else [])  # complex: real pairs
     try:
         want = [canonical_dim(d) for d in want]
@@ -1260,7 +1355,7 @@ def _without_converter(fx_nodes: Iterable[torch.fx.Node], const: set[torch.fx.No
             continue
         if (n.op != "call_function" or n.target in NO_TENSOR_OPS or n.target is torch.ops.aten.sym_size.int
                 or _is_shape_arith(n) or _is_float_size(n) or _is_size_check(n) or _checked_alone(n)
-                or n.target in ATEN_TABLE or n in in_place):
+                or _size_item(n) is not None or n.target in ATEN_TABLE or n in in_place):
             continue
         if refusal_of(n.target) is None and all(a in const for a in n.all_input_nodes):
             const.add(n)

@@ -13,7 +13,8 @@ CPU for T5, DeBERTa-v2 or Falcon). An in-place op needs no retrace when it write
   (``k[..., :d].copy_(k_nope)``, as latent attention fills its keys; ``ids[:, 0] = start_id``, as BART shifts its
   decoder's tokens; ``t = freq[0]; t[..., 1::3] = ...``, as Qwen3.5 lays out its rotary frequencies:
   :func:`sliced_base`), written as a ``slice_scatter`` / ``select_scatter`` into it and into each cut on the way,
-  where no other view of any of them taken before the write is read after;
+  where no other view of any of them taken before the write is read after; or is a view of views of such a tensor
+  that nothing else reads (:func:`_private_view_chain`: DeBERTa's ``pos_query_layer /= scale``);
 - keeps its dtype under the functional op (no float scalar added in place to an int tensor).
 
 Such an op is its functional twin (``add_.Tensor`` -> ``add.Tensor``) whose result replaces the
@@ -92,6 +93,27 @@ def _keeps_dtype(n: torch.fx.Node, dtype: torch.dtype) -> bool:
         elif isinstance(a, float) and not dtype.is_floating_point:
             return False
     return True
+
+
+def _private_view_chain(written: Any, safe: Collection[torch.fx.Node], constants: Collection[str]) -> bool:
+    """Whether ``written`` is a view of a view ... of a tensor the call made, through plain view ops (``view``,
+    ``permute``, ``transpose``; not an in-place op's return), each of those tensors read by the next view alone: a
+    write into ``written`` then reaches no value but its own (DeBERTa's ``pos_query_layer /= scale`` of its
+    heads, ``view`` then ``permute`` of a projection)."""
+    v = written
+    while True:
+        t = v.target if isinstance(v, torch.fx.Node) and v.op == "call_function" else None
+        if not (isinstance(t, torch._ops.OpOverload) and _is_view(v) and not t._schema.is_mutable and v.args
+                and isinstance(v.args[0], torch.fx.Node) and t not in AUTOGRAD_ONLY):
+            return False
+        parent = v.args[0]
+        if set(parent.users) != {v}:
+            return False
+        if parent.op == "placeholder":
+            return parent.name in constants
+        if parent.op == "call_function" and (parent in safe or not _is_view(parent)):
+            return True
+        v = parent
 
 
 def _private_alias(v: torch.fx.Node, write: torch.fx.Node, order: dict[torch.fx.Node, int],
@@ -206,6 +228,9 @@ def plan(fx_nodes: Iterable[torch.fx.Node], converters: Any,
                        or (base.op == "placeholder" and base.name in constants))
                   and _dtype(written) is not None and _keeps_dtype(n, _dtype(written))
                   and not any(_stale_views(b, n, order, chain) for b in chain))
+        if not ok and twin is not None and twin in converters and _private_view_chain(written, safe, constants):
+            ok = (_dtype(written) is not None and _keeps_dtype(n, _dtype(written))
+                  and not _stale_views(written, n, order))
         if ok:
             safe[n] = twin
         else:

@@ -815,6 +815,51 @@ def test_a_min_of_lengths_is_the_argument_it_always_equals() -> None:
     assert _dominant_arg(env, Min(FloorDiv(s, 2), Max(s, 5000))) is None  # a nested Max: not affine
 
 
+def test_a_min_of_affine_lengths_over_a_bounded_range() -> None:
+    """DeBERTa's ``min(seq, max_positions)`` where ``seq`` is bounded by that maximum: an affine argument that wins at
+    both ends of the range wins everywhere between; none where each wins at one end."""
+    import sympy
+    from torch.utils._sympy.functions import Max, Min
+
+    from flora_graph.frontend.capture import _dominant_arg
+
+    s = sympy.Symbol("s0", integer=True, positive=True)
+
+    def env(lo, hi):
+        rng = type("Range", (), {"lower": sympy.Integer(lo), "upper": sympy.Integer(hi)})()
+        return type("Env", (), {"var_to_range": {s: rng}})()
+
+    assert _dominant_arg(env(2, 64), Min(s, sympy.Integer(64))) == s
+    assert _dominant_arg(env(4, 64), Max(2 * s - 3, s + 1)) == 2 * s - 3
+    assert _dominant_arg(env(2, 65), Min(s, sympy.Integer(64))) is None  # 65 > 64: each wins somewhere
+
+
+class _Span(nn.Module):
+    """DeBERTa's relative embeddings cut by its attention span: ``span = torch.tensor(min(seq, 8))``, then
+    ``table[8 - span : 8 + span]`` (the bounds read back from the tensor as numbers) and arithmetic on ``span``."""
+
+    def forward(self, x):
+        span = torch.tensor(min(x.shape[1], 8))
+        rel = _TABLE[8 - span: 8 + span]  # [2 * seq, 4]
+        return (x @ rel.T[:, : x.shape[1]]).sum(-1, keepdim=True) + torch.clamp(x, 0, span * 2 - 1)
+
+
+_TABLE = torch.arange(64, dtype=torch.float32).reshape(16, 4) / 10
+
+
+def test_a_size_held_in_a_tensor_and_read_back_as_a_number_is_the_size() -> None:
+    """``item`` of a tensor made from sizes alone is that size (torch.export keeps a new symbol for it, and for the
+    slice it bounds): the graph follows the sequence at every length up to the bound, on every backend."""
+    graph = capture(_Span(), (torch.randn(2, 5, 4),), {"x": {0: "batch", 1: "seq"}}, dim_max={"seq": 8})
+    exes = {backend: compile(graph, backend) for backend in BACKENDS}
+    for seq in (3, 6, 8):
+        x = torch.randn(2, seq, 4, generator=_gen(seq)) * 4
+        want = _eager(_Span(), [x])
+        _assert_close(run(graph, {"x": x.numpy()}), want, 1e-5, f"reference at {seq}")
+        for backend, exe in exes.items():
+            _assert_close(exe({"x": x.numpy()}), want, 1e-5, f"{backend} at {seq}")
+
+
 def test_a_one_sided_fft_over_a_dynamic_axis_is_refused_by_name() -> None:
     """A one-sided spectrum keeps ``n // 2 + 1`` bins of its last axis, a length no dim names where ``n`` is dynamic."""
     with pytest.raises(UnsupportedOpError, match=r"one-sided real FFT over the dynamic dim 'batch'"):

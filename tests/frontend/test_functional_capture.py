@@ -118,8 +118,9 @@ def test_lora_op_attention_and_norm_survive_functionalization() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.q(x).unflatten(-1, (2, 4)).transpose(1, 2)
             a = torch.nn.functional.scaled_dot_product_attention(h, h, h).transpose(1, 2).flatten(2)
+            first = a[:, :1]  # a view taken before the write and read after it: the program is functionalized
             a.add_(x)
-            return self.norm(a)
+            return self.norm(a) + first
 
     torch.manual_seed(0)
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q"], init_lora_weights=False)
@@ -408,6 +409,26 @@ class ViewAfterCutStale(nn.Module):
         return v + y[:, :3]
 
 
+class ViewChainScaled(nn.Module):
+    """DeBERTa's ``pos_query_layer /= scale``: a projection viewed as heads and permuted, then divided in place,
+    nothing else reading the projection or its view: the write reaches the permuted tensor alone, no retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = (x * 2).view(x.shape[0], 2, 3).permute(0, 2, 1)
+        h /= y[:, :1, None].abs() + 1
+        return h.reshape(x.shape[0], 6) + 1
+
+
+class ViewChainBaseRead(nn.Module):
+    """The same, with the projection read after the write (it sees the write through the view): a retrace."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p = x * 2
+        h = p.view(x.shape[0], 2, 3).permute(0, 2, 1)
+        h /= y[:, :1, None].abs() + 1
+        return p + 1
+
+
 def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, object]:
     module = importlib.import_module("flora_graph.frontend.capture")  # the module: the package exports capture()
     calls: list[str] = []
@@ -422,7 +443,8 @@ def _retraces(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[int, o
                                                 (SplitItem, True), (SameDtypeTo, False), (InPlaceStale, True),
                                                 (ClonedState, False), (AliasedState, False),
                                                 (SelectFilled, False), (SelectStaleView, True),
-                                                (SharedCutFilled, False), (ViewAfterCutStale, True)])
+                                                (SharedCutFilled, False), (ViewAfterCutStale, True),
+                                                (ViewChainScaled, False), (ViewChainBaseRead, True)])
 def test_in_place_ops_convert_without_a_retrace_only_where_no_view_shares_them(model, retrace, monkeypatch) -> None:
     torch.manual_seed(0)
     m = model().eval()

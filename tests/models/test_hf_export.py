@@ -253,6 +253,34 @@ def test_a_multiple_choice_head_exports_on_tokens_per_choice(arch, tmp_path) -> 
         np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("arch", ["DebertaForTokenClassification", "DebertaForSequenceClassification"])
+def test_deberta_with_relative_attention_exports_on_a_dynamic_sequence(arch, tmp_path) -> None:
+    """DeBERTa's disentangled attention (``microsoft/deberta-base``'s configuration) cuts its relative embeddings by
+    ``torch.tensor(min(seq, max_positions))``, read back as numbers: the CLI's file follows the sequence, within
+    tolerance of eager PEFT at another batch and length, left-padded, as torch.onnx's does."""
+    cfg = transformers.DebertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=MAX_POS, relative_attention=True,
+                                     pos_att_type=["c2p", "p2c"], max_relative_positions=-1,
+                                     position_biased_input=False, num_labels=3)
+    torch.manual_seed(0)
+    save_with_adapter(getattr(transformers, arch)(cfg), tmp_path, r=4, lora_alpha=64, target_modules=["in_proj"])
+    out = tmp_path / "deberta"
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
+                 "--out", str(out)]) == 0
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    x = load_model(tmp_path / "model", attention_mask=True).check_inputs
+    assert (x["attention_mask"] == 0).any()
+    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
+    for feeds in (x, {k: v[:2, 3:] for k, v in x.items()}):
+        with torch.no_grad():
+            want = eager(**feeds).logits.numpy()
+            with eager.disable_adapter():
+                moved = np.abs(eager(**feeds).logits.numpy() - want).max()
+        assert moved > 10 * TOL and moved > 0.1 * np.abs(want).max()  # the adapter matters (the logits are small)
+        got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})[0]
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
 def test_a_funnel_classifier_with_factorized_attention_exports_on_a_dynamic_sequence(tmp_path) -> None:
     """Funnel's factorized attention pools its position embeddings ``x[:-1:2]`` of ``seq + 1`` rows, and its states
     with a ceil-mode average over the sequence: sizes of a dynamic ``seq`` that the CLI's file keeps (torch.onnx

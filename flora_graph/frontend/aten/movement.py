@@ -250,11 +250,12 @@ def _counted_back(ctx: CaptureContext, v: Any, size: Dim) -> tuple[int, Dim] | N
     val = fx_start.meta.get("val") if isinstance(fx_start, torch.fx.Node) else None
     if not (isinstance(v, SymDim) and isinstance(val, torch.SymInt) and isinstance(size, int)):
         return None
-    k = val.node.expr.as_coeff_Add()[0]
+    expr = ctx.size_expr(val)  # DeBERTa's max_relative_positions - span, the span a size read back as a number
+    k = expr.as_coeff_Add()[0]
     if not k.is_Integer or not 0 < int(k) <= size:
         return None
     try:
-        back = canonical_dim(ctx.ir_dim(k - val.node.expr))
+        back = canonical_dim(ctx.ir_dim(k - expr, val.node.shape_env))
     except ShapeError:
         return None
     return (int(k), back) if isinstance(back, str) else None
