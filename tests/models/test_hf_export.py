@@ -43,6 +43,31 @@ def save_with_adapter(model: torch.nn.Module, root: Path, **lora: object) -> tup
     return root / "model", root / "adapter"
 
 
+def exported_with_adapter(model: torch.nn.Module, root: Path, **lora: object
+                          ) -> tuple[ort.InferenceSession, dict[str, torch.Tensor], torch.nn.Module]:
+    """``model`` saved with a PEFT LoRA of ``lora`` (:func:`save_with_adapter`) and exported by the CLI with
+    ``--attention-mask``: ``(its ONNX Runtime session, the check inputs load_model builds, eager PEFT)``."""
+    save_with_adapter(model, root, **lora)
+    out = root / "exported"
+    assert main(["export", str(root / "model"), "--adapter", str(root / "adapter"), "--attention-mask",
+                 "--out", str(out)]) == 0
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    return sess, load_model(root / "model", attention_mask=True).check_inputs, eager_peft(root / "model", root / "adapter")
+
+
+def assert_logits_match(sess: ort.InferenceSession, eager: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> None:
+    """The session's first output on ``feeds`` within tolerance of eager PEFT's ``logits``, which the adapter moves
+    (by more than 10 x the tolerance and a tenth of the logits' size: a tiny model's logits are small)."""
+    with torch.no_grad():
+        want = eager(**feeds).logits.numpy()
+        with eager.disable_adapter():
+            moved = np.abs(eager(**feeds).logits.numpy() - want).max()
+    assert moved > 10 * TOL and moved > 0.1 * np.abs(want).max()
+    got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
 def eager_peft(model_dir: Path, adapter_dir: Path) -> torch.nn.Module:
     """PEFT's own model over the saved folders: the reference the artifact must match."""
     config = transformers.AutoConfig.from_pretrained(model_dir)
@@ -204,22 +229,12 @@ def test_a_perceiver_text_classifier_exports_on_token_ids_and_its_mask(tmp_path)
                                        num_latents=8, num_blocks=1, num_self_attends_per_block=2,
                                        num_self_attention_heads=2, num_cross_attention_heads=2, num_labels=3)
     torch.manual_seed(0)
-    save_with_adapter(transformers.PerceiverForSequenceClassification(cfg), tmp_path, r=4,
-                      target_modules=["query", "value"])
-    out = tmp_path / "perceiver"
-    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
-                 "--out", str(out)]) == 0
-    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    sess, x, eager = exported_with_adapter(transformers.PerceiverForSequenceClassification(cfg), tmp_path, r=4,
+                                           target_modules=["query", "value"])
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
     assert [o.name for o in sess.get_outputs()] == ["logits"]
-    x = load_model(tmp_path / "model", attention_mask=True).check_inputs
     assert (x["attention_mask"] == 0).any()  # the check exercises padding
-    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
-    with torch.no_grad():
-        want = eager(**x).logits.numpy()
-        with eager.disable_adapter():
-            assert np.abs(eager(**x).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
-    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
+    assert_logits_match(sess, eager, x)
 
 
 @pytest.mark.parametrize("arch", ["BertForMultipleChoice", "RobertaForMultipleChoice"])
@@ -232,25 +247,14 @@ def test_a_multiple_choice_head_exports_on_tokens_per_choice(arch, tmp_path) -> 
     cfg = config_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=MAX_POS + 2, **pad)
     torch.manual_seed(0)
-    save_with_adapter(getattr(transformers, arch)(cfg), tmp_path, r=4, lora_alpha=256, target_modules=["query", "value"])
-    out = tmp_path / "choices"
-    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
-                 "--out", str(out)]) == 0
-    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    sess, x, eager = exported_with_adapter(getattr(transformers, arch)(cfg), tmp_path, r=4, lora_alpha=256,
+                                           target_modules=["query", "value"])
     assert {(i.name, tuple(i.shape)) for i in sess.get_inputs()} >= {("input_ids", ("batch", "choices", "seq")),
                                                                      ("attention_mask", ("batch", "choices", "seq"))}
     assert [o.name for o in sess.get_outputs()] == ["logits"]
-    x = load_model(tmp_path / "model", attention_mask=True).check_inputs
     assert x["input_ids"].shape[:2] == (3, 4) and (x["attention_mask"] == 0).any()
-    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
     for feeds in (x, {k: v[:2, :3, 1:].contiguous() for k, v in x.items()}):
-        with torch.no_grad():
-            want = eager(**feeds).logits.numpy()
-            with eager.disable_adapter():
-                assert np.abs(eager(**feeds).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
-        assert want.shape == feeds["input_ids"].shape[:2]
-        got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})[0]
-        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+        assert_logits_match(sess, eager, feeds)  # [batch, choices]
 
 
 @pytest.mark.parametrize("arch", ["DebertaForTokenClassification", "DebertaForSequenceClassification"])
@@ -263,22 +267,11 @@ def test_deberta_with_relative_attention_exports_on_a_dynamic_sequence(arch, tmp
                                      pos_att_type=["c2p", "p2c"], max_relative_positions=-1,
                                      position_biased_input=False, num_labels=3)
     torch.manual_seed(0)
-    save_with_adapter(getattr(transformers, arch)(cfg), tmp_path, r=4, lora_alpha=64, target_modules=["in_proj"])
-    out = tmp_path / "deberta"
-    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
-                 "--out", str(out)]) == 0
-    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
-    x = load_model(tmp_path / "model", attention_mask=True).check_inputs
+    sess, x, eager = exported_with_adapter(getattr(transformers, arch)(cfg), tmp_path, r=4, lora_alpha=64,
+                                           target_modules=["in_proj"])
     assert (x["attention_mask"] == 0).any()
-    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
     for feeds in (x, {k: v[:2, 3:] for k, v in x.items()}):
-        with torch.no_grad():
-            want = eager(**feeds).logits.numpy()
-            with eager.disable_adapter():
-                moved = np.abs(eager(**feeds).logits.numpy() - want).max()
-        assert moved > 10 * TOL and moved > 0.1 * np.abs(want).max()  # the adapter matters (the logits are small)
-        got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})[0]
-        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+        assert_logits_match(sess, eager, feeds)
 
 
 def test_a_funnel_classifier_with_factorized_attention_exports_on_a_dynamic_sequence(tmp_path) -> None:
@@ -289,26 +282,13 @@ def test_a_funnel_classifier_with_factorized_attention_exports_on_a_dynamic_sequ
                                     num_decoder_layers=1, max_position_embeddings=MAX_POS, num_labels=3,
                                     attention_type="factorized")
     torch.manual_seed(0)
-    save_with_adapter(transformers.FunnelForSequenceClassification(cfg), tmp_path, r=4,
-                      target_modules=["q_head", "v_head"])
-    out = tmp_path / "funnel"
-    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--attention-mask",
-                 "--out", str(out)]) == 0
-    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    sess, x, eager = exported_with_adapter(transformers.FunnelForSequenceClassification(cfg), tmp_path, r=4,
+                                           target_modules=["q_head", "v_head"])
     assert [(i.name, i.shape) for i in sess.get_inputs()] == [("input_ids", ["batch", "seq"]),
                                                               ("attention_mask", ["batch", "seq"])]
-    x = load_model(tmp_path / "model", attention_mask=True).check_inputs
     assert x["input_ids"].shape[1] % 2 and (x["attention_mask"] == 0).any()  # a short last window, and padding
-    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
-    with torch.no_grad():
-        want = eager(**x).logits.numpy()
-        with eager.disable_adapter():
-            assert np.abs(eager(**x).logits.numpy() - want).max() > 100 * TOL  # the adapter matters
-    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), x), want, atol=TOL, rtol=TOL)
-    even = {k: v[:, :-1] for k, v in x.items()}  # an even length: every window whole
-    with torch.no_grad():
-        want = eager(**even).logits.numpy()
-    np.testing.assert_allclose(run_artifact(out.with_suffix(".onnx"), even), want, atol=TOL, rtol=TOL)
+    assert_logits_match(sess, eager, x)
+    assert_logits_match(sess, eager, {k: v[:, :-1] for k, v in x.items()})  # an even length: every window whole
 
 
 def test_a_perceiver_image_classifier_exports_on_pixels_named_inputs(tmp_path) -> None:
