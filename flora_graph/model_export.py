@@ -254,19 +254,21 @@ def _reads_encoder_positions(model: torch.nn.Module) -> bool:
     """Whether ``model`` is an encoder-decoder model's classification or question-answering head (BART's, T5's),
     which shifts the encoder's tokens into the decoder and reads the decoder's states at the encoder's positions:
     it takes no ``decoder_input_ids`` of another length (Optimum's exports of these heads take none)."""
-    from transformers.models.auto import modeling_auto as auto
-
-    heads = (auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES)
-    return any(type(model).__name__ in (v if isinstance(v, tuple | list) else (v,)) for m in heads for v in m.values())
+    return _is_head(model, "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES")
 
 
 def _is_multiple_choice(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a multiple-choice head (``BertForMultipleChoice``): it takes its tokens as ``[batch,
     choices, seq]`` and gives one score per choice, as Optimum's multiple-choice exports take them."""
+    return _is_head(model, "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES")
+
+
+def _is_head(model: torch.nn.Module, *mappings: str) -> bool:
+    """Whether ``model``'s class is one that transformers' auto ``mappings`` (``modeling_auto``'s names) list."""
     from transformers.models.auto import modeling_auto as auto
 
-    names = auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values()
-    return any(type(model).__name__ in (v if isinstance(v, tuple | list) else (v,)) for v in names)
+    return any(type(model).__name__ in (v if isinstance(v, tuple | list) else (v,))
+               for m in mappings for v in getattr(auto, m).values())
 
 
 def _classified_at_eos(model: torch.nn.Module) -> int | None:

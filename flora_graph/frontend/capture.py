@@ -316,9 +316,8 @@ def _dominant_arg(shape_env: Any, expr: Any) -> Any:
 
     lo = max(0, bound(getattr(rng, "lower", None)) or 0)
     hi = bound(getattr(rng, "upper", None))
-    if hi is not None and all(sympy.Poly(arg, sym).degree() <= 1 for arg in expr.args if not any(
-            isinstance(a, FloorDiv) for a in sympy.preorder_traversal(arg))) and not any(
-            isinstance(a, FloorDiv) for arg in expr.args for a in sympy.preorder_traversal(arg)):
+    if hi is not None and not any(isinstance(a, FloorDiv) for arg in expr.args for a in sympy.preorder_traversal(arg)) \
+            and all(sympy.Poly(arg, sym).degree() <= 1 for arg in expr.args):
         # affine arguments over a bounded range: one that wins at both ends wins everywhere between (DeBERTa's
         # min(seq, 64) where seq is at most 64)
         ends = [[int(arg.subs(sym, n)) for n in (lo, hi)] for arg in expr.args]
@@ -1227,10 +1226,10 @@ def _is_size_check(n: torch.fx.Node) -> bool:
 
 _READS_A_NUMBER = (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
 
-_SIZE_ARITH = {torch.ops.aten.add.Tensor: lambda a, b: a + b, torch.ops.aten.add.Scalar: lambda a, b: a + b,
-               torch.ops.aten.sub.Tensor: lambda a, b: a - b, torch.ops.aten.sub.Scalar: lambda a, b: a - b,
+_SIZE_ARITH = {torch.ops.aten.add.Tensor: operator.add, torch.ops.aten.add.Scalar: operator.add,
+               torch.ops.aten.sub.Tensor: operator.sub, torch.ops.aten.sub.Scalar: operator.sub,
                torch.ops.aten.rsub.Tensor: lambda a, b: b - a, torch.ops.aten.rsub.Scalar: lambda a, b: b - a,
-               torch.ops.aten.mul.Tensor: lambda a, b: a * b, torch.ops.aten.mul.Scalar: lambda a, b: a * b}
+               torch.ops.aten.mul.Tensor: operator.mul, torch.ops.aten.mul.Scalar: operator.mul}
 _SIZE_SAME = (torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten._to_copy.default,
               torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
 
@@ -1256,7 +1255,7 @@ def _size_value(v: Any, depth: int = 0) -> Any:
         return _size_value(v.args[0], depth + 1)
     if (v.target in _SIZE_SAME or getattr(v.target, "overloadpacket", None) is torch.ops.aten.to) and v.args:
         return _size_value(v.args[0], depth + 1)  # an integer copy of it (its dtype checked above)
-    if v.target in _SIZE_ARITH and len(v.args) == 2 and not v.kwargs.get("alpha", 1) != 1:
+    if v.target in _SIZE_ARITH and len(v.args) == 2 and v.kwargs.get("alpha", 1) == 1:
         a, b = (_size_value(x, depth + 1) for x in v.args)
         return None if a is None or b is None else _SIZE_ARITH[v.target](a, b)
     return None

@@ -40,7 +40,7 @@ _POOL_ATTRS = {
 
 
 def _check_nchw(what: str, x, *, static: bool = True) -> None:
-    if len(x) != 4 or (static and not all(isinstance(d, int) for d in x[2:])):
+    if len(x) != 4 or (static and _dynamic_hw(x)):
         raise ShapeError(f"{what} needs x [N, C, H, W]{' with static H and W' if static else ''}, got {format_shape(x)}")
 
 
@@ -50,7 +50,7 @@ def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
     for name in ("kernel", "stride", "padding"):
         if len(attrs[name]) != 2:
             raise ShapeError(f"{what}: {name} must have 2 values, got {attrs[name]}")
-    if ceil and not all(isinstance(d, int) for d in x[2:]) and not _ceil_native(attrs, dilation):
+    if ceil and _dynamic_hw(x) and not _ceil_native(attrs, dilation):
         raise ShapeError(f"{what}: ceil mode over a dynamic H or W needs padding 0 and windows at least as long as "
                          f"their stride, got {format_shape(x)} with kernel {tuple(attrs['kernel'])}, stride "
                          f"{tuple(attrs['stride'])}, padding {tuple(attrs['padding'])}")
@@ -63,6 +63,11 @@ def _infer_pool(what: str, x, attrs, dilation=(1, 1)):
         except ShapeError as e:
             raise ShapeError(f"{what}: {e}") from None
     return (x[0], x[1], *out)
+
+
+def _dynamic_hw(shape) -> bool:
+    """Whether NCHW ``shape`` has a dynamic H or W."""
+    return not all(isinstance(d, int) for d in shape[2:])
 
 
 def _ceil_native(attrs, dilation=(1, 1)) -> bool:
@@ -92,7 +97,7 @@ def ceil_window_count(size: Dim, kernel: int, stride: int, padding: int, dilatio
 
 def _ceil_extra(x_shape, attrs, dilation=(1, 1)) -> tuple[int, int]:
     """The right padding beyond ``padding`` that makes floor mode count ceil mode's windows (0 in floor mode)."""
-    if not attrs.get("ceil_mode", 0) or not all(isinstance(v, int) for v in x_shape[2:]):
+    if not attrs.get("ceil_mode", 0) or _dynamic_hw(x_shape):
         return (0, 0)  # floor mode; or a dynamic size, which ONNX's own ceil mode pools (_ceil_native)
     extra = []
     for size, k, s, p, d in zip(x_shape[2:], attrs["kernel"], attrs["stride"], attrs["padding"], dilation, strict=True):
@@ -154,8 +159,7 @@ def _ceil_pool(x: np.ndarray, kernel, stride, padding, dilation, count_include_p
 def _onnx_ceil(node: ComputationNode) -> dict[str, int]:
     """``ceil_mode=1`` where ceil mode pools a dynamic H or W (:func:`_ceil_native` windows); nothing where the lowering
     writes ceil mode as floor mode over extra right padding (static sizes) or the node pools in floor mode."""
-    dynamic = not all(isinstance(v, int) for v in node.inputs[0].shape[2:])
-    return {"ceil_mode": 1} if node.attrs.get("ceil_mode", 0) and dynamic else {}
+    return {"ceil_mode": 1} if node.attrs.get("ceil_mode", 0) and _dynamic_hw(node.inputs[0].shape) else {}
 
 
 def _onnx_max_pool(ctx: Any, node: ComputationNode, out: str) -> None:
@@ -170,7 +174,7 @@ def _torch_ceil_pad(node: ComputationNode, x: str, dilation=(1, 1)) -> str | Non
     windows (``-(size - span) % stride`` per axis, which torch.export keeps symbolic; its ceil mode guards the window
     that would start past the input, and fixes the size); else ``None``."""
     a = node.attrs
-    if not a.get("ceil_mode", 0) or all(isinstance(v, int) for v in node.inputs[0].shape[2:]):
+    if not a.get("ceil_mode", 0) or not _dynamic_hw(node.inputs[0].shape):
         return None
     (sh, sw), (kh, kw), (dh, dw) = a["stride"], a["kernel"], dilation
     return (f"[0, (-({x}.shape[3] - {dw * (kw - 1) + 1})) % {sw}, "

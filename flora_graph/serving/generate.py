@@ -202,7 +202,8 @@ class Generator:
             run on a per-row session, ``distinct_rows_per_row``): each adapter's weights read once a step however many
             rows use it, and held once. ``benchmarks/generate.py --shared-rows N --shared-adapters K`` on its tiny
             Llama (one thread): 1.42x the tokens/s of per-row weights for 32 rows over 4 adapters, 1.09x for 8 over
-            3, 0.99x for 8 rows over 8 adapters (two small gathers per slot); ``False``: per-row weights.
+            3; rows that share no adapter run per row (the grouped session was 0.92x for 8 rows over 8 adapters, two
+            small gathers per slot); ``False``: per-row weights.
         mixed: how the package's mixed model (rows with different adapters in one batch) is used. ``True``: it
             loads with the Generator, beside the package's model, which serves the batches whose rows share one
             adapter (or none); ``"lazy"``: the same, loaded on the first step whose rows use different adapters;

@@ -412,8 +412,9 @@ class MixedAdapterSession:
 
     def model_for(self, adapters: Sequence[str | None]) -> OrtModel:
         """The session that serves rows using ``adapters``: :attr:`model`, or with ``distinct_rows_per_row`` the
-        per-row one where no two rows share an adapter. Raises :class:`UnknownAdapterError` naming the row."""
-        return self._layout(self._indices(self._set, list(adapters))).model
+        per-row one where no two rows share an adapter (the answer :meth:`adapter_inputs` keeps for those rows,
+        looked up, not worked out again each decode step). Raises :class:`UnknownAdapterError` naming the row."""
+        return self._rows_of(self._set, list(adapters))[2].model
 
     def _layout(self, idx: np.ndarray) -> _Layout:
         """The layout that serves rows ``idx``: the per-row twin where it is held and no two rows share an index."""
