@@ -399,9 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the default task one of PEFT's other weight adapters (IA3, LoHa, LoKr, VeRA, OFT, BOFT, "
                         "HRA, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LN tuning, DeLoRA), installed through "
                         "PEFT; --format genai and the encoder-decoder tasks take several, each NAME=DIR (NAME "
-                        "defaults to the folder's name), hot-swappable: LoRA, AdaLoRA, and those of the other types "
-                        "whose layers PEFT gives as a change of a Linear's weight (VeRA, LoHa, LoKr, VB-LoRA, "
-                        "FourierFT, RandLoRA, C3A, DeLoRA; the others: --merge-adapter)")
+                        "defaults to the folder's name), hot-swappable: LoRA, AdaLoRA, and the other types whose "
+                        "layers PEFT merges into a Linear's weight (all but LN tuning: --merge-adapter)")
     e.add_argument("--task", choices=["default", "text-generation-with-past", *SEQ2SEQ_TASKS], default="default",
                    help="text-generation-with-past: a causal LM with its key/value cache (inputs input_ids, "
                         "attention_mask, position_ids, past_key_values.N.key/value (and .indexer_key for DeepSeek-V3.2's sparse "

@@ -119,9 +119,9 @@ THROUGH_PEFT = frozenset({"IA3", "LOHA", "LOKR", "VERA", "OFT", "BOFT", "HRA", "
 LoHa's Hadamard and LoKr's Kronecker products, VeRA's shared projections, OFT's and BOFT's rotations, HRA's
 reflections, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LayerNorm tuning, DeLoRA): a capture runs the ops their
 layers run and the ``merged`` preset takes PEFT's ``merge_and_unload``; a generation package merges one into its base
-(``--merge-adapter``), and swaps one whose layers PEFT can express as a change of a ``Linear``'s weight
-(``supports_lora_conversion``: VeRA, LoHa, LoKr, VB-LoRA, FourierFT, RandLoRA, C3A, DeLoRA) as a slot of that change
-(:func:`flora_graph.serving.slots.params_through_peft`), refusing the others by name. Each is checked against eager PEFT
+(``--merge-adapter``), and swaps one whose layers PEFT merges into a ``Linear``'s weight (every type but LN tuning,
+which adapts a norm) as a slot of each module's change ``W' - W`` of the package's base weight
+(:func:`flora_graph.serving.slots.params_through_peft`), refusing LN tuning by name. Each is checked against eager PEFT
 (``tests/adapters/test_peft_types.py``); a type not named here is refused."""
 
 

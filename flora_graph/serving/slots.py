@@ -17,6 +17,7 @@ exports record in the model's metadata (:func:`slots_to_metadata`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import re
@@ -682,30 +683,31 @@ def params_through_peft(base_model: Any, folder: Any, *, saved: list[str] | None
 
 def _delta_rows(params: dict[str, np.ndarray], layer: Any, path: str, folder: Path) -> None:
     """A layer of one of PEFT's other adapter types (:data:`~flora_graph.adapters.peft.THROUGH_PEFT`) on a ``Linear``
-    (GPT-2's ``Conv1D``) into ``params`` as a slot: its change of the weight, ``delta`` (PEFT's ``get_delta_weight``,
-    for the layers PEFT says convert to LoRA: ``supports_lora_conversion``), factored exactly. Where its rank is at
-    most half the smaller size (VeRA's, LoHa's, VB-LoRA's, ...) ``A`` and ``B`` are its singular vectors, the values
-    folded into ``B``, up to the float64 rank (singular values past ``s_max * max(out, in) * eps32``, what float32 can
-    tell apart, dropped); otherwise ``A`` is the identity and ``B`` the change itself (a slot of full rank, as a module
-    trained whole). A layer with no change adds no entry. Raises :class:`AdapterError` naming the module for a layer
-    PEFT cannot convert (IA3's, OFT's, ...: no weight change alone makes its output) or on another kind of module."""
+    (GPT-2's ``Conv1D``) into ``params`` as a slot: its change of the weight, ``delta = W' - W``, where ``W'`` is what
+    PEFT's own ``merge`` makes of the base weight ``W`` (:func:`_merged_change`: additive types such as VeRA and LoHa
+    add a change that needs the adapter alone; OFT, BOFT and HRA rotate or reflect ``W``, IA3 scales it, MiSS's ``bat``
+    mode reads it: for the base the package holds, each is the one change ``W' - W``), factored exactly, and the change
+    of the bias, where the merge changes it (IA3 scaling a layer's outputs), as the slot's bias. Where the change's rank
+    is at most half the smaller size (VeRA's, LoHa's, VB-LoRA's, MiSS's, ...) ``A`` and ``B`` are its singular vectors,
+    the values folded into ``B``, up to the float64 rank (singular values past ``s_max * max(out, in) * eps32``, what
+    float32 can tell apart, dropped); otherwise ``A`` is the identity and ``B`` the change itself (a slot of full rank,
+    as a module trained whole: OFT's and IA3's changes). A layer with no change adds no entry. Raises
+    :class:`AdapterError` naming the module for a layer on another kind of module (LN tuning's ``LayerNorm``)."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
     base = layer.get_base_layer()
     kind = type(layer).__module__.split(".")[2] if type(layer).__module__.startswith("peft.tuners.") else "PEFT"
-    if not isinstance(base, torch.nn.Linear | Conv1D) or not layer.supports_lora_conversion("default"):
-        raise AdapterError(f"{folder}: module {path!r}: its {kind} layer ({type(layer).__name__} on a "
-                           f"{type(base).__name__}) is not one PEFT gives as a change of a Linear's weight alone "
-                           f"(supports_lora_conversion), which is what a hot-swappable slot holds; {_MERGE_INSTEAD}")
-    try:
-        delta = layer.get_delta_weight("default").detach().double()
-    except TypeError as exc:  # a delta that needs more than the adapter (MiSS's "bat" reads the base weight)
-        raise AdapterError(f"{folder}: module {path!r}: PEFT gives its {kind} layer's change of the weight only with "
-                           f"more than the adapter ({exc}); {_MERGE_INSTEAD}") from None
-    if isinstance(base, Conv1D):  # its weight, and PEFT's change of it, laid out [in, out]
+    if not isinstance(base, torch.nn.Linear | Conv1D):
+        raise AdapterError(f"{folder}: module {path!r}: its {kind} layer ({type(layer).__name__}) adapts a "
+                           f"{type(base).__name__}, not a Linear, whose change of the weight is what a hot-swappable "
+                           f"slot holds; {_MERGE_INSTEAD}")
+    delta, bias = _merged_change(layer, path, folder)
+    if isinstance(base, Conv1D):  # its weight, and the change of it, laid out [in, out]
         delta = delta.T
     dtype = base.weight.dtype if base.weight.dtype != torch.bfloat16 else torch.float32
+    if bias is not None and bool(bias.any()):
+        _add_bias(params, path, bias.float(), base.bias.dtype, folder)
     u, values, vh = torch.linalg.svd(delta, full_matrices=False)
     if not values.numel() or values[0] == 0:
         return
@@ -713,6 +715,26 @@ def _delta_rows(params: dict[str, np.ndarray], layer: Any, path: str, folder: Pa
     # about full rank: the identity on the smaller side, the change as it is
     a, b = _full_rank(delta) if 2 * rank > min(delta.shape) else (vh[:rank], u[:, :rank] * values[:rank])
     _store_rank(params, path, a, b, dtype, folder)
+
+
+def _merged_change(layer: Any, path: str, folder: Path) -> tuple[Any, Any]:
+    """``(W' - W, b' - b)`` in float64 of PEFT ``layer``'s adapter ``"default"``: PEFT's ``merge`` run on a float64
+    copy of the layer (the model's own layer untouched), less the copy's weight and bias before it (``b' - b``:
+    ``None`` where the base has no bias). Raises :class:`AdapterError` naming the module where PEFT cannot merge it."""
+
+    twin = copy.deepcopy(layer).double()
+    inner = twin.get_base_layer()
+    weight = inner.weight.detach().clone()
+    bias = inner.bias.detach().clone() if getattr(inner, "bias", None) is not None else None
+    try:
+        twin.merge(adapter_names=["default"])
+    except (ValueError, NotImplementedError, TypeError, RuntimeError) as exc:
+        raise AdapterError(f"{folder}: module {path!r}: PEFT cannot merge its {type(layer).__name__} layer into the "
+                           f"weight ({type(exc).__name__}: {exc}), so it has no change of the weight for a "
+                           f"hot-swappable slot to hold; {_MERGE_INSTEAD}") from None
+    inner = twin.get_base_layer()
+    change = inner.weight.detach() - weight
+    return change, None if bias is None else inner.bias.detach() - bias
 
 
 def _full_rank(delta: Any) -> tuple[Any, Any]:

@@ -86,8 +86,10 @@ def test_export_of_a_peft_adapter_type_matches_eager_peft(tmp_path: Path, kind: 
     assert np.abs(want - base).max() > 1e-2  # the adapter is in the model, not only the base
 
 
-SWAPPABLE = ("VERA", "LOHA", "LOKR", "VBLORA", "FOURIERFT", "RANDLORA", "C3A", "DELORA")
-"""The types whose layers PEFT gives as a change of a ``Linear``'s weight (``supports_lora_conversion``): they swap."""
+SWAPPABLE = ("VERA", "LOHA", "LOKR", "VBLORA", "FOURIERFT", "RANDLORA", "C3A", "DELORA", "IA3", "OFT", "BOFT", "HRA",
+             "SHIRA", "MISS")
+"""The types whose layers PEFT merges into a ``Linear``'s weight: each module's change ``W' - W`` (additive, or a
+rotation, reflection or scaling of the base weight) is a slot, and they swap. LN tuning adapts a norm: refused."""
 
 
 @pytest.mark.parametrize("kind", SWAPPABLE)
@@ -121,22 +123,24 @@ def test_vera_on_gpt2_s_conv1d_layers_swaps_as_eager_peft(tmp_path: Path, monkey
 
 
 def test_a_low_rank_change_swaps_at_its_rank_and_a_full_one_at_full_rank(tmp_path: Path) -> None:
-    """VeRA's change (rank 8) is stored as its singular vectors, 8 of them; C3A's circulant blocks (full rank) as the
-    identity and the change itself; both give PEFT's change of the weight; and in ONNX Runtime GenAI the VeRA
-    adapter's tokens are eager PEFT's."""
+    """VeRA's change (rank 8) and MiSS's (its block of 8 rows tiled) are stored as their singular vectors, 8 of them;
+    C3A's circulant blocks and OFT's rotation of the base weight (full rank) as the identity and the change itself;
+    each gives the change of the weight PEFT's merge makes; and in ONNX Runtime GenAI the VeRA adapter's tokens are
+    eager PEFT's."""
     import onnxruntime_genai as og
 
     from flora_graph.serving.slots import peft_adapter_params
     from tests.serving.genai_package import export_small, genai_tokens
 
     model = small_model("LlamaForCausalLM")
-    for kind, rank in (("VERA", 8), ("C3A", 32)):
+    base = model.model.layers[0].self_attn.v_proj.weight.detach().numpy()  # [32, 64]: rank at most 32
+    for kind, rank in (("VERA", 8), ("MISS", 8), ("C3A", 32), ("OFT", 32)):
         adapted = adapter_of(kind, model, tmp_path)
         params = peft_adapter_params(model, tmp_path / kind)
-        layer = adapted.base_model.model.model.layers[0].self_attn.v_proj  # [32, 64]: rank at most 32
+        merged = copy.deepcopy(adapted).merge_and_unload().model.layers[0].self_attn.v_proj.weight.detach().numpy()
         a, b = params["model.layers.0.self_attn.v_proj.lora_A"], params["model.layers.0.self_attn.v_proj.lora_B"]
-        assert a.shape[0] == rank
-        np.testing.assert_allclose(b @ a, layer.get_delta_weight("default").detach().numpy(), rtol=0, atol=1e-5)
+        assert a.shape[0] == rank, kind
+        np.testing.assert_allclose(b @ a, merged - base, rtol=0, atol=1e-5)
     export_small(model, tmp_path, {"vera": tmp_path / "VERA"})
     og_model = og.Model(str(tmp_path / "pkg"))
     og_adapters = og.Adapters(og_model)
@@ -147,28 +151,67 @@ def test_a_low_rank_change_swaps_at_its_rank_and_a_full_one_at_full_rank(tmp_pat
     assert genai_tokens(og_model, prompt, 8, og_adapters, "vera") == eager_greedy(vera, prompt, 8, min_new_tokens=8)
 
 
-def test_the_other_types_are_refused_by_name_for_a_package_and_merge_into_its_base(tmp_path: Path) -> None:
-    """IA3, OFT, BOFT, HRA, SHiRA, LN tuning and MiSS (no change of a Linear's weight alone, as PEFT gives them) are
-    refused as hot-swappable adapters, naming the module and what to do, nothing written; ``--merge-adapter`` of the IA3
-    one gives eager PEFT's greedy tokens (not the base model's)."""
+def test_ln_tuning_is_refused_by_name_for_a_package_and_an_adapter_merges_into_its_base(tmp_path: Path) -> None:
+    """LN tuning (it adapts a norm, not a ``Linear``) is refused as a hot-swappable adapter, naming the module and what
+    to do, nothing written; ``--merge-adapter`` of an IA3 adapter gives eager PEFT's greedy tokens (not the base
+    model's)."""
     from flora_graph.serving.genai import export_genai
     from flora_graph.serving.generate import Generator
 
     model = small_model("LlamaForCausalLM")
     refused = sorted(THROUGH_PEFT - set(SWAPPABLE))
-    assert refused == ["BOFT", "HRA", "IA3", "LN_TUNING", "MISS", "OFT", "SHIRA"]
+    assert refused == ["LN_TUNING"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for kind in refused:
-            adapter_of(kind, model, tmp_path)
-            with pytest.raises(AdapterError, match=r"module 'model\.layers\.0\..*--merge-adapter"):
-                export_genai(tmp_path / "base", tmp_path / "swapped", {kind.lower(): tmp_path / kind})
-            assert not (tmp_path / "swapped").exists()
+        adapter_of("LN_TUNING", model, tmp_path)
+        with pytest.raises(AdapterError, match=r"module 'model\.layers\.0\.input_layernorm'.*LlamaRMSNorm, not a "
+                                               r"Linear.*--merge-adapter"):
+            export_genai(tmp_path / "base", tmp_path / "swapped", {"ln": tmp_path / "LN_TUNING"})
+        assert not (tmp_path / "swapped").exists()
         adapted = adapter_of("IA3", model, tmp_path)
         export_genai(tmp_path / "base", tmp_path / "merged", merge=tmp_path / "IA3")
     prompt = [1, 5, 9, 33, 70, 12]
     got = Generator(tmp_path / "merged").generate([prompt], max_new_tokens=8, min_new_tokens=8)[0]
     assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != eager_greedy(model, prompt, 8, min_new_tokens=8)
+
+
+CHANGES_OF_THE_BASE = {
+    "miss-bat": ("LlamaForCausalLM", lambda: peft.MissConfig(r=8, target_modules=QV, init_weights="bat")),
+    "miss-mini": ("LlamaForCausalLM", lambda: peft.MissConfig(r=8, mini_r=4, target_modules=QV, init_weights="mini")),
+    "ia3-biases": ("Qwen2ForCausalLM", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                                  feedforward_modules=["down_proj"])),
+}
+"""Changes that read the base weight (MiSS's ``bat`` mode), tile a block (``mini``), or scale a layer's bias too (IA3
+on the outputs of Qwen2's biased key and value projections, its down projection's inputs)."""
+
+
+@pytest.mark.parametrize("case", list(CHANGES_OF_THE_BASE))
+def test_a_change_that_reads_the_base_weight_or_scales_its_bias_swaps_as_eager_peft(
+        tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The change PEFT's merge makes of the package's base weight is the slot, and of its bias the slot's bias (the
+    biases drawn nonzero): the adapter's greedy tokens are eager PEFT's, and not the base model's."""
+    from flora_graph.serving.genai import export_genai
+    from flora_graph.serving.generate import Generator
+    arch, config = CHANGES_OF_THE_BASE[case]
+    monkeypatch.setitem(CONFIGS, case, config)
+    model = small_model(arch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = adapter_of(case, model, tmp_path)
+        export_genai(tmp_path / "base", tmp_path / "pkg", {"x": tmp_path / case})
+    if case == "ia3-biases":  # the scaled outputs' biases are the slots' biases
+        import onnx
+
+        names = {i.name for i in onnx.load(tmp_path / "pkg" / "model.onnx", load_external_data=False).graph.input}
+        assert {"model.layers.0.self_attn.k_proj.lora_bias", "model.layers.1.self_attn.v_proj.lora_bias"} <= names
+    prompt = [1, 5, 9, 33, 70, 12]
+    want = eager_greedy(adapted, prompt, 8, min_new_tokens=8)
+    assert Generator(tmp_path / "pkg").generate([prompt], adapters="x", max_new_tokens=8, min_new_tokens=8)[0] == want
+    assert want != eager_greedy(model, prompt, 8, min_new_tokens=8)
 
 
 def test_flora_graph_s_own_lora_adapters_refuse_the_other_types_by_name(tmp_path: Path) -> None:
