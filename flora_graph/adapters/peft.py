@@ -502,9 +502,17 @@ def _load_plain_tensors(model: nn.Module, cfg: dict[str, Any], state: dict[str, 
 def _embedding_layers(model: nn.Module) -> set[str]:
     """The paths of ``model``'s input and output embedding modules (transformers' ``get_input_embeddings`` /
     ``get_output_embeddings``), whose whole weights PEFT saves beside an adapter that targets an embedding layer
-    (``save_embedding_layers="auto"``), or one fine-tuned after the vocabulary was resized."""
-    layers = [getattr(model, f, None) for f in ("get_input_embeddings", "get_output_embeddings")]
-    found = [m for m in (f() if callable(f) else None for f in layers) if isinstance(m, nn.Module)]
+    (``save_embedding_layers="auto"``), or one fine-tuned after the vocabulary was resized. A model whose class does
+    not say which they are (transformers' ``NotImplementedError`` for DETR's, DINOv3 ConvNeXt's) has none."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        f = getattr(model, getter, None)
+        try:
+            layer = f() if callable(f) else None
+        except (AttributeError, NotImplementedError):  # an image model without a token table
+            continue
+        if isinstance(layer, nn.Module):
+            found.append(layer)
     return {n for n, m in model.named_modules() if any(m is f for f in found)}
 
 

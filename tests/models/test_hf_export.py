@@ -205,6 +205,29 @@ def test_an_image_model_folder_exports_from_the_cli_on_pixel_values(tmp_path) ->
     np.testing.assert_allclose(run_artifact(tmp_path / "vit.onnx", x), want, atol=TOL, rtol=TOL)
 
 
+def test_an_image_model_whose_class_names_no_input_embeddings_exports_with_an_adapter(tmp_path) -> None:
+    """DINOv3's ConvNeXt (as DETR's models) raises ``NotImplementedError`` from ``get_input_embeddings``: the adapter's
+    reading takes that as no embedding layers, and the CLI's file gives eager PEFT's features at another batch."""
+    torch.manual_seed(0)
+    cfg = transformers.DINOv3ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 64], image_size=64,
+                                            layer_scale_init_value=1.0)  # the blocks' outputs (and the adapter's) count
+    transformers.DINOv3ConvNextModel(cfg).save_pretrained(tmp_path / "model")
+    with pytest.raises(NotImplementedError):
+        transformers.DINOv3ConvNextModel(cfg).get_input_embeddings()
+    base = transformers.DINOv3ConvNextModel.from_pretrained(tmp_path / "model")
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["pointwise_conv1", "pointwise_conv2"],
+                                              init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "convnext")]) == 0
+    x = {"pixel_values": torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))}
+    eager = eager_peft(tmp_path / "model", tmp_path / "adapter")
+    with torch.no_grad():
+        want = eager(**x).last_hidden_state.numpy()
+        with eager.disable_adapter():
+            assert np.abs(eager(**x).last_hidden_state.numpy() - want).max() > 10 * TOL  # the adapter moves them
+    np.testing.assert_allclose(run_artifact(tmp_path / "convnext.onnx", x), want, atol=TOL, rtol=TOL)
+
+
 def test_an_audio_model_folder_exports_over_a_dynamic_number_of_samples(tmp_path) -> None:
     torch.manual_seed(0)
     cfg = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
