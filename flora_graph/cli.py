@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
                    help="a PEFT adapter folder (adapter_config.json + safetensors): LoRA (DoRA too) or AdaLoRA, or "
                         "for the default task one of PEFT's other weight adapters (IA3, LoHa, LoKr, VeRA, OFT, BOFT, "
-                        "HRA, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LN tuning, DeLoRA), installed through "
+                        "HRA, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LN tuning, DeLoRA and the newer ones: "
+                        "flora_graph.adapters.peft.THROUGH_PEFT), installed through "
                         "PEFT; --format genai and the encoder-decoder tasks take several, each NAME=DIR (NAME "
                         "defaults to the folder's name), hot-swappable: LoRA, AdaLoRA, and the other types whose "
                         "layers PEFT merges into a Linear's weight (all but LN tuning: --merge-adapter)")

@@ -114,11 +114,15 @@ _ADALORA_SCHEDULE = frozenset({"init_r", "target_r", "tinit", "tfinal", "deltaT"
 
 
 THROUGH_PEFT = frozenset({"IA3", "LOHA", "LOKR", "VERA", "OFT", "BOFT", "HRA", "FOURIERFT", "VBLORA", "RANDLORA",
-                          "SHIRA", "C3A", "MISS", "LN_TUNING", "DELORA"})
+                          "SHIRA", "C3A", "MISS", "LN_TUNING", "DELORA", "BEFT", "DEFT", "FROD", "GLORA", "GRALORA",
+                          "HIRA", "OSF", "PACA", "PEANUT", "PSOFT", "PVERA", "ROAD", "SUPERTUNING", "TINYLORA",
+                          "UNILORA", "WAVEFT"})
 """PEFT's weight-adapter types other than LoRA that flora_graph installs through PEFT itself (IA3's scaling vectors,
 LoHa's Hadamard and LoKr's Kronecker products, VeRA's shared projections, OFT's and BOFT's rotations, HRA's
-reflections, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LayerNorm tuning, DeLoRA): a capture runs the ops their
-layers run and the ``merged`` preset takes PEFT's ``merge_and_unload``; a generation package merges one into its base
+reflections, FourierFT, VB-LoRA, RandLoRA, SHiRA, C3A, MiSS, LayerNorm tuning, DeLoRA, and BEFT's biases, DeFT,
+FRoD, GLoRA, GraLoRA, HiRA, OSF, PaCA, PEANuT, PSOFT, PVeRA, RoAd's rotations, SuperTuning, TinyLoRA, Uni-LoRA,
+WaveFT): a capture runs the ops their layers run (or merges those it cannot trace,
+:func:`flora_graph.frontend.traceable.merged_peft_layers`) and the ``merged`` preset takes PEFT's ``merge_and_unload``; a generation package merges one into its base
 (``--merge-adapter``), and swaps one whose layers PEFT merges into a ``Linear``'s weight (every type but LN tuning,
 which adapts a norm) as a slot of each module's change ``W' - W`` of the package's base weight
 (:func:`flora_graph.serving.slots.params_through_peft`), refusing LN tuning by name. Each is checked against eager PEFT

@@ -26,8 +26,9 @@
   (:func:`_gathered_glu_forward`), which rule ``group-experts`` turns into one product per expert.
 * **PEFT layers torch.export cannot trace adapted**: PEFT's LoRA on ``nn.MultiheadAttention`` merges the adapter
   into a plain tensor for each call, which torch.export refuses ("a fake tensor in the exported program constant's
-  list"), and HRA's and SHiRA's layers do the same; BOFT's solve a linear system for their orthogonal factor and
-  C3A's multiply complex FFTs, which no converter takes. :func:`merged_peft_layers` merges those layers for the
+  list"), and HRA's and SHiRA's layers do the same; BOFT's and PSOFT's solve a linear system for their orthogonal
+  factor, C3A's multiply complex FFTs, PaCA's run a custom op, WaveFT's scatter by a bool mask beside other indices
+  and FRoD's multiply sparse tensors, which no converter takes. :func:`merged_peft_layers` merges those layers for the
   capture (PEFT's ``merge``), so they are captured merged (their adapter baked into the base weights; the graph has
   no LoRA site for them), and puts the original parameters back, bit for bit, after.
 
@@ -491,10 +492,12 @@ def broadcast_masks() -> Iterator[bool]:
             mapping["sdpa"] = own
 
 
-_MERGED_TUNERS = ("peft.tuners.hra.", "peft.tuners.shira.", "peft.tuners.boft.", "peft.tuners.c3a.")
+_MERGED_TUNERS = ("peft.tuners.hra.", "peft.tuners.shira.", "peft.tuners.boft.", "peft.tuners.c3a.", "peft.tuners.psoft.",
+                  "peft.tuners.paca.", "peft.tuners.waveft.", "peft.tuners.frod.")
 """PEFT tuners whose layers build their adapted weight with ops that torch.export, or the ATen table after it, cannot
-take (HRA's and SHiRA's a tensor made in ``forward``, a "fake tensor in the constants"; BOFT's a ``linalg.solve`` of
-its Cayley transform; C3A's complex FFT products): :func:`merged_peft_layers` merges them for the capture."""
+take (HRA's and SHiRA's a tensor made in ``forward``, a "fake tensor in the constants"; BOFT's and PSOFT's a
+``linalg.solve`` of a Cayley transform; C3A's complex FFT products; PaCA's custom op; WaveFT's bool-mask scatter
+beside other indices; FRoD's sparse tensors): :func:`merged_peft_layers` merges them for the capture."""
 
 
 def _merged_for_capture(module: nn.Module) -> bool:
