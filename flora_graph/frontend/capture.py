@@ -724,6 +724,7 @@ def trace_with_torch_export(
                 ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=spec, strict=False)
                 if auto:
                     _bounds_inferred(ep, model, len(args), dynamic_dims, hi, lo, applied, first)
+                ep = _without_self_sets(_inlined_wrappers(ep))
                 if mutations.plan(ep.graph.nodes, ATEN_TABLE, _lifted(ep))[1] or _wrapped(ep):
                     # in-place ops capture cannot take as they are, or regions torch.export wrapped: retraced
                     ep = _functionalize(ep, type(model).__name__)
@@ -974,12 +975,83 @@ def _without_dead_state(ep: torch.export.ExportedProgram) -> torch.export.Export
 _WRAPPERS = frozenset(getattr(torch.ops.higher_order, name) for name in ("wrap_with_autocast", "wrap_with_set_grad_enabled")
                       if hasattr(torch.ops.higher_order, name))
 """Higher-order ops torch.export wraps a region of the model in (``with torch.autocast(..., enabled=False):``, as
-Qwen3-MoE's experts run), which the retrace of :func:`_functionalize` inlines."""
+Qwen3-MoE's experts run): :func:`_inlined_wrappers` inlines those whose region computes what its ops say, and the
+retrace of :func:`_functionalize` the others (autocast on, which changes the ops' dtypes)."""
+
+_AUTOCAST = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
 
 
 def _wrapped(ep: torch.export.ExportedProgram) -> bool:
     """Whether ``ep`` holds a region in one of the :data:`_WRAPPERS`."""
     return any(n.op == "call_function" and n.target in _WRAPPERS for n in ep.graph.nodes)
+
+
+def _without_self_sets(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` without its ``x.set_(x)`` (``aten.set_.source_Tensor`` of a tensor to itself: no change; PEFT's LoRA on a
+    parameter, ``ParamWrapper``, sets the parameter it wraps to itself), in place: what read the op reads ``x``. Saves
+    the retrace an in-place op costs."""
+    graph = ep.graph_module.graph
+    found = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.set_.source_Tensor
+             and len(n.args) == 2 and n.args[0] is n.args[1] and not n.kwargs]
+    for n in found:
+        n.replace_all_uses_with(n.args[0])
+        graph.erase_node(n)
+    if found:
+        graph.lint()
+        ep.graph_module.recompile()
+    return ep
+
+
+def _inlined_wrappers(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` with each region of :data:`_WRAPPERS` that computes what its ops say put in place of its call, in place:
+    a region with autocast off (``wrap_with_autocast(device, dtype, False, cache, body, *operands)``) or with gradients
+    on or off (``wrap_with_set_grad_enabled(enabled, body, *operands)``: the same values in inference). Its body's
+    nodes are copied before the call with their metadata (the body's placeholders, in order, are the operands), what
+    read its results (``getitem`` of the call) reads the copies, and the call goes; nested regions are inlined in
+    turn. A region with autocast on is left for the retrace. Saves the retrace such a region cost."""
+    gm = ep.graph_module
+    graph = gm.graph
+    changed = False
+    while True:
+        call = next((n for n in graph.nodes if n.op == "call_function" and n.target in _WRAPPERS
+                     and not (n.target is _AUTOCAST and n.args[2] is not False)), None)
+        if call is None:
+            break
+        at = 4 if call.target is _AUTOCAST else 1  # the body's place among the call's arguments
+        holder, operands = call.args[at], list(call.args[at + 1:])
+        if call.kwargs or not isinstance(holder, torch.fx.Node) or holder.op != "get_attr":
+            break  # not the form above: the retrace inlines it
+        body = getattr(gm, holder.target)
+        env: dict[torch.fx.Node, Any] = {}
+        results: Any = None
+        with graph.inserting_before(call):
+            for node in body.graph.nodes:
+                if node.op == "placeholder":
+                    env[node] = operands[len(env)]
+                elif node.op == "output":
+                    results = node.args[0]
+                elif node.op == "get_attr":  # a nested region's body: held by the program's module under a new name
+                    name = f"{holder.target}_{node.target}"
+                    gm.register_module(name, getattr(body, node.target))
+                    env[node] = graph.get_attr(name)
+                    env[node].meta = dict(node.meta)
+                else:
+                    env[node] = graph.node_copy(node, env.__getitem__)
+        outs = [env[r] if isinstance(r, torch.fx.Node) else r for r in (results if isinstance(results, tuple | list)
+                                                                         else (results,))]
+        for user in list(call.users):
+            if user.op != "call_function" or user.target is not operator.getitem:
+                raise GraphError(f"a {call.target} region's results are read by {user.format_node()}, not by index")
+            user.replace_all_uses_with(outs[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(call)
+        if not holder.users:
+            graph.erase_node(holder)
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return ep
 
 
 def _functionalize(ep: torch.export.ExportedProgram, model_name: str) -> torch.export.ExportedProgram:

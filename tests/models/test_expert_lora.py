@@ -62,6 +62,33 @@ def test_expert_lora_exports_equal_to_eager_peft(moe_folders, tmp_path, preset) 
         assert not any("lora_" in n for n in names)
 
 
+def test_expert_lora_captures_without_a_retrace(moe_folders, tmp_path, monkeypatch) -> None:
+    """PEFT's LoRA on the router's weight (a ``ParamWrapper``) sets the parameter to itself (``aten.set_``, an in-place
+    op), and Qwen3-MoE routes with autocast off (``wrap_with_autocast``): capture drops the one and inlines the other,
+    so the program is converted as torch.export gave it, with no retrace, and the file is eager PEFT's."""
+    import importlib
+
+    module = importlib.import_module("flora_graph.frontend.capture")
+    seen: dict[str, int] = {"set_": 0, "wrap": 0, "retraces": 0}
+    real_sets, real_wraps, real_retrace = module._without_self_sets, module._inlined_wrappers, module._functionalize
+
+    def sets(ep):
+        seen["set_"] += sum(n.target is torch.ops.aten.set_.source_Tensor for n in ep.graph.nodes)
+        return real_sets(ep)
+
+    def wraps(ep):
+        seen["wrap"] += sum("wrap_with_autocast" in str(n.target) for n in ep.graph.nodes)
+        return real_wraps(ep)
+
+    monkeypatch.setattr(module, "_without_self_sets", sets)
+    monkeypatch.setattr(module, "_inlined_wrappers", wraps)
+    monkeypatch.setattr(module, "_functionalize", lambda ep, name: seen.update(retraces=seen["retraces"] + 1)
+                        or real_retrace(ep, name))
+    cli_export_matches_eager(*moe_folders, "fused", tmp_path / "fused")
+    assert seen["set_"] > 0 and seen["wrap"] > 0  # what torch.export gives here
+    assert seen["retraces"] == 0
+
+
 def test_expert_lora_changes_the_logits_through_the_experts(moe_folders) -> None:
     """The expert tensors' LoRA alone moves the output: a reference that dropped it would differ."""
     model_dir, adapter_dir = moe_folders
