@@ -687,8 +687,10 @@ def trace_with_torch_export(
     :func:`convert_fx_graph` converts the program.
     A model with a ``config.use_cache`` (Hugging Face) is traced with it off, and restored after:
     the graph's outputs hold no key/value cache (see :mod:`flora_graph.frontend.model_outputs`).
-    Where the exported graph holds in-place ops (``add_``, ``index_put_``) or a region run with autocast off, the
-    program is functionalized (no decompositions); a graph without them pays only the check. Where
+    A region run with autocast off is inlined where it stands (:func:`_inlined_wrappers`) and a parameter set to
+    itself dropped (:func:`_without_self_sets`); where the exported graph holds in-place ops (``add_``, ``index_put_``)
+    that :mod:`.mutations` cannot convert or a region run with autocast on, the program is functionalized (no
+    decompositions); a graph without them pays only the check. Where
     torch.export asks for a lower or upper bound on a named dim, it is applied and the export retried;
     where it refuses a guard without a bound to suggest, it infers the dims' ranges (``Dim.AUTO``).
 
