@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -153,6 +153,17 @@ class LoRAAdapter(nn.Module):
         if self._freeze_base:
             for p in base_layer.parameters():
                 p.requires_grad_(False)
+
+    def __getattr__(self, name: str) -> Any:
+        """An attribute the adapter lacks is its base layer's, as PEFT's tuners forward what a model reads of its layer
+        (MobileNet's TF-style padding reads its convolution's ``stride``, ``kernel_size`` and ``dilation``)."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules: nn.Module's own lookup
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
 
     # ------------------------------------------------------------------ properties
     @property

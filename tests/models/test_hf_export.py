@@ -228,6 +228,32 @@ def test_an_image_model_whose_class_names_no_input_embeddings_exports_with_an_ad
     np.testing.assert_allclose(run_artifact(tmp_path / "convnext.onnx", x), want, atol=TOL, rtol=TOL)
 
 
+def test_a_model_that_reads_its_adapted_convolution_s_stride_exports(tmp_path) -> None:
+    """MobileNetV2's TF-style padding reads its convolutions' ``stride``, ``kernel_size`` and ``dilation``: flora_graph's
+    LoRA layer on such a convolution answers with its base layer's (PEFT's own Conv2d layer does not, so the reference
+    is PEFT's merged model), and the CLI's file gives its logits at another batch."""
+    torch.manual_seed(0)
+    model = transformers.MobileNetV2ForImageClassification(
+        transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=5))
+    with torch.no_grad():  # weights of a size that gives logits of a size (the default draw gives about 1e-20)
+        for p in model.parameters():
+            if p.ndim == 4:
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "model")
+    base = transformers.MobileNetV2ForImageClassification.from_pretrained(tmp_path / "model")
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*(first_conv|1x1)\.convolution",
+                                              init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "mobilenet")]) == 0
+    merged = eager_peft(tmp_path / "model", tmp_path / "adapter").merge_and_unload().eval()
+    plain = transformers.MobileNetV2ForImageClassification.from_pretrained(tmp_path / "model").eval()
+    x = {"pixel_values": torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))}
+    with torch.no_grad():
+        want = merged(**x).logits.numpy()
+        assert np.abs(plain(**x).logits.numpy() - want).max() > 0.1 * np.abs(want).max()  # the adapter moves them
+    np.testing.assert_allclose(run_artifact(tmp_path / "mobilenet.onnx", x), want, atol=TOL, rtol=TOL)
+
+
 def test_an_audio_model_folder_exports_over_a_dynamic_number_of_samples(tmp_path) -> None:
     torch.manual_seed(0)
     cfg = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
