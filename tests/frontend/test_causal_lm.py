@@ -399,6 +399,7 @@ def test_a_sequence_to_sequence_decoder_caches_its_own_layers_and_heads(arch: st
     assert_logits_like_eager(tiny_causal_lm(arch), graph)
 
 
+@pytest.mark.slow
 def test_layers_reading_another_layers_cache_present_that_cache() -> None:
     """Gemma 3n's last layers attend to an earlier layer's keys and values and leave their own cache empty in
     transformers: their presents are the source layer's, so every layer's cache grows by the new tokens, and the

@@ -160,6 +160,7 @@ def test_layers_that_are_not_alike_are_traced_every_one(arch: str, layers: int, 
         layer_stamp.plan(model, cache_layout(model))
 
 
+@pytest.mark.slow
 def test_a_hook_on_a_late_layer_is_not_lost() -> None:
     # a hook on layer 6 of 14 makes it a kind of its own: traced (layers 0-6), the hook's product in the graph; on
     # layer 5 of 7 too few layers would be left to stamp, and every layer is traced

@@ -49,6 +49,7 @@ def test_the_cache_export_is_refused_naming_the_method_and_its_class(model) -> N
         capture_causal_lm(model)
 
 
+@pytest.mark.slow
 def test_without_the_cache_its_heavily_compressed_attention_captures_as_eager() -> None:
     model = _with({**WINDOWS, "layer_types": ["heavily_compressed_attention"] * 2})
     assert model.config.compress_rates["heavily_compressed_attention"] == 4

@@ -77,8 +77,8 @@ def decoder_feeds(layout, cross: int, seed: int = 0) -> tuple[dict, dict]:
     return feeds, {"input_ids": ids, "encoder_attention_mask": mask, "past_key_values": past}
 
 
-@pytest.mark.parametrize("kind", ["bart", "t5", "whisper", pytest.param("marian", marks=SLOW),
-                                  pytest.param("switch", marks=SLOW)])
+@pytest.mark.parametrize("kind", [pytest.param("bart", marks=SLOW), "t5", pytest.param("whisper", marks=SLOW),
+                                  pytest.param("marian", marks=SLOW), pytest.param("switch", marks=SLOW)])
 def test_stamped_graphs_are_the_graphs_of_tracing_every_layer(kind: str) -> None:
     """Seven encoder and seven decoder layers, three of each traced and four stamped (Switch Transformers: sparse and
     dense layers in turn, the first four traced); a text model's encoder graph stamps its encoder's layers and then
@@ -120,6 +120,7 @@ def test_the_decoder_layer_list_is_found_in_the_decoder() -> None:
                                                       layout.cross_head_dim))
 
 
+@SLOW
 def test_a_stamped_decoder_that_differs_from_eager_is_traced_whole(monkeypatch) -> None:
     """A later decoder layer handed another layer's weights (which nothing in the layers' signatures shows) fails the
     check against eager, and the decoder is traced whole: its graph the full trace's."""
@@ -179,6 +180,7 @@ def test_a_deep_package_generates_eager_peft_tokens(kind: str, tmp_path: Path) -
     assert mixed == [want["ad"][0], want[None][1]]
 
 
+@SLOW
 def test_cli_trace_every_layer_reaches_an_encoder_decoder_export(tmp_path: Path, monkeypatch, capsys) -> None:
     """``flora-graph export --task text2text-generation-with-past --trace-every-layer`` traces the decoder whole (the
     stamping never asked for), the default stamps it; a plain file export refuses the flag, exit status 2."""

@@ -39,5 +39,6 @@ def test_looped_layers_keep_a_cache_layer_per_pass() -> None:
     assert "past.5.conv.3" in layout.past_names() and "present.5.value" in layout.present_names()
 
 
+@pytest.mark.slow  # 30 s: the longest of the default run
 def test_looped_package_decodes_left_padded_rows_as_eager(tmp_path: Path) -> None:
     assert_padded_rows_decode_as_eager(small_model("Inkling2LoopForCausalLM"), tmp_path)
