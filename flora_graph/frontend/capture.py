@@ -1024,6 +1024,8 @@ def _inlined_wrappers(ep: torch.export.ExportedProgram) -> torch.export.Exported
         if call.kwargs or not isinstance(holder, torch.fx.Node) or holder.op != "get_attr":
             break  # not the form above: the retrace inlines it
         body = getattr(gm, holder.target)
+        if not all(isinstance(getattr(body, n.target, None), nn.Module) for n in body.graph.nodes if n.op == "get_attr"):
+            break  # a constant of its own in the body: the retrace inlines it
         env: dict[torch.fx.Node, Any] = {}
         results: Any = None
         with graph.inserting_before(call):

@@ -721,7 +721,6 @@ def _merged_change(layer: Any, path: str, folder: Path) -> tuple[Any, Any]:
     """``(W' - W, b' - b)`` in float64 of PEFT ``layer``'s adapter ``"default"``: PEFT's ``merge`` run on a float64
     copy of the layer (the model's own layer untouched), less the copy's weight and bias before it (``b' - b``:
     ``None`` where the base has no bias). Raises :class:`AdapterError` naming the module where PEFT cannot merge it."""
-
     twin = copy.deepcopy(layer).double()
     inner = twin.get_base_layer()
     weight = inner.weight.detach().clone()
