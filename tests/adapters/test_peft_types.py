@@ -67,6 +67,17 @@ NEWER = frozenset({"BEFT", "DEFT", "FROD", "GLORA", "GRALORA", "HIRA", "OSF", "P
 
 ARCH = {"BEFT": "Qwen2ForCausalLM"}
 """The model a type's tests adapt where not a Llama: BEFT trains biases, which a Llama's projections lack."""
+def biased_model(arch: str):
+    """:func:`small_model` of ``arch`` with its biases (zeros as transformers draws them) drawn nonzero, so that a
+    change of a bias shows in the tokens."""
+    model = small_model(arch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
 def adapter_of(kind: str, model, folder: Path) -> object:
     """A ``kind`` adapter on ``model`` saved as ``folder / kind`` (``model`` saved beside it), every trainable value
     moved by random values: the adapted model loaded back from the folder, in eval mode."""
@@ -127,11 +138,7 @@ def test_a_package_holds_every_newer_type_at_once_and_each_decodes_as_eager_peft
     from flora_graph.serving.genai import export_genai
     from flora_graph.serving.generate import Generator
 
-    model = small_model("Qwen2ForCausalLM")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0, 0.5)
+    model = biased_model("Qwen2ForCausalLM")
     prompts = [[1, 5, 9, 33, 70, 12], [1, 8, 3, 7, 7, 2, 9, 40]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -248,13 +255,10 @@ def test_a_change_that_reads_the_base_weight_or_scales_its_bias_swaps_as_eager_p
     biases drawn nonzero): the adapter's greedy tokens are eager PEFT's, and not the base model's."""
     from flora_graph.serving.genai import export_genai
     from flora_graph.serving.generate import Generator
+
     arch, config = CHANGES_OF_THE_BASE[case]
     monkeypatch.setitem(CONFIGS, case, config)
-    model = small_model(arch)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0, 0.5)
+    model = biased_model(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adapted = adapter_of(case, model, tmp_path)
