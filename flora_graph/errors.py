@@ -12,6 +12,7 @@ __all__ = [
     "ChunkCountFixedError",
     "FloraGraphError",
     "GraphError",
+    "ModelFolderError",
     "RuntimeInputError",
     "ShapeError",
     "UnsafeNameError",
@@ -55,6 +56,11 @@ class UnsupportedOpError(FloraGraphError):
 
 class AdapterError(FloraGraphError):
     """A LoRA/Flora adapter was configured or used wrongly (names the module)."""
+
+
+class ModelFolderError(FloraGraphError):
+    """A model folder cannot be loaded: no config, no safetensors weights, an unusable ``architectures`` entry, a
+    quantized checkpoint it cannot read."""
 
 
 class RuntimeInputError(FloraGraphError):

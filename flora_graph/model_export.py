@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora_graph.errors import AdapterError, FloraGraphError
+from flora_graph import gptq_awq
+from flora_graph.errors import AdapterError, FloraGraphError, ModelFolderError
 from flora_graph.frontend import capture, max_abs_diff, output_tensors
 from flora_graph.frontend.causal_lm import scan_chunk
 from flora_graph.frontend.model_outputs import output_names, set_use_cache
@@ -47,10 +48,6 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 """Weight files of a model folder that are pickles: never loaded (a pickle runs code when read)."""
 
 
-class ModelFolderError(FloraGraphError):
-    """A model folder cannot be loaded: no config, no safetensors weights, an unusable ``architectures`` entry."""
-
-
 def quantized_checkpoint(config: dict[str, Any]) -> str | None:
     """How the checkpoint of a model folder's ``config`` (its ``config.json``, read) is quantized, as a phrase for
     messages (``"a bitsandbytes 4-bit (nf4) checkpoint"``), or ``None`` for a float one (no
@@ -63,6 +60,8 @@ def quantized_checkpoint(config: dict[str, Any]) -> str | None:
         bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else "quantized"
         kind = f" ({q.get('bnb_4bit_quant_type')})" if q.get("load_in_4bit") and q.get("bnb_4bit_quant_type") else ""
         return f"a bitsandbytes {bits}{kind} checkpoint"
+    if method in gptq_awq.METHODS:
+        return f"{'an AWQ' if method == 'awq' else 'a GPTQ'} {q.get('bits', 4)}-bit checkpoint"
     if not isinstance(method, str) or not method:
         return "a quantized checkpoint of an unnamed method (quantization_config has no quant_method)"
     return f"a {method} checkpoint"
@@ -310,21 +309,35 @@ def load_transformers(folder: str | Path) -> torch.nn.Module:
     mode and float32, loaded without a download; :class:`ModelFolderError` for a folder it cannot use (see
     :func:`check_model_folder`; pickle weights are never loaded). A bitsandbytes 4-bit or 8-bit checkpoint (the base
     of a QLoRA adapter) is dequantized as it loads: its layers become plain ``Linear`` layers holding the weights its
-    own forward computes with (on CPU, bitsandbytes' kernels round their products otherwise, about 1e-3 apart)."""
+    own forward computes with (on CPU, bitsandbytes' kernels round their products otherwise, about 1e-3 apart). A GPTQ
+    or AWQ 4-bit checkpoint loads as the float model of its layers' weights (:mod:`flora_graph.gptq_awq`), which keeps
+    their 4-bit blocks for a 4-bit package."""
     folder = Path(folder)
     arch = check_model_folder(folder)
     import transformers
 
+    grids = None
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        model = getattr(transformers, arch).from_pretrained(folder, config=config, local_files_only=True,
-                                                            use_safetensors=True).eval()
+        if gptq_awq.checkpoint_method(json.loads((folder / "config.json").read_text())):
+            # a GPTQ / AWQ checkpoint: its layers' float weights, the model built on them as a float one
+            state, grids = gptq_awq.read_checkpoint(folder)
+            del config.quantization_config
+            model = getattr(transformers, arch).from_pretrained(None, config=config, state_dict=state,
+                                                                dtype=torch.float32).eval()
+        else:
+            model = getattr(transformers, arch).from_pretrained(folder, config=config, local_files_only=True,
+                                                                use_safetensors=True).eval()
+    except ModelFolderError:
+        raise
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot use
         raise ModelFolderError(f"{folder}: transformers cannot load {arch} from it ({type(exc).__name__}: {exc})") from exc
     if getattr(model, "is_quantized", False):  # a bitsandbytes checkpoint (check_model_folder refuses the others):
         model = model.dequantize()  # its weights as its own forward computes them, before any forward repacks them
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()  # a bfloat16/float16 checkpoint: captured and checked in float32
+    if grids is not None:
+        gptq_awq.attach_grids(model, grids)
     return model
 
 
@@ -359,10 +372,14 @@ def check_model_folder(folder: str | Path) -> str:
         raise ModelFolderError(f"{cfg_path}: architectures entry {arch!r} is not a transformers model class "
                                f"(expected a name such as \"LlamaForCausalLM\")")
     quantized = quantized_checkpoint(cfg)
-    if quantized is not None and cfg["quantization_config"].get("quant_method") != "bitsandbytes":
+    method = cfg["quantization_config"].get("quant_method") if quantized is not None else None
+    if method in gptq_awq.METHODS:
+        gptq_awq.check_config(cfg, str(cfg_path))
+    elif quantized is not None and method != "bitsandbytes":
         raise ModelFolderError(f"{cfg_path}: {quantized} (quantization_config), whose weights flora_graph does not "
-                               "read; export the model's float checkpoint (a 4-bit GenAI package: --precision int4)")
-    if quantized is not None and importlib.util.find_spec("bitsandbytes") is None:
+                               "read (it reads bitsandbytes, GPTQ and AWQ ones); export the model's float checkpoint "
+                               "(a 4-bit GenAI package: --precision int4)")
+    if method == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
         raise ModelFolderError(f"{cfg_path}: {quantized}, which transformers reads through the bitsandbytes package: "
                                "install it (pip install bitsandbytes), or export the model's float checkpoint")
     if not any(folder.glob("*.safetensors")):

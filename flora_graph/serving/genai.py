@@ -41,6 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from flora_graph import gptq_awq
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
@@ -319,9 +320,15 @@ def export_genai(
         notes.append(msg)
         say(msg)
 
+    loaded = model  # the model a GPTQ / AWQ checkpoint's grids are recorded on (model_grids)
     model, tokenizer_from = merged_base(model, base, merge, say, note)
 
-    if quantized := quantized_checkpoint(json.loads((Path(base) / "config.json").read_text())):
+    base_config = json.loads((Path(base) / "config.json").read_text())
+    if gptq_awq.checkpoint_method(base_config):
+        note(f"{base}: {quantized_checkpoint(base_config)}, read as the float32 model of its 4-bit layers' weights" +
+             ("" if precision == "int4" else ", at 32 bits a weight (--precision int4 keeps the checkpoint's 4-bit "
+                                             "blocks)"))
+    elif quantized := quantized_checkpoint(base_config):
         note(f"{base}: {quantized}, dequantized to float32 as it loads (a QLoRA adapter's base): the package's weights "
              "are as its layers compute with them" + ("" if precision == "int4" else
                                                       ", at 32 bits a weight (--precision int4 writes 4-bit ones)"))
@@ -395,11 +402,17 @@ def export_genai(
         from flora_graph.runtimes.onnx_writer import SharedData, save_lowered
 
         shared = files.enter_context(SharedData(tmp, MODEL_DATA)) if sites and mixed else None
+        grids = gptq_awq.model_grids(loaded) if precision == "int4" else []
 
         def write(model: Any, weights: dict[str, Any], file: str) -> None:
             if precision == "int4":
                 say(f"quantizing {file}'s base weights to 4 bits (blocks of {int4_block_size})")
-                quantize_weights(model, int4_block_size, int4_accuracy_level, weights)
+                kept: list[str] = []
+                n = quantize_weights(model, int4_block_size, int4_accuracy_level, weights, grids=grids, kept=kept)
+                if grids:
+                    note(f"{file}: {len(kept)} of its {n} 4-bit nodes keep the checkpoint's own codes, scales and "
+                         "zero points (the others: layers the checkpoint holds in float, or packed layers whose "
+                         f"groups differ, quantized in blocks of {int4_block_size})")
             if shared is None:
                 save_lowered(_marked(model, marks), weights, tmp / file)
             else:

@@ -96,15 +96,16 @@ def test_a_qlora_adapter_on_its_bitsandbytes_base_decodes_as_eager_peft(tmp_path
 
 
 def test_other_quantized_checkpoints_are_refused_by_name_before_loading(tmp_path: Path, monkeypatch) -> None:
-    """A GPTQ checkpoint's weights flora_graph does not read: refused naming the method, the float checkpoint and
-    ``--precision int4`` offered; a bitsandbytes one without the package: refused naming it."""
+    """An HQQ checkpoint's weights flora_graph does not read: refused naming the method, the ones it reads, the float
+    checkpoint and ``--precision int4`` offered; a bitsandbytes one without the package: refused naming it."""
     folder = tmp_path / "m"
     folder.mkdir()
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              "quantization_config": {"quant_method": "gptq", "bits": 4}}
+              "quantization_config": {"quant_method": "hqq", "bits": 4}}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ModelFolderError, match=r"a gptq checkpoint .*float checkpoint .*--precision int4"):
+    with pytest.raises(ModelFolderError,
+                       match=r"a hqq checkpoint .*bitsandbytes, GPTQ and AWQ .*float checkpoint .*--precision int4"):
         check_model_folder(folder)
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (folder / "config.json").write_text(json.dumps(config))

@@ -1,0 +1,105 @@
+"""GPTQ and AWQ checkpoints of a small Llama, written here from codes, scales and zero points drawn at random, as
+AutoGPTQ / GPTQModel and AutoAWQ lay them out (each int32 eight 4-bit values, the lowest bits first; GPTQ packs its
+codes along the input rows and its zero points along the columns, stored minus one in the ``gptq`` format; AWQ packs
+both along the columns in the order 0, 2, 4, 6, 1, 3, 5, 7), with the float model of the same weights
+(``s * (q - z)`` per group) beside it: the reference the tests compare against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from flora_graph.llm_demo import save_word_tokenizer
+
+LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _pack(values: np.ndarray, axis: int, order: tuple[int, ...] = tuple(range(8))) -> np.ndarray:
+    """``values`` (4-bit, uint) eight to an int32 along ``axis``: the ``j``-th four bits hold the value at ``8c +
+    order[j]``."""
+    v = np.moveaxis(values.astype(np.uint32), axis, 0)
+    v = v.reshape(v.shape[0] // 8, 8, *v.shape[1:])
+    packed = np.zeros((v.shape[0], *v.shape[2:]), np.uint32)
+    for j in range(8):
+        packed |= v[:, order[j]] << np.uint32(4 * j)
+    return np.ascontiguousarray(np.moveaxis(packed.view(np.int32), 0, axis))
+
+
+def small_llama_config(intermediate: int = 80) -> transformers.LlamaConfig:
+    """The Llama the checkpoints hold: widths that take groups of 32 input rows (``intermediate`` 80 leaves
+    ``down_proj`` a last group of 16 rows)."""
+    return transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def write_checkpoint(folder: Path, method: str, *, group: int = 32, act_order: bool = False,
+                     v2: bool = False, seed: int = 0, intermediate: int = 80) -> transformers.LlamaForCausalLM:
+    """A ``method`` (``gptq`` or ``awq``) checkpoint of a small Llama at ``folder`` (with a word tokenizer);
+    ``act_order``: GPTQ's groups over a permutation of the input rows (``g_idx``), one per input as GPTQ orders
+    the rows by its input's statistics (q/k/v share one, gate/up another); ``v2``: the ``gptq_v2`` format (zero
+    points stored as they are). Returns the float model of its weights, in eval mode."""
+    cfg = small_llama_config(intermediate)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    orders: dict[str, np.ndarray] = {}
+    for name, mod in model.named_modules():
+        if name.rpartition(".")[2] not in LAYERS:
+            continue
+        out, k = mod.weight.shape
+        n_groups = -(-k // group)
+        groups = np.arange(k) // group
+        if act_order:  # one order per input: the first layer that reads it draws it
+            reads = name.rpartition(".")[0] + {"k_proj": ".q_proj", "v_proj": ".q_proj", "up_proj": ".gate_proj"}.get(
+                name.rpartition(".")[2], "." + name.rpartition(".")[2])
+            if reads not in orders:
+                orders[reads] = rng.permutation(k)
+            groups = groups[orders[reads]]
+        codes = rng.integers(0, 16, (k, out))
+        zeros = rng.integers(0, 16, (n_groups, out))
+        scales = rng.uniform(0.02, 0.06, (n_groups, out)).astype(np.float16)
+        weight = scales.astype(np.float32)[groups] * (codes - zeros[groups]).astype(np.float32)  # [in, out]
+        with torch.no_grad():
+            mod.weight.copy_(torch.from_numpy(weight.T.copy()))
+        zpad = np.zeros((n_groups, -(-out // 8) * 8), np.int64)
+        zpad[:, :out] = zeros
+        if method == "gptq":
+            stored = zpad if v2 else (zpad - 1) & 0xF
+            tensors[f"{name}.qweight"] = torch.from_numpy(_pack(codes, 0))
+            tensors[f"{name}.qzeros"] = torch.from_numpy(_pack(stored, 1))
+            tensors[f"{name}.g_idx"] = torch.from_numpy(groups.astype(np.int32))
+        else:
+            order = (0, 2, 4, 6, 1, 3, 5, 7)
+            tensors[f"{name}.qweight"] = torch.from_numpy(_pack(codes, 1, order))
+            tensors[f"{name}.qzeros"] = torch.from_numpy(_pack(zpad, 1, order))
+        tensors[f"{name}.scales"] = torch.from_numpy(scales)
+    quantized = {n.rpartition(".")[0] for n in tensors}
+    for name, p in model.state_dict().items():
+        if name.rpartition(".")[0] not in quantized:
+            tensors[name] = p.detach().to(torch.float16).clone()
+    with torch.no_grad():  # the float model holds what the checkpoint's fp16 tensors hold
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[0] not in quantized:
+                p.copy_(p.to(torch.float16).float())
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = cfg.to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["torch_dtype"] = "float16"
+    if method == "gptq":
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group,
+                                         "desc_act": act_order, "sym": False, "true_sequential": True,
+                                         "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    else:
+        config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
+                                         "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_word_tokenizer(folder, cfg.vocab_size)
+    return model
