@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=["fp32", "int4"], default="fp32",
                    help="--format genai: the base layers' weights; int4: 4-bit blocks (ONNX Runtime's MatMulNBits, as "
                         "the model builder's -p int4; the embedding table as GatherBlockQuantized, shared with a tied "
-                        "output layer; a mixture of experts as QMoE; a GPTQ or AWQ checkpoint's layers keep its own "
-                        "blocks), adapters staying float and swappable on top")
+                        "output layer; a mixture of experts as QMoE; a GPTQ, AWQ or compressed-tensors 4-bit "
+                        "checkpoint keeps its blocks), adapters staying float and swappable on top")
     e.add_argument("--int4-block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
                    help="--precision int4: input rows per quantization block (one scale each)")
     e.add_argument("--int4-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora_graph import gptq_awq
+from flora_graph import quantized_checkpoints
 from flora_graph.errors import AdapterError, FloraGraphError, ModelFolderError
 from flora_graph.frontend import capture, max_abs_diff, output_tensors
 from flora_graph.frontend.causal_lm import scan_chunk
@@ -60,8 +60,10 @@ def quantized_checkpoint(config: dict[str, Any]) -> str | None:
         bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else "quantized"
         kind = f" ({q.get('bnb_4bit_quant_type')})" if q.get("load_in_4bit") and q.get("bnb_4bit_quant_type") else ""
         return f"a bitsandbytes {bits}{kind} checkpoint"
-    if method in gptq_awq.METHODS:
+    if method in ("gptq", "awq"):
         return f"{'an AWQ' if method == 'awq' else 'a GPTQ'} {q.get('bits', 4)}-bit checkpoint"
+    if method == "compressed-tensors":
+        return f"a compressed-tensors checkpoint ({q.get('format', 'no format')})"
     if not isinstance(method, str) or not method:
         return "a quantized checkpoint of an unnamed method (quantization_config has no quant_method)"
     return f"a {method} checkpoint"
@@ -309,8 +311,8 @@ def load_transformers(folder: str | Path) -> torch.nn.Module:
     mode and float32, loaded without a download; :class:`ModelFolderError` for a folder it cannot use (see
     :func:`check_model_folder`; pickle weights are never loaded). A bitsandbytes 4-bit or 8-bit checkpoint (the base
     of a QLoRA adapter) is dequantized as it loads: its layers become plain ``Linear`` layers holding the weights its
-    own forward computes with (on CPU, bitsandbytes' kernels round their products otherwise, about 1e-3 apart). A GPTQ
-    or AWQ 4-bit checkpoint loads as the float model of its layers' weights (:mod:`flora_graph.gptq_awq`), which keeps
+    own forward computes with (on CPU, bitsandbytes' kernels round their products otherwise, about 1e-3 apart). A GPTQ,
+    AWQ or compressed-tensors 4-bit checkpoint loads as the float model of its layers' weights (:mod:`flora_graph.quantized_checkpoints`), which keeps
     their 4-bit blocks for a 4-bit package."""
     folder = Path(folder)
     arch = check_model_folder(folder)
@@ -319,9 +321,9 @@ def load_transformers(folder: str | Path) -> torch.nn.Module:
     grids = None
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        if gptq_awq.checkpoint_method(json.loads((folder / "config.json").read_text())):
-            # a GPTQ / AWQ checkpoint: its layers' float weights, the model built on them as a float one
-            state, grids = gptq_awq.read_checkpoint(folder)
+        if quantized_checkpoints.checkpoint_method(json.loads((folder / "config.json").read_text())):
+            # a GPTQ / AWQ / compressed-tensors checkpoint: its layers' float weights, the model built on them as a float one
+            state, grids = quantized_checkpoints.read_checkpoint(folder)
             del config.quantization_config
             model = getattr(transformers, arch).from_pretrained(None, config=config, state_dict=state,
                                                                 dtype=torch.float32).eval()
@@ -337,7 +339,7 @@ def load_transformers(folder: str | Path) -> torch.nn.Module:
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()  # a bfloat16/float16 checkpoint: captured and checked in float32
     if grids is not None:
-        gptq_awq.attach_grids(model, grids)
+        quantized_checkpoints.attach_grids(model, grids)
     return model
 
 
@@ -373,11 +375,11 @@ def check_model_folder(folder: str | Path) -> str:
                                f"(expected a name such as \"LlamaForCausalLM\")")
     quantized = quantized_checkpoint(cfg)
     method = cfg["quantization_config"].get("quant_method") if quantized is not None else None
-    if method in gptq_awq.METHODS:
-        gptq_awq.check_config(cfg, str(cfg_path))
+    if method in quantized_checkpoints.METHODS:
+        quantized_checkpoints.check_config(cfg, str(cfg_path))
     elif quantized is not None and method != "bitsandbytes":
         raise ModelFolderError(f"{cfg_path}: {quantized} (quantization_config), whose weights flora_graph does not "
-                               "read (it reads bitsandbytes, GPTQ and AWQ ones); export the model's float checkpoint "
+                               "read (it reads bitsandbytes, GPTQ, AWQ and compressed-tensors ones); export the model's float checkpoint "
                                "(a 4-bit GenAI package: --precision int4)")
     if method == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
         raise ModelFolderError(f"{cfg_path}: {quantized}, which transformers reads through the bitsandbytes package: "

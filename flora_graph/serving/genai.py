@@ -41,7 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from flora_graph import gptq_awq
+from flora_graph import quantized_checkpoints
 from flora_graph.errors import AdapterError, FloraGraphError
 from flora_graph.storage import check_name, staged_folder
 
@@ -324,7 +324,7 @@ def export_genai(
     model, tokenizer_from = merged_base(model, base, merge, say, note)
 
     base_config = json.loads((Path(base) / "config.json").read_text())
-    if gptq_awq.checkpoint_method(base_config):
+    if quantized_checkpoints.checkpoint_method(base_config):
         note(f"{base}: {quantized_checkpoint(base_config)}, read as the float32 model of its 4-bit layers' weights" +
              ("" if precision == "int4" else ", at 32 bits a weight (--precision int4 keeps the checkpoint's 4-bit "
                                              "blocks)"))
@@ -402,7 +402,7 @@ def export_genai(
         from flora_graph.runtimes.onnx_writer import SharedData, save_lowered
 
         shared = files.enter_context(SharedData(tmp, MODEL_DATA)) if sites and mixed else None
-        grids = gptq_awq.model_grids(loaded) if precision == "int4" else []
+        grids = quantized_checkpoints.model_grids(loaded) if precision == "int4" else []
 
         def write(model: Any, weights: dict[str, Any], file: str) -> None:
             if precision == "int4":

@@ -17,13 +17,14 @@ quantized base, as QLoRA trains them. An embedding (``Gather`` of a constant ``[
 so the vocabulary's table, often the largest weight of a small model, is 4-bit too; an output layer tied to it
 reads the very same initializers (one 4-bit copy), as the model builder's models do.
 
-A weight read from a GPTQ or AWQ checkpoint (:mod:`flora_graph.gptq_awq`; ``grids``: its layers' weights as the
-model holds them, each with its :class:`~flora_graph.gptq_awq.Int4Grid`) keeps the checkpoint's own 4-bit blocks
-instead: its codes, scales and zero points (``MatMulNBits``' ``zero_points``, asymmetric), in blocks of the largest
-size above that divides the checkpoint's group size (a group's scale repeated over its blocks), so the package's
-weights are the checkpoint's, exactly; packed layers whose members share their groups keep them too. A layer quantized
-in GPTQ's activation order (its groups no runs of rows) has its rows sorted by group and reads its input's columns in
-that order (a ``Gather`` before its ``MatMulNBits``).
+A weight read from a GPTQ, AWQ or compressed-tensors checkpoint (:mod:`flora_graph.quantized_checkpoints`;
+``grids``: its layers' weights as the model holds them, each with its
+:class:`~flora_graph.quantized_checkpoints.Int4Grid`) keeps the checkpoint's own 4-bit blocks instead: its codes,
+scales and zero points (``MatMulNBits``' ``zero_points``, asymmetric), in blocks of the largest size above that
+divides the checkpoint's group size (a group's scale repeated over its blocks), so the package's weights are the
+checkpoint's, exactly; packed layers whose members share their groups keep them too. A layer quantized in activation
+order (its groups no runs of rows) has its rows sorted by group and reads its input's columns in that order (a
+``Gather`` before its ``MatMulNBits``).
 
 A weight is constant when it is an initializer that is not also a graph input (a LoRA slot's empty default
 is one), or ``Transpose`` / ``Concat`` / ``Identity`` of constants
@@ -44,7 +45,7 @@ from onnx import helper, numpy_helper
 from flora_graph.runtimes.onnx_writer import subgraphs
 
 if TYPE_CHECKING:
-    from flora_graph.gptq_awq import Int4Grid
+    from flora_graph.quantized_checkpoints import Int4Grid
 
 __all__ = ["ACCURACY_LEVELS", "INT4_BLOCK_SIZES", "quantize_block", "quantize_weights"]
 
@@ -117,7 +118,7 @@ def grid_blocks(grid: Int4Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray, int
 
 def _concat_grids(grids: list[Int4Grid]) -> Int4Grid | None:
     """The grid of layers stacked along their outputs (a packed q/k/v layer), where they share their groups."""
-    from flora_graph.gptq_awq import Int4Grid
+    from flora_graph.quantized_checkpoints import Int4Grid
 
     first = grids[0]
     if any(g.group_size != first.group_size or not np.array_equal(g.groups, first.groups) for g in grids):
@@ -389,7 +390,7 @@ def quantize_weights(model: onnx.ModelProto, block_size: int = 32, accuracy_leve
     ``embeddings`` its embedding tables (see the module docstring); return how many nodes now read 4-bit
     weights. ``weights``: the big initializers kept apart (:func:`~flora_graph.runtimes.onnx_lowering.lower`'s),
     read and updated in place (the 4-bit ones added, the float ones no node reads any more removed). ``grids``:
-    ``(weight [out, in], grid)`` of a GPTQ or AWQ checkpoint's layers, each weight the array whose memory the
+    ``(weight [out, in], grid)`` of a 4-bit checkpoint's layers, each weight the array whose memory the
     model's initializers view; a ``MatMul`` reading one keeps its grid's blocks (the names of those nodes are
     appended to ``kept`` where given). Raises
     ``ValueError`` for a block size not in :data:`INT4_BLOCK_SIZES` or an accuracy level not in

@@ -24,7 +24,7 @@ LAYERS = [
     {"flora"},
     {"adapters"},
     {"frontend", "passes", "runtimes", "models"},
-    {"bench", "gptq_awq", "model_export", "serving", "torch_jit", "demo", "llm_demo"},
+    {"bench", "quantized_checkpoints", "model_export", "serving", "torch_jit", "demo", "llm_demo"},
     {"training"},
     {"cli"},
 ]

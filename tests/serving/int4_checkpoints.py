@@ -1,8 +1,9 @@
-"""GPTQ and AWQ checkpoints of a small Llama, written here from codes, scales and zero points drawn at random, as
-AutoGPTQ / GPTQModel and AutoAWQ lay them out (each int32 eight 4-bit values, the lowest bits first; GPTQ packs its
-codes along the input rows and its zero points along the columns, stored minus one in the ``gptq`` format; AWQ packs
-both along the columns in the order 0, 2, 4, 6, 1, 3, 5, 7), with the float model of the same weights
-(``s * (q - z)`` per group) beside it: the reference the tests compare against."""
+"""GPTQ, AWQ and compressed-tensors checkpoints of a small Llama, written here from codes, scales and zero points
+drawn at random, as AutoGPTQ / GPTQModel and AutoAWQ lay them out (each int32 eight 4-bit values, the lowest bits
+first; GPTQ packs its codes along the input rows and its zero points along the columns, stored minus one in the
+``gptq`` format; AWQ packs both along the columns in the order 0, 2, 4, 6, 1, 3, 5, 7) and as compressed-tensors' own
+packer (``pack_to_int32``) does, with the float model of the same weights (``s * (q - z)`` per group) beside it: the
+reference the tests compare against."""
 
 from __future__ import annotations
 
@@ -39,14 +40,20 @@ def small_llama_config(intermediate: int = 80) -> transformers.LlamaConfig:
 
 
 def write_checkpoint(folder: Path, method: str, *, group: int = 32, act_order: bool = False,
-                     v2: bool = False, seed: int = 0, intermediate: int = 80) -> transformers.LlamaForCausalLM:
-    """A ``method`` (``gptq`` or ``awq``) checkpoint of a small Llama at ``folder`` (with a word tokenizer);
-    ``act_order``: GPTQ's groups over a permutation of the input rows (``g_idx``), one per input as GPTQ orders
-    the rows by its input's statistics (q/k/v share one, gate/up another); ``v2``: the ``gptq_v2`` format (zero
-    points stored as they are). Returns the float model of its weights, in eval mode."""
-    cfg = small_llama_config(intermediate)
+                     v2: bool = False, symmetric: bool = False, seed: int = 0, intermediate: int = 80,
+                     model: transformers.LlamaForCausalLM | None = None) -> transformers.LlamaForCausalLM:
+    """A ``method`` (``gptq``, ``awq`` or ``compressed-tensors``) checkpoint of a small Llama at ``folder`` (with a
+    word tokenizer), or of ``model``'s config and float tensors (its layers' weights drawn anew); ``act_order``: the
+    groups over a permutation of the input rows (``g_idx``), one per input as GPTQ orders the rows by its input's
+    statistics (q/k/v share one, gate/up another); ``v2``: the ``gptq_v2`` format (zero points stored as they are);
+    ``symmetric``: compressed-tensors' symmetric scheme (zero point 8, none stored); ``group`` ``-1``: one group
+    per output row (compressed-tensors' ``channel`` strategy). Returns the float model of its weights, in eval
+    mode."""
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    if model is None:
+        model = transformers.LlamaForCausalLM(small_llama_config(intermediate))
+    cfg = model.config
+    model = model.eval()
     rng = np.random.default_rng(seed)
     tensors: dict[str, torch.Tensor] = {}
     orders: dict[str, np.ndarray] = {}
@@ -54,8 +61,9 @@ def write_checkpoint(folder: Path, method: str, *, group: int = 32, act_order: b
         if name.rpartition(".")[2] not in LAYERS:
             continue
         out, k = mod.weight.shape
-        n_groups = -(-k // group)
-        groups = np.arange(k) // group
+        size = k if group == -1 else group
+        n_groups = -(-k // size)
+        groups = np.arange(k) // size
         if act_order:  # one order per input: the first layer that reads it draws it
             reads = name.rpartition(".")[0] + {"k_proj": ".q_proj", "v_proj": ".q_proj", "up_proj": ".gate_proj"}.get(
                 name.rpartition(".")[2], "." + name.rpartition(".")[2])
@@ -63,13 +71,26 @@ def write_checkpoint(folder: Path, method: str, *, group: int = 32, act_order: b
                 orders[reads] = rng.permutation(k)
             groups = groups[orders[reads]]
         codes = rng.integers(0, 16, (k, out))
-        zeros = rng.integers(0, 16, (n_groups, out))
-        scales = rng.uniform(0.02, 0.06, (n_groups, out)).astype(np.float16)
-        weight = scales.astype(np.float32)[groups] * (codes - zeros[groups]).astype(np.float32)  # [in, out]
+        zeros = np.full((n_groups, out), 8) if symmetric else rng.integers(0, 16, (n_groups, out))
+        scales = torch.from_numpy(rng.uniform(0.02, 0.06, (n_groups, out)))
+        scales = scales.to(torch.bfloat16 if method == "compressed-tensors" else torch.float16)
+        weight = scales.float().numpy()[groups] * (codes - zeros[groups]).astype(np.float32)  # [in, out]
         with torch.no_grad():
             mod.weight.copy_(torch.from_numpy(weight.T.copy()))
         zpad = np.zeros((n_groups, -(-out // 8) * 8), np.int64)
         zpad[:, :out] = zeros
+        if method == "compressed-tensors":  # signed codes q - 8, [out, in]; zero points likewise, [out, groups]
+            from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+            signed = lambda a: torch.from_numpy((a - 8).astype(np.int8))  # noqa: E731
+            tensors[f"{name}.weight_packed"] = pack_to_int32(signed(codes.T), 4)
+            if not symmetric:
+                tensors[f"{name}.weight_zero_point"] = pack_to_int32(signed(zeros.T), 4, packed_dim=0)
+            tensors[f"{name}.weight_scale"] = scales.T.contiguous()
+            tensors[f"{name}.weight_shape"] = torch.tensor([out, k])
+            if act_order:
+                tensors[f"{name}.weight_g_idx"] = torch.from_numpy(groups.astype(np.int32))
+            continue
         if method == "gptq":
             stored = zpad if v2 else (zpad - 1) & 0xF
             tensors[f"{name}.qweight"] = torch.from_numpy(_pack(codes, 0))
@@ -79,7 +100,7 @@ def write_checkpoint(folder: Path, method: str, *, group: int = 32, act_order: b
             order = (0, 2, 4, 6, 1, 3, 5, 7)
             tensors[f"{name}.qweight"] = torch.from_numpy(_pack(codes, 1, order))
             tensors[f"{name}.qzeros"] = torch.from_numpy(_pack(zpad, 1, order))
-        tensors[f"{name}.scales"] = torch.from_numpy(scales)
+        tensors[f"{name}.scales"] = scales
     quantized = {n.rpartition(".")[0] for n in tensors}
     for name, p in model.state_dict().items():
         if name.rpartition(".")[0] not in quantized:
@@ -97,9 +118,18 @@ def write_checkpoint(folder: Path, method: str, *, group: int = 32, act_order: b
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group,
                                          "desc_act": act_order, "sym": False, "true_sequential": True,
                                          "checkpoint_format": "gptq_v2" if v2 else "gptq"}
-    else:
+    elif method == "awq":
         config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
                                          "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    else:
+        weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "dynamic": False, "observer": "minmax",
+                   "strategy": "channel" if group == -1 else "group", "group_size": None if group == -1 else group,
+                   "actorder": "group" if act_order else None}
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None}},
+            "ignore": ["lm_head"]}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_word_tokenizer(folder, cfg.vocab_size)
     return model

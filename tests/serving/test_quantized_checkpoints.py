@@ -1,7 +1,8 @@
-"""GPTQ and AWQ 4-bit checkpoints as a package's base. The checkpoints are written here from codes, scales and zero
-points drawn at random (:mod:`tests.serving.int4_checkpoints`); the references are the float model of those weights
-in eager transformers (+ PEFT) and ONNX Runtime's ``MatMulNBits`` on the blocks; the ONNX Runtime GenAI model builder,
-which reads such checkpoints itself, checks the test's own layouts (its model decodes as that float model)."""
+"""GPTQ, AWQ and compressed-tensors 4-bit checkpoints as a package's base. The checkpoints are written here from
+codes, scales and zero points drawn at random (:mod:`tests.serving.int4_checkpoints`); the references are the float
+model of those weights in eager transformers (+ PEFT) and ONNX Runtime's ``MatMulNBits`` on the blocks; independent
+readers check the test's own layouts: the ONNX Runtime GenAI model builder (GPTQ, AWQ: its model decodes as that
+float model) and transformers with compressed-tensors (its dequantized weights are those weights in bfloat16)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from flora_graph.gptq_awq import Int4CheckpointError, Int4Grid, read_checkpoint
 from flora_graph.model_export import ModelFolderError, check_model_folder, load_transformers
+from flora_graph.quantized_checkpoints import Int4CheckpointError, Int4Grid, read_checkpoint
 from flora_graph.serving.genai import export_genai
 from flora_graph.serving.generate import Generator
 from flora_graph.serving.int4 import grid_blocks
@@ -33,7 +34,9 @@ from tests.serving.int4_checkpoints import write_checkpoint  # noqa: E402
 from tests.serving.test_int4 import fake_quant  # noqa: E402
 
 PROMPT, NEW = [1, 5, 9, 33, 70, 12], 10
-KINDS = {"gptq": ("gptq", {}), "gptq_v2-act-order": ("gptq", {"v2": True, "act_order": True}), "awq": ("awq", {})}
+KINDS = {"gptq": ("gptq", {}), "gptq_v2-act-order": ("gptq", {"v2": True, "act_order": True}), "awq": ("awq", {}),
+         "ct-group": ("compressed-tensors", {}), "ct-symmetric-channel": ("compressed-tensors", {"symmetric": True, "group": -1}),
+         "ct-act-order": ("compressed-tensors", {"act_order": True})}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -50,6 +53,27 @@ def test_a_checkpoint_loads_as_the_float_model_of_its_weights(tmp_path: Path, ki
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         assert torch.equal(got(ids).logits, want(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["ct-group", "ct-symmetric-channel"])
+def test_transformers_reads_the_compressed_tensors_checkpoints_as_their_weights(tmp_path: Path, kind: str) -> None:
+    """An independent reader: transformers with compressed-tensors dequantizes each layer (in the scales' bfloat16)
+    to the float weight flora_graph reads, rounded to bfloat16, bit for bit."""
+    import transformers
+
+    _, kw = KINDS[kind]
+    write_checkpoint(tmp_path / "ckpt", "compressed-tensors", intermediate=96, **kw)  # it reads whole groups only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "ckpt", quantization_config=transformers.CompressedTensorsConfig(run_compressed=False),
+            dtype=torch.float32).state_dict()
+    ours = load_transformers(tmp_path / "ckpt").state_dict()
+    layers = [n for n in ours if n.endswith("proj.weight")]
+    assert len(layers) == 14
+    for name in layers:
+        assert torch.equal(ours[name].to(torch.bfloat16), theirs[name].to(torch.bfloat16)), name
+        assert not torch.equal(ours[name], ours[name].to(torch.bfloat16).float()), name  # ours: the exact products
 
 
 def _ort_matmul(blocks: tuple, k: int, n: int) -> ort.InferenceSession:
@@ -201,6 +225,30 @@ def test_a_setting_it_does_not_read_is_refused_by_name_before_loading(tmp_path: 
     assert not (tmp_path / "pkg").exists()
 
 
+def _weights(**change):
+    """A change of a compressed-tensors config's one weight scheme."""
+    return lambda q: q["config_groups"]["group_0"]["weights"].update(change)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda q: q.update(format="int-quantized"), r"compressed-tensors checkpoint of format 'int-quantized'"),
+    (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}),
+     r"config_groups.group_0 quantizes the activations too .*W4A16"),
+    (_weights(num_bits=8), r"config_groups.group_0.weights: 8-bit int weights"),
+    (_weights(strategy="tensor"), r"config_groups.group_0.weights.strategy 'tensor'"),
+    (lambda q: q["config_groups"].update(group_1={"targets": ["re:.*down_proj"], "weights": {
+        **q["config_groups"]["group_0"]["weights"], "group_size": 16}}), r"config_groups of 2 different schemes"),
+    (lambda q: q.update(sparsity_config={"format": "sparse-24-bitmask"}), r"sparse weights"),
+])
+def test_a_compressed_tensors_scheme_it_does_not_read_is_refused_by_name(tmp_path: Path, change, match: str) -> None:
+    write_checkpoint(tmp_path / "ckpt", "compressed-tensors")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    change(cfg["quantization_config"])
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Int4CheckpointError, match=match):
+        check_model_folder(tmp_path / "ckpt")
+
+
 def test_a_layer_missing_a_part_or_of_the_wrong_shape_is_refused_naming_it(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -214,5 +262,5 @@ def test_a_layer_missing_a_part_or_of_the_wrong_shape_is_refused_naming_it(tmp_p
     tensors = load_file(str(path))
     tensors["model.layers.1.mlp.up_proj.qzeros"] = torch.zeros(5, 10, dtype=torch.int32)
     save_file(tensors, str(path))
-    with pytest.raises(Int4CheckpointError, match=r"'model.layers.1.mlp.up_proj': qweight \(8, 80\), qzeros \(5, 10\)"):
+    with pytest.raises(Int4CheckpointError, match=r"'model.layers.1.mlp.up_proj': qweight \(8, 80\), scales \(2, 80\), qzeros \(5, 10\) do not fit"):
         load_transformers(tmp_path / "ckpt")
