@@ -64,6 +64,10 @@ def quantized_checkpoint(config: dict[str, Any]) -> str | None:
         return f"{'an AWQ' if method == 'awq' else 'a GPTQ'} {q.get('bits', 4)}-bit checkpoint"
     if method == "compressed-tensors":
         return f"a compressed-tensors checkpoint ({q.get('format', 'no format')})"
+    if method == "fp8":
+        blocks = q.get("weight_block_size")
+        return "an FP8 checkpoint" + (f" (scales per {blocks[0]}x{blocks[1]} block)" if isinstance(blocks, list)
+                                      and len(blocks) == 2 else "")
     if not isinstance(method, str) or not method:
         return "a quantized checkpoint of an unnamed method (quantization_config has no quant_method)"
     return f"a {method} checkpoint"
@@ -312,8 +316,10 @@ def load_transformers(folder: str | Path) -> torch.nn.Module:
     :func:`check_model_folder`; pickle weights are never loaded). A bitsandbytes 4-bit or 8-bit checkpoint (the base
     of a QLoRA adapter) is dequantized as it loads: its layers become plain ``Linear`` layers holding the weights its
     own forward computes with (on CPU, bitsandbytes' kernels round their products otherwise, about 1e-3 apart). A GPTQ,
-    AWQ or compressed-tensors 4-bit checkpoint loads as the float model of its layers' weights (:mod:`flora_graph.quantized_checkpoints`), which keeps
-    their 4-bit blocks for a 4-bit package."""
+    AWQ or compressed-tensors 4-bit checkpoint loads as the float model of its layers' weights
+    (:mod:`flora_graph.quantized_checkpoints`), which keeps their 4-bit blocks for a 4-bit package; an FP8 checkpoint
+    (``quant_method`` ``fp8``, block-wise scales: Qwen3's and DeepSeek-V3's) is dequantized by transformers as it
+    loads, exactly."""
     folder = Path(folder)
     arch = check_model_folder(folder)
     import transformers
@@ -327,6 +333,11 @@ def load_transformers(folder: str | Path) -> torch.nn.Module:
             del config.quantization_config
             model = getattr(transformers, arch).from_pretrained(None, config=config, state_dict=state,
                                                                 dtype=torch.float32).eval()
+        elif getattr(config, "quantization_config", {}).get("quant_method") == "fp8":
+            # an FP8 checkpoint (block-wise scales): transformers dequantizes it as it loads, exactly in float32
+            model = getattr(transformers, arch).from_pretrained(
+                folder, config=config, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+                quantization_config=transformers.FineGrainedFP8Config(dequantize=True)).eval()
         else:
             model = getattr(transformers, arch).from_pretrained(folder, config=config, local_files_only=True,
                                                                 use_safetensors=True).eval()
@@ -377,10 +388,10 @@ def check_model_folder(folder: str | Path) -> str:
     method = cfg["quantization_config"].get("quant_method") if quantized is not None else None
     if method in quantized_checkpoints.METHODS:
         quantized_checkpoints.check_config(cfg, str(cfg_path))
-    elif quantized is not None and method != "bitsandbytes":
+    elif quantized is not None and method not in ("bitsandbytes", "fp8"):
         raise ModelFolderError(f"{cfg_path}: {quantized} (quantization_config), whose weights flora_graph does not "
-                               "read (it reads bitsandbytes, GPTQ, AWQ and compressed-tensors ones); export the model's float checkpoint "
-                               "(a 4-bit GenAI package: --precision int4)")
+                               "read (it reads bitsandbytes, GPTQ, AWQ, compressed-tensors and FP8 ones); export the "
+                               "model's float checkpoint (a 4-bit GenAI package: --precision int4)")
     if method == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
         raise ModelFolderError(f"{cfg_path}: {quantized}, which transformers reads through the bitsandbytes package: "
                                "install it (pip install bitsandbytes), or export the model's float checkpoint")

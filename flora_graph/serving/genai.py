@@ -329,9 +329,11 @@ def export_genai(
              ("" if precision == "int4" else ", at 32 bits a weight (--precision int4 keeps the checkpoint's 4-bit "
                                              "blocks)"))
     elif quantized := quantized_checkpoint(base_config):
-        note(f"{base}: {quantized}, dequantized to float32 as it loads (a QLoRA adapter's base): the package's weights "
-             "are as its layers compute with them" + ("" if precision == "int4" else
-                                                      ", at 32 bits a weight (--precision int4 writes 4-bit ones)"))
+        note(f"{base}: {quantized}, dequantized to float32 as it loads"
+             + (" (a QLoRA adapter's base)" if "bitsandbytes" in quantized else "")
+             + ": the package's weights are as its layers compute with them"
+             + (" (--precision int4 quantizes them to 4 bits again)" if precision == "int4" else
+                ", at 32 bits a weight (--precision int4 writes 4-bit ones)"))
 
     text = text_decoder(model)
     if text is not None:

@@ -3,7 +3,8 @@ drawn at random, as AutoGPTQ / GPTQModel and AutoAWQ lay them out (each int32 ei
 first; GPTQ packs its codes along the input rows and its zero points along the columns, stored minus one in the
 ``gptq`` format; AWQ packs both along the columns in the order 0, 2, 4, 6, 1, 3, 5, 7) and as compressed-tensors' own
 packer (``pack_to_int32``) does, with the float model of the same weights (``s * (q - z)`` per group) beside it: the
-reference the tests compare against."""
+reference the tests compare against; and FP8 checkpoints (``float8_e4m3fn`` weights, a float32 scale per block, as
+Qwen3's and DeepSeek-V3's ``-FP8`` checkpoints store them) with the float model of theirs."""
 
 from __future__ import annotations
 
@@ -132,4 +133,36 @@ def write_checkpoint(folder: Path, method: str, *, group: int = 32, act_order: b
             "ignore": ["lm_head"]}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_word_tokenizer(folder, cfg.vocab_size)
+    return model
+
+
+def write_fp8_checkpoint(folder: Path, *, block: int = 32, seed: int = 0) -> transformers.LlamaForCausalLM:
+    """An FP8 checkpoint (``quant_method`` ``fp8``) of a small Llama at ``folder`` (with a word tokenizer): each layer's
+    weight ``float8_e4m3fn`` values drawn at random, its ``weight_scale_inv`` one float32 per ``block x block`` block
+    (widths of whole blocks, as transformers dequantizes them). Returns the float model of its weights (``w *
+    scale``), in eval mode."""
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(small_llama_config(96)).eval()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if name.rpartition(".")[2] not in LAYERS:
+            continue
+        out, k = mod.weight.shape
+        w8 = (torch.randn(out, k) * 64).to(torch.float8_e4m3fn)
+        scale = torch.rand(-(-out // block), -(-k // block)) * 1e-3 + 2e-4
+        with torch.no_grad():
+            mod.weight.copy_(w8.float() * scale.repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :k])
+        tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = w8, scale
+    for name, p in model.named_parameters():
+        if name not in tensors:
+            with torch.no_grad():  # the float model holds what the checkpoint's bfloat16 tensors hold
+                p.copy_(p.to(torch.bfloat16).float())
+            tensors[name] = p.detach().to(torch.bfloat16).clone()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {**model.config.to_dict(), "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16",
+              "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "weight_block_size": [block, block]}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_word_tokenizer(folder, model.config.vocab_size)
     return model

@@ -105,7 +105,7 @@ def test_other_quantized_checkpoints_are_refused_by_name_before_loading(tmp_path
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelFolderError,
-                       match=r"a hqq checkpoint .*bitsandbytes, GPTQ and AWQ .*float checkpoint .*--precision int4"):
+                       match=r"a hqq checkpoint .*bitsandbytes, GPTQ, AWQ, compressed-tensors and FP8 .*float checkpoint .*--precision int4"):
         check_model_folder(folder)
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (folder / "config.json").write_text(json.dumps(config))

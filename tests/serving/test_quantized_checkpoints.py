@@ -30,7 +30,7 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai cannot b
 peft = pytest.importorskip("peft")
 
 from tests.serving.genai_package import all_nodes, eager_greedy, genai_tokens  # noqa: E402
-from tests.serving.int4_checkpoints import write_checkpoint  # noqa: E402
+from tests.serving.int4_checkpoints import write_checkpoint, write_fp8_checkpoint  # noqa: E402
 from tests.serving.test_int4 import fake_quant  # noqa: E402
 
 PROMPT, NEW = [1, 5, 9, 33, 70, 12], 10
@@ -173,6 +173,31 @@ def test_a_4_bit_package_keeps_the_checkpoint_blocks_and_decodes_as_its_float_mo
     assert bool(ordered) == bool(kw.get("act_order"))
 
 
+def test_a_checkpoint_from_the_command_line(tmp_path: Path, capsys) -> None:
+    """``flora-graph export CKPT --task text-generation-with-past --format genai --precision int4`` says the checkpoint
+    kept its blocks and decodes as its float model; ``flora-graph export CKPT`` (one ONNX file) gives its logits."""
+    from flora_graph.cli import main
+
+    model = write_checkpoint(tmp_path / "ckpt", "gptq", act_order=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", str(tmp_path / "ckpt"), "--task", "text-generation-with-past", "--format", "genai",
+                     "--precision", "int4", "--int4-accuracy-level", "0", "--out", str(tmp_path / "pkg")]) == 0
+        said = capsys.readouterr().out
+        assert "a GPTQ 4-bit checkpoint" in said and "model.onnx: 8 of its 10 4-bit nodes keep" in said, said
+        assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "model.onnx")]) == 0
+    float_model = copy.deepcopy(model)
+    _with_4_bit_table_and_head(model)
+    assert Generator(tmp_path / "pkg").generate([PROMPT], max_new_tokens=NEW, min_new_tokens=NEW)[0] == \
+        eager_greedy(model, PROMPT, NEW, min_new_tokens=NEW)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([PROMPT, PROMPT[::-1]], np.int64)
+    feeds = {i.name: ids if i.name == "input_ids" else np.ones_like(ids) for i in session.get_inputs()}
+    with torch.no_grad():
+        want = float_model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(session.run(["logits"], feeds)[0], want, rtol=1e-4, atol=1e-4)
+
+
 def test_a_float_package_of_a_checkpoint_decodes_as_its_float_model(tmp_path: Path) -> None:
     """Without ``--precision int4`` the package holds the checkpoint's float weights: tokens equal eager
     transformers on them, the adapter's eager PEFT's, and the export says how to keep the 4-bit blocks."""
@@ -185,6 +210,22 @@ def test_a_float_package_of_a_checkpoint_decodes_as_its_float_model(tmp_path: Pa
         eager_greedy(model, PROMPT, NEW, min_new_tokens=NEW)
     assert gen.generate([PROMPT], adapters="lora", max_new_tokens=NEW, min_new_tokens=NEW)[0] == \
         eager_greedy(adapted, PROMPT, NEW, min_new_tokens=NEW)
+
+
+def test_an_fp8_checkpoint_loads_as_its_float_weights_and_packages_with_an_adapter(tmp_path: Path) -> None:
+    """An FP8 checkpoint with block-wise scales: every weight equals the test's ``w * scale``
+    bit for bit; its package (fp32) decodes as eager transformers and, with an adapter trained on it, as eager PEFT;
+    the export says it was dequantized."""
+    model = write_fp8_checkpoint(tmp_path / "ckpt")
+    got = load_transformers(tmp_path / "ckpt").state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(got[name], value), name
+    adapted = _adapted(model, tmp_path / "lora")
+    report = export_genai(tmp_path / "ckpt", tmp_path / "pkg", {"lora": tmp_path / "lora"})
+    assert any("an FP8 checkpoint (scales per 32x32 block), dequantized to float32" in n for n in report.notes)
+    gen = Generator(tmp_path / "pkg")
+    assert gen.generate([PROMPT, PROMPT], adapters=[None, "lora"], max_new_tokens=NEW, min_new_tokens=NEW) == \
+        [eager_greedy(m, PROMPT, NEW, min_new_tokens=NEW) for m in (model, adapted)]
 
 
 @pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
