@@ -64,8 +64,8 @@ class _Scheme:
 
 
 class Int4CheckpointError(ModelFolderError):
-    """A GPTQ, AWQ or compressed-tensors checkpoint that cannot be read: a setting it does not take, a layer's tensors missing or of
-    the wrong shape (the message names the file, the setting or the layer)."""
+    """A GPTQ, AWQ or compressed-tensors checkpoint that cannot be read: a setting it does not take, a layer's tensors
+    missing or of the wrong shape (the message names the file, the setting or the layer)."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,8 @@ def _compressed_tensors(q: Mapping[str, Any], where: str) -> _Scheme:
         if not isinstance(w, dict):
             raise Int4CheckpointError(f"{where}: config_groups.{name} quantizes no weights")
         if g.get("input_activations"):
-            raise Int4CheckpointError(f"{where}: config_groups.{name} quantizes the activations too (input_activations); "
-                                      "flora_graph reads weight-only schemes (W4A16)")
+            raise Int4CheckpointError(f"{where}: config_groups.{name} quantizes the activations too "
+                                      "(input_activations); flora_graph reads weight-only schemes (W4A16)")
         if w.get("num_bits") != 4 or w.get("type", "int") != "int":
             raise Int4CheckpointError(f"{where}: config_groups.{name}.weights: {w.get('num_bits')}-bit "
                                       f"{w.get('type')} weights; flora_graph reads 4-bit int ones")
@@ -239,7 +239,8 @@ def _layer(name: str, parts: dict[str, np.ndarray], scheme: _Scheme) -> Int4Grid
                     groups, size)
 
 
-def read_checkpoint(folder: str | Path, config: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Int4Grid]]:
+def read_checkpoint(folder: str | Path, config: Mapping[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Int4Grid]]:
     """``(state_dict, grids)`` of the GPTQ, AWQ or compressed-tensors checkpoint ``folder``: torch tensors for every
     entry of its safetensors files, each quantized layer's tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``;
     ``weight_packed``, ``weight_scale``, ...) replaced by its float32 ``weight`` (see the module docstring), and the
@@ -273,8 +274,8 @@ def read_checkpoint(folder: str | Path, config: Mapping[str, Any] | None = None)
         grids[module] = _layer(module, arrays, scheme)
         state[f"{module}.weight"] = torch.from_numpy(grids[module].weight())
     if not grids:
-        raise Int4CheckpointError(f"{folder}: a {_NAMES[scheme.method]} checkpoint (config.json) whose safetensors hold "
-                                  f"no quantized layer (no *.{names[0]})")
+        raise Int4CheckpointError(f"{folder}: a {_NAMES[scheme.method]} checkpoint (config.json) whose safetensors "
+                                  f"hold no quantized layer (no *.{names[0]})")
     return state, grids
 
 

@@ -97,7 +97,7 @@ def both(model):
     return stamped, traced, layout
 
 
-STAMPED = ["LlamaForCausalLM", "MixtralForCausalLM", pytest.param("MistralForCausalLM", marks=SLOW),
+STAMPED = ["LlamaForCausalLM", pytest.param("MixtralForCausalLM", marks=SLOW), pytest.param("MistralForCausalLM", marks=SLOW),
            pytest.param("Gemma2ForCausalLM", marks=SLOW),
            pytest.param("Phi3ForCausalLM", marks=SLOW),
            pytest.param("DeepseekV3ForCausalLM", marks=SLOW), pytest.param("Qwen2MoeForCausalLM", marks=SLOW),

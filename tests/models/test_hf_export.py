@@ -377,7 +377,7 @@ def _pair_ids(rows: int, seq: int, eos: int, pad: int, seed: int) -> tuple[torch
     return ids, mask
 
 
-@pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.parametrize("family", ["bart", pytest.param("t5", marks=pytest.mark.slow)])
 def test_an_encoder_decoder_classifier_exports_on_its_tokens_alone(family, tmp_path) -> None:
     """BART's and T5's sequence classification (``facebook/bart-large-mnli``, the zero-shot classification model)
     read the decoder's state at each row's last end-of-sequence mark, picked by a bool mask and regrouped per row
@@ -614,7 +614,7 @@ def test_an_encoder_decoder_folder_exports_on_decoder_input_ids_with_its_adapter
     np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("kind", ["fsmt", "encoder-decoder", "t5gemma2"])
+@pytest.mark.parametrize("kind", ["fsmt", "encoder-decoder", pytest.param("t5gemma2", marks=pytest.mark.slow)])
 def test_more_encoder_decoder_folders_export_with_parity(kind, tmp_path) -> None:
     """FSMT (its decoder padding mask is dropped where no token pads: a branch on the data, swapped for the mask
     itself while tracing), BERT2BERT (each side's vocabulary) and T5Gemma 2 (a mask built by vmap): the CLI's export

@@ -140,7 +140,12 @@ def _with_4_bit_table_and_head(model) -> None:
             mod.weight.copy_(fake_quant(mod.weight))
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+# each format, activation order and symmetric codes in the default run; the other combinations with the slow tests
+PACKAGED = ["gptq", "gptq_v2-act-order", "ct-symmetric-channel", pytest.param("awq", marks=pytest.mark.slow),
+            pytest.param("ct-group", marks=pytest.mark.slow), pytest.param("ct-act-order", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kind", PACKAGED)
 def test_a_4_bit_package_keeps_the_checkpoint_blocks_and_decodes_as_its_float_model(tmp_path: Path, kind: str) -> None:
     """``--precision int4`` at accuracy level 0: the quantized layers' ``MatMulNBits`` hold the checkpoint's own
     blocks, so the package decodes as eager transformers (+ PEFT for an adapter trained on the checkpoint) on the

@@ -53,7 +53,7 @@ def ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- decoder, both front doors
-@pytest.mark.parametrize("preset", ["fused", "merged"])
+@pytest.mark.parametrize("preset", ["fused", pytest.param("merged", marks=pytest.mark.slow)])
 def test_backend_decoder_matches_eager_on_the_fast_path(decoder: nn.Module, conversions: list[int], preset: str) -> None:
     cm = torch.compile(decoder, backend="flora_graph", options={"preset": preset, **ORT})
     with torch.no_grad():
