@@ -327,13 +327,15 @@ def load_transformers(folder: str | Path) -> torch.nn.Module:
     grids = None
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        if quantized_checkpoints.checkpoint_method(json.loads((folder / "config.json").read_text())):
+        quant = getattr(config, "quantization_config", None)  # config.json's entry, as it reads there
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        if method in quantized_checkpoints.METHODS:
             # a GPTQ / AWQ / compressed-tensors checkpoint: its layers' float weights, the model built on them as a float one
-            state, grids = quantized_checkpoints.read_checkpoint(folder)
+            state, grids = quantized_checkpoints.read_checkpoint(folder, {"quantization_config": quant})
             del config.quantization_config
             model = getattr(transformers, arch).from_pretrained(None, config=config, state_dict=state,
                                                                 dtype=torch.float32).eval()
-        elif getattr(config, "quantization_config", {}).get("quant_method") == "fp8":
+        elif method == "fp8":
             # an FP8 checkpoint (block-wise scales): transformers dequantizes it as it loads, exactly in float32
             model = getattr(transformers, arch).from_pretrained(
                 folder, config=config, local_files_only=True, use_safetensors=True, dtype=torch.float32,

@@ -59,6 +59,12 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 _CONTRIB = "com.microsoft"
 
 
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """4-bit values ``q`` (uint8, an even last axis) two to a byte along the last axis, the first in the low four bits:
+    ``MatMulNBits``' layout of its blocks and of its zero points."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
 def quantize_block(w: np.ndarray, block_size: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """``(packed, scales)`` of ``w`` ``[out, in]``: ``packed`` uint8 ``[out, blocks, block_size / 2]``, ``scales``
     ``[out * blocks]`` in ``w``'s dtype, ``blocks = ceil(in / block_size)`` (the last block zero-padded, as
@@ -75,7 +81,7 @@ def quantize_block(w: np.ndarray, block_size: int, rows: int = 1024) -> tuple[np
         scale = np.abs(blocks).max(-1) / 7.0
         scale[scale == 0] = 1.0  # an all-zero block: any scale gives zeros
         q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
-        packed[r0:r0 + rows] = q[..., 0::2] | (q[..., 1::2] << 4)
+        packed[r0:r0 + rows] = _nibbles(q)
         scales[r0:r0 + rows] = scale
     return packed, scales.reshape(-1)
 
@@ -112,8 +118,7 @@ def grid_blocks(grid: Int4Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray, int
     scales = np.ascontiguousarray(grid.scales[:, owner], np.float32)
     zeros = np.zeros((out, n_blocks + n_blocks % 2), np.uint8)
     zeros[:, :n_blocks] = grid.zeros[:, owner]
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4), scales.reshape(-1), zeros[:, 0::2] | (zeros[:, 1::2] << 4),
-            block, order)
+    return _nibbles(codes), scales.reshape(-1), _nibbles(zeros), block, order
 
 
 def _concat_grids(grids: list[Int4Grid]) -> Int4Grid | None:
