@@ -660,6 +660,45 @@ register("deformable-detr", "vision", detector(
     d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
     decoder_attention_heads=2, num_queries=10, encoder_n_points=2, decoder_n_points=2, num_feature_levels=3),
          "multi-scale deformable attention (grid_sample) over three ResNet levels, reference points from meshgrid")
+_RT_DETR = dict(encoder_hidden_dim=32, feat_strides=[8, 16, 32], encoder_layers=1, encoder_ffn_dim=64,
+                encoder_attention_heads=2, encode_proj_layers=[2], d_model=32, num_queries=30,
+                decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64, num_feature_levels=3, decoder_layers=2,
+                decoder_attention_heads=2, num_denoising=0, disable_custom_kernels=True, decoder_n_levels=3,
+                decoder_offset_scale=0.5, with_box_refine=True)
+_HGNET = {"model_type": "hgnet_v2", "stem_channels": [3, 16, 16], "stage_in_channels": [16, 64, 128, 256],
+          "stage_mid_channels": [16, 32, 64, 128], "stage_out_channels": [64, 128, 256, 512],
+          "stage_num_blocks": [1, 1, 2, 1], "stage_downsample": [False, True, True, True],
+          "stage_light_block": [False, False, True, True], "stage_kernel_size": [3, 3, 5, 5],
+          "stage_numb_of_layers": [3, 3, 3, 3], "embedding_size": 10, "hidden_sizes": [64, 128, 256, 512],
+          "depths": [1, 1, 2, 1], "out_features": ["stage2", "stage3", "stage4"], "use_lab": True}
+
+
+def rt_detr_like(config_cls: str, model_cls: str, **cfg: Any) -> Callable[[], Built]:
+    """An RT-DETR-family detector (a hybrid encoder over three backbone levels, the best ``num_queries`` of its
+    scores picked by top-k, deformable attention read by ``grid_sample``) on 64x64 images, its weights jittered: at
+    their initial values the score head gives every position one score, and which of the tied positions top-k picks
+    is up to each runtime."""
+    def build() -> Built:
+        model = jittered(hf(config_cls, model_cls, **_RT_DETR, **cfg), scale=0.2)
+        model.get_input_embeddings = nn.Identity  # the class raises NotImplementedError, which PEFT's check calls
+
+        def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
+            return {"pixel_values": _noise(seed, batch, 3, 64, 64)}
+        return batch_case(lora(model, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]), make,
+                          IMAGE_DIMS)
+    return build
+
+
+register("rt-detr-v2", "vision", rt_detr_like(
+    "RTDetrV2Config", "RTDetrV2ForObjectDetection", decoder_n_points=4, encoder_in_channels=[20, 30, 40],
+    backbone_config={"model_type": "rt_detr_resnet", "embeddings_size": 10, "hidden_sizes": [10, 20, 30, 40],
+                     "depths": [1, 1, 2, 1], "out_features": ["stage2", "stage3", "stage4"]}),
+         "a hybrid encoder, top-k queries, deformable attention by grid_sample; transformers' tensor checks "
+         "(torch.onnx cannot convert them)")
+register("d-fine", "vision", rt_detr_like(
+    "DFineConfig", "DFineForObjectDetection", backbone_config=_HGNET, encoder_in_channels=[128, 256, 512],
+    decoder_n_points=[3, 6, 3], eval_idx=-1, layer_scale=1, reg_max=32, reg_scale=4.0, depth_mult=0.34),
+         "RT-DETR's layout with boxes as distributions over bins (a linear by a vector)")
 register("mask2former", "vision", detector(
     "Mask2FormerConfig", "Mask2FormerModel",
     {"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2,

@@ -1292,15 +1292,21 @@ def _is_float_size(n: torch.fx.Node) -> bool:
 def _is_size_check(n: torch.fx.Node) -> bool:
     """A comparison of sizes that only runtime assertions read (``_assert_scalar(ge(u0, 0))``), or nothing: no tensor; or a
     tensor's value read as a number that only such checks read (XLM's and Flaubert's ``assert lengths.max().item()
-    <= slen``): the check holds for every input eager takes, and the graph keeps no Python assertion."""
+    <= slen``), or a tensor's truth read so (``torch._check_tensor_all(cond)``, transformers'
+    ``torch_compilable_check``: ``_is_all_true``, ``item``, ``sym_ite``, ``_assert_scalar``, RT-DETR's check that its levels' sizes
+    add up to the encoder's length): the check holds for every input eager takes, and the graph keeps no Python
+    assertion."""
     if n.target in _READS_A_NUMBER:
-        return isinstance(n.meta.get("val"), torch.SymInt) and bool(n.users) \
+        return isinstance(n.meta.get("val"), torch.SymInt | torch.SymBool) and bool(n.users) \
             and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)
+    if n.target in _TRUTH_OF or n.target is torch.sym_ite:  # the truth as 1 or 0, which the checks compare
+        return bool(n.users) and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)
     return isinstance(n.meta.get("val"), torch.SymBool) \
         and all(u.target in NO_TENSOR_OPS or _is_size_check(u) for u in n.users)  # through and_ / or_; or read by none
 
 
 _READS_A_NUMBER = (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
+_TRUTH_OF = (torch.ops.aten._is_all_true.default, torch.ops.aten._is_any_true.default)
 
 _SIZE_ARITH = {torch.ops.aten.add.Tensor: operator.add, torch.ops.aten.add.Scalar: operator.add,
                torch.ops.aten.sub.Tensor: operator.sub, torch.ops.aten.sub.Scalar: operator.sub,

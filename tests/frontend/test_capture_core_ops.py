@@ -522,6 +522,26 @@ def test_a_number_read_for_an_assertion_alone_is_no_part_of_the_graph() -> None:
         _assert_close(compile(g, backend)({"ids": ids.numpy()}), _eager(_LengthsChecked(), [ids]), 1e-6, backend)
 
 
+class _TensorChecked(nn.Module):
+    """transformers' ``torch_compilable_check`` on a tensor condition while tracing (RT-DETR v2's, D-FINE's: the
+    levels' sizes add up to the encoder's length): ``torch._check_tensor_all``, which torch.export records as
+    ``_is_all_true``, ``item``, ``sym_ite`` and runtime assertions."""
+
+    def forward(self, x: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+        torch._check_tensor_all((shapes[:, 0] * shapes[:, 1]).sum() == x.shape[1])
+        return x * shapes.sum().to(x.dtype)
+
+
+def test_a_tensor_truth_read_for_an_assertion_alone_is_no_part_of_the_graph() -> None:
+    shapes = torch.tensor([[2, 3], [1, 2]])
+    g = capture(_TensorChecked(), (torch.randn(2, 8, 4), shapes), {"x": {0: "batch"}})
+    assert not any(t in n.name for n in g.nodes for t in ("item", "is_all_true", "sym_ite"))
+    x = torch.randn(3, 8, 4, generator=_gen(2))
+    for backend in ("numpy", *BACKENDS[:2]):
+        _assert_close(compile(g, backend)({"x": x.numpy(), "shapes": shapes.numpy()}),
+                      _eager(_TensorChecked(), [x, shapes]), 1e-6, backend)
+
+
 class _Chunked(nn.Module):
     """Mamba-2's chunked scan over a dynamic length: padded up to a multiple of 3, cumulated per chunk, scaled by
     the chunk count and the chunk size torch computes back from the padded length, and cut back."""

@@ -1,6 +1,6 @@
 """ATen converters that emit the linear family (``Linear``, ``MatMul``, ``Conv2d``).
 
-``linear`` -> ``Linear``; ``matmul``/``mm``/``bmm`` -> ``MatMul``, except ``x @ W.T`` with ``W`` a
+``linear`` -> ``Linear`` (by a 1-D weight: a ``Linear`` of one output, squeezed); ``matmul``/``mm``/``bmm`` -> ``MatMul``, except ``x @ W.T`` with ``W`` a
 2-D weight and ``x`` of rank 2 or more, the ``Linear(x, W)`` it is, and a 1-D weight ``b`` then added to that
 product alone (``add``, converted in :mod:`~flora_graph.frontend.aten.elementwise`) is folded in as
 its bias, ``Linear(x, W, b)``: a ``Linear`` subclass that multiplies instead of calling ``F.linear``
@@ -38,6 +38,10 @@ aten = torch.ops.aten
 
 @register(aten.linear.default)
 def _linear(ctx, x, w, b=None):
+    if len(w.shape) == 1:  # F.linear by a vector (D-FINE's integral over its bins): x @ w, the last axis gone
+        y = ctx.emit(Op.SQUEEZE, [ctx.emit(Op.LINEAR, [x, ctx.emit(Op.UNSQUEEZE, [w], {"axes": (0,)})])],
+                     {"axes": (len(x.shape) - 1,)})
+        return y if b is None else ctx.emit(Op.ADD, [y, b])
     return ctx.emit(Op.LINEAR, [x, w] + ([b] if b is not None else []))
 
 
