@@ -542,6 +542,21 @@ def test_a_tensor_truth_read_for_an_assertion_alone_is_no_part_of_the_graph() ->
                       _eager(_TensorChecked(), [x, shapes]), 1e-6, backend)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_by_a_vector_drops_the_last_axis(bias: bool) -> None:
+    """``F.linear(x, w)`` with a 1-D ``w`` (D-FINE's integral of each box side's distribution over its bins): ``x @ w``,
+    of shape ``x.shape[:-1]``; a 0-d bias is added."""
+    w, b = torch.randn(5, generator=_gen(3)), torch.tensor(0.25)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, b if bias else None)
+
+    g = capture(_module(fn, 1), (torch.randn(2, 3, 5),), {"x0": {0: "batch"}})
+    x = torch.randn(4, 3, 5, generator=_gen(4))
+    for backend in ("numpy", *BACKENDS[:2]):
+        _assert_close(compile(g, backend)({"x0": x.numpy()}), _eager(fn, [x]), 1e-5, backend)
+
+
 class _Chunked(nn.Module):
     """Mamba-2's chunked scan over a dynamic length: padded up to a multiple of 3, cumulated per chunk, scaled by
     the chunk count and the chunk size torch computes back from the padded length, and cut back."""
