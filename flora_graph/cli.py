@@ -221,7 +221,8 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     console.print("  ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items()) + f"  (total {sum(report.seconds.values()):.2f} s)")
     console.print(f"wrote {report.path}")
     mark = "[green]ok[/green]" if report.ok else "[red]MISMATCH[/red]"
-    console.print(f"parity: max |{args.backend} - eager torch| = {report.max_abs_diff:.3e} on a fresh input shape  {mark}")
+    console.print(f"parity: max |{args.backend} - eager torch| = {report.max_abs_diff:.3e} on a fresh input shape "
+                  f"(tolerance {report.tolerance:.1e})  {mark}")
     return 0 if report.ok else 1
 
 

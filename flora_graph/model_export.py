@@ -32,6 +32,7 @@ from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
 
 __all__ = [
+    "PARITY_TOLERANCE",
     "SUFFIX",
     "ExportReport",
     "ModelFolderError",
@@ -87,6 +88,11 @@ class ModelSpec:
     output_names: list[str] | None = None  # a transformers model's: logits, last_hidden_state, pooler_output, ...
 
 
+PARITY_TOLERANCE = 1e-4
+""":func:`export_model`'s check: the largest difference from eager torch over every output, at most this much of the
+largest reference value (of 1 where every value is smaller)."""
+
+
 @dataclass
 class ExportReport:
     """What :func:`export_model` wrote and measured."""
@@ -97,7 +103,7 @@ class ExportReport:
     summary: str
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     max_abs_diff: float = float("nan")
-    tolerance: float = 1e-4
+    tolerance: float = 1e-4  # 1e-4 of the largest reference value, where that is above 1 (a depth map's metres)
 
     @property
     def ok(self) -> bool:
@@ -436,7 +442,8 @@ def export_model(
 ) -> ExportReport:
     """Export ``source`` (see :func:`load_model`), with the PEFT ``adapter`` folder installed if
     given, optimized with ``preset`` for ``backend``, to ``out`` (a file; the backend's suffix
-    is added when missing). Returns timings and the parity against eager torch.
+    is added when missing). Returns timings and the parity against eager torch on the check inputs (the
+    largest difference over every output, within :data:`PARITY_TOLERANCE` of the largest reference value).
     ``attention_mask``: a transformers model also takes ``attention_mask`` (and
     ``token_type_ids`` where it has segments), see :func:`load_model`.
 
@@ -500,4 +507,5 @@ def export_model(
     with torch.no_grad():
         want = output_tensors(model(**spec.check_inputs))
     diff = max_abs_diff(exe(spec.check_inputs), want)  # every output, in order
-    return ExportReport(path, backend, preset, graph.summary(), seconds, diff)
+    scale = max((float(w.detach().abs().max()) for w in want if w.numel() and w.is_floating_point()), default=1.0)
+    return ExportReport(path, backend, preset, graph.summary(), seconds, diff, PARITY_TOLERANCE * max(1.0, scale))

@@ -12,7 +12,7 @@ import torch
 
 from flora_graph.cli import main
 from flora_graph.errors import FloraGraphError
-from flora_graph.model_export import export_model, load_model
+from flora_graph.model_export import PARITY_TOLERANCE, ModelSpec, export_model, load_model
 from flora_graph.models.decoder import build_decoder
 
 
@@ -38,6 +38,25 @@ def test_peft_folder_on_the_builtin_decoder_matches_eager_peft(tmp_path):
     with torch.no_grad():
         want = pm(ids).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_parity_tolerance_scales_with_the_largest_output(tmp_path):
+    """Outputs in the hundreds (a depth map in metres) are checked to 1e-4 of their largest value, not 1e-4 absolute;
+    outputs under 1 to 1e-4."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(400.0)
+    x, check = torch.randn(2, 16), torch.randn(3, 16)
+    report = export_model(ModelSpec(model, {"input": x}, {"input": {0: "batch"}}, {"input": check}, "big"), tmp_path / "big.onnx")
+    with torch.no_grad():
+        top = float(model(check).abs().max())
+    assert top > 100 and report.tolerance == pytest.approx(PARITY_TOLERANCE * top) and report.ok
+    with torch.no_grad():
+        model[0].weight.div_(1e4)
+        model[0].bias.zero_()
+    small = export_model(ModelSpec(model, {"input": x}, {"input": {0: "batch"}}, {"input": check}, "small"), tmp_path / "s.onnx")
+    assert small.tolerance == PARITY_TOLERANCE and small.ok
 
 
 def test_export_cli_and_bad_sources(tmp_path, capsys):
