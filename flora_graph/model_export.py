@@ -28,6 +28,7 @@ from flora_graph.frontend.causal_lm import scan_chunk
 from flora_graph.frontend.model_outputs import output_names, set_use_cache
 from flora_graph.frontend.seq2seq_lm import vocab_size
 from flora_graph.frontend.signal_inputs import signal_inputs
+from flora_graph.frontend.token_extras import token_extras
 from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
 
@@ -143,7 +144,9 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     ``inputs`` takes them by that name; Perceiver's image classifiers take their pixels as ``inputs``), plus an
     ``attention_mask`` of the same shape when ``attention_mask`` is true or the model is an encoder-decoder one (the
     check input pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``; an
-    encoder-decoder model (T5, BART, Whisper, ...) takes ``decoder_input_ids`` ``[batch, dec_seq]`` too.
+    encoder-decoder model (T5, BART, Whisper, ...) takes ``decoder_input_ids`` ``[batch, dec_seq]`` too; a document,
+    web page, table or vision-and-language model the inputs it reads beside its ids (word boxes ``bbox``, MarkupLM's
+    XPaths, TAPAS' cell coordinates, LXMERT's regions: :func:`~flora_graph.frontend.token_extras.token_extras`).
     Its outputs are named as transformers names them (``logits``, ``last_hidden_state``,
     ``pooler_output``: ``spec.output_names``). A multiple-choice head (``BertForMultipleChoice``) takes each token
     input as ``[batch, choices, seq]``, all three dynamic. Where the config has ``max_position_embeddings`` (BERT, GPT-2,
@@ -226,6 +229,12 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         example = {n: t.view(2, 3, -1) for n, t in example.items()}
         check = {n: t.view(3, 4, -1) for n, t in check.items()}
         dims = {n: {0: "batch", 1: "choices", 2: "seq"} for n in example}
+    else:  # a document, web page, table or vision-and-language model's inputs beside the ids (bbox, ...)
+        for inputs, seed in ((example, 0), (check, 1)):
+            batch, length = inputs["input_ids"].shape
+            extras, extra_dims = token_extras(model, batch, length, seed)
+            inputs.update(extras)
+        dims.update(extra_dims)
     eos = _classified_at_eos(model)
     if eos is not None:  # every row ends its text with one end-of-sequence token, as a tokenizer gives it
         for inputs in (example, check):
@@ -234,7 +243,14 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
             ids[:, -1] = eos
     dim_max.update(_decoder_ids(model, example, check, dims))
     with torch.no_grad():
-        names_out = output_names(model(**example), example)
+        try:
+            out = model(**example)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise ModelFolderError(
+                f"{arch} does not run on the inputs flora-graph export builds for it ({', '.join(example)}): "
+                f"{type(exc).__name__}: {exc}; capture it from Python with inputs of its own "
+                "(flora_graph.model_export.export_model of a ModelSpec)") from exc
+        names_out = output_names(out, example)
     return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
 
 

@@ -1,0 +1,71 @@
+"""Inputs a token model reads beside its ids: a document model's word boxes, a web page model's XPaths, a table
+model's cell coordinates, a vision-and-language model's region features.
+
+Used where a model is captured from its config alone (:func:`flora_graph.model_export.load_model`, the ``flora-graph
+export`` of a model folder): each input is given where the model's ``forward`` takes it by its transformers name,
+built from the config's sizes, so that the exported file takes it too (as Optimum's exports of these models do):
+
+* ``bbox`` ``[batch, seq, 4]``: each token's word box ``(x0, y0, x1, y1)``, ``x0 <= x1`` and ``y0 <= y1``; integer
+  coordinates below ``max_2d_position_embeddings`` (at most 1000, the scale the processors normalize to) where the
+  config has that table (LayoutLM, LayoutLMv2/v3, LiLT), else fractions of the page in ``[0, 1]`` (BROS);
+* ``xpath_tags_seq`` / ``xpath_subs_seq`` ``[batch, seq, max_depth]`` (MarkupLM): tag and subscript ids below the
+  config's ``max_xpath_tag_unit_embeddings`` / ``max_xpath_subs_unit_embeddings``;
+* ``token_type_ids`` ``[batch, seq, len(type_vocab_sizes)]`` (TAPAS: segment, column, row, ranks ...), each below its
+  own ``type_vocab_sizes`` entry;
+* ``visual_feats`` ``[batch, boxes, visual_feat_dim]`` and ``visual_pos`` ``[batch, boxes, visual_pos_dim]``
+  (LXMERT: detected regions' features and boxes), the regions a dim of their own, ``"boxes"``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+__all__ = ["token_extras"]
+
+_BOX_SCALE = 1000
+"""The coordinate scale document processors (LayoutLM's, LayoutLMv3's, LiLT's) normalize word boxes to."""
+
+
+def _boxes(gen: torch.Generator, batch: int, seq: int, top: int | None) -> torch.Tensor:
+    """``[batch, seq, 4]`` boxes ``(x0, y0, x1, y1)`` with ``x0 <= x1``, ``y0 <= y1``: integers in ``[0, top]``, or
+    fractions in ``[0, 1]`` where ``top`` is ``None``."""
+    corners = torch.rand(batch, seq, 2, 2, generator=gen)  # two corners, each (x, y)
+    lo, hi = corners.min(dim=2).values, corners.max(dim=2).values
+    box = torch.cat([lo, hi], dim=-1)
+    return box if top is None else (box * top).round().to(torch.int64)
+
+
+def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str, torch.Tensor],
+                                                                       dict[str, dict[int, str]]]:
+    """The inputs beside ``input_ids`` (``[batch, seq]``) that ``model``'s ``forward`` takes by name and its config
+    sizes (see the module's docstring), seeded with ``seed``, and their dynamic dims; ``({}, {})`` for a model that
+    takes none. ``token_type_ids`` is given here only in TAPAS' form (a config with ``type_vocab_sizes``)."""
+    params = inspect.signature(model.forward).parameters
+    config = model.config
+    gen = torch.Generator().manual_seed(1000 + seed)
+    out: dict[str, torch.Tensor] = {}
+    dims: dict[str, dict[int, str]] = {}
+    if "bbox" in params:
+        table = getattr(config, "max_2d_position_embeddings", None)
+        top = min(_BOX_SCALE, int(table) - 1) if isinstance(table, int) else None
+        out["bbox"], dims["bbox"] = _boxes(gen, batch, seq, top), {0: "batch", 1: "seq"}
+    depth = getattr(config, "max_depth", None)
+    for name, size in (("xpath_tags_seq", "max_xpath_tag_unit_embeddings"),
+                       ("xpath_subs_seq", "max_xpath_subs_unit_embeddings")):
+        if name in params and isinstance(depth, int) and isinstance(getattr(config, size, None), int):
+            out[name] = torch.randint(0, int(getattr(config, size)), (batch, seq, depth), generator=gen)
+            dims[name] = {0: "batch", 1: "seq"}
+    sizes = getattr(config, "type_vocab_sizes", None)
+    if "token_type_ids" in params and isinstance(sizes, list | tuple) and sizes:
+        out["token_type_ids"] = torch.stack([torch.randint(0, int(n), (batch, seq), generator=gen) for n in sizes], -1)
+        dims["token_type_ids"] = {0: "batch", 1: "seq"}
+    feat, pos = getattr(config, "visual_feat_dim", None), getattr(config, "visual_pos_dim", None)
+    if {"visual_feats", "visual_pos"} <= set(params) and isinstance(feat, int) and isinstance(pos, int):
+        boxes = 3 + seed  # a region count other than the check's
+        out["visual_feats"] = torch.randn(batch, boxes, feat, generator=gen)
+        out["visual_pos"] = torch.rand(batch, boxes, pos, generator=gen)
+        dims["visual_feats"] = dims["visual_pos"] = {0: "batch", 1: "boxes"}
+    return out, dims
