@@ -61,7 +61,8 @@ def apply_lora(
     adapter_cls: type[LoRAAdapter] = LoRAAdapter,
     **adapter_kwargs: Any,
 ) -> list[str]:
-    """Wrap every matching ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` in ``adapter_cls``; return the wrapped paths.
+    """Wrap every matching ``nn.Linear``/``nn.Conv2d``/``nn.Conv1d``/``nn.Embedding`` in ``adapter_cls``; return the wrapped
+    paths.
 
     All adapters are built before any is installed, so a bad rank or an unsupported
     matching module raises :class:`AdapterError` and leaves ``model`` untouched.
@@ -87,7 +88,7 @@ def apply_lora(
     if not chosen:
         if already_adapted:  # every match is adapted already: nothing to do, nothing wrapped twice
             return []
-        raise AdapterError(f"no nn.Linear/nn.Conv2d/nn.Embedding module of {type(model).__name__} matches target_modules={target_modules!r}")
+        raise AdapterError(f"no nn.Linear/nn.Conv2d/nn.Conv1d/nn.Embedding module of {type(model).__name__} matches target_modules={target_modules!r}")
     # building an adapter freezes its base layer's parameters: undo that if a later one fails
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     built = []

@@ -88,8 +88,11 @@ class FloraAdapter(LoRAAdapter):
             raise AdapterError(f"{where}: seed must be an int, got {seed!r}")
         self._seed = seed
         if isinstance(base_layer, nn.Embedding):  # Flora's plans and optimizer state are laid out for products
-            raise AdapterError(f"{where}: FloraAdapter supports Linear, Conv2d and transformers' Conv1D, not Embedding "
-                               "(LoRAAdapter takes an embedding)")
+            raise AdapterError(f"{where}: FloraAdapter supports Linear, Conv2d, Conv1d and transformers' Conv1D, not "
+                               "Embedding (LoRAAdapter takes an embedding)")
+        if isinstance(base_layer, nn.Conv2d | nn.Conv1d) and base_layer.groups != 1:  # its update is no product B @ A
+            raise AdapterError(f"{where}: FloraAdapter on a grouped convolution (groups={base_layer.groups}) is "
+                               "unsupported: Flora's resampling moves B @ A, which a grouped B is not")
         super().__init__(base_layer, rank, alpha, freeze_base, 0.0, module_name=module_name, adapter_name=adapter_name)
         fan_in, out = self.lora_A[0].numel(), self.lora_B.shape[0]
         if rank > min(fan_in, out):  # the rank Flora compresses gradients to: above this it compresses nothing

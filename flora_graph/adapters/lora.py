@@ -1,9 +1,11 @@
-"""``LoRAAdapter``: a low-rank branch beside an ``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``.
+"""``LoRAAdapter``: a low-rank branch beside an ``nn.Linear``, ``nn.Conv2d``, ``nn.Conv1d`` or ``nn.Embedding``.
 
 ``y = base(x) + s * B(A(dropout(x)))`` with ``s = alpha / rank`` (``alpha <= 0`` means
 ``alpha = rank``). ``A`` is ``[r, in]`` (kaiming-uniform) and ``B`` is ``[out, r]`` (zeros),
 PEFT's layout; for a convolution ``A`` is ``[r, in, kh, kw]`` with the base layer's
-stride, padding and dilation, and ``B`` is a ``[out, r, 1, 1]`` pointwise convolution. For an
+stride, padding and dilation, and ``B`` is a ``[out, r, 1, 1]`` pointwise convolution (``[r, in, k]`` and
+``[out, r, 1]`` for an ``nn.Conv1d``; a grouped base's ``B`` is grouped as the base, ``[out, r / groups, 1, 1]``,
+PEFT's layout, whose update mixes the groups and does not merge). For an
 embedding (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``) ``A`` is ``[r, vocab]`` (zeros) and
 ``B`` is ``[dim, r]`` (normal), and the branch reads token ids: ``s * embedding(ids, A.T) @ B.T``,
 the low-rank product of the ids' one-hot rows (no dropout, as PEFT's); an embedding that scales its own rows by a
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SUPPORTED_BASE_LAYERS", "LoRAAdapter", "is_conv1d", "is_supported_base"]
 
-SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
 """Base layer classes LoRA wraps; transformers' ``Conv1D`` (GPT-2) too, recognised by :func:`is_conv1d`."""
 
 
@@ -51,20 +53,20 @@ def unsupported_base_message(module: nn.Module) -> str:
     return f"unsupported base layer type {type(module).__name__} (LoRA supports {names} and transformers' Conv1D)"
 
 
-def _conv_padding(layer: nn.Conv2d, where: str) -> tuple[int, int]:
-    """Numeric symmetric padding of a conv layer (``'valid'``/``'same'`` resolved)."""
+def _conv_padding(layer: nn.Conv2d | nn.Conv1d, where: str) -> tuple[int, ...]:
+    """Numeric symmetric padding of a conv layer (``'valid'``/``'same'`` resolved), one value per spatial axis."""
     pad = layer.padding
     if isinstance(pad, str):
         if pad == "valid":
-            return (0, 0)
+            return (0,) * len(layer.kernel_size)
         out = []
         for k, d in zip(layer.kernel_size, layer.dilation, strict=True):
             total = d * (k - 1)
             if total % 2:
                 raise AdapterError(f"{where}: padding='same' with an even effective kernel is asymmetric; unsupported")
             out.append(total // 2)
-        return (out[0], out[1])
-    return (int(pad[0]), int(pad[1]))
+        return tuple(out)
+    return tuple(int(v) for v in pad)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -78,7 +80,9 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class LoRAAdapter(nn.Module):
-    """Wraps ``base_layer`` (``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``) with a rank-``rank`` LoRA branch.
+    """Wraps ``base_layer`` (``nn.Linear``, ``nn.Conv2d``, ``nn.Conv1d`` or ``nn.Embedding``) with a rank-``rank`` LoRA
+    branch. A convolution's ``A`` is a convolution of the base's kernel, stride, padding and dilation, its ``B`` a
+    1x1 one, grouped as the base is (PEFT's layout: a grouped base's update is no matrix product, and is not merged).
 
     Args:
         base_layer: the layer to adapt; kept as ``self.base_layer``.
@@ -109,9 +113,10 @@ class LoRAAdapter(nn.Module):
         where = f"module {module_name or type(base_layer).__name__!r}"
         if not is_supported_base(base_layer):
             raise AdapterError(f"{where}: {unsupported_base_message(base_layer)}")
-        if isinstance(base_layer, nn.Conv2d):
-            if base_layer.groups != 1:
-                raise AdapterError(f"{where}: LoRA on a grouped convolution (groups={base_layer.groups}) is unsupported")
+        if isinstance(base_layer, nn.Conv2d | nn.Conv1d):
+            if isinstance(rank, int) and rank > 0 and rank % base_layer.groups:
+                raise AdapterError(f"{where}: LoRA of rank {rank} on a convolution of groups={base_layer.groups}: the rank "
+                                   "must be a multiple of the groups (PEFT's rule: B is a grouped 1x1 convolution)")
             if base_layer.padding_mode != "zeros":
                 raise AdapterError(f"{where}: padding_mode={base_layer.padding_mode!r} is unsupported (zeros only)")
             self._padding = _conv_padding(base_layer, where)
@@ -143,9 +148,10 @@ class LoRAAdapter(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 and not isinstance(base_layer, nn.Embedding) else nn.Identity()
         w = base_layer.weight
         kw = {"device": w.device, "dtype": w.dtype}
-        if isinstance(base_layer, nn.Conv2d):
+        if isinstance(base_layer, nn.Conv2d | nn.Conv1d):
+            ones = (1,) * len(base_layer.kernel_size)
             self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_channels, *base_layer.kernel_size, **kw))
-            self.lora_B = nn.Parameter(torch.empty(out, rank, 1, 1, **kw))
+            self.lora_B = nn.Parameter(torch.empty(out, rank // base_layer.groups, *ones, **kw))
         else:
             self.lora_A = nn.Parameter(torch.empty(rank, fan_in, **kw))
             self.lora_B = nn.Parameter(torch.empty(out, rank, **kw))
@@ -216,8 +222,9 @@ class LoRAAdapter(nn.Module):
 
     @property
     def is_conv(self) -> bool:
-        """Whether the base layer is a convolution."""
-        return isinstance(self.base_layer, nn.Conv2d)
+        """Whether the base layer is a convolution (``nn.Conv2d`` or ``nn.Conv1d``; transformers' ``Conv1D`` is a
+        linear layer)."""
+        return isinstance(self.base_layer, nn.Conv2d | nn.Conv1d)
 
     @property
     def is_embedding(self) -> bool:
@@ -279,8 +286,9 @@ class LoRAAdapter(nn.Module):
         h = self.lora_dropout(x)
         if self.is_conv:
             base = self.base_layer
-            h = F.conv2d(h, self.lora_A, None, base.stride, self._padding, base.dilation)
-            h = F.conv2d(h, self.lora_B)
+            conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+            h = conv(h, self.lora_A, None, base.stride, self._padding, base.dilation)
+            h = conv(h, self.lora_B, groups=base.groups)
         elif self.is_embedding:  # the ids' rows of A.T: one-hot(ids) @ A.T, traced as one Gather
             h = F.linear(F.embedding(x, self.lora_A.t()), self.lora_B) * self.scaling
             scale = self.embed_scale
@@ -294,7 +302,13 @@ class LoRAAdapter(nn.Module):
         return self.base_layer(x) + self.lora_forward(x)
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * B @ A`` in the base weight's shape (transposed for a ``Conv1D`` base), in float32."""
+        """``s * B @ A`` in the base weight's shape (transposed for a ``Conv1D`` base), in float32.
+
+        Raises ``AdapterError`` for a grouped convolution's adapter: its update mixes the groups, which the base's
+        grouped weight cannot hold (PEFT does not merge it either)."""
+        if self.is_conv and self.base_layer.groups != 1:
+            raise AdapterError(f"{self._where()}: the adapter of a grouped convolution (groups="
+                               f"{self.base_layer.groups}) is no change of its weight and does not merge")
         a = self.lora_A.detach().float().reshape(self._rank, -1)
         b = self.lora_B.detach().float().reshape(-1, self._rank)
         delta = (b @ a).mul_(self.scaling)
@@ -346,15 +360,19 @@ class LoRAAdapter(nn.Module):
             return graph.const(key, _to_numpy(t))
 
         base = self.base_layer
+        if isinstance(base, nn.Conv1d):
+            raise AdapterError(f"{self._where()}: export_graph writes 2-D convolutions, not nn.Conv1d; capture the "
+                               "model instead (flora_graph.frontend.capture)")
         w = const("base_layer.weight", base.weight)
         bias = getattr(base, "bias", None)  # an embedding has none
         args = [x, w] + ([const("base_layer.bias", bias)] if bias is not None else [])
         # weights are added right before their first reader, the order capture produces
         if self.is_conv:
             conv = {"stride": tuple(base.stride), "padding": self._padding, "dilation": tuple(base.dilation)}
-            y = graph.add(Op.CONV2D, args, {**conv, "groups": 1}, name=p + "base", meta=tag("base"))
+            y = graph.add(Op.CONV2D, args, {**conv, "groups": base.groups}, name=p + "base", meta=tag("base"))
             h = graph.add(Op.CONV2D, [x, const("lora_A", self.lora_A)], conv, name=p + "lora_down", meta=tag("lora_down"))
-            h = graph.add(Op.CONV2D, [h, const("lora_B", self.lora_B)], name=p + "lora_up", meta=tag("lora_up"))
+            h = graph.add(Op.CONV2D, [h, const("lora_B", self.lora_B)], {"groups": base.groups}, name=p + "lora_up",
+                          meta=tag("lora_up"))
         elif self.is_embedding:  # rows of the weight and of A.T by the ids
             if type(base) is not nn.Embedding and self.embed_scale is None:
                 raise AdapterError(f"{self._where()}: export_graph knows nn.Embedding's forward, not "

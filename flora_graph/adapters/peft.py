@@ -409,7 +409,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, *, adapter_name: str
         raise AdapterError("model already carries adapters; load a PEFT adapter onto a plain model")
     names = _targets(model, cfg, cpath)
     if not names:
-        raise AdapterError(f"{folder}: target_modules={cfg['target_modules']!r} match no Linear/Conv2d/Embedding of {type(model).__name__}")
+        raise AdapterError(f"{folder}: target_modules={cfg['target_modules']!r} match no Linear/Conv2d/Conv1d/Embedding of {type(model).__name__}")
     built: list[tuple[str, LoRAAdapter]] = []
     used: set[str] = set()
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]

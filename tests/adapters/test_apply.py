@@ -26,7 +26,7 @@ class Attn(nn.Module):
 
 
 class Net(nn.Module):
-    """conv stem -> attention block -> MLP; module order: stem, attn.{q,qq,k,v,o}, mlp.{0,2}, seq (a Conv1d, which
+    """conv stem -> attention block -> MLP; module order: stem, attn.{q,qq,k,v,o}, mlp.{0,2}, seq (a Conv3d, which
     LoRA does not wrap, unused)."""
 
     def __init__(self, d: int = 8) -> None:
@@ -34,7 +34,7 @@ class Net(nn.Module):
         self.stem = nn.Conv2d(2, d, 3, padding=1)
         self.attn = Attn(d)
         self.mlp = nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d))
-        self.seq = nn.Conv1d(d, d, 3)
+        self.seq = nn.Conv3d(d, d, 3)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         h = self.stem(img).mean(dim=(2, 3))
@@ -176,7 +176,7 @@ def test_bad_rank_on_one_target_leaves_model_untouched():
 
 def test_unsupported_matching_leaf_raises_and_leaves_model():
     m = _net()
-    with pytest.raises(AdapterError, match=r"'seq'.*Conv1d"):
+    with pytest.raises(AdapterError, match=r"'seq'.*Conv3d"):
         apply_lora(m, ["q", "seq"], rank=2)
     assert adapters_of(m) == {}
     with pytest.raises(AdapterError, match=r"'mlp.1'.*GELU"):

@@ -454,9 +454,9 @@ def test_rank_above_fan_in_on_conv_is_exact():
 @pytest.mark.parametrize(
     ("layer", "what"),
     [
-        (nn.Conv1d(3, 4, 3), "Conv1d"),
+        (nn.Conv3d(3, 4, 3), "Conv3d"),
         (nn.Embedding(10, 4, max_norm=1.0), "max_norm"),
-        (nn.Conv2d(4, 8, 3, groups=2), "group"),
+        (nn.Conv2d(4, 8, 3, groups=2), "multiple of the groups"),  # rank 1 of groups 2
         (nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), "padding_mode"),
         (nn.Conv2d(4, 8, 2, padding="same"), "same"),
     ],
