@@ -10,6 +10,8 @@ built from the config's sizes, so that the exported file takes it too (as Optimu
   config has that table (LayoutLM, LayoutLMv2/v3, LiLT), else fractions of the page in ``[0, 1]`` (BROS);
 * ``xpath_tags_seq`` / ``xpath_subs_seq`` ``[batch, seq, max_depth]`` (MarkupLM): tag and subscript ids below the
   config's ``max_xpath_tag_unit_embeddings`` / ``max_xpath_subs_unit_embeddings``;
+* ``pixel_values`` ``[batch, channels, input_size, input_size]`` where the config embeds the page image beside the
+  words (LayoutLMv3's ``visual_embed``: the image's patches join the sequence);
 * ``token_type_ids`` ``[batch, seq, len(type_vocab_sizes)]`` (TAPAS: segment, column, row, ranks ...), each below its
   own ``type_vocab_sizes`` entry;
 * ``visual_feats`` ``[batch, boxes, visual_feat_dim]`` and ``visual_pos`` ``[batch, boxes, visual_pos_dim]``
@@ -62,6 +64,10 @@ def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str,
     if "token_type_ids" in params and isinstance(sizes, list | tuple) and sizes:
         out["token_type_ids"] = torch.stack([torch.randint(0, int(n), (batch, seq), generator=gen) for n in sizes], -1)
         dims["token_type_ids"] = {0: "batch", 1: "seq"}
+    size = getattr(config, "input_size", None)
+    if "pixel_values" in params and getattr(config, "visual_embed", False) is True and isinstance(size, int):
+        channels = int(getattr(config, "num_channels", 3))
+        out["pixel_values"], dims["pixel_values"] = torch.randn(batch, channels, size, size, generator=gen), {0: "batch"}
     feat, pos = getattr(config, "visual_feat_dim", None), getattr(config, "visual_pos_dim", None)
     if {"visual_feats", "visual_pos"} <= set(params) and isinstance(feat, int) and isinstance(pos, int):
         boxes = 3 + seed  # a region count other than the check's

@@ -1,5 +1,5 @@
 """``flora-graph export`` of token models that read inputs beside their ids (``flora_graph.frontend.token_extras``):
-document models' word boxes, MarkupLM's XPaths, TAPAS' cell coordinates, LXMERT's regions. Each tiny model carries a
+document models' word boxes (and LayoutLMv3's page image), MarkupLM's XPaths, TAPAS' cell coordinates, LXMERT's regions. Each tiny model carries a
 PEFT LoRA with a nonzero ``B``; its file takes those inputs by their transformers names, with the batch (and the
 sequence, or LXMERT's region count) dynamic, matches eager PEFT on inputs of another shape, and its outputs move with
 the extra input (a file that dropped it would not).
@@ -37,6 +37,8 @@ CASES = {
     "bros": ("BrosConfig", "BrosForTokenClassification", dict(SMALL, hidden_size=64, num_attention_heads=4), "bbox"),
     "lilt": ("LiltConfig", "LiltForSequenceClassification", dict(SMALL, hidden_size=24, channel_shrink_ratio=4),
              "bbox"),
+    "layoutlmv3": ("LayoutLMv3Config", "LayoutLMv3ForTokenClassification",
+                   dict(SMALL, coordinate_size=5, shape_size=6, input_size=32, patch_size=16), "pixel_values"),
 }
 DEFAULT = ("layoutlm", "lxmert")  # word boxes beside the tokens; regions of a dim of their own
 
@@ -64,7 +66,7 @@ def test_the_file_takes_the_inputs_beside_the_ids_and_matches_eager_peft(name: s
     sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     taken = {i.name: i.shape for i in sess.get_inputs()}
     assert extra in taken and taken[extra][0] == "batch"
-    assert taken[extra][1] == ("boxes" if extra == "visual_feats" else "seq")
+    assert taken[extra][1] == {"visual_feats": "boxes", "pixel_values": 3}.get(extra, "seq")
 
     def both(inputs: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         got = sess.run(None, {n: inputs[n].numpy() for n in taken})[0]
