@@ -737,7 +737,11 @@ def trace_with_torch_export(
             except Exception as raised:
                 exc = first if auto else raised  # the inferred ranges did not help either: the first failure says more
                 usable = {dn for dn in suggested_bounds(str(exc)) if dn in named}
-                if not auto and "Constraints violated" in str(exc) and not usable and named:
+                # torch fails while it writes its suggested fixes for a violated constraint (a derived dim's empty
+                # range: "Cannot create Dim with inconsistent min=0, max=-oo"): the violation is inferred the same way
+                violated = "Constraints violated" in str(exc) or (isinstance(exc, AssertionError)
+                                                                  and str(exc).startswith("Cannot create Dim"))
+                if not auto and violated and not usable and named:
                     # a guard torch.export suggests no bound for (GPT's position table: seq != 64): let it infer
                     # the range that holds around the example, as torch.onnx does (Dim.AUTO), and check it after
                     auto, first = True, exc
