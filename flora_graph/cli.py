@@ -18,7 +18,7 @@ from flora_graph.errors import FloraGraphError
 __all__ = ["ARTIFACT_BACKENDS", "HelpFormatter", "Parser", "build_parser", "int_at_least", "main"]
 
 ARTIFACT_BACKENDS = ("onnxruntime", "torchscript", "torch-export")
-SEQ2SEQ_TASKS = ("text2text-generation-with-past", "automatic-speech-recognition-with-past")
+SEQ2SEQ_TASKS = ("text2text-generation-with-past", "automatic-speech-recognition-with-past", "image-to-text-with-past")
 """The export tasks that write an encoder-decoder package (:func:`flora_graph.serving.seq2seq.export_seq2seq`;
 Optimum's names for the same models)."""
 """The backends ``export`` writes an artifact for and ``bench`` times (``model_export.SUFFIX``'s keys)."""
@@ -408,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention_mask, position_ids, past_key_values.N.key/value (and .indexer_key for DeepSeek-V3.2's sparse "
                         "attention), and a state-space or convolution "
                         "layer's past.N.conv/recurrent (.conv.1, ... for several); outputs logits, present.N.*); "
-                        "text2text-generation-with-past / automatic-speech-recognition-with-past: an encoder-decoder "
-                        "model (T5, BART, Marian, Whisper, ...) as a package folder: encoder.onnx (the cross-attention "
+                        "text2text-generation-with-past / automatic-speech-recognition-with-past / "
+                        "image-to-text-with-past: an encoder-decoder model (T5, BART, Marian, Whisper, TrOCR, Donut, "
+                        "...) as a package folder: encoder.onnx (the cross-attention "
                         "keys and values), decoder.onnx with its cache, adapters/NAME.{encoder,decoder}.onnx_adapter, "
                         "seq2seq_config.json, for flora-graph generate")
     e.add_argument("--format", choices=["file", "genai"], default="file",

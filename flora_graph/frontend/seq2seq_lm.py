@@ -52,7 +52,8 @@ class Seq2SeqLayout:
     ``[batch, heads, past_seq, head_dim]`` and cross-attention keys and values ``[batch, cross_heads, enc_seq',
     cross_head_dim]``. ``main_input``: ``"input_ids"`` (text, with ``attention_mask``), ``"input_features"`` or
     ``"input_values"`` (speech: a row's shape is ``feature_shape``, ``None`` where it is free: Whisper's fixed
-    ``[mel_bins, frames]``, Speech2Text's ``[frames, features]``, Moonshine's samples). ``encoder_mask``: whether the
+    ``[mel_bins, frames]``, Speech2Text's ``[frames, features]``, Moonshine's samples), or ``"pixel_values"`` (a
+    vision encoder-decoder's images, TrOCR's and Donut's: ``[channels, height, width]`` at the encoder's image size). ``encoder_mask``: whether the
     decoder reads the encoder's mask (only text inputs are padded)."""
 
     layers: int
@@ -182,9 +183,9 @@ def seq2seq_layout(model: nn.Module) -> Seq2SeqLayout:
         raise GraphError(f"{name}: not a transformers encoder-decoder model (config.is_encoder_decoder, "
                          "get_encoder())")
     main = getattr(base, "main_input_name", "input_ids")
-    if main not in ("input_ids", "input_features", "input_values"):
+    if main not in ("input_ids", "input_features", "input_values", "pixel_values"):
         raise GraphError(f"{name}: its encoder takes {main!r}; encoder-decoder generation is captured for models "
-                         "that take input_ids, input_features or input_values")
+                         "that take input_ids, input_features, input_values or pixel_values")
     inputs, dims = _encoder_example(base)
     inputs = {k: v[:1] for k, v in inputs.items()}
 
@@ -298,6 +299,11 @@ def encoder_forward(base: nn.Module, layout: Seq2SeqLayout):
             return cross({"input_values": input_values})
 
         return samples
+    if layout.main_input == "pixel_values":
+        def pixels(pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return cross({"pixel_values": pixel_values})
+
+        return pixels
 
     def text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return cross({"input_ids": input_ids, "attention_mask": attention_mask})

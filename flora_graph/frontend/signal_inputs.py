@@ -22,7 +22,8 @@ _VIDEO_PREFIXES = ("Vivit", "Timesformer")
 def _size(config: Any) -> tuple[int, int]:
     """An image model's input height and width: its config's ``image_size`` (an int, a pair or a
     ``{"height", "width"}`` dict; V-JEPA 2's ``crop_size``), its vision or backbone config's, else 224."""
-    for c in (config, getattr(config, "vision_config", None), getattr(config, "backbone_config", None)):
+    for c in (config, getattr(config, "vision_config", None), getattr(config, "backbone_config", None),
+              getattr(config, "encoder", None)):  # a vision encoder-decoder's image encoder (TrOCR's, Donut's)
         size = (getattr(c, "image_size", None) or getattr(c, "crop_size", None)) if c is not None else None
         if isinstance(size, dict) and {"height", "width"} <= set(size):
             return int(size["height"]), int(size["width"])
@@ -54,7 +55,8 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
 
     if main in ("pixel_values", "pixel_values_videos"):
         h, w = _size(config)
-        channels = int(getattr(config, "num_channels", None) or 3)
+        channels = int(getattr(config, "num_channels", None) or getattr(getattr(config, "encoder", None), "num_channels",
+                                                                        None) or 3)
         frames = next((f for c in (config, getattr(config, "vision_config", None)) for k in ("num_frames", "frames_per_clip")
                        if isinstance(f := getattr(c, k, None), int)), None)
         video = "Video" in arch or arch.startswith(_VIDEO_PREFIXES) or main == "pixel_values_videos"

@@ -60,6 +60,9 @@ DECODER_FILE = "decoder.onnx"
 DATA_FILE = "model.onnx.data"
 MIXED_SUFFIX = ".mixed.onnx"
 """``encoder`` / ``decoder`` + this: the mixed-adapter model of each (rows with different adapters in one call)."""
+UNMIXED_KEY = "unmixed"
+"""The package config's record of the parts that have no mixed-adapter model although adapters adapt them: part ->
+why (a slot whose input's rows are not the batch's, as a Swin encoder's windows)."""
 ADAPTERS_DIR = "adapters"
 PARTS = ("encoder", "decoder")
 OPSET = 23
@@ -67,14 +70,15 @@ OPSET = 23
 
 def seq2seq_classes() -> frozenset[str]:
     """The transformers classes an encoder-decoder generation package is made from (``AutoModelForSeq2SeqLM`` and
-    ``AutoModelForSpeechSeq2Seq``'s)."""
+    ``AutoModelForSpeechSeq2Seq``'s, and ``VisionEncoderDecoderModel``: TrOCR's and Donut's image encoder and text
+    decoder)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
     )
 
     return frozenset([*MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values(),
-                      *MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.values()])
+                      *MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.values(), "VisionEncoderDecoderModel"])
 
 
 def _owns(name: str) -> bool:
@@ -262,9 +266,15 @@ def export_seq2seq(base: str | Path, out: str | Path, adapters: Mapping[str, str
                 data.write(*lowered, f"{part}.onnx")
                 if modules[part] and mixed:  # slots unpacked, base layers packed (as a GenAI package's mixed.onnx)
                     say(f"writing the mixed-adapter {part}")
-                    data.write(*lower_slotted(optimize(unpacked[part], ["pack-linears", "cse", "dce"]), "mixed",
-                                              opset=OPSET, packed=[s for s in graph_slots(g) if s.members],
-                                              contrib=True), f"{part}{MIXED_SUFFIX}")
+                    try:
+                        lowered = lower_slotted(optimize(unpacked[part], ["pack-linears", "cse", "dce"]), "mixed",
+                                                opset=OPSET, packed=[s for s in graph_slots(g) if s.members],
+                                                contrib=True)
+                    except ServingError as exc:  # a slot whose rows are not the batch's (Swin's windows)
+                        doc.setdefault(UNMIXED_KEY, {})[part] = str(exc)
+                        note(f"no mixed-adapter {part}: {exc}; its rows take one adapter a call")
+                        continue
+                    data.write(*lowered, f"{part}{MIXED_SUFFIX}")
         if params:
             from flora_graph.serving.adapter_file import write_adapter
 
@@ -354,7 +364,8 @@ class Seq2SeqGenerator:
                                begin_suppress=np.asarray(search.get("begin_suppress_tokens") or [], np.int64),
                                forced_bos=forced[0], forced_eos=forced[1], min_length=int(search.get("min_length") or 0))
             files = {part: self.package / str(doc[part]) for part in PARTS}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._unmixed = {str(k): str(v) for k, v in (doc.get(UNMIXED_KEY) or {}).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ServingError(f"{path}: not an encoder-decoder package config ({type(exc).__name__}: {exc})") from None
         options = {"intra_op_threads": threads, "inter_op_threads": 1, "huge_pages": huge_pages}
         found: dict[str, dict[str, Path]] = {}
@@ -437,6 +448,7 @@ class Seq2SeqGenerator:
         mixed = self._mixed_session(part)
         if mixed is None:
             why = ("this generator was made with mixed=False" if self._mixed_mode is False
+                   else f"its {part} has none: {self._unmixed[part]}" if part in self._unmixed
                    else "export it again without --no-mixed")
             raise ServingError(f"{self.package}: rows with different adapters need its mixed-adapter models "
                                f"({part}{MIXED_SUFFIX}); {why}")

@@ -217,6 +217,23 @@ ARCHITECTURES = {
     "moonshine": ("MoonshineConfig", "MoonshineForConditionalGeneration",
                   dict(vocab_size=100, hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=2,
                        decoder_num_hidden_layers=2, encoder_num_attention_heads=4, decoder_num_attention_heads=4)),
+    # vision encoder-decoders on 32x32 images: TrOCR's (a ViT encoder, TrOCR's decoder) and Donut's (a Swin encoder,
+    # an mBART decoder); weights drawn wider than the checkpoints', so that greedy decoding does not repeat one token
+    "trocr": ("VisionEncoderDecoderConfig", "VisionEncoderDecoderModel",
+              dict(encoder=dict(model_type="vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, image_size=32, patch_size=8, initializer_range=0.2),
+                   decoder=dict(model_type="trocr", vocab_size=100, d_model=32, decoder_layers=2,
+                                decoder_attention_heads=4, decoder_ffn_dim=64, max_position_embeddings=64,
+                                init_std=0.2, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+                   decoder_start_token_id=2, pad_token_id=1, eos_token_id=2)),
+    "donut": ("VisionEncoderDecoderConfig", "VisionEncoderDecoderModel",
+              dict(encoder=dict(model_type="donut-swin", embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=2,
+                                image_size=[32, 32], patch_size=4, initializer_range=0.2),
+                   decoder=dict(model_type="mbart", vocab_size=100, d_model=32, decoder_layers=2,
+                                decoder_attention_heads=4, decoder_ffn_dim=64, encoder_layers=2,
+                                encoder_attention_heads=4, encoder_ffn_dim=64, max_position_embeddings=64,
+                                init_std=0.2, is_decoder=True, add_cross_attention=True),
+                   decoder_start_token_id=2, pad_token_id=1, eos_token_id=2)),
 }
 """More encoder-decoder families, tiny: ``(config class, model class, config)``, each with PEFT's ``all-linear`` LoRA."""
 

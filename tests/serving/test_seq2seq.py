@@ -1,10 +1,11 @@
-"""Encoder-decoder packages (T5, BART, Marian, Whisper): export, generation against eager transformers + PEFT, errors."""
+"""Encoder-decoder packages (T5, BART, Marian, Whisper, TrOCR, Donut): export, generation against eager transformers + PEFT, errors."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,55 @@ def test_more_families_generate_eager_peft_tokens(kind: str, tmp_path: Path) -> 
     capacity a fraction of the tokens), Speech2Text (features, frames free), Moonshine (raw samples):
     PEFT's all-linear LoRA, the package's greedy tokens equal eager's, base and adapter."""
     architecture_matches_eager(tmp_path, kind)
+
+
+def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_path: Path) -> None:
+    """``flora-graph export BASE --task image-to-text-with-past``: Donut's layout (a Swin encoder over windows of the
+    image, an mBART decoder), two adapters; the package's greedy tokens for a batch of images equal eager
+    transformers + PEFT ``generate`` on ``pixel_values``, base and each adapter. The encoder's windows put the rows
+    of 16 windows in its batch, where rows cannot pick adapters: the package has no mixed-adapter encoder, says why,
+    and a batch mixing adapters is refused naming that."""
+    import peft
+    import transformers
+
+    from flora_graph.cli import main
+    from tests.serving.seq2seq_package import nonzero_b
+
+    config_cls, model_cls, cfg = ARCHITECTURES["donut"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg)).eval()
+    model.save_pretrained(tmp_path / "base")
+    adapted = {}
+    for name, targets in (("all", "all-linear"), ("dec", ["q_proj", "v_proj"])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            one = peft.get_peft_model(getattr(transformers, model_cls).from_pretrained(tmp_path / "base"),
+                                      peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        nonzero_b(one, seed=len(name))
+        one.save_pretrained(tmp_path / name)
+        adapted[name] = one.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", str(tmp_path / "base"), "--task", "image-to-text-with-past", "--adapter",
+                     f"all={tmp_path / 'all'}", "--adapter", f"dec={tmp_path / 'dec'}", "--out",
+                     str(tmp_path / "pkg")]) == 0
+    doc = json.loads((tmp_path / "pkg" / SEQ2SEQ_CONFIG).read_text())
+    assert doc["main_input"] == "pixel_values" and doc["feature_shape"] == [3, 32, 32]
+    assert "encoder" in doc["unmixed"] and not (tmp_path / "pkg" / "encoder.mixed.onnx").exists()
+    served = Seq2SeqGenerator(tmp_path / "pkg")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    settings = dict(max_new_tokens=NEW, min_new_tokens=NEW)
+    rows = {}
+    for name in (None, "all", "dec"):
+        rows[name] = served.generate(images.numpy(), adapters=name, num_beams=1, **settings)
+        eager = adapted[name or "all"]  # the base: PEFT's model with its adapter off
+        with torch.no_grad(), warnings.catch_warnings(), (eager.disable_adapter() if name is None else nullcontext()):
+            warnings.simplefilter("ignore")
+            want = eager.generate(pixel_values=images, do_sample=False, num_beams=1, **settings)
+        assert rows[name] == [r[-NEW:] for r in want.tolist()], name
+    assert rows["all"] != rows[None] and rows["dec"] != rows[None]
+    with pytest.raises(ServingError, match=r"encoder\.mixed\.onnx.*its encoder has none.*batch"):
+        served.generate(images.numpy(), adapters=["all", None], max_new_tokens=2)
 
 
 def test_a_package_without_adapters_generates_the_base(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
