@@ -77,17 +77,18 @@ def _package(args: argparse.Namespace, console: Any) -> int:
 
 def _rows(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None, list[str | None]] | str:
     """The rows of ``generate``: ``(texts, ids, adapters)`` (one of ``texts``/``ids`` ``None``) or the refusal."""
-    if sum(bool(x) for x in (args.prompt, args.ids, args.audio)) > 1:
-        return "give the rows as --prompt texts, as --ids or as --audio files, one kind only"
-    if args.decoder_ids and not args.audio:
-        return "--decoder-ids are a speech model's first decoder tokens: they go with --audio"
-    if args.audio and (args.chat or args.system is not None):
-        return "--chat and --system format --prompt texts; --audio is a speech model's input"
-    if args.audio:
+    if sum(bool(x) for x in (args.prompt, args.ids, args.audio, args.image)) > 1:
+        return "give the rows as --prompt texts, as --ids, as --audio files or as --image files, one kind only"
+    files, flag = (args.audio, "--audio") if args.audio else (args.image, "--image")
+    if args.decoder_ids and not files:
+        return "--decoder-ids are an audio or image model's first decoder tokens: they go with --audio or --image"
+    if files and (args.chat or args.system is not None):
+        return f"--chat and --system format --prompt texts; {flag} is an audio or image model's input"
+    if files:
         names = args.adapter or [None]
-        if len(names) not in (1, len(args.audio)):
-            return f"{len(names)} --adapter for {len(args.audio)} --audio files: one for every row, or one per row"
-        return None, None, [n or None for n in (names * len(args.audio) if len(names) == 1 else names)]
+        if len(names) not in (1, len(files)):
+            return f"{len(names)} --adapter for {len(files)} {flag} files: one for every row, or one per row"
+        return None, None, [n or None for n in (names * len(files) if len(names) == 1 else names)]
     if args.ids and (args.chat or args.system is not None):
         return "--chat and --system format --prompt texts; --ids are token ids already"
     if args.system is not None and not args.chat:
@@ -169,19 +170,23 @@ def _generate(args: argparse.Namespace, console: Any) -> int:
             prompts = [_chat_ids(tokenizer, args.package, args.system, t) for t in texts]
         else:
             prompts = [tokenizer(t)["input_ids"] for t in texts]
-    if args.audio and not seq2seq:
-        return _refuse(console, f"--audio is for a speech model's encoder-decoder package; {args.package} is not one")
+    flag = "--audio" if args.audio else "--image" if args.image else None
+    if flag and not seq2seq:
+        return _refuse(console, f"{flag} is for an audio or image model's encoder-decoder package; {args.package} is "
+                                "not one")
     if seq2seq:
         from flora_graph.serving.seq2seq import Seq2SeqGenerator
 
         gen: Any = Seq2SeqGenerator(args.package, threads=args.threads, huge_pages=args.huge_pages)
-        speech = gen.layout.main_input != "input_ids"
-        if speech and not args.audio:
-            return _refuse(console, f"{args.package} is a speech model's package: give --audio FILE.wav (it takes "
-                                    "audio, not text)")
-        if args.audio and not speech:
-            return _refuse(console, f"{args.package} takes text (input_ids): give --prompt or --ids, not --audio")
-        if args.audio:
+        main = gen.layout.main_input
+        wants = None if main == "input_ids" else "--image" if main == "pixel_values" else "--audio"
+        if wants is not None and flag != wants:
+            kind = "an image model's package: give --image FILE (it takes images" if wants == "--image" else \
+                "a speech model's package: give --audio FILE.wav (it takes audio"
+            return _refuse(console, f"{args.package} is {kind}, not {'text' if flag is None else flag[2:]})")
+        if flag and wants is None:
+            return _refuse(console, f"{args.package} takes text (input_ids): give --prompt or --ids, not {flag}")
+        if flag:
             return _transcribe(args, console, gen, adapters)
     else:  # the mixed model (its own copy of the weights) only where the rows' adapters differ
         gen = Generator(args.package, threads=args.threads, mixed="auto" if len(set(adapters)) > 1 else False,
@@ -262,16 +267,22 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _transcribe(args: argparse.Namespace, console: Any, gen: Any, adapters: list[str | None]) -> int:
-    """``generate --audio``: each WAV file through the package's feature extractor and the speech model, one row a
-    file (recordings of different lengths are not batched); prints each row's text (token ids without tokenizer
-    files) and the tokens/s."""
+    """``generate --audio`` / ``--image``: each WAV file through the package's feature extractor and the speech model
+    (each image file through its image processor and the vision encoder-decoder), one row a file (recordings of
+    different lengths are not batched); prints each row's text (token ids without tokenizer files) and the
+    tokens/s."""
     import time
 
     from flora_graph.serving.audio import read_wav, speech_inputs
+    from flora_graph.serving.images import image_inputs
 
     package = Path(args.package)
     rows = []
-    for path in args.audio:  # every file read and checked before anything runs
+    files = args.audio or args.image
+    for path in files:  # every file read and checked before anything runs
+        if args.image:
+            rows.append(image_inputs(package, gen.layout.main_input, path))
+            continue
         samples, rate = read_wav(path)
         rows.append(speech_inputs(package, gen.layout.main_input, samples, rate, what=str(path)))
     tokenizer = _tokenizer(package)
@@ -279,13 +290,14 @@ def _transcribe(args: argparse.Namespace, console: Any, gen: Any, adapters: list
     settings = _settings(args)
     total, t0 = 0, time.perf_counter()
     n = settings.get("num_return_sequences", 1)
-    for i, (path, feats, adapter) in enumerate(zip(args.audio, rows, adapters, strict=True)):
+    for i, (path, feats, adapter) in enumerate(zip(files, rows, adapters, strict=True)):
         for j, tokens in enumerate(gen.generate(feats, adapters=adapter, decoder_prompt=prompt, **settings)):
             total += len(tokens)
             text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
             console.out(f"[{_label(i, j, n)}] {path} (adapter {adapter or 'none'}): {text}", highlight=False)
     seconds = time.perf_counter() - t0
-    console.print(f"{total} tokens in {seconds:.3f} s ({total / seconds:.1f} tokens/s, {len(rows)} recording"
+    what = "image" if args.image else "recording"
+    console.print(f"{total} tokens in {seconds:.3f} s ({total / seconds:.1f} tokens/s, {len(rows)} {what}"
                   f"{'s' * (len(rows) != 1)}, features included)", highlight=False, markup=False)
     return 0
 
@@ -321,9 +333,12 @@ def add_cli(subparsers: Any) -> None:
     g.add_argument("--audio", action="append", metavar="FILE.wav",
                    help="a speech model's package: a PCM WAV file at its feature extractor's sampling rate, one row "
                         "each (the package's preprocessor_config.json makes its features)")
+    g.add_argument("--image", action="append", metavar="FILE",
+                   help="an image model's package (TrOCR, Donut: --task image-to-text-with-past): an image file "
+                        "Pillow reads, one row each (the package's preprocessor_config.json makes its pixels)")
     g.add_argument("--decoder-ids", metavar="ID,ID,...",
-                   help="with --audio: the decoder's first tokens (Whisper's language and task tokens) (default: the "
-                        "package's decoder start token)")
+                   help="with --audio or --image: the decoder's first tokens (Whisper's language and task tokens, "
+                        "Donut's task prompt) (default: the package's decoder start token)")
     g.add_argument("--chat", action="store_true",
                    help="each --prompt is a user message, formatted by the tokenizer's chat template for the reply")
     g.add_argument("--system", metavar="TEXT", help="with --chat: the system message before each prompt (default: none)")

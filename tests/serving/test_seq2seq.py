@@ -337,12 +337,14 @@ def test_more_families_generate_eager_peft_tokens(kind: str, tmp_path: Path) -> 
     architecture_matches_eager(tmp_path, kind)
 
 
-def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_path: Path) -> None:
+def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
     """``flora-graph export BASE --task image-to-text-with-past``: Donut's layout (a Swin encoder over windows of the
     image, an mBART decoder), two adapters; the package's greedy tokens for a batch of images equal eager
     transformers + PEFT ``generate`` on ``pixel_values``, base and each adapter. The encoder's windows put the rows
     of 16 windows in its batch, where rows cannot pick adapters: the package has no mixed-adapter encoder, says why,
-    and a batch mixing adapters is refused naming that."""
+    and a batch mixing adapters is refused naming that. ``flora-graph generate PKG --image FILE`` reads an image file
+    through the package's image processor."""
     import peft
     import transformers
 
@@ -353,6 +355,8 @@ def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_pa
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg)).eval()
     model.save_pretrained(tmp_path / "base")
+    processor = transformers.DonutImageProcessor(size={"height": 32, "width": 32}, do_align_long_axis=False)
+    processor.save_pretrained(tmp_path / "base")  # the package carries it: generate --image makes its pixels
     adapted = {}
     for name, targets in (("all", "all-linear"), ("dec", ["q_proj", "v_proj"])):
         with warnings.catch_warnings():
@@ -384,6 +388,23 @@ def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_pa
     assert rows["all"] != rows[None] and rows["dec"] != rows[None]
     with pytest.raises(ServingError, match=r"encoder\.mixed\.onnx.*its encoder has none.*batch"):
         served.generate(images.numpy(), adapters=["all", None], max_new_tokens=2)
+    # generate --image: a PNG file through the package's image processor, as transformers' processor reads it
+    from PIL import Image
+
+    page = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    page.save(tmp_path / "page.png")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "pkg"), "--image", str(tmp_path / "page.png"), "--adapter", "dec",
+                 "--max-new-tokens", "6", "--min-new-tokens", "6"]) == 0
+    pixels = processor(images=page.convert("RGB"), return_tensors="np")["pixel_values"]
+    want = served.generate(pixels, adapters="dec", max_new_tokens=6, min_new_tokens=6)[0]
+    out = capsys.readouterr().out
+    assert f"page.png (adapter dec): {' '.join(map(str, want))}" in out and "1 image, features included" in out
+    assert main(["generate", str(tmp_path / "pkg"), "--ids", "5,9"]) == 2
+    assert "an image model's package: give --image FILE" in capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "pkg"), "--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err
+    assert "ServingError" in err and "No such file" in err
 
 
 def test_a_package_without_adapters_generates_the_base(seq2seq_packages: dict[str, Path], tmp_path: Path) -> None:
