@@ -452,6 +452,11 @@ register("funnel", "encoder", encoder("FunnelConfig", "FunnelModel", vocab_size=
                                       max_position_embeddings=MAX_POS, attention_type="factorized",
                                       lora_cfg={"target_modules": ["q_head", "v_head"]}),
          "the sequence pooled between blocks (ceil-mode average, x[:-1:2] of seq + 1 positions), upsampled back")
+register("longformer", "encoder", encoder("LongformerConfig", "LongformerForSequenceClassification", pad_token_id=1,
+                                          attention_window=4, num_labels=3,
+                                          **{**SMALL, "max_position_embeddings": MAX_POS + 2}),
+         "a sliding window of 4 tokens and its first token global: one masked attention for any length "
+         "(torch.onnx fails)")
 register("mpnet", "encoder", encoder("MPNetConfig", "MPNetModel", pad_token_id=1,
                                      **{**SMALL, "max_position_embeddings": MAX_POS + 2}),
          "relative position buckets shared by the layers")

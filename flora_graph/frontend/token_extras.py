@@ -1,5 +1,5 @@
 """Inputs a token model reads beside its ids: a document model's word boxes, a web page model's XPaths, a table
-model's cell coordinates, a vision-and-language model's region features.
+model's cell coordinates, a vision-and-language model's region features, a long-document model's global tokens.
 
 Used where a model is captured from its config alone (:func:`flora_graph.model_export.load_model`, the ``flora-graph
 export`` of a model folder): each input is given where the model's ``forward`` takes it by its transformers name,
@@ -10,6 +10,8 @@ built from the config's sizes, so that the exported file takes it too (as Optimu
   config has that table (LayoutLM, LayoutLMv2/v3, LiLT), else fractions of the page in ``[0, 1]`` (BROS);
 * ``xpath_tags_seq`` / ``xpath_subs_seq`` ``[batch, seq, max_depth]`` (MarkupLM): tag and subscript ids below the
   config's ``max_xpath_tag_unit_embeddings`` / ``max_xpath_subs_unit_embeddings``;
+* ``global_attention_mask`` ``[batch, seq]`` (Longformer: 1 where a token attends and is attended by every token,
+  the first token of each row and another in every other row, so that rows hold different counts);
 * ``pixel_values`` ``[batch, channels, input_size, input_size]`` where the config embeds the page image beside the
   words (LayoutLMv3's ``visual_embed``: the image's patches join the sequence);
 * ``token_type_ids`` ``[batch, seq, len(type_vocab_sizes)]`` (TAPAS: segment, column, row, ranks ...), each below its
@@ -64,6 +66,11 @@ def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str,
     if "token_type_ids" in params and isinstance(sizes, list | tuple) and sizes:
         out["token_type_ids"] = torch.stack([torch.randint(0, int(n), (batch, seq), generator=gen) for n in sizes], -1)
         dims["token_type_ids"] = {0: "batch", 1: "seq"}
+    if "global_attention_mask" in params:  # Longformer's: its first token global, a second in every other row
+        glob = torch.zeros(batch, seq, dtype=torch.int64)
+        glob[:, 0] = 1
+        glob[::2, int(torch.randint(1, max(2, seq), (1,), generator=gen))] = 1
+        out["global_attention_mask"], dims["global_attention_mask"] = glob, {0: "batch", 1: "seq"}
     size = getattr(config, "input_size", None)
     if "pixel_values" in params and getattr(config, "visual_embed", False) is True and isinstance(size, int):
         channels = int(getattr(config, "num_channels", 3))

@@ -121,8 +121,14 @@ from flora_graph.frontend.selective_scan import (
 )
 from flora_graph.frontend.state_forwards import state_forward
 from flora_graph.frontend.token_context import is_token_context_embedding, token_context_forward
+from flora_graph.frontend.windowed_attention import (
+    is_padded_to_windows,
+    is_windowed_attention,
+    unpadded_windows,
+    windowed_attention_forward,
+)
 
-__all__ = ["MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_layers", "sized_len",
+__all__ = ["METHOD_SWAPS", "MODULE_SWAPS", "SWAPS", "TRACEABLE_EXPERTS", "broadcast_masks", "merged_peft_layers", "sized_len",
            "traceable_experts", "traceable_modules", "traceable_scans"]
 
 SWAPS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
@@ -437,30 +443,42 @@ MODULE_SWAPS: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str]
     (is_recurrent_block, recurrent_block_forward),
     (lambda module: "forward" not in vars(module) and state_forward(module) is not None,
      lambda module, path: state_forward(module).forward(module)),
+    (is_windowed_attention, windowed_attention_forward),
 )
 """(which modules, the forward they take instead, made from the module and its path in the model) for
 :func:`traceable_modules`: DeepSeek Sparse Attention's indexers, Kolibri 1.1's pooled indexers, Qwen4-Exp's QSA
 indexers and n-gram embeddings, MiniMax's lightning attention, Zamba's multi-head
 Mamba mixers, RecurrentGemma's recurrent blocks, RWKV and xLSTM causal LMs (one whose forward the cache export has
-given it already keeps that one)."""
+given it already keeps that one), Longformer's and LED's windowed attention."""
+
+METHOD_SWAPS: tuple[tuple[Callable[[nn.Module], bool], str, Callable[[nn.Module, str], Callable[..., Any]]], ...] = (
+    (is_padded_to_windows, "_pad_to_window_size", unpadded_windows),
+)
+"""(which modules, the method swapped, the method they take instead) for :func:`traceable_modules`: Longformer's and
+LED's padding to whole windows, which the masked form of their attention does not need."""
 
 
 @contextlib.contextmanager
 def traceable_modules(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, every module of ``model`` that a predicate of :data:`MODULE_SWAPS` picks runs that entry's
-    forward (see the module's docstring); yields their paths. Restored on exit."""
+    forward, and one that :data:`METHOD_SWAPS` picks that entry's method (see the module's docstring); yields their
+    paths. Restored on exit."""
     swapped = []
     for path, module in model.named_modules():
         for picks, forward in MODULE_SWAPS:
             if picks(module):
                 module.forward = forward(module, path)  # an instance attribute: deleted on exit
-                swapped.append((path, module))
+                swapped.append((path, module, "forward"))
                 break
+        for picks, name, method in METHOD_SWAPS:
+            if picks(module):
+                setattr(module, name, method(module, path))
+                swapped.append((path, module, name))
     try:
-        yield [path for path, _ in swapped]
+        yield list(dict.fromkeys(path for path, _, _ in swapped))
     finally:
-        for _, module in swapped:
-            del module.forward
+        for _, module, name in swapped:
+            delattr(module, name)
 
 
 @contextlib.contextmanager

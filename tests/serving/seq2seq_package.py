@@ -217,6 +217,10 @@ ARCHITECTURES = {
     "moonshine": ("MoonshineConfig", "MoonshineForConditionalGeneration",
                   dict(vocab_size=100, hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=2,
                        decoder_num_hidden_layers=2, encoder_num_attention_heads=4, decoder_num_attention_heads=4)),
+    # Longformer's windowed attention in its encoder (windows of 4 tokens, shorter than the prompts), no global token
+    "led": ("LEDConfig", "LEDForConditionalGeneration",
+            dict(vocab_size=100, max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
+                 attention_window=4, **_E)),
     # vision encoder-decoders on 32x32 images: TrOCR's (a ViT encoder, TrOCR's decoder) and Donut's (a Swin encoder,
     # an mBART decoder); weights drawn wider than the checkpoints', so that greedy decoding does not repeat one token
     "trocr": ("VisionEncoderDecoderConfig", "VisionEncoderDecoderModel",

@@ -340,8 +340,8 @@ def test_more_families_generate_eager_peft_tokens(kind: str, tmp_path: Path) -> 
 def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     """``flora-graph export BASE --task image-to-text-with-past``: Donut's layout (a Swin encoder over windows of the
-    image, an mBART decoder), two adapters; the package's greedy tokens for a batch of images equal eager
-    transformers + PEFT ``generate`` on ``pixel_values``, base and each adapter. The encoder's windows put the rows
+    image, an mBART decoder), an adapter on every Linear; the package's greedy tokens for a batch of images equal eager
+    transformers + PEFT ``generate`` on ``pixel_values``, base and adapter. The encoder's windows put the rows
     of 16 windows in its batch, where rows cannot pick adapters: the package has no mixed-adapter encoder, says why,
     and a batch mixing adapters is refused naming that. ``flora-graph generate PKG --image FILE`` reads an image file
     through the package's image processor."""
@@ -358,7 +358,7 @@ def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_pa
     processor = transformers.DonutImageProcessor(size={"height": 32, "width": 32}, do_align_long_axis=False)
     processor.save_pretrained(tmp_path / "base")  # the package carries it: generate --image makes its pixels
     adapted = {}
-    for name, targets in (("all", "all-linear"), ("dec", ["q_proj", "v_proj"])):
+    for name, targets in (("all", "all-linear"),):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             one = peft.get_peft_model(getattr(transformers, model_cls).from_pretrained(tmp_path / "base"),
@@ -369,7 +369,7 @@ def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["export", str(tmp_path / "base"), "--task", "image-to-text-with-past", "--adapter",
-                     f"all={tmp_path / 'all'}", "--adapter", f"dec={tmp_path / 'dec'}", "--out",
+                     f"all={tmp_path / 'all'}", "--out",
                      str(tmp_path / "pkg")]) == 0
     doc = json.loads((tmp_path / "pkg" / SEQ2SEQ_CONFIG).read_text())
     assert doc["main_input"] == "pixel_values" and doc["feature_shape"] == [3, 32, 32]
@@ -378,14 +378,14 @@ def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_pa
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     settings = dict(max_new_tokens=NEW, min_new_tokens=NEW)
     rows = {}
-    for name in (None, "all", "dec"):
+    for name in (None, "all"):
         rows[name] = served.generate(images.numpy(), adapters=name, num_beams=1, **settings)
         eager = adapted[name or "all"]  # the base: PEFT's model with its adapter off
         with torch.no_grad(), warnings.catch_warnings(), (eager.disable_adapter() if name is None else nullcontext()):
             warnings.simplefilter("ignore")
             want = eager.generate(pixel_values=images, do_sample=False, num_beams=1, **settings)
         assert rows[name] == [r[-NEW:] for r in want.tolist()], name
-    assert rows["all"] != rows[None] and rows["dec"] != rows[None]
+    assert rows["all"] != rows[None]
     with pytest.raises(ServingError, match=r"encoder\.mixed\.onnx.*its encoder has none.*batch"):
         served.generate(images.numpy(), adapters=["all", None], max_new_tokens=2)
     # generate --image: a PNG file through the package's image processor, as transformers' processor reads it
@@ -394,12 +394,12 @@ def test_an_image_to_text_package_from_the_cli_reads_images_as_eager_peft(tmp_pa
     page = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
     page.save(tmp_path / "page.png")
     capsys.readouterr()
-    assert main(["generate", str(tmp_path / "pkg"), "--image", str(tmp_path / "page.png"), "--adapter", "dec",
+    assert main(["generate", str(tmp_path / "pkg"), "--image", str(tmp_path / "page.png"), "--adapter", "all",
                  "--max-new-tokens", "6", "--min-new-tokens", "6"]) == 0
     pixels = processor(images=page.convert("RGB"), return_tensors="np")["pixel_values"]
-    want = served.generate(pixels, adapters="dec", max_new_tokens=6, min_new_tokens=6)[0]
+    want = served.generate(pixels, adapters="all", max_new_tokens=6, min_new_tokens=6)[0]
     out = capsys.readouterr().out
-    assert f"page.png (adapter dec): {' '.join(map(str, want))}" in out and "1 image, features included" in out
+    assert f"page.png (adapter all): {' '.join(map(str, want))}" in out and "1 image, features included" in out
     assert main(["generate", str(tmp_path / "pkg"), "--ids", "5,9"]) == 2
     assert "an image model's package: give --image FILE" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "pkg"), "--image", str(tmp_path / "missing.png")]) == 2
