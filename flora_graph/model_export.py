@@ -104,7 +104,7 @@ class ExportReport:
     summary: str
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     max_abs_diff: float = float("nan")
-    tolerance: float = 1e-4  # 1e-4 of the largest reference value, where that is above 1 (a depth map's metres)
+    tolerance: float = PARITY_TOLERANCE  # of the largest reference value, where that is above 1 (a depth map's metres)
 
     @property
     def ok(self) -> bool:
