@@ -69,7 +69,8 @@ def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str,
     if "global_attention_mask" in params:  # Longformer's: its first token global, a second in every other row
         glob = torch.zeros(batch, seq, dtype=torch.int64)
         glob[:, 0] = 1
-        glob[::2, int(torch.randint(1, max(2, seq), (1,), generator=gen))] = 1
+        if seq > 1:
+            glob[::2, int(torch.randint(1, seq, (1,), generator=gen))] = 1
         out["global_attention_mask"], dims["global_attention_mask"] = glob, {0: "batch", 1: "seq"}
     size = getattr(config, "input_size", None)
     if "pixel_values" in params and getattr(config, "visual_embed", False) is True and isinstance(size, int):

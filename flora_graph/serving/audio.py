@@ -17,7 +17,7 @@ import numpy as np
 
 from flora_graph.serving.errors import ServingError
 
-__all__ = ["PREPROCESSOR_FILE", "read_wav", "speech_inputs"]
+__all__ = ["PREPROCESSOR_FILE", "package_preprocessor", "read_wav", "speech_inputs"]
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 """The feature extractor's settings in a package (as transformers saves them)."""
@@ -51,21 +51,28 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(samples, np.float32), int(rate)
 
 
+def package_preprocessor(package: Path, auto: Any, what: str, inputs: str) -> Any:
+    """The preprocessor ``package`` carries (``preprocessor_config.json``), loaded by ``auto`` (transformers'
+    ``AutoFeatureExtractor`` or ``AutoImageProcessor``; ``what`` names it, ``inputs`` what it reads). Raises
+    :class:`ServingError` for a package without one, or with settings ``auto`` cannot load."""
+    if not (package / PREPROCESSOR_FILE).is_file():
+        raise ServingError(f"{package} has no {PREPROCESSOR_FILE} (the model folder's {what} settings), so {inputs} "
+                           "cannot be turned into its encoder's inputs; export from a folder that has it")
+    try:
+        return auto.from_pretrained(package, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServingError(f"{package / PREPROCESSOR_FILE}: not {what} settings ({exc})") from None
+
+
 def speech_inputs(package: str | Path, main_input: str, samples: np.ndarray, rate: int, *, what: str = "audio"
                   ) -> np.ndarray:
     """The encoder input ``main_input`` (``input_features`` or ``input_values``) of one recording, ``[1, ...]``, by
     the feature extractor of ``package``. Raises :class:`ServingError` for a package without one, or a recording
     (``what`` names it) at another sampling rate than the extractor's."""
-    package = Path(package)
-    if not (package / PREPROCESSOR_FILE).is_file():
-        raise ServingError(f"{package} has no {PREPROCESSOR_FILE} (the model folder's feature extractor settings), "
-                           "so audio cannot be turned into its encoder's inputs; export from a folder that has it")
     from transformers import AutoFeatureExtractor
 
-    try:
-        extractor: Any = AutoFeatureExtractor.from_pretrained(package, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ServingError(f"{package / PREPROCESSOR_FILE}: not a feature extractor's settings ({exc})") from None
+    package = Path(package)
+    extractor = package_preprocessor(package, AutoFeatureExtractor, "feature extractor", "audio")
     want = int(getattr(extractor, "sampling_rate", rate))
     if rate != want:
         raise ServingError(f"{what}: sampled at {rate} Hz; {package}'s feature extractor takes {want} Hz "

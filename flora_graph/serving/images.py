@@ -8,11 +8,10 @@ rescaling and normalization) over it, giving the encoder's ``pixel_values`` ``[1
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from flora_graph.serving.audio import PREPROCESSOR_FILE
+from flora_graph.serving.audio import package_preprocessor
 from flora_graph.serving.errors import ServingError
 
 __all__ = ["image_inputs"]
@@ -22,17 +21,11 @@ def image_inputs(package: str | Path, main_input: str, path: str | Path) -> np.n
     """The encoder input ``main_input`` (``pixel_values``) of the image file ``path``, ``[1, ...]``, by the image
     processor of ``package``. Raises :class:`ServingError` for a package without one, or a file (named) that is
     missing or no image Pillow reads."""
-    package, path = Path(package), Path(path)
-    if not (package / PREPROCESSOR_FILE).is_file():
-        raise ServingError(f"{package} has no {PREPROCESSOR_FILE} (the model folder's image processor settings), so "
-                           "images cannot be turned into its encoder's inputs; export from a folder that has it")
     from PIL import Image, UnidentifiedImageError
     from transformers import AutoImageProcessor
 
-    try:
-        processor: Any = AutoImageProcessor.from_pretrained(package, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ServingError(f"{package / PREPROCESSOR_FILE}: not an image processor's settings ({exc})") from None
+    package, path = Path(package), Path(path)
+    processor = package_preprocessor(package, AutoImageProcessor, "image processor", "images")
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
