@@ -1297,8 +1297,8 @@ def _is_size_check(n: torch.fx.Node) -> bool:
     """A comparison of sizes that only runtime assertions read (``_assert_scalar(ge(u0, 0))``), or nothing: no tensor; or a
     tensor's value read as a number that only such checks read (XLM's and Flaubert's ``assert lengths.max().item()
     <= slen``), or a tensor's truth read so (``torch._check_tensor_all(cond)``, transformers'
-    ``torch_compilable_check``: ``_is_all_true``, ``item``, ``sym_ite``, ``_assert_scalar``, RT-DETR's check that its levels' sizes
-    add up to the encoder's length): the check holds for every input eager takes, and the graph keeps no Python
+    ``torch_compilable_check``: ``_is_all_true``, ``item``, ``sym_ite``, ``_assert_scalar``; RT-DETR's check that its
+    levels' sizes add up to the encoder's length): the check holds for every input eager takes, and the graph keeps no Python
     assertion."""
     if n.target in _READS_A_NUMBER:
         return isinstance(n.meta.get("val"), torch.SymInt | torch.SymBool) and bool(n.users) \

@@ -53,8 +53,8 @@ class Seq2SeqLayout:
     cross_head_dim]``. ``main_input``: ``"input_ids"`` (text, with ``attention_mask``), ``"input_features"`` or
     ``"input_values"`` (speech: a row's shape is ``feature_shape``, ``None`` where it is free: Whisper's fixed
     ``[mel_bins, frames]``, Speech2Text's ``[frames, features]``, Moonshine's samples), or ``"pixel_values"`` (a
-    vision encoder-decoder's images, TrOCR's and Donut's: ``[channels, height, width]`` at the encoder's image size). ``encoder_mask``: whether the
-    decoder reads the encoder's mask (only text inputs are padded)."""
+    vision encoder-decoder's images, TrOCR's and Donut's: ``[channels, height, width]`` at the encoder's image
+    size). ``encoder_mask``: whether the decoder reads the encoder's mask (only text inputs are padded)."""
 
     layers: int
     heads: int

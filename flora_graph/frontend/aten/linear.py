@@ -1,6 +1,7 @@
 """ATen converters that emit the linear family (``Linear``, ``MatMul``, ``Conv2d``).
 
-``linear`` -> ``Linear`` (by a 1-D weight: a ``Linear`` of one output, squeezed); ``matmul``/``mm``/``bmm`` -> ``MatMul``, except ``x @ W.T`` with ``W`` a
+``linear`` -> ``Linear`` (by a 1-D weight: a ``Linear`` of one output, squeezed); ``matmul``/``mm``/``bmm`` ->
+``MatMul``, except ``x @ W.T`` with ``W`` a
 2-D weight and ``x`` of rank 2 or more, the ``Linear(x, W)`` it is, and a 1-D weight ``b`` then added to that
 product alone (``add``, converted in :mod:`~flora_graph.frontend.aten.elementwise`) is folded in as
 its bias, ``Linear(x, W, b)``: a ``Linear`` subclass that multiplies instead of calling ``F.linear``
