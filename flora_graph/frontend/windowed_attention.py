@@ -20,6 +20,7 @@ to whole windows (the swap of ``_pad_to_window_size`` pads nothing), and for any
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -60,21 +61,19 @@ def windowed_attention_forward(module: nn.Module, path: str = "") -> Callable[..
         low = torch.finfo(hidden_states.dtype).min
         padding, glob = attention_mask < 0, attention_mask > 0
         local = ~padding & ~glob
+
+        def attend(query: nn.Module, key: nn.Module, value: nn.Module, keep: torch.Tensor) -> torch.Tensor:
+            """Every query over the keys ``keep`` (``[batch, query or 1, key]``) allows it; padding queries zero."""
+            q = split(query(hidden_states) / math.sqrt(dim))
+            scores = torch.matmul(q, split(key(hidden_states)).transpose(-1, -2)).masked_fill(~keep[:, None], low)
+            probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores)
+            return torch.matmul(probs.masked_fill(padding[:, None, :, None], 0.0), split(value(hidden_states)))
+
         pos = torch.arange(seq, device=hidden_states.device)
         band = (pos[:, None] - pos[None, :]).abs() <= window  # [query, key]
-        allowed = (band[None] & local[:, None, :]) | glob[:, None, :]  # [batch, query, key]
-        q = split(module.query(hidden_states) / math.sqrt(dim))
-        scores = torch.matmul(q, split(module.key(hidden_states)).transpose(-1, -2))
-        scores = scores.masked_fill(~allowed[:, None], low)
-        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores)
-        probs = probs.masked_fill(padding[:, None, :, None], 0.0)
-        out = torch.matmul(probs, split(module.value(hidden_states)))
+        out = attend(module.query, module.key, module.value, (band[None] & local[:, None, :]) | glob[:, None, :])
         # the global tokens' own pass: every key that is not padding, with the global projections
-        qg = split(module.query_global(hidden_states) / math.sqrt(dim))
-        scores_g = torch.matmul(qg, split(module.key_global(hidden_states)).transpose(-1, -2))
-        scores_g = scores_g.masked_fill(padding[:, None, None, :], low)
-        probs_g = nn.functional.softmax(scores_g, dim=-1, dtype=torch.float32).type_as(scores_g)
-        out_g = torch.matmul(probs_g, split(module.value_global(hidden_states)))
+        out_g = attend(module.query_global, module.key_global, module.value_global, ~padding[:, None, :])
         out = torch.where(glob[:, None, :, None], out_g, out)
         return (out.transpose(1, 2).reshape(batch, seq, heads * dim),)
 
@@ -88,18 +87,13 @@ def is_padded_to_windows(module: nn.Module) -> bool:
 
 
 def unpadded_windows(module: nn.Module, path: str = "") -> Callable[..., tuple[Any, ...]]:
-    """``module``'s ``_pad_to_window_size`` that pads nothing: ``(0, *its inputs)`` in the order it returns them
-    (Longformer's ids, mask, token types, positions, embeddings; LED's ids, mask, embeddings)."""
-    longformer = type(module).__name__ == "LongformerModel"
+    """``module``'s ``_pad_to_window_size`` that pads nothing: ``(0, *its inputs but pad_token_id)``, the order it
+    returns them in (Longformer's ids, mask, token types, positions, embeddings; LED's ids, mask, embeddings)."""
+    signature = inspect.signature(module._pad_to_window_size)
+    returned = [name for name in signature.parameters if name != "pad_token_id"]
 
-    def pad(input_ids: Any = None, attention_mask: Any = None, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        if longformer:
-            token_type_ids, position_ids, inputs_embeds = (list(args) + [None] * 3)[:3]
-            token_type_ids = kwargs.get("token_type_ids", token_type_ids)
-            position_ids = kwargs.get("position_ids", position_ids)
-            inputs_embeds = kwargs.get("inputs_embeds", inputs_embeds)
-            return 0, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
-        inputs_embeds = kwargs.get("inputs_embeds", args[0] if args else None)
-        return 0, input_ids, attention_mask, inputs_embeds
+    def pad(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        given = signature.bind(*args, **kwargs).arguments
+        return (0, *(given.get(name) for name in returned))
 
     return pad
