@@ -245,7 +245,7 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     with torch.no_grad():
         try:
             out = model(**example)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
             raise ModelFolderError(
                 f"{arch} does not run on the inputs flora-graph export builds for it ({', '.join(example)}): "
                 f"{type(exc).__name__}: {exc}; capture it from Python with inputs of its own "

@@ -1,5 +1,6 @@
 """Inputs a token model reads beside its ids: a document model's word boxes, a web page model's XPaths, a table
-model's cell coordinates, a vision-and-language model's region features, a long-document model's global tokens.
+model's cell coordinates, a vision-and-language model's region features, a long-document model's global tokens, a
+contrastive text-and-image (audio, video) model's images.
 
 Used where a model is captured from its config alone (:func:`flora_graph.model_export.load_model`, the ``flora-graph
 export`` of a model folder): each input is given where the model's ``forward`` takes it by its transformers name,
@@ -17,7 +18,13 @@ built from the config's sizes, so that the exported file takes it too (as Optimu
 * ``token_type_ids`` ``[batch, seq, len(type_vocab_sizes)]`` (TAPAS: segment, column, row, ranks ...), each below its
   own ``type_vocab_sizes`` entry;
 * ``visual_feats`` ``[batch, boxes, visual_feat_dim]`` and ``visual_pos`` ``[batch, boxes, visual_pos_dim]``
-  (LXMERT: detected regions' features and boxes), the regions a dim of their own, ``"boxes"``.
+  (LXMERT: detected regions' features and boxes), the regions a dim of their own, ``"boxes"``;
+* the images, videos or audio of a contrastive model, one that scores every text against every image (its
+  ``forward`` takes ``return_loss``: CLIP, SigLIP, ALIGN, AltCLIP, Chinese-CLIP, BLIP, CLIPSeg, GroupViT, MetaCLIP 2,
+  OWL-ViT, X-CLIP, ...): ``pixel_values`` (``pixel_values_videos``, ``input_features``, ``input_values``) as
+  :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds them from the config's ``vision_config``
+  (``video_config``, ``audio_config``), their count a dim of their own (``"images"``, ``"videos"``, ``"audio"``), other
+  than the texts' (``logits_per_image`` is ``[images, batch]``), as Optimum's exports of these models take them.
 """
 
 from __future__ import annotations
@@ -27,7 +34,13 @@ from typing import Any
 
 import torch
 
+from flora_graph.frontend.signal_inputs import signal_inputs
+
 __all__ = ["token_extras"]
+
+_PAIRED = {"pixel_values": ("vision_config", "images"), "pixel_values_videos": ("video_config", "videos"),
+           "input_features": ("audio_config", "audio"), "input_values": ("audio_config", "audio")}
+"""A contrastive model's signal inputs: ``{input: (the config of its tower, the dim of their count)}``."""
 
 _BOX_SCALE = 1000
 """The coordinate scale document processors (LayoutLM's, LayoutLMv3's, LiLT's) normalize word boxes to."""
@@ -82,4 +95,25 @@ def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str,
         out["visual_feats"] = torch.randn(batch, boxes, feat, generator=gen)
         out["visual_pos"] = torch.rand(batch, boxes, pos, generator=gen)
         dims["visual_feats"] = dims["visual_pos"] = {0: "batch", 1: "boxes"}
+    if "return_loss" in params:  # a contrastive model: its images (audio, videos) beside the texts
+        for name, (tensor, named) in _paired_signals(model, params, batch).items():
+            out[name], dims[name] = tensor, named
     return out, dims
+
+
+def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
+    """A contrastive model's signal inputs (see the module's docstring) beside ``batch`` texts: ``{input: (tensor,
+    dims)}``, a count of signals other than ``batch`` (2 beside 3 texts, else 3), so that an export cannot take the
+    two counts for one."""
+    config, arch = model.config, type(model).__name__
+    found: dict[str, tuple[torch.Tensor, dict[int, str]]] = {}
+    for name, (part, count) in _PAIRED.items():
+        sub = getattr(config, part, None)
+        if name not in params or sub is None:
+            continue
+        built = signal_inputs(sub, arch, name)
+        if built is None:
+            continue
+        two, dims, three = built  # 2 signals and 3
+        found[name] = (two if batch == 3 else three)[name], {**dims[name], 0: count}
+    return found
