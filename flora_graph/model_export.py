@@ -146,7 +146,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     check input pads its first row) and, for an encoder with segment embeddings (BERT), ``token_type_ids``; an
     encoder-decoder model (T5, BART, Whisper, ...) takes ``decoder_input_ids`` ``[batch, dec_seq]`` too; a document,
     web page, table or vision-and-language model the inputs it reads beside its ids (word boxes ``bbox``, MarkupLM's
-    XPaths, TAPAS' cell coordinates, LXMERT's regions: :func:`~flora_graph.frontend.token_extras.token_extras`).
+    XPaths, TAPAS' cell coordinates, LXMERT's regions; a contrastive text-and-image model's images, counted by a dim
+    ``images`` of their own: :func:`~flora_graph.frontend.token_extras.token_extras`).
     Its outputs are named as transformers names them (``logits``, ``last_hidden_state``,
     ``pooler_output``: ``spec.output_names``). A multiple-choice head (``BertForMultipleChoice``) takes each token
     input as ``[batch, choices, seq]``, all three dynamic. Where the config has ``max_position_embeddings`` (BERT, GPT-2,
