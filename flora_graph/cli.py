@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default="default",
                    help="a folder with config.json + safetensors (a token, image, video or audio model: it takes "
                         "input_ids, pixel_values, pixel_values_videos, input_values or input_features; a contrastive one such "
-                        "as CLIP takes input_ids and pixel_values), or 'default' (the built-in decoder)")
+                        "as CLIP takes input_ids and pixel_values; a sentence-transformers folder exports with its "
+                        "pooling: sentence_embedding out), or 'default' (the built-in decoder)")
     e.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
                    help="a PEFT adapter folder (adapter_config.json + safetensors): LoRA (DoRA too) or AdaLoRA, or "
                         "for the default task one of PEFT's other weight adapters (IA3, LoHa, LoKr, VeRA, OFT, BOFT, "

@@ -26,6 +26,7 @@ from flora_graph.errors import AdapterError, FloraGraphError, ModelFolderError
 from flora_graph.frontend import capture, max_abs_diff, output_tensors
 from flora_graph.frontend.causal_lm import scan_chunk
 from flora_graph.frontend.model_outputs import output_names, set_use_cache
+from flora_graph.frontend.sentence_embedding import SentenceEmbedding, sentence_modules, transformer_folder
 from flora_graph.frontend.seq2seq_lm import vocab_size
 from flora_graph.frontend.signal_inputs import signal_inputs
 from flora_graph.frontend.token_extras import token_extras
@@ -87,6 +88,7 @@ class ModelSpec:
     name: str
     dim_max: dict[str, int] = field(default_factory=dict)
     output_names: list[str] | None = None  # a transformers model's: logits, last_hidden_state, pooler_output, ...
+    adapter_root: str = ""  # the submodule a PEFT adapter installs on (a sentence-transformers pipeline's model)
 
 
 PARITY_TOLERANCE = 1e-4
@@ -168,9 +170,13 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         from flora_graph.models import build_demo_model, demo_inputs
 
         return ModelSpec(build_demo_model(), demo_inputs(2), {"image": {0: "batch"}}, demo_inputs(3, seed=1), "demo")
-    model = load_transformers(source)
+    weights = transformer_folder(source)  # a sentence-transformers folder: its transformer's (often the folder itself)
+    model = load_transformers(weights or source)
     arch, config = type(model).__name__, model.config
     set_use_cache(model, False)  # logits only: no key/value cache outputs (capture drops them too)
+    if weights is not None:  # the whole pipeline, pooling included, which reads the attention mask
+        return _token_spec(SentenceEmbedding(model, sentence_modules(source)), f"SentenceEmbedding_{arch}", True,
+                           adapter_root="model")
     main = getattr(model, "main_input_name", "input_ids")
     if main == "inputs" and "input_ids" in inspect.signature(model.forward).parameters:
         main = "input_ids"  # Perceiver's text models: a generic input that takes token ids by that name too
@@ -200,6 +206,13 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
                     raise exc from None  # neither layout: the first one's error
             names_out = output_names(out, example)
         return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
+    return _token_spec(model, arch, attention_mask)
+
+
+def _token_spec(model: nn.Module, arch: str, attention_mask: bool, adapter_root: str = "") -> ModelSpec:
+    """:func:`load_model`'s spec of a model that takes token ids (named ``arch``; ``adapter_root``: the submodule a
+    PEFT adapter installs on)."""
+    config = model.config
     takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
     if attention_mask and not takes_mask:
         raise FloraGraphError(f"{arch}.forward takes no attention_mask")
@@ -252,7 +265,7 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
                 f"{type(exc).__name__}: {exc}; capture it from Python with inputs of its own "
                 "(flora_graph.model_export.export_model of a ModelSpec)") from exc
         names_out = output_names(out, example)
-    return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
+    return ModelSpec(model, example, dims, check, arch, dim_max, names_out, adapter_root)
 
 
 def _renamed(built: tuple[dict, dict, dict] | None, old: str, new: str) -> tuple[dict, dict, dict] | None:
@@ -474,7 +487,7 @@ def export_model(
     if preset not in PRESETS:
         raise FloraGraphError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if isinstance(source, str | Path) and str(source) not in ("default", "demo-cnn"):
-        check_model_folder(source)
+        check_model_folder(transformer_folder(source) or source)  # a sentence-transformers folder: its transformer's
     adapter_cfg = check_adapter_folder(adapter) if adapter is not None else {}
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -494,14 +507,20 @@ def export_model(
 
         say(f"installing the PEFT adapter {adapter}")
         model = copy.deepcopy(model)
-        fit_vocab(model, Path(adapter), say)  # a fine-tune that added tokens: the model takes its vocabulary
+        target = model.get_submodule(spec.adapter_root)  # the transformers model, whose module names the adapter uses
+        fit_vocab(target, Path(adapter), say)  # a fine-tune that added tokens: the model takes its vocabulary
         # DoRA, LoRA on expert tensors, trainable tokens, AdaLoRA, the other adapter types: PEFT's own layers
         if needs_peft_layers(adapter_cfg):
-            model = peft_installed(model, Path(adapter), "load").eval()
+            target = peft_installed(target, Path(adapter), "load").eval()
             if preset == "merged":  # DoRA's m * (W + s B A) / ||W + s B A||, each expert's W + s B_e A_e: once, by PEFT
-                model = merge_peft(model)
+                target = merge_peft(target)
+            if spec.adapter_root:
+                parent, _, leaf = spec.adapter_root.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, target)
+            else:
+                model = target
         else:
-            load_peft_adapter(model, adapter)
+            load_peft_adapter(target, adapter)
     seconds["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say("capturing with torch.export")
