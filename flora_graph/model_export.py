@@ -195,15 +195,15 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
         with torch.no_grad():
             try:
                 out = model(**example)
-            except (RuntimeError, ValueError) as exc:
+            except _RUN_ERRORS as exc:
                 other = _other_layout(main, example, check, dims)
                 if other is None:
-                    raise
-                example, check, dims = other
+                    raise _does_not_run(arch, example, exc) from exc
+                first, (example, check, dims) = example, other
                 try:
                     out = model(**example)
-                except (RuntimeError, ValueError):
-                    raise exc from None  # neither layout: the first one's error
+                except _RUN_ERRORS:
+                    raise _does_not_run(arch, first, exc) from exc  # neither layout: the first one's error
             names_out = output_names(out, example)
         return ModelSpec(model, example, dims, check, arch, dim_max, names_out)
     return _token_spec(model, arch, attention_mask)
@@ -259,13 +259,22 @@ def _token_spec(model: nn.Module, arch: str, attention_mask: bool, adapter_root:
     with torch.no_grad():
         try:
             out = model(**example)
-        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
-            raise ModelFolderError(
-                f"{arch} does not run on the inputs flora-graph export builds for it ({', '.join(example)}): "
-                f"{type(exc).__name__}: {exc}; capture it from Python with inputs of its own "
-                "(flora_graph.model_export.export_model of a ModelSpec)") from exc
+        except _RUN_ERRORS as exc:
+            raise _does_not_run(arch, example, exc) from exc
         names_out = output_names(out, example)
     return ModelSpec(model, example, dims, check, arch, dim_max, names_out, adapter_root)
+
+
+_RUN_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError)
+"""What a model raises in eager torch on example inputs it does not take (a missing input, a wrong layout)."""
+
+
+def _does_not_run(arch: str, example: dict[str, torch.Tensor], exc: BaseException) -> ModelFolderError:
+    """The error of a model ``arch`` that raised ``exc`` on the ``example`` inputs :func:`load_model` built for it."""
+    shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in example.items())
+    return ModelFolderError(f"{arch} does not run on the inputs flora-graph export builds for it ({shapes}): "
+                            f"{type(exc).__name__}: {exc}; capture it from Python with inputs of its own "
+                            "(flora_graph.model_export.export_model of a ModelSpec)")
 
 
 def _renamed(built: tuple[dict, dict, dict] | None, old: str, new: str) -> tuple[dict, dict, dict] | None:

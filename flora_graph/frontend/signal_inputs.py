@@ -18,6 +18,10 @@ _VIDEO_PREFIXES = ("Vivit", "Timesformer")
 """Video models whose class name does not say so (VideoMAE's and VideoPrism's do): their ``pixel_values`` are
 ``[batch, frames, channels, height, width]``. X-CLIP's vision model has ``num_frames`` too, but takes frames as images."""
 
+_VIDEO_CLASSES = ("XCLIPModel",)
+"""Models whose ``pixel_values`` are videos though their class name does not say so: X-CLIP's text-and-video model
+(its vision config's ``num_frames`` frames a video)."""
+
 
 def _size(config: Any) -> tuple[int, int]:
     """An image model's input height and width: its config's ``image_size`` (an int, a pair or a
@@ -59,7 +63,7 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
                                                                         None) or 3)
         frames = next((f for c in (config, getattr(config, "vision_config", None)) for k in ("num_frames", "frames_per_clip")
                        if isinstance(f := getattr(c, k, None), int)), None)
-        video = "Video" in arch or arch.startswith(_VIDEO_PREFIXES) or main == "pixel_values_videos"
+        video = "Video" in arch or arch.startswith(_VIDEO_PREFIXES) or arch in _VIDEO_CLASSES or main == "pixel_values_videos"
         lead = (int(frames),) if isinstance(frames, int) and video else ()
         make = lambda b: {main: randn(b, *lead, channels, h, w)}  # noqa: E731
         return make(2), {main: {0: "batch"}}, make(3)

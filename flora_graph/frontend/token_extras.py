@@ -115,5 +115,8 @@ def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torc
         if built is None:
             continue
         two, dims, three = built  # 2 signals and 3
-        found[name] = (two if batch == 3 else three)[name], {**dims[name], 0: count}
+        tensor = (two if batch == 3 else three)[name]
+        if name == "pixel_values" and tensor.dim() == 5:  # X-CLIP's: videos [count, frames, channels, height, width]
+            count = "videos"
+        found[name] = tensor, {**dims[name], 0: count}
     return found

@@ -91,5 +91,32 @@ def test_a_contrastive_model_without_its_images_is_a_typed_error_naming_it(tmp_p
     base_dir = _folders("clip", tmp_path)[0]
     monkeypatch.setattr(extras_module, "_paired_signals", lambda *a, **k: {})
     with pytest.raises(ModelFolderError, match=r"CLIPModel does not run on the inputs flora-graph export builds for "
-                                               r"it \(input_ids\)"):
+                                               r"it \(input_ids \[2, 8\]\)"):
         load_model(base_dir)
+
+
+def test_a_text_and_video_model_takes_videos_counted_apart(tmp_path: Path) -> None:
+    """X-CLIP: its ``pixel_values`` are videos, ``[videos, frames, 3, height, width]``, scored against every text."""
+    cfg = transformers.XCLIPConfig(text_config=TEXT, projection_dim=32, prompt_layers=1, prompt_attention_heads=2,
+                                   vision_config=dict(VISION, num_frames=4, mit_hidden_size=32, mit_intermediate_size=48,
+                                                      mit_num_hidden_layers=1, mit_num_attention_heads=2))
+    torch.manual_seed(0)
+    model = transformers.XCLIPModel(cfg).eval()
+    model.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapted = peft.get_peft_model(model, lora).eval()
+    adapted.save_pretrained(tmp_path / "adapter")
+    report = export_model(tmp_path / "base", tmp_path / "m.onnx", adapter=tmp_path / "adapter")
+    assert report.ok, report.max_abs_diff
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    assert {i.name: i.shape for i in sess.get_inputs()}["pixel_values"] == ["videos", 4, 3, 32, 32]
+    shapes = {o.name: o.shape for o in sess.get_outputs()}
+    assert shapes["logits_per_video"] == ["videos", "batch"]
+    gen = torch.Generator().manual_seed(5)
+    inputs = {"input_ids": torch.randint(0, 99, (4, 6), generator=gen),
+              "pixel_values": torch.randn(1, 4, 3, 32, 32, generator=gen)}
+    got = sess.run(["logits_per_video"], {n: t.numpy() for n, t in inputs.items()})[0]
+    with torch.no_grad():
+        want = adapted(**inputs).logits_per_video.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
