@@ -23,8 +23,9 @@ built from the config's sizes, so that the exported file takes it too (as Optimu
   ``forward`` takes ``return_loss``: CLIP, SigLIP, ALIGN, AltCLIP, Chinese-CLIP, BLIP, CLIPSeg, GroupViT, MetaCLIP 2,
   OWL-ViT, X-CLIP, ...): ``pixel_values`` (``pixel_values_videos``, ``input_features``, ``input_values``) as
   :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds them from the config's ``vision_config``
-  (``video_config``, ``audio_config``), their count a dim of their own (``"images"``, ``"videos"``, ``"audio"``), other
-  than the texts' (``logits_per_image`` is ``[images, batch]``), as Optimum's exports of these models take them.
+  (``video_config``, ``audio_config``), their count a dim of their own (``"images"``, ``"videos"``, ``"audio"``; X-CLIP's
+  ``pixel_values`` are videos, ``"videos"``), other than the texts' (``logits_per_image`` is ``[images, batch]``), as
+  Optimum's exports of these models take them.
 """
 
 from __future__ import annotations
