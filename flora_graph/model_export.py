@@ -180,6 +180,9 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     main = getattr(model, "main_input_name", "input_ids")
     if main == "inputs" and "input_ids" in inspect.signature(model.forward).parameters:
         main = "input_ids"  # Perceiver's text models: a generic input that takes token ids by that name too
+    ids = inspect.signature(model.forward).parameters.get("input_ids")
+    if main != "input_ids" and ids is not None and ids.default is inspect.Parameter.empty:
+        main = "input_ids"  # a signal model that requires texts too (VideoPrism's CLIP, BLIP-2's retrieval): texts lead
     if main != "input_ids":  # an image, video or audio model
         if attention_mask:
             raise FloraGraphError(f"{arch} takes {main}, not tokens: an attention_mask is for token inputs")

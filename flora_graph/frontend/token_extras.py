@@ -21,7 +21,8 @@ built from the config's sizes, so that the exported file takes it too (as Optimu
   (LXMERT: detected regions' features and boxes), the regions a dim of their own, ``"boxes"``;
 * the images, videos or audio of a contrastive model, one that scores every text against every image (its
   ``forward`` takes ``return_loss``: CLIP, SigLIP, ALIGN, AltCLIP, Chinese-CLIP, BLIP, CLIPSeg, GroupViT, MetaCLIP 2,
-  OWL-ViT, X-CLIP, ...): ``pixel_values`` (``pixel_values_videos``, ``input_features``, ``input_values``) as
+  OWL-ViT, X-CLIP, VideoPrism's CLIP, ...; or one whose main input is its signal and which requires ``input_ids`` too,
+  BLIP-2's image-text retrieval): ``pixel_values`` (``pixel_values_videos``, ``input_features``, ``input_values``) as
   :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds them from the config's ``vision_config``
   (``video_config``, ``audio_config``), their count a dim of their own (``"images"``, ``"videos"``, ``"audio"``; X-CLIP's
   ``pixel_values`` are videos, ``"videos"``), other than the texts' (``logits_per_image`` is ``[images, batch]``), as
@@ -39,9 +40,11 @@ from flora_graph.frontend.signal_inputs import signal_inputs
 
 __all__ = ["token_extras"]
 
-_PAIRED = {"pixel_values": ("vision_config", "images"), "pixel_values_videos": ("video_config", "videos"),
-           "input_features": ("audio_config", "audio"), "input_values": ("audio_config", "audio")}
-"""A contrastive model's signal inputs: ``{input: (the config of its tower, the dim of their count)}``."""
+_PAIRED = {"pixel_values": (("vision_config",), "images"),
+           "pixel_values_videos": (("video_config", "vision_config"), "videos"),
+           "input_features": (("audio_config",), "audio"), "input_values": (("audio_config",), "audio")}
+"""A contrastive model's signal inputs: ``{input: (the configs of its tower, the first found taken; the dim of their
+count)}``."""
 
 _BOX_SCALE = 1000
 """The coordinate scale document processors (LayoutLM's, LayoutLMv3's, LiLT's) normalize word boxes to."""
@@ -96,7 +99,8 @@ def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str,
         out["visual_feats"] = torch.randn(batch, boxes, feat, generator=gen)
         out["visual_pos"] = torch.rand(batch, boxes, pos, generator=gen)
         dims["visual_feats"] = dims["visual_pos"] = {0: "batch", 1: "boxes"}
-    if "return_loss" in params:  # a contrastive model: its images (audio, videos) beside the texts
+    if "return_loss" in params or getattr(model, "main_input_name", None) in _PAIRED:
+        # a contrastive model, or one whose main input is the signal it scores the texts against (BLIP-2's retrieval)
         for name, (tensor, named) in _paired_signals(model, params, batch).items():
             out[name], dims[name] = tensor, named
     return out, dims
@@ -108,8 +112,8 @@ def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torc
     two counts for one."""
     config, arch = model.config, type(model).__name__
     found: dict[str, tuple[torch.Tensor, dict[int, str]]] = {}
-    for name, (part, count) in _PAIRED.items():
-        sub = getattr(config, part, None)
+    for name, (parts, count) in _PAIRED.items():
+        sub = next((c for part in parts if (c := getattr(config, part, None)) is not None), None)
         if name not in params or sub is None:
             continue
         built = signal_inputs(sub, arch, name)

@@ -95,28 +95,47 @@ def test_a_contrastive_model_without_its_images_is_a_typed_error_naming_it(tmp_p
         load_model(base_dir)
 
 
-def test_a_text_and_video_model_takes_videos_counted_apart(tmp_path: Path) -> None:
-    """X-CLIP: its ``pixel_values`` are videos, ``[videos, frames, 3, height, width]``, scored against every text."""
-    cfg = transformers.XCLIPConfig(text_config=TEXT, projection_dim=32, prompt_layers=1, prompt_attention_heads=2,
-                                   vision_config=dict(VISION, num_frames=4, mit_hidden_size=32, mit_intermediate_size=48,
-                                                      mit_num_hidden_layers=1, mit_num_attention_heads=2))
+PAIRED = {  # (config, model, its config's fields, LoRA targets, the signal input, its count's dim, the scores)
+    "xclip": ("XCLIPConfig", "XCLIPModel", dict(
+        text_config=TEXT, projection_dim=32, prompt_layers=1, prompt_attention_heads=2,
+        vision_config=dict(VISION, num_frames=4, mit_hidden_size=32, mit_intermediate_size=48, mit_num_hidden_layers=1,
+                           mit_num_attention_heads=2)), ["q_proj", "v_proj"], "pixel_values", "videos", "logits_per_video"),
+    "videoprism": ("VideoPrismConfig", "VideoPrismClipModel", dict(
+        text_config=TEXT, vision_config=dict(TOWER, image_size=32, num_frames=4, tubelet_size=[1, 8, 8],
+                                             num_spatial_layers=2, num_temporal_layers=2, num_auxiliary_layers=1)),
+        ["q_proj", "v_proj"], "pixel_values_videos", "videos", "logits_per_video"),
+    "blip2-retrieval": ("Blip2Config", "Blip2ForImageTextRetrieval", dict(
+        vision_config=VISION, num_query_tokens=4, image_text_hidden_size=16,
+        qformer_config=dict(TEXT, encoder_hidden_size=32, use_qformer_text_input=True),
+        text_config=dict(model_type="opt", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         ffn_dim=48, word_embed_proj_dim=32, max_position_embeddings=64)),
+        ["query", "value", "qkv"], "pixel_values", "images", "logits_per_image"),
+}
+"""Models whose signal is videos (X-CLIP's ``pixel_values``, VideoPrism's ``pixel_values_videos``), or whose main input is
+the signal and which require texts too (VideoPrism's CLIP, BLIP-2's image-text retrieval)."""
+
+
+@pytest.mark.parametrize("name", list(PAIRED))
+def test_videos_and_signal_led_models_take_texts_and_signals_counted_apart(name: str, tmp_path: Path) -> None:
+    config_cls, model_cls, cfg, targets, signal, count, scores = PAIRED[name]
     torch.manual_seed(0)
-    model = transformers.XCLIPModel(cfg).eval()
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg)).eval()
     model.save_pretrained(tmp_path / "base")
     torch.manual_seed(1)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     adapted = peft.get_peft_model(model, lora).eval()
     adapted.save_pretrained(tmp_path / "adapter")
     report = export_model(tmp_path / "base", tmp_path / "m.onnx", adapter=tmp_path / "adapter")
     assert report.ok, report.max_abs_diff
     sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
-    assert {i.name: i.shape for i in sess.get_inputs()}["pixel_values"] == ["videos", 4, 3, 32, 32]
-    shapes = {o.name: o.shape for o in sess.get_outputs()}
-    assert shapes["logits_per_video"] == ["videos", "batch"]
+    taken = {i.name: i.shape for i in sess.get_inputs()}
+    assert taken["input_ids"] == ["batch", "seq"] and taken[signal][0] == count
+    assert {o.name: o.shape for o in sess.get_outputs()}[scores] == [count, "batch"]
     gen = torch.Generator().manual_seed(5)
-    inputs = {"input_ids": torch.randint(0, 99, (4, 6), generator=gen),
-              "pixel_values": torch.randn(1, 4, 3, 32, 32, generator=gen)}
-    got = sess.run(["logits_per_video"], {n: t.numpy() for n, t in inputs.items()})[0]
+    shape = [1, *(int(d) for d in taken[signal][1:])]  # 4 texts against 1 signal: neither the export's counts
+    inputs = {"input_ids": torch.randint(0, 99, (4, 6), generator=gen), signal: torch.randn(*shape, generator=gen)}
+    got = sess.run([scores], {n: t.numpy() for n, t in inputs.items()})[0]
     with torch.no_grad():
-        want = adapted(**inputs).logits_per_video.numpy()
+        want = getattr(adapted(**inputs), scores).numpy()
+    assert got.shape == (1, 4)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
