@@ -25,8 +25,9 @@ built from the config's sizes, so that the exported file takes it too (as Optimu
   BLIP-2's image-text retrieval): ``pixel_values`` (``pixel_values_videos``, ``input_features``, ``input_values``) as
   :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds them from the config's ``vision_config``
   (``video_config``, ``audio_config``), their count a dim of their own (``"images"``, ``"videos"``, ``"audio"``; X-CLIP's
-  ``pixel_values`` are videos, ``"videos"``), other than the texts' (``logits_per_image`` is ``[images, batch]``), as
-  Optimum's exports of these models take them.
+  ``pixel_values`` are videos, ``"videos"``; PE-Audio's ``input_values`` are ``[audio, 1, samples]``, its DAC front end
+  reading one channel), other than the texts' (``logits_per_image`` is ``[images, batch]``), as Optimum's exports of
+  these models take them.
 """
 
 from __future__ import annotations
@@ -120,8 +121,10 @@ def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torc
         if built is None:
             continue
         two, dims, three = built  # 2 signals and 3
-        tensor = (two if batch == 3 else three)[name]
+        tensor, named = (two if batch == 3 else three)[name], {**dims[name], 0: count}
         if name == "pixel_values" and tensor.dim() == 5:  # X-CLIP's: videos [count, frames, channels, height, width]
-            count = "videos"
-        found[name] = tensor, {**dims[name], 0: count}
+            named[0] = "videos"
+        if name == "input_values" and tensor.dim() == 2 and getattr(sub, "dac_config", None) is not None:
+            tensor, named = tensor.unsqueeze(1), {0: count, 2: named.get(1, "samples")}  # a DAC front end: one channel
+        found[name] = tensor, named
     return found

@@ -235,6 +235,11 @@ ROWS = [
         ("_cdist_forward.default",), {0: 0}, tol=1e-4),
     Row("pdist", lambda a: F.pdist(a, 1.5), [randn(6, 3)], ("pdist.default",), tol=1e-4),
     Row("_pdist_forward", lambda a: aten._pdist_forward(a, 2.0), [randn(6, 3)], ("_pdist_forward.default",), tol=1e-4),
+    # ------------------------------------------------------------------ narrow: a static window (PE-Audio's rotary tables
+    # halved), and the first rows of a dynamic length
+    Row("narrow_static", lambda x: x.narrow(-1, 1, 3) * 2, [randn(-1, 6)], ("narrow.default",), {0: 0}),
+    Row("narrow_dynamic", lambda x: torch.cat([2 * x, x]).narrow(0, 0, x.shape[0]), [randn(-1, 4)],
+        ("narrow.default",), {0: 0}),
     # ------------------------------------------------------------------ tensor_split: at a dynamic index (Bailing's
     # [seq - kept], whose last piece may be empty), and into sections
     Row("tensor_split_indices", lambda x: torch.cat(torch.tensor_split(torch.cat([x, 2 * x]), [x.shape[0], 2 * x.shape[0]])

@@ -77,7 +77,10 @@ def decoder_feeds(layout, cross: int, seed: int = 0) -> tuple[dict, dict]:
     return feeds, {"input_ids": ids, "encoder_attention_mask": mask, "past_key_values": past}
 
 
-@pytest.mark.parametrize("kind", [pytest.param("bart", marks=SLOW), "t5", pytest.param("whisper", marks=SLOW),
+# every kind runs in the slow run (each about 20 s); the default run checks stamping through its packages' exports,
+# which compare every stamped layer with the traced one (tests/serving/seq2seq_package.py, test_a_deep_package_...)
+@pytest.mark.parametrize("kind", [pytest.param("bart", marks=SLOW), pytest.param("t5", marks=SLOW),
+                                  pytest.param("whisper", marks=SLOW),
                                   pytest.param("marian", marks=SLOW), pytest.param("switch", marks=SLOW)])
 def test_stamped_graphs_are_the_graphs_of_tracing_every_layer(kind: str) -> None:
     """Seven encoder and seven decoder layers, three of each traced and four stamped (Switch Transformers: sparse and

@@ -26,7 +26,7 @@ SEARCHES = {  # each a different path through the search: the default stop rule,
 }
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
+@pytest.mark.parametrize("kind", ["t5", "bart", pytest.param("marian", marks=pytest.mark.slow)])  # Marian: BART's layout
 @pytest.mark.parametrize("search", list(SEARCHES))
 @pytest.mark.parametrize("adapter", [None, "all"])
 def test_beam_search_equals_eager_generate(seq2seq_packages: dict[str, Path], kind: str, search: str,

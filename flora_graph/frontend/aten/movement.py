@@ -323,6 +323,24 @@ def _slice(ctx, x, dim=0, start=None, end=None, step=1):
     return ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (start,), "ends": (end,), "steps": (int(step),)})
 
 
+@register(aten.narrow.default)
+def _narrow(ctx, x, dim, start, length):
+    """``x.narrow(dim, start, length)``: ``x[start : start + length]`` along ``dim`` (PE-Audio's rotary tables halved,
+    ``cos.narrow(-1, 0, dim // 2)``); a static start, a length static or symbolic where the start is 0."""
+    axis = axis_of(int(dim), len(x.shape))
+    if not isinstance(start, int):
+        raise refuse(ctx, f"narrow from a start {start!r} that is not a constant")
+    if isinstance(length, int):
+        end: Dim = start + length
+    elif start == 0:
+        end = dim_of(ctx, length)
+    else:
+        raise refuse(ctx, f"narrow of a symbolic length {length!r} from {start}")
+    if start == 0 and end == canonical_dim(x.shape[axis]):
+        return x
+    return ctx.emit(Op.SLICE, [x], {"axes": (axis,), "starts": (start,), "ends": (end,), "steps": (1,)})
+
+
 @register(aten.tensor_split.indices)
 def _tensor_split(ctx, x, indices, dim=0):
     """``torch.tensor_split(x, indices, dim)``: the pieces between the indices (a symbolic one too: Bailing's
