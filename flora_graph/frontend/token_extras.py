@@ -26,7 +26,8 @@ built from the config's sizes, so that the exported file takes it too (as Optimu
   :func:`~flora_graph.frontend.signal_inputs.signal_inputs` builds them from the config's ``vision_config``
   (``video_config``, ``audio_config``), their count a dim of their own (``"images"``, ``"videos"``, ``"audio"``; X-CLIP's
   ``pixel_values`` are videos, ``"videos"``; PE-Audio's ``input_values`` are ``[audio, 1, samples]``, its DAC front end
-  reading one channel), other than the texts' (``logits_per_image`` is ``[images, batch]``), as Optimum's exports of
+  reading one channel; CLAP's ``input_features`` spectrograms ``[audio, 1, frames, mel bins]``), other than the texts'
+  (``logits_per_image`` is ``[images, batch]``), as Optimum's exports of
   these models take them.
 """
 
@@ -107,6 +108,22 @@ def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str,
     return out, dims
 
 
+def _spectrogram_images(config: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]],
+                                                       dict[str, torch.Tensor]] | None:
+    """CLAP's audio as its Swin tower reads it, 2 and 3 spectrograms ``[count, 1, frames, mel bins]`` of its image's
+    ``spec_size * (spec_size // num_mel_bins)`` frames (its feature extractor's 1001 frames are resized to those), in
+    :func:`signal_inputs`' ``(2, dims, 3)`` form; ``None`` for another input or tower, or one that fuses several crops
+    (``enable_fusion``: four channels and ``is_longer``)."""
+    spec, mel = getattr(config, "spec_size", None), getattr(config, "num_mel_bins", None)
+    if name != "input_features" or not (isinstance(spec, int) and isinstance(mel, int) and 0 < mel <= spec) \
+            or getattr(config, "enable_fusion", False):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    frames = spec * (spec // mel)
+    make = lambda n: {name: torch.randn(n, 1, frames, mel, generator=gen)}  # noqa: E731
+    return make(2), {name: {0: "batch"}}, make(3)
+
+
 def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
     """A contrastive model's signal inputs (see the module's docstring) beside ``batch`` texts: ``{input: (tensor,
     dims)}``, a count of signals other than ``batch`` (2 beside 3 texts, else 3), so that an export cannot take the
@@ -117,7 +134,7 @@ def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torc
         sub = next((c for part in parts if (c := getattr(config, part, None)) is not None), None)
         if name not in params or sub is None:
             continue
-        built = signal_inputs(sub, arch, name)
+        built = _spectrogram_images(sub, name) or signal_inputs(sub, arch, name)
         if built is None:
             continue
         two, dims, three = built  # 2 signals and 3

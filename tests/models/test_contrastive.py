@@ -117,13 +117,20 @@ PAIRED = {  # (config, model, its config's fields, LoRA targets, the signal inpu
                           dac_config=dict(encoder_hidden_size=16, downsampling_ratios=[2, 4, 4], decoder_hidden_size=16,
                                           n_codebooks=6, codebook_size=512, codebook_dim=32))),
         ["q_proj", "v_proj", "Wqkv"], "input_values", "audio", "logits_audio_text"),
+    "clap": ("ClapConfig", "ClapModel", dict(
+        text_config=dict(TEXT, pad_token_id=1), projection_dim=32,
+        audio_config=dict(spec_size=64, num_mel_bins=16, window_size=4, patch_size=2, patch_stride=2, hidden_size=32,
+                          patch_embeds_hidden_size=16, projection_dim=32, depths=[2, 2], num_attention_heads=[2, 2],
+                          intermediate_size=48)),
+        ["query", "value"], "input_features", "audio", "logits_per_audio"),
 }
 """Models whose signal is videos (X-CLIP's ``pixel_values``, VideoPrism's ``pixel_values_videos``) or audio (PE-Audio's
-``input_values`` ``[audio, 1, samples]``, its DAC front end reading one channel), or whose main input is the signal and
+``input_values`` ``[audio, 1, samples]``, its DAC front end reading one channel; CLAP's spectrograms ``[audio, 1, frames,
+mel bins]``), or whose main input is the signal and
 which require texts too (VideoPrism's CLIP, BLIP-2's image-text retrieval)."""
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "pe-audio" else n for n in PAIRED])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("pe-audio", "clap") else n for n in PAIRED])
 def test_videos_and_signal_led_models_take_texts_and_signals_counted_apart(name: str, tmp_path: Path) -> None:
     config_cls, model_cls, cfg, targets, signal, count, scores = PAIRED[name]
     torch.manual_seed(0)
