@@ -148,3 +148,31 @@ def test_a_bad_sentence_transformers_folder_is_a_typed_error_naming_the_culprit(
              "not json": r"modules.json: cannot read it as JSON"}[fault]
     with pytest.raises(ModelFolderError, match=match):
         transformer_folder(folder)
+
+
+@pytest.mark.parametrize("preset", ["merged", pytest.param("fused", marks=pytest.mark.slow)])
+def test_a_dora_adapter_installs_through_peft_inside_the_pipeline(preset: str, tmp_path: Path) -> None:
+    """DoRA goes through PEFT's own layers, installed on the pipeline's transformers model (``adapter_root``); the
+    reference is sentence-transformers with PEFT's model of that adapter in place of its transformer's."""
+    from sentence_transformers import SentenceTransformer
+
+    base = _folder(tmp_path)
+    torch.manual_seed(2)
+    inner = SentenceTransformer(str(base), device="cpu")[0].auto_model
+    lora = peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False, use_dora=True)
+    peft.get_peft_model(inner, lora).save_pretrained(tmp_path / "dora")
+    report = export_model(base, tmp_path / "m.onnx", adapter=tmp_path / "dora", preset=preset)
+    assert report.ok, report.max_abs_diff
+    reference = SentenceTransformer(str(base), device="cpu")
+    reference[0].auto_model = peft.PeftModel.from_pretrained(reference[0].auto_model, tmp_path / "dora").eval()
+    plain = SentenceTransformer(str(base), device="cpu")
+    gen = torch.Generator().manual_seed(4)
+    feats = {"input_ids": torch.randint(5, 100, (3, 9), generator=gen), "attention_mask": torch.ones(3, 9, dtype=torch.int64)}
+    feats["attention_mask"][2, 4:] = 0
+    feats["token_type_ids"] = torch.zeros_like(feats["input_ids"])
+    got = ort.InferenceSession(str(report.path)).run(["sentence_embedding"], {k: v.numpy() for k, v in feats.items()})[0]
+    with torch.no_grad():
+        want = reference(dict(feats))["sentence_embedding"].numpy()
+        without = plain(dict(feats))["sentence_embedding"].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert np.abs(want - without).max() > 1e-3  # the adapter moves the embedding
