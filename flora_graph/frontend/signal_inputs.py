@@ -44,8 +44,10 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
     not tokens: ``pixel_values`` ``[batch, channels, height, width]`` (``[batch, frames, ...]`` for a video
     model (VideoMAE, ViViT, TimeSformer: its config's ``num_frames`` or ``frames_per_clip``) at the config's image
     size; raw audio ``input_values`` ``[batch, samples]`` (samples dynamic; an audio codec's ``[batch, channels,
-    samples]``: EnCodec's and Mimi's ``audio_channels``), or ``[batch, frames, mel bins]`` where the config fixes them
-    (the Audio Spectrogram Transformer); ``input_features`` ``[batch, mel bins, 2 * max_source_positions]``
+    samples]``: EnCodec's and Mimi's ``audio_channels``, one channel behind a DAC front end, PE-Audio's), or ``[batch,
+    frames, mel bins]`` where the config fixes them (the Audio Spectrogram Transformer); ``input_features`` ``[batch, 1,
+    frames, mel bins]`` (CLAP's audio tower: ``spec_size * (spec_size // num_mel_bins)`` frames), ``[batch, mel bins, 2 *
+    max_source_positions]``
     (Whisper's encoder) or ``[batch, frames, features]`` (frames dynamic: Wav2Vec2-BERT's
     ``feature_projection_input_dim``, Parakeet's and LASR's ``num_mel_bins``, Speech2Text's
     ``input_feat_per_channel * input_channels``); ``pixel_values_videos`` as a
@@ -72,6 +74,8 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
         if isinstance(mel, int) and isinstance(length, int):  # spectrogram frames of a fixed count
             return {main: randn(2, length, mel)}, {main: {0: "batch"}}, {main: randn(3, length, mel)}
         channels = getattr(config, "audio_channels", None)
+        if getattr(config, "dac_config", None) is not None:  # a DAC front end (PE-Audio's encoder): one channel
+            channels = 1
         if isinstance(channels, int):
             # a codec, [batch, channels, samples], 0.25 s and 0.3 s at 16 kHz: whole frames of its hop (Mimi's 1920
             # samples). One without the field (DAC) reads one channel: load_model tries that where it refuses these
@@ -81,6 +85,13 @@ def signal_inputs(config: Any, arch: str, main: str) -> tuple[dict[str, torch.Te
         return {main: randn(2, 1600)}, {main: {0: "batch", 1: "samples"}}, {main: randn(3, 2000)}
     if main == "input_features":
         mel, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+        spec = getattr(config, "spec_size", None)
+        if isinstance(spec, int) and isinstance(mel, int) and 0 < mel <= spec and not getattr(config, "enable_fusion",
+                                                                                               False):
+            # CLAP's spectrograms as its Swin tower reads them, spec_size * (spec_size // mel) frames (its feature
+            # extractor's 1001 are resized to those); a tower that fuses crops (four channels, is_longer) is not built
+            frames = spec * (spec // mel)
+            return {main: randn(2, 1, frames, mel)}, {main: {0: "batch"}}, {main: randn(3, 1, frames, mel)}
         if isinstance(mel, int) and isinstance(positions, int):
             return ({main: randn(2, mel, 2 * positions)}, {main: {0: "batch"}}, {main: randn(3, mel, 2 * positions)})
         # feature frames over a dynamic count (Wav2Vec2-BERT's stacked filterbanks, Parakeet's and LASR's mel bins)

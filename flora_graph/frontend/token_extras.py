@@ -108,22 +108,6 @@ def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str,
     return out, dims
 
 
-def _spectrogram_images(config: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]],
-                                                       dict[str, torch.Tensor]] | None:
-    """CLAP's audio as its Swin tower reads it, 2 and 3 spectrograms ``[count, 1, frames, mel bins]`` of its image's
-    ``spec_size * (spec_size // num_mel_bins)`` frames (its feature extractor's 1001 frames are resized to those), in
-    :func:`signal_inputs`' ``(2, dims, 3)`` form; ``None`` for another input or tower, or one that fuses several crops
-    (``enable_fusion``: four channels and ``is_longer``)."""
-    spec, mel = getattr(config, "spec_size", None), getattr(config, "num_mel_bins", None)
-    if name != "input_features" or not (isinstance(spec, int) and isinstance(mel, int) and 0 < mel <= spec) \
-            or getattr(config, "enable_fusion", False):
-        return None
-    gen = torch.Generator().manual_seed(0)
-    frames = spec * (spec // mel)
-    make = lambda n: {name: torch.randn(n, 1, frames, mel, generator=gen)}  # noqa: E731
-    return make(2), {name: {0: "batch"}}, make(3)
-
-
 def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
     """A contrastive model's signal inputs (see the module's docstring) beside ``batch`` texts: ``{input: (tensor,
     dims)}``, a count of signals other than ``batch`` (2 beside 3 texts, else 3), so that an export cannot take the
@@ -134,14 +118,12 @@ def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torc
         sub = next((c for part in parts if (c := getattr(config, part, None)) is not None), None)
         if name not in params or sub is None:
             continue
-        built = _spectrogram_images(sub, name) or signal_inputs(sub, arch, name)
+        built = signal_inputs(sub, arch, name)
         if built is None:
             continue
         two, dims, three = built  # 2 signals and 3
         tensor, named = (two if batch == 3 else three)[name], {**dims[name], 0: count}
         if name == "pixel_values" and tensor.dim() == 5:  # X-CLIP's: videos [count, frames, channels, height, width]
             named[0] = "videos"
-        if name == "input_values" and tensor.dim() == 2 and getattr(sub, "dac_config", None) is not None:
-            tensor, named = tensor.unsqueeze(1), {0: count, 2: named.get(1, "samples")}  # a DAC front end: one channel
         found[name] = tensor, named
     return found
