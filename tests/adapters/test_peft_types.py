@@ -103,10 +103,15 @@ FUSED_DEFAULT = frozenset({"IA3", "LOHA", "ROAD"})
 """The types whose ``fused`` export runs in the default run (the others' in the slow run): a scaling, a low-rank product
 and a rotation, the three kinds of change the fused preset keeps apart from the base weights."""
 
+MERGED_DEFAULT = frozenset({"IA3", "LOHA", "OFT", "VERA", "LN_TUNING", "ROAD", "PSOFT"})
+"""The types whose ``merged`` export runs in the default run (the others' in the slow run): a scaling, a low-rank
+product, a rotation, shared random projections, a norm's change, and the two newer types captured as their layers run."""
+
+DEFAULT_CASES = {"fused": FUSED_DEFAULT, "merged": MERGED_DEFAULT}
+
 
 @pytest.mark.parametrize("kind, preset", [
-    pytest.param(k, preset, marks=pytest.mark.slow) if k in NEWER - {"ROAD", "PSOFT"} or (
-        preset == "fused" and k not in FUSED_DEFAULT) else (k, preset)
+    (k, preset) if k in DEFAULT_CASES[preset] else pytest.param(k, preset, marks=pytest.mark.slow)
     for preset in ("fused", "merged") for k in CONFIGS])
 def test_export_of_a_peft_adapter_type_matches_eager_peft(tmp_path: Path, kind: str, preset: str) -> None:
     import onnxruntime as ort
@@ -161,7 +166,13 @@ def test_a_package_holds_every_newer_type_at_once_and_each_decodes_as_eager_peft
                      eager_greedy(adapted["PSOFT"], prompts[1], 8, min_new_tokens=8)]
 
 
-@pytest.mark.parametrize("kind", SWAPPED_ALONE)
+SWAPPED_DEFAULT = frozenset({"VERA", "LOHA", "IA3", "OFT"})
+"""The types of ``SWAPPED_ALONE`` that swap in the default run (the others in the slow run): shared random projections, a
+low-rank product, a scaling and a rotation of the base weight."""
+
+
+@pytest.mark.parametrize("kind", [k if k in SWAPPED_DEFAULT else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in SWAPPED_ALONE])
 def test_a_peft_adapter_type_swaps_in_a_package_and_decodes_as_eager_peft(tmp_path: Path, kind: str) -> None:
     """A package with the adapter and a LoRA one: padded rows with no adapter, with it for both rows, and a mixed batch
     (the LoRA on one row, it on the other) decode as eager PEFT decodes each prompt alone; the adapter changes the

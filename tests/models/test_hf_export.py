@@ -569,7 +569,7 @@ def test_video_inputs_read_the_frame_count_and_size_each_config_names() -> None:
         assert tuple(check[main_input].shape) == (3, *shape[1:]), arch
 
 
-@pytest.mark.parametrize("family", ["t5", "bart", "switch"])
+@pytest.mark.parametrize("family", ["t5", "bart", pytest.param("switch", marks=pytest.mark.slow)])  # switch: 5 s
 def test_an_encoder_decoder_folder_exports_on_decoder_input_ids_with_its_adapter(family, tmp_path) -> None:
     """``flora-graph export FOLDER`` on a T5 / BART folder without a task: the model takes ``attention_mask`` and
     ``decoder_input_ids`` ``[batch, dec_seq]`` beside ``input_ids`` (as Optimum's exports without a cache do; the CLI

@@ -113,7 +113,8 @@ def test_an_older_folder_with_its_transformer_in_a_subfolder(tmp_path: Path) -> 
     _check(old, None, report.path, with_types=True)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"])
+@pytest.mark.parametrize("pooling", ["cls", "max", "lasttoken", *(pytest.param(p, marks=pytest.mark.slow)
+                                                         for p in ("weightedmean", "mean_sqrt_len_tokens"))])
 def test_each_pooling_mode_matches_sentence_transformers(pooling: str, tmp_path: Path) -> None:
     base = _folder(tmp_path, pooling=pooling)
     adapter = _adapter(base, tmp_path, ["query", "value"])

@@ -31,7 +31,8 @@ def test_package_with_an_output_layer_adapter_decodes_as_eager_peft(tmp_path: Pa
     assert_mixed_rows_decode_as_eager_peft(Generator(tmp_path / "pkg"), model, adapted, "head", "attn")
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", pytest.param("Qwen2ForCausalLM", marks=pytest.mark.slow),
+                                  "Gemma3ForCausalLM"])
 def test_package_with_an_input_embedding_adapter_decodes_as_eager_peft(tmp_path: Path, arch: str) -> None:
     """LoRA on ``embed_tokens`` (as continued-pretraining recipes target it) beside the projections: swappable in the
     package, one adapter per row in a mixed batch (the rows' ids index their own adapter's table), and in ONNX
@@ -114,7 +115,8 @@ def test_trainable_tokens_merged_on_request_decode_as_eager_peft(tmp_path: Path)
     assert got == eager_greedy(adapted, prompt, 8, min_new_tokens=8) != eager_greedy(model, prompt, 8, min_new_tokens=8)
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", pytest.param("Qwen2ForCausalLM", marks=pytest.mark.slow),
+                                  "Gemma3ForCausalLM"])
 def test_trainable_tokens_are_hot_swappable(tmp_path: Path, arch: str) -> None:
     """Trainable tokens (new embedding rows for the tokens named) as a LoRA of their count's rank on the embedding:
     one-hot ``A`` picks each token's id, ``B`` holds its new row less its old; on an output layer tied to the
