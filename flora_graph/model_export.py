@@ -29,7 +29,7 @@ from flora_graph.frontend.model_outputs import output_names, set_use_cache
 from flora_graph.frontend.sentence_embedding import SentenceEmbedding, sentence_modules, transformer_folder
 from flora_graph.frontend.seq2seq_lm import vocab_size
 from flora_graph.frontend.signal_inputs import signal_inputs
-from flora_graph.frontend.token_extras import token_extras
+from flora_graph.frontend.token_extras import PAIRINGS, paired_layout, token_extras
 from flora_graph.passes import PRESETS, optimize
 from flora_graph.runtimes import compile
 
@@ -225,9 +225,12 @@ def _token_spec(model: nn.Module, arch: str, attention_mask: bool, adapter_root:
     text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
     vocab = int(getattr(text_config, "vocab_size", None) or getattr(config, "vocab_size", 256))  # a multimodal
     if getattr(config, "is_encoder_decoder", False):  # the encoder's own (EncoderDecoderModel's sides, FSMT's source)
-        vocab = vocab_size(config, "encoder")
+        vocab = vocab_size(config, "encoder", vocab)  # a detector's is its text tower's (Grounding DINO's)
     max_pos = getattr(text_config, "max_position_embeddings", None)  # model's text part names the vocabulary
     dim_max = {"seq": int(max_pos)} if isinstance(max_pos, int) and max_pos >= 2 else {}
+    max_text = getattr(config, "max_text_len", None)  # a grounding detector's texts (Grounding DINO's logits)
+    if isinstance(max_text, int) and max_text >= 2:
+        dim_max["seq"] = min(dim_max.get("seq", max_text), max_text)
     seq = min(8, dim_max.get("seq", 8))
     # an encoder with segment embeddings (BERT) takes token_type_ids beside the mask
     types = attention_mask and "token_type_ids" in inspect.signature(model.forward).parameters \
@@ -255,17 +258,39 @@ def _token_spec(model: nn.Module, arch: str, attention_mask: bool, adapter_root:
     eos = _classified_at_eos(model)
     if eos is not None:  # every row ends its text with one end-of-sequence token, as a tokenizer gives it
         for inputs in (example, check):
-            ids = inputs["input_ids"]
-            ids[ids == eos] = (eos + 1) % vocab
-            ids[:, -1] = eos
+            _end_at(inputs["input_ids"], eos, vocab)
+    lengths = (example["input_ids"].shape[-1], check["input_ids"].shape[-1])
+
+    def texts(count: int, seed: int) -> dict[str, torch.Tensor]:  # a paired model's texts laid out anew
+        made = _hf_inputs(vocab, count, lengths[seed], seed, attention_mask, types)
+        if eos is not None:
+            _end_at(made["input_ids"], eos, vocab)
+        return made
+
     dim_max.update(_decoder_ids(model, example, check, dims))
     with torch.no_grad():
         try:
             out = model(**example)
         except _RUN_ERRORS as exc:
-            raise _does_not_run(arch, example, exc) from exc
+            # a paired model whose texts are not counted apart from its images: queries for each, or one each
+            layouts = [laid for p in PAIRINGS[1:] if (laid := paired_layout(p, example, check, dims, texts))]
+            for laid in layouts:
+                try:
+                    out = model(**laid[0])
+                except _RUN_ERRORS:
+                    continue
+                example, check, dims = laid
+                break
+            else:
+                raise _does_not_run(arch, example, exc) from exc
         names_out = output_names(out, example)
     return ModelSpec(model, example, dims, check, arch, dim_max, names_out, adapter_root)
+
+
+def _end_at(ids: torch.Tensor, eos: int, vocab: int) -> None:
+    """End every row of ``ids`` with one ``eos`` token, in place (any other one replaced by the next id)."""
+    ids[ids == eos] = (eos + 1) % vocab
+    ids[:, -1] = eos
 
 
 _RUN_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError)
@@ -555,5 +580,6 @@ def export_model(
     with torch.no_grad():
         want = output_tensors(model(**spec.check_inputs))
     diff = max_abs_diff(exe(spec.check_inputs), want)  # every output, in order
-    scale = max((float(w.detach().abs().max()) for w in want if w.numel() and w.is_floating_point()), default=1.0)
+    scale = max((float(w.detach().abs()[finite].max()) for w in want if w.is_floating_point()
+                 and (finite := torch.isfinite(w.detach())).any()), default=1.0)  # masked logits' infinities aside
     return ExportReport(path, backend, preset, graph.summary(), seconds, diff, PARITY_TOLERANCE * max(1.0, scale))

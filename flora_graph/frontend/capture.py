@@ -1250,8 +1250,9 @@ def _call(ctx: CaptureContext, n: torch.fx.Node, env: dict) -> Any:
                 if c.select:
                     whole = ATEN_TABLE[torch.ops.aten.select_scatter.default](ctx, env[outer], whole, c.dim, c.start)
                 else:
-                    whole = ATEN_TABLE[torch.ops.aten.slice_scatter.default](ctx, env[outer], whole, c.dim, c.start,
-                                                                             c.end, c.step)
+                    start, end = (env[b] if isinstance(b, torch.fx.Node) else b for b in (c.start, c.end))  # a size
+                    whole = ATEN_TABLE[torch.ops.aten.slice_scatter.default](ctx, env[outer], whole, c.dim, start, end,
+                                                                             c.step)
                 env[outer] = whole  # a cut on the way that is read again sees the write
             env[base] = env[mutations.written_root(base)] = whole
     return out

@@ -129,7 +129,8 @@ def leaf_keys(value: Any) -> list[tuple[list[str], Any]]:
 def max_abs_diff(got: Mapping[str, np.ndarray], want: Sequence[torch.Tensor]) -> float:
     """Largest ``|got - want|`` over a compiled graph's outputs (in order) and the eager tensors
     (:func:`output_tensors`): ``inf`` when their counts or shapes differ, ``nan`` when either side
-    holds a NaN, so that ``diff <= tolerance`` fails in both cases."""
+    holds a NaN, so that ``diff <= tolerance`` fails in both cases. Equal infinities (a masked logit's ``-inf`` on
+    both sides) differ by 0."""
     if len(got) != len(want):
         return float("inf")
     worst = 0.0
@@ -138,7 +139,9 @@ def max_abs_diff(got: Mapping[str, np.ndarray], want: Sequence[torch.Tensor]) ->
         if g.shape != w.shape:
             return float("inf")
         if g.size:
-            d = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))))
+            g64, w64 = g.astype(np.float64), w.astype(np.float64)
+            with np.errstate(invalid="ignore"):  # inf - inf: NaN, then 0 where the two are the same infinity
+                d = float(np.max(np.where(g64 == w64, 0.0, np.abs(g64 - w64))))
             if d != d:  # NaN: it must not be lost to max()
                 return d
             worst = max(worst, d)

@@ -140,20 +140,21 @@ def written_root(n: Any) -> Any:
 
 
 class Cut(NamedTuple):
-    """One static view of :func:`sliced_base`'s chain: ``node`` is ``input[..., start:end:step]`` along ``dim``, or
-    where ``select``, ``input.select(dim, start)`` (that one place, the axis dropped)."""
+    """One view of :func:`sliced_base`'s chain: ``node`` is ``input[..., start:end:step]`` along ``dim``, or
+    where ``select``, ``input.select(dim, start)`` (that one place, the axis dropped). A slice's bounds may be sizes
+    the program reads (``x[..., :seq]``: the node of that size)."""
 
     node: torch.fx.Node
     dim: int
-    start: int
-    end: int | None
+    start: int | torch.fx.Node
+    end: int | torch.fx.Node | None
     step: int
     select: bool = False
 
 
 def _cut_args(n: Any) -> tuple[torch.fx.Node, Cut] | None:
-    """``(input, its cut)`` of an ``aten.slice.Tensor`` node at static bounds or an ``aten.select.int`` node at a
-    static index, else ``None``."""
+    """``(input, its cut)`` of an ``aten.slice.Tensor`` node at bounds that are numbers or sizes (step 1 for a size) or
+    an ``aten.select.int`` node at a static index, else ``None``."""
     if not isinstance(n, torch.fx.Node) or n.op != "call_function":
         return None
     if n.target is torch.ops.aten.select.int:
@@ -164,9 +165,15 @@ def _cut_args(n: Any) -> tuple[torch.fx.Node, Cut] | None:
     if n.target is not torch.ops.aten.slice.Tensor:
         return None
     base, dim, start, end, step = (list(n.args) + [0, None, None, 1][len(n.args) - 1:])[:5]
-    if not isinstance(base, torch.fx.Node) or not all(isinstance(v, int) or v is None for v in (dim, start, end, step)):
+    if not isinstance(base, torch.fx.Node) or not isinstance(dim, int) or not (isinstance(step, int) or step is None) \
+            or not all(isinstance(v, int) or v is None or (_is_size(v) and (step or 1) == 1) for v in (start, end)):
         return None
     return base, Cut(n, int(dim), start or 0, end, step or 1)
+
+
+def _is_size(v: Any) -> bool:
+    """Whether ``v`` is a node whose value is a size (a ``SymInt``: ``x.shape[-1]``)."""
+    return isinstance(v, torch.fx.Node) and isinstance(v.meta.get("val"), torch.SymInt)
 
 
 def sliced_base(n: Any) -> tuple[torch.fx.Node, list[Cut]] | None:

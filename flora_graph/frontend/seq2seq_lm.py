@@ -99,16 +99,16 @@ def _caches(out: Any) -> Any:
     return getattr(out, "cache", None) if cache is None else cache
 
 
-def vocab_size(config: Any, side: str) -> int:
+def vocab_size(config: Any, side: str, default: int = 256) -> int:
     """The vocabulary of the encoder's input ids (``side="encoder"``) or of the decoder's logits (``"decoder"``): a
     composite config's own side (``EncoderDecoderModel``'s, T5Gemma's), FSMT's source or target one, else the
-    model's one (256 where the config names none)."""
+    model's one (``default`` where the config names none)."""
     own = {"encoder": "src_vocab_size", "decoder": "tgt_vocab_size"}[side]
     for v in (getattr(getattr(config, side, None), "vocab_size", None), getattr(config, own, None),
               getattr(config, "vocab_size", None)):
         if isinstance(v, int) and v > 0:
             return v
-    return 256
+    return default
 
 
 def _encoder_example(base: nn.Module, *, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]]:

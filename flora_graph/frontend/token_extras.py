@@ -28,19 +28,23 @@ built from the config's sizes, so that the exported file takes it too (as Optimu
   ``pixel_values`` are videos, ``"videos"``; PE-Audio's ``input_values`` are ``[audio, 1, samples]``, its DAC front end
   reading one channel; CLAP's ``input_features`` spectrograms ``[audio, 1, frames, mel bins]``), other than the texts'
   (``logits_per_image`` is ``[images, batch]``), as Optimum's exports of
-  these models take them.
+  these models take them;
+* the images of a head that finds or segments what its texts name (OWL-ViT's detection, CLIPSeg's segmentation,
+  Grounding DINO, whose images a detector's own config sizes): built so too, the texts then laid out by
+  :func:`paired_layout` as the model reads them (each image's queries, or one text each) where it refuses them apart.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from flora_graph.frontend.signal_inputs import signal_inputs
 
-__all__ = ["token_extras"]
+__all__ = ["PAIRINGS", "paired_layout", "takes_paired_signals", "token_extras"]
 
 _PAIRED = {"pixel_values": (("vision_config",), "images"),
            "pixel_values_videos": (("video_config", "vision_config"), "videos"),
@@ -101,11 +105,59 @@ def token_extras(model: Any, batch: int, seq: int, seed: int) -> tuple[dict[str,
         out["visual_feats"] = torch.randn(batch, boxes, feat, generator=gen)
         out["visual_pos"] = torch.rand(batch, boxes, pos, generator=gen)
         dims["visual_feats"] = dims["visual_pos"] = {0: "batch", 1: "boxes"}
-    if "return_loss" in params or getattr(model, "main_input_name", None) in _PAIRED:
-        # a contrastive model, or one whose main input is the signal it scores the texts against (BLIP-2's retrieval)
+    if takes_paired_signals(model):
+        # a contrastive model, one whose main input is the signal it scores the texts against (BLIP-2's retrieval), or
+        # a text-prompted detection or segmentation head
         for name, (tensor, named) in _paired_signals(model, params, batch).items():
             out[name], dims[name] = tensor, named
     return out, dims
+
+
+def takes_paired_signals(model: Any) -> bool:
+    """Whether ``model`` reads texts beside images (videos, audio) that :func:`token_extras` builds: its ``forward``
+    takes ``return_loss`` (a contrastive model), its main input is the signal, it requires the signal (OWL-ViT's
+    detection), or it is a detection or segmentation head taking texts (CLIPSeg's segmentation)."""
+    params = inspect.signature(model.forward).parameters
+    signals = [n for n in _PAIRED if n in params]
+    head = type(model).__name__.endswith(_PROMPTED_HEADS) and "input_ids" in params
+    return "return_loss" in params or getattr(model, "main_input_name", None) in _PAIRED or (bool(signals) and (
+        head or any(params[n].default is inspect.Parameter.empty for n in signals)))
+
+
+_PROMPTED_HEADS = ("ForObjectDetection", "ForImageSegmentation")
+"""The class name endings of heads that find or segment what their texts name in their images."""
+
+PAIRINGS = ("apart", "queries", "one each")
+"""How :func:`paired_layout` counts a paired model's texts against its signals: apart (a contrastive model scores every
+text against every signal), ``queries`` texts for each signal (OWL-ViT's detection: ``[images*queries, seq]``), or one
+text for each (CLIPSeg's segmentation, Grounding DINO)."""
+
+
+def paired_layout(pairing: str, example: dict[str, torch.Tensor], check: dict[str, torch.Tensor],
+                  dims: dict[str, dict[int, str]], texts: Callable[[int, int], dict[str, torch.Tensor]]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, dict[int, str]]] | None:
+    """The example, check and dims of a paired model (:func:`token_extras`' inputs: its texts counted apart from its
+    signals) laid out as ``pairing`` (one of :data:`PAIRINGS` but ``"apart"``): the texts built anew by
+    ``texts(count, seed)`` (the example's seed 0, the check's 1) at 2 queries for each of the example's signals and 4
+    for each of the check's, or at one each; ``None`` where the inputs hold no paired signal."""
+    signals = {n: d[0] for n, d in dims.items() if n in _PAIRED and d.get(0) in _COUNTS}
+    if not signals:
+        return None
+    count = next(iter(signals.values()))
+    per = {"queries": (2, 4), "one each": (1, 1)}[pairing]
+    named = f"{count}*queries" if pairing == "queries" else "batch"
+    out_dims = {n: ({**d, 0: named} if d.get(0) == "batch" else dict(d)) for n, d in dims.items()}
+    if pairing == "one each":
+        out_dims.update({n: {**out_dims[n], 0: "batch"} for n in signals})
+    built = []
+    for inputs, seed, k in ((example, 0, per[0]), (check, 1, per[1])):
+        n_signals = int(inputs[next(iter(signals))].shape[0])
+        built.append({**{n: t for n, t in inputs.items() if n in signals}, **texts(n_signals * k, seed)})
+    return built[0], built[1], out_dims
+
+
+_COUNTS = {"images", "videos", "audio"}
+"""The dims that count a paired model's signals."""
 
 
 def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
@@ -116,6 +168,8 @@ def _paired_signals(model: Any, params: Any, batch: int) -> dict[str, tuple[torc
     found: dict[str, tuple[torch.Tensor, dict[int, str]]] = {}
     for name, (parts, count) in _PAIRED.items():
         sub = next((c for part in parts if (c := getattr(config, part, None)) is not None), None)
+        if sub is None and name == "pixel_values" and arch.endswith(_PROMPTED_HEADS):
+            sub = config  # a detector's own config sizes its images (Grounding DINO's backbone)
         if name not in params or sub is None:
             continue
         built = signal_inputs(sub, arch, name)

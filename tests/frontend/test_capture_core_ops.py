@@ -178,6 +178,16 @@ ROWS = [
         ("bucketize.Tensor",), {0: 0}),
     Row("bucketize_right_int32", lambda x, b: torch.bucketize(x.round(), b, out_int32=True, right=True).float(),
         [randn(-1, 7), fixed(torch.arange(-2.0, 3.0))], ("bucketize.Tensor",), {0: 0}),
+    Row("isin", lambda x, v: torch.isin(x, v).float(), [randint(9, -1, 6), fixed(torch.tensor([[1, 4], [7, 4]]))],
+        ("isin.Tensor_Tensor",), {0: 0}),
+    Row("isin_invert", lambda x, v: torch.isin(x, v, invert=True).float(), [randint(9, -1, 6), fixed(torch.tensor([0, 3]))],
+        ("isin.Tensor_Tensor",), {0: 0}),
+    Row("isin_scalar", lambda x: torch.isin(x, 4).float(), [randint(9, -1, 6)], ("isin.Tensor_Scalar",), {0: 0}),
+    Row("logit_eps", lambda x: torch.logit(torch.sigmoid(3 * x), eps=1e-2), [randn(-1, 7)], ("logit.default",), {0: 0}),
+    Row("special_logit", lambda x: torch.special.logit(torch.sigmoid(x)), [randn(-1, 7)], ("special_logit.default",),
+        {0: 0}, tol=1e-4),
+    Row("true_divide", lambda x, y: torch.true_divide(x, y.abs() + 1), [randn(-1, 7), randn(-1, 7)],
+        ("true_divide.Tensor",), {0: 0, 1: 0}),
     Row("index_put_mask_row", lambda x: x.index_put((x[..., 0] > 0,), _ROW), [randn(-1, 5, 4)],
         ("index_put.default",), {0: 0}),
     Row("index_put_mask_scalar_accumulate", lambda x: x.index_put((x[..., 1] > 0,), torch.tensor(2.0), accumulate=True),
@@ -956,3 +966,27 @@ def test_a_size_times_another_fraction_is_refused_by_name() -> None:
     """``ceil(0.3 * n)``: the float product rounds, so no integer arithmetic is its value: refused, naming it."""
     with pytest.raises(UnsupportedOpError, match=r"CeilToInt\(0\.3"):
         capture(_Capacity(0.3), (torch.randn(2, 5, 3),), {"x": {0: "batch", 1: "seq"}})
+
+
+class _PaddedToMax(nn.Module):
+    """Grounding DINO's logits over its texts: ``[batch, seq]`` written into a ``[batch, 12]`` of ``-inf`` at
+    ``[:, :seq]`` (a slice_scatter whose end is the dynamic length, over a static axis), and once more from 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.full((x.shape[0], 12), float("-inf"))
+        out[..., : x.shape[-1]] = x
+        shifted = torch.zeros(x.shape[0], 12)
+        shifted[:, 2: x.shape[-1] + 2] = x.exp()
+        return out + shifted
+
+
+def test_a_dynamic_length_written_into_a_static_axis_keeps_the_rest() -> None:
+    g = capture(_PaddedToMax(), (torch.randn(2, 8),), {"x": {0: "batch", 1: "seq"}})
+    assert g.outputs["output"].shape == ("batch", 12)
+    for backend in ("numpy", *BACKENDS[:2]):
+        exe = compile(g, backend)
+        for seq in (1, 5, 10):
+            x = torch.randn(3, seq, generator=_gen(seq))
+            got, want = exe(x=x.numpy())["output"], _PaddedToMax()(x).numpy()
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"{backend} seq {seq}")
+            np.testing.assert_allclose(got[~np.isinf(want)], want[~np.isinf(want)], rtol=1e-5, err_msg=backend)

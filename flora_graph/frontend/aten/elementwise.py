@@ -137,7 +137,7 @@ def _outer(ctx, a, b):
     return ctx.emit(Op.MUL, [rows, ctx.emit(Op.UNSQUEEZE, [operand(ctx, b, dtype)], {"axes": (0,)})])
 
 
-@register(aten.div.Tensor, aten.div.Scalar)
+@register(aten.div.Tensor, aten.div.Scalar, aten.true_divide.Tensor)
 def _div(ctx, a, b):
     dtype = out_dtype(ctx)
     return ctx.emit(Op.DIV, [operand(ctx, a, dtype), operand(ctx, b, dtype)])
@@ -172,6 +172,18 @@ for _t_op, _ir_op in [
 @register(aten.gelu.default)
 def _gelu(ctx, x, approximate="none"):
     return ctx.emit(Op.GELU, [x], {"approximate": approximate})
+
+
+@register(aten.logit.default, aten.special_logit.default)
+def _logit(ctx, x, eps=None):
+    """``log(x / (1 - x))``, ``x`` clamped to ``[eps, 1 - eps]`` first where ``eps`` is given (Grounding DINO's
+    inverse sigmoid of its reference points)."""
+    dtype = out_dtype(ctx)
+    x = cast_to_out(ctx, x)
+    if eps is not None:
+        x = ctx.emit(Op.MIN, [ctx.emit(Op.MAX, [x, ctx.scalar(float(eps), dtype)]), ctx.scalar(1.0 - float(eps), dtype)])
+    rest = ctx.emit(Op.SUB, [ctx.scalar(1.0, dtype), x])
+    return ctx.emit(Op.LOG, [ctx.emit(Op.DIV, [x, rest])])
 
 
 @register(aten.glu.default)

@@ -33,9 +33,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, refuse, refuse_used_outputs, register
+from flora_graph.frontend.aten.registry import SymDim, as_dtype, axis_of, dim_of, refuse, refuse_used_outputs, register
 from flora_graph.ir import ComputationNode, Op
-from flora_graph.ir.shapes import canonical_dim, subtract_dims
+from flora_graph.ir.shapes import Dim, canonical_dim, subtract_dims
 from flora_graph.ops.movement import SLICE_END
 
 __all__: list[str] = []
@@ -138,10 +138,11 @@ def _static_axis(ctx, x, dim) -> int:
     return axis
 
 
-def _scatter_run(ctx, x, src, axis: int, start: int, end: int | None):
-    """``x`` with ``src`` written at ``start:end`` (``None``: to the end) of ``axis``, static bounds that may count
-    from the end (negative) over a dynamic dim: the parts of ``x`` before and after, with ``src`` between
-    (BART's ``shift_tokens_right``: ``shifted[:, 1:] = ids[:, :-1]``, ``shifted[:, 0] = start_id``)."""
+def _scatter_run(ctx, x, src, axis: int, start: Dim, end: Dim | None):
+    """``x`` with ``src`` written at ``start:end`` (``None``: to the end) of ``axis``: static bounds that may count
+    from the end (negative) over a dynamic dim (BART's ``shift_tokens_right``: ``shifted[:, 1:] = ids[:, :-1]``,
+    ``shifted[:, 0] = start_id``), or bounds that name dims (``x[..., :seq] = src``): the parts of ``x`` before and
+    after, with ``src`` between; refused where they do not add up to the axis."""
     src = as_dtype(ctx, src, x.dtype)
     parts = []
     if start != 0:
@@ -156,6 +157,23 @@ def _scatter_run(ctx, x, src, axis: int, start: int, end: int | None):
     return out
 
 
+def _scatter_at(ctx, x, src, axis: int, start) -> ComputationNode:
+    """``x`` with ``src`` written from ``start`` (a number or a symbolic size) along the static ``axis``, ``src``'s
+    length there symbolic: ``Where(start <= i < start + n, src[clip(i - start, 0, n - 1)], x)`` over the axis'
+    positions ``i``, so that the result keeps the axis' static size whatever the bounds (torch checks that they fit)."""
+    size, rank = x.shape[axis], len(x.shape)
+    n = as_dtype(ctx, SymDim(src.shape[axis]) if not isinstance(src.shape[axis], int) else src.shape[axis], "int64")
+    places = ctx.emit(Op.ARANGE, [], {"start": 0, "end": size, "step": 1, "dtype": "int64"})
+    rel = ctx.emit(Op.SUB, [places, as_dtype(ctx, start, "int64")])
+    last = ctx.emit(Op.SUB, [n, ctx.scalar(1, "int64")])
+    index = ctx.emit(Op.MAX, [ctx.emit(Op.MIN, [rel, last]), ctx.scalar(0, "int64")])
+    picked = ctx.emit(Op.GATHER, [as_dtype(ctx, src, x.dtype), index], {"axis": axis})
+    inside = ctx.emit(Op.AND, [ctx.emit(Op.GREATER_OR_EQUAL, [rel, ctx.scalar(0, "int64")]), ctx.emit(Op.LESS, [rel, n])])
+    if rank - axis - 1:
+        inside = ctx.emit(Op.RESHAPE, [inside], {"shape": (size,) + (1,) * (rank - axis - 1)})
+    return ctx.emit(Op.WHERE, [inside, picked, x], {})
+
+
 def _to_end(end) -> bool:
     return end is None or (isinstance(end, int) and end >= 2**62)
 
@@ -163,7 +181,13 @@ def _to_end(end) -> bool:
 @register(aten.slice_scatter.default)
 def _slice_scatter(ctx, x, src, dim=0, start=None, end=None, step=1):
     if any(isinstance(v, SymDim) for v in (start, end)):
-        raise refuse(ctx, "slice_scatter at dynamic bounds")
+        if int(step) != 1:
+            raise refuse(ctx, f"slice_scatter at dynamic bounds with step {step}")
+        axis = axis_of(int(dim), len(x.shape))
+        if isinstance(x.shape[axis], int):  # x[..., :seq] = src over a static axis (Grounding DINO's padded logits)
+            return _scatter_at(ctx, x, src, axis, 0 if start is None else start)
+        return _scatter_run(ctx, x, src, axis, 0 if start is None else dim_of(ctx, start),
+                            None if _to_end(end) else dim_of(ctx, end))
     if (start or 0) == 0 and _to_end(end) and int(step) == 1 and src.shape == x.shape:
         return as_dtype(ctx, src, x.dtype)  # the whole axis (x[:, i] = v written through x[:]): src is the result
     axis = axis_of(int(dim), len(x.shape))
@@ -434,6 +458,21 @@ def _bucketize(ctx, x, boundaries, *, out_int32=False, right=False):
     count = ctx.emit(Op.REDUCE_SUM, [ctx.emit(Op.CAST, [below], {"to": "int64"})],
                      {"axes": (len(x.shape),), "keepdims": 0})
     return ctx.emit(Op.CAST, [count], {"to": "int32"}) if out_int32 else count
+
+
+@register(aten.isin.Tensor_Tensor, aten.isin.Tensor_Scalar)
+def _isin(ctx, x, values, *, assume_unique=False, invert=False):
+    """Whether each element of ``x`` is one of ``values`` (``invert``: is none of them): ``Equal`` against the
+    flattened values on a new last axis, any of them (Grounding DINO's special tokens among its ids)."""
+    dtype = x.dtype if not isinstance(values, ComputationNode) or values.dtype == x.dtype else "float64"
+    if isinstance(values, ComputationNode):
+        flat = ctx.emit(Op.RESHAPE, [as_dtype(ctx, values, dtype)], {"shape": (-1,)})
+    else:  # one value (Tensor_Scalar)
+        flat = ctx.new_param(ctx.fx_node.name + "_values", np.asarray([values], dtype=dtype))
+    v = ctx.emit(Op.UNSQUEEZE, [as_dtype(ctx, x, dtype)], {"axes": (len(x.shape),)})
+    hits = ctx.emit(Op.CAST, [ctx.emit(Op.EQUAL, [v, flat])], {"to": "int64"})
+    found = ctx.emit(Op.REDUCE_MAX, [hits], {"axes": (len(x.shape),), "keepdims": 0})
+    return ctx.emit(Op.EQUAL, [found, ctx.scalar(0 if invert else 1, "int64")])
 
 
 @register(aten.one_hot.default)

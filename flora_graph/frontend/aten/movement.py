@@ -131,8 +131,8 @@ def _flatten(ctx, x, start=0, end=-1):
     if start == 1 and end == rank - 1:
         return ctx.emit(Op.FLATTEN, [x], {"axis": 1})
     tail = list(x.shape[end + 1 :])
-    if not all(isinstance(d, int) for d in tail):
-        raise GraphError(f"{ctx.where()}: flatten({start}, {end}) of {x.name} keeps named dims after the range")
+    if not all(isinstance(d, int) for d in tail):  # named dims after the range (Grounding DINO's [b*heads, q, k]):
+        return _view(ctx, x, [*x.shape[:start], dim_product(list(x.shape[start:end + 1])), *tail])  # named sizes
     return ctx.emit(Op.RESHAPE, [x], {"shape": (0,) * start + (-1,) + tuple(tail)})
 
 
