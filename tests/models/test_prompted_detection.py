@@ -1,7 +1,7 @@
 """``flora-graph export`` of heads that find or segment what texts name in images: OWL-ViT's detection takes its queries
 for each image (``input_ids`` ``[images*queries, seq]``), CLIPSeg's segmentation and Grounding DINO one text for each
-image (``batch``). Each file matches eager PEFT, whose LoRA (nonzero ``B``) sits in the model, at counts other than the
-export's, a padded text among them.
+image (``batch``; Grounding DINO and MM Grounding DINO, about 45 s each, run in the slow run). Each file matches eager
+PEFT, whose LoRA (nonzero ``B``) sits in the model, at counts other than the export's, a padded text among them.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
               num_attention_heads=4)
 
 
-def _grounding_dino() -> object:
+def _grounding_dino(config: str = "GroundingDinoConfig") -> object:
     swin = transformers.SwinConfig(window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                                    image_size=98, out_indices=[2, 3, 4])
-    return transformers.GroundingDinoConfig(
+    return getattr(transformers, config)(
         d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=4, decoder_ffn_dim=4, num_queries=2, num_labels=3, num_feature_levels=4, encoder_n_points=2,
         decoder_n_points=6, use_timm_backbone=False, backbone_config=swin, max_text_len=16,
@@ -48,6 +48,8 @@ CASES = {  # model class, its config, LoRA targets, the texts' dim, (images, tex
         ["q_proj", "v_proj"], "batch", (4, 4), ("logits",)),
     "grounding-dino": ("GroundingDinoForObjectDetection", _grounding_dino, ["q_proj", "v_proj", "query", "value"],
                        "batch", (1, 1), ("logits", "pred_boxes")),
+    "mm-grounding-dino": ("MMGroundingDinoForObjectDetection", lambda: _grounding_dino("MMGroundingDinoConfig"),
+                          ["q_proj", "v_proj", "query", "value"], "batch", (2, 2), ("logits", "pred_boxes")),
 }
 DEFAULT = ("owlvit", "clipseg")
 
