@@ -32,7 +32,7 @@ def _grounding_dino(config: str = "GroundingDinoConfig") -> object:
         encoder_ffn_dim=4, decoder_ffn_dim=4, num_queries=2, num_labels=3, num_feature_levels=4, encoder_n_points=2,
         decoder_n_points=6, use_timm_backbone=False, backbone_config=swin, max_text_len=16,
         text_config=dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8,
-                         max_position_embeddings=16, model_type="bert", vocab_size=99))
+                         max_position_embeddings=16, model_type="bert", vocab_size=1100))  # [CLS] 101, "." 1012
 
 
 CASES = {  # model class, its config, LoRA targets, the texts' dim, (images, texts) of the check, the outputs compared
@@ -87,6 +87,8 @@ def test_a_text_prompted_head_takes_its_texts_laid_out_per_image_and_matches_eag
     size = taken["pixel_values"][2]
     inputs = {"input_ids": torch.randint(0, 99, (texts, 6), generator=gen), "attention_mask": mask,
               "pixel_values": torch.randn(images, 3, size, size, generator=gen)}
+    if "grounding" in name:  # "[CLS] a b . c [SEP]": the phrases between the special tokens attend within themselves
+        inputs["input_ids"][:, [0, 3, 5]] = torch.tensor([101, 1012, 102])
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, sess.run(None, {n: t.numpy() for n, t in inputs.items()}), strict=True))
     with torch.no_grad():
