@@ -183,6 +183,8 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     ids = inspect.signature(model.forward).parameters.get("input_ids")
     if main != "input_ids" and ids is not None and ids.default is inspect.Parameter.empty:
         main = "input_ids"  # a signal model that requires texts too (VideoPrism's CLIP, BLIP-2's retrieval): texts lead
+    if main != "input_ids" and ids is not None and attention_mask:
+        main = "input_ids"  # a signal model that takes texts too (SAM 3's prompts), asked for their mask: texts lead
     if main != "input_ids":  # an image, video or audio model
         if attention_mask:
             raise FloraGraphError(f"{arch} takes {main}, not tokens: an attention_mask is for token inputs")
@@ -200,6 +202,11 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
                 out = model(**example)
             except _RUN_ERRORS as exc:
                 other = _other_layout(main, example, check, dims)
+                if other is None and ids is not None:  # it needs its texts beside the signal (SAM 3's prompts)
+                    try:
+                        return _token_spec(model, arch, attention_mask)
+                    except ModelFolderError:
+                        raise _does_not_run(arch, example, exc) from exc
                 if other is None:
                     raise _does_not_run(arch, example, exc) from exc
                 first, (example, check, dims) = example, other

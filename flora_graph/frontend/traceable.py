@@ -108,6 +108,12 @@ from flora_graph.frontend.delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule,
 )
+from flora_graph.frontend.feature_sizes import (
+    is_detr_decoder_with_rpb,
+    is_detr_encoder_with_sizes,
+    recorded_sizes,
+    sized_rpb,
+)
 from flora_graph.frontend.lightning_attention import is_lightning_attention, lightning_forward
 from flora_graph.frontend.pooled_indexer import is_pooled_indexer, pooled_indexer_forward
 from flora_graph.frontend.qsa_indexer import is_qsa_indexer, qsa_indexer_forward
@@ -453,9 +459,12 @@ given it already keeps that one), Longformer's and LED's windowed attention."""
 
 METHOD_SWAPS: tuple[tuple[Callable[[nn.Module], bool], str, Callable[[nn.Module, str], Callable[..., Any]]], ...] = (
     (is_padded_to_windows, "_pad_to_window_size", unpadded_windows),
+    (is_detr_encoder_with_sizes, "_prepare_multilevel_features", recorded_sizes),
+    (is_detr_decoder_with_rpb, "_get_rpb_matrix", sized_rpb),
 )
 """(which modules, the method swapped, the method they take instead) for :func:`traceable_modules`: Longformer's and
-LED's padding to whole windows, which the masked form of their attention does not need."""
+LED's padding to whole windows, which the masked form of their attention does not need; SAM 3's DETR decoder reading
+its feature sizes back from a tensor (:mod:`~flora_graph.frontend.feature_sizes`)."""
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """``flora-graph export`` of heads that find or segment what texts name in images: OWL-ViT's detection takes its queries
 for each image (``input_ids`` ``[images*queries, seq]``), CLIPSeg's segmentation and Grounding DINO one text for each
-image (``batch``; Grounding DINO and MM Grounding DINO, about 45 s each, run in the slow run). Each file matches eager
-PEFT, whose LoRA (nonzero ``B``) sits in the model, at counts other than the export's, a padded text among them.
+image (``batch``; Grounding DINO and MM Grounding DINO, about 45 s each, run in the slow run), SAM 3 one text prompt
+for each image (its main input the image, its texts optional, its decoder's feature sizes read back from a tensor,
+:mod:`flora_graph.frontend.feature_sizes`). Each file matches eager PEFT, whose LoRA (nonzero ``B``) sits in the model, at counts other than the export's, a padded text among them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ def _grounding_dino(config: str = "GroundingDinoConfig") -> object:
                          max_position_embeddings=16, model_type="bert", vocab_size=1100))  # [CLS] 101, "." 1012
 
 
+def _sam3() -> object:
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    return transformers.Sam3Config(
+        vision_config=dict(backbone_config=dict(small, model_type="sam3_vit_model", num_hidden_layers=2, image_size=112,
+                                                patch_size=14, window_size=4, global_attn_indexes=[1],
+                                                pretrain_image_size=56),
+                           fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]]),
+        text_config=dict(small, model_type="clip_text_model", vocab_size=99, projection_dim=32, num_hidden_layers=2,
+                         max_position_embeddings=32, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        geometry_encoder_config=dict(small, num_layers=1), detr_encoder_config=dict(small, num_layers=1),
+        detr_decoder_config=dict(small, num_layers=1, num_queries=8),
+        mask_decoder_config=dict(hidden_size=32, num_upsampling_stages=2, num_attention_heads=2))
+
+
 CASES = {  # model class, its config, LoRA targets, the texts' dim, (images, texts) of the check, the outputs compared
     "owlvit": ("OwlViTForObjectDetection", lambda: transformers.OwlViTConfig(
         text_config=TEXT, vision_config=VISION, projection_dim=32), ["q_proj", "v_proj"], "images*queries", (1, 3),
@@ -50,8 +65,11 @@ CASES = {  # model class, its config, LoRA targets, the texts' dim, (images, tex
                        "batch", (1, 1), ("logits", "pred_boxes")),
     "mm-grounding-dino": ("MMGroundingDinoForObjectDetection", lambda: _grounding_dino("MMGroundingDinoConfig"),
                           ["q_proj", "v_proj", "query", "value"], "batch", (2, 2), ("logits", "pred_boxes")),
+    "sam3": ("Sam3Model", _sam3, ["q_proj", "v_proj"], "batch", (2, 2), ("pred_logits", "pred_boxes", "pred_masks")),
 }
 DEFAULT = ("owlvit", "clipseg")
+"""The cases of the default run; the others (about 10 s for OWLv2, 25 s for SAM 3, 45 s for each Grounding DINO) run
+in the slow run."""
 
 
 @pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
@@ -100,3 +118,15 @@ def test_a_text_prompted_head_takes_its_texts_laid_out_per_image_and_matches_eag
     first = want[compared[0]].numpy()
     finite = np.isfinite(first)
     assert np.abs(first[finite] - plain[compared[0]].numpy()[finite]).max() > 1e-4  # the adapter is in the file
+
+
+def test_sam3_takes_its_text_prompts_beside_its_images_one_each(tmp_path: Path) -> None:
+    """SAM 3's main input is the image and its texts are optional (``text_embeds`` may stand for them): asked for the
+    texts' mask, or where the image alone does not run, the export takes one text prompt for each image."""
+    torch.manual_seed(0)
+    transformers.Sam3Model(_sam3()).eval().save_pretrained(tmp_path)
+    for mask in (True, False):
+        spec = load_model(tmp_path, attention_mask=mask)
+        assert spec.dynamic_dims["input_ids"] == {0: "batch", 1: "seq"} and spec.dynamic_dims["pixel_values"][0] == "batch"
+        assert ("attention_mask" in spec.example_inputs) == mask
+        assert spec.example_inputs["pixel_values"].shape[0] == spec.example_inputs["input_ids"].shape[0]
