@@ -149,7 +149,11 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     encoder-decoder model (T5, BART, Whisper, ...) takes ``decoder_input_ids`` ``[batch, dec_seq]`` too; a document,
     web page, table or vision-and-language model the inputs it reads beside its ids (word boxes ``bbox``, MarkupLM's
     XPaths, TAPAS' cell coordinates, LXMERT's regions; a contrastive text-and-image model's images, counted by a dim
-    ``images`` of their own: :func:`~flora_graph.frontend.token_extras.token_extras`).
+    ``images`` of their own: :func:`~flora_graph.frontend.token_extras.token_extras`; a text-prompted detection or
+    segmentation head's images, its texts laid out as it reads them, each image's queries ``[images*queries, seq]``
+    or one text each: :func:`~flora_graph.frontend.token_extras.paired_layout`). A model whose main input is its
+    image and whose texts are optional (SAM 3) takes its texts too where ``attention_mask`` is asked for, or where the
+    image alone does not run.
     Its outputs are named as transformers names them (``logits``, ``last_hidden_state``,
     ``pooler_output``: ``spec.output_names``). A multiple-choice head (``BertForMultipleChoice``) takes each token
     input as ``[batch, choices, seq]``, all three dynamic. Where the config has ``max_position_embeddings`` (BERT, GPT-2,
