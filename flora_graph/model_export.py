@@ -185,10 +185,10 @@ def load_model(source: str | Path | None = None, *, lora_rank: int | None = 8,
     if main == "inputs" and "input_ids" in inspect.signature(model.forward).parameters:
         main = "input_ids"  # Perceiver's text models: a generic input that takes token ids by that name too
     ids = inspect.signature(model.forward).parameters.get("input_ids")
-    if main != "input_ids" and ids is not None and ids.default is inspect.Parameter.empty:
-        main = "input_ids"  # a signal model that requires texts too (VideoPrism's CLIP, BLIP-2's retrieval): texts lead
-    if main != "input_ids" and ids is not None and attention_mask:
-        main = "input_ids"  # a signal model that takes texts too (SAM 3's prompts), asked for their mask: texts lead
+    if main != "input_ids" and ids is not None and (ids.default is inspect.Parameter.empty or attention_mask):
+        # a signal model that requires texts too (VideoPrism's CLIP, BLIP-2's retrieval), or that takes them and is
+        # asked for their mask (SAM 3's prompts): texts lead
+        main = "input_ids"
     if main != "input_ids":  # an image, video or audio model
         if attention_mask:
             raise FloraGraphError(f"{arch} takes {main}, not tokens: an attention_mask is for token inputs")
@@ -284,7 +284,7 @@ def _token_spec(model: nn.Module, arch: str, attention_mask: bool, adapter_root:
             out = model(**example)
         except _RUN_ERRORS as exc:
             # a paired model whose texts are not counted apart from its images: queries for each, or one each
-            layouts = [laid for p in PAIRINGS[1:] if (laid := paired_layout(p, example, check, dims, texts))]
+            layouts = [laid for p in PAIRINGS if (laid := paired_layout(p, example, check, dims, texts))]
             for laid in layouts:
                 try:
                     out = model(**laid[0])

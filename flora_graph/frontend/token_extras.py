@@ -127,24 +127,28 @@ def takes_paired_signals(model: Any) -> bool:
 _PROMPTED_HEADS = ("ForObjectDetection", "ForImageSegmentation")
 """The class name endings of heads that find or segment what their texts name in their images."""
 
-PAIRINGS = ("apart", "queries", "one each")
-"""How :func:`paired_layout` counts a paired model's texts against its signals: apart (a contrastive model scores every
-text against every signal), ``queries`` texts for each signal (OWL-ViT's detection: ``[images*queries, seq]``), or one
-text for each (CLIPSeg's segmentation, Grounding DINO)."""
+_PER_SIGNAL = {"queries": (2, 4), "one each": (1, 1)}
+"""The texts for each signal of :func:`paired_layout`'s pairings, in the example and in the check."""
+
+PAIRINGS = tuple(_PER_SIGNAL)
+"""How :func:`paired_layout` may count a paired model's texts against its signals where they are not apart (a
+contrastive model scores every text against every signal: :func:`token_extras`' layout), in the order to try them:
+``queries`` texts for each signal (OWL-ViT's detection: ``[images*queries, seq]``), or one text for each (CLIPSeg's
+segmentation, Grounding DINO)."""
 
 
 def paired_layout(pairing: str, example: dict[str, torch.Tensor], check: dict[str, torch.Tensor],
                   dims: dict[str, dict[int, str]], texts: Callable[[int, int], dict[str, torch.Tensor]]
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, dict[int, str]]] | None:
     """The example, check and dims of a paired model (:func:`token_extras`' inputs: its texts counted apart from its
-    signals) laid out as ``pairing`` (one of :data:`PAIRINGS` but ``"apart"``): the texts built anew by
+    signals) laid out as ``pairing`` (one of :data:`PAIRINGS`): the texts built anew by
     ``texts(count, seed)`` (the example's seed 0, the check's 1) at 2 queries for each of the example's signals and 4
     for each of the check's, or at one each; ``None`` where the inputs hold no paired signal."""
     signals = {n: d[0] for n, d in dims.items() if n in _PAIRED and d.get(0) in _COUNTS}
     if not signals:
         return None
     count = next(iter(signals.values()))
-    per = {"queries": (2, 4), "one each": (1, 1)}[pairing]
+    per = _PER_SIGNAL[pairing]
     named = f"{count}*queries" if pairing == "queries" else "batch"
     out_dims = {n: ({**d, 0: named} if d.get(0) == "batch" else dict(d)) for n, d in dims.items()}
     if pairing == "one each":
@@ -156,7 +160,7 @@ def paired_layout(pairing: str, example: dict[str, torch.Tensor], check: dict[st
     return built[0], built[1], out_dims
 
 
-_COUNTS = {"images", "videos", "audio"}
+_COUNTS = frozenset(count for _, count in _PAIRED.values())
 """The dims that count a paired model's signals."""
 
 
